@@ -1,0 +1,462 @@
+//! keycast's configuration: defaults, then an optional TOML file, then environment
+//! variables, then command-line flags — each later source overriding the earlier ones.
+//!
+//! Every setting is declared once in [`SETTINGS`] with its TOML key, environment variable
+//! and flag. Values are validated at start; an error names where the bad value came from
+//! (`PORT=abc`, `--port abc`, or `port in keycast.toml`) and what a valid one looks like.
+//! Nothing here is read from a global: [`Config`] is built once and passed down.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default HTTP port (Cloud Run sets `PORT`).
+pub const DEFAULT_PORT: u16 = 3000;
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+/// Default shutdown grace period (seconds): inside Cloud Run's 10 s between SIGTERM and SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 8;
+
+/// One configurable value: where it can come from.
+pub struct Setting {
+    /// Key in the TOML file.
+    pub key: &'static str,
+    /// Environment variable.
+    pub env: &'static str,
+    /// Default, as shown in `--help` and the README.
+    pub default: &'static str,
+    /// One line for humans.
+    pub help: &'static str,
+}
+
+/// Every setting keycast reads. The README's configuration table mirrors this list.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        key: "port",
+        env: "PORT",
+        default: "3000",
+        help: "HTTP port (0 picks a free port)",
+    },
+    Setting {
+        key: "bind",
+        env: "KEYCAST_BIND",
+        default: "0.0.0.0",
+        help: "address to listen on",
+    },
+    Setting {
+        key: "data_dir",
+        env: "KEYCAST_DATA_DIR",
+        default: "./data",
+        help: "directory for the database and local state; created if missing",
+    },
+    Setting {
+        key: "database_url",
+        env: "DATABASE_URL",
+        default: "sqlite://<data_dir>/keycast.db",
+        help: "database location",
+    },
+    Setting {
+        key: "log_format",
+        env: "KEYCAST_LOG_FORMAT",
+        default: "text",
+        help: "`text` or `json` (Cloud Logging)",
+    },
+    Setting {
+        key: "log",
+        env: "KEYCAST_LOG",
+        default: "info",
+        help: "log filter, e.g. `info` or `keycast=debug,sqlx=warn`",
+    },
+    Setting {
+        key: "shutdown_grace_secs",
+        env: "KEYCAST_SHUTDOWN_GRACE_SECS",
+        default: "8",
+        help: "seconds to finish in-flight work after SIGTERM",
+    },
+    Setting {
+        key: "request_timeout_secs",
+        env: "KEYCAST_REQUEST_TIMEOUT_SECS",
+        default: "30",
+        help: "per-request timeout in seconds; 0 disables it",
+    },
+    Setting {
+        key: "test_routes",
+        env: "KEYCAST_TEST_ROUTES",
+        default: "false",
+        help: "mount /api/test/* (for keycast's own tests only)",
+    },
+];
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub port: u16,
+    pub bind: IpAddr,
+    pub data_dir: PathBuf,
+    /// Path of the SQLite database file.
+    pub database_path: PathBuf,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub shutdown_grace: Duration,
+    pub request_timeout: Duration,
+    pub test_routes: bool,
+}
+
+/// A configuration value that is missing, malformed or out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {origin}: {reason}")]
+    Invalid { origin: String, reason: String },
+    #[error("cannot read configuration file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+/// Where a raw value came from, for error messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    File(PathBuf),
+    Env,
+    Flag,
+}
+
+/// A raw, not yet validated value and its origin.
+#[derive(Debug, Clone)]
+struct Raw {
+    value: String,
+    origin: Origin,
+}
+
+/// Values gathered from every source, by setting key; later sources replace earlier ones.
+#[derive(Debug, Default)]
+pub struct Sources {
+    values: BTreeMap<&'static str, Raw>,
+}
+
+impl Sources {
+    /// Reads the TOML file at `path`. Unknown keys are refused: a typo must not be ignored.
+    ///
+    /// # Errors
+    /// [`ConfigError::File`] if the file is unreadable, not TOML, or has an unknown key.
+    pub fn with_file(mut self, path: &Path) -> Result<Self, ConfigError> {
+        let file_err = |reason: String| ConfigError::File {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| file_err(e.message().to_owned()))?;
+        for (key, value) in table {
+            let setting = SETTINGS.iter().find(|s| s.key == key).ok_or_else(|| {
+                let known: Vec<_> = SETTINGS.iter().map(|s| s.key).collect();
+                file_err(format!(
+                    "unknown setting `{key}` (known: {})",
+                    known.join(", ")
+                ))
+            })?;
+            let value = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(file_err(format!(
+                        "`{key}` must be a string, integer or boolean, not {}",
+                        other.type_str()
+                    )))
+                }
+            };
+            self.values.insert(
+                setting.key,
+                Raw {
+                    value,
+                    origin: Origin::File(path.to_owned()),
+                },
+            );
+        }
+        Ok(self)
+    }
+
+    /// Reads every setting's environment variable through `lookup` (`std::env::var` in
+    /// production, a map in tests).
+    pub fn with_env(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
+        for setting in SETTINGS {
+            if let Some(value) = lookup(setting.env) {
+                self.values.insert(
+                    setting.key,
+                    Raw {
+                        value,
+                        origin: Origin::Env,
+                    },
+                );
+            }
+        }
+        self
+    }
+
+    /// Applies a command-line flag value for `key` (a key of [`SETTINGS`]).
+    pub fn with_flag(mut self, key: &'static str, value: Option<String>) -> Self {
+        if let Some(value) = value {
+            self.values.insert(
+                key,
+                Raw {
+                    value,
+                    origin: Origin::Flag,
+                },
+            );
+        }
+        self
+    }
+
+    /// Validates every value into a [`Config`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad value and its origin.
+    pub fn build(&self) -> Result<Config, ConfigError> {
+        let data_dir = PathBuf::from(
+            self.get("data_dir", non_empty)?
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+        );
+        let database_path = match self.get("database_url", parse_database_url)? {
+            Some(path) => path,
+            None => data_dir.join("keycast.db"),
+        };
+        Ok(Config {
+            port: self.get("port", parse_port)?.unwrap_or(DEFAULT_PORT),
+            bind: self
+                .get("bind", |v| {
+                    v.parse::<IpAddr>()
+                        .map_err(|_| "not an IP address (e.g. 0.0.0.0 or 127.0.0.1)".into())
+                })?
+                .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            data_dir,
+            database_path,
+            log_format: self
+                .get("log_format", parse_log_format)?
+                .unwrap_or(LogFormat::Text),
+            log_filter: self.get("log", non_empty)?.unwrap_or_else(|| "info".into()),
+            shutdown_grace: self
+                .get("shutdown_grace_secs", parse_secs)?
+                .unwrap_or(Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS)),
+            request_timeout: self
+                .get("request_timeout_secs", parse_secs)?
+                .unwrap_or(Duration::from_secs(30)),
+            test_routes: self.get("test_routes", parse_bool)?.unwrap_or(false),
+        })
+    }
+
+    /// Parses the value of `key` with `parse`, `None` when no source set it.
+    fn get<T>(
+        &self,
+        key: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(raw) = self.values.get(key) else {
+            return Ok(None);
+        };
+        parse(raw.value.trim())
+            .map(Some)
+            .map_err(|reason| ConfigError::Invalid {
+                origin: describe(key, raw),
+                reason,
+            })
+    }
+}
+
+/// `PORT=abc`, `--port abc` or `port = "abc" in /etc/keycast.toml`.
+fn describe(key: &str, raw: &Raw) -> String {
+    let setting = SETTINGS
+        .iter()
+        .find(|s| s.key == key)
+        .expect("key comes from SETTINGS");
+    match &raw.origin {
+        Origin::Env => format!("{}={}", setting.env, raw.value),
+        Origin::Flag => format!("--{} {}", key.replace('_', "-"), raw.value),
+        Origin::File(path) => format!("{key} = {:?} in {}", raw.value, path.display()),
+    }
+}
+
+fn parse_port(v: &str) -> Result<u16, String> {
+    v.parse::<u16>()
+        .map_err(|_| "not a port number (expected an integer from 0 to 65535)".into())
+}
+
+fn parse_secs(v: &str) -> Result<Duration, String> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|s| *s <= 3600)
+        .map(Duration::from_secs)
+        .ok_or_else(|| "expected a whole number of seconds from 0 to 3600".into())
+}
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_log_format(v: &str) -> Result<LogFormat, String> {
+    match v {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err("expected `text` or `json`".into()),
+    }
+}
+
+fn non_empty(v: &str) -> Result<String, String> {
+    if v.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(v.to_owned())
+    }
+}
+
+/// Accepts `sqlite://PATH`, `sqlite:PATH` (an optional `?query` is ignored).
+fn parse_database_url(v: &str) -> Result<PathBuf, String> {
+    if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+        return Err("PostgreSQL is not supported by this build yet; use sqlite://PATH".into());
+    }
+    let path = v
+        .strip_prefix("sqlite://")
+        .or_else(|| v.strip_prefix("sqlite:"))
+        .ok_or("expected sqlite://PATH")?;
+    let path = path.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Err("needs a file path: an in-memory database cannot be replicated".into());
+    }
+    Ok(PathBuf::from(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Sources {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Sources::default().with_env(move |k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn no_configuration_gives_the_embedded_defaults() {
+        let config = Sources::default().build().unwrap();
+        assert_eq!(config.port, 3000);
+        assert_eq!(config.database_path, PathBuf::from("./data/keycast.db"));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(8));
+    }
+
+    #[test]
+    fn a_bad_port_names_the_variable_and_the_value() {
+        let err = env(&[("PORT", "abc")]).build().unwrap_err().to_string();
+        assert!(
+            err.contains("PORT=abc") && err.contains("port number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn flags_beat_env_which_beats_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(
+            &file,
+            "port = 1000\ndata_dir = \"/from/file\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let config = Sources::default()
+            .with_file(&file)
+            .unwrap()
+            .with_env(|k| {
+                (k == "PORT" || k == "KEYCAST_DATA_DIR").then(|| {
+                    if k == "PORT" {
+                        "2000".into()
+                    } else {
+                        "/from/env".into()
+                    }
+                })
+            })
+            .with_flag("port", Some("3001".into()))
+            .build()
+            .unwrap();
+        assert_eq!(
+            (
+                config.port,
+                config.data_dir.to_str().unwrap(),
+                config.log_format
+            ),
+            (3001, "/from/env", LogFormat::Json)
+        );
+    }
+
+    #[test]
+    fn a_bad_value_in_the_file_names_the_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "shutdown_grace_secs = -1\n").unwrap();
+        let err = Sources::default()
+            .with_file(&file)
+            .unwrap()
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("shutdown_grace_secs = \"-1\" in") && err.contains("k.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "prot = 1\n").unwrap();
+        let err = Sources::default().with_file(&file).unwrap_err().to_string();
+        assert!(err.contains("unknown setting `prot`"), "{err}");
+    }
+
+    #[test]
+    fn database_url_accepts_sqlite_paths_only() {
+        let config = env(&[("DATABASE_URL", "sqlite:///tmp/x.db?mode=rwc")])
+            .build()
+            .unwrap();
+        assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
+        let err = env(&[("DATABASE_URL", "mysql://x")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DATABASE_URL=mysql://x"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod docs_tests {
+    use super::SETTINGS;
+
+    #[test]
+    fn the_readme_documents_every_setting() {
+        let readme = include_str!("../../../README.md");
+        for setting in SETTINGS {
+            assert!(
+                readme.contains(&format!("`{}`", setting.env)),
+                "README lacks {}",
+                setting.env
+            );
+            assert!(
+                readme.contains(&format!("`{}`", setting.key)),
+                "README lacks TOML key {}",
+                setting.key
+            );
+        }
+    }
+}

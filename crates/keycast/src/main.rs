@@ -1,0 +1,109 @@
+//! The `keycast` command line. Parses arguments and configuration, then hands over to the
+//! library (`keycast::run`); all behaviour lives there.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use keycast::config::{Config, Sources};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// Nostr key custody and remote signing, with its SQLite database replicated to object storage.
+#[derive(Parser)]
+#[command(name = "keycast", version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file (also KEYCAST_CONFIG). Environment variables and flags override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP service (the default way to run keycast).
+    Serve(ServeArgs),
+    /// Open the database, apply pending migrations, and exit.
+    Migrate(ServeArgs),
+}
+
+/// Flags that override the environment and the configuration file.
+#[derive(Args)]
+struct ServeArgs {
+    /// HTTP port [env: PORT] [default: 3000]
+    #[arg(long)]
+    port: Option<String>,
+    /// Address to listen on [env: KEYCAST_BIND] [default: 0.0.0.0]
+    #[arg(long)]
+    bind: Option<String>,
+    /// Directory for the database and local state [env: KEYCAST_DATA_DIR] [default: ./data]
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Database URL, sqlite://PATH [env: DATABASE_URL] [default: sqlite://<data-dir>/keycast.db]
+    #[arg(long)]
+    database_url: Option<String>,
+    /// `text` or `json` [env: KEYCAST_LOG_FORMAT] [default: text]
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Serve(args) | Command::Migrate(args)) = &cli.command;
+    let config = match load_config(cli.config.clone(), args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("keycast: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    keycast::logging::init(config.log_format, &config.log_filter);
+    let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
+    let result = match cli.command {
+        Command::Serve(_) => runtime.block_on(serve(config)),
+        Command::Migrate(_) => runtime.block_on(keycast::serve::migrate(&config)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(file: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut sources = Sources::default();
+    if let Some(file) = file.or_else(|| std::env::var_os("KEYCAST_CONFIG").map(PathBuf::from)) {
+        sources = sources.with_file(&file)?;
+    }
+    let sources = sources
+        .with_env(|name| std::env::var(name).ok())
+        .with_flag("port", args.port.clone())
+        .with_flag("bind", args.bind.clone())
+        .with_flag("data_dir", args.data_dir.clone())
+        .with_flag("database_url", args.database_url.clone())
+        .with_flag("log_format", args.log_format.clone());
+    Ok(sources.build()?)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+        ])?
+        .install_recorder()?;
+    let addr = std::net::SocketAddr::new(config.bind, config.port);
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr} (PORT={}, KEYCAST_BIND={}): {e}",
+            config.port,
+            config.bind
+        )
+    })?;
+    let local = listener.local_addr()?;
+    // The one line on stdout: tests and scripts read the bound address from it.
+    println!("keycast listening on http://{local}");
+    tracing::info!(%local, "listening");
+    keycast::run(listener, config, metrics, keycast::serve::shutdown_signal()).await
+}

@@ -1,0 +1,191 @@
+//! `keycast serve` as a user meets it: start-up, configuration errors, restart, shutdown.
+
+mod harness;
+
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{Keycast, Launch};
+
+#[test]
+fn starts_with_no_configuration_and_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Keycast::start(dir.path());
+    let (status, body) = server.get_json("/healthz/ready");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server.get("/healthz/live").0, 200);
+    assert!(
+        dir.path().join("keycast.db").exists(),
+        "the database is created in KEYCAST_DATA_DIR"
+    );
+    server.stop();
+}
+
+#[test]
+fn creates_a_missing_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested = dir.path().join("a/b/c");
+    let server = Keycast::start(&nested);
+    assert!(nested.join("keycast.db").exists());
+    server.stop();
+}
+
+#[test]
+fn a_bad_port_exits_nonzero_naming_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keycast"))
+        .arg("serve")
+        .env("PORT", "abc")
+        .env("KEYCAST_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("PORT=abc"), "{stderr}");
+    assert!(
+        !dir.path().join("keycast.db").exists(),
+        "nothing is created when the configuration is bad"
+    );
+}
+
+#[test]
+fn a_bad_config_file_value_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keycast.toml");
+    std::fs::write(&file, "log_format = \"xml\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keycast"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("KEYCAST_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("log_format") && stderr.contains("keycast.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_describes_every_subcommand() {
+    let output = Command::new(env!("CARGO_BIN_EXE_keycast"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("serve") && help.contains("migrate"), "{help}");
+    let output = Command::new(env!("CARGO_BIN_EXE_keycast"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("--port") && help.contains("PORT"), "{help}");
+}
+
+#[test]
+fn sigterm_lets_a_slow_request_finish_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Launch::new(dir.path())
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .start();
+    let url = format!("{}/api/test/slow?ms=1500", server.base);
+    let slow = std::thread::spawn(move || harness::request(&url));
+    std::thread::sleep(Duration::from_millis(300)); // the request is in flight
+    server.signal(libc::SIGTERM);
+    let (status, body) = slow.join().unwrap();
+    assert_eq!(status, 200, "the in-flight request completed: {body}");
+    let (exit, took) = server.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "exit {exit}; log:\n{}", server.log());
+    assert!(took < Duration::from_secs(8), "shutdown took {took:?}");
+    assert_eq!(
+        harness::request(&format!("{}/healthz/live", server.base)).0,
+        0,
+        "no longer accepting"
+    );
+}
+
+#[test]
+fn shutdown_gives_up_after_the_grace_period_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Launch::new(dir.path())
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_SHUTDOWN_GRACE_SECS", "1")
+        .start();
+    let url = format!("{}/api/test/slow?ms=20000", server.base);
+    std::thread::spawn(move || harness::request(&url));
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal(libc::SIGTERM);
+    let (exit, took) = server.wait_exit(Duration::from_secs(10));
+    assert!(!exit.success(), "an abandoned request is an unclean exit");
+    assert!(
+        took < Duration::from_secs(4),
+        "the grace period bounds shutdown: {took:?}"
+    );
+    assert!(server.log().contains("grace period"), "{}", server.log());
+}
+
+#[test]
+fn restart_on_the_same_data_directory_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Keycast::start(dir.path());
+    server.stop();
+    let db = dir.path().join("keycast.db");
+    let sql = "INSERT INTO keycast_meta (key, value) VALUES ('probe', 'kept');";
+    let ok = Command::new("sqlite3").arg(&db).arg(sql).status().unwrap();
+    assert!(ok.success());
+    let server = Keycast::start(dir.path());
+    server.stop();
+    let out = Command::new("sqlite3")
+        .arg(&db)
+        .arg("SELECT value FROM keycast_meta WHERE key='probe'; SELECT COUNT(*) FROM policies;")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "kept\n4\n",
+        "data kept, migrations not re-applied"
+    );
+}
+
+#[test]
+fn a_database_from_a_newer_keycast_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    Keycast::start(dir.path()).stop();
+    let db = dir.path().join("keycast.db");
+    let sql = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', 1, x'00', 0);";
+    assert!(Command::new("sqlite3")
+        .arg(&db)
+        .arg(sql)
+        .status()
+        .unwrap()
+        .success());
+    let mut child = Launch::new(dir.path()).spawn();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("newer than this keycast binary"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn json_logs_carry_severity_and_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(dir.path())
+        .env("KEYCAST_LOG_FORMAT", "json")
+        .start();
+    let log = server.stop();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect(l))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["severity"] == "INFO" && l["message"] == "keycast is ready"),
+        "{log}"
+    );
+}
