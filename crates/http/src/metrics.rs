@@ -33,6 +33,9 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
         metrics::gauge!(DB_POOL_CONNECTIONS).set(f64::from(size));
         metrics::gauge!(DB_POOL_IDLE).set(idle as f64);
     }
+    for dependency in state.dependencies() {
+        dependency.export_metrics();
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics().render(),

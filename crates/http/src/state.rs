@@ -37,8 +37,28 @@ pub struct AppState {
     inner: Arc<Inner>,
 }
 
+/// Something besides the database that readiness depends on (e.g. replication).
+pub trait Dependency: Send + Sync {
+    /// `Err(reason)` makes `/healthz/ready` answer 503 with that reason.
+    fn readiness(&self) -> Result<(), String>;
+    /// Refreshes this dependency's gauges just before `/metrics` renders.
+    fn export_metrics(&self) {}
+}
+
+/// Makes commits durable beyond the local disk (the replica). Handlers call
+/// [`AppState::wait_durable`] after writes that must never be lost.
+pub trait Durability: Send + Sync {
+    /// Resolves once every commit made before the call is in the replica.
+    /// `Err(reason)` on timeout, store failure or fencing: the write must be reported as not durable.
+    fn wait_durable(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+}
+
 struct Inner {
     db: OnceLock<Db>,
+    dependencies: OnceLock<Vec<Arc<dyn Dependency>>>,
+    durability: OnceLock<Arc<dyn Durability>>,
     metrics: PrometheusHandle,
     options: HttpOptions,
 }
@@ -49,6 +69,8 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 db: OnceLock::new(),
+                dependencies: OnceLock::new(),
+                durability: OnceLock::new(),
                 metrics,
                 options,
             }),
@@ -58,6 +80,43 @@ impl AppState {
     /// Marks start-up done: the database is open and migrated. Later calls are ignored.
     pub fn set_db(&self, db: Db) {
         let _ = self.inner.db.set(db);
+    }
+
+    /// Registers what readiness depends on besides the database. Call before
+    /// [`AppState::set_db`]; later calls are ignored.
+    pub fn set_dependencies(&self, dependencies: Vec<Arc<dyn Dependency>>) {
+        let _ = self.inner.dependencies.set(dependencies);
+    }
+
+    /// The registered dependencies (empty until set).
+    pub fn dependencies(&self) -> &[Arc<dyn Dependency>] {
+        self.inner
+            .dependencies
+            .get()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Registers how to wait for durability (the replicator). Without it, a commit is as
+    /// durable as the local disk and [`AppState::wait_durable`] returns at once.
+    pub fn set_durability(&self, durability: Arc<dyn Durability>) {
+        let _ = self.inner.durability.set(durability);
+    }
+
+    /// Waits until every commit made so far is in the replica.
+    ///
+    /// # Errors
+    /// [`crate::AppError::Unavailable`] (503) with the reason when durability was not reached;
+    /// the caller must not report the write as saved.
+    pub async fn wait_durable(&self) -> Result<(), crate::AppError> {
+        match self.inner.durability.get() {
+            Some(d) => d.wait_durable().await.map_err(|reason| {
+                crate::AppError::Unavailable(format!(
+                    "the change was not confirmed durable: {reason}; retry it"
+                ))
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The database, `None` while keycast is still starting.

@@ -3,19 +3,50 @@
 
 use std::time::Duration;
 
-use axum::extract::Query;
-use axum::routing::get;
+use axum::extract::{Query, State};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::AppState;
+use crate::{AppError, AppState};
 
 /// Longest sleep the slow route accepts, so a typo cannot hang a test run.
 const MAX_SLEEP_MS: u64 = 30_000;
 
 pub(crate) fn routes() -> Router<AppState> {
-    Router::new().route("/api/test/slow", get(slow))
+    Router::new()
+        .route("/api/test/slow", get(slow))
+        .route("/api/test/write", post(write))
+}
+
+#[derive(Deserialize)]
+struct WriteQuery {
+    key: String,
+    #[serde(default)]
+    durable: bool,
+}
+
+/// Inserts one row (`keycast_meta`, key `test:<key>`) in its own transaction, and with
+/// `durable=true` answers only once it is in the replica: the writes the replication tests
+/// count and look for after a crash or a redeploy.
+async fn write(
+    State(state): State<AppState>,
+    Query(q): Query<WriteQuery>,
+) -> Result<Json<Value>, AppError> {
+    let db = state
+        .db()
+        .ok_or_else(|| AppError::Unavailable("keycast is starting".into()))?;
+    sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, $2)")
+        .bind(format!("test:{}", q.key))
+        .bind(keycast_db::now_unix().to_string())
+        .execute(db.pool())
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    if q.durable {
+        state.wait_durable().await?;
+    }
+    Ok(Json(json!({ "key": q.key, "durable": q.durable })))
 }
 
 #[derive(Deserialize)]

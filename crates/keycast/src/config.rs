@@ -11,6 +11,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keycast_replica::compactor::CompactionPolicy;
+use keycast_replica::ReplicaOptions;
+
 /// Default HTTP port (Cloud Run sets `PORT`).
 pub const DEFAULT_PORT: u16 = 3000;
 /// Default data directory, relative to the working directory.
@@ -81,6 +84,48 @@ pub const SETTINGS: &[Setting] = &[
         help: "per-request timeout in seconds; 0 disables it",
     },
     Setting {
+        key: "replica_url",
+        env: "KEYCAST_REPLICA_URL",
+        default: "file://<data_dir>-replica",
+        help: "where the database is replicated: file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, or none",
+    },
+    Setting {
+        key: "replica_checkpoint_pages",
+        env: "KEYCAST_REPLICA_CHECKPOINT_PAGES",
+        default: "1000",
+        help: "checkpoint once the WAL holds this many pages (after shipping them)",
+    },
+    Setting {
+        key: "replica_compaction_levels",
+        env: "KEYCAST_REPLICA_COMPACTION_LEVELS",
+        default: "30,300,3600",
+        help: "seconds between compactions of level 1, 2, 3… (comma-separated)",
+    },
+    Setting {
+        key: "replica_snapshot_interval_secs",
+        env: "KEYCAST_REPLICA_SNAPSHOT_INTERVAL_SECS",
+        default: "86400",
+        help: "seconds between full snapshots in the replica",
+    },
+    Setting {
+        key: "replica_snapshot_retention_secs",
+        env: "KEYCAST_REPLICA_SNAPSHOT_RETENTION_SECS",
+        default: "86400",
+        help: "seconds snapshots are kept (the newest always is); bounds point-in-time restore",
+    },
+    Setting {
+        key: "replica_l0_retention_secs",
+        env: "KEYCAST_REPLICA_L0_RETENTION_SECS",
+        default: "300",
+        help: "seconds level-0 files are kept after compaction covers them",
+    },
+    Setting {
+        key: "replica_unhealthy_after_secs",
+        env: "KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS",
+        default: "60",
+        help: "/healthz/ready answers 503 once replication has failed for this long",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -108,6 +153,18 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
     pub test_routes: bool,
+    /// Replication; `None` when `KEYCAST_REPLICA_URL=none`.
+    pub replica: Option<ReplicaConfig>,
+}
+
+/// Where and how the database is replicated.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// The replica URL as configured (it may name credentials-free locations only).
+    pub url: String,
+    pub options: ReplicaOptions,
+    /// Readiness turns 503 after uploads have failed this long.
+    pub unhealthy_after: Duration,
 }
 
 /// A configuration value that is missing, malformed or out of range.
@@ -236,7 +293,6 @@ impl Sources {
                         .map_err(|_| "not an IP address (e.g. 0.0.0.0 or 127.0.0.1)".into())
                 })?
                 .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            data_dir,
             database_path,
             log_format: self
                 .get("log_format", parse_log_format)?
@@ -249,7 +305,48 @@ impl Sources {
                 .get("request_timeout_secs", parse_secs)?
                 .unwrap_or(Duration::from_secs(30)),
             test_routes: self.get("test_routes", parse_bool)?.unwrap_or(false),
+            replica: self.replica(&data_dir)?,
+            data_dir,
         })
+    }
+
+    fn replica(&self, data_dir: &Path) -> Result<Option<ReplicaConfig>, ConfigError> {
+        let default_url = || {
+            let mut dir = data_dir.as_os_str().to_owned();
+            dir.push("-replica");
+            format!("file://{}", absolute(Path::new(&dir)).display())
+        };
+        let url = self
+            .get("replica_url", parse_replica_url)?
+            .unwrap_or_else(default_url);
+        if url == "none" {
+            return Ok(None);
+        }
+        let defaults = ReplicaOptions::default();
+        let mut compaction = CompactionPolicy::default();
+        if let Some(levels) = self.get("replica_compaction_levels", parse_levels)? {
+            compaction.levels = levels;
+        }
+        let long = |key| self.get(key, parse_long_secs);
+        compaction.snapshot_interval =
+            long("replica_snapshot_interval_secs")?.unwrap_or(compaction.snapshot_interval);
+        compaction.snapshot_retention =
+            long("replica_snapshot_retention_secs")?.unwrap_or(compaction.snapshot_retention);
+        compaction.l0_retention =
+            long("replica_l0_retention_secs")?.unwrap_or(compaction.l0_retention);
+        let options = ReplicaOptions {
+            checkpoint_pages: self
+                .get("replica_checkpoint_pages", parse_pages)?
+                .unwrap_or(defaults.checkpoint_pages),
+            compaction,
+            ..defaults
+        };
+        Ok(Some(ReplicaConfig {
+            url,
+            options,
+            unhealthy_after: long("replica_unhealthy_after_secs")?
+                .unwrap_or(Duration::from_secs(60)),
+        }))
     }
 
     /// Parses the value of `key` with `parse`, `None` when no source set it.
@@ -294,6 +391,53 @@ fn parse_secs(v: &str) -> Result<Duration, String> {
         .filter(|s| *s <= 3600)
         .map(Duration::from_secs)
         .ok_or_else(|| "expected a whole number of seconds from 0 to 3600".into())
+}
+
+/// Durations up to 30 days, for intervals and retention.
+fn parse_long_secs(v: &str) -> Result<Duration, String> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|s| *s <= 30 * 86400)
+        .map(Duration::from_secs)
+        .ok_or_else(|| "expected a whole number of seconds from 0 to 2592000 (30 days)".into())
+}
+
+fn parse_pages(v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| "expected a number of pages, at least 1".into())
+}
+
+fn parse_levels(v: &str) -> Result<Vec<Duration>, String> {
+    let levels: Result<Vec<Duration>, String> =
+        v.split(',').map(|p| parse_long_secs(p.trim())).collect();
+    let levels =
+        levels.map_err(|_| "expected comma-separated seconds, e.g. 30,300,3600".to_owned())?;
+    if levels.is_empty() || levels.len() > 8 || levels.iter().any(|d| d.is_zero()) {
+        return Err("expected 1 to 8 non-zero intervals, e.g. 30,300,3600".into());
+    }
+    Ok(levels)
+}
+
+fn parse_replica_url(v: &str) -> Result<String, String> {
+    const SCHEMES: [&str; 4] = ["file://", "s3://", "gs://", "az://"];
+    if v == "none"
+        || SCHEMES
+            .iter()
+            .any(|s| v.starts_with(s) && v.len() > s.len())
+    {
+        Ok(v.to_owned())
+    } else {
+        Err("expected file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, or none".into())
+    }
+}
+
+/// `path` made absolute against the working directory, so a `file://` URL is unambiguous.
+fn absolute(path: &Path) -> PathBuf {
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .unwrap_or_else(|_| path.to_owned())
 }
 
 fn parse_bool(v: &str) -> Result<bool, String> {

@@ -2,12 +2,16 @@
 //! `main.rs` only parses the command line and calls in here.
 //!
 //! # Layout
+//! - [`cli`]: `keycast restore` and `keycast replica {status,ls}`.
 //! - [`config`]: defaults → TOML → environment → flags, validated into [`config::Config`].
 //! - [`logging`]: text or Cloud Logging JSON.
 //! - [`serve`]: start-up order, the HTTP server, and graceful shutdown.
+//! - [`replication`]: restore-before-serve, the replicator's start, health and stop.
 
+pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod replication;
 pub mod serve;
 
 pub use serve::run;

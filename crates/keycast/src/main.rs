@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use keycast::cli;
 use keycast::config::{Config, Sources};
+use keycast_replica::Target;
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 /// Nostr key custody and remote signing, with its SQLite database replicated to object storage.
@@ -25,6 +27,51 @@ enum Command {
     Serve(ServeArgs),
     /// Open the database, apply pending migrations, and exit.
     Migrate(ServeArgs),
+    /// Restore the database from the replica into a new file (verified before it appears).
+    Restore(RestoreArgs),
+    /// Inspect the replica.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Replica URL [default: KEYCAST_REPLICA_URL]
+    #[arg(long, value_name = "URL")]
+    replica: Option<String>,
+    /// Where to write the restored database (must not exist unless --force)
+    #[arg(short = 'o', long, value_name = "PATH")]
+    output: PathBuf,
+    /// Restore the state as of this time (RFC 3339), using only files created before it
+    #[arg(long, value_name = "TIME", conflicts_with = "txid")]
+    timestamp: Option<String>,
+    /// Restore the state right after this TXID (16 hex digits, as `replica ls` shows, or decimal)
+    #[arg(long, value_name = "TXID")]
+    txid: Option<String>,
+    /// Replace an existing output file
+    #[arg(long)]
+    force: bool,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ReplicaCommand {
+    /// Local vs replicated TXID, unshipped WAL, last error.
+    Status(ReplicaArgs),
+    /// Snapshots and LTX files in the replica, with TXID ranges, sizes and times.
+    Ls(ReplicaArgs),
+}
+
+#[derive(Args)]
+struct ReplicaArgs {
+    /// Replica URL [default: KEYCAST_REPLICA_URL]
+    #[arg(long, value_name = "URL")]
+    replica: Option<String>,
+    /// Print JSON instead of text
+    #[arg(long)]
+    json: bool,
 }
 
 /// Flags that override the environment and the configuration file.
@@ -49,7 +96,17 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Serve(args) | Command::Migrate(args)) = &cli.command;
+    let no_flags = ServeArgs {
+        port: None,
+        bind: None,
+        data_dir: None,
+        database_url: None,
+        log_format: None,
+    };
+    let args = match &cli.command {
+        Command::Serve(args) | Command::Migrate(args) => args,
+        _ => &no_flags,
+    };
     let config = match load_config(cli.config.clone(), args) {
         Ok(config) => config,
         Err(e) => {
@@ -59,10 +116,24 @@ fn main() -> ExitCode {
     };
     keycast::logging::init(config.log_format, &config.log_filter);
     let runtime = tokio::runtime::Runtime::new().expect("cannot start the tokio runtime");
-    let result = match cli.command {
-        Command::Serve(_) => runtime.block_on(serve(config)),
-        Command::Migrate(_) => runtime.block_on(keycast::serve::migrate(&config)),
-    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(_) => serve(config).await,
+            Command::Migrate(_) => keycast::serve::migrate(&config).await,
+            Command::Restore(a) => restore(a).await,
+            Command::Replica(ReplicaCommand::Ls(a)) => {
+                cli::ls_cmd(&replica(&config, a.replica.as_deref())?, a.json).await
+            }
+            Command::Replica(ReplicaCommand::Status(a)) => {
+                cli::status_cmd(
+                    &replica(&config, a.replica.as_deref())?,
+                    &config.database_path,
+                    a.json,
+                )
+                .await
+            }
+        }
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -70,6 +141,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The replica named by `--replica`, else by the configuration (`KEYCAST_REPLICA_URL`).
+fn replica(config: &Config, flag: Option<&str>) -> anyhow::Result<keycast_replica::Store> {
+    let configured = config.replica.as_ref().map(|r| r.url.as_str());
+    cli::open(flag.or(configured).or(Some("none")))
+}
+
+async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let target = match (&args.txid, &args.timestamp) {
+        (Some(t), _) => Target::Txid(cli::parse_txid(t)?),
+        (None, Some(t)) => Target::Time(cli::parse_time(t)?),
+        (None, None) => Target::Latest,
+    };
+    let store = cli::open(args.replica.as_deref())?;
+    cli::restore_cmd(&store, &args.output, target, args.force, args.json).await
 }
 
 fn load_config(file: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<Config> {

@@ -1,12 +1,14 @@
 //! `keycast serve`: the process lifecycle.
 //!
 //! Start-up order: bind the port first (so probes answer while the database is prepared),
-//! then open and migrate the database, then report ready on `/healthz/startup`.
+//! then restore from the replica if needed, open and migrate the database, start
+//! replicating, and only then report ready on `/healthz/startup`.
 //!
 //! Shutdown order, on SIGTERM or SIGINT:
 //! 1. stop accepting connections;
 //! 2. let in-flight requests finish, within the grace period (`KEYCAST_SHUTDOWN_GRACE_SECS`);
-//! 3. close the database pool (with a replica, the final sync happens here too).
+//! 3. close the database pool, so no commit can land after the final sync;
+//! 4. ship the last committed frames and record a clean stop (the exit line names the TXID).
 //!
 //! Exit status is 0 when all of that finished inside the grace period, non-zero otherwise.
 
@@ -14,8 +16,11 @@ use std::future::{Future, IntoFuture};
 use std::time::Instant;
 
 use anyhow::Context;
+use std::sync::Arc;
+
 use keycast_db::{Db, DbOptions};
-use keycast_http::{AppState, HttpOptions};
+use keycast_http::{AppState, Dependency, HttpOptions};
+use keycast_replica::{CommitSignal, Replicator};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -47,25 +52,81 @@ pub async fn run(
     let mut server = tokio::spawn(server);
 
     tokio::pin!(shutdown);
-    let db = tokio::select! {
-        opened = open_database(&config) => opened?,
+    let running = tokio::select! {
+        started = start(&config) => started?,
         () = &mut shutdown => {
             tracing::info!("shutdown requested before start-up finished");
             return Ok(());
         }
         result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
     };
-    state.set_db(db.clone());
+    if let (Some(replicator), Some(replica)) = (&running.replicator, &config.replica) {
+        let health = crate::replication::ReplicationHealth {
+            monitor: replicator.monitor(),
+            unhealthy_after: replica.unhealthy_after,
+        };
+        state.set_dependencies(vec![Arc::new(health) as Arc<dyn Dependency>]);
+        state.set_durability(Arc::new(crate::replication::ReplicaDurability(
+            replicator.monitor(),
+        )));
+    }
+    state.set_db(running.db.clone());
     tracing::info!(database = %config.database_path.display(), "keycast is ready");
 
     tokio::select! {
         () = &mut shutdown => {}
         result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
     }
-    shut_down(config, stop_http, server, db).await
+    shut_down(config, stop_http, server, running).await
 }
 
-async fn open_database(config: &Config) -> anyhow::Result<Db> {
+/// What start-up produced.
+struct Running {
+    db: Db,
+    replicator: Option<Replicator>,
+}
+
+/// Restore-before-serve, open the database, start replication.
+async fn start(config: &Config) -> anyhow::Result<Running> {
+    prepare_directories(config)?;
+    let Some(replica) = &config.replica else {
+        tracing::warn!(
+            "KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk"
+        );
+        let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
+        return Ok(Running {
+            db,
+            replicator: None,
+        });
+    };
+    let store = crate::replication::open_store(replica)?;
+    if store.backend() == keycast_replica::store::Backend::File {
+        tracing::warn!(replica = %store.describe(), "replicating to a local directory: fine for development, but it does not survive losing this machine; set KEYCAST_REPLICA_URL to object storage (s3://, gs://, az://) in production");
+    }
+    crate::replication::prepare(&config.database_path, &store).await?;
+    let signal = CommitSignal::new();
+    let options = DbOptions {
+        commit_signal: Some(signal.clone()),
+        ..DbOptions::new(&config.database_path)
+    };
+    let db = Db::open_sqlite(&options).await?;
+    let lineage = keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await?;
+    let replicator =
+        crate::replication::start(&config.database_path, store, signal, &lineage, replica).await?;
+    Ok(Running {
+        db,
+        replicator: Some(replicator),
+    })
+}
+
+/// 128 random bits, hex: a new database's lineage.
+fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS random number generator is unavailable");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn prepare_directories(config: &Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {} (KEYCAST_DATA_DIR)",
@@ -77,14 +138,14 @@ async fn open_database(config: &Config) -> anyhow::Result<Db> {
             format!("cannot create the database directory {}", parent.display())
         })?;
     }
-    Ok(Db::open_sqlite(&DbOptions::new(&config.database_path)).await?)
+    Ok(())
 }
 
 async fn shut_down(
     config: Config,
     stop_http: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
-    db: Db,
+    running: Running,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let grace = config.shutdown_grace;
@@ -100,8 +161,14 @@ async fn shut_down(
         );
     }
     let remaining = grace.saturating_sub(started.elapsed());
-    if tokio::time::timeout(remaining, db.close()).await.is_err() {
+    if tokio::time::timeout(remaining, running.db.close())
+        .await
+        .is_err()
+    {
         anyhow::bail!("the database did not close within the grace period");
+    }
+    if let Some(replicator) = running.replicator {
+        crate::replication::stop(replicator, started + grace).await?;
     }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -137,7 +204,8 @@ pub async fn shutdown_signal() {
 /// # Errors
 /// As for start-up.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let db = open_database(config).await?;
+    prepare_directories(config)?;
+    let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
     tracing::info!(
         version = keycast_db::migrate::latest_version(),
         "database is migrated"

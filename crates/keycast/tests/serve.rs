@@ -10,15 +10,24 @@ use harness::{Keycast, Launch};
 #[test]
 fn starts_with_no_configuration_and_is_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Keycast::start(dir.path());
+    let data = dir.path().join("data");
+    let server = Keycast::start(&data);
     let (status, body) = server.get_json("/healthz/ready");
     assert_eq!(status, 200, "{body}");
     assert_eq!(server.get("/healthz/live").0, 200);
     assert!(
-        dir.path().join("keycast.db").exists(),
+        data.join("keycast.db").exists(),
         "the database is created in KEYCAST_DATA_DIR"
     );
-    server.stop();
+    let log = server.stop();
+    assert!(
+        dir.path().join("data-replica/ltx/0").is_dir(),
+        "replicated to the default local replica"
+    );
+    assert!(
+        log.contains("replicated_txid"),
+        "the exit line names the replicated TXID: {log}"
+    );
 }
 
 #[test]
@@ -86,7 +95,7 @@ fn help_describes_every_subcommand() {
 #[test]
 fn sigterm_lets_a_slow_request_finish_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Launch::new(dir.path())
+    let mut server = Launch::new(&dir.path().join("data"))
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
     let url = format!("{}/api/test/slow?ms=1500", server.base);
@@ -108,7 +117,7 @@ fn sigterm_lets_a_slow_request_finish_and_exits_zero() {
 #[test]
 fn shutdown_gives_up_after_the_grace_period_with_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Launch::new(dir.path())
+    let mut server = Launch::new(&dir.path().join("data"))
         .env("KEYCAST_TEST_ROUTES", "true")
         .env("KEYCAST_SHUTDOWN_GRACE_SECS", "1")
         .start();
@@ -128,13 +137,14 @@ fn shutdown_gives_up_after_the_grace_period_with_an_error() {
 #[test]
 fn restart_on_the_same_data_directory_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Keycast::start(dir.path());
+    let data = dir.path().join("data");
+    let server = Keycast::start(&data);
     server.stop();
-    let db = dir.path().join("keycast.db");
+    let db = data.join("keycast.db");
     let sql = "INSERT INTO keycast_meta (key, value) VALUES ('probe', 'kept');";
     let ok = Command::new("sqlite3").arg(&db).arg(sql).status().unwrap();
     assert!(ok.success());
-    let server = Keycast::start(dir.path());
+    let server = Keycast::start(&data);
     server.stop();
     let out = Command::new("sqlite3")
         .arg(&db)
@@ -151,8 +161,9 @@ fn restart_on_the_same_data_directory_keeps_data() {
 #[test]
 fn a_database_from_a_newer_keycast_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    Keycast::start(dir.path()).stop();
-    let db = dir.path().join("keycast.db");
+    let data = dir.path().join("data");
+    Keycast::start(&data).stop();
+    let db = data.join("keycast.db");
     let sql = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', 1, x'00', 0);";
     assert!(Command::new("sqlite3")
         .arg(&db)
@@ -160,7 +171,7 @@ fn a_database_from_a_newer_keycast_is_refused() {
         .status()
         .unwrap()
         .success());
-    let mut child = Launch::new(dir.path()).spawn();
+    let mut child = Launch::new(&data).spawn();
     let status = child.wait().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
@@ -174,7 +185,7 @@ fn a_database_from_a_newer_keycast_is_refused() {
 #[test]
 fn json_logs_carry_severity_and_message() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Launch::new(dir.path())
+    let server = Launch::new(&dir.path().join("data"))
         .env("KEYCAST_LOG_FORMAT", "json")
         .start();
     let log = server.stop();

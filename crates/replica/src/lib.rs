@@ -1,23 +1,39 @@
-//! `keycast-replica`: continuous replication of a SQLite database to an
-//! object store, in Litestream 0.5.17's on-storage format, so that stock
-//! `litestream restore` can restore what keycast writes.
+//! `keycast-replica`: continuous replication of a SQLite database to an object store, in
+//! Litestream 0.5's on-storage format, so the stock `litestream restore` restores what
+//! keycast writes and keycast restores what Litestream writes.
+//!
+//! Knows SQLite files and object stores; nothing of Nostr, HTTP or keycast's tables.
 //!
 //! # Layout
-//!
-//! - [`checksum`]: CRC-64/GO-ISO page and database checksums.
-//! - [`ltx`]: the LTX v3 file format: header, encoder, decoder, file names.
-//! - [`wal`]: reading complete transactions out of a SQLite WAL file.
-//!
-//! These modules are pure format code over bytes and readers; syncing,
-//! object stores and restore build on them.
+//! - [`capture`]: the WAL hook on application connections that wakes the replicator.
+//! - [`replicator`]: the background loop that ships segments and owns checkpoints.
+//! - [`segment`]: builds LTX segments from WAL frames or the whole database.
+//! - [`store`]: one replica location (file, S3, GCS, Azure) in Litestream's layout.
+//! - [`restore`]: restore planning and verified restore into a new file.
+//! - [`compactor`]: compaction levels, snapshots, retention.
+//! - [`bootstrap`]: what to do at start-up given the local file and the replica.
+//! - [`local_state`]: the local record of what was shipped.
+//! - [`ltx`], [`wal`], [`checksum`]: the file formats.
 
+pub mod bootstrap;
+pub mod capture;
 pub mod checksum;
+pub mod compactor;
+pub mod local_state;
 pub mod ltx;
+pub mod replicator;
+pub mod restore;
+pub mod segment;
+pub mod store;
 pub mod wal;
 
 #[cfg(test)]
 mod test_support;
 
+pub use capture::CommitSignal;
 pub use checksum::{database_checksum, lock_page, page_checksum, DbChecksum};
 pub use ltx::{Decoded, Encoder, Header, LtxError};
+pub use replicator::{ReplicaError, ReplicaOptions, Replicator, Status};
+pub use restore::{restore, RestoreError, Restored, Target};
+pub use store::Store;
 pub use wal::{Committed, Frame, WalError, WalHeader, WalPosition};

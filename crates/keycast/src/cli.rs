@@ -1,0 +1,245 @@
+//! The replica commands of the CLI: `keycast restore`, `keycast replica status`,
+//! `keycast replica ls`. Each prints for people by default and JSON with `--json`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use keycast_replica::local_state;
+use keycast_replica::restore::{self, Target};
+use keycast_replica::Store;
+use serde_json::json;
+
+/// Opens the replica at `url` (`--replica`, else `KEYCAST_REPLICA_URL`).
+///
+/// # Errors
+/// A missing or unusable URL, naming where it came from.
+pub fn open(url: Option<&str>) -> anyhow::Result<Store> {
+    let (url, origin) = match url {
+        Some(u) => (u.to_owned(), "--replica"),
+        None => (
+            std::env::var("KEYCAST_REPLICA_URL")
+                .context("no replica given: pass --replica URL or set KEYCAST_REPLICA_URL")?,
+            "KEYCAST_REPLICA_URL",
+        ),
+    };
+    Store::from_url(&url, &|name| std::env::var(name).ok())
+        .with_context(|| format!("invalid {origin}={url}"))?
+        .with_context(|| format!("{origin}=none: there is no replica to read"))
+}
+
+/// Parses `--txid`: 16 hex digits (as Litestream prints them) or a decimal number.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_txid(v: &str) -> anyhow::Result<u64> {
+    let parsed = if v.len() == 16 {
+        u64::from_str_radix(v, 16).ok()
+    } else {
+        v.parse().ok()
+    };
+    parsed.filter(|t| *t > 0).with_context(|| {
+        format!("--txid {v}: expected a TXID, as 16 hex digits or a decimal number ≥ 1")
+    })
+}
+
+/// Parses `--timestamp` (RFC 3339).
+///
+/// # Errors
+/// A malformed time.
+pub fn parse_time(v: &str) -> anyhow::Result<SystemTime> {
+    let t = chrono::DateTime::parse_from_rfc3339(v).with_context(|| {
+        format!("--timestamp {v}: expected RFC 3339, e.g. 2026-11-28T07:00:00Z")
+    })?;
+    Ok(SystemTime::from(t))
+}
+
+/// `keycast restore`.
+///
+/// # Errors
+/// Restore errors, naming the object at fault.
+pub async fn restore_cmd(
+    store: &Store,
+    output: &Path,
+    target: Target,
+    force: bool,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    if output.exists() {
+        if !force {
+            bail!(
+                "{} already exists; pass --force to replace it",
+                output.display()
+            );
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = output.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(PathBuf::from(p));
+        }
+    }
+    let bar = progress_bar(as_json);
+    let report = |done: usize, total: usize, bytes: u64| {
+        if let Some(bar) = &bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            bar.set_message(format!("{:.1} MiB", bytes as f64 / 1048576.0));
+        }
+    };
+    let started = std::time::Instant::now();
+    let restored = restore::restore(store, output, target, Some(&report)).await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if as_json {
+        println!(
+            "{}",
+            json!({ "output": output, "txid": restored.txid, "files": restored.files, "bytes": restored.bytes,
+                    "pages": restored.pages, "page_size": restored.page_size, "seconds": started.elapsed().as_secs_f64() })
+        );
+    } else {
+        println!(
+            "restored {} at TXID {} ({:016x}) from {} files, {} bytes, in {:.2} s; integrity check ok",
+            output.display(),
+            restored.txid,
+            restored.txid,
+            restored.files,
+            restored.bytes,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal only (never in JSON mode or in logs).
+fn progress_bar(as_json: bool) -> Option<indicatif::ProgressBar> {
+    if as_json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("restoring [{bar:30}] {pos}/{len} files, {msg}")
+    {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+/// `keycast replica ls`.
+///
+/// # Errors
+/// Store errors.
+pub async fn ls_cmd(store: &Store, as_json: bool) -> anyhow::Result<()> {
+    let files = store.list_all().await?;
+    if as_json {
+        let rows: Vec<_> = files
+            .iter()
+            .map(|f| json!({ "level": f.level, "min_txid": f.min_txid, "max_txid": f.max_txid, "size": f.size,
+                             "created_at": rfc3339(f.created_at), "key": f.key.to_string() }))
+            .collect();
+        println!("{}", json!({ "replica": store.describe(), "files": rows }));
+        return Ok(());
+    }
+    println!("replica: {}", store.describe());
+    println!("{:<6} {:<35} {:>12}  created", "level", "txids", "bytes");
+    for f in &files {
+        let kind = if f.level == 9 {
+            "9 snap".to_owned()
+        } else {
+            f.level.to_string()
+        };
+        println!(
+            "{kind:<6} {:<35} {:>12}  {}",
+            format!("{:016x}-{:016x}", f.min_txid, f.max_txid),
+            f.size,
+            rfc3339(f.created_at)
+        );
+    }
+    println!("{} files", files.len());
+    Ok(())
+}
+
+/// `keycast replica status`: the local record (what this machine shipped) against the replica.
+///
+/// # Errors
+/// Store or local-record errors.
+pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Result<()> {
+    let replicated = store
+        .list_all()
+        .await?
+        .iter()
+        .map(|f| f.max_txid)
+        .max()
+        .unwrap_or(0);
+    let record = local_state::load(db)?;
+    let pending = unshipped_wal_bytes(db, record.as_ref());
+    let lag = match (&record, pending) {
+        (Some(r), p) if p > 0 => Some(age(r.updated_at_ms)),
+        _ => None,
+    };
+    let doc = json!({
+        "replica": store.describe(),
+        "database": db,
+        "replicated_txid": replicated,
+        "local_txid": record.as_ref().map(|r| r.txid),
+        "unshipped_wal_bytes": pending,
+        "lag_seconds": lag.map(|d| d.as_secs_f64()),
+        "clean_shutdown": record.as_ref().map(|r| r.clean),
+        "last_error": record.as_ref().and_then(|r| r.last_error.clone()),
+        "in_sync": record.as_ref().is_some_and(|r| r.txid == replicated && pending == 0),
+    });
+    if as_json {
+        println!("{doc}");
+        return Ok(());
+    }
+    println!("replica:          {}", store.describe());
+    println!("replicated TXID:  {replicated}");
+    match &record {
+        Some(r) => {
+            println!("local TXID:       {} ({})", r.txid, db.display());
+            println!(
+                "unshipped WAL:    {pending} bytes{}",
+                lag.map(|d| format!(", oldest about {} s", d.as_secs()))
+                    .unwrap_or_default()
+            );
+            println!(
+                "last stop:        {}",
+                if r.clean {
+                    "clean"
+                } else {
+                    "running or crashed"
+                }
+            );
+            println!(
+                "last error:       {}",
+                r.last_error.as_deref().unwrap_or("none")
+            );
+        }
+        None => println!(
+            "local TXID:       unknown (no replication record next to {})",
+            db.display()
+        ),
+    }
+    Ok(())
+}
+
+/// Bytes of WAL past the shipped position (0 if the WAL is gone or fully shipped).
+fn unshipped_wal_bytes(db: &Path, record: Option<&local_state::LocalState>) -> u64 {
+    let len = std::fs::metadata(keycast_replica::segment::wal_path(db))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    match record.and_then(|r| r.wal) {
+        Some(cursor) => len.saturating_sub(cursor.offset),
+        None => len.saturating_sub(32).min(len),
+    }
+}
+
+fn age(ms: i64) -> Duration {
+    let then = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    SystemTime::now().duration_since(then).unwrap_or_default()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

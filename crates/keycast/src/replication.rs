@@ -1,0 +1,151 @@
+//! Wiring the replicator into `keycast serve`: open the store, restore before serving,
+//! start shipping, report health and metrics, and stop cleanly.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keycast_http::Dependency;
+use keycast_replica::bootstrap::{self, Bootstrap};
+use keycast_replica::replicator::Monitor;
+use keycast_replica::{CommitSignal, Replicator, Store};
+
+use crate::config::ReplicaConfig;
+
+/// Opens the configured store; errors name `KEYCAST_REPLICA_URL`.
+///
+/// # Errors
+/// An unusable URL or missing credentials variable.
+pub fn open_store(config: &ReplicaConfig) -> anyhow::Result<Store> {
+    Store::from_url(&config.url, &|name| std::env::var(name).ok())
+        .with_context(|| format!("invalid configuration: KEYCAST_REPLICA_URL={}", config.url))?
+        .context("KEYCAST_REPLICA_URL=none was handled before")
+}
+
+/// Runs the start-up decision (restore, resume, adopt, refuse) and logs it.
+///
+/// # Errors
+/// When keycast must not serve: conflicting local and replica state, or a failed restore.
+pub async fn prepare(db: &Path, store: &Store) -> anyhow::Result<()> {
+    match bootstrap::prepare(db, store).await? {
+        Bootstrap::Fresh => {
+            tracing::info!(replica = %store.describe(), "no database and an empty replica: starting a new database")
+        }
+        Bootstrap::Adopt => {
+            tracing::info!(replica = %store.describe(), "the replica is empty: the local database seeds it")
+        }
+        Bootstrap::Resume { txid } => {
+            tracing::info!(txid, "the local database matches the replica: resuming")
+        }
+        Bootstrap::Restored {
+            restored,
+            moved_aside,
+        } => tracing::info!(
+            txid = restored.txid,
+            files = restored.files,
+            bytes = restored.bytes,
+            moved_aside = moved_aside.as_ref().map(|p| p.display().to_string()),
+            "restored the database from the replica"
+        ),
+    }
+    Ok(())
+}
+
+/// Starts shipping once the database is open.
+///
+/// # Errors
+/// Store or SQLite errors while aligning with the replica.
+pub async fn start(
+    db: &Path,
+    store: Store,
+    signal: Arc<CommitSignal>,
+    lineage: &str,
+    config: &ReplicaConfig,
+) -> anyhow::Result<Replicator> {
+    let replicator = Replicator::start(db, store, signal, lineage, config.options.clone())
+        .await
+        .context("cannot start replication")?;
+    tracing::info!(
+        replica = %replicator.store().describe(),
+        txid = replicator.status().replicated_txid,
+        "replicating the database"
+    );
+    Ok(replicator)
+}
+
+/// Final sync within `deadline`, then the exit log line with the replicated TXID.
+///
+/// # Errors
+/// The final sync did not reach the store.
+pub async fn stop(replicator: Replicator, deadline: Instant) -> anyhow::Result<()> {
+    let txid = replicator
+        .shutdown(deadline)
+        .await
+        .context("the final replication sync failed")?;
+    tracing::info!(
+        replicated_txid = txid,
+        "replication stopped: every committed transaction is in the replica"
+    );
+    Ok(())
+}
+
+/// How long a durable write waits for the replica before answering 503.
+pub const DURABLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Durable commit through the replicator.
+pub struct ReplicaDurability(pub Monitor);
+
+impl keycast_http::Durability for ReplicaDurability {
+    fn wait_durable(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.0
+                .wait_durable(DURABLE_TIMEOUT)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Replication as a readiness dependency and a metrics source.
+pub struct ReplicationHealth {
+    pub monitor: Monitor,
+    pub unhealthy_after: Duration,
+}
+
+impl Dependency for ReplicationHealth {
+    fn readiness(&self) -> Result<(), String> {
+        let status = self.monitor.status();
+        if status.fenced {
+            return Err(
+                "replication stopped: another instance took over the replica (this one is fenced)"
+                    .into(),
+            );
+        }
+        match status.failing_since {
+            Some(since) if since.elapsed() >= self.unhealthy_after => Err(format!(
+                "replication has been failing for {} s: {}",
+                since.elapsed().as_secs(),
+                status.last_error.unwrap_or_default()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn export_metrics(&self) {
+        let s = self.monitor.status();
+        metrics::gauge!("keycast_replica_txid").set(s.replicated_txid as f64);
+        metrics::gauge!("keycast_replica_local_commits").set(s.local_commits as f64);
+        metrics::gauge!("keycast_replica_shipped_commits").set(s.shipped_commits as f64);
+        metrics::gauge!("keycast_replica_lag_seconds").set(s.lag_seconds);
+        metrics::gauge!("keycast_replica_failing").set(if s.failing_since.is_some() {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("keycast_replica_fenced").set(if s.fenced { 1.0 } else { 0.0 });
+    }
+}

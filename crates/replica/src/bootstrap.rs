@@ -1,0 +1,208 @@
+//! Start-up: decide, from the local database file and the replica, what state to serve.
+//!
+//! | local file | replica | local record | outcome |
+//! |---|---|---|---|
+//! | none | empty | – | [`Bootstrap::Fresh`]: create a new database; it becomes TXID 1 |
+//! | none | has data | – | [`Bootstrap::Restored`]: restore the latest state first |
+//! | exists | empty | any | [`Bootstrap::Adopt`]: the local file seeds the replica (a full image) |
+//! | exists | has data | matches (same lineage, same TXID) | [`Bootstrap::Resume`] |
+//! | exists | has data | TXID behind the replica | local moved aside to `<db>.behind-<unix>`, then [`Bootstrap::Restored`] |
+//! | exists | has data | none, other lineage, or TXID ahead of the replica | refused with [`BootstrapError`]: keycast cannot tell which copy is right, so it serves neither |
+//!
+//! The stale file is kept, never deleted: it may hold commits that were acknowledged
+//! locally but never reached the replica, and an operator may want them.
+
+use std::path::{Path, PathBuf};
+
+use crate::local_state::{self, LocalState};
+use crate::restore::{self, RestoreError, Restored, Target};
+use crate::store::{Store, StoreError};
+
+/// What start-up found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// No database anywhere: a new one will be created.
+    Fresh,
+    /// The database was restored from the replica (and a stale local copy, if any, moved to
+    /// `moved_aside`).
+    Restored {
+        restored: Restored,
+        moved_aside: Option<PathBuf>,
+    },
+    /// A local database and an empty replica: the local file seeds the replica.
+    Adopt,
+    /// The local database is exactly the replica's latest state (plus unshipped commits).
+    Resume { txid: u64 },
+}
+
+/// Why start-up refuses to pick a state.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error(
+        "a database exists at {db} but has no replication record, and the replica {replica} already holds data \
+         (up to TXID {remote}); keycast cannot tell which is newer. Move the local file away to restore from \
+         the replica, or point KEYCAST_REPLICA_URL at an empty location to replicate this file from scratch"
+    )]
+    UnknownLocal {
+        db: PathBuf,
+        replica: String,
+        remote: u64,
+    },
+    #[error(
+        "the database at {db} belongs to lineage {local} but the replica {replica} holds lineage {remote}: they are \
+         different databases. Move the local file away to restore from the replica, or use another replica location"
+    )]
+    OtherLineage {
+        db: PathBuf,
+        replica: String,
+        local: String,
+        remote: String,
+    },
+    #[error(
+        "the database at {db} is at TXID {local} but the replica {replica} only reaches TXID {remote}: files are \
+         missing from the replica. keycast will not overwrite either; restore the missing objects, or point \
+         KEYCAST_REPLICA_URL at an empty location to replicate this file from scratch"
+    )]
+    ReplicaBehind {
+        db: PathBuf,
+        replica: String,
+        local: u64,
+        remote: u64,
+    },
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot read the local replication record: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Prepares `db` from `store` as the table above says. Call before opening the database.
+///
+/// # Errors
+/// See [`BootstrapError`].
+pub async fn prepare(db: &Path, store: &Store) -> Result<Bootstrap, BootstrapError> {
+    let remote = store
+        .list_all()
+        .await?
+        .iter()
+        .map(|f| f.max_txid)
+        .max()
+        .unwrap_or(0);
+    let local = db.exists();
+    match (local, remote) {
+        (false, 0) => Ok(Bootstrap::Fresh),
+        (false, _) => restore_into(db, store, None).await,
+        (true, 0) => Ok(Bootstrap::Adopt),
+        (true, _) => compare(db, store, remote).await,
+    }
+}
+
+async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, BootstrapError> {
+    let Some(record) = local_state::load(db)? else {
+        return Err(BootstrapError::UnknownLocal {
+            db: db.to_owned(),
+            replica: store.describe(),
+            remote,
+        });
+    };
+    if let Some(remote_lineage) = replica_lineage(store).await? {
+        if !record.lineage.is_empty() && record.lineage != remote_lineage {
+            return Err(BootstrapError::OtherLineage {
+                db: db.to_owned(),
+                replica: store.describe(),
+                local: record.lineage,
+                remote: remote_lineage,
+            });
+        }
+    }
+    if record.txid > remote {
+        return Err(BootstrapError::ReplicaBehind {
+            db: db.to_owned(),
+            replica: store.describe(),
+            local: record.txid,
+            remote,
+        });
+    }
+    if record.txid < remote {
+        let aside = move_aside(db)?;
+        tracing::warn!(
+            local_txid = record.txid,
+            replica_txid = remote,
+            moved_to = %aside.display(),
+            "the local database is behind the replica (another instance wrote since); restoring, the old file is kept"
+        );
+        return restore_into(db, store, Some(aside)).await;
+    }
+    Ok(Bootstrap::Resume { txid: record.txid })
+}
+
+async fn restore_into(
+    db: &Path,
+    store: &Store,
+    moved_aside: Option<PathBuf>,
+) -> Result<Bootstrap, BootstrapError> {
+    if let Some(parent) = db.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
+    let restored = restore::restore(store, db, Target::Latest, None).await?;
+    local_state::store(
+        db,
+        &LocalState {
+            lineage: String::new(),
+            replica: store.describe(),
+            txid: restored.txid,
+            commit: restored.pages,
+            page_size: restored.page_size,
+            wal: None,
+            clean: true,
+            db_checksum: None,
+            updated_at_ms: crate::replicator::now_ms(),
+            last_error: None,
+        },
+    )?;
+    tracing::info!(
+        txid = restored.txid,
+        files = restored.files,
+        bytes = restored.bytes,
+        "restore complete"
+    );
+    Ok(Bootstrap::Restored {
+        restored,
+        moved_aside,
+    })
+}
+
+/// The lineage recorded in the replica by keycast; `None` for replicas Litestream wrote.
+async fn replica_lineage(store: &Store) -> Result<Option<String>, StoreError> {
+    let Some((bytes, _)) = store.get_object("keycast/lineage.json").await? else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("lineage").and_then(|l| l.as_str()).map(str::to_owned)))
+}
+
+/// Renames the database and its `-wal`/`-shm`/record to `<db>.behind-<unix>…`.
+fn move_aside(db: &Path) -> std::io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".behind-{stamp}"));
+    let aside = db.with_file_name(name);
+    std::fs::rename(db, &aside)?;
+    for suffix in ["-wal", "-shm"] {
+        let mut from = db.as_os_str().to_owned();
+        from.push(suffix);
+        let mut to = aside.as_os_str().to_owned();
+        to.push(suffix);
+        if Path::new(&from).exists() {
+            std::fs::rename(&from, &to)?;
+        }
+    }
+    local_state::remove(db);
+    Ok(aside)
+}

@@ -1,0 +1,312 @@
+//! Compaction, snapshots and retention, written against [`Store`] only.
+//!
+//! Laid out as Litestream 0.5 does, so its `restore` reads our replicas:
+//! - **Level n (1–8)** merges the level n−1 files newer than level n's newest file into one
+//!   file (newest page wins), every `levels[n-1]` interval — by default L1 every 30 s, L2
+//!   every 5 min, L3 every hour.
+//! - **Level 9** holds snapshots `1-<txid>`: the whole database, every `snapshot_interval`.
+//! - **Retention** deletes snapshots older than `snapshot_retention` (always keeping the
+//!   newest), compacted files wholly below the oldest kept snapshot, and L0 files older than
+//!   `l0_retention` that L1 already covers.
+//!
+//! Work happens only when something new was shipped since the last run, so an idle
+//! database costs no object-store requests.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+
+use crate::ltx::{self, Encoder, Header, FLAG_NO_CHECKSUM};
+use crate::restore::{self, Target};
+use crate::store::{LtxObject, PutOutcome, Store};
+use crate::ReplicaError;
+
+/// Level 9: snapshots.
+pub const SNAPSHOT_LEVEL: u8 = 9;
+
+/// When to compact, snapshot and delete. Defaults follow Litestream 0.5.
+#[derive(Debug, Clone)]
+pub struct CompactionPolicy {
+    /// Interval of each compaction level, L1 first. Default 30 s, 5 min, 1 h.
+    pub levels: Vec<Duration>,
+    /// How often a full snapshot (level 9) is written. Default 24 h.
+    pub snapshot_interval: Duration,
+    /// How long snapshots are kept (the newest always is). Default 24 h.
+    pub snapshot_retention: Duration,
+    /// How long L0 files are kept once L1 covers them. Default 5 min.
+    pub l0_retention: Duration,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        Self {
+            levels: vec![
+                Duration::from_secs(30),
+                Duration::from_secs(300),
+                Duration::from_secs(3600),
+            ],
+            snapshot_interval: Duration::from_secs(24 * 3600),
+            snapshot_retention: Duration::from_secs(24 * 3600),
+            l0_retention: Duration::from_secs(300),
+        }
+    }
+}
+
+/// When each level is next due, and whether it has new input.
+#[derive(Debug)]
+pub struct Schedule {
+    next: Vec<Instant>,
+    dirty: Vec<bool>,
+    snapshot_next: Instant,
+    snapshot_dirty: bool,
+}
+
+impl Schedule {
+    /// A schedule whose first runs are one interval from now.
+    pub fn new(policy: &CompactionPolicy) -> Self {
+        let now = Instant::now();
+        Self {
+            next: policy.levels.iter().map(|i| now + *i).collect(),
+            dirty: vec![false; policy.levels.len()],
+            snapshot_next: now + policy.snapshot_interval,
+            snapshot_dirty: false,
+        }
+    }
+
+    /// A new L0 file exists: L1 and the snapshot have work.
+    pub fn note_shipped(&mut self) {
+        if let Some(first) = self.dirty.first_mut() {
+            *first = true;
+        }
+        self.snapshot_dirty = true;
+    }
+
+    /// Whether any level with new input has reached its time.
+    pub fn due(&self) -> bool {
+        let now = Instant::now();
+        self.dirty
+            .iter()
+            .zip(&self.next)
+            .any(|(d, n)| *d && now >= *n)
+            || (self.snapshot_dirty && now >= self.snapshot_next)
+    }
+
+    /// Time until the next due run; an hour when nothing has new input.
+    pub fn next_in(&self) -> Duration {
+        let now = Instant::now();
+        let levels = self
+            .dirty
+            .iter()
+            .zip(&self.next)
+            .filter(|(d, _)| **d)
+            .map(|(_, n)| n.saturating_duration_since(now));
+        let snapshot = self
+            .snapshot_dirty
+            .then(|| self.snapshot_next.saturating_duration_since(now));
+        levels
+            .chain(snapshot)
+            .min()
+            .unwrap_or(Duration::from_secs(3600))
+    }
+}
+
+/// Runs every due compaction level, then the snapshot if due, then retention.
+///
+/// # Errors
+/// Store and decoding errors; nothing is deleted unless its replacement was stored.
+pub async fn run_due(
+    store: &Store,
+    policy: &CompactionPolicy,
+    schedule: &mut Schedule,
+    now: SystemTime,
+) -> Result<(), ReplicaError> {
+    let instant = Instant::now();
+    let mut changed = false;
+    for i in 0..policy.levels.len() {
+        if schedule.dirty[i] && instant >= schedule.next[i] {
+            let level = (i + 1) as u8;
+            if compact_level(store, level).await?.is_some() {
+                if let Some(next) = schedule.dirty.get_mut(i + 1) {
+                    *next = true;
+                }
+                changed = true;
+            }
+            schedule.dirty[i] = false;
+            schedule.next[i] = instant + policy.levels[i];
+        }
+    }
+    if schedule.snapshot_dirty && instant >= schedule.snapshot_next {
+        snapshot(store).await?;
+        schedule.snapshot_dirty = false;
+        schedule.snapshot_next = instant + policy.snapshot_interval;
+        changed = true;
+    }
+    if changed {
+        enforce_retention(store, policy, now).await?;
+    }
+    Ok(())
+}
+
+/// Merges the level−1 files newer than `level`'s newest file into one `level` file.
+/// Returns the stored object's TXID range, or `None` when there was nothing to merge.
+///
+/// # Errors
+/// Store and decoding errors.
+pub async fn compact_level(store: &Store, level: u8) -> Result<Option<(u64, u64)>, ReplicaError> {
+    let done = store
+        .list_level(level)
+        .await?
+        .iter()
+        .map(|f| f.max_txid)
+        .max()
+        .unwrap_or(0);
+    let mut inputs: Vec<LtxObject> = Vec::new();
+    for file in store
+        .list_level(level - 1)
+        .await?
+        .into_iter()
+        .filter(|f| f.min_txid > done)
+    {
+        let expected = inputs.last().map_or(done + 1, |f| f.max_txid + 1);
+        if file.min_txid != expected {
+            break; // only a contiguous run can be merged
+        }
+        inputs.push(file);
+    }
+    if inputs.is_empty() {
+        return Ok(None);
+    }
+    let (min, max) = (inputs[0].min_txid, inputs[inputs.len() - 1].max_txid);
+    let bytes = merge(store, &inputs, min).await?;
+    store_create(store, level, min, max, bytes).await?;
+    metrics::counter!("keycast_replica_compactions_total", "level" => level.to_string())
+        .increment(1);
+    Ok(Some((min, max)))
+}
+
+/// Writes a level-9 snapshot of the latest state, built from the replica itself.
+///
+/// # Errors
+/// Store and decoding errors.
+pub async fn snapshot(store: &Store) -> Result<Option<u64>, ReplicaError> {
+    let files = store.list_all().await?;
+    let plan = restore::plan(&files, Target::Latest, &store.describe())
+        .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))?;
+    let max = plan.last().map_or(0, |f| f.max_txid);
+    if files
+        .iter()
+        .any(|f| f.level == SNAPSHOT_LEVEL && f.max_txid == max)
+    {
+        return Ok(None);
+    }
+    let bytes = merge(store, &plan, 1).await?;
+    store_create(store, SNAPSHOT_LEVEL, 1, max, bytes).await?;
+    metrics::counter!("keycast_replica_snapshots_total").increment(1);
+    Ok(Some(max))
+}
+
+/// Decodes `inputs` in order and encodes their union (newest page wins) as one file whose
+/// TXIDs start at `min`. Header: last input's commit and timestamp, as Litestream does.
+async fn merge(store: &Store, inputs: &[LtxObject], min: u64) -> Result<Bytes, ReplicaError> {
+    let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    let mut last: Option<Header> = None;
+    for input in inputs {
+        let bytes = store.get(input).await?;
+        let decoded = ltx::decode(&bytes).map_err(|e| {
+            ReplicaError::LocalState(std::io::Error::other(format!("object {}: {e}", input.key)))
+        })?;
+        pages.extend(decoded.pages);
+        last = Some(decoded.header);
+    }
+    let last = last.expect("inputs is not empty");
+    let header = Header {
+        flags: FLAG_NO_CHECKSUM,
+        page_size: last.page_size,
+        commit: last.commit,
+        min_txid: min,
+        max_txid: last.max_txid,
+        timestamp_ms: last.timestamp_ms,
+        ..Header::default()
+    };
+    let mut encoder = Encoder::new(header).map_err(crate::segment::SegmentError::from)?;
+    for (pgno, page) in pages.range(..=last.commit) {
+        encoder
+            .encode_page(*pgno, page)
+            .map_err(crate::segment::SegmentError::from)?;
+    }
+    Ok(Bytes::from(
+        encoder
+            .finish(0)
+            .map_err(crate::segment::SegmentError::from)?,
+    ))
+}
+
+/// Create-only store of a derived file. A file already there at the same key holds the same
+/// TXID range from the same inputs, so it is accepted.
+async fn store_create(
+    store: &Store,
+    level: u8,
+    min: u64,
+    max: u64,
+    bytes: Bytes,
+) -> Result<(), ReplicaError> {
+    let timestamp = crate::replicator::now_ms();
+    match store.put_ltx(level, min, max, bytes, timestamp).await? {
+        PutOutcome::Created | PutOutcome::AlreadyExists => Ok(()),
+    }
+}
+
+/// Deletes what the policy no longer needs. Never deletes the newest file of any level.
+///
+/// # Errors
+/// Store errors.
+pub async fn enforce_retention(
+    store: &Store,
+    policy: &CompactionPolicy,
+    now: SystemTime,
+) -> Result<usize, ReplicaError> {
+    let files = store.list_all().await?;
+    let by_level = |level: u8| files.iter().filter(move |f| f.level == level);
+    let older_than =
+        |f: &LtxObject, age: Duration| now.duration_since(f.created_at).is_ok_and(|a| a > age);
+    let mut doomed: Vec<LtxObject> = Vec::new();
+
+    let snapshots: Vec<&LtxObject> = by_level(SNAPSHOT_LEVEL).collect();
+    let expired: Vec<&LtxObject> = snapshots
+        .iter()
+        .rev()
+        .skip(1)
+        .filter(|f| older_than(f, policy.snapshot_retention))
+        .copied()
+        .collect();
+    if let Some(floor) = expired.iter().map(|f| f.max_txid).max() {
+        for level in 1..SNAPSHOT_LEVEL {
+            let level_files: Vec<&LtxObject> = by_level(level).collect();
+            let keep_last = level_files.last().map(|f| f.max_txid);
+            doomed.extend(
+                level_files
+                    .into_iter()
+                    .filter(|f| f.max_txid < floor && Some(f.max_txid) != keep_last)
+                    .cloned(),
+            );
+        }
+    }
+    doomed.extend(expired.into_iter().cloned());
+
+    if let Some(l1_max) = by_level(1).map(|f| f.max_txid).max() {
+        let l0: Vec<&LtxObject> = by_level(0).collect();
+        let keep_last = l0.last().map(|f| f.max_txid);
+        doomed.extend(
+            l0.into_iter()
+                .filter(|f| {
+                    f.max_txid <= l1_max
+                        && older_than(f, policy.l0_retention)
+                        && Some(f.max_txid) != keep_last
+                })
+                .cloned(),
+        );
+    }
+    store.delete(&doomed).await?;
+    Ok(doomed.len())
+}

@@ -1,0 +1,697 @@
+//! The replicator: ships every commit of one SQLite database to the object store as LTX
+//! segments, and owns the database's checkpoints.
+//!
+//! # Who checkpoints
+//! Only the replicator. Application connections run with `wal_autocheckpoint=0` and a WAL
+//! hook (see [`crate::capture`]), so SQLite never folds frames into the database file on
+//! its own. The replicator checkpoints (PASSIVE) only while holding SQLite's write lock
+//! (`BEGIN IMMEDIATE` on its own connection) and only after shipping every committed frame,
+//! so no frame can be checkpointed — and then overwritten by a WAL restart — before it is
+//! in the object store. A WAL restart it did not cause is detected by the salts and answered
+//! with a full image, never by guessing.
+//!
+//! # The loop
+//! Wait for a commit (or a timer) → read every frame committed since the last segment →
+//! encode one L0 segment (group commit: all commits pending at that moment) → create-only
+//! PUT at `ltx/0/<txid>-<txid>.ltx` → advance. While the database is idle nothing happens:
+//! no timer issues object-store requests unless something new was shipped.
+//!
+//! A create-only PUT that finds the key taken means another writer shipped that TXID: this
+//! instance is *fenced* and stops shipping at once (see [`Status::fenced`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use tokio::sync::watch;
+
+use crate::capture::CommitSignal;
+use crate::compactor::{self, CompactionPolicy};
+use crate::local_state::{self, LocalState};
+use crate::segment::{self, Cursor, Segment, SegmentError};
+use crate::store::{PutOutcome, Store, StoreError};
+
+/// Checkpoint when the WAL holds at least this many frames (pages).
+pub const DEFAULT_CHECKPOINT_PAGES: u32 = 1000;
+/// Checkpoint at least this often while something was shipped since the last one.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+/// Upper bound of WAL bytes folded into one segment (64 MiB, as Litestream).
+pub const DEFAULT_MAX_SEGMENT_BYTES: u64 = 64 << 20;
+/// First retry delay after a failed upload; doubles up to [`DEFAULT_RETRY_MAX`].
+pub const DEFAULT_RETRY_MIN: Duration = Duration::from_millis(50);
+/// Longest delay between retries of a failing upload.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Tunables of the replicator. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// See [`DEFAULT_CHECKPOINT_PAGES`].
+    pub checkpoint_pages: u32,
+    /// See [`DEFAULT_CHECKPOINT_INTERVAL`].
+    pub checkpoint_interval: Duration,
+    /// See [`DEFAULT_MAX_SEGMENT_BYTES`].
+    pub max_segment_bytes: u64,
+    /// See [`DEFAULT_RETRY_MIN`].
+    pub retry_min: Duration,
+    /// See [`DEFAULT_RETRY_MAX`].
+    pub retry_max: Duration,
+    /// Compaction levels, snapshots and retention.
+    pub compaction: CompactionPolicy,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        Self {
+            checkpoint_pages: DEFAULT_CHECKPOINT_PAGES,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            max_segment_bytes: DEFAULT_MAX_SEGMENT_BYTES,
+            retry_min: DEFAULT_RETRY_MIN,
+            retry_max: DEFAULT_RETRY_MAX,
+            compaction: CompactionPolicy::default(),
+        }
+    }
+}
+
+/// Why replication could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] sqlx::Error),
+    #[error("cannot write the local replication record: {0}")]
+    LocalState(#[from] std::io::Error),
+    #[error("another writer already stored TXID {txid} in the replica: this instance is fenced and stops replicating")]
+    Fenced { txid: u64 },
+    #[error("the replicator has stopped")]
+    Stopped,
+    #[error("timed out after {0:?} waiting for the replica")]
+    Timeout(Duration),
+}
+
+/// A point-in-time view of replication, for `/metrics`, health and `keycast replica status`.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// Highest TXID stored in the replica by this process (or found there at start).
+    pub replicated_txid: u64,
+    /// Commits the application made in this process.
+    pub local_commits: u64,
+    /// Of those, how many are in the replica.
+    pub shipped_commits: u64,
+    /// Seconds the oldest unshipped commit has waited (0 when caught up).
+    pub lag_seconds: f64,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// Since when uploads have been failing without a success.
+    pub failing_since: Option<Instant>,
+    /// Another writer took over the replica; this instance no longer ships.
+    pub fenced: bool,
+    /// Segments stored / checkpoints run since start.
+    pub segments: u64,
+    pub checkpoints: u64,
+}
+
+/// Handle on a running replicator.
+pub struct Replicator {
+    shared: Arc<Shared>,
+    stop: watch::Sender<Option<Instant>>,
+    task: tokio::task::JoinHandle<Result<u64, ReplicaError>>,
+}
+
+struct Shared {
+    signal: Arc<CommitSignal>,
+    store: Store,
+    status: Mutex<Status>,
+    shipped: watch::Sender<u64>,
+    /// When the first commit not yet shipped was observed.
+    pending_since: Mutex<Option<Instant>>,
+}
+
+impl Replicator {
+    /// Starts replicating the database at `db`, whose application connections report commits
+    /// to `signal`. If the replica is empty (or continuity with it cannot be proven) the first
+    /// segment is a full image of the database.
+    ///
+    /// `lineage` identifies the database (see `keycast_db::meta`); it is recorded locally and,
+    /// for a new replica, in the replica.
+    ///
+    /// # Errors
+    /// Store, SQLite and I/O errors during the initial alignment.
+    pub async fn start(
+        db: &Path,
+        store: Store,
+        signal: Arc<CommitSignal>,
+        lineage: &str,
+        options: ReplicaOptions,
+    ) -> Result<Replicator, ReplicaError> {
+        let mut worker = Worker::open(db, store.clone(), signal.clone(), lineage, options).await?;
+        worker.align().await?;
+        let (stop, stop_rx) = watch::channel(None);
+        let (shipped, _) = watch::channel(signal.commits());
+        let shared = Arc::new(Shared {
+            signal,
+            store,
+            status: Mutex::new(Status {
+                replicated_txid: worker.cursor.txid,
+                ..Status::default()
+            }),
+            shipped,
+            pending_since: Mutex::new(None),
+        });
+        worker.shared = Some(shared.clone());
+        worker.publish_shipped(worker.shipped_mark);
+        let task = tokio::spawn(worker.run(stop_rx));
+        Ok(Replicator { shared, stop, task })
+    }
+
+    /// Current replication status.
+    pub fn status(&self) -> Status {
+        self.shared.snapshot_status()
+    }
+
+    /// A cheap, cloneable view of the status that outlives nothing: for health checks and
+    /// metrics, which must not own the replicator.
+    pub fn monitor(&self) -> Monitor {
+        Monitor(self.shared.clone())
+    }
+
+    /// The store this replicator writes to.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Waits until every commit the application made before this call is in the object store.
+    /// See [`Monitor::wait_durable`].
+    ///
+    /// # Errors
+    /// As [`Monitor::wait_durable`].
+    pub async fn wait_durable(&self, timeout: Duration) -> Result<u64, ReplicaError> {
+        self.monitor().wait_durable(timeout).await
+    }
+
+    /// Ships the last committed frames (trying until `deadline`), records a clean stop, and
+    /// closes the replicator's connections. Call after the application's pool is closed.
+    ///
+    /// # Errors
+    /// The last upload error if the final sync did not finish by `deadline`.
+    pub async fn shutdown(self, deadline: Instant) -> Result<u64, ReplicaError> {
+        let _ = self.stop.send(Some(deadline));
+        self.shared.signal.wake();
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(ReplicaError::LocalState(std::io::Error::other(
+                e.to_string(),
+            ))),
+        }
+    }
+}
+
+/// Read-only view of a replicator's [`Status`].
+#[derive(Clone)]
+pub struct Monitor(Arc<Shared>);
+
+impl Monitor {
+    /// Current replication status.
+    pub fn status(&self) -> Status {
+        self.0.snapshot_status()
+    }
+
+    /// Waits until every commit the application made before this call is in the object store.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Timeout`] if that takes longer than `timeout`; [`ReplicaError::Fenced`]
+    /// or [`ReplicaError::Stopped`] if it can never happen. Never a false success.
+    pub async fn wait_durable(&self, timeout: Duration) -> Result<u64, ReplicaError> {
+        let wanted = self.0.signal.commits();
+        self.0.signal.wake();
+        let mut rx = self.0.shipped.subscribe();
+        let wait = async {
+            loop {
+                if *rx.borrow_and_update() >= wanted {
+                    return Ok(self.0.snapshot_status().replicated_txid);
+                }
+                if let Some(txid) = self.0.fenced_txid() {
+                    return Err(ReplicaError::Fenced { txid });
+                }
+                if rx.changed().await.is_err() {
+                    return Err(ReplicaError::Stopped);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ReplicaError::Timeout(timeout))?
+    }
+}
+
+impl Shared {
+    fn snapshot_status(&self) -> Status {
+        let mut status = self.status.lock().expect("status lock").clone();
+        status.local_commits = self.signal.commits();
+        status.shipped_commits = *self.shipped.borrow();
+        status.lag_seconds = match *self.pending_since.lock().expect("pending lock") {
+            Some(since) if status.local_commits > status.shipped_commits => {
+                since.elapsed().as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        status
+    }
+
+    fn fenced_txid(&self) -> Option<u64> {
+        let status = self.status.lock().expect("status lock");
+        status.fenced.then_some(status.replicated_txid + 1)
+    }
+}
+
+/// The state owned by the background task.
+struct Worker {
+    db: PathBuf,
+    store: Store,
+    signal: Arc<CommitSignal>,
+    lineage: String,
+    options: ReplicaOptions,
+    cursor: Cursor,
+    /// Holds SQLite's write lock while checkpointing or taking a full image.
+    lock_conn: SqliteConnection,
+    /// Runs the checkpoints (a checkpoint cannot run inside the lock connection's transaction).
+    checkpoint_conn: SqliteConnection,
+    shared: Option<Arc<Shared>>,
+    /// Commit counter value known to be shipped.
+    shipped_mark: u64,
+    last_checkpoint: Instant,
+    shipped_since_checkpoint: bool,
+    compaction: compactor::Schedule,
+}
+
+impl Worker {
+    async fn open(
+        db: &Path,
+        store: Store,
+        signal: Arc<CommitSignal>,
+        lineage: &str,
+        options: ReplicaOptions,
+    ) -> Result<Worker, ReplicaError> {
+        let connect = SqliteConnectOptions::new()
+            .filename(db)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("wal_autocheckpoint", "0");
+        let lock_conn = connect.clone().connect().await?;
+        let checkpoint_conn = connect.connect().await?;
+        let page_size = segment::page_size_of(db)?;
+        let compaction = compactor::Schedule::new(&options.compaction);
+        Ok(Worker {
+            db: db.to_owned(),
+            store,
+            signal,
+            lineage: lineage.to_owned(),
+            options,
+            cursor: Cursor {
+                txid: 0,
+                commit: 0,
+                page_size,
+                wal: None,
+                reset_expected: false,
+            },
+            lock_conn,
+            checkpoint_conn,
+            shared: None,
+            shipped_mark: 0,
+            last_checkpoint: Instant::now(),
+            shipped_since_checkpoint: false,
+            compaction,
+        })
+    }
+
+    /// Establishes where shipping resumes: from the local record when it provably matches
+    /// the replica, otherwise with a full image at the next TXID (TXID 1 on an empty replica).
+    async fn align(&mut self) -> Result<(), ReplicaError> {
+        let remote_max = self
+            .store
+            .list_all()
+            .await?
+            .iter()
+            .map(|f| f.max_txid)
+            .max()
+            .unwrap_or(0);
+        let record = local_state::load(&self.db)?;
+        self.shipped_mark = self.signal.commits();
+        if let Some(record) = record.filter(|r| r.txid == remote_max && remote_max > 0) {
+            self.cursor = Cursor {
+                txid: record.txid,
+                commit: record.commit,
+                page_size: record.page_size,
+                wal: record.wal,
+                reset_expected: record.clean,
+            };
+            if self.changed_while_down(&record)? {
+                tracing::warn!(
+                    "the database file changed while keycast was down; shipping a full image"
+                );
+                return self.ship_full_image().await;
+            }
+            tracing::info!(
+                txid = record.txid,
+                clean = record.clean,
+                "replication resumes from the local record"
+            );
+            // Anything committed after the record (a crash before the last upload) ships now;
+            // a WAL generation that cannot be tied to the record gets a full image instead.
+            return self.sync_all().await.map(|_| ());
+        }
+        if remote_max == 0 {
+            let _ = self
+                .store
+                .put_object_create("keycast/lineage.json", lineage_document(&self.lineage))
+                .await?;
+        }
+        self.cursor.txid = remote_max;
+        self.ship_full_image().await
+    }
+
+    /// After a clean stop the file alone held the shipped state. Only the replicator
+    /// checkpoints, so nothing keycast did since (migrations included) has touched the file:
+    /// a different checksum means another program wrote to it while keycast was down.
+    fn changed_while_down(&self, record: &LocalState) -> Result<bool, ReplicaError> {
+        let Some(expected) = record.db_checksum.filter(|_| record.clean) else {
+            return Ok(false);
+        };
+        Ok(crate::checksum::database_checksum_path(&self.db, record.page_size)? != expected)
+    }
+
+    /// Takes SQLite's write lock, then ships a full image of the database at the next TXID.
+    async fn ship_full_image(&mut self) -> Result<(), ReplicaError> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.lock_conn)
+            .await?;
+        let result = async {
+            let mark = self.signal.commits();
+            let (db, txid) = (self.db.clone(), self.cursor.txid + 1);
+            let segment =
+                tokio::task::spawn_blocking(move || segment::full_image(&db, txid, now_ms()))
+                    .await
+                    .map_err(|e| {
+                        ReplicaError::LocalState(std::io::Error::other(e.to_string()))
+                    })??;
+            self.put(segment).await?;
+            self.shipped_mark = mark;
+            tracing::info!(txid, "shipped a full image of the database");
+            Ok(())
+        }
+        .await;
+        sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await?;
+        result
+    }
+
+    /// Stores one segment create-only and advances the cursor.
+    async fn put(&mut self, segment: Segment) -> Result<(), ReplicaError> {
+        let size = segment.bytes.len();
+        match self
+            .store
+            .put_ltx(
+                0,
+                segment.txid,
+                segment.txid,
+                Bytes::from(segment.bytes),
+                now_ms(),
+            )
+            .await?
+        {
+            PutOutcome::Created => {}
+            PutOutcome::AlreadyExists => {
+                if let Some(shared) = &self.shared {
+                    shared.status.lock().expect("status lock").fenced = true;
+                }
+                metrics::gauge!("keycast_replica_fenced").set(1.0);
+                tracing::error!(
+                    txid = segment.txid,
+                    "another writer already stored this TXID: fenced, replication stops"
+                );
+                return Err(ReplicaError::Fenced { txid: segment.txid });
+            }
+        }
+        self.cursor = segment.next;
+        self.shipped_since_checkpoint = true;
+        self.compaction.note_shipped();
+        local_state::store(&self.db, &self.record(false))?;
+        metrics::counter!("keycast_replica_segments_total").increment(1);
+        metrics::gauge!("keycast_replica_txid").set(self.cursor.txid as f64);
+        tracing::debug!(
+            txid = segment.txid,
+            bytes = size,
+            commits = segment.commits,
+            "segment stored"
+        );
+        if let Some(shared) = &self.shared {
+            let mut status = shared.status.lock().expect("status lock");
+            status.replicated_txid = self.cursor.txid;
+            status.segments += 1;
+            status.last_error = None;
+            status.failing_since = None;
+        }
+        Ok(())
+    }
+
+    fn record(&self, clean: bool) -> LocalState {
+        LocalState {
+            lineage: self.lineage.clone(),
+            replica: self.store.describe(),
+            txid: self.cursor.txid,
+            commit: self.cursor.commit,
+            page_size: self.cursor.page_size,
+            wal: self.cursor.wal,
+            clean,
+            db_checksum: None,
+            updated_at_ms: now_ms(),
+            last_error: None,
+        }
+    }
+
+    /// Ships segments until nothing committed is left unshipped. Returns how many it stored.
+    async fn sync_all(&mut self) -> Result<usize, ReplicaError> {
+        let mut stored = 0;
+        loop {
+            let mark = self.signal.commits();
+            let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
+            let next = tokio::task::spawn_blocking(move || {
+                segment::next_wal_segment(&db, &cursor, max, now_ms())
+            })
+            .await
+            .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))?;
+            match next {
+                Ok(Some(segment)) => {
+                    self.put(segment).await?;
+                    stored += 1;
+                }
+                Ok(None) => {
+                    self.shipped_mark = mark;
+                    self.publish_shipped(mark);
+                    return Ok(stored);
+                }
+                Err(SegmentError::ContinuityLost) => {
+                    tracing::warn!(
+                        "the WAL restarted outside the replicator's control; shipping a full image"
+                    );
+                    self.ship_full_image().await?;
+                    stored += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn publish_shipped(&self, mark: u64) {
+        if let Some(shared) = &self.shared {
+            shared.shipped.send_if_modified(|v| {
+                let changed = mark > *v;
+                *v = (*v).max(mark);
+                changed
+            });
+            let mut pending = shared.pending_since.lock().expect("pending lock");
+            *pending = if self.signal.commits() > mark {
+                Some(Instant::now())
+            } else {
+                None
+            };
+        }
+    }
+
+    /// The background loop; returns the replicated TXID at the end.
+    async fn run(
+        mut self,
+        mut stop: watch::Receiver<Option<Instant>>,
+    ) -> Result<u64, ReplicaError> {
+        let mut backoff = self.options.retry_min;
+        let mut failing = false;
+        loop {
+            let requested = *stop.borrow();
+            if let Some(deadline) = requested {
+                return self.finish(deadline).await;
+            }
+            let wait = if failing { backoff } else { self.next_timer() };
+            tokio::select! {
+                () = self.signal.wait() => self.note_pending(),
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => continue,
+            }
+            match self.step().await {
+                Ok(()) => {
+                    failing = false;
+                    backoff = self.options.retry_min;
+                }
+                Err(ReplicaError::Fenced { txid }) => return Err(ReplicaError::Fenced { txid }),
+                Err(e) => {
+                    self.note_failure(&e);
+                    failing = true;
+                    backoff = (backoff * 2).min(self.options.retry_max);
+                }
+            }
+        }
+    }
+
+    fn note_pending(&self) {
+        if let Some(shared) = &self.shared {
+            let mut pending = shared.pending_since.lock().expect("pending lock");
+            if pending.is_none() && self.signal.commits() > self.shipped_mark {
+                *pending = Some(Instant::now());
+            }
+        }
+    }
+
+    fn note_failure(&self, error: &ReplicaError) {
+        metrics::counter!("keycast_replica_sync_errors_total").increment(1);
+        tracing::warn!(error = %error, "replication attempt failed; retrying");
+        // Best effort: lets `keycast replica status` in another process show the error.
+        let mut record = self.record(false);
+        record.last_error = Some(error.to_string());
+        let _ = local_state::store(&self.db, &record);
+        if let Some(shared) = &self.shared {
+            let mut status = shared.status.lock().expect("status lock");
+            status.last_error = Some(error.to_string());
+            status.failing_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// One round: ship what is committed, then checkpoint and compact if due.
+    async fn step(&mut self) -> Result<(), ReplicaError> {
+        self.sync_all().await?;
+        if self.checkpoint_due() {
+            self.checkpoint().await?;
+        }
+        if self.compaction.due() {
+            compactor::run_due(
+                &self.store,
+                &self.options.compaction,
+                &mut self.compaction,
+                SystemTime::now(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn next_timer(&self) -> Duration {
+        let checkpoint = if self.shipped_since_checkpoint {
+            self.options
+                .checkpoint_interval
+                .saturating_sub(self.last_checkpoint.elapsed())
+        } else {
+            Duration::from_secs(3600)
+        };
+        checkpoint
+            .min(self.compaction.next_in())
+            .max(Duration::from_millis(1))
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        let frames = self.wal_frames();
+        frames >= u64::from(self.options.checkpoint_pages)
+            || (self.shipped_since_checkpoint
+                && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
+    }
+
+    /// Frames in the WAL file, by size (cheap: one stat, no read).
+    fn wal_frames(&self) -> u64 {
+        let len = std::fs::metadata(segment::wal_path(&self.db))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        len.saturating_sub(32) / (24 + u64::from(self.cursor.page_size))
+    }
+
+    /// Under the write lock: ship the rest, then PASSIVE-checkpoint from the other connection.
+    async fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.lock_conn)
+            .await?;
+        let result = async {
+            self.sync_all().await?;
+            let (_busy, log, done): (i64, i64, i64) =
+                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                    .fetch_one(&mut self.checkpoint_conn)
+                    .await?;
+            // Every frame is in the database file: the next writer may restart the WAL, and
+            // that restart continues exactly the shipped state.
+            self.cursor.reset_expected = log >= 0 && log == done;
+            Ok::<_, ReplicaError>((log, done))
+        }
+        .await;
+        sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await?;
+        let (log, done) = result?;
+        self.last_checkpoint = Instant::now();
+        self.shipped_since_checkpoint = false;
+        metrics::counter!("keycast_replica_checkpoints_total", "mode" => "passive").increment(1);
+        if let Some(shared) = &self.shared {
+            shared.status.lock().expect("status lock").checkpoints += 1;
+        }
+        tracing::debug!(log, done, "checkpointed");
+        Ok(())
+    }
+
+    /// Final sync, retried until `deadline`; then the clean-stop record and closed connections.
+    async fn finish(mut self, deadline: Instant) -> Result<u64, ReplicaError> {
+        let mut backoff = self.options.retry_min;
+        loop {
+            match self.sync_all().await {
+                Ok(_) => break,
+                Err(ReplicaError::Fenced { txid }) => return Err(ReplicaError::Fenced { txid }),
+                Err(e) if Instant::now() + backoff >= deadline => {
+                    tracing::error!(error = %e, txid = self.cursor.txid, "final sync failed; the last commits are only on local disk");
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.note_failure(&e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.options.retry_max);
+                }
+            }
+        }
+        let mut record = self.record(true);
+        let _ = self.lock_conn.close().await;
+        let _ = self.checkpoint_conn.close().await;
+        // If ours were the last connections, SQLite folded the WAL into the file and removed
+        // it; the file alone is then the state at this TXID, and its checksum proves it later.
+        if !segment::wal_path(&self.db).exists() {
+            record.db_checksum =
+                crate::checksum::database_checksum_path(&self.db, self.cursor.page_size).ok();
+        }
+        local_state::store(&self.db, &record)?;
+        Ok(self.cursor.txid)
+    }
+}
+
+fn lineage_document(lineage: &str) -> Bytes {
+    Bytes::from(serde_json::json!({ "lineage": lineage, "created_at_ms": now_ms() }).to_string())
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

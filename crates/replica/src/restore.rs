@@ -1,0 +1,530 @@
+//! Restoring a database from the replica: latest, or as of a TXID or a time.
+//!
+//! The plan follows Litestream 0.5 so that either tool restores the other's replicas: start
+//! from the newest snapshot (level 9) at or before the target, then repeatedly take, across
+//! levels 8…0, the file that extends the contiguous TXID chain furthest. Files whose
+//! `created_at` is not before a target time, or whose max TXID is past a target TXID, are
+//! never used.
+//!
+//! Nothing is trusted: every file's CRC is checked while decoding, headers must agree with
+//! file names and chain without gaps, every page up to the final size must be present, and
+//! the result must pass `PRAGMA integrity_check` — all in a temporary file next to the
+//! output, which is renamed into place only at the end. A failure names the object at fault
+//! and leaves no output behind.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::ltx::{self, LtxError};
+use crate::store::{LtxObject, Store, StoreError};
+
+/// How many objects are fetched ahead of the one being applied.
+pub const DEFAULT_FETCH_CONCURRENCY: usize = 8;
+
+/// Which state to restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Everything in the replica.
+    Latest,
+    /// The state right after this TXID (inclusive).
+    Txid(u64),
+    /// The newest state whose files were all created before this time.
+    Time(SystemTime),
+}
+
+/// Progress reports while applying files: `(files done, files total, bytes fetched)`.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize, u64) + Send + Sync);
+
+/// What a successful restore produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// TXID of the restored state.
+    pub txid: u64,
+    /// Database size in pages.
+    pub pages: u32,
+    /// Page size in bytes.
+    pub page_size: u32,
+    /// LTX files applied.
+    pub files: usize,
+    /// Bytes fetched from the store.
+    pub bytes: u64,
+}
+
+/// Why a restore failed. Every variant names what to look at.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the replica at {0} holds no backup")]
+    Empty(String),
+    #[error("no snapshot in the replica covers the requested point (the earliest files start at TXID {first_min}); nothing to restore from")]
+    NoSnapshot { first_min: u64 },
+    #[error("the replica has a gap after TXID {after}: no file starts at TXID {next} (next available file: {found})")]
+    Gap {
+        after: u64,
+        next: u64,
+        found: String,
+    },
+    #[error("the replica cannot reach TXID {wanted}: the newest restorable TXID is {reached}")]
+    TxidUnreachable { wanted: u64, reached: u64 },
+    #[error("no backup file in the replica was created before the requested time")]
+    TimeUnreachable,
+    #[error("object {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: LtxError,
+    },
+    #[error("object {key} does not match its name: {reason}")]
+    Mismatch { key: String, reason: String },
+    #[error("the restored database is incomplete: page {pgno} of {pages} is in no backup file")]
+    MissingPage { pgno: u32, pages: u32 },
+    #[error("the restored database fails SQLite's integrity check: {0}")]
+    Integrity(String),
+    #[error("output {0} already exists; remove it or restore elsewhere")]
+    OutputExists(PathBuf),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Chooses the files to apply, in order.
+///
+/// # Errors
+/// [`RestoreError::Empty`], [`RestoreError::NoSnapshot`], [`RestoreError::Gap`],
+/// [`RestoreError::TxidUnreachable`], [`RestoreError::TimeUnreachable`].
+pub fn plan(
+    files: &[LtxObject],
+    target: Target,
+    describe: &str,
+) -> Result<Vec<LtxObject>, RestoreError> {
+    if files.is_empty() {
+        return Err(RestoreError::Empty(describe.to_owned()));
+    }
+    let usable: Vec<&LtxObject> = files.iter().filter(|f| admits(f, target)).collect();
+    if usable.is_empty() {
+        return Err(match target {
+            Target::Time(_) => RestoreError::TimeUnreachable,
+            _ => RestoreError::NoSnapshot {
+                first_min: first_min(files),
+            },
+        });
+    }
+    let mut chosen: Vec<LtxObject> = Vec::new();
+    let mut cur = 0u64;
+    if let Some(snapshot) = usable
+        .iter()
+        .filter(|f| f.level == 9)
+        .max_by_key(|f| (f.max_txid, f.min_txid))
+    {
+        cur = snapshot.max_txid;
+        chosen.push((*snapshot).clone());
+    }
+    while let Some(next) = best_extension(&usable, cur) {
+        cur = next.max_txid;
+        chosen.push(next.clone());
+    }
+    check_reached(&chosen, files, &usable, cur, target)?;
+    Ok(chosen)
+}
+
+/// Whether a file may be used for `target` at all.
+fn admits(file: &LtxObject, target: Target) -> bool {
+    match target {
+        Target::Latest => true,
+        Target::Txid(txid) => file.max_txid <= txid,
+        Target::Time(time) => file.created_at < time,
+    }
+}
+
+/// Among files that start at or before `cur + 1` and end after `cur`, the one reaching
+/// furthest; ties go to the smaller min TXID, then the higher level (fewer, larger files).
+fn best_extension<'a>(files: &[&'a LtxObject], cur: u64) -> Option<&'a LtxObject> {
+    files
+        .iter()
+        .filter(|f| f.level < 9 && f.min_txid <= cur + 1 && f.max_txid > cur)
+        .max_by(|a, b| {
+            (a.max_txid, std::cmp::Reverse(a.min_txid), a.level).cmp(&(
+                b.max_txid,
+                std::cmp::Reverse(b.min_txid),
+                b.level,
+            ))
+        })
+        .copied()
+}
+
+fn first_min(files: &[LtxObject]) -> u64 {
+    files.iter().map(|f| f.min_txid).min().unwrap_or(0)
+}
+
+/// Turns "the chain stopped at `cur`" into the right error, or accepts it.
+fn check_reached(
+    chosen: &[LtxObject],
+    all: &[LtxObject],
+    usable: &[&LtxObject],
+    cur: u64,
+    target: Target,
+) -> Result<(), RestoreError> {
+    if chosen.first().is_none_or(|f| f.min_txid != 1) {
+        return Err(RestoreError::NoSnapshot {
+            first_min: first_min(all),
+        });
+    }
+    match target {
+        Target::Txid(wanted) if cur != wanted => Err(RestoreError::TxidUnreachable {
+            wanted,
+            reached: cur,
+        }),
+        // A time target restores the newest contiguous state before that time; like
+        // Litestream, a later gap does not matter. Latest must reach the newest file.
+        Target::Time(_) | Target::Txid(_) => Ok(()),
+        Target::Latest => match usable
+            .iter()
+            .filter(|f| f.max_txid > cur)
+            .min_by_key(|f| f.min_txid)
+        {
+            Some(next) => Err(RestoreError::Gap {
+                after: cur,
+                next: cur + 1,
+                found: next.key.to_string(),
+            }),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Restores `target` from `store` into `output`, which must not exist.
+///
+/// # Errors
+/// See [`RestoreError`]; on any error no file is left at `output`.
+pub async fn restore(
+    store: &Store,
+    output: &Path,
+    target: Target,
+    progress: Option<Progress<'_>>,
+) -> Result<Restored, RestoreError> {
+    if output.exists() {
+        return Err(RestoreError::OutputExists(output.to_owned()));
+    }
+    let files = plan(&store.list_all().await?, target, &store.describe())?;
+    let temp = temp_path(output);
+    let result = apply_all(store, &files, &temp, progress).await;
+    let result = match result {
+        Ok(restored) => verify_integrity(&temp).await.map(|()| restored),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(restored) => {
+            std::fs::rename(&temp, output).map_err(|source| RestoreError::Io {
+                path: output.to_owned(),
+                source,
+            })?;
+            sync_dir(output);
+            Ok(restored)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(e)
+        }
+    }
+}
+
+fn temp_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".restore-{}.tmp", std::process::id()));
+    output.with_file_name(name)
+}
+
+/// Fetches files (several ahead, in parallel) and applies them in plan order.
+async fn apply_all(
+    store: &Store,
+    files: &[LtxObject],
+    temp: &Path,
+    progress: Option<Progress<'_>>,
+) -> Result<Restored, RestoreError> {
+    let io_err = |source| RestoreError::Io {
+        path: temp.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temp)
+        .map_err(io_err)?;
+    let mut state = ApplyState::default();
+    let mut fetched = futures::stream::iter(
+        files
+            .iter()
+            .map(|f| async move { store.get(f).await.map(|b| (f, b)) }),
+    )
+    .buffered(DEFAULT_FETCH_CONCURRENCY)
+    .map_err(RestoreError::from);
+    let mut done = 0;
+    while let Some((object, bytes)) = fetched.try_next().await? {
+        state.bytes += bytes.len() as u64;
+        let decoded = ltx::decode(&bytes).map_err(|source| RestoreError::Corrupt {
+            key: object.key.to_string(),
+            source,
+        })?;
+        state
+            .apply(&file, object, decoded)
+            .map_err(|e| e.into_restore_error(temp))?;
+        done += 1;
+        if let Some(report) = progress {
+            report(done, files.len(), state.bytes);
+        }
+    }
+    state
+        .finish(&file)
+        .map_err(|e| e.into_restore_error(temp))?;
+    file.sync_all().map_err(io_err)?;
+    Ok(Restored {
+        txid: state.txid,
+        pages: state.commit,
+        page_size: state.page_size,
+        files: files.len(),
+        bytes: state.bytes,
+    })
+}
+
+/// Running state while files are applied in order.
+#[derive(Default)]
+struct ApplyState {
+    txid: u64,
+    commit: u32,
+    page_size: u32,
+    written: BTreeSet<u32>,
+    bytes: u64,
+}
+
+enum ApplyError {
+    Restore(RestoreError),
+    Io(std::io::Error),
+}
+
+impl ApplyError {
+    fn into_restore_error(self, temp: &Path) -> RestoreError {
+        match self {
+            ApplyError::Restore(e) => e,
+            ApplyError::Io(source) => RestoreError::Io {
+                path: temp.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+impl From<std::io::Error> for ApplyError {
+    fn from(e: std::io::Error) -> Self {
+        ApplyError::Io(e)
+    }
+}
+
+impl ApplyState {
+    fn apply(
+        &mut self,
+        file: &File,
+        object: &LtxObject,
+        decoded: ltx::Decoded,
+    ) -> Result<(), ApplyError> {
+        let h = decoded.header;
+        let mismatch = |reason: String| {
+            ApplyError::Restore(RestoreError::Mismatch {
+                key: object.key.to_string(),
+                reason,
+            })
+        };
+        if (h.min_txid, h.max_txid) != (object.min_txid, object.max_txid) {
+            return Err(mismatch(format!(
+                "header says TXIDs {}-{}",
+                h.min_txid, h.max_txid
+            )));
+        }
+        if h.min_txid > self.txid + 1 || h.max_txid <= self.txid {
+            return Err(mismatch(format!(
+                "TXIDs {}-{} do not follow TXID {}",
+                h.min_txid, h.max_txid, self.txid
+            )));
+        }
+        if self.page_size != 0 && h.page_size != self.page_size {
+            return Err(mismatch(format!(
+                "page size {} differs from {}",
+                h.page_size, self.page_size
+            )));
+        }
+        self.page_size = h.page_size;
+        for (pgno, page) in &decoded.pages {
+            file.write_at(page, u64::from(pgno - 1) * u64::from(h.page_size))?;
+            self.written.insert(*pgno);
+        }
+        self.commit = h.commit;
+        self.txid = h.max_txid;
+        Ok(())
+    }
+
+    /// Trims to the final size (dropping pages past it) and checks every page is present.
+    fn finish(&mut self, file: &File) -> Result<(), ApplyError> {
+        file.set_len(u64::from(self.commit) * u64::from(self.page_size))?;
+        let lock = crate::checksum::lock_page(self.page_size);
+        for pgno in 1..=self.commit {
+            if pgno != lock && !self.written.contains(&pgno) {
+                return Err(ApplyError::Restore(RestoreError::MissingPage {
+                    pgno,
+                    pages: self.commit,
+                }));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens the restored file read-only and immutable (so no `-wal`/`-shm` appear) and runs
+/// SQLite's full integrity check.
+async fn verify_integrity(path: &Path) -> Result<(), RestoreError> {
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .immutable(true);
+    let mut conn = options
+        .connect()
+        .await
+        .map_err(|e| RestoreError::Integrity(e.to_string()))?;
+    let rows: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| RestoreError::Integrity(e.to_string()))?;
+    let _ = conn.close().await;
+    if rows == ["ok"] {
+        Ok(())
+    } else {
+        Err(RestoreError::Integrity(
+            rows.into_iter().take(5).collect::<Vec<_>>().join("; "),
+        ))
+    }
+}
+
+/// Makes the rename durable. Best effort: some filesystems refuse to fsync a directory.
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn obj(level: u8, min: u64, max: u64, secs: u64) -> LtxObject {
+        LtxObject {
+            level,
+            min_txid: min,
+            max_txid: max,
+            size: 1,
+            created_at: UNIX_EPOCH + Duration::from_secs(secs),
+            key: format!("ltx/{level}/{}", ltx::file_name(min, max)).into(),
+        }
+    }
+
+    fn ranges(plan: &[LtxObject]) -> Vec<(u8, u64, u64)> {
+        plan.iter()
+            .map(|f| (f.level, f.min_txid, f.max_txid))
+            .collect()
+    }
+
+    #[test]
+    fn latest_prefers_snapshot_then_compactions_then_l0() {
+        let files = vec![
+            obj(0, 1, 1, 1),
+            obj(0, 2, 2, 2),
+            obj(0, 3, 3, 3),
+            obj(0, 4, 4, 4),
+            obj(1, 1, 3, 3),
+            obj(9, 1, 2, 5),
+        ];
+        let p = plan(&files, Target::Latest, "r").unwrap();
+        assert_eq!(ranges(&p), vec![(9, 1, 2), (1, 1, 3), (0, 4, 4)]);
+    }
+
+    #[test]
+    fn a_gap_is_an_error_naming_the_missing_txid() {
+        let files = vec![obj(0, 1, 1, 1), obj(0, 3, 3, 3)];
+        let err = plan(&files, Target::Latest, "r").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RestoreError::Gap {
+                    after: 1,
+                    next: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn txid_target_stops_exactly_there_or_fails() {
+        let files = vec![
+            obj(0, 1, 1, 1),
+            obj(0, 2, 2, 2),
+            obj(0, 3, 3, 3),
+            obj(1, 1, 3, 3),
+        ];
+        assert_eq!(
+            ranges(&plan(&files, Target::Txid(2), "r").unwrap()),
+            vec![(0, 1, 1), (0, 2, 2)]
+        );
+        let only_compacted = vec![obj(1, 1, 3, 3)];
+        assert!(matches!(
+            plan(&only_compacted, Target::Txid(2), "r"),
+            Err(RestoreError::NoSnapshot { .. })
+        ));
+        assert!(matches!(
+            plan(&files, Target::Txid(9), "r"),
+            Err(RestoreError::TxidUnreachable {
+                wanted: 9,
+                reached: 3
+            })
+        ));
+    }
+
+    #[test]
+    fn time_target_uses_only_files_created_before_it() {
+        let files = vec![obj(0, 1, 1, 10), obj(0, 2, 2, 20), obj(0, 3, 3, 30)];
+        let at = |s| Target::Time(UNIX_EPOCH + Duration::from_secs(s));
+        assert_eq!(
+            ranges(&plan(&files, at(25), "r").unwrap()),
+            vec![(0, 1, 1), (0, 2, 2)]
+        );
+        assert!(matches!(
+            plan(&files, at(5), "r"),
+            Err(RestoreError::TimeUnreachable)
+        ));
+    }
+
+    #[test]
+    fn without_a_full_first_file_there_is_nothing_to_restore() {
+        let files = vec![obj(0, 2, 2, 1)];
+        assert!(matches!(
+            plan(&files, Target::Latest, "r"),
+            Err(RestoreError::NoSnapshot { first_min: 2 })
+        ));
+        assert!(matches!(
+            plan(&[], Target::Latest, "r"),
+            Err(RestoreError::Empty(_))
+        ));
+    }
+}

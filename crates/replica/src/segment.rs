@@ -1,0 +1,339 @@
+//! Building LTX segments from the local database: the next batch of committed WAL frames,
+//! or a full image of the database. Blocking file I/O; callers run it off the async loop.
+//!
+//! The reads here are safe against concurrent writers because of two facts kept elsewhere:
+//! only the replicator checkpoints (so the database file changes only when it chooses), and
+//! WAL frames past the last commit frame are never returned (so half-written transactions
+//! are invisible).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::checksum::lock_page;
+use crate::local_state::WalCursor;
+use crate::ltx::{Encoder, Header, LtxError, FLAG_NO_CHECKSUM};
+use crate::wal::{self, WalError, WalHeader, WalPosition};
+
+/// Why a segment could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the WAL {path}: {source}")]
+    Wal {
+        path: PathBuf,
+        #[source]
+        source: WalError,
+    },
+    #[error("cannot encode an LTX segment: {0}")]
+    Encode(#[from] LtxError),
+    #[error("{0} is not a SQLite database")]
+    NotADatabase(PathBuf),
+    /// The WAL restarted in a way the replicator did not cause; continuity cannot be proven
+    /// and the next segment must be a full image.
+    #[error("the WAL was reset by someone other than the replicator")]
+    ContinuityLost,
+}
+
+/// What the replicator knows about the local files between segments.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor {
+    /// Last TXID shipped.
+    pub txid: u64,
+    /// Database size (pages) at `txid`.
+    pub commit: u32,
+    /// Page size.
+    pub page_size: u32,
+    /// WAL position after the last shipped frame, if any WAL generation was seen.
+    pub wal: Option<WalCursor>,
+    /// The replicator checkpointed every frame, so a new WAL generation is expected and
+    /// continues the shipped state.
+    pub reset_expected: bool,
+}
+
+/// One encoded LTX file and the cursor that holds once it is stored.
+#[derive(Debug)]
+pub struct Segment {
+    pub txid: u64,
+    pub bytes: Vec<u8>,
+    pub next: Cursor,
+    /// SQLite commits folded into this segment (0 for full images).
+    pub commits: usize,
+}
+
+/// `<db>-wal`
+pub fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push("-wal");
+    db.with_file_name(name)
+}
+
+/// Reads the page size from the database header.
+///
+/// # Errors
+/// I/O errors; [`SegmentError::NotADatabase`] for a file without a SQLite header.
+pub fn page_size_of(db: &Path) -> Result<u32, SegmentError> {
+    let mut header = [0u8; 100];
+    let file = File::open(db).map_err(|source| SegmentError::Io {
+        path: db.to_owned(),
+        source,
+    })?;
+    file.read_exact_at(&mut header, 0)
+        .map_err(|_| SegmentError::NotADatabase(db.to_owned()))?;
+    if &header[..16] != b"SQLite format 3\0" {
+        return Err(SegmentError::NotADatabase(db.to_owned()));
+    }
+    Ok(match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65536,
+        n => u32::from(n),
+    })
+}
+
+/// The next segment of committed WAL frames after `cursor`, or `None` if nothing new is
+/// committed. At most about `max_bytes` of WAL go into one segment (it ends on a commit).
+///
+/// # Errors
+/// [`SegmentError::ContinuityLost`] when the WAL generation changed unexpectedly.
+pub fn next_wal_segment(
+    db: &Path,
+    cursor: &Cursor,
+    max_bytes: u64,
+    now_ms: i64,
+) -> Result<Option<Segment>, SegmentError> {
+    let wal_path = wal_path(db);
+    let Some((mut wal, header)) = open_wal(&wal_path)? else {
+        return Ok(None);
+    };
+    let start = match &cursor.wal {
+        Some(c) if c.same_generation(&header) => c.position(),
+        Some(_) if !cursor.reset_expected => return Err(SegmentError::ContinuityLost),
+        _ => WalPosition::start(&header),
+    };
+    let committed =
+        wal::read_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| {
+            SegmentError::Wal {
+                path: wal_path.clone(),
+                source,
+            }
+        })?;
+    let Some(commit) = committed.commit else {
+        return Ok(None);
+    };
+    if header.page_size != cursor.page_size {
+        return Err(SegmentError::ContinuityLost);
+    }
+    let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    for frame in committed.frames {
+        pages.insert(frame.pgno, frame.data);
+    }
+    pages.retain(|pgno, _| *pgno <= commit);
+    fill_growth(db, &mut pages, cursor.commit, commit, cursor.page_size)?;
+    let txid = cursor.txid + 1;
+    let (salt1, salt2) = header.salts();
+    let ltx_header = Header {
+        flags: FLAG_NO_CHECKSUM,
+        page_size: cursor.page_size,
+        commit,
+        min_txid: txid,
+        max_txid: txid,
+        timestamp_ms: now_ms,
+        wal_offset: start.offset as i64,
+        wal_size: (committed.end.offset - start.offset) as i64,
+        wal_salt1: salt1,
+        wal_salt2: salt2,
+        ..Header::default()
+    };
+    let mut encoder = Encoder::new(ltx_header)?;
+    for (pgno, page) in &pages {
+        encoder.encode_page(*pgno, page)?;
+    }
+    let next = Cursor {
+        txid,
+        commit,
+        page_size: cursor.page_size,
+        wal: Some(WalCursor::new(&header, committed.end)),
+        reset_expected: false,
+    };
+    Ok(Some(Segment {
+        txid,
+        bytes: encoder.finish(0)?,
+        next,
+        commits: committed.commits,
+    }))
+}
+
+/// A segment holding every page of the current database state (database file overlaid
+/// with every committed frame of the current WAL generation), at TXID `txid`. With
+/// `txid == 1` it is a snapshot in LTX terms.
+///
+/// The caller must hold SQLite's write lock so no commit lands while it reads.
+///
+/// # Errors
+/// I/O and encoding errors.
+pub fn full_image(db: &Path, txid: u64, now_ms: i64) -> Result<Segment, SegmentError> {
+    let page_size = page_size_of(db)?;
+    let wal_path = wal_path(db);
+    let mut overlay: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    let mut commit = None;
+    let mut wal_cursor = None;
+    if let Some((mut wal, header)) = open_wal(&wal_path)? {
+        if header.page_size == page_size {
+            let committed = wal::read_committed(&mut wal, &header, WalPosition::start(&header))
+                .map_err(|source| SegmentError::Wal {
+                    path: wal_path.clone(),
+                    source,
+                })?;
+            commit = committed.commit;
+            wal_cursor = Some(WalCursor::new(&header, committed.end));
+            for frame in committed.frames {
+                overlay.insert(frame.pgno, frame.data);
+            }
+        }
+    }
+    let file = File::open(db).map_err(|source| SegmentError::Io {
+        path: db.to_owned(),
+        source,
+    })?;
+    let file_pages = file
+        .metadata()
+        .map_err(|source| SegmentError::Io {
+            path: db.to_owned(),
+            source,
+        })?
+        .len()
+        / u64::from(page_size);
+    let commit = commit.unwrap_or(file_pages as u32).max(1);
+    let header = Header {
+        flags: FLAG_NO_CHECKSUM,
+        page_size,
+        commit,
+        min_txid: txid,
+        max_txid: txid,
+        timestamp_ms: now_ms,
+        ..Header::default()
+    };
+    let mut encoder = Encoder::new(header)?;
+    let lock = lock_page(page_size);
+    let mut buf = vec![0u8; page_size as usize];
+    for pgno in (1..=commit).filter(|p| *p != lock) {
+        let page = match overlay.get(&pgno) {
+            Some(page) => page.as_slice(),
+            None => {
+                read_page(&file, db, pgno, &mut buf)?;
+                buf.as_slice()
+            }
+        };
+        encoder.encode_page(pgno, page)?;
+    }
+    let next = Cursor {
+        txid,
+        commit,
+        page_size,
+        wal: wal_cursor,
+        reset_expected: false,
+    };
+    Ok(Segment {
+        txid,
+        bytes: encoder.finish(0)?,
+        next,
+        commits: 0,
+    })
+}
+
+/// Opens the WAL and parses its header; `None` if there is no WAL or it holds no header yet.
+fn open_wal(path: &Path) -> Result<Option<(File, WalHeader)>, SegmentError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(SegmentError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let len = file
+        .seek(SeekFrom::End(0))
+        .map_err(|source| SegmentError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    if len < wal::WAL_HEADER_SIZE {
+        return Ok(None);
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| SegmentError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut bytes = [0u8; wal::WAL_HEADER_SIZE as usize];
+    file.read_exact(&mut bytes)
+        .map_err(|source| SegmentError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    let header = WalHeader::parse(&bytes).map_err(|source| SegmentError::Wal {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Some((file, header)))
+}
+
+/// When the database grew, pages in (old size, new size] that no frame carries still belong
+/// to the new state; they are read from the database file (zeros past its end).
+fn fill_growth(
+    db: &Path,
+    pages: &mut BTreeMap<u32, Vec<u8>>,
+    old: u32,
+    new: u32,
+    page_size: u32,
+) -> Result<(), SegmentError> {
+    if new <= old {
+        return Ok(());
+    }
+    let lock = lock_page(page_size);
+    let missing: Vec<u32> = (old + 1..=new)
+        .filter(|p| *p != lock && !pages.contains_key(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let file = File::open(db).map_err(|source| SegmentError::Io {
+        path: db.to_owned(),
+        source,
+    })?;
+    for pgno in missing {
+        let mut page = vec![0u8; page_size as usize];
+        read_page(&file, db, pgno, &mut page)?;
+        pages.insert(pgno, page);
+    }
+    Ok(())
+}
+
+/// Reads page `pgno`; a page past the end of the file reads as zeros.
+fn read_page(file: &File, path: &Path, pgno: u32, buf: &mut [u8]) -> Result<(), SegmentError> {
+    let offset = u64::from(pgno - 1) * buf.len() as u64;
+    buf.fill(0);
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(SegmentError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}

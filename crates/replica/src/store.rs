@@ -1,0 +1,1271 @@
+//! One replica location in an object store, laid out exactly as Litestream
+//! 0.5.17 lays it out, so stock `litestream restore` reads what keycast
+//! writes and keycast reads what Litestream writes.
+//!
+//! A [`Store`] owns the *where* and the *how* of every request: which key a
+//! `(level, min, max)` LTX file lives at on each backend, create-only uploads
+//! carrying the creation time Litestream's `-timestamp` restore compares,
+//! listing, deletion, keycast's own small objects, and request metrics. It
+//! does not know what is inside an LTX file ([`crate::ltx`]) nor when to
+//! write, compact or prune one (the replicator's job).
+//!
+//! # Layout
+//!
+//! | backend | key of an LTX file |
+//! |---|---|
+//! | file, gs, az, memory | `<prefix>/ltx/<level, decimal>/<min %016x>-<max %016x>.ltx` |
+//! | s3 | `<prefix>/<level, %04x>/<min %016x>-<max %016x>.ltx` |
+//!
+//! Levels run from 0 to [`SNAPSHOT_LEVEL`]. Only names matching
+//! `^[0-9a-f]{16}-[0-9a-f]{16}\.ltx$` directly inside a level directory are
+//! LTX files; anything else under the prefix is ignored, as Litestream
+//! ignores it. keycast's own objects live under `<prefix>/keycast/`, outside
+//! every level directory, so Litestream never sees them.
+//!
+//! # Creation time
+//!
+//! Litestream's point-in-time restore compares each file's *CreatedAt*, not
+//! its header timestamp. CreatedAt is the file's mtime on the file backend
+//! and user metadata (`litestream-timestamp`, or `litestreamtimestamp` on
+//! Azure, whose metadata names cannot contain `-`) elsewhere, so
+//! [`Store::put_ltx`] sets whichever the backend uses to the header timestamp.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3ConditionalPut};
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    Attribute, Attributes, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, UpdateVersion,
+};
+
+use crate::ltx::{file_name, parse_file_name};
+
+/// The snapshot level, and the highest level Litestream reads.
+pub const SNAPSHOT_LEVEL: u8 = 9;
+
+/// Directory under the prefix that holds keycast's own objects.
+const KEYCAST_DIR: &str = "keycast";
+
+/// Region used when neither `AWS_REGION` nor `AWS_DEFAULT_REGION` is set,
+/// as in Litestream.
+const DEFAULT_AWS_REGION: &str = "us-east-1";
+
+/// Environment variables for ambient AWS credentials (EKS web identity, ECS
+/// task roles), passed through so a pod or task role works without keys.
+const AWS_AMBIENT_CREDENTIAL_VARS: [(&str, AmazonS3ConfigKey); 6] = [
+    (
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        AmazonS3ConfigKey::WebIdentityTokenFile,
+    ),
+    ("AWS_ROLE_ARN", AmazonS3ConfigKey::RoleArn),
+    ("AWS_ROLE_SESSION_NAME", AmazonS3ConfigKey::RoleSessionName),
+    (
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        AmazonS3ConfigKey::ContainerCredentialsRelativeUri,
+    ),
+    (
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        AmazonS3ConfigKey::ContainerCredentialsFullUri,
+    ),
+    (
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+        AmazonS3ConfigKey::ContainerAuthorizationTokenFile,
+    ),
+];
+
+/// The kind of object store behind a [`Store`]; it decides the layout and
+/// where the creation time is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A local directory (`file://`).
+    File,
+    /// Amazon S3 or an S3-compatible server (`s3://`).
+    S3,
+    /// Google Cloud Storage (`gs://`).
+    Gcs,
+    /// Azure Blob Storage (`az://`, `abs://`).
+    Azure,
+    /// A process-local store for tests; laid out like `File`.
+    Memory,
+}
+
+impl Backend {
+    /// The user-metadata name Litestream reads CreatedAt from, or `None`
+    /// where CreatedAt is the file's mtime.
+    fn timestamp_metadata_key(self) -> Option<&'static str> {
+        match self {
+            Backend::S3 | Backend::Gcs | Backend::Memory => Some("litestream-timestamp"),
+            // Azure metadata names must be C# identifiers, so Litestream drops the hyphen.
+            Backend::Azure => Some("litestreamtimestamp"),
+            Backend::File => None,
+        }
+    }
+}
+
+/// One LTX file found by listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LtxObject {
+    /// Compaction level, 0..=9.
+    pub level: u8,
+    /// First TXID covered, from the file name.
+    pub min_txid: u64,
+    /// Last TXID covered, from the file name.
+    pub max_txid: u64,
+    /// Object size in bytes.
+    pub size: u64,
+    /// The listing's last-modified time: the header timestamp on the file
+    /// backend, the upload time elsewhere (see [`Store::created_at`]).
+    pub created_at: SystemTime,
+    /// Full object key, prefix included.
+    pub key: Path,
+}
+
+/// What a create-only write did.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object did not exist and now holds the given bytes.
+    Created,
+    /// An object already existed at the key and was left untouched. For a
+    /// fenced writer this means another writer got there first.
+    AlreadyExists,
+}
+
+/// Why a [`Store`] operation failed. Messages name the URL or key involved,
+/// never credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The replica URL cannot be used.
+    #[error("invalid replica url {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    /// A configuration variable is missing or malformed.
+    #[error("replica configuration: {variable}: {reason}")]
+    Config {
+        variable: &'static str,
+        reason: String,
+    },
+    /// The directory of a `file://` replica cannot be created or resolved.
+    #[error("replica directory {dir}: {source}")]
+    LocalDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// A level outside 0..=9.
+    #[error("ltx level {level} is out of range 0..=9")]
+    InvalidLevel { level: u8 },
+    /// A TXID range that names no valid LTX file.
+    #[error("invalid ltx txid range {min_txid:#x}..={max_txid:#x}: need 1 <= min <= max")]
+    InvalidTxidRange { min_txid: u64, max_txid: u64 },
+    /// A header timestamp that cannot be represented as a date.
+    #[error("ltx timestamp {timestamp_ms} ms is out of range")]
+    InvalidTimestamp { timestamp_ms: i64 },
+    /// A keycast object name that is empty or escapes its directory.
+    #[error("invalid object name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    /// The object does not exist (it may have been pruned since listing).
+    #[error("object not found: {key}")]
+    NotFound { key: String },
+    /// The object store refused or failed a request.
+    #[error("{operation} {key}: {source}")]
+    Backend {
+        operation: &'static str,
+        key: String,
+        source: object_store::Error,
+    },
+    /// The file backend wrote the file but could not set its mtime to the
+    /// header timestamp.
+    #[error("set modification time of {path}: {source}")]
+    Timestamp {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The request kinds counted in metrics, one label value each.
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Put,
+    Get,
+    List,
+    Delete,
+    Head,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Put => "put",
+            Operation::Get => "get",
+            Operation::List => "list",
+            Operation::Delete => "delete",
+            Operation::Head => "head",
+        }
+    }
+}
+
+/// One replica location: a backend, a key prefix and that backend's layout.
+///
+/// Cheap to clone; clones share the connection pool and the request counter.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    objects: Arc<dyn ObjectStore>,
+    backend: Backend,
+    /// Key prefix, without leading or trailing `/`; empty for a bucket root.
+    prefix: Path,
+    /// Canonical directory of a `file://` replica, for setting mtimes,
+    /// which object_store has no API for.
+    root: Option<PathBuf>,
+    /// What [`Store::describe`] returns; built once, without credentials.
+    description: String,
+    /// Operations issued through this store (and its clones).
+    requests: AtomicU64,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Store")
+            .field(&self.inner.description)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens the replica named by `url`, reading backend settings through
+    /// `env` (production passes `std::env::var(..).ok()`; nothing else is
+    /// read from the environment).
+    ///
+    /// - `none` → `Ok(None)`: replication is off.
+    /// - `file:///abs/dir` or `file://rel/dir`: a local directory, created if
+    ///   missing. The path is taken literally (no percent-decoding).
+    /// - `s3://bucket/prefix`: `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY`
+    ///   (+ `AWS_SESSION_TOKEN`), or ambient web-identity/container/instance
+    ///   credentials when neither key is set; `AWS_REGION`, else
+    ///   `AWS_DEFAULT_REGION`, else `us-east-1`; `AWS_ENDPOINT_URL` for an
+    ///   S3-compatible server, which switches to path-style requests and
+    ///   permits `http://`. The prefix must not be empty.
+    /// - `gs://bucket/prefix`: `GOOGLE_SERVICE_ACCOUNT` (key file path) or
+    ///   `GOOGLE_APPLICATION_CREDENTIALS`, else the metadata server.
+    /// - `az://container/prefix` or `abs://[account@]container/prefix`:
+    ///   account from the URL or `AZURE_STORAGE_ACCOUNT_NAME`,
+    ///   `AZURE_STORAGE_ACCOUNT_KEY` (else managed identity),
+    ///   `AZURE_STORAGE_USE_EMULATOR=true` for Azurite.
+    ///
+    /// Makes no network request.
+    ///
+    /// # Errors
+    /// `InvalidUrl` (naming the URL, userinfo passwords redacted) for an
+    /// unknown scheme, a missing bucket, a query string, `..` in the prefix
+    /// or an S3 bucket root; `Config` naming the variable for half a key
+    /// pair, a missing Azure account or a malformed `AWS_ENDPOINT_URL`;
+    /// `LocalDir` when a `file://` directory cannot be created; `Backend`
+    /// when object_store rejects the configuration.
+    pub fn from_url(
+        url: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<Store>, StoreError> {
+        let url = url.trim();
+        if url == "none" {
+            return Ok(None);
+        }
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            invalid_url(url, "expected scheme://location, e.g. s3://bucket/keycast or file:///var/lib/keycast/replica")
+        })?;
+        if rest.contains(['?', '#']) {
+            return Err(invalid_url(url, "query strings are not supported; configure the backend through environment variables"));
+        }
+        let env = |name: &str| env(name).filter(|value| !value.is_empty());
+        let store = match scheme {
+            "file" => open_file(url, rest)?,
+            "s3" => open_s3(url, rest, &env)?,
+            "gs" => open_gcs(url, rest, &env)?,
+            "az" | "abs" => open_azure(url, rest, &env)?,
+            _ => {
+                return Err(invalid_url(
+                    url,
+                    format!("unsupported scheme {scheme:?}; expected none, file, s3, gs or az"),
+                ))
+            }
+        };
+        Ok(Some(store))
+    }
+
+    /// A fresh, empty, process-local store with the file layout, for tests.
+    /// It keeps timestamps as metadata, like the cloud backends.
+    pub fn in_memory() -> Store {
+        Store::new(
+            Arc::new(InMemory::new()),
+            Backend::Memory,
+            Path::default(),
+            None,
+            "memory://".into(),
+        )
+    }
+
+    fn new(
+        objects: Arc<dyn ObjectStore>,
+        backend: Backend,
+        prefix: Path,
+        root: Option<PathBuf>,
+        description: String,
+    ) -> Store {
+        let inner = Inner {
+            objects,
+            backend,
+            prefix,
+            root,
+            description,
+            requests: AtomicU64::new(0),
+        };
+        Store {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The backend kind.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// A human-readable location such as
+    /// `s3://bucket/prefix (endpoint http://127.0.0.1:9000, region us-east-1)`.
+    /// Never contains credentials.
+    pub fn describe(&self) -> String {
+        self.inner.description.clone()
+    }
+
+    /// The key prefix every object of this replica lives under (empty for a
+    /// bucket or directory root).
+    pub fn prefix(&self) -> &Path {
+        &self.inner.prefix
+    }
+
+    /// Operations issued through this store and its clones since it was
+    /// opened: one per method call that reached the backend, however many
+    /// HTTP requests (pages, retries) it took. Constant while idle.
+    pub fn request_count(&self) -> u64 {
+        self.inner.requests.load(Ordering::Relaxed)
+    }
+
+    /// The underlying object store, for tests and diagnostics. Requests made
+    /// through it bypass the layout, the metrics and [`Store::request_count`].
+    pub fn object_store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.inner.objects)
+    }
+
+    /// The directory holding level `level`'s files: `<prefix>/ltx/<level>`,
+    /// or `<prefix>/<level %04x>` on S3. Does not check the level.
+    pub fn level_dir(&self, level: u8) -> Path {
+        match self.inner.backend {
+            Backend::S3 => self.inner.prefix.clone().join(format!("{level:04x}")),
+            _ => self
+                .inner
+                .prefix
+                .clone()
+                .join("ltx")
+                .join(level.to_string()),
+        }
+    }
+
+    /// The key of the LTX file covering `min_txid..=max_txid` at `level`.
+    /// Does not check its arguments.
+    pub fn ltx_key(&self, level: u8, min_txid: u64, max_txid: u64) -> Path {
+        self.level_dir(level).join(file_name(min_txid, max_txid))
+    }
+
+    /// Lists the LTX files at `level`, sorted by `(min_txid, max_txid)`.
+    /// Names that are not LTX file names, and anything in subdirectories,
+    /// are skipped. A level with no files gives an empty list.
+    ///
+    /// # Errors
+    /// `InvalidLevel` above 9; `Backend` if the listing fails.
+    pub async fn list_level(&self, level: u8) -> Result<Vec<LtxObject>, StoreError> {
+        check_level(level)?;
+        let dir = self.level_dir(level);
+        self.begin(Operation::List);
+        let metas: Vec<ObjectMeta> = self
+            .inner
+            .objects
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|source| self.failed(Operation::List, &dir, source))?;
+        let mut objects: Vec<LtxObject> = metas
+            .into_iter()
+            .filter_map(|meta| ltx_object(level, &dir, meta))
+            .collect();
+        objects.sort_by_key(|o| (o.min_txid, o.max_txid));
+        Ok(objects)
+    }
+
+    /// Lists the LTX files at every level, sorted by level, then
+    /// `(min_txid, max_txid)`. Costs one listing per level, issued
+    /// concurrently.
+    ///
+    /// # Errors
+    /// `Backend` if any listing fails.
+    pub async fn list_all(&self) -> Result<Vec<LtxObject>, StoreError> {
+        let levels = (0..=SNAPSHOT_LEVEL).map(|level| self.list_level(level));
+        let per_level = futures::future::try_join_all(levels).await?;
+        Ok(per_level.into_iter().flatten().collect())
+    }
+
+    /// Whether no level holds an LTX file (other objects don't count).
+    /// Stops at the first file found.
+    ///
+    /// # Errors
+    /// `Backend` if a listing fails.
+    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+        for level in 0..=SNAPSHOT_LEVEL {
+            let dir = self.level_dir(level);
+            self.begin(Operation::List);
+            let mut metas = self.inner.objects.list(Some(&dir));
+            while let Some(meta) = metas
+                .try_next()
+                .await
+                .map_err(|source| self.failed(Operation::List, &dir, source))?
+            {
+                if ltx_object(level, &dir, meta).is_some() {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads a whole LTX file.
+    ///
+    /// # Errors
+    /// `NotFound` naming the key if it no longer exists (for example, pruned
+    /// after the listing); `Backend` for any other failure.
+    pub async fn get(&self, obj: &LtxObject) -> Result<Bytes, StoreError> {
+        match self.read(&obj.key).await? {
+            Some((bytes, _)) => Ok(bytes),
+            None => {
+                self.count_error(Operation::Get);
+                Err(StoreError::NotFound {
+                    key: obj.key.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Uploads an LTX file to its TXID-derived key, create-only: an existing
+    /// object is never overwritten. On success the object's CreatedAt (mtime
+    /// on the file backend, metadata elsewhere) is `timestamp_ms`, the
+    /// header timestamp. If the process dies between the upload and setting
+    /// a file mtime, the file keeps its write time.
+    ///
+    /// # Errors
+    /// `InvalidLevel`, `InvalidTxidRange` or `InvalidTimestamp` for bad
+    /// arguments; `Backend` if the upload fails; `Timestamp` if the file
+    /// backend cannot set the mtime. `AlreadyExists` is not an error.
+    pub async fn put_ltx(
+        &self,
+        level: u8,
+        min_txid: u64,
+        max_txid: u64,
+        data: Bytes,
+        timestamp_ms: i64,
+    ) -> Result<PutOutcome, StoreError> {
+        check_level(level)?;
+        if min_txid == 0 || min_txid > max_txid {
+            return Err(StoreError::InvalidTxidRange { min_txid, max_txid });
+        }
+        let created_at = datetime_from_ms(timestamp_ms)?;
+        let attributes = match self.inner.backend.timestamp_metadata_key() {
+            Some(name) => Attributes::from_iter([(
+                Attribute::Metadata(name.into()),
+                format_rfc3339(created_at),
+            )]),
+            // The file backend rejects attributes; its CreatedAt is the mtime.
+            None => Attributes::new(),
+        };
+        let key = self.ltx_key(level, min_txid, max_txid);
+        let outcome = self.put_create(&key, data, attributes).await?;
+        if outcome == PutOutcome::Created {
+            self.set_file_mtime(&key, created_at.into()).await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes LTX files, batched where the backend allows. Idempotent:
+    /// files that are already gone are not an error. An empty slice makes no
+    /// request.
+    ///
+    /// # Errors
+    /// `Backend` for the first deletion that fails for another reason.
+    pub async fn delete(&self, objs: &[LtxObject]) -> Result<(), StoreError> {
+        let Some(first) = objs.first() else {
+            return Ok(());
+        };
+        self.begin(Operation::Delete);
+        let keys: Vec<_> = objs.iter().map(|obj| Ok(obj.key.clone())).collect();
+        let mut results = self
+            .inner
+            .objects
+            .delete_stream(futures::stream::iter(keys).boxed());
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => return Err(self.failed(Operation::Delete, &first.key, source)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The CreatedAt Litestream's `-timestamp` restore would use for `obj`:
+    /// the timestamp metadata where the backend keeps it (one HEAD request),
+    /// falling back to the last-modified time for objects written without
+    /// it; on the file backend, `obj.created_at` (the mtime), with no request.
+    ///
+    /// # Errors
+    /// `NotFound` naming the key if the object is gone; `Backend` otherwise.
+    pub async fn created_at(&self, obj: &LtxObject) -> Result<SystemTime, StoreError> {
+        let Some(name) = self.inner.backend.timestamp_metadata_key() else {
+            return Ok(obj.created_at);
+        };
+        self.begin(Operation::Head);
+        let head = match self
+            .inner
+            .objects
+            .get_opts(&obj.key, GetOptions::new().with_head(true))
+            .await
+        {
+            Ok(head) => head,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.count_error(Operation::Head);
+                return Err(StoreError::NotFound {
+                    key: obj.key.to_string(),
+                });
+            }
+            Err(source) => return Err(self.failed(Operation::Head, &obj.key, source)),
+        };
+        let metadata = head.attributes.get(&Attribute::Metadata(name.into()));
+        let parsed = metadata.and_then(|value| DateTime::parse_from_rfc3339(value).ok());
+        Ok(parsed.map_or(head.meta.last_modified.into(), SystemTime::from))
+    }
+
+    /// Reads keycast object `name`, a `/`-separated key relative to the
+    /// prefix that must start with `keycast/` (e.g. `keycast/lineage.json`),
+    /// so it stays outside every level directory Litestream reads. Returns
+    /// the version to pass to a later conditional update.
+    ///
+    /// # Errors
+    /// `InvalidName` for a name outside `keycast/` or with empty, `.` or `..`
+    /// segments; `Backend` if the read fails. A missing object is `Ok(None)`.
+    pub async fn get_object(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Bytes, UpdateVersion)>, StoreError> {
+        let key = self.object_key(name)?;
+        let found = self.read(&key).await?;
+        Ok(found.map(|(bytes, meta)| {
+            (
+                bytes,
+                UpdateVersion {
+                    e_tag: meta.e_tag,
+                    version: meta.version,
+                },
+            )
+        }))
+    }
+
+    /// Creates keycast object `name` (see [`Store::get_object`]) unless it
+    /// already exists, in which case it is left untouched.
+    ///
+    /// # Errors
+    /// `InvalidName` as for [`Store::get_object`]; `Backend` if the upload
+    /// fails. `AlreadyExists` is not an error.
+    pub async fn put_object_create(
+        &self,
+        name: &str,
+        data: Bytes,
+    ) -> Result<PutOutcome, StoreError> {
+        let key = self.object_key(name)?;
+        self.put_create(&key, data, Attributes::new()).await
+    }
+
+    fn object_key(&self, name: &str) -> Result<Path, StoreError> {
+        let bad = |reason| StoreError::InvalidName {
+            name: name.to_string(),
+            reason,
+        };
+        let mut segments = name.split('/');
+        if segments.next() != Some(KEYCAST_DIR) {
+            return Err(bad("keycast objects must be named keycast/..."));
+        }
+        let mut key = self.inner.prefix.clone().join(KEYCAST_DIR);
+        for segment in segments {
+            if matches!(segment, "" | "." | "..") {
+                return Err(bad("segments must not be empty, \".\" or \"..\""));
+            }
+            key = key.join(segment);
+        }
+        if key.parts_count() == self.inner.prefix.parts_count() + 1 {
+            return Err(bad("keycast objects must be named keycast/..."));
+        }
+        Ok(key)
+    }
+
+    /// Create-only upload; the backend's precondition failure means another
+    /// writer created the key first.
+    async fn put_create(
+        &self,
+        key: &Path,
+        data: Bytes,
+        attributes: Attributes,
+    ) -> Result<PutOutcome, StoreError> {
+        let len = data.len() as u64;
+        let options = PutOptions {
+            mode: PutMode::Create,
+            attributes,
+            ..PutOptions::default()
+        };
+        self.begin(Operation::Put);
+        match self
+            .inner
+            .objects
+            .put_opts(key, PutPayload::from(data), options)
+            .await
+        {
+            Ok(_) => {
+                metrics::counter!("keycast_replica_bytes_total", "operation" => "put")
+                    .increment(len);
+                Ok(PutOutcome::Created)
+            }
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(PutOutcome::AlreadyExists),
+            Err(source) => Err(self.failed(Operation::Put, key, source)),
+        }
+    }
+
+    /// Reads a whole object; `None` if it does not exist.
+    async fn read(&self, key: &Path) -> Result<Option<(Bytes, ObjectMeta)>, StoreError> {
+        self.begin(Operation::Get);
+        let result = match self.inner.objects.get(key).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(source) => return Err(self.failed(Operation::Get, key, source)),
+        };
+        let meta = result.meta.clone();
+        let bytes = result
+            .bytes()
+            .await
+            .map_err(|source| self.failed(Operation::Get, key, source))?;
+        metrics::counter!("keycast_replica_bytes_total", "operation" => "get")
+            .increment(bytes.len() as u64);
+        Ok(Some((bytes, meta)))
+    }
+
+    /// Sets a file replica's mtime, which is its CreatedAt; a no-op on
+    /// other backends.
+    async fn set_file_mtime(&self, key: &Path, time: SystemTime) -> Result<(), StoreError> {
+        let Some(root) = &self.inner.root else {
+            return Ok(());
+        };
+        let path = key
+            .parts()
+            .fold(root.clone(), |path, part| path.join(part.as_ref()));
+        let set = move || {
+            let file = std::fs::File::options().write(true).open(&path);
+            file.and_then(|file| file.set_modified(time))
+                .map_err(|source| StoreError::Timestamp { path, source })
+        };
+        tokio::task::spawn_blocking(set)
+            .await
+            .unwrap_or_else(|join| {
+                Err(StoreError::Timestamp {
+                    path: root.clone(),
+                    source: std::io::Error::other(join),
+                })
+            })
+    }
+
+    fn begin(&self, operation: Operation) {
+        self.inner.requests.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keycast_replica_requests_total", "operation" => operation.as_str())
+            .increment(1);
+    }
+
+    fn count_error(&self, operation: Operation) {
+        metrics::counter!("keycast_replica_request_errors_total", "operation" => operation.as_str()).increment(1);
+    }
+
+    fn failed(&self, operation: Operation, key: &Path, source: object_store::Error) -> StoreError {
+        self.count_error(operation);
+        StoreError::Backend {
+            operation: operation.as_str(),
+            key: key.to_string(),
+            source,
+        }
+    }
+}
+
+/// Turns a listed object into an [`LtxObject`] if it sits directly in `dir`
+/// under an LTX file name.
+fn ltx_object(level: u8, dir: &Path, meta: ObjectMeta) -> Option<LtxObject> {
+    let (min_txid, max_txid) = {
+        let mut rest = meta.location.prefix_match(dir)?;
+        let name = rest.next()?;
+        if rest.next().is_some() {
+            return None;
+        }
+        parse_file_name(name.as_ref())?
+    };
+    let created_at = meta.last_modified.into();
+    Some(LtxObject {
+        level,
+        min_txid,
+        max_txid,
+        size: meta.size,
+        created_at,
+        key: meta.location,
+    })
+}
+
+fn check_level(level: u8) -> Result<(), StoreError> {
+    if level > SNAPSHOT_LEVEL {
+        return Err(StoreError::InvalidLevel { level });
+    }
+    Ok(())
+}
+
+fn datetime_from_ms(timestamp_ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(timestamp_ms)
+        .ok_or(StoreError::InvalidTimestamp { timestamp_ms })
+}
+
+/// Formats like Go's `time.RFC3339Nano` in UTC at millisecond precision, as
+/// Litestream writes `litestream-timestamp`: trailing fraction zeros are
+/// dropped, and so is the dot when the fraction is zero.
+fn format_rfc3339(time: DateTime<Utc>) -> String {
+    let mut text = time.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let millis = time.timestamp_subsec_millis();
+    if millis != 0 {
+        text.push_str(format!(".{millis:03}").trim_end_matches('0'));
+    }
+    text.push('Z');
+    text
+}
+
+fn open_file(url: &str, path: &str) -> Result<Store, StoreError> {
+    if path.is_empty() {
+        return Err(invalid_url(
+            url,
+            "missing directory, e.g. file:///var/lib/keycast/replica",
+        ));
+    }
+    let dir = PathBuf::from(path);
+    let local_dir = |source| StoreError::LocalDir {
+        dir: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(local_dir)?;
+    let root = std::fs::canonicalize(&dir).map_err(local_dir)?;
+    let objects = LocalFileSystem::new_with_prefix(&root)
+        .map_err(|source| StoreError::Backend {
+            operation: "open",
+            key: root.display().to_string(),
+            source,
+        })?
+        // A replica is a backup: a put that returned must survive a crash.
+        .with_fsync(true);
+    let description = format!("file://{}", root.display());
+    Ok(Store::new(
+        Arc::new(objects),
+        Backend::File,
+        Path::default(),
+        Some(root),
+        description,
+    ))
+}
+
+/// Splits `bucket/some/prefix` into the bucket and the cleaned prefix.
+fn bucket_and_prefix(url: &str, rest: &str) -> Result<(String, Path), StoreError> {
+    let (bucket, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(invalid_url(url, "missing bucket or container name"));
+    }
+    // Also keeps `user:password@` out of bucket names, and so out of describe().
+    if !bucket
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return Err(invalid_url(
+            url,
+            "bucket and container names may only contain letters, digits, '.', '-' and '_'",
+        ));
+    }
+    let mut segments = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => return Err(invalid_url(url, "\"..\" is not allowed in the key prefix")),
+            segment => segments.push(segment),
+        }
+    }
+    let prefix = Path::parse(segments.join("/")).map_err(|err| {
+        invalid_url(
+            url,
+            format!("the key prefix is not a valid object path: {err}"),
+        )
+    })?;
+    Ok((bucket.to_string(), prefix))
+}
+
+fn open_s3(
+    url: &str,
+    rest: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Store, StoreError> {
+    let (bucket, prefix) = bucket_and_prefix(url, rest)?;
+    if prefix.as_ref().is_empty() {
+        return Err(invalid_url(
+            url,
+            "an s3 replica needs a key prefix: use s3://bucket/prefix",
+        ));
+    }
+    let region = env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| DEFAULT_AWS_REGION.into());
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&bucket)
+        .with_region(&region)
+        // Create-only puts (If-None-Match: *) are how a fenced writer learns it lost a race.
+        .with_conditional_put(S3ConditionalPut::ETagMatch);
+    builder = with_aws_credentials(builder, env)?;
+    let endpoint = env("AWS_ENDPOINT_URL")
+        .map(|value| parse_endpoint(&value))
+        .transpose()?;
+    let mut description = format!("s3://{bucket}/{prefix} (");
+    match &endpoint {
+        Some(endpoint) => {
+            builder = builder
+                .with_endpoint(endpoint.as_str().trim_end_matches('/'))
+                .with_allow_http(endpoint.scheme() == "http")
+                .with_virtual_hosted_style_request(false);
+            description.push_str(&format!("endpoint {}, ", redacted(endpoint)));
+        }
+        // Virtual-hosted style is AWS's default; dotted bucket names would break TLS with it.
+        None => builder = builder.with_virtual_hosted_style_request(!bucket.contains('.')),
+    }
+    description.push_str(&format!("region {region})"));
+    let objects = builder
+        .build()
+        .map_err(|source| backend_config_error(url, source))?;
+    Ok(Store::new(
+        Arc::new(objects),
+        Backend::S3,
+        prefix,
+        None,
+        description,
+    ))
+}
+
+fn with_aws_credentials(
+    mut builder: AmazonS3Builder,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AmazonS3Builder, StoreError> {
+    let must_pair = |variable| StoreError::Config {
+        variable,
+        reason: "must be set together with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY".into(),
+    };
+    match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+        (Some(id), Some(secret)) => {
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret)
+        }
+        (Some(_), None) => return Err(must_pair("AWS_SECRET_ACCESS_KEY")),
+        (None, Some(_)) => return Err(must_pair("AWS_ACCESS_KEY_ID")),
+        (None, None) => {
+            for (variable, key) in AWS_AMBIENT_CREDENTIAL_VARS {
+                if let Some(value) = env(variable) {
+                    builder = builder.with_config(key, value);
+                }
+            }
+        }
+    }
+    if let Some(token) = env("AWS_SESSION_TOKEN") {
+        builder = builder.with_token(token);
+    }
+    Ok(builder)
+}
+
+fn parse_endpoint(value: &str) -> Result<url::Url, StoreError> {
+    let bad = |reason: String| StoreError::Config {
+        variable: "AWS_ENDPOINT_URL",
+        reason,
+    };
+    let endpoint = url::Url::parse(value).map_err(|err| bad(format!("not a valid URL: {err}")))?;
+    if !matches!(endpoint.scheme(), "http" | "https") {
+        return Err(bad(format!(
+            "scheme must be http or https, not {:?}",
+            endpoint.scheme()
+        )));
+    }
+    Ok(endpoint)
+}
+
+fn open_gcs(
+    url: &str,
+    rest: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Store, StoreError> {
+    let (bucket, prefix) = bucket_and_prefix(url, rest)?;
+    let mut builder = GoogleCloudStorageBuilder::new().with_bucket_name(&bucket);
+    if let Some(path) = env("GOOGLE_SERVICE_ACCOUNT") {
+        builder = builder.with_service_account_path(path);
+    }
+    if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS") {
+        builder = builder.with_application_credentials(path);
+    }
+    let objects = builder
+        .build()
+        .map_err(|source| backend_config_error(url, source))?;
+    let description = format!("gs://{bucket}/{prefix}");
+    Ok(Store::new(
+        Arc::new(objects),
+        Backend::Gcs,
+        prefix,
+        None,
+        description,
+    ))
+}
+
+fn open_azure(
+    url: &str,
+    rest: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Store, StoreError> {
+    // Litestream's form is abs://account@container/path.
+    let (account, rest) = match rest.split_once('@') {
+        Some((account, rest)) if !account.contains('/') => (Some(account.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (container, prefix) = bucket_and_prefix(url, rest)?;
+    let emulator =
+        env("AZURE_STORAGE_USE_EMULATOR").is_some_and(|v| matches!(v.as_str(), "1" | "true"));
+    let account = account.or_else(|| env("AZURE_STORAGE_ACCOUNT_NAME"));
+    let mut builder = MicrosoftAzureBuilder::new()
+        .with_container_name(&container)
+        .with_use_emulator(emulator);
+    match &account {
+        Some(account) => builder = builder.with_account(account),
+        None if emulator => {}
+        None => {
+            return Err(StoreError::Config {
+                variable: "AZURE_STORAGE_ACCOUNT_NAME",
+                reason: "must be set (or use abs://account@container/prefix)".into(),
+            })
+        }
+    }
+    if let Some(key) = env("AZURE_STORAGE_ACCOUNT_KEY") {
+        builder = builder.with_access_key(key);
+    }
+    let objects = builder
+        .build()
+        .map_err(|source| backend_config_error(url, source))?;
+    let account = account.as_deref().unwrap_or("emulator");
+    let description = format!("az://{container}/{prefix} (account {account})");
+    Ok(Store::new(
+        Arc::new(objects),
+        Backend::Azure,
+        prefix,
+        None,
+        description,
+    ))
+}
+
+fn backend_config_error(url: &str, source: object_store::Error) -> StoreError {
+    StoreError::Backend {
+        operation: "configure",
+        key: redact_url_text(url),
+        source,
+    }
+}
+
+fn invalid_url(url: &str, reason: impl Into<String>) -> StoreError {
+    StoreError::InvalidUrl {
+        url: redact_url_text(url),
+        reason: reason.into(),
+    }
+}
+
+/// Hides a `user:password@` in a URL someone put a secret into.
+fn redact_url_text(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) if authority[..at].contains(':') => format!("{scheme}://***@{}", &rest[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn redacted(endpoint: &url::Url) -> String {
+    let mut endpoint = endpoint.clone();
+    // Both only fail for URLs that cannot carry credentials in the first place.
+    let _ = endpoint.set_username("");
+    let _ = endpoint.set_password(None);
+    endpoint.as_str().trim_end_matches('/').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn open(url: &str, vars: &[(&str, &str)]) -> Result<Option<Store>, StoreError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Store::from_url(url, &move |name| vars.get(name).cloned())
+    }
+
+    const MOTO: [(&str, &str); 3] = [
+        ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+        ("AWS_SECRET_ACCESS_KEY", "s3cr3t-value"),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9000"),
+    ];
+
+    #[test]
+    fn none_means_replication_is_off() {
+        assert!(open("none", &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn unknown_scheme_is_invalid_url_naming_it() {
+        let err = open("ftp://host/dir", &[]).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidUrl { url, .. } if url == "ftp://host/dir"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("ftp://host/dir"), "{err}");
+    }
+
+    #[test]
+    fn url_without_scheme_is_invalid() {
+        assert!(matches!(
+            open("/var/lib/replica", &[]),
+            Err(StoreError::InvalidUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn s3_bucket_root_is_refused() {
+        for url in ["s3://bucket", "s3://bucket/", "s3://bucket/./"] {
+            let err = open(url, &MOTO).unwrap_err();
+            assert!(
+                err.to_string().contains("s3://bucket/prefix"),
+                "{url}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn s3_prefix_is_cleaned_and_uses_hex_level_dirs() {
+        let store = open("s3://bkt//app/./db/", &MOTO).unwrap().unwrap();
+        assert_eq!(store.backend(), Backend::S3);
+        assert_eq!(store.prefix().as_ref(), "app/db");
+        assert_eq!(store.level_dir(9).as_ref(), "app/db/0009");
+        assert_eq!(
+            store.ltx_key(0, 1, 2).as_ref(),
+            "app/db/0000/0000000000000001-0000000000000002.ltx"
+        );
+    }
+
+    #[test]
+    fn dot_dot_in_prefix_is_refused() {
+        assert!(matches!(
+            open("s3://bkt/a/../b", &MOTO),
+            Err(StoreError::InvalidUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn query_string_is_refused() {
+        let err = open("s3://bkt/app?endpoint=http://x", &MOTO).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
+    }
+
+    #[test]
+    fn s3_endpoint_allows_http_and_is_described_without_secrets() {
+        let store = open("s3://bkt/app", &MOTO).unwrap().unwrap();
+        let text = store.describe();
+        assert_eq!(
+            text,
+            "s3://bkt/app (endpoint http://127.0.0.1:9000, region us-east-1)"
+        );
+        let debug = format!("{store:?}");
+        for shown in [&text, &debug] {
+            assert!(
+                !shown.contains("s3cr3t") && !shown.contains("AKIDEXAMPLE"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn endpoint_userinfo_is_not_described() {
+        let store = open(
+            "s3://bkt/app",
+            &[("AWS_ENDPOINT_URL", "http://user:pw@minio:9000/")],
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!store.describe().contains("pw"), "{}", store.describe());
+    }
+
+    #[test]
+    fn s3_region_falls_back_to_default_region_then_us_east_1() {
+        let with_default = open("s3://bkt/app", &[("AWS_DEFAULT_REGION", "eu-west-3")])
+            .unwrap()
+            .unwrap();
+        assert!(with_default.describe().contains("region eu-west-3"));
+        let with_none = open("s3://bkt/app", &[]).unwrap().unwrap();
+        assert!(with_none.describe().contains("region us-east-1"));
+    }
+
+    #[test]
+    fn half_an_aws_key_pair_names_the_missing_variable() {
+        let err = open("s3://bkt/app", &[("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Config {
+                    variable: "AWS_SECRET_ACCESS_KEY",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("AKIDEXAMPLE"));
+    }
+
+    #[test]
+    fn endpoint_must_be_http_or_https() {
+        let err = open("s3://bkt/app", &[("AWS_ENDPOINT_URL", "ftp://host")]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Config {
+                    variable: "AWS_ENDPOINT_URL",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_refused_and_redacted() {
+        let err = open("s3://key:secret@bkt/app", &[]).unwrap_err();
+        assert!(matches!(err, StoreError::InvalidUrl { .. }), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn gs_and_az_use_the_ltx_directory_layout() {
+        let gcs = open("gs://bkt/app", &[]).unwrap().unwrap();
+        assert_eq!(
+            gcs.ltx_key(9, 1, 5).as_ref(),
+            "app/ltx/9/0000000000000001-0000000000000005.ltx"
+        );
+        let az = open(
+            "az://container/app",
+            &[("AZURE_STORAGE_ACCOUNT_NAME", "acct")],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(az.level_dir(1).as_ref(), "app/ltx/1");
+        let abs = open("abs://acct@container/app", &[]).unwrap().unwrap();
+        assert_eq!(abs.describe(), "az://container/app (account acct)");
+    }
+
+    #[test]
+    fn az_without_account_names_the_variable() {
+        let err = open("az://container/app", &[]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Config {
+                    variable: "AZURE_STORAGE_ACCOUNT_NAME",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn file_url_creates_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        let store = open(&format!("file://{}", dir.display()), &[])
+            .unwrap()
+            .unwrap();
+        assert!(dir.is_dir());
+        assert_eq!(store.backend(), Backend::File);
+        assert_eq!(
+            store.ltx_key(0, 1, 1).as_ref(),
+            "ltx/0/0000000000000001-0000000000000001.ltx"
+        );
+    }
+
+    #[test]
+    fn timestamps_format_like_go_rfc3339_nano() {
+        let format = |ms| format_rfc3339(datetime_from_ms(ms).unwrap());
+        assert_eq!(format(1_795_847_805_035), "2026-11-28T06:36:45.035Z");
+        assert_eq!(format(1_795_847_805_450), "2026-11-28T06:36:45.45Z");
+        assert_eq!(format(1_795_847_805_000), "2026-11-28T06:36:45Z");
+    }
+
+    #[test]
+    fn object_names_cannot_escape_the_keycast_directory() {
+        let store = Store::in_memory();
+        assert_eq!(
+            store
+                .object_key("keycast/lease/current.json")
+                .unwrap()
+                .as_ref(),
+            "keycast/lease/current.json"
+        );
+        for name in [
+            "",
+            "keycast",
+            "keycast/",
+            "/keycast/x",
+            "lineage.json",
+            "ltx/0/x",
+            "keycast//b",
+            "keycast/../ltx/0/x",
+            "keycast/a/.",
+        ] {
+            assert!(
+                matches!(store.object_key(name), Err(StoreError::InvalidName { .. })),
+                "{name:?}"
+            );
+        }
+    }
+}

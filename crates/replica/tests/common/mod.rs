@@ -1,0 +1,80 @@
+//! Shared by the replica crate's integration tests: an application pool wired the way
+//! keycast wires it (WAL, no autocheckpoint, commit hook), and content comparison helpers.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keycast_replica::{capture, CommitSignal};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, SqlitePool};
+
+/// An application pool on `path` reporting commits to `signal`.
+pub async fn app_pool(path: &Path, signal: &Arc<CommitSignal>) -> SqlitePool {
+    let signal = signal.clone();
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(5))
+        .pragma("wal_autocheckpoint", "0");
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .after_connect(move |conn, _| {
+            let signal = signal.clone();
+            Box::pin(async move {
+                let mut handle = conn.lock_handle().await?;
+                unsafe { capture::install_wal_hook(handle.as_raw_handle(), &signal) };
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .unwrap()
+}
+
+/// Every row of table `t`, in order, read through a fresh read-only connection.
+pub async fn rows(path: &Path) -> Vec<(i64, String)> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query_as("SELECT id, v FROM t ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// `PRAGMA integrity_check` of the database at `path`.
+pub async fn integrity(path: &Path) -> String {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Requires a peer's environment variable: fails under scripts/test.sh (which provides
+/// it), skips loudly elsewhere.
+pub fn peer(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if std::env::var("KEYCAST_REQUIRE_PEERS").as_deref() == Ok("1") => {
+            panic!("{var} is not set: run the suite through scripts/test.sh, which starts the peer")
+        }
+        _ => {
+            eprintln!("SKIPPED: {var} is not set (run scripts/test.sh to start the peer)");
+            None
+        }
+    }
+}

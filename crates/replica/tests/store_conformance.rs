@@ -1,0 +1,572 @@
+//! One conformance suite for [`Store`], run against every backend the test
+//! script can start: in memory, `file://` in a temporary directory, and a real
+//! S3 API server (moto, started by `scripts/test.sh`, which exports
+//! `KEYCAST_TEST_S3_ENDPOINT`). Each behaviour in `cases` becomes one test per
+//! backend, e.g. `s3::delete_removes_files_and_is_idempotent`.
+//!
+//! The per-backend tests at the end check what Litestream itself reads,
+//! bypassing `Store`: the exact file path and mtime on disk, and the exact S3
+//! key and `litestream-timestamp` metadata as moto's HTTP API reports them.
+//!
+//! Without `KEYCAST_TEST_S3_ENDPOINT` the S3 tests print `SKIPPED` and pass,
+//! unless `KEYCAST_REQUIRE_PEERS=1` (set by the test script), where they fail.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keycast_replica::store::{Backend, PutOutcome, Store};
+
+/// Header timestamp used for every write, and how Litestream renders it.
+const TIMESTAMP_MS: i64 = 1_795_847_805_035;
+const TIMESTAMP_TEXT: &str = "2026-11-28T06:36:45.035Z";
+
+fn timestamp() -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(TIMESTAMP_MS as u64)
+}
+
+/// A store plus whatever must outlive it.
+struct Fixture {
+    store: Store,
+    _dir: Option<tempfile::TempDir>,
+    s3: Option<S3Bucket>,
+}
+
+fn memory() -> Option<Fixture> {
+    Some(Fixture {
+        store: Store::in_memory(),
+        _dir: None,
+        s3: None,
+    })
+}
+
+fn file() -> Option<Fixture> {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let url = format!("file://{}", dir.path().display());
+    let store = Store::from_url(&url, &|_| None)
+        .expect("open file store")
+        .expect("a store");
+    Some(Fixture {
+        store,
+        _dir: Some(dir),
+        s3: None,
+    })
+}
+
+fn s3() -> Option<Fixture> {
+    let bucket = S3Bucket::create(&s3_endpoint()?);
+    let vars: HashMap<&str, String> = HashMap::from([
+        ("AWS_ACCESS_KEY_ID", "test".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+        ("AWS_ENDPOINT_URL", bucket.endpoint.clone()),
+    ]);
+    let url = format!("s3://{}/app", bucket.name);
+    let store = Store::from_url(&url, &|name| vars.get(name).cloned())
+        .expect("open s3 store")
+        .expect("a store");
+    Some(Fixture {
+        store,
+        _dir: None,
+        s3: Some(bucket),
+    })
+}
+
+/// The S3 API server from the test script, or `None` (after a loud message)
+/// when running outside it.
+fn s3_endpoint() -> Option<String> {
+    match std::env::var("KEYCAST_TEST_S3_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => Some(endpoint.trim_end_matches('/').to_string()),
+        _ if std::env::var("KEYCAST_REQUIRE_PEERS").as_deref() == Ok("1") => {
+            panic!("KEYCAST_TEST_S3_ENDPOINT is not set but KEYCAST_REQUIRE_PEERS=1: run scripts/test.sh, which starts moto")
+        }
+        _ => {
+            eprintln!("SKIPPED: S3 store tests need KEYCAST_TEST_S3_ENDPOINT (an S3 API server); run scripts/test.sh");
+            None
+        }
+    }
+}
+
+/// A fresh bucket on the S3 server, so tests never see each other's objects.
+/// Raw requests go through `curl --aws-sigv4`, independent of the client
+/// under test, and signed, because moto refuses anonymous object reads.
+struct S3Bucket {
+    endpoint: String,
+    name: String,
+}
+
+impl S3Bucket {
+    fn create(endpoint: &str) -> S3Bucket {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "kc-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let bucket = S3Bucket {
+            endpoint: endpoint.to_string(),
+            name,
+        };
+        bucket.curl(&["-X", "PUT"], "");
+        bucket
+    }
+
+    /// Every key in the bucket, from a raw ListObjectsV2 response.
+    fn keys(&self) -> BTreeSet<String> {
+        let body = self.curl(&[], "?list-type=2");
+        body.split("<Key>")
+            .skip(1)
+            .map(|rest| rest.split("</Key>").next().unwrap().to_string())
+            .collect()
+    }
+
+    /// One response header (lowercase name) of a raw HEAD of `key`.
+    fn head_header(&self, key: &str, header: &str) -> Option<String> {
+        let response = self.curl(&["--head"], &format!("/{key}"));
+        response.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case(header)
+                .then(|| value.trim().to_string())
+        })
+    }
+
+    /// Runs a signed request against `<endpoint>/<bucket><path>` and returns
+    /// the output; panics on any HTTP error.
+    fn curl(&self, args: &[&str], path: &str) -> String {
+        let url = format!("{}/{}{path}", self.endpoint, self.name);
+        let output = std::process::Command::new("curl")
+            .args([
+                "-fsS",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                "test:test",
+            ])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("run curl");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "curl {args:?} {url}: {stderr}");
+        String::from_utf8(output.stdout).expect("utf-8 response")
+    }
+}
+
+/// One test per behaviour in `cases`, per backend.
+macro_rules! suite {
+    ($backend:ident, [$($case:ident),* $(,)?]) => {
+        mod $backend {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some(fixture) = super::$backend() else { return };
+                    super::cases::$case(&fixture.store).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! every_backend {
+    ($($case:ident),* $(,)?) => {
+        suite!(memory, [$($case),*]);
+        suite!(file, [$($case),*]);
+        suite!(s3, [$($case),*]);
+    };
+}
+
+every_backend!(
+    empty_store_lists_nothing,
+    put_files_are_listed_sorted_with_level_txids_and_size,
+    get_returns_the_written_bytes,
+    second_put_at_same_key_is_already_exists_and_keeps_first_content,
+    get_of_missing_file_is_not_found_naming_its_key,
+    delete_removes_files_and_is_idempotent,
+    listing_ignores_names_that_are_not_ltx_files,
+    created_at_is_the_header_timestamp,
+    keycast_objects_are_created_once_and_invisible_to_ltx_listing,
+    out_of_range_level_is_rejected,
+    request_count_counts_operations_and_stays_flat_while_idle,
+);
+
+/// The behaviours every backend must share, each taking a fresh, empty store.
+mod cases {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use keycast_replica::store::{Backend, LtxObject, PutOutcome, Store, StoreError};
+    use object_store::path::Path;
+    use object_store::{ObjectStoreExt, PutPayload};
+
+    /// Distinct content per file, so a mix-up shows.
+    fn content(level: u8, min: u64, max: u64) -> Bytes {
+        Bytes::from(format!("ltx level {level} {min}-{max}").repeat(usize::from(level) + 1))
+    }
+
+    async fn put(store: &Store, level: u8, min: u64, max: u64) {
+        let outcome = store
+            .put_ltx(
+                level,
+                min,
+                max,
+                content(level, min, max),
+                super::TIMESTAMP_MS,
+            )
+            .await;
+        assert_eq!(
+            outcome.expect("put_ltx"),
+            PutOutcome::Created,
+            "L{level} {min}-{max}"
+        );
+    }
+
+    fn txids(files: &[LtxObject]) -> Vec<(u8, u64, u64)> {
+        files
+            .iter()
+            .map(|f| (f.level, f.min_txid, f.max_txid))
+            .collect()
+    }
+
+    pub async fn empty_store_lists_nothing(store: &Store) {
+        assert!(store.is_empty().await.unwrap());
+        assert!(store.list_all().await.unwrap().is_empty());
+        assert!(store.list_level(0).await.unwrap().is_empty());
+        assert!(store.list_level(9).await.unwrap().is_empty());
+    }
+
+    pub async fn put_files_are_listed_sorted_with_level_txids_and_size(store: &Store) {
+        // Written out of order, so sorting is the store's doing.
+        for (level, min, max) in [
+            (0, 3, 3),
+            (9, 1, 2),
+            (0, 1, 1),
+            (1, 1, 3),
+            (0, 2, 2),
+            (0, 16, 16),
+        ] {
+            put(store, level, min, max).await;
+        }
+        let level0 = store.list_level(0).await.unwrap();
+        assert_eq!(
+            txids(&level0),
+            [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 16, 16)]
+        );
+        let all = store.list_all().await.unwrap();
+        assert_eq!(
+            txids(&all),
+            [
+                (0, 1, 1),
+                (0, 2, 2),
+                (0, 3, 3),
+                (0, 16, 16),
+                (1, 1, 3),
+                (9, 1, 2)
+            ]
+        );
+        for file in &all {
+            let expected = content(file.level, file.min_txid, file.max_txid);
+            assert_eq!(file.size, expected.len() as u64, "{}", file.key);
+            assert_eq!(
+                file.key,
+                store.ltx_key(file.level, file.min_txid, file.max_txid)
+            );
+        }
+        assert!(!store.is_empty().await.unwrap());
+    }
+
+    pub async fn get_returns_the_written_bytes(store: &Store) {
+        put(store, 0, 1, 1).await;
+        put(store, 9, 1, 7).await;
+        for file in store.list_all().await.unwrap() {
+            let bytes = store.get(&file).await.unwrap();
+            assert_eq!(bytes, content(file.level, file.min_txid, file.max_txid));
+        }
+    }
+
+    pub async fn second_put_at_same_key_is_already_exists_and_keeps_first_content(store: &Store) {
+        put(store, 0, 5, 5).await;
+        let second = store
+            .put_ltx(0, 5, 5, Bytes::from_static(b"a different writer"), 0)
+            .await
+            .unwrap();
+        assert_eq!(second, PutOutcome::AlreadyExists);
+        let files = store.list_level(0).await.unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(store.get(&files[0]).await.unwrap(), content(0, 5, 5));
+    }
+
+    pub async fn get_of_missing_file_is_not_found_naming_its_key(store: &Store) {
+        put(store, 0, 1, 1).await;
+        let file = store.list_level(0).await.unwrap().remove(0);
+        store.delete(std::slice::from_ref(&file)).await.unwrap();
+        let err = store.get(&file).await.unwrap_err();
+        let key = file.key.to_string();
+        assert!(
+            matches!(&err, StoreError::NotFound { key: k } if *k == key),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&key), "{err}");
+    }
+
+    pub async fn delete_removes_files_and_is_idempotent(store: &Store) {
+        for txid in 1..=3 {
+            put(store, 0, txid, txid).await;
+        }
+        let files = store.list_level(0).await.unwrap();
+        store.delete(&files[..2]).await.unwrap();
+        assert_eq!(txids(&store.list_level(0).await.unwrap()), [(0, 3, 3)]);
+        store
+            .delete(&files[..2])
+            .await
+            .expect("deleting deleted files again is fine");
+        store.delete(&[]).await.unwrap();
+        store.delete(&files).await.unwrap();
+        assert!(store.is_empty().await.unwrap());
+    }
+
+    pub async fn listing_ignores_names_that_are_not_ltx_files(store: &Store) {
+        let level0 = store.level_dir(0);
+        // The level directory of the *other* backend family's layout.
+        let other_layout = match store.backend() {
+            Backend::S3 => store.prefix().clone().join("ltx").join("0"),
+            _ => store.prefix().clone().join("0000"),
+        };
+        let junk = [
+            level0.clone().join("README"),
+            level0.clone().join("0000000000000001-0000000000000002.LTX"),
+            level0.clone().join("000000000000000A-000000000000000B.ltx"),
+            level0
+                .clone()
+                .join("0000000000000001-0000000000000002.ltx.tmp"),
+            level0.clone().join("1-2.ltx"),
+            level0
+                .clone()
+                .join("sub")
+                .join("0000000000000001-0000000000000002.ltx"),
+            store
+                .prefix()
+                .clone()
+                .join("0000000000000001-0000000000000002.ltx"),
+            other_layout
+                .clone()
+                .join("0000000000000001-0000000000000002.ltx"),
+            store
+                .prefix()
+                .clone()
+                .join("ltx")
+                .join("09")
+                .join("0000000000000001-0000000000000002.ltx"),
+        ];
+        let raw = store.object_store();
+        for key in &junk {
+            raw.put(key, PutPayload::from_static(b"not ltx"))
+                .await
+                .unwrap();
+        }
+        assert!(store.is_empty().await.unwrap(), "junk counted as LTX");
+        assert!(store.list_all().await.unwrap().is_empty());
+        put(store, 0, 1, 1).await;
+        assert_eq!(txids(&store.list_all().await.unwrap()), [(0, 1, 1)]);
+        assert!(
+            raw.head(&Path::from(junk[0].as_ref())).await.is_ok(),
+            "listing must not touch junk"
+        );
+    }
+
+    pub async fn created_at_is_the_header_timestamp(store: &Store) {
+        put(store, 0, 1, 1).await;
+        let file = store.list_level(0).await.unwrap().remove(0);
+        assert_eq!(store.created_at(&file).await.unwrap(), super::timestamp());
+    }
+
+    pub async fn keycast_objects_are_created_once_and_invisible_to_ltx_listing(store: &Store) {
+        let name = "keycast/lineage.json";
+        assert!(store.get_object(name).await.unwrap().is_none());
+        let first = Bytes::from_static(br#"{"lineage":"a"}"#);
+        assert_eq!(
+            store.put_object_create(name, first.clone()).await.unwrap(),
+            PutOutcome::Created
+        );
+        let second = Bytes::from_static(br#"{"lineage":"b"}"#);
+        assert_eq!(
+            store.put_object_create(name, second).await.unwrap(),
+            PutOutcome::AlreadyExists
+        );
+        let (bytes, version) = store
+            .get_object(name)
+            .await
+            .unwrap()
+            .expect("object exists");
+        assert_eq!(bytes, first);
+        assert!(
+            version.e_tag.is_some() || version.version.is_some(),
+            "no version to update against"
+        );
+        assert!(
+            store.is_empty().await.unwrap(),
+            "keycast objects are not LTX files"
+        );
+        assert!(matches!(
+            store.get_object("lineage.json").await,
+            Err(StoreError::InvalidName { .. })
+        ));
+    }
+
+    pub async fn out_of_range_level_is_rejected(store: &Store) {
+        let put = store.put_ltx(10, 1, 1, Bytes::from_static(b"x"), 0).await;
+        assert!(
+            matches!(put, Err(StoreError::InvalidLevel { level: 10 })),
+            "{put:?}"
+        );
+        let list = store.list_level(10).await;
+        assert!(
+            matches!(list, Err(StoreError::InvalidLevel { level: 10 })),
+            "{list:?}"
+        );
+        let range = store.put_ltx(0, 2, 1, Bytes::from_static(b"x"), 0).await;
+        assert!(
+            matches!(range, Err(StoreError::InvalidTxidRange { .. })),
+            "{range:?}"
+        );
+        assert_eq!(
+            store.request_count(),
+            0,
+            "invalid arguments must not reach the backend"
+        );
+    }
+
+    pub async fn request_count_counts_operations_and_stays_flat_while_idle(store: &Store) {
+        let start = store.request_count();
+        put(store, 0, 1, 1).await;
+        let files = store.list_level(0).await.unwrap();
+        store.get(&files[0]).await.unwrap();
+        assert_eq!(store.request_count(), start + 3);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.request_count(), start + 3, "requests while idle");
+        assert_eq!(
+            store.clone().request_count(),
+            store.request_count(),
+            "clones share the counter"
+        );
+    }
+}
+
+#[tokio::test]
+async fn file_backend_uses_litestream_paths_and_sets_mtime_to_the_header_timestamp() {
+    let fixture = file().unwrap();
+    let (store, dir) = (&fixture.store, fixture._dir.as_ref().unwrap().path());
+    assert_eq!(store.backend(), Backend::File);
+    assert_eq!(
+        store
+            .put_ltx(0, 1, 1, "l0".into(), TIMESTAMP_MS)
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+    assert_eq!(
+        store
+            .put_ltx(9, 1, 5, "snapshot".into(), TIMESTAMP_MS)
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+
+    let l0 = dir.join("ltx/0/0000000000000001-0000000000000001.ltx");
+    let l9 = dir.join("ltx/9/0000000000000001-0000000000000005.ltx");
+    assert_eq!(std::fs::read(&l0).unwrap(), b"l0");
+    assert_eq!(std::fs::read(&l9).unwrap(), b"snapshot");
+    assert_eq!(
+        files_under(dir),
+        BTreeSet::from([l0.clone(), l9]),
+        "exactly the LTX files, nothing else"
+    );
+    assert_eq!(
+        std::fs::metadata(&l0).unwrap().modified().unwrap(),
+        timestamp()
+    );
+    for file in store.list_all().await.unwrap() {
+        assert_eq!(file.created_at, timestamp(), "listing reports the mtime");
+    }
+}
+
+fn files_under(dir: &std::path::Path) -> BTreeSet<std::path::PathBuf> {
+    let mut files = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.insert(path);
+        }
+    }
+    files
+}
+
+#[tokio::test]
+async fn s3_backend_uses_litestream_keys_and_timestamp_metadata() {
+    let Some(fixture) = s3() else { return };
+    let (store, bucket) = (&fixture.store, fixture.s3.as_ref().unwrap());
+    assert_eq!(store.backend(), Backend::S3);
+    assert_eq!(
+        store
+            .put_ltx(0, 1, 1, "l0".into(), TIMESTAMP_MS)
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+    assert_eq!(
+        store
+            .put_ltx(9, 1, 5, "snapshot".into(), TIMESTAMP_MS)
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+
+    let l0 = "app/0000/0000000000000001-0000000000000001.ltx";
+    let l9 = "app/0009/0000000000000001-0000000000000005.ltx";
+    assert_eq!(
+        bucket.keys(),
+        BTreeSet::from([l0.to_string(), l9.to_string()]),
+        "exactly the LTX keys, nothing else"
+    );
+    for key in [l0, l9] {
+        let metadata = bucket.head_header(key, "x-amz-meta-litestream-timestamp");
+        assert_eq!(metadata.as_deref(), Some(TIMESTAMP_TEXT), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn s3_create_only_put_is_enforced_by_the_server_across_clients() {
+    let Some(fixture) = s3() else { return };
+    let bucket = fixture.s3.as_ref().unwrap();
+    let vars = HashMap::from([
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_ENDPOINT_URL", bucket.endpoint.as_str()),
+    ]);
+    let url = format!("s3://{}/app", bucket.name);
+    let rival = Store::from_url(&url, &|name| vars.get(name).map(|v| v.to_string()))
+        .unwrap()
+        .unwrap();
+
+    let mine = fixture
+        .store
+        .put_ltx(0, 7, 7, "mine".into(), TIMESTAMP_MS)
+        .await
+        .unwrap();
+    let theirs = rival
+        .put_ltx(0, 7, 7, "theirs".into(), TIMESTAMP_MS)
+        .await
+        .unwrap();
+    assert_eq!(
+        (mine, theirs),
+        (PutOutcome::Created, PutOutcome::AlreadyExists)
+    );
+    let file = rival.list_level(0).await.unwrap().remove(0);
+    assert_eq!(rival.get(&file).await.unwrap(), "mine");
+}
