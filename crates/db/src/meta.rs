@@ -25,16 +25,12 @@ pub async fn get(pool: &SqlitePool, key: &str) -> Result<Option<String>, sqlx::E
 /// # Errors
 /// Database errors.
 pub async fn ensure_lineage(pool: &SqlitePool, new_id: &str) -> Result<String, sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO keycast_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-    )
-    .bind(LINEAGE_KEY)
-    .bind(new_id)
-    .execute(pool)
-    .await?;
-    Ok(get(pool, LINEAGE_KEY)
-        .await?
-        .unwrap_or_else(|| new_id.to_owned()))
+    sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+        .bind(LINEAGE_KEY)
+        .bind(new_id)
+        .execute(pool)
+        .await?;
+    Ok(get(pool, LINEAGE_KEY).await?.unwrap_or_else(|| new_id.to_owned()))
 }
 
 /// This database's lineage, `None` for a database not yet stamped.
@@ -53,9 +49,7 @@ mod tests {
     #[tokio::test]
     async fn lineage_is_set_once() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db")))
-            .await
-            .unwrap();
+        let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db"))).await.unwrap();
         assert_eq!(lineage(db.pool()).await.unwrap(), None);
         assert_eq!(ensure_lineage(db.pool(), "aaa").await.unwrap(), "aaa");
         assert_eq!(ensure_lineage(db.pool(), "bbb").await.unwrap(), "aaa");

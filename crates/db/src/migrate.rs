@@ -26,11 +26,7 @@ pub enum MigrateError {
 
 /// The newest schema version this binary carries.
 pub fn latest_version() -> i64 {
-    SQLITE_MIGRATIONS
-        .iter()
-        .map(|m| m.version)
-        .max()
-        .unwrap_or(0)
+    SQLITE_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
 /// Applies pending migrations; idempotent.
@@ -50,11 +46,10 @@ pub async fn run(pool: &SqlitePool) -> Result<(), MigrateError> {
 
 /// The highest applied migration, or `None` on a fresh database.
 async fn applied_version(pool: &SqlitePool) -> Result<Option<i64>, sqlx::Error> {
-    let table: Option<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-    )
-    .fetch_optional(pool)
-    .await?;
+    let table: Option<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
+            .fetch_optional(pool)
+            .await?;
     if table.is_none() {
         return Ok(None);
     }
@@ -99,9 +94,6 @@ mod tests {
             err,
             OpenError::Migrate(super::MigrateError::SchemaTooNew { database: 9999, .. })
         ));
-        assert!(
-            err.to_string().contains("newer than this keycast binary"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("newer than this keycast binary"), "{err}");
     }
 }

@@ -110,10 +110,7 @@ impl Db {
     /// # Errors
     /// Whatever the pool or SQLite returned.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
 
     /// Pool statistics for metrics: (open connections, idle connections).
@@ -146,9 +143,7 @@ async fn connect(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {
                 let mut handle = conn.lock_handle().await?;
                 // SAFETY: the handle is a live connection owned by the pool; the hook lives
                 // as long as the connection does.
-                unsafe {
-                    keycast_replica::capture::install_wal_hook(handle.as_raw_handle(), &signal)
-                };
+                unsafe { keycast_replica::capture::install_wal_hook(handle.as_raw_handle(), &signal) };
                 Ok(())
             })
         });
@@ -163,9 +158,7 @@ mod tests {
     #[tokio::test]
     async fn connections_run_in_wal_mode_without_autocheckpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db")))
-            .await
-            .unwrap();
+        let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db"))).await.unwrap();
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
             .fetch_one(db.pool())
             .await

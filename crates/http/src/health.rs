@@ -39,9 +39,9 @@ async fn startup(State(state): State<AppState>) -> Result<Json<Value>, AppError>
 }
 
 async fn ready(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
-    let db = state.db().ok_or_else(|| {
-        AppError::Unavailable("keycast is starting: the database is not open yet".into())
-    })?;
+    let db = state
+        .db()
+        .ok_or_else(|| AppError::Unavailable("keycast is starting: the database is not open yet".into()))?;
     for dependency in state.dependencies() {
         dependency.readiness().map_err(AppError::Unavailable)?;
     }

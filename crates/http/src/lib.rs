@@ -24,18 +24,13 @@ pub use state::{AppState, Dependency, Durability, HttpOptions};
 
 /// Builds the whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {
-    let mut router = Router::new()
-        .merge(health::routes())
-        .merge(metrics::routes());
+    let mut router = Router::new().merge(health::routes()).merge(metrics::routes());
     if state.options().test_routes {
         router = router.merge(testing::routes());
     }
     router
         .fallback(error::not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            enforce_timeout,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), enforce_timeout))
         .layer(axum::middleware::from_fn(metrics::track_requests))
         .with_state(state)
 }

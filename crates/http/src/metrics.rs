@@ -36,10 +36,7 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
     for dependency in state.dependencies() {
         dependency.export_metrics();
     }
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics().render(),
-    )
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics().render())
 }
 
 /// Counts and times every request. Routes are labelled by their template (`/api/x/{id}`),

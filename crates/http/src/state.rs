@@ -50,9 +50,7 @@ pub trait Dependency: Send + Sync {
 pub trait Durability: Send + Sync {
     /// Resolves once every commit made before the call is in the replica.
     /// `Err(reason)` on timeout, store failure or fencing: the write must be reported as not durable.
-    fn wait_durable(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    fn wait_durable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 struct Inner {
@@ -90,11 +88,7 @@ impl AppState {
 
     /// The registered dependencies (empty until set).
     pub fn dependencies(&self) -> &[Arc<dyn Dependency>] {
-        self.inner
-            .dependencies
-            .get()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+        self.inner.dependencies.get().map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Registers how to wait for durability (the replicator). Without it, a commit is as
@@ -111,9 +105,7 @@ impl AppState {
     pub async fn wait_durable(&self) -> Result<(), crate::AppError> {
         match self.inner.durability.get() {
             Some(d) => d.wait_durable().await.map_err(|reason| {
-                crate::AppError::Unavailable(format!(
-                    "the change was not confirmed durable: {reason}; retry it"
-                ))
+                crate::AppError::Unavailable(format!("the change was not confirmed durable: {reason}; retry it"))
             }),
             None => Ok(()),
         }

@@ -30,10 +30,7 @@ struct WriteQuery {
 /// Inserts one row (`keycast_meta`, key `test:<key>`) in its own transaction, and with
 /// `durable=true` answers only once it is in the replica: the writes the replication tests
 /// count and look for after a crash or a redeploy.
-async fn write(
-    State(state): State<AppState>,
-    Query(q): Query<WriteQuery>,
-) -> Result<Json<Value>, AppError> {
+async fn write(State(state): State<AppState>, Query(q): Query<WriteQuery>) -> Result<Json<Value>, AppError> {
     let db = state
         .db()
         .ok_or_else(|| AppError::Unavailable("keycast is starting".into()))?;

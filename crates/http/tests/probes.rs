@@ -35,18 +35,11 @@ async fn startup_and_ready_are_503_until_the_database_is_open() {
     let json: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["error"], "unavailable");
     assert!(json["message"].as_str().unwrap().contains("starting"));
-    assert_eq!(
-        get(&state, "/healthz/ready").await.0,
-        StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(get(&state, "/healthz/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(get(&state, "/healthz/live").await.0, StatusCode::OK);
 
     let dir = tempfile::tempdir().unwrap();
-    state.set_db(
-        Db::open_sqlite(&DbOptions::new(dir.path().join("k.db")))
-            .await
-            .unwrap(),
-    );
+    state.set_db(Db::open_sqlite(&DbOptions::new(dir.path().join("k.db"))).await.unwrap());
     assert_eq!(get(&state, "/healthz/startup").await.0, StatusCode::OK);
     assert_eq!(get(&state, "/healthz/ready").await.0, StatusCode::OK);
 }
@@ -55,9 +48,7 @@ async fn startup_and_ready_are_503_until_the_database_is_open() {
 async fn ready_is_503_with_a_reason_when_the_database_stops_answering() {
     let state = state();
     let dir = tempfile::tempdir().unwrap();
-    let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db")))
-        .await
-        .unwrap();
+    let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db"))).await.unwrap();
     state.set_db(db.clone());
     db.close().await;
     let (status, body) = get(&state, "/healthz/ready").await;
@@ -80,10 +71,9 @@ async fn metrics_count_requests_by_route_template() {
     let (status, body) = get(&state, "/metrics").await;
     assert_eq!(status, StatusCode::OK);
     assert!(
-        body.lines()
-            .any(|l| l.starts_with("keycast_http_requests_total{")
-                && l.contains("route=\"/healthz/live\"")
-                && l.contains("status=\"200\"")),
+        body.lines().any(|l| l.starts_with("keycast_http_requests_total{")
+            && l.contains("route=\"/healthz/live\"")
+            && l.contains("status=\"200\"")),
         "{body}"
     );
 }

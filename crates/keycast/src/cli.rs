@@ -39,9 +39,9 @@ pub fn parse_txid(v: &str) -> anyhow::Result<u64> {
     } else {
         v.parse().ok()
     };
-    parsed.filter(|t| *t > 0).with_context(|| {
-        format!("--txid {v}: expected a TXID, as 16 hex digits or a decimal number ≥ 1")
-    })
+    parsed
+        .filter(|t| *t > 0)
+        .with_context(|| format!("--txid {v}: expected a TXID, as 16 hex digits or a decimal number ≥ 1"))
 }
 
 /// Parses `--timestamp` (RFC 3339).
@@ -49,9 +49,8 @@ pub fn parse_txid(v: &str) -> anyhow::Result<u64> {
 /// # Errors
 /// A malformed time.
 pub fn parse_time(v: &str) -> anyhow::Result<SystemTime> {
-    let t = chrono::DateTime::parse_from_rfc3339(v).with_context(|| {
-        format!("--timestamp {v}: expected RFC 3339, e.g. 2026-11-28T07:00:00Z")
-    })?;
+    let t = chrono::DateTime::parse_from_rfc3339(v)
+        .with_context(|| format!("--timestamp {v}: expected RFC 3339, e.g. 2026-11-28T07:00:00Z"))?;
     Ok(SystemTime::from(t))
 }
 
@@ -68,10 +67,7 @@ pub async fn restore_cmd(
 ) -> anyhow::Result<()> {
     if output.exists() {
         if !force {
-            bail!(
-                "{} already exists; pass --force to replace it",
-                output.display()
-            );
+            bail!("{} already exists; pass --force to replace it", output.display());
         }
         for suffix in ["", "-wal", "-shm"] {
             let mut p = output.as_os_str().to_owned();
@@ -118,9 +114,7 @@ fn progress_bar(as_json: bool) -> Option<indicatif::ProgressBar> {
         return None;
     }
     let bar = indicatif::ProgressBar::new(0);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("restoring [{bar:30}] {pos}/{len} files, {msg}")
-    {
+    if let Ok(style) = indicatif::ProgressStyle::with_template("restoring [{bar:30}] {pos}/{len} files, {msg}") {
         bar.set_style(style);
     }
     Some(bar)
@@ -135,8 +129,10 @@ pub async fn ls_cmd(store: &Store, as_json: bool) -> anyhow::Result<()> {
     if as_json {
         let rows: Vec<_> = files
             .iter()
-            .map(|f| json!({ "level": f.level, "min_txid": f.min_txid, "max_txid": f.max_txid, "size": f.size,
-                             "created_at": rfc3339(f.created_at), "key": f.key.to_string() }))
+            .map(|f| {
+                json!({ "level": f.level, "min_txid": f.min_txid, "max_txid": f.max_txid, "size": f.size,
+                             "created_at": rfc3339(f.created_at), "key": f.key.to_string() })
+            })
             .collect();
         println!("{}", json!({ "replica": store.describe(), "files": rows }));
         return Ok(());
@@ -165,13 +161,7 @@ pub async fn ls_cmd(store: &Store, as_json: bool) -> anyhow::Result<()> {
 /// # Errors
 /// Store or local-record errors.
 pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Result<()> {
-    let replicated = store
-        .list_all()
-        .await?
-        .iter()
-        .map(|f| f.max_txid)
-        .max()
-        .unwrap_or(0);
+    let replicated = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
     let record = local_state::load(db)?;
     let pending = unshipped_wal_bytes(db, record.as_ref());
     let lag = match (&record, pending) {
@@ -205,16 +195,9 @@ pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Resu
             );
             println!(
                 "last stop:        {}",
-                if r.clean {
-                    "clean"
-                } else {
-                    "running or crashed"
-                }
+                if r.clean { "clean" } else { "running or crashed" }
             );
-            println!(
-                "last error:       {}",
-                r.last_error.as_deref().unwrap_or("none")
-            );
+            println!("last error:       {}", r.last_error.as_deref().unwrap_or("none"));
         }
         None => println!(
             "local TXID:       unknown (no replication record next to {})",

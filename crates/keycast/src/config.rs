@@ -214,10 +214,7 @@ impl Sources {
         for (key, value) in table {
             let setting = SETTINGS.iter().find(|s| s.key == key).ok_or_else(|| {
                 let known: Vec<_> = SETTINGS.iter().map(|s| s.key).collect();
-                file_err(format!(
-                    "unknown setting `{key}` (known: {})",
-                    known.join(", ")
-                ))
+                file_err(format!("unknown setting `{key}` (known: {})", known.join(", ")))
             })?;
             let value = match value {
                 toml::Value::String(s) => s,
@@ -294,9 +291,7 @@ impl Sources {
                 })?
                 .unwrap_or(IpAddr::from([0, 0, 0, 0])),
             database_path,
-            log_format: self
-                .get("log_format", parse_log_format)?
-                .unwrap_or(LogFormat::Text),
+            log_format: self.get("log_format", parse_log_format)?.unwrap_or(LogFormat::Text),
             log_filter: self.get("log", non_empty)?.unwrap_or_else(|| "info".into()),
             shutdown_grace: self
                 .get("shutdown_grace_secs", parse_secs)?
@@ -316,9 +311,7 @@ impl Sources {
             dir.push("-replica");
             format!("file://{}", absolute(Path::new(&dir)).display())
         };
-        let url = self
-            .get("replica_url", parse_replica_url)?
-            .unwrap_or_else(default_url);
+        let url = self.get("replica_url", parse_replica_url)?.unwrap_or_else(default_url);
         if url == "none" {
             return Ok(None);
         }
@@ -328,12 +321,10 @@ impl Sources {
             compaction.levels = levels;
         }
         let long = |key| self.get(key, parse_long_secs);
-        compaction.snapshot_interval =
-            long("replica_snapshot_interval_secs")?.unwrap_or(compaction.snapshot_interval);
+        compaction.snapshot_interval = long("replica_snapshot_interval_secs")?.unwrap_or(compaction.snapshot_interval);
         compaction.snapshot_retention =
             long("replica_snapshot_retention_secs")?.unwrap_or(compaction.snapshot_retention);
-        compaction.l0_retention =
-            long("replica_l0_retention_secs")?.unwrap_or(compaction.l0_retention);
+        compaction.l0_retention = long("replica_l0_retention_secs")?.unwrap_or(compaction.l0_retention);
         let options = ReplicaOptions {
             checkpoint_pages: self
                 .get("replica_checkpoint_pages", parse_pages)?
@@ -344,17 +335,12 @@ impl Sources {
         Ok(Some(ReplicaConfig {
             url,
             options,
-            unhealthy_after: long("replica_unhealthy_after_secs")?
-                .unwrap_or(Duration::from_secs(60)),
+            unhealthy_after: long("replica_unhealthy_after_secs")?.unwrap_or(Duration::from_secs(60)),
         }))
     }
 
     /// Parses the value of `key` with `parse`, `None` when no source set it.
-    fn get<T>(
-        &self,
-        key: &'static str,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, ConfigError> {
+    fn get<T>(&self, key: &'static str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Option<T>, ConfigError> {
         let Some(raw) = self.values.get(key) else {
             return Ok(None);
         };
@@ -369,10 +355,7 @@ impl Sources {
 
 /// `PORT=abc`, `--port abc` or `port = "abc" in /etc/keycast.toml`.
 fn describe(key: &str, raw: &Raw) -> String {
-    let setting = SETTINGS
-        .iter()
-        .find(|s| s.key == key)
-        .expect("key comes from SETTINGS");
+    let setting = SETTINGS.iter().find(|s| s.key == key).expect("key comes from SETTINGS");
     match &raw.origin {
         Origin::Env => format!("{}={}", setting.env, raw.value),
         Origin::Flag => format!("--{} {}", key.replace('_', "-"), raw.value),
@@ -410,10 +393,8 @@ fn parse_pages(v: &str) -> Result<u32, String> {
 }
 
 fn parse_levels(v: &str) -> Result<Vec<Duration>, String> {
-    let levels: Result<Vec<Duration>, String> =
-        v.split(',').map(|p| parse_long_secs(p.trim())).collect();
-    let levels =
-        levels.map_err(|_| "expected comma-separated seconds, e.g. 30,300,3600".to_owned())?;
+    let levels: Result<Vec<Duration>, String> = v.split(',').map(|p| parse_long_secs(p.trim())).collect();
+    let levels = levels.map_err(|_| "expected comma-separated seconds, e.g. 30,300,3600".to_owned())?;
     if levels.is_empty() || levels.len() > 8 || levels.iter().any(|d| d.is_zero()) {
         return Err("expected 1 to 8 non-zero intervals, e.g. 30,300,3600".into());
     }
@@ -422,11 +403,7 @@ fn parse_levels(v: &str) -> Result<Vec<Duration>, String> {
 
 fn parse_replica_url(v: &str) -> Result<String, String> {
     const SCHEMES: [&str; 4] = ["file://", "s3://", "gs://", "az://"];
-    if v == "none"
-        || SCHEMES
-            .iter()
-            .any(|s| v.starts_with(s) && v.len() > s.len())
-    {
+    if v == "none" || SCHEMES.iter().any(|s| v.starts_with(s) && v.len() > s.len()) {
         Ok(v.to_owned())
     } else {
         Err("expected file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, or none".into())
@@ -485,10 +462,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Sources {
-        let map: BTreeMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Sources::default().with_env(move |k| map.get(k).cloned())
     }
 
@@ -503,21 +477,14 @@ mod tests {
     #[test]
     fn a_bad_port_names_the_variable_and_the_value() {
         let err = env(&[("PORT", "abc")]).build().unwrap_err().to_string();
-        assert!(
-            err.contains("PORT=abc") && err.contains("port number"),
-            "{err}"
-        );
+        assert!(err.contains("PORT=abc") && err.contains("port number"), "{err}");
     }
 
     #[test]
     fn flags_beat_env_which_beats_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k.toml");
-        std::fs::write(
-            &file,
-            "port = 1000\ndata_dir = \"/from/file\"\nlog_format = \"json\"\n",
-        )
-        .unwrap();
+        std::fs::write(&file, "port = 1000\ndata_dir = \"/from/file\"\nlog_format = \"json\"\n").unwrap();
         let config = Sources::default()
             .with_file(&file)
             .unwrap()
@@ -534,11 +501,7 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(
-            (
-                config.port,
-                config.data_dir.to_str().unwrap(),
-                config.log_format
-            ),
+            (config.port, config.data_dir.to_str().unwrap(), config.log_format),
             (3001, "/from/env", LogFormat::Json)
         );
     }
@@ -571,14 +534,9 @@ mod tests {
 
     #[test]
     fn database_url_accepts_sqlite_paths_only() {
-        let config = env(&[("DATABASE_URL", "sqlite:///tmp/x.db?mode=rwc")])
-            .build()
-            .unwrap();
+        let config = env(&[("DATABASE_URL", "sqlite:///tmp/x.db?mode=rwc")]).build().unwrap();
         assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
-        let err = env(&[("DATABASE_URL", "mysql://x")])
-            .build()
-            .unwrap_err()
-            .to_string();
+        let err = env(&[("DATABASE_URL", "mysql://x")]).build().unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL=mysql://x"), "{err}");
     }
 }

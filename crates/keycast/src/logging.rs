@@ -35,12 +35,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let mut fields = FieldMap::default();
         event.record(&mut fields);
         let mut entry = Map::new();
@@ -51,23 +46,14 @@ where
             "timestamp".into(),
             serde_json::json!({ "seconds": now.as_secs(), "nanos": now.subsec_nanos() }),
         );
-        entry.insert(
-            "severity".into(),
-            severity(*event.metadata().level()).into(),
-        );
+        entry.insert("severity".into(), severity(*event.metadata().level()).into());
         entry.insert(
             "message".into(),
-            fields
-                .0
-                .remove("message")
-                .unwrap_or(Value::String(String::new())),
+            fields.0.remove("message").unwrap_or(Value::String(String::new())),
         );
         entry.insert("target".into(), event.metadata().target().into());
         if let Some(scope) = ctx.event_scope() {
-            let spans: Vec<Value> = scope
-                .from_root()
-                .map(|span| Value::from(span.name()))
-                .collect();
+            let spans: Vec<Value> = scope.from_root().map(|span| Value::from(span.name())).collect();
             entry.insert("spans".into(), spans.into());
         }
         if !fields.0.is_empty() {
@@ -92,8 +78,7 @@ struct FieldMap(Map<String, Value>);
 
 impl Visit for FieldMap {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
+        self.0.insert(field.name().into(), format!("{value:?}").into());
     }
     fn record_str(&mut self, field: &Field, value: &str) {
         self.0.insert(field.name().into(), value.into());

@@ -125,12 +125,7 @@ fn main() -> ExitCode {
                 cli::ls_cmd(&replica(&config, a.replica.as_deref())?, a.json).await
             }
             Command::Replica(ReplicaCommand::Status(a)) => {
-                cli::status_cmd(
-                    &replica(&config, a.replica.as_deref())?,
-                    &config.database_path,
-                    a.json,
-                )
-                .await
+                cli::status_cmd(&replica(&config, a.replica.as_deref())?, &config.database_path, a.json).await
             }
         }
     });
@@ -176,9 +171,7 @@ fn load_config(file: Option<PathBuf>, args: &ServeArgs) -> anyhow::Result<Config
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = PrometheusBuilder::new()
-        .set_buckets(&[
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-        ])?
+        .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])?
         .install_recorder()?;
     let addr = std::net::SocketAddr::new(config.bind, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {

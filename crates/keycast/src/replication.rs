@@ -38,10 +38,7 @@ pub async fn prepare(db: &Path, store: &Store) -> anyhow::Result<()> {
         Bootstrap::Resume { txid } => {
             tracing::info!(txid, "the local database matches the replica: resuming")
         }
-        Bootstrap::Restored {
-            restored,
-            moved_aside,
-        } => tracing::info!(
+        Bootstrap::Restored { restored, moved_aside } => tracing::info!(
             txid = restored.txid,
             files = restored.files,
             bytes = restored.bytes,
@@ -97,9 +94,7 @@ pub const DURABLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ReplicaDurability(pub Monitor);
 
 impl keycast_http::Durability for ReplicaDurability {
-    fn wait_durable(
-        &self,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    fn wait_durable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
             self.0
                 .wait_durable(DURABLE_TIMEOUT)
@@ -120,10 +115,7 @@ impl Dependency for ReplicationHealth {
     fn readiness(&self) -> Result<(), String> {
         let status = self.monitor.status();
         if status.fenced {
-            return Err(
-                "replication stopped: another instance took over the replica (this one is fenced)"
-                    .into(),
-            );
+            return Err("replication stopped: another instance took over the replica (this one is fenced)".into());
         }
         match status.failing_since {
             Some(since) if since.elapsed() >= self.unhealthy_after => Err(format!(
@@ -141,11 +133,7 @@ impl Dependency for ReplicationHealth {
         metrics::gauge!("keycast_replica_local_commits").set(s.local_commits as f64);
         metrics::gauge!("keycast_replica_shipped_commits").set(s.shipped_commits as f64);
         metrics::gauge!("keycast_replica_lag_seconds").set(s.lag_seconds);
-        metrics::gauge!("keycast_replica_failing").set(if s.failing_since.is_some() {
-            1.0
-        } else {
-            0.0
-        });
+        metrics::gauge!("keycast_replica_failing").set(if s.failing_since.is_some() { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_fenced").set(if s.fenced { 1.0 } else { 0.0 });
     }
 }

@@ -66,9 +66,7 @@ pub async fn run(
             unhealthy_after: replica.unhealthy_after,
         };
         state.set_dependencies(vec![Arc::new(health) as Arc<dyn Dependency>]);
-        state.set_durability(Arc::new(crate::replication::ReplicaDurability(
-            replicator.monitor(),
-        )));
+        state.set_durability(Arc::new(crate::replication::ReplicaDurability(replicator.monitor())));
     }
     state.set_db(running.db.clone());
     tracing::info!(database = %config.database_path.display(), "keycast is ready");
@@ -90,14 +88,9 @@ struct Running {
 async fn start(config: &Config) -> anyhow::Result<Running> {
     prepare_directories(config)?;
     let Some(replica) = &config.replica else {
-        tracing::warn!(
-            "KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk"
-        );
+        tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
         let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
-        return Ok(Running {
-            db,
-            replicator: None,
-        });
+        return Ok(Running { db, replicator: None });
     };
     let store = crate::replication::open_store(replica)?;
     if store.backend() == keycast_replica::store::Backend::File {
@@ -111,8 +104,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     };
     let db = Db::open_sqlite(&options).await?;
     let lineage = keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await?;
-    let replicator =
-        crate::replication::start(&config.database_path, store, signal, &lineage, replica).await?;
+    let replicator = crate::replication::start(&config.database_path, store, signal, &lineage, replica).await?;
     Ok(Running {
         db,
         replicator: Some(replicator),
@@ -134,9 +126,8 @@ fn prepare_directories(config: &Config) -> anyhow::Result<()> {
         )
     })?;
     if let Some(parent) = config.database_path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| {
-            format!("cannot create the database directory {}", parent.display())
-        })?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create the database directory {}", parent.display()))?;
     }
     Ok(())
 }
@@ -161,10 +152,7 @@ async fn shut_down(
         );
     }
     let remaining = grace.saturating_sub(started.elapsed());
-    if tokio::time::timeout(remaining, running.db.close())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(remaining, running.db.close()).await.is_err() {
         anyhow::bail!("the database did not close within the grace period");
     }
     if let Some(replicator) = running.replicator {
@@ -206,10 +194,7 @@ pub async fn shutdown_signal() {
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     prepare_directories(config)?;
     let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
-    tracing::info!(
-        version = keycast_db::migrate::latest_version(),
-        "database is migrated"
-    );
+    tracing::info!(version = keycast_db::migrate::latest_version(), "database is migrated");
     db.close().await;
     Ok(())
 }

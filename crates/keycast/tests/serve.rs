@@ -165,21 +165,13 @@ fn a_database_from_a_newer_keycast_is_refused() {
     Keycast::start(&data).stop();
     let db = data.join("keycast.db");
     let sql = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', 1, x'00', 0);";
-    assert!(Command::new("sqlite3")
-        .arg(&db)
-        .arg(sql)
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("sqlite3").arg(&db).arg(sql).status().unwrap().success());
     let mut child = Launch::new(&data).spawn();
     let status = child.wait().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(!status.success());
-    assert!(
-        stderr.contains("newer than this keycast binary"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("newer than this keycast binary"), "{stderr}");
 }
 
 #[test]
@@ -189,10 +181,7 @@ fn json_logs_carry_severity_and_message() {
         .env("KEYCAST_LOG_FORMAT", "json")
         .start();
     let log = server.stop();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).expect(l))
-        .collect();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).expect(l)).collect();
     assert!(
         lines
             .iter()

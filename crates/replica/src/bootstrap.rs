@@ -43,11 +43,7 @@ pub enum BootstrapError {
          (up to TXID {remote}); keycast cannot tell which is newer. Move the local file away to restore from \
          the replica, or point KEYCAST_REPLICA_URL at an empty location to replicate this file from scratch"
     )]
-    UnknownLocal {
-        db: PathBuf,
-        replica: String,
-        remote: u64,
-    },
+    UnknownLocal { db: PathBuf, replica: String, remote: u64 },
     #[error(
         "the database at {db} belongs to lineage {local} but the replica {replica} holds lineage {remote}: they are \
          different databases. Move the local file away to restore from the replica, or use another replica location"
@@ -82,13 +78,7 @@ pub enum BootstrapError {
 /// # Errors
 /// See [`BootstrapError`].
 pub async fn prepare(db: &Path, store: &Store) -> Result<Bootstrap, BootstrapError> {
-    let remote = store
-        .list_all()
-        .await?
-        .iter()
-        .map(|f| f.max_txid)
-        .max()
-        .unwrap_or(0);
+    let remote = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
     let local = db.exists();
     match (local, remote) {
         (false, 0) => Ok(Bootstrap::Fresh),
@@ -137,11 +127,7 @@ async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, Boo
     Ok(Bootstrap::Resume { txid: record.txid })
 }
 
-async fn restore_into(
-    db: &Path,
-    store: &Store,
-    moved_aside: Option<PathBuf>,
-) -> Result<Bootstrap, BootstrapError> {
+async fn restore_into(db: &Path, store: &Store, moved_aside: Option<PathBuf>) -> Result<Bootstrap, BootstrapError> {
     if let Some(parent) = db.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -168,10 +154,7 @@ async fn restore_into(
         bytes = restored.bytes,
         "restore complete"
     );
-    Ok(Bootstrap::Restored {
-        restored,
-        moved_aside,
-    })
+    Ok(Bootstrap::Restored { restored, moved_aside })
 }
 
 /// The lineage recorded in the replica by keycast; `None` for replicas Litestream wrote.

@@ -69,12 +69,7 @@ pub unsafe fn install_wal_hook(db: NonNull<sqlite3>, signal: &Arc<CommitSignal>)
     sqlite3_wal_hook(db.as_ptr(), Some(on_commit), ctx);
 }
 
-unsafe extern "C" fn on_commit(
-    ctx: *mut c_void,
-    _db: *mut sqlite3,
-    _name: *const c_char,
-    _frames: c_int,
-) -> c_int {
+unsafe extern "C" fn on_commit(ctx: *mut c_void, _db: *mut sqlite3, _name: *const c_char, _frames: c_int) -> c_int {
     // SAFETY: ctx was produced by Arc::into_raw in install_wal_hook and is never released.
     let signal = unsafe { &*(ctx as *const CommitSignal) };
     signal.committed();

@@ -183,10 +183,7 @@ mod tests {
         let page = [7u8; 512];
         let mut manual = Vec::from(3u32.to_be_bytes());
         manual.extend_from_slice(&page);
-        assert_eq!(
-            page_checksum(3, &page),
-            CHECKSUM_FLAG | CRC64.checksum(&manual)
-        );
+        assert_eq!(page_checksum(3, &page), CHECKSUM_FLAG | CRC64.checksum(&manual));
         assert_ne!(page_checksum(3, &page), page_checksum(4, &page));
     }
 

@@ -85,10 +85,7 @@ impl Schedule {
     /// Whether any level with new input has reached its time.
     pub fn due(&self) -> bool {
         let now = Instant::now();
-        self.dirty
-            .iter()
-            .zip(&self.next)
-            .any(|(d, n)| *d && now >= *n)
+        self.dirty.iter().zip(&self.next).any(|(d, n)| *d && now >= *n)
             || (self.snapshot_dirty && now >= self.snapshot_next)
     }
 
@@ -104,10 +101,7 @@ impl Schedule {
         let snapshot = self
             .snapshot_dirty
             .then(|| self.snapshot_next.saturating_duration_since(now));
-        levels
-            .chain(snapshot)
-            .min()
-            .unwrap_or(Duration::from_secs(3600))
+        levels.chain(snapshot).min().unwrap_or(Duration::from_secs(3600))
     }
 }
 
@@ -180,8 +174,7 @@ pub async fn compact_level(store: &Store, level: u8) -> Result<Option<(u64, u64)
     let (min, max) = (inputs[0].min_txid, inputs[inputs.len() - 1].max_txid);
     let bytes = merge(store, &inputs, min).await?;
     store_create(store, level, min, max, bytes).await?;
-    metrics::counter!("keycast_replica_compactions_total", "level" => level.to_string())
-        .increment(1);
+    metrics::counter!("keycast_replica_compactions_total", "level" => level.to_string()).increment(1);
     Ok(Some((min, max)))
 }
 
@@ -194,10 +187,7 @@ pub async fn snapshot(store: &Store) -> Result<Option<u64>, ReplicaError> {
     let plan = restore::plan(&files, Target::Latest, &store.describe())
         .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))?;
     let max = plan.last().map_or(0, |f| f.max_txid);
-    if files
-        .iter()
-        .any(|f| f.level == SNAPSHOT_LEVEL && f.max_txid == max)
-    {
+    if files.iter().any(|f| f.level == SNAPSHOT_LEVEL && f.max_txid == max) {
         return Ok(None);
     }
     let bytes = merge(store, &plan, 1).await?;
@@ -213,9 +203,8 @@ async fn merge(store: &Store, inputs: &[LtxObject], min: u64) -> Result<Bytes, R
     let mut last: Option<Header> = None;
     for input in inputs {
         let bytes = store.get(input).await?;
-        let decoded = ltx::decode(&bytes).map_err(|e| {
-            ReplicaError::LocalState(std::io::Error::other(format!("object {}: {e}", input.key)))
-        })?;
+        let decoded = ltx::decode(&bytes)
+            .map_err(|e| ReplicaError::LocalState(std::io::Error::other(format!("object {}: {e}", input.key))))?;
         pages.extend(decoded.pages);
         last = Some(decoded.header);
     }
@@ -236,21 +225,13 @@ async fn merge(store: &Store, inputs: &[LtxObject], min: u64) -> Result<Bytes, R
             .map_err(crate::segment::SegmentError::from)?;
     }
     Ok(Bytes::from(
-        encoder
-            .finish(0)
-            .map_err(crate::segment::SegmentError::from)?,
+        encoder.finish(0).map_err(crate::segment::SegmentError::from)?,
     ))
 }
 
 /// Create-only store of a derived file. A file already there at the same key holds the same
 /// TXID range from the same inputs, so it is accepted.
-async fn store_create(
-    store: &Store,
-    level: u8,
-    min: u64,
-    max: u64,
-    bytes: Bytes,
-) -> Result<(), ReplicaError> {
+async fn store_create(store: &Store, level: u8, min: u64, max: u64, bytes: Bytes) -> Result<(), ReplicaError> {
     let timestamp = crate::replicator::now_ms();
     match store.put_ltx(level, min, max, bytes, timestamp).await? {
         PutOutcome::Created | PutOutcome::AlreadyExists => Ok(()),
@@ -268,8 +249,7 @@ pub async fn enforce_retention(
 ) -> Result<usize, ReplicaError> {
     let files = store.list_all().await?;
     let by_level = |level: u8| files.iter().filter(move |f| f.level == level);
-    let older_than =
-        |f: &LtxObject, age: Duration| now.duration_since(f.created_at).is_ok_and(|a| a > age);
+    let older_than = |f: &LtxObject, age: Duration| now.duration_since(f.created_at).is_ok_and(|a| a > age);
     let mut doomed: Vec<LtxObject> = Vec::new();
 
     let snapshots: Vec<&LtxObject> = by_level(SNAPSHOT_LEVEL).collect();
@@ -299,11 +279,7 @@ pub async fn enforce_retention(
         let keep_last = l0.last().map(|f| f.max_txid);
         doomed.extend(
             l0.into_iter()
-                .filter(|f| {
-                    f.max_txid <= l1_max
-                        && older_than(f, policy.l0_retention)
-                        && Some(f.max_txid) != keep_last
-                })
+                .filter(|f| f.max_txid <= l1_max && older_than(f, policy.l0_retention) && Some(f.max_txid) != keep_last)
                 .cloned(),
         );
     }

@@ -8,6 +8,7 @@
 //! - [`capture`]: the WAL hook on application connections that wakes the replicator.
 //! - [`replicator`]: the background loop that ships segments and owns checkpoints.
 //! - [`segment`]: builds LTX segments from WAL frames or the whole database.
+//! - [`snapshot`]: the read snapshot that keeps foreign checkpoints from losing frames.
 //! - [`store`]: one replica location (file, S3, GCS, Azure) in Litestream's layout.
 //! - [`restore`]: restore planning and verified restore into a new file.
 //! - [`compactor`]: compaction levels, snapshots, retention.
@@ -24,6 +25,7 @@ pub mod ltx;
 pub mod replicator;
 pub mod restore;
 pub mod segment;
+pub mod snapshot;
 pub mod store;
 pub mod wal;
 

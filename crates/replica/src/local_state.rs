@@ -112,10 +112,7 @@ pub fn load(db: &Path) -> std::io::Result<Option<LocalState>> {
 pub fn store(db: &Path, state: &LocalState) -> std::io::Result<()> {
     let path = path_for(db);
     let temp = path.with_extension("json.tmp");
-    std::fs::write(
-        &temp,
-        serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?,
-    )?;
+    std::fs::write(&temp, serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
     std::fs::rename(&temp, &path)
 }
 
@@ -154,9 +151,6 @@ mod tests {
         store(&db, &state).unwrap();
         assert_eq!(load(&db).unwrap(), Some(state));
         std::fs::write(path_for(&db), b"{").unwrap();
-        assert!(
-            load(&db).is_err(),
-            "a torn record is an error, not 'absent'"
-        );
+        assert!(load(&db).is_err(), "a torn record is an error, not 'absent'");
     }
 }

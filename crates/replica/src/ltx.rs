@@ -95,11 +95,7 @@ pub enum LtxError {
     LockPage { pgno: u32 },
     /// Page data whose length is not the page size.
     #[error("page {pgno} has {len} bytes, expected {page_size}")]
-    PageLength {
-        pgno: u32,
-        len: usize,
-        page_size: u32,
-    },
+    PageLength { pgno: u32, len: usize, page_size: u32 },
     /// A snapshot page that does not follow its predecessor.
     #[error("snapshot page {pgno} out of sequence, expected page {expected}")]
     SnapshotGap { pgno: u32, expected: u32 },
@@ -218,9 +214,7 @@ fn check_post_apply(header: &Header, post_apply: u64) -> Result<(), LtxError> {
             ));
         }
     } else if post_apply & CHECKSUM_FLAG == 0 {
-        return Err(LtxError::InvalidPostApplyChecksum(
-            "required, with bit 63 set",
-        ));
+        return Err(LtxError::InvalidPostApplyChecksum("required, with bit 63 set"));
     }
     Ok(())
 }
@@ -257,10 +251,7 @@ mod tests {
     #[test]
     fn file_name_is_zero_padded_lowercase_hex() {
         assert_eq!(file_name(1, 0xab), "0000000000000001-00000000000000ab.ltx");
-        assert_eq!(
-            file_name(u64::MAX, u64::MAX),
-            "ffffffffffffffff-ffffffffffffffff.ltx"
-        );
+        assert_eq!(file_name(u64::MAX, u64::MAX), "ffffffffffffffff-ffffffffffffffff.ltx");
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::capture::CommitSignal;
 use crate::compactor::{self, CompactionPolicy};
 use crate::local_state::{self, LocalState};
 use crate::segment::{self, Cursor, Segment, SegmentError};
+use crate::snapshot::Snapshot;
 use crate::store::{PutOutcome, Store, StoreError};
 
 /// Checkpoint when the WAL holds at least this many frames (pages).
@@ -204,9 +205,7 @@ impl Replicator {
         self.shared.signal.wake();
         match self.task.await {
             Ok(result) => result,
-            Err(e) => Err(ReplicaError::LocalState(std::io::Error::other(
-                e.to_string(),
-            ))),
+            Err(e) => Err(ReplicaError::LocalState(std::io::Error::other(e.to_string()))),
         }
     }
 }
@@ -255,9 +254,7 @@ impl Shared {
         status.local_commits = self.signal.commits();
         status.shipped_commits = *self.shipped.borrow();
         status.lag_seconds = match *self.pending_since.lock().expect("pending lock") {
-            Some(since) if status.local_commits > status.shipped_commits => {
-                since.elapsed().as_secs_f64()
-            }
+            Some(since) if status.local_commits > status.shipped_commits => since.elapsed().as_secs_f64(),
             _ => 0.0,
         };
         status
@@ -287,6 +284,10 @@ struct Worker {
     last_checkpoint: Instant,
     shipped_since_checkpoint: bool,
     compaction: compactor::Schedule,
+    /// `lock_conn` holds SQLite's write lock (inside a checkpoint or a full image).
+    locked: bool,
+    /// The read snapshot held between rounds (see [`crate::snapshot`]).
+    snapshot: Snapshot,
 }
 
 impl Worker {
@@ -325,6 +326,8 @@ impl Worker {
             last_checkpoint: Instant::now(),
             shipped_since_checkpoint: false,
             compaction,
+            locked: false,
+            snapshot: Snapshot::open(db).await?,
         })
     }
 
@@ -350,9 +353,7 @@ impl Worker {
                 reset_expected: record.clean,
             };
             if self.changed_while_down(&record)? {
-                tracing::warn!(
-                    "the database file changed while keycast was down; shipping a full image"
-                );
+                tracing::warn!("the database file changed while keycast was down; shipping a full image");
                 return self.ship_full_image().await;
             }
             tracing::info!(
@@ -384,28 +385,49 @@ impl Worker {
         Ok(crate::checksum::database_checksum_path(&self.db, record.page_size)? != expected)
     }
 
-    /// Takes SQLite's write lock, then ships a full image of the database at the next TXID.
+    /// Takes SQLite's write lock (unless held already), then ships a full image of the
+    /// database at the next TXID.
     async fn ship_full_image(&mut self) -> Result<(), ReplicaError> {
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut self.lock_conn)
-            .await?;
+        let took_lock = self.lock().await?;
         let result = async {
             let mark = self.signal.commits();
             let (db, txid) = (self.db.clone(), self.cursor.txid + 1);
-            let segment =
-                tokio::task::spawn_blocking(move || segment::full_image(&db, txid, now_ms()))
-                    .await
-                    .map_err(|e| {
-                        ReplicaError::LocalState(std::io::Error::other(e.to_string()))
-                    })??;
+            let segment = tokio::task::spawn_blocking(move || segment::full_image(&db, txid, now_ms()))
+                .await
+                .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))??;
             self.put(segment).await?;
             self.shipped_mark = mark;
             tracing::info!(txid, "shipped a full image of the database");
             Ok(())
         }
         .await;
-        sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await?;
+        if took_lock {
+            self.unlock().await?;
+        }
         result
+    }
+
+    /// Takes SQLite's write lock on `lock_conn`: no commit can land until [`Self::unlock`].
+    /// The read snapshot is refreshed under the lock so that it covers every commit (and so
+    /// does not hold back our own checkpoint). Returns false when the lock is already held.
+    async fn lock(&mut self) -> Result<bool, ReplicaError> {
+        if self.locked {
+            return Ok(false);
+        }
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut self.lock_conn).await?;
+        self.locked = true;
+        self.snapshot.refresh().await?;
+        Ok(true)
+    }
+
+    /// Refreshes the snapshot while still holding the lock (after a full checkpoint it then
+    /// reads from the database file only, which lets the next writer restart the WAL), then
+    /// releases the write lock.
+    async fn unlock(&mut self) -> Result<(), ReplicaError> {
+        let refreshed = self.snapshot.refresh().await;
+        self.locked = false;
+        sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await?;
+        Ok(refreshed?)
     }
 
     /// Stores one segment create-only and advances the cursor.
@@ -413,13 +435,7 @@ impl Worker {
         let size = segment.bytes.len();
         match self
             .store
-            .put_ltx(
-                0,
-                segment.txid,
-                segment.txid,
-                Bytes::from(segment.bytes),
-                now_ms(),
-            )
+            .put_ltx(0, segment.txid, segment.txid, Bytes::from(segment.bytes), now_ms())
             .await?
         {
             PutOutcome::Created => {}
@@ -477,12 +493,7 @@ impl Worker {
         let mut stored = 0;
         loop {
             let mark = self.signal.commits();
-            let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
-            let next = tokio::task::spawn_blocking(move || {
-                segment::next_wal_segment(&db, &cursor, max, now_ms())
-            })
-            .await
-            .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))?;
+            let next = self.read_next_segment().await?;
             match next {
                 Ok(Some(segment)) => {
                     self.put(segment).await?;
@@ -494,15 +505,24 @@ impl Worker {
                     return Ok(stored);
                 }
                 Err(SegmentError::ContinuityLost) => {
-                    tracing::warn!(
-                        "the WAL restarted outside the replicator's control; shipping a full image"
-                    );
+                    tracing::warn!("the WAL restarted outside the replicator's control; shipping a full image");
                     self.ship_full_image().await?;
                     stored += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Reads the next segment under a fresh read snapshot (see [`crate::snapshot`]).
+    async fn read_next_segment(&mut self) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
+        if !self.locked {
+            self.snapshot.refresh().await?;
+        }
+        let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms()))
+            .await
+            .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))
     }
 
     fn publish_shipped(&self, mark: u64) {
@@ -522,10 +542,7 @@ impl Worker {
     }
 
     /// The background loop; returns the replicated TXID at the end.
-    async fn run(
-        mut self,
-        mut stop: watch::Receiver<Option<Instant>>,
-    ) -> Result<u64, ReplicaError> {
+    async fn run(mut self, mut stop: watch::Receiver<Option<Instant>>) -> Result<u64, ReplicaError> {
         let mut backoff = self.options.retry_min;
         let mut failing = false;
         loop {
@@ -547,6 +564,7 @@ impl Worker {
                 Err(ReplicaError::Fenced { txid }) => return Err(ReplicaError::Fenced { txid }),
                 Err(e) => {
                     self.note_failure(&e);
+                    self.reset_transactions().await;
                     failing = true;
                     backoff = (backoff * 2).min(self.options.retry_max);
                 }
@@ -561,6 +579,14 @@ impl Worker {
                 *pending = Some(Instant::now());
             }
         }
+    }
+
+    /// After a failed round, returns `lock_conn` to a known state: no transaction open.
+    async fn reset_transactions(&mut self) {
+        let _ = sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await;
+        self.locked = false;
+        self.snapshot.release().await;
+        let _ = self.snapshot.refresh().await;
     }
 
     fn note_failure(&self, error: &ReplicaError) {
@@ -603,44 +629,39 @@ impl Worker {
         } else {
             Duration::from_secs(3600)
         };
-        checkpoint
-            .min(self.compaction.next_in())
-            .max(Duration::from_millis(1))
+        checkpoint.min(self.compaction.next_in()).max(Duration::from_millis(1))
     }
 
     fn checkpoint_due(&self) -> bool {
         let frames = self.wal_frames();
         frames >= u64::from(self.options.checkpoint_pages)
-            || (self.shipped_since_checkpoint
-                && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
+            || (self.shipped_since_checkpoint && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
     }
 
-    /// Frames in the WAL file, by size (cheap: one stat, no read).
+    /// Frames in the current WAL generation up to the shipped position. (The file's size
+    /// would overcount: SQLite restarts the WAL in place without shrinking it.)
     fn wal_frames(&self) -> u64 {
-        let len = std::fs::metadata(segment::wal_path(&self.db))
-            .map(|m| m.len())
-            .unwrap_or(0);
-        len.saturating_sub(32) / (24 + u64::from(self.cursor.page_size))
+        let offset = self.cursor.wal.map_or(0, |c| c.offset);
+        offset.saturating_sub(32) / (24 + u64::from(self.cursor.page_size))
     }
 
     /// Under the write lock: ship the rest, then PASSIVE-checkpoint from the other connection.
     async fn checkpoint(&mut self) -> Result<(), ReplicaError> {
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut self.lock_conn)
-            .await?;
+        let took_lock = self.lock().await?;
         let result = async {
             self.sync_all().await?;
-            let (_busy, log, done): (i64, i64, i64) =
-                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                    .fetch_one(&mut self.checkpoint_conn)
-                    .await?;
+            let (_busy, log, done): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut self.checkpoint_conn)
+                .await?;
             // Every frame is in the database file: the next writer may restart the WAL, and
             // that restart continues exactly the shipped state.
             self.cursor.reset_expected = log >= 0 && log == done;
             Ok::<_, ReplicaError>((log, done))
         }
         .await;
-        sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await?;
+        if took_lock {
+            self.unlock().await?;
+        }
         let (log, done) = result?;
         self.last_checkpoint = Instant::now();
         self.shipped_since_checkpoint = false;
@@ -665,22 +686,30 @@ impl Worker {
                 }
                 Err(e) => {
                     self.note_failure(&e);
+                    self.reset_transactions().await;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.retry_max);
                 }
             }
         }
         let mut record = self.record(true);
-        let _ = self.lock_conn.close().await;
-        let _ = self.checkpoint_conn.close().await;
+        let (db, page_size, txid) = (self.db.clone(), self.cursor.page_size, self.cursor.txid);
+        let Worker {
+            snapshot,
+            lock_conn,
+            checkpoint_conn,
+            ..
+        } = self;
+        snapshot.close().await;
+        let _ = lock_conn.close().await;
+        let _ = checkpoint_conn.close().await;
         // If ours were the last connections, SQLite folded the WAL into the file and removed
         // it; the file alone is then the state at this TXID, and its checksum proves it later.
-        if !segment::wal_path(&self.db).exists() {
-            record.db_checksum =
-                crate::checksum::database_checksum_path(&self.db, self.cursor.page_size).ok();
+        if !segment::wal_path(&db).exists() {
+            record.db_checksum = crate::checksum::database_checksum_path(&db, page_size).ok();
         }
-        local_state::store(&self.db, &record)?;
-        Ok(self.cursor.txid)
+        local_state::store(&db, &record)?;
+        Ok(txid)
     }
 }
 

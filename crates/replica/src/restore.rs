@@ -63,11 +63,7 @@ pub enum RestoreError {
     #[error("no snapshot in the replica covers the requested point (the earliest files start at TXID {first_min}); nothing to restore from")]
     NoSnapshot { first_min: u64 },
     #[error("the replica has a gap after TXID {after}: no file starts at TXID {next} (next available file: {found})")]
-    Gap {
-        after: u64,
-        next: u64,
-        found: String,
-    },
+    Gap { after: u64, next: u64, found: String },
     #[error("the replica cannot reach TXID {wanted}: the newest restorable TXID is {reached}")]
     TxidUnreachable { wanted: u64, reached: u64 },
     #[error("no backup file in the replica was created before the requested time")]
@@ -101,11 +97,7 @@ pub enum RestoreError {
 /// # Errors
 /// [`RestoreError::Empty`], [`RestoreError::NoSnapshot`], [`RestoreError::Gap`],
 /// [`RestoreError::TxidUnreachable`], [`RestoreError::TimeUnreachable`].
-pub fn plan(
-    files: &[LtxObject],
-    target: Target,
-    describe: &str,
-) -> Result<Vec<LtxObject>, RestoreError> {
+pub fn plan(files: &[LtxObject], target: Target, describe: &str) -> Result<Vec<LtxObject>, RestoreError> {
     if files.is_empty() {
         return Err(RestoreError::Empty(describe.to_owned()));
     }
@@ -179,18 +171,11 @@ fn check_reached(
         });
     }
     match target {
-        Target::Txid(wanted) if cur != wanted => Err(RestoreError::TxidUnreachable {
-            wanted,
-            reached: cur,
-        }),
+        Target::Txid(wanted) if cur != wanted => Err(RestoreError::TxidUnreachable { wanted, reached: cur }),
         // A time target restores the newest contiguous state before that time; like
         // Litestream, a later gap does not matter. Latest must reach the newest file.
         Target::Time(_) | Target::Txid(_) => Ok(()),
-        Target::Latest => match usable
-            .iter()
-            .filter(|f| f.max_txid > cur)
-            .min_by_key(|f| f.min_txid)
-        {
+        Target::Latest => match usable.iter().filter(|f| f.max_txid > cur).min_by_key(|f| f.min_txid) {
             Some(next) => Err(RestoreError::Gap {
                 after: cur,
                 next: cur + 1,
@@ -260,13 +245,9 @@ async fn apply_all(
         .open(temp)
         .map_err(io_err)?;
     let mut state = ApplyState::default();
-    let mut fetched = futures::stream::iter(
-        files
-            .iter()
-            .map(|f| async move { store.get(f).await.map(|b| (f, b)) }),
-    )
-    .buffered(DEFAULT_FETCH_CONCURRENCY)
-    .map_err(RestoreError::from);
+    let mut fetched = futures::stream::iter(files.iter().map(|f| async move { store.get(f).await.map(|b| (f, b)) }))
+        .buffered(DEFAULT_FETCH_CONCURRENCY)
+        .map_err(RestoreError::from);
     let mut done = 0;
     while let Some((object, bytes)) = fetched.try_next().await? {
         state.bytes += bytes.len() as u64;
@@ -282,9 +263,7 @@ async fn apply_all(
             report(done, files.len(), state.bytes);
         }
     }
-    state
-        .finish(&file)
-        .map_err(|e| e.into_restore_error(temp))?;
+    state.finish(&file).map_err(|e| e.into_restore_error(temp))?;
     file.sync_all().map_err(io_err)?;
     Ok(Restored {
         txid: state.txid,
@@ -329,12 +308,7 @@ impl From<std::io::Error> for ApplyError {
 }
 
 impl ApplyState {
-    fn apply(
-        &mut self,
-        file: &File,
-        object: &LtxObject,
-        decoded: ltx::Decoded,
-    ) -> Result<(), ApplyError> {
+    fn apply(&mut self, file: &File, object: &LtxObject, decoded: ltx::Decoded) -> Result<(), ApplyError> {
         let h = decoded.header;
         let mismatch = |reason: String| {
             ApplyError::Restore(RestoreError::Mismatch {
@@ -343,10 +317,7 @@ impl ApplyState {
             })
         };
         if (h.min_txid, h.max_txid) != (object.min_txid, object.max_txid) {
-            return Err(mismatch(format!(
-                "header says TXIDs {}-{}",
-                h.min_txid, h.max_txid
-            )));
+            return Err(mismatch(format!("header says TXIDs {}-{}", h.min_txid, h.max_txid)));
         }
         if h.min_txid > self.txid + 1 || h.max_txid <= self.txid {
             return Err(mismatch(format!(
@@ -439,9 +410,7 @@ mod tests {
     }
 
     fn ranges(plan: &[LtxObject]) -> Vec<(u8, u64, u64)> {
-        plan.iter()
-            .map(|f| (f.level, f.min_txid, f.max_txid))
-            .collect()
+        plan.iter().map(|f| (f.level, f.min_txid, f.max_txid)).collect()
     }
 
     #[test]
@@ -462,27 +431,12 @@ mod tests {
     fn a_gap_is_an_error_naming_the_missing_txid() {
         let files = vec![obj(0, 1, 1, 1), obj(0, 3, 3, 3)];
         let err = plan(&files, Target::Latest, "r").unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RestoreError::Gap {
-                    after: 1,
-                    next: 2,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, RestoreError::Gap { after: 1, next: 2, .. }), "{err}");
     }
 
     #[test]
     fn txid_target_stops_exactly_there_or_fails() {
-        let files = vec![
-            obj(0, 1, 1, 1),
-            obj(0, 2, 2, 2),
-            obj(0, 3, 3, 3),
-            obj(1, 1, 3, 3),
-        ];
+        let files = vec![obj(0, 1, 1, 1), obj(0, 2, 2, 2), obj(0, 3, 3, 3), obj(1, 1, 3, 3)];
         assert_eq!(
             ranges(&plan(&files, Target::Txid(2), "r").unwrap()),
             vec![(0, 1, 1), (0, 2, 2)]
@@ -494,10 +448,7 @@ mod tests {
         ));
         assert!(matches!(
             plan(&files, Target::Txid(9), "r"),
-            Err(RestoreError::TxidUnreachable {
-                wanted: 9,
-                reached: 3
-            })
+            Err(RestoreError::TxidUnreachable { wanted: 9, reached: 3 })
         ));
     }
 
@@ -505,14 +456,8 @@ mod tests {
     fn time_target_uses_only_files_created_before_it() {
         let files = vec![obj(0, 1, 1, 10), obj(0, 2, 2, 20), obj(0, 3, 3, 30)];
         let at = |s| Target::Time(UNIX_EPOCH + Duration::from_secs(s));
-        assert_eq!(
-            ranges(&plan(&files, at(25), "r").unwrap()),
-            vec![(0, 1, 1), (0, 2, 2)]
-        );
-        assert!(matches!(
-            plan(&files, at(5), "r"),
-            Err(RestoreError::TimeUnreachable)
-        ));
+        assert_eq!(ranges(&plan(&files, at(25), "r").unwrap()), vec![(0, 1, 1), (0, 2, 2)]);
+        assert!(matches!(plan(&files, at(5), "r"), Err(RestoreError::TimeUnreachable)));
     }
 
     #[test]
@@ -522,9 +467,6 @@ mod tests {
             plan(&files, Target::Latest, "r"),
             Err(RestoreError::NoSnapshot { first_min: 2 })
         ));
-        assert!(matches!(
-            plan(&[], Target::Latest, "r"),
-            Err(RestoreError::Empty(_))
-        ));
+        assert!(matches!(plan(&[], Target::Latest, "r"), Err(RestoreError::Empty(_))));
     }
 }

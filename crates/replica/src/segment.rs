@@ -109,7 +109,12 @@ pub fn next_wal_segment(
 ) -> Result<Option<Segment>, SegmentError> {
     let wal_path = wal_path(db);
     let Some((mut wal, header)) = open_wal(&wal_path)? else {
-        return Ok(None);
+        // The WAL vanished or was truncated under a cursor that still points into it:
+        // someone else checkpointed, possibly over frames not yet shipped.
+        return match cursor.wal {
+            Some(_) if !cursor.reset_expected => Err(SegmentError::ContinuityLost),
+            _ => Ok(None),
+        };
     };
     let start = match &cursor.wal {
         Some(c) if c.same_generation(&header) => c.position(),
@@ -117,11 +122,9 @@ pub fn next_wal_segment(
         _ => WalPosition::start(&header),
     };
     let committed =
-        wal::read_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| {
-            SegmentError::Wal {
-                path: wal_path.clone(),
-                source,
-            }
+        wal::read_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| SegmentError::Wal {
+            path: wal_path.clone(),
+            source,
         })?;
     let Some(commit) = committed.commit else {
         return Ok(None);
@@ -185,11 +188,12 @@ pub fn full_image(db: &Path, txid: u64, now_ms: i64) -> Result<Segment, SegmentE
     let mut wal_cursor = None;
     if let Some((mut wal, header)) = open_wal(&wal_path)? {
         if header.page_size == page_size {
-            let committed = wal::read_committed(&mut wal, &header, WalPosition::start(&header))
-                .map_err(|source| SegmentError::Wal {
+            let committed = wal::read_committed(&mut wal, &header, WalPosition::start(&header)).map_err(|source| {
+                SegmentError::Wal {
                     path: wal_path.clone(),
                     source,
-                })?;
+                }
+            })?;
             commit = committed.commit;
             wal_cursor = Some(WalCursor::new(&header, committed.end));
             for frame in committed.frames {
@@ -259,26 +263,22 @@ fn open_wal(path: &Path) -> Result<Option<(File, WalHeader)>, SegmentError> {
             })
         }
     };
-    let len = file
-        .seek(SeekFrom::End(0))
-        .map_err(|source| SegmentError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+    let len = file.seek(SeekFrom::End(0)).map_err(|source| SegmentError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     if len < wal::WAL_HEADER_SIZE {
         return Ok(None);
     }
-    file.seek(SeekFrom::Start(0))
-        .map_err(|source| SegmentError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+    file.seek(SeekFrom::Start(0)).map_err(|source| SegmentError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut bytes = [0u8; wal::WAL_HEADER_SIZE as usize];
-    file.read_exact(&mut bytes)
-        .map_err(|source| SegmentError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+    file.read_exact(&mut bytes).map_err(|source| SegmentError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let header = WalHeader::parse(&bytes).map_err(|source| SegmentError::Wal {
         path: path.to_owned(),
         source,

@@ -46,8 +46,8 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
-    Attribute, Attributes, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode,
-    PutOptions, PutPayload, UpdateVersion,
+    Attribute, Attributes, GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    UpdateVersion,
 };
 
 use crate::ltx::{file_name, parse_file_name};
@@ -65,10 +65,7 @@ const DEFAULT_AWS_REGION: &str = "us-east-1";
 /// Environment variables for ambient AWS credentials (EKS web identity, ECS
 /// task roles), passed through so a pod or task role works without keys.
 const AWS_AMBIENT_CREDENTIAL_VARS: [(&str, AmazonS3ConfigKey); 6] = [
-    (
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        AmazonS3ConfigKey::WebIdentityTokenFile,
-    ),
+    ("AWS_WEB_IDENTITY_TOKEN_FILE", AmazonS3ConfigKey::WebIdentityTokenFile),
     ("AWS_ROLE_ARN", AmazonS3ConfigKey::RoleArn),
     ("AWS_ROLE_SESSION_NAME", AmazonS3ConfigKey::RoleSessionName),
     (
@@ -152,16 +149,10 @@ pub enum StoreError {
     InvalidUrl { url: String, reason: String },
     /// A configuration variable is missing or malformed.
     #[error("replica configuration: {variable}: {reason}")]
-    Config {
-        variable: &'static str,
-        reason: String,
-    },
+    Config { variable: &'static str, reason: String },
     /// The directory of a `file://` replica cannot be created or resolved.
     #[error("replica directory {dir}: {source}")]
-    LocalDir {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    LocalDir { dir: PathBuf, source: std::io::Error },
     /// A level outside 0..=9.
     #[error("ltx level {level} is out of range 0..=9")]
     InvalidLevel { level: u8 },
@@ -187,10 +178,7 @@ pub enum StoreError {
     /// The file backend wrote the file but could not set its mtime to the
     /// header timestamp.
     #[error("set modification time of {path}: {source}")]
-    Timestamp {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Timestamp { path: PathBuf, source: std::io::Error },
 }
 
 /// The request kinds counted in metrics, one label value each.
@@ -239,9 +227,7 @@ struct Inner {
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Store")
-            .field(&self.inner.description)
-            .finish()
+        f.debug_tuple("Store").field(&self.inner.description).finish()
     }
 }
 
@@ -275,19 +261,22 @@ impl Store {
     /// pair, a missing Azure account or a malformed `AWS_ENDPOINT_URL`;
     /// `LocalDir` when a `file://` directory cannot be created; `Backend`
     /// when object_store rejects the configuration.
-    pub fn from_url(
-        url: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Option<Store>, StoreError> {
+    pub fn from_url(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Store>, StoreError> {
         let url = url.trim();
         if url == "none" {
             return Ok(None);
         }
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            invalid_url(url, "expected scheme://location, e.g. s3://bucket/keycast or file:///var/lib/keycast/replica")
+            invalid_url(
+                url,
+                "expected scheme://location, e.g. s3://bucket/keycast or file:///var/lib/keycast/replica",
+            )
         })?;
         if rest.contains(['?', '#']) {
-            return Err(invalid_url(url, "query strings are not supported; configure the backend through environment variables"));
+            return Err(invalid_url(
+                url,
+                "query strings are not supported; configure the backend through environment variables",
+            ));
         }
         let env = |name: &str| env(name).filter(|value| !value.is_empty());
         let store = match scheme {
@@ -332,9 +321,7 @@ impl Store {
             description,
             requests: AtomicU64::new(0),
         };
-        Store {
-            inner: Arc::new(inner),
-        }
+        Store { inner: Arc::new(inner) }
     }
 
     /// The backend kind.
@@ -373,12 +360,7 @@ impl Store {
     pub fn level_dir(&self, level: u8) -> Path {
         match self.inner.backend {
             Backend::S3 => self.inner.prefix.clone().join(format!("{level:04x}")),
-            _ => self
-                .inner
-                .prefix
-                .clone()
-                .join("ltx")
-                .join(level.to_string()),
+            _ => self.inner.prefix.clone().join("ltx").join(level.to_string()),
         }
     }
 
@@ -489,10 +471,7 @@ impl Store {
         }
         let created_at = datetime_from_ms(timestamp_ms)?;
         let attributes = match self.inner.backend.timestamp_metadata_key() {
-            Some(name) => Attributes::from_iter([(
-                Attribute::Metadata(name.into()),
-                format_rfc3339(created_at),
-            )]),
+            Some(name) => Attributes::from_iter([(Attribute::Metadata(name.into()), format_rfc3339(created_at))]),
             // The file backend rejects attributes; its CreatedAt is the mtime.
             None => Attributes::new(),
         };
@@ -516,10 +495,7 @@ impl Store {
         };
         self.begin(Operation::Delete);
         let keys: Vec<_> = objs.iter().map(|obj| Ok(obj.key.clone())).collect();
-        let mut results = self
-            .inner
-            .objects
-            .delete_stream(futures::stream::iter(keys).boxed());
+        let mut results = self.inner.objects.delete_stream(futures::stream::iter(keys).boxed());
         while let Some(result) = results.next().await {
             match result {
                 Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
@@ -569,10 +545,7 @@ impl Store {
     /// # Errors
     /// `InvalidName` for a name outside `keycast/` or with empty, `.` or `..`
     /// segments; `Backend` if the read fails. A missing object is `Ok(None)`.
-    pub async fn get_object(
-        &self,
-        name: &str,
-    ) -> Result<Option<(Bytes, UpdateVersion)>, StoreError> {
+    pub async fn get_object(&self, name: &str) -> Result<Option<(Bytes, UpdateVersion)>, StoreError> {
         let key = self.object_key(name)?;
         let found = self.read(&key).await?;
         Ok(found.map(|(bytes, meta)| {
@@ -592,11 +565,7 @@ impl Store {
     /// # Errors
     /// `InvalidName` as for [`Store::get_object`]; `Backend` if the upload
     /// fails. `AlreadyExists` is not an error.
-    pub async fn put_object_create(
-        &self,
-        name: &str,
-        data: Bytes,
-    ) -> Result<PutOutcome, StoreError> {
+    pub async fn put_object_create(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         let key = self.object_key(name)?;
         self.put_create(&key, data, Attributes::new()).await
     }
@@ -625,12 +594,7 @@ impl Store {
 
     /// Create-only upload; the backend's precondition failure means another
     /// writer created the key first.
-    async fn put_create(
-        &self,
-        key: &Path,
-        data: Bytes,
-        attributes: Attributes,
-    ) -> Result<PutOutcome, StoreError> {
+    async fn put_create(&self, key: &Path, data: Bytes, attributes: Attributes) -> Result<PutOutcome, StoreError> {
         let len = data.len() as u64;
         let options = PutOptions {
             mode: PutMode::Create,
@@ -638,21 +602,14 @@ impl Store {
             ..PutOptions::default()
         };
         self.begin(Operation::Put);
-        match self
-            .inner
-            .objects
-            .put_opts(key, PutPayload::from(data), options)
-            .await
-        {
+        match self.inner.objects.put_opts(key, PutPayload::from(data), options).await {
             Ok(_) => {
-                metrics::counter!("keycast_replica_bytes_total", "operation" => "put")
-                    .increment(len);
+                metrics::counter!("keycast_replica_bytes_total", "operation" => "put").increment(len);
                 Ok(PutOutcome::Created)
             }
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Ok(PutOutcome::AlreadyExists),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
             Err(source) => Err(self.failed(Operation::Put, key, source)),
         }
     }
@@ -670,8 +627,7 @@ impl Store {
             .bytes()
             .await
             .map_err(|source| self.failed(Operation::Get, key, source))?;
-        metrics::counter!("keycast_replica_bytes_total", "operation" => "get")
-            .increment(bytes.len() as u64);
+        metrics::counter!("keycast_replica_bytes_total", "operation" => "get").increment(bytes.len() as u64);
         Ok(Some((bytes, meta)))
     }
 
@@ -681,28 +637,23 @@ impl Store {
         let Some(root) = &self.inner.root else {
             return Ok(());
         };
-        let path = key
-            .parts()
-            .fold(root.clone(), |path, part| path.join(part.as_ref()));
+        let path = key.parts().fold(root.clone(), |path, part| path.join(part.as_ref()));
         let set = move || {
             let file = std::fs::File::options().write(true).open(&path);
             file.and_then(|file| file.set_modified(time))
                 .map_err(|source| StoreError::Timestamp { path, source })
         };
-        tokio::task::spawn_blocking(set)
-            .await
-            .unwrap_or_else(|join| {
-                Err(StoreError::Timestamp {
-                    path: root.clone(),
-                    source: std::io::Error::other(join),
-                })
+        tokio::task::spawn_blocking(set).await.unwrap_or_else(|join| {
+            Err(StoreError::Timestamp {
+                path: root.clone(),
+                source: std::io::Error::other(join),
             })
+        })
     }
 
     fn begin(&self, operation: Operation) {
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("keycast_replica_requests_total", "operation" => operation.as_str())
-            .increment(1);
+        metrics::counter!("keycast_replica_requests_total", "operation" => operation.as_str()).increment(1);
     }
 
     fn count_error(&self, operation: Operation) {
@@ -749,8 +700,7 @@ fn check_level(level: u8) -> Result<(), StoreError> {
 }
 
 fn datetime_from_ms(timestamp_ms: i64) -> Result<DateTime<Utc>, StoreError> {
-    DateTime::from_timestamp_millis(timestamp_ms)
-        .ok_or(StoreError::InvalidTimestamp { timestamp_ms })
+    DateTime::from_timestamp_millis(timestamp_ms).ok_or(StoreError::InvalidTimestamp { timestamp_ms })
 }
 
 /// Formats like Go's `time.RFC3339Nano` in UTC at millisecond precision, as
@@ -822,20 +772,12 @@ fn bucket_and_prefix(url: &str, rest: &str) -> Result<(String, Path), StoreError
             segment => segments.push(segment),
         }
     }
-    let prefix = Path::parse(segments.join("/")).map_err(|err| {
-        invalid_url(
-            url,
-            format!("the key prefix is not a valid object path: {err}"),
-        )
-    })?;
+    let prefix = Path::parse(segments.join("/"))
+        .map_err(|err| invalid_url(url, format!("the key prefix is not a valid object path: {err}")))?;
     Ok((bucket.to_string(), prefix))
 }
 
-fn open_s3(
-    url: &str,
-    rest: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Store, StoreError> {
+fn open_s3(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Store, StoreError> {
     let (bucket, prefix) = bucket_and_prefix(url, rest)?;
     if prefix.as_ref().is_empty() {
         return Err(invalid_url(
@@ -868,16 +810,8 @@ fn open_s3(
         None => builder = builder.with_virtual_hosted_style_request(!bucket.contains('.')),
     }
     description.push_str(&format!("region {region})"));
-    let objects = builder
-        .build()
-        .map_err(|source| backend_config_error(url, source))?;
-    Ok(Store::new(
-        Arc::new(objects),
-        Backend::S3,
-        prefix,
-        None,
-        description,
-    ))
+    let objects = builder.build().map_err(|source| backend_config_error(url, source))?;
+    Ok(Store::new(Arc::new(objects), Backend::S3, prefix, None, description))
 }
 
 fn with_aws_credentials(
@@ -889,11 +823,7 @@ fn with_aws_credentials(
         reason: "must be set together with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY".into(),
     };
     match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
-        (Some(id), Some(secret)) => {
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret)
-        }
+        (Some(id), Some(secret)) => builder = builder.with_access_key_id(id).with_secret_access_key(secret),
         (Some(_), None) => return Err(must_pair("AWS_SECRET_ACCESS_KEY")),
         (None, Some(_)) => return Err(must_pair("AWS_ACCESS_KEY_ID")),
         (None, None) => {
@@ -925,11 +855,7 @@ fn parse_endpoint(value: &str) -> Result<url::Url, StoreError> {
     Ok(endpoint)
 }
 
-fn open_gcs(
-    url: &str,
-    rest: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Store, StoreError> {
+fn open_gcs(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Store, StoreError> {
     let (bucket, prefix) = bucket_and_prefix(url, rest)?;
     let mut builder = GoogleCloudStorageBuilder::new().with_bucket_name(&bucket);
     if let Some(path) = env("GOOGLE_SERVICE_ACCOUNT") {
@@ -938,32 +864,19 @@ fn open_gcs(
     if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS") {
         builder = builder.with_application_credentials(path);
     }
-    let objects = builder
-        .build()
-        .map_err(|source| backend_config_error(url, source))?;
+    let objects = builder.build().map_err(|source| backend_config_error(url, source))?;
     let description = format!("gs://{bucket}/{prefix}");
-    Ok(Store::new(
-        Arc::new(objects),
-        Backend::Gcs,
-        prefix,
-        None,
-        description,
-    ))
+    Ok(Store::new(Arc::new(objects), Backend::Gcs, prefix, None, description))
 }
 
-fn open_azure(
-    url: &str,
-    rest: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Store, StoreError> {
+fn open_azure(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Store, StoreError> {
     // Litestream's form is abs://account@container/path.
     let (account, rest) = match rest.split_once('@') {
         Some((account, rest)) if !account.contains('/') => (Some(account.to_string()), rest),
         _ => (None, rest),
     };
     let (container, prefix) = bucket_and_prefix(url, rest)?;
-    let emulator =
-        env("AZURE_STORAGE_USE_EMULATOR").is_some_and(|v| matches!(v.as_str(), "1" | "true"));
+    let emulator = env("AZURE_STORAGE_USE_EMULATOR").is_some_and(|v| matches!(v.as_str(), "1" | "true"));
     let account = account.or_else(|| env("AZURE_STORAGE_ACCOUNT_NAME"));
     let mut builder = MicrosoftAzureBuilder::new()
         .with_container_name(&container)
@@ -981,18 +894,10 @@ fn open_azure(
     if let Some(key) = env("AZURE_STORAGE_ACCOUNT_KEY") {
         builder = builder.with_access_key(key);
     }
-    let objects = builder
-        .build()
-        .map_err(|source| backend_config_error(url, source))?;
+    let objects = builder.build().map_err(|source| backend_config_error(url, source))?;
     let account = account.as_deref().unwrap_or("emulator");
     let description = format!("az://{container}/{prefix} (account {account})");
-    Ok(Store::new(
-        Arc::new(objects),
-        Backend::Azure,
-        prefix,
-        None,
-        description,
-    ))
+    Ok(Store::new(Arc::new(objects), Backend::Azure, prefix, None, description))
 }
 
 fn backend_config_error(url: &str, source: object_store::Error) -> StoreError {
@@ -1036,10 +941,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn open(url: &str, vars: &[(&str, &str)]) -> Result<Option<Store>, StoreError> {
-        let vars: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Store::from_url(url, &move |name| vars.get(name).cloned())
     }
 
@@ -1076,10 +978,7 @@ mod tests {
     fn s3_bucket_root_is_refused() {
         for url in ["s3://bucket", "s3://bucket/", "s3://bucket/./"] {
             let err = open(url, &MOTO).unwrap_err();
-            assert!(
-                err.to_string().contains("s3://bucket/prefix"),
-                "{url}: {err}"
-            );
+            assert!(err.to_string().contains("s3://bucket/prefix"), "{url}: {err}");
         }
     }
 
@@ -1113,27 +1012,18 @@ mod tests {
     fn s3_endpoint_allows_http_and_is_described_without_secrets() {
         let store = open("s3://bkt/app", &MOTO).unwrap().unwrap();
         let text = store.describe();
-        assert_eq!(
-            text,
-            "s3://bkt/app (endpoint http://127.0.0.1:9000, region us-east-1)"
-        );
+        assert_eq!(text, "s3://bkt/app (endpoint http://127.0.0.1:9000, region us-east-1)");
         let debug = format!("{store:?}");
         for shown in [&text, &debug] {
-            assert!(
-                !shown.contains("s3cr3t") && !shown.contains("AKIDEXAMPLE"),
-                "{shown}"
-            );
+            assert!(!shown.contains("s3cr3t") && !shown.contains("AKIDEXAMPLE"), "{shown}");
         }
     }
 
     #[test]
     fn endpoint_userinfo_is_not_described() {
-        let store = open(
-            "s3://bkt/app",
-            &[("AWS_ENDPOINT_URL", "http://user:pw@minio:9000/")],
-        )
-        .unwrap()
-        .unwrap();
+        let store = open("s3://bkt/app", &[("AWS_ENDPOINT_URL", "http://user:pw@minio:9000/")])
+            .unwrap()
+            .unwrap();
         assert!(!store.describe().contains("pw"), "{}", store.describe());
     }
 
@@ -1192,12 +1082,9 @@ mod tests {
             gcs.ltx_key(9, 1, 5).as_ref(),
             "app/ltx/9/0000000000000001-0000000000000005.ltx"
         );
-        let az = open(
-            "az://container/app",
-            &[("AZURE_STORAGE_ACCOUNT_NAME", "acct")],
-        )
-        .unwrap()
-        .unwrap();
+        let az = open("az://container/app", &[("AZURE_STORAGE_ACCOUNT_NAME", "acct")])
+            .unwrap()
+            .unwrap();
         assert_eq!(az.level_dir(1).as_ref(), "app/ltx/1");
         let abs = open("abs://acct@container/app", &[]).unwrap().unwrap();
         assert_eq!(abs.describe(), "az://container/app (account acct)");
@@ -1222,9 +1109,7 @@ mod tests {
     fn file_url_creates_the_directory() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/b");
-        let store = open(&format!("file://{}", dir.display()), &[])
-            .unwrap()
-            .unwrap();
+        let store = open(&format!("file://{}", dir.display()), &[]).unwrap().unwrap();
         assert!(dir.is_dir());
         assert_eq!(store.backend(), Backend::File);
         assert_eq!(
@@ -1245,10 +1130,7 @@ mod tests {
     fn object_names_cannot_escape_the_keycast_directory() {
         let store = Store::in_memory();
         assert_eq!(
-            store
-                .object_key("keycast/lease/current.json")
-                .unwrap()
-                .as_ref(),
+            store.object_key("keycast/lease/current.json").unwrap().as_ref(),
             "keycast/lease/current.json"
         );
         for name in [

@@ -25,9 +25,6 @@ pub fn sqlite(dir: &Path, script: &str) -> String {
         .expect("write script to sqlite3");
     let out = child.wait_with_output().expect("wait for sqlite3");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stderr.is_empty(),
-        "sqlite3 failed: {stderr}"
-    );
+    assert!(out.status.success() && stderr.is_empty(), "sqlite3 failed: {stderr}");
     String::from_utf8(out.stdout).expect("sqlite3 output is utf-8")
 }

@@ -46,10 +46,7 @@ pub enum WalError {
     BadPageSize(u32),
     /// The header's own checksum does not match (torn or foreign header).
     #[error("wal header checksum mismatch: stored {stored:08x?}, computed {computed:08x?}")]
-    HeaderChecksum {
-        stored: (u32, u32),
-        computed: (u32, u32),
-    },
+    HeaderChecksum { stored: (u32, u32), computed: (u32, u32) },
     /// A resume position that is not on a frame boundary of this WAL.
     #[error("wal position {offset} is not a frame boundary")]
     InvalidPosition { offset: u64 },

@@ -98,10 +98,7 @@ struct S3Bucket {
 impl S3Bucket {
     fn create(endpoint: &str) -> S3Bucket {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let name = format!(
             "kc-{}-{}-{nanos}",
             std::process::id(),
@@ -129,8 +126,7 @@ impl S3Bucket {
         let response = self.curl(&["--head"], &format!("/{key}"));
         response.lines().find_map(|line| {
             let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case(header)
-                .then(|| value.trim().to_string())
+            name.eq_ignore_ascii_case(header).then(|| value.trim().to_string())
         })
     }
 
@@ -139,13 +135,7 @@ impl S3Bucket {
     fn curl(&self, args: &[&str], path: &str) -> String {
         let url = format!("{}/{}{path}", self.endpoint, self.name);
         let output = std::process::Command::new("curl")
-            .args([
-                "-fsS",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-                "--user",
-                "test:test",
-            ])
+            .args(["-fsS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "test:test"])
             .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
             .args(args)
             .arg(&url)
@@ -210,26 +200,13 @@ mod cases {
 
     async fn put(store: &Store, level: u8, min: u64, max: u64) {
         let outcome = store
-            .put_ltx(
-                level,
-                min,
-                max,
-                content(level, min, max),
-                super::TIMESTAMP_MS,
-            )
+            .put_ltx(level, min, max, content(level, min, max), super::TIMESTAMP_MS)
             .await;
-        assert_eq!(
-            outcome.expect("put_ltx"),
-            PutOutcome::Created,
-            "L{level} {min}-{max}"
-        );
+        assert_eq!(outcome.expect("put_ltx"), PutOutcome::Created, "L{level} {min}-{max}");
     }
 
     fn txids(files: &[LtxObject]) -> Vec<(u8, u64, u64)> {
-        files
-            .iter()
-            .map(|f| (f.level, f.min_txid, f.max_txid))
-            .collect()
+        files.iter().map(|f| (f.level, f.min_txid, f.max_txid)).collect()
     }
 
     pub async fn empty_store_lists_nothing(store: &Store) {
@@ -241,40 +218,20 @@ mod cases {
 
     pub async fn put_files_are_listed_sorted_with_level_txids_and_size(store: &Store) {
         // Written out of order, so sorting is the store's doing.
-        for (level, min, max) in [
-            (0, 3, 3),
-            (9, 1, 2),
-            (0, 1, 1),
-            (1, 1, 3),
-            (0, 2, 2),
-            (0, 16, 16),
-        ] {
+        for (level, min, max) in [(0, 3, 3), (9, 1, 2), (0, 1, 1), (1, 1, 3), (0, 2, 2), (0, 16, 16)] {
             put(store, level, min, max).await;
         }
         let level0 = store.list_level(0).await.unwrap();
-        assert_eq!(
-            txids(&level0),
-            [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 16, 16)]
-        );
+        assert_eq!(txids(&level0), [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 16, 16)]);
         let all = store.list_all().await.unwrap();
         assert_eq!(
             txids(&all),
-            [
-                (0, 1, 1),
-                (0, 2, 2),
-                (0, 3, 3),
-                (0, 16, 16),
-                (1, 1, 3),
-                (9, 1, 2)
-            ]
+            [(0, 1, 1), (0, 2, 2), (0, 3, 3), (0, 16, 16), (1, 1, 3), (9, 1, 2)]
         );
         for file in &all {
             let expected = content(file.level, file.min_txid, file.max_txid);
             assert_eq!(file.size, expected.len() as u64, "{}", file.key);
-            assert_eq!(
-                file.key,
-                store.ltx_key(file.level, file.min_txid, file.max_txid)
-            );
+            assert_eq!(file.key, store.ltx_key(file.level, file.min_txid, file.max_txid));
         }
         assert!(!store.is_empty().await.unwrap());
     }
@@ -306,10 +263,7 @@ mod cases {
         store.delete(std::slice::from_ref(&file)).await.unwrap();
         let err = store.get(&file).await.unwrap_err();
         let key = file.key.to_string();
-        assert!(
-            matches!(&err, StoreError::NotFound { key: k } if *k == key),
-            "{err:?}"
-        );
+        assert!(matches!(&err, StoreError::NotFound { key: k } if *k == key), "{err:?}");
         assert!(err.to_string().contains(&key), "{err}");
     }
 
@@ -340,21 +294,11 @@ mod cases {
             level0.clone().join("README"),
             level0.clone().join("0000000000000001-0000000000000002.LTX"),
             level0.clone().join("000000000000000A-000000000000000B.ltx"),
-            level0
-                .clone()
-                .join("0000000000000001-0000000000000002.ltx.tmp"),
+            level0.clone().join("0000000000000001-0000000000000002.ltx.tmp"),
             level0.clone().join("1-2.ltx"),
-            level0
-                .clone()
-                .join("sub")
-                .join("0000000000000001-0000000000000002.ltx"),
-            store
-                .prefix()
-                .clone()
-                .join("0000000000000001-0000000000000002.ltx"),
-            other_layout
-                .clone()
-                .join("0000000000000001-0000000000000002.ltx"),
+            level0.clone().join("sub").join("0000000000000001-0000000000000002.ltx"),
+            store.prefix().clone().join("0000000000000001-0000000000000002.ltx"),
+            other_layout.clone().join("0000000000000001-0000000000000002.ltx"),
             store
                 .prefix()
                 .clone()
@@ -364,9 +308,7 @@ mod cases {
         ];
         let raw = store.object_store();
         for key in &junk {
-            raw.put(key, PutPayload::from_static(b"not ltx"))
-                .await
-                .unwrap();
+            raw.put(key, PutPayload::from_static(b"not ltx")).await.unwrap();
         }
         assert!(store.is_empty().await.unwrap(), "junk counted as LTX");
         assert!(store.list_all().await.unwrap().is_empty());
@@ -397,20 +339,13 @@ mod cases {
             store.put_object_create(name, second).await.unwrap(),
             PutOutcome::AlreadyExists
         );
-        let (bytes, version) = store
-            .get_object(name)
-            .await
-            .unwrap()
-            .expect("object exists");
+        let (bytes, version) = store.get_object(name).await.unwrap().expect("object exists");
         assert_eq!(bytes, first);
         assert!(
             version.e_tag.is_some() || version.version.is_some(),
             "no version to update against"
         );
-        assert!(
-            store.is_empty().await.unwrap(),
-            "keycast objects are not LTX files"
-        );
+        assert!(store.is_empty().await.unwrap(), "keycast objects are not LTX files");
         assert!(matches!(
             store.get_object("lineage.json").await,
             Err(StoreError::InvalidName { .. })
@@ -419,25 +354,12 @@ mod cases {
 
     pub async fn out_of_range_level_is_rejected(store: &Store) {
         let put = store.put_ltx(10, 1, 1, Bytes::from_static(b"x"), 0).await;
-        assert!(
-            matches!(put, Err(StoreError::InvalidLevel { level: 10 })),
-            "{put:?}"
-        );
+        assert!(matches!(put, Err(StoreError::InvalidLevel { level: 10 })), "{put:?}");
         let list = store.list_level(10).await;
-        assert!(
-            matches!(list, Err(StoreError::InvalidLevel { level: 10 })),
-            "{list:?}"
-        );
+        assert!(matches!(list, Err(StoreError::InvalidLevel { level: 10 })), "{list:?}");
         let range = store.put_ltx(0, 2, 1, Bytes::from_static(b"x"), 0).await;
-        assert!(
-            matches!(range, Err(StoreError::InvalidTxidRange { .. })),
-            "{range:?}"
-        );
-        assert_eq!(
-            store.request_count(),
-            0,
-            "invalid arguments must not reach the backend"
-        );
+        assert!(matches!(range, Err(StoreError::InvalidTxidRange { .. })), "{range:?}");
+        assert_eq!(store.request_count(), 0, "invalid arguments must not reach the backend");
     }
 
     pub async fn request_count_counts_operations_and_stays_flat_while_idle(store: &Store) {
@@ -462,17 +384,11 @@ async fn file_backend_uses_litestream_paths_and_sets_mtime_to_the_header_timesta
     let (store, dir) = (&fixture.store, fixture._dir.as_ref().unwrap().path());
     assert_eq!(store.backend(), Backend::File);
     assert_eq!(
-        store
-            .put_ltx(0, 1, 1, "l0".into(), TIMESTAMP_MS)
-            .await
-            .unwrap(),
+        store.put_ltx(0, 1, 1, "l0".into(), TIMESTAMP_MS).await.unwrap(),
         PutOutcome::Created
     );
     assert_eq!(
-        store
-            .put_ltx(9, 1, 5, "snapshot".into(), TIMESTAMP_MS)
-            .await
-            .unwrap(),
+        store.put_ltx(9, 1, 5, "snapshot".into(), TIMESTAMP_MS).await.unwrap(),
         PutOutcome::Created
     );
 
@@ -485,10 +401,7 @@ async fn file_backend_uses_litestream_paths_and_sets_mtime_to_the_header_timesta
         BTreeSet::from([l0.clone(), l9]),
         "exactly the LTX files, nothing else"
     );
-    assert_eq!(
-        std::fs::metadata(&l0).unwrap().modified().unwrap(),
-        timestamp()
-    );
+    assert_eq!(std::fs::metadata(&l0).unwrap().modified().unwrap(), timestamp());
     for file in store.list_all().await.unwrap() {
         assert_eq!(file.created_at, timestamp(), "listing reports the mtime");
     }
@@ -513,17 +426,11 @@ async fn s3_backend_uses_litestream_keys_and_timestamp_metadata() {
     let (store, bucket) = (&fixture.store, fixture.s3.as_ref().unwrap());
     assert_eq!(store.backend(), Backend::S3);
     assert_eq!(
-        store
-            .put_ltx(0, 1, 1, "l0".into(), TIMESTAMP_MS)
-            .await
-            .unwrap(),
+        store.put_ltx(0, 1, 1, "l0".into(), TIMESTAMP_MS).await.unwrap(),
         PutOutcome::Created
     );
     assert_eq!(
-        store
-            .put_ltx(9, 1, 5, "snapshot".into(), TIMESTAMP_MS)
-            .await
-            .unwrap(),
+        store.put_ltx(9, 1, 5, "snapshot".into(), TIMESTAMP_MS).await.unwrap(),
         PutOutcome::Created
     );
 
@@ -559,14 +466,8 @@ async fn s3_create_only_put_is_enforced_by_the_server_across_clients() {
         .put_ltx(0, 7, 7, "mine".into(), TIMESTAMP_MS)
         .await
         .unwrap();
-    let theirs = rival
-        .put_ltx(0, 7, 7, "theirs".into(), TIMESTAMP_MS)
-        .await
-        .unwrap();
-    assert_eq!(
-        (mine, theirs),
-        (PutOutcome::Created, PutOutcome::AlreadyExists)
-    );
+    let theirs = rival.put_ltx(0, 7, 7, "theirs".into(), TIMESTAMP_MS).await.unwrap();
+    assert_eq!((mine, theirs), (PutOutcome::Created, PutOutcome::AlreadyExists));
     let file = rival.list_level(0).await.unwrap().remove(0);
     assert_eq!(rival.get(&file).await.unwrap(), "mine");
 }

@@ -32,10 +32,7 @@ impl<'a> Cursor<'a> {
     /// Consumes `n` bytes; `what` names the field for the error.
     pub(super) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], LtxError> {
         let end = self.pos.checked_add(n).ok_or(LtxError::Truncated(what))?;
-        let slice = self
-            .bytes
-            .get(self.pos..end)
-            .ok_or(LtxError::Truncated(what))?;
+        let slice = self.bytes.get(self.pos..end).ok_or(LtxError::Truncated(what))?;
         self.pos = end;
         Ok(slice)
     }
@@ -95,17 +92,7 @@ mod tests {
 
     #[test]
     fn uvarint_round_trips_edge_values() {
-        for value in [
-            0,
-            1,
-            127,
-            128,
-            260,
-            16_383,
-            16_384,
-            u64::from(u32::MAX),
-            u64::MAX,
-        ] {
+        for value in [0, 1, 127, 128, 260, 16_383, 16_384, u64::from(u32::MAX), u64::MAX] {
             let mut buf = Vec::new();
             put_uvarint(&mut buf, value);
             let mut cur = Cursor::new(&buf);
@@ -131,10 +118,7 @@ mod tests {
             Cursor::new(&overflow).uvarint("x"),
             Err(LtxError::InvalidIndex(_))
         ));
-        assert_eq!(
-            Cursor::new(&[0x80]).uvarint("x"),
-            Err(LtxError::Truncated("x"))
-        );
+        assert_eq!(Cursor::new(&[0x80]).uvarint("x"), Err(LtxError::Truncated("x")));
     }
 
     #[test]

@@ -10,8 +10,8 @@ use crc::Digest;
 
 use super::cursor::Cursor;
 use super::{
-    check_page_order, check_post_apply, check_snapshot_complete, legacy, Header, IndexEntry,
-    LtxError, HEADER_SIZE, PAGE_FLAG_SIZE, TRAILER_SIZE,
+    check_page_order, check_post_apply, check_snapshot_complete, legacy, Header, IndexEntry, LtxError, HEADER_SIZE,
+    PAGE_FLAG_SIZE, TRAILER_SIZE,
 };
 use crate::checksum::{CHECKSUM_FLAG, CRC64};
 
@@ -144,11 +144,7 @@ fn inflate_block(block: &[u8], page_size: u32, pgno: u32) -> Result<Vec<u8>, Ltx
     Ok(page)
 }
 
-fn decode_legacy_frame(
-    cur: &mut Cursor<'_>,
-    page_size: u32,
-    pgno: u32,
-) -> Result<Vec<u8>, LtxError> {
+fn decode_legacy_frame(cur: &mut Cursor<'_>, page_size: u32, pgno: u32) -> Result<Vec<u8>, LtxError> {
     let len = legacy::frame_len(cur.rest()).ok_or_else(|| LtxError::Lz4 {
         pgno,
         reason: "malformed or truncated lz4 frame".to_owned(),
@@ -174,19 +170,14 @@ fn decode_index(cur: &mut Cursor<'_>) -> Result<Vec<IndexEntry>, LtxError> {
     }
     let entries_len = (cur.pos() - start) as u64;
     if cur.u64(WHAT)? != entries_len {
-        return Err(LtxError::InvalidIndex(
-            "length field does not match entries",
-        ));
+        return Err(LtxError::InvalidIndex("length field does not match entries"));
     }
     Ok(entries)
 }
 
 /// Reads the trailer, which must end the input, and verifies the file
 /// checksum. Returns `(post_apply_checksum, file_checksum)`.
-fn decode_trailer(
-    cur: &mut Cursor<'_>,
-    mut digest: Digest<'static, u64>,
-) -> Result<(u64, u64), LtxError> {
+fn decode_trailer(cur: &mut Cursor<'_>, mut digest: Digest<'static, u64>) -> Result<(u64, u64), LtxError> {
     let extra = cur.rest().len().saturating_sub(TRAILER_SIZE);
     if extra > 0 {
         return Err(LtxError::TrailingData(extra));
@@ -214,10 +205,7 @@ mod tests {
     use crate::ltx::{Encoder, PAGE_HEADER_SIZE};
 
     fn encode(header: Header, pgnos: &[u32]) -> (Vec<u8>, Vec<(u32, Vec<u8>)>) {
-        let pages: Vec<_> = pgnos
-            .iter()
-            .map(|&p| (p, page(p, header.page_size)))
-            .collect();
+        let pages: Vec<_> = pgnos.iter().map(|&p| (p, page(p, header.page_size))).collect();
         let mut enc = Encoder::new(header).unwrap();
         for (pgno, data) in &pages {
             enc.encode_page(*pgno, data).unwrap();

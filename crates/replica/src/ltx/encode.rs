@@ -4,8 +4,8 @@ use crc::Digest;
 
 use super::cursor::put_uvarint;
 use super::{
-    check_page_order, check_post_apply, check_snapshot_complete, Header, IndexEntry, LtxError,
-    PAGE_FLAG_SIZE, PAGE_HEADER_SIZE,
+    check_page_order, check_post_apply, check_snapshot_complete, Header, IndexEntry, LtxError, PAGE_FLAG_SIZE,
+    PAGE_HEADER_SIZE,
 };
 use crate::checksum::{CHECKSUM_FLAG, CRC64};
 
@@ -60,11 +60,7 @@ impl Encoder {
         let page_size = self.header.page_size;
         if page.len() != page_size as usize {
             let len = page.len();
-            return Err(LtxError::PageLength {
-                pgno,
-                len,
-                page_size,
-            });
+            return Err(LtxError::PageLength { pgno, len, page_size });
         }
         check_page_order(&self.header, self.prev_pgno, pgno)?;
 
@@ -213,10 +209,7 @@ mod tests {
         let mut enc = Encoder::new(l0_header(65536, lock + 1, 2)).unwrap();
         let data = vec![0u8; 65536];
         assert_eq!(enc.encode_page(0, &data), Err(LtxError::ZeroPgno));
-        assert_eq!(
-            enc.encode_page(lock, &data),
-            Err(LtxError::LockPage { pgno: lock })
-        );
+        assert_eq!(enc.encode_page(lock, &data), Err(LtxError::LockPage { pgno: lock }));
         assert_eq!(
             enc.encode_page(lock + 2, &data),
             Err(LtxError::PageOutOfBounds {
@@ -245,16 +238,10 @@ mod tests {
     #[test]
     fn snapshot_must_be_sequential_and_complete() {
         let mut enc = Encoder::new(snapshot_header(512, 3, 4)).unwrap();
-        let err = LtxError::SnapshotGap {
-            pgno: 2,
-            expected: 1,
-        };
+        let err = LtxError::SnapshotGap { pgno: 2, expected: 1 };
         assert_eq!(enc.encode_page(2, &page(2, 512)), Err(err));
         enc.encode_page(1, &page(1, 512)).unwrap();
-        let err = LtxError::SnapshotGap {
-            pgno: 3,
-            expected: 2,
-        };
+        let err = LtxError::SnapshotGap { pgno: 3, expected: 2 };
         assert_eq!(enc.encode_page(3, &page(3, 512)), Err(err));
         enc.encode_page(2, &page(2, 512)).unwrap();
         let err = LtxError::SnapshotIncomplete { last: 2, commit: 3 };

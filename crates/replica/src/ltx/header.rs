@@ -99,9 +99,7 @@ impl Header {
     fn validate_pre_apply(&self) -> Result<(), LtxError> {
         let sum = self.pre_apply_checksum;
         if self.is_snapshot() && sum != 0 {
-            return Err(LtxError::InvalidPreApplyChecksum(
-                "must be zero on snapshots",
-            ));
+            return Err(LtxError::InvalidPreApplyChecksum("must be zero on snapshots"));
         }
         if self.no_checksum() && sum != 0 {
             return Err(LtxError::InvalidPreApplyChecksum(
@@ -109,9 +107,7 @@ impl Header {
             ));
         }
         if !self.is_snapshot() && !self.no_checksum() && sum & CHECKSUM_FLAG == 0 {
-            return Err(LtxError::InvalidPreApplyChecksum(
-                "required, with bit 63 set",
-            ));
+            return Err(LtxError::InvalidPreApplyChecksum("required, with bit 63 set"));
         }
         Ok(())
     }
@@ -246,10 +242,7 @@ mod tests {
     #[test]
     fn page_size_must_be_power_of_two_in_range() {
         for bad in [0, 256, 1000, 131_072] {
-            assert_eq!(
-                rejects(|h| h.page_size = bad),
-                LtxError::InvalidPageSize(bad)
-            );
+            assert_eq!(rejects(|h| h.page_size = bad), LtxError::InvalidPageSize(bad));
         }
         for good in [512, 1024, 65536] {
             let header = Header {
@@ -262,18 +255,9 @@ mod tests {
 
     #[test]
     fn txids_and_commit_are_checked() {
-        assert!(matches!(
-            rejects(|h| h.min_txid = 0),
-            LtxError::InvalidTxid { .. }
-        ));
-        assert!(matches!(
-            rejects(|h| h.max_txid = 0),
-            LtxError::InvalidTxid { .. }
-        ));
-        assert!(matches!(
-            rejects(|h| h.min_txid = 3),
-            LtxError::InvalidTxid { .. }
-        ));
+        assert!(matches!(rejects(|h| h.min_txid = 0), LtxError::InvalidTxid { .. }));
+        assert!(matches!(rejects(|h| h.max_txid = 0), LtxError::InvalidTxid { .. }));
+        assert!(matches!(rejects(|h| h.min_txid = 3), LtxError::InvalidTxid { .. }));
         assert_eq!(rejects(|h| h.commit = 0), LtxError::ZeroCommit);
     }
 

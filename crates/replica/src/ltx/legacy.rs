@@ -104,9 +104,7 @@ mod tests {
         vec![
             FrameInfo::new(),
             FrameInfo::new().content_checksum(true),
-            FrameInfo::new()
-                .block_checksums(true)
-                .content_checksum(true),
+            FrameInfo::new().block_checksums(true).content_checksum(true),
             FrameInfo::new().content_size(Some(4096)),
         ]
     }

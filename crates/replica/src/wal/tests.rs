@@ -15,8 +15,7 @@ use super::*;
 use crate::test_support::sqlite;
 
 const PAGE_SIZE: u32 = 4096;
-const SETUP: &str =
-    "PRAGMA page_size=4096;\nPRAGMA journal_mode=WAL;\nPRAGMA wal_autocheckpoint=0;\n";
+const SETUP: &str = "PRAGMA page_size=4096;\nPRAGMA journal_mode=WAL;\nPRAGMA wal_autocheckpoint=0;\n";
 const PRINT_COMMIT: &str = "SELECT 'commit ' || page_count FROM pragma_page_count();\n";
 
 /// Three transactions: create (2 pages), a one-row insert, and a bulk
@@ -98,11 +97,7 @@ fn reads_every_committed_frame_with_commit_sizes() {
     let sizes: Vec<u32> = txns.iter().map(|t| t.commit.unwrap()).collect();
     assert_eq!(sizes, commit_sizes);
     let first: Vec<u32> = txns[0].frames.iter().map(|f| f.pgno).collect();
-    assert_eq!(
-        first,
-        [1, 2],
-        "CREATE TABLE writes the schema and root pages"
-    );
+    assert_eq!(first, [1, 2], "CREATE TABLE writes the schema and root pages");
     for txn in &txns {
         let (last, rest) = txn.frames.split_last().unwrap();
         assert_eq!(last.commit, txn.commit.unwrap());
@@ -130,10 +125,7 @@ fn applying_frames_reproduces_checkpointed_database() {
     }
     db.truncate(all.commit.unwrap() as usize * PAGE_SIZE as usize);
     let checkpointed = fs::read(dir.path().join("x.db")).unwrap();
-    assert!(
-        db == checkpointed,
-        "frames applied to the base give the database"
-    );
+    assert!(db == checkpointed, "frames applied to the base give the database");
 }
 
 #[test]
@@ -183,10 +175,7 @@ fn uncommitted_tail_is_not_returned() {
         let got = read_all(&wal[..wal.len() - cut], None);
         assert_eq!(got.commits, 2, "cut {cut}");
         assert_eq!(got.end, txns[1].end);
-        assert_eq!(
-            got.frames.len(),
-            txns[0].frames.len() + txns[1].frames.len()
-        );
+        assert_eq!(got.frames.len(), txns[0].frames.len() + txns[1].frames.len());
     }
 }
 
@@ -230,10 +219,7 @@ fn wal_restart_changes_salts_and_hides_old_frames() {
     let saved = read_committed_limit(&mut Cursor::new(&before), &old, WalPosition::start(&old), 1)
         .unwrap()
         .end;
-    assert!(
-        saved.offset >= got.end.offset,
-        "saved position is past the new frames"
-    );
+    assert!(saved.offset >= got.end.offset, "saved position is past the new frames");
     let stale = read_committed(&mut Cursor::new(&after), &new, saved).unwrap();
     assert!(stale.frames.is_empty());
     assert_eq!(stale.end, saved);
@@ -271,20 +257,14 @@ fn big_endian_checksum_wal_is_read() {
     assert!(header_of(&wal).big_endian_checksums());
     let got = read_all(&wal, None);
     assert_eq!(got.commit, Some(2));
-    assert_eq!(
-        got.frames.iter().map(|f| f.pgno).collect::<Vec<_>>(),
-        [1, 2]
-    );
+    assert_eq!(got.frames.iter().map(|f| f.pgno).collect::<Vec<_>>(), [1, 2]);
 }
 
 #[test]
 fn checksum_byte_order_must_match_magic() {
     let mut wal = synthetic_wal(MAGIC_BE, &[(1, 1)]);
     wal[..4].copy_from_slice(&MAGIC_LE.to_be_bytes());
-    assert!(matches!(
-        WalHeader::parse(&wal),
-        Err(WalError::HeaderChecksum { .. })
-    ));
+    assert!(matches!(WalHeader::parse(&wal), Err(WalError::HeaderChecksum { .. })));
 }
 
 #[test]
@@ -301,14 +281,8 @@ fn header_errors_are_specific() {
         wal[offset..offset + 4].copy_from_slice(&word.to_be_bytes());
         WalHeader::parse(&wal).unwrap_err()
     };
-    assert!(matches!(
-        with(0, 0x377f_0684),
-        WalError::BadMagic(0x377f_0684)
-    ));
-    assert!(matches!(
-        with(4, 3_007_001),
-        WalError::BadVersion(3_007_001)
-    ));
+    assert!(matches!(with(0, 0x377f_0684), WalError::BadMagic(0x377f_0684)));
+    assert!(matches!(with(4, 3_007_001), WalError::BadVersion(3_007_001)));
     assert!(matches!(with(8, 1000), WalError::BadPageSize(1000)));
     assert!(matches!(with(8, 256), WalError::BadPageSize(256)));
     assert!(matches!(with(16, 8), WalError::HeaderChecksum { .. }));

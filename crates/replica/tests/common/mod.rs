@@ -78,3 +78,13 @@ pub fn peer(var: &str) -> Option<String> {
         }
     }
 }
+
+/// A `wal_checkpoint(TRUNCATE)` from another connection, as an operator's `sqlite3` would
+/// run it: short busy timeout, result ignored (it may legitimately give up busy).
+pub async fn foreign_checkpoint(path: &Path) {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(Duration::from_millis(200));
+    let mut conn = options.connect().await.unwrap();
+    let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut conn).await;
+}
