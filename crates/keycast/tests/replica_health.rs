@@ -1,0 +1,102 @@
+//! Replication failures are visible: readiness turns 503 with the reason once uploads have
+//! failed longer than the threshold, durable writes are refused (never falsely acknowledged),
+//! and everything catches up once the store works again.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::Launch;
+
+fn post(url: &str) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    match agent.post(url).send_empty() {
+        Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+        Err(e) => panic!("POST {url}: {e}"),
+    }
+}
+
+#[test]
+fn failing_uploads_turn_readiness_503_and_refuse_durable_writes_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display()))
+        .env("KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS", "1")
+        .start();
+    assert_eq!(
+        post(&format!("{}/api/test/write?key=before&durable=true", server.base)).0,
+        200
+    );
+
+    // Break the store: level 0 becomes a plain file, so no LTX file can be created under it.
+    let level0 = replica.join("ltx/0");
+    std::fs::rename(&level0, dir.path().join("level0-aside")).unwrap();
+    std::fs::write(&level0, b"not a directory").unwrap();
+
+    let (status, body) = post(&format!("{}/api/test/write?key=during&durable=true", server.base));
+    assert_eq!(status, 503, "a durable write is refused while the store fails: {body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        error["message"].as_str().unwrap().contains("not confirmed durable"),
+        "{body}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let (status, body) = server.get_json("/healthz/ready");
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never reported the failing replica"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        reason["message"]
+            .as_str()
+            .unwrap()
+            .contains("replication has been failing"),
+        "{reason}"
+    );
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keycast_replica_failing") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    // Repair: the pending commit ships, readiness recovers, durable writes work again.
+    std::fs::remove_file(&level0).unwrap();
+    std::fs::rename(dir.path().join("level0-aside"), &level0).unwrap();
+    server.wait_for_status("/healthz/ready", 200, Duration::from_secs(15));
+    assert_eq!(
+        post(&format!("{}/api/test/write?key=after&durable=true", server.base)).0,
+        200
+    );
+    server.stop();
+
+    let restored = dir.path().join("restored.db");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keycast"))
+        .args(["restore", "--replica", &format!("file://{}", replica.display()), "-o"])
+        .arg(&restored)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = std::process::Command::new("sqlite3")
+        .arg(&restored)
+        .arg("SELECT key FROM keycast_meta WHERE key LIKE 'test:%' ORDER BY key")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&rows.stdout),
+        "test:after\ntest:before\ntest:during\n"
+    );
+}
