@@ -286,3 +286,150 @@ pub async fn enforce_retention(
     store.delete(&doomed).await?;
     Ok(doomed.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u32 = 512;
+
+    /// An L0-style file for `txid` holding `pages` (pgno, fill byte), database size `commit`.
+    fn file(txid: u64, commit: u32, pages: &[(u32, u8)]) -> Bytes {
+        let header = Header {
+            flags: FLAG_NO_CHECKSUM,
+            page_size: PAGE,
+            commit,
+            min_txid: txid,
+            max_txid: txid,
+            timestamp_ms: 1_000 * txid as i64,
+            ..Header::default()
+        };
+        let mut encoder = Encoder::new(header).unwrap();
+        for (pgno, fill) in pages {
+            encoder.encode_page(*pgno, &vec![*fill; PAGE as usize]).unwrap();
+        }
+        Bytes::from(encoder.finish(0).unwrap())
+    }
+
+    async fn put(store: &Store, level: u8, txid: u64, bytes: Bytes) {
+        assert!(matches!(
+            store.put_ltx(level, txid, txid, bytes, 0).await.unwrap(),
+            PutOutcome::Created
+        ));
+    }
+
+    async fn pages_of(store: &Store, level: u8) -> Vec<(u64, u64, Vec<(u32, u8)>)> {
+        let mut out = Vec::new();
+        for f in store.list_level(level).await.unwrap() {
+            let decoded = ltx::decode(&store.get(&f).await.unwrap()).unwrap();
+            out.push((
+                f.min_txid,
+                f.max_txid,
+                decoded.pages.iter().map(|(p, d)| (*p, d[0])).collect(),
+            ));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn compaction_merges_contiguous_files_newest_page_wins_and_drops_pages_past_commit() {
+        let store = Store::in_memory();
+        put(&store, 0, 1, file(1, 3, &[(1, 1), (2, 1), (3, 1)])).await;
+        put(&store, 0, 2, file(2, 3, &[(2, 2)])).await;
+        put(&store, 0, 3, file(3, 2, &[(1, 3)])).await; // shrinks to 2 pages
+        assert_eq!(compact_level(&store, 1).await.unwrap(), Some((1, 3)));
+        assert_eq!(pages_of(&store, 1).await, vec![(1, 3, vec![(1, 3), (2, 2)])]);
+        assert_eq!(compact_level(&store, 1).await.unwrap(), None, "nothing new to merge");
+    }
+
+    #[tokio::test]
+    async fn compaction_stops_at_a_gap_and_continues_from_the_level_it_builds() {
+        let store = Store::in_memory();
+        put(&store, 0, 1, file(1, 1, &[(1, 1)])).await;
+        put(&store, 0, 2, file(2, 1, &[(1, 2)])).await;
+        put(&store, 0, 4, file(4, 1, &[(1, 4)])).await;
+        assert_eq!(compact_level(&store, 1).await.unwrap(), Some((1, 2)));
+        put(&store, 0, 3, file(3, 1, &[(1, 3)])).await;
+        assert_eq!(compact_level(&store, 1).await.unwrap(), Some((3, 4)));
+    }
+
+    #[tokio::test]
+    async fn snapshot_covers_everything_and_is_written_once_per_txid() {
+        let store = Store::in_memory();
+        put(&store, 0, 1, file(1, 2, &[(1, 1), (2, 1)])).await;
+        put(&store, 0, 2, file(2, 2, &[(2, 2)])).await;
+        assert_eq!(snapshot(&store).await.unwrap(), Some(2));
+        assert_eq!(
+            pages_of(&store, SNAPSHOT_LEVEL).await,
+            vec![(1, 2, vec![(1, 1), (2, 2)])]
+        );
+        assert_eq!(snapshot(&store).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn retention_drops_l0_covered_by_l1_only_once_old_enough() {
+        let store = Store::in_memory();
+        for txid in 1..=3 {
+            put(&store, 0, txid, file(txid, 1, &[(1, txid as u8)])).await;
+        }
+        let policy = CompactionPolicy {
+            l0_retention: Duration::from_secs(300),
+            ..CompactionPolicy::default()
+        };
+        assert_eq!(
+            enforce_retention(&store, &policy, SystemTime::now()).await.unwrap(),
+            0,
+            "no L1: L0 is kept"
+        );
+        compact_level(&store, 1).await.unwrap();
+        assert_eq!(
+            enforce_retention(&store, &policy, SystemTime::now()).await.unwrap(),
+            0,
+            "too young"
+        );
+        let later = SystemTime::now() + Duration::from_secs(301);
+        assert_eq!(
+            enforce_retention(&store, &policy, later).await.unwrap(),
+            2,
+            "all but the newest L0"
+        );
+        let left: Vec<u64> = store.list_level(0).await.unwrap().iter().map(|f| f.max_txid).collect();
+        assert_eq!(left, vec![3]);
+    }
+
+    #[tokio::test]
+    async fn expired_snapshots_go_with_the_compactions_below_them_but_the_newest_stays() {
+        let store = Store::in_memory();
+        for txid in 1..=2 {
+            put(&store, 0, txid, file(txid, 1, &[(1, txid as u8)])).await;
+            compact_level(&store, 1).await.unwrap();
+        }
+        snapshot(&store).await.unwrap();
+        put(&store, 0, 3, file(3, 1, &[(1, 3)])).await;
+        compact_level(&store, 1).await.unwrap();
+        snapshot(&store).await.unwrap();
+        let policy = CompactionPolicy::default();
+        let later = SystemTime::now() + policy.snapshot_retention + Duration::from_secs(1);
+        enforce_retention(&store, &policy, later).await.unwrap();
+        let snaps: Vec<(u64, u64)> = store
+            .list_level(9)
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| (f.min_txid, f.max_txid))
+            .collect();
+        assert_eq!(snaps, vec![(1, 3)], "the older snapshot expired, the newest stays");
+        // As Litestream: the floor is the newest expired snapshot's TXID (2).
+        let l1: Vec<(u64, u64)> = store
+            .list_level(1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| (f.min_txid, f.max_txid))
+            .collect();
+        assert_eq!(l1, vec![(2, 2), (3, 3)], "L1 wholly below the floor is gone");
+        let files = store.list_all().await.unwrap();
+        let plan = restore::plan(&files, Target::Latest, "mem").unwrap();
+        assert_eq!(plan.last().unwrap().max_txid, 3, "the latest state is still restorable");
+    }
+}
