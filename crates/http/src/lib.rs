@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use error::AppError;
-pub use state::{AppState, Dependency, Durability, HttpOptions};
+pub use state::{AppState, BoxFuture, Dependency, Durability, DurabilityMode, HttpOptions};
 
 /// Builds the whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {

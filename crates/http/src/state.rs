@@ -17,6 +17,20 @@ pub struct HttpOptions {
     /// Mounts `/api/test/*` routes used by the black-box tests (e.g. a deliberately slow
     /// request for the graceful-shutdown test). Never enable in production. Default off.
     pub test_routes: bool,
+    /// Which writes wait for the replica before they are acknowledged. Default
+    /// [`DurabilityMode::Async`].
+    pub durability: DurabilityMode,
+}
+
+/// Which writes are acknowledged only once they are in the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DurabilityMode {
+    /// Writes that change who may sign (accounts, keys, authorizations, revocations) wait;
+    /// everything else is acknowledged once committed locally and ships within milliseconds.
+    #[default]
+    Async,
+    /// Every write waits for the replica.
+    Sync,
 }
 
 impl Default for HttpOptions {
@@ -24,6 +38,7 @@ impl Default for HttpOptions {
         Self {
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
             test_routes: false,
+            durability: DurabilityMode::Async,
         }
     }
 }
@@ -50,8 +65,15 @@ pub trait Dependency: Send + Sync {
 pub trait Durability: Send + Sync {
     /// Resolves once every commit made before the call is in the replica.
     /// `Err(reason)` on timeout, store failure or fencing: the write must be reported as not durable.
-    fn wait_durable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    fn wait_durable(&self) -> BoxFuture<'_, Result<(), String>>;
+
+    /// Resolves `Ok` if this instance may accept a write now; `Err(reason)` when it must not
+    /// (fenced: another instance owns the replica).
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), String>>;
 }
+
+/// A boxed future, as the object-safe traits here return.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 struct Inner {
     db: OnceLock<Db>,
@@ -95,6 +117,32 @@ impl AppState {
     /// durable as the local disk and [`AppState::wait_durable`] returns at once.
     pub fn set_durability(&self, durability: Arc<dyn Durability>) {
         let _ = self.inner.durability.set(durability);
+    }
+
+    /// Call before a write: refuses it (503) on an instance that may no longer write.
+    ///
+    /// # Errors
+    /// [`crate::AppError::Unavailable`] naming the reason.
+    pub async fn ensure_writable(&self) -> Result<(), crate::AppError> {
+        match self.inner.durability.get() {
+            Some(d) => d.check_writable().await.map_err(|reason| {
+                crate::AppError::Unavailable(format!("this instance cannot accept changes now: {reason}"))
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Call after a write commits: waits for the replica when the write is `critical` (it
+    /// changes who may sign) or when the durability mode is [`DurabilityMode::Sync`].
+    ///
+    /// # Errors
+    /// As [`AppState::wait_durable`].
+    pub async fn confirm_write(&self, critical: bool) -> Result<(), crate::AppError> {
+        if critical || self.inner.options.durability == DurabilityMode::Sync {
+            self.wait_durable().await
+        } else {
+            Ok(())
+        }
     }
 
     /// Waits until every commit made so far is in the replica.

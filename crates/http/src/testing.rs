@@ -34,15 +34,14 @@ async fn write(State(state): State<AppState>, Query(q): Query<WriteQuery>) -> Re
     let db = state
         .db()
         .ok_or_else(|| AppError::Unavailable("keycast is starting".into()))?;
+    state.ensure_writable().await?;
     sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, $2)")
         .bind(format!("test:{}", q.key))
         .bind(keycast_db::now_unix().to_string())
         .execute(db.pool())
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?;
-    if q.durable {
-        state.wait_durable().await?;
-    }
+    state.confirm_write(q.durable).await?;
     Ok(Json(json!({ "key": q.key, "durable": q.durable })))
 }
 

@@ -11,7 +11,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keycast_http::DurabilityMode;
 use keycast_replica::compactor::CompactionPolicy;
+use keycast_replica::lease::LeaseOptions;
 use keycast_replica::ReplicaOptions;
 
 /// Default HTTP port (Cloud Run sets `PORT`).
@@ -120,6 +122,24 @@ pub const SETTINGS: &[Setting] = &[
         help: "seconds level-0 files are kept after compaction covers them",
     },
     Setting {
+        key: "durability",
+        env: "KEYCAST_DURABILITY",
+        default: "async",
+        help: "`async`: only writes that change who may sign wait for the replica; `sync`: every write does",
+    },
+    Setting {
+        key: "replica_lease_ttl_secs",
+        env: "KEYCAST_REPLICA_LEASE_TTL_SECS",
+        default: "15",
+        help: "lifetime of the single-writer lease after each renewal",
+    },
+    Setting {
+        key: "replica_lease_wait_secs",
+        env: "KEYCAST_REPLICA_LEASE_WAIT_SECS",
+        default: "60",
+        help: "how long a starting instance waits for the lease holder to release it",
+    },
+    Setting {
         key: "replica_unhealthy_after_secs",
         env: "KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS",
         default: "60",
@@ -153,6 +173,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
     pub test_routes: bool,
+    /// Which writes wait for the replica.
+    pub durability: DurabilityMode,
     /// Replication; `None` when `KEYCAST_REPLICA_URL=none`.
     pub replica: Option<ReplicaConfig>,
 }
@@ -163,6 +185,8 @@ pub struct ReplicaConfig {
     /// The replica URL as configured (it may name credentials-free locations only).
     pub url: String,
     pub options: ReplicaOptions,
+    /// The single-writer lease.
+    pub lease: LeaseOptions,
     /// Readiness turns 503 after uploads have failed this long.
     pub unhealthy_after: Duration,
 }
@@ -300,6 +324,7 @@ impl Sources {
                 .get("request_timeout_secs", parse_secs)?
                 .unwrap_or(Duration::from_secs(30)),
             test_routes: self.get("test_routes", parse_bool)?.unwrap_or(false),
+            durability: self.get("durability", parse_durability)?.unwrap_or_default(),
             replica: self.replica(&data_dir)?,
             data_dir,
         })
@@ -332,9 +357,17 @@ impl Sources {
             compaction,
             ..defaults
         };
+        let lease_defaults = LeaseOptions::default();
+        let lease = LeaseOptions {
+            ttl: self
+                .get("replica_lease_ttl_secs", parse_positive_secs)?
+                .unwrap_or(lease_defaults.ttl),
+            wait: long("replica_lease_wait_secs")?.unwrap_or(lease_defaults.wait),
+        };
         Ok(Some(ReplicaConfig {
             url,
             options,
+            lease,
             unhealthy_after: long("replica_unhealthy_after_secs")?.unwrap_or(Duration::from_secs(60)),
         }))
     }
@@ -383,6 +416,24 @@ fn parse_long_secs(v: &str) -> Result<Duration, String> {
         .filter(|s| *s <= 30 * 86400)
         .map(Duration::from_secs)
         .ok_or_else(|| "expected a whole number of seconds from 0 to 2592000 (30 days)".into())
+}
+
+fn parse_positive_secs(v: &str) -> Result<Duration, String> {
+    parse_long_secs(v).and_then(|d| {
+        if d.is_zero() {
+            Err("must be at least 1 second".into())
+        } else {
+            Ok(d)
+        }
+    })
+}
+
+fn parse_durability(v: &str) -> Result<DurabilityMode, String> {
+    match v {
+        "async" => Ok(DurabilityMode::Async),
+        "sync" => Ok(DurabilityMode::Sync),
+        _ => Err("expected `async` or `sync`".into()),
+    }
 }
 
 fn parse_pages(v: &str) -> Result<u32, String> {

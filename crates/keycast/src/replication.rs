@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use keycast_http::Dependency;
+use keycast_http::{BoxFuture, Dependency};
 use keycast_replica::bootstrap::{self, Bootstrap};
+use keycast_replica::lease::Lease;
 use keycast_replica::replicator::Monitor;
 use keycast_replica::{CommitSignal, Replicator, Store};
 
@@ -21,6 +22,29 @@ pub fn open_store(config: &ReplicaConfig) -> anyhow::Result<Store> {
     Store::from_url(&config.url, &|name| std::env::var(name).ok())
         .with_context(|| format!("invalid configuration: KEYCAST_REPLICA_URL={}", config.url))?
         .context("KEYCAST_REPLICA_URL=none was handled before")
+}
+
+/// Takes the single-writer lease, waiting for a live holder to release it (a deploy's old
+/// instance ships its last frames and releases on SIGTERM).
+///
+/// # Errors
+/// The holder did not release within `KEYCAST_REPLICA_LEASE_WAIT_SECS`, or the store failed.
+pub async fn acquire_lease(store: &Store, config: &ReplicaConfig) -> anyhow::Result<Lease> {
+    let owner = instance_name();
+    let lease = Lease::acquire(store, &owner, config.lease).await?;
+    tracing::info!(owner = %lease.owner(), epoch = lease.epoch(), "holding the replica lease");
+    Ok(lease)
+}
+
+/// `<hostname>-<pid>`: what other instances see as the lease holder.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "keycast" } else { host },
+        std::process::id()
+    )
 }
 
 /// Runs the start-up decision (restore, resume, adopt, refuse) and logs it.
@@ -59,8 +83,9 @@ pub async fn start(
     signal: Arc<CommitSignal>,
     lineage: &str,
     config: &ReplicaConfig,
+    lease: Lease,
 ) -> anyhow::Result<Replicator> {
-    let replicator = Replicator::start(db, store, signal, lineage, config.options.clone())
+    let replicator = Replicator::start_with_lease(db, store, signal, lineage, config.options.clone(), Some(lease))
         .await
         .context("cannot start replication")?;
     tracing::info!(
@@ -94,7 +119,7 @@ pub const DURABLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ReplicaDurability(pub Monitor);
 
 impl keycast_http::Durability for ReplicaDurability {
-    fn wait_durable(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    fn wait_durable(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             self.0
                 .wait_durable(DURABLE_TIMEOUT)
@@ -102,6 +127,10 @@ impl keycast_http::Durability for ReplicaDurability {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         })
+    }
+
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { self.0.check_writable().await.map_err(|e| e.to_string()) })
     }
 }
 

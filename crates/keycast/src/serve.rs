@@ -41,6 +41,7 @@ pub async fn run(
     let options = HttpOptions {
         request_timeout: config.request_timeout,
         test_routes: config.test_routes,
+        durability: config.durability,
     };
     let state = AppState::new(metrics, options);
     let (stop_http, http_stopped) = oneshot::channel::<()>();
@@ -96,6 +97,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     if store.backend() == keycast_replica::store::Backend::File {
         tracing::warn!(replica = %store.describe(), "replicating to a local directory: fine for development, but it does not survive losing this machine; set KEYCAST_REPLICA_URL to object storage (s3://, gs://, az://) in production");
     }
+    let lease = crate::replication::acquire_lease(&store, replica).await?;
     crate::replication::prepare(&config.database_path, &store).await?;
     let signal = CommitSignal::new();
     let options = DbOptions {
@@ -104,7 +106,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     };
     let db = Db::open_sqlite(&options).await?;
     let lineage = keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await?;
-    let replicator = crate::replication::start(&config.database_path, store, signal, &lineage, replica).await?;
+    let replicator = crate::replication::start(&config.database_path, store, signal, &lineage, replica, lease).await?;
     Ok(Running {
         db,
         replicator: Some(replicator),

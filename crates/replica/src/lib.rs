@@ -12,6 +12,7 @@
 //! - [`store`]: one replica location (file, S3, GCS, Azure) in Litestream's layout.
 //! - [`restore`]: restore planning and verified restore into a new file.
 //! - [`compactor`]: compaction levels, snapshots, retention.
+//! - [`lease`]: the single-writer lease (compare-and-swap on a small object) and hand-over.
 //! - [`bootstrap`]: what to do at start-up given the local file and the replica.
 //! - [`local_state`]: the local record of what was shipped.
 //! - [`ltx`], [`wal`], [`checksum`]: the file formats.
@@ -20,6 +21,8 @@ pub mod bootstrap;
 pub mod capture;
 pub mod checksum;
 pub mod compactor;
+mod file_lock;
+pub mod lease;
 pub mod local_state;
 pub mod ltx;
 pub mod replicator;

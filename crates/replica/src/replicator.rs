@@ -30,6 +30,7 @@ use tokio::sync::watch;
 
 use crate::capture::CommitSignal;
 use crate::compactor::{self, CompactionPolicy};
+use crate::lease::{Lease, LeaseError};
 use crate::local_state::{self, LocalState};
 use crate::segment::{self, Cursor, Segment, SegmentError};
 use crate::snapshot::Snapshot;
@@ -91,6 +92,10 @@ pub enum ReplicaError {
     Fenced { txid: u64 },
     #[error("the replicator has stopped")]
     Stopped,
+    #[error("the replica lease was taken over by {by}: this instance is fenced and stops replicating")]
+    LeaseLost { by: String },
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     #[error("timed out after {0:?} waiting for the replica")]
     Timeout(Duration),
 }
@@ -131,6 +136,8 @@ struct Shared {
     shipped: watch::Sender<u64>,
     /// When the first commit not yet shipped was observed.
     pending_since: Mutex<Option<Instant>>,
+    /// The single-writer lease, if the deployment uses one; renewed before writes.
+    lease: tokio::sync::Mutex<Option<Lease>>,
 }
 
 impl Replicator {
@@ -150,21 +157,35 @@ impl Replicator {
         lineage: &str,
         options: ReplicaOptions,
     ) -> Result<Replicator, ReplicaError> {
-        let mut worker = Worker::open(db, store.clone(), signal.clone(), lineage, options).await?;
-        worker.align().await?;
-        let (stop, stop_rx) = watch::channel(None);
+        Self::start_with_lease(db, store, signal, lineage, options, None).await
+    }
+
+    /// As [`Replicator::start`], holding `lease` (see [`crate::lease`]): it is renewed before
+    /// writes when due, a lost lease fences this instance, and shutdown releases it.
+    ///
+    /// # Errors
+    /// As [`Replicator::start`].
+    pub async fn start_with_lease(
+        db: &Path,
+        store: Store,
+        signal: Arc<CommitSignal>,
+        lineage: &str,
+        options: ReplicaOptions,
+        lease: Option<Lease>,
+    ) -> Result<Replicator, ReplicaError> {
         let (shipped, _) = watch::channel(signal.commits());
         let shared = Arc::new(Shared {
-            signal,
-            store,
-            status: Mutex::new(Status {
-                replicated_txid: worker.cursor.txid,
-                ..Status::default()
-            }),
+            signal: signal.clone(),
+            store: store.clone(),
+            status: Mutex::new(Status::default()),
             shipped,
             pending_since: Mutex::new(None),
+            lease: tokio::sync::Mutex::new(lease),
         });
-        worker.shared = Some(shared.clone());
+        let mut worker = Worker::open(db, store, signal, lineage, options, shared.clone()).await?;
+        worker.align().await?;
+        shared.status.lock().expect("status lock").replicated_txid = worker.cursor.txid;
+        let (stop, stop_rx) = watch::channel(None);
         worker.publish_shipped(worker.shipped_mark);
         let task = tokio::spawn(worker.run(stop_rx));
         Ok(Replicator { shared, stop, task })
@@ -220,6 +241,25 @@ impl Monitor {
         self.0.snapshot_status()
     }
 
+    /// Whether this instance may still accept writes: not fenced, and its lease (if any)
+    /// still ours — renewed now if it is due, so a write after a long idle period learns
+    /// of a takeover *before* it is accepted rather than after.
+    ///
+    /// # Errors
+    /// [`ReplicaError::Fenced`]-like errors saying why writes are refused.
+    pub async fn check_writable(&self) -> Result<(), ReplicaError> {
+        if let Some(txid) = self.0.fenced_txid() {
+            return Err(ReplicaError::Fenced { txid });
+        }
+        if let Err(e) = self.0.keep_lease().await {
+            if matches!(e, ReplicaError::LeaseLost { .. }) {
+                self.0.fence();
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Waits until every commit the application made before this call is in the object store.
     ///
     /// # Errors
@@ -249,6 +289,25 @@ impl Monitor {
 }
 
 impl Shared {
+    /// Renews the lease if less than half its TTL is left.
+    async fn keep_lease(&self) -> Result<(), ReplicaError> {
+        let mut lease = self.lease.lock().await;
+        match lease.as_mut() {
+            Some(held) if held.needs_renewal() => held.renew().await.map_err(|e| match e {
+                LeaseError::Lost { by } => ReplicaError::LeaseLost { by },
+                other => ReplicaError::Lease(other),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops this instance from writing the replica, for good.
+    fn fence(&self) {
+        self.status.lock().expect("status lock").fenced = true;
+        metrics::gauge!("keycast_replica_fenced").set(1.0);
+        tracing::error!("this instance is fenced: another writer owns the replica; refusing writes from now on");
+    }
+
     fn snapshot_status(&self) -> Status {
         let mut status = self.status.lock().expect("status lock").clone();
         status.local_commits = self.signal.commits();
@@ -278,7 +337,7 @@ struct Worker {
     lock_conn: SqliteConnection,
     /// Runs the checkpoints (a checkpoint cannot run inside the lock connection's transaction).
     checkpoint_conn: SqliteConnection,
-    shared: Option<Arc<Shared>>,
+    shared: Arc<Shared>,
     /// Commit counter value known to be shipped.
     shipped_mark: u64,
     last_checkpoint: Instant,
@@ -297,6 +356,7 @@ impl Worker {
         signal: Arc<CommitSignal>,
         lineage: &str,
         options: ReplicaOptions,
+        shared: Arc<Shared>,
     ) -> Result<Worker, ReplicaError> {
         let connect = SqliteConnectOptions::new()
             .filename(db)
@@ -321,7 +381,7 @@ impl Worker {
             },
             lock_conn,
             checkpoint_conn,
-            shared: None,
+            shared,
             shipped_mark: 0,
             last_checkpoint: Instant::now(),
             shipped_since_checkpoint: false,
@@ -432,6 +492,12 @@ impl Worker {
 
     /// Stores one segment create-only and advances the cursor.
     async fn put(&mut self, segment: Segment) -> Result<(), ReplicaError> {
+        if let Err(e) = self.shared.keep_lease().await {
+            if matches!(e, ReplicaError::LeaseLost { .. }) {
+                self.shared.fence();
+            }
+            return Err(e);
+        }
         let size = segment.bytes.len();
         match self
             .store
@@ -440,14 +506,11 @@ impl Worker {
         {
             PutOutcome::Created => {}
             PutOutcome::AlreadyExists => {
-                if let Some(shared) = &self.shared {
-                    shared.status.lock().expect("status lock").fenced = true;
-                }
-                metrics::gauge!("keycast_replica_fenced").set(1.0);
                 tracing::error!(
                     txid = segment.txid,
-                    "another writer already stored this TXID: fenced, replication stops"
+                    "another writer already stored this TXID in the replica"
                 );
+                self.shared.fence();
                 return Err(ReplicaError::Fenced { txid: segment.txid });
             }
         }
@@ -463,7 +526,8 @@ impl Worker {
             commits = segment.commits,
             "segment stored"
         );
-        if let Some(shared) = &self.shared {
+        {
+            let shared = &self.shared;
             let mut status = shared.status.lock().expect("status lock");
             status.replicated_txid = self.cursor.txid;
             status.segments += 1;
@@ -526,7 +590,8 @@ impl Worker {
     }
 
     fn publish_shipped(&self, mark: u64) {
-        if let Some(shared) = &self.shared {
+        {
+            let shared = &self.shared;
             shared.shipped.send_if_modified(|v| {
                 let changed = mark > *v;
                 *v = (*v).max(mark);
@@ -561,7 +626,7 @@ impl Worker {
                     failing = false;
                     backoff = self.options.retry_min;
                 }
-                Err(ReplicaError::Fenced { txid }) => return Err(ReplicaError::Fenced { txid }),
+                Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::LeaseLost { .. })) => return Err(e),
                 Err(e) => {
                     self.note_failure(&e);
                     self.reset_transactions().await;
@@ -573,7 +638,8 @@ impl Worker {
     }
 
     fn note_pending(&self) {
-        if let Some(shared) = &self.shared {
+        {
+            let shared = &self.shared;
             let mut pending = shared.pending_since.lock().expect("pending lock");
             if pending.is_none() && self.signal.commits() > self.shipped_mark {
                 *pending = Some(Instant::now());
@@ -596,7 +662,8 @@ impl Worker {
         let mut record = self.record(false);
         record.last_error = Some(error.to_string());
         let _ = local_state::store(&self.db, &record);
-        if let Some(shared) = &self.shared {
+        {
+            let shared = &self.shared;
             let mut status = shared.status.lock().expect("status lock");
             status.last_error = Some(error.to_string());
             status.failing_since.get_or_insert_with(Instant::now);
@@ -666,7 +733,8 @@ impl Worker {
         self.last_checkpoint = Instant::now();
         self.shipped_since_checkpoint = false;
         metrics::counter!("keycast_replica_checkpoints_total", "mode" => "passive").increment(1);
-        if let Some(shared) = &self.shared {
+        {
+            let shared = &self.shared;
             shared.status.lock().expect("status lock").checkpoints += 1;
         }
         tracing::debug!(log, done, "checkpointed");
@@ -679,7 +747,7 @@ impl Worker {
         loop {
             match self.sync_all().await {
                 Ok(_) => break,
-                Err(ReplicaError::Fenced { txid }) => return Err(ReplicaError::Fenced { txid }),
+                Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::LeaseLost { .. })) => return Err(e),
                 Err(e) if Instant::now() + backoff >= deadline => {
                     tracing::error!(error = %e, txid = self.cursor.txid, "final sync failed; the last commits are only on local disk");
                     return Err(e);
@@ -693,6 +761,14 @@ impl Worker {
             }
         }
         let mut record = self.record(true);
+        if let Some(lease) = self.shared.lease.lock().await.take() {
+            match lease.release().await {
+                Ok(()) => tracing::info!("released the replica lease"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the replica lease; a successor waits for it to expire")
+                }
+            }
+        }
         let (db, page_size, txid) = (self.db.clone(), self.cursor.page_size, self.cursor.txid);
         let Worker {
             snapshot,

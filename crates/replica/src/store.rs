@@ -129,6 +129,16 @@ pub struct LtxObject {
     pub key: Path,
 }
 
+/// What a compare-and-swap update did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum UpdateOutcome {
+    /// Replaced; the new version to pass to the next update.
+    Updated(UpdateVersion),
+    /// The object changed (or vanished) since it was read: someone else won.
+    Conflict,
+}
+
 /// What a create-only write did.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +185,9 @@ pub enum StoreError {
         key: String,
         source: object_store::Error,
     },
+    /// The file backend could not take the lock that stands in for compare-and-swap.
+    #[error("lock {path}: {source}")]
+    Lock { path: PathBuf, source: std::io::Error },
     /// The file backend wrote the file but could not set its mtime to the
     /// header timestamp.
     #[error("set modification time of {path}: {source}")]
@@ -568,6 +581,76 @@ impl Store {
     pub async fn put_object_create(&self, name: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
         let key = self.object_key(name)?;
         self.put_create(&key, data, Attributes::new()).await
+    }
+
+    /// Replaces keycast object `name` only if it is still at `expected` (the version
+    /// [`Store::get_object`] returned): compare-and-swap, the basis of the lease.
+    ///
+    /// Cloud backends do it natively (`If-Match` / generation match). The local filesystem
+    /// cannot, so there the compare and the write happen under an exclusive `flock` on
+    /// `<name>.lock`, which serialises every keycast process sharing the directory.
+    ///
+    /// # Errors
+    /// `InvalidName` as for [`Store::get_object`]; `Backend` if the request fails.
+    /// A lost race is `Ok(UpdateOutcome::Conflict)`, not an error.
+    pub async fn put_object_update(
+        &self,
+        name: &str,
+        data: Bytes,
+        expected: &UpdateVersion,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let key = self.object_key(name)?;
+        if let Some(root) = self.inner.root.clone() {
+            return self.update_file(root, key, data, expected.clone()).await;
+        }
+        let options = PutOptions {
+            mode: PutMode::Update(expected.clone()),
+            ..PutOptions::default()
+        };
+        self.begin(Operation::Put);
+        match self.inner.objects.put_opts(&key, PutPayload::from(data), options).await {
+            Ok(result) => Ok(UpdateOutcome::Updated(UpdateVersion::from(result))),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
+                Ok(UpdateOutcome::Conflict)
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(UpdateOutcome::Conflict),
+            Err(source) => Err(self.failed(Operation::Put, &key, source)),
+        }
+    }
+
+    /// The file backend's compare-and-swap: lock, compare the current e-tag, write, unlock.
+    async fn update_file(
+        &self,
+        root: PathBuf,
+        key: Path,
+        data: Bytes,
+        expected: UpdateVersion,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let path = key.parts().fold(root, |path, part| path.join(part.as_ref()));
+        let lock_path = path.with_extension("lock");
+        let lock = tokio::task::spawn_blocking(move || crate::file_lock::FileLock::exclusive(&lock_path))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|source| StoreError::Lock {
+                path: path.clone(),
+                source,
+            })?;
+        let current = self.read(&key).await?.and_then(|(_, meta)| meta.e_tag);
+        if current.is_none() || current != expected.e_tag {
+            return Ok(UpdateOutcome::Conflict);
+        }
+        self.begin(Operation::Put);
+        let options = PutOptions {
+            mode: PutMode::Overwrite,
+            ..PutOptions::default()
+        };
+        let result = self.inner.objects.put_opts(&key, PutPayload::from(data), options).await;
+        drop(lock);
+        match result {
+            Ok(result) => Ok(UpdateOutcome::Updated(UpdateVersion::from(result))),
+            Err(source) => Err(self.failed(Operation::Put, &key, source)),
+        }
     }
 
     fn object_key(&self, name: &str) -> Result<Path, StoreError> {

@@ -67,6 +67,22 @@ impl Launch {
         cmd.spawn().expect("cannot start the keycast binary")
     }
 
+    /// Spawns keycast and reads its address, without waiting for start-up to finish (it may
+    /// be waiting for a lease or restoring).
+    pub fn spawn_started_later(&self) -> Starting {
+        let mut child = self.spawn();
+        let stderr = collect(child.stderr.take().unwrap());
+        let base = read_listen_address(&mut child, &stderr);
+        Starting {
+            server: Keycast {
+                child,
+                base,
+                data_dir: self.data_dir.clone(),
+                stderr,
+            },
+        }
+    }
+
     /// Starts keycast and waits until `/healthz/startup` answers 200.
     pub fn start(&self) -> Keycast {
         let mut child = self.spawn();
@@ -80,6 +96,28 @@ impl Launch {
         };
         server.wait_for_status("/healthz/startup", 200, START_TIMEOUT);
         server
+    }
+}
+
+/// A keycast process that printed its address but may not have finished starting.
+pub struct Starting {
+    server: Keycast,
+}
+
+impl Starting {
+    /// The status `path` answers now (0 when unreachable).
+    pub fn status(&self, path: &str) -> u16 {
+        self.server.get(path).0
+    }
+
+    /// Waits for `/healthz/startup` to answer 200.
+    pub fn wait_started(&mut self, timeout: Duration) {
+        self.server.wait_for_status("/healthz/startup", 200, timeout);
+    }
+
+    /// The running server.
+    pub fn into_keycast(self) -> Keycast {
+        self.server
     }
 }
 
@@ -97,10 +135,7 @@ impl Keycast {
     /// GET `path` and parse JSON.
     pub fn get_json(&self, path: &str) -> (u16, Value) {
         let (status, body) = self.get(path);
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        )
+        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
     }
 
     /// Polls `path` until it answers `status`, failing the test after `timeout`.
@@ -146,11 +181,7 @@ impl Keycast {
     pub fn stop(mut self) -> String {
         self.signal(libc::SIGTERM);
         let (status, _) = self.wait_exit(Duration::from_secs(10));
-        assert!(
-            status.success(),
-            "keycast exited with {status}; log:\n{}",
-            self.log()
-        );
+        assert!(status.success(), "keycast exited with {status}; log:\n{}", self.log());
         self.log()
     }
 
@@ -177,10 +208,7 @@ pub fn request(url: &str) -> (u16, String) {
     match agent.get(url).call() {
         Ok(mut response) => {
             let status = response.status().as_u16();
-            (
-                status,
-                response.body_mut().read_to_string().unwrap_or_default(),
-            )
+            (status, response.body_mut().read_to_string().unwrap_or_default())
         }
         Err(_) => (0, String::new()),
     }
@@ -197,12 +225,8 @@ fn read_listen_address(child: &mut Child, stderr: &Arc<Mutex<String>>) -> String
             }
         }
     });
-    rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
-        panic!(
-            "keycast never printed its address; log:\n{}",
-            stderr.lock().unwrap()
-        )
-    })
+    rx.recv_timeout(START_TIMEOUT)
+        .unwrap_or_else(|_| panic!("keycast never printed its address; log:\n{}", stderr.lock().unwrap()))
 }
 
 /// Collects a pipe into a shared string on a background thread.
@@ -215,10 +239,407 @@ fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
             if n == 0 {
                 break;
             }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
     out
+}
+
+// ---------------------------------------------------------------------------------------
+// Replication helpers: POST, peers, the CLI, object stores, sqlite3 and metrics.
+// ---------------------------------------------------------------------------------------
+
+/// One POST with an empty body and no error mapping: 4xx/5xx come back as statuses,
+/// connection errors as 0.
+pub fn post(url: &str) -> (u16, String) {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent();
+    match agent.post(url).send_empty() {
+        Ok(mut response) => {
+            let status = response.status().as_u16();
+            (status, response.body_mut().read_to_string().unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+impl Keycast {
+    /// POST `path`, returning status and body text.
+    pub fn post(&self, path: &str) -> (u16, String) {
+        post(&format!("{}{path}", self.base))
+    }
+
+    /// Inserts the test row `test:<key>` through `/api/test/write` (needs
+    /// `KEYCAST_TEST_ROUTES=true`) and fails the test unless it answers 200.
+    pub fn write(&self, key: &str, durable: bool) {
+        let (status, body) = self.post(&format!("/api/test/write?key={key}&durable={durable}"));
+        assert_eq!(
+            status,
+            200,
+            "writing {key} (durable={durable}) failed: {body}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// The process id, to watch the process from outside.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// Requires a peer's environment variable: fails under scripts/test.sh (which sets
+/// `KEYCAST_REQUIRE_PEERS=1` and provides the peer), skips loudly elsewhere.
+pub fn peer(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if std::env::var("KEYCAST_REQUIRE_PEERS").as_deref() == Ok("1") => {
+            panic!("{var} is not set: run the suite through scripts/test.sh, which starts the peer")
+        }
+        _ => {
+            eprintln!("SKIPPED: {var} is not set (run scripts/test.sh to start the peer)");
+            None
+        }
+    }
+}
+
+/// What a finished command printed.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Fails the test unless the command exited 0.
+    pub fn assert_success(&self, what: &str) -> &Self {
+        assert!(
+            self.status.success(),
+            "{what} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs `cmd` to its end with output captured, failing the test after `timeout`.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Finished {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let stdout = collect(child.stdout.take().unwrap());
+    let stderr = collect(child.stderr.take().unwrap());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}; stderr:\n{}",
+                stderr.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The pipes close when the process exits; give the reader threads a moment to drain.
+    let drained = Instant::now();
+    let snapshot = |pipe: &Arc<Mutex<String>>| pipe.lock().unwrap().clone();
+    let mut last = (snapshot(&stdout).len(), snapshot(&stderr).len());
+    while drained.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = (snapshot(&stdout).len(), snapshot(&stderr).len());
+        if now == last && drained.elapsed() > Duration::from_millis(60) {
+            break;
+        }
+        last = now;
+    }
+    Finished {
+        status,
+        stdout: snapshot(&stdout),
+        stderr: snapshot(&stderr),
+    }
+}
+
+/// Runs `keycast <args>` (a CLI command such as `restore` or `replica ls`) with the
+/// developer's keycast settings removed and `env` added, to its end.
+pub fn keycast_cli(args: &[&str], env: &[(&str, &str)]) -> Finished {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keycast"));
+    cmd.args(args);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KEYCAST_") || name == "PORT" || name == "DATABASE_URL" {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("KEYCAST_LOG", "info").envs(env.iter().copied());
+    run_with_timeout(cmd, Duration::from_secs(120))
+}
+
+impl Launch {
+    /// Starts keycast and waits for it to exit on its own (a start-up it must refuse),
+    /// failing the test if it is still running after `timeout`.
+    pub fn run_to_exit(&self, timeout: Duration) -> Finished {
+        let mut child = self.spawn();
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "keycast kept running for {timeout:?} (it should have refused to start); log:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let stdout = stdout.lock().unwrap().clone();
+        let stderr = stderr.lock().unwrap().clone();
+        Finished { status, stdout, stderr }
+    }
+}
+
+/// The environment that points keycast (server or CLI) at an S3 replica on `endpoint`
+/// with moto's credentials.
+pub fn s3_env(endpoint: &str, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+    vec![
+        ("KEYCAST_REPLICA_URL".into(), format!("s3://{bucket}/{prefix}")),
+        ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        ("AWS_ENDPOINT_URL".into(), endpoint.into()),
+    ]
+}
+
+/// Creates a bucket with a fresh, unique name on the S3 server at `endpoint` (moto accepts
+/// an unsigned `PUT /bucket`) and returns its name.
+pub fn new_bucket(endpoint: &str, hint: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let bucket = format!("{hint}-{}-{n}-{nanos}", std::process::id())
+        .to_lowercase()
+        .replace('_', "-");
+    let bucket: String = bucket.chars().take(63).collect();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent();
+    let response = agent
+        .put(&format!("{}/{bucket}", endpoint.trim_end_matches('/')))
+        .send_empty()
+        .unwrap_or_else(|e| panic!("cannot reach the S3 server at {endpoint}: {e}"));
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "creating bucket {bucket} on {endpoint} failed"
+    );
+    bucket
+}
+
+/// Runs `sqlite3 -readonly <db> <sql>` and returns its trimmed output, failing the test if
+/// sqlite3 fails.
+pub fn sqlite_query(db: &Path, sql: &str) -> String {
+    let mut cmd = Command::new("sqlite3");
+    cmd.arg("-readonly").arg(db).arg(sql);
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    out.assert_success(&format!("sqlite3 {} {sql:?}", db.display()));
+    out.stdout.trim().to_owned()
+}
+
+/// Runs `sqlite3 <db> <sql>` read-write (for preparing databases that are not keycast's).
+pub fn sqlite_exec(db: &Path, sql: &str) -> String {
+    let mut cmd = Command::new("sqlite3");
+    cmd.arg(db).arg(sql);
+    let out = run_with_timeout(cmd, Duration::from_secs(60));
+    out.assert_success(&format!("sqlite3 {} {sql:?}", db.display()));
+    out.stdout.trim().to_owned()
+}
+
+/// The test keys (`test:<key>` rows of `keycast_meta`, without the prefix) in a keycast
+/// database, sorted.
+pub fn test_keys(db: &Path) -> Vec<String> {
+    let out = sqlite_query(
+        db,
+        "SELECT substr(key, 6) FROM keycast_meta WHERE key LIKE 'test:%' ORDER BY key",
+    );
+    out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+}
+
+/// `PRAGMA integrity_check` of a database file, as sqlite3 prints it (`ok` when sound).
+pub fn integrity_check(db: &Path) -> String {
+    sqlite_query(db, "PRAGMA integrity_check")
+}
+
+/// The sum of every sample of the Prometheus metric `name` (all label sets) in `text`.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            // Exactly this metric: a label set or a space follows, not `_bucket` etc.
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                return None;
+            }
+            rest.rsplit(' ').next()?.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
+impl Launch {
+    /// Starts keycast and waits until either `/healthz/startup` answers 200 (`Ok`) or the
+    /// process exits on its own (`Err`, with what it printed): for start-ups that may
+    /// legitimately be refused.
+    pub fn start_or_exit(&self) -> Result<Keycast, Finished> {
+        let mut child = self.spawn();
+        let stderr = collect(child.stderr.take().unwrap());
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(base) = line.strip_prefix("keycast listening on ") {
+                    let _ = tx.send(base.trim().to_owned());
+                }
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut base: Option<String> = None;
+        loop {
+            if base.is_none() {
+                base = rx.try_recv().ok();
+            }
+            if let Some(base) = &base {
+                if request(&format!("{base}/healthz/startup")).0 == 200 {
+                    return Ok(Keycast {
+                        child,
+                        base: base.clone(),
+                        data_dir: self.data_dir.clone(),
+                        stderr,
+                    });
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                let stderr = stderr.lock().unwrap().clone();
+                return Err(Finished {
+                    status,
+                    stdout: String::new(),
+                    stderr,
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "keycast neither started nor exited within {START_TIMEOUT:?}; log:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// What [`history_with_compaction`] wrote.
+pub struct History {
+    /// A moment after the first batch was acknowledged and before the second was written.
+    pub between: chrono::DateTime<chrono::Utc>,
+    /// Keys written before `between`, sorted.
+    pub before: Vec<String>,
+    /// Every key written, sorted.
+    pub all: Vec<String>,
+}
+
+/// Runs keycast on `data` with the replica settings `env`, L1 compaction every second and
+/// no level-0 retention, and writes two batches of durable rows a second and a half apart,
+/// noting a moment between them. Returns once level 1 covers everything and the first
+/// batch's level-0 files are pruned (so a restore to `between` must use compacted files),
+/// with keycast stopped.
+pub fn history_with_compaction(data: &Path, env: &[(String, String)]) -> History {
+    let mut launch = Launch::new(data)
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_REPLICA_COMPACTION_LEVELS", "1")
+        .env("KEYCAST_REPLICA_L0_RETENTION_SECS", "0");
+    for (k, v) in env {
+        launch = launch.env(k, v);
+    }
+    let cli_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let files = || -> Vec<Value> {
+        let out = keycast_cli(&["replica", "ls", "--json"], &cli_env);
+        out.assert_success("keycast replica ls --json");
+        let doc: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        doc["files"].as_array().unwrap().clone()
+    };
+    let max_at = |files: &[Value], level: Option<u64>| {
+        files
+            .iter()
+            .filter(|f| level.is_none_or(|l| f["level"].as_u64() == Some(l)))
+            .map(|f| f["max_txid"].as_u64().unwrap())
+            .max()
+            .unwrap_or(0)
+    };
+    let wait_until = |what: &str, done: &dyn Fn(&[Value]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = files();
+            if done(&now) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what} never happened: {now:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    let server = launch.start();
+    // A compacted file that predates everything below, so the replica's history starts
+    // before `between` in every tool's eyes.
+    server.write("a0", true);
+    let first = max_at(&files(), None);
+    wait_until("the first compaction", &|f| max_at(f, Some(1)) >= first);
+    for key in ["a1", "a2", "a3"] {
+        server.write(key, true);
+    }
+    let txid_a = max_at(&files(), None);
+    let between = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    for key in ["b1", "b2"] {
+        server.write(key, true);
+    }
+    let txid_b = max_at(&files(), None);
+    wait_until(
+        "compaction of the second batch and pruning of the first batch's level 0",
+        &|f| {
+            max_at(f, Some(1)) >= txid_b
+                && !f
+                    .iter()
+                    .any(|x| x["level"].as_u64() == Some(0) && x["max_txid"].as_u64() == Some(txid_a))
+        },
+    );
+    server.stop();
+    History {
+        between,
+        before: vec!["a0".into(), "a1".into(), "a2".into(), "a3".into()],
+        all: vec![
+            "a0".into(),
+            "a1".into(),
+            "a2".into(),
+            "a3".into(),
+            "b1".into(),
+            "b2".into(),
+        ],
+    }
 }
