@@ -6,16 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use keycast_replica::crypt::ObjectCipher;
 use keycast_replica::local_state;
 use keycast_replica::restore::{self, Target};
 use keycast_replica::Store;
 use serde_json::json;
 
-/// Opens the replica at `url` (`--replica`, else `KEYCAST_REPLICA_URL`).
+/// Opens the replica at `url` (`--replica`, else `KEYCAST_REPLICA_URL`), decrypting with
+/// `encryption` (`KEYCAST_REPLICA_ENCRYPTION_KEY`) when given.
 ///
 /// # Errors
 /// A missing or unusable URL, naming where it came from.
-pub fn open(url: Option<&str>) -> anyhow::Result<Store> {
+pub fn open(url: Option<&str>, encryption: Option<ObjectCipher>) -> anyhow::Result<Store> {
     let (url, origin) = match url {
         Some(u) => (u.to_owned(), "--replica"),
         None => (
@@ -24,9 +26,13 @@ pub fn open(url: Option<&str>) -> anyhow::Result<Store> {
             "KEYCAST_REPLICA_URL",
         ),
     };
-    Store::from_url(&url, &|name| std::env::var(name).ok())
+    let store = Store::from_url(&url, &|name| std::env::var(name).ok())
         .with_context(|| format!("invalid {origin}={url}"))?
-        .with_context(|| format!("{origin}=none: there is no replica to read"))
+        .with_context(|| format!("{origin}=none: there is no replica to read"))?;
+    Ok(match encryption {
+        Some(cipher) => store.with_encryption(cipher),
+        None => store,
+    })
 }
 
 /// Parses `--txid`: 16 hex digits (as Litestream prints them) or a decimal number.

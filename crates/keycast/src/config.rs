@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use keycast_http::DurabilityMode;
 use keycast_replica::compactor::CompactionPolicy;
+use keycast_replica::crypt::ObjectCipher;
 use keycast_replica::lease::LeaseOptions;
 use keycast_replica::ReplicaOptions;
 
@@ -140,6 +141,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "how long a starting instance waits for the lease holder to release it",
     },
     Setting {
+        key: "replica_encryption_key",
+        env: "KEYCAST_REPLICA_ENCRYPTION_KEY",
+        default: "(none)",
+        help: "32 bytes, base64: encrypt replica objects client-side (AES-256-GCM); Litestream cannot read such a replica",
+    },
+    Setting {
         key: "replica_unhealthy_after_secs",
         env: "KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS",
         default: "60",
@@ -152,6 +159,9 @@ pub const SETTINGS: &[Setting] = &[
         help: "mount /api/test/* (for keycast's own tests only)",
     },
 ];
+
+/// Settings whose values are secrets: redacted from every message.
+const SECRET_SETTINGS: &[&str] = &["replica_encryption_key"];
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +197,8 @@ pub struct ReplicaConfig {
     pub options: ReplicaOptions,
     /// The single-writer lease.
     pub lease: LeaseOptions,
+    /// Client-side encryption of replica objects, if a key was given.
+    pub encryption: Option<ObjectCipher>,
     /// Readiness turns 503 after uploads have failed this long.
     pub unhealthy_after: Duration,
 }
@@ -219,6 +231,8 @@ struct Raw {
 #[derive(Debug, Default)]
 pub struct Sources {
     values: BTreeMap<&'static str, Raw>,
+    /// Problems found while gathering, reported by [`Sources::build`].
+    errors: Vec<ConfigError>,
 }
 
 impl Sources {
@@ -264,17 +278,42 @@ impl Sources {
 
     /// Reads every setting's environment variable through `lookup` (`std::env::var` in
     /// production, a map in tests).
+    ///
+    /// Any setting may instead be given as `<VAR>_FILE`, the path of a file holding the value
+    /// (how secrets are mounted on Cloud Run and Kubernetes); setting both is an error.
     pub fn with_env(mut self, lookup: impl Fn(&str) -> Option<String>) -> Self {
         for setting in SETTINGS {
-            if let Some(value) = lookup(setting.env) {
-                self.values.insert(
-                    setting.key,
-                    Raw {
-                        value,
-                        origin: Origin::Env,
-                    },
-                );
-            }
+            let file_var = format!("{}_FILE", setting.env);
+            let value = match (lookup(setting.env), lookup(&file_var)) {
+                (Some(_), Some(_)) => {
+                    let reason = format!("{} is set too; use one of them", setting.env);
+                    self.errors.push(ConfigError::Invalid {
+                        origin: file_var,
+                        reason,
+                    });
+                    continue;
+                }
+                (Some(value), None) => value,
+                (None, Some(path)) => match std::fs::read_to_string(&path) {
+                    Ok(text) => text.trim().to_owned(),
+                    Err(e) => {
+                        let reason = format!("cannot read {path}: {e}");
+                        self.errors.push(ConfigError::Invalid {
+                            origin: file_var,
+                            reason,
+                        });
+                        continue;
+                    }
+                },
+                (None, None) => continue,
+            };
+            self.values.insert(
+                setting.key,
+                Raw {
+                    value,
+                    origin: Origin::Env,
+                },
+            );
         }
         self
     }
@@ -297,7 +336,10 @@ impl Sources {
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the first bad value and its origin.
-    pub fn build(&self) -> Result<Config, ConfigError> {
+    pub fn build(mut self) -> Result<Config, ConfigError> {
+        if !self.errors.is_empty() {
+            return Err(self.errors.remove(0));
+        }
         let data_dir = PathBuf::from(
             self.get("data_dir", non_empty)?
                 .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
@@ -364,10 +406,14 @@ impl Sources {
                 .unwrap_or(lease_defaults.ttl),
             wait: long("replica_lease_wait_secs")?.unwrap_or(lease_defaults.wait),
         };
+        let encryption = self.get("replica_encryption_key", |v| {
+            ObjectCipher::from_base64(v).map_err(|e| e.to_string())
+        })?;
         Ok(Some(ReplicaConfig {
             url,
             options,
             lease,
+            encryption,
             unhealthy_after: long("replica_unhealthy_after_secs")?.unwrap_or(Duration::from_secs(60)),
         }))
     }
@@ -389,10 +435,16 @@ impl Sources {
 /// `PORT=abc`, `--port abc` or `port = "abc" in /etc/keycast.toml`.
 fn describe(key: &str, raw: &Raw) -> String {
     let setting = SETTINGS.iter().find(|s| s.key == key).expect("key comes from SETTINGS");
+    // A secret never goes into an error message (which ends up in logs).
+    let value = if SECRET_SETTINGS.contains(&key) {
+        "<redacted>".to_owned()
+    } else {
+        raw.value.clone()
+    };
     match &raw.origin {
-        Origin::Env => format!("{}={}", setting.env, raw.value),
-        Origin::Flag => format!("--{} {}", key.replace('_', "-"), raw.value),
-        Origin::File(path) => format!("{key} = {:?} in {}", raw.value, path.display()),
+        Origin::Env => format!("{}={value}", setting.env),
+        Origin::Flag => format!("--{} {value}", key.replace('_', "-")),
+        Origin::File(path) => format!("{key} = {value:?} in {}", path.display()),
     }
 }
 
@@ -572,6 +624,33 @@ mod tests {
             err.contains("shutdown_grace_secs = \"-1\" in") && err.contains("k.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_secret_can_come_from_a_file_and_is_never_echoed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+        let path = file.display().to_string();
+        let config = env(&[("KEYCAST_REPLICA_ENCRYPTION_KEY_FILE", &path)]).build().unwrap();
+        assert!(config.replica.unwrap().encryption.is_some());
+        let err = env(&[("KEYCAST_REPLICA_ENCRYPTION_KEY", "c2VjcmV0LXNob3J0")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KEYCAST_REPLICA_ENCRYPTION_KEY=<redacted>") && !err.contains("c2VjcmV0"),
+            "{err}"
+        );
+        let both = env(&[
+            ("KEYCAST_REPLICA_ENCRYPTION_KEY", "x"),
+            ("KEYCAST_REPLICA_ENCRYPTION_KEY_FILE", &path),
+        ]);
+        assert!(both
+            .build()
+            .unwrap_err()
+            .to_string()
+            .contains("KEYCAST_REPLICA_ENCRYPTION_KEY_FILE"));
     }
 
     #[test]

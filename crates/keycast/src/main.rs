@@ -120,7 +120,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(_) => serve(config).await,
             Command::Migrate(_) => keycast::serve::migrate(&config).await,
-            Command::Restore(a) => restore(a).await,
+            Command::Restore(a) => restore(&config, a).await,
             Command::Replica(ReplicaCommand::Ls(a)) => {
                 cli::ls_cmd(&replica(&config, a.replica.as_deref())?, a.json).await
             }
@@ -141,16 +141,18 @@ fn main() -> ExitCode {
 /// The replica named by `--replica`, else by the configuration (`KEYCAST_REPLICA_URL`).
 fn replica(config: &Config, flag: Option<&str>) -> anyhow::Result<keycast_replica::Store> {
     let configured = config.replica.as_ref().map(|r| r.url.as_str());
-    cli::open(flag.or(configured).or(Some("none")))
+    let encryption = config.replica.as_ref().and_then(|r| r.encryption.clone());
+    cli::open(flag.or(configured).or(Some("none")), encryption)
 }
 
-async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+async fn restore(config: &Config, args: RestoreArgs) -> anyhow::Result<()> {
     let target = match (&args.txid, &args.timestamp) {
         (Some(t), _) => Target::Txid(cli::parse_txid(t)?),
         (None, Some(t)) => Target::Time(cli::parse_time(t)?),
         (None, None) => Target::Latest,
     };
-    let store = cli::open(args.replica.as_deref())?;
+    // An explicit --replica wins; otherwise the configured one (KEYCAST_REPLICA_URL).
+    let store = replica(config, args.replica.as_deref())?;
     cli::restore_cmd(&store, &args.output, target, args.force, args.json).await
 }
 

@@ -19,9 +19,13 @@ use crate::config::ReplicaConfig;
 /// # Errors
 /// An unusable URL or missing credentials variable.
 pub fn open_store(config: &ReplicaConfig) -> anyhow::Result<Store> {
-    Store::from_url(&config.url, &|name| std::env::var(name).ok())
+    let store = Store::from_url(&config.url, &|name| std::env::var(name).ok())
         .with_context(|| format!("invalid configuration: KEYCAST_REPLICA_URL={}", config.url))?
-        .context("KEYCAST_REPLICA_URL=none was handled before")
+        .context("KEYCAST_REPLICA_URL=none was handled before")?;
+    Ok(match &config.encryption {
+        Some(cipher) => store.with_encryption(cipher.clone()),
+        None => store,
+    })
 }
 
 /// Takes the single-writer lease, waiting for a live holder to release it (a deploy's old

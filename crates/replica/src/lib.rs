@@ -10,6 +10,7 @@
 //! - [`segment`]: builds LTX segments from WAL frames or the whole database.
 //! - [`snapshot`]: the read snapshot that keeps foreign checkpoints from losing frames.
 //! - [`store`]: one replica location (file, S3, GCS, Azure) in Litestream's layout.
+//! - [`crypt`]: optional client-side AES-256-GCM of replica objects.
 //! - [`restore`]: restore planning and verified restore into a new file.
 //! - [`compactor`]: compaction levels, snapshots, retention.
 //! - [`lease`]: the single-writer lease (compare-and-swap on a small object) and hand-over.
@@ -21,6 +22,7 @@ pub mod bootstrap;
 pub mod capture;
 pub mod checksum;
 pub mod compactor;
+pub mod crypt;
 mod file_lock;
 pub mod lease;
 pub mod local_state;

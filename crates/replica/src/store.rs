@@ -50,6 +50,7 @@ use object_store::{
     UpdateVersion,
 };
 
+use crate::crypt::{CryptError, ObjectCipher};
 use crate::ltx::{file_name, parse_file_name};
 
 /// The snapshot level, and the highest level Litestream reads.
@@ -185,6 +186,9 @@ pub enum StoreError {
         key: String,
         source: object_store::Error,
     },
+    /// An object could not be decrypted, or needs a key that was not given.
+    #[error(transparent)]
+    Crypt(CryptError),
     /// The file backend could not take the lock that stands in for compare-and-swap.
     #[error("lock {path}: {source}")]
     Lock { path: PathBuf, source: std::io::Error },
@@ -236,6 +240,8 @@ struct Inner {
     description: String,
     /// Operations issued through this store (and its clones).
     requests: AtomicU64,
+    /// Client-side encryption of LTX objects, when configured.
+    cipher: Option<ObjectCipher>,
 }
 
 impl fmt::Debug for Store {
@@ -333,6 +339,7 @@ impl Store {
             root,
             description,
             requests: AtomicU64::new(0),
+            cipher: None,
         };
         Store { inner: Arc::new(inner) }
     }
@@ -450,7 +457,7 @@ impl Store {
     /// after the listing); `Backend` for any other failure.
     pub async fn get(&self, obj: &LtxObject) -> Result<Bytes, StoreError> {
         match self.read(&obj.key).await? {
-            Some((bytes, _)) => Ok(bytes),
+            Some((bytes, _)) => self.unseal(&obj.key, bytes),
             None => {
                 self.count_error(Operation::Get);
                 Err(StoreError::NotFound {
@@ -489,11 +496,44 @@ impl Store {
             None => Attributes::new(),
         };
         let key = self.ltx_key(level, min_txid, max_txid);
+        let data = match &self.inner.cipher {
+            Some(cipher) => Bytes::from(cipher.seal(key.as_ref(), &data)),
+            None => data,
+        };
         let outcome = self.put_create(&key, data, attributes).await?;
         if outcome == PutOutcome::Created {
             self.set_file_mtime(&key, created_at.into()).await?;
         }
         Ok(outcome)
+    }
+
+    /// Encrypts every LTX object written from now on and decrypts every one read (see
+    /// [`crate::crypt`]). Call right after opening, before the store is cloned.
+    ///
+    /// # Panics
+    /// If the store was already cloned.
+    pub fn with_encryption(mut self, cipher: ObjectCipher) -> Store {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_encryption is called before the store is shared")
+            .cipher = Some(cipher);
+        self
+    }
+
+    /// Whether LTX objects are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.cipher.is_some()
+    }
+
+    /// Decrypts an LTX object read from `key`, or explains why it cannot be read.
+    fn unseal(&self, key: &Path, bytes: Bytes) -> Result<Bytes, StoreError> {
+        match &self.inner.cipher {
+            Some(cipher) => cipher
+                .open(key.as_ref(), &bytes)
+                .map(Bytes::from)
+                .map_err(StoreError::Crypt),
+            None if crate::crypt::is_sealed(&bytes) => Err(StoreError::Crypt(CryptError::KeyMissing(key.to_string()))),
+            None => Ok(bytes),
+        }
     }
 
     /// Deletes LTX files, batched where the backend allows. Idempotent:
