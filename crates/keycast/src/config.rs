@@ -141,6 +141,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "how long a starting instance waits for the lease holder to release it",
     },
     Setting {
+        key: "replica_verify_interval_secs",
+        env: "KEYCAST_REPLICA_VERIFY_INTERVAL_SECS",
+        default: "3600",
+        help: "restore the replica in the background this often and compare it with the live database (0 disables)",
+    },
+    Setting {
         key: "replica_encryption_key",
         env: "KEYCAST_REPLICA_ENCRYPTION_KEY",
         default: "(none)",
@@ -397,6 +403,7 @@ impl Sources {
                 .get("replica_checkpoint_pages", parse_pages)?
                 .unwrap_or(defaults.checkpoint_pages),
             compaction,
+            verify_interval: long("replica_verify_interval_secs")?.unwrap_or(defaults.verify_interval),
             ..defaults
         };
         let lease_defaults = LeaseOptions::default();

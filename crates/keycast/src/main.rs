@@ -62,6 +62,9 @@ enum ReplicaCommand {
     Status(ReplicaArgs),
     /// Snapshots and LTX files in the replica, with TXID ranges, sizes and times.
     Ls(ReplicaArgs),
+    /// Check every object's checksum and restore the replica in full; non-zero exit naming
+    /// the first bad object.
+    Verify(ReplicaArgs),
 }
 
 #[derive(Args)]
@@ -121,6 +124,9 @@ fn main() -> ExitCode {
             Command::Serve(_) => serve(config).await,
             Command::Migrate(_) => keycast::serve::migrate(&config).await,
             Command::Restore(a) => restore(&config, a).await,
+            Command::Replica(ReplicaCommand::Verify(a)) => {
+                cli::verify_cmd(&replica(&config, a.replica.as_deref())?, &std::env::temp_dir(), a.json).await
+            }
             Command::Replica(ReplicaCommand::Ls(a)) => {
                 cli::ls_cmd(&replica(&config, a.replica.as_deref())?, a.json).await
             }

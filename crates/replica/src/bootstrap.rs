@@ -146,6 +146,7 @@ async fn restore_into(db: &Path, store: &Store, moved_aside: Option<PathBuf>) ->
             db_checksum: None,
             updated_at_ms: crate::replicator::now_ms(),
             last_error: None,
+            verification: None,
         },
     )?;
     tracing::info!(

@@ -12,6 +12,7 @@
 //! - [`store`]: one replica location (file, S3, GCS, Azure) in Litestream's layout.
 //! - [`crypt`]: optional client-side AES-256-GCM of replica objects.
 //! - [`restore`]: restore planning and verified restore into a new file.
+//! - [`verify`]: proving the replica restores to exactly the live database.
 //! - [`compactor`]: compaction levels, snapshots, retention.
 //! - [`lease`]: the single-writer lease (compare-and-swap on a small object) and hand-over.
 //! - [`bootstrap`]: what to do at start-up given the local file and the replica.
@@ -32,6 +33,7 @@ pub mod restore;
 pub mod segment;
 pub mod snapshot;
 pub mod store;
+pub mod verify;
 pub mod wal;
 
 #[cfg(test)]

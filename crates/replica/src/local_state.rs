@@ -78,6 +78,17 @@ pub struct LocalState {
     /// The last replication error since the last success, for `keycast replica status`.
     #[serde(default)]
     pub last_error: Option<String>,
+    /// The last background verification: TXID, when (ms), and the failure if it failed.
+    #[serde(default)]
+    pub verification: Option<VerificationRecord>,
+}
+
+/// A background verification's outcome, as recorded locally.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerificationRecord {
+    pub txid: u64,
+    pub at_ms: i64,
+    pub error: Option<String>,
 }
 
 /// `<db>-replica.json`
@@ -147,6 +158,7 @@ mod tests {
             db_checksum: Some(9),
             updated_at_ms: 1,
             last_error: None,
+            verification: None,
         };
         store(&db, &state).unwrap();
         assert_eq!(load(&db).unwrap(), Some(state));

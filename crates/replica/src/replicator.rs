@@ -47,6 +47,9 @@ pub const DEFAULT_RETRY_MIN: Duration = Duration::from_millis(50);
 /// Longest delay between retries of a failing upload.
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How often the replica is restored in the background and compared with the live database.
+pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Tunables of the replicator. Every field has a documented default.
 #[derive(Debug, Clone)]
 pub struct ReplicaOptions {
@@ -62,6 +65,9 @@ pub struct ReplicaOptions {
     pub retry_max: Duration,
     /// Compaction levels, snapshots and retention.
     pub compaction: CompactionPolicy,
+    /// See [`DEFAULT_VERIFY_INTERVAL`]; zero disables background verification. Runs only when
+    /// something was shipped since the last one (an idle database costs nothing).
+    pub verify_interval: Duration,
 }
 
 impl Default for ReplicaOptions {
@@ -73,6 +79,7 @@ impl Default for ReplicaOptions {
             retry_min: DEFAULT_RETRY_MIN,
             retry_max: DEFAULT_RETRY_MAX,
             compaction: CompactionPolicy::default(),
+            verify_interval: DEFAULT_VERIFY_INTERVAL,
         }
     }
 }
@@ -120,6 +127,19 @@ pub struct Status {
     /// Segments stored / checkpoints run since start.
     pub segments: u64,
     pub checkpoints: u64,
+    /// The last background verification, if one ran.
+    pub verification: Option<Verification>,
+}
+
+/// The outcome of one background verification.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// The TXID restored and compared.
+    pub txid: u64,
+    /// `None` when the restored replica matched the live database; the reason otherwise.
+    pub error: Option<String>,
+    /// When it finished.
+    pub at: SystemTime,
 }
 
 /// Handle on a running replicator.
@@ -301,6 +321,22 @@ impl Shared {
         }
     }
 
+    fn record_verification(&self, txid: u64, error: Option<String>) {
+        metrics::gauge!("keycast_replica_verification_ok").set(if error.is_none() { 1.0 } else { 0.0 });
+        metrics::gauge!("keycast_replica_verification_txid").set(txid as f64);
+        match &error {
+            None => tracing::info!(txid, "verified: the replica restores to exactly the live database"),
+            Some(e) => {
+                tracing::error!(txid, error = %e, "VERIFICATION FAILED: the replica does not restore to the live database")
+            }
+        }
+        self.status.lock().expect("status lock").verification = Some(Verification {
+            txid,
+            error,
+            at: SystemTime::now(),
+        });
+    }
+
     /// Stops this instance from writing the replica, for good.
     fn fence(&self) {
         self.status.lock().expect("status lock").fenced = true;
@@ -343,6 +379,9 @@ struct Worker {
     last_checkpoint: Instant,
     shipped_since_checkpoint: bool,
     compaction: compactor::Schedule,
+    last_verify: Instant,
+    shipped_since_verify: bool,
+    verifying: Option<tokio::task::JoinHandle<()>>,
     /// `lock_conn` holds SQLite's write lock (inside a checkpoint or a full image).
     locked: bool,
     /// The read snapshot held between rounds (see [`crate::snapshot`]).
@@ -386,6 +425,9 @@ impl Worker {
             last_checkpoint: Instant::now(),
             shipped_since_checkpoint: false,
             compaction,
+            last_verify: Instant::now(),
+            shipped_since_verify: false,
+            verifying: None,
             locked: false,
             snapshot: Snapshot::open(db).await?,
         })
@@ -516,6 +558,7 @@ impl Worker {
         }
         self.cursor = segment.next;
         self.shipped_since_checkpoint = true;
+        self.shipped_since_verify = true;
         self.compaction.note_shipped();
         local_state::store(&self.db, &self.record(false))?;
         metrics::counter!("keycast_replica_segments_total").increment(1);
@@ -549,6 +592,22 @@ impl Worker {
             db_checksum: None,
             updated_at_ms: now_ms(),
             last_error: None,
+            verification: self
+                .shared
+                .status
+                .lock()
+                .expect("status lock")
+                .verification
+                .as_ref()
+                .map(|v| local_state::VerificationRecord {
+                    txid: v.txid,
+                    at_ms: v
+                        .at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0),
+                    error: v.error.clone(),
+                }),
         }
     }
 
@@ -676,6 +735,9 @@ impl Worker {
         if self.checkpoint_due() {
             self.checkpoint().await?;
         }
+        if self.verify_due() {
+            self.start_verification().await?;
+        }
         if self.compaction.due() {
             compactor::run_due(
                 &self.store,
@@ -696,7 +758,50 @@ impl Worker {
         } else {
             Duration::from_secs(3600)
         };
-        checkpoint.min(self.compaction.next_in()).max(Duration::from_millis(1))
+        let verify = if self.shipped_since_verify && !self.options.verify_interval.is_zero() {
+            self.options.verify_interval.saturating_sub(self.last_verify.elapsed())
+        } else {
+            Duration::from_secs(3600)
+        };
+        checkpoint
+            .min(self.compaction.next_in())
+            .min(verify)
+            .max(Duration::from_millis(1))
+    }
+
+    fn verify_due(&self) -> bool {
+        !self.options.verify_interval.is_zero()
+            && self.shipped_since_verify
+            && self.last_verify.elapsed() >= self.options.verify_interval
+            && self.verifying.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Takes the live database's checksum at the shipped TXID (under the write lock, so both
+    /// are the same state), then restores that TXID and compares, in the background.
+    async fn start_verification(&mut self) -> Result<(), ReplicaError> {
+        let took_lock = self.lock().await?;
+        let measured = async {
+            self.sync_all().await?;
+            let db = self.db.clone();
+            let sum = tokio::task::spawn_blocking(move || segment::LiveImage::open(&db)?.checksum())
+                .await
+                .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))??;
+            Ok::<_, ReplicaError>((self.cursor.txid, sum))
+        }
+        .await;
+        if took_lock {
+            self.unlock().await?;
+        }
+        let (txid, expected) = measured?;
+        self.last_verify = Instant::now();
+        self.shipped_since_verify = false;
+        let (store, shared) = (self.store.clone(), self.shared.clone());
+        let scratch = self.db.parent().map(Path::to_owned).unwrap_or_else(std::env::temp_dir);
+        self.verifying = Some(tokio::spawn(async move {
+            let result = crate::verify::verify_at(&store, txid, expected, &scratch).await;
+            shared.record_verification(txid, result.err().map(|e| e.to_string()));
+        }));
+        Ok(())
     }
 
     fn checkpoint_due(&self) -> bool {

@@ -80,6 +80,8 @@ pub enum RestoreError {
     MissingPage { pgno: u32, pages: u32 },
     #[error("the restored database fails SQLite's integrity check: {0}")]
     Integrity(String),
+    #[error("the restored database at TXID {txid} has checksum {restored:016x}, but keycast recorded {recorded:016x} for that TXID when it verified the live database")]
+    ChecksumMismatch { txid: u64, restored: u64, recorded: u64 },
     #[error("output {0} already exists; remove it or restore elsewhere")]
     OutputExists(PathBuf),
     #[error(transparent)]
@@ -203,7 +205,10 @@ pub async fn restore(
     let temp = temp_path(output);
     let result = apply_all(store, &files, &temp, progress).await;
     let result = match result {
-        Ok(restored) => verify_integrity(&temp).await.map(|()| restored),
+        Ok(restored) => match verify_integrity(&temp).await {
+            Ok(()) => compare_recorded_checksum(store, &temp, restored).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     match result {
@@ -245,7 +250,13 @@ async fn apply_all(
         .open(temp)
         .map_err(io_err)?;
     let mut state = ApplyState::default();
-    let mut fetched = futures::stream::iter(files.iter().map(|f| async move { store.get(f).await.map(|b| (f, b)) }))
+    // Owned futures (a cloned store and object each): borrowing ones trip a rustc limitation
+    // (higher-ranked lifetimes) when a restore runs inside a spawned task.
+    let fetches = files.iter().cloned().map(|f| {
+        let store = store.clone();
+        async move { store.get(&f).await.map(|b| (f, b)) }
+    });
+    let mut fetched = futures::stream::iter(fetches)
         .buffered(DEFAULT_FETCH_CONCURRENCY)
         .map_err(RestoreError::from);
     let mut done = 0;
@@ -256,7 +267,7 @@ async fn apply_all(
             source,
         })?;
         state
-            .apply(&file, object, decoded)
+            .apply(&file, &object, decoded)
             .map_err(|e| e.into_restore_error(temp))?;
         done += 1;
         if let Some(report) = progress {
@@ -355,6 +366,31 @@ impl ApplyState {
         }
         Ok(())
     }
+}
+
+/// Where keycast recorded the live database's checksum for the restored TXID (its background
+/// verification does), the restored file must have exactly that checksum.
+async fn compare_recorded_checksum(store: &Store, temp: &Path, restored: Restored) -> Result<Restored, RestoreError> {
+    let Some(recorded) = crate::verify::recorded_checksum(store, restored.txid).await? else {
+        return Ok(restored);
+    };
+    let (path, page_size) = (temp.to_owned(), restored.page_size);
+    let actual = tokio::task::spawn_blocking(move || crate::checksum::database_checksum_path(&path, page_size))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| RestoreError::Io {
+            path: temp.to_owned(),
+            source,
+        })?;
+    if actual != recorded {
+        return Err(RestoreError::ChecksumMismatch {
+            txid: restored.txid,
+            restored: actual,
+            recorded,
+        });
+    }
+    Ok(restored)
 }
 
 /// Opens the restored file read-only and immutable (so no `-wal`/`-shm` appear) and runs

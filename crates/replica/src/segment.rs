@@ -12,7 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::checksum::lock_page;
+use crate::checksum::{lock_page, DbChecksum};
 use crate::local_state::WalCursor;
 use crate::ltx::{Encoder, Header, LtxError, FLAG_NO_CHECKSUM};
 use crate::wal::{self, WalError, WalHeader, WalPosition};
@@ -172,8 +172,99 @@ pub fn next_wal_segment(
     }))
 }
 
-/// A segment holding every page of the current database state (database file overlaid
-/// with every committed frame of the current WAL generation), at TXID `txid`. With
+/// The current database state as a reader sees it: the database file overlaid with every
+/// committed frame of the current WAL generation. Callers must keep commits out while they
+/// use it (hold SQLite's write lock) for the image to be one consistent state.
+pub struct LiveImage {
+    file: File,
+    path: PathBuf,
+    overlay: BTreeMap<u32, Vec<u8>>,
+    /// Database size in pages.
+    pub commit: u32,
+    pub page_size: u32,
+    /// WAL position after the last committed frame, if there is a WAL.
+    pub wal: Option<WalCursor>,
+}
+
+impl LiveImage {
+    /// Reads the WAL's committed frames and opens the database file.
+    ///
+    /// # Errors
+    /// I/O and WAL errors.
+    pub fn open(db: &Path) -> Result<LiveImage, SegmentError> {
+        let page_size = page_size_of(db)?;
+        let wal_path = wal_path(db);
+        let (mut overlay, mut commit, mut wal_cursor) = (BTreeMap::new(), None, None);
+        if let Some((mut wal, header)) = open_wal(&wal_path)? {
+            if header.page_size == page_size {
+                let committed =
+                    wal::read_committed(&mut wal, &header, WalPosition::start(&header)).map_err(|source| {
+                        SegmentError::Wal {
+                            path: wal_path.clone(),
+                            source,
+                        }
+                    })?;
+                commit = committed.commit;
+                wal_cursor = Some(WalCursor::new(&header, committed.end));
+                for frame in committed.frames {
+                    overlay.insert(frame.pgno, frame.data);
+                }
+            }
+        }
+        let io = |source| SegmentError::Io {
+            path: db.to_owned(),
+            source,
+        };
+        let file = File::open(db).map_err(io)?;
+        let file_pages = file.metadata().map_err(io)?.len() / u64::from(page_size);
+        let commit = commit.unwrap_or(file_pages as u32).max(1);
+        Ok(LiveImage {
+            file,
+            path: db.to_owned(),
+            overlay,
+            commit,
+            page_size,
+            wal: wal_cursor,
+        })
+    }
+
+    /// Calls `each(pgno, page)` for pages 1..=commit in order, skipping the lock page.
+    ///
+    /// # Errors
+    /// I/O errors, or the first error `each` returns.
+    pub fn for_each_page(
+        &self,
+        mut each: impl FnMut(u32, &[u8]) -> Result<(), SegmentError>,
+    ) -> Result<(), SegmentError> {
+        let lock = lock_page(self.page_size);
+        let mut buf = vec![0u8; self.page_size as usize];
+        for pgno in (1..=self.commit).filter(|p| *p != lock) {
+            match self.overlay.get(&pgno) {
+                Some(page) => each(pgno, page)?,
+                None => {
+                    read_page(&self.file, &self.path, pgno, &mut buf)?;
+                    each(pgno, &buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The Litestream-style database checksum of this state.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn checksum(&self) -> Result<u64, SegmentError> {
+        let mut sum = DbChecksum::new();
+        self.for_each_page(|pgno, page| {
+            sum.add_page(pgno, page);
+            Ok(())
+        })?;
+        Ok(sum.value())
+    }
+}
+
+/// A segment holding every page of the current database state at TXID `txid`. With
 /// `txid == 1` it is a snapshot in LTX terms.
 ///
 /// The caller must hold SQLite's write lock so no commit lands while it reads.
@@ -181,66 +272,23 @@ pub fn next_wal_segment(
 /// # Errors
 /// I/O and encoding errors.
 pub fn full_image(db: &Path, txid: u64, now_ms: i64) -> Result<Segment, SegmentError> {
-    let page_size = page_size_of(db)?;
-    let wal_path = wal_path(db);
-    let mut overlay: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-    let mut commit = None;
-    let mut wal_cursor = None;
-    if let Some((mut wal, header)) = open_wal(&wal_path)? {
-        if header.page_size == page_size {
-            let committed = wal::read_committed(&mut wal, &header, WalPosition::start(&header)).map_err(|source| {
-                SegmentError::Wal {
-                    path: wal_path.clone(),
-                    source,
-                }
-            })?;
-            commit = committed.commit;
-            wal_cursor = Some(WalCursor::new(&header, committed.end));
-            for frame in committed.frames {
-                overlay.insert(frame.pgno, frame.data);
-            }
-        }
-    }
-    let file = File::open(db).map_err(|source| SegmentError::Io {
-        path: db.to_owned(),
-        source,
-    })?;
-    let file_pages = file
-        .metadata()
-        .map_err(|source| SegmentError::Io {
-            path: db.to_owned(),
-            source,
-        })?
-        .len()
-        / u64::from(page_size);
-    let commit = commit.unwrap_or(file_pages as u32).max(1);
+    let image = LiveImage::open(db)?;
     let header = Header {
         flags: FLAG_NO_CHECKSUM,
-        page_size,
-        commit,
+        page_size: image.page_size,
+        commit: image.commit,
         min_txid: txid,
         max_txid: txid,
         timestamp_ms: now_ms,
         ..Header::default()
     };
     let mut encoder = Encoder::new(header)?;
-    let lock = lock_page(page_size);
-    let mut buf = vec![0u8; page_size as usize];
-    for pgno in (1..=commit).filter(|p| *p != lock) {
-        let page = match overlay.get(&pgno) {
-            Some(page) => page.as_slice(),
-            None => {
-                read_page(&file, db, pgno, &mut buf)?;
-                buf.as_slice()
-            }
-        };
-        encoder.encode_page(pgno, page)?;
-    }
+    image.for_each_page(|pgno, page| Ok(encoder.encode_page(pgno, page)?))?;
     let next = Cursor {
         txid,
-        commit,
-        page_size,
-        wal: wal_cursor,
+        commit: image.commit,
+        page_size: image.page_size,
+        wal: image.wal,
         reset_expected: false,
     };
     Ok(Segment {

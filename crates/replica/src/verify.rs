@@ -1,0 +1,167 @@
+//! Verification: prove the replica restores to exactly the live database.
+//!
+//! - [`verify_replica`] (`keycast replica verify`): read every object and check its CRC,
+//!   then restore the latest state (chain, completeness, `integrity_check`) and compare it with
+//!   the checksum keycast recorded for that TXID, if any. Names the first bad object.
+//! - [`verify_at`] (the replicator's periodic check): restore a given TXID and compare its
+//!   checksum with the live database's checksum at that same TXID, then record the checksum in
+//!   the replica (`keycast/checksum/<txid>.json`) so later restores of that TXID are checked
+//!   against it too.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::checksum::database_checksum_path;
+use crate::ltx::{self, LtxError};
+use crate::restore::{self, RestoreError, Target};
+use crate::store::{Store, StoreError};
+
+/// What a successful verification covered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    /// LTX objects whose CRC was checked.
+    pub objects: usize,
+    /// Bytes read.
+    pub bytes: u64,
+    /// TXID of the restored state.
+    pub txid: u64,
+    /// Its database checksum.
+    pub checksum: u64,
+}
+
+/// Why verification failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("object {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: LtxError,
+    },
+    #[error("the replica at TXID {txid} has checksum {replica:016x} but the database had {expected:016x}: the replica does not hold what was written")]
+    Mismatch { txid: u64, replica: u64, expected: u64 },
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("verification scratch file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChecksumRecord {
+    txid: u64,
+    checksum: String,
+}
+
+fn checksum_object(txid: u64) -> String {
+    format!("keycast/checksum/{txid:016x}.json")
+}
+
+/// The checksum keycast recorded for `txid`, if any.
+///
+/// # Errors
+/// Store errors; a record that cannot be parsed is [`RestoreError::Mismatch`] naming it
+/// (tampering or corruption is never ignored).
+pub async fn recorded_checksum(store: &Store, txid: u64) -> Result<Option<u64>, RestoreError> {
+    let name = checksum_object(txid);
+    let Some((bytes, _)) = store.get_object(&name).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice::<ChecksumRecord>(&bytes)
+        .ok()
+        .filter(|r| r.txid == txid && r.checksum.len() == 16)
+        .and_then(|r| u64::from_str_radix(&r.checksum, 16).ok())
+        .map(Some)
+        .ok_or(RestoreError::Mismatch {
+            key: name,
+            reason: "the checksum record is malformed".into(),
+        })
+}
+
+/// Records the verified checksum of `txid` (create-only; a record never changes).
+///
+/// # Errors
+/// Store errors.
+pub async fn record_checksum(store: &Store, txid: u64, checksum: u64) -> Result<(), StoreError> {
+    let record = ChecksumRecord {
+        txid,
+        checksum: format!("{checksum:016x}"),
+    };
+    let bytes = Bytes::from(serde_json::to_vec(&record).expect("a checksum record serialises"));
+    let _ = store.put_object_create(&checksum_object(txid), bytes).await?;
+    Ok(())
+}
+
+/// Checks every object, then restores the latest state into `scratch` (a directory) and
+/// compares it with the recorded checksum for its TXID where one exists.
+///
+/// # Errors
+/// The first corrupt object, a failed restore, or a checksum mismatch.
+pub async fn verify_replica(store: &Store, scratch: &Path) -> Result<Verified, VerifyError> {
+    let (mut objects, mut bytes) = (0, 0);
+    for object in store.list_all().await? {
+        let data = store.get(&object).await?;
+        ltx::decode(&data).map_err(|source| VerifyError::Corrupt {
+            key: object.key.to_string(),
+            source,
+        })?;
+        objects += 1;
+        bytes += data.len() as u64;
+    }
+    let (txid, checksum) = restore_and_sum(store, Target::Latest, scratch).await?;
+    if let Some(expected) = recorded_checksum(store, txid).await? {
+        if expected != checksum {
+            return Err(VerifyError::Mismatch {
+                txid,
+                replica: checksum,
+                expected,
+            });
+        }
+    }
+    Ok(Verified {
+        objects,
+        bytes,
+        txid,
+        checksum,
+    })
+}
+
+/// Restores `txid` into `scratch` and compares it with `expected`, the live database's
+/// checksum at that TXID; on success records the checksum in the replica.
+///
+/// # Errors
+/// A failed restore or a mismatch.
+pub async fn verify_at(store: &Store, txid: u64, expected: u64, scratch: &Path) -> Result<Verified, VerifyError> {
+    let (restored, checksum) = restore_and_sum(store, Target::Txid(txid), scratch).await?;
+    if checksum != expected {
+        return Err(VerifyError::Mismatch {
+            txid: restored,
+            replica: checksum,
+            expected,
+        });
+    }
+    record_checksum(store, txid, checksum).await?;
+    Ok(Verified {
+        objects: 0,
+        bytes: 0,
+        txid,
+        checksum,
+    })
+}
+
+/// Restores `target` into a temporary file under `scratch`, returning its TXID and checksum.
+async fn restore_and_sum(store: &Store, target: Target, scratch: &Path) -> Result<(u64, u64), VerifyError> {
+    std::fs::create_dir_all(scratch)?;
+    let dir = tempfile::Builder::new()
+        .prefix(".keycast-verify-")
+        .tempdir_in(scratch)?;
+    let out = dir.path().join("verify.db");
+    let restored = restore::restore(store, &out, target, None).await?;
+    let checksum = tokio::task::spawn_blocking(move || database_checksum_path(&out, restored.page_size))
+        .await
+        .map_err(std::io::Error::other)??;
+    Ok((restored.txid, checksum))
+}
