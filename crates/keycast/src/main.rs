@@ -138,7 +138,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -194,4 +194,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("keycast listening on http://{local}");
     tracing::info!(%local, "listening");
     keycast::run(listener, config, metrics, keycast::serve::shutdown_signal()).await
+}
+
+/// The error and its causes, each once: many errors already spell out their cause, and
+/// printing the chain naively (`{:#}`) would repeat it.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }

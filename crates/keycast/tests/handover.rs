@@ -30,7 +30,7 @@ fn launch(data: &Path, replica: &str) -> Launch {
 }
 
 /// Keys present in the replica, read through `keycast restore` like an operator would.
-fn replicated_keys(dir: &Path, replica: &str) -> Vec<String> {
+fn replicated_keys(dir: &Path, replica: &str, env: &[(String, String)]) -> Vec<String> {
     let out = dir.join(format!(
         "check-{}.db",
         std::process::id() as u128 + Instant::now().elapsed().as_nanos()
@@ -39,6 +39,7 @@ fn replicated_keys(dir: &Path, replica: &str) -> Vec<String> {
     let status = Command::new(env!("CARGO_BIN_EXE_keycast"))
         .args(["restore", "--replica", replica, "-o"])
         .arg(&out)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .output()
         .unwrap();
     assert!(
@@ -75,8 +76,9 @@ fn writer(base: String, prefix: String, durable: bool, stop: Arc<AtomicBool>) ->
     })
 }
 
-fn handover_loop(replica: &str, cycles: usize) {
+fn handover_loop(replica: &str, cycles: usize, extra_env: &[(String, String)]) {
     let dir = tempfile::tempdir().unwrap();
+    let launch = |data: &Path, replica: &str| extra_env.iter().fold(launch(data, replica), |l, (k, v)| l.env(k, v));
     let mut current: Keycast = launch(&dir.path().join("data-0"), replica).start();
     let mut acknowledged: Vec<String> = Vec::new();
     for cycle in 1..=cycles {
@@ -102,7 +104,7 @@ fn handover_loop(replica: &str, cycles: usize) {
         current = next.into_keycast();
     }
     current.stop();
-    let present = replicated_keys(dir.path(), replica);
+    let present = replicated_keys(dir.path(), replica, extra_env);
     let missing: Vec<&String> = acknowledged.iter().filter(|k| !present.contains(k)).collect();
     assert!(
         missing.is_empty(),
@@ -115,7 +117,18 @@ fn handover_loop(replica: &str, cycles: usize) {
 #[test]
 fn deploy_handover_loses_no_acknowledged_write_file_replica() {
     let dir = tempfile::tempdir().unwrap();
-    handover_loop(&format!("file://{}", dir.path().join("replica").display()), 5);
+    handover_loop(&format!("file://{}", dir.path().join("replica").display()), 5, &[]);
+}
+
+#[test]
+fn deploy_handover_loses_no_acknowledged_write_s3_replica() {
+    let Some(endpoint) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let bucket = harness::new_bucket(&endpoint, "handover");
+    let mut env = harness::s3_env(&endpoint, &bucket, "kc");
+    let replica = env.remove(0).1; // KEYCAST_REPLICA_URL goes through launch()
+    handover_loop(&replica, 5, &env);
 }
 
 #[test]
@@ -152,7 +165,7 @@ fn split_brain_never_corrupts_the_replica_nor_loses_durable_writes() {
     b.stop();
     drop(a);
 
-    let present = replicated_keys(dir.path(), &replica);
+    let present = replicated_keys(dir.path(), &replica, &[]);
     for key in durable.lock().unwrap().iter() {
         assert!(present.contains(key), "durable write {key} is in the replica");
     }

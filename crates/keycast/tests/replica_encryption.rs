@@ -13,7 +13,9 @@ const WRONG: &str = "HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=";
 
 fn restore(replica: &str, out: &std::path::Path, key: Option<&str>) -> std::process::Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keycast"));
-    cmd.args(["restore", "--replica", replica, "-o"]).arg(out).env_remove("KEYCAST_REPLICA_ENCRYPTION_KEY");
+    cmd.args(["restore", "--replica", replica, "-o"])
+        .arg(out)
+        .env_remove("KEYCAST_REPLICA_ENCRYPTION_KEY");
     if let Some(key) = key {
         cmd.env("KEYCAST_REPLICA_ENCRYPTION_KEY", key);
     }
@@ -30,8 +32,18 @@ fn an_encrypted_replica_round_trips_and_refuses_wrong_or_missing_keys() {
         .env("KEYCAST_REPLICA_URL", &replica)
         .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
         .start();
-    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
-    let status = agent.post(format!("{}/api/test/write?key=plaintext-marker-4711&durable=true", server.base)).send_empty().unwrap().status();
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let status = agent
+        .post(format!(
+            "{}/api/test/write?key=plaintext-marker-4711&durable=true",
+            server.base
+        ))
+        .send_empty()
+        .unwrap()
+        .status();
     assert_eq!(status, 200);
     server.stop();
 
@@ -40,29 +52,54 @@ fn an_encrypted_replica_round_trips_and_refuses_wrong_or_missing_keys() {
         let bytes = std::fs::read(&entry).unwrap();
         if entry.extension().is_some_and(|e| e == "ltx") {
             assert!(!bytes.starts_with(b"LTX1"), "{} is not plaintext LTX", entry.display());
-            assert!(!bytes.windows(20).any(|w| w == b"plaintext-marker-471".as_slice()), "{}", entry.display());
+            assert!(
+                !bytes.windows(20).any(|w| w == b"plaintext-marker-471".as_slice()),
+                "{}",
+                entry.display()
+            );
         }
     }
 
     let out = dir.path().join("ok.db");
     let ok = restore(&replica, &out, Some(KEY));
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let rows = Command::new("sqlite3").arg(&out).arg("SELECT key FROM keycast_meta WHERE key LIKE 'test:%'").output().unwrap();
+    let rows = Command::new("sqlite3")
+        .arg(&out)
+        .arg("SELECT key FROM keycast_meta WHERE key LIKE 'test:%'")
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&rows.stdout), "test:plaintext-marker-4711\n");
 
     let wrong = restore(&replica, &dir.path().join("wrong.db"), Some(WRONG));
     assert!(!wrong.status.success());
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong KEYCAST_REPLICA_ENCRYPTION_KEY"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("wrong KEYCAST_REPLICA_ENCRYPTION_KEY"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
     assert!(!dir.path().join("wrong.db").exists());
 
     let missing = restore(&replica, &dir.path().join("missing.db"), None);
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("is encrypted: set KEYCAST_REPLICA_ENCRYPTION_KEY"), "{}", String::from_utf8_lossy(&missing.stderr));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("is encrypted: set KEYCAST_REPLICA_ENCRYPTION_KEY"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 
     if let Some(litestream) = harness::peer("KEYCAST_TEST_LITESTREAM") {
         let out = dir.path().join("litestream.db");
-        let result = Command::new(litestream).env_remove("AWS_CA_BUNDLE").args(["restore", "-o"]).arg(&out).arg(&replica).output().unwrap();
-        assert!(!result.status.success(), "Litestream must not restore an encrypted replica");
+        let result = Command::new(litestream)
+            .env_remove("AWS_CA_BUNDLE")
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(&replica)
+            .output()
+            .unwrap();
+        assert!(
+            !result.status.success(),
+            "Litestream must not restore an encrypted replica"
+        );
     }
 }
 

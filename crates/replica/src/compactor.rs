@@ -172,8 +172,8 @@ pub async fn compact_level(store: &Store, level: u8) -> Result<Option<(u64, u64)
         return Ok(None);
     }
     let (min, max) = (inputs[0].min_txid, inputs[inputs.len() - 1].max_txid);
-    let bytes = merge(store, &inputs, min).await?;
-    store_create(store, level, min, max, bytes).await?;
+    let (bytes, timestamp_ms) = merge(store, &inputs, min).await?;
+    store_create(store, level, min, max, bytes, timestamp_ms).await?;
     metrics::counter!("keycast_replica_compactions_total", "level" => level.to_string()).increment(1);
     Ok(Some((min, max)))
 }
@@ -190,15 +190,16 @@ pub async fn snapshot(store: &Store) -> Result<Option<u64>, ReplicaError> {
     if files.iter().any(|f| f.level == SNAPSHOT_LEVEL && f.max_txid == max) {
         return Ok(None);
     }
-    let bytes = merge(store, &plan, 1).await?;
-    store_create(store, SNAPSHOT_LEVEL, 1, max, bytes).await?;
+    let (bytes, timestamp_ms) = merge(store, &plan, 1).await?;
+    store_create(store, SNAPSHOT_LEVEL, 1, max, bytes, timestamp_ms).await?;
     metrics::counter!("keycast_replica_snapshots_total").increment(1);
     Ok(Some(max))
 }
 
 /// Decodes `inputs` in order and encodes their union (newest page wins) as one file whose
-/// TXIDs start at `min`. Header: last input's commit and timestamp, as Litestream does.
-async fn merge(store: &Store, inputs: &[LtxObject], min: u64) -> Result<Bytes, ReplicaError> {
+/// TXIDs start at `min`. Header: last input's commit and timestamp, as Litestream does; the
+/// timestamp is returned too, because it must also become the object's CreatedAt.
+async fn merge(store: &Store, inputs: &[LtxObject], min: u64) -> Result<(Bytes, i64), ReplicaError> {
     let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
     let mut last: Option<Header> = None;
     for input in inputs {
@@ -224,16 +225,23 @@ async fn merge(store: &Store, inputs: &[LtxObject], min: u64) -> Result<Bytes, R
             .encode_page(*pgno, page)
             .map_err(crate::segment::SegmentError::from)?;
     }
-    Ok(Bytes::from(
-        encoder.finish(0).map_err(crate::segment::SegmentError::from)?,
-    ))
+    let bytes = encoder.finish(0).map_err(crate::segment::SegmentError::from)?;
+    Ok((Bytes::from(bytes), last.timestamp_ms))
 }
 
-/// Create-only store of a derived file. A file already there at the same key holds the same
-/// TXID range from the same inputs, so it is accepted.
-async fn store_create(store: &Store, level: u8, min: u64, max: u64, bytes: Bytes) -> Result<(), ReplicaError> {
-    let timestamp = crate::replicator::now_ms();
-    match store.put_ltx(level, min, max, bytes, timestamp).await? {
+/// Create-only store of a derived file, created "at" its header timestamp (the newest input's
+/// time): point-in-time restores compare that, so a compacted file must not look newer than
+/// the commits it holds. A file already at the same key holds the same TXID range from the
+/// same inputs, so it is accepted.
+async fn store_create(
+    store: &Store,
+    level: u8,
+    min: u64,
+    max: u64,
+    bytes: Bytes,
+    timestamp_ms: i64,
+) -> Result<(), ReplicaError> {
+    match store.put_ltx(level, min, max, bytes, timestamp_ms).await? {
         PutOutcome::Created | PutOutcome::AlreadyExists => Ok(()),
     }
 }

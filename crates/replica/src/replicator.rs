@@ -263,7 +263,8 @@ impl Monitor {
 
     /// Whether this instance may still accept writes: not fenced, and its lease (if any)
     /// still ours — renewed now if it is due, so a write after a long idle period learns
-    /// of a takeover *before* it is accepted rather than after.
+    /// of a takeover *before* it is accepted rather than after. A renewal that fails only
+    /// because the store is unreachable does not refuse the write.
     ///
     /// # Errors
     /// [`ReplicaError::Fenced`]-like errors saying why writes are refused.
@@ -271,13 +272,19 @@ impl Monitor {
         if let Some(txid) = self.0.fenced_txid() {
             return Err(ReplicaError::Fenced { txid });
         }
-        if let Err(e) = self.0.keep_lease().await {
-            if matches!(e, ReplicaError::LeaseLost { .. }) {
+        match self.0.keep_lease().await {
+            Err(e @ ReplicaError::LeaseLost { .. }) => {
                 self.0.fence();
+                Err(e)
             }
-            return Err(e);
+            // The store is unreachable: nobody else can take the lease through it either, so
+            // async writes go on (they ship when it is back); durable ones wait and fail.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the replica lease now; accepting the write, it ships when the store is back");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
         }
-        Ok(())
     }
 
     /// Waits until every commit the application made before this call is in the object store.

@@ -201,7 +201,11 @@ pub async fn restore(
     if output.exists() {
         return Err(RestoreError::OutputExists(output.to_owned()));
     }
-    let files = plan(&store.list_all().await?, target, &store.describe())?;
+    let mut files = store.list_all().await?;
+    if let Target::Time(_) = target {
+        stamp_creation_times(store, &mut files).await?;
+    }
+    let files = plan(&files, target, &store.describe())?;
     let temp = temp_path(output);
     let result = apply_all(store, &files, &temp, progress).await;
     let result = match result {
@@ -225,6 +229,23 @@ pub async fn restore(
             Err(e)
         }
     }
+}
+
+/// Replaces each file's listed time (on S3, the upload time rounded to the second) with its
+/// CreatedAt — the header timestamp keycast and Litestream record with every object — which
+/// is what a point-in-time restore must compare. Costs one HEAD per object on cloud stores.
+async fn stamp_creation_times(store: &Store, files: &mut [LtxObject]) -> Result<(), StoreError> {
+    let times: Vec<SystemTime> = futures::stream::iter(files.iter().cloned().map(|f| {
+        let store = store.clone();
+        async move { store.created_at(&f).await }
+    }))
+    .buffered(DEFAULT_FETCH_CONCURRENCY)
+    .try_collect()
+    .await?;
+    for (file, time) in files.iter_mut().zip(times) {
+        file.created_at = time;
+    }
+    Ok(())
 }
 
 fn temp_path(output: &Path) -> PathBuf {

@@ -920,6 +920,14 @@ fn open_s3(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String>) -> Resul
     let endpoint = env("AWS_ENDPOINT_URL")
         .map(|value| parse_endpoint(&value))
         .transpose()?;
+    // A custom endpoint has no instance-metadata service: without keys the SDK would wander
+    // off to 169.254.169.254 and fail obscurely. Say what is missing instead.
+    if endpoint.is_some() && env("AWS_ACCESS_KEY_ID").is_none() {
+        return Err(StoreError::Config {
+            variable: "AWS_ACCESS_KEY_ID",
+            reason: "is required with AWS_ENDPOINT_URL (an S3-compatible server has no instance credentials)".into(),
+        });
+    }
     let mut description = format!("s3://{bucket}/{prefix} (");
     match &endpoint {
         Some(endpoint) => {
@@ -1144,10 +1152,19 @@ mod tests {
 
     #[test]
     fn endpoint_userinfo_is_not_described() {
-        let store = open("s3://bkt/app", &[("AWS_ENDPOINT_URL", "http://user:pw@minio:9000/")])
-            .unwrap()
-            .unwrap();
+        let env = [
+            ("AWS_ENDPOINT_URL", "http://user:pw@minio:9000/"),
+            ("AWS_ACCESS_KEY_ID", "k"),
+            ("AWS_SECRET_ACCESS_KEY", "s"),
+        ];
+        let store = open("s3://bkt/app", &env).unwrap().unwrap();
         assert!(!store.describe().contains("pw"), "{}", store.describe());
+    }
+
+    #[test]
+    fn a_custom_endpoint_without_keys_names_the_missing_variable() {
+        let err = open("s3://bkt/app", &[("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")]).unwrap_err();
+        assert!(err.to_string().contains("AWS_ACCESS_KEY_ID"), "{err}");
     }
 
     #[test]
