@@ -5,15 +5,38 @@
 //! - [`pool`]: opens SQLite with the pragmas the replicator relies on.
 //! - [`migrate`]: embedded migrations, and the refusal to run on a schema newer than the binary.
 //! - [`meta`]: facts about the database itself (its replication lineage).
+//! - [`ids`]: typed ids (`UserId`, `KeyId`, `AuthorizationId`, …) and [`TokenHash`].
+//! - Repositories, one per table group, plain functions over `&SqlitePool`:
+//!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
+//!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
+//!   [`activity`] (batched).
+//!
+//! Repository SQL is portable to PostgreSQL: `$n` placeholders, `RETURNING`, ids and unix
+//! timestamps made in Rust, no engine-specific functions. Single-use things (OAuth codes,
+//! mailed tokens) are consumed by one conditional `UPDATE … RETURNING`, never a
+//! read-then-write. Every repository error is a [`RepoError`].
 //!
 //! This crate knows nothing of HTTP, Nostr or object storage. Who checkpoints the WAL is
 //! decided here once: **never the application** (`wal_autocheckpoint=0`); the replicator
 //! does, after the frames are safe in the object store.
 
+pub mod activity;
+pub mod authz;
+mod error;
+pub mod ids;
+pub mod keys;
 pub mod meta;
 pub mod migrate;
+pub mod oauth;
+pub mod policies;
 pub mod pool;
+pub mod sessions;
+#[cfg(test)]
+mod testing;
+pub mod users;
 
+pub use error::RepoError;
+pub use ids::{ActivityId, AuthorizationId, KeyId, PolicyId, TokenHash, UserId};
 pub use migrate::MigrateError;
 pub use pool::{Db, DbOptions, OpenError};
 

@@ -1,0 +1,436 @@
+//! Accounts: registration (with a generated or imported key), login, sessions, and the
+//! single-use tokens mailed for email verification and password reset.
+//!
+//! Session cookies and mailed tokens are [`random_token`]s stored only as hashes.
+//! Sending mail and setting cookies are the HTTP layer's job; this module hands back the
+//! raw token exactly once.
+
+use keycast_db::sessions::{self as session_repo, TokenPurpose};
+use keycast_db::users::{self as user_repo, NewUser, User};
+use keycast_db::{RepoError, UserId};
+use sqlx::SqlitePool;
+
+use crate::key_manager::KeyManager;
+use crate::keys::{self, KeyError, UserKey};
+use crate::password::{validate_new_password, PasswordError, PasswordHasher};
+use crate::secret::{hash_token, random_token, Secret};
+
+/// Life of a login session: 30 days (seconds).
+pub const SESSION_TTL_SECS: i64 = 30 * 24 * 3600;
+/// Life of an email-verification token: 24 hours (seconds).
+pub const VERIFY_EMAIL_TTL_SECS: i64 = 24 * 3600;
+/// Life of a password-reset token: 1 hour (seconds).
+pub const RESET_PASSWORD_TTL_SECS: i64 = 3600;
+
+/// Why an account operation failed. The `Display` text is safe to show the user, except
+/// for [`AccountError::Internal`].
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("the email address is not valid")]
+    InvalidEmail,
+    #[error("an account with this email already exists")]
+    EmailTaken,
+    /// Wrong email or password (deliberately not saying which).
+    #[error("wrong email or password")]
+    InvalidCredentials,
+    /// A mailed token that is unknown, used, expired or for another purpose.
+    #[error("the link is invalid or has expired")]
+    InvalidToken,
+    #[error(transparent)]
+    Password(PasswordError),
+    /// Import problems ([`KeyError::InvalidImport`], [`KeyError::KeyTaken`]) and key
+    /// storage failures.
+    #[error(transparent)]
+    Key(KeyError),
+    #[error("internal error")]
+    Internal(#[source] RepoError),
+}
+
+impl From<RepoError> for AccountError {
+    fn from(err: RepoError) -> Self {
+        AccountError::Internal(err)
+    }
+}
+
+impl From<PasswordError> for AccountError {
+    fn from(err: PasswordError) -> Self {
+        match err {
+            PasswordError::Mismatch => AccountError::InvalidCredentials,
+            other => AccountError::Password(other),
+        }
+    }
+}
+
+impl From<KeyError> for AccountError {
+    fn from(err: KeyError) -> Self {
+        AccountError::Key(err)
+    }
+}
+
+/// A new session's cookie value (shown once) and expiry.
+#[derive(Debug)]
+pub struct NewSession {
+    pub token: Secret<String>,
+    pub expires_at: i64,
+}
+
+/// What registration needs.
+#[derive(Debug)]
+pub struct Registration {
+    pub email: String,
+    pub password: Secret<String>,
+    /// The user's own key (`nsec1…` or hex); `None` generates one.
+    pub import_key: Option<Secret<String>>,
+}
+
+/// A registered account, its key and its first session.
+#[derive(Debug)]
+pub struct Registered {
+    pub user: User,
+    pub key: UserKey,
+    pub session: NewSession,
+}
+
+/// Trims and lowercases an email and checks its shape (one `@`, non-empty parts, no
+/// spaces, at most 254 bytes).
+///
+/// # Errors
+/// [`AccountError::InvalidEmail`].
+pub fn normalize_email(email: &str) -> Result<String, AccountError> {
+    let email = email.trim().to_lowercase();
+    let valid = email.len() <= 254
+        && !email.chars().any(char::is_whitespace)
+        && matches!(email.split_once('@'), Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
+    valid.then_some(email).ok_or(AccountError::InvalidEmail)
+}
+
+/// Creates an account with its key (imported or generated) and a session. Nothing is
+/// left behind if the key cannot be stored.
+///
+/// # Errors
+/// [`AccountError::InvalidEmail`], [`AccountError::EmailTaken`],
+/// [`AccountError::Password`] (length rules), [`AccountError::Key`] with
+/// [`KeyError::InvalidImport`] or [`KeyError::KeyTaken`]; [`AccountError::Internal`].
+pub async fn register(
+    pool: &SqlitePool,
+    km: &dyn KeyManager,
+    hasher: &PasswordHasher,
+    registration: &Registration,
+    now: i64,
+) -> Result<Registered, AccountError> {
+    let email = normalize_email(&registration.email)?;
+    validate_new_password(&registration.password)?;
+    let imported = registration.import_key.as_ref().map(keys::parse_import).transpose()?;
+    let password_hash = hasher.hash_async(&registration.password).await?;
+    let new = NewUser {
+        email: &email,
+        password_hash: &password_hash,
+        username: None,
+    };
+    let user = user_repo::insert(pool, &new, now).await.map_err(|e| {
+        if e.is_duplicate_of("email") {
+            AccountError::EmailTaken
+        } else {
+            e.into()
+        }
+    })?;
+    let stored = match &imported {
+        Some(keys) => keys::store_user_key(pool, km, &user.id, keys, keycast_db::keys::KeyOrigin::Imported, now).await,
+        None => keys::generate_user_key(pool, km, &user.id, now).await,
+    };
+    let key = match stored {
+        Ok(key) => key,
+        Err(err) => {
+            user_repo::delete(pool, &user.id).await?;
+            return Err(err.into());
+        }
+    };
+    let session = create_session(pool, &user.id, now).await?;
+    Ok(Registered { user, key, session })
+}
+
+/// Checks email and password and opens a session. An unknown email costs the same time
+/// as a wrong password.
+///
+/// # Errors
+/// [`AccountError::InvalidCredentials`]; [`AccountError::Internal`].
+pub async fn login(
+    pool: &SqlitePool,
+    hasher: &PasswordHasher,
+    email: &str,
+    password: &Secret<String>,
+    now: i64,
+) -> Result<(User, NewSession), AccountError> {
+    let user = match normalize_email(email) {
+        Ok(email) => user_repo::find_by_email(pool, &email).await?,
+        Err(_) => None,
+    };
+    hasher
+        .verify_async(password, user.as_ref().map(|u| u.password_hash.as_str()))
+        .await?;
+    let user = user.ok_or(AccountError::InvalidCredentials)?;
+    let session = create_session(pool, &user.id, now).await?;
+    Ok((user, session))
+}
+
+/// Opens a session for `user`.
+///
+/// # Errors
+/// Storage errors.
+pub async fn create_session(pool: &SqlitePool, user: &UserId, now: i64) -> Result<NewSession, RepoError> {
+    let token = random_token();
+    let expires_at = now + SESSION_TTL_SECS;
+    session_repo::insert(pool, &hash_token(token.expose()), user, now, expires_at).await?;
+    Ok(NewSession { token, expires_at })
+}
+
+/// The user of a live session cookie.
+///
+/// # Errors
+/// Storage errors.
+pub async fn session_user(pool: &SqlitePool, token: &str, now: i64) -> Result<Option<User>, RepoError> {
+    match session_repo::find_live_by_hash(pool, &hash_token(token), now).await? {
+        Some(session) => user_repo::find_by_id(pool, &session.user_id).await,
+        None => Ok(None),
+    }
+}
+
+/// Ends a session. Returns false if it did not exist.
+///
+/// # Errors
+/// Storage errors.
+pub async fn logout(pool: &SqlitePool, token: &str) -> Result<bool, RepoError> {
+    session_repo::delete(pool, &hash_token(token)).await
+}
+
+/// Issues a single-use token to mail to `user` (link in the email).
+///
+/// # Errors
+/// Storage errors.
+pub async fn issue_mail_token(
+    pool: &SqlitePool,
+    user: &UserId,
+    purpose: TokenPurpose,
+    now: i64,
+) -> Result<Secret<String>, RepoError> {
+    let ttl = match purpose {
+        TokenPurpose::VerifyEmail => VERIFY_EMAIL_TTL_SECS,
+        TokenPurpose::ResetPassword => RESET_PASSWORD_TTL_SECS,
+    };
+    let token = random_token();
+    session_repo::insert_user_token(pool, &hash_token(token.expose()), user, purpose, now, now + ttl).await?;
+    Ok(token)
+}
+
+/// Redeems an email-verification token and marks the email verified.
+///
+/// # Errors
+/// [`AccountError::InvalidToken`]; [`AccountError::Internal`].
+pub async fn verify_email(pool: &SqlitePool, token: &str, now: i64) -> Result<UserId, AccountError> {
+    let user = session_repo::redeem_user_token(pool, &hash_token(token), TokenPurpose::VerifyEmail, now)
+        .await?
+        .ok_or(AccountError::InvalidToken)?;
+    user_repo::mark_email_verified(pool, &user, now).await?;
+    Ok(user)
+}
+
+/// Redeems a password-reset token, sets the new password and ends every session of the
+/// user. The password rules are checked before the token is used up.
+///
+/// # Errors
+/// [`AccountError::Password`], [`AccountError::InvalidToken`]; [`AccountError::Internal`].
+pub async fn reset_password(
+    pool: &SqlitePool,
+    hasher: &PasswordHasher,
+    token: &str,
+    new_password: &Secret<String>,
+    now: i64,
+) -> Result<UserId, AccountError> {
+    validate_new_password(new_password)?;
+    let hash = hasher.hash_async(new_password).await?;
+    let user = session_repo::redeem_user_token(pool, &hash_token(token), TokenPurpose::ResetPassword, now)
+        .await?
+        .ok_or(AccountError::InvalidToken)?;
+    user_repo::set_password_hash(pool, &user, &hash, now).await?;
+    session_repo::delete_for_user(pool, &user).await?;
+    Ok(user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{fast_hasher, fixture};
+    use nostr::nips::nip19::ToBech32;
+
+    fn registration(email: &str, key: Option<&str>) -> Registration {
+        Registration {
+            email: email.into(),
+            password: "correct horse".into(),
+            import_key: key.map(Secret::from),
+        }
+    }
+
+    #[test]
+    fn emails_are_normalised_and_malformed_ones_refused() {
+        assert_eq!(normalize_email("  Bob@Example.COM ").unwrap(), "bob@example.com");
+        for bad in ["", "bob", "@x.org", "bob@", "b ob@x.org", "a@b@c"] {
+            assert!(normalize_email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn register_generates_a_key_and_opens_a_session() {
+        let fx = fixture().await;
+        let hasher = fast_hasher();
+        let reg = register(fx.pool(), fx.km.as_ref(), &hasher, &registration("Bob@x.org", None), 10)
+            .await
+            .unwrap();
+        assert_eq!(reg.user.email, "bob@x.org");
+        assert_eq!(reg.key.origin, keycast_db::keys::KeyOrigin::Generated);
+        let found = session_user(fx.pool(), reg.session.token.expose(), 11).await.unwrap();
+        assert_eq!(found.map(|u| u.id), Some(reg.user.id));
+    }
+
+    #[tokio::test]
+    async fn register_imports_an_nsec_with_its_pubkey() {
+        let fx = fixture().await;
+        let own = nostr::Keys::generate();
+        let nsec = own.secret_key().to_bech32().unwrap();
+        let reg = register(
+            fx.pool(),
+            fx.km.as_ref(),
+            &fast_hasher(),
+            &registration("b@x.org", Some(&nsec)),
+            1,
+        )
+        .await
+        .unwrap();
+        assert_eq!(reg.key.pubkey, own.public_key());
+        assert_eq!(reg.key.origin, keycast_db::keys::KeyOrigin::Imported);
+    }
+
+    #[tokio::test]
+    async fn register_with_a_taken_key_leaves_no_account_behind() {
+        let fx = fixture().await;
+        let hex = nostr::Keys::generate().secret_key().to_secret_hex();
+        let hasher = fast_hasher();
+        register(
+            fx.pool(),
+            fx.km.as_ref(),
+            &hasher,
+            &registration("a1@x.org", Some(&hex)),
+            1,
+        )
+        .await
+        .unwrap();
+        let err = register(
+            fx.pool(),
+            fx.km.as_ref(),
+            &hasher,
+            &registration("a2@x.org", Some(&hex)),
+            1,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, AccountError::Key(KeyError::KeyTaken)), "{err:?}");
+        assert!(user_repo::find_by_email(fx.pool(), "a2@x.org").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn register_refuses_bad_import_duplicate_email_and_short_password() {
+        let fx = fixture().await;
+        let hasher = fast_hasher();
+        let bad = register(
+            fx.pool(),
+            fx.km.as_ref(),
+            &hasher,
+            &registration("c@x.org", Some("npub1xyz")),
+            1,
+        )
+        .await;
+        assert!(matches!(bad, Err(AccountError::Key(KeyError::InvalidImport))));
+        let dup = register(
+            fx.pool(),
+            fx.km.as_ref(),
+            &hasher,
+            &registration("alice@example.com", None),
+            1,
+        )
+        .await;
+        assert!(matches!(dup, Err(AccountError::EmailTaken)));
+        let short = Registration {
+            password: "short".into(),
+            ..registration("d@x.org", None)
+        };
+        let short = register(fx.pool(), fx.km.as_ref(), &hasher, &short, 1).await;
+        assert!(matches!(short, Err(AccountError::Password(PasswordError::TooShort))));
+    }
+
+    #[tokio::test]
+    async fn login_needs_the_right_password_and_says_nothing_about_emails() {
+        let fx = fixture().await;
+        let hasher = fast_hasher();
+        register(fx.pool(), fx.km.as_ref(), &hasher, &registration("b@x.org", None), 1)
+            .await
+            .unwrap();
+        let (user, session) = login(fx.pool(), &hasher, " B@x.org", &"correct horse".into(), 2)
+            .await
+            .unwrap();
+        assert_eq!(user.email, "b@x.org");
+        assert!(logout(fx.pool(), session.token.expose()).await.unwrap());
+        assert_eq!(session_user(fx.pool(), session.token.expose(), 3).await.unwrap(), None);
+        let wrong = login(fx.pool(), &hasher, "b@x.org", &"wrong horse".into(), 2)
+            .await
+            .unwrap_err();
+        let unknown = login(fx.pool(), &hasher, "zz@x.org", &"correct horse".into(), 2)
+            .await
+            .unwrap_err();
+        assert_eq!(wrong.to_string(), unknown.to_string());
+        assert!(matches!(unknown, AccountError::InvalidCredentials));
+    }
+
+    #[tokio::test]
+    async fn email_verification_token_works_once() {
+        let fx = fixture().await;
+        let token = issue_mail_token(fx.pool(), &fx.user, TokenPurpose::VerifyEmail, 5)
+            .await
+            .unwrap();
+        assert_eq!(verify_email(fx.pool(), token.expose(), 6).await.unwrap(), fx.user);
+        let user = user_repo::find_by_id(fx.pool(), &fx.user).await.unwrap().unwrap();
+        assert_eq!(user.email_verified_at, Some(6));
+        assert!(matches!(
+            verify_email(fx.pool(), token.expose(), 7).await,
+            Err(AccountError::InvalidToken)
+        ));
+    }
+
+    #[tokio::test]
+    async fn password_reset_changes_the_password_and_ends_sessions() {
+        let fx = fixture().await;
+        let hasher = fast_hasher();
+        let reg = register(fx.pool(), fx.km.as_ref(), &hasher, &registration("b@x.org", None), 1)
+            .await
+            .unwrap();
+        let token = issue_mail_token(fx.pool(), &reg.user.id, TokenPurpose::ResetPassword, 2)
+            .await
+            .unwrap();
+        let verify_token = issue_mail_token(fx.pool(), &reg.user.id, TokenPurpose::VerifyEmail, 2)
+            .await
+            .unwrap();
+        let wrong_purpose = reset_password(fx.pool(), &hasher, verify_token.expose(), &"new password".into(), 3).await;
+        assert!(matches!(wrong_purpose, Err(AccountError::InvalidToken)));
+        reset_password(fx.pool(), &hasher, token.expose(), &"new password".into(), 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            session_user(fx.pool(), reg.session.token.expose(), 4).await.unwrap(),
+            None
+        );
+        login(fx.pool(), &hasher, "b@x.org", &"new password".into(), 4)
+            .await
+            .unwrap();
+        assert!(login(fx.pool(), &hasher, "b@x.org", &"correct horse".into(), 4)
+            .await
+            .is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! The signer's in-memory caches, with explicit invalidation.
+//!
+//! Each [`EpochMap`] carries an *epoch* that every invalidation bumps. A loader reads the
+//! epoch before it queries the database and may insert only if the epoch is unchanged,
+//! so a load that raced a revocation can never put the pre-revocation state back into
+//! the cache. Entries also expire after a time-to-live, which bounds staleness for
+//! changes made by *another* instance (PostgreSQL scale-out); on one instance explicit
+//! invalidation makes changes visible on the very next request. A map that reaches its
+//! capacity is cleared (simple and safe: the next requests reload).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+/// A cache map whose inserts are guarded by an invalidation epoch.
+#[derive(Debug)]
+pub(crate) struct EpochMap<K, V> {
+    inner: RwLock<Inner<K, V>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+#[derive(Debug)]
+struct Inner<K, V> {
+    epoch: u64,
+    entries: HashMap<K, (V, Instant)>,
+}
+
+impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
+        EpochMap {
+            inner: RwLock::new(Inner {
+                epoch: 0,
+                entries: HashMap::new(),
+            }),
+            ttl,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The current epoch; read it before loading what will be inserted.
+    pub fn epoch(&self) -> u64 {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).epoch
+    }
+
+    /// The cached value if present and younger than the TTL.
+    pub fn get(&self, key: &K) -> Option<V> {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let (value, at) = inner.entries.get(key)?;
+        (at.elapsed() < self.ttl).then(|| value.clone())
+    }
+
+    /// Inserts unless something was invalidated since `epoch` was read. Returns whether
+    /// it inserted.
+    pub fn insert_if_current(&self, epoch: u64, key: K, value: V) -> bool {
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if inner.epoch != epoch {
+            return false;
+        }
+        if inner.entries.len() >= self.capacity {
+            inner.entries.clear();
+        }
+        inner.entries.insert(key, (value, Instant::now()));
+        true
+    }
+
+    /// Drops one entry and bumps the epoch.
+    pub fn invalidate(&self, key: &K) {
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        inner.epoch += 1;
+        inner.entries.remove(key);
+    }
+
+    /// Drops every entry for which `stale` holds and bumps the epoch.
+    pub fn invalidate_where(&self, stale: impl Fn(&K, &V) -> bool) {
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        inner.epoch += 1;
+        inner.entries.retain(|k, (v, _)| !stale(k, v));
+    }
+
+    /// Number of entries (fresh or not).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> EpochMap<&'static str, u32> {
+        EpochMap::new(Duration::from_secs(60), 3)
+    }
+
+    #[test]
+    fn inserted_value_is_returned_until_invalidated() {
+        let cache = map();
+        assert!(cache.insert_if_current(cache.epoch(), "a", 1));
+        assert_eq!(cache.get(&"a"), Some(1));
+        cache.invalidate(&"a");
+        assert_eq!(cache.get(&"a"), None);
+    }
+
+    #[test]
+    fn load_that_raced_an_invalidation_is_not_cached() {
+        let cache = map();
+        let epoch = cache.epoch();
+        cache.invalidate(&"a");
+        assert!(!cache.insert_if_current(epoch, "a", 1));
+        assert_eq!(cache.get(&"a"), None);
+    }
+
+    #[test]
+    fn entries_older_than_the_ttl_are_misses() {
+        let cache = EpochMap::new(Duration::ZERO, 3);
+        cache.insert_if_current(cache.epoch(), "a", 1);
+        assert_eq!(cache.get(&"a"), None);
+    }
+
+    #[test]
+    fn full_map_is_cleared_before_the_next_insert() {
+        let cache = map();
+        for (k, v) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
+            cache.insert_if_current(cache.epoch(), k, v);
+        }
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.get(&"d"), Some(4));
+    }
+
+    #[test]
+    fn invalidate_where_drops_matching_entries_only() {
+        let cache = map();
+        cache.insert_if_current(cache.epoch(), "a", 1);
+        cache.insert_if_current(cache.epoch(), "b", 2);
+        cache.invalidate_where(|_, v| *v == 1);
+        assert_eq!((cache.get(&"a"), cache.get(&"b")), (None, Some(2)));
+    }
+}

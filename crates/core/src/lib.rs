@@ -1,0 +1,49 @@
+//! keycast's domain: accounts, users' keys and their encryption at rest, authorizations,
+//! policies, and the one signing path both transports call.
+//!
+//! # Layout
+//! - [`secret`]: [`Secret`] (zeroizes, never prints), `ct_eq`, random tokens, token hashes.
+//! - [`key_manager`]: [`KeyManager`] and the AES-256-GCM [`MasterKeyManager`].
+//! - [`keys`]: generate / import / load / export users' keys; bunker keys; the start-up
+//!   check [`keys::verify_can_decrypt`].
+//! - [`password`]: argon2id, and the [`Reauthenticated`] proof export requires.
+//! - [`policy`]: [`Policy`] and [`policy::evaluate`], the one permission check.
+//! - [`request`]: [`Request`] / [`Response`], what transports decode into and encode.
+//! - [`authz`]: [`Authorization`], grants (bunker keypair, connect secret, token).
+//! - [`accounts`]: register, log in, sessions, mailed single-use tokens.
+//! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
+//! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
+//!   explicit invalidation, buffered activity.
+//!
+//! This crate knows nothing of HTTP, relays, environment variables or files; the binary
+//! reads configuration and passes values in.
+
+pub mod accounts;
+mod activity;
+pub mod authz;
+mod cache;
+mod error;
+pub mod key_manager;
+pub mod keys;
+pub mod oauth;
+pub mod password;
+pub mod policy;
+pub mod request;
+pub mod secret;
+pub mod signer;
+#[cfg(test)]
+mod testing;
+
+pub use activity::DEFAULT_ACTIVITY_CAPACITY;
+pub use authz::{Authorization, Grant};
+pub use error::{AuthError, InternalError, SignError};
+pub use key_manager::{KeyManager, KeyOwner, MasterKey, MasterKeyManager};
+pub use keys::KeyError;
+pub use password::{PasswordHasher, PasswordParams, Reauthenticated};
+pub use policy::{Denial, Policy};
+pub use request::{Request, Response, Transport};
+pub use secret::Secret;
+pub use signer::{Signer, SignerOptions};
+
+/// Re-exported so transports build requests with the same `nostr` version.
+pub use nostr;

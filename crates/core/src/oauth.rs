@@ -1,0 +1,426 @@
+//! OAuth 2.0 authorization codes (RFC 6749) with mandatory PKCE S256 (RFC 7636), and
+//! their exchange for a grant.
+//!
+//! A code is redeemed by one conditional `UPDATE` before anything else is checked, so it
+//! can be exchanged at most once even under a race; a request with the wrong verifier,
+//! client or redirect URI still uses it up (RFC 6749 §4.1.2 asks that a code be used
+//! once). HTTP renders [`OAuthError::code`] as the RFC 6749 `error` field.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use keycast_db::oauth::{self as oauth_repo, NewCode};
+use keycast_db::policies::{self as policy_repo, PolicyRow};
+use keycast_db::{RepoError, UserId};
+use sha2::{Digest, Sha256};
+use sqlx::SqlitePool;
+
+use crate::authz::{create_grant, Grant, GrantError, NewGrant};
+use crate::error::InternalError;
+use crate::key_manager::KeyManager;
+use crate::secret::{ct_eq, hash_token, random_token, Secret};
+
+/// Life of an authorization code: 10 minutes (seconds).
+pub const CODE_TTL_SECS: i64 = 600;
+
+/// An OAuth failure, by RFC 6749 error code. `reason` is the `error_description`.
+#[derive(Debug, thiserror::Error)]
+pub enum OAuthError {
+    #[error("invalid_request: {reason}")]
+    InvalidRequest { reason: String },
+    #[error("invalid_grant: {reason}")]
+    InvalidGrant { reason: String },
+    #[error("invalid_scope: {reason}")]
+    InvalidScope { reason: String },
+    #[error("internal error")]
+    Internal(#[source] InternalError),
+}
+
+impl OAuthError {
+    /// The RFC 6749 `error` value.
+    pub fn code(&self) -> &'static str {
+        match self {
+            OAuthError::InvalidRequest { .. } => "invalid_request",
+            OAuthError::InvalidGrant { .. } => "invalid_grant",
+            OAuthError::InvalidScope { .. } => "invalid_scope",
+            OAuthError::Internal(_) => "server_error",
+        }
+    }
+}
+
+impl From<RepoError> for OAuthError {
+    fn from(err: RepoError) -> Self {
+        OAuthError::Internal(err.into())
+    }
+}
+
+impl From<GrantError> for OAuthError {
+    fn from(err: GrantError) -> Self {
+        OAuthError::Internal(err.into())
+    }
+}
+
+fn invalid_request(reason: impl Into<String>) -> OAuthError {
+    OAuthError::InvalidRequest { reason: reason.into() }
+}
+
+fn invalid_grant(reason: impl Into<String>) -> OAuthError {
+    OAuthError::InvalidGrant { reason: reason.into() }
+}
+
+/// Checks a redirect URI (absolute `https`, or `http` on localhost / a loopback
+/// address; no fragment) and returns its origin (`scheme://host[:port]`), which is what
+/// the consent page shows and the authorization records.
+///
+/// # Errors
+/// [`OAuthError::InvalidRequest`].
+pub fn redirect_origin(uri: &str) -> Result<String, OAuthError> {
+    let url = url::Url::parse(uri).map_err(|_| invalid_request("redirect_uri is not an absolute URL"))?;
+    if url.fragment().is_some() {
+        return Err(invalid_request("redirect_uri must not have a fragment"));
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" if url.host().is_some() => {}
+        "http" if loopback => {}
+        _ => return Err(invalid_request("redirect_uri must use https (or http on localhost)")),
+    }
+    Ok(url.origin().ascii_serialization())
+}
+
+/// The policy slug of a `policy:<slug>` scope.
+///
+/// # Errors
+/// [`OAuthError::InvalidScope`].
+pub fn policy_slug(scope: &str) -> Result<&str, OAuthError> {
+    scope
+        .trim()
+        .strip_prefix("policy:")
+        .filter(|slug| !slug.is_empty())
+        .ok_or_else(|| OAuthError::InvalidScope {
+            reason: "scope must be policy:<slug>, e.g. policy:social".into(),
+        })
+}
+
+/// Looks up the policy a scope names.
+///
+/// # Errors
+/// [`OAuthError::InvalidScope`] for a malformed scope or unknown policy.
+pub async fn scope_policy(pool: &SqlitePool, scope: &str) -> Result<PolicyRow, OAuthError> {
+    let slug = policy_slug(scope)?;
+    policy_repo::find_by_slug(pool, slug)
+        .await?
+        .ok_or_else(|| OAuthError::InvalidScope {
+            reason: format!("there is no policy {slug:?}"),
+        })
+}
+
+/// The S256 challenge of a verifier: base64url(SHA-256(verifier)), no padding.
+pub fn pkce_challenge(verifier: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()))
+}
+
+/// RFC 7636 §4.1: 43–128 characters of `[A-Za-z0-9-._~]`.
+fn valid_verifier(verifier: &str) -> bool {
+    (43..=128).contains(&verifier.len())
+        && verifier
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
+
+/// What the consent step approved.
+#[derive(Debug, Clone)]
+pub struct CodeRequest<'a> {
+    pub user_id: &'a UserId,
+    pub client_id: &'a str,
+    pub redirect_uri: &'a str,
+    pub policy: &'a PolicyRow,
+    pub code_challenge: &'a str,
+    /// Must be `S256`; `plain` and absence are refused.
+    pub code_challenge_method: &'a str,
+}
+
+/// Issues a code for an approved request, valid [`CODE_TTL_SECS`].
+///
+/// # Errors
+/// [`OAuthError::InvalidRequest`] for a missing client id, a bad redirect URI, or PKCE
+/// that is missing, not S256, or malformed; [`OAuthError::Internal`].
+pub async fn issue_code(pool: &SqlitePool, request: &CodeRequest<'_>, now: i64) -> Result<Secret<String>, OAuthError> {
+    if request.client_id.is_empty() {
+        return Err(invalid_request("client_id is required"));
+    }
+    redirect_origin(request.redirect_uri)?;
+    if request.code_challenge_method != "S256" {
+        return Err(invalid_request("PKCE is required: code_challenge_method must be S256"));
+    }
+    let challenge_ok = request.code_challenge.len() == 43
+        && URL_SAFE_NO_PAD
+            .decode(request.code_challenge)
+            .is_ok_and(|d| d.len() == 32);
+    if !challenge_ok {
+        return Err(invalid_request(
+            "code_challenge must be the base64url SHA-256 of the verifier",
+        ));
+    }
+    let code = random_token();
+    let new = NewCode {
+        code_hash: &hash_token(code.expose()),
+        user_id: request.user_id,
+        client_id: request.client_id,
+        redirect_uri: request.redirect_uri,
+        policy_id: &request.policy.id,
+        code_challenge: request.code_challenge,
+    };
+    oauth_repo::insert_code(pool, &new, now, now + CODE_TTL_SECS).await?;
+    Ok(code)
+}
+
+/// The token request (`grant_type=authorization_code`).
+#[derive(Debug, Clone)]
+pub struct TokenRequest<'a> {
+    pub code: &'a str,
+    pub client_id: &'a str,
+    pub redirect_uri: &'a str,
+    pub code_verifier: &'a str,
+}
+
+/// Exchanges a code for a grant (new authorization, bunker keypair, connect secret,
+/// access token living `token_ttl_secs`, bunker on `relays`).
+///
+/// # Errors
+/// [`OAuthError::InvalidRequest`] for a malformed verifier (the code is not used up);
+/// [`OAuthError::InvalidGrant`] for an unknown, expired or used code, or a client id,
+/// redirect URI or verifier that does not match; [`OAuthError::Internal`].
+pub async fn exchange_code(
+    pool: &SqlitePool,
+    km: &dyn KeyManager,
+    request: &TokenRequest<'_>,
+    relays: &[String],
+    token_ttl_secs: i64,
+    now: i64,
+) -> Result<Grant, OAuthError> {
+    if !valid_verifier(request.code_verifier) {
+        return Err(invalid_request(
+            "code_verifier must be 43-128 characters of [A-Za-z0-9-._~]",
+        ));
+    }
+    let code = oauth_repo::redeem_code(pool, &hash_token(request.code), now)
+        .await?
+        .ok_or_else(|| invalid_grant("the code is unknown, expired or already used"))?;
+    if !ct_eq(code.client_id.as_bytes(), request.client_id.as_bytes()) {
+        return Err(invalid_grant("client_id does not match the code"));
+    }
+    if code.redirect_uri != request.redirect_uri {
+        return Err(invalid_grant("redirect_uri does not match the authorization request"));
+    }
+    if !ct_eq(
+        pkce_challenge(request.code_verifier).as_bytes(),
+        code.code_challenge.as_bytes(),
+    ) {
+        return Err(invalid_grant("code_verifier does not match the code_challenge"));
+    }
+    let policy = policy_repo::find_by_id(pool, &code.policy_id)
+        .await?
+        .ok_or_else(|| invalid_grant("the code's policy no longer exists"))?;
+    let new = NewGrant {
+        user_id: &code.user_id,
+        policy: &policy,
+        client_id: &code.client_id,
+        redirect_origin: &redirect_origin(&code.redirect_uri)?,
+        relays,
+        token_ttl_secs,
+    };
+    Ok(create_grant(pool, km, &new, now).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::DEFAULT_TOKEN_TTL_SECS;
+    use crate::testing::{fixture, social_policy, Fixture};
+
+    const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+    const REDIRECT: &str = "https://app.example/cb";
+
+    async fn code(fx: &Fixture) -> Secret<String> {
+        let policy = social_policy(fx).await;
+        let challenge = pkce_challenge(VERIFIER);
+        let request = CodeRequest {
+            user_id: &fx.user,
+            client_id: "app",
+            redirect_uri: REDIRECT,
+            policy: &policy,
+            code_challenge: &challenge,
+            code_challenge_method: "S256",
+        };
+        issue_code(fx.pool(), &request, 100).await.unwrap()
+    }
+
+    fn token_request<'a>(code: &'a Secret<String>) -> TokenRequest<'a> {
+        TokenRequest {
+            code: code.expose(),
+            client_id: "app",
+            redirect_uri: REDIRECT,
+            code_verifier: VERIFIER,
+        }
+    }
+
+    async fn exchange(fx: &Fixture, request: &TokenRequest<'_>, now: i64) -> Result<Grant, OAuthError> {
+        exchange_code(
+            fx.pool(),
+            fx.km.as_ref(),
+            request,
+            &fx.relays,
+            DEFAULT_TOKEN_TTL_SECS,
+            now,
+        )
+        .await
+    }
+
+    #[test]
+    fn pkce_challenge_matches_rfc7636_appendix_b() {
+        assert_eq!(pkce_challenge(VERIFIER), "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM");
+    }
+
+    #[test]
+    fn redirect_uris_must_be_https_or_loopback_http() {
+        assert_eq!(
+            redirect_origin("https://app.example:8443/cb?x=1").unwrap(),
+            "https://app.example:8443"
+        );
+        assert_eq!(
+            redirect_origin("http://127.0.0.1:5173/cb").unwrap(),
+            "http://127.0.0.1:5173"
+        );
+        assert!(redirect_origin("http://localhost/cb").is_ok());
+        assert!(redirect_origin("http://[::1]:9/cb").is_ok());
+        for bad in [
+            "http://app.example/cb",
+            "myapp://cb",
+            "/relative",
+            "https://app.example/cb#frag",
+        ] {
+            assert!(redirect_origin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn scope_names_a_policy() {
+        assert_eq!(policy_slug("policy:social").unwrap(), "social");
+        assert_eq!(policy_slug("openid").unwrap_err().code(), "invalid_scope");
+        assert!(policy_slug("policy:").is_err());
+    }
+
+    #[tokio::test]
+    async fn code_exchanges_once_for_a_grant() {
+        let fx = fixture().await;
+        let code = code(&fx).await;
+        let grant = exchange(&fx, &token_request(&code), 101).await.unwrap();
+        assert_eq!(grant.authorization.redirect_origin, "https://app.example");
+        assert_eq!(grant.authorization.policy.slug, "social");
+        let again = exchange(&fx, &token_request(&code), 102).await.unwrap_err();
+        assert_eq!(again.code(), "invalid_grant");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_exchanges_of_one_code_yield_one_grant() {
+        let fx = fixture().await;
+        let code = code(&fx).await;
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let (pool, km, relays, code) = (fx.pool().clone(), fx.km.clone(), fx.relays.clone(), code.clone());
+                tokio::spawn(async move {
+                    let request = token_request(&code);
+                    exchange_code(&pool, km.as_ref(), &request, &relays, 60, 101)
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for task in tasks {
+            winners += usize::from(task.await.unwrap());
+        }
+        assert_eq!(winners, 1);
+    }
+
+    #[tokio::test]
+    async fn wrong_verifier_client_or_redirect_is_invalid_grant_and_burns_the_code() {
+        let fx = fixture().await;
+        let other_verifier = "x".repeat(43);
+        let c = code(&fx).await;
+        let wrong_verifier = TokenRequest {
+            code_verifier: &other_verifier,
+            ..token_request(&c)
+        };
+        let err = exchange(&fx, &wrong_verifier, 101).await.unwrap_err();
+        assert!(err.to_string().contains("code_verifier does not match"), "{err}");
+        let retry = exchange(&fx, &token_request(&c), 102).await.unwrap_err();
+        assert_eq!(retry.code(), "invalid_grant", "the code was used up");
+        let c = code(&fx).await;
+        let wrong_client = TokenRequest {
+            client_id: "evil",
+            ..token_request(&c)
+        };
+        assert!(exchange(&fx, &wrong_client, 101)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("client_id"));
+        let c = code(&fx).await;
+        let wrong_redirect = TokenRequest {
+            redirect_uri: "https://app.example/other",
+            ..token_request(&c)
+        };
+        let err = exchange(&fx, &wrong_redirect, 101).await.unwrap_err();
+        assert!(err.to_string().contains("redirect_uri"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn expired_code_is_invalid_grant() {
+        let fx = fixture().await;
+        let code = code(&fx).await;
+        let err = exchange(&fx, &token_request(&code), 100 + CODE_TTL_SECS)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_grant");
+    }
+
+    #[tokio::test]
+    async fn missing_or_plain_pkce_is_refused_at_authorization() {
+        let fx = fixture().await;
+        let policy = social_policy(&fx).await;
+        let challenge = pkce_challenge(VERIFIER);
+        for (method, challenge) in [("plain", challenge.as_str()), ("", ""), ("S256", "short")] {
+            let request = CodeRequest {
+                user_id: &fx.user,
+                client_id: "app",
+                redirect_uri: REDIRECT,
+                policy: &policy,
+                code_challenge: challenge,
+                code_challenge_method: method,
+            };
+            assert_eq!(
+                issue_code(fx.pool(), &request, 1).await.unwrap_err().code(),
+                "invalid_request",
+                "{method}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_verifier_is_invalid_request_and_keeps_the_code() {
+        let fx = fixture().await;
+        let code = code(&fx).await;
+        let bad = TokenRequest {
+            code_verifier: "short",
+            ..token_request(&code)
+        };
+        assert_eq!(exchange(&fx, &bad, 101).await.unwrap_err().code(), "invalid_request");
+        exchange(&fx, &token_request(&code), 102).await.unwrap();
+    }
+}

@@ -1,0 +1,396 @@
+//! The ONE signing path. HTTP RPC and NIP-46 both resolve a credential to an
+//! [`Authorization`] ([`Signer::authorize_token`], [`Signer::authorize_bunker`],
+//! [`Signer::connect`]) and then call [`Signer::execute`]; neither holds a rule of its own.
+//!
+//! `execute` checks the authorization is still live, loads the user's key from a cache,
+//! asks [`policy::evaluate`], performs the operation with the `nostr` crate, and appends
+//! an activity record to an in-memory buffer. **It never writes to the database**: the
+//! binary calls [`Signer::flush`] about once a second and at shutdown.
+//!
+//! Caches (authorizations, token → authorization, bunker → authorization, decrypted user
+//! and bunker keys, policies) are invalidated explicitly: [`Signer::revoke`] makes a
+//! revocation refuse the very next request on every transport, including callers that
+//! still hold an `Authorization` from before. See [`crate::cache`] for why a load that
+//! races a revocation cannot re-cache the old state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keycast_db::activity::{self as activity_repo, NewActivity, Transport};
+use keycast_db::authz::{self as authz_repo, AuthorizationRow};
+use keycast_db::{now_unix, oauth as oauth_repo, policies, AuthorizationId, PolicyId, TokenHash, UserId};
+use nostr::nips::{nip04, nip44};
+use nostr::{Keys, PublicKey};
+use sqlx::SqlitePool;
+
+use crate::activity::{ActivityBuffer, DEFAULT_ACTIVITY_CAPACITY};
+use crate::authz::Authorization;
+use crate::cache::EpochMap;
+use crate::error::{AuthError, InternalError, SignError};
+use crate::key_manager::{KeyManager, KeyOwner};
+use crate::keys;
+use crate::policy::{self, Policy, PolicyError};
+use crate::request::{Request, Response};
+use crate::secret::{ct_eq, hash_token};
+
+/// How long a cached entry is trusted without asking the database (bounds staleness of
+/// changes made by another instance; this instance's own changes invalidate at once).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(30);
+/// Entries per cache before it is cleared.
+pub const DEFAULT_CACHE_CAPACITY: usize = 100_000;
+
+/// Tuning for [`Signer`].
+#[derive(Debug, Clone)]
+pub struct SignerOptions {
+    /// Trust cached entries this long. Default [`DEFAULT_CACHE_TTL`].
+    pub cache_ttl: Duration,
+    /// Entries per cache. Default [`DEFAULT_CACHE_CAPACITY`].
+    pub cache_capacity: usize,
+    /// Activity records buffered between flushes. Default [`DEFAULT_ACTIVITY_CAPACITY`].
+    pub activity_capacity: usize,
+}
+
+impl Default for SignerOptions {
+    fn default() -> Self {
+        SignerOptions {
+            cache_ttl: DEFAULT_CACHE_TTL,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            activity_capacity: DEFAULT_ACTIVITY_CAPACITY,
+        }
+    }
+}
+
+/// Resolves credentials and executes requests. One per process, shared (`Arc`).
+#[derive(Debug)]
+pub struct Signer {
+    pool: SqlitePool,
+    km: Arc<dyn KeyManager>,
+    /// Live (unrevoked) authorizations, with `expires_at: None`.
+    authorizations: EpochMap<AuthorizationId, Arc<Authorization>>,
+    /// Bearer token hash → (authorization, token expiry).
+    tokens: EpochMap<TokenHash, (AuthorizationId, i64)>,
+    /// Bunker pubkey → authorization.
+    bunkers: EpochMap<PublicKey, AuthorizationId>,
+    user_keys: EpochMap<UserId, Arc<Keys>>,
+    bunker_keys: EpochMap<AuthorizationId, Arc<Keys>>,
+    policies: EpochMap<PolicyId, Arc<Policy>>,
+    activity: ActivityBuffer,
+}
+
+impl Signer {
+    /// A signer over `pool`, decrypting keys with `km`.
+    pub fn new(pool: SqlitePool, km: Arc<dyn KeyManager>, options: SignerOptions) -> Signer {
+        let (ttl, cap) = (options.cache_ttl, options.cache_capacity);
+        Signer {
+            pool,
+            km,
+            authorizations: EpochMap::new(ttl, cap),
+            tokens: EpochMap::new(ttl, cap),
+            bunkers: EpochMap::new(ttl, cap),
+            user_keys: EpochMap::new(ttl, cap),
+            bunker_keys: EpochMap::new(ttl, cap),
+            policies: EpochMap::new(ttl, cap),
+            activity: ActivityBuffer::new(options.activity_capacity),
+        }
+    }
+
+    /// Resolves a bearer token (HTTP RPC) to its live authorization, whose `expires_at`
+    /// is the token's expiry. Served from cache when warm; a miss reads the database.
+    ///
+    /// # Errors
+    /// [`AuthError::UnknownToken`], [`AuthError::Revoked`], [`AuthError::Expired`];
+    /// [`AuthError::Internal`].
+    pub async fn authorize_token(&self, token: &str) -> Result<Authorization, AuthError> {
+        let hash = hash_token(token);
+        if let Some((id, expires_at)) = self.tokens.get(&hash) {
+            if let Some(authz) = self.authorizations.get(&id) {
+                return with_expiry(&authz, expires_at);
+            }
+        }
+        let epoch = self.authorizations.epoch();
+        let grant = oauth_repo::find_token_grant(&self.pool, &hash)
+            .await?
+            .ok_or(AuthError::UnknownToken)?;
+        let authz = self.cache_row(epoch, &grant.authorization).await?;
+        self.tokens
+            .insert_if_current(self.tokens.epoch(), hash, (authz.id.clone(), grant.token_expires_at));
+        with_expiry(&authz, grant.token_expires_at)
+    }
+
+    /// Resolves a NIP-46 request to `bunker` from `client`: the authorization must be
+    /// live and `client` the one bound by [`Signer::connect`].
+    ///
+    /// # Errors
+    /// [`AuthError::UnknownToken`] (no such bunker), [`AuthError::Revoked`],
+    /// [`AuthError::ClientNotBound`], [`AuthError::Internal`].
+    pub async fn authorize_bunker(&self, bunker: &PublicKey, client: &PublicKey) -> Result<Authorization, AuthError> {
+        let authz = self.by_bunker(bunker).await?;
+        match authz.connected_client_pubkey {
+            Some(bound) if bound == *client => Ok((*authz).clone()),
+            _ => Err(AuthError::ClientNotBound),
+        }
+    }
+
+    /// NIP-46 `connect`: binds `client` to the bunker if `secret` is its connect secret
+    /// (compared in constant time) and no other client is bound. The bound client may
+    /// reconnect without the secret. Commits (the binding), so the caller may wait for
+    /// durability.
+    ///
+    /// # Errors
+    /// [`AuthError::UnknownToken`] (no such bunker), [`AuthError::Revoked`],
+    /// [`AuthError::BadConnectSecret`], [`AuthError::AlreadyBound`], [`AuthError::Internal`].
+    pub async fn connect(
+        &self,
+        bunker: &PublicKey,
+        client: &PublicKey,
+        secret: Option<&str>,
+    ) -> Result<Authorization, AuthError> {
+        let row = authz_repo::find_by_bunker_pubkey(&self.pool, &bunker.to_hex())
+            .await?
+            .ok_or(AuthError::UnknownToken)?;
+        if row.revoked_at.is_some() {
+            return Err(AuthError::Revoked);
+        }
+        let client_hex = client.to_hex();
+        let secret_ok = secret.is_some_and(|s| {
+            ct_eq(
+                hash_token(s).as_str().as_bytes(),
+                row.connect_secret_hash.as_str().as_bytes(),
+            )
+        });
+        let reconnect = row.connected_client_pubkey.as_deref() == Some(client_hex.as_str());
+        if !secret_ok && !reconnect {
+            return Err(AuthError::BadConnectSecret);
+        }
+        if !authz_repo::bind_client(&self.pool, &row.id, &client_hex, now_unix()).await? {
+            return Err(AuthError::AlreadyBound);
+        }
+        self.invalidate_authorization(&row.id);
+        self.authorize_bunker(bunker, client).await
+    }
+
+    /// Executes `request` for `authz` — the one path for every transport: liveness,
+    /// key, [`policy::evaluate`], the operation, an activity record (buffered).
+    ///
+    /// # Errors
+    /// [`SignError::Revoked`] / [`SignError::Expired`] when the authorization is no
+    /// longer live (checked against the caches, so a revocation is seen at once),
+    /// [`SignError::PolicyDenied`], [`SignError::BadRequest`] (e.g. undecryptable
+    /// ciphertext), [`SignError::NoKey`], [`SignError::Internal`].
+    pub async fn execute(
+        &self,
+        authz: &Authorization,
+        request: Request,
+        transport: Transport,
+    ) -> Result<Response, SignError> {
+        self.ensure_live(authz).await?;
+        let keys = self.user_keys(&authz.user_id).await?;
+        policy::evaluate(&authz.policy, &request, &keys.public_key())
+            .map_err(|denial| SignError::PolicyDenied { reason: denial.reason })?;
+        let (method, kind) = (request.method(), request.kind());
+        let response = perform(&keys, request)?;
+        self.activity.record(NewActivity {
+            authorization_id: authz.id.clone(),
+            method,
+            kind: kind.map(i64::from),
+            transport,
+            created_at: now_unix(),
+        });
+        Ok(response)
+    }
+
+    /// The bunker keypair of a live authorization, for the NIP-46 transport to open
+    /// requests and sign replies. Cached; never log it.
+    ///
+    /// # Errors
+    /// As the liveness part of [`Signer::execute`]; [`SignError::Internal`].
+    pub async fn bunker_keys(&self, authz: &Authorization) -> Result<Arc<Keys>, SignError> {
+        self.ensure_live(authz).await?;
+        if let Some(keys) = self.bunker_keys.get(&authz.id) {
+            return Ok(keys);
+        }
+        let epoch = self.bunker_keys.epoch();
+        let row = authz_repo::find_by_id(&self.pool, &authz.id)
+            .await?
+            .ok_or(SignError::Revoked)?;
+        let keys = keys::open(
+            self.km.as_ref(),
+            &row.bunker_secret_encrypted,
+            KeyOwner::Bunker(&row.id),
+        )?;
+        let keys = Arc::new(keys);
+        self.bunker_keys.insert_if_current(epoch, row.id, keys.clone());
+        Ok(keys)
+    }
+
+    /// Revokes `user`'s authorization `id` and drops it from every cache, so the next
+    /// request with its token or bunker is refused. Returns whether this call revoked it
+    /// (false: already revoked, not theirs, or unknown; caches are dropped anyway).
+    /// Commits: the caller should wait for durability before answering.
+    ///
+    /// # Errors
+    /// [`SignError::Internal`] on storage failure (then nothing was revoked).
+    pub async fn revoke(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, SignError> {
+        let revoked = authz_repo::revoke(&self.pool, id, user, now_unix()).await?;
+        self.invalidate_authorization(id);
+        Ok(revoked)
+    }
+
+    /// Drops one authorization from every cache (after any change to its row made
+    /// outside [`Signer::revoke`]).
+    pub fn invalidate_authorization(&self, id: &AuthorizationId) {
+        self.authorizations.invalidate(id);
+        self.bunker_keys.invalidate(id);
+        self.tokens.invalidate_where(|_, (authz, _)| authz == id);
+        self.bunkers.invalidate_where(|_, authz| authz == id);
+    }
+
+    /// Drops a user's key and authorizations from every cache (account deleted, key
+    /// replaced).
+    pub fn invalidate_user(&self, user: &UserId) {
+        self.user_keys.invalidate(user);
+        self.authorizations.invalidate_where(|_, authz| authz.user_id == *user);
+    }
+
+    /// Writes buffered activity in one batch. Call about once a second and at shutdown.
+    /// Returns the rows written. On failure the batch stays buffered for the next call.
+    ///
+    /// # Errors
+    /// [`SignError::Internal`] on storage failure.
+    pub async fn flush(&self) -> Result<u64, SignError> {
+        let batch = self.activity.take();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match activity_repo::insert_batch(&self.pool, &batch).await {
+            Ok(stored) => Ok(stored),
+            Err(err) => {
+                self.activity.put_back(batch);
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Activity records waiting for [`Signer::flush`].
+    pub fn pending_activity(&self) -> usize {
+        self.activity.len()
+    }
+
+    /// Activity records dropped because the buffer was full (database unwritable).
+    pub fn dropped_activity(&self) -> u64 {
+        self.activity.dropped()
+    }
+
+    async fn ensure_live(&self, authz: &Authorization) -> Result<(), SignError> {
+        if authz.revoked_at.is_some() {
+            return Err(SignError::Revoked);
+        }
+        if authz.expires_at.is_some_and(|at| now_unix() >= at) {
+            return Err(SignError::Expired);
+        }
+        if self.authorizations.get(&authz.id).is_some() {
+            return Ok(());
+        }
+        // Not cached: invalidated (perhaps revoked) or aged out. Ask the database.
+        let epoch = self.authorizations.epoch();
+        let row = authz_repo::find_by_id(&self.pool, &authz.id)
+            .await?
+            .ok_or(SignError::Revoked)?;
+        self.cache_row(epoch, &row).await?;
+        Ok(())
+    }
+
+    /// Builds, checks and caches a row read after `epoch` was taken.
+    async fn cache_row(&self, epoch: u64, row: &AuthorizationRow) -> Result<Arc<Authorization>, AuthError> {
+        if row.revoked_at.is_some() {
+            return Err(AuthError::Revoked);
+        }
+        let policy = self.policy(&row.policy_id).await?;
+        let authz = Arc::new(Authorization::from_row(row, policy, None)?);
+        self.authorizations
+            .insert_if_current(epoch, row.id.clone(), authz.clone());
+        Ok(authz)
+    }
+
+    async fn by_bunker(&self, bunker: &PublicKey) -> Result<Arc<Authorization>, AuthError> {
+        if let Some(id) = self.bunkers.get(bunker) {
+            if let Some(authz) = self.authorizations.get(&id) {
+                return Ok(authz);
+            }
+        }
+        let epoch = self.authorizations.epoch();
+        let row = authz_repo::find_by_bunker_pubkey(&self.pool, &bunker.to_hex())
+            .await?
+            .ok_or(AuthError::UnknownToken)?;
+        let authz = self.cache_row(epoch, &row).await?;
+        self.bunkers.insert_if_current(self.bunkers.epoch(), *bunker, row.id);
+        Ok(authz)
+    }
+
+    async fn policy(&self, id: &PolicyId) -> Result<Arc<Policy>, AuthError> {
+        if let Some(policy) = self.policies.get(id) {
+            return Ok(policy);
+        }
+        let epoch = self.policies.epoch();
+        let row = policies::find_by_id(&self.pool, id).await?.ok_or_else(|| PolicyError {
+            slug: id.to_string(),
+            reason: "the policy does not exist".into(),
+        })?;
+        let policy = Arc::new(Policy::from_row(&row)?);
+        self.policies.insert_if_current(epoch, id.clone(), policy.clone());
+        Ok(policy)
+    }
+
+    async fn user_keys(&self, user: &UserId) -> Result<Arc<Keys>, SignError> {
+        if let Some(keys) = self.user_keys.get(user) {
+            return Ok(keys);
+        }
+        let epoch = self.user_keys.epoch();
+        let keys = Arc::new(keys::load_user_keys(&self.pool, self.km.as_ref(), user).await?);
+        self.user_keys.insert_if_current(epoch, user.clone(), keys.clone());
+        Ok(keys)
+    }
+}
+
+fn with_expiry(authz: &Authorization, expires_at: i64) -> Result<Authorization, AuthError> {
+    if now_unix() >= expires_at {
+        return Err(AuthError::Expired);
+    }
+    Ok(Authorization {
+        expires_at: Some(expires_at),
+        ..authz.clone()
+    })
+}
+
+/// Performs an allowed request with the user's key. CPU work of tens of microseconds
+/// (one Schnorr signature or one ECDH + symmetric cipher), fine on a runtime thread.
+fn perform(keys: &Keys, request: Request) -> Result<Response, SignError> {
+    let secret = keys.secret_key();
+    match request {
+        Request::GetPublicKey => Ok(Response::PublicKey(keys.public_key())),
+        Request::SignEvent(mut template) => {
+            template.pubkey = keys.public_key();
+            template.id = None;
+            let event = template
+                .sign_with_keys(keys)
+                .map_err(|e| InternalError::Crypto(e.to_string()))?;
+            Ok(Response::Event(Box::new(event)))
+        }
+        Request::Nip04Encrypt { peer, plaintext } => nip04::encrypt(secret, &peer, plaintext)
+            .map(Response::Text)
+            .map_err(|e| bad_request(format!("nip04 encryption failed: {e}"))),
+        Request::Nip04Decrypt { peer, ciphertext } => nip04::decrypt(secret, &peer, ciphertext)
+            .map(Response::Text)
+            .map_err(|_| bad_request("the nip04 ciphertext could not be decrypted with this peer".into())),
+        Request::Nip44Encrypt { peer, plaintext } => nip44::encrypt(secret, &peer, plaintext, nip44::Version::V2)
+            .map(Response::Text)
+            .map_err(|e| bad_request(format!("nip44 encryption failed: {e}"))),
+        Request::Nip44Decrypt { peer, ciphertext } => nip44::decrypt(secret, &peer, ciphertext)
+            .map(Response::Text)
+            .map_err(|_| bad_request("the nip44 ciphertext could not be decrypted with this peer".into())),
+    }
+}
+
+fn bad_request(reason: String) -> SignError {
+    SignError::BadRequest { reason }
+}

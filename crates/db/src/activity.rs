@@ -1,0 +1,216 @@
+//! The `activity` table: what each authorization did (method, event kind, transport, time).
+//!
+//! Rows arrive in batches from `keycast-core`'s in-memory buffer, never one per signature:
+//! a signature must not cost a commit (and so an object-store PUT). A row whose
+//! authorization has meanwhile been deleted (its user deleted the account) is dropped
+//! silently instead of failing the whole batch.
+
+use sqlx::SqlitePool;
+
+use crate::{ActivityId, AuthorizationId, RepoError, UserId};
+
+/// Rows per `INSERT` statement (6 parameters each, far below SQLite's 32766 limit).
+pub const BATCH_ROWS: usize = 200;
+
+/// Which transport a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// `POST /api/nostr` with a bearer token.
+    Http,
+    /// NIP-46 over relays.
+    Nip46,
+}
+
+impl Transport {
+    /// The stored text (`activity.transport`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Nip46 => "nip46",
+        }
+    }
+}
+
+/// One thing an authorization did, to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewActivity {
+    pub authorization_id: AuthorizationId,
+    /// The NIP-46 method name (`sign_event`, `nip44_encrypt`, …).
+    pub method: &'static str,
+    /// The event kind, for `sign_event`.
+    pub kind: Option<i64>,
+    pub transport: Transport,
+    pub created_at: i64,
+}
+
+/// A stored activity record.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Activity {
+    pub id: ActivityId,
+    pub authorization_id: AuthorizationId,
+    pub method: String,
+    pub kind: Option<i64>,
+    /// `http` or `nip46`.
+    pub transport: String,
+    pub created_at: i64,
+}
+
+/// Stores a batch in one transaction, [`BATCH_ROWS`] rows per statement. Returns how many
+/// rows were stored: fewer than given when some authorizations no longer exist.
+///
+/// # Errors
+/// Database errors; then nothing of the batch is stored.
+pub async fn insert_batch(pool: &SqlitePool, rows: &[NewActivity]) -> Result<u64, RepoError> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    let mut stored = 0;
+    for chunk in rows.chunks(BATCH_ROWS) {
+        stored += insert_chunk(&mut tx, chunk).await?;
+    }
+    tx.commit().await?;
+    Ok(stored)
+}
+
+async fn insert_chunk(tx: &mut sqlx::SqliteConnection, chunk: &[NewActivity]) -> Result<u64, RepoError> {
+    let sql = chunk_sql(chunk.len());
+    // Built only from placeholders; no value is ever spliced into the text.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for row in chunk {
+        query = query
+            .bind(ActivityId::generate())
+            .bind(&row.authorization_id)
+            .bind(row.method)
+            .bind(row.kind)
+            .bind(row.transport.as_str())
+            .bind(row.created_at);
+    }
+    Ok(query.execute(&mut *tx).await?.rows_affected())
+}
+
+/// `INSERT … SELECT … FROM (VALUES …)`: VALUES columns are named `column1…` on both
+/// SQLite and PostgreSQL, and the `EXISTS` guard skips rows of deleted authorizations.
+fn chunk_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let p = r * 6;
+            format!(
+                "(${}, ${}, ${}, ${}, ${}, ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+                p + 6
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO activity (id, authorization_id, method, kind, transport, created_at) \
+         SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6 FROM (VALUES {}) AS v \
+         WHERE EXISTS (SELECT 1 FROM authorizations a WHERE a.id = v.column2)",
+        values.join(", ")
+    )
+}
+
+macro_rules! columns {
+    () => {
+        "id, authorization_id, method, kind, transport, created_at"
+    };
+}
+
+/// The newest `limit` records of one authorization, newest first.
+///
+/// # Errors
+/// Database errors.
+pub async fn list_for_authorization(
+    pool: &SqlitePool,
+    authorization: &AuthorizationId,
+    limit: i64,
+) -> Result<Vec<Activity>, RepoError> {
+    let sql = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM activity WHERE authorization_id = $1 ORDER BY created_at DESC, id LIMIT $2"
+    );
+    Ok(sqlx::query_as(sql)
+        .bind(authorization)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// The newest `limit` records across all of a user's authorizations, newest first.
+///
+/// # Errors
+/// Database errors.
+pub async fn list_for_user(pool: &SqlitePool, user: &UserId, limit: i64) -> Result<Vec<Activity>, RepoError> {
+    let sql = "SELECT v.id, v.authorization_id, v.method, v.kind, v.transport, v.created_at \
+               FROM activity v JOIN authorizations a ON a.id = v.authorization_id \
+               WHERE a.user_id = $1 ORDER BY v.created_at DESC, v.id LIMIT $2";
+    Ok(sqlx::query_as(sql).bind(user).bind(limit).fetch_all(pool).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{temp_db, test_authorization, test_user};
+
+    fn record(authz: &AuthorizationId, at: i64) -> NewActivity {
+        NewActivity {
+            authorization_id: authz.clone(),
+            method: "sign_event",
+            kind: Some(1),
+            transport: Transport::Http,
+            created_at: at,
+        }
+    }
+
+    #[tokio::test]
+    async fn batch_larger_than_one_statement_is_stored_whole() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        let authz = test_authorization(db.pool(), &user, "b1").await;
+        let rows: Vec<_> = (0..(BATCH_ROWS as i64 * 2 + 7)).map(|i| record(&authz.id, i)).collect();
+        assert_eq!(insert_batch(db.pool(), &rows).await.unwrap(), rows.len() as u64);
+        let newest = list_for_authorization(db.pool(), &authz.id, 3).await.unwrap();
+        let times: Vec<i64> = newest.iter().map(|a| a.created_at).collect();
+        assert_eq!(times, [406, 405, 404]);
+        assert_eq!(
+            (newest[0].method.as_str(), newest[0].transport.as_str(), newest[0].kind),
+            ("sign_event", "http", Some(1))
+        );
+    }
+
+    #[tokio::test]
+    async fn rows_of_deleted_authorizations_are_skipped_not_fatal() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        let authz = test_authorization(db.pool(), &user, "b1").await;
+        let gone = AuthorizationId::generate();
+        let rows = [record(&authz.id, 1), record(&gone, 2), record(&authz.id, 3)];
+        assert_eq!(insert_batch(db.pool(), &rows).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn user_listing_spans_their_authorizations_only() {
+        let (_dir, db) = temp_db().await;
+        let alice = test_user(db.pool(), "a@x.org").await;
+        let bob = test_user(db.pool(), "b@x.org").await;
+        let a1 = test_authorization(db.pool(), &alice, "b1").await;
+        let a2 = test_authorization(db.pool(), &alice, "b2").await;
+        let b1 = test_authorization(db.pool(), &bob, "b3").await;
+        let rows = [record(&a1.id, 1), record(&a2.id, 2), record(&b1.id, 3)];
+        insert_batch(db.pool(), &rows).await.unwrap();
+        let listed = list_for_user(db.pool(), &alice, 10).await.unwrap();
+        let ids: Vec<_> = listed.iter().map(|a| a.authorization_id.clone()).collect();
+        assert_eq!(ids, [a2.id, a1.id]);
+    }
+
+    #[tokio::test]
+    async fn empty_batch_touches_nothing() {
+        let (_dir, db) = temp_db().await;
+        assert_eq!(insert_batch(db.pool(), &[]).await.unwrap(), 0);
+    }
+}

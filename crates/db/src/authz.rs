@@ -1,0 +1,222 @@
+//! The `authorizations` table: one app's grant to sign for one user.
+//!
+//! Each row carries its own bunker keypair (the secret as key-manager ciphertext), the
+//! hash of its NIP-46 connect secret, its relays (JSON array text), the client bound by
+//! the first valid `connect`, and `revoked_at`. Revocation is a conditional `UPDATE`; the
+//! caches that must hear about it live in `keycast-core`.
+
+use sqlx::SqlitePool;
+
+use crate::{AuthorizationId, PolicyId, RepoError, TokenHash, UserId};
+
+/// A stored authorization.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AuthorizationRow {
+    pub id: AuthorizationId,
+    pub user_id: UserId,
+    pub policy_id: PolicyId,
+    /// The OAuth `client_id` the app presented.
+    pub client_id: String,
+    /// Origin of the app's redirect URI, shown to the user.
+    pub redirect_origin: String,
+    /// The bunker's public key, 64 lowercase hex.
+    pub bunker_pubkey: String,
+    /// The bunker's secret key as key-manager ciphertext.
+    pub bunker_secret_encrypted: Vec<u8>,
+    /// Hash of the NIP-46 connect secret.
+    pub connect_secret_hash: TokenHash,
+    /// JSON array of relay URLs.
+    pub relays: String,
+    /// The NIP-46 client bound by the first `connect` carrying the secret.
+    pub connected_client_pubkey: Option<String>,
+    pub connected_at: Option<i64>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// What [`insert`] needs. The id is chosen by the caller before encrypting the bunker
+/// secret, since it is part of the ciphertext's associated data.
+#[derive(Debug, Clone)]
+pub struct NewAuthorization<'a> {
+    pub id: &'a AuthorizationId,
+    pub user_id: &'a UserId,
+    pub policy_id: &'a PolicyId,
+    pub client_id: &'a str,
+    pub redirect_origin: &'a str,
+    pub bunker_pubkey: &'a str,
+    pub bunker_secret_encrypted: &'a [u8],
+    pub connect_secret_hash: &'a TokenHash,
+    pub relays: &'a str,
+}
+
+macro_rules! columns {
+    () => {
+        "id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
+     bunker_secret_encrypted, connect_secret_hash, relays, connected_client_pubkey, connected_at, created_at, revoked_at"
+    };
+}
+
+/// Stores a new authorization.
+///
+/// # Errors
+/// [`RepoError::MissingReference`] for an unknown user or policy;
+/// [`RepoError::AlreadyExists`] for a reused id or bunker pubkey; database errors.
+pub async fn insert(pool: &SqlitePool, new: &NewAuthorization<'_>, now: i64) -> Result<AuthorizationRow, RepoError> {
+    let sql = concat!(
+        "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
+         bunker_secret_encrypted, connect_secret_hash, relays, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING ",
+        columns!(),
+        ""
+    );
+    Ok(sqlx::query_as(sql)
+        .bind(new.id)
+        .bind(new.user_id)
+        .bind(new.policy_id)
+        .bind(new.client_id)
+        .bind(new.redirect_origin)
+        .bind(new.bunker_pubkey)
+        .bind(new.bunker_secret_encrypted)
+        .bind(new.connect_secret_hash)
+        .bind(new.relays)
+        .bind(now)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The authorization with this id, revoked or not.
+///
+/// # Errors
+/// Database errors.
+pub async fn find_by_id(pool: &SqlitePool, id: &AuthorizationId) -> Result<Option<AuthorizationRow>, RepoError> {
+    let sql = concat!("SELECT ", columns!(), " FROM authorizations WHERE id = $1");
+    Ok(sqlx::query_as(sql).bind(id).fetch_optional(pool).await?)
+}
+
+/// The authorization whose bunker has this public key (64 lowercase hex), revoked or not.
+///
+/// # Errors
+/// Database errors.
+pub async fn find_by_bunker_pubkey(
+    pool: &SqlitePool,
+    bunker_pubkey: &str,
+) -> Result<Option<AuthorizationRow>, RepoError> {
+    let sql = concat!("SELECT ", columns!(), " FROM authorizations WHERE bunker_pubkey = $1");
+    Ok(sqlx::query_as(sql).bind(bunker_pubkey).fetch_optional(pool).await?)
+}
+
+/// A user's authorizations, newest first, revoked ones included.
+///
+/// # Errors
+/// Database errors.
+pub async fn list_for_user(pool: &SqlitePool, user: &UserId) -> Result<Vec<AuthorizationRow>, RepoError> {
+    let sql = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM authorizations WHERE user_id = $1 ORDER BY created_at DESC, id"
+    );
+    Ok(sqlx::query_as(sql).bind(user).fetch_all(pool).await?)
+}
+
+/// Revokes an authorization of `user` at `now`. Returns true if this call revoked it,
+/// false if it was already revoked, belongs to someone else, or does not exist
+/// (idempotent: the first revocation time is kept).
+///
+/// # Errors
+/// Database errors.
+pub async fn revoke(pool: &SqlitePool, id: &AuthorizationId, user: &UserId, now: i64) -> Result<bool, RepoError> {
+    let done =
+        sqlx::query("UPDATE authorizations SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .bind(user)
+            .execute(pool)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Binds the NIP-46 client to a live authorization. Succeeds when no client is bound yet
+/// (the first valid `connect` wins, atomically) or when the same client connects again.
+/// Returns false when another client is bound or the authorization is revoked/unknown.
+///
+/// # Errors
+/// Database errors.
+pub async fn bind_client(
+    pool: &SqlitePool,
+    id: &AuthorizationId,
+    client_pubkey: &str,
+    now: i64,
+) -> Result<bool, RepoError> {
+    let done = sqlx::query(
+        "UPDATE authorizations SET connected_client_pubkey = $1, connected_at = COALESCE(connected_at, $2) \
+         WHERE id = $3 AND revoked_at IS NULL \
+           AND (connected_client_pubkey IS NULL OR connected_client_pubkey = $1)",
+    )
+    .bind(client_pubkey)
+    .bind(now)
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::testing::{temp_db, test_authorization, test_user};
+
+    #[tokio::test]
+    async fn inserted_authorization_is_found_by_id_bunker_and_user() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        let row = test_authorization(db.pool(), &user, "b1").await;
+        assert_eq!(row.policy_id.as_str(), "pol_social");
+        assert_eq!(row.revoked_at, None);
+        assert_eq!(find_by_id(db.pool(), &row.id).await.unwrap().as_ref(), Some(&row));
+        assert_eq!(
+            find_by_bunker_pubkey(db.pool(), "b1").await.unwrap().as_ref(),
+            Some(&row)
+        );
+        assert_eq!(list_for_user(db.pool(), &user).await.unwrap(), vec![row]);
+    }
+
+    #[tokio::test]
+    async fn revoke_is_idempotent_and_scoped_to_the_owner() {
+        let (_dir, db) = temp_db().await;
+        let owner = test_user(db.pool(), "a@x.org").await;
+        let other = test_user(db.pool(), "b@x.org").await;
+        let row = test_authorization(db.pool(), &owner, "b1").await;
+        assert!(!revoke(db.pool(), &row.id, &other, 5).await.unwrap(), "not theirs");
+        assert!(revoke(db.pool(), &row.id, &owner, 5).await.unwrap());
+        assert!(!revoke(db.pool(), &row.id, &owner, 9).await.unwrap());
+        let row = find_by_id(db.pool(), &row.id).await.unwrap().unwrap();
+        assert_eq!(row.revoked_at, Some(5));
+    }
+
+    #[tokio::test]
+    async fn first_client_binds_and_others_are_refused() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        let row = test_authorization(db.pool(), &user, "b1").await;
+        assert!(bind_client(db.pool(), &row.id, "c1", 3).await.unwrap());
+        assert!(
+            bind_client(db.pool(), &row.id, "c1", 4).await.unwrap(),
+            "same client reconnects"
+        );
+        assert!(!bind_client(db.pool(), &row.id, "c2", 5).await.unwrap());
+        let row = find_by_id(db.pool(), &row.id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.connected_client_pubkey.as_deref(), row.connected_at),
+            (Some("c1"), Some(3))
+        );
+    }
+
+    #[tokio::test]
+    async fn revoked_authorization_binds_no_client() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        let row = test_authorization(db.pool(), &user, "b1").await;
+        revoke(db.pool(), &row.id, &user, 2).await.unwrap();
+        assert!(!bind_client(db.pool(), &row.id, "c1", 3).await.unwrap());
+    }
+}

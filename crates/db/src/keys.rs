@@ -1,0 +1,229 @@
+//! The `keys` table: each user's Nostr key as ciphertext.
+//!
+//! `encrypted_secret` is whatever `keycast-core`'s key manager produced (AES-256-GCM
+//! nonce + ciphertext + tag, bound to the owner). This module never sees a plaintext key
+//! and cannot encrypt or decrypt one.
+
+use sqlx::SqlitePool;
+
+use crate::{KeyId, RepoError, UserId};
+
+/// How a key came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Made by keycast at registration.
+    Generated,
+    /// Brought by the user (nsec or hex).
+    Imported,
+}
+
+impl KeyOrigin {
+    /// The stored text (`keys.origin`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyOrigin::Generated => "generated",
+            KeyOrigin::Imported => "imported",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Self, RepoError> {
+        match text {
+            "generated" => Ok(KeyOrigin::Generated),
+            "imported" => Ok(KeyOrigin::Imported),
+            other => Err(RepoError::Corrupt(format!("keys.origin {other:?}"))),
+        }
+    }
+}
+
+/// A stored (encrypted) key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub id: KeyId,
+    pub user_id: UserId,
+    /// The public key, 64 lowercase hex characters.
+    pub pubkey: String,
+    /// Ciphertext from the key manager; never plaintext.
+    pub encrypted_secret: Vec<u8>,
+    pub origin: KeyOrigin,
+    pub created_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: KeyId,
+    user_id: UserId,
+    pubkey: String,
+    encrypted_secret: Vec<u8>,
+    origin: String,
+    created_at: i64,
+}
+
+impl TryFrom<Row> for StoredKey {
+    type Error = RepoError;
+    fn try_from(row: Row) -> Result<Self, RepoError> {
+        Ok(StoredKey {
+            id: row.id,
+            user_id: row.user_id,
+            pubkey: row.pubkey,
+            encrypted_secret: row.encrypted_secret,
+            origin: KeyOrigin::parse(&row.origin)?,
+            created_at: row.created_at,
+        })
+    }
+}
+
+/// What [`insert`] needs. The id must be chosen by the caller *before* encrypting,
+/// because it may be part of the ciphertext's associated data.
+#[derive(Debug, Clone)]
+pub struct NewKey<'a> {
+    pub id: &'a KeyId,
+    pub user_id: &'a UserId,
+    pub pubkey: &'a str,
+    pub encrypted_secret: &'a [u8],
+    pub origin: KeyOrigin,
+}
+
+macro_rules! columns {
+    () => {
+        "id, user_id, pubkey, encrypted_secret, origin, created_at"
+    };
+}
+
+/// Stores a user's encrypted key. A user has at most one key.
+///
+/// # Errors
+/// [`RepoError::AlreadyExists`] if the user already has a key (`user_id`) or another
+/// user holds this public key (`pubkey`); [`RepoError::MissingReference`] for an unknown
+/// user; database errors.
+pub async fn insert(pool: &SqlitePool, new: &NewKey<'_>, now: i64) -> Result<StoredKey, RepoError> {
+    let sql = concat!(
+        "INSERT INTO keys (id, user_id, pubkey, encrypted_secret, origin, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
+        columns!(),
+        ""
+    );
+    let row: Row = sqlx::query_as(sql)
+        .bind(new.id)
+        .bind(new.user_id)
+        .bind(new.pubkey)
+        .bind(new.encrypted_secret)
+        .bind(new.origin.as_str())
+        .bind(now)
+        .fetch_one(pool)
+        .await?;
+    row.try_into()
+}
+
+/// The key of a user.
+///
+/// # Errors
+/// Database errors; [`RepoError::Corrupt`] for an unreadable row.
+pub async fn find_by_user(pool: &SqlitePool, user: &UserId) -> Result<Option<StoredKey>, RepoError> {
+    let sql = concat!("SELECT ", columns!(), " FROM keys WHERE user_id = $1");
+    let row: Option<Row> = sqlx::query_as(sql).bind(user).fetch_optional(pool).await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// The key with this public key (64 lowercase hex).
+///
+/// # Errors
+/// Database errors; [`RepoError::Corrupt`] for an unreadable row.
+pub async fn find_by_pubkey(pool: &SqlitePool, pubkey: &str) -> Result<Option<StoredKey>, RepoError> {
+    let sql = concat!("SELECT ", columns!(), " FROM keys WHERE pubkey = $1");
+    let row: Option<Row> = sqlx::query_as(sql).bind(pubkey).fetch_optional(pool).await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// Some stored key (the oldest), or `None` on an empty table: what the start-up check
+/// decrypts to prove the master key matches the data.
+///
+/// # Errors
+/// Database errors; [`RepoError::Corrupt`] for an unreadable row.
+pub async fn find_any(pool: &SqlitePool) -> Result<Option<StoredKey>, RepoError> {
+    let sql = concat!("SELECT ", columns!(), " FROM keys ORDER BY created_at, id LIMIT 1");
+    let row: Option<Row> = sqlx::query_as(sql).fetch_optional(pool).await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+/// Deletes a user's key. Returns false if they had none.
+///
+/// # Errors
+/// Database errors.
+pub async fn delete_for_user(pool: &SqlitePool, user: &UserId) -> Result<bool, RepoError> {
+    let done = sqlx::query("DELETE FROM keys WHERE user_id = $1")
+        .bind(user)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{temp_db, test_user};
+
+    fn new_key<'a>(id: &'a KeyId, user: &'a UserId, pubkey: &'a str) -> NewKey<'a> {
+        NewKey {
+            id,
+            user_id: user,
+            pubkey,
+            encrypted_secret: b"\x01ciphertext",
+            origin: KeyOrigin::Imported,
+        }
+    }
+
+    #[tokio::test]
+    async fn stored_key_is_found_by_user_pubkey_and_any() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        let id = KeyId::generate();
+        let key = insert(db.pool(), &new_key(&id, &user, "aa"), 7).await.unwrap();
+        assert_eq!(
+            (key.origin, key.created_at, key.encrypted_secret.as_slice()),
+            (KeyOrigin::Imported, 7, &b"\x01ciphertext"[..])
+        );
+        assert_eq!(find_by_user(db.pool(), &user).await.unwrap().as_ref(), Some(&key));
+        assert_eq!(find_by_pubkey(db.pool(), "aa").await.unwrap().as_ref(), Some(&key));
+        assert_eq!(find_any(db.pool()).await.unwrap().as_ref(), Some(&key));
+    }
+
+    #[tokio::test]
+    async fn a_pubkey_belongs_to_one_user_only() {
+        let (_dir, db) = temp_db().await;
+        let a = test_user(db.pool(), "a@x.org").await;
+        let b = test_user(db.pool(), "b@x.org").await;
+        insert(db.pool(), &new_key(&KeyId::generate(), &a, "aa"), 1)
+            .await
+            .unwrap();
+        let err = insert(db.pool(), &new_key(&KeyId::generate(), &b, "aa"), 1)
+            .await
+            .unwrap_err();
+        assert!(err.is_duplicate_of("pubkey"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_user_has_one_key_only() {
+        let (_dir, db) = temp_db().await;
+        let a = test_user(db.pool(), "a@x.org").await;
+        insert(db.pool(), &new_key(&KeyId::generate(), &a, "aa"), 1)
+            .await
+            .unwrap();
+        let err = insert(db.pool(), &new_key(&KeyId::generate(), &a, "bb"), 1)
+            .await
+            .unwrap_err();
+        assert!(err.is_duplicate_of("user_id"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn empty_table_has_no_key_and_delete_reports_absence() {
+        let (_dir, db) = temp_db().await;
+        let a = test_user(db.pool(), "a@x.org").await;
+        assert_eq!(find_any(db.pool()).await.unwrap(), None);
+        assert!(!delete_for_user(db.pool(), &a).await.unwrap());
+        insert(db.pool(), &new_key(&KeyId::generate(), &a, "aa"), 1)
+            .await
+            .unwrap();
+        assert!(delete_for_user(db.pool(), &a).await.unwrap());
+        assert_eq!(find_by_user(db.pool(), &a).await.unwrap(), None);
+    }
+}
