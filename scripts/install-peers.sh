@@ -15,6 +15,12 @@ apt_install() {
 
 # The sqlite3 shell: tests use it to look inside databases the way an operator would.
 apt_install sqlite3 sqlite3
+# PostgreSQL (Debian's): the PostgreSQL migrations are applied to a real server.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "install-peers: installing postgresql (apt)"
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 
 # Python peers, in one venv so they never touch the system Python:
 # - moto's S3 API server, the S3 endpoint the replica store's conformance tests write to;

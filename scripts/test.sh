@@ -25,6 +25,9 @@ scripts/install-peers.sh
 step "checking there is exactly one SQLite"
 scripts/check-one-sqlite.sh
 
+step "checking the PostgreSQL schema against a real server"
+scripts/check-postgres-schema.sh
+
 step "checking formatting"
 cargo fmt --all -- --check
 
