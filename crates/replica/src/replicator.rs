@@ -620,6 +620,13 @@ impl Worker {
 
     /// Ships segments until nothing committed is left unshipped. Returns how many it stored.
     async fn sync_all(&mut self) -> Result<usize, ReplicaError> {
+        self.sync(false).await
+    }
+
+    /// Ships segments until caught up — or, with `yield_for_checkpoint`, until the WAL has
+    /// grown past the checkpoint threshold: under sustained writes the loop would otherwise
+    /// never end and the WAL would grow without bound.
+    async fn sync(&mut self, yield_for_checkpoint: bool) -> Result<usize, ReplicaError> {
         let mut stored = 0;
         loop {
             let mark = self.signal.commits();
@@ -628,6 +635,9 @@ impl Worker {
                 Ok(Some(segment)) => {
                     self.put(segment).await?;
                     stored += 1;
+                    if yield_for_checkpoint && self.wal_frames() >= u64::from(self.options.checkpoint_pages) {
+                        return Ok(stored);
+                    }
                 }
                 Ok(None) => {
                     self.shipped_mark = mark;
@@ -644,9 +654,9 @@ impl Worker {
         }
     }
 
-    /// Reads the next segment under a fresh read snapshot (see [`crate::snapshot`]).
+    /// Reads the next segment while a read snapshot is held (see [`crate::snapshot`]).
     async fn read_next_segment(&mut self) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
-        if !self.locked {
+        if !self.locked && !self.snapshot.is_held() {
             self.snapshot.refresh().await?;
         }
         let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
@@ -738,7 +748,7 @@ impl Worker {
 
     /// One round: ship what is committed, then checkpoint and compact if due.
     async fn step(&mut self) -> Result<(), ReplicaError> {
-        self.sync_all().await?;
+        self.sync(true).await?;
         if self.checkpoint_due() {
             self.checkpoint().await?;
         }
@@ -820,12 +830,17 @@ impl Worker {
     /// Frames in the current WAL generation up to the shipped position. (The file's size
     /// would overcount: SQLite restarts the WAL in place without shrinking it.)
     fn wal_frames(&self) -> u64 {
+        if self.cursor.reset_expected {
+            return 0; // fully checkpointed; the next write starts a new WAL generation
+        }
         let offset = self.cursor.wal.map_or(0, |c| c.offset);
         offset.saturating_sub(32) / (24 + u64::from(self.cursor.page_size))
     }
 
     /// Under the write lock: ship the rest, then PASSIVE-checkpoint from the other connection.
     async fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        // Ship what is there before taking the write lock, so writers wait only for the tail.
+        self.sync(true).await?;
         let took_lock = self.lock().await?;
         let result = async {
             self.sync_all().await?;

@@ -6,6 +6,11 @@
 //! not read yet, and (2) a checkpoint run by another program — an operator's `sqlite3` —
 //! cannot wipe frames before they are shipped: it waits, then gives up busy.
 //!
+//! Any snapshot will do for that — an older one only holds back more — so it is refreshed
+//! only where its age matters: under the write lock around our own checkpoint, so that it
+//! neither limits the checkpoint nor (once everything is backfilled) stops the next writer
+//! from restarting the WAL.
+//!
 //! Refreshing a snapshot must never leave a moment with none held, or a waiting foreign
 //! checkpoint could slip through. Two connections take turns: the new snapshot is opened on
 //! one before the old one is released on the other.
@@ -47,6 +52,11 @@ impl Snapshot {
             sqlx::query("ROLLBACK").execute(&mut self.conns[old]).await?;
         }
         Ok(())
+    }
+
+    /// Whether a snapshot is held.
+    pub fn is_held(&self) -> bool {
+        self.current.is_some()
     }
 
     /// Releases every snapshot (before closing, or to recover from an error).

@@ -1,0 +1,76 @@
+//! Durable-commit latency: what a write that must not be lost costs on top of a plain commit.
+//!
+//! One writer commits small transactions back to back through the keycast pool with a
+//! replicator running. Each round alternates the two modes commit by commit, so both see the
+//! same machine noise:
+//! - `async`: the commit alone (replication follows within milliseconds);
+//! - `durable`: the commit, then `wait_durable` — it returns only once the segment holding the
+//!   commit is in the object store.
+//!
+//! Reported: p50/p99 of each, and the added latency (durable − async) at p50 and p99.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keycast_replica::{CommitSignal, ReplicaOptions, Replicator, Store};
+use serde_json::json;
+
+use crate::stats::{percentile, summary_ms};
+use crate::{emit, note, pools};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Replica: `file` (a temporary directory) or `s3` (needs --s3-url and AWS_* variables).
+    #[arg(long, default_value = "file")]
+    store: String,
+    /// s3://bucket/prefix for --store s3; the bucket must exist.
+    #[arg(long)]
+    s3_url: Option<String>,
+    /// Commits per mode.
+    #[arg(long, default_value_t = 2000)]
+    commits: usize,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = match args.store.as_str() {
+        "file" => format!("file://{}", dir.path().join("replica").display()),
+        "s3" => args.s3_url.clone().context("--store s3 needs --s3-url")?,
+        other => anyhow::bail!("--store {other}: expected file or s3"),
+    };
+    let store = Store::from_url(&url, &|name| std::env::var(name).ok())?.context("replica url is none")?;
+    let db = dir.path().join("bench.db");
+    let signal = CommitSignal::new();
+    let pool = pools::keycast_pool(&db, &signal).await?;
+    pools::create_table(&pool).await?;
+    let replicator = Replicator::start(&db, store, signal, "bench", ReplicaOptions::default()).await?;
+    let (mut fast, mut durable) = (Vec::with_capacity(args.commits), Vec::with_capacity(args.commits));
+    note!("durable: {} commits per mode on {}", args.commits, args.store);
+    for _ in 0..args.commits {
+        let started = Instant::now();
+        sqlx::query("INSERT INTO t (v) VALUES (randomblob(100))")
+            .execute(&pool)
+            .await?;
+        fast.push(started.elapsed().as_secs_f64() * 1e3);
+        let started = Instant::now();
+        sqlx::query("INSERT INTO t (v) VALUES (randomblob(100))")
+            .execute(&pool)
+            .await?;
+        replicator.wait_durable(Duration::from_secs(10)).await?;
+        durable.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    pool.close().await;
+    replicator.shutdown(Instant::now() + Duration::from_secs(10)).await?;
+    fast.sort_by(f64::total_cmp);
+    durable.sort_by(f64::total_cmp);
+    let added = |p| Some(((percentile(&durable, p)? - percentile(&fast, p)?) * 100.0).round() / 100.0);
+    emit(&json!({
+        "bench": "durable",
+        "store": args.store,
+        "async_ms": summary_ms(&fast),
+        "durable_ms": summary_ms(&durable),
+        "added_p50_ms": added(50.0),
+        "added_p99_ms": added(99.0),
+    }));
+    Ok(())
+}
