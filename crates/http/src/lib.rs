@@ -4,15 +4,35 @@
 //! - [`state`]: what handlers share ([`AppState`]): the database once it is open, metrics.
 //! - [`health`]: `/healthz/{live,startup,ready}` probes.
 //! - [`metrics`]: `/metrics` and the request-counting middleware.
-//! - [`error`]: [`AppError`], the one way handlers answer with an error (JSON, no internals).
+//! - [`error`]: [`AppError`], the one way handlers answer with an error (JSON, no internals),
+//!   and the one mapping of core's errors onto it.
+//! - [`auth`]: register, login, logout, email verification, password reset.
+//! - [`session`]: the session cookie, the [`session::SessionUser`] extractor, CSRF tokens.
+//! - [`oauth`]: `/api/oauth/{authorize,login,token}`, RFC 8414 metadata.
+//! - [`rpc`]: `POST /api/nostr`, the HTTP transport of the signer.
+//! - [`user`]: the user's authorizations (list, revoke), activity, key and its export.
+//! - [`nip05`]: `/.well-known/nostr.json` and choosing a username.
+//! - `page`: the minimal HTML of the login and consent pages.
+//! - [`limit`]: rate limits (token buckets); [`mail`]: the development outbox;
+//!   [`extract`]: JSON/form bodies, client IP, HTTPS detection.
 //!
 //! [`app`] builds the router without a socket, so tests can drive it with `oneshot`.
 
+pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod health;
+pub mod limit;
+pub mod mail;
 pub mod metrics;
+pub mod nip05;
+pub mod oauth;
+mod page;
+pub mod rpc;
+pub mod session;
 pub mod state;
 mod testing;
+pub mod user;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -20,11 +40,23 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use error::AppError;
-pub use state::{AppState, BoxFuture, Dependency, Durability, DurabilityMode, HttpOptions};
+pub use state::{AppState, BoxFuture, Dependency, Durability, DurabilityMode, HttpOptions, Services};
 
 /// Builds the whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {
-    let mut router = Router::new().merge(health::routes()).merge(metrics::routes());
+    let mut api = Router::new()
+        .merge(auth::routes())
+        .merge(oauth::routes())
+        .merge(rpc::routes())
+        .merge(user::routes())
+        .merge(nip05::routes());
+    if let Some(cors) = cors(&state.options().allowed_origins) {
+        api = api.layer(cors);
+    }
+    let mut router = Router::new()
+        .merge(health::routes())
+        .merge(metrics::routes())
+        .merge(api);
     if state.options().test_routes {
         router = router.merge(testing::routes());
     }
@@ -50,4 +82,20 @@ async fn enforce_timeout(State(state): State<AppState>, request: Request, next: 
         ))
         .into_response(),
     }
+}
+
+/// CORS for browser apps on `allowed` origins (`ALLOWED_ORIGINS`); `None` when empty. No
+/// credentials: cross-origin callers use bearer tokens, never the session cookie.
+fn cors(allowed: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    let origins: Vec<HeaderValue> = allowed.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+    )
 }

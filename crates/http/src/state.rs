@@ -3,8 +3,12 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use keycast_core::{KeyManager, PasswordHasher, Signer};
 use keycast_db::Db;
 use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::limit::RateLimits;
+use crate::mail::Outbox;
 
 /// Default per-request timeout (seconds); a request still running then gets a 503.
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -20,6 +24,18 @@ pub struct HttpOptions {
     /// Which writes wait for the replica before they are acknowledged. Default
     /// [`DurabilityMode::Async`].
     pub durability: DurabilityMode,
+    /// The server's public base URL (`KEYCAST_PUBLIC_URL`): the OAuth issuer, the origin
+    /// first-party pages post from, and whether cookies are `Secure` (when it is https).
+    /// Default `http://localhost:3000`.
+    pub public_url: String,
+    /// Relays named in bunker URLs (`BUNKER_RELAYS`).
+    pub relays: Vec<String>,
+    /// Life of an OAuth access token, seconds. Default
+    /// [`keycast_core::authz::DEFAULT_TOKEN_TTL_SECS`] (30 days).
+    pub token_ttl_secs: i64,
+    /// Origins allowed to call the API from a browser (CORS, `ALLOWED_ORIGINS`). Empty (the
+    /// default) sends no CORS headers.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -39,6 +55,10 @@ impl Default for HttpOptions {
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
             test_routes: false,
             durability: DurabilityMode::Async,
+            public_url: "http://localhost:3000".into(),
+            relays: Vec::new(),
+            token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -75,8 +95,23 @@ pub trait Durability: Send + Sync {
 /// A boxed future, as the object-safe traits here return.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
+/// The domain services handlers call, built by the binary once the database is open
+/// (see [`AppState::set_services`]).
+#[derive(Clone)]
+pub struct Services {
+    /// The one signing path (RPC, revocation, caches).
+    pub signer: Arc<Signer>,
+    /// Encrypts and decrypts stored keys.
+    pub keys: Arc<dyn KeyManager>,
+    /// argon2id.
+    pub hasher: PasswordHasher,
+}
+
 struct Inner {
     db: OnceLock<Db>,
+    services: OnceLock<Services>,
+    outbox: Outbox,
+    limits: RateLimits,
     dependencies: OnceLock<Vec<Arc<dyn Dependency>>>,
     durability: OnceLock<Arc<dyn Durability>>,
     metrics: PrometheusHandle,
@@ -89,6 +124,9 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 db: OnceLock::new(),
+                services: OnceLock::new(),
+                outbox: Outbox::default(),
+                limits: RateLimits::default(),
                 dependencies: OnceLock::new(),
                 durability: OnceLock::new(),
                 metrics,
@@ -100,6 +138,35 @@ impl AppState {
     /// Marks start-up done: the database is open and migrated. Later calls are ignored.
     pub fn set_db(&self, db: Db) {
         let _ = self.inner.db.set(db);
+    }
+
+    /// Installs the domain services. Call before [`AppState::set_db`] so the API never
+    /// sees a database without them; later calls are ignored.
+    pub fn set_services(&self, services: Services) {
+        let _ = self.inner.services.set(services);
+    }
+
+    /// The database and the services, or 503 while keycast is starting.
+    ///
+    /// # Errors
+    /// [`crate::AppError::Unavailable`] until both are set.
+    pub fn api(&self) -> Result<(&Db, &Services), crate::AppError> {
+        match (self.inner.db.get(), self.inner.services.get()) {
+            (Some(db), Some(services)) => Ok((db, services)),
+            _ => Err(crate::AppError::Unavailable(
+                "keycast is starting; retry in a moment".into(),
+            )),
+        }
+    }
+
+    /// Mail waiting in the development outbox.
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
+    /// The rate limiters of login, registration and password reset.
+    pub(crate) fn limits(&self) -> &RateLimits {
+        &self.inner.limits
     }
 
     /// Registers what readiness depends on besides the database. Call before

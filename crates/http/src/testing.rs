@@ -18,6 +18,7 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/test/slow", get(slow))
         .route("/api/test/write", post(write))
+        .route("/api/test/outbox", get(outbox))
 }
 
 #[derive(Deserialize)]
@@ -43,6 +44,12 @@ async fn write(State(state): State<AppState>, Query(q): Query<WriteQuery>) -> Re
         .map_err(|e| AppError::Internal(e.to_string()))?;
     state.confirm_write(q.durable).await?;
     Ok(Json(json!({ "key": q.key, "durable": q.durable })))
+}
+
+/// Every message in the development outbox, tokens included (what a user would find in
+/// their mailbox).
+async fn outbox(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "messages": state.outbox().messages() }))
 }
 
 #[derive(Deserialize)]

@@ -159,6 +159,36 @@ pub const SETTINGS: &[Setting] = &[
         help: "/healthz/ready answers 503 once replication has failed for this long",
     },
     Setting {
+        key: "master_key",
+        env: "KEYCAST_MASTER_KEY",
+        default: "(dev key in <data_dir>/master.key)",
+        help: "32 random bytes, base64: the key-encryption key of every stored Nostr key; never stored in the database or the replica",
+    },
+    Setting {
+        key: "master_key_path",
+        env: "MASTER_KEY_PATH",
+        default: "(none)",
+        help: "file holding the master key (base64), instead of KEYCAST_MASTER_KEY",
+    },
+    Setting {
+        key: "public_url",
+        env: "KEYCAST_PUBLIC_URL",
+        default: "http://localhost:<port>",
+        help: "the URL users and apps reach keycast at: OAuth issuer, redirect base; https makes cookies Secure",
+    },
+    Setting {
+        key: "bunker_relays",
+        env: "BUNKER_RELAYS",
+        default: "wss://relay.damus.io",
+        help: "comma-separated ws:// or wss:// relays named in bunker URLs",
+    },
+    Setting {
+        key: "allowed_origins",
+        env: "ALLOWED_ORIGINS",
+        default: "(none)",
+        help: "comma-separated origins allowed to call the API from browsers (CORS); none sends no CORS headers",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -167,7 +197,10 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Settings whose values are secrets: redacted from every message.
-const SECRET_SETTINGS: &[&str] = &["replica_encryption_key"];
+const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key"];
+
+/// Default relay for bunker URLs until the embedded relay lands (NIP-46 issue).
+pub const DEFAULT_BUNKER_RELAY: &str = "wss://relay.damus.io";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +226,25 @@ pub struct Config {
     pub durability: DurabilityMode,
     /// Replication; `None` when `KEYCAST_REPLICA_URL=none`.
     pub replica: Option<ReplicaConfig>,
+    /// Where the master key comes from.
+    pub master_key: MasterKeySource,
+    /// `KEYCAST_PUBLIC_URL` without a trailing slash; `None` → `http://localhost:<bound port>`.
+    pub public_url: Option<String>,
+    /// Relays named in bunker URLs.
+    pub bunker_relays: Vec<String>,
+    /// CORS origins; empty disables CORS.
+    pub allowed_origins: Vec<String>,
+}
+
+/// Where the master key (the key-encryption key of stored Nostr keys) comes from.
+#[derive(Debug, Clone)]
+pub enum MasterKeySource {
+    /// `KEYCAST_MASTER_KEY` (or `KEYCAST_MASTER_KEY_FILE`), already checked to be 32 bytes.
+    Inline(keycast_core::Secret<String>),
+    /// `MASTER_KEY_PATH`: read at start.
+    File(PathBuf),
+    /// Neither: a development key in `<data_dir>/master.key`, generated if missing.
+    Development(PathBuf),
 }
 
 /// Where and how the database is replicated.
@@ -374,8 +426,32 @@ impl Sources {
             test_routes: self.get("test_routes", parse_bool)?.unwrap_or(false),
             durability: self.get("durability", parse_durability)?.unwrap_or_default(),
             replica: self.replica(&data_dir)?,
+            master_key: self.master_key(&data_dir)?,
+            public_url: self.get("public_url", parse_public_url)?,
+            bunker_relays: self
+                .get("bunker_relays", parse_relays)?
+                .unwrap_or_else(|| vec![DEFAULT_BUNKER_RELAY.to_owned()]),
+            allowed_origins: self.get("allowed_origins", parse_origins)?.unwrap_or_default(),
             data_dir,
         })
+    }
+
+    fn master_key(&self, data_dir: &Path) -> Result<MasterKeySource, ConfigError> {
+        let inline = self.get("master_key", |v| {
+            keycast_core::MasterKey::from_base64(v)
+                .map(|_| keycast_core::Secret::new(v.to_owned()))
+                .map_err(|e| e.to_string())
+        })?;
+        let path = self.get("master_key_path", non_empty)?;
+        match (inline, path) {
+            (Some(_), Some(_)) => Err(ConfigError::Invalid {
+                origin: "MASTER_KEY_PATH".into(),
+                reason: "KEYCAST_MASTER_KEY is set too; use one of them".into(),
+            }),
+            (Some(key), None) => Ok(MasterKeySource::Inline(key)),
+            (None, Some(path)) => Ok(MasterKeySource::File(PathBuf::from(path))),
+            (None, None) => Ok(MasterKeySource::Development(data_dir.join("master.key"))),
+        }
     }
 
     fn replica(&self, data_dir: &Path) -> Result<Option<ReplicaConfig>, ConfigError> {
@@ -527,6 +603,44 @@ fn absolute(path: &Path) -> PathBuf {
         .unwrap_or_else(|_| path.to_owned())
 }
 
+fn parse_public_url(v: &str) -> Result<String, String> {
+    let url = url::Url::parse(v).map_err(|_| "expected an absolute URL such as https://keycast.example".to_owned())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("expected an http:// or https:// URL with a host".into());
+    }
+    Ok(v.trim_end_matches('/').to_owned())
+}
+
+fn parse_relays(v: &str) -> Result<Vec<String>, String> {
+    let relays: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let valid = |r: &String| url::Url::parse(r).is_ok_and(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some());
+    if relays.is_empty() || !relays.iter().all(valid) {
+        return Err("expected comma-separated ws:// or wss:// relay URLs".into());
+    }
+    Ok(relays)
+}
+
+fn parse_origins(v: &str) -> Result<Vec<String>, String> {
+    let origins: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for origin in &origins {
+        let ok = url::Url::parse(origin).is_ok_and(|u| u.origin().ascii_serialization() == *origin);
+        if !ok {
+            return Err(format!("{origin:?} is not an origin (scheme://host[:port], no path)"));
+        }
+    }
+    Ok(origins)
+}
+
 fn parse_bool(v: &str) -> Result<bool, String> {
     match v.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -658,6 +772,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("KEYCAST_REPLICA_ENCRYPTION_KEY_FILE"));
+    }
+
+    #[test]
+    fn master_key_is_validated_redacted_and_exclusive_with_its_path() {
+        let err = env(&[("KEYCAST_MASTER_KEY", "c2VjcmV0LXNob3J0")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KEYCAST_MASTER_KEY=<redacted>") && !err.contains("c2VjcmV0"),
+            "{err}"
+        );
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let config = env(&[("KEYCAST_MASTER_KEY", key)]).build().unwrap();
+        assert!(matches!(config.master_key, MasterKeySource::Inline(_)));
+        assert!(
+            !format!("{config:?}").contains("AAECAwQF"),
+            "Debug must not print the key"
+        );
+        let both = env(&[("KEYCAST_MASTER_KEY", key), ("MASTER_KEY_PATH", "/k")]).build();
+        assert!(both.unwrap_err().to_string().contains("MASTER_KEY_PATH"));
+        let dev = Sources::default().build().unwrap();
+        assert!(matches!(dev.master_key, MasterKeySource::Development(p) if p.ends_with("master.key")));
+    }
+
+    #[test]
+    fn relays_and_origins_are_checked() {
+        let config = env(&[("BUNKER_RELAYS", "wss://a.example, ws://127.0.0.1:7777")])
+            .build()
+            .unwrap();
+        assert_eq!(config.bunker_relays, ["wss://a.example", "ws://127.0.0.1:7777"]);
+        assert!(env(&[("BUNKER_RELAYS", "https://a.example")]).build().is_err());
+        assert!(env(&[("ALLOWED_ORIGINS", "https://app.example/path")]).build().is_err());
+        assert!(env(&[("KEYCAST_PUBLIC_URL", "ftp://x")]).build().is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`cli`]: `keycast restore` and `keycast replica {status,ls}`.
 //! - [`config`]: defaults → TOML → environment → flags, validated into [`config::Config`].
+//! - [`master_key`]: the master key from env, file or a development key; checked at start.
 //! - [`logging`]: text or Cloud Logging JSON.
 //! - [`serve`]: start-up order, the HTTP server, and graceful shutdown.
 //! - [`replication`]: restore-before-serve, the replicator's start, health and stop.
@@ -11,6 +12,7 @@
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod master_key;
 pub mod replication;
 pub mod serve;
 

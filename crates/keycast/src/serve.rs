@@ -2,12 +2,15 @@
 //!
 //! Start-up order: bind the port first (so probes answer while the database is prepared),
 //! then restore from the replica if needed, open and migrate the database, start
-//! replicating, and only then report ready on `/healthz/startup`.
+//! replicating, load the master key and check it decrypts the stored keys, build the
+//! signer, and only then report ready on `/healthz/startup`. Buffered signing activity is
+//! flushed about once a second.
 //!
 //! Shutdown order, on SIGTERM or SIGINT:
 //! 1. stop accepting connections;
 //! 2. let in-flight requests finish, within the grace period (`KEYCAST_SHUTDOWN_GRACE_SECS`);
-//! 3. close the database pool, so no commit can land after the final sync;
+//! 3. flush the signer's buffered activity, then close the database pool, so no commit can
+//!    land after the final sync;
 //! 4. ship the last committed frames and record a clean stop (the exit line names the TXID).
 //!
 //! Exit status is 0 when all of that finished inside the grace period, non-zero otherwise.
@@ -18,8 +21,9 @@ use std::time::Instant;
 use anyhow::Context;
 use std::sync::Arc;
 
+use keycast_core::{PasswordHasher, PasswordParams, Signer, SignerOptions};
 use keycast_db::{Db, DbOptions};
-use keycast_http::{AppState, Dependency, HttpOptions};
+use keycast_http::{AppState, Dependency, HttpOptions, Services};
 use keycast_replica::{CommitSignal, Replicator};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -38,14 +42,23 @@ pub async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(config.port);
     let options = HttpOptions {
         request_timeout: config.request_timeout,
         test_routes: config.test_routes,
         durability: config.durability,
+        public_url: config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://localhost:{port}")),
+        relays: config.bunker_relays.clone(),
+        token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
+        allowed_origins: config.allowed_origins.clone(),
     };
     let state = AppState::new(metrics, options);
     let (stop_http, http_stopped) = oneshot::channel::<()>();
-    let server = axum::serve(listener, keycast_http::app(state.clone()))
+    let app = keycast_http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = http_stopped.await;
         })
@@ -69,6 +82,7 @@ pub async fn run(
         state.set_dependencies(vec![Arc::new(health) as Arc<dyn Dependency>]);
         state.set_durability(Arc::new(crate::replication::ReplicaDurability(replicator.monitor())));
     }
+    state.set_services(running.services.clone());
     state.set_db(running.db.clone());
     tracing::info!(database = %config.database_path.display(), "keycast is ready");
 
@@ -83,6 +97,39 @@ pub async fn run(
 struct Running {
     db: Db,
     replicator: Option<Replicator>,
+    services: Services,
+    /// Writes the signer's buffered activity about once a second.
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+/// Builds the domain services over the open database: the master key (checked against
+/// the stored keys), the password hasher and the signer, and starts the activity flusher.
+async fn services(config: &Config, db: &Db) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
+    let km = crate::master_key::load(&config.master_key, db.pool()).await?;
+    let hasher = PasswordHasher::new(PasswordParams::default()).context("password hashing parameters")?;
+    let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
+    let flusher = tokio::spawn(flush_activity(signer.clone()));
+    Ok((
+        Services {
+            signer,
+            keys: km,
+            hasher,
+        },
+        flusher,
+    ))
+}
+
+/// Flushes the signer's activity buffer once a second, forever (aborted at shutdown, which
+/// then flushes once more).
+async fn flush_activity(signer: Arc<Signer>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(err) = signer.flush().await {
+            tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity; will retry");
+        }
+    }
 }
 
 /// Restore-before-serve, open the database, start replication.
@@ -91,7 +138,13 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     let Some(replica) = &config.replica else {
         tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
         let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
-        return Ok(Running { db, replicator: None });
+        let (services, flusher) = services(config, &db).await?;
+        return Ok(Running {
+            db,
+            replicator: None,
+            services,
+            flusher,
+        });
     };
     let store = crate::replication::open_store(replica)?;
     if store.backend() == keycast_replica::store::Backend::File {
@@ -107,9 +160,12 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     let db = Db::open_sqlite(&options).await?;
     let lineage = keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await?;
     let replicator = crate::replication::start(&config.database_path, store, signal, &lineage, replica, lease).await?;
+    let (services, flusher) = services(config, &db).await?;
     Ok(Running {
         db,
         replicator: Some(replicator),
+        services,
+        flusher,
     })
 }
 
@@ -152,6 +208,11 @@ async fn shut_down(
             "in-flight requests did not finish within the {} s grace period",
             grace.as_secs_f64()
         );
+    }
+    running.flusher.abort();
+    match running.services.signer.flush().await {
+        Ok(rows) => tracing::info!(rows, "flushed buffered signing activity"),
+        Err(err) => tracing::warn!(error = %err, "could not write the last signing activity"),
     }
     let remaining = grace.saturating_sub(started.elapsed());
     if tokio::time::timeout(remaining, running.db.close()).await.is_err() {

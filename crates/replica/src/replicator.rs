@@ -36,6 +36,9 @@ use crate::segment::{self, Cursor, Segment, SegmentError};
 use crate::snapshot::Snapshot;
 use crate::store::{PutOutcome, Store, StoreError};
 
+/// How long a write waits for a due lease renewal before going ahead without it.
+const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Checkpoint when the WAL holds at least this many frames (pages).
 pub const DEFAULT_CHECKPOINT_PAGES: u32 = 1000;
 /// Checkpoint at least this often while something was shipped since the last one.
@@ -272,7 +275,17 @@ impl Monitor {
         if let Some(txid) = self.0.fenced_txid() {
             return Err(ReplicaError::Fenced { txid });
         }
-        match self.0.keep_lease().await {
+        // A renewal that cannot finish quickly means the store is struggling (see below). It
+        // runs as its own task so that giving up waiting never cancels a compare-and-swap
+        // half way, which would leave this instance with a stale lease version.
+        let shared = self.0.clone();
+        let renewal = tokio::spawn(async move { shared.keep_lease().await });
+        let renewal = match tokio::time::timeout(LEASE_CHECK_TIMEOUT, renewal).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(ReplicaError::LocalState(std::io::Error::other(join.to_string()))),
+            Err(_) => Err(ReplicaError::Timeout(LEASE_CHECK_TIMEOUT)),
+        };
+        match renewal {
             Err(e @ ReplicaError::LeaseLost { .. }) => {
                 self.0.fence();
                 Err(e)

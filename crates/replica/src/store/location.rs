@@ -102,6 +102,7 @@ pub(super) fn open_s3(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String
         .or_else(|| env("AWS_DEFAULT_REGION"))
         .unwrap_or_else(|| DEFAULT_AWS_REGION.into());
     let mut builder = AmazonS3Builder::new()
+        .with_retry(request_retries())
         .with_bucket_name(&bucket)
         .with_region(&region)
         // Create-only puts (If-None-Match: *) are how a fenced writer learns it lost a race.
@@ -178,7 +179,9 @@ fn parse_endpoint(value: &str) -> Result<url::Url, StoreError> {
 
 pub(super) fn open_gcs(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Store, StoreError> {
     let (bucket, prefix) = bucket_and_prefix(url, rest)?;
-    let mut builder = GoogleCloudStorageBuilder::new().with_bucket_name(&bucket);
+    let mut builder = GoogleCloudStorageBuilder::new()
+        .with_bucket_name(&bucket)
+        .with_retry(request_retries());
     if let Some(path) = env("GOOGLE_SERVICE_ACCOUNT") {
         builder = builder.with_service_account_path(path);
     }
@@ -200,6 +203,7 @@ pub(super) fn open_azure(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<Str
     let emulator = env("AZURE_STORAGE_USE_EMULATOR").is_some_and(|v| matches!(v.as_str(), "1" | "true"));
     let account = account.or_else(|| env("AZURE_STORAGE_ACCOUNT_NAME"));
     let mut builder = MicrosoftAzureBuilder::new()
+        .with_retry(request_retries())
         .with_container_name(&container)
         .with_use_emulator(emulator);
     match &account {
@@ -254,4 +258,15 @@ fn redacted(endpoint: &url::Url) -> String {
     let _ = endpoint.set_username("");
     let _ = endpoint.set_password(None);
     endpoint.as_str().trim_end_matches('/').to_string()
+}
+
+/// Retries inside one request stay short: the replicator has its own retry loop (with
+/// backoff and health reporting), and a request that retries for minutes would stall it, a
+/// durable wait, or a lease renewal far past any useful deadline.
+fn request_retries() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 2,
+        retry_timeout: std::time::Duration::from_secs(10),
+        ..object_store::RetryConfig::default()
+    }
 }

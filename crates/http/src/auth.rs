@@ -1,0 +1,213 @@
+//! Accounts over HTTP: register, log in and out, verify the email, reset the password.
+//!
+//! Handlers are thin: rate-limit, call `keycast_core::accounts`, set or clear the session
+//! cookie. Mail goes to the development outbox ([`crate::mail`]).
+
+use axum::extract::State;
+use axum::http::header::SET_COOKIE;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use keycast_core::accounts::{self, Registration};
+use keycast_core::keys;
+use keycast_core::nostr::nips::nip19::ToBech32;
+use keycast_core::nostr::PublicKey;
+use keycast_core::Secret;
+use keycast_db::sessions::TokenPurpose;
+use keycast_db::users::{self as user_repo, User};
+use keycast_db::{now_unix, Db};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::extract::{ClientIp, JsonBody, OverHttps};
+use crate::limit::{LOGIN_PER_EMAIL, LOGIN_PER_IP, REGISTER_PER_IP, RESET_PER_EMAIL, RESET_PER_IP};
+use crate::mail::Mail;
+use crate::session::{clear_cookie, session_cookie, session_token};
+use crate::{AppError, AppState};
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/auth/register", post(register))
+        .route("/api/auth/login", post(login))
+        .route("/api/auth/logout", post(logout))
+        .route("/api/auth/verify-email", post(verify_email))
+        .route("/api/auth/forgot-password", post(forgot_password))
+        .route("/api/auth/reset-password", post(reset_password))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    email: String,
+    password: String,
+    /// The user's own key, `nsec1…` or hex; omitted → keycast generates one.
+    #[serde(default)]
+    nsec: Option<String>,
+}
+
+/// `POST /api/auth/register` → 201 `{user_id, email, pubkey, npub}` + session cookie.
+async fn register(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
+    JsonBody(body): JsonBody<RegisterBody>,
+) -> Result<Response, AppError> {
+    state.limits().check(&format!("register:{ip}"), REGISTER_PER_IP)?;
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
+    let registration = Registration {
+        email: body.email,
+        password: Secret::new(body.password),
+        import_key: body.nsec.filter(|k| !k.trim().is_empty()).map(Secret::new),
+    };
+    let now = now_unix();
+    let done = accounts::register(db.pool(), services.keys.as_ref(), &services.hasher, &registration, now).await?;
+    state.confirm_write(true).await?;
+    send_mail(&state, db, &done.user, TokenPurpose::VerifyEmail).await?;
+    let body = account_json(&done.user, &done.key.pubkey);
+    let cookie = session_cookie(&done.session, secure);
+    Ok((StatusCode::CREATED, [(SET_COOKIE, cookie)], Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    email: String,
+    password: String,
+}
+
+/// `POST /api/auth/login` → 200 `{user_id, email, pubkey, npub}` + session cookie.
+async fn login(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
+    JsonBody(body): JsonBody<LoginBody>,
+) -> Result<Response, AppError> {
+    let (user, cookie) = log_in(&state, &ip, secure, &body.email, body.password).await?;
+    let (db, _) = state.api()?;
+    let key = keys::find_user_key(db.pool(), &user.id).await?;
+    Ok(([(SET_COOKIE, cookie)], Json(account_json(&user, &key.pubkey))).into_response())
+}
+
+/// Rate-limits, checks the password and opens a session (shared with the OAuth login form).
+pub(crate) async fn log_in(
+    state: &AppState,
+    ip: &str,
+    secure: bool,
+    email: &str,
+    password: String,
+) -> Result<(User, axum::http::HeaderValue), AppError> {
+    state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP)?;
+    let email_key = email.trim().to_lowercase();
+    state
+        .limits()
+        .check(&format!("login-email:{email_key}"), LOGIN_PER_EMAIL)?;
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
+    let (user, session) =
+        accounts::login(db.pool(), &services.hasher, email, &Secret::new(password), now_unix()).await?;
+    state.confirm_write(false).await?;
+    Ok((user, session_cookie(&session, secure)))
+}
+
+/// `POST /api/auth/logout` → 204, the session ended and the cookie cleared.
+async fn logout(
+    State(state): State<AppState>,
+    OverHttps(secure): OverHttps,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, AppError> {
+    if let Some(token) = session_token(&headers) {
+        let (db, _) = state.api()?;
+        accounts::logout(db.pool(), &token).await?;
+    }
+    Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear_cookie(secure))]).into_response())
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    token: String,
+}
+
+/// `POST /api/auth/verify-email {token}` → 200 `{verified: true}`; a used, expired or
+/// unknown token is a 400.
+async fn verify_email(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<TokenBody>,
+) -> Result<Json<Value>, AppError> {
+    let (db, _) = state.api()?;
+    state.ensure_writable().await?;
+    accounts::verify_email(db.pool(), &body.token, now_unix()).await?;
+    state.confirm_write(false).await?;
+    Ok(Json(json!({ "verified": true })))
+}
+
+#[derive(Deserialize)]
+struct ForgotBody {
+    email: String,
+}
+
+/// `POST /api/auth/forgot-password {email}` → 202 whether or not the account exists (so
+/// the answer says nothing about which emails are registered).
+async fn forgot_password(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody<ForgotBody>,
+) -> Result<Response, AppError> {
+    state.limits().check(&format!("reset-ip:{ip}"), RESET_PER_IP)?;
+    let email = accounts::normalize_email(&body.email)?;
+    state.limits().check(&format!("reset-email:{email}"), RESET_PER_EMAIL)?;
+    let (db, _) = state.api()?;
+    if let Some(user) = user_repo::find_by_email(db.pool(), &email).await? {
+        state.ensure_writable().await?;
+        send_mail(&state, db, &user, TokenPurpose::ResetPassword).await?;
+    }
+    let body = json!({ "message": "if an account with this email exists, a reset link is on its way" });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+struct ResetBody {
+    token: String,
+    password: String,
+}
+
+/// `POST /api/auth/reset-password {token, password}` → 200; every session of the user ends.
+async fn reset_password(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<ResetBody>,
+) -> Result<Json<Value>, AppError> {
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
+    let password = Secret::new(body.password);
+    accounts::reset_password(db.pool(), &services.hasher, &body.token, &password, now_unix()).await?;
+    state.confirm_write(false).await?;
+    Ok(Json(json!({ "reset": true })))
+}
+
+/// Issues a single-use token and queues the mail carrying it.
+async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose) -> Result<(), AppError> {
+    let token = accounts::issue_mail_token(db.pool(), &user.id, purpose, now_unix()).await?;
+    let base = state.options().public_url.trim_end_matches('/');
+    let (subject, page, purpose_name) = match purpose {
+        TokenPurpose::VerifyEmail => ("Confirm your keycast email", "verify-email", "verify_email"),
+        TokenPurpose::ResetPassword => ("Reset your keycast password", "reset-password", "reset_password"),
+    };
+    state.outbox().send(Mail {
+        to: user.email.clone(),
+        subject: subject.into(),
+        body: format!("Open {base}/{page}?token={} (single use).", token.expose()),
+        purpose: purpose_name,
+        token: token.expose().clone(),
+    });
+    Ok(())
+}
+
+/// What the account endpoints answer.
+pub(crate) fn account_json(user: &User, pubkey: &PublicKey) -> Value {
+    json!({
+        "user_id": user.id.as_str(),
+        "email": user.email,
+        "email_verified": user.email_verified_at.is_some(),
+        "pubkey": pubkey.to_hex(),
+        "npub": pubkey.to_bech32().unwrap_or_default(),
+    })
+}

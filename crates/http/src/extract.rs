@@ -1,0 +1,97 @@
+//! Small extractors shared by the API handlers, each answering with [`AppError`] JSON
+//! (axum's own rejections are plain text).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use serde::de::DeserializeOwned;
+
+use crate::{AppError, AppState};
+
+/// A JSON body; a malformed one is a 400 naming the problem.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| AppError::BadRequest(format!("the body must be JSON: {e}")))
+    }
+}
+
+/// A body that may be JSON (`Content-Type: application/json`) or a form
+/// (`application/x-www-form-urlencoded`), as OAuth endpoints accept both. `json` says
+/// which it was.
+pub struct FormOrJson<T> {
+    pub value: T,
+    pub json: bool,
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormOrJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let json = is_json(req.headers());
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
+        let value = if json {
+            serde_json::from_slice(&bytes).map_err(|e| AppError::BadRequest(format!("the body must be JSON: {e}")))?
+        } else {
+            // Every field OAuth sends is a string: build a JSON object of them and let serde
+            // map it onto `T` (the first occurrence of a repeated field wins).
+            let mut map = serde_json::Map::new();
+            for (k, v) in url::form_urlencoded::parse(&bytes) {
+                map.entry(k.into_owned())
+                    .or_insert(serde_json::Value::String(v.into_owned()));
+            }
+            serde_json::from_value(serde_json::Value::Object(map))
+                .map_err(|e| AppError::BadRequest(format!("malformed form: {e}")))?
+        };
+        Ok(FormOrJson { value, json })
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+}
+
+/// The client's IP (see [`crate::limit::client_ip`]).
+pub struct ClientIp(pub String);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(crate::limit::client_ip(parts)))
+    }
+}
+
+/// Whether the client reached keycast over HTTPS: `X-Forwarded-Proto: https` from the
+/// proxy in front, or a public URL that is https. Decides the cookie's `Secure` flag.
+pub struct OverHttps(pub bool);
+
+impl FromRequestParts<AppState> for OverHttps {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let forwarded = parts
+            .headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
+        Ok(OverHttps(
+            forwarded || state.options().public_url.starts_with("https://"),
+        ))
+    }
+}

@@ -1,0 +1,88 @@
+//! NIP-05: `GET /.well-known/nostr.json?name=` for users who chose a username, and
+//! `POST /api/user/username` to choose one.
+
+use axum::extract::{Query, State};
+use axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keycast_core::keys;
+use keycast_db::{now_unix, users};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::extract::JsonBody;
+use crate::session::SessionUser;
+use crate::{AppError, AppState};
+
+/// Longest username, in characters.
+pub const MAX_USERNAME_CHARS: usize = 64;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/.well-known/nostr.json", get(nostr_json))
+        .route("/api/user/username", post(set_username))
+}
+
+#[derive(Deserialize)]
+struct NameQuery {
+    #[serde(default)]
+    name: String,
+}
+
+/// `GET /.well-known/nostr.json?name=alice` → `{"names": {"alice": "<hex>"}}` (empty
+/// `names` for an unknown name). Readable from any origin, as NIP-05 requires.
+async fn nostr_json(State(state): State<AppState>, Query(q): Query<NameQuery>) -> Result<Response, AppError> {
+    let (db, _) = state.api()?;
+    let name = q.name.trim().to_lowercase();
+    let mut names = serde_json::Map::new();
+    if valid_username(&name) {
+        if let Some(user) = users::find_by_username(db.pool(), &name).await? {
+            let key = keys::find_user_key(db.pool(), &user.id).await?;
+            names.insert(name, Value::String(key.pubkey.to_hex()));
+        }
+    }
+    let cors = [(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"))];
+    Ok((cors, Json(json!({ "names": names }))).into_response())
+}
+
+#[derive(Deserialize)]
+struct UsernameBody {
+    username: String,
+}
+
+/// `POST /api/user/username {username}` → `{username, nip05}`; 409 if taken.
+async fn set_username(
+    State(state): State<AppState>,
+    session: SessionUser,
+    JsonBody(body): JsonBody<UsernameBody>,
+) -> Result<Json<Value>, AppError> {
+    let name = body.username.trim().to_lowercase();
+    if !valid_username(&name) {
+        return Err(AppError::BadRequest(format!(
+            "a username is 1 to {MAX_USERNAME_CHARS} characters of a-z, 0-9, '.', '_' and '-'"
+        )));
+    }
+    let (db, _) = state.api()?;
+    state.ensure_writable().await?;
+    users::set_username(db.pool(), &session.user.id, Some(&name), now_unix())
+        .await
+        .map_err(|e| match e.is_duplicate_of("username") {
+            true => AppError::Conflict("this username is taken".into()),
+            false => e.into(),
+        })?;
+    state.confirm_write(false).await?;
+    let host = url::Url::parse(&state.options().public_url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default();
+    Ok(Json(json!({ "username": name, "nip05": format!("{name}@{host}") })))
+}
+
+fn valid_username(name: &str) -> bool {
+    (1..=MAX_USERNAME_CHARS).contains(&name.chars().count())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}

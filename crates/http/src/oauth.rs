@@ -1,0 +1,410 @@
+//! OAuth 2.0 (RFC 6749) authorization-code flow with PKCE S256 required (RFC 7636), and
+//! the RFC 8414 metadata document.
+//!
+//! - `GET /api/oauth/authorize`: validates the request, then shows a login form (no
+//!   session) or the consent page (redirect origin, policy, approve/deny, CSRF token).
+//! - `POST /api/oauth/login`: the login form; back to the consent page on success.
+//! - `POST /api/oauth/authorize`: the decision. A form post (with the session-bound CSRF
+//!   token) answers 302 to the app; a JSON post from a first-party page (session cookie and
+//!   an `Origin` of this server) answers `{code, redirect_uri}`.
+//! - `POST /api/oauth/token`: form or JSON; RFC 6749 §5.2 errors (`{error,
+//!   error_description}`, 400). Redemption is atomic in core.
+//!
+//! Codes, PKCE and redirect rules live in `keycast_core::oauth`; this module only decodes,
+//! renders and redirects.
+
+use axum::extract::{Query, State};
+use axum::http::header::{CACHE_CONTROL, LOCATION, ORIGIN, PRAGMA, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use keycast_core::oauth::{self, CodeRequest, OAuthError, TokenRequest};
+use keycast_db::policies::{self, PolicyRow};
+use keycast_db::{now_unix, UserId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::extract::{ClientIp, FormOrJson, OverHttps};
+use crate::page;
+use crate::session::{csrf_matches, csrf_token, MaybeSession, SessionUser};
+use crate::{AppError, AppState};
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/oauth/authorize", get(authorize_page).post(decide))
+        .route("/api/oauth/login", post(login_form))
+        .route("/api/oauth/token", post(token))
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+}
+
+/// The authorization request's parameters (query of the GET, fields of the POST).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub(crate) struct AuthorizeParams {
+    response_type: Option<String>,
+    client_id: String,
+    redirect_uri: String,
+    scope: String,
+    state: Option<String>,
+    code_challenge: String,
+    code_challenge_method: String,
+}
+
+impl AuthorizeParams {
+    /// Checks everything core will check again at issue, so errors show before consent.
+    async fn validate(&self, state: &AppState) -> Result<(String, PolicyRow), OAuthFailure> {
+        if self.response_type.as_deref().is_some_and(|t| t != "code") {
+            return Err(OAuthFailure::new(
+                "unsupported_response_type",
+                "response_type must be code",
+            ));
+        }
+        if self.client_id.trim().is_empty() {
+            return Err(OAuthFailure::new("invalid_request", "client_id is required"));
+        }
+        let origin = oauth::redirect_origin(&self.redirect_uri)?;
+        if self.code_challenge_method != "S256" || self.code_challenge.is_empty() {
+            return Err(OAuthFailure::new(
+                "invalid_request",
+                "PKCE is required: send code_challenge with code_challenge_method=S256",
+            ));
+        }
+        let (db, _) = state.api()?;
+        let policy = oauth::scope_policy(db.pool(), &self.scope).await?;
+        Ok((origin, policy))
+    }
+
+    fn code_request<'a>(&'a self, user: &'a UserId, policy: &'a PolicyRow) -> CodeRequest<'a> {
+        CodeRequest {
+            user_id: user,
+            client_id: &self.client_id,
+            redirect_uri: &self.redirect_uri,
+            policy,
+            code_challenge: &self.code_challenge,
+            code_challenge_method: &self.code_challenge_method,
+        }
+    }
+
+    /// The app's redirect URI with `pairs` and `state` appended to its query.
+    fn redirect_with(&self, pairs: &[(&str, &str)]) -> String {
+        let mut url = url::Url::parse(&self.redirect_uri).expect("validated by redirect_origin");
+        {
+            let mut query = url.query_pairs_mut();
+            for (k, v) in pairs {
+                query.append_pair(k, v);
+            }
+            if let Some(s) = &self.state {
+                query.append_pair("state", s);
+            }
+        }
+        url.into()
+    }
+
+    /// The query string that reproduces this request (the login form's way back).
+    pub(crate) fn to_query(&self) -> String {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("response_type", self.response_type.as_deref().unwrap_or("code"));
+        q.append_pair("client_id", &self.client_id);
+        q.append_pair("redirect_uri", &self.redirect_uri);
+        q.append_pair("scope", &self.scope);
+        if let Some(s) = &self.state {
+            q.append_pair("state", s);
+        }
+        q.append_pair("code_challenge", &self.code_challenge);
+        q.append_pair("code_challenge_method", &self.code_challenge_method);
+        q.finish()
+    }
+
+    pub(crate) fn hidden_fields(&self) -> Vec<(&'static str, &str)> {
+        let mut fields = vec![
+            ("client_id", self.client_id.as_str()),
+            ("redirect_uri", self.redirect_uri.as_str()),
+            ("scope", self.scope.as_str()),
+            ("code_challenge", self.code_challenge.as_str()),
+            ("code_challenge_method", self.code_challenge_method.as_str()),
+        ];
+        if let Some(s) = &self.state {
+            fields.push(("state", s.as_str()));
+        }
+        fields
+    }
+}
+
+/// `GET /api/oauth/authorize`: the login form or the consent page.
+async fn authorize_page(
+    State(state): State<AppState>,
+    MaybeSession(session): MaybeSession,
+    Query(params): Query<AuthorizeParams>,
+) -> Result<Response, OAuthFailure> {
+    let (origin, policy) = params.validate(&state).await?;
+    let page = match session {
+        None => page::login(&params, None),
+        Some(s) => page::consent(&params, &origin, &policy, &s.user.email, &csrf_token(&s.token)),
+    };
+    Ok(no_store(Html(page)).into_response())
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    email: String,
+    password: String,
+    #[serde(flatten)]
+    params: AuthorizeParams,
+}
+
+/// `POST /api/oauth/login` (form): logs in and returns to the consent page (303), or shows
+/// the form again with the error.
+async fn login_form(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
+    FormOrJson { value: form, .. }: FormOrJson<LoginForm>,
+) -> Result<Response, AppError> {
+    match crate::auth::log_in(&state, &ip, secure, &form.email, form.password).await {
+        Ok((_, cookie)) => {
+            let back = format!("/api/oauth/authorize?{}", form.params.to_query());
+            let location = HeaderValue::from_str(&back).map_err(AppError::internal)?;
+            Ok((StatusCode::SEE_OTHER, [(SET_COOKIE, cookie), (LOCATION, location)]).into_response())
+        }
+        Err(AppError::Unauthorized(message)) => Ok((
+            StatusCode::UNAUTHORIZED,
+            Html(page::login(&form.params, Some(&message))),
+        )
+            .into_response()),
+        Err(other) => Err(other),
+    }
+}
+
+#[derive(Deserialize)]
+struct Decision {
+    /// Form: `approve` or `deny` (the button pressed).
+    #[serde(default)]
+    decision: Option<String>,
+    /// JSON: `true` to approve.
+    #[serde(default)]
+    approved: Option<bool>,
+    /// Form: the session-bound CSRF token from the consent page.
+    #[serde(default)]
+    csrf: Option<String>,
+    #[serde(flatten)]
+    params: AuthorizeParams,
+}
+
+/// `POST /api/oauth/authorize`: the user's decision (see the module doc).
+async fn decide(
+    State(state): State<AppState>,
+    session: SessionUser,
+    headers: HeaderMap,
+    FormOrJson { value: d, json }: FormOrJson<Decision>,
+) -> Result<Response, OAuthFailure> {
+    if json {
+        check_same_origin(&state, &headers)?;
+    } else if !d.csrf.as_deref().is_some_and(|c| csrf_matches(&session.token, c)) {
+        let why = "the consent form's CSRF token is missing or wrong; reload the consent page";
+        return Err(AppError::Forbidden(why.into()).into());
+    }
+    let (_, policy) = d.params.validate(&state).await?;
+    let approved = d.approved.unwrap_or(false) || d.decision.as_deref() == Some("approve");
+    let target = if approved {
+        let (db, _) = state.api()?;
+        state.ensure_writable().await?;
+        let code = oauth::issue_code(db.pool(), &d.params.code_request(&session.user.id, &policy), now_unix()).await?;
+        state.confirm_write(false).await?;
+        Ok((
+            code.expose().clone(),
+            d.params.redirect_with(&[("code", code.expose())]),
+        ))
+    } else {
+        Err(d.params.redirect_with(&[("error", "access_denied")]))
+    };
+    Ok(match (json, target) {
+        (true, Ok((code, uri))) => no_store(Json(json!({ "code": code, "redirect_uri": uri }))).into_response(),
+        (true, Err(uri)) => Json(json!({ "error": "access_denied", "redirect_uri": uri })).into_response(),
+        (false, Ok((_, uri)) | Err(uri)) => found(&uri)?,
+    })
+}
+
+/// A JSON approval must come from one of keycast's own pages: its `Origin` is the public
+/// URL's, or the scheme and host the request was sent to.
+fn check_same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+    let origin = headers.get(ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let public = url::Url::parse(&state.options().public_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let ok = !origin.is_empty()
+        && (origin == public || origin == format!("http://{host}") || origin == format!("https://{host}"));
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden(
+            "a JSON approval must come from keycast's own pages (Origin mismatch)".into(),
+        ))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct TokenParams {
+    grant_type: String,
+    code: String,
+    client_id: String,
+    redirect_uri: String,
+    code_verifier: String,
+}
+
+/// `POST /api/oauth/token` → `{access_token, token_type, expires_in, scope, bunker_url,
+/// policy, authorization_id}`.
+async fn token(
+    State(state): State<AppState>,
+    FormOrJson { value: p, .. }: FormOrJson<TokenParams>,
+) -> Result<Response, OAuthFailure> {
+    if p.grant_type != "authorization_code" {
+        return Err(OAuthFailure::new(
+            "unsupported_grant_type",
+            "grant_type must be authorization_code",
+        ));
+    }
+    let missing = [
+        ("code", &p.code),
+        ("client_id", &p.client_id),
+        ("redirect_uri", &p.redirect_uri),
+    ]
+    .into_iter()
+    .find(|(_, v)| v.is_empty());
+    if let Some((name, _)) = missing {
+        return Err(OAuthFailure::new("invalid_request", &format!("{name} is required")));
+    }
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
+    let request = TokenRequest {
+        code: &p.code,
+        client_id: &p.client_id,
+        redirect_uri: &p.redirect_uri,
+        code_verifier: &p.code_verifier,
+    };
+    let options = state.options();
+    let now = now_unix();
+    let grant = oauth::exchange_code(
+        db.pool(),
+        services.keys.as_ref(),
+        &request,
+        &options.relays,
+        options.token_ttl_secs,
+        now,
+    )
+    .await?;
+    state.confirm_write(true).await?;
+    let policy = &grant.authorization.policy;
+    let body = json!({
+        "access_token": grant.access_token.expose(),
+        "token_type": "Bearer",
+        "expires_in": grant.access_token_expires_at - now,
+        "scope": format!("policy:{}", policy.slug),
+        "bunker_url": grant.bunker_url().expose(),
+        "authorization_id": grant.authorization.id.as_str(),
+        "policy": policy_json(policy),
+    });
+    Ok(no_store(Json(body)).into_response())
+}
+
+/// A policy as the token response and the user's authorization list show it.
+pub(crate) fn policy_json(policy: &keycast_core::Policy) -> Value {
+    json!({
+        "slug": policy.slug,
+        "allowed_kinds": policy.allowed_kinds,
+        "blocked_words": policy.blocked_words,
+        "encrypt_to_self": policy.encrypt_to_self,
+        "decrypt_only": policy.decrypt_only,
+        "full_access": policy.full_access,
+    })
+}
+
+/// `GET /.well-known/oauth-authorization-server` (RFC 8414).
+async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
+    let (db, _) = state.api()?;
+    let scopes: Vec<String> = policies::list(db.pool())
+        .await?
+        .into_iter()
+        .map(|p| format!("policy:{}", p.slug))
+        .collect();
+    let issuer = state.options().public_url.trim_end_matches('/').to_owned();
+    Ok(Json(json!({
+        "issuer": issuer,
+        "authorization_endpoint": format!("{issuer}/api/oauth/authorize"),
+        "token_endpoint": format!("{issuer}/api/oauth/token"),
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["none"],
+        "scopes_supported": scopes,
+    })))
+}
+
+fn found(uri: &str) -> Result<Response, OAuthFailure> {
+    let location = HeaderValue::from_str(uri).map_err(AppError::internal)?;
+    Ok((StatusCode::FOUND, [(LOCATION, location)]).into_response())
+}
+
+fn no_store(inner: impl IntoResponse) -> impl IntoResponse {
+    (
+        [
+            (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (PRAGMA, HeaderValue::from_static("no-cache")),
+        ],
+        inner,
+    )
+}
+
+/// An OAuth endpoint's failure: RFC 6749 `{error, error_description}` (400), or an
+/// [`AppError`] for what is not OAuth's business (no session, 503, CSRF).
+#[derive(Debug)]
+pub(crate) enum OAuthFailure {
+    Rfc { error: &'static str, description: String },
+    App(AppError),
+}
+
+impl OAuthFailure {
+    fn new(error: &'static str, description: &str) -> OAuthFailure {
+        OAuthFailure::Rfc {
+            error,
+            description: description.to_owned(),
+        }
+    }
+}
+
+impl From<OAuthError> for OAuthFailure {
+    fn from(err: OAuthError) -> Self {
+        let error = err.code();
+        match err {
+            OAuthError::Internal(cause) => OAuthFailure::App(AppError::internal(cause)),
+            OAuthError::InvalidRequest { reason }
+            | OAuthError::InvalidGrant { reason }
+            | OAuthError::InvalidScope { reason } => OAuthFailure::Rfc {
+                error,
+                description: reason,
+            },
+        }
+    }
+}
+
+impl From<AppError> for OAuthFailure {
+    fn from(err: AppError) -> Self {
+        OAuthFailure::App(err)
+    }
+}
+
+impl IntoResponse for OAuthFailure {
+    fn into_response(self) -> Response {
+        match self {
+            OAuthFailure::Rfc { error, description } => (
+                StatusCode::BAD_REQUEST,
+                [(CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+                Json(json!({ "error": error, "error_description": description })),
+            )
+                .into_response(),
+            OAuthFailure::App(err) => err.into_response(),
+        }
+    }
+}

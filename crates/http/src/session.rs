@@ -1,0 +1,99 @@
+//! Browser sessions: the `keycast_session` cookie, the [`SessionUser`] extractor that
+//! resolves it (by its hash, in core) to a user, and the session-bound CSRF token of the
+//! consent form.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::COOKIE;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use keycast_core::accounts::{self, NewSession, SESSION_TTL_SECS};
+use keycast_core::secret::ct_eq;
+use keycast_db::now_unix;
+use keycast_db::users::User;
+use sha2::{Digest, Sha256};
+
+use crate::{AppError, AppState};
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "keycast_session";
+
+/// The logged-in user of a request. Rejects with 401 JSON when there is no live session.
+pub struct SessionUser {
+    pub user: User,
+    /// The raw cookie value (to log out, and to derive the CSRF token).
+    pub token: String,
+}
+
+impl FromRequestParts<AppState> for SessionUser {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        MaybeSession::from_request_parts(parts, state)
+            .await?
+            .0
+            .ok_or_else(|| AppError::Unauthorized("log in first: no valid session cookie".into()))
+    }
+}
+
+/// The session of a request if there is one (pages that show a login form otherwise).
+pub struct MaybeSession(pub Option<SessionUser>);
+
+impl FromRequestParts<AppState> for MaybeSession {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
+        let Some(token) = session_token(&parts.headers) else {
+            return Ok(MaybeSession(None));
+        };
+        let (db, _) = state.api()?;
+        let user = accounts::session_user(db.pool(), &token, now_unix()).await?;
+        Ok(MaybeSession(user.map(|user| SessionUser { user, token })))
+    }
+}
+
+/// The session cookie's value, if the request carries one.
+pub fn session_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// `Set-Cookie` for a new session: `HttpOnly; SameSite=Lax; Path=/`, `Secure` over HTTPS.
+pub fn session_cookie(session: &NewSession, secure: bool) -> HeaderValue {
+    let max_age = (session.expires_at - now_unix()).clamp(0, SESSION_TTL_SECS);
+    cookie(session.token.expose(), max_age, secure)
+}
+
+/// `Set-Cookie` that deletes the session cookie.
+pub fn clear_cookie(secure: bool) -> HeaderValue {
+    cookie("", 0, secure)
+}
+
+fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    let text = format!("{SESSION_COOKIE}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{secure}");
+    HeaderValue::from_str(&text).expect("cookie values are base64url")
+}
+
+/// The consent form's CSRF token for a session: SHA-256 over a fixed label and the
+/// session token, base64url. Only someone holding the session cookie can compute it, and
+/// it changes with every session.
+pub fn csrf_token(session_token: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"keycast-consent-csrf-v1\0");
+    hasher.update(session_token.as_bytes());
+    URL_SAFE_NO_PAD.encode(hasher.finalize())
+}
+
+/// Whether `candidate` is the CSRF token of `session_token` (constant-time).
+pub fn csrf_matches(session_token: &str, candidate: &str) -> bool {
+    ct_eq(csrf_token(session_token).as_bytes(), candidate.as_bytes())
+}

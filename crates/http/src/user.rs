@@ -1,0 +1,165 @@
+//! The logged-in user's own resources: authorizations (list, revoke), activity, key
+//! (public side, export after password re-authentication).
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use keycast_core::keys;
+use keycast_core::nostr::nips::nip19::ToBech32;
+use keycast_core::Secret;
+use keycast_db::{activity, authz as authz_repo, policies, AuthorizationId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::extract::JsonBody;
+use crate::limit::LOGIN_PER_EMAIL;
+use crate::session::SessionUser;
+use crate::{AppError, AppState};
+
+/// Most activity records one request returns.
+const MAX_ACTIVITY: i64 = 500;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/user/authorizations", get(list_authorizations))
+        .route("/api/user/authorizations/{id}", delete(revoke))
+        .route("/api/user/activity", get(list_activity))
+        .route("/api/user/key", get(key))
+        .route("/api/user/key/export", post(export))
+}
+
+/// `GET /api/user/authorizations` → `{authorizations: [{id, client_id, policy,
+/// redirect_origin, bunker_pubkey, created_at, revoked_at, last_activity}]}`.
+async fn list_authorizations(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
+    let (db, _) = state.api()?;
+    let slugs: HashMap<_, _> = policies::list(db.pool())
+        .await?
+        .into_iter()
+        .map(|p| (p.id, p.slug))
+        .collect();
+    let mut out = Vec::new();
+    for row in authz_repo::list_for_user(db.pool(), &session.user.id).await? {
+        let last = activity::list_for_authorization(db.pool(), &row.id, 1).await?;
+        out.push(json!({
+            "id": row.id.as_str(),
+            "client_id": row.client_id,
+            "policy": slugs.get(&row.policy_id),
+            "redirect_origin": row.redirect_origin,
+            "bunker_pubkey": row.bunker_pubkey,
+            "connected_client_pubkey": row.connected_client_pubkey,
+            "created_at": row.created_at,
+            "revoked_at": row.revoked_at,
+            "last_activity": last.first().map(|a| a.created_at),
+        }));
+    }
+    Ok(Json(json!({ "authorizations": out })))
+}
+
+/// `DELETE /api/user/authorizations/{id}` → 204 once the revocation is durable; the very
+/// next request with its token or bunker is refused. 404 if it is not the user's or was
+/// already revoked.
+async fn revoke(
+    State(state): State<AppState>,
+    session: SessionUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AppError> {
+    let (_, services) = state.api()?;
+    state.ensure_writable().await?;
+    let revoked = services
+        .signer
+        .revoke(&AuthorizationId::new(id), &session.user.id)
+        .await
+        .map_err(AppError::internal)?;
+    if !revoked {
+        return Err(AppError::NotFound("no such live authorization of yours".into()));
+    }
+    state.confirm_write(true).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct ActivityQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /api/user/activity?limit=` → `{activity: [{authorization_id, method, kind,
+/// transport, created_at}]}`, newest first (default 100). Records reach the database
+/// about a second after the request.
+async fn list_activity(
+    State(state): State<AppState>,
+    session: SessionUser,
+    Query(q): Query<ActivityQuery>,
+) -> Result<Json<Value>, AppError> {
+    let (db, _) = state.api()?;
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_ACTIVITY);
+    let rows = activity::list_for_user(db.pool(), &session.user.id, limit).await?;
+    let rows: Vec<Value> = rows
+        .into_iter()
+        .map(|a| {
+            json!({
+                "authorization_id": a.authorization_id.as_str(),
+                "method": a.method,
+                "kind": a.kind,
+                "transport": a.transport,
+                "created_at": a.created_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "activity": rows })))
+}
+
+/// `GET /api/user/key` → `{pubkey, npub, origin}`.
+async fn key(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
+    let (db, _) = state.api()?;
+    let key = keys::find_user_key(db.pool(), &session.user.id).await?;
+    Ok(Json(json!({
+        "pubkey": key.pubkey.to_hex(),
+        "npub": key.pubkey.to_bech32().unwrap_or_default(),
+        "origin": key.origin.as_str(),
+    })))
+}
+
+#[derive(Deserialize)]
+struct ExportBody {
+    password: String,
+    format: String,
+    #[serde(default)]
+    passphrase: Option<String>,
+}
+
+/// `POST /api/user/key/export {password, format: nsec|ncryptsec, passphrase?}` →
+/// `{format, key}` (never cached). The password is checked again first.
+async fn export(
+    State(state): State<AppState>,
+    session: SessionUser,
+    JsonBody(body): JsonBody<ExportBody>,
+) -> Result<Response, AppError> {
+    state
+        .limits()
+        .check(&format!("login-email:{}", session.user.email), LOGIN_PER_EMAIL)?;
+    let (db, services) = state.api()?;
+    let proof = services
+        .hasher
+        .reauthenticate(&session.user, &Secret::new(body.password))
+        .await?;
+    let km = services.keys.as_ref();
+    let key = match (body.format.as_str(), body.passphrase) {
+        ("nsec", _) => keys::export_nsec(db.pool(), km, &proof).await?,
+        ("ncryptsec", Some(p)) if p.chars().count() >= 8 => {
+            Secret::new(keys::export_ncryptsec(db.pool(), km, &proof, &Secret::new(p)).await?)
+        }
+        ("ncryptsec", _) => {
+            return Err(AppError::BadRequest(
+                "ncryptsec needs a passphrase of at least 8 characters".into(),
+            ))
+        }
+        _ => return Err(AppError::BadRequest("format must be nsec or ncryptsec".into())),
+    };
+    let body = Json(json!({ "format": body.format, "key": key.expose() }));
+    Ok(([(CACHE_CONTROL, HeaderValue::from_static("no-store"))], body).into_response())
+}

@@ -1,0 +1,78 @@
+//! Loading the master key (the key-encryption key of every stored Nostr key) at start.
+//!
+//! From `KEYCAST_MASTER_KEY`, or the file at `MASTER_KEY_PATH`; with neither, a
+//! development key in `<data_dir>/master.key` (created 0600 if missing) and a loud
+//! warning. The key is never logged and never written to the database or the replica.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use keycast_core::{keys, KeyManager, MasterKey, MasterKeyManager};
+use sqlx::SqlitePool;
+
+use crate::config::MasterKeySource;
+
+/// Loads the configured master key and checks it decrypts the keys already stored.
+///
+/// # Errors
+/// An unreadable or malformed key, or one that cannot decrypt the stored keys; the message
+/// names the variable (or file) it came from, never the key.
+pub async fn load(source: &MasterKeySource, pool: &SqlitePool) -> anyhow::Result<Arc<dyn KeyManager>> {
+    let (key, origin) = match source {
+        MasterKeySource::Inline(text) => (MasterKey::from_base64(text.expose())?, "KEYCAST_MASTER_KEY".to_owned()),
+        MasterKeySource::File(path) => (
+            read(path).with_context(|| format!("MASTER_KEY_PATH={}", path.display()))?,
+            format!("MASTER_KEY_PATH={}", path.display()),
+        ),
+        MasterKeySource::Development(path) => (
+            development(path)?,
+            format!(
+                "the development master key {} (neither KEYCAST_MASTER_KEY nor MASTER_KEY_PATH is set)",
+                path.display()
+            ),
+        ),
+    };
+    let km: Arc<dyn KeyManager> = Arc::new(MasterKeyManager::new(key));
+    keys::verify_can_decrypt(pool, km.as_ref())
+        .await
+        .with_context(|| format!("refusing to start: the master key from {origin} does not match this database"))?;
+    Ok(km)
+}
+
+fn read(path: &Path) -> anyhow::Result<MasterKey> {
+    let text = std::fs::read_to_string(path).context("cannot read the master key file")?;
+    Ok(MasterKey::from_base64(&text)?)
+}
+
+/// Reads or creates the development key, warning loudly either way.
+fn development(path: &Path) -> anyhow::Result<MasterKey> {
+    let key = if path.exists() {
+        read(path).with_context(|| format!("the development master key {}", path.display()))?
+    } else {
+        let key = MasterKey::generate();
+        write_private(path, key.to_base64().expose().as_bytes())
+            .with_context(|| format!("cannot write the development master key {}", path.display()))?;
+        key
+    };
+    tracing::warn!(
+        path = %path.display(),
+        "USING A DEVELOPMENT MASTER KEY stored next to the database: NOT FIT FOR PRODUCTION. \
+         Whoever has the data directory can decrypt every key, and losing it (a redeploy wipes the disk) \
+         makes every stored key unreadable. Set KEYCAST_MASTER_KEY or MASTER_KEY_PATH (32 random bytes, base64: \
+         `openssl rand -base64 32`) and keep it outside the database and the replica."
+    );
+    Ok(key)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
