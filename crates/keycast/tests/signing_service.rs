@@ -940,3 +940,53 @@ fn without_a_master_key_a_private_dev_key_is_generated_with_a_warning() {
     );
     assert!(log.contains("DEVELOPMENT MASTER KEY"), "{log}");
 }
+
+/// The predecessor lost every account on each deploy. Here: register with an imported key,
+/// authorize an app; SIGTERM; wipe the data directory (as Cloud Run does); start again on the
+/// same replica and master key — login works and the same access token signs with the same key.
+#[test]
+fn redeploy_keeps_accounts_keys_and_authorizations() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let master = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let launch = || {
+        Launch::new(&data)
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+            .env("KEYCAST_MASTER_KEY", master)
+    };
+    let imported = Keys::generate();
+    let nsec = imported.secret_key().to_bech32().unwrap();
+    let server = launch().start();
+    let (cookie, account) = register(&server, "deploy@example.com", Some(&nsec));
+    assert_eq!(account["pubkey"].as_str().unwrap(), imported.public_key().to_hex());
+    let (challenge, verifier) = pkce();
+    let code = approve(&server, &cookie, &authorize_query("policy:social", &challenge));
+    let token = token_request(&server, &code, &verifier, REDIRECT).json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server.stop();
+
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = launch().start();
+    let login = post_json(
+        &server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": "deploy@example.com", "password": PASSWORD }),
+    );
+    assert_eq!(login.status, 200, "login after the redeploy: {}", login.body);
+    let template = json!({ "kind": 1, "content": "after the redeploy", "tags": [], "created_at": 1_700_000_000 });
+    let signed = rpc(&server, &token, "sign_event", json!([template]));
+    assert_eq!(signed.status, 200, "the old access token still signs: {}", signed.body);
+    let event: Event = serde_json::from_value(signed.json()["result"].clone()).unwrap();
+    assert_eq!(
+        event.pubkey,
+        imported.public_key(),
+        "signed with the same (imported) key"
+    );
+    event.verify().unwrap();
+    server.stop();
+}
