@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use keycast_replica::compactor;
 use keycast_replica::restore::{restore, Target};
-use keycast_replica::{database_checksum, CommitSignal, ReplicaOptions, Replicator, Store};
+use keycast_replica::{ReplicaOptions, Replicator, Store};
 use proptest::prelude::*;
 use sqlx::SqlitePool;
 
@@ -85,37 +85,14 @@ async fn apply(pool: &SqlitePool, db: &Path, store: &Store, replicator: &Replica
     }
 }
 
-/// Checksum of the database's content after folding its WAL in, through a fresh connection.
-async fn checksum(path: &Path) -> u64 {
-    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
-    let mut conn: sqlx::SqliteConnection = sqlx::ConnectOptions::connect(&options).await.unwrap();
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    drop(conn);
-    database_checksum(std::fs::File::open(path).unwrap(), page_size as u32).unwrap()
-}
-
 /// Rows as (id, payload length): enough to tell histories apart without printing megabytes.
 fn digest(rows: Vec<(i64, String)>) -> Vec<(i64, usize)> {
     rows.into_iter().map(|(id, v)| (id, v.len())).collect()
 }
 
 async fn run(ops: Vec<Op>) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("live.db");
+    let (_dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
-    let signal = CommitSignal::new();
-    let pool = common::app_pool(&db, &signal).await;
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let options = ReplicaOptions {
         checkpoint_pages: 16,
         checkpoint_interval: Duration::from_millis(20),
@@ -138,8 +115,8 @@ async fn run(ops: Vec<Op>) {
     let (restored, live) = (digest(common::rows(&out).await), digest(common::rows(&db).await));
     assert_eq!(restored, live, "rows (id, length) differ after {ops:?}");
     assert_eq!(
-        checksum(&out).await,
-        checksum(&db).await,
+        common::checksum(&out).await,
+        common::checksum(&db).await,
         "checksums differ after {ops:?}"
     );
 }

@@ -3,11 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use keycast_replica::restore::{restore, Target};
-use keycast_replica::{database_checksum, CommitSignal, ReplicaOptions, Replicator, Store};
+use keycast_replica::{ReplicaOptions, Replicator, Store};
 
 fn fast_checkpoints() -> ReplicaOptions {
     ReplicaOptions {
@@ -25,31 +24,11 @@ async fn insert(pool: &sqlx::SqlitePool, v: &str) {
         .unwrap();
 }
 
-async fn checksum_of(path: &Path) -> u64 {
-    let mut conn: sqlx::SqliteConnection =
-        sqlx::ConnectOptions::connect(&sqlx::sqlite::SqliteConnectOptions::new().filename(path))
-            .await
-            .unwrap();
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    drop(conn);
-    database_checksum(std::fs::File::open(path).unwrap(), 4096).unwrap()
-}
-
 #[tokio::test]
 async fn durable_commits_restore_with_identical_content_and_checksum() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("app.db");
+    let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::from_url(&format!("file://{}", dir.path().join("replica").display()), &|_| None)
         .unwrap()
-        .unwrap();
-    let signal = CommitSignal::new();
-    let pool = common::app_pool(&db, &signal).await;
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        .execute(&pool)
-        .await
         .unwrap();
     let replicator = Replicator::start(&db, store.clone(), signal.clone(), "lineage-a", fast_checkpoints())
         .await
@@ -76,20 +55,13 @@ async fn durable_commits_restore_with_identical_content_and_checksum() {
     assert_eq!(restored.txid, txid);
     assert_eq!(common::rows(&out).await, common::rows(&db).await);
     assert_eq!(common::rows(&out).await.len(), 200);
-    assert_eq!(checksum_of(&out).await, checksum_of(&db).await);
+    assert_eq!(common::checksum(&out).await, common::checksum(&db).await);
 }
 
 #[tokio::test]
 async fn commits_are_grouped_and_idle_costs_no_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("app.db");
+    let (_dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
-    let signal = CommitSignal::new();
-    let pool = common::app_pool(&db, &signal).await;
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let replicator = Replicator::start(&db, store.clone(), signal.clone(), "l", ReplicaOptions::default())
         .await
         .unwrap();
@@ -117,15 +89,8 @@ async fn commits_are_grouped_and_idle_costs_no_requests() {
 
 #[tokio::test]
 async fn a_foreign_checkpoint_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("app.db");
+    let (_dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
-    let signal = CommitSignal::new();
-    let pool = common::app_pool(&db, &signal).await;
-    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
     let replicator = Replicator::start(&db, store.clone(), signal.clone(), "l", ReplicaOptions::default())
         .await
         .unwrap();

@@ -88,3 +88,32 @@ pub async fn foreign_checkpoint(path: &Path) {
     let mut conn = options.connect().await.unwrap();
     let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut conn).await;
 }
+
+/// An application database `live.db` in a fresh temporary directory, with table `t` created
+/// through a pool that reports commits to the returned signal.
+pub async fn live_db() -> (tempfile::TempDir, std::path::PathBuf, SqlitePool, Arc<CommitSignal>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("live.db");
+    let signal = CommitSignal::new();
+    let pool = app_pool(&db, &signal).await;
+    sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    (dir, db, pool, signal)
+}
+
+/// The database checksum of `path` after folding its WAL in, through a fresh connection.
+pub async fn checksum(path: &Path) -> u64 {
+    let mut conn = SqliteConnectOptions::new().filename(path).connect().await.unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let page_size: i64 = sqlx::query_scalar("PRAGMA page_size")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    keycast_replica::database_checksum(std::fs::File::open(path).unwrap(), page_size as u32).unwrap()
+}
