@@ -91,7 +91,7 @@ fn digest(rows: Vec<(i64, String)>) -> Vec<(i64, usize)> {
 }
 
 async fn run(ops: Vec<Op>) {
-    let (_dir, db, pool, signal) = common::live_db().await;
+    let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let options = ReplicaOptions {
         checkpoint_pages: 16,

@@ -89,7 +89,7 @@ async fn commits_are_grouped_and_idle_costs_no_requests() {
 
 #[tokio::test]
 async fn a_foreign_checkpoint_loses_nothing() {
-    let (_dir, db, pool, signal) = common::live_db().await;
+    let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let replicator = Replicator::start(&db, store.clone(), signal.clone(), "l", ReplicaOptions::default())
         .await
