@@ -12,6 +12,7 @@
 //! - [`rpc`]: `POST /api/nostr`, the HTTP transport of the signer.
 //! - [`user`]: the user's authorizations (list, revoke), activity, key and its export.
 //! - [`nip05`]: `/.well-known/nostr.json` and choosing a username.
+//! - [`openapi`]: `GET /api/openapi.json`, the hand-written OpenAPI 3.1 document.
 //! - `page`: the minimal HTML of the login and consent pages.
 //! - [`limit`]: rate limits (token buckets); [`mail`]: the development outbox;
 //!   [`extract`]: JSON/form bodies, client IP, HTTPS detection.
@@ -27,6 +28,7 @@ pub mod mail;
 pub mod metrics;
 pub mod nip05;
 pub mod oauth;
+pub mod openapi;
 mod page;
 pub mod rpc;
 pub mod session;
@@ -49,7 +51,8 @@ pub fn app(state: AppState) -> Router {
         .merge(oauth::routes())
         .merge(rpc::routes())
         .merge(user::routes())
-        .merge(nip05::routes());
+        .merge(nip05::routes())
+        .merge(openapi::routes());
     if let Some(cors) = cors(&state.options().allowed_origins) {
         api = api.layer(cors);
     }
