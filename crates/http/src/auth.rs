@@ -52,21 +52,35 @@ async fn register(
     OverHttps(secure): OverHttps,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<Response, AppError> {
+    let (user, pubkey, cookie) = sign_up(&state, &ip, secure, body.email, body.password, body.nsec).await?;
+    let body = account_json(&user, &pubkey);
+    Ok((StatusCode::CREATED, [(SET_COOKIE, cookie)], Json(body)).into_response())
+}
+
+/// Rate-limits, creates the account (importing `nsec` when given and not blank), queues
+/// the verification mail and opens a session (shared with the register page).
+pub(crate) async fn sign_up(
+    state: &AppState,
+    ip: &str,
+    secure: bool,
+    email: String,
+    password: String,
+    nsec: Option<String>,
+) -> Result<(User, PublicKey, axum::http::HeaderValue), AppError> {
     state.limits().check(&format!("register:{ip}"), REGISTER_PER_IP)?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let registration = Registration {
-        email: body.email,
-        password: Secret::new(body.password),
-        import_key: body.nsec.filter(|k| !k.trim().is_empty()).map(Secret::new),
+        email,
+        password: Secret::new(password),
+        import_key: nsec.filter(|k| !k.trim().is_empty()).map(Secret::new),
     };
     let now = now_unix();
     let done = accounts::register(db.pool(), services.keys.as_ref(), &services.hasher, &registration, now).await?;
     state.confirm_write(true).await?;
-    send_mail(&state, db, &done.user, TokenPurpose::VerifyEmail).await?;
-    let body = account_json(&done.user, &done.key.pubkey);
+    send_mail(state, db, &done.user, TokenPurpose::VerifyEmail).await?;
     let cookie = session_cookie(&done.session, secure);
-    Ok((StatusCode::CREATED, [(SET_COOKIE, cookie)], Json(body)).into_response())
+    Ok((done.user, done.key.pubkey, cookie))
 }
 
 #[derive(Deserialize)]
@@ -115,11 +129,17 @@ async fn logout(
     OverHttps(secure): OverHttps,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, AppError> {
-    if let Some(token) = session_token(&headers) {
+    end_session(&state, &headers).await?;
+    Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear_cookie(secure))]).into_response())
+}
+
+/// Ends the request's session, if it carries one (shared with the dashboard's logout).
+pub(crate) async fn end_session(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), AppError> {
+    if let Some(token) = session_token(headers) {
         let (db, _) = state.api()?;
         accounts::logout(db.pool(), &token).await?;
     }
-    Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear_cookie(secure))]).into_response())
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -13,7 +13,9 @@
 //! - [`user`]: the user's authorizations (list, revoke), activity, key and its export.
 //! - [`nip05`]: `/.well-known/nostr.json` and choosing a username.
 //! - [`openapi`]: `GET /api/openapi.json`, the hand-written OpenAPI 3.1 document.
-//! - `page`: the minimal HTML of the login and consent pages.
+//! - `page`: the minimal HTML of the OAuth login and consent pages.
+//! - `pages`: the account pages for people: `/`, `/register`, `/login`, `/logout`,
+//!   `/dashboard` (key, authorizations with revoke, activity). Not part of `openapi.json`.
 //! - [`limit`]: rate limits (token buckets); [`mail`]: the development outbox;
 //!   [`extract`]: JSON/form bodies, client IP, HTTPS detection.
 //!
@@ -30,6 +32,7 @@ pub mod nip05;
 pub mod oauth;
 pub mod openapi;
 mod page;
+mod pages;
 pub mod rpc;
 pub mod session;
 pub mod state;
@@ -59,6 +62,7 @@ pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .merge(health::routes())
         .merge(metrics::routes())
+        .merge(pages::routes())
         .merge(api);
     if state.options().test_routes {
         router = router.merge(testing::routes());

@@ -1,5 +1,6 @@
 //! The server-rendered pages of the OAuth flow: minimal, dependency-free HTML. Every
-//! value is escaped with [`escape`].
+//! value is escaped with [`escape`]. The account pages (register, login, dashboard) are
+//! in `pages.rs` and share [`layout`].
 
 use keycast_db::policies::PolicyRow;
 
@@ -21,14 +22,20 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-fn layout(title: &str, body: &str) -> String {
+/// A complete page: `title`, the shared style, and `body` (already escaped HTML).
+pub(crate) fn layout(title: &str, body: &str) -> String {
+    layout_with(title, "", body)
+}
+
+/// [`layout`] with `extra_css` appended to the shared style (a wider page, tables).
+pub(crate) fn layout_with(title: &str, extra_css: &str, body: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{title} · keycast</title>\
          <style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem}}\
          input,button{{font-size:1rem;padding:.5rem;margin:.25rem 0;width:100%;box-sizing:border-box}}\
-         .row{{display:flex;gap:.5rem}}.error{{color:#b00}}</style></head><body>{body}</body></html>",
+         .row{{display:flex;gap:.5rem}}.error{{color:#b00}}{extra_css}</style></head><body>{body}</body></html>",
         title = escape(title)
     )
 }

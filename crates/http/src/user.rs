@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
 use keycast_core::Secret;
-use keycast_db::{activity, authz as authz_repo, policies, AuthorizationId};
+use keycast_db::{activity, authz as authz_repo, policies, AuthorizationId, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -68,18 +68,25 @@ async fn revoke(
     session: SessionUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
+    revoke_authorization(&state, &session.user.id, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revokes the user's live authorization `id` and waits until that is durable (shared with
+/// the dashboard's revoke button). 404 if it is not the user's or was already revoked.
+pub(crate) async fn revoke_authorization(state: &AppState, user: &UserId, id: String) -> Result<(), AppError> {
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let revoked = services
         .signer
-        .revoke(&AuthorizationId::new(id), &session.user.id)
+        .revoke(&AuthorizationId::new(id), user)
         .await
         .map_err(AppError::internal)?;
     if !revoked {
         return Err(AppError::NotFound("no such live authorization of yours".into()));
     }
     state.confirm_write(true).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 #[derive(Deserialize)]

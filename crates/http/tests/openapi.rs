@@ -1,6 +1,7 @@
 //! The OpenAPI document (`crates/http/openapi.json`, served at `GET /api/openapi.json`)
 //! against the real router: every documented operation is routed, and every route the
-//! router has (except the test-only `/api/test/*`) is documented, with the same methods.
+//! router has (except the test-only `/api/test/*` and the HTML pages of `src/pages.rs`) is
+//! documented, with the same methods.
 //!
 //! The router's routes are derived, not listed by hand: the paths are every literal
 //! `.route("…", …)` in `src/*.rs`, and each path's methods are the ones the router itself
@@ -25,6 +26,11 @@ const METHODS: &[&str] = &["get", "post", "put", "patch", "delete"];
 const PATH_ITEM_FIELDS: &[&str] = &["summary", "description", "servers", "parameters", "$ref"];
 /// Routes that exist only with `HttpOptions::test_routes` and are never documented.
 const TEST_ONLY_PREFIX: &str = "/api/test/";
+/// The module of the server-rendered account pages (`/`, `/login`, `/dashboard`, …). They
+/// are for people in a browser, not API clients, so they are not in the document. Excluded
+/// by file rather than by path prefix because `/healthz/*` and `/metrics` are documented
+/// outside `/api`; [`source_route_paths`] makes sure no API path hides in this file.
+const PAGES_FILE: &str = "pages.rs";
 
 fn state() -> AppState {
     let recorder = PrometheusBuilder::new().build_recorder();
@@ -77,7 +83,8 @@ async fn routed(state: &AppState, method: &str, template: &str) -> bool {
     true
 }
 
-/// Every path literal registered with `.route(` in `src/*.rs` (comments skipped).
+/// Every path literal registered with `.route(` in `src/*.rs` (comments skipped), except
+/// the HTML pages of [`PAGES_FILE`].
 fn source_route_paths() -> BTreeSet<String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut paths = BTreeSet::new();
@@ -111,6 +118,13 @@ fn source_route_paths() -> BTreeSet<String> {
                         file.display()
                     )
                 });
+            if file.file_name().is_some_and(|n| n == PAGES_FILE) {
+                assert!(
+                    !path.starts_with("/api/") && !path.starts_with("/.well-known/"),
+                    "{path}: API routes belong in openapi.json, not in src/{PAGES_FILE}"
+                );
+                continue;
+            }
             paths.insert(path);
         }
     }

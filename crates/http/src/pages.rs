@@ -1,0 +1,378 @@
+//! The account pages, server-rendered for people (not part of the JSON API nor of
+//! `openapi.json`): `GET /` (to the dashboard or the login page), the register and login
+//! forms, and the dashboard (key, authorizations with a revoke button, recent activity,
+//! log out).
+//!
+//! The form handlers call the same functions as the JSON endpoints
+//! ([`crate::auth::sign_up`], [`crate::auth::log_in`], [`crate::auth::end_session`],
+//! [`crate::user::revoke_authorization`]), so rate limits and durability are the same.
+//! Every value shown is escaped with [`escape`]. State-changing forms of a session (revoke,
+//! log out) carry the session's CSRF token; the register and login forms, which have no
+//! session yet, refuse a foreign `Origin` (login CSRF).
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, State};
+use axum::http::header::{CACHE_CONTROL, LOCATION, ORIGIN, RETRY_AFTER, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use keycast_core::keys;
+use keycast_core::nostr::nips::nip19::ToBech32;
+use keycast_db::{activity, authz as authz_repo, policies};
+use serde::Deserialize;
+
+use crate::extract::{ClientIp, FormOrJson, OverHttps};
+use crate::page::{escape, layout, layout_with};
+use crate::session::{clear_cookie, csrf_matches, csrf_token, MaybeSession, SessionUser};
+use crate::{AppError, AppState};
+
+/// How many activity records the dashboard shows.
+const DASHBOARD_ACTIVITY: i64 = 50;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(home))
+        .route("/register", get(register_page).post(register_form))
+        .route("/login", get(login_page).post(login_form))
+        .route("/logout", post(logout_form))
+        .route("/dashboard", get(dashboard))
+        .route("/dashboard/authorizations/{id}/revoke", post(revoke_form))
+}
+
+/// `GET /` → 303 to `/dashboard` with a session, to `/login` without.
+async fn home(MaybeSession(session): MaybeSession) -> Response {
+    see_other(if session.is_some() { "/dashboard" } else { "/login" })
+}
+
+async fn register_page() -> Response {
+    html(StatusCode::OK, register_html("", None))
+}
+
+async fn login_page(MaybeSession(session): MaybeSession) -> Response {
+    if session.is_some() {
+        return see_other("/dashboard");
+    }
+    html(StatusCode::OK, login_html("", None))
+}
+
+#[derive(Deserialize)]
+struct RegisterForm {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    nsec: Option<String>,
+}
+
+/// `POST /register` (form) → 303 to `/dashboard` with the session cookie, or the form again
+/// with the reason (400, 409, 429).
+async fn register_form(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
+    headers: HeaderMap,
+    FormOrJson { value: form, .. }: FormOrJson<RegisterForm>,
+) -> Result<Response, AppError> {
+    check_origin(&state, &headers)?;
+    let email = form.email.clone();
+    match crate::auth::sign_up(&state, &ip, secure, form.email, form.password, form.nsec).await {
+        Ok((_, _, cookie)) => Ok(logged_in(cookie)),
+        Err(err) => form_error(err, |message| register_html(&email, Some(message))),
+    }
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+}
+
+/// `POST /login` (form) → 303 to `/dashboard` with the session cookie, or the form again
+/// with the reason (400, 401, 429).
+async fn login_form(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
+    headers: HeaderMap,
+    FormOrJson { value: form, .. }: FormOrJson<LoginForm>,
+) -> Result<Response, AppError> {
+    check_origin(&state, &headers)?;
+    match crate::auth::log_in(&state, &ip, secure, &form.email, form.password).await {
+        Ok((_, cookie)) => Ok(logged_in(cookie)),
+        Err(err) => form_error(err, |message| login_html(&form.email, Some(message))),
+    }
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /logout` (form with the CSRF token) → 303 to `/login`, the session ended and the
+/// cookie cleared. Without a live session it only clears the cookie.
+async fn logout_form(
+    State(state): State<AppState>,
+    OverHttps(secure): OverHttps,
+    MaybeSession(session): MaybeSession,
+    headers: HeaderMap,
+    FormOrJson { value: form, .. }: FormOrJson<CsrfForm>,
+) -> Result<Response, AppError> {
+    if let Some(session) = session {
+        check_csrf(&session, &form.csrf)?;
+        crate::auth::end_session(&state, &headers).await?;
+    }
+    let mut response = see_other("/login");
+    response.headers_mut().insert(SET_COOKIE, clear_cookie(secure));
+    Ok(response)
+}
+
+/// `POST /dashboard/authorizations/{id}/revoke` (form with the CSRF token) → 303 back to
+/// the dashboard once the revocation is durable; 403 without the right token, 404 if it is
+/// not the user's live authorization.
+async fn revoke_form(
+    State(state): State<AppState>,
+    MaybeSession(session): MaybeSession,
+    Path(id): Path<String>,
+    FormOrJson { value: form, .. }: FormOrJson<CsrfForm>,
+) -> Result<Response, AppError> {
+    let Some(session) = session else {
+        return Ok(see_other("/login"));
+    };
+    check_csrf(&session, &form.csrf)?;
+    crate::user::revoke_authorization(&state, &session.user.id, id).await?;
+    Ok(see_other("/dashboard"))
+}
+
+/// `GET /dashboard` → the user's key, authorizations and recent activity; 303 to `/login`
+/// without a session.
+async fn dashboard(State(state): State<AppState>, MaybeSession(session): MaybeSession) -> Result<Response, AppError> {
+    let Some(session) = session else {
+        return Ok(see_other("/login"));
+    };
+    let (db, _) = state.api()?;
+    let key = keys::find_user_key(db.pool(), &session.user.id).await?;
+    let policies: HashMap<_, _> = policies::list(db.pool())
+        .await?
+        .into_iter()
+        .map(|p| (p.id.clone(), p))
+        .collect();
+    let authorizations = authz_repo::list_for_user(db.pool(), &session.user.id).await?;
+    let recent = activity::list_for_user(db.pool(), &session.user.id, DASHBOARD_ACTIVITY).await?;
+    let csrf = escape(&csrf_token(&session.token));
+
+    let npub = key.pubkey.to_bech32().unwrap_or_default();
+    let mut body = format!(
+        "<header class=\"bar\"><h1>keycast</h1>\
+         <form method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <button type=\"submit\">Log out</button></form></header>\
+         <p>Signed in as <strong>{email}</strong>{unverified}.</p>\
+         <h2>Your key</h2>\
+         <dl><dt>npub</dt><dd><code class=\"npub\">{npub}</code></dd>\
+         <dt>Public key (hex)</dt><dd><code>{hex}</code></dd>\
+         <dt>Origin</dt><dd>{origin}</dd></dl>\
+         <h2>Authorized apps</h2>",
+        email = escape(&session.user.email),
+        unverified = if session.user.email_verified_at.is_some() {
+            ""
+        } else {
+            " (email not verified yet)"
+        },
+        npub = escape(&npub),
+        hex = escape(&key.pubkey.to_hex()),
+        origin = escape(key.origin.as_str()),
+    );
+
+    if authorizations.is_empty() {
+        body.push_str("<p>No app is authorized to sign for you yet.</p>");
+    } else {
+        body.push_str(
+            "<table><thead><tr><th>App</th><th>Redirect origin</th><th>Policy</th>\
+             <th>Created</th><th>Status</th></tr></thead><tbody>",
+        );
+        for row in &authorizations {
+            let policy = policies
+                .get(&row.policy_id)
+                .map(|p| format!("{} (<code>{}</code>)", escape(&p.display_name), escape(&p.slug)))
+                .unwrap_or_else(|| "?".into());
+            let status = match row.revoked_at {
+                Some(at) => format!("revoked {}", escape(&time(at))),
+                None => format!(
+                    "<form method=\"post\" action=\"/dashboard/authorizations/{id}/revoke\">\
+                     <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                     <button type=\"submit\">Revoke</button></form>",
+                    id = escape(row.id.as_str()),
+                ),
+            };
+            body.push_str(&format!(
+                "<tr class=\"authorization\"><td>{client}</td><td>{origin}</td><td>{policy}</td>\
+                 <td>{created}</td><td>{status}</td></tr>",
+                client = escape(&row.client_id),
+                origin = escape(&row.redirect_origin),
+                created = escape(&time(row.created_at)),
+            ));
+        }
+        body.push_str("</tbody></table>");
+    }
+
+    body.push_str("<h2>Recent activity</h2>");
+    if recent.is_empty() {
+        body.push_str("<p>No signing activity yet (it appears about a second after a request).</p>");
+    } else {
+        let apps: HashMap<_, _> = authorizations
+            .iter()
+            .map(|a| (a.id.clone(), a.client_id.as_str()))
+            .collect();
+        body.push_str(
+            "<table><thead><tr><th>When</th><th>App</th><th>Method</th><th>Kind</th>\
+             <th>Transport</th></tr></thead><tbody>",
+        );
+        for a in &recent {
+            body.push_str(&format!(
+                "<tr><td>{when}</td><td>{app}</td><td>{method}</td><td>{kind}</td><td>{transport}</td></tr>",
+                when = escape(&time(a.created_at)),
+                app = escape(apps.get(&a.authorization_id).copied().unwrap_or("?")),
+                method = escape(&a.method),
+                kind = a.kind.map(|k| k.to_string()).unwrap_or_default(),
+                transport = escape(&a.transport),
+            ));
+        }
+        body.push_str("</tbody></table>");
+    }
+
+    let page = layout_with(
+        "Dashboard",
+        "body{max-width:56rem}table{border-collapse:collapse;width:100%}\
+         th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd;vertical-align:middle}\
+         td form,td button,.bar button{margin:0;width:auto}.bar{display:flex;justify-content:space-between;\
+         align-items:center}dd{margin:0 0 .5rem}code{word-break:break-all}",
+        &body,
+    );
+    Ok(html(StatusCode::OK, page))
+}
+
+fn register_html(email: &str, error: Option<&str>) -> String {
+    let body = format!(
+        "<h1>Create a keycast account</h1>{error}\
+         <form method=\"post\" action=\"/register\">\
+         <label>Email <input type=\"email\" name=\"email\" value=\"{email}\" required autocomplete=\"username\"></label>\
+         <label>Password <input type=\"password\" name=\"password\" required minlength=\"8\" autocomplete=\"new-password\"></label>\
+         <label>Your own key (optional: <code>nsec1…</code> or hex; leave empty to get a new one) \
+         <input type=\"password\" name=\"nsec\" autocomplete=\"off\"></label>\
+         <button type=\"submit\">Create account</button></form>\
+         <p>Already have an account? <a href=\"/login\">Log in</a>.</p>",
+        error = error_html(error),
+        email = escape(email),
+    );
+    layout("Register", &body)
+}
+
+fn login_html(email: &str, error: Option<&str>) -> String {
+    let body = format!(
+        "<h1>Log in to keycast</h1>{error}\
+         <form method=\"post\" action=\"/login\">\
+         <label>Email <input type=\"email\" name=\"email\" value=\"{email}\" required autocomplete=\"username\"></label>\
+         <label>Password <input type=\"password\" name=\"password\" required autocomplete=\"current-password\"></label>\
+         <button type=\"submit\">Log in</button></form>\
+         <p>No account yet? <a href=\"/register\">Create one</a>.</p>",
+        error = error_html(error),
+        email = escape(email),
+    );
+    layout("Log in", &body)
+}
+
+fn error_html(error: Option<&str>) -> String {
+    error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default()
+}
+
+/// A form's failure a person can act on (bad input, wrong password, taken email, too many
+/// attempts) shows the form again with the message and keeps the status; anything else
+/// (503, 500) is the usual JSON error.
+fn form_error(err: AppError, render: impl FnOnce(&str) -> String) -> Result<Response, AppError> {
+    let status = match &err {
+        AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        AppError::Conflict(_) => StatusCode::CONFLICT,
+        AppError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+        _ => return Err(err),
+    };
+    let mut response = html(status, render(&err.to_string()));
+    if let AppError::TooManyRequests { retry_after_secs } = err {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+    }
+    Ok(response)
+}
+
+fn check_csrf(session: &SessionUser, candidate: &str) -> Result<(), AppError> {
+    if csrf_matches(&session.token, candidate) {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden(
+            "the form's CSRF token is missing or wrong; reload the page and try again".into(),
+        ))
+    }
+}
+
+/// A browser posting the register or login form from another site sends that site's
+/// `Origin`: refuse it, so no page elsewhere can log a visitor into an account of its
+/// choosing. Requests without `Origin` (non-browser clients) pass.
+fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
+    let Some(origin) = headers.get(ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return Ok(());
+    };
+    let public = url::Url::parse(&state.options().public_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    if origin == public || origin == format!("http://{host}") || origin == format!("https://{host}") {
+        Ok(())
+    } else {
+        Err(AppError::Forbidden(
+            "this form must be posted from keycast's own pages (Origin mismatch)".into(),
+        ))
+    }
+}
+
+/// 303 to `/dashboard` with the new session cookie.
+fn logged_in(cookie: HeaderValue) -> Response {
+    let mut response = see_other("/dashboard");
+    response.headers_mut().insert(SET_COOKIE, cookie);
+    response
+}
+
+fn see_other(location: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(LOCATION, HeaderValue::from_static(location))]).into_response()
+}
+
+/// An HTML page that may not be framed (the revoke and logout buttons must not be
+/// clickjacked) and is never cached.
+fn html(status: StatusCode, page: String) -> Response {
+    let mut response = (status, Html(page)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        HeaderName::from_static("x-frame-options"),
+        HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A unix time as `YYYY-MM-DD HH:MM UTC`.
+fn time(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_else(|| unix.to_string())
+}

@@ -1,0 +1,411 @@
+//! The account pages against the real binary: register and log in through the HTML forms,
+//! the dashboard (key, authorizations, activity), revoking from the dashboard with and
+//! without the CSRF token, and logging out.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Keycast, Launch};
+use oauth2::PkceCodeChallenge;
+use serde_json::{json, Value};
+
+const REDIRECT: &str = "http://127.0.0.1:9/callback";
+const PASSWORD: &str = "correct horse battery";
+const FORM: &str = "application/x-www-form-urlencoded";
+
+// ---------------------------------------------------------------------------------------
+// A small HTTP client with one cookie (the session) and no redirect following (as in
+// signing_service.rs).
+// ---------------------------------------------------------------------------------------
+
+struct Reply {
+    status: u16,
+    location: Option<String>,
+    retry_after: Option<String>,
+    set_cookie: Option<String>,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|_| Value::String(self.body.clone()))
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent()
+}
+
+fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    let mut r = result.expect("keycast answers");
+    let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (location, retry_after, set_cookie) = (header("location"), header("retry-after"), header("set-cookie"));
+    Reply {
+        status: r.status().as_u16(),
+        location,
+        retry_after,
+        set_cookie,
+        body: r.body_mut().read_to_string().unwrap_or_default(),
+    }
+}
+
+fn post(
+    server: &Keycast,
+    path: &str,
+    cookie: Option<&str>,
+    content_type: &str,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let mut req = agent()
+        .post(format!("{}{path}", server.base))
+        .header("Content-Type", content_type);
+    if let Some(c) = cookie {
+        req = req.header("Cookie", c);
+    }
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    reply(req.send(body))
+}
+
+fn post_form(server: &Keycast, path: &str, cookie: Option<&str>, pairs: &[(&str, &str)]) -> Reply {
+    post(server, path, cookie, FORM, &form(pairs), &[])
+}
+
+fn get(server: &Keycast, path: &str, cookie: Option<&str>) -> Reply {
+    let mut req = agent().get(format!("{}{path}", server.base));
+    if let Some(c) = cookie {
+        req = req.header("Cookie", c);
+    }
+    reply(req.call())
+}
+
+fn rpc(server: &Keycast, token: &str, method: &str, params: Value) -> Reply {
+    let body = json!({ "method": method, "params": params }).to_string();
+    post(
+        server,
+        "/api/nostr",
+        None,
+        "application/json",
+        &body,
+        &[("Authorization", &format!("Bearer {token}"))],
+    )
+}
+
+/// `keycast_session=…` from a Set-Cookie header.
+fn cookie_of(reply: &Reply) -> String {
+    let header = reply.set_cookie.as_deref().expect("a session cookie is set");
+    header.split(';').next().unwrap().to_owned()
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut s = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    s.finish()
+}
+
+fn query_param(url: &str, name: &str) -> Option<String> {
+    let url = url::Url::parse(url).unwrap();
+    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// The value of the first hidden `name` input in a page.
+fn hidden_input(html: &str, name: &str) -> Option<String> {
+    let marker = format!("name=\"{name}\" value=\"");
+    let start = html.find(&marker)? + marker.len();
+    let end = html[start..].find('"')?;
+    Some(html[start..start + end].replace("&amp;", "&"))
+}
+
+/// The `action` of the first form whose action starts with `prefix`.
+fn form_action(html: &str, prefix: &str) -> Option<String> {
+    let marker = format!("action=\"{prefix}");
+    let start = html.find(&marker)? + "action=\"".len();
+    let end = html[start..].find('"')?;
+    Some(html[start..start + end].to_owned())
+}
+
+fn start() -> (tempfile::TempDir, Keycast) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .start();
+    (dir, server)
+}
+
+/// Registers `email` through the HTML form: returns the session cookie.
+fn register_with_form(server: &Keycast, email: &str) -> String {
+    let r = post_form(
+        server,
+        "/register",
+        None,
+        &[("email", email), ("password", PASSWORD), ("nsec", "")],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.location.as_deref(), Some("/dashboard"));
+    cookie_of(&r)
+}
+
+fn dashboard(server: &Keycast, cookie: &str) -> String {
+    let r = get(server, "/dashboard", Some(cookie));
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+/// Consent (approved) → token for `test-app` with the `social` policy: the access token.
+fn authorize_app(server: &Keycast, cookie: &str) -> String {
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let query = form(&[
+        ("response_type", "code"),
+        ("client_id", "test-app"),
+        ("redirect_uri", REDIRECT),
+        ("scope", "policy:social"),
+        ("state", "st-1"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ]);
+    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
+    let body = format!("{query}&{}", form(&[("csrf", &csrf), ("decision", "approve")]));
+    let r = post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]);
+    assert_eq!(r.status, 302, "{}", r.body);
+    let code = query_param(&r.location.unwrap(), "code").expect("a code");
+    let r = post_form(
+        server,
+        "/api/oauth/token",
+        None,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("client_id", "test-app"),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier.secret()),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn register_and_login_forms_lead_to_a_dashboard_showing_the_key() {
+    let (_dir, server) = start();
+
+    // Without a session, / and /dashboard send the visitor to the login page.
+    let home = get(&server, "/", None);
+    assert_eq!((home.status, home.location.as_deref()), (303, Some("/login")));
+    let dash = get(&server, "/dashboard", None);
+    assert_eq!((dash.status, dash.location.as_deref()), (303, Some("/login")));
+    let page = get(&server, "/register", None);
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("action=\"/register\""), "{}", page.body);
+    let page = get(&server, "/login", None);
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("action=\"/login\""), "{}", page.body);
+
+    let cookie = register_with_form(&server, "page@example.com");
+    let key = get(&server, "/api/user/key", Some(&cookie)).json();
+    let npub = key["npub"].as_str().unwrap();
+    assert!(npub.starts_with("npub1"));
+    let body = dashboard(&server, &cookie);
+    assert!(body.contains(npub), "the dashboard shows the npub: {body}");
+    assert!(body.contains(key["pubkey"].as_str().unwrap()));
+    assert!(body.contains("page@example.com"));
+    assert!(body.contains("No app is authorized"));
+    let home = get(&server, "/", Some(&cookie));
+    assert_eq!((home.status, home.location.as_deref()), (303, Some("/dashboard")));
+
+    // Errors re-render the form with a message, keep the status, and escape what was typed.
+    let r = post_form(
+        &server,
+        "/register",
+        None,
+        &[("email", "<b>not an email"), ("password", PASSWORD)],
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("class=\"error\""), "{}", r.body);
+    assert!(
+        r.body.contains("&lt;b&gt;not an email") && !r.body.contains("<b>not"),
+        "{}",
+        r.body
+    );
+    let r = post_form(
+        &server,
+        "/register",
+        None,
+        &[("email", "short@example.com"), ("password", "x")],
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("class=\"error\"") && r.set_cookie.is_none(),
+        "{}",
+        r.body
+    );
+    let r = post_form(
+        &server,
+        "/register",
+        None,
+        &[("email", "page@example.com"), ("password", PASSWORD)],
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("class=\"error\""), "{}", r.body);
+    let r = post_form(
+        &server,
+        "/login",
+        None,
+        &[("email", "page@example.com"), ("password", "wrong password")],
+    );
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        r.body.contains("class=\"error\"") && r.body.contains("page@example.com"),
+        "{}",
+        r.body
+    );
+    assert!(r.set_cookie.is_none());
+
+    // A login form posted from another site is refused (login CSRF).
+    let r = post(
+        &server,
+        "/login",
+        None,
+        FORM,
+        &form(&[("email", "page@example.com"), ("password", PASSWORD)]),
+        &[("Origin", "https://evil.example")],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.set_cookie.is_none());
+
+    // The right password logs in (from keycast's own origin too).
+    let r = post(
+        &server,
+        "/login",
+        None,
+        FORM,
+        &form(&[("email", "page@example.com"), ("password", PASSWORD)]),
+        &[("Origin", &server.base)],
+    );
+    assert_eq!(
+        (r.status, r.location.as_deref()),
+        (303, Some("/dashboard")),
+        "{}",
+        r.body
+    );
+    let second = cookie_of(&r);
+    assert!(dashboard(&server, &second).contains(npub));
+    let page = get(&server, "/login", Some(&second));
+    assert_eq!((page.status, page.location.as_deref()), (303, Some("/dashboard")));
+    // Too many wrong passwords: the form again with the reason, 429 and Retry-After.
+    let mut limited = None;
+    for _ in 0..10 {
+        let r = post_form(
+            &server,
+            "/login",
+            None,
+            &[("email", "page@example.com"), ("password", "wrong password")],
+        );
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 401, "{}", r.body);
+    }
+    let r = limited.expect("the login form is rate-limited");
+    assert!(r.body.contains("class=\"error\""), "{}", r.body);
+    assert!(r.retry_after.is_some());
+}
+
+#[test]
+fn the_dashboard_lists_authorizations_and_revokes_only_with_the_csrf_token() {
+    let (_dir, server) = start();
+    let cookie = register_with_form(&server, "apps@example.com");
+    let token = authorize_app(&server, &cookie);
+    assert_eq!(rpc(&server, &token, "get_public_key", json!([])).status, 200);
+
+    let body = dashboard(&server, &cookie);
+    assert!(body.contains("test-app"), "{body}");
+    assert!(body.contains("http://127.0.0.1:9"), "{body}");
+    assert!(body.contains("<code>social</code>"), "{body}");
+    let action = form_action(&body, "/dashboard/authorizations/").expect("a revoke button");
+    assert!(action.ends_with("/revoke"), "{action}");
+    let csrf = hidden_input(&body, "csrf").expect("the dashboard's forms carry the CSRF token");
+
+    // The activity of the app shows up (written about a second after the request).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = dashboard(&server, &cookie);
+        if body.contains("get_public_key") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no activity on the dashboard: {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Without the token, or with a wrong one: 403 and nothing revoked.
+    let r = post_form(&server, &action, Some(&cookie), &[]);
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post_form(&server, &action, Some(&cookie), &[("csrf", "not-the-token")]);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(rpc(&server, &token, "get_public_key", json!([])).status, 200);
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert!(listed["authorizations"][0]["revoked_at"].is_null(), "{listed}");
+    // Without a session: to the login page, nothing revoked.
+    let r = post_form(&server, &action, None, &[("csrf", &csrf)]);
+    assert_eq!((r.status, r.location.as_deref()), (303, Some("/login")));
+    assert_eq!(rpc(&server, &token, "get_public_key", json!([])).status, 200);
+
+    // With it: back to the dashboard, and the very next request with the token is refused.
+    let r = post_form(&server, &action, Some(&cookie), &[("csrf", &csrf)]);
+    assert_eq!(
+        (r.status, r.location.as_deref()),
+        (303, Some("/dashboard")),
+        "{}",
+        r.body
+    );
+    let after = rpc(&server, &token, "sign_event", json!([{ "kind": 1, "content": "x" }]));
+    assert_eq!(after.status, 401, "{}", after.body);
+    let body = dashboard(&server, &cookie);
+    assert!(body.contains("revoked "), "{body}");
+    assert!(form_action(&body, "/dashboard/authorizations/").is_none(), "{body}");
+    // Revoking again: 404.
+    assert_eq!(
+        post_form(&server, &action, Some(&cookie), &[("csrf", &csrf)]).status,
+        404
+    );
+}
+
+#[test]
+fn logout_needs_the_csrf_token_and_ends_the_session() {
+    let (_dir, server) = start();
+    let cookie = register_with_form(&server, "bye@example.com");
+    let body = dashboard(&server, &cookie);
+    assert!(body.contains("action=\"/logout\""), "{body}");
+    let csrf = hidden_input(&body, "csrf").unwrap();
+
+    let r = post_form(&server, "/logout", Some(&cookie), &[]);
+    assert_eq!(r.status, 403, "{}", r.body);
+    dashboard(&server, &cookie);
+
+    let r = post_form(&server, "/logout", Some(&cookie), &[("csrf", &csrf)]);
+    assert_eq!((r.status, r.location.as_deref()), (303, Some("/login")), "{}", r.body);
+    assert!(
+        r.set_cookie.as_deref().is_some_and(|c| c.contains("Max-Age=0")),
+        "{:?}",
+        r.set_cookie
+    );
+    let dash = get(&server, "/dashboard", Some(&cookie));
+    assert_eq!((dash.status, dash.location.as_deref()), (303, Some("/login")));
+    assert_eq!(get(&server, "/api/user/key", Some(&cookie)).status, 401);
+}
