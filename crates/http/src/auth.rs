@@ -191,10 +191,14 @@ struct ResetBody {
 }
 
 /// `POST /api/auth/reset-password {token, password}` → 200; every session of the user ends.
+/// Rate-limited per IP: each attempt costs an argon2 hash, so guessing tokens must not be a
+/// way to burn the server's CPU.
 async fn reset_password(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     JsonBody(body): JsonBody<ResetBody>,
 ) -> Result<Json<Value>, AppError> {
+    state.limits().check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let password = Secret::new(body.password);

@@ -619,6 +619,23 @@ fn consent_post_without_the_right_csrf_token_is_refused_and_deny_redirects() {
 }
 
 #[test]
+fn password_reset_attempts_are_rate_limited() {
+    let (_dir, server) = start();
+    let body = json!({ "token": "not-a-real-token", "password": "a new password 1" });
+    let statuses: Vec<u16> = (0..11)
+        .map(|_| post_json(&server, "/api/auth/reset-password", None, &body).status)
+        .collect();
+    assert!(
+        statuses[..10].iter().all(|s| *s == 400),
+        "bad tokens are refused: {statuses:?}"
+    );
+    assert_eq!(
+        statuses[10], 429,
+        "the 11th attempt from one address is rate-limited: {statuses:?}"
+    );
+}
+
+#[test]
 fn login_is_rate_limited_with_retry_after() {
     let (_dir, server) = start();
     register(&server, "heidi@example.com", None);
