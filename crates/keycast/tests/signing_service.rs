@@ -7,6 +7,7 @@ mod harness;
 
 use std::time::Duration;
 
+use harness::api::*;
 use harness::{Keycast, Launch};
 use nostr::nips::nip19::ToBech32;
 use nostr::{Event, JsonUtil, Keys};
@@ -18,130 +19,6 @@ use oauth2::{
     StandardRevocableToken, StandardTokenResponse, TokenResponse, TokenUrl,
 };
 use serde_json::{json, Value};
-
-const REDIRECT: &str = "http://127.0.0.1:9/callback";
-const PASSWORD: &str = "correct horse battery";
-
-// ---------------------------------------------------------------------------------------
-// A small HTTP client with one cookie (the session) and no redirect following.
-// ---------------------------------------------------------------------------------------
-
-struct Reply {
-    status: u16,
-    location: Option<String>,
-    retry_after: Option<String>,
-    set_cookie: Option<String>,
-    body: String,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|_| Value::String(self.body.clone()))
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent()
-}
-
-fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
-    let mut r = result.expect("keycast answers");
-    let header = |name: &str| r.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (location, retry_after, set_cookie) = (header("location"), header("retry-after"), header("set-cookie"));
-    Reply {
-        status: r.status().as_u16(),
-        location,
-        retry_after,
-        set_cookie,
-        body: r.body_mut().read_to_string().unwrap_or_default(),
-    }
-}
-
-/// `(path, content type, body)` POST with an optional session cookie and extra headers.
-fn post(
-    server: &Keycast,
-    path: &str,
-    cookie: Option<&str>,
-    content_type: &str,
-    body: &str,
-    extra: &[(&str, &str)],
-) -> Reply {
-    let mut req = agent()
-        .post(format!("{}{path}", server.base))
-        .header("Content-Type", content_type);
-    if let Some(c) = cookie {
-        req = req.header("Cookie", c);
-    }
-    for (k, v) in extra {
-        req = req.header(*k, *v);
-    }
-    reply(req.send(body))
-}
-
-fn post_json(server: &Keycast, path: &str, cookie: Option<&str>, body: &Value) -> Reply {
-    post(server, path, cookie, "application/json", &body.to_string(), &[])
-}
-
-fn get(server: &Keycast, path: &str, cookie: Option<&str>) -> Reply {
-    let mut req = agent().get(format!("{}{path}", server.base));
-    if let Some(c) = cookie {
-        req = req.header("Cookie", c);
-    }
-    reply(req.call())
-}
-
-fn delete(server: &Keycast, path: &str, cookie: &str) -> Reply {
-    reply(
-        agent()
-            .delete(format!("{}{path}", server.base))
-            .header("Cookie", cookie)
-            .call(),
-    )
-}
-
-fn rpc(server: &Keycast, token: &str, method: &str, params: Value) -> Reply {
-    let body = json!({ "method": method, "params": params }).to_string();
-    post(
-        server,
-        "/api/nostr",
-        None,
-        "application/json",
-        &body,
-        &[("Authorization", &format!("Bearer {token}"))],
-    )
-}
-
-/// `keycast_session=…` from a Set-Cookie header.
-fn cookie_of(reply: &Reply) -> String {
-    let header = reply.set_cookie.as_deref().expect("a session cookie is set");
-    header.split(';').next().unwrap().to_owned()
-}
-
-fn form(pairs: &[(&str, &str)]) -> String {
-    let mut s = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in pairs {
-        s.append_pair(k, v);
-    }
-    s.finish()
-}
-
-fn query_param(url: &str, name: &str) -> Option<String> {
-    let url = url::Url::parse(url).unwrap();
-    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
-}
-
-/// The value of the hidden `name` input in a page.
-fn hidden_input(html: &str, name: &str) -> Option<String> {
-    let marker = format!("name=\"{name}\" value=\"");
-    let start = html.find(&marker)? + marker.len();
-    let end = html[start..].find('"')?;
-    Some(html[start..start + end].replace("&amp;", "&"))
-}
 
 // ---------------------------------------------------------------------------------------
 // Flow helpers.
