@@ -133,8 +133,9 @@ fn bunker_client_round_trips_through_nostr_relay() {
     let bench = client.bench(50, 5);
     assert_eq!(bench["ok"], true, "{bench}");
     eprintln!(
-        "sign_event round trip through nostr-relay (fake bunker), n=50: p50 {} ms, p99 {} ms, mean {} ms",
-        bench["p50"], bench["p99"], bench["mean"]
+        "sign_event through nostr-relay to the fake bunker, n=50: p50 {} ms, p99 {} ms, mean {} ms; \
+         on the wire p50 {} ms, p99 {} ms",
+        bench["p50"], bench["p99"], bench["mean"], bench["wire"]["p50"], bench["wire"]["p99"]
     );
 
     // A bunker nobody serves: the driver answers "timeout" when told to, instead of hanging.
