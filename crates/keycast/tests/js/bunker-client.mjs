@@ -6,8 +6,9 @@
 // or `error` (the remote signer's error string, or "timeout" after `timeout_ms`, default
 // 5000). Ops:
 //
-//   {"op":"connect","bunker":"bunker://…","client_sk":"<hex, optional>"}
+//   {"op":"connect","bunker":"bunker://…","client_sk":"<hex, optional>","handshake":true}
 //       → {client_pubkey, bunker_pubkey, relays}; sends NIP-46 `connect` with the secret
+//       unless handshake is false (to try requests from a client that never connected)
 //   {"op":"get_public_key"}                        → {pubkey}
 //   {"op":"sign_event","event":{kind,content,tags,created_at}} → {event, verified}
 //   {"op":"nip44_encrypt"|"nip44_decrypt"|"nip04_encrypt"|"nip04_decrypt","peer":hex,"text":…}
@@ -108,12 +109,12 @@ async function bench({ n = 100, warmup = 5 }) {
 }
 
 const ops = {
-  async connect({ bunker, client_sk }) {
+  async connect({ bunker, client_sk, handshake = true }) {
     const bp = await parseBunkerInput(bunker);
     if (!bp) throw new Error(`not a bunker URL: ${bunker}`);
     const sk = clientKey(client_sk);
     await replaceSigner(BunkerSigner.fromBunker(sk, bp, { pool }));
-    await signer.connect();
+    if (handshake) await signer.connect();
     return { client_pubkey: getPublicKey(sk), bunker_pubkey: bp.pubkey, relays: bp.relays };
   },
   async get_public_key() {
