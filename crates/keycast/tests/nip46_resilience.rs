@@ -1,0 +1,223 @@
+//! NIP-46 when a relay drops: keycast's connection to its relay goes through a TCP proxy
+//! that the test cuts (every open connection closed, new ones refused) and later restores,
+//! while the client (nostr-tools `BunkerSigner`) stays connected to the relay directly.
+//! Nothing is signed while keycast cannot reach the relay; once the relay is reachable
+//! again keycast reconnects with backoff, re-sends its subscription, and answers.
+
+mod harness;
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::flow::{grant, register};
+use harness::nostr::{BunkerClient, Relay};
+use harness::Launch;
+use serde_json::{json, Value};
+
+/// The outage lasts at least this long, and until keycast has had a reconnect refused.
+const OUTAGE: Duration = Duration::from_secs(3);
+/// Longest wait for keycast's first reconnect attempt during the outage (nostr-sdk waits
+/// 2 s ± 3 s jitter after a drop with keycast's options).
+const FIRST_ATTEMPT_WITHIN: Duration = Duration::from_secs(20);
+/// How long keycast may take to answer again once the relay is reachable.
+const RECOVERY_WITHIN: Duration = Duration::from_secs(30);
+/// The client's timeout for a request during the outage (milliseconds).
+const OUTAGE_TIMEOUT_MS: u64 = 1500;
+/// The client's timeout for each request after the outage (milliseconds).
+const RETRY_TIMEOUT_MS: u64 = 3000;
+
+/// A loopback TCP proxy in front of one upstream address that can be cut and restored.
+/// Records every connection attempt it sees, with whether it was let through.
+struct RelayProxy {
+    port: u16,
+    state: Arc<Mutex<ProxyState>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    down: bool,
+    /// Both ends of every connection piped so far (closed ones are harmless to shut down).
+    open: Vec<TcpStream>,
+    /// (when, let through) for every incoming connection.
+    attempts: Vec<(Instant, bool)>,
+}
+
+impl RelayProxy {
+    /// Proxies `ws://127.0.0.1:PORT` (`upstream`, the real relay).
+    fn start(upstream: &str) -> RelayProxy {
+        let upstream = upstream.trim_start_matches("ws://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state: Arc<Mutex<ProxyState>> = Arc::default();
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let mut state = shared.lock().unwrap();
+                let down = state.down;
+                state.attempts.push((Instant::now(), !down));
+                if down {
+                    // Accepted and closed at once: the WebSocket handshake fails.
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                state.open.push(client.try_clone().unwrap());
+                state.open.push(server.try_clone().unwrap());
+                std::thread::spawn(move || pipe(client, server));
+            }
+        });
+        RelayProxy { port, state }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every open connection (both ends) and refuses new ones until
+    /// [`restore`](Self::restore). Returns how many connections were open.
+    fn cut(&self) -> usize {
+        let mut state = self.state.lock().unwrap();
+        state.down = true;
+        let open = state.open.len() / 2;
+        for stream in state.open.drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        open
+    }
+
+    fn restore(&self) {
+        self.state.lock().unwrap().down = false;
+    }
+
+    /// Every connection attempt so far: (when, let through).
+    fn attempts(&self) -> Vec<(Instant, bool)> {
+        self.state.lock().unwrap().attempts.clone()
+    }
+}
+
+/// Copies bytes both ways until either side closes, then closes both.
+fn pipe(client: TcpStream, server: TcpStream) {
+    let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let up = std::thread::spawn(move || {
+        let (mut client, mut server) = (client, server);
+        let _ = std::io::copy(&mut client, &mut server);
+        let _ = server.shutdown(Shutdown::Both);
+        let _ = client.shutdown(Shutdown::Both);
+    });
+    let _ = std::io::copy(&mut s2, &mut c2);
+    let _ = c2.shutdown(Shutdown::Both);
+    let _ = s2.shutdown(Shutdown::Both);
+    let _ = up.join();
+}
+
+fn url_encode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// The token's bunker URL with its relay (`via`, the proxy keycast was told about)
+/// replaced by `direct`, so the client bypasses the proxy.
+fn bunker_url_via(token: &Value, via: &str, direct: &str) -> String {
+    let bunker = token["bunker_url"].as_str().expect("bunker_url");
+    let (via, direct) = (url_encode(via), url_encode(direct));
+    assert!(
+        bunker.contains(&format!("relay={via}")),
+        "{bunker} names the configured relay"
+    );
+    bunker.replace(&format!("relay={via}"), &format!("relay={direct}"))
+}
+
+fn sign(client: &mut BunkerClient, content: &str, timeout_ms: u64) -> Value {
+    client.call(json!({"op": "sign_event", "event": {"kind": 1, "content": content}, "timeout_ms": timeout_ms}))
+}
+
+/// Connection attempts relative to `zero`, e.g. `+2.31s refused`.
+fn schedule(attempts: &[(Instant, bool)], zero: Instant) -> String {
+    attempts
+        .iter()
+        .filter(|(at, _)| *at >= zero)
+        .map(|(at, through)| {
+            let outcome = if *through { "let through" } else { "refused" };
+            format!("+{:.2}s {outcome}", at.duration_since(zero).as_secs_f64())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+fn signing_resumes_after_the_relay_connection_drops() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let proxy = RelayProxy::start(relay.url());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &proxy.url())
+        .start();
+    let (cookie, _) = register(&server, "resilience@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let bunker = bunker_url_via(&token, &proxy.url(), relay.url());
+    let connected = client.connect(&bunker);
+    assert_eq!(connected["ok"], true, "connect: {connected}");
+    let before = sign(&mut client, "before the drop", 5000);
+    assert_eq!(before["ok"], true, "signing before the drop: {before}");
+
+    // The relay drops: keycast's connection is cut and its reconnects refused.
+    let cut_at = Instant::now();
+    let cut = proxy.cut();
+    assert!(cut >= 1, "keycast's relay connection went through the proxy");
+    let during = sign(&mut client, "during the outage", OUTAGE_TIMEOUT_MS);
+    assert_ne!(
+        during["ok"], true,
+        "nothing can sign while keycast cannot reach the relay: {during}"
+    );
+    while cut_at.elapsed() < OUTAGE || !proxy.attempts().iter().any(|(at, through)| *at > cut_at && !through) {
+        assert!(
+            cut_at.elapsed() < FIRST_ATTEMPT_WITHIN,
+            "keycast never tried to reconnect within {FIRST_ATTEMPT_WITHIN:?}; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The relay is back: keycast must reconnect, resubscribe and answer. (The relay keeps
+    // the requests the client gave up on, and keycast signs them too once resubscribed:
+    // it answers requests up to 120 s old.)
+    proxy.restore();
+    let back_at = Instant::now();
+    let mut tries = Vec::new();
+    let after = loop {
+        let reply = sign(
+            &mut client,
+            &format!("after the outage, try {}", tries.len() + 1),
+            RETRY_TIMEOUT_MS,
+        );
+        if reply["ok"] == true {
+            break reply;
+        }
+        tries.push(reply["error"].to_string());
+        assert!(
+            back_at.elapsed() < RECOVERY_WITHIN,
+            "no answer {RECOVERY_WITHIN:?} after the relay came back ({} tries: {tries:?}); \
+             connections since the cut: {}; log:\n{}",
+            tries.len(),
+            schedule(&proxy.attempts(), cut_at),
+            server.log()
+        );
+    };
+    let recovered = back_at.elapsed();
+    assert_eq!(after["verified"], true, "the signature verifies: {after}");
+    eprintln!(
+        "outage {:.2}s; signing answered {:.2}s after the relay came back ({} failed tries); \
+         connections since the cut: {}",
+        back_at.duration_since(cut_at).as_secs_f64(),
+        recovered.as_secs_f64(),
+        tries.len(),
+        schedule(&proxy.attempts(), cut_at)
+    );
+    let log = server.log();
+    assert!(!log.contains("panicked"), "keycast panicked; log:\n{log}");
+}
