@@ -1,5 +1,6 @@
 """Registers a user and runs the OAuth 2.0 + PKCE flow against a running keycast with only the
-standard library; prints the access token. Used by bench/rpc.sh to get a token to load-test."""
+standard library; prints one field of the token response (default access_token; bench/nip46.sh
+asks for bunker_url). Used by the benchmarks to get a credential to load-test."""
 import base64, hashlib, http.cookiejar, json, re, secrets, sys, urllib.parse, urllib.request
 
 base = sys.argv[1]
@@ -39,4 +40,4 @@ code = urllib.parse.parse_qs(urllib.parse.urlparse(headers["Location"]).query)["
 status, _, body = call("POST", "/api/oauth/token", {"grant_type": "authorization_code", "code": code,
     "client_id": "bench", "redirect_uri": redirect, "code_verifier": verifier})
 assert status == 200, body
-print(json.loads(body)["access_token"])
+print(json.loads(body)[sys.argv[2] if len(sys.argv) > 2 else "access_token"])

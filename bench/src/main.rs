@@ -11,10 +11,13 @@
 //! - `durable`: commit latency with and without waiting for the object store (see [`durable`]).
 //! - `restore-db` / `restore-time`: build a replica of a large database with keycast, then
 //!   time `keycast restore` and `litestream restore` of that same replica (see [`restore`]).
+//! - `nip46`: the NIP-46 `sign_event` round trip through a relay, next to that relay's own
+//!   echo time (see [`nip46`]; driven by `bench/nip46.sh`).
 
 mod durable;
 mod lag;
 mod litestream;
+mod nip46;
 mod observe;
 mod pools;
 mod report;
@@ -45,6 +48,8 @@ enum Command {
     RestoreTime(restore::TimeArgs),
     /// Latency of a plain commit vs a commit confirmed durable in the object store.
     Durable(durable::Args),
+    /// NIP-46 `sign_event` round trip through a relay, next to the relay's own echo.
+    Nip46(nip46::Args),
     /// Turns JSON result lines into Markdown tables.
     Report(report::Args),
 }
@@ -67,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             Command::RestoreDb(a) => restore::build(a).await,
             Command::RestoreTime(a) => restore::time(a).await,
             Command::Durable(a) => durable::run(a).await,
+            Command::Nip46(a) => nip46::run(a).await,
             Command::Report(a) => report::run(a),
         }
     })
