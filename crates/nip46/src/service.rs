@@ -50,8 +50,12 @@ impl Default for Nip46Options {
 /// are dropped and counted (`keycast_nip46_dropped_total`).
 const MAX_BUSY_REPLIES: usize = 64;
 /// Requests older than this are not answered: a relay replaying stored events after a
-/// restart must not make keycast sign what the client gave up on long ago.
-const MAX_REQUEST_AGE_SECS: u64 = 120;
+/// restart or reconnect must not make keycast sign what the client gave up on long ago.
+/// Requests from the last minute are still answered (a client may be waiting; the clock of
+/// a phone may be a little behind).
+const MAX_REQUEST_AGE_SECS: u64 = 60;
+/// Between attempts to reach a relay that dropped.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(3);
 /// `#p` values per filter; relays limit filter sizes.
 const PUBKEYS_PER_FILTER: usize = 500;
 /// How long a (client, request id) pair is remembered to drop duplicates.
@@ -154,12 +158,13 @@ impl Nip46Service {
 }
 
 fn relay_options() -> RelayOptions {
-    // Reconnect with a growing interval when a relay drops (adjusted by nostr-sdk from
-    // the relay's recent failures).
+    // Reconnect every few seconds when a relay drops. Not nostr-sdk's adaptive interval: it
+    // grows with lifetime failures and never resets (0.44), so after one long outage every
+    // later drop would wait up to a minute — longer than any client waits for a reply.
     RelayOptions::new()
         .reconnect(true)
-        .retry_interval(Duration::from_secs(2))
-        .adjust_retry_interval(true)
+        .retry_interval(RECONNECT_INTERVAL)
+        .adjust_retry_interval(false)
 }
 
 impl Shared {
