@@ -13,6 +13,7 @@
 //! - [`user`]: the user's authorizations (list, revoke), activity, key and its export.
 //! - [`nip05`]: `/.well-known/nostr.json` and choosing a username.
 //! - [`openapi`]: `GET /api/openapi.json`, the hand-written OpenAPI 3.1 document.
+//! - [`policies`]: `GET /api/policies`, the policies an app may ask for.
 //! - `page`: the minimal HTML of the OAuth login and consent pages.
 //! - `pages`: the account pages for people: `/`, `/register`, `/login`, `/logout`,
 //!   `/dashboard` (key, authorizations with revoke, activity). Not part of `openapi.json`.
@@ -33,6 +34,7 @@ pub mod oauth;
 pub mod openapi;
 mod page;
 mod pages;
+pub mod policies;
 pub mod rpc;
 pub mod session;
 pub mod state;
@@ -55,6 +57,7 @@ pub fn app(state: AppState) -> Router {
         .merge(rpc::routes())
         .merge(user::routes())
         .merge(nip05::routes())
+        .merge(policies::routes())
         .merge(openapi::routes());
     if let Some(cors) = cors(&state.options().allowed_origins) {
         api = api.layer(cors);

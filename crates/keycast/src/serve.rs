@@ -54,6 +54,8 @@ pub async fn run(
         relays: config.bunker_relays.clone(),
         token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
         allowed_origins: config.allowed_origins.clone(),
+        code_ttl_secs: config.oauth_code_ttl_secs,
+        smtp: config.smtp.clone(),
     };
     let state = AppState::new(metrics, options);
     let (stop_http, http_stopped) = oneshot::channel::<()>();
