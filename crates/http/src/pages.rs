@@ -192,24 +192,27 @@ async fn dashboard(
     let csrf = escape(&csrf_token(&session.token));
 
     let npub = key.pubkey.to_bech32().unwrap_or_default();
+    let verified = session.user.email_verified_at.is_some();
     let mut body = format!(
         "<header class=\"bar\"><h1>keycast</h1>\
          <form method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <button type=\"submit\">Log out</button></form></header>\
-         <p>Signed in as <strong>{email}</strong>{unverified}.</p>{notice}\
+         <p>Signed in as <strong>{email}</strong>{unverified}.</p>{resend}{notice}\
          <h2>Your key</h2>\
          <dl><dt>npub</dt><dd><code class=\"npub\">{npub}</code></dd>\
          <dt>Public key (hex)</dt><dd><code>{hex}</code></dd>\
          <dt>Origin</dt><dd>{origin}</dd></dl>\
          <h2>Authorized apps</h2>",
         email = escape(&session.user.email),
-        unverified = if session.user.email_verified_at.is_some() {
+        unverified = if verified { "" } else { " (email not verified yet)" },
+        // A form cannot sit inside a paragraph (the parser would close it): its own block.
+        resend = if verified {
             String::new()
         } else {
             format!(
-                " (email not verified yet) <form class=\"inline\" method=\"post\" action=\"/dashboard/resend-verification\">\
+                "<form class=\"inline\" method=\"post\" action=\"/dashboard/resend-verification\">\
                  <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-                 <button type=\"submit\">Send the link again</button></form>"
+                 <button type=\"submit\">Send the verification link again</button></form>"
             )
         },
         notice = if query.sent.as_deref() == Some("verification") {
@@ -283,7 +286,7 @@ async fn dashboard(
         "Dashboard",
         "body{max-width:56rem}table{border-collapse:collapse;width:100%}\
          th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd;vertical-align:middle}\
-         td form,td button,.bar button,form.inline,form.inline button{margin:0;width:auto;display:inline}\
+         td form,td button,.bar button{margin:0;width:auto}form.inline button{width:auto}\
          .notice{color:#060}.bar{display:flex;justify-content:space-between;\
          align-items:center}dd{margin:0 0 .5rem}code{word-break:break-all}",
         &body,
