@@ -91,6 +91,8 @@ pub struct SmtpMailer {
     from: Mailbox,
     /// `scheme://host:port`, for logs (no credentials).
     server: String,
+    /// Plain SMTP to a host other than this one.
+    clear_text: bool,
     slots: Arc<Semaphore>,
 }
 
@@ -127,15 +129,23 @@ impl SmtpMailer {
             .map_err(|e: lettre::address::AddressError| MailConfigError::From(e.to_string()))?;
         let encrypted = parsed.scheme() == "smtps" || parsed.query_pairs().any(|(k, v)| k == "tls" && v == "required");
         let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]");
-        if !encrypted && !loopback {
-            tracing::warn!(%server, "KEYCAST_SMTP_URL is not encrypted (use smtps:// or ?tls=required): mail with single-use links, and any SMTP password, cross the network in clear text");
-        }
         Ok(SmtpMailer {
             transport,
             from,
             server,
+            clear_text: !encrypted && !loopback,
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_SENDS)),
         })
+    }
+
+    /// Logs where mail goes, warning when it would cross the network unencrypted. Called
+    /// once at start, after logging is set up.
+    pub fn log_setup(&self) {
+        if self.clear_text {
+            tracing::warn!(server = %self.server, "KEYCAST_SMTP_URL is not encrypted (use smtps:// or ?tls=required): mail with single-use links, and any SMTP password, cross the network in clear text");
+        } else {
+            tracing::info!(server = %self.server, from = %self.from, "mail goes out through SMTP");
+        }
     }
 
     /// Starts delivering `mail` in the background and returns at once (see the module doc

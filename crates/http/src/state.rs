@@ -172,6 +172,15 @@ impl AppState {
         &self.inner.outbox
     }
 
+    /// Logs where mail goes: the SMTP server, or a warning that it only reaches the
+    /// development outbox. Call once at start, after logging is set up.
+    pub fn log_mail_setup(&self) {
+        match &self.inner.options.smtp {
+            Some(smtp) => smtp.log_setup(),
+            None => tracing::warn!("KEYCAST_SMTP_URL is not set: verification and reset mail goes to the development outbox and reaches nobody; set it (and KEYCAST_MAIL_FROM) in production"),
+        }
+    }
+
     /// Sends `mail` through SMTP when configured, else into the development outbox;
     /// returns at once (see [`crate::mail`]).
     pub fn send_mail(&self, mail: Mail) {

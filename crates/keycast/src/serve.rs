@@ -58,6 +58,7 @@ pub async fn run(
         smtp: config.smtp.clone(),
     };
     let state = AppState::new(metrics, options);
+    state.log_mail_setup();
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let app = keycast_http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app)

@@ -186,6 +186,59 @@ fn the_verification_mail_arrives_over_smtp_and_its_link_verifies_the_email() {
     );
 }
 
+#[test]
+fn a_failed_delivery_is_logged_without_secrets_and_keeps_the_account() {
+    // An SMTP server that is not there (a port nothing listens on), with a password in the URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env(
+            "KEYCAST_SMTP_URL",
+            &format!("smtp://mailer:hunter2-smtp-pw@127.0.0.1:{port}"),
+        )
+        .env("KEYCAST_MAIL_FROM", "keycast <noreply@keycast.test>")
+        .start();
+    let email = "undelivered@example.com";
+    let r = post_json(
+        &server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(
+        r.status, 201,
+        "the account is created although mail cannot go out: {}",
+        r.body
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log().contains("could not send mail") {
+        assert!(
+            Instant::now() < deadline,
+            "no delivery failure logged:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = server.log();
+    assert!(log.contains(email), "the failure names the recipient:\n{log}");
+    assert!(
+        !log.contains("hunter2-smtp-pw"),
+        "the SMTP password leaked into the log:\n{log}"
+    );
+    assert!(
+        !log.contains("/verify-email?token="),
+        "the mailed link leaked into the log:\n{log}"
+    );
+    assert!(
+        email_verified(&server, email) == false,
+        "the account works: login succeeds"
+    );
+}
+
 fn outbox(server: &Keycast) -> Vec<Value> {
     get(server, "/api/test/outbox", None).json()["messages"]
         .as_array()
