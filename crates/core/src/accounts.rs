@@ -222,6 +222,20 @@ pub async fn issue_mail_token(
     Ok(token)
 }
 
+/// Whether a mailed token would still redeem for `purpose` (without using it up), so a page
+/// can explain a dead link at once.
+///
+/// # Errors
+/// Storage errors.
+pub async fn mail_token_is_live(
+    pool: &SqlitePool,
+    token: &str,
+    purpose: TokenPurpose,
+    now: i64,
+) -> Result<bool, RepoError> {
+    session_repo::is_live_user_token(pool, &hash_token(token), purpose, now).await
+}
+
 /// Redeems an email-verification token and marks the email verified.
 ///
 /// # Errors

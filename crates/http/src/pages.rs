@@ -328,9 +328,19 @@ fn mailed_token(token: &str) -> Result<&str, AppError> {
     }
 }
 
-/// `GET /verify-email?token=` (the mailed link) → a button that confirms the address.
-async fn verify_page(Query(q): Query<TokenForm>) -> Result<Response, AppError> {
+/// Whether a mailed link's token still works; `false` shows the dead-link page at once.
+async fn link_is_live(state: &AppState, token: &str, purpose: TokenPurpose) -> Result<bool, AppError> {
+    let (db, _) = state.api()?;
+    Ok(keycast_core::accounts::mail_token_is_live(db.pool(), token, purpose, keycast_db::now_unix()).await?)
+}
+
+/// `GET /verify-email?token=` (the mailed link) → a button that confirms the address, or
+/// (400) why the link no longer works.
+async fn verify_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -> Result<Response, AppError> {
     let token = mailed_token(&q.token)?;
+    if !link_is_live(&state, token, TokenPurpose::VerifyEmail).await? {
+        return Ok(dead_verify_link());
+    }
     let body = format!(
         "<h1>Confirm your email address</h1>\
          <p>One click confirms that this mailbox is yours.</p>\
@@ -357,16 +367,19 @@ async fn verify_form(
                         <p>Thank you. <a href=\"/dashboard\">Go to your dashboard</a>.</p>";
             Ok(html(StatusCode::OK, layout("Email confirmed", body)))
         }
-        Err(AppError::BadRequest(_)) => {
-            let body = "<h1>This link no longer works</h1>\
-                        <p class=\"error\" role=\"alert\">The confirmation link is invalid, was already used, \
-                        or has expired (links last 24 hours).</p>\
-                        <p><a href=\"/login\">Log in</a> and use <em>Send the link again</em> on your dashboard \
-                        to get a new one. If you already confirmed, there is nothing left to do.</p>";
-            Ok(html(StatusCode::BAD_REQUEST, layout("Link expired", body)))
-        }
+        Err(AppError::BadRequest(_)) => Ok(dead_verify_link()),
         Err(other) => Err(other),
     }
+}
+
+/// 400: the verification link is unknown, used or expired, and how to get a new one.
+fn dead_verify_link() -> Response {
+    let body = "<h1>This link no longer works</h1>\
+                <p class=\"error\" role=\"alert\">The confirmation link is invalid, was already used, \
+                or has expired (links last 24 hours).</p>\
+                <p><a href=\"/login\">Log in</a> and use <em>Send the verification link again</em> on your \
+                dashboard to get a new one. If you already confirmed, there is nothing left to do.</p>";
+    html(StatusCode::BAD_REQUEST, layout("Link expired", body))
 }
 
 #[derive(Deserialize, Default)]
@@ -404,9 +417,19 @@ async fn forgot_form(
     }
 }
 
-/// `GET /reset-password?token=` (the mailed link) → the new-password form.
-async fn reset_page(Query(q): Query<TokenForm>) -> Result<Response, AppError> {
+/// `GET /reset-password?token=` (the mailed link) → the new-password form, or (400) why
+/// the link no longer works, before the user types a password for nothing.
+async fn reset_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -> Result<Response, AppError> {
     let token = mailed_token(&q.token)?;
+    if !link_is_live(&state, token, TokenPurpose::ResetPassword).await? {
+        let body = format!(
+            "<h1>This link no longer works</h1>\
+             <p class=\"error\" role=\"alert\">The reset link is invalid, was already used, or has expired \
+             (links last {minutes} minutes).</p><p><a href=\"/forgot-password\">Ask for a new one</a>.</p>",
+            minutes = keycast_core::accounts::RESET_PASSWORD_TTL_SECS / 60,
+        );
+        return Ok(html(StatusCode::BAD_REQUEST, layout("Link expired", &body)));
+    }
     Ok(html(StatusCode::OK, reset_html(token, None)))
 }
 

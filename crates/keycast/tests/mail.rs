@@ -108,10 +108,12 @@ fn path_and_query(link: &str) -> String {
 }
 
 /// Confirms an email by following a mailed verify-email link like a person: open the page,
-/// press its button. Returns the confirmation page's status and body.
+/// press its button. Returns the confirmation page, or the link's page if it has no button.
 fn follow_verify_link(server: &Keycast, link: &str) -> Reply {
     let page = get(server, &path_and_query(link), None);
-    assert_eq!(page.status, 200, "{}", page.body);
+    if page.status != 200 {
+        return page;
+    }
     assert_eq!(
         form_action(&page.body, "/verify-email").as_deref(),
         Some("/verify-email")
@@ -176,10 +178,22 @@ fn the_verification_mail_arrives_over_smtp_and_its_link_verifies_the_email() {
     assert!(done.body.contains("Your email address is confirmed"), "{}", done.body);
     assert!(email_verified(&server, email));
 
-    // The link is single-use: a second click explains instead of confirming.
+    // The link is single-use: opening it again explains instead of offering the button…
     let again = follow_verify_link(&server, &link);
     assert_eq!(again.status, 400, "{}", again.body);
     assert!(again.body.contains("This link no longer works"), "{}", again.body);
+    assert!(hidden_input(&again.body, "token").is_none(), "{}", again.body);
+    // …and a page opened before the token was used says the same when its button is pressed.
+    let token = url::Url::parse(&link)
+        .unwrap()
+        .query_pairs()
+        .next()
+        .unwrap()
+        .1
+        .into_owned();
+    let late = post_form(&server, "/verify-email", None, &[("token", &token)]);
+    assert_eq!(late.status, 400, "{}", late.body);
+    assert!(late.body.contains("This link no longer works"), "{}", late.body);
     assert!(
         !server.log().contains(link.rsplit('=').next().unwrap()),
         "the token must not be logged"
@@ -421,7 +435,11 @@ fn forgot_password_mails_a_link_whose_page_sets_a_new_password() {
     assert_eq!(login(PASSWORD), 401);
     assert_eq!(login(new_password), 303);
 
-    // The link is single-use.
+    // The link is single-use: opening it again explains at once, posting the old form fails.
+    let reopened = get(&server, &path_and_query(&link), None);
+    assert_eq!(reopened.status, 400, "{}", reopened.body);
+    assert!(reopened.body.contains("This link no longer works"), "{}", reopened.body);
+    assert!(reopened.body.contains("href=\"/forgot-password\""), "{}", reopened.body);
     let again = post_form(
         &server,
         "/reset-password",
