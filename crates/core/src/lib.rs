@@ -22,9 +22,11 @@ pub mod accounts;
 mod activity;
 pub mod authz;
 mod cache;
+pub mod durability;
 mod error;
 pub mod key_manager;
 pub mod keys;
+pub mod nostrconnect;
 pub mod oauth;
 pub mod password;
 pub mod policy;
@@ -36,14 +38,16 @@ mod testing;
 
 pub use activity::DEFAULT_ACTIVITY_CAPACITY;
 pub use authz::{Authorization, Grant};
+pub use durability::Durability;
 pub use error::{AuthError, InternalError, SignError};
 pub use key_manager::{KeyManager, KeyOwner, MasterKey, MasterKeyManager};
 pub use keys::KeyError;
+pub use nostrconnect::NostrConnectUri;
 pub use password::{PasswordHasher, PasswordParams, Reauthenticated};
 pub use policy::{Denial, Policy};
-pub use request::{Request, Response, Transport};
+pub use request::{DecodeError, Request, Response, Transport};
 pub use secret::Secret;
-pub use signer::{Signer, SignerOptions};
+pub use signer::{Change, Signer, SignerOptions};
 
 /// Re-exported so transports build requests with the same `nostr` version.
 pub use nostr;

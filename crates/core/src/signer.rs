@@ -22,13 +22,15 @@ use keycast_db::{now_unix, oauth as oauth_repo, policies, AuthorizationId, Polic
 use nostr::nips::{nip04, nip44};
 use nostr::{Keys, PublicKey};
 use sqlx::SqlitePool;
+use tokio::sync::broadcast;
 
 use crate::activity::{ActivityBuffer, DEFAULT_ACTIVITY_CAPACITY};
-use crate::authz::Authorization;
+use crate::authz::{insert_authorization, Authorization, GrantError, NewGrant};
 use crate::cache::EpochMap;
 use crate::error::{AuthError, InternalError, SignError};
 use crate::key_manager::{KeyManager, KeyOwner};
 use crate::keys;
+use crate::nostrconnect::NostrConnectUri;
 use crate::policy::{self, Policy, PolicyError};
 use crate::request::{Request, Response};
 use crate::secret::{ct_eq, hash_token};
@@ -60,6 +62,25 @@ impl Default for SignerOptions {
     }
 }
 
+/// What the NIP-46 transport must hear about; see [`Signer::subscribe`].
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// An authorization was created or revoked: re-read the bunkers to listen for.
+    Authorizations,
+    /// A `nostrconnect://` authorization was created: send the client the `connect`
+    /// response carrying its secret, from the bunker, on the client's relays.
+    NostrConnect {
+        authorization: AuthorizationId,
+        bunker: PublicKey,
+        client: PublicKey,
+        relays: Vec<String>,
+        secret: crate::Secret<String>,
+    },
+}
+
+/// Changes buffered per subscriber; a subscriber that lags re-reads everything.
+const CHANGES_CAPACITY: usize = 1024;
+
 /// Resolves credentials and executes requests. One per process, shared (`Arc`).
 #[derive(Debug)]
 pub struct Signer {
@@ -75,6 +96,7 @@ pub struct Signer {
     bunker_keys: EpochMap<AuthorizationId, Arc<Keys>>,
     policies: EpochMap<PolicyId, Arc<Policy>>,
     activity: ActivityBuffer,
+    changes: broadcast::Sender<Change>,
 }
 
 impl Signer {
@@ -91,7 +113,91 @@ impl Signer {
             bunker_keys: EpochMap::new(ttl, cap),
             policies: EpochMap::new(ttl, cap),
             activity: ActivityBuffer::new(options.activity_capacity),
+            changes: broadcast::channel(CHANGES_CAPACITY).0,
         }
+    }
+
+    /// The database the signer reads (for transports that list bunkers).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Changes to the set of bunkers, for the NIP-46 transport. A receiver that lags
+    /// (`RecvError::Lagged`) should re-read all bunkers.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// Tells subscribers an authorization was created (by a grant) or changed.
+    pub fn authorizations_changed(&self) {
+        // No subscriber (NIP-46 disabled) is not an error.
+        let _ = self.changes.send(Change::Authorizations);
+    }
+
+    /// Creates an authorization for a client that started with `nostrconnect://`: its
+    /// bunker listens on the client's relays, the client is bound at once, and the
+    /// NIP-46 transport is told to answer the client with its secret. Commits: the
+    /// caller should wait for durability.
+    ///
+    /// # Errors
+    /// Policy, key and storage errors.
+    pub async fn accept_nostrconnect(
+        &self,
+        user: &UserId,
+        policy: &keycast_db::policies::PolicyRow,
+        uri: &NostrConnectUri,
+    ) -> Result<Authorization, GrantError> {
+        let now = now_unix();
+        let new = NewGrant {
+            user_id: user,
+            policy,
+            client_id: uri.name.as_deref().unwrap_or("nostrconnect"),
+            redirect_origin: &uri.display_origin(),
+            relays: &uri.relays,
+            token_ttl_secs: 0,
+        };
+        // The authorization's own connect secret is never shown: the client is bound
+        // here, so nobody else can use it.
+        let (authz, _unused_secret) = insert_authorization(&self.pool, self.km.as_ref(), &new, now).await?;
+        authz_repo::bind_client(&self.pool, &authz.id, &uri.client.to_hex(), now).await?;
+        let _ = self.changes.send(Change::NostrConnect {
+            authorization: authz.id.clone(),
+            bunker: authz.bunker_pubkey,
+            client: uri.client,
+            relays: uri.relays.clone(),
+            secret: uri.secret.clone(),
+        });
+        Ok(Authorization {
+            connected_client_pubkey: Some(uri.client),
+            ..authz
+        })
+    }
+
+    /// NIP-46: the keypair of `bunker`, live **or revoked**, so the transport can open a
+    /// request and answer it — a revoked bunker answers "revoked" rather than nothing.
+    /// Never sign anything but replies with it; never log it.
+    ///
+    /// # Errors
+    /// [`AuthError::UnknownToken`] (no such bunker), [`AuthError::Internal`].
+    pub async fn bunker_secret(&self, bunker: &PublicKey) -> Result<Arc<Keys>, AuthError> {
+        if let Some(id) = self.bunkers.get(bunker) {
+            if let Some(keys) = self.bunker_keys.get(&id) {
+                return Ok(keys);
+            }
+        }
+        let epoch = self.bunker_keys.epoch();
+        let row = authz_repo::find_by_bunker_pubkey(&self.pool, &bunker.to_hex())
+            .await?
+            .ok_or(AuthError::UnknownToken)?;
+        let keys = Arc::new(keys::open(
+            self.km.as_ref(),
+            &row.bunker_secret_encrypted,
+            KeyOwner::Bunker(&row.id),
+        )?);
+        if row.revoked_at.is_none() {
+            self.bunker_keys.insert_if_current(epoch, row.id, keys.clone());
+        }
+        Ok(keys)
     }
 
     /// Resolves a bearer token (HTTP RPC) to its live authorization, whose `expires_at`
@@ -129,6 +235,14 @@ impl Signer {
             Some(bound) if bound == *client => Ok((*authz).clone()),
             _ => Err(AuthError::ClientNotBound),
         }
+    }
+
+    /// The live authorization of `bunker`, whoever asks (NIP-46 `ping`, `switch_relays`).
+    ///
+    /// # Errors
+    /// [`AuthError::UnknownToken`] (no such bunker), [`AuthError::Revoked`], [`AuthError::Internal`].
+    pub async fn bunker_authorization(&self, bunker: &PublicKey) -> Result<Authorization, AuthError> {
+        Ok((*self.by_bunker(bunker).await?).clone())
     }
 
     /// NIP-46 `connect`: binds `client` to the bunker if `secret` is its connect secret
@@ -233,6 +347,9 @@ impl Signer {
     pub async fn revoke(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, SignError> {
         let revoked = authz_repo::revoke(&self.pool, id, user, now_unix()).await?;
         self.invalidate_authorization(id);
+        if revoked {
+            self.authorizations_changed();
+        }
         Ok(revoked)
     }
 

@@ -132,6 +132,27 @@ pub async fn find_oldest_and_newest(pool: &SqlitePool) -> Result<Vec<Authorizati
     Ok(rows)
 }
 
+/// A bunker the NIP-46 signer listens for.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LiveBunker {
+    /// 64 lowercase hex.
+    pub bunker_pubkey: String,
+    /// JSON array of relay URLs.
+    pub relays: String,
+}
+
+/// The bunker pubkey and relays of every authorization that is live or was revoked at
+/// or after `revoked_since` (so a client of a recently revoked one hears "revoked"
+/// instead of nothing).
+///
+/// # Errors
+/// Database errors.
+pub async fn list_bunkers_to_serve(pool: &SqlitePool, revoked_since: i64) -> Result<Vec<LiveBunker>, RepoError> {
+    let sql = "SELECT bunker_pubkey, relays FROM authorizations \
+               WHERE revoked_at IS NULL OR revoked_at >= $1 ORDER BY created_at, id";
+    Ok(sqlx::query_as(sql).bind(revoked_since).fetch_all(pool).await?)
+}
+
 /// A user's authorizations, newest first, revoked ones included.
 ///
 /// # Errors
@@ -218,6 +239,30 @@ pub(crate) mod tests {
         assert!(!revoke(db.pool(), &row.id, &owner, 9).await.unwrap());
         let row = find_by_id(db.pool(), &row.id).await.unwrap().unwrap();
         assert_eq!(row.revoked_at, Some(5));
+    }
+
+    #[tokio::test]
+    async fn bunkers_to_serve_leave_out_long_revoked_authorizations() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        let live = test_authorization(db.pool(), &user, "b1").await;
+        let recent = test_authorization(db.pool(), &user, "b2").await;
+        let old = test_authorization(db.pool(), &user, "b3").await;
+        assert!(revoke(db.pool(), &recent.id, &user, 100).await.unwrap());
+        assert!(revoke(db.pool(), &old.id, &user, 5).await.unwrap());
+        let mut served: Vec<String> = list_bunkers_to_serve(db.pool(), 50)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.bunker_pubkey)
+            .collect();
+        served.sort();
+        assert_eq!(served, ["b1", "b2"]);
+        assert!(list_bunkers_to_serve(db.pool(), 50)
+            .await
+            .unwrap()
+            .iter()
+            .all(|b| b.relays == live.relays));
     }
 
     #[tokio::test]

@@ -296,6 +296,8 @@ async fn token(
         now,
     )
     .await?;
+    // NIP-46 starts listening for the new bunker now, before the app can use its URL.
+    services.signer.authorizations_changed();
     state.confirm_write(true).await?;
     let policy = &grant.authorization.policy;
     let body = json!({

@@ -180,8 +180,26 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "bunker_relays",
         env: "BUNKER_RELAYS",
-        default: "wss://relay.damus.io",
-        help: "comma-separated ws:// or wss:// relays named in bunker URLs",
+        default: "(the embedded relay)",
+        help: "comma-separated ws:// or wss:// relays bunkers listen on and bunker URLs name; set it in production",
+    },
+    Setting {
+        key: "embedded_relay",
+        env: "KEYCAST_EMBEDDED_RELAY",
+        default: "true unless BUNKER_RELAYS is set",
+        help: "run the small NIP-46-only relay built into keycast (loopback, stores nothing)",
+    },
+    Setting {
+        key: "embedded_relay_addr",
+        env: "KEYCAST_EMBEDDED_RELAY_ADDR",
+        default: "127.0.0.1:7447",
+        help: "where the embedded relay listens (ip:port; port 0 picks a free one)",
+    },
+    Setting {
+        key: "nip46",
+        env: "KEYCAST_NIP46",
+        default: "true",
+        help: "answer NIP-46 requests on the relays (false: bunker URLs are issued but not served)",
     },
     Setting {
         key: "allowed_origins",
@@ -218,8 +236,8 @@ pub const SETTINGS: &[Setting] = &[
 /// Settings whose values are secrets: redacted from every message.
 const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url"];
 
-/// Default relay for bunker URLs until the embedded relay lands (NIP-46 issue).
-pub const DEFAULT_BUNKER_RELAY: &str = "wss://relay.damus.io";
+/// Where the embedded relay listens by default: loopback, so it is private to the machine.
+pub const DEFAULT_EMBEDDED_RELAY_ADDR: &str = "127.0.0.1:7447";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,8 +267,13 @@ pub struct Config {
     pub master_key: MasterKeySource,
     /// `KEYCAST_PUBLIC_URL` without a trailing slash; `None` → `http://localhost:<bound port>`.
     pub public_url: Option<String>,
-    /// Relays named in bunker URLs.
+    /// `BUNKER_RELAYS`: relays bunkers listen on and bunker URLs name. Empty: the
+    /// embedded relay's URL is used.
     pub bunker_relays: Vec<String>,
+    /// Where the embedded relay listens; `None` when it is off.
+    pub embedded_relay: Option<std::net::SocketAddr>,
+    /// Answer NIP-46 requests.
+    pub nip46: bool,
     /// CORS origins; empty disables CORS.
     pub allowed_origins: Vec<String>,
     /// Mail through this SMTP server; `None` → the development outbox.
@@ -451,9 +474,9 @@ impl Sources {
             replica: self.replica(&data_dir)?,
             master_key: self.master_key(&data_dir)?,
             public_url: self.get("public_url", parse_public_url)?,
-            bunker_relays: self
-                .get("bunker_relays", parse_relays)?
-                .unwrap_or_else(|| vec![DEFAULT_BUNKER_RELAY.to_owned()]),
+            bunker_relays: self.get("bunker_relays", parse_relays)?.unwrap_or_default(),
+            embedded_relay: self.embedded_relay()?,
+            nip46: self.get("nip46", parse_bool)?.unwrap_or(true),
             allowed_origins: self.get("allowed_origins", parse_origins)?.unwrap_or_default(),
             smtp: self.smtp()?,
             oauth_code_ttl_secs: self
@@ -488,6 +511,24 @@ impl Sources {
             }
         })?;
         Ok(Some(mailer))
+    }
+
+    fn embedded_relay(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let relays_set = self.get("bunker_relays", parse_relays)?.is_some();
+        let enabled = self.get("embedded_relay", parse_bool)?.unwrap_or(!relays_set);
+        if !enabled && !relays_set {
+            return Err(ConfigError::Invalid {
+                origin: "BUNKER_RELAYS".into(),
+                reason: "not set and KEYCAST_EMBEDDED_RELAY is false: bunkers need a relay; name one or enable the embedded relay".into(),
+            });
+        }
+        let addr = self
+            .get("embedded_relay_addr", |v| {
+                v.parse::<std::net::SocketAddr>()
+                    .map_err(|_| "not an ip:port address (e.g. 127.0.0.1:7447)".into())
+            })?
+            .unwrap_or_else(|| DEFAULT_EMBEDDED_RELAY_ADDR.parse().expect("valid default"));
+        Ok(enabled.then_some(addr))
     }
 
     fn master_key(&self, data_dir: &Path) -> Result<MasterKeySource, ConfigError> {
@@ -757,6 +798,29 @@ mod tests {
         assert_eq!(config.port, 3000);
         assert_eq!(config.database_path, PathBuf::from("./data/keycast.db"));
         assert_eq!(config.shutdown_grace, Duration::from_secs(8));
+        assert_eq!(config.embedded_relay, Some("127.0.0.1:7447".parse().unwrap()));
+        assert!(config.bunker_relays.is_empty() && config.nip46);
+    }
+
+    #[test]
+    fn configured_relays_turn_the_embedded_relay_off_unless_asked_for() {
+        let relays = ("BUNKER_RELAYS", "wss://a.example");
+        assert_eq!(env(&[relays]).build().unwrap().embedded_relay, None);
+        let both = env(&[relays, ("KEYCAST_EMBEDDED_RELAY", "true")]).build().unwrap();
+        assert!(both.embedded_relay.is_some());
+        let err = env(&[("KEYCAST_EMBEDDED_RELAY", "false")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("BUNKER_RELAYS") && err.contains("KEYCAST_EMBEDDED_RELAY"),
+            "{err}"
+        );
+        let err = env(&[("KEYCAST_EMBEDDED_RELAY_ADDR", "7447")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYCAST_EMBEDDED_RELAY_ADDR"), "{err}");
     }
 
     #[test]

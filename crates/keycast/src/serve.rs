@@ -43,6 +43,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(config.port);
+    // Before anything else binds: bunker URLs name the embedded relay when no relays are
+    // configured, so its address must be known before the first grant.
+    let embedded = match config.embedded_relay {
+        Some(addr) => {
+            let relay = keycast_nip46::EmbeddedRelay::start(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e} (KEYCAST_EMBEDDED_RELAY_ADDR)"))?;
+            tracing::info!(url = relay.url(), "embedded relay listening");
+            Some(relay)
+        }
+        None => None,
+    };
+    let relays = match &embedded {
+        Some(relay) if config.bunker_relays.is_empty() => vec![relay.url().to_owned()],
+        _ => config.bunker_relays.clone(),
+    };
     let options = HttpOptions {
         request_timeout: config.request_timeout,
         test_routes: config.test_routes,
@@ -51,7 +67,7 @@ pub async fn run(
             .public_url
             .clone()
             .unwrap_or_else(|| format!("http://localhost:{port}")),
-        relays: config.bunker_relays.clone(),
+        relays: relays.clone(),
         token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
         allowed_origins: config.allowed_origins.clone(),
         code_ttl_secs: config.oauth_code_ttl_secs,
@@ -85,6 +101,24 @@ pub async fn run(
         state.set_dependencies(vec![Arc::new(health) as Arc<dyn Dependency>]);
         state.set_durability(Arc::new(crate::replication::ReplicaDurability(replicator.monitor())));
     }
+    let durability: Option<Arc<dyn keycast_core::Durability>> = running
+        .replicator
+        .as_ref()
+        .map(|r| Arc::new(crate::replication::ReplicaDurability(r.monitor())) as Arc<dyn keycast_core::Durability>);
+    let nip46 = if config.nip46 {
+        let options = keycast_nip46::Nip46Options {
+            relays,
+            ..Default::default()
+        };
+        Some(
+            keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability, options)
+                .await
+                .context("cannot start the NIP-46 signer")?,
+        )
+    } else {
+        tracing::warn!("KEYCAST_NIP46=false: bunker URLs are issued but nobody answers them");
+        None
+    };
     state.set_services(running.services.clone());
     state.set_db(running.db.clone());
     tracing::info!(database = %config.database_path.display(), "keycast is ready");
@@ -93,6 +127,12 @@ pub async fn run(
         () = &mut shutdown => {}
         result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
     }
+    // Stop answering NIP-46 before the database closes, so no connect can commit after
+    // the final sync.
+    if let Some(nip46) = nip46 {
+        nip46.shutdown().await;
+    }
+    drop(embedded);
     shut_down(config, stop_http, server, running).await
 }
 

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod api;
+pub mod nostr;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ impl Launch {
             .env("KEYCAST_BIND", "127.0.0.1")
             .env("KEYCAST_DATA_DIR", &self.data_dir)
             .env("KEYCAST_LOG", "info")
+            // Tests run side by side: the embedded relay takes a free port.
+            .env("KEYCAST_EMBEDDED_RELAY_ADDR", "127.0.0.1:0")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,175 @@
+//! What a NIP-46 request means: the methods beyond the signer's own (`connect`, `ping`,
+//! `switch_relays`, `logout`), and everything else decoded with [`Request::decode`] and
+//! run through [`Signer::execute`] — the one signing path HTTP RPC uses too, policy
+//! included. Every request gets a reply: a result, or an error with the reason.
+
+use std::sync::Arc;
+
+use keycast_core::nostr::PublicKey;
+use keycast_core::{AuthError, DecodeError, Durability, Request, Response, SignError, Signer, Transport};
+use serde_json::Value;
+
+use crate::wire::{RpcReply, RpcRequest};
+
+/// The methods answered here, for the unknown-method error.
+const METHODS: &str = "connect, ping, get_public_key, sign_event, nip04_encrypt, nip04_decrypt, \
+                       nip44_encrypt, nip44_decrypt, switch_relays, logout";
+
+/// Answers one request from `client` to `bunker`. The outcome is for metrics and logs.
+pub async fn answer(
+    signer: &Signer,
+    durability: Option<&Arc<dyn Durability>>,
+    bunker: &PublicKey,
+    client: &PublicKey,
+    request: &RpcRequest,
+) -> (RpcReply, Outcome) {
+    match run(signer, durability, bunker, client, request).await {
+        Ok(result) => (RpcReply::ok(&request.id, result), Outcome::Ok),
+        Err(refusal) => {
+            let outcome = refusal.outcome;
+            (RpcReply::error(&request.id, refusal.message), outcome)
+        }
+    }
+}
+
+/// How a request ended, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// Bad or missing credentials: unknown bunker, wrong secret, unbound client, revoked.
+    Unauthorized,
+    PolicyDenied,
+    BadRequest,
+    Internal,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::PolicyDenied => "policy_denied",
+            Outcome::BadRequest => "bad_request",
+            Outcome::Internal => "internal",
+        }
+    }
+}
+
+struct Refusal {
+    outcome: Outcome,
+    message: String,
+}
+
+fn refuse(outcome: Outcome, message: impl Into<String>) -> Refusal {
+    Refusal {
+        outcome,
+        message: message.into(),
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(err: AuthError) -> Self {
+        match err {
+            AuthError::Internal(cause) => {
+                tracing::error!(error = %cause, "nip46: internal error");
+                refuse(Outcome::Internal, "internal error; try again later")
+            }
+            other => refuse(Outcome::Unauthorized, other.to_string()),
+        }
+    }
+}
+
+impl From<SignError> for Refusal {
+    fn from(err: SignError) -> Self {
+        match err {
+            SignError::PolicyDenied { reason } => refuse(Outcome::PolicyDenied, reason),
+            SignError::BadRequest { reason } => refuse(Outcome::BadRequest, reason),
+            SignError::Revoked | SignError::Expired | SignError::UnknownToken | SignError::Auth(_) => {
+                refuse(Outcome::Unauthorized, err.to_string())
+            }
+            SignError::NoKey => refuse(Outcome::Internal, "the account has no key"),
+            SignError::Internal(cause) => {
+                tracing::error!(error = %cause, "nip46: internal error");
+                refuse(Outcome::Internal, "internal error; try again later")
+            }
+        }
+    }
+}
+
+impl From<DecodeError> for Refusal {
+    fn from(err: DecodeError) -> Self {
+        match err {
+            DecodeError::UnknownMethod(method) => refuse(
+                Outcome::BadRequest,
+                format!("unknown method {method:?}; supported: {METHODS}"),
+            ),
+            DecodeError::BadParams(message) => refuse(Outcome::BadRequest, message),
+        }
+    }
+}
+
+async fn run(
+    signer: &Signer,
+    durability: Option<&Arc<dyn Durability>>,
+    bunker: &PublicKey,
+    client: &PublicKey,
+    request: &RpcRequest,
+) -> Result<String, Refusal> {
+    match request.method.as_str() {
+        "connect" => {
+            if let Some(Value::String(named)) = request.params.first() {
+                if PublicKey::parse(named).ok() != Some(*bunker) {
+                    return Err(refuse(
+                        Outcome::BadRequest,
+                        "connect names another remote signer than the one it was sent to",
+                    ));
+                }
+            }
+            let secret = request.params.get(1).and_then(Value::as_str);
+            if let Some(d) = durability {
+                d.check_writable()
+                    .await
+                    .map_err(|reason| refuse(Outcome::Internal, format!("cannot connect now: {reason}; retry")))?;
+            }
+            signer.connect(bunker, client, secret).await?;
+            // The binding decides who may sign: acknowledge it only once it is in the replica.
+            if let Some(d) = durability {
+                d.wait_durable().await.map_err(|reason| {
+                    refuse(
+                        Outcome::Internal,
+                        format!("the connection was not saved: {reason}; retry"),
+                    )
+                })?;
+            }
+            Ok("ack".into())
+        }
+        // Answered for any live bunker, bound or not: they reveal nothing the bunker URL
+        // does not already carry.
+        "ping" => {
+            signer.bunker_authorization(bunker).await?;
+            Ok("pong".into())
+        }
+        "switch_relays" => {
+            let authz = signer.bunker_authorization(bunker).await?;
+            Ok(serde_json::to_string(&authz.relays).unwrap_or_else(|_| "null".into()))
+        }
+        "logout" => {
+            // A courtesy hint (NIP-46): the session ends on the client; the grant stays
+            // until the user revokes it, so nothing changes here.
+            signer.authorize_bunker(bunker, client).await?;
+            Ok("ack".into())
+        }
+        method => {
+            let authz = signer.authorize_bunker(bunker, client).await?;
+            let call = Request::decode(method, &request.params, authz.bunker_pubkey)?;
+            match signer.execute(&authz, call, Transport::Nip46).await? {
+                Response::PublicKey(pk) => Ok(pk.to_hex()),
+                // NIP-46 returns the signed event as JSON text.
+                Response::Event(event) => {
+                    serde_json::to_string(&*event).map_err(|e| refuse(Outcome::Internal, e.to_string()))
+                }
+                Response::Text(text) => Ok(text),
+            }
+        }
+    }
+}

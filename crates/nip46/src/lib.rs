@@ -1,0 +1,19 @@
+//! keycast's NIP-46 transport: the remote signer over relays.
+//!
+//! - [`service`]: the relay pool, the subscription for every bunker, dispatch with a
+//!   bounded number of requests in flight.
+//! - [`handler`]: what each method means; signing goes through
+//!   [`keycast_core::Signer::execute`], the path HTTP RPC uses too.
+//! - [`wire`]: kind 24133 envelopes, NIP-44 (and NIP-04) on the wire.
+//! - [`embedded`]: the loopback relay used when no relays are configured.
+//!
+//! `nostrconnect://` authorizations are created in core
+//! ([`keycast_core::Signer::accept_nostrconnect`]); this crate answers the client.
+
+pub mod embedded;
+pub mod handler;
+pub mod service;
+pub mod wire;
+
+pub use embedded::EmbeddedRelay;
+pub use service::{Nip46Options, Nip46Service, StartError};

@@ -1,0 +1,173 @@
+//! NIP-46 on the wire: kind 24133 events whose content is an encrypted JSON-RPC-like
+//! message — `{id, method, params}` from the client, `{id, result, error?}` back.
+//!
+//! Content is NIP-44 (v2) per the current spec; NIP-04 is still accepted and answered in
+//! kind, because older clients send it. The two are told apart by NIP-04's `?iv=` suffix.
+
+use nostr::nips::{nip04, nip44};
+use nostr::{Event, EventBuilder, Keys, Kind, PublicKey, Tag};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Which cipher a request came in; the reply uses the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    Nip44,
+    Nip04,
+}
+
+impl Cipher {
+    fn of(content: &str) -> Cipher {
+        if content.contains("?iv=") {
+            Cipher::Nip04
+        } else {
+            Cipher::Nip44
+        }
+    }
+}
+
+/// A decrypted request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RpcRequest {
+    pub id: String,
+    pub method: String,
+    #[serde(default)]
+    pub params: Vec<Value>,
+}
+
+/// A reply: exactly one of `result` and `error` is meaningful. Clients (nostr-tools among
+/// them) resolve only on a non-empty `result` and reject on any `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RpcReply {
+    pub id: String,
+    pub result: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RpcReply {
+    pub fn ok(id: &str, result: impl Into<String>) -> Self {
+        RpcReply {
+            id: id.to_owned(),
+            result: result.into(),
+            error: None,
+        }
+    }
+
+    pub fn error(id: &str, error: impl Into<String>) -> Self {
+        RpcReply {
+            id: id.to_owned(),
+            result: String::new(),
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// Why an incoming event cannot be answered at all (no id to answer to).
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the content does not decrypt with the bunker key")]
+    Decrypt,
+    #[error("the decrypted content is not a NIP-46 request: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Decrypts `event` (sent to `bunker`) into a request.
+///
+/// # Errors
+/// [`OpenError`] when it cannot be decrypted or parsed.
+pub fn open(bunker: &Keys, event: &Event) -> Result<(RpcRequest, Cipher), OpenError> {
+    let cipher = Cipher::of(&event.content);
+    let plaintext = match cipher {
+        Cipher::Nip44 => nip44::decrypt(bunker.secret_key(), &event.pubkey, &event.content),
+        Cipher::Nip04 => nip04::decrypt(bunker.secret_key(), &event.pubkey, &event.content).map_err(|_| {
+            // Same outcome either way; keep one error type.
+            nip44::Error::NotFound(String::new())
+        }),
+    }
+    .map_err(|_| OpenError::Decrypt)?;
+    Ok((serde_json::from_str(&plaintext)?, cipher))
+}
+
+/// Builds the signed reply event from `bunker` to `client`.
+///
+/// # Errors
+/// Encryption or signing failure (not expected with valid keys).
+pub fn seal(bunker: &Keys, client: &PublicKey, cipher: Cipher, reply: &RpcReply) -> Result<Event, String> {
+    let json = serde_json::to_string(reply).map_err(|e| e.to_string())?;
+    let content = match cipher {
+        Cipher::Nip44 => {
+            nip44::encrypt(bunker.secret_key(), client, json, nip44::Version::V2).map_err(|e| e.to_string())?
+        }
+        Cipher::Nip04 => nip04::encrypt(bunker.secret_key(), client, json).map_err(|e| e.to_string())?,
+    };
+    EventBuilder::new(Kind::NostrConnect, content)
+        .tag(Tag::public_key(*client))
+        .sign_with_keys(bunker)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_event(client: &Keys, bunker: &PublicKey, cipher: Cipher, body: &str) -> Event {
+        let content = match cipher {
+            Cipher::Nip44 => nip44::encrypt(client.secret_key(), bunker, body, nip44::Version::V2).unwrap(),
+            Cipher::Nip04 => nip04::encrypt(client.secret_key(), bunker, body).unwrap(),
+        };
+        EventBuilder::new(Kind::NostrConnect, content)
+            .tag(Tag::public_key(*bunker))
+            .sign_with_keys(client)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_request_opens_and_the_reply_answers_in_the_same_cipher() {
+        let (client, bunker) = (Keys::generate(), Keys::generate());
+        for cipher in [Cipher::Nip44, Cipher::Nip04] {
+            let event = request_event(
+                &client,
+                &bunker.public_key(),
+                cipher,
+                r#"{"id":"7","method":"ping","params":[]}"#,
+            );
+            let (request, seen) = open(&bunker, &event).unwrap();
+            assert_eq!(
+                (request.id.as_str(), request.method.as_str(), seen),
+                ("7", "ping", cipher)
+            );
+
+            let reply = seal(&bunker, &client.public_key(), seen, &RpcReply::ok("7", "pong")).unwrap();
+            assert_eq!(reply.kind, Kind::NostrConnect);
+            assert_eq!(reply.pubkey, bunker.public_key());
+            assert!(reply.tags.public_keys().any(|p| *p == client.public_key()));
+            reply.verify().unwrap();
+            let text = match cipher {
+                Cipher::Nip44 => nip44::decrypt(client.secret_key(), &bunker.public_key(), &reply.content).unwrap(),
+                Cipher::Nip04 => nip04::decrypt(client.secret_key(), &bunker.public_key(), &reply.content).unwrap(),
+            };
+            assert_eq!(text, r#"{"id":"7","result":"pong"}"#);
+        }
+    }
+
+    #[test]
+    fn errors_carry_an_empty_result_and_the_reason() {
+        let json = serde_json::to_string(&RpcReply::error("1", "no")).unwrap();
+        assert_eq!(json, r#"{"id":"1","result":"","error":"no"}"#);
+    }
+
+    #[test]
+    fn content_for_another_key_or_not_json_is_refused() {
+        let (client, bunker, other) = (Keys::generate(), Keys::generate(), Keys::generate());
+        let event = request_event(
+            &client,
+            &other.public_key(),
+            Cipher::Nip44,
+            r#"{"id":"1","method":"ping"}"#,
+        );
+        assert!(matches!(open(&bunker, &event), Err(OpenError::Decrypt)));
+        let event = request_event(&client, &bunker.public_key(), Cipher::Nip44, "hello");
+        assert!(matches!(open(&bunker, &event), Err(OpenError::Json(_))));
+    }
+}
