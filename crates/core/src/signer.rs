@@ -135,9 +135,8 @@ impl Signer {
     }
 
     /// Creates an authorization for a client that started with `nostrconnect://`: its
-    /// bunker listens on the client's relays, the client is bound at once, and the
-    /// NIP-46 transport is told to answer the client with its secret. Commits: the
-    /// caller should wait for durability.
+    /// bunker listens on the client's relays and the client is bound at once. Commits:
+    /// the caller waits for durability, then calls [`Signer::announce_nostrconnect`].
     ///
     /// # Errors
     /// Policy, key and storage errors.
@@ -160,6 +159,16 @@ impl Signer {
         // here, so nobody else can use it.
         let (authz, _unused_secret) = insert_authorization(&self.pool, self.km.as_ref(), &new, now).await?;
         authz_repo::bind_client(&self.pool, &authz.id, &uri.client.to_hex(), now).await?;
+        Ok(Authorization {
+            connected_client_pubkey: Some(uri.client),
+            ..authz
+        })
+    }
+
+    /// Tells the NIP-46 transport to answer the `nostrconnect://` client of `authz` (made
+    /// by [`Signer::accept_nostrconnect`]) with its secret. Call once the authorization
+    /// is durable: the answer tells the app it may sign.
+    pub fn announce_nostrconnect(&self, authz: &Authorization, uri: &NostrConnectUri) {
         let _ = self.changes.send(Change::NostrConnect {
             authorization: authz.id.clone(),
             bunker: authz.bunker_pubkey,
@@ -167,10 +176,6 @@ impl Signer {
             relays: uri.relays.clone(),
             secret: uri.secret.clone(),
         });
-        Ok(Authorization {
-            connected_client_pubkey: Some(uri.client),
-            ..authz
-        })
     }
 
     /// NIP-46: the keypair of `bunker`, live **or revoked**, so the transport can open a

@@ -11,7 +11,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
-use keycast_core::Secret;
+use keycast_core::{NostrConnectUri, Secret};
 use keycast_db::{activity, authz as authz_repo, policies, AuthorizationId, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -31,6 +31,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/user/activity", get(list_activity))
         .route("/api/user/key", get(key))
         .route("/api/user/key/export", post(export))
+        .route("/api/user/nostrconnect", post(nostrconnect))
 }
 
 /// `GET /api/user/authorizations` → `{authorizations: [{id, client_id, policy,
@@ -87,6 +88,60 @@ pub(crate) async fn revoke_authorization(state: &AppState, user: &UserId, id: St
     }
     state.confirm_write(true).await?;
     Ok(())
+}
+
+#[derive(Deserialize)]
+struct NostrConnectBody {
+    uri: String,
+    policy: String,
+}
+
+/// `POST /api/user/nostrconnect {uri, policy}` → 201 `{id, bunker_pubkey, client_pubkey,
+/// policy, relays}`: authorizes the app that showed the `nostrconnect://` URI under the
+/// chosen policy. Once durable, keycast answers the app on its relays with its secret.
+async fn nostrconnect(
+    State(state): State<AppState>,
+    session: SessionUser,
+    JsonBody(body): JsonBody<NostrConnectBody>,
+) -> Result<(StatusCode, Json<Value>), AppError> {
+    let authz = accept_nostrconnect(&state, &session.user.id, &body.uri, &body.policy).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": authz.id.as_str(),
+            "bunker_pubkey": authz.bunker_pubkey.to_hex(),
+            "client_pubkey": authz.connected_client_pubkey.map(|pk| pk.to_hex()),
+            "policy": authz.policy.slug,
+            "relays": authz.relays,
+        })),
+    ))
+}
+
+/// Creates a `nostrconnect://` authorization for `user` and waits until it is durable
+/// (shared with the dashboard's form).
+pub(crate) async fn accept_nostrconnect(
+    state: &AppState,
+    user: &UserId,
+    uri: &str,
+    policy: &str,
+) -> Result<keycast_core::Authorization, AppError> {
+    let uri = NostrConnectUri::parse(uri).map_err(|e| AppError::BadRequest(e.to_string()))?;
+    let (db, services) = state.api()?;
+    let policy = policies::find_by_slug(db.pool(), policy).await?.ok_or_else(|| {
+        AppError::BadRequest(format!(
+            "unknown policy {policy:?}; GET /api/policies lists them (e.g. social, readonly, wallet, full)"
+        ))
+    })?;
+    state.ensure_writable().await?;
+    let authz = services
+        .signer
+        .accept_nostrconnect(user, &policy, &uri)
+        .await
+        .map_err(AppError::internal)?;
+    services.signer.authorizations_changed();
+    state.confirm_write(true).await?;
+    services.signer.announce_nostrconnect(&authz, &uri);
+    Ok(authz)
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod api;
+pub mod flow;
 pub mod nostr;
 
 use std::io::{BufRead, BufReader, Read};

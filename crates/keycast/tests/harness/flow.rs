@@ -1,0 +1,91 @@
+//! The OAuth 2.0 + PKCE flow by hand, as first-party pages drive it: register, consent,
+//! token. Tests that need a grant (an access token, a bunker URL) start here.
+
+use oauth2::PkceCodeChallenge;
+use serde_json::{json, Value};
+
+use super::api::*;
+use super::Keycast;
+
+/// Registers `email` (with `nsec` if given) and returns the session cookie and the body.
+pub fn register(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, Value) {
+    let r = post_json(
+        server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": email, "password": PASSWORD, "nsec": nsec }),
+    );
+    assert_eq!(r.status, 201, "register: {}", r.body);
+    let cookie = cookie_of(&r);
+    (cookie, r.json())
+}
+
+/// A PKCE pair: (challenge, verifier).
+pub fn pkce() -> (String, String) {
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    (challenge.as_str().to_owned(), verifier.secret().clone())
+}
+
+pub fn authorize_query(scope: &str, challenge: &str) -> String {
+    form(&[
+        ("response_type", "code"),
+        ("client_id", "test-app"),
+        ("redirect_uri", REDIRECT),
+        ("scope", scope),
+        ("state", "st-123"),
+        ("code_challenge", challenge),
+        ("code_challenge_method", "S256"),
+    ])
+}
+
+/// GET the consent page for `query` and approve it: returns the redirect's code.
+pub fn approve(server: &Keycast, cookie: &str, query: &str) -> String {
+    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
+    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    fields.push(("csrf".into(), csrf));
+    fields.push(("decision".into(), "approve".into()));
+    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    let r = post(
+        server,
+        "/api/oauth/authorize",
+        Some(cookie),
+        "application/x-www-form-urlencoded",
+        &body,
+        &[],
+    );
+    assert_eq!(r.status, 302, "{}", r.body);
+    let location = r.location.expect("redirect");
+    assert!(location.starts_with(REDIRECT), "{location}");
+    assert_eq!(query_param(&location, "state").as_deref(), Some("st-123"));
+    query_param(&location, "code").expect("a code in the redirect")
+}
+
+pub fn token_request(server: &Keycast, code: &str, verifier: &str, redirect: &str) -> Reply {
+    let body = form(&[
+        ("grant_type", "authorization_code"),
+        ("code", code),
+        ("client_id", "test-app"),
+        ("redirect_uri", redirect),
+        ("code_verifier", verifier),
+    ]);
+    post(
+        server,
+        "/api/oauth/token",
+        None,
+        "application/x-www-form-urlencoded",
+        &body,
+        &[],
+    )
+}
+
+/// Consent → token for a signed-in user: the token response (`access_token`,
+/// `bunker_url`, `policy`, …).
+pub fn grant(server: &Keycast, cookie: &str, scope: &str) -> Value {
+    let (challenge, verifier) = pkce();
+    let code = approve(server, cookie, &authorize_query(scope, &challenge));
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}

@@ -1,0 +1,314 @@
+//! NIP-46 as apps meet it: the real client (nostr-tools `BunkerSigner`, via
+//! `harness::nostr::BunkerClient`) pastes the `bunker://` URL an OAuth flow issued and
+//! signs through a real external relay (PyPI nostr-relay) or keycast's embedded relay.
+//! Refusals must be answered (within a second), never left to time out.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::api::*;
+use harness::flow::{grant, register};
+use harness::nostr::{keypair, BunkerClient, Relay};
+use harness::{Keycast, Launch};
+use nostr::nips::nip44;
+use nostr::{Event, Keys, PublicKey};
+use serde_json::{json, Value};
+
+/// A refusal must arrive well before a client's own timeout.
+const REFUSAL_WITHIN_MS: f64 = 1000.0;
+
+fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Keycast {
+    let mut launch = Launch::new(&dir.join("data"));
+    for (k, v) in env {
+        launch = launch.env(k, v);
+    }
+    launch.start()
+}
+
+/// A user with a grant under `scope`: (session cookie, user pubkey, token response).
+fn user_with_grant(server: &Keycast, email: &str, scope: &str) -> (String, String, Value) {
+    let (cookie, account) = register(server, email, None);
+    let token = grant(server, &cookie, scope);
+    (cookie, account["pubkey"].as_str().unwrap().to_owned(), token)
+}
+
+fn bunker_url(token: &Value) -> String {
+    token["bunker_url"].as_str().expect("bunker_url").to_owned()
+}
+
+/// Asserts a reply is a refusal that names `expected`, answered within a second.
+fn assert_refused(reply: &Value, expected: &str) {
+    assert_eq!(reply["ok"], false, "expected a refusal naming {expected:?}: {reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert_ne!(
+        error, "timeout",
+        "the refusal was never answered ({expected:?}): {reply}"
+    );
+    assert!(error.contains(expected), "refusal {error:?} does not say {expected:?}");
+    let ms = reply["ms"].as_f64().unwrap();
+    assert!(ms < REFUSAL_WITHIN_MS, "refusal took {ms} ms: {reply}");
+}
+
+/// connect → get_public_key → sign_event (verified) → NIP-44 round trip → ping, as an app
+/// does; returns the signed event.
+fn sign_like_an_app(client: &mut BunkerClient, bunker: &str, user_pubkey: &str) -> Event {
+    let connected = client.connect(bunker);
+    assert_eq!(connected["ok"], true, "connect: {connected}");
+    assert_ne!(
+        connected["bunker_pubkey"].as_str(),
+        Some(user_pubkey),
+        "each authorization has its own bunker key"
+    );
+    let pk = client.call_ok(json!({"op": "get_public_key"}));
+    assert_eq!(
+        pk["pubkey"].as_str(),
+        Some(user_pubkey),
+        "get_public_key is the user's key"
+    );
+
+    let signed = client.call_ok(json!({"op": "sign_event", "event": {"kind": 1, "content": "hello over NIP-46", "tags": [["t", "keycast"]], "created_at": 1_700_000_000}}));
+    assert_eq!(signed["verified"], true, "nostr-tools verifyEvent accepts it: {signed}");
+    let event: Event = serde_json::from_value(signed["event"].clone()).unwrap();
+    event.verify().expect("the nostr crate verifies it too");
+    assert_eq!(event.pubkey.to_hex(), user_pubkey);
+    assert_eq!(event.content, "hello over NIP-46");
+
+    // NIP-44 round trip with a peer: what the user encrypts, the peer can read, and back.
+    let peer = Keys::generate();
+    let user = PublicKey::from_hex(user_pubkey).unwrap();
+    let sealed =
+        client.call_ok(json!({"op": "nip44_encrypt", "peer": peer.public_key().to_hex(), "text": "secret note"}));
+    let ciphertext = sealed["result"].as_str().unwrap();
+    assert_eq!(
+        nip44::decrypt(peer.secret_key(), &user, ciphertext).unwrap(),
+        "secret note"
+    );
+    let reply = nip44::encrypt(peer.secret_key(), &user, "the answer", nip44::Version::V2).unwrap();
+    let opened = client.call_ok(json!({"op": "nip44_decrypt", "peer": peer.public_key().to_hex(), "text": reply}));
+    assert_eq!(opened["result"], "the answer");
+    assert_eq!(client.call_ok(json!({"op": "ping"}))["result"], "pong");
+    event
+}
+
+#[test]
+fn bunker_signer_works_through_an_external_relay() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let (cookie, user_pubkey, token) = user_with_grant(&server, "ext@example.com", "policy:social");
+    let bunker = bunker_url(&token);
+    assert!(
+        bunker.contains(&url_encode(relay.url())),
+        "{bunker} names the configured relay"
+    );
+    sign_like_an_app(&mut client, &bunker, &user_pubkey);
+
+    // The activity log says which transport signed.
+    let activity = (0..50)
+        .find_map(|_| {
+            let a = get(&server, "/api/user/activity", Some(&cookie)).json();
+            let rows = a["activity"].as_array().cloned().unwrap_or_default();
+            if rows.iter().any(|r| r["method"] == "sign_event") {
+                Some(rows)
+            } else {
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            }
+        })
+        .expect("signing activity is recorded");
+    assert!(activity
+        .iter()
+        .any(|r| r["method"] == "sign_event" && r["transport"] == "nip46" && r["kind"] == 1));
+}
+
+#[test]
+fn the_embedded_relay_runs_the_whole_flow_on_one_machine() {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[]);
+    let (_, user_pubkey, token) = user_with_grant(&server, "local@example.com", "policy:social");
+    let bunker = bunker_url(&token);
+    assert!(
+        bunker.contains("relay=ws%3A%2F%2F127.0.0.1%3A"),
+        "without BUNKER_RELAYS the bunker URL names the embedded loopback relay: {bunker}"
+    );
+    sign_like_an_app(&mut client, &bunker, &user_pubkey);
+    let relays = client.call_ok(json!({"op": "switch_relays"}));
+    assert!(relays["relays"].to_string().contains("127.0.0.1"), "{relays}");
+}
+
+#[test]
+fn refusals_are_answered_within_a_second() {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let Some(mut second) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[]);
+    let (cookie, _, social) = user_with_grant(&server, "refuse@example.com", "policy:social");
+    let bunker = bunker_url(&social);
+
+    // Wrong secret.
+    let secret = query_param(&bunker, "secret").unwrap();
+    let wrong = bunker.replace(&secret, "not-the-secret");
+    assert_refused(&client.connect(&wrong), "secret");
+
+    // A client that never connected may not sign.
+    let unbound = client.call(json!({"op": "connect", "bunker": bunker, "handshake": false}));
+    assert_eq!(unbound["ok"], true, "{unbound}");
+    assert_refused(
+        &client.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "x"}})),
+        "not connected",
+    );
+
+    // Connected: a kind outside the policy, and an unknown method.
+    assert_eq!(client.connect(&bunker)["ok"], true);
+    assert_refused(
+        &client.call(json!({"op": "sign_event", "event": {"kind": 30023, "content": "long form"}})),
+        "30023",
+    );
+    assert_refused(&client.raw("frobnicate", json!([])), "unknown method");
+    assert_refused(
+        &client.call(json!({"op": "sign_event", "event": {"kind": "one"}})),
+        "kind",
+    );
+
+    // A second client reusing the bound secret is refused; the first keeps working.
+    let (other_sk, _) = keypair();
+    assert_refused(&second.connect_as(&bunker, &other_sk), "another client");
+    assert_eq!(client.call(json!({"op": "ping"}))["ok"], true);
+
+    // Decrypt under a sign-only policy (wallet: kind 9734 only).
+    let wallet = grant(&server, &cookie, "policy:wallet");
+    let mut wallet_client = BunkerClient::spawn().unwrap();
+    assert_eq!(wallet_client.connect(&bunker_url(&wallet))["ok"], true);
+    let peer = Keys::generate().public_key().to_hex();
+    assert_refused(&wallet_client.nip44_decrypt(&peer, "AgAAAA"), "decrypt");
+
+    // Revoked: refused on the very next request.
+    let id = authorization_id(&server, &cookie, &social);
+    assert_eq!(
+        delete(&server, &format!("/api/user/authorizations/{id}"), &cookie).status,
+        204
+    );
+    assert_refused(
+        &client.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after revoke"}})),
+        "revoked",
+    );
+}
+
+/// The id of the authorization whose bunker `token` names.
+fn authorization_id(server: &Keycast, cookie: &str, token: &Value) -> String {
+    let bunker = bunker_url(token);
+    let bunker_pubkey = bunker.trim_start_matches("bunker://").split('?').next().unwrap();
+    let list = get(server, "/api/user/authorizations", Some(cookie)).json();
+    list["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["bunker_pubkey"] == bunker_pubkey)
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .expect("the authorization is listed")
+}
+
+#[test]
+fn a_pasted_nostrconnect_uri_creates_an_authorization_the_client_can_use() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let (cookie, account) = register(&server, "nc@example.com", None);
+    let user_pubkey = account["pubkey"].as_str().unwrap();
+
+    let started = client.call_ok(json!({"op": "nostrconnect", "relays": [relay.url()], "perms": ["sign_event:1"]}));
+    let uri = started["uri"].as_str().unwrap();
+
+    // Bad input is refused with a reason, and creates nothing.
+    let bad = post_json(
+        &server,
+        "/api/user/nostrconnect",
+        Some(&cookie),
+        &json!({"uri": "nostrconnect://nope", "policy": "social"}),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(
+        bad.json()["message"].as_str().unwrap().contains("public key"),
+        "{}",
+        bad.body
+    );
+    let bad = post_json(
+        &server,
+        "/api/user/nostrconnect",
+        Some(&cookie),
+        &json!({"uri": uri, "policy": "nope"}),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let none = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert_eq!(none["authorizations"].as_array().unwrap().len(), 0);
+
+    let accepted = post_json(
+        &server,
+        "/api/user/nostrconnect",
+        Some(&cookie),
+        &json!({"uri": uri, "policy": "social"}),
+    );
+    assert_eq!(accepted.status, 201, "{}", accepted.body);
+    let accepted = accepted.json();
+    assert_eq!(accepted["client_pubkey"], started["client_pubkey"]);
+
+    // The client hears the secret back from the new bunker, then signs through it.
+    let answered = client.call_ok(json!({"op": "nostrconnect_wait", "timeout_ms": 10_000}));
+    assert_eq!(answered["bunker_pubkey"], accepted["bunker_pubkey"]);
+    let pk = client.call_ok(json!({"op": "get_public_key"}));
+    assert_eq!(pk["pubkey"].as_str(), Some(user_pubkey));
+    let signed = client.call_ok(json!({"op": "sign_event", "event": {"kind": 1, "content": "via nostrconnect"}}));
+    assert_eq!(signed["verified"], true);
+}
+
+#[test]
+fn the_same_bunker_url_signs_after_a_redeploy() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let master = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let launch = || {
+        Launch::new(&data)
+            .env("BUNKER_RELAYS", relay.url())
+            .env("KEYCAST_REPLICA_URL", &replica)
+            .env("KEYCAST_MASTER_KEY", master)
+    };
+    let server = launch().start();
+    let (_, user_pubkey, token) = user_with_grant(&server, "drill@example.com", "policy:social");
+    let bunker = bunker_url(&token);
+    let before = sign_like_an_app(&mut client, &bunker, &user_pubkey);
+    server.stop();
+
+    // Cloud Run: a new instance on an empty disk, restoring from the replica.
+    std::fs::remove_dir_all(&data).unwrap();
+    let _server = launch().start();
+    // Same client session, no reconnect: its binding came back with the replica.
+    let signed = client.call_ok(
+        json!({"op": "sign_event", "event": {"kind": 1, "content": "after the redeploy"}, "timeout_ms": 10_000}),
+    );
+    let after: Event = serde_json::from_value(signed["event"].clone()).unwrap();
+    after.verify().unwrap();
+    assert_eq!(after.pubkey, before.pubkey, "the same key signs");
+}
+
+fn url_encode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
