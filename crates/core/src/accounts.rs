@@ -222,6 +222,20 @@ pub async fn issue_mail_token(
     Ok(token)
 }
 
+/// Whether a mailed token would still redeem for `purpose` (without using it up), so a page
+/// can explain a dead link at once.
+///
+/// # Errors
+/// Storage errors.
+pub async fn mail_token_is_live(
+    pool: &SqlitePool,
+    token: &str,
+    purpose: TokenPurpose,
+    now: i64,
+) -> Result<bool, RepoError> {
+    session_repo::is_live_user_token(pool, &hash_token(token), purpose, now).await
+}
+
 /// Redeems an email-verification token and marks the email verified.
 ///
 /// # Errors
@@ -235,10 +249,12 @@ pub async fn verify_email(pool: &SqlitePool, token: &str, now: i64) -> Result<Us
 }
 
 /// Redeems a password-reset token, sets the new password and ends every session of the
-/// user. The password rules are checked before the token is used up.
+/// user. The password rules (cheap) are checked before the token is used up; the token is
+/// checked before the password is hashed, so a guessed token costs no argon2 work.
 ///
 /// # Errors
-/// [`AccountError::Password`], [`AccountError::InvalidToken`]; [`AccountError::Internal`].
+/// [`AccountError::Password`], [`AccountError::InvalidToken`]; [`AccountError::Internal`]
+/// (the token is then used up: the user asks for a new link).
 pub async fn reset_password(
     pool: &SqlitePool,
     hasher: &PasswordHasher,
@@ -247,10 +263,10 @@ pub async fn reset_password(
     now: i64,
 ) -> Result<UserId, AccountError> {
     validate_new_password(new_password)?;
-    let hash = hasher.hash_async(new_password).await?;
     let user = session_repo::redeem_user_token(pool, &hash_token(token), TokenPurpose::ResetPassword, now)
         .await?
         .ok_or(AccountError::InvalidToken)?;
+    let hash = hasher.hash_async(new_password).await?;
     user_repo::set_password_hash(pool, &user, &hash, now).await?;
     session_repo::delete_for_user(pool, &user).await?;
     Ok(user)

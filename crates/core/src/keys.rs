@@ -5,6 +5,7 @@
 //! inside [`Secret`]; nothing here logs, prints or stores a plaintext key. Export needs a
 //! [`Reauthenticated`] proof, which only a successful password check can produce.
 
+use keycast_db::authz as authz_repo;
 use keycast_db::keys::{self as key_repo, KeyOrigin, NewKey, StoredKey};
 use keycast_db::{AuthorizationId, KeyId, RepoError, UserId};
 use nostr::nips::nip19::ToBech32;
@@ -254,19 +255,36 @@ pub fn new_bunker_key(km: &dyn KeyManager, authorization: &AuthorizationId) -> R
     Ok((keys, sealed))
 }
 
-/// Checks at start that `km` decrypts the stored keys: decrypts the oldest user key.
-/// An empty database passes.
+/// Checks at start that `km` decrypts the stored keys. It decrypts a sample, not every
+/// key (start-up must stay fast with many users): of each kind of sealed key — users'
+/// Nostr keys and authorizations' bunker keys — the oldest and the newest, so a master key
+/// that was swapped at some point in the database's life is caught at either end. An
+/// empty database passes.
 ///
 /// # Errors
 /// [`KeyError::MasterKeyMismatch`] naming the key that failed; storage errors.
 pub async fn verify_can_decrypt(pool: &SqlitePool, km: &dyn KeyManager) -> Result<(), KeyError> {
-    let Some(stored) = key_repo::find_any(pool).await? else {
-        return Ok(());
-    };
-    match open(km, &stored.encrypted_secret, KeyOwner::User(&stored.user_id)) {
+    for stored in key_repo::find_oldest_and_newest(pool).await? {
+        check_opens(
+            km,
+            &stored.encrypted_secret,
+            KeyOwner::User(&stored.user_id),
+            stored.id.as_str(),
+        )?;
+    }
+    for row in authz_repo::find_oldest_and_newest(pool).await? {
+        let what = format!("bunker key of authorization {}", row.id.as_str());
+        check_opens(km, &row.bunker_secret_encrypted, KeyOwner::Bunker(&row.id), &what)?;
+    }
+    Ok(())
+}
+
+/// Decrypts one sealed key, mapping a failure to [`KeyError::MasterKeyMismatch`] naming `what`.
+fn check_opens(km: &dyn KeyManager, ciphertext: &[u8], owner: KeyOwner<'_>, what: &str) -> Result<(), KeyError> {
+    match open(km, ciphertext, owner) {
         Ok(_) => Ok(()),
         Err(KeyError::Undecryptable | KeyError::CorruptKey) => Err(KeyError::MasterKeyMismatch {
-            key_id: stored.id.to_string(),
+            key_id: what.to_owned(),
         }),
         Err(other) => Err(other),
     }
@@ -414,6 +432,26 @@ mod tests {
         let err = verify_can_decrypt(fx.pool(), &other).await.unwrap_err();
         assert!(matches!(err, KeyError::MasterKeyMismatch { .. }), "{err:?}");
         assert!(err.to_string().contains("does not decrypt the keys stored"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn start_up_check_catches_a_newer_user_key_or_a_bunker_key_under_another_master_key() {
+        let fx = fixture().await;
+        let other = MasterKeyManager::new(MasterKey::generate());
+        // A newer user key sealed under another master key: the oldest alone would pass.
+        let bob = test_user(fx.pool(), "bob@x.org").await;
+        generate_user_key(fx.pool(), &other, &bob, 5).await.unwrap();
+        let err = verify_can_decrypt(fx.pool(), fx.km.as_ref()).await.unwrap_err();
+        assert!(matches!(err, KeyError::MasterKeyMismatch { .. }), "{err:?}");
+        key_repo::delete_for_user(fx.pool(), &bob).await.unwrap();
+        verify_can_decrypt(fx.pool(), fx.km.as_ref()).await.unwrap();
+        // A bunker key sealed under another master key, user keys fine.
+        let policy = social_policy(&fx).await;
+        create_grant(fx.pool(), &other, &fx.new_grant(&policy), 6)
+            .await
+            .unwrap();
+        let err = verify_can_decrypt(fx.pool(), fx.km.as_ref()).await.unwrap_err();
+        assert!(err.to_string().contains("bunker key of authorization"), "{err}");
     }
 
     #[tokio::test]

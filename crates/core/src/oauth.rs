@@ -19,7 +19,8 @@ use crate::error::InternalError;
 use crate::key_manager::KeyManager;
 use crate::secret::{ct_eq, hash_token, random_token, Secret};
 
-/// Life of an authorization code: 10 minutes (seconds).
+/// Default and longest life of an authorization code: 10 minutes (seconds), the most
+/// RFC 6749 §4.1.2 recommends. Deployments may shorten it (`KEYCAST_OAUTH_CODE_TTL_SECS`).
 pub const CODE_TTL_SECS: i64 = 600;
 
 /// An OAuth failure, by RFC 6749 error code. `reason` is the `error_description`.
@@ -144,12 +145,17 @@ pub struct CodeRequest<'a> {
     pub code_challenge_method: &'a str,
 }
 
-/// Issues a code for an approved request, valid [`CODE_TTL_SECS`].
+/// Issues a code for an approved request, valid `ttl_secs` (clamped to 1..=[`CODE_TTL_SECS`]).
 ///
 /// # Errors
 /// [`OAuthError::InvalidRequest`] for a missing client id, a bad redirect URI, or PKCE
 /// that is missing, not S256, or malformed; [`OAuthError::Internal`].
-pub async fn issue_code(pool: &SqlitePool, request: &CodeRequest<'_>, now: i64) -> Result<Secret<String>, OAuthError> {
+pub async fn issue_code(
+    pool: &SqlitePool,
+    request: &CodeRequest<'_>,
+    ttl_secs: i64,
+    now: i64,
+) -> Result<Secret<String>, OAuthError> {
     if request.client_id.is_empty() {
         return Err(invalid_request("client_id is required"));
     }
@@ -175,7 +181,7 @@ pub async fn issue_code(pool: &SqlitePool, request: &CodeRequest<'_>, now: i64) 
         policy_id: &request.policy.id,
         code_challenge: request.code_challenge,
     };
-    oauth_repo::insert_code(pool, &new, now, now + CODE_TTL_SECS).await?;
+    oauth_repo::insert_code(pool, &new, now, now + ttl_secs.clamp(1, CODE_TTL_SECS)).await?;
     Ok(code)
 }
 
@@ -257,7 +263,7 @@ mod tests {
             code_challenge: &challenge,
             code_challenge_method: "S256",
         };
-        issue_code(fx.pool(), &request, 100).await.unwrap()
+        issue_code(fx.pool(), &request, CODE_TTL_SECS, 100).await.unwrap()
     }
 
     fn token_request<'a>(code: &'a Secret<String>) -> TokenRequest<'a> {
@@ -391,6 +397,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_code_lives_its_ttl_and_never_longer_than_ten_minutes() {
+        let fx = fixture().await;
+        let policy = social_policy(&fx).await;
+        let challenge = pkce_challenge(VERIFIER);
+        let request = CodeRequest {
+            user_id: &fx.user,
+            client_id: "app",
+            redirect_uri: REDIRECT,
+            policy: &policy,
+            code_challenge: &challenge,
+            code_challenge_method: "S256",
+        };
+        let short = issue_code(fx.pool(), &request, 5, 100).await.unwrap();
+        assert_eq!(
+            exchange(&fx, &token_request(&short), 105).await.unwrap_err().code(),
+            "invalid_grant"
+        );
+        let long = issue_code(fx.pool(), &request, 3600, 100).await.unwrap();
+        let err = exchange(&fx, &token_request(&long), 100 + CODE_TTL_SECS)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            "invalid_grant",
+            "a longer TTL is clamped to {CODE_TTL_SECS} s"
+        );
+        let fresh = issue_code(fx.pool(), &request, 5, 100).await.unwrap();
+        exchange(&fx, &token_request(&fresh), 104).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn missing_or_plain_pkce_is_refused_at_authorization() {
         let fx = fixture().await;
         let policy = social_policy(&fx).await;
@@ -405,7 +442,10 @@ mod tests {
                 code_challenge_method: method,
             };
             assert_eq!(
-                issue_code(fx.pool(), &request, 1).await.unwrap_err().code(),
+                issue_code(fx.pool(), &request, CODE_TTL_SECS, 1)
+                    .await
+                    .unwrap_err()
+                    .code(),
                 "invalid_request",
                 "{method}"
             );

@@ -105,6 +105,33 @@ pub async fn find_by_bunker_pubkey(
     Ok(sqlx::query_as(sql).bind(bunker_pubkey).fetch_optional(pool).await?)
 }
 
+/// The oldest and the newest authorization (one row when there is only one, none on an
+/// empty table), revoked ones included: the bunker keys the start-up check decrypts.
+///
+/// # Errors
+/// Database errors.
+pub async fn find_oldest_and_newest(pool: &SqlitePool) -> Result<Vec<AuthorizationRow>, RepoError> {
+    let oldest = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM authorizations ORDER BY created_at, id LIMIT 1"
+    );
+    let newest = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM authorizations ORDER BY created_at DESC, id DESC LIMIT 1"
+    );
+    let mut rows: Vec<AuthorizationRow> = Vec::new();
+    for sql in [oldest, newest] {
+        if let Some(row) = sqlx::query_as::<_, AuthorizationRow>(sql).fetch_optional(pool).await? {
+            if rows.iter().all(|r| r.id != row.id) {
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}
+
 /// A bunker the NIP-46 signer listens for.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct LiveBunker {

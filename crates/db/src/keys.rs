@@ -134,15 +134,28 @@ pub async fn find_by_pubkey(pool: &SqlitePool, pubkey: &str) -> Result<Option<St
     row.map(TryInto::try_into).transpose()
 }
 
-/// Some stored key (the oldest), or `None` on an empty table: what the start-up check
-/// decrypts to prove the master key matches the data.
+/// The oldest and the newest stored key (one row when there is only one, none on an empty
+/// table): the sample the start-up check decrypts to prove the master key matches the data.
 ///
 /// # Errors
 /// Database errors; [`RepoError::Corrupt`] for an unreadable row.
-pub async fn find_any(pool: &SqlitePool) -> Result<Option<StoredKey>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM keys ORDER BY created_at, id LIMIT 1");
-    let row: Option<Row> = sqlx::query_as(sql).fetch_optional(pool).await?;
-    row.map(TryInto::try_into).transpose()
+pub async fn find_oldest_and_newest(pool: &SqlitePool) -> Result<Vec<StoredKey>, RepoError> {
+    let oldest = concat!("SELECT ", columns!(), " FROM keys ORDER BY created_at, id LIMIT 1");
+    let newest = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM keys ORDER BY created_at DESC, id DESC LIMIT 1"
+    );
+    let mut keys: Vec<StoredKey> = Vec::new();
+    for sql in [oldest, newest] {
+        let row: Option<Row> = sqlx::query_as(sql).fetch_optional(pool).await?;
+        if let Some(key) = row.map(StoredKey::try_from).transpose()? {
+            if keys.iter().all(|k| k.id != key.id) {
+                keys.push(key);
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// Deletes a user's key. Returns false if they had none.
@@ -173,7 +186,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stored_key_is_found_by_user_pubkey_and_any() {
+    async fn stored_key_is_found_by_user_pubkey_and_age() {
         let (_dir, db) = temp_db().await;
         let user = test_user(db.pool(), "a@x.org").await;
         let id = KeyId::generate();
@@ -184,7 +197,12 @@ mod tests {
         );
         assert_eq!(find_by_user(db.pool(), &user).await.unwrap().as_ref(), Some(&key));
         assert_eq!(find_by_pubkey(db.pool(), "aa").await.unwrap().as_ref(), Some(&key));
-        assert_eq!(find_any(db.pool()).await.unwrap().as_ref(), Some(&key));
+        assert_eq!(find_oldest_and_newest(db.pool()).await.unwrap(), vec![key.clone()]);
+        let other = test_user(db.pool(), "b@x.org").await;
+        let newer = insert(db.pool(), &new_key(&KeyId::generate(), &other, "bb"), 9)
+            .await
+            .unwrap();
+        assert_eq!(find_oldest_and_newest(db.pool()).await.unwrap(), vec![key, newer]);
     }
 
     #[tokio::test]
@@ -218,7 +236,7 @@ mod tests {
     async fn empty_table_has_no_key_and_delete_reports_absence() {
         let (_dir, db) = temp_db().await;
         let a = test_user(db.pool(), "a@x.org").await;
-        assert_eq!(find_any(db.pool()).await.unwrap(), None);
+        assert_eq!(find_oldest_and_newest(db.pool()).await.unwrap(), vec![]);
         assert!(!delete_for_user(db.pool(), &a).await.unwrap());
         insert(db.pool(), &new_key(&KeyId::generate(), &a, "aa"), 1)
             .await

@@ -151,6 +151,29 @@ pub async fn redeem_user_token(
     .await?)
 }
 
+/// Whether a single-use token would redeem now (known, of `purpose`, unused, unexpired),
+/// without using it: lets a page explain a dead link before asking for input.
+///
+/// # Errors
+/// Database errors.
+pub async fn is_live_user_token(
+    pool: &SqlitePool,
+    hash: &TokenHash,
+    purpose: TokenPurpose,
+    now: i64,
+) -> Result<bool, RepoError> {
+    let found: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM user_tokens \
+         WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3",
+    )
+    .bind(hash)
+    .bind(purpose.as_str())
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,10 +240,18 @@ mod tests {
             .unwrap();
         let wrong = redeem_user_token(db.pool(), &hash, TokenPurpose::VerifyEmail, 2).await;
         assert_eq!(wrong.unwrap(), None, "a reset token must not verify an email");
+        let live = |purpose, now| is_live_user_token(db.pool(), &hash, purpose, now);
+        assert!(
+            live(TokenPurpose::ResetPassword, 2).await.unwrap(),
+            "looking does not use it up"
+        );
+        assert!(!live(TokenPurpose::VerifyEmail, 2).await.unwrap());
+        assert!(!live(TokenPurpose::ResetPassword, 100).await.unwrap(), "expired");
         let first = redeem_user_token(db.pool(), &hash, TokenPurpose::ResetPassword, 2).await;
         assert_eq!(first.unwrap(), Some(user));
         let second = redeem_user_token(db.pool(), &hash, TokenPurpose::ResetPassword, 3).await;
         assert_eq!(second.unwrap(), None);
+        assert!(!live(TokenPurpose::ResetPassword, 3).await.unwrap(), "used");
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! Accounts over HTTP: register, log in and out, verify the email, reset the password.
 //!
 //! Handlers are thin: rate-limit, call `keycast_core::accounts`, set or clear the session
-//! cookie. Mail goes to the development outbox ([`crate::mail`]).
+//! cookie. Mail goes out through [`AppState::send_mail`] (SMTP or the development outbox,
+//! see [`crate::mail`]) without waiting for delivery. The pages (`pages.rs`) call the same
+//! shared functions, so limits and behaviour are the same in both.
 
 use axum::extract::State;
 use axum::http::header::SET_COOKIE;
@@ -21,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::extract::{ClientIp, JsonBody, OverHttps};
-use crate::limit::{LOGIN_PER_EMAIL, LOGIN_PER_IP, REGISTER_PER_IP, RESET_PER_EMAIL, RESET_PER_IP};
+use crate::limit::{LOGIN_PER_EMAIL, LOGIN_PER_IP, MAIL_PER_EMAIL, MAIL_PER_IP, REGISTER_PER_IP, RESET_PER_IP};
 use crate::mail::Mail;
 use crate::session::{clear_cookie, session_cookie, session_token};
 use crate::{AppError, AppState};
@@ -32,6 +34,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/auth/login", post(login))
         .route("/api/auth/logout", post(logout))
         .route("/api/auth/verify-email", post(verify_email))
+        .route("/api/auth/resend-verification", post(resend_verification))
         .route("/api/auth/forgot-password", post(forgot_password))
         .route("/api/auth/reset-password", post(reset_password))
 }
@@ -78,7 +81,11 @@ pub(crate) async fn sign_up(
     let now = now_unix();
     let done = accounts::register(db.pool(), services.keys.as_ref(), &services.hasher, &registration, now).await?;
     state.confirm_write(true).await?;
-    send_mail(state, db, &done.user, TokenPurpose::VerifyEmail).await?;
+    // The account exists now: a mail that cannot be issued must not turn that into an error
+    // (the user can ask for the link again).
+    if let Err(err) = send_mail(state, db, &done.user, TokenPurpose::VerifyEmail).await {
+        tracing::warn!(user = %done.user.id.as_str(), error = ?err, "could not issue the verification mail");
+    }
     let cookie = session_cookie(&done.session, secure);
     Ok((done.user, done.key.pubkey, cookie))
 }
@@ -153,16 +160,35 @@ async fn verify_email(
     State(state): State<AppState>,
     JsonBody(body): JsonBody<TokenBody>,
 ) -> Result<Json<Value>, AppError> {
-    let (db, _) = state.api()?;
-    state.ensure_writable().await?;
-    accounts::verify_email(db.pool(), &body.token, now_unix()).await?;
-    state.confirm_write(false).await?;
+    confirm_email(&state, &body.token).await?;
     Ok(Json(json!({ "verified": true })))
 }
 
+/// Redeems an email-verification token (shared with the verify-email page).
+pub(crate) async fn confirm_email(state: &AppState, token: &str) -> Result<(), AppError> {
+    let (db, _) = state.api()?;
+    state.ensure_writable().await?;
+    accounts::verify_email(db.pool(), token, now_unix()).await?;
+    state.confirm_write(false).await
+}
+
 #[derive(Deserialize)]
-struct ForgotBody {
+struct EmailBody {
     email: String,
+}
+
+/// What the mail-requesting endpoints answer, whether or not the account exists.
+const MAIL_ON_ITS_WAY: &str = "if an account with this email exists, a link is on its way";
+
+/// `POST /api/auth/resend-verification {email}` → 202 whether or not the account exists or
+/// is already verified (so the answer says nothing about which emails are registered).
+async fn resend_verification(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody<EmailBody>,
+) -> Result<Response, AppError> {
+    request_mail(&state, &ip, &body.email, TokenPurpose::VerifyEmail).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "message": MAIL_ON_ITS_WAY }))).into_response())
 }
 
 /// `POST /api/auth/forgot-password {email}` → 202 whether or not the account exists (so
@@ -170,18 +196,37 @@ struct ForgotBody {
 async fn forgot_password(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    JsonBody(body): JsonBody<ForgotBody>,
+    JsonBody(body): JsonBody<EmailBody>,
 ) -> Result<Response, AppError> {
-    state.limits().check(&format!("reset-ip:{ip}"), RESET_PER_IP)?;
-    let email = accounts::normalize_email(&body.email)?;
-    state.limits().check(&format!("reset-email:{email}"), RESET_PER_EMAIL)?;
+    request_mail(&state, &ip, &body.email, TokenPurpose::ResetPassword).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "message": MAIL_ON_ITS_WAY }))).into_response())
+}
+
+/// Rate-limits (per IP and per email, a bucket per purpose), then mails a new
+/// `purpose` link if that makes sense for the account: a reset link to any account, a
+/// verification link only to one not yet verified. Answers the same either way (shared
+/// with the forgot-password page).
+pub(crate) async fn request_mail(
+    state: &AppState,
+    ip: &str,
+    email: &str,
+    purpose: TokenPurpose,
+) -> Result<(), AppError> {
+    let bucket = purpose.as_str();
+    state.limits().check(&format!("{bucket}-ip:{ip}"), MAIL_PER_IP)?;
+    let email = accounts::normalize_email(email)?;
+    state
+        .limits()
+        .check(&format!("{bucket}-email:{email}"), MAIL_PER_EMAIL)?;
     let (db, _) = state.api()?;
-    if let Some(user) = user_repo::find_by_email(db.pool(), &email).await? {
-        state.ensure_writable().await?;
-        send_mail(&state, db, &user, TokenPurpose::ResetPassword).await?;
+    let Some(user) = user_repo::find_by_email(db.pool(), &email).await? else {
+        return Ok(());
+    };
+    if purpose == TokenPurpose::VerifyEmail && user.email_verified_at.is_some() {
+        return Ok(());
     }
-    let body = json!({ "message": "if an account with this email exists, a reset link is on its way" });
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    state.ensure_writable().await?;
+    send_mail(state, db, &user, purpose).await
 }
 
 #[derive(Deserialize)]
@@ -191,35 +236,68 @@ struct ResetBody {
 }
 
 /// `POST /api/auth/reset-password {token, password}` → 200; every session of the user ends.
-/// Rate-limited per IP: each attempt costs an argon2 hash, so guessing tokens must not be a
-/// way to burn the server's CPU.
 async fn reset_password(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     JsonBody(body): JsonBody<ResetBody>,
 ) -> Result<Json<Value>, AppError> {
-    state.limits().check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)?;
-    let (db, services) = state.api()?;
-    state.ensure_writable().await?;
-    let password = Secret::new(body.password);
-    accounts::reset_password(db.pool(), &services.hasher, &body.token, &password, now_unix()).await?;
-    state.confirm_write(false).await?;
+    set_new_password(&state, &ip, &body.token, body.password).await?;
     Ok(Json(json!({ "reset": true })))
 }
 
-/// Issues a single-use token and queues the mail carrying it.
+/// Redeems a reset token and sets the password (shared with the reset-password page).
+/// Rate-limited per IP: a wrong guess costs little (core checks the token before hashing),
+/// but guessing must still be slow.
+pub(crate) async fn set_new_password(
+    state: &AppState,
+    ip: &str,
+    token: &str,
+    password: String,
+) -> Result<(), AppError> {
+    state.limits().check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)?;
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
+    let password = Secret::new(password);
+    accounts::reset_password(db.pool(), &services.hasher, token, &password, now_unix()).await?;
+    state.confirm_write(false).await
+}
+
+/// Issues a single-use token and sends the mail carrying its link (delivery runs on in the
+/// background; see [`crate::mail`]).
 async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose) -> Result<(), AppError> {
     let token = accounts::issue_mail_token(db.pool(), &user.id, purpose, now_unix()).await?;
+    // The token must be in the database before anyone can follow the link.
+    state.confirm_write(false).await?;
     let base = state.options().public_url.trim_end_matches('/');
-    let (subject, page, purpose_name) = match purpose {
-        TokenPurpose::VerifyEmail => ("Confirm your keycast email", "verify-email", "verify_email"),
-        TokenPurpose::ResetPassword => ("Reset your keycast password", "reset-password", "reset_password"),
+    let (subject, text) = match purpose {
+        TokenPurpose::VerifyEmail => (
+            "Confirm your keycast email",
+            format!(
+                "Hello,\n\nplease confirm that {email} is your email address for keycast by opening this link:\n\n\
+                 {base}/verify-email?token={token}\n\nThe link works once and expires in {hours} hours. If you did \
+                 not create a keycast account, ignore this mail.\n",
+                email = user.email,
+                token = token.expose(),
+                hours = accounts::VERIFY_EMAIL_TTL_SECS / 3600,
+            ),
+        ),
+        TokenPurpose::ResetPassword => (
+            "Reset your keycast password",
+            format!(
+                "Hello,\n\nsomeone, hopefully you, asked to reset the keycast password of {email}. Choose a new \
+                 password here:\n\n{base}/reset-password?token={token}\n\nThe link works once and expires in \
+                 {minutes} minutes. If you did not ask for this, ignore this mail: your password stays as it is.\n",
+                email = user.email,
+                token = token.expose(),
+                minutes = accounts::RESET_PASSWORD_TTL_SECS / 60,
+            ),
+        ),
     };
-    state.outbox().send(Mail {
+    state.send_mail(Mail {
         to: user.email.clone(),
         subject: subject.into(),
-        body: format!("Open {base}/{page}?token={} (single use).", token.expose()),
-        purpose: purpose_name,
+        body: text,
+        purpose: purpose.as_str(),
         token: token.expose().clone(),
     });
     Ok(())

@@ -1,6 +1,9 @@
 //! [`AppError`]: every error a handler returns, rendered as JSON.
 //!
-//! The body is `{"error": "<stable_code>", "message": "<what a person can act on>"}`.
+//! The body is `{"error": "<stable_code>", "message": "<what a person can act on>"}`. On
+//! routes that serve HTML (the pages), the same error becomes an HTML page with the same
+//! status and message (`page::html_errors`), from the [`ErrorMessage`] every error
+//! response carries in its extensions.
 //! Internal failures never leak their cause to the client: the cause is logged here,
 //! once, and the client gets `internal_error`.
 //!
@@ -9,7 +12,7 @@
 //! on purpose and live with their endpoints: OAuth's RFC 6749 errors (`oauth.rs`) and the
 //! RPC's `{error}` (`rpc.rs`).
 
-use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use keycast_core::accounts::AccountError;
@@ -79,7 +82,9 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
-        let mut response = (status, Json(json!({ "error": code, "message": message }))).into_response();
+        let mut response = (status, Json(json!({ "error": code, "message": message.clone() }))).into_response();
+        // Routes that serve HTML re-render the error from this (see `page::html_errors`).
+        response.extensions_mut().insert(ErrorMessage(message));
         if let AppError::TooManyRequests { retry_after_secs } = self {
             response
                 .headers_mut()
@@ -89,9 +94,20 @@ impl IntoResponse for AppError {
     }
 }
 
-/// The fallback for unknown routes.
-pub async fn not_found(method: Method, uri: Uri) -> AppError {
-    AppError::NotFound(format!("no route for {method} {}", uri.path()))
+/// The message of an [`AppError`] response, in its extensions: what a person can act on,
+/// already stripped of internals (so rendering it again as HTML has no side effects).
+#[derive(Debug, Clone)]
+pub struct ErrorMessage(pub String);
+
+/// The fallback for unknown routes: JSON, or an HTML page for a browser (it asks for
+/// `text/html`) outside the API's paths.
+pub async fn not_found(method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    if crate::page::wants_html(uri.path(), &headers) {
+        let message = format!("there is no page at {}; check the address", uri.path());
+        crate::page::error_page(AppError::NotFound(message).into_response())
+    } else {
+        AppError::NotFound(format!("no route for {method} {}", uri.path())).into_response()
+    }
 }
 
 impl From<RepoError> for AppError {

@@ -6,17 +6,21 @@
 //! - [`metrics`]: `/metrics` and the request-counting middleware.
 //! - [`error`]: [`AppError`], the one way handlers answer with an error (JSON, no internals),
 //!   and the one mapping of core's errors onto it.
-//! - [`auth`]: register, login, logout, email verification, password reset.
+//! - [`auth`]: register, login, logout, email verification (and a new link), password reset.
 //! - [`session`]: the session cookie, the [`session::SessionUser`] extractor, CSRF tokens.
 //! - [`oauth`]: `/api/oauth/{authorize,login,token}`, RFC 8414 metadata.
 //! - [`rpc`]: `POST /api/nostr`, the HTTP transport of the signer.
 //! - [`user`]: the user's authorizations (list, revoke), activity, key and its export.
 //! - [`nip05`]: `/.well-known/nostr.json` and choosing a username.
 //! - [`openapi`]: `GET /api/openapi.json`, the hand-written OpenAPI 3.1 document.
-//! - `page`: the minimal HTML of the OAuth login and consent pages.
+//! - [`policies`]: `GET /api/policies`, the policies an app may ask for.
+//! - `page`: the shared layout, the OAuth login and consent pages, and the HTML error pages
+//!   of every route that serves HTML.
 //! - `pages`: the account pages for people: `/`, `/register`, `/login`, `/logout`,
-//!   `/dashboard` (key, authorizations with revoke, activity). Not part of `openapi.json`.
-//! - [`limit`]: rate limits (token buckets); [`mail`]: the development outbox;
+//!   `/dashboard` (key, authorizations with revoke, activity), and the pages the mailed
+//!   links open (`/verify-email`, `/reset-password`, `/forgot-password`). Not part of
+//!   `openapi.json`.
+//! - [`limit`]: rate limits (token buckets); [`mail`]: SMTP delivery or the development outbox;
 //!   [`extract`]: JSON/form bodies, client IP, HTTPS detection.
 //!
 //! [`app`] builds the router without a socket, so tests can drive it with `oneshot`.
@@ -33,6 +37,7 @@ pub mod oauth;
 pub mod openapi;
 mod page;
 mod pages;
+pub mod policies;
 pub mod rpc;
 pub mod session;
 pub mod state;
@@ -55,6 +60,7 @@ pub fn app(state: AppState) -> Router {
         .merge(rpc::routes())
         .merge(user::routes())
         .merge(nip05::routes())
+        .merge(policies::routes())
         .merge(openapi::routes());
     if let Some(cors) = cors(&state.options().allowed_origins) {
         api = api.layer(cors);

@@ -1,4 +1,4 @@
-//! In-memory token buckets for login, registration and password reset, keyed by client IP
+//! In-memory token buckets for login, registration, mail requests and password reset, keyed by client IP
 //! and by email. One process's view only: with several instances each limits on its own,
 //! which still bounds guessing per instance.
 //!
@@ -40,11 +40,17 @@ pub const REGISTER_PER_IP: Rate = Rate {
     burst: 20,
     refill: Duration::from_secs(30),
 };
-/// Password-reset mail: 3 per email then one per 5 minutes; 10 per IP then one per minute.
-pub const RESET_PER_EMAIL: Rate = Rate {
+/// Mail on request (password reset, verification again), each purpose its own buckets: 3
+/// per email then one per 5 minutes; 10 per IP then one per minute.
+pub const MAIL_PER_EMAIL: Rate = Rate {
     burst: 3,
     refill: Duration::from_secs(300),
 };
+pub const MAIL_PER_IP: Rate = Rate {
+    burst: 10,
+    refill: Duration::from_secs(60),
+};
+/// Submitting a new password with a reset token: 10 per IP then one per minute.
 pub const RESET_PER_IP: Rate = Rate {
     burst: 10,
     refill: Duration::from_secs(60),

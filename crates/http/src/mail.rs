@@ -1,17 +1,34 @@
-//! Outgoing mail (email verification, password reset).
+//! Outgoing mail (email verification, password reset): through SMTP when
+//! `KEYCAST_SMTP_URL` is set ([`SmtpMailer`]), otherwise into the in-memory development
+//! [`Outbox`].
 //!
-//! There is no SMTP transport yet: every message goes to an in-memory development
-//! [`Outbox`]. Each message is logged at info with its recipient and subject only, never
-//! its body (which carries a single-use token). Tests read the outbox through
-//! `GET /api/test/outbox` (test routes only).
+//! Sending never holds up the request that caused it: the handler commits the token, hands
+//! the message to [`Mailer::send`] and answers. SMTP delivery runs in a background task (at
+//! most [`MAX_CONCURRENT_SENDS`] at once, each bounded by [`SMTP_TIMEOUT`]); a failure is
+//! logged with the recipient, subject and the server's answer — never the body (it carries a
+//! single-use token) nor the SMTP credentials — and loses nothing else: the account exists,
+//! and the user can ask for a new link (`POST /api/auth/resend-verification`,
+//! `/forgot-password`). A mail still in flight when the process stops is lost the same way.
+//!
+//! Tests read the development outbox through `GET /api/test/outbox` (test routes only).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use keycast_core::Secret;
+use lettre::message::header::ContentType;
+use lettre::message::Mailbox;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 /// Messages kept; older ones are dropped first.
 pub const OUTBOX_CAPACITY: usize = 200;
+/// SMTP deliveries running at once; more wait for a slot.
+pub const MAX_CONCURRENT_SENDS: usize = 4;
+/// Longest an SMTP exchange may take (each command), so a dead server cannot pile up tasks.
+pub const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One message.
 #[derive(Debug, Clone, Serialize)]
@@ -51,5 +68,161 @@ impl Outbox {
             .iter()
             .cloned()
             .collect()
+    }
+}
+
+/// Why the SMTP settings cannot be used. The text never contains the URL's password.
+#[derive(Debug, thiserror::Error)]
+pub enum MailConfigError {
+    #[error(
+        "expected smtp://host[:port] (plain, or ?tls=required for STARTTLS) or smtps://host[:port] \
+         (TLS), with user:password@ for authentication ({0})"
+    )]
+    Url(String),
+    #[error("expected an address such as `keycast <noreply@example.org>` ({0})")]
+    From(String),
+}
+
+/// Delivers mail through an SMTP server. Cheap to clone; `Debug` shows the server, not the
+/// credentials.
+#[derive(Clone)]
+pub struct SmtpMailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+    /// `scheme://host:port`, for logs (no credentials).
+    server: String,
+    /// Plain SMTP to a host other than this one.
+    clear_text: bool,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for SmtpMailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpMailer")
+            .field("server", &self.server)
+            .field("from", &self.from.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmtpMailer {
+    /// A mailer for `url` (lettre's connection URL: `smtps://user:pass@host:465`,
+    /// `smtp://host:587?tls=required`, `smtp://host:25`) sending as `from`. Does no I/O.
+    ///
+    /// # Errors
+    /// [`MailConfigError`] for a malformed URL or address.
+    pub fn new(url: &Secret<String>, from: &str) -> Result<SmtpMailer, MailConfigError> {
+        let parsed = url::Url::parse(url.expose()).map_err(|e| MailConfigError::Url(e.to_string()))?;
+        let host = parsed.host_str().unwrap_or_default().to_owned();
+        let server = format!(
+            "{}://{}:{}",
+            parsed.scheme(),
+            host,
+            parsed.port().map(|p| p.to_string()).unwrap_or_else(|| "default".into())
+        );
+        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url.expose())
+            .map_err(|e| MailConfigError::Url(redacted(&e.to_string(), &parsed)))?
+            .timeout(Some(SMTP_TIMEOUT))
+            .build();
+        let from: Mailbox = from
+            .parse()
+            .map_err(|e: lettre::address::AddressError| MailConfigError::From(e.to_string()))?;
+        let encrypted = parsed.scheme() == "smtps" || parsed.query_pairs().any(|(k, v)| k == "tls" && v == "required");
+        let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]");
+        Ok(SmtpMailer {
+            transport,
+            from,
+            server,
+            clear_text: !encrypted && !loopback,
+            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_SENDS)),
+        })
+    }
+
+    /// Logs where mail goes, warning when it would cross the network unencrypted. Called
+    /// once at start, after logging is set up.
+    pub fn log_setup(&self) {
+        if self.clear_text {
+            tracing::warn!(server = %self.server, "KEYCAST_SMTP_URL is not encrypted (use smtps:// or ?tls=required): mail with single-use links, and any SMTP password, cross the network in clear text");
+        } else {
+            tracing::info!(server = %self.server, from = %self.from, "mail goes out through SMTP");
+        }
+    }
+
+    /// Starts delivering `mail` in the background and returns at once (see the module doc
+    /// for what happens on failure). Must be called inside a Tokio runtime.
+    pub fn send(&self, mail: Mail) {
+        let mailer = self.clone();
+        tokio::spawn(async move {
+            let Ok(_slot) = mailer.slots.acquire().await else {
+                return;
+            };
+            match mailer.deliver(&mail).await {
+                Ok(()) => tracing::info!(to = %mail.to, subject = %mail.subject, server = %mailer.server, "mail sent"),
+                Err(reason) => tracing::warn!(
+                    to = %mail.to,
+                    subject = %mail.subject,
+                    server = %mailer.server,
+                    %reason,
+                    "could not send mail; the user can ask for a new link"
+                ),
+            }
+        });
+    }
+
+    async fn deliver(&self, mail: &Mail) -> Result<(), String> {
+        let to: Mailbox = mail
+            .to
+            .parse()
+            .map_err(|e| format!("the recipient is not a valid address: {e}"))?;
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(mail.subject.clone())
+            .header(ContentType::TEXT_PLAIN)
+            .body(mail.body.clone())
+            .map_err(|e| format!("cannot build the message: {e}"))?;
+        self.transport
+            .send(message)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `text` with the URL's password, if any, replaced (lettre's errors do not echo the URL,
+/// but this is the one place that could leak it into a log).
+fn redacted(text: &str, url: &url::Url) -> String {
+    match url.password() {
+        Some(password) if !password.is_empty() => text.replace(password, "<redacted>"),
+        _ => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smtp_settings_are_checked_without_echoing_the_password() {
+        let ok = SmtpMailer::new(&"smtps://user:s3cret-pw@mail.example:465".into(), "keycast <k@x.org>").unwrap();
+        let shown = format!("{ok:?}");
+        assert!(
+            shown.contains("mail.example:465") && !shown.contains("s3cret-pw"),
+            "{shown}"
+        );
+        SmtpMailer::new(&"smtp://127.0.0.1:2525".into(), "k@x.org").unwrap();
+        SmtpMailer::new(&"smtp://mail.example?tls=required".into(), "k@x.org").unwrap();
+        for bad in [
+            "mail.example",
+            "http://user:s3cret-pw@mail.example",
+            "smtp://u:s3cret-pw@/x",
+        ] {
+            let err = SmtpMailer::new(&bad.into(), "k@x.org").unwrap_err().to_string();
+            assert!(!err.contains("s3cret-pw"), "{err}");
+        }
+        assert!(matches!(
+            SmtpMailer::new(&"smtp://127.0.0.1:25".into(), "not an address"),
+            Err(MailConfigError::From(_))
+        ));
     }
 }

@@ -209,7 +209,8 @@ async fn decide(
     let target = if approved {
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
-        let code = oauth::issue_code(db.pool(), &d.params.code_request(&session.user.id, &policy), now_unix()).await?;
+        let request = d.params.code_request(&session.user.id, &policy);
+        let code = oauth::issue_code(db.pool(), &request, state.options().code_ttl_secs, now_unix()).await?;
         state.confirm_write(false).await?;
         Ok((
             code.expose().clone(),

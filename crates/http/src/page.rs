@@ -1,10 +1,100 @@
 //! The server-rendered pages of the OAuth flow: minimal, dependency-free HTML. Every
 //! value is escaped with [`escape`]. The account pages (register, login, dashboard) are
-//! in `pages.rs` and share [`layout`].
+//! in `pages.rs` and share [`layout`], [`html`] and the HTML error pages ([`html_errors`]).
 
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
 use keycast_db::policies::PolicyRow;
 
+use crate::error::ErrorMessage;
 use crate::oauth::AuthorizeParams;
+
+/// An HTML page that may not be framed (the revoke and logout buttons must not be
+/// clickjacked), is never cached, and sends no referrer to other sites (pages reached from
+/// a mailed link carry its token in the URL).
+pub(crate) fn html(status: StatusCode, page: String) -> Response {
+    let mut response = (status, Html(page)).into_response();
+    secure_headers(response.headers_mut());
+    response
+}
+
+fn secure_headers(headers: &mut HeaderMap) {
+    headers.insert(
+        HeaderName::from_static("x-frame-options"),
+        HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static("frame-ancestors 'none'"),
+    );
+    // `same-origin`, not `no-referrer`: the latter would make browsers send `Origin: null`
+    // on the forms' own posts, which the login-CSRF check refuses.
+    headers.insert(
+        HeaderName::from_static("referrer-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// Middleware for routes that serve HTML: an error answer (any [`crate::AppError`], from the
+/// handler or an extractor) becomes an HTML page with the same status and message.
+pub(crate) async fn html_errors(request: Request, next: Next) -> Response {
+    error_page(next.run(request).await)
+}
+
+/// Re-renders an [`crate::AppError`] response as an HTML page (same status and headers, e.g.
+/// `Retry-After`); any other response is returned unchanged.
+pub(crate) fn error_page(response: Response) -> Response {
+    let Some(ErrorMessage(message)) = response.extensions().get::<ErrorMessage>().cloned() else {
+        return response;
+    };
+    let (mut parts, _) = response.into_parts();
+    let title = error_title(parts.status);
+    let body = format!(
+        "<h1>{title}</h1><p class=\"error\" role=\"alert\">{message}</p>\
+         <p><a href=\"/\">Back to keycast</a></p>",
+        title = escape(title),
+        message = escape(&message),
+    );
+    parts.headers.remove(CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    secure_headers(&mut parts.headers);
+    Response::from_parts(parts, Body::from(layout(title, &body)))
+}
+
+fn error_title(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "That did not work",
+        401 => "Please log in",
+        403 => "Not allowed",
+        404 => "Page not found",
+        409 => "Already taken",
+        429 => "Too many attempts",
+        503 => "keycast is not available right now",
+        _ => "Something went wrong",
+    }
+}
+
+/// Whether an unknown route should be answered with an HTML page: outside the API's own
+/// paths (`/api/`, `/healthz/`, `/metrics`, `/.well-known/`), for a client that accepts
+/// `text/html` (a browser).
+pub(crate) fn wants_html(path: &str, headers: &HeaderMap) -> bool {
+    let api = ["/api/", "/healthz/", "/metrics", "/.well-known/"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix));
+    let accepts_html = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/html"));
+    !api && accepts_html
+}
 
 /// HTML-escapes text for element content and double-quoted attributes.
 pub fn escape(text: &str) -> String {

@@ -1,30 +1,39 @@
 //! The account pages, server-rendered for people (not part of the JSON API nor of
 //! `openapi.json`): `GET /` (to the dashboard or the login page), the register and login
-//! forms, and the dashboard (key, authorizations with a revoke button, recent activity,
-//! log out).
+//! forms, the dashboard (key, authorizations with a revoke button, recent activity, log
+//! out, a new verification link), and the pages the mailed links lead to:
+//! `/verify-email?token=` (a button that confirms the address), `/reset-password?token=`
+//! (a new-password form) and `/forgot-password` (asks for a reset link).
 //!
 //! The form handlers call the same functions as the JSON endpoints
 //! ([`crate::auth::sign_up`], [`crate::auth::log_in`], [`crate::auth::end_session`],
-//! [`crate::user::revoke_authorization`]), so rate limits and durability are the same.
-//! Every value shown is escaped with [`escape`]. State-changing forms of a session (revoke,
-//! log out) carry the session's CSRF token; the register and login forms, which have no
-//! session yet, refuse a foreign `Origin` (login CSRF).
+//! [`crate::auth::confirm_email`], [`crate::auth::request_mail`],
+//! [`crate::auth::set_new_password`], [`crate::user::revoke_authorization`]), so rate
+//! limits and durability are the same. Every value shown is escaped with [`escape`].
+//! State-changing forms of a session (revoke, log out, resend) carry the session's CSRF
+//! token; the forms without a session (register, login, forgot, reset, verify) refuse a
+//! foreign `Origin` (login CSRF), and the mailed forms also need the mailed token.
+//!
+//! Every error on these routes is an HTML page with its status ([`crate::page::html_errors`]).
+//! Verifying takes a click rather than happening on `GET`, so a mail scanner that opens the
+//! link does not use the single-use token up.
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, State};
-use axum::http::header::{CACHE_CONTROL, LOCATION, ORIGIN, RETRY_AFTER, SET_COOKIE};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
+use axum::extract::{Path, Query, State};
+use axum::http::header::{LOCATION, ORIGIN, RETRY_AFTER, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
+use keycast_db::sessions::TokenPurpose;
 use keycast_db::{activity, authz as authz_repo, policies};
 use serde::Deserialize;
 
 use crate::extract::{ClientIp, FormOrJson, OverHttps};
-use crate::page::{escape, layout, layout_with};
+use crate::page::{escape, html, layout, layout_with};
 use crate::session::{clear_cookie, csrf_matches, csrf_token, MaybeSession, SessionUser};
 use crate::{AppError, AppState};
 
@@ -39,6 +48,11 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/logout", post(logout_form))
         .route("/dashboard", get(dashboard))
         .route("/dashboard/authorizations/{id}/revoke", post(revoke_form))
+        .route("/dashboard/resend-verification", post(resend_form))
+        .route("/verify-email", get(verify_page).post(verify_form))
+        .route("/forgot-password", get(forgot_page).post(forgot_form))
+        .route("/reset-password", get(reset_page).post(reset_form))
+        .layer(axum::middleware::from_fn(crate::page::html_errors))
 }
 
 /// `GET /` → 303 to `/dashboard` with a session, to `/login` without.
@@ -149,9 +163,20 @@ async fn revoke_form(
     Ok(see_other("/dashboard"))
 }
 
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct DashboardQuery {
+    /// `verification` after a new verification link was requested.
+    sent: Option<String>,
+}
+
 /// `GET /dashboard` → the user's key, authorizations and recent activity; 303 to `/login`
 /// without a session.
-async fn dashboard(State(state): State<AppState>, MaybeSession(session): MaybeSession) -> Result<Response, AppError> {
+async fn dashboard(
+    State(state): State<AppState>,
+    MaybeSession(session): MaybeSession,
+    Query(query): Query<DashboardQuery>,
+) -> Result<Response, AppError> {
     let Some(session) = session else {
         return Ok(see_other("/login"));
     };
@@ -167,21 +192,33 @@ async fn dashboard(State(state): State<AppState>, MaybeSession(session): MaybeSe
     let csrf = escape(&csrf_token(&session.token));
 
     let npub = key.pubkey.to_bech32().unwrap_or_default();
+    let verified = session.user.email_verified_at.is_some();
     let mut body = format!(
         "<header class=\"bar\"><h1>keycast</h1>\
          <form method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <button type=\"submit\">Log out</button></form></header>\
-         <p>Signed in as <strong>{email}</strong>{unverified}.</p>\
+         <p>Signed in as <strong>{email}</strong>{unverified}.</p>{resend}{notice}\
          <h2>Your key</h2>\
          <dl><dt>npub</dt><dd><code class=\"npub\">{npub}</code></dd>\
          <dt>Public key (hex)</dt><dd><code>{hex}</code></dd>\
          <dt>Origin</dt><dd>{origin}</dd></dl>\
          <h2>Authorized apps</h2>",
         email = escape(&session.user.email),
-        unverified = if session.user.email_verified_at.is_some() {
-            ""
+        unverified = if verified { "" } else { " (email not verified yet)" },
+        // A form cannot sit inside a paragraph (the parser would close it): its own block.
+        resend = if verified {
+            String::new()
         } else {
-            " (email not verified yet)"
+            format!(
+                "<form class=\"inline\" method=\"post\" action=\"/dashboard/resend-verification\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                 <button type=\"submit\">Send the verification link again</button></form>"
+            )
+        },
+        notice = if query.sent.as_deref() == Some("verification") {
+            "<p class=\"notice\" role=\"status\">A new verification link is on its way to your mailbox.</p>"
+        } else {
+            ""
         },
         npub = escape(&npub),
         hex = escape(&key.pubkey.to_hex()),
@@ -249,11 +286,201 @@ async fn dashboard(State(state): State<AppState>, MaybeSession(session): MaybeSe
         "Dashboard",
         "body{max-width:56rem}table{border-collapse:collapse;width:100%}\
          th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd;vertical-align:middle}\
-         td form,td button,.bar button{margin:0;width:auto}.bar{display:flex;justify-content:space-between;\
+         td form,td button,.bar button{margin:0;width:auto}form.inline button{width:auto}\
+         .notice{color:#060}.bar{display:flex;justify-content:space-between;\
          align-items:center}dd{margin:0 0 .5rem}code{word-break:break-all}",
         &body,
     );
     Ok(html(StatusCode::OK, page))
+}
+
+/// `POST /dashboard/resend-verification` (form with the CSRF token) → 303 back to the
+/// dashboard, which says a new link is on its way (as `POST /api/auth/resend-verification`).
+async fn resend_form(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    MaybeSession(session): MaybeSession,
+    FormOrJson { value: form, .. }: FormOrJson<CsrfForm>,
+) -> Result<Response, AppError> {
+    let Some(session) = session else {
+        return Ok(see_other("/login"));
+    };
+    check_csrf(&session, &form.csrf)?;
+    crate::auth::request_mail(&state, &ip, &session.user.email, TokenPurpose::VerifyEmail).await?;
+    Ok(see_other("/dashboard?sent=verification"))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct TokenForm {
+    token: String,
+    password: String,
+}
+
+/// The mailed token of a link, or a 400 page when the link was cut short.
+fn mailed_token(token: &str) -> Result<&str, AppError> {
+    if token.trim().is_empty() {
+        Err(AppError::BadRequest(
+            "this link is incomplete: open the link from the mail exactly as it was sent".into(),
+        ))
+    } else {
+        Ok(token.trim())
+    }
+}
+
+/// Whether a mailed link's token still works; `false` shows the dead-link page at once.
+async fn link_is_live(state: &AppState, token: &str, purpose: TokenPurpose) -> Result<bool, AppError> {
+    let (db, _) = state.api()?;
+    Ok(keycast_core::accounts::mail_token_is_live(db.pool(), token, purpose, keycast_db::now_unix()).await?)
+}
+
+/// `GET /verify-email?token=` (the mailed link) → a button that confirms the address, or
+/// (400) why the link no longer works.
+async fn verify_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -> Result<Response, AppError> {
+    let token = mailed_token(&q.token)?;
+    if !link_is_live(&state, token, TokenPurpose::VerifyEmail).await? {
+        return Ok(dead_verify_link());
+    }
+    let body = format!(
+        "<h1>Confirm your email address</h1>\
+         <p>One click confirms that this mailbox is yours.</p>\
+         <form method=\"post\" action=\"/verify-email\">\
+         <input type=\"hidden\" name=\"token\" value=\"{token}\">\
+         <button type=\"submit\">Confirm my email</button></form>",
+        token = escape(token),
+    );
+    Ok(html(StatusCode::OK, layout("Confirm your email", &body)))
+}
+
+/// `POST /verify-email` (form: the mailed token) → a page saying the address is confirmed,
+/// or why not (400: the link is invalid, used or expired; how to get a new one).
+async fn verify_form(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    FormOrJson { value: form, .. }: FormOrJson<TokenForm>,
+) -> Result<Response, AppError> {
+    check_origin(&state, &headers)?;
+    let token = mailed_token(&form.token)?;
+    match crate::auth::confirm_email(&state, token).await {
+        Ok(()) => {
+            let body = "<h1>Your email address is confirmed</h1>\
+                        <p>Thank you. <a href=\"/dashboard\">Go to your dashboard</a>.</p>";
+            Ok(html(StatusCode::OK, layout("Email confirmed", body)))
+        }
+        Err(AppError::BadRequest(_)) => Ok(dead_verify_link()),
+        Err(other) => Err(other),
+    }
+}
+
+/// 400: the verification link is unknown, used or expired, and how to get a new one.
+fn dead_verify_link() -> Response {
+    let body = "<h1>This link no longer works</h1>\
+                <p class=\"error\" role=\"alert\">The confirmation link is invalid, was already used, \
+                or has expired (links last 24 hours).</p>\
+                <p><a href=\"/login\">Log in</a> and use <em>Send the verification link again</em> on your \
+                dashboard to get a new one. If you already confirmed, there is nothing left to do.</p>";
+    html(StatusCode::BAD_REQUEST, layout("Link expired", body))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct EmailForm {
+    email: String,
+}
+
+/// `GET /forgot-password` → the form that asks for a reset link.
+async fn forgot_page() -> Response {
+    html(StatusCode::OK, forgot_html("", None))
+}
+
+/// `POST /forgot-password` (form) → a page saying a link is on its way (the same whether or
+/// not the account exists), or the form again with the reason (400, 429).
+async fn forgot_form(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    FormOrJson { value: form, .. }: FormOrJson<EmailForm>,
+) -> Result<Response, AppError> {
+    check_origin(&state, &headers)?;
+    match crate::auth::request_mail(&state, &ip, &form.email, TokenPurpose::ResetPassword).await {
+        Ok(()) => {
+            let body = format!(
+                "<h1>Check your mailbox</h1>\
+                 <p>If an account with <strong>{email}</strong> exists, a link to choose a new password is on \
+                 its way. It works once, for {minutes} minutes.</p><p><a href=\"/login\">Back to log in</a></p>",
+                email = escape(form.email.trim()),
+                minutes = keycast_core::accounts::RESET_PASSWORD_TTL_SECS / 60,
+            );
+            Ok(html(StatusCode::OK, layout("Check your mailbox", &body)))
+        }
+        Err(err) => form_error(err, |message| forgot_html(&form.email, Some(message))),
+    }
+}
+
+/// `GET /reset-password?token=` (the mailed link) → the new-password form, or (400) why
+/// the link no longer works, before the user types a password for nothing.
+async fn reset_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -> Result<Response, AppError> {
+    let token = mailed_token(&q.token)?;
+    if !link_is_live(&state, token, TokenPurpose::ResetPassword).await? {
+        let body = format!(
+            "<h1>This link no longer works</h1>\
+             <p class=\"error\" role=\"alert\">The reset link is invalid, was already used, or has expired \
+             (links last {minutes} minutes).</p><p><a href=\"/forgot-password\">Ask for a new one</a>.</p>",
+            minutes = keycast_core::accounts::RESET_PASSWORD_TTL_SECS / 60,
+        );
+        return Ok(html(StatusCode::BAD_REQUEST, layout("Link expired", &body)));
+    }
+    Ok(html(StatusCode::OK, reset_html(token, None)))
+}
+
+/// `POST /reset-password` (form: the mailed token and the new password) → a page saying
+/// the password changed (every session ended), or the form again with the reason (400 for
+/// a used/expired link or a too-short password, 429).
+async fn reset_form(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    FormOrJson { value: form, .. }: FormOrJson<TokenForm>,
+) -> Result<Response, AppError> {
+    check_origin(&state, &headers)?;
+    let token = mailed_token(&form.token)?.to_owned();
+    match crate::auth::set_new_password(&state, &ip, &token, form.password).await {
+        Ok(()) => {
+            let body = "<h1>Your password was changed</h1>\
+                        <p>Every session was logged out. <a href=\"/login\">Log in</a> with the new password.</p>";
+            Ok(html(StatusCode::OK, layout("Password changed", body)))
+        }
+        Err(err) => form_error(err, |message| reset_html(&token, Some(message))),
+    }
+}
+
+fn forgot_html(email: &str, error: Option<&str>) -> String {
+    let body = format!(
+        "<h1>Forgot your password?</h1>{error}\
+         <p>Enter your account's email address and keycast mails you a link to choose a new password.</p>\
+         <form method=\"post\" action=\"/forgot-password\">\
+         <label>Email <input type=\"email\" name=\"email\" value=\"{email}\" required autocomplete=\"username\"></label>\
+         <button type=\"submit\">Send me a link</button></form>\
+         <p><a href=\"/login\">Back to log in</a></p>",
+        error = error_html(error),
+        email = escape(email),
+    );
+    layout("Forgot password", &body)
+}
+
+fn reset_html(token: &str, error: Option<&str>) -> String {
+    let body = format!(
+        "<h1>Choose a new password</h1>{error}\
+         <form method=\"post\" action=\"/reset-password\">\
+         <input type=\"hidden\" name=\"token\" value=\"{token}\">\
+         <label>New password <input type=\"password\" name=\"password\" required minlength=\"8\" \
+         autocomplete=\"new-password\"></label>\
+         <button type=\"submit\">Set the new password</button></form>\
+         <p>Link used or expired? <a href=\"/forgot-password\">Ask for a new one</a>.</p>",
+        error = error_html(error),
+        token = escape(token),
+    );
+    layout("Reset password", &body)
 }
 
 fn register_html(email: &str, error: Option<&str>) -> String {
@@ -279,7 +506,8 @@ fn login_html(email: &str, error: Option<&str>) -> String {
          <label>Email <input type=\"email\" name=\"email\" value=\"{email}\" required autocomplete=\"username\"></label>\
          <label>Password <input type=\"password\" name=\"password\" required autocomplete=\"current-password\"></label>\
          <button type=\"submit\">Log in</button></form>\
-         <p>No account yet? <a href=\"/register\">Create one</a>.</p>",
+         <p><a href=\"/forgot-password\">Forgot your password?</a> No account yet? \
+         <a href=\"/register\">Create one</a>.</p>",
         error = error_html(error),
         email = escape(email),
     );
@@ -351,23 +579,6 @@ fn logged_in(cookie: HeaderValue) -> Response {
 
 fn see_other(location: &'static str) -> Response {
     (StatusCode::SEE_OTHER, [(LOCATION, HeaderValue::from_static(location))]).into_response()
-}
-
-/// An HTML page that may not be framed (the revoke and logout buttons must not be
-/// clickjacked) and is never cached.
-fn html(status: StatusCode, page: String) -> Response {
-    let mut response = (status, Html(page)).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        HeaderName::from_static("x-frame-options"),
-        HeaderValue::from_static("DENY"),
-    );
-    headers.insert(
-        HeaderName::from_static("content-security-policy"),
-        HeaderValue::from_static("frame-ancestors 'none'"),
-    );
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
 
 /// A unix time as `YYYY-MM-DD HH:MM UTC`.

@@ -8,7 +8,7 @@ use keycast_db::Db;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::limit::RateLimits;
-use crate::mail::Outbox;
+use crate::mail::{Mail, Outbox, SmtpMailer};
 
 /// Default per-request timeout (seconds); a request still running then gets a 503.
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
@@ -36,6 +36,12 @@ pub struct HttpOptions {
     /// Origins allowed to call the API from a browser (CORS, `ALLOWED_ORIGINS`). Empty (the
     /// default) sends no CORS headers.
     pub allowed_origins: Vec<String>,
+    /// Life of an OAuth authorization code, seconds (`KEYCAST_OAUTH_CODE_TTL_SECS`). Default
+    /// and maximum [`keycast_core::oauth::CODE_TTL_SECS`] (10 minutes).
+    pub code_ttl_secs: i64,
+    /// Where mail goes: this SMTP server (`KEYCAST_SMTP_URL`), or, when `None` (the
+    /// default), the development outbox.
+    pub smtp: Option<SmtpMailer>,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -59,6 +65,8 @@ impl Default for HttpOptions {
             relays: Vec::new(),
             token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
             allowed_origins: Vec::new(),
+            code_ttl_secs: keycast_core::oauth::CODE_TTL_SECS,
+            smtp: None,
         }
     }
 }
@@ -146,9 +154,27 @@ impl AppState {
         }
     }
 
-    /// Mail waiting in the development outbox.
+    /// Mail waiting in the development outbox (empty when SMTP is configured).
     pub fn outbox(&self) -> &Outbox {
         &self.inner.outbox
+    }
+
+    /// Logs where mail goes: the SMTP server, or a warning that it only reaches the
+    /// development outbox. Call once at start, after logging is set up.
+    pub fn log_mail_setup(&self) {
+        match &self.inner.options.smtp {
+            Some(smtp) => smtp.log_setup(),
+            None => tracing::warn!("KEYCAST_SMTP_URL is not set: verification and reset mail goes to the development outbox and reaches nobody; set it (and KEYCAST_MAIL_FROM) in production"),
+        }
+    }
+
+    /// Sends `mail` through SMTP when configured, else into the development outbox;
+    /// returns at once (see [`crate::mail`]).
+    pub fn send_mail(&self, mail: Mail) {
+        match &self.inner.options.smtp {
+            Some(smtp) => smtp.send(mail),
+            None => self.inner.outbox.send(mail),
+        }
     }
 
     /// The rate limiters of login, registration and password reset.

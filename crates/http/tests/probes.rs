@@ -77,3 +77,52 @@ async fn metrics_count_requests_by_route_template() {
         "{body}"
     );
 }
+
+/// `(status, content type, body)` of a GET with extra headers.
+async fn get_with(state: &AppState, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String, String) {
+    let mut request = Request::get(path);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = app(state.clone())
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, content_type, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn a_browser_gets_html_error_pages_and_the_api_keeps_json() {
+    let state = state();
+    let browser = [("accept", "text/html,application/xhtml+xml,*/*;q=0.8")];
+    // An unknown page, for a browser: an HTML 404 with a human message.
+    let (status, content_type, body) = get_with(&state, "/no-such-page", &browser).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    assert!(
+        body.contains("Page not found") && body.contains("there is no page at /no-such-page"),
+        "{body}"
+    );
+    // The same under /api stays JSON, even for a browser.
+    let (status, content_type, _) = get_with(&state, "/api/nope", &browser).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(content_type.starts_with("application/json"), "{content_type}");
+    // A page route failing (keycast still starting: no database) is an HTML 503 page…
+    let cookie = [("cookie", "keycast_session=abc")];
+    let (status, content_type, body) = get_with(&state, "/dashboard", &cookie).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    assert!(body.contains("keycast is starting; retry in a moment"), "{body}");
+    // …and the same cause on an API route is the usual JSON.
+    let (status, content_type, body) = get_with(&state, "/api/user/key", &cookie).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(content_type.starts_with("application/json"), "{content_type}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"], "unavailable");
+}

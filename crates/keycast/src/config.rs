@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keycast_http::mail::{MailConfigError, SmtpMailer};
 use keycast_http::DurabilityMode;
 use keycast_replica::compactor::CompactionPolicy;
 use keycast_replica::crypt::ObjectCipher;
@@ -207,6 +208,24 @@ pub const SETTINGS: &[Setting] = &[
         help: "comma-separated origins allowed to call the API from browsers (CORS); none sends no CORS headers",
     },
     Setting {
+        key: "smtp_url",
+        env: "KEYCAST_SMTP_URL",
+        default: "(none: development outbox)",
+        help: "SMTP server for verification and reset mail: smtps://user:pass@host:465, smtp://user:pass@host:587?tls=required or smtp://host:25; secret",
+    },
+    Setting {
+        key: "mail_from",
+        env: "KEYCAST_MAIL_FROM",
+        default: "(none)",
+        help: "the From address of keycast's mail, e.g. `keycast <noreply@example.org>`; required with KEYCAST_SMTP_URL",
+    },
+    Setting {
+        key: "oauth_code_ttl_secs",
+        env: "KEYCAST_OAUTH_CODE_TTL_SECS",
+        default: "600",
+        help: "life of an OAuth authorization code, 1 to 600 seconds",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -215,7 +234,7 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Settings whose values are secrets: redacted from every message.
-const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key"];
+const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url"];
 
 /// Where the embedded relay listens by default: loopback, so it is private to the machine.
 pub const DEFAULT_EMBEDDED_RELAY_ADDR: &str = "127.0.0.1:7447";
@@ -257,6 +276,10 @@ pub struct Config {
     pub nip46: bool,
     /// CORS origins; empty disables CORS.
     pub allowed_origins: Vec<String>,
+    /// Mail through this SMTP server; `None` → the development outbox.
+    pub smtp: Option<SmtpMailer>,
+    /// Life of an OAuth authorization code, seconds (1..=600).
+    pub oauth_code_ttl_secs: i64,
 }
 
 /// Where the master key (the key-encryption key of stored Nostr keys) comes from.
@@ -455,8 +478,39 @@ impl Sources {
             embedded_relay: self.embedded_relay()?,
             nip46: self.get("nip46", parse_bool)?.unwrap_or(true),
             allowed_origins: self.get("allowed_origins", parse_origins)?.unwrap_or_default(),
+            smtp: self.smtp()?,
+            oauth_code_ttl_secs: self
+                .get("oauth_code_ttl_secs", parse_code_ttl)?
+                .unwrap_or(keycast_core::oauth::CODE_TTL_SECS),
             data_dir,
         })
+    }
+
+    /// The SMTP mailer, when `smtp_url` is set (then `mail_from` is required).
+    fn smtp(&self) -> Result<Option<SmtpMailer>, ConfigError> {
+        let from = self.get("mail_from", non_empty)?;
+        let Some(url) = self.get("smtp_url", |v| Ok(keycast_core::Secret::new(v.to_owned())))? else {
+            return Ok(None);
+        };
+        let Some(from) = from else {
+            return Err(ConfigError::Invalid {
+                origin: "KEYCAST_MAIL_FROM".into(),
+                reason: "required when KEYCAST_SMTP_URL is set: the address mail comes from, e.g. \
+                         `keycast <noreply@example.org>`"
+                    .into(),
+            });
+        };
+        let mailer = SmtpMailer::new(&url, &from).map_err(|e| {
+            let key = match e {
+                MailConfigError::Url(_) => "smtp_url",
+                MailConfigError::From(_) => "mail_from",
+            };
+            ConfigError::Invalid {
+                origin: describe(key, &self.values[key]),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Some(mailer))
     }
 
     fn embedded_relay(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
@@ -602,6 +656,13 @@ fn parse_positive_secs(v: &str) -> Result<Duration, String> {
             Ok(d)
         }
     })
+}
+
+fn parse_code_ttl(v: &str) -> Result<i64, String> {
+    v.parse::<i64>()
+        .ok()
+        .filter(|s| (1..=keycast_core::oauth::CODE_TTL_SECS).contains(s))
+        .ok_or_else(|| "expected a whole number of seconds from 1 to 600 (RFC 6749 allows at most 10 minutes)".into())
 }
 
 fn parse_durability(v: &str) -> Result<DurabilityMode, String> {
@@ -870,6 +931,41 @@ mod tests {
         assert!(env(&[("BUNKER_RELAYS", "https://a.example")]).build().is_err());
         assert!(env(&[("ALLOWED_ORIGINS", "https://app.example/path")]).build().is_err());
         assert!(env(&[("KEYCAST_PUBLIC_URL", "ftp://x")]).build().is_err());
+    }
+
+    #[test]
+    fn smtp_needs_a_from_address_and_its_url_is_never_echoed() {
+        let url = "smtps://mailer:hunter2-pw@mail.example:465";
+        let config = env(&[("KEYCAST_SMTP_URL", url), ("KEYCAST_MAIL_FROM", "keycast <k@x.org>")])
+            .build()
+            .unwrap();
+        assert!(config.smtp.is_some());
+        assert!(
+            !format!("{config:?}").contains("hunter2"),
+            "Debug must not print the password"
+        );
+        let err = env(&[("KEYCAST_SMTP_URL", url)]).build().unwrap_err().to_string();
+        assert!(err.contains("KEYCAST_MAIL_FROM") && !err.contains("hunter2"), "{err}");
+        let bad = "smtpx://mailer:hunter2-pw@mail.example";
+        let err = env(&[("KEYCAST_SMTP_URL", bad), ("KEYCAST_MAIL_FROM", "k@x.org")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KEYCAST_SMTP_URL=<redacted>") && !err.contains("hunter2"),
+            "{err}"
+        );
+        assert!(Sources::default().build().unwrap().smtp.is_none());
+    }
+
+    #[test]
+    fn oauth_code_ttl_can_be_shortened_but_not_lengthened() {
+        assert_eq!(Sources::default().build().unwrap().oauth_code_ttl_secs, 600);
+        let config = env(&[("KEYCAST_OAUTH_CODE_TTL_SECS", "60")]).build().unwrap();
+        assert_eq!(config.oauth_code_ttl_secs, 60);
+        for bad in ["0", "601", "x"] {
+            assert!(env(&[("KEYCAST_OAUTH_CODE_TTL_SECS", bad)]).build().is_err(), "{bad}");
+        }
     }
 
     #[test]

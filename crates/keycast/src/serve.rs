@@ -70,8 +70,11 @@ pub async fn run(
         relays: relays.clone(),
         token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
         allowed_origins: config.allowed_origins.clone(),
+        code_ttl_secs: config.oauth_code_ttl_secs,
+        smtp: config.smtp.clone(),
     };
     let state = AppState::new(metrics, options);
+    state.log_mail_setup();
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let app = keycast_http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app)

@@ -1,0 +1,86 @@
+//! The pages in a real browser: Debian's Chromium, driven by playwright-core, registers on
+//! the real binary's register page and lands on the dashboard showing the new key. A
+//! screenshot of that dashboard is kept in the test's temporary directory.
+//!
+//! Needs the peers from scripts/install-peers.sh (`KEYCAST_TEST_CHROMIUM`,
+//! `KEYCAST_PLAYWRIGHT_DIR`); the driver script is `testdata/<this test>/drive.js`.
+
+mod harness;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::api::*;
+use harness::{run_with_timeout, Launch};
+use serde_json::{json, Value};
+
+/// Width and height from a PNG's IHDR chunk, or `None` if `bytes` is not a PNG.
+fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    if bytes.len() < 24 || &bytes[..8] != SIGNATURE || &bytes[12..16] != b"IHDR" {
+        return None;
+    }
+    let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    Some((be(16), be(20)))
+}
+
+#[test]
+fn a_person_registers_in_chromium_and_sees_their_key() {
+    let (Some(chromium), Some(playwright)) = (
+        harness::peer("KEYCAST_TEST_CHROMIUM"),
+        harness::peer("KEYCAST_PLAYWRIGHT_DIR"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let email = "browser@example.com";
+    let screenshot = dir.path().join("dashboard.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/testdata/a_person_registers_in_chromium_and_sees_their_key/drive.js");
+
+    let mut node = Command::new("node");
+    node.arg(&script)
+        .args([server.base.as_str(), email, PASSWORD])
+        .arg(&screenshot)
+        .arg(dir.path().join("chromium-profile"))
+        .env("NODE_PATH", Path::new(&playwright).join("node_modules"))
+        .env("CHROMIUM", &chromium);
+    let run = run_with_timeout(node, Duration::from_secs(120));
+    run.assert_success("the Chromium driver");
+    let shown: Value = run
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result line from the driver:\n{}", run.stdout));
+    assert!(shown["url"].as_str().unwrap().ends_with("/dashboard"), "{shown}");
+    assert_eq!(shown["title"], "Dashboard · keycast");
+
+    // The key the dashboard shows is the account's key, as the API reports it.
+    let login = post_json(
+        &server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(login.status, 200, "the browser created the account: {}", login.body);
+    assert_eq!(shown["hex"], login.json()["pubkey"], "{shown}");
+    assert_eq!(shown["npub"], login.json()["npub"], "{shown}");
+
+    // The screenshot is a real rendering of the page, not an empty file or a blank image.
+    let png = std::fs::read(&screenshot).expect("the driver saved a screenshot");
+    let (width, height) = png_size(&png).expect("the screenshot is a PNG");
+    assert!(width >= 1000 && height >= 300, "{width}x{height}");
+    assert!(
+        png.len() > 10_000,
+        "a {} byte PNG is too small to show the dashboard",
+        png.len()
+    );
+    eprintln!(
+        "dashboard screenshot: {} ({width}x{height}, {} bytes)",
+        screenshot.display(),
+        png.len()
+    );
+}

@@ -1,0 +1,118 @@
+//! Against the real binary: the policies list first-party pages show before consent, and
+//! an authorization code that outlived its TTL being refused at the token endpoint.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::api::*;
+use harness::{Keycast, Launch};
+use oauth2::PkceCodeChallenge;
+use serde_json::json;
+
+/// Registers `email` through the API: the session cookie.
+fn register(server: &Keycast, email: &str) -> String {
+    let r = post_json(
+        server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    cookie_of(&r)
+}
+
+/// Approves `test-app` on the consent page: the code and its PKCE verifier.
+fn approve(server: &Keycast, cookie: &str) -> (String, String) {
+    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+    let query = form(&[
+        ("response_type", "code"),
+        ("client_id", "test-app"),
+        ("redirect_uri", REDIRECT),
+        ("scope", "policy:social"),
+        ("state", "st"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ]);
+    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let body = format!("{query}&{}", form(&[("csrf", &csrf), ("decision", "approve")]));
+    let r = post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]);
+    assert_eq!(r.status, 302, "{}", r.body);
+    let code = query_param(&r.location.unwrap(), "code").unwrap();
+    (code, verifier.secret().clone())
+}
+
+fn redeem(server: &Keycast, code: &str, verifier: &str) -> Reply {
+    post_form(
+        server,
+        "/api/oauth/token",
+        None,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("client_id", "test-app"),
+            ("redirect_uri", REDIRECT),
+            ("code_verifier", verifier),
+        ],
+    )
+}
+
+#[test]
+fn an_expired_code_is_invalid_grant_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    // Codes live 2 s here (production: 600 s); the setting can only shorten the TTL.
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_OAUTH_CODE_TTL_SECS", "2")
+        .start();
+    let cookie = register(&server, "expiry@example.com");
+
+    // Redeemed at once, a code works: the short TTL is what makes the next one fail.
+    let (fresh, verifier) = approve(&server, &cookie);
+    let ok = redeem(&server, &fresh, &verifier);
+    assert_eq!(ok.status, 200, "{}", ok.body);
+
+    let (stale, verifier) = approve(&server, &cookie);
+    std::thread::sleep(Duration::from_millis(3100));
+    let expired = redeem(&server, &stale, &verifier);
+    assert_eq!(expired.status, 400, "{}", expired.body);
+    assert_eq!(expired.json()["error"], "invalid_grant", "{}", expired.body);
+    assert!(
+        expired.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("expired"),
+        "{}",
+        expired.body
+    );
+}
+
+#[test]
+fn policies_are_listed_with_what_they_permit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let r = get(&server, "/api/policies", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let policies = r.json()["policies"].as_array().cloned().unwrap();
+    let slugs: Vec<&str> = policies.iter().map(|p| p["slug"].as_str().unwrap()).collect();
+    assert_eq!(slugs, ["full", "readonly", "social", "wallet"]);
+    let by_slug = |slug: &str| policies.iter().find(|p| p["slug"] == slug).unwrap().clone();
+
+    let social = by_slug("social");
+    assert_eq!(social["name"], "Social");
+    assert!(!social["description"].as_str().unwrap().is_empty());
+    assert_eq!(
+        social["permissions"]["allowed_kinds"],
+        json!([0, 1, 3, 4, 7, 44, 1059, 9735, 22242])
+    );
+    assert_eq!(by_slug("wallet")["permissions"]["allowed_kinds"], json!([9734]));
+    assert_eq!(by_slug("readonly")["permissions"]["decrypt_only"], true);
+    assert_eq!(by_slug("full")["permissions"]["full_access"], true);
+    assert_eq!(by_slug("full")["permissions"]["allowed_kinds"], json!(null));
+
+    // Every listed slug is a scope the authorization server accepts.
+    let metadata = get(&server, "/.well-known/oauth-authorization-server", None).json();
+    let scopes: Vec<String> = slugs.iter().map(|s| format!("policy:{s}")).collect();
+    assert_eq!(metadata["scopes_supported"], json!(scopes));
+}
