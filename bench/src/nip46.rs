@@ -66,12 +66,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if connected.1 != "ack" {
         bail!("connect was refused: {}", connected.1);
     }
-    note!("connected to {bunker} on {relay}; {} warm-up + {} measured", args.warmup, args.n);
+    note!(
+        "connected to {bunker} on {relay}; {} warm-up + {} measured",
+        args.warmup,
+        args.n
+    );
 
     let mut round_trips = Vec::with_capacity(args.n);
     let mut echoes = Vec::with_capacity(args.n);
     for i in 0..args.warmup + args.n {
-        let template = json!({"kind": 1, "content": format!("bench {i}"), "tags": [], "created_at": Timestamp::now().as_secs()});
+        let template =
+            json!({"kind": 1, "content": format!("bench {i}"), "tags": [], "created_at": Timestamp::now().as_secs()});
         let (ms, result) = session
             .call(&mut messages, "sign_event", json!([template.to_string()]))
             .await?;

@@ -49,6 +49,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard", get(dashboard))
         .route("/dashboard/authorizations/{id}/revoke", post(revoke_form))
         .route("/dashboard/resend-verification", post(resend_form))
+        .route("/dashboard/nostrconnect", post(nostrconnect_form))
         .route("/verify-email", get(verify_page).post(verify_form))
         .route("/forgot-password", get(forgot_page).post(forgot_form))
         .route("/reset-password", get(reset_page).post(reset_form))
@@ -163,6 +164,29 @@ async fn revoke_form(
     Ok(see_other("/dashboard"))
 }
 
+#[derive(Deserialize)]
+struct NostrConnectForm {
+    csrf: String,
+    uri: String,
+    policy: String,
+}
+
+/// `POST /dashboard/nostrconnect` (form: CSRF token, `uri`, `policy`) → 303 back to the
+/// dashboard once the authorization is durable (keycast then answers the app on its
+/// relays); a bad URI or policy shows an error page saying what is wrong.
+async fn nostrconnect_form(
+    State(state): State<AppState>,
+    MaybeSession(session): MaybeSession,
+    FormOrJson { value: form, .. }: FormOrJson<NostrConnectForm>,
+) -> Result<Response, AppError> {
+    let Some(session) = session else {
+        return Ok(see_other("/login"));
+    };
+    check_csrf(&session, &form.csrf)?;
+    crate::user::accept_nostrconnect(&state, &session.user.id, &form.uri, &form.policy).await?;
+    Ok(see_other("/dashboard?sent=nostrconnect"))
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct DashboardQuery {
@@ -215,10 +239,14 @@ async fn dashboard(
                  <button type=\"submit\">Send the verification link again</button></form>"
             )
         },
-        notice = if query.sent.as_deref() == Some("verification") {
-            "<p class=\"notice\" role=\"status\">A new verification link is on its way to your mailbox.</p>"
-        } else {
-            ""
+        notice = match query.sent.as_deref() {
+            Some("verification") => {
+                "<p class=\"notice\" role=\"status\">A new verification link is on its way to your mailbox.</p>"
+            }
+            Some("nostrconnect") => {
+                "<p class=\"notice\" role=\"status\">The app is authorized; keycast has answered it on its relays.</p>"
+            }
+            _ => "",
         },
         npub = escape(&npub),
         hex = escape(&key.pubkey.to_hex()),
@@ -256,6 +284,29 @@ async fn dashboard(
         }
         body.push_str("</tbody></table>");
     }
+
+    let mut choices: Vec<_> = policies.values().collect();
+    choices.sort_by(|a, b| a.slug.cmp(&b.slug));
+    let options: String = choices
+        .iter()
+        .map(|p| {
+            format!(
+                "<option value=\"{slug}\"{selected}>{name}</option>",
+                slug = escape(&p.slug),
+                selected = if p.slug == "social" { " selected" } else { "" },
+                name = escape(&p.display_name),
+            )
+        })
+        .collect();
+    body.push_str(&format!(
+        "<h2>Connect an app with nostrconnect://</h2>\
+         <form method=\"post\" action=\"/dashboard/nostrconnect\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <label>The app's <code>nostrconnect://</code> link\
+         <input name=\"uri\" required placeholder=\"nostrconnect://…\"></label>\
+         <label>Allow it to<select name=\"policy\">{options}</select></label>\
+         <button type=\"submit\">Authorize the app</button></form>"
+    ));
 
     body.push_str("<h2>Recent activity</h2>");
     if recent.is_empty() {

@@ -312,3 +312,62 @@ fn the_same_bunker_url_signs_after_a_redeploy() {
 fn url_encode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
+
+#[test]
+fn the_dashboard_form_authorizes_a_nostrconnect_app() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let (cookie, _) = register(&server, "page@example.com", None);
+    let started = client.call_ok(json!({"op": "nostrconnect", "relays": [relay.url()]}));
+    let uri = started["uri"].as_str().unwrap();
+
+    let dashboard = get(&server, "/dashboard", Some(&cookie));
+    assert!(
+        dashboard.body.contains("nostrconnect://"),
+        "the dashboard offers the form"
+    );
+    let csrf = hidden_input(&dashboard.body, "csrf").unwrap();
+    let forged = post_form(
+        &server,
+        "/dashboard/nostrconnect",
+        Some(&cookie),
+        &[("csrf", "forged"), ("uri", uri), ("policy", "social")],
+    );
+    assert_eq!(
+        forged.status, 403,
+        "no authorization without the CSRF token: {}",
+        forged.body
+    );
+    let bad = post_form(
+        &server,
+        "/dashboard/nostrconnect",
+        Some(&cookie),
+        &[("csrf", &csrf), ("uri", "bunker://x"), ("policy", "social")],
+    );
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body.contains("nostrconnect://"),
+        "the error page says what is wrong: {}",
+        bad.body
+    );
+
+    let done = post_form(
+        &server,
+        "/dashboard/nostrconnect",
+        Some(&cookie),
+        &[("csrf", &csrf), ("uri", uri), ("policy", "social")],
+    );
+    assert_eq!(done.status, 303, "{}", done.body);
+    client.call_ok(json!({"op": "nostrconnect_wait", "timeout_ms": 10_000}));
+    let signed = client.call_ok(json!({"op": "sign_event", "event": {"kind": 7, "content": "+"}}));
+    assert_eq!(signed["verified"], true);
+    let page = get(&server, "/dashboard", Some(&cookie)).body;
+    assert!(
+        page.contains("keycast-tests"),
+        "the app is listed under its name: {page}"
+    );
+}
