@@ -6,56 +6,16 @@ mod harness;
 use std::time::Duration;
 
 use harness::api::*;
+use harness::flow::{approve, authorize_query, pkce, register, token_request};
 use harness::{Keycast, Launch};
-use oauth2::PkceCodeChallenge;
 use serde_json::json;
 
-/// Registers `email` through the API: the session cookie.
-fn register(server: &Keycast, email: &str) -> String {
-    let r = post_json(
-        server,
-        "/api/auth/register",
-        None,
-        &json!({ "email": email, "password": PASSWORD }),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    cookie_of(&r)
-}
-
-/// Approves `test-app` on the consent page: the code and its PKCE verifier.
-fn approve(server: &Keycast, cookie: &str) -> (String, String) {
-    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let query = form(&[
-        ("response_type", "code"),
-        ("client_id", "test-app"),
-        ("redirect_uri", REDIRECT),
-        ("scope", "policy:social"),
-        ("state", "st"),
-        ("code_challenge", challenge.as_str()),
-        ("code_challenge_method", "S256"),
-    ]);
-    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
-    assert_eq!(page.status, 200, "{}", page.body);
-    let csrf = hidden_input(&page.body, "csrf").unwrap();
-    let body = format!("{query}&{}", form(&[("csrf", &csrf), ("decision", "approve")]));
-    let r = post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]);
-    assert_eq!(r.status, 302, "{}", r.body);
-    let code = query_param(&r.location.unwrap(), "code").unwrap();
-    (code, verifier.secret().clone())
-}
-
-fn redeem(server: &Keycast, code: &str, verifier: &str) -> Reply {
-    post_form(
-        server,
-        "/api/oauth/token",
-        None,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("client_id", "test-app"),
-            ("redirect_uri", REDIRECT),
-            ("code_verifier", verifier),
-        ],
+/// Consent for `test-app` under policy:social: the code and its PKCE verifier.
+fn approved_code(server: &Keycast, cookie: &str) -> (String, String) {
+    let (challenge, verifier) = pkce();
+    (
+        approve(server, cookie, &authorize_query("policy:social", &challenge)),
+        verifier,
     )
 }
 
@@ -66,16 +26,16 @@ fn an_expired_code_is_invalid_grant_over_http() {
     let server = Launch::new(&dir.path().join("data"))
         .env("KEYCAST_OAUTH_CODE_TTL_SECS", "2")
         .start();
-    let cookie = register(&server, "expiry@example.com");
+    let (cookie, _) = register(&server, "expiry@example.com", None);
 
     // Redeemed at once, a code works: the short TTL is what makes the next one fail.
-    let (fresh, verifier) = approve(&server, &cookie);
-    let ok = redeem(&server, &fresh, &verifier);
+    let (fresh, verifier) = approved_code(&server, &cookie);
+    let ok = token_request(&server, &fresh, &verifier, REDIRECT);
     assert_eq!(ok.status, 200, "{}", ok.body);
 
-    let (stale, verifier) = approve(&server, &cookie);
+    let (stale, verifier) = approved_code(&server, &cookie);
     std::thread::sleep(Duration::from_millis(3100));
-    let expired = redeem(&server, &stale, &verifier);
+    let expired = token_request(&server, &stale, &verifier, REDIRECT);
     assert_eq!(expired.status, 400, "{}", expired.body);
     assert_eq!(expired.json()["error"], "invalid_grant", "{}", expired.body);
     assert!(

@@ -8,6 +8,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::api::*;
+use harness::flow::{approve, authorize_query, pkce, register, token_request};
 use harness::{Keycast, Launch};
 use nostr::nips::nip19::ToBech32;
 use nostr::{Event, JsonUtil, Keys};
@@ -30,79 +31,6 @@ fn start() -> (tempfile::TempDir, Keycast) {
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
     (dir, server)
-}
-
-/// Registers `email` (with `nsec` if given) and returns the session cookie and the body.
-fn register(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, Value) {
-    let r = post_json(
-        server,
-        "/api/auth/register",
-        None,
-        &json!({ "email": email, "password": PASSWORD, "nsec": nsec }),
-    );
-    assert_eq!(r.status, 201, "register: {}", r.body);
-    let cookie = cookie_of(&r);
-    (cookie, r.json())
-}
-
-/// A PKCE pair: (challenge, verifier).
-fn pkce() -> (String, String) {
-    let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    (challenge.as_str().to_owned(), verifier.secret().clone())
-}
-
-fn authorize_query(scope: &str, challenge: &str) -> String {
-    form(&[
-        ("response_type", "code"),
-        ("client_id", "test-app"),
-        ("redirect_uri", REDIRECT),
-        ("scope", scope),
-        ("state", "st-123"),
-        ("code_challenge", challenge),
-        ("code_challenge_method", "S256"),
-    ])
-}
-
-/// GET the consent page for `query` and approve it: returns the redirect's code.
-fn approve(server: &Keycast, cookie: &str, query: &str) -> String {
-    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
-    assert_eq!(page.status, 200, "{}", page.body);
-    let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
-    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    fields.push(("csrf".into(), csrf));
-    fields.push(("decision".into(), "approve".into()));
-    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-    let r = post(
-        server,
-        "/api/oauth/authorize",
-        Some(cookie),
-        "application/x-www-form-urlencoded",
-        &body,
-        &[],
-    );
-    assert_eq!(r.status, 302, "{}", r.body);
-    let location = r.location.expect("redirect");
-    assert!(location.starts_with(REDIRECT), "{location}");
-    assert_eq!(query_param(&location, "state").as_deref(), Some("st-123"));
-    query_param(&location, "code").expect("a code in the redirect")
-}
-
-fn token_request(server: &Keycast, code: &str, verifier: &str, redirect: &str) -> Reply {
-    let body = form(&[
-        ("grant_type", "authorization_code"),
-        ("code", code),
-        ("client_id", "test-app"),
-        ("redirect_uri", redirect),
-        ("code_verifier", verifier),
-    ]);
-    post(
-        server,
-        "/api/oauth/token",
-        None,
-        "application/x-www-form-urlencoded",
-        &body,
-        &[],
-    )
 }
 
 /// Register → consent → token (by hand): returns (session cookie, access token, pubkey hex).
