@@ -2,8 +2,9 @@
 //! a client with native crypto (the `nostr` crate), so the figure is the relays' and
 //! keycast's time, not a JavaScript client's.
 //!
-//! In the same run, on the same relay connection, the **relay echo** is measured: an event
-//! the client publishes and receives back through its own subscription (one hop each way).
+//! In the same run, through the same relay, the **relay echo** is measured: an event a
+//! second connection publishes and the client receives through its subscription (a relay
+//! hop; relays do not send a connection its own events back).
 //! A NIP-46 round trip is two such hops plus keycast's work, so `round trip ÷ (2 × echo)`
 //! shows how much keycast adds on top of the relay.
 //!
@@ -45,6 +46,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     pool.add_relay(relay.clone(), RelayOptions::new()).await?;
     pool.connect().await;
     pool.wait_for_connection(WAIT).await;
+    let echo_pool = RelayPool::new();
+    echo_pool.add_relay(relay.clone(), RelayOptions::new()).await?;
+    echo_pool.connect().await;
+    echo_pool.wait_for_connection(WAIT).await;
     let mut messages = pool.notifications();
     let filter = Filter::new()
         .kind(Kind::NostrConnect)
@@ -55,6 +60,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let session = Session {
         pool: &pool,
+        echo_pool: &echo_pool,
         relay: &relay,
         client: &client,
         bunker,
@@ -89,6 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     pool.shutdown().await;
+    echo_pool.shutdown().await;
     let rt = summary_ms(&round_trips);
     let echo = summary_ms(&echoes);
     let ratio = match (rt["p50"].as_f64(), echo["p50"].as_f64()) {
@@ -107,6 +114,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 struct Session<'a> {
     pool: &'a RelayPool,
+    /// A second connection that publishes the echo events.
+    echo_pool: &'a RelayPool,
     relay: &'a RelayUrl,
     client: &'a Keys,
     bunker: PublicKey,
@@ -155,7 +164,8 @@ impl Session<'_> {
         }
     }
 
-    /// One relay hop each way: publish an event addressed to ourselves and wait for it.
+    /// One relay hop: the second connection publishes an event addressed to the client,
+    /// which waits for it.
     async fn echo(&self, messages: &mut broadcast::Receiver<RelayPoolNotification>) -> anyhow::Result<f64> {
         let content = nip44::encrypt(
             self.client.secret_key(),
@@ -168,7 +178,7 @@ impl Session<'_> {
             .sign_with_keys(self.client)?;
         let id = event.id;
         let started = Instant::now();
-        self.pool
+        self.echo_pool
             .send_msg_to([self.relay.clone()], ClientMessage::event(event))
             .await?;
         let deadline = started + WAIT;

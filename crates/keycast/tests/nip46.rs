@@ -283,13 +283,11 @@ fn the_same_bunker_url_signs_after_a_redeploy() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let replica = format!("file://{}", dir.path().join("replica").display());
-    let master = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let replica = dir.path().join("replica");
     let launch = || {
         Launch::new(&data)
+            .redeployable(&replica)
             .env("BUNKER_RELAYS", relay.url())
-            .env("KEYCAST_REPLICA_URL", &replica)
-            .env("KEYCAST_MASTER_KEY", master)
     };
     let server = launch().start();
     let (_, user_pubkey, token) = user_with_grant(&server, "drill@example.com", "policy:social");

@@ -770,13 +770,11 @@ fn without_a_master_key_a_private_dev_key_is_generated_with_a_warning() {
 fn redeploy_keeps_accounts_keys_and_authorizations() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let replica = format!("file://{}", dir.path().join("replica").display());
-    let master = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let replica = dir.path().join("replica");
     let launch = || {
         Launch::new(&data)
+            .redeployable(&replica)
             .env("KEYCAST_TEST_ROUTES", "true")
-            .env("KEYCAST_REPLICA_URL", &replica)
-            .env("KEYCAST_MASTER_KEY", master)
     };
     let imported = Keys::generate();
     let nsec = imported.secret_key().to_bech32().unwrap();

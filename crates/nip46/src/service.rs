@@ -474,19 +474,12 @@ fn random_id() -> String {
 
 /// Bounded metric label: known methods by name, anything else as "unknown".
 fn method_label(method: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "connect",
-        "ping",
-        "get_public_key",
-        "sign_event",
-        "nip04_encrypt",
-        "nip04_decrypt",
-        "nip44_encrypt",
-        "nip44_decrypt",
-        "switch_relays",
-        "logout",
-    ];
-    KNOWN.iter().find(|m| **m == method).copied().unwrap_or("unknown")
+    const OWN: &[&str] = &["connect", "ping", "switch_relays", "logout"];
+    OWN.iter()
+        .chain(keycast_core::request::METHODS)
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// (client, request id) pairs seen within [`DEDUP_WINDOW`].

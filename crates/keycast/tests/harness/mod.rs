@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// A fixed master key (32 bytes, base64) for tests that restart on a wiped data directory.
+pub const TEST_MASTER_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
 /// How long a start-up may take before the test fails.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -48,6 +51,13 @@ impl Launch {
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
         self
+    }
+
+    /// Replicates to `replica` (a directory) under a fixed master key: what a redeploy
+    /// drill needs, since the instance after the wipe must decrypt the restored keys.
+    pub fn redeployable(self, replica: &Path) -> Self {
+        self.env("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display()))
+            .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
     }
 
     /// Spawns the binary without waiting for anything.
