@@ -46,7 +46,7 @@ for relay in "ws://127.0.0.1:$EMBEDDED_PORT" "ws://127.0.0.1:$RELAY_PORT"; do
 pk, q = url.split("?", 1); p = [(k, v) for k, v in u.parse_qsl(q) if k != "relay" or v == keep]
 print(pk + "?" + u.urlencode(p))' "$1" "$relay"; }
   BUNKER=$(only "$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT" bunker_url)")
-  "$CARGO_TARGET_DIR/release/keycast-bench" nip46 --bunker "$BUNKER" --n "$N" |
+  { "$CARGO_TARGET_DIR/release/keycast-bench" nip46 --bunker "$BUNKER" --n "$N" || echo '{"error":"native client failed"}'; } |
     python3 -c "import json,sys; [print(json.dumps({**json.loads(l), 'relay_kind': '$name', 'client': 'native'})) for l in sys.stdin]"
   BUNKER=$(only "$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT" bunker_url)")
   printf '%s\n' "{\"op\":\"connect\",\"bunker\":\"$BUNKER\"}" "{\"op\":\"bench\",\"n\":$N,\"warmup\":20,\"timeout_ms\":600000}" '{"op":"close"}' |

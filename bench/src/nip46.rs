@@ -167,15 +167,16 @@ impl Session<'_> {
     /// One relay hop: the second connection publishes an event addressed to the client,
     /// which waits for it.
     async fn echo(&self, messages: &mut broadcast::Receiver<RelayPoolNotification>) -> anyhow::Result<f64> {
+        let sender = Keys::generate();
         let content = nip44::encrypt(
-            self.client.secret_key(),
+            sender.secret_key(),
             &self.client.public_key(),
             "echo",
             nip44::Version::V2,
         )?;
         let event = EventBuilder::new(Kind::NostrConnect, content)
             .tag(Tag::public_key(self.client.public_key()))
-            .sign_with_keys(self.client)?;
+            .sign_with_keys(&sender)?;
         let id = event.id;
         let started = Instant::now();
         self.echo_pool

@@ -369,3 +369,76 @@ fn the_dashboard_form_authorizes_a_nostrconnect_app() {
         "the app is listed under its name: {page}"
     );
 }
+
+/// Older clients still send NIP-04 on the wire; keycast answers them in kind. nostr-tools no
+/// longer can, so this client is the `nostr` crate over a nostr-sdk relay connection.
+#[test]
+fn a_nip04_request_is_answered_in_nip04() {
+    use nostr::nips::nip04;
+    use nostr::{EventBuilder, Filter, Kind, Tag, Timestamp};
+    use nostr_sdk::pool::{RelayOptions, RelayPool, RelayPoolNotification};
+    use nostr_sdk::SubscribeOptions;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[]);
+    let (_, user_pubkey, token) = user_with_grant(&server, "old@example.com", "policy:social");
+    let bunker = bunker_url(&token);
+    let bunker_pk = PublicKey::from_hex(bunker.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let relay = query_param(&bunker, "relay").unwrap();
+    let secret = query_param(&bunker, "secret").unwrap();
+    let client = Keys::generate();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pool = RelayPool::new();
+        pool.add_relay(relay.as_str(), RelayOptions::new()).await.unwrap();
+        pool.connect().await;
+        pool.wait_for_connection(Duration::from_secs(5)).await;
+        let mut notifications = pool.notifications();
+        let filter = Filter::new()
+            .kind(Kind::NostrConnect)
+            .pubkey(client.public_key())
+            .since(Timestamp::now() - 10);
+        pool.subscribe(filter, SubscribeOptions::default()).await.unwrap();
+
+        let mut ask = |id: &str, method: &str, params: Value| {
+            let body = json!({"id": id, "method": method, "params": params}).to_string();
+            let content = nip04::encrypt(client.secret_key(), &bunker_pk, body).unwrap();
+            EventBuilder::new(Kind::NostrConnect, content)
+                .tag(Tag::public_key(bunker_pk))
+                .sign_with_keys(&client)
+                .unwrap()
+        };
+        let mut replies = Vec::new();
+        for (id, method, params) in [
+            ("1", "connect", json!([bunker_pk.to_hex(), secret])),
+            ("2", "get_public_key", json!([])),
+        ] {
+            pool.send_event(&ask(id, method, params)).await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let Ok(RelayPoolNotification::Event { event, .. }) = notifications.recv().await {
+                        if event.pubkey == bunker_pk {
+                            return event;
+                        }
+                    }
+                }
+            })
+            .await
+            .expect("keycast answers a NIP-04 request");
+            assert!(
+                reply.content.contains("?iv="),
+                "the answer is NIP-04 too: {}",
+                reply.content
+            );
+            let text = nip04::decrypt(client.secret_key(), &bunker_pk, &reply.content).unwrap();
+            replies.push(serde_json::from_str::<Value>(&text).unwrap());
+        }
+        assert_eq!(replies[0], json!({"id": "1", "result": "ack"}));
+        assert_eq!(replies[1], json!({"id": "2", "result": user_pubkey}));
+        pool.shutdown().await;
+    });
+}
