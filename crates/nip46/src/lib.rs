@@ -4,6 +4,7 @@
 //!   bounded number of requests in flight.
 //! - [`handler`]: what each method means; signing goes through
 //!   [`keycast_core::Signer::execute`], the path HTTP RPC uses too.
+//! - [`reconnect`]: bringing dropped relays back, with a backoff that resets.
 //! - [`wire`]: kind 24133 envelopes, NIP-44 (and NIP-04) on the wire.
 //! - [`embedded`]: the loopback relay used when no relays are configured.
 //!
@@ -12,6 +13,7 @@
 
 pub mod embedded;
 pub mod handler;
+pub mod reconnect;
 pub mod service;
 pub mod wire;
 

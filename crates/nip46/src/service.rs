@@ -2,7 +2,8 @@
 //! 24133 addressed (`#p`) to every bunker keycast serves, kept in step with the
 //! authorizations, and a bounded set of tasks that answer requests.
 //!
-//! The pool reconnects with backoff and re-sends the subscription after a reconnect.
+//! Relays that drop are reconnected with backoff ([`crate::reconnect`]); the pool re-sends
+//! the subscription on every new connection.
 //! Replies are handed to the relays without waiting for `OK`: some relays (nostr-rs-relay)
 //! never send one for ephemeral kinds, and the client's answer does not depend on it.
 
@@ -54,8 +55,6 @@ const MAX_BUSY_REPLIES: usize = 64;
 /// Requests from the last minute are still answered (a client may be waiting; the clock of
 /// a phone may be a little behind).
 const MAX_REQUEST_AGE_SECS: u64 = 60;
-/// Between attempts to reach a relay that dropped.
-const RECONNECT_INTERVAL: Duration = Duration::from_secs(3);
 /// `#p` values per filter; relays limit filter sizes.
 const PUBKEYS_PER_FILTER: usize = 500;
 /// How long a (client, request id) pair is remembered to drop duplicates.
@@ -138,6 +137,7 @@ impl Nip46Service {
         let tasks = vec![
             tokio::spawn(shared.clone().receive(notifications)),
             tokio::spawn(shared.clone().follow(changes)),
+            tokio::spawn(crate::reconnect::supervise(shared.pool.clone())),
         ];
         tracing::info!(relays = ?shared.options.relays, "nip46 signer listening");
         Ok(Nip46Service { shared, tasks })
@@ -158,13 +158,9 @@ impl Nip46Service {
 }
 
 fn relay_options() -> RelayOptions {
-    // Reconnect every few seconds when a relay drops. Not nostr-sdk's adaptive interval: it
-    // grows with lifetime failures and never resets (0.44), so after one long outage every
-    // later drop would wait up to a minute — longer than any client waits for a reply.
-    RelayOptions::new()
-        .reconnect(true)
-        .retry_interval(RECONNECT_INTERVAL)
-        .adjust_retry_interval(false)
+    // A drop leaves the relay `Terminated`; `reconnect::supervise` brings it back with its
+    // own backoff (see there for why not nostr-sdk's).
+    RelayOptions::new().reconnect(false)
 }
 
 impl Shared {
