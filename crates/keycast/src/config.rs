@@ -202,6 +202,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "answer NIP-46 requests on the relays (false: bunker URLs are issued but not served)",
     },
     Setting {
+        key: "nip46_max_in_flight",
+        env: "KEYCAST_NIP46_MAX_IN_FLIGHT",
+        default: "256",
+        help: "NIP-46 requests handled at once; more are answered \"busy\"",
+    },
+    Setting {
         key: "allowed_origins",
         env: "ALLOWED_ORIGINS",
         default: "(none)",
@@ -274,6 +280,8 @@ pub struct Config {
     pub embedded_relay: Option<std::net::SocketAddr>,
     /// Answer NIP-46 requests.
     pub nip46: bool,
+    /// NIP-46 requests handled at once (`KEYCAST_NIP46_MAX_IN_FLIGHT`).
+    pub nip46_max_in_flight: usize,
     /// CORS origins; empty disables CORS.
     pub allowed_origins: Vec<String>,
     /// Mail through this SMTP server; `None` → the development outbox.
@@ -477,6 +485,12 @@ impl Sources {
             bunker_relays: self.get("bunker_relays", parse_relays)?.unwrap_or_default(),
             embedded_relay: self.embedded_relay()?,
             nip46: self.get("nip46", parse_bool)?.unwrap_or(true),
+            nip46_max_in_flight: self
+                .get("nip46_max_in_flight", |v| match v.parse::<usize>() {
+                    Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+                    _ => Err("expected a number of requests from 1 to 100000".into()),
+                })?
+                .unwrap_or(256),
             allowed_origins: self.get("allowed_origins", parse_origins)?.unwrap_or_default(),
             smtp: self.smtp()?,
             oauth_code_ttl_secs: self

@@ -108,6 +108,7 @@ pub async fn run(
     let nip46 = if config.nip46 {
         let options = keycast_nip46::Nip46Options {
             relays,
+            max_in_flight: config.nip46_max_in_flight,
             ..Default::default()
         };
         Some(

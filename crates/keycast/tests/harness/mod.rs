@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod flow;
+pub mod native;
 pub mod nostr;
 
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,62 @@
+//! NIP-46 driven by a client with native crypto (`harness::native`), for what nostr-tools
+//! cannot do: NIP-04 on the wire, and a burst of requests larger than keycast handles at once.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::api::*;
+use harness::flow::{grant, register};
+use harness::native::{Cipher, NativeClient};
+use harness::{Keycast, Launch};
+use nostr::PublicKey;
+use serde_json::{json, Value};
+
+/// keycast on its embedded relay with a grant: (server, user pubkey, bunker pubkey, relay,
+/// connect secret).
+fn bunker(dir: &std::path::Path, env: &[(&str, &str)]) -> (Keycast, String, PublicKey, String, String) {
+    let mut launch = Launch::new(&dir.join("data"));
+    for (k, v) in env {
+        launch = launch.env(k, v);
+    }
+    let server = launch.start();
+    let (cookie, account) = register(&server, "native@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let url = token["bunker_url"].as_str().unwrap().to_owned();
+    let bunker = PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let relay = query_param(&url, "relay").unwrap();
+    let secret = query_param(&url, "secret").unwrap();
+    (
+        server,
+        account["pubkey"].as_str().unwrap().to_owned(),
+        bunker,
+        relay,
+        secret,
+    )
+}
+
+#[test]
+fn a_burst_beyond_capacity_is_answered_busy_never_dropped_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    // One request at a time: a burst of connects (each waits for the replica) overflows it.
+    let (_server, _, bunker, relay, secret) = bunker(dir.path(), &[("KEYCAST_NIP46_MAX_IN_FLIGHT", "1")]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    let burst: Vec<(String, &str, Value)> = (0..30)
+        .map(|i| (format!("c{i}"), "connect", json!([bunker.to_hex(), secret])))
+        .collect();
+    client.send(&burst, Cipher::Nip44);
+    let replies = client.replies(burst.len(), Duration::from_secs(10));
+    assert_eq!(replies.len(), burst.len(), "every request of the burst is answered");
+    let busy = replies
+        .iter()
+        .filter(|r| r.json["error"].as_str().is_some_and(|e| e.contains("busy")))
+        .count();
+    let acked = replies.iter().filter(|r| r.json["result"] == "ack").count();
+    assert!(
+        busy > 0,
+        "some are refused as busy: {:?}",
+        replies.iter().map(|r| &r.json).collect::<Vec<_>>()
+    );
+    assert!(acked > 0, "and some are served");
+    assert_eq!(busy + acked, burst.len(), "nothing else went wrong");
+}
