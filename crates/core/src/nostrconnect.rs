@@ -97,6 +97,23 @@ impl NostrConnectUri {
         })
     }
 
+    /// Refuses relays on loopback, private, link-local or otherwise internal addresses:
+    /// keycast opens a connection to every relay a URI names, and on a hosted instance a
+    /// pasted URI must not make it reach into its own network. (Names are judged as
+    /// written; one that resolves to an internal address is not caught here.)
+    ///
+    /// # Errors
+    /// [`NostrConnectError`] naming the relay.
+    pub fn refuse_internal_relays(&self) -> Result<(), NostrConnectError> {
+        match self.relays.iter().find(|r| is_internal(r)) {
+            Some(relay) => Err(bad(format!(
+                "relay {relay} is an internal address; this keycast only connects to public relays \
+                 (KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS=true allows them)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// What the user sees as the app: the `url` hint's origin, else the name, else the
     /// client key (short).
     pub fn display_origin(&self) -> String {
@@ -110,6 +127,51 @@ impl NostrConnectUri {
             (Some(origin), _) => origin,
             (None, Some(name)) => format!("nostrconnect: {name}"),
             (None, None) => format!("nostrconnect: {}…", &self.client.to_hex()[..12]),
+        }
+    }
+}
+
+/// Whether a relay URL names this machine or a private network.
+fn is_internal(relay: &str) -> bool {
+    use std::net::IpAddr;
+    let Ok(url) = url::Url::parse(relay) else {
+        return true;
+    };
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => internal_ip(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => internal_ip(IpAddr::V6(ip)),
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost"
+                || [".localhost", ".local", ".internal", ".lan"]
+                    .iter()
+                    .any(|s| name.ends_with(s))
+        }
+        None => true,
+    }
+}
+
+fn internal_ip(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                // 100.64.0.0/10, carrier-grade NAT (also used inside cloud networks)
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return internal_ip(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
         }
     }
 }
@@ -134,6 +196,33 @@ mod tests {
         assert_eq!(uri.secret.expose(), "abc");
         assert_eq!(uri.perms.as_deref(), Some("sign_event:1"));
         assert_eq!(uri.display_origin(), "https://app.example");
+    }
+
+    #[test]
+    fn internal_relays_are_told_apart_from_public_ones() {
+        let pk = client();
+        let uri = |relay: &str| NostrConnectUri::parse(&format!("nostrconnect://{pk}?relay={relay}&secret=s")).unwrap();
+        for internal in [
+            "ws://127.0.0.1:7000",
+            "ws://localhost:7000",
+            "wss://10.1.2.3",
+            "wss://192.168.0.9",
+            "wss://169.254.169.254",
+            "wss://100.100.1.1",
+            "ws://[::1]:7000",
+            "wss://[fd00::1]",
+            "wss://[::ffff:10.0.0.1]",
+            "wss://relay.internal",
+        ] {
+            let err = uri(internal).refuse_internal_relays().unwrap_err().to_string();
+            assert!(
+                err.contains("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS"),
+                "{internal}: {err}"
+            );
+        }
+        for public in ["wss://relay.damus.io", "wss://8.8.8.8", "wss://[2001:db8::1]"] {
+            assert!(uri(public).refuse_internal_relays().is_ok(), "{public}");
+        }
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct HttpOptions {
     /// Life of an OAuth authorization code, seconds (`KEYCAST_OAUTH_CODE_TTL_SECS`). Default
     /// and maximum [`keycast_core::oauth::CODE_TTL_SECS`] (10 minutes).
     pub code_ttl_secs: i64,
+    /// Accept `nostrconnect://` relays on internal addresses
+    /// (`KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS`). Default false.
+    pub nostrconnect_internal_relays: bool,
     /// Where mail goes: this SMTP server (`KEYCAST_SMTP_URL`), or, when `None` (the
     /// default), the development outbox.
     pub smtp: Option<SmtpMailer>,
@@ -66,6 +69,7 @@ impl Default for HttpOptions {
             token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
             allowed_origins: Vec::new(),
             code_ttl_secs: keycast_core::oauth::CODE_TTL_SECS,
+            nostrconnect_internal_relays: false,
             smtp: None,
         }
     }

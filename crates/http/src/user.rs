@@ -126,6 +126,10 @@ pub(crate) async fn accept_nostrconnect(
     policy: &str,
 ) -> Result<keycast_core::Authorization, AppError> {
     let uri = NostrConnectUri::parse(uri).map_err(|e| AppError::BadRequest(e.to_string()))?;
+    if !state.options().nostrconnect_internal_relays {
+        uri.refuse_internal_relays()
+            .map_err(|e| AppError::BadRequest(e.to_string()))?;
+    }
     let (db, services) = state.api()?;
     let policy = policies::find_by_slug(db.pool(), policy).await?.ok_or_else(|| {
         AppError::BadRequest(format!(

@@ -202,6 +202,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "answer NIP-46 requests on the relays (false: bunker URLs are issued but not served)",
     },
     Setting {
+        key: "nostrconnect_internal_relays",
+        env: "KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS",
+        default: "true while the embedded relay is on",
+        help: "accept nostrconnect:// relays on loopback/private addresses (keycast connects to them)",
+    },
+    Setting {
         key: "nip46_max_in_flight",
         env: "KEYCAST_NIP46_MAX_IN_FLIGHT",
         default: "256",
@@ -280,6 +286,8 @@ pub struct Config {
     pub embedded_relay: Option<std::net::SocketAddr>,
     /// Answer NIP-46 requests.
     pub nip46: bool,
+    /// Accept `nostrconnect://` relays on internal addresses.
+    pub nostrconnect_internal_relays: bool,
     /// NIP-46 requests handled at once (`KEYCAST_NIP46_MAX_IN_FLIGHT`).
     pub nip46_max_in_flight: usize,
     /// CORS origins; empty disables CORS.
@@ -485,6 +493,11 @@ impl Sources {
             bunker_relays: self.get("bunker_relays", parse_relays)?.unwrap_or_default(),
             embedded_relay: self.embedded_relay()?,
             nip46: self.get("nip46", parse_bool)?.unwrap_or(true),
+            // A development instance (embedded relay) talks to local clients; a production
+            // one must not be steered into its own network.
+            nostrconnect_internal_relays: self
+                .get("nostrconnect_internal_relays", parse_bool)?
+                .unwrap_or(self.embedded_relay()?.is_some()),
             nip46_max_in_flight: self
                 .get("nip46_max_in_flight", |v| match v.parse::<usize>() {
                     Ok(n) if (1..=100_000).contains(&n) => Ok(n),

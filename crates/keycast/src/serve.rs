@@ -71,6 +71,7 @@ pub async fn run(
         token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
         allowed_origins: config.allowed_origins.clone(),
         code_ttl_secs: config.oauth_code_ttl_secs,
+        nostrconnect_internal_relays: config.nostrconnect_internal_relays,
         smtp: config.smtp.clone(),
     };
     let state = AppState::new(metrics, options);

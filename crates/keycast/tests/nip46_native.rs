@@ -60,3 +60,39 @@ fn a_burst_beyond_capacity_is_answered_busy_never_dropped_silently() {
     assert!(acked > 0, "and some are served");
     assert_eq!(busy + acked, burst.len(), "nothing else went wrong");
 }
+
+#[test]
+fn a_production_instance_refuses_nostrconnect_relays_on_internal_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", "wss://relay.example")
+        .env("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS", "false")
+        .env("KEYCAST_NIP46", "false")
+        .start();
+    let (cookie, _) = register(&server, "ssrf@example.com", None);
+    let client = nostr::Keys::generate().public_key().to_hex();
+    for relay in ["ws://127.0.0.1:9", "wss://169.254.169.254", "wss://10.0.0.7"] {
+        let uri = format!("nostrconnect://{client}?relay={relay}&secret=s");
+        let r = post_json(
+            &server,
+            "/api/user/nostrconnect",
+            Some(&cookie),
+            &json!({"uri": uri, "policy": "social"}),
+        );
+        assert_eq!(r.status, 400, "{relay}: {}", r.body);
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS"),
+            "{}",
+            r.body
+        );
+    }
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert_eq!(
+        listed["authorizations"].as_array().unwrap().len(),
+        0,
+        "nothing was created"
+    );
+}

@@ -77,6 +77,8 @@ impl Launch {
             .env("KEYCAST_LOG", "info")
             // Tests run side by side: the embedded relay takes a free port.
             .env("KEYCAST_EMBEDDED_RELAY_ADDR", "127.0.0.1:0")
+            // Test relays live on loopback; production refuses such nostrconnect:// relays.
+            .env("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS", "true")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
