@@ -96,3 +96,28 @@ fn a_production_instance_refuses_nostrconnect_relays_on_internal_addresses() {
         "nothing was created"
     );
 }
+
+/// Older clients still send NIP-04 on the wire (nostr-tools no longer can); keycast answers
+/// them in kind, and NIP-44 requests in NIP-44.
+#[test]
+fn each_request_is_answered_in_the_cipher_it_came_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(
+        &[("1".into(), "connect", json!([bunker.to_hex(), secret]))],
+        Cipher::Nip04,
+    );
+    let connected = client.replies(1, Duration::from_secs(5));
+    assert_eq!(connected.len(), 1, "a NIP-04 connect is answered");
+    assert_eq!(connected[0].json, json!({"id": "1", "result": "ack"}));
+    assert_eq!(connected[0].cipher, Cipher::Nip04, "in NIP-04");
+
+    for (id, cipher) in [("2", Cipher::Nip04), ("3", Cipher::Nip44)] {
+        client.send(&[(id.into(), "get_public_key", json!([]))], cipher);
+        let reply = client.replies(1, Duration::from_secs(5));
+        assert_eq!(reply.len(), 1, "{cipher:?} get_public_key is answered");
+        assert_eq!(reply[0].json, json!({"id": id, "result": user_pubkey}));
+        assert_eq!(reply[0].cipher, cipher);
+    }
+}
