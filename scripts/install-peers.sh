@@ -75,10 +75,25 @@ if [ "$(npm_version playwright-core)" != "$PLAYWRIGHT_VERSION" ]; then
     "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
 fi
 
+# nostr-rs-relay 0.8.12, the other external relay the NIP-46 tests talk through. It sends no
+# `OK` for ephemeral events (kind 24133 included), so it proves keycast's replies do not
+# wait for one. Its build.rs needs protoc (prost-build does not bundle it). Built unlocked:
+# `--locked` fails on current rustc (time 0.3.25, E0282). It gets its own target dir so it
+# never disturbs keycast's, and takes about 10 minutes cold on 2 cores, once.
+NOSTR_RS_RELAY_VERSION='0.8.12'
+if [ ! -x "$PEERS/bin/nostr-rs-relay" ]; then
+  apt_install protoc protobuf-compiler
+  echo "install-peers: building nostr-rs-relay $NOSTR_RS_RELAY_VERSION into $PEERS/bin (cargo, about 10 minutes cold)"
+  CARGO_TARGET_DIR="$PEERS/target-nostr-rs-relay" \
+    cargo install --quiet --root "$PEERS" nostr-rs-relay --version "$NOSTR_RS_RELAY_VERSION"
+fi
+echo "install-peers: $("$PEERS/bin/nostr-rs-relay" --version 2>/dev/null || echo "nostr-rs-relay (version unknown)")"
+
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
 export KEYCAST_NOSTR_TOOLS_DIR="$PEERS/js"
 export KEYCAST_TEST_NOSTR_RELAY="$VENV/bin/nostr-relay"
+export KEYCAST_TEST_NOSTR_RS_RELAY="$PEERS/bin/nostr-rs-relay"
 export KEYCAST_TEST_AIOSMTPD="$VENV/bin/aiosmtpd"
 export KEYCAST_TEST_CHROMIUM=/usr/bin/chromium
 export KEYCAST_PLAYWRIGHT_DIR="$PEERS/js"

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use harness::api::*;
 use harness::flow::{grant, register};
-use harness::nostr::{keypair, BunkerClient, Relay};
+use harness::nostr::{keypair, BunkerClient, Relay, RsRelay};
 use harness::{Keycast, Launch};
 use nostr::nips::nip44;
 use nostr::{Event, Keys, PublicKey};
@@ -404,7 +404,7 @@ fn a_nip04_request_is_answered_in_nip04() {
             .since(Timestamp::now() - 10);
         pool.subscribe(filter, SubscribeOptions::default()).await.unwrap();
 
-        let mut ask = |id: &str, method: &str, params: Value| {
+        let ask = |id: &str, method: &str, params: Value| {
             let body = json!({"id": id, "method": method, "params": params}).to_string();
             let content = nip04::encrypt(client.secret_key(), &bunker_pk, body).unwrap();
             EventBuilder::new(Kind::NostrConnect, content)
@@ -441,4 +441,102 @@ fn a_nip04_request_is_answered_in_nip04() {
         assert_eq!(replies[1], json!({"id": "2", "result": user_pubkey}));
         pool.shutdown().await;
     });
+}
+
+/// Well under the 4.4 s nostr-tools' own publish waits for an `OK`: a signer that waited for
+/// one before answering (or before its next request) would lose at least that per reply.
+const NO_OK_WAIT_WITHIN_MS: f64 = 1000.0;
+
+/// Issue 6: relays that never send `OK` for ephemeral events must not delay replies.
+/// nostr-rs-relay is such a relay; keycast publishes its replies without waiting for an `OK`.
+#[test]
+fn replies_do_not_wait_for_the_ok_nostr_rs_relay_never_sends() {
+    let Some(relay) = RsRelay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    assert_eq!(
+        oks_until_a_kind_1_is_answered(relay.url()),
+        (false, true),
+        "nostr-rs-relay answers no OK for kind 24133 (but one for kind 1); log:\n{}",
+        relay.log()
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let (_, user_pubkey, token) = user_with_grant(&server, "rs@example.com", "policy:social");
+    let bunker = bunker_url(&token);
+    assert!(
+        bunker.contains(&url_encode(relay.url())),
+        "{bunker} names the configured relay"
+    );
+    sign_like_an_app(&mut client, &bunker, &user_pubkey);
+
+    let round_trips: Vec<f64> = (0..5)
+        .map(|i| {
+            let signed =
+                client.call_ok(json!({"op": "sign_event", "event": {"kind": 1, "content": format!("no OK {i}")}}));
+            assert_eq!(signed["verified"], true, "{signed}");
+            signed["ms"].as_f64().unwrap()
+        })
+        .collect();
+    eprintln!("sign_event round trips through nostr-rs-relay (ms): {round_trips:?}");
+    for ms in &round_trips {
+        assert!(
+            *ms < NO_OK_WAIT_WITHIN_MS,
+            "a sign_event took {ms} ms through a relay that sends no OK: {round_trips:?}"
+        );
+    }
+}
+
+/// Publishes a kind-24133 event and then a kind-1 event on one connection to `url`, and
+/// reads until the kind 1's `OK`: whether an `OK` came for (the 24133, the kind 1).
+/// nostr-rs-relay handles a connection's events in order through one writer, so an `OK` for
+/// the 24133 would have come first; none before the kind 1's means none at all.
+fn oks_until_a_kind_1_is_answered(url: &str) -> (bool, bool) {
+    use nostr::{ClientMessage, EventBuilder, Kind, RelayMessage, Tag};
+    use nostr_sdk::pool::{RelayOptions, RelayPool, RelayPoolNotification};
+
+    let keys = Keys::generate();
+    let ephemeral = EventBuilder::new(Kind::NostrConnect, "no OK for me")
+        .tag(Tag::public_key(Keys::generate().public_key()))
+        .sign_with_keys(&keys)
+        .unwrap();
+    let note = EventBuilder::text_note("OK for me").sign_with_keys(&keys).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pool = RelayPool::new();
+        pool.add_relay(url, RelayOptions::new()).await.unwrap();
+        pool.try_connect(Duration::from_secs(5)).await;
+        let mut notifications = pool.notifications();
+        pool.batch_msg_to(
+            [url],
+            vec![
+                ClientMessage::event(ephemeral.clone()),
+                ClientMessage::event(note.clone()),
+            ],
+        )
+        .await
+        .unwrap();
+        let mut answered = (false, false);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !answered.1 {
+                if let Ok(RelayPoolNotification::Message {
+                    message: RelayMessage::Ok { event_id, .. },
+                    ..
+                }) = notifications.recv().await
+                {
+                    answered.0 |= event_id == ephemeral.id;
+                    answered.1 |= event_id == note.id;
+                }
+            }
+        })
+        .await
+        .ok();
+        pool.shutdown().await;
+        answered
+    })
 }

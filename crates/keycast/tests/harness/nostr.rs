@@ -1,8 +1,8 @@
-//! Real Nostr peers for the NIP-46 tests: an external relay process (PyPI `nostr-relay`) and
-//! a real NIP-46 client (nostr-tools' `BunkerSigner`, driven through
-//! `tests/js/bunker-client.mjs`).
+//! Real Nostr peers for the NIP-46 tests: external relay processes (PyPI `nostr-relay`, and
+//! nostr-rs-relay, which sends no `OK` for ephemeral events) and a real NIP-46 client
+//! (nostr-tools' `BunkerSigner`, driven through `tests/js/bunker-client.mjs`).
 //!
-//! Both come from scripts/install-peers.sh and follow [`peer`] semantics: a missing peer
+//! All come from scripts/install-peers.sh and follow [`peer`] semantics: a missing peer
 //! skips the test outside scripts/test.sh and fails it inside. This module knows nothing of
 //! keycast; tests point the client at whatever `bunker://` URL they obtained.
 
@@ -136,22 +136,10 @@ impl Relay {
 
     /// Polls the NIP-11 document until the worker answers it.
     fn wait_for_nip11(&self, port: u16) {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build()
-            .new_agent();
         let deadline = Instant::now() + RELAY_START_TIMEOUT;
         loop {
-            let answer = agent
-                .get(&format!("http://127.0.0.1:{port}/"))
-                .header("Accept", "application/nostr+json")
-                .call();
-            if let Ok(mut response) = answer {
-                let body = response.body_mut().read_to_string().unwrap_or_default();
-                if response.status() == 200 && body.contains("supported_nips") {
-                    return;
-                }
+            if serves_nip11(port) {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
@@ -185,6 +173,26 @@ impl Drop for Relay {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.wait();
+    }
+}
+
+/// Whether a relay on `port` answers its NIP-11 document (`Accept: application/nostr+json`).
+fn serves_nip11(port: u16) -> bool {
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .new_agent();
+    let answer = agent
+        .get(&format!("http://127.0.0.1:{port}/"))
+        .header("Accept", "application/nostr+json")
+        .call();
+    match answer {
+        Ok(mut response) => {
+            let body = response.body_mut().read_to_string().unwrap_or_default();
+            response.status() == 200 && body.contains("supported_nips")
+        }
+        Err(_) => false,
     }
 }
 
@@ -241,6 +249,116 @@ fn packaged_relay_config(binary: &Path) -> PathBuf {
         .map(|entry| entry.path().join("site-packages/nostr_relay/config.yaml"))
         .find(|path| path.is_file())
         .unwrap_or_else(|| panic!("no nostr_relay/config.yaml under {}", lib.display()))
+}
+
+/// A running nostr-rs-relay on a free loopback port, with its own temporary sqlite database
+/// and config. Killed on drop.
+///
+/// Unlike [`Relay`] it sends **no `OK`** for ephemeral events, kind 24133 included (it
+/// broadcasts them to subscribers and says nothing to the publisher), so a NIP-46 signer
+/// that waited for an `OK` before going on would stall on it.
+pub struct RsRelay {
+    child: Child,
+    url: String,
+    output: Arc<Mutex<String>>,
+    /// Holds the config and the database; removed on drop, after the process stopped.
+    _dir: tempfile::TempDir,
+}
+
+impl RsRelay {
+    /// Starts the relay named by `KEYCAST_TEST_NOSTR_RS_RELAY` (the `nostr-rs-relay`
+    /// executable) and waits until it serves its NIP-11 document. `None` when the peer is
+    /// not installed and the suite does not require it.
+    ///
+    /// # Panics
+    /// If the relay cannot start or does not answer within [`RELAY_START_TIMEOUT`].
+    pub fn start() -> Option<RsRelay> {
+        let binary = PathBuf::from(peer("KEYCAST_TEST_NOSTR_RS_RELAY")?);
+        let dir = tempfile::tempdir().unwrap();
+        // It has no "port 0": take a free port and hand it over (a race only with another
+        // process binding the same port in between, which the start-up check reports).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, rs_relay_config(port, &data)).unwrap();
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--config")
+            .arg(&config)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        // Its tracing log goes to stdout; stderr only has config errors. Keep both, merged.
+        let output = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        let mut relay = RsRelay {
+            child,
+            url: format!("ws://127.0.0.1:{port}"),
+            output,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + RELAY_START_TIMEOUT;
+        while !serves_nip11(port) {
+            let exited = relay.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "nostr-rs-relay did not serve NIP-11 on port {port} (exit: {exited:?}); stdout:\n{}\nstderr:\n{}",
+                relay.log(),
+                stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(relay)
+    }
+
+    /// `ws://127.0.0.1:PORT`, without a trailing slash.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// What the relay logged (stdout) so far.
+    pub fn log(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RsRelay {
+    /// SIGKILL: one process, and nothing in its temporary database is worth a clean stop.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal nostr-rs-relay config: sqlite in `data`, loopback on `port`, no rate limit on
+/// event writes (`messages_per_sec = 0` turns it off).
+fn rs_relay_config(port: u16, data: &Path) -> String {
+    format!(
+        r#"[info]
+relay_url = "ws://127.0.0.1:{port}/"
+name = "keycast test relay"
+
+[database]
+engine = "sqlite"
+data_directory = "{data}"
+
+[network]
+address = "127.0.0.1"
+port = {port}
+
+[limits]
+messages_per_sec = 0
+"#,
+        data = data.display()
+    )
 }
 
 // ---------------------------------------------------------------------------------------
