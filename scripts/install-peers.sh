@@ -85,7 +85,9 @@ if [ ! -x "$PEERS/bin/nostr-rs-relay" ]; then
   apt_install protoc protobuf-compiler
   echo "install-peers: building nostr-rs-relay $NOSTR_RS_RELAY_VERSION into $PEERS/bin (cargo, about 10 minutes cold)"
   CARGO_TARGET_DIR="$PEERS/target-nostr-rs-relay" \
-    cargo install --quiet --root "$PEERS" nostr-rs-relay --version "$NOSTR_RS_RELAY_VERSION"
+    cargo install --quiet --root "$PEERS" nostr-rs-relay --version "$NOSTR_RS_RELAY_VERSION" --bin nostr-rs-relay
+  # The build directory (1.5 GB) is not needed once the binary is in place.
+  rm -rf "$PEERS/target-nostr-rs-relay"
 fi
 echo "install-peers: $("$PEERS/bin/nostr-rs-relay" --version 2>/dev/null || echo "nostr-rs-relay (version unknown)")"
 

@@ -76,12 +76,10 @@ pub async fn supervise(pool: RelayPool) {
             let schedule = schedules.entry(url.clone()).or_insert_with(|| Backoff::new(now));
             match relay.status() {
                 RelayStatus::Connected => schedule.connected(now),
-                RelayStatus::Terminated | RelayStatus::Disconnected => {
-                    if schedule.down(now) {
-                        metrics::counter!("keycast_nip46_reconnects_total").increment(1);
-                        tracing::debug!(relay = %url, "nip46: reconnecting");
-                        relay.connect();
-                    }
+                RelayStatus::Terminated | RelayStatus::Disconnected if schedule.down(now) => {
+                    metrics::counter!("keycast_nip46_reconnects_total").increment(1);
+                    tracing::debug!(relay = %url, "nip46: reconnecting");
+                    relay.connect();
                 }
                 // Initialized (connect not yet called), Pending/Connecting (an attempt is
                 // under way), Banned, Sleeping: leave it.
