@@ -262,3 +262,62 @@ fn split_brain_never_corrupts_the_replica_nor_loses_durable_writes() {
         "no write from the fenced instance landed"
     );
 }
+
+/// A newcomer that asks for the lease and is then stopped (a cancelled deploy) must not leave
+/// the old instance refusing writes for good: a TTL after handing over to nobody, it takes
+/// the lease back and serves writes again, with nothing lost.
+#[test]
+fn a_handover_nobody_takes_is_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let a = launch(&dir.path().join("a"), &replica).start();
+    let write = |key: &str| post(&format!("{}/api/test/write?key={key}&durable=true", a.base));
+    let mut acked = Vec::new();
+    assert_eq!(write("a-000"), 200);
+    acked.push("a-000".to_owned());
+
+    let mut b = launch(&dir.path().join("b"), &replica)
+        .spawn_started_later()
+        .into_keycast();
+    let asked = Instant::now();
+    while !b.log().contains("asked the replica lease holder to hand over") {
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "B never asked; log:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.signal(libc::SIGKILL);
+    b.wait_exit(Duration::from_secs(10));
+
+    // A's next writes learn of the request and A hands over to nobody...
+    let mut n = 0;
+    let mut refused = false;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        n += 1;
+        let key = format!("a-{n:03}");
+        match write(&key) {
+            200 if refused => {
+                acked.push(key);
+                break;
+            }
+            200 => acked.push(key),
+            _ => refused = true,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(refused, "A handed over when asked; log:\n{}", a.log());
+    // ...and a TTL later takes the replica back.
+    assert!(
+        a.log().contains("never took it: resuming"),
+        "A resumed; log:\n{}",
+        a.log()
+    );
+    assert_eq!(a.get("/healthz/ready").0, 200);
+    a.stop();
+    let present = replicated_keys(dir.path(), &replica, &[]);
+    let missing: Vec<&String> = acked.iter().filter(|k| !present.contains(k)).collect();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}

@@ -242,6 +242,48 @@ impl Lease {
         }
     }
 
+    /// Takes back a lease `owner` released at `epoch`, if nobody took it since: a hand-over
+    /// whose requester never came (it was stopped while waiting). Anyone else's lease, or a
+    /// later epoch, is left alone: the replica may have moved on.
+    ///
+    /// # Errors
+    /// Store errors; a malformed lease object.
+    pub async fn reclaim(
+        store: &Store,
+        owner: &str,
+        epoch: u64,
+        options: LeaseOptions,
+    ) -> Result<Option<Lease>, LeaseError> {
+        let before = Instant::now();
+        let Some((bytes, version)) = store.get_object(OBJECT).await? else {
+            return Ok(None);
+        };
+        let current = decode(&bytes)?;
+        if current.owner != owner || current.epoch != epoch || !current.released {
+            return Ok(None);
+        }
+        let record = Record {
+            owner: owner.into(),
+            epoch: epoch + 1,
+            expires_at_ms: expiry_ms(options.ttl),
+            released: false,
+            handover_requested_by: None,
+        };
+        match store.put_object_update(OBJECT, encode(&record), &version).await? {
+            UpdateOutcome::Updated(version) => Ok(Some(Lease::held(store, record, options, version, before))),
+            UpdateOutcome::Conflict => Ok(None),
+        }
+    }
+
+    /// The options this lease was taken with (`wait` is not kept: zero).
+    pub fn options(&self) -> LeaseOptions {
+        LeaseOptions {
+            ttl: self.ttl,
+            wait: Duration::ZERO,
+            check_interval: self.check_interval,
+        }
+    }
+
     /// The lease's epoch: one more than the previous holder's.
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -505,6 +547,31 @@ mod tests {
         a.keep().await.unwrap();
         a.release().await.unwrap();
         assert_eq!(waiter.await.unwrap().unwrap().epoch(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_released_lease_nobody_took_is_reclaimed_by_its_last_holder_only() {
+        let store = Store::in_memory();
+        let a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
+        let options = a.options();
+        a.release().await.unwrap();
+        assert!(Lease::reclaim(&store, "b", 1, options).await.unwrap().is_none());
+        let a = Lease::reclaim(&store, "a", 1, options)
+            .await
+            .unwrap()
+            .expect("nobody took it");
+        assert_eq!(a.epoch(), 2);
+        assert!(
+            Lease::reclaim(&store, "a", 1, options).await.unwrap().is_none(),
+            "live now"
+        );
+        a.release().await.unwrap();
+        let b = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap();
+        b.release().await.unwrap();
+        assert!(
+            Lease::reclaim(&store, "a", 2, options).await.unwrap().is_none(),
+            "someone held it since"
+        );
     }
 
     #[tokio::test]

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 
 use crate::capture::CommitSignal;
 use crate::compactor::{self, CompactionPolicy};
-use crate::lease::{Lease, LeaseError};
+use crate::lease::{Lease, LeaseError, LeaseOptions};
 use crate::local_state::{self, LocalState};
 use crate::segment::{self, Cursor, Segment, SegmentError};
 use crate::snapshot::Snapshot;
@@ -498,6 +498,17 @@ struct Worker {
     handing_over: bool,
     /// The hand-over is done: `lock_conn` keeps the write lock and nothing ships any more.
     handed_over: bool,
+    /// After a hand-over: the lease this instance released, to take back if the requester
+    /// never took it (see [`Worker::reclaim`]).
+    released: Option<Released>,
+}
+
+/// A lease released by a hand-over, and when.
+struct Released {
+    owner: String,
+    epoch: u64,
+    options: LeaseOptions,
+    at: Instant,
 }
 
 impl Worker {
@@ -544,6 +555,7 @@ impl Worker {
             snapshot: Snapshot::open(db).await?,
             handing_over: false,
             handed_over: false,
+            released: None,
         })
     }
 
@@ -804,9 +816,21 @@ impl Worker {
                 return self.finish(deadline).await;
             }
             if self.handed_over {
-                // Parked until shutdown, holding the write lock.
-                if stop.changed().await.is_err() {
-                    return Ok(self.cursor.txid);
+                // Parked until shutdown, holding the write lock; one look at the lease after
+                // a TTL, in case the instance that asked for it never came.
+                let reclaim_in = self
+                    .released
+                    .as_ref()
+                    .map(|r| r.options.ttl.saturating_sub(r.at.elapsed()));
+                tokio::select! {
+                    changed = stop.changed() => if changed.is_err() {
+                        return Ok(self.cursor.txid);
+                    },
+                    () = tokio::time::sleep(reclaim_in.unwrap_or(Duration::from_secs(3600))) => {
+                        if reclaim_in.is_some() {
+                            self.reclaim().await?;
+                        }
+                    }
                 }
                 continue;
             }
@@ -1030,8 +1054,17 @@ impl Worker {
         }
         let txid = self.cursor.txid;
         if let Some(lease) = self.shared.lease.lock().await.take() {
-            if let Err(e) = lease.release().await {
-                tracing::warn!(error = %e, "could not release the replica lease; the newcomer takes it when it lapses");
+            let released = Released {
+                owner: lease.owner().to_owned(),
+                epoch: lease.epoch(),
+                options: lease.options(),
+                at: Instant::now(),
+            };
+            match lease.release().await {
+                Ok(()) => self.released = Some(released),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the replica lease; the newcomer takes it when it lapses")
+                }
             }
         }
         self.handed_over = true;
@@ -1046,6 +1079,39 @@ impl Worker {
         metrics::counter!("keycast_replica_handovers_total").increment(1);
         tracing::info!(%to, txid, "handed the replica over: every committed transaction is in the replica and the lease is released; this instance accepts no more writes");
         Ok(())
+    }
+
+    /// A TTL after a hand-over: if the lease is still as this instance released it (the
+    /// instance that asked was stopped before it took over), take it back and resume. The
+    /// write lock was held throughout, so the local database is exactly the replica's state.
+    /// Anything else (taken, or unreadable) leaves this instance handed over.
+    ///
+    /// # Errors
+    /// SQLite errors when releasing the write lock.
+    async fn reclaim(&mut self) -> Result<(), ReplicaError> {
+        let Some(released) = self.released.take() else {
+            return Ok(());
+        };
+        let lease = match Lease::reclaim(&self.store, &released.owner, released.epoch, released.options).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look at the replica lease after the hand-over; staying handed over");
+                return Ok(());
+            }
+        };
+        let (epoch, to) = (lease.epoch(), self.shared.handing_over_to().unwrap_or_default());
+        *self.shared.lease.lock().await = Some(lease);
+        {
+            let mut status = self.shared.status.lock().expect("status lock");
+            status.handing_over_to = None;
+            status.handed_over_txid = None;
+        }
+        self.handing_over = false;
+        self.handed_over = false;
+        metrics::gauge!("keycast_replica_handing_over").set(0.0);
+        tracing::warn!(%to, epoch, txid = self.cursor.txid, "the instance that asked for the replica never took it: resuming as its writer");
+        self.unlock().await
     }
 
     /// Final sync, retried until `deadline`; then the clean-stop record and closed connections.
