@@ -1084,7 +1084,8 @@ impl Worker {
     /// A TTL after a hand-over: if the lease is still as this instance released it (the
     /// instance that asked was stopped before it took over), take it back and resume. The
     /// write lock was held throughout, so the local database is exactly the replica's state.
-    /// Anything else (taken, or unreadable) leaves this instance handed over.
+    /// A lease someone else took leaves this instance handed over; an unreadable one is
+    /// looked at again a TTL later.
     ///
     /// # Errors
     /// SQLite errors when releasing the write lock.
@@ -1096,7 +1097,11 @@ impl Worker {
             Ok(Some(lease)) => lease,
             Ok(None) => return Ok(()),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot look at the replica lease after the hand-over; staying handed over");
+                tracing::warn!(error = %e, "cannot look at the replica lease after the hand-over; trying again in a TTL");
+                self.released = Some(Released {
+                    at: Instant::now(),
+                    ..released
+                });
                 return Ok(());
             }
         };
