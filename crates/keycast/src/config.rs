@@ -610,6 +610,7 @@ impl Sources {
                 .get("replica_lease_ttl_secs", parse_positive_secs)?
                 .unwrap_or(lease_defaults.ttl),
             wait: long("replica_lease_wait_secs")?.unwrap_or(lease_defaults.wait),
+            ..lease_defaults
         };
         let encryption = self.get("replica_encryption_key", |v| {
             ObjectCipher::from_base64(v).map_err(|e| e.to_string())

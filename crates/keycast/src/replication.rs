@@ -150,6 +150,14 @@ impl Dependency for ReplicationHealth {
         if status.fenced {
             return Err("replication stopped: another instance took over the replica (this one is fenced)".into());
         }
+        if let Some(to) = status.handing_over_to {
+            return Err(match status.handed_over_txid {
+                Some(txid) => {
+                    format!("the replica was handed over to {to} at TXID {txid}; this instance accepts no writes")
+                }
+                None => format!("handing the replica over to {to}; this instance accepts no writes"),
+            });
+        }
         match status.failing_since {
             Some(since) if since.elapsed() >= self.unhealthy_after => Err(format!(
                 "replication has been failing for {} s: {}",
@@ -168,5 +176,6 @@ impl Dependency for ReplicationHealth {
         metrics::gauge!("keycast_replica_lag_seconds").set(s.lag_seconds);
         metrics::gauge!("keycast_replica_failing").set(if s.failing_since.is_some() { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_fenced").set(if s.fenced { 1.0 } else { 0.0 });
+        metrics::gauge!("keycast_replica_handing_over").set(if s.handing_over_to.is_some() { 1.0 } else { 0.0 });
     }
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use keycast_core::{PasswordHasher, PasswordParams, Signer, SignerOptions};
 use keycast_db::{Db, DbOptions};
 use keycast_http::{AppState, Dependency, HttpOptions, Services};
+use keycast_replica::replicator::Monitor;
 use keycast_replica::{CommitSignal, Replicator};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -149,11 +150,15 @@ struct Running {
 
 /// Builds the domain services over the open database: the master key (checked against
 /// the stored keys), the password hasher and the signer, and starts the activity flusher.
-async fn services(config: &Config, db: &Db) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
+async fn services(
+    config: &Config,
+    db: &Db,
+    replica: Option<Monitor>,
+) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
     let km = crate::master_key::load(&config.master_key, db.pool()).await?;
     let hasher = PasswordHasher::new(PasswordParams::default()).context("password hashing parameters")?;
     let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
-    let flusher = tokio::spawn(flush_activity(signer.clone()));
+    let flusher = tokio::spawn(flush_activity(signer.clone(), replica));
     Ok((
         Services {
             signer,
@@ -166,11 +171,14 @@ async fn services(config: &Config, db: &Db) -> anyhow::Result<(Services, tokio::
 
 /// Flushes the signer's activity buffer once a second, forever (aborted at shutdown, which
 /// then flushes once more).
-async fn flush_activity(signer: Arc<Signer>) {
+async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if replica.as_ref().is_some_and(|m| !accepts_writes(m)) {
+            continue;
+        }
         if let Err(err) = signer.flush().await {
             tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity; will retry");
         }
@@ -183,7 +191,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     let Some(replica) = &config.replica else {
         tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
         let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
-        let (services, flusher) = services(config, &db).await?;
+        let (services, flusher) = services(config, &db, None).await?;
         return Ok(Running {
             db,
             replicator: None,
@@ -205,7 +213,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     let db = Db::open_sqlite(&options).await?;
     let lineage = keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await?;
     let replicator = crate::replication::start(&config.database_path, store, signal, &lineage, replica, lease).await?;
-    let (services, flusher) = services(config, &db).await?;
+    let (services, flusher) = services(config, &db, Some(replicator.monitor())).await?;
     Ok(Running {
         db,
         replicator: Some(replicator),
@@ -255,9 +263,18 @@ async fn shut_down(
         );
     }
     running.flusher.abort();
-    match running.services.signer.flush().await {
-        Ok(rows) => tracing::info!(rows, "flushed buffered signing activity"),
-        Err(err) => tracing::warn!(error = %err, "could not write the last signing activity"),
+    let writable = running.replicator.as_ref().is_none_or(|r| accepts_writes(&r.monitor()));
+    if !writable {
+        // Handed over (or fenced): the database holds no more commits, and none would ship.
+        tracing::warn!(
+            records = running.services.signer.pending_activity(),
+            "signing activity since the replica was handed over is not recorded"
+        );
+    } else {
+        match running.services.signer.flush().await {
+            Ok(rows) => tracing::info!(rows, "flushed buffered signing activity"),
+            Err(err) => tracing::warn!(error = %err, "could not write the last signing activity"),
+        }
     }
     let remaining = grace.saturating_sub(started.elapsed());
     if tokio::time::timeout(remaining, running.db.close()).await.is_err() {
@@ -271,6 +288,13 @@ async fn shut_down(
         "keycast stopped cleanly"
     );
     Ok(())
+}
+
+/// False once the replicator refuses writes (handing the replica over, or fenced): writing
+/// then would only wait on the write lock the hand-over holds, or never ship.
+fn accepts_writes(monitor: &Monitor) -> bool {
+    let status = monitor.status();
+    !status.fenced && status.handing_over_to.is_none()
 }
 
 /// Completes on the first SIGTERM or SIGINT.

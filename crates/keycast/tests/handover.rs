@@ -1,6 +1,7 @@
-//! Two instances, one replica: deploy hand-over loses nothing, and a split brain (the old
-//! instance paused past its lease, then resumed) never corrupts the replica nor loses a write
-//! that was acknowledged as durable.
+//! Two instances, one replica: deploy hand-over loses nothing (whether the old instance hands
+//! over on the newcomer's request while it keeps serving, or releases on SIGTERM), and a split
+//! brain (the old instance paused past its lease, then resumed) never corrupts the replica nor
+//! loses a write that was acknowledged as durable.
 
 mod harness;
 
@@ -69,7 +70,8 @@ fn writer(base: String, prefix: String, durable: bool, stop: Arc<AtomicBool>) ->
             match post(&format!("{base}/api/test/write?key={key}&durable={durable}")) {
                 200 => acked.push(key),
                 0 => break, // the instance is gone
-                _ => {}
+                // Refused (handing over, fenced): don't spin on an instance that says no.
+                _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
         acked
@@ -85,14 +87,10 @@ fn handover_loop(replica: &str, cycles: usize, extra_env: &[(String, String)]) {
         let stop = Arc::new(AtomicBool::new(false));
         let writes = writer(current.base.clone(), format!("c{cycle}"), false, stop.clone());
         std::thread::sleep(Duration::from_millis(500));
-        // The new revision starts while the old one serves: it must wait for the lease.
+        // The new revision starts while the old one serves: it asks for the lease, and the
+        // old instance hands over at its next write (or releases on SIGTERM, whichever first).
         let mut next = launch(&dir.path().join(format!("data-{cycle}")), replica).spawn_started_later();
         std::thread::sleep(Duration::from_millis(700));
-        assert_ne!(
-            next.status("/healthz/startup"),
-            200,
-            "the newcomer waits while the old instance holds the lease"
-        );
         current.signal(libc::SIGTERM);
         let (exit, _) = current.wait_exit(Duration::from_secs(10));
         assert!(exit.success(), "old instance exits cleanly; log:\n{}", current.log());
@@ -129,6 +127,96 @@ fn deploy_handover_loses_no_acknowledged_write_s3_replica() {
     let mut env = harness::s3_env(&endpoint, &bucket, "kc");
     let replica = env.remove(0).1; // KEYCAST_REPLICA_URL goes through launch()
     handover_loop(&replica, 5, &env);
+}
+
+/// The production defect this guards against: on Cloud Run the new revision must become
+/// ready *before* the old instance gets SIGTERM, and an old instance that keeps receiving
+/// writes keeps renewing its lease. The newcomer therefore asks for a hand-over, and the busy
+/// holder ships everything, releases and steps down within seconds.
+fn busy_handover(replica: &str, extra_env: &[(String, String)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let launch = |data: &Path| extra_env.iter().fold(launch(data, replica), |l, (k, v)| l.env(k, v));
+    let mut a = launch(&dir.path().join("a")).start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(a.base.clone(), "a".into(), true, stop.clone());
+    // Long enough for A to renew its 3 s lease under the writes.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let started = Instant::now();
+    let mut b = launch(&dir.path().join("b")).spawn_started_later();
+    // Without a hand-over B would wait for A's SIGTERM (which never comes) until the 60 s
+    // lease wait ran out.
+    b.wait_started(Duration::from_secs(20));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "B took over within seconds, not after a lapse: {took:?}"
+    );
+    let b = b.into_keycast();
+
+    assert_eq!(
+        post(&format!("{}/api/test/write?key=a-late&durable=true", a.base)),
+        503,
+        "A refuses writes once it has handed over"
+    );
+    assert_eq!(
+        post(&format!("{}/api/test/write?key=a-later&durable=false", a.base)),
+        503
+    );
+    let (ready, body) = a.get_json("/healthz/ready");
+    assert_eq!(ready, 503, "A is not ready after handing over: {body}");
+    stop.store(true, Ordering::Relaxed);
+    let acked = writes.join().unwrap();
+    assert!(
+        acked.len() >= 5,
+        "A served durable writes until the hand-over: {acked:?}"
+    );
+    eprintln!(
+        "B ready {took:?} after it started; A acknowledged {} durable writes",
+        acked.len()
+    );
+    assert!(
+        a.log().contains("handed the replica over"),
+        "A's log says so: {}",
+        a.log()
+    );
+
+    a.signal(libc::SIGTERM);
+    let (exit, _) = a.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "A exits cleanly after the hand-over; log:\n{}", a.log());
+
+    assert_eq!(post(&format!("{}/api/test/write?key=b-000&durable=true", b.base)), 200);
+    b.stop();
+    let in_b = harness::test_keys(&dir.path().join("b").join("keycast.db"));
+    let missing: Vec<&String> = acked.iter().filter(|k| !in_b.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} durable writes A acknowledged are missing in B: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(in_b.contains(&"b-000".to_owned()), "B serves writes");
+    assert!(!in_b.iter().any(|k| k.starts_with("a-late")), "no refused write landed");
+    let present = replicated_keys(dir.path(), replica, extra_env);
+    assert!(acked.iter().all(|k| present.contains(k)), "the replica has them too");
+}
+
+#[test]
+fn newcomer_takes_over_from_a_busy_instance_without_waiting_for_a_lapse() {
+    let dir = tempfile::tempdir().unwrap();
+    busy_handover(&format!("file://{}", dir.path().join("replica").display()), &[]);
+}
+
+#[test]
+fn newcomer_takes_over_from_a_busy_instance_s3_replica() {
+    let Some(endpoint) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let bucket = harness::new_bucket(&endpoint, "busy-handover");
+    let mut env = harness::s3_env(&endpoint, &bucket, "kc");
+    let replica = env.remove(0).1; // KEYCAST_REPLICA_URL goes through launch()
+    busy_handover(&replica, &env);
 }
 
 #[test]
@@ -173,4 +261,63 @@ fn split_brain_never_corrupts_the_replica_nor_loses_durable_writes() {
         !present.iter().any(|k| k.starts_with("a-late")),
         "no write from the fenced instance landed"
     );
+}
+
+/// A newcomer that asks for the lease and is then stopped (a cancelled deploy) must not leave
+/// the old instance refusing writes for good: a TTL after handing over to nobody, it takes
+/// the lease back and serves writes again, with nothing lost.
+#[test]
+fn a_handover_nobody_takes_is_undone() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let a = launch(&dir.path().join("a"), &replica).start();
+    let write = |key: &str| post(&format!("{}/api/test/write?key={key}&durable=true", a.base));
+    let mut acked = Vec::new();
+    assert_eq!(write("a-000"), 200);
+    acked.push("a-000".to_owned());
+
+    let mut b = launch(&dir.path().join("b"), &replica)
+        .spawn_started_later()
+        .into_keycast();
+    let asked = Instant::now();
+    while !b.log().contains("asked the replica lease holder to hand over") {
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "B never asked; log:\n{}",
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.signal(libc::SIGKILL);
+    b.wait_exit(Duration::from_secs(10));
+
+    // A's next writes learn of the request and A hands over to nobody...
+    let mut n = 0;
+    let mut refused = false;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        n += 1;
+        let key = format!("a-{n:03}");
+        match write(&key) {
+            200 if refused => {
+                acked.push(key);
+                break;
+            }
+            200 => acked.push(key),
+            _ => refused = true,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(refused, "A handed over when asked; log:\n{}", a.log());
+    // ...and a TTL later takes the replica back.
+    assert!(
+        a.log().contains("never took it: resuming"),
+        "A resumed; log:\n{}",
+        a.log()
+    );
+    assert_eq!(a.get("/healthz/ready").0, 200);
+    a.stop();
+    let present = replicated_keys(dir.path(), &replica, &[]);
+    let missing: Vec<&String> = acked.iter().filter(|k| !present.contains(k)).collect();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
 }

@@ -18,6 +18,14 @@
 //!
 //! A create-only PUT that finds the key taken means another writer shipped that TXID: this
 //! instance is *fenced* and stops shipping at once (see [`Status::fenced`]).
+//!
+//! # Hand-over
+//! When a starting instance asks for the lease (see [`crate::lease`]), the replicator learns
+//! it before a write or a shipment and hands over: writes are refused from that moment, the
+//! worker takes SQLite's write lock (`BEGIN IMMEDIATE`) so no commit can slip in, ships every
+//! committed frame, releases the lease, and then keeps the lock until shutdown: nothing can
+//! commit locally any more, so nothing acknowledged is left behind. Durable waits for commits
+//! made before the lock succeed; a write that raced the hand-over gets an error.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,7 +38,7 @@ use tokio::sync::watch;
 
 use crate::capture::CommitSignal;
 use crate::compactor::{self, CompactionPolicy};
-use crate::lease::{Lease, LeaseError};
+use crate::lease::{Lease, LeaseError, LeaseOptions};
 use crate::local_state::{self, LocalState};
 use crate::segment::{self, Cursor, Segment, SegmentError};
 use crate::snapshot::Snapshot;
@@ -104,6 +112,10 @@ pub enum ReplicaError {
     Stopped,
     #[error("the replica lease was taken over by {by}: this instance is fenced and stops replicating")]
     LeaseLost { by: String },
+    #[error("handing the replica over to {to}, which is starting: this instance no longer accepts writes")]
+    HandingOver { to: String },
+    #[error("the replica was handed over to {to} at TXID {txid}: this instance no longer accepts writes")]
+    HandedOver { to: String, txid: u64 },
     #[error(transparent)]
     Lease(#[from] LeaseError),
     #[error("timed out after {0:?} waiting for the replica")]
@@ -127,6 +139,10 @@ pub struct Status {
     pub failing_since: Option<Instant>,
     /// Another writer took over the replica; this instance no longer ships.
     pub fenced: bool,
+    /// A starting instance asked for the replica: this one refuses writes and hands over.
+    pub handing_over_to: Option<String>,
+    /// The hand-over finished: everything up to this TXID is shipped and the lease released.
+    pub handed_over_txid: Option<u64>,
     /// Segments stored / checkpoints run since start.
     pub segments: u64,
     pub checkpoints: u64,
@@ -272,8 +288,8 @@ impl Monitor {
     /// # Errors
     /// [`ReplicaError::Fenced`]-like errors saying why writes are refused.
     pub async fn check_writable(&self) -> Result<(), ReplicaError> {
-        if let Some(txid) = self.0.fenced_txid() {
-            return Err(ReplicaError::Fenced { txid });
+        if let Some(refused) = self.0.refusal() {
+            return Err(refused);
         }
         // A renewal that cannot finish quickly means the store is struggling (see below). It
         // runs as its own task so that giving up waiting never cancels a compare-and-swap
@@ -290,6 +306,7 @@ impl Monitor {
                 self.0.fence();
                 Err(e)
             }
+            Err(e @ ReplicaError::HandingOver { .. }) => Err(e),
             // The store is unreachable: nobody else can take the lease through it either, so
             // async writes go on (they ship when it is back); durable ones wait and fail.
             Err(e) => {
@@ -314,8 +331,8 @@ impl Monitor {
                 if *rx.borrow_and_update() >= wanted {
                     return Ok(self.0.snapshot_status().replicated_txid);
                 }
-                if let Some(txid) = self.0.fenced_txid() {
-                    return Err(ReplicaError::Fenced { txid });
+                if let Some(never) = self.0.final_refusal() {
+                    return Err(never);
                 }
                 if rx.changed().await.is_err() {
                     return Err(ReplicaError::Stopped);
@@ -329,15 +346,91 @@ impl Monitor {
 }
 
 impl Shared {
-    /// Renews the lease if less than half its TTL is left.
+    /// Before a write or a shipment: renews the lease when due, or looks for a hand-over
+    /// request when the last look is old enough ([`Lease::keep`]); no request otherwise.
+    ///
+    /// # Errors
+    /// [`ReplicaError::HandingOver`] once a starting instance asked for the replica (the
+    /// hand-over is then under way); [`ReplicaError::LeaseLost`]; store errors.
     async fn keep_lease(&self) -> Result<(), ReplicaError> {
+        if let Some(to) = self.handing_over_to() {
+            return Err(ReplicaError::HandingOver { to });
+        }
+        let mut lease = self.lease.lock().await;
+        let Some(held) = lease.as_mut() else {
+            return Ok(());
+        };
+        if let Some(to) = held.handover_requested_by() {
+            return Err(ReplicaError::HandingOver { to: to.to_owned() });
+        }
+        match held.keep().await {
+            Ok(()) => Ok(()),
+            Err(LeaseError::HandoverRequested { by }) => {
+                self.begin_handover(&by);
+                Err(ReplicaError::HandingOver { to: by })
+            }
+            Err(LeaseError::Lost { by }) => Err(ReplicaError::LeaseLost { by }),
+            Err(other) => Err(ReplicaError::Lease(other)),
+        }
+    }
+
+    /// During the hand-over's final shipment: the lease is still ours until released, so
+    /// only renew it if due (keeping the request in it).
+    async fn keep_lease_handing_over(&self) -> Result<(), ReplicaError> {
         let mut lease = self.lease.lock().await;
         match lease.as_mut() {
-            Some(held) if held.needs_renewal() => held.renew().await.map_err(|e| match e {
-                LeaseError::Lost { by } => ReplicaError::LeaseLost { by },
-                other => ReplicaError::Lease(other),
-            }),
+            Some(held) if held.needs_renewal() => match held.renew().await {
+                Ok(()) | Err(LeaseError::HandoverRequested { .. }) => Ok(()),
+                Err(LeaseError::Lost { by }) => Err(ReplicaError::LeaseLost { by }),
+                Err(other) => Err(ReplicaError::Lease(other)),
+            },
             _ => Ok(()),
+        }
+    }
+
+    /// Records that `by` asked for the replica and wakes the worker to hand over.
+    fn begin_handover(&self, by: &str) {
+        {
+            let mut status = self.status.lock().expect("status lock");
+            if status.handing_over_to.is_some() {
+                return;
+            }
+            status.handing_over_to = Some(by.to_owned());
+        }
+        metrics::gauge!("keycast_replica_handing_over").set(1.0);
+        tracing::info!(to = %by, "a starting instance asked for the replica: handing it over (refusing writes, shipping the rest)");
+        self.signal.wake();
+    }
+
+    fn handing_over_to(&self) -> Option<String> {
+        self.status.lock().expect("status lock").handing_over_to.clone()
+    }
+
+    /// Why a write must be refused now, if it must: fenced, or handing the replica over.
+    fn refusal(&self) -> Option<ReplicaError> {
+        let status = self.status.lock().expect("status lock");
+        if status.fenced {
+            return Some(ReplicaError::Fenced {
+                txid: status.replicated_txid + 1,
+            });
+        }
+        status.handing_over_to.clone().map(|to| match status.handed_over_txid {
+            Some(txid) => ReplicaError::HandedOver { to, txid },
+            None => ReplicaError::HandingOver { to },
+        })
+    }
+
+    /// Why a commit not shipped yet never will be: fenced, or the hand-over is finished.
+    fn final_refusal(&self) -> Option<ReplicaError> {
+        let status = self.status.lock().expect("status lock");
+        if status.fenced {
+            return Some(ReplicaError::Fenced {
+                txid: status.replicated_txid + 1,
+            });
+        }
+        match (&status.handing_over_to, status.handed_over_txid) {
+            (Some(to), Some(txid)) => Some(ReplicaError::HandedOver { to: to.clone(), txid }),
+            _ => None,
         }
     }
 
@@ -374,11 +467,6 @@ impl Shared {
         };
         status
     }
-
-    fn fenced_txid(&self) -> Option<u64> {
-        let status = self.status.lock().expect("status lock");
-        status.fenced.then_some(status.replicated_txid + 1)
-    }
 }
 
 /// The state owned by the background task.
@@ -406,6 +494,21 @@ struct Worker {
     locked: bool,
     /// The read snapshot held between rounds (see [`crate::snapshot`]).
     snapshot: Snapshot,
+    /// Shipping the last frames for a hand-over: the lease is only renewed, not checked.
+    handing_over: bool,
+    /// The hand-over is done: `lock_conn` keeps the write lock and nothing ships any more.
+    handed_over: bool,
+    /// After a hand-over: the lease this instance released, to take back if the requester
+    /// never took it (see [`Worker::reclaim`]).
+    released: Option<Released>,
+}
+
+/// A lease released by a hand-over, and when.
+struct Released {
+    owner: String,
+    epoch: u64,
+    options: LeaseOptions,
+    at: Instant,
 }
 
 impl Worker {
@@ -450,6 +553,9 @@ impl Worker {
             verifying: None,
             locked: false,
             snapshot: Snapshot::open(db).await?,
+            handing_over: false,
+            handed_over: false,
+            released: None,
         })
     }
 
@@ -554,7 +660,12 @@ impl Worker {
 
     /// Stores one segment create-only and advances the cursor.
     async fn put(&mut self, segment: Segment) -> Result<(), ReplicaError> {
-        if let Err(e) = self.shared.keep_lease().await {
+        let lease = if self.handing_over {
+            self.shared.keep_lease_handing_over().await
+        } else {
+            self.shared.keep_lease().await
+        };
+        if let Err(e) = lease {
             if matches!(e, ReplicaError::LeaseLost { .. }) {
                 self.shared.fence();
             }
@@ -704,6 +815,29 @@ impl Worker {
             if let Some(deadline) = requested {
                 return self.finish(deadline).await;
             }
+            if self.handed_over {
+                // Parked until shutdown, holding the write lock; one look at the lease after
+                // a TTL, in case the instance that asked for it never came.
+                let reclaim_in = self
+                    .released
+                    .as_ref()
+                    .map(|r| r.options.ttl.saturating_sub(r.at.elapsed()));
+                tokio::select! {
+                    changed = stop.changed() => if changed.is_err() {
+                        return Ok(self.cursor.txid);
+                    },
+                    () = tokio::time::sleep(reclaim_in.unwrap_or(Duration::from_secs(3600))) => {
+                        if reclaim_in.is_some() {
+                            self.reclaim().await?;
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some(to) = self.shared.handing_over_to() {
+                self.hand_over(&to, &stop).await?;
+                continue;
+            }
             let wait = if failing { backoff } else { self.next_timer() };
             tokio::select! {
                 () = self.signal.wait() => self.note_pending(),
@@ -716,6 +850,11 @@ impl Worker {
                     backoff = self.options.retry_min;
                 }
                 Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::LeaseLost { .. })) => return Err(e),
+                // The next round hands over.
+                Err(ReplicaError::HandingOver { .. }) => {
+                    self.reset_transactions().await;
+                    failing = false;
+                }
                 Err(e) => {
                     self.note_failure(&e);
                     self.reset_transactions().await;
@@ -881,10 +1020,113 @@ impl Worker {
         Ok(())
     }
 
-    /// Final sync, retried until `deadline`; then the clean-stop record and closed connections.
-    async fn finish(mut self, deadline: Instant) -> Result<u64, ReplicaError> {
+    /// Hands the replica over to `to`: under SQLite's write lock (so no commit can land
+    /// after it), ships every committed frame, then releases the lease. The lock stays held
+    /// until shutdown. Store failures are retried until shutdown's deadline.
+    ///
+    /// # Errors
+    /// Fenced or lost lease; the last store error when shutdown's deadline passed.
+    async fn hand_over(&mut self, to: &str, stop: &watch::Receiver<Option<Instant>>) -> Result<(), ReplicaError> {
+        self.handing_over = true;
         let mut backoff = self.options.retry_min;
         loop {
+            let shipped = async {
+                self.lock().await?;
+                self.sync_all().await
+            }
+            .await;
+            match shipped {
+                Ok(_) => break,
+                Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::LeaseLost { .. })) => return Err(e),
+                Err(e) => {
+                    if stop
+                        .borrow()
+                        .is_some_and(|deadline| Instant::now() + backoff >= deadline)
+                    {
+                        tracing::error!(error = %e, txid = self.cursor.txid, %to, "the hand-over could not ship the last commits; they are only on local disk");
+                        return Err(e);
+                    }
+                    self.note_failure(&e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.options.retry_max);
+                }
+            }
+        }
+        let txid = self.cursor.txid;
+        if let Some(lease) = self.shared.lease.lock().await.take() {
+            let released = Released {
+                owner: lease.owner().to_owned(),
+                epoch: lease.epoch(),
+                options: lease.options(),
+                at: Instant::now(),
+            };
+            match lease.release().await {
+                Ok(()) => self.released = Some(released),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the replica lease; the newcomer takes it when it lapses")
+                }
+            }
+        }
+        self.handed_over = true;
+        {
+            let mut status = self.shared.status.lock().expect("status lock");
+            status.handed_over_txid = Some(txid);
+            status.last_error = None;
+            status.failing_since = None;
+        }
+        // Wake durable waiters: theirs is shipped, or will never be.
+        self.shared.shipped.send_modify(|_| {});
+        metrics::counter!("keycast_replica_handovers_total").increment(1);
+        tracing::info!(%to, txid, "handed the replica over: every committed transaction is in the replica and the lease is released; this instance accepts no more writes");
+        Ok(())
+    }
+
+    /// A TTL after a hand-over: if the lease is still as this instance released it (the
+    /// instance that asked was stopped before it took over), take it back and resume. The
+    /// write lock was held throughout, so the local database is exactly the replica's state.
+    /// A lease someone else took leaves this instance handed over; an unreadable one is
+    /// looked at again a TTL later.
+    ///
+    /// # Errors
+    /// SQLite errors when releasing the write lock.
+    async fn reclaim(&mut self) -> Result<(), ReplicaError> {
+        let Some(released) = self.released.take() else {
+            return Ok(());
+        };
+        let lease = match Lease::reclaim(&self.store, &released.owner, released.epoch, released.options).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look at the replica lease after the hand-over; trying again in a TTL");
+                self.released = Some(Released {
+                    at: Instant::now(),
+                    ..released
+                });
+                return Ok(());
+            }
+        };
+        let (epoch, to) = (lease.epoch(), self.shared.handing_over_to().unwrap_or_default());
+        *self.shared.lease.lock().await = Some(lease);
+        {
+            let mut status = self.shared.status.lock().expect("status lock");
+            status.handing_over_to = None;
+            status.handed_over_txid = None;
+        }
+        self.handing_over = false;
+        self.handed_over = false;
+        metrics::gauge!("keycast_replica_handing_over").set(0.0);
+        tracing::warn!(%to, epoch, txid = self.cursor.txid, "the instance that asked for the replica never took it: resuming as its writer");
+        self.unlock().await
+    }
+
+    /// Final sync, retried until `deadline`; then the clean-stop record and closed connections.
+    async fn finish(mut self, deadline: Instant) -> Result<u64, ReplicaError> {
+        if self.shared.handing_over_to().is_some() {
+            // Asked to hand over while stopping: the final sync is the hand-over.
+            self.handing_over = true;
+        }
+        let mut backoff = self.options.retry_min;
+        while !self.handed_over {
             match self.sync_all().await {
                 Ok(_) => break,
                 Err(e @ (ReplicaError::Fenced { .. } | ReplicaError::LeaseLost { .. })) => return Err(e),
