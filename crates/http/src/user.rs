@@ -142,8 +142,8 @@ pub(crate) async fn accept_nostrconnect(
         .accept_nostrconnect(user, &policy, &uri)
         .await
         .map_err(AppError::internal)?;
-    services.signer.authorizations_changed();
     state.confirm_write(true).await?;
+    // NIP-46 starts listening for the new bunker on hearing this, then answers the client.
     services.signer.announce_nostrconnect(&authz, &uri);
     Ok(authz)
 }

@@ -141,6 +141,8 @@ fn the_embedded_relay_runs_the_whole_flow_on_one_machine() {
     sign_like_an_app(&mut client, &bunker, &user_pubkey);
     let relays = client.call_ok(json!({"op": "switch_relays"}));
     assert!(relays["relays"].to_string().contains("127.0.0.1"), "{relays}");
+    // `logout` is acknowledged; the grant stays until the user revokes it.
+    client.call_ok(json!({"op": "logout"}));
 }
 
 #[test]

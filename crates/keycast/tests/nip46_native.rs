@@ -121,3 +121,25 @@ fn each_request_is_answered_in_the_cipher_it_came_in() {
         assert_eq!(reply[0].cipher, cipher);
     }
 }
+
+/// A relay that stores ephemeral events replays them to a new subscription (after keycast
+/// restarts or reconnects): a request minutes old must not be signed again.
+#[test]
+fn a_request_older_than_a_minute_is_not_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(
+        &[("1".into(), "connect", json!([bunker.to_hex(), secret]))],
+        Cipher::Nip44,
+    );
+    assert_eq!(client.replies(1, Duration::from_secs(5)).len(), 1);
+
+    let old = nostr::Timestamp::from(nostr::Timestamp::now().as_secs() - 300);
+    client.send_dated(&[("old".into(), "get_public_key", json!([]))], Cipher::Nip44, old);
+    client.send(&[("new".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    let replies = client.replies(2, Duration::from_secs(2));
+    let ids: Vec<&Value> = replies.iter().map(|r| &r.json["id"]).collect();
+    assert_eq!(ids, [&json!("new")], "only the fresh request is answered");
+    assert_eq!(replies[0].json["result"], user_pubkey.as_str());
+}

@@ -165,4 +165,31 @@ mod tests {
         conn.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
     }
+
+    #[tokio::test]
+    async fn it_carries_nip46_events_and_refuses_everything_else() {
+        use keycast_core::nostr::{EventBuilder, Keys, Tag};
+        use nostr_sdk::pool::{RelayOptions, RelayPool};
+
+        let relay = EmbeddedRelay::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let pool = RelayPool::new();
+        pool.add_relay(relay.url(), RelayOptions::new()).await.unwrap();
+        pool.connect().await;
+        pool.wait_for_connection(std::time::Duration::from_secs(5)).await;
+        let keys = Keys::generate();
+        let nip46 = EventBuilder::new(Kind::NostrConnect, "x")
+            .tag(Tag::public_key(Keys::generate().public_key()))
+            .sign_with_keys(&keys)
+            .unwrap();
+        let note = EventBuilder::new(Kind::TextNote, "hello")
+            .sign_with_keys(&keys)
+            .unwrap();
+        let accepted = pool.send_event(&nip46).await.unwrap();
+        assert_eq!(accepted.success.len(), 1, "{:?}", accepted.failed);
+        let refused = pool.send_event(&note).await.unwrap();
+        assert!(refused.success.is_empty());
+        let reason = refused.failed.values().next().unwrap();
+        assert!(reason.contains("only carries NIP-46"), "{reason}");
+        pool.shutdown().await;
+    }
 }

@@ -380,7 +380,7 @@ impl Shared {
             *current = bunkers;
         }
         let present: HashSet<RelayUrl> = self.pool.relays().await.into_keys().collect();
-        if !unchanged || present.is_empty() {
+        if !unchanged {
             self.subscribe(&keys).await;
         }
         // New relays inherit the pool's subscription when added.

@@ -64,6 +64,12 @@ impl NativeClient {
 
     /// Sends requests `(id, method, params)` back to back, without waiting for replies.
     pub fn send(&mut self, requests: &[(String, &str, Value)], cipher: Cipher) {
+        self.send_dated(requests, cipher, Timestamp::now());
+    }
+
+    /// As [`NativeClient::send`], with the request events dated `created_at` (e.g. in the
+    /// past, as a relay replaying stored events delivers them).
+    pub fn send_dated(&mut self, requests: &[(String, &str, Value)], cipher: Cipher, created_at: Timestamp) {
         let events: Vec<Event> = requests
             .iter()
             .map(|(id, method, params)| {
@@ -76,6 +82,7 @@ impl NativeClient {
                 };
                 EventBuilder::new(Kind::NostrConnect, content)
                     .tag(Tag::public_key(self.bunker))
+                    .custom_created_at(created_at)
                     .sign_with_keys(&self.keys)
                     .unwrap()
             })
