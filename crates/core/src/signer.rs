@@ -70,7 +70,6 @@ pub enum Change {
     /// A `nostrconnect://` authorization was created: send the client the `connect`
     /// response carrying its secret, from the bunker, on the client's relays.
     NostrConnect {
-        authorization: AuthorizationId,
         bunker: PublicKey,
         client: PublicKey,
         relays: Vec<String>,
@@ -170,7 +169,6 @@ impl Signer {
     /// is durable: the answer tells the app it may sign.
     pub fn announce_nostrconnect(&self, authz: &Authorization, uri: &NostrConnectUri) {
         let _ = self.changes.send(Change::NostrConnect {
-            authorization: authz.id.clone(),
             bunker: authz.bunker_pubkey,
             client: uri.client,
             relays: uri.relays.clone(),

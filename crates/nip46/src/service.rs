@@ -143,11 +143,6 @@ impl Nip46Service {
         Ok(Nip46Service { shared, tasks })
     }
 
-    /// Bunkers currently listened for.
-    pub fn bunkers(&self) -> usize {
-        self.shared.bunkers.read().map(|b| b.len()).unwrap_or(0)
-    }
-
     /// Stops answering and closes the relay connections.
     pub async fn shutdown(self) {
         for task in &self.tasks {

@@ -79,13 +79,10 @@ pub enum OpenError {
 pub fn open(bunker: &Keys, event: &Event) -> Result<(RpcRequest, Cipher), OpenError> {
     let cipher = Cipher::of(&event.content);
     let plaintext = match cipher {
-        Cipher::Nip44 => nip44::decrypt(bunker.secret_key(), &event.pubkey, &event.content),
-        Cipher::Nip04 => nip04::decrypt(bunker.secret_key(), &event.pubkey, &event.content).map_err(|_| {
-            // Same outcome either way; keep one error type.
-            nip44::Error::NotFound(String::new())
-        }),
+        Cipher::Nip44 => nip44::decrypt(bunker.secret_key(), &event.pubkey, &event.content).ok(),
+        Cipher::Nip04 => nip04::decrypt(bunker.secret_key(), &event.pubkey, &event.content).ok(),
     }
-    .map_err(|_| OpenError::Decrypt)?;
+    .ok_or(OpenError::Decrypt)?;
     Ok((serde_json::from_str(&plaintext)?, cipher))
 }
 
