@@ -1,6 +1,8 @@
 //! Kubernetes/Cloud Run style probes.
 //!
-//! - `live`: the process is up and serving HTTP. Always 200.
+//! - `live`: the process is up and serving HTTP — 200 unless a dependency says it can never
+//!   serve properly again (e.g. replication fenced for good); then 503, so the platform
+//!   replaces the instance.
 //! - `startup`: 200 once the database is open and migrated (and, with a replica, restored);
 //!   503 before, so the platform does not send traffic to an instance still restoring.
 //! - `ready`: 200 only when every dependency (e.g. replication) is healthy and a real query
@@ -25,8 +27,11 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/healthz/ready", get(ready))
 }
 
-async fn live() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn live(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
+    for dependency in state.dependencies() {
+        dependency.liveness().map_err(AppError::Unavailable)?;
+    }
+    Ok(Json(json!({ "status": "ok" })))
 }
 
 async fn startup(State(state): State<AppState>) -> Result<Json<Value>, AppError> {

@@ -88,6 +88,11 @@ pub struct AppState {
 pub trait Dependency: Send + Sync {
     /// `Err(reason)` makes `/healthz/ready` answer 503 with that reason.
     fn readiness(&self) -> Result<(), String>;
+    /// `Err(reason)` makes `/healthz/live` answer 503: the process can never serve properly
+    /// again and the platform should replace it. Healthy by default.
+    fn liveness(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Refreshes this dependency's gauges just before `/metrics` renders.
     fn export_metrics(&self) {}
 }

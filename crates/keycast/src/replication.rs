@@ -28,8 +28,8 @@ pub fn open_store(config: &ReplicaConfig) -> anyhow::Result<Store> {
     })
 }
 
-/// Takes the single-writer lease, waiting for a live holder to release it (a deploy's old
-/// instance ships its last frames and releases on SIGTERM).
+/// Takes the single-writer lease, waiting for a live holder to hand it over (a deploy's old
+/// instance ships its last frames and releases when asked, or on SIGTERM).
 ///
 /// # Errors
 /// The holder did not release within `KEYCAST_REPLICA_LEASE_WAIT_SECS`, or the store failed.
@@ -40,23 +40,31 @@ pub async fn acquire_lease(store: &Store, config: &ReplicaConfig) -> anyhow::Res
     Ok(lease)
 }
 
-/// `<hostname>-<pid>`: what other instances see as the lease holder.
+/// `<hostname>-<pid>#<random>`: what other instances see as the lease holder. The host name
+/// and PID are for people; the random part makes it unique, because in containers every
+/// instance may be PID 1 on a host called `localhost`, and a lease held under one's own name
+/// counts as one's own.
 fn instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host = host.trim();
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).expect("the OS random number generator is unavailable");
     format!(
-        "{}-{}",
+        "{}-{}#{}",
         if host.is_empty() { "keycast" } else { host },
-        std::process::id()
+        std::process::id(),
+        random.iter().map(|b| format!("{b:02x}")).collect::<String>()
     )
 }
 
-/// Runs the start-up decision (restore, resume, adopt, refuse) and logs it.
+/// Runs the start-up decision (restore, resume, adopt, refuse) and logs it. `recorded` is the
+/// high-water mark found in the lease: a replica short of it lost its newest objects.
 ///
 /// # Errors
-/// When keycast must not serve: conflicting local and replica state, or a failed restore.
-pub async fn prepare(db: &Path, store: &Store) -> anyhow::Result<()> {
-    match bootstrap::prepare(db, store).await? {
+/// When keycast must not serve: conflicting local and replica state, a truncated replica, or
+/// a failed restore.
+pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> anyhow::Result<()> {
+    match bootstrap::prepare(db, store, recorded).await? {
         Bootstrap::Fresh => {
             tracing::info!(replica = %store.describe(), "no database and an empty replica: starting a new database")
         }
@@ -148,7 +156,7 @@ impl Dependency for ReplicationHealth {
     fn readiness(&self) -> Result<(), String> {
         let status = self.monitor.status();
         if status.fenced {
-            return Err("replication stopped: another instance took over the replica (this one is fenced)".into());
+            return Err(fenced_message(&status));
         }
         if let Some(to) = status.handing_over_to {
             return Err(match status.handed_over_txid {
@@ -168,6 +176,14 @@ impl Dependency for ReplicationHealth {
         }
     }
 
+    fn liveness(&self) -> Result<(), String> {
+        let status = self.monitor.status();
+        match status.fenced {
+            true => Err(fenced_message(&status)),
+            false => Ok(()),
+        }
+    }
+
     fn export_metrics(&self) {
         let s = self.monitor.status();
         metrics::gauge!("keycast_replica_txid").set(s.replicated_txid as f64);
@@ -178,4 +194,14 @@ impl Dependency for ReplicationHealth {
         metrics::gauge!("keycast_replica_fenced").set(if s.fenced { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_handing_over").set(if s.handing_over_to.is_some() { 1.0 } else { 0.0 });
     }
+}
+
+fn fenced_message(status: &keycast_replica::Status) -> String {
+    format!(
+        "replication stopped for good: {} (this instance is fenced and shutting down)",
+        status
+            .fence_reason
+            .as_deref()
+            .unwrap_or("another instance took over the replica")
+    )
 }

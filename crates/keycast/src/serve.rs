@@ -13,10 +13,16 @@
 //!    land after the final sync;
 //! 4. ship the last committed frames and record a clean stop (the exit line names the TXID).
 //!
+//! A quarter of the grace period (at least a second) is kept for step 4: requests that
+//! outlive the rest are cut off, but what was committed still ships.
+//!
 //! Exit status is 0 when all of that finished inside the grace period, non-zero otherwise.
+//! An instance that is *fenced* (it lost the replica for good) goes through the same steps
+//! and exits non-zero, so the platform replaces it instead of keeping a process that can no
+//! longer write.
 
 use std::future::{Future, IntoFuture};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use std::sync::Arc;
 use keycast_core::{PasswordHasher, PasswordParams, Signer, SignerOptions};
 use keycast_db::{Db, DbOptions};
 use keycast_http::{AppState, Dependency, HttpOptions, Services};
+use keycast_replica::lease::keep_alive_while;
 use keycast_replica::replicator::Monitor;
 use keycast_replica::{CommitSignal, Replicator};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -122,13 +129,27 @@ pub async fn run(
         tracing::warn!("KEYCAST_NIP46=false: bunker URLs are issued but nobody answers them");
         None
     };
+    if let Some(replicator) = &running.replicator {
+        mark_serving(replicator).await?;
+    }
     state.set_services(running.services.clone());
     state.set_db(running.db.clone());
     tracing::info!(database = %config.database_path.display(), "keycast is ready");
 
-    tokio::select! {
-        () = &mut shutdown => {}
+    let monitor = running.replicator.as_ref().map(Replicator::monitor);
+    let fenced = async {
+        match &monitor {
+            Some(monitor) => monitor.fenced().await,
+            None => std::future::pending().await,
+        }
+    };
+    let fenced = tokio::select! {
+        () = &mut shutdown => false,
+        () = fenced => true,
         result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
+    };
+    if fenced {
+        tracing::error!("this instance was fenced and can never write the replica again: shutting down so the platform starts a replacement");
     }
     // Stop answering NIP-46 before the database closes, so no connect can commit after
     // the final sync.
@@ -136,7 +157,15 @@ pub async fn run(
         nip46.shutdown().await;
     }
     drop(embedded);
-    shut_down(config, stop_http, server, running).await
+    let reason = monitor.and_then(|m| m.status().fence_reason);
+    shut_down(config, stop_http, server, running).await?;
+    match (fenced, reason) {
+        (true, reason) => anyhow::bail!(
+            "fenced: {}; exiting so that a new instance (which restores first) takes over",
+            reason.unwrap_or_else(|| "another instance owns the replica".into())
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// What start-up produced.
@@ -185,7 +214,31 @@ async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>) {
     }
 }
 
-/// Restore-before-serve, open the database, start replication.
+/// Tells the lease this instance finished starting, so the instance it took over from never
+/// takes the replica back from under it (see `Lease::mark_serving`). Retried briefly: without
+/// it a healthy instance could lose the lease to its predecessor while idle.
+///
+/// # Errors
+/// The lease was lost meanwhile (fenced).
+async fn mark_serving(replicator: &Replicator) -> anyhow::Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match replicator.mark_serving().await {
+            Ok(()) => return Ok(()),
+            Err(e @ keycast_replica::ReplicaError::LeaseLost { .. }) => return Err(e.into()),
+            Err(e) if attempt >= 5 => {
+                tracing::warn!(error = %e, "cannot mark the replica lease as serving; going on (the next write renews it)");
+                return Ok(());
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await,
+        }
+    }
+}
+
+/// Restore-before-serve, open the database, start replication. A start-up that fails after
+/// taking the lease gives it back, so the instance it was taken from can take it again at
+/// once (a deploy that fails must not leave nobody writing).
 async fn start(config: &Config) -> anyhow::Result<Running> {
     prepare_directories(config)?;
     let Some(replica) = &config.replica else {
@@ -203,23 +256,72 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     if store.backend() == keycast_replica::store::Backend::File {
         tracing::warn!(replica = %store.describe(), "replicating to a local directory: fine for development, but it does not survive losing this machine; set KEYCAST_REPLICA_URL to object storage (s3://, gs://, az://) in production");
     }
-    let lease = crate::replication::acquire_lease(&store, replica).await?;
-    crate::replication::prepare(&config.database_path, &store).await?;
+    let mut lease = crate::replication::acquire_lease(&store, replica).await?;
+    let recorded = lease.previous_txid();
+    // A large restore may outlast the lease: keep it renewed meanwhile.
+    let opened = keep_alive_while(&mut lease, open_replicated(config, &store, recorded)).await?;
+    let (db, signal, lineage) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            give_back(lease).await;
+            return Err(e);
+        }
+    };
+    let replicator =
+        match crate::replication::start(&config.database_path, store, signal, &lineage, replica, lease).await {
+            Ok(replicator) => replicator,
+            Err(e) => {
+                db.close().await;
+                return Err(e);
+            }
+        };
+    match services(config, &db, Some(replicator.monitor())).await {
+        Ok((services, flusher)) => Ok(Running {
+            db,
+            replicator: Some(replicator),
+            services,
+            flusher,
+        }),
+        Err(e) => {
+            db.close().await;
+            let deadline = Instant::now() + config.shutdown_grace;
+            if let Err(stop) = replicator.shutdown(deadline).await {
+                tracing::warn!(error = %stop, "could not stop replication cleanly after the failed start-up");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The part of start-up done under the lease before replication starts: decide what to serve
+/// (restoring if needed), open and migrate the database, and read or set its lineage.
+async fn open_replicated(
+    config: &Config,
+    store: &keycast_replica::Store,
+    recorded: Option<u64>,
+) -> anyhow::Result<(Db, Arc<CommitSignal>, String)> {
+    crate::replication::prepare(&config.database_path, store, recorded).await?;
     let signal = CommitSignal::new();
     let options = DbOptions {
         commit_signal: Some(signal.clone()),
         ..DbOptions::new(&config.database_path)
     };
     let db = Db::open_sqlite(&options).await?;
-    let lineage = keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await?;
-    let replicator = crate::replication::start(&config.database_path, store, signal, &lineage, replica, lease).await?;
-    let (services, flusher) = services(config, &db, Some(replicator.monitor())).await?;
-    Ok(Running {
-        db,
-        replicator: Some(replicator),
-        services,
-        flusher,
-    })
+    match keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await {
+        Ok(lineage) => Ok((db, signal, lineage)),
+        Err(e) => {
+            db.close().await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Releases the lease after a start-up that failed before replication started.
+async fn give_back(lease: keycast_replica::lease::Lease) {
+    match lease.release().await {
+        Ok(()) => tracing::info!("start-up failed: released the replica lease"),
+        Err(e) => tracing::warn!(error = %e, "start-up failed and the replica lease could not be released; it lapses"),
+    }
 }
 
 /// 128 random bits, hex: a new database's lineage.
@@ -251,15 +353,23 @@ async fn shut_down(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let grace = config.shutdown_grace;
+    let deadline = started + grace;
+    // The final sync must not be starved by slow requests: they get the grace period minus
+    // this reserve, and are cut off after it.
+    let reserve = (grace / 4).max(Duration::from_secs(1)).min(grace / 2);
+    let drain_until = deadline - reserve;
     tracing::info!(
         grace_secs = grace.as_secs_f64(),
         "shutting down: no new connections, finishing in-flight requests"
     );
     let _ = stop_http.send(());
-    if tokio::time::timeout(grace, server).await.is_err() {
-        anyhow::bail!(
-            "in-flight requests did not finish within the {} s grace period",
-            grace.as_secs_f64()
+    let abort = server.abort_handle();
+    let cut_short = tokio::time::timeout_at(drain_until.into(), server).await.is_err();
+    if cut_short {
+        abort.abort();
+        tracing::error!(
+            reserve_ms = reserve.as_millis() as u64,
+            "in-flight requests did not finish in time: cut off, keeping the rest of the grace period for the final sync"
         );
     }
     running.flusher.abort();
@@ -271,17 +381,32 @@ async fn shut_down(
             "signing activity since the replica was handed over is not recorded"
         );
     } else {
-        match running.services.signer.flush().await {
-            Ok(rows) => tracing::info!(rows, "flushed buffered signing activity"),
-            Err(err) => tracing::warn!(error = %err, "could not write the last signing activity"),
+        match tokio::time::timeout_at(
+            drain_until.max(Instant::now() + reserve / 4).into(),
+            running.services.signer.flush(),
+        )
+        .await
+        {
+            Ok(Ok(rows)) => tracing::info!(rows, "flushed buffered signing activity"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "could not write the last signing activity"),
+            Err(_) => tracing::warn!("writing the last signing activity took too long; it is not recorded"),
         }
     }
-    let remaining = grace.saturating_sub(started.elapsed());
-    if tokio::time::timeout(remaining, running.db.close()).await.is_err() {
-        anyhow::bail!("the database did not close within the grace period");
+    let close_until = drain_until.max(Instant::now()) + reserve / 2;
+    let closed = tokio::time::timeout_at(close_until.into(), running.db.close())
+        .await
+        .is_ok();
+    if !closed {
+        tracing::error!("the database pool did not close in time; shipping what is committed anyway");
     }
     if let Some(replicator) = running.replicator {
-        crate::replication::stop(replicator, started + grace).await?;
+        crate::replication::stop(replicator, deadline).await?;
+    }
+    if cut_short || !closed {
+        anyhow::bail!(
+            "in-flight requests did not finish within the {} s grace period (everything committed was replicated)",
+            grace.as_secs_f64()
+        );
     }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,

@@ -7,7 +7,9 @@
 //! | exists | empty | any | [`Bootstrap::Adopt`]: the local file seeds the replica (a full image) |
 //! | exists | has data | matches (same lineage, same TXID) | [`Bootstrap::Resume`] |
 //! | exists | has data | TXID behind the replica | local moved aside to `<db>.behind-<unix>`, then [`Bootstrap::Restored`] |
+//! | exists | has data | matches, but the local WAL lost frames the record says were shipped (a power loss) | local moved aside, then [`Bootstrap::Restored`] |
 //! | exists | has data | none, other lineage, or TXID ahead of the replica | refused with [`BootstrapError`]: keycast cannot tell which copy is right, so it serves neither |
+//! | any | short of the lease's high-water mark | – | refused: the replica's newest objects were deleted, and restoring would silently roll back |
 //!
 //! The stale file is kept, never deleted: it may hold commits that were acknowledged
 //! locally but never reached the replica, and an operator may want them.
@@ -65,6 +67,17 @@ pub enum BootstrapError {
         local: u64,
         remote: u64,
     },
+    #[error(
+        "the replica {replica} reaches only TXID {remote}, but its lease records TXID {recorded} as replicated: \
+         its newest objects are missing (deleted or lost). keycast will not silently roll back to an older state; \
+         restore the missing objects, or, to accept the loss, delete {lease_object} from the replica"
+    )]
+    ReplicaTruncated {
+        replica: String,
+        remote: u64,
+        recorded: u64,
+        lease_object: String,
+    },
     #[error(transparent)]
     Restore(#[from] RestoreError),
     #[error(transparent)]
@@ -73,12 +86,22 @@ pub enum BootstrapError {
     Io(#[from] std::io::Error),
 }
 
-/// Prepares `db` from `store` as the table above says. Call before opening the database.
+/// Prepares `db` from `store` as the table above says. Call before opening the database,
+/// holding the lease; `recorded` is the high-water mark the lease carried (see
+/// [`crate::lease::Lease::previous_txid`]).
 ///
 /// # Errors
 /// See [`BootstrapError`].
-pub async fn prepare(db: &Path, store: &Store) -> Result<Bootstrap, BootstrapError> {
+pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<Bootstrap, BootstrapError> {
     let remote = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
+    if let Some(recorded) = recorded.filter(|r| *r > remote) {
+        return Err(BootstrapError::ReplicaTruncated {
+            replica: store.describe(),
+            remote,
+            recorded,
+            lease_object: "keycast/lease.json".into(),
+        });
+    }
     let local = db.exists();
     match (local, remote) {
         (false, 0) => Ok(Bootstrap::Fresh),
@@ -124,6 +147,22 @@ async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, Boo
         );
         return restore_into(db, store, Some(aside)).await;
     }
+    let shipped_frames_lost = match &record.wal {
+        Some(cursor) if !(record.clean && record.db_checksum.is_some()) => {
+            !crate::segment::wal_reaches(db, cursor, record.checkpointed)
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+        }
+        _ => false,
+    };
+    if shipped_frames_lost {
+        let aside = move_aside(db)?;
+        tracing::warn!(
+            txid = record.txid,
+            moved_to = %aside.display(),
+            "the local WAL no longer holds frames that were replicated (a power loss?); restoring from the replica, the old file is kept"
+        );
+        return restore_into(db, store, Some(aside)).await;
+    }
     Ok(Bootstrap::Resume { txid: record.txid })
 }
 
@@ -143,6 +182,7 @@ async fn restore_into(db: &Path, store: &Store, moved_aside: Option<PathBuf>) ->
             page_size: restored.page_size,
             wal: None,
             clean: true,
+            checkpointed: false,
             db_checksum: None,
             updated_at_ms: crate::replicator::now_ms(),
             last_error: None,
@@ -160,12 +200,7 @@ async fn restore_into(db: &Path, store: &Store, moved_aside: Option<PathBuf>) ->
 
 /// The lineage recorded in the replica by keycast; `None` for replicas Litestream wrote.
 async fn replica_lineage(store: &Store) -> Result<Option<String>, StoreError> {
-    let Some((bytes, _)) = store.get_object("keycast/lineage.json").await? else {
-        return Ok(None);
-    };
-    Ok(serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v.get("lineage").and_then(|l| l.as_str()).map(str::to_owned)))
+    crate::verify::replica_lineage(store).await
 }
 
 /// Renames the database and its `-wal`/`-shm`/record to `<db>.behind-<unix>…`.

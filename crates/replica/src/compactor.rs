@@ -10,7 +10,13 @@
 //!   `l0_retention` that L1 already covers.
 //!
 //! Work happens only when something new was shipped since the last run, so an idle
-//! database costs no object-store requests.
+//! database costs no object-store requests. A failing run backs off (capped exponential,
+//! 5 s up to 5 min) and, while nothing new is shipped, gives up after
+//! [`GIVE_UP_AFTER`] attempts, so a broken store does not turn an idle instance into a
+//! stream of requests.
+//!
+//! Compaction only ever reads files up to the TXID its caller shipped itself: an object past
+//! that may be a stale writer's, about to be replaced, and must never be merged into a level.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -24,6 +30,12 @@ use crate::ReplicaError;
 
 /// Level 9: snapshots.
 pub const SNAPSHOT_LEVEL: u8 = 9;
+/// First retry delay after a failed run; doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_secs(5);
+/// Longest delay between retries of a failing run.
+const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Failed runs in a row after which, until something new is shipped, no retry is scheduled.
+pub const GIVE_UP_AFTER: u32 = 8;
 
 /// When to compact, snapshot and delete. Defaults follow Litestream 0.5.
 #[derive(Debug, Clone)]
@@ -60,6 +72,12 @@ pub struct Schedule {
     dirty: Vec<bool>,
     snapshot_next: Instant,
     snapshot_dirty: bool,
+    /// Failed runs in a row.
+    failures: u32,
+    /// No run before this, after a failure.
+    retry_at: Option<Instant>,
+    /// Gave up retrying until something new is shipped.
+    stalled: bool,
 }
 
 impl Schedule {
@@ -71,7 +89,33 @@ impl Schedule {
             dirty: vec![false; policy.levels.len()],
             snapshot_next: now + policy.snapshot_interval,
             snapshot_dirty: false,
+            failures: 0,
+            retry_at: None,
+            stalled: false,
         }
+    }
+
+    /// A run succeeded: the backoff starts over.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+        self.stalled = false;
+    }
+
+    /// A run failed: schedules the retry after a capped exponential backoff, and returns it;
+    /// `None` when it gave up until something new is shipped.
+    pub fn failed(&mut self) -> Option<Duration> {
+        self.failures += 1;
+        if self.failures >= GIVE_UP_AFTER {
+            self.stalled = true;
+            self.retry_at = None;
+            return None;
+        }
+        let delay = RETRY_MIN
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(RETRY_MAX);
+        self.retry_at = Some(Instant::now() + delay);
+        Some(delay)
     }
 
     /// A new L0 file exists: L1 and the snapshot have work.
@@ -80,18 +124,34 @@ impl Schedule {
             *first = true;
         }
         self.snapshot_dirty = true;
+        if self.stalled {
+            // New data: worth one more attempt, with the backoff where it was.
+            self.stalled = false;
+            self.failures = GIVE_UP_AFTER - 1;
+            self.retry_at = Some(Instant::now() + RETRY_MAX);
+        }
     }
 
-    /// Whether any level with new input has reached its time.
+    /// Whether any level with new input has reached its time (and no failure backoff or
+    /// give-up holds it back).
     pub fn due(&self) -> bool {
         let now = Instant::now();
+        if self.stalled || self.retry_at.is_some_and(|at| now < at) {
+            return false;
+        }
         self.dirty.iter().zip(&self.next).any(|(d, n)| *d && now >= *n)
             || (self.snapshot_dirty && now >= self.snapshot_next)
     }
 
-    /// Time until the next due run; an hour when nothing has new input.
+    /// Time until the next due run; an hour when nothing has new input (or it gave up).
     pub fn next_in(&self) -> Duration {
         let now = Instant::now();
+        if self.stalled {
+            return Duration::from_secs(3600);
+        }
+        let not_before = self
+            .retry_at
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(now));
         let levels = self
             .dirty
             .iter()
@@ -101,7 +161,10 @@ impl Schedule {
         let snapshot = self
             .snapshot_dirty
             .then(|| self.snapshot_next.saturating_duration_since(now));
-        levels.chain(snapshot).min().unwrap_or(Duration::from_secs(3600))
+        levels
+            .chain(snapshot)
+            .min()
+            .map_or(Duration::from_secs(3600), |next| next.max(not_before))
     }
 }
 
@@ -114,13 +177,14 @@ pub async fn run_due(
     policy: &CompactionPolicy,
     schedule: &mut Schedule,
     now: SystemTime,
+    upto: u64,
 ) -> Result<(), ReplicaError> {
     let instant = Instant::now();
     let mut changed = false;
     for i in 0..policy.levels.len() {
         if schedule.dirty[i] && instant >= schedule.next[i] {
             let level = (i + 1) as u8;
-            if compact_level(store, level).await?.is_some() {
+            if compact_level(store, level, upto).await?.is_some() {
                 if let Some(next) = schedule.dirty.get_mut(i + 1) {
                     *next = true;
                 }
@@ -131,7 +195,7 @@ pub async fn run_due(
         }
     }
     if schedule.snapshot_dirty && instant >= schedule.snapshot_next {
-        snapshot(store).await?;
+        snapshot(store, upto).await?;
         schedule.snapshot_dirty = false;
         schedule.snapshot_next = instant + policy.snapshot_interval;
         changed = true;
@@ -142,12 +206,13 @@ pub async fn run_due(
     Ok(())
 }
 
-/// Merges the level−1 files newer than `level`'s newest file into one `level` file.
-/// Returns the stored object's TXID range, or `None` when there was nothing to merge.
+/// Merges the level−1 files newer than `level`'s newest file, up to TXID `upto`, into one
+/// `level` file. Returns the stored object's TXID range, or `None` when there was nothing to
+/// merge.
 ///
 /// # Errors
 /// Store and decoding errors.
-pub async fn compact_level(store: &Store, level: u8) -> Result<Option<(u64, u64)>, ReplicaError> {
+pub async fn compact_level(store: &Store, level: u8, upto: u64) -> Result<Option<(u64, u64)>, ReplicaError> {
     let done = store
         .list_level(level)
         .await?
@@ -160,7 +225,7 @@ pub async fn compact_level(store: &Store, level: u8) -> Result<Option<(u64, u64)
         .list_level(level - 1)
         .await?
         .into_iter()
-        .filter(|f| f.min_txid > done)
+        .filter(|f| f.min_txid > done && f.max_txid <= upto)
     {
         let expected = inputs.last().map_or(done + 1, |f| f.max_txid + 1);
         if file.min_txid != expected {
@@ -178,12 +243,14 @@ pub async fn compact_level(store: &Store, level: u8) -> Result<Option<(u64, u64)
     Ok(Some((min, max)))
 }
 
-/// Writes a level-9 snapshot of the latest state, built from the replica itself.
+/// Writes a level-9 snapshot of the state at the newest TXID up to `upto` the replica can
+/// restore, built from the replica itself.
 ///
 /// # Errors
 /// Store and decoding errors.
-pub async fn snapshot(store: &Store) -> Result<Option<u64>, ReplicaError> {
-    let files = store.list_all().await?;
+pub async fn snapshot(store: &Store, upto: u64) -> Result<Option<u64>, ReplicaError> {
+    let mut files = store.list_all().await?;
+    files.retain(|f| f.max_txid <= upto);
     let plan = restore::plan(&files, Target::Latest, &store.describe())
         .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))?;
     let max = plan.last().map_or(0, |f| f.max_txid);
@@ -345,9 +412,13 @@ mod tests {
         put(&store, 0, 1, file(1, 3, &[(1, 1), (2, 1), (3, 1)])).await;
         put(&store, 0, 2, file(2, 3, &[(2, 2)])).await;
         put(&store, 0, 3, file(3, 2, &[(1, 3)])).await; // shrinks to 2 pages
-        assert_eq!(compact_level(&store, 1).await.unwrap(), Some((1, 3)));
+        assert_eq!(compact_level(&store, 1, u64::MAX).await.unwrap(), Some((1, 3)));
         assert_eq!(pages_of(&store, 1).await, vec![(1, 3, vec![(1, 3), (2, 2)])]);
-        assert_eq!(compact_level(&store, 1).await.unwrap(), None, "nothing new to merge");
+        assert_eq!(
+            compact_level(&store, 1, u64::MAX).await.unwrap(),
+            None,
+            "nothing new to merge"
+        );
     }
 
     #[tokio::test]
@@ -356,9 +427,9 @@ mod tests {
         put(&store, 0, 1, file(1, 1, &[(1, 1)])).await;
         put(&store, 0, 2, file(2, 1, &[(1, 2)])).await;
         put(&store, 0, 4, file(4, 1, &[(1, 4)])).await;
-        assert_eq!(compact_level(&store, 1).await.unwrap(), Some((1, 2)));
+        assert_eq!(compact_level(&store, 1, u64::MAX).await.unwrap(), Some((1, 2)));
         put(&store, 0, 3, file(3, 1, &[(1, 3)])).await;
-        assert_eq!(compact_level(&store, 1).await.unwrap(), Some((3, 4)));
+        assert_eq!(compact_level(&store, 1, u64::MAX).await.unwrap(), Some((3, 4)));
     }
 
     #[tokio::test]
@@ -366,12 +437,12 @@ mod tests {
         let store = Store::in_memory();
         put(&store, 0, 1, file(1, 2, &[(1, 1), (2, 1)])).await;
         put(&store, 0, 2, file(2, 2, &[(2, 2)])).await;
-        assert_eq!(snapshot(&store).await.unwrap(), Some(2));
+        assert_eq!(snapshot(&store, u64::MAX).await.unwrap(), Some(2));
         assert_eq!(
             pages_of(&store, SNAPSHOT_LEVEL).await,
             vec![(1, 2, vec![(1, 1), (2, 2)])]
         );
-        assert_eq!(snapshot(&store).await.unwrap(), None);
+        assert_eq!(snapshot(&store, u64::MAX).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -389,7 +460,7 @@ mod tests {
             0,
             "no L1: L0 is kept"
         );
-        compact_level(&store, 1).await.unwrap();
+        compact_level(&store, 1, u64::MAX).await.unwrap();
         assert_eq!(
             enforce_retention(&store, &policy, SystemTime::now()).await.unwrap(),
             0,
@@ -410,12 +481,12 @@ mod tests {
         let store = Store::in_memory();
         for txid in 1..=2 {
             put(&store, 0, txid, file(txid, 1, &[(1, txid as u8)])).await;
-            compact_level(&store, 1).await.unwrap();
+            compact_level(&store, 1, u64::MAX).await.unwrap();
         }
-        snapshot(&store).await.unwrap();
+        snapshot(&store, u64::MAX).await.unwrap();
         put(&store, 0, 3, file(3, 1, &[(1, 3)])).await;
-        compact_level(&store, 1).await.unwrap();
-        snapshot(&store).await.unwrap();
+        compact_level(&store, 1, u64::MAX).await.unwrap();
+        snapshot(&store, u64::MAX).await.unwrap();
         let policy = CompactionPolicy::default();
         let later = SystemTime::now() + policy.snapshot_retention + Duration::from_secs(1);
         enforce_retention(&store, &policy, later).await.unwrap();

@@ -1,22 +1,40 @@
 //! The single-writer lease: one small object (`keycast/lease.json`) changed only by
 //! compare-and-swap, so at most one instance believes it may write the replica.
 //!
-//! The lease is an orderly hand-over mechanism, not the safety net: every data object is
-//! also written create-only at a TXID-derived key, so even two instances that both think
-//! they hold the lease (one paused past its TTL, say) collide instead of corrupting the
-//! replica. The lease makes that rare, and makes hand-over on deploy lossless:
+//! The lease is an orderly hand-over mechanism, not the only safety net: every data object is
+//! also written create-only at a TXID-derived key, so two instances that both think they hold
+//! the lease collide instead of overwriting each other. The lease makes that rare, and makes
+//! hand-over on deploy lossless:
 //!
-//! 1. a starting instance waits (up to `wait`) while another holds an unexpired lease;
-//! 2. the holder, on SIGTERM, ships its last frames and *releases* the lease;
+//! 1. a starting instance waits (up to `wait`) while another holds an unexpired lease, and
+//!    asks it to hand over (below);
+//! 2. the holder ships everything and *releases* the lease;
 //! 3. the newcomer takes it (epoch + 1), restores the latest state, and serves.
 //!
-//! An expired lease may be taken over; its old holder learns it lost when its next renewal
-//! fails the compare-and-swap, and stops (fenced).
+//! # Who is who
+//! The lease names its holder by a caller-chosen *owner* string that must be unique to the
+//! process: keycast uses `<host>-<pid>#<random>`, because host names and PIDs repeat (in a
+//! container the binary is PID 1, and several instances may call themselves `localhost`).
+//! A lease held under this process's own owner string can only be this process's own write
+//! whose answer was lost, so it is adopted rather than treated as someone else's.
 //!
-//! Renewal is lazy: the holder renews only when it is about to write and less than half the
-//! TTL is left, so an idle instance makes no requests. An idle holder's lease therefore
-//! lapses, and a newcomer may take it without waiting; the old holder then has nothing
-//! unshipped and learns it was replaced on its next write.
+//! # Time
+//! Expiry is judged twice, conservatively on both sides, so that clock skew between instances
+//! up to [`Lease::margin`] (a fifth of the TTL) cannot make two of them write at once:
+//! - the holder measures its lease from *before* the write that set it, on the monotonic
+//!   clock, and stops trusting it `margin` before that local expiry ([`Lease::is_valid`]);
+//! - a newcomer takes an unreleased lease only `margin` *after* its wall-clock expiry.
+//!
+//! # Unknown outcomes
+//! A compare-and-swap whose answer was lost may or may not have been applied. Every write of
+//! the lease is therefore resolved by reading it back: if the stored record is exactly what
+//! this process wrote, the write happened; anything else is the truth to act on.
+//!
+//! # Renewal
+//! Renewal is lazy: the holder renews when it is about to write (or is busy shipping) and less
+//! than half the TTL is left, so an idle instance makes no requests. An idle holder's lease
+//! therefore lapses; renewing a lapsed lease nobody took still succeeds (the compare-and-swap
+//! proves nobody did), and a newcomer may take a lapsed one without waiting.
 //!
 //! # Hand-over requests
 //! On Cloud Run the new revision must be ready *before* the old instance gets SIGTERM, and a
@@ -26,6 +44,18 @@
 //! its next renewal (which then conflicts) or its next [`Lease::keep`] check — at most every
 //! [`DEFAULT_CHECK_INTERVAL`] while it writes, never while idle — as
 //! [`LeaseError::HandoverRequested`]; it then ships everything, releases, and stops writing.
+//!
+//! # Serving, and taking back
+//! A newcomer marks its lease *serving* once its start-up has finished
+//! ([`Lease::mark_serving`]). An instance that handed over may take the lease back
+//! ([`Lease::take_back`]) while it is still exactly as released, or when the instance that
+//! took it never started serving and let it lapse (a deploy that failed after taking the
+//! lease) — never from an instance that served.
+//!
+//! # The high-water mark
+//! Each write of the lease records the highest TXID its holder knows to be in the replica
+//! ([`Lease::note_txid`]), at no extra request: a later restore that finds the replica short
+//! of it knows the newest objects were deleted, instead of silently rolling back.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -67,6 +97,13 @@ impl Default for LeaseOptions {
     }
 }
 
+impl LeaseOptions {
+    /// The clock-skew allowance: a fifth of the TTL (3 s by default).
+    pub fn margin(&self) -> Duration {
+        self.ttl / 5
+    }
+}
+
 /// Why the lease could not be had or kept.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -102,6 +139,28 @@ struct Record {
     /// A waiting newcomer that asked the holder to hand over (absent in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     handover_requested_by: Option<String>,
+    /// The holder finished starting and served (see [`Lease::mark_serving`]). Records from
+    /// before this field read as serving, so nobody takes them back.
+    #[serde(default = "yes")]
+    serving: bool,
+    /// The highest TXID the holder knew to be in the replica when it wrote this record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    txid: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Record {
+    /// Free to take: released, or lapsed by more than the skew margin.
+    fn is_free(&self, margin: Duration) -> bool {
+        self.released || self.expires_at_ms + margin.as_millis() as i64 <= now_ms()
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (epoch {})", self.owner, self.epoch)
+    }
 }
 
 /// A held lease.
@@ -115,16 +174,86 @@ pub struct Lease {
     /// Local, monotonic expiry: measured from *before* the write that set it, so the holder
     /// always believes its lease ends earlier than other instances do.
     expires: Instant,
+    /// The wall-clock expiry written in the record, checked too: a monotonic clock that
+    /// stood still (a suspended VM) must not make a lapsed lease look valid.
+    wall_expires_ms: i64,
     /// See [`LeaseOptions::check_interval`].
     check_interval: Duration,
     /// When the stored lease was last read or written by this holder.
     checked: Instant,
     /// The hand-over request seen in the stored lease, carried on by later renewals.
     handover: Option<String>,
+    /// Written into every record: see [`Lease::mark_serving`].
+    serving: bool,
+    /// Written into every record: see [`Lease::note_txid`].
+    txid: Option<u64>,
+    /// The high-water mark the previous holder left in the record this lease replaced.
+    previous_txid: Option<u64>,
+}
+
+/// What a compare-and-swap of the lease came to, once an unknown outcome was read back.
+enum Swap {
+    /// Stored; the new version.
+    Done(UpdateVersion),
+    /// Someone else's record is there (or none at all).
+    Lost(Option<(Record, UpdateVersion)>),
+}
+
+/// Writes `next` over the lease at `version`. A conflict or a failed request is resolved by
+/// reading the lease back: exactly `next` means the write happened (its answer was lost).
+///
+/// # Errors
+/// The request's error when the write provably did not happen and the lease cannot be read;
+/// a malformed lease.
+async fn swap(store: &Store, next: &Record, version: &UpdateVersion) -> Result<Swap, LeaseError> {
+    let failure = match store.put_object_update(OBJECT, encode(next), version).await {
+        Ok(UpdateOutcome::Updated(version)) => return Ok(Swap::Done(version)),
+        Ok(UpdateOutcome::Conflict) => None,
+        Err(e) => Some(e),
+    };
+    let stored = match store.get_object(OBJECT).await {
+        Ok(stored) => stored,
+        Err(read) => return Err(failure.unwrap_or(read).into()),
+    };
+    match stored {
+        Some((bytes, version)) => {
+            let record = decode(&bytes)?;
+            if record == *next {
+                tracing::info!(owner = %next.owner, "a lease write whose answer was lost had been applied");
+                return Ok(Swap::Done(version));
+            }
+            match failure {
+                Some(e) => Err(e.into()),
+                None => Ok(Swap::Lost(Some((record, version)))),
+            }
+        }
+        None => match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(Swap::Lost(None)),
+        },
+    }
+}
+
+/// Creates the lease object holding `record`, resolving an unknown outcome by reading it
+/// back. `None` when someone else's lease is there.
+async fn create(store: &Store, record: &Record) -> Result<Option<UpdateVersion>, LeaseError> {
+    let failure = match store.put_object_create(OBJECT, encode(record)).await {
+        Ok(PutOutcome::Created | PutOutcome::AlreadyExists) => None,
+        Err(e) => Some(e),
+    };
+    match store.get_object(OBJECT).await {
+        Ok(Some((bytes, version))) if decode(&bytes)? == *record => Ok(Some(version)),
+        Ok(_) => match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(None),
+        },
+        Err(read) => Err(failure.unwrap_or(read).into()),
+    }
 }
 
 impl Lease {
-    /// Takes the lease, waiting up to `options.wait` for a live holder to release it.
+    /// Takes the lease, waiting up to `options.wait` for a live holder to release it, and
+    /// asking it to hand over meanwhile. `owner` must be unique to this process.
     ///
     /// # Errors
     /// [`LeaseError::Held`] when the wait ran out; store errors.
@@ -135,53 +264,39 @@ impl Lease {
             let before = Instant::now();
             match store.get_object(OBJECT).await? {
                 None => {
-                    let record = Record {
-                        owner: owner.into(),
-                        epoch: 1,
-                        expires_at_ms: expiry_ms(options.ttl),
-                        released: false,
-                        handover_requested_by: None,
-                    };
-                    if let PutOutcome::Created = store.put_object_create(OBJECT, encode(&record)).await? {
-                        if let Some(lease) = Self::confirm(store, &record, options, before).await? {
-                            return Ok(lease);
-                        }
+                    let record = Self::fresh(owner, 1, options, None);
+                    if let Some(version) = create(store, &record).await? {
+                        return Ok(Lease::held(store, record, options, version, before, None));
                     }
+                    continue;
                 }
                 Some((bytes, version)) => {
                     let current = decode(&bytes)?;
-                    let free = current.released || current.expires_at_ms <= now_ms() || current.owner == owner;
-                    if free {
-                        if !current.released && current.owner != owner {
-                            tracing::warn!(previous = %current.owner, epoch = current.epoch, "took over an expired replica lease; its holder is now fenced");
+                    if current.owner == owner && !current.released {
+                        // Our own write whose answer was lost (the owner is unique to us).
+                        let previous = current.txid;
+                        return Ok(Lease::held(store, current, options, version, before, previous));
+                    }
+                    if current.is_free(options.margin()) {
+                        if !current.released {
+                            tracing::warn!(previous = %current.describe(), "took over an expired replica lease; its holder is now fenced");
                         }
-                        let record = Record {
-                            owner: owner.into(),
-                            epoch: current.epoch + 1,
-                            expires_at_ms: expiry_ms(options.ttl),
-                            released: false,
-                            handover_requested_by: None,
-                        };
-                        if let UpdateOutcome::Updated(version) =
-                            store.put_object_update(OBJECT, encode(&record), &version).await?
-                        {
-                            return Ok(Lease::held(store, record, options, version, before));
+                        let record = Self::fresh(owner, current.epoch + 1, options, current.txid);
+                        if let Swap::Done(version) = swap(store, &record, &version).await? {
+                            return Ok(Lease::held(store, record, options, version, before, current.txid));
                         }
                         continue;
                     }
                     if current.handover_requested_by.is_none() {
                         // Ask the holder to hand over. A conflict means the lease changed
                         // (a renewal, a release): look again at once and ask again if needed.
-                        let holder = current.owner.clone();
+                        let holder = current.describe();
                         let request = Record {
                             handover_requested_by: Some(owner.into()),
                             ..current
                         };
-                        match store.put_object_update(OBJECT, encode(&request), &version).await? {
-                            UpdateOutcome::Updated(_) => {
-                                tracing::info!(%holder, "asked the replica lease holder to hand over");
-                            }
-                            UpdateOutcome::Conflict => {}
+                        if let Swap::Done(_) = swap(store, &request, &version).await? {
+                            tracing::info!(%holder, "asked the replica lease holder to hand over");
                         }
                         continue;
                     }
@@ -203,7 +318,7 @@ impl Lease {
                         });
                     }
                     if !announced {
-                        tracing::info!(holder = %current.owner, expires_in_secs, "waiting for the current holder to release the replica lease");
+                        tracing::info!(holder = %current.describe(), expires_in_secs, "waiting for the current holder to release the replica lease");
                         announced = true;
                     }
                 }
@@ -212,23 +327,27 @@ impl Lease {
         }
     }
 
-    /// After a create, reads the lease back for its version; `None` if someone else's.
-    async fn confirm(
-        store: &Store,
-        record: &Record,
-        options: LeaseOptions,
-        before: Instant,
-    ) -> Result<Option<Lease>, LeaseError> {
-        let Some((bytes, version)) = store.get_object(OBJECT).await? else {
-            return Ok(None);
-        };
-        if decode(&bytes)? != *record {
-            return Ok(None);
+    /// A new, not yet serving record for `owner` at `epoch`.
+    fn fresh(owner: &str, epoch: u64, options: LeaseOptions, txid: Option<u64>) -> Record {
+        Record {
+            owner: owner.into(),
+            epoch,
+            expires_at_ms: expiry_ms(options.ttl),
+            released: false,
+            handover_requested_by: None,
+            serving: false,
+            txid,
         }
-        Ok(Some(Lease::held(store, record.clone(), options, version, before)))
     }
 
-    fn held(store: &Store, record: Record, options: LeaseOptions, version: UpdateVersion, before: Instant) -> Lease {
+    fn held(
+        store: &Store,
+        record: Record,
+        options: LeaseOptions,
+        version: UpdateVersion,
+        before: Instant,
+        previous_txid: Option<u64>,
+    ) -> Lease {
         Lease {
             store: store.clone(),
             owner: record.owner,
@@ -236,42 +355,45 @@ impl Lease {
             ttl: options.ttl,
             version,
             expires: before + options.ttl,
+            wall_expires_ms: record.expires_at_ms,
             check_interval: options.check_interval,
             checked: before,
-            handover: None,
+            handover: record.handover_requested_by,
+            serving: record.serving,
+            txid: record.txid,
+            previous_txid,
         }
     }
 
-    /// Takes back a lease `owner` released at `epoch`, if nobody took it since: a hand-over
-    /// whose requester never came (it was stopped while waiting). Anyone else's lease, or a
-    /// later epoch, is left alone: the replica may have moved on.
+    /// After handing over: takes the lease if nobody holds it — it was released (by this
+    /// instance, never taken, or by whoever took it since), or it lapsed in the hands of an
+    /// instance that never started serving (a deploy that failed, or was killed, after taking
+    /// the lease). An instance that served keeps its lease even while it lapses idle, so a
+    /// healthy newcomer is never robbed. The caller must then check that the replica has not
+    /// moved past its own state before writing, and give the lease back if it has.
     ///
     /// # Errors
     /// Store errors; a malformed lease object.
-    pub async fn reclaim(
-        store: &Store,
-        owner: &str,
-        epoch: u64,
-        options: LeaseOptions,
-    ) -> Result<Option<Lease>, LeaseError> {
+    pub async fn take_back(store: &Store, owner: &str, options: LeaseOptions) -> Result<Option<Lease>, LeaseError> {
         let before = Instant::now();
         let Some((bytes, version)) = store.get_object(OBJECT).await? else {
             return Ok(None);
         };
         let current = decode(&bytes)?;
-        if current.owner != owner || current.epoch != epoch || !current.released {
+        let failed_newcomer = !current.released && !current.serving && current.is_free(options.margin());
+        if !current.released && !failed_newcomer {
             return Ok(None);
         }
+        if failed_newcomer {
+            tracing::warn!(newcomer = %current.describe(), "the instance that took the replica lease never started serving and let it go");
+        }
         let record = Record {
-            owner: owner.into(),
-            epoch: epoch + 1,
-            expires_at_ms: expiry_ms(options.ttl),
-            released: false,
-            handover_requested_by: None,
+            serving: true,
+            ..Self::fresh(owner, current.epoch + 1, options, current.txid)
         };
-        match store.put_object_update(OBJECT, encode(&record), &version).await? {
-            UpdateOutcome::Updated(version) => Ok(Some(Lease::held(store, record, options, version, before))),
-            UpdateOutcome::Conflict => Ok(None),
+        match swap(store, &record, &version).await? {
+            Swap::Done(version) => Ok(Some(Lease::held(store, record, options, version, before, current.txid))),
+            Swap::Lost(_) => Ok(None),
         }
     }
 
@@ -294,6 +416,31 @@ impl Lease {
         &self.owner
     }
 
+    /// The clock-skew allowance, a fifth of the TTL (see the module docs).
+    pub fn margin(&self) -> Duration {
+        self.options().margin()
+    }
+
+    /// How much longer this holder may trust its lease without asking the store: its local
+    /// expiry minus the margin. Zero once that has passed.
+    pub fn valid_for(&self) -> Duration {
+        let wall_left = Duration::from_millis((self.wall_expires_ms - now_ms()).max(0) as u64);
+        self.expires
+            .saturating_duration_since(Instant::now())
+            .min(wall_left)
+            .saturating_sub(self.margin())
+    }
+
+    /// Whether no other instance can have taken the lease yet, by the clocks alone.
+    pub fn is_valid(&self) -> bool {
+        !self.valid_for().is_zero()
+    }
+
+    /// The moment [`Lease::is_valid`] turns false, as far as can be told now.
+    pub fn valid_until(&self) -> Instant {
+        Instant::now() + self.valid_for()
+    }
+
     /// Less than half the TTL is left: renew before writing.
     pub fn needs_renewal(&self) -> bool {
         Instant::now() + self.ttl / 2 >= self.expires
@@ -302,6 +449,30 @@ impl Lease {
     /// The hand-over request this holder has seen, if any.
     pub fn handover_requested_by(&self) -> Option<&str> {
         self.handover.as_deref()
+    }
+
+    /// The high-water mark found in the lease this one replaced: the highest TXID the previous
+    /// holder knew to be in the replica. A replica that reaches less lost its newest objects.
+    pub fn previous_txid(&self) -> Option<u64> {
+        self.previous_txid
+    }
+
+    /// Records `txid` as in the replica; written with the next renewal or release.
+    pub fn note_txid(&mut self, txid: u64) {
+        self.txid = Some(self.txid.map_or(txid, |t| t.max(txid)));
+    }
+
+    /// Marks the lease as held by an instance that finished starting, renewing it: from now on
+    /// the instance that handed over to this one never takes it back.
+    ///
+    /// # Errors
+    /// As [`Lease::renew`].
+    pub async fn mark_serving(&mut self) -> Result<(), LeaseError> {
+        self.serving = true;
+        match self.renew().await {
+            Ok(()) | Err(LeaseError::HandoverRequested { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// What a holder calls before it writes: renews when due ([`Lease::needs_renewal`]),
@@ -341,9 +512,7 @@ impl Lease {
     /// request, or lost.
     fn judge(&mut self, stored: Record, version: UpdateVersion) -> Result<(), LeaseError> {
         if stored.owner != self.owner || stored.epoch != self.epoch || stored.released {
-            return Err(LeaseError::Lost {
-                by: format!("{} (epoch {})", stored.owner, stored.epoch),
-            });
+            return Err(LeaseError::Lost { by: stored.describe() });
         }
         // Ours still: adopt its version, so that renewing and releasing by CAS keep working.
         self.version = version;
@@ -353,6 +522,19 @@ impl Lease {
                 Err(LeaseError::HandoverRequested { by })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The record this holder writes now, expiring a TTL from now.
+    fn record(&self, released: bool) -> Record {
+        Record {
+            owner: self.owner.clone(),
+            epoch: self.epoch,
+            expires_at_ms: if released { now_ms() } else { expiry_ms(self.ttl) },
+            released,
+            handover_requested_by: if released { None } else { self.handover.clone() },
+            serving: self.serving,
+            txid: self.txid,
         }
     }
 
@@ -368,30 +550,19 @@ impl Lease {
         // retried with the new version; anything else ends the loop.
         for _ in 0..3 {
             let before = Instant::now();
-            let record = Record {
-                owner: self.owner.clone(),
-                epoch: self.epoch,
-                expires_at_ms: expiry_ms(self.ttl),
-                released: false,
-                handover_requested_by: self.handover.clone(),
-            };
-            match self
-                .store
-                .put_object_update(OBJECT, encode(&record), &self.version)
-                .await?
-            {
-                UpdateOutcome::Updated(version) => {
+            let record = self.record(false);
+            match swap(&self.store, &record, &self.version).await? {
+                Swap::Done(version) => {
                     self.version = version;
                     self.expires = before + self.ttl;
+                    self.wall_expires_ms = record.expires_at_ms;
                     self.checked = before;
                     return Ok(());
                 }
-                UpdateOutcome::Conflict => {
-                    let Some((bytes, version)) = self.store.get_object(OBJECT).await? else {
-                        return Err(self.lost().await);
-                    };
+                Swap::Lost(None) => return Err(self.lost().await),
+                Swap::Lost(Some((stored, version))) => {
                     self.checked = before;
-                    self.judge(decode(&bytes)?, version)?;
+                    self.judge(stored, version)?;
                 }
             }
         }
@@ -405,28 +576,13 @@ impl Lease {
     /// [`LeaseError::Lost`] if it was no longer ours; store errors.
     pub async fn release(mut self) -> Result<(), LeaseError> {
         for _ in 0..3 {
-            let record = Record {
-                owner: self.owner.clone(),
-                epoch: self.epoch,
-                expires_at_ms: now_ms(),
-                released: true,
-                handover_requested_by: None,
-            };
-            match self
-                .store
-                .put_object_update(OBJECT, encode(&record), &self.version)
-                .await?
-            {
-                UpdateOutcome::Updated(_) => return Ok(()),
-                UpdateOutcome::Conflict => {
-                    let Some((bytes, version)) = self.store.get_object(OBJECT).await? else {
-                        break;
-                    };
-                    match self.judge(decode(&bytes)?, version) {
-                        Ok(()) | Err(LeaseError::HandoverRequested { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
+            match swap(&self.store, &self.record(true), &self.version).await? {
+                Swap::Done(_) => return Ok(()),
+                Swap::Lost(None) => break,
+                Swap::Lost(Some((stored, version))) => match self.judge(stored, version) {
+                    Ok(()) | Err(LeaseError::HandoverRequested { .. }) => {}
+                    Err(e) => return Err(e),
+                },
             }
         }
         Err(self.lost().await)
@@ -435,12 +591,23 @@ impl Lease {
     /// Builds the "lost" error, naming the new holder when it can be read.
     async fn lost(&self) -> LeaseError {
         let by = match self.store.get_object(OBJECT).await {
-            Ok(Some((bytes, _))) => decode(&bytes)
-                .map(|r| format!("{} (epoch {})", r.owner, r.epoch))
-                .unwrap_or_default(),
+            Ok(Some((bytes, _))) => decode(&bytes).map(|r| r.describe()).unwrap_or_default(),
             _ => "another instance".into(),
         };
         LeaseError::Lost { by }
+    }
+}
+
+/// The high-water mark recorded in the replica's lease object (see [`Lease::note_txid`]),
+/// for restores that want to know how far the replica reached: `None` when there is no lease
+/// or it carries no mark.
+///
+/// # Errors
+/// Store errors; a malformed lease object.
+pub async fn recorded_txid(store: &Store) -> Result<Option<u64>, LeaseError> {
+    match store.get_object(OBJECT).await? {
+        Some((bytes, _)) => Ok(decode(&bytes)?.txid),
+        None => Ok(None),
     }
 }
 
@@ -463,9 +630,38 @@ fn expiry_ms(ttl: Duration) -> i64 {
     now_ms() + ttl.as_millis() as i64
 }
 
+/// Runs `work` while keeping `lease` alive: renews it whenever due (looking every tenth of the
+/// TTL), so a long start-up — a large restore — does not let it lapse under a live instance.
+/// A renewal that fails only because the store is unreachable is retried at the next look.
+///
+/// # Errors
+/// [`LeaseError::Lost`] (or a malformed lease) when the lease was taken meanwhile: the work is
+/// abandoned, since this instance may no longer write.
+pub async fn keep_alive_while<F: std::future::Future>(lease: &mut Lease, work: F) -> Result<F::Output, LeaseError> {
+    tokio::pin!(work);
+    loop {
+        let look = lease.ttl / 10;
+        tokio::select! {
+            out = &mut work => return Ok(out),
+            () = tokio::time::sleep(look) => {
+                if lease.needs_renewal() {
+                    match lease.renew().await {
+                        Ok(()) | Err(LeaseError::HandoverRequested { .. }) => {}
+                        Err(LeaseError::Store(e)) => {
+                            tracing::warn!(error = %e, "cannot renew the replica lease now; trying again shortly");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::faults::{Action, Faults, Op, Rule};
 
     fn quick(ttl_ms: u64, wait_ms: u64) -> LeaseOptions {
         LeaseOptions {
@@ -550,28 +746,46 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_released_lease_nobody_took_is_reclaimed_by_its_last_holder_only() {
+    async fn a_released_lease_is_taken_back_but_a_serving_newcomer_is_never_robbed() {
         let store = Store::in_memory();
-        let a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
-        let options = a.options();
+        let options = quick(200, 0);
+        let a = Lease::acquire(&store, "a", options).await.unwrap();
         a.release().await.unwrap();
-        assert!(Lease::reclaim(&store, "b", 1, options).await.unwrap().is_none());
-        let a = Lease::reclaim(&store, "a", 1, options)
+        let a = Lease::take_back(&store, "a", options)
             .await
             .unwrap()
             .expect("nobody took it");
         assert_eq!(a.epoch(), 2);
+        assert!(stored(&store).await.serving, "taken back by an instance that serves");
         assert!(
-            Lease::reclaim(&store, "a", 1, options).await.unwrap().is_none(),
-            "live now"
+            Lease::take_back(&store, "a", options).await.unwrap().is_none(),
+            "held now"
         );
         a.release().await.unwrap();
-        let b = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap();
-        b.release().await.unwrap();
+
+        // A newcomer that takes it and serves keeps it, even once its lease lapses idle.
+        let mut b = Lease::acquire(&store, "b", options).await.unwrap();
+        b.mark_serving().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(
-            Lease::reclaim(&store, "a", 2, options).await.unwrap().is_none(),
-            "someone held it since"
+            Lease::take_back(&store, "a", options).await.unwrap().is_none(),
+            "a serving instance's idle lease is not taken back"
         );
+        b.renew().await.unwrap();
+        b.release().await.unwrap();
+
+        // A newcomer that dies before serving lets it lapse: the old holder takes it back.
+        let _c = Lease::acquire(&store, "c", options).await.unwrap();
+        assert!(
+            Lease::take_back(&store, "a", options).await.unwrap().is_none(),
+            "still live"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let a = Lease::take_back(&store, "a", options)
+            .await
+            .unwrap()
+            .expect("a newcomer that never served and lapsed");
+        assert_eq!(a.epoch(), 5);
     }
 
     #[tokio::test]
@@ -595,10 +809,11 @@ mod tests {
     }
 
     #[test]
-    fn old_records_without_a_request_still_parse() {
+    fn old_records_still_parse_and_count_as_serving() {
         let old = br#"{"owner":"a","epoch":3,"expires_at_ms":5,"released":false}"#;
         let record = decode(old).unwrap();
         assert_eq!(record.handover_requested_by, None);
+        assert!(record.serving, "nobody takes back a lease from an older keycast");
         assert!(!String::from_utf8(encode(&record).to_vec())
             .unwrap()
             .contains("handover"));
@@ -628,10 +843,20 @@ mod tests {
         b.renew().await.unwrap();
     }
 
+    /// An expired lease is taken over only once the skew margin has passed too; its old
+    /// holder stops trusting it a margin *before* its own expiry.
     async fn takeover(store: Store) {
-        let mut a = Lease::acquire(&store, "a", quick(200, 0)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let b = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap();
+        let options = quick(500, 0);
+        let mut a = Lease::acquire(&store, "a", options).await.unwrap();
+        assert!(a.is_valid());
+        tokio::time::sleep(Duration::from_millis(420)).await;
+        assert!(!a.is_valid(), "the holder distrusts its lease a margin before expiry");
+        tokio::time::sleep(Duration::from_millis(130)).await;
+        // Expired by the wall clock, but within the margin: not free yet.
+        let early = Lease::acquire(&store, "b", options).await.unwrap_err();
+        assert!(matches!(early, LeaseError::Held { .. }), "{early}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let b = Lease::acquire(&store, "b", options).await.unwrap();
         assert_eq!(b.epoch(), 2, "an expired lease is taken over");
         let err = a.renew().await.unwrap_err();
         assert!(matches!(err, LeaseError::Lost { ref by } if by.contains('b')), "{err}");
@@ -653,6 +878,91 @@ mod tests {
         takeover(Store::from_url(&url, &|_| None).unwrap().unwrap()).await;
     }
 
+    /// Every lease write whose answer is lost after the store applied it — creating, taking
+    /// over, renewing, releasing — is recognised by reading the lease back, not mistaken for
+    /// a failure or for another instance's lease.
+    #[tokio::test]
+    async fn lease_writes_whose_answer_was_lost_are_recognised_as_done() {
+        let faults = Faults::new();
+        let store = Store::in_memory().with_faults(&faults);
+        let lose_next_put = || faults.add(Rule::new(Op::Put, Action::LoseResponse).key("lease").times(1));
+
+        lose_next_put();
+        let mut a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
+        assert_eq!((stored(&store).await.owner.as_str(), a.epoch()), ("a", 1));
+
+        lose_next_put();
+        a.renew().await.expect("a renewal that was applied is a renewal");
+        a.renew().await.expect("and the next one uses the right version");
+
+        lose_next_put();
+        a.release().await.expect("a release that was applied is a release");
+        assert!(stored(&store).await.released);
+
+        lose_next_put();
+        let b = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap();
+        assert_eq!(b.epoch(), 2, "taking a released lease, answer lost: taken once");
+
+        // A failure that never reached the store stays a failure. (Within the same
+        // millisecond the renewal would write exactly what is stored, which counts as done.)
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        faults.add(Rule::new(Op::Put, Action::Fail).key("lease").times(1));
+        let mut b = b;
+        let failed = b.renew().await;
+        assert!(matches!(failed, Err(LeaseError::Store(_))), "{failed:?}");
+        b.renew().await.unwrap();
+    }
+
+    /// Two processes may share a host name and a PID (two containers, PID 1 each, both
+    /// `localhost`): with distinct owner strings the second asks for a hand-over instead of
+    /// taking a live lease.
+    #[tokio::test]
+    async fn a_second_instance_never_takes_a_live_lease() {
+        let store = Store::in_memory();
+        let mut a = Lease::acquire(&store, "localhost-1#aaaa", quick(60_000, 0))
+            .await
+            .unwrap();
+        let err = Lease::acquire(&store, "localhost-1#bbbb", quick(60_000, 300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LeaseError::Held { .. }), "{err}");
+        a.renew().await.unwrap();
+        assert_eq!(a.epoch(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_high_water_mark_travels_with_the_lease() {
+        let store = Store::in_memory();
+        let mut a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
+        assert_eq!(a.previous_txid(), None);
+        a.note_txid(7);
+        a.note_txid(5);
+        a.renew().await.unwrap();
+        assert_eq!(recorded_txid(&store).await.unwrap(), Some(7));
+        a.note_txid(9);
+        a.release().await.unwrap();
+        let b = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap();
+        assert_eq!(b.previous_txid(), Some(9));
+        assert_eq!(
+            recorded_txid(&store).await.unwrap(),
+            Some(9),
+            "carried into the new lease"
+        );
+    }
+
+    #[tokio::test]
+    async fn keep_alive_while_renews_through_long_work() {
+        let store = Store::in_memory();
+        let mut a = Lease::acquire(&store, "a", quick(400, 0)).await.unwrap();
+        let out = keep_alive_while(&mut a, tokio::time::sleep(Duration::from_millis(1200)))
+            .await
+            .unwrap();
+        let () = out;
+        assert!(a.is_valid(), "renewed throughout");
+        let err = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap_err();
+        assert!(matches!(err, LeaseError::Held { .. }), "nobody could take it: {err}");
+    }
+
     #[test]
     fn renewal_is_due_in_the_second_half_of_the_ttl() {
         let store = Store::in_memory();
@@ -666,9 +976,13 @@ mod tests {
                 version: None,
             },
             expires: Instant::now() + Duration::from_secs(10),
+            wall_expires_ms: now_ms() + 10_000,
             check_interval: DEFAULT_CHECK_INTERVAL,
             checked: Instant::now(),
             handover: None,
+            serving: false,
+            txid: None,
+            previous_txid: None,
         };
         assert!(!lease.needs_renewal());
         let late = Lease {

@@ -11,6 +11,7 @@
 //! - [`snapshot`]: the read snapshot that keeps foreign checkpoints from losing frames.
 //! - [`store`]: one replica location (file, S3, GCS, Azure) in Litestream's layout.
 //! - [`crypt`]: optional client-side AES-256-GCM of replica objects.
+//! - [`faults`]: a fault-injecting store wrapper (lost answers, delays, pauses) for tests.
 //! - [`restore`]: restore planning and verified restore into a new file.
 //! - [`verify`]: proving the replica restores to exactly the live database.
 //! - [`compactor`]: compaction levels, snapshots, retention.
@@ -24,6 +25,7 @@ pub mod capture;
 pub mod checksum;
 pub mod compactor;
 pub mod crypt;
+pub mod faults;
 mod file_lock;
 pub mod lease;
 pub mod local_state;

@@ -41,6 +41,12 @@ impl WalCursor {
         header.salts() == (self.salt1, self.salt2)
     }
 
+    /// Whether `header` is the generation SQLite starts when it restarts this one in place
+    /// (after a full checkpoint): the first salt is one more, the second is new.
+    pub fn restarted_into(&self, header: &WalHeader) -> bool {
+        header.salts().0 == self.salt1.wrapping_add(1)
+    }
+
     /// The position to resume reading from.
     pub fn position(&self) -> WalPosition {
         WalPosition {
@@ -68,6 +74,10 @@ pub struct LocalState {
     pub wal: Option<WalCursor>,
     /// True when written by a clean shutdown after the final sync succeeded.
     pub clean: bool,
+    /// Every frame up to `wal` was checkpointed into the database file (and synced): a WAL
+    /// that SQLite restarted in place since continues exactly the shipped state.
+    #[serde(default)]
+    pub checkpointed: bool,
     /// Checksum of the database file after a clean shutdown folded the WAL into it. A
     /// mismatch at the next start means someone changed the file while keycast was down.
     #[serde(default)]
@@ -121,9 +131,14 @@ pub fn load(db: &Path) -> std::io::Result<Option<LocalState>> {
 /// # Errors
 /// I/O errors.
 pub fn store(db: &Path, state: &LocalState) -> std::io::Result<()> {
+    use std::io::Write;
     let path = path_for(db);
     let temp = path.with_extension("json.tmp");
-    std::fs::write(&temp, serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    // Durable before it replaces the old record: after a power loss the record is the old
+    // one or the new one, never an empty file that would stop keycast from starting.
+    file.sync_data()?;
     std::fs::rename(&temp, &path)
 }
 
@@ -155,6 +170,7 @@ mod tests {
                 checksum2: 4,
             }),
             clean: false,
+            checkpointed: false,
             db_checksum: Some(9),
             updated_at_ms: 1,
             last_error: None,

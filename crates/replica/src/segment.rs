@@ -118,8 +118,12 @@ pub fn next_wal_segment(
     };
     let start = match &cursor.wal {
         Some(c) if c.same_generation(&header) => c.position(),
-        Some(_) if !cursor.reset_expected => return Err(SegmentError::ContinuityLost),
-        _ => WalPosition::start(&header),
+        // After the replicator's own checkpoint SQLite restarts the WAL in place, adding one
+        // to the first salt; any other new generation was made by someone else, and what
+        // happened in between cannot be proven.
+        Some(c) if cursor.reset_expected && c.restarted_into(&header) => WalPosition::start(&header),
+        Some(_) => return Err(SegmentError::ContinuityLost),
+        None => WalPosition::start(&header),
     };
     let committed =
         wal::read_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| SegmentError::Wal {
@@ -192,18 +196,35 @@ impl LiveImage {
     /// # Errors
     /// I/O and WAL errors.
     pub fn open(db: &Path) -> Result<LiveImage, SegmentError> {
+        Self::open_upto(db, None)
+    }
+
+    /// The state at `limit`, a position in the WAL after a commit: the database file
+    /// overlaid with the committed frames of `limit`'s generation up to it (with no limit,
+    /// every committed frame). A WAL of another generation contributes nothing: everything
+    /// before it is in the database file.
+    ///
+    /// Commits may land meanwhile, as long as nothing past `limit` can reach the database
+    /// file: the replicator holds a read snapshot at `limit`, which stops every checkpoint
+    /// there, and runs its own checkpoints in the same task.
+    ///
+    /// # Errors
+    /// I/O and WAL errors.
+    pub fn open_upto(db: &Path, limit: Option<WalCursor>) -> Result<LiveImage, SegmentError> {
         let page_size = page_size_of(db)?;
         let wal_path = wal_path(db);
         let (mut overlay, mut commit, mut wal_cursor) = (BTreeMap::new(), None, None);
         if let Some((mut wal, header)) = open_wal(&wal_path)? {
-            if header.page_size == page_size {
-                let committed =
-                    wal::read_committed(&mut wal, &header, WalPosition::start(&header)).map_err(|source| {
-                        SegmentError::Wal {
-                            path: wal_path.clone(),
-                            source,
-                        }
-                    })?;
+            let generation_ok = limit.is_none_or(|l| l.same_generation(&header));
+            if header.page_size == page_size && generation_ok {
+                let start = WalPosition::start(&header);
+                let max_bytes = limit.map_or(u64::MAX, |l| l.offset.saturating_sub(start.offset));
+                let committed = wal::read_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| {
+                    SegmentError::Wal {
+                        path: wal_path.clone(),
+                        source,
+                    }
+                })?;
                 commit = committed.commit;
                 wal_cursor = Some(WalCursor::new(&header, committed.end));
                 for frame in committed.frames {
@@ -272,7 +293,16 @@ impl LiveImage {
 /// # Errors
 /// I/O and encoding errors.
 pub fn full_image(db: &Path, txid: u64, now_ms: i64) -> Result<Segment, SegmentError> {
-    let image = LiveImage::open(db)?;
+    full_image_upto(db, None, txid, now_ms)
+}
+
+/// As [`full_image`], of the state at `limit` (see [`LiveImage::open_upto`]), so the caller
+/// need not keep commits out while it reads — only hold a read snapshot at `limit`.
+///
+/// # Errors
+/// I/O and encoding errors.
+pub fn full_image_upto(db: &Path, limit: Option<WalCursor>, txid: u64, now_ms: i64) -> Result<Segment, SegmentError> {
+    let image = LiveImage::open_upto(db, limit)?;
     let header = Header {
         flags: FLAG_NO_CHECKSUM,
         page_size: image.page_size,
@@ -297,6 +327,63 @@ pub fn full_image(db: &Path, txid: u64, now_ms: i64) -> Result<Segment, SegmentE
         next,
         commits: 0,
     })
+}
+
+/// The position right after the last committed frame of the current WAL, if there is one.
+///
+/// # Errors
+/// I/O and WAL errors.
+pub fn wal_end(db: &Path) -> Result<Option<WalCursor>, SegmentError> {
+    let wal_path = wal_path(db);
+    let Some((mut wal, header)) = open_wal(&wal_path)? else {
+        return Ok(None);
+    };
+    let committed =
+        wal::read_committed(&mut wal, &header, WalPosition::start(&header)).map_err(|source| SegmentError::Wal {
+            path: wal_path.clone(),
+            source,
+        })?;
+    Ok(Some(WalCursor::new(&header, committed.end)))
+}
+
+/// Whether the local WAL still holds every frame up to `cursor`: same generation, and the
+/// frame just before it is there with exactly the cumulative checksum the cursor recorded —
+/// or, when everything up to `cursor` was `checkpointed` into the database file, the WAL was
+/// restarted in place after it (or is gone).
+/// After a power loss the last frames written without an fsync may be gone (or the WAL
+/// reset); the replica then holds commits the local file lost.
+///
+/// # Errors
+/// I/O errors.
+pub fn wal_reaches(db: &Path, cursor: &WalCursor, checkpointed: bool) -> Result<bool, SegmentError> {
+    let wal_path = wal_path(db);
+    let Some((mut wal, header)) = open_wal(&wal_path)? else {
+        return Ok(checkpointed || cursor.offset <= wal::WAL_HEADER_SIZE);
+    };
+    if !cursor.same_generation(&header) {
+        // A generation SQLite restarted in place after our full checkpoint continues it.
+        return Ok(checkpointed && cursor.restarted_into(&header));
+    }
+    if cursor.offset <= wal::WAL_HEADER_SIZE {
+        return Ok(true);
+    }
+    let Some(frame_start) = cursor.offset.checked_sub(header.frame_size()) else {
+        return Ok(false);
+    };
+    let mut frame_header = [0u8; wal::FRAME_HEADER_SIZE as usize];
+    wal.seek(SeekFrom::Start(frame_start))
+        .and_then(|_| wal.read_exact(&mut frame_header))
+        .map(|()| {
+            let word = |i: usize| u32::from_be_bytes(frame_header[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+            (word(2), word(3)) == header.salts() && (word(4), word(5)) == (cursor.checksum1, cursor.checksum2)
+        })
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => Ok(false),
+            _ => Err(SegmentError::Io {
+                path: wal_path,
+                source: e,
+            }),
+        })
 }
 
 /// Opens the WAL and parses its header; `None` if there is no WAL or it holds no header yet.

@@ -131,6 +131,23 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
+/// An LTX file ready to upload: addressed and, when configured, encrypted — once, so that
+/// retries send identical bytes (see [`Store::put_prepared`]).
+#[derive(Debug, Clone)]
+pub struct PreparedLtx {
+    /// Compaction level.
+    pub level: u8,
+    /// First TXID covered.
+    pub min_txid: u64,
+    /// Last TXID covered.
+    pub max_txid: u64,
+    /// Where it goes.
+    pub key: Path,
+    /// Exactly what is uploaded (sealed when the store encrypts).
+    pub bytes: Bytes,
+    created_at: DateTime<Utc>,
+}
+
 /// Why a [`Store`] operation failed. Messages name the URL or key involved,
 /// never credentials.
 #[derive(Debug, thiserror::Error)]
@@ -451,12 +468,11 @@ impl Store {
     /// object is never overwritten. On success the object's CreatedAt (mtime
     /// on the file backend, metadata elsewhere) is `timestamp_ms`, the
     /// header timestamp. If the process dies between the upload and setting
-    /// a file mtime, the file keeps its write time.
+    /// a file mtime, the file keeps its write time. Equivalent to
+    /// [`Store::prepare_ltx`] then [`Store::put_prepared`].
     ///
     /// # Errors
-    /// `InvalidLevel`, `InvalidTxidRange` or `InvalidTimestamp` for bad
-    /// arguments; `Backend` if the upload fails; `Timestamp` if the file
-    /// backend cannot set the mtime. `AlreadyExists` is not an error.
+    /// As [`Store::prepare_ltx`] and [`Store::put_prepared`].
     pub async fn put_ltx(
         &self,
         level: u8,
@@ -465,26 +481,103 @@ impl Store {
         data: Bytes,
         timestamp_ms: i64,
     ) -> Result<PutOutcome, StoreError> {
+        let prepared = self.prepare_ltx(level, min_txid, max_txid, data, timestamp_ms)?;
+        self.put_prepared(&prepared).await
+    }
+
+    /// Encrypts (if configured) and addresses an LTX file once, so that every retry of its
+    /// upload sends exactly the same bytes: a retry can then recognise its own earlier
+    /// upload whose answer was lost (see [`Store::put_prepared`]).
+    ///
+    /// # Errors
+    /// `InvalidLevel`, `InvalidTxidRange` or `InvalidTimestamp` for bad arguments.
+    pub fn prepare_ltx(
+        &self,
+        level: u8,
+        min_txid: u64,
+        max_txid: u64,
+        data: Bytes,
+        timestamp_ms: i64,
+    ) -> Result<PreparedLtx, StoreError> {
         check_level(level)?;
         if min_txid == 0 || min_txid > max_txid {
             return Err(StoreError::InvalidTxidRange { min_txid, max_txid });
         }
         let created_at = datetime_from_ms(timestamp_ms)?;
-        let attributes = match self.inner.backend.timestamp_metadata_key() {
-            Some(name) => Attributes::from_iter([(Attribute::Metadata(name.into()), format_rfc3339(created_at))]),
-            // The file backend rejects attributes; its CreatedAt is the mtime.
-            None => Attributes::new(),
-        };
         let key = self.ltx_key(level, min_txid, max_txid);
-        let data = match &self.inner.cipher {
+        let bytes = match &self.inner.cipher {
             Some(cipher) => Bytes::from(cipher.seal(key.as_ref(), &data)),
             None => data,
         };
-        let outcome = self.put_create(&key, data, attributes).await?;
-        if outcome == PutOutcome::Created {
-            self.set_file_mtime(&key, created_at.into()).await?;
+        Ok(PreparedLtx {
+            level,
+            min_txid,
+            max_txid,
+            key,
+            bytes,
+            created_at,
+        })
+    }
+
+    /// Uploads a prepared LTX file create-only.
+    ///
+    /// An upload's outcome can be unknown: the store may apply a request whose answer never
+    /// arrives, and a retry (object_store's own, or the caller's) then finds the key taken —
+    /// by itself. So every collision, and every failed request, is resolved by reading the
+    /// stored object: exactly these bytes means the upload happened (`Created`); other bytes
+    /// mean another writer's object (`AlreadyExists`).
+    ///
+    /// # Errors
+    /// `Backend` if the upload failed and the object is not there; `Timestamp` if the file
+    /// backend cannot set the mtime.
+    pub async fn put_prepared(&self, prepared: &PreparedLtx) -> Result<PutOutcome, StoreError> {
+        let attributes = match self.inner.backend.timestamp_metadata_key() {
+            Some(name) => {
+                Attributes::from_iter([(Attribute::Metadata(name.into()), format_rfc3339(prepared.created_at))])
+            }
+            // The file backend rejects attributes; its CreatedAt is the mtime.
+            None => Attributes::new(),
+        };
+        let key = &prepared.key;
+        let failure = match self.put_create(key, prepared.bytes.clone(), attributes).await {
+            Ok(PutOutcome::Created) => None,
+            Ok(PutOutcome::AlreadyExists) => Some(None),
+            Err(e) => Some(Some(e)),
+        };
+        if let Some(failure) = failure {
+            let stored = match self.read(key).await {
+                Ok(stored) => stored,
+                Err(read) => return Err(failure.unwrap_or(read)),
+            };
+            match (stored, failure) {
+                (Some((bytes, _)), _) if bytes == prepared.bytes => {
+                    metrics::counter!("keycast_replica_lost_answers_total").increment(1);
+                    tracing::info!(key = %key, "an upload whose answer was lost had been stored: it counts as done");
+                }
+                (Some(_), None) => return Ok(PutOutcome::AlreadyExists),
+                (None, None) => {
+                    // A collision with an object that is gone again (deleted between the two
+                    // requests): nothing of ours is there; report the failure to retry.
+                    return Err(StoreError::NotFound { key: key.to_string() });
+                }
+                (_, Some(e)) => return Err(e),
+            }
         }
-        Ok(outcome)
+        self.set_file_mtime(key, prepared.created_at.into()).await?;
+        Ok(PutOutcome::Created)
+    }
+
+    /// Deletes one LTX object written by another writer that must not stay: see the
+    /// replicator's handling of a stale writer's object. Idempotent.
+    ///
+    /// # Errors
+    /// `Backend` if the deletion fails.
+    pub async fn delete_key(&self, key: &Path) -> Result<(), StoreError> {
+        self.begin(Operation::Delete);
+        match self.inner.objects.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(self.failed(Operation::Delete, key, source)),
+        }
     }
 
     /// Encrypts every LTX object written from now on and decrypts every one read (see
@@ -496,6 +589,17 @@ impl Store {
         Arc::get_mut(&mut self.inner)
             .expect("with_encryption is called before the store is shared")
             .cipher = Some(cipher);
+        self
+    }
+
+    /// Routes every request through `faults` (see [`crate::faults`]), for tests and drills.
+    /// Call right after opening, before the store is cloned.
+    ///
+    /// # Panics
+    /// If the store was already cloned.
+    pub fn with_faults(mut self, faults: &crate::faults::Faults) -> Store {
+        let inner = Arc::get_mut(&mut self.inner).expect("with_faults is called before the store is shared");
+        inner.objects = Arc::new(crate::faults::FaultyStore::new(inner.objects.clone(), faults.clone()));
         self
     }
 

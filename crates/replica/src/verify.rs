@@ -5,8 +5,9 @@
 //!   the checksum keycast recorded for that TXID, if any. Names the first bad object.
 //! - [`verify_at`] (the replicator's periodic check): restore a given TXID and compare its
 //!   checksum with the live database's checksum at that same TXID, then record the checksum in
-//!   the replica (`keycast/checksum/<txid>.json`) so later restores of that TXID are checked
-//!   against it too.
+//!   the replica (`keycast/checksum/<lineage>/<txid>.json`) so later restores of that TXID
+//!   are checked against it too. Records are kept per lineage: a replica location reused by
+//!   another database must not hold it to the first one's checksums.
 
 use std::path::Path;
 
@@ -56,17 +57,39 @@ struct ChecksumRecord {
     checksum: String,
 }
 
-fn checksum_object(txid: u64) -> String {
-    format!("keycast/checksum/{txid:016x}.json")
+fn checksum_object(lineage: &str, txid: u64) -> String {
+    format!("keycast/checksum/{lineage}/{txid:016x}.json")
 }
 
-/// The checksum keycast recorded for `txid`, if any.
+/// How often a verification restore is tried when an object it planned with was deleted by
+/// retention meanwhile (the replica moved on; a new plan finds the file that covers it).
+const REPLANS: usize = 3;
+
+/// The lineage keycast recorded in the replica (`keycast/lineage.json`); `None` for replicas
+/// keycast did not start (Litestream's).
+///
+/// # Errors
+/// Store errors.
+pub async fn replica_lineage(store: &Store) -> Result<Option<String>, StoreError> {
+    let Some((bytes, _)) = store.get_object("keycast/lineage.json").await? else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("lineage").and_then(|l| l.as_str()).map(str::to_owned))
+        .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')))
+}
+
+/// The checksum keycast recorded for `txid` of the replica's current lineage, if any.
 ///
 /// # Errors
 /// Store errors; a record that cannot be parsed is [`RestoreError::Mismatch`] naming it
 /// (tampering or corruption is never ignored).
 pub async fn recorded_checksum(store: &Store, txid: u64) -> Result<Option<u64>, RestoreError> {
-    let name = checksum_object(txid);
+    let Some(lineage) = replica_lineage(store).await? else {
+        return Ok(None);
+    };
+    let name = checksum_object(&lineage, txid);
     let Some((bytes, _)) = store.get_object(&name).await? else {
         return Ok(None);
     };
@@ -85,13 +108,13 @@ pub async fn recorded_checksum(store: &Store, txid: u64) -> Result<Option<u64>, 
 ///
 /// # Errors
 /// Store errors.
-pub async fn record_checksum(store: &Store, txid: u64, checksum: u64) -> Result<(), StoreError> {
+pub async fn record_checksum(store: &Store, lineage: &str, txid: u64, checksum: u64) -> Result<(), StoreError> {
     let record = ChecksumRecord {
         txid,
         checksum: format!("{checksum:016x}"),
     };
     let bytes = Bytes::from(serde_json::to_vec(&record).expect("a checksum record serialises"));
-    let _ = store.put_object_create(&checksum_object(txid), bytes).await?;
+    let _ = store.put_object_create(&checksum_object(lineage, txid), bytes).await?;
     Ok(())
 }
 
@@ -130,12 +153,29 @@ pub async fn verify_replica(store: &Store, scratch: &Path) -> Result<Verified, V
 }
 
 /// Restores `txid` into `scratch` and compares it with `expected`, the live database's
-/// checksum at that TXID; on success records the checksum in the replica.
+/// checksum at that TXID; on success records the checksum in the replica under `lineage`.
+/// An object deleted by retention while the restore read it is not a failure: the plan is
+/// made again (a compacted file covers it).
 ///
 /// # Errors
 /// A failed restore or a mismatch.
-pub async fn verify_at(store: &Store, txid: u64, expected: u64, scratch: &Path) -> Result<Verified, VerifyError> {
-    let (restored, checksum) = restore_and_sum(store, Target::Txid(txid), scratch).await?;
+pub async fn verify_at(
+    store: &Store,
+    txid: u64,
+    expected: u64,
+    scratch: &Path,
+    lineage: &str,
+) -> Result<Verified, VerifyError> {
+    let mut attempt = 0;
+    let (restored, checksum) = loop {
+        attempt += 1;
+        match restore_and_sum(store, Target::Txid(txid), scratch).await {
+            Err(VerifyError::Restore(RestoreError::Store(StoreError::NotFound { key }))) if attempt < REPLANS => {
+                tracing::debug!(%key, "an object was pruned during verification; planning the restore again");
+            }
+            other => break other?,
+        }
+    };
     if checksum != expected {
         return Err(VerifyError::Mismatch {
             txid: restored,
@@ -143,7 +183,7 @@ pub async fn verify_at(store: &Store, txid: u64, expected: u64, scratch: &Path) 
             expected,
         });
     }
-    record_checksum(store, txid, checksum).await?;
+    record_checksum(store, lineage, txid, checksum).await?;
     Ok(Verified {
         objects: 0,
         bytes: 0,

@@ -1,0 +1,320 @@
+//! A fault-injecting wrapper around any object store, for tests and drills.
+//!
+//! Real stores fail in ways a happy-path test never sees: a request that never arrives, an
+//! answer that is lost *after* the store applied the request (a timeout, a dropped
+//! connection), a store that answers seconds late, a request that sits in a paused process
+//! between a check and the write it guards. [`Faults`] is a shared handle holding rules; a
+//! [`Store`](crate::Store) wrapped with [`Store::with_faults`](crate::Store::with_faults)
+//! consults them before (and after) every request it forwards to the real backend, so the
+//! replicator and the lease meet these faults on any backend — memory, file, S3 — through
+//! the very code paths production uses.
+//!
+//! Rules match an operation and, optionally, a substring of the object key; each fires a
+//! given number of times (or forever) and then retires.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
+    PutOptions, PutPayload, PutResult, Result,
+};
+use tokio::sync::watch;
+
+/// The kind of request a rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Get,
+    List,
+    Delete,
+}
+
+/// What happens to a matching request.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// It fails before reaching the store: nothing is applied.
+    Fail,
+    /// It reaches the store and is applied, then the answer is lost: the caller sees an
+    /// error although the write happened.
+    LoseResponse,
+    /// It reaches the store only after this delay.
+    Delay(Duration),
+    /// It waits at the gate until the gate is opened (a paused process, a stuck socket).
+    Hold(Gate),
+}
+
+/// One fault: which requests, what happens, how many times.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    op: Op,
+    key: Option<String>,
+    action: Action,
+    remaining: Option<usize>,
+}
+
+impl Rule {
+    /// A rule for every request of kind `op`, failing it, forever (narrow it with the
+    /// builder methods).
+    pub fn new(op: Op, action: Action) -> Rule {
+        Rule {
+            op,
+            key: None,
+            action,
+            remaining: None,
+        }
+    }
+
+    /// Only requests whose object key (or listing prefix) contains `part`.
+    pub fn key(mut self, part: &str) -> Rule {
+        self.key = Some(part.to_owned());
+        self
+    }
+
+    /// Fires this many times, then retires.
+    pub fn times(mut self, n: usize) -> Rule {
+        self.remaining = Some(n);
+        self
+    }
+
+    fn matches(&self, op: Op, key: &str) -> bool {
+        self.op == op && self.key.as_deref().is_none_or(|part| key.contains(part))
+    }
+}
+
+/// A gate requests can be held at; see [`Action::Hold`].
+#[derive(Clone)]
+pub struct Gate {
+    open: watch::Sender<bool>,
+    waiting: watch::Sender<usize>,
+}
+
+impl fmt::Debug for Gate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gate").field("open", &*self.open.borrow()).finish()
+    }
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new()
+    }
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Gate {
+        Gate {
+            open: watch::channel(false).0,
+            waiting: watch::channel(0).0,
+        }
+    }
+
+    /// Lets every held request (and every later one) through.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Waits until at least one request is held at the gate.
+    pub async fn reached(&self) {
+        let mut waiting = self.waiting.subscribe();
+        let _ = waiting.wait_for(|n| *n > 0).await;
+    }
+
+    async fn pass(&self) {
+        let mut open = self.open.subscribe();
+        if *open.borrow() {
+            return;
+        }
+        self.waiting.send_modify(|n| *n += 1);
+        let _ = open.wait_for(|o| *o).await;
+        self.waiting.send_modify(|n| *n -= 1);
+    }
+}
+
+/// The shared set of rules. Cheap to clone; clones share the rules.
+#[derive(Clone, Default)]
+pub struct Faults {
+    rules: Arc<Mutex<Vec<Rule>>>,
+}
+
+impl fmt::Debug for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Faults")
+            .field(&self.rules.lock().expect("rules").len())
+            .finish()
+    }
+}
+
+impl Faults {
+    /// No rules: every request goes through untouched.
+    pub fn new() -> Faults {
+        Faults::default()
+    }
+
+    /// Adds a rule; the first matching rule decides a request's fate.
+    pub fn add(&self, rule: Rule) {
+        self.rules.lock().expect("rules").push(rule);
+    }
+
+    /// Removes every rule (held requests stay held until their gate opens).
+    pub fn clear(&self) {
+        self.rules.lock().expect("rules").clear();
+    }
+
+    /// Takes the action of the first rule matching the request, counting it down.
+    fn take(&self, op: Op, key: &str) -> Option<Action> {
+        let mut rules = self.rules.lock().expect("rules");
+        let index = rules.iter().position(|r| r.matches(op, key))?;
+        let rule = &mut rules[index];
+        let action = rule.action.clone();
+        if let Some(n) = rule.remaining.as_mut() {
+            *n -= 1;
+            if *n == 0 {
+                rules.remove(index);
+            }
+        }
+        Some(action)
+    }
+
+    /// Runs the part of the action that comes before forwarding. `Ok(true)` means the
+    /// answer must be lost after forwarding.
+    async fn before(&self, op: Op, key: &str) -> Result<bool> {
+        match self.take(op, key) {
+            None => Ok(false),
+            Some(Action::Fail) => Err(injected(op, key, "failed before reaching the store")),
+            Some(Action::LoseResponse) => Ok(true),
+            Some(Action::Delay(delay)) => {
+                tokio::time::sleep(delay).await;
+                Ok(false)
+            }
+            Some(Action::Hold(gate)) => {
+                gate.pass().await;
+                Ok(false)
+            }
+        }
+    }
+}
+
+fn injected(op: Op, key: &str, what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faults",
+        source: format!("injected fault: {op:?} {key} {what}").into(),
+    }
+}
+
+/// An object store that applies [`Faults`] to the requests it forwards to `inner`.
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    faults: Faults,
+}
+
+impl FaultyStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn ObjectStore>, faults: Faults) -> FaultyStore {
+        FaultyStore { inner, faults }
+    }
+
+    async fn around<T>(&self, op: Op, key: &str, request: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let lose = self.faults.before(op, key).await?;
+        let result = request.await;
+        if lose && result.is_ok() {
+            return Err(injected(op, key, "was applied, but its answer was lost"));
+        }
+        result
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
+        self.around(Op::Put, location.as_ref(), self.inner.put_opts(location, payload, opts))
+            .await
+    }
+
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
+        self.around(
+            Op::Put,
+            location.as_ref(),
+            self.inner.put_multipart_opts(location, opts),
+        )
+        .await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.around(Op::Get, location.as_ref(), self.inner.get_opts(location, options))
+            .await
+    }
+
+    async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        self.around(Op::Get, location.as_ref(), self.inner.get_ranges(location, ranges))
+            .await
+    }
+
+    fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
+        let faults = self.faults.clone();
+        let lost: Arc<Mutex<HashSet<Path>>> = Arc::default();
+        let marked = lost.clone();
+        let checked = locations
+            .then(move |location| {
+                let (faults, marked) = (faults.clone(), marked.clone());
+                async move {
+                    let location = location?;
+                    if faults.before(Op::Delete, location.as_ref()).await? {
+                        marked.lock().expect("lost").insert(location.clone());
+                    }
+                    Ok(location)
+                }
+            })
+            .boxed();
+        self.inner
+            .delete_stream(checked)
+            .map(move |result| match result {
+                Ok(location) if lost.lock().expect("lost").remove(&location) => Err(injected(
+                    Op::Delete,
+                    location.as_ref(),
+                    "was applied, but its answer was lost",
+                )),
+                other => other,
+            })
+            .boxed()
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        let (faults, inner) = (self.faults.clone(), self.inner.clone());
+        let prefix = prefix.cloned();
+        futures::stream::once(async move {
+            let key = prefix.as_ref().map(|p| p.to_string()).unwrap_or_default();
+            faults.before(Op::List, &key).await.map(|_| prefix)
+        })
+        .flat_map(move |checked| match checked {
+            Ok(prefix) => inner.list(prefix.as_ref()),
+            Err(e) => futures::stream::iter([Err(e)]).boxed(),
+        })
+        .boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        let key = prefix.map(|p| p.to_string()).unwrap_or_default();
+        self.around(Op::List, &key, self.inner.list_with_delimiter(prefix))
+            .await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.around(Op::Put, to.as_ref(), self.inner.copy_opts(from, to, options))
+            .await
+    }
+}

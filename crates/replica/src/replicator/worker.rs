@@ -1,0 +1,833 @@
+//! The replicator's background task: reads committed WAL frames, ships them as segments,
+//! checkpoints what is shipped, compacts, and verifies.
+//!
+//! Shipping one segment has a local half (read the WAL, encode, prepare the upload once) and a
+//! network half ([`Worker::transfer`]: lease check, create-only PUT, lease confirmation) that
+//! owns everything it needs, so SQLite's write lock can be let go while it runs.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, SqliteConnection};
+use tokio::sync::watch;
+
+use super::handover::{Keep, Released};
+use super::{now_ms, ReplicaError, ReplicaOptions, Shared};
+use crate::capture::CommitSignal;
+use crate::compactor;
+use crate::local_state::{self, LocalState};
+use crate::segment::{self, Cursor, Segment, SegmentError};
+use crate::snapshot::Snapshot;
+use crate::store::{PreparedLtx, PutOutcome, Store};
+
+/// How many times a stale writer's object at our TXID is replaced before giving up the round.
+const STALE_REPLACEMENTS: usize = 3;
+
+/// One segment ready to ship, kept as it is until it is known to be stored: a retry after an
+/// unknown outcome must send exactly the same bytes.
+#[derive(Debug, Clone)]
+pub(super) struct Upload {
+    txid: u64,
+    next: Cursor,
+    commits: usize,
+    prepared: PreparedLtx,
+}
+
+/// The state owned by the background task.
+pub(super) struct Worker {
+    pub(super) db: PathBuf,
+    pub(super) store: Store,
+    pub(super) signal: Arc<CommitSignal>,
+    pub(super) lineage: String,
+    pub(super) options: ReplicaOptions,
+    pub(super) cursor: Cursor,
+    /// Holds SQLite's write lock while the WAL may restart, and during a hand-over.
+    pub(super) lock_conn: SqliteConnection,
+    /// Runs the checkpoints (a checkpoint cannot run inside the lock connection's transaction).
+    checkpoint_conn: SqliteConnection,
+    pub(super) shared: Arc<Shared>,
+    /// Commit counter value known to be shipped.
+    shipped_mark: u64,
+    last_checkpoint: Instant,
+    shipped_since_checkpoint: bool,
+    compaction: compactor::Schedule,
+    last_verify: Instant,
+    shipped_since_verify: bool,
+    verifying: Option<tokio::task::JoinHandle<()>>,
+    /// `lock_conn` holds SQLite's write lock.
+    pub(super) locked: bool,
+    /// The read snapshot held between rounds (see [`crate::snapshot`]).
+    pub(super) snapshot: Snapshot,
+    /// The upload whose outcome is not known yet; retried before anything new is read.
+    pending: Option<Upload>,
+    /// Shipping the last frames for a hand-over: the lease is only renewed, not checked.
+    pub(super) handing_over: bool,
+    /// The hand-over is done: `lock_conn` keeps the write lock and nothing ships any more.
+    pub(super) handed_over: bool,
+    /// After a hand-over: the lease this instance released, to take back if nobody else
+    /// holds it (see [`Worker::take_back`]).
+    pub(super) released: Option<Released>,
+}
+
+impl Worker {
+    pub(super) async fn open(
+        db: &Path,
+        store: Store,
+        signal: Arc<CommitSignal>,
+        lineage: &str,
+        options: ReplicaOptions,
+        shared: Arc<Shared>,
+    ) -> Result<Worker, ReplicaError> {
+        let connect = SqliteConnectOptions::new()
+            .filename(db)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("wal_autocheckpoint", "0");
+        let lock_conn = connect.clone().connect().await?;
+        let checkpoint_conn = connect.connect().await?;
+        let page_size = segment::page_size_of(db)?;
+        let compaction = compactor::Schedule::new(&options.compaction);
+        Ok(Worker {
+            db: db.to_owned(),
+            store,
+            signal,
+            lineage: lineage.to_owned(),
+            options,
+            cursor: Cursor {
+                txid: 0,
+                commit: 0,
+                page_size,
+                wal: None,
+                reset_expected: false,
+            },
+            lock_conn,
+            checkpoint_conn,
+            shared,
+            shipped_mark: 0,
+            last_checkpoint: Instant::now(),
+            shipped_since_checkpoint: false,
+            compaction,
+            last_verify: Instant::now(),
+            shipped_since_verify: false,
+            verifying: None,
+            locked: false,
+            snapshot: Snapshot::open(db).await?,
+            pending: None,
+            handing_over: false,
+            handed_over: false,
+            released: None,
+        })
+    }
+
+    /// The last TXID shipped.
+    pub(super) fn txid(&self) -> u64 {
+        self.cursor.txid
+    }
+
+    /// The commit counter value known to be shipped.
+    pub(super) fn shipped_mark(&self) -> u64 {
+        self.shipped_mark
+    }
+
+    /// Establishes where shipping resumes. An empty replica gets a full image at TXID 1. A
+    /// replica with data is resumed only when the local record says this database is exactly
+    /// its latest state; anything else is refused, because writing the next TXID over a state
+    /// this instance never restored could erase another writer's commits.
+    pub(super) async fn align(&mut self) -> Result<(), ReplicaError> {
+        let remote_max = self
+            .store
+            .list_all()
+            .await?
+            .iter()
+            .map(|f| f.max_txid)
+            .max()
+            .unwrap_or(0);
+        let record = local_state::load(&self.db)?;
+        self.shipped_mark = self.signal.commits();
+        match record {
+            Some(record) if record.txid == remote_max && remote_max > 0 => self.resume(record).await,
+            _ if remote_max == 0 => {
+                self.record_lineage().await?;
+                self.cursor.txid = 0;
+                let mark = self.signal.commits();
+                let upload = self.full_image_upload().await?;
+                self.ship(upload).await?;
+                self.shipped_mark = mark;
+                Ok(())
+            }
+            Some(record) if record.txid > remote_max => Err(ReplicaError::ReplicaBehind {
+                local: record.txid,
+                remote: remote_max,
+            }),
+            record => Err(ReplicaError::ReplicaAhead {
+                local: record.map_or(0, |r| r.txid),
+                remote: remote_max,
+            }),
+        }
+    }
+
+    /// Names this database's lineage in an empty replica (replacing a lineage left there by a
+    /// database whose files were removed), so checksum records stay with their database.
+    async fn record_lineage(&self) -> Result<(), ReplicaError> {
+        const NAME: &str = "keycast/lineage.json";
+        let document = lineage_document(&self.lineage);
+        match self.store.get_object(NAME).await? {
+            None => {
+                let _ = self.store.put_object_create(NAME, document).await?;
+            }
+            Some((_, version)) => {
+                if crate::verify::replica_lineage(&self.store).await?.as_deref() != Some(self.lineage.as_str()) {
+                    let _ = self.store.put_object_update(NAME, document, &version).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Continues from a local record that matches the replica's latest TXID.
+    async fn resume(&mut self, record: LocalState) -> Result<(), ReplicaError> {
+        // A clean stop that folded the WAL into the file (its checksum recorded) left no WAL
+        // position to continue: any new WAL generation starts after it.
+        let wal = if record.clean && record.db_checksum.is_some() {
+            None
+        } else {
+            record.wal
+        };
+        self.cursor = Cursor {
+            txid: record.txid,
+            commit: record.commit,
+            page_size: record.page_size,
+            wal,
+            reset_expected: wal.is_some() && record.checkpointed,
+        };
+        if self.changed_while_down(&record)? {
+            tracing::warn!("the database file changed while keycast was down; shipping a full image");
+            let mark = self.signal.commits();
+            let upload = self.full_image_upload().await?;
+            self.ship(upload).await?;
+            self.shipped_mark = mark;
+            return Ok(());
+        }
+        tracing::info!(
+            txid = record.txid,
+            clean = record.clean,
+            "replication resumes from the local record"
+        );
+        // Anything committed after the record (a crash before the last upload) ships now;
+        // a WAL generation that cannot be tied to the record gets a full image instead.
+        self.sync_all().await.map(|_| ())
+    }
+
+    /// After a clean stop the file alone held the shipped state. Only the replicator
+    /// checkpoints, so nothing keycast did since (migrations included) has touched the file:
+    /// a different checksum means another program wrote to it while keycast was down.
+    fn changed_while_down(&self, record: &LocalState) -> Result<bool, ReplicaError> {
+        let Some(expected) = record.db_checksum.filter(|_| record.clean) else {
+            return Ok(false);
+        };
+        Ok(crate::checksum::database_checksum_path(&self.db, record.page_size)? != expected)
+    }
+
+    /// A full image of the database at the next TXID. SQLite's write lock is held only to pin
+    /// the state (the committed end of the WAL, and the read snapshot right there); the image
+    /// is read after letting go of it, since the snapshot keeps every checkpoint short of it.
+    async fn full_image_upload(&mut self) -> Result<Upload, ReplicaError> {
+        let took_lock = self.lock().await?;
+        let db = self.db.clone();
+        let end = tokio::task::spawn_blocking(move || segment::wal_end(&db))
+            .await
+            .map_err(join_error)?;
+        if took_lock {
+            self.unlock().await?;
+        }
+        let (db, txid, end) = (self.db.clone(), self.cursor.txid + 1, end?);
+        let segment = tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms()))
+            .await
+            .map_err(join_error)??;
+        tracing::info!(txid, "built a full image of the database");
+        self.prepare(segment)
+    }
+
+    /// Takes SQLite's write lock on `lock_conn`: no commit can land until [`Self::unlock`].
+    /// The read snapshot is refreshed under the lock so that it covers every commit (and so
+    /// does not hold back our own checkpoint). Returns false when the lock is already held.
+    pub(super) async fn lock(&mut self) -> Result<bool, ReplicaError> {
+        if self.locked {
+            return Ok(false);
+        }
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut self.lock_conn).await?;
+        self.locked = true;
+        self.snapshot.refresh().await?;
+        Ok(true)
+    }
+
+    /// Refreshes the snapshot while still holding the lock (after a full checkpoint it then
+    /// reads from the database file only, which lets the next writer restart the WAL), then
+    /// releases the write lock.
+    pub(super) async fn unlock(&mut self) -> Result<(), ReplicaError> {
+        let refreshed = self.snapshot.refresh().await;
+        self.locked = false;
+        sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await?;
+        Ok(refreshed?)
+    }
+
+    /// Encodes `segment` for upload once (see [`Upload`]).
+    fn prepare(&self, segment: Segment) -> Result<Upload, ReplicaError> {
+        let prepared = self
+            .store
+            .prepare_ltx(0, segment.txid, segment.txid, Bytes::from(segment.bytes), now_ms())?;
+        Ok(Upload {
+            txid: segment.txid,
+            next: segment.next,
+            commits: segment.commits,
+            prepared,
+        })
+    }
+
+    fn keep_mode(&self) -> Keep {
+        if self.handing_over {
+            Keep::HandingOver
+        } else {
+            Keep::Writing
+        }
+    }
+
+    /// The network half of shipping `upload`: the lease check before the PUT, the create-only
+    /// PUT, and — for an upload that landed — the confirmation that the lease was still ours
+    /// when it did. Owns what it uses, so the caller may let go of the write lock meanwhile.
+    fn transfer(&self, upload: &Upload) -> impl Future<Output = Result<PutOutcome, ReplicaError>> + Send + 'static {
+        let (shared, store, prepared, keep) = (
+            self.shared.clone(),
+            self.store.clone(),
+            upload.prepared.clone(),
+            self.keep_mode(),
+        );
+        async move {
+            shared.keep_lease(keep).await?;
+            let outcome = store.put_prepared(&prepared).await?;
+            if outcome == PutOutcome::Created {
+                shared.confirm_after_put().await?;
+            }
+            Ok(outcome)
+        }
+    }
+
+    /// Ships one upload and advances the cursor.
+    async fn ship(&mut self, upload: Upload) -> Result<(), ReplicaError> {
+        let result = self.transfer(&upload).await;
+        self.settle_upload(upload, result).await
+    }
+
+    /// Ships one upload under the write lock, letting go of the lock if the upload takes
+    /// longer than the lock budget (it then finishes outside). Returns whether the lock is
+    /// still held.
+    async fn ship_locked(&mut self, upload: Upload) -> Result<bool, ReplicaError> {
+        let transfer = self.transfer(&upload);
+        tokio::pin!(transfer);
+        let budget = tokio::time::sleep(self.options.lock_budget);
+        let result = tokio::select! {
+            result = &mut transfer => result,
+            () = budget => {
+                self.unlock().await?;
+                tracing::debug!(txid = upload.txid, "an upload outlasted the lock budget; finishing it without the write lock");
+                transfer.await
+            }
+        };
+        self.settle_upload(upload, result).await?;
+        Ok(self.locked)
+    }
+
+    /// Acts on a transfer's outcome: advance, resolve a collision, or keep the upload to retry.
+    async fn settle_upload(
+        &mut self,
+        upload: Upload,
+        result: Result<PutOutcome, ReplicaError>,
+    ) -> Result<(), ReplicaError> {
+        match result {
+            Ok(PutOutcome::Created) => self.advance(upload).await,
+            Ok(PutOutcome::AlreadyExists) => self.resolve_collision(upload).await,
+            Err(e) => {
+                self.pending = Some(upload);
+                Err(e)
+            }
+        }
+    }
+
+    /// The key of our next TXID holds someone else's bytes. Who may write is what the lease
+    /// says, so read it. Not ours: fenced. Still ours: the object was left by an instance that
+    /// lost the lease before its upload landed; such an instance confirms the lease after
+    /// every upload, so it never acknowledged that object — and this instance never restored
+    /// it. Replace it, or the chain would mix two histories.
+    async fn resolve_collision(&mut self, upload: Upload) -> Result<(), ReplicaError> {
+        let key = upload.prepared.key.to_string();
+        if !self.shared.leased {
+            tracing::error!(txid = upload.txid, %key, "another writer already stored this TXID in the replica");
+            self.shared
+                .fence(format!("another writer stored TXID {} in the replica", upload.txid));
+            return Err(ReplicaError::Fenced { txid: upload.txid });
+        }
+        for _ in 0..STALE_REPLACEMENTS {
+            if let Err(e) = self.shared.check_lease().await {
+                self.pending = Some(upload);
+                return Err(e);
+            }
+            tracing::error!(
+                txid = upload.txid,
+                %key,
+                "found an object at this instance's next TXID stored by an instance that had lost the replica lease; it was never acknowledged, and it is replaced"
+            );
+            metrics::counter!("keycast_replica_stale_objects_replaced_total").increment(1);
+            if let Err(e) = self.store.delete_key(&upload.prepared.key).await {
+                self.pending = Some(upload);
+                return Err(e.into());
+            }
+            match self.transfer(&upload).await {
+                Ok(PutOutcome::Created) => return self.advance(upload).await,
+                Ok(PutOutcome::AlreadyExists) => continue,
+                Err(e) => {
+                    self.pending = Some(upload);
+                    return Err(e);
+                }
+            }
+        }
+        // Something keeps writing this key: back off and look again next round.
+        self.pending = Some(upload);
+        Err(ReplicaError::LeaseUnconfirmed {
+            reason: format!("another instance keeps storing objects at {key}"),
+        })
+    }
+
+    /// The upload is in the replica: move the cursor, make the WAL frames it covered durable
+    /// locally *before* the record claims them (so after a power loss the record never points
+    /// past the WAL), write the record, and note the TXID in the lease.
+    async fn advance(&mut self, upload: Upload) -> Result<(), ReplicaError> {
+        self.pending = None;
+        self.cursor = upload.next;
+        self.shipped_since_checkpoint = true;
+        self.shipped_since_verify = true;
+        self.compaction.note_shipped();
+        let (db, record) = (self.db.clone(), self.record(false));
+        tokio::task::spawn_blocking(move || {
+            sync_wal(&db)?;
+            local_state::store(&db, &record)
+        })
+        .await
+        .map_err(join_error)??;
+        if let Some(lease) = self.shared.lease.lock().await.as_mut() {
+            lease.note_txid(upload.txid);
+        }
+        metrics::counter!("keycast_replica_segments_total").increment(1);
+        metrics::gauge!("keycast_replica_txid").set(self.cursor.txid as f64);
+        tracing::debug!(
+            txid = upload.txid,
+            bytes = upload.prepared.bytes.len(),
+            commits = upload.commits,
+            "segment stored"
+        );
+        let mut status = self.shared.status.lock().expect("status lock");
+        status.replicated_txid = self.cursor.txid;
+        status.segments += 1;
+        status.last_error = None;
+        status.failing_since = None;
+        Ok(())
+    }
+
+    pub(super) fn record(&self, clean: bool) -> LocalState {
+        LocalState {
+            lineage: self.lineage.clone(),
+            replica: self.store.describe(),
+            txid: self.cursor.txid,
+            commit: self.cursor.commit,
+            page_size: self.cursor.page_size,
+            wal: self.cursor.wal,
+            clean,
+            checkpointed: self.cursor.reset_expected,
+            db_checksum: None,
+            updated_at_ms: now_ms(),
+            last_error: None,
+            verification: self
+                .shared
+                .status
+                .lock()
+                .expect("status lock")
+                .verification
+                .as_ref()
+                .map(|v| local_state::VerificationRecord {
+                    txid: v.txid,
+                    at_ms: v
+                        .at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0),
+                    error: v.error.clone(),
+                }),
+        }
+    }
+
+    /// Ships segments until nothing committed is left unshipped. Returns how many it stored.
+    pub(super) async fn sync_all(&mut self) -> Result<usize, ReplicaError> {
+        self.sync(false).await
+    }
+
+    /// Ships segments until caught up — or, with `yield_for_checkpoint`, until the WAL has
+    /// grown past the checkpoint threshold: under sustained writes the loop would otherwise
+    /// never end and the WAL would grow without bound.
+    async fn sync(&mut self, yield_for_checkpoint: bool) -> Result<usize, ReplicaError> {
+        let mut stored = 0;
+        loop {
+            let mark = self.signal.commits();
+            match self.next_upload().await? {
+                Some(upload) => {
+                    self.ship(upload).await?;
+                    stored += 1;
+                    if yield_for_checkpoint && self.wal_frames() >= u64::from(self.options.checkpoint_pages) {
+                        return Ok(stored);
+                    }
+                }
+                None => {
+                    self.shipped_mark = mark;
+                    self.publish_shipped(mark);
+                    return Ok(stored);
+                }
+            }
+        }
+    }
+
+    /// The upload to ship next: the one whose outcome is unknown, else the next batch of
+    /// committed WAL frames, else (when the WAL restarted outside our control) a full image.
+    async fn next_upload(&mut self) -> Result<Option<Upload>, ReplicaError> {
+        if let Some(upload) = self.pending.take() {
+            return Ok(Some(upload));
+        }
+        match self.read_next_segment().await? {
+            Ok(Some(segment)) => self.prepare(segment).map(Some),
+            Ok(None) => Ok(None),
+            Err(SegmentError::ContinuityLost) => {
+                tracing::warn!("the WAL restarted outside the replicator's control; shipping a full image");
+                self.full_image_upload().await.map(Some)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads the next segment while a read snapshot is held (see [`crate::snapshot`]).
+    async fn read_next_segment(&mut self) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
+        if !self.locked && !self.snapshot.is_held() {
+            self.snapshot.refresh().await?;
+        }
+        let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms()))
+            .await
+            .map_err(join_error)
+    }
+
+    pub(super) fn publish_shipped(&self, mark: u64) {
+        let shared = &self.shared;
+        shared.shipped.send_if_modified(|v| {
+            let changed = mark > *v;
+            *v = (*v).max(mark);
+            changed
+        });
+        let mut pending = shared.pending_since.lock().expect("pending lock");
+        *pending = if self.signal.commits() > mark {
+            Some(Instant::now())
+        } else {
+            None
+        };
+    }
+
+    /// Takes the write lock and ships whatever committed since the last segment, so that the
+    /// shipped position is the committed end and the read snapshot sits right there. Returns
+    /// true with the lock still held; false (lock released) when the tail took longer than
+    /// the lock budget to upload — it was finished outside the lock, try again later.
+    async fn settle(&mut self) -> Result<bool, ReplicaError> {
+        self.sync(true).await?;
+        self.lock().await?;
+        loop {
+            let mark = self.signal.commits();
+            match self.next_upload().await? {
+                None => {
+                    self.shipped_mark = mark;
+                    self.publish_shipped(mark);
+                    self.snapshot.refresh().await?;
+                    return Ok(true);
+                }
+                Some(upload) => {
+                    if !self.ship_locked(upload).await? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The background loop; returns the replicated TXID at the end.
+    pub(super) async fn run(mut self, mut stop: watch::Receiver<Option<Instant>>) -> Result<u64, ReplicaError> {
+        let mut backoff = self.options.retry_min;
+        let mut failing = false;
+        loop {
+            let requested = *stop.borrow();
+            if let Some(deadline) = requested {
+                return self.finish(deadline).await;
+            }
+            if self.handed_over || self.shared.status.lock().expect("status lock").fenced {
+                self.park(&mut stop).await?;
+                continue;
+            }
+            if let Some(to) = self.shared.handing_over_to() {
+                self.hand_over(&to, &stop).await?;
+                continue;
+            }
+            let wait = if failing { backoff } else { self.next_timer() };
+            tokio::select! {
+                () = self.signal.wait() => self.note_pending(),
+                () = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => continue,
+            }
+            match self.step().await {
+                Ok(()) => {
+                    failing = false;
+                    backoff = self.options.retry_min;
+                }
+                Err(e) if e.is_fatal() => {
+                    self.shared.fence(e.to_string());
+                    return Err(e);
+                }
+                // The next round hands over.
+                Err(ReplicaError::HandingOver { .. }) => {
+                    self.reset_transactions().await;
+                    failing = false;
+                }
+                Err(e) => {
+                    self.note_failure(&e);
+                    self.reset_transactions().await;
+                    failing = true;
+                    backoff = (backoff * 2).min(self.options.retry_max);
+                }
+            }
+        }
+    }
+
+    /// Handed over or fenced: nothing ships any more. Waits for shutdown; a handed-over
+    /// instance looks at the lease once a TTL, in case nobody took the replica after all.
+    async fn park(&mut self, stop: &mut watch::Receiver<Option<Instant>>) -> Result<(), ReplicaError> {
+        let look = self
+            .released
+            .as_ref()
+            .filter(|_| self.handed_over)
+            .map(|r| r.options.ttl.saturating_sub(r.at.elapsed()));
+        tokio::select! {
+            changed = stop.changed() => if changed.is_err() {
+                // The handle is gone without a shutdown: stop like a crash.
+                return Err(ReplicaError::Stopped);
+            },
+            () = tokio::time::sleep(look.unwrap_or(Duration::from_secs(3600))) => {
+                if look.is_some() {
+                    self.take_back().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn note_pending(&self) {
+        let mut pending = self.shared.pending_since.lock().expect("pending lock");
+        if pending.is_none() && self.signal.commits() > self.shipped_mark {
+            *pending = Some(Instant::now());
+        }
+    }
+
+    /// After a failed round, returns `lock_conn` to a known state: no transaction open, and a
+    /// read snapshot held — a new one taken *before* the old is let go, so that a foreign
+    /// checkpoint never finds a moment with none.
+    pub(super) async fn reset_transactions(&mut self) {
+        let _ = sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await;
+        self.locked = false;
+        if self.snapshot.refresh().await.is_err() {
+            self.snapshot.release().await;
+            let _ = self.snapshot.refresh().await;
+        }
+    }
+
+    pub(super) fn note_failure(&self, error: &ReplicaError) {
+        metrics::counter!("keycast_replica_sync_errors_total").increment(1);
+        tracing::warn!(error = %error, "replication attempt failed; retrying");
+        // Best effort: lets `keycast replica status` in another process show the error.
+        let mut record = self.record(false);
+        record.last_error = Some(error.to_string());
+        let _ = local_state::store(&self.db, &record);
+        let mut status = self.shared.status.lock().expect("status lock");
+        status.last_error = Some(error.to_string());
+        status.failing_since.get_or_insert_with(Instant::now);
+    }
+
+    /// One round: ship what is committed, then checkpoint, verify and compact if due.
+    async fn step(&mut self) -> Result<(), ReplicaError> {
+        let _busy = self.shared.busy();
+        self.sync(true).await?;
+        if self.checkpoint_due() {
+            self.checkpoint().await?;
+        }
+        if self.verify_due() {
+            self.start_verification().await?;
+        }
+        if self.compaction.due() {
+            self.compact().await;
+        }
+        Ok(())
+    }
+
+    /// Compacts what is due, up to what this instance shipped (an object past it is nobody's
+    /// business but the next upload's). A failure does not fail the round: the schedule backs
+    /// off, and an idle database stops retrying (see [`compactor::Schedule::failed`]).
+    async fn compact(&mut self) {
+        let result = compactor::run_due(
+            &self.store,
+            &self.options.compaction,
+            &mut self.compaction,
+            SystemTime::now(),
+            self.cursor.txid,
+        )
+        .await;
+        match result {
+            Ok(()) => self.compaction.succeeded(),
+            Err(e) => {
+                metrics::counter!("keycast_replica_compaction_errors_total").increment(1);
+                let retry_in = self.compaction.failed();
+                tracing::warn!(error = %e, retry_in_secs = retry_in.map(|d| d.as_secs()), "compaction failed; backing off");
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Duration {
+        let checkpoint = if self.shipped_since_checkpoint {
+            self.options
+                .checkpoint_interval
+                .saturating_sub(self.last_checkpoint.elapsed())
+        } else {
+            Duration::from_secs(3600)
+        };
+        let verify = if self.shipped_since_verify && !self.options.verify_interval.is_zero() {
+            self.options.verify_interval.saturating_sub(self.last_verify.elapsed())
+        } else {
+            Duration::from_secs(3600)
+        };
+        checkpoint
+            .min(self.compaction.next_in())
+            .min(verify)
+            .max(Duration::from_millis(1))
+    }
+
+    fn verify_due(&self) -> bool {
+        !self.options.verify_interval.is_zero()
+            && self.shipped_since_verify
+            && self.last_verify.elapsed() >= self.options.verify_interval
+            && self.verifying.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Takes the live database's checksum at the shipped TXID, then restores that TXID and
+    /// compares, in the background. The write lock is held only while the tail ships (within
+    /// the lock budget) and the read snapshot is pinned at the shipped position; the checksum
+    /// is read after letting go of it, since nothing past the snapshot can reach the file.
+    async fn start_verification(&mut self) -> Result<(), ReplicaError> {
+        if !self.settle().await? {
+            return Ok(()); // the tail did not ship within the budget: next round
+        }
+        let (txid, limit) = (self.cursor.txid, self.cursor.wal);
+        self.unlock().await?;
+        let db = self.db.clone();
+        let expected = tokio::task::spawn_blocking(move || segment::LiveImage::open_upto(&db, limit)?.checksum())
+            .await
+            .map_err(join_error)??;
+        self.last_verify = Instant::now();
+        self.shipped_since_verify = false;
+        let (store, shared) = (self.store.clone(), self.shared.clone());
+        let (scratch, lineage) = (
+            self.db.parent().map(Path::to_owned).unwrap_or_else(std::env::temp_dir),
+            self.lineage.clone(),
+        );
+        self.verifying = Some(tokio::spawn(async move {
+            let result = crate::verify::verify_at(&store, txid, expected, &scratch, &lineage).await;
+            shared.record_verification(txid, result.err().map(|e| e.to_string()));
+        }));
+        Ok(())
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        let frames = self.wal_frames();
+        frames >= u64::from(self.options.checkpoint_pages)
+            || (self.shipped_since_checkpoint && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
+    }
+
+    /// Frames in the current WAL generation up to the shipped position. (The file's size
+    /// would overcount: SQLite restarts the WAL in place without shrinking it.)
+    fn wal_frames(&self) -> u64 {
+        if self.cursor.reset_expected {
+            return 0; // fully checkpointed; the next write starts a new WAL generation
+        }
+        let offset = self.cursor.wal.map_or(0, |c| c.offset);
+        offset.saturating_sub(32) / (24 + u64::from(self.cursor.page_size))
+    }
+
+    /// Settles (everything committed shipped, the write lock held), then PASSIVE-checkpoints
+    /// from the other connection and lets go of the lock. With the WAL fully checkpointed, the
+    /// next writer restarts it, continuing exactly the shipped state.
+    async fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        if !self.settle().await? {
+            tracing::debug!("the WAL tail did not ship within the lock budget; checkpointing next round");
+            return Ok(());
+        }
+        let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut self.checkpoint_conn)
+            .await;
+        if let Ok((_, log, done)) = &result {
+            self.cursor.reset_expected = *log >= 0 && log == done;
+            if self.cursor.reset_expected {
+                // Recorded before the next writer can restart the WAL (it waits for our lock):
+                // after a crash, that new generation is then known to continue this state.
+                local_state::store(&self.db, &self.record(false))?;
+            }
+        }
+        self.unlock().await?;
+        let (_busy, log, done) = result?;
+        self.last_checkpoint = Instant::now();
+        self.shipped_since_checkpoint = false;
+        metrics::counter!("keycast_replica_checkpoints_total", "mode" => "passive").increment(1);
+        self.shared.status.lock().expect("status lock").checkpoints += 1;
+        tracing::debug!(log, done, "checkpointed");
+        Ok(())
+    }
+
+    /// Closes the replicator's connections (after the final sync).
+    pub(super) async fn close_connections(self) {
+        let Worker {
+            snapshot,
+            lock_conn,
+            checkpoint_conn,
+            ..
+        } = self;
+        snapshot.close().await;
+        let _ = sqlx::Connection::close(lock_conn).await;
+        let _ = sqlx::Connection::close(checkpoint_conn).await;
+    }
+}
+
+/// Makes the WAL's frames durable on local disk (a no-op when there is no WAL).
+fn sync_wal(db: &Path) -> std::io::Result<()> {
+    match std::fs::File::open(segment::wal_path(db)) {
+        Ok(wal) => wal.sync_data(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+pub(super) fn join_error(e: tokio::task::JoinError) -> ReplicaError {
+    ReplicaError::LocalState(std::io::Error::other(e.to_string()))
+}
+
+fn lineage_document(lineage: &str) -> Bytes {
+    Bytes::from(serde_json::json!({ "lineage": lineage, "created_at_ms": now_ms() }).to_string())
+}
