@@ -110,12 +110,9 @@ fn replica_verify_names_a_corrupted_object_and_restore_refuses_a_wrong_recorded_
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok:"));
 
     // A checksum record that disagrees with the data: restore of that TXID is refused.
-    let record = std::fs::read_dir(replica_dir.join("keycast/checksum"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    // Records sit under the database's lineage: keycast/checksum/<lineage>/<txid>.json.
+    let first = |dir: &std::path::Path| std::fs::read_dir(dir).unwrap().next().unwrap().unwrap().path();
+    let record = first(&first(&replica_dir.join("keycast/checksum")));
     let original = std::fs::read_to_string(&record).unwrap();
     let txid = u64::from_str_radix(record.file_stem().unwrap().to_str().unwrap(), 16).unwrap();
     let at = original.find("\"checksum\":\"").unwrap() + "\"checksum\":\"".len();
