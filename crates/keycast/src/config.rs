@@ -154,6 +154,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "32 bytes, base64: encrypt replica objects client-side (AES-256-GCM); Litestream cannot read such a replica",
     },
     Setting {
+        key: "replica_durable_timeout_secs",
+        env: "KEYCAST_REPLICA_DURABLE_TIMEOUT_SECS",
+        default: "10",
+        help: "how long a write that must be durable waits for the replica before it is answered 503",
+    },
+    Setting {
         key: "replica_unhealthy_after_secs",
         env: "KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS",
         default: "60",
@@ -321,6 +327,8 @@ pub struct ReplicaConfig {
     pub encryption: Option<ObjectCipher>,
     /// Readiness turns 503 after uploads have failed this long.
     pub unhealthy_after: Duration,
+    /// How long a durable write waits for the replica before it is refused.
+    pub durable_timeout: Duration,
 }
 
 /// A configuration value that is missing, malformed or out of range.
@@ -621,6 +629,9 @@ impl Sources {
             lease,
             encryption,
             unhealthy_after: long("replica_unhealthy_after_secs")?.unwrap_or(Duration::from_secs(60)),
+            durable_timeout: self
+                .get("replica_durable_timeout_secs", parse_positive_secs)?
+                .unwrap_or(Duration::from_secs(10)),
         }))
     }
 

@@ -124,17 +124,18 @@ pub async fn stop(replicator: Replicator, deadline: Instant) -> anyhow::Result<(
     Ok(())
 }
 
-/// How long a durable write waits for the replica before answering 503.
-pub const DURABLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Durable commit through the replicator.
-pub struct ReplicaDurability(pub Monitor);
+/// Durable commit through the replicator: waits up to `timeout` (see
+/// `KEYCAST_REPLICA_DURABLE_TIMEOUT_SECS`) before answering 503.
+pub struct ReplicaDurability {
+    pub monitor: Monitor,
+    pub timeout: Duration,
+}
 
 impl keycast_http::Durability for ReplicaDurability {
     fn wait_durable(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            self.0
-                .wait_durable(DURABLE_TIMEOUT)
+            self.monitor
+                .wait_durable(self.timeout)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -142,7 +143,7 @@ impl keycast_http::Durability for ReplicaDurability {
     }
 
     fn check_writable(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.0.check_writable().await.map_err(|e| e.to_string()) })
+        Box::pin(async move { self.monitor.check_writable().await.map_err(|e| e.to_string()) })
     }
 }
 

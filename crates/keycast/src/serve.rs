@@ -108,12 +108,21 @@ pub async fn run(
             unhealthy_after: replica.unhealthy_after,
         };
         state.set_dependencies(vec![Arc::new(health) as Arc<dyn Dependency>]);
-        state.set_durability(Arc::new(crate::replication::ReplicaDurability(replicator.monitor())));
+        state.set_durability(Arc::new(crate::replication::ReplicaDurability {
+            monitor: replicator.monitor(),
+            timeout: replica.durable_timeout,
+        }));
     }
     let durability: Option<Arc<dyn keycast_core::Durability>> = running
         .replicator
         .as_ref()
-        .map(|r| Arc::new(crate::replication::ReplicaDurability(r.monitor())) as Arc<dyn keycast_core::Durability>);
+        .zip(config.replica.as_ref())
+        .map(|(r, replica)| {
+            Arc::new(crate::replication::ReplicaDurability {
+                monitor: r.monitor(),
+                timeout: replica.durable_timeout,
+            }) as Arc<dyn keycast_core::Durability>
+        });
     let nip46 = if config.nip46 {
         let options = keycast_nip46::Nip46Options {
             relays,

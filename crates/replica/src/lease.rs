@@ -443,7 +443,12 @@ impl Lease {
 
     /// Less than half the TTL is left: renew before writing.
     pub fn needs_renewal(&self) -> bool {
-        Instant::now() + self.ttl / 2 >= self.expires
+        Instant::now() >= self.renewal_due_at()
+    }
+
+    /// When [`Lease::needs_renewal`] turns true.
+    pub fn renewal_due_at(&self) -> Instant {
+        self.expires.checked_sub(self.ttl / 2).unwrap_or(self.expires)
     }
 
     /// The hand-over request this holder has seen, if any.

@@ -39,7 +39,7 @@ mod handover;
 mod worker;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -176,8 +176,12 @@ pub struct Status {
     pub fenced: bool,
     /// Why it is fenced.
     pub fence_reason: Option<String>,
-    /// A starting instance asked for the replica: this one refuses writes and hands over.
+    /// A starting instance asked for the replica (or took it over): this one refuses writes
+    /// and hands over.
     pub handing_over_to: Option<String>,
+    /// The lease lapsed while this instance was idle and another took it: nothing was lost,
+    /// and this instance steps aside as after a hand-over.
+    pub superseded: bool,
     /// The hand-over finished: everything up to this TXID is shipped and the lease released.
     pub handed_over_txid: Option<u64>,
     /// Segments stored / checkpoints run since start.
@@ -196,6 +200,24 @@ pub struct Verification {
     pub error: Option<String>,
     /// When it finished.
     pub at: SystemTime,
+}
+
+/// See [`Shared::lease_view`].
+#[derive(Debug, Clone, Copy)]
+struct LeaseView {
+    /// [`Lease::valid_until`].
+    valid_until: Instant,
+    /// [`Lease::renewal_due_at`].
+    renewal_due_at: Instant,
+}
+
+impl LeaseView {
+    fn of(lease: &Lease) -> LeaseView {
+        LeaseView {
+            valid_until: lease.valid_until(),
+            renewal_due_at: lease.renewal_due_at(),
+        }
+    }
 }
 
 /// Handle on a running replicator. Dropping it without [`Replicator::shutdown`] stops it
@@ -218,13 +240,17 @@ struct Shared {
     lease: tokio::sync::Mutex<Option<Lease>>,
     /// Whether a lease is used at all.
     leased: bool,
-    /// Until when the lease can be trusted without asking the store (updated whenever it is
-    /// written or read); `None` once there is no lease any more.
-    lease_valid_until: Mutex<Option<Instant>>,
+    /// What the lease's clocks say, cached whenever it is written or read, so that a write
+    /// can be judged without waiting for the lease's lock; `None` once there is no lease.
+    lease_view: Mutex<Option<LeaseView>>,
     /// Rounds, hand-overs and final syncs in progress: the keeper renews the lease meanwhile.
     busy: AtomicUsize,
     /// Becomes true once, when the instance is fenced.
     fenced: watch::Sender<bool>,
+    /// A renewal started by a write is running (see [`Shared::spawn_renewal`]).
+    renewal_in_flight: AtomicBool,
+    /// Counts finished renewals started by writes, for writes waiting on one.
+    renewed: watch::Sender<u64>,
 }
 
 impl Replicator {
@@ -265,7 +291,7 @@ impl Replicator {
         lease: Option<Lease>,
     ) -> Result<Replicator, ReplicaError> {
         let (shipped, _) = watch::channel(signal.commits());
-        let valid_until = lease.as_ref().map(Lease::valid_until);
+        let view = lease.as_ref().map(LeaseView::of);
         let shared = Arc::new(Shared {
             signal: signal.clone(),
             store: store.clone(),
@@ -273,10 +299,12 @@ impl Replicator {
             shipped,
             pending_since: Mutex::new(None),
             leased: lease.is_some(),
-            lease_valid_until: Mutex::new(valid_until),
+            lease_view: Mutex::new(view),
             lease: tokio::sync::Mutex::new(lease),
             busy: AtomicUsize::new(0),
             fenced: watch::channel(false).0,
+            renewal_in_flight: AtomicBool::new(false),
+            renewed: watch::channel(0).0,
         });
         let keeper = shared
             .leased
@@ -341,12 +369,14 @@ impl Replicator {
         };
         let result = held.mark_serving().await;
         self.shared.note_lease(held);
+        if let Some(by) = held.handover_requested_by().map(str::to_owned) {
+            // Someone asked while this instance was starting: hand over now rather than at
+            // the next write, which an idle instance may never see.
+            self.shared.begin_handover(&by);
+        }
         match result {
             Ok(()) => Ok(()),
-            Err(LeaseError::Lost { by }) => {
-                self.shared.fence(format!("the replica lease was taken over by {by}"));
-                Err(ReplicaError::LeaseLost { by })
-            }
+            Err(LeaseError::Lost { by }) => Err(self.shared.lost(by)),
             Err(e) => Err(e.into()),
         }
     }
@@ -402,7 +432,8 @@ impl Monitor {
     }
 
     /// Whether this instance may accept a write now: not fenced, not handing over, and its
-    /// lease (if any) still its own — renewed now if due, so a write after a long idle period
+    /// lease (if any) still its own. While the lease is fresh that is known locally, at no
+    /// cost; once its renewal is due it is renewed now, so a write after a long idle period
     /// learns of a takeover *before* it is accepted. When the renewal fails or does not answer
     /// within 2 s, the write is accepted only while the lease is still valid by the clocks
     /// (nobody can take it before it runs out); otherwise it is refused: fail closed.
@@ -413,24 +444,24 @@ impl Monitor {
         if let Some(refused) = self.0.refusal() {
             return Err(refused);
         }
-        if !self.0.leased {
+        if !self.0.leased || !self.0.renewal_due() {
             return Ok(());
         }
-        // The renewal runs as its own task, so that giving up waiting never cancels a
-        // compare-and-swap half way.
-        let shared = self.0.clone();
-        let renewal = tokio::spawn(async move { shared.keep_lease(handover::Keep::Writing).await });
-        match tokio::time::timeout(LEASE_CHECK_TIMEOUT, renewal).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(ReplicaError::LeaseUnconfirmed {
-                reason: join.to_string(),
-            }),
-            Err(_) if self.0.lease_trusted() => Ok(()),
-            Err(_) => Err(ReplicaError::LeaseUnconfirmed {
-                reason: format!(
-                    "its renewal has not answered within {} s",
-                    LEASE_CHECK_TIMEOUT.as_secs()
-                ),
+        // One renewal at a time runs in the background (never cancelled half way); a write
+        // waits for it only when the clocks alone can no longer vouch for the lease.
+        let mut renewed = self.0.renewed.subscribe();
+        self.0.spawn_renewal();
+        if self.0.lease_trusted() {
+            return Ok(());
+        }
+        let _ = tokio::time::timeout(LEASE_CHECK_TIMEOUT, renewed.changed()).await;
+        if let Some(refused) = self.0.refusal() {
+            return Err(refused);
+        }
+        match self.0.lease_trusted() {
+            true => Ok(()),
+            false => Err(ReplicaError::LeaseUnconfirmed {
+                reason: format!("its renewal did not succeed within {} s", LEASE_CHECK_TIMEOUT.as_secs()),
             }),
         }
     }
@@ -464,16 +495,24 @@ impl Monitor {
 }
 
 impl Shared {
-    /// Remembers until when the lease can be trusted, after any write or read of it.
+    /// Remembers what the lease's clocks say, after any write or read of it.
     fn note_lease(&self, lease: &Lease) {
-        *self.lease_valid_until.lock().expect("lease view") = Some(lease.valid_until());
+        *self.lease_view.lock().expect("lease view") = Some(LeaseView::of(lease));
     }
 
     /// Whether the lease (if any) is still valid by the clocks alone.
     fn lease_trusted(&self) -> bool {
-        match *self.lease_valid_until.lock().expect("lease view") {
-            Some(until) => Instant::now() < until,
+        match *self.lease_view.lock().expect("lease view") {
+            Some(view) => Instant::now() < view.valid_until,
             None => !self.leased,
+        }
+    }
+
+    /// Whether the lease is due for renewal (or there is none any more, e.g. handed over).
+    fn renewal_due(&self) -> bool {
+        match *self.lease_view.lock().expect("lease view") {
+            Some(view) => Instant::now() >= view.renewal_due_at,
+            None => self.leased,
         }
     }
 
@@ -565,6 +604,22 @@ impl Shared {
             _ => 0.0,
         };
         status
+    }
+
+    /// Starts renewing the lease in the background unless a renewal started this way is
+    /// already running; its outcome (a takeover, a hand-over request) lands in the status.
+    fn spawn_renewal(self: &Arc<Self>) {
+        if self.renewal_in_flight.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let shared = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = shared.keep_lease(handover::Keep::Writing).await {
+                tracing::debug!(error = %e, "lease renewal before a write did not succeed");
+            }
+            shared.renewal_in_flight.store(false, Ordering::SeqCst);
+            shared.renewed.send_modify(|n| *n += 1);
+        });
     }
 
     /// Counts work in progress for as long as the guard lives (see [`Shared::busy`]).

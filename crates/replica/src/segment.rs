@@ -66,6 +66,9 @@ pub struct Segment {
     pub next: Cursor,
     /// SQLite commits folded into this segment (0 for full images).
     pub commits: usize,
+    /// It holds everything committed when it was read (it was not cut short by the size
+    /// limit): every commit made before the read is in it or in an earlier segment.
+    pub reached_end: bool,
 }
 
 /// `<db>-wal`
@@ -173,6 +176,7 @@ pub fn next_wal_segment(
         bytes: encoder.finish(0)?,
         next,
         commits: committed.commits,
+        reached_end: committed.end.offset - start.offset < max_bytes,
     }))
 }
 
@@ -326,6 +330,7 @@ pub fn full_image_upto(db: &Path, limit: Option<WalCursor>, txid: u64, now_ms: i
         bytes: encoder.finish(0)?,
         next,
         commits: 0,
+        reached_end: true,
     })
 }
 

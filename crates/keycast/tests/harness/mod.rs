@@ -9,6 +9,7 @@ pub mod api;
 pub mod flow;
 pub mod native;
 pub mod nostr;
+pub mod s3proxy;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,8 @@ pub struct Launch {
     pub data_dir: PathBuf,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
+    /// A command keycast is run under (e.g. `unshare … sh -c 'hostname …; exec "$0" "$@"'`).
+    pub wrapper: Vec<String>,
 }
 
 impl Launch {
@@ -47,10 +50,31 @@ impl Launch {
             data_dir: data_dir.to_owned(),
             env: Vec::new(),
             args: vec!["serve".into()],
+            wrapper: Vec::new(),
         }
     }
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs keycast as a container would: PID 1 in its own PID namespace, under the host name
+    /// `host` in its own UTS namespace (needs root, as CI has). Signals go to keycast itself.
+    pub fn in_namespaces(mut self, host: &str) -> Self {
+        self.wrapper = [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--uts",
+            "--kill-child",
+            "sh",
+            "-c",
+            &format!("hostname {host} && exec \"$0\" \"$@\""),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         self
     }
 
@@ -63,7 +87,14 @@ impl Launch {
 
     /// Spawns the binary without waiting for anything.
     pub fn spawn(&self) -> Child {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keycast"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(env!("CARGO_BIN_EXE_keycast"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_keycast")),
+        };
         cmd.args(&self.args);
         // Keep the developer's own keycast settings out of the test.
         for (name, _) in std::env::vars() {
@@ -176,7 +207,7 @@ impl Keycast {
     /// Sends a signal (`libc::SIGTERM`, `SIGKILL`, `SIGSTOP`, …).
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        let rc = unsafe { libc::kill(self.pid() as i32, signal) };
         assert_eq!(rc, 0, "kill({signal}) failed");
     }
 
@@ -303,9 +334,20 @@ impl Keycast {
         );
     }
 
-    /// The process id, to watch the process from outside.
+    /// The process id of keycast itself, to watch or signal it from outside (under a
+    /// namespace wrapper, the wrapper's child).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        let wrapper = self.child.id();
+        let comm = std::fs::read_to_string(format!("/proc/{wrapper}/comm")).unwrap_or_default();
+        if comm.trim() != "unshare" {
+            return wrapper;
+        }
+        let children = std::fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or(wrapper)
     }
 }
 

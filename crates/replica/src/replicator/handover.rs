@@ -25,8 +25,9 @@ use crate::local_state;
 /// What the lease is kept for.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Keep {
-    /// Before a write or an upload in normal operation: renew when due, look for hand-over
-    /// requests, refuse once a hand-over is under way.
+    /// Before a write or an upload in normal operation: renew when due, refuse once a
+    /// hand-over is under way or was asked for. (Looking for new requests is the keeper's
+    /// job, so that a slow store never delays a write by a lease read.)
     Writing,
     /// During the hand-over's (or the final sync's) shipments: only renew when due.
     HandingOver,
@@ -40,8 +41,7 @@ pub(super) struct Released {
 }
 
 impl Shared {
-    /// Before a write or an upload: renews the lease when due, or looks for a hand-over
-    /// request when the last look is old enough ([`Lease::keep`]); no request otherwise.
+    /// Before a write or an upload: renews the lease when due; no request otherwise.
     /// A renewal that fails because the store is unreachable does not stop anything while the
     /// lease is still valid by the clocks — nobody can take it before it runs out — and stops
     /// everything once it is not: fail closed.
@@ -66,10 +66,9 @@ impl Shared {
             self.begin_handover(&to);
             return Err(ReplicaError::HandingOver { to });
         }
-        let result = match keep {
-            Keep::Writing => held.keep().await,
-            Keep::HandingOver if held.needs_renewal() => held.renew().await,
-            Keep::HandingOver => Ok(()),
+        let result = match held.needs_renewal() {
+            true => held.renew().await,
+            false => Ok(()),
         };
         self.note_lease(held);
         match result {
@@ -79,10 +78,7 @@ impl Shared {
                 Err(ReplicaError::HandingOver { to: by })
             }
             Err(LeaseError::HandoverRequested { .. }) => Ok(()),
-            Err(LeaseError::Lost { by }) => {
-                self.fence(format!("the replica lease was taken over by {by}"));
-                Err(ReplicaError::LeaseLost { by })
-            }
+            Err(LeaseError::Lost { by }) => Err(self.lost(by)),
             Err(e) if held.is_valid() => {
                 tracing::warn!(error = %e, "cannot renew the replica lease now; it is still valid, going on");
                 Ok(())
@@ -118,6 +114,31 @@ impl Shared {
         }
     }
 
+    /// The lease was taken by `by` while this instance did not look. With commits not yet
+    /// shipped, they can never be (fenced). With none, nothing is lost: this instance merely
+    /// lapsed while idle, and steps aside exactly as after a hand-over (see
+    /// [`Worker::step_aside`]) — able to take the replica back if its taker never serves.
+    pub(super) fn lost(&self, by: String) -> ReplicaError {
+        if self.signal.commits() > *self.shipped.borrow() {
+            self.fence(format!(
+                "the replica lease was taken over by {by} while commits were not yet replicated"
+            ));
+            return ReplicaError::LeaseLost { by };
+        }
+        {
+            let mut status = self.status.lock().expect("status lock");
+            if status.fenced || status.superseded {
+                return ReplicaError::HandingOver { to: by };
+            }
+            status.superseded = true;
+            status.handing_over_to = Some(by.clone());
+        }
+        metrics::gauge!("keycast_replica_handing_over").set(1.0);
+        tracing::warn!(%by, "this instance's lease lapsed while it was idle and another instance took it: stepping aside (nothing was unreplicated)");
+        self.signal.wake();
+        ReplicaError::HandingOver { to: by }
+    }
+
     async fn read_lease(&self, held: &mut Lease) -> Result<(), ReplicaError> {
         let result = held.check().await;
         self.note_lease(held);
@@ -136,29 +157,33 @@ impl Shared {
     }
 }
 
-/// Renews the lease whenever it is due while the worker is busy (a round, a hand-over, the
-/// final sync): a slow upload, compaction or verification must not let it lapse under a live
-/// instance. While idle it does nothing, so an idle instance makes no requests.
+/// While the worker is busy (a round, a hand-over, the final sync): renews the lease when
+/// due, so a slow upload, compaction or verification cannot let it lapse under a live
+/// instance, and otherwise reads it once per check interval to notice a hand-over request
+/// within about a second while writes go on ([`Lease::keep`]). While idle it does nothing,
+/// so an idle instance makes no requests.
 pub(super) async fn keep_lease_while_busy(shared: Arc<Shared>) {
-    let ttl = match shared.lease.lock().await.as_ref() {
-        Some(lease) => lease.options().ttl,
+    let look = match shared.lease.lock().await.as_ref() {
+        Some(lease) => (lease.options().ttl / 10).min(lease.options().check_interval),
         None => return,
     };
     loop {
-        tokio::time::sleep(ttl / 10).await;
+        tokio::time::sleep(look).await;
         if shared.busy.load(Ordering::SeqCst) == 0 {
             continue;
         }
         let mut lease = shared.lease.lock().await;
-        let Some(held) = lease.as_mut().filter(|l| l.needs_renewal()) else {
+        let Some(held) = lease.as_mut() else {
             continue;
         };
-        let result = held.renew().await;
+        let result = held.keep().await;
         shared.note_lease(held);
         match result {
             Ok(()) => {}
             Err(LeaseError::HandoverRequested { by }) => shared.begin_handover(&by),
-            Err(LeaseError::Lost { by }) => shared.fence(format!("the replica lease was taken over by {by}")),
+            Err(LeaseError::Lost { by }) => {
+                shared.lost(by);
+            }
             Err(e) => tracing::warn!(error = %e, "cannot renew the replica lease now; trying again shortly"),
         }
     }
@@ -221,7 +246,7 @@ impl Worker {
                 }
             }
         }
-        *self.shared.lease_valid_until.lock().expect("lease view") = None;
+        *self.shared.lease_view.lock().expect("lease view") = None;
         self.handed_over = true;
         {
             let mut status = self.shared.status.lock().expect("status lock");
@@ -233,6 +258,36 @@ impl Worker {
         self.shared.shipped.send_modify(|_| {});
         metrics::counter!("keycast_replica_handovers_total").increment(1);
         tracing::info!(%to, txid, "handed the replica over: every committed transaction is in the replica and the lease is released; this instance accepts no more writes");
+        Ok(())
+    }
+
+    /// After [`Shared::lost`] decided this instance merely lapsed: take SQLite's write lock (no
+    /// commit can land from now on), make sure nothing committed is unshipped, and park as if
+    /// handed over. A commit that slipped in meanwhile can never ship: fenced.
+    ///
+    /// # Errors
+    /// [`ReplicaError::LeaseLost`] when a commit slipped in; SQLite errors.
+    pub(super) async fn step_aside(&mut self) -> Result<(), ReplicaError> {
+        let lease = self.shared.lease.lock().await.take();
+        *self.shared.lease_view.lock().expect("lease view") = None;
+        self.lock().await?;
+        let nothing_unshipped = self.pending.is_none() && matches!(self.read_next_segment_now().await?, Ok(None));
+        let to = self.shared.handing_over_to().unwrap_or_default();
+        if !nothing_unshipped {
+            self.shared.fence(format!(
+                "the replica lease was taken over by {to} while a commit was not yet replicated"
+            ));
+            return Err(ReplicaError::LeaseLost { by: to });
+        }
+        self.released = lease.map(|lease| Released {
+            owner: lease.owner().to_owned(),
+            options: lease.options(),
+            at: Instant::now(),
+        });
+        self.handed_over = true;
+        self.shared.status.lock().expect("status lock").handed_over_txid = Some(self.cursor.txid);
+        self.shared.shipped.send_modify(|_| {});
+        tracing::info!(%to, txid = self.cursor.txid, "stepped aside: every committed transaction is in the replica; this instance accepts no more writes");
         Ok(())
     }
 
@@ -284,6 +339,7 @@ impl Worker {
             let mut status = self.shared.status.lock().expect("status lock");
             status.handing_over_to = None;
             status.handed_over_txid = None;
+            status.superseded = false;
         }
         self.released = None;
         self.handing_over = false;

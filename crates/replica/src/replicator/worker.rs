@@ -35,6 +35,9 @@ pub(super) struct Upload {
     next: Cursor,
     commits: usize,
     prepared: PreparedLtx,
+    /// The commit counter when the segment was read, if it holds everything committed then:
+    /// once stored, every commit up to this mark is durable.
+    mark: Option<u64>,
 }
 
 /// The state owned by the background task.
@@ -63,7 +66,7 @@ pub(super) struct Worker {
     /// The read snapshot held between rounds (see [`crate::snapshot`]).
     pub(super) snapshot: Snapshot,
     /// The upload whose outcome is not known yet; retried before anything new is read.
-    pending: Option<Upload>,
+    pub(super) pending: Option<Upload>,
     /// Shipping the last frames for a hand-over: the lease is only renewed, not checked.
     pub(super) handing_over: bool,
     /// The hand-over is done: `lock_conn` keeps the write lock and nothing ships any more.
@@ -152,11 +155,8 @@ impl Worker {
             _ if remote_max == 0 => {
                 self.record_lineage().await?;
                 self.cursor.txid = 0;
-                let mark = self.signal.commits();
                 let upload = self.full_image_upload().await?;
-                self.ship(upload).await?;
-                self.shipped_mark = mark;
-                Ok(())
+                self.ship(upload).await
             }
             Some(record) if record.txid > remote_max => Err(ReplicaError::ReplicaBehind {
                 local: record.txid,
@@ -205,11 +205,8 @@ impl Worker {
         };
         if self.changed_while_down(&record)? {
             tracing::warn!("the database file changed while keycast was down; shipping a full image");
-            let mark = self.signal.commits();
             let upload = self.full_image_upload().await?;
-            self.ship(upload).await?;
-            self.shipped_mark = mark;
-            return Ok(());
+            return self.ship(upload).await;
         }
         tracing::info!(
             txid = record.txid,
@@ -236,6 +233,8 @@ impl Worker {
     /// is read after letting go of it, since the snapshot keeps every checkpoint short of it.
     async fn full_image_upload(&mut self) -> Result<Upload, ReplicaError> {
         let took_lock = self.lock().await?;
+        // Under the lock: every commit counted now is in the image.
+        let mark = self.signal.commits();
         let db = self.db.clone();
         let end = tokio::task::spawn_blocking(move || segment::wal_end(&db))
             .await
@@ -248,7 +247,7 @@ impl Worker {
             .await
             .map_err(join_error)??;
         tracing::info!(txid, "built a full image of the database");
-        self.prepare(segment)
+        self.prepare(segment, mark)
     }
 
     /// Takes SQLite's write lock on `lock_conn`: no commit can land until [`Self::unlock`].
@@ -274,8 +273,9 @@ impl Worker {
         Ok(refreshed?)
     }
 
-    /// Encodes `segment` for upload once (see [`Upload`]).
-    fn prepare(&self, segment: Segment) -> Result<Upload, ReplicaError> {
+    /// Encodes `segment`, read when the commit counter stood at `mark`, for upload once (see
+    /// [`Upload`]).
+    fn prepare(&self, segment: Segment, mark: u64) -> Result<Upload, ReplicaError> {
         let prepared = self
             .store
             .prepare_ltx(0, segment.txid, segment.txid, Bytes::from(segment.bytes), now_ms())?;
@@ -283,6 +283,7 @@ impl Worker {
             txid: segment.txid,
             next: segment.next,
             commits: segment.commits,
+            mark: segment.reached_end.then_some(mark),
             prepared,
         })
     }
@@ -406,6 +407,12 @@ impl Worker {
     async fn advance(&mut self, upload: Upload) -> Result<(), ReplicaError> {
         self.pending = None;
         self.cursor = upload.next;
+        if let Some(mark) = upload.mark {
+            // Durable waiters need not wait for the loop to catch up, which under steady
+            // writes it may never quite do.
+            self.shipped_mark = self.shipped_mark.max(mark);
+            self.publish_shipped(self.shipped_mark);
+        }
         self.shipped_since_checkpoint = true;
         self.shipped_since_verify = true;
         self.compaction.note_shipped();
@@ -502,8 +509,9 @@ impl Worker {
         if let Some(upload) = self.pending.take() {
             return Ok(Some(upload));
         }
+        let mark = self.signal.commits();
         match self.read_next_segment().await? {
-            Ok(Some(segment)) => self.prepare(segment).map(Some),
+            Ok(Some(segment)) => self.prepare(segment, mark).map(Some),
             Ok(None) => Ok(None),
             Err(SegmentError::ContinuityLost) => {
                 tracing::warn!("the WAL restarted outside the replicator's control; shipping a full image");
@@ -511,6 +519,17 @@ impl Worker {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Reads the next segment as things stand (no snapshot refresh), to learn whether
+    /// anything committed is unshipped.
+    pub(super) async fn read_next_segment_now(
+        &mut self,
+    ) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
+        let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms()))
+            .await
+            .map_err(join_error)
     }
 
     /// Reads the next segment while a read snapshot is held (see [`crate::snapshot`]).
@@ -575,6 +594,10 @@ impl Worker {
             }
             if self.handed_over || self.shared.status.lock().expect("status lock").fenced {
                 self.park(&mut stop).await?;
+                continue;
+            }
+            if self.shared.status.lock().expect("status lock").superseded {
+                self.step_aside().await?;
                 continue;
             }
             if let Some(to) = self.shared.handing_over_to() {

@@ -1,0 +1,416 @@
+//! The replica under the schedules real platforms produce (issue 10), against the real binary
+//! and a real S3 API (moto), with a proxy that misbehaves on purpose:
+//! - two instances that share a host name and PID 1 (containers) hand over, not fence;
+//! - an upload whose answer is lost after the store applied it does not fence its writer;
+//! - a store that answers every request 2 s late slows writes down but fails none;
+//! - three instances started at once end with exactly one writer and nothing lost;
+//! - a newcomer that fails start-up after taking the lease gives the replica back;
+//! - a split brain with an upload in flight never fences the rightful writer nor corrupts
+//!   the replica.
+//!
+//! Each asserts the promise: no write acknowledged as durable is lost, the replica always
+//! restores and passes `integrity_check`, and no instance sits alive but unable to write.
+
+mod harness;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::s3proxy::{Fault, FaultyS3};
+use harness::{Keycast, Launch};
+
+/// The status of `POST url` (0 when the instance cannot be reached).
+fn post(url: &str) -> u16 {
+    harness::post(url).0
+}
+
+fn write(server: &Keycast, key: &str, durable: bool) -> u16 {
+    post(&format!("{}/api/test/write?key={key}&durable={durable}", server.base))
+}
+
+/// A keycast on an S3 replica at `endpoint` (the proxy or moto itself), short lease.
+fn launch(data: &Path, endpoint: &str, bucket: &str) -> Launch {
+    harness::s3_env(endpoint, bucket, "kc")
+        .iter()
+        .fold(Launch::new(data), |l, (k, v)| l.env(k, v))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "3")
+        .env("KEYCAST_REPLICA_LEASE_WAIT_SECS", "60")
+}
+
+/// The test keys in the replica, restored the way an operator would (directly from moto),
+/// after checking the restore passes `integrity_check`.
+fn replicated(dir: &Path, endpoint: &str, bucket: &str) -> Vec<String> {
+    let out = dir.join(format!("restored-{}.db", Instant::now().elapsed().as_nanos()));
+    let env = harness::s3_env(endpoint, bucket, "kc");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    harness::keycast_cli(&["restore", "-o", out.to_str().unwrap()], &env).assert_success("keycast restore");
+    assert_eq!(harness::integrity_check(&out), "ok", "the replica restores intact");
+    harness::test_keys(&out)
+}
+
+fn assert_all_present(acknowledged: &[String], present: &[String]) {
+    let lost: Vec<&String> = acknowledged.iter().filter(|k| !present.contains(k)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes are not in the replica, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
+
+/// Writes `<prefix>-<n>` durably until stopped; returns the acknowledged keys.
+fn writer(base: String, prefix: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<String>> {
+    let prefix = prefix.to_owned();
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let mut n = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let key = format!("{prefix}-{n:06}");
+            match post(&format!("{base}/api/test/write?key={key}&durable=true")) {
+                200 => acked.push(key),
+                0 => break,
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        acked
+    })
+}
+
+fn s3() -> Option<String> {
+    harness::peer("KEYCAST_TEST_S3_ENDPOINT")
+}
+
+/// Containers: every instance is PID 1, and several call themselves `localhost`. The second
+/// instance must ask the first to hand over — not take its live lease as its own, which
+/// fenced the first and made the second exit: an outage of both revisions.
+#[test]
+fn two_instances_named_alike_hand_over_instead_of_fencing() {
+    let Some(endpoint) = s3() else { return };
+    let bucket = harness::new_bucket(&endpoint, "samename");
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = launch(&dir.path().join("a"), &endpoint, &bucket)
+        .in_namespaces("localhost")
+        .start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(a.base.clone(), "a", stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+
+    let mut b = launch(&dir.path().join("b"), &endpoint, &bucket)
+        .in_namespaces("localhost")
+        .spawn_started_later();
+    b.wait_started(Duration::from_secs(40));
+    let b = b.into_keycast();
+    stop.store(true, Ordering::Relaxed);
+    let acked = writes.join().unwrap();
+    assert!(
+        acked.len() >= 5,
+        "A served durable writes before the hand-over: {acked:?}"
+    );
+    assert!(
+        a.log().contains("handed the replica over"),
+        "A handed over; log:\n{}",
+        a.log()
+    );
+    assert!(
+        !a.log().contains("this instance is fenced"),
+        "A was never fenced; log:\n{}",
+        a.log()
+    );
+    assert!(
+        !b.log().contains("this instance is fenced"),
+        "B was never fenced; log:\n{}",
+        b.log()
+    );
+    assert_eq!(write(&b, "b-000", true), 200, "B serves writes");
+    a.signal(libc::SIGTERM);
+    let (exit, _) = a.wait_exit(Duration::from_secs(15));
+    assert!(exit.success(), "A exits cleanly; log:\n{}", a.log());
+    b.stop();
+    let present = replicated(dir.path(), &endpoint, &bucket);
+    assert_all_present(&acked, &present);
+    assert!(present.contains(&"b-000".to_owned()));
+}
+
+/// The store applies an upload but its answer is lost: the retry finds the key taken — by
+/// itself. Reading the object back shows its own bytes, so the writer goes on.
+#[test]
+fn an_upload_whose_answer_is_lost_does_not_fence_its_writer() {
+    let Some(endpoint) = s3() else { return };
+    let proxy = FaultyS3::start(&endpoint);
+    let bucket = harness::new_bucket(&endpoint, "lostanswer");
+    let dir = tempfile::tempdir().unwrap();
+    let server = launch(&dir.path().join("data"), &proxy.endpoint(), &bucket).start();
+    let mut acked = Vec::new();
+    for n in 0..3 {
+        let key = format!("before-{n}");
+        assert_eq!(write(&server, &key, true), 200);
+        acked.push(key);
+    }
+    proxy.add("PUT", ".ltx", Fault::LoseAnswer, 1);
+    for n in 0..5 {
+        let key = format!("after-{n}");
+        assert_eq!(
+            write(&server, &key, true),
+            200,
+            "write {key} after a lost answer; log:\n{}",
+            server.log()
+        );
+        acked.push(key);
+    }
+    assert_eq!(proxy.faulted(), 1, "the answer of one upload was lost");
+    assert_eq!(server.get("/healthz/ready").0, 200);
+    assert_eq!(server.get("/healthz/live").0, 200);
+    assert!(
+        server.log().contains("answer was lost"),
+        "the log says what happened; log:\n{}",
+        server.log()
+    );
+    server.stop();
+    assert_all_present(&acked, &replicated(dir.path(), &endpoint, &bucket));
+}
+
+/// A store that answers every request 2 s late: async writes keep succeeding at once, durable
+/// writes wait and then succeed, and no write fails because the replicator held SQLite's
+/// write lock across an upload (checkpoints run often here, to prove it).
+#[test]
+fn a_store_two_seconds_late_slows_durable_writes_but_fails_none() {
+    let Some(endpoint) = s3() else { return };
+    let proxy = FaultyS3::start(&endpoint);
+    let bucket = harness::new_bucket(&endpoint, "slowstore");
+    let dir = tempfile::tempdir().unwrap();
+    let server = launch(&dir.path().join("data"), &proxy.endpoint(), &bucket)
+        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "15")
+        .env("KEYCAST_REPLICA_CHECKPOINT_PAGES", "8")
+        .env("KEYCAST_REPLICA_DURABLE_TIMEOUT_SECS", "20")
+        .start();
+    proxy.set_delay(Duration::from_secs(2));
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Async writes from one thread, durable writes from another, for 25 s.
+    let base = server.base.clone();
+    let async_writes = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let key = format!("async-{n:05}");
+                let started = Instant::now();
+                let status = post(&format!("{base}/api/test/write?key={key}&durable=false"));
+                statuses.push((key, status, started.elapsed()));
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            statuses
+        })
+    };
+    let mut durable = Vec::new();
+    while started.elapsed() < Duration::from_secs(25) {
+        let key = format!("durable-{:03}", durable.len());
+        let (status, body) = harness::post(&format!("{}/api/test/write?key={key}&durable=true", server.base));
+        assert_eq!(
+            status,
+            200,
+            "durable write {key} waits and succeeds: {body}; log:\n{}",
+            server.log()
+        );
+        durable.push(key);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let statuses = async_writes.join().unwrap();
+    let failed: Vec<_> = statuses.iter().filter(|(_, s, _)| *s != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "every async write succeeds: {failed:?}\nlog:\n{}",
+        server.log()
+    );
+    let slowest = statuses.iter().map(|(_, _, t)| *t).max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(4),
+        "async writes never wait for a 2 s store behind SQLite's lock: slowest {slowest:?}"
+    );
+    let metrics = server.get("/metrics").1;
+    assert!(
+        harness::metric_sum(&metrics, "keycast_replica_checkpoints_total") >= 1.0,
+        "checkpoints ran during the test"
+    );
+    assert!(!server.log().contains("database is locked"), "log:\n{}", server.log());
+    proxy.set_delay(Duration::ZERO);
+    server.stop();
+    let mut acked = durable;
+    acked.extend(statuses.into_iter().map(|(k, _, _)| k));
+    assert_all_present(&acked, &replicated(dir.path(), &endpoint, &bucket));
+}
+
+/// Three instances started at the same moment (max-instances > 1, or a deploy racing a
+/// restart): they hand the replica on until exactly one writes; the others refuse writes
+/// as handed over, none is fenced, and nothing acknowledged is lost.
+#[test]
+fn three_instances_started_at_once_end_with_one_writer() {
+    let Some(endpoint) = s3() else { return };
+    let bucket = harness::new_bucket(&endpoint, "three");
+    let dir = tempfile::tempdir().unwrap();
+    let mut starting: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| launch(&dir.path().join(name), &endpoint, &bucket).spawn_started_later())
+        .collect();
+    for s in &mut starting {
+        s.wait_started(Duration::from_secs(90));
+    }
+    let servers: Vec<Keycast> = starting.into_iter().map(|s| s.into_keycast()).collect();
+    // Whoever the writer is, probing it twice must be consistent; the others refuse.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (writers, acked) = loop {
+        let mut writers = Vec::new();
+        let mut acked = Vec::new();
+        for (i, server) in servers.iter().enumerate() {
+            let key = format!("probe-{i}-{}", Instant::now().elapsed().as_nanos());
+            if write(server, &key, true) == 200 {
+                writers.push(i);
+                acked.push(key);
+            }
+        }
+        if writers.len() == 1 || Instant::now() > deadline {
+            break (writers, acked);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(writers.len(), 1, "exactly one instance writes: {writers:?}");
+    for (i, server) in servers.iter().enumerate() {
+        assert!(
+            !server.log().contains("this instance is fenced"),
+            "instance {i} was never fenced; log:\n{}",
+            server.log()
+        );
+        assert_eq!(server.get("/healthz/live").0, 200, "instance {i} is alive");
+    }
+    for server in servers {
+        server.stop();
+    }
+    assert_all_present(&acked, &replicated(dir.path(), &endpoint, &bucket));
+}
+
+/// A deploy that fails after taking the lease (here: a wrong master key, found after the
+/// restore) must not leave the old instance refusing writes for good: the newcomer gives the
+/// lease back, and the old instance takes the replica back and serves writes again.
+#[test]
+fn a_newcomer_that_fails_start_up_gives_the_replica_back() {
+    let Some(endpoint) = s3() else { return };
+    let bucket = harness::new_bucket(&endpoint, "faileddeploy");
+    let dir = tempfile::tempdir().unwrap();
+    let a = launch(&dir.path().join("a"), &endpoint, &bucket).start();
+    // A key must exist for the master key to be checked against.
+    harness::flow::register(&a, "old@example.org", None);
+    let mut acked = Vec::new();
+    for n in 0..3 {
+        let key = format!("a-{n}");
+        assert_eq!(write(&a, &key, true), 200);
+        acked.push(key);
+    }
+    let wrong_key = "HxoZGBcWFRQTEhEQDw4NDAsKCQgHBgUEAwIBAP8AAQI=";
+    let b = launch(&dir.path().join("b"), &endpoint, &bucket)
+        .env("KEYCAST_MASTER_KEY", wrong_key)
+        .start_or_exit();
+    let refused = match b {
+        Ok(b) => panic!("B must not start with the wrong master key; log:\n{}", b.log()),
+        Err(finished) => finished,
+    };
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("KEYCAST_MASTER_KEY"),
+        "B names the bad setting: {}",
+        refused.stderr
+    );
+    // A, idle, let its lease lapse to B and stepped aside; once B gave the lease back, A takes
+    // the replica back and serves writes again.
+    let started = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        let key = format!("a-after-{n}");
+        if write(&a, &key, true) == 200 {
+            acked.push(key);
+            if a.log().contains("taking it back") {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "A never served writes again; log:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !a.log().contains("this instance is fenced"),
+        "nothing was lost, so A was not fenced; log:\n{}",
+        a.log()
+    );
+    assert_eq!(a.get("/healthz/ready").0, 200);
+    a.stop();
+    assert_all_present(&acked, &replicated(dir.path(), &endpoint, &bucket));
+}
+
+/// A split brain with an upload in flight: A's upload is stuck in the network while A is
+/// paused past its lease; B takes over; then A's stale upload lands at the TXID B is about to
+/// use. B must not be fenced by it (A never acknowledged it), the replica must never mix the
+/// two histories, and A, waking, must make way.
+#[test]
+fn a_stale_upload_landing_after_a_takeover_never_fences_the_new_writer() {
+    let Some(endpoint) = s3() else { return };
+    let proxy = FaultyS3::start(&endpoint);
+    let bucket = harness::new_bucket(&endpoint, "splitbrain");
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = launch(&dir.path().join("a"), &proxy.endpoint(), &bucket).start();
+    let mut acked = Vec::new();
+    for n in 0..5 {
+        let key = format!("a-{n}");
+        assert_eq!(write(&a, &key, true), 200);
+        acked.push(key);
+    }
+    // A's next upload is held in the network; A is then paused past its lease.
+    proxy.add("PUT", ".ltx", Fault::Hold, 1);
+    let stale = {
+        let base = a.base.clone();
+        std::thread::spawn(move || post(&format!("{base}/api/test/write?key=a-stale&durable=true")))
+    };
+    proxy.wait_holding(Duration::from_secs(10));
+    a.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_secs(5));
+    let b = launch(&dir.path().join("b"), &endpoint, &bucket).start();
+    // The stale upload lands now, at the TXID B will use next.
+    proxy.release();
+    proxy.wait_faulted(1, Duration::from_secs(10));
+    for n in 0..5 {
+        let key = format!("b-{n}");
+        assert_eq!(
+            write(&b, &key, true),
+            200,
+            "B writes over the stale object; log:\n{}",
+            b.log()
+        );
+        acked.push(key);
+    }
+    assert!(
+        !b.log().contains("this instance is fenced"),
+        "B was not fenced; log:\n{}",
+        b.log()
+    );
+    assert_eq!(b.get("/healthz/ready").0, 200);
+    a.signal(libc::SIGCONT);
+    assert_ne!(stale.join().unwrap(), 200, "A never acknowledged the stale write");
+    let (exit, _) = a.wait_exit(Duration::from_secs(15));
+    assert!(!exit.success(), "A, fenced, exits non-zero; log:\n{}", a.log());
+    b.stop();
+    let present = replicated(dir.path(), &endpoint, &bucket);
+    assert_all_present(&acked, &present);
+    assert!(
+        !present.contains(&"a-stale".to_owned()),
+        "the stale write is not in the replica"
+    );
+}
