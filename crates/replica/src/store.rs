@@ -592,6 +592,22 @@ impl Store {
         self
     }
 
+    /// Another handle on the same location, as a second process would open it: same
+    /// objects, its own request counter, not yet shared (so it can take
+    /// [`Store::with_faults`] of its own).
+    pub fn reopen(&self) -> Store {
+        let inner = Inner {
+            objects: Arc::clone(&self.inner.objects),
+            backend: self.inner.backend,
+            prefix: self.inner.prefix.clone(),
+            root: self.inner.root.clone(),
+            description: self.inner.description.clone(),
+            requests: AtomicU64::new(0),
+            cipher: self.inner.cipher.clone(),
+        };
+        Store { inner: Arc::new(inner) }
+    }
+
     /// Routes every request through `faults` (see [`crate::faults`]), for tests and drills.
     /// Call right after opening, before the store is cloned.
     ///
