@@ -414,3 +414,49 @@ fn a_stale_upload_landing_after_a_takeover_never_fences_the_new_writer() {
         "the stale write is not in the replica"
     );
 }
+
+/// SIGTERM with a request that outlives the grace period: the request is cut off, but the
+/// time kept back for the final sync is used — everything committed ships, the lease is
+/// released (so the next instance starts at once instead of waiting for it to lapse), and
+/// the exit status still says the shutdown was not clean.
+#[test]
+fn a_request_outliving_the_grace_period_does_not_cost_the_final_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = |data: &str| {
+        Launch::new(&dir.path().join(data))
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "120")
+            .env("KEYCAST_REPLICA_LEASE_WAIT_SECS", "20")
+            .env("KEYCAST_SHUTDOWN_GRACE_SECS", "2")
+    };
+    let mut a = launch("a").start();
+    assert_eq!(write(&a, "before-sigterm", false), 200);
+    let url = format!("{}/api/test/slow?ms=20000", a.base);
+    std::thread::spawn(move || harness::request(&url));
+    std::thread::sleep(Duration::from_millis(300));
+    a.signal(libc::SIGTERM);
+    let (exit, took) = a.wait_exit(Duration::from_secs(10));
+    assert!(
+        !exit.success(),
+        "a cut-off request is an unclean exit; log:\n{}",
+        a.log()
+    );
+    assert!(took < Duration::from_secs(4), "within the grace period: {took:?}");
+    assert!(
+        a.log().contains("released the replica lease"),
+        "the lease was released; log:\n{}",
+        a.log()
+    );
+    let started = Instant::now();
+    let b = launch("b").start();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the next instance did not wait for a 120 s lease to lapse"
+    );
+    let keys = harness::test_keys(&b.data_dir.join("keycast.db"));
+    assert!(keys.contains(&"before-sigterm".to_owned()), "{keys:?}");
+    b.stop();
+}
