@@ -372,6 +372,13 @@ pub fn wal_reaches(db: &Path, cursor: &WalCursor, checkpointed: bool) -> Result<
     if cursor.offset <= wal::WAL_HEADER_SIZE {
         return Ok(true);
     }
+    let len = wal.metadata().map_err(|source| SegmentError::Io {
+        path: wal_path.clone(),
+        source,
+    })?;
+    if len.len() < cursor.offset {
+        return Ok(false);
+    }
     let Some(frame_start) = cursor.offset.checked_sub(header.frame_size()) else {
         return Ok(false);
     };
@@ -476,4 +483,102 @@ fn read_page(file: &File, path: &Path, pgno: u32, buf: &mut [u8]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::sqlite;
+
+    /// A database `live.db` with a WAL of three committed transactions (captured from the real
+    /// sqlite3 while it held the database open), and the cursor right after its last commit.
+    fn database_with_wal(dir: &Path) -> (PathBuf, WalCursor) {
+        sqlite(
+            dir,
+            "PRAGMA page_size=4096; PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0;\n\
+             CREATE TABLE t(x); INSERT INTO t VALUES (1); INSERT INTO t VALUES (randomblob(5000));\n\
+             .shell cp x.db live.db\n.shell cp x.db-wal live.db-wal\n",
+        );
+        let db = dir.join("live.db");
+        let (mut wal, header) = open_wal(&wal_path(&db)).unwrap().unwrap();
+        let end = wal::read_committed(&mut wal, &header, WalPosition::start(&header))
+            .unwrap()
+            .end;
+        (db, WalCursor::new(&header, end))
+    }
+
+    fn cursor_after(wal: WalCursor, reset_expected: bool) -> Cursor {
+        Cursor {
+            txid: 7,
+            commit: 1,
+            page_size: 4096,
+            wal: Some(wal),
+            reset_expected,
+        }
+    }
+
+    #[test]
+    fn after_our_checkpoint_only_the_generation_sqlite_restarts_into_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, now) = database_with_wal(dir.path());
+        // The cursor stood in the generation before: SQLite adds one to the first salt when
+        // it restarts a fully checkpointed WAL in place.
+        let before = WalCursor {
+            salt1: now.salt1.wrapping_sub(1),
+            salt2: now.salt2 ^ 0x5a5a,
+            ..now
+        };
+        let segment = next_wal_segment(&db, &cursor_after(before, true), u64::MAX, 0)
+            .unwrap()
+            .expect("the new generation's commits are read from its start");
+        assert_eq!(segment.txid, 8);
+        assert!(segment.reached_end);
+        // Any other generation was made by someone else, with who knows what in between.
+        let skipped = WalCursor {
+            salt1: now.salt1.wrapping_sub(2),
+            ..before
+        };
+        assert!(matches!(
+            next_wal_segment(&db, &cursor_after(skipped, true), u64::MAX, 0),
+            Err(SegmentError::ContinuityLost)
+        ));
+        // And without a checkpoint of ours, no new generation at all.
+        assert!(matches!(
+            next_wal_segment(&db, &cursor_after(before, false), u64::MAX, 0),
+            Err(SegmentError::ContinuityLost)
+        ));
+    }
+
+    #[test]
+    fn the_wal_reaches_a_cursor_only_if_the_frame_before_it_is_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, end) = database_with_wal(dir.path());
+        assert!(wal_reaches(&db, &end, false).unwrap());
+        let wrong_checksum = WalCursor {
+            checksum2: end.checksum2 ^ 1,
+            ..end
+        };
+        assert!(!wal_reaches(&db, &wrong_checksum, false).unwrap());
+        let other_generation = WalCursor {
+            salt2: end.salt2 ^ 1,
+            ..end
+        };
+        assert!(!wal_reaches(&db, &other_generation, false).unwrap());
+        // A power loss that took the last frames: the WAL is now shorter than the cursor.
+        let wal = std::fs::OpenOptions::new().write(true).open(wal_path(&db)).unwrap();
+        wal.set_len(end.offset - 100).unwrap();
+        assert!(!wal_reaches(&db, &end, false).unwrap());
+        // Everything up to a checkpointed cursor is in the database file: a WAL SQLite
+        // restarted after it, or none, still reaches it.
+        let checkpointed_before = WalCursor {
+            salt1: end.salt1.wrapping_sub(1),
+            salt2: 1,
+            ..end
+        };
+        assert!(wal_reaches(&db, &checkpointed_before, true).unwrap());
+        assert!(!wal_reaches(&db, &checkpointed_before, false).unwrap());
+        std::fs::remove_file(wal_path(&db)).unwrap();
+        assert!(wal_reaches(&db, &end, true).unwrap());
+        assert!(!wal_reaches(&db, &end, false).unwrap());
+    }
 }

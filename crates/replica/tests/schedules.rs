@@ -335,9 +335,17 @@ impl World {
             return;
         };
         drop(r.replicator);
+        // The disk as a killed process leaves it; the instance lives on in the copy.
+        let instance = &mut self.instances[at];
+        let dir = instance
+            .db
+            .parent()
+            .unwrap()
+            .join(format!("crash-{}", instance.incarnation));
+        instance.db = common::crash_copy(&instance.db, &dir);
         r.pool.close().await;
         if tear {
-            tear_unsynced_tail(&self.instances[at].db);
+            tear_unsynced_tail(&instance.db);
         }
         self.log.push(format!("crash {at} (tear {tear})"));
     }

@@ -407,12 +407,6 @@ impl Worker {
     async fn advance(&mut self, upload: Upload) -> Result<(), ReplicaError> {
         self.pending = None;
         self.cursor = upload.next;
-        if let Some(mark) = upload.mark {
-            // Durable waiters need not wait for the loop to catch up, which under steady
-            // writes it may never quite do.
-            self.shipped_mark = self.shipped_mark.max(mark);
-            self.publish_shipped(self.shipped_mark);
-        }
         self.shipped_since_checkpoint = true;
         self.shipped_since_verify = true;
         self.compaction.note_shipped();
@@ -434,11 +428,19 @@ impl Worker {
             commits = upload.commits,
             "segment stored"
         );
-        let mut status = self.shared.status.lock().expect("status lock");
-        status.replicated_txid = self.cursor.txid;
-        status.segments += 1;
-        status.last_error = None;
-        status.failing_since = None;
+        {
+            let mut status = self.shared.status.lock().expect("status lock");
+            status.replicated_txid = self.cursor.txid;
+            status.segments += 1;
+            status.last_error = None;
+            status.failing_since = None;
+        }
+        if let Some(mark) = upload.mark {
+            // Durable waiters need not wait for the loop to catch up, which under steady
+            // writes it may never quite do. (After the status, so they read this TXID.)
+            self.shipped_mark = self.shipped_mark.max(mark);
+            self.publish_shipped(self.shipped_mark);
+        }
         Ok(())
     }
 

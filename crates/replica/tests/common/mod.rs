@@ -117,3 +117,21 @@ pub async fn checksum(path: &Path) -> u64 {
     drop(conn);
     keycast_replica::database_checksum(std::fs::File::open(path).unwrap(), page_size as u32).unwrap()
 }
+
+/// What a crash leaves on disk: copies `db`, its WAL and its replication record into `dir`
+/// while the process still has the database open (closing the last connection would fold
+/// the WAL into the file, which a killed process never does). Returns the copy's path.
+pub fn crash_copy(db: &Path, dir: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let copy = dir.join(db.file_name().unwrap());
+    for suffix in ["", "-wal", "-replica.json"] {
+        let mut from = db.as_os_str().to_owned();
+        from.push(suffix);
+        let mut to = copy.as_os_str().to_owned();
+        to.push(suffix);
+        if Path::new(&from).exists() {
+            std::fs::copy(&from, &to).unwrap();
+        }
+    }
+    copy
+}

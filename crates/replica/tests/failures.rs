@@ -1,0 +1,255 @@
+//! Single faults, each with the defence that answers it (issue 10): a replica that moved past
+//! what a writer restored, a local WAL that lost replicated frames, a compaction that keeps
+//! failing, a replica whose newest objects were deleted, and retention pruning a file that a
+//! verification is reading.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use keycast_replica::bootstrap::{self, Bootstrap, BootstrapError};
+use keycast_replica::compactor::{self, CompactionPolicy};
+use keycast_replica::faults::{Action, Faults, Gate, Op, Rule};
+use keycast_replica::lease::{Lease, LeaseOptions};
+use keycast_replica::restore::{restore, Target};
+use keycast_replica::{CommitSignal, ReplicaError, ReplicaOptions, Replicator, Store};
+
+async fn insert(pool: &sqlx::SqlitePool, v: &str) {
+    sqlx::query("INSERT INTO t (v) VALUES ($1)")
+        .bind(v)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn restored_values(store: &Store, dir: &std::path::Path, name: &str) -> Vec<String> {
+    let out = dir.join(name);
+    restore(store, &out, Target::Latest, None).await.unwrap();
+    common::rows(&out).await.into_iter().map(|(_, v)| v).collect()
+}
+
+/// B restored TXID n; A (which B does not know about) then shipped n+1. B must refuse to
+/// start replicating rather than write its older state as n+2 over A's commit.
+#[tokio::test]
+async fn a_writer_never_writes_over_a_replica_it_did_not_restore() {
+    let (dir, db_a, pool_a, signal_a) = common::live_db().await;
+    let store = Store::in_memory();
+    let a = Replicator::start(&db_a, store.clone(), signal_a, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool_a, "a1").await;
+    a.wait_durable(Duration::from_secs(5)).await.unwrap();
+
+    let db_b = dir.path().join("b.db");
+    let prepared = bootstrap::prepare(&db_b, &store, None).await.unwrap();
+    assert!(matches!(prepared, Bootstrap::Restored { .. }), "{prepared:?}");
+    insert(&pool_a, "a2").await;
+    a.wait_durable(Duration::from_secs(5)).await.unwrap();
+
+    let signal_b = CommitSignal::new();
+    let pool_b = common::app_pool(&db_b, &signal_b).await;
+    let refused = Replicator::start(&db_b, store.clone(), signal_b, "l", ReplicaOptions::default()).await;
+    assert!(
+        matches!(refused, Err(ReplicaError::ReplicaAhead { .. })),
+        "{:?}",
+        refused.err()
+    );
+    pool_b.close().await;
+    assert_eq!(restored_values(&store, dir.path(), "check.db").await, ["a1", "a2"]);
+    pool_a.close().await;
+    a.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+}
+
+/// The local record says frames up to X were replicated, but the local WAL no longer holds
+/// them (a disk that lost data on power loss). Start-up restores from the replica instead of
+/// resuming on — and, worse, shipping — the older local state.
+#[tokio::test]
+async fn a_local_wal_that_lost_replicated_frames_is_replaced_by_a_restore() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    for v in ["one", "two", "three"] {
+        insert(&pool, v).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    // Power loss: the process dies (what its disk holds is copied while its connections are
+    // open, since closing the last one would fold the WAL away), and the disk lost the
+    // WAL's last frames.
+    drop(replicator);
+    let db = common::crash_copy(&db, &dir.path().join("after-power-loss"));
+    pool.close().await;
+    let wal = keycast_replica::segment::wal_path(&db);
+    let len = std::fs::metadata(&wal).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .unwrap()
+        .set_len(len - 1000)
+        .unwrap();
+
+    let prepared = bootstrap::prepare(&db, &store, None).await.unwrap();
+    assert!(
+        matches!(
+            &prepared,
+            Bootstrap::Restored {
+                moved_aside: Some(_),
+                ..
+            }
+        ),
+        "restored, the damaged file kept aside: {prepared:?}"
+    );
+    let signal = CommitSignal::new();
+    let pool = common::app_pool(&db, &signal).await;
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool, "four").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        restored_values(&store, dir.path(), "check.db").await,
+        ["one", "two", "three", "four"]
+    );
+}
+
+/// A compaction level the store keeps refusing: shipping goes on and stays healthy, and the
+/// failing compaction backs off instead of retrying within seconds while the database idles.
+#[tokio::test]
+async fn a_failing_compaction_backs_off_and_does_not_fail_replication() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let faults = Faults::new();
+    let store = Store::in_memory().with_faults(&faults);
+    faults.add(Rule::new(Op::Put, Action::Fail).key("ltx/1/"));
+    let options = ReplicaOptions {
+        compaction: CompactionPolicy {
+            levels: vec![Duration::from_millis(100)],
+            ..CompactionPolicy::default()
+        },
+        ..ReplicaOptions::default()
+    };
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", options)
+        .await
+        .unwrap();
+    for i in 0..5 {
+        insert(&pool, &format!("v{i}")).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let status = replicator.status();
+    assert!(status.failing_since.is_none(), "shipping is healthy: {status:?}");
+    // Idle now: the failed compaction waits at least 5 s before trying again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = store.request_count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(store.request_count(), before, "no retries in a burst while idle");
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// The lease records the highest TXID its holder shipped. A replica whose newest objects were
+/// deleted since is refused at start-up, instead of being restored to an older state as if
+/// nothing had happened.
+#[tokio::test]
+async fn a_replica_missing_its_newest_objects_is_refused_not_rolled_back() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let options = LeaseOptions {
+        ttl: Duration::from_secs(30),
+        wait: Duration::ZERO,
+        ..LeaseOptions::default()
+    };
+    let lease = Lease::acquire(&store, "a", options).await.unwrap();
+    let replicator =
+        Replicator::start_with_lease(&db, store.clone(), signal, "l", ReplicaOptions::default(), Some(lease))
+            .await
+            .unwrap();
+    for v in ["one", "two"] {
+        insert(&pool, v).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    pool.close().await;
+    let txid = replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let newest = store
+        .list_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.max_txid == txid)
+        .collect::<Vec<_>>();
+    store.delete(&newest).await.unwrap();
+
+    let lease = Lease::acquire(&store, "b", options).await.unwrap();
+    assert_eq!(lease.previous_txid(), Some(txid));
+    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, lease.previous_txid()).await;
+    match refused {
+        Err(e @ BootstrapError::ReplicaTruncated { .. }) => {
+            assert!(e.to_string().contains("keycast/lease.json"), "{e}")
+        }
+        other => panic!("a truncated replica is refused: {other:?}"),
+    }
+}
+
+/// Retention prunes a file while a verification's restore is about to read it: the restore
+/// plans again (other files cover it) instead of reporting the replica broken.
+#[tokio::test]
+async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let faults = Faults::new();
+    let store = Store::in_memory().with_faults(&faults);
+    let replicator = Replicator::start(&db, store.clone(), signal, "lineage-v", ReplicaOptions::default())
+        .await
+        .unwrap();
+    for v in ["one", "two", "three"] {
+        insert(&pool, v).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    let txid = replicator.status().replicated_txid;
+    let expected = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            keycast_replica::segment::LiveImage::open(&db)
+                .unwrap()
+                .checksum()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    compactor::compact_level(&store, 1, u64::MAX).await.unwrap();
+    // The restore plans with the level-1 file; it goes while the restore is about to read it.
+    let victim = store.list_level(1).await.unwrap().pop().unwrap();
+    let gate = Gate::new();
+    faults.add(
+        Rule::new(Op::Get, Action::Hold(gate.clone()))
+            .key(&victim.key.to_string())
+            .times(1),
+    );
+    let verification = tokio::spawn({
+        let (store, scratch) = (store.clone(), dir.path().to_owned());
+        async move { keycast_replica::verify::verify_at(&store, txid, expected, &scratch, "lineage-v").await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), gate.reached())
+        .await
+        .expect("the restore reads the planned file");
+    store.delete(&[victim]).await.unwrap();
+    gate.open();
+    let verified = verification.await.unwrap();
+    assert!(verified.is_ok(), "{:?}", verified.err());
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
