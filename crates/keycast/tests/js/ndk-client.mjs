@@ -93,7 +93,8 @@ const ops = {
     const sk = client_sk ?? randomHex();
     signer = NDKNip46Signer.bunker(ndk, bunker, new NDKPrivateKeySigner(sk));
     signer.on('authUrl', (url) => (authUrl = url));
-    if (handshake) await signer.blockUntilReady();
+    // Without the handshake, only listen (to try requests from a client that is not bound).
+    await (handshake ? signer.blockUntilReady() : signer.startListening());
     return { client_pubkey: getPublicKey(Buffer.from(sk, 'hex')), bunker_pubkey: signer.bunkerPubkey, relays: signer.relayUrls };
   },
   get_public_key: async () => ({ pubkey: await request('get_public_key') }),
@@ -109,11 +110,14 @@ const ops = {
   },
   logout: async () => ({ result: await request('logout') }),
   raw: async ({ method, params = [] }) => ({ result: await request(method, params) }),
-  nostrconnect({ relays, perms, name = 'keycast-tests', client_sk }) {
+  async nostrconnect({ relays, perms, name = 'keycast-tests', client_sk }) {
     fresh();
     const sk = client_sk ?? randomHex();
     const options = { name, url: 'https://app.example', ...(perms ? { perms: perms.join(',') } : {}) };
     signer = NDKNip46Signer.nostrconnect(ndk, relays[0], new NDKPrivateKeySigner(sk), options);
+    // An app shows the URI once it listens (the signer's answer is ephemeral: a relay does
+    // not keep it for a subscription that comes later).
+    await signer.startListening();
     pending = signer.blockUntilReady();
     pending.catch(() => {});
     return { uri: signer.nostrConnectUri, client_pubkey: getPublicKey(Buffer.from(sk, 'hex')) };
