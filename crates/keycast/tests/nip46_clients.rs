@@ -244,3 +244,63 @@ fn embedded_relay(server: &Keycast, cookie: &str) -> String {
     let token = grant(server, cookie, "policy:readonly");
     query_param(token["bunker_url"].as_str().unwrap(), "relay").unwrap()
 }
+
+/// Login by NIP-05 (issue 16): `nostr.json` names the user and carries NIP-46's discovery
+/// (`nip46.relays`, `nostrconnect_url`); an app that knows only `alice@keycast` builds its
+/// `nostrconnect://` URI for those relays, opens the URL with it, and the owner meets the
+/// consent form filled in; once approved the app signs.
+#[test]
+fn an_app_that_knows_only_a_nip05_name_reaches_the_consent_flow() {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let (cookie, account) = register(&server, "alice@example.com", None);
+    let named = post_json(
+        &server,
+        "/api/user/username",
+        Some(&cookie),
+        &json!({"username": "alice"}),
+    );
+    assert_eq!(named.status, 200, "{}", named.body);
+
+    let doc = get(&server, "/.well-known/nostr.json?name=alice", None).json();
+    assert_eq!(doc["names"]["alice"], account["pubkey"], "{doc}");
+    let relays = doc["nip46"]["relays"].as_array().expect("nip46.relays").clone();
+    assert_eq!(relays, [json!(embedded_relay(&server, &cookie))], "{doc}");
+    let template = doc["nip46"]["nostrconnect_url"].as_str().expect("nostrconnect_url");
+    assert!(template.contains("<nostrconnect>"), "{template}");
+    let unknown = get(&server, "/.well-known/nostr.json?name=nobody", None).json();
+    assert_eq!(unknown["names"], json!({}), "{unknown}");
+    assert!(
+        unknown["nip46"]["nostrconnect_url"].is_string(),
+        "discovery does not depend on the name"
+    );
+
+    let started = client.call_ok(json!({"op": "nostrconnect", "relays": relays, "perms": ["sign_event:1"]}));
+    let uri = started["uri"].as_str().unwrap();
+    let encoded: String = url::form_urlencoded::byte_serialize(uri.as_bytes()).collect();
+    let opened = template.replace("<nostrconnect>", &encoded);
+    let path = &opened[opened.find("/dashboard").expect("a keycast page")..];
+    let page = get(&server, path, Some(&cookie));
+    assert_eq!(page.status, 200);
+    let prefilled = uri.replace('&', "&amp;");
+    assert!(
+        page.body.contains(&format!("value=\"{prefilled}\"")),
+        "the form carries the app's URI: {}",
+        page.body
+    );
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let approved = post_form(
+        &server,
+        "/dashboard/nostrconnect",
+        Some(&cookie),
+        &[("csrf", &csrf), ("uri", uri), ("policy", "social")],
+    );
+    assert_eq!(approved.status, 303, "{}", approved.body);
+    client.call_ok(json!({"op": "nostrconnect_wait", "timeout_ms": 10_000}));
+    let signed = client.call_ok(json!({"op": "sign_event", "event": {"kind": 1, "content": "found by NIP-05"}}));
+    assert_eq!(signed["verified"], true);
+    assert_eq!(signed["event"]["pubkey"], account["pubkey"]);
+}
