@@ -251,3 +251,25 @@ fn requests_within_the_clock_skew_window_are_answered() {
     let reply = client.replies(1, Duration::from_secs(5));
     assert_eq!(reply[0].json["result"], user_pubkey.as_str(), "{}", reply[0].json);
 }
+
+/// Issue 12 item 8: a request dated in the future is not answered either — a captured
+/// request (or one a relay holds back) cannot be run later, once the window around its date
+/// has passed; dedup remembers every answered request for as long as that window is open.
+#[test]
+fn a_request_dated_in_the_future_is_not_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(&[("1".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5)).len(), 1);
+
+    let future = nostr::Timestamp::from(nostr::Timestamp::now().as_secs() + 300);
+    client.send_dated(&[("later".into(), "get_public_key", json!([]))], Cipher::Nip44, future);
+    client.send(&[("now".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    // The same request again (same client, same id) within the window: answered once.
+    client.send(&[("now".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    let replies = client.replies(3, Duration::from_secs(2));
+    let ids: Vec<&Value> = replies.iter().map(|r| &r.json["id"]).collect();
+    assert_eq!(ids, [&json!("now")], "only the request dated now is answered, once");
+    assert_eq!(replies[0].json["result"], user_pubkey.as_str());
+}
