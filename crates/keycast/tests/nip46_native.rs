@@ -273,3 +273,42 @@ fn a_request_dated_in_the_future_is_not_answered() {
     assert_eq!(ids, [&json!("now")], "only the request dated now is answered, once");
     assert_eq!(replies[0].json["result"], user_pubkey.as_str());
 }
+
+/// Issue 12 item 7: names are resolved and every special-purpose range is refused — a
+/// wildcard-DNS name for a private address (`10.0.0.1.nip.io`; it does not resolve in this
+/// sandbox, and a name that does not resolve is refused too), the cloud metadata server's
+/// bare name, NAT64, 6to4, benchmarking and reserved ranges.
+#[test]
+fn nostrconnect_relays_are_resolved_and_special_ranges_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", "wss://relay.example")
+        .env("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS", "false")
+        .env("KEYCAST_NIP46", "false")
+        .start();
+    let (cookie, _) = register(&server, "ssrf2@example.com", None);
+    let client = nostr::Keys::generate().public_key().to_hex();
+    for relay in [
+        "wss://10.0.0.1.nip.io",
+        "wss://metadata",
+        "ws://metadata.google.internal",
+        "wss://[64:ff9b::a00:1]",
+        "wss://[2002:a00:1::]",
+        "wss://198.18.0.1",
+        "wss://240.0.0.1",
+    ] {
+        let uri = format!("nostrconnect://{client}?relay={relay}&secret=s");
+        let r = post_json(
+            &server,
+            "/api/user/nostrconnect",
+            Some(&cookie),
+            &json!({"uri": uri, "policy": "social"}),
+        );
+        assert_eq!(r.status, 400, "{relay}: {}", r.body);
+        assert!(
+            r.body.contains("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS"),
+            "{relay}: {}",
+            r.body
+        );
+    }
+}
