@@ -218,7 +218,7 @@ fn every_client_connects_by_nostrconnect() {
             &json!({"uri": started["uri"], "policy": "social"}),
         );
         assert_eq!(accepted.status, 201, "{name}: {}", accepted.body);
-        let answered = app.call_ok(json!({"op": "nostrconnect_wait", "timeout_ms": 10_000}));
+        let answered = app.call_ok(json!({"op": "nostrconnect_wait", "timeout_ms": 20_000}));
         assert_eq!(answered["bunker_pubkey"], accepted.json()["bunker_pubkey"], "{name}");
         sign(app.as_mut(), &format!("{name} via nostrconnect"), &user);
     }
