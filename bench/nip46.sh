@@ -2,8 +2,10 @@
 # NIP-46 `sign_event` round trip (client -> relay -> keycast -> relay -> client), sequential,
 # on loopback: a release keycast, a bunker URL from a real OAuth + PKCE flow, and
 #   1. keycast-bench nip46: a native (Rust) client, next to the relay's own echo time;
-#   2. nostr-tools BunkerSigner (the real JS client), its own crypto included.
-# Both through keycast's embedded relay and through the external PyPI nostr-relay.
+#   2. nostr-tools BunkerSigner (the real JS client), its own crypto included;
+#   3. NDK's NDKNip46Signer (tests/js/ndk-client.mjs), its own crypto included;
+#   4. rust-nostr's NostrConnect (keycast-bench nip46-connect).
+# Each through keycast's embedded relay and through the external PyPI nostr-relay.
 #   bench/nip46.sh        # prints JSON lines; NIP46_N (default 500) requests each
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,4 +54,11 @@ print(pk + "?" + u.urlencode(p))' "$1" "$relay"; }
   printf '%s\n' "{\"op\":\"connect\",\"bunker\":\"$BUNKER\"}" "{\"op\":\"bench\",\"n\":$N,\"warmup\":20,\"timeout_ms\":600000}" '{"op":"close"}' |
     node crates/keycast/tests/js/bunker-client.mjs |
     python3 -c "import json,sys; r=[json.loads(l) for l in sys.stdin]; b=r[1]; assert b['ok'], b; print(json.dumps({'bench': 'nip46', 'relay_kind': '$name', 'client': 'nostr-tools', 'sign_event_round_trip_ms': {k: b[k] for k in ('p50','p99','mean')}, 'wire_ms': b['wire']}))"
+  BUNKER=$(only "$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT" bunker_url)")
+  printf '%s\n' "{\"op\":\"connect\",\"bunker\":\"$BUNKER\",\"timeout_ms\":20000}" "{\"op\":\"bench\",\"n\":$N,\"warmup\":20,\"timeout_ms\":600000}" '{"op":"close"}' |
+    KEYCAST_NDK_DIR="$KEYCAST_PEERS_DIR/ndk" node crates/keycast/tests/js/ndk-client.mjs 2>/dev/null |
+    python3 -c "import json,sys; r=[json.loads(l) for l in sys.stdin]; b=r[1]; assert b['ok'], r; print(json.dumps({'bench': 'nip46', 'relay_kind': '$name', 'client': 'ndk', 'sign_event_round_trip_ms': {k: b[k] for k in ('p50','p99','mean')}}))"
+  BUNKER=$(only "$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT" bunker_url)")
+  { "$CARGO_TARGET_DIR/release/keycast-bench" nip46-connect --bunker "$BUNKER" --n "$N" || echo '{"error":"rust-nostr client failed"}'; } |
+    python3 -c "import json,sys; [print(json.dumps({**json.loads(l), 'relay_kind': '$name'})) for l in sys.stdin]"
 done

@@ -75,6 +75,19 @@ if [ "$(npm_version playwright-core)" != "$PLAYWRIGHT_VERSION" ]; then
     "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
 fi
 
+# NDK (npm @nostr-dev-kit/ndk), the toolkit many Nostr web apps build on: its NDKNip46Signer
+# is one of the NIP-46 clients the matrix tests drive (tests/js/ndk-client.mjs). In its own
+# directory so its dependency tree never moves the nostr-tools the other tests use; it gets
+# nostr-tools too (pinned, for verifyEvent) and ws (Node 20 has no global WebSocket).
+NDK_VERSION='3.0.3'
+ndk_version() { node -p "require('$PEERS/ndk/node_modules/$1/package.json').version" 2>/dev/null || true; }
+if [ "$(ndk_version @nostr-dev-kit/ndk)" != "$NDK_VERSION" ] || [ "$(ndk_version ws)" != "$WS_VERSION" ]; then
+  echo "install-peers: installing @nostr-dev-kit/ndk@$NDK_VERSION into $PEERS/ndk (npm)"
+  mkdir -p "$PEERS/ndk"
+  (cd "$PEERS/ndk" && npm install --silent --no-audit --no-fund --save-exact \
+    "@nostr-dev-kit/ndk@$NDK_VERSION" "nostr-tools@$NOSTR_TOOLS_VERSION" "ws@$WS_VERSION" >/dev/null)
+fi
+
 # nostr-rs-relay 0.8.12, the other external relay the NIP-46 tests talk through. It sends no
 # `OK` for ephemeral events (kind 24133 included), so it proves keycast's replies do not
 # wait for one. Its build.rs needs protoc (prost-build does not bundle it). Built unlocked:
@@ -94,6 +107,7 @@ echo "install-peers: $("$PEERS/bin/nostr-rs-relay" --version 2>/dev/null || echo
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
 export KEYCAST_NOSTR_TOOLS_DIR="$PEERS/js"
+export KEYCAST_NDK_DIR="$PEERS/ndk"
 export KEYCAST_TEST_NOSTR_RELAY="$VENV/bin/nostr-relay"
 export KEYCAST_TEST_NOSTR_RS_RELAY="$PEERS/bin/nostr-rs-relay"
 export KEYCAST_TEST_AIOSMTPD="$VENV/bin/aiosmtpd"

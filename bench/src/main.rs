@@ -13,11 +13,13 @@
 //!   time `keycast restore` and `litestream restore` of that same replica (see [`restore`]).
 //! - `nip46`: the NIP-46 `sign_event` round trip through a relay, next to that relay's own
 //!   echo time (see [`nip46`]; driven by `bench/nip46.sh`).
+//! - `nip46-connect`: the same round trip with rust-nostr's `NostrConnect` client.
 
 mod durable;
 mod lag;
 mod litestream;
 mod nip46;
+mod nip46_connect;
 mod observe;
 mod pools;
 mod report;
@@ -50,6 +52,8 @@ enum Command {
     Durable(durable::Args),
     /// NIP-46 `sign_event` round trip through a relay, next to the relay's own echo.
     Nip46(nip46::Args),
+    /// NIP-46 `sign_event` round trip with rust-nostr's `NostrConnect` client.
+    Nip46Connect(nip46_connect::Args),
     /// Turns JSON result lines into Markdown tables.
     Report(report::Args),
 }
@@ -73,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             Command::RestoreTime(a) => restore::time(a).await,
             Command::Durable(a) => durable::run(a).await,
             Command::Nip46(a) => nip46::run(a).await,
+            Command::Nip46Connect(a) => nip46_connect::run(a).await,
             Command::Report(a) => report::run(a),
         }
     })

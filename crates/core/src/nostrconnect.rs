@@ -97,21 +97,25 @@ impl NostrConnectUri {
         })
     }
 
-    /// Refuses relays on loopback, private, link-local or otherwise internal addresses:
-    /// keycast opens a connection to every relay a URI names, and on a hosted instance a
-    /// pasted URI must not make it reach into its own network. (Names are judged as
-    /// written; one that resolves to an internal address is not caught here.)
+    /// Refuses relays on loopback, private, link-local or otherwise internal or special
+    /// addresses: keycast opens a connection to every relay a URI names, and on a hosted
+    /// instance a pasted URI must not make it reach into its own network. Names are resolved
+    /// and every address they resolve to is judged ([`forbidden_ip`]); a name that does not
+    /// resolve is refused too. The NIP-46 transport checks again at every connect and
+    /// reconnect, since a name may resolve elsewhere later (issue 12 item 7).
     ///
     /// # Errors
     /// [`NostrConnectError`] naming the relay.
-    pub fn refuse_internal_relays(&self) -> Result<(), NostrConnectError> {
-        match self.relays.iter().find(|r| is_internal(r)) {
-            Some(relay) => Err(bad(format!(
-                "relay {relay} is an internal address; this keycast only connects to public relays \
-                 (KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS=true allows them)"
-            ))),
-            None => Ok(()),
+    pub async fn refuse_internal_relays(&self) -> Result<(), NostrConnectError> {
+        for relay in &self.relays {
+            if let Err(reason) = check_relay(relay).await {
+                return Err(bad(format!(
+                    "relay {relay} {reason}; this keycast only connects to public relays \
+                     (KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS=true allows them)"
+                )));
+            }
         }
+        Ok(())
     }
 
     /// What the user sees as the app: the `url` hint's origin, else the name, else the
@@ -131,47 +135,100 @@ impl NostrConnectUri {
     }
 }
 
-/// Whether a relay URL names this machine or a private network.
-fn is_internal(relay: &str) -> bool {
-    use std::net::IpAddr;
-    let Ok(url) = url::Url::parse(relay) else {
-        return true;
-    };
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => internal_ip(IpAddr::V4(ip)),
-        Some(url::Host::Ipv6(ip)) => internal_ip(IpAddr::V6(ip)),
+/// Resolves a relay URL's host and checks every address: `Ok` with the addresses (to
+/// connect to exactly those, not to a second lookup's answer), or why it is refused.
+///
+/// # Errors
+/// A sentence saying what is wrong with the relay (unparsable, an internal name, no address,
+/// an internal address).
+pub async fn check_relay(relay: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    let url = url::Url::parse(relay).map_err(|_| "is not a URL".to_owned())?;
+    let port = url.port_or_known_default().ok_or("has no port")?;
+    let addrs: Vec<std::net::SocketAddr> = match url.host() {
+        Some(url::Host::Ipv4(ip)) => vec![(ip, port).into()],
+        Some(url::Host::Ipv6(ip)) => vec![(ip, port).into()],
         Some(url::Host::Domain(name)) => {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
-            name == "localhost"
-                || [".localhost", ".local", ".internal", ".lan"]
-                    .iter()
-                    .any(|s| name.ends_with(s))
+            if internal_name(&name) {
+                return Err("is an internal name".into());
+            }
+            let found = tokio::net::lookup_host((name.as_str(), port))
+                .await
+                .map_err(|_| "does not resolve".to_owned())?;
+            found.collect()
         }
-        None => true,
+        None => return Err("has no host".into()),
+    };
+    if addrs.is_empty() {
+        return Err("does not resolve".into());
+    }
+    match addrs.iter().find(|a| forbidden_ip(a.ip())) {
+        Some(addr) => Err(format!("is an internal address ({})", addr.ip())),
+        None => Ok(addrs),
     }
 }
 
-fn internal_ip(ip: std::net::IpAddr) -> bool {
+/// Names that mean this machine or its network whatever DNS says: `localhost`, the
+/// conventional private suffixes, and single-label names (`metadata`, the cloud metadata
+/// server; search domains make any bare name local).
+fn internal_name(name: &str) -> bool {
+    name == "localhost"
+        || !name.contains('.')
+        || [
+            ".localhost",
+            ".local",
+            ".internal",
+            ".lan",
+            ".home.arpa",
+            ".intranet",
+            ".corp",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+/// Whether `ip` is anything but a public unicast address: loopback, private, link-local,
+/// shared (CGNAT), benchmarking (198.18.0.0/15), documentation, multicast, reserved
+/// (240.0.0.0/4), and the IPv6 forms that reach IPv4 or private space (IPv4-mapped and
+/// -compatible, NAT64 64:ff9b::/96 and 64:ff9b:1::/48, 6to4 2002::/16, Teredo and the
+/// other IETF assignments in 2001::/23, discard 100::/64, unique and site local).
+pub fn forbidden_ip(ip: std::net::IpAddr) -> bool {
     use std::net::IpAddr;
     match ip {
         IpAddr::V4(v4) => {
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                // 100.64.0.0/10, carrier-grade NAT (also used inside cloud networks)
-                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
+            let [a, b, c, _] = v4.octets();
+            a == 0 // "this network"
+                || a == 10
+                || a == 127
+                || (a == 100 && (b & 0xc0) == 64) // 100.64.0.0/10 shared (CGNAT, cloud)
+                || (a == 169 && b == 254)
+                || (a == 172 && (b & 0xf0) == 16)
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 192 && b == 0 && c == 2) // documentation
+                || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast
+                || (a == 192 && b == 168)
+                || (a == 198 && (b & 0xfe) == 18) // 198.18.0.0/15 benchmarking
+                || (a == 198 && b == 51 && c == 100)
+                || (a == 203 && b == 0 && c == 113)
+                || a >= 224 // multicast 224/4, reserved 240/4, broadcast
         }
         IpAddr::V6(v6) => {
+            let s = v6.segments();
             if let Some(v4) = v6.to_ipv4_mapped() {
-                return internal_ip(IpAddr::V4(v4));
+                return forbidden_ip(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
             v6.is_loopback()
                 || v6.is_unspecified()
-                || (first & 0xfe00) == 0xfc00 // unique local fc00::/7
-                || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || (s[0..6] == [0; 6]) // IPv4-compatible ::a.b.c.d (deprecated)
+                || (s[0] == 0x64 && s[1] == 0xff9b) // NAT64 64:ff9b::/96 and 64:ff9b:1::/48
+                || (s[0] == 0x100 && s[1..4] == [0; 3]) // discard 100::/64
+                || (s[0] == 0x2001 && s[1] < 0x200) // 2001::/23, Teredo among them
+                || (s[0] == 0x2001 && s[1] == 0xdb8) // documentation
+                || s[0] == 0x2002 // 6to4
+                || (s[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+                || (s[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+                || (s[0] & 0xffc0) == 0xfec0 // site-local fec0::/10
+                || (s[0] & 0xff00) == 0xff00 // multicast
         }
     }
 }
@@ -198,8 +255,8 @@ mod tests {
         assert_eq!(uri.display_origin(), "https://app.example");
     }
 
-    #[test]
-    fn internal_relays_are_told_apart_from_public_ones() {
+    #[tokio::test]
+    async fn internal_relays_are_told_apart_from_public_ones() {
         let pk = client();
         let uri = |relay: &str| NostrConnectUri::parse(&format!("nostrconnect://{pk}?relay={relay}&secret=s")).unwrap();
         for internal in [
@@ -213,15 +270,62 @@ mod tests {
             "wss://[fd00::1]",
             "wss://[::ffff:10.0.0.1]",
             "wss://relay.internal",
+            "wss://metadata",
+            "wss://198.18.0.1",
+            "wss://240.0.0.1",
+            "wss://[64:ff9b::a00:1]",
+            "wss://[2002:a00:1::]",
+            "wss://[2001:0:a00:1::]",
+            "wss://[::a00:1]",
+            "wss://0.0.0.0",
         ] {
-            let err = uri(internal).refuse_internal_relays().unwrap_err().to_string();
+            let err = uri(internal).refuse_internal_relays().await.unwrap_err().to_string();
             assert!(
                 err.contains("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS"),
                 "{internal}: {err}"
             );
         }
-        for public in ["wss://relay.damus.io", "wss://8.8.8.8", "wss://[2001:db8::1]"] {
-            assert!(uri(public).refuse_internal_relays().is_ok(), "{public}");
+        for public in ["wss://8.8.8.8", "wss://[2606:4700::1111]", "wss://1.1.1.1:7777"] {
+            assert!(uri(public).refuse_internal_relays().await.is_ok(), "{public}");
+        }
+    }
+
+    #[test]
+    fn every_special_purpose_range_is_forbidden() {
+        for ip in [
+            "0.1.2.3",
+            "10.0.0.1",
+            "100.64.0.1",
+            "127.0.0.2",
+            "169.254.1.1",
+            "172.31.0.1",
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.88.99.1",
+            "192.168.1.1",
+            "198.19.255.255",
+            "198.51.100.1",
+            "203.0.113.9",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::1",
+            "100::1",
+            "2001::1",
+            "2001:db8::1",
+            "2002::1",
+            "fc00::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+        ] {
+            assert!(forbidden_ip(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "198.20.0.1", "2606:4700::1111", "2a00:1450::1"] {
+            assert!(!forbidden_ip(ip.parse().unwrap()), "{ip}");
         }
     }
 

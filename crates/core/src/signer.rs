@@ -286,6 +286,20 @@ impl Signer {
         self.authorize_bunker(bunker, client).await
     }
 
+    /// NIP-46 `logout` from the bound `client`: ends its binding, so that the app may
+    /// `connect` again later (with the connect secret, perhaps from a new client key). The
+    /// grant itself stays until the owner revokes it. Commits; the caller may wait for
+    /// durability.
+    ///
+    /// # Errors
+    /// As [`Signer::authorize_bunker`].
+    pub async fn logout(&self, bunker: &PublicKey, client: &PublicKey) -> Result<(), AuthError> {
+        let authz = self.authorize_bunker(bunker, client).await?;
+        authz_repo::unbind_client(&self.pool, &authz.id, &client.to_hex()).await?;
+        self.invalidate_authorization(&authz.id);
+        Ok(())
+    }
+
     /// Executes `request` for `authz` — the one path for every transport: liveness,
     /// key, [`policy::evaluate`], the operation, an activity record (buffered).
     ///

@@ -208,6 +208,24 @@ pub async fn bind_client(
     Ok(done.rows_affected() == 1)
 }
 
+/// Ends `client_pubkey`'s binding to the authorization (NIP-46 `logout`): afterwards a
+/// `connect` with the connect secret binds whichever client presents it. True if that
+/// client was bound; a no-op otherwise.
+///
+/// # Errors
+/// [`RepoError`] on storage failure.
+pub async fn unbind_client(pool: &SqlitePool, id: &AuthorizationId, client_pubkey: &str) -> Result<bool, RepoError> {
+    let done = sqlx::query(
+        "UPDATE authorizations SET connected_client_pubkey = NULL \
+         WHERE id = $1 AND connected_client_pubkey = $2",
+    )
+    .bind(id)
+    .bind(client_pubkey)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

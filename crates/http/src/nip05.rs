@@ -31,8 +31,14 @@ struct NameQuery {
     name: String,
 }
 
-/// `GET /.well-known/nostr.json?name=alice` → `{"names": {"alice": "<hex>"}}` (empty
-/// `names` for an unknown name). Readable from any origin, as NIP-05 requires.
+/// `GET /.well-known/nostr.json?name=alice` → `{"names": {"alice": "<hex>"}, "nip46": {…}}`
+/// (empty `names` for an unknown name). Readable from any origin, as NIP-05 requires.
+///
+/// `nip46` is NIP-46's remote-signer discovery (issue 16): the relays keycast's bunkers
+/// listen on, and `nostrconnect_url`, the page an app opens with its `nostrconnect://` URI in
+/// place of `<nostrconnect>` — the consent form, after logging in. So an app that knows only
+/// `name@keycast` reaches a consent flow. `names._` (a signer-wide key) is not published:
+/// keycast has a key per authorization, which the app learns from the `connect` answer.
 async fn nostr_json(State(state): State<AppState>, Query(q): Query<NameQuery>) -> Result<Response, AppError> {
     let (db, _) = state.api()?;
     let name = q.name.trim().to_lowercase();
@@ -43,8 +49,13 @@ async fn nostr_json(State(state): State<AppState>, Query(q): Query<NameQuery>) -
             names.insert(name, Value::String(key.pubkey.to_hex()));
         }
     }
+    let options = state.options();
+    let nip46 = json!({
+        "relays": options.relays,
+        "nostrconnect_url": format!("{}/dashboard?nostrconnect=<nostrconnect>", options.public_url.trim_end_matches('/')),
+    });
     let cors = [(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"))];
-    Ok((cors, Json(json!({ "names": names }))).into_response())
+    Ok((cors, Json(json!({ "names": names, "nip46": nip46 }))).into_response())
 }
 
 #[derive(Deserialize)]

@@ -192,6 +192,9 @@ async fn nostrconnect_form(
 struct DashboardQuery {
     /// `verification` after a new verification link was requested.
     sent: Option<String>,
+    /// An app's `nostrconnect://` URI, to fill in the consent form (NIP-46 discovery's
+    /// `nostrconnect_url` points here).
+    nostrconnect: Option<String>,
 }
 
 /// `GET /dashboard` → the user's key, authorizations and recent activity; 303 to `/login`
@@ -303,9 +306,10 @@ async fn dashboard(
          <form method=\"post\" action=\"/dashboard/nostrconnect\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <label>The app's <code>nostrconnect://</code> link\
-         <input name=\"uri\" required placeholder=\"nostrconnect://…\"></label>\
+         <input name=\"uri\" required placeholder=\"nostrconnect://…\" value=\"{uri}\"></label>\
          <label>Allow it to<select name=\"policy\">{options}</select></label>\
-         <button type=\"submit\">Authorize the app</button></form>"
+         <button type=\"submit\">Authorize the app</button></form>",
+        uri = escape(query.nostrconnect.as_deref().unwrap_or_default()),
     ));
 
     body.push_str("<h2>Recent activity</h2>");

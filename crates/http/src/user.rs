@@ -128,6 +128,7 @@ pub(crate) async fn accept_nostrconnect(
     let uri = NostrConnectUri::parse(uri).map_err(|e| AppError::BadRequest(e.to_string()))?;
     if !state.options().nostrconnect_internal_relays {
         uri.refuse_internal_relays()
+            .await
             .map_err(|e| AppError::BadRequest(e.to_string()))?;
     }
     let (db, services) = state.api()?;

@@ -143,3 +143,172 @@ fn a_request_older_than_a_minute_is_not_answered() {
     assert_eq!(ids, [&json!("new")], "only the fresh request is answered");
     assert_eq!(replies[0].json["result"], user_pubkey.as_str());
 }
+
+/// Issue 16: what clients in the field send as `connect` is accepted — an empty, null or
+/// missing first parameter (NDK sends `""`), the optional requested permissions and client
+/// metadata — and what they ask for never widens the owner's grant.
+#[test]
+fn connect_is_liberal_in_its_parameters_and_strict_in_what_it_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let metadata = json!({"name": "An app", "url": "https://app.example", "image": "https://app.example/i.png"});
+    let variants = [
+        json!(["", secret]),
+        json!([null, secret]),
+        json!([bunker.to_hex(), secret, "sign_event:30023,nip44_decrypt"]),
+        json!(["", secret, "", metadata]),
+        json!([user_pubkey, secret]),
+    ];
+    // The bound client may send `connect` again, in any of these shapes.
+    let mut client = NativeClient::connect(&relay, bunker);
+    for (i, params) in variants.iter().enumerate() {
+        let id = format!("c{i}");
+        client.send(&[(id.clone(), "connect", params.clone())], Cipher::Nip44);
+        let reply = client.replies(1, Duration::from_secs(5));
+        assert_eq!(reply.len(), 1, "connect {params} is answered");
+        assert_eq!(reply[0].json, json!({"id": id, "result": "ack"}), "connect {params}");
+    }
+    // Only the secret: no first parameter at all is not a valid shape (the secret is the
+    // second); an empty parameter list from an unbound client has no secret.
+    let mut stranger = NativeClient::connect(&relay, bunker);
+    stranger.send(&[("s".into(), "connect", json!([]))], Cipher::Nip44);
+    let reply = stranger.replies(1, Duration::from_secs(5));
+    assert!(
+        reply[0].json["error"].as_str().unwrap_or_default().contains("secret"),
+        "{}",
+        reply[0].json
+    );
+
+    // The client asked for kind 30023 and decryption: the social policy grants neither.
+    client.send(
+        &[(
+            "k".into(),
+            "sign_event",
+            json!([json!({"kind": 30023, "content": "long", "tags": [], "created_at": 1_700_000_000}).to_string()]),
+        )],
+        Cipher::Nip44,
+    );
+    let refused = client.replies(1, Duration::from_secs(5));
+    assert!(
+        refused[0].json["error"].as_str().unwrap_or_default().contains("30023"),
+        "{}",
+        refused[0].json
+    );
+}
+
+/// Issue 16: `logout` ends the client's session; the same app connecting again (a fresh
+/// client key, the bunker URL's secret) is bound, and the old client key no longer signs.
+#[test]
+fn a_fresh_connect_after_logout_binds_the_new_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut first = NativeClient::connect(&relay, bunker);
+    first.send(&[("1".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(first.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+    first.send(&[("2".into(), "logout", json!([]))], Cipher::Nip44);
+    assert_eq!(first.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+
+    let mut second = NativeClient::connect(&relay, bunker);
+    second.send(&[("1".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    let reply = second.replies(1, Duration::from_secs(5));
+    assert_eq!(reply[0].json["result"], "ack", "{}", reply[0].json);
+    second.send(&[("2".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    assert_eq!(
+        second.replies(1, Duration::from_secs(5))[0].json["result"],
+        user_pubkey.as_str()
+    );
+
+    first.send(&[("3".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    let reply = first.replies(1, Duration::from_secs(5));
+    assert!(
+        reply[0].json["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not connected"),
+        "{}",
+        reply[0].json
+    );
+}
+
+/// Issue 16: a phone whose clock is half a minute off either way is still answered.
+#[test]
+fn requests_within_the_clock_skew_window_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    let now = nostr::Timestamp::now().as_secs();
+    client.send_dated(
+        &[("1".into(), "connect", json!(["", secret]))],
+        Cipher::Nip44,
+        (now - 30).into(),
+    );
+    assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+    client.send_dated(
+        &[("2".into(), "get_public_key", json!([]))],
+        Cipher::Nip44,
+        (now + 30).into(),
+    );
+    let reply = client.replies(1, Duration::from_secs(5));
+    assert_eq!(reply[0].json["result"], user_pubkey.as_str(), "{}", reply[0].json);
+}
+
+/// Issue 12 item 8: a request dated in the future is not answered either — a captured
+/// request (or one a relay holds back) cannot be run later, once the window around its date
+/// has passed; dedup remembers every answered request for as long as that window is open.
+#[test]
+fn a_request_dated_in_the_future_is_not_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(&[("1".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5)).len(), 1);
+
+    let future = nostr::Timestamp::from(nostr::Timestamp::now().as_secs() + 300);
+    client.send_dated(&[("later".into(), "get_public_key", json!([]))], Cipher::Nip44, future);
+    client.send(&[("now".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    // The same request again (same client, same id) within the window: answered once.
+    client.send(&[("now".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    let replies = client.replies(3, Duration::from_secs(2));
+    let ids: Vec<&Value> = replies.iter().map(|r| &r.json["id"]).collect();
+    assert_eq!(ids, [&json!("now")], "only the request dated now is answered, once");
+    assert_eq!(replies[0].json["result"], user_pubkey.as_str());
+}
+
+/// Issue 12 item 7: names are resolved and every special-purpose range is refused — a
+/// wildcard-DNS name for a private address (`10.0.0.1.nip.io`; it does not resolve in this
+/// sandbox, and a name that does not resolve is refused too), the cloud metadata server's
+/// bare name, NAT64, 6to4, benchmarking and reserved ranges.
+#[test]
+fn nostrconnect_relays_are_resolved_and_special_ranges_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", "wss://relay.example")
+        .env("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS", "false")
+        .env("KEYCAST_NIP46", "false")
+        .start();
+    let (cookie, _) = register(&server, "ssrf2@example.com", None);
+    let client = nostr::Keys::generate().public_key().to_hex();
+    for relay in [
+        "wss://10.0.0.1.nip.io",
+        "wss://metadata",
+        "ws://metadata.google.internal",
+        "wss://[64:ff9b::a00:1]",
+        "wss://[2002:a00:1::]",
+        "wss://198.18.0.1",
+        "wss://240.0.0.1",
+    ] {
+        let uri = format!("nostrconnect://{client}?relay={relay}&secret=s");
+        let r = post_json(
+            &server,
+            "/api/user/nostrconnect",
+            Some(&cookie),
+            &json!({"uri": uri, "policy": "social"}),
+        );
+        assert_eq!(r.status, 400, "{relay}: {}", r.body);
+        assert!(
+            r.body.contains("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS"),
+            "{relay}: {}",
+            r.body
+        );
+    }
+}

@@ -117,30 +117,18 @@ async fn run(
 ) -> Result<String, Refusal> {
     match request.method.as_str() {
         "connect" => {
-            if let Some(Value::String(named)) = request.params.first() {
-                if PublicKey::parse(named).ok() != Some(*bunker) {
-                    return Err(refuse(
-                        Outcome::BadRequest,
-                        "connect names another remote signer than the one it was sent to",
-                    ));
-                }
-            }
+            // The first parameter names the remote signer; clients in the field leave it
+            // empty (NDK, when the URL names no user), send null, or name the user (NDK, when
+            // the bunker URL carries `pubkey=`). It adds nothing to refuse on: the request is
+            // addressed to the bunker by its `p` tag, opened only with the bunker's key, and
+            // the secret authenticates it (issue 16). The 3rd (requested permissions) and 4th (client metadata) parameters are
+            // hints for a consent screen: the grant was made by the owner already, and what
+            // a client asks for never widens it.
             let secret = request.params.get(1).and_then(Value::as_str);
-            if let Some(d) = durability {
-                d.check_writable()
-                    .await
-                    .map_err(|reason| refuse(Outcome::Internal, format!("cannot connect now: {reason}; retry")))?;
-            }
+            writable(durability).await?;
             signer.connect(bunker, client, secret).await?;
             // The binding decides who may sign: acknowledge it only once it is in the replica.
-            if let Some(d) = durability {
-                d.wait_durable().await.map_err(|reason| {
-                    refuse(
-                        Outcome::Internal,
-                        format!("the connection was not saved: {reason}; retry"),
-                    )
-                })?;
-            }
+            durable(durability, "the connection was not saved").await?;
             Ok("ack".into())
         }
         // Answered for any live bunker, bound or not: they reveal nothing the bunker URL
@@ -154,9 +142,12 @@ async fn run(
             Ok(serde_json::to_string(&authz.relays).unwrap_or_else(|_| "null".into()))
         }
         "logout" => {
-            // A courtesy hint (NIP-46): the session ends on the client; the grant stays
-            // until the user revokes it, so nothing changes here.
-            signer.authorize_bunker(bunker, client).await?;
+            // The client's session ends: its binding goes, so the app may connect again
+            // (with the secret) later, from a new client key too. The grant stays until
+            // the owner revokes it.
+            writable(durability).await?;
+            signer.logout(bunker, client).await?;
+            durable(durability, "the logout was not saved").await?;
             Ok("ack".into())
         }
         method => {
@@ -172,4 +163,22 @@ async fn run(
             }
         }
     }
+}
+
+async fn writable(durability: Option<&Arc<dyn Durability>>) -> Result<(), Refusal> {
+    if let Some(d) = durability {
+        d.check_writable()
+            .await
+            .map_err(|reason| refuse(Outcome::Internal, format!("cannot do this now: {reason}; retry")))?;
+    }
+    Ok(())
+}
+
+async fn durable(durability: Option<&Arc<dyn Durability>>, what: &str) -> Result<(), Refusal> {
+    if let Some(d) = durability {
+        d.wait_durable()
+            .await
+            .map_err(|reason| refuse(Outcome::Internal, format!("{what}: {reason}; retry")))?;
+    }
+    Ok(())
 }

@@ -50,15 +50,17 @@ impl Default for Nip46Options {
 /// Busy replies sent at once when every in-flight slot is taken; beyond both, requests
 /// are dropped and counted (`keycast_nip46_dropped_total`).
 const MAX_BUSY_REPLIES: usize = 64;
-/// Requests older than this are not answered: a relay replaying stored events after a
-/// restart or reconnect must not make keycast sign what the client gave up on long ago.
-/// Requests from the last minute are still answered (a client may be waiting; the clock of
-/// a phone may be a little behind).
-const MAX_REQUEST_AGE_SECS: u64 = 60;
+/// Requests dated further than this from now, either way, are not answered (issue 12 item
+/// 8): a relay replaying stored events after a restart or reconnect, or a captured request
+/// sent again later, must not make keycast sign what the client gave up on long ago. A
+/// minute either way still serves a phone whose clock is a little off.
+const REQUEST_WINDOW_SECS: u64 = 60;
 /// `#p` values per filter; relays limit filter sizes.
 const PUBKEYS_PER_FILTER: usize = 500;
-/// How long a (client, request id) pair is remembered to drop duplicates.
-const DEDUP_WINDOW: Duration = Duration::from_secs(300);
+/// How long a (client, request id) pair is remembered to drop duplicates: at least as long
+/// as a request can be accepted at all (`2 × REQUEST_WINDOW_SECS`, from a minute before its
+/// date to a minute after), so no replay inside the window gets through.
+const DEDUP_WINDOW: Duration = Duration::from_secs(2 * REQUEST_WINDOW_SECS);
 const SUBSCRIPTION: &str = "keycast-nip46";
 
 /// The running NIP-46 signer. Dropping it does not stop it; call [`Nip46Service::shutdown`].
@@ -179,8 +181,9 @@ impl Shared {
         if event.kind != Kind::NostrConnect {
             return;
         }
-        if event.created_at.as_secs() + MAX_REQUEST_AGE_SECS < Timestamp::now().as_secs() {
-            tracing::debug!(id = %event.id, "nip46: ignoring a stale request");
+        if !within_window(event.created_at, Timestamp::now()) {
+            metrics::counter!("keycast_nip46_out_of_window_total").increment(1);
+            tracing::debug!(id = %event.id, "nip46: ignoring a request dated outside the window");
             return;
         }
         let Some(bunker) = self.addressee(&event) else {
@@ -268,10 +271,14 @@ impl Shared {
     }
 
     fn first_time(&self, client: &PublicKey, id: &str) -> bool {
-        self.seen
-            .lock()
-            .map(|mut seen| seen.insert(*client, id.to_owned()))
-            .unwrap_or(true)
+        let Ok(mut seen) = self.seen.lock() else {
+            return true;
+        };
+        let (first, expired) = seen.insert(*client, id.to_owned(), Instant::now());
+        drop(seen);
+        // Freed after the lock is released: the lock is only ever held for O(1) work.
+        drop(expired);
+        first
     }
 
     async fn reply(
@@ -401,7 +408,7 @@ impl Shared {
             return;
         }
         // `since` keeps relays that store ephemeral events from replaying old requests.
-        let since = Timestamp::from(Timestamp::now().as_secs().saturating_sub(MAX_REQUEST_AGE_SECS));
+        let since = Timestamp::from(Timestamp::now().as_secs().saturating_sub(REQUEST_WINDOW_SECS));
         let filters: Vec<Filter> = bunkers
             .chunks(PUBKEYS_PER_FILTER)
             .map(|chunk| {
@@ -473,26 +480,43 @@ fn method_label(method: &str) -> &'static str {
         .unwrap_or("unknown")
 }
 
-/// (client, request id) pairs seen within [`DEDUP_WINDOW`].
-#[derive(Default)]
+/// Whether a request dated `created_at` may be answered at `now`.
+fn within_window(created_at: Timestamp, now: Timestamp) -> bool {
+    created_at.as_secs().abs_diff(now.as_secs()) <= REQUEST_WINDOW_SECS
+}
+
+/// (client, request id) pairs seen within the last [`DEDUP_WINDOW`] (at least; at most
+/// twice that): two generations, the older dropped whole when the newer is a window old, so
+/// every operation is O(1) — no scan of the entries, ever (issue 12 item 6).
 struct Seen {
-    entries: HashMap<(PublicKey, String), Instant>,
+    current: HashSet<(PublicKey, String)>,
+    previous: HashSet<(PublicKey, String)>,
+    rotated_at: Instant,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            current: HashSet::new(),
+            previous: HashSet::new(),
+            rotated_at: Instant::now(),
+        }
+    }
 }
 
 impl Seen {
-    /// Records the pair; false if it was already there.
-    fn insert(&mut self, client: PublicKey, id: String) -> bool {
-        let now = Instant::now();
-        if self.entries.len() >= 10_000 {
-            self.entries.retain(|_, at| now.duration_since(*at) < DEDUP_WINDOW);
+    /// Records the pair: true if it was not seen before. Also hands back the generation
+    /// that expired, if one did, for the caller to free outside its lock.
+    fn insert(&mut self, client: PublicKey, id: String, now: Instant) -> (bool, Option<HashSet<(PublicKey, String)>>) {
+        let mut expired = None;
+        if now.saturating_duration_since(self.rotated_at) >= DEDUP_WINDOW {
+            let current = std::mem::take(&mut self.current);
+            expired = Some(std::mem::replace(&mut self.previous, current));
+            self.rotated_at = now;
         }
-        match self.entries.get(&(client, id.clone())) {
-            Some(at) if now.duration_since(*at) < DEDUP_WINDOW => false,
-            _ => {
-                self.entries.insert((client, id), now);
-                true
-            }
-        }
+        let key = (client, id);
+        let first = !self.previous.contains(&key) && self.current.insert(key);
+        (first, expired)
     }
 }
 
@@ -507,10 +531,41 @@ mod tests {
             keycast_core::nostr::Keys::generate().public_key(),
             keycast_core::nostr::Keys::generate().public_key(),
         );
-        assert!(seen.insert(a, "1".into()));
-        assert!(!seen.insert(a, "1".into()), "the same request again");
-        assert!(seen.insert(b, "1".into()), "another client may use the same id");
-        assert!(seen.insert(a, "2".into()));
+        let now = Instant::now();
+        assert!(seen.insert(a, "1".into(), now).0);
+        assert!(!seen.insert(a, "1".into(), now).0, "the same request again");
+        assert!(seen.insert(b, "1".into(), now).0, "another client may use the same id");
+        assert!(seen.insert(a, "2".into(), now).0);
+    }
+
+    #[test]
+    fn a_request_id_is_remembered_for_at_least_the_dedup_window() {
+        let mut seen = Seen::default();
+        let a = keycast_core::nostr::Keys::generate().public_key();
+        let start = Instant::now();
+        assert!(seen.insert(a, "1".into(), start).0);
+        // Just before and just after one rotation: still known.
+        let almost = start + DEDUP_WINDOW - Duration::from_millis(1);
+        assert!(!seen.insert(a, "1".into(), almost).0);
+        assert!(!seen.insert(a, "1".into(), start + DEDUP_WINDOW).0);
+        // Two rotations later it has expired with its generation.
+        assert!(seen.insert(a, "1".into(), start + 3 * DEDUP_WINDOW).0);
+    }
+
+    #[test]
+    fn requests_are_answered_only_within_a_minute_of_their_date_either_way() {
+        let now = Timestamp::from(1_800_000_000);
+        for (offset, ok) in [
+            (0i64, true),
+            (-60, true),
+            (60, true),
+            (-61, false),
+            (61, false),
+            (300, false),
+        ] {
+            let at = Timestamp::from(now.as_secs().saturating_add_signed(offset));
+            assert_eq!(within_window(at, now), ok, "offset {offset}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod api;
 pub mod flow;
 pub mod native;
 pub mod nostr;
+pub mod rust_connect;
 pub mod s3proxy;
 
 use std::io::{BufRead, BufReader, Read};

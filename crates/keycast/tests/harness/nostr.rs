@@ -383,7 +383,21 @@ impl BunkerClient {
     /// peer is not installed and the suite does not require it.
     pub fn spawn() -> Option<BunkerClient> {
         let dir = peer("KEYCAST_NOSTR_TOOLS_DIR")?;
-        let mut cmd = node_script("bunker-client.mjs", &dir);
+        Some(BunkerClient::start(node_script("bunker-client.mjs", &dir)))
+    }
+
+    /// The same protocol driven by NDK's `NDKNip46Signer` (`tests/js/ndk-client.mjs`), with
+    /// NDK from `KEYCAST_NDK_DIR`. `None` when the peer is not installed and the suite does
+    /// not require it.
+    pub fn spawn_ndk() -> Option<BunkerClient> {
+        let dir = peer("KEYCAST_NDK_DIR")?;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/ndk-client.mjs");
+        let mut cmd = Command::new("node");
+        cmd.arg(path).env("KEYCAST_NDK_DIR", dir);
+        Some(BunkerClient::start(cmd))
+    }
+
+    fn start(mut cmd: Command) -> BunkerClient {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start node: {e}"));
         let stdin = child.stdin.take().unwrap();
@@ -397,12 +411,12 @@ impl BunkerClient {
                 }
             }
         });
-        Some(BunkerClient {
+        BunkerClient {
             child,
             stdin,
             replies,
             stderr,
-        })
+        }
     }
 
     /// Sends one command (`{"op": …, …}`) and returns its reply, whether `ok` or not.
