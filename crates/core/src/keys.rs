@@ -228,7 +228,7 @@ pub async fn export_ncryptsec(
     km: &dyn KeyManager,
     proof: &Reauthenticated,
     passphrase: &Secret<String>,
-) -> Result<String, KeyError> {
+) -> Result<Secret<String>, KeyError> {
     let keys = load_user_keys(pool, km, proof.user_id()).await?;
     let passphrase = passphrase.clone();
     tokio::task::spawn_blocking(move || {
@@ -239,7 +239,7 @@ pub async fn export_ncryptsec(
             KeySecurity::Unknown,
         )
         .map_err(|_| KeyError::Export)?;
-        encrypted.to_bech32().map_err(|_| KeyError::Export)
+        encrypted.to_bech32().map(Secret::new).map_err(|_| KeyError::Export)
     })
     .await
     .map_err(|_| KeyError::Export)?
@@ -479,8 +479,8 @@ mod tests {
         let ncryptsec = export_ncryptsec(fx.pool(), fx.km.as_ref(), &proof, &"file pass".into())
             .await
             .unwrap();
-        assert!(ncryptsec.starts_with("ncryptsec1"));
-        let decrypted = EncryptedSecretKey::from_bech32(&ncryptsec)
+        assert!(ncryptsec.expose().starts_with("ncryptsec1"));
+        let decrypted = EncryptedSecretKey::from_bech32(ncryptsec.expose())
             .unwrap()
             .decrypt("file pass")
             .unwrap();

@@ -11,6 +11,8 @@
 //! - [`request`]: [`Request`] / [`Response`], what transports decode into and encode.
 //! - [`authz`]: [`Authorization`], grants (bunker keypair, connect secret, token).
 //! - [`accounts`]: register, log in, sessions, mailed single-use tokens.
+//! - [`account_security`]: what the mailbox owner's proof of control does (verification,
+//!   password reset, take-over), the verified-email gate, recorded key export, exposure.
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
@@ -18,6 +20,7 @@
 //! This crate knows nothing of HTTP, relays, environment variables or files; the binary
 //! reads configuration and passes values in.
 
+pub mod account_security;
 pub mod accounts;
 mod activity;
 pub mod authz;

@@ -121,7 +121,8 @@ impl From<AccountError> for AppError {
         match err {
             AccountError::InvalidEmail | AccountError::InvalidToken => AppError::BadRequest(err.to_string()),
             AccountError::EmailTaken => AppError::Conflict(err.to_string()),
-            AccountError::InvalidCredentials => AppError::Unauthorized(err.to_string()),
+            AccountError::InvalidCredentials | AccountError::WrongPassword => AppError::Unauthorized(err.to_string()),
+            AccountError::EmailNotVerified => AppError::Forbidden(err.to_string()),
             AccountError::Password(p) => p.into(),
             AccountError::Key(k) => k.into(),
             AccountError::Internal(e) => AppError::internal(e),

@@ -58,6 +58,7 @@ async fn set_username(
     session: SessionUser,
     JsonBody(body): JsonBody<UsernameBody>,
 ) -> Result<Json<Value>, AppError> {
+    keycast_core::account_security::require_verified(&session.user)?;
     let name = body.username.trim().to_lowercase();
     if !valid_username(&name) {
         return Err(AppError::BadRequest(format!(

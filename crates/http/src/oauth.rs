@@ -140,6 +140,7 @@ async fn authorize_page(
     let (origin, policy) = params.validate(&state).await?;
     let page = match session {
         None => page::login(&params, None),
+        Some(s) if s.user.email_verified_at.is_none() => page::verify_first(&s.user.email),
         Some(s) => page::consent(&params, &origin, &policy, &s.user.email, &csrf_token(&s.token)),
     };
     Ok(no_store(Html(page)).into_response())
@@ -206,6 +207,9 @@ async fn decide(
     }
     let (_, policy) = d.params.validate(&state).await?;
     let approved = d.approved.unwrap_or(false) || d.decision.as_deref() == Some("approve");
+    if approved {
+        keycast_core::account_security::require_verified(&session.user).map_err(AppError::from)?;
+    }
     let target = if approved {
         let (db, _) = state.api()?;
         state.ensure_writable().await?;

@@ -155,6 +155,19 @@ pub fn login(params: &AuthorizeParams, error: Option<&str>) -> String {
     layout("Log in", &body)
 }
 
+/// Instead of the consent page while the account's email is unverified: no app can be
+/// authorized until the mailbox owner has proved control (see `core::account_security`).
+pub fn verify_first(email: &str) -> String {
+    let body = format!(
+        "<h1>Confirm your email first</h1>\
+         <p class=\"error\" role=\"alert\">Signed in as {email}, whose address is not confirmed yet. keycast \
+         authorizes apps only for confirmed accounts: open the link keycast mailed you, then come back here.</p>\
+         <p><a href=\"/dashboard\">Your dashboard</a> sends the link again.</p>",
+        email = escape(email),
+    );
+    layout("Confirm your email", &body)
+}
+
 /// The consent page: who asks (the redirect origin), for which policy, approve or deny.
 pub fn consent(params: &AuthorizeParams, origin: &str, policy: &PolicyRow, email: &str, csrf: &str) -> String {
     let body = format!(
