@@ -43,6 +43,10 @@ pub enum AppError {
     /// The thing already exists (email, username, key). 409, code `conflict`.
     #[error("{0}")]
     Conflict(String),
+    /// The body's `Content-Type` is not one this endpoint reads. 415, code
+    /// `unsupported_media_type`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Too many attempts; retry after `retry_after_secs`. 429, code `rate_limited`, with
     /// a `Retry-After` header.
     #[error("too many attempts; retry in {retry_after_secs} s")]
@@ -61,6 +65,7 @@ impl AppError {
             AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AppError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             AppError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }

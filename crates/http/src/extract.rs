@@ -10,13 +10,20 @@ use serde::de::DeserializeOwned;
 
 use crate::{AppError, AppState};
 
-/// A JSON body; a malformed one is a 400 naming the problem.
+/// A JSON body, which must say `Content-Type: application/json` (a cross-site form can
+/// send `text/plain` but not that: see `origin`); otherwise 415. A malformed one is a 400
+/// naming the problem.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        if !is_json(req.headers()) {
+            return Err(AppError::UnsupportedMediaType(
+                "send the body as JSON with Content-Type: application/json".into(),
+            ));
+        }
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
@@ -27,8 +34,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 }
 
 /// A body that may be JSON (`Content-Type: application/json`) or a form
-/// (`application/x-www-form-urlencoded`), as OAuth endpoints accept both. `json` says
-/// which it was.
+/// (`application/x-www-form-urlencoded`), as OAuth endpoints accept both; any other type is
+/// a 415. `json` says which it was.
 pub struct FormOrJson<T> {
     pub value: T,
     pub json: bool,
@@ -39,6 +46,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormOrJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
         let json = is_json(req.headers());
+        if !json && !is_form(req.headers()) {
+            return Err(AppError::UnsupportedMediaType(
+                "send a form (application/x-www-form-urlencoded) or JSON (application/json)".into(),
+            ));
+        }
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
@@ -59,11 +71,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormOrJson<T> {
     }
 }
 
+/// The media type of the body, lowercased, without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next()?.trim().to_ascii_lowercase())
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+    media_type(headers)
+        .is_some_and(|t| t == "application/json" || (t.starts_with("application/") && t.ends_with("+json")))
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|t| t == "application/x-www-form-urlencoded")
 }
 
 /// The client's IP (see [`crate::limit::client_ip`]).

@@ -233,13 +233,9 @@ async fn decide(
 /// A JSON approval must come from one of keycast's own pages: its `Origin` is the public
 /// URL's, or the scheme and host the request was sent to.
 fn check_same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let origin = headers.get(ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let public = url::Url::parse(&state.options().public_url)
-        .map(|u| u.origin().ascii_serialization())
-        .unwrap_or_default();
-    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let ok = !origin.is_empty()
-        && (origin == public || origin == format!("http://{host}") || origin == format!("https://{host}"));
+    let origin = headers.get(ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get("host").and_then(|v| v.to_str().ok());
+    let ok = origin.is_some_and(|o| crate::origin::is_own_origin(&state.options().public_url, host, o));
     if ok {
         Ok(())
     } else {

@@ -85,15 +85,21 @@ fn error_title(status: StatusCode) -> &'static str {
 /// paths (`/api/`, `/healthz/`, `/metrics`, `/.well-known/`), for a client that accepts
 /// `text/html` (a browser).
 pub(crate) fn wants_html(path: &str, headers: &HeaderMap) -> bool {
-    let api = ["/api/", "/healthz/", "/metrics", "/.well-known/"]
-        .iter()
-        .any(|prefix| path.starts_with(prefix));
+    let api = !is_page_path(path);
     let accepts_html = headers
         .get_all(ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("text/html"));
     !api && accepts_html
+}
+
+/// Whether `path` is outside the API's own paths (`/api/`, `/healthz/`, `/metrics`,
+/// `/.well-known/`): a page for people, whose errors are HTML.
+pub(crate) fn is_page_path(path: &str) -> bool {
+    !["/api/", "/healthz/", "/metrics", "/.well-known/"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
 }
 
 /// HTML-escapes text for element content and double-quoted attributes.

@@ -11,8 +11,8 @@
 //! [`crate::auth::set_new_password`], [`crate::user::revoke_authorization`]), so rate
 //! limits and durability are the same. Every value shown is escaped with [`escape`].
 //! State-changing forms of a session (revoke, log out, resend) carry the session's CSRF
-//! token; the forms without a session (register, login, forgot, reset, verify) refuse a
-//! foreign `Origin` (login CSRF), and the mailed forms also need the mailed token.
+//! token; every post from another site is refused before it gets here (`origin`, login
+//! CSRF), and the mailed forms also need the mailed token.
 //!
 //! Every error on these routes is an HTML page with its status ([`crate::page::html_errors`]).
 //! Verifying takes a click rather than happening on `GET`, so a mail scanner that opens the
@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::header::{LOCATION, ORIGIN, RETRY_AFTER, SET_COOKIE};
+use axum::http::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -91,10 +91,8 @@ async fn register_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     OverHttps(secure): OverHttps,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<RegisterForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     let email = form.email.clone();
     match crate::auth::sign_up(&state, &ip, secure, form.email, form.password, form.nsec).await {
         Ok((_, _, cookie)) => Ok(logged_in(cookie)),
@@ -116,10 +114,8 @@ async fn login_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     OverHttps(secure): OverHttps,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<LoginForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     match crate::auth::log_in(&state, &ip, secure, &form.email, form.password).await {
         Ok((_, cookie)) => Ok(logged_in(cookie)),
         Err(err) => form_error(err, |message| login_html(&form.email, Some(message))),
@@ -506,10 +502,8 @@ fn verify_html(token: &str, error: Option<&str>) -> String {
 async fn verify_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<TokenForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     let token = mailed_token(&form.token)?.to_owned();
     match crate::auth::confirm_email(&state, &ip, &token, form.password).await {
         Ok(()) => {
@@ -548,10 +542,8 @@ async fn forgot_page() -> Response {
 async fn forgot_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<EmailForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     match crate::auth::request_mail(&state, &ip, &form.email, TokenPurpose::ResetPassword).await {
         Ok(()) => {
             let body = format!(
@@ -589,10 +581,8 @@ async fn reset_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -
 async fn reset_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<TokenForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     let token = mailed_token(&form.token)?.to_owned();
     match crate::auth::set_new_password(&state, &ip, &token, form.password).await {
         Ok(()) => {
@@ -696,26 +686,6 @@ fn check_csrf(session: &SessionUser, candidate: &str) -> Result<(), AppError> {
     } else {
         Err(AppError::Forbidden(
             "the form's CSRF token is missing or wrong; reload the page and try again".into(),
-        ))
-    }
-}
-
-/// A browser posting the register or login form from another site sends that site's
-/// `Origin`: refuse it, so no page elsewhere can log a visitor into an account of its
-/// choosing. Requests without `Origin` (non-browser clients) pass.
-fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let Some(origin) = headers.get(ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return Ok(());
-    };
-    let public = url::Url::parse(&state.options().public_url)
-        .map(|u| u.origin().ascii_serialization())
-        .unwrap_or_default();
-    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if origin == public || origin == format!("http://{host}") || origin == format!("https://{host}") {
-        Ok(())
-    } else {
-        Err(AppError::Forbidden(
-            "this form must be posted from keycast's own pages (Origin mismatch)".into(),
         ))
     }
 }
