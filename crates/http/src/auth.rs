@@ -137,13 +137,17 @@ async fn logout(
     OverHttps(secure): OverHttps,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, AppError> {
-    end_session(&state, &headers).await?;
+    end_session(&state, &headers, secure).await?;
     Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear_cookie(secure))]).into_response())
 }
 
 /// Ends the request's session, if it carries one (shared with the dashboard's logout).
-pub(crate) async fn end_session(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), AppError> {
-    if let Some(token) = session_token(headers) {
+pub(crate) async fn end_session(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    secure: bool,
+) -> Result<(), AppError> {
+    if let Some(token) = session_token(headers, secure) {
         let (db, _) = state.api()?;
         accounts::logout(db.pool(), &token).await?;
     }

@@ -105,13 +105,15 @@ impl FromRequestParts<AppState> for OverHttps {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let forwarded = parts
-            .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
-        Ok(OverHttps(
-            forwarded || state.options().public_url.starts_with("https://"),
-        ))
+        Ok(OverHttps(over_https(&parts.headers, state)))
     }
+}
+
+/// See [`OverHttps`].
+pub(crate) fn over_https(headers: &HeaderMap, state: &AppState) -> bool {
+    let forwarded = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
+    forwarded || state.options().public_url.starts_with("https://")
 }

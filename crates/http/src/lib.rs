@@ -83,6 +83,10 @@ pub fn app(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), enforce_timeout))
         .layer(axum::middleware::from_fn(metrics::track_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            page::security_headers,
+        ))
         .with_state(state)
 }
 

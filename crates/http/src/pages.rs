@@ -139,7 +139,7 @@ async fn logout_form(
 ) -> Result<Response, AppError> {
     if let Some(session) = session {
         check_csrf(&session, &form.csrf)?;
-        crate::auth::end_session(&state, &headers).await?;
+        crate::auth::end_session(&state, &headers, secure).await?;
     }
     let mut response = see_other("/login");
     response.headers_mut().insert(SET_COOKIE, clear_cookie(secure));

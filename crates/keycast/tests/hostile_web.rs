@@ -135,3 +135,113 @@ fn state_changes_from_another_site_are_refused_and_json_needs_its_content_type()
     );
     assert_eq!(signed.status, 200, "{}", signed.body);
 }
+
+#[test]
+fn keycasts_login_and_consent_pages_cannot_be_framed_by_another_site() {
+    let (dir, server) = start();
+    let (challenge, _) = harness::flow::pkce();
+    let path = format!(
+        "/api/oauth/authorize?{}",
+        harness::flow::authorize_query("policy:full", &challenge)
+    );
+    let Some(result) = hostile_page(&server, dir.path(), "framing", &[&path]) else {
+        return;
+    };
+    assert_eq!(result["status"], 200, "{result}");
+    assert_eq!(
+        result["rendered"], false,
+        "the OAuth login page rendered inside another site: {result}"
+    );
+}
+
+/// The response headers of a GET, lowercased names.
+fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
+    let mut req = agent()
+        .get(format!("{}{path}", server.base))
+        .header("Accept", "text/html");
+    if let Some(c) = cookie {
+        req = req.header("Cookie", c);
+    }
+    let response = req.call().unwrap();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    (response.status().as_u16(), headers)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn every_answer_carries_strict_security_headers_and_https_adds_hsts_and_a_host_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_PUBLIC_URL", "https://keycast.test")
+        .start();
+    let r = post_json(
+        &server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": "tls@example.org", "password": PASSWORD }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let set_cookie = r.set_cookie.clone().unwrap();
+    assert!(set_cookie.starts_with("__Host-keycast_session="), "{set_cookie}");
+    assert!(
+        set_cookie.contains("; Secure") && set_cookie.contains("Path=/"),
+        "{set_cookie}"
+    );
+    assert!(!set_cookie.contains("Domain"), "{set_cookie}");
+    let cookie = cookie_of(&r);
+    // Only the prefixed cookie opens the session over https.
+    let plain_name = cookie.replacen("__Host-", "", 1);
+    assert_eq!(get(&server, "/api/user/key", Some(&plain_name)).status, 401);
+    assert_eq!(get(&server, "/api/user/key", Some(&cookie)).status, 200);
+
+    let (challenge, _) = harness::flow::pkce();
+    let consent = format!(
+        "/api/oauth/authorize?{}",
+        harness::flow::authorize_query("policy:social", &challenge)
+    );
+    for (path, cookie) in [
+        ("/login", None),
+        (consent.as_str(), None),
+        (consent.as_str(), Some(cookie.as_str())),
+        ("/dashboard", Some(cookie.as_str())),
+        ("/no-such-page", None),
+    ] {
+        let (status, headers) = headers_of(&server, path, cookie);
+        assert!(status == 200 || status == 404, "{path}: {status}");
+        assert!(
+            header(&headers, "content-type").unwrap().starts_with("text/html"),
+            "{path}"
+        );
+        let csp = header(&headers, "content-security-policy").unwrap_or_default();
+        assert!(
+            csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'none'"),
+            "{path}: {csp}"
+        );
+        assert_eq!(header(&headers, "x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"), "{path}");
+        assert_eq!(header(&headers, "referrer-policy"), Some("same-origin"), "{path}");
+        assert_eq!(
+            header(&headers, "strict-transport-security"),
+            Some("max-age=63072000"),
+            "{path}"
+        );
+    }
+    let (_, api) = headers_of(&server, "/api/policies", None);
+    assert_eq!(header(&api, "x-content-type-options"), Some("nosniff"));
+    assert!(header(&api, "strict-transport-security").is_some());
+
+    // Plain http (development): no HSTS, the unprefixed cookie.
+    let (_dev_dir, dev) = start();
+    let (_, headers) = headers_of(&dev, "/login", None);
+    assert!(header(&headers, "strict-transport-security").is_none());
+    assert!(header(&headers, "content-security-policy")
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+}
