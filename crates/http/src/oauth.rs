@@ -141,7 +141,14 @@ async fn authorize_page(
     let page = match session {
         None => page::login(&params, None),
         Some(s) if s.user.email_verified_at.is_none() => page::verify_first(&s.user.email),
-        Some(s) => page::consent(&params, &origin, &policy, &s.user.email, &csrf_token(&s.token)),
+        Some(s) => {
+            // The words come from the permissions themselves, never from stored prose.
+            let lines = keycast_core::Policy::from_row(&policy)
+                .map_err(AppError::internal)?
+                .summary()
+                .lines();
+            page::consent(&params, &origin, &policy, &lines, &s.user.email, &csrf_token(&s.token))
+        }
     };
     Ok(no_store(Html(page)).into_response())
 }
@@ -318,8 +325,9 @@ pub(crate) fn policy_json(policy: &keycast_core::Policy) -> Value {
         "slug": policy.slug,
         "allowed_kinds": policy.allowed_kinds,
         "blocked_words": policy.blocked_words,
+        "encrypt": policy.encrypt,
+        "decrypt": policy.decrypt,
         "encrypt_to_self": policy.encrypt_to_self,
-        "decrypt_only": policy.decrypt_only,
         "full_access": policy.full_access,
     })
 }

@@ -216,11 +216,19 @@ pub fn verify_first(email: &str) -> String {
 }
 
 /// The consent page: who asks (the redirect origin), for which policy, approve or deny.
-pub fn consent(params: &AuthorizeParams, origin: &str, policy: &PolicyRow, email: &str, csrf: &str) -> String {
+pub fn consent(
+    params: &AuthorizeParams,
+    origin: &str,
+    policy: &PolicyRow,
+    lines: &[String],
+    email: &str,
+    csrf: &str,
+) -> String {
+    let allows: String = lines.iter().map(|l| format!("<li>{}</li>", escape(l))).collect();
     let body = format!(
         "<h1>Allow <strong>{origin}</strong> to sign for you?</h1>\
          <p>Signed in as {email}.</p>\
-         <p>Policy: <strong>{name}</strong> (<code>{slug}</code>) — {description}</p>\
+         <p>Policy: <strong>{name}</strong> (<code>{slug}</code>). The app may:</p><ul class=\"allows\">{allows}</ul>\
          <p>You can revoke this access at any time.</p>\
          <form method=\"post\" action=\"/api/oauth/authorize\">{hidden}\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
@@ -230,7 +238,6 @@ pub fn consent(params: &AuthorizeParams, origin: &str, policy: &PolicyRow, email
         email = escape(email),
         name = escape(&policy.display_name),
         slug = escape(&policy.slug),
-        description = escape(&policy.description),
         hidden = hidden(params),
         csrf = escape(csrf),
     );
