@@ -95,13 +95,6 @@ fn a_wallet_app_cannot_read_direct_messages_and_the_consent_page_says_so() {
         ),
         Some(&cookie),
     );
-    assert!(consent.body.contains("zap requests (kind 9734)"), "{}", consent.body);
-    assert!(
-        consent.body.contains("Not read your encrypted messages"),
-        "{}",
-        consent.body
-    );
-    assert!(consent.body.contains("Not encrypt messages"), "{}", consent.body);
 
     let token = harness::flow::grant(&server, &cookie, "policy:wallet")["access_token"]
         .as_str()
@@ -129,4 +122,11 @@ fn a_wallet_app_cannot_read_direct_messages_and_the_consent_page_says_so() {
     assert_eq!(write.status, 403, "{}", write.body);
     let zap = json!({"kind": 9734, "content": "", "tags": [], "created_at": 1_700_000_000});
     assert_eq!(rpc(&server, &token, "sign_event", json!([zap])).status, 200);
+    assert!(consent.body.contains("zap requests (kind 9734)"), "{}", consent.body);
+    assert!(
+        consent.body.contains("Not read your encrypted messages"),
+        "{}",
+        consent.body
+    );
+    assert!(consent.body.contains("Not encrypt messages"), "{}", consent.body);
 }
