@@ -237,6 +237,7 @@ impl ExportFormat {
 pub async fn export_key(
     pool: &SqlitePool,
     km: &dyn KeyManager,
+    queue: &crate::HashingQueue,
     user: &User,
     proof: &Reauthenticated,
     format: ExportFormat,
@@ -252,7 +253,7 @@ pub async fn export_key(
     event_repo::insert(pool, &user.id, "key_exported", format.name(), now).await?;
     let key = match format {
         ExportFormat::Nsec => keys::export_nsec(pool, km, proof).await?,
-        ExportFormat::Ncryptsec(passphrase) => keys::export_ncryptsec(pool, km, proof, &passphrase).await?,
+        ExportFormat::Ncryptsec(passphrase) => keys::export_ncryptsec(pool, km, proof, &passphrase, queue).await?,
     };
     Ok(key)
 }
@@ -425,7 +426,11 @@ mod tests {
             .into_iter()
             .map(|e| e.event)
             .collect();
-        assert_eq!(events, ["key_replaced", "password_reset", "authorizations_revoked"]);
+        // Newest first; the reset's two events share a second, so their order is free.
+        assert_eq!(events[0], "key_replaced");
+        let mut reset: Vec<&str> = events[1..].iter().map(String::as_str).collect();
+        reset.sort_unstable();
+        assert_eq!(reset, ["authorizations_revoked", "password_reset"]);
     }
 
     #[tokio::test]
@@ -434,15 +439,32 @@ mod tests {
         let hasher = fast_hasher();
         let user = registered(&fx, &hasher, "c@x.org", None).await;
         let proof = hasher.reauthenticate(&user, &"correct horse".into()).await.unwrap();
-        let refused = export_key(fx.pool(), fx.km.as_ref(), &user, &proof, ExportFormat::Nsec, 2).await;
+        let refused = export_key(
+            fx.pool(),
+            fx.km.as_ref(),
+            hasher.queue(),
+            &user,
+            &proof,
+            ExportFormat::Nsec,
+            2,
+        )
+        .await;
         assert!(matches!(refused, Err(AccountError::EmailNotVerified)), "{refused:?}");
         assert!(account_events(fx.pool(), &user.id, 10).await.unwrap().is_empty());
 
         user_repo::mark_email_verified(fx.pool(), &user.id, 3).await.unwrap();
         let user = user_repo::find_by_id(fx.pool(), &user.id).await.unwrap().unwrap();
-        let nsec = export_key(fx.pool(), fx.km.as_ref(), &user, &proof, ExportFormat::Nsec, 4)
-            .await
-            .unwrap();
+        let nsec = export_key(
+            fx.pool(),
+            fx.km.as_ref(),
+            hasher.queue(),
+            &user,
+            &proof,
+            ExportFormat::Nsec,
+            4,
+        )
+        .await
+        .unwrap();
         assert!(nsec.expose().starts_with("nsec1"));
         let events = account_events(fx.pool(), &user.id, 10).await.unwrap();
         assert_eq!(

@@ -7,6 +7,7 @@
 //! - [`keys`]: generate / import / load / export users' keys; bunker keys; the start-up
 //!   check [`keys::verify_can_decrypt`].
 //! - [`password`]: argon2id, and the [`Reauthenticated`] proof export requires.
+//! - [`hashing_queue`]: the bounded queue (memory budget) argon2 and scrypt run through.
 //! - [`policy`]: [`Policy`] and [`policy::evaluate`], the one permission check.
 //! - [`request`]: [`Request`] / [`Response`], what transports decode into and encode.
 //! - [`authz`]: [`Authorization`], grants (bunker keypair, connect secret, token).
@@ -27,6 +28,7 @@ pub mod authz;
 mod cache;
 pub mod durability;
 mod error;
+pub mod hashing_queue;
 pub mod key_manager;
 pub mod keys;
 pub mod nostrconnect;
@@ -43,6 +45,7 @@ pub use activity::DEFAULT_ACTIVITY_CAPACITY;
 pub use authz::{Authorization, Grant};
 pub use durability::Durability;
 pub use error::{AuthError, InternalError, SignError};
+pub use hashing_queue::HashingQueue;
 pub use key_manager::{KeyManager, KeyOwner, MasterKey, MasterKeyManager};
 pub use keys::KeyError;
 pub use nostrconnect::NostrConnectUri;

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::extract::{ClientIp, JsonBody, OverHttps};
-use crate::limit::{LOGIN_PER_EMAIL, LOGIN_PER_IP, MAIL_PER_EMAIL, MAIL_PER_IP, REGISTER_PER_IP, RESET_PER_IP};
+use crate::limit::{LOGIN_PER_IP, MAIL_PER_EMAIL, MAIL_PER_IP, REGISTER_PER_IP, RESET_PER_IP};
 use crate::mail::Mail;
 use crate::session::{clear_cookie, session_cookie, session_token};
 use crate::{AppError, AppState};
@@ -119,14 +119,23 @@ pub(crate) async fn log_in(
     password: String,
 ) -> Result<(User, axum::http::HeaderValue), AppError> {
     state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP)?;
-    let email_key = email.trim().to_lowercase();
-    state
-        .limits()
-        .check(&format!("login-email:{email_key}"), LOGIN_PER_EMAIL)?;
+    // Wrong passwords slow down this client at this account only (see `crate::limit`).
+    let backoff = format!("password:{}|{ip}", email.trim().to_lowercase());
+    state.limits().check_backoff(&backoff)?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
-    let (user, session) =
-        accounts::login(db.pool(), &services.hasher, email, &Secret::new(password), now_unix()).await?;
+    let outcome = accounts::login(db.pool(), &services.hasher, email, &Secret::new(password), now_unix()).await;
+    let (user, session) = match outcome {
+        Ok(done) => {
+            state.limits().password_succeeded(&backoff);
+            done
+        }
+        Err(err @ accounts::AccountError::InvalidCredentials) => {
+            state.limits().password_failed(&backoff);
+            return Err(err.into());
+        }
+        Err(err) => return Err(err.into()),
+    };
     state.confirm_write(false).await?;
     Ok((user, session_cookie(&session, secure)))
 }

@@ -51,6 +51,10 @@ pub enum AppError {
     /// a `Retry-After` header.
     #[error("too many attempts; retry in {retry_after_secs} s")]
     TooManyRequests { retry_after_secs: u64 },
+    /// Keycast is saturated (the password-hashing queue is full); retry after
+    /// `retry_after_secs`. 503, code `unavailable`, with a `Retry-After` header.
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_secs: u64 },
     /// Something failed inside keycast; the cause is logged, not returned. 500.
     #[error("internal error")]
     Internal(String),
@@ -59,7 +63,7 @@ pub enum AppError {
 impl AppError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AppError::Unavailable(_) | AppError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
@@ -90,7 +94,7 @@ impl IntoResponse for AppError {
         let mut response = (status, Json(json!({ "error": code, "message": message.clone() }))).into_response();
         // Routes that serve HTML re-render the error from this (see `page::html_errors`).
         response.extensions_mut().insert(ErrorMessage(message));
-        if let AppError::TooManyRequests { retry_after_secs } = self {
+        if let AppError::TooManyRequests { retry_after_secs } | AppError::Overloaded { retry_after_secs, .. } = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
@@ -135,11 +139,21 @@ impl From<AccountError> for AppError {
     }
 }
 
+impl From<keycast_core::hashing_queue::Busy> for AppError {
+    fn from(busy: keycast_core::hashing_queue::Busy) -> Self {
+        AppError::Overloaded {
+            message: busy.to_string(),
+            retry_after_secs: 1,
+        }
+    }
+}
+
 impl From<PasswordError> for AppError {
     fn from(err: PasswordError) -> Self {
         match err {
             PasswordError::TooShort | PasswordError::TooLong => AppError::BadRequest(err.to_string()),
             PasswordError::Mismatch => AppError::Unauthorized("wrong password".into()),
+            PasswordError::Busy(busy) => busy.into(),
             PasswordError::CorruptHash | PasswordError::Hashing(_) => AppError::internal(err),
         }
     }
@@ -151,6 +165,7 @@ impl From<KeyError> for AppError {
             KeyError::InvalidImport => AppError::BadRequest(err.to_string()),
             KeyError::KeyTaken | KeyError::AlreadyHasKey => AppError::Conflict(err.to_string()),
             KeyError::NoKey => AppError::NotFound(err.to_string()),
+            KeyError::Busy(busy) => busy.into(),
             other => AppError::internal(other),
         }
     }

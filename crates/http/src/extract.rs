@@ -86,14 +86,14 @@ fn is_form(headers: &HeaderMap) -> bool {
     media_type(headers).is_some_and(|t| t == "application/x-www-form-urlencoded")
 }
 
-/// The client's IP (see [`crate::limit::client_ip`]).
+/// The client's rate-limit key: its address, or its IPv6 /64 (see [`crate::limit`]).
 pub struct ClientIp(pub String);
 
 impl FromRequestParts<AppState> for ClientIp {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(crate::limit::client_ip(parts)))
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(state.limits().client_key(parts)))
     }
 }
 

@@ -45,6 +45,10 @@ pub struct HttpOptions {
     /// Where mail goes: this SMTP server (`KEYCAST_SMTP_URL`), or, when `None` (the
     /// default), the development outbox.
     pub smtp: Option<SmtpMailer>,
+    /// Proxies in front of keycast that append to `X-Forwarded-For`
+    /// (`KEYCAST_TRUSTED_PROXY_HOPS`); 0 (the default) ignores the header. See
+    /// [`crate::limit`].
+    pub trusted_proxy_hops: usize,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -71,6 +75,7 @@ impl Default for HttpOptions {
             code_ttl_secs: keycast_core::oauth::CODE_TTL_SECS,
             nostrconnect_internal_relays: false,
             smtp: None,
+            trusted_proxy_hops: 0,
         }
     }
 }
@@ -125,7 +130,7 @@ impl AppState {
                 db: OnceLock::new(),
                 services: OnceLock::new(),
                 outbox: Outbox::default(),
-                limits: RateLimits::default(),
+                limits: RateLimits::new(options.trusted_proxy_hops),
                 dependencies: OnceLock::new(),
                 durability: OnceLock::new(),
                 metrics,

@@ -19,7 +19,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::extract::{ClientIp, JsonBody};
-use crate::limit::LOGIN_PER_EMAIL;
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
 
@@ -270,12 +269,20 @@ async fn reauthenticate(
     user: &User,
     password: String,
 ) -> Result<keycast_core::Reauthenticated, AppError> {
-    state
-        .limits()
-        .check(&format!("login-email:{}", user.email), LOGIN_PER_EMAIL)?;
-    let _ = ip;
+    let backoff = format!("password:{}|{ip}", user.email);
+    state.limits().check_backoff(&backoff)?;
     let (_, services) = state.api()?;
-    Ok(services.hasher.reauthenticate(user, &Secret::new(password)).await?)
+    match services.hasher.reauthenticate(user, &Secret::new(password)).await {
+        Ok(proof) => {
+            state.limits().password_succeeded(&backoff);
+            Ok(proof)
+        }
+        Err(err @ keycast_core::password::PasswordError::Mismatch) => {
+            state.limits().password_failed(&backoff);
+            Err(err.into())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -312,6 +319,7 @@ async fn export(
     let key = account_security::export_key(
         db.pool(),
         services.keys.as_ref(),
+        services.hasher.queue(),
         &session.user,
         &proof,
         format,

@@ -238,6 +238,24 @@ pub const SETTINGS: &[Setting] = &[
         help: "life of an OAuth authorization code, 1 to 600 seconds",
     },
     Setting {
+        key: "trusted_proxy_hops",
+        env: "KEYCAST_TRUSTED_PROXY_HOPS",
+        default: "0",
+        help: "proxies in front of keycast that append to X-Forwarded-For (Cloud Run: 1; a Google load balancer in front of Cloud Run: 2); 0 ignores the header",
+    },
+    Setting {
+        key: "hash_memory_mib",
+        env: "KEYCAST_HASH_MEMORY_MIB",
+        default: "128",
+        help: "memory for password hashing (argon2id, 19 MiB each) and key export (scrypt, 64 MiB) running at once",
+    },
+    Setting {
+        key: "hash_queue",
+        env: "KEYCAST_HASH_QUEUE",
+        default: "64",
+        help: "requests that may wait for that memory; more are answered 503 with Retry-After",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -296,6 +314,12 @@ pub struct Config {
     pub smtp: Option<SmtpMailer>,
     /// Life of an OAuth authorization code, seconds (1..=600).
     pub oauth_code_ttl_secs: i64,
+    /// Proxies that append to `X-Forwarded-For` (0: the header is ignored).
+    pub trusted_proxy_hops: usize,
+    /// Memory budget of password hashing and key export, MiB.
+    pub hash_memory_mib: u32,
+    /// Hashing jobs that may wait for the budget.
+    pub hash_queue: usize,
 }
 
 /// Where the master key (the key-encryption key of stored Nostr keys) comes from.
@@ -509,6 +533,24 @@ impl Sources {
             oauth_code_ttl_secs: self
                 .get("oauth_code_ttl_secs", parse_code_ttl)?
                 .unwrap_or(keycast_core::oauth::CODE_TTL_SECS),
+            trusted_proxy_hops: self
+                .get("trusted_proxy_hops", |v| match v.parse::<usize>() {
+                    Ok(n) if n <= 10 => Ok(n),
+                    _ => Err("expected the number of proxies in front of keycast, 0 to 10 (Cloud Run: 1)".into()),
+                })?
+                .unwrap_or(0),
+            hash_memory_mib: self
+                .get("hash_memory_mib", |v| match v.parse::<u32>() {
+                    Ok(n) if (keycast_core::hashing_queue::SCRYPT_MIB..=65_536).contains(&n) => Ok(n),
+                    _ => Err("expected MiB from 64 (one key export) to 65536".into()),
+                })?
+                .unwrap_or(keycast_core::hashing_queue::DEFAULT_BUDGET_MIB),
+            hash_queue: self
+                .get("hash_queue", |v| match v.parse::<usize>() {
+                    Ok(n) if n <= 100_000 => Ok(n),
+                    _ => Err("expected a number of waiting requests from 0 to 100000".into()),
+                })?
+                .unwrap_or(keycast_core::hashing_queue::DEFAULT_MAX_WAITING),
             data_dir,
         })
     }
@@ -993,6 +1035,27 @@ mod tests {
         assert_eq!(config.oauth_code_ttl_secs, 60);
         for bad in ["0", "601", "x"] {
             assert!(env(&[("KEYCAST_OAUTH_CODE_TTL_SECS", bad)]).build().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn proxy_hops_and_the_hashing_budget_are_checked_and_name_their_variable() {
+        let config = Sources::default().build().unwrap();
+        assert_eq!(
+            (config.trusted_proxy_hops, config.hash_memory_mib, config.hash_queue),
+            (0, 128, 64)
+        );
+        let config = env(&[("KEYCAST_TRUSTED_PROXY_HOPS", "2"), ("KEYCAST_HASH_MEMORY_MIB", "256")])
+            .build()
+            .unwrap();
+        assert_eq!((config.trusted_proxy_hops, config.hash_memory_mib), (2, 256));
+        for (var, bad) in [
+            ("KEYCAST_TRUSTED_PROXY_HOPS", "yes"),
+            ("KEYCAST_HASH_MEMORY_MIB", "32"),
+            ("KEYCAST_HASH_QUEUE", "-1"),
+        ] {
+            let err = env(&[(var, bad)]).build().unwrap_err().to_string();
+            assert!(err.contains(&format!("{var}={bad}")), "{err}");
         }
     }
 

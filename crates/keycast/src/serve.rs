@@ -74,6 +74,7 @@ pub async fn run(
         code_ttl_secs: config.oauth_code_ttl_secs,
         nostrconnect_internal_relays: config.nostrconnect_internal_relays,
         smtp: config.smtp.clone(),
+        trusted_proxy_hops: config.trusted_proxy_hops,
     };
     let state = AppState::new(metrics, options);
     state.log_mail_setup();
@@ -156,7 +157,8 @@ async fn services(
     replica: Option<Monitor>,
 ) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
     let km = crate::master_key::load(&config.master_key, db.pool()).await?;
-    let hasher = PasswordHasher::new(PasswordParams::default()).context("password hashing parameters")?;
+    let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
+    let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
     let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
     let flusher = tokio::spawn(flush_activity(signer.clone(), replica));
     Ok((
