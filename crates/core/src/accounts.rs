@@ -104,6 +104,83 @@ pub struct Registered {
     pub session: NewSession,
 }
 
+/// Longest NIP-05 username, in characters.
+pub const MAX_USERNAME_CHARS: usize = 64;
+
+/// NIP-05 names nobody may claim (issue 12, item 9): `_` is shown by clients as the bare
+/// domain (`@keycast.example`), and the rest read as the operator speaking. The operator
+/// adds their own with `KEYCAST_RESERVED_USERNAMES`.
+pub const RESERVED_USERNAMES: &[&str] = &[
+    "_",
+    "abuse",
+    "admin",
+    "administrator",
+    "api",
+    "billing",
+    "bunker",
+    "contact",
+    "help",
+    "hostmaster",
+    "info",
+    "keycast",
+    "mail",
+    "mod",
+    "moderator",
+    "no-reply",
+    "noreply",
+    "nostr",
+    "official",
+    "operator",
+    "owner",
+    "postmaster",
+    "root",
+    "security",
+    "signer",
+    "staff",
+    "support",
+    "sysadmin",
+    "system",
+    "team",
+    "verified",
+    "webmaster",
+    "www",
+];
+
+/// Why a NIP-05 username cannot be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsernameError {
+    #[error("a username is 1 to {MAX_USERNAME_CHARS} characters of a-z, 0-9, '.', '_' and '-', with at least one letter or digit, not starting with '_'")]
+    Invalid,
+    #[error("the username {0:?} is reserved")]
+    Reserved(String),
+}
+
+/// Trims and lowercases a wanted NIP-05 username and checks it: its shape, and that it is
+/// neither a built-in reserved name nor one of `extra_reserved` (lowercase).
+///
+/// # Errors
+/// [`UsernameError`].
+pub fn validate_username(wanted: &str, extra_reserved: &[String]) -> Result<String, UsernameError> {
+    let name = wanted.trim().to_lowercase();
+    let shape = (1..=MAX_USERNAME_CHARS).contains(&name.chars().count())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if name == "_" || is_reserved(&name, extra_reserved) {
+        return Err(UsernameError::Reserved(name));
+    }
+    let meaningful = name.bytes().any(|b| b.is_ascii_alphanumeric()) && !name.starts_with('_');
+    if !shape || !meaningful {
+        return Err(UsernameError::Invalid);
+    }
+    Ok(name)
+}
+
+/// Whether `name` (lowercase) is reserved, built in or by the operator.
+pub fn is_reserved(name: &str, extra_reserved: &[String]) -> bool {
+    RESERVED_USERNAMES.contains(&name) || extra_reserved.iter().any(|r| r == name)
+}
+
 /// Trims and lowercases an email and checks its shape (one `@`, non-empty parts, no
 /// spaces, at most 254 bytes).
 ///
@@ -268,6 +345,28 @@ mod tests {
         assert_eq!(normalize_email("  Bob@Example.COM ").unwrap(), "bob@example.com");
         for bad in ["", "bob", "@x.org", "bob@", "b ob@x.org", "a@b@c"] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn usernames_are_normalised_and_reserved_or_meaningless_ones_refused() {
+        let extra = vec!["acme".to_owned()];
+        assert_eq!(validate_username(" Alice.B ", &extra).unwrap(), "alice.b");
+        for reserved in ["_", "Admin", "keycast", "postmaster", "acme"] {
+            assert!(
+                matches!(validate_username(reserved, &extra), Err(UsernameError::Reserved(_))),
+                "{reserved}"
+            );
+        }
+        for bad in [
+            "",
+            "..",
+            "-_-",
+            "_hidden",
+            "no spaces",
+            &"a".repeat(MAX_USERNAME_CHARS + 1),
+        ] {
+            assert_eq!(validate_username(bad, &extra), Err(UsernameError::Invalid), "{bad:?}");
         }
     }
 

@@ -49,6 +49,9 @@ pub struct HttpOptions {
     /// (`KEYCAST_TRUSTED_PROXY_HOPS`); 0 (the default) ignores the header. See
     /// [`crate::limit`].
     pub trusted_proxy_hops: usize,
+    /// NIP-05 names reserved by the operator (`KEYCAST_RESERVED_USERNAMES`, lowercase), on
+    /// top of [`keycast_core::accounts::RESERVED_USERNAMES`].
+    pub reserved_usernames: Vec<String>,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -76,6 +79,7 @@ impl Default for HttpOptions {
             nostrconnect_internal_relays: false,
             smtp: None,
             trusted_proxy_hops: 0,
+            reserved_usernames: Vec::new(),
         }
     }
 }

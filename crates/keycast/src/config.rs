@@ -256,6 +256,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "requests that may wait for that memory; more are answered 503 with Retry-After",
     },
     Setting {
+        key: "reserved_usernames",
+        env: "KEYCAST_RESERVED_USERNAMES",
+        default: "(none)",
+        help: "comma-separated NIP-05 names nobody may claim, on top of the built-in ones (_, admin, root, support, keycast, …)",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -320,6 +326,8 @@ pub struct Config {
     pub hash_memory_mib: u32,
     /// Hashing jobs that may wait for the budget.
     pub hash_queue: usize,
+    /// NIP-05 names reserved by the operator, lowercase.
+    pub reserved_usernames: Vec<String>,
 }
 
 /// Where the master key (the key-encryption key of stored Nostr keys) comes from.
@@ -551,6 +559,9 @@ impl Sources {
                     _ => Err("expected a number of waiting requests from 0 to 100000".into()),
                 })?
                 .unwrap_or(keycast_core::hashing_queue::DEFAULT_MAX_WAITING),
+            reserved_usernames: self
+                .get("reserved_usernames", parse_reserved_usernames)?
+                .unwrap_or_default(),
             data_dir,
         })
     }
@@ -811,6 +822,21 @@ fn parse_origins(v: &str) -> Result<Vec<String>, String> {
         }
     }
     Ok(origins)
+}
+
+fn parse_reserved_usernames(v: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = v
+        .split(',')
+        .map(|n| n.trim().to_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    match names
+        .iter()
+        .find(|n| !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    {
+        Some(bad) => Err(format!("{bad:?} is not a NIP-05 name (a-z, 0-9, '.', '_', '-')")),
+        None => Ok(names),
+    }
 }
 
 fn parse_bool(v: &str) -> Result<bool, String> {

@@ -75,6 +75,7 @@ pub async fn run(
         nostrconnect_internal_relays: config.nostrconnect_internal_relays,
         smtp: config.smtp.clone(),
         trusted_proxy_hops: config.trusted_proxy_hops,
+        reserved_usernames: config.reserved_usernames.clone(),
     };
     let state = AppState::new(metrics, options);
     state.log_mail_setup();
