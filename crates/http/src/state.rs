@@ -52,6 +52,10 @@ pub struct HttpOptions {
     /// NIP-05 names reserved by the operator (`KEYCAST_RESERVED_USERNAMES`, lowercase), on
     /// top of [`keycast_core::accounts::RESERVED_USERNAMES`].
     pub reserved_usernames: Vec<String>,
+    /// Bearer token `/metrics` requires (`KEYCAST_METRICS_TOKEN`); `None` (the default)
+    /// answers only direct requests from loopback (a scraper beside keycast, such as Cloud
+    /// Run's Managed Prometheus sidecar).
+    pub metrics_token: Option<keycast_core::Secret<String>>,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -80,6 +84,7 @@ impl Default for HttpOptions {
             smtp: None,
             trusted_proxy_hops: 0,
             reserved_usernames: Vec::new(),
+            metrics_token: None,
         }
     }
 }

@@ -88,6 +88,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "per-request timeout in seconds; 0 disables it",
     },
     Setting {
+        key: "header_read_timeout_secs",
+        env: "KEYCAST_HEADER_READ_TIMEOUT_SECS",
+        default: "10",
+        help: "seconds a client has to send a request's headers before the connection is closed (slowloris)",
+    },
+    Setting {
+        key: "metrics_token",
+        env: "KEYCAST_METRICS_TOKEN",
+        default: "(none: loopback only)",
+        help: "bearer token /metrics requires; without it /metrics answers only direct loopback requests; secret",
+    },
+    Setting {
         key: "replica_url",
         env: "KEYCAST_REPLICA_URL",
         default: "file://<data_dir>-replica",
@@ -270,7 +282,7 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Settings whose values are secrets: redacted from every message.
-const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url"];
+const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url", "metrics_token"];
 
 /// Where the embedded relay listens by default: loopback, so it is private to the machine.
 pub const DEFAULT_EMBEDDED_RELAY_ADDR: &str = "127.0.0.1:7447";
@@ -294,6 +306,10 @@ pub struct Config {
     pub log_filter: String,
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Bearer token `/metrics` requires; `None`: loopback only.
+    pub metrics_token: Option<keycast_core::Secret<String>>,
     pub test_routes: bool,
     /// Which writes wait for the replica.
     pub durability: DurabilityMode,
@@ -517,7 +533,17 @@ impl Sources {
             request_timeout: self
                 .get("request_timeout_secs", parse_secs)?
                 .unwrap_or(Duration::from_secs(30)),
-            test_routes: self.get("test_routes", parse_bool)?.unwrap_or(false),
+            header_read_timeout: self.get("header_read_timeout_secs", parse_positive_secs)?.unwrap_or(
+                Duration::from_secs(crate::http_server::DEFAULT_HEADER_READ_TIMEOUT_SECS),
+            ),
+            metrics_token: self.get("metrics_token", |v| {
+                if v.len() < 16 {
+                    Err("expected at least 16 characters (e.g. `openssl rand -hex 32`)".into())
+                } else {
+                    Ok(keycast_core::Secret::new(v.to_owned()))
+                }
+            })?,
+            test_routes: self.test_routes()?,
             durability: self.get("durability", parse_durability)?.unwrap_or_default(),
             replica: self.replica(&data_dir)?,
             master_key: self.master_key(&data_dir)?,
@@ -564,6 +590,24 @@ impl Sources {
                 .unwrap_or_default(),
             data_dir,
         })
+    }
+
+    /// `test_routes`, refused with an https public URL: the test routes hand out mailed
+    /// tokens (the outbox), so a production instance must never mount them by accident.
+    fn test_routes(&self) -> Result<bool, ConfigError> {
+        let on = self.get("test_routes", parse_bool)?.unwrap_or(false);
+        let https = self
+            .get("public_url", parse_public_url)?
+            .is_some_and(|u| u.starts_with("https://"));
+        if on && https {
+            return Err(ConfigError::Invalid {
+                origin: describe("test_routes", &self.values["test_routes"]),
+                reason: "the test routes hand out mailed tokens and must never run in production; \
+                         they are refused while KEYCAST_PUBLIC_URL is https"
+                    .into(),
+            });
+        }
+        Ok(on)
     }
 
     /// The SMTP mailer, when `smtp_url` is set (then `mail_from` is required).
@@ -1086,6 +1130,36 @@ mod tests {
     }
 
     #[test]
+    fn test_routes_are_refused_with_an_https_public_url_and_timeouts_are_checked() {
+        let err = env(&[
+            ("KEYCAST_TEST_ROUTES", "true"),
+            ("KEYCAST_PUBLIC_URL", "https://k.example"),
+        ])
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("KEYCAST_TEST_ROUTES=true"), "{err}");
+        assert!(env(&[("KEYCAST_TEST_ROUTES", "true")]).build().unwrap().test_routes);
+        assert_eq!(
+            Sources::default().build().unwrap().header_read_timeout,
+            Duration::from_secs(10)
+        );
+        let err = env(&[("KEYCAST_HEADER_READ_TIMEOUT_SECS", "0")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYCAST_HEADER_READ_TIMEOUT_SECS=0"), "{err}");
+        let err = env(&[("KEYCAST_METRICS_TOKEN", "short")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KEYCAST_METRICS_TOKEN=<redacted>") && !err.contains("short"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k.toml");
@@ -1106,6 +1180,22 @@ mod tests {
 #[cfg(test)]
 mod docs_tests {
     use super::SETTINGS;
+
+    #[test]
+    fn the_image_runs_keycast_as_an_unprivileged_user() {
+        let dockerfile = include_str!("../../../deploy/Dockerfile");
+        let user = dockerfile
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("USER "))
+            .last()
+            .expect("the Dockerfile names a USER");
+        let uid = user.split(':').next().unwrap().trim();
+        assert!(uid != "root" && uid != "0", "the image runs as {user}");
+        assert!(
+            uid.parse::<u32>().is_ok(),
+            "a numeric uid, so runAsNonRoot can check it: {user}"
+        );
+    }
 
     #[test]
     fn the_readme_documents_every_setting() {

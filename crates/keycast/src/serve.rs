@@ -15,7 +15,7 @@
 //!
 //! Exit status is 0 when all of that finished inside the grace period, non-zero otherwise.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -76,16 +76,18 @@ pub async fn run(
         smtp: config.smtp.clone(),
         trusted_proxy_hops: config.trusted_proxy_hops,
         reserved_usernames: config.reserved_usernames.clone(),
+        metrics_token: config.metrics_token.clone(),
     };
     let state = AppState::new(metrics, options);
     state.log_mail_setup();
+    if config.test_routes {
+        tracing::warn!("KEYCAST_TEST_ROUTES=true: /api/test/* is mounted and GET /api/test/outbox hands out every mailed token to anyone who asks; this is for keycast's own tests, never for an instance people use");
+    }
     let (stop_http, http_stopped) = oneshot::channel::<()>();
-    let app = keycast_http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = http_stopped.await;
-        })
-        .into_future();
+    let app = keycast_http::app(state.clone());
+    let server = crate::http_server::serve(listener, app, config.header_read_timeout, async move {
+        let _ = http_stopped.await;
+    });
     let mut server = tokio::spawn(server);
 
     tokio::pin!(shutdown);
