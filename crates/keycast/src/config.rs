@@ -1187,7 +1187,7 @@ mod docs_tests {
         let user = dockerfile
             .lines()
             .filter_map(|l| l.trim().strip_prefix("USER "))
-            .last()
+            .next_back()
             .expect("the Dockerfile names a USER");
         let uid = user.split(':').next().unwrap().trim();
         assert!(uid != "root" && uid != "0", "the image runs as {user}");
