@@ -36,6 +36,19 @@ pub enum AccountError {
     /// A mailed token that is unknown, used, expired or for another purpose.
     #[error("the link is invalid or has expired")]
     InvalidToken,
+    /// The email is not verified yet, and the action needs it (key export, a new
+    /// authorization, a NIP-05 name).
+    #[error(
+        "confirm your email address first: open the link keycast mailed you (the dashboard sends a new one); \
+         until then keycast does not export keys, authorize apps or give out NIP-05 names"
+    )]
+    EmailNotVerified,
+    /// Confirming an email needs the account's password as well as the link.
+    #[error(
+        "that is not this account's password; if you did not create this keycast account, someone else did \
+         with your address: use \"Forgot your password?\" to take it over"
+    )]
+    WrongPassword,
     #[error(transparent)]
     Password(PasswordError),
     /// Import problems ([`KeyError::InvalidImport`], [`KeyError::KeyTaken`]) and key
@@ -89,6 +102,83 @@ pub struct Registered {
     pub user: User,
     pub key: UserKey,
     pub session: NewSession,
+}
+
+/// Longest NIP-05 username, in characters.
+pub const MAX_USERNAME_CHARS: usize = 64;
+
+/// NIP-05 names nobody may claim (issue 12, item 9): `_` is shown by clients as the bare
+/// domain (`@keycast.example`), and the rest read as the operator speaking. The operator
+/// adds their own with `KEYCAST_RESERVED_USERNAMES`.
+pub const RESERVED_USERNAMES: &[&str] = &[
+    "_",
+    "abuse",
+    "admin",
+    "administrator",
+    "api",
+    "billing",
+    "bunker",
+    "contact",
+    "help",
+    "hostmaster",
+    "info",
+    "keycast",
+    "mail",
+    "mod",
+    "moderator",
+    "no-reply",
+    "noreply",
+    "nostr",
+    "official",
+    "operator",
+    "owner",
+    "postmaster",
+    "root",
+    "security",
+    "signer",
+    "staff",
+    "support",
+    "sysadmin",
+    "system",
+    "team",
+    "verified",
+    "webmaster",
+    "www",
+];
+
+/// Why a NIP-05 username cannot be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UsernameError {
+    #[error("a username is 1 to {MAX_USERNAME_CHARS} characters of a-z, 0-9, '.', '_' and '-', with at least one letter or digit, not starting with '_'")]
+    Invalid,
+    #[error("the username {0:?} is reserved")]
+    Reserved(String),
+}
+
+/// Trims and lowercases a wanted NIP-05 username and checks it: its shape, and that it is
+/// neither a built-in reserved name nor one of `extra_reserved` (lowercase).
+///
+/// # Errors
+/// [`UsernameError`].
+pub fn validate_username(wanted: &str, extra_reserved: &[String]) -> Result<String, UsernameError> {
+    let name = wanted.trim().to_lowercase();
+    let shape = (1..=MAX_USERNAME_CHARS).contains(&name.chars().count())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if name == "_" || is_reserved(&name, extra_reserved) {
+        return Err(UsernameError::Reserved(name));
+    }
+    let meaningful = name.bytes().any(|b| b.is_ascii_alphanumeric()) && !name.starts_with('_');
+    if !shape || !meaningful {
+        return Err(UsernameError::Invalid);
+    }
+    Ok(name)
+}
+
+/// Whether `name` (lowercase) is reserved, built in or by the operator.
+pub fn is_reserved(name: &str, extra_reserved: &[String]) -> bool {
+    RESERVED_USERNAMES.contains(&name) || extra_reserved.iter().any(|r| r == name)
 }
 
 /// Trims and lowercases an email and checks its shape (one `@`, non-empty parts, no
@@ -236,42 +326,6 @@ pub async fn mail_token_is_live(
     session_repo::is_live_user_token(pool, &hash_token(token), purpose, now).await
 }
 
-/// Redeems an email-verification token and marks the email verified.
-///
-/// # Errors
-/// [`AccountError::InvalidToken`]; [`AccountError::Internal`].
-pub async fn verify_email(pool: &SqlitePool, token: &str, now: i64) -> Result<UserId, AccountError> {
-    let user = session_repo::redeem_user_token(pool, &hash_token(token), TokenPurpose::VerifyEmail, now)
-        .await?
-        .ok_or(AccountError::InvalidToken)?;
-    user_repo::mark_email_verified(pool, &user, now).await?;
-    Ok(user)
-}
-
-/// Redeems a password-reset token, sets the new password and ends every session of the
-/// user. The password rules (cheap) are checked before the token is used up; the token is
-/// checked before the password is hashed, so a guessed token costs no argon2 work.
-///
-/// # Errors
-/// [`AccountError::Password`], [`AccountError::InvalidToken`]; [`AccountError::Internal`]
-/// (the token is then used up: the user asks for a new link).
-pub async fn reset_password(
-    pool: &SqlitePool,
-    hasher: &PasswordHasher,
-    token: &str,
-    new_password: &Secret<String>,
-    now: i64,
-) -> Result<UserId, AccountError> {
-    validate_new_password(new_password)?;
-    let user = session_repo::redeem_user_token(pool, &hash_token(token), TokenPurpose::ResetPassword, now)
-        .await?
-        .ok_or(AccountError::InvalidToken)?;
-    let hash = hasher.hash_async(new_password).await?;
-    user_repo::set_password_hash(pool, &user, &hash, now).await?;
-    session_repo::delete_for_user(pool, &user).await?;
-    Ok(user)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,6 +345,28 @@ mod tests {
         assert_eq!(normalize_email("  Bob@Example.COM ").unwrap(), "bob@example.com");
         for bad in ["", "bob", "@x.org", "bob@", "b ob@x.org", "a@b@c"] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn usernames_are_normalised_and_reserved_or_meaningless_ones_refused() {
+        let extra = vec!["acme".to_owned()];
+        assert_eq!(validate_username(" Alice.B ", &extra).unwrap(), "alice.b");
+        for reserved in ["_", "Admin", "keycast", "postmaster", "acme"] {
+            assert!(
+                matches!(validate_username(reserved, &extra), Err(UsernameError::Reserved(_))),
+                "{reserved}"
+            );
+        }
+        for bad in [
+            "",
+            "..",
+            "-_-",
+            "_hidden",
+            "no spaces",
+            &"a".repeat(MAX_USERNAME_CHARS + 1),
+        ] {
+            assert_eq!(validate_username(bad, &extra), Err(UsernameError::Invalid), "{bad:?}");
         }
     }
 
@@ -403,50 +479,5 @@ mod tests {
             .unwrap_err();
         assert_eq!(wrong.to_string(), unknown.to_string());
         assert!(matches!(unknown, AccountError::InvalidCredentials));
-    }
-
-    #[tokio::test]
-    async fn email_verification_token_works_once() {
-        let fx = fixture().await;
-        let token = issue_mail_token(fx.pool(), &fx.user, TokenPurpose::VerifyEmail, 5)
-            .await
-            .unwrap();
-        assert_eq!(verify_email(fx.pool(), token.expose(), 6).await.unwrap(), fx.user);
-        let user = user_repo::find_by_id(fx.pool(), &fx.user).await.unwrap().unwrap();
-        assert_eq!(user.email_verified_at, Some(6));
-        assert!(matches!(
-            verify_email(fx.pool(), token.expose(), 7).await,
-            Err(AccountError::InvalidToken)
-        ));
-    }
-
-    #[tokio::test]
-    async fn password_reset_changes_the_password_and_ends_sessions() {
-        let fx = fixture().await;
-        let hasher = fast_hasher();
-        let reg = register(fx.pool(), fx.km.as_ref(), &hasher, &registration("b@x.org", None), 1)
-            .await
-            .unwrap();
-        let token = issue_mail_token(fx.pool(), &reg.user.id, TokenPurpose::ResetPassword, 2)
-            .await
-            .unwrap();
-        let verify_token = issue_mail_token(fx.pool(), &reg.user.id, TokenPurpose::VerifyEmail, 2)
-            .await
-            .unwrap();
-        let wrong_purpose = reset_password(fx.pool(), &hasher, verify_token.expose(), &"new password".into(), 3).await;
-        assert!(matches!(wrong_purpose, Err(AccountError::InvalidToken)));
-        reset_password(fx.pool(), &hasher, token.expose(), &"new password".into(), 3)
-            .await
-            .unwrap();
-        assert_eq!(
-            session_user(fx.pool(), reg.session.token.expose(), 4).await.unwrap(),
-            None
-        );
-        login(fx.pool(), &hasher, "b@x.org", &"new password".into(), 4)
-            .await
-            .unwrap();
-        assert!(login(fx.pool(), &hasher, "b@x.org", &"correct horse".into(), 4)
-            .await
-            .is_err());
     }
 }

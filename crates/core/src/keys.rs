@@ -58,6 +58,9 @@ pub enum KeyError {
     /// NIP-49 encryption of an export failed.
     #[error("the key could not be exported as ncryptsec")]
     Export,
+    /// The hashing queue is full; retry shortly.
+    #[error(transparent)]
+    Busy(#[from] crate::hashing_queue::Busy),
     /// A storage failure.
     #[error(transparent)]
     Repo(RepoError),
@@ -219,7 +222,7 @@ pub async fn export_nsec(
 
 /// Exports the re-authenticated user's key as NIP-49 `ncryptsec1…`, encrypted under
 /// `passphrase` with scrypt cost [`NCRYPTSEC_LOG_N`]. CPU- and memory-heavy (~64 MiB,
-/// tenths of a second): runs on the blocking pool.
+/// tenths of a second): runs through the bounded `queue`.
 ///
 /// # Errors
 /// As [`load_user_keys`]; [`KeyError::Export`].
@@ -228,21 +231,22 @@ pub async fn export_ncryptsec(
     km: &dyn KeyManager,
     proof: &Reauthenticated,
     passphrase: &Secret<String>,
-) -> Result<String, KeyError> {
+    queue: &crate::HashingQueue,
+) -> Result<Secret<String>, KeyError> {
     let keys = load_user_keys(pool, km, proof.user_id()).await?;
     let passphrase = passphrase.clone();
-    tokio::task::spawn_blocking(move || {
-        let encrypted = EncryptedSecretKey::new(
-            keys.secret_key(),
-            passphrase.expose(),
-            NCRYPTSEC_LOG_N,
-            KeySecurity::Unknown,
-        )
-        .map_err(|_| KeyError::Export)?;
-        encrypted.to_bech32().map_err(|_| KeyError::Export)
-    })
-    .await
-    .map_err(|_| KeyError::Export)?
+    queue
+        .run(crate::hashing_queue::SCRYPT_MIB, move || {
+            let encrypted = EncryptedSecretKey::new(
+                keys.secret_key(),
+                passphrase.expose(),
+                NCRYPTSEC_LOG_N,
+                KeySecurity::Unknown,
+            )
+            .map_err(|_| KeyError::Export)?;
+            encrypted.to_bech32().map(Secret::new).map_err(|_| KeyError::Export)
+        })
+        .await?
 }
 
 /// A fresh bunker keypair for a new authorization, sealed for it.
@@ -476,11 +480,11 @@ mod tests {
         assert!(nsec.expose().starts_with("nsec1"));
         assert_eq!(Keys::parse(nsec.expose()).unwrap().public_key(), fx.user_pubkey);
 
-        let ncryptsec = export_ncryptsec(fx.pool(), fx.km.as_ref(), &proof, &"file pass".into())
+        let ncryptsec = export_ncryptsec(fx.pool(), fx.km.as_ref(), &proof, &"file pass".into(), hasher.queue())
             .await
             .unwrap();
-        assert!(ncryptsec.starts_with("ncryptsec1"));
-        let decrypted = EncryptedSecretKey::from_bech32(&ncryptsec)
+        assert!(ncryptsec.expose().starts_with("ncryptsec1"));
+        let decrypted = EncryptedSecretKey::from_bech32(ncryptsec.expose())
             .unwrap()
             .decrypt("file pass")
             .unwrap();

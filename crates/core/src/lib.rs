@@ -7,10 +7,13 @@
 //! - [`keys`]: generate / import / load / export users' keys; bunker keys; the start-up
 //!   check [`keys::verify_can_decrypt`].
 //! - [`password`]: argon2id, and the [`Reauthenticated`] proof export requires.
+//! - [`hashing_queue`]: the bounded queue (memory budget) argon2 and scrypt run through.
 //! - [`policy`]: [`Policy`] and [`policy::evaluate`], the one permission check.
 //! - [`request`]: [`Request`] / [`Response`], what transports decode into and encode.
 //! - [`authz`]: [`Authorization`], grants (bunker keypair, connect secret, token).
 //! - [`accounts`]: register, log in, sessions, mailed single-use tokens.
+//! - [`account_security`]: what the mailbox owner's proof of control does (verification,
+//!   password reset, take-over), the verified-email gate, recorded key export, exposure.
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
@@ -18,12 +21,14 @@
 //! This crate knows nothing of HTTP, relays, environment variables or files; the binary
 //! reads configuration and passes values in.
 
+pub mod account_security;
 pub mod accounts;
 mod activity;
 pub mod authz;
 mod cache;
 pub mod durability;
 mod error;
+pub mod hashing_queue;
 pub mod key_manager;
 pub mod keys;
 pub mod nostrconnect;
@@ -40,6 +45,7 @@ pub use activity::DEFAULT_ACTIVITY_CAPACITY;
 pub use authz::{Authorization, Grant};
 pub use durability::Durability;
 pub use error::{AuthError, InternalError, SignError};
+pub use hashing_queue::HashingQueue;
 pub use key_manager::{KeyManager, KeyOwner, MasterKey, MasterKeyManager};
 pub use keys::KeyError;
 pub use nostrconnect::NostrConnectUri;

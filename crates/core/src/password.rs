@@ -8,8 +8,9 @@
 //! old hashes verifiable.
 //!
 //! Hashing and verifying are CPU-bound: async callers use [`PasswordHasher::hash_async`]
-//! and [`PasswordHasher::verify_async`], which run on tokio's blocking pool, never the
-//! synchronous forms on a runtime thread. Verification compares the derived output in
+//! and [`PasswordHasher::verify_async`], which run on tokio's blocking pool through the
+//! bounded [`HashingQueue`] (memory budget, refusal with [`PasswordError::Busy`] beyond it),
+//! never the synchronous forms on a runtime thread. Verification compares the derived output in
 //! constant time (the `password-hash` crate's `Output` equality), and
 //! [`PasswordHasher::verify_dummy`] lets a login for an unknown email cost the same.
 
@@ -19,6 +20,7 @@ use argon2::{Algorithm, Argon2, Params, Version};
 use keycast_db::users::User;
 use keycast_db::UserId;
 
+use crate::hashing_queue::{Busy, HashingQueue, ARGON2_MIB};
 use crate::secret::Secret;
 
 /// Shortest accepted new password, in characters.
@@ -42,6 +44,9 @@ pub enum PasswordError {
     /// argon2 failed (bad parameters), or the blocking task died.
     #[error("password hashing failed: {0}")]
     Hashing(String),
+    /// The hashing queue is full (see [`HashingQueue`]); retry shortly.
+    #[error(transparent)]
+    Busy(#[from] Busy),
 }
 
 /// argon2id cost parameters.
@@ -71,6 +76,8 @@ pub struct PasswordHasher {
     params: Params,
     /// A hash of a random password, verified against when the account does not exist.
     dummy_hash: String,
+    /// Where the async forms run (shared with key export's scrypt).
+    queue: HashingQueue,
 }
 
 /// Proof that a user just typed their password: produced only by
@@ -108,14 +115,28 @@ impl PasswordHasher {
     /// # Errors
     /// [`PasswordError::Hashing`] when argon2 rejects the parameters.
     pub fn new(params: PasswordParams) -> Result<PasswordHasher, PasswordError> {
+        PasswordHasher::with_queue(params, HashingQueue::default())
+    }
+
+    /// A hasher with these parameters whose async forms run through `queue`.
+    ///
+    /// # Errors
+    /// [`PasswordError::Hashing`] when argon2 rejects the parameters.
+    pub fn with_queue(params: PasswordParams, queue: HashingQueue) -> Result<PasswordHasher, PasswordError> {
         let params = Params::new(params.memory_kib, params.iterations, params.parallelism, None)
             .map_err(|e| PasswordError::Hashing(e.to_string()))?;
         let mut hasher = PasswordHasher {
             params,
             dummy_hash: String::new(),
+            queue,
         };
         hasher.dummy_hash = hasher.hash(&crate::secret::random_token())?;
         Ok(hasher)
+    }
+
+    /// The queue the async forms run through (key export's scrypt shares it).
+    pub fn queue(&self) -> &HashingQueue {
+        &self.queue
     }
 
     fn argon2(&self) -> Argon2<'static> {
@@ -161,7 +182,7 @@ impl PasswordHasher {
     /// As `hash`.
     pub async fn hash_async(&self, password: &Secret<String>) -> Result<String, PasswordError> {
         let (hasher, password) = (self.clone(), password.clone());
-        blocking(move || hasher.hash(&password)).await
+        self.queue.run(ARGON2_MIB, move || hasher.hash(&password)).await?
     }
 
     /// [`PasswordHasher::verify`] on the blocking pool; `phc: None` (unknown account)
@@ -171,11 +192,12 @@ impl PasswordHasher {
     /// As `verify`.
     pub async fn verify_async(&self, password: &Secret<String>, phc: Option<&str>) -> Result<(), PasswordError> {
         let (hasher, password, phc) = (self.clone(), password.clone(), phc.map(str::to_owned));
-        blocking(move || match phc {
-            Some(phc) => hasher.verify(&password, &phc),
-            None => Err(hasher.verify_dummy(&password)),
-        })
-        .await
+        self.queue
+            .run(ARGON2_MIB, move || match phc {
+                Some(phc) => hasher.verify(&password, &phc),
+                None => Err(hasher.verify_dummy(&password)),
+            })
+            .await?
     }
 
     /// Checks `user`'s password again (before a sensitive action such as key export) and
@@ -193,14 +215,6 @@ impl PasswordHasher {
             user_id: user.id.clone(),
         })
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, PasswordError> + Send + 'static,
-) -> Result<T, PasswordError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| PasswordError::Hashing(e.to_string()))?
 }
 
 #[cfg(test)]

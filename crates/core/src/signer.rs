@@ -370,6 +370,23 @@ impl Signer {
         Ok(revoked)
     }
 
+    /// Revokes every live authorization of `user` (a take-over of the account, a new key)
+    /// and drops each from every cache. Returns how many it revoked. Commits: the caller
+    /// should wait for durability before answering.
+    ///
+    /// # Errors
+    /// Storage errors (then nothing was revoked).
+    pub async fn revoke_all(&self, user: &UserId) -> Result<usize, keycast_db::RepoError> {
+        let revoked = authz_repo::revoke_all_for_user(&self.pool, user, now_unix()).await?;
+        for id in &revoked {
+            self.invalidate_authorization(id);
+        }
+        if !revoked.is_empty() {
+            self.authorizations_changed();
+        }
+        Ok(revoked.len())
+    }
+
     /// Drops one authorization from every cache (after any change to its row made
     /// outside [`Signer::revoke`]).
     pub fn invalidate_authorization(&self, id: &AuthorizationId) {

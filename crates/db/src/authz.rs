@@ -183,6 +183,25 @@ pub async fn revoke(pool: &SqlitePool, id: &AuthorizationId, user: &UserId, now:
     Ok(done.rows_affected() == 1)
 }
 
+/// Revokes every live authorization of `user` at `now` (a take-over of the account) and
+/// returns the ids it revoked.
+///
+/// # Errors
+/// Database errors.
+pub async fn revoke_all_for_user(
+    pool: &SqlitePool,
+    user: &UserId,
+    now: i64,
+) -> Result<Vec<AuthorizationId>, RepoError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE authorizations SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL RETURNING id",
+    )
+    .bind(now)
+    .bind(user)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Binds the NIP-46 client to a live authorization. Succeeds when no client is bound yet
 /// (the first valid `connect` wins, atomically) or when the same client connects again.
 /// Returns false when another client is bound or the authorization is revoked/unknown.
@@ -257,6 +276,25 @@ pub(crate) mod tests {
         assert!(!revoke(db.pool(), &row.id, &owner, 9).await.unwrap());
         let row = find_by_id(db.pool(), &row.id).await.unwrap().unwrap();
         assert_eq!(row.revoked_at, Some(5));
+    }
+
+    #[tokio::test]
+    async fn revoking_all_of_a_users_authorizations_keeps_earlier_revocations_and_others() {
+        let (_dir, db) = temp_db().await;
+        let owner = test_user(db.pool(), "a@x.org").await;
+        let other = test_user(db.pool(), "b@x.org").await;
+        let a1 = test_authorization(db.pool(), &owner, "b1").await;
+        let a2 = test_authorization(db.pool(), &owner, "b2").await;
+        let b1 = test_authorization(db.pool(), &other, "b3").await;
+        assert!(revoke(db.pool(), &a1.id, &owner, 5).await.unwrap());
+        assert_eq!(
+            revoke_all_for_user(db.pool(), &owner, 9).await.unwrap(),
+            vec![a2.id.clone()]
+        );
+        for (id, revoked_at) in [(a1.id, Some(5)), (a2.id, Some(9)), (b1.id, None)] {
+            let row = find_by_id(db.pool(), &id).await.unwrap().unwrap();
+            assert_eq!(row.revoked_at, revoked_at);
+        }
     }
 
     #[tokio::test]

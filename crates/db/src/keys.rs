@@ -46,6 +46,12 @@ pub struct StoredKey {
     pub encrypted_secret: Vec<u8>,
     pub origin: KeyOrigin,
     pub created_at: i64,
+    /// When the key was last exported (recorded since schema version 2).
+    pub last_exported_at: Option<i64>,
+    /// When the key was marked as possibly known to someone else, and why (see
+    /// [`mark_exposed`]); `None` while it is not.
+    pub exposed_at: Option<i64>,
+    pub exposure: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -56,6 +62,9 @@ struct Row {
     encrypted_secret: Vec<u8>,
     origin: String,
     created_at: i64,
+    last_exported_at: Option<i64>,
+    exposed_at: Option<i64>,
+    exposure: Option<String>,
 }
 
 impl TryFrom<Row> for StoredKey {
@@ -68,6 +77,9 @@ impl TryFrom<Row> for StoredKey {
             encrypted_secret: row.encrypted_secret,
             origin: KeyOrigin::parse(&row.origin)?,
             created_at: row.created_at,
+            last_exported_at: row.last_exported_at,
+            exposed_at: row.exposed_at,
+            exposure: row.exposure,
         })
     }
 }
@@ -85,7 +97,7 @@ pub struct NewKey<'a> {
 
 macro_rules! columns {
     () => {
-        "id, user_id, pubkey, encrypted_secret, origin, created_at"
+        "id, user_id, pubkey, encrypted_secret, origin, created_at, last_exported_at, exposed_at, exposure"
     };
 }
 
@@ -158,6 +170,71 @@ pub async fn find_oldest_and_newest(pool: &SqlitePool) -> Result<Vec<StoredKey>,
     Ok(keys)
 }
 
+/// Replaces a user's key with `new` (a fresh key: new id, pubkey and ciphertext): the
+/// export and exposure records go with the old key. Returns false if the user had none.
+///
+/// # Errors
+/// [`RepoError::AlreadyExists`] if another user holds the new public key; database errors.
+pub async fn replace(pool: &SqlitePool, new: &NewKey<'_>, now: i64) -> Result<bool, RepoError> {
+    let done = sqlx::query(
+        "UPDATE keys SET id = $1, pubkey = $2, encrypted_secret = $3, origin = $4, created_at = $5, \
+         last_exported_at = NULL, exposed_at = NULL, exposure = NULL WHERE user_id = $6",
+    )
+    .bind(new.id)
+    .bind(new.pubkey)
+    .bind(new.encrypted_secret)
+    .bind(new.origin.as_str())
+    .bind(now)
+    .bind(new.user_id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records that the user's key was exported at `now`. Returns false if they have no key.
+///
+/// # Errors
+/// Database errors.
+pub async fn mark_exported(pool: &SqlitePool, user: &UserId, now: i64) -> Result<bool, RepoError> {
+    let done = sqlx::query("UPDATE keys SET last_exported_at = $1 WHERE user_id = $2")
+        .bind(now)
+        .bind(user)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Marks the user's key as possibly known to someone else, for `reason`; an earlier mark
+/// is kept (the first time and reason win). Returns false if they have no key.
+///
+/// # Errors
+/// Database errors.
+pub async fn mark_exposed(pool: &SqlitePool, user: &UserId, reason: &str, now: i64) -> Result<bool, RepoError> {
+    let done = sqlx::query(
+        "UPDATE keys SET exposed_at = COALESCE(exposed_at, $1), exposure = COALESCE(exposure, $2) WHERE user_id = $3",
+    )
+    .bind(now)
+    .bind(reason)
+    .bind(user)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Clears the exposure mark (the owner says the key is theirs alone). Returns whether
+/// there was one.
+///
+/// # Errors
+/// Database errors.
+pub async fn clear_exposure(pool: &SqlitePool, user: &UserId) -> Result<bool, RepoError> {
+    let done =
+        sqlx::query("UPDATE keys SET exposed_at = NULL, exposure = NULL WHERE user_id = $1 AND exposed_at IS NOT NULL")
+            .bind(user)
+            .execute(pool)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Deletes a user's key. Returns false if they had none.
 ///
 /// # Errors
@@ -203,6 +280,35 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(find_oldest_and_newest(db.pool()).await.unwrap(), vec![key, newer]);
+    }
+
+    #[tokio::test]
+    async fn export_exposure_and_replacement_are_recorded_on_the_key() {
+        let (_dir, db) = temp_db().await;
+        let user = test_user(db.pool(), "a@x.org").await;
+        insert(db.pool(), &new_key(&KeyId::generate(), &user, "aa"), 1)
+            .await
+            .unwrap();
+        assert!(mark_exported(db.pool(), &user, 5).await.unwrap());
+        assert!(mark_exposed(db.pool(), &user, "first", 6).await.unwrap());
+        assert!(mark_exposed(db.pool(), &user, "second", 7).await.unwrap());
+        let key = find_by_user(db.pool(), &user).await.unwrap().unwrap();
+        assert_eq!(
+            (key.last_exported_at, key.exposed_at, key.exposure.as_deref()),
+            (Some(5), Some(6), Some("first"))
+        );
+        let id = KeyId::generate();
+        let fresh = NewKey {
+            origin: KeyOrigin::Generated,
+            ..new_key(&id, &user, "bb")
+        };
+        assert!(replace(db.pool(), &fresh, 9).await.unwrap());
+        let key = find_by_user(db.pool(), &user).await.unwrap().unwrap();
+        assert_eq!((key.id, key.pubkey.as_str(), key.created_at), (id, "bb", 9));
+        assert_eq!((key.last_exported_at, key.exposed_at, key.exposure), (None, None, None));
+        assert!(mark_exposed(db.pool(), &user, "again", 10).await.unwrap());
+        assert!(clear_exposure(db.pool(), &user).await.unwrap());
+        assert!(!clear_exposure(db.pool(), &user).await.unwrap());
     }
 
     #[tokio::test]

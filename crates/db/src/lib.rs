@@ -9,7 +9,7 @@
 //! - Repositories, one per table group, plain functions over `&SqlitePool`:
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
-//!   [`activity`] (batched).
+//!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs).
 //!
 //! Repository SQL is portable to PostgreSQL: `$n` placeholders, `RETURNING`, ids and unix
 //! timestamps made in Rust, no engine-specific functions. Single-use things (OAuth codes,
@@ -20,6 +20,7 @@
 //! decided here once: **never the application** (`wal_autocheckpoint=0`); the replicator
 //! does, after the frames are safe in the object store.
 
+pub mod account_events;
 pub mod activity;
 pub mod authz;
 mod error;

@@ -151,6 +151,50 @@ pub async fn redeem_user_token(
     .await?)
 }
 
+/// Uses up every outstanding token of `user` for `purpose` (after a password reset, so an
+/// older reset link mailed earlier, perhaps to someone else's request, no longer works).
+/// Returns how many.
+///
+/// # Errors
+/// Database errors.
+pub async fn use_up_user_tokens(
+    pool: &SqlitePool,
+    user: &UserId,
+    purpose: TokenPurpose,
+    now: i64,
+) -> Result<u64, RepoError> {
+    let done =
+        sqlx::query("UPDATE user_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL")
+            .bind(now)
+            .bind(user)
+            .bind(purpose.as_str())
+            .execute(pool)
+            .await?;
+    Ok(done.rows_affected())
+}
+
+/// The user a single-use token belongs to if it would redeem now (known, of `purpose`,
+/// unused, unexpired), without using it.
+///
+/// # Errors
+/// Database errors.
+pub async fn find_live_user_token(
+    pool: &SqlitePool,
+    hash: &TokenHash,
+    purpose: TokenPurpose,
+    now: i64,
+) -> Result<Option<UserId>, RepoError> {
+    Ok(sqlx::query_scalar(
+        "SELECT user_id FROM user_tokens \
+         WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3",
+    )
+    .bind(hash)
+    .bind(purpose.as_str())
+    .bind(now)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Whether a single-use token would redeem now (known, of `purpose`, unused, unexpired),
 /// without using it: lets a page explain a dead link before asking for input.
 ///

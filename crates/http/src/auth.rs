@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use keycast_core::account_security;
 use keycast_core::accounts::{self, Registration};
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
@@ -23,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::extract::{ClientIp, JsonBody, OverHttps};
-use crate::limit::{LOGIN_PER_EMAIL, LOGIN_PER_IP, MAIL_PER_EMAIL, MAIL_PER_IP, REGISTER_PER_IP, RESET_PER_IP};
+use crate::limit::{LOGIN_PER_IP, MAIL_PER_EMAIL, MAIL_PER_IP, REGISTER_PER_IP, RESET_PER_IP};
 use crate::mail::Mail;
 use crate::session::{clear_cookie, session_cookie, session_token};
 use crate::{AppError, AppState};
@@ -118,14 +119,23 @@ pub(crate) async fn log_in(
     password: String,
 ) -> Result<(User, axum::http::HeaderValue), AppError> {
     state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP)?;
-    let email_key = email.trim().to_lowercase();
-    state
-        .limits()
-        .check(&format!("login-email:{email_key}"), LOGIN_PER_EMAIL)?;
+    // Wrong passwords slow down this client at this account only (see `crate::limit`).
+    let backoff = format!("password:{}|{ip}", email.trim().to_lowercase());
+    state.limits().check_backoff(&backoff)?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
-    let (user, session) =
-        accounts::login(db.pool(), &services.hasher, email, &Secret::new(password), now_unix()).await?;
+    let outcome = accounts::login(db.pool(), &services.hasher, email, &Secret::new(password), now_unix()).await;
+    let (user, session) = match outcome {
+        Ok(done) => {
+            state.limits().password_succeeded(&backoff);
+            done
+        }
+        Err(err @ accounts::AccountError::InvalidCredentials) => {
+            state.limits().password_failed(&backoff);
+            return Err(err.into());
+        }
+        Err(err) => return Err(err.into()),
+    };
     state.confirm_write(false).await?;
     Ok((user, session_cookie(&session, secure)))
 }
@@ -136,13 +146,17 @@ async fn logout(
     OverHttps(secure): OverHttps,
     headers: axum::http::HeaderMap,
 ) -> Result<Response, AppError> {
-    end_session(&state, &headers).await?;
+    end_session(&state, &headers, secure).await?;
     Ok((StatusCode::NO_CONTENT, [(SET_COOKIE, clear_cookie(secure))]).into_response())
 }
 
 /// Ends the request's session, if it carries one (shared with the dashboard's logout).
-pub(crate) async fn end_session(state: &AppState, headers: &axum::http::HeaderMap) -> Result<(), AppError> {
-    if let Some(token) = session_token(headers) {
+pub(crate) async fn end_session(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    secure: bool,
+) -> Result<(), AppError> {
+    if let Some(token) = session_token(headers, secure) {
         let (db, _) = state.api()?;
         accounts::logout(db.pool(), &token).await?;
     }
@@ -150,26 +164,32 @@ pub(crate) async fn end_session(state: &AppState, headers: &axum::http::HeaderMa
 }
 
 #[derive(Deserialize)]
-struct TokenBody {
+struct VerifyBody {
     token: String,
+    password: String,
 }
 
-/// `POST /api/auth/verify-email {token}` → 200 `{verified: true}`; a used, expired or
-/// unknown token is a 400.
+/// `POST /api/auth/verify-email {token, password}` → 200 `{verified: true}`; a used,
+/// expired or unknown token is a 400, a wrong password a 401 (the token stays usable).
 async fn verify_email(
     State(state): State<AppState>,
-    JsonBody(body): JsonBody<TokenBody>,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody<VerifyBody>,
 ) -> Result<Json<Value>, AppError> {
-    confirm_email(&state, &body.token).await?;
+    confirm_email(&state, &ip, &body.token, body.password).await?;
     Ok(Json(json!({ "verified": true })))
 }
 
-/// Redeems an email-verification token (shared with the verify-email page).
-pub(crate) async fn confirm_email(state: &AppState, token: &str) -> Result<(), AppError> {
-    let (db, _) = state.api()?;
+/// Confirms an email with the mailed token and the account's password (shared with the
+/// verify-email page). Rate-limited per IP like a reset: each try costs a password check.
+pub(crate) async fn confirm_email(state: &AppState, ip: &str, token: &str, password: String) -> Result<(), AppError> {
+    state.limits().check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)?;
+    let (_, services) = state.api()?;
     state.ensure_writable().await?;
-    accounts::verify_email(db.pool(), token, now_unix()).await?;
-    state.confirm_write(false).await
+    let password = Secret::new(password);
+    account_security::verify_email(&services.signer, &services.hasher, token, &password, now_unix()).await?;
+    // The first verification may revoke authorizations: a write that changes who may sign.
+    state.confirm_write(true).await
 }
 
 #[derive(Deserialize)]
@@ -235,7 +255,8 @@ struct ResetBody {
     password: String,
 }
 
-/// `POST /api/auth/reset-password {token, password}` → 200; every session of the user ends.
+/// `POST /api/auth/reset-password {token, password}` → 200; a take-over of the account:
+/// every session ends, every authorization is revoked, other reset links die.
 async fn reset_password(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
@@ -255,11 +276,12 @@ pub(crate) async fn set_new_password(
     password: String,
 ) -> Result<(), AppError> {
     state.limits().check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)?;
-    let (db, services) = state.api()?;
+    let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let password = Secret::new(password);
-    accounts::reset_password(db.pool(), &services.hasher, token, &password, now_unix()).await?;
-    state.confirm_write(false).await
+    account_security::reset_password(&services.signer, &services.hasher, token, &password, now_unix()).await?;
+    // Revocations: a write that changes who may sign.
+    state.confirm_write(true).await
 }
 
 /// Issues a single-use token and sends the mail carrying its link (delivery runs on in the
@@ -299,8 +321,33 @@ async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose
         body: text,
         purpose: purpose.as_str(),
         token: token.expose().clone(),
+        link: (purpose == TokenPurpose::VerifyEmail).then(|| format!("{base}/verify-email?token={}", token.expose())),
     });
     Ok(())
+}
+
+/// Tells the account its key was exported (sent after the export was recorded): the owner
+/// learns of an export they did not make, and what to do.
+pub(crate) fn send_export_notice(state: &AppState, user: &User, format: &str, ip: &str) {
+    let base = state.options().public_url.trim_end_matches('/');
+    let when = chrono::DateTime::from_timestamp(now_unix(), 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_default();
+    let body = format!(
+        "Hello,\n\nthe secret key of the keycast account {email} was exported ({format}) at {when}, from the \
+         address {ip}. Whoever exported it can sign as you for as long as the key is used.\n\nIf that was you, \
+         there is nothing to do. If it was not: reset your password at {base}/forgot-password (that ends every \
+         session and disconnects every app), then start fresh with a new key on your dashboard.\n",
+        email = user.email,
+    );
+    state.send_mail(Mail {
+        to: user.email.clone(),
+        subject: "Your keycast key was exported".into(),
+        body,
+        purpose: "key_exported",
+        token: String::new(),
+        link: None,
+    });
 }
 
 /// What the account endpoints answer.

@@ -43,10 +43,18 @@ pub enum AppError {
     /// The thing already exists (email, username, key). 409, code `conflict`.
     #[error("{0}")]
     Conflict(String),
+    /// The body's `Content-Type` is not one this endpoint reads. 415, code
+    /// `unsupported_media_type`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Too many attempts; retry after `retry_after_secs`. 429, code `rate_limited`, with
     /// a `Retry-After` header.
     #[error("too many attempts; retry in {retry_after_secs} s")]
     TooManyRequests { retry_after_secs: u64 },
+    /// Keycast is saturated (the password-hashing queue is full); retry after
+    /// `retry_after_secs`. 503, code `unavailable`, with a `Retry-After` header.
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_secs: u64 },
     /// Something failed inside keycast; the cause is logged, not returned. 500.
     #[error("internal error")]
     Internal(String),
@@ -55,12 +63,13 @@ pub enum AppError {
 impl AppError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
-            AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AppError::Unavailable(_) | AppError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AppError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AppError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             AppError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -85,7 +94,7 @@ impl IntoResponse for AppError {
         let mut response = (status, Json(json!({ "error": code, "message": message.clone() }))).into_response();
         // Routes that serve HTML re-render the error from this (see `page::html_errors`).
         response.extensions_mut().insert(ErrorMessage(message));
-        if let AppError::TooManyRequests { retry_after_secs } = self {
+        if let AppError::TooManyRequests { retry_after_secs } | AppError::Overloaded { retry_after_secs, .. } = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
@@ -121,10 +130,20 @@ impl From<AccountError> for AppError {
         match err {
             AccountError::InvalidEmail | AccountError::InvalidToken => AppError::BadRequest(err.to_string()),
             AccountError::EmailTaken => AppError::Conflict(err.to_string()),
-            AccountError::InvalidCredentials => AppError::Unauthorized(err.to_string()),
+            AccountError::InvalidCredentials | AccountError::WrongPassword => AppError::Unauthorized(err.to_string()),
+            AccountError::EmailNotVerified => AppError::Forbidden(err.to_string()),
             AccountError::Password(p) => p.into(),
             AccountError::Key(k) => k.into(),
             AccountError::Internal(e) => AppError::internal(e),
+        }
+    }
+}
+
+impl From<keycast_core::hashing_queue::Busy> for AppError {
+    fn from(busy: keycast_core::hashing_queue::Busy) -> Self {
+        AppError::Overloaded {
+            message: busy.to_string(),
+            retry_after_secs: 1,
         }
     }
 }
@@ -134,6 +153,7 @@ impl From<PasswordError> for AppError {
         match err {
             PasswordError::TooShort | PasswordError::TooLong => AppError::BadRequest(err.to_string()),
             PasswordError::Mismatch => AppError::Unauthorized("wrong password".into()),
+            PasswordError::Busy(busy) => busy.into(),
             PasswordError::CorruptHash | PasswordError::Hashing(_) => AppError::internal(err),
         }
     }
@@ -145,6 +165,7 @@ impl From<KeyError> for AppError {
             KeyError::InvalidImport => AppError::BadRequest(err.to_string()),
             KeyError::KeyTaken | KeyError::AlreadyHasKey => AppError::Conflict(err.to_string()),
             KeyError::NoKey => AppError::NotFound(err.to_string()),
+            KeyError::Busy(busy) => busy.into(),
             other => AppError::internal(other),
         }
     }

@@ -10,13 +10,20 @@ use serde::de::DeserializeOwned;
 
 use crate::{AppError, AppState};
 
-/// A JSON body; a malformed one is a 400 naming the problem.
+/// A JSON body, which must say `Content-Type: application/json` (a cross-site form can
+/// send `text/plain` but not that: see `origin`); otherwise 415. A malformed one is a 400
+/// naming the problem.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        if !is_json(req.headers()) {
+            return Err(AppError::UnsupportedMediaType(
+                "send the body as JSON with Content-Type: application/json".into(),
+            ));
+        }
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
@@ -27,8 +34,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 }
 
 /// A body that may be JSON (`Content-Type: application/json`) or a form
-/// (`application/x-www-form-urlencoded`), as OAuth endpoints accept both. `json` says
-/// which it was.
+/// (`application/x-www-form-urlencoded`), as OAuth endpoints accept both; any other type is
+/// a 415. `json` says which it was.
 pub struct FormOrJson<T> {
     pub value: T,
     pub json: bool,
@@ -39,6 +46,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormOrJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
         let json = is_json(req.headers());
+        if !json && !is_form(req.headers()) {
+            return Err(AppError::UnsupportedMediaType(
+                "send a form (application/x-www-form-urlencoded) or JSON (application/json)".into(),
+            ));
+        }
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
@@ -59,21 +71,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormOrJson<T> {
     }
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("application/json"))
+/// The media type of the body, lowercased, without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next()?.trim().to_ascii_lowercase())
 }
 
-/// The client's IP (see [`crate::limit::client_ip`]).
+fn is_json(headers: &HeaderMap) -> bool {
+    media_type(headers)
+        .is_some_and(|t| t == "application/json" || (t.starts_with("application/") && t.ends_with("+json")))
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|t| t == "application/x-www-form-urlencoded")
+}
+
+/// The client's rate-limit key: its address, or its IPv6 /64 (see [`crate::limit`]).
 pub struct ClientIp(pub String);
 
 impl FromRequestParts<AppState> for ClientIp {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(crate::limit::client_ip(parts)))
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(state.limits().client_key(parts)))
     }
 }
 
@@ -85,13 +105,15 @@ impl FromRequestParts<AppState> for OverHttps {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let forwarded = parts
-            .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
-        Ok(OverHttps(
-            forwarded || state.options().public_url.starts_with("https://"),
-        ))
+        Ok(OverHttps(over_https(&parts.headers, state)))
     }
+}
+
+/// See [`OverHttps`].
+pub(crate) fn over_https(headers: &HeaderMap, state: &AppState) -> bool {
+    let forwarded = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"));
+    forwarded || state.options().public_url.starts_with("https://")
 }

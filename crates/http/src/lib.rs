@@ -20,6 +20,7 @@
 //!   `/dashboard` (key, authorizations with revoke, activity), and the pages the mailed
 //!   links open (`/verify-email`, `/reset-password`, `/forgot-password`). Not part of
 //!   `openapi.json`.
+//! - `origin`: refuses state-changing requests from other sites (CSRF, login CSRF).
 //! - [`limit`]: rate limits (token buckets); [`mail`]: SMTP delivery or the development outbox;
 //!   [`extract`]: JSON/form bodies, client IP, HTTPS detection.
 //!
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod nip05;
 pub mod oauth;
 pub mod openapi;
+mod origin;
 mod page;
 mod pages;
 pub mod policies;
@@ -75,8 +77,16 @@ pub fn app(state: AppState) -> Router {
     }
     router
         .fallback(error::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin::require_same_origin,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), enforce_timeout))
         .layer(axum::middleware::from_fn(metrics::track_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            page::security_headers,
+        ))
         .with_state(state)
 }
 

@@ -1,23 +1,47 @@
-//! In-memory token buckets for login, registration, mail requests and password reset, keyed by client IP
-//! and by email. One process's view only: with several instances each limits on its own,
+//! Rate limits (issue 12, item 5): token buckets per client for login, registration, mail
+//! requests and password reset, and a failure backoff per account *and* client for
+//! passwords. One process's view only: with several instances each limits on its own,
 //! which still bounds guessing per instance.
 //!
-//! The client IP is the peer address, or, behind a proxy, the last `X-Forwarded-For`
-//! entry (the one the nearest proxy — Cloud Run's front end — appended; entries to its
-//! left are client-controlled).
+//! # Who is the client
+//! The peer address of the TCP connection, unless `KEYCAST_TRUSTED_PROXY_HOPS` says how
+//! many proxies in front of keycast append to `X-Forwarded-For`: then the entry that many
+//! places from the right is the client (entries to its left are whatever the client sent,
+//! so they are never trusted). Cloud Run's front end appends one entry (hops = 1); a Google
+//! external Application Load Balancer in front of Cloud Run appends the client and its own
+//! address (hops = 2). Off by default: exposed directly, the header is the attacker's to
+//! write. IPv6 clients are bucketed by their /64 (one subscriber's whole network), IPv4
+//! clients by address.
+//!
+//! # Lockout that others cannot trigger
+//! Wrong passwords count per account *and* client: after [`FREE_FAILURES`] a client waits
+//! 1 s, then 2 s, 4 s … up to [`MAX_BACKOFF`] before its next try for that account, and a
+//! success clears the count. Someone guessing at an account slows down only themselves; the
+//! owner, from their own address, logs in as usual. The per-client buckets bound how many
+//! accounts one client can try.
+//!
+//! # Expiry
+//! Buckets live in `moka` caches with a time-to-idle and a capacity: expiry is O(1)
+//! amortised, and no request ever waits for a sweep of the whole map under one lock.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::request::Parts;
+use moka::sync::Cache;
 
 use crate::AppError;
 
-/// Buckets kept before stale ones are swept.
-const MAX_BUCKETS: usize = 100_000;
+/// Buckets kept at most (each a few dozen bytes); the least useful go first beyond it.
+const MAX_BUCKETS: u64 = 200_000;
+/// A bucket unused this long is forgotten (every rate below refills fully within it).
+const IDLE: Duration = Duration::from_secs(3600);
+/// Wrong passwords per account and client before the backoff starts.
+pub const FREE_FAILURES: u32 = 5;
+/// The longest wait between two tries of one client at one account.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(900);
 
 /// A bucket's shape: `burst` attempts at once, one more every `refill`.
 #[derive(Debug, Clone, Copy)]
@@ -26,22 +50,20 @@ pub struct Rate {
     pub refill: Duration,
 }
 
-/// Login: 10 per IP then one per 6 s; 5 per email then one per minute.
+/// Login: 10 per client then one per 6 s (any accounts; see [`FREE_FAILURES`] per account).
 pub const LOGIN_PER_IP: Rate = Rate {
     burst: 10,
     refill: Duration::from_secs(6),
 };
-pub const LOGIN_PER_EMAIL: Rate = Rate {
-    burst: 5,
-    refill: Duration::from_secs(60),
-};
-/// Registration: 20 per IP then one per 30 s.
+/// Registration: 20 per client then one per 30 s.
 pub const REGISTER_PER_IP: Rate = Rate {
     burst: 20,
     refill: Duration::from_secs(30),
 };
 /// Mail on request (password reset, verification again), each purpose its own buckets: 3
-/// per email then one per 5 minutes; 10 per IP then one per minute.
+/// per email then one per 5 minutes; 10 per client then one per minute. (A mail reaches
+/// only the account's own mailbox, so the per-email bucket cannot lock anyone out of
+/// anything but more mail.)
 pub const MAIL_PER_EMAIL: Rate = Rate {
     burst: 3,
     refill: Duration::from_secs(300),
@@ -50,7 +72,8 @@ pub const MAIL_PER_IP: Rate = Rate {
     burst: 10,
     refill: Duration::from_secs(60),
 };
-/// Submitting a new password with a reset token: 10 per IP then one per minute.
+/// Submitting a mailed token (new password, confirming an email): 10 per client then one
+/// per minute.
 pub const RESET_PER_IP: Rate = Rate {
     burst: 10,
     refill: Duration::from_secs(60),
@@ -62,13 +85,46 @@ struct Bucket {
     updated: Instant,
 }
 
-/// All buckets, by `"<purpose>:<key>"`.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, Default)]
+struct Failures {
+    count: u32,
+    /// No try before this.
+    until: Option<Instant>,
+}
+
+/// All buckets and failure counts.
 pub struct RateLimits {
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Cache<String, Arc<Mutex<Bucket>>>,
+    failures: Cache<String, Arc<Mutex<Failures>>>,
+    trusted_proxy_hops: usize,
+}
+
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("buckets", &self.buckets.entry_count())
+            .field("trusted_proxy_hops", &self.trusted_proxy_hops)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits::new(0)
+    }
 }
 
 impl RateLimits {
+    /// Limits that take the client from `X-Forwarded-For` behind `trusted_proxy_hops`
+    /// proxies (0: the peer address).
+    pub fn new(trusted_proxy_hops: usize) -> RateLimits {
+        RateLimits {
+            buckets: Cache::builder().max_capacity(MAX_BUCKETS).time_to_idle(IDLE).build(),
+            failures: Cache::builder().max_capacity(MAX_BUCKETS).time_to_idle(IDLE).build(),
+            trusted_proxy_hops,
+        }
+    }
+
     /// Takes one attempt from the bucket `key` of shape `rate`.
     ///
     /// # Errors
@@ -76,15 +132,14 @@ impl RateLimits {
     pub fn check(&self, key: &str, rate: Rate) -> Result<(), AppError> {
         let now = Instant::now();
         let per_sec = 1.0 / rate.refill.as_secs_f64();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_BUCKETS {
-            buckets.retain(|_, b| now.duration_since(b.updated) < Duration::from_secs(3600));
-        }
-        let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
-            tokens: f64::from(rate.burst),
-            updated: now,
+        let bucket = self.buckets.get_with_by_ref(key, || {
+            Arc::new(Mutex::new(Bucket {
+                tokens: f64::from(rate.burst),
+                updated: now,
+            }))
         });
-        let elapsed = now.duration_since(bucket.updated).as_secs_f64();
+        let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * per_sec).min(f64::from(rate.burst));
         bucket.updated = now;
         if bucket.tokens >= 1.0 {
@@ -96,30 +151,102 @@ impl RateLimits {
             retry_after_secs: wait.max(1),
         })
     }
+
+    /// Refuses a password try for `key` (account and client) while its backoff runs.
+    ///
+    /// # Errors
+    /// [`AppError::TooManyRequests`] with the seconds left.
+    pub fn check_backoff(&self, key: &str) -> Result<(), AppError> {
+        let Some(entry) = self.failures.get(key) else {
+            return Ok(());
+        };
+        let failures = *entry.lock().unwrap_or_else(|p| p.into_inner());
+        match failures.until {
+            Some(until) if until > Instant::now() => Err(AppError::TooManyRequests {
+                retry_after_secs: until.saturating_duration_since(Instant::now()).as_secs().max(1),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a wrong password for `key`: past [`FREE_FAILURES`], the next try waits.
+    pub fn password_failed(&self, key: &str) {
+        let entry = self
+            .failures
+            .get_with_by_ref(key, || Arc::new(Mutex::new(Failures::default())));
+        let mut failures = entry.lock().unwrap_or_else(|p| p.into_inner());
+        failures.count = failures.count.saturating_add(1);
+        if let Some(over) = failures.count.checked_sub(FREE_FAILURES) {
+            let wait = Duration::from_secs(1u64 << over.min(20)).min(MAX_BACKOFF);
+            failures.until = Some(Instant::now() + wait);
+        }
+    }
+
+    /// Clears `key`'s failures after a right password.
+    pub fn password_succeeded(&self, key: &str) {
+        self.failures.invalidate(key);
+    }
+
+    /// The rate-limit key of the request's client (see the module doc): `v4:1.2.3.4`,
+    /// `v6:2001:db8:1:2::/64`, or `unknown`.
+    pub fn client_key(&self, parts: &Parts) -> String {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        let client = match self.trusted_proxy_hops {
+            0 => peer,
+            hops => forwarded_client(parts, hops).or(peer),
+        };
+        client.map(bucket_of).unwrap_or_else(|| "unknown".into())
+    }
 }
 
-/// The client's IP as text (see the module doc), `unknown` when neither is available.
-pub fn client_ip(parts: &Parts) -> String {
-    let forwarded = parts
+/// The `X-Forwarded-For` entry `hops` places from the right, when there are that many.
+fn forwarded_client(parts: &Parts, hops: usize) -> Option<IpAddr> {
+    let entries: Vec<&str> = parts
         .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty());
-    forwarded
-        .or_else(|| {
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let entry = entries.len().checked_sub(hops).map(|i| entries[i])?;
+    entry.parse().ok()
+}
+
+/// IPv4 by address (an IPv4-mapped IPv6 address counts as IPv4), IPv6 by its /64.
+fn bucket_of(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("v4:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("v4:{v4}"),
+            None => {
+                let s = v6.segments();
+                let net = std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0);
+                format!("v6:{net}/64")
+            }
+        },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::Request;
+
+    fn parts(xff: Option<&str>, peer: &str) -> Parts {
+        let mut builder = Request::builder();
+        if let Some(x) = xff {
+            builder = builder.header("x-forwarded-for", x);
+        }
+        let (mut parts, _) = builder.body(()).unwrap().into_parts();
+        parts
+            .extensions
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        parts
+    }
 
     #[test]
     fn a_bucket_allows_its_burst_then_says_when_to_retry() {
@@ -135,5 +262,56 @@ mod tests {
             other => panic!("{other:?}"),
         }
         limits.check("other", rate).unwrap();
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_behind_trusted_proxies_and_only_their_entry() {
+        let direct = RateLimits::new(0);
+        assert_eq!(
+            direct.client_key(&parts(Some("203.0.113.9"), "10.0.0.1:5")),
+            "v4:10.0.0.1"
+        );
+        let cloud_run = RateLimits::new(1);
+        let spoofed = parts(Some("198.51.100.1, 203.0.113.9"), "10.0.0.1:5");
+        assert_eq!(cloud_run.client_key(&spoofed), "v4:203.0.113.9");
+        let load_balancer = RateLimits::new(2);
+        let lb = parts(Some("198.51.100.1, 203.0.113.9, 34.1.2.3"), "10.0.0.1:5");
+        assert_eq!(load_balancer.client_key(&lb), "v4:203.0.113.9");
+        assert_eq!(
+            load_balancer.client_key(&parts(Some("203.0.113.9"), "10.0.0.1:5")),
+            "v4:10.0.0.1",
+            "fewer entries than proxies: not from behind them"
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64() {
+        let limits = RateLimits::new(1);
+        let a = limits.client_key(&parts(Some("2001:db8:1:2::1"), "[::1]:5"));
+        let b = limits.client_key(&parts(Some("2001:db8:1:2:ffff::9"), "[::1]:5"));
+        let c = limits.client_key(&parts(Some("2001:db8:1:3::1"), "[::1]:5"));
+        assert_eq!(a, "v6:2001:db8:1:2::/64");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            limits.client_key(&parts(Some("::ffff:192.0.2.1"), "[::1]:5")),
+            "v4:192.0.2.1"
+        );
+    }
+
+    #[test]
+    fn failures_back_off_per_key_and_a_success_clears_them() {
+        let limits = RateLimits::default();
+        for _ in 0..FREE_FAILURES {
+            limits.check_backoff("acct|a").unwrap();
+            limits.password_failed("acct|a");
+        }
+        assert!(
+            limits.check_backoff("acct|a").is_err(),
+            "the fifth failure starts the wait"
+        );
+        limits.check_backoff("acct|b").unwrap();
+        limits.password_succeeded("acct|a");
+        limits.check_backoff("acct|a").unwrap();
     }
 }

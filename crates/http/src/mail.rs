@@ -37,10 +37,15 @@ pub struct Mail {
     pub subject: String,
     /// Contains the link with the token: never log it.
     pub body: String,
-    /// What the mail is for: `verify_email` or `reset_password`.
+    /// What the mail is for: `verify_email`, `reset_password` or `key_exported`.
     pub purpose: &'static str,
-    /// The raw token, so tests need not parse the body.
+    /// The raw token, so tests need not parse the body (empty for a notice).
     pub token: String,
+    /// A link the development outbox may print in the log, so that one machine with no
+    /// mail server can run the whole flow: only the verification link, which is harmless
+    /// without the account's password. Never a reset link. Not sent over SMTP.
+    #[serde(skip)]
+    pub link: Option<String>,
 }
 
 /// The development outbox. Cheap to share (inside `AppState`).
@@ -50,9 +55,16 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Queues `mail`, logging recipient and subject.
+    /// Queues `mail`, logging recipient and subject (and its [`Mail::link`], if any).
     pub fn send(&self, mail: Mail) {
-        tracing::info!(to = %mail.to, subject = %mail.subject, "mail queued in the development outbox (no SMTP configured)");
+        match &mail.link {
+            Some(link) => {
+                tracing::info!(to = %mail.to, subject = %mail.subject, %link, "mail queued in the development outbox (no SMTP configured); open the link to continue")
+            }
+            None => {
+                tracing::info!(to = %mail.to, subject = %mail.subject, "mail queued in the development outbox (no SMTP configured)")
+            }
+        }
         let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
         if messages.len() == OUTBOX_CAPACITY {
             messages.pop_front();

@@ -5,14 +5,18 @@
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::header::CONTENT_TYPE;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use keycast_core::secret::ct_eq;
 
-use crate::AppState;
+use crate::{AppError, AppState};
 
 /// Request counter, labelled by method, route template and status.
 pub const HTTP_REQUESTS_TOTAL: &str = "keycast_http_requests_total";
@@ -27,7 +31,12 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new().route("/metrics", get(render))
 }
 
-async fn render(State(state): State<AppState>) -> impl IntoResponse {
+/// `GET /metrics`: with `KEYCAST_METRICS_TOKEN`, only with `Authorization: Bearer <it>`;
+/// without, only for a direct loopback peer (no `X-Forwarded-For`: a proxy on the same host
+/// must not make the world local). Refused with 401 / 403 otherwise (issue 12, item 10).
+async fn render(State(state): State<AppState>, request: Request) -> Result<Response, AppError> {
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    allowed(&state, peer, request.headers())?;
     if let Some(db) = state.db() {
         let (size, idle) = db.pool_stats();
         metrics::gauge!(DB_POOL_CONNECTIONS).set(f64::from(size));
@@ -36,7 +45,36 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
     for dependency in state.dependencies() {
         dependency.export_metrics();
     }
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics().render())
+    Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics().render()).into_response())
+}
+
+fn allowed(state: &AppState, peer: Option<SocketAddr>, headers: &HeaderMap) -> Result<(), AppError> {
+    match &state.options().metrics_token {
+        Some(token) => {
+            let given = headers
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default();
+            if ct_eq(given.trim().as_bytes(), token.expose().as_bytes()) {
+                Ok(())
+            } else {
+                Err(AppError::Unauthorized(
+                    "/metrics needs Authorization: Bearer <KEYCAST_METRICS_TOKEN>".into(),
+                ))
+            }
+        }
+        None => {
+            let local = peer.is_some_and(|p| p.ip().is_loopback()) && !headers.contains_key("x-forwarded-for");
+            if local {
+                Ok(())
+            } else {
+                Err(AppError::Forbidden(
+                    "/metrics answers loopback only; set KEYCAST_METRICS_TOKEN to scrape it from elsewhere".into(),
+                ))
+            }
+        }
+    }
 }
 
 /// Counts and times every request. Routes are labelled by their template (`/api/x/{id}`),

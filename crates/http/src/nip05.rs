@@ -7,7 +7,7 @@ use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use keycast_core::keys;
+use keycast_core::{accounts, keys};
 use keycast_db::{now_unix, users};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -15,9 +15,6 @@ use serde_json::{json, Value};
 use crate::extract::JsonBody;
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
-
-/// Longest username, in characters.
-pub const MAX_USERNAME_CHARS: usize = 64;
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -43,7 +40,9 @@ async fn nostr_json(State(state): State<AppState>, Query(q): Query<NameQuery>) -
     let (db, _) = state.api()?;
     let name = q.name.trim().to_lowercase();
     let mut names = serde_json::Map::new();
-    if valid_username(&name) {
+    let reserved = &state.options().reserved_usernames;
+    // A reserved name is never served, even if an account took it before it was reserved.
+    if accounts::validate_username(&name, reserved).is_ok() {
         if let Some(user) = users::find_by_username(db.pool(), &name).await? {
             let key = keys::find_user_key(db.pool(), &user.id).await?;
             names.insert(name, Value::String(key.pubkey.to_hex()));
@@ -69,12 +68,9 @@ async fn set_username(
     session: SessionUser,
     JsonBody(body): JsonBody<UsernameBody>,
 ) -> Result<Json<Value>, AppError> {
-    let name = body.username.trim().to_lowercase();
-    if !valid_username(&name) {
-        return Err(AppError::BadRequest(format!(
-            "a username is 1 to {MAX_USERNAME_CHARS} characters of a-z, 0-9, '.', '_' and '-'"
-        )));
-    }
+    keycast_core::account_security::require_verified(&session.user)?;
+    let name = accounts::validate_username(&body.username, &state.options().reserved_usernames)
+        .map_err(|e| AppError::BadRequest(e.to_string()))?;
     let (db, _) = state.api()?;
     state.ensure_writable().await?;
     users::set_username(db.pool(), &session.user.id, Some(&name), now_unix())
@@ -89,11 +85,4 @@ async fn set_username(
         .and_then(|u| u.host_str().map(str::to_owned))
         .unwrap_or_default();
     Ok(Json(json!({ "username": name, "nip05": format!("{name}@{host}") })))
-}
-
-fn valid_username(name: &str) -> bool {
-    (1..=MAX_USERNAME_CHARS).contains(&name.chars().count())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }

@@ -140,7 +140,15 @@ async fn authorize_page(
     let (origin, policy) = params.validate(&state).await?;
     let page = match session {
         None => page::login(&params, None),
-        Some(s) => page::consent(&params, &origin, &policy, &s.user.email, &csrf_token(&s.token)),
+        Some(s) if s.user.email_verified_at.is_none() => page::verify_first(&s.user.email),
+        Some(s) => {
+            // The words come from the permissions themselves, never from stored prose.
+            let lines = keycast_core::Policy::from_row(&policy)
+                .map_err(AppError::internal)?
+                .summary()
+                .lines();
+            page::consent(&params, &origin, &policy, &lines, &s.user.email, &csrf_token(&s.token))
+        }
     };
     Ok(no_store(Html(page)).into_response())
 }
@@ -206,6 +214,9 @@ async fn decide(
     }
     let (_, policy) = d.params.validate(&state).await?;
     let approved = d.approved.unwrap_or(false) || d.decision.as_deref() == Some("approve");
+    if approved {
+        keycast_core::account_security::require_verified(&session.user).map_err(AppError::from)?;
+    }
     let target = if approved {
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
@@ -229,13 +240,9 @@ async fn decide(
 /// A JSON approval must come from one of keycast's own pages: its `Origin` is the public
 /// URL's, or the scheme and host the request was sent to.
 fn check_same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let origin = headers.get(ORIGIN).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let public = url::Url::parse(&state.options().public_url)
-        .map(|u| u.origin().ascii_serialization())
-        .unwrap_or_default();
-    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let ok = !origin.is_empty()
-        && (origin == public || origin == format!("http://{host}") || origin == format!("https://{host}"));
+    let origin = headers.get(ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get("host").and_then(|v| v.to_str().ok());
+    let ok = origin.is_some_and(|o| crate::origin::is_own_origin(&state.options().public_url, host, o));
     if ok {
         Ok(())
     } else {
@@ -318,8 +325,9 @@ pub(crate) fn policy_json(policy: &keycast_core::Policy) -> Value {
         "slug": policy.slug,
         "allowed_kinds": policy.allowed_kinds,
         "blocked_words": policy.blocked_words,
+        "encrypt": policy.encrypt,
+        "decrypt": policy.decrypt,
         "encrypt_to_self": policy.encrypt_to_self,
-        "decrypt_only": policy.decrypt_only,
         "full_access": policy.full_access,
     })
 }

@@ -13,9 +13,8 @@ use keycast_db::policies::PolicyRow;
 use crate::error::ErrorMessage;
 use crate::oauth::AuthorizeParams;
 
-/// An HTML page that may not be framed (the revoke and logout buttons must not be
-/// clickjacked), is never cached, and sends no referrer to other sites (pages reached from
-/// a mailed link carry its token in the URL).
+/// An HTML page that is never cached (framing, referrer and the rest: [`security_headers`],
+/// on every response).
 pub(crate) fn html(status: StatusCode, page: String) -> Response {
     let mut response = (status, Html(page)).into_response();
     secure_headers(response.headers_mut());
@@ -23,21 +22,63 @@ pub(crate) fn html(status: StatusCode, page: String) -> Response {
 }
 
 fn secure_headers(headers: &mut HeaderMap) {
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// The policy of every HTML page: nothing loads but the page's own inline style (no script
+/// at all), nothing may frame it (RFC 9700 §4.16: the consent page must not be
+/// clickjacked), no `<base>` can redirect its links. `form-action` is left out on purpose:
+/// Chromium applies it to the redirect after the consent form, which goes to the app.
+const HTML_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; \
+                        frame-ancestors 'none'; base-uri 'none'";
+/// Every other answer (JSON, text) loads nothing and is framed by no one either.
+const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+/// Two years, the preload lists' minimum; subdomains are the operator's business.
+const HSTS: &str = "max-age=63072000";
+
+/// Middleware on every response (issue 12, item 3): `X-Content-Type-Options: nosniff`, a
+/// Content-Security-Policy (strict for HTML, none-at-all for the rest), `X-Frame-Options:
+/// DENY` for browsers without `frame-ancestors`, a `Referrer-Policy`, and HSTS when the
+/// public URL is https.
+pub(crate) async fn security_headers(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let mut response = next.run(request).await;
+    let html = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    let headers = response.headers_mut();
+    let csp = if html { HTML_CSP } else { API_CSP };
+    headers.insert(
+        HeaderName::from_static("content-security-policy"),
+        HeaderValue::from_static(csp),
+    );
     headers.insert(
         HeaderName::from_static("x-frame-options"),
         HeaderValue::from_static("DENY"),
     );
     headers.insert(
-        HeaderName::from_static("content-security-policy"),
-        HeaderValue::from_static("frame-ancestors 'none'"),
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
     );
     // `same-origin`, not `no-referrer`: the latter would make browsers send `Origin: null`
-    // on the forms' own posts, which the login-CSRF check refuses.
+    // on the forms' own posts, which the CSRF check refuses; pages reached from a mailed
+    // link carry its token in the URL, which must not leak to other sites.
     headers.insert(
         HeaderName::from_static("referrer-policy"),
         HeaderValue::from_static("same-origin"),
     );
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if state.options().public_url.starts_with("https://") {
+        headers.insert(
+            HeaderName::from_static("strict-transport-security"),
+            HeaderValue::from_static(HSTS),
+        );
+    }
+    response
 }
 
 /// Middleware for routes that serve HTML: an error answer (any [`crate::AppError`], from the
@@ -85,15 +126,21 @@ fn error_title(status: StatusCode) -> &'static str {
 /// paths (`/api/`, `/healthz/`, `/metrics`, `/.well-known/`), for a client that accepts
 /// `text/html` (a browser).
 pub(crate) fn wants_html(path: &str, headers: &HeaderMap) -> bool {
-    let api = ["/api/", "/healthz/", "/metrics", "/.well-known/"]
-        .iter()
-        .any(|prefix| path.starts_with(prefix));
+    let api = !is_page_path(path);
     let accepts_html = headers
         .get_all(ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("text/html"));
     !api && accepts_html
+}
+
+/// Whether `path` is outside the API's own paths (`/api/`, `/healthz/`, `/metrics`,
+/// `/.well-known/`): a page for people, whose errors are HTML.
+pub(crate) fn is_page_path(path: &str) -> bool {
+    !["/api/", "/healthz/", "/metrics", "/.well-known/"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
 }
 
 /// HTML-escapes text for element content and double-quoted attributes.
@@ -155,12 +202,33 @@ pub fn login(params: &AuthorizeParams, error: Option<&str>) -> String {
     layout("Log in", &body)
 }
 
+/// Instead of the consent page while the account's email is unverified: no app can be
+/// authorized until the mailbox owner has proved control (see `core::account_security`).
+pub fn verify_first(email: &str) -> String {
+    let body = format!(
+        "<h1>Confirm your email first</h1>\
+         <p class=\"error\" role=\"alert\">Signed in as {email}, whose address is not confirmed yet. keycast \
+         authorizes apps only for confirmed accounts: open the link keycast mailed you, then come back here.</p>\
+         <p><a href=\"/dashboard\">Your dashboard</a> sends the link again.</p>",
+        email = escape(email),
+    );
+    layout("Confirm your email", &body)
+}
+
 /// The consent page: who asks (the redirect origin), for which policy, approve or deny.
-pub fn consent(params: &AuthorizeParams, origin: &str, policy: &PolicyRow, email: &str, csrf: &str) -> String {
+pub fn consent(
+    params: &AuthorizeParams,
+    origin: &str,
+    policy: &PolicyRow,
+    lines: &[String],
+    email: &str,
+    csrf: &str,
+) -> String {
+    let allows: String = lines.iter().map(|l| format!("<li>{}</li>", escape(l))).collect();
     let body = format!(
         "<h1>Allow <strong>{origin}</strong> to sign for you?</h1>\
          <p>Signed in as {email}.</p>\
-         <p>Policy: <strong>{name}</strong> (<code>{slug}</code>) — {description}</p>\
+         <p>Policy: <strong>{name}</strong> (<code>{slug}</code>). The app may:</p><ul class=\"allows\">{allows}</ul>\
          <p>You can revoke this access at any time.</p>\
          <form method=\"post\" action=\"/api/oauth/authorize\">{hidden}\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
@@ -170,7 +238,6 @@ pub fn consent(params: &AuthorizeParams, origin: &str, policy: &PolicyRow, email
         email = escape(email),
         name = escape(&policy.display_name),
         slug = escape(&policy.slug),
-        description = escape(&policy.description),
         hidden = hidden(params),
         csrf = escape(csrf),
     );

@@ -11,8 +11,8 @@
 //! [`crate::auth::set_new_password`], [`crate::user::revoke_authorization`]), so rate
 //! limits and durability are the same. Every value shown is escaped with [`escape`].
 //! State-changing forms of a session (revoke, log out, resend) carry the session's CSRF
-//! token; the forms without a session (register, login, forgot, reset, verify) refuse a
-//! foreign `Origin` (login CSRF), and the mailed forms also need the mailed token.
+//! token; every post from another site is refused before it gets here (`origin`, login
+//! CSRF), and the mailed forms also need the mailed token.
 //!
 //! Every error on these routes is an HTML page with its status ([`crate::page::html_errors`]).
 //! Verifying takes a click rather than happening on `GET`, so a mail scanner that opens the
@@ -21,11 +21,12 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::header::{LOCATION, ORIGIN, RETRY_AFTER, SET_COOKIE};
+use axum::http::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use keycast_core::account_security;
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
 use keycast_db::sessions::TokenPurpose;
@@ -50,6 +51,8 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard/authorizations/{id}/revoke", post(revoke_form))
         .route("/dashboard/resend-verification", post(resend_form))
         .route("/dashboard/nostrconnect", post(nostrconnect_form))
+        .route("/dashboard/key/replace", post(replace_key_form))
+        .route("/dashboard/key/dismiss-exposure", post(dismiss_exposure_form))
         .route("/verify-email", get(verify_page).post(verify_form))
         .route("/forgot-password", get(forgot_page).post(forgot_form))
         .route("/reset-password", get(reset_page).post(reset_form))
@@ -88,10 +91,8 @@ async fn register_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     OverHttps(secure): OverHttps,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<RegisterForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     let email = form.email.clone();
     match crate::auth::sign_up(&state, &ip, secure, form.email, form.password, form.nsec).await {
         Ok((_, _, cookie)) => Ok(logged_in(cookie)),
@@ -113,10 +114,8 @@ async fn login_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     OverHttps(secure): OverHttps,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<LoginForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     match crate::auth::log_in(&state, &ip, secure, &form.email, form.password).await {
         Ok((_, cookie)) => Ok(logged_in(cookie)),
         Err(err) => form_error(err, |message| login_html(&form.email, Some(message))),
@@ -140,7 +139,7 @@ async fn logout_form(
 ) -> Result<Response, AppError> {
     if let Some(session) = session {
         check_csrf(&session, &form.csrf)?;
-        crate::auth::end_session(&state, &headers).await?;
+        crate::auth::end_session(&state, &headers, secure).await?;
     }
     let mut response = see_other("/login");
     response.headers_mut().insert(SET_COOKIE, clear_cookie(secure));
@@ -183,8 +182,47 @@ async fn nostrconnect_form(
         return Ok(see_other("/login"));
     };
     check_csrf(&session, &form.csrf)?;
-    crate::user::accept_nostrconnect(&state, &session.user.id, &form.uri, &form.policy).await?;
+    crate::user::accept_nostrconnect(&state, &session.user, &form.uri, &form.policy).await?;
     Ok(see_other("/dashboard?sent=nostrconnect"))
+}
+
+#[derive(Deserialize)]
+struct ReplaceKeyForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    password: String,
+}
+
+/// `POST /dashboard/key/replace` (form: CSRF token, password) → 303 back to the dashboard
+/// with a new key; every authorization revoked (as `POST /api/user/key/replace`).
+async fn replace_key_form(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    MaybeSession(session): MaybeSession,
+    FormOrJson { value: form, .. }: FormOrJson<ReplaceKeyForm>,
+) -> Result<Response, AppError> {
+    let Some(session) = session else {
+        return Ok(see_other("/login"));
+    };
+    check_csrf(&session, &form.csrf)?;
+    crate::user::start_fresh(&state, &ip, &session.user, form.password).await?;
+    Ok(see_other("/dashboard?sent=newkey"))
+}
+
+/// `POST /dashboard/key/dismiss-exposure` (form with the CSRF token) → 303 back to the
+/// dashboard without the exposure warning (as `DELETE /api/user/key/exposure`).
+async fn dismiss_exposure_form(
+    State(state): State<AppState>,
+    MaybeSession(session): MaybeSession,
+    FormOrJson { value: form, .. }: FormOrJson<CsrfForm>,
+) -> Result<Response, AppError> {
+    let Some(session) = session else {
+        return Ok(see_other("/login"));
+    };
+    check_csrf(&session, &form.csrf)?;
+    crate::user::dismiss_key_exposure(&state, &session.user.id).await?;
+    Ok(see_other("/dashboard"))
 }
 
 #[derive(Deserialize, Default)]
@@ -216,6 +254,8 @@ async fn dashboard(
         .collect();
     let authorizations = authz_repo::list_for_user(db.pool(), &session.user.id).await?;
     let recent = activity::list_for_user(db.pool(), &session.user.id, DASHBOARD_ACTIVITY).await?;
+    let events = account_security::account_events(db.pool(), &session.user.id, DASHBOARD_ACTIVITY).await?;
+    let exposure = account_security::key_exposure(db.pool(), &session.user.id).await?;
     let csrf = escape(&csrf_token(&session.token));
 
     let npub = key.pubkey.to_bech32().unwrap_or_default();
@@ -228,8 +268,9 @@ async fn dashboard(
          <h2>Your key</h2>\
          <dl><dt>npub</dt><dd><code class=\"npub\">{npub}</code></dd>\
          <dt>Public key (hex)</dt><dd><code>{hex}</code></dd>\
-         <dt>Origin</dt><dd>{origin}</dd></dl>\
+         <dt>Origin</dt><dd>{origin}</dd></dl>{exposed}\
          <h2>Authorized apps</h2>",
+        exposed = exposure_html(exposure.as_ref(), &csrf),
         email = escape(&session.user.email),
         unverified = if verified { "" } else { " (email not verified yet)" },
         // A form cannot sit inside a paragraph (the parser would close it): its own block.
@@ -248,6 +289,9 @@ async fn dashboard(
             }
             Some("nostrconnect") => {
                 "<p class=\"notice\" role=\"status\">The app is authorized; keycast has answered it on its relays.</p>"
+            }
+            Some("newkey") => {
+                "<p class=\"notice\" role=\"status\">You have a new key; every app was disconnected.</p>"
             }
             _ => "",
         },
@@ -313,6 +357,21 @@ async fn dashboard(
     ));
 
     body.push_str("<h2>Recent activity</h2>");
+    if !events.is_empty() {
+        body.push_str(
+            "<table class=\"account-events\"><thead><tr><th>When</th><th>Your account</th><th>Details</th>\
+             </tr></thead><tbody>",
+        );
+        for e in &events {
+            body.push_str(&format!(
+                "<tr><td>{when}</td><td>{event}</td><td>{detail}</td></tr>",
+                when = escape(&time(e.created_at)),
+                event = escape(&e.event.replace('_', " ")),
+                detail = escape(&e.detail),
+            ));
+        }
+        body.push_str("</tbody></table>");
+    }
     if recent.is_empty() {
         body.push_str("<p>No signing activity yet (it appears about a second after a request).</p>");
     } else {
@@ -342,11 +401,34 @@ async fn dashboard(
         "body{max-width:56rem}table{border-collapse:collapse;width:100%}\
          th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #ddd;vertical-align:middle}\
          td form,td button,.bar button{margin:0;width:auto}form.inline button{width:auto}\
-         .notice{color:#060}.bar{display:flex;justify-content:space-between;\
+         .notice{color:#060}.exposed{border:2px solid #b00;padding:0 1rem;margin:1rem 0}.bar{display:flex;justify-content:space-between;\
          align-items:center}dd{margin:0 0 .5rem}code{word-break:break-all}",
         &body,
     );
     Ok(html(StatusCode::OK, page))
+}
+
+/// The warning shown while the key may be known to a previous holder of the account, with
+/// the two ways out: a new key (password), or "this key is mine".
+fn exposure_html(exposure: Option<&(i64, String)>, csrf: &str) -> String {
+    let Some((since, reason)) = exposure else {
+        return String::new();
+    };
+    format!(
+        "<section class=\"exposed\" role=\"alert\"><h2>Your key may be known to someone else</h2>\
+         <p>{text} (noted {since}.)</p>\
+         <form method=\"post\" action=\"/dashboard/key/replace\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <label>Password <input type=\"password\" name=\"password\" required autocomplete=\"current-password\"></label>\
+         <button type=\"submit\">Start fresh with a new key</button></form>\
+         <p>A new key disconnects every app; your followers see a new account. If you alone ever held this key \
+         (you brought it, or you exported it yourself), you may keep it:</p>\
+         <form method=\"post\" action=\"/dashboard/key/dismiss-exposure\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <button type=\"submit\">This key is mine alone: hide this warning</button></form></section>",
+        text = escape(account_security::exposure_text(reason)),
+        since = escape(&time(*since)),
+    )
 }
 
 /// `POST /dashboard/resend-verification` (form with the CSRF token) → 303 back to the
@@ -396,34 +478,45 @@ async fn verify_page(State(state): State<AppState>, Query(q): Query<TokenForm>) 
     if !link_is_live(&state, token, TokenPurpose::VerifyEmail).await? {
         return Ok(dead_verify_link());
     }
+    Ok(html(StatusCode::OK, verify_html(token, None)))
+}
+
+/// The confirmation form: the mailed token and the account's password. Only the person
+/// who registered knows the password; a mailbox owner who did not register is sent to the
+/// password reset, which takes the account over (see `core::account_security`).
+fn verify_html(token: &str, error: Option<&str>) -> String {
     let body = format!(
-        "<h1>Confirm your email address</h1>\
-         <p>One click confirms that this mailbox is yours.</p>\
+        "<h1>Confirm your email address</h1>{error}\
+         <p>Enter your keycast password to confirm that this mailbox belongs to your account.</p>\
          <form method=\"post\" action=\"/verify-email\">\
          <input type=\"hidden\" name=\"token\" value=\"{token}\">\
-         <button type=\"submit\">Confirm my email</button></form>",
+         <label>Password <input type=\"password\" name=\"password\" required autocomplete=\"current-password\"></label>\
+         <button type=\"submit\">Confirm my email</button></form>\
+         <p>Did not create a keycast account? Someone else did, with your address. \
+         <a href=\"/forgot-password\">Reset the password</a> to take the account over: that disconnects \
+         everything they set up.</p>",
+        error = error_html(error),
         token = escape(token),
     );
-    Ok(html(StatusCode::OK, layout("Confirm your email", &body)))
+    layout("Confirm your email", &body)
 }
 
 /// `POST /verify-email` (form: the mailed token) → a page saying the address is confirmed,
 /// or why not (400: the link is invalid, used or expired; how to get a new one).
 async fn verify_form(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     FormOrJson { value: form, .. }: FormOrJson<TokenForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
-    let token = mailed_token(&form.token)?;
-    match crate::auth::confirm_email(&state, token).await {
+    let token = mailed_token(&form.token)?.to_owned();
+    match crate::auth::confirm_email(&state, &ip, &token, form.password).await {
         Ok(()) => {
             let body = "<h1>Your email address is confirmed</h1>\
                         <p>Thank you. <a href=\"/dashboard\">Go to your dashboard</a>.</p>";
             Ok(html(StatusCode::OK, layout("Email confirmed", body)))
         }
         Err(AppError::BadRequest(_)) => Ok(dead_verify_link()),
-        Err(other) => Err(other),
+        Err(err) => form_error(err, |message| verify_html(&token, Some(message))),
     }
 }
 
@@ -453,10 +546,8 @@ async fn forgot_page() -> Response {
 async fn forgot_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<EmailForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     match crate::auth::request_mail(&state, &ip, &form.email, TokenPurpose::ResetPassword).await {
         Ok(()) => {
             let body = format!(
@@ -494,10 +585,8 @@ async fn reset_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -
 async fn reset_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    headers: HeaderMap,
     FormOrJson { value: form, .. }: FormOrJson<TokenForm>,
 ) -> Result<Response, AppError> {
-    check_origin(&state, &headers)?;
     let token = mailed_token(&form.token)?.to_owned();
     match crate::auth::set_new_password(&state, &ip, &token, form.password).await {
         Ok(()) => {
@@ -601,26 +690,6 @@ fn check_csrf(session: &SessionUser, candidate: &str) -> Result<(), AppError> {
     } else {
         Err(AppError::Forbidden(
             "the form's CSRF token is missing or wrong; reload the page and try again".into(),
-        ))
-    }
-}
-
-/// A browser posting the register or login form from another site sends that site's
-/// `Origin`: refuse it, so no page elsewhere can log a visitor into an account of its
-/// choosing. Requests without `Origin` (non-browser clients) pass.
-fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
-    let Some(origin) = headers.get(ORIGIN).and_then(|v| v.to_str().ok()) else {
-        return Ok(());
-    };
-    let public = url::Url::parse(&state.options().public_url)
-        .map(|u| u.origin().ascii_serialization())
-        .unwrap_or_default();
-    let host = headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or_default();
-    if origin == public || origin == format!("http://{host}") || origin == format!("https://{host}") {
-        Ok(())
-    } else {
-        Err(AppError::Forbidden(
-            "this form must be posted from keycast's own pages (Origin mismatch)".into(),
         ))
     }
 }

@@ -16,7 +16,8 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new().route("/api/policies", get(list))
 }
 
-/// `GET /api/policies` → `{policies: [{slug, name, description, permissions}]}`, by slug.
+/// `GET /api/policies` → `{policies: [{slug, name, description, permissions}]}`, by slug;
+/// `description` is generated from the permissions (the consent page's words).
 async fn list(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
     let mut out = Vec::new();
@@ -30,7 +31,8 @@ async fn list(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
         out.push(json!({
             "slug": row.slug,
             "name": row.display_name,
-            "description": row.description,
+            // Generated from the permissions, so it says what is enforced.
+            "description": policy.summary().lines().join(" "),
             "permissions": permissions,
         }));
     }

@@ -16,8 +16,20 @@ use sha2::{Digest, Sha256};
 
 use crate::{AppError, AppState};
 
-/// The session cookie's name.
+/// The session cookie's name over plain HTTP (development).
 pub const SESSION_COOKIE: &str = "keycast_session";
+/// The session cookie's name over HTTPS: the `__Host-` prefix makes browsers refuse it
+/// unless it is `Secure`, for `Path=/` and without `Domain`, so no sibling subdomain (and no
+/// plain-HTTP response) can plant or overwrite it.
+pub const SECURE_SESSION_COOKIE: &str = "__Host-keycast_session";
+
+fn cookie_name(secure: bool) -> &'static str {
+    if secure {
+        SECURE_SESSION_COOKIE
+    } else {
+        SESSION_COOKIE
+    }
+}
 
 /// The logged-in user of a request. Rejects with 401 JSON when there is no live session.
 pub struct SessionUser {
@@ -44,7 +56,8 @@ impl FromRequestParts<AppState> for MaybeSession {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        let Some(token) = session_token(&parts.headers) else {
+        let secure = crate::extract::over_https(&parts.headers, state);
+        let Some(token) = session_token(&parts.headers, secure) else {
             return Ok(MaybeSession(None));
         };
         let (db, _) = state.api()?;
@@ -53,20 +66,23 @@ impl FromRequestParts<AppState> for MaybeSession {
     }
 }
 
-/// The session cookie's value, if the request carries one.
-pub fn session_token(headers: &HeaderMap) -> Option<String> {
+/// The session cookie's value, if the request carries one (over HTTPS only the
+/// `__Host-` cookie counts).
+pub fn session_token(headers: &HeaderMap, secure: bool) -> Option<String> {
+    let name = cookie_name(secure);
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
+        .find(|(candidate, _)| *candidate == name)
         .map(|(_, value)| value.to_owned())
         .filter(|v| !v.is_empty())
 }
 
-/// `Set-Cookie` for a new session: `HttpOnly; SameSite=Lax; Path=/`, `Secure` over HTTPS.
+/// `Set-Cookie` for a new session: `HttpOnly; SameSite=Lax; Path=/`; over HTTPS `Secure`
+/// and named [`SECURE_SESSION_COOKIE`].
 pub fn session_cookie(session: &NewSession, secure: bool) -> HeaderValue {
     let max_age = (session.expires_at - now_unix()).clamp(0, SESSION_TTL_SECS);
     cookie(session.token.expose(), max_age, secure)
@@ -78,8 +94,9 @@ pub fn clear_cookie(secure: bool) -> HeaderValue {
 }
 
 fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
+    let name = cookie_name(secure);
     let secure = if secure { "; Secure" } else { "" };
-    let text = format!("{SESSION_COOKIE}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{secure}");
+    let text = format!("{name}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Lax{secure}");
     HeaderValue::from_str(&text).expect("cookie values are base64url")
 }
 

@@ -45,6 +45,17 @@ pub struct HttpOptions {
     /// Where mail goes: this SMTP server (`KEYCAST_SMTP_URL`), or, when `None` (the
     /// default), the development outbox.
     pub smtp: Option<SmtpMailer>,
+    /// Proxies in front of keycast that append to `X-Forwarded-For`
+    /// (`KEYCAST_TRUSTED_PROXY_HOPS`); 0 (the default) ignores the header. See
+    /// [`crate::limit`].
+    pub trusted_proxy_hops: usize,
+    /// NIP-05 names reserved by the operator (`KEYCAST_RESERVED_USERNAMES`, lowercase), on
+    /// top of [`keycast_core::accounts::RESERVED_USERNAMES`].
+    pub reserved_usernames: Vec<String>,
+    /// Bearer token `/metrics` requires (`KEYCAST_METRICS_TOKEN`); `None` (the default)
+    /// answers only direct requests from loopback (a scraper beside keycast, such as Cloud
+    /// Run's Managed Prometheus sidecar).
+    pub metrics_token: Option<keycast_core::Secret<String>>,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -71,6 +82,9 @@ impl Default for HttpOptions {
             code_ttl_secs: keycast_core::oauth::CODE_TTL_SECS,
             nostrconnect_internal_relays: false,
             smtp: None,
+            trusted_proxy_hops: 0,
+            reserved_usernames: Vec::new(),
+            metrics_token: None,
         }
     }
 }
@@ -130,7 +144,7 @@ impl AppState {
                 db: OnceLock::new(),
                 services: OnceLock::new(),
                 outbox: Outbox::default(),
-                limits: RateLimits::default(),
+                limits: RateLimits::new(options.trusted_proxy_hops),
                 dependencies: OnceLock::new(),
                 durability: OnceLock::new(),
                 metrics,

@@ -4,20 +4,21 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::header::CACHE_CONTROL;
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use keycast_core::account_security::{self, ExportFormat};
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
 use keycast_core::{NostrConnectUri, Secret};
-use keycast_db::{activity, authz as authz_repo, policies, AuthorizationId, UserId};
+use keycast_db::users::User;
+use keycast_db::{activity, authz as authz_repo, now_unix, policies, AuthorizationId, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::JsonBody;
-use crate::limit::LOGIN_PER_EMAIL;
+use crate::extract::{ClientIp, JsonBody};
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
 
@@ -31,6 +32,8 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/user/activity", get(list_activity))
         .route("/api/user/key", get(key))
         .route("/api/user/key/export", post(export))
+        .route("/api/user/key/replace", post(replace_key))
+        .route("/api/user/key/exposure", delete(dismiss_exposure))
         .route("/api/user/nostrconnect", post(nostrconnect))
 }
 
@@ -104,7 +107,7 @@ async fn nostrconnect(
     session: SessionUser,
     JsonBody(body): JsonBody<NostrConnectBody>,
 ) -> Result<(StatusCode, Json<Value>), AppError> {
-    let authz = accept_nostrconnect(&state, &session.user.id, &body.uri, &body.policy).await?;
+    let authz = accept_nostrconnect(&state, &session.user, &body.uri, &body.policy).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -121,10 +124,12 @@ async fn nostrconnect(
 /// (shared with the dashboard's form).
 pub(crate) async fn accept_nostrconnect(
     state: &AppState,
-    user: &UserId,
+    user: &User,
     uri: &str,
     policy: &str,
 ) -> Result<keycast_core::Authorization, AppError> {
+    account_security::require_verified(user)?;
+    let user = &user.id;
     let uri = NostrConnectUri::parse(uri).map_err(|e| AppError::BadRequest(e.to_string()))?;
     if !state.options().nostrconnect_internal_relays {
         uri.refuse_internal_relays()
@@ -177,18 +182,108 @@ async fn list_activity(
             })
         })
         .collect();
-    Ok(Json(json!({ "activity": rows })))
+    let account: Vec<Value> = account_security::account_events(db.pool(), &session.user.id, limit)
+        .await?
+        .into_iter()
+        .map(|e| json!({ "event": e.event, "detail": e.detail, "created_at": e.created_at }))
+        .collect();
+    Ok(Json(json!({ "activity": rows, "account": account })))
 }
 
-/// `GET /api/user/key` → `{pubkey, npub, origin}`.
+/// `GET /api/user/key` → `{pubkey, npub, origin, exposure}`; `exposure` is `null`, or
+/// `{since, reason, message}` when the key may be known to a previous holder of the account.
 async fn key(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
     let key = keys::find_user_key(db.pool(), &session.user.id).await?;
-    Ok(Json(json!({
+    let exposure = account_security::key_exposure(db.pool(), &session.user.id).await?;
+    Ok(Json(key_json(&key, exposure)))
+}
+
+fn key_json(key: &keys::UserKey, exposure: Option<(i64, String)>) -> Value {
+    json!({
         "pubkey": key.pubkey.to_hex(),
         "npub": key.pubkey.to_bech32().unwrap_or_default(),
         "origin": key.origin.as_str(),
-    })))
+        "exposure": exposure.map(|(since, reason)| json!({
+            "since": since,
+            "message": account_security::exposure_text(&reason),
+            "reason": reason,
+        })),
+    })
+}
+
+#[derive(Deserialize)]
+struct PasswordBody {
+    password: String,
+}
+
+/// `POST /api/user/key/replace {password}` → 200 `{pubkey, npub, origin, exposure: null}`:
+/// a new generated key; every authorization is revoked.
+async fn replace_key(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    session: SessionUser,
+    JsonBody(body): JsonBody<PasswordBody>,
+) -> Result<Json<Value>, AppError> {
+    let key = start_fresh(&state, &ip, &session.user, body.password).await?;
+    Ok(Json(key_json(&key, None)))
+}
+
+/// Re-checks the password, replaces the key and waits until that is durable (shared with
+/// the dashboard's button).
+pub(crate) async fn start_fresh(
+    state: &AppState,
+    ip: &str,
+    user: &User,
+    password: String,
+) -> Result<keys::UserKey, AppError> {
+    let proof = reauthenticate(state, ip, user, password).await?;
+    let (_, services) = state.api()?;
+    state.ensure_writable().await?;
+    let key = account_security::replace_key(&services.signer, services.keys.as_ref(), &proof, now_unix()).await?;
+    state.confirm_write(true).await?;
+    Ok(key)
+}
+
+/// `DELETE /api/user/key/exposure` → 204: the owner says the key is theirs alone; the
+/// warning goes (recorded in the account's events). 404 when there was none.
+async fn dismiss_exposure(State(state): State<AppState>, session: SessionUser) -> Result<StatusCode, AppError> {
+    dismiss_key_exposure(&state, &session.user.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Clears the exposure mark (shared with the dashboard's button).
+pub(crate) async fn dismiss_key_exposure(state: &AppState, user: &UserId) -> Result<(), AppError> {
+    let (db, _) = state.api()?;
+    state.ensure_writable().await?;
+    if !account_security::dismiss_exposure(db.pool(), user, now_unix()).await? {
+        return Err(AppError::NotFound("the key is not marked exposed".into()));
+    }
+    state.confirm_write(false).await
+}
+
+/// Checks the user's password again, with a backoff per account and client (see
+/// [`crate::limit`]).
+async fn reauthenticate(
+    state: &AppState,
+    ip: &str,
+    user: &User,
+    password: String,
+) -> Result<keycast_core::Reauthenticated, AppError> {
+    let backoff = format!("password:{}|{ip}", user.email);
+    state.limits().check_backoff(&backoff)?;
+    let (_, services) = state.api()?;
+    match services.hasher.reauthenticate(user, &Secret::new(password)).await {
+        Ok(proof) => {
+            state.limits().password_succeeded(&backoff);
+            Ok(proof)
+        }
+        Err(err @ keycast_core::password::PasswordError::Mismatch) => {
+            state.limits().password_failed(&backoff);
+            Err(err.into())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -200,26 +295,18 @@ struct ExportBody {
 }
 
 /// `POST /api/user/key/export {password, format: nsec|ncryptsec, passphrase?}` →
-/// `{format, key}` (never cached). The password is checked again first.
+/// `{format, key}` (never cached). Needs a verified email; the password is checked again;
+/// the export is recorded (and durable) before the key is answered, and mailed to the account.
 async fn export(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     session: SessionUser,
     JsonBody(body): JsonBody<ExportBody>,
 ) -> Result<Response, AppError> {
-    state
-        .limits()
-        .check(&format!("login-email:{}", session.user.email), LOGIN_PER_EMAIL)?;
-    let (db, services) = state.api()?;
-    let proof = services
-        .hasher
-        .reauthenticate(&session.user, &Secret::new(body.password))
-        .await?;
-    let km = services.keys.as_ref();
-    let key = match (body.format.as_str(), body.passphrase) {
-        ("nsec", _) => keys::export_nsec(db.pool(), km, &proof).await?,
-        ("ncryptsec", Some(p)) if p.chars().count() >= 8 => {
-            Secret::new(keys::export_ncryptsec(db.pool(), km, &proof, &Secret::new(p)).await?)
-        }
+    account_security::require_verified(&session.user)?;
+    let format = match (body.format.as_str(), body.passphrase) {
+        ("nsec", _) => ExportFormat::Nsec,
+        ("ncryptsec", Some(p)) if p.chars().count() >= 8 => ExportFormat::Ncryptsec(Secret::new(p)),
         ("ncryptsec", _) => {
             return Err(AppError::BadRequest(
                 "ncryptsec needs a passphrase of at least 8 characters".into(),
@@ -227,6 +314,51 @@ async fn export(
         }
         _ => return Err(AppError::BadRequest("format must be nsec or ncryptsec".into())),
     };
-    let body = Json(json!({ "format": body.format, "key": key.expose() }));
-    Ok(([(CACHE_CONTROL, HeaderValue::from_static("no-store"))], body).into_response())
+    let proof = reauthenticate(&state, &ip, &session.user, body.password).await?;
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
+    let key = account_security::export_key(
+        db.pool(),
+        services.keys.as_ref(),
+        services.hasher.queue(),
+        &session.user,
+        &proof,
+        format,
+        now_unix(),
+    )
+    .await?;
+    // The record of the export must survive before anyone holds the key.
+    state.confirm_write(true).await?;
+    crate::auth::send_export_notice(&state, &session.user, &body.format, &ip);
+    Ok((
+        [
+            (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+        ],
+        export_body(&body.format, &key),
+    )
+        .into_response())
+}
+
+/// `{"format": …, "key": …}` in a buffer that is zeroized when the server is done sending
+/// it (the last reference to the body drops), so no copy of the exported key stays behind
+/// in freed memory. Both values are bech32 or a fixed word: no JSON escaping needed.
+fn export_body(format: &str, key: &Secret<String>) -> axum::body::Body {
+    let format = if format == "ncryptsec" { "ncryptsec" } else { "nsec" };
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(key.expose().len() + 32));
+    buf.extend_from_slice(b"{\"format\":\"");
+    buf.extend_from_slice(format.as_bytes());
+    buf.extend_from_slice(b"\",\"key\":\"");
+    buf.extend_from_slice(key.expose().as_bytes());
+    buf.extend_from_slice(b"\"}");
+    axum::body::Body::from(bytes::Bytes::from_owner(ZeroizingBody(buf)))
+}
+
+/// Owner of a response body's bytes that wipes them on drop.
+struct ZeroizingBody(zeroize::Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for ZeroizingBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }

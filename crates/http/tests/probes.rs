@@ -68,7 +68,15 @@ async fn unknown_routes_get_a_json_404() {
 async fn metrics_count_requests_by_route_template() {
     let state = state();
     get(&state, "/healthz/live").await;
-    let (status, body) = get(&state, "/metrics").await;
+    // Without a token, /metrics answers a loopback peer only (what a scraper beside keycast is).
+    let (refused, _) = get(&state, "/metrics").await;
+    assert_eq!(refused, StatusCode::FORBIDDEN, "no peer address: not known to be local");
+    let mut request = Request::get("/metrics").body(Body::empty()).unwrap();
+    let local: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    request.extensions_mut().insert(axum::extract::ConnectInfo(local));
+    let response = app(state.clone()).oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert_eq!(status, StatusCode::OK);
     assert!(
         body.lines().any(|l| l.starts_with("keycast_http_requests_total{")

@@ -88,6 +88,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "per-request timeout in seconds; 0 disables it",
     },
     Setting {
+        key: "header_read_timeout_secs",
+        env: "KEYCAST_HEADER_READ_TIMEOUT_SECS",
+        default: "10",
+        help: "seconds a client has to send a request's headers before the connection is closed (slowloris)",
+    },
+    Setting {
+        key: "metrics_token",
+        env: "KEYCAST_METRICS_TOKEN",
+        default: "(none: loopback only)",
+        help: "bearer token /metrics requires; without it /metrics answers only direct loopback requests; secret",
+    },
+    Setting {
         key: "replica_url",
         env: "KEYCAST_REPLICA_URL",
         default: "file://<data_dir>-replica",
@@ -244,6 +256,30 @@ pub const SETTINGS: &[Setting] = &[
         help: "life of an OAuth authorization code, 1 to 600 seconds",
     },
     Setting {
+        key: "trusted_proxy_hops",
+        env: "KEYCAST_TRUSTED_PROXY_HOPS",
+        default: "0",
+        help: "proxies in front of keycast that append to X-Forwarded-For (Cloud Run: 1; a Google load balancer in front of Cloud Run: 2); 0 ignores the header",
+    },
+    Setting {
+        key: "hash_memory_mib",
+        env: "KEYCAST_HASH_MEMORY_MIB",
+        default: "128",
+        help: "memory for password hashing (argon2id, 19 MiB each) and key export (scrypt, 64 MiB) running at once",
+    },
+    Setting {
+        key: "hash_queue",
+        env: "KEYCAST_HASH_QUEUE",
+        default: "64",
+        help: "requests that may wait for that memory; more are answered 503 with Retry-After",
+    },
+    Setting {
+        key: "reserved_usernames",
+        env: "KEYCAST_RESERVED_USERNAMES",
+        default: "(none)",
+        help: "comma-separated NIP-05 names nobody may claim, on top of the built-in ones (_, admin, root, support, keycast, …)",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -252,7 +288,7 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Settings whose values are secrets: redacted from every message.
-const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url"];
+const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url", "metrics_token"];
 
 /// Where the embedded relay listens by default: loopback, so it is private to the machine.
 pub const DEFAULT_EMBEDDED_RELAY_ADDR: &str = "127.0.0.1:7447";
@@ -276,6 +312,10 @@ pub struct Config {
     pub log_filter: String,
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Bearer token `/metrics` requires; `None`: loopback only.
+    pub metrics_token: Option<keycast_core::Secret<String>>,
     pub test_routes: bool,
     /// Which writes wait for the replica.
     pub durability: DurabilityMode,
@@ -302,6 +342,14 @@ pub struct Config {
     pub smtp: Option<SmtpMailer>,
     /// Life of an OAuth authorization code, seconds (1..=600).
     pub oauth_code_ttl_secs: i64,
+    /// Proxies that append to `X-Forwarded-For` (0: the header is ignored).
+    pub trusted_proxy_hops: usize,
+    /// Memory budget of password hashing and key export, MiB.
+    pub hash_memory_mib: u32,
+    /// Hashing jobs that may wait for the budget.
+    pub hash_queue: usize,
+    /// NIP-05 names reserved by the operator, lowercase.
+    pub reserved_usernames: Vec<String>,
 }
 
 /// Where the master key (the key-encryption key of stored Nostr keys) comes from.
@@ -493,7 +541,17 @@ impl Sources {
             request_timeout: self
                 .get("request_timeout_secs", parse_secs)?
                 .unwrap_or(Duration::from_secs(30)),
-            test_routes: self.get("test_routes", parse_bool)?.unwrap_or(false),
+            header_read_timeout: self.get("header_read_timeout_secs", parse_positive_secs)?.unwrap_or(
+                Duration::from_secs(crate::http_server::DEFAULT_HEADER_READ_TIMEOUT_SECS),
+            ),
+            metrics_token: self.get("metrics_token", |v| {
+                if v.len() < 16 {
+                    Err("expected at least 16 characters (e.g. `openssl rand -hex 32`)".into())
+                } else {
+                    Ok(keycast_core::Secret::new(v.to_owned()))
+                }
+            })?,
+            test_routes: self.test_routes()?,
             durability: self.get("durability", parse_durability)?.unwrap_or_default(),
             replica: self.replica(&data_dir)?,
             master_key: self.master_key(&data_dir)?,
@@ -517,8 +575,47 @@ impl Sources {
             oauth_code_ttl_secs: self
                 .get("oauth_code_ttl_secs", parse_code_ttl)?
                 .unwrap_or(keycast_core::oauth::CODE_TTL_SECS),
+            trusted_proxy_hops: self
+                .get("trusted_proxy_hops", |v| match v.parse::<usize>() {
+                    Ok(n) if n <= 10 => Ok(n),
+                    _ => Err("expected the number of proxies in front of keycast, 0 to 10 (Cloud Run: 1)".into()),
+                })?
+                .unwrap_or(0),
+            hash_memory_mib: self
+                .get("hash_memory_mib", |v| match v.parse::<u32>() {
+                    Ok(n) if (keycast_core::hashing_queue::SCRYPT_MIB..=65_536).contains(&n) => Ok(n),
+                    _ => Err("expected MiB from 64 (one key export) to 65536".into()),
+                })?
+                .unwrap_or(keycast_core::hashing_queue::DEFAULT_BUDGET_MIB),
+            hash_queue: self
+                .get("hash_queue", |v| match v.parse::<usize>() {
+                    Ok(n) if n <= 100_000 => Ok(n),
+                    _ => Err("expected a number of waiting requests from 0 to 100000".into()),
+                })?
+                .unwrap_or(keycast_core::hashing_queue::DEFAULT_MAX_WAITING),
+            reserved_usernames: self
+                .get("reserved_usernames", parse_reserved_usernames)?
+                .unwrap_or_default(),
             data_dir,
         })
+    }
+
+    /// `test_routes`, refused with an https public URL: the test routes hand out mailed
+    /// tokens (the outbox), so a production instance must never mount them by accident.
+    fn test_routes(&self) -> Result<bool, ConfigError> {
+        let on = self.get("test_routes", parse_bool)?.unwrap_or(false);
+        let https = self
+            .get("public_url", parse_public_url)?
+            .is_some_and(|u| u.starts_with("https://"));
+        if on && https {
+            return Err(ConfigError::Invalid {
+                origin: describe("test_routes", &self.values["test_routes"]),
+                reason: "the test routes hand out mailed tokens and must never run in production; \
+                         they are refused while KEYCAST_PUBLIC_URL is https"
+                    .into(),
+            });
+        }
+        Ok(on)
     }
 
     /// The SMTP mailer, when `smtp_url` is set (then `mail_from` is required).
@@ -782,6 +879,21 @@ fn parse_origins(v: &str) -> Result<Vec<String>, String> {
     Ok(origins)
 }
 
+fn parse_reserved_usernames(v: &str) -> Result<Vec<String>, String> {
+    let names: Vec<String> = v
+        .split(',')
+        .map(|n| n.trim().to_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    match names
+        .iter()
+        .find(|n| !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    {
+        Some(bad) => Err(format!("{bad:?} is not a NIP-05 name (a-z, 0-9, '.', '_', '-')")),
+        None => Ok(names),
+    }
+}
+
 fn parse_bool(v: &str) -> Result<bool, String> {
     match v.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -1008,6 +1120,57 @@ mod tests {
     }
 
     #[test]
+    fn proxy_hops_and_the_hashing_budget_are_checked_and_name_their_variable() {
+        let config = Sources::default().build().unwrap();
+        assert_eq!(
+            (config.trusted_proxy_hops, config.hash_memory_mib, config.hash_queue),
+            (0, 128, 64)
+        );
+        let config = env(&[("KEYCAST_TRUSTED_PROXY_HOPS", "2"), ("KEYCAST_HASH_MEMORY_MIB", "256")])
+            .build()
+            .unwrap();
+        assert_eq!((config.trusted_proxy_hops, config.hash_memory_mib), (2, 256));
+        for (var, bad) in [
+            ("KEYCAST_TRUSTED_PROXY_HOPS", "yes"),
+            ("KEYCAST_HASH_MEMORY_MIB", "32"),
+            ("KEYCAST_HASH_QUEUE", "-1"),
+        ] {
+            let err = env(&[(var, bad)]).build().unwrap_err().to_string();
+            assert!(err.contains(&format!("{var}={bad}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn test_routes_are_refused_with_an_https_public_url_and_timeouts_are_checked() {
+        let err = env(&[
+            ("KEYCAST_TEST_ROUTES", "true"),
+            ("KEYCAST_PUBLIC_URL", "https://k.example"),
+        ])
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("KEYCAST_TEST_ROUTES=true"), "{err}");
+        assert!(env(&[("KEYCAST_TEST_ROUTES", "true")]).build().unwrap().test_routes);
+        assert_eq!(
+            Sources::default().build().unwrap().header_read_timeout,
+            Duration::from_secs(10)
+        );
+        let err = env(&[("KEYCAST_HEADER_READ_TIMEOUT_SECS", "0")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYCAST_HEADER_READ_TIMEOUT_SECS=0"), "{err}");
+        let err = env(&[("KEYCAST_METRICS_TOKEN", "short")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KEYCAST_METRICS_TOKEN=<redacted>") && !err.contains("short"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k.toml");
@@ -1028,6 +1191,22 @@ mod tests {
 #[cfg(test)]
 mod docs_tests {
     use super::SETTINGS;
+
+    #[test]
+    fn the_image_runs_keycast_as_an_unprivileged_user() {
+        let dockerfile = include_str!("../../../deploy/Dockerfile");
+        let user = dockerfile
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("USER "))
+            .next_back()
+            .expect("the Dockerfile names a USER");
+        let uid = user.split(':').next().unwrap().trim();
+        assert!(uid != "root" && uid != "0", "the image runs as {user}");
+        assert!(
+            uid.parse::<u32>().is_ok(),
+            "a numeric uid, so runAsNonRoot can check it: {user}"
+        );
+    }
 
     #[test]
     fn the_readme_documents_every_setting() {

@@ -7,10 +7,12 @@
 //! - [`master_key`]: the master key from env, file or a development key; checked at start.
 //! - [`logging`]: text or Cloud Logging JSON.
 //! - [`serve`]: start-up order, the HTTP server, and graceful shutdown.
+//! - [`http_server`]: the accept loop (hyper with a header-read timeout, graceful drain).
 //! - [`replication`]: restore-before-serve, the replicator's start, health and stop.
 
 pub mod cli;
 pub mod config;
+pub mod http_server;
 pub mod logging;
 pub mod master_key;
 pub mod replication;

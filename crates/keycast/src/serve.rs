@@ -21,7 +21,7 @@
 //! and exits non-zero, so the platform replaces it instead of keeping a process that can no
 //! longer write.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -81,16 +81,20 @@ pub async fn run(
         code_ttl_secs: config.oauth_code_ttl_secs,
         nostrconnect_internal_relays: config.nostrconnect_internal_relays,
         smtp: config.smtp.clone(),
+        trusted_proxy_hops: config.trusted_proxy_hops,
+        reserved_usernames: config.reserved_usernames.clone(),
+        metrics_token: config.metrics_token.clone(),
     };
     let state = AppState::new(metrics, options);
     state.log_mail_setup();
+    if config.test_routes {
+        tracing::warn!("KEYCAST_TEST_ROUTES=true: /api/test/* is mounted and GET /api/test/outbox hands out every mailed token to anyone who asks; this is for keycast's own tests, never for an instance people use");
+    }
     let (stop_http, http_stopped) = oneshot::channel::<()>();
-    let app = keycast_http::app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = http_stopped.await;
-        })
-        .into_future();
+    let app = keycast_http::app(state.clone());
+    let server = crate::http_server::serve(listener, app, config.header_read_timeout, async move {
+        let _ = http_stopped.await;
+    });
     let mut server = tokio::spawn(server);
 
     tokio::pin!(shutdown);
@@ -194,7 +198,8 @@ async fn services(
     replica: Option<Monitor>,
 ) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
     let km = crate::master_key::load(&config.master_key, db.pool()).await?;
-    let hasher = PasswordHasher::new(PasswordParams::default()).context("password hashing parameters")?;
+    let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
+    let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
     let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
     let flusher = tokio::spawn(flush_activity(signer.clone(), replica));
     Ok((

@@ -108,7 +108,8 @@ fn path_and_query(link: &str) -> String {
 }
 
 /// Confirms an email by following a mailed verify-email link like a person: open the page,
-/// press its button. Returns the confirmation page, or the link's page if it has no button.
+/// type the account's password, press its button. Returns the confirmation page, or the
+/// link's page if it has no button.
 fn follow_verify_link(server: &Keycast, link: &str) -> Reply {
     let page = get(server, &path_and_query(link), None);
     if page.status != 200 {
@@ -119,7 +120,12 @@ fn follow_verify_link(server: &Keycast, link: &str) -> Reply {
         Some("/verify-email")
     );
     let token = hidden_input(&page.body, "token").expect("the page carries the token");
-    post_form(server, "/verify-email", None, &[("token", &token)])
+    post_form(
+        server,
+        "/verify-email",
+        None,
+        &[("token", &token), ("password", PASSWORD)],
+    )
 }
 
 fn email_verified(server: &Keycast, email: &str) -> bool {
@@ -191,7 +197,12 @@ fn the_verification_mail_arrives_over_smtp_and_its_link_verifies_the_email() {
         .unwrap()
         .1
         .into_owned();
-    let late = post_form(&server, "/verify-email", None, &[("token", &token)]);
+    let late = post_form(
+        &server,
+        "/verify-email",
+        None,
+        &[("token", &token), ("password", PASSWORD)],
+    );
     assert_eq!(late.status, 400, "{}", late.body);
     assert!(late.body.contains("This link no longer works"), "{}", late.body);
     assert!(

@@ -67,7 +67,9 @@ fn policies_are_listed_with_what_they_permit() {
         json!([0, 1, 3, 4, 7, 44, 1059, 9735, 22242])
     );
     assert_eq!(by_slug("wallet")["permissions"]["allowed_kinds"], json!([9734]));
-    assert_eq!(by_slug("readonly")["permissions"]["decrypt_only"], true);
+    assert_eq!(by_slug("readonly")["permissions"]["decrypt"], true);
+    assert_eq!(by_slug("readonly")["permissions"]["allowed_kinds"], json!([22242]));
+    assert_eq!(by_slug("wallet")["permissions"]["decrypt"], false);
     assert_eq!(by_slug("full")["permissions"]["full_access"], true);
     assert_eq!(by_slug("full")["permissions"]["allowed_kinds"], json!(null));
 
@@ -75,4 +77,56 @@ fn policies_are_listed_with_what_they_permit() {
     let metadata = get(&server, "/.well-known/oauth-authorization-server", None).json();
     let scopes: Vec<String> = slugs.iter().map(|s| format!("policy:{s}")).collect();
     assert_eq!(metadata["scopes_supported"], json!(scopes));
+}
+
+/// Issue 12, item 4: the wallet policy, described as signing zap requests, must not read or
+/// write direct messages, and the consent page's words are the enforced permissions.
+#[test]
+fn a_wallet_app_cannot_read_direct_messages_and_the_consent_page_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "wallet-user@example.com", None);
+    let (challenge, _) = harness::flow::pkce();
+    let consent = get(
+        &server,
+        &format!(
+            "/api/oauth/authorize?{}",
+            harness::flow::authorize_query("policy:wallet", &challenge)
+        ),
+        Some(&cookie),
+    );
+
+    let token = harness::flow::grant(&server, &cookie, "policy:wallet")["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let correspondent = nostr::Keys::generate();
+    let me = rpc(&server, &token, "get_public_key", json!([])).json()["result"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let me = nostr::PublicKey::from_hex(&me).unwrap();
+    let dm = nostr::nips::nip44::encrypt(
+        correspondent.secret_key(),
+        &me,
+        "meet me at noon",
+        nostr::nips::nip44::Version::V2,
+    )
+    .unwrap();
+    let peer = correspondent.public_key().to_hex();
+    let read = rpc(&server, &token, "nip44_decrypt", json!([peer, dm]));
+    assert_eq!(read.status, 403, "a wallet app read a direct message: {}", read.body);
+    let nip04 = rpc(&server, &token, "nip04_decrypt", json!([peer, "eA==?iv=eA=="]));
+    assert_eq!(nip04.status, 403, "{}", nip04.body);
+    let write = rpc(&server, &token, "nip44_encrypt", json!([peer, "hi"]));
+    assert_eq!(write.status, 403, "{}", write.body);
+    let zap = json!({"kind": 9734, "content": "", "tags": [], "created_at": 1_700_000_000});
+    assert_eq!(rpc(&server, &token, "sign_event", json!([zap])).status, 200);
+    assert!(consent.body.contains("zap requests (kind 9734)"), "{}", consent.body);
+    assert!(
+        consent.body.contains("Not read your encrypted messages"),
+        "{}",
+        consent.body
+    );
+    assert!(consent.body.contains("Not encrypt messages"), "{}", consent.body);
 }

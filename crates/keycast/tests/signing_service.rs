@@ -8,7 +8,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::api::*;
-use harness::flow::{approve, authorize_query, pkce, register, token_request};
+use harness::flow::{approve, authorize_query, pkce, register, register_unverified, token_request};
 use harness::{Keycast, Launch};
 use nostr::nips::nip19::ToBech32;
 use nostr::{Event, JsonUtil, Keys};
@@ -535,7 +535,7 @@ fn policies_deny_per_permission_with_the_reason() {
 #[test]
 fn email_verification_and_password_reset_use_single_use_mailed_tokens() {
     let (_dir, server) = start();
-    let (cookie, _) = register(&server, "kim@example.com", None);
+    let (cookie, _) = register_unverified(&server, "kim@example.com", None);
     let outbox = get(&server, "/api/test/outbox", None).json();
     let verify = outbox["messages"]
         .as_array()
@@ -544,14 +544,13 @@ fn email_verification_and_password_reset_use_single_use_mailed_tokens() {
         .find(|m| m["purpose"] == "verify_email")
         .unwrap();
     let token = verify["token"].as_str().unwrap();
-    assert_eq!(
-        post_json(&server, "/api/auth/verify-email", None, &json!({ "token": token })).status,
-        200
-    );
-    assert_eq!(
-        post_json(&server, "/api/auth/verify-email", None, &json!({ "token": token })).status,
-        400
-    );
+    let confirm = |password: &str| {
+        let body = json!({ "token": token, "password": password });
+        post_json(&server, "/api/auth/verify-email", None, &body).status
+    };
+    assert_eq!(confirm("not the password"), 401, "the link alone does not confirm");
+    assert_eq!(confirm(PASSWORD), 200, "a wrong password did not use the link up");
+    assert_eq!(confirm(PASSWORD), 400);
 
     assert_eq!(
         post_json(

@@ -7,8 +7,18 @@ use serde_json::{json, Value};
 use super::api::*;
 use super::Keycast;
 
-/// Registers `email` (with `nsec` if given) and returns the session cookie and the body.
+/// Registers `email` (with `nsec` if given) and confirms the address the way its owner
+/// would (the mailed link, with the password): keycast authorizes apps, exports keys and
+/// gives out NIP-05 names only for confirmed accounts. Returns the session cookie and the
+/// registration's body.
 pub fn register(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, Value) {
+    let (cookie, body) = register_unverified(server, email, nsec);
+    verify_email(server, email);
+    (cookie, body)
+}
+
+/// Registers `email` without confirming it (what anyone can do with any address).
+pub fn register_unverified(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, Value) {
     let r = post_json(
         server,
         "/api/auth/register",
@@ -18,6 +28,34 @@ pub fn register(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, V
     assert_eq!(r.status, 201, "register: {}", r.body);
     let cookie = cookie_of(&r);
     (cookie, r.json())
+}
+
+/// The newest token mailed to `email` for `purpose`, from the development outbox (needs the
+/// test routes, on by default in the harness).
+pub fn mailed_token(server: &Keycast, email: &str, purpose: &str) -> String {
+    let outbox = get(server, "/api/test/outbox", None);
+    assert_eq!(outbox.status, 200, "the test outbox: {}", outbox.body);
+    outbox.json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["to"] == email && m["purpose"] == purpose)
+        .and_then(|m| m["token"].as_str())
+        .unwrap_or_else(|| panic!("no {purpose} mail to {email} in the outbox"))
+        .to_owned()
+}
+
+/// Confirms `email` with the mailed token and the harness password.
+pub fn verify_email(server: &Keycast, email: &str) {
+    let token = mailed_token(server, email, "verify_email");
+    let r = post_json(
+        server,
+        "/api/auth/verify-email",
+        None,
+        &json!({ "token": token, "password": PASSWORD }),
+    );
+    assert_eq!(r.status, 200, "verify-email: {}", r.body);
 }
 
 /// A PKCE pair: (challenge, verifier).

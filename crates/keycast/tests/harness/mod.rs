@@ -111,6 +111,9 @@ impl Launch {
             .env("KEYCAST_EMBEDDED_RELAY_ADDR", "127.0.0.1:0")
             // Test relays live on loopback; production refuses such nostrconnect:// relays.
             .env("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS", "true")
+            // The development outbox is how the harness confirms the emails it registers
+            // (`flow::register`); a test may turn the routes off again with `.env(…)`.
+            .env("KEYCAST_TEST_ROUTES", "true")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

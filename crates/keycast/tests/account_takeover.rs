@@ -1,0 +1,269 @@
+//! Pre-registration hijacking (issue 12, item 1), as the attacker and the victim meet the
+//! real binary: someone registers the victim's address first, with a key they hold; until
+//! the mailbox owner proves control, the account can do nothing that outlives a take-over,
+//! and the take-over (a password reset) ends everything the registrant set up and says the
+//! key is compromised. Every key export is recorded and mailed.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{grant, mailed_token, register, register_unverified};
+use harness::{Keycast, Launch};
+use nostr::nips::nip19::ToBech32;
+use nostr::Keys;
+use serde_json::{json, Value};
+
+fn start() -> (tempfile::TempDir, Keycast) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    (dir, server)
+}
+
+fn export(server: &Keycast, cookie: &str, password: &str) -> Reply {
+    post_json(
+        server,
+        "/api/user/key/export",
+        Some(cookie),
+        &json!({ "password": password, "format": "nsec" }),
+    )
+}
+
+/// The victim asks for a reset link and uses it: what the mailbox owner can always do.
+fn reset(server: &Keycast, email: &str, new_password: &str) {
+    let asked = post_json(server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let token = mailed_token(server, email, "reset_password");
+    let body = json!({ "token": token, "password": new_password });
+    let done = post_json(server, "/api/auth/reset-password", None, &body);
+    assert_eq!(done.status, 200, "{}", done.body);
+}
+
+fn login(server: &Keycast, email: &str, password: &str) -> Reply {
+    post_json(
+        server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": password }),
+    )
+}
+
+#[test]
+fn a_pre_registered_account_gives_its_registrant_nothing_that_outlives_the_mailbox_owner() {
+    let (_dir, server) = start();
+    let victim = "victim@example.org";
+    let planted = Keys::generate();
+    let nsec = planted.secret_key().to_bech32().unwrap();
+    let (attacker, _) = register_unverified(&server, victim, Some(&nsec));
+
+    // What the registrant tries before anyone has proved they own the mailbox.
+    let exported = export(&server, &attacker, PASSWORD);
+    assert_eq!(
+        exported.status, 403,
+        "export of an unverified account: {}",
+        exported.body
+    );
+    assert!(exported.body.contains("confirm your email"), "{}", exported.body);
+    let (challenge, _) = harness::flow::pkce();
+    let mut approval: Value =
+        url::form_urlencoded::parse(harness::flow::authorize_query("policy:full", &challenge).as_bytes())
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+    approval["approved"] = json!(true);
+    let approved = post(
+        &server,
+        "/api/oauth/authorize",
+        Some(&attacker),
+        "application/json",
+        &approval.to_string(),
+        &[("Origin", &server.base)],
+    );
+    assert_eq!(
+        approved.status, 403,
+        "an app approved by an unverified account: {}",
+        approved.body
+    );
+    let consent = get(
+        &server,
+        &format!(
+            "/api/oauth/authorize?{}",
+            harness::flow::authorize_query("policy:full", &challenge)
+        ),
+        Some(&attacker),
+    );
+    assert!(consent.body.contains("Confirm your email first"), "{}", consent.body);
+    assert!(
+        hidden_input(&consent.body, "csrf").is_none(),
+        "no approve form: {}",
+        consent.body
+    );
+    let nostrconnect = post_json(
+        &server,
+        "/api/user/nostrconnect",
+        Some(&attacker),
+        &json!({
+            "uri": format!("nostrconnect://{}?relay=ws%3A%2F%2F127.0.0.1%3A9&secret=s3cret", Keys::generate().public_key().to_hex()),
+            "policy": "full",
+        }),
+    );
+    assert_eq!(nostrconnect.status, 403, "{}", nostrconnect.body);
+    let name = post_json(
+        &server,
+        "/api/user/username",
+        Some(&attacker),
+        &json!({ "username": "victim" }),
+    );
+    assert_eq!(
+        name.status, 403,
+        "a NIP-05 name for an unverified account: {}",
+        name.body
+    );
+
+    // The victim clicks the verification link they never asked for: without the password
+    // (which only the registrant knows) it confirms nothing, and the registrant gains nothing.
+    let token = mailed_token(&server, victim, "verify_email");
+    let clicked = post_form(&server, "/verify-email", None, &[("token", &token), ("password", "")]);
+    assert_eq!(clicked.status, 401, "{}", clicked.body);
+    assert!(clicked.body.contains("Forgot your password"), "{}", clicked.body);
+    assert_eq!(export(&server, &attacker, PASSWORD).status, 403);
+
+    // The victim takes the account over with a password reset.
+    reset(&server, victim, "the victim's own password");
+    assert_eq!(
+        get(&server, "/api/user/key", Some(&attacker)).status,
+        401,
+        "registrant's session ended"
+    );
+    assert_eq!(
+        login(&server, victim, PASSWORD).status,
+        401,
+        "registrant's password is gone"
+    );
+    let owner = login(&server, victim, "the victim's own password");
+    assert_eq!(owner.status, 200, "{}", owner.body);
+    assert_eq!(
+        owner.json()["email_verified"],
+        true,
+        "the reset link proved the mailbox"
+    );
+    let cookie = cookie_of(&owner);
+
+    // …and is told the key is the registrant's, with a way to start fresh.
+    let key = get(&server, "/api/user/key", Some(&cookie)).json();
+    assert_eq!(key["pubkey"], planted.public_key().to_hex());
+    assert_eq!(key["exposure"]["reason"], "imported_before_verification", "{key}");
+    let dashboard = get(&server, "/dashboard", Some(&cookie));
+    assert!(
+        dashboard.body.contains("Your key may be known to someone else"),
+        "{}",
+        dashboard.body
+    );
+    let csrf = hidden_input(&dashboard.body, "csrf").unwrap();
+    let fresh = post_form(
+        &server,
+        "/dashboard/key/replace",
+        Some(&cookie),
+        &[("csrf", &csrf), ("password", "the victim's own password")],
+    );
+    assert_eq!(fresh.status, 303, "{}", fresh.body);
+    let key = get(&server, "/api/user/key", Some(&cookie)).json();
+    assert_ne!(key["pubkey"], planted.public_key().to_hex(), "a new key");
+    assert_eq!(key["exposure"], Value::Null, "{key}");
+    let dashboard = get(&server, "/dashboard", Some(&cookie));
+    assert!(!dashboard.body.contains("Your key may be known to someone else"));
+    assert!(
+        dashboard.body.contains("key replaced"),
+        "the account's events are listed"
+    );
+}
+
+#[test]
+fn every_export_is_recorded_and_mailed_and_a_reset_revokes_what_the_password_holder_set_up() {
+    let (_dir, server) = start();
+    let email = "owner@example.org";
+    let (cookie, _) = register(&server, email, None);
+    let token = grant(&server, &cookie, "policy:full")["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(rpc(&server, &token, "get_public_key", json!([])).status, 200);
+
+    // Someone with the password (and a session) exports the key.
+    let exported = export(&server, &cookie, PASSWORD);
+    assert_eq!(exported.status, 200, "{}", exported.body);
+    assert!(exported.json()["key"].as_str().unwrap().starts_with("nsec1"));
+    let activity = get(&server, "/api/user/activity", Some(&cookie)).json();
+    let events: Vec<&Value> = activity["account"].as_array().unwrap().iter().collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "key_exported" && e["detail"] == "nsec"),
+        "{activity}"
+    );
+    let outbox = get(&server, "/api/test/outbox", None).json();
+    let notice = outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["to"] == email && m["purpose"] == "key_exported")
+        .unwrap_or_else(|| panic!("no export notice mailed: {outbox}"));
+    assert!(
+        notice["body"].as_str().unwrap().contains("was exported (nsec)"),
+        "{notice}"
+    );
+
+    // The owner resets the password: the app the password holder approved stops signing,
+    // and the exported key is flagged.
+    reset(&server, email, "a new password, mine");
+    let refused = rpc(&server, &token, "get_public_key", json!([]));
+    assert_eq!(
+        refused.status, 401,
+        "an authorization survived the reset: {}",
+        refused.body
+    );
+    let owner = cookie_of(&login(&server, email, "a new password, mine"));
+    let key = get(&server, "/api/user/key", Some(&owner)).json();
+    assert_eq!(key["exposure"]["reason"], "exported", "{key}");
+    let list = get(&server, "/api/user/authorizations", Some(&owner)).json();
+    assert!(
+        list["authorizations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| !a["revoked_at"].is_null()),
+        "{list}"
+    );
+    // The owner who exported it themselves may keep the key.
+    let dismissed = delete(&server, "/api/user/key/exposure", &owner);
+    assert_eq!(dismissed.status, 204, "{}", dismissed.body);
+    assert_eq!(
+        get(&server, "/api/user/key", Some(&owner)).json()["exposure"],
+        Value::Null
+    );
+}
+
+#[test]
+fn the_development_outbox_prints_the_verification_link_so_one_machine_runs_the_whole_flow() {
+    let (_dir, server) = start();
+    let email = "solo@example.org";
+    register_unverified(&server, email, None);
+    let token = mailed_token(&server, email, "verify_email");
+    wait_for_log(&server, &format!("/verify-email?token={token}"));
+    // A reset link never is: it alone would take the account over.
+    post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+    let reset = mailed_token(&server, email, "reset_password");
+    wait_for_log(&server, "Reset your keycast password");
+    assert!(!server.log().contains(&reset), "a reset token reached the log");
+}
+
+fn wait_for_log(server: &Keycast, text: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !server.log().contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{text:?} is not in the log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,137 @@
+//! The low-severity hardening of issue 12, item 10, against the real binary: `/metrics` is
+//! not public, the test routes cannot be switched on in production, a client that sends its
+//! headers a byte at a time is cut off, and a password reset kills every other reset link.
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use harness::api::*;
+use harness::flow::{mailed_token, register};
+use harness::Launch;
+use serde_json::json;
+
+#[test]
+fn metrics_answer_loopback_or_the_bearer_token_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    assert_eq!(server.get("/metrics").0, 200, "a scraper beside keycast");
+    let proxied = agent()
+        .get(format!("{}/metrics", server.base))
+        .header("X-Forwarded-For", "203.0.113.5")
+        .call();
+    assert_eq!(
+        reply(proxied).status,
+        403,
+        "a request relayed by a proxy on this host is not local"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = "metrics-token-0123456789abcdef";
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_METRICS_TOKEN", token)
+        .start();
+    assert_eq!(server.get("/metrics").0, 401, "the token is required once set");
+    let scraped = agent()
+        .get(format!("{}/metrics", server.base))
+        .header("Authorization", &format!("Bearer {token}"))
+        .call();
+    let scraped = reply(scraped);
+    assert_eq!(scraped.status, 200);
+    assert!(scraped.body.contains("keycast_http_requests_total"), "{}", scraped.body);
+    assert!(!server.log().contains(token), "the token reached the log");
+}
+
+#[test]
+fn the_test_routes_are_refused_with_an_https_public_url_and_announced_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_PUBLIC_URL", "https://keycast.example")
+        .run_to_exit(Duration::from_secs(30));
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("KEYCAST_TEST_ROUTES=true"),
+        "{}",
+        refused.stderr
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Launch::new(&dir.path().join("data")).start();
+    assert!(
+        dev.log().contains("KEYCAST_TEST_ROUTES=true: /api/test/* is mounted"),
+        "{}",
+        dev.log()
+    );
+}
+
+#[test]
+fn a_client_that_trickles_its_headers_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_HEADER_READ_TIMEOUT_SECS", "1")
+        .start();
+    let addr = server.base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    stream.write_all(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    let closed_after = loop {
+        // One more header byte every 200 ms: never a complete request.
+        if stream.write_all(b"X").is_err() {
+            break started.elapsed();
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break started.elapsed(),
+            Ok(n) => {
+                let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+                break started.elapsed();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break started.elapsed(),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "keycast kept a connection with unfinished headers open for 10 s"
+        );
+    };
+    assert!(
+        closed_after >= Duration::from_millis(800),
+        "cut off too early: {closed_after:?}"
+    );
+    // Well-behaved clients are unaffected.
+    assert_eq!(server.get("/healthz/live").0, 200);
+}
+
+#[test]
+fn a_password_reset_kills_every_other_reset_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let email = "twice@example.org";
+    register(&server, email, None);
+    let ask = || post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email })).status;
+    assert_eq!(ask(), 202);
+    let older = mailed_token(&server, email, "reset_password");
+    assert_eq!(ask(), 202);
+    let newer = mailed_token(&server, email, "reset_password");
+    assert_ne!(older, newer);
+    let reset = |token: &str, password: &str| {
+        post_json(
+            &server,
+            "/api/auth/reset-password",
+            None,
+            &json!({ "token": token, "password": password }),
+        )
+        .status
+    };
+    assert_eq!(reset(&newer, "the owner's new password"), 200);
+    assert_eq!(
+        reset(&older, "someone else's password"),
+        400,
+        "an older reset link still worked"
+    );
+}

@@ -1,0 +1,249 @@
+//! keycast against a hostile web (issue 12, items 2 and 3): a page on another site posts
+//! forms to keycast (login CSRF, cross-site state changes) or frames its pages
+//! (clickjacking). The browser cases run in Debian's Chromium through playwright-core; the
+//! rest send exactly the headers a browser sends. The driver script is
+//! `testdata/hostile_site/drive.js`.
+
+mod harness;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::api::*;
+use harness::flow::{grant, register};
+use harness::{run_with_timeout, Keycast, Launch};
+use serde_json::{json, Value};
+
+fn start() -> (tempfile::TempDir, Keycast) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    (dir, server)
+}
+
+/// Runs the hostile page in Chromium (`mode` and its arguments) and returns its result line,
+/// or `None` when the browser peers are not installed (skipped loudly).
+fn hostile_page(server: &Keycast, dir: &Path, mode: &str, args: &[&str]) -> Option<Value> {
+    let chromium = harness::peer("KEYCAST_TEST_CHROMIUM")?;
+    let playwright = harness::peer("KEYCAST_PLAYWRIGHT_DIR")?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/hostile_site/drive.js");
+    let mut node = Command::new("node");
+    node.arg(&script)
+        .args([mode, server.base.as_str()])
+        .arg(dir.join(format!("chromium-{mode}")))
+        .args(args)
+        .env("NODE_PATH", Path::new(&playwright).join("node_modules"))
+        .env("CHROMIUM", &chromium);
+    let run = run_with_timeout(node, Duration::from_secs(120));
+    run.assert_success("the hostile page in Chromium");
+    let line = run.stdout.lines().last().unwrap_or_default();
+    Some(serde_json::from_str(line).unwrap_or_else(|_| panic!("no result line from the driver:\n{}", run.stdout)))
+}
+
+#[test]
+fn a_page_on_another_site_cannot_log_the_visitor_into_the_attackers_account() {
+    let (dir, server) = start();
+    let attacker = "attacker@example.net";
+    register(&server, attacker, None);
+    let Some(result) = hostile_page(&server, dir.path(), "login-csrf", &[attacker, PASSWORD]) else {
+        return;
+    };
+    for answer in result["answers"].as_array().unwrap() {
+        assert_eq!(answer["status"], 403, "a cross-site login form was served: {result}");
+    }
+    assert_eq!(
+        result["key_status"], 401,
+        "the visitor's browser is logged into the attacker's account: {result}"
+    );
+    assert!(result["cookies"].as_array().unwrap().is_empty(), "{result}");
+}
+
+#[test]
+fn state_changes_from_another_site_are_refused_and_json_needs_its_content_type() {
+    let (_dir, server) = start();
+    let (cookie, _) = register(&server, "user@example.org", None);
+    let authz = grant(&server, &cookie, "policy:social")["authorization_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let evil = [("Origin", "https://evil.example"), ("Sec-Fetch-Site", "cross-site")];
+    let body = json!({ "email": "user@example.org", "password": PASSWORD }).to_string();
+
+    // What a cross-site form can send: text/plain (JSON inside) or urlencoded, with the
+    // browser's Origin and Sec-Fetch-Site.
+    for (path, content_type, with_cookie) in [
+        ("/api/auth/login", "text/plain", false),
+        ("/api/auth/register", "text/plain", false),
+        ("/login", FORM, false),
+        ("/api/oauth/login", FORM, false),
+        ("/api/user/username", "text/plain", true),
+        ("/api/user/nostrconnect", "text/plain", true),
+        ("/api/user/key/export", "text/plain", true),
+    ] {
+        let r = post(
+            &server,
+            path,
+            with_cookie.then_some(cookie.as_str()),
+            content_type,
+            &body,
+            &evil,
+        );
+        assert_eq!(r.status, 403, "{path} from another site: {}", r.body);
+        assert!(r.set_cookie.is_none(), "{path} set a cookie for another site");
+    }
+    // A sibling subdomain (same site, other origin) is refused too.
+    let sibling = post(
+        &server,
+        "/api/auth/login",
+        None,
+        "application/json",
+        &body,
+        &[("Origin", "http://other.localhost"), ("Sec-Fetch-Site", "same-site")],
+    );
+    assert_eq!(sibling.status, 403, "{}", sibling.body);
+    let revoke = agent()
+        .delete(format!("{}/api/user/authorizations/{authz}", server.base))
+        .header("Cookie", &cookie)
+        .header("Origin", "https://evil.example")
+        .call();
+    assert_eq!(reply(revoke).status, 403, "a cross-site revocation");
+
+    // JSON endpoints read JSON only when it says so, even from keycast's own origin.
+    let own = [("Origin", server.base.as_str())];
+    let plain = post(&server, "/api/auth/login", None, "text/plain", &body, &own);
+    assert_eq!(plain.status, 415, "{}", plain.body);
+    assert_eq!(plain.json()["error"], "unsupported_media_type");
+    let ok = post(&server, "/api/auth/login", None, "application/json", &body, &own);
+    assert_eq!(ok.status, 200, "{}", ok.body);
+
+    // What apps on other origins are meant to call still works: bearer RPC, token exchange.
+    let token = grant(&server, &cookie, "policy:social")["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let signed = post(
+        &server,
+        "/api/nostr",
+        None,
+        "application/json",
+        &json!({ "method": "get_public_key", "params": [] }).to_string(),
+        &[
+            ("Origin", "https://app.example"),
+            ("Sec-Fetch-Site", "cross-site"),
+            ("Authorization", &format!("Bearer {token}")),
+        ],
+    );
+    assert_eq!(signed.status, 200, "{}", signed.body);
+}
+
+#[test]
+fn keycasts_login_and_consent_pages_cannot_be_framed_by_another_site() {
+    let (dir, server) = start();
+    let (challenge, _) = harness::flow::pkce();
+    let path = format!(
+        "/api/oauth/authorize?{}",
+        harness::flow::authorize_query("policy:full", &challenge)
+    );
+    let Some(result) = hostile_page(&server, dir.path(), "framing", &[&path]) else {
+        return;
+    };
+    assert_eq!(result["status"], 200, "{result}");
+    assert_eq!(
+        result["rendered"], false,
+        "the OAuth login page rendered inside another site: {result}"
+    );
+}
+
+/// The response headers of a GET, lowercased names.
+fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
+    let mut req = agent()
+        .get(format!("{}{path}", server.base))
+        .header("Accept", "text/html");
+    if let Some(c) = cookie {
+        req = req.header("Cookie", c);
+    }
+    let response = req.call().unwrap();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    (response.status().as_u16(), headers)
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn every_answer_carries_strict_security_headers_and_https_adds_hsts_and_a_host_cookie() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_PUBLIC_URL", "https://keycast.test")
+        // Refused with an https public URL (and not needed here).
+        .env("KEYCAST_TEST_ROUTES", "false")
+        .start();
+    let r = post_json(
+        &server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": "tls@example.org", "password": PASSWORD }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let set_cookie = r.set_cookie.clone().unwrap();
+    assert!(set_cookie.starts_with("__Host-keycast_session="), "{set_cookie}");
+    assert!(
+        set_cookie.contains("; Secure") && set_cookie.contains("Path=/"),
+        "{set_cookie}"
+    );
+    assert!(!set_cookie.contains("Domain"), "{set_cookie}");
+    let cookie = cookie_of(&r);
+    // Only the prefixed cookie opens the session over https.
+    let plain_name = cookie.replacen("__Host-", "", 1);
+    assert_eq!(get(&server, "/api/user/key", Some(&plain_name)).status, 401);
+    assert_eq!(get(&server, "/api/user/key", Some(&cookie)).status, 200);
+
+    let (challenge, _) = harness::flow::pkce();
+    let consent = format!(
+        "/api/oauth/authorize?{}",
+        harness::flow::authorize_query("policy:social", &challenge)
+    );
+    for (path, cookie) in [
+        ("/login", None),
+        (consent.as_str(), None),
+        (consent.as_str(), Some(cookie.as_str())),
+        ("/dashboard", Some(cookie.as_str())),
+        ("/no-such-page", None),
+    ] {
+        let (status, headers) = headers_of(&server, path, cookie);
+        assert!(status == 200 || status == 404, "{path}: {status}");
+        assert!(
+            header(&headers, "content-type").unwrap().starts_with("text/html"),
+            "{path}"
+        );
+        let csp = header(&headers, "content-security-policy").unwrap_or_default();
+        assert!(
+            csp.contains("frame-ancestors 'none'") && csp.contains("default-src 'none'"),
+            "{path}: {csp}"
+        );
+        assert_eq!(header(&headers, "x-frame-options"), Some("DENY"), "{path}");
+        assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"), "{path}");
+        assert_eq!(header(&headers, "referrer-policy"), Some("same-origin"), "{path}");
+        assert_eq!(
+            header(&headers, "strict-transport-security"),
+            Some("max-age=63072000"),
+            "{path}"
+        );
+    }
+    let (_, api) = headers_of(&server, "/api/policies", None);
+    assert_eq!(header(&api, "x-content-type-options"), Some("nosniff"));
+    assert!(header(&api, "strict-transport-security").is_some());
+
+    // Plain http (development): no HSTS, the unprefixed cookie.
+    let (_dev_dir, dev) = start();
+    let (_, headers) = headers_of(&dev, "/login", None);
+    assert!(header(&headers, "strict-transport-security").is_none());
+    assert!(header(&headers, "content-security-policy")
+        .unwrap()
+        .contains("frame-ancestors 'none'"));
+}
