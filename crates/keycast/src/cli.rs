@@ -64,6 +64,24 @@ pub fn parse_time(v: &str) -> anyhow::Result<SystemTime> {
 ///
 /// # Errors
 /// Restore errors, naming the object at fault.
+/// A restore of "the latest state" from a replica whose newest objects are gone would quietly
+/// be an older state: the lease's high-water mark says how far the replica reached.
+async fn refuse_truncated(store: &Store) -> anyhow::Result<()> {
+    let Some(recorded) = keycast_replica::lease::recorded_txid(store).await? else {
+        return Ok(());
+    };
+    let reached = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
+    if reached < recorded {
+        bail!(
+            "the replica {} reaches only TXID {reached} ({reached:016x}), but its lease records TXID {recorded} as \
+             replicated: its newest objects are missing. Restore them, or pass --txid {reached} to restore the older \
+             state knowingly",
+            store.describe()
+        );
+    }
+    Ok(())
+}
+
 pub async fn restore_cmd(
     store: &Store,
     output: &Path,
@@ -80,6 +98,9 @@ pub async fn restore_cmd(
             p.push(suffix);
             let _ = std::fs::remove_file(PathBuf::from(p));
         }
+    }
+    if matches!(target, Target::Latest) {
+        refuse_truncated(store).await?;
     }
     let bar = progress_bar(as_json);
     let report = |done: usize, total: usize, bytes: u64| {

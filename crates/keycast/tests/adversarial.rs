@@ -460,3 +460,75 @@ fn a_request_outliving_the_grace_period_does_not_cost_the_final_sync() {
     assert!(keys.contains(&"before-sigterm".to_owned()), "{keys:?}");
     b.stop();
 }
+
+/// Someone deletes the newest objects of the replica. Restoring "the latest state" would
+/// quietly be an older one, undoing acknowledged writes: both `keycast restore` and a
+/// starting `keycast serve` refuse, naming the way out.
+#[test]
+fn a_replica_missing_its_newest_objects_is_refused_not_restored_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let replica = format!("file://{}", replica_dir.display());
+    let launch = |data: &str| {
+        Launch::new(&dir.path().join(data))
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+    };
+    let a = launch("a").start();
+    for n in 0..3 {
+        assert_eq!(write(&a, &format!("k{n}"), true), 200);
+    }
+    a.stop();
+    // Delete the files of the newest TXID, at every level.
+    let mut newest: Option<(u64, Vec<std::path::PathBuf>)> = None;
+    for level in std::fs::read_dir(replica_dir.join("ltx")).unwrap() {
+        for file in std::fs::read_dir(level.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            let max = u64::from_str_radix(name.split('-').nth(1).unwrap(), 16).unwrap();
+            match &mut newest {
+                Some((m, files)) if *m == max => files.push(path),
+                Some((m, _)) if *m > max => {}
+                _ => newest = Some((max, vec![path])),
+            }
+        }
+    }
+    let (max, files) = newest.unwrap();
+    for file in files {
+        std::fs::remove_file(file).unwrap();
+    }
+    let out = dir.path().join("out.db");
+    let refused = harness::keycast_cli(&["restore", "--replica", &replica, "-o", out.to_str().unwrap()], &[]);
+    assert!(!refused.status.success(), "restore refuses: {}", refused.stdout);
+    assert!(
+        refused.stderr.contains("newest objects are missing") && refused.stderr.contains("--txid"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!out.exists(), "nothing was written");
+    let older = format!("{}", max - 1);
+    harness::keycast_cli(
+        &[
+            "restore",
+            "--replica",
+            &replica,
+            "--txid",
+            &older,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .assert_success("restoring the older state knowingly");
+    let refused = launch("b").start_or_exit();
+    let finished = match refused {
+        Ok(b) => panic!("serve must refuse a truncated replica; log:\n{}", b.log()),
+        Err(finished) => finished,
+    };
+    assert!(
+        finished.stderr.contains("keycast/lease.json"),
+        "serve names the way out: {}",
+        finished.stderr
+    );
+}
