@@ -124,12 +124,29 @@ fn redeploy_drill_keeps_every_write() {
 
 #[test]
 fn redeploy_drill_keeps_every_write_on_s3() {
-    let Some(endpoint) = peer("KEYCAST_TEST_S3_ENDPOINT") else {
+    let Some(replica) = harness::stores::s3("drill") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let bucket = harness::new_bucket(&endpoint, "drill");
-    redeploy_drill(dir.path(), &harness::s3_env(&endpoint, &bucket, "keycast"), 3);
+    redeploy_drill(dir.path(), &replica.full_env(), 3);
+}
+
+#[test]
+fn redeploy_drill_keeps_every_write_on_gcs() {
+    let Some(replica) = harness::stores::gcs("drill") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    redeploy_drill(dir.path(), &replica.full_env(), 3);
+}
+
+#[test]
+fn redeploy_drill_keeps_every_write_on_azure() {
+    let Some(replica) = harness::stores::azure("drill") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    redeploy_drill(dir.path(), &replica.full_env(), 3);
 }
 
 /// What the writer thread of the crash test saw.

@@ -9,6 +9,7 @@ pub mod api;
 pub mod flow;
 pub mod native;
 pub mod nostr;
+pub mod stores;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
