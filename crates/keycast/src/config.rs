@@ -154,6 +154,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "32 bytes, base64: encrypt replica objects client-side (AES-256-GCM); Litestream cannot read such a replica",
     },
     Setting {
+        key: "replica_check_conditional_writes",
+        env: "KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES",
+        default: "true",
+        help: "at start, refuse a store that ignores create-only and compare-and-swap writes (they fence off a second writer); false skips the check",
+    },
+    Setting {
         key: "replica_unhealthy_after_secs",
         env: "KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS",
         default: "60",
@@ -321,6 +327,8 @@ pub struct ReplicaConfig {
     pub encryption: Option<ObjectCipher>,
     /// Readiness turns 503 after uploads have failed this long.
     pub unhealthy_after: Duration,
+    /// Probe the store at start and refuse one that ignores conditional writes.
+    pub check_conditional_writes: bool,
 }
 
 /// A configuration value that is missing, malformed or out of range.
@@ -621,6 +629,9 @@ impl Sources {
             lease,
             encryption,
             unhealthy_after: long("replica_unhealthy_after_secs")?.unwrap_or(Duration::from_secs(60)),
+            check_conditional_writes: self
+                .get("replica_check_conditional_writes", parse_bool)?
+                .unwrap_or(true),
         }))
     }
 
@@ -898,6 +909,21 @@ mod tests {
             err.contains("shutdown_grace_secs = \"-1\" in") && err.contains("k.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_conditional_write_check_is_on_by_default_and_validated_by_name() {
+        let on = env(&[]).build().unwrap();
+        assert!(on.replica.unwrap().check_conditional_writes);
+        let off = env(&[("KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES", "false")])
+            .build()
+            .unwrap();
+        assert!(!off.replica.unwrap().check_conditional_writes);
+        let err = env(&[("KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES", "maybe")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use keycast_http::{BoxFuture, Dependency};
 use keycast_replica::bootstrap::{self, Bootstrap};
 use keycast_replica::lease::Lease;
 use keycast_replica::replicator::Monitor;
+use keycast_replica::store::ConditionalWriteError;
 use keycast_replica::{CommitSignal, Replicator, Store};
 
 use crate::config::ReplicaConfig;
@@ -26,6 +27,29 @@ pub fn open_store(config: &ReplicaConfig) -> anyhow::Result<Store> {
         Some(cipher) => store.with_encryption(cipher.clone()),
         None => store,
     })
+}
+
+/// Refuses a store that would let a second writer overwrite the replica: one that accepts
+/// a second create-only write or an update from a stale version (some S3-compatible servers
+/// ignore those preconditions). Skipped with `KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES=false`.
+///
+/// # Errors
+/// The store ignores a precondition (the message names the store and the setting), or the
+/// probe's requests failed.
+pub async fn check_conditional_writes(store: &Store, config: &ReplicaConfig) -> anyhow::Result<()> {
+    if !config.check_conditional_writes {
+        tracing::warn!(replica = %store.describe(), "KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES=false: not checking that the store refuses conflicting writes; if it does not, a second instance can corrupt the replica");
+        return Ok(());
+    }
+    match store.check_conditional_writes().await {
+        Ok(()) => Ok(()),
+        Err(err @ ConditionalWriteError::Ignored { .. }) => Err(anyhow::anyhow!(
+            "{err}. Refusing to start: use a store that honours conditional writes, or set \
+             KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES=false (replica_check_conditional_writes) \
+             if no second instance can ever run against this replica"
+        )),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Takes the single-writer lease, waiting for a live holder to release it (a deploy's old

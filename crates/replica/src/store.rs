@@ -54,6 +54,9 @@ use crate::crypt::{CryptError, ObjectCipher};
 use crate::ltx::{file_name, parse_file_name};
 
 mod location;
+mod probe;
+
+pub use probe::ConditionalWriteError;
 
 use location::{invalid_url, open_azure, open_file, open_gcs, open_s3};
 

@@ -9,6 +9,7 @@ pub mod api;
 pub mod flow;
 pub mod native;
 pub mod nostr;
+pub mod proxy;
 pub mod stores;
 
 use std::io::{BufRead, BufReader, Read};
