@@ -66,17 +66,30 @@ fi
 
 # nostr-rs-relay 0.8.12, the other external relay the NIP-46 tests talk through. It sends no
 # `OK` for ephemeral events (kind 24133 included), so it proves keycast's replies do not
-# wait for one. Its build.rs needs protoc (prost-build does not bundle it). Built unlocked:
-# `--locked` fails on current rustc (time 0.3.25, E0282). It gets its own target dir so it
-# never disturbs keycast's, and takes about 10 minutes cold on 2 cores, once.
+# wait for one. Built --locked from scripts/peers/nostr-rs-relay.Cargo.lock: the crate's own
+# lockfile with only `time` bumped (0.3.25 no longer compiles on current rustc, E0282), so
+# every machine builds the same dependency tree. The crate source comes from the registry
+# through `cargo fetch` of a throwaway manifest. Its build.rs needs protoc (prost-build does
+# not bundle it). Own target dir, removed afterwards (1.5 GB); about 10 minutes cold on 2
+# cores, once per version or lockfile change.
 NOSTR_RS_RELAY_VERSION='0.8.12'
-if [ ! -x "$PEERS/bin/nostr-rs-relay" ]; then
+relay_stamp=$(echo "$NOSTR_RS_RELAY_VERSION" | cat - "$HERE/nostr-rs-relay.Cargo.lock" | sha256sum | cut -d' ' -f1)
+if [ ! -x "$PEERS/bin/nostr-rs-relay" ] || [ "$(cat "$PEERS/bin/.nostr-rs-relay-stamp" 2>/dev/null)" != "$relay_stamp" ]; then
   apt_install protoc protobuf-compiler
-  echo "install-peers: building nostr-rs-relay $NOSTR_RS_RELAY_VERSION into $PEERS/bin (cargo, about 10 minutes cold)"
-  CARGO_TARGET_DIR="$PEERS/target-nostr-rs-relay" \
-    cargo install --quiet --root "$PEERS" nostr-rs-relay --version "$NOSTR_RS_RELAY_VERSION" --bin nostr-rs-relay
-  # The build directory (1.5 GB) is not needed once the binary is in place.
-  rm -rf "$PEERS/target-nostr-rs-relay"
+  echo "install-peers: building nostr-rs-relay $NOSTR_RS_RELAY_VERSION --locked into $PEERS/bin (cargo, about 10 minutes cold)"
+  build="$PEERS/build-nostr-rs-relay"
+  rm -rf "$build" && mkdir -p "$build/fetch/src"
+  printf '[package]\nname = "fetch-nostr-rs-relay"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\nnostr-rs-relay = "=%s"\n' \
+    "$NOSTR_RS_RELAY_VERSION" > "$build/fetch/Cargo.toml"
+  touch "$build/fetch/src/lib.rs"
+  (cd "$build/fetch" && cargo fetch --quiet)
+  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"nostr-rs-relay-$NOSTR_RS_RELAY_VERSION.crate" | head -1)
+  tar -xzf "$crate" -C "$build"
+  cp "$HERE/nostr-rs-relay.Cargo.lock" "$build/nostr-rs-relay-$NOSTR_RS_RELAY_VERSION/Cargo.lock"
+  CARGO_TARGET_DIR="$build/target" cargo install --quiet --locked --force --root "$PEERS" \
+    --path "$build/nostr-rs-relay-$NOSTR_RS_RELAY_VERSION" --bin nostr-rs-relay
+  echo "$relay_stamp" > "$PEERS/bin/.nostr-rs-relay-stamp"
+  rm -rf "$build"
 fi
 echo "install-peers: $("$PEERS/bin/nostr-rs-relay" --version 2>/dev/null || echo "nostr-rs-relay (version unknown)")"
 

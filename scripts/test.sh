@@ -16,6 +16,8 @@ export KEYCAST_PEERS_DIR="${KEYCAST_PEERS_DIR:-/var/tmp/keycast-peers}"
 export KEYCAST_REQUIRE_PEERS=1
 
 step() { printf '\n==> %s\n' "$*"; }
+# The test runner, pinned like the peers (its config is .config/nextest.toml).
+NEXTEST_VERSION=0.9.143
 
 step "installing test peers into $KEYCAST_PEERS_DIR"
 scripts/install-peers.sh
@@ -100,8 +102,10 @@ export KEYCAST_TEST_LITESTREAM
 unset AWS_CA_BUNDLE
 
 step "running the tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
-else
-  cargo test --workspace --no-fail-fast "$@"
+# nextest, with the `ci` profile of .config/nextest.toml: a test hung for five minutes is
+# killed and reported by name (TIMEOUT), and the slow ones are named as they go (SLOW).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-nextest (the suite's runner; it bounds every test's time)"
+  cargo install --locked --quiet cargo-nextest --version "$NEXTEST_VERSION"
 fi
+cargo nextest run --workspace --profile ci "$@"

@@ -5,6 +5,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,8 +43,7 @@ fn replicated_keys(dir: &Path, replica: &str, env: &[(String, String)]) -> Vec<S
         .args(["restore", "--replica", replica, "-o"])
         .arg(&out)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert!(
         status.status.success(),
         "restore failed: {}",
@@ -51,8 +52,7 @@ fn replicated_keys(dir: &Path, replica: &str, env: &[(String, String)]) -> Vec<S
     let rows = Command::new("sqlite3")
         .arg(&out)
         .arg("PRAGMA integrity_check; SELECT substr(key, 6) FROM keycast_meta WHERE key LIKE 'test:%' ORDER BY key;")
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     let text = String::from_utf8(rows.stdout).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("ok"), "restored replica passes integrity_check");

@@ -4,6 +4,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::process::Command;
 
 use harness::Launch;
@@ -19,7 +21,7 @@ fn restore(replica: &str, out: &std::path::Path, key: Option<&str>) -> std::proc
     if let Some(key) = key {
         cmd.env("KEYCAST_REPLICA_ENCRYPTION_KEY", key);
     }
-    cmd.output().unwrap()
+    cmd.output_within(harness::COMMAND_TIMEOUT)
 }
 
 #[test]
@@ -66,8 +68,7 @@ fn an_encrypted_replica_round_trips_and_refuses_wrong_or_missing_keys() {
     let rows = Command::new("sqlite3")
         .arg(&out)
         .arg("SELECT key FROM keycast_meta WHERE key LIKE 'test:%'")
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert_eq!(String::from_utf8_lossy(&rows.stdout), "test:plaintext-marker-4711\n");
 
     let wrong = restore(&replica, &dir.path().join("wrong.db"), Some(WRONG));
@@ -94,8 +95,7 @@ fn an_encrypted_replica_round_trips_and_refuses_wrong_or_missing_keys() {
             .args(["restore", "-o"])
             .arg(&out)
             .arg(&replica)
-            .output()
-            .unwrap();
+            .output_within(harness::COMMAND_TIMEOUT);
         assert!(
             !result.status.success(),
             "Litestream must not restore an encrypted replica"

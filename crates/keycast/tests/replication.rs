@@ -5,6 +5,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -371,8 +373,8 @@ fn copy_dir(from: &Path, to: &Path) {
         .arg("-a")
         .arg(from)
         .arg(to)
-        .status()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT)
+        .status;
     assert!(status.success(), "cp -a {} {}", from.display(), to.display());
 }
 
@@ -461,17 +463,21 @@ fn idle_makes_no_requests(dir: &Path, replica_env: &[(String, String)]) {
     env.push(("KEYCAST_REPLICA_COMPACTION_LEVELS".into(), "1".into()));
     let server = launch(&dir.join("data"), &env).start();
     server.write("once", true);
+    // The round that compacted ends with a retention pass: wait for both.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, metrics) = server.get("/metrics");
-        if metric_sum(&metrics, "keycast_replica_compactions_total") >= 1.0 {
+        if metric_sum(&metrics, "keycast_replica_compactions_total") >= 1.0
+            && metric_sum(&metrics, "keycast_replica_retention_passes_total") >= 1.0
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "no compaction after the write: {metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "no compaction and retention pass after the write: {metrics}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Let the round that compacted finish its retention pass.
-    std::thread::sleep(Duration::from_millis(1500));
     let (status, before) = server.get("/metrics");
     assert_eq!(status, 200);
     let requests_before = metric_sum(&before, "keycast_replica_requests_total");

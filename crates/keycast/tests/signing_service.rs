@@ -5,6 +5,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::time::Duration;
 
 use harness::api::*;
@@ -169,8 +171,8 @@ fn verify_with_nostr_tools(event_json: &str) {
     let status = std::process::Command::new("node")
         .current_dir(&dir)
         .args(["-e", script, event_json])
-        .status()
-        .expect("node runs");
+        .output_within(harness::COMMAND_TIMEOUT)
+        .status;
     assert!(status.success(), "nostr-tools verifyEvent rejected {event_json}");
 }
 
@@ -738,10 +740,10 @@ fn a_master_key_that_cannot_decrypt_the_stored_keys_stops_start_up() {
     assert!(!data.join("master.key").exists(), "no dev key when one is configured");
 
     let key_b = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
-    let mut child = Launch::new(&data).env("KEYCAST_MASTER_KEY", key_b).spawn();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let refused = Launch::new(&data)
+        .env("KEYCAST_MASTER_KEY", key_b)
+        .run_to_exit(harness::START_TIMEOUT);
+    let (status, stderr) = (refused.status, refused.stderr);
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("KEYCAST_MASTER_KEY") && !stderr.contains("HxwdHhsa"),

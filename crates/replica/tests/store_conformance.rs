@@ -188,7 +188,15 @@ impl S3Bucket {
     fn curl(&self, args: &[&str], path: &str) -> String {
         let url = format!("{}/{}{path}", self.endpoint, self.name);
         let output = std::process::Command::new("curl")
-            .args(["-fsS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "test:test"])
+            .args([
+                "-fsS",
+                "--max-time",
+                "60",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                "test:test",
+            ])
             .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
             .args(args)
             .arg(&url)

@@ -214,8 +214,7 @@ impl Keycast {
 
 impl Drop for Keycast {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
 
@@ -251,10 +250,15 @@ fn read_listen_address(child: &mut Child, stderr: &Arc<Mutex<String>>) -> String
 }
 
 /// Collects a pipe into a shared string on a background thread.
-fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    collect_joinable(pipe).0
+}
+
+/// [`collect`], also returning the reader thread, which ends at the pipe's end of file.
+fn collect_joinable(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
     let out = Arc::new(Mutex::new(String::new()));
     let sink = out.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = pipe.read(&mut buf) {
             if n == 0 {
@@ -263,7 +267,16 @@ fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
             sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    out
+    (out, reader)
+}
+
+/// Waits (at most 10 s) for pipe readers to reach end of file, which they do as soon as
+/// the process that wrote to them has exited, unless something it started holds them.
+fn drain(readers: &[&std::thread::JoinHandle<()>]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !readers.iter().all(|r| r.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -349,41 +362,11 @@ impl Finished {
 
 /// Runs `cmd` to its end with output captured, failing the test after `timeout`.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Finished {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}; stderr:\n{}",
-                stderr.lock().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // The pipes close when the process exits; give the reader threads a moment to drain.
-    let drained = Instant::now();
-    let snapshot = |pipe: &Arc<Mutex<String>>| pipe.lock().unwrap().clone();
-    let mut last = (snapshot(&stdout).len(), snapshot(&stderr).len());
-    while drained.elapsed() < Duration::from_millis(200) {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = (snapshot(&stdout).len(), snapshot(&stderr).len());
-        if now == last && drained.elapsed() > Duration::from_millis(60) {
-            break;
-        }
-        last = now;
-    }
+    let output = cmd.output_within(timeout);
     Finished {
-        status,
-        stdout: snapshot(&stdout),
-        stderr: snapshot(&stderr),
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
@@ -406,24 +389,16 @@ impl Launch {
     /// failing the test if it is still running after `timeout`.
     pub fn run_to_exit(&self, timeout: Duration) -> Finished {
         let mut child = self.spawn();
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "keycast kept running for {timeout:?} (it should have refused to start); log:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let (stdout, out_reader) = collect_joinable(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect_joinable(child.stderr.take().unwrap());
+        let Some(status) = wait_within(&mut child, timeout) else {
+            reap(&mut child);
+            panic!(
+                "keycast kept running for {timeout:?} (it should have refused to start); log:\n{}",
+                stderr.lock().unwrap()
+            );
         };
-        std::thread::sleep(Duration::from_millis(100));
+        drain(&[&out_reader, &err_reader]);
         let stdout = stdout.lock().unwrap().clone();
         let stderr = stderr.lock().unwrap().clone();
         Finished { status, stdout, stderr }
@@ -527,7 +502,7 @@ impl Launch {
     /// legitimately be refused.
     pub fn start_or_exit(&self) -> Result<Keycast, Finished> {
         let mut child = self.spawn();
-        let stderr = collect(child.stderr.take().unwrap());
+        let (stderr, err_reader) = collect_joinable(child.stderr.take().unwrap());
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -554,7 +529,7 @@ impl Launch {
                 }
             }
             if let Some(status) = child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
+                drain(&[&err_reader]);
                 let stderr = stderr.lock().unwrap().clone();
                 return Err(Finished {
                     status,
@@ -563,8 +538,7 @@ impl Launch {
                 });
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                reap(&mut child);
                 panic!(
                     "keycast neither started nor exited within {START_TIMEOUT:?}; log:\n{}",
                     stderr.lock().unwrap()
@@ -662,5 +636,66 @@ pub fn history_with_compaction(data: &Path, env: &[(String, String)]) -> History
             "b1".into(),
             "b2".into(),
         ],
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes with a deadline: a peer or a keycast command that hangs fails its test
+// (naming the command) instead of hanging the suite.
+// ---------------------------------------------------------------------------------------
+
+/// How long a one-shot command (a CLI call, sqlite3, cp, node -e) may run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `Command::output` and `Command::status` with a deadline.
+pub trait CommandExt {
+    /// Runs to the end with stdout and stderr captured (stdin closed), like
+    /// `Command::output`; kills the process and fails the test after `timeout`.
+    fn output_within(&mut self, timeout: Duration) -> std::process::Output;
+}
+
+impl CommandExt for Command {
+    fn output_within(&mut self, timeout: Duration) -> std::process::Output {
+        self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = self.spawn().unwrap_or_else(|e| panic!("cannot start {self:?}: {e}"));
+        let (stdout, out_reader) = collect_joinable(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect_joinable(child.stderr.take().unwrap());
+        let Some(status) = wait_within(&mut child, timeout) else {
+            reap(&mut child);
+            panic!(
+                "{self:?} did not finish within {timeout:?}; stderr:\n{}",
+                stderr.lock().unwrap()
+            );
+        };
+        drain(&[&out_reader, &err_reader]);
+        let take = |pipe: &Arc<Mutex<String>>| pipe.lock().unwrap().clone().into_bytes();
+        std::process::Output {
+            status,
+            stdout: take(&stdout),
+            stderr: take(&stderr),
+        }
+    }
+}
+
+/// Waits for `child` to exit, at most `timeout`; `None` if it is still running.
+pub fn wait_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait on a child") {
+            return Some(status);
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills `child` and reaps it, waiting at most 10 s (a process stuck in the kernel is
+/// reported and left behind rather than hanging the test).
+pub fn reap(child: &mut Child) {
+    let _ = child.kill();
+    if wait_within(child, Duration::from_secs(10)).is_none() {
+        eprintln!("process {} did not exit 10 s after SIGKILL; leaving it", child.id());
     }
 }
