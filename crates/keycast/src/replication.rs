@@ -10,7 +10,7 @@ use keycast_http::{BoxFuture, Dependency};
 use keycast_replica::bootstrap::{self, Bootstrap};
 use keycast_replica::lease::Lease;
 use keycast_replica::replicator::Monitor;
-use keycast_replica::store::ConditionalWriteError;
+use keycast_replica::store::{ConditionalWriteError, StoreError};
 use keycast_replica::{CommitSignal, Replicator, Store};
 
 use crate::config::ReplicaConfig;
@@ -48,6 +48,33 @@ pub async fn check_conditional_writes(store: &Store, config: &ReplicaConfig) -> 
              KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES=false (replica_check_conditional_writes) \
              if no second instance can ever run against this replica"
         )),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Reads the replica's newest LTX file with the configured key (or none) before anything is
+/// written, so a restart whose `KEYCAST_REPLICA_ENCRYPTION_KEY` is missing, wrong, or newly
+/// set on a plaintext replica refuses to start instead of resuming and mixing objects the
+/// replica's readers cannot decrypt (a restore needs every object under one key). A restore
+/// on an empty disk would read the replica anyway; a resume would not. One list per level
+/// and one GET; nothing for an empty replica.
+///
+/// # Errors
+/// The replica's encryption does not match the setting (the message names it), or the
+/// store failed.
+pub async fn check_encryption_key(store: &Store) -> anyhow::Result<()> {
+    let files = store.list_all().await?;
+    let Some(newest) = files.iter().max_by_key(|f| (f.max_txid, std::cmp::Reverse(f.size))) else {
+        return Ok(());
+    };
+    match store.get(newest).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::Crypt(err)) => Err(anyhow::anyhow!(
+            "{err}. Refusing to start: the replica {} must be read and written with the key it was written with (nothing was written to it)",
+            store.describe()
+        )),
+        // Gone since the listing (pruned by a previous instance): the next start checks again.
+        Err(StoreError::NotFound { .. }) => Ok(()),
         Err(err) => Err(err.into()),
     }
 }

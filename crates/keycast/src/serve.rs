@@ -204,6 +204,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
         tracing::warn!(replica = %store.describe(), "replicating to a local directory: fine for development, but it does not survive losing this machine; set KEYCAST_REPLICA_URL to object storage (s3://, gs://, az://) in production");
     }
     crate::replication::check_conditional_writes(&store, replica).await?;
+    crate::replication::check_encryption_key(&store).await?;
     let lease = crate::replication::acquire_lease(&store, replica).await?;
     crate::replication::prepare(&config.database_path, &store).await?;
     let signal = CommitSignal::new();

@@ -115,3 +115,114 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Every LTX file of a directory replica with its bytes, to prove nothing was rewritten.
+fn ltx_files(replica: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = walk(&replica.join("ltx"))
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// `keycast serve` against an encrypted replica without the key, or with another one: on
+/// an empty disk (a redeploy) and on the disk that wrote the replica (a restart). Each
+/// refuses to start with an error naming the variable (never echoing a key), leaves no
+/// database behind on the empty disk, and leaves every replica file as it was.
+#[test]
+fn serve_without_or_with_the_wrong_key_refuses_naming_the_variable_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let replica = format!("file://{}", replica_dir.display());
+    let data = dir.path().join("data");
+    let launch = |data: &std::path::Path, key: Option<&str>| {
+        let launch = Launch::new(data)
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY);
+        match key {
+            Some(key) => launch.env("KEYCAST_REPLICA_ENCRYPTION_KEY", key),
+            None => launch,
+        }
+    };
+    let server = launch(&data, Some(KEY)).start();
+    server.write("kept", true);
+    server.stop();
+    let before = ltx_files(&replica_dir);
+    assert!(!before.is_empty());
+
+    for (disk, how, key) in [
+        ("empty", "missing", None),
+        ("empty", "wrong", Some(WRONG)),
+        ("same", "missing", None),
+        ("same", "wrong", Some(WRONG)),
+    ] {
+        let data_dir = match disk {
+            "empty" => dir.path().join(format!("data-{how}")),
+            _ => data.clone(),
+        };
+        let case = format!("{how} key, {disk} disk");
+        eprintln!("case: {case}");
+        let refused = launch(&data_dir, key).run_to_exit(harness::START_TIMEOUT);
+        assert!(
+            !refused.status.success(),
+            "{case}: keycast must not start:\n{}",
+            refused.stderr
+        );
+        assert!(
+            refused.stderr.contains("KEYCAST_REPLICA_ENCRYPTION_KEY"),
+            "{case}: the error names the variable:\n{}",
+            refused.stderr
+        );
+        assert!(
+            !refused.stderr.contains(WRONG) && !refused.stderr.contains(KEY),
+            "{case}: no key is echoed"
+        );
+        if disk == "empty" {
+            assert!(
+                !data_dir.join("keycast.db").exists(),
+                "{case}: no database is left for the next start"
+            );
+        }
+        assert!(ltx_files(&replica_dir) == before, "{case}: the replica was changed");
+    }
+    // And with the right key everything is still there.
+    let server = launch(&dir.path().join("data-right"), Some(KEY)).start();
+    assert_eq!(harness::test_keys(&server.data_dir.join("keycast.db")), ["kept"]);
+    server.stop();
+}
+
+/// A key set on a restart over a replica written without one would mix encrypted and
+/// plaintext objects (no restore reads both): refused, naming the variable.
+#[test]
+fn serve_with_a_key_over_a_plaintext_replica_refuses_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let replica = format!("file://{}", replica_dir.display());
+    let data = dir.path().join("data");
+    let launch = || {
+        Launch::new(&data)
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+    };
+    let server = launch().start();
+    server.write("plain", true);
+    server.stop();
+    let before = ltx_files(&replica_dir);
+    let refused = launch()
+        .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
+        .run_to_exit(harness::START_TIMEOUT);
+    assert!(!refused.status.success(), "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("is not encrypted but KEYCAST_REPLICA_ENCRYPTION_KEY is set"),
+        "{}",
+        refused.stderr
+    );
+    assert!(ltx_files(&replica_dir) == before, "the replica was changed");
+}

@@ -657,7 +657,7 @@ fn nip05_serves_chosen_usernames_and_export_needs_the_password() {
 }
 
 #[test]
-fn the_secret_key_never_reaches_the_database_the_replica_or_the_log() {
+fn the_secret_key_never_reaches_the_database_the_replica_the_log_or_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Launch::new(&data)
@@ -679,7 +679,8 @@ fn the_secret_key_never_reaches_the_database_the_replica_or_the_log() {
     );
     std::thread::sleep(Duration::from_millis(1500)); // let activity flush and ship
     let wal = std::fs::read(data.join("keycast.db-wal")).unwrap_or_default();
-    let log = server.stop();
+    let (stdout, log) = server.stop_with_output();
+    assert!(stdout.contains("keycast listening on"), "stdout was captured: {stdout}");
 
     let raw = own.secret_key().to_secret_bytes();
     let needles: [(&str, Vec<u8>); 4] = [
@@ -690,7 +691,8 @@ fn the_secret_key_never_reaches_the_database_the_replica_or_the_log() {
     ];
     let mut files = vec![
         (data.join("keycast.db-wal (while running)"), wal),
-        (data.join("log"), log.into_bytes()),
+        (data.join("log (stderr)"), log.into_bytes()),
+        (data.join("stdout"), stdout.into_bytes()),
     ];
     for root in [data.clone(), dir.path().join("data-replica")] {
         collect_files(&root, &mut files);

@@ -34,6 +34,8 @@ pub struct Keycast {
     /// The data directory it was started with.
     pub data_dir: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// Everything printed on stdout (the address line and anything else).
+    stdout: Arc<Mutex<String>>,
 }
 
 /// How to start keycast: extra environment on top of a clean, test-friendly base.
@@ -93,13 +95,14 @@ impl Launch {
     pub fn spawn_started_later(&self) -> Starting {
         let mut child = self.spawn();
         let stderr = collect(child.stderr.take().unwrap());
-        let base = read_listen_address(&mut child, &stderr);
+        let (base, stdout) = read_listen_address(&mut child, &stderr);
         Starting {
             server: Keycast {
                 child,
                 base,
                 data_dir: self.data_dir.clone(),
                 stderr,
+                stdout,
             },
         }
     }
@@ -108,12 +111,13 @@ impl Launch {
     pub fn start(&self) -> Keycast {
         let mut child = self.spawn();
         let stderr = collect(child.stderr.take().unwrap());
-        let base = read_listen_address(&mut child, &stderr);
+        let (base, stdout) = read_listen_address(&mut child, &stderr);
         let server = Keycast {
             child,
             base,
             data_dir: self.data_dir.clone(),
             stderr,
+            stdout,
         };
         server.wait_for_status("/healthz/startup", 200, START_TIMEOUT);
         server
@@ -206,6 +210,22 @@ impl Keycast {
         self.log()
     }
 
+    /// SIGTERM and a clean exit, like [`Keycast::stop`]; returns what the process printed
+    /// on (stdout, stderr), both read to their end.
+    pub fn stop_with_output(mut self) -> (String, String) {
+        self.signal(libc::SIGTERM);
+        let (status, _) = self.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "keycast exited with {status}; log:\n{}", self.log());
+        // The pipes reach end of file at exit, and each reader thread drops its handle on
+        // the buffer when it has appended the last bytes: wait for that (at most 5 s).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (Arc::strong_count(&self.stdout) > 1 || Arc::strong_count(&self.stderr) > 1) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (self.stdout.lock().unwrap().clone(), self.log())
+    }
+
     /// Everything the process wrote to stderr so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
@@ -234,19 +254,27 @@ pub fn request(url: &str) -> (u16, String) {
     }
 }
 
-/// Reads stdout until the "listening on" line and returns the base URL.
-fn read_listen_address(child: &mut Child, stderr: &Arc<Mutex<String>>) -> String {
+/// Reads stdout until the "listening on" line and returns the base URL, and everything
+/// stdout prints (then and later).
+fn read_listen_address(child: &mut Child, stderr: &Arc<Mutex<String>>) -> (String, Arc<Mutex<String>>) {
     let stdout = child.stdout.take().unwrap();
+    let printed = Arc::new(Mutex::new(String::new()));
+    let sink = printed.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(base) = line.strip_prefix("keycast listening on ") {
                 let _ = tx.send(base.trim().to_owned());
             }
+            let mut sink = sink.lock().unwrap();
+            sink.push_str(&line);
+            sink.push('\n');
         }
     });
-    rx.recv_timeout(START_TIMEOUT)
-        .unwrap_or_else(|_| panic!("keycast never printed its address; log:\n{}", stderr.lock().unwrap()))
+    let base = rx
+        .recv_timeout(START_TIMEOUT)
+        .unwrap_or_else(|_| panic!("keycast never printed its address; log:\n{}", stderr.lock().unwrap()));
+    (base, printed)
 }
 
 /// Collects a pipe into a shared string on a background thread.
@@ -504,12 +532,17 @@ impl Launch {
         let mut child = self.spawn();
         let (stderr, err_reader) = collect_joinable(child.stderr.take().unwrap());
         let stdout = child.stdout.take().unwrap();
+        let printed = Arc::new(Mutex::new(String::new()));
+        let sink = printed.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(base) = line.strip_prefix("keycast listening on ") {
                     let _ = tx.send(base.trim().to_owned());
                 }
+                let mut sink = sink.lock().unwrap();
+                sink.push_str(&line);
+                sink.push('\n');
             }
         });
         let deadline = Instant::now() + START_TIMEOUT;
@@ -525,17 +558,15 @@ impl Launch {
                         base: base.clone(),
                         data_dir: self.data_dir.clone(),
                         stderr,
+                        stdout: printed,
                     });
                 }
             }
             if let Some(status) = child.try_wait().unwrap() {
                 drain(&[&err_reader]);
                 let stderr = stderr.lock().unwrap().clone();
-                return Err(Finished {
-                    status,
-                    stdout: String::new(),
-                    stderr,
-                });
+                let stdout = printed.lock().unwrap().clone();
+                return Err(Finished { status, stdout, stderr });
             }
             if Instant::now() > deadline {
                 reap(&mut child);
