@@ -524,62 +524,6 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-impl Launch {
-    /// Starts keycast and waits until either `/healthz/startup` answers 200 (`Ok`) or the
-    /// process exits on its own (`Err`, with what it printed): for start-ups that may
-    /// legitimately be refused.
-    pub fn start_or_exit(&self) -> Result<Keycast, Finished> {
-        let mut child = self.spawn();
-        let (stderr, err_reader) = collect_joinable(child.stderr.take().unwrap());
-        let stdout = child.stdout.take().unwrap();
-        let printed = Arc::new(Mutex::new(String::new()));
-        let sink = printed.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(base) = line.strip_prefix("keycast listening on ") {
-                    let _ = tx.send(base.trim().to_owned());
-                }
-                let mut sink = sink.lock().unwrap();
-                sink.push_str(&line);
-                sink.push('\n');
-            }
-        });
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut base: Option<String> = None;
-        loop {
-            if base.is_none() {
-                base = rx.try_recv().ok();
-            }
-            if let Some(base) = &base {
-                if request(&format!("{base}/healthz/startup")).0 == 200 {
-                    return Ok(Keycast {
-                        child,
-                        base: base.clone(),
-                        data_dir: self.data_dir.clone(),
-                        stderr,
-                        stdout: printed,
-                    });
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                drain(&[&err_reader]);
-                let stderr = stderr.lock().unwrap().clone();
-                let stdout = printed.lock().unwrap().clone();
-                return Err(Finished { status, stdout, stderr });
-            }
-            if Instant::now() > deadline {
-                reap(&mut child);
-                panic!(
-                    "keycast neither started nor exited within {START_TIMEOUT:?}; log:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// What [`history_with_compaction`] wrote.
 pub struct History {
     /// A moment after the first batch was acknowledged and before the second was written.
