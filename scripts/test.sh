@@ -16,6 +16,8 @@ export KEYCAST_PEERS_DIR="${KEYCAST_PEERS_DIR:-/var/tmp/keycast-peers}"
 export KEYCAST_REQUIRE_PEERS=1
 
 step() { printf '\n==> %s\n' "$*"; }
+# The test runner, pinned like the peers (its config is .config/nextest.toml).
+NEXTEST_VERSION=0.9.143
 
 step "installing test peers into $KEYCAST_PEERS_DIR"
 scripts/install-peers.sh
@@ -31,24 +33,66 @@ scripts/check-postgres-schema.sh
 step "checking formatting"
 cargo fmt --all -- --check
 
-step "starting the S3 API server (moto)"
-# Store conformance tests write to a real S3 API; each test makes its own bucket.
-moto_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-moto_log="$(mktemp -t keycast-moto.XXXXXX.log)"
-moto_server -H 127.0.0.1 -p "$moto_port" >"$moto_log" 2>&1 &
-moto_pid=$!
-# Stop exactly the server started here, whatever way the script exits.
-trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true; rm -f "$moto_log"' EXIT
+# Every peer server started here is stopped here, by its pid, however the script exits.
+peer_pids=()
+peer_logs=()
+peer_dirs=()
+cleanup() {
+  for pid in "${peer_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${peer_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -f "${peer_logs[@]}"
+  rm -rf "${peer_dirs[@]}"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# start_peer NAME READY_URL COMMAND...: starts COMMAND in the background and waits (20 s at
+# most) until READY_URL answers at all; fails with the peer's log otherwise.
+start_peer() {
+  local name=$1 ready=$2; shift 2
+  local log; log="$(mktemp -t "keycast-$name.XXXXXX.log")"
+  "$@" >"$log" 2>&1 &
+  local pid=$!
+  peer_pids+=("$pid"); peer_logs+=("$log")
+  for _ in $(seq 100); do
+    if curl -s -o /dev/null "$ready"; then echo "$name at $ready (pid $pid)"; return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then echo "test.sh: $name exited:" >&2; cat "$log" >&2; exit 1; fi
+    sleep 0.2
+  done
+  echo "test.sh: $name not answering at $ready after 20 s:" >&2; cat "$log" >&2; exit 1
+}
+
+step "starting the object-store peers: S3 (moto), GCS (fake-gcs-server), Azure (Azurite)"
+# Store conformance, drill and fencing tests write to each; each test makes its own bucket
+# (S3) or prefix (GCS, Azure: one bucket/container per run, made here).
+moto_port=$(free_port)
+start_peer moto "http://127.0.0.1:$moto_port/" moto_server -H 127.0.0.1 -p "$moto_port"
 export KEYCAST_TEST_S3_ENDPOINT="http://127.0.0.1:$moto_port"
-for _ in $(seq 100); do
-  if curl -fs -o /dev/null "$KEYCAST_TEST_S3_ENDPOINT/"; then break; fi
-  if ! kill -0 "$moto_pid" 2>/dev/null; then
-    echo "test.sh: moto_server exited:" >&2; cat "$moto_log" >&2; exit 1
-  fi
-  sleep 0.2
-done
-curl -fsS -o /dev/null "$KEYCAST_TEST_S3_ENDPOINT/" || { echo "test.sh: moto_server not answering after 20 s:" >&2; cat "$moto_log" >&2; exit 1; }
-echo "moto at $KEYCAST_TEST_S3_ENDPOINT (pid $moto_pid)"
+
+# fake-gcs-server has no XML-API upload (`PUT /bucket/object`, what keycast's GCS client
+# sends); the shim in front of it rewrites that one request into the JSON API's multipart
+# upload with the same generation precondition and forwards everything else unchanged.
+gcs_port=$(free_port); gcs_shim_port=$(free_port)
+start_peer fake-gcs-server "http://127.0.0.1:$gcs_port/storage/v1/b" "$KEYCAST_TEST_FAKE_GCS_SERVER" \
+  -scheme http -host 127.0.0.1 -port "$gcs_port" -public-host "127.0.0.1:$gcs_port" -backend memory -log-level warn
+start_peer gcs-xml-upload-shim "http://127.0.0.1:$gcs_shim_port/storage/v1/b" \
+  python3 scripts/peers/gcs_xml_upload_shim.py "$gcs_shim_port" "$gcs_port"
+export KEYCAST_TEST_GCS_EMULATOR_HOST="127.0.0.1:$gcs_shim_port" KEYCAST_TEST_GCS_BUCKET=keycast-test
+curl -fsS -o /dev/null -X POST "http://$KEYCAST_TEST_GCS_EMULATOR_HOST/storage/v1/b?project=test" \
+  -H 'Content-Type: application/json' -d "{\"name\": \"$KEYCAST_TEST_GCS_BUCKET\"}"
+
+# Azurite in memory, telemetry off (it would phone home otherwise); run from a scratch
+# directory because it may write its workspace files into the current one.
+azurite_port=$(free_port)
+azurite_dir="$(mktemp -d -t keycast-azurite.XXXXXX)"; peer_dirs+=("$azurite_dir")
+# The development account's published key (Azurite's README): no secret.
+AZURITE_ACCOUNT_KEY='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
+start_peer azurite "http://127.0.0.1:$azurite_port/" sh -c 'cd "$1" && shift && exec "$@"' sh "$azurite_dir" \
+  "$KEYCAST_TEST_AZURITE" --blobHost 127.0.0.1 --blobPort "$azurite_port" --inMemoryPersistence \
+  --skipApiVersionCheck --disableTelemetry --silent
+export KEYCAST_TEST_AZURE_CONTAINER=keycast-test
+export KEYCAST_TEST_AZURE_CONNECTION_STRING="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=$AZURITE_ACCOUNT_KEY;BlobEndpoint=http://127.0.0.1:$azurite_port/devstoreaccount1;"
+scripts/peers/azure-create-container.sh "http://127.0.0.1:$azurite_port/devstoreaccount1" devstoreaccount1 \
+  "$AZURITE_ACCOUNT_KEY" "$KEYCAST_TEST_AZURE_CONTAINER"
 
 # Interop tests run the stock litestream binary against keycast's replicas.
 KEYCAST_TEST_LITESTREAM="$(command -v litestream)"
@@ -58,8 +102,10 @@ export KEYCAST_TEST_LITESTREAM
 unset AWS_CA_BUNDLE
 
 step "running the tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
-else
-  cargo test --workspace --no-fail-fast "$@"
+# nextest, with the `ci` profile of .config/nextest.toml: a test hung for five minutes is
+# killed and reported by name (TIMEOUT), and the slow ones are named as they go (SLOW).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-nextest (the suite's runner; it bounds every test's time)"
+  cargo install --locked --quiet cargo-nextest --version "$NEXTEST_VERSION"
 fi
+cargo nextest run --workspace --profile ci "$@"

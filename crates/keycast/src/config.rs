@@ -172,6 +172,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "how long a write that must be durable waits for the replica before it is answered 503",
     },
     Setting {
+        key: "replica_check_conditional_writes",
+        env: "KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES",
+        default: "true",
+        help: "at start, refuse a store that ignores create-only and compare-and-swap writes (they fence off a second writer); false skips the check",
+    },
+    Setting {
         key: "replica_unhealthy_after_secs",
         env: "KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS",
         default: "60",
@@ -377,6 +383,8 @@ pub struct ReplicaConfig {
     pub unhealthy_after: Duration,
     /// How long a durable write waits for the replica before it is refused.
     pub durable_timeout: Duration,
+    /// Probe the store at start and refuse one that ignores conditional writes.
+    pub check_conditional_writes: bool,
 }
 
 /// A configuration value that is missing, malformed or out of range.
@@ -729,6 +737,9 @@ impl Sources {
             durable_timeout: self
                 .get("replica_durable_timeout_secs", parse_positive_secs)?
                 .unwrap_or(Duration::from_secs(10)),
+            check_conditional_writes: self
+                .get("replica_check_conditional_writes", parse_bool)?
+                .unwrap_or(true),
         }))
     }
 
@@ -1021,6 +1032,21 @@ mod tests {
             err.contains("shutdown_grace_secs = \"-1\" in") && err.contains("k.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_conditional_write_check_is_on_by_default_and_validated_by_name() {
+        let on = env(&[]).build().unwrap();
+        assert!(on.replica.unwrap().check_conditional_writes);
+        let off = env(&[("KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES", "false")])
+            .build()
+            .unwrap();
+        assert!(!off.replica.unwrap().check_conditional_writes);
+        let err = env(&[("KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES", "maybe")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES"), "{err}");
     }
 
     #[test]

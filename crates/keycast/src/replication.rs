@@ -10,6 +10,7 @@ use keycast_http::{BoxFuture, Dependency};
 use keycast_replica::bootstrap::{self, Bootstrap};
 use keycast_replica::lease::Lease;
 use keycast_replica::replicator::Monitor;
+use keycast_replica::store::{ConditionalWriteError, StoreError};
 use keycast_replica::{CommitSignal, Replicator, Store};
 
 use crate::config::ReplicaConfig;
@@ -26,6 +27,56 @@ pub fn open_store(config: &ReplicaConfig) -> anyhow::Result<Store> {
         Some(cipher) => store.with_encryption(cipher.clone()),
         None => store,
     })
+}
+
+/// Refuses a store that would let a second writer overwrite the replica: one that accepts
+/// a second create-only write or an update from a stale version (some S3-compatible servers
+/// ignore those preconditions). Skipped with `KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES=false`.
+///
+/// # Errors
+/// The store ignores a precondition (the message names the store and the setting), or the
+/// probe's requests failed.
+pub async fn check_conditional_writes(store: &Store, config: &ReplicaConfig) -> anyhow::Result<()> {
+    if !config.check_conditional_writes {
+        tracing::warn!(replica = %store.describe(), "KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES=false: not checking that the store refuses conflicting writes; if it does not, a second instance can corrupt the replica");
+        return Ok(());
+    }
+    match store.check_conditional_writes().await {
+        Ok(()) => Ok(()),
+        Err(err @ ConditionalWriteError::Ignored { .. }) => Err(anyhow::anyhow!(
+            "{err}. Refusing to start: use a store that honours conditional writes, or set \
+             KEYCAST_REPLICA_CHECK_CONDITIONAL_WRITES=false (replica_check_conditional_writes) \
+             if no second instance can ever run against this replica"
+        )),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Reads the replica's newest LTX file with the configured key (or none) before anything is
+/// written, so a restart whose `KEYCAST_REPLICA_ENCRYPTION_KEY` is missing, wrong, or newly
+/// set on a plaintext replica refuses to start instead of resuming and mixing objects the
+/// replica's readers cannot decrypt (a restore needs every object under one key). A restore
+/// on an empty disk would read the replica anyway; a resume would not. One list per level
+/// and one GET; nothing for an empty replica.
+///
+/// # Errors
+/// The replica's encryption does not match the setting (the message names it), or the
+/// store failed.
+pub async fn check_encryption_key(store: &Store) -> anyhow::Result<()> {
+    let files = store.list_all().await?;
+    let Some(newest) = files.iter().max_by_key(|f| (f.max_txid, std::cmp::Reverse(f.size))) else {
+        return Ok(());
+    };
+    match store.get(newest).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::Crypt(err)) => Err(anyhow::anyhow!(
+            "{err}. Refusing to start: the replica {} must be read and written with the key it was written with (nothing was written to it)",
+            store.describe()
+        )),
+        // Gone since the listing (pruned by a previous instance): the next start checks again.
+        Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// Takes the single-writer lease, waiting for a live holder to hand it over (a deploy's old

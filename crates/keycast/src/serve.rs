@@ -270,6 +270,8 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     if store.backend() == keycast_replica::store::Backend::File {
         tracing::warn!(replica = %store.describe(), "replicating to a local directory: fine for development, but it does not survive losing this machine; set KEYCAST_REPLICA_URL to object storage (s3://, gs://, az://) in production");
     }
+    crate::replication::check_conditional_writes(&store, replica).await?;
+    crate::replication::check_encryption_key(&store).await?;
     let mut lease = crate::replication::acquire_lease(&store, replica).await?;
     let recorded = lease.previous_txid();
     // A large restore may outlast the lease: keep it renewed meanwhile.

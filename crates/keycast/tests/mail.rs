@@ -5,6 +5,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -75,8 +77,7 @@ impl SmtpServer {
 
 impl Drop for SmtpServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        harness::reap(&mut self.child);
     }
 }
 
@@ -88,7 +89,10 @@ fn decoded_body(python: &Path, raw: &str) -> String {
     std::fs::write(&file, raw).unwrap();
     let script = "import email, sys; m = email.message_from_file(open(sys.argv[1])); \
                   print(m.get_payload(decode=True).decode(m.get_content_charset() or 'utf-8'))";
-    let out = Command::new(python).args(["-c", script]).arg(&file).output().unwrap();
+    let out = Command::new(python)
+        .args(["-c", script])
+        .arg(&file)
+        .output_within(harness::COMMAND_TIMEOUT);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }

@@ -4,6 +4,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::process::Command;
 
 use harness::Launch;
@@ -19,7 +21,7 @@ fn restore(replica: &str, out: &std::path::Path, key: Option<&str>) -> std::proc
     if let Some(key) = key {
         cmd.env("KEYCAST_REPLICA_ENCRYPTION_KEY", key);
     }
-    cmd.output().unwrap()
+    cmd.output_within(harness::COMMAND_TIMEOUT)
 }
 
 #[test]
@@ -66,8 +68,7 @@ fn an_encrypted_replica_round_trips_and_refuses_wrong_or_missing_keys() {
     let rows = Command::new("sqlite3")
         .arg(&out)
         .arg("SELECT key FROM keycast_meta WHERE key LIKE 'test:%'")
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert_eq!(String::from_utf8_lossy(&rows.stdout), "test:plaintext-marker-4711\n");
 
     let wrong = restore(&replica, &dir.path().join("wrong.db"), Some(WRONG));
@@ -94,8 +95,7 @@ fn an_encrypted_replica_round_trips_and_refuses_wrong_or_missing_keys() {
             .args(["restore", "-o"])
             .arg(&out)
             .arg(&replica)
-            .output()
-            .unwrap();
+            .output_within(harness::COMMAND_TIMEOUT);
         assert!(
             !result.status.success(),
             "Litestream must not restore an encrypted replica"
@@ -114,4 +114,214 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// Every LTX file of a directory replica with its bytes, to prove nothing was rewritten.
+fn ltx_files(replica: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = walk(&replica.join("ltx"))
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// `keycast serve` against an encrypted replica without the key, or with another one: on
+/// an empty disk (a redeploy) and on the disk that wrote the replica (a restart). Each
+/// refuses to start with an error naming the variable (never echoing a key), leaves no
+/// database behind on the empty disk, and leaves every replica file as it was.
+#[test]
+fn serve_without_or_with_the_wrong_key_refuses_naming_the_variable_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let replica = format!("file://{}", replica_dir.display());
+    let data = dir.path().join("data");
+    let launch = |data: &std::path::Path, key: Option<&str>| {
+        let launch = Launch::new(data)
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY);
+        match key {
+            Some(key) => launch.env("KEYCAST_REPLICA_ENCRYPTION_KEY", key),
+            None => launch,
+        }
+    };
+    let server = launch(&data, Some(KEY)).start();
+    server.write("kept", true);
+    server.stop();
+    let before = ltx_files(&replica_dir);
+    assert!(!before.is_empty());
+
+    for (disk, how, key) in [
+        ("empty", "missing", None),
+        ("empty", "wrong", Some(WRONG)),
+        ("same", "missing", None),
+        ("same", "wrong", Some(WRONG)),
+    ] {
+        let data_dir = match disk {
+            "empty" => dir.path().join(format!("data-{how}")),
+            _ => data.clone(),
+        };
+        let case = format!("{how} key, {disk} disk");
+        eprintln!("case: {case}");
+        let refused = launch(&data_dir, key).run_to_exit(harness::START_TIMEOUT);
+        assert!(
+            !refused.status.success(),
+            "{case}: keycast must not start:\n{}",
+            refused.stderr
+        );
+        assert!(
+            refused.stderr.contains("KEYCAST_REPLICA_ENCRYPTION_KEY"),
+            "{case}: the error names the variable:\n{}",
+            refused.stderr
+        );
+        assert!(
+            !refused.stderr.contains(WRONG) && !refused.stderr.contains(KEY),
+            "{case}: no key is echoed"
+        );
+        if disk == "empty" {
+            assert!(
+                !data_dir.join("keycast.db").exists(),
+                "{case}: no database is left for the next start"
+            );
+        }
+        assert!(ltx_files(&replica_dir) == before, "{case}: the replica was changed");
+    }
+    // And with the right key everything is still there.
+    let server = launch(&dir.path().join("data-right"), Some(KEY)).start();
+    assert_eq!(harness::test_keys(&server.data_dir.join("keycast.db")), ["kept"]);
+    server.stop();
+}
+
+/// A key set on a restart over a replica written without one would mix encrypted and
+/// plaintext objects (no restore reads both): refused, naming the variable.
+#[test]
+fn serve_with_a_key_over_a_plaintext_replica_refuses_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let replica = format!("file://{}", replica_dir.display());
+    let data = dir.path().join("data");
+    let launch = || {
+        Launch::new(&data)
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+    };
+    let server = launch().start();
+    server.write("plain", true);
+    server.stop();
+    let before = ltx_files(&replica_dir);
+    let refused = launch()
+        .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
+        .run_to_exit(harness::START_TIMEOUT);
+    assert!(!refused.status.success(), "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("is not encrypted but KEYCAST_REPLICA_ENCRYPTION_KEY is set"),
+        "{}",
+        refused.stderr
+    );
+    assert!(ltx_files(&replica_dir) == before, "the replica was changed");
+}
+
+/// Signed `GET <endpoint>/<bucket><path>` through curl (moto refuses anonymous reads),
+/// independent of keycast's S3 client.
+fn s3_get(endpoint: &str, bucket: &str, path: &str) -> Vec<u8> {
+    let out = Command::new("curl")
+        .args([
+            "-fsS",
+            "--max-time",
+            "60",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            "test:test",
+        ])
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+        .arg(format!("{endpoint}/{bucket}{path}"))
+        .output_within(harness::COMMAND_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "curl {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// An encrypted replica on S3 (moto), end to end: every object in the bucket is sealed and
+/// holds no row content, a redeploy on an empty disk restores from it with the key, and
+/// `keycast restore` needs the key.
+#[test]
+fn an_encrypted_s3_replica_survives_a_redeploy_and_holds_nothing_readable() {
+    let Some(endpoint) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let bucket = harness::new_bucket(&endpoint, "encrypted");
+    let mut env = harness::s3_env(&endpoint, &bucket, "keycast");
+    env.push(("KEYCAST_MASTER_KEY".into(), harness::TEST_MASTER_KEY.into()));
+    env.push(("KEYCAST_REPLICA_ENCRYPTION_KEY".into(), KEY.into()));
+    let dir = tempfile::tempdir().unwrap();
+    let launch = |data: &std::path::Path| {
+        env.iter()
+            .fold(Launch::new(data).env("KEYCAST_TEST_ROUTES", "true"), |l, (k, v)| {
+                l.env(k, v)
+            })
+    };
+    let server = launch(&dir.path().join("first")).start();
+    server.write("secret-row-first", true);
+    server.stop();
+
+    let listing = String::from_utf8(s3_get(&endpoint, &bucket, "?list-type=2")).unwrap();
+    let keys: Vec<&str> = listing
+        .split("<Key>")
+        .skip(1)
+        .map(|rest| rest.split("</Key>").next().unwrap())
+        .collect();
+    let ltx: Vec<&&str> = keys.iter().filter(|k| k.ends_with(".ltx")).collect();
+    assert!(!ltx.is_empty(), "the replica has LTX objects: {keys:?}");
+    for key in &ltx {
+        let bytes = s3_get(&endpoint, &bucket, &format!("/{key}"));
+        assert!(bytes.starts_with(b"KCENC1"), "{key} is sealed");
+        assert!(
+            !bytes.windows(10).any(|w| w == b"secret-row"),
+            "{key} holds row content in the clear"
+        );
+    }
+
+    // A redeploy: a new instance on an empty disk restores from the encrypted replica.
+    let server = launch(&dir.path().join("second")).start();
+    assert!(
+        server.log().contains("restored the database from the replica"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(
+        harness::test_keys(&server.data_dir.join("keycast.db")),
+        ["secret-row-first"]
+    );
+    server.write("secret-row-second", true);
+    server.stop();
+
+    let cli_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = dir.path().join("restored.db");
+    harness::keycast_cli(&["restore", "-o", out.to_str().unwrap()], &cli_env).assert_success("keycast restore");
+    assert_eq!(harness::test_keys(&out), ["secret-row-first", "secret-row-second"]);
+    let without: Vec<(&str, &str)> = cli_env
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "KEYCAST_REPLICA_ENCRYPTION_KEY")
+        .collect();
+    let refused = harness::keycast_cli(
+        &["restore", "-o", dir.path().join("no-key.db").to_str().unwrap()],
+        &without,
+    );
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("set KEYCAST_REPLICA_ENCRYPTION_KEY"),
+        "{}",
+        refused.stderr
+    );
 }

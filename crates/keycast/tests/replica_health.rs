@@ -4,6 +4,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::time::{Duration, Instant};
 
 use harness::Launch;
@@ -87,14 +89,12 @@ fn failing_uploads_turn_readiness_503_and_refuse_durable_writes_until_repaired()
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keycast"))
         .args(["restore", "--replica", &format!("file://{}", replica.display()), "-o"])
         .arg(&restored)
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows = std::process::Command::new("sqlite3")
         .arg(&restored)
         .arg("SELECT key FROM keycast_meta WHERE key LIKE 'test:%' ORDER BY key")
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert_eq!(
         String::from_utf8_lossy(&rows.stdout),
         "test:after\ntest:before\ntest:during\n"

@@ -5,6 +5,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -124,12 +126,29 @@ fn redeploy_drill_keeps_every_write() {
 
 #[test]
 fn redeploy_drill_keeps_every_write_on_s3() {
-    let Some(endpoint) = peer("KEYCAST_TEST_S3_ENDPOINT") else {
+    let Some(replica) = harness::stores::s3("drill") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let bucket = harness::new_bucket(&endpoint, "drill");
-    redeploy_drill(dir.path(), &harness::s3_env(&endpoint, &bucket, "keycast"), 3);
+    redeploy_drill(dir.path(), &replica.full_env(), 3);
+}
+
+#[test]
+fn redeploy_drill_keeps_every_write_on_gcs() {
+    let Some(replica) = harness::stores::gcs("drill") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    redeploy_drill(dir.path(), &replica.full_env(), 3);
+}
+
+#[test]
+fn redeploy_drill_keeps_every_write_on_azure() {
+    let Some(replica) = harness::stores::azure("drill") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    redeploy_drill(dir.path(), &replica.full_env(), 3);
 }
 
 /// What the writer thread of the crash test saw.
@@ -354,8 +373,8 @@ fn copy_dir(from: &Path, to: &Path) {
         .arg("-a")
         .arg(from)
         .arg(to)
-        .status()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT)
+        .status;
     assert!(status.success(), "cp -a {} {}", from.display(), to.display());
 }
 
@@ -444,17 +463,21 @@ fn idle_makes_no_requests(dir: &Path, replica_env: &[(String, String)]) {
     env.push(("KEYCAST_REPLICA_COMPACTION_LEVELS".into(), "1".into()));
     let server = launch(&dir.join("data"), &env).start();
     server.write("once", true);
+    // The round that compacted ends with a retention pass: wait for both.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, metrics) = server.get("/metrics");
-        if metric_sum(&metrics, "keycast_replica_compactions_total") >= 1.0 {
+        if metric_sum(&metrics, "keycast_replica_compactions_total") >= 1.0
+            && metric_sum(&metrics, "keycast_replica_retention_passes_total") >= 1.0
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "no compaction after the write: {metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "no compaction and retention pass after the write: {metrics}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Let the round that compacted finish its retention pass.
-    std::thread::sleep(Duration::from_millis(1500));
     let (status, before) = server.get("/metrics");
     assert_eq!(status, 200);
     let requests_before = metric_sum(&before, "keycast_replica_requests_total");

@@ -2,6 +2,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -46,8 +48,7 @@ fn a_bad_port_exits_nonzero_naming_port() {
         .arg("serve")
         .env("PORT", "abc")
         .env("KEYCAST_DATA_DIR", dir.path())
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("PORT=abc"), "{stderr}");
@@ -66,8 +67,7 @@ fn a_bad_config_file_value_names_the_key() {
         .args(["serve", "--config"])
         .arg(&file)
         .env("KEYCAST_DATA_DIR", dir.path())
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -80,14 +80,12 @@ fn a_bad_config_file_value_names_the_key() {
 fn help_describes_every_subcommand() {
     let output = Command::new(env!("CARGO_BIN_EXE_keycast"))
         .arg("--help")
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("serve") && help.contains("migrate"), "{help}");
     let output = Command::new(env!("CARGO_BIN_EXE_keycast"))
         .args(["serve", "--help"])
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("--port") && help.contains("PORT"), "{help}");
 }
@@ -142,15 +140,18 @@ fn restart_on_the_same_data_directory_keeps_data() {
     server.stop();
     let db = data.join("keycast.db");
     let sql = "INSERT INTO keycast_meta (key, value) VALUES ('probe', 'kept');";
-    let ok = Command::new("sqlite3").arg(&db).arg(sql).status().unwrap();
+    let ok = Command::new("sqlite3")
+        .arg(&db)
+        .arg(sql)
+        .output_within(harness::COMMAND_TIMEOUT)
+        .status;
     assert!(ok.success());
     let server = Keycast::start(&data);
     server.stop();
     let out = Command::new("sqlite3")
         .arg(&db)
         .arg("SELECT value FROM keycast_meta WHERE key='probe'; SELECT COUNT(*) FROM policies;")
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "kept\n4\n",
@@ -165,11 +166,14 @@ fn a_database_from_a_newer_keycast_is_refused() {
     Keycast::start(&data).stop();
     let db = data.join("keycast.db");
     let sql = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', 1, x'00', 0);";
-    assert!(Command::new("sqlite3").arg(&db).arg(sql).status().unwrap().success());
-    let mut child = Launch::new(&data).spawn();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(Command::new("sqlite3")
+        .arg(&db)
+        .arg(sql)
+        .output_within(harness::COMMAND_TIMEOUT)
+        .status
+        .success());
+    let refused = Launch::new(&data).run_to_exit(harness::START_TIMEOUT);
+    let (status, stderr) = (refused.status, refused.stderr);
     assert!(!status.success());
     assert!(stderr.contains("newer than this keycast binary"), "{stderr}");
 }

@@ -5,6 +5,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::time::Duration;
 
 use harness::api::*;
@@ -169,8 +171,8 @@ fn verify_with_nostr_tools(event_json: &str) {
     let status = std::process::Command::new("node")
         .current_dir(&dir)
         .args(["-e", script, event_json])
-        .status()
-        .expect("node runs");
+        .output_within(harness::COMMAND_TIMEOUT)
+        .status;
     assert!(status.success(), "nostr-tools verifyEvent rejected {event_json}");
 }
 
@@ -654,7 +656,7 @@ fn nip05_serves_chosen_usernames_and_export_needs_the_password() {
 }
 
 #[test]
-fn the_secret_key_never_reaches_the_database_the_replica_or_the_log() {
+fn the_secret_key_never_reaches_the_database_the_replica_the_log_or_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Launch::new(&data)
@@ -676,7 +678,8 @@ fn the_secret_key_never_reaches_the_database_the_replica_or_the_log() {
     );
     std::thread::sleep(Duration::from_millis(1500)); // let activity flush and ship
     let wal = std::fs::read(data.join("keycast.db-wal")).unwrap_or_default();
-    let log = server.stop();
+    let (stdout, log) = server.stop_with_output();
+    assert!(stdout.contains("keycast listening on"), "stdout was captured: {stdout}");
 
     let raw = own.secret_key().to_secret_bytes();
     let needles: [(&str, Vec<u8>); 4] = [
@@ -687,7 +690,8 @@ fn the_secret_key_never_reaches_the_database_the_replica_or_the_log() {
     ];
     let mut files = vec![
         (data.join("keycast.db-wal (while running)"), wal),
-        (data.join("log"), log.into_bytes()),
+        (data.join("log (stderr)"), log.into_bytes()),
+        (data.join("stdout"), stdout.into_bytes()),
     ];
     for root in [data.clone(), dir.path().join("data-replica")] {
         collect_files(&root, &mut files);
@@ -737,10 +741,10 @@ fn a_master_key_that_cannot_decrypt_the_stored_keys_stops_start_up() {
     assert!(!data.join("master.key").exists(), "no dev key when one is configured");
 
     let key_b = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
-    let mut child = Launch::new(&data).env("KEYCAST_MASTER_KEY", key_b).spawn();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let refused = Launch::new(&data)
+        .env("KEYCAST_MASTER_KEY", key_b)
+        .run_to_exit(harness::START_TIMEOUT);
+    let (status, stderr) = (refused.status, refused.stderr);
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("KEYCAST_MASTER_KEY") && !stderr.contains("HxwdHhsa"),

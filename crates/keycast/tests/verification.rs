@@ -4,6 +4,8 @@
 
 mod harness;
 
+use harness::CommandExt as _;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -14,8 +16,7 @@ fn keycast(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_keycast"))
         .args(args)
         .env_remove("KEYCAST_REPLICA_ENCRYPTION_KEY")
-        .output()
-        .unwrap()
+        .output_within(harness::COMMAND_TIMEOUT)
 }
 
 fn post(url: &str) -> u16 {
@@ -80,8 +81,7 @@ fn background_verification_passes_and_records_the_checksum() {
     let status = Command::new(env!("CARGO_BIN_EXE_keycast"))
         .args(["replica", "status", "--json", "--replica", &replica])
         .env("KEYCAST_DATA_DIR", &data)
-        .output()
-        .unwrap();
+        .output_within(harness::COMMAND_TIMEOUT);
     let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(doc["verification"]["ok"], true, "{doc}");
 }
@@ -102,7 +102,25 @@ fn replica_verify_names_a_corrupted_object_and_restore_refuses_a_wrong_recorded_
             200
         );
     }
-    std::thread::sleep(Duration::from_secs(3));
+    // A background verification records the checksum this test tampers with.
+    let checksums = replica_dir.join("keycast/checksum");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // (object_store stages a file as `<name>#<n>` before renaming it into place.)
+    let records = || {
+        std::fs::read_dir(&checksums).map_or(0, |d| {
+            d.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().contains('#'))
+                .count()
+        })
+    };
+    while records() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no checksum record after 30 s; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     server.stop();
 
     let ok = keycast(&["replica", "verify", "--replica", &replica]);

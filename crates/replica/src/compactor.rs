@@ -359,6 +359,8 @@ pub async fn enforce_retention(
         );
     }
     store.delete(&doomed).await?;
+    // Counts finished passes, so a caller (or a test) can tell a round is over.
+    metrics::counter!("keycast_replica_retention_passes_total").increment(1);
     Ok(doomed.len())
 }
 

@@ -19,7 +19,7 @@ pub enum CryptError {
     BadKey(String),
     #[error("object {0} is encrypted: set KEYCAST_REPLICA_ENCRYPTION_KEY to the key it was written with")]
     KeyMissing(String),
-    #[error("object {0} is not encrypted but an encryption key is set: this replica was written without encryption")]
+    #[error("object {0} is not encrypted but KEYCAST_REPLICA_ENCRYPTION_KEY is set: this replica was written without encryption")]
     NotEncrypted(String),
     #[error("object {0} cannot be decrypted: wrong KEYCAST_REPLICA_ENCRYPTION_KEY, or the object is corrupt")]
     Undecryptable(String),

@@ -54,6 +54,9 @@ use crate::crypt::{CryptError, ObjectCipher};
 use crate::ltx::{file_name, parse_file_name};
 
 mod location;
+mod probe;
+
+pub use probe::ConditionalWriteError;
 
 use location::{invalid_url, open_azure, open_file, open_gcs, open_s3};
 
@@ -262,11 +265,12 @@ impl Store {
     ///   S3-compatible server, which switches to path-style requests and
     ///   permits `http://`. The prefix must not be empty.
     /// - `gs://bucket/prefix`: `GOOGLE_SERVICE_ACCOUNT` (key file path) or
-    ///   `GOOGLE_APPLICATION_CREDENTIALS`, else the metadata server.
+    ///   `GOOGLE_APPLICATION_CREDENTIALS`, else the metadata server;
+    ///   `STORAGE_EMULATOR_HOST` for an emulator (no authentication).
     /// - `az://container/prefix` or `abs://[account@]container/prefix`:
-    ///   account from the URL or `AZURE_STORAGE_ACCOUNT_NAME`,
-    ///   `AZURE_STORAGE_ACCOUNT_KEY` (else managed identity),
-    ///   `AZURE_STORAGE_USE_EMULATOR=true` for Azurite.
+    ///   `AZURE_STORAGE_CONNECTION_STRING`, else account from the URL or
+    ///   `AZURE_STORAGE_ACCOUNT_NAME` and `AZURE_STORAGE_ACCOUNT_KEY` (else
+    ///   managed identity); `AZURE_STORAGE_USE_EMULATOR=true` for Azurite.
     ///
     /// Makes no network request.
     ///

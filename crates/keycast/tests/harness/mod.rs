@@ -9,8 +9,10 @@ pub mod api;
 pub mod flow;
 pub mod native;
 pub mod nostr;
+pub mod proxy;
 pub mod rust_connect;
 pub mod s3proxy;
+pub mod stores;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,8 @@ pub struct Keycast {
     /// The data directory it was started with.
     pub data_dir: PathBuf,
     stderr: Arc<Mutex<String>>,
+    /// Everything printed on stdout (the address line and anything else).
+    stdout: Arc<Mutex<String>>,
 }
 
 /// How to start keycast: extra environment on top of a clean, test-friendly base.
@@ -126,13 +130,14 @@ impl Launch {
     pub fn spawn_started_later(&self) -> Starting {
         let mut child = self.spawn();
         let stderr = collect(child.stderr.take().unwrap());
-        let base = read_listen_address(&mut child, &stderr);
+        let (base, stdout) = read_listen_address(&mut child, &stderr);
         Starting {
             server: Keycast {
                 child,
                 base,
                 data_dir: self.data_dir.clone(),
                 stderr,
+                stdout,
             },
         }
     }
@@ -141,15 +146,65 @@ impl Launch {
     pub fn start(&self) -> Keycast {
         let mut child = self.spawn();
         let stderr = collect(child.stderr.take().unwrap());
-        let base = read_listen_address(&mut child, &stderr);
+        let (base, stdout) = read_listen_address(&mut child, &stderr);
         let server = Keycast {
             child,
             base,
             data_dir: self.data_dir.clone(),
             stderr,
+            stdout,
         };
         server.wait_for_status("/healthz/startup", 200, START_TIMEOUT);
         server
+    }
+}
+
+impl Launch {
+    /// Starts keycast and waits until either `/healthz/startup` answers 200 (`Ok`) or the
+    /// process exits on its own (`Err`, with what it printed): for start-ups that may
+    /// legitimately be refused.
+    pub fn start_or_exit(&self) -> Result<Keycast, Finished> {
+        let mut child = self.spawn();
+        let (stderr, stderr_reader) = collect_joinable(child.stderr.take().unwrap());
+        let (stdout, stdout_reader) = collect_joinable(child.stdout.take().unwrap());
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let printed = stdout.lock().unwrap().clone();
+            let base = printed
+                .lines()
+                .find_map(|l| l.strip_prefix("keycast listening on "))
+                .map(|b| b.trim().to_owned());
+            if let Some(base) = &base {
+                if request(&format!("{base}/healthz/startup")).0 == 200 {
+                    return Ok(Keycast {
+                        child,
+                        base: base.clone(),
+                        data_dir: self.data_dir.clone(),
+                        stderr,
+                        stdout,
+                    });
+                }
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                // The pipes close with the process: read them to the end.
+                let _ = stderr_reader.join();
+                let _ = stdout_reader.join();
+                return Err(Finished {
+                    status,
+                    stdout: stdout.lock().unwrap().clone(),
+                    stderr: stderr.lock().unwrap().clone(),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "keycast neither started nor exited within {START_TIMEOUT:?}; log:\n{}",
+                    stderr.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -239,6 +294,22 @@ impl Keycast {
         self.log()
     }
 
+    /// SIGTERM and a clean exit, like [`Keycast::stop`]; returns what the process printed
+    /// on (stdout, stderr), both read to their end.
+    pub fn stop_with_output(mut self) -> (String, String) {
+        self.signal(libc::SIGTERM);
+        let (status, _) = self.wait_exit(Duration::from_secs(10));
+        assert!(status.success(), "keycast exited with {status}; log:\n{}", self.log());
+        // The pipes reach end of file at exit, and each reader thread drops its handle on
+        // the buffer when it has appended the last bytes: wait for that (at most 5 s).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (Arc::strong_count(&self.stdout) > 1 || Arc::strong_count(&self.stderr) > 1) && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (self.stdout.lock().unwrap().clone(), self.log())
+    }
+
     /// Everything the process wrote to stderr so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
@@ -247,8 +318,7 @@ impl Keycast {
 
 impl Drop for Keycast {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap(&mut self.child);
     }
 }
 
@@ -268,26 +338,39 @@ pub fn request(url: &str) -> (u16, String) {
     }
 }
 
-/// Reads stdout until the "listening on" line and returns the base URL.
-fn read_listen_address(child: &mut Child, stderr: &Arc<Mutex<String>>) -> String {
+/// Reads stdout until the "listening on" line and returns the base URL, and everything
+/// stdout prints (then and later).
+fn read_listen_address(child: &mut Child, stderr: &Arc<Mutex<String>>) -> (String, Arc<Mutex<String>>) {
     let stdout = child.stdout.take().unwrap();
+    let printed = Arc::new(Mutex::new(String::new()));
+    let sink = printed.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(base) = line.strip_prefix("keycast listening on ") {
                 let _ = tx.send(base.trim().to_owned());
             }
+            let mut sink = sink.lock().unwrap();
+            sink.push_str(&line);
+            sink.push('\n');
         }
     });
-    rx.recv_timeout(START_TIMEOUT)
-        .unwrap_or_else(|_| panic!("keycast never printed its address; log:\n{}", stderr.lock().unwrap()))
+    let base = rx
+        .recv_timeout(START_TIMEOUT)
+        .unwrap_or_else(|_| panic!("keycast never printed its address; log:\n{}", stderr.lock().unwrap()));
+    (base, printed)
 }
 
 /// Collects a pipe into a shared string on a background thread.
-fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+fn collect(pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    collect_joinable(pipe).0
+}
+
+/// [`collect`], also returning the reader thread, which ends at the pipe's end of file.
+fn collect_joinable(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
     let out = Arc::new(Mutex::new(String::new()));
     let sink = out.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = pipe.read(&mut buf) {
             if n == 0 {
@@ -296,7 +379,16 @@ fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
             sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    out
+    (out, reader)
+}
+
+/// Waits (at most 10 s) for pipe readers to reach end of file, which they do as soon as
+/// the process that wrote to them has exited, unless something it started holds them.
+fn drain(readers: &[&std::thread::JoinHandle<()>]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !readers.iter().all(|r| r.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -393,41 +485,11 @@ impl Finished {
 
 /// Runs `cmd` to its end with output captured, failing the test after `timeout`.
 pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Finished {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let stdout = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}; stderr:\n{}",
-                stderr.lock().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // The pipes close when the process exits; give the reader threads a moment to drain.
-    let drained = Instant::now();
-    let snapshot = |pipe: &Arc<Mutex<String>>| pipe.lock().unwrap().clone();
-    let mut last = (snapshot(&stdout).len(), snapshot(&stderr).len());
-    while drained.elapsed() < Duration::from_millis(200) {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = (snapshot(&stdout).len(), snapshot(&stderr).len());
-        if now == last && drained.elapsed() > Duration::from_millis(60) {
-            break;
-        }
-        last = now;
-    }
+    let output = cmd.output_within(timeout);
     Finished {
-        status,
-        stdout: snapshot(&stdout),
-        stderr: snapshot(&stderr),
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
@@ -450,24 +512,16 @@ impl Launch {
     /// failing the test if it is still running after `timeout`.
     pub fn run_to_exit(&self, timeout: Duration) -> Finished {
         let mut child = self.spawn();
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "keycast kept running for {timeout:?} (it should have refused to start); log:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let (stdout, out_reader) = collect_joinable(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect_joinable(child.stderr.take().unwrap());
+        let Some(status) = wait_within(&mut child, timeout) else {
+            reap(&mut child);
+            panic!(
+                "keycast kept running for {timeout:?} (it should have refused to start); log:\n{}",
+                stderr.lock().unwrap()
+            );
         };
-        std::thread::sleep(Duration::from_millis(100));
+        drain(&[&out_reader, &err_reader]);
         let stdout = stdout.lock().unwrap().clone();
         let stderr = stderr.lock().unwrap().clone();
         Finished { status, stdout, stderr }
@@ -565,60 +619,6 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-impl Launch {
-    /// Starts keycast and waits until either `/healthz/startup` answers 200 (`Ok`) or the
-    /// process exits on its own (`Err`, with what it printed): for start-ups that may
-    /// legitimately be refused.
-    pub fn start_or_exit(&self) -> Result<Keycast, Finished> {
-        let mut child = self.spawn();
-        let stderr = collect(child.stderr.take().unwrap());
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(base) = line.strip_prefix("keycast listening on ") {
-                    let _ = tx.send(base.trim().to_owned());
-                }
-            }
-        });
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut base: Option<String> = None;
-        loop {
-            if base.is_none() {
-                base = rx.try_recv().ok();
-            }
-            if let Some(base) = &base {
-                if request(&format!("{base}/healthz/startup")).0 == 200 {
-                    return Ok(Keycast {
-                        child,
-                        base: base.clone(),
-                        data_dir: self.data_dir.clone(),
-                        stderr,
-                    });
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                let stderr = stderr.lock().unwrap().clone();
-                return Err(Finished {
-                    status,
-                    stdout: String::new(),
-                    stderr,
-                });
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "keycast neither started nor exited within {START_TIMEOUT:?}; log:\n{}",
-                    stderr.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// What [`history_with_compaction`] wrote.
 pub struct History {
     /// A moment after the first batch was acknowledged and before the second was written.
@@ -706,5 +706,66 @@ pub fn history_with_compaction(data: &Path, env: &[(String, String)]) -> History
             "b1".into(),
             "b2".into(),
         ],
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes with a deadline: a peer or a keycast command that hangs fails its test
+// (naming the command) instead of hanging the suite.
+// ---------------------------------------------------------------------------------------
+
+/// How long a one-shot command (a CLI call, sqlite3, cp, node -e) may run.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `Command::output` and `Command::status` with a deadline.
+pub trait CommandExt {
+    /// Runs to the end with stdout and stderr captured (stdin closed), like
+    /// `Command::output`; kills the process and fails the test after `timeout`.
+    fn output_within(&mut self, timeout: Duration) -> std::process::Output;
+}
+
+impl CommandExt for Command {
+    fn output_within(&mut self, timeout: Duration) -> std::process::Output {
+        self.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = self.spawn().unwrap_or_else(|e| panic!("cannot start {self:?}: {e}"));
+        let (stdout, out_reader) = collect_joinable(child.stdout.take().unwrap());
+        let (stderr, err_reader) = collect_joinable(child.stderr.take().unwrap());
+        let Some(status) = wait_within(&mut child, timeout) else {
+            reap(&mut child);
+            panic!(
+                "{self:?} did not finish within {timeout:?}; stderr:\n{}",
+                stderr.lock().unwrap()
+            );
+        };
+        drain(&[&out_reader, &err_reader]);
+        let take = |pipe: &Arc<Mutex<String>>| pipe.lock().unwrap().clone().into_bytes();
+        std::process::Output {
+            status,
+            stdout: take(&stdout),
+            stderr: take(&stderr),
+        }
+    }
+}
+
+/// Waits for `child` to exit, at most `timeout`; `None` if it is still running.
+pub fn wait_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait on a child") {
+            return Some(status);
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills `child` and reaps it, waiting at most 10 s (a process stuck in the kernel is
+/// reported and left behind rather than hanging the test).
+pub fn reap(child: &mut Child) {
+    let _ = child.kill();
+    if wait_within(child, Duration::from_secs(10)).is_none() {
+        eprintln!("process {} did not exit 10 s after SIGKILL; leaving it", child.id());
     }
 }

@@ -172,7 +172,7 @@ impl Drop for Relay {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.wait();
+        super::reap(&mut self.child);
     }
 }
 
@@ -333,8 +333,7 @@ impl RsRelay {
 impl Drop for RsRelay {
     /// SIGKILL: one process, and nothing in its temporary database is worth a clean stop.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::reap(&mut self.child);
     }
 }
 
@@ -522,7 +521,6 @@ impl BunkerClient {
 
 impl Drop for BunkerClient {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::reap(&mut self.child);
     }
 }

@@ -4,6 +4,13 @@
 //! endpoints, and keeping secrets out of descriptions.
 
 use super::*;
+use object_store::azure::AzureConfigKey;
+use object_store::gcp::GcpCredential;
+use object_store::{ClientOptions, StaticCredentialProvider};
+
+mod azure_settings;
+
+use azure_settings::AzureSettings;
 
 /// Region used when neither `AWS_REGION` nor `AWS_DEFAULT_REGION` is set,
 /// as in Litestream.
@@ -182,46 +189,79 @@ pub(super) fn open_gcs(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<Strin
     let mut builder = GoogleCloudStorageBuilder::new()
         .with_bucket_name(&bucket)
         .with_retry(request_retries());
-    if let Some(path) = env("GOOGLE_SERVICE_ACCOUNT") {
-        builder = builder.with_service_account_path(path);
-    }
-    if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS") {
-        builder = builder.with_application_credentials(path);
+    let mut description = format!("gs://{bucket}/{prefix}");
+    // The variable Google's own client libraries (and Litestream, gcloud) honour: with it,
+    // every request goes to the emulator, unauthenticated, and credentials are ignored.
+    if let Some(host) = env("STORAGE_EMULATOR_HOST") {
+        let base = emulator_base_url(&host)?;
+        let no_auth = GcpCredential { bearer: String::new() };
+        builder = builder
+            .with_base_url(base.as_str().trim_end_matches('/'))
+            .with_credentials(Arc::new(StaticCredentialProvider::new(no_auth)))
+            .with_client_options(ClientOptions::new().with_allow_http(base.scheme() == "http"));
+        description.push_str(&format!(" (emulator {})", redacted(&base)));
+    } else {
+        if let Some(path) = env("GOOGLE_SERVICE_ACCOUNT") {
+            builder = builder.with_service_account_path(path);
+        }
+        if let Some(path) = env("GOOGLE_APPLICATION_CREDENTIALS") {
+            builder = builder.with_application_credentials(path);
+        }
     }
     let objects = builder.build().map_err(|source| backend_config_error(url, source))?;
-    let description = format!("gs://{bucket}/{prefix}");
     Ok(Store::new(Arc::new(objects), Backend::Gcs, prefix, None, description))
+}
+
+/// `STORAGE_EMULATOR_HOST` as Google's libraries read it: `host:port`, meaning plain
+/// HTTP, or a full `http(s)://host:port` URL.
+fn emulator_base_url(value: &str) -> Result<url::Url, StoreError> {
+    let with_scheme = if value.contains("://") {
+        value.to_string()
+    } else {
+        format!("http://{value}")
+    };
+    let bad = |reason: String| StoreError::Config {
+        variable: "STORAGE_EMULATOR_HOST",
+        reason,
+    };
+    let base = url::Url::parse(&with_scheme).map_err(|err| bad(format!("not host:port or a URL: {err}")))?;
+    if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
+        return Err(bad("expected host:port or http(s)://host:port".into()));
+    }
+    Ok(base)
 }
 
 pub(super) fn open_azure(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Store, StoreError> {
     // Litestream's form is abs://account@container/path.
-    let (account, rest) = match rest.split_once('@') {
+    let (url_account, rest) = match rest.split_once('@') {
         Some((account, rest)) if !account.contains('/') => (Some(account.to_string()), rest),
         _ => (None, rest),
     };
     let (container, prefix) = bucket_and_prefix(url, rest)?;
-    let emulator = env("AZURE_STORAGE_USE_EMULATOR").is_some_and(|v| matches!(v.as_str(), "1" | "true"));
-    let account = account.or_else(|| env("AZURE_STORAGE_ACCOUNT_NAME"));
+    let settings = AzureSettings::from_env(env)?;
+    let account = url_account.or(settings.account).ok_or_else(|| StoreError::Config {
+        variable: "AZURE_STORAGE_ACCOUNT_NAME",
+        reason: "must be set (or use abs://account@container/prefix, or AZURE_STORAGE_CONNECTION_STRING)".into(),
+    })?;
     let mut builder = MicrosoftAzureBuilder::new()
         .with_retry(request_retries())
         .with_container_name(&container)
-        .with_use_emulator(emulator);
-    match &account {
-        Some(account) => builder = builder.with_account(account),
-        None if emulator => {}
-        None => {
-            return Err(StoreError::Config {
-                variable: "AZURE_STORAGE_ACCOUNT_NAME",
-                reason: "must be set (or use abs://account@container/prefix)".into(),
-            })
-        }
-    }
-    if let Some(key) = env("AZURE_STORAGE_ACCOUNT_KEY") {
+        .with_account(&account);
+    if let Some(key) = settings.key {
         builder = builder.with_access_key(key);
     }
+    if let Some(sas) = settings.sas {
+        builder = builder.with_config(AzureConfigKey::SasKey, sas);
+    }
+    let mut description = format!("az://{container}/{prefix} (account {account}");
+    if let Some(endpoint) = &settings.endpoint {
+        builder = builder
+            .with_endpoint(endpoint.as_str().trim_end_matches('/').to_string())
+            .with_allow_http(endpoint.scheme() == "http");
+        description.push_str(&format!(", endpoint {}", redacted(endpoint)));
+    }
+    description.push(')');
     let objects = builder.build().map_err(|source| backend_config_error(url, source))?;
-    let account = account.as_deref().unwrap_or("emulator");
-    let description = format!("az://{container}/{prefix} (account {account})");
     Ok(Store::new(Arc::new(objects), Backend::Azure, prefix, None, description))
 }
 
@@ -268,5 +308,53 @@ fn request_retries() -> object_store::RetryConfig {
         max_retries: 2,
         retry_timeout: std::time::Duration::from_secs(10),
         ..object_store::RetryConfig::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(url: &str, vars: &[(&str, &str)]) -> Result<Store, StoreError> {
+        let vars: std::collections::HashMap<String, String> =
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Store::from_url(url, &move |name| vars.get(name).cloned()).map(|store| store.expect("a store"))
+    }
+
+    #[test]
+    fn storage_emulator_host_is_host_port_or_url_and_is_described() {
+        let store = open("gs://bkt/app", &[("STORAGE_EMULATOR_HOST", "127.0.0.1:4443")]).unwrap();
+        assert_eq!(store.describe(), "gs://bkt/app (emulator http://127.0.0.1:4443)");
+        let store = open("gs://bkt/app", &[("STORAGE_EMULATOR_HOST", "https://gcs.test:4443/")]).unwrap();
+        assert_eq!(store.describe(), "gs://bkt/app (emulator https://gcs.test:4443)");
+    }
+
+    #[test]
+    fn a_bad_storage_emulator_host_names_the_variable() {
+        for value in ["ftp://host:1", "http://"] {
+            let err = open("gs://bkt/app", &[("STORAGE_EMULATOR_HOST", value)]).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    StoreError::Config {
+                        variable: "STORAGE_EMULATOR_HOST",
+                        ..
+                    }
+                ),
+                "{value}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_azure_connection_string_sets_the_endpoint_and_keeps_the_key_out_of_descriptions() {
+        let text = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=c2VjcmV0LWtleQ==;\
+                    BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;";
+        let store = open("az://ctr/app", &[("AZURE_STORAGE_CONNECTION_STRING", text)]).unwrap();
+        assert_eq!(
+            store.describe(),
+            "az://ctr/app (account devstoreaccount1, endpoint http://127.0.0.1:10000/devstoreaccount1)"
+        );
+        assert!(!format!("{store:?}").contains("c2VjcmV0"));
     }
 }
