@@ -233,7 +233,7 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
     let gate = Gate::new();
     faults.add(
         Rule::new(Op::Get, Action::Hold(gate.clone()))
-            .key(&victim.key.to_string())
+            .key(victim.key.as_ref())
             .times(1),
     );
     let verification = tokio::spawn({
