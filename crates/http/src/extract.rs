@@ -71,6 +71,30 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormOrJson<T> {
     }
 }
 
+/// A query string, parsed as `application/x-www-form-urlencoded`; a parameter given more than
+/// once counts with its first value (as the form bodies do), and a malformed one is a 400 in
+/// keycast's JSON error shape naming the problem (axum's own rejection is plain text).
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, AppError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        let first: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(k, _)| seen.insert(k.clone()))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let canonical = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(first)
+            .finish();
+        serde_urlencoded::from_str(&canonical)
+            .map(QueryParams)
+            .map_err(|e| AppError::BadRequest(format!("malformed query: {e}")))
+    }
+}
+
 /// The media type of the body, lowercased, without parameters.
 fn media_type(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;

@@ -1,7 +1,7 @@
 //! NIP-05: `GET /.well-known/nostr.json?name=` for users who chose a username, and
 //! `POST /api/user/username` to choose one.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::header::ACCESS_CONTROL_ALLOW_ORIGIN;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -12,7 +12,7 @@ use keycast_db::{now_unix, users};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, QueryParams};
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
 
@@ -36,7 +36,10 @@ struct NameQuery {
 /// place of `<nostrconnect>` — the consent form, after logging in. So an app that knows only
 /// `name@keycast` reaches a consent flow. `names._` (a signer-wide key) is not published:
 /// keycast has a key per authorization, which the app learns from the `connect` answer.
-async fn nostr_json(State(state): State<AppState>, Query(q): Query<NameQuery>) -> Result<Response, AppError> {
+async fn nostr_json(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<NameQuery>,
+) -> Result<Response, AppError> {
     let (db, _) = state.api()?;
     let name = q.name.trim().to_lowercase();
     let mut names = serde_json::Map::new();

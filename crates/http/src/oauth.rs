@@ -13,7 +13,7 @@
 //! Codes, PKCE and redirect rules live in `keycast_core::oauth`; this module only decodes,
 //! renders and redirects.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::header::{CACHE_CONTROL, LOCATION, ORIGIN, PRAGMA, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -25,7 +25,7 @@ use keycast_db::{now_unix, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::{ClientIp, FormOrJson, OverHttps};
+use crate::extract::{ClientIp, FormOrJson, OverHttps, QueryParams};
 use crate::page;
 use crate::session::{csrf_matches, csrf_token, MaybeSession, SessionUser};
 use crate::{AppError, AppState};
@@ -135,8 +135,9 @@ impl AuthorizeParams {
 async fn authorize_page(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Query(params): Query<AuthorizeParams>,
+    params: Result<QueryParams<AuthorizeParams>, AppError>,
 ) -> Result<Response, OAuthFailure> {
+    let QueryParams(params) = params.map_err(OAuthFailure::invalid_request)?;
     let (origin, policy) = params.validate(&state).await?;
     let page = match session {
         None => page::login(&params, None),
@@ -204,8 +205,9 @@ async fn decide(
     State(state): State<AppState>,
     session: SessionUser,
     headers: HeaderMap,
-    FormOrJson { value: d, json }: FormOrJson<Decision>,
+    body: Result<FormOrJson<Decision>, AppError>,
 ) -> Result<Response, OAuthFailure> {
+    let FormOrJson { value: d, json } = body.map_err(OAuthFailure::invalid_request)?;
     if json {
         check_same_origin(&state, &headers)?;
     } else if !d.csrf.as_deref().is_some_and(|c| csrf_matches(&session.token, c)) {
@@ -266,8 +268,9 @@ struct TokenParams {
 /// policy, authorization_id}`.
 async fn token(
     State(state): State<AppState>,
-    FormOrJson { value: p, .. }: FormOrJson<TokenParams>,
+    body: Result<FormOrJson<TokenParams>, AppError>,
 ) -> Result<Response, OAuthFailure> {
+    let FormOrJson { value: p, .. } = body.map_err(OAuthFailure::invalid_request)?;
     if p.grant_type != "authorization_code" {
         return Err(OAuthFailure::new(
             "unsupported_grant_type",
@@ -381,6 +384,18 @@ impl OAuthFailure {
         OAuthFailure::Rfc {
             error,
             description: description.to_owned(),
+        }
+    }
+
+    /// A request the endpoint could not even read (malformed query or body, wrong media
+    /// type) is RFC 6749's `invalid_request`, in its shape; other failures keep theirs.
+    fn invalid_request(err: AppError) -> OAuthFailure {
+        match err {
+            AppError::BadRequest(reason) | AppError::UnsupportedMediaType(reason) => OAuthFailure::Rfc {
+                error: "invalid_request",
+                description: reason,
+            },
+            other => OAuthFailure::App(other),
         }
     }
 }

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,7 +33,7 @@ use keycast_db::sessions::TokenPurpose;
 use keycast_db::{activity, authz as authz_repo, policies};
 use serde::Deserialize;
 
-use crate::extract::{ClientIp, FormOrJson, OverHttps};
+use crate::extract::{ClientIp, FormOrJson, OverHttps, QueryParams};
 use crate::page::{escape, html, layout, layout_with};
 use crate::session::{clear_cookie, csrf_matches, csrf_token, MaybeSession, SessionUser};
 use crate::{AppError, AppState};
@@ -240,7 +240,7 @@ struct DashboardQuery {
 async fn dashboard(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Query(query): Query<DashboardQuery>,
+    QueryParams(query): QueryParams<DashboardQuery>,
 ) -> Result<Response, AppError> {
     let Some(session) = session else {
         return Ok(see_other("/login"));
@@ -473,7 +473,10 @@ async fn link_is_live(state: &AppState, token: &str, purpose: TokenPurpose) -> R
 
 /// `GET /verify-email?token=` (the mailed link) → a button that confirms the address, or
 /// (400) why the link no longer works.
-async fn verify_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -> Result<Response, AppError> {
+async fn verify_page(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<TokenForm>,
+) -> Result<Response, AppError> {
     let token = mailed_token(&q.token)?;
     if !link_is_live(&state, token, TokenPurpose::VerifyEmail).await? {
         return Ok(dead_verify_link());
@@ -565,7 +568,10 @@ async fn forgot_form(
 
 /// `GET /reset-password?token=` (the mailed link) → the new-password form, or (400) why
 /// the link no longer works, before the user types a password for nothing.
-async fn reset_page(State(state): State<AppState>, Query(q): Query<TokenForm>) -> Result<Response, AppError> {
+async fn reset_page(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<TokenForm>,
+) -> Result<Response, AppError> {
     let token = mailed_token(&q.token)?;
     if !link_is_live(&state, token, TokenPurpose::ResetPassword).await? {
         let body = format!(

@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::extract::QueryParams;
 use crate::{AppError, AppState};
 
 /// Longest sleep the slow route accepts, so a typo cannot hang a test run.
@@ -31,7 +32,10 @@ struct WriteQuery {
 /// Inserts one row (`keycast_meta`, key `test:<key>`) in its own transaction, and with
 /// `durable=true` answers only once it is in the replica: the writes the replication tests
 /// count and look for after a crash or a redeploy.
-async fn write(State(state): State<AppState>, Query(q): Query<WriteQuery>) -> Result<Json<Value>, AppError> {
+async fn write(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<WriteQuery>,
+) -> Result<Json<Value>, AppError> {
     let db = state
         .db()
         .ok_or_else(|| AppError::Unavailable("keycast is starting".into()))?;
@@ -58,7 +62,7 @@ struct SlowQuery {
 }
 
 /// Answers after `ms` milliseconds: an in-flight request that graceful shutdown must finish.
-async fn slow(Query(q): Query<SlowQuery>) -> Json<Value> {
+async fn slow(QueryParams(q): QueryParams<SlowQuery>) -> Json<Value> {
     let ms = q.ms.min(MAX_SLEEP_MS);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     Json(json!({ "slept_ms": ms }))

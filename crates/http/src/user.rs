@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +18,7 @@ use keycast_db::{activity, authz as authz_repo, now_unix, policies, Authorizatio
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::{ClientIp, JsonBody};
+use crate::extract::{ClientIp, JsonBody, QueryParams};
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
 
@@ -165,7 +165,7 @@ struct ActivityQuery {
 async fn list_activity(
     State(state): State<AppState>,
     session: SessionUser,
-    Query(q): Query<ActivityQuery>,
+    QueryParams(q): QueryParams<ActivityQuery>,
 ) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_ACTIVITY);
