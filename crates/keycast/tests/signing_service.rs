@@ -813,3 +813,35 @@ fn redeploy_keeps_accounts_keys_and_authorizations() {
     event.verify().unwrap();
     server.stop();
 }
+
+/// NIP-04 and NIP-44 over the HTTP RPC, each direction checked by the peer itself: what
+/// keycast encrypts the peer decrypts with its own key, and what the peer encrypts keycast
+/// decrypts — so both ends agree on the shared secret, not just keycast with itself.
+#[test]
+fn rpc_encryption_is_read_by_the_peer_and_reads_the_peer() {
+    let (_dir, server) = start();
+    let (_, token, _) = access_token(&server, "nina@example.com", "policy:full");
+    let peer = Keys::generate();
+    let user = nostr::PublicKey::from_hex(
+        rpc(&server, &token, "get_public_key", json!([])).json()["result"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let peer_hex = peer.public_key().to_hex();
+
+    let sealed = rpc(&server, &token, "nip04_encrypt", json!([peer_hex, "meet at noon"]));
+    assert_eq!(sealed.status, 200, "{}", sealed.body);
+    let opened = nostr::nips::nip04::decrypt(peer.secret_key(), &user, sealed.json()["result"].as_str().unwrap())
+        .expect("the peer decrypts keycast's NIP-04");
+    assert_eq!(opened, "meet at noon");
+    let from_peer = nostr::nips::nip04::encrypt(peer.secret_key(), &user, "bring keys").unwrap();
+    let read = rpc(&server, &token, "nip04_decrypt", json!([peer_hex, from_peer]));
+    assert_eq!(read.json()["result"], "bring keys", "{}", read.body);
+
+    let sealed = rpc(&server, &token, "nip44_encrypt", json!([peer_hex, "meet at one"]));
+    assert_eq!(sealed.status, 200, "{}", sealed.body);
+    let opened = nostr::nips::nip44::decrypt(peer.secret_key(), &user, sealed.json()["result"].as_str().unwrap())
+        .expect("the peer decrypts keycast's NIP-44");
+    assert_eq!(opened, "meet at one");
+}
