@@ -127,6 +127,7 @@ pub async fn run(
         let options = keycast_nip46::Nip46Options {
             relays,
             max_in_flight: config.nip46_max_in_flight,
+            allow_internal_relays: config.nostrconnect_internal_relays,
             ..Default::default()
         };
         Some(

@@ -5,6 +5,8 @@
 //! - [`handler`]: what each method means; signing goes through
 //!   [`keycast_core::Signer::execute`], the path HTTP RPC uses too.
 //! - [`reconnect`]: bringing dropped relays back, with a backoff that resets.
+//! - [`transport`]: how relay connections are opened: the host resolved and judged by
+//!   keycast at every connect, and only the judged addresses dialled.
 //! - [`wire`]: kind 24133 envelopes, NIP-44 (and NIP-04) on the wire.
 //! - [`embedded`]: the loopback relay used when no relays are configured.
 //!
@@ -15,6 +17,7 @@ pub mod embedded;
 pub mod handler;
 pub mod reconnect;
 pub mod service;
+pub mod transport;
 pub mod wire;
 
 pub use embedded::EmbeddedRelay;

@@ -20,6 +20,7 @@ use tokio::sync::{broadcast, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::handler::{self, Outcome};
+use crate::transport::RelayTransport;
 use crate::wire::{self, Cipher, RpcReply};
 
 /// Tuning for [`Nip46Service`].
@@ -34,6 +35,10 @@ pub struct Nip46Options {
     pub resync_interval: Duration,
     /// How long a revoked bunker still answers "revoked" instead of going silent.
     pub revoked_answer_window: Duration,
+    /// Connect to relays other than [`Nip46Options::relays`] even on internal addresses
+    /// (`KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS`). Off: each is resolved and judged at every
+    /// connection ([`crate::transport`]).
+    pub allow_internal_relays: bool,
 }
 
 impl Default for Nip46Options {
@@ -43,6 +48,7 @@ impl Default for Nip46Options {
             max_in_flight: 256,
             resync_interval: Duration::from_secs(30),
             revoked_answer_window: Duration::from_secs(7 * 24 * 3600),
+            allow_internal_relays: false,
         }
     }
 }
@@ -112,7 +118,8 @@ impl Nip46Service {
         if configured.is_empty() {
             return Err(StartError::NoRelays);
         }
-        let pool = RelayPool::new();
+        let transport = RelayTransport::new(configured.iter().cloned(), options.allow_internal_relays);
+        let pool = RelayPool::builder().websocket_transport(transport).build();
         for url in &configured {
             pool.add_relay(url.clone(), relay_options())
                 .await
