@@ -1,7 +1,11 @@
 //! keycast's NIP-46 transport: the remote signer over relays.
 //!
-//! - [`service`]: the relay pool, the subscription for every bunker, dispatch with a
-//!   bounded number of requests in flight.
+//! - [`service`]: the relay pool, a subscription per relay, dispatch with a bounded number
+//!   of requests in flight.
+//! - [`roster`]: which bunkers are served on which relay, under the cap on relays named by
+//!   apps, and which client each has bound.
+//! - [`throttle`]: token buckets for strangers' requests and for what app relays send.
+//! - [`dedup`]: a request seen before is not answered again.
 //! - [`handler`]: what each method means; signing goes through
 //!   [`keycast_core::Signer::execute`], the path HTTP RPC uses too.
 //! - [`reconnect`]: bringing dropped relays back, with a backoff that resets.
@@ -13,10 +17,13 @@
 //! `nostrconnect://` authorizations are created in core
 //! ([`keycast_core::Signer::accept_nostrconnect`]); this crate answers the client.
 
+pub mod dedup;
 pub mod embedded;
 pub mod handler;
 pub mod reconnect;
+pub mod roster;
 pub mod service;
+pub mod throttle;
 pub mod transport;
 pub mod wire;
 

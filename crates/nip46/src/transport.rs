@@ -17,7 +17,8 @@
 //!
 //! Incoming WebSocket messages are limited in size ([`MAX_MESSAGE_BYTES`]): a relay cannot
 //! make keycast buffer a 64 MiB message (tungstenite's default) before nostr-sdk's own
-//! limits look at it.
+//! limits look at it. Those from relays named by apps are also read at a bounded rate
+//! ([`RelayTransport::throttle_app_relays`], issue 12 item 6).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ use nostr_sdk::{RelayUrl, Url};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+use crate::throttle::{Rate, Throttled};
+
 /// Largest WebSocket message accepted from a relay. A NIP-44 payload is at most 64 KiB of
 /// plaintext (about 87 KiB as an event), so this leaves room for NIP-04 and relay notices.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -48,6 +51,8 @@ pub struct RelayTransport {
     trusted: HashSet<RelayUrl>,
     /// `KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS`: every relay may be internal.
     allow_internal: bool,
+    /// Incoming messages from relays named by apps are read at this rate at most.
+    app_rate: Option<Rate>,
 }
 
 /// Why a connection was not opened.
@@ -75,7 +80,15 @@ impl RelayTransport {
         RelayTransport {
             trusted: trusted.into_iter().collect(),
             allow_internal,
+            app_rate: None,
         }
+    }
+
+    /// Reads what each relay named by an app sends at `rate` at most
+    /// ([`crate::throttle::Throttled`]); the operator's relays are not limited.
+    pub fn throttle_app_relays(mut self, rate: Rate) -> RelayTransport {
+        self.app_rate = Some(rate);
+        self
     }
 
     fn is_trusted(&self, url: &Url) -> bool {
@@ -142,7 +155,11 @@ impl WebSocketTransport for RelayTransport {
             // As nostr-sdk's own transport: not `sink_map_err`, which may panic
             // (rust-nostr/nostr#984).
             let sink: WebSocketSink = Box::new(TransportSink(tx));
-            let stream: WebSocketStream = Box::pin(rx.map_err(TransportError::backend));
+            let stream = rx.map_err(TransportError::backend);
+            let stream: WebSocketStream = match self.app_rate {
+                Some(rate) if !self.is_trusted(url) => Box::pin(Throttled::new(stream, rate)),
+                _ => Box::pin(stream),
+            };
             Ok((sink, stream))
         })
     }
