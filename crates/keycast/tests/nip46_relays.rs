@@ -308,6 +308,11 @@ fn p99(sorted: &[Duration]) -> Duration {
     sorted[(sorted.len() * 99).div_ceil(100) - 1]
 }
 
+/// Requests the hostile relay has to push.
+const FLOOD: usize = 10_000;
+/// `KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC` (the default).
+const RATE: f64 = 100.0;
+
 /// Issue 12 item 6: a relay named by an app pushes thousands of valid kind-24133 requests
 /// from strangers (fresh keys, not bound to the bunker) at keycast. Each used to cost a
 /// signature check, an ECDH, a handler run and a signed reply published to every
@@ -337,11 +342,12 @@ fn a_relay_flooding_requests_from_strangers_does_not_slow_keycast() {
         .as_str()
         .unwrap()
         .to_owned();
-    let events = stranger_requests(bunker, 10_000);
+    let events = stranger_requests(bunker, FLOOD);
 
     let (quiet, _) = rpc_latencies(&server, &token, 300);
     let rss_before = rss_mib(server.pid());
     hostile.flood(events);
+    let flood_started = Instant::now();
     wait_until(&server, "the flood to start", || hostile.flooded() >= 1000);
     let (flooded, rss_peak) = rpc_latencies(&server, &token, 300);
 
@@ -372,6 +378,16 @@ fn a_relay_flooding_requests_from_strangers_does_not_slow_keycast() {
         p99(&quiet),
         p99(&flooded),
         flooded.last().unwrap(),
+    );
+    // What keycast read of the flood: each request from a stranger it dropped or handled.
+    let (_, metrics) = server.get("/metrics");
+    let read = harness::metric_sum(&metrics, "keycast_nip46_unbound_dropped_total") + on_hostile as f64;
+    // Its burst (twice the rate) and its rate, each doubled for slack.
+    let allowed = 4.0 * RATE + 2.0 * RATE * flood_started.elapsed().as_secs_f64() + 100.0;
+    eprintln!("keycast read {read} of the flood's requests ({allowed:.0} allowed)");
+    assert!(
+        read <= allowed,
+        "keycast read {read} requests of the flood, more than an app relay's rate allows ({allowed:.0})"
     );
     assert_eq!(on_operator, 0, "no reply to a stranger goes to BUNKER_RELAYS");
     assert!(on_hostile <= 20, "{on_hostile} replies to strangers: a few at most");
