@@ -8,12 +8,40 @@
 //! the authorization gets its own random connect secret that nobody learns, so no other
 //! client can bind it.
 
+use std::collections::HashSet;
+
 use nostr::PublicKey;
 
 use crate::secret::Secret;
 
 /// Relays accepted from one URI; each is a connection keycast opens on the user's behalf.
 pub const MAX_RELAYS: usize = 5;
+/// Default for [`RelayCaps::per_account`].
+pub const DEFAULT_MAX_RELAYS_PER_ACCOUNT: usize = 10;
+/// Default for [`RelayCaps::total`].
+pub const DEFAULT_MAX_RELAYS: usize = 200;
+
+/// How many relays named by apps (every relay but the operator's) keycast accepts
+/// (issue 12 item 6). Each is a WebSocket connection keycast keeps open and a party that
+/// can send it events, so neither one account nor all of them together may add without
+/// bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayCaps {
+    /// Distinct relays across one account's live authorizations
+    /// (`KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT`).
+    pub per_account: usize,
+    /// Distinct relays across every live authorization (`KEYCAST_NOSTRCONNECT_MAX_RELAYS`).
+    pub total: usize,
+}
+
+impl Default for RelayCaps {
+    fn default() -> Self {
+        RelayCaps {
+            per_account: DEFAULT_MAX_RELAYS_PER_ACCOUNT,
+            total: DEFAULT_MAX_RELAYS,
+        }
+    }
+}
 /// Longest accepted secret, name or URL parameter.
 const MAX_PARAM_LEN: usize = 512;
 
@@ -41,6 +69,16 @@ pub struct NostrConnectError(String);
 
 fn bad(message: impl Into<String>) -> NostrConnectError {
     NostrConnectError(message.into())
+}
+
+/// Why [`NostrConnectUri::check_relay_caps`] refused, or could not decide.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayCapError {
+    /// Over a cap; the text is for the user.
+    #[error(transparent)]
+    Refused(#[from] NostrConnectError),
+    #[error(transparent)]
+    Repo(#[from] keycast_db::RepoError),
 }
 
 impl NostrConnectUri {
@@ -114,6 +152,69 @@ impl NostrConnectUri {
                      (KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS=true allows them)"
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses the URI if its relays would take `user` past `caps.per_account` distinct
+    /// relays, or keycast past `caps.total`. The operator's relays (`operator`) never
+    /// count; a relay already in use (by this account, or by anyone for the total) adds
+    /// nothing. Two acceptances racing may overshoot by one URI; the NIP-46 transport
+    /// never connects to more than `caps.total` relays whatever the database holds.
+    ///
+    /// # Errors
+    /// [`NostrConnectError`] naming the cap and its setting; database errors as
+    /// [`RelayCapError::Repo`].
+    pub async fn check_relay_caps(
+        &self,
+        pool: &sqlx::SqlitePool,
+        user: &keycast_db::UserId,
+        caps: RelayCaps,
+        operator: &[String],
+    ) -> Result<(), RelayCapError> {
+        let except = serde_json::to_string(operator).unwrap_or_default();
+        let rows = keycast_db::authz::list_live_relays(pool, &except).await?;
+        // `wss://r.example` and `wss://r.example/` are one relay.
+        let normalize = |r: &str| url::Url::parse(r).map(String::from).ok();
+        let operator: HashSet<String> = operator.iter().filter_map(|r| normalize(r)).collect();
+        let (mut mine, mut all) = (HashSet::new(), HashSet::new());
+        for (owner, relays) in rows {
+            let relays: Vec<String> = serde_json::from_str(&relays).unwrap_or_default();
+            for relay in relays.iter().filter_map(|r| normalize(r)) {
+                if operator.contains(&relay) {
+                    continue;
+                }
+                if owner == *user {
+                    mine.insert(relay.clone());
+                }
+                all.insert(relay);
+            }
+        }
+        let new: HashSet<String> = self
+            .relays
+            .iter()
+            .filter_map(|r| normalize(r))
+            .filter(|r| !operator.contains(r))
+            .collect();
+        let mine_after = mine.len() + new.difference(&mine).count();
+        if mine_after > caps.per_account {
+            return Err(bad(format!(
+                "this account would use {mine_after} relays named by apps, more than the {} this keycast allows \
+                 (KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT); revoke an app that uses others, or ask the app for \
+                 a relay you already use",
+                caps.per_account
+            ))
+            .into());
+        }
+        let all_after = all.len() + new.difference(&all).count();
+        if all_after > caps.total {
+            return Err(bad(format!(
+                "this keycast already connects to as many relays named by apps as it allows ({}, \
+                 KEYCAST_NOSTRCONNECT_MAX_RELAYS); ask the app for a relay in use already, or one of the \
+                 operator's relays",
+                caps.total
+            ))
+            .into());
         }
         Ok(())
     }
@@ -288,6 +389,72 @@ mod tests {
         for public in ["wss://8.8.8.8", "wss://[2606:4700::1111]", "wss://1.1.1.1:7777"] {
             assert!(uri(public).refuse_internal_relays().await.is_ok(), "{public}");
         }
+    }
+
+    #[tokio::test]
+    async fn relays_named_by_apps_are_capped_per_account_and_in_total() {
+        use crate::authz::{insert_authorization, NewGrant};
+        let fx = crate::testing::fixture().await;
+        let policy = crate::testing::social_policy(&fx).await;
+        let bob = crate::testing::test_user(fx.pool(), "bob@example.com").await;
+        let operator = fx.relays.clone();
+        let caps = RelayCaps {
+            per_account: 2,
+            total: 3,
+        };
+        let pk = client();
+        let uri = |relays: &[&str]| {
+            let relays: String = relays.iter().map(|r| format!("relay={r}&")).collect();
+            NostrConnectUri::parse(&format!("nostrconnect://{pk}?{relays}secret=s")).unwrap()
+        };
+        let check = |user: &keycast_db::UserId, relays: &[&str]| {
+            let (uri, user, operator) = (uri(relays), user.clone(), operator.clone());
+            let pool = fx.pool().clone();
+            async move { uri.check_relay_caps(&pool, &user, caps, &operator).await }
+        };
+        let accept = |user: &keycast_db::UserId, relays: &[&str]| {
+            let relays: Vec<String> = uri(relays).relays;
+            let (user, pool, km, policy) = (user.clone(), fx.pool().clone(), fx.km.clone(), policy.clone());
+            async move {
+                let new = NewGrant {
+                    user_id: &user,
+                    policy: &policy,
+                    client_id: "app",
+                    redirect_origin: "nostrconnect",
+                    relays: &relays,
+                    token_ttl_secs: 0,
+                };
+                insert_authorization(&pool, km.as_ref(), &new, 1).await.unwrap();
+            }
+        };
+        // The operator's relays (an OAuth grant carries them) never count.
+        let granted = fx.new_grant(&policy);
+        insert_authorization(fx.pool(), fx.km.as_ref(), &granted, 1)
+            .await
+            .unwrap();
+        let refused = |r: Result<(), RelayCapError>, setting: &str| match r {
+            Err(RelayCapError::Refused(e)) => assert!(e.to_string().contains(setting), "{e}"),
+            other => panic!("expected a refusal naming {setting}: {other:?}"),
+        };
+
+        check(&fx.user, &["wss://r1.example", "wss://r2.example"])
+            .await
+            .unwrap();
+        accept(&fx.user, &["wss://r1.example", "wss://r2.example"]).await;
+        refused(
+            check(&fx.user, &["wss://r3.example"]).await,
+            "KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT",
+        );
+        check(&fx.user, &["wss://r2.example", &operator[0]]).await.unwrap();
+        check(&bob, &["wss://r3.example"]).await.unwrap();
+        accept(&bob, &["wss://r3.example"]).await;
+        refused(
+            check(&bob, &["wss://r4.example"]).await,
+            "KEYCAST_NOSTRCONNECT_MAX_RELAYS",
+        );
+        check(&bob, &["wss://r1.example/"])
+            .await
+            .expect("a relay in use adds nothing");
     }
 
     #[test]

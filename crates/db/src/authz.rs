@@ -139,18 +139,32 @@ pub struct LiveBunker {
     pub bunker_pubkey: String,
     /// JSON array of relay URLs.
     pub relays: String,
+    /// The client bound by `connect` (64 lowercase hex), if any.
+    pub connected_client_pubkey: Option<String>,
+    pub revoked_at: Option<i64>,
 }
 
-/// The bunker pubkey and relays of every authorization that is live or was revoked at
-/// or after `revoked_since` (so a client of a recently revoked one hears "revoked"
-/// instead of nothing).
+/// The bunker pubkey, relays and bound client of every authorization that is live or was
+/// revoked at or after `revoked_since` (so a client of a recently revoked one hears
+/// "revoked" instead of nothing), oldest first.
 ///
 /// # Errors
 /// Database errors.
 pub async fn list_bunkers_to_serve(pool: &SqlitePool, revoked_since: i64) -> Result<Vec<LiveBunker>, RepoError> {
-    let sql = "SELECT bunker_pubkey, relays FROM authorizations \
+    let sql = "SELECT bunker_pubkey, relays, connected_client_pubkey, revoked_at FROM authorizations \
                WHERE revoked_at IS NULL OR revoked_at >= $1 ORDER BY created_at, id";
     Ok(sqlx::query_as(sql).bind(revoked_since).fetch_all(pool).await?)
+}
+
+/// `(user, relays as JSON array text)` of every live authorization whose relays are not
+/// exactly `except` (the JSON text grants made with the operator's relays carry, so the
+/// common case is skipped in SQL). For the caps on relays named by apps.
+///
+/// # Errors
+/// Database errors.
+pub async fn list_live_relays(pool: &SqlitePool, except: &str) -> Result<Vec<(UserId, String)>, RepoError> {
+    let sql = "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1";
+    Ok(sqlx::query_as(sql).bind(except).fetch_all(pool).await?)
 }
 
 /// A user's authorizations, newest first, revoked ones included.

@@ -42,6 +42,9 @@ pub struct HttpOptions {
     /// Accept `nostrconnect://` relays on internal addresses
     /// (`KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS`). Default false.
     pub nostrconnect_internal_relays: bool,
+    /// Caps on relays named by apps (`KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT`,
+    /// `KEYCAST_NOSTRCONNECT_MAX_RELAYS`); [`HttpOptions::relays`] never count.
+    pub nostrconnect_relay_caps: keycast_core::nostrconnect::RelayCaps,
     /// Where mail goes: this SMTP server (`KEYCAST_SMTP_URL`), or, when `None` (the
     /// default), the development outbox.
     pub smtp: Option<SmtpMailer>,
@@ -81,6 +84,7 @@ impl Default for HttpOptions {
             allowed_origins: Vec::new(),
             code_ttl_secs: keycast_core::oauth::CODE_TTL_SECS,
             nostrconnect_internal_relays: false,
+            nostrconnect_relay_caps: keycast_core::nostrconnect::RelayCaps::default(),
             smtp: None,
             trusted_proxy_hops: 0,
             reserved_usernames: Vec::new(),

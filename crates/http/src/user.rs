@@ -12,6 +12,7 @@ use axum::{Json, Router};
 use keycast_core::account_security::{self, ExportFormat};
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
+use keycast_core::nostrconnect::RelayCapError;
 use keycast_core::{NostrConnectUri, Secret};
 use keycast_db::users::User;
 use keycast_db::{activity, authz as authz_repo, now_unix, policies, AuthorizationId, UserId};
@@ -137,6 +138,13 @@ pub(crate) async fn accept_nostrconnect(
             .map_err(|e| AppError::BadRequest(e.to_string()))?;
     }
     let (db, services) = state.api()?;
+    let options = state.options();
+    uri.check_relay_caps(db.pool(), user, options.nostrconnect_relay_caps, &options.relays)
+        .await
+        .map_err(|e| match e {
+            RelayCapError::Refused(e) => AppError::BadRequest(e.to_string()),
+            RelayCapError::Repo(e) => e.into(),
+        })?;
     let policy = policies::find_by_slug(db.pool(), policy).await?.ok_or_else(|| {
         AppError::BadRequest(format!(
             "unknown policy {policy:?}; GET /api/policies lists them (e.g. social, readonly, wallet, full)"

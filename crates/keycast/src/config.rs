@@ -232,6 +232,30 @@ pub const SETTINGS: &[Setting] = &[
         help: "accept nostrconnect:// relays on loopback/private addresses (keycast connects to them)",
     },
     Setting {
+        key: "nostrconnect_max_relays_per_account",
+        env: "KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT",
+        default: "10",
+        help: "distinct relays named by nostrconnect:// apps one account may use (BUNKER_RELAYS do not count)",
+    },
+    Setting {
+        key: "nostrconnect_max_relays",
+        env: "KEYCAST_NOSTRCONNECT_MAX_RELAYS",
+        default: "200",
+        help: "distinct relays named by nostrconnect:// apps keycast accepts and connects to, all accounts together",
+    },
+    Setting {
+        key: "nostrconnect_relay_messages_per_sec",
+        env: "KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC",
+        default: "100",
+        help: "messages a second keycast reads from one relay named by an app (burst: twice that)",
+    },
+    Setting {
+        key: "nip46_unbound_requests_per_sec",
+        env: "KEYCAST_NIP46_UNBOUND_REQUESTS_PER_SEC",
+        default: "20",
+        help: "NIP-46 requests a second, per relay, from clients not bound to the bunker (burst: twice that); beyond it they go unanswered",
+    },
+    Setting {
         key: "nip46_max_in_flight",
         env: "KEYCAST_NIP46_MAX_IN_FLIGHT",
         default: "256",
@@ -342,6 +366,13 @@ pub struct Config {
     pub nostrconnect_internal_relays: bool,
     /// NIP-46 requests handled at once (`KEYCAST_NIP46_MAX_IN_FLIGHT`).
     pub nip46_max_in_flight: usize,
+    /// Caps on relays named by `nostrconnect://` apps
+    /// (`KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT`, `KEYCAST_NOSTRCONNECT_MAX_RELAYS`).
+    pub nostrconnect_relay_caps: keycast_core::nostrconnect::RelayCaps,
+    /// `KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC`.
+    pub nostrconnect_relay_messages_per_sec: u32,
+    /// `KEYCAST_NIP46_UNBOUND_REQUESTS_PER_SEC`.
+    pub nip46_unbound_requests_per_sec: u32,
     /// CORS origins; empty disables CORS.
     pub allowed_origins: Vec<String>,
     /// Mail through this SMTP server; `None` → the development outbox.
@@ -578,6 +609,20 @@ impl Sources {
                     _ => Err("expected a number of requests from 1 to 100000".into()),
                 })?
                 .unwrap_or(256),
+            nostrconnect_relay_caps: keycast_core::nostrconnect::RelayCaps {
+                per_account: self
+                    .get("nostrconnect_max_relays_per_account", |v| parse_count(v, 1000))?
+                    .unwrap_or(keycast_core::nostrconnect::DEFAULT_MAX_RELAYS_PER_ACCOUNT),
+                total: self
+                    .get("nostrconnect_max_relays", |v| parse_count(v, 100_000))?
+                    .unwrap_or(keycast_core::nostrconnect::DEFAULT_MAX_RELAYS),
+            },
+            nostrconnect_relay_messages_per_sec: self
+                .get("nostrconnect_relay_messages_per_sec", parse_rate)?
+                .unwrap_or(keycast_nip46::service::DEFAULT_APP_RELAY_MESSAGES_PER_SEC),
+            nip46_unbound_requests_per_sec: self
+                .get("nip46_unbound_requests_per_sec", parse_rate)?
+                .unwrap_or(keycast_nip46::service::DEFAULT_UNBOUND_REQUESTS_PER_SEC),
             allowed_origins: self.get("allowed_origins", parse_origins)?.unwrap_or_default(),
             smtp: self.smtp()?,
             oauth_code_ttl_secs: self
@@ -825,6 +870,22 @@ fn parse_pages(v: &str) -> Result<u32, String> {
         .ok()
         .filter(|n| *n >= 1)
         .ok_or_else(|| "expected a number of pages, at least 1".into())
+}
+
+/// A number of relays from 0 (none accepted) to `max`.
+fn parse_count(v: &str, max: usize) -> Result<usize, String> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or_else(|| format!("expected a number of relays from 0 to {max}"))
+}
+
+/// A rate from 1 to 100000 a second.
+fn parse_rate(v: &str) -> Result<u32, String> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|n| (1..=100_000).contains(n))
+        .ok_or_else(|| "expected a number a second from 1 to 100000".into())
 }
 
 fn parse_levels(v: &str) -> Result<Vec<Duration>, String> {
@@ -1211,6 +1272,60 @@ mod tests {
         assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
         let err = env(&[("DATABASE_URL", "mysql://x")]).build().unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL=mysql://x"), "{err}");
+    }
+
+    #[test]
+    fn relays_named_by_apps_have_caps_and_rates_with_defaults() {
+        let config = env(&[]).build().unwrap();
+        assert_eq!(
+            config.nostrconnect_relay_caps,
+            keycast_core::nostrconnect::RelayCaps::default()
+        );
+        assert_eq!(
+            (
+                config.nostrconnect_relay_caps.per_account,
+                config.nostrconnect_relay_caps.total
+            ),
+            (10, 200)
+        );
+        assert_eq!(
+            (
+                config.nostrconnect_relay_messages_per_sec,
+                config.nip46_unbound_requests_per_sec
+            ),
+            (100, 20)
+        );
+        let config = env(&[
+            ("KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT", "0"),
+            ("KEYCAST_NOSTRCONNECT_MAX_RELAYS", "3"),
+            ("KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC", "5"),
+            ("KEYCAST_NIP46_UNBOUND_REQUESTS_PER_SEC", "1"),
+        ])
+        .build()
+        .unwrap();
+        assert_eq!(
+            (
+                config.nostrconnect_relay_caps.per_account,
+                config.nostrconnect_relay_caps.total
+            ),
+            (0, 3)
+        );
+        assert_eq!(
+            (
+                config.nostrconnect_relay_messages_per_sec,
+                config.nip46_unbound_requests_per_sec
+            ),
+            (5, 1)
+        );
+        for (var, value) in [
+            ("KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT", "-1"),
+            ("KEYCAST_NOSTRCONNECT_MAX_RELAYS", "many"),
+            ("KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC", "0"),
+            ("KEYCAST_NIP46_UNBOUND_REQUESTS_PER_SEC", "1000000"),
+        ] {
+            let err = env(&[(var, value)]).build().unwrap_err().to_string();
+            assert!(err.contains(&format!("{var}={value}")), "{err}");
+        }
     }
 }
 

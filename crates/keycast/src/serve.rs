@@ -80,6 +80,7 @@ pub async fn run(
         allowed_origins: config.allowed_origins.clone(),
         code_ttl_secs: config.oauth_code_ttl_secs,
         nostrconnect_internal_relays: config.nostrconnect_internal_relays,
+        nostrconnect_relay_caps: config.nostrconnect_relay_caps,
         smtp: config.smtp.clone(),
         trusted_proxy_hops: config.trusted_proxy_hops,
         reserved_usernames: config.reserved_usernames.clone(),
@@ -131,6 +132,10 @@ pub async fn run(
         let options = keycast_nip46::Nip46Options {
             relays,
             max_in_flight: config.nip46_max_in_flight,
+            allow_internal_relays: config.nostrconnect_internal_relays,
+            max_app_relays: config.nostrconnect_relay_caps.total,
+            app_relay_messages_per_sec: config.nostrconnect_relay_messages_per_sec,
+            unbound_requests_per_sec: config.nip46_unbound_requests_per_sec,
             ..Default::default()
         };
         Some(

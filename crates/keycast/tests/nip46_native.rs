@@ -35,12 +35,17 @@ fn bunker(dir: &std::path::Path, env: &[(&str, &str)]) -> (Keycast, String, Publ
     )
 }
 
+/// The app's own burst (its client is bound): a stranger's requests are rate-limited
+/// before they reach the in-flight slots (issue 12 item 6), so only a bound client can
+/// overflow them.
 #[test]
 fn a_burst_beyond_capacity_is_answered_busy_never_dropped_silently() {
     let dir = tempfile::tempdir().unwrap();
     // One request at a time: a burst of connects (each waits for the replica) overflows it.
     let (_server, _, bunker, relay, secret) = bunker(dir.path(), &[("KEYCAST_NIP46_MAX_IN_FLIGHT", "1")]);
     let mut client = NativeClient::connect(&relay, bunker);
+    client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
     let burst: Vec<(String, &str, Value)> = (0..30)
         .map(|i| (format!("c{i}"), "connect", json!([bunker.to_hex(), secret])))
         .collect();

@@ -1,20 +1,30 @@
 //! keycast's NIP-46 transport: the remote signer over relays.
 //!
-//! - [`service`]: the relay pool, the subscription for every bunker, dispatch with a
-//!   bounded number of requests in flight.
+//! - [`service`]: the relay pool, a subscription per relay, dispatch with a bounded number
+//!   of requests in flight.
+//! - [`roster`]: which bunkers are served on which relay, under the cap on relays named by
+//!   apps, and which client each has bound.
+//! - [`throttle`]: token buckets for strangers' requests and for what app relays send.
+//! - [`dedup`]: a request seen before is not answered again.
 //! - [`handler`]: what each method means; signing goes through
 //!   [`keycast_core::Signer::execute`], the path HTTP RPC uses too.
 //! - [`reconnect`]: bringing dropped relays back, with a backoff that resets.
+//! - [`transport`]: how relay connections are opened: the host resolved and judged by
+//!   keycast at every connect, and only the judged addresses dialled.
 //! - [`wire`]: kind 24133 envelopes, NIP-44 (and NIP-04) on the wire.
 //! - [`embedded`]: the loopback relay used when no relays are configured.
 //!
 //! `nostrconnect://` authorizations are created in core
 //! ([`keycast_core::Signer::accept_nostrconnect`]); this crate answers the client.
 
+pub mod dedup;
 pub mod embedded;
 pub mod handler;
 pub mod reconnect;
+pub mod roster;
 pub mod service;
+pub mod throttle;
+pub mod transport;
 pub mod wire;
 
 pub use embedded::EmbeddedRelay;

@@ -1,13 +1,25 @@
-//! The remote signer over relays: one relay pool (nostr-sdk), one subscription for kind
-//! 24133 addressed (`#p`) to every bunker keycast serves, kept in step with the
-//! authorizations, and a bounded set of tasks that answer requests.
+//! The remote signer over relays: one relay pool (nostr-sdk), a kind-24133 subscription
+//! on each relay naming the bunkers served there, kept in step with the authorizations, and
+//! a bounded set of tasks that answer requests.
 //!
-//! Relays that drop are reconnected with backoff ([`crate::reconnect`]); the pool re-sends
-//! the subscription on every new connection.
+//! Relays are untrusted (issue 12 item 6). The operator's relays (`BUNKER_RELAYS`, or the
+//! embedded relay) carry every bunker; a relay named by an app (`nostrconnect://`) hears only
+//! of the bunkers whose authorizations name it ([`crate::roster`]), at most
+//! [`Nip46Options::max_app_relays`] of them are connected, their messages are read at a
+//! bounded rate, and connections to them are judged at every connect
+//! ([`crate::transport`]). A request from a client that is not the one bound to the bunker
+//! (a stranger) is admitted by token buckets per relay and per (relay, bunker) before any
+//! cryptography is done for it, and answered only on the relay it came on
+//! ([`crate::throttle`]). Nothing on the receive path waits on a lock held for more than
+//! O(1) work.
+//!
+//! Relays that drop are reconnected with backoff ([`crate::reconnect`]); each relay re-sends
+//! its own subscription on every new connection.
 //! Replies are handed to the relays without waiting for `OK`: some relays (nostr-rs-relay)
 //! never send one for ephemeral kinds, and the client's answer does not depend on it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,8 +31,17 @@ use nostr_sdk::{ClientMessage, SubscribeOptions, SubscriptionId};
 use tokio::sync::{broadcast, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::dedup::Seen;
 use crate::handler::{self, Outcome};
+use crate::roster::{Bindings, Roster, Row};
+use crate::throttle::{Rate, Strangers};
+use crate::transport::RelayTransport;
 use crate::wire::{self, Cipher, RpcReply};
+
+/// Default for [`Nip46Options::app_relay_messages_per_sec`].
+pub const DEFAULT_APP_RELAY_MESSAGES_PER_SEC: u32 = 100;
+/// Default for [`Nip46Options::unbound_requests_per_sec`].
+pub const DEFAULT_UNBOUND_REQUESTS_PER_SEC: u32 = 20;
 
 /// Tuning for [`Nip46Service`].
 #[derive(Debug, Clone)]
@@ -34,6 +55,23 @@ pub struct Nip46Options {
     pub resync_interval: Duration,
     /// How long a revoked bunker still answers "revoked" instead of going silent.
     pub revoked_answer_window: Duration,
+    /// Connect to relays other than [`Nip46Options::relays`] even on internal addresses
+    /// (`KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS`). Off: each is resolved and judged at every
+    /// connection ([`crate::transport`]).
+    pub allow_internal_relays: bool,
+    /// Relays named by apps connected at most (`KEYCAST_NOSTRCONNECT_MAX_RELAYS`); the
+    /// oldest live authorizations' first. Default
+    /// [`keycast_core::nostrconnect::DEFAULT_MAX_RELAYS`].
+    pub max_app_relays: usize,
+    /// Messages a second read from one relay named by an app, with a burst of twice that
+    /// (`KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC`). Default
+    /// [`DEFAULT_APP_RELAY_MESSAGES_PER_SEC`].
+    pub app_relay_messages_per_sec: u32,
+    /// Requests a second from clients not bound to the bunker they address, per relay, with
+    /// a burst of twice that (`KEYCAST_NIP46_UNBOUND_REQUESTS_PER_SEC`); each (relay,
+    /// bunker) pair also gets [`crate::throttle::PER_BUNKER`]. Default
+    /// [`DEFAULT_UNBOUND_REQUESTS_PER_SEC`].
+    pub unbound_requests_per_sec: u32,
 }
 
 impl Default for Nip46Options {
@@ -43,6 +81,10 @@ impl Default for Nip46Options {
             max_in_flight: 256,
             resync_interval: Duration::from_secs(30),
             revoked_answer_window: Duration::from_secs(7 * 24 * 3600),
+            allow_internal_relays: false,
+            max_app_relays: keycast_core::nostrconnect::DEFAULT_MAX_RELAYS,
+            app_relay_messages_per_sec: DEFAULT_APP_RELAY_MESSAGES_PER_SEC,
+            unbound_requests_per_sec: DEFAULT_UNBOUND_REQUESTS_PER_SEC,
         }
     }
 }
@@ -74,12 +116,29 @@ struct Shared {
     durability: Option<Arc<dyn Durability>>,
     pool: RelayPool,
     options: Nip46Options,
+    /// The operator's relays, in configured order (replies go to all of them).
     configured: Vec<RelayUrl>,
-    /// Bunkers served and the relays each names (besides the configured ones).
-    bunkers: RwLock<HashMap<PublicKey, Vec<RelayUrl>>>,
+    operator: HashSet<RelayUrl>,
+    /// Bunkers served, where, and their bound clients; swapped whole by [`Shared::sync`].
+    roster: RwLock<Arc<Roster>>,
+    bindings: Bindings,
+    strangers: Strangers,
     in_flight: Arc<Semaphore>,
     busy: Arc<Semaphore>,
     seen: Mutex<Seen>,
+    /// The bunkers each relay's subscription names, as last sent successfully.
+    subscribed: tokio::sync::Mutex<HashMap<RelayUrl, Vec<PublicKey>>>,
+    /// App relays left out by the cap at the last sync (logged when it changes).
+    left_out: AtomicUsize,
+}
+
+/// One request as it came in, before anything is decrypted.
+struct Incoming {
+    relay: RelayUrl,
+    bunker: PublicKey,
+    event: Event,
+    /// From the client bound to the bunker (not a stranger).
+    bound: bool,
 }
 
 /// Why the service could not start.
@@ -112,7 +171,9 @@ impl Nip46Service {
         if configured.is_empty() {
             return Err(StartError::NoRelays);
         }
-        let pool = RelayPool::new();
+        let transport = RelayTransport::new(configured.iter().cloned(), options.allow_internal_relays)
+            .throttle_app_relays(Rate::per_sec(options.app_relay_messages_per_sec));
+        let pool = RelayPool::builder().websocket_transport(transport).build();
         for url in &configured {
             pool.add_relay(url.clone(), relay_options())
                 .await
@@ -128,10 +189,15 @@ impl Nip46Service {
             pool,
             in_flight: Arc::new(Semaphore::new(options.max_in_flight)),
             busy: Arc::new(Semaphore::new(MAX_BUSY_REPLIES)),
+            strangers: Strangers::new(Rate::per_sec(options.unbound_requests_per_sec)),
             options,
+            operator: configured.iter().cloned().collect(),
             configured,
-            bunkers: RwLock::new(HashMap::new()),
-            seen: Mutex::new(Seen::default()),
+            roster: RwLock::default(),
+            bindings: Bindings::default(),
+            seen: Mutex::new(Seen::new(DEDUP_WINDOW)),
+            subscribed: tokio::sync::Mutex::default(),
+            left_out: AtomicUsize::new(0),
         });
         if let Err(err) = shared.sync().await {
             tracing::warn!(error = %err, "nip46: could not read the bunkers yet; will retry");
@@ -156,11 +222,18 @@ impl Nip46Service {
 
 fn relay_options() -> RelayOptions {
     // A drop leaves the relay `Terminated`; `reconnect::supervise` brings it back with its
-    // own backoff (see there for why not nostr-sdk's).
-    RelayOptions::new().reconnect(false)
+    // own backoff (see there for why not nostr-sdk's). An event that matches none of the
+    // relay's own filters (a bunker not served there, another kind) is dropped by nostr-sdk
+    // before its signature is checked.
+    RelayOptions::new().reconnect(false).verify_subscriptions(true)
 }
 
 impl Shared {
+    /// The current roster (an `Arc` clone: readers never wait for a rebuild).
+    fn roster(&self) -> Arc<Roster> {
+        self.roster.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
     /// Hands each incoming request to a task; never does signing work itself.
     async fn receive(self: Arc<Self>, mut notifications: broadcast::Receiver<RelayPoolNotification>) {
         loop {
@@ -177,6 +250,8 @@ impl Shared {
         }
     }
 
+    /// O(1) checks, then a task: the kind, the time window, the addressee, and for a
+    /// stranger the token buckets — before any decryption.
     fn dispatch(self: Arc<Self>, relay: RelayUrl, event: Event) {
         if event.kind != Kind::NostrConnect {
             return;
@@ -186,17 +261,31 @@ impl Shared {
             tracing::debug!(id = %event.id, "nip46: ignoring a request dated outside the window");
             return;
         }
-        let Some(bunker) = self.addressee(&event) else {
+        let roster = self.roster();
+        let Some((bunker, entry)) = roster.addressee(&event) else {
             return;
+        };
+        let client = self.bindings.get(&bunker).unwrap_or(entry.client);
+        let bound = client == Some(event.pubkey);
+        drop(roster);
+        if !bound && !self.strangers.admit(&relay, &bunker, Instant::now()) {
+            metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
+            return;
+        }
+        let incoming = Incoming {
+            relay,
+            bunker,
+            event,
+            bound,
         };
         if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
             tokio::spawn(async move {
-                self.handle(relay, bunker, event).await;
+                self.handle(incoming).await;
                 drop(permit);
             });
         } else if let Ok(permit) = self.busy.clone().try_acquire_owned() {
             tokio::spawn(async move {
-                self.answer_busy(relay, bunker, event).await;
+                self.answer_busy(incoming).await;
                 drop(permit);
             });
         } else {
@@ -205,23 +294,18 @@ impl Shared {
         }
     }
 
-    /// The bunker a request is for: the first `p` tag naming one keycast serves.
-    fn addressee(&self, event: &Event) -> Option<PublicKey> {
-        let bunkers = self.bunkers.read().ok()?;
-        event.tags.public_keys().find(|pk| bunkers.contains_key(pk)).copied()
-    }
-
-    async fn handle(&self, relay: RelayUrl, bunker: PublicKey, event: Event) {
+    async fn handle(&self, incoming: Incoming) {
         let started = Instant::now();
-        let Some((keys, request, cipher)) = self.open(&bunker, &event).await else {
+        let (bunker, client) = (incoming.bunker, incoming.event.pubkey);
+        let Some((keys, request, cipher)) = self.open(&bunker, &incoming.event).await else {
             return;
         };
-        if !self.first_time(&event.pubkey, &request.id) {
+        if !self.first_time(&client, &request.id) {
             tracing::debug!(id = %request.id, "nip46: duplicate request ignored");
             return;
         }
         let (reply, outcome) =
-            handler::answer(&self.signer, self.durability.as_ref(), &bunker, &event.pubkey, &request).await;
+            handler::answer(&self.signer, self.durability.as_ref(), &bunker, &client, &request).await;
         let method = method_label(&request.method);
         metrics::counter!("keycast_nip46_requests_total", "method" => method, "outcome" => outcome.label())
             .increment(1);
@@ -234,15 +318,27 @@ impl Shared {
                 "nip46 request refused"
             );
         }
-        self.reply(&keys, &relay, &bunker, &event.pubkey, cipher, &reply).await;
+        // Known before the reply leaves, so the client's next request is not a stranger's.
+        let bound_now = match (method, outcome) {
+            ("connect", Outcome::Ok) => {
+                self.bindings.set(bunker, Some(client));
+                true
+            }
+            ("logout", Outcome::Ok) => {
+                self.bindings.set(bunker, None);
+                incoming.bound
+            }
+            _ => incoming.bound,
+        };
+        self.reply(&keys, &incoming, bound_now, cipher, &reply).await;
     }
 
-    async fn answer_busy(&self, relay: RelayUrl, bunker: PublicKey, event: Event) {
-        if let Some((keys, request, cipher)) = self.open(&bunker, &event).await {
+    async fn answer_busy(&self, incoming: Incoming) {
+        if let Some((keys, request, cipher)) = self.open(&incoming.bunker, &incoming.event).await {
             metrics::counter!("keycast_nip46_requests_total", "method" => method_label(&request.method), "outcome" => "busy")
                 .increment(1);
             let reply = RpcReply::error(&request.id, "busy: keycast is at capacity; retry in a moment");
-            self.reply(&keys, &relay, &bunker, &event.pubkey, cipher, &reply).await;
+            self.reply(&keys, &incoming, incoming.bound, cipher, &reply).await;
         }
     }
 
@@ -281,29 +377,32 @@ impl Shared {
         first
     }
 
+    /// Seals and sends `reply`. To the bound client: on the relay it came on, every
+    /// operator relay and the bunker's app relays (it listens on at least one). To a
+    /// stranger: only on the relay it came on, so a flood arriving on one relay is not
+    /// echoed to the others.
     async fn reply(
         &self,
         keys: &keycast_core::nostr::Keys,
-        relay: &RelayUrl,
-        bunker: &PublicKey,
-        client: &PublicKey,
+        to: &Incoming,
+        bound: bool,
         cipher: Cipher,
         reply: &RpcReply,
     ) {
-        let event = match wire::seal(keys, client, cipher, reply) {
+        let event = match wire::seal(keys, &to.event.pubkey, cipher, reply) {
             Ok(event) => event,
             Err(err) => {
                 tracing::error!(error = %err, "nip46: cannot seal a reply");
                 return;
             }
         };
-        // The relay it came on, plus every relay the bunker names: the client listens on
-        // at least one of them.
-        let mut targets: HashSet<RelayUrl> = self.configured.iter().cloned().collect();
-        if let Ok(bunkers) = self.bunkers.read() {
-            targets.extend(bunkers.get(bunker).into_iter().flatten().cloned());
+        let mut targets: HashSet<RelayUrl> = HashSet::from([to.relay.clone()]);
+        if bound {
+            targets.extend(self.configured.iter().cloned());
+            if let Some(entry) = self.roster().entry(&to.bunker) {
+                targets.extend(entry.relays.iter().cloned());
+            }
         }
-        targets.insert(relay.clone());
         let sent = self.pool.send_msg_to(targets, ClientMessage::event(event)).await;
         match sent {
             Ok(output) if output.success.is_empty() => {
@@ -348,44 +447,34 @@ impl Shared {
         }
     }
 
-    /// Re-reads the bunkers to serve, connects to any new relay they name, and renews
-    /// the subscription when the set changed.
+    /// Re-reads the bunkers to serve, connects to the app relays they name (up to the
+    /// cap) and drops those no longer named, and renews each relay's subscription whose
+    /// bunkers changed.
     async fn sync(&self) -> Result<(), String> {
+        self.bindings.rotate();
         let window = i64::try_from(self.options.revoked_answer_window.as_secs()).unwrap_or(i64::MAX);
         let since = keycast_db::now_unix().saturating_sub(window);
         let rows = authz_repo::list_bunkers_to_serve(self.signer.pool(), since)
             .await
             .map_err(|e| e.to_string())?;
-        let mut bunkers = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let Ok(bunker) = PublicKey::from_hex(&row.bunker_pubkey) else {
-                tracing::warn!(bunker = row.bunker_pubkey, "nip46: skipping a bunker with a bad key");
-                continue;
-            };
-            let relays: Vec<String> = serde_json::from_str(&row.relays).unwrap_or_default();
-            let relays = relays.iter().filter_map(|r| RelayUrl::parse(r).ok()).collect();
-            bunkers.insert(bunker, relays);
+        let rows: Vec<Row> = rows.iter().filter_map(row).collect();
+        let roster = Arc::new(Roster::build(rows, &self.operator, self.options.max_app_relays));
+        let left_out = roster.left_out();
+        if self.left_out.swap(left_out, Ordering::Relaxed) != left_out && left_out > 0 {
+            tracing::warn!(
+                left_out,
+                cap = self.options.max_app_relays,
+                "nip46: not connecting to {left_out} relays named by apps: over the cap (KEYCAST_NOSTRCONNECT_MAX_RELAYS)"
+            );
         }
-        let wanted: HashSet<RelayUrl> = self
-            .configured
-            .iter()
-            .cloned()
-            .chain(bunkers.values().flatten().cloned())
-            .collect();
-        let unchanged = self
-            .bunkers
-            .read()
-            .map(|old| old.len() == bunkers.len() && old.keys().all(|k| bunkers.contains_key(k)))
-            .unwrap_or(false);
-        let keys: Vec<PublicKey> = bunkers.keys().copied().collect();
-        if let Ok(mut current) = self.bunkers.write() {
-            *current = bunkers;
-        }
+        let previous = match self.roster.write() {
+            Ok(mut current) => Some(std::mem::replace(&mut *current, roster.clone())),
+            Err(_) => None,
+        };
+        // Freed outside the lock.
+        drop(previous);
+        let wanted: HashSet<RelayUrl> = self.configured.iter().chain(roster.app_relays()).cloned().collect();
         let present: HashSet<RelayUrl> = self.pool.relays().await.into_keys().collect();
-        if !unchanged {
-            self.subscribe(&keys).await;
-        }
-        // New relays inherit the pool's subscription when added.
         for url in wanted.difference(&present) {
             if let Err(err) = self.pool.add_relay(url.clone(), relay_options()).await {
                 tracing::warn!(relay = %url, error = %err, "nip46: cannot add relay");
@@ -396,39 +485,49 @@ impl Shared {
         for url in present.difference(&wanted) {
             let _ = self.pool.remove_relay(url.clone()).await;
         }
-        metrics::gauge!("keycast_nip46_bunkers").set(keys.len() as f64);
+        self.subscribe(&roster, &wanted).await;
+        metrics::gauge!("keycast_nip46_bunkers").set(roster.len() as f64);
+        metrics::gauge!("keycast_nip46_app_relays").set((wanted.len() - self.configured.len()) as f64);
         Ok(())
     }
 
-    async fn subscribe(&self, bunkers: &[PublicKey]) {
-        let id = SubscriptionId::new(SUBSCRIPTION);
-        if bunkers.is_empty() {
-            // An empty `#p` would match nothing on some relays and everything on others.
-            self.pool.unsubscribe(&id).await;
-            return;
-        }
-        // `since` keeps relays that store ephemeral events from replaying old requests.
-        let since = Timestamp::from(Timestamp::now().as_secs().saturating_sub(REQUEST_WINDOW_SECS));
-        let filters: Vec<Filter> = bunkers
-            .chunks(PUBKEYS_PER_FILTER)
-            .map(|chunk| {
-                Filter::new()
-                    .kind(Kind::NostrConnect)
-                    .pubkeys(chunk.iter().copied())
-                    .since(since)
-            })
-            .collect();
-        if let Err(err) = self
-            .pool
-            .subscribe_with_id(id, filters, SubscribeOptions::default())
-            .await
-        {
-            tracing::warn!(error = %err, "nip46: cannot subscribe");
+    /// Sends each relay in `wanted` a subscription for the bunkers served there, where it
+    /// differs from what that relay was last sent. A relay that cannot take it now (not
+    /// connected) is tried again at the next sync; meanwhile it keeps its last one, which
+    /// names no bunker it was not told of before.
+    async fn subscribe(&self, roster: &Roster, wanted: &HashSet<RelayUrl>) {
+        let mut subscribed = self.subscribed.lock().await;
+        subscribed.retain(|url, _| wanted.contains(url));
+        for url in wanted {
+            let bunkers = roster.bunkers_on(url, self.operator.contains(url));
+            if subscribed.get(url).is_some_and(|sent| sent.as_slice() == bunkers) {
+                continue;
+            }
+            let Ok(relay) = self.pool.relay(url).await else {
+                continue;
+            };
+            let id = SubscriptionId::new(SUBSCRIPTION);
+            if bunkers.is_empty() {
+                // An empty `#p` would match nothing on some relays and everything on others.
+                let _ = relay.unsubscribe(&id).await;
+                subscribed.insert(url.clone(), Vec::new());
+                continue;
+            }
+            match relay
+                .subscribe_with_id(id, filters(bunkers), SubscribeOptions::default())
+                .await
+            {
+                Ok(()) => {
+                    subscribed.insert(url.clone(), bunkers.to_vec());
+                }
+                Err(err) => tracing::debug!(relay = %url, error = %err, "nip46: cannot subscribe yet; will retry"),
+            }
         }
     }
 
     /// `nostrconnect://`: tells the client which bunker accepted it by sending a
-    /// `connect` response carrying its secret, from the bunker, on the client's relays.
+    /// `connect` response carrying its secret, from the bunker, on the client's relays
+    /// (those connected: the operator's, and app relays admitted under the cap).
     async fn acknowledge(
         &self,
         bunker: PublicKey,
@@ -451,7 +550,19 @@ impl Shared {
                 return;
             }
         };
-        let relays: Vec<RelayUrl> = relays.iter().filter_map(|r| RelayUrl::parse(r).ok()).collect();
+        let roster = self.roster();
+        let admitted = roster.entry(&bunker).map(|e| e.relays.as_slice()).unwrap_or_default();
+        let relays: Vec<RelayUrl> = relays
+            .iter()
+            .filter_map(|r| RelayUrl::parse(r).ok())
+            .filter(|r| self.operator.contains(r) || admitted.contains(r))
+            .collect();
+        if relays.is_empty() {
+            tracing::warn!(
+                "nip46: none of the nostrconnect client's relays is connected (KEYCAST_NOSTRCONNECT_MAX_RELAYS)"
+            );
+            return;
+        }
         // The relays were just added; give them a moment to connect.
         for relay in &relays {
             if let Ok(r) = self.pool.relay(relay.clone()).await {
@@ -464,6 +575,39 @@ impl Shared {
             Err(err) => tracing::warn!(error = %err, "nip46: cannot send the nostrconnect answer"),
         }
     }
+}
+
+/// A stored authorization as the roster needs it; `None` (logged) for a bad bunker key.
+fn row(stored: &authz_repo::LiveBunker) -> Option<Row> {
+    let Ok(bunker) = PublicKey::from_hex(&stored.bunker_pubkey) else {
+        tracing::warn!(bunker = stored.bunker_pubkey, "nip46: skipping a bunker with a bad key");
+        return None;
+    };
+    let relays: Vec<String> = serde_json::from_str(&stored.relays).unwrap_or_default();
+    Some(Row {
+        bunker,
+        relays: relays.iter().filter_map(|r| RelayUrl::parse(r).ok()).collect(),
+        client: stored
+            .connected_client_pubkey
+            .as_deref()
+            .and_then(|pk| PublicKey::from_hex(pk).ok()),
+        live: stored.revoked_at.is_none(),
+    })
+}
+
+/// The subscription's filters for `bunkers`, in chunks relays accept. `since` keeps relays
+/// that store ephemeral events from replaying old requests.
+fn filters(bunkers: &[PublicKey]) -> Vec<Filter> {
+    let since = Timestamp::from(Timestamp::now().as_secs().saturating_sub(REQUEST_WINDOW_SECS));
+    bunkers
+        .chunks(PUBKEYS_PER_FILTER)
+        .map(|chunk| {
+            Filter::new()
+                .kind(Kind::NostrConnect)
+                .pubkeys(chunk.iter().copied())
+                .since(since)
+        })
+        .collect()
 }
 
 fn random_id() -> String {
@@ -485,72 +629,9 @@ fn within_window(created_at: Timestamp, now: Timestamp) -> bool {
     created_at.as_secs().abs_diff(now.as_secs()) <= REQUEST_WINDOW_SECS
 }
 
-/// (client, request id) pairs seen within the last [`DEDUP_WINDOW`] (at least; at most
-/// twice that): two generations, the older dropped whole when the newer is a window old, so
-/// every operation is O(1) — no scan of the entries, ever (issue 12 item 6).
-struct Seen {
-    current: HashSet<(PublicKey, String)>,
-    previous: HashSet<(PublicKey, String)>,
-    rotated_at: Instant,
-}
-
-impl Default for Seen {
-    fn default() -> Self {
-        Seen {
-            current: HashSet::new(),
-            previous: HashSet::new(),
-            rotated_at: Instant::now(),
-        }
-    }
-}
-
-impl Seen {
-    /// Records the pair: true if it was not seen before. Also hands back the generation
-    /// that expired, if one did, for the caller to free outside its lock.
-    fn insert(&mut self, client: PublicKey, id: String, now: Instant) -> (bool, Option<HashSet<(PublicKey, String)>>) {
-        let mut expired = None;
-        if now.saturating_duration_since(self.rotated_at) >= DEDUP_WINDOW {
-            let current = std::mem::take(&mut self.current);
-            expired = Some(std::mem::replace(&mut self.previous, current));
-            self.rotated_at = now;
-        }
-        let key = (client, id);
-        let first = !self.previous.contains(&key) && self.current.insert(key);
-        (first, expired)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_request_id_is_answered_once_per_client() {
-        let mut seen = Seen::default();
-        let (a, b) = (
-            keycast_core::nostr::Keys::generate().public_key(),
-            keycast_core::nostr::Keys::generate().public_key(),
-        );
-        let now = Instant::now();
-        assert!(seen.insert(a, "1".into(), now).0);
-        assert!(!seen.insert(a, "1".into(), now).0, "the same request again");
-        assert!(seen.insert(b, "1".into(), now).0, "another client may use the same id");
-        assert!(seen.insert(a, "2".into(), now).0);
-    }
-
-    #[test]
-    fn a_request_id_is_remembered_for_at_least_the_dedup_window() {
-        let mut seen = Seen::default();
-        let a = keycast_core::nostr::Keys::generate().public_key();
-        let start = Instant::now();
-        assert!(seen.insert(a, "1".into(), start).0);
-        // Just before and just after one rotation: still known.
-        let almost = start + DEDUP_WINDOW - Duration::from_millis(1);
-        assert!(!seen.insert(a, "1".into(), almost).0);
-        assert!(!seen.insert(a, "1".into(), start + DEDUP_WINDOW).0);
-        // Two rotations later it has expired with its generation.
-        assert!(seen.insert(a, "1".into(), start + 3 * DEDUP_WINDOW).0);
-    }
 
     #[test]
     fn requests_are_answered_only_within_a_minute_of_their_date_either_way() {

@@ -12,6 +12,7 @@ pub mod nostr;
 pub mod proxy;
 pub mod rust_connect;
 pub mod s3proxy;
+pub mod scripted_relay;
 pub mod stores;
 
 use std::io::{BufRead, BufReader, Read};
@@ -80,6 +81,27 @@ impl Launch {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        self
+    }
+
+    /// Runs keycast with `hosts` as its `/etc/hosts`, bind-mounted in a mount namespace of
+    /// its own: the test decides what names resolve to (glibc reads the file on every
+    /// lookup) without touching the machine's files. Needs root or unprivileged user
+    /// namespaces; CI runs as root.
+    pub fn with_hosts(mut self, hosts: &Path) -> Self {
+        // SAFETY: geteuid(2) has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut wrapper = vec!["unshare".to_owned()];
+        if !root {
+            wrapper.extend(["--user".to_owned(), "--map-root-user".to_owned()]);
+        }
+        wrapper.extend([
+            "--mount".to_owned(),
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("mount --bind '{}' /etc/hosts && exec \"$0\" \"$@\"", hosts.display()),
+        ]);
+        self.wrapper = wrapper;
         self
     }
 

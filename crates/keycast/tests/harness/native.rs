@@ -35,11 +35,16 @@ pub struct NativeClient {
 impl NativeClient {
     /// Connects to `relay` and subscribes to replies for a fresh client key.
     pub fn connect(relay: &str, bunker: PublicKey) -> NativeClient {
+        NativeClient::connect_as(relay, bunker, Keys::generate())
+    }
+
+    /// As [`NativeClient::connect`], as the client with `keys` (e.g. the one a
+    /// `nostrconnect://` URI named).
+    pub fn connect_as(relay: &str, bunker: PublicKey, keys: Keys) -> NativeClient {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let keys = Keys::generate();
         let (pool, notifications) = runtime.block_on(async {
             let pool = RelayPool::new();
             pool.add_relay(relay, RelayOptions::new()).await.unwrap();

@@ -1,0 +1,406 @@
+//! Relays keycast does not control (issue 12 items 6 and 7): the relays a `nostrconnect://`
+//! URI names are judged again at every connection, capped, told only about the bunkers that
+//! use them, and cannot flood keycast into slowing down or answering strangers.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::api::*;
+use harness::flow::register;
+use harness::native::{Cipher, NativeClient};
+use harness::nostr::Relay;
+use harness::scripted_relay::ScriptedRelay;
+use harness::{Keycast, Launch};
+use nostr::{JsonUtil, Keys, PublicKey};
+use serde_json::json;
+
+/// Accepts `nostrconnect://<client>?relay=<relay>…` for the signed-in `cookie`.
+fn nostrconnect(server: &Keycast, cookie: &str, client: &Keys, relays: &[&str]) -> Reply {
+    let relays: String = relays
+        .iter()
+        .map(|r| {
+            format!(
+                "relay={}&",
+                url::form_urlencoded::byte_serialize(r.as_bytes()).collect::<String>()
+            )
+        })
+        .collect();
+    let uri = format!("nostrconnect://{}?{relays}secret=s3cret", client.public_key().to_hex());
+    post_json(
+        server,
+        "/api/user/nostrconnect",
+        Some(cookie),
+        &json!({"uri": uri, "policy": "social"}),
+    )
+}
+
+/// Issue 12 item 7: a name judged public when the URI was accepted may resolve to an
+/// internal address later (DNS rebinding, or a record changed on purpose). keycast
+/// resolves it again at every connection and connects only to the addresses it checked, so
+/// the NIP-46 pool never reaches the loopback relay the name now points at — while the
+/// operator's own relay on loopback (`BUNKER_RELAYS`) keeps working.
+///
+/// The test decides what the name resolves to with an `/etc/hosts` of its own, bind-mounted
+/// in keycast's private mount namespace.
+#[test]
+fn a_relay_name_that_resolves_to_loopback_at_connect_time_is_refused() {
+    let Some(bunker_relay) = Relay::start() else {
+        return;
+    };
+    let target = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let name = "relay.rebind-test.net";
+    // When the URI is accepted the name resolves to a public address.
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n93.184.215.14 {name}\n")).unwrap();
+    let launch = |nip46: &str| {
+        Launch::new(&dir.path().join("data"))
+            .with_hosts(&hosts)
+            .env("BUNKER_RELAYS", bunker_relay.url())
+            .env("KEYCAST_NOSTRCONNECT_INTERNAL_RELAYS", "false")
+            .env("KEYCAST_NIP46", nip46)
+    };
+    let server = launch("false").start();
+    let (cookie, account) = register(&server, "rebind@example.com", None);
+    let client = Keys::generate();
+    let relay = format!("ws://{name}:{}", target.port());
+    let accepted = nostrconnect(&server, &cookie, &client, &[&relay]);
+    assert_eq!(accepted.status, 201, "{}", accepted.body);
+    let bunker = PublicKey::from_hex(accepted.json()["bunker_pubkey"].as_str().unwrap()).unwrap();
+    server.stop();
+
+    // Later the name points at loopback, where a relay happens to listen.
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.1 {name}\n")).unwrap();
+    let server = launch("true").start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert_eq!(
+            target.connections(),
+            0,
+            "keycast connected to {relay}, which now resolves to 127.0.0.1; log:\n{}",
+            server.log()
+        );
+        let log = server.log();
+        if log.contains("refusing to connect to a relay") && log.contains(name) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "keycast never said it refused {relay}; log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refusal = server
+        .log()
+        .lines()
+        .find(|l| l.contains("refusing to connect to a relay"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        refusal.contains("(127.0.0.1)"),
+        "the refusal names the address: {refusal}"
+    );
+
+    // The operator's relay is on loopback too, and is used: the client is answered there.
+    let mut app = NativeClient::connect_as(bunker_relay.url(), bunker, client);
+    app.send(&[("1".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    let replies = app.replies(1, Duration::from_secs(10));
+    assert_eq!(replies.len(), 1, "answered on BUNKER_RELAYS; log:\n{}", server.log());
+    assert_eq!(replies[0].json["result"], account["pubkey"]);
+    // Reconnection attempts are judged afresh and refused too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.log().matches("refusing to connect to a relay").count() < 2 {
+        assert!(Instant::now() < deadline, "no second attempt; log:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(target.connections(), 0, "log:\n{}", server.log());
+}
+
+/// The bunker public key in a reply to `/api/user/nostrconnect` or in a bunker URL.
+fn bunker_of(reply: &Reply) -> String {
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    reply.json()["bunker_pubkey"].as_str().unwrap().to_owned()
+}
+
+/// Polls `done` every 50 ms, failing with `what` (and keycast's log) after 30 s.
+fn wait_until(server: &Keycast, what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} never happened; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 12 item 6: before, every relay keycast connected to got one subscription listing
+/// every bunker it serves, so a relay named in one user's `nostrconnect://` URI learnt every
+/// bunker of every user. Now a relay named by apps hears only of the bunkers whose
+/// authorizations name it; the operator's relays (`BUNKER_RELAYS`) hear of all.
+#[test]
+fn each_relay_learns_only_the_bunkers_that_use_it() {
+    let operator = ScriptedRelay::start();
+    let (h1, h2) = (ScriptedRelay::start(), ScriptedRelay::start());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &operator.url())
+        .start();
+    let (alice, _) = register(&server, "alice@example.com", None);
+    let (bob, _) = register(&server, "bob@example.com", None);
+    let (carol, _) = register(&server, "carol@example.com", None);
+    let b = bunker_of(&nostrconnect(&server, &bob, &Keys::generate(), &[&h2.url()]));
+    let granted = harness::flow::grant(&server, &carol, "policy:social");
+    let c = granted["bunker_url"].as_str().unwrap()["bunker://".len()..64 + "bunker://".len()].to_owned();
+    // Alice's relay comes last: when keycast first subscribes there, Bob's and Carol's
+    // bunkers exist already.
+    let a = bunker_of(&nostrconnect(&server, &alice, &Keys::generate(), &[&h1.url()]));
+
+    wait_until(&server, "a subscription on Alice's relay", || {
+        h1.requested_pubkeys().contains(&a)
+    });
+    assert_eq!(
+        h1.requested_pubkeys(),
+        [a.clone()].into(),
+        "Alice's relay: {:?}",
+        h1.log().reqs
+    );
+    wait_until(&server, "a subscription on Bob's relay", || {
+        h2.requested_pubkeys().contains(&b)
+    });
+    assert_eq!(
+        h2.requested_pubkeys(),
+        [b.clone()].into(),
+        "Bob's relay: {:?}",
+        h2.log().reqs
+    );
+    let all = [a, b, c];
+    wait_until(&server, "the operator's relay hearing of every bunker", || {
+        let heard = operator.requested_pubkeys();
+        all.iter().all(|k| heard.contains(k))
+    });
+}
+
+/// Issue 12 item 6: relays named by apps are capped per account
+/// (`KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT`) and in total
+/// (`KEYCAST_NOSTRCONNECT_MAX_RELAYS`); the operator's relays and relays already in use do not
+/// count. A cap lowered later holds too: keycast then connects to no more relays than it
+/// allows, whatever the database holds.
+#[test]
+fn relays_named_by_apps_are_capped_per_account_and_in_total() {
+    let operator = ScriptedRelay::start();
+    let r: Vec<ScriptedRelay> = (0..4).map(|_| ScriptedRelay::start()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let launch = |total: &str| {
+        Launch::new(&dir.path().join("data"))
+            .env("BUNKER_RELAYS", &operator.url())
+            .env("KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT", "2")
+            .env("KEYCAST_NOSTRCONNECT_MAX_RELAYS", total)
+    };
+    let server = launch("3").start();
+    let (alice, _) = register(&server, "alice@example.com", None);
+    let (bob, _) = register(&server, "bob@example.com", None);
+    let app = Keys::generate();
+    let refused = |reply: Reply, setting: &str| {
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains(setting), "{message}");
+    };
+
+    bunker_of(&nostrconnect(&server, &alice, &app, &[&r[0].url(), &r[1].url()]));
+    refused(
+        nostrconnect(&server, &alice, &app, &[&r[2].url()]),
+        "KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT",
+    );
+    bunker_of(&nostrconnect(&server, &alice, &app, &[&r[0].url(), &operator.url()]));
+    bunker_of(&nostrconnect(&server, &bob, &app, &[&r[2].url()]));
+    refused(
+        nostrconnect(&server, &bob, &app, &[&r[3].url()]),
+        "KEYCAST_NOSTRCONNECT_MAX_RELAYS",
+    );
+    bunker_of(&nostrconnect(&server, &bob, &app, &[&r[1].url()]));
+    wait_until(&server, "connections to the three accepted relays", || {
+        r[..3].iter().all(|relay| relay.connections() > 0)
+    });
+    assert_eq!(r[3].connections(), 0);
+    server.stop();
+
+    // The cap lowered to 2: two of the three relays are served, the third is not.
+    let server = launch("2").start();
+    let reconnected = || r[..3].iter().filter(|relay| relay.connections() > 1).count();
+    wait_until(&server, "reconnections to two relays", || reconnected() == 2);
+    wait_until(&server, "a warning about the relay left out", || {
+        server.log().contains("not connecting to 1 relays")
+    });
+    assert_eq!(reconnected(), 2, "the third relay is left out; log:\n{}", server.log());
+}
+
+/// Valid kind-24133 requests for `bunker`, each from a fresh key (a stranger), `n` of them:
+/// pings and sign requests, NIP-44 encrypted to the bunker, signed. Made on two threads.
+fn stranger_requests(bunker: PublicKey, n: usize) -> Vec<String> {
+    let make = move |range: std::ops::Range<usize>| {
+        range
+            .map(|i| {
+                let keys = Keys::generate();
+                let method = if i % 2 == 0 { "ping" } else { "sign_event" };
+                let params = if method == "ping" {
+                    json!([])
+                } else {
+                    json!([json!({"kind": 1, "content": "spam", "tags": [], "created_at": 1_700_000_000}).to_string()])
+                };
+                let body = json!({"id": format!("s{i}"), "method": method, "params": params}).to_string();
+                let content =
+                    nostr::nips::nip44::encrypt(keys.secret_key(), &bunker, body, nostr::nips::nip44::Version::V2)
+                        .unwrap();
+                nostr::EventBuilder::new(nostr::Kind::NostrConnect, content)
+                    .tag(nostr::Tag::public_key(bunker))
+                    .sign_with_keys(&keys)
+                    .unwrap()
+                    .as_json()
+            })
+            .collect::<Vec<String>>()
+    };
+    let half = n / 2;
+    let other = std::thread::spawn(move || make(half..n));
+    let mut events = make(0..half);
+    events.extend(other.join().unwrap());
+    events
+}
+
+/// keycast's resident memory, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// `n` sequential RPC `get_public_key` calls: their durations sorted, and the peak RSS seen.
+fn rpc_latencies(server: &Keycast, token: &str, n: usize) -> (Vec<Duration>, f64) {
+    let agent = agent();
+    let mut took = Vec::with_capacity(n);
+    let mut peak = 0.0f64;
+    for i in 0..n {
+        let started = Instant::now();
+        let r = reply(
+            agent
+                .post(&format!("{}/api/nostr", server.base))
+                .header("Authorization", &format!("Bearer {token}"))
+                .header("Content-Type", "application/json")
+                .send(json!({"method": "get_public_key", "params": []}).to_string()),
+        );
+        took.push(started.elapsed());
+        assert_eq!(r.status, 200, "{}", r.body);
+        if i % 10 == 0 {
+            peak = peak.max(rss_mib(server.pid()));
+        }
+    }
+    took.sort();
+    (took, peak)
+}
+
+fn p99(sorted: &[Duration]) -> Duration {
+    sorted[(sorted.len() * 99).div_ceil(100) - 1]
+}
+
+/// Requests the hostile relay has to push.
+const FLOOD: usize = 10_000;
+/// `KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC` (the default).
+const RATE: f64 = 100.0;
+
+/// Issue 12 item 6: a relay named by an app pushes thousands of valid kind-24133 requests
+/// from strangers (fresh keys, not bound to the bunker) at keycast. Each used to cost a
+/// signature check, an ECDH, a handler run and a signed reply published to every
+/// `BUNKER_RELAYS` relay too. Now the relay's messages are read at a bounded rate, strangers
+/// get at most an occasional (rate-limited) error and only on the relay they came on, and
+/// keycast's HTTP latency and memory stay where they were; the app keycast serves on that
+/// bunker is still answered.
+#[test]
+fn a_relay_flooding_requests_from_strangers_does_not_slow_keycast() {
+    let Some(relay) = Relay::start() else {
+        return;
+    };
+    let recorder = ScriptedRelay::start();
+    let hostile = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &format!("{},{}", relay.url(), recorder.url()))
+        .start();
+    let (cookie, account) = register(&server, "flooded@example.com", None);
+    let app = Keys::generate();
+    let bunker_hex = bunker_of(&nostrconnect(&server, &cookie, &app, &[&hostile.url()]));
+    let bunker = PublicKey::from_hex(&bunker_hex).unwrap();
+    wait_until(&server, "a subscription on the app's relay", || {
+        hostile.requested_pubkeys().contains(&bunker_hex)
+    });
+    let token = harness::flow::grant(&server, &cookie, "policy:social")["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let events = stranger_requests(bunker, FLOOD);
+
+    let (quiet, _) = rpc_latencies(&server, &token, 300);
+    let rss_before = rss_mib(server.pid());
+    hostile.flood(events);
+    let flood_started = Instant::now();
+    wait_until(&server, "the flood to start", || hostile.flooded() >= 1000);
+    let (flooded, rss_peak) = rpc_latencies(&server, &token, 300);
+
+    // The app is served during the flood, over the operator's relay.
+    let mut client = NativeClient::connect_as(relay.url(), bunker, app.clone());
+    client.send(&[("1".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    let replies = client.replies(1, Duration::from_secs(10));
+    assert_eq!(
+        replies.len(),
+        1,
+        "the app is answered during the flood; log:\n{}",
+        server.log()
+    );
+    assert_eq!(replies[0].json["result"], account["pubkey"]);
+
+    let to_strangers = |events: Vec<serde_json::Value>| {
+        events
+            .iter()
+            .filter(|e| e["pubkey"] == bunker_hex.as_str())
+            .filter(|e| !e["tags"].to_string().contains(&app.public_key().to_hex()))
+            .count()
+    };
+    let (on_operator, on_hostile) = (to_strangers(recorder.log().events), to_strangers(hostile.log().events));
+    eprintln!(
+        "flood: {} events pushed; RPC p99 {:?} quiet, {:?} flooded (max {:?}); RSS {rss_before:.0} MiB before, \
+         {rss_peak:.0} MiB peak; replies to strangers: {on_hostile} on the hostile relay, {on_operator} on BUNKER_RELAYS",
+        hostile.flooded(),
+        p99(&quiet),
+        p99(&flooded),
+        flooded.last().unwrap(),
+    );
+    // What keycast read of the flood: each request from a stranger it dropped or handled.
+    let (_, metrics) = server.get("/metrics");
+    let read = harness::metric_sum(&metrics, "keycast_nip46_unbound_dropped_total") + on_hostile as f64;
+    // Its burst (twice the rate) and its rate, each doubled for slack.
+    let allowed = 4.0 * RATE + 2.0 * RATE * flood_started.elapsed().as_secs_f64() + 100.0;
+    eprintln!("keycast read {read} of the flood's requests ({allowed:.0} allowed)");
+    assert!(
+        read <= allowed,
+        "keycast read {read} requests of the flood, more than an app relay's rate allows ({allowed:.0})"
+    );
+    assert_eq!(on_operator, 0, "no reply to a stranger goes to BUNKER_RELAYS");
+    assert!(on_hostile <= 20, "{on_hostile} replies to strangers: a few at most");
+    // Generous for a loaded 2-core machine: the flood must not show in HTTP latency.
+    let bound = (p99(&quiet) * 5).max(Duration::from_millis(100));
+    assert!(
+        p99(&flooded) <= bound,
+        "RPC p99 {:?} during the flood, {:?} without",
+        p99(&flooded),
+        p99(&quiet)
+    );
+    assert!(
+        rss_peak - rss_before < 64.0,
+        "RSS grew from {rss_before:.0} MiB to {rss_peak:.0} MiB"
+    );
+}
