@@ -750,7 +750,7 @@ mod tests {
     #[tokio::test]
     async fn a_released_lease_is_taken_back_but_a_serving_newcomer_is_never_robbed() {
         let store = Store::in_memory();
-        let options = quick(200, 0);
+        let options = quick(1000, 0);
         let a = Lease::acquire(&store, "a", options).await.unwrap();
         a.release().await.unwrap();
         let a = Lease::take_back(&store, "a", options)
@@ -768,7 +768,7 @@ mod tests {
         // A newcomer that takes it and serves keeps it, even once its lease lapses idle.
         let mut b = Lease::acquire(&store, "b", options).await.unwrap();
         b.mark_serving().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1400)).await;
         assert!(
             Lease::take_back(&store, "a", options).await.unwrap().is_none(),
             "a serving instance's idle lease is not taken back"
@@ -782,7 +782,7 @@ mod tests {
             Lease::take_back(&store, "a", options).await.unwrap().is_none(),
             "still live"
         );
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1400)).await;
         let a = Lease::take_back(&store, "a", options)
             .await
             .unwrap()
@@ -846,18 +846,34 @@ mod tests {
     }
 
     /// An expired lease is taken over only once the skew margin has passed too; its old
-    /// holder stops trusting it a margin *before* its own expiry.
+    /// holder stops trusting it a margin *before* its own expiry. (The stored expiry is set
+    /// directly, so that a loaded machine's late wake-ups cannot blur the margin.)
     async fn takeover(store: Store) {
         let options = quick(500, 0);
+        let margin_ms = options.margin().as_millis() as i64;
         let mut a = Lease::acquire(&store, "a", options).await.unwrap();
         assert!(a.is_valid());
         tokio::time::sleep(Duration::from_millis(420)).await;
         assert!(!a.is_valid(), "the holder distrusts its lease a margin before expiry");
-        tokio::time::sleep(Duration::from_millis(130)).await;
+        let set_expiry = |expires_at_ms: i64| {
+            let store = store.clone();
+            async move {
+                let (bytes, version) = store.get_object(OBJECT).await.unwrap().unwrap();
+                let record = Record {
+                    expires_at_ms,
+                    ..decode(&bytes).unwrap()
+                };
+                let _ = store
+                    .put_object_update(OBJECT, encode(&record), &version)
+                    .await
+                    .unwrap();
+            }
+        };
         // Expired by the wall clock, but within the margin: not free yet.
+        set_expiry(now_ms() - margin_ms / 2).await;
         let early = Lease::acquire(&store, "b", options).await.unwrap_err();
         assert!(matches!(early, LeaseError::Held { .. }), "{early}");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        set_expiry(now_ms() - 2 * margin_ms).await;
         let b = Lease::acquire(&store, "b", options).await.unwrap();
         assert_eq!(b.epoch(), 2, "an expired lease is taken over");
         let err = a.renew().await.unwrap_err();
