@@ -286,6 +286,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "comma-separated NIP-05 names nobody may claim, on top of the built-in ones (_, admin, root, support, keycast, …)",
     },
     Setting {
+        key: "allow_network_filesystem",
+        env: "KEYCAST_ALLOW_NETWORK_FILESYSTEM",
+        default: "false",
+        help: "start even when the database directory is on a network or FUSE filesystem (NFS, SMB, 9p, Cloud Storage FUSE…), where SQLite's locks are unreliable",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -356,6 +362,8 @@ pub struct Config {
     pub hash_queue: usize,
     /// NIP-05 names reserved by the operator, lowercase.
     pub reserved_usernames: Vec<String>,
+    /// Start even with the database on a network or FUSE filesystem.
+    pub allow_network_filesystem: bool,
 }
 
 /// Where the master key (the key-encryption key of stored Nostr keys) comes from.
@@ -604,6 +612,7 @@ impl Sources {
             reserved_usernames: self
                 .get("reserved_usernames", parse_reserved_usernames)?
                 .unwrap_or_default(),
+            allow_network_filesystem: self.get("allow_network_filesystem", parse_bool)?.unwrap_or(false),
             data_dir,
         })
     }
@@ -1203,6 +1212,18 @@ mod tests {
         std::fs::write(&file, "prot = 1\n").unwrap();
         let err = Sources::default().with_file(&file).unwrap_err().to_string();
         assert!(err.contains("unknown setting `prot`"), "{err}");
+    }
+
+    #[test]
+    fn allow_network_filesystem_is_off_by_default_and_validated() {
+        assert!(!Sources::default().build().unwrap().allow_network_filesystem);
+        let config = env(&[("KEYCAST_ALLOW_NETWORK_FILESYSTEM", "true")]).build().unwrap();
+        assert!(config.allow_network_filesystem);
+        let err = env(&[("KEYCAST_ALLOW_NETWORK_FILESYSTEM", "maybe")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYCAST_ALLOW_NETWORK_FILESYSTEM=maybe"), "{err}");
     }
 
     #[test]
