@@ -202,7 +202,7 @@ async fn services(
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
     let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
-    let flusher = tokio::spawn(flush_activity(signer.clone(), replica));
+    let flusher = tokio::spawn(flush_activity(signer.clone(), replica, config.activity_flush));
     Ok((
         Services {
             signer,
@@ -213,10 +213,12 @@ async fn services(
     ))
 }
 
-/// Flushes the signer's activity buffer once a second, forever (aborted at shutdown, which
-/// then flushes once more).
-async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+/// Flushes the signer's activity buffer every `every` (`KEYCAST_ACTIVITY_FLUSH_MS`, a second
+/// by default), forever (aborted at shutdown, which then flushes once more). Each flush with
+/// records is one commit, hence one upload to the replica: the interval trades the records'
+/// loss window for object-store requests.
+async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
