@@ -185,7 +185,10 @@ fn the_service_yaml_sets_only_variables_keycast_knows_and_keeps_one_writer() {
     assert!(mib >= 2.0 * LARGEST_DATABASE_MIB + 256.0, "memory {memory}");
     // The runbook sizes for the same database.
     let sizing = format!("databases up to {LARGEST_DATABASE_MIB} MiB");
-    assert!(read("docs/OPERATIONS.md").contains(&sizing), "docs/OPERATIONS.md: {sizing}");
+    assert!(
+        read("docs/OPERATIONS.md").contains(&sizing),
+        "docs/OPERATIONS.md: {sizing}"
+    );
 }
 
 /// The service's environment with every location outside this machine replaced by a local
