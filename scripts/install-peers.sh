@@ -15,6 +15,16 @@ apt_install() {
 
 # The sqlite3 shell: tests use it to look inside databases the way an operator would.
 apt_install sqlite3 sqlite3
+# bindfs (Debian's): a real FUSE mount, on which keycast must refuse to keep its database
+# (crates/keycast/tests/local_disk.rs); needs /dev/fuse, which this machine kind has.
+apt_install bindfs bindfs
+# promtool (Debian's prometheus package): checks deploy/alerts.yaml and runs its unit tests
+# (deploy/alerts.test.yaml) in crates/keycast/tests/alerts.rs.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "install-peers: installing prometheus for promtool (apt)"
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 # PostgreSQL (Debian's): the PostgreSQL migrations are applied to a real server.
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   echo "install-peers: installing postgresql (apt)"
@@ -129,6 +139,8 @@ export KEYCAST_PLAYWRIGHT_DIR="$NODE_DIR"
 export KEYCAST_TEST_AZURITE="$NODE_DIR/node_modules/.bin/azurite-blob"
 export KEYCAST_TEST_FAKE_GCS_SERVER="$FAKE_GCS_SERVER"
 export KEYCAST_TEST_SCHEMATHESIS="$FUZZ_VENV/bin/schemathesis"
+export KEYCAST_TEST_BINDFS="$(command -v bindfs)"
+export KEYCAST_TEST_PROMTOOL="$(command -v promtool)"
 ENV
 mkdir -p "$PEERS/bin"
 echo "install-peers: ok"

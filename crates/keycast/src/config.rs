@@ -310,6 +310,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "comma-separated NIP-05 names nobody may claim, on top of the built-in ones (_, admin, root, support, keycast, …)",
     },
     Setting {
+        key: "activity_flush_ms",
+        env: "KEYCAST_ACTIVITY_FLUSH_MS",
+        default: "1000",
+        help: "milliseconds between writes of the buffered signing activity (10 to 60000): each write is one commit and one replica upload; a crash loses at most this much activity",
+    },
+    Setting {
+        key: "allow_network_filesystem",
+        env: "KEYCAST_ALLOW_NETWORK_FILESYSTEM",
+        default: "false",
+        help: "start even when the database directory is on a network or FUSE filesystem (NFS, SMB, 9p, Cloud Storage FUSE…), where SQLite's locks are unreliable",
+    },
+    Setting {
         key: "test_routes",
         env: "KEYCAST_TEST_ROUTES",
         default: "false",
@@ -387,6 +399,10 @@ pub struct Config {
     pub hash_queue: usize,
     /// NIP-05 names reserved by the operator, lowercase.
     pub reserved_usernames: Vec<String>,
+    /// Start even with the database on a network or FUSE filesystem.
+    pub allow_network_filesystem: bool,
+    /// How often buffered signing activity is written (`KEYCAST_ACTIVITY_FLUSH_MS`).
+    pub activity_flush: Duration,
 }
 
 /// Where the master key (the key-encryption key of stored Nostr keys) comes from.
@@ -649,6 +665,13 @@ impl Sources {
             reserved_usernames: self
                 .get("reserved_usernames", parse_reserved_usernames)?
                 .unwrap_or_default(),
+            allow_network_filesystem: self.get("allow_network_filesystem", parse_bool)?.unwrap_or(false),
+            activity_flush: self
+                .get("activity_flush_ms", |v| match v.parse::<u64>() {
+                    Ok(ms) if (10..=60_000).contains(&ms) => Ok(Duration::from_millis(ms)),
+                    _ => Err("expected milliseconds from 10 to 60000".into()),
+                })?
+                .unwrap_or(Duration::from_secs(1)),
             data_dir,
         })
     }
@@ -1264,6 +1287,35 @@ mod tests {
         std::fs::write(&file, "prot = 1\n").unwrap();
         let err = Sources::default().with_file(&file).unwrap_err().to_string();
         assert!(err.contains("unknown setting `prot`"), "{err}");
+    }
+
+    #[test]
+    fn the_activity_flush_interval_is_a_second_by_default_and_bounded() {
+        assert_eq!(
+            Sources::default().build().unwrap().activity_flush,
+            Duration::from_secs(1)
+        );
+        let config = env(&[("KEYCAST_ACTIVITY_FLUSH_MS", "30000")]).build().unwrap();
+        assert_eq!(config.activity_flush, Duration::from_secs(30));
+        for bad in ["0", "9", "60001", "1s"] {
+            let err = env(&[("KEYCAST_ACTIVITY_FLUSH_MS", bad)])
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("KEYCAST_ACTIVITY_FLUSH_MS={bad}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn allow_network_filesystem_is_off_by_default_and_validated() {
+        assert!(!Sources::default().build().unwrap().allow_network_filesystem);
+        let config = env(&[("KEYCAST_ALLOW_NETWORK_FILESYSTEM", "true")]).build().unwrap();
+        assert!(config.allow_network_filesystem);
+        let err = env(&[("KEYCAST_ALLOW_NETWORK_FILESYSTEM", "maybe")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYCAST_ALLOW_NETWORK_FILESYSTEM=maybe"), "{err}");
     }
 
     #[test]

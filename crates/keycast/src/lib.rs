@@ -6,6 +6,7 @@
 //! - [`config`]: defaults → TOML → environment → flags, validated into [`config::Config`].
 //! - [`master_key`]: the master key from env, file or a development key; checked at start.
 //! - [`logging`]: text or Cloud Logging JSON.
+//! - [`local_disk`]: refuses a database on a network or FUSE filesystem.
 //! - [`serve`]: start-up order, the HTTP server, and graceful shutdown.
 //! - [`http_server`]: the accept loop (hyper with a header-read timeout, graceful drain).
 //! - [`replication`]: restore-before-serve, the replicator's start, health and stop.
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod config;
 pub mod http_server;
+pub mod local_disk;
 pub mod logging;
 pub mod master_key;
 pub mod replication;

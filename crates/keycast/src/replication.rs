@@ -198,6 +198,16 @@ impl keycast_http::Durability for ReplicaDurability {
     }
 }
 
+/// Creates, at zero, the counters that deploy/alerts.yaml reads, so that they are on
+/// `/metrics` from the start: `increase()` cannot count the first event of a series that did
+/// not exist before it.
+pub fn register_alerted_counters() {
+    for operation in ["put", "get", "list", "delete", "head"] {
+        metrics::counter!("keycast_replica_request_errors_total", "operation" => operation).increment(0);
+    }
+    metrics::counter!("keycast_nip46_dropped_total").increment(0);
+}
+
 /// Replication as a readiness dependency and a metrics source.
 pub struct ReplicationHealth {
     pub monitor: Monitor,
@@ -245,6 +255,10 @@ impl Dependency for ReplicationHealth {
         metrics::gauge!("keycast_replica_failing").set(if s.failing_since.is_some() { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_fenced").set(if s.fenced { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_handing_over").set(if s.handing_over_to.is_some() { 1.0 } else { 0.0 });
+        // This instance is the writer: it holds the lease and accepts writes (the
+        // KeycastLeaseLost and KeycastNoWriter alerts of deploy/alerts.yaml).
+        let writer = !s.fenced && !s.superseded && s.handing_over_to.is_none();
+        metrics::gauge!("keycast_replica_lease_held").set(if writer { 1.0 } else { 0.0 });
     }
 }
 

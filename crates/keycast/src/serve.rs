@@ -87,6 +87,7 @@ pub async fn run(
         metrics_token: config.metrics_token.clone(),
     };
     let state = AppState::new(metrics, options);
+    crate::replication::register_alerted_counters();
     state.log_mail_setup();
     if config.test_routes {
         tracing::warn!("KEYCAST_TEST_ROUTES=true: /api/test/* is mounted and GET /api/test/outbox hands out every mailed token to anyone who asks; this is for keycast's own tests, never for an instance people use");
@@ -206,7 +207,7 @@ async fn services(
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
     let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
-    let flusher = tokio::spawn(flush_activity(signer.clone(), replica));
+    let flusher = tokio::spawn(flush_activity(signer.clone(), replica, config.activity_flush));
     Ok((
         Services {
             signer,
@@ -217,10 +218,12 @@ async fn services(
     ))
 }
 
-/// Flushes the signer's activity buffer once a second, forever (aborted at shutdown, which
-/// then flushes once more).
-async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+/// Flushes the signer's activity buffer every `every` (`KEYCAST_ACTIVITY_FLUSH_MS`, a second
+/// by default), forever (aborted at shutdown, which then flushes once more). Each flush with
+/// records is one commit, hence one upload to the replica: the interval trades the records'
+/// loss window for object-store requests.
+async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -353,6 +356,7 @@ fn random_id() -> String {
 }
 
 fn prepare_directories(config: &Config) -> anyhow::Result<()> {
+    check_local_disk(config)?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {} (KEYCAST_DATA_DIR)",
@@ -364,6 +368,24 @@ fn prepare_directories(config: &Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot create the database directory {}", parent.display()))?;
     }
     Ok(())
+}
+
+/// Refuses a database directory on a network or FUSE filesystem (before anything is
+/// created there), unless `KEYCAST_ALLOW_NETWORK_FILESYSTEM` says to go on.
+fn check_local_disk(config: &Config) -> anyhow::Result<()> {
+    let dir = config.database_path.parent().unwrap_or(std::path::Path::new("."));
+    match crate::local_disk::check(dir) {
+        Ok(()) => Ok(()),
+        Err(crate::local_disk::CheckError::Network(e)) if config.allow_network_filesystem => {
+            tracing::warn!(
+                dir = %e.dir.display(), kind = e.kind, mount = %e.point, fstype = %e.fstype,
+                "KEYCAST_ALLOW_NETWORK_FILESYSTEM=true: keeping the database on a {} filesystem; SQLite's locks are not reliable there, so never let a second process open it",
+                e.kind
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn shut_down(
