@@ -197,10 +197,10 @@ async fn services(
     db: &Db,
     replica: Option<Monitor>,
 ) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
-    let km = crate::master_key::load(&config.master_key, db.pool()).await?;
+    let km = crate::master_key::load(&config.master_key, db).await?;
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
-    let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
+    let signer = Arc::new(Signer::new(db.clone(), km.clone(), SignerOptions::default()));
     let flusher = tokio::spawn(flush_activity(signer.clone(), replica));
     Ok((
         Services {
@@ -321,7 +321,7 @@ async fn open_replicated(
         ..DbOptions::new(&config.database_path)
     };
     let db = Db::open_sqlite(&options).await?;
-    match keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await {
+    match keycast_db::meta::ensure_lineage(&db, &random_id()).await {
         Ok(lineage) => Ok((db, signal, lineage)),
         Err(e) => {
             db.close().await;

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use keycast_core::nostr::{Event, Filter, Kind, PublicKey, RelayUrl, Timestamp};
 use keycast_core::{Change, Durability, Signer};
-use keycast_db::authz as authz_repo;
 use nostr_sdk::pool::{RelayOptions, RelayPool, RelayPoolNotification};
 use nostr_sdk::{ClientMessage, SubscribeOptions, SubscriptionId};
 use tokio::sync::{broadcast, Semaphore};
@@ -353,9 +352,7 @@ impl Shared {
     async fn sync(&self) -> Result<(), String> {
         let window = i64::try_from(self.options.revoked_answer_window.as_secs()).unwrap_or(i64::MAX);
         let since = keycast_db::now_unix().saturating_sub(window);
-        let rows = authz_repo::list_bunkers_to_serve(self.signer.pool(), since)
-            .await
-            .map_err(|e| e.to_string())?;
+        let rows = self.signer.bunkers_to_serve(since).await.map_err(|e| e.to_string())?;
         let mut bunkers = HashMap::with_capacity(rows.len());
         for row in rows {
             let Ok(bunker) = PublicKey::from_hex(&row.bunker_pubkey) else {
