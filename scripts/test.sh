@@ -31,14 +31,33 @@ scripts/check-postgres-schema.sh
 step "checking formatting"
 cargo fmt --all -- --check
 
+# Peers started below are stopped here, whatever way the script exits (exactly the ones
+# this run started).
+moto_pid=""
+moto_log=""
+pg_dir=""
+cleanup() {
+  if [ -n "$moto_pid" ]; then kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true; fi
+  [ -n "$moto_log" ] && rm -f "$moto_log"
+  [ -n "$pg_dir" ] && scripts/postgres.sh stop "$pg_dir"
+  return 0
+}
+trap cleanup EXIT
+
+step "starting PostgreSQL"
+# One throwaway server (a temp data dir, a free port); every PostgreSQL test makes its own
+# database on it. Engine-parameterized suites run each test on SQLite and on this server.
+pg_dir="$(mktemp -d /var/tmp/keycast-test-pg.XXXXXX)"
+KEYCAST_TEST_POSTGRES_URL="$(scripts/postgres.sh start "$pg_dir")"
+export KEYCAST_TEST_POSTGRES_URL
+echo "PostgreSQL at $KEYCAST_TEST_POSTGRES_URL"
+
 step "starting the S3 API server (moto)"
 # Store conformance tests write to a real S3 API; each test makes its own bucket.
 moto_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 moto_log="$(mktemp -t keycast-moto.XXXXXX.log)"
 moto_server -H 127.0.0.1 -p "$moto_port" >"$moto_log" 2>&1 &
 moto_pid=$!
-# Stop exactly the server started here, whatever way the script exits.
-trap 'kill "$moto_pid" 2>/dev/null || true; wait "$moto_pid" 2>/dev/null || true; rm -f "$moto_log"' EXIT
 export KEYCAST_TEST_S3_ENDPOINT="http://127.0.0.1:$moto_port"
 for _ in $(seq 100); do
   if curl -fs -o /dev/null "$KEYCAST_TEST_S3_ENDPOINT/"; then break; fi

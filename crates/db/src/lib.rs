@@ -31,6 +31,8 @@ pub mod migrate;
 pub mod oauth;
 pub mod policies;
 pub mod pool;
+#[cfg(test)]
+mod schema_parity;
 #[cfg(any(test, feature = "testing"))]
 pub mod scratch;
 pub mod sessions;
