@@ -37,11 +37,14 @@ cargo fmt --all -- --check
 peer_pids=()
 peer_logs=()
 peer_dirs=()
+pg_dir=""
 cleanup() {
   for pid in "${peer_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${peer_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   rm -f "${peer_logs[@]}"
   rm -rf "${peer_dirs[@]}"
+  if [ -n "$pg_dir" ]; then scripts/postgres.sh stop "$pg_dir"; fi
+  return 0
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -60,6 +63,14 @@ start_peer() {
   done
   echo "test.sh: $name not answering at $ready after 20 s:" >&2; cat "$log" >&2; exit 1
 }
+
+step "starting PostgreSQL"
+# One throwaway server (a temp data dir, a free port); every PostgreSQL test makes its own
+# database on it. Engine-parameterized suites run each test on SQLite and on this server.
+pg_dir="$(mktemp -d /var/tmp/keycast-test-pg.XXXXXX)"
+KEYCAST_TEST_POSTGRES_URL="$(scripts/postgres.sh start "$pg_dir")"
+export KEYCAST_TEST_POSTGRES_URL
+echo "PostgreSQL at $KEYCAST_TEST_POSTGRES_URL"
 
 step "starting the object-store peers: S3 (moto), GCS (fake-gcs-server), Azure (Azurite)"
 # Store conformance, drill and fencing tests write to each; each test makes its own bucket

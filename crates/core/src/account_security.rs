@@ -25,9 +25,9 @@ use keycast_db::account_events::{self as event_repo, AccountEvent};
 use keycast_db::keys::{self as key_repo, KeyOrigin, NewKey};
 use keycast_db::sessions::{self as session_repo, TokenPurpose};
 use keycast_db::users::{self as user_repo, User};
+use keycast_db::Db;
 use keycast_db::{KeyId, UserId};
 use nostr::Keys;
-use sqlx::SqlitePool;
 
 use crate::accounts::AccountError;
 use crate::key_manager::{KeyManager, KeyOwner};
@@ -97,9 +97,9 @@ pub async fn verify_email(
     password: &Secret<String>,
     now: i64,
 ) -> Result<UserId, AccountError> {
-    let pool = signer.pool();
+    let db = signer.db();
     let hash = hash_token(token);
-    let user = live_token_user(pool, &hash, TokenPurpose::VerifyEmail, now).await?;
+    let user = live_token_user(db, &hash, TokenPurpose::VerifyEmail, now).await?;
     hasher
         .verify_async(password, Some(&user.password_hash))
         .await
@@ -107,13 +107,13 @@ pub async fn verify_email(
             AccountError::InvalidCredentials => AccountError::WrongPassword,
             other => other,
         })?;
-    session_repo::redeem_user_token(pool, &hash, TokenPurpose::VerifyEmail, now)
+    session_repo::redeem_user_token(db, &hash, TokenPurpose::VerifyEmail, now)
         .await?
         .ok_or(AccountError::InvalidToken)?;
     if user.email_verified_at.is_none() {
-        user_repo::mark_email_verified(pool, &user.id, now).await?;
+        user_repo::mark_email_verified(db, &user.id, now).await?;
         take_over(signer, &user, TakeOver::FirstVerification, now).await?;
-        event_repo::insert(pool, &user.id, "email_verified", "", now).await?;
+        event_repo::insert(db, &user.id, "email_verified", "", now).await?;
     }
     Ok(user.id)
 }
@@ -133,34 +133,32 @@ pub async fn reset_password(
     now: i64,
 ) -> Result<UserId, AccountError> {
     validate_new_password(new_password)?;
-    let pool = signer.pool();
+    let db = signer.db();
     let hash = hash_token(token);
-    let user = live_token_user(pool, &hash, TokenPurpose::ResetPassword, now).await?;
+    let user = live_token_user(db, &hash, TokenPurpose::ResetPassword, now).await?;
     let password_hash = hasher.hash_async(new_password).await?;
-    session_repo::redeem_user_token(pool, &hash, TokenPurpose::ResetPassword, now)
+    session_repo::redeem_user_token(db, &hash, TokenPurpose::ResetPassword, now)
         .await?
         .ok_or(AccountError::InvalidToken)?;
     // Fail closed: everything the previous holder could use ends before the new password
     // takes effect.
     take_over(signer, &user, TakeOver::PasswordReset, now).await?;
-    user_repo::set_password_hash(pool, &user.id, &password_hash, now).await?;
-    user_repo::mark_email_verified(pool, &user.id, now).await?;
-    event_repo::insert(pool, &user.id, "password_reset", "", now).await?;
+    user_repo::set_password_hash(db, &user.id, &password_hash, now).await?;
+    user_repo::mark_email_verified(db, &user.id, now).await?;
+    event_repo::insert(db, &user.id, "password_reset", "", now).await?;
     Ok(user.id)
 }
 
 async fn live_token_user(
-    pool: &SqlitePool,
+    db: &Db,
     hash: &keycast_db::TokenHash,
     purpose: TokenPurpose,
     now: i64,
 ) -> Result<User, AccountError> {
-    let id = session_repo::find_live_user_token(pool, hash, purpose, now)
+    let id = session_repo::find_live_user_token(db, hash, purpose, now)
         .await?
         .ok_or(AccountError::InvalidToken)?;
-    user_repo::find_by_id(pool, &id)
-        .await?
-        .ok_or(AccountError::InvalidToken)
+    user_repo::find_by_id(db, &id).await?.ok_or(AccountError::InvalidToken)
 }
 
 /// The mailbox owner takes the account over from whoever held it: authorizations revoked
@@ -168,7 +166,7 @@ async fn live_token_user(
 /// marked exposed when the previous holder may know it. `user` is the account as it was
 /// before.
 async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Result<(), AccountError> {
-    let pool = signer.pool();
+    let db = signer.db();
     let revoked = signer.revoke_all(&user.id).await?;
     if revoked > 0 {
         let why = match how {
@@ -176,7 +174,7 @@ async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Res
             TakeOver::FirstVerification => "email verified",
         };
         event_repo::insert(
-            pool,
+            db,
             &user.id,
             "authorizations_revoked",
             &format!("{revoked} ({why})"),
@@ -187,10 +185,10 @@ async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Res
     if how == TakeOver::PasswordReset {
         // The first verification was made with the password: its sessions are the
         // verifier's own. A reset ends whatever the previous password opened.
-        session_repo::delete_for_user(pool, &user.id).await?;
-        session_repo::use_up_user_tokens(pool, &user.id, TokenPurpose::ResetPassword, now).await?;
+        session_repo::delete_for_user(db, &user.id).await?;
+        session_repo::use_up_user_tokens(db, &user.id, TokenPurpose::ResetPassword, now).await?;
     }
-    if let Some(key) = key_repo::find_by_user(pool, &user.id).await? {
+    if let Some(key) = key_repo::find_by_user(db, &user.id).await? {
         let reason = if key.last_exported_at.is_some() {
             Some(exposure::EXPORTED)
         } else if how == TakeOver::PasswordReset
@@ -202,7 +200,7 @@ async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Res
             None
         };
         if let Some(reason) = reason {
-            key_repo::mark_exposed(pool, &user.id, reason, now).await?;
+            key_repo::mark_exposed(db, &user.id, reason, now).await?;
         }
     }
     signer.invalidate_user(&user.id);
@@ -235,7 +233,7 @@ impl ExportFormat {
 /// [`AccountError::EmailNotVerified`]; [`AccountError::Key`] (no key, export failure,
 /// hashing busy); [`AccountError::Internal`].
 pub async fn export_key(
-    pool: &SqlitePool,
+    db: &Db,
     km: &dyn KeyManager,
     queue: &crate::HashingQueue,
     user: &User,
@@ -247,13 +245,13 @@ pub async fn export_key(
     if proof.user_id() != &user.id {
         return Err(AccountError::InvalidCredentials);
     }
-    if !key_repo::mark_exported(pool, &user.id, now).await? {
+    if !key_repo::mark_exported(db, &user.id, now).await? {
         return Err(AccountError::Key(KeyError::NoKey));
     }
-    event_repo::insert(pool, &user.id, "key_exported", format.name(), now).await?;
+    event_repo::insert(db, &user.id, "key_exported", format.name(), now).await?;
     let key = match format {
-        ExportFormat::Nsec => keys::export_nsec(pool, km, proof).await?,
-        ExportFormat::Ncryptsec(passphrase) => keys::export_ncryptsec(pool, km, proof, &passphrase, queue).await?,
+        ExportFormat::Nsec => keys::export_nsec(db, km, proof).await?,
+        ExportFormat::Ncryptsec(passphrase) => keys::export_ncryptsec(db, km, proof, &passphrase, queue).await?,
     };
     Ok(key)
 }
@@ -270,9 +268,9 @@ pub async fn replace_key(
     proof: &Reauthenticated,
     now: i64,
 ) -> Result<UserKey, AccountError> {
-    let pool = signer.pool();
+    let db = signer.db();
     let user = proof.user_id();
-    let old = keys::find_user_key(pool, user).await?;
+    let old = keys::find_user_key(db, user).await?;
     let revoked = signer.revoke_all(user).await?;
     let fresh = Keys::generate();
     let key_id = KeyId::generate();
@@ -284,7 +282,7 @@ pub async fn replace_key(
         encrypted_secret: &sealed,
         origin: KeyOrigin::Generated,
     };
-    if !key_repo::replace(pool, &new, now).await.map_err(KeyError::from)? {
+    if !key_repo::replace(db, &new, now).await.map_err(KeyError::from)? {
         return Err(AccountError::Key(KeyError::NoKey));
     }
     signer.invalidate_user(user);
@@ -293,7 +291,7 @@ pub async fn replace_key(
         old.pubkey.to_hex(),
         fresh.public_key().to_hex()
     );
-    event_repo::insert(pool, user, "key_replaced", &detail, now).await?;
+    event_repo::insert(db, user, "key_replaced", &detail, now).await?;
     Ok(UserKey {
         key_id,
         pubkey: fresh.public_key(),
@@ -306,10 +304,10 @@ pub async fn replace_key(
 ///
 /// # Errors
 /// [`AccountError::Internal`].
-pub async fn dismiss_exposure(pool: &SqlitePool, user: &UserId, now: i64) -> Result<bool, AccountError> {
-    let cleared = key_repo::clear_exposure(pool, user).await?;
+pub async fn dismiss_exposure(db: &Db, user: &UserId, now: i64) -> Result<bool, AccountError> {
+    let cleared = key_repo::clear_exposure(db, user).await?;
     if cleared {
-        event_repo::insert(pool, user, "exposure_dismissed", "", now).await?;
+        event_repo::insert(db, user, "exposure_dismissed", "", now).await?;
     }
     Ok(cleared)
 }
@@ -318,8 +316,8 @@ pub async fn dismiss_exposure(pool: &SqlitePool, user: &UserId, now: i64) -> Res
 ///
 /// # Errors
 /// [`AccountError::Internal`].
-pub async fn key_exposure(pool: &SqlitePool, user: &UserId) -> Result<Option<(i64, String)>, AccountError> {
-    let key = key_repo::find_by_user(pool, user).await?;
+pub async fn key_exposure(db: &Db, user: &UserId) -> Result<Option<(i64, String)>, AccountError> {
+    let key = key_repo::find_by_user(db, user).await?;
     Ok(key.and_then(|k| Some((k.exposed_at?, k.exposure.unwrap_or_default()))))
 }
 
@@ -327,8 +325,8 @@ pub async fn key_exposure(pool: &SqlitePool, user: &UserId) -> Result<Option<(i6
 ///
 /// # Errors
 /// [`AccountError::Internal`].
-pub async fn account_events(pool: &SqlitePool, user: &UserId, limit: i64) -> Result<Vec<AccountEvent>, AccountError> {
-    Ok(event_repo::list_for_user(pool, user, limit).await?)
+pub async fn account_events(db: &Db, user: &UserId, limit: i64) -> Result<Vec<AccountEvent>, AccountError> {
+    Ok(event_repo::list_for_user(db, user, limit).await?)
 }
 
 #[cfg(test)]

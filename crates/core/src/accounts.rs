@@ -7,8 +7,8 @@
 
 use keycast_db::sessions::{self as session_repo, TokenPurpose};
 use keycast_db::users::{self as user_repo, NewUser, User};
+use keycast_db::Db;
 use keycast_db::{RepoError, UserId};
-use sqlx::SqlitePool;
 
 use crate::key_manager::KeyManager;
 use crate::keys::{self, KeyError, UserKey};
@@ -202,7 +202,7 @@ pub fn normalize_email(email: &str) -> Result<String, AccountError> {
 /// [`AccountError::Password`] (length rules), [`AccountError::Key`] with
 /// [`KeyError::InvalidImport`] or [`KeyError::KeyTaken`]; [`AccountError::Internal`].
 pub async fn register(
-    pool: &SqlitePool,
+    db: &Db,
     km: &dyn KeyManager,
     hasher: &PasswordHasher,
     registration: &Registration,
@@ -217,7 +217,7 @@ pub async fn register(
         password_hash: &password_hash,
         username: None,
     };
-    let user = user_repo::insert(pool, &new, now).await.map_err(|e| {
+    let user = user_repo::insert(db, &new, now).await.map_err(|e| {
         if e.is_duplicate_of("email") {
             AccountError::EmailTaken
         } else {
@@ -225,17 +225,17 @@ pub async fn register(
         }
     })?;
     let stored = match &imported {
-        Some(keys) => keys::store_user_key(pool, km, &user.id, keys, keycast_db::keys::KeyOrigin::Imported, now).await,
-        None => keys::generate_user_key(pool, km, &user.id, now).await,
+        Some(keys) => keys::store_user_key(db, km, &user.id, keys, keycast_db::keys::KeyOrigin::Imported, now).await,
+        None => keys::generate_user_key(db, km, &user.id, now).await,
     };
     let key = match stored {
         Ok(key) => key,
         Err(err) => {
-            user_repo::delete(pool, &user.id).await?;
+            user_repo::delete(db, &user.id).await?;
             return Err(err.into());
         }
     };
-    let session = create_session(pool, &user.id, now).await?;
+    let session = create_session(db, &user.id, now).await?;
     Ok(Registered { user, key, session })
 }
 
@@ -245,21 +245,21 @@ pub async fn register(
 /// # Errors
 /// [`AccountError::InvalidCredentials`]; [`AccountError::Internal`].
 pub async fn login(
-    pool: &SqlitePool,
+    db: &Db,
     hasher: &PasswordHasher,
     email: &str,
     password: &Secret<String>,
     now: i64,
 ) -> Result<(User, NewSession), AccountError> {
     let user = match normalize_email(email) {
-        Ok(email) => user_repo::find_by_email(pool, &email).await?,
+        Ok(email) => user_repo::find_by_email(db, &email).await?,
         Err(_) => None,
     };
     hasher
         .verify_async(password, user.as_ref().map(|u| u.password_hash.as_str()))
         .await?;
     let user = user.ok_or(AccountError::InvalidCredentials)?;
-    let session = create_session(pool, &user.id, now).await?;
+    let session = create_session(db, &user.id, now).await?;
     Ok((user, session))
 }
 
@@ -267,10 +267,10 @@ pub async fn login(
 ///
 /// # Errors
 /// Storage errors.
-pub async fn create_session(pool: &SqlitePool, user: &UserId, now: i64) -> Result<NewSession, RepoError> {
+pub async fn create_session(db: &Db, user: &UserId, now: i64) -> Result<NewSession, RepoError> {
     let token = random_token();
     let expires_at = now + SESSION_TTL_SECS;
-    session_repo::insert(pool, &hash_token(token.expose()), user, now, expires_at).await?;
+    session_repo::insert(db, &hash_token(token.expose()), user, now, expires_at).await?;
     Ok(NewSession { token, expires_at })
 }
 
@@ -278,9 +278,9 @@ pub async fn create_session(pool: &SqlitePool, user: &UserId, now: i64) -> Resul
 ///
 /// # Errors
 /// Storage errors.
-pub async fn session_user(pool: &SqlitePool, token: &str, now: i64) -> Result<Option<User>, RepoError> {
-    match session_repo::find_live_by_hash(pool, &hash_token(token), now).await? {
-        Some(session) => user_repo::find_by_id(pool, &session.user_id).await,
+pub async fn session_user(db: &Db, token: &str, now: i64) -> Result<Option<User>, RepoError> {
+    match session_repo::find_live_by_hash(db, &hash_token(token), now).await? {
+        Some(session) => user_repo::find_by_id(db, &session.user_id).await,
         None => Ok(None),
     }
 }
@@ -289,8 +289,8 @@ pub async fn session_user(pool: &SqlitePool, token: &str, now: i64) -> Result<Op
 ///
 /// # Errors
 /// Storage errors.
-pub async fn logout(pool: &SqlitePool, token: &str) -> Result<bool, RepoError> {
-    session_repo::delete(pool, &hash_token(token)).await
+pub async fn logout(db: &Db, token: &str) -> Result<bool, RepoError> {
+    session_repo::delete(db, &hash_token(token)).await
 }
 
 /// Issues a single-use token to mail to `user` (link in the email).
@@ -298,7 +298,7 @@ pub async fn logout(pool: &SqlitePool, token: &str) -> Result<bool, RepoError> {
 /// # Errors
 /// Storage errors.
 pub async fn issue_mail_token(
-    pool: &SqlitePool,
+    db: &Db,
     user: &UserId,
     purpose: TokenPurpose,
     now: i64,
@@ -308,7 +308,7 @@ pub async fn issue_mail_token(
         TokenPurpose::ResetPassword => RESET_PASSWORD_TTL_SECS,
     };
     let token = random_token();
-    session_repo::insert_user_token(pool, &hash_token(token.expose()), user, purpose, now, now + ttl).await?;
+    session_repo::insert_user_token(db, &hash_token(token.expose()), user, purpose, now, now + ttl).await?;
     Ok(token)
 }
 
@@ -317,13 +317,8 @@ pub async fn issue_mail_token(
 ///
 /// # Errors
 /// Storage errors.
-pub async fn mail_token_is_live(
-    pool: &SqlitePool,
-    token: &str,
-    purpose: TokenPurpose,
-    now: i64,
-) -> Result<bool, RepoError> {
-    session_repo::is_live_user_token(pool, &hash_token(token), purpose, now).await
+pub async fn mail_token_is_live(db: &Db, token: &str, purpose: TokenPurpose, now: i64) -> Result<bool, RepoError> {
+    session_repo::is_live_user_token(db, &hash_token(token), purpose, now).await
 }
 
 #[cfg(test)]

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use keycast_db::authz::{self as authz_repo, AuthorizationRow, NewAuthorization};
 use keycast_db::oauth as oauth_repo;
 use keycast_db::policies::PolicyRow;
+use keycast_db::Db;
 use keycast_db::{AuthorizationId, RepoError, UserId};
 use nostr::PublicKey;
-use sqlx::SqlitePool;
 
 use crate::key_manager::KeyManager;
 use crate::keys::{self, KeyError};
@@ -136,14 +136,9 @@ pub fn bunker_url(bunker: &PublicKey, relays: &[String], secret: &str) -> String
 ///
 /// # Errors
 /// [`GrantError::Policy`] for an unreadable policy, key and storage errors.
-pub async fn create_grant(
-    pool: &SqlitePool,
-    km: &dyn KeyManager,
-    new: &NewGrant<'_>,
-    now: i64,
-) -> Result<Grant, GrantError> {
-    let (authorization, connect_secret) = insert_authorization(pool, km, new, now).await?;
-    let (access_token, expires_at) = issue_access_token(pool, &authorization.id, new.token_ttl_secs, now).await?;
+pub async fn create_grant(db: &Db, km: &dyn KeyManager, new: &NewGrant<'_>, now: i64) -> Result<Grant, GrantError> {
+    let (authorization, connect_secret) = insert_authorization(db, km, new, now).await?;
+    let (access_token, expires_at) = issue_access_token(db, &authorization.id, new.token_ttl_secs, now).await?;
     Ok(Grant {
         authorization: Authorization {
             expires_at: Some(expires_at),
@@ -158,7 +153,7 @@ pub async fn create_grant(
 /// Stores a new authorization with its own bunker keypair and a fresh connect secret
 /// (returned once; the row keeps its hash). `new.token_ttl_secs` is not used here.
 pub(crate) async fn insert_authorization(
-    pool: &SqlitePool,
+    db: &Db,
     km: &dyn KeyManager,
     new: &NewGrant<'_>,
     now: i64,
@@ -179,7 +174,7 @@ pub(crate) async fn insert_authorization(
         connect_secret_hash: &hash_token(connect_secret.expose()),
         relays: &relays,
     };
-    let row = authz_repo::insert(pool, &row, now).await?;
+    let row = authz_repo::insert(db, &row, now).await?;
     Ok((Authorization::from_row(&row, policy, None)?, connect_secret))
 }
 
@@ -189,14 +184,14 @@ pub(crate) async fn insert_authorization(
 /// # Errors
 /// Storage errors ([`RepoError::MissingReference`] for an unknown authorization).
 pub async fn issue_access_token(
-    pool: &SqlitePool,
+    db: &Db,
     authorization: &AuthorizationId,
     ttl_secs: i64,
     now: i64,
 ) -> Result<(Secret<String>, i64), RepoError> {
     let token = random_token();
     let expires_at = now + ttl_secs;
-    oauth_repo::insert_access_token(pool, &hash_token(token.expose()), authorization, now, expires_at).await?;
+    oauth_repo::insert_access_token(db, &hash_token(token.expose()), authorization, now, expires_at).await?;
     Ok((token, expires_at))
 }
 

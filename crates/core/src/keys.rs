@@ -7,11 +7,11 @@
 
 use keycast_db::authz as authz_repo;
 use keycast_db::keys::{self as key_repo, KeyOrigin, NewKey, StoredKey};
+use keycast_db::Db;
 use keycast_db::{AuthorizationId, KeyId, RepoError, UserId};
 use nostr::nips::nip19::ToBech32;
 use nostr::nips::nip49::{EncryptedSecretKey, KeySecurity};
 use nostr::{Keys, SecretKey};
-use sqlx::SqlitePool;
 
 use crate::key_manager::{KeyManager, KeyOwner};
 use crate::password::Reauthenticated;
@@ -125,7 +125,7 @@ pub fn open(km: &dyn KeyManager, ciphertext: &[u8], owner: KeyOwner<'_>) -> Resu
 /// # Errors
 /// [`KeyError::AlreadyHasKey`], [`KeyError::KeyTaken`], storage errors.
 pub async fn store_user_key(
-    pool: &SqlitePool,
+    db: &Db,
     km: &dyn KeyManager,
     user: &UserId,
     keys: &Keys,
@@ -142,7 +142,7 @@ pub async fn store_user_key(
         encrypted_secret: &sealed,
         origin,
     };
-    key_repo::insert(pool, &new, now).await?;
+    key_repo::insert(db, &new, now).await?;
     Ok(UserKey { key_id, pubkey, origin })
 }
 
@@ -150,13 +150,8 @@ pub async fn store_user_key(
 ///
 /// # Errors
 /// As [`store_user_key`].
-pub async fn generate_user_key(
-    pool: &SqlitePool,
-    km: &dyn KeyManager,
-    user: &UserId,
-    now: i64,
-) -> Result<UserKey, KeyError> {
-    store_user_key(pool, km, user, &Keys::generate(), KeyOrigin::Generated, now).await
+pub async fn generate_user_key(db: &Db, km: &dyn KeyManager, user: &UserId, now: i64) -> Result<UserKey, KeyError> {
+    store_user_key(db, km, user, &Keys::generate(), KeyOrigin::Generated, now).await
 }
 
 /// Imports the user's own key (see [`parse_import`]) and stores it.
@@ -164,22 +159,22 @@ pub async fn generate_user_key(
 /// # Errors
 /// [`KeyError::InvalidImport`], then as [`store_user_key`].
 pub async fn import_user_key(
-    pool: &SqlitePool,
+    db: &Db,
     km: &dyn KeyManager,
     user: &UserId,
     input: &Secret<String>,
     now: i64,
 ) -> Result<UserKey, KeyError> {
     let keys = parse_import(input)?;
-    store_user_key(pool, km, user, &keys, KeyOrigin::Imported, now).await
+    store_user_key(db, km, user, &keys, KeyOrigin::Imported, now).await
 }
 
 /// The public side of `user`'s key.
 ///
 /// # Errors
 /// [`KeyError::NoKey`], storage errors.
-pub async fn find_user_key(pool: &SqlitePool, user: &UserId) -> Result<UserKey, KeyError> {
-    let stored = key_repo::find_by_user(pool, user).await?.ok_or(KeyError::NoKey)?;
+pub async fn find_user_key(db: &Db, user: &UserId) -> Result<UserKey, KeyError> {
+    let stored = key_repo::find_by_user(db, user).await?.ok_or(KeyError::NoKey)?;
     public_part(&stored)
 }
 
@@ -197,8 +192,8 @@ fn public_part(stored: &StoredKey) -> Result<UserKey, KeyError> {
 /// # Errors
 /// [`KeyError::NoKey`], [`KeyError::Undecryptable`], [`KeyError::CorruptKey`] (also when
 /// the decrypted key does not match the stored public key), storage errors.
-pub async fn load_user_keys(pool: &SqlitePool, km: &dyn KeyManager, user: &UserId) -> Result<Keys, KeyError> {
-    let stored = key_repo::find_by_user(pool, user).await?.ok_or(KeyError::NoKey)?;
+pub async fn load_user_keys(db: &Db, km: &dyn KeyManager, user: &UserId) -> Result<Keys, KeyError> {
+    let stored = key_repo::find_by_user(db, user).await?.ok_or(KeyError::NoKey)?;
     let keys = open(km, &stored.encrypted_secret, KeyOwner::User(user))?;
     if keys.public_key().to_hex() != stored.pubkey {
         return Err(KeyError::CorruptKey);
@@ -210,12 +205,8 @@ pub async fn load_user_keys(pool: &SqlitePool, km: &dyn KeyManager, user: &UserI
 ///
 /// # Errors
 /// As [`load_user_keys`].
-pub async fn export_nsec(
-    pool: &SqlitePool,
-    km: &dyn KeyManager,
-    proof: &Reauthenticated,
-) -> Result<Secret<String>, KeyError> {
-    let keys = load_user_keys(pool, km, proof.user_id()).await?;
+pub async fn export_nsec(db: &Db, km: &dyn KeyManager, proof: &Reauthenticated) -> Result<Secret<String>, KeyError> {
+    let keys = load_user_keys(db, km, proof.user_id()).await?;
     let nsec = keys.secret_key().to_bech32().map_err(|_| KeyError::Export)?;
     Ok(Secret::new(nsec))
 }
@@ -227,13 +218,13 @@ pub async fn export_nsec(
 /// # Errors
 /// As [`load_user_keys`]; [`KeyError::Export`].
 pub async fn export_ncryptsec(
-    pool: &SqlitePool,
+    db: &Db,
     km: &dyn KeyManager,
     proof: &Reauthenticated,
     passphrase: &Secret<String>,
     queue: &crate::HashingQueue,
 ) -> Result<Secret<String>, KeyError> {
-    let keys = load_user_keys(pool, km, proof.user_id()).await?;
+    let keys = load_user_keys(db, km, proof.user_id()).await?;
     let passphrase = passphrase.clone();
     queue
         .run(crate::hashing_queue::SCRYPT_MIB, move || {
@@ -267,8 +258,8 @@ pub fn new_bunker_key(km: &dyn KeyManager, authorization: &AuthorizationId) -> R
 ///
 /// # Errors
 /// [`KeyError::MasterKeyMismatch`] naming the key that failed; storage errors.
-pub async fn verify_can_decrypt(pool: &SqlitePool, km: &dyn KeyManager) -> Result<(), KeyError> {
-    for stored in key_repo::find_oldest_and_newest(pool).await? {
+pub async fn verify_can_decrypt(db: &Db, km: &dyn KeyManager) -> Result<(), KeyError> {
+    for stored in key_repo::find_oldest_and_newest(db).await? {
         check_opens(
             km,
             &stored.encrypted_secret,
@@ -276,7 +267,7 @@ pub async fn verify_can_decrypt(pool: &SqlitePool, km: &dyn KeyManager) -> Resul
             stored.id.as_str(),
         )?;
     }
-    for row in authz_repo::find_oldest_and_newest(pool).await? {
+    for row in authz_repo::find_oldest_and_newest(db).await? {
         let what = format!("bunker key of authorization {}", row.id.as_str());
         check_opens(km, &row.bunker_secret_encrypted, KeyOwner::Bunker(&row.id), &what)?;
     }
@@ -372,7 +363,7 @@ mod tests {
         sqlx::query("UPDATE keys SET encrypted_secret = (SELECT encrypted_secret FROM keys WHERE user_id = $1) WHERE user_id = $2")
             .bind(&fx.user)
             .bind(&bob)
-            .execute(fx.pool())
+            .execute(fx.pool().as_sqlite().unwrap())
             .await
             .unwrap();
         let err = load_user_keys(fx.pool(), fx.km.as_ref(), &bob).await.unwrap_err();

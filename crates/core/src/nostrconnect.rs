@@ -167,13 +167,13 @@ impl NostrConnectUri {
     /// [`RelayCapError::Repo`].
     pub async fn check_relay_caps(
         &self,
-        pool: &sqlx::SqlitePool,
+        db: &keycast_db::Db,
         user: &keycast_db::UserId,
         caps: RelayCaps,
         operator: &[String],
     ) -> Result<(), RelayCapError> {
         let except = serde_json::to_string(operator).unwrap_or_default();
-        let rows = keycast_db::authz::list_live_relays(pool, &except).await?;
+        let rows = keycast_db::authz::list_live_relays(db, &except).await?;
         // `wss://r.example` and `wss://r.example/` are one relay.
         let normalize = |r: &str| url::Url::parse(r).map(String::from).ok();
         let operator: HashSet<String> = operator.iter().filter_map(|r| normalize(r)).collect();

@@ -10,9 +10,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use keycast_db::oauth::{self as oauth_repo, NewCode};
 use keycast_db::policies::{self as policy_repo, PolicyRow};
+use keycast_db::Db;
 use keycast_db::{RepoError, UserId};
 use sha2::{Digest, Sha256};
-use sqlx::SqlitePool;
 
 use crate::authz::{create_grant, Grant, GrantError, NewGrant};
 use crate::error::InternalError;
@@ -111,9 +111,9 @@ pub fn policy_slug(scope: &str) -> Result<&str, OAuthError> {
 ///
 /// # Errors
 /// [`OAuthError::InvalidScope`] for a malformed scope or unknown policy.
-pub async fn scope_policy(pool: &SqlitePool, scope: &str) -> Result<PolicyRow, OAuthError> {
+pub async fn scope_policy(db: &Db, scope: &str) -> Result<PolicyRow, OAuthError> {
     let slug = policy_slug(scope)?;
-    policy_repo::find_by_slug(pool, slug)
+    policy_repo::find_by_slug(db, slug)
         .await?
         .ok_or_else(|| OAuthError::InvalidScope {
             reason: format!("there is no policy {slug:?}"),
@@ -151,7 +151,7 @@ pub struct CodeRequest<'a> {
 /// [`OAuthError::InvalidRequest`] for a missing client id, a bad redirect URI, or PKCE
 /// that is missing, not S256, or malformed; [`OAuthError::Internal`].
 pub async fn issue_code(
-    pool: &SqlitePool,
+    db: &Db,
     request: &CodeRequest<'_>,
     ttl_secs: i64,
     now: i64,
@@ -181,7 +181,7 @@ pub async fn issue_code(
         policy_id: &request.policy.id,
         code_challenge: request.code_challenge,
     };
-    oauth_repo::insert_code(pool, &new, now, now + ttl_secs.clamp(1, CODE_TTL_SECS)).await?;
+    oauth_repo::insert_code(db, &new, now, now + ttl_secs.clamp(1, CODE_TTL_SECS)).await?;
     Ok(code)
 }
 
@@ -202,7 +202,7 @@ pub struct TokenRequest<'a> {
 /// [`OAuthError::InvalidGrant`] for an unknown, expired or used code, or a client id,
 /// redirect URI or verifier that does not match; [`OAuthError::Internal`].
 pub async fn exchange_code(
-    pool: &SqlitePool,
+    db: &Db,
     km: &dyn KeyManager,
     request: &TokenRequest<'_>,
     relays: &[String],
@@ -214,7 +214,7 @@ pub async fn exchange_code(
             "code_verifier must be 43-128 characters of [A-Za-z0-9-._~]",
         ));
     }
-    let code = oauth_repo::redeem_code(pool, &hash_token(request.code), now)
+    let code = oauth_repo::redeem_code(db, &hash_token(request.code), now)
         .await?
         .ok_or_else(|| invalid_grant("the code is unknown, expired or already used"))?;
     if !ct_eq(code.client_id.as_bytes(), request.client_id.as_bytes()) {
@@ -229,7 +229,7 @@ pub async fn exchange_code(
     ) {
         return Err(invalid_grant("code_verifier does not match the code_challenge"));
     }
-    let policy = policy_repo::find_by_id(pool, &code.policy_id)
+    let policy = policy_repo::find_by_id(db, &code.policy_id)
         .await?
         .ok_or_else(|| invalid_grant("the code's policy no longer exists"))?;
     let new = NewGrant {
@@ -240,7 +240,7 @@ pub async fn exchange_code(
         relays,
         token_ttl_secs,
     };
-    Ok(create_grant(pool, km, &new, now).await?)
+    Ok(create_grant(db, km, &new, now).await?)
 }
 
 #[cfg(test)]
@@ -338,10 +338,10 @@ mod tests {
         let code = code(&fx).await;
         let tasks: Vec<_> = (0..6)
             .map(|_| {
-                let (pool, km, relays, code) = (fx.pool().clone(), fx.km.clone(), fx.relays.clone(), code.clone());
+                let (db, km, relays, code) = (fx.pool().clone(), fx.km.clone(), fx.relays.clone(), code.clone());
                 tokio::spawn(async move {
                     let request = token_request(&code);
-                    exchange_code(&pool, km.as_ref(), &request, &relays, 60, 101)
+                    exchange_code(&db, km.as_ref(), &request, &relays, 60, 101)
                         .await
                         .is_ok()
                 })

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use keycast_db::activity::{self as activity_repo, NewActivity, Transport};
 use keycast_db::authz::{self as authz_repo, AuthorizationRow};
+use keycast_db::Db;
 use keycast_db::{now_unix, oauth as oauth_repo, policies, AuthorizationId, PolicyId, TokenHash, UserId};
 use nostr::nips::{nip04, nip44};
 use nostr::{Keys, PublicKey};
-use sqlx::SqlitePool;
 use tokio::sync::broadcast;
 
 use crate::activity::{ActivityBuffer, DEFAULT_ACTIVITY_CAPACITY};
@@ -83,7 +83,7 @@ const CHANGES_CAPACITY: usize = 1024;
 /// Resolves credentials and executes requests. One per process, shared (`Arc`).
 #[derive(Debug)]
 pub struct Signer {
-    pool: SqlitePool,
+    db: Db,
     km: Arc<dyn KeyManager>,
     /// Live (unrevoked) authorizations, with `expires_at: None`.
     authorizations: EpochMap<AuthorizationId, Arc<Authorization>>,
@@ -99,11 +99,11 @@ pub struct Signer {
 }
 
 impl Signer {
-    /// A signer over `pool`, decrypting keys with `km`.
-    pub fn new(pool: SqlitePool, km: Arc<dyn KeyManager>, options: SignerOptions) -> Signer {
+    /// A signer over `db`, decrypting keys with `km`.
+    pub fn new(db: Db, km: Arc<dyn KeyManager>, options: SignerOptions) -> Signer {
         let (ttl, cap) = (options.cache_ttl, options.cache_capacity);
         Signer {
-            pool,
+            db,
             km,
             authorizations: EpochMap::new(ttl, cap),
             tokens: EpochMap::new(ttl, cap),
@@ -116,9 +116,19 @@ impl Signer {
         }
     }
 
-    /// The database the signer reads (for transports that list bunkers).
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// The database the signer reads and writes (for the rest of core).
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The bunkers the NIP-46 transport listens for: every live authorization's, and those
+    /// revoked at or after `revoked_since` (unix seconds), so their clients hear "revoked"
+    /// instead of nothing.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn bunkers_to_serve(&self, revoked_since: i64) -> Result<Vec<authz_repo::LiveBunker>, InternalError> {
+        Ok(authz_repo::list_bunkers_to_serve(&self.db, revoked_since).await?)
     }
 
     /// Changes to the set of bunkers, for the NIP-46 transport. A receiver that lags
@@ -156,8 +166,8 @@ impl Signer {
         };
         // The authorization's own connect secret is never shown: the client is bound
         // here, so nobody else can use it.
-        let (authz, _unused_secret) = insert_authorization(&self.pool, self.km.as_ref(), &new, now).await?;
-        authz_repo::bind_client(&self.pool, &authz.id, &uri.client.to_hex(), now).await?;
+        let (authz, _unused_secret) = insert_authorization(&self.db, self.km.as_ref(), &new, now).await?;
+        authz_repo::bind_client(&self.db, &authz.id, &uri.client.to_hex(), now).await?;
         Ok(Authorization {
             connected_client_pubkey: Some(uri.client),
             ..authz
@@ -189,7 +199,7 @@ impl Signer {
             }
         }
         let epoch = self.bunker_keys.epoch();
-        let row = authz_repo::find_by_bunker_pubkey(&self.pool, &bunker.to_hex())
+        let row = authz_repo::find_by_bunker_pubkey(&self.db, &bunker.to_hex())
             .await?
             .ok_or(AuthError::UnknownToken)?;
         let keys = Arc::new(keys::open(
@@ -217,7 +227,7 @@ impl Signer {
             }
         }
         let epoch = self.authorizations.epoch();
-        let grant = oauth_repo::find_token_grant(&self.pool, &hash)
+        let grant = oauth_repo::find_token_grant(&self.db, &hash)
             .await?
             .ok_or(AuthError::UnknownToken)?;
         let authz = self.cache_row(epoch, &grant.authorization).await?;
@@ -262,7 +272,7 @@ impl Signer {
         client: &PublicKey,
         secret: Option<&str>,
     ) -> Result<Authorization, AuthError> {
-        let row = authz_repo::find_by_bunker_pubkey(&self.pool, &bunker.to_hex())
+        let row = authz_repo::find_by_bunker_pubkey(&self.db, &bunker.to_hex())
             .await?
             .ok_or(AuthError::UnknownToken)?;
         if row.revoked_at.is_some() {
@@ -279,7 +289,7 @@ impl Signer {
         if !secret_ok && !reconnect {
             return Err(AuthError::BadConnectSecret);
         }
-        if !authz_repo::bind_client(&self.pool, &row.id, &client_hex, now_unix()).await? {
+        if !authz_repo::bind_client(&self.db, &row.id, &client_hex, now_unix()).await? {
             return Err(AuthError::AlreadyBound);
         }
         self.invalidate_authorization(&row.id);
@@ -295,7 +305,7 @@ impl Signer {
     /// As [`Signer::authorize_bunker`].
     pub async fn logout(&self, bunker: &PublicKey, client: &PublicKey) -> Result<(), AuthError> {
         let authz = self.authorize_bunker(bunker, client).await?;
-        authz_repo::unbind_client(&self.pool, &authz.id, &client.to_hex()).await?;
+        authz_repo::unbind_client(&self.db, &authz.id, &client.to_hex()).await?;
         self.invalidate_authorization(&authz.id);
         Ok(())
     }
@@ -341,7 +351,7 @@ impl Signer {
             return Ok(keys);
         }
         let epoch = self.bunker_keys.epoch();
-        let row = authz_repo::find_by_id(&self.pool, &authz.id)
+        let row = authz_repo::find_by_id(&self.db, &authz.id)
             .await?
             .ok_or(SignError::Revoked)?;
         let keys = keys::open(
@@ -362,7 +372,7 @@ impl Signer {
     /// # Errors
     /// [`SignError::Internal`] on storage failure (then nothing was revoked).
     pub async fn revoke(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, SignError> {
-        let revoked = authz_repo::revoke(&self.pool, id, user, now_unix()).await?;
+        let revoked = authz_repo::revoke(&self.db, id, user, now_unix()).await?;
         self.invalidate_authorization(id);
         if revoked {
             self.authorizations_changed();
@@ -377,7 +387,7 @@ impl Signer {
     /// # Errors
     /// Storage errors (then nothing was revoked).
     pub async fn revoke_all(&self, user: &UserId) -> Result<usize, keycast_db::RepoError> {
-        let revoked = authz_repo::revoke_all_for_user(&self.pool, user, now_unix()).await?;
+        let revoked = authz_repo::revoke_all_for_user(&self.db, user, now_unix()).await?;
         for id in &revoked {
             self.invalidate_authorization(id);
         }
@@ -413,7 +423,7 @@ impl Signer {
         if batch.is_empty() {
             return Ok(0);
         }
-        match activity_repo::insert_batch(&self.pool, &batch).await {
+        match activity_repo::insert_batch(&self.db, &batch).await {
             Ok(stored) => Ok(stored),
             Err(err) => {
                 self.activity.put_back(batch);
@@ -444,7 +454,7 @@ impl Signer {
         }
         // Not cached: invalidated (perhaps revoked) or aged out. Ask the database.
         let epoch = self.authorizations.epoch();
-        let row = authz_repo::find_by_id(&self.pool, &authz.id)
+        let row = authz_repo::find_by_id(&self.db, &authz.id)
             .await?
             .ok_or(SignError::Revoked)?;
         self.cache_row(epoch, &row).await?;
@@ -470,7 +480,7 @@ impl Signer {
             }
         }
         let epoch = self.authorizations.epoch();
-        let row = authz_repo::find_by_bunker_pubkey(&self.pool, &bunker.to_hex())
+        let row = authz_repo::find_by_bunker_pubkey(&self.db, &bunker.to_hex())
             .await?
             .ok_or(AuthError::UnknownToken)?;
         let authz = self.cache_row(epoch, &row).await?;
@@ -483,7 +493,7 @@ impl Signer {
             return Ok(policy);
         }
         let epoch = self.policies.epoch();
-        let row = policies::find_by_id(&self.pool, id).await?.ok_or_else(|| PolicyError {
+        let row = policies::find_by_id(&self.db, id).await?.ok_or_else(|| PolicyError {
             slug: id.to_string(),
             reason: "the policy does not exist".into(),
         })?;
@@ -497,7 +507,7 @@ impl Signer {
             return Ok(keys);
         }
         let epoch = self.user_keys.epoch();
-        let keys = Arc::new(keys::load_user_keys(&self.pool, self.km.as_ref(), user).await?);
+        let keys = Arc::new(keys::load_user_keys(&self.db, self.km.as_ref(), user).await?);
         self.user_keys.insert_if_current(epoch, user.clone(), keys.clone());
         Ok(keys)
     }

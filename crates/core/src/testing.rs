@@ -6,7 +6,6 @@ use keycast_db::policies::{self, PolicyRow};
 use keycast_db::users::{self, NewUser};
 use keycast_db::{Db, DbOptions, UserId};
 use nostr::PublicKey;
-use sqlx::SqlitePool;
 
 use crate::authz::{NewGrant, DEFAULT_TOKEN_TTL_SECS};
 use crate::key_manager::{KeyManager, MasterKey, MasterKeyManager};
@@ -23,8 +22,8 @@ pub(crate) struct Fixture {
 }
 
 impl Fixture {
-    pub fn pool(&self) -> &SqlitePool {
-        self.db.pool()
+    pub fn pool(&self) -> &Db {
+        &self.db
     }
 
     /// A grant request for the fixture's user under `policy`.
@@ -51,8 +50,8 @@ pub(crate) async fn fixture_with(adjust: impl FnOnce(DbOptions) -> DbOptions) ->
         .await
         .unwrap();
     let km: Arc<dyn KeyManager> = Arc::new(MasterKeyManager::new(MasterKey::generate()));
-    let user = test_user(db.pool(), "alice@example.com").await;
-    let key = crate::keys::generate_user_key(db.pool(), km.as_ref(), &user, 1)
+    let user = test_user(&db, "alice@example.com").await;
+    let key = crate::keys::generate_user_key(&db, km.as_ref(), &user, 1)
         .await
         .unwrap();
     Fixture {
@@ -65,13 +64,13 @@ pub(crate) async fn fixture_with(adjust: impl FnOnce(DbOptions) -> DbOptions) ->
     }
 }
 
-pub(crate) async fn test_user(pool: &SqlitePool, email: &str) -> UserId {
+pub(crate) async fn test_user(db: &Db, email: &str) -> UserId {
     let new = NewUser {
         email,
         password_hash: "$argon2id$stub",
         username: None,
     };
-    users::insert(pool, &new, 1).await.unwrap().id
+    users::insert(db, &new, 1).await.unwrap().id
 }
 
 pub(crate) async fn policy(fx: &Fixture, slug: &str) -> PolicyRow {

@@ -38,11 +38,11 @@ async fn harness() -> Harness {
         password_hash: "$argon2id$stub",
         username: None,
     };
-    let user = users::insert(db.pool(), &new, now_unix()).await.unwrap().id;
-    let key = keys::generate_user_key(db.pool(), km.as_ref(), &user, now_unix())
+    let user = users::insert(&db, &new, now_unix()).await.unwrap().id;
+    let key = keys::generate_user_key(&db, km.as_ref(), &user, now_unix())
         .await
         .unwrap();
-    let signer = Signer::new(db.pool().clone(), km.clone(), SignerOptions::default());
+    let signer = Signer::new(db.clone(), km.clone(), SignerOptions::default());
     Harness {
         _dir: dir,
         db,
@@ -56,7 +56,7 @@ async fn harness() -> Harness {
 
 impl Harness {
     async fn grant(&self, slug: &str) -> Grant {
-        let policy = policies::find_by_slug(self.db.pool(), slug).await.unwrap().unwrap();
+        let policy = policies::find_by_slug(&self.db, slug).await.unwrap().unwrap();
         let relays = vec!["ws://127.0.0.1:7777".to_owned()];
         let new = NewGrant {
             user_id: &self.user,
@@ -66,7 +66,7 @@ impl Harness {
             relays: &relays,
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
         };
-        create_grant(self.db.pool(), self.km.as_ref(), &new, now_unix())
+        create_grant(&self.db, self.km.as_ref(), &new, now_unix())
             .await
             .unwrap()
     }
@@ -80,7 +80,7 @@ impl Harness {
 
     async fn activity_rows(&self) -> i64 {
         sqlx::query_scalar("SELECT COUNT(*) FROM activity")
-            .fetch_one(self.db.pool())
+            .fetch_one(self.db.as_sqlite().unwrap())
             .await
             .unwrap()
     }
@@ -163,7 +163,7 @@ async fn unknown_and_expired_tokens_are_refused() {
     let unknown = h.signer.authorize_token("not-a-token").await.unwrap_err();
     assert!(matches!(unknown, AuthError::UnknownToken), "{unknown:?}");
     let grant = h.grant("social").await;
-    let (old, _) = issue_access_token(h.db.pool(), &grant.authorization.id, -1, now_unix())
+    let (old, _) = issue_access_token(&h.db, &grant.authorization.id, -1, now_unix())
         .await
         .unwrap();
     let expired = h.signer.authorize_token(old.expose()).await.unwrap_err();
@@ -370,7 +370,7 @@ async fn user_key_cache_is_dropped_by_invalidate_user() {
     let h = harness().await;
     let authz = h.grant("social").await.authorization;
     h.sign(&authz, 1, Transport::Http).await.unwrap();
-    keycast_db::keys::delete_for_user(h.db.pool(), &h.user).await.unwrap();
+    keycast_db::keys::delete_for_user(&h.db, &h.user).await.unwrap();
     h.sign(&authz, 1, Transport::Http)
         .await
         .expect("cached key still signs until invalidated");

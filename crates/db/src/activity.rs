@@ -5,7 +5,8 @@
 //! authorization has meanwhile been deleted (its user deleted the account) is dropped
 //! silently instead of failing the whole batch.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 use crate::{ActivityId, AuthorizationId, RepoError, UserId};
 
@@ -60,33 +61,31 @@ pub struct Activity {
 ///
 /// # Errors
 /// Database errors; then nothing of the batch is stored.
-pub async fn insert_batch(pool: &SqlitePool, rows: &[NewActivity]) -> Result<u64, RepoError> {
+pub async fn insert_batch(db: &Db, rows: &[NewActivity]) -> Result<u64, RepoError> {
     if rows.is_empty() {
         return Ok(0);
     }
-    let mut tx = pool.begin().await?;
-    let mut stored = 0;
-    for chunk in rows.chunks(BATCH_ROWS) {
-        stored += insert_chunk(&mut tx, chunk).await?;
-    }
-    tx.commit().await?;
-    Ok(stored)
-}
-
-async fn insert_chunk(tx: &mut sqlx::SqliteConnection, chunk: &[NewActivity]) -> Result<u64, RepoError> {
-    let sql = chunk_sql(chunk.len());
-    // Built only from placeholders; no value is ever spliced into the text.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for row in chunk {
-        query = query
-            .bind(ActivityId::generate())
-            .bind(&row.authorization_id)
-            .bind(row.method)
-            .bind(row.kind)
-            .bind(row.transport.as_str())
-            .bind(row.created_at);
-    }
-    Ok(query.execute(&mut *tx).await?.rows_affected())
+    on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        let mut stored = 0;
+        for chunk in rows.chunks(BATCH_ROWS) {
+            let sql = chunk_sql(chunk.len());
+            // Built only from placeholders; no value is ever spliced into the text.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for row in chunk {
+                query = query
+                    .bind(ActivityId::generate())
+                    .bind(&row.authorization_id)
+                    .bind(row.method)
+                    .bind(row.kind)
+                    .bind(row.transport.as_str())
+                    .bind(row.created_at);
+            }
+            stored += query.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(stored)
+    })
 }
 
 /// `INSERT … SELECT … FROM (VALUES …)`: VALUES columns are named `column1…` on both
@@ -125,37 +124,41 @@ macro_rules! columns {
 /// # Errors
 /// Database errors.
 pub async fn list_for_authorization(
-    pool: &SqlitePool,
+    db: &Db,
     authorization: &AuthorizationId,
     limit: i64,
 ) -> Result<Vec<Activity>, RepoError> {
-    let sql = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM activity WHERE authorization_id = $1 ORDER BY created_at DESC, id LIMIT $2"
-    );
-    Ok(sqlx::query_as(sql)
-        .bind(authorization)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?)
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM activity WHERE authorization_id = $1 ORDER BY created_at DESC, id LIMIT $2"
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(authorization)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?)
+    })
 }
 
 /// The newest `limit` records across all of a user's authorizations, newest first.
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_for_user(pool: &SqlitePool, user: &UserId, limit: i64) -> Result<Vec<Activity>, RepoError> {
-    let sql = "SELECT v.id, v.authorization_id, v.method, v.kind, v.transport, v.created_at \
+pub async fn list_for_user(db: &Db, user: &UserId, limit: i64) -> Result<Vec<Activity>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = "SELECT v.id, v.authorization_id, v.method, v.kind, v.transport, v.created_at \
                FROM activity v JOIN authorizations a ON a.id = v.authorization_id \
                WHERE a.user_id = $1 ORDER BY v.created_at DESC, v.id LIMIT $2";
-    Ok(sqlx::query_as(sql).bind(user).bind(limit).fetch_all(pool).await?)
+        Ok(sqlx::query_as(sql).bind(user).bind(limit).fetch_all(pool).await?)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{temp_db, test_authorization, test_user};
+    use crate::testing::{temp_dbs, test_authorization, test_user};
 
     fn record(authz: &AuthorizationId, at: i64) -> NewActivity {
         NewActivity {
@@ -169,48 +172,52 @@ mod tests {
 
     #[tokio::test]
     async fn batch_larger_than_one_statement_is_stored_whole() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let authz = test_authorization(db.pool(), &user, "b1").await;
-        let rows: Vec<_> = (0..(BATCH_ROWS as i64 * 2 + 7)).map(|i| record(&authz.id, i)).collect();
-        assert_eq!(insert_batch(db.pool(), &rows).await.unwrap(), rows.len() as u64);
-        let newest = list_for_authorization(db.pool(), &authz.id, 3).await.unwrap();
-        let times: Vec<i64> = newest.iter().map(|a| a.created_at).collect();
-        assert_eq!(times, [406, 405, 404]);
-        assert_eq!(
-            (newest[0].method.as_str(), newest[0].transport.as_str(), newest[0].kind),
-            ("sign_event", "http", Some(1))
-        );
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let rows: Vec<_> = (0..(BATCH_ROWS as i64 * 2 + 7)).map(|i| record(&authz.id, i)).collect();
+            assert_eq!(insert_batch(&db, &rows).await.unwrap(), rows.len() as u64);
+            let newest = list_for_authorization(&db, &authz.id, 3).await.unwrap();
+            let times: Vec<i64> = newest.iter().map(|a| a.created_at).collect();
+            assert_eq!(times, [406, 405, 404]);
+            assert_eq!(
+                (newest[0].method.as_str(), newest[0].transport.as_str(), newest[0].kind),
+                ("sign_event", "http", Some(1))
+            );
+        }
     }
 
     #[tokio::test]
     async fn rows_of_deleted_authorizations_are_skipped_not_fatal() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let authz = test_authorization(db.pool(), &user, "b1").await;
-        let gone = AuthorizationId::generate();
-        let rows = [record(&authz.id, 1), record(&gone, 2), record(&authz.id, 3)];
-        assert_eq!(insert_batch(db.pool(), &rows).await.unwrap(), 2);
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let gone = AuthorizationId::generate();
+            let rows = [record(&authz.id, 1), record(&gone, 2), record(&authz.id, 3)];
+            assert_eq!(insert_batch(&db, &rows).await.unwrap(), 2);
+        }
     }
 
     #[tokio::test]
     async fn user_listing_spans_their_authorizations_only() {
-        let (_dir, db) = temp_db().await;
-        let alice = test_user(db.pool(), "a@x.org").await;
-        let bob = test_user(db.pool(), "b@x.org").await;
-        let a1 = test_authorization(db.pool(), &alice, "b1").await;
-        let a2 = test_authorization(db.pool(), &alice, "b2").await;
-        let b1 = test_authorization(db.pool(), &bob, "b3").await;
-        let rows = [record(&a1.id, 1), record(&a2.id, 2), record(&b1.id, 3)];
-        insert_batch(db.pool(), &rows).await.unwrap();
-        let listed = list_for_user(db.pool(), &alice, 10).await.unwrap();
-        let ids: Vec<_> = listed.iter().map(|a| a.authorization_id.clone()).collect();
-        assert_eq!(ids, [a2.id, a1.id]);
+        for (_guard, db) in temp_dbs().await {
+            let alice = test_user(&db, "a@x.org").await;
+            let bob = test_user(&db, "b@x.org").await;
+            let a1 = test_authorization(&db, &alice, "b1").await;
+            let a2 = test_authorization(&db, &alice, "b2").await;
+            let b1 = test_authorization(&db, &bob, "b3").await;
+            let rows = [record(&a1.id, 1), record(&a2.id, 2), record(&b1.id, 3)];
+            insert_batch(&db, &rows).await.unwrap();
+            let listed = list_for_user(&db, &alice, 10).await.unwrap();
+            let ids: Vec<_> = listed.iter().map(|a| a.authorization_id.clone()).collect();
+            assert_eq!(ids, [a2.id, a1.id]);
+        }
     }
 
     #[tokio::test]
     async fn empty_batch_touches_nothing() {
-        let (_dir, db) = temp_db().await;
-        assert_eq!(insert_batch(db.pool(), &[]).await.unwrap(), 0);
+        for (_guard, db) in temp_dbs().await {
+            assert_eq!(insert_batch(&db, &[]).await.unwrap(), 0);
+        }
     }
 }

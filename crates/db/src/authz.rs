@@ -5,7 +5,8 @@
 //! the first valid `connect`, and `revoked_at`. Revocation is a conditional `UPDATE`; the
 //! caches that must hear about it live in `keycast-core`.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 use crate::{AuthorizationId, PolicyId, RepoError, TokenHash, UserId};
 
@@ -61,48 +62,51 @@ macro_rules! columns {
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user or policy;
 /// [`RepoError::AlreadyExists`] for a reused id or bunker pubkey; database errors.
-pub async fn insert(pool: &SqlitePool, new: &NewAuthorization<'_>, now: i64) -> Result<AuthorizationRow, RepoError> {
-    let sql = concat!(
-        "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
+pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<AuthorizationRow, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
          bunker_secret_encrypted, connect_secret_hash, relays, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING ",
-        columns!(),
-        ""
-    );
-    Ok(sqlx::query_as(sql)
-        .bind(new.id)
-        .bind(new.user_id)
-        .bind(new.policy_id)
-        .bind(new.client_id)
-        .bind(new.redirect_origin)
-        .bind(new.bunker_pubkey)
-        .bind(new.bunker_secret_encrypted)
-        .bind(new.connect_secret_hash)
-        .bind(new.relays)
-        .bind(now)
-        .fetch_one(pool)
-        .await?)
+            columns!(),
+            ""
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(new.id)
+            .bind(new.user_id)
+            .bind(new.policy_id)
+            .bind(new.client_id)
+            .bind(new.redirect_origin)
+            .bind(new.bunker_pubkey)
+            .bind(new.bunker_secret_encrypted)
+            .bind(new.connect_secret_hash)
+            .bind(new.relays)
+            .bind(now)
+            .fetch_one(pool)
+            .await?)
+    })
 }
 
 /// The authorization with this id, revoked or not.
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_by_id(pool: &SqlitePool, id: &AuthorizationId) -> Result<Option<AuthorizationRow>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM authorizations WHERE id = $1");
-    Ok(sqlx::query_as(sql).bind(id).fetch_optional(pool).await?)
+pub async fn find_by_id(db: &Db, id: &AuthorizationId) -> Result<Option<AuthorizationRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM authorizations WHERE id = $1");
+        Ok(sqlx::query_as(sql).bind(id).fetch_optional(pool).await?)
+    })
 }
 
 /// The authorization whose bunker has this public key (64 lowercase hex), revoked or not.
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_by_bunker_pubkey(
-    pool: &SqlitePool,
-    bunker_pubkey: &str,
-) -> Result<Option<AuthorizationRow>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM authorizations WHERE bunker_pubkey = $1");
-    Ok(sqlx::query_as(sql).bind(bunker_pubkey).fetch_optional(pool).await?)
+pub async fn find_by_bunker_pubkey(db: &Db, bunker_pubkey: &str) -> Result<Option<AuthorizationRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM authorizations WHERE bunker_pubkey = $1");
+        Ok(sqlx::query_as(sql).bind(bunker_pubkey).fetch_optional(pool).await?)
+    })
 }
 
 /// The oldest and the newest authorization (one row when there is only one, none on an
@@ -110,26 +114,28 @@ pub async fn find_by_bunker_pubkey(
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_oldest_and_newest(pool: &SqlitePool) -> Result<Vec<AuthorizationRow>, RepoError> {
-    let oldest = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM authorizations ORDER BY created_at, id LIMIT 1"
-    );
-    let newest = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM authorizations ORDER BY created_at DESC, id DESC LIMIT 1"
-    );
-    let mut rows: Vec<AuthorizationRow> = Vec::new();
-    for sql in [oldest, newest] {
-        if let Some(row) = sqlx::query_as::<_, AuthorizationRow>(sql).fetch_optional(pool).await? {
-            if rows.iter().all(|r| r.id != row.id) {
-                rows.push(row);
+pub async fn find_oldest_and_newest(db: &Db) -> Result<Vec<AuthorizationRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let oldest = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM authorizations ORDER BY created_at, id LIMIT 1"
+        );
+        let newest = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM authorizations ORDER BY created_at DESC, id DESC LIMIT 1"
+        );
+        let mut rows: Vec<AuthorizationRow> = Vec::new();
+        for sql in [oldest, newest] {
+            if let Some(row) = sqlx::query_as::<_, AuthorizationRow>(sql).fetch_optional(pool).await? {
+                if rows.iter().all(|r| r.id != row.id) {
+                    rows.push(row);
+                }
             }
         }
-    }
-    Ok(rows)
+        Ok(rows)
+    })
 }
 
 /// A bunker the NIP-46 signer listens for.
@@ -150,10 +156,12 @@ pub struct LiveBunker {
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_bunkers_to_serve(pool: &SqlitePool, revoked_since: i64) -> Result<Vec<LiveBunker>, RepoError> {
-    let sql = "SELECT bunker_pubkey, relays, connected_client_pubkey, revoked_at FROM authorizations \
-               WHERE revoked_at IS NULL OR revoked_at >= $1 ORDER BY created_at, id";
-    Ok(sqlx::query_as(sql).bind(revoked_since).fetch_all(pool).await?)
+pub async fn list_bunkers_to_serve(db: &Db, revoked_since: i64) -> Result<Vec<LiveBunker>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = "SELECT bunker_pubkey, relays, connected_client_pubkey, revoked_at FROM authorizations \
+                   WHERE revoked_at IS NULL OR revoked_at >= $1 ORDER BY created_at, id";
+        Ok(sqlx::query_as(sql).bind(revoked_since).fetch_all(pool).await?)
+    })
 }
 
 /// `(user, relays as JSON array text)` of every live authorization whose relays are not
@@ -162,22 +170,26 @@ pub async fn list_bunkers_to_serve(pool: &SqlitePool, revoked_since: i64) -> Res
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_live_relays(pool: &SqlitePool, except: &str) -> Result<Vec<(UserId, String)>, RepoError> {
-    let sql = "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1";
-    Ok(sqlx::query_as(sql).bind(except).fetch_all(pool).await?)
+pub async fn list_live_relays(db: &Db, except: &str) -> Result<Vec<(UserId, String)>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1";
+        Ok(sqlx::query_as(sql).bind(except).fetch_all(pool).await?)
+    })
 }
 
 /// A user's authorizations, newest first, revoked ones included.
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_for_user(pool: &SqlitePool, user: &UserId) -> Result<Vec<AuthorizationRow>, RepoError> {
-    let sql = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM authorizations WHERE user_id = $1 ORDER BY created_at DESC, id"
-    );
-    Ok(sqlx::query_as(sql).bind(user).fetch_all(pool).await?)
+pub async fn list_for_user(db: &Db, user: &UserId) -> Result<Vec<AuthorizationRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM authorizations WHERE user_id = $1 ORDER BY created_at DESC, id"
+        );
+        Ok(sqlx::query_as(sql).bind(user).fetch_all(pool).await?)
+    })
 }
 
 /// Revokes an authorization of `user` at `now`. Returns true if this call revoked it,
@@ -186,15 +198,18 @@ pub async fn list_for_user(pool: &SqlitePool, user: &UserId) -> Result<Vec<Autho
 ///
 /// # Errors
 /// Database errors.
-pub async fn revoke(pool: &SqlitePool, id: &AuthorizationId, user: &UserId, now: i64) -> Result<bool, RepoError> {
-    let done =
-        sqlx::query("UPDATE authorizations SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .bind(user)
-            .execute(pool)
-            .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn revoke(db: &Db, id: &AuthorizationId, user: &UserId, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE authorizations SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .bind(user)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Revokes every live authorization of `user` at `now` (a take-over of the account) and
@@ -202,18 +217,16 @@ pub async fn revoke(pool: &SqlitePool, id: &AuthorizationId, user: &UserId, now:
 ///
 /// # Errors
 /// Database errors.
-pub async fn revoke_all_for_user(
-    pool: &SqlitePool,
-    user: &UserId,
-    now: i64,
-) -> Result<Vec<AuthorizationId>, RepoError> {
-    Ok(sqlx::query_scalar(
-        "UPDATE authorizations SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL RETURNING id",
-    )
-    .bind(now)
-    .bind(user)
-    .fetch_all(pool)
-    .await?)
+pub async fn revoke_all_for_user(db: &Db, user: &UserId, now: i64) -> Result<Vec<AuthorizationId>, RepoError> {
+    on_engine!(db, |pool| {
+        Ok(sqlx::query_scalar(
+            "UPDATE authorizations SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL RETURNING id",
+        )
+        .bind(now)
+        .bind(user)
+        .fetch_all(pool)
+        .await?)
+    })
 }
 
 /// Binds the NIP-46 client to a live authorization. Succeeds when no client is bound yet
@@ -222,23 +235,20 @@ pub async fn revoke_all_for_user(
 ///
 /// # Errors
 /// Database errors.
-pub async fn bind_client(
-    pool: &SqlitePool,
-    id: &AuthorizationId,
-    client_pubkey: &str,
-    now: i64,
-) -> Result<bool, RepoError> {
-    let done = sqlx::query(
-        "UPDATE authorizations SET connected_client_pubkey = $1, connected_at = COALESCE(connected_at, $2) \
+pub async fn bind_client(db: &Db, id: &AuthorizationId, client_pubkey: &str, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE authorizations SET connected_client_pubkey = $1, connected_at = COALESCE(connected_at, $2) \
          WHERE id = $3 AND revoked_at IS NULL \
            AND (connected_client_pubkey IS NULL OR connected_client_pubkey = $1)",
-    )
-    .bind(client_pubkey)
-    .bind(now)
-    .bind(id)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+        )
+        .bind(client_pubkey)
+        .bind(now)
+        .bind(id)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Ends `client_pubkey`'s binding to the authorization (NIP-46 `logout`): afterwards a
@@ -247,118 +257,120 @@ pub async fn bind_client(
 ///
 /// # Errors
 /// [`RepoError`] on storage failure.
-pub async fn unbind_client(pool: &SqlitePool, id: &AuthorizationId, client_pubkey: &str) -> Result<bool, RepoError> {
-    let done = sqlx::query(
-        "UPDATE authorizations SET connected_client_pubkey = NULL \
+pub async fn unbind_client(db: &Db, id: &AuthorizationId, client_pubkey: &str) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE authorizations SET connected_client_pubkey = NULL \
          WHERE id = $1 AND connected_client_pubkey = $2",
-    )
-    .bind(id)
-    .bind(client_pubkey)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+        )
+        .bind(id)
+        .bind(client_pubkey)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::testing::{temp_db, test_authorization, test_user};
+    use crate::testing::{temp_dbs, test_authorization, test_user};
 
     #[tokio::test]
     async fn inserted_authorization_is_found_by_id_bunker_and_user() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let row = test_authorization(db.pool(), &user, "b1").await;
-        assert_eq!(row.policy_id.as_str(), "pol_social");
-        assert_eq!(row.revoked_at, None);
-        assert_eq!(find_by_id(db.pool(), &row.id).await.unwrap().as_ref(), Some(&row));
-        assert_eq!(
-            find_by_bunker_pubkey(db.pool(), "b1").await.unwrap().as_ref(),
-            Some(&row)
-        );
-        assert_eq!(list_for_user(db.pool(), &user).await.unwrap(), vec![row]);
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let row = test_authorization(&db, &user, "b1").await;
+            assert_eq!(row.policy_id.as_str(), "pol_social");
+            assert_eq!(row.revoked_at, None);
+            assert_eq!(find_by_id(&db, &row.id).await.unwrap().as_ref(), Some(&row));
+            assert_eq!(find_by_bunker_pubkey(&db, "b1").await.unwrap().as_ref(), Some(&row));
+            assert_eq!(list_for_user(&db, &user).await.unwrap(), vec![row]);
+        }
     }
 
     #[tokio::test]
     async fn revoke_is_idempotent_and_scoped_to_the_owner() {
-        let (_dir, db) = temp_db().await;
-        let owner = test_user(db.pool(), "a@x.org").await;
-        let other = test_user(db.pool(), "b@x.org").await;
-        let row = test_authorization(db.pool(), &owner, "b1").await;
-        assert!(!revoke(db.pool(), &row.id, &other, 5).await.unwrap(), "not theirs");
-        assert!(revoke(db.pool(), &row.id, &owner, 5).await.unwrap());
-        assert!(!revoke(db.pool(), &row.id, &owner, 9).await.unwrap());
-        let row = find_by_id(db.pool(), &row.id).await.unwrap().unwrap();
-        assert_eq!(row.revoked_at, Some(5));
+        for (_guard, db) in temp_dbs().await {
+            let owner = test_user(&db, "a@x.org").await;
+            let other = test_user(&db, "b@x.org").await;
+            let row = test_authorization(&db, &owner, "b1").await;
+            assert!(!revoke(&db, &row.id, &other, 5).await.unwrap(), "not theirs");
+            assert!(revoke(&db, &row.id, &owner, 5).await.unwrap());
+            assert!(!revoke(&db, &row.id, &owner, 9).await.unwrap());
+            let row = find_by_id(&db, &row.id).await.unwrap().unwrap();
+            assert_eq!(row.revoked_at, Some(5));
+        }
     }
 
     #[tokio::test]
     async fn revoking_all_of_a_users_authorizations_keeps_earlier_revocations_and_others() {
-        let (_dir, db) = temp_db().await;
-        let owner = test_user(db.pool(), "a@x.org").await;
-        let other = test_user(db.pool(), "b@x.org").await;
-        let a1 = test_authorization(db.pool(), &owner, "b1").await;
-        let a2 = test_authorization(db.pool(), &owner, "b2").await;
-        let b1 = test_authorization(db.pool(), &other, "b3").await;
-        assert!(revoke(db.pool(), &a1.id, &owner, 5).await.unwrap());
-        assert_eq!(
-            revoke_all_for_user(db.pool(), &owner, 9).await.unwrap(),
-            vec![a2.id.clone()]
-        );
-        for (id, revoked_at) in [(a1.id, Some(5)), (a2.id, Some(9)), (b1.id, None)] {
-            let row = find_by_id(db.pool(), &id).await.unwrap().unwrap();
-            assert_eq!(row.revoked_at, revoked_at);
+        for (_guard, db) in temp_dbs().await {
+            let owner = test_user(&db, "a@x.org").await;
+            let other = test_user(&db, "b@x.org").await;
+            let a1 = test_authorization(&db, &owner, "b1").await;
+            let a2 = test_authorization(&db, &owner, "b2").await;
+            let b1 = test_authorization(&db, &other, "b3").await;
+            assert!(revoke(&db, &a1.id, &owner, 5).await.unwrap());
+            assert_eq!(revoke_all_for_user(&db, &owner, 9).await.unwrap(), vec![a2.id.clone()]);
+            for (id, revoked_at) in [(a1.id, Some(5)), (a2.id, Some(9)), (b1.id, None)] {
+                let row = find_by_id(&db, &id).await.unwrap().unwrap();
+                assert_eq!(row.revoked_at, revoked_at);
+            }
         }
     }
 
     #[tokio::test]
     async fn bunkers_to_serve_leave_out_long_revoked_authorizations() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let live = test_authorization(db.pool(), &user, "b1").await;
-        let recent = test_authorization(db.pool(), &user, "b2").await;
-        let old = test_authorization(db.pool(), &user, "b3").await;
-        assert!(revoke(db.pool(), &recent.id, &user, 100).await.unwrap());
-        assert!(revoke(db.pool(), &old.id, &user, 5).await.unwrap());
-        let mut served: Vec<String> = list_bunkers_to_serve(db.pool(), 50)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|b| b.bunker_pubkey)
-            .collect();
-        served.sort();
-        assert_eq!(served, ["b1", "b2"]);
-        assert!(list_bunkers_to_serve(db.pool(), 50)
-            .await
-            .unwrap()
-            .iter()
-            .all(|b| b.relays == live.relays));
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let live = test_authorization(&db, &user, "b1").await;
+            let recent = test_authorization(&db, &user, "b2").await;
+            let old = test_authorization(&db, &user, "b3").await;
+            assert!(revoke(&db, &recent.id, &user, 100).await.unwrap());
+            assert!(revoke(&db, &old.id, &user, 5).await.unwrap());
+            let mut served: Vec<String> = list_bunkers_to_serve(&db, 50)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|b| b.bunker_pubkey)
+                .collect();
+            served.sort();
+            assert_eq!(served, ["b1", "b2"]);
+            assert!(list_bunkers_to_serve(&db, 50)
+                .await
+                .unwrap()
+                .iter()
+                .all(|b| b.relays == live.relays));
+        }
     }
 
     #[tokio::test]
     async fn first_client_binds_and_others_are_refused() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let row = test_authorization(db.pool(), &user, "b1").await;
-        assert!(bind_client(db.pool(), &row.id, "c1", 3).await.unwrap());
-        assert!(
-            bind_client(db.pool(), &row.id, "c1", 4).await.unwrap(),
-            "same client reconnects"
-        );
-        assert!(!bind_client(db.pool(), &row.id, "c2", 5).await.unwrap());
-        let row = find_by_id(db.pool(), &row.id).await.unwrap().unwrap();
-        assert_eq!(
-            (row.connected_client_pubkey.as_deref(), row.connected_at),
-            (Some("c1"), Some(3))
-        );
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let row = test_authorization(&db, &user, "b1").await;
+            assert!(bind_client(&db, &row.id, "c1", 3).await.unwrap());
+            assert!(
+                bind_client(&db, &row.id, "c1", 4).await.unwrap(),
+                "same client reconnects"
+            );
+            assert!(!bind_client(&db, &row.id, "c2", 5).await.unwrap());
+            let row = find_by_id(&db, &row.id).await.unwrap().unwrap();
+            assert_eq!(
+                (row.connected_client_pubkey.as_deref(), row.connected_at),
+                (Some("c1"), Some(3))
+            );
+        }
     }
 
     #[tokio::test]
     async fn revoked_authorization_binds_no_client() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let row = test_authorization(db.pool(), &user, "b1").await;
-        revoke(db.pool(), &row.id, &user, 2).await.unwrap();
-        assert!(!bind_client(db.pool(), &row.id, "c1", 3).await.unwrap());
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let row = test_authorization(&db, &user, "b1").await;
+            revoke(&db, &row.id, &user, 2).await.unwrap();
+            assert!(!bind_client(&db, &row.id, "c1", 3).await.unwrap());
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! nonce + ciphertext + tag, bound to the owner). This module never sees a plaintext key
 //! and cannot encrypt or decrypt one.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 use crate::{KeyId, RepoError, UserId};
 
@@ -107,43 +108,49 @@ macro_rules! columns {
 /// [`RepoError::AlreadyExists`] if the user already has a key (`user_id`) or another
 /// user holds this public key (`pubkey`); [`RepoError::MissingReference`] for an unknown
 /// user; database errors.
-pub async fn insert(pool: &SqlitePool, new: &NewKey<'_>, now: i64) -> Result<StoredKey, RepoError> {
-    let sql = concat!(
-        "INSERT INTO keys (id, user_id, pubkey, encrypted_secret, origin, created_at) \
+pub async fn insert(db: &Db, new: &NewKey<'_>, now: i64) -> Result<StoredKey, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "INSERT INTO keys (id, user_id, pubkey, encrypted_secret, origin, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
-        columns!(),
-        ""
-    );
-    let row: Row = sqlx::query_as(sql)
-        .bind(new.id)
-        .bind(new.user_id)
-        .bind(new.pubkey)
-        .bind(new.encrypted_secret)
-        .bind(new.origin.as_str())
-        .bind(now)
-        .fetch_one(pool)
-        .await?;
-    row.try_into()
+            columns!(),
+            ""
+        );
+        let row: Row = sqlx::query_as(sql)
+            .bind(new.id)
+            .bind(new.user_id)
+            .bind(new.pubkey)
+            .bind(new.encrypted_secret)
+            .bind(new.origin.as_str())
+            .bind(now)
+            .fetch_one(pool)
+            .await?;
+        row.try_into()
+    })
 }
 
 /// The key of a user.
 ///
 /// # Errors
 /// Database errors; [`RepoError::Corrupt`] for an unreadable row.
-pub async fn find_by_user(pool: &SqlitePool, user: &UserId) -> Result<Option<StoredKey>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM keys WHERE user_id = $1");
-    let row: Option<Row> = sqlx::query_as(sql).bind(user).fetch_optional(pool).await?;
-    row.map(TryInto::try_into).transpose()
+pub async fn find_by_user(db: &Db, user: &UserId) -> Result<Option<StoredKey>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM keys WHERE user_id = $1");
+        let row: Option<Row> = sqlx::query_as(sql).bind(user).fetch_optional(pool).await?;
+        row.map(TryInto::try_into).transpose()
+    })
 }
 
 /// The key with this public key (64 lowercase hex).
 ///
 /// # Errors
 /// Database errors; [`RepoError::Corrupt`] for an unreadable row.
-pub async fn find_by_pubkey(pool: &SqlitePool, pubkey: &str) -> Result<Option<StoredKey>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM keys WHERE pubkey = $1");
-    let row: Option<Row> = sqlx::query_as(sql).bind(pubkey).fetch_optional(pool).await?;
-    row.map(TryInto::try_into).transpose()
+pub async fn find_by_pubkey(db: &Db, pubkey: &str) -> Result<Option<StoredKey>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM keys WHERE pubkey = $1");
+        let row: Option<Row> = sqlx::query_as(sql).bind(pubkey).fetch_optional(pool).await?;
+        row.map(TryInto::try_into).transpose()
+    })
 }
 
 /// The oldest and the newest stored key (one row when there is only one, none on an empty
@@ -151,23 +158,25 @@ pub async fn find_by_pubkey(pool: &SqlitePool, pubkey: &str) -> Result<Option<St
 ///
 /// # Errors
 /// Database errors; [`RepoError::Corrupt`] for an unreadable row.
-pub async fn find_oldest_and_newest(pool: &SqlitePool) -> Result<Vec<StoredKey>, RepoError> {
-    let oldest = concat!("SELECT ", columns!(), " FROM keys ORDER BY created_at, id LIMIT 1");
-    let newest = concat!(
-        "SELECT ",
-        columns!(),
-        " FROM keys ORDER BY created_at DESC, id DESC LIMIT 1"
-    );
-    let mut keys: Vec<StoredKey> = Vec::new();
-    for sql in [oldest, newest] {
-        let row: Option<Row> = sqlx::query_as(sql).fetch_optional(pool).await?;
-        if let Some(key) = row.map(StoredKey::try_from).transpose()? {
-            if keys.iter().all(|k| k.id != key.id) {
-                keys.push(key);
+pub async fn find_oldest_and_newest(db: &Db) -> Result<Vec<StoredKey>, RepoError> {
+    on_engine!(db, |pool| {
+        let oldest = concat!("SELECT ", columns!(), " FROM keys ORDER BY created_at, id LIMIT 1");
+        let newest = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM keys ORDER BY created_at DESC, id DESC LIMIT 1"
+        );
+        let mut keys: Vec<StoredKey> = Vec::new();
+        for sql in [oldest, newest] {
+            let row: Option<Row> = sqlx::query_as(sql).fetch_optional(pool).await?;
+            if let Some(key) = row.map(StoredKey::try_from).transpose()? {
+                if keys.iter().all(|k| k.id != key.id) {
+                    keys.push(key);
+                }
             }
         }
-    }
-    Ok(keys)
+        Ok(keys)
+    })
 }
 
 /// Replaces a user's key with `new` (a fresh key: new id, pubkey and ciphertext): the
@@ -175,33 +184,37 @@ pub async fn find_oldest_and_newest(pool: &SqlitePool) -> Result<Vec<StoredKey>,
 ///
 /// # Errors
 /// [`RepoError::AlreadyExists`] if another user holds the new public key; database errors.
-pub async fn replace(pool: &SqlitePool, new: &NewKey<'_>, now: i64) -> Result<bool, RepoError> {
-    let done = sqlx::query(
-        "UPDATE keys SET id = $1, pubkey = $2, encrypted_secret = $3, origin = $4, created_at = $5, \
+pub async fn replace(db: &Db, new: &NewKey<'_>, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE keys SET id = $1, pubkey = $2, encrypted_secret = $3, origin = $4, created_at = $5, \
          last_exported_at = NULL, exposed_at = NULL, exposure = NULL WHERE user_id = $6",
-    )
-    .bind(new.id)
-    .bind(new.pubkey)
-    .bind(new.encrypted_secret)
-    .bind(new.origin.as_str())
-    .bind(now)
-    .bind(new.user_id)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+        )
+        .bind(new.id)
+        .bind(new.pubkey)
+        .bind(new.encrypted_secret)
+        .bind(new.origin.as_str())
+        .bind(now)
+        .bind(new.user_id)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Records that the user's key was exported at `now`. Returns false if they have no key.
 ///
 /// # Errors
 /// Database errors.
-pub async fn mark_exported(pool: &SqlitePool, user: &UserId, now: i64) -> Result<bool, RepoError> {
-    let done = sqlx::query("UPDATE keys SET last_exported_at = $1 WHERE user_id = $2")
-        .bind(now)
-        .bind(user)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn mark_exported(db: &Db, user: &UserId, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("UPDATE keys SET last_exported_at = $1 WHERE user_id = $2")
+            .bind(now)
+            .bind(user)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Marks the user's key as possibly known to someone else, for `reason`; an earlier mark
@@ -209,8 +222,9 @@ pub async fn mark_exported(pool: &SqlitePool, user: &UserId, now: i64) -> Result
 ///
 /// # Errors
 /// Database errors.
-pub async fn mark_exposed(pool: &SqlitePool, user: &UserId, reason: &str, now: i64) -> Result<bool, RepoError> {
-    let done = sqlx::query(
+pub async fn mark_exposed(db: &Db, user: &UserId, reason: &str, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
         "UPDATE keys SET exposed_at = COALESCE(exposed_at, $1), exposure = COALESCE(exposure, $2) WHERE user_id = $3",
     )
     .bind(now)
@@ -218,7 +232,8 @@ pub async fn mark_exposed(pool: &SqlitePool, user: &UserId, reason: &str, now: i
     .bind(user)
     .execute(pool)
     .await?;
-    Ok(done.rows_affected() == 1)
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Clears the exposure mark (the owner says the key is theirs alone). Returns whether
@@ -226,31 +241,36 @@ pub async fn mark_exposed(pool: &SqlitePool, user: &UserId, reason: &str, now: i
 ///
 /// # Errors
 /// Database errors.
-pub async fn clear_exposure(pool: &SqlitePool, user: &UserId) -> Result<bool, RepoError> {
-    let done =
-        sqlx::query("UPDATE keys SET exposed_at = NULL, exposure = NULL WHERE user_id = $1 AND exposed_at IS NOT NULL")
-            .bind(user)
-            .execute(pool)
-            .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn clear_exposure(db: &Db, user: &UserId) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE keys SET exposed_at = NULL, exposure = NULL WHERE user_id = $1 AND exposed_at IS NOT NULL",
+        )
+        .bind(user)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Deletes a user's key. Returns false if they had none.
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete_for_user(pool: &SqlitePool, user: &UserId) -> Result<bool, RepoError> {
-    let done = sqlx::query("DELETE FROM keys WHERE user_id = $1")
-        .bind(user)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn delete_for_user(db: &Db, user: &UserId) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM keys WHERE user_id = $1")
+            .bind(user)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{temp_db, test_user};
+    use crate::testing::{temp_dbs, test_user};
 
     fn new_key<'a>(id: &'a KeyId, user: &'a UserId, pubkey: &'a str) -> NewKey<'a> {
         NewKey {
@@ -264,90 +284,87 @@ mod tests {
 
     #[tokio::test]
     async fn stored_key_is_found_by_user_pubkey_and_age() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let id = KeyId::generate();
-        let key = insert(db.pool(), &new_key(&id, &user, "aa"), 7).await.unwrap();
-        assert_eq!(
-            (key.origin, key.created_at, key.encrypted_secret.as_slice()),
-            (KeyOrigin::Imported, 7, &b"\x01ciphertext"[..])
-        );
-        assert_eq!(find_by_user(db.pool(), &user).await.unwrap().as_ref(), Some(&key));
-        assert_eq!(find_by_pubkey(db.pool(), "aa").await.unwrap().as_ref(), Some(&key));
-        assert_eq!(find_oldest_and_newest(db.pool()).await.unwrap(), vec![key.clone()]);
-        let other = test_user(db.pool(), "b@x.org").await;
-        let newer = insert(db.pool(), &new_key(&KeyId::generate(), &other, "bb"), 9)
-            .await
-            .unwrap();
-        assert_eq!(find_oldest_and_newest(db.pool()).await.unwrap(), vec![key, newer]);
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let id = KeyId::generate();
+            let key = insert(&db, &new_key(&id, &user, "aa"), 7).await.unwrap();
+            assert_eq!(
+                (key.origin, key.created_at, key.encrypted_secret.as_slice()),
+                (KeyOrigin::Imported, 7, &b"\x01ciphertext"[..])
+            );
+            assert_eq!(find_by_user(&db, &user).await.unwrap().as_ref(), Some(&key));
+            assert_eq!(find_by_pubkey(&db, "aa").await.unwrap().as_ref(), Some(&key));
+            assert_eq!(find_oldest_and_newest(&db).await.unwrap(), vec![key.clone()]);
+            let other = test_user(&db, "b@x.org").await;
+            let newer = insert(&db, &new_key(&KeyId::generate(), &other, "bb"), 9)
+                .await
+                .unwrap();
+            assert_eq!(find_oldest_and_newest(&db).await.unwrap(), vec![key, newer]);
+        }
     }
 
     #[tokio::test]
     async fn export_exposure_and_replacement_are_recorded_on_the_key() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        insert(db.pool(), &new_key(&KeyId::generate(), &user, "aa"), 1)
-            .await
-            .unwrap();
-        assert!(mark_exported(db.pool(), &user, 5).await.unwrap());
-        assert!(mark_exposed(db.pool(), &user, "first", 6).await.unwrap());
-        assert!(mark_exposed(db.pool(), &user, "second", 7).await.unwrap());
-        let key = find_by_user(db.pool(), &user).await.unwrap().unwrap();
-        assert_eq!(
-            (key.last_exported_at, key.exposed_at, key.exposure.as_deref()),
-            (Some(5), Some(6), Some("first"))
-        );
-        let id = KeyId::generate();
-        let fresh = NewKey {
-            origin: KeyOrigin::Generated,
-            ..new_key(&id, &user, "bb")
-        };
-        assert!(replace(db.pool(), &fresh, 9).await.unwrap());
-        let key = find_by_user(db.pool(), &user).await.unwrap().unwrap();
-        assert_eq!((key.id, key.pubkey.as_str(), key.created_at), (id, "bb", 9));
-        assert_eq!((key.last_exported_at, key.exposed_at, key.exposure), (None, None, None));
-        assert!(mark_exposed(db.pool(), &user, "again", 10).await.unwrap());
-        assert!(clear_exposure(db.pool(), &user).await.unwrap());
-        assert!(!clear_exposure(db.pool(), &user).await.unwrap());
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            insert(&db, &new_key(&KeyId::generate(), &user, "aa"), 1).await.unwrap();
+            assert!(mark_exported(&db, &user, 5).await.unwrap());
+            assert!(mark_exposed(&db, &user, "first", 6).await.unwrap());
+            assert!(mark_exposed(&db, &user, "second", 7).await.unwrap());
+            let key = find_by_user(&db, &user).await.unwrap().unwrap();
+            assert_eq!(
+                (key.last_exported_at, key.exposed_at, key.exposure.as_deref()),
+                (Some(5), Some(6), Some("first"))
+            );
+            let id = KeyId::generate();
+            let fresh = NewKey {
+                origin: KeyOrigin::Generated,
+                ..new_key(&id, &user, "bb")
+            };
+            assert!(replace(&db, &fresh, 9).await.unwrap());
+            let key = find_by_user(&db, &user).await.unwrap().unwrap();
+            assert_eq!((key.id, key.pubkey.as_str(), key.created_at), (id, "bb", 9));
+            assert_eq!((key.last_exported_at, key.exposed_at, key.exposure), (None, None, None));
+            assert!(mark_exposed(&db, &user, "again", 10).await.unwrap());
+            assert!(clear_exposure(&db, &user).await.unwrap());
+            assert!(!clear_exposure(&db, &user).await.unwrap());
+        }
     }
 
     #[tokio::test]
     async fn a_pubkey_belongs_to_one_user_only() {
-        let (_dir, db) = temp_db().await;
-        let a = test_user(db.pool(), "a@x.org").await;
-        let b = test_user(db.pool(), "b@x.org").await;
-        insert(db.pool(), &new_key(&KeyId::generate(), &a, "aa"), 1)
-            .await
-            .unwrap();
-        let err = insert(db.pool(), &new_key(&KeyId::generate(), &b, "aa"), 1)
-            .await
-            .unwrap_err();
-        assert!(err.is_duplicate_of("pubkey"), "{err:?}");
+        for (_guard, db) in temp_dbs().await {
+            let a = test_user(&db, "a@x.org").await;
+            let b = test_user(&db, "b@x.org").await;
+            insert(&db, &new_key(&KeyId::generate(), &a, "aa"), 1).await.unwrap();
+            let err = insert(&db, &new_key(&KeyId::generate(), &b, "aa"), 1)
+                .await
+                .unwrap_err();
+            assert!(err.is_duplicate_of("pubkey"), "{err:?}");
+        }
     }
 
     #[tokio::test]
     async fn a_user_has_one_key_only() {
-        let (_dir, db) = temp_db().await;
-        let a = test_user(db.pool(), "a@x.org").await;
-        insert(db.pool(), &new_key(&KeyId::generate(), &a, "aa"), 1)
-            .await
-            .unwrap();
-        let err = insert(db.pool(), &new_key(&KeyId::generate(), &a, "bb"), 1)
-            .await
-            .unwrap_err();
-        assert!(err.is_duplicate_of("user_id"), "{err:?}");
+        for (_guard, db) in temp_dbs().await {
+            let a = test_user(&db, "a@x.org").await;
+            insert(&db, &new_key(&KeyId::generate(), &a, "aa"), 1).await.unwrap();
+            let err = insert(&db, &new_key(&KeyId::generate(), &a, "bb"), 1)
+                .await
+                .unwrap_err();
+            assert!(err.is_duplicate_of("user_id"), "{err:?}");
+        }
     }
 
     #[tokio::test]
     async fn empty_table_has_no_key_and_delete_reports_absence() {
-        let (_dir, db) = temp_db().await;
-        let a = test_user(db.pool(), "a@x.org").await;
-        assert_eq!(find_oldest_and_newest(db.pool()).await.unwrap(), vec![]);
-        assert!(!delete_for_user(db.pool(), &a).await.unwrap());
-        insert(db.pool(), &new_key(&KeyId::generate(), &a, "aa"), 1)
-            .await
-            .unwrap();
-        assert!(delete_for_user(db.pool(), &a).await.unwrap());
-        assert_eq!(find_by_user(db.pool(), &a).await.unwrap(), None);
+        for (_guard, db) in temp_dbs().await {
+            let a = test_user(&db, "a@x.org").await;
+            assert_eq!(find_oldest_and_newest(&db).await.unwrap(), vec![]);
+            assert!(!delete_for_user(&db, &a).await.unwrap());
+            insert(&db, &new_key(&KeyId::generate(), &a, "aa"), 1).await.unwrap();
+            assert!(delete_for_user(&db, &a).await.unwrap());
+            assert_eq!(find_by_user(&db, &a).await.unwrap(), None);
+        }
     }
 }

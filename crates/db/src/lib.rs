@@ -31,6 +31,10 @@ pub mod migrate;
 pub mod oauth;
 pub mod policies;
 pub mod pool;
+#[cfg(test)]
+mod schema_parity;
+#[cfg(any(test, feature = "testing"))]
+pub mod scratch;
 pub mod sessions;
 #[cfg(test)]
 mod testing;
@@ -39,7 +43,7 @@ pub mod users;
 pub use error::RepoError;
 pub use ids::{ActivityId, AuthorizationId, KeyId, PolicyId, TokenHash, UserId};
 pub use migrate::MigrateError;
-pub use pool::{Db, DbOptions, OpenError};
+pub use pool::{Db, DbOptions, EngineKind, OpenError, PgOptions};
 
 /// The current time as unix seconds, the one timestamp format stored in every table.
 pub fn now_unix() -> i64 {

@@ -4,7 +4,8 @@
 //! with the data (restores keep it), so the replicator can tell a local file that belongs
 //! to a replica from one that merely sits at the same path.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 const LINEAGE_KEY: &str = "lineage";
 
@@ -12,11 +13,28 @@ const LINEAGE_KEY: &str = "lineage";
 ///
 /// # Errors
 /// Database errors.
-pub async fn get(pool: &SqlitePool, key: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT value FROM keycast_meta WHERE key = $1")
-        .bind(key)
-        .fetch_optional(pool)
-        .await
+pub async fn get(db: &Db, key: &str) -> Result<Option<String>, sqlx::Error> {
+    on_engine!(db, |pool| {
+        sqlx::query_scalar("SELECT value FROM keycast_meta WHERE key = $1")
+            .bind(key)
+            .fetch_optional(pool)
+            .await
+    })
+}
+
+/// Stores a new value under `key` (the test routes' writes).
+///
+/// # Errors
+/// A value already stored under `key`; database errors.
+pub async fn insert(db: &Db, key: &str, value: &str) -> Result<(), sqlx::Error> {
+    on_engine!(db, |pool| {
+        sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, $2)")
+            .bind(key)
+            .bind(value)
+            .execute(pool)
+            .await
+            .map(|_| ())
+    })
 }
 
 /// Returns this database's lineage, creating it from `new_id` on first call. Idempotent:
@@ -24,21 +42,23 @@ pub async fn get(pool: &SqlitePool, key: &str) -> Result<Option<String>, sqlx::E
 ///
 /// # Errors
 /// Database errors.
-pub async fn ensure_lineage(pool: &SqlitePool, new_id: &str) -> Result<String, sqlx::Error> {
-    sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-        .bind(LINEAGE_KEY)
-        .bind(new_id)
-        .execute(pool)
-        .await?;
-    Ok(get(pool, LINEAGE_KEY).await?.unwrap_or_else(|| new_id.to_owned()))
+pub async fn ensure_lineage(db: &Db, new_id: &str) -> Result<String, sqlx::Error> {
+    on_engine!(db, |pool| {
+        sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(LINEAGE_KEY)
+            .bind(new_id)
+            .execute(pool)
+            .await?;
+    });
+    Ok(get(db, LINEAGE_KEY).await?.unwrap_or_else(|| new_id.to_owned()))
 }
 
 /// This database's lineage, `None` for a database not yet stamped.
 ///
 /// # Errors
 /// Database errors.
-pub async fn lineage(pool: &SqlitePool) -> Result<Option<String>, sqlx::Error> {
-    get(pool, LINEAGE_KEY).await
+pub async fn lineage(db: &Db) -> Result<Option<String>, sqlx::Error> {
+    get(db, LINEAGE_KEY).await
 }
 
 #[cfg(test)]
@@ -50,8 +70,8 @@ mod tests {
     async fn lineage_is_set_once() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db"))).await.unwrap();
-        assert_eq!(lineage(db.pool()).await.unwrap(), None);
-        assert_eq!(ensure_lineage(db.pool(), "aaa").await.unwrap(), "aaa");
-        assert_eq!(ensure_lineage(db.pool(), "bbb").await.unwrap(), "aaa");
+        assert_eq!(lineage(&db).await.unwrap(), None);
+        assert_eq!(ensure_lineage(&db, "aaa").await.unwrap(), "aaa");
+        assert_eq!(ensure_lineage(&db, "bbb").await.unwrap(), "aaa");
     }
 }

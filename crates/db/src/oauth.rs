@@ -6,7 +6,8 @@
 //! `redirect_uri` against the redeemed row is `keycast-core`'s job; a code that fails
 //! those checks has still been used up, as RFC 6749 §4.1.2 asks.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 use crate::authz::AuthorizationRow;
 use crate::{AuthorizationId, PolicyId, RepoError, TokenHash, UserId};
@@ -47,22 +48,24 @@ macro_rules! code_columns {
 ///
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user or policy; database errors.
-pub async fn insert_code(pool: &SqlitePool, new: &NewCode<'_>, now: i64, expires_at: i64) -> Result<(), RepoError> {
-    sqlx::query(
-        "INSERT INTO oauth_codes (code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, \
+pub async fn insert_code(db: &Db, new: &NewCode<'_>, now: i64, expires_at: i64) -> Result<(), RepoError> {
+    on_engine!(db, |pool| {
+        sqlx::query(
+            "INSERT INTO oauth_codes (code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, \
          created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(new.code_hash)
-    .bind(new.user_id)
-    .bind(new.client_id)
-    .bind(new.redirect_uri)
-    .bind(new.policy_id)
-    .bind(new.code_challenge)
-    .bind(now)
-    .bind(expires_at)
-    .execute(pool)
-    .await?;
-    Ok(())
+        )
+        .bind(new.code_hash)
+        .bind(new.user_id)
+        .bind(new.client_id)
+        .bind(new.redirect_uri)
+        .bind(new.policy_id)
+        .bind(new.code_challenge)
+        .bind(now)
+        .bind(expires_at)
+        .execute(pool)
+        .await?;
+        Ok(())
+    })
 }
 
 /// Uses up a code: marks it redeemed at `now` and returns it, in one statement. `None`
@@ -71,26 +74,30 @@ pub async fn insert_code(pool: &SqlitePool, new: &NewCode<'_>, now: i64, expires
 ///
 /// # Errors
 /// Database errors.
-pub async fn redeem_code(pool: &SqlitePool, hash: &TokenHash, now: i64) -> Result<Option<OAuthCode>, RepoError> {
-    let sql = concat!(
-        "UPDATE oauth_codes SET redeemed_at = $1 \
+pub async fn redeem_code(db: &Db, hash: &TokenHash, now: i64) -> Result<Option<OAuthCode>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "UPDATE oauth_codes SET redeemed_at = $1 \
          WHERE code_hash = $2 AND redeemed_at IS NULL AND expires_at > $1 RETURNING ",
-        code_columns!(),
-        ""
-    );
-    Ok(sqlx::query_as(sql).bind(now).bind(hash).fetch_optional(pool).await?)
+            code_columns!(),
+            ""
+        );
+        Ok(sqlx::query_as(sql).bind(now).bind(hash).fetch_optional(pool).await?)
+    })
 }
 
 /// Removes codes that expired before `now`, redeemed or not. Returns how many.
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete_expired_codes(pool: &SqlitePool, now: i64) -> Result<u64, RepoError> {
-    let done = sqlx::query("DELETE FROM oauth_codes WHERE expires_at <= $1")
-        .bind(now)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected())
+pub async fn delete_expired_codes(db: &Db, now: i64) -> Result<u64, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM oauth_codes WHERE expires_at <= $1")
+            .bind(now)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    })
 }
 
 /// Stores a bearer token for an authorization, valid until `expires_at`.
@@ -98,22 +105,24 @@ pub async fn delete_expired_codes(pool: &SqlitePool, now: i64) -> Result<u64, Re
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown authorization; database errors.
 pub async fn insert_access_token(
-    pool: &SqlitePool,
+    db: &Db,
     hash: &TokenHash,
     authorization: &AuthorizationId,
     now: i64,
     expires_at: i64,
 ) -> Result<(), RepoError> {
-    sqlx::query(
-        "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(hash)
-    .bind(authorization)
-    .bind(now)
-    .bind(expires_at)
-    .execute(pool)
-    .await?;
-    Ok(())
+    on_engine!(db, |pool| {
+        sqlx::query(
+            "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(hash)
+        .bind(authorization)
+        .bind(now)
+        .bind(expires_at)
+        .execute(pool)
+        .await?;
+        Ok(())
+    })
 }
 
 /// A bearer token with the authorization it stands for.
@@ -130,35 +139,39 @@ pub struct TokenGrant {
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_token_grant(pool: &SqlitePool, hash: &TokenHash) -> Result<Option<TokenGrant>, RepoError> {
-    // The columns of `authz::columns!()`, qualified for the join.
-    let sql = "SELECT t.created_at AS token_created_at, t.expires_at AS token_expires_at, \
+pub async fn find_token_grant(db: &Db, hash: &TokenHash) -> Result<Option<TokenGrant>, RepoError> {
+    on_engine!(db, |pool| {
+        // The columns of `authz::columns!()`, qualified for the join.
+        let sql = "SELECT t.created_at AS token_created_at, t.expires_at AS token_expires_at, \
                a.id, a.user_id, a.policy_id, a.client_id, a.redirect_origin, a.bunker_pubkey, \
                a.bunker_secret_encrypted, a.connect_secret_hash, a.relays, a.connected_client_pubkey, \
                a.connected_at, a.created_at, a.revoked_at \
                FROM access_tokens t JOIN authorizations a ON a.id = t.authorization_id WHERE t.token_hash = $1";
-    Ok(sqlx::query_as(sql).bind(hash).fetch_optional(pool).await?)
+        Ok(sqlx::query_as(sql).bind(hash).fetch_optional(pool).await?)
+    })
 }
 
 /// Removes tokens that expired before `now`. Returns how many.
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete_expired_tokens(pool: &SqlitePool, now: i64) -> Result<u64, RepoError> {
-    let done = sqlx::query("DELETE FROM access_tokens WHERE expires_at <= $1")
-        .bind(now)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected())
+pub async fn delete_expired_tokens(db: &Db, now: i64) -> Result<u64, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM access_tokens WHERE expires_at <= $1")
+            .bind(now)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{temp_db, test_authorization, test_user};
+    use crate::testing::{temp_dbs, test_authorization, test_user};
 
-    async fn stored_code(pool: &SqlitePool, raw: &[u8], expires_at: i64) -> TokenHash {
-        let user = test_user(pool, &format!("{}@x.org", hex::encode(raw))).await;
+    async fn stored_code(db: &Db, raw: &[u8], expires_at: i64) -> TokenHash {
+        let user = test_user(db, &format!("{}@x.org", hex::encode(raw))).await;
         let hash = TokenHash::of(raw);
         let new = NewCode {
             code_hash: &hash,
@@ -168,69 +181,74 @@ mod tests {
             policy_id: &PolicyId::new("pol_social"),
             code_challenge: "challenge",
         };
-        insert_code(pool, &new, 1, expires_at).await.unwrap();
+        insert_code(db, &new, 1, expires_at).await.unwrap();
         hash
     }
 
     #[tokio::test]
     async fn code_redeems_once_and_returns_its_row() {
-        let (_dir, db) = temp_db().await;
-        let hash = stored_code(db.pool(), b"code", 600).await;
-        let code = redeem_code(db.pool(), &hash, 10).await.unwrap().unwrap();
-        assert_eq!(
-            (code.client_id.as_str(), code.code_challenge.as_str(), code.redeemed_at),
-            ("app", "challenge", Some(10))
-        );
-        assert_eq!(redeem_code(db.pool(), &hash, 11).await.unwrap(), None);
+        for (_guard, db) in temp_dbs().await {
+            let hash = stored_code(&db, b"code", 600).await;
+            let code = redeem_code(&db, &hash, 10).await.unwrap().unwrap();
+            assert_eq!(
+                (code.client_id.as_str(), code.code_challenge.as_str(), code.redeemed_at),
+                ("app", "challenge", Some(10))
+            );
+            assert_eq!(redeem_code(&db, &hash, 11).await.unwrap(), None);
+        }
     }
 
     #[tokio::test]
     async fn expired_or_unknown_code_does_not_redeem() {
-        let (_dir, db) = temp_db().await;
-        let hash = stored_code(db.pool(), b"code", 600).await;
-        assert_eq!(redeem_code(db.pool(), &hash, 600).await.unwrap(), None);
-        assert_eq!(redeem_code(db.pool(), &TokenHash::of(b"nope"), 10).await.unwrap(), None);
+        for (_guard, db) in temp_dbs().await {
+            let hash = stored_code(&db, b"code", 600).await;
+            assert_eq!(redeem_code(&db, &hash, 600).await.unwrap(), None);
+            assert_eq!(redeem_code(&db, &TokenHash::of(b"nope"), 10).await.unwrap(), None);
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_redemptions_of_one_code_let_exactly_one_win() {
-        let (_dir, db) = temp_db().await;
-        for round in 0..5u8 {
-            let hash = stored_code(db.pool(), &[round], 600).await;
-            let tasks: Vec<_> = (0..8)
-                .map(|_| {
-                    let (pool, hash) = (db.pool().clone(), hash.clone());
-                    tokio::spawn(async move { redeem_code(&pool, &hash, 10).await.unwrap() })
-                })
-                .collect();
-            let mut winners = 0;
-            for task in tasks {
-                winners += usize::from(task.await.unwrap().is_some());
+        for (_guard, db) in temp_dbs().await {
+            for round in 0..5u8 {
+                let hash = stored_code(&db, &[round], 600).await;
+                let tasks: Vec<_> = (0..8)
+                    .map(|_| {
+                        let (db, hash) = (db.clone(), hash.clone());
+                        tokio::spawn(async move { redeem_code(&db, &hash, 10).await.unwrap() })
+                    })
+                    .collect();
+                let mut winners = 0;
+                for task in tasks {
+                    winners += usize::from(task.await.unwrap().is_some());
+                }
+                assert_eq!(winners, 1, "round {round}");
             }
-            assert_eq!(winners, 1, "round {round}");
         }
     }
 
     #[tokio::test]
     async fn expired_codes_are_purged() {
-        let (_dir, db) = temp_db().await;
-        stored_code(db.pool(), b"old", 5).await;
-        stored_code(db.pool(), b"new", 50).await;
-        assert_eq!(delete_expired_codes(db.pool(), 10).await.unwrap(), 1);
+        for (_guard, db) in temp_dbs().await {
+            stored_code(&db, b"old", 5).await;
+            stored_code(&db, b"new", 50).await;
+            assert_eq!(delete_expired_codes(&db, 10).await.unwrap(), 1);
+        }
     }
 
     #[tokio::test]
     async fn token_grant_carries_expiry_and_the_authorization() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let authz = test_authorization(db.pool(), &user, "b1").await;
-        let hash = TokenHash::of(b"bearer");
-        insert_access_token(db.pool(), &hash, &authz.id, 3, 90).await.unwrap();
-        let grant = find_token_grant(db.pool(), &hash).await.unwrap().unwrap();
-        assert_eq!((grant.token_created_at, grant.token_expires_at), (3, 90));
-        assert_eq!(grant.authorization, authz);
-        assert_eq!(find_token_grant(db.pool(), &TokenHash::of(b"x")).await.unwrap(), None);
-        assert_eq!(delete_expired_tokens(db.pool(), 90).await.unwrap(), 1);
-        assert_eq!(find_token_grant(db.pool(), &hash).await.unwrap(), None);
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let hash = TokenHash::of(b"bearer");
+            insert_access_token(&db, &hash, &authz.id, 3, 90).await.unwrap();
+            let grant = find_token_grant(&db, &hash).await.unwrap().unwrap();
+            assert_eq!((grant.token_created_at, grant.token_expires_at), (3, 90));
+            assert_eq!(grant.authorization, authz);
+            assert_eq!(find_token_grant(&db, &TokenHash::of(b"x")).await.unwrap(), None);
+            assert_eq!(delete_expired_tokens(&db, 90).await.unwrap(), 1);
+            assert_eq!(find_token_grant(&db, &hash).await.unwrap(), None);
+        }
     }
 }

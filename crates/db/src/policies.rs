@@ -2,7 +2,8 @@
 //! are seeded by the first migration). `permissions` is JSON that `keycast-core::policy`
 //! parses and evaluates; this module treats it as text.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 use crate::{PolicyId, RepoError};
 
@@ -29,42 +30,49 @@ macro_rules! columns {
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_by_slug(pool: &SqlitePool, slug: &str) -> Result<Option<PolicyRow>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM policies WHERE slug = $1");
-    Ok(sqlx::query_as(sql).bind(slug).fetch_optional(pool).await?)
+pub async fn find_by_slug(db: &Db, slug: &str) -> Result<Option<PolicyRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM policies WHERE slug = $1");
+        Ok(sqlx::query_as(sql).bind(slug).fetch_optional(pool).await?)
+    })
 }
 
 /// The policy with this id.
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_by_id(pool: &SqlitePool, id: &PolicyId) -> Result<Option<PolicyRow>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM policies WHERE id = $1");
-    Ok(sqlx::query_as(sql).bind(id).fetch_optional(pool).await?)
+pub async fn find_by_id(db: &Db, id: &PolicyId) -> Result<Option<PolicyRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM policies WHERE id = $1");
+        Ok(sqlx::query_as(sql).bind(id).fetch_optional(pool).await?)
+    })
 }
 
 /// Every policy, by slug.
 ///
 /// # Errors
 /// Database errors.
-pub async fn list(pool: &SqlitePool) -> Result<Vec<PolicyRow>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM policies ORDER BY slug");
-    Ok(sqlx::query_as(sql).fetch_all(pool).await?)
+pub async fn list(db: &Db) -> Result<Vec<PolicyRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM policies ORDER BY slug");
+        Ok(sqlx::query_as(sql).fetch_all(pool).await?)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::temp_db;
+    use crate::testing::temp_dbs;
 
     #[tokio::test]
     async fn seeded_policies_are_listed_and_found_by_slug_and_id() {
-        let (_dir, db) = temp_db().await;
-        let slugs: Vec<String> = list(db.pool()).await.unwrap().into_iter().map(|p| p.slug).collect();
-        assert_eq!(slugs, ["full", "readonly", "social", "wallet"]);
-        let social = find_by_slug(db.pool(), "social").await.unwrap().unwrap();
-        assert!(social.permissions.contains("22242"));
-        assert_eq!(find_by_id(db.pool(), &social.id).await.unwrap(), Some(social));
-        assert_eq!(find_by_slug(db.pool(), "nope").await.unwrap(), None);
+        for (_guard, db) in temp_dbs().await {
+            let slugs: Vec<String> = list(&db).await.unwrap().into_iter().map(|p| p.slug).collect();
+            assert_eq!(slugs, ["full", "readonly", "social", "wallet"]);
+            let social = find_by_slug(&db, "social").await.unwrap().unwrap();
+            assert!(social.permissions.contains("22242"));
+            assert_eq!(find_by_id(&db, &social.id).await.unwrap(), Some(social));
+            assert_eq!(find_by_slug(&db, "nope").await.unwrap(), None);
+        }
     }
 }

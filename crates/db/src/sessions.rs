@@ -1,7 +1,8 @@
 //! Login sessions (`sessions`) and single-use mailed tokens (`user_tokens`), both looked
 //! up by [`TokenHash`]: the raw cookie or mailed token never reaches the database.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 use crate::{RepoError, TokenHash, UserId};
 
@@ -18,71 +19,75 @@ pub struct Session {
 ///
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user; database errors.
-pub async fn insert(
-    pool: &SqlitePool,
-    hash: &TokenHash,
-    user: &UserId,
-    now: i64,
-    expires_at: i64,
-) -> Result<(), RepoError> {
-    sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-        .bind(hash)
-        .bind(user)
-        .bind(now)
-        .bind(expires_at)
-        .execute(pool)
-        .await?;
-    Ok(())
+pub async fn insert(db: &Db, hash: &TokenHash, user: &UserId, now: i64, expires_at: i64) -> Result<(), RepoError> {
+    on_engine!(db, |pool| {
+        sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(hash)
+            .bind(user)
+            .bind(now)
+            .bind(expires_at)
+            .execute(pool)
+            .await?;
+        Ok(())
+    })
 }
 
 /// The session with this hash if it has not expired at `now`.
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_live_by_hash(pool: &SqlitePool, hash: &TokenHash, now: i64) -> Result<Option<Session>, RepoError> {
-    Ok(sqlx::query_as(
+pub async fn find_live_by_hash(db: &Db, hash: &TokenHash, now: i64) -> Result<Option<Session>, RepoError> {
+    on_engine!(db, |pool| {
+        Ok(sqlx::query_as(
         "SELECT token_hash, user_id, created_at, expires_at FROM sessions WHERE token_hash = $1 AND expires_at > $2",
     )
     .bind(hash)
     .bind(now)
     .fetch_optional(pool)
     .await?)
+    })
 }
 
 /// Ends one session (logout). Returns false if there was none.
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete(pool: &SqlitePool, hash: &TokenHash) -> Result<bool, RepoError> {
-    let done = sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-        .bind(hash)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn delete(db: &Db, hash: &TokenHash) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+            .bind(hash)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Ends every session of a user (after a password reset). Returns how many ended.
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete_for_user(pool: &SqlitePool, user: &UserId) -> Result<u64, RepoError> {
-    let done = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
-        .bind(user)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected())
+pub async fn delete_for_user(db: &Db, user: &UserId) -> Result<u64, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+            .bind(user)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    })
 }
 
 /// Removes sessions expired at `now`. Returns how many.
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete_expired(pool: &SqlitePool, now: i64) -> Result<u64, RepoError> {
-    let done = sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
-        .bind(now)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected())
+pub async fn delete_expired(db: &Db, now: i64) -> Result<u64, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
+            .bind(now)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    })
 }
 
 /// What a mailed single-use token is for. A token of one purpose never redeems as another.
@@ -107,14 +112,15 @@ impl TokenPurpose {
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user; database errors.
 pub async fn insert_user_token(
-    pool: &SqlitePool,
+    db: &Db,
     hash: &TokenHash,
     user: &UserId,
     purpose: TokenPurpose,
     now: i64,
     expires_at: i64,
 ) -> Result<(), RepoError> {
-    sqlx::query(
+    on_engine!(db, |pool| {
+        sqlx::query(
         "INSERT INTO user_tokens (token_hash, user_id, purpose, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(hash)
@@ -124,7 +130,8 @@ pub async fn insert_user_token(
     .bind(expires_at)
     .execute(pool)
     .await?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Redeems a single-use token: one conditional `UPDATE` marks it used and returns its
@@ -134,21 +141,23 @@ pub async fn insert_user_token(
 /// # Errors
 /// Database errors.
 pub async fn redeem_user_token(
-    pool: &SqlitePool,
+    db: &Db,
     hash: &TokenHash,
     purpose: TokenPurpose,
     now: i64,
 ) -> Result<Option<UserId>, RepoError> {
-    Ok(sqlx::query_scalar(
-        "UPDATE user_tokens SET used_at = $1 \
+    on_engine!(db, |pool| {
+        Ok(sqlx::query_scalar(
+            "UPDATE user_tokens SET used_at = $1 \
          WHERE token_hash = $2 AND purpose = $3 AND used_at IS NULL AND expires_at > $1 \
          RETURNING user_id",
-    )
-    .bind(now)
-    .bind(hash)
-    .bind(purpose.as_str())
-    .fetch_optional(pool)
-    .await?)
+        )
+        .bind(now)
+        .bind(hash)
+        .bind(purpose.as_str())
+        .fetch_optional(pool)
+        .await?)
+    })
 }
 
 /// Uses up every outstanding token of `user` for `purpose` (after a password reset, so an
@@ -157,20 +166,17 @@ pub async fn redeem_user_token(
 ///
 /// # Errors
 /// Database errors.
-pub async fn use_up_user_tokens(
-    pool: &SqlitePool,
-    user: &UserId,
-    purpose: TokenPurpose,
-    now: i64,
-) -> Result<u64, RepoError> {
-    let done =
-        sqlx::query("UPDATE user_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL")
-            .bind(now)
-            .bind(user)
-            .bind(purpose.as_str())
-            .execute(pool)
-            .await?;
-    Ok(done.rows_affected())
+pub async fn use_up_user_tokens(db: &Db, user: &UserId, purpose: TokenPurpose, now: i64) -> Result<u64, RepoError> {
+    on_engine!(db, |pool| {
+        let done =
+            sqlx::query("UPDATE user_tokens SET used_at = $1 WHERE user_id = $2 AND purpose = $3 AND used_at IS NULL")
+                .bind(now)
+                .bind(user)
+                .bind(purpose.as_str())
+                .execute(pool)
+                .await?;
+        Ok(done.rows_affected())
+    })
 }
 
 /// The user a single-use token belongs to if it would redeem now (known, of `purpose`,
@@ -179,20 +185,22 @@ pub async fn use_up_user_tokens(
 /// # Errors
 /// Database errors.
 pub async fn find_live_user_token(
-    pool: &SqlitePool,
+    db: &Db,
     hash: &TokenHash,
     purpose: TokenPurpose,
     now: i64,
 ) -> Result<Option<UserId>, RepoError> {
-    Ok(sqlx::query_scalar(
-        "SELECT user_id FROM user_tokens \
+    on_engine!(db, |pool| {
+        Ok(sqlx::query_scalar(
+            "SELECT user_id FROM user_tokens \
          WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3",
-    )
-    .bind(hash)
-    .bind(purpose.as_str())
-    .bind(now)
-    .fetch_optional(pool)
-    .await?)
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(now)
+        .fetch_optional(pool)
+        .await?)
+    })
 }
 
 /// Whether a single-use token would redeem now (known, of `purpose`, unused, unexpired),
@@ -200,117 +208,119 @@ pub async fn find_live_user_token(
 ///
 /// # Errors
 /// Database errors.
-pub async fn is_live_user_token(
-    pool: &SqlitePool,
-    hash: &TokenHash,
-    purpose: TokenPurpose,
-    now: i64,
-) -> Result<bool, RepoError> {
-    let found: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM user_tokens \
+pub async fn is_live_user_token(db: &Db, hash: &TokenHash, purpose: TokenPurpose, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        // `SELECT 1` is an INTEGER on SQLite and an int4 on PostgreSQL: i32 reads both.
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM user_tokens \
          WHERE token_hash = $1 AND purpose = $2 AND used_at IS NULL AND expires_at > $3",
-    )
-    .bind(hash)
-    .bind(purpose.as_str())
-    .bind(now)
-    .fetch_optional(pool)
-    .await?;
-    Ok(found.is_some())
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(now)
+        .fetch_optional(pool)
+        .await?;
+        Ok(found.is_some())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{temp_db, test_user};
+    use crate::testing::{temp_dbs, test_user};
 
     #[tokio::test]
     async fn live_session_is_found_by_hash_until_it_expires() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let hash = TokenHash::of(b"cookie");
-        insert(db.pool(), &hash, &user, 10, 20).await.unwrap();
-        let found = find_live_by_hash(db.pool(), &hash, 19).await.unwrap().unwrap();
-        assert_eq!(found.user_id, user);
-        assert_eq!(find_live_by_hash(db.pool(), &hash, 20).await.unwrap(), None);
-        assert_eq!(
-            find_live_by_hash(db.pool(), &TokenHash::of(b"other"), 11)
-                .await
-                .unwrap(),
-            None
-        );
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let hash = TokenHash::of(b"cookie");
+            insert(&db, &hash, &user, 10, 20).await.unwrap();
+            let found = find_live_by_hash(&db, &hash, 19).await.unwrap().unwrap();
+            assert_eq!(found.user_id, user);
+            assert_eq!(find_live_by_hash(&db, &hash, 20).await.unwrap(), None);
+            assert_eq!(
+                find_live_by_hash(&db, &TokenHash::of(b"other"), 11).await.unwrap(),
+                None
+            );
+        }
     }
 
     #[tokio::test]
     async fn logout_and_user_wide_delete_end_sessions() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        for raw in [b"s1", b"s2", b"s3"] {
-            insert(db.pool(), &TokenHash::of(raw), &user, 1, 100).await.unwrap();
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            for raw in [b"s1", b"s2", b"s3"] {
+                insert(&db, &TokenHash::of(raw), &user, 1, 100).await.unwrap();
+            }
+            assert!(delete(&db, &TokenHash::of(b"s1")).await.unwrap());
+            assert!(!delete(&db, &TokenHash::of(b"s1")).await.unwrap());
+            assert_eq!(delete_for_user(&db, &user).await.unwrap(), 2);
         }
-        assert!(delete(db.pool(), &TokenHash::of(b"s1")).await.unwrap());
-        assert!(!delete(db.pool(), &TokenHash::of(b"s1")).await.unwrap());
-        assert_eq!(delete_for_user(db.pool(), &user).await.unwrap(), 2);
     }
 
     #[tokio::test]
     async fn expired_sessions_are_purged() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        insert(db.pool(), &TokenHash::of(b"old"), &user, 1, 5).await.unwrap();
-        insert(db.pool(), &TokenHash::of(b"new"), &user, 1, 50).await.unwrap();
-        assert_eq!(delete_expired(db.pool(), 10).await.unwrap(), 1);
-        assert!(find_live_by_hash(db.pool(), &TokenHash::of(b"new"), 10)
-            .await
-            .unwrap()
-            .is_some());
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            insert(&db, &TokenHash::of(b"old"), &user, 1, 5).await.unwrap();
+            insert(&db, &TokenHash::of(b"new"), &user, 1, 50).await.unwrap();
+            assert_eq!(delete_expired(&db, 10).await.unwrap(), 1);
+            assert!(find_live_by_hash(&db, &TokenHash::of(b"new"), 10)
+                .await
+                .unwrap()
+                .is_some());
+        }
     }
 
     #[tokio::test]
     async fn session_for_unknown_user_is_a_missing_reference() {
-        let (_dir, db) = temp_db().await;
-        let err = insert(db.pool(), &TokenHash::of(b"x"), &UserId::generate(), 1, 2)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, RepoError::MissingReference), "{err:?}");
+        for (_guard, db) in temp_dbs().await {
+            let err = insert(&db, &TokenHash::of(b"x"), &UserId::generate(), 1, 2)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, RepoError::MissingReference), "{err:?}");
+        }
     }
 
     #[tokio::test]
     async fn user_token_redeems_once_for_its_purpose_only() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let hash = TokenHash::of(b"mailed");
-        insert_user_token(db.pool(), &hash, &user, TokenPurpose::ResetPassword, 1, 100)
-            .await
-            .unwrap();
-        let wrong = redeem_user_token(db.pool(), &hash, TokenPurpose::VerifyEmail, 2).await;
-        assert_eq!(wrong.unwrap(), None, "a reset token must not verify an email");
-        let live = |purpose, now| is_live_user_token(db.pool(), &hash, purpose, now);
-        assert!(
-            live(TokenPurpose::ResetPassword, 2).await.unwrap(),
-            "looking does not use it up"
-        );
-        assert!(!live(TokenPurpose::VerifyEmail, 2).await.unwrap());
-        assert!(!live(TokenPurpose::ResetPassword, 100).await.unwrap(), "expired");
-        let first = redeem_user_token(db.pool(), &hash, TokenPurpose::ResetPassword, 2).await;
-        assert_eq!(first.unwrap(), Some(user));
-        let second = redeem_user_token(db.pool(), &hash, TokenPurpose::ResetPassword, 3).await;
-        assert_eq!(second.unwrap(), None);
-        assert!(!live(TokenPurpose::ResetPassword, 3).await.unwrap(), "used");
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let hash = TokenHash::of(b"mailed");
+            insert_user_token(&db, &hash, &user, TokenPurpose::ResetPassword, 1, 100)
+                .await
+                .unwrap();
+            let wrong = redeem_user_token(&db, &hash, TokenPurpose::VerifyEmail, 2).await;
+            assert_eq!(wrong.unwrap(), None, "a reset token must not verify an email");
+            let live = |purpose, now| is_live_user_token(&db, &hash, purpose, now);
+            assert!(
+                live(TokenPurpose::ResetPassword, 2).await.unwrap(),
+                "looking does not use it up"
+            );
+            assert!(!live(TokenPurpose::VerifyEmail, 2).await.unwrap());
+            assert!(!live(TokenPurpose::ResetPassword, 100).await.unwrap(), "expired");
+            let first = redeem_user_token(&db, &hash, TokenPurpose::ResetPassword, 2).await;
+            assert_eq!(first.unwrap(), Some(user));
+            let second = redeem_user_token(&db, &hash, TokenPurpose::ResetPassword, 3).await;
+            assert_eq!(second.unwrap(), None);
+            assert!(!live(TokenPurpose::ResetPassword, 3).await.unwrap(), "used");
+        }
     }
 
     #[tokio::test]
     async fn expired_user_token_does_not_redeem() {
-        let (_dir, db) = temp_db().await;
-        let user = test_user(db.pool(), "a@x.org").await;
-        let hash = TokenHash::of(b"mailed");
-        insert_user_token(db.pool(), &hash, &user, TokenPurpose::VerifyEmail, 1, 10)
-            .await
-            .unwrap();
-        assert_eq!(
-            redeem_user_token(db.pool(), &hash, TokenPurpose::VerifyEmail, 10)
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let hash = TokenHash::of(b"mailed");
+            insert_user_token(&db, &hash, &user, TokenPurpose::VerifyEmail, 1, 10)
                 .await
-                .unwrap(),
-            None
-        );
+                .unwrap();
+            assert_eq!(
+                redeem_user_token(&db, &hash, TokenPurpose::VerifyEmail, 10)
+                    .await
+                    .unwrap(),
+                None
+            );
+        }
     }
 }

@@ -1,30 +1,48 @@
-//! Fixtures for this crate's unit tests: a temporary database and minimal rows.
-
-use sqlx::SqlitePool;
+//! Fixtures for this crate's unit tests: temporary databases on every engine, and minimal rows.
 
 use crate::authz::{self, AuthorizationRow, NewAuthorization};
 use crate::users::{self, NewUser};
-use crate::{AuthorizationId, Db, DbOptions, PolicyId, TokenHash, UserId};
+use crate::{AuthorizationId, Db, DbOptions, PgOptions, PolicyId, TokenHash, UserId};
 
-/// A freshly migrated database in a temporary directory (kept alive by the guard).
+/// Keeps a temporary database alive: the SQLite file's directory, or the PostgreSQL
+/// scratch database (dropped with the guard).
+#[allow(dead_code)] // held for its Drop only
+pub(crate) enum Guard {
+    Sqlite(tempfile::TempDir),
+    Postgres(crate::scratch::ScratchDatabase),
+}
+
+/// A freshly migrated SQLite database in a temporary directory (kept alive by the guard).
 pub(crate) async fn temp_db() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db"))).await.unwrap();
     (dir, db)
 }
 
+/// A freshly migrated database on every engine the tests can reach: SQLite always, and a
+/// scratch database on the test PostgreSQL server (see [`crate::scratch::test_server`]).
+pub(crate) async fn temp_dbs() -> Vec<(Guard, Db)> {
+    let (dir, sqlite) = temp_db().await;
+    let mut dbs = vec![(Guard::Sqlite(dir), sqlite)];
+    if let Some(server) = crate::scratch::test_server() {
+        let scratch = crate::scratch::create_database(&server, "db_unit").await.unwrap();
+        let db = Db::open_postgres(&PgOptions::new(&scratch.url)).await.unwrap();
+        dbs.push((Guard::Postgres(scratch), db));
+    }
+    dbs
+}
 /// A user with this email.
-pub(crate) async fn test_user(pool: &SqlitePool, email: &str) -> UserId {
+pub(crate) async fn test_user(db: &Db, email: &str) -> UserId {
     let new = NewUser {
         email,
         password_hash: "$argon2id$stub",
         username: None,
     };
-    users::insert(pool, &new, 1).await.unwrap().id
+    users::insert(db, &new, 1).await.unwrap().id
 }
 
 /// A `social` authorization of `user` whose bunker pubkey is `bunker`.
-pub(crate) async fn test_authorization(pool: &SqlitePool, user: &UserId, bunker: &str) -> AuthorizationRow {
+pub(crate) async fn test_authorization(db: &Db, user: &UserId, bunker: &str) -> AuthorizationRow {
     let new = NewAuthorization {
         id: &AuthorizationId::generate(),
         user_id: user,
@@ -36,5 +54,5 @@ pub(crate) async fn test_authorization(pool: &SqlitePool, user: &UserId, bunker:
         connect_secret_hash: &TokenHash::of(b"connect"),
         relays: "[\"ws://127.0.0.1:7777\"]",
     };
-    authz::insert(pool, &new, 2).await.unwrap()
+    authz::insert(db, &new, 2).await.unwrap()
 }

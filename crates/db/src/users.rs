@@ -3,7 +3,8 @@
 //! Owns rows only; password hashing and verification live in `keycast-core`. Emails are
 //! stored as given: callers normalise (trim, lowercase) before insert and lookup.
 
-use sqlx::SqlitePool;
+use crate::pool::on_engine;
+use crate::Db;
 
 use crate::{RepoError, UserId};
 
@@ -41,76 +42,88 @@ macro_rules! columns {
 /// # Errors
 /// [`RepoError::AlreadyExists`] when the email or username is taken (check with
 /// `is_duplicate_of("email")` / `("username")`); database errors.
-pub async fn insert(pool: &SqlitePool, new: &NewUser<'_>, now: i64) -> Result<User, RepoError> {
-    let sql = concat!(
-        "INSERT INTO users (id, email, password_hash, username, created_at, updated_at) \
+pub async fn insert(db: &Db, new: &NewUser<'_>, now: i64) -> Result<User, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "INSERT INTO users (id, email, password_hash, username, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, $5, $5) RETURNING ",
-        columns!(),
-        ""
-    );
-    Ok(sqlx::query_as(sql)
-        .bind(UserId::generate())
-        .bind(new.email)
-        .bind(new.password_hash)
-        .bind(new.username)
-        .bind(now)
-        .fetch_one(pool)
-        .await?)
+            columns!(),
+            ""
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(UserId::generate())
+            .bind(new.email)
+            .bind(new.password_hash)
+            .bind(new.username)
+            .bind(now)
+            .fetch_one(pool)
+            .await?)
+    })
 }
 
 /// The user with this id.
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_by_id(pool: &SqlitePool, id: &UserId) -> Result<Option<User>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM users WHERE id = $1");
-    Ok(sqlx::query_as(sql).bind(id).fetch_optional(pool).await?)
+pub async fn find_by_id(db: &Db, id: &UserId) -> Result<Option<User>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM users WHERE id = $1");
+        Ok(sqlx::query_as(sql).bind(id).fetch_optional(pool).await?)
+    })
 }
 
 /// The user with this (already normalised) email.
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_by_email(pool: &SqlitePool, email: &str) -> Result<Option<User>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM users WHERE email = $1");
-    Ok(sqlx::query_as(sql).bind(email).fetch_optional(pool).await?)
+pub async fn find_by_email(db: &Db, email: &str) -> Result<Option<User>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM users WHERE email = $1");
+        Ok(sqlx::query_as(sql).bind(email).fetch_optional(pool).await?)
+    })
 }
 
 /// The user with this NIP-05 username.
 ///
 /// # Errors
 /// Database errors.
-pub async fn find_by_username(pool: &SqlitePool, username: &str) -> Result<Option<User>, RepoError> {
-    let sql = concat!("SELECT ", columns!(), " FROM users WHERE username = $1");
-    Ok(sqlx::query_as(sql).bind(username).fetch_optional(pool).await?)
+pub async fn find_by_username(db: &Db, username: &str) -> Result<Option<User>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!("SELECT ", columns!(), " FROM users WHERE username = $1");
+        Ok(sqlx::query_as(sql).bind(username).fetch_optional(pool).await?)
+    })
 }
 
 /// Replaces the password hash. Returns false if no such user.
 ///
 /// # Errors
 /// Database errors.
-pub async fn set_password_hash(pool: &SqlitePool, id: &UserId, hash: &str, now: i64) -> Result<bool, RepoError> {
-    let done = sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
-        .bind(hash)
-        .bind(now)
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn set_password_hash(db: &Db, id: &UserId, hash: &str, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+            .bind(hash)
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Sets (or clears) the NIP-05 username. Returns false if no such user.
 ///
 /// # Errors
 /// [`RepoError::AlreadyExists`] when another user has it; database errors.
-pub async fn set_username(pool: &SqlitePool, id: &UserId, username: Option<&str>, now: i64) -> Result<bool, RepoError> {
-    let done = sqlx::query("UPDATE users SET username = $1, updated_at = $2 WHERE id = $3")
-        .bind(username)
-        .bind(now)
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn set_username(db: &Db, id: &UserId, username: Option<&str>, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("UPDATE users SET username = $1, updated_at = $2 WHERE id = $3")
+            .bind(username)
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Marks the email verified at `now`; idempotent (the first time wins). Returns false if
@@ -118,15 +131,17 @@ pub async fn set_username(pool: &SqlitePool, id: &UserId, username: Option<&str>
 ///
 /// # Errors
 /// Database errors.
-pub async fn mark_email_verified(pool: &SqlitePool, id: &UserId, now: i64) -> Result<bool, RepoError> {
-    let done = sqlx::query(
-        "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $1), updated_at = $1 WHERE id = $2",
-    )
-    .bind(now)
-    .bind(id)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn mark_email_verified(db: &Db, id: &UserId, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $1), updated_at = $1 WHERE id = $2",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 /// Deletes the user and, by cascade, their sessions, tokens, key, authorizations and
@@ -134,18 +149,20 @@ pub async fn mark_email_verified(pool: &SqlitePool, id: &UserId, now: i64) -> Re
 ///
 /// # Errors
 /// Database errors.
-pub async fn delete(pool: &SqlitePool, id: &UserId) -> Result<bool, RepoError> {
-    let done = sqlx::query("DELETE FROM users WHERE id = $1")
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() == 1)
+pub async fn delete(db: &Db, id: &UserId) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::temp_db;
+    use crate::testing::temp_dbs;
 
     fn alice() -> NewUser<'static> {
         NewUser {
@@ -157,75 +174,72 @@ mod tests {
 
     #[tokio::test]
     async fn inserted_user_is_found_by_id_email_and_username() {
-        let (_dir, db) = temp_db().await;
-        let user = insert(db.pool(), &alice(), 100).await.unwrap();
-        assert_eq!(user.created_at, 100);
-        assert_eq!(find_by_id(db.pool(), &user.id).await.unwrap().as_ref(), Some(&user));
-        assert_eq!(
-            find_by_email(db.pool(), "alice@example.com").await.unwrap().as_ref(),
-            Some(&user)
-        );
-        assert_eq!(
-            find_by_username(db.pool(), "alice").await.unwrap().as_ref(),
-            Some(&user)
-        );
-        assert_eq!(find_by_email(db.pool(), "bob@example.com").await.unwrap(), None);
+        for (_guard, db) in temp_dbs().await {
+            let user = insert(&db, &alice(), 100).await.unwrap();
+            assert_eq!(user.created_at, 100);
+            assert_eq!(find_by_id(&db, &user.id).await.unwrap().as_ref(), Some(&user));
+            assert_eq!(
+                find_by_email(&db, "alice@example.com").await.unwrap().as_ref(),
+                Some(&user)
+            );
+            assert_eq!(find_by_username(&db, "alice").await.unwrap().as_ref(), Some(&user));
+            assert_eq!(find_by_email(&db, "bob@example.com").await.unwrap(), None);
+        }
     }
 
     #[tokio::test]
     async fn duplicate_email_is_reported_as_email_taken() {
-        let (_dir, db) = temp_db().await;
-        insert(db.pool(), &alice(), 1).await.unwrap();
-        let err = insert(
-            db.pool(),
-            &NewUser {
-                username: None,
-                ..alice()
-            },
-            2,
-        )
-        .await
-        .unwrap_err();
-        assert!(err.is_duplicate_of("email"), "{err:?}");
-        assert!(!err.is_duplicate_of("username"), "{err:?}");
+        for (_guard, db) in temp_dbs().await {
+            insert(&db, &alice(), 1).await.unwrap();
+            let err = insert(
+                &db,
+                &NewUser {
+                    username: None,
+                    ..alice()
+                },
+                2,
+            )
+            .await
+            .unwrap_err();
+            assert!(err.is_duplicate_of("email"), "{err:?}");
+            assert!(!err.is_duplicate_of("username"), "{err:?}");
+        }
     }
 
     #[tokio::test]
     async fn duplicate_username_is_reported_as_username_taken() {
-        let (_dir, db) = temp_db().await;
-        insert(db.pool(), &alice(), 1).await.unwrap();
-        let bob = NewUser {
-            email: "bob@example.com",
-            ..alice()
-        };
-        assert!(insert(db.pool(), &bob, 2)
-            .await
-            .unwrap_err()
-            .is_duplicate_of("username"));
+        for (_guard, db) in temp_dbs().await {
+            insert(&db, &alice(), 1).await.unwrap();
+            let bob = NewUser {
+                email: "bob@example.com",
+                ..alice()
+            };
+            assert!(insert(&db, &bob, 2).await.unwrap_err().is_duplicate_of("username"));
+        }
     }
 
     #[tokio::test]
     async fn email_verification_keeps_the_first_time() {
-        let (_dir, db) = temp_db().await;
-        let user = insert(db.pool(), &alice(), 1).await.unwrap();
-        assert!(mark_email_verified(db.pool(), &user.id, 10).await.unwrap());
-        assert!(mark_email_verified(db.pool(), &user.id, 20).await.unwrap());
-        let user = find_by_id(db.pool(), &user.id).await.unwrap().unwrap();
-        assert_eq!((user.email_verified_at, user.updated_at), (Some(10), 20));
+        for (_guard, db) in temp_dbs().await {
+            let user = insert(&db, &alice(), 1).await.unwrap();
+            assert!(mark_email_verified(&db, &user.id, 10).await.unwrap());
+            assert!(mark_email_verified(&db, &user.id, 20).await.unwrap());
+            let user = find_by_id(&db, &user.id).await.unwrap().unwrap();
+            assert_eq!((user.email_verified_at, user.updated_at), (Some(10), 20));
+        }
     }
 
     #[tokio::test]
     async fn password_and_username_updates_apply_and_delete_removes() {
-        let (_dir, db) = temp_db().await;
-        let user = insert(db.pool(), &alice(), 1).await.unwrap();
-        assert!(set_password_hash(db.pool(), &user.id, "$argon2id$new", 5)
-            .await
-            .unwrap());
-        assert!(set_username(db.pool(), &user.id, None, 6).await.unwrap());
-        let found = find_by_id(db.pool(), &user.id).await.unwrap().unwrap();
-        assert_eq!((found.password_hash.as_str(), found.username), ("$argon2id$new", None));
-        assert!(delete(db.pool(), &user.id).await.unwrap());
-        assert!(!delete(db.pool(), &user.id).await.unwrap());
-        assert_eq!(find_by_id(db.pool(), &user.id).await.unwrap(), None);
+        for (_guard, db) in temp_dbs().await {
+            let user = insert(&db, &alice(), 1).await.unwrap();
+            assert!(set_password_hash(&db, &user.id, "$argon2id$new", 5).await.unwrap());
+            assert!(set_username(&db, &user.id, None, 6).await.unwrap());
+            let found = find_by_id(&db, &user.id).await.unwrap().unwrap();
+            assert_eq!((found.password_hash.as_str(), found.username), ("$argon2id$new", None));
+            assert!(delete(&db, &user.id).await.unwrap());
+            assert!(!delete(&db, &user.id).await.unwrap());
+            assert_eq!(find_by_id(&db, &user.id).await.unwrap(), None);
+        }
     }
 }

@@ -80,7 +80,7 @@ pub(crate) async fn sign_up(
         import_key: nsec.filter(|k| !k.trim().is_empty()).map(Secret::new),
     };
     let now = now_unix();
-    let done = accounts::register(db.pool(), services.keys.as_ref(), &services.hasher, &registration, now).await?;
+    let done = accounts::register(db, services.keys.as_ref(), &services.hasher, &registration, now).await?;
     state.confirm_write(true).await?;
     // The account exists now: a mail that cannot be issued must not turn that into an error
     // (the user can ask for the link again).
@@ -106,7 +106,7 @@ async fn login(
 ) -> Result<Response, AppError> {
     let (user, cookie) = log_in(&state, &ip, secure, &body.email, body.password).await?;
     let (db, _) = state.api()?;
-    let key = keys::find_user_key(db.pool(), &user.id).await?;
+    let key = keys::find_user_key(db, &user.id).await?;
     Ok(([(SET_COOKIE, cookie)], Json(account_json(&user, &key.pubkey))).into_response())
 }
 
@@ -124,7 +124,7 @@ pub(crate) async fn log_in(
     state.limits().check_backoff(&backoff)?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
-    let outcome = accounts::login(db.pool(), &services.hasher, email, &Secret::new(password), now_unix()).await;
+    let outcome = accounts::login(db, &services.hasher, email, &Secret::new(password), now_unix()).await;
     let (user, session) = match outcome {
         Ok(done) => {
             state.limits().password_succeeded(&backoff);
@@ -158,7 +158,7 @@ pub(crate) async fn end_session(
 ) -> Result<(), AppError> {
     if let Some(token) = session_token(headers, secure) {
         let (db, _) = state.api()?;
-        accounts::logout(db.pool(), &token).await?;
+        accounts::logout(db, &token).await?;
     }
     Ok(())
 }
@@ -239,7 +239,7 @@ pub(crate) async fn request_mail(
         .limits()
         .check(&format!("{bucket}-email:{email}"), MAIL_PER_EMAIL)?;
     let (db, _) = state.api()?;
-    let Some(user) = user_repo::find_by_email(db.pool(), &email).await? else {
+    let Some(user) = user_repo::find_by_email(db, &email).await? else {
         return Ok(());
     };
     if purpose == TokenPurpose::VerifyEmail && user.email_verified_at.is_some() {
@@ -287,7 +287,7 @@ pub(crate) async fn set_new_password(
 /// Issues a single-use token and sends the mail carrying its link (delivery runs on in the
 /// background; see [`crate::mail`]).
 async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose) -> Result<(), AppError> {
-    let token = accounts::issue_mail_token(db.pool(), &user.id, purpose, now_unix()).await?;
+    let token = accounts::issue_mail_token(db, &user.id, purpose, now_unix()).await?;
     // The token must be in the database before anyone can follow the link.
     state.confirm_write(false).await?;
     let base = state.options().public_url.trim_end_matches('/');

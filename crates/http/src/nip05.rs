@@ -46,8 +46,8 @@ async fn nostr_json(
     let reserved = &state.options().reserved_usernames;
     // A reserved name is never served, even if an account took it before it was reserved.
     if accounts::validate_username(&name, reserved).is_ok() {
-        if let Some(user) = users::find_by_username(db.pool(), &name).await? {
-            let key = keys::find_user_key(db.pool(), &user.id).await?;
+        if let Some(user) = users::find_by_username(db, &name).await? {
+            let key = keys::find_user_key(db, &user.id).await?;
             names.insert(name, Value::String(key.pubkey.to_hex()));
         }
     }
@@ -76,7 +76,7 @@ async fn set_username(
         .map_err(|e| AppError::BadRequest(e.to_string()))?;
     let (db, _) = state.api()?;
     state.ensure_writable().await?;
-    users::set_username(db.pool(), &session.user.id, Some(&name), now_unix())
+    users::set_username(db, &session.user.id, Some(&name), now_unix())
         .await
         .map_err(|e| match e.is_duplicate_of("username") {
             true => AppError::Conflict("this username is taken".into()),

@@ -71,7 +71,7 @@ impl AuthorizeParams {
             ));
         }
         let (db, _) = state.api()?;
-        let policy = oauth::scope_policy(db.pool(), &self.scope).await?;
+        let policy = oauth::scope_policy(db, &self.scope).await?;
         Ok((origin, policy))
     }
 
@@ -223,7 +223,7 @@ async fn decide(
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
         let request = d.params.code_request(&session.user.id, &policy);
-        let code = oauth::issue_code(db.pool(), &request, state.options().code_ttl_secs, now_unix()).await?;
+        let code = oauth::issue_code(db, &request, state.options().code_ttl_secs, now_unix()).await?;
         state.confirm_write(false).await?;
         Ok((
             code.expose().clone(),
@@ -298,7 +298,7 @@ async fn token(
     let options = state.options();
     let now = now_unix();
     let grant = oauth::exchange_code(
-        db.pool(),
+        db,
         services.keys.as_ref(),
         &request,
         &options.relays,
@@ -338,7 +338,7 @@ pub(crate) fn policy_json(policy: &keycast_core::Policy) -> Value {
 /// `GET /.well-known/oauth-authorization-server` (RFC 8414).
 async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
-    let scopes: Vec<String> = policies::list(db.pool())
+    let scopes: Vec<String> = policies::list(db)
         .await?
         .into_iter()
         .map(|p| format!("policy:{}", p.slug))

@@ -246,16 +246,16 @@ async fn dashboard(
         return Ok(see_other("/login"));
     };
     let (db, _) = state.api()?;
-    let key = keys::find_user_key(db.pool(), &session.user.id).await?;
-    let policies: HashMap<_, _> = policies::list(db.pool())
+    let key = keys::find_user_key(db, &session.user.id).await?;
+    let policies: HashMap<_, _> = policies::list(db)
         .await?
         .into_iter()
         .map(|p| (p.id.clone(), p))
         .collect();
-    let authorizations = authz_repo::list_for_user(db.pool(), &session.user.id).await?;
-    let recent = activity::list_for_user(db.pool(), &session.user.id, DASHBOARD_ACTIVITY).await?;
-    let events = account_security::account_events(db.pool(), &session.user.id, DASHBOARD_ACTIVITY).await?;
-    let exposure = account_security::key_exposure(db.pool(), &session.user.id).await?;
+    let authorizations = authz_repo::list_for_user(db, &session.user.id).await?;
+    let recent = activity::list_for_user(db, &session.user.id, DASHBOARD_ACTIVITY).await?;
+    let events = account_security::account_events(db, &session.user.id, DASHBOARD_ACTIVITY).await?;
+    let exposure = account_security::key_exposure(db, &session.user.id).await?;
     let csrf = escape(&csrf_token(&session.token));
 
     let npub = key.pubkey.to_bech32().unwrap_or_default();
@@ -468,7 +468,7 @@ fn mailed_token(token: &str) -> Result<&str, AppError> {
 /// Whether a mailed link's token still works; `false` shows the dead-link page at once.
 async fn link_is_live(state: &AppState, token: &str, purpose: TokenPurpose) -> Result<bool, AppError> {
     let (db, _) = state.api()?;
-    Ok(keycast_core::accounts::mail_token_is_live(db.pool(), token, purpose, keycast_db::now_unix()).await?)
+    Ok(keycast_core::accounts::mail_token_is_live(db, token, purpose, keycast_db::now_unix()).await?)
 }
 
 /// `GET /verify-email?token=` (the mailed link) → a button that confirms the address, or

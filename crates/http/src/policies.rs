@@ -21,7 +21,7 @@ pub(crate) fn routes() -> Router<AppState> {
 async fn list(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
     let mut out = Vec::new();
-    for row in policies::list(db.pool()).await? {
+    for row in policies::list(db).await? {
         // A stored document core cannot read is keycast's fault, not the caller's.
         let policy = Policy::from_row(&row).map_err(AppError::internal)?;
         let mut permissions = policy_json(&policy);

@@ -61,7 +61,7 @@ impl FromRequestParts<AppState> for MaybeSession {
             return Ok(MaybeSession(None));
         };
         let (db, _) = state.api()?;
-        let user = accounts::session_user(db.pool(), &token, now_unix()).await?;
+        let user = accounts::session_user(db, &token, now_unix()).await?;
         Ok(MaybeSession(user.map(|user| SessionUser { user, token })))
     }
 }

@@ -40,10 +40,7 @@ async fn write(
         .db()
         .ok_or_else(|| AppError::Unavailable("keycast is starting".into()))?;
     state.ensure_writable().await?;
-    sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ($1, $2)")
-        .bind(format!("test:{}", q.key))
-        .bind(keycast_db::now_unix().to_string())
-        .execute(db.pool())
+    keycast_db::meta::insert(db, &format!("test:{}", q.key), &keycast_db::now_unix().to_string())
         .await
         .map_err(|e| AppError::Internal(e.to_string()))?;
     state.confirm_write(q.durable).await?;

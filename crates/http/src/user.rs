@@ -42,14 +42,10 @@ pub(crate) fn routes() -> Router<AppState> {
 /// redirect_origin, bunker_pubkey, created_at, revoked_at, last_activity}]}`.
 async fn list_authorizations(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
-    let slugs: HashMap<_, _> = policies::list(db.pool())
-        .await?
-        .into_iter()
-        .map(|p| (p.id, p.slug))
-        .collect();
+    let slugs: HashMap<_, _> = policies::list(db).await?.into_iter().map(|p| (p.id, p.slug)).collect();
     let mut out = Vec::new();
-    for row in authz_repo::list_for_user(db.pool(), &session.user.id).await? {
-        let last = activity::list_for_authorization(db.pool(), &row.id, 1).await?;
+    for row in authz_repo::list_for_user(db, &session.user.id).await? {
+        let last = activity::list_for_authorization(db, &row.id, 1).await?;
         out.push(json!({
             "id": row.id.as_str(),
             "client_id": row.client_id,
@@ -139,13 +135,13 @@ pub(crate) async fn accept_nostrconnect(
     }
     let (db, services) = state.api()?;
     let options = state.options();
-    uri.check_relay_caps(db.pool(), user, options.nostrconnect_relay_caps, &options.relays)
+    uri.check_relay_caps(db, user, options.nostrconnect_relay_caps, &options.relays)
         .await
         .map_err(|e| match e {
             RelayCapError::Refused(e) => AppError::BadRequest(e.to_string()),
             RelayCapError::Repo(e) => e.into(),
         })?;
-    let policy = policies::find_by_slug(db.pool(), policy).await?.ok_or_else(|| {
+    let policy = policies::find_by_slug(db, policy).await?.ok_or_else(|| {
         AppError::BadRequest(format!(
             "unknown policy {policy:?}; GET /api/policies lists them (e.g. social, readonly, wallet, full)"
         ))
@@ -177,7 +173,7 @@ async fn list_activity(
 ) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_ACTIVITY);
-    let rows = activity::list_for_user(db.pool(), &session.user.id, limit).await?;
+    let rows = activity::list_for_user(db, &session.user.id, limit).await?;
     let rows: Vec<Value> = rows
         .into_iter()
         .map(|a| {
@@ -190,7 +186,7 @@ async fn list_activity(
             })
         })
         .collect();
-    let account: Vec<Value> = account_security::account_events(db.pool(), &session.user.id, limit)
+    let account: Vec<Value> = account_security::account_events(db, &session.user.id, limit)
         .await?
         .into_iter()
         .map(|e| json!({ "event": e.event, "detail": e.detail, "created_at": e.created_at }))
@@ -202,8 +198,8 @@ async fn list_activity(
 /// `{since, reason, message}` when the key may be known to a previous holder of the account.
 async fn key(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
-    let key = keys::find_user_key(db.pool(), &session.user.id).await?;
-    let exposure = account_security::key_exposure(db.pool(), &session.user.id).await?;
+    let key = keys::find_user_key(db, &session.user.id).await?;
+    let exposure = account_security::key_exposure(db, &session.user.id).await?;
     Ok(Json(key_json(&key, exposure)))
 }
 
@@ -264,7 +260,7 @@ async fn dismiss_exposure(State(state): State<AppState>, session: SessionUser) -
 pub(crate) async fn dismiss_key_exposure(state: &AppState, user: &UserId) -> Result<(), AppError> {
     let (db, _) = state.api()?;
     state.ensure_writable().await?;
-    if !account_security::dismiss_exposure(db.pool(), user, now_unix()).await? {
+    if !account_security::dismiss_exposure(db, user, now_unix()).await? {
         return Err(AppError::NotFound("the key is not marked exposed".into()));
     }
     state.confirm_write(false).await
@@ -326,7 +322,7 @@ async fn export(
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let key = account_security::export_key(
-        db.pool(),
+        db,
         services.keys.as_ref(),
         services.hasher.queue(),
         &session.user,

@@ -61,7 +61,37 @@ pub const SETTINGS: &[Setting] = &[
         key: "database_url",
         env: "DATABASE_URL",
         default: "sqlite://<data_dir>/keycast.db",
-        help: "database location",
+        help: "the database: sqlite://PATH (one instance, replicated), or postgres://user:pass@host:port/db (any number of instances; Cloud SQL: postgres://user:pass@/db?host=/cloudsql/PROJECT:REGION:INSTANCE); the password is never printed",
+    },
+    Setting {
+        key: "database_max_connections",
+        env: "KEYCAST_DATABASE_MAX_CONNECTIONS",
+        default: "8 (SQLite), 10 (PostgreSQL)",
+        help: "pooled connections per instance; on PostgreSQL instances × (this + 1 listener) must stay under the server's max_connections",
+    },
+    Setting {
+        key: "database_direct_url",
+        env: "KEYCAST_DATABASE_DIRECT_URL",
+        default: "(DATABASE_URL)",
+        help: "PostgreSQL: a direct (session) connection to the same database for LISTEN/NOTIFY and the migration lock, when DATABASE_URL goes through a transaction-mode pooler such as PgBouncer",
+    },
+    Setting {
+        key: "database_statement_cache",
+        env: "KEYCAST_DATABASE_STATEMENT_CACHE",
+        default: "true",
+        help: "PostgreSQL: keep prepared statements per connection; false behind a transaction-mode PgBouncer older than 1.21",
+    },
+    Setting {
+        key: "cache_ttl_secs",
+        env: "KEYCAST_CACHE_TTL_SECS",
+        default: "30 (SQLite), 5 (PostgreSQL)",
+        help: "how long an instance trusts a cached authorization or key without asking the database: the backstop if a change notice from another instance is lost",
+    },
+    Setting {
+        key: "instance_ttl_secs",
+        env: "KEYCAST_INSTANCE_TTL_SECS",
+        default: "5",
+        help: "PostgreSQL: an instance whose heartbeat is this old is dead and its bunkers are answered by the others",
     },
     Setting {
         key: "log_format",
@@ -331,6 +361,8 @@ pub const SETTINGS: &[Setting] = &[
 
 /// Settings whose values are secrets: redacted from every message.
 const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url", "metrics_token"];
+/// Settings whose values are URLs that may carry a password: printed with it masked.
+const URL_SETTINGS: &[&str] = &["database_url", "database_direct_url"];
 
 /// Where the embedded relay listens by default: loopback, so it is private to the machine.
 pub const DEFAULT_EMBEDDED_RELAY_ADDR: &str = "127.0.0.1:7447";
@@ -348,8 +380,10 @@ pub struct Config {
     pub port: u16,
     pub bind: IpAddr,
     pub data_dir: PathBuf,
-    /// Path of the SQLite database file.
-    pub database_path: PathBuf,
+    /// The database (`DATABASE_URL`).
+    pub database: Database,
+    /// Trust cached authorizations and keys this long (`KEYCAST_CACHE_TTL_SECS`).
+    pub cache_ttl: Duration,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub shutdown_grace: Duration,
@@ -403,6 +437,56 @@ pub struct Config {
     pub allow_network_filesystem: bool,
     /// How often buffered signing activity is written (`KEYCAST_ACTIVITY_FLUSH_MS`).
     pub activity_flush: Duration,
+}
+
+/// Which database keycast runs on.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// A SQLite file: one instance, replicated by keycast itself.
+    Sqlite {
+        path: PathBuf,
+        /// Pooled connections (`KEYCAST_DATABASE_MAX_CONNECTIONS`).
+        max_connections: u32,
+    },
+    /// A PostgreSQL server: any number of instances, no replicator.
+    Postgres(PostgresConfig),
+}
+
+impl Database {
+    /// The SQLite file, if that is the engine.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            Database::Sqlite { path, .. } => Some(path),
+            Database::Postgres(_) => None,
+        }
+    }
+
+    /// Where the database is, for logs (never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite { path, .. } => path.display().to_string(),
+            Database::Postgres(pg) => pg.options.describe(),
+        }
+    }
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// `DATABASE_URL` and the pool settings.
+    pub options: keycast_db::PgOptions,
+    /// `KEYCAST_DATABASE_DIRECT_URL`: a session connection for LISTEN/NOTIFY and the
+    /// migration lock; `None`: `DATABASE_URL` is direct.
+    pub direct: Option<keycast_db::PgOptions>,
+    /// `KEYCAST_INSTANCE_TTL_SECS`: a heartbeat older than this means the instance is dead.
+    pub instance_ttl: Duration,
+}
+
+impl PostgresConfig {
+    /// The options for session-level work (LISTEN, advisory locks).
+    pub fn session(&self) -> keycast_db::PgOptions {
+        self.direct.clone().unwrap_or_else(|| self.options.clone())
+    }
 }
 
 /// Where the master key (the key-encryption key of stored Nostr keys) comes from.
@@ -575,9 +659,12 @@ impl Sources {
             self.get("data_dir", non_empty)?
                 .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
         );
-        let database_path = match self.get("database_url", parse_database_url)? {
-            Some(path) => path,
-            None => data_dir.join("keycast.db"),
+        let database = self.database(&data_dir)?;
+        let postgres = matches!(database, Database::Postgres(_));
+        let default_ttl = if postgres {
+            5
+        } else {
+            keycast_core::signer::DEFAULT_CACHE_TTL.as_secs()
         };
         Ok(Config {
             port: self.get("port", parse_port)?.unwrap_or(DEFAULT_PORT),
@@ -587,7 +674,13 @@ impl Sources {
                         .map_err(|_| "not an IP address (e.g. 0.0.0.0 or 127.0.0.1)".into())
                 })?
                 .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            database_path,
+            database,
+            cache_ttl: self
+                .get("cache_ttl_secs", |v| match v.parse::<u64>() {
+                    Ok(n) if (1..=3600).contains(&n) => Ok(Duration::from_secs(n)),
+                    _ => Err("expected seconds from 1 to 3600".into()),
+                })?
+                .unwrap_or(Duration::from_secs(default_ttl)),
             log_format: self.get("log_format", parse_log_format)?.unwrap_or(LogFormat::Text),
             log_filter: self.get("log", non_empty)?.unwrap_or_else(|| "info".into()),
             shutdown_grace: self
@@ -608,7 +701,7 @@ impl Sources {
             })?,
             test_routes: self.test_routes()?,
             durability: self.get("durability", parse_durability)?.unwrap_or_default(),
-            replica: self.replica(&data_dir)?,
+            replica: if postgres { None } else { self.replica(&data_dir)? },
             master_key: self.master_key(&data_dir)?,
             public_url: self.get("public_url", parse_public_url)?,
             bunker_relays: self.get("bunker_relays", parse_relays)?.unwrap_or_default(),
@@ -674,6 +767,70 @@ impl Sources {
                 .unwrap_or(Duration::from_secs(1)),
             data_dir,
         })
+    }
+
+    /// `DATABASE_URL` and the settings that go with it. With PostgreSQL every replica
+    /// setting is refused: the server keeps the data, there is no replicator to configure.
+    fn database(&self, data_dir: &Path) -> Result<Database, ConfigError> {
+        let max_connections = self.get("database_max_connections", |v| match v.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err("expected a number of connections from 1 to 1000".into()),
+        })?;
+        let url = self.get("database_url", parse_database_url)?;
+        let pg_only = ["database_direct_url", "database_statement_cache", "instance_ttl_secs"];
+        let Some(DatabaseUrl::Postgres(url)) = url else {
+            if let Some(key) = pg_only.iter().find(|k| self.values.contains_key(*k)) {
+                return Err(ConfigError::Invalid {
+                    origin: describe(key, &self.values[*key]),
+                    reason: "applies to PostgreSQL only, and DATABASE_URL is SQLite".into(),
+                });
+            }
+            let path = match url {
+                Some(DatabaseUrl::Sqlite(path)) => path,
+                _ => data_dir.join("keycast.db"),
+            };
+            let max_connections = max_connections.unwrap_or(keycast_db::pool::DEFAULT_MAX_CONNECTIONS);
+            return Ok(Database::Sqlite { path, max_connections });
+        };
+        if let Some((key, raw)) = self
+            .values
+            .iter()
+            .find(|(k, raw)| k.starts_with("replica_") && !(**k == "replica_url" && raw.value.trim() == "none"))
+        {
+            return Err(ConfigError::Invalid {
+                origin: describe(key, raw),
+                reason: "DATABASE_URL is PostgreSQL, which keeps the data itself: there is no replicator. \
+                         Use the server's backups and point-in-time recovery (Cloud SQL: automated backups with \
+                         point-in-time recovery) and remove this setting"
+                    .into(),
+            });
+        }
+        let mut options = keycast_db::PgOptions::new(url);
+        if let Some(n) = max_connections {
+            options.max_connections = n;
+        }
+        options.statement_cache = self.get("database_statement_cache", parse_bool)?.unwrap_or(true);
+        let direct = self
+            .get("database_direct_url", |v| match parse_database_url(v)? {
+                DatabaseUrl::Postgres(url) => Ok(url),
+                DatabaseUrl::Sqlite(_) => Err("expected a postgres:// URL (the same database as DATABASE_URL)".into()),
+            })?
+            .map(|url| keycast_db::PgOptions {
+                url,
+                max_connections: 2,
+                ..options.clone()
+            });
+        let instance_ttl = self
+            .get("instance_ttl_secs", |v| match v.parse::<u64>() {
+                Ok(n) if (2..=300).contains(&n) => Ok(Duration::from_secs(n)),
+                _ => Err("expected seconds from 2 to 300".into()),
+            })?
+            .unwrap_or(Duration::from_secs(5));
+        Ok(Database::Postgres(PostgresConfig {
+            options,
+            direct,
+            instance_ttl,
+        }))
     }
 
     /// `test_routes`, refused with an https public URL: the test routes hand out mailed
@@ -831,6 +988,8 @@ fn describe(key: &str, raw: &Raw) -> String {
     // A secret never goes into an error message (which ends up in logs).
     let value = if SECRET_SETTINGS.contains(&key) {
         "<redacted>".to_owned()
+    } else if URL_SETTINGS.contains(&key) {
+        keycast_db::pool::redact_url(&raw.value)
     } else {
         raw.value.clone()
     };
@@ -1014,19 +1173,28 @@ fn non_empty(v: &str) -> Result<String, String> {
 }
 
 /// Accepts `sqlite://PATH`, `sqlite:PATH` (an optional `?query` is ignored).
-fn parse_database_url(v: &str) -> Result<PathBuf, String> {
+/// What `DATABASE_URL` names.
+enum DatabaseUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+fn parse_database_url(v: &str) -> Result<DatabaseUrl, String> {
     if v.starts_with("postgres://") || v.starts_with("postgresql://") {
-        return Err("PostgreSQL is not supported by this build yet; use sqlite://PATH".into());
+        keycast_db::PgOptions::new(v)
+            .connect_options()
+            .map_err(|e| format!("not a usable PostgreSQL URL: {e}"))?;
+        return Ok(DatabaseUrl::Postgres(v.to_owned()));
     }
     let path = v
         .strip_prefix("sqlite://")
         .or_else(|| v.strip_prefix("sqlite:"))
-        .ok_or("expected sqlite://PATH")?;
+        .ok_or("expected sqlite://PATH or postgres://user:pass@host:port/db")?;
     let path = path.split('?').next().unwrap_or_default();
     if path.is_empty() || path == ":memory:" {
         return Err("needs a file path: an in-memory database cannot be replicated".into());
     }
-    Ok(PathBuf::from(path))
+    Ok(DatabaseUrl::Sqlite(PathBuf::from(path)))
 }
 
 #[cfg(test)]
@@ -1042,7 +1210,7 @@ mod tests {
     fn no_configuration_gives_the_embedded_defaults() {
         let config = Sources::default().build().unwrap();
         assert_eq!(config.port, 3000);
-        assert_eq!(config.database_path, PathBuf::from("./data/keycast.db"));
+        assert_eq!(config.database.sqlite_path(), Some(Path::new("./data/keycast.db")));
         assert_eq!(config.shutdown_grace, Duration::from_secs(8));
         assert_eq!(config.embedded_relay, Some("127.0.0.1:7447".parse().unwrap()));
         assert!(config.bunker_relays.is_empty() && config.nip46);
@@ -1319,11 +1487,64 @@ mod tests {
     }
 
     #[test]
-    fn database_url_accepts_sqlite_paths_only() {
+    fn database_url_accepts_sqlite_paths_and_postgres_urls() {
         let config = env(&[("DATABASE_URL", "sqlite:///tmp/x.db?mode=rwc")]).build().unwrap();
-        assert_eq!(config.database_path, PathBuf::from("/tmp/x.db"));
+        assert_eq!(config.database.sqlite_path(), Some(Path::new("/tmp/x.db")));
         let err = env(&[("DATABASE_URL", "mysql://x")]).build().unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL=mysql://x"), "{err}");
+        let socket = "postgres://keycast:hunter2@/keycast?host=/cloudsql/p:r:i";
+        let config = env(&[("DATABASE_URL", socket), ("KEYCAST_DATABASE_MAX_CONNECTIONS", "4")])
+            .build()
+            .unwrap();
+        let Database::Postgres(pg) = &config.database else {
+            panic!("{:?}", config.database)
+        };
+        assert_eq!(
+            (pg.options.max_connections, pg.instance_ttl),
+            (4, Duration::from_secs(5))
+        );
+        assert!(config.replica.is_none(), "no replicator on PostgreSQL");
+        assert_eq!(
+            config.cache_ttl,
+            Duration::from_secs(5),
+            "a short backstop with many instances"
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn replica_settings_are_refused_on_postgres_with_the_reason() {
+        let url = "postgres://keycast:hunter2@db.internal:5432/keycast";
+        for (var, value) in [
+            ("KEYCAST_REPLICA_URL", "gs://bucket/keycast"),
+            ("KEYCAST_REPLICA_LEASE_TTL_SECS", "20"),
+        ] {
+            let err = env(&[("DATABASE_URL", url), (var, value)])
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{err}");
+            assert!(
+                err.contains("no replicator") && err.contains("point-in-time recovery"),
+                "{err}"
+            );
+        }
+        env(&[("DATABASE_URL", url), ("KEYCAST_REPLICA_URL", "none")])
+            .build()
+            .unwrap();
+        let err = env(&[("DATABASE_URL", "postgres://u:hunter2@h/d?sslmode=bogus")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("DATABASE_URL=postgres://u:***@h/d") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = env(&[("KEYCAST_DATABASE_DIRECT_URL", url)])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PostgreSQL only"), "{err}");
     }
 
     #[test]

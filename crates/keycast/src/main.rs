@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use keycast::cli;
 use keycast::config::{Config, Sources};
@@ -132,7 +133,11 @@ fn main() -> ExitCode {
                 cli::ls_cmd(&replica(&config, a.replica.as_deref())?, a.json).await
             }
             Command::Replica(ReplicaCommand::Status(a)) => {
-                cli::status_cmd(&replica(&config, a.replica.as_deref())?, &config.database_path, a.json).await
+                let path = config
+                    .database
+                    .sqlite_path()
+                    .context("DATABASE_URL is PostgreSQL: there is no local database and no replica")?;
+                cli::status_cmd(&replica(&config, a.replica.as_deref())?, path, a.json).await
             }
         }
     });

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use keycast_core::{keys, KeyManager, MasterKey, MasterKeyManager};
-use sqlx::SqlitePool;
+use keycast_db::Db;
 
 use crate::config::MasterKeySource;
 
@@ -19,7 +19,7 @@ use crate::config::MasterKeySource;
 /// # Errors
 /// An unreadable or malformed key, or one that cannot decrypt the stored keys; the message
 /// names the variable (or file) it came from, never the key.
-pub async fn load(source: &MasterKeySource, pool: &SqlitePool) -> anyhow::Result<Arc<dyn KeyManager>> {
+pub async fn load(source: &MasterKeySource, db: &Db) -> anyhow::Result<Arc<dyn KeyManager>> {
     let (key, origin) = match source {
         MasterKeySource::Inline(text) => (MasterKey::from_base64(text.expose())?, "KEYCAST_MASTER_KEY".to_owned()),
         MasterKeySource::File(path) => (
@@ -35,7 +35,7 @@ pub async fn load(source: &MasterKeySource, pool: &SqlitePool) -> anyhow::Result
         ),
     };
     let km: Arc<dyn KeyManager> = Arc::new(MasterKeyManager::new(key));
-    keys::verify_can_decrypt(pool, km.as_ref())
+    keys::verify_can_decrypt(db, km.as_ref())
         .await
         .with_context(|| format!("refusing to start: the master key from {origin} does not match this database"))?;
     Ok(km)

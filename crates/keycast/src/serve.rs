@@ -22,6 +22,7 @@
 //! longer write.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -37,7 +38,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::config::Config;
+use crate::config::{Config, Database, PostgresConfig};
 
 /// Serves HTTP on `listener` until `shutdown` completes, then shuts down in order.
 ///
@@ -153,7 +154,7 @@ pub async fn run(
     }
     state.set_services(running.services.clone());
     state.set_db(running.db.clone());
-    tracing::info!(database = %config.database_path.display(), "keycast is ready");
+    tracing::info!(database = %config.database.describe(), "keycast is ready");
 
     let monitor = running.replicator.as_ref().map(Replicator::monitor);
     let fenced = async {
@@ -203,10 +204,14 @@ async fn services(
     db: &Db,
     replica: Option<Monitor>,
 ) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
-    let km = crate::master_key::load(&config.master_key, db.pool()).await?;
+    let km = crate::master_key::load(&config.master_key, db).await?;
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
-    let signer = Arc::new(Signer::new(db.pool().clone(), km.clone(), SignerOptions::default()));
+    let options = SignerOptions {
+        cache_ttl: config.cache_ttl,
+        ..SignerOptions::default()
+    };
+    let signer = Arc::new(Signer::new(db.clone(), km.clone(), options));
     let flusher = tokio::spawn(flush_activity(signer.clone(), replica, config.activity_flush));
     Ok((
         Services {
@@ -263,9 +268,13 @@ async fn mark_serving(replicator: &Replicator) -> anyhow::Result<()> {
 /// once (a deploy that fails must not leave nobody writing).
 async fn start(config: &Config) -> anyhow::Result<Running> {
     prepare_directories(config)?;
+    let database_path = match &config.database {
+        Database::Postgres(pg) => return start_postgres(config, pg).await,
+        Database::Sqlite { path, .. } => path.as_path(),
+    };
     let Some(replica) = &config.replica else {
         tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
-        let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
+        let db = Db::open_sqlite(&sqlite_options(config, database_path)).await?;
         let (services, flusher) = services(config, &db, None).await?;
         return Ok(Running {
             db,
@@ -283,7 +292,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     let mut lease = crate::replication::acquire_lease(&store, replica).await?;
     let recorded = lease.previous_txid();
     // A large restore may outlast the lease: keep it renewed meanwhile.
-    let opened = keep_alive_while(&mut lease, open_replicated(config, &store, recorded)).await?;
+    let opened = keep_alive_while(&mut lease, open_replicated(config, database_path, &store, recorded)).await?;
     let (db, signal, lineage) = match opened {
         Ok(opened) => opened,
         Err(e) => {
@@ -291,14 +300,13 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
             return Err(e);
         }
     };
-    let replicator =
-        match crate::replication::start(&config.database_path, store, signal, &lineage, replica, lease).await {
-            Ok(replicator) => replicator,
-            Err(e) => {
-                db.close().await;
-                return Err(e);
-            }
-        };
+    let replicator = match crate::replication::start(database_path, store, signal, &lineage, replica, lease).await {
+        Ok(replicator) => replicator,
+        Err(e) => {
+            db.close().await;
+            return Err(e);
+        }
+    };
     match services(config, &db, Some(replicator.monitor())).await {
         Ok((services, flusher)) => Ok(Running {
             db,
@@ -321,21 +329,64 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
 /// (restoring if needed), open and migrate the database, and read or set its lineage.
 async fn open_replicated(
     config: &Config,
+    database_path: &Path,
     store: &keycast_replica::Store,
     recorded: Option<u64>,
 ) -> anyhow::Result<(Db, Arc<CommitSignal>, String)> {
-    crate::replication::prepare(&config.database_path, store, recorded).await?;
+    crate::replication::prepare(database_path, store, recorded).await?;
     let signal = CommitSignal::new();
     let options = DbOptions {
         commit_signal: Some(signal.clone()),
-        ..DbOptions::new(&config.database_path)
+        ..sqlite_options(config, database_path)
     };
     let db = Db::open_sqlite(&options).await?;
-    match keycast_db::meta::ensure_lineage(db.pool(), &random_id()).await {
+    match keycast_db::meta::ensure_lineage(&db, &random_id()).await {
         Ok(lineage) => Ok((db, signal, lineage)),
         Err(e) => {
             db.close().await;
             Err(e.into())
+        }
+    }
+}
+
+/// The SQLite pool settings from the configuration.
+fn sqlite_options(config: &Config, path: &Path) -> DbOptions {
+    let mut options = DbOptions::new(path);
+    if let Database::Sqlite { max_connections, .. } = &config.database {
+        options.max_connections = *max_connections;
+    }
+    options
+}
+
+/// Start-up on PostgreSQL: no replicator and no lease (the server keeps the data and any
+/// number of instances write it); migrations run once however many instances start
+/// together (see [`open_postgres`]).
+async fn start_postgres(config: &Config, pg: &PostgresConfig) -> anyhow::Result<Running> {
+    let db = open_postgres(pg).await?;
+    tracing::info!(database = %pg.options.describe(), pool = pg.options.max_connections, "connected to PostgreSQL");
+    match services(config, &db, None).await {
+        Ok((services, flusher)) => Ok(Running {
+            db,
+            replicator: None,
+            services,
+            flusher,
+        }),
+        Err(e) => {
+            db.close().await;
+            Err(e)
+        }
+    }
+}
+
+/// Connects the pool and migrates. Migrations hold a session advisory lock, so behind a
+/// transaction-mode pooler they go through `KEYCAST_DATABASE_DIRECT_URL` instead.
+async fn open_postgres(pg: &PostgresConfig) -> anyhow::Result<Db> {
+    match &pg.direct {
+        None => Ok(Db::open_postgres(&pg.options).await?),
+        Some(direct) => {
+            let session = Db::open_postgres(direct).await.context("KEYCAST_DATABASE_DIRECT_URL")?;
+            session.close().await;
+            Ok(Db::connect_postgres(&pg.options).await?)
         }
     }
 }
@@ -363,7 +414,7 @@ fn prepare_directories(config: &Config) -> anyhow::Result<()> {
             config.data_dir.display()
         )
     })?;
-    if let Some(parent) = config.database_path.parent() {
+    if let Some(parent) = config.database.sqlite_path().and_then(Path::parent) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create the database directory {}", parent.display()))?;
     }
@@ -371,9 +422,13 @@ fn prepare_directories(config: &Config) -> anyhow::Result<()> {
 }
 
 /// Refuses a database directory on a network or FUSE filesystem (before anything is
-/// created there), unless `KEYCAST_ALLOW_NETWORK_FILESYSTEM` says to go on.
+/// created there), unless `KEYCAST_ALLOW_NETWORK_FILESYSTEM` says to go on. PostgreSQL
+/// keeps no file here.
 fn check_local_disk(config: &Config) -> anyhow::Result<()> {
-    let dir = config.database_path.parent().unwrap_or(std::path::Path::new("."));
+    let Some(path) = config.database.sqlite_path() else {
+        return Ok(());
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
     match crate::local_disk::check(dir) {
         Ok(()) => Ok(()),
         Err(crate::local_disk::CheckError::Network(e)) if config.allow_network_filesystem => {
@@ -493,7 +548,10 @@ pub async fn shutdown_signal() {
 /// As for start-up.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     prepare_directories(config)?;
-    let db = Db::open_sqlite(&DbOptions::new(&config.database_path)).await?;
+    let db = match &config.database {
+        Database::Sqlite { path, .. } => Db::open_sqlite(&sqlite_options(config, path)).await?,
+        Database::Postgres(pg) => open_postgres(pg).await?,
+    };
     tracing::info!(version = keycast_db::migrate::latest_version(), "database is migrated");
     db.close().await;
     Ok(())

@@ -10,7 +10,7 @@ use std::time::Duration;
 use harness::api::*;
 use harness::flow::{grant, register};
 use harness::nostr::{keypair, BunkerClient, Relay, RsRelay};
-use harness::{Keycast, Launch};
+use harness::{Engine, Keycast, Launch};
 use nostr::nips::nip44;
 use nostr::{Event, Keys, PublicKey};
 use serde_json::{json, Value};
@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 /// A refusal must arrive well before a client's own timeout.
 const REFUSAL_WITHIN_MS: f64 = 1000.0;
 
-fn start_with(dir: &std::path::Path, env: &[(&str, &str)]) -> Keycast {
-    let mut launch = Launch::new(&dir.join("data"));
+fn start_with(engine: Engine, dir: &std::path::Path, env: &[(&str, &str)]) -> Keycast {
+    let mut launch = Launch::on(engine, &dir.join("data"));
     for (k, v) in env {
         launch = launch.env(k, v);
     }
@@ -91,14 +91,13 @@ fn sign_like_an_app(client: &mut BunkerClient, bunker: &str, user_pubkey: &str) 
     event
 }
 
-#[test]
-fn bunker_signer_works_through_an_external_relay() {
+fn bunker_signer_works_through_an_external_relay(engine: Engine) {
     let Some(relay) = Relay::start() else { return };
     let Some(mut client) = BunkerClient::spawn() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let server = start_with(engine, dir.path(), &[("BUNKER_RELAYS", relay.url())]);
     let (cookie, user_pubkey, token) = user_with_grant(&server, "ext@example.com", "policy:social");
     let bunker = bunker_url(&token);
     assert!(
@@ -125,13 +124,12 @@ fn bunker_signer_works_through_an_external_relay() {
         .any(|r| r["method"] == "sign_event" && r["transport"] == "nip46" && r["kind"] == 1));
 }
 
-#[test]
-fn the_embedded_relay_runs_the_whole_flow_on_one_machine() {
+fn the_embedded_relay_runs_the_whole_flow_on_one_machine(engine: Engine) {
     let Some(mut client) = BunkerClient::spawn() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with(dir.path(), &[]);
+    let server = start_with(engine, dir.path(), &[]);
     let (_, user_pubkey, token) = user_with_grant(&server, "local@example.com", "policy:social");
     let bunker = bunker_url(&token);
     assert!(
@@ -145,8 +143,7 @@ fn the_embedded_relay_runs_the_whole_flow_on_one_machine() {
     client.call_ok(json!({"op": "logout"}));
 }
 
-#[test]
-fn refusals_are_answered_within_a_second() {
+fn refusals_are_answered_within_a_second(engine: Engine) {
     let Some(mut client) = BunkerClient::spawn() else {
         return;
     };
@@ -154,7 +151,7 @@ fn refusals_are_answered_within_a_second() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with(dir.path(), &[]);
+    let server = start_with(engine, dir.path(), &[]);
     let (cookie, _, social) = user_with_grant(&server, "refuse@example.com", "policy:social");
     let bunker = bunker_url(&social);
 
@@ -221,14 +218,13 @@ fn authorization_id(server: &Keycast, cookie: &str, token: &Value) -> String {
         .expect("the authorization is listed")
 }
 
-#[test]
-fn a_pasted_nostrconnect_uri_creates_an_authorization_the_client_can_use() {
+fn a_pasted_nostrconnect_uri_creates_an_authorization_the_client_can_use(engine: Engine) {
     let Some(relay) = Relay::start() else { return };
     let Some(mut client) = BunkerClient::spawn() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let server = start_with(engine, dir.path(), &[("BUNKER_RELAYS", relay.url())]);
     let (cookie, account) = register(&server, "nc@example.com", None);
     let user_pubkey = account["pubkey"].as_str().unwrap();
 
@@ -313,14 +309,13 @@ fn url_encode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
-#[test]
-fn the_dashboard_form_authorizes_a_nostrconnect_app() {
+fn the_dashboard_form_authorizes_a_nostrconnect_app(engine: Engine) {
     let Some(relay) = Relay::start() else { return };
     let Some(mut client) = BunkerClient::spawn() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let server = start_with(engine, dir.path(), &[("BUNKER_RELAYS", relay.url())]);
     let (cookie, _) = register(&server, "page@example.com", None);
     let started = client.call_ok(json!({"op": "nostrconnect", "relays": [relay.url()]}));
     let uri = started["uri"].as_str().unwrap();
@@ -378,8 +373,7 @@ const NO_OK_WAIT_WITHIN_MS: f64 = 1000.0;
 
 /// Issue 6: relays that never send `OK` for ephemeral events must not delay replies.
 /// nostr-rs-relay is such a relay; keycast publishes its replies without waiting for an `OK`.
-#[test]
-fn replies_do_not_wait_for_the_ok_nostr_rs_relay_never_sends() {
+fn replies_do_not_wait_for_the_ok_nostr_rs_relay_never_sends(engine: Engine) {
     let Some(relay) = RsRelay::start() else { return };
     let Some(mut client) = BunkerClient::spawn() else {
         return;
@@ -392,7 +386,7 @@ fn replies_do_not_wait_for_the_ok_nostr_rs_relay_never_sends() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with(dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let server = start_with(engine, dir.path(), &[("BUNKER_RELAYS", relay.url())]);
     let (_, user_pubkey, token) = user_with_grant(&server, "rs@example.com", "policy:social");
     let bunker = bunker_url(&token);
     assert!(
@@ -469,3 +463,12 @@ fn oks_until_a_kind_1_is_answered(url: &str) -> (bool, bool) {
         answered
     })
 }
+
+on_both_engines!(
+    bunker_signer_works_through_an_external_relay,
+    the_embedded_relay_runs_the_whole_flow_on_one_machine,
+    refusals_are_answered_within_a_second,
+    a_pasted_nostrconnect_uri_creates_an_authorization_the_client_can_use,
+    the_dashboard_form_authorizes_a_nostrconnect_app,
+    replies_do_not_wait_for_the_ok_nostr_rs_relay_never_sends,
+);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use harness::api::*;
 use harness::flow::{approve, authorize_query, pkce, register, token_request};
-use harness::{Keycast, Launch};
+use harness::{Engine, Keycast, Launch};
 use serde_json::json;
 
 /// Consent for `test-app` under policy:social: the code and its PKCE verifier.
@@ -19,11 +19,10 @@ fn approved_code(server: &Keycast, cookie: &str) -> (String, String) {
     )
 }
 
-#[test]
-fn an_expired_code_is_invalid_grant_over_http() {
+fn an_expired_code_is_invalid_grant_over_http(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     // Codes live 2 s here (production: 600 s); the setting can only shorten the TTL.
-    let server = Launch::new(&dir.path().join("data"))
+    let server = Launch::on(engine, &dir.path().join("data"))
         .env("KEYCAST_OAUTH_CODE_TTL_SECS", "2")
         .start();
     let (cookie, _) = register(&server, "expiry@example.com", None);
@@ -48,10 +47,9 @@ fn an_expired_code_is_invalid_grant_over_http() {
     );
 }
 
-#[test]
-fn policies_are_listed_with_what_they_permit() {
+fn policies_are_listed_with_what_they_permit(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Launch::new(&dir.path().join("data")).start();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
     let r = get(&server, "/api/policies", None);
     assert_eq!(r.status, 200, "{}", r.body);
     let policies = r.json()["policies"].as_array().cloned().unwrap();
@@ -81,10 +79,9 @@ fn policies_are_listed_with_what_they_permit() {
 
 /// Issue 12, item 4: the wallet policy, described as signing zap requests, must not read or
 /// write direct messages, and the consent page's words are the enforced permissions.
-#[test]
-fn a_wallet_app_cannot_read_direct_messages_and_the_consent_page_says_so() {
+fn a_wallet_app_cannot_read_direct_messages_and_the_consent_page_says_so(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Launch::new(&dir.path().join("data")).start();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
     let (cookie, _) = register(&server, "wallet-user@example.com", None);
     let (challenge, _) = harness::flow::pkce();
     let consent = get(
@@ -130,3 +127,9 @@ fn a_wallet_app_cannot_read_direct_messages_and_the_consent_page_says_so() {
     );
     assert!(consent.body.contains("Not encrypt messages"), "{}", consent.body);
 }
+
+on_both_engines!(
+    an_expired_code_is_invalid_grant_over_http,
+    policies_are_listed_with_what_they_permit,
+    a_wallet_app_cannot_read_direct_messages_and_the_consent_page_says_so,
+);

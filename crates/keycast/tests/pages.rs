@@ -7,13 +7,13 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::api::*;
-use harness::{Keycast, Launch};
+use harness::{Engine, Keycast, Launch};
 use oauth2::PkceCodeChallenge;
 use serde_json::json;
 
-fn start() -> (tempfile::TempDir, Keycast) {
+fn start(engine: Engine) -> (tempfile::TempDir, Keycast) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Launch::new(&dir.path().join("data"))
+    let server = Launch::on(engine, &dir.path().join("data"))
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
     (dir, server)
@@ -79,9 +79,8 @@ fn authorize_app(server: &Keycast, cookie: &str) -> String {
 // Tests.
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn register_and_login_forms_lead_to_a_dashboard_showing_the_key() {
-    let (_dir, server) = start();
+fn register_and_login_forms_lead_to_a_dashboard_showing_the_key(engine: Engine) {
+    let (_dir, server) = start(engine);
 
     // Without a session, / and /dashboard send the visitor to the login page.
     let home = get(&server, "/", None);
@@ -206,9 +205,8 @@ fn register_and_login_forms_lead_to_a_dashboard_showing_the_key() {
     assert!(r.retry_after.is_some());
 }
 
-#[test]
-fn the_dashboard_lists_authorizations_and_revokes_only_with_the_csrf_token() {
-    let (_dir, server) = start();
+fn the_dashboard_lists_authorizations_and_revokes_only_with_the_csrf_token(engine: Engine) {
+    let (_dir, server) = start(engine);
     let cookie = register_with_form(&server, "apps@example.com");
     let token = authorize_app(&server, &cookie);
     assert_eq!(rpc(&server, &token, "get_public_key", json!([])).status, 200);
@@ -265,9 +263,8 @@ fn the_dashboard_lists_authorizations_and_revokes_only_with_the_csrf_token() {
     );
 }
 
-#[test]
-fn logout_needs_the_csrf_token_and_ends_the_session() {
-    let (_dir, server) = start();
+fn logout_needs_the_csrf_token_and_ends_the_session(engine: Engine) {
+    let (_dir, server) = start(engine);
     let cookie = register_with_form(&server, "bye@example.com");
     let body = dashboard(&server, &cookie);
     assert!(body.contains("action=\"/logout\""), "{body}");
@@ -288,3 +285,9 @@ fn logout_needs_the_csrf_token_and_ends_the_session() {
     assert_eq!((dash.status, dash.location.as_deref()), (303, Some("/login")));
     assert_eq!(get(&server, "/api/user/key", Some(&cookie)).status, 401);
 }
+
+on_both_engines!(
+    register_and_login_forms_lead_to_a_dashboard_showing_the_key,
+    the_dashboard_lists_authorizations_and_revokes_only_with_the_csrf_token,
+    logout_needs_the_csrf_token_and_ends_the_session,
+);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use harness::api::*;
 use harness::flow::{approve, authorize_query, pkce, register, register_unverified, token_request};
-use harness::{Keycast, Launch};
+use harness::{Engine, Keycast, Launch};
 use nostr::nips::nip19::ToBech32;
 use nostr::{Event, JsonUtil, Keys};
 use oauth2::basic::{
@@ -27,9 +27,9 @@ use serde_json::{json, Value};
 // Flow helpers.
 // ---------------------------------------------------------------------------------------
 
-fn start() -> (tempfile::TempDir, Keycast) {
+fn start(engine: Engine) -> (tempfile::TempDir, Keycast) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Launch::new(&dir.path().join("data"))
+    let server = Launch::on(engine, &dir.path().join("data"))
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
     (dir, server)
@@ -65,9 +65,8 @@ fn oauth_http(request: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, ureq
     Ok(oauth2::HttpResponse::from_parts(parts, body.read_to_vec()?))
 }
 
-#[test]
-fn oauth_client_library_flow_signs_an_event_that_verifies_independently() {
-    let (_dir, server) = start();
+fn oauth_client_library_flow_signs_an_event_that_verifies_independently(engine: Engine) {
+    let (_dir, server) = start(engine);
     let own = Keys::generate();
     let (cookie, account) = register(
         &server,
@@ -176,9 +175,8 @@ fn verify_with_nostr_tools(event_json: &str) {
     assert!(status.success(), "nostr-tools verifyEvent rejected {event_json}");
 }
 
-#[test]
-fn revoked_authorization_is_refused_on_the_very_next_request() {
-    let (_dir, server) = start();
+fn revoked_authorization_is_refused_on_the_very_next_request(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (cookie, token, _) = access_token(&server, "bob@example.com", "policy:social");
     assert_eq!(rpc(&server, &token, "get_public_key", json!([])).status, 200);
     let list = get(&server, "/api/user/authorizations", Some(&cookie)).json();
@@ -206,9 +204,8 @@ fn revoked_authorization_is_refused_on_the_very_next_request() {
     );
 }
 
-#[test]
-fn token_endpoint_refuses_bad_pkce_reuse_and_redirect_mismatch_with_rfc6749_errors() {
-    let (_dir, server) = start();
+fn token_endpoint_refuses_bad_pkce_reuse_and_redirect_mismatch_with_rfc6749_errors(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (cookie, _) = register(&server, "carol@example.com", None);
 
     let (challenge, verifier) = pkce();
@@ -266,9 +263,8 @@ fn token_endpoint_refuses_bad_pkce_reuse_and_redirect_mismatch_with_rfc6749_erro
     assert_eq!(missing.json()["error"], "invalid_request", "{}", missing.body);
 }
 
-#[test]
-fn two_concurrent_redemptions_of_one_code_yield_exactly_one_token() {
-    let (_dir, server) = start();
+fn two_concurrent_redemptions_of_one_code_yield_exactly_one_token(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (cookie, _) = register(&server, "dave@example.com", None);
     let (challenge, verifier) = pkce();
     let code = approve(&server, &cookie, &authorize_query("policy:social", &challenge));
@@ -282,9 +278,8 @@ fn two_concurrent_redemptions_of_one_code_yield_exactly_one_token() {
     assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 3, "{statuses:?}");
 }
 
-#[test]
-fn authorize_requires_pkce_s256_and_a_safe_redirect() {
-    let (_dir, server) = start();
+fn authorize_requires_pkce_s256_and_a_safe_redirect(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (cookie, _) = register(&server, "erin@example.com", None);
     let (challenge, _) = pkce();
     let base = [
@@ -342,9 +337,8 @@ fn authorize_requires_pkce_s256_and_a_safe_redirect() {
         .contains(&json!("policy:readonly")));
 }
 
-#[test]
-fn consent_post_without_the_right_csrf_token_is_refused_and_deny_redirects() {
-    let (_dir, server) = start();
+fn consent_post_without_the_right_csrf_token_is_refused_and_deny_redirects(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (cookie, _) = register(&server, "frank@example.com", None);
     let (challenge, _) = pkce();
     let query = authorize_query("policy:social", &challenge);
@@ -425,9 +419,8 @@ fn consent_post_without_the_right_csrf_token_is_refused_and_deny_redirects() {
     assert!(own.json()["code"].is_string() && own.json()["redirect_uri"].as_str().unwrap().starts_with(REDIRECT));
 }
 
-#[test]
-fn password_reset_attempts_are_rate_limited() {
-    let (_dir, server) = start();
+fn password_reset_attempts_are_rate_limited(engine: Engine) {
+    let (_dir, server) = start(engine);
     let body = json!({ "token": "not-a-real-token", "password": "a new password 1" });
     let statuses: Vec<u16> = (0..11)
         .map(|_| post_json(&server, "/api/auth/reset-password", None, &body).status)
@@ -442,9 +435,8 @@ fn password_reset_attempts_are_rate_limited() {
     );
 }
 
-#[test]
-fn login_is_rate_limited_with_retry_after() {
-    let (_dir, server) = start();
+fn login_is_rate_limited_with_retry_after(engine: Engine) {
+    let (_dir, server) = start(engine);
     register(&server, "heidi@example.com", None);
     let body = json!({ "email": "heidi@example.com", "password": "wrong password" });
     let statuses: Vec<Reply> = (0..6)
@@ -468,9 +460,8 @@ fn login_is_rate_limited_with_retry_after() {
     assert_eq!(right.status, 429, "the right password does not bypass the limit either");
 }
 
-#[test]
-fn policies_deny_per_permission_with_the_reason() {
-    let (_dir, server) = start();
+fn policies_deny_per_permission_with_the_reason(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (_, social, _) = access_token(&server, "ivan@example.com", "policy:social");
     let long_form = rpc(
         &server,
@@ -534,9 +525,8 @@ fn policies_deny_per_permission_with_the_reason() {
     assert_eq!(rpc(&server, "not-a-token", "get_public_key", json!([])).status, 401);
 }
 
-#[test]
-fn email_verification_and_password_reset_use_single_use_mailed_tokens() {
-    let (_dir, server) = start();
+fn email_verification_and_password_reset_use_single_use_mailed_tokens(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (cookie, _) = register_unverified(&server, "kim@example.com", None);
     let outbox = get(&server, "/api/test/outbox", None).json();
     let verify = outbox["messages"]
@@ -598,9 +588,8 @@ fn email_verification_and_password_reset_use_single_use_mailed_tokens() {
     assert!(login.set_cookie.unwrap().contains("HttpOnly; SameSite=Lax"));
 }
 
-#[test]
-fn nip05_serves_chosen_usernames_and_export_needs_the_password() {
-    let (_dir, server) = start();
+fn nip05_serves_chosen_usernames_and_export_needs_the_password(engine: Engine) {
+    let (_dir, server) = start(engine);
     let (cookie, account) = register(&server, "leo@example.com", None);
     let set = post_json(
         &server,
@@ -819,7 +808,7 @@ fn redeploy_keeps_accounts_keys_and_authorizations() {
 /// decrypts — so both ends agree on the shared secret, not just keycast with itself.
 #[test]
 fn rpc_encryption_is_read_by_the_peer_and_reads_the_peer() {
-    let (_dir, server) = start();
+    let (_dir, server) = start(Engine::Sqlite);
     let (_, token, _) = access_token(&server, "nina@example.com", "policy:full");
     let peer = Keys::generate();
     let user = nostr::PublicKey::from_hex(
@@ -845,3 +834,17 @@ fn rpc_encryption_is_read_by_the_peer_and_reads_the_peer() {
         .expect("the peer decrypts keycast's NIP-44");
     assert_eq!(opened, "meet at one");
 }
+
+on_both_engines!(
+    oauth_client_library_flow_signs_an_event_that_verifies_independently,
+    revoked_authorization_is_refused_on_the_very_next_request,
+    token_endpoint_refuses_bad_pkce_reuse_and_redirect_mismatch_with_rfc6749_errors,
+    two_concurrent_redemptions_of_one_code_yield_exactly_one_token,
+    authorize_requires_pkce_s256_and_a_safe_redirect,
+    consent_post_without_the_right_csrf_token_is_refused_and_deny_redirects,
+    password_reset_attempts_are_rate_limited,
+    login_is_rate_limited_with_retry_after,
+    policies_deny_per_permission_with_the_reason,
+    email_verification_and_password_reset_use_single_use_mailed_tokens,
+    nip05_serves_chosen_usernames_and_export_needs_the_password,
+);

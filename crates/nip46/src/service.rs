@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use keycast_core::nostr::{Event, Filter, Kind, PublicKey, RelayUrl, Timestamp};
 use keycast_core::{Change, Durability, Signer};
-use keycast_db::authz as authz_repo;
 use nostr_sdk::pool::{RelayOptions, RelayPool, RelayPoolNotification};
 use nostr_sdk::{ClientMessage, SubscribeOptions, SubscriptionId};
 use tokio::sync::{broadcast, Semaphore};
@@ -454,9 +453,7 @@ impl Shared {
         self.bindings.rotate();
         let window = i64::try_from(self.options.revoked_answer_window.as_secs()).unwrap_or(i64::MAX);
         let since = keycast_db::now_unix().saturating_sub(window);
-        let rows = authz_repo::list_bunkers_to_serve(self.signer.pool(), since)
-            .await
-            .map_err(|e| e.to_string())?;
+        let rows = self.signer.bunkers_to_serve(since).await.map_err(|e| e.to_string())?;
         let rows: Vec<Row> = rows.iter().filter_map(row).collect();
         let roster = Arc::new(Roster::build(rows, &self.operator, self.options.max_app_relays));
         let left_out = roster.left_out();
@@ -578,7 +575,7 @@ impl Shared {
 }
 
 /// A stored authorization as the roster needs it; `None` (logged) for a bad bunker key.
-fn row(stored: &authz_repo::LiveBunker) -> Option<Row> {
+fn row(stored: &keycast_db::authz::LiveBunker) -> Option<Row> {
     let Ok(bunker) = PublicKey::from_hex(&stored.bunker_pubkey) else {
         tracing::warn!(bunker = stored.bunker_pubkey, "nip46: skipping a bunker with a bad key");
         return None;

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod api;
+pub mod engine;
 pub mod flow;
 pub mod native;
 pub mod nostr;
@@ -23,6 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+#[allow(unused_imports)] // each test binary uses a different part of the harness
+pub use engine::{Engine, PgDatabase};
+
 /// A fixed master key (32 bytes, base64) for tests that restart on a wiped data directory.
 pub const TEST_MASTER_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -39,6 +43,8 @@ pub struct Keycast {
     stderr: Arc<Mutex<String>>,
     /// Everything printed on stdout (the address line and anything else).
     stdout: Arc<Mutex<String>>,
+    /// The PostgreSQL test database it runs on, kept until the process is gone.
+    pub database: Option<Arc<PgDatabase>>,
 }
 
 /// How to start keycast: extra environment on top of a clean, test-friendly base.
@@ -48,6 +54,8 @@ pub struct Launch {
     pub args: Vec<String>,
     /// A command keycast is run under (e.g. `unshare … sh -c 'hostname …; exec "$0" "$@"'`).
     pub wrapper: Vec<String>,
+    /// The PostgreSQL test database (`Launch::on`, `Launch::postgres`), `None` on SQLite.
+    pub database: Option<Arc<PgDatabase>>,
 }
 
 impl Launch {
@@ -57,6 +65,7 @@ impl Launch {
             env: Vec::new(),
             args: vec!["serve".into()],
             wrapper: Vec::new(),
+            database: None,
         }
     }
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -160,6 +169,7 @@ impl Launch {
                 data_dir: self.data_dir.clone(),
                 stderr,
                 stdout,
+                database: self.database.clone(),
             },
         }
     }
@@ -175,6 +185,7 @@ impl Launch {
             data_dir: self.data_dir.clone(),
             stderr,
             stdout,
+            database: self.database.clone(),
         };
         server.wait_for_status("/healthz/startup", 200, START_TIMEOUT);
         server
@@ -204,6 +215,7 @@ impl Launch {
                         data_dir: self.data_dir.clone(),
                         stderr,
                         stdout,
+                        database: self.database.clone(),
                     });
                 }
             }
