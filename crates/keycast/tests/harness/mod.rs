@@ -297,6 +297,20 @@ impl Keycast {
         }
     }
 
+    /// Waits until the log contains `needle` (it is read from a pipe and may trail the
+    /// answers the process already gave), failing the test after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {needle:?} within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends a signal (`libc::SIGTERM`, `SIGKILL`, `SIGSTOP`, …).
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
