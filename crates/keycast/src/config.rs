@@ -31,13 +31,13 @@ pub struct Setting {
     pub key: &'static str,
     /// Environment variable.
     pub env: &'static str,
-    /// Default, as shown in `--help` and the README.
+    /// Default, as shown in `--help` and docs/CONFIGURATION.md.
     pub default: &'static str,
     /// One line for humans.
     pub help: &'static str,
 }
 
-/// Every setting keycast reads. The README's configuration table mirrors this list.
+/// Every setting keycast reads. The table in docs/CONFIGURATION.md mirrors this list.
 pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "port",
@@ -1623,17 +1623,17 @@ mod docs_tests {
     }
 
     #[test]
-    fn the_readme_documents_every_setting() {
-        let readme = include_str!("../../../README.md");
+    fn the_configuration_reference_documents_every_setting() {
+        let reference = include_str!("../../../docs/CONFIGURATION.md");
         for setting in SETTINGS {
             assert!(
-                readme.contains(&format!("`{}`", setting.env)),
-                "README lacks {}",
+                reference.contains(&format!("`{}`", setting.env)),
+                "docs/CONFIGURATION.md lacks {}",
                 setting.env
             );
             assert!(
-                readme.contains(&format!("`{}`", setting.key)),
-                "README lacks TOML key {}",
+                reference.contains(&format!("`{}`", setting.key)),
+                "docs/CONFIGURATION.md lacks TOML key {}",
                 setting.key
             );
         }

@@ -95,7 +95,7 @@ fn guessing_at_an_account_slows_the_guesser_not_the_owner() {
 
 #[test]
 fn a_burst_of_wrong_password_logins_from_many_clients_keeps_memory_bounded_and_keycast_serving() {
-    /// The bound documented in docs/SECURITY.md and the README.
+    /// The bound documented in docs/SECURITY.md and docs/CONFIGURATION.md.
     const BOUND_MIB: u64 = 256;
     let burst: usize = std::env::var("KEYCAST_TEST_LOGIN_BURST")
         .ok()
