@@ -7,25 +7,37 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use harness::api::*;
-use harness::flow::{approve, authorize_query, pkce, register, token_request};
-use harness::{Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
-use serde_json::json;
+use harness::flow::{approve, authorize_query, grant, pkce, register, token_request};
+use harness::nostr::{keypair, BunkerClient, Relay};
+use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
+use nostr::nips::nip44;
+use nostr::{Event, Filter, Keys, Kind, PublicKey, SecretKey};
+use serde_json::{json, Value};
 
 /// `n` instances on one fresh database, sharing the master key (as every instance of one
 /// service must). Caches are trusted for an hour, so nothing below passes by a cache
 /// merely expiring: only the instances telling each other makes it pass.
 fn instances(n: usize) -> Option<(tempfile::TempDir, Vec<Keycast>)> {
+    instances_with(n, &[])
+}
+
+fn instances_with(n: usize, env: &[(&str, &str)]) -> Option<(tempfile::TempDir, Vec<Keycast>)> {
     harness::engine::postgres_server()?;
     let database = PgDatabase::create("many");
     let dir = tempfile::tempdir().unwrap();
     let servers = (0..n)
         .map(|i| {
-            Launch::new(&dir.path().join(format!("data{i}")))
+            let mut launch = Launch::new(&dir.path().join(format!("data{i}")))
                 .postgres(&database)
                 .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
-                .env("KEYCAST_CACHE_TTL_SECS", "3600")
-                .start()
+                .env("KEYCAST_CACHE_TTL_SECS", "3600");
+            for (k, v) in env {
+                launch = launch.env(k, v);
+            }
+            launch.start()
         })
         .collect();
     Some((dir, servers))
@@ -179,4 +191,165 @@ fn wrong_passwords_on_every_instance_add_up_to_one_backoff() {
     }
     let r = login(&servers[0], "carol@example.com", "not the password");
     assert_eq!(r.status, 401, "a right password cleared the count: {}", r.body);
+}
+
+// ---------------------------------------------------------------------------------------
+// NIP-46: every instance hears every request, one answers it.
+// ---------------------------------------------------------------------------------------
+
+/// How long an instance may be silent before the others take its bunkers, in the test.
+const INSTANCE_TTL_SECS: u64 = 2;
+
+/// Every kind-24133 event the relay stored with an author in `authors` (nostr-relay keeps
+/// ephemeral events for a few minutes, so a test can count what was published).
+fn stored(relay: &str, authors: Vec<PublicKey>) -> Vec<Event> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = nostr_sdk::Client::default();
+        client.add_relay(relay).await.unwrap();
+        client.connect().await;
+        let filter = Filter::new().kind(Kind::NostrConnect).authors(authors).limit(10_000);
+        let events = client.fetch_events(filter, Duration::from_secs(10)).await.unwrap();
+        client.shutdown().await;
+        events.into_iter().collect()
+    })
+}
+
+/// A client of one bunker: its key and the bunker's.
+struct Session {
+    bunker_url: String,
+    bunker: PublicKey,
+    client: Keys,
+}
+
+/// The request ids the clients sent and how many replies each got, read from the relay
+/// (decrypted with the clients' keys, as only they can).
+fn requests_and_replies(relay: &str, sessions: &[Session]) -> (Vec<String>, HashMap<String, usize>) {
+    let mut authors: Vec<PublicKey> = sessions.iter().map(|s| s.client.public_key()).collect();
+    authors.extend(sessions.iter().map(|s| s.bunker));
+    let mut requests = Vec::new();
+    let mut replies: HashMap<String, usize> = HashMap::new();
+    for event in stored(relay, authors) {
+        let Some(session) = sessions
+            .iter()
+            .find(|s| event.pubkey == s.client.public_key() || event.pubkey == s.bunker)
+        else {
+            continue;
+        };
+        // One conversation key both ways: the client's secret and the bunker's public key.
+        let Ok(text) = nip44::decrypt(session.client.secret_key(), &session.bunker, &event.content) else {
+            continue;
+        };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        let id = message["id"].as_str().unwrap().to_owned();
+        if event.pubkey == session.bunker {
+            *replies.entry(id).or_default() += 1;
+        } else {
+            requests.push(id);
+        }
+    }
+    (requests, replies)
+}
+
+fn sign_through(app: &mut BunkerClient, session: &Session, content: &str, timeout_ms: u64) -> Value {
+    app.call_ok(json!({"op": "connect", "bunker": session.bunker_url,
+        "client_sk": session.client.secret_key().to_secret_hex(), "handshake": false}));
+    app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": content}, "timeout_ms": timeout_ms}))
+}
+
+#[test]
+fn each_nip46_request_is_answered_once_and_a_dead_instances_bunkers_answer_again() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let ttl = INSTANCE_TTL_SECS.to_string();
+    let Some((_dir, mut servers)) = instances_with(
+        3,
+        &[
+            ("BUNKER_RELAYS", relay.url()),
+            ("KEYCAST_INSTANCE_TTL_SECS", ttl.as_str()),
+        ],
+    ) else {
+        return;
+    };
+    let (cookie, account) = register(&servers[0], "dora@example.com", None);
+    let user = account["pubkey"].as_str().unwrap().to_owned();
+
+    // Nine bunkers, granted on every instance in turn; each app connects (the secret) and
+    // signs twice.
+    let sessions: Vec<Session> = (0..9)
+        .map(|n| {
+            let token = grant(&servers[n % 3], &cookie, "policy:social");
+            let bunker_url = token["bunker_url"].as_str().unwrap().to_owned();
+            let bunker = PublicKey::from_hex(&bunker_url["bunker://".len()..][..64]).unwrap();
+            let (client_sk, _) = keypair();
+            let client = Keys::new(SecretKey::from_hex(&client_sk).unwrap());
+            let connected = app.connect_as(&bunker_url, &client_sk);
+            assert_eq!(connected["ok"], true, "bunker {n}: {connected}; stderr:\n{}", app.log());
+            Session {
+                bunker_url,
+                bunker,
+                client,
+            }
+        })
+        .collect();
+    for (n, session) in sessions.iter().enumerate() {
+        for k in 0..2 {
+            let signed = sign_through(&mut app, session, &format!("note {n}.{k}"), 5000);
+            assert_eq!(signed["ok"], true, "bunker {n}: {signed}");
+            assert_eq!(signed["event"]["pubkey"], user.as_str());
+        }
+    }
+
+    // Every request answered exactly once: counted on the relay…
+    let (requests, replies) = requests_and_replies(relay.url(), &sessions);
+    assert_eq!(requests.len(), 9 * 3, "9 connects and 18 sign_events reached the relay");
+    for id in &requests {
+        assert_eq!(replies.get(id), Some(&1), "request {id}: replies {replies:?}");
+    }
+    // …and by the instances, which shared the bunkers out.
+    let answered: Vec<f64> = servers
+        .iter()
+        .map(|s| metric_sum(&s.get("/metrics").1, "keycast_nip46_requests_total"))
+        .collect();
+    assert_eq!(
+        answered.iter().sum::<f64>(),
+        27.0,
+        "answered per instance: {answered:?}"
+    );
+    assert!(
+        answered.iter().filter(|n| **n > 0.0).count() >= 2,
+        "one instance answered everything: {answered:?}"
+    );
+
+    // Kill the busiest instance without warning: its bunkers go silent until the others
+    // see its heartbeat lapse, then answer again.
+    let busiest = (0..3).max_by(|a, b| answered[*a].total_cmp(&answered[*b])).unwrap();
+    let mut dead = servers.remove(busiest);
+    dead.signal(libc::SIGKILL);
+    dead.wait_exit(Duration::from_secs(10));
+    let killed = Instant::now();
+    let bound = Duration::from_secs(INSTANCE_TTL_SECS) + Duration::from_secs(INSTANCE_TTL_SECS) / 5;
+    let mut slowest = Duration::ZERO;
+    for (n, session) in sessions.iter().enumerate() {
+        loop {
+            let signed = sign_through(&mut app, session, &format!("after the kill {n}"), 1000);
+            if signed["ok"] == true {
+                break;
+            }
+            assert_eq!(signed["error"], "timeout", "bunker {n}: {signed}");
+            assert!(
+                killed.elapsed() < bound + Duration::from_secs(10),
+                "bunker {n} still silent {:?} after the kill",
+                killed.elapsed()
+            );
+        }
+        slowest = slowest.max(killed.elapsed());
+    }
+    eprintln!("every bunker answered again {slowest:?} after the kill (stated bound {bound:?} + a client timeout)");
+    // Still never twice, though requests to the dead instance's bunkers went unanswered.
+    let (_, replies) = requests_and_replies(relay.url(), &sessions);
+    assert!(replies.values().all(|n| *n == 1), "{replies:?}");
 }
