@@ -264,6 +264,16 @@ impl Db {
         Ok(db)
     }
 
+    /// Opens the SQLite database without migrating (tests that walk the migrations).
+    #[cfg(test)]
+    pub(crate) async fn open_sqlite_unmigrated(options: &DbOptions) -> Db {
+        Db {
+            engine: Engine::Sqlite(connect_sqlite(options).await.unwrap()),
+            location: options.path.display().to_string().into(),
+            path: Some(options.path.clone()),
+        }
+    }
+
     /// Connects to the PostgreSQL server and applies pending migrations, under an advisory
     /// lock so that instances starting together migrate once (see [`crate::migrate`]).
     ///

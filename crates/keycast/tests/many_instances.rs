@@ -353,3 +353,71 @@ fn each_nip46_request_is_answered_once_and_a_dead_instances_bunkers_answer_again
     let (_, replies) = requests_and_replies(relay.url(), &sessions);
     assert!(replies.values().all(|n| *n == 1), "{replies:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Start-up and schema changes.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn instances_starting_together_migrate_once() {
+    let Some(_) = harness::engine::postgres_server() else {
+        return;
+    };
+    let database = PgDatabase::create("together");
+    let dir = tempfile::tempdir().unwrap();
+    // Spawned at once, before any has started: all race for the empty database.
+    let starting: Vec<_> = (0..3)
+        .map(|i| {
+            Launch::new(&dir.path().join(format!("data{i}")))
+                .postgres(&database)
+                .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+                .spawn_started_later()
+        })
+        .collect();
+    let servers: Vec<Keycast> = starting
+        .into_iter()
+        .map(|mut s| {
+            s.wait_started(harness::START_TIMEOUT);
+            s.into_keycast()
+        })
+        .collect();
+    let applied = database.query("SELECT version, count(*) FROM _sqlx_migrations GROUP BY version ORDER BY version");
+    let versions: Vec<&str> = applied.lines().collect();
+    assert!(versions.len() >= 4, "{applied}");
+    for line in &versions {
+        assert!(line.ends_with("|1"), "a migration applied twice or more: {applied}");
+    }
+    let (cookie, _) = register(&servers[1], "erin@example.com", None);
+    let token = access_token(&servers[2], &cookie);
+    assert_eq!(sign(&servers[0], &token).status, 200);
+}
+
+#[test]
+fn during_a_rolling_deploy_the_older_keycast_still_starts_on_the_newer_schema() {
+    // A newer keycast migrated the database (stamped here as version 9999, expand only:
+    // `oldest_reader` unchanged); an instance of this, older, keycast starts next to it and
+    // serves. Once the newer one declares a contract step, the older one is refused.
+    let Some((dir, servers)) = instances(1) else { return };
+    let database = servers[0].database.clone().unwrap();
+    let (cookie, _) = register(&servers[0], "fred@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    database.query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'a newer keycast', TRUE, '\\x00', 0)",
+    );
+    let launch = Launch::new(&dir.path().join("old"))
+        .postgres(&database)
+        .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY);
+    let old = launch.start();
+    assert_eq!(sign(&old, &token).status, 200);
+    assert!(old.log().contains("running without migrating"), "{}", old.log());
+    drop(old);
+    database.query("UPDATE keycast_schema SET oldest_reader = 9999");
+    let refused = launch.start_or_exit().err().expect("refused after a contract step");
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("run version 9999 or newer"),
+        "{}",
+        refused.stderr
+    );
+}

@@ -3,6 +3,17 @@
 -- new tables, nothing an older keycast reads changes (see docs/ARCHITECTURE.md, "Schema
 -- changes and rolling deploys").
 
+-- The oldest keycast, by the newest migration it carries, that may still run on this
+-- schema. An expand step (new tables, new nullable or defaulted columns) leaves it alone;
+-- a contract step (dropping or changing what an older keycast reads or writes) raises it
+-- to its own version. A keycast older than this refuses to start; one that is older than
+-- the schema but not than this runs without migrating (a rolling deploy's old half).
+CREATE TABLE keycast_schema (
+    id            BIGINT PRIMARY KEY,
+    oldest_reader BIGINT NOT NULL
+);
+INSERT INTO keycast_schema (id, oldest_reader) VALUES (1, 3);
+
 -- The instances serving this database, each heartbeating (unix milliseconds of the
 -- database server's clock). NIP-46 bunkers are shared out among the live ones.
 CREATE TABLE keycast_instances (
