@@ -9,6 +9,7 @@
 //! - [`ids`]: typed ids (`UserId`, `KeyId`, `AuthorizationId`, …) and [`TokenHash`].
 //! - [`notify`] and [`cluster`]: PostgreSQL only — change notices between instances
 //!   (`LISTEN/NOTIFY`), instance membership by heartbeat, NIP-46 request claims.
+//! - [`copy`]: `keycast migrate --to`, SQLite to PostgreSQL in one verified transaction.
 //! - [`limits`]: rate limits every instance shares (used on PostgreSQL).
 //! - Repositories, one per table group, plain functions over `&Db` (either engine):
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
@@ -28,6 +29,7 @@ pub mod account_events;
 pub mod activity;
 pub mod authz;
 pub mod cluster;
+pub mod copy;
 mod error;
 pub mod ids;
 pub mod keys;

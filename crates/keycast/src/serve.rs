@@ -587,3 +587,47 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     db.close().await;
     Ok(())
 }
+
+/// `keycast migrate --to postgres://…`: copies the SQLite database (`DATABASE_URL`) into an
+/// empty PostgreSQL database in one verified transaction (`keycast_db::copy`) and prints
+/// each table's row count and checksum. Stop keycast first: writes made during the copy
+/// would stay behind. Start keycast on PostgreSQL afterwards with the same master key.
+///
+/// # Errors
+/// The source is not SQLite or does not exist, the target is not PostgreSQL, cannot be
+/// reached or is not empty, or verification failed (then the target is left as it was).
+pub async fn copy_to_postgres(config: &Config, to: &str) -> anyhow::Result<()> {
+    let Database::Sqlite { path, .. } = &config.database else {
+        anyhow::bail!("keycast migrate --to copies from SQLite, but DATABASE_URL is already PostgreSQL");
+    };
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        anyhow::bail!("--to: expected a postgres:// URL");
+    }
+    if !path.exists() {
+        anyhow::bail!(
+            "no SQLite database at {} to copy (DATABASE_URL, KEYCAST_DATA_DIR)",
+            path.display()
+        );
+    }
+    let source = Db::open_sqlite(&sqlite_options(config, path)).await?;
+    let target_options = keycast_db::PgOptions::new(to);
+    let target = Db::open_postgres(&target_options).await.context("--to")?;
+    let copied = keycast_db::copy::sqlite_to_postgres(&source, &target).await;
+    source.close().await;
+    target.close().await;
+    let reports = copied?;
+    let rows: u64 = reports.iter().map(|r| r.rows).sum();
+    for report in &reports {
+        println!(
+            "{:<24} {:>10} rows  checksum {}",
+            report.table, report.rows, report.checksum
+        );
+    }
+    println!(
+        "copied {rows} rows in {} tables from {} to {}; counts and checksums match. Start keycast with DATABASE_URL set to it and the same master key.",
+        reports.len(),
+        path.display(),
+        target_options.describe()
+    );
+    Ok(())
+}
