@@ -44,6 +44,10 @@ struct MigrateArgs {
     /// database (postgres://…), verifying row counts and per-table checksums
     #[arg(long, value_name = "URL")]
     to: Option<String>,
+    /// With --to: copy the latest state of this replica (s3://, gs://, az://, file://)
+    /// instead of the local database; it is restored into a temporary file first
+    #[arg(long, value_name = "URL", requires = "to")]
+    from_replica: Option<String>,
 }
 
 #[derive(Args)]
@@ -136,7 +140,22 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(_) => serve(config).await,
             Command::Migrate(MigrateArgs { to: None, .. }) => keycast::serve::migrate(&config).await,
-            Command::Migrate(MigrateArgs { to: Some(to), .. }) => keycast::serve::copy_to_postgres(&config, &to).await,
+            Command::Migrate(MigrateArgs {
+                to: Some(to),
+                from_replica: None,
+                ..
+            }) => keycast::serve::copy_to_postgres(&config, &to, None).await,
+            Command::Migrate(MigrateArgs {
+                to: Some(to),
+                from_replica: Some(url),
+                ..
+            }) => {
+                let store = replica(&config, Some(url.as_str()))?;
+                let scratch = tempfile::tempdir().context("a temporary directory for the restored database")?;
+                let restored = scratch.path().join("keycast.db");
+                cli::restore_cmd(&store, &restored, Target::Latest, false, false).await?;
+                keycast::serve::copy_to_postgres(&config, &to, Some(&restored)).await
+            }
             Command::Restore(a) => restore(&config, a).await,
             Command::Replica(ReplicaCommand::Verify(a)) => {
                 cli::verify_cmd(&replica(&config, a.replica.as_deref())?, &std::env::temp_dir(), a.json).await

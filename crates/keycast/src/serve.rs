@@ -588,17 +588,21 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `keycast migrate --to postgres://…`: copies the SQLite database (`DATABASE_URL`) into an
-/// empty PostgreSQL database in one verified transaction (`keycast_db::copy`) and prints
-/// each table's row count and checksum. Stop keycast first: writes made during the copy
-/// would stay behind. Start keycast on PostgreSQL afterwards with the same master key.
+/// `keycast migrate --to postgres://…`: copies the SQLite database (`DATABASE_URL`, or
+/// `restored`: a replica restored by `--from-replica`) into an empty PostgreSQL database
+/// in one verified transaction (`keycast_db::copy`) and prints each table's row count and
+/// checksum. Stop keycast first: writes made during the copy would stay behind. Start keycast on PostgreSQL afterwards with the same master key.
 ///
 /// # Errors
 /// The source is not SQLite or does not exist, the target is not PostgreSQL, cannot be
 /// reached or is not empty, or verification failed (then the target is left as it was).
-pub async fn copy_to_postgres(config: &Config, to: &str) -> anyhow::Result<()> {
-    let Database::Sqlite { path, .. } = &config.database else {
-        anyhow::bail!("keycast migrate --to copies from SQLite, but DATABASE_URL is already PostgreSQL");
+pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>) -> anyhow::Result<()> {
+    let path = match (restored, &config.database) {
+        (Some(restored), _) => restored,
+        (None, Database::Sqlite { path, .. }) => path.as_path(),
+        (None, Database::Postgres(_)) => {
+            anyhow::bail!("keycast migrate --to copies from SQLite, but DATABASE_URL is already PostgreSQL")
+        }
     };
     if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
         anyhow::bail!("--to: expected a postgres:// URL");

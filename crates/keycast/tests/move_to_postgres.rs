@@ -111,6 +111,29 @@ fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_work
     assert!(!again.status.success());
     assert!(again.stderr.contains("is not empty"), "{}", again.stderr);
 
+    // Straight from the replica (the instance replicated to `<data>-replica` by default):
+    // the same rows, checksum for checksum.
+    let from_replica = PgDatabase::create("from_replica");
+    let replica = format!("file://{}-replica", data.display());
+    let restored = keycast_cli(
+        &["migrate", "--to", &from_replica.url, "--from-replica", &replica],
+        &[("KEYCAST_DATA_DIR", dir.path().join("elsewhere").to_str().unwrap())],
+    );
+    restored.assert_success("keycast migrate --to --from-replica");
+    let summary = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.contains(" rows  checksum "))
+            .filter(|l| !l.starts_with("keycast_instances"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        summary(&restored.stdout),
+        summary(&copied.stdout),
+        "{}",
+        restored.stdout
+    );
+
     // On PostgreSQL, the same credentials.
     let server = on(Launch::new(&dir.path().join("pg-data")).postgres(&database)).start();
     let login = post_json(
