@@ -17,6 +17,9 @@
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
+//! - [`cluster`]: many instances on PostgreSQL — change notices between them (so a
+//!   revocation anywhere is refused everywhere on the next request) and which instance
+//!   answers each NIP-46 request.
 //!
 //! This crate knows nothing of HTTP, relays, environment variables or files; the binary
 //! reads configuration and passes values in.
@@ -26,6 +29,7 @@ pub mod accounts;
 mod activity;
 pub mod authz;
 mod cache;
+pub mod cluster;
 pub mod durability;
 mod error;
 pub mod hashing_queue;
@@ -53,7 +57,7 @@ pub use password::{PasswordHasher, PasswordParams, Reauthenticated};
 pub use policy::{Denial, Policy};
 pub use request::{DecodeError, Request, Response, Transport};
 pub use secret::Secret;
-pub use signer::{Change, Signer, SignerOptions};
+pub use signer::{Announcement, Change, Signer, SignerOptions};
 
 /// Re-exported so transports build requests with the same `nostr` version.
 pub use nostr;

@@ -13,7 +13,8 @@
 //! still hold an `Authorization` from before. See [`crate::cache`] for why a load that
 //! races a revocation cannot re-cache the old state.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use keycast_db::activity::{self as activity_repo, NewActivity, Transport};
@@ -22,7 +23,7 @@ use keycast_db::Db;
 use keycast_db::{now_unix, oauth as oauth_repo, policies, AuthorizationId, PolicyId, TokenHash, UserId};
 use nostr::nips::{nip04, nip44};
 use nostr::{Keys, PublicKey};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::activity::{ActivityBuffer, DEFAULT_ACTIVITY_CAPACITY};
 use crate::authz::{insert_authorization, Authorization, GrantError, NewGrant};
@@ -96,6 +97,27 @@ pub struct Signer {
     policies: EpochMap<PolicyId, Arc<Policy>>,
     activity: ActivityBuffer,
     changes: broadcast::Sender<Change>,
+    /// False while changes made elsewhere may be going unheard (the cluster's listener is
+    /// down): then every lookup reads the database.
+    trusted: AtomicBool,
+    /// Where changes are announced to other instances (PostgreSQL), and how many were.
+    announcer: OnceLock<mpsc::UnboundedSender<Announcement>>,
+    announced: AtomicU64,
+    /// Bumped by every change of the bunker set; the NIP-46 transport reports the
+    /// generation it has re-read up to.
+    bunker_generation: AtomicU64,
+    bunkers_synced: watch::Sender<u64>,
+}
+
+/// A change other instances' caches must hear about (see [`crate::cluster`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcement {
+    /// This authorization's row changed (revoked, client bound or unbound).
+    Authorization(AuthorizationId),
+    /// This user's key (and so their authorizations' signing key) changed.
+    User(UserId),
+    /// The set of bunkers to listen for changed (a grant, a revocation).
+    Bunkers,
 }
 
 impl Signer {
@@ -113,6 +135,11 @@ impl Signer {
             policies: EpochMap::new(ttl, cap),
             activity: ActivityBuffer::new(options.activity_capacity),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
+            trusted: AtomicBool::new(true),
+            announcer: OnceLock::new(),
+            announced: AtomicU64::new(0),
+            bunker_generation: AtomicU64::new(0),
+            bunkers_synced: watch::channel(0).0,
         }
     }
 
@@ -137,10 +164,81 @@ impl Signer {
         self.changes.subscribe()
     }
 
-    /// Tells subscribers an authorization was created (by a grant) or changed.
+    /// Tells subscribers (and the other instances) an authorization was created (by a
+    /// grant) or changed.
     pub fn authorizations_changed(&self) {
+        self.bunker_generation.fetch_add(1, Ordering::SeqCst);
         // No subscriber (NIP-46 disabled) is not an error.
         let _ = self.changes.send(Change::Authorizations);
+        self.announce(Announcement::Bunkers);
+    }
+
+    /// Another instance changed the bunker set: tells the local NIP-46 transport to re-read
+    /// it, and returns the generation to wait for with [`Signer::wait_bunkers_synced`].
+    pub fn bunkers_changed_elsewhere(&self) -> u64 {
+        let generation = self.bunker_generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self.changes.send(Change::Authorizations);
+        generation
+    }
+
+    /// The bunker-set generation now: the NIP-46 transport reads it before it re-reads
+    /// the bunkers and reports it with [`Signer::bunkers_synced`] once it listens for them.
+    pub fn bunker_generation(&self) -> u64 {
+        self.bunker_generation.load(Ordering::SeqCst)
+    }
+
+    /// The NIP-46 transport listens for every bunker known at `generation`.
+    pub fn bunkers_synced(&self, generation: u64) {
+        self.bunkers_synced.send_if_modified(|synced| {
+            let newer = generation > *synced;
+            if newer {
+                *synced = generation;
+            }
+            newer
+        });
+    }
+
+    /// Waits (at most `timeout`) until the NIP-46 transport listens for the bunkers of
+    /// `generation`; at once when no NIP-46 transport follows this signer.
+    pub async fn wait_bunkers_synced(&self, generation: u64, timeout: Duration) {
+        if self.changes.receiver_count() == 0 {
+            return;
+        }
+        let mut synced = self.bunkers_synced.subscribe();
+        let _ = tokio::time::timeout(timeout, synced.wait_for(|s| *s >= generation)).await;
+    }
+
+    /// Sends every later change to `announcer` (the cluster of instances on PostgreSQL).
+    /// Set once; later calls are ignored.
+    pub fn announce_to(&self, announcer: mpsc::UnboundedSender<Announcement>) {
+        let _ = self.announcer.set(announcer);
+    }
+
+    /// How many changes were announced so far.
+    pub fn announced(&self) -> u64 {
+        self.announced.load(Ordering::SeqCst)
+    }
+
+    fn announce(&self, what: Announcement) {
+        if let Some(announcer) = self.announcer.get() {
+            // Counted before it is queued, so a waiter that reads the count waits for it.
+            self.announced.fetch_add(1, Ordering::SeqCst);
+            let _ = announcer.send(what);
+        }
+    }
+
+    /// Whether lookups may use the caches; false while changes made elsewhere may go
+    /// unheard (then every lookup reads the database).
+    pub fn trust_caches(&self, trusted: bool) {
+        self.trusted.store(trusted, Ordering::SeqCst);
+    }
+
+    fn cached<K: Eq + std::hash::Hash, V: Clone>(&self, map: &EpochMap<K, V>, key: &K) -> Option<V> {
+        if self.trusted.load(Ordering::Relaxed) {
+            map.get(key)
+        } else {
+            None
+        }
     }
 
     /// Creates an authorization for a client that started with `nostrconnect://`: its
@@ -168,6 +266,9 @@ impl Signer {
         // here, so nobody else can use it.
         let (authz, _unused_secret) = insert_authorization(&self.db, self.km.as_ref(), &new, now).await?;
         authz_repo::bind_client(&self.db, &authz.id, &uri.client.to_hex(), now).await?;
+        // Other instances must listen for the new bunker too (this one hears of it from
+        // `announce_nostrconnect`).
+        self.announce(Announcement::Bunkers);
         Ok(Authorization {
             connected_client_pubkey: Some(uri.client),
             ..authz
@@ -193,8 +294,8 @@ impl Signer {
     /// # Errors
     /// [`AuthError::UnknownToken`] (no such bunker), [`AuthError::Internal`].
     pub async fn bunker_secret(&self, bunker: &PublicKey) -> Result<Arc<Keys>, AuthError> {
-        if let Some(id) = self.bunkers.get(bunker) {
-            if let Some(keys) = self.bunker_keys.get(&id) {
+        if let Some(id) = self.cached(&self.bunkers, bunker) {
+            if let Some(keys) = self.cached(&self.bunker_keys, &id) {
                 return Ok(keys);
             }
         }
@@ -221,8 +322,8 @@ impl Signer {
     /// [`AuthError::Internal`].
     pub async fn authorize_token(&self, token: &str) -> Result<Authorization, AuthError> {
         let hash = hash_token(token);
-        if let Some((id, expires_at)) = self.tokens.get(&hash) {
-            if let Some(authz) = self.authorizations.get(&id) {
+        if let Some((id, expires_at)) = self.cached(&self.tokens, &hash) {
+            if let Some(authz) = self.cached(&self.authorizations, &id) {
                 return with_expiry(&authz, expires_at);
             }
         }
@@ -347,7 +448,7 @@ impl Signer {
     /// As the liveness part of [`Signer::execute`]; [`SignError::Internal`].
     pub async fn bunker_keys(&self, authz: &Authorization) -> Result<Arc<Keys>, SignError> {
         self.ensure_live(authz).await?;
-        if let Some(keys) = self.bunker_keys.get(&authz.id) {
+        if let Some(keys) = self.cached(&self.bunker_keys, &authz.id) {
             return Ok(keys);
         }
         let epoch = self.bunker_keys.epoch();
@@ -397,20 +498,42 @@ impl Signer {
         Ok(revoked.len())
     }
 
-    /// Drops one authorization from every cache (after any change to its row made
-    /// outside [`Signer::revoke`]).
+    /// Drops one authorization from every cache, here and on every other instance (after
+    /// any change to its row made outside [`Signer::revoke`]).
     pub fn invalidate_authorization(&self, id: &AuthorizationId) {
+        self.forget_authorization(id);
+        self.announce(Announcement::Authorization(id.clone()));
+    }
+
+    /// Drops a user's key and authorizations from every cache, here and on every other
+    /// instance (account deleted, key replaced).
+    pub fn invalidate_user(&self, user: &UserId) {
+        self.forget_user(user);
+        self.announce(Announcement::User(user.clone()));
+    }
+
+    /// Drops one authorization from this instance's caches only (another instance
+    /// announced the change).
+    pub fn forget_authorization(&self, id: &AuthorizationId) {
         self.authorizations.invalidate(id);
         self.bunker_keys.invalidate(id);
         self.tokens.invalidate_where(|_, (authz, _)| authz == id);
         self.bunkers.invalidate_where(|_, authz| authz == id);
     }
 
-    /// Drops a user's key and authorizations from every cache (account deleted, key
-    /// replaced).
-    pub fn invalidate_user(&self, user: &UserId) {
+    /// Drops a user's key and authorizations from this instance's caches only.
+    pub fn forget_user(&self, user: &UserId) {
         self.user_keys.invalidate(user);
         self.authorizations.invalidate_where(|_, authz| authz.user_id == *user);
+    }
+
+    /// Empties every cache of this instance (after changes may have gone unheard).
+    pub fn forget_everything(&self) {
+        self.authorizations.invalidate_where(|_, _| true);
+        self.bunker_keys.invalidate_where(|_, _| true);
+        self.tokens.invalidate_where(|_, _| true);
+        self.bunkers.invalidate_where(|_, _| true);
+        self.user_keys.invalidate_where(|_, _| true);
     }
 
     /// Writes buffered activity in one batch. Call about once a second and at shutdown.
@@ -449,7 +572,7 @@ impl Signer {
         if authz.expires_at.is_some_and(|at| now_unix() >= at) {
             return Err(SignError::Expired);
         }
-        if self.authorizations.get(&authz.id).is_some() {
+        if self.cached(&self.authorizations, &authz.id).is_some() {
             return Ok(());
         }
         // Not cached: invalidated (perhaps revoked) or aged out. Ask the database.
@@ -474,8 +597,8 @@ impl Signer {
     }
 
     async fn by_bunker(&self, bunker: &PublicKey) -> Result<Arc<Authorization>, AuthError> {
-        if let Some(id) = self.bunkers.get(bunker) {
-            if let Some(authz) = self.authorizations.get(&id) {
+        if let Some(id) = self.cached(&self.bunkers, bunker) {
+            if let Some(authz) = self.cached(&self.authorizations, &id) {
                 return Ok(authz);
             }
         }
@@ -503,7 +626,7 @@ impl Signer {
     }
 
     async fn user_keys(&self, user: &UserId) -> Result<Arc<Keys>, SignError> {
-        if let Some(keys) = self.user_keys.get(user) {
+        if let Some(keys) = self.cached(&self.user_keys, user) {
             return Ok(keys);
         }
         let epoch = self.user_keys.epoch();

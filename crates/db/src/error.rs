@@ -14,6 +14,9 @@ pub enum RepoError {
     /// A stored value could not be read back (for example an unknown enum text).
     #[error("stored value is invalid: {0}")]
     Corrupt(String),
+    /// The operation exists on the other engine only (instance membership on SQLite).
+    #[error("not available on this database engine: {0}")]
+    Unsupported(&'static str),
     /// Any other database failure.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),

@@ -2,11 +2,16 @@
 //! (as the domain lands) one repository module per table group.
 //!
 //! # Layout
-//! - [`pool`]: opens SQLite with the pragmas the replicator relies on.
+//! - [`pool`]: [`Db`], the seam between the engines: SQLite (with the pragmas the
+//!   replicator relies on) or PostgreSQL.
 //! - [`migrate`]: embedded migrations, and the refusal to run on a schema newer than the binary.
 //! - [`meta`]: facts about the database itself (its replication lineage).
 //! - [`ids`]: typed ids (`UserId`, `KeyId`, `AuthorizationId`, …) and [`TokenHash`].
-//! - Repositories, one per table group, plain functions over `&SqlitePool`:
+//! - [`notify`] and [`cluster`]: PostgreSQL only — change notices between instances
+//!   (`LISTEN/NOTIFY`), instance membership by heartbeat, NIP-46 request claims.
+//! - [`copy`]: `keycast migrate --to`, SQLite to PostgreSQL in one verified transaction.
+//! - [`limits`]: rate limits every instance shares (used on PostgreSQL).
+//! - Repositories, one per table group, plain functions over `&Db` (either engine):
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
 //!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs).
@@ -23,11 +28,15 @@
 pub mod account_events;
 pub mod activity;
 pub mod authz;
+pub mod cluster;
+pub mod copy;
 mod error;
 pub mod ids;
 pub mod keys;
+pub mod limits;
 pub mod meta;
 pub mod migrate;
+pub mod notify;
 pub mod oauth;
 pub mod policies;
 pub mod pool;

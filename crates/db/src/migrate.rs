@@ -2,8 +2,12 @@
 //! same versions with the same meaning.
 //!
 //! A database stamped with a migration this binary does not know was written by a newer
-//! keycast. Running on it could silently drop or misread data, so it is refused with an
-//! error naming both versions; roll forward instead.
+//! keycast. Whether this binary may still run on it is the schema's to say: the table
+//! `keycast_schema` holds `oldest_reader`, the oldest binary version the schema still
+//! serves. Migrations are expand-only unless they raise it (the expand/contract rule, see
+//! docs/ARCHITECTURE.md), so during a rolling deploy the old instances keep running — and
+//! new ones of the old revision still start — next to the new. Below `oldest_reader` (or
+//! without the table) a newer schema is refused with an error naming both versions.
 //!
 //! On PostgreSQL several instances may start together: the check and the migrations run on
 //! one connection holding a session advisory lock ([`MIGRATION_LOCK`]), so exactly one of
@@ -34,6 +38,12 @@ pub enum MigrateError {
     SchemaTooNew { database: i64, binary: i64 },
     #[error("database migration failed: {0}")]
     Failed(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "the database schema is at version {database} and no longer serves keycast binaries \
+         older than version {oldest}; this binary is at version {binary}: run version {oldest} \
+         or newer"
+    )]
+    Contracted { database: i64, oldest: i64, binary: i64 },
     #[error("cannot read the applied migrations: {0}")]
     Query(#[from] sqlx::Error),
 }
@@ -61,6 +71,24 @@ macro_rules! applied_version {
     };
 }
 
+/// `keycast_schema.oldest_reader`, or `None` before migration 0004 made the table (read
+/// only when the schema is newer than the binary, which implies the table exists if the
+/// writer followed the rule).
+macro_rules! oldest_reader {
+    ($conn:expr) => {
+        async {
+            // A failed read (no such table) is "no promise made".
+            Ok::<Option<i64>, sqlx::Error>(
+                sqlx::query_scalar("SELECT oldest_reader FROM keycast_schema WHERE id = 1")
+                    .fetch_optional(&mut *$conn)
+                    .await
+                    .ok()
+                    .flatten(),
+            )
+        }
+    };
+}
+
 /// Applies pending migrations; idempotent.
 ///
 /// # Errors
@@ -69,7 +97,10 @@ pub async fn run(db: &Db) -> Result<(), MigrateError> {
     match db.engine() {
         Engine::Sqlite(pool) => {
             let mut conn = pool.acquire().await?;
-            refuse_newer(applied_version!(conn, SQLITE_TABLE).await?)?;
+            let applied = applied_version!(conn, SQLITE_TABLE).await?;
+            if newer_but_compatible(applied, oldest_reader!(conn).await?)? {
+                return Ok(());
+            }
             SQLITE_MIGRATIONS.run(&mut *conn).await?;
         }
         Engine::Postgres(pool) => {
@@ -80,8 +111,10 @@ pub async fn run(db: &Db) -> Result<(), MigrateError> {
                 .execute(&mut *conn)
                 .await?;
             let outcome = async {
-                refuse_newer(applied_version!(conn, POSTGRES_TABLE).await?)?;
-                POSTGRES_MIGRATIONS.run(&mut *conn).await?;
+                let applied = applied_version!(conn, POSTGRES_TABLE).await?;
+                if !newer_but_compatible(applied, oldest_reader!(conn).await?)? {
+                    POSTGRES_MIGRATIONS.run(&mut *conn).await?;
+                }
                 Ok::<(), MigrateError>(())
             }
             .await;
@@ -99,11 +132,40 @@ pub async fn run(db: &Db) -> Result<(), MigrateError> {
     Ok(())
 }
 
-fn refuse_newer(database: Option<i64>) -> Result<(), MigrateError> {
+/// Whether the schema is newer than this binary yet still serves it (then nothing is
+/// migrated); false when there is something to migrate or nothing newer.
+///
+/// # Errors
+/// [`MigrateError::SchemaTooNew`] (a newer schema that promises nothing) or
+/// [`MigrateError::Contracted`] (one that no longer serves this binary).
+fn newer_but_compatible(database: Option<i64>, oldest_reader: Option<i64>) -> Result<bool, MigrateError> {
     let binary = latest_version();
-    match database {
-        Some(database) if database > binary => Err(MigrateError::SchemaTooNew { database, binary }),
-        _ => Ok(()),
+    match (database, oldest_reader) {
+        (Some(database), _) if database <= binary => Ok(false),
+        (None, _) => Ok(false),
+        (Some(database), None) => Err(MigrateError::SchemaTooNew { database, binary }),
+        (Some(database), Some(oldest)) if oldest > binary => Err(MigrateError::Contracted {
+            database,
+            oldest,
+            binary,
+        }),
+        (Some(database), Some(_)) => {
+            tracing::warn!(
+                database,
+                binary,
+                "the database schema is newer than this keycast (a rolling deploy in progress?); it still serves this version, so running without migrating"
+            );
+            Ok(true)
+        }
+    }
+}
+
+/// Applies the migrations up to `version` only (tests that walk the history).
+#[cfg(test)]
+pub(crate) async fn run_to(db: &Db, version: i64) {
+    match db.engine() {
+        Engine::Sqlite(pool) => SQLITE_MIGRATIONS.run_to(version, pool).await.unwrap(),
+        Engine::Postgres(pool) => POSTGRES_MIGRATIONS.run_to(version, pool).await.unwrap(),
     }
 }
 
@@ -139,18 +201,68 @@ mod tests {
         assert_eq!(n, 4, "seeded policies exist exactly once");
     }
 
+    /// Stamps a migration from a future keycast (version 9999) into the database.
+    async fn stamp_future(db: &Db) {
+        crate::pool::on_engine!(db, |pool| {
+            sqlx::query(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                 VALUES (9999, 'from the future', TRUE, $1, 0)",
+            )
+            .bind(vec![0u8])
+            .execute(pool)
+            .await
+            .unwrap();
+        });
+    }
+
+    async fn set_oldest_reader(db: &Db, oldest: i64) {
+        crate::pool::on_engine!(db, |pool| {
+            sqlx::query("UPDATE keycast_schema SET oldest_reader = $1")
+                .bind(oldest)
+                .execute(pool)
+                .await
+                .unwrap();
+        });
+    }
+
     #[tokio::test]
-    async fn schema_newer_than_binary_is_refused() {
+    async fn a_newer_schema_that_still_serves_this_binary_runs_and_one_that_does_not_is_refused() {
+        // The old half of a rolling deploy: the new keycast migrated (expand only), and an
+        // instance of the old one starts.
+        for (_guard, db) in crate::testing::temp_dbs().await {
+            stamp_future(&db).await;
+            super::run(&db)
+                .await
+                .expect("an expand-only newer schema still serves this binary");
+            crate::users::find_by_email(&db, "nobody@example.com").await.unwrap();
+            // A contract step: the schema no longer serves this binary.
+            set_oldest_reader(&db, 9999).await;
+            let err = super::run(&db).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    super::MigrateError::Contracted {
+                        database: 9999,
+                        oldest: 9999,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(err.to_string().contains("run version 9999 or newer"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn schema_newer_than_binary_without_a_promise_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let opts = DbOptions::new(dir.path().join("k.db"));
         let db = Db::open_sqlite(&opts).await.unwrap();
-        sqlx::query(
-            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-             VALUES (9999, 'from the future', 1, x'00', 0)",
-        )
-        .execute(db.as_sqlite().unwrap())
-        .await
-        .unwrap();
+        stamp_future(&db).await;
+        sqlx::query("DROP TABLE keycast_schema")
+            .execute(db.as_sqlite().unwrap())
+            .await
+            .unwrap();
         db.close().await;
         let err = Db::open_sqlite(&opts).await.unwrap_err();
         assert!(matches!(

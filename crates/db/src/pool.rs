@@ -99,10 +99,6 @@ pub struct PgOptions {
     pub max_connections: u32,
     /// Wait for a pooled connection. Default [`DEFAULT_ACQUIRE_TIMEOUT_MS`].
     pub acquire_timeout: Duration,
-    /// Cache prepared statements per connection (sqlx's default, one round trip less per
-    /// query). Turn off behind a transaction-mode pooler older than PgBouncer 1.21, which
-    /// cannot keep a prepared statement across transactions. Default true.
-    pub statement_cache: bool,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -111,7 +107,6 @@ impl std::fmt::Debug for PgOptions {
             .field("url", &self.describe())
             .field("max_connections", &self.max_connections)
             .field("acquire_timeout", &self.acquire_timeout)
-            .field("statement_cache", &self.statement_cache)
             .finish()
     }
 }
@@ -123,7 +118,6 @@ impl PgOptions {
             url: url.into(),
             max_connections: DEFAULT_PG_MAX_CONNECTIONS,
             acquire_timeout: Duration::from_millis(DEFAULT_ACQUIRE_TIMEOUT_MS),
-            statement_cache: true,
         }
     }
 
@@ -137,11 +131,7 @@ impl PgOptions {
     /// # Errors
     /// A URL sqlx cannot parse.
     pub fn connect_options(&self) -> Result<PgConnectOptions, sqlx::Error> {
-        let mut options = PgConnectOptions::from_str(&normalize_socket_url(&self.url))?.application_name("keycast");
-        if !self.statement_cache {
-            options = options.statement_cache_capacity(0);
-        }
-        Ok(options)
+        Ok(PgConnectOptions::from_str(&normalize_socket_url(&self.url))?.application_name("keycast"))
     }
 }
 
@@ -262,6 +252,16 @@ impl Db {
         };
         crate::migrate::run(&db).await?;
         Ok(db)
+    }
+
+    /// Opens the SQLite database without migrating (tests that walk the migrations).
+    #[cfg(test)]
+    pub(crate) async fn open_sqlite_unmigrated(options: &DbOptions) -> Db {
+        Db {
+            engine: Engine::Sqlite(connect_sqlite(options).await.unwrap()),
+            location: options.path.display().to_string().into(),
+            path: Some(options.path.clone()),
+        }
     }
 
     /// Connects to the PostgreSQL server and applies pending migrations, under an advisory

@@ -292,3 +292,61 @@ fn check_literals_read_the_same_from_both_engines() {
         [("a".to_owned(), vec!["x".to_owned(), "y".to_owned()])]
     );
 }
+
+/// The expand/contract rule, checked on the history: each migration keeps every table and
+/// every column (type, nullability, default) of the schema before it — so the keycast
+/// before it still runs on it during a rolling deploy — unless it raises
+/// `keycast_schema.oldest_reader` to its own version (a declared contract step).
+#[tokio::test]
+async fn each_migration_only_expands_unless_it_says_it_contracts() {
+    let versions: Vec<i64> = (1..=crate::migrate::latest_version()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut dbs = vec![Db::open_sqlite_unmigrated(&crate::DbOptions::new(dir.path().join("walk.db"))).await];
+    let mut _scratch = None;
+    if let Some(server) = crate::scratch::test_server() {
+        let scratch = crate::scratch::create_database(&server, "walk").await.unwrap();
+        dbs.push(
+            Db::connect_postgres(&crate::PgOptions::new(&scratch.url))
+                .await
+                .unwrap(),
+        );
+        _scratch = Some(scratch);
+    }
+    for db in &dbs {
+        let mut before: Option<BTreeSet<Table>> = None;
+        for version in &versions {
+            crate::migrate::run_to(db, *version).await;
+            let schema = match db.kind() {
+                crate::EngineKind::Sqlite => sqlite_schema(db).await,
+                crate::EngineKind::Postgres => postgres_schema(db).await,
+            };
+            let oldest: Option<i64> = crate::pool::on_engine!(db, |pool| {
+                sqlx::query_scalar("SELECT oldest_reader FROM keycast_schema")
+                    .fetch_optional(pool)
+                    .await
+                    .unwrap_or(None)
+            });
+            if let Some(before) = &before {
+                if oldest.is_some_and(|oldest| oldest >= *version) {
+                    continue; // a declared contract step
+                }
+                for old in before {
+                    let new = schema
+                        .iter()
+                        .find(|t| t.name == old.name)
+                        .unwrap_or_else(|| panic!("{:?}: migration {version} drops table {}", db.kind(), old.name));
+                    for column in &old.columns {
+                        assert!(
+                            new.columns.contains(column),
+                            "{:?}: migration {version} drops or changes {}.{} ({column:?}) without raising keycast_schema.oldest_reader",
+                            db.kind(),
+                            old.name,
+                            column.0
+                        );
+                    }
+                }
+            }
+            before = Some(schema);
+        }
+    }
+}

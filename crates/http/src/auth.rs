@@ -71,7 +71,7 @@ pub(crate) async fn sign_up(
     password: String,
     nsec: Option<String>,
 ) -> Result<(User, PublicKey, axum::http::HeaderValue), AppError> {
-    state.limits().check(&format!("register:{ip}"), REGISTER_PER_IP)?;
+    state.limits().check(&format!("register:{ip}"), REGISTER_PER_IP).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let registration = Registration {
@@ -118,20 +118,20 @@ pub(crate) async fn log_in(
     email: &str,
     password: String,
 ) -> Result<(User, axum::http::HeaderValue), AppError> {
-    state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP)?;
+    state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP).await?;
     // Wrong passwords slow down this client at this account only (see `crate::limit`).
     let backoff = format!("password:{}|{ip}", email.trim().to_lowercase());
-    state.limits().check_backoff(&backoff)?;
+    state.limits().check_backoff(&backoff).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let outcome = accounts::login(db, &services.hasher, email, &Secret::new(password), now_unix()).await;
     let (user, session) = match outcome {
         Ok(done) => {
-            state.limits().password_succeeded(&backoff);
+            state.limits().password_succeeded(&backoff).await;
             done
         }
         Err(err @ accounts::AccountError::InvalidCredentials) => {
-            state.limits().password_failed(&backoff);
+            state.limits().password_failed(&backoff).await;
             return Err(err.into());
         }
         Err(err) => return Err(err.into()),
@@ -183,7 +183,10 @@ async fn verify_email(
 /// Confirms an email with the mailed token and the account's password (shared with the
 /// verify-email page). Rate-limited per IP like a reset: each try costs a password check.
 pub(crate) async fn confirm_email(state: &AppState, ip: &str, token: &str, password: String) -> Result<(), AppError> {
-    state.limits().check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)?;
+    state
+        .limits()
+        .check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)
+        .await?;
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let password = Secret::new(password);
@@ -233,11 +236,12 @@ pub(crate) async fn request_mail(
     purpose: TokenPurpose,
 ) -> Result<(), AppError> {
     let bucket = purpose.as_str();
-    state.limits().check(&format!("{bucket}-ip:{ip}"), MAIL_PER_IP)?;
+    state.limits().check(&format!("{bucket}-ip:{ip}"), MAIL_PER_IP).await?;
     let email = accounts::normalize_email(email)?;
     state
         .limits()
-        .check(&format!("{bucket}-email:{email}"), MAIL_PER_EMAIL)?;
+        .check(&format!("{bucket}-email:{email}"), MAIL_PER_EMAIL)
+        .await?;
     let (db, _) = state.api()?;
     let Some(user) = user_repo::find_by_email(db, &email).await? else {
         return Ok(());
@@ -275,7 +279,10 @@ pub(crate) async fn set_new_password(
     token: &str,
     password: String,
 ) -> Result<(), AppError> {
-    state.limits().check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)?;
+    state
+        .limits()
+        .check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)
+        .await?;
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let password = Secret::new(password);

@@ -1,7 +1,14 @@
 //! Rate limits (issue 12, item 5): token buckets per client for login, registration, mail
 //! requests and password reset, and a failure backoff per account *and* client for
-//! passwords. One process's view only: with several instances each limits on its own,
-//! which still bounds guessing per instance.
+//! passwords.
+//!
+//! # One instance or many
+//! On SQLite (one instance) the buckets live in this process's memory: a write per login
+//! attempt would cost a replica upload. On PostgreSQL, where any number of instances serve
+//! behind one load balancer, [`RateLimits::share`] moves them into the database
+//! (`keycast_db::limits`, one atomic upsert per check), so every instance counts against
+//! the same limits — a limit per instance multiplied by N instances is not a limit. Keys
+//! are stored hashed (they contain email and client addresses).
 //!
 //! # Who is the client
 //! The peer address of the TCP connection, unless `KEYCAST_TRUSTED_PROXY_HOPS` says how
@@ -25,11 +32,13 @@
 //! amortised, and no request ever waits for a sweep of the whole map under one lock.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use axum::http::request::Parts;
+use keycast_db::limits::{self as shared, Attempt};
+use keycast_db::Db;
 use moka::sync::Cache;
 
 use crate::AppError;
@@ -97,6 +106,8 @@ pub struct RateLimits {
     buckets: Cache<String, Arc<Mutex<Bucket>>>,
     failures: Cache<String, Arc<Mutex<Failures>>>,
     trusted_proxy_hops: usize,
+    /// Set on PostgreSQL: the buckets every instance shares, instead of the two caches.
+    shared: OnceLock<Db>,
 }
 
 impl std::fmt::Debug for RateLimits {
@@ -122,14 +133,91 @@ impl RateLimits {
             buckets: Cache::builder().max_capacity(MAX_BUCKETS).time_to_idle(IDLE).build(),
             failures: Cache::builder().max_capacity(MAX_BUCKETS).time_to_idle(IDLE).build(),
             trusted_proxy_hops,
+            shared: OnceLock::new(),
         }
+    }
+
+    /// Keeps every bucket and failure count in `db` from now on (PostgreSQL, several
+    /// instances). Set once; later calls are ignored.
+    pub fn share(&self, db: Db) {
+        let _ = self.shared.set(db);
     }
 
     /// Takes one attempt from the bucket `key` of shape `rate`.
     ///
     /// # Errors
-    /// [`AppError::TooManyRequests`] with the seconds until the next attempt is allowed.
-    pub fn check(&self, key: &str, rate: Rate) -> Result<(), AppError> {
+    /// [`AppError::TooManyRequests`] with the seconds until the next attempt is allowed;
+    /// [`AppError::Unavailable`] when the shared buckets cannot be read (fails closed: a
+    /// limit that guards passwords is not skipped).
+    pub async fn check(&self, key: &str, rate: Rate) -> Result<(), AppError> {
+        let Some(db) = self.shared.get() else {
+            return self.check_local(key, rate);
+        };
+        let key = &stored_key(key);
+        let interval = i64::try_from(rate.refill.as_millis()).unwrap_or(i64::MAX);
+        match shared::take(db, key, rate.burst, interval, now_ms())
+            .await
+            .map_err(unavailable)?
+        {
+            Attempt::Allowed => Ok(()),
+            Attempt::Refused { retry_after_ms } => Err(AppError::TooManyRequests {
+                retry_after_secs: secs_ceil(retry_after_ms),
+            }),
+        }
+    }
+
+    /// Refuses a password try for `key` (account and client) while its backoff runs.
+    ///
+    /// # Errors
+    /// [`AppError::TooManyRequests`] with the seconds left; [`AppError::Unavailable`] as
+    /// [`RateLimits::check`].
+    pub async fn check_backoff(&self, key: &str) -> Result<(), AppError> {
+        let Some(db) = self.shared.get() else {
+            return self.check_backoff_local(key);
+        };
+        let key = &stored_key(key);
+        match shared::blocked_for(db, key, now_ms()).await.map_err(unavailable)? {
+            None => Ok(()),
+            Some(wait_ms) => Err(AppError::TooManyRequests {
+                retry_after_secs: secs_ceil(wait_ms),
+            }),
+        }
+    }
+
+    /// Records a wrong password for `key`: past [`FREE_FAILURES`], the next try waits.
+    pub async fn password_failed(&self, key: &str) {
+        let Some(db) = self.shared.get() else {
+            return self.password_failed_local(key);
+        };
+        let key = &stored_key(key);
+        let now = now_ms();
+        let recorded = match shared::add_failure(db, key, now).await {
+            Ok(count) => match backoff(u32::try_from(count).unwrap_or(u32::MAX)) {
+                Some(wait) => {
+                    let until = now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+                    shared::block_until(db, key, until).await
+                }
+                None => Ok(()),
+            },
+            Err(err) => Err(err),
+        };
+        if let Err(err) = recorded {
+            tracing::warn!(error = %err, "cannot record a wrong password in the shared limits");
+        }
+    }
+
+    /// Clears `key`'s failures after a right password.
+    pub async fn password_succeeded(&self, key: &str) {
+        let Some(db) = self.shared.get() else {
+            return self.password_succeeded_local(key);
+        };
+        let key = &stored_key(key);
+        if let Err(err) = shared::clear_failures(db, key).await {
+            tracing::warn!(error = %err, "cannot clear the failures of a right password in the shared limits");
+        }
+    }
+
+    fn check_local(&self, key: &str, rate: Rate) -> Result<(), AppError> {
         let now = Instant::now();
         let per_sec = 1.0 / rate.refill.as_secs_f64();
         let bucket = self.buckets.get_with_by_ref(key, || {
@@ -152,11 +240,7 @@ impl RateLimits {
         })
     }
 
-    /// Refuses a password try for `key` (account and client) while its backoff runs.
-    ///
-    /// # Errors
-    /// [`AppError::TooManyRequests`] with the seconds left.
-    pub fn check_backoff(&self, key: &str) -> Result<(), AppError> {
+    fn check_backoff_local(&self, key: &str) -> Result<(), AppError> {
         let Some(entry) = self.failures.get(key) else {
             return Ok(());
         };
@@ -169,21 +253,18 @@ impl RateLimits {
         }
     }
 
-    /// Records a wrong password for `key`: past [`FREE_FAILURES`], the next try waits.
-    pub fn password_failed(&self, key: &str) {
+    fn password_failed_local(&self, key: &str) {
         let entry = self
             .failures
             .get_with_by_ref(key, || Arc::new(Mutex::new(Failures::default())));
         let mut failures = entry.lock().unwrap_or_else(|p| p.into_inner());
         failures.count = failures.count.saturating_add(1);
-        if let Some(over) = failures.count.checked_sub(FREE_FAILURES) {
-            let wait = Duration::from_secs(1u64 << over.min(20)).min(MAX_BACKOFF);
+        if let Some(wait) = backoff(failures.count) {
             failures.until = Some(Instant::now() + wait);
         }
     }
 
-    /// Clears `key`'s failures after a right password.
-    pub fn password_succeeded(&self, key: &str) {
+    fn password_succeeded_local(&self, key: &str) {
         self.failures.invalidate(key);
     }
 
@@ -200,6 +281,39 @@ impl RateLimits {
         };
         client.map(bucket_of).unwrap_or_else(|| "unknown".into())
     }
+}
+
+/// The wait before the next try after `count` wrong passwords: none up to
+/// [`FREE_FAILURES`], then 1 s, 2 s, 4 s … up to [`MAX_BACKOFF`].
+fn backoff(count: u32) -> Option<Duration> {
+    let over = count.checked_sub(FREE_FAILURES)?;
+    Some(Duration::from_secs(1u64 << over.min(20)).min(MAX_BACKOFF))
+}
+
+/// What a shared bucket is stored under: SHA-256 of its key, so the table holds no email
+/// address or client address in the clear.
+fn stored_key(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn secs_ceil(ms: i64) -> u64 {
+    u64::try_from((ms + 999) / 1000).unwrap_or(1).max(1)
+}
+
+fn unavailable(err: keycast_db::RepoError) -> AppError {
+    tracing::warn!(error = %err, "cannot read the shared rate limits");
+    AppError::Unavailable("rate limits cannot be checked right now; retry in a moment".into())
 }
 
 /// The `X-Forwarded-For` entry `hops` places from the right, when there are that many.
@@ -255,13 +369,13 @@ mod tests {
             burst: 2,
             refill: Duration::from_secs(60),
         };
-        limits.check("k", rate).unwrap();
-        limits.check("k", rate).unwrap();
-        match limits.check("k", rate) {
+        limits.check_local("k", rate).unwrap();
+        limits.check_local("k", rate).unwrap();
+        match limits.check_local("k", rate) {
             Err(AppError::TooManyRequests { retry_after_secs }) => assert!((59..=60).contains(&retry_after_secs)),
             other => panic!("{other:?}"),
         }
-        limits.check("other", rate).unwrap();
+        limits.check_local("other", rate).unwrap();
     }
 
     #[test]
@@ -303,15 +417,15 @@ mod tests {
     fn failures_back_off_per_key_and_a_success_clears_them() {
         let limits = RateLimits::default();
         for _ in 0..FREE_FAILURES {
-            limits.check_backoff("acct|a").unwrap();
-            limits.password_failed("acct|a");
+            limits.check_backoff_local("acct|a").unwrap();
+            limits.password_failed_local("acct|a");
         }
         assert!(
-            limits.check_backoff("acct|a").is_err(),
+            limits.check_backoff_local("acct|a").is_err(),
             "the fifth failure starts the wait"
         );
-        limits.check_backoff("acct|b").unwrap();
-        limits.password_succeeded("acct|a");
-        limits.check_backoff("acct|a").unwrap();
+        limits.check_backoff_local("acct|b").unwrap();
+        limits.password_succeeded_local("acct|a");
+        limits.check_backoff_local("acct|a").unwrap();
     }
 }

@@ -204,6 +204,11 @@ impl AppState {
         }
     }
 
+    /// Keeps the rate limits in `db`, shared by every instance on it (PostgreSQL).
+    pub fn share_limits(&self, db: Db) {
+        self.inner.limits.share(db);
+    }
+
     /// The rate limiters of login, registration and password reset.
     pub(crate) fn limits(&self) -> &RateLimits {
         &self.inner.limits

@@ -76,12 +76,6 @@ pub const SETTINGS: &[Setting] = &[
         help: "PostgreSQL: a direct (session) connection to the same database for LISTEN/NOTIFY and the migration lock, when DATABASE_URL goes through a transaction-mode pooler such as PgBouncer",
     },
     Setting {
-        key: "database_statement_cache",
-        env: "KEYCAST_DATABASE_STATEMENT_CACHE",
-        default: "true",
-        help: "PostgreSQL: keep prepared statements per connection; false behind a transaction-mode PgBouncer older than 1.21",
-    },
-    Setting {
         key: "cache_ttl_secs",
         env: "KEYCAST_CACHE_TTL_SECS",
         default: "30 (SQLite), 5 (PostgreSQL)",
@@ -777,7 +771,7 @@ impl Sources {
             _ => Err("expected a number of connections from 1 to 1000".into()),
         })?;
         let url = self.get("database_url", parse_database_url)?;
-        let pg_only = ["database_direct_url", "database_statement_cache", "instance_ttl_secs"];
+        let pg_only = ["database_direct_url", "instance_ttl_secs"];
         let Some(DatabaseUrl::Postgres(url)) = url else {
             if let Some(key) = pg_only.iter().find(|k| self.values.contains_key(*k)) {
                 return Err(ConfigError::Invalid {
@@ -809,7 +803,6 @@ impl Sources {
         if let Some(n) = max_connections {
             options.max_connections = n;
         }
-        options.statement_cache = self.get("database_statement_cache", parse_bool)?.unwrap_or(true);
         let direct = self
             .get("database_direct_url", |v| match parse_database_url(v)? {
                 DatabaseUrl::Postgres(url) => Ok(url),

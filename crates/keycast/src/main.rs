@@ -26,13 +26,28 @@ struct Cli {
 enum Command {
     /// Run the HTTP service (the default way to run keycast).
     Serve(ServeArgs),
-    /// Open the database, apply pending migrations, and exit.
-    Migrate(ServeArgs),
+    /// Open the database, apply pending migrations, and exit; with --to, copy the SQLite
+    /// database into an empty PostgreSQL database and verify it.
+    Migrate(MigrateArgs),
     /// Restore the database from the replica into a new file (verified before it appears).
     Restore(RestoreArgs),
     /// Inspect the replica.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    common: ServeArgs,
+    /// Copy everything from the SQLite database (DATABASE_URL) into this empty PostgreSQL
+    /// database (postgres://…), verifying row counts and per-table checksums
+    #[arg(long, value_name = "URL")]
+    to: Option<String>,
+    /// With --to: copy the latest state of this replica (s3://, gs://, az://, file://)
+    /// instead of the local database; it is restored into a temporary file first
+    #[arg(long, value_name = "URL", requires = "to")]
+    from_replica: Option<String>,
 }
 
 #[derive(Args)]
@@ -109,7 +124,7 @@ fn main() -> ExitCode {
         log_format: None,
     };
     let args = match &cli.command {
-        Command::Serve(args) | Command::Migrate(args) => args,
+        Command::Serve(args) | Command::Migrate(MigrateArgs { common: args, .. }) => args,
         _ => &no_flags,
     };
     let config = match load_config(cli.config.clone(), args) {
@@ -124,7 +139,23 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(_) => serve(config).await,
-            Command::Migrate(_) => keycast::serve::migrate(&config).await,
+            Command::Migrate(MigrateArgs { to: None, .. }) => keycast::serve::migrate(&config).await,
+            Command::Migrate(MigrateArgs {
+                to: Some(to),
+                from_replica: None,
+                ..
+            }) => keycast::serve::copy_to_postgres(&config, &to, None).await,
+            Command::Migrate(MigrateArgs {
+                to: Some(to),
+                from_replica: Some(url),
+                ..
+            }) => {
+                let store = replica(&config, Some(url.as_str()))?;
+                let scratch = tempfile::tempdir().context("a temporary directory for the restored database")?;
+                let restored = scratch.path().join("keycast.db");
+                cli::restore_cmd(&store, &restored, Target::Latest, false, false).await?;
+                keycast::serve::copy_to_postgres(&config, &to, Some(&restored)).await
+            }
             Command::Restore(a) => restore(&config, a).await,
             Command::Replica(ReplicaCommand::Verify(a)) => {
                 cli::verify_cmd(&replica(&config, a.replica.as_deref())?, &std::env::temp_dir(), a.json).await

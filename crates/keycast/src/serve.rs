@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use std::sync::Arc;
 
+use keycast_core::cluster::{Cluster, ClusterDurability, ClusterOptions};
 use keycast_core::{PasswordHasher, PasswordParams, Signer, SignerOptions};
 use keycast_db::{Db, DbOptions};
 use keycast_http::{AppState, Dependency, HttpOptions, Services};
@@ -120,7 +121,7 @@ pub async fn run(
             timeout: replica.durable_timeout,
         }));
     }
-    let durability: Option<Arc<dyn keycast_core::Durability>> = running
+    let mut durability: Option<Arc<dyn keycast_core::Durability>> = running
         .replicator
         .as_ref()
         .zip(config.replica.as_ref())
@@ -130,6 +131,14 @@ pub async fn run(
                 timeout: replica.durable_timeout,
             }) as Arc<dyn keycast_core::Durability>
         });
+    if let Some(cluster) = &running.cluster {
+        // On PostgreSQL a change that decides who may sign is answered once every other
+        // instance has dropped what it cached (see keycast_core::cluster).
+        let synced = Arc::new(ClusterDurability(cluster.clone())) as Arc<dyn keycast_core::Durability>;
+        state.set_durability(synced.clone());
+        state.share_limits(running.db.clone());
+        durability = Some(synced);
+    }
     let nip46 = if config.nip46 {
         let options = keycast_nip46::Nip46Options {
             relays,
@@ -138,6 +147,7 @@ pub async fn run(
             max_app_relays: config.nostrconnect_relay_caps.total,
             app_relay_messages_per_sec: config.nostrconnect_relay_messages_per_sec,
             unbound_requests_per_sec: config.nip46_unbound_requests_per_sec,
+            cluster: running.cluster.clone(),
             ..Default::default()
         };
         Some(
@@ -176,6 +186,10 @@ pub async fn run(
     if let Some(nip46) = nip46 {
         nip46.shutdown().await;
     }
+    // The others take this instance's bunkers at once instead of after its heartbeat lapses.
+    if let Some(cluster) = &running.cluster {
+        cluster.leave().await;
+    }
     drop(embedded);
     let reason = monitor.and_then(|m| m.status().fence_reason);
     shut_down(config, stop_http, server, running).await?;
@@ -192,6 +206,8 @@ pub async fn run(
 struct Running {
     db: Db,
     replicator: Option<Replicator>,
+    /// This instance among the others on one PostgreSQL database; `None` on SQLite.
+    cluster: Option<Arc<Cluster>>,
     services: Services,
     /// Writes the signer's buffered activity about once a second.
     flusher: tokio::task::JoinHandle<()>,
@@ -279,6 +295,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
         return Ok(Running {
             db,
             replicator: None,
+            cluster: None,
             services,
             flusher,
         });
@@ -311,6 +328,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
         Ok((services, flusher)) => Ok(Running {
             db,
             replicator: Some(replicator),
+            cluster: None,
             services,
             flusher,
         }),
@@ -364,16 +382,29 @@ fn sqlite_options(config: &Config, path: &Path) -> DbOptions {
 async fn start_postgres(config: &Config, pg: &PostgresConfig) -> anyhow::Result<Running> {
     let db = open_postgres(pg).await?;
     tracing::info!(database = %pg.options.describe(), pool = pg.options.max_connections, "connected to PostgreSQL");
-    match services(config, &db, None).await {
-        Ok((services, flusher)) => Ok(Running {
+    let (services, flusher) = match services(config, &db, None).await {
+        Ok(started) => started,
+        Err(e) => {
+            db.close().await;
+            return Err(e);
+        }
+    };
+    let options = ClusterOptions {
+        instance_ttl: pg.instance_ttl,
+        ..ClusterOptions::default()
+    };
+    match Cluster::start(db.clone(), &pg.session(), services.signer.clone(), options).await {
+        Ok(cluster) => Ok(Running {
             db,
             replicator: None,
+            cluster: Some(cluster),
             services,
             flusher,
         }),
         Err(e) => {
+            flusher.abort();
             db.close().await;
-            Err(e)
+            Err(anyhow::Error::new(e).context("cannot join the other instances on this database (LISTEN needs a session: KEYCAST_DATABASE_DIRECT_URL)"))
         }
     }
 }
@@ -554,5 +585,53 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     };
     tracing::info!(version = keycast_db::migrate::latest_version(), "database is migrated");
     db.close().await;
+    Ok(())
+}
+
+/// `keycast migrate --to postgres://…`: copies the SQLite database (`DATABASE_URL`, or
+/// `restored`: a replica restored by `--from-replica`) into an empty PostgreSQL database
+/// in one verified transaction (`keycast_db::copy`) and prints each table's row count and
+/// checksum. Stop keycast first: writes made during the copy would stay behind. Start keycast on PostgreSQL afterwards with the same master key.
+///
+/// # Errors
+/// The source is not SQLite or does not exist, the target is not PostgreSQL, cannot be
+/// reached or is not empty, or verification failed (then the target is left as it was).
+pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>) -> anyhow::Result<()> {
+    let path = match (restored, &config.database) {
+        (Some(restored), _) => restored,
+        (None, Database::Sqlite { path, .. }) => path.as_path(),
+        (None, Database::Postgres(_)) => {
+            anyhow::bail!("keycast migrate --to copies from SQLite, but DATABASE_URL is already PostgreSQL")
+        }
+    };
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        anyhow::bail!("--to: expected a postgres:// URL");
+    }
+    if !path.exists() {
+        anyhow::bail!(
+            "no SQLite database at {} to copy (DATABASE_URL, KEYCAST_DATA_DIR)",
+            path.display()
+        );
+    }
+    let source = Db::open_sqlite(&sqlite_options(config, path)).await?;
+    let target_options = keycast_db::PgOptions::new(to);
+    let target = Db::open_postgres(&target_options).await.context("--to")?;
+    let copied = keycast_db::copy::sqlite_to_postgres(&source, &target).await;
+    source.close().await;
+    target.close().await;
+    let reports = copied?;
+    let rows: u64 = reports.iter().map(|r| r.rows).sum();
+    for report in &reports {
+        println!(
+            "{:<24} {:>10} rows  checksum {}",
+            report.table, report.rows, report.checksum
+        );
+    }
+    println!(
+        "copied {rows} rows in {} tables from {} to {}; counts and checksums match. Start keycast with DATABASE_URL set to it and the same master key.",
+        reports.len(),
+        path.display(),
+        target_options.describe()
+    );
     Ok(())
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use keycast_core::cluster::Cluster;
 use keycast_core::nostr::{Event, Filter, Kind, PublicKey, RelayUrl, Timestamp};
 use keycast_core::{Change, Durability, Signer};
 use nostr_sdk::pool::{RelayOptions, RelayPool, RelayPoolNotification};
@@ -71,6 +72,10 @@ pub struct Nip46Options {
     /// bunker) pair also gets [`crate::throttle::PER_BUNKER`]. Default
     /// [`DEFAULT_UNBOUND_REQUESTS_PER_SEC`].
     pub unbound_requests_per_sec: u32,
+    /// With several instances on PostgreSQL: answer only this instance's share of the
+    /// bunkers, and only requests this instance claimed (each answered exactly once).
+    /// `None` (SQLite, one instance): answer everything.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Default for Nip46Options {
@@ -84,6 +89,7 @@ impl Default for Nip46Options {
             max_app_relays: keycast_core::nostrconnect::DEFAULT_MAX_RELAYS,
             app_relay_messages_per_sec: DEFAULT_APP_RELAY_MESSAGES_PER_SEC,
             unbound_requests_per_sec: DEFAULT_UNBOUND_REQUESTS_PER_SEC,
+            cluster: None,
         }
     }
 }
@@ -264,6 +270,11 @@ impl Shared {
         let Some((bunker, entry)) = roster.addressee(&event) else {
             return;
         };
+        if let Some(cluster) = &self.options.cluster {
+            if !cluster.owns(&bunker.to_hex()) {
+                return; // another live instance answers this bunker
+            }
+        }
         let client = self.bindings.get(&bunker).unwrap_or(entry.client);
         let bound = client == Some(event.pubkey);
         drop(roster);
@@ -303,6 +314,9 @@ impl Shared {
             tracing::debug!(id = %request.id, "nip46: duplicate request ignored");
             return;
         }
+        if !self.claim(&incoming.event).await {
+            return;
+        }
         let (reply, outcome) =
             handler::answer(&self.signer, self.durability.as_ref(), &bunker, &client, &request).await;
         let method = method_label(&request.method);
@@ -333,6 +347,9 @@ impl Shared {
     }
 
     async fn answer_busy(&self, incoming: Incoming) {
+        if !self.claim(&incoming.event).await {
+            return;
+        }
         if let Some((keys, request, cipher)) = self.open(&incoming.bunker, &incoming.event).await {
             metrics::counter!("keycast_nip46_requests_total", "method" => method_label(&request.method), "outcome" => "busy")
                 .increment(1);
@@ -362,6 +379,16 @@ impl Shared {
                 tracing::debug!(error = %err, "nip46: cannot open a request");
                 None
             }
+        }
+    }
+
+    /// With several instances: whether this one claimed the request (it answers); the
+    /// instance that owns a bunker claims its requests, and a claim is unique even while
+    /// instances disagree for a moment about who is alive.
+    async fn claim(&self, event: &Event) -> bool {
+        match &self.options.cluster {
+            Some(cluster) => cluster.claim(&event.id.to_hex()).await,
+            None => true,
         }
     }
 
@@ -450,6 +477,8 @@ impl Shared {
     /// cap) and drops those no longer named, and renews each relay's subscription whose
     /// bunkers changed.
     async fn sync(&self) -> Result<(), String> {
+        // Reported once the subscription covers what was read (other instances wait for it).
+        let generation = self.signer.bunker_generation();
         self.bindings.rotate();
         let window = i64::try_from(self.options.revoked_answer_window.as_secs()).unwrap_or(i64::MAX);
         let since = keycast_db::now_unix().saturating_sub(window);
@@ -485,6 +514,7 @@ impl Shared {
         self.subscribe(&roster, &wanted).await;
         metrics::gauge!("keycast_nip46_bunkers").set(roster.len() as f64);
         metrics::gauge!("keycast_nip46_app_relays").set((wanted.len() - self.configured.len()) as f64);
+        self.signer.bunkers_synced(generation);
         Ok(())
     }
 

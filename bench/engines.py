@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""HTTP RPC `sign_event` on SQLite vs PostgreSQL (one instance each), and one vs two
+instances on PostgreSQL, in one run (issue 13). For each: wrk with 50 connections in all
+(split evenly over the instances) after a warm-up, and what predicts scaling on a machine
+whose two cores are shared by everything: keycast's and PostgreSQL's CPU time per request
+and database transactions per request.
+
+    source /var/tmp/keycast-peers/env.sh   # nothing needed from it but PATH
+    python3 bench/engines.py [--seconds 15] [--keycast target/release/keycast]
+
+Prints one JSON line per scenario. Needs wrk, psql and PostgreSQL's server binaries
+(scripts/postgres.sh starts a throwaway server)."""
+import argparse, base64, json, os, socket, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:
+            pass
+    return total / TICK
+
+
+def postgres_pids(data_dir):
+    master = int(open(os.path.join(data_dir, "postmaster.pid")).readline())
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True).stdout.split()
+    return [master] + [int(p) for p in children]
+
+
+def psql(url, sql):
+    return subprocess.run(["psql", "-AtqX", url, "-c", sql], capture_output=True, text=True, check=True).stdout.strip()
+
+
+class Instance:
+    def __init__(self, keycast, work, name, env):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        full = {k: v for k, v in os.environ.items() if not k.startswith("KEYCAST_") and k != "DATABASE_URL"}
+        full.update(PORT=str(self.port), KEYCAST_BIND="127.0.0.1", KEYCAST_DATA_DIR=os.path.join(work, name),
+                    KEYCAST_LOG="warn", KEYCAST_EMBEDDED_RELAY_ADDR="127.0.0.1:0", **env)
+        self.log = open(os.path.join(work, f"{name}.log"), "w")
+        self.proc = subprocess.Popen([keycast, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.base + "/healthz/ready") as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                pass
+            if time.time() > deadline or self.proc.poll() is not None:
+                sys.exit(f"{name} did not start; see {self.log.name}")
+            time.sleep(0.1)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=15)
+
+
+def wrk(instances, token, seconds, connections=50):
+    env = dict(os.environ, TOKEN=token)
+    per = connections // len(instances)
+    runs = [subprocess.Popen(["wrk", "-t1", f"-c{per}", f"-d{seconds}s", "--latency", "-s", "bench/rpc/sign.lua",
+                              i.base + "/api/nostr"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+            for i in instances]
+    results = []
+    for run in runs:
+        out, _ = run.communicate(timeout=seconds + 60)
+        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("{"))))
+    return results
+
+
+def scenario(name, instances, token, seconds, pg=None):
+    wrk(instances, token, 3)  # warm-up: caches, connections
+    pids = [i.proc.pid for i in instances]
+    before = cpu_seconds(pids)
+    pg_before = cpu_seconds(postgres_pids(pg["data"])) if pg else 0
+    xacts_before = int(psql(pg["url"], pg["xacts"])) if pg else 0
+    results = wrk(instances, token, seconds)
+    requests = sum(r["requests"] for r in results)
+    out = {
+        "scenario": name,
+        "instances": len(instances),
+        "requests": requests,
+        "req_per_s": round(sum(r["req_per_s"] for r in results)),
+        "p50_ms": max(r["p50_ms"] for r in results),
+        "p99_ms": max(r["p99_ms"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+        "keycast_cpu_us_per_req": round((cpu_seconds(pids) - before) / requests * 1e6, 1),
+    }
+    if pg:
+        out["postgres_cpu_us_per_req"] = round((cpu_seconds(postgres_pids(pg["data"])) - pg_before) / requests * 1e6, 1)
+        out["db_transactions_per_req"] = round((int(psql(pg["url"], pg["xacts"])) - xacts_before) / requests, 4)
+    print(json.dumps(out), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--keycast", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release/keycast"))
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="keycast-engines-", dir="/var/tmp")
+    pg_dir = os.path.join(work, "pg")
+    admin = subprocess.run([os.path.join(ROOT, "scripts/postgres.sh"), "start", pg_dir], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    master = base64.b64encode(os.urandom(32)).decode()
+    running = []
+    try:
+        def start(name, env):
+            instance = Instance(args.keycast, work, name, dict(env, KEYCAST_MASTER_KEY=master))
+            running.append(instance)
+            return instance
+
+        def token_of(instance):
+            return subprocess.run([sys.executable, "bench/rpc/flow.py", instance.base], cwd=ROOT, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+
+        lite = start("sqlite", {"KEYCAST_REPLICA_URL": f"file://{work}/replica"})
+        scenario("sqlite, one instance", [lite], token_of(lite), args.seconds)
+        lite.stop()
+        running.remove(lite)
+
+        for n in (1, 2):
+            db = f"bench{n}"
+            psql(admin, f"CREATE DATABASE {db}")
+            url = admin.rsplit("/", 1)[0] + "/" + db
+            pg = {"url": url, "data": os.path.join(pg_dir, "data"),
+                  "xacts": f"SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{db}'"}
+            instances = [start(f"pg{n}-{i}", {"DATABASE_URL": url}) for i in range(n)]
+            token = token_of(instances[0])
+            scenario(f"postgresql, {n} instance{'s' if n > 1 else ''}", instances, token, args.seconds, pg)
+            for i in instances:
+                i.stop()
+                running.remove(i)
+    finally:
+        for i in running:
+            i.stop()
+        subprocess.run([os.path.join(ROOT, "scripts/postgres.sh"), "stop", pg_dir], capture_output=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,517 @@
+//! Many instances on one PostgreSQL database: what each must hear from the others, and
+//! which of them answers a NIP-46 request.
+//!
+//! # Cache invalidation across instances
+//! Every change that an instance's caches must not outlive (a revocation, a binding, a
+//! replaced key, a new authorization) is *announced* by the [`Signer`] that made it. On
+//! PostgreSQL the cluster sends each announcement as a `NOTIFY` with a sequence number;
+//! every other instance's listener drops the named entries from its caches and answers
+//! with an acknowledgement `NOTIFY`. A change that decides who may sign is answered only
+//! once every live instance has acknowledged everything its instance announced so far
+//! ([`Cluster::wait_synced`], the [`crate::Durability`] of PostgreSQL): so a revocation
+//! made on one instance is refused by every other on the very next request.
+//!
+//! Fallbacks, so that no instance acts on stale state for long:
+//! - an instance whose listener loses its connection stops trusting its caches (every
+//!   request reads the database) until it listens again, then starts with empty caches;
+//! - every cached entry also expires after `KEYCAST_CACHE_TTL_SECS` (5 s by default here);
+//! - an instance that does not acknowledge within [`ClusterOptions::sync_timeout`] (hung,
+//!   or died a moment ago) does not hold the change up: it is answered, and counted
+//!   (`keycast_cluster_sync_timeouts_total`); the two rules above bound what that instance
+//!   may still serve from cache.
+//!
+//! # NIP-46: each request answered once
+//! Every instance hears every relay. Instances heartbeat into `keycast_instances`
+//! (every fifth of `KEYCAST_INSTANCE_TTL_SECS`) and read back the live set; each bunker
+//! belongs to one live instance by rendezvous hashing ([`owner`]: the highest
+//! SHA-256(instance ‖ bunker) wins), so adding or removing an instance moves only its
+//! share. The owner then *claims* the request's event id in `nip46_claims`; only the
+//! claimant answers. Claims make the answer unique even while two instances briefly
+//! disagree about the live set (one joining or leaving). An instance that stops cleanly
+//! leaves the set at once and says so; one that dies is dropped once its heartbeat is
+//! older than the TTL, and its bunkers are answered by the others from then on — within
+//! TTL + one heartbeat of its death (6 s by default).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use keycast_db::notify::{Heard, Listener};
+use keycast_db::{cluster as cluster_repo, AuthorizationId, Db, PgOptions, UserId};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::durability::{BoxFuture, Durability};
+use crate::signer::{Announcement, Signer};
+
+/// Default: an instance silent this long is dead.
+pub const DEFAULT_INSTANCE_TTL: Duration = Duration::from_secs(5);
+/// Default: how long a change waits for the other instances' acknowledgements.
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a claim, a dead instance's row and a rate-limit bucket are kept.
+const PURGE_AFTER: Duration = Duration::from_secs(3600);
+
+/// Tuning for [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// An instance whose heartbeat is older is dead. Heartbeats go every fifth of it.
+    /// Default [`DEFAULT_INSTANCE_TTL`].
+    pub instance_ttl: Duration,
+    /// How long [`Cluster::wait_synced`] waits for acknowledgements. Default
+    /// [`DEFAULT_SYNC_TIMEOUT`].
+    pub sync_timeout: Duration,
+    /// How long a NIP-46 follower may take to re-read the bunkers after another
+    /// instance's change before this instance acknowledges it anyway. Default 2 s.
+    pub resync_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            instance_ttl: DEFAULT_INSTANCE_TTL,
+            sync_timeout: DEFAULT_SYNC_TIMEOUT,
+            resync_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// This instance's membership of the cluster. One per process on PostgreSQL; none on
+/// SQLite.
+pub struct Cluster {
+    id: String,
+    db: Db,
+    signer: Arc<Signer>,
+    options: ClusterOptions,
+    /// The live instances (sorted ids, this one included), as of the last heartbeat.
+    live: RwLock<Arc<Vec<String>>>,
+    /// How many of this instance's announcements have been sent.
+    sent: watch::Sender<u64>,
+    /// The highest sequence number of ours each other instance acknowledged.
+    acks: watch::Sender<HashMap<String, u64>>,
+    /// Wakes the heartbeat loop early (an instance joined or left).
+    membership: Notify,
+    listening: AtomicBool,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("id", &self.id)
+            .field("live", &self.live_instances())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one instance says to the others, as `NOTIFY` payloads (space-separated words).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Message {
+    /// `inv <origin> <seq> a <authorization>` / `u <user>` / `b` (the bunker set).
+    Changed {
+        origin: String,
+        seq: u64,
+        what: Announcement,
+    },
+    /// `ack <acker> <origin> <seq>`: acker applied everything of origin up to seq.
+    Ack { acker: String, origin: String, seq: u64 },
+    /// `up <id>` / `down <id>`: membership changed; re-read it now.
+    Membership,
+}
+
+impl Message {
+    fn encode(&self) -> String {
+        match self {
+            Message::Changed { origin, seq, what } => match what {
+                Announcement::Authorization(id) => format!("inv {origin} {seq} a {id}"),
+                Announcement::User(id) => format!("inv {origin} {seq} u {id}"),
+                Announcement::Bunkers => format!("inv {origin} {seq} b"),
+            },
+            Message::Ack { acker, origin, seq } => format!("ack {acker} {origin} {seq}"),
+            Message::Membership => "members".to_owned(),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Message> {
+        let words: Vec<&str> = text.split(' ').collect();
+        match words.as_slice() {
+            ["inv", origin, seq, kind, rest @ ..] => {
+                let what = match (*kind, rest) {
+                    ("a", [id]) => Announcement::Authorization(AuthorizationId::new(*id)),
+                    ("u", [id]) => Announcement::User(UserId::new(*id)),
+                    ("b", []) => Announcement::Bunkers,
+                    _ => return None,
+                };
+                Some(Message::Changed {
+                    origin: (*origin).to_owned(),
+                    seq: seq.parse().ok()?,
+                    what,
+                })
+            }
+            ["ack", acker, origin, seq] => Some(Message::Ack {
+                acker: (*acker).to_owned(),
+                origin: (*origin).to_owned(),
+                seq: seq.parse().ok()?,
+            }),
+            ["members"] => Some(Message::Membership),
+            _ => None,
+        }
+    }
+}
+
+/// 64 random bits, hex: a process's name among the instances (host names and PIDs repeat
+/// in containers).
+fn instance_id() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The live instance that answers `bunker` (rendezvous hashing); `None` for an empty set.
+pub fn owner<'a>(bunker: &str, live: &'a [String]) -> Option<&'a str> {
+    live.iter()
+        .max_by_key(|instance| {
+            let digest = Sha256::new()
+                .chain_update(instance.as_bytes())
+                .chain_update(b"\0")
+                .chain_update(bunker.as_bytes())
+                .finalize();
+            u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+        })
+        .map(String::as_str)
+}
+
+impl Cluster {
+    /// Joins the cluster: listens for the other instances' notices (on `session`, a
+    /// direct connection), registers this instance with a first heartbeat, and starts
+    /// announcing the signer's changes. Returns once this instance listens and is
+    /// registered, so nothing it caches from now on can miss a notice.
+    ///
+    /// # Errors
+    /// The database cannot be reached, or is not PostgreSQL.
+    pub async fn start(
+        db: Db,
+        session: &PgOptions,
+        signer: Arc<Signer>,
+        options: ClusterOptions,
+    ) -> Result<Arc<Cluster>, keycast_db::RepoError> {
+        let id = instance_id();
+        let listener = Listener::connect(session).await?;
+        let cluster = Arc::new(Cluster {
+            id,
+            db,
+            signer: signer.clone(),
+            options,
+            live: RwLock::new(Arc::new(Vec::new())),
+            sent: watch::channel(0).0,
+            acks: watch::channel(HashMap::new()).0,
+            membership: Notify::new(),
+            listening: AtomicBool::new(true),
+            tasks: Mutex::new(Vec::new()),
+        });
+        cluster.beat().await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        signer.announce_to(tx);
+        let tasks = vec![
+            tokio::spawn(cluster.clone().listen(listener)),
+            tokio::spawn(cluster.clone().publish(rx)),
+            tokio::spawn(cluster.clone().heartbeat()),
+        ];
+        *cluster.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
+        let _ = keycast_db::notify::notify(&cluster.db, &Message::Membership.encode()).await;
+        tracing::info!(instance = cluster.id, live = ?cluster.live_instances(), "joined the instances sharing this database");
+        Ok(cluster)
+    }
+
+    /// This instance's id (random, per process).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The live instances as of the last heartbeat, sorted, this one included.
+    pub fn live_instances(&self) -> Arc<Vec<String>> {
+        self.live.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Whether this instance answers NIP-46 requests to `bunker` (64 hex).
+    pub fn owns(&self, bunker: &str) -> bool {
+        let live = self.live_instances();
+        owner(bunker, &live).is_none_or(|o| o == self.id)
+    }
+
+    /// Claims NIP-46 request `event_id` for this instance: true if it is this instance's
+    /// to answer. A database failure answers true: a second answer is better than none.
+    pub async fn claim(&self, event_id: &str) -> bool {
+        match cluster_repo::claim(&self.db, event_id, &self.id).await {
+            Ok(claimed) => claimed,
+            Err(err) => {
+                tracing::warn!(error = %err, "nip46: cannot claim a request; answering it anyway");
+                true
+            }
+        }
+    }
+
+    /// Resolves once every other live instance has applied every change this instance
+    /// announced before the call, or after [`ClusterOptions::sync_timeout`] (logged and
+    /// counted; see the module doc for why that is not an error).
+    pub async fn wait_synced(&self) {
+        let target = self.signer.announced();
+        if target == 0 {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.options.sync_timeout;
+        let mut sent = self.sent.subscribe();
+        if tokio::time::timeout_at(deadline, sent.wait_for(|s| *s >= target))
+            .await
+            .is_err()
+        {
+            self.sync_timed_out("the change could not be announced", &[]);
+            return;
+        }
+        let peers: Vec<String> = self
+            .live_instances()
+            .iter()
+            .filter(|i| **i != self.id)
+            .cloned()
+            .collect();
+        let mut acks = self.acks.subscribe();
+        let synced = |acks: &HashMap<String, u64>| peers.iter().all(|p| acks.get(p).is_some_and(|s| *s >= target));
+        if tokio::time::timeout_at(deadline, acks.wait_for(synced)).await.is_err() {
+            let acks = self.acks.borrow().clone();
+            let missing: Vec<&str> = peers
+                .iter()
+                .filter(|p| !acks.get(*p).is_some_and(|s| *s >= target))
+                .map(String::as_str)
+                .collect();
+            self.sync_timed_out("instances did not acknowledge a change", &missing);
+        }
+    }
+
+    fn sync_timed_out(&self, what: &str, missing: &[&str]) {
+        metrics::counter!("keycast_cluster_sync_timeouts_total").increment(1);
+        tracing::warn!(
+            ?missing,
+            timeout_ms = self.options.sync_timeout.as_millis() as u64,
+            "{what} in time; answering anyway (their caches expire within KEYCAST_CACHE_TTL_SECS)"
+        );
+    }
+
+    /// Leaves the cluster (a clean stop): the others take this instance's bunkers at once.
+    pub async fn leave(&self) {
+        for task in self.tasks.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+            task.abort();
+        }
+        if let Err(err) = cluster_repo::leave(&self.db, &self.id).await {
+            tracing::warn!(error = %err, "could not deregister this instance; the others notice when its heartbeat lapses");
+            return;
+        }
+        let _ = keycast_db::notify::notify(&self.db, &Message::Membership.encode()).await;
+        tracing::info!(instance = self.id, "left the instances sharing this database");
+    }
+
+    async fn beat(&self) -> Result<(), keycast_db::RepoError> {
+        let ttl = i64::try_from(self.options.instance_ttl.as_millis()).unwrap_or(i64::MAX);
+        let live = cluster_repo::heartbeat(&self.db, &self.id, ttl).await?;
+        let changed = {
+            let mut current = self.live.write().unwrap_or_else(PoisonError::into_inner);
+            let changed = **current != live;
+            *current = Arc::new(live);
+            changed
+        };
+        if changed {
+            let live = self.live_instances();
+            metrics::gauge!("keycast_cluster_instances").set(live.len() as f64);
+            tracing::info!(instance = self.id, ?live, "live instances changed");
+        }
+        Ok(())
+    }
+
+    /// Heartbeats every fifth of the TTL (or at once when told membership changed), and
+    /// purges old rows now and then.
+    async fn heartbeat(self: Arc<Self>) {
+        let every = (self.options.instance_ttl / 5).max(Duration::from_millis(100));
+        let mut last_purge = Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = self.membership.notified() => {}
+            }
+            if let Err(err) = self.beat().await {
+                tracing::warn!(error = %err, "heartbeat failed; keeping the last known instances");
+            }
+            if last_purge.elapsed() > Duration::from_secs(60) {
+                last_purge = Instant::now();
+                let before = i64::try_from(PURGE_AFTER.as_millis()).unwrap_or(i64::MAX);
+                let _ = cluster_repo::purge(&self.db, before).await;
+                let _ = keycast_db::limits::purge(&self.db, now_ms() - before).await;
+            }
+        }
+    }
+
+    /// Sends the signer's announcements in order, numbering them.
+    async fn publish(self: Arc<Self>, mut announcements: mpsc::UnboundedReceiver<Announcement>) {
+        let mut seq = 0;
+        while let Some(what) = announcements.recv().await {
+            seq += 1;
+            let message = Message::Changed {
+                origin: self.id.clone(),
+                seq,
+                what,
+            }
+            .encode();
+            let mut wait = Duration::from_millis(50);
+            while let Err(err) = keycast_db::notify::notify(&self.db, &message).await {
+                tracing::warn!(error = %err, "cannot announce a change to the other instances; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            self.sent.send_replace(seq);
+        }
+    }
+
+    /// Applies the other instances' changes and acknowledges them; collects their
+    /// acknowledgements of ours.
+    async fn listen(self: Arc<Self>, mut listener: Listener) {
+        loop {
+            match listener.next().await {
+                Heard::Notice(text) => match Message::decode(&text) {
+                    Some(message) => self.receive(message).await,
+                    None => tracing::debug!(text, "ignoring an unknown notice"),
+                },
+                Heard::Lost => {
+                    self.listening.store(false, Ordering::SeqCst);
+                    self.signer.trust_caches(false);
+                    tracing::warn!(
+                        "lost the connection that hears other instances' changes: not trusting caches until it is back"
+                    );
+                }
+                Heard::Listening => {
+                    // What was missed meanwhile is unknown: start from empty caches.
+                    self.signer.forget_everything();
+                    self.signer.trust_caches(true);
+                    self.listening.store(true, Ordering::SeqCst);
+                    self.membership.notify_one();
+                    tracing::info!("listening for other instances' changes again");
+                }
+            }
+        }
+    }
+
+    async fn receive(&self, message: Message) {
+        match message {
+            Message::Changed { origin, seq, what } if origin != self.id => {
+                match &what {
+                    Announcement::Authorization(id) => self.signer.forget_authorization(id),
+                    Announcement::User(id) => self.signer.forget_user(id),
+                    Announcement::Bunkers => {
+                        // Acknowledge once this instance's NIP-46 listens for the new set.
+                        let generation = self.signer.bunkers_changed_elsewhere();
+                        self.signer
+                            .wait_bunkers_synced(generation, self.options.resync_timeout)
+                            .await;
+                    }
+                }
+                let ack = Message::Ack {
+                    acker: self.id.clone(),
+                    origin,
+                    seq,
+                };
+                if let Err(err) = keycast_db::notify::notify(&self.db, &ack.encode()).await {
+                    tracing::warn!(error = %err, "cannot acknowledge another instance's change");
+                }
+            }
+            Message::Changed { .. } => {}
+            Message::Ack { acker, origin, seq } if origin == self.id => {
+                self.acks.send_modify(|acks| {
+                    let entry = acks.entry(acker).or_default();
+                    *entry = (*entry).max(seq);
+                });
+            }
+            Message::Ack { .. } => {}
+            Message::Membership => self.membership.notify_one(),
+        }
+    }
+}
+
+/// PostgreSQL's answer to "is this write safe to acknowledge?": the commit is durable on
+/// the server; what remains is that every other instance has dropped what it cached.
+pub struct ClusterDurability(pub Arc<Cluster>);
+
+impl Durability for ClusterDurability {
+    fn wait_durable(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.0.wait_synced().await;
+            Ok(())
+        })
+    }
+
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for message in [
+            Message::Changed {
+                origin: "i1".into(),
+                seq: 7,
+                what: Announcement::Authorization(AuthorizationId::new("a1")),
+            },
+            Message::Changed {
+                origin: "i1".into(),
+                seq: 8,
+                what: Announcement::User(UserId::new("u1")),
+            },
+            Message::Changed {
+                origin: "i1".into(),
+                seq: 9,
+                what: Announcement::Bunkers,
+            },
+            Message::Ack {
+                acker: "i2".into(),
+                origin: "i1".into(),
+                seq: 9,
+            },
+            Message::Membership,
+        ] {
+            assert_eq!(Message::decode(&message.encode()), Some(message));
+        }
+        assert_eq!(Message::decode("inv i1 x b"), None);
+        assert_eq!(Message::decode("something else"), None);
+    }
+
+    #[test]
+    fn rendezvous_moves_only_the_share_of_an_instance_that_leaves() {
+        let three: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let two: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let bunkers: Vec<String> = (0..300).map(|i| format!("{i:064x}")).collect();
+        let mut share = HashMap::new();
+        for bunker in &bunkers {
+            let before = owner(bunker, &three).unwrap();
+            *share.entry(before).or_insert(0) += 1;
+            let after = owner(bunker, &two).unwrap();
+            if before != "c" {
+                assert_eq!(before, after, "a bunker of a live instance stays put");
+            }
+        }
+        for instance in ["a", "b", "c"] {
+            assert!(share[instance] > 60, "each instance gets a fair share: {share:?}");
+        }
+        assert_eq!(owner("x", &[]), None);
+    }
+}

@@ -1,0 +1,136 @@
+//! Instances sharing one PostgreSQL database: membership by heartbeat
+//! (`keycast_instances`) and NIP-46 request claims (`nip46_claims`).
+//!
+//! Liveness is judged by the **database server's clock** (heartbeats are stamped with
+//! it), so instances whose own clocks disagree still agree on who is alive. That makes
+//! the membership statements PostgreSQL's own SQL: this module is the one place that
+//! uses it, and it refuses to run on SQLite (one instance needs no membership).
+
+use crate::pool::Engine;
+use crate::{Db, RepoError};
+
+/// The database server's clock in unix milliseconds (PostgreSQL).
+const NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
+
+fn postgres(db: &Db) -> Result<&sqlx::PgPool, RepoError> {
+    match db.engine() {
+        Engine::Postgres(pool) => Ok(pool),
+        Engine::Sqlite(_) => Err(RepoError::Unsupported("instance membership exists on PostgreSQL only")),
+    }
+}
+
+/// Records a heartbeat of instance `id` (registering it if new) and returns the instances
+/// whose heartbeat is younger than `ttl_ms`, this one included, sorted. One round trip.
+///
+/// # Errors
+/// [`RepoError::Unsupported`] on SQLite; database errors.
+pub async fn heartbeat(db: &Db, id: &str, ttl_ms: i64) -> Result<Vec<String>, RepoError> {
+    // The statement's snapshot does not see its own insert: this instance is added by hand.
+    let sql = format!(
+        "WITH beat AS (INSERT INTO keycast_instances (id, started_at, heartbeat_at) VALUES ($1, {NOW_MS}, {NOW_MS}) \
+                       ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at) \
+         SELECT id FROM (SELECT id FROM keycast_instances WHERE heartbeat_at > {NOW_MS} - $2 AND id <> $1 \
+                         UNION ALL SELECT CAST($1 AS TEXT)) AS live ORDER BY id"
+    );
+    // Built from constants only; the values are bound.
+    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(ttl_ms)
+        .fetch_all(postgres(db)?)
+        .await?)
+}
+
+/// Removes instance `id` (a clean shutdown), so the others take its bunkers at once.
+///
+/// # Errors
+/// [`RepoError::Unsupported`] on SQLite; database errors.
+pub async fn leave(db: &Db, id: &str) -> Result<(), RepoError> {
+    sqlx::query("DELETE FROM keycast_instances WHERE id = $1")
+        .bind(id)
+        .execute(postgres(db)?)
+        .await?;
+    Ok(())
+}
+
+/// Forgets instances silent for `older_than_ms` and claims older than that; returns how
+/// many rows went.
+///
+/// # Errors
+/// [`RepoError::Unsupported`] on SQLite; database errors.
+pub async fn purge(db: &Db, older_than_ms: i64) -> Result<u64, RepoError> {
+    let pool = postgres(db)?;
+    let instances = format!("DELETE FROM keycast_instances WHERE heartbeat_at < {NOW_MS} - $1");
+    let claims = format!("DELETE FROM nip46_claims WHERE claimed_at < {NOW_MS} - $1");
+    let mut removed = 0;
+    for sql in [instances, claims] {
+        removed += sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(older_than_ms)
+            .execute(pool)
+            .await?
+            .rows_affected();
+    }
+    Ok(removed)
+}
+
+/// Claims NIP-46 request `event_id` for instance `id`: true for the one caller that claims
+/// it first, false for every other (the request is someone else's to answer).
+///
+/// # Errors
+/// [`RepoError::Unsupported`] on SQLite; database errors.
+pub async fn claim(db: &Db, event_id: &str, id: &str) -> Result<bool, RepoError> {
+    let sql = format!(
+        "INSERT INTO nip46_claims (event_id, instance_id, claimed_at) VALUES ($1, $2, {NOW_MS}) \
+         ON CONFLICT (event_id) DO NOTHING"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(event_id)
+        .bind(id)
+        .execute(postgres(db)?)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::temp_dbs;
+
+    #[tokio::test]
+    async fn live_instances_are_those_with_a_fresh_heartbeat() {
+        for (_guard, db) in temp_dbs().await {
+            if db.kind() == crate::EngineKind::Sqlite {
+                assert!(matches!(
+                    heartbeat(&db, "a", 1000).await,
+                    Err(RepoError::Unsupported(_))
+                ));
+                continue;
+            }
+            assert_eq!(heartbeat(&db, "b", 60_000).await.unwrap(), ["b"]);
+            assert_eq!(heartbeat(&db, "a", 60_000).await.unwrap(), ["a", "b"]);
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            heartbeat(&db, "a", 60_000).await.unwrap();
+            assert_eq!(
+                heartbeat(&db, "a", 20).await.unwrap(),
+                ["a"],
+                "b is silent longer than 20 ms"
+            );
+            leave(&db, "a").await.unwrap();
+            assert_eq!(heartbeat(&db, "b", 60_000).await.unwrap(), ["b"]);
+            assert_eq!(purge(&db, 60_000).await.unwrap(), 0, "b beat just now");
+            assert_eq!(purge(&db, 0).await.unwrap(), 1, "and is gone once older than nothing");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_is_claimed_once() {
+        for (_guard, db) in temp_dbs().await {
+            if db.kind() == crate::EngineKind::Sqlite {
+                continue;
+            }
+            assert!(claim(&db, "e1", "a").await.unwrap());
+            assert!(!claim(&db, "e1", "b").await.unwrap());
+            assert!(!claim(&db, "e1", "a").await.unwrap());
+            assert!(claim(&db, "e2", "b").await.unwrap());
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! Several `keycast serve` processes on one PostgreSQL database, as behind a load balancer
+//! with no sticky sessions (issue 13): a revocation made on one instance is refused by
+//! every other on the very next request, and the rate limits that guard passwords count
+//! every instance's attempts together.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use std::collections::HashMap;
+
+use harness::api::*;
+use harness::flow::{approve, authorize_query, grant, pkce, register, token_request};
+use harness::nostr::{keypair, BunkerClient, Relay};
+use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
+use nostr::nips::nip44;
+use nostr::{Event, Filter, Keys, Kind, PublicKey, SecretKey};
+use serde_json::{json, Value};
+
+/// `n` instances on one fresh database, sharing the master key (as every instance of one
+/// service must). Caches are trusted for an hour, so nothing below passes by a cache
+/// merely expiring: only the instances telling each other makes it pass.
+fn instances(n: usize) -> Option<(tempfile::TempDir, Vec<Keycast>)> {
+    instances_with(n, &[])
+}
+
+fn instances_with(n: usize, env: &[(&str, &str)]) -> Option<(tempfile::TempDir, Vec<Keycast>)> {
+    harness::engine::postgres_server()?;
+    let database = PgDatabase::create("many");
+    let dir = tempfile::tempdir().unwrap();
+    let servers = (0..n)
+        .map(|i| {
+            let mut launch = Launch::new(&dir.path().join(format!("data{i}")))
+                .postgres(&database)
+                .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+                .env("KEYCAST_CACHE_TTL_SECS", "3600");
+            for (k, v) in env {
+                launch = launch.env(k, v);
+            }
+            launch.start()
+        })
+        .collect();
+    Some((dir, servers))
+}
+
+/// Consent on `server` → an access token for the signed-in `cookie`.
+fn access_token(server: &Keycast, cookie: &str) -> String {
+    let (challenge, verifier) = pkce();
+    let code = approve(server, cookie, &authorize_query("policy:social", &challenge));
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+fn sign(server: &Keycast, token: &str) -> Reply {
+    rpc(server, token, "sign_event", json!([{ "kind": 1, "content": "hello" }]))
+}
+
+#[test]
+fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() {
+    let Some((_dir, servers)) = instances(3) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "alice@example.com", None);
+    // Each round revokes on a different instance, the others having just signed (so each
+    // holds the authorization in its caches).
+    for (round, revoker) in servers.iter().enumerate() {
+        let token = access_token(&servers[round % 3], &cookie);
+        for server in &servers {
+            let r = sign(server, &token);
+            assert_eq!(r.status, 200, "round {round}, before revoking: {}", r.body);
+        }
+        let list = get(revoker, "/api/user/authorizations", Some(&cookie)).json();
+        let live: Vec<&str> = list["authorizations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["revoked_at"].is_null())
+            .map(|a| a["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(live.len(), 1, "{list}");
+        let revoked = delete(revoker, &format!("/api/user/authorizations/{}", live[0]), &cookie);
+        assert_eq!(revoked.status, 204, "{}", revoked.body);
+        for (i, server) in servers.iter().enumerate() {
+            let r = sign(server, &token);
+            assert_eq!(
+                r.status, 401,
+                "round {round}: instance {i} signed with a token revoked on instance {round}: {}",
+                r.body
+            );
+            assert!(r.json()["error"].as_str().unwrap().contains("revoked"), "{}", r.body);
+        }
+    }
+}
+
+#[test]
+fn an_instance_whose_peer_died_still_answers_revocations() {
+    // A peer that died without leaving (SIGKILL) cannot acknowledge: the revocation is
+    // answered anyway, within the sync timeout, and refused by the survivors at once.
+    let Some((_dir, mut servers)) = instances(3) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "bob@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    for server in &servers {
+        assert_eq!(sign(server, &token).status, 200);
+    }
+    let mut dead = servers.pop().unwrap();
+    dead.signal(libc::SIGKILL);
+    dead.wait_exit(Duration::from_secs(10));
+    let list = get(&servers[0], "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    let revoked = delete(&servers[0], &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a dead peer held the revocation up for {:?}",
+        started.elapsed()
+    );
+    for server in &servers {
+        assert_eq!(sign(server, &token).status, 401);
+    }
+}
+
+fn login(server: &Keycast, email: &str, password: &str) -> Reply {
+    post_json(
+        server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": password }),
+    )
+}
+
+#[test]
+fn the_login_limit_counts_every_instances_attempts_together() {
+    // 10 logins per client, then one per 6 s (`LOGIN_PER_IP`). Spread over three instances
+    // each sees at most 5 of 15 attempts: only a shared count refuses any.
+    let Some((_dir, servers)) = instances(3) else {
+        return;
+    };
+    let started = Instant::now();
+    let statuses: Vec<u16> = (0..15)
+        .map(|n| login(&servers[n % 3], &format!("nobody-{n}@example.org"), "wrong password").status)
+        .collect();
+    let refills = started.elapsed().as_secs() / 6 + 1;
+    let let_through = statuses.iter().filter(|s| **s != 429).count() as u64;
+    assert!(
+        let_through <= 10 + refills,
+        "{let_through} of 15 attempts got through in {:?}: {statuses:?}",
+        started.elapsed()
+    );
+    assert!(statuses[..10].iter().all(|s| *s == 401), "{statuses:?}");
+}
+
+#[test]
+fn wrong_passwords_on_every_instance_add_up_to_one_backoff() {
+    // Five wrong passwords for one account from one client, spread over three instances,
+    // start the wait (`FREE_FAILURES`): the next try, on yet another instance, is refused
+    // even with the right password. Then a right password clears the count everywhere.
+    let Some((_dir, servers)) = instances(3) else {
+        return;
+    };
+    register(&servers[0], "carol@example.com", None);
+    for n in 0..5 {
+        let r = login(&servers[n % 3], "carol@example.com", "not the password");
+        assert_eq!(r.status, 401, "attempt {n}: {}", r.body);
+    }
+    let refused = login(&servers[2], "carol@example.com", harness::api::PASSWORD);
+    assert_eq!(
+        refused.status, 429,
+        "the fifth failure elsewhere did not count: {}",
+        refused.body
+    );
+    let retry: u64 = refused.retry_after.as_deref().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "retry after {retry}");
+    // Then the owner's right password works on any instance. (Each try also takes from
+    // the client's login bucket, so wait out each Retry-After instead of polling.)
+    let mut wait = retry;
+    let mut tries = 0;
+    loop {
+        std::thread::sleep(Duration::from_secs(wait));
+        let r = login(&servers[1], "carol@example.com", harness::api::PASSWORD);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429, "{}", r.body);
+        tries += 1;
+        assert!(tries < 3, "never let in again: {}", r.body);
+        wait = r.retry_after.as_deref().unwrap().parse().unwrap();
+    }
+    let r = login(&servers[0], "carol@example.com", "not the password");
+    assert_eq!(r.status, 401, "a right password cleared the count: {}", r.body);
+}
+
+// ---------------------------------------------------------------------------------------
+// NIP-46: every instance hears every request, one answers it.
+// ---------------------------------------------------------------------------------------
+
+/// How long an instance may be silent before the others take its bunkers, in the test.
+const INSTANCE_TTL_SECS: u64 = 2;
+
+/// Every kind-24133 event the relay stored with an author in `authors` (nostr-relay keeps
+/// ephemeral events for a few minutes, so a test can count what was published).
+fn stored(relay: &str, authors: Vec<PublicKey>) -> Vec<Event> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = nostr_sdk::Client::default();
+        client.add_relay(relay).await.unwrap();
+        client.connect().await;
+        let filter = Filter::new().kind(Kind::NostrConnect).authors(authors).limit(10_000);
+        let events = client.fetch_events(filter, Duration::from_secs(10)).await.unwrap();
+        client.shutdown().await;
+        events.into_iter().collect()
+    })
+}
+
+/// A client of one bunker: its key and the bunker's.
+struct Session {
+    bunker_url: String,
+    bunker: PublicKey,
+    client: Keys,
+}
+
+/// The request ids the clients sent and how many replies each got, read from the relay
+/// (decrypted with the clients' keys, as only they can).
+fn requests_and_replies(relay: &str, sessions: &[Session]) -> (Vec<String>, HashMap<String, usize>) {
+    let mut authors: Vec<PublicKey> = sessions.iter().map(|s| s.client.public_key()).collect();
+    authors.extend(sessions.iter().map(|s| s.bunker));
+    let mut requests = Vec::new();
+    let mut replies: HashMap<String, usize> = HashMap::new();
+    for event in stored(relay, authors) {
+        let Some(session) = sessions
+            .iter()
+            .find(|s| event.pubkey == s.client.public_key() || event.pubkey == s.bunker)
+        else {
+            continue;
+        };
+        // One conversation key both ways: the client's secret and the bunker's public key.
+        let Ok(text) = nip44::decrypt(session.client.secret_key(), &session.bunker, &event.content) else {
+            continue;
+        };
+        let message: Value = serde_json::from_str(&text).unwrap();
+        let id = message["id"].as_str().unwrap().to_owned();
+        if event.pubkey == session.bunker {
+            *replies.entry(id).or_default() += 1;
+        } else {
+            requests.push(id);
+        }
+    }
+    (requests, replies)
+}
+
+fn sign_through(app: &mut BunkerClient, session: &Session, content: &str, timeout_ms: u64) -> Value {
+    app.call_ok(json!({"op": "connect", "bunker": session.bunker_url,
+        "client_sk": session.client.secret_key().to_secret_hex(), "handshake": false}));
+    app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": content}, "timeout_ms": timeout_ms}))
+}
+
+#[test]
+fn each_nip46_request_is_answered_once_and_a_dead_instances_bunkers_answer_again() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let ttl = INSTANCE_TTL_SECS.to_string();
+    let Some((_dir, mut servers)) = instances_with(
+        3,
+        &[
+            ("BUNKER_RELAYS", relay.url()),
+            ("KEYCAST_INSTANCE_TTL_SECS", ttl.as_str()),
+        ],
+    ) else {
+        return;
+    };
+    let (cookie, account) = register(&servers[0], "dora@example.com", None);
+    let user = account["pubkey"].as_str().unwrap().to_owned();
+
+    // Nine bunkers, granted on every instance in turn; each app connects (the secret) and
+    // signs twice.
+    let sessions: Vec<Session> = (0..9)
+        .map(|n| {
+            let token = grant(&servers[n % 3], &cookie, "policy:social");
+            let bunker_url = token["bunker_url"].as_str().unwrap().to_owned();
+            let bunker = PublicKey::from_hex(&bunker_url["bunker://".len()..][..64]).unwrap();
+            let (client_sk, _) = keypair();
+            let client = Keys::new(SecretKey::from_hex(&client_sk).unwrap());
+            let connected = app.connect_as(&bunker_url, &client_sk);
+            assert_eq!(connected["ok"], true, "bunker {n}: {connected}; stderr:\n{}", app.log());
+            Session {
+                bunker_url,
+                bunker,
+                client,
+            }
+        })
+        .collect();
+    for (n, session) in sessions.iter().enumerate() {
+        for k in 0..2 {
+            let signed = sign_through(&mut app, session, &format!("note {n}.{k}"), 5000);
+            assert_eq!(signed["ok"], true, "bunker {n}: {signed}");
+            assert_eq!(signed["event"]["pubkey"], user.as_str());
+        }
+    }
+
+    // Every request answered exactly once: counted on the relay…
+    let (requests, replies) = requests_and_replies(relay.url(), &sessions);
+    assert_eq!(requests.len(), 9 * 3, "9 connects and 18 sign_events reached the relay");
+    for id in &requests {
+        assert_eq!(replies.get(id), Some(&1), "request {id}: replies {replies:?}");
+    }
+    // …and by the instances, which shared the bunkers out.
+    let answered: Vec<f64> = servers
+        .iter()
+        .map(|s| metric_sum(&s.get("/metrics").1, "keycast_nip46_requests_total"))
+        .collect();
+    assert_eq!(
+        answered.iter().sum::<f64>(),
+        27.0,
+        "answered per instance: {answered:?}"
+    );
+    assert!(
+        answered.iter().filter(|n| **n > 0.0).count() >= 2,
+        "one instance answered everything: {answered:?}"
+    );
+
+    // Kill the busiest instance without warning: its bunkers go silent until the others
+    // see its heartbeat lapse, then answer again.
+    let busiest = (0..3).max_by(|a, b| answered[*a].total_cmp(&answered[*b])).unwrap();
+    let mut dead = servers.remove(busiest);
+    dead.signal(libc::SIGKILL);
+    dead.wait_exit(Duration::from_secs(10));
+    let killed = Instant::now();
+    let bound = Duration::from_secs(INSTANCE_TTL_SECS) + Duration::from_secs(INSTANCE_TTL_SECS) / 5;
+    let mut slowest = Duration::ZERO;
+    for (n, session) in sessions.iter().enumerate() {
+        loop {
+            let signed = sign_through(&mut app, session, &format!("after the kill {n}"), 1000);
+            if signed["ok"] == true {
+                break;
+            }
+            assert_eq!(signed["error"], "timeout", "bunker {n}: {signed}");
+            assert!(
+                killed.elapsed() < bound + Duration::from_secs(10),
+                "bunker {n} still silent {:?} after the kill",
+                killed.elapsed()
+            );
+        }
+        slowest = slowest.max(killed.elapsed());
+    }
+    eprintln!("every bunker answered again {slowest:?} after the kill (stated bound {bound:?} + a client timeout)");
+    // Still never twice, though requests to the dead instance's bunkers went unanswered.
+    let (_, replies) = requests_and_replies(relay.url(), &sessions);
+    assert!(replies.values().all(|n| *n == 1), "{replies:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Start-up and schema changes.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn instances_starting_together_migrate_once() {
+    let Some(_) = harness::engine::postgres_server() else {
+        return;
+    };
+    let database = PgDatabase::create("together");
+    let dir = tempfile::tempdir().unwrap();
+    // Spawned at once, before any has started: all race for the empty database.
+    let starting: Vec<_> = (0..3)
+        .map(|i| {
+            Launch::new(&dir.path().join(format!("data{i}")))
+                .postgres(&database)
+                .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+                .spawn_started_later()
+        })
+        .collect();
+    let servers: Vec<Keycast> = starting
+        .into_iter()
+        .map(|mut s| {
+            s.wait_started(harness::START_TIMEOUT);
+            s.into_keycast()
+        })
+        .collect();
+    let applied = database.query("SELECT version, count(*) FROM _sqlx_migrations GROUP BY version ORDER BY version");
+    let versions: Vec<&str> = applied.lines().collect();
+    assert!(versions.len() >= 4, "{applied}");
+    for line in &versions {
+        assert!(line.ends_with("|1"), "a migration applied twice or more: {applied}");
+    }
+    let (cookie, _) = register(&servers[1], "erin@example.com", None);
+    let token = access_token(&servers[2], &cookie);
+    assert_eq!(sign(&servers[0], &token).status, 200);
+}
+
+#[test]
+fn during_a_rolling_deploy_the_older_keycast_still_starts_on_the_newer_schema() {
+    // A newer keycast migrated the database (stamped here as version 9999, expand only:
+    // `oldest_reader` unchanged); an instance of this, older, keycast starts next to it and
+    // serves. Once the newer one declares a contract step, the older one is refused.
+    let Some((dir, servers)) = instances(1) else { return };
+    let database = servers[0].database.clone().unwrap();
+    let (cookie, _) = register(&servers[0], "fred@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    database.query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'a newer keycast', TRUE, '\\x00', 0)",
+    );
+    let launch = Launch::new(&dir.path().join("old"))
+        .postgres(&database)
+        .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY);
+    let old = launch.start();
+    assert_eq!(sign(&old, &token).status, 200);
+    assert!(old.log().contains("running without migrating"), "{}", old.log());
+    drop(old);
+    database.query("UPDATE keycast_schema SET oldest_reader = 9999");
+    let refused = launch.start_or_exit().err().expect("refused after a contract step");
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("run version 9999 or newer"),
+        "{}",
+        refused.stderr
+    );
+}

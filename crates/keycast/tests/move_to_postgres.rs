@@ -1,0 +1,160 @@
+//! Moving an instance from SQLite to PostgreSQL with `keycast migrate --to` (issue 13): a
+//! copy that fails half-way leaves the target empty and can be run again, a second copy is
+//! refused, and afterwards the same password logs in, the same access token signs over
+//! HTTP and the same bunker URL signs over NIP-46 — on PostgreSQL.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{grant, register};
+use harness::nostr::{keypair, BunkerClient};
+use harness::{keycast_cli, Launch, PgDatabase, TEST_MASTER_KEY};
+use serde_json::json;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_works() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Bunker URLs name the embedded relay: the same address before and after the move.
+    let relay_addr = format!("127.0.0.1:{}", free_port());
+    let on = |launch: Launch| {
+        launch
+            .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+            .env("KEYCAST_EMBEDDED_RELAY_ADDR", &relay_addr)
+    };
+
+    // On SQLite: an account, an app with an access token, another with a bound bunker.
+    let server = on(Launch::new(&data)).start();
+    let (cookie, account) = register(&server, "gina@example.com", None);
+    let user = account["pubkey"].as_str().unwrap().to_owned();
+    let http_app = grant(&server, &cookie, "policy:social");
+    let token = http_app["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        rpc(
+            &server,
+            &token,
+            "sign_event",
+            json!([{ "kind": 1, "content": "on sqlite" }])
+        )
+        .status,
+        200
+    );
+    let bunker = grant(&server, &cookie, "policy:social")["bunker_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (client_sk, _) = keypair();
+    app.call_ok(json!({"op": "connect", "bunker": bunker, "client_sk": client_sk}));
+    app.call_ok(json!({"op": "sign_event", "event": {"kind": 1, "content": "on sqlite"}}));
+    server.stop();
+
+    let database = PgDatabase::create("moved");
+    let sqlite_url = format!("sqlite://{}", data.join("keycast.db").display());
+    let migrate_to = || {
+        keycast_cli(
+            &["migrate", "--to", &database.url],
+            &[
+                ("DATABASE_URL", sqlite_url.as_str()),
+                ("KEYCAST_MASTER_KEY", TEST_MASTER_KEY),
+            ],
+        )
+    };
+
+    // A copy that fails half-way (here: the server refuses access tokens) keeps nothing.
+    keycast_cli(&["migrate"], &[("DATABASE_URL", database.url.as_str())]).assert_success("migrating the target");
+    database.query(
+        "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER refuse BEFORE INSERT ON access_tokens FOR EACH ROW EXECUTE FUNCTION refuse()",
+    );
+    let failed = migrate_to();
+    assert!(!failed.status.success(), "{}", failed.stdout);
+    assert!(failed.stderr.contains("refused by the test"), "{}", failed.stderr);
+    assert_eq!(
+        database.query("SELECT count(*) FROM users"),
+        "0",
+        "a failed copy kept rows"
+    );
+    database.query("DROP TRIGGER refuse ON access_tokens");
+
+    // Run again: copied, verified, and reported per table.
+    let copied = migrate_to();
+    copied.assert_success("keycast migrate --to");
+    assert!(
+        copied.stdout.contains("counts and checksums match"),
+        "{}",
+        copied.stdout
+    );
+    for table in ["users", "keys", "authorizations", "access_tokens", "sessions"] {
+        assert!(
+            copied
+                .stdout
+                .lines()
+                .any(|l| l.starts_with(table) && !l.contains(" 0 rows")),
+            "{table} copied: {}",
+            copied.stdout
+        );
+    }
+    // A second copy would mix two databases: refused, naming a table.
+    let again = migrate_to();
+    assert!(!again.status.success());
+    assert!(again.stderr.contains("is not empty"), "{}", again.stderr);
+
+    // Straight from the replica (the instance replicated to `<data>-replica` by default):
+    // the same rows, checksum for checksum.
+    let from_replica = PgDatabase::create("from_replica");
+    let replica = format!("file://{}-replica", data.display());
+    let restored = keycast_cli(
+        &["migrate", "--to", &from_replica.url, "--from-replica", &replica],
+        &[("KEYCAST_DATA_DIR", dir.path().join("elsewhere").to_str().unwrap())],
+    );
+    restored.assert_success("keycast migrate --to --from-replica");
+    let summary = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.contains(" rows  checksum "))
+            .filter(|l| !l.starts_with("keycast_instances"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        summary(&restored.stdout),
+        summary(&copied.stdout),
+        "{}",
+        restored.stdout
+    );
+
+    // On PostgreSQL, the same credentials.
+    let server = on(Launch::new(&dir.path().join("pg-data")).postgres(&database)).start();
+    let login = post_json(
+        &server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": "gina@example.com", "password": PASSWORD }),
+    );
+    assert_eq!(login.status, 200, "{}", login.body);
+    let signed = rpc(
+        &server,
+        &token,
+        "sign_event",
+        json!([{ "kind": 1, "content": "on postgres" }]),
+    );
+    assert_eq!(signed.status, 200, "{}", signed.body);
+    assert_eq!(signed.json()["result"]["pubkey"], user.as_str());
+    let again = app.call(json!({"op": "connect", "bunker": bunker, "client_sk": client_sk, "handshake": false}));
+    assert_eq!(again["ok"], true, "{again}");
+    let signed =
+        app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "on postgres"}, "timeout_ms": 10_000}));
+    assert_eq!(signed["ok"], true, "{signed}\n{}", server.log());
+    assert_eq!(signed["event"]["pubkey"], user.as_str());
+}
