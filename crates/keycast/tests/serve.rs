@@ -165,7 +165,10 @@ fn a_database_from_a_newer_keycast_is_refused() {
     let data = dir.path().join("data");
     Keycast::start(&data).stop();
     let db = data.join("keycast.db");
-    let sql = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', 1, x'00', 0);";
+    // A newer keycast migrated it and contracted the schema past this binary (expand-only
+    // migrations would leave `oldest_reader` alone and let this binary run on).
+    let sql = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (9999, 'future', 1, x'00', 0); \
+               UPDATE keycast_schema SET oldest_reader = 9999 WHERE id = 1;";
     assert!(Command::new("sqlite3")
         .arg(&db)
         .arg(sql)
@@ -175,7 +178,10 @@ fn a_database_from_a_newer_keycast_is_refused() {
     let refused = Launch::new(&data).run_to_exit(harness::START_TIMEOUT);
     let (status, stderr) = (refused.status, refused.stderr);
     assert!(!status.success());
-    assert!(stderr.contains("newer than this keycast binary"), "{stderr}");
+    assert!(
+        stderr.contains("no longer serves keycast binaries older than version 9999"),
+        "{stderr}"
+    );
 }
 
 #[test]
