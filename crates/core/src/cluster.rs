@@ -290,7 +290,7 @@ impl Cluster {
             let acks = self.acks.borrow().clone();
             let missing: Vec<&str> = peers
                 .iter()
-                .filter(|p| !acks.get(*p).is_some_and(|s| *s >= target))
+                .filter(|p| acks.get(*p).is_none_or(|s| *s < target))
                 .map(String::as_str)
                 .collect();
             self.sync_timed_out("instances did not acknowledge a change", &missing);

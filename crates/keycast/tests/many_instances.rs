@@ -352,6 +352,24 @@ fn each_nip46_request_is_answered_once_and_a_dead_instances_bunkers_answer_again
     // Still never twice, though requests to the dead instance's bunkers went unanswered.
     let (_, replies) = requests_and_replies(relay.url(), &sessions);
     assert!(replies.values().all(|n| *n == 1), "{replies:?}");
+
+    // Revoked on one instance, refused over NIP-46 by whichever instance answers the
+    // bunker, on the very next request.
+    let list = get(&servers[0], "/api/user/authorizations", Some(&cookie)).json();
+    for authz in list["authorizations"].as_array().unwrap() {
+        let id = authz["id"].as_str().unwrap();
+        let revoked = delete(&servers[0], &format!("/api/user/authorizations/{id}"), &cookie);
+        assert_eq!(revoked.status, 204, "{}", revoked.body);
+    }
+    for (n, session) in sessions.iter().enumerate() {
+        let refused = sign_through(&mut app, session, "after the revocation", 5000);
+        assert_eq!(
+            refused["ok"], false,
+            "bunker {n} signed after its revocation: {refused}"
+        );
+        let error = refused["error"].as_str().unwrap();
+        assert!(error.contains("revoked"), "bunker {n}: {error}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
