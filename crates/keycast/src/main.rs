@@ -33,6 +33,29 @@ enum Command {
     /// Inspect the replica.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Manage the master key (the key-encryption key of every stored Nostr key).
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum MasterKeyCommand {
+    /// Re-encrypt every stored key under KEYCAST_MASTER_KEY (decrypting with
+    /// KEYCAST_MASTER_KEY_PREVIOUS), then check each opens under the new key alone. Resumable:
+    /// a re-run continues where an interrupted one stopped. Exits non-zero until complete.
+    Rotate(RotateArgs),
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Re-encrypt at most this many keys in this run (spreads a large rotation over runs)
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -110,6 +133,7 @@ fn main() -> ExitCode {
     };
     let args = match &cli.command {
         Command::Serve(args) | Command::Migrate(args) => args,
+        Command::MasterKey(MasterKeyCommand::Rotate(a)) => &a.serve,
         _ => &no_flags,
     };
     let config = match load_config(cli.config.clone(), args) {
@@ -125,6 +149,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(_) => serve(config).await,
             Command::Migrate(_) => keycast::serve::migrate(&config).await,
+            Command::MasterKey(MasterKeyCommand::Rotate(a)) => {
+                keycast::serve::rotate_master_key(&config, a.limit, a.json).await
+            }
             Command::Restore(a) => restore(&config, a).await,
             Command::Replica(ReplicaCommand::Verify(a)) => {
                 cli::verify_cmd(&replica(&config, a.replica.as_deref())?, &std::env::temp_dir(), a.json).await

@@ -1,0 +1,228 @@
+//! `keycast master-key rotate` and the background rotation of `keycast serve`, against the
+//! real binary: an interrupted rotation resumes and completes; afterwards a restore from the
+//! replica works with the new key alone, holds none of the old ciphertexts, and the old key
+//! alone opens nothing; no key or secret reaches the logs.
+
+mod harness;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use harness::api::*;
+use harness::flow::{approve, authorize_query, pkce, register, token_request};
+use harness::{keycast_cli, sqlite_query, Keycast, Launch, TEST_MASTER_KEY};
+use nostr::nips::nip19::ToBech32;
+use nostr::Keys;
+use serde_json::{json, Value};
+
+/// The old master key is the harness's fixed key; this is the new one.
+const NEW_MASTER_KEY: &str = "HyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4=";
+
+/// A user with their own key and one authorization: (nsec, pubkey hex, access token).
+fn user_with_grant(server: &Keycast, email: &str) -> (String, String, String) {
+    let keys = Keys::generate();
+    let nsec = keys.secret_key().to_bech32().unwrap();
+    let (cookie, _) = register(server, email, Some(&nsec));
+    let (challenge, verifier) = pkce();
+    let code = approve(server, &cookie, &authorize_query("policy:social", &challenge));
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["access_token"].as_str().unwrap().to_owned();
+    (nsec, keys.public_key().to_hex(), token)
+}
+
+/// Signs a note over HTTP with `token` and checks it is `pubkey`'s.
+fn signs_as(server: &Keycast, token: &str, pubkey: &str) {
+    let signed = rpc(
+        server,
+        token,
+        "sign_event",
+        json!([{ "kind": 1, "content": "after rotation" }]),
+    );
+    assert_eq!(signed.status, 200, "{}", signed.body);
+    assert_eq!(signed.json()["result"]["pubkey"], pubkey, "{}", signed.body);
+}
+
+/// Every ciphertext under the master key in the database file, hex.
+fn ciphertexts(db: &Path) -> Vec<String> {
+    sqlite_query(
+        db,
+        "SELECT hex(encrypted_secret) FROM keys UNION ALL SELECT hex(bunker_secret_encrypted) FROM authorizations",
+    )
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Whether `bytes` holds `needle` anywhere.
+fn holds(bytes: &[u8], needle: &[u8]) -> bool {
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Asserts that nothing secret appears in `text`: neither master key, no user's nsec or
+/// hex secret.
+fn no_secret_in(text: &str, secrets: &[String]) {
+    for secret in [TEST_MASTER_KEY, NEW_MASTER_KEY]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(secrets.iter().cloned())
+    {
+        assert!(!text.contains(&secret), "a secret reached the output:\n{text}");
+    }
+}
+
+fn secrets_of(users: &[(String, String, String)]) -> Vec<String> {
+    users
+        .iter()
+        .flat_map(|(nsec, _, token)| {
+            let hex = Keys::parse(nsec).unwrap().secret_key().to_secret_hex();
+            [nsec.clone(), hex, token.clone()]
+        })
+        .collect()
+}
+
+fn rotate(data: &Path, replica: &Path, extra: &[&str]) -> (bool, Value, String) {
+    let url = format!("file://{}", replica.display());
+    let data_dir = data.display().to_string();
+    let mut args = vec!["master-key", "rotate", "--json"];
+    args.extend_from_slice(extra);
+    let out = keycast_cli(
+        &args,
+        &[
+            ("KEYCAST_DATA_DIR", &data_dir),
+            ("KEYCAST_REPLICA_URL", &url),
+            ("KEYCAST_MASTER_KEY", NEW_MASTER_KEY),
+            ("KEYCAST_MASTER_KEY_PREVIOUS", TEST_MASTER_KEY),
+        ],
+    );
+    let report: Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("no JSON report ({e}): {}\n{}", out.stdout, out.stderr));
+    (out.status.success(), report, format!("{}{}", out.stdout, out.stderr))
+}
+
+#[test]
+fn interrupted_rotation_resumes_and_a_restore_opens_with_the_new_key_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, replica) = (tmp.path().join("data"), tmp.path().join("replica"));
+    let server = Launch::new(&data).redeployable(&replica).start();
+    let users: Vec<_> = (0..3)
+        .map(|n| user_with_grant(&server, &format!("rot{n}@example.com")))
+        .collect();
+    server.stop();
+    let old = ciphertexts(&data.join("keycast.db"));
+    assert_eq!(old.len(), 6, "3 user keys and 3 bunker keys");
+
+    // Stopped after two keys, as an interruption would leave it: non-zero exit, progress kept.
+    let (ok, first, log_first) = rotate(&data, &replica, &["--limit", "2"]);
+    assert!(!ok, "an incomplete rotation must fail: {first}");
+    assert_eq!(
+        (first["reencrypted"].as_u64(), first["remaining"].as_u64()),
+        (Some(2), Some(4)),
+        "{first}"
+    );
+    assert_eq!(first["complete"], false);
+    // The re-run continues where it stopped and verifies everything under the new key.
+    let (ok, second, log_second) = rotate(&data, &replica, &[]);
+    assert!(ok, "{second}\n{log_second}");
+    assert_eq!(
+        (
+            second["reencrypted"].as_u64(),
+            second["already_current"].as_u64(),
+            second["verified"].as_u64()
+        ),
+        (Some(4), Some(2), Some(6)),
+        "{second}"
+    );
+    assert_eq!(second["remaining"], 0);
+    let secrets = secrets_of(&users);
+    no_secret_in(&log_first, &secrets);
+    no_secret_in(&log_second, &secrets);
+
+    // A redeploy on an empty disk restores from the replica and opens with the new key alone.
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = Launch::new(&data)
+        .env("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display()))
+        .env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY)
+        .start();
+    for (_, pubkey, token) in &users {
+        signs_as(&server, token, pubkey);
+    }
+    let log = server.stop();
+    no_secret_in(&log, &secrets);
+
+    // The restored file holds none of the old ciphertexts, not even in free space.
+    let restored = tmp.path().join("restored.db");
+    let url = format!("file://{}", replica.display());
+    keycast_cli(&["restore", "--replica", &url, "-o", restored.to_str().unwrap()], &[])
+        .assert_success("keycast restore");
+    let bytes = std::fs::read(&restored).unwrap();
+    for ciphertext in &old {
+        assert!(
+            !holds(&bytes, &hex::decode(ciphertext).unwrap()),
+            "an old ciphertext survived the rotation"
+        );
+    }
+    assert_eq!(ciphertexts(&restored).len(), 6);
+
+    // The old key alone opens nothing: keycast refuses to start with it.
+    let wiped = tmp.path().join("with-old-key");
+    let refused = Launch::new(&wiped)
+        .redeployable(&replica)
+        .run_to_exit(Duration::from_secs(60));
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("does not match this database"),
+        "{}",
+        refused.stderr
+    );
+}
+
+#[test]
+fn a_serving_instance_with_both_keys_rotates_in_the_background() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, replica) = (tmp.path().join("data"), tmp.path().join("replica"));
+    let server = Launch::new(&data).redeployable(&replica).start();
+    let users: Vec<_> = (0..2)
+        .map(|n| user_with_grant(&server, &format!("bg{n}@example.com")))
+        .collect();
+    server.stop();
+
+    let url = format!("file://{}", replica.display());
+    let server = Launch::new(&data)
+        .env("KEYCAST_REPLICA_URL", &url)
+        .env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY)
+        .env("KEYCAST_MASTER_KEY_PREVIOUS", TEST_MASTER_KEY)
+        .start();
+    // Serving goes on during the rotation, whichever key a row is under.
+    for (_, pubkey, token) in &users {
+        signs_as(&server, token, pubkey);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !server.log().contains("master-key rotation complete") {
+        assert!(
+            Instant::now() < deadline,
+            "the rotation never completed:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, metrics) = server.get("/metrics");
+    assert_eq!(
+        harness::metric_sum(&metrics, "keycast_master_key_rotation_remaining"),
+        0.0,
+        "{metrics}"
+    );
+    // A key made during the rotation is under the new key.
+    let late = user_with_grant(&server, "late@example.com");
+    let log = server.stop();
+    no_secret_in(&log, &secrets_of(&users));
+
+    let server = Launch::new(&data)
+        .env("KEYCAST_REPLICA_URL", &url)
+        .env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY)
+        .start();
+    for (_, pubkey, token) in users.iter().chain([&late]) {
+        signs_as(&server, token, pubkey);
+    }
+    server.stop();
+}
