@@ -1386,6 +1386,31 @@ mod tests {
     }
 
     #[test]
+    fn database_url_is_read_from_a_file_with_its_password_kept_out_of_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://keycast:hunter2@/keycast?host=/cloudsql/p:r:i\n").unwrap();
+        let path = file.display().to_string();
+        let config = env(&[("DATABASE_URL_FILE", &path)]).build().unwrap();
+        assert!(matches!(config.database, Database::Postgres(_)));
+        assert!(config.replica.is_none());
+        assert!(!format!("{:?}", config.database).contains("hunter2"));
+        let both = env(&[("DATABASE_URL_FILE", &path), ("DATABASE_URL", "sqlite:///tmp/x.db")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("DATABASE_URL_FILE"), "{both}");
+        let missing = env(&[("DATABASE_URL_FILE", "/nonexistent/url")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("DATABASE_URL_FILE") && missing.contains("/nonexistent/url"),
+            "{missing}"
+        );
+    }
+
+    #[test]
     fn previous_master_key_is_validated_redacted_and_needs_a_new_key() {
         let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
         let old = "HyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4=";

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use keycast_core::rotation::{self, RotationReport};
-use keycast_core::Keyring;
+use keycast_core::{Durability, Keyring};
 use keycast_db::Db;
 
 /// How long the background rotation waits before its first attempt and between attempts
@@ -23,12 +23,21 @@ fn record(report: &RotationReport) {
 }
 
 /// The background rotation of `keycast serve` with a previous key configured: rotates
-/// everything, then logs that the previous key can go. Retries after a failure (logged
-/// without any secret), so a transient database error does not end it.
-pub async fn in_background(db: Db, ring: Arc<Keyring>) {
+/// everything, waits until the rewritten keys are in the replica (`durability`, on SQLite
+/// with a replica), then logs that the previous key can go — so an operator who removes it
+/// on that word never meets a restore that still needs it. Retries after a failure (logged
+/// without any secret), so a transient error does not end it.
+pub async fn in_background(db: Db, ring: Arc<Keyring>, durability: Option<Arc<dyn Durability>>) {
     loop {
         match rotation::rotate(&db, &ring, None).await {
             Ok(report) if report.complete() => {
+                if let Some(durability) = &durability {
+                    if let Err(reason) = durability.wait_durable().await {
+                        tracing::warn!(%reason, "master-key rotation: the re-encrypted keys are not in the replica yet; trying again");
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                }
                 record(&report);
                 tracing::info!(
                     key_id = %ring.current().key_id(),

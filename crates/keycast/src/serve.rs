@@ -141,7 +141,7 @@ pub async fn run(
             ..Default::default()
         };
         Some(
-            keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability, options)
+            keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability.clone(), options)
                 .await
                 .context("cannot start the NIP-46 signer")?,
         )
@@ -160,6 +160,7 @@ pub async fn run(
         running.rotation = Some(tokio::spawn(crate::rotation::in_background(
             running.db.clone(),
             running.keyring.clone(),
+            durability.clone(),
         )));
     }
 

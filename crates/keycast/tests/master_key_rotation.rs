@@ -54,6 +54,17 @@ fn ciphertexts(db: &Path) -> Vec<String> {
     .collect()
 }
 
+/// The replica's level of snapshots (as Litestream lays them out).
+const SNAPSHOT_LEVEL: u64 = 9;
+
+/// The objects in the replica at `url`, as `keycast replica ls --json` lists them.
+fn replica_files(url: &str) -> Vec<Value> {
+    let out = keycast_cli(&["replica", "ls", "--json", "--replica", url], &[]);
+    out.assert_success("keycast replica ls");
+    let doc: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    doc["files"].as_array().unwrap().clone()
+}
+
 /// Whether `bytes` holds `needle` anywhere.
 fn holds(bytes: &[u8], needle: &[u8]) -> bool {
     bytes.windows(needle.len()).any(|w| w == needle)
@@ -160,31 +171,84 @@ fn interrupted_rotation_resumes_and_a_restore_opens_with_the_new_key_alone() {
     // replica's next snapshot is taken from it.
     no_old_ciphertext_in(&data.join("keycast.db"), &old);
 
+    let url = format!("file://{}", replica.display());
+    let rotated_at = replica_files(&url)
+        .iter()
+        .map(|f| f["max_txid"].as_u64().unwrap())
+        .max()
+        .unwrap();
+
     // A redeploy on an empty disk restores from the replica and opens with the new key alone.
+    // It snapshots every second and keeps snapshots a second, so the objects from before the
+    // rotation pass retention while the test watches.
     std::fs::remove_dir_all(&data).unwrap();
     let server = Launch::new(&data)
-        .env("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display()))
+        .env("KEYCAST_REPLICA_URL", &url)
         .env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY)
+        .env("KEYCAST_REPLICA_COMPACTION_LEVELS", "1")
+        .env("KEYCAST_REPLICA_SNAPSHOT_INTERVAL_SECS", "1")
+        .env("KEYCAST_REPLICA_SNAPSHOT_RETENTION_SECS", "1")
+        .env("KEYCAST_REPLICA_L0_RETENTION_SECS", "0")
         .start();
     for (_, pubkey, token) in &users {
         signs_as(&server, token, pubkey);
     }
+    // Compaction and retention run when something new was shipped: keep writing until every
+    // object left is a snapshot taken after the rotation or holds only later transactions.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut writes = 0;
+    let oldest_snapshot = loop {
+        let files = replica_files(&url);
+        let after_rotation = |f: &Value| {
+            let (level, min, max) = (
+                f["level"].as_u64().unwrap(),
+                f["min_txid"].as_u64().unwrap(),
+                f["max_txid"].as_u64().unwrap(),
+            );
+            if level == SNAPSHOT_LEVEL {
+                max >= rotated_at
+            } else {
+                min > rotated_at
+            }
+        };
+        let snapshots: Vec<u64> = files
+            .iter()
+            .filter(|f| f["level"].as_u64() == Some(SNAPSHOT_LEVEL))
+            .map(|f| f["max_txid"].as_u64().unwrap())
+            .collect();
+        if !snapshots.is_empty() && files.iter().all(after_rotation) {
+            break *snapshots.iter().min().unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "objects from before the rotation never passed retention: {files:?}"
+        );
+        server.write(&format!("w{writes}"), true);
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let log = server.stop();
     no_secret_in(&log, &secrets);
 
-    // The restored file holds none of the old ciphertexts, not even in free space.
-    let restored = tmp.path().join("restored.db");
-    let url = format!("file://{}", replica.display());
-    keycast_cli(&["restore", "--replica", &url, "-o", restored.to_str().unwrap()], &[])
-        .assert_success("keycast restore");
-    let bytes = std::fs::read(&restored).unwrap();
-    for ciphertext in &old {
-        assert!(
-            !holds(&bytes, &hex::decode(ciphertext).unwrap()),
-            "an old ciphertext survived the rotation"
-        );
+    // Neither the oldest state the replica can still restore nor the latest holds any of the
+    // old ciphertexts, not even in free space.
+    for (name, txid) in [("oldest.db", Some(oldest_snapshot)), ("latest.db", None)] {
+        let restored = tmp.path().join(name);
+        let mut args = vec![
+            "restore".to_owned(),
+            "--replica".into(),
+            url.clone(),
+            "-o".into(),
+            restored.display().to_string(),
+        ];
+        if let Some(txid) = txid {
+            args.extend(["--txid".into(), txid.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        keycast_cli(&args, &[]).assert_success("keycast restore");
+        no_old_ciphertext_in(&restored, &old);
+        assert_eq!(ciphertexts(&restored).len() as u64, 2 * USERS);
     }
-    assert_eq!(ciphertexts(&restored).len() as u64, 2 * USERS);
 
     // The old key alone opens nothing: keycast refuses to start with it.
     let wiped = tmp.path().join("with-old-key");
