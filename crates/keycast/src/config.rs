@@ -229,7 +229,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "master_key_previous",
         env: "KEYCAST_MASTER_KEY_PREVIOUS",
         default: "(none)",
-        help: "during a master-key rotation only: the old master key (base64). keycast then decrypts under either key, encrypts under KEYCAST_MASTER_KEY, and `keycast serve` re-encrypts every stored key in the background; remove it once the rotation reports complete",
+        help: "during a master-key rotation only: the other master key (base64). keycast then decrypts under either key and encrypts under KEYCAST_MASTER_KEY; on SQLite `keycast serve` re-encrypts every stored key in the background, on PostgreSQL `keycast master-key rotate` does; remove it once the rotation reports complete",
     },
     Setting {
         key: "public_url",

@@ -1,5 +1,7 @@
 //! Master-key rotation from the binary: `keycast master-key rotate`, and the background
-//! rotation `keycast serve` runs while `KEYCAST_MASTER_KEY_PREVIOUS` is set.
+//! rotation `keycast serve` runs on SQLite while `KEYCAST_MASTER_KEY_PREVIOUS` is set (on
+//! PostgreSQL serving instances only read under both keys: several of them, some still on an
+//! older configuration during a deploy, could undo each other's work).
 //!
 //! Both call `keycast_core::rotation::rotate` on the database the service uses. On SQLite
 //! with a replica the command goes through the same start-up as `serve` (restore if the disk
@@ -13,8 +15,8 @@ use keycast_core::rotation::{self, RotationReport};
 use keycast_core::{Durability, Keyring};
 use keycast_db::Db;
 
-/// How long the background rotation waits before its first attempt and between attempts
-/// after a failure (a database error, or a key neither master key opens).
+/// How long the background rotation waits between attempts after a failure (a database
+/// error, a key neither master key opens, or a replica that did not take the writes).
 const RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Publishes how many stored keys are still not under the current master key.

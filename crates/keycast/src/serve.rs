@@ -155,13 +155,23 @@ pub async fn run(
     state.set_services(running.services.clone());
     state.set_db(running.db.clone());
     tracing::info!(database = %config.database.describe(), "keycast is ready");
-    if running.keyring.previous_id().is_some() {
-        tracing::info!("KEYCAST_MASTER_KEY_PREVIOUS is set: re-encrypting every stored key under the current master key in the background");
-        running.rotation = Some(tokio::spawn(crate::rotation::in_background(
-            running.db.clone(),
-            running.keyring.clone(),
-            durability.clone(),
-        )));
+    match (&config.database, running.keyring.previous_id()) {
+        (_, None) => {}
+        // One instance writes a SQLite database: it may rotate while it serves.
+        (Database::Sqlite { .. }, Some(_)) => {
+            tracing::info!("KEYCAST_MASTER_KEY_PREVIOUS is set: re-encrypting every stored key under the current master key in the background");
+            running.rotation = Some(tokio::spawn(crate::rotation::in_background(
+                running.db.clone(),
+                running.keyring.clone(),
+                durability.clone(),
+            )));
+        }
+        // Several instances share PostgreSQL, some possibly still on an older configuration
+        // during a deploy: none rotates by itself (they could undo each other's work); the
+        // operator runs `keycast master-key rotate` once every instance reads both keys.
+        (Database::Postgres(_), Some(_)) => tracing::info!(
+            "KEYCAST_MASTER_KEY_PREVIOUS is set: stored keys open under either master key; on PostgreSQL run `keycast master-key rotate` to re-encrypt them"
+        ),
     }
 
     let monitor = running.replicator.as_ref().map(Replicator::monitor);

@@ -312,3 +312,82 @@ fn a_serving_instance_with_both_keys_rotates_in_the_background() {
     }
     server.stop();
 }
+
+#[test]
+fn on_postgres_the_command_rotates_beside_a_serving_instance_and_resumes() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let database = harness::engine::PgDatabase::create("rotation");
+    let launch = |dir: &str| Launch::new(&tmp.path().join(dir)).postgres(&database);
+    let server = launch("a").env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY).start();
+    let users: Vec<_> = (0..3)
+        .map(|n| user_with_grant(&server, &format!("pg{n}@example.com")))
+        .collect();
+    server.stop();
+
+    // An instance that reads both keys serves throughout; on PostgreSQL it does not rotate by
+    // itself, the command does.
+    let serving = launch("b")
+        .env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY)
+        .env("KEYCAST_MASTER_KEY_PREVIOUS", TEST_MASTER_KEY)
+        .start();
+    let rotate = |extra: &[&str]| {
+        let mut args = vec!["master-key", "rotate", "--json"];
+        args.extend_from_slice(extra);
+        let data_dir = tmp.path().join("job").display().to_string();
+        let out = keycast_cli(
+            &args,
+            &[
+                ("KEYCAST_DATA_DIR", data_dir.as_str()),
+                ("DATABASE_URL", database.url.as_str()),
+                ("KEYCAST_MASTER_KEY", NEW_MASTER_KEY),
+                ("KEYCAST_MASTER_KEY_PREVIOUS", TEST_MASTER_KEY),
+            ],
+        );
+        let report: Value = serde_json::from_str(out.stdout.trim())
+            .unwrap_or_else(|e| panic!("no JSON report ({e}): {}\n{}", out.stdout, out.stderr));
+        (out.status.success(), report, format!("{}{}", out.stdout, out.stderr))
+    };
+    let (ok, first, log_first) = rotate(&["--limit", "3"]);
+    assert!(!ok, "{first}");
+    assert_eq!(
+        (first["reencrypted"].as_u64(), first["remaining"].as_u64()),
+        (Some(3), Some(3)),
+        "{first}"
+    );
+    for (_, pubkey, token) in &users {
+        signs_as(&serving, token, pubkey);
+    }
+    let (ok, second, log_second) = rotate(&[]);
+    assert!(ok, "{second}\n{log_second}");
+    assert_eq!(
+        (second["reencrypted"].as_u64(), second["verified"].as_u64()),
+        (Some(3), Some(6)),
+        "{second}"
+    );
+    for (_, pubkey, token) in &users {
+        signs_as(&serving, token, pubkey);
+    }
+    let log = serving.stop();
+    let secrets = secrets_of(&users);
+    for text in [&log, &log_first, &log_second] {
+        no_secret_in(text, &secrets);
+    }
+
+    let server = launch("c").env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY).start();
+    for (_, pubkey, token) in &users {
+        signs_as(&server, token, pubkey);
+    }
+    server.stop();
+    let refused = launch("d")
+        .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+        .run_to_exit(Duration::from_secs(60));
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("does not match this database"),
+        "{}",
+        refused.stderr
+    );
+}
