@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`secret`]: [`Secret`] (zeroizes, never prints), `ct_eq`, random tokens, token hashes.
 //! - [`key_manager`]: [`KeyManager`] and the AES-256-GCM [`MasterKeyManager`].
+//! - [`rotation`]: master-key rotation (resumable, verified, safe beside `serve`).
 //! - [`keys`]: generate / import / load / export users' keys; bunker keys; the start-up
 //!   check [`keys::verify_can_decrypt`].
 //! - [`password`]: argon2id, and the [`Reauthenticated`] proof export requires.
@@ -40,6 +41,7 @@ pub mod oauth;
 pub mod password;
 pub mod policy;
 pub mod request;
+pub mod rotation;
 pub mod secret;
 pub mod signer;
 #[cfg(test)]
@@ -50,7 +52,7 @@ pub use authz::{Authorization, Grant};
 pub use durability::Durability;
 pub use error::{AuthError, InternalError, SignError};
 pub use hashing_queue::HashingQueue;
-pub use key_manager::{KeyManager, KeyOwner, MasterKey, MasterKeyManager};
+pub use key_manager::{KeyManager, KeyOwner, Keyring, MasterKey, MasterKeyManager};
 pub use keys::KeyError;
 pub use nostrconnect::NostrConnectUri;
 pub use password::{PasswordHasher, PasswordParams, Reauthenticated};

@@ -14,7 +14,8 @@
 //! - Repositories, one per table group, plain functions over `&Db` (either engine):
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
-//!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs).
+//!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs),
+//!   [`sealed`] (every ciphertext under the master key, for rotation).
 //!
 //! Repository SQL is portable to PostgreSQL: `$n` placeholders, `RETURNING`, ids and unix
 //! timestamps made in Rust, no engine-specific functions. Single-use things (OAuth codes,
@@ -44,6 +45,7 @@ pub mod pool;
 mod schema_parity;
 #[cfg(any(test, feature = "testing"))]
 pub mod scratch;
+pub mod sealed;
 pub mod sessions;
 #[cfg(test)]
 mod testing;

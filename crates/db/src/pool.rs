@@ -29,6 +29,9 @@
 //!   from the local disk but never corrupts the database. keycast's durability boundary is
 //!   the replica, not the local disk (on Cloud Run that disk is memory and is wiped on every
 //!   deploy), so an fsync per commit would cost throughput and buy nothing;
+//! - `secure_delete=ON`: overwritten and deleted content is zeroed, so an old ciphertext
+//!   (after a master-key rotation, or a deleted account's key) does not survive in free
+//!   space and reach the replica's snapshots; in WAL mode the page is rewritten anyway;
 //! - `busy_timeout` and `foreign_keys=ON`.
 //!
 //! # PostgreSQL
@@ -367,7 +370,11 @@ async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> 
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(options.busy_timeout)
         .foreign_keys(true)
-        .pragma("wal_autocheckpoint", "0");
+        .pragma("wal_autocheckpoint", "0")
+        // Deleted and overwritten content is zeroed, not left in free space: a ciphertext
+        // replaced by master-key rotation (or a deleted account's key) must not live on in
+        // the file, and so in the replica's next snapshot.
+        .pragma("secure_delete", "ON");
     let mut pool = SqlitePoolOptions::new()
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout);

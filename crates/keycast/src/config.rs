@@ -220,6 +220,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "file holding the master key (base64), instead of KEYCAST_MASTER_KEY",
     },
     Setting {
+        key: "master_key_previous",
+        env: "KEYCAST_MASTER_KEY_PREVIOUS",
+        default: "(none)",
+        help: "during a master-key rotation only: the other master key (base64). keycast then decrypts under either key and encrypts under KEYCAST_MASTER_KEY; on SQLite `keycast serve` re-encrypts every stored key in the background, on PostgreSQL `keycast master-key rotate` does; remove it once the rotation reports complete",
+    },
+    Setting {
         key: "public_url",
         env: "KEYCAST_PUBLIC_URL",
         default: "http://localhost:<port>",
@@ -354,7 +360,13 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Settings whose values are secrets: redacted from every message.
-const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url", "metrics_token"];
+const SECRET_SETTINGS: &[&str] = &[
+    "replica_encryption_key",
+    "master_key",
+    "master_key_previous",
+    "smtp_url",
+    "metrics_token",
+];
 /// Settings whose values are URLs that may carry a password: printed with it masked.
 const URL_SETTINGS: &[&str] = &["database_url", "database_direct_url"];
 
@@ -393,6 +405,9 @@ pub struct Config {
     pub replica: Option<ReplicaConfig>,
     /// Where the master key comes from.
     pub master_key: MasterKeySource,
+    /// `KEYCAST_MASTER_KEY_PREVIOUS`: the old master key during a rotation, already checked
+    /// to be 32 bytes of base64.
+    pub master_key_previous: Option<keycast_core::Secret<String>>,
     /// `KEYCAST_PUBLIC_URL` without a trailing slash; `None` → `http://localhost:<bound port>`.
     pub public_url: Option<String>,
     /// `BUNKER_RELAYS`: relays bunkers listen on and bunker URLs name. Empty: the
@@ -697,6 +712,7 @@ impl Sources {
             durability: self.get("durability", parse_durability)?.unwrap_or_default(),
             replica: if postgres { None } else { self.replica(&data_dir)? },
             master_key: self.master_key(&data_dir)?,
+            master_key_previous: self.master_key_previous(&data_dir)?,
             public_url: self.get("public_url", parse_public_url)?,
             bunker_relays: self.get("bunker_relays", parse_relays)?.unwrap_or_default(),
             embedded_relay: self.embedded_relay()?,
@@ -905,6 +921,24 @@ impl Sources {
             (None, Some(path)) => Ok(MasterKeySource::File(PathBuf::from(path))),
             (None, None) => Ok(MasterKeySource::Development(data_dir.join("master.key"))),
         }
+    }
+
+    /// The old key of a rotation. Refused next to the development key: a rotation needs
+    /// the new key configured, else it would re-encrypt everything under a key kept next to
+    /// the database.
+    fn master_key_previous(&self, data_dir: &Path) -> Result<Option<keycast_core::Secret<String>>, ConfigError> {
+        let previous = self.get("master_key_previous", |v| {
+            keycast_core::MasterKey::from_base64(v)
+                .map(|_| keycast_core::Secret::new(v.to_owned()))
+                .map_err(|e| e.to_string())
+        })?;
+        if previous.is_some() && matches!(self.master_key(data_dir)?, MasterKeySource::Development(_)) {
+            return Err(ConfigError::Invalid {
+                origin: "KEYCAST_MASTER_KEY_PREVIOUS".into(),
+                reason: "set, but the new master key is not: set KEYCAST_MASTER_KEY (or MASTER_KEY_PATH) to the new key and this one to the old key".into(),
+            });
+        }
+        Ok(previous)
     }
 
     fn replica(&self, data_dir: &Path) -> Result<Option<ReplicaConfig>, ConfigError> {
@@ -1342,6 +1376,82 @@ mod tests {
         assert!(both.unwrap_err().to_string().contains("MASTER_KEY_PATH"));
         let dev = Sources::default().build().unwrap();
         assert!(matches!(dev.master_key, MasterKeySource::Development(p) if p.ends_with("master.key")));
+    }
+
+    #[test]
+    fn database_url_is_read_from_a_file_with_its_password_kept_out_of_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, "postgres://keycast:hunter2@/keycast?host=/cloudsql/p:r:i\n").unwrap();
+        let path = file.display().to_string();
+        let config = env(&[("DATABASE_URL_FILE", &path)]).build().unwrap();
+        assert!(matches!(config.database, Database::Postgres(_)));
+        assert!(config.replica.is_none());
+        assert!(!format!("{:?}", config.database).contains("hunter2"));
+        let both = env(&[("DATABASE_URL_FILE", &path), ("DATABASE_URL", "sqlite:///tmp/x.db")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("DATABASE_URL_FILE"), "{both}");
+        let missing = env(&[("DATABASE_URL_FILE", "/nonexistent/url")])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("DATABASE_URL_FILE") && missing.contains("/nonexistent/url"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn previous_master_key_is_validated_redacted_and_needs_a_new_key() {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let old = "HyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4=";
+        let config = env(&[("KEYCAST_MASTER_KEY", key), ("KEYCAST_MASTER_KEY_PREVIOUS", old)])
+            .build()
+            .unwrap();
+        assert_eq!(
+            config.master_key_previous.as_ref().map(|k| k.expose().as_str()),
+            Some(old)
+        );
+        assert!(
+            !format!("{config:?}").contains("HyAhIi"),
+            "Debug must not print the key"
+        );
+        assert!(env(&[("KEYCAST_MASTER_KEY", key)])
+            .build()
+            .unwrap()
+            .master_key_previous
+            .is_none());
+
+        let bad = env(&[
+            ("KEYCAST_MASTER_KEY", key),
+            ("KEYCAST_MASTER_KEY_PREVIOUS", "c2VjcmV0LXNob3J0"),
+        ])
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("KEYCAST_MASTER_KEY_PREVIOUS=<redacted>") && !bad.contains("c2VjcmV0"),
+            "{bad}"
+        );
+        let alone = env(&[("KEYCAST_MASTER_KEY_PREVIOUS", old)])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            alone.contains("KEYCAST_MASTER_KEY_PREVIOUS") && alone.contains("new master key"),
+            "{alone}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("old");
+        std::fs::write(&file, format!("{old}\n")).unwrap();
+        let path = file.display().to_string();
+        let config = env(&[("KEYCAST_MASTER_KEY", key), ("KEYCAST_MASTER_KEY_PREVIOUS_FILE", &path)])
+            .build()
+            .unwrap();
+        assert!(config.master_key_previous.is_some());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`cli`]: `keycast restore` and `keycast replica {status,ls}`.
 //! - [`config`]: defaults → TOML → environment → flags, validated into [`config::Config`].
 //! - [`master_key`]: the master key from env, file or a development key; checked at start.
+//! - [`rotation`]: `keycast master-key rotate` and the background rotation of `serve`.
 //! - [`logging`]: text or Cloud Logging JSON.
 //! - [`local_disk`]: refuses a database on a network or FUSE filesystem.
 //! - [`serve`]: start-up order, the HTTP server, and graceful shutdown.
@@ -18,6 +19,7 @@ pub mod local_disk;
 pub mod logging;
 pub mod master_key;
 pub mod replication;
+pub mod rotation;
 pub mod serve;
 
 pub use serve::run;

@@ -34,6 +34,29 @@ enum Command {
     /// Inspect the replica.
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Manage the master key (the key-encryption key of every stored Nostr key).
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum MasterKeyCommand {
+    /// Re-encrypt every stored key under KEYCAST_MASTER_KEY (decrypting with
+    /// KEYCAST_MASTER_KEY_PREVIOUS), then check each opens under the new key alone. Resumable:
+    /// a re-run continues where an interrupted one stopped. Exits non-zero until complete.
+    Rotate(RotateArgs),
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Re-encrypt at most this many keys in this run (spreads a large rotation over runs)
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Print the result as JSON
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -125,6 +148,7 @@ fn main() -> ExitCode {
     };
     let args = match &cli.command {
         Command::Serve(args) | Command::Migrate(MigrateArgs { common: args, .. }) => args,
+        Command::MasterKey(MasterKeyCommand::Rotate(a)) => &a.serve,
         _ => &no_flags,
     };
     let config = match load_config(cli.config.clone(), args) {
@@ -155,6 +179,9 @@ fn main() -> ExitCode {
                 let restored = scratch.path().join("keycast.db");
                 cli::restore_cmd(&store, &restored, Target::Latest, false, false).await?;
                 keycast::serve::copy_to_postgres(&config, &to, Some(&restored)).await
+            }
+            Command::MasterKey(MasterKeyCommand::Rotate(a)) => {
+                keycast::serve::rotate_master_key(&config, a.limit, a.json).await
             }
             Command::Restore(a) => restore(&config, a).await,
             Command::Replica(ReplicaCommand::Verify(a)) => {

@@ -3,23 +3,32 @@
 //! From `KEYCAST_MASTER_KEY`, or the file at `MASTER_KEY_PATH`; with neither, a
 //! development key in `<data_dir>/master.key` (created 0600 if missing) and a loud
 //! warning. The key is never logged and never written to the database or the replica.
+//!
+//! During a master-key rotation `KEYCAST_MASTER_KEY_PREVIOUS` holds the old key too: the
+//! [`Keyring`] decrypts under either and encrypts under the new one. Only key ids (one-way
+//! digests, see `MasterKey::id`) are logged.
 
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use keycast_core::{keys, KeyManager, MasterKey, MasterKeyManager};
+use keycast_core::{keys, Keyring, MasterKey, Secret};
 use keycast_db::Db;
 
 use crate::config::MasterKeySource;
 
-/// Loads the configured master key and checks it decrypts the keys already stored.
+/// Loads the configured master key (and the previous one during a rotation) and checks the
+/// keyring decrypts the keys already stored.
 ///
 /// # Errors
 /// An unreadable or malformed key, or one that cannot decrypt the stored keys; the message
 /// names the variable (or file) it came from, never the key.
-pub async fn load(source: &MasterKeySource, db: &Db) -> anyhow::Result<Arc<dyn KeyManager>> {
+pub async fn load(
+    source: &MasterKeySource,
+    previous: Option<&Secret<String>>,
+    db: &Db,
+) -> anyhow::Result<Arc<Keyring>> {
     let (key, origin) = match source {
         MasterKeySource::Inline(text) => (MasterKey::from_base64(text.expose())?, "KEYCAST_MASTER_KEY".to_owned()),
         MasterKeySource::File(path) => (
@@ -34,11 +43,28 @@ pub async fn load(source: &MasterKeySource, db: &Db) -> anyhow::Result<Arc<dyn K
             ),
         ),
     };
-    let km: Arc<dyn KeyManager> = Arc::new(MasterKeyManager::new(key));
-    keys::verify_can_decrypt(db, km.as_ref())
-        .await
-        .with_context(|| format!("refusing to start: the master key from {origin} does not match this database"))?;
-    Ok(km)
+    let previous = previous
+        .map(|text| MasterKey::from_base64(text.expose()))
+        .transpose()
+        .context("KEYCAST_MASTER_KEY_PREVIOUS")?;
+    let current_id = key.id();
+    let ring = Arc::new(Keyring::new(key, previous));
+    match ring.previous_id() {
+        Some(previous) => tracing::info!(
+            key_id = %current_id, previous_key_id = %previous,
+            "master key loaded, with the previous key of a rotation (KEYCAST_MASTER_KEY_PREVIOUS): stored keys open under either"
+        ),
+        None => tracing::info!(key_id = %current_id, "master key loaded"),
+    }
+    let with_previous = if ring.previous_id().is_some() {
+        " or KEYCAST_MASTER_KEY_PREVIOUS"
+    } else {
+        ""
+    };
+    keys::verify_can_decrypt(db, ring.as_ref()).await.with_context(|| {
+        format!("refusing to start: the master key from {origin}{with_previous} does not match this database")
+    })?;
+    Ok(ring)
 }
 
 fn read(path: &Path) -> anyhow::Result<MasterKey> {

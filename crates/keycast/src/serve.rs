@@ -29,7 +29,7 @@ use anyhow::Context;
 use std::sync::Arc;
 
 use keycast_core::cluster::{Cluster, ClusterDurability, ClusterOptions};
-use keycast_core::{PasswordHasher, PasswordParams, Signer, SignerOptions};
+use keycast_core::{KeyManager, Keyring, PasswordHasher, PasswordParams, Signer, SignerOptions};
 use keycast_db::{Db, DbOptions};
 use keycast_http::{AppState, Dependency, HttpOptions, Services};
 use keycast_replica::lease::keep_alive_while;
@@ -102,7 +102,7 @@ pub async fn run(
     let mut server = tokio::spawn(server);
 
     tokio::pin!(shutdown);
-    let running = tokio::select! {
+    let mut running = tokio::select! {
         started = start(&config) => started?,
         () = &mut shutdown => {
             tracing::info!("shutdown requested before start-up finished");
@@ -151,7 +151,7 @@ pub async fn run(
             ..Default::default()
         };
         Some(
-            keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability, options)
+            keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability.clone(), options)
                 .await
                 .context("cannot start the NIP-46 signer")?,
         )
@@ -165,6 +165,24 @@ pub async fn run(
     state.set_services(running.services.clone());
     state.set_db(running.db.clone());
     tracing::info!(database = %config.database.describe(), "keycast is ready");
+    match (&config.database, running.keyring.previous_id()) {
+        (_, None) => {}
+        // One instance writes a SQLite database: it may rotate while it serves.
+        (Database::Sqlite { .. }, Some(_)) => {
+            tracing::info!("KEYCAST_MASTER_KEY_PREVIOUS is set: re-encrypting every stored key under the current master key in the background");
+            running.rotation = Some(tokio::spawn(crate::rotation::in_background(
+                running.db.clone(),
+                running.keyring.clone(),
+                durability.clone(),
+            )));
+        }
+        // Several instances share PostgreSQL, some possibly still on an older configuration
+        // during a deploy: none rotates by itself (they could undo each other's work); the
+        // operator runs `keycast master-key rotate` once every instance reads both keys.
+        (Database::Postgres(_), Some(_)) => tracing::info!(
+            "KEYCAST_MASTER_KEY_PREVIOUS is set: stored keys open under either master key; on PostgreSQL run `keycast master-key rotate` to re-encrypt them"
+        ),
+    }
 
     let monitor = running.replicator.as_ref().map(Replicator::monitor);
     let fenced = async {
@@ -211,6 +229,10 @@ struct Running {
     services: Services,
     /// Writes the signer's buffered activity about once a second.
     flusher: tokio::task::JoinHandle<()>,
+    /// The master key, and the previous one during a rotation.
+    keyring: Arc<Keyring>,
+    /// The background master-key rotation, while `KEYCAST_MASTER_KEY_PREVIOUS` is set.
+    rotation: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Builds the domain services over the open database: the master key (checked against
@@ -219,8 +241,9 @@ async fn services(
     config: &Config,
     db: &Db,
     replica: Option<Monitor>,
-) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>)> {
-    let km = crate::master_key::load(&config.master_key, db).await?;
+) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>, Arc<Keyring>)> {
+    let keyring = crate::master_key::load(&config.master_key, config.master_key_previous.as_ref(), db).await?;
+    let km: Arc<dyn KeyManager> = keyring.clone();
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
     let options = SignerOptions {
@@ -236,6 +259,7 @@ async fn services(
             hasher,
         },
         flusher,
+        keyring,
     ))
 }
 
@@ -291,13 +315,15 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     let Some(replica) = &config.replica else {
         tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
         let db = Db::open_sqlite(&sqlite_options(config, database_path)).await?;
-        let (services, flusher) = services(config, &db, None).await?;
+        let (services, flusher, keyring) = services(config, &db, None).await?;
         return Ok(Running {
             db,
             replicator: None,
             cluster: None,
             services,
             flusher,
+            keyring,
+            rotation: None,
         });
     };
     let store = crate::replication::open_store(replica)?;
@@ -325,12 +351,14 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
         }
     };
     match services(config, &db, Some(replicator.monitor())).await {
-        Ok((services, flusher)) => Ok(Running {
+        Ok((services, flusher, keyring)) => Ok(Running {
             db,
             replicator: Some(replicator),
             cluster: None,
             services,
             flusher,
+            keyring,
+            rotation: None,
         }),
         Err(e) => {
             db.close().await;
@@ -382,7 +410,7 @@ fn sqlite_options(config: &Config, path: &Path) -> DbOptions {
 async fn start_postgres(config: &Config, pg: &PostgresConfig) -> anyhow::Result<Running> {
     let db = open_postgres(pg).await?;
     tracing::info!(database = %pg.options.describe(), pool = pg.options.max_connections, "connected to PostgreSQL");
-    let (services, flusher) = match services(config, &db, None).await {
+    let (services, flusher, keyring) = match services(config, &db, None).await {
         Ok(started) => started,
         Err(e) => {
             db.close().await;
@@ -400,6 +428,8 @@ async fn start_postgres(config: &Config, pg: &PostgresConfig) -> anyhow::Result<
             cluster: Some(cluster),
             services,
             flusher,
+            keyring,
+            rotation: None,
         }),
         Err(e) => {
             flusher.abort();
@@ -502,6 +532,11 @@ async fn shut_down(
         );
     }
     running.flusher.abort();
+    // Each re-encrypted key is one atomic swap: stopping between two loses nothing, and the
+    // next start continues.
+    if let Some(rotation) = &running.rotation {
+        rotation.abort();
+    }
     let writable = running.replicator.as_ref().is_none_or(|r| accepts_writes(&r.monitor()));
     if !writable {
         // Handed over (or fenced): the database holds no more commits, and none would ship.
@@ -634,4 +669,23 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
         target_options.describe()
     );
     Ok(())
+}
+
+/// `keycast master-key rotate`: start as `serve` does (on SQLite with a replica: restore if
+/// needed, take the lease, replicate), re-encrypt up to `limit` stored keys under the
+/// current master key and verify them all, then stop as `serve` does, so everything
+/// rewritten is in the replica before the outcome is printed.
+///
+/// # Errors
+/// As for start-up; a rotation error; an incomplete rotation (see
+/// [`crate::rotation::report`]).
+pub async fn rotate_master_key(config: &Config, limit: Option<u64>, as_json: bool) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    running.flusher.abort();
+    let outcome = keycast_core::rotation::rotate(&running.db, &running.keyring, limit).await;
+    running.db.close().await;
+    if let Some(replicator) = running.replicator {
+        crate::replication::stop(replicator, Instant::now() + config.shutdown_grace).await?;
+    }
+    crate::rotation::report(&outcome?, &running.keyring, as_json)
 }

@@ -62,24 +62,18 @@ fn env_of(container: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn secs(value: &Value, what: &str) -> f64 {
-    value
-        .as_f64()
-        .unwrap_or_else(|| panic!("{what} is a number of seconds"))
-}
-
-#[test]
-fn the_service_yaml_sets_only_variables_keycast_knows_and_keeps_one_writer() {
-    let service = service();
-    let container = container(&service);
-    let env = env_of(container);
+/// Every variable is a keycast setting (or its `_FILE` form), none is `PORT`, and no secret
+/// is given inline.
+fn assert_known_settings(env: &[(String, String)]) {
     let secret_settings = [
         "KEYCAST_MASTER_KEY",
+        "KEYCAST_MASTER_KEY_PREVIOUS",
         "KEYCAST_SMTP_URL",
         "KEYCAST_METRICS_TOKEN",
         "KEYCAST_REPLICA_ENCRYPTION_KEY",
+        "DATABASE_URL",
     ];
-    for (name, _) in &env {
+    for (name, _) in env {
         assert_ne!(
             name, "PORT",
             "Cloud Run reserves PORT and sets it to the container port"
@@ -93,17 +87,10 @@ fn the_service_yaml_sets_only_variables_keycast_knows_and_keeps_one_writer() {
             "{name} is a secret: mount it and set {name}_FILE"
         );
     }
-    assert!(
-        env.iter().any(|(n, _)| n == "KEYCAST_MASTER_KEY_FILE"),
-        "the master key comes from Secret Manager"
-    );
-    assert!(
-        env.iter()
-            .any(|(n, v)| n == "KEYCAST_REPLICA_URL" && v.starts_with("gs://")),
-        "replicated to GCS"
-    );
+}
 
-    // Every *_FILE names a file inside a mounted secret volume.
+/// Every `*_FILE` names a file inside a mounted secret volume.
+fn assert_secret_files_mounted(service: &Value, container: &Value, env: &[(String, String)]) {
     let mounts = container["volumeMounts"].as_array().expect("volumeMounts");
     let volumes = service["spec"]["template"]["spec"]["volumes"]
         .as_array()
@@ -126,6 +113,31 @@ fn the_service_yaml_sets_only_variables_keycast_knows_and_keeps_one_writer() {
             "{name}: no item {file} in {volume}"
         );
     }
+}
+
+fn secs(value: &Value, what: &str) -> f64 {
+    value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is a number of seconds"))
+}
+
+#[test]
+fn the_service_yaml_sets_only_variables_keycast_knows_and_keeps_one_writer() {
+    let service = service();
+    let container = container(&service);
+    let env = env_of(container);
+    assert_known_settings(&env);
+    assert!(
+        env.iter().any(|(n, _)| n == "KEYCAST_MASTER_KEY_FILE"),
+        "the master key comes from Secret Manager"
+    );
+    assert!(
+        env.iter()
+            .any(|(n, v)| n == "KEYCAST_REPLICA_URL" && v.starts_with("gs://")),
+        "replicated to GCS"
+    );
+
+    assert_secret_files_mounted(&service, container, &env);
 
     // One writer, always running, CPU between requests, a full Linux sandbox.
     let annotations = &service["spec"]["template"]["metadata"]["annotations"];
@@ -504,4 +516,88 @@ fn named_files_finds_paths_and_ignores_urls() {
         vec!["deploy/cloudbuild.yaml"]
     );
     assert!(named_files("gsutil ls gs://bucket/keycast").is_empty());
+}
+
+#[test]
+fn the_postgres_service_yaml_sets_only_variables_keycast_knows_and_keycast_accepts_it() {
+    let service: Value =
+        serde_yaml_ng::from_str(&read("deploy/cloudrun-postgres.yaml")).expect("deploy/cloudrun-postgres.yaml is YAML");
+    let container = container(&service);
+    let env = env_of(container);
+    assert_known_settings(&env);
+    assert_secret_files_mounted(&service, container, &env);
+    for (name, _) in &env {
+        assert!(
+            !name.starts_with("KEYCAST_REPLICA_") && name != "KEYCAST_DATA_DIR",
+            "{name}: PostgreSQL keeps the data; there is no replica and no local database"
+        );
+    }
+    assert!(
+        env.iter().any(|(n, _)| n == "DATABASE_URL_FILE"),
+        "the database URL (with its password) comes from Secret Manager"
+    );
+
+    // Several instances, at least one always running with CPU, on one Cloud SQL instance.
+    let annotations = &service["spec"]["template"]["metadata"]["annotations"];
+    let max: u32 = annotations["autoscaling.knative.dev/maxScale"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(max > 1, "PostgreSQL is the mode for several instances");
+    assert_eq!(annotations["autoscaling.knative.dev/minScale"], json!("1"));
+    assert_eq!(annotations["run.googleapis.com/cpu-throttling"], json!("false"));
+    let instance = annotations["run.googleapis.com/cloudsql-instances"]
+        .as_str()
+        .expect("a Cloud SQL connection");
+    assert_eq!(
+        instance.split(':').count(),
+        3,
+        "PROJECT:REGION:INSTANCE, not {instance}"
+    );
+    // The documented URL names the socket of that same instance.
+    let url = format!("postgres://keycast:pw@/keycast?host=/cloudsql/{instance}");
+    assert!(
+        read("deploy/cloudrun-postgres.yaml").contains(&url.replace("keycast:pw", "keycast:PASSWORD")),
+        "the comment's DATABASE_URL names /cloudsql/{instance}"
+    );
+    // Connections: every instance's pool plus its listener fit the 1.7 GB tier's 50.
+    let pool: u32 = env
+        .iter()
+        .find(|(n, _)| n == "KEYCAST_DATABASE_MAX_CONNECTIONS")
+        .map_or(10, |(_, v)| v.parse().unwrap());
+    assert!(max * (pool + 1) < 50, "{max} instances × ({pool} + 1) connections");
+
+    assert_eq!(container["startupProbe"]["httpGet"]["path"], "/healthz/startup");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz/live");
+
+    // keycast accepts this environment as PostgreSQL, with the secrets read from files.
+    let secrets = tempfile::tempdir().unwrap();
+    let mut lookup = BTreeMap::new();
+    for (name, value) in &env {
+        let value = match name.as_str() {
+            "DATABASE_URL_FILE" => write_secret(secrets.path(), "database-url", &url),
+            "KEYCAST_MASTER_KEY_FILE" => write_secret(secrets.path(), "master-key", TEST_MASTER_KEY),
+            "KEYCAST_SMTP_URL_FILE" => write_secret(secrets.path(), "smtp-url", "smtp://127.0.0.1:2525"),
+            other if other.ends_with("_FILE") => panic!("{other}: add a stand-in secret to this test"),
+            _ => value.clone(),
+        };
+        lookup.insert(name.clone(), value);
+    }
+    let config = keycast::config::Sources::default()
+        .with_env(|name| lookup.get(name).cloned())
+        .build()
+        .unwrap_or_else(|e| panic!("keycast refuses deploy/cloudrun-postgres.yaml's environment: {e}"));
+    assert!(
+        matches!(config.database, keycast::config::Database::Postgres(_)),
+        "DATABASE_URL_FILE makes keycast run on PostgreSQL"
+    );
+    assert!(config.replica.is_none(), "no replica with PostgreSQL");
+}
+
+/// Writes a stand-in secret file and returns its path.
+fn write_secret(dir: &Path, name: &str, value: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{value}\n")).unwrap();
+    path.display().to_string()
 }
