@@ -15,6 +15,7 @@
 //! - [`account_security`]: what the mailbox owner's proof of control does (verification,
 //!   password reset, take-over), the verified-email gate, recorded key export, exposure.
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
+//! - [`refresh`]: rotating refresh tokens with reuse detection, RFC 7009 revocation.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
 //!
@@ -35,6 +36,7 @@ pub mod nostrconnect;
 pub mod oauth;
 pub mod password;
 pub mod policy;
+pub mod refresh;
 pub mod request;
 pub mod secret;
 pub mod signer;

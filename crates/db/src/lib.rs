@@ -9,6 +9,7 @@
 //! - Repositories, one per table group, plain functions over `&SqlitePool`:
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
+//!   [`refresh`] (rotating refresh tokens),
 //!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs).
 //!
 //! Repository SQL is portable to PostgreSQL: `$n` placeholders, `RETURNING`, ids and unix
@@ -31,6 +32,7 @@ pub mod migrate;
 pub mod oauth;
 pub mod policies;
 pub mod pool;
+pub mod refresh;
 #[cfg(test)]
 mod schema_parity;
 #[cfg(any(test, feature = "testing"))]

@@ -316,6 +316,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "life of an OAuth authorization code, 1 to 600 seconds",
     },
     Setting {
+        key: "access_token_ttl_secs",
+        env: "KEYCAST_ACCESS_TOKEN_TTL_SECS",
+        default: "3600",
+        help: "life of an OAuth access token, 60 to 86400 seconds; apps refresh for another",
+    },
+    Setting {
+        key: "refresh_token_ttl_secs",
+        env: "KEYCAST_REFRESH_TOKEN_TTL_SECS",
+        default: "2592000",
+        help: "life of an OAuth refresh token, 3600 to 31536000 seconds, counted afresh at each refresh",
+    },
+    Setting {
         key: "trusted_proxy_hops",
         env: "KEYCAST_TRUSTED_PROXY_HOPS",
         default: "0",
@@ -425,6 +437,8 @@ pub struct Config {
     pub smtp: Option<SmtpMailer>,
     /// Life of an OAuth authorization code, seconds (1..=600).
     pub oauth_code_ttl_secs: i64,
+    /// Life of OAuth access tokens (60..=86400 s) and refresh tokens (3600..=31536000 s).
+    pub token_lifetimes: keycast_core::refresh::TokenLifetimes,
     /// Proxies that append to `X-Forwarded-For` (0: the header is ignored).
     pub trusted_proxy_hops: usize,
     /// Memory budget of password hashing and key export, MiB.
@@ -737,6 +751,14 @@ impl Sources {
             oauth_code_ttl_secs: self
                 .get("oauth_code_ttl_secs", parse_code_ttl)?
                 .unwrap_or(keycast_core::oauth::CODE_TTL_SECS),
+            token_lifetimes: keycast_core::refresh::TokenLifetimes {
+                access_secs: self
+                    .get("access_token_ttl_secs", |v| parse_secs_between(v, 60, 86_400))?
+                    .unwrap_or(keycast_core::refresh::DEFAULT_ACCESS_TOKEN_TTL_SECS),
+                refresh_secs: self
+                    .get("refresh_token_ttl_secs", |v| parse_secs_between(v, 3600, 365 * 86_400))?
+                    .unwrap_or(keycast_core::refresh::DEFAULT_REFRESH_TOKEN_TTL_SECS),
+            },
             trusted_proxy_hops: self
                 .get("trusted_proxy_hops", |v| match v.parse::<usize>() {
                     Ok(n) if n <= 10 => Ok(n),
@@ -1030,6 +1052,13 @@ fn parse_positive_secs(v: &str) -> Result<Duration, String> {
             Ok(d)
         }
     })
+}
+
+fn parse_secs_between(v: &str, min: i64, max: i64) -> Result<i64, String> {
+    v.parse::<i64>()
+        .ok()
+        .filter(|s| (min..=max).contains(s))
+        .ok_or_else(|| format!("expected a whole number of seconds from {min} to {max}"))
 }
 
 fn parse_code_ttl(v: &str) -> Result<i64, String> {
@@ -1385,6 +1414,31 @@ mod tests {
             "{err}"
         );
         assert!(Sources::default().build().unwrap().smtp.is_none());
+    }
+
+    #[test]
+    fn token_lifetimes_default_to_an_hour_and_30_days_within_bounds() {
+        let lifetimes = Sources::default().build().unwrap().token_lifetimes;
+        assert_eq!((lifetimes.access_secs, lifetimes.refresh_secs), (3600, 2_592_000));
+        let config = env(&[
+            ("KEYCAST_ACCESS_TOKEN_TTL_SECS", "60"),
+            ("KEYCAST_REFRESH_TOKEN_TTL_SECS", "7200"),
+        ])
+        .build()
+        .unwrap();
+        assert_eq!(
+            (config.token_lifetimes.access_secs, config.token_lifetimes.refresh_secs),
+            (60, 7200)
+        );
+        for (var, bad) in [
+            ("KEYCAST_ACCESS_TOKEN_TTL_SECS", "59"),
+            ("KEYCAST_ACCESS_TOKEN_TTL_SECS", "86401"),
+            ("KEYCAST_REFRESH_TOKEN_TTL_SECS", "10"),
+            ("KEYCAST_REFRESH_TOKEN_TTL_SECS", "x"),
+        ] {
+            let err = env(&[(var, bad)]).build().unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={bad}: {err}");
+        }
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| format!("http://localhost:{port}")),
         relays: relays.clone(),
-        token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
+        token_lifetimes: config.token_lifetimes,
         allowed_origins: config.allowed_origins.clone(),
         code_ttl_secs: config.oauth_code_ttl_secs,
         nostrconnect_internal_relays: config.nostrconnect_internal_relays,
