@@ -15,6 +15,7 @@
 //! - [`account_security`]: what the mailbox owner's proof of control does (verification,
 //!   password reset, take-over), the verified-email gate, recorded key export, exposure.
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
+//! - [`clients`]: registered apps, and whether a `client_id` is verified, unverified or refused.
 //! - [`refresh`]: rotating refresh tokens with reuse detection, RFC 7009 revocation.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
@@ -27,6 +28,7 @@ pub mod accounts;
 mod activity;
 pub mod authz;
 mod cache;
+pub mod clients;
 pub mod durability;
 mod error;
 pub mod hashing_queue;

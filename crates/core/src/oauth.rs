@@ -33,6 +33,9 @@ pub enum OAuthError {
     InvalidGrant { reason: String },
     #[error("invalid_scope: {reason}")]
     InvalidScope { reason: String },
+    /// The client may not ask (an unregistered app while open registration is off).
+    #[error("unauthorized_client: {reason}")]
+    UnauthorizedClient { reason: String },
     #[error("internal error")]
     Internal(#[source] InternalError),
 }
@@ -44,6 +47,7 @@ impl OAuthError {
             OAuthError::InvalidRequest { .. } => "invalid_request",
             OAuthError::InvalidGrant { .. } => "invalid_grant",
             OAuthError::InvalidScope { .. } => "invalid_scope",
+            OAuthError::UnauthorizedClient { .. } => "unauthorized_client",
             OAuthError::Internal(_) => "server_error",
         }
     }

@@ -9,7 +9,7 @@
 //! - Repositories, one per table group, plain functions over `&SqlitePool`:
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
-//!   [`refresh`] (rotating refresh tokens),
+//!   [`refresh`] (rotating refresh tokens), [`clients`] (registered apps),
 //!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs).
 //!
 //! Repository SQL is portable to PostgreSQL: `$n` placeholders, `RETURNING`, ids and unix
@@ -24,6 +24,7 @@
 pub mod account_events;
 pub mod activity;
 pub mod authz;
+pub mod clients;
 mod error;
 pub mod ids;
 pub mod keys;

@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keycast_core::clients::{self, ClientIdentity};
 use keycast_core::oauth::{self, CodeRequest, OAuthError, TokenRequest};
 use keycast_core::refresh::RefreshRequest;
 use keycast_core::Authorization;
@@ -48,7 +49,7 @@ pub(crate) fn routes() -> Router<AppState> {
 #[serde(default)]
 pub(crate) struct AuthorizeParams {
     response_type: Option<String>,
-    client_id: String,
+    pub(crate) client_id: String,
     redirect_uri: String,
     scope: String,
     state: Option<String>,
@@ -57,8 +58,9 @@ pub(crate) struct AuthorizeParams {
 }
 
 impl AuthorizeParams {
-    /// Checks everything core will check again at issue, so errors show before consent.
-    async fn validate(&self, state: &AppState) -> Result<(String, PolicyRow), OAuthFailure> {
+    /// Checks everything core will check again at issue, so errors show before consent, and
+    /// judges the client (registered, unregistered, refused).
+    async fn validate(&self, state: &AppState) -> Result<(String, PolicyRow, ClientIdentity), OAuthFailure> {
         if self.response_type.as_deref().is_some_and(|t| t != "code") {
             return Err(OAuthFailure::new(
                 "unsupported_response_type",
@@ -76,8 +78,15 @@ impl AuthorizeParams {
             ));
         }
         let (db, _) = state.api()?;
+        let identity = clients::identify(
+            db,
+            &self.client_id,
+            &self.redirect_uri,
+            state.options().open_registration,
+        )
+        .await?;
         let policy = oauth::scope_policy(db, &self.scope).await?;
-        Ok((origin, policy))
+        Ok((origin, policy, identity))
     }
 
     fn code_request<'a>(&'a self, user: &'a UserId, policy: &'a PolicyRow) -> CodeRequest<'a> {
@@ -143,7 +152,7 @@ async fn authorize_page(
     params: Result<QueryParams<AuthorizeParams>, AppError>,
 ) -> Result<Response, OAuthFailure> {
     let QueryParams(params) = params.map_err(OAuthFailure::invalid_request)?;
-    let (origin, policy) = params.validate(&state).await?;
+    let (origin, policy, identity) = params.validate(&state).await?;
     let page = match session {
         None => page::login(&params, None),
         Some(s) if s.user.email_verified_at.is_none() => page::verify_first(&s.user.email),
@@ -153,7 +162,14 @@ async fn authorize_page(
                 .map_err(AppError::internal)?
                 .summary()
                 .lines();
-            page::consent(&params, &origin, &policy, &lines, &s.user.email, &csrf_token(&s.token))
+            let consent = page::Consent {
+                params: &params,
+                origin: &origin,
+                identity: &identity,
+                policy: &policy,
+                lines: &lines,
+            };
+            page::consent(&consent, &s.user.email, &csrf_token(&s.token))
         }
     };
     Ok(no_store(Html(page)).into_response())
@@ -219,7 +235,7 @@ async fn decide(
         let why = "the consent form's CSRF token is missing or wrong; reload the consent page";
         return Err(AppError::Forbidden(why.into()).into());
     }
-    let (_, policy) = d.params.validate(&state).await?;
+    let (_, policy, _) = d.params.validate(&state).await?;
     let approved = d.approved.unwrap_or(false) || d.decision.as_deref() == Some("approve");
     if approved {
         keycast_core::account_security::require_verified(&session.user).map_err(AppError::from)?;
@@ -264,7 +280,7 @@ fn check_same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppErr
 struct TokenParams {
     grant_type: String,
     code: String,
-    client_id: String,
+    pub(crate) client_id: String,
     redirect_uri: String,
     code_verifier: String,
     refresh_token: String,
@@ -485,7 +501,8 @@ impl From<OAuthError> for OAuthFailure {
             OAuthError::Internal(cause) => OAuthFailure::App(AppError::internal(cause)),
             OAuthError::InvalidRequest { reason }
             | OAuthError::InvalidGrant { reason }
-            | OAuthError::InvalidScope { reason } => OAuthFailure::Rfc {
+            | OAuthError::InvalidScope { reason }
+            | OAuthError::UnauthorizedClient { reason } => OAuthFailure::Rfc {
                 error,
                 description: reason,
             },

@@ -59,6 +59,12 @@ pub struct HttpOptions {
     /// answers only direct requests from loopback (a scraper beside keycast, such as Cloud
     /// Run's Managed Prometheus sidecar).
     pub metrics_token: Option<keycast_core::Secret<String>>,
+    /// Whether apps nobody registered may ask for authorization (`KEYCAST_OPEN_REGISTRATION`);
+    /// they are shown as unverified. Default true.
+    pub open_registration: bool,
+    /// Bearer token the admin API (`/api/admin/*`) requires (`KEYCAST_ADMIN_TOKEN`); `None`
+    /// (the default) turns the admin API off.
+    pub admin_token: Option<keycast_core::Secret<String>>,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -89,6 +95,8 @@ impl Default for HttpOptions {
             trusted_proxy_hops: 0,
             reserved_usernames: Vec::new(),
             metrics_token: None,
+            open_registration: true,
+            admin_token: None,
         }
     }
 }

@@ -130,6 +130,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "bearer token /metrics requires; without it /metrics answers only direct loopback requests; secret",
     },
     Setting {
+        key: "admin_token",
+        env: "KEYCAST_ADMIN_TOKEN",
+        default: "(none: admin API off)",
+        help: "bearer token the admin API (/api/admin/*, registered apps) requires; without it the admin API is off; secret",
+    },
+    Setting {
+        key: "open_registration",
+        env: "KEYCAST_OPEN_REGISTRATION",
+        default: "true",
+        help: "let apps nobody registered ask for authorization (shown as unverified); false accepts registered apps only",
+    },
+    Setting {
         key: "replica_url",
         env: "KEYCAST_REPLICA_URL",
         default: "file://<data_dir>-replica",
@@ -372,7 +384,13 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Settings whose values are secrets: redacted from every message.
-const SECRET_SETTINGS: &[&str] = &["replica_encryption_key", "master_key", "smtp_url", "metrics_token"];
+const SECRET_SETTINGS: &[&str] = &[
+    "replica_encryption_key",
+    "master_key",
+    "smtp_url",
+    "metrics_token",
+    "admin_token",
+];
 /// Settings whose values are URLs that may carry a password: printed with it masked.
 const URL_SETTINGS: &[&str] = &["database_url", "database_direct_url"];
 
@@ -404,6 +422,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Bearer token `/metrics` requires; `None`: loopback only.
     pub metrics_token: Option<keycast_core::Secret<String>>,
+    /// `KEYCAST_ADMIN_TOKEN`: the admin API's bearer token; `None` turns it off.
+    pub admin_token: Option<keycast_core::Secret<String>>,
+    /// `KEYCAST_OPEN_REGISTRATION`: unregistered apps may ask (as unverified). Default true.
+    pub open_registration: bool,
     pub test_routes: bool,
     /// Which writes wait for the replica.
     pub durability: DurabilityMode,
@@ -713,6 +735,14 @@ impl Sources {
                     Ok(keycast_core::Secret::new(v.to_owned()))
                 }
             })?,
+            admin_token: self.get("admin_token", |v| {
+                if v.len() < 32 {
+                    Err("expected at least 32 characters (e.g. `openssl rand -hex 32`)".into())
+                } else {
+                    Ok(keycast_core::Secret::new(v.to_owned()))
+                }
+            })?,
+            open_registration: self.get("open_registration", parse_bool)?.unwrap_or(true),
             test_routes: self.test_routes()?,
             durability: self.get("durability", parse_durability)?.unwrap_or_default(),
             replica: if postgres { None } else { self.replica(&data_dir)? },

@@ -86,6 +86,8 @@ pub async fn run(
         trusted_proxy_hops: config.trusted_proxy_hops,
         reserved_usernames: config.reserved_usernames.clone(),
         metrics_token: config.metrics_token.clone(),
+        open_registration: config.open_registration,
+        admin_token: config.admin_token.clone(),
     };
     let state = AppState::new(metrics, options);
     crate::replication::register_alerted_counters();
@@ -542,16 +544,26 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Opens the configured database (migrating it), for commands that run beside or before
+/// `serve` (`migrate`, `clients`). On SQLite the writes land in the WAL, which a running
+/// keycast's replicator ships, or the next start does.
+///
+/// # Errors
+/// As for start-up.
+pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
+    prepare_directories(config)?;
+    Ok(match &config.database {
+        Database::Sqlite { path, .. } => Db::open_sqlite(&sqlite_options(config, path)).await?,
+        Database::Postgres(pg) => open_postgres(pg).await?,
+    })
+}
+
 /// `keycast migrate`: open the database, apply pending migrations, close it.
 ///
 /// # Errors
 /// As for start-up.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    prepare_directories(config)?;
-    let db = match &config.database {
-        Database::Sqlite { path, .. } => Db::open_sqlite(&sqlite_options(config, path)).await?,
-        Database::Postgres(pg) => open_postgres(pg).await?,
-    };
+    let db = open_database(config).await?;
     tracing::info!(version = keycast_db::migrate::latest_version(), "database is migrated");
     db.close().await;
     Ok(())
