@@ -18,9 +18,9 @@ use crate::keys::{self, KeyError};
 use crate::policy::{Policy, PolicyError};
 use crate::secret::{hash_token, random_token, Secret};
 
-/// Default life of an access token: 30 days (seconds). There are no refresh tokens; an
-/// app whose token expired goes through OAuth again.
-pub const DEFAULT_TOKEN_TTL_SECS: i64 = 30 * 24 * 3600;
+/// Default life of an access token: one hour (seconds); apps refresh for another
+/// ([`crate::refresh`]).
+pub const DEFAULT_TOKEN_TTL_SECS: i64 = crate::refresh::DEFAULT_ACCESS_TOKEN_TTL_SECS;
 
 /// One app's grant to sign for one user, as resolved from a credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +108,9 @@ pub struct Grant {
     pub authorization: Authorization,
     pub access_token: Secret<String>,
     pub access_token_expires_at: i64,
+    /// The first refresh token of the family, when the grant came from an OAuth code
+    /// exchange ([`crate::oauth::exchange_code`]).
+    pub refresh_token: Option<Secret<String>>,
     pub connect_secret: Secret<String>,
 }
 
@@ -146,6 +149,7 @@ pub async fn create_grant(db: &Db, km: &dyn KeyManager, new: &NewGrant<'_>, now:
         },
         access_token,
         access_token_expires_at: expires_at,
+        refresh_token: None,
         connect_secret,
     })
 }

@@ -20,6 +20,8 @@ pub enum InternalError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Grant(#[from] GrantError),
+    #[error(transparent)]
+    Client(#[from] crate::clients::ClientError),
     #[error("signing failed: {0}")]
     Crypto(String),
 }

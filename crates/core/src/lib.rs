@@ -16,6 +16,8 @@
 //! - [`account_security`]: what the mailbox owner's proof of control does (verification,
 //!   password reset, take-over), the verified-email gate, recorded key export, exposure.
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
+//! - [`clients`]: registered apps, and whether a `client_id` is verified, unverified or refused.
+//! - [`refresh`]: rotating refresh tokens with reuse detection, RFC 7009 revocation.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
 //! - [`cluster`]: many instances on PostgreSQL — change notices between them (so a
@@ -30,6 +32,7 @@ pub mod accounts;
 mod activity;
 pub mod authz;
 mod cache;
+pub mod clients;
 pub mod cluster;
 pub mod durability;
 mod error;
@@ -40,6 +43,7 @@ pub mod nostrconnect;
 pub mod oauth;
 pub mod password;
 pub mod policy;
+pub mod refresh;
 pub mod request;
 pub mod rotation;
 pub mod secret;

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::authz::{create_grant, Grant, GrantError, NewGrant};
 use crate::error::InternalError;
 use crate::key_manager::KeyManager;
+use crate::refresh::{issue_refresh_token, TokenLifetimes};
 use crate::secret::{ct_eq, hash_token, random_token, Secret};
 
 /// Default and longest life of an authorization code: 10 minutes (seconds), the most
@@ -32,6 +33,9 @@ pub enum OAuthError {
     InvalidGrant { reason: String },
     #[error("invalid_scope: {reason}")]
     InvalidScope { reason: String },
+    /// The client may not ask (an unregistered app while open registration is off).
+    #[error("unauthorized_client: {reason}")]
+    UnauthorizedClient { reason: String },
     #[error("internal error")]
     Internal(#[source] InternalError),
 }
@@ -43,6 +47,7 @@ impl OAuthError {
             OAuthError::InvalidRequest { .. } => "invalid_request",
             OAuthError::InvalidGrant { .. } => "invalid_grant",
             OAuthError::InvalidScope { .. } => "invalid_scope",
+            OAuthError::UnauthorizedClient { .. } => "unauthorized_client",
             OAuthError::Internal(_) => "server_error",
         }
     }
@@ -195,7 +200,7 @@ pub struct TokenRequest<'a> {
 }
 
 /// Exchanges a code for a grant (new authorization, bunker keypair, connect secret,
-/// access token living `token_ttl_secs`, bunker on `relays`).
+/// access and refresh tokens living as `lifetimes` says, bunker on `relays`).
 ///
 /// # Errors
 /// [`OAuthError::InvalidRequest`] for a malformed verifier (the code is not used up);
@@ -206,7 +211,7 @@ pub async fn exchange_code(
     km: &dyn KeyManager,
     request: &TokenRequest<'_>,
     relays: &[String],
-    token_ttl_secs: i64,
+    lifetimes: TokenLifetimes,
     now: i64,
 ) -> Result<Grant, OAuthError> {
     if !valid_verifier(request.code_verifier) {
@@ -238,15 +243,17 @@ pub async fn exchange_code(
         client_id: &code.client_id,
         redirect_origin: &redirect_origin(&code.redirect_uri)?,
         relays,
-        token_ttl_secs,
+        token_ttl_secs: lifetimes.access_secs,
     };
-    Ok(create_grant(db, km, &new, now).await?)
+    let mut grant = create_grant(db, km, &new, now).await?;
+    let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;
+    grant.refresh_token = Some(refresh);
+    Ok(grant)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::DEFAULT_TOKEN_TTL_SECS;
     use crate::testing::{fixture, social_policy, Fixture};
 
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
@@ -281,7 +288,7 @@ mod tests {
             fx.km.as_ref(),
             request,
             &fx.relays,
-            DEFAULT_TOKEN_TTL_SECS,
+            TokenLifetimes::default(),
             now,
         )
         .await
@@ -341,7 +348,7 @@ mod tests {
                 let (db, km, relays, code) = (fx.pool().clone(), fx.km.clone(), fx.relays.clone(), code.clone());
                 tokio::spawn(async move {
                     let request = token_request(&code);
-                    exchange_code(&db, km.as_ref(), &request, &relays, 60, 101)
+                    exchange_code(&db, km.as_ref(), &request, &relays, TokenLifetimes::default(), 101)
                         .await
                         .is_ok()
                 })

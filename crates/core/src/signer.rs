@@ -20,7 +20,7 @@ use std::time::Duration;
 use keycast_db::activity::{self as activity_repo, NewActivity, Transport};
 use keycast_db::authz::{self as authz_repo, AuthorizationRow};
 use keycast_db::Db;
-use keycast_db::{now_unix, oauth as oauth_repo, policies, AuthorizationId, PolicyId, TokenHash, UserId};
+use keycast_db::{now_unix, oauth as oauth_repo, policies, AuthorizationId, PolicyId, RepoError, TokenHash, UserId};
 use nostr::nips::{nip04, nip44};
 use nostr::{Keys, PublicKey};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -473,12 +473,23 @@ impl Signer {
     /// # Errors
     /// [`SignError::Internal`] on storage failure (then nothing was revoked).
     pub async fn revoke(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, SignError> {
+        Ok(self.revoke_authorization(id, user).await?)
+    }
+
+    /// [`Signer::revoke`] with the storage error as it is, for the rest of core.
+    pub(crate) async fn revoke_authorization(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, RepoError> {
         let revoked = authz_repo::revoke(&self.db, id, user, now_unix()).await?;
         self.invalidate_authorization(id);
         if revoked {
             self.authorizations_changed();
         }
         Ok(revoked)
+    }
+
+    /// Drops one bearer token from the cache after it was deleted (RFC 7009 revocation of
+    /// an access token), so its next use is refused here at once.
+    pub fn forget_token(&self, hash: &TokenHash) {
+        self.tokens.invalidate(hash);
     }
 
     /// Revokes every live authorization of `user` (a take-over of the account, a new key)

@@ -15,7 +15,8 @@
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
 //!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs),
-//!   [`sealed`] (every ciphertext under the master key, for rotation).
+//!   [`sealed`] (every ciphertext under the master key, for rotation),
+//!   [`refresh`] (rotating refresh tokens), [`clients`] (registered apps).
 //!
 //! Repository SQL is portable to PostgreSQL: `$n` placeholders, `RETURNING`, ids and unix
 //! timestamps made in Rust, no engine-specific functions. Single-use things (OAuth codes,
@@ -29,6 +30,7 @@
 pub mod account_events;
 pub mod activity;
 pub mod authz;
+pub mod clients;
 pub mod cluster;
 pub mod copy;
 mod error;
@@ -41,6 +43,7 @@ pub mod notify;
 pub mod oauth;
 pub mod policies;
 pub mod pool;
+pub mod refresh;
 #[cfg(test)]
 mod schema_parity;
 #[cfg(any(test, feature = "testing"))]

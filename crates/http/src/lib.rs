@@ -26,6 +26,7 @@
 //!
 //! [`app`] builds the router without a socket, so tests can drive it with `oneshot`.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod extract;
@@ -57,6 +58,7 @@ pub use state::{AppState, BoxFuture, Dependency, Durability, DurabilityMode, Htt
 /// Builds the whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {
     let mut api = Router::new()
+        .merge(admin::routes())
         .merge(auth::routes())
         .merge(oauth::routes())
         .merge(rpc::routes())

@@ -7,8 +7,10 @@
 //! - `POST /api/oauth/authorize`: the decision. A form post (with the session-bound CSRF
 //!   token) answers 302 to the app; a JSON post from a first-party page (session cookie and
 //!   an `Origin` of this server) answers `{code, redirect_uri}`.
-//! - `POST /api/oauth/token`: form or JSON; RFC 6749 §5.2 errors (`{error,
-//!   error_description}`, 400). Redemption is atomic in core.
+//! - `POST /api/oauth/token`: form or JSON, `authorization_code` or `refresh_token`
+//!   (rotating; see `keycast_core::refresh`); RFC 6749 §5.2 errors (`{error,
+//!   error_description}`, 400). Redemption and rotation are atomic in core.
+//! - `POST /api/oauth/revoke`: RFC 7009 token revocation.
 //!
 //! Codes, PKCE and redirect rules live in `keycast_core::oauth`; this module only decodes,
 //! renders and redirects.
@@ -19,7 +21,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keycast_core::clients::{self, ClientIdentity};
 use keycast_core::oauth::{self, CodeRequest, OAuthError, TokenRequest};
+use keycast_core::refresh::RefreshRequest;
+use keycast_core::Authorization;
 use keycast_db::policies::{self, PolicyRow};
 use keycast_db::{now_unix, UserId};
 use serde::Deserialize;
@@ -35,6 +40,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/oauth/authorize", get(authorize_page).post(decide))
         .route("/api/oauth/login", post(login_form))
         .route("/api/oauth/token", post(token))
+        .route("/api/oauth/revoke", post(revoke))
         .route("/.well-known/oauth-authorization-server", get(metadata))
 }
 
@@ -43,7 +49,7 @@ pub(crate) fn routes() -> Router<AppState> {
 #[serde(default)]
 pub(crate) struct AuthorizeParams {
     response_type: Option<String>,
-    client_id: String,
+    pub(crate) client_id: String,
     redirect_uri: String,
     scope: String,
     state: Option<String>,
@@ -52,8 +58,9 @@ pub(crate) struct AuthorizeParams {
 }
 
 impl AuthorizeParams {
-    /// Checks everything core will check again at issue, so errors show before consent.
-    async fn validate(&self, state: &AppState) -> Result<(String, PolicyRow), OAuthFailure> {
+    /// Checks everything core will check again at issue, so errors show before consent, and
+    /// judges the client (registered, unregistered, refused).
+    async fn validate(&self, state: &AppState) -> Result<(String, PolicyRow, ClientIdentity), OAuthFailure> {
         if self.response_type.as_deref().is_some_and(|t| t != "code") {
             return Err(OAuthFailure::new(
                 "unsupported_response_type",
@@ -71,8 +78,15 @@ impl AuthorizeParams {
             ));
         }
         let (db, _) = state.api()?;
+        let identity = clients::identify(
+            db,
+            &self.client_id,
+            &self.redirect_uri,
+            state.options().open_registration,
+        )
+        .await?;
         let policy = oauth::scope_policy(db, &self.scope).await?;
-        Ok((origin, policy))
+        Ok((origin, policy, identity))
     }
 
     fn code_request<'a>(&'a self, user: &'a UserId, policy: &'a PolicyRow) -> CodeRequest<'a> {
@@ -138,7 +152,7 @@ async fn authorize_page(
     params: Result<QueryParams<AuthorizeParams>, AppError>,
 ) -> Result<Response, OAuthFailure> {
     let QueryParams(params) = params.map_err(OAuthFailure::invalid_request)?;
-    let (origin, policy) = params.validate(&state).await?;
+    let (origin, policy, identity) = params.validate(&state).await?;
     let page = match session {
         None => page::login(&params, None),
         Some(s) if s.user.email_verified_at.is_none() => page::verify_first(&s.user.email),
@@ -148,7 +162,14 @@ async fn authorize_page(
                 .map_err(AppError::internal)?
                 .summary()
                 .lines();
-            page::consent(&params, &origin, &policy, &lines, &s.user.email, &csrf_token(&s.token))
+            let consent = page::Consent {
+                params: &params,
+                origin: &origin,
+                identity: &identity,
+                policy: &policy,
+                lines: &lines,
+            };
+            page::consent(&consent, &s.user.email, &csrf_token(&s.token))
         }
     };
     Ok(no_store(Html(page)).into_response())
@@ -214,7 +235,7 @@ async fn decide(
         let why = "the consent form's CSRF token is missing or wrong; reload the consent page";
         return Err(AppError::Forbidden(why.into()).into());
     }
-    let (_, policy) = d.params.validate(&state).await?;
+    let (_, policy, _) = d.params.validate(&state).await?;
     let approved = d.approved.unwrap_or(false) || d.decision.as_deref() == Some("approve");
     if approved {
         keycast_core::account_security::require_verified(&session.user).map_err(AppError::from)?;
@@ -259,34 +280,44 @@ fn check_same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppErr
 struct TokenParams {
     grant_type: String,
     code: String,
-    client_id: String,
+    pub(crate) client_id: String,
     redirect_uri: String,
     code_verifier: String,
+    refresh_token: String,
 }
 
-/// `POST /api/oauth/token` → `{access_token, token_type, expires_in, scope, bunker_url,
-/// policy, authorization_id}`.
+/// The first of `fields` that is empty, as RFC 6749's `invalid_request`.
+fn require(fields: &[(&str, &str)]) -> Result<(), OAuthFailure> {
+    match fields.iter().find(|(_, v)| v.is_empty()) {
+        Some((name, _)) => Err(OAuthFailure::new("invalid_request", &format!("{name} is required"))),
+        None => Ok(()),
+    }
+}
+
+/// `POST /api/oauth/token`: `authorization_code` → `{access_token, token_type, expires_in,
+/// refresh_token, scope, bunker_url, policy, authorization_id}`; `refresh_token` → the same
+/// without `bunker_url` (the one the app holds keeps working).
 async fn token(
     State(state): State<AppState>,
     body: Result<FormOrJson<TokenParams>, AppError>,
 ) -> Result<Response, OAuthFailure> {
     let FormOrJson { value: p, .. } = body.map_err(OAuthFailure::invalid_request)?;
-    if p.grant_type != "authorization_code" {
-        return Err(OAuthFailure::new(
+    match p.grant_type.as_str() {
+        "authorization_code" => exchange(&state, &p).await,
+        "refresh_token" => refresh(&state, &p).await,
+        _ => Err(OAuthFailure::new(
             "unsupported_grant_type",
-            "grant_type must be authorization_code",
-        ));
+            "grant_type must be authorization_code or refresh_token",
+        )),
     }
-    let missing = [
+}
+
+async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFailure> {
+    require(&[
         ("code", &p.code),
         ("client_id", &p.client_id),
         ("redirect_uri", &p.redirect_uri),
-    ]
-    .into_iter()
-    .find(|(_, v)| v.is_empty());
-    if let Some((name, _)) = missing {
-        return Err(OAuthFailure::new("invalid_request", &format!("{name} is required")));
-    }
+    ])?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let request = TokenRequest {
@@ -302,24 +333,85 @@ async fn token(
         services.keys.as_ref(),
         &request,
         &options.relays,
-        options.token_ttl_secs,
+        options.token_lifetimes,
         now,
     )
     .await?;
     // NIP-46 starts listening for the new bunker now, before the app can use its URL.
     services.signer.authorizations_changed();
     state.confirm_write(true).await?;
-    let policy = &grant.authorization.policy;
-    let body = json!({
-        "access_token": grant.access_token.expose(),
+    let mut body = token_body(
+        &grant.authorization,
+        grant.access_token.expose(),
+        grant.access_token_expires_at - now,
+        grant.refresh_token.as_ref().map(|t| t.expose().as_str()),
+    );
+    body["bunker_url"] = json!(grant.bunker_url().expose());
+    Ok(no_store(Json(body)).into_response())
+}
+
+async fn refresh(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFailure> {
+    require(&[("refresh_token", &p.refresh_token), ("client_id", &p.client_id)])?;
+    let (_, services) = state.api()?;
+    state.ensure_writable().await?;
+    let request = RefreshRequest {
+        refresh_token: &p.refresh_token,
+        client_id: &p.client_id,
+    };
+    let now = now_unix();
+    let refreshed =
+        keycast_core::refresh::refresh(&services.signer, &request, state.options().token_lifetimes, now).await;
+    // A refused reuse has revoked the family: that must be durable too.
+    state.confirm_write(true).await?;
+    let refreshed = refreshed?;
+    let body = token_body(
+        &refreshed.authorization,
+        refreshed.access_token.expose(),
+        refreshed.access_token_expires_at - now,
+        Some(refreshed.refresh_token.expose()),
+    );
+    Ok(no_store(Json(body)).into_response())
+}
+
+fn token_body(authz: &Authorization, access: &str, expires_in: i64, refresh: Option<&str>) -> Value {
+    let policy = &authz.policy;
+    let mut body = json!({
+        "access_token": access,
         "token_type": "Bearer",
-        "expires_in": grant.access_token_expires_at - now,
+        "expires_in": expires_in,
         "scope": format!("policy:{}", policy.slug),
-        "bunker_url": grant.bunker_url().expose(),
-        "authorization_id": grant.authorization.id.as_str(),
+        "authorization_id": authz.id.as_str(),
         "policy": policy_json(policy),
     });
-    Ok(no_store(Json(body)).into_response())
+    if let Some(refresh) = refresh {
+        body["refresh_token"] = json!(refresh);
+    }
+    body
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RevokeParams {
+    token: String,
+    /// `access_token` or `refresh_token`; a hint only (RFC 7009 §2.1), both are looked up.
+    #[allow(dead_code)]
+    token_type_hint: Option<String>,
+}
+
+/// `POST /api/oauth/revoke` (RFC 7009): 200 whether or not the token existed.
+async fn revoke(
+    State(state): State<AppState>,
+    body: Result<FormOrJson<RevokeParams>, AppError>,
+) -> Result<Response, OAuthFailure> {
+    let FormOrJson { value: p, .. } = body.map_err(OAuthFailure::invalid_request)?;
+    require(&[("token", &p.token)])?;
+    let (_, services) = state.api()?;
+    state.ensure_writable().await?;
+    keycast_core::refresh::revoke_token(&services.signer, &p.token)
+        .await
+        .map_err(AppError::internal)?;
+    state.confirm_write(true).await?;
+    Ok(no_store(StatusCode::OK).into_response())
 }
 
 /// A policy as the token response and the user's authorization list show it.
@@ -348,10 +440,12 @@ async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, AppError
         "issuer": issuer,
         "authorization_endpoint": format!("{issuer}/api/oauth/authorize"),
         "token_endpoint": format!("{issuer}/api/oauth/token"),
+        "revocation_endpoint": format!("{issuer}/api/oauth/revoke"),
         "response_types_supported": ["code"],
-        "grant_types_supported": ["authorization_code"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": ["none"],
+        "revocation_endpoint_auth_methods_supported": ["none"],
         "scopes_supported": scopes,
     })))
 }
@@ -407,7 +501,8 @@ impl From<OAuthError> for OAuthFailure {
             OAuthError::Internal(cause) => OAuthFailure::App(AppError::internal(cause)),
             OAuthError::InvalidRequest { reason }
             | OAuthError::InvalidGrant { reason }
-            | OAuthError::InvalidScope { reason } => OAuthFailure::Rfc {
+            | OAuthError::InvalidScope { reason }
+            | OAuthError::UnauthorizedClient { reason } => OAuthFailure::Rfc {
                 error,
                 description: reason,
             },

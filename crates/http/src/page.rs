@@ -11,6 +11,8 @@ use axum::response::{Html, IntoResponse, Response};
 use keycast_db::policies::PolicyRow;
 
 use crate::error::ErrorMessage;
+use keycast_core::clients::ClientIdentity;
+
 use crate::oauth::AuthorizeParams;
 
 /// An HTML page that is never cached (framing, referrer and the rest: [`security_headers`],
@@ -215,18 +217,48 @@ pub fn verify_first(email: &str) -> String {
     layout("Confirm your email", &body)
 }
 
-/// The consent page: who asks (the redirect origin), for which policy, approve or deny.
-pub fn consent(
-    params: &AuthorizeParams,
-    origin: &str,
-    policy: &PolicyRow,
-    lines: &[String],
-    email: &str,
-    csrf: &str,
-) -> String {
-    let allows: String = lines.iter().map(|l| format!("<li>{}</li>", escape(l))).collect();
+/// What the consent page shows besides the user.
+pub(crate) struct Consent<'a> {
+    pub params: &'a AuthorizeParams,
+    /// The redirect URI's origin: where the code goes, the one fact keycast can vouch for.
+    pub origin: &'a str,
+    pub identity: &'a ClientIdentity,
+    pub policy: &'a PolicyRow,
+    /// The policy in words, generated from its permissions.
+    pub lines: &'a [String],
+}
+
+/// A registered app by its name, marked verified, with its redirect host; an unregistered
+/// one by its redirect host, marked unverified, with the name it gave itself in small print.
+/// A registered app's logo is not shown: the pages load nothing from other origins (CSP),
+/// so the logo's host never learns who looks at the page.
+fn consent_heading(consent: &Consent<'_>) -> String {
+    let origin = escape(consent.origin);
+    match consent.identity {
+        ClientIdentity::Verified(client) => format!(
+            "<h1>Allow <strong>{name}</strong> to sign for you?</h1>\
+             <p class=\"client verified\">&#10003; Verified app: registered with this keycast by its operator. \
+             It will receive your answer at <strong class=\"redirect-host\">{origin}</strong>.</p>",
+            name = escape(&client.name),
+        ),
+        ClientIdentity::Unverified => format!(
+            "<h1>Allow <strong class=\"redirect-host\">{origin}</strong> to sign for you?</h1>\
+             <p class=\"client unverified\">&#9888; Unverified app: it is not registered with this keycast, and the \
+             name it gives itself (<code>{client_id}</code>) is unchecked. Approve only if you came here from \
+             <strong>{origin}</strong>: that is where your answer goes.</p>",
+            client_id = escape(&consent.params.client_id),
+        ),
+    }
+}
+
+pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String {
+    let allows: String = consent
+        .lines
+        .iter()
+        .map(|l| format!("<li>{}</li>", escape(l)))
+        .collect();
     let body = format!(
-        "<h1>Allow <strong>{origin}</strong> to sign for you?</h1>\
+        "{heading}\
          <p>Signed in as {email}.</p>\
          <p>Policy: <strong>{name}</strong> (<code>{slug}</code>). The app may:</p><ul class=\"allows\">{allows}</ul>\
          <p>You can revoke this access at any time.</p>\
@@ -234,11 +266,11 @@ pub fn consent(
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <div class=\"row\"><button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button>\
          <button type=\"submit\" name=\"decision\" value=\"approve\">Approve</button></div></form>",
-        origin = escape(origin),
+        heading = consent_heading(consent),
         email = escape(email),
-        name = escape(&policy.display_name),
-        slug = escape(&policy.slug),
-        hidden = hidden(params),
+        name = escape(&consent.policy.display_name),
+        slug = escape(&consent.policy.slug),
+        hidden = hidden(consent.params),
         csrf = escape(csrf),
     );
     layout("Authorize", &body)

@@ -30,9 +30,9 @@ pub struct HttpOptions {
     pub public_url: String,
     /// Relays named in bunker URLs (`BUNKER_RELAYS`).
     pub relays: Vec<String>,
-    /// Life of an OAuth access token, seconds. Default
-    /// [`keycast_core::authz::DEFAULT_TOKEN_TTL_SECS`] (30 days).
-    pub token_ttl_secs: i64,
+    /// Life of OAuth access and refresh tokens (`KEYCAST_ACCESS_TOKEN_TTL_SECS`,
+    /// `KEYCAST_REFRESH_TOKEN_TTL_SECS`). Default an hour and 30 days.
+    pub token_lifetimes: keycast_core::refresh::TokenLifetimes,
     /// Origins allowed to call the API from a browser (CORS, `ALLOWED_ORIGINS`). Empty (the
     /// default) sends no CORS headers.
     pub allowed_origins: Vec<String>,
@@ -59,6 +59,12 @@ pub struct HttpOptions {
     /// answers only direct requests from loopback (a scraper beside keycast, such as Cloud
     /// Run's Managed Prometheus sidecar).
     pub metrics_token: Option<keycast_core::Secret<String>>,
+    /// Whether apps nobody registered may ask for authorization (`KEYCAST_OPEN_REGISTRATION`);
+    /// they are shown as unverified. Default true.
+    pub open_registration: bool,
+    /// Bearer token the admin API (`/api/admin/*`) requires (`KEYCAST_ADMIN_TOKEN`); `None`
+    /// (the default) turns the admin API off.
+    pub admin_token: Option<keycast_core::Secret<String>>,
 }
 
 /// Which writes are acknowledged only once they are in the replica.
@@ -80,7 +86,7 @@ impl Default for HttpOptions {
             durability: DurabilityMode::Async,
             public_url: "http://localhost:3000".into(),
             relays: Vec::new(),
-            token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
+            token_lifetimes: keycast_core::refresh::TokenLifetimes::default(),
             allowed_origins: Vec::new(),
             code_ttl_secs: keycast_core::oauth::CODE_TTL_SECS,
             nostrconnect_internal_relays: false,
@@ -89,6 +95,8 @@ impl Default for HttpOptions {
             trusted_proxy_hops: 0,
             reserved_usernames: Vec::new(),
             metrics_token: None,
+            open_registration: true,
+            admin_token: None,
         }
     }
 }

@@ -124,6 +124,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "bearer token /metrics requires; without it /metrics answers only direct loopback requests; secret",
     },
     Setting {
+        key: "admin_token",
+        env: "KEYCAST_ADMIN_TOKEN",
+        default: "(none: admin API off)",
+        help: "bearer token the admin API (/api/admin/*, registered apps) requires; without it the admin API is off; secret",
+    },
+    Setting {
+        key: "open_registration",
+        env: "KEYCAST_OPEN_REGISTRATION",
+        default: "true",
+        help: "let apps nobody registered ask for authorization (shown as unverified); false accepts registered apps only",
+    },
+    Setting {
         key: "replica_url",
         env: "KEYCAST_REPLICA_URL",
         default: "file://<data_dir>-replica",
@@ -316,6 +328,18 @@ pub const SETTINGS: &[Setting] = &[
         help: "life of an OAuth authorization code, 1 to 600 seconds",
     },
     Setting {
+        key: "access_token_ttl_secs",
+        env: "KEYCAST_ACCESS_TOKEN_TTL_SECS",
+        default: "3600",
+        help: "life of an OAuth access token, 60 to 86400 seconds; apps refresh for another",
+    },
+    Setting {
+        key: "refresh_token_ttl_secs",
+        env: "KEYCAST_REFRESH_TOKEN_TTL_SECS",
+        default: "2592000",
+        help: "life of an OAuth refresh token, 3600 to 31536000 seconds, counted afresh at each refresh",
+    },
+    Setting {
         key: "trusted_proxy_hops",
         env: "KEYCAST_TRUSTED_PROXY_HOPS",
         default: "0",
@@ -366,6 +390,7 @@ const SECRET_SETTINGS: &[&str] = &[
     "master_key_previous",
     "smtp_url",
     "metrics_token",
+    "admin_token",
 ];
 /// Settings whose values are URLs that may carry a password: printed with it masked.
 const URL_SETTINGS: &[&str] = &["database_url", "database_direct_url"];
@@ -398,6 +423,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Bearer token `/metrics` requires; `None`: loopback only.
     pub metrics_token: Option<keycast_core::Secret<String>>,
+    /// `KEYCAST_ADMIN_TOKEN`: the admin API's bearer token; `None` turns it off.
+    pub admin_token: Option<keycast_core::Secret<String>>,
+    /// `KEYCAST_OPEN_REGISTRATION`: unregistered apps may ask (as unverified). Default true.
+    pub open_registration: bool,
     pub test_routes: bool,
     /// Which writes wait for the replica.
     pub durability: DurabilityMode,
@@ -434,6 +463,8 @@ pub struct Config {
     pub smtp: Option<SmtpMailer>,
     /// Life of an OAuth authorization code, seconds (1..=600).
     pub oauth_code_ttl_secs: i64,
+    /// Life of OAuth access tokens (60..=86400 s) and refresh tokens (3600..=31536000 s).
+    pub token_lifetimes: keycast_core::refresh::TokenLifetimes,
     /// Proxies that append to `X-Forwarded-For` (0: the header is ignored).
     pub trusted_proxy_hops: usize,
     /// Memory budget of password hashing and key export, MiB.
@@ -708,6 +739,14 @@ impl Sources {
                     Ok(keycast_core::Secret::new(v.to_owned()))
                 }
             })?,
+            admin_token: self.get("admin_token", |v| {
+                if v.len() < 32 {
+                    Err("expected at least 32 characters (e.g. `openssl rand -hex 32`)".into())
+                } else {
+                    Ok(keycast_core::Secret::new(v.to_owned()))
+                }
+            })?,
+            open_registration: self.get("open_registration", parse_bool)?.unwrap_or(true),
             test_routes: self.test_routes()?,
             durability: self.get("durability", parse_durability)?.unwrap_or_default(),
             replica: if postgres { None } else { self.replica(&data_dir)? },
@@ -747,6 +786,14 @@ impl Sources {
             oauth_code_ttl_secs: self
                 .get("oauth_code_ttl_secs", parse_code_ttl)?
                 .unwrap_or(keycast_core::oauth::CODE_TTL_SECS),
+            token_lifetimes: keycast_core::refresh::TokenLifetimes {
+                access_secs: self
+                    .get("access_token_ttl_secs", |v| parse_secs_between(v, 60, 86_400))?
+                    .unwrap_or(keycast_core::refresh::DEFAULT_ACCESS_TOKEN_TTL_SECS),
+                refresh_secs: self
+                    .get("refresh_token_ttl_secs", |v| parse_secs_between(v, 3600, 365 * 86_400))?
+                    .unwrap_or(keycast_core::refresh::DEFAULT_REFRESH_TOKEN_TTL_SECS),
+            },
             trusted_proxy_hops: self
                 .get("trusted_proxy_hops", |v| match v.parse::<usize>() {
                     Ok(n) if n <= 10 => Ok(n),
@@ -1057,6 +1104,13 @@ fn parse_positive_secs(v: &str) -> Result<Duration, String> {
             Ok(d)
         }
     })
+}
+
+fn parse_secs_between(v: &str, min: i64, max: i64) -> Result<i64, String> {
+    v.parse::<i64>()
+        .ok()
+        .filter(|s| (min..=max).contains(s))
+        .ok_or_else(|| format!("expected a whole number of seconds from {min} to {max}"))
 }
 
 fn parse_code_ttl(v: &str) -> Result<i64, String> {
@@ -1488,6 +1542,31 @@ mod tests {
             "{err}"
         );
         assert!(Sources::default().build().unwrap().smtp.is_none());
+    }
+
+    #[test]
+    fn token_lifetimes_default_to_an_hour_and_30_days_within_bounds() {
+        let lifetimes = Sources::default().build().unwrap().token_lifetimes;
+        assert_eq!((lifetimes.access_secs, lifetimes.refresh_secs), (3600, 2_592_000));
+        let config = env(&[
+            ("KEYCAST_ACCESS_TOKEN_TTL_SECS", "60"),
+            ("KEYCAST_REFRESH_TOKEN_TTL_SECS", "7200"),
+        ])
+        .build()
+        .unwrap();
+        assert_eq!(
+            (config.token_lifetimes.access_secs, config.token_lifetimes.refresh_secs),
+            (60, 7200)
+        );
+        for (var, bad) in [
+            ("KEYCAST_ACCESS_TOKEN_TTL_SECS", "59"),
+            ("KEYCAST_ACCESS_TOKEN_TTL_SECS", "86401"),
+            ("KEYCAST_REFRESH_TOKEN_TTL_SECS", "10"),
+            ("KEYCAST_REFRESH_TOKEN_TTL_SECS", "x"),
+        ] {
+            let err = env(&[(var, bad)]).build().unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={bad}: {err}");
+        }
     }
 
     #[test]

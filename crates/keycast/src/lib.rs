@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`cli`]: `keycast restore` and `keycast replica {status,ls}`.
+//! - [`clients_cmd`]: `keycast clients add|list|remove` (registered apps).
 //! - [`config`]: defaults → TOML → environment → flags, validated into [`config::Config`].
 //! - [`master_key`]: the master key from env, file or a development key; checked at start.
 //! - [`rotation`]: `keycast master-key rotate` and the background rotation of `serve`.
@@ -13,6 +14,7 @@
 //! - [`replication`]: restore-before-serve, the replicator's start, health and stop.
 
 pub mod cli;
+pub mod clients_cmd;
 pub mod config;
 pub mod http_server;
 pub mod local_disk;

@@ -37,6 +37,9 @@ enum Command {
     /// Manage the master key (the key-encryption key of every stored Nostr key).
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),
+    /// Registered apps: shown as verified on the consent page, exact redirect URIs.
+    #[command(subcommand)]
+    Clients(ClientsCommand),
 }
 
 #[derive(Subcommand)]
@@ -57,6 +60,36 @@ struct RotateArgs {
     /// Print the result as JSON
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum ClientsCommand {
+    /// Register an app and print its new client_id.
+    Add {
+        /// The app's name, as the consent page shows it
+        #[arg(long)]
+        name: String,
+        /// A redirect URI the app may use, matched exactly (repeat for several)
+        #[arg(long = "redirect-uri", value_name = "URI", required = true)]
+        redirect_uris: Vec<String>,
+        /// An https URL of the app's logo
+        #[arg(long, value_name = "URL")]
+        logo_url: Option<String>,
+        /// Print the registration as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List registered apps.
+    List {
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an app's registration (its existing grants stay until revoked).
+    Remove {
+        /// The client_id to remove
+        client_id: String,
+    },
 }
 
 #[derive(Args)]
@@ -189,6 +222,23 @@ fn main() -> ExitCode {
             }
             Command::Replica(ReplicaCommand::Ls(a)) => {
                 cli::ls_cmd(&replica(&config, a.replica.as_deref())?, a.json).await
+            }
+            Command::Clients(ClientsCommand::Add {
+                name,
+                redirect_uris,
+                logo_url,
+                json,
+            }) => {
+                let new = keycast_core::clients::NewClient {
+                    name,
+                    redirect_uris,
+                    logo_url,
+                };
+                keycast::clients_cmd::add(&config, new, json).await
+            }
+            Command::Clients(ClientsCommand::List { json }) => keycast::clients_cmd::list(&config, json).await,
+            Command::Clients(ClientsCommand::Remove { client_id }) => {
+                keycast::clients_cmd::remove(&config, &client_id).await
             }
             Command::Replica(ReplicaCommand::Status(a)) => {
                 let path = config

@@ -78,7 +78,7 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| format!("http://localhost:{port}")),
         relays: relays.clone(),
-        token_ttl_secs: keycast_core::authz::DEFAULT_TOKEN_TTL_SECS,
+        token_lifetimes: config.token_lifetimes,
         allowed_origins: config.allowed_origins.clone(),
         code_ttl_secs: config.oauth_code_ttl_secs,
         nostrconnect_internal_relays: config.nostrconnect_internal_relays,
@@ -87,6 +87,8 @@ pub async fn run(
         trusted_proxy_hops: config.trusted_proxy_hops,
         reserved_usernames: config.reserved_usernames.clone(),
         metrics_token: config.metrics_token.clone(),
+        open_registration: config.open_registration,
+        admin_token: config.admin_token.clone(),
     };
     let state = AppState::new(metrics, options);
     crate::replication::register_alerted_counters();
@@ -608,16 +610,26 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Opens the configured database (migrating it), for commands that run beside or before
+/// `serve` (`migrate`, `clients`). On SQLite the writes land in the WAL, which a running
+/// keycast's replicator ships, or the next start does.
+///
+/// # Errors
+/// As for start-up.
+pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
+    prepare_directories(config)?;
+    Ok(match &config.database {
+        Database::Sqlite { path, .. } => Db::open_sqlite(&sqlite_options(config, path)).await?,
+        Database::Postgres(pg) => open_postgres(pg).await?,
+    })
+}
+
 /// `keycast migrate`: open the database, apply pending migrations, close it.
 ///
 /// # Errors
 /// As for start-up.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    prepare_directories(config)?;
-    let db = match &config.database {
-        Database::Sqlite { path, .. } => Db::open_sqlite(&sqlite_options(config, path)).await?,
-        Database::Postgres(pg) => open_postgres(pg).await?,
-    };
+    let db = open_database(config).await?;
     tracing::info!(version = keycast_db::migrate::latest_version(), "database is migrated");
     db.close().await;
     Ok(())

@@ -129,7 +129,13 @@ fn oauth_client_library_flow_signs_an_event_that_verifies_independently(engine: 
         .request(&oauth_http)
         .expect("the OAuth client accepts keycast's token response");
     assert_eq!(*token.token_type(), BasicTokenType::Bearer);
-    assert!(token.expires_in().is_some_and(|d| d.as_secs() > 3600));
+    assert!(token
+        .expires_in()
+        .is_some_and(|d| d.as_secs() <= 3600 && d.as_secs() > 3500));
+    assert!(
+        token.refresh_token().is_some(),
+        "the code exchange issues a refresh token"
+    );
     assert_eq!(token.scopes().unwrap()[0].as_str(), "policy:social");
     assert!(
         token.extra_fields().bunker_url.starts_with("bunker://"),

@@ -1,0 +1,261 @@
+//! OAuth tokens an app can live with, against the real binary, driven by the standard
+//! OAuth client library (`oauth2`): short-lived access tokens, rotating refresh tokens
+//! (RFC 6749 §6), reuse of a spent refresh token revoking the whole family (RFC 9700
+//! §4.14), RFC 7009 revocation, and the RFC 8414 metadata advertising it all. The bunker
+//! URL of the first exchange keeps working across refreshes (nostr-tools over NIP-46).
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{approve, authorize_query, pkce, register, token_request};
+use harness::nostr::BunkerClient;
+use harness::{Engine, Keycast, Launch};
+use oauth2::basic::{
+    BasicErrorResponse, BasicErrorResponseType, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::{
+    ClientId, EndpointNotSet, EndpointSet, ExtraTokenFields, RefreshToken, RequestTokenError, StandardRevocableToken,
+    StandardTokenResponse, TokenResponse, TokenUrl,
+};
+use serde_json::{json, Value};
+
+fn start(engine: Engine) -> (tempfile::TempDir, Keycast) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .start();
+    (dir, server)
+}
+
+/// keycast's extra token-response fields; a refresh response has no `bunker_url` (the app
+/// keeps the one it has).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct KeycastFields {
+    #[serde(default)]
+    bunker_url: Option<String>,
+    authorization_id: String,
+    policy: Value,
+}
+impl ExtraTokenFields for KeycastFields {}
+
+type Token = StandardTokenResponse<KeycastFields, BasicTokenType>;
+type Client = oauth2::Client<
+    BasicErrorResponse,
+    Token,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+fn oauth_http(request: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, ureq::Error> {
+    let response = agent().run(request)?;
+    let (parts, mut body) = response.into_parts();
+    Ok(oauth2::HttpResponse::from_parts(parts, body.read_to_vec()?))
+}
+
+fn client(server: &Keycast, client_id: &str) -> Client {
+    oauth2::Client::new(ClientId::new(client_id.into()))
+        .set_token_uri(TokenUrl::new(format!("{}/api/oauth/token", server.base)).unwrap())
+}
+
+/// Register → consent → code exchange: (session cookie, the token response as parsed by
+/// the OAuth client).
+fn first_grant(server: &Keycast, email: &str) -> (String, Token) {
+    let (cookie, _) = register(server, email, None);
+    let (challenge, verifier) = pkce();
+    let code = approve(server, &cookie, &authorize_query("policy:social", &challenge));
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token: Token = serde_json::from_str(&r.body).expect("the OAuth client reads the token response");
+    (cookie, token)
+}
+
+fn refresh(client: &Client, token: &RefreshToken) -> Result<Token, BasicErrorResponseType> {
+    client
+        .exchange_refresh_token(token)
+        .request(&oauth_http)
+        .map_err(|err| match err {
+            RequestTokenError::ServerResponse(response) => response.error().clone(),
+            other => panic!("the refresh failed without an OAuth error: {other:?}"),
+        })
+}
+
+fn signs(server: &Keycast, access: &str) -> u16 {
+    rpc(server, access, "sign_event", json!([{ "kind": 1, "content": "hi" }])).status
+}
+
+/// RFC 7009 revocation as an app sends it (the `oauth2` crate refuses a plain-http
+/// revocation URL, so the form is posted as that crate would post it).
+fn revoke(server: &Keycast, token: &str, hint: &str) -> Reply {
+    let body = form(&[("token", token), ("token_type_hint", hint), ("client_id", "test-app")]);
+    post(
+        server,
+        "/api/oauth/revoke",
+        None,
+        "application/x-www-form-urlencoded",
+        &body,
+        &[],
+    )
+}
+
+fn refresh_rotates_the_pair_and_the_bunker_url_keeps_working(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, first) = first_grant(&server, "rotate@example.com");
+    let expires_in = first.expires_in().unwrap().as_secs();
+    assert!(
+        (3590..=3600).contains(&expires_in),
+        "access tokens live an hour: {expires_in}"
+    );
+    let r0 = first
+        .refresh_token()
+        .expect("the code exchange issues a refresh token")
+        .clone();
+    let bunker = first.extra_fields().bunker_url.clone().unwrap();
+
+    let app = client(&server, "test-app");
+    let second = refresh(&app, &r0).expect("a refresh returns a new pair");
+    let r1 = second
+        .refresh_token()
+        .expect("each refresh returns a new refresh token");
+    assert_ne!(r1.secret(), r0.secret(), "the refresh token rotates");
+    assert_ne!(second.access_token().secret(), first.access_token().secret());
+    assert_eq!(
+        second.extra_fields().authorization_id,
+        first.extra_fields().authorization_id
+    );
+    assert_eq!(second.scopes().unwrap()[0].as_str(), "policy:social");
+    assert!(second.expires_in().unwrap().as_secs() > 3500);
+    assert_eq!(signs(&server, second.access_token().secret()), 200);
+    let third = refresh(&app, r1).expect("the rotated token refreshes again");
+    assert_eq!(signs(&server, third.access_token().secret()), 200);
+
+    // The bunker URL from the first exchange still works after two refreshes.
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
+    let connected = nip46.connect(&bunker);
+    assert_eq!(connected["ok"], true, "connect after refreshes: {connected}");
+    let signed =
+        nip46.sign_event(json!({"kind": 1, "content": "after refresh", "tags": [], "created_at": 1_700_000_000}));
+    assert_eq!(signed["ok"], true, "{signed}");
+}
+
+fn reusing_a_spent_refresh_token_revokes_the_whole_family(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (cookie, first) = first_grant(&server, "reuse@example.com");
+    let app = client(&server, "test-app");
+    let r0 = first.refresh_token().unwrap().clone();
+    let legit = refresh(&app, &r0).unwrap();
+    assert_eq!(signs(&server, legit.access_token().secret()), 200);
+
+    // A thief (or a confused app) presents the spent token again.
+    assert_eq!(refresh(&app, &r0).unwrap_err(), BasicErrorResponseType::InvalidGrant);
+
+    // The whole family is gone: the latest refresh token, every access token, the grant.
+    let r1 = legit.refresh_token().unwrap();
+    assert_eq!(refresh(&app, r1).unwrap_err(), BasicErrorResponseType::InvalidGrant);
+    for access in [first.access_token(), legit.access_token()] {
+        let r = rpc(&server, access.secret(), "get_public_key", json!([]));
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(r.body.contains("revoked"), "{}", r.body);
+    }
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert!(
+        listed["authorizations"][0]["revoked_at"].is_i64(),
+        "the owner sees the grant revoked: {listed}"
+    );
+}
+
+fn a_refresh_token_is_refused_to_another_client_and_not_spent(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, first) = first_grant(&server, "other@example.com");
+    let r0 = first.refresh_token().unwrap().clone();
+    let err = refresh(&client(&server, "evil-app"), &r0).unwrap_err();
+    assert_eq!(err, BasicErrorResponseType::InvalidGrant);
+    let ok = refresh(&client(&server, "test-app"), &r0).expect("the owner's client can still use it");
+    assert_eq!(signs(&server, ok.access_token().secret()), 200);
+    let unknown = refresh(&client(&server, "test-app"), &RefreshToken::new("nope".into())).unwrap_err();
+    assert_eq!(unknown, BasicErrorResponseType::InvalidGrant);
+}
+
+fn revocation_ends_an_access_token_alone_or_the_whole_grant(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, first) = first_grant(&server, "revoke@example.com");
+    let app = client(&server, "test-app");
+
+    let r = revoke(&server, first.access_token().secret(), "access_token");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        signs(&server, first.access_token().secret()),
+        401,
+        "the revoked access token"
+    );
+    let next = refresh(&app, first.refresh_token().unwrap()).expect("the refresh token survives it");
+    assert_eq!(signs(&server, next.access_token().secret()), 200);
+
+    // Revoking the refresh token signs the app out: the grant and its tokens end.
+    let r = revoke(&server, next.refresh_token().unwrap().secret(), "refresh_token");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(signs(&server, next.access_token().secret()), 401);
+    assert_eq!(
+        refresh(&app, next.refresh_token().unwrap()).unwrap_err(),
+        BasicErrorResponseType::InvalidGrant
+    );
+
+    // RFC 7009 §2.2: an unknown token is not an error; a missing one is.
+    assert_eq!(revoke(&server, "not-a-token", "access_token").status, 200);
+    let missing = post(
+        &server,
+        "/api/oauth/revoke",
+        None,
+        "application/x-www-form-urlencoded",
+        "token_type_hint=access_token",
+        &[],
+    );
+    assert_eq!(
+        (missing.status, missing.json()["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+}
+
+fn metadata_advertises_refresh_and_revocation(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let meta = get(&server, "/.well-known/oauth-authorization-server", None).json();
+    assert_eq!(
+        meta["grant_types_supported"],
+        json!(["authorization_code", "refresh_token"])
+    );
+    assert_eq!(
+        meta["revocation_endpoint"].as_str().unwrap(),
+        format!("{}/api/oauth/revoke", meta["issuer"].as_str().unwrap())
+    );
+    assert_eq!(meta["revocation_endpoint_auth_methods_supported"], json!(["none"]));
+}
+
+fn access_token_lifetime_is_a_setting(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_ACCESS_TOKEN_TTL_SECS", "120")
+        .start();
+    let (_, first) = first_grant(&server, "ttl@example.com");
+    let expires_in = first.expires_in().unwrap().as_secs();
+    assert!((110..=120).contains(&expires_in), "{expires_in}");
+    let next = refresh(&client(&server, "test-app"), first.refresh_token().unwrap()).unwrap();
+    assert!((110..=120).contains(&next.expires_in().unwrap().as_secs()));
+}
+
+on_both_engines!(
+    refresh_rotates_the_pair_and_the_bunker_url_keeps_working,
+    reusing_a_spent_refresh_token_revokes_the_whole_family,
+    a_refresh_token_is_refused_to_another_client_and_not_spent,
+    revocation_ends_an_access_token_alone_or_the_whole_grant,
+    metadata_advertises_refresh_and_revocation,
+    access_token_lifetime_is_a_setting,
+);

@@ -1,0 +1,238 @@
+//! Registered apps against the real binary: `keycast clients add|list|remove` and the
+//! admin API register them; the consent page shows a registered app's name as verified
+//! with its redirect host, an unregistered `client_id` as unverified with its redirect host
+//! prominent; a registered app's redirect URIs match exactly; with open registration off
+//! an unregistered app is refused.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{pkce, register};
+use harness::{keycast_cli, Engine, Keycast, Launch};
+use serde_json::{json, Value};
+
+const ADMIN_TOKEN: &str = "an-operator-token-of-at-least-32-characters";
+const APP_REDIRECT: &str = "http://127.0.0.1:9/registered/callback";
+
+fn start(engine: Engine, env: &[(&str, &str)]) -> (tempfile::TempDir, Keycast) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut launch = Launch::on(engine, &dir.path().join("data"));
+    for (k, v) in env {
+        launch = launch.env(k, v);
+    }
+    (dir, launch.start())
+}
+
+/// `keycast clients …` against the server's own database.
+fn clients_cli(server: &Keycast, args: &[&str]) -> harness::Finished {
+    let data_dir = server.data_dir.to_str().unwrap().to_owned();
+    let mut env = vec![("KEYCAST_DATA_DIR", data_dir.as_str())];
+    let url = server.database.as_ref().map(|db| db.url.clone());
+    if let Some(url) = &url {
+        env.push(("DATABASE_URL", url.as_str()));
+    }
+    let mut full = vec!["clients"];
+    full.extend_from_slice(args);
+    keycast_cli(&full, &env)
+}
+
+fn authorize_path(client_id: &str, redirect: &str) -> String {
+    let (challenge, _) = pkce();
+    let query = form(&[
+        ("response_type", "code"),
+        ("client_id", client_id),
+        ("redirect_uri", redirect),
+        ("scope", "policy:social"),
+        ("state", "s"),
+        ("code_challenge", &challenge),
+        ("code_challenge_method", "S256"),
+    ]);
+    format!("/api/oauth/authorize?{query}")
+}
+
+fn admin(server: &Keycast, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
+    let url = format!("{}{path}", server.base);
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let agent = agent();
+    let result = match (method, body) {
+        ("POST", Some(body)) => {
+            let mut req = agent.post(&url).header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.send(body.to_string())
+        }
+        ("GET", _) => {
+            let mut req = agent.get(&url);
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
+        ("DELETE", _) => {
+            let mut req = agent.delete(&url);
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
+        other => panic!("unsupported {other:?}"),
+    };
+    reply(result)
+}
+
+fn cli_registered_app_is_verified_with_an_exact_redirect_and_others_unverified(engine: Engine) {
+    let (_dir, server) = start(engine, &[]);
+    let added = clients_cli(
+        &server,
+        &[
+            "add",
+            "--name",
+            "Damus <Web>",
+            "--redirect-uri",
+            APP_REDIRECT,
+            "--logo-url",
+            "https://damus.example/logo.png",
+            "--json",
+        ],
+    );
+    assert!(added.status.success(), "clients add: {}", added.stderr);
+    let client: Value = serde_json::from_str(added.stdout.trim()).expect("JSON on stdout");
+    let id = client["client_id"].as_str().unwrap().to_owned();
+    assert_eq!(client["redirect_uris"], json!([APP_REDIRECT]));
+    let listed = clients_cli(&server, &["list", "--json"]);
+    assert!(listed.stdout.contains(&id), "{}", listed.stdout);
+
+    let (cookie, _) = register(&server, "owner@example.com", None);
+    let page = get(&server, &authorize_path(&id, APP_REDIRECT), Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("Allow <strong>Damus &lt;Web&gt;</strong>"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Verified app"), "{}", page.body);
+    assert!(
+        page.body.contains("http://127.0.0.1:9"),
+        "the redirect host is shown: {}",
+        page.body
+    );
+    assert!(!page.body.contains("Unverified"), "{}", page.body);
+
+    // Exact match: a sibling path, an extra query or a prefix is refused, not redirected to.
+    for near in [
+        "http://127.0.0.1:9/registered/callback/x",
+        "http://127.0.0.1:9/registered/callback?x=1",
+        "http://127.0.0.1:9/registered",
+    ] {
+        let refused = get(&server, &authorize_path(&id, near), Some(&cookie));
+        assert_eq!(refused.status, 400, "{near}: {}", refused.body);
+        assert!(refused.body.contains("registered for this app"), "{}", refused.body);
+        assert_eq!(refused.location, None);
+    }
+
+    // An unregistered client_id: unverified, its redirect host in the heading.
+    let page = get(&server, &authorize_path("Damus <Web>", REDIRECT), Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body
+            .contains("Allow <strong class=\"redirect-host\">http://127.0.0.1:9</strong>"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Unverified app"), "{}", page.body);
+    assert!(!page.body.contains("Verified app:"), "{}", page.body);
+
+    let removed = clients_cli(&server, &["remove", &id]);
+    assert!(removed.status.success(), "{}", removed.stderr);
+    let again = clients_cli(&server, &["remove", &id]);
+    assert!(!again.status.success());
+    assert!(again.stderr.contains("no registered app"), "{}", again.stderr);
+    let page = get(&server, &authorize_path(&id, APP_REDIRECT), Some(&cookie));
+    assert!(
+        page.body.contains("Unverified app"),
+        "a removed app is unverified: {}",
+        page.body
+    );
+
+    let bad = clients_cli(
+        &server,
+        &["add", "--name", "X", "--redirect-uri", "http://evil.example/cb"],
+    );
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("redirect URI"), "{}", bad.stderr);
+}
+
+fn admin_api_needs_the_operator_token_and_registers_lists_and_removes(engine: Engine) {
+    let (_dir, off) = start(engine, &[]);
+    let r = admin(&off, "GET", "/api/admin/clients", Some(ADMIN_TOKEN), None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("KEYCAST_ADMIN_TOKEN"), "{}", r.body);
+    drop(off);
+
+    let (_dir, server) = start(engine, &[("KEYCAST_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    for token in [None, Some("wrong"), Some(&ADMIN_TOKEN[1..])] {
+        let r = admin(&server, "GET", "/api/admin/clients", token, None);
+        assert_eq!(r.status, 401, "{token:?}: {}", r.body);
+        assert_eq!(r.json()["error"], "unauthorized");
+    }
+    let body = json!({ "name": "Coracle", "redirect_uris": [APP_REDIRECT] });
+    let created = admin(&server, "POST", "/api/admin/clients", Some(ADMIN_TOKEN), Some(&body));
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.json()["client_id"].as_str().unwrap().to_owned();
+    let unauthorized = admin(&server, "POST", "/api/admin/clients", None, Some(&body));
+    assert_eq!(unauthorized.status, 401);
+
+    let bad = json!({ "name": "", "redirect_uris": [APP_REDIRECT] });
+    let r = admin(&server, "POST", "/api/admin/clients", Some(ADMIN_TOKEN), Some(&bad));
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("bad_request")),
+        "{}",
+        r.body
+    );
+    assert!(r.json()["message"].as_str().unwrap().contains("name"), "{}", r.body);
+
+    let listed = admin(&server, "GET", "/api/admin/clients", Some(ADMIN_TOKEN), None).json();
+    assert_eq!(listed["clients"][0]["client_id"], id.as_str());
+    assert_eq!(listed["clients"][0]["name"], "Coracle");
+    let path = format!("/api/admin/clients/{id}");
+    assert_eq!(admin(&server, "DELETE", &path, None, None).status, 401);
+    assert_eq!(admin(&server, "DELETE", &path, Some(ADMIN_TOKEN), None).status, 204);
+    assert_eq!(admin(&server, "DELETE", &path, Some(ADMIN_TOKEN), None).status, 404);
+}
+
+fn closed_registration_refuses_unregistered_apps_and_serves_registered_ones(engine: Engine) {
+    let (_dir, server) = start(
+        engine,
+        &[
+            ("KEYCAST_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("KEYCAST_OPEN_REGISTRATION", "false"),
+        ],
+    );
+    let (cookie, _) = register(&server, "closed@example.com", None);
+    let refused = get(&server, &authorize_path("test-app", REDIRECT), Some(&cookie));
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.json()["error"], "unauthorized_client", "{}", refused.body);
+    assert!(
+        refused.json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("registered"),
+        "{}",
+        refused.body
+    );
+
+    let body = json!({ "name": "Primal", "redirect_uris": [APP_REDIRECT] });
+    let created = admin(&server, "POST", "/api/admin/clients", Some(ADMIN_TOKEN), Some(&body));
+    let id = created.json()["client_id"].as_str().unwrap().to_owned();
+    let page = get(&server, &authorize_path(&id, APP_REDIRECT), Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("<strong>Primal</strong>") && page.body.contains("Verified app"));
+}
+
+on_both_engines!(
+    cli_registered_app_is_verified_with_an_exact_redirect_and_others_unverified,
+    admin_api_needs_the_operator_token_and_registers_lists_and_removes,
+    closed_registration_refuses_unregistered_apps_and_serves_registered_ones,
+);
