@@ -14,10 +14,13 @@
 //! - `nip46`: the NIP-46 `sign_event` round trip through a relay, next to that relay's own
 //!   echo time (see [`nip46`]; driven by `bench/nip46.sh`).
 //! - `nip46-connect`: the same round trip with rust-nostr's `NostrConnect` client.
+//! - `memory` / `full-image`: peak resident memory of shipping a full image of a large
+//!   database and of restoring it (see [`memory`]).
 
 mod durable;
 mod lag;
 mod litestream;
+mod memory;
 mod nip46;
 mod nip46_connect;
 mod observe;
@@ -54,6 +57,10 @@ enum Command {
     Nip46(nip46::Args),
     /// NIP-46 `sign_event` round trip with rust-nostr's `NostrConnect` client.
     Nip46Connect(nip46_connect::Args),
+    /// Peak resident memory of a full-image upload and of `keycast restore` of a large database.
+    Memory(memory::Args),
+    /// Ships one full image of --db to an empty --replica and reports this process's VmHWM.
+    FullImage(memory::FullImageArgs),
     /// Turns JSON result lines into Markdown tables.
     Report(report::Args),
 }
@@ -78,6 +85,8 @@ fn main() -> anyhow::Result<()> {
             Command::Durable(a) => durable::run(a).await,
             Command::Nip46(a) => nip46::run(a).await,
             Command::Nip46Connect(a) => nip46_connect::run(a).await,
+            Command::Memory(a) => memory::run(a).await,
+            Command::FullImage(a) => memory::full_image(a).await,
             Command::Report(a) => report::run(a),
         }
     })

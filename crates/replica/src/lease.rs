@@ -63,7 +63,7 @@ use bytes::Bytes;
 use object_store::UpdateVersion;
 use serde::{Deserialize, Serialize};
 
-use crate::store::{PutOutcome, Store, StoreError, UpdateOutcome};
+use crate::store::{Store, StoreError, UpdateOutcome};
 
 /// Lease lifetime after each renewal (seconds).
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
@@ -237,10 +237,7 @@ async fn swap(store: &Store, next: &Record, version: &UpdateVersion) -> Result<S
 /// Creates the lease object holding `record`, resolving an unknown outcome by reading it
 /// back. `None` when someone else's lease is there.
 async fn create(store: &Store, record: &Record) -> Result<Option<UpdateVersion>, LeaseError> {
-    let failure = match store.put_object_create(OBJECT, encode(record)).await {
-        Ok(PutOutcome::Created | PutOutcome::AlreadyExists) => None,
-        Err(e) => Some(e),
-    };
+    let failure = store.put_object_create(OBJECT, encode(record)).await.err();
     match store.get_object(OBJECT).await {
         Ok(Some((bytes, version))) if decode(&bytes)? == *record => Ok(Some(version)),
         Ok(_) => match failure {
@@ -959,10 +956,9 @@ mod tests {
     async fn keep_alive_while_renews_through_long_work() {
         let store = Store::in_memory();
         let mut a = Lease::acquire(&store, "a", quick(400, 0)).await.unwrap();
-        let out = keep_alive_while(&mut a, tokio::time::sleep(Duration::from_millis(1200)))
+        keep_alive_while(&mut a, tokio::time::sleep(Duration::from_millis(1200)))
             .await
             .unwrap();
-        let () = out;
         assert!(a.is_valid(), "renewed throughout");
         let err = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap_err();
         assert!(matches!(err, LeaseError::Held { .. }), "nobody could take it: {err}");

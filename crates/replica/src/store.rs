@@ -52,10 +52,13 @@ use object_store::{
 
 use crate::crypt::{CryptError, ObjectCipher};
 use crate::ltx::{file_name, parse_file_name};
+use crate::spill::Body;
 
 mod location;
+mod stream;
 
 use location::{invalid_url, open_azure, open_file, open_gcs, open_s3};
+pub use stream::{LtxReader, PART_BYTES};
 
 /// The snapshot level, and the highest level Litestream reads.
 pub const SNAPSHOT_LEVEL: u8 = 9;
@@ -131,8 +134,8 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
-/// An LTX file ready to upload: addressed and, when configured, encrypted — once, so that
-/// retries send identical bytes (see [`Store::put_prepared`]).
+/// An LTX file ready to upload: addressed and, when the store encrypts, given its nonce —
+/// once, so that retries send identical bytes (see [`Store::put_prepared`]).
 #[derive(Debug, Clone)]
 pub struct PreparedLtx {
     /// Compaction level.
@@ -143,9 +146,23 @@ pub struct PreparedLtx {
     pub max_txid: u64,
     /// Where it goes.
     pub key: Path,
-    /// Exactly what is uploaded (sealed when the store encrypts).
-    pub bytes: Bytes,
+    /// The LTX file. When the store encrypts, what is uploaded is its sealed form under
+    /// `nonce`, computed as it is sent: the same body and nonce always seal to the same bytes.
+    pub body: Body,
+    nonce: Option<[u8; crate::crypt::NONCE_LEN]>,
     created_at: DateTime<Utc>,
+}
+
+impl PreparedLtx {
+    /// How many bytes are uploaded (the sealed form's when encrypted).
+    pub fn len(&self) -> u64 {
+        self.body.len() + self.nonce.map_or(0, |_| crate::crypt::OVERHEAD)
+    }
+
+    /// Whether nothing is uploaded (never, for a valid LTX file).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Why a [`Store`] operation failed. Messages name the URL or key involved,
@@ -239,6 +256,9 @@ struct Inner {
     requests: AtomicU64,
     /// Client-side encryption of LTX objects, when configured.
     cipher: Option<ObjectCipher>,
+    /// Requests go through a fault injector (see [`Store::with_faults`]): the file backend's
+    /// direct file access, which would bypass it, is not used.
+    faulty: bool,
 }
 
 impl fmt::Debug for Store {
@@ -337,6 +357,7 @@ impl Store {
             description,
             requests: AtomicU64::new(0),
             cipher: None,
+            faulty: false,
         };
         Store { inner: Arc::new(inner) }
     }
@@ -481,13 +502,13 @@ impl Store {
         data: Bytes,
         timestamp_ms: i64,
     ) -> Result<PutOutcome, StoreError> {
-        let prepared = self.prepare_ltx(level, min_txid, max_txid, data, timestamp_ms)?;
+        let prepared = self.prepare_ltx(level, min_txid, max_txid, Body::from(data), timestamp_ms)?;
         self.put_prepared(&prepared).await
     }
 
-    /// Encrypts (if configured) and addresses an LTX file once, so that every retry of its
-    /// upload sends exactly the same bytes: a retry can then recognise its own earlier
-    /// upload whose answer was lost (see [`Store::put_prepared`]).
+    /// Addresses an LTX file and (if the store encrypts) picks its nonce once, so that every
+    /// retry of its upload sends exactly the same bytes: a retry can then recognise its own
+    /// earlier upload whose answer was lost (see [`Store::put_prepared`]).
     ///
     /// # Errors
     /// `InvalidLevel`, `InvalidTxidRange` or `InvalidTimestamp` for bad arguments.
@@ -496,7 +517,7 @@ impl Store {
         level: u8,
         min_txid: u64,
         max_txid: u64,
-        data: Bytes,
+        body: Body,
         timestamp_ms: i64,
     ) -> Result<PreparedLtx, StoreError> {
         check_level(level)?;
@@ -505,27 +526,39 @@ impl Store {
         }
         let created_at = datetime_from_ms(timestamp_ms)?;
         let key = self.ltx_key(level, min_txid, max_txid);
-        let bytes = match &self.inner.cipher {
-            Some(cipher) => Bytes::from(cipher.seal(key.as_ref(), &data)),
-            None => data,
-        };
         Ok(PreparedLtx {
             level,
             min_txid,
             max_txid,
             key,
-            bytes,
+            body,
+            nonce: self.inner.cipher.as_ref().map(|_| ObjectCipher::new_nonce()),
             created_at,
         })
     }
 
-    /// Uploads a prepared LTX file create-only.
+    /// The bytes a small prepared upload sends, all at once.
+    fn upload_bytes(&self, prepared: &PreparedLtx) -> Result<Bytes, StoreError> {
+        let mut reader = stream::UploadReader::new(self, prepared);
+        reader
+            .read(prepared.len() as usize)
+            .map_err(|e| self.io_failed(&prepared.key, e))
+    }
+
+    /// The directory of a `file://` replica, when it is read and written directly.
+    fn local_root(&self) -> Option<PathBuf> {
+        self.inner.root.clone().filter(|_| !self.inner.faulty)
+    }
+
+    /// Uploads a prepared LTX file create-only: in one request from memory when it is small,
+    /// in parts through a staging object (or, on the file backend, a staging file) when its
+    /// body was spilled to disk — see [`stream`](self::stream).
     ///
     /// An upload's outcome can be unknown: the store may apply a request whose answer never
     /// arrives, and a retry (object_store's own, or the caller's) then finds the key taken —
     /// by itself. So every collision, and every failed request, is resolved by reading the
-    /// stored object: exactly these bytes means the upload happened (`Created`); other bytes
-    /// mean another writer's object (`AlreadyExists`).
+    /// stored object (piece by piece): exactly these bytes means the upload happened
+    /// (`Created`); other bytes mean another writer's object (`AlreadyExists`).
     ///
     /// # Errors
     /// `Backend` if the upload failed and the object is not there; `Timestamp` if the file
@@ -539,22 +572,29 @@ impl Store {
             None => Attributes::new(),
         };
         let key = &prepared.key;
-        let failure = match self.put_create(key, prepared.bytes.clone(), attributes).await {
+        let put = match prepared.body.in_memory() {
+            Some(_) => {
+                let bytes = self.upload_bytes(prepared)?;
+                self.put_create(key, bytes, attributes).await
+            }
+            None => self.put_streamed(prepared, attributes).await,
+        };
+        let failure = match put {
             Ok(PutOutcome::Created) => None,
             Ok(PutOutcome::AlreadyExists) => Some(None),
             Err(e) => Some(Some(e)),
         };
         if let Some(failure) = failure {
-            let stored = match self.read(key).await {
+            let stored = match self.stored_equals(prepared).await {
                 Ok(stored) => stored,
                 Err(read) => return Err(failure.unwrap_or(read)),
             };
             match (stored, failure) {
-                (Some((bytes, _)), _) if bytes == prepared.bytes => {
+                (Some(true), _) => {
                     metrics::counter!("keycast_replica_lost_answers_total").increment(1);
                     tracing::info!(key = %key, "an upload whose answer was lost had been stored: it counts as done");
                 }
-                (Some(_), None) => return Ok(PutOutcome::AlreadyExists),
+                (Some(false), None) => return Ok(PutOutcome::AlreadyExists),
                 (None, None) => {
                     // A collision with an object that is gone again (deleted between the two
                     // requests): nothing of ours is there; report the failure to retry.
@@ -604,6 +644,7 @@ impl Store {
             description: self.inner.description.clone(),
             requests: AtomicU64::new(0),
             cipher: self.inner.cipher.clone(),
+            faulty: self.inner.faulty,
         };
         Store { inner: Arc::new(inner) }
     }
@@ -616,6 +657,7 @@ impl Store {
     pub fn with_faults(mut self, faults: &crate::faults::Faults) -> Store {
         let inner = Arc::get_mut(&mut self.inner).expect("with_faults is called before the store is shared");
         inner.objects = Arc::new(crate::faults::FaultyStore::new(inner.objects.clone(), faults.clone()));
+        inner.faulty = true;
         self
     }
 

@@ -227,13 +227,15 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
         .await
         .unwrap()
     };
-    compactor::compact_level(&store, 1, u64::MAX).await.unwrap();
+    compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
+        .await
+        .unwrap();
     // The restore plans with the level-1 file; it goes while the restore is about to read it.
     let victim = store.list_level(1).await.unwrap().pop().unwrap();
     let gate = Gate::new();
     faults.add(
         Rule::new(Op::Get, Action::Hold(gate.clone()))
-            .key(&victim.key.to_string())
+            .key(victim.key.as_ref())
             .times(1),
     );
     let verification = tokio::spawn({

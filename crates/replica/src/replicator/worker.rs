@@ -125,6 +125,12 @@ impl Worker {
         })
     }
 
+    /// Where large segments, compactions and verification restores are written while they
+    /// are built: next to the database, on the disk sized for it.
+    pub(super) fn scratch(&self) -> PathBuf {
+        self.db.parent().map(Path::to_owned).unwrap_or_else(std::env::temp_dir)
+    }
+
     /// The last TXID shipped.
     pub(super) fn txid(&self) -> u64 {
         self.cursor.txid
@@ -243,7 +249,8 @@ impl Worker {
             self.unlock().await?;
         }
         let (db, txid, end) = (self.db.clone(), self.cursor.txid + 1, end?);
-        let segment = tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms()))
+        let scratch = self.scratch();
+        let segment = tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms(), &scratch))
             .await
             .map_err(join_error)??;
         tracing::info!(txid, "built a full image of the database");
@@ -278,7 +285,7 @@ impl Worker {
     fn prepare(&self, segment: Segment, mark: u64) -> Result<Upload, ReplicaError> {
         let prepared = self
             .store
-            .prepare_ltx(0, segment.txid, segment.txid, Bytes::from(segment.bytes), now_ms())?;
+            .prepare_ltx(0, segment.txid, segment.txid, segment.body, now_ms())?;
         Ok(Upload {
             txid: segment.txid,
             next: segment.next,
@@ -424,7 +431,7 @@ impl Worker {
         metrics::gauge!("keycast_replica_txid").set(self.cursor.txid as f64);
         tracing::debug!(
             txid = upload.txid,
-            bytes = upload.prepared.bytes.len(),
+            bytes = upload.prepared.len(),
             commits = upload.commits,
             "segment stored"
         );
@@ -528,8 +535,13 @@ impl Worker {
     pub(super) async fn read_next_segment_now(
         &mut self,
     ) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
-        let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
-        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms()))
+        let (db, cursor, max, scratch) = (
+            self.db.clone(),
+            self.cursor,
+            self.options.max_segment_bytes,
+            self.scratch(),
+        );
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
             .await
             .map_err(join_error)
     }
@@ -539,8 +551,13 @@ impl Worker {
         if !self.locked && !self.snapshot.is_held() {
             self.snapshot.refresh().await?;
         }
-        let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
-        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms()))
+        let (db, cursor, max, scratch) = (
+            self.db.clone(),
+            self.cursor,
+            self.options.max_segment_bytes,
+            self.scratch(),
+        );
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
             .await
             .map_err(join_error)
     }
@@ -709,12 +726,14 @@ impl Worker {
     /// business but the next upload's). A failure does not fail the round: the schedule backs
     /// off, and an idle database stops retrying (see [`compactor::Schedule::failed`]).
     async fn compact(&mut self) {
+        let scratch = self.scratch();
         let result = compactor::run_due(
             &self.store,
             &self.options.compaction,
             &mut self.compaction,
             SystemTime::now(),
             self.cursor.txid,
+            &scratch,
         )
         .await;
         match result {
@@ -770,10 +789,7 @@ impl Worker {
         self.last_verify = Instant::now();
         self.shipped_since_verify = false;
         let (store, shared) = (self.store.clone(), self.shared.clone());
-        let (scratch, lineage) = (
-            self.db.parent().map(Path::to_owned).unwrap_or_else(std::env::temp_dir),
-            self.lineage.clone(),
-        );
+        let (scratch, lineage) = (self.scratch(), self.lineage.clone());
         self.verifying = Some(tokio::spawn(async move {
             let result = crate::verify::verify_at(&store, txid, expected, &scratch, &lineage).await;
             shared.record_verification(txid, result.err().map(|e| e.to_string()));
