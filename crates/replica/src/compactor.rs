@@ -382,8 +382,14 @@ pub async fn enforce_retention(
         );
     }
     store.delete(&doomed).await?;
-    Ok(doomed.len())
+    // Uploads in parts that a crash left at their staging key (see `store`): an hour is far
+    // longer than any upload, so whatever is older is nobody's.
+    let staged = store.prune_staging(now - STAGING_MAX_AGE).await?;
+    Ok(doomed.len() + staged)
 }
+
+/// Age past which a staging object is an interrupted upload's.
+const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
 
 #[cfg(test)]
 mod tests {

@@ -184,6 +184,7 @@ every_backend!(
     request_count_counts_operations_and_stays_flat_while_idle,
     large_objects_go_up_create_only_and_read_back_piece_by_piece,
     large_encrypted_objects_seal_and_open_piece_by_piece,
+    staging_left_overs_are_pruned_once_old,
 );
 
 /// The behaviours every backend must share, each taking a fresh, empty store.
@@ -448,6 +449,27 @@ mod cases {
             "the first object stays"
         );
         assert_eq!(staging_objects(store).await, 0, "staging objects are removed");
+    }
+
+    pub async fn staging_left_overs_are_pruned_once_old(store: &Store) {
+        // What a crash between an upload in parts and its copy into place leaves behind.
+        let left = store.prefix().clone().join("keycast").join("staging").join("abc.ltx");
+        store
+            .object_store()
+            .put(&left, PutPayload::from_static(b"half"))
+            .await
+            .unwrap();
+        put(store, 0, 1, 1).await;
+        let now = std::time::SystemTime::now();
+        assert_eq!(
+            store.prune_staging(now - Duration::from_secs(3600)).await.unwrap(),
+            0,
+            "too young"
+        );
+        assert_eq!(staging_objects(store).await, 1);
+        assert_eq!(store.prune_staging(now + Duration::from_secs(5)).await.unwrap(), 1);
+        assert_eq!(staging_objects(store).await, 0);
+        assert_eq!(store.list_level(0).await.unwrap().len(), 1, "LTX files are not touched");
     }
 
     pub async fn large_encrypted_objects_seal_and_open_piece_by_piece(store: &Store) {

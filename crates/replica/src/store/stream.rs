@@ -264,6 +264,31 @@ impl Store {
         self.object_key(&format!("{STAGING_DIR}/{name}.ltx"))
     }
 
+    /// Deletes staging objects last modified before `before`: uploads in parts that a crash
+    /// interrupted between the upload and the copy. Returns how many were deleted.
+    ///
+    /// # Errors
+    /// `Backend` if the listing or a deletion fails.
+    pub async fn prune_staging(&self, before: std::time::SystemTime) -> Result<usize, StoreError> {
+        use futures::TryStreamExt;
+        let dir = self.object_key(&format!("{STAGING_DIR}/x"))?;
+        let dir: Path = dir.parts().take(dir.parts().count() - 1).collect();
+        self.begin(Operation::List);
+        let stale: Vec<Path> = self
+            .inner
+            .objects
+            .list(Some(&dir))
+            .try_filter(|meta| std::future::ready(std::time::SystemTime::from(meta.last_modified) < before))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|source| self.failed(Operation::List, &dir, source))?;
+        for key in &stale {
+            self.delete_key(key).await?;
+        }
+        Ok(stale.len())
+    }
+
     /// Whether the object at `prepared.key` holds exactly the bytes `prepared` uploads, read
     /// piece by piece; `None` if there is no object.
     pub(super) async fn stored_equals(&self, prepared: &PreparedLtx) -> Result<Option<bool>, StoreError> {
