@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # HTTP RPC `sign_event` throughput and latency: a release keycast on loopback, a token from a
 # real OAuth + PKCE flow, and wrk with 50 connections for RPC_SECONDS (default 15).
-#   bench/rpc.sh            # prints one JSON line
+#   bench/rpc.sh            # prints JSON lines: the server's footprint idle, the wrk result,
+#                           # and its footprint after the load (peak RSS included)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/keycast-target}"
@@ -18,6 +19,20 @@ trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -rf "$WOR
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/healthz/ready" >/dev/null && break; sleep 0.1; done
 TOKEN=$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT")
 export TOKEN
+# Resident memory (VmRSS now, VmHWM the peak) and database + WAL bytes of the server.
+footprint() {
+  python3 - "$PID" "$WORK/data/keycast.db" "$1" <<'PY'
+import json, os, sys
+pid, db, phase = sys.argv[1], sys.argv[2], sys.argv[3]
+status = dict(l.split(":", 1) for l in open(f"/proc/{pid}/status"))
+kib = lambda k: int(status[k].split()[0])
+size = lambda p: os.path.getsize(p) if os.path.exists(p) else 0
+print(json.dumps({"bench": "rpc-footprint", "phase": phase, "rss_kib": kib("VmRSS"),
+                  "peak_rss_kib": kib("VmHWM"), "db_bytes": size(db), "wal_bytes": size(db + "-wal")}))
+PY
+}
+footprint idle
 # Warm-up, then the measured run.
 wrk -t2 -c50 -d3s -s bench/rpc/sign.lua "http://127.0.0.1:$PORT/api/nostr" >/dev/null
 wrk -t2 -c50 -d"${RPC_SECONDS:-15}s" --latency -s bench/rpc/sign.lua "http://127.0.0.1:$PORT/api/nostr" | grep '^{'
+footprint after-load

@@ -14,11 +14,15 @@
 //! - `nip46`: the NIP-46 `sign_event` round trip through a relay, next to that relay's own
 //!   echo time (see [`nip46`]; driven by `bench/nip46.sh`).
 //! - `nip46-connect`: the same round trip with rust-nostr's `NostrConnect` client.
+//! - `coldstart`: empty disk → ready after a long history, every store request slowed by a
+//!   cloud store's latency (see [`coldstart`]).
 //! - `memory` / `full-image`: peak resident memory of shipping a full image of a large
 //!   database and of restoring it (see [`memory`]).
 
+mod coldstart;
 mod durable;
 mod lag;
+mod latency_proxy;
 mod litestream;
 mod memory;
 mod nip46;
@@ -61,6 +65,9 @@ enum Command {
     Memory(memory::Args),
     /// Ships one full image of --db to an empty --replica and reports this process's VmHWM.
     FullImage(memory::FullImageArgs),
+    /// Cold start (empty disk → ready) after --seconds of writes, every store request
+    /// slowed by --latency-ms.
+    Coldstart(coldstart::Args),
     /// Turns JSON result lines into Markdown tables.
     Report(report::Args),
 }
@@ -87,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             Command::Nip46Connect(a) => nip46_connect::run(a).await,
             Command::Memory(a) => memory::run(a).await,
             Command::FullImage(a) => memory::full_image(a).await,
+            Command::Coldstart(a) => coldstart::run(a).await,
             Command::Report(a) => report::run(a),
         }
     })

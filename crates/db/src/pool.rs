@@ -10,7 +10,9 @@
 //!   from the local disk but never corrupts the database. keycast's durability boundary is
 //!   the replica, not the local disk (on Cloud Run that disk is memory and is wiped on every
 //!   deploy), so an fsync per commit would cost throughput and buy nothing;
-//! - `busy_timeout` and `foreign_keys=ON`.
+//! - `busy_timeout` and `foreign_keys=ON`. With replication on, the busy timeout is kept by
+//!   keycast's own busy handler (`capture::install_busy_handler`), which retries a locked
+//!   database within a millisecond instead of backing off to 100 ms.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -137,13 +139,19 @@ async fn connect(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout);
     if let Some(signal) = options.commit_signal.clone() {
+        let busy_timeout = options.busy_timeout;
         pool = pool.after_connect(move |conn, _meta| {
             let signal = signal.clone();
             Box::pin(async move {
                 let mut handle = conn.lock_handle().await?;
-                // SAFETY: the handle is a live connection owned by the pool; the hook lives
-                // as long as the connection does.
-                unsafe { keycast_replica::capture::install_wal_hook(handle.as_raw_handle(), &signal) };
+                // SAFETY: the handle is a live connection owned by the pool; the hook and
+                // the busy handler live as long as the connection does.
+                unsafe {
+                    keycast_replica::capture::install_wal_hook(handle.as_raw_handle(), &signal);
+                    // The replicator's checkpoints take the write lock for milliseconds:
+                    // retry promptly instead of SQLite's back-off (same timeout).
+                    keycast_replica::capture::install_busy_handler(handle.as_raw_handle(), busy_timeout);
+                }
                 Ok(())
             })
         });

@@ -2,7 +2,7 @@
 //!
 //! Laid out as Litestream 0.5 does, so its `restore` reads our replicas:
 //! - **Level n (1–8)** merges the level n−1 files newer than level n's newest file into one
-//!   file (newest page wins), every `levels[n-1]` interval — by default L1 every 30 s, L2
+//!   file (newest page wins), every `levels[n-1]` interval — by default L1 every 10 s, L2
 //!   every 5 min, L3 every hour.
 //! - **Level 9** holds snapshots `1-<txid>`: the whole database, every `snapshot_interval`.
 //! - **Retention** deletes snapshots older than `snapshot_retention` (always keeping the
@@ -41,10 +41,12 @@ const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Failed runs in a row after which, until something new is shipped, no retry is scheduled.
 pub const GIVE_UP_AFTER: u32 = 8;
 
-/// When to compact, snapshot and delete. Defaults follow Litestream 0.5.
+/// When to compact, snapshot and delete. Defaults follow Litestream 0.5 but for level 1.
 #[derive(Debug, Clone)]
 pub struct CompactionPolicy {
-    /// Interval of each compaction level, L1 first. Default 30 s, 5 min, 1 h.
+    /// Interval of each compaction level, L1 first. Default 10 s, 5 min, 1 h. (Litestream's
+    /// L1 is 30 s; 10 s keeps the level-0 tail a cold start must fetch file by file to a
+    /// third — under 1000 files at 100 writes/s — for the same total compaction work.)
     pub levels: Vec<Duration>,
     /// How often a full snapshot (level 9) is written. Default 24 h.
     pub snapshot_interval: Duration,
@@ -58,7 +60,7 @@ impl Default for CompactionPolicy {
     fn default() -> Self {
         Self {
             levels: vec![
-                Duration::from_secs(30),
+                Duration::from_secs(10),
                 Duration::from_secs(300),
                 Duration::from_secs(3600),
             ],

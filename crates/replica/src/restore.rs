@@ -199,11 +199,24 @@ pub async fn restore(
     if output.exists() {
         return Err(RestoreError::OutputExists(output.to_owned()));
     }
-    let mut files = store.list_all().await?;
-    if let Target::Time(_) = target {
-        stamp_creation_times(store, &mut files).await?;
-    }
-    let files = plan(&files, target, &store.describe())?;
+    let files = match target {
+        // The tail past the compacted levels, not the whole history (see
+        // `Store::list_recent`); the whole listing if that holds no chain.
+        Target::Latest => match plan(&store.list_recent().await?, target, &store.describe()) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::debug!(error = %e, "no chain in the recent files; listing the whole replica");
+                plan(&store.list_all().await?, target, &store.describe())?
+            }
+        },
+        _ => {
+            let mut files = store.list_all().await?;
+            if let Target::Time(_) = target {
+                stamp_creation_times(store, &mut files).await?;
+            }
+            plan(&files, target, &store.describe())?
+        }
+    };
     let temp = temp_path(output);
     let result = apply_all(store, &files, &temp, progress).await;
     let result = match result {

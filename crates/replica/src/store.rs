@@ -433,6 +433,69 @@ impl Store {
         Ok(objects)
     }
 
+    /// Lists the LTX files at `level` whose min TXID is at least `from`, sorted like
+    /// [`Store::list_level`]. Names sort by min TXID, so the listing starts there (S3's
+    /// `start-after`, GCS's start offset) instead of paging through the level's history.
+    ///
+    /// # Errors
+    /// `Backend` if the listing fails.
+    pub async fn list_level_from(&self, level: u8, from: u64) -> Result<Vec<LtxObject>, StoreError> {
+        if from <= 1 {
+            return self.list_level(level).await;
+        }
+        check_level(level)?;
+        let dir = self.level_dir(level);
+        let offset = self.ltx_key(level, from - 1, u64::MAX);
+        self.begin(Operation::List);
+        let metas: Vec<ObjectMeta> = self
+            .inner
+            .objects
+            .list_with_offset(Some(&dir), &offset)
+            .try_collect()
+            .await
+            .map_err(|source| self.failed(Operation::List, &dir, source))?;
+        let mut objects: Vec<LtxObject> = metas
+            .into_iter()
+            .filter_map(|meta| ltx_object(level, &dir, meta))
+            .filter(|o| o.min_txid >= from)
+            .collect();
+        objects.sort_by_key(|o| (o.min_txid, o.max_txid));
+        Ok(objects)
+    }
+
+    /// The LTX files that matter for the latest state, sorted as [`Store::list_all`]: levels
+    /// 3–9 whole (compaction keeps them short), then levels 2, 1 and 0 each only past what
+    /// the levels above cover. Level 0 alone holds a file per shipped batch — tens of
+    /// thousands after minutes of steady writes, kept for `l0_retention` — and reading all of
+    /// them, a page of 1000 names per round trip, made a cold start's time grow with the
+    /// replica's history. Four round trips instead, whatever the history.
+    ///
+    /// Compaction merges whole files of the level below, newer than its own newest, so the
+    /// files past what the levels above cover start right after it, and the newest TXID in
+    /// this listing is the replica's newest. A caller that finds no chain in it (a layout
+    /// some other tool wrote) falls back to [`Store::list_all`].
+    ///
+    /// # Errors
+    /// `Backend` if a listing fails.
+    pub async fn list_recent(&self) -> Result<Vec<LtxObject>, StoreError> {
+        let upper = futures::future::try_join_all((3..=SNAPSHOT_LEVEL).map(|level| self.list_level(level))).await?;
+        let mut files: Vec<LtxObject> = upper.into_iter().flatten().collect();
+        for level in [2, 1, 0] {
+            let covered = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
+            files.extend(self.list_level_from(level, covered + 1).await?);
+        }
+        files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
+        Ok(files)
+    }
+
+    /// The newest TXID in the replica (0 when empty), from [`Store::list_recent`].
+    ///
+    /// # Errors
+    /// `Backend` if a listing fails.
+    pub async fn max_txid(&self) -> Result<u64, StoreError> {
+        Ok(self.list_recent().await?.iter().map(|f| f.max_txid).max().unwrap_or(0))
+    }
+
     /// Lists the LTX files at every level, sorted by level, then
     /// `(min_txid, max_txid)`. Costs one listing per level, issued
     /// concurrently.

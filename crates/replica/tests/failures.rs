@@ -118,6 +118,43 @@ async fn a_local_wal_that_lost_replicated_frames_is_replaced_by_a_restore() {
     );
 }
 
+/// The local record is written after every segment without waiting for the disk, so a power
+/// loss can leave it empty or torn. It then proves nothing: start-up restores from the replica
+/// (keeping the old file aside) instead of refusing to start.
+#[tokio::test]
+async fn an_unreadable_local_record_is_replaced_by_a_restore() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    for v in ["one", "two"] {
+        insert(&pool, v).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    drop(replicator);
+    let db = common::crash_copy(&db, &dir.path().join("after-power-loss"));
+    pool.close().await;
+    // What a rename that reached the disk before the file's data leaves behind.
+    std::fs::write(keycast_replica::local_state::path_for(&db), b"").unwrap();
+
+    let prepared = bootstrap::prepare(&db, &store, None).await.unwrap();
+    assert!(
+        matches!(
+            &prepared,
+            Bootstrap::Restored {
+                moved_aside: Some(_),
+                ..
+            }
+        ),
+        "restored, the old file kept aside: {prepared:?}"
+    );
+    assert_eq!(
+        common::rows(&db).await.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        ["one", "two"]
+    );
+}
+
 /// A compaction level the store keeps refusing: shipping goes on and stays healthy, and the
 /// failing compaction backs off instead of retrying within seconds while the database idles.
 #[tokio::test]

@@ -173,6 +173,7 @@ macro_rules! every_backend {
 every_backend!(
     empty_store_lists_nothing,
     put_files_are_listed_sorted_with_level_txids_and_size,
+    the_recent_listing_skips_what_the_levels_above_cover,
     get_returns_the_written_bytes,
     second_put_at_same_key_is_already_exists_and_keeps_first_content,
     get_of_missing_file_is_not_found_naming_its_key,
@@ -241,6 +242,37 @@ mod cases {
             assert_eq!(file.key, store.ltx_key(file.level, file.min_txid, file.max_txid));
         }
         assert!(!store.is_empty().await.unwrap());
+    }
+
+    pub async fn the_recent_listing_skips_what_the_levels_above_cover(store: &Store) {
+        // Level 2 covers 1–20 (from level 1's 1–10 and 11–20), level 1 then 21–30; level 0
+        // holds every TXID from 1 to 35 (retention has not pruned it), past 0x10 so that
+        // names with more than one hex digit are compared too.
+        for txid in 1..=35 {
+            put(store, 0, txid, txid).await;
+        }
+        for (level, min, max) in [(1, 1, 10), (1, 11, 20), (1, 21, 30), (2, 1, 20)] {
+            put(store, level, min, max).await;
+        }
+        let recent = store.list_recent().await.unwrap();
+        assert_eq!(
+            txids(&recent),
+            [
+                (0, 31, 31),
+                (0, 32, 32),
+                (0, 33, 33),
+                (0, 34, 34),
+                (0, 35, 35),
+                (1, 21, 30),
+                (2, 1, 20)
+            ]
+        );
+        assert_eq!(store.max_txid().await.unwrap(), 35);
+        assert_eq!(
+            txids(&store.list_level_from(0, 0x20).await.unwrap()),
+            [(0, 32, 32), (0, 33, 33), (0, 34, 34), (0, 35, 35)]
+        );
+        assert!(store.list_level_from(1, 31).await.unwrap().is_empty());
     }
 
     pub async fn get_returns_the_written_bytes(store: &Store) {
