@@ -12,6 +12,7 @@
 #
 # Environment (defaults in brackets): SOAK_SECONDS [3600], SOAK_RATE [100],
 # SOAK_DURABLE_RATE [1], SOAK_SAMPLE_SECS [10], SOAK_REPLICA [s3], SOAK_OUT [none],
+# KEYCAST_BIN [built here: cargo build --release -p keycast],
 # CARGO_TARGET_DIR [/var/tmp/keycast-target], KEYCAST_PEERS_DIR [/var/tmp/keycast-peers].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,12 @@ REPLICA_KIND="${SOAK_REPLICA:-s3}"
 say() { echo "soak.sh: $*" >&2; }
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-cargo build --release -p keycast >&2
-KEYCAST="$CARGO_TARGET_DIR/release/keycast"
+if [ -n "${KEYCAST_BIN:-}" ]; then
+  KEYCAST="$KEYCAST_BIN"
+else
+  cargo build --release -p keycast >&2
+  KEYCAST="$CARGO_TARGET_DIR/release/keycast"
+fi
 WORK=$(mktemp -d /var/tmp/keycast-soak.XXXXXX)
 PIDS=()
 cleanup() {

@@ -492,6 +492,17 @@ mod cases {
             .await
             .unwrap();
         put(store, 0, 1, 1).await;
+        // The file backend writes its staging files next to their target, where listings
+        // never show them.
+        let staging_file = (store.backend() == Backend::File).then(|| {
+            let root = std::path::PathBuf::from(store.describe().strip_prefix("file://").unwrap());
+            let file = root
+                .join("ltx")
+                .join("0")
+                .join("0000000000000007-0000000000000007.ltx#keycast-0a0b0c0d0e0f");
+            std::fs::write(&file, b"half").unwrap();
+            file
+        });
         let now = std::time::SystemTime::now();
         assert_eq!(
             store.prune_staging(now - Duration::from_secs(3600)).await.unwrap(),
@@ -499,8 +510,12 @@ mod cases {
             "too young"
         );
         assert_eq!(staging_objects(store).await, 1);
-        assert_eq!(store.prune_staging(now + Duration::from_secs(5)).await.unwrap(), 1);
+        assert_eq!(
+            store.prune_staging(now + Duration::from_secs(5)).await.unwrap(),
+            1 + usize::from(staging_file.is_some())
+        );
         assert_eq!(staging_objects(store).await, 0);
+        assert!(staging_file.is_none_or(|f| !f.exists()), "the staging file is removed");
         assert_eq!(store.list_level(0).await.unwrap().len(), 1, "LTX files are not touched");
     }
 

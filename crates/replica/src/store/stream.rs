@@ -286,7 +286,24 @@ impl Store {
         for key in &stale {
             self.delete_key(key).await?;
         }
-        Ok(stale.len())
+        let files = match self.inner.root.clone() {
+            Some(root) => {
+                let dirs: Vec<PathBuf> = (0..=crate::store::SNAPSHOT_LEVEL)
+                    .map(|level| {
+                        self.level_dir(level)
+                            .parts()
+                            .fold(root.clone(), |path, part| path.join(part.as_ref()))
+                    })
+                    .collect();
+                tokio::task::spawn_blocking(move || prune_staging_files(&dirs, before))
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r)
+                    .map_err(|e| self.io_failed(&dir, e))?
+            }
+            None => 0,
+        };
+        Ok(stale.len() + files)
     }
 
     /// Whether the object at `prepared.key` holds exactly the bytes `prepared` uploads, read
@@ -380,7 +397,34 @@ impl Store {
 /// Where staging objects live under the prefix (see the module docs).
 pub(super) const STAGING_DIR: &str = "keycast/staging";
 
-/// `<target>#keycast-staging`: object_store's listing skips names with `#`, and the LTX
+/// Deletes the file backend's staging files (`<target>#keycast-<hex>`, see [`staging_path`])
+/// last modified before `before` in `dirs`: what a crash between writing one and linking it
+/// into place leaves behind. object_store's listing never shows them. Returns how many.
+fn prune_staging_files(dirs: &[PathBuf], before: std::time::SystemTime) -> io::Result<usize> {
+    let mut removed = 0;
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let staging = entry.file_name().to_string_lossy().contains("#keycast-");
+            let old = entry.metadata()?.modified()? < before;
+            if staging && old {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// `<target>#keycast-<hex>`: object_store's listing skips names with `#`, and the LTX
 /// listing skips anything that is not an LTX file name.
 fn staging_path(target: &std::path::Path) -> PathBuf {
     let mut id = [0u8; 6];
