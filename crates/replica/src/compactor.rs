@@ -234,8 +234,10 @@ pub async fn compact_level(
         .max()
         .unwrap_or(0);
     let mut inputs: Vec<LtxObject> = Vec::new();
+    // Only what is past `done` is merged: the level below is listed from there, not through
+    // the history retention still keeps.
     for file in store
-        .list_level(level - 1)
+        .list_level_from(level - 1, done + 1)
         .await?
         .into_iter()
         .filter(|f| f.min_txid > done && f.max_txid <= upto)
@@ -347,7 +349,13 @@ pub async fn enforce_retention(
     policy: &CompactionPolicy,
     now: SystemTime,
 ) -> Result<usize, ReplicaError> {
-    let files = store.list_all().await?;
+    // Levels 1–9 whole; level 0, the long one, only as far as its deletable prefix (below).
+    let files: Vec<LtxObject> =
+        futures::future::try_join_all((1..=SNAPSHOT_LEVEL).map(|level| store.list_level(level)))
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
     let by_level = |level: u8| files.iter().filter(move |f| f.level == level);
     let older_than = |f: &LtxObject, age: Duration| now.duration_since(f.created_at).is_ok_and(|a| a > age);
     let mut doomed: Vec<LtxObject> = Vec::new();
@@ -375,13 +383,14 @@ pub async fn enforce_retention(
     doomed.extend(expired.into_iter().cloned());
 
     if let Some(l1_max) = by_level(1).map(|f| f.max_txid).max() {
-        let l0: Vec<&LtxObject> = by_level(0).collect();
-        let keep_last = l0.last().map(|f| f.max_txid);
-        doomed.extend(
-            l0.into_iter()
-                .filter(|f| f.max_txid <= l1_max && older_than(f, policy.l0_retention) && Some(f.max_txid) != keep_last)
-                .cloned(),
-        );
+        // Level 0 in TXID (so time) order, up to the first file L1 does not cover or that
+        // is too young: everything after it is too.
+        let (l0, complete) = store
+            .list_level_while(0, |f| f.max_txid <= l1_max && older_than(f, policy.l0_retention))
+            .await?;
+        // The newest level-0 file stays; it is in `l0` only if the listing reached the end.
+        let keep_last = if complete { l0.last().map(|f| f.max_txid) } else { None };
+        doomed.extend(l0.into_iter().filter(|f| Some(f.max_txid) != keep_last));
     }
     store.delete(&doomed).await?;
     // Uploads in parts that a crash left at their staging key (see `store`): an hour is far

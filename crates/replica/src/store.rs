@@ -488,6 +488,46 @@ impl Store {
         Ok(files)
     }
 
+    /// The LTX files at `level` in TXID order for as long as `wanted` holds, and whether the
+    /// listing reached the end of the level. On stores that list names in order (all but
+    /// the file backend, whose listing is read whole and cheap) the listing stops at the
+    /// first file that fails `wanted`, instead of paging through the rest of the level:
+    /// retention looks for the oldest level-0 files this way, not through all of them.
+    ///
+    /// # Errors
+    /// `Backend` if the listing fails.
+    pub async fn list_level_while(
+        &self,
+        level: u8,
+        wanted: impl Fn(&LtxObject) -> bool,
+    ) -> Result<(Vec<LtxObject>, bool), StoreError> {
+        if self.inner.backend == Backend::File {
+            let all = self.list_level(level).await?;
+            let n = all.iter().take_while(|o| wanted(o)).count();
+            let complete = n == all.len();
+            return Ok((all.into_iter().take(n).collect(), complete));
+        }
+        check_level(level)?;
+        let dir = self.level_dir(level);
+        self.begin(Operation::List);
+        let mut metas = self.inner.objects.list(Some(&dir));
+        let mut objects = Vec::new();
+        while let Some(meta) = metas
+            .try_next()
+            .await
+            .map_err(|source| self.failed(Operation::List, &dir, source))?
+        {
+            let Some(object) = ltx_object(level, &dir, meta) else {
+                continue;
+            };
+            if !wanted(&object) {
+                return Ok((objects, false));
+            }
+            objects.push(object);
+        }
+        Ok((objects, true))
+    }
+
     /// The newest TXID in the replica (0 when empty), from [`Store::list_recent`].
     ///
     /// # Errors

@@ -410,9 +410,10 @@ fn prune_staging_files(dirs: &[PathBuf], before: std::time::SystemTime) -> io::R
         };
         for entry in entries {
             let entry = entry?;
-            let staging = entry.file_name().to_string_lossy().contains("#keycast-");
-            let old = entry.metadata()?.modified()? < before;
-            if staging && old {
+            if !entry.file_name().to_string_lossy().contains("#keycast-") {
+                continue;
+            }
+            if entry.metadata()?.modified()? < before {
                 match std::fs::remove_file(entry.path()) {
                     Ok(()) => removed += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
