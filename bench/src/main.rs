@@ -14,10 +14,17 @@
 //! - `nip46`: the NIP-46 `sign_event` round trip through a relay, next to that relay's own
 //!   echo time (see [`nip46`]; driven by `bench/nip46.sh`).
 //! - `nip46-connect`: the same round trip with rust-nostr's `NostrConnect` client.
+//! - `coldstart`: empty disk → ready after a long history, every store request slowed by a
+//!   cloud store's latency (see [`coldstart`]).
+//! - `memory` / `full-image`: peak resident memory of shipping a full image of a large
+//!   database and of restoring it (see [`memory`]).
 
+mod coldstart;
 mod durable;
 mod lag;
+mod latency_proxy;
 mod litestream;
+mod memory;
 mod nip46;
 mod nip46_connect;
 mod observe;
@@ -54,6 +61,13 @@ enum Command {
     Nip46(nip46::Args),
     /// NIP-46 `sign_event` round trip with rust-nostr's `NostrConnect` client.
     Nip46Connect(nip46_connect::Args),
+    /// Peak resident memory of a full-image upload and of `keycast restore` of a large database.
+    Memory(memory::Args),
+    /// Ships one full image of --db to an empty --replica and reports this process's VmHWM.
+    FullImage(memory::FullImageArgs),
+    /// Cold start (empty disk → ready) after --seconds of writes, every store request
+    /// slowed by --latency-ms.
+    Coldstart(coldstart::Args),
     /// Turns JSON result lines into Markdown tables.
     Report(report::Args),
 }
@@ -78,6 +92,9 @@ fn main() -> anyhow::Result<()> {
             Command::Durable(a) => durable::run(a).await,
             Command::Nip46(a) => nip46::run(a).await,
             Command::Nip46Connect(a) => nip46_connect::run(a).await,
+            Command::Memory(a) => memory::run(a).await,
+            Command::FullImage(a) => memory::full_image(a).await,
+            Command::Coldstart(a) => coldstart::run(a).await,
             Command::Report(a) => report::run(a),
         }
     })

@@ -12,8 +12,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 /// The pool keycast runs with replication on, as `keycast_db::pool` opens it: WAL,
-/// `synchronous=NORMAL`, no autocheckpoint (only the replicator checkpoints), and the commit
-/// hook reporting to `signal`.
+/// `synchronous=NORMAL`, no autocheckpoint (only the replicator checkpoints), the commit
+/// hook reporting to `signal`, and keycast's busy handler.
 pub async fn keycast_pool(path: &Path, signal: &Arc<CommitSignal>) -> anyhow::Result<SqlitePool> {
     let signal = signal.clone();
     SqlitePoolOptions::new()
@@ -23,8 +23,12 @@ pub async fn keycast_pool(path: &Path, signal: &Arc<CommitSignal>) -> anyhow::Re
             let signal = signal.clone();
             Box::pin(async move {
                 let mut handle = conn.lock_handle().await?;
-                // SAFETY: a live connection owned by the pool; the hook lives as long as it.
-                unsafe { capture::install_wal_hook(handle.as_raw_handle(), &signal) };
+                // SAFETY: a live connection owned by the pool; the hook and the busy handler
+                // live as long as it.
+                unsafe {
+                    capture::install_wal_hook(handle.as_raw_handle(), &signal);
+                    capture::install_busy_handler(handle.as_raw_handle(), BUSY_TIMEOUT);
+                }
                 Ok(())
             })
         })
@@ -50,9 +54,11 @@ fn base_options(path: &Path) -> SqliteConnectOptions {
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(5))
+        .busy_timeout(BUSY_TIMEOUT)
         .foreign_keys(true)
 }
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The benchmark table.
 pub async fn create_table(pool: &SqlitePool) -> anyhow::Result<()> {

@@ -35,9 +35,16 @@ pub struct Args {
     /// Skip the Litestream variant.
     #[arg(long)]
     no_litestream: bool,
+    /// Run only this variant (keycast, pool, plain, litestream); repeatable. For profiling:
+    /// the ratios need `pool` and `plain`.
+    #[arg(long = "only")]
+    only: Vec<String>,
     /// Directory for the runs' temporary files (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// The keycast replicator's checkpoint threshold in WAL pages (default: keycast's).
+    #[arg(long)]
+    checkpoint_pages: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +73,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_litestream {
         variants.push(Variant::Litestream);
     }
+    if !args.only.is_empty() {
+        variants.retain(|v| args.only.iter().any(|o| o == v.name()));
+    }
     let mut results: Vec<(Variant, f64)> = Vec::new();
     for round in 0..args.rounds {
         // Rotate the order so no variant always runs first (or right after another).
@@ -77,7 +87,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         for v in order {
             let dir = tempfile::Builder::new().prefix("throughput-").tempdir_in(&base)?;
             note!("throughput: round {} {}", round + 1, v.name());
-            let r = one_run(v, dir.path(), args.seconds).await?;
+            let r = one_run(v, dir.path(), &args).await?;
             let rate = r["commits_per_s"].as_f64().unwrap_or(0.0);
             results.push((v, rate));
             let mut line = r;
@@ -102,15 +112,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .map(|(_, r)| r.round())
             .collect()
     };
-    let pool = med(Variant::Pool).context("no pool runs")?;
-    let plain = med(Variant::Plain).context("no plain runs")?;
-    let keycast = med(Variant::Keycast).context("no keycast runs")?;
+    let (Some(pool), Some(plain), Some(keycast)) = (med(Variant::Pool), med(Variant::Plain), med(Variant::Keycast))
+    else {
+        return Ok(()); // not every variant ran (--only): the runs are the result
+    };
     let ls = med(Variant::Litestream);
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     emit(&json!({
         "bench": "throughput",
         "seconds": args.seconds,
         "rounds": args.rounds,
+        "checkpoint_pages": args.checkpoint_pages.unwrap_or(keycast_replica::replicator::DEFAULT_CHECKPOINT_PAGES),
         "median": {
             "keycast": keycast.round(),
             "pool": pool.round(),
@@ -131,7 +143,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn one_run(v: Variant, dir: &std::path::Path, seconds: f64) -> anyhow::Result<serde_json::Value> {
+async fn one_run(v: Variant, dir: &std::path::Path, args: &Args) -> anyhow::Result<serde_json::Value> {
+    let seconds = args.seconds;
     let db = dir.join("app.db");
     let replica = dir.join("replica");
     match v {
@@ -139,26 +152,29 @@ async fn one_run(v: Variant, dir: &std::path::Path, seconds: f64) -> anyhow::Res
             let signal = CommitSignal::new();
             let pool = pools::keycast_pool(&db, &signal).await?;
             pools::create_table(&pool).await?;
-            let (n, secs, wal) = hammer(&pool, seconds, &db).await?;
+            let h = hammer(&pool, seconds, &db).await?;
             pool.close().await;
-            Ok(json!({ "variant": v.name(), "commits": n,
-                "wal_bytes": wal, "commits_per_s": n as f64 / secs }))
+            Ok(h.json(v))
         }
         Variant::Plain => {
             let pool = pools::plain_pool(&db).await?;
             pools::create_table(&pool).await?;
-            let (n, secs, wal) = hammer(&pool, seconds, &db).await?;
+            let h = hammer(&pool, seconds, &db).await?;
             pool.close().await;
-            Ok(json!({ "variant": v.name(), "commits": n,
-                "wal_bytes": wal, "commits_per_s": n as f64 / secs }))
+            Ok(h.json(v))
         }
         Variant::Keycast => {
             let signal = CommitSignal::new();
             let pool = pools::keycast_pool(&db, &signal).await?;
             pools::create_table(&pool).await?;
             let store = Store::from_url(&format!("file://{}", replica.display()), &|_| None)?.context("store")?;
-            let replicator = Replicator::start(&db, store, signal, "keycast-bench", ReplicaOptions::default()).await?;
-            let (n, secs, wal) = hammer(&pool, seconds, &db).await?;
+            let mut options = ReplicaOptions::default();
+            if let Some(pages) = args.checkpoint_pages {
+                options.checkpoint_pages = pages;
+            }
+            let replicator = Replicator::start(&db, store, signal, "keycast-bench", options).await?;
+            let h = hammer(&pool, seconds, &db).await?;
+            let n = h.commits;
             // How far behind the replicator was when the writer stopped.
             let t = Instant::now();
             replicator.wait_durable(Duration::from_secs(60)).await?;
@@ -166,17 +182,20 @@ async fn one_run(v: Variant, dir: &std::path::Path, seconds: f64) -> anyhow::Res
             let status = replicator.status();
             pool.close().await;
             replicator.shutdown(Instant::now() + Duration::from_secs(20)).await?;
-            Ok(json!({
-                "variant": v.name(),
-                "commits": n,
-                "wal_bytes": wal,
-                "commits_per_s": n as f64 / secs,
+            let mut line = h.json(v);
+            line.as_object_mut().expect("an object").extend(
+                json!({
                 "catch_up_ms": (catch_up_ms * 10.0).round() / 10.0,
                 "segments": status.segments,
                 "checkpoints": status.checkpoints,
                 "commits_per_segment": (n as f64 / status.segments.max(1) as f64 * 10.0).round() / 10.0,
                 "last_error": status.last_error,
-            }))
+                })
+                .as_object()
+                .expect("an object")
+                .clone(),
+            );
+            Ok(line)
         }
         Variant::Litestream => {
             let pool = pools::plain_pool(&db).await?;
@@ -192,36 +211,87 @@ async fn one_run(v: Variant, dir: &std::path::Path, seconds: f64) -> anyhow::Res
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let (n, secs, wal) = hammer(&pool, seconds, &db).await?;
+            let h = hammer(&pool, seconds, &db).await?;
             pool.close().await;
             process.check_running()?;
             let clean = process.stop()?;
-            Ok(json!({
-                "variant": v.name(),
-                "commits": n,
-                "wal_bytes": wal,
-                "commits_per_s": n as f64 / secs,
-                "clean_stop": clean,
-            }))
+            let mut line = h.json(v);
+            line["clean_stop"] = json!(clean);
+            Ok(line)
         }
     }
 }
 
-/// Commits small transactions back to back for `seconds`; returns (commits, elapsed s, size
-/// of the WAL file at the end — SQLite never shrinks it, so this is the largest it grew).
-async fn hammer(pool: &SqlitePool, seconds: f64, db: &std::path::Path) -> anyhow::Result<(u64, f64, u64)> {
+/// Commits small transactions back to back for `seconds`. The WAL's size is sampled every
+/// 2 ms by a thread, and at the end, since a WAL can be truncated after it restarts.
+async fn hammer(pool: &SqlitePool, seconds: f64, db: &std::path::Path) -> anyhow::Result<Hammered> {
     // A short warm-up so every variant starts with an open connection and a hot cache.
     for _ in 0..200 {
         sqlx::query(pools::INSERT_SMALL).execute(pool).await?;
     }
+    let wal_path = db.with_file_name("app.db-wal");
+    let size = move || std::fs::metadata(&wal_path).map_or(0, |m| m.len());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, size) = (stop.clone(), size.clone());
+        std::thread::spawn(move || {
+            let mut largest = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                largest = largest.max(size());
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            largest
+        })
+    };
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
-    let mut n = 0u64;
+    let (mut n, mut stalls, mut stalled) = (0u64, 0u64, Duration::ZERO);
     while Instant::now() < end {
+        let t = Instant::now();
         sqlx::query(pools::INSERT_SMALL).execute(pool).await?;
+        let took = t.elapsed();
+        if took >= STALL {
+            stalls += 1;
+            stalled += took;
+        }
         n += 1;
     }
     let secs = start.elapsed().as_secs_f64();
-    let wal = std::fs::metadata(db.with_file_name("app.db-wal")).map_or(0, |m| m.len());
-    Ok((n, secs, wal))
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let wal = sampler.join().unwrap_or(0).max(size());
+    Ok(Hammered {
+        commits: n,
+        secs,
+        wal,
+        stalls,
+        stalled_ms: (stalled.as_secs_f64() * 10_000.0).round() / 10.0,
+    })
+}
+
+impl Hammered {
+    fn json(&self, v: Variant) -> serde_json::Value {
+        json!({
+            "variant": v.name(),
+            "commits": self.commits,
+            "wal_bytes": self.wal,
+            "commits_per_s": self.commits as f64 / self.secs,
+            "stalls": self.stalls,
+            "stalled_ms": self.stalled_ms,
+        })
+    }
+}
+
+/// A commit that took at least this long counts as a stall (waiting for a lock or a
+/// checkpoint rather than committing).
+const STALL: Duration = Duration::from_millis(2);
+
+/// What [`hammer`] measured.
+struct Hammered {
+    commits: u64,
+    secs: f64,
+    /// The largest size of the WAL file seen.
+    wal: u64,
+    /// Commits that took at least [`STALL`], and the time spent in them.
+    stalls: u64,
+    stalled_ms: f64,
 }

@@ -144,13 +144,13 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "replica_checkpoint_pages",
         env: "KEYCAST_REPLICA_CHECKPOINT_PAGES",
-        default: "1000",
+        default: "4000",
         help: "checkpoint once the WAL holds this many pages (after shipping them)",
     },
     Setting {
         key: "replica_compaction_levels",
         env: "KEYCAST_REPLICA_COMPACTION_LEVELS",
-        default: "30,300,3600",
+        default: "10,300,3600",
         help: "seconds between compactions of level 1, 2, 3… (comma-separated)",
     },
     Setting {

@@ -93,7 +93,7 @@ pub enum BootstrapError {
 /// # Errors
 /// See [`BootstrapError`].
 pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<Bootstrap, BootstrapError> {
-    let remote = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
+    let remote = store.max_txid().await?;
     if let Some(recorded) = recorded.filter(|r| *r > remote) {
         return Err(BootstrapError::ReplicaTruncated {
             replica: store.describe(),
@@ -112,7 +112,18 @@ pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<
 }
 
 async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, BootstrapError> {
-    let Some(record) = local_state::load(db)? else {
+    let record = match local_state::load(db) {
+        Ok(record) => record,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            // Written without waiting for the disk after each segment: a power loss can leave
+            // it unreadable. It then proves nothing, and the replica holds everything shipped.
+            let aside = move_aside(db)?;
+            tracing::warn!(error = %e, moved_to = %aside.display(), "the local replication record is unreadable (a power loss?); restoring from the replica, the old file is kept");
+            return restore_into(db, store, Some(aside)).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(record) = record else {
         return Err(BootstrapError::UnknownLocal {
             db: db.to_owned(),
             replica: store.describe(),

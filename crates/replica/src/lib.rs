@@ -9,10 +9,12 @@
 //! - [`replicator`]: the background loop that ships segments and owns checkpoints.
 //! - [`segment`]: builds LTX segments from WAL frames or the whole database.
 //! - [`snapshot`]: the read snapshot that keeps foreign checkpoints from losing frames.
+//! - [`spill`]: bodies kept in memory while small and in a temporary file beyond that.
 //! - [`store`]: one replica location (file, S3, GCS, Azure) in Litestream's layout.
 //! - [`crypt`]: optional client-side AES-256-GCM of replica objects.
 //! - [`faults`]: a fault-injecting store wrapper (lost answers, delays, pauses) for tests.
 //! - [`restore`]: restore planning and verified restore into a new file.
+//! - [`apply`]: fetching LTX files ahead and applying them in order to a page file.
 //! - [`verify`]: proving the replica restores to exactly the live database.
 //! - [`compactor`]: compaction levels, snapshots, retention.
 //! - [`lease`]: the single-writer lease (compare-and-swap on a small object) and hand-over.
@@ -20,6 +22,7 @@
 //! - [`local_state`]: the local record of what was shipped.
 //! - [`ltx`], [`wal`], [`checksum`]: the file formats.
 
+pub mod apply;
 pub mod bootstrap;
 pub mod capture;
 pub mod checksum;
@@ -34,6 +37,7 @@ pub mod replicator;
 pub mod restore;
 pub mod segment;
 pub mod snapshot;
+pub mod spill;
 pub mod store;
 pub mod verify;
 pub mod wal;
@@ -47,4 +51,4 @@ pub use ltx::{Decoded, Encoder, Header, LtxError};
 pub use replicator::{ReplicaError, ReplicaOptions, Replicator, Status};
 pub use restore::{restore, RestoreError, Restored, Target};
 pub use store::Store;
-pub use wal::{Committed, Frame, WalError, WalHeader, WalPosition};
+pub use wal::{Committed, CommittedIndex, Frame, FrameRef, WalError, WalHeader, WalPosition};

@@ -3,8 +3,10 @@
 //! This module owns the on-storage format of one LTX file: the 100-byte
 //! header, LZ4-compressed page frames, the end marker, the page index, the
 //! trailer and the CRC-64 file checksum, plus the `<min>-<max>.ltx` naming
-//! rule. It works on in-memory byte buffers only; where files live (levels,
-//! object keys), how they chain and how they are restored belong elsewhere.
+//! rule. Files are written to any `Write` and read piece by piece
+//! ([`StreamDecoder`]), so none has to fit in memory; where files live
+//! (levels, object keys), how they chain and how they are restored belong
+//! elsewhere.
 //!
 //! Layout (all integers big-endian):
 //!
@@ -26,7 +28,7 @@ mod legacy;
 #[cfg(test)]
 mod fixtures;
 
-pub use decode::{decode, decode_header, Decoded};
+pub use decode::{decode, decode_header, Decoded, Event, StreamDecoder, Trailer};
 pub use encode::Encoder;
 pub use header::Header;
 
@@ -114,6 +116,9 @@ pub enum LtxError {
     /// The trailer's file checksum does not match the content.
     #[error("file checksum mismatch: trailer has {expected:#018x}, content gives {actual:#018x}")]
     ChecksumMismatch { expected: u64, actual: u64 },
+    /// The writer an [`Encoder`] writes to failed.
+    #[error("cannot write the ltx file: {0}")]
+    Write(String),
 }
 
 /// Returns the object name of a file covering `min..=max`:

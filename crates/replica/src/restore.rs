@@ -12,19 +12,17 @@
 //! output, which is renamed into place only at the end. A failure names the object at fault
 //! and leaves no output behind.
 
-use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use futures::{StreamExt, TryStreamExt};
 
-use crate::ltx::{self, LtxError};
+use crate::ltx::LtxError;
 use crate::store::{LtxObject, Store, StoreError};
 
 /// How many objects are fetched ahead of the one being applied.
-pub const DEFAULT_FETCH_CONCURRENCY: usize = 8;
+pub const DEFAULT_FETCH_CONCURRENCY: usize = crate::apply::FETCH_CONCURRENCY;
 
 /// Which state to restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,11 +199,24 @@ pub async fn restore(
     if output.exists() {
         return Err(RestoreError::OutputExists(output.to_owned()));
     }
-    let mut files = store.list_all().await?;
-    if let Target::Time(_) = target {
-        stamp_creation_times(store, &mut files).await?;
-    }
-    let files = plan(&files, target, &store.describe())?;
+    let files = match target {
+        // The tail past the compacted levels, not the whole history (see
+        // `Store::list_recent`); the whole listing if that holds no chain.
+        Target::Latest => match plan(&store.list_recent().await?, target, &store.describe()) {
+            Ok(files) => files,
+            Err(e) => {
+                tracing::debug!(error = %e, "no chain in the recent files; listing the whole replica");
+                plan(&store.list_all().await?, target, &store.describe())?
+            }
+        },
+        _ => {
+            let mut files = store.list_all().await?;
+            if let Target::Time(_) = target {
+                stamp_creation_times(store, &mut files).await?;
+            }
+            plan(&files, target, &store.describe())?
+        }
+    };
     let temp = temp_path(output);
     let result = apply_all(store, &files, &temp, progress).await;
     let result = match result {
@@ -254,7 +265,8 @@ fn temp_path(output: &Path) -> PathBuf {
     output.with_file_name(name)
 }
 
-/// Fetches files (several ahead, in parallel) and applies them in plan order.
+/// Fetches files (several ahead, in parallel) and applies them in plan order into `temp`,
+/// then trims it to the final size and checks every page is there.
 async fn apply_all(
     store: &Store,
     files: &[LtxObject],
@@ -270,123 +282,37 @@ async fn apply_all(
         .create_new(true)
         .open(temp)
         .map_err(io_err)?;
-    let mut state = ApplyState::default();
-    // Owned futures (a cloned store and object each): borrowing ones trip a rustc limitation
-    // (higher-ranked lifetimes) when a restore runs inside a spawned task.
-    let fetches = files.iter().cloned().map(|f| {
-        let store = store.clone();
-        async move { store.get(&f).await.map(|b| (f, b)) }
-    });
-    let mut fetched = futures::stream::iter(fetches)
-        .buffered(DEFAULT_FETCH_CONCURRENCY)
-        .map_err(RestoreError::from);
-    let mut done = 0;
-    while let Some((object, bytes)) = fetched.try_next().await? {
-        state.bytes += bytes.len() as u64;
-        let decoded = ltx::decode(&bytes).map_err(|source| RestoreError::Corrupt {
-            key: object.key.to_string(),
-            source,
-        })?;
-        state
-            .apply(&file, &object, decoded)
-            .map_err(|e| e.into_restore_error(temp))?;
-        done += 1;
-        if let Some(report) = progress {
-            report(done, files.len(), state.bytes);
-        }
-    }
-    state.finish(&file).map_err(|e| e.into_restore_error(temp))?;
-    file.sync_all().map_err(io_err)?;
+    let (applied, file) = crate::apply::apply_files(store, files, file, temp, 0, progress).await?;
+    let (commit, page_size) = (applied.commit, applied.page_size);
+    let finished = tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+        file.set_len(u64::from(commit) * u64::from(page_size))
+            .and_then(|()| file.sync_all())
+            .map_err(|source| RestoreError::Io {
+                path: PathBuf::new(),
+                source,
+            })?;
+        missing_page(&applied.written, commit, page_size)
+            .map_or(Ok(()), |pgno| Err(RestoreError::MissingPage { pgno, pages: commit }))
+    })
+    .await
+    .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
+    finished.map_err(|e| match e {
+        RestoreError::Io { source, .. } => io_err(source),
+        e => e,
+    })?;
     Ok(Restored {
-        txid: state.txid,
-        pages: state.commit,
-        page_size: state.page_size,
+        txid: applied.txid,
+        pages: commit,
+        page_size,
         files: files.len(),
-        bytes: state.bytes,
+        bytes: applied.bytes,
     })
 }
 
-/// Running state while files are applied in order.
-#[derive(Default)]
-struct ApplyState {
-    txid: u64,
-    commit: u32,
-    page_size: u32,
-    written: BTreeSet<u32>,
-    bytes: u64,
-}
-
-enum ApplyError {
-    Restore(RestoreError),
-    Io(std::io::Error),
-}
-
-impl ApplyError {
-    fn into_restore_error(self, temp: &Path) -> RestoreError {
-        match self {
-            ApplyError::Restore(e) => e,
-            ApplyError::Io(source) => RestoreError::Io {
-                path: temp.to_owned(),
-                source,
-            },
-        }
-    }
-}
-
-impl From<std::io::Error> for ApplyError {
-    fn from(e: std::io::Error) -> Self {
-        ApplyError::Io(e)
-    }
-}
-
-impl ApplyState {
-    fn apply(&mut self, file: &File, object: &LtxObject, decoded: ltx::Decoded) -> Result<(), ApplyError> {
-        let h = decoded.header;
-        let mismatch = |reason: String| {
-            ApplyError::Restore(RestoreError::Mismatch {
-                key: object.key.to_string(),
-                reason,
-            })
-        };
-        if (h.min_txid, h.max_txid) != (object.min_txid, object.max_txid) {
-            return Err(mismatch(format!("header says TXIDs {}-{}", h.min_txid, h.max_txid)));
-        }
-        if h.min_txid > self.txid + 1 || h.max_txid <= self.txid {
-            return Err(mismatch(format!(
-                "TXIDs {}-{} do not follow TXID {}",
-                h.min_txid, h.max_txid, self.txid
-            )));
-        }
-        if self.page_size != 0 && h.page_size != self.page_size {
-            return Err(mismatch(format!(
-                "page size {} differs from {}",
-                h.page_size, self.page_size
-            )));
-        }
-        self.page_size = h.page_size;
-        for (pgno, page) in &decoded.pages {
-            file.write_at(page, u64::from(pgno - 1) * u64::from(h.page_size))?;
-            self.written.insert(*pgno);
-        }
-        self.commit = h.commit;
-        self.txid = h.max_txid;
-        Ok(())
-    }
-
-    /// Trims to the final size (dropping pages past it) and checks every page is present.
-    fn finish(&mut self, file: &File) -> Result<(), ApplyError> {
-        file.set_len(u64::from(self.commit) * u64::from(self.page_size))?;
-        let lock = crate::checksum::lock_page(self.page_size);
-        for pgno in 1..=self.commit {
-            if pgno != lock && !self.written.contains(&pgno) {
-                return Err(ApplyError::Restore(RestoreError::MissingPage {
-                    pgno,
-                    pages: self.commit,
-                }));
-            }
-        }
-        Ok(())
-    }
+/// The first page in 1..=commit (the lock page aside) that no file wrote.
+pub(crate) fn missing_page(written: &crate::apply::PageSet, commit: u32, page_size: u32) -> Option<u32> {
+    let lock = crate::checksum::lock_page(page_size);
+    (1..=commit).find(|pgno| *pgno != lock && !written.contains(*pgno))
 }
 
 /// Where keycast recorded the live database's checksum for the restored TXID (its background
@@ -453,6 +379,7 @@ fn sync_dir(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ltx;
     use std::time::{Duration, UNIX_EPOCH};
 
     fn obj(level: u8, min: u64, max: u64, secs: u64) -> LtxObject {

@@ -1,6 +1,10 @@
 //! Building LTX segments from the local database: the next batch of committed WAL frames,
 //! or a full image of the database. Blocking file I/O; callers run it off the async loop.
 //!
+//! Pages are read from the WAL or the database file as they are encoded, and the encoded
+//! file goes into a [`SpillWriter`]: memory stays bounded by a few bytes per page whatever
+//! the size of the database or of one transaction.
+//!
 //! The reads here are safe against concurrent writers because of two facts kept elsewhere:
 //! only the replicator checkpoints (so the database file changes only when it chooses), and
 //! WAL frames past the last commit frame are never returned (so half-written transactions
@@ -15,7 +19,8 @@ use std::path::{Path, PathBuf};
 use crate::checksum::{lock_page, DbChecksum};
 use crate::local_state::WalCursor;
 use crate::ltx::{Encoder, Header, LtxError, FLAG_NO_CHECKSUM};
-use crate::wal::{self, WalError, WalHeader, WalPosition};
+use crate::spill::{Body, SpillWriter, DEFAULT_SPILL_LIMIT};
+use crate::wal::{self, FrameRef, WalError, WalHeader, WalPosition};
 
 /// Why a segment could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +67,8 @@ pub struct Cursor {
 #[derive(Debug)]
 pub struct Segment {
     pub txid: u64,
-    pub bytes: Vec<u8>,
+    /// The encoded LTX file (in a temporary file under the scratch directory when large).
+    pub body: Body,
     pub next: Cursor,
     /// SQLite commits folded into this segment (0 for full images).
     pub commits: usize,
@@ -101,6 +107,7 @@ pub fn page_size_of(db: &Path) -> Result<u32, SegmentError> {
 
 /// The next segment of committed WAL frames after `cursor`, or `None` if nothing new is
 /// committed. At most about `max_bytes` of WAL go into one segment (it ends on a commit).
+/// A large segment is written into a temporary file in `scratch`.
 ///
 /// # Errors
 /// [`SegmentError::ContinuityLost`] when the WAL generation changed unexpectedly.
@@ -109,6 +116,7 @@ pub fn next_wal_segment(
     cursor: &Cursor,
     max_bytes: u64,
     now_ms: i64,
+    scratch: &Path,
 ) -> Result<Option<Segment>, SegmentError> {
     let wal_path = wal_path(db);
     let Some((mut wal, header)) = open_wal(&wal_path)? else {
@@ -129,7 +137,7 @@ pub fn next_wal_segment(
         None => WalPosition::start(&header),
     };
     let committed =
-        wal::read_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| SegmentError::Wal {
+        wal::index_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| SegmentError::Wal {
             path: wal_path.clone(),
             source,
         })?;
@@ -139,12 +147,18 @@ pub fn next_wal_segment(
     if header.page_size != cursor.page_size {
         return Err(SegmentError::ContinuityLost);
     }
-    let mut pages: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    // Each page's newest frame; pages the database grew by without a frame come from the file.
+    let mut pages: BTreeMap<u32, Option<FrameRef>> = BTreeMap::new();
     for frame in committed.frames {
-        pages.insert(frame.pgno, frame.data);
+        pages.insert(frame.pgno, Some(frame));
     }
     pages.retain(|pgno, _| *pgno <= commit);
-    fill_growth(db, &mut pages, cursor.commit, commit, cursor.page_size)?;
+    let lock = lock_page(cursor.page_size);
+    for pgno in cursor.commit + 1..=commit {
+        if pgno != lock {
+            pages.entry(pgno).or_insert(None);
+        }
+    }
     let txid = cursor.txid + 1;
     let (salt1, salt2) = header.salts();
     let ltx_header = Header {
@@ -160,9 +174,12 @@ pub fn next_wal_segment(
         wal_salt2: salt2,
         ..Header::default()
     };
-    let mut encoder = Encoder::new(ltx_header)?;
-    for (pgno, page) in &pages {
-        encoder.encode_page(*pgno, page)?;
+    let mut encoder = Encoder::with_writer(ltx_header, SpillWriter::new(scratch, DEFAULT_SPILL_LIMIT))?;
+    let pages_source = PageSource::open(db, Some((wal, header)))?;
+    let mut page = vec![0u8; cursor.page_size as usize];
+    for (pgno, frame) in &pages {
+        pages_source.read(*pgno, frame.as_ref(), &mut page)?;
+        encoder.encode_page(*pgno, &page)?;
     }
     let next = Cursor {
         txid,
@@ -173,20 +190,69 @@ pub fn next_wal_segment(
     };
     Ok(Some(Segment {
         txid,
-        bytes: encoder.finish(0)?,
+        body: finish_body(encoder)?,
         next,
         commits: committed.commits,
         reached_end: committed.end.offset - start.offset < max_bytes,
     }))
 }
 
+/// Finishes an LTX file written into a [`SpillWriter`].
+fn finish_body(encoder: Encoder<SpillWriter>) -> Result<Body, SegmentError> {
+    encoder
+        .finish(0)?
+        .finish()
+        .map_err(|e| SegmentError::Encode(LtxError::Write(e.to_string())))
+}
+
+/// Where pages are read from: the WAL (a frame found by [`wal::index_committed_limit`]) or
+/// the database file.
+struct PageSource {
+    db: File,
+    db_path: PathBuf,
+    wal: Option<(File, WalHeader)>,
+}
+
+impl PageSource {
+    fn open(db: &Path, wal: Option<(File, WalHeader)>) -> Result<PageSource, SegmentError> {
+        let file = File::open(db).map_err(|source| SegmentError::Io {
+            path: db.to_owned(),
+            source,
+        })?;
+        Ok(PageSource {
+            db: file,
+            db_path: db.to_owned(),
+            wal,
+        })
+    }
+
+    /// Reads page `pgno` from `frame`, or from the database file (zeros past its end). A frame
+    /// that changed since it was indexed means the WAL restarted under the reader:
+    /// [`SegmentError::ContinuityLost`].
+    fn read(&self, pgno: u32, frame: Option<&FrameRef>, page: &mut [u8]) -> Result<(), SegmentError> {
+        match (frame, &self.wal) {
+            (Some(frame), Some((wal, header))) => {
+                let intact = wal::read_frame_page(wal, header, frame, page).map_err(|source| SegmentError::Wal {
+                    path: wal_path(&self.db_path),
+                    source,
+                })?;
+                match intact {
+                    true => Ok(()),
+                    false => Err(SegmentError::ContinuityLost),
+                }
+            }
+            _ => read_page(&self.db, &self.db_path, pgno, page),
+        }
+    }
+}
+
 /// The current database state as a reader sees it: the database file overlaid with every
 /// committed frame of the current WAL generation. Callers must keep commits out while they
 /// use it (hold SQLite's write lock) for the image to be one consistent state.
 pub struct LiveImage {
-    file: File,
-    path: PathBuf,
-    overlay: BTreeMap<u32, Vec<u8>>,
+    source: PageSource,
+    /// Each page's newest committed frame.
+    overlay: BTreeMap<u32, FrameRef>,
     /// Database size in pages.
     pub commit: u32,
     pub page_size: u32,
@@ -217,13 +283,13 @@ impl LiveImage {
     pub fn open_upto(db: &Path, limit: Option<WalCursor>) -> Result<LiveImage, SegmentError> {
         let page_size = page_size_of(db)?;
         let wal_path = wal_path(db);
-        let (mut overlay, mut commit, mut wal_cursor) = (BTreeMap::new(), None, None);
+        let (mut overlay, mut commit, mut wal_cursor, mut wal_file) = (BTreeMap::new(), None, None, None);
         if let Some((mut wal, header)) = open_wal(&wal_path)? {
             let generation_ok = limit.is_none_or(|l| l.same_generation(&header));
             if header.page_size == page_size && generation_ok {
                 let start = WalPosition::start(&header);
                 let max_bytes = limit.map_or(u64::MAX, |l| l.offset.saturating_sub(start.offset));
-                let committed = wal::read_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| {
+                let committed = wal::index_committed_limit(&mut wal, &header, start, max_bytes).map_err(|source| {
                     SegmentError::Wal {
                         path: wal_path.clone(),
                         source,
@@ -232,20 +298,24 @@ impl LiveImage {
                 commit = committed.commit;
                 wal_cursor = Some(WalCursor::new(&header, committed.end));
                 for frame in committed.frames {
-                    overlay.insert(frame.pgno, frame.data);
+                    overlay.insert(frame.pgno, frame);
                 }
+                wal_file = Some((wal, header));
             }
         }
-        let io = |source| SegmentError::Io {
-            path: db.to_owned(),
-            source,
-        };
-        let file = File::open(db).map_err(io)?;
-        let file_pages = file.metadata().map_err(io)?.len() / u64::from(page_size);
+        let source = PageSource::open(db, wal_file)?;
+        let file_pages = source
+            .db
+            .metadata()
+            .map_err(|source| SegmentError::Io {
+                path: db.to_owned(),
+                source,
+            })?
+            .len()
+            / u64::from(page_size);
         let commit = commit.unwrap_or(file_pages as u32).max(1);
         Ok(LiveImage {
-            file,
-            path: db.to_owned(),
+            source,
             overlay,
             commit,
             page_size,
@@ -256,7 +326,8 @@ impl LiveImage {
     /// Calls `each(pgno, page)` for pages 1..=commit in order, skipping the lock page.
     ///
     /// # Errors
-    /// I/O errors, or the first error `each` returns.
+    /// I/O errors, [`SegmentError::ContinuityLost`] if the WAL restarted under it, or the
+    /// first error `each` returns.
     pub fn for_each_page(
         &self,
         mut each: impl FnMut(u32, &[u8]) -> Result<(), SegmentError>,
@@ -264,13 +335,8 @@ impl LiveImage {
         let lock = lock_page(self.page_size);
         let mut buf = vec![0u8; self.page_size as usize];
         for pgno in (1..=self.commit).filter(|p| *p != lock) {
-            match self.overlay.get(&pgno) {
-                Some(page) => each(pgno, page)?,
-                None => {
-                    read_page(&self.file, &self.path, pgno, &mut buf)?;
-                    each(pgno, &buf)?;
-                }
-            }
+            self.source.read(pgno, self.overlay.get(&pgno), &mut buf)?;
+            each(pgno, &buf)?;
         }
         Ok(())
     }
@@ -290,14 +356,15 @@ impl LiveImage {
 }
 
 /// A segment holding every page of the current database state at TXID `txid`. With
-/// `txid == 1` it is a snapshot in LTX terms.
+/// `txid == 1` it is a snapshot in LTX terms. Written into a temporary file in `scratch`
+/// when large.
 ///
 /// The caller must hold SQLite's write lock so no commit lands while it reads.
 ///
 /// # Errors
 /// I/O and encoding errors.
-pub fn full_image(db: &Path, txid: u64, now_ms: i64) -> Result<Segment, SegmentError> {
-    full_image_upto(db, None, txid, now_ms)
+pub fn full_image(db: &Path, txid: u64, now_ms: i64, scratch: &Path) -> Result<Segment, SegmentError> {
+    full_image_upto(db, None, txid, now_ms, scratch)
 }
 
 /// As [`full_image`], of the state at `limit` (see [`LiveImage::open_upto`]), so the caller
@@ -305,7 +372,13 @@ pub fn full_image(db: &Path, txid: u64, now_ms: i64) -> Result<Segment, SegmentE
 ///
 /// # Errors
 /// I/O and encoding errors.
-pub fn full_image_upto(db: &Path, limit: Option<WalCursor>, txid: u64, now_ms: i64) -> Result<Segment, SegmentError> {
+pub fn full_image_upto(
+    db: &Path,
+    limit: Option<WalCursor>,
+    txid: u64,
+    now_ms: i64,
+    scratch: &Path,
+) -> Result<Segment, SegmentError> {
     let image = LiveImage::open_upto(db, limit)?;
     let header = Header {
         flags: FLAG_NO_CHECKSUM,
@@ -316,7 +389,7 @@ pub fn full_image_upto(db: &Path, limit: Option<WalCursor>, txid: u64, now_ms: i
         timestamp_ms: now_ms,
         ..Header::default()
     };
-    let mut encoder = Encoder::new(header)?;
+    let mut encoder = Encoder::with_writer(header, SpillWriter::new(scratch, DEFAULT_SPILL_LIMIT))?;
     image.for_each_page(|pgno, page| Ok(encoder.encode_page(pgno, page)?))?;
     let next = Cursor {
         txid,
@@ -327,7 +400,7 @@ pub fn full_image_upto(db: &Path, limit: Option<WalCursor>, txid: u64, now_ms: i
     };
     Ok(Segment {
         txid,
-        bytes: encoder.finish(0)?,
+        body: finish_body(encoder)?,
         next,
         commits: 0,
         reached_end: true,
@@ -344,9 +417,11 @@ pub fn wal_end(db: &Path) -> Result<Option<WalCursor>, SegmentError> {
         return Ok(None);
     };
     let committed =
-        wal::read_committed(&mut wal, &header, WalPosition::start(&header)).map_err(|source| SegmentError::Wal {
-            path: wal_path.clone(),
-            source,
+        wal::index_committed_limit(&mut wal, &header, WalPosition::start(&header), u64::MAX).map_err(|source| {
+            SegmentError::Wal {
+                path: wal_path.clone(),
+                source,
+            }
         })?;
     Ok(Some(WalCursor::new(&header, committed.end)))
 }
@@ -433,37 +508,6 @@ fn open_wal(path: &Path) -> Result<Option<(File, WalHeader)>, SegmentError> {
     Ok(Some((file, header)))
 }
 
-/// When the database grew, pages in (old size, new size] that no frame carries still belong
-/// to the new state; they are read from the database file (zeros past its end).
-fn fill_growth(
-    db: &Path,
-    pages: &mut BTreeMap<u32, Vec<u8>>,
-    old: u32,
-    new: u32,
-    page_size: u32,
-) -> Result<(), SegmentError> {
-    if new <= old {
-        return Ok(());
-    }
-    let lock = lock_page(page_size);
-    let missing: Vec<u32> = (old + 1..=new)
-        .filter(|p| *p != lock && !pages.contains_key(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let file = File::open(db).map_err(|source| SegmentError::Io {
-        path: db.to_owned(),
-        source,
-    })?;
-    for pgno in missing {
-        let mut page = vec![0u8; page_size as usize];
-        read_page(&file, db, pgno, &mut page)?;
-        pages.insert(pgno, page);
-    }
-    Ok(())
-}
-
 /// Reads page `pgno`; a page past the end of the file reads as zeros.
 fn read_page(file: &File, path: &Path, pgno: u32, buf: &mut [u8]) -> Result<(), SegmentError> {
     let offset = u64::from(pgno - 1) * buf.len() as u64;
@@ -528,7 +572,7 @@ mod tests {
             salt2: now.salt2 ^ 0x5a5a,
             ..now
         };
-        let segment = next_wal_segment(&db, &cursor_after(before, true), u64::MAX, 0)
+        let segment = next_wal_segment(&db, &cursor_after(before, true), u64::MAX, 0, dir.path())
             .unwrap()
             .expect("the new generation's commits are read from its start");
         assert_eq!(segment.txid, 8);
@@ -539,12 +583,12 @@ mod tests {
             ..before
         };
         assert!(matches!(
-            next_wal_segment(&db, &cursor_after(skipped, true), u64::MAX, 0),
+            next_wal_segment(&db, &cursor_after(skipped, true), u64::MAX, 0, dir.path()),
             Err(SegmentError::ContinuityLost)
         ));
         // And without a checkpoint of ours, no new generation at all.
         assert!(matches!(
-            next_wal_segment(&db, &cursor_after(before, false), u64::MAX, 0),
+            next_wal_segment(&db, &cursor_after(before, false), u64::MAX, 0, dir.path()),
             Err(SegmentError::ContinuityLost)
         ));
     }

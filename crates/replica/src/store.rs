@@ -52,13 +52,16 @@ use object_store::{
 
 use crate::crypt::{CryptError, ObjectCipher};
 use crate::ltx::{file_name, parse_file_name};
+use crate::spill::Body;
 
 mod location;
 mod probe;
+mod stream;
 
 pub use probe::ConditionalWriteError;
 
 use location::{invalid_url, open_azure, open_file, open_gcs, open_s3};
+pub use stream::{LtxReader, PART_BYTES};
 
 /// The snapshot level, and the highest level Litestream reads.
 pub const SNAPSHOT_LEVEL: u8 = 9;
@@ -134,8 +137,8 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
-/// An LTX file ready to upload: addressed and, when configured, encrypted — once, so that
-/// retries send identical bytes (see [`Store::put_prepared`]).
+/// An LTX file ready to upload: addressed and, when the store encrypts, given its nonce —
+/// once, so that retries send identical bytes (see [`Store::put_prepared`]).
 #[derive(Debug, Clone)]
 pub struct PreparedLtx {
     /// Compaction level.
@@ -146,9 +149,23 @@ pub struct PreparedLtx {
     pub max_txid: u64,
     /// Where it goes.
     pub key: Path,
-    /// Exactly what is uploaded (sealed when the store encrypts).
-    pub bytes: Bytes,
+    /// The LTX file. When the store encrypts, what is uploaded is its sealed form under
+    /// `nonce`, computed as it is sent: the same body and nonce always seal to the same bytes.
+    pub body: Body,
+    nonce: Option<[u8; crate::crypt::NONCE_LEN]>,
     created_at: DateTime<Utc>,
+}
+
+impl PreparedLtx {
+    /// How many bytes are uploaded (the sealed form's when encrypted).
+    pub fn len(&self) -> u64 {
+        self.body.len() + self.nonce.map_or(0, |_| crate::crypt::OVERHEAD)
+    }
+
+    /// Whether nothing is uploaded (never, for a valid LTX file).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Why a [`Store`] operation failed. Messages name the URL or key involved,
@@ -242,6 +259,9 @@ struct Inner {
     requests: AtomicU64,
     /// Client-side encryption of LTX objects, when configured.
     cipher: Option<ObjectCipher>,
+    /// Requests go through a fault injector (see [`Store::with_faults`]): the file backend's
+    /// direct file access, which would bypass it, is not used.
+    faulty: bool,
 }
 
 impl fmt::Debug for Store {
@@ -341,6 +361,7 @@ impl Store {
             description,
             requests: AtomicU64::new(0),
             cipher: None,
+            faulty: false,
         };
         Store { inner: Arc::new(inner) }
     }
@@ -416,6 +437,109 @@ impl Store {
         Ok(objects)
     }
 
+    /// Lists the LTX files at `level` whose min TXID is at least `from`, sorted like
+    /// [`Store::list_level`]. Names sort by min TXID, so the listing starts there (S3's
+    /// `start-after`, GCS's start offset) instead of paging through the level's history.
+    ///
+    /// # Errors
+    /// `Backend` if the listing fails.
+    pub async fn list_level_from(&self, level: u8, from: u64) -> Result<Vec<LtxObject>, StoreError> {
+        if from <= 1 {
+            return self.list_level(level).await;
+        }
+        check_level(level)?;
+        let dir = self.level_dir(level);
+        let offset = self.ltx_key(level, from - 1, u64::MAX);
+        self.begin(Operation::List);
+        let metas: Vec<ObjectMeta> = self
+            .inner
+            .objects
+            .list_with_offset(Some(&dir), &offset)
+            .try_collect()
+            .await
+            .map_err(|source| self.failed(Operation::List, &dir, source))?;
+        let mut objects: Vec<LtxObject> = metas
+            .into_iter()
+            .filter_map(|meta| ltx_object(level, &dir, meta))
+            .filter(|o| o.min_txid >= from)
+            .collect();
+        objects.sort_by_key(|o| (o.min_txid, o.max_txid));
+        Ok(objects)
+    }
+
+    /// The LTX files that matter for the latest state, sorted as [`Store::list_all`]: levels
+    /// 3–9 whole (compaction keeps them short), then levels 2, 1 and 0 each only past what
+    /// the levels above cover. Level 0 alone holds a file per shipped batch — tens of
+    /// thousands after minutes of steady writes, kept for `l0_retention` — and reading all of
+    /// them, a page of 1000 names per round trip, made a cold start's time grow with the
+    /// replica's history. Four round trips instead, whatever the history.
+    ///
+    /// Compaction merges whole files of the level below, newer than its own newest, so the
+    /// files past what the levels above cover start right after it, and the newest TXID in
+    /// this listing is the replica's newest. A caller that finds no chain in it (a layout
+    /// some other tool wrote) falls back to [`Store::list_all`].
+    ///
+    /// # Errors
+    /// `Backend` if a listing fails.
+    pub async fn list_recent(&self) -> Result<Vec<LtxObject>, StoreError> {
+        let upper = futures::future::try_join_all((3..=SNAPSHOT_LEVEL).map(|level| self.list_level(level))).await?;
+        let mut files: Vec<LtxObject> = upper.into_iter().flatten().collect();
+        for level in [2, 1, 0] {
+            let covered = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
+            files.extend(self.list_level_from(level, covered + 1).await?);
+        }
+        files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
+        Ok(files)
+    }
+
+    /// The LTX files at `level` in TXID order for as long as `wanted` holds, and whether the
+    /// listing reached the end of the level. On stores that list names in order (all but
+    /// the file backend, whose listing is read whole and cheap) the listing stops at the
+    /// first file that fails `wanted`, instead of paging through the rest of the level:
+    /// retention looks for the oldest level-0 files this way, not through all of them.
+    ///
+    /// # Errors
+    /// `Backend` if the listing fails.
+    pub async fn list_level_while(
+        &self,
+        level: u8,
+        wanted: impl Fn(&LtxObject) -> bool,
+    ) -> Result<(Vec<LtxObject>, bool), StoreError> {
+        if self.inner.backend == Backend::File {
+            let all = self.list_level(level).await?;
+            let n = all.iter().take_while(|o| wanted(o)).count();
+            let complete = n == all.len();
+            return Ok((all.into_iter().take(n).collect(), complete));
+        }
+        check_level(level)?;
+        let dir = self.level_dir(level);
+        self.begin(Operation::List);
+        let mut metas = self.inner.objects.list(Some(&dir));
+        let mut objects = Vec::new();
+        while let Some(meta) = metas
+            .try_next()
+            .await
+            .map_err(|source| self.failed(Operation::List, &dir, source))?
+        {
+            let Some(object) = ltx_object(level, &dir, meta) else {
+                continue;
+            };
+            if !wanted(&object) {
+                return Ok((objects, false));
+            }
+            objects.push(object);
+        }
+        Ok((objects, true))
+    }
+
+    /// The newest TXID in the replica (0 when empty), from [`Store::list_recent`].
+    ///
+    /// # Errors
+    /// `Backend` if a listing fails.
+    pub async fn max_txid(&self) -> Result<u64, StoreError> {
+        Ok(self.list_recent().await?.iter().map(|f| f.max_txid).max().unwrap_or(0))
+    }
+
     /// Lists the LTX files at every level, sorted by level, then
     /// `(min_txid, max_txid)`. Costs one listing per level, issued
     /// concurrently.
@@ -485,13 +609,13 @@ impl Store {
         data: Bytes,
         timestamp_ms: i64,
     ) -> Result<PutOutcome, StoreError> {
-        let prepared = self.prepare_ltx(level, min_txid, max_txid, data, timestamp_ms)?;
+        let prepared = self.prepare_ltx(level, min_txid, max_txid, Body::from(data), timestamp_ms)?;
         self.put_prepared(&prepared).await
     }
 
-    /// Encrypts (if configured) and addresses an LTX file once, so that every retry of its
-    /// upload sends exactly the same bytes: a retry can then recognise its own earlier
-    /// upload whose answer was lost (see [`Store::put_prepared`]).
+    /// Addresses an LTX file and (if the store encrypts) picks its nonce once, so that every
+    /// retry of its upload sends exactly the same bytes: a retry can then recognise its own
+    /// earlier upload whose answer was lost (see [`Store::put_prepared`]).
     ///
     /// # Errors
     /// `InvalidLevel`, `InvalidTxidRange` or `InvalidTimestamp` for bad arguments.
@@ -500,7 +624,7 @@ impl Store {
         level: u8,
         min_txid: u64,
         max_txid: u64,
-        data: Bytes,
+        body: Body,
         timestamp_ms: i64,
     ) -> Result<PreparedLtx, StoreError> {
         check_level(level)?;
@@ -509,27 +633,39 @@ impl Store {
         }
         let created_at = datetime_from_ms(timestamp_ms)?;
         let key = self.ltx_key(level, min_txid, max_txid);
-        let bytes = match &self.inner.cipher {
-            Some(cipher) => Bytes::from(cipher.seal(key.as_ref(), &data)),
-            None => data,
-        };
         Ok(PreparedLtx {
             level,
             min_txid,
             max_txid,
             key,
-            bytes,
+            body,
+            nonce: self.inner.cipher.as_ref().map(|_| ObjectCipher::new_nonce()),
             created_at,
         })
     }
 
-    /// Uploads a prepared LTX file create-only.
+    /// The bytes a small prepared upload sends, all at once.
+    fn upload_bytes(&self, prepared: &PreparedLtx) -> Result<Bytes, StoreError> {
+        let mut reader = stream::UploadReader::new(self, prepared);
+        reader
+            .read(prepared.len() as usize)
+            .map_err(|e| self.io_failed(&prepared.key, e))
+    }
+
+    /// The directory of a `file://` replica, when it is read and written directly.
+    fn local_root(&self) -> Option<PathBuf> {
+        self.inner.root.clone().filter(|_| !self.inner.faulty)
+    }
+
+    /// Uploads a prepared LTX file create-only: in one request from memory when it is small,
+    /// in parts through a staging object (or, on the file backend, a staging file) when its
+    /// body was spilled to disk — see [`stream`](self::stream).
     ///
     /// An upload's outcome can be unknown: the store may apply a request whose answer never
     /// arrives, and a retry (object_store's own, or the caller's) then finds the key taken —
     /// by itself. So every collision, and every failed request, is resolved by reading the
-    /// stored object: exactly these bytes means the upload happened (`Created`); other bytes
-    /// mean another writer's object (`AlreadyExists`).
+    /// stored object (piece by piece): exactly these bytes means the upload happened
+    /// (`Created`); other bytes mean another writer's object (`AlreadyExists`).
     ///
     /// # Errors
     /// `Backend` if the upload failed and the object is not there; `Timestamp` if the file
@@ -543,22 +679,29 @@ impl Store {
             None => Attributes::new(),
         };
         let key = &prepared.key;
-        let failure = match self.put_create(key, prepared.bytes.clone(), attributes).await {
+        let put = match prepared.body.in_memory() {
+            Some(_) => {
+                let bytes = self.upload_bytes(prepared)?;
+                self.put_create(key, bytes, attributes).await
+            }
+            None => self.put_streamed(prepared, attributes).await,
+        };
+        let failure = match put {
             Ok(PutOutcome::Created) => None,
             Ok(PutOutcome::AlreadyExists) => Some(None),
             Err(e) => Some(Some(e)),
         };
         if let Some(failure) = failure {
-            let stored = match self.read(key).await {
+            let stored = match self.stored_equals(prepared).await {
                 Ok(stored) => stored,
                 Err(read) => return Err(failure.unwrap_or(read)),
             };
             match (stored, failure) {
-                (Some((bytes, _)), _) if bytes == prepared.bytes => {
+                (Some(true), _) => {
                     metrics::counter!("keycast_replica_lost_answers_total").increment(1);
                     tracing::info!(key = %key, "an upload whose answer was lost had been stored: it counts as done");
                 }
-                (Some(_), None) => return Ok(PutOutcome::AlreadyExists),
+                (Some(false), None) => return Ok(PutOutcome::AlreadyExists),
                 (None, None) => {
                     // A collision with an object that is gone again (deleted between the two
                     // requests): nothing of ours is there; report the failure to retry.
@@ -608,6 +751,7 @@ impl Store {
             description: self.inner.description.clone(),
             requests: AtomicU64::new(0),
             cipher: self.inner.cipher.clone(),
+            faulty: self.inner.faulty,
         };
         Store { inner: Arc::new(inner) }
     }
@@ -620,6 +764,7 @@ impl Store {
     pub fn with_faults(mut self, faults: &crate::faults::Faults) -> Store {
         let inner = Arc::get_mut(&mut self.inner).expect("with_faults is called before the store is shared");
         inner.objects = Arc::new(crate::faults::FaultyStore::new(inner.objects.clone(), faults.clone()));
+        inner.faulty = true;
         self
     }
 

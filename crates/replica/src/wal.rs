@@ -235,20 +235,103 @@ pub fn read_committed_limit<R: Read + Seek>(
     from: WalPosition,
     max_bytes: u64,
 ) -> Result<Committed, WalError> {
+    let scan = scan(wal, header, from, max_bytes, |frame, data| Frame {
+        pgno: frame.pgno,
+        commit: frame.commit,
+        offset: frame.offset,
+        data: data.to_vec(),
+    })?;
+    Ok(Committed {
+        frames: scan.frames,
+        end: scan.end,
+        commit: scan.commit,
+        commits: scan.commits,
+    })
+}
+
+/// Where one frame of a complete transaction is, without its page: for readers that fetch
+/// pages later (see [`read_frame_page`]) rather than holding a whole WAL in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef {
+    /// Page number the frame carries.
+    pub pgno: u32,
+    /// Database size in pages after the commit, or 0 if not a commit frame.
+    pub commit: u32,
+    /// Byte offset of the frame header in the WAL file.
+    pub offset: u64,
+}
+
+/// The complete transactions found after a position, as [`FrameRef`]s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedIndex {
+    /// Every frame of the complete transactions, in WAL order.
+    pub frames: Vec<FrameRef>,
+    /// As [`Committed::end`].
+    pub end: WalPosition,
+    /// As [`Committed::commit`].
+    pub commit: Option<u32>,
+    /// As [`Committed::commits`].
+    pub commits: usize,
+}
+
+/// As [`read_committed_limit`], validating every frame the same way, but keeping only where
+/// each frame is: memory stays a few bytes per frame however large the WAL.
+///
+/// # Errors
+/// As [`read_committed`].
+pub fn index_committed_limit<R: Read + Seek>(
+    wal: &mut R,
+    header: &WalHeader,
+    from: WalPosition,
+    max_bytes: u64,
+) -> Result<CommittedIndex, WalError> {
+    scan(wal, header, from, max_bytes, |frame, _| *frame).map(CommittedIndex::from)
+}
+
+/// Reads the page of the frame at `frame` into `page`, checking that the frame there still
+/// carries `frame.pgno` and this WAL's salts: a WAL restarted since it was indexed fails the
+/// check (a restart always changes the salts) instead of handing out another page.
+///
+/// # Errors
+/// [`WalError::Io`]; `Ok(false)` when the frame is no longer there.
+pub fn read_frame_page(
+    file: &std::fs::File,
+    header: &WalHeader,
+    frame: &FrameRef,
+    page: &mut [u8],
+) -> Result<bool, WalError> {
+    use std::os::unix::fs::FileExt;
+    let mut frame_header = [0u8; FRAME_HEADER_SIZE as usize];
+    file.read_exact_at(&mut frame_header, frame.offset)?;
+    file.read_exact_at(page, frame.offset + FRAME_HEADER_SIZE)?;
+    let word = |i: usize| be_u32(&frame_header[i * 4..i * 4 + 4]);
+    Ok(word(0) == frame.pgno && (word(2), word(3)) == header.salts())
+}
+
+/// Reads frames after `from` until `max_bytes` are consumed or the valid frames end, keeping
+/// what `keep` makes of each frame of a complete transaction.
+fn scan<R: Read + Seek, F>(
+    wal: &mut R,
+    header: &WalHeader,
+    from: WalPosition,
+    max_bytes: u64,
+    mut keep: impl FnMut(&FrameRef, &[u8]) -> F,
+) -> Result<Scan<F>, WalError> {
     check_position(header, from)?;
     wal.seek(SeekFrom::Start(from.offset))?;
     let mut scan = Scan::new(from);
     let mut buf = vec![0u8; header.frame_size() as usize];
-    while scan.end().offset - from.offset < max_bytes {
+    while scan.end.offset - from.offset < max_bytes {
         if read_full(wal, &mut buf)? < buf.len() {
             break;
         }
         let Some((frame, checksum)) = decode_frame(header, &buf, scan.pos) else {
             break;
         };
-        scan.push(frame, checksum, header.frame_size());
+        let kept = keep(&frame, &buf[FRAME_HEADER_SIZE as usize..]);
+        scan.push(kept, frame.commit, checksum, header.frame_size());
     }
-    Ok(scan.committed)
+    Ok(scan)
 }
 
 fn check_position(header: &WalHeader, pos: WalPosition) -> Result<(), WalError> {
@@ -261,51 +344,58 @@ fn check_position(header: &WalHeader, pos: WalPosition) -> Result<(), WalError> 
 
 /// Scan state: transactions completed so far and the frames of the one in
 /// progress, which are dropped unless its commit frame turns up.
-struct Scan {
-    committed: Committed,
-    pending: Vec<Frame>,
+struct Scan<F> {
+    frames: Vec<F>,
+    end: WalPosition,
+    commit: Option<u32>,
+    commits: usize,
+    pending: Vec<F>,
     /// Position after the last valid frame, committed or not.
     pos: WalPosition,
 }
 
-impl Scan {
+impl<F> Scan<F> {
     fn new(from: WalPosition) -> Self {
         Scan {
-            committed: Committed {
-                frames: Vec::new(),
-                end: from,
-                commit: None,
-                commits: 0,
-            },
+            frames: Vec::new(),
+            end: from,
+            commit: None,
+            commits: 0,
             pending: Vec::new(),
             pos: from,
         }
     }
 
-    fn end(&self) -> WalPosition {
-        self.committed.end
-    }
-
-    fn push(&mut self, frame: Frame, checksum: (u32, u32), frame_size: u64) {
+    fn push(&mut self, frame: F, commit: u32, checksum: (u32, u32), frame_size: u64) {
         self.pos = WalPosition {
             offset: self.pos.offset + frame_size,
             checksum,
         };
-        let commit = frame.commit;
         self.pending.push(frame);
         if commit != 0 {
-            self.committed.frames.append(&mut self.pending);
-            self.committed.end = self.pos;
-            self.committed.commit = Some(commit);
-            self.committed.commits += 1;
+            self.frames.append(&mut self.pending);
+            self.end = self.pos;
+            self.commit = Some(commit);
+            self.commits += 1;
         }
     }
 }
 
-/// Decodes the frame in `buf` (header + page) found at `pos`. Returns the
-/// frame and the cumulative checksum after it, or `None` if SQLite would
-/// consider it invalid.
-fn decode_frame(header: &WalHeader, buf: &[u8], pos: WalPosition) -> Option<(Frame, (u32, u32))> {
+impl From<Scan<FrameRef>> for CommittedIndex {
+    fn from(scan: Scan<FrameRef>) -> Self {
+        CommittedIndex {
+            frames: scan.frames,
+            end: scan.end,
+            commit: scan.commit,
+            commits: scan.commits,
+        }
+    }
+}
+
+/// Decodes the frame in `buf` (header + page) found at `pos`. Returns where
+/// the frame is and the cumulative checksum after it, or `None` if SQLite
+/// would consider it invalid.
+fn decode_frame(header: &WalHeader, buf: &[u8], pos: WalPosition) -> Option<(FrameRef, (u32, u32))> {
     let (frame_header, data) = buf.split_at_checked(FRAME_HEADER_SIZE as usize)?;
     let word = |i: usize| be_u32(&frame_header[i * 4..i * 4 + 4]);
     let (pgno, commit) = (word(0), word(1));
@@ -318,11 +408,10 @@ fn decode_frame(header: &WalHeader, buf: &[u8], pos: WalPosition) -> Option<(Fra
     if checksum != (word(4), word(5)) {
         return None;
     }
-    let frame = Frame {
+    let frame = FrameRef {
         pgno,
         commit,
         offset: pos.offset,
-        data: data.to_vec(),
     };
     Some((frame, checksum))
 }

@@ -79,8 +79,12 @@ async fn apply(pool: &SqlitePool, db: &Path, store: &Store, replicator: &Replica
         }
         Op::Compact => {
             replicator.wait_durable(Duration::from_secs(10)).await.unwrap();
-            compactor::compact_level(store, 1, u64::MAX).await.unwrap();
-            compactor::snapshot(store, u64::MAX).await.unwrap();
+            compactor::compact_level(store, 1, u64::MAX, &std::env::temp_dir())
+                .await
+                .unwrap();
+            compactor::snapshot(store, u64::MAX, &std::env::temp_dir())
+                .await
+                .unwrap();
         }
     }
 }

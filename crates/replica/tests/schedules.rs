@@ -468,20 +468,17 @@ async fn attempt_with(pool: &SqlitePool, monitor: &Monitor, key: String, durable
     (key, ok)
 }
 
-/// Cuts the WAL back to somewhere past what the local record says was shipped (and so
-/// fsynced): what a power loss may do to frames written since.
+/// Cuts the WAL in half: what a power loss may do to it. Nothing syncs the WAL between
+/// checkpoints (`synchronous=NORMAL`, and the replicator does not wait for the disk either),
+/// so the cut may fall before what the local record says was shipped — start-up must then
+/// notice that the WAL no longer reaches the record and restore from the replica.
 fn tear_unsynced_tail(db: &Path) {
     let wal = keycast_replica::segment::wal_path(db);
     let Ok(len) = std::fs::metadata(&wal).map(|m| m.len()) else {
         return;
     };
-    let synced = keycast_replica::local_state::load(db)
-        .ok()
-        .flatten()
-        .and_then(|r| r.wal)
-        .map_or(32, |c| c.offset);
-    if len > synced + 1 {
-        let cut = synced + (len - synced) / 2;
+    if len > 33 {
+        let cut = 32 + (len - 32) / 2;
         std::fs::OpenOptions::new()
             .write(true)
             .open(&wal)

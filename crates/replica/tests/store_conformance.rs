@@ -236,6 +236,7 @@ macro_rules! every_backend {
 every_backend!(
     empty_store_lists_nothing,
     put_files_are_listed_sorted_with_level_txids_and_size,
+    the_recent_listing_skips_what_the_levels_above_cover,
     get_returns_the_written_bytes,
     second_put_at_same_key_is_already_exists_and_keeps_first_content,
     get_of_missing_file_is_not_found_naming_its_key,
@@ -248,16 +249,23 @@ every_backend!(
     create_only_is_enforced_by_the_backend_across_clients,
     compare_and_swap_takes_the_current_version_and_refuses_a_stale_one,
     compare_and_swap_race_between_clients_has_exactly_one_winner,
+    large_objects_go_up_create_only_and_read_back_piece_by_piece,
+    large_encrypted_objects_seal_and_open_piece_by_piece,
+    staging_left_overs_are_pruned_once_old,
 );
 
 /// The behaviours every backend must share, each taking a fresh, empty store.
 mod cases {
     use std::time::Duration;
 
+    use std::io::Write;
+
     use bytes::Bytes;
+    use futures::TryStreamExt;
+    use keycast_replica::spill::{Body, SpillWriter};
     use keycast_replica::store::{Backend, LtxObject, PutOutcome, Store, StoreError, UpdateOutcome};
     use object_store::path::Path;
-    use object_store::{ObjectStoreExt, PutPayload};
+    use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
     /// Distinct content per file, so a mix-up shows.
     fn content(level: u8, min: u64, max: u64) -> Bytes {
@@ -300,6 +308,37 @@ mod cases {
             assert_eq!(file.key, store.ltx_key(file.level, file.min_txid, file.max_txid));
         }
         assert!(!store.is_empty().await.unwrap());
+    }
+
+    pub async fn the_recent_listing_skips_what_the_levels_above_cover(store: &Store, _rival: &Store) {
+        // Level 2 covers 1–20 (from level 1's 1–10 and 11–20), level 1 then 21–30; level 0
+        // holds every TXID from 1 to 35 (retention has not pruned it), past 0x10 so that
+        // names with more than one hex digit are compared too.
+        for txid in 1..=35 {
+            put(store, 0, txid, txid).await;
+        }
+        for (level, min, max) in [(1, 1, 10), (1, 11, 20), (1, 21, 30), (2, 1, 20)] {
+            put(store, level, min, max).await;
+        }
+        let recent = store.list_recent().await.unwrap();
+        assert_eq!(
+            txids(&recent),
+            [
+                (0, 31, 31),
+                (0, 32, 32),
+                (0, 33, 33),
+                (0, 34, 34),
+                (0, 35, 35),
+                (1, 21, 30),
+                (2, 1, 20)
+            ]
+        );
+        assert_eq!(store.max_txid().await.unwrap(), 35);
+        assert_eq!(
+            txids(&store.list_level_from(0, 0x20).await.unwrap()),
+            [(0, 32, 32), (0, 33, 33), (0, 34, 34), (0, 35, 35)]
+        );
+        assert!(store.list_level_from(1, 31).await.unwrap().is_empty());
     }
 
     pub async fn get_returns_the_written_bytes(store: &Store, _rival: &Store) {
@@ -519,6 +558,142 @@ mod cases {
             let (bytes, _) = store.get_object(name).await.unwrap().unwrap();
             assert_eq!(bytes, format!("{winner}{round}"), "round {round}");
         }
+    }
+
+    /// A body written to a temporary file (as segments, full images and compactions larger
+    /// than the spill limit are), holding `len` bytes derived from `seed`.
+    fn spilled(len: usize, seed: u8) -> Body {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = SpillWriter::new(dir.path(), 0);
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        writer.write_all(&bytes).unwrap();
+        let body = writer.finish().unwrap();
+        assert!(body.in_memory().is_none());
+        body
+    }
+
+    /// Every byte of `obj`, read piece by piece through [`Store::open`].
+    async fn read_pieces(store: &Store, obj: &LtxObject) -> Vec<u8> {
+        let mut reader = store.open(obj).await.unwrap();
+        let mut out = Vec::new();
+        while let Some(piece) = reader.next().await.unwrap() {
+            out.extend_from_slice(&piece);
+        }
+        out
+    }
+
+    /// Objects under the staging directory (left-overs of uploads in parts).
+    async fn staging_objects(store: &Store) -> usize {
+        let staging = store.prefix().clone().join("keycast").join("staging");
+        let listed: Vec<_> = store.object_store().list(Some(&staging)).try_collect().await.unwrap();
+        listed.len()
+    }
+
+    pub async fn large_objects_go_up_create_only_and_read_back_piece_by_piece(store: &Store, rival: &Store) {
+        // More than one part of a multipart upload.
+        let len = keycast_replica::store::PART_BYTES + 1000;
+        let mine = spilled(len, 1);
+        let prepared = store.prepare_ltx(9, 1, 9, mine.clone(), super::TIMESTAMP_MS).unwrap();
+        assert_eq!(store.put_prepared(&prepared).await.unwrap(), PutOutcome::Created);
+        let files = store.list_level(9).await.unwrap();
+        assert_eq!(txids(&files), [(9, 1, 9)]);
+        assert_eq!(files[0].size, len as u64);
+        let expected = mine.to_bytes().unwrap();
+        assert!(
+            read_pieces(store, &files[0]).await == expected,
+            "read back piece by piece"
+        );
+        assert!(store.get(&files[0]).await.unwrap() == expected, "read back whole");
+        // Created "at" its header timestamp — except on S3, whose part copies drop metadata:
+        // there it is the time it was stored, never earlier (see store/stream.rs).
+        let created = store.created_at(&files[0]).await.unwrap();
+        match store.backend() {
+            Backend::S3 => assert!(created >= super::timestamp() - Duration::from_secs(1), "{created:?}"),
+            _ => assert_eq!(created, super::timestamp()),
+        }
+        // Sending the same upload again (its first answer lost) finds its own bytes: done.
+        assert_eq!(store.put_prepared(&prepared).await.unwrap(), PutOutcome::Created);
+        // Another writer's bytes at the same key (another client, as a second instance is)
+        // are refused by the backend, and the first stay.
+        let theirs = rival
+            .prepare_ltx(9, 1, 9, spilled(len, 2), super::TIMESTAMP_MS)
+            .unwrap();
+        assert_eq!(rival.put_prepared(&theirs).await.unwrap(), PutOutcome::AlreadyExists);
+        assert!(
+            read_pieces(store, &files[0]).await == expected,
+            "the first object stays"
+        );
+        assert_eq!(staging_objects(store).await, 0, "staging objects are removed");
+    }
+
+    pub async fn staging_left_overs_are_pruned_once_old(store: &Store, _rival: &Store) {
+        // What a crash between an upload in parts and its copy into place leaves behind.
+        let left = store.prefix().clone().join("keycast").join("staging").join("abc.ltx");
+        store
+            .object_store()
+            .put(&left, PutPayload::from_static(b"half"))
+            .await
+            .unwrap();
+        put(store, 0, 1, 1).await;
+        // The file backend writes its staging files next to their target, where listings
+        // never show them.
+        let staging_file = (store.backend() == Backend::File).then(|| {
+            let root = std::path::PathBuf::from(store.describe().strip_prefix("file://").unwrap());
+            let file = root
+                .join("ltx")
+                .join("0")
+                .join("0000000000000007-0000000000000007.ltx#keycast-0a0b0c0d0e0f");
+            std::fs::write(&file, b"half").unwrap();
+            file
+        });
+        let now = std::time::SystemTime::now();
+        assert_eq!(
+            store.prune_staging(now - Duration::from_secs(3600)).await.unwrap(),
+            0,
+            "too young"
+        );
+        assert_eq!(staging_objects(store).await, 1);
+        assert_eq!(
+            store.prune_staging(now + Duration::from_secs(5)).await.unwrap(),
+            1 + usize::from(staging_file.is_some())
+        );
+        assert_eq!(staging_objects(store).await, 0);
+        assert!(staging_file.is_none_or(|f| !f.exists()), "the staging file is removed");
+        assert_eq!(store.list_level(0).await.unwrap().len(), 1, "LTX files are not touched");
+    }
+
+    pub async fn large_encrypted_objects_seal_and_open_piece_by_piece(store: &Store, _rival: &Store) {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        let sealed = store
+            .reopen()
+            .with_encryption(keycast_replica::crypt::ObjectCipher::from_base64(key).unwrap());
+        let body = spilled(3 << 20, 7);
+        let prepared = sealed.prepare_ltx(0, 4, 4, body.clone(), super::TIMESTAMP_MS).unwrap();
+        assert_eq!(sealed.put_prepared(&prepared).await.unwrap(), PutOutcome::Created);
+        assert_eq!(
+            sealed.put_prepared(&prepared).await.unwrap(),
+            PutOutcome::Created,
+            "its own bytes again"
+        );
+        let file = sealed.list_level(0).await.unwrap().remove(0);
+        assert_eq!(file.size, body.len() + keycast_replica::crypt::OVERHEAD);
+        assert!(read_pieces(&sealed, &file).await == body.to_bytes().unwrap());
+        // The same bytes through the one-shot path.
+        assert!(sealed.get(&file).await.unwrap() == body.to_bytes().unwrap());
+        // Without the key, or with another one, nothing is handed out as plaintext.
+        let mut reader = store.open(&file).await.unwrap();
+        assert!(matches!(reader.next().await, Err(StoreError::Crypt(_))));
+        let wrong = store.reopen().with_encryption(
+            keycast_replica::crypt::ObjectCipher::from_base64("HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=").unwrap(),
+        );
+        let mut reader = wrong.open(&file).await.unwrap();
+        let mut result = Ok(Some(Bytes::new()));
+        while let Ok(Some(_)) = result {
+            result = reader.next().await;
+        }
+        assert!(matches!(result, Err(StoreError::Crypt(_))), "{result:?}");
     }
 }
 

@@ -43,6 +43,7 @@ impl<'a> Cursor<'a> {
         Ok(out)
     }
 
+    #[cfg(test)]
     pub(super) fn u16(&mut self, what: &'static str) -> Result<u16, LtxError> {
         self.array(what).map(u16::from_be_bytes)
     }

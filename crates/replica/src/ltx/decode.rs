@@ -1,8 +1,16 @@
-//! Reading and verifying one LTX file from memory.
+//! Reading and verifying one LTX file, from memory or piece by piece as it arrives.
 //!
 //! Decoding is strict: it accepts what litestream 0.5.17 (and, for page
 //! data, 0.5.0–0.5.15) writes and rejects anything our own [`Encoder`]
 //! would refuse to write, plus any file whose checksum does not match.
+//!
+//! [`StreamDecoder`] is the one implementation; [`decode`] feeds it a whole
+//! file. It holds at most one page frame of input, the page index and the
+//! trailer, so a file as large as the database never has to be in memory —
+//! but pages are reported *before* the file checksum at the end has been
+//! checked: a caller must be able to undo what it did with them (restores
+//! write into a temporary file that only a complete, verified run renames
+//! into place).
 //!
 //! [`Encoder`]: super::Encoder
 
@@ -11,7 +19,7 @@ use crc::Digest;
 use super::cursor::Cursor;
 use super::{
     check_page_order, check_post_apply, check_snapshot_complete, legacy, Header, IndexEntry, LtxError, HEADER_SIZE,
-    PAGE_FLAG_SIZE, TRAILER_SIZE,
+    PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, TRAILER_SIZE,
 };
 use crate::checksum::{CHECKSUM_FLAG, CRC64};
 
@@ -49,83 +57,289 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, LtxError> {
 /// The first problem found, as an [`LtxError`]. Never panics, whatever
 /// `bytes` holds.
 pub fn decode(bytes: &[u8]) -> Result<Decoded, LtxError> {
-    let mut cur = Cursor::new(bytes);
-    let header = Header::from_bytes(cur.take(HEADER_SIZE, "header")?)?;
-    let mut digest = CRC64.digest();
-    digest.update(cur.since(0));
-
-    let (pages, frames) = decode_pages(&mut cur, &header, &mut digest)?;
-    let last = frames.last().map_or(0, |f| f.pgno);
-    check_snapshot_complete(&header, last)?;
-
-    let index_start = cur.pos();
-    let index = decode_index(&mut cur)?;
-    digest.update(cur.since(index_start));
-    if index != frames {
-        return Err(LtxError::InvalidIndex("entries do not match page frames"));
-    }
-
-    let (post_apply_checksum, file_checksum) = decode_trailer(&mut cur, digest)?;
-    check_post_apply(&header, post_apply_checksum)?;
+    let mut decoder = StreamDecoder::new();
+    let mut pages = Vec::new();
+    decoder.feed(bytes, |event| {
+        if let Event::Page(pgno, page) = event {
+            pages.push((pgno, page.to_vec()));
+        }
+        Ok::<(), LtxError>(())
+    })?;
+    let end = decoder.finish()?;
     Ok(Decoded {
-        header,
+        header: end.header,
         pages,
-        post_apply_checksum,
-        file_checksum,
+        post_apply_checksum: end.post_apply_checksum,
+        file_checksum: end.file_checksum,
     })
 }
 
-type Pages = Vec<(u32, Vec<u8>)>;
+/// What a [`StreamDecoder`] reports as it reads.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The validated header; reported once, before any page.
+    Header(&'a Header),
+    /// One page, inflated, in file order (ascending page numbers).
+    Page(u32, &'a [u8]),
+}
 
-/// Reads page frames up to and including the end marker.
-fn decode_pages(
-    cur: &mut Cursor<'_>,
-    header: &Header,
-    digest: &mut Digest<'static, u64>,
-) -> Result<(Pages, Vec<IndexEntry>), LtxError> {
-    let mut pages = Vec::new();
-    let mut frames: Vec<IndexEntry> = Vec::new();
-    loop {
-        let start = cur.pos();
-        let pgno = cur.u32("page header")?;
-        let flags = cur.u16("page header")?;
-        digest.update(cur.since(start));
-        if pgno == 0 && flags == 0 {
-            return Ok((pages, frames));
-        }
-        let prev = frames.last().map_or(0, |f| f.pgno);
-        check_page_order(header, prev, pgno)?;
-        let page = decode_page_data(cur, header.page_size, pgno, flags, digest)?;
-        digest.update(&page);
-        frames.push(IndexEntry {
-            pgno,
-            offset: start as u64,
-            size: (cur.pos() - start) as u64,
-        });
-        pages.push((pgno, page));
+/// What a completely read and verified file ends with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trailer {
+    /// The file's header.
+    pub header: Header,
+    /// Database checksum after applying the file; 0 with no-checksum.
+    pub post_apply_checksum: u64,
+    /// The verified file checksum.
+    pub file_checksum: u64,
+}
+
+/// Where the decoder is in the file.
+#[derive(Debug, Clone, Copy)]
+enum State {
+    Header,
+    FrameHeader,
+    /// A block-form frame's be32 length is next.
+    Length {
+        pgno: u32,
+        start: u64,
+    },
+    /// A block-form frame's LZ4 block of `len` bytes is next.
+    Block {
+        pgno: u32,
+        start: u64,
+        len: usize,
+    },
+    /// A legacy frame (a whole LZ4 frame, length unknown until parsed) is next.
+    Legacy {
+        pgno: u32,
+        start: u64,
+    },
+    /// After the end marker: the page index and the trailer.
+    Tail,
+}
+
+/// Decodes one LTX file fed in pieces of any size; see the module docs.
+pub struct StreamDecoder {
+    state: State,
+    /// Input not consumed yet: part of one frame, or the tail.
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    pos: u64,
+    header: Option<Header>,
+    digest: Digest<'static, u64>,
+    frames: Vec<IndexEntry>,
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-/// Reads one page's data after its page header, in either storage form.
-/// Hashes the length field (block form only); the caller hashes the page.
-fn decode_page_data(
-    cur: &mut Cursor<'_>,
-    page_size: u32,
-    pgno: u32,
-    flags: u16,
-    digest: &mut Digest<'static, u64>,
-) -> Result<Vec<u8>, LtxError> {
-    if flags & !PAGE_FLAG_SIZE != 0 {
-        return Err(LtxError::InvalidPageFlags { pgno, flags });
+impl StreamDecoder {
+    /// A decoder at the start of a file.
+    pub fn new() -> StreamDecoder {
+        StreamDecoder {
+            state: State::Header,
+            buf: Vec::new(),
+            pos: 0,
+            header: None,
+            digest: CRC64.digest(),
+            frames: Vec::new(),
+        }
     }
-    if flags == 0 {
-        return decode_legacy_frame(cur, page_size, pgno);
+
+    /// The header, once read.
+    pub fn header(&self) -> Option<&Header> {
+        self.header.as_ref()
     }
-    let len_start = cur.pos();
-    let len = cur.u32("page length")?;
-    digest.update(cur.since(len_start));
-    let block = cur.take(len as usize, "page data")?;
-    inflate_block(block, page_size, pgno)
+
+    /// Reads the next piece of the file, reporting the header and every page completed by it.
+    ///
+    /// # Errors
+    /// The first problem found in the file, or the first error `on` returns; the decoder is
+    /// then unusable.
+    pub fn feed<E: From<LtxError>>(
+        &mut self,
+        piece: &[u8],
+        mut on: impl FnMut(Event<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.buf.extend_from_slice(piece);
+        let mut used = 0;
+        let result = loop {
+            match self.step(used, &mut on) {
+                Ok(Some(n)) => used += n,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        self.buf.drain(..used);
+        self.pos += used as u64;
+        result
+    }
+
+    /// Consumes one part of the file from `buf[at..]` if it is all there; returns how many
+    /// bytes it used, or `None` when more input is needed.
+    fn step<E: From<LtxError>>(
+        &mut self,
+        at: usize,
+        on: &mut impl FnMut(Event<'_>) -> Result<(), E>,
+    ) -> Result<Option<usize>, E> {
+        let input = &self.buf[at..];
+        let offset = self.pos + at as u64;
+        match self.state {
+            State::Header => {
+                let Some(bytes) = input.get(..HEADER_SIZE) else {
+                    return Ok(None);
+                };
+                let header = Header::from_bytes(bytes)?;
+                self.digest.update(bytes);
+                self.header = Some(header);
+                self.state = State::FrameHeader;
+                on(Event::Header(&header))?;
+                Ok(Some(HEADER_SIZE))
+            }
+            State::FrameHeader => {
+                let Some(bytes) = input.get(..PAGE_HEADER_SIZE) else {
+                    return Ok(None);
+                };
+                self.digest.update(bytes);
+                let pgno = u32::from_be_bytes(bytes[..4].try_into().expect("4 bytes"));
+                let flags = u16::from_be_bytes(bytes[4..6].try_into().expect("2 bytes"));
+                if pgno == 0 && flags == 0 {
+                    self.state = State::Tail;
+                    return Ok(Some(PAGE_HEADER_SIZE));
+                }
+                let header = self.header.expect("read before any frame");
+                let prev = self.frames.last().map_or(0, |f| f.pgno);
+                check_page_order(&header, prev, pgno)?;
+                self.state = match flags {
+                    PAGE_FLAG_SIZE => State::Length { pgno, start: offset },
+                    0 => State::Legacy { pgno, start: offset },
+                    _ => return Err(LtxError::InvalidPageFlags { pgno, flags }.into()),
+                };
+                Ok(Some(PAGE_HEADER_SIZE))
+            }
+            State::Length { pgno, start } => {
+                let Some(bytes) = input.get(..4) else { return Ok(None) };
+                self.digest.update(bytes);
+                let len = u32::from_be_bytes(bytes.try_into().expect("4 bytes")) as usize;
+                let page_size = self.page_size();
+                if len > max_block_len(page_size) {
+                    let reason = format!("a block of {len} bytes cannot hold one {page_size}-byte page");
+                    return Err(LtxError::Lz4 { pgno, reason }.into());
+                }
+                self.state = State::Block { pgno, start, len };
+                Ok(Some(4))
+            }
+            State::Block { pgno, start, len } => {
+                let Some(block) = input.get(..len) else { return Ok(None) };
+                let page = inflate_block(block, self.page_size(), pgno)?;
+                self.page_done(pgno, start, offset + len as u64, &page, on)?;
+                Ok(Some(len))
+            }
+            State::Legacy { pgno, start } => {
+                let Some(len) = legacy::frame_len(input) else {
+                    if input.len() > max_legacy_frame_len(self.page_size()) {
+                        return Err(malformed_legacy(pgno).into());
+                    }
+                    return Ok(None);
+                };
+                let page = legacy::inflate_page(&input[..len], self.page_size())
+                    .map_err(|reason| LtxError::Lz4 { pgno, reason })?;
+                self.page_done(pgno, start, offset + len as u64, &page, on)?;
+                Ok(Some(len))
+            }
+            State::Tail => {
+                // The index holds at most three 10-byte uvarints per page, a terminator and
+                // its length; anything longer cannot be a valid tail.
+                let limit = self.frames.len() * 30 + 1 + 10 + 8 + TRAILER_SIZE;
+                if input.len() > limit {
+                    return Err(LtxError::TrailingData(input.len() - limit).into());
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn page_size(&self) -> u32 {
+        self.header.map_or(0, |h| h.page_size)
+    }
+
+    fn page_done<E: From<LtxError>>(
+        &mut self,
+        pgno: u32,
+        start: u64,
+        end: u64,
+        page: &[u8],
+        on: &mut impl FnMut(Event<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.digest.update(page);
+        self.frames.push(IndexEntry {
+            pgno,
+            offset: start,
+            size: end - start,
+        });
+        self.state = State::FrameHeader;
+        on(Event::Page(pgno, page))
+    }
+
+    /// Checks the end of the file: snapshot completeness, the page index against the frames
+    /// read, the trailer and the file checksum, and that nothing follows.
+    ///
+    /// # Errors
+    /// [`LtxError::Truncated`] if the input stopped early; otherwise the first problem found.
+    pub fn finish(self) -> Result<Trailer, LtxError> {
+        let what = match self.state {
+            State::Tail => None,
+            State::Header => Some("header"),
+            State::FrameHeader => Some("page header"),
+            State::Length { .. } => Some("page length"),
+            State::Block { .. } => Some("page data"),
+            State::Legacy { pgno, .. } if !self.buf.is_empty() => return Err(malformed_legacy(pgno)),
+            State::Legacy { .. } => Some("page data"),
+        };
+        if let Some(what) = what {
+            return Err(LtxError::Truncated(what));
+        }
+        let header = self.header.expect("the tail comes after the header");
+        let last = self.frames.last().map_or(0, |f| f.pgno);
+        check_snapshot_complete(&header, last)?;
+        let mut digest = self.digest;
+        let mut cur = Cursor::new(&self.buf);
+        let index = decode_index(&mut cur)?;
+        digest.update(cur.since(0));
+        if index != self.frames {
+            return Err(LtxError::InvalidIndex("entries do not match page frames"));
+        }
+        let (post_apply_checksum, file_checksum) = decode_trailer(&mut cur, digest)?;
+        check_post_apply(&header, post_apply_checksum)?;
+        Ok(Trailer {
+            header,
+            post_apply_checksum,
+            file_checksum,
+        })
+    }
+}
+
+/// The largest LZ4 block one page can compress to (LZ4's worst case for incompressible data).
+fn max_block_len(page_size: u32) -> usize {
+    let page_size = page_size as usize;
+    page_size + page_size / 255 + 16
+}
+
+/// The most input a legacy LZ4 frame holding one page may take, headers and checksums
+/// included; beyond it the frame is malformed, not merely incomplete.
+fn max_legacy_frame_len(page_size: u32) -> usize {
+    2 * max_block_len(page_size) + 1024
+}
+
+fn malformed_legacy(pgno: u32) -> LtxError {
+    LtxError::Lz4 {
+        pgno,
+        reason: "malformed or truncated lz4 frame".to_owned(),
+    }
 }
 
 /// Inflates a raw LZ4 block that must yield exactly one page. Go's decoder
@@ -142,15 +356,6 @@ fn inflate_block(block: &[u8], page_size: u32, pgno: u32) -> Result<Vec<u8>, Ltx
         return Err(LtxError::Lz4 { pgno, reason });
     }
     Ok(page)
-}
-
-fn decode_legacy_frame(cur: &mut Cursor<'_>, page_size: u32, pgno: u32) -> Result<Vec<u8>, LtxError> {
-    let len = legacy::frame_len(cur.rest()).ok_or_else(|| LtxError::Lz4 {
-        pgno,
-        reason: "malformed or truncated lz4 frame".to_owned(),
-    })?;
-    let frame = cur.take(len, "page data")?;
-    legacy::inflate_page(frame, page_size).map_err(|reason| LtxError::Lz4 { pgno, reason })
 }
 
 /// Reads the page index: entries, zero terminator, be64 length.
@@ -285,6 +490,60 @@ mod tests {
         let (file, _) = encode(snapshot_header(512, 3, 1), &[1, 2, 3]);
         for len in 0..file.len() {
             assert!(decode(&file[..len]).is_err(), "len {len}");
+        }
+    }
+
+    /// Decodes `file` fed in pieces of `piece` bytes, as [`decode`] would have.
+    fn decode_in_pieces(file: &[u8], piece: usize) -> Result<Decoded, LtxError> {
+        let mut decoder = StreamDecoder::new();
+        let mut pages = Vec::new();
+        let mut seen_header = false;
+        for chunk in file.chunks(piece) {
+            decoder.feed(chunk, |event| {
+                match event {
+                    Event::Header(_) => seen_header = true,
+                    Event::Page(pgno, page) => {
+                        assert!(seen_header, "the header comes before every page");
+                        pages.push((pgno, page.to_vec()));
+                    }
+                }
+                Ok::<(), LtxError>(())
+            })?;
+        }
+        let end = decoder.finish()?;
+        Ok(Decoded {
+            header: end.header,
+            pages,
+            post_apply_checksum: end.post_apply_checksum,
+            file_checksum: end.file_checksum,
+        })
+    }
+
+    #[test]
+    fn decoding_in_pieces_of_any_size_gives_what_decoding_at_once_does() {
+        let (file, _) = encode(snapshot_header(512, 6, 1), &[1, 2, 3, 4, 5, 6]);
+        let whole = decode(&file).unwrap();
+        for piece in [1, 2, 5, 6, 7, 99, 100, 101, 512, file.len()] {
+            assert_eq!(decode_in_pieces(&file, piece).unwrap(), whole, "pieces of {piece}");
+        }
+        // And it fails on the same inputs: every truncation, a flipped checksum.
+        for len in 0..file.len() {
+            for piece in [1, 7, 64] {
+                assert!(
+                    decode_in_pieces(&file[..len], piece).is_err(),
+                    "len {len} in pieces of {piece}"
+                );
+            }
+        }
+        let mut bad = file.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            decode_in_pieces(&bad, 3),
+            Err(LtxError::ChecksumMismatch { .. })
+        ));
+        let legacy = legacy_file(l0_header(4096, 2, 5), 2, &page(2, 4096), FrameInfo::new());
+        for piece in [1, 3, 50, 4096] {
+            assert_eq!(decode_in_pieces(&legacy, piece).unwrap(), decode(&legacy).unwrap());
         }
     }
 

@@ -1,4 +1,7 @@
-//! Building one LTX file in memory, page by page.
+//! Building one LTX file, page by page, into any writer: a buffer for small files, a
+//! [`crate::spill::SpillWriter`] for files as large as the database.
+
+use std::io::Write;
 
 use crc::Digest;
 
@@ -9,35 +12,48 @@ use super::{
 };
 use crate::checksum::{CHECKSUM_FLAG, CRC64};
 
-/// Writes an LTX file into a buffer: header first, pages in ascending order,
-/// then index and trailer on [`Encoder::finish`].
+/// Writes an LTX file: header first, pages in ascending order, then index and trailer on
+/// [`Encoder::finish`]. Only the page index (a few bytes per page) is kept in memory.
 ///
 /// The file checksum is kept as a running CRC while pages are added; it
 /// covers the *uncompressed* page data, as the format requires.
-pub struct Encoder {
+pub struct Encoder<W: Write = Vec<u8>> {
     header: Header,
-    out: Vec<u8>,
+    out: W,
+    /// Bytes written to `out`.
+    written: u64,
     digest: Digest<'static, u64>,
     index: Vec<IndexEntry>,
     /// Last page written, 0 before the first.
     prev_pgno: u32,
 }
 
-impl Encoder {
-    /// Starts a file with `header`.
+impl Encoder<Vec<u8>> {
+    /// Starts a file with `header`, in memory.
     ///
     /// # Errors
     /// Any [`Header::validate`] error.
     pub fn new(header: Header) -> Result<Self, LtxError> {
+        Encoder::with_writer(header, Vec::new())
+    }
+}
+
+impl<W: Write> Encoder<W> {
+    /// Starts a file with `header`, written to `out`.
+    ///
+    /// # Errors
+    /// Any [`Header::validate`] error; [`LtxError::Write`] if `out` fails.
+    pub fn with_writer(header: Header, out: W) -> Result<Self, LtxError> {
         header.validate()?;
         let mut encoder = Encoder {
             header,
-            out: Vec::new(),
+            out,
+            written: 0,
             digest: CRC64.digest(),
             index: Vec::new(),
             prev_pgno: 0,
         };
-        encoder.write_hashed(&header.to_bytes());
+        encoder.write_hashed(&header.to_bytes())?;
         Ok(encoder)
     }
 
@@ -53,9 +69,10 @@ impl Encoder {
     /// - [`LtxError::ZeroPgno`], [`LtxError::PageOutOfBounds`] (beyond
     ///   commit) or [`LtxError::LockPage`];
     /// - [`LtxError::PageOrder`] if not above the previous page, or for a
-    ///   snapshot [`LtxError::SnapshotGap`] if not the next page.
+    ///   snapshot [`LtxError::SnapshotGap`] if not the next page;
+    /// - [`LtxError::Write`] if the writer fails (the file is then unusable).
     ///
-    /// On error nothing is written and the encoder can still be used.
+    /// On any other error nothing is written and the encoder can still be used.
     pub fn encode_page(&mut self, pgno: u32, page: &[u8]) -> Result<(), LtxError> {
         let page_size = self.header.page_size;
         if page.len() != page_size as usize {
@@ -64,30 +81,32 @@ impl Encoder {
         }
         check_page_order(&self.header, self.prev_pgno, pgno)?;
 
-        let offset = self.out.len();
+        let offset = self.written;
         let block = lz4_flex::block::compress(page);
         let block_len = u32::try_from(block.len()).map_err(|_| LtxError::Lz4 {
             pgno,
             reason: "compressed block too large".to_owned(),
         })?;
-        self.write_hashed(&pgno.to_be_bytes());
-        self.write_hashed(&PAGE_FLAG_SIZE.to_be_bytes());
-        self.write_hashed(&block_len.to_be_bytes());
+        let mut frame_header = [0u8; PAGE_HEADER_SIZE + 4];
+        frame_header[..4].copy_from_slice(&pgno.to_be_bytes());
+        frame_header[4..6].copy_from_slice(&PAGE_FLAG_SIZE.to_be_bytes());
+        frame_header[6..].copy_from_slice(&block_len.to_be_bytes());
+        self.write_hashed(&frame_header)?;
         // The checksum covers the page as stored in the database, not the
         // compressed form, so hash and write diverge here.
         self.digest.update(page);
-        self.out.extend_from_slice(&block);
+        self.write(&block)?;
 
         self.index.push(IndexEntry {
             pgno,
-            offset: offset as u64,
-            size: (self.out.len() - offset) as u64,
+            offset,
+            size: self.written - offset,
         });
         self.prev_pgno = pgno;
         Ok(())
     }
 
-    /// Writes end marker, page index and trailer, and returns the file.
+    /// Writes end marker, page index and trailer, and returns the writer.
     ///
     /// Pass 0 for `post_apply_checksum` with the no-checksum flag (what
     /// litestream 0.5.17 always does).
@@ -95,25 +114,37 @@ impl Encoder {
     /// # Errors
     /// [`LtxError::SnapshotIncomplete`] if a snapshot lacks pages up to its
     /// commit size, [`LtxError::InvalidPostApplyChecksum`] if the checksum
-    /// does not suit the header's mode.
-    pub fn finish(mut self, post_apply_checksum: u64) -> Result<Vec<u8>, LtxError> {
+    /// does not suit the header's mode, [`LtxError::Write`] if the writer fails.
+    pub fn finish(mut self, post_apply_checksum: u64) -> Result<W, LtxError> {
         check_snapshot_complete(&self.header, self.prev_pgno)?;
         check_post_apply(&self.header, post_apply_checksum)?;
 
-        self.write_hashed(&[0u8; PAGE_HEADER_SIZE]);
+        self.write_hashed(&[0u8; PAGE_HEADER_SIZE])?;
         let index = encode_index(&self.index);
-        self.write_hashed(&index);
-        self.write_hashed(&post_apply_checksum.to_be_bytes());
+        self.write_hashed(&index)?;
+        self.write_hashed(&post_apply_checksum.to_be_bytes())?;
 
-        let file_checksum = CHECKSUM_FLAG | self.digest.finalize();
-        self.out.extend_from_slice(&file_checksum.to_be_bytes());
+        let digest = std::mem::replace(&mut self.digest, CRC64.digest());
+        let file_checksum = CHECKSUM_FLAG | digest.finalize();
+        self.write(&file_checksum.to_be_bytes())?;
+        self.out.flush().map_err(write_error)?;
         Ok(self.out)
     }
 
-    fn write_hashed(&mut self, bytes: &[u8]) {
+    fn write_hashed(&mut self, bytes: &[u8]) -> Result<(), LtxError> {
         self.digest.update(bytes);
-        self.out.extend_from_slice(bytes);
+        self.write(bytes)
     }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), LtxError> {
+        self.out.write_all(bytes).map_err(write_error)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+fn write_error(e: std::io::Error) -> LtxError {
+    LtxError::Write(e.to_string())
 }
 
 /// Encodes the page index: entries, a zero terminator, then the be64 length

@@ -27,6 +27,19 @@ use crate::store::{PreparedLtx, PutOutcome, Store};
 /// How many times a stale writer's object at our TXID is replaced before giving up the round.
 const STALE_REPLACEMENTS: usize = 3;
 
+/// A segment at most this large means the replicator has caught up with the writer (see
+/// [`Worker::catch_up`]).
+const CATCH_UP_BYTES: u64 = 1 << 20;
+/// Longest time spent catching up before taking the write lock anyway.
+const CATCH_UP_TIME: Duration = Duration::from_secs(2);
+/// See [`Worker::wal_over_limit`].
+const WAL_LIMIT_FACTOR: u64 = 2;
+/// Commits wait for the next checkpoint once the WAL holds this many times the checkpoint
+/// threshold, or [`WAL_HOLD_MIN_FRAMES`] if that is more (see `crate::capture`).
+pub(super) const WAL_HOLD_FACTOR: u32 = 3;
+/// 12,000 frames: about 47 MiB of 4 KiB pages, with the default threshold (4000) the limit.
+pub(super) const WAL_HOLD_MIN_FRAMES: u32 = 12_000;
+
 /// One segment ready to ship, kept as it is until it is known to be stored: a retry after an
 /// unknown outcome must send exactly the same bytes.
 #[derive(Debug, Clone)]
@@ -89,7 +102,14 @@ impl Worker {
             .filename(db)
             .busy_timeout(Duration::from_secs(5))
             .pragma("wal_autocheckpoint", "0");
-        let lock_conn = connect.clone().connect().await?;
+        let mut lock_conn = connect.clone().connect().await?;
+        {
+            // Under sustained writes `BEGIN IMMEDIATE` contends with a writer that holds the
+            // lock most of the time: retry within a millisecond (see `capture`).
+            let mut handle = lock_conn.lock_handle().await?;
+            // SAFETY: a live connection owned by this worker.
+            unsafe { crate::capture::install_busy_handler(handle.as_raw_handle(), Duration::from_secs(5)) };
+        }
         let checkpoint_conn = connect.connect().await?;
         let page_size = segment::page_size_of(db)?;
         let compaction = compactor::Schedule::new(&options.compaction);
@@ -125,6 +145,12 @@ impl Worker {
         })
     }
 
+    /// Where large segments, compactions and verification restores are written while they
+    /// are built: next to the database, on the disk sized for it.
+    pub(super) fn scratch(&self) -> PathBuf {
+        self.db.parent().map(Path::to_owned).unwrap_or_else(std::env::temp_dir)
+    }
+
     /// The last TXID shipped.
     pub(super) fn txid(&self) -> u64 {
         self.cursor.txid
@@ -140,14 +166,7 @@ impl Worker {
     /// its latest state; anything else is refused, because writing the next TXID over a state
     /// this instance never restored could erase another writer's commits.
     pub(super) async fn align(&mut self) -> Result<(), ReplicaError> {
-        let remote_max = self
-            .store
-            .list_all()
-            .await?
-            .iter()
-            .map(|f| f.max_txid)
-            .max()
-            .unwrap_or(0);
+        let remote_max = self.store.max_txid().await?;
         let record = local_state::load(&self.db)?;
         self.shipped_mark = self.signal.commits();
         match record {
@@ -243,7 +262,8 @@ impl Worker {
             self.unlock().await?;
         }
         let (db, txid, end) = (self.db.clone(), self.cursor.txid + 1, end?);
-        let segment = tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms()))
+        let scratch = self.scratch();
+        let segment = tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms(), &scratch))
             .await
             .map_err(join_error)??;
         tracing::info!(txid, "built a full image of the database");
@@ -278,7 +298,7 @@ impl Worker {
     fn prepare(&self, segment: Segment, mark: u64) -> Result<Upload, ReplicaError> {
         let prepared = self
             .store
-            .prepare_ltx(0, segment.txid, segment.txid, Bytes::from(segment.bytes), now_ms())?;
+            .prepare_ltx(0, segment.txid, segment.txid, segment.body, now_ms())?;
         Ok(Upload {
             txid: segment.txid,
             next: segment.next,
@@ -401,9 +421,10 @@ impl Worker {
         })
     }
 
-    /// The upload is in the replica: move the cursor, make the WAL frames it covered durable
-    /// locally *before* the record claims them (so after a power loss the record never points
-    /// past the WAL), write the record, and note the TXID in the lease.
+    /// The upload is in the replica: move the cursor, write the local record (without waiting
+    /// for the disk: see [`local_state::store_quick`] — a record that a power loss left
+    /// pointing past the WAL is caught at start-up by `segment::wal_reaches`, which is why
+    /// the WAL need not be synced here), and note the TXID in the lease.
     async fn advance(&mut self, upload: Upload) -> Result<(), ReplicaError> {
         self.pending = None;
         self.cursor = upload.next;
@@ -411,12 +432,9 @@ impl Worker {
         self.shipped_since_verify = true;
         self.compaction.note_shipped();
         let (db, record) = (self.db.clone(), self.record(false));
-        tokio::task::spawn_blocking(move || {
-            sync_wal(&db)?;
-            local_state::store(&db, &record)
-        })
-        .await
-        .map_err(join_error)??;
+        tokio::task::spawn_blocking(move || local_state::store_quick(&db, &record))
+            .await
+            .map_err(join_error)??;
         if let Some(lease) = self.shared.lease.lock().await.as_mut() {
             lease.note_txid(upload.txid);
         }
@@ -424,7 +442,7 @@ impl Worker {
         metrics::gauge!("keycast_replica_txid").set(self.cursor.txid as f64);
         tracing::debug!(
             txid = upload.txid,
-            bytes = upload.prepared.bytes.len(),
+            bytes = upload.prepared.len(),
             commits = upload.commits,
             "segment stored"
         );
@@ -528,8 +546,13 @@ impl Worker {
     pub(super) async fn read_next_segment_now(
         &mut self,
     ) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
-        let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
-        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms()))
+        let (db, cursor, max, scratch) = (
+            self.db.clone(),
+            self.cursor,
+            self.options.max_segment_bytes,
+            self.scratch(),
+        );
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
             .await
             .map_err(join_error)
     }
@@ -539,8 +562,13 @@ impl Worker {
         if !self.locked && !self.snapshot.is_held() {
             self.snapshot.refresh().await?;
         }
-        let (db, cursor, max) = (self.db.clone(), self.cursor, self.options.max_segment_bytes);
-        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms()))
+        let (db, cursor, max, scratch) = (
+            self.db.clone(),
+            self.cursor,
+            self.options.max_segment_bytes,
+            self.scratch(),
+        );
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
             .await
             .map_err(join_error)
     }
@@ -565,7 +593,9 @@ impl Worker {
     /// true with the lock still held; false (lock released) when the tail took longer than
     /// the lock budget to upload — it was finished outside the lock, try again later.
     async fn settle(&mut self) -> Result<bool, ReplicaError> {
-        self.sync(true).await?;
+        if !self.wal_over_limit() {
+            self.catch_up().await?;
+        }
         self.lock().await?;
         loop {
             let mark = self.signal.commits();
@@ -585,11 +615,36 @@ impl Worker {
         }
     }
 
+    /// Ships segments, without the write lock, until the one just shipped was small (it held
+    /// everything committed when it was read and little of it) or nothing is left — or for
+    /// at most [`CATCH_UP_TIME`]. Under sustained writes the loop would never find nothing
+    /// left; a small last segment means what commits while the lock is taken next is small
+    /// too, so the tail shipped under the lock fits its budget and the checkpoint happens.
+    async fn catch_up(&mut self) -> Result<(), ReplicaError> {
+        let deadline = Instant::now() + CATCH_UP_TIME;
+        loop {
+            let mark = self.signal.commits();
+            let Some(upload) = self.next_upload().await? else {
+                self.shipped_mark = mark;
+                self.publish_shipped(mark);
+                return Ok(());
+            };
+            let small = upload.mark.is_some() && upload.prepared.len() <= CATCH_UP_BYTES;
+            self.ship(upload).await?;
+            if small || self.wal_over_limit() || Instant::now() >= deadline {
+                return Ok(());
+            }
+        }
+    }
+
     /// The background loop; returns the replicated TXID at the end.
     pub(super) async fn run(mut self, mut stop: watch::Receiver<Option<Instant>>) -> Result<u64, ReplicaError> {
         let mut backoff = self.options.retry_min;
         let mut failing = false;
         loop {
+            // Commits wait at the WAL limit only while this loop checkpoints (see
+            // `crate::capture`); any other state lifts it.
+            self.hold_writers(false);
             let requested = *stop.borrow();
             if let Some(deadline) = requested {
                 return self.finish(deadline).await;
@@ -606,6 +661,7 @@ impl Worker {
                 self.hand_over(&to, &stop).await?;
                 continue;
             }
+            self.hold_writers(!failing);
             let wait = if failing { backoff } else { self.next_timer() };
             tokio::select! {
                 () = self.signal.wait() => self.note_pending(),
@@ -618,6 +674,7 @@ impl Worker {
                     backoff = self.options.retry_min;
                 }
                 Err(e) if e.is_fatal() => {
+                    self.hold_writers(false);
                     self.shared.fence(e.to_string());
                     return Err(e);
                 }
@@ -627,6 +684,7 @@ impl Worker {
                     failing = false;
                 }
                 Err(e) => {
+                    self.hold_writers(false);
                     self.note_failure(&e);
                     self.reset_transactions().await;
                     failing = true;
@@ -634,6 +692,18 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Sets or lifts the WAL limit at which commits wait for a checkpoint (see
+    /// `crate::capture`): [`WAL_HOLD_FACTOR`] times the checkpoint threshold, at least
+    /// [`WAL_HOLD_MIN_FRAMES`].
+    fn hold_writers(&self, on: bool) {
+        let limit = self
+            .options
+            .checkpoint_pages
+            .saturating_mul(WAL_HOLD_FACTOR)
+            .max(WAL_HOLD_MIN_FRAMES);
+        self.signal.set_wal_limit(if on { limit } else { 0 });
     }
 
     /// Handed over or fenced: nothing ships any more. Waits for shutdown; a handed-over
@@ -683,7 +753,7 @@ impl Worker {
         // Best effort: lets `keycast replica status` in another process show the error.
         let mut record = self.record(false);
         record.last_error = Some(error.to_string());
-        let _ = local_state::store(&self.db, &record);
+        let _ = local_state::store_quick(&self.db, &record);
         let mut status = self.shared.status.lock().expect("status lock");
         status.last_error = Some(error.to_string());
         status.failing_since.get_or_insert_with(Instant::now);
@@ -709,12 +779,14 @@ impl Worker {
     /// business but the next upload's). A failure does not fail the round: the schedule backs
     /// off, and an idle database stops retrying (see [`compactor::Schedule::failed`]).
     async fn compact(&mut self) {
+        let scratch = self.scratch();
         let result = compactor::run_due(
             &self.store,
             &self.options.compaction,
             &mut self.compaction,
             SystemTime::now(),
             self.cursor.txid,
+            &scratch,
         )
         .await;
         match result {
@@ -770,10 +842,7 @@ impl Worker {
         self.last_verify = Instant::now();
         self.shipped_since_verify = false;
         let (store, shared) = (self.store.clone(), self.shared.clone());
-        let (scratch, lineage) = (
-            self.db.parent().map(Path::to_owned).unwrap_or_else(std::env::temp_dir),
-            self.lineage.clone(),
-        );
+        let (scratch, lineage) = (self.scratch(), self.lineage.clone());
         self.verifying = Some(tokio::spawn(async move {
             let result = crate::verify::verify_at(&store, txid, expected, &scratch, &lineage).await;
             shared.record_verification(txid, result.err().map(|e| e.to_string()));
@@ -785,6 +854,16 @@ impl Worker {
         let frames = self.wal_frames();
         frames >= u64::from(self.options.checkpoint_pages)
             || (self.shipped_since_checkpoint && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval)
+    }
+
+    /// Whether the WAL has grown so far past the checkpoint threshold (to [`WAL_LIMIT_FACTOR`]
+    /// times it) that the checkpoint must not wait to catch up first: the write lock is taken
+    /// at once, which stops the WAL from growing while the tail ships (within the lock
+    /// budget) and the checkpoint runs. Writes wait for it as they would for SQLite's own
+    /// checkpoint; this is what keeps the WAL bounded when uploads stall under sustained
+    /// writes.
+    fn wal_over_limit(&self) -> bool {
+        self.wal_frames() >= u64::from(self.options.checkpoint_pages) * WAL_LIMIT_FACTOR
     }
 
     /// Frames in the current WAL generation up to the shipped position. (The file's size
@@ -801,10 +880,12 @@ impl Worker {
     /// from the other connection and lets go of the lock. With the WAL fully checkpointed, the
     /// next writer restarts it, continuing exactly the shipped state.
     async fn checkpoint(&mut self) -> Result<(), ReplicaError> {
+        let (due_frames, started) = (self.wal_frames(), Instant::now());
         if !self.settle().await? {
             tracing::debug!("the WAL tail did not ship within the lock budget; checkpointing next round");
             return Ok(());
         }
+        let settled_ms = started.elapsed().as_millis() as u64;
         let result = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&mut self.checkpoint_conn)
             .await;
@@ -818,11 +899,20 @@ impl Worker {
         }
         self.unlock().await?;
         let (_busy, log, done) = result?;
+        // Commits held at the WAL limit go on: the next one restarts the WAL.
+        self.signal.checkpoint_done();
         self.last_checkpoint = Instant::now();
         self.shipped_since_checkpoint = false;
         metrics::counter!("keycast_replica_checkpoints_total", "mode" => "passive").increment(1);
         self.shared.status.lock().expect("status lock").checkpoints += 1;
-        tracing::debug!(log, done, "checkpointed");
+        tracing::debug!(
+            log,
+            done,
+            due_frames,
+            settled_ms,
+            took_ms = started.elapsed().as_millis() as u64,
+            "checkpointed"
+        );
         Ok(())
     }
 
@@ -837,15 +927,6 @@ impl Worker {
         snapshot.close().await;
         let _ = sqlx::Connection::close(lock_conn).await;
         let _ = sqlx::Connection::close(checkpoint_conn).await;
-    }
-}
-
-/// Makes the WAL's frames durable on local disk (a no-op when there is no WAL).
-fn sync_wal(db: &Path) -> std::io::Result<()> {
-    match std::fs::File::open(segment::wal_path(db)) {
-        Ok(wal) => wal.sync_data(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
     }
 }
 

@@ -113,7 +113,10 @@ pub(super) fn open_s3(url: &str, rest: &str, env: &dyn Fn(&str) -> Option<String
         .with_bucket_name(&bucket)
         .with_region(&region)
         // Create-only puts (If-None-Match: *) are how a fenced writer learns it lost a race.
-        .with_conditional_put(S3ConditionalPut::ETagMatch);
+        .with_conditional_put(S3ConditionalPut::ETagMatch)
+        // Large objects are copied into place from a staging key, create-only: a part copy
+        // completed with If-None-Match: * (see store/stream.rs).
+        .with_config(AmazonS3ConfigKey::CopyIfNotExists, "multipart");
     builder = with_aws_credentials(builder, env)?;
     let endpoint = env("AWS_ENDPOINT_URL")
         .map(|value| parse_endpoint(&value))

@@ -27,7 +27,10 @@ pub async fn app_pool(path: &Path, signal: &Arc<CommitSignal>) -> SqlitePool {
             let signal = signal.clone();
             Box::pin(async move {
                 let mut handle = conn.lock_handle().await?;
-                unsafe { capture::install_wal_hook(handle.as_raw_handle(), &signal) };
+                unsafe {
+                    capture::install_wal_hook(handle.as_raw_handle(), &signal);
+                    capture::install_busy_handler(handle.as_raw_handle(), Duration::from_secs(5));
+                }
                 Ok(())
             })
         })
