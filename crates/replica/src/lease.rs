@@ -869,12 +869,17 @@ mod tests {
                     .unwrap();
             }
         };
+        // The newcomer judges by its own margin; a long one (2 s) keeps "expired, but within
+        // the margin" true however late a loaded machine runs the next line.
+        let newcomer = quick(10_000, 0);
+        let newcomer_margin_ms = newcomer.margin().as_millis() as i64;
+        assert!(newcomer_margin_ms > margin_ms);
         // Expired by the wall clock, but within the margin: not free yet.
-        set_expiry(now_ms() - margin_ms / 2).await;
-        let early = Lease::acquire(&store, "b", options).await.unwrap_err();
+        set_expiry(now_ms() - newcomer_margin_ms / 2).await;
+        let early = Lease::acquire(&store, "b", newcomer).await.unwrap_err();
         assert!(matches!(early, LeaseError::Held { .. }), "{early}");
-        set_expiry(now_ms() - 2 * margin_ms).await;
-        let b = Lease::acquire(&store, "b", options).await.unwrap();
+        set_expiry(now_ms() - 2 * newcomer_margin_ms).await;
+        let b = Lease::acquire(&store, "b", newcomer).await.unwrap();
         assert_eq!(b.epoch(), 2, "an expired lease is taken over");
         let err = a.renew().await.unwrap_err();
         assert!(matches!(err, LeaseError::Lost { ref by } if by.contains('b')), "{err}");
