@@ -51,7 +51,8 @@ class Instance:
         self.base = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items() if not k.startswith("KEYCAST_") and k != "DATABASE_URL"}
         full.update(PORT=str(self.port), KEYCAST_BIND="127.0.0.1", KEYCAST_DATA_DIR=os.path.join(work, name),
-                    KEYCAST_LOG="warn", KEYCAST_EMBEDDED_RELAY_ADDR="127.0.0.1:0", **env)
+                    KEYCAST_LOG="warn", KEYCAST_EMBEDDED_RELAY_ADDR="127.0.0.1:0", KEYCAST_TEST_ROUTES="true",
+                    **env)
         self.log = open(os.path.join(work, f"{name}.log"), "w")
         self.proc = subprocess.Popen([keycast, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 60
@@ -78,7 +79,10 @@ class Instance:
 def wrk(instances, token, seconds, connections=50):
     env = dict(os.environ, TOKEN=token)
     per = connections // len(instances)
-    runs = [subprocess.Popen(["wrk", "-t1", f"-c{per}", f"-d{seconds}s", "--latency", "-s", "bench/rpc/sign.lua",
+    # Two client threads in all, whatever the number of instances: wrk's own CPU is part of
+    # the load on the shared cores, so it must be the same in every scenario.
+    threads = max(1, 2 // len(instances))
+    runs = [subprocess.Popen(["wrk", f"-t{threads}", f"-c{per}", f"-d{seconds}s", "--latency", "-s", "bench/rpc/sign.lua",
                               i.base + "/api/nostr"], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
             for i in instances]
     results = []
@@ -118,6 +122,7 @@ def main():
     parser.add_argument("--keycast", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release/keycast"))
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="keycast-engines-", dir="/var/tmp")
+    os.chmod(work, 0o755)  # as root, the server runs as postgres and must reach its directory
     pg_dir = os.path.join(work, "pg")
     admin = subprocess.run([os.path.join(ROOT, "scripts/postgres.sh"), "start", pg_dir], capture_output=True, text=True,
                            check=True).stdout.strip()

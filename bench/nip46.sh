@@ -34,7 +34,7 @@ for _ in $(seq 100); do curl -fs -H 'Accept: application/nostr+json' "http://127
 PORT=$(free_port)
 EMBEDDED_PORT=$(free_port)
 PORT="$PORT" KEYCAST_BIND=127.0.0.1 KEYCAST_DATA_DIR="$WORK/data" KEYCAST_REPLICA_URL="file://$WORK/replica" \
-  KEYCAST_LOG=warn KEYCAST_MASTER_KEY="$(head -c 32 /dev/urandom | base64)" \
+  KEYCAST_LOG=warn KEYCAST_TEST_ROUTES=true KEYCAST_MASTER_KEY="$(head -c 32 /dev/urandom | base64)" \
   KEYCAST_EMBEDDED_RELAY=true KEYCAST_EMBEDDED_RELAY_ADDR="127.0.0.1:$EMBEDDED_PORT" \
   BUNKER_RELAYS="ws://127.0.0.1:$EMBEDDED_PORT,ws://127.0.0.1:$RELAY_PORT" \
   "$CARGO_TARGET_DIR/release/keycast" serve >"$WORK/out.log" 2>"$WORK/err.log" &

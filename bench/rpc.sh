@@ -13,7 +13,7 @@ KEYCAST="${KEYCAST_BIN:-$CARGO_TARGET_DIR/release/keycast}"
 WORK=$(mktemp -d /var/tmp/keycast-rpc-bench.XXXXXX)
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 env -u KEYCAST_REPLICA_URL PORT="$PORT" KEYCAST_BIND=127.0.0.1 KEYCAST_DATA_DIR="$WORK/data" \
-  KEYCAST_REPLICA_URL="file://$WORK/replica" KEYCAST_LOG=warn \
+  KEYCAST_REPLICA_URL="file://$WORK/replica" KEYCAST_LOG=warn KEYCAST_TEST_ROUTES=true \
   KEYCAST_MASTER_KEY="$(head -c 32 /dev/urandom | base64)" \
   "$KEYCAST" serve >"$WORK/out.log" 2>"$WORK/err.log" &
 PID=$!

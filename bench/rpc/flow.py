@@ -23,8 +23,16 @@ def call(method, path, body=None, content_type="application/json"):
     except urllib.error.HTTPError as e:
         return e.code, e.headers, e.read().decode()
 
-status, _, body = call("POST", "/api/auth/register", {"email": f"bench-{secrets.token_hex(4)}@example.com", "password": "bench password 1"})
+email = f"bench-{secrets.token_hex(4)}@example.com"
+status, _, body = call("POST", "/api/auth/register", {"email": email, "password": "bench password 1"})
 assert status == 201, body
+# keycast authorizes apps only for confirmed addresses: confirm through the development
+# outbox (the instance runs with KEYCAST_TEST_ROUTES=true).
+status, _, body = call("GET", "/api/test/outbox")
+assert status == 200, "start keycast with KEYCAST_TEST_ROUTES=true: " + body
+token = [m["token"] for m in json.loads(body)["messages"] if m["to"] == email and m["purpose"] == "verify_email"][-1]
+status, _, body = call("POST", "/api/auth/verify-email", {"token": token, "password": "bench password 1"})
+assert status == 200, body
 verifier = secrets.token_urlsafe(48)
 challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
 redirect = "http://127.0.0.1:9/callback"
