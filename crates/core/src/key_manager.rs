@@ -31,7 +31,7 @@ use crate::secret::{random_bytes, Secret};
 /// added later without guessing. Format 1: no key id (written before rotation existed).
 const FORMAT_V1: u8 = 1;
 /// Format 2: format byte, key id, nonce, sealed secret and tag.
-const FORMAT_V2: u8 = 2;
+pub const FORMAT_V2: u8 = 2;
 /// AES-GCM nonce length (96 bits, random per encryption).
 const NONCE_LEN: usize = 12;
 /// Length of a master key's id in a format-2 ciphertext.
@@ -180,6 +180,13 @@ impl MasterKeyManager {
         self.id
     }
 
+    /// The header every ciphertext it makes starts with: format byte and key id.
+    pub fn header(&self) -> [u8; 1 + KEY_ID_LEN] {
+        let mut header = [FORMAT_V2; 1 + KEY_ID_LEN];
+        header[1..].copy_from_slice(&self.id.0);
+        header
+    }
+
     /// Opens a sealed secret: `header` is what precedes the nonce (part of the associated
     /// data in format 2, empty in format 1).
     fn open_sealed(&self, header: &[u8], rest: &[u8], owner: KeyOwner<'_>) -> Result<Secret<[u8; 32]>, KeyError> {
@@ -211,8 +218,7 @@ impl KeyManager for MasterKeyManager {
     fn encrypt(&self, secret: &Secret<[u8; 32]>, owner: KeyOwner<'_>) -> Result<Vec<u8>, KeyError> {
         let nonce = random_bytes::<NONCE_LEN>();
         let mut header = Vec::with_capacity(CIPHERTEXT_LEN);
-        header.push(FORMAT_V2);
-        header.extend_from_slice(&self.id.0);
+        header.extend_from_slice(&self.header());
         // The header is associated data too: a ciphertext relabelled with another key id
         // does not open.
         let mut aad = header.clone();
@@ -269,6 +275,16 @@ impl Keyring {
     /// The current key alone: what the verification after a rotation decrypts with.
     pub fn current(&self) -> &MasterKeyManager {
         &self.current
+    }
+
+    /// The headers of the configured keys' ciphertexts (the current key's twice without a
+    /// previous key).
+    pub fn headers(&self) -> [[u8; 1 + KEY_ID_LEN]; 2] {
+        let current = self.current.header();
+        [
+            current,
+            self.previous.as_ref().map_or(current, MasterKeyManager::header),
+        ]
     }
 
     /// The id of the previous key, if one is configured.

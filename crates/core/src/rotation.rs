@@ -143,6 +143,22 @@ pub async fn verify(db: &Db, ring: &Keyring) -> Result<(u64, u64), RotationError
     Ok((verified, remaining))
 }
 
+/// How many stored keys are under a master key the keyring does not hold (by their
+/// headers; nothing is decrypted): more than zero at start means a rotation was left
+/// unfinished and its previous key dropped too early. Ciphertexts from before key ids
+/// (format 1) are not counted; the start-up sample decrypts those.
+///
+/// # Errors
+/// Database errors.
+pub async fn count_under_other_keys(db: &Db, ring: &Keyring) -> Result<i64, RepoError> {
+    let [current, previous] = ring.headers();
+    let mut total = 0;
+    for column in SealedColumn::ALL {
+        total += sealed::count_foreign(db, column, crate::key_manager::FORMAT_V2, [&current, &previous]).await?;
+    }
+    Ok(total)
+}
+
 /// The rows of one column, read a page at a time in id order.
 struct Pages {
     column: SealedColumn,
@@ -257,6 +273,10 @@ mod tests {
         let first = rotate(&db, &ring, Some(3)).await.unwrap();
         assert_eq!((first.reencrypted, first.remaining, first.verified), (3, 5, 3));
         assert!(!first.complete());
+        // With both keys nothing is foreign; with the new key alone the 5 left behind are.
+        assert_eq!(count_under_other_keys(&db, &ring).await.unwrap(), 0);
+        let new_only = Keyring::new(copy(&new), None);
+        assert_eq!(count_under_other_keys(&db, &new_only).await.unwrap(), 5);
         // Meanwhile a serving instance with both keys still opens every key.
         for (user, pubkey) in &users {
             let keys = keys::load_user_keys(&db, &ring, user).await.unwrap();
@@ -275,6 +295,13 @@ mod tests {
 
         let new_alone = MasterKeyManager::new(copy(&new));
         keys::verify_can_decrypt(&db, &new_alone).await.unwrap();
+        assert_eq!(count_under_other_keys(&db, &new_only).await.unwrap(), 0);
+        assert_eq!(
+            count_under_other_keys(&db, &Keyring::new(copy(&old), None))
+                .await
+                .unwrap(),
+            8
+        );
         for (user, pubkey) in &users {
             let keys = keys::load_user_keys(&db, &new_alone, user).await.unwrap();
             assert_eq!(&keys.public_key().to_hex(), pubkey);

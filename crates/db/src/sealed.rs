@@ -44,6 +44,19 @@ impl SealedColumn {
         }
     }
 
+    fn foreign_sql(self) -> &'static str {
+        match self {
+            SealedColumn::UserKeys => {
+                "SELECT COUNT(*) FROM keys WHERE substr(encrypted_secret, 1, 1) = $1 \
+                 AND substr(encrypted_secret, 1, $2) <> $3 AND substr(encrypted_secret, 1, $2) <> $4"
+            }
+            SealedColumn::BunkerKeys => {
+                "SELECT COUNT(*) FROM authorizations WHERE substr(bunker_secret_encrypted, 1, 1) = $1 \
+                 AND substr(bunker_secret_encrypted, 1, $2) <> $3 AND substr(bunker_secret_encrypted, 1, $2) <> $4"
+            }
+        }
+    }
+
     fn swap_sql(self) -> &'static str {
         match self {
             SealedColumn::UserKeys => "UPDATE keys SET encrypted_secret = $1 WHERE id = $2 AND encrypted_secret = $3",
@@ -76,6 +89,26 @@ pub async fn page(db: &Db, column: SealedColumn, after: &str, limit: i64) -> Res
             .bind(after)
             .bind(limit)
             .fetch_all(pool)
+            .await?)
+    })
+}
+
+/// How many rows of `column` carry a header that starts with `format` but is neither
+/// `allowed[0]` nor `allowed[1]` (headers of one length, format byte included): keys under a
+/// master key that is not configured, counted without reading a ciphertext out.
+///
+/// # Errors
+/// Database errors.
+pub async fn count_foreign(db: &Db, column: SealedColumn, format: u8, allowed: [&[u8]; 2]) -> Result<i64, RepoError> {
+    let len = allowed[0].len() as i32;
+    let format = [format];
+    on_engine!(db, |pool| {
+        Ok(sqlx::query_scalar(column.foreign_sql())
+            .bind(&format[..])
+            .bind(len)
+            .bind(allowed[0])
+            .bind(allowed[1])
+            .fetch_one(pool)
             .await?)
     })
 }

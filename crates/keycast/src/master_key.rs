@@ -61,6 +61,18 @@ pub async fn load(
     } else {
         ""
     };
+    // Every key's header names its master key: one the keyring lacks is the wrong key, or a
+    // rotation left unfinished (its previous key dropped too early), caught here before any
+    // user meets it. Cheap: the headers are compared in SQL, nothing is decrypted.
+    let foreign = keycast_core::rotation::count_under_other_keys(db, &ring).await?;
+    if foreign > 0 {
+        anyhow::bail!(
+            "refusing to start: {foreign} stored keys were encrypted under another master key than \
+             the one from {origin}{with_previous}: either that is not this database's master key, or a \
+             master-key rotation has not finished (then set KEYCAST_MASTER_KEY_PREVIOUS to the old key \
+             until the rotation reports complete)"
+        );
+    }
     keys::verify_can_decrypt(db, ring.as_ref()).await.with_context(|| {
         format!("refusing to start: the master key from {origin}{with_previous} does not match this database")
     })?;

@@ -145,6 +145,20 @@ fn interrupted_rotation_resumes_and_a_restore_opens_with_the_new_key_alone() {
     // Stopped after two keys, as an interruption would leave it: non-zero exit, progress kept.
     let (ok, first, log_first) = rotate(&data, &replica, &["--limit", "2"]);
     assert!(!ok, "an incomplete rotation must fail: {first}");
+    // Dropping the old key before the rotation completes is refused at start, naming why.
+    let early = Launch::new(&data)
+        .env("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display()))
+        .env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY)
+        .run_to_exit(Duration::from_secs(60));
+    assert!(!early.status.success());
+    assert!(
+        early.stderr.contains(&format!(
+            "{} stored keys were encrypted under another master key",
+            2 * USERS - 2
+        )) && early.stderr.contains("KEYCAST_MASTER_KEY_PREVIOUS"),
+        "{}",
+        early.stderr
+    );
     assert_eq!(
         (first["reencrypted"].as_u64(), first["remaining"].as_u64()),
         (Some(2), Some(2 * USERS - 2)),
@@ -257,7 +271,9 @@ fn interrupted_rotation_resumes_and_a_restore_opens_with_the_new_key_alone() {
         .run_to_exit(Duration::from_secs(60));
     assert!(!refused.status.success());
     assert!(
-        refused.stderr.contains("does not match this database"),
+        refused
+            .stderr
+            .contains("stored keys were encrypted under another master key"),
         "{}",
         refused.stderr
     );
@@ -386,7 +402,9 @@ fn on_postgres_the_command_rotates_beside_a_serving_instance_and_resumes() {
         .run_to_exit(Duration::from_secs(60));
     assert!(!refused.status.success());
     assert!(
-        refused.stderr.contains("does not match this database"),
+        refused
+            .stderr
+            .contains("stored keys were encrypted under another master key"),
         "{}",
         refused.stderr
     );
