@@ -250,7 +250,12 @@ fn split_brain_never_corrupts_the_replica_nor_loses_durable_writes() {
     );
     let (ready, body) = a.get_json("/healthz/ready");
     assert_eq!(ready, 503, "the superseded instance is not ready: {body}");
-    assert!(a.log().contains("stepped aside"), "the log says why: {}", a.log());
+    // The worker logs it when it has taken the write lock, a moment after refusing writes.
+    assert!(
+        a.wait_for_log("stepped aside", Duration::from_secs(10)),
+        "the log says why: {}",
+        a.log()
+    );
     b.stop();
     a.stop();
     let present = replicated_keys(dir.path(), &replica, &[]);
