@@ -13,12 +13,13 @@ KEYCAST="${KEYCAST_BIN:-$CARGO_TARGET_DIR/release/keycast}"
 WORK=$(mktemp -d /var/tmp/keycast-rpc-bench.XXXXXX)
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 env -u KEYCAST_REPLICA_URL PORT="$PORT" KEYCAST_BIND=127.0.0.1 KEYCAST_DATA_DIR="$WORK/data" \
-  KEYCAST_REPLICA_URL="file://$WORK/replica" KEYCAST_LOG=warn KEYCAST_TEST_ROUTES=true \
+  KEYCAST_REPLICA_URL="file://$WORK/replica" KEYCAST_LOG=warn KEYCAST_TEST_ROUTES=true KEYCAST_EMBEDDED_RELAY_ADDR=127.0.0.1:0 \
   KEYCAST_MASTER_KEY="$(head -c 32 /dev/urandom | base64)" \
   "$KEYCAST" serve >"$WORK/out.log" 2>"$WORK/err.log" &
 PID=$!
 trap 'kill $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$PORT/healthz/ready" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do curl -fs "http://127.0.0.1:$PORT/healthz/ready" >/dev/null && break; sleep 0.1; done
+curl -fs "http://127.0.0.1:$PORT/healthz/ready" >/dev/null || { echo "rpc.sh: keycast not ready after 30 s:" >&2; cat "$WORK/err.log" >&2; exit 1; }
 TOKEN=$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT")
 export TOKEN
 # Resident memory (VmRSS now, VmHWM the peak) and database + WAL bytes of the server.
