@@ -17,6 +17,7 @@
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
 //! - [`clients`]: registered apps, and whether a `client_id` is verified, unverified or refused.
 //! - [`refresh`]: rotating refresh tokens with reuse detection, RFC 7009 revocation.
+//! - [`terms`]: a grant's duration and limits, and the meter that enforces them.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
 //!
@@ -42,6 +43,7 @@ pub mod refresh;
 pub mod request;
 pub mod secret;
 pub mod signer;
+pub mod terms;
 #[cfg(test)]
 mod testing;
 
