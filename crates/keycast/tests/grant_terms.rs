@@ -93,6 +93,11 @@ fn exhausted_grant_is_refused_on_both_transports_with_one_count(engine: Engine) 
     let says = "3 signatures are used up";
     assert_refused_http(&sign_http(&server, &token, 4), "grant_exhausted", says);
     assert_refused_nip46(&sign_nip46(&mut nip46, 5), says);
+    // The owner sees the terms they chose.
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let authz = &listed["authorizations"][0];
+    assert_eq!(authz["limits"], json!({ "max_signatures": 3 }), "{listed}");
+    assert_eq!(authz["expires_at"], Value::Null, "until revoked: {listed}");
     // What is not a signature is still allowed.
     let pk = rpc(
         &server,
