@@ -10,10 +10,3 @@ CREATE TABLE oauth_clients (
     logo_url      TEXT,
     created_at    BIGINT NOT NULL
 );
-
--- Grants with time and limits (issue 14): what the owner chose at consent, as JSON
--- (`{"expires_at", "max_signatures", "per_minute", "per_hour", "per_day"}`, each optional);
--- NULL is a grant until revoked, without limits. A code carries the choice until its
--- exchange (`duration_secs` instead of `expires_at`, which starts at the exchange).
-ALTER TABLE authorizations ADD COLUMN terms TEXT;
-ALTER TABLE oauth_codes ADD COLUMN terms TEXT;
