@@ -17,6 +17,7 @@ use crate::key_manager::KeyManager;
 use crate::keys::{self, KeyError};
 use crate::policy::{Policy, PolicyError};
 use crate::secret::{hash_token, random_token, Secret};
+use crate::terms::GrantTerms;
 
 /// Default life of an access token: one hour (seconds); apps refresh for another
 /// ([`crate::refresh`]).
@@ -40,6 +41,8 @@ pub struct Authorization {
     /// When the credential that resolved this (a bearer token) expires; `None` for
     /// NIP-46, whose credential is the bound client key.
     pub expires_at: Option<i64>,
+    /// The owner's terms: how long the grant lasts, and its limits.
+    pub terms: GrantTerms,
 }
 
 /// Why a grant could not be created or an authorization read.
@@ -68,6 +71,7 @@ impl Authorization {
         };
         let bunker_pubkey = PublicKey::from_hex(&row.bunker_pubkey).map_err(|_| corrupt("bunker_pubkey"))?;
         let relays: Vec<String> = serde_json::from_str(&row.relays).map_err(|_| corrupt("relays"))?;
+        let terms = GrantTerms::from_json(row.terms.as_deref()).map_err(|_| corrupt("terms"))?;
         let connected_client_pubkey = match &row.connected_client_pubkey {
             Some(hex) => Some(PublicKey::from_hex(hex).map_err(|_| corrupt("connected_client_pubkey"))?),
             None => None,
@@ -84,6 +88,7 @@ impl Authorization {
             created_at: row.created_at,
             revoked_at: row.revoked_at,
             expires_at,
+            terms,
         })
     }
 }
@@ -99,6 +104,8 @@ pub struct NewGrant<'a> {
     pub relays: &'a [String],
     /// Life of the access token, seconds.
     pub token_ttl_secs: i64,
+    /// The owner's terms (default: until revoked, no limits).
+    pub terms: GrantTerms,
 }
 
 /// A created grant, with its secrets. The secrets exist only here: the database keeps
@@ -167,6 +174,7 @@ pub(crate) async fn insert_authorization(
     let (bunker, sealed) = keys::new_bunker_key(km, &id)?;
     let connect_secret = random_token();
     let relays = serde_json::to_string(new.relays).unwrap_or_else(|_| "[]".into());
+    let terms = new.terms.to_json();
     let row = NewAuthorization {
         id: &id,
         user_id: new.user_id,
@@ -177,6 +185,7 @@ pub(crate) async fn insert_authorization(
         bunker_secret_encrypted: &sealed,
         connect_secret_hash: &hash_token(connect_secret.expose()),
         relays: &relays,
+        terms: terms.as_deref(),
     };
     let row = authz_repo::insert(db, &row, now).await?;
     Ok((Authorization::from_row(&row, policy, None)?, connect_secret))

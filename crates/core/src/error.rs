@@ -58,6 +58,11 @@ pub enum SignError {
     /// policy social"). HTTP 403; NIP-46 error reply.
     #[error("{reason}")]
     PolicyDenied { reason: String },
+    /// The grant's own terms refuse it: expired (`grant_expired`), its signatures used up
+    /// (`grant_exhausted`) or a rate reached (`grant_rate_limited`). `reason` is for the
+    /// app to show. HTTP 403 with `code`; NIP-46 error reply.
+    #[error("{reason}")]
+    GrantRefused { code: &'static str, reason: String },
     /// HTTP 401.
     #[error("the authorization has been revoked")]
     Revoked,

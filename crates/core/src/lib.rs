@@ -18,6 +18,7 @@
 //! - [`oauth`]: authorization codes with PKCE S256, exchanged atomically for a grant.
 //! - [`clients`]: registered apps, and whether a `client_id` is verified, unverified or refused.
 //! - [`refresh`]: rotating refresh tokens with reuse detection, RFC 7009 revocation.
+//! - [`terms`]: a grant's duration and limits, and the meter that enforces them.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
 //! - [`cluster`]: many instances on PostgreSQL — change notices between them (so a
@@ -48,6 +49,7 @@ pub mod request;
 pub mod rotation;
 pub mod secret;
 pub mod signer;
+pub mod terms;
 #[cfg(test)]
 mod testing;
 

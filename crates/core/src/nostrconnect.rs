@@ -423,6 +423,7 @@ mod tests {
                     redirect_origin: "nostrconnect",
                     relays: &relays,
                     token_ttl_secs: 0,
+                    terms: Default::default(),
                 };
                 insert_authorization(&pool, km.as_ref(), &new, 1).await.unwrap();
             }

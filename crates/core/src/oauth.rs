@@ -19,6 +19,7 @@ use crate::error::InternalError;
 use crate::key_manager::KeyManager;
 use crate::refresh::{issue_refresh_token, TokenLifetimes};
 use crate::secret::{ct_eq, hash_token, random_token, Secret};
+use crate::terms::Choice;
 
 /// Default and longest life of an authorization code: 10 minutes (seconds), the most
 /// RFC 6749 §4.1.2 recommends. Deployments may shorten it (`KEYCAST_OAUTH_CODE_TTL_SECS`).
@@ -148,6 +149,8 @@ pub struct CodeRequest<'a> {
     pub code_challenge: &'a str,
     /// Must be `S256`; `plain` and absence are refused.
     pub code_challenge_method: &'a str,
+    /// The owner's choice of duration and limits for the grant.
+    pub choice: Choice,
 }
 
 /// Issues a code for an approved request, valid `ttl_secs` (clamped to 1..=[`CODE_TTL_SECS`]).
@@ -178,6 +181,7 @@ pub async fn issue_code(
         ));
     }
     let code = random_token();
+    let terms = request.choice.to_json();
     let new = NewCode {
         code_hash: &hash_token(code.expose()),
         user_id: request.user_id,
@@ -185,6 +189,7 @@ pub async fn issue_code(
         redirect_uri: request.redirect_uri,
         policy_id: &request.policy.id,
         code_challenge: request.code_challenge,
+        terms: terms.as_deref(),
     };
     oauth_repo::insert_code(db, &new, now, now + ttl_secs.clamp(1, CODE_TTL_SECS)).await?;
     Ok(code)
@@ -234,6 +239,10 @@ pub async fn exchange_code(
     ) {
         return Err(invalid_grant("code_verifier does not match the code_challenge"));
     }
+    let choice: Choice = match code.terms.as_deref() {
+        Some(json) => serde_json::from_str(json).map_err(|_| invalid_grant("the code's terms are unreadable"))?,
+        None => Choice::default(),
+    };
     let policy = policy_repo::find_by_id(db, &code.policy_id)
         .await?
         .ok_or_else(|| invalid_grant("the code's policy no longer exists"))?;
@@ -244,6 +253,7 @@ pub async fn exchange_code(
         redirect_origin: &redirect_origin(&code.redirect_uri)?,
         relays,
         token_ttl_secs: lifetimes.access_secs,
+        terms: choice.terms_from(now),
     };
     let mut grant = create_grant(db, km, &new, now).await?;
     let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;
@@ -269,6 +279,7 @@ mod tests {
             policy: &policy,
             code_challenge: &challenge,
             code_challenge_method: "S256",
+            choice: Choice::default(),
         };
         issue_code(fx.pool(), &request, CODE_TTL_SECS, 100).await.unwrap()
     }
@@ -415,6 +426,7 @@ mod tests {
             policy: &policy,
             code_challenge: &challenge,
             code_challenge_method: "S256",
+            choice: Choice::default(),
         };
         let short = issue_code(fx.pool(), &request, 5, 100).await.unwrap();
         assert_eq!(
@@ -447,6 +459,7 @@ mod tests {
                 policy: &policy,
                 code_challenge: challenge,
                 code_challenge_method: method,
+                choice: Choice::default(),
             };
             assert_eq!(
                 issue_code(fx.pool(), &request, CODE_TTL_SECS, 1)

@@ -244,6 +244,7 @@ mod tests {
                 redirect_origin: "https://app.example",
                 relays: &[],
                 token_ttl_secs: 60,
+                terms: Default::default(),
             };
             create_grant(db, old, &grant, 1).await.unwrap();
             out.push((user, key.pubkey.to_hex()));

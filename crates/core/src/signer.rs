@@ -35,6 +35,7 @@ use crate::nostrconnect::NostrConnectUri;
 use crate::policy::{self, Policy, PolicyError};
 use crate::request::{Request, Response};
 use crate::secret::{ct_eq, hash_token};
+use crate::terms::UsageMeter;
 
 /// How long a cached entry is trusted without asking the database (bounds staleness of
 /// changes made by another instance; this instance's own changes invalidate at once).
@@ -96,6 +97,8 @@ pub struct Signer {
     bunker_keys: EpochMap<AuthorizationId, Arc<Keys>>,
     policies: EpochMap<PolicyId, Arc<Policy>>,
     activity: ActivityBuffer,
+    /// Signatures per limited grant ([`crate::terms`]).
+    usage: UsageMeter,
     changes: broadcast::Sender<Change>,
     /// False while changes made elsewhere may be going unheard (the cluster's listener is
     /// down): then every lookup reads the database.
@@ -134,6 +137,7 @@ impl Signer {
             bunker_keys: EpochMap::new(ttl, cap),
             policies: EpochMap::new(ttl, cap),
             activity: ActivityBuffer::new(options.activity_capacity),
+            usage: UsageMeter::default(),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
             trusted: AtomicBool::new(true),
             announcer: OnceLock::new(),
@@ -261,6 +265,7 @@ impl Signer {
             redirect_origin: &uri.display_origin(),
             relays: &uri.relays,
             token_ttl_secs: 0,
+            terms: Default::default(),
         };
         // The authorization's own connect secret is never shown: the client is bound
         // here, so nobody else can use it.
@@ -415,6 +420,8 @@ impl Signer {
     /// key, [`policy::evaluate`], the operation, an activity record (buffered).
     ///
     /// # Errors
+    /// [`SignError::GrantRefused`] when the grant's own terms refuse it (expired, its
+    /// signatures used up, a rate reached: [`crate::terms`]);
     /// [`SignError::Revoked`] / [`SignError::Expired`] when the authorization is no
     /// longer live (checked against the caches, so a revocation is seen at once),
     /// [`SignError::PolicyDenied`], [`SignError::BadRequest`] (e.g. undecryptable
@@ -426,17 +433,23 @@ impl Signer {
         transport: Transport,
     ) -> Result<Response, SignError> {
         self.ensure_live(authz).await?;
+        let now = now_unix();
+        authz.terms.check_expiry(now)?;
         let keys = self.user_keys(&authz.user_id).await?;
         policy::evaluate(&authz.policy, &request, &keys.public_key())
             .map_err(|denial| SignError::PolicyDenied { reason: denial.reason })?;
         let (method, kind) = (request.method(), request.kind());
+        // Counted before signing: a refused signature is never made.
+        if method == "sign_event" {
+            self.usage.admit(&self.db, &authz.id, &authz.terms.limits, now).await?;
+        }
         let response = perform(&keys, request)?;
         self.activity.record(NewActivity {
             authorization_id: authz.id.clone(),
             method,
             kind: kind.map(i64::from),
             transport,
-            created_at: now_unix(),
+            created_at: now,
         });
         Ok(response)
     }

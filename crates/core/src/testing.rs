@@ -35,6 +35,7 @@ impl Fixture {
             redirect_origin: "https://app.example",
             relays: &self.relays,
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
+            terms: Default::default(),
         }
     }
 }

@@ -65,6 +65,7 @@ impl Harness {
             redirect_origin: "https://app.example",
             relays: &relays,
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
+            terms: Default::default(),
         };
         create_grant(&self.db, self.km.as_ref(), &new, now_unix())
             .await

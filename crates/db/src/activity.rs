@@ -142,6 +142,30 @@ pub async fn list_for_authorization(
     })
 }
 
+/// An authorization's signatures (`sign_event` records): how many in all, and the times of
+/// those at or after `since` (oldest first), for the usage limits of its grant.
+///
+/// # Errors
+/// Database errors.
+pub async fn signatures(db: &Db, authz: &AuthorizationId, since: i64) -> Result<(i64, Vec<i64>), RepoError> {
+    on_engine!(db, |pool| {
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM activity WHERE authorization_id = $1 AND method = 'sign_event'")
+                .bind(authz)
+                .fetch_one(pool)
+                .await?;
+        let recent: Vec<i64> = sqlx::query_scalar(
+            "SELECT created_at FROM activity WHERE authorization_id = $1 AND method = 'sign_event' \
+             AND created_at >= $2 ORDER BY created_at",
+        )
+        .bind(authz)
+        .bind(since)
+        .fetch_all(pool)
+        .await?;
+        Ok((total, recent))
+    })
+}
+
 /// The newest `limit` records across all of a user's authorizations, newest first.
 ///
 /// # Errors

@@ -33,6 +33,8 @@ pub struct AuthorizationRow {
     pub connected_at: Option<i64>,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    /// The owner's terms (expiry, limits) as JSON; `None`: until revoked, no limits.
+    pub terms: Option<String>,
 }
 
 /// What [`insert`] needs. The id is chosen by the caller before encrypting the bunker
@@ -48,12 +50,14 @@ pub struct NewAuthorization<'a> {
     pub bunker_secret_encrypted: &'a [u8],
     pub connect_secret_hash: &'a TokenHash,
     pub relays: &'a str,
+    /// See [`AuthorizationRow::terms`].
+    pub terms: Option<&'a str>,
 }
 
 macro_rules! columns {
     () => {
         "id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
-     bunker_secret_encrypted, connect_secret_hash, relays, connected_client_pubkey, connected_at, created_at, revoked_at"
+     bunker_secret_encrypted, connect_secret_hash, relays, connected_client_pubkey, connected_at, created_at, revoked_at, terms"
     };
 }
 
@@ -66,8 +70,8 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
     on_engine!(db, |pool| {
         let sql = concat!(
             "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
-         bunker_secret_encrypted, connect_secret_hash, relays, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING ",
+         bunker_secret_encrypted, connect_secret_hash, relays, created_at, terms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING ",
             columns!(),
             ""
         );
@@ -82,6 +86,7 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
             .bind(new.connect_secret_hash)
             .bind(new.relays)
             .bind(now)
+            .bind(new.terms)
             .fetch_one(pool)
             .await?)
     })

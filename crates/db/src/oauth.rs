@@ -25,6 +25,8 @@ pub struct OAuthCode {
     pub created_at: i64,
     pub expires_at: i64,
     pub redeemed_at: Option<i64>,
+    /// The terms the owner chose at consent (JSON), for the grant the code becomes.
+    pub terms: Option<String>,
 }
 
 /// What [`insert_code`] needs.
@@ -36,11 +38,13 @@ pub struct NewCode<'a> {
     pub redirect_uri: &'a str,
     pub policy_id: &'a PolicyId,
     pub code_challenge: &'a str,
+    /// See [`OAuthCode::terms`].
+    pub terms: Option<&'a str>,
 }
 
 macro_rules! code_columns {
     () => {
-        "code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, created_at, expires_at, redeemed_at"
+        "code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, created_at, expires_at, redeemed_at, terms"
     };
 }
 
@@ -52,7 +56,7 @@ pub async fn insert_code(db: &Db, new: &NewCode<'_>, now: i64, expires_at: i64) 
     on_engine!(db, |pool| {
         sqlx::query(
             "INSERT INTO oauth_codes (code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, \
-         created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         created_at, expires_at, terms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(new.code_hash)
         .bind(new.user_id)
@@ -62,6 +66,7 @@ pub async fn insert_code(db: &Db, new: &NewCode<'_>, now: i64, expires_at: i64) 
         .bind(new.code_challenge)
         .bind(now)
         .bind(expires_at)
+        .bind(new.terms)
         .execute(pool)
         .await?;
         Ok(())
@@ -145,7 +150,7 @@ pub async fn find_token_grant(db: &Db, hash: &TokenHash) -> Result<Option<TokenG
         let sql = "SELECT t.created_at AS token_created_at, t.expires_at AS token_expires_at, \
                a.id, a.user_id, a.policy_id, a.client_id, a.redirect_origin, a.bunker_pubkey, \
                a.bunker_secret_encrypted, a.connect_secret_hash, a.relays, a.connected_client_pubkey, \
-               a.connected_at, a.created_at, a.revoked_at \
+               a.connected_at, a.created_at, a.revoked_at, a.terms \
                FROM access_tokens t JOIN authorizations a ON a.id = t.authorization_id WHERE t.token_hash = $1";
         Ok(sqlx::query_as(sql).bind(hash).fetch_optional(pool).await?)
     })
@@ -180,6 +185,7 @@ mod tests {
             redirect_uri: "https://app.example/cb",
             policy_id: &PolicyId::new("pol_social"),
             code_challenge: "challenge",
+            terms: None,
         };
         insert_code(db, &new, 1, expires_at).await.unwrap();
         hash

@@ -53,6 +53,7 @@ pub(crate) async fn test_authorization(db: &Db, user: &UserId, bunker: &str) -> 
         bunker_secret_encrypted: b"ciphertext",
         connect_secret_hash: &TokenHash::of(b"connect"),
         relays: "[\"ws://127.0.0.1:7777\"]",
+        terms: None,
     };
     authz::insert(db, &new, 2).await.unwrap()
 }

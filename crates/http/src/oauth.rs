@@ -24,6 +24,7 @@ use axum::{Json, Router};
 use keycast_core::clients::{self, ClientIdentity};
 use keycast_core::oauth::{self, CodeRequest, OAuthError, TokenRequest};
 use keycast_core::refresh::RefreshRequest;
+use keycast_core::terms::{Choice, GrantDuration, Limits};
 use keycast_core::Authorization;
 use keycast_db::policies::{self, PolicyRow};
 use keycast_db::{now_unix, UserId};
@@ -89,8 +90,9 @@ impl AuthorizeParams {
         Ok((origin, policy, identity))
     }
 
-    fn code_request<'a>(&'a self, user: &'a UserId, policy: &'a PolicyRow) -> CodeRequest<'a> {
+    fn code_request<'a>(&'a self, user: &'a UserId, policy: &'a PolicyRow, choice: Choice) -> CodeRequest<'a> {
         CodeRequest {
+            choice,
             user_id: user,
             client_id: &self.client_id,
             redirect_uri: &self.redirect_uri,
@@ -217,8 +219,54 @@ struct Decision {
     /// Form: the session-bound CSRF token from the consent page.
     #[serde(default)]
     csrf: Option<String>,
+    /// How long the grant lasts: `hour`, `day`, `week` or `forever` (the default).
+    #[serde(default)]
+    duration: Option<Value>,
+    /// Optional limits (whole numbers; empty or absent: none).
+    #[serde(default)]
+    max_signatures: Option<Value>,
+    #[serde(default)]
+    per_minute: Option<Value>,
+    #[serde(default)]
+    per_hour: Option<Value>,
+    #[serde(default)]
+    per_day: Option<Value>,
     #[serde(flatten)]
     params: AuthorizeParams,
+}
+
+impl Decision {
+    /// The owner's choice of duration and limits (form strings or JSON numbers).
+    fn choice(&self) -> Result<Choice, OAuthFailure> {
+        let text = |v: &Option<Value>| match v {
+            Some(Value::String(s)) => s.trim().to_owned(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        let duration =
+            GrantDuration::parse(&text(&self.duration)).map_err(|why| OAuthFailure::new("invalid_request", &why))?;
+        let limit = |name: &str, v: &Option<Value>| -> Result<Option<u32>, OAuthFailure> {
+            let t = text(v);
+            if t.is_empty() {
+                return Ok(None);
+            }
+            t.parse::<u32>().ok().filter(|n| *n >= 1).map(Some).ok_or_else(|| {
+                OAuthFailure::new(
+                    "invalid_request",
+                    &format!("{name} must be a whole number from 1 to 4294967295, or empty for no limit"),
+                )
+            })
+        };
+        Ok(Choice {
+            duration_secs: duration.secs(),
+            limits: Limits {
+                max_signatures: limit("max_signatures", &self.max_signatures)?.map(u64::from),
+                per_minute: limit("per_minute", &self.per_minute)?,
+                per_hour: limit("per_hour", &self.per_hour)?,
+                per_day: limit("per_day", &self.per_day)?,
+            },
+        })
+    }
 }
 
 /// `POST /api/oauth/authorize`: the user's decision (see the module doc).
@@ -243,7 +291,7 @@ async fn decide(
     let target = if approved {
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
-        let request = d.params.code_request(&session.user.id, &policy);
+        let request = d.params.code_request(&session.user.id, &policy, d.choice()?);
         let code = oauth::issue_code(db, &request, state.options().code_ttl_secs, now_unix()).await?;
         state.confirm_write(false).await?;
         Ok((

@@ -263,6 +263,14 @@ pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String 
          <p>Policy: <strong>{name}</strong> (<code>{slug}</code>). The app may:</p><ul class=\"allows\">{allows}</ul>\
          <p>You can revoke this access at any time.</p>\
          <form method=\"post\" action=\"/api/oauth/authorize\">{hidden}\
+         <fieldset><legend>For how long</legend>\
+         <select name=\"duration\"><option value=\"hour\">An hour</option><option value=\"day\">A day</option>\
+         <option value=\"week\">A week</option><option value=\"forever\" selected>Until I revoke it</option></select>\
+         </fieldset><fieldset><legend>Limits (optional; empty means none)</legend>\
+         <label>Signatures in all <input type=\"number\" min=\"1\" name=\"max_signatures\"></label>\
+         <label>Per minute <input type=\"number\" min=\"1\" name=\"per_minute\"></label>\
+         <label>Per hour <input type=\"number\" min=\"1\" name=\"per_hour\"></label>\
+         <label>Per day <input type=\"number\" min=\"1\" name=\"per_day\"></label></fieldset>\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <div class=\"row\"><button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button>\
          <button type=\"submit\" name=\"decision\" value=\"approve\">Approve</button></div></form>",

@@ -86,6 +86,8 @@ enum RpcError {
     BadRequest(String),
     Unauthorized(String),
     Forbidden(String),
+    /// The grant's terms refuse it; the code says which (`grant_expired`, …).
+    Grant(&'static str, String),
     Unavailable,
     Internal(String),
 }
@@ -103,6 +105,7 @@ impl From<SignError> for RpcError {
     fn from(err: SignError) -> Self {
         match err {
             SignError::PolicyDenied { reason } => RpcError::Forbidden(reason),
+            SignError::GrantRefused { code, reason } => RpcError::Grant(code, reason),
             SignError::Revoked | SignError::Expired | SignError::UnknownToken | SignError::Auth(_) => {
                 RpcError::Unauthorized(err.to_string())
             }
@@ -119,6 +122,7 @@ impl IntoResponse for RpcError {
             RpcError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
             RpcError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
             RpcError::Forbidden(m) => (StatusCode::FORBIDDEN, "policy_denied", m),
+            RpcError::Grant(code, m) => (StatusCode::FORBIDDEN, code, m),
             RpcError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -13,6 +13,7 @@ use keycast_core::account_security::{self, ExportFormat};
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
 use keycast_core::nostrconnect::RelayCapError;
+use keycast_core::terms::GrantTerms;
 use keycast_core::{NostrConnectUri, Secret};
 use keycast_db::users::User;
 use keycast_db::{activity, authz as authz_repo, now_unix, policies, AuthorizationId, UserId};
@@ -39,13 +40,15 @@ pub(crate) fn routes() -> Router<AppState> {
 }
 
 /// `GET /api/user/authorizations` → `{authorizations: [{id, client_id, policy,
-/// redirect_origin, bunker_pubkey, created_at, revoked_at, last_activity}]}`.
+/// redirect_origin, bunker_pubkey, created_at, revoked_at, last_activity, expires_at,
+/// limits}]}`.
 async fn list_authorizations(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
     let slugs: HashMap<_, _> = policies::list(db).await?.into_iter().map(|p| (p.id, p.slug)).collect();
     let mut out = Vec::new();
     for row in authz_repo::list_for_user(db, &session.user.id).await? {
         let last = activity::list_for_authorization(db, &row.id, 1).await?;
+        let terms = GrantTerms::from_json(row.terms.as_deref()).map_err(AppError::internal)?;
         out.push(json!({
             "id": row.id.as_str(),
             "client_id": row.client_id,
@@ -56,6 +59,8 @@ async fn list_authorizations(State(state): State<AppState>, session: SessionUser
             "created_at": row.created_at,
             "revoked_at": row.revoked_at,
             "last_activity": last.first().map(|a| a.created_at),
+            "expires_at": terms.expires_at,
+            "limits": terms.limits,
         }));
     }
     Ok(Json(json!({ "authorizations": out })))

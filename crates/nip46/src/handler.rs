@@ -82,7 +82,9 @@ impl From<AuthError> for Refusal {
 impl From<SignError> for Refusal {
     fn from(err: SignError) -> Self {
         match err {
-            SignError::PolicyDenied { reason } => refuse(Outcome::PolicyDenied, reason),
+            SignError::PolicyDenied { reason } | SignError::GrantRefused { reason, .. } => {
+                refuse(Outcome::PolicyDenied, reason)
+            }
             SignError::BadRequest { reason } => refuse(Outcome::BadRequest, reason),
             SignError::Revoked | SignError::Expired | SignError::UnknownToken | SignError::Auth(_) => {
                 refuse(Outcome::Unauthorized, err.to_string())

@@ -1,0 +1,226 @@
+//! Grants with time and limits, against the real binary: the owner picks a duration and
+//! limits on the consent page; an expired or exhausted grant, or one past a rate, is
+//! refused on both transports — HTTP RPC and NIP-46 (nostr-tools through keycast's
+//! embedded relay) — with a reason an app can show. Both transports share one count,
+//! because both go through `Signer::execute`.
+
+mod harness;
+
+use harness::api::*;
+use harness::engine::psql;
+use harness::flow::{authorize_query, pkce, register, token_request};
+use harness::nostr::BunkerClient;
+use harness::{sqlite_exec, sqlite_query, Engine, Keycast, Launch};
+use serde_json::{json, Value};
+
+fn start(engine: Engine, dir: &std::path::Path) -> Keycast {
+    Launch::on(engine, &dir.join("data")).start()
+}
+
+/// Consent with the owner's choices (`duration`, limits) → the token response.
+fn grant_with(server: &Keycast, cookie: &str, choices: &[(&str, &str)]) -> Value {
+    let (challenge, verifier) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    for field in [
+        "name=\"duration\"",
+        "name=\"max_signatures\"",
+        "name=\"per_minute\"",
+        "name=\"per_hour\"",
+        "name=\"per_day\"",
+    ] {
+        assert!(
+            page.body.contains(field),
+            "the consent page offers {field}: {}",
+            page.body
+        );
+    }
+    assert!(page.body.contains("Until I revoke it") && page.body.contains("A week"));
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    fields.push(("csrf".into(), csrf));
+    fields.push(("decision".into(), "approve".into()));
+    fields.extend(choices.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    let r = post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]);
+    assert_eq!(r.status, 302, "{}", r.body);
+    let code = query_param(&r.location.unwrap(), "code").unwrap();
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+fn sign_http(server: &Keycast, token: &Value, n: u32) -> Reply {
+    let access = token["access_token"].as_str().unwrap();
+    rpc(
+        server,
+        access,
+        "sign_event",
+        json!([{ "kind": 1, "content": format!("note {n}") }]),
+    )
+}
+
+fn sign_nip46(client: &mut BunkerClient, n: u32) -> Value {
+    client.sign_event(json!({"kind": 1, "content": format!("nip46 note {n}"), "tags": [], "created_at": 1_700_000_000}))
+}
+
+fn assert_refused_http(reply: &Reply, code: &str, says: &str) {
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(reply.json()["code"], code, "{}", reply.body);
+    assert!(reply.json()["error"].as_str().unwrap().contains(says), "{}", reply.body);
+}
+
+fn assert_refused_nip46(reply: &Value, says: &str) {
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap_or_default().contains(says), "{reply}");
+}
+
+fn exhausted_grant_is_refused_on_both_transports_with_one_count(engine: Engine) {
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "total@example.com", None);
+    let token = grant_with(&server, &cookie, &[("max_signatures", "3"), ("per_minute", "")]);
+    let connected = nip46.connect(token["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
+
+    assert_eq!(sign_http(&server, &token, 1).status, 200);
+    assert_eq!(sign_nip46(&mut nip46, 2)["ok"], true);
+    assert_eq!(sign_http(&server, &token, 3).status, 200);
+    let says = "3 signatures are used up";
+    assert_refused_http(&sign_http(&server, &token, 4), "grant_exhausted", says);
+    assert_refused_nip46(&sign_nip46(&mut nip46, 5), says);
+    // The owner sees the terms they chose.
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let authz = &listed["authorizations"][0];
+    assert_eq!(authz["limits"], json!({ "max_signatures": 3 }), "{listed}");
+    assert_eq!(authz["expires_at"], Value::Null, "until revoked: {listed}");
+    // What is not a signature is still allowed.
+    let pk = rpc(
+        &server,
+        token["access_token"].as_str().unwrap(),
+        "get_public_key",
+        json!([]),
+    );
+    assert_eq!(pk.status, 200, "{}", pk.body);
+}
+
+fn rate_limited_grant_says_when_to_retry_on_both_transports(engine: Engine) {
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "rate@example.com", None);
+    // Generous against a loaded machine: the three signatures take well under a minute.
+    let token = grant_with(&server, &cookie, &[("per_minute", "2"), ("per_day", "100")]);
+    let connected = nip46.connect(token["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
+    assert_eq!(sign_http(&server, &token, 1).status, 200);
+    assert_eq!(sign_nip46(&mut nip46, 2)["ok"], true);
+    let refused = sign_http(&server, &token, 3);
+    assert_refused_http(&refused, "grant_rate_limited", "2 signatures per minute");
+    assert!(
+        refused.json()["error"].as_str().unwrap().contains("retry in"),
+        "{}",
+        refused.body
+    );
+    assert_refused_nip46(&sign_nip46(&mut nip46, 4), "2 signatures per minute");
+}
+
+fn bad_limits_at_consent_are_refused_with_the_field_named(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "bad@example.com", None);
+    let (challenge, _) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    for (field, value, says) in [
+        ("per_hour", "-1", "per_hour"),
+        ("max_signatures", "lots", "max_signatures"),
+        ("duration", "month", "hour, day, week or forever"),
+    ] {
+        let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        fields.extend([
+            ("csrf".to_owned(), csrf.clone()),
+            ("decision".into(), "approve".into()),
+            (field.into(), value.into()),
+        ]);
+        let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+        let r = post(&server, "/api/oauth/authorize", Some(&cookie), FORM, &body, &[]);
+        assert_eq!(r.status, 400, "{field}={value}: {}", r.body);
+        assert!(r.body.contains(says), "{}", r.body);
+    }
+}
+
+/// Reads or writes the `terms` of the only authorization, on whichever engine.
+fn terms_sql(data_dir: &std::path::Path, database: Option<&harness::engine::PgDatabase>, sql: &str) -> String {
+    match database {
+        None => {
+            let db = data_dir.join("keycast.db");
+            if sql.starts_with("SELECT") {
+                sqlite_query(&db, sql)
+            } else {
+                sqlite_exec(&db, sql)
+            }
+        }
+        Some(pg) => psql(&pg.url, sql),
+    }
+}
+
+fn expired_grant_is_refused_on_both_transports(engine: Engine) {
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The bunker URL names the embedded relay: the same port after the restart below.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay = format!("127.0.0.1:{port}");
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_EMBEDDED_RELAY_ADDR", &relay)
+        .start();
+    let (cookie, _) = register(&server, "hour@example.com", None);
+    let token = grant_with(&server, &cookie, &[("duration", "hour")]);
+    assert_eq!(sign_http(&server, &token, 1).status, 200);
+    let now = keycast_db::now_unix();
+    let select = "SELECT terms FROM authorizations";
+    let terms: Value = serde_json::from_str(&terms_sql(&server.data_dir, server.database.as_deref(), select)).unwrap();
+    let expires_at = terms["expires_at"].as_i64().unwrap();
+    assert!(
+        (now + 3500..=now + 3600).contains(&expires_at),
+        "an hour from the exchange: {terms}"
+    );
+
+    // An hour passes: the stored expiry moves into the past (written while keycast is
+    // stopped), and keycast starts afresh on the same database, so no cache hides it.
+    let database = server.database.clone();
+    let data_dir = server.data_dir.clone();
+    server.stop();
+    let past = format!("UPDATE authorizations SET terms = '{{\"expires_at\":{}}}'", now - 1);
+    terms_sql(&data_dir, database.as_deref(), &past);
+    let mut launch = Launch::new(&dir.path().join("data")).env("KEYCAST_EMBEDDED_RELAY_ADDR", &relay);
+    if let Some(db) = &database {
+        launch = launch.postgres(db);
+    }
+    let server = launch.start();
+
+    assert_refused_http(&sign_http(&server, &token, 2), "grant_expired", "this grant expired at");
+    let connected = nip46.connect(token["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
+    assert_refused_nip46(&sign_nip46(&mut nip46, 3), "this grant expired at");
+}
+
+on_both_engines!(
+    exhausted_grant_is_refused_on_both_transports_with_one_count,
+    rate_limited_grant_says_when_to_retry_on_both_transports,
+    bad_limits_at_consent_are_refused_with_the_field_named,
+    expired_grant_is_refused_on_both_transports,
+);
