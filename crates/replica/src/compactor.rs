@@ -60,7 +60,7 @@ impl Default for CompactionPolicy {
     fn default() -> Self {
         Self {
             levels: vec![
-                Duration::from_secs(10),
+                Duration::from_secs(30),
                 Duration::from_secs(300),
                 Duration::from_secs(3600),
             ],
