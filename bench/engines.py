@@ -108,6 +108,10 @@ def scenario(name, instances, token, seconds, pg=None):
         "p50_ms": max(r["p50_ms"] for r in results),
         "p99_ms": max(r["p99_ms"] for r in results),
         "errors": sum(r["errors"] for r in results),
+        # Of which: answers other than 2xx/3xx, requests past wrk's 2 s timeout, socket errors.
+        "non_2xx": sum(r.get("non_2xx", 0) for r in results),
+        "timeouts": sum(r.get("timeouts", 0) for r in results),
+        "socket_errors": sum(r.get("socket_errors", 0) for r in results),
         "keycast_cpu_us_per_req": round((cpu_seconds(pids) - before) / requests * 1e6, 1),
     }
     if pg:

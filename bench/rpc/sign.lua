@@ -9,8 +9,10 @@ response = function(status, headers, body)
   if status ~= 200 then non200 = non200 + 1 end
 end
 done = function(summary, latency, requests)
-  io.write(string.format('{"bench":"rpc-sign-event","requests":%d,"seconds":%.2f,"req_per_s":%.0f,"p50_ms":%.2f,"p90_ms":%.2f,"p99_ms":%.2f,"max_ms":%.2f,"errors":%d}\n',
+  io.write(string.format('{"bench":"rpc-sign-event","requests":%d,"seconds":%.2f,"req_per_s":%.0f,"p50_ms":%.2f,"p90_ms":%.2f,"p99_ms":%.2f,"max_ms":%.2f,"errors":%d,"non_2xx":%d,"timeouts":%d,"socket_errors":%d}\n',
     summary.requests, summary.duration / 1e6, summary.requests / (summary.duration / 1e6),
     latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000, latency.max / 1000,
-    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, summary.errors.timeout,
+    summary.errors.connect + summary.errors.read + summary.errors.write))
 end
