@@ -127,6 +127,32 @@ if [ ! -x "$PEERS/bin/nostr-rs-relay" ] || [ "$(cat "$PEERS/bin/.nostr-rs-relay-
 fi
 echo "install-peers: $("$PEERS/bin/nostr-rs-relay" --version 2>/dev/null || echo "nostr-rs-relay (version unknown)")"
 
+# PgBouncer 1.24.1, built from the Debian source tarball (Debian 12 ships 1.18, which cannot
+# carry sqlx's named prepared statements in transaction mode; 1.21+ can): the pooler in
+# front of PostgreSQL in crates/keycast/tests/pgbouncer.rs. Checked by its sha256; builds in
+# well under a minute, once per version.
+PGBOUNCER_VERSION='1.24.1'
+PGBOUNCER_SHA256='da72a3aba13072876d055a3e58dd4aba4a5de4ed6148e73033185245598fd3e0'
+PGBOUNCER_DIR="$PEERS/pgbouncer-$PGBOUNCER_VERSION"
+if [ ! -x "$PGBOUNCER_DIR/bin/pgbouncer" ]; then
+  echo "install-peers: building PgBouncer $PGBOUNCER_VERSION into $PGBOUNCER_DIR"
+  if ! dpkg -s libevent-dev >/dev/null 2>&1 || ! command -v pkg-config >/dev/null 2>&1 || ! dpkg -s libssl-dev >/dev/null 2>&1; then
+    if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq; APT_UPDATED=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libevent-dev libssl-dev pkg-config make gcc >/dev/null
+  fi
+  build="$PEERS/build-pgbouncer"
+  rm -rf "$build" && mkdir -p "$build"
+  tarball="$build/pgbouncer_$PGBOUNCER_VERSION.orig.tar.gz"
+  curl -fsSL -o "$tarball" "http://deb.debian.org/debian/pool/main/p/pgbouncer/pgbouncer_$PGBOUNCER_VERSION.orig.tar.gz"
+  echo "$PGBOUNCER_SHA256  $tarball" | sha256sum -c --quiet -
+  tar -xzf "$tarball" -C "$build"
+  (cd "$build/pgbouncer-$PGBOUNCER_VERSION" \
+    && ./configure --quiet --prefix="$PGBOUNCER_DIR" --without-cares --without-systemd >/dev/null \
+    && make --quiet -j2 >/dev/null && make --quiet install >/dev/null)
+  rm -rf "$build"
+fi
+echo "install-peers: $("$PGBOUNCER_DIR/bin/pgbouncer" --version | head -1)"
+
 cat > "$PEERS/env.sh" <<ENV
 export PATH="$PEERS/bin:$VENV/bin:\$PATH"
 export KEYCAST_NOSTR_TOOLS_DIR="$NODE_DIR"
@@ -138,6 +164,7 @@ export KEYCAST_TEST_CHROMIUM=/usr/bin/chromium
 export KEYCAST_PLAYWRIGHT_DIR="$NODE_DIR"
 export KEYCAST_TEST_AZURITE="$NODE_DIR/node_modules/.bin/azurite-blob"
 export KEYCAST_TEST_FAKE_GCS_SERVER="$FAKE_GCS_SERVER"
+export KEYCAST_TEST_PGBOUNCER="$PGBOUNCER_DIR/bin/pgbouncer"
 export KEYCAST_TEST_SCHEMATHESIS="$FUZZ_VENV/bin/schemathesis"
 export KEYCAST_TEST_BINDFS="$(command -v bindfs)"
 export KEYCAST_TEST_PROMTOOL="$(command -v promtool)"

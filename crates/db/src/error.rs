@@ -17,8 +17,9 @@ pub enum RepoError {
     /// The operation exists on the other engine only (instance membership on SQLite).
     #[error("not available on this database engine: {0}")]
     Unsupported(&'static str),
-    /// Any other database failure.
-    #[error("database error: {0}")]
+    /// Any other database failure (with a hint when it is a pooler's doing, see
+    /// [`pooler_hint`]).
+    #[error("database error: {0}{hint}", hint = pooler_hint(.0))]
     Database(#[source] sqlx::Error),
 }
 
@@ -37,6 +38,26 @@ impl From<sqlx::Error> for RepoError {
             }
         }
         RepoError::Database(err)
+    }
+}
+
+/// What to do when PostgreSQL refuses one of sqlx's named prepared statements (`sqlx_s_N`
+/// "already exists" or "does not exist"): sqlx prepares each query once per connection and
+/// reuses it by name, so a pooler in transaction mode that hands one client's statements to
+/// another client's server connection (PgBouncer before 1.21, or 1.21+ with
+/// `max_prepared_statements = 0`) breaks every query. The raw message names none of that.
+pub(crate) fn pooler_hint(err: &sqlx::Error) -> &'static str {
+    let sqlx::Error::Database(db) = err else {
+        return "";
+    };
+    // 42P05 duplicate_prepared_statement, 26000 invalid_sql_statement_name.
+    let clash = matches!(db.code().as_deref(), Some("42P05" | "26000")) && db.message().contains("sqlx_s_");
+    if clash {
+        " (DATABASE_URL seems to go through a connection pooler in transaction mode that does not \
+         keep prepared statements apart: use PgBouncer 1.21 or newer with max_prepared_statements \
+         set, session mode, or a direct connection; see docs/POSTGRESQL.md)"
+    } else {
+        ""
     }
 }
 

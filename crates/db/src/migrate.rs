@@ -44,7 +44,7 @@ pub enum MigrateError {
          or newer"
     )]
     Contracted { database: i64, oldest: i64, binary: i64 },
-    #[error("cannot read the applied migrations: {0}")]
+    #[error("cannot read the applied migrations: {0}{hint}", hint = crate::error::pooler_hint(.0))]
     Query(#[from] sqlx::Error),
 }
 
