@@ -231,6 +231,53 @@ fn closed_registration_refuses_unregistered_apps_and_serves_registered_ones(engi
     assert!(page.body.contains("<strong>Primal</strong>") && page.body.contains("Verified app"));
 }
 
+#[test]
+fn an_app_registered_from_the_shell_while_serving_survives_a_redeploy() {
+    // `keycast clients add` commits to the live SQLite database beside the running service:
+    // a write the service did not make. Its replicator must ship it like its own, or the
+    // next deploy (a wiped disk, restored from the replica) silently loses the app.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let launch = Launch::new(&data).redeployable(&dir.path().join("replica"));
+    let server = launch.start();
+    let added = clients_cli(
+        &server,
+        &["add", "--name", "Nostrudel", "--redirect-uri", APP_REDIRECT, "--json"],
+    );
+    assert!(added.status.success(), "clients add while serving: {}", added.stderr);
+    let id = serde_json::from_str::<Value>(added.stdout.trim()).unwrap()["client_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (cookie, _) = register(&server, "owner@example.com", None);
+    let page = get(&server, &authorize_path(&id, APP_REDIRECT), Some(&cookie));
+    assert!(
+        page.body.contains("Verified app"),
+        "the serving instance sees it: {}",
+        page.body
+    );
+    server.stop();
+
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = launch.start();
+    let listed = clients_cli(&server, &["list", "--json"]);
+    assert!(listed.stdout.contains(&id), "lost in the redeploy: {}", listed.stdout);
+    let cookie = login_cookie(&server, "owner@example.com");
+    let page = get(&server, &authorize_path(&id, APP_REDIRECT), Some(&cookie));
+    assert!(page.body.contains("<strong>Nostrudel</strong>") && page.body.contains("Verified app"));
+}
+
+fn login_cookie(server: &Keycast, email: &str) -> String {
+    let r = post_json(
+        server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(r.status, 200, "login: {}", r.body);
+    cookie_of(&r)
+}
+
 on_both_engines!(
     cli_registered_app_is_verified_with_an_exact_redirect_and_others_unverified,
     admin_api_needs_the_operator_token_and_registers_lists_and_removes,
