@@ -8,7 +8,8 @@
 //! (`<prefix>/keycast/staging/…`, where Litestream never looks), and is then copied into place
 //! with [`CopyMode::Create`]: the server-side copy is the create-only write (`If-None-Match`
 //! on S3's completing request, `ifGenerationMatch=0` on GCS, `If-None-Match: *` on Azure). The
-//! staging object is deleted afterwards; one left behind by a crash is removed by retention.
+//! staging object is deleted afterwards (on Azure only by retention, an hour later: its copy
+//! may still be running, see `put_staged`); one left behind by a crash is removed by retention.
 //! On the file backend the bytes are written to a hidden staging file next to the target and
 //! hard-linked into place, which fails if the target exists.
 //!
@@ -27,7 +28,7 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{Attributes, CopyMode, CopyOptions, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutPayload};
 
-use super::{Operation, PreparedLtx, PutOutcome, Store, StoreError};
+use super::{Backend, Operation, PreparedLtx, PutOutcome, Store, StoreError};
 use crate::crypt::{CryptError, Sealer, MAGIC, NONCE_LEN, TAG_LEN};
 use crate::spill::Body;
 
@@ -187,7 +188,11 @@ impl Store {
     }
 
     /// Every other backend: multipart upload to a staging key, create-only copy into place,
-    /// staging object deleted.
+    /// staging object deleted — except on Azure, where Copy Blob may answer `202 Accepted`
+    /// with the copy still `pending` (object_store does not wait for it), and deleting the
+    /// source then would fail the copy and leave a broken object at a key already counted as
+    /// stored. There the staging blob stays until retention prunes staging objects older than
+    /// an hour, long after any copy within one account has finished.
     async fn put_staged(&self, prepared: &PreparedLtx, attributes: Attributes) -> Result<PutOutcome, StoreError> {
         let staging = self.staging_key()?;
         self.begin(Operation::Put);
@@ -201,7 +206,10 @@ impl Store {
             ..CopyOptions::default()
         };
         let copied = self.inner.objects.copy_opts(&staging, &prepared.key, copy).await;
-        let _ = self.inner.objects.delete(&staging).await;
+        // A refused or failed copy copies nothing, so its source can go at once.
+        if self.inner.backend != Backend::Azure || copied.is_err() {
+            let _ = self.inner.objects.delete(&staging).await;
+        }
         match copied {
             Ok(()) => {
                 metrics::counter!("keycast_replica_bytes_total", "operation" => "put").increment(prepared.len());
