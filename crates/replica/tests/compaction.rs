@@ -172,3 +172,50 @@ async fn a_compaction_resumed_after_its_lease_ran_out_deletes_nothing() {
     drop(replicator);
     pool.close().await;
 }
+
+/// Listings are class-A requests, the bulk of the object-store bill. Once compaction has
+/// listed the replica, it works from what this instance stored and deleted: with every
+/// listing failing, levels still get compacted and covered level-0 files deleted.
+#[tokio::test]
+async fn compaction_and_retention_need_no_listing_once_the_replica_is_known() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let base = Store::in_memory();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())
+        .await
+        .unwrap();
+    insert(&pool, "first").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    // The first run lists the replica once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while base.list_level(1).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the first compaction ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    faults.add(Rule::new(Op::List, Action::Fail));
+    for i in 0..5 {
+        insert(&pool, &format!("v{i}")).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let newest = replicator.status().replicated_txid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l1_max = base.list_level(1).await.unwrap().iter().map(|f| f.max_txid).max();
+        let l0 = level0(&base).await;
+        if l1_max == Some(newest) && l0 == vec![newest] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "level 1 reaches TXID {newest} and level 0 keeps only its newest file, without listing: L1 max {l1_max:?}, L0 {l0:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
