@@ -7,7 +7,8 @@ replicating to its own bucket on a moto S3 server through a counting proxy, and 
 month's cost at GCS list prices:
 
   keycast            keycast's built-in replica, default settings
-  keycast-cost       the same, activity written every 30 s and compaction every 5 min / 1 h
+  keycast-cost       the cost profile of docs/OPERATIONS.md: activity written every 55 s,
+                     compaction every 5 min / 1 h, lease TTL 300 s
   litestream         keycast without its replica (KEYCAST_REPLICA_URL=none), Litestream 0.5.17
                      with its shipped defaults replicating the same database file (the seed's
                      sidecar set-up)
@@ -15,11 +16,11 @@ month's cost at GCS list prices:
 Time is compressed by --factor (default 30: the day takes 48 minutes). Every interval that
 drives object-store requests is divided by the same factor, for keycast and Litestream alike:
 activity flushes, compaction levels, snapshots and their retention, L0 retention, background
-verification, Litestream's monitor/sync/checkpoint and L0-retention-check intervals. NIP-46 is off (the
-workload signs over HTTP; the relays cost no storage). Two cannot be: keycast's lease
-TTL (whole seconds, at least 1: 15 s real becomes 1 s = 30 s simulated, so lease renewals are
-under-counted; they are reported apart, with the correction) and keycast's internal timers
-(the lock budget, the hand-over keeper's 1 s), which only act around uploads.
+verification, Litestream's monitor/sync/checkpoint and L0-retention-check intervals, and
+keycast's lease TTL — in whole seconds, at least 1: the default 15 s becomes 1 s = 45 s
+simulated at factor 45, so its renewals are under-counted; they are reported apart, with the
+correction to the TTL simulated. keycast's internal timers (the lock budget, the hand-over
+keeper's 1 s) cannot be compressed; they only act around uploads.
 
 The proxy classifies S3 requests the way GCS bills their XML-API twins: class A = object
 writes (PUT, POST, copy) and listings (GET on the bucket); class B = object reads (GET, HEAD);
@@ -382,7 +383,7 @@ dbs:
 """)
 
 
-def keycast_env(proxy_port, bucket, factor, flush_sim_secs, levels_sim):
+def keycast_env(proxy_port, bucket, factor, flush_sim_secs, levels_sim, lease_ttl_sim):
     s = lambda secs: str(max(1, round(secs / factor)))
     return {
         "KEYCAST_REPLICA_URL": f"s3://{bucket}/keycast",
@@ -394,7 +395,7 @@ def keycast_env(proxy_port, bucket, factor, flush_sim_secs, levels_sim):
         "KEYCAST_REPLICA_SNAPSHOT_RETENTION_SECS": s(86400),
         "KEYCAST_REPLICA_L0_RETENTION_SECS": s(300),
         "KEYCAST_REPLICA_VERIFY_INTERVAL_SECS": s(3600),
-        "KEYCAST_REPLICA_LEASE_TTL_SECS": "1",
+        "KEYCAST_REPLICA_LEASE_TTL_SECS": s(lease_ttl_sim),
         "KEYCAST_REPLICA_LEASE_WAIT_SECS": "5",
     }
 
@@ -433,9 +434,9 @@ def run_day(args):
             proxy = make_proxy(moto.port, counter)
             port = proxy.server_address[1]
             if name == "keycast":
-                env = keycast_env(port, bucket, factor, 1, [30, 300, 3600])
+                env = keycast_env(port, bucket, factor, 1, [10, 300, 3600], 15)
             elif name == "keycast-cost":
-                env = keycast_env(port, bucket, factor, args.cost_flush, [300, 3600])
+                env = keycast_env(port, bucket, factor, args.cost_flush, [300, 3600], args.cost_lease_ttl)
             else:
                 env = {"KEYCAST_REPLICA_URL": "none", "KEYCAST_ACTIVITY_FLUSH_MS": str(max(10, round(1000 / factor)))}
             setups[name] = {"data": data, "bucket": bucket, "counter": counter, "proxy": proxy, "env": env}
@@ -520,9 +521,12 @@ def run_day(args):
             deleted = s["counter"].deleted_bytes(day_start, day_end)
             soft_deleted = deleted * PRICES["soft_delete_days"]  # byte-days per day kept
             gib_month = (stored + soft_deleted) / 2**30
-            # Lease renewals scale with time: the run's TTL covered factor/15 times more
-            # simulated time than the real 15 s, so a real day renews that much more often.
-            lease_scale = factor / 15.0 if name != "litestream" else 1.0
+            # Lease renewals scale with time: the run's TTL (whole seconds) covered
+            # TTL * factor simulated seconds, not the TTL simulated, so a real day renews
+            # that much more (or less) often.
+            lease_sim = 15 if name == "keycast" else args.cost_lease_ttl
+            lease_run = max(1, round(lease_sim / factor))
+            lease_scale = lease_run * factor / lease_sim if name != "litestream" else 1.0
             a_corrected = a + lease_a * (lease_scale - 1)
             b_corrected = b + lease_b * (lease_scale - 1)
             entry = {
@@ -609,7 +613,8 @@ def main():
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--signatures", type=int, default=10000)
     p.add_argument("--grants", type=int, default=100)
-    p.add_argument("--cost-flush", type=float, default=30.0, help="keycast-cost's activity flush, simulated seconds")
+    p.add_argument("--cost-flush", type=float, default=55.0, help="keycast-cost's activity flush, simulated seconds")
+    p.add_argument("--cost-lease-ttl", type=float, default=300.0, help="keycast-cost's lease TTL, simulated seconds")
     p.add_argument("--seed", type=int, default=15)
     p.add_argument("--work", default="/var/tmp")
     p.add_argument("--out", help="write the JSON results here too")

@@ -150,7 +150,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         key: "replica_compaction_levels",
         env: "KEYCAST_REPLICA_COMPACTION_LEVELS",
-        default: "30,300,3600",
+        default: "10,300,3600",
         help: "seconds between compactions of level 1, 2, 3… (comma-separated)",
     },
     Setting {

@@ -9,6 +9,12 @@
 //!   newest), compacted files wholly below the oldest kept snapshot, and L0 files older than
 //!   `l0_retention` that L1 already covers.
 //!
+//! The replicator runs compaction in a task of its own, beside shipping ([`Schedule::take_due`]
+//! hands it a [`Run`], [`Schedule::finished`] takes the outcome back): a slow store delays
+//! compaction, never an upload. Because compaction deletes objects, retention asks its caller
+//! right before deleting whether this instance may still write ([`run`]'s `may_delete`), and
+//! the replicator stops a running compaction before it lets go of the lease.
+//!
 //! Work happens only when something new was shipped since the last run, so an idle
 //! database costs no object-store requests. A failing run backs off (capped exponential,
 //! 5 s up to 5 min) and, while nothing new is shipped, gives up after
@@ -32,6 +38,9 @@ use crate::spill::{Body, SpillWriter, DEFAULT_SPILL_LIMIT};
 use crate::store::{LtxObject, PutOutcome, Store};
 use crate::ReplicaError;
 
+mod known;
+pub use known::Known;
+
 /// Level 9: snapshots.
 pub const SNAPSHOT_LEVEL: u8 = 9;
 /// First retry delay after a failed run; doubles up to [`RETRY_MAX`].
@@ -46,7 +55,8 @@ pub const GIVE_UP_AFTER: u32 = 8;
 pub struct CompactionPolicy {
     /// Interval of each compaction level, L1 first. Default 10 s, 5 min, 1 h. (Litestream's
     /// L1 is 30 s; 10 s keeps the level-0 tail a cold start must fetch file by file to a
-    /// third — under 1000 files at 100 writes/s — for the same total compaction work.)
+    /// third — under 1000 files at 100 writes/s — for the same total compaction work. It
+    /// runs beside shipping, so a slow store does not make durable commits wait for it.)
     pub levels: Vec<Duration>,
     /// How often a full snapshot (level 9) is written. Default 24 h.
     pub snapshot_interval: Duration,
@@ -60,7 +70,7 @@ impl Default for CompactionPolicy {
     fn default() -> Self {
         Self {
             levels: vec![
-                Duration::from_secs(30),
+                Duration::from_secs(10),
                 Duration::from_secs(300),
                 Duration::from_secs(3600),
             ],
@@ -174,44 +184,164 @@ impl Schedule {
     }
 }
 
-/// Runs every due compaction level, then the snapshot if due, then retention. Large merges
-/// are written into temporary files in `scratch`.
+/// The work of one compaction run, taken from the [`Schedule`] when due (see
+/// [`Schedule::take_due`]) and carried out by [`run`], away from the shipping loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// Indices (level − 1) of the levels to compact, lowest first.
+    pub levels: Vec<usize>,
+    /// Whether a snapshot is due too.
+    pub snapshot: bool,
+}
+
+impl Schedule {
+    /// Takes every level (and the snapshot) that is due now, as one [`Run`]: each is marked
+    /// done and its next time set, as if the run succeeded; [`Schedule::finished`] puts the
+    /// work back if it did not. `None` when nothing is due.
+    pub fn take_due(&mut self, policy: &CompactionPolicy) -> Option<Run> {
+        if !self.due() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut run = Run {
+            levels: Vec::new(),
+            snapshot: false,
+        };
+        for i in 0..policy.levels.len() {
+            if self.dirty[i] && now >= self.next[i] {
+                self.dirty[i] = false;
+                self.next[i] = now + policy.levels[i];
+                run.levels.push(i);
+            }
+        }
+        if self.snapshot_dirty && now >= self.snapshot_next {
+            self.snapshot_dirty = false;
+            self.snapshot_next = now + policy.snapshot_interval;
+            run.snapshot = true;
+        }
+        Some(run)
+    }
+
+    /// A run ended. Each level it compacted into gives the level above new input. A failed
+    /// or stopped run puts all of its work back, due at once (after the failure backoff, for
+    /// a failure; redoing a level that did finish costs a listing, nothing more). Returns
+    /// the retry delay of a failure, as [`Schedule::failed`].
+    pub fn finished(&mut self, run: &Run, outcome: Option<&Result<Vec<usize>, ReplicaError>>) -> Option<Duration> {
+        match outcome {
+            Some(Ok(compacted)) => {
+                for i in compacted {
+                    if let Some(next) = self.dirty.get_mut(i + 1) {
+                        *next = true;
+                    }
+                }
+                self.succeeded();
+                None
+            }
+            failed_or_stopped => {
+                let now = Instant::now();
+                for &i in &run.levels {
+                    self.dirty[i] = true;
+                    self.next[i] = now;
+                }
+                if run.snapshot {
+                    self.snapshot_dirty = true;
+                    self.snapshot_next = now;
+                }
+                failed_or_stopped.and_then(|_| self.failed())
+            }
+        }
+    }
+}
+
+/// Carries out `run`: its compaction levels, then the snapshot, then retention — reading no
+/// file past TXID `upto`. The files come from `known` (see [`Known`]), kept up to date as
+/// files are stored and deleted, so a run lists nothing once the index exists; a failed run
+/// drops the index. Large merges are written into temporary files in `scratch`. Returns the
+/// levels (as indices) that produced a new file.
+///
+/// Runs beside the shipping loop, so the writer may lose the lease while it does: nothing is
+/// deleted unless `may_delete` says, right before the deletion, that this instance still
+/// holds the lease (see [`enforce_retention_guarded`]).
 ///
 /// # Errors
-/// Store and decoding errors; nothing is deleted unless its replacement was stored.
-pub async fn run_due(
+/// Store and decoding errors; [`ReplicaError::LeaseUnconfirmed`] when retention was refused
+/// by `may_delete`. Nothing is deleted unless its replacement was stored.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
     store: &Store,
+    known: &Known,
     policy: &CompactionPolicy,
-    schedule: &mut Schedule,
+    run: &Run,
     now: SystemTime,
     upto: u64,
     scratch: &Path,
-) -> Result<(), ReplicaError> {
-    let instant = Instant::now();
-    let mut changed = false;
-    for i in 0..policy.levels.len() {
-        if schedule.dirty[i] && instant >= schedule.next[i] {
-            let level = (i + 1) as u8;
-            if compact_level(store, level, upto, scratch).await?.is_some() {
-                if let Some(next) = schedule.dirty.get_mut(i + 1) {
-                    *next = true;
-                }
-                changed = true;
+    may_delete: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<Vec<usize>, ReplicaError> {
+    let result = async {
+        let mut files = known.files(store).await?;
+        let mut compacted = Vec::new();
+        for &i in &run.levels {
+            let inputs = inputs_for(&files, (i + 1) as u8, upto);
+            if !inputs.is_empty() {
+                let file = merge_into(store, (i + 1) as u8, &inputs, scratch).await?;
+                known.note(file.clone());
+                files.push(file);
+                compacted.push(i);
             }
-            schedule.dirty[i] = false;
-            schedule.next[i] = instant + policy.levels[i];
         }
+        let mut changed = !compacted.is_empty();
+        if run.snapshot {
+            if let Some(file) = snapshot_of(store, files.clone(), upto, scratch).await? {
+                known.note(file.clone());
+                files.push(file);
+            }
+            changed = true;
+        }
+        if changed {
+            files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
+            let doomed = doomed_among(&files, policy, now);
+            if !may_delete() {
+                return Err(not_the_writer());
+            }
+            store.delete(&doomed).await?;
+            known.forget(&doomed);
+            if known.prune_due(STAGING_MAX_AGE) {
+                store.prune_staging(now - STAGING_MAX_AGE).await?;
+            }
+            metrics::counter!("keycast_replica_retention_passes_total").increment(1);
+        }
+        Ok(compacted)
     }
-    if schedule.snapshot_dirty && instant >= schedule.snapshot_next {
-        snapshot(store, upto, scratch).await?;
-        schedule.snapshot_dirty = false;
-        schedule.snapshot_next = instant + policy.snapshot_interval;
-        changed = true;
+    .await;
+    if result.is_err() {
+        known.invalidate();
     }
-    if changed {
-        enforce_retention(store, policy, now).await?;
+    result
+}
+
+/// The level−1 files to merge into `level`: those newer than `level`'s newest file in
+/// `files`, up to TXID `upto`, as far as they form a contiguous run.
+fn inputs_for(files: &[LtxObject], level: u8, upto: u64) -> Vec<LtxObject> {
+    let done = files
+        .iter()
+        .filter(|f| f.level == level)
+        .map(|f| f.max_txid)
+        .max()
+        .unwrap_or(0);
+    let mut below: Vec<&LtxObject> = files
+        .iter()
+        .filter(|f| f.level == level - 1 && f.min_txid > done && f.max_txid <= upto)
+        .collect();
+    below.sort_by_key(|f| (f.min_txid, f.max_txid));
+    let mut inputs: Vec<LtxObject> = Vec::new();
+    for file in below {
+        let expected = inputs.last().map_or(done + 1, |f| f.max_txid + 1);
+        if file.min_txid != expected {
+            break; // only a contiguous run can be merged
+        }
+        inputs.push(file.clone());
     }
-    Ok(())
+    inputs
 }
 
 /// Merges the level−1 files newer than `level`'s newest file, up to TXID `upto`, into one
@@ -226,36 +356,26 @@ pub async fn compact_level(
     upto: u64,
     scratch: &Path,
 ) -> Result<Option<(u64, u64)>, ReplicaError> {
-    let done = store
-        .list_level(level)
-        .await?
-        .iter()
-        .map(|f| f.max_txid)
-        .max()
-        .unwrap_or(0);
-    let mut inputs: Vec<LtxObject> = Vec::new();
+    let mut files = store.list_level(level).await?;
+    let done = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
     // Only what is past `done` is merged: the level below is listed from there, not through
     // the history retention still keeps.
-    for file in store
-        .list_level_from(level - 1, done + 1)
-        .await?
-        .into_iter()
-        .filter(|f| f.min_txid > done && f.max_txid <= upto)
-    {
-        let expected = inputs.last().map_or(done + 1, |f| f.max_txid + 1);
-        if file.min_txid != expected {
-            break; // only a contiguous run can be merged
-        }
-        inputs.push(file);
-    }
+    files.extend(store.list_level_from(level - 1, done + 1).await?);
+    let inputs = inputs_for(&files, level, upto);
     if inputs.is_empty() {
         return Ok(None);
     }
+    let file = merge_into(store, level, &inputs, scratch).await?;
+    Ok(Some((file.min_txid, file.max_txid)))
+}
+
+/// Merges `inputs` (a contiguous run, oldest first) into one `level` file and stores it.
+async fn merge_into(store: &Store, level: u8, inputs: &[LtxObject], scratch: &Path) -> Result<LtxObject, ReplicaError> {
     let (min, max) = (inputs[0].min_txid, inputs[inputs.len() - 1].max_txid);
-    let (body, timestamp_ms) = merge(store, &inputs, min, scratch).await?;
-    store_create(store, level, min, max, body, timestamp_ms).await?;
+    let (body, timestamp_ms) = merge(store, inputs, min, scratch).await?;
+    let file = store_create(store, level, min, max, body, timestamp_ms).await?;
     metrics::counter!("keycast_replica_compactions_total", "level" => level.to_string()).increment(1);
-    Ok(Some((min, max)))
+    Ok(file)
 }
 
 /// Writes a level-9 snapshot of the state at the newest TXID up to `upto` the replica can
@@ -264,8 +384,19 @@ pub async fn compact_level(
 /// # Errors
 /// Store and decoding errors.
 pub async fn snapshot(store: &Store, upto: u64, scratch: &Path) -> Result<Option<u64>, ReplicaError> {
-    let mut files = store.list_all().await?;
+    let files = store.list_all().await?;
+    Ok(snapshot_of(store, files, upto, scratch).await?.map(|f| f.max_txid))
+}
+
+/// As [`snapshot`], from the replica's `files`; returns the file stored, if one was.
+async fn snapshot_of(
+    store: &Store,
+    mut files: Vec<LtxObject>,
+    upto: u64,
+    scratch: &Path,
+) -> Result<Option<LtxObject>, ReplicaError> {
     files.retain(|f| f.max_txid <= upto);
+    files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
     let plan = restore::plan(&files, Target::Latest, &store.describe())
         .map_err(|e| ReplicaError::LocalState(std::io::Error::other(e.to_string())))?;
     let max = plan.last().map_or(0, |f| f.max_txid);
@@ -273,9 +404,9 @@ pub async fn snapshot(store: &Store, upto: u64, scratch: &Path) -> Result<Option
         return Ok(None);
     }
     let (body, timestamp_ms) = merge(store, &plan, 1, scratch).await?;
-    store_create(store, SNAPSHOT_LEVEL, 1, max, body, timestamp_ms).await?;
+    let file = store_create(store, SNAPSHOT_LEVEL, 1, max, body, timestamp_ms).await?;
     metrics::counter!("keycast_replica_snapshots_total").increment(1);
-    Ok(Some(max))
+    Ok(Some(file))
 }
 
 /// Applies `inputs` in order and encodes their union (newest page wins) as one file whose
@@ -325,7 +456,9 @@ fn replica_error(e: RestoreError) -> ReplicaError {
 /// Create-only store of a derived file, created "at" its header timestamp (the newest input's
 /// time): point-in-time restores compare that, so a compacted file must not look newer than
 /// the commits it holds. A file already at the same key holds the same TXID range from the
-/// same inputs, so it is accepted.
+/// same inputs, so it is accepted. Returns the stored file as a listing would show it (its
+/// time: now, as stores other than the file backend list it — retention then keeps it the
+/// longer).
 async fn store_create(
     store: &Store,
     level: u8,
@@ -333,10 +466,10 @@ async fn store_create(
     max: u64,
     body: Body,
     timestamp_ms: i64,
-) -> Result<(), ReplicaError> {
+) -> Result<LtxObject, ReplicaError> {
     let prepared = store.prepare_ltx(level, min, max, body, timestamp_ms)?;
     match store.put_prepared(&prepared).await? {
-        PutOutcome::Created | PutOutcome::AlreadyExists => Ok(()),
+        PutOutcome::Created | PutOutcome::AlreadyExists => Ok(prepared.described()),
     }
 }
 
@@ -349,15 +482,90 @@ pub async fn enforce_retention(
     policy: &CompactionPolicy,
     now: SystemTime,
 ) -> Result<usize, ReplicaError> {
+    enforce_retention_guarded(store, policy, now, &|| true).await
+}
+
+/// As [`enforce_retention`], asking `may_delete` right before deleting anything. A
+/// compaction running beside the shipping loop passes "this instance still holds the lease
+/// by the clocks, is neither fenced nor handing over": an instance that was paused (or cut
+/// off) while it listed must not act on that listing once another instance may write —
+/// it could delete what that instance's restore planned to read.
+///
+/// # Errors
+/// Store errors; [`ReplicaError::LeaseUnconfirmed`] when `may_delete` refuses.
+pub async fn enforce_retention_guarded(
+    store: &Store,
+    policy: &CompactionPolicy,
+    now: SystemTime,
+    may_delete: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<usize, ReplicaError> {
     // Levels 1–9 whole; level 0, the long one, only as far as its deletable prefix (below).
-    let files: Vec<LtxObject> =
+    let mut files: Vec<LtxObject> =
         futures::future::try_join_all((1..=SNAPSHOT_LEVEL).map(|level| store.list_level(level)))
             .await?
             .into_iter()
             .flatten()
             .collect();
+    if let Some(l1_max) = files.iter().filter(|f| f.level == 1).map(|f| f.max_txid).max() {
+        // Level 0 in TXID (so time) order, up to the first file L1 does not cover or that
+        // is too young: everything after it is too.
+        let (l0, complete) = store
+            .list_level_while(0, |f| l0_deletable(f, l1_max, policy, now))
+            .await?;
+        // The newest level-0 file stays; it is in `l0` only if the listing reached the end
+        // (then a sentinel past it keeps it the newest, below).
+        files.extend(l0);
+        if !complete {
+            files.push(sentinel_l0());
+        }
+    }
+    files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
+    let doomed = doomed_among(&files, policy, now);
+    if !may_delete() {
+        return Err(not_the_writer());
+    }
+    store.delete(&doomed).await?;
+    // Uploads in parts that a crash left at their staging key (see `store`): an hour is far
+    // longer than any upload, so whatever is older is nobody's.
+    let staged = store.prune_staging(now - STAGING_MAX_AGE).await?;
+    // Counts finished passes, so a caller (or a test) can tell a round is over.
+    metrics::counter!("keycast_replica_retention_passes_total").increment(1);
+    Ok(doomed.len() + staged)
+}
+
+fn not_the_writer() -> ReplicaError {
+    ReplicaError::LeaseUnconfirmed {
+        reason: "retention stopped before deleting: this instance no longer holds the replica lease".into(),
+    }
+}
+
+/// Whether a level-0 file may go: level 1 covers it and it is older than `l0_retention`.
+fn l0_deletable(f: &LtxObject, l1_max: u64, policy: &CompactionPolicy, now: SystemTime) -> bool {
+    f.max_txid <= l1_max && older_than(f, policy.l0_retention, now)
+}
+
+fn older_than(f: &LtxObject, age: Duration, now: SystemTime) -> bool {
+    now.duration_since(f.created_at).is_ok_and(|a| a > age)
+}
+
+/// A level-0 entry standing for "more files follow" (never deleted: it is the newest).
+fn sentinel_l0() -> LtxObject {
+    LtxObject {
+        level: 0,
+        min_txid: u64::MAX,
+        max_txid: u64::MAX,
+        size: 0,
+        created_at: SystemTime::UNIX_EPOCH,
+        key: object_store::path::Path::from("sentinel"),
+    }
+}
+
+/// What the policy no longer needs among `files` (sorted by level, then TXIDs): expired
+/// snapshots (never the newest) and compacted files wholly below the newest expired one,
+/// and the level-0 files level 1 covers that are older than `l0_retention`, up to the first
+/// that is not (never the newest level-0 file).
+fn doomed_among(files: &[LtxObject], policy: &CompactionPolicy, now: SystemTime) -> Vec<LtxObject> {
     let by_level = |level: u8| files.iter().filter(move |f| f.level == level);
-    let older_than = |f: &LtxObject, age: Duration| now.duration_since(f.created_at).is_ok_and(|a| a > age);
     let mut doomed: Vec<LtxObject> = Vec::new();
 
     let snapshots: Vec<&LtxObject> = by_level(SNAPSHOT_LEVEL).collect();
@@ -365,7 +573,7 @@ pub async fn enforce_retention(
         .iter()
         .rev()
         .skip(1)
-        .filter(|f| older_than(f, policy.snapshot_retention))
+        .filter(|f| older_than(f, policy.snapshot_retention, now))
         .copied()
         .collect();
     if let Some(floor) = expired.iter().map(|f| f.max_txid).max() {
@@ -383,22 +591,16 @@ pub async fn enforce_retention(
     doomed.extend(expired.into_iter().cloned());
 
     if let Some(l1_max) = by_level(1).map(|f| f.max_txid).max() {
-        // Level 0 in TXID (so time) order, up to the first file L1 does not cover or that
-        // is too young: everything after it is too.
-        let (l0, complete) = store
-            .list_level_while(0, |f| f.max_txid <= l1_max && older_than(f, policy.l0_retention))
-            .await?;
-        // The newest level-0 file stays; it is in `l0` only if the listing reached the end.
-        let keep_last = if complete { l0.last().map(|f| f.max_txid) } else { None };
-        doomed.extend(l0.into_iter().filter(|f| Some(f.max_txid) != keep_last));
+        let l0: Vec<&LtxObject> = by_level(0).collect();
+        let newest = l0.last().map(|f| (f.min_txid, f.max_txid));
+        doomed.extend(
+            l0.into_iter()
+                .take_while(|f| l0_deletable(f, l1_max, policy, now))
+                .filter(|f| Some((f.min_txid, f.max_txid)) != newest)
+                .cloned(),
+        );
     }
-    store.delete(&doomed).await?;
-    // Uploads in parts that a crash left at their staging key (see `store`): an hour is far
-    // longer than any upload, so whatever is older is nobody's.
-    let staged = store.prune_staging(now - STAGING_MAX_AGE).await?;
-    // Counts finished passes, so a caller (or a test) can tell a round is over.
-    metrics::counter!("keycast_replica_retention_passes_total").increment(1);
-    Ok(doomed.len() + staged)
+    doomed
 }
 
 /// Age past which a staging object is an interrupted upload's.

@@ -522,6 +522,13 @@ impl Shared {
         }
     }
 
+    /// Whether a compaction running beside shipping may delete objects now: not fenced, not
+    /// handing over (nor stepped aside), and the lease (if any) still valid by the clocks —
+    /// which a paused process that resumes finds run out before it has looked at the store.
+    fn may_delete(&self) -> bool {
+        self.refusal().is_none() && self.lease_trusted()
+    }
+
     fn handing_over_to(&self) -> Option<String> {
         self.status.lock().expect("status lock").handing_over_to.clone()
     }

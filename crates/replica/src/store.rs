@@ -157,6 +157,18 @@ pub struct PreparedLtx {
 }
 
 impl PreparedLtx {
+    /// The file as a listing shows it once it is stored (its time: now, the upload's).
+    pub fn described(&self) -> LtxObject {
+        LtxObject {
+            level: self.level,
+            min_txid: self.min_txid,
+            max_txid: self.max_txid,
+            size: self.len(),
+            created_at: SystemTime::now(),
+            key: self.key.clone(),
+        }
+    }
+
     /// How many bytes are uploaded (the sealed form's when encrypted).
     pub fn len(&self) -> u64 {
         self.body.len() + self.nonce.map_or(0, |_| crate::crypt::OVERHEAD)

@@ -203,6 +203,8 @@ impl Worker {
     ) -> Result<(), ReplicaError> {
         self.handing_over = true;
         let _busy = self.shared.busy();
+        // Compaction deletes objects: it must be over before the newcomer may restore.
+        self.stop_compaction().await;
         let mut backoff = self.options.retry_min;
         loop {
             let shipped = async {
@@ -268,6 +270,7 @@ impl Worker {
     /// # Errors
     /// [`ReplicaError::LeaseLost`] when a commit slipped in; SQLite errors.
     pub(super) async fn step_aside(&mut self) -> Result<(), ReplicaError> {
+        self.stop_compaction().await;
         let lease = self.shared.lease.lock().await.take();
         *self.shared.lease_view.lock().expect("lease view") = None;
         self.lock().await?;
@@ -352,6 +355,8 @@ impl Worker {
     /// Final sync, retried until `deadline`; then the clean-stop record, the lease released,
     /// and closed connections.
     pub(super) async fn finish(mut self, deadline: Instant) -> Result<u64, ReplicaError> {
+        // No compaction outlives the instance, nor races the final sync for the store.
+        self.stop_compaction().await;
         let fenced = self.shared.status.lock().expect("status lock").fence_reason.clone();
         if let Some(reason) = fenced {
             tracing::warn!(%reason, txid = self.cursor.txid, "fenced: nothing more is shipped");

@@ -1,5 +1,6 @@
 //! The replicator's background task: reads committed WAL frames, ships them as segments,
-//! checkpoints what is shipped, compacts, and verifies.
+//! checkpoints what is shipped, and starts compactions (in a task of their own beside
+//! shipping, stopped before the lease is let go: see [`Worker::compact`]) and verifications.
 //!
 //! Shipping one segment has a local half (read the WAL, encode, prepare the upload once) and a
 //! network half ([`Worker::transfer`]: lease check, create-only PUT, lease confirmation) that
@@ -71,6 +72,11 @@ pub(super) struct Worker {
     last_checkpoint: Instant,
     shipped_since_checkpoint: bool,
     compaction: compactor::Schedule,
+    /// The compaction running beside shipping, if any (see [`Worker::compact`]).
+    compacting: Option<Compacting>,
+    /// The replica's files as this instance knows them, for compaction (see
+    /// [`compactor::Known`]).
+    known: Arc<compactor::Known>,
     last_verify: Instant,
     shipped_since_verify: bool,
     verifying: Option<tokio::task::JoinHandle<()>>,
@@ -133,6 +139,8 @@ impl Worker {
             last_checkpoint: Instant::now(),
             shipped_since_checkpoint: false,
             compaction,
+            compacting: None,
+            known: Arc::new(compactor::Known::new()),
             last_verify: Instant::now(),
             shipped_since_verify: false,
             verifying: None,
@@ -431,6 +439,7 @@ impl Worker {
         self.shipped_since_checkpoint = true;
         self.shipped_since_verify = true;
         self.compaction.note_shipped();
+        self.known.note(upload.prepared.described());
         let (db, record) = (self.db.clone(), self.record(false));
         tokio::task::spawn_blocking(move || local_state::store_quick(&db, &record))
             .await
@@ -650,6 +659,7 @@ impl Worker {
                 return self.finish(deadline).await;
             }
             if self.handed_over || self.shared.status.lock().expect("status lock").fenced {
+                self.stop_compaction().await;
                 self.park(&mut stop).await?;
                 continue;
             }
@@ -676,6 +686,7 @@ impl Worker {
                 Err(e) if e.is_fatal() => {
                     self.hold_writers(false);
                     self.shared.fence(e.to_string());
+                    self.stop_compaction().await;
                     return Err(e);
                 }
                 // The next round hands over.
@@ -759,7 +770,7 @@ impl Worker {
         status.failing_since.get_or_insert_with(Instant::now);
     }
 
-    /// One round: ship what is committed, then checkpoint, verify and compact if due.
+    /// One round: ship what is committed, then checkpoint, verify and start a compaction if due.
     async fn step(&mut self) -> Result<(), ReplicaError> {
         let _busy = self.shared.busy();
         self.sync(true).await?;
@@ -769,34 +780,85 @@ impl Worker {
         if self.verify_due() {
             self.start_verification().await?;
         }
-        if self.compaction.due() {
-            self.compact().await;
-        }
+        self.compact().await;
         Ok(())
     }
 
-    /// Compacts what is due, up to what this instance shipped (an object past it is nobody's
-    /// business but the next upload's). A failure does not fail the round: the schedule backs
-    /// off, and an idle database stops retrying (see [`compactor::Schedule::failed`]).
+    /// Starts what compaction is due, up to what this instance shipped (an object past it is
+    /// nobody's business but the next upload's), in a task of its own beside shipping: a
+    /// compaction on a slow store must not hold up uploads, nor the durable commits waiting
+    /// on them. One runs at a time; a finished one is collected first. A failure does not
+    /// fail the round: the schedule backs off, and an idle database stops retrying (see
+    /// [`compactor::Schedule::failed`]).
+    ///
+    /// Compaction deletes objects, so it runs only while this instance may write: its
+    /// retention asks [`Shared::may_delete`] right before deleting (a paused process
+    /// resumes into a lapsed lease), and the worker stops it — aborted and awaited, see
+    /// [`Worker::stop_compaction`] — before a hand-over releases the lease, when the
+    /// instance is fenced or steps aside, and on shutdown.
     async fn compact(&mut self) {
-        let scratch = self.scratch();
-        let result = compactor::run_due(
-            &self.store,
-            &self.options.compaction,
-            &mut self.compaction,
-            SystemTime::now(),
-            self.cursor.txid,
-            &scratch,
-        )
-        .await;
-        match result {
-            Ok(()) => self.compaction.succeeded(),
-            Err(e) => {
-                metrics::counter!("keycast_replica_compaction_errors_total").increment(1);
-                let retry_in = self.compaction.failed();
-                tracing::warn!(error = %e, retry_in_secs = retry_in.map(|d| d.as_secs()), "compaction failed; backing off");
+        if self.compacting.as_ref().is_some_and(|c| c.task.is_finished()) {
+            let Compacting { run, mut task } = self.compacting.take().expect("checked");
+            let outcome = (&mut task.0).await.ok();
+            match &outcome {
+                Some(Err(e)) => {
+                    metrics::counter!("keycast_replica_compaction_errors_total").increment(1);
+                    let retry_in = self.compaction.finished(&run, outcome.as_ref());
+                    tracing::warn!(error = %e, retry_in_secs = retry_in.map(|d| d.as_secs()), "compaction failed; backing off");
+                }
+                _ => {
+                    self.compaction.finished(&run, outcome.as_ref());
+                }
             }
         }
+        if self.compacting.is_some() {
+            return;
+        }
+        let Some(run) = self.compaction.take_due(&self.options.compaction) else {
+            return;
+        };
+        let (store, policy, upto, scratch) = (
+            self.store.clone(),
+            self.options.compaction.clone(),
+            self.cursor.txid,
+            self.scratch(),
+        );
+        let (shared, known) = (self.shared.clone(), self.known.clone());
+        let job = run.clone();
+        let task = tokio::spawn(async move {
+            // The lease is renewed while it runs, as during any other work.
+            let _busy = shared.busy();
+            let may_delete = move || shared.may_delete();
+            compactor::run(
+                &store,
+                &known,
+                &policy,
+                &job,
+                SystemTime::now(),
+                upto,
+                &scratch,
+                &may_delete,
+            )
+            .await
+        });
+        self.compacting = Some(Compacting {
+            run,
+            task: AbortOnDrop(task),
+        });
+    }
+
+    /// Stops a running compaction and waits until it has: once this returns, it sends no
+    /// request any more (one already sent may still land, but it was decided while this
+    /// instance held the lease, about files it had shipped). Its work goes back on the
+    /// schedule, and what it knew of the replica is forgotten: whoever writes next may change
+    /// it.
+    pub(super) async fn stop_compaction(&mut self) {
+        if let Some(Compacting { run, mut task }) = self.compacting.take() {
+            task.0.abort();
+            let outcome = (&mut task.0).await.ok();
+            self.compaction.finished(&run, outcome.as_ref().filter(|o| o.is_ok()));
+        }
+        self.known.invalidate();
     }
 
     fn next_timer(&self) -> Duration {
@@ -927,6 +989,29 @@ impl Worker {
         snapshot.close().await;
         let _ = sqlx::Connection::close(lock_conn).await;
         let _ = sqlx::Connection::close(checkpoint_conn).await;
+    }
+}
+
+/// A compaction running in its own task, and the work it took from the schedule.
+struct Compacting {
+    run: compactor::Run,
+    task: AbortOnDrop<Result<Vec<usize>, ReplicaError>>,
+}
+
+/// A task aborted when its handle is dropped: if the worker itself is aborted (the
+/// replicator dropped without a shutdown, as in a crash), its compaction must not go on
+/// deleting objects unsupervised.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

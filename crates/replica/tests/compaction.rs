@@ -1,0 +1,221 @@
+//! Compaction runs beside shipping (issue 11): a slow or stuck compaction never holds up
+//! uploads nor the durable commits waiting on them, and since compaction deletes objects it
+//! never deletes anything once another instance may write — not after a hand-over released
+//! the lease, not after a paused process resumes into a lease that ran out meanwhile.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use keycast_replica::compactor::CompactionPolicy;
+use keycast_replica::faults::{Action, Faults, Gate, Op, Rule};
+use keycast_replica::lease::{Lease, LeaseOptions};
+use keycast_replica::restore::{restore, Target};
+use keycast_replica::{ReplicaOptions, Replicator, Store};
+
+async fn insert(pool: &sqlx::SqlitePool, v: &str) {
+    sqlx::query("INSERT INTO t (v) VALUES ($1)")
+        .bind(v)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Level 1 every 100 ms, and level-0 files deletable as soon as level 1 covers them, so that
+/// every compaction run reaches retention's deletions.
+fn eager_compaction() -> ReplicaOptions {
+    ReplicaOptions {
+        compaction: CompactionPolicy {
+            levels: vec![Duration::from_millis(100)],
+            l0_retention: Duration::ZERO,
+            ..CompactionPolicy::default()
+        },
+        ..ReplicaOptions::default()
+    }
+}
+
+async fn level0(store: &Store) -> Vec<u64> {
+    store.list_level(0).await.unwrap().iter().map(|f| f.max_txid).collect()
+}
+
+/// A store that never answers compaction's first listing: durable commits still complete
+/// within their usual time, because compaction is not in the shipping path. (With
+/// compaction inline in the shipping round, every commit after it waited for it.)
+#[tokio::test]
+async fn a_stuck_compaction_never_holds_up_durable_commits() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let faults = Faults::new();
+    let store = Store::in_memory().with_faults(&faults);
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())
+        .await
+        .unwrap();
+    // From now on (start-up lists every level too) compaction's first listing sticks.
+    let stuck = Gate::new();
+    faults.add(Rule::new(Op::List, Action::Hold(stuck.clone())).key("ltx/1"));
+    insert(&pool, "first").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stuck.reached())
+        .await
+        .expect("compaction started and is stuck on the store");
+    for i in 0..5 {
+        insert(&pool, &format!("v{i}")).await;
+        let started = Instant::now();
+        replicator
+            .wait_durable(Duration::from_secs(2))
+            .await
+            .unwrap_or_else(|e| panic!("durable commit {i} while compaction is stuck: {e}"));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    stuck.open();
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// A hand-over while compaction is about to delete: the compaction is stopped (aborted and
+/// awaited) before the lease is released, so the newcomer — which restores right after —
+/// finds every object the old writer's listing said was there, even once the old writer's
+/// held deletion would have gone through.
+#[tokio::test]
+async fn a_hand_over_stops_compaction_before_the_lease_is_released() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let base = Store::in_memory();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let deleting = Gate::new();
+    faults.add(Rule::new(Op::Delete, Action::Hold(deleting.clone())).key("ltx/0"));
+    let options = LeaseOptions {
+        ttl: Duration::from_secs(10),
+        wait: Duration::from_secs(20),
+        ..LeaseOptions::default()
+    };
+    let lease = Lease::acquire(&store, "a", options).await.unwrap();
+    let replicator = Replicator::start_with_lease(&db, store.clone(), signal, "l", eager_compaction(), Some(lease))
+        .await
+        .unwrap();
+    for i in 0..4 {
+        insert(&pool, &format!("v{i}")).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), deleting.reached())
+        .await
+        .expect("retention reached its deletion");
+    let before = level0(&base).await;
+    assert!(before.len() >= 2, "level 0 holds files to delete: {before:?}");
+
+    // A newcomer asks for the replica and gets it.
+    let newcomer = tokio::time::timeout(Duration::from_secs(15), Lease::acquire(&base, "b", options))
+        .await
+        .expect("the holder hands over although its compaction is stuck")
+        .unwrap();
+    // The old writer's deletion, had it still been waiting, goes through now.
+    deleting.open();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        level0(&base).await,
+        before,
+        "nothing was deleted after the lease was released"
+    );
+    let restored = restore(&base, &dir.path().join("b.db"), Target::Latest, None)
+        .await
+        .unwrap();
+    assert_eq!(restored.txid, *before.last().unwrap());
+    drop(newcomer);
+    pool.close().await;
+    let _ = replicator.shutdown(Instant::now() + Duration::from_secs(5)).await;
+}
+
+/// A paused process: its compaction had listed the replica when the process stopped, its
+/// lease ran out meanwhile and another instance took it. Resumed, the compaction deletes
+/// nothing: retention asks whether the lease still holds right before deleting.
+#[tokio::test]
+async fn a_compaction_resumed_after_its_lease_ran_out_deletes_nothing() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let base = Store::in_memory();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let options = LeaseOptions {
+        ttl: Duration::from_secs(2),
+        wait: Duration::from_secs(20),
+        ..LeaseOptions::default()
+    };
+    let lease = Lease::acquire(&store, "a", options).await.unwrap();
+    let replicator = Replicator::start_with_lease(&db, store.clone(), signal, "l", eager_compaction(), Some(lease))
+        .await
+        .unwrap();
+    // Retention's listing of the snapshot level (nothing else lists it) is where the
+    // process "pauses"; then so does everything it does with the lease.
+    let paused = Gate::new();
+    faults.add(Rule::new(Op::List, Action::Hold(paused.clone())).key("ltx/9"));
+    for i in 0..4 {
+        insert(&pool, &format!("v{i}")).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), paused.reached())
+        .await
+        .expect("the process paused");
+    faults.add(Rule::new(Op::Get, Action::Hold(paused.clone())).key("lease"));
+    faults.add(Rule::new(Op::Put, Action::Hold(paused.clone())).key("lease"));
+    let before = level0(&base).await;
+    assert!(before.len() >= 2, "level 0 holds files to delete: {before:?}");
+
+    // The lease runs out; another instance takes it.
+    let _newcomer = tokio::time::timeout(Duration::from_secs(15), Lease::acquire(&base, "b", options))
+        .await
+        .expect("the lapsed lease is taken")
+        .unwrap();
+    paused.open();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(level0(&base).await, before, "the resumed compaction deleted nothing");
+    drop(replicator);
+    pool.close().await;
+}
+
+/// Listings are class-A requests, the bulk of the object-store bill. Once compaction has
+/// listed the replica, it works from what this instance stored and deleted: with every
+/// listing failing, levels still get compacted and covered level-0 files deleted.
+#[tokio::test]
+async fn compaction_and_retention_need_no_listing_once_the_replica_is_known() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let base = Store::in_memory();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())
+        .await
+        .unwrap();
+    insert(&pool, "first").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    // The first run lists the replica once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while base.list_level(1).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the first compaction ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    faults.add(Rule::new(Op::List, Action::Fail));
+    for i in 0..5 {
+        insert(&pool, &format!("v{i}")).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let newest = replicator.status().replicated_txid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l1_max = base.list_level(1).await.unwrap().iter().map(|f| f.max_txid).max();
+        let l0 = level0(&base).await;
+        if l1_max == Some(newest) && l0 == vec![newest] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "level 1 reaches TXID {newest} and level 0 keeps only its newest file, without listing: L1 max {l1_max:?}, L0 {l0:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
