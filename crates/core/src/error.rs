@@ -63,6 +63,14 @@ pub enum SignError {
     /// app to show. HTTP 403 with `code`; NIP-46 error reply.
     #[error("{reason}")]
     GrantRefused { code: &'static str, reason: String },
+    /// The policy does not cover it, but the owner may allow it: a pending approval was
+    /// made ([`crate::approval`]). HTTP 403 with `approval_url`; NIP-46 `auth_url`.
+    #[error("{reason}")]
+    ApprovalRequired {
+        reason: String,
+        url: String,
+        expires_at: i64,
+    },
     /// HTTP 401.
     #[error("the authorization has been revoked")]
     Revoked,

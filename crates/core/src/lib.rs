@@ -10,6 +10,8 @@
 //! - [`password`]: argon2id, and the [`Reauthenticated`] proof export requires.
 //! - [`hashing_queue`]: the bounded queue (memory budget) argon2 and scrypt run through.
 //! - [`policy`]: [`Policy`] and [`policy::evaluate`], the one permission check.
+//! - [`approval`]: asking the owner instead of refusing (NIP-46 `auth_url`, HTTP 403 with
+//!   an approval URL), and the kinds an owner allowed from now on.
 //! - [`request`]: [`Request`] / [`Response`], what transports decode into and encode.
 //! - [`authz`]: [`Authorization`], grants (bunker keypair, connect secret, token).
 //! - [`accounts`]: register, log in, sessions, mailed single-use tokens.
@@ -31,6 +33,7 @@
 pub mod account_security;
 pub mod accounts;
 mod activity;
+pub mod approval;
 pub mod authz;
 mod cache;
 pub mod clients;

@@ -13,6 +13,7 @@
 //! still hold an `Authorization` from before. See [`crate::cache`] for why a load that
 //! races a revocation cannot re-cache the old state.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -26,6 +27,7 @@ use nostr::{Keys, PublicKey};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::activity::{ActivityBuffer, DEFAULT_ACTIVITY_CAPACITY};
+use crate::approval::{self, ApprovalOptions, Permit};
 use crate::authz::{insert_authorization, Authorization, GrantError, NewGrant};
 use crate::cache::EpochMap;
 use crate::error::{AuthError, InternalError, SignError};
@@ -52,6 +54,8 @@ pub struct SignerOptions {
     pub cache_capacity: usize,
     /// Activity records buffered between flushes. Default [`DEFAULT_ACTIVITY_CAPACITY`].
     pub activity_capacity: usize,
+    /// Pending approvals ([`crate::approval`]): their life and the URL they live under.
+    pub approvals: ApprovalOptions,
 }
 
 impl Default for SignerOptions {
@@ -60,6 +64,7 @@ impl Default for SignerOptions {
             cache_ttl: DEFAULT_CACHE_TTL,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             activity_capacity: DEFAULT_ACTIVITY_CAPACITY,
+            approvals: ApprovalOptions::default(),
         }
     }
 }
@@ -76,6 +81,16 @@ pub enum Change {
         client: PublicKey,
         relays: Vec<String>,
         secret: crate::Secret<String>,
+    },
+    /// The owner decided a pending NIP-46 approval ([`crate::approval`]): send `client` the
+    /// reply to its request `request_id` from `bunker` (`Ok`: the result; `Err`: the error),
+    /// NIP-04 encrypted if the request was.
+    Nip46Reply {
+        bunker: PublicKey,
+        client: PublicKey,
+        request_id: String,
+        nip04: bool,
+        result: Result<String, String>,
     },
 }
 
@@ -96,6 +111,9 @@ pub struct Signer {
     user_keys: EpochMap<UserId, Arc<Keys>>,
     bunker_keys: EpochMap<AuthorizationId, Arc<Keys>>,
     policies: EpochMap<PolicyId, Arc<Policy>>,
+    /// Kinds the owner allowed an authorization from now on ([`crate::approval`]).
+    allowances: EpochMap<AuthorizationId, Arc<BTreeSet<u16>>>,
+    approvals: ApprovalOptions,
     activity: ActivityBuffer,
     /// Signatures per limited grant ([`crate::terms`]).
     usage: UsageMeter,
@@ -136,6 +154,8 @@ impl Signer {
             user_keys: EpochMap::new(ttl, cap),
             bunker_keys: EpochMap::new(ttl, cap),
             policies: EpochMap::new(ttl, cap),
+            allowances: EpochMap::new(ttl, cap),
+            approvals: options.approvals,
             activity: ActivityBuffer::new(options.activity_capacity),
             usage: UsageMeter::default(),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
@@ -150,6 +170,18 @@ impl Signer {
     /// The database the signer reads and writes (for the rest of core).
     pub(crate) fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// How approvals are made ([`crate::approval`]).
+    pub(crate) fn approval_options(&self) -> &ApprovalOptions {
+        &self.approvals
+    }
+
+    /// Hands a decided NIP-46 approval's reply to the NIP-46 transport of this instance.
+    pub(crate) fn send_nip46_reply(&self, reply: Change) {
+        if self.changes.send(reply).is_err() {
+            tracing::warn!("approval: no NIP-46 transport on this instance to send the reply (KEYCAST_NIP46=false)");
+        }
     }
 
     /// The bunkers the NIP-46 transport listens for: every live authorization's, and those
@@ -432,12 +464,30 @@ impl Signer {
         request: Request,
         transport: Transport,
     ) -> Result<Response, SignError> {
+        self.execute_with(authz, request, transport, Permit::Policy).await
+    }
+
+    /// [`Signer::execute`] where the policy (widened by the kinds the owner allowed from
+    /// now on) may be overridden by `permit`, an approval of the owner ([`crate::approval`]).
+    pub(crate) async fn execute_with(
+        &self,
+        authz: &Authorization,
+        request: Request,
+        transport: Transport,
+        permit: Permit,
+    ) -> Result<Response, SignError> {
         self.ensure_live(authz).await?;
         let now = now_unix();
         authz.terms.check_expiry(now)?;
         let keys = self.user_keys(&authz.user_id).await?;
-        policy::evaluate(&authz.policy, &request, &keys.public_key())
-            .map_err(|denial| SignError::PolicyDenied { reason: denial.reason })?;
+        let user = keys.public_key();
+        let kinds = self.allowed_kinds(&authz.id).await?;
+        let policy = approval::with_kinds(&authz.policy, &kinds);
+        if let Err(denial) = policy::evaluate(&policy, &request, &user) {
+            if !self.permitted(authz, &policy, &request, &user, &permit).await? {
+                return Err(SignError::PolicyDenied { reason: denial.reason });
+            }
+        }
         let (method, kind) = (request.method(), request.kind());
         // Counted before signing: a refused signature is never made.
         if method == "sign_event" {
@@ -540,6 +590,7 @@ impl Signer {
     /// announced the change).
     pub fn forget_authorization(&self, id: &AuthorizationId) {
         self.authorizations.invalidate(id);
+        self.allowances.invalidate(id);
         self.bunker_keys.invalidate(id);
         self.tokens.invalidate_where(|_, (authz, _)| authz == id);
         self.bunkers.invalidate_where(|_, authz| authz == id);
@@ -558,6 +609,7 @@ impl Signer {
         self.tokens.invalidate_where(|_, _| true);
         self.bunkers.invalidate_where(|_, _| true);
         self.user_keys.invalidate_where(|_, _| true);
+        self.allowances.invalidate_where(|_, _| true);
     }
 
     /// Writes buffered activity in one batch. Call about once a second and at shutdown.
@@ -647,6 +699,35 @@ impl Signer {
         let policy = Arc::new(Policy::from_row(&row)?);
         self.policies.insert_if_current(epoch, id.clone(), policy.clone());
         Ok(policy)
+    }
+
+    /// The kinds the owner allowed `id` from now on (cached like the authorization).
+    pub(crate) async fn allowed_kinds(&self, id: &AuthorizationId) -> Result<Arc<BTreeSet<u16>>, SignError> {
+        if let Some(kinds) = self.cached(&self.allowances, id) {
+            return Ok(kinds);
+        }
+        let epoch = self.allowances.epoch();
+        let kinds = Arc::new(self.allowed_kinds_uncached(id).await?);
+        self.allowances.insert_if_current(epoch, id.clone(), kinds.clone());
+        Ok(kinds)
+    }
+
+    /// The user's public key.
+    pub(crate) async fn user_keys_of(&self, user: &UserId) -> Result<PublicKey, SignError> {
+        Ok(self.user_keys(user).await?.public_key())
+    }
+
+    /// The live authorization `id` (for carrying out an approval).
+    ///
+    /// # Errors
+    /// [`SignError::Revoked`] when it is revoked or gone; storage errors.
+    pub(crate) async fn authorization_by_id(&self, id: &AuthorizationId) -> Result<Authorization, SignError> {
+        if let Some(authz) = self.cached(&self.authorizations, id) {
+            return Ok((*authz).clone());
+        }
+        let epoch = self.authorizations.epoch();
+        let row = authz_repo::find_by_id(&self.db, id).await?.ok_or(SignError::Revoked)?;
+        Ok((*self.cache_row(epoch, &row).await?).clone())
     }
 
     async fn user_keys(&self, user: &UserId) -> Result<Arc<Keys>, SignError> {

@@ -16,7 +16,8 @@
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
 //!   [`activity`] (batched), [`account_events`] (exports, resets, take-overs),
 //!   [`sealed`] (every ciphertext under the master key, for rotation),
-//!   [`refresh`] (rotating refresh tokens), [`clients`] (registered apps).
+//!   [`refresh`] (rotating refresh tokens), [`clients`] (registered apps),
+//!   [`approvals`] (pending approvals, kinds allowed from now on).
 //!
 //! Repository SQL is portable to PostgreSQL: `$n` placeholders, `RETURNING`, ids and unix
 //! timestamps made in Rust, no engine-specific functions. Single-use things (OAuth codes,
@@ -29,6 +30,7 @@
 
 pub mod account_events;
 pub mod activity;
+pub mod approvals;
 pub mod authz;
 pub mod clients;
 pub mod cluster;

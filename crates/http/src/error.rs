@@ -43,6 +43,9 @@ pub enum AppError {
     /// The thing already exists (email, username, key). 409, code `conflict`.
     #[error("{0}")]
     Conflict(String),
+    /// The thing existed but its time is over (an expired approval). 410, code `gone`.
+    #[error("{0}")]
+    Gone(String),
     /// The body's `Content-Type` is not one this endpoint reads. 415, code
     /// `unsupported_media_type`.
     #[error("{0}")]
@@ -69,6 +72,7 @@ impl AppError {
             AppError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AppError::Gone(_) => (StatusCode::GONE, "gone"),
             AppError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             AppError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),

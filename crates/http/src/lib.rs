@@ -20,6 +20,8 @@
 //!   `/dashboard` (key, authorizations with revoke, activity), and the pages the mailed
 //!   links open (`/verify-email`, `/reset-password`, `/forgot-password`). Not part of
 //!   `openapi.json`.
+//! - `approvals`: `/approvals/{id}`, where an authorization's owner allows or denies a
+//!   request its policy does not cover (NIP-46 `auth_url`, HTTP RPC `approval_url`).
 //! - `origin`: refuses state-changing requests from other sites (CSRF, login CSRF).
 //! - [`limit`]: rate limits (token buckets); [`mail`]: SMTP delivery or the development outbox;
 //!   [`extract`]: JSON/form bodies, client IP, HTTPS detection.
@@ -27,6 +29,7 @@
 //! [`app`] builds the router without a socket, so tests can drive it with `oneshot`.
 
 pub mod admin;
+mod approvals;
 pub mod auth;
 pub mod error;
 pub mod extract;
@@ -73,6 +76,7 @@ pub fn app(state: AppState) -> Router {
         .merge(health::routes())
         .merge(metrics::routes())
         .merge(pages::routes())
+        .merge(approvals::routes())
         .merge(api);
     if state.options().test_routes {
         router = router.merge(testing::routes());

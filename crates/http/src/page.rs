@@ -118,6 +118,7 @@ fn error_title(status: StatusCode) -> &'static str {
         403 => "Not allowed",
         404 => "Page not found",
         409 => "Already taken",
+        410 => "Expired",
         429 => "Too many attempts",
         503 => "keycast is not available right now",
         _ => "Something went wrong",

@@ -5,6 +5,10 @@
 //! [`keycast_core::Signer::execute`] (the one signing path NIP-46 calls too) and encodes
 //! the [`Response`]. Params follow NIP-46 (see [`Request::decode`]); unlike NIP-46,
 //! `sign_event`'s result is the event as a JSON object, as the predecessor's clients expect.
+//!
+//! A request the policy does not cover but its owner may allow is answered 403
+//! `approval_required` with `approval_url` (the owner's page) and `expires_at`; once the owner
+//! allows it, the same request again succeeds ([`keycast_core::approval`]).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,8 +17,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use keycast_core::approval::Asker;
 use keycast_core::nostr::PublicKey;
-use keycast_core::{AuthError, Request, SignError, Transport};
+use keycast_core::{AuthError, Request, SignError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -48,7 +53,7 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Va
     let call: Call = serde_json::from_slice(body)
         .map_err(|e| RpcError::BadRequest(format!("the body must be JSON {{\"method\", \"params\"}}: {e}")))?;
     let request = decode(&call, authz.bunker_pubkey)?;
-    let response = services.signer.execute(&authz, request, Transport::Http).await?;
+    let response = services.signer.execute_or_ask(&authz, request, Asker::Http).await?;
     Ok(encode(response))
 }
 
@@ -88,6 +93,12 @@ enum RpcError {
     Forbidden(String),
     /// The grant's terms refuse it; the code says which (`grant_expired`, …).
     Grant(&'static str, String),
+    /// The owner may allow it at `url` (until `expires_at`, unix seconds).
+    Approval {
+        message: String,
+        url: String,
+        expires_at: i64,
+    },
     Unavailable,
     Internal(String),
 }
@@ -106,6 +117,15 @@ impl From<SignError> for RpcError {
         match err {
             SignError::PolicyDenied { reason } => RpcError::Forbidden(reason),
             SignError::GrantRefused { code, reason } => RpcError::Grant(code, reason),
+            SignError::ApprovalRequired {
+                reason,
+                url,
+                expires_at,
+            } => RpcError::Approval {
+                message: reason,
+                url,
+                expires_at,
+            },
             SignError::Revoked | SignError::Expired | SignError::UnknownToken | SignError::Auth(_) => {
                 RpcError::Unauthorized(err.to_string())
             }
@@ -123,6 +143,19 @@ impl IntoResponse for RpcError {
             RpcError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
             RpcError::Forbidden(m) => (StatusCode::FORBIDDEN, "policy_denied", m),
             RpcError::Grant(code, m) => (StatusCode::FORBIDDEN, code, m),
+            RpcError::Approval {
+                message,
+                url,
+                expires_at,
+            } => {
+                let body = json!({
+                    "error": message,
+                    "code": "approval_required",
+                    "approval_url": url,
+                    "expires_at": expires_at,
+                });
+                return (StatusCode::FORBIDDEN, Json(body)).into_response();
+            }
             RpcError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

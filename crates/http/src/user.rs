@@ -41,7 +41,7 @@ pub(crate) fn routes() -> Router<AppState> {
 
 /// `GET /api/user/authorizations` → `{authorizations: [{id, client_id, policy,
 /// redirect_origin, bunker_pubkey, created_at, revoked_at, last_activity, expires_at,
-/// limits}]}`.
+/// limits, approved_kinds}]}`.
 async fn list_authorizations(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
     let slugs: HashMap<_, _> = policies::list(db).await?.into_iter().map(|p| (p.id, p.slug)).collect();
@@ -61,6 +61,8 @@ async fn list_authorizations(State(state): State<AppState>, session: SessionUser
             "last_activity": last.first().map(|a| a.created_at),
             "expires_at": terms.expires_at,
             "limits": terms.limits,
+            // Kinds the owner allowed on an approval page, on top of the policy.
+            "approved_kinds": keycast_db::approvals::allowed_kinds(db, &row.id).await?,
         }));
     }
     Ok(Json(json!({ "authorizations": out })))

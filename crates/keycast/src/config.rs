@@ -328,6 +328,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "life of an OAuth authorization code, 1 to 600 seconds",
     },
     Setting {
+        key: "approval_ttl_secs",
+        env: "KEYCAST_APPROVAL_TTL_SECS",
+        default: "300",
+        help: "how long a request its policy does not cover waits for the owner's decision on the approval page, and an HTTP allow-once for the retry, 1 to 3600 seconds",
+    },
+    Setting {
         key: "access_token_ttl_secs",
         env: "KEYCAST_ACCESS_TOKEN_TTL_SECS",
         default: "3600",
@@ -463,6 +469,8 @@ pub struct Config {
     pub smtp: Option<SmtpMailer>,
     /// Life of an OAuth authorization code, seconds (1..=600).
     pub oauth_code_ttl_secs: i64,
+    /// Life of a pending approval, seconds (1..=3600; `KEYCAST_APPROVAL_TTL_SECS`).
+    pub approval_ttl_secs: i64,
     /// Life of OAuth access tokens (60..=86400 s) and refresh tokens (3600..=31536000 s).
     pub token_lifetimes: keycast_core::refresh::TokenLifetimes,
     /// Proxies that append to `X-Forwarded-For` (0: the header is ignored).
@@ -786,6 +794,9 @@ impl Sources {
             oauth_code_ttl_secs: self
                 .get("oauth_code_ttl_secs", parse_code_ttl)?
                 .unwrap_or(keycast_core::oauth::CODE_TTL_SECS),
+            approval_ttl_secs: self
+                .get("approval_ttl_secs", |v| parse_secs_between(v, 1, 3600))?
+                .unwrap_or(keycast_core::approval::DEFAULT_APPROVAL_TTL_SECS),
             token_lifetimes: keycast_core::refresh::TokenLifetimes {
                 access_secs: self
                     .get("access_token_ttl_secs", |v| parse_secs_between(v, 60, 86_400))?

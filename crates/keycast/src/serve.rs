@@ -53,6 +53,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(config.port);
+    // Fixed once: the approval URLs the signer makes live under it, as the pages do.
+    let mut config = config;
+    config.public_url = Some(
+        config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://localhost:{port}")),
+    );
     // Before anything else binds: bunker URLs name the embedded relay when no relays are
     // configured, so its address must be known before the first grant.
     let embedded = match config.embedded_relay {
@@ -250,6 +258,10 @@ async fn services(
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
     let options = SignerOptions {
         cache_ttl: config.cache_ttl,
+        approvals: keycast_core::approval::ApprovalOptions {
+            ttl_secs: config.approval_ttl_secs,
+            public_url: config.public_url.clone().unwrap_or_default(),
+        },
         ..SignerOptions::default()
     };
     let signer = Arc::new(Signer::new(db.clone(), km.clone(), options));

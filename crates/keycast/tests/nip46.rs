@@ -170,10 +170,11 @@ fn refusals_are_answered_within_a_second(engine: Engine) {
 
     // Connected: a kind outside the policy, and an unknown method.
     assert_eq!(client.connect(&bunker)["ok"], true);
-    assert_refused(
-        &client.call(json!({"op": "sign_event", "event": {"kind": 30023, "content": "long form"}})),
-        "30023",
-    );
+    // A kind outside the policy is not refused but asked (issue 14): `auth_url`, as fast.
+    client.call_ok(json!({"op": "start_sign_event", "event": {"kind": 30023, "content": "long form"}}));
+    let asked = client.call_ok(json!({"op": "auth_url", "timeout_ms": 5000}));
+    assert!(asked["url"].as_str().unwrap().contains("/approvals/"), "{asked}");
+    assert!(asked["ms"].as_f64().unwrap() < REFUSAL_WITHIN_MS, "{asked}");
     assert_refused(&client.raw("frobnicate", json!([])), "unknown method");
     assert_refused(
         &client.call(json!({"op": "sign_event", "event": {"kind": "one"}})),
@@ -190,7 +191,10 @@ fn refusals_are_answered_within_a_second(engine: Engine) {
     let mut wallet_client = BunkerClient::spawn().unwrap();
     assert_eq!(wallet_client.connect(&bunker_url(&wallet))["ok"], true);
     let peer = Keys::generate().public_key().to_hex();
-    assert_refused(&wallet_client.nip44_decrypt(&peer, "AgAAAA"), "decrypt");
+    // Not granted, so asked (issue 14), at once.
+    wallet_client.call_ok(json!({"op": "start", "method": "nip44_decrypt", "params": [peer, "AgAAAA"]}));
+    let asked = wallet_client.call_ok(json!({"op": "auth_url", "timeout_ms": 5000}));
+    assert!(asked["url"].as_str().unwrap().contains("/approvals/"), "{asked}");
 
     // Revoked: refused on the very next request.
     let id = authorization_id(&server, &cookie, &social);

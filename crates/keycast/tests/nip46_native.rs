@@ -193,11 +193,17 @@ fn connect_is_liberal_in_its_parameters_and_strict_in_what_it_grants() {
         )],
         Cipher::Nip44,
     );
-    let refused = client.replies(1, Duration::from_secs(5));
+    // Not granted, so the owner is asked (issue 14): NIP-46's `auth_url` reply, same id.
+    let asked = client.replies(1, Duration::from_secs(5));
+    assert_eq!(asked[0].json["id"], "k", "{}", asked[0].json);
+    assert_eq!(asked[0].json["result"], "auth_url", "{}", asked[0].json);
     assert!(
-        refused[0].json["error"].as_str().unwrap_or_default().contains("30023"),
+        asked[0].json["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/approvals/"),
         "{}",
-        refused[0].json
+        asked[0].json
     );
 }
 

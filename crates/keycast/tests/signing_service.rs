@@ -475,8 +475,17 @@ fn policies_deny_per_permission_with_the_reason(engine: Engine) {
         "sign_event",
         json!([{ "kind": 30023, "content": "article" }]),
     );
+    // Not covered, but the owner may allow it (issue 14): 403 with the reason and where.
     assert_eq!(long_form.status, 403, "{}", long_form.body);
-    assert_eq!(long_form.json()["error"], "kind 30023 is not allowed by policy social");
+    assert_eq!(long_form.json()["code"], "approval_required", "{}", long_form.body);
+    assert!(
+        long_form.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("kind 30023 is not allowed by policy social"),
+        "{}",
+        long_form.body
+    );
     assert_eq!(
         rpc(&server, &social, "sign_event", json!([{ "kind": 7, "content": "+" }])).status,
         200

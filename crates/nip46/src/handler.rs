@@ -1,15 +1,19 @@
 //! What a NIP-46 request means: the methods beyond the signer's own (`connect`, `ping`,
 //! `switch_relays`, `logout`), and everything else decoded with [`Request::decode`] and
 //! run through [`Signer::execute`] — the one signing path HTTP RPC uses too, policy
-//! included. Every request gets a reply: a result, or an error with the reason.
+//! included. Every request gets a reply: a result, or an error with the reason — or, for
+//! a request the policy does not cover but the owner may allow, NIP-46's
+//! `{id, result: "auth_url", error: <URL>}`; the real reply follows with the same id once
+//! the owner decides ([`keycast_core::approval`]).
 
 use std::sync::Arc;
 
+use keycast_core::approval::{nip46_result, Asker};
 use keycast_core::nostr::PublicKey;
-use keycast_core::{AuthError, DecodeError, Durability, Request, Response, SignError, Signer, Transport};
+use keycast_core::{AuthError, DecodeError, Durability, Request, SignError, Signer};
 use serde_json::Value;
 
-use crate::wire::{RpcReply, RpcRequest};
+use crate::wire::{Cipher, RpcReply, RpcRequest};
 
 /// The methods answered here, for the unknown-method error.
 const METHODS: &str = "connect, ping, get_public_key, sign_event, nip04_encrypt, nip04_decrypt, \
@@ -22,9 +26,22 @@ pub async fn answer(
     bunker: &PublicKey,
     client: &PublicKey,
     request: &RpcRequest,
+    cipher: Cipher,
 ) -> (RpcReply, Outcome) {
-    match run(signer, durability, bunker, client, request).await {
+    match run(signer, durability, bunker, client, request, cipher).await {
         Ok(result) => (RpcReply::ok(&request.id, result), Outcome::Ok),
+        // NIP-46: the URL travels in `error`, `result` says what it is.
+        Err(Refusal {
+            outcome: Outcome::AuthUrl,
+            message: url,
+        }) => (
+            RpcReply {
+                id: request.id.clone(),
+                result: "auth_url".into(),
+                error: Some(url),
+            },
+            Outcome::AuthUrl,
+        ),
         Err(refusal) => {
             let outcome = refusal.outcome;
             (RpcReply::error(&request.id, refusal.message), outcome)
@@ -39,6 +56,8 @@ pub enum Outcome {
     /// Bad or missing credentials: unknown bunker, wrong secret, unbound client, revoked.
     Unauthorized,
     PolicyDenied,
+    /// Answered with `auth_url`: the owner is asked (the URL carries a secret: never log it).
+    AuthUrl,
     BadRequest,
     Internal,
 }
@@ -49,6 +68,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Unauthorized => "unauthorized",
             Outcome::PolicyDenied => "policy_denied",
+            Outcome::AuthUrl => "auth_url",
             Outcome::BadRequest => "bad_request",
             Outcome::Internal => "internal",
         }
@@ -85,6 +105,7 @@ impl From<SignError> for Refusal {
             SignError::PolicyDenied { reason } | SignError::GrantRefused { reason, .. } => {
                 refuse(Outcome::PolicyDenied, reason)
             }
+            SignError::ApprovalRequired { url, .. } => refuse(Outcome::AuthUrl, url),
             SignError::BadRequest { reason } => refuse(Outcome::BadRequest, reason),
             SignError::Revoked | SignError::Expired | SignError::UnknownToken | SignError::Auth(_) => {
                 refuse(Outcome::Unauthorized, err.to_string())
@@ -116,6 +137,7 @@ async fn run(
     bunker: &PublicKey,
     client: &PublicKey,
     request: &RpcRequest,
+    cipher: Cipher,
 ) -> Result<String, Refusal> {
     match request.method.as_str() {
         "connect" => {
@@ -155,14 +177,14 @@ async fn run(
         method => {
             let authz = signer.authorize_bunker(bunker, client).await?;
             let call = Request::decode(method, &request.params, authz.bunker_pubkey)?;
-            match signer.execute(&authz, call, Transport::Nip46).await? {
-                Response::PublicKey(pk) => Ok(pk.to_hex()),
-                // NIP-46 returns the signed event as JSON text.
-                Response::Event(event) => {
-                    serde_json::to_string(&*event).map_err(|e| refuse(Outcome::Internal, e.to_string()))
-                }
-                Response::Text(text) => Ok(text),
-            }
+            let asker = Asker::Nip46 {
+                request_id: request.id.clone(),
+                client: *client,
+                nip04: cipher == Cipher::Nip04,
+            };
+            let response = signer.execute_or_ask(&authz, call, asker).await?;
+            // NIP-46 returns the signed event as JSON text.
+            Ok(nip46_result(response)?)
         }
     }
 }

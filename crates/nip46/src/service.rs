@@ -317,13 +317,21 @@ impl Shared {
         if !self.claim(&incoming.event).await {
             return;
         }
-        let (reply, outcome) =
-            handler::answer(&self.signer, self.durability.as_ref(), &bunker, &client, &request).await;
+        let (reply, outcome) = handler::answer(
+            &self.signer,
+            self.durability.as_ref(),
+            &bunker,
+            &client,
+            &request,
+            cipher,
+        )
+        .await;
         let method = method_label(&request.method);
         metrics::counter!("keycast_nip46_requests_total", "method" => method, "outcome" => outcome.label())
             .increment(1);
         metrics::histogram!("keycast_nip46_request_seconds", "method" => method).record(started.elapsed());
-        if outcome != Outcome::Ok {
+        // An `auth_url` reply carries the approval's secret id: not logged.
+        if outcome != Outcome::Ok && outcome != Outcome::AuthUrl {
             tracing::info!(
                 method,
                 outcome = outcome.label(),
@@ -463,6 +471,16 @@ impl Shared {
                     let me = self.clone();
                     tokio::spawn(async move { me.acknowledge(bunker, client, relays, secret).await });
                 }
+                Ok(Change::Nip46Reply {
+                    bunker,
+                    client,
+                    request_id,
+                    nip04,
+                    result,
+                }) => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.send_decided(bunker, client, request_id, nip04, result).await });
+                }
                 Ok(Change::Authorizations) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     if let Err(err) = self.sync().await {
                         tracing::warn!(error = %err, "nip46: cannot read the bunkers; will retry");
@@ -549,6 +567,52 @@ impl Shared {
                 }
                 Err(err) => tracing::debug!(relay = %url, error = %err, "nip46: cannot subscribe yet; will retry"),
             }
+        }
+    }
+
+    /// The reply to a NIP-46 request whose approval the owner just decided (on this
+    /// instance): from the bunker to `client`, with the request's id, on every operator
+    /// relay and the bunker's app relays — the instance that received the request may be
+    /// another one, so the relay it came on is not known here.
+    async fn send_decided(
+        &self,
+        bunker: PublicKey,
+        client: PublicKey,
+        request_id: String,
+        nip04: bool,
+        result: Result<String, String>,
+    ) {
+        let keys = match self.signer.bunker_secret(&bunker).await {
+            Ok(keys) => keys,
+            Err(err) => {
+                tracing::warn!(error = %err, "nip46: cannot answer an approved request");
+                return;
+            }
+        };
+        let reply = match result {
+            Ok(result) => RpcReply::ok(&request_id, result),
+            Err(error) => RpcReply::error(&request_id, error),
+        };
+        let cipher = if nip04 { Cipher::Nip04 } else { Cipher::Nip44 };
+        let event = match wire::seal(&keys, &client, cipher, &reply) {
+            Ok(event) => event,
+            Err(err) => {
+                tracing::error!(error = %err, "nip46: cannot seal the reply to an approved request");
+                return;
+            }
+        };
+        let mut targets: HashSet<RelayUrl> = self.configured.iter().cloned().collect();
+        if let Some(entry) = self.roster().entry(&bunker) {
+            targets.extend(entry.relays.iter().cloned());
+        }
+        match self.pool.send_msg_to(targets, ClientMessage::event(event)).await {
+            Ok(output) if !output.success.is_empty() => {
+                metrics::counter!("keycast_nip46_approval_replies_total").increment(1);
+            }
+            Ok(output) => {
+                tracing::warn!(failed = ?output.failed, "nip46: no relay took the reply to an approved request")
+            }
+            Err(err) => tracing::warn!(error = %err, "nip46: cannot send the reply to an approved request"),
         }
     }
 

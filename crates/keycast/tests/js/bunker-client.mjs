@@ -19,6 +19,12 @@
 //   {"op":"raw","method":…,"params":[…]}           → {result}  (any method, e.g. unknown ones)
 //   {"op":"nostrconnect","relays":[…],"secret":…,"client_sk":…} → {uri, client_pubkey}; then
 //   {"op":"nostrconnect_wait"}                     → {bunker_pubkey, relays} once the signer answered
+//   {"op":"start_sign_event","event":{…}}          → {} at once; the request stays pending
+//   {"op":"start","method":…,"params":[…]}          → {} at once, any method (finish: {result})
+//   {"op":"auth_url"}                              → {url} once the signer answered a pending
+//       request with NIP-46 `auth_url` (BunkerSigner's `onauth` callback); urls queue up
+//   {"op":"finish_sign_event"}                     → {event, verified}: the pending request's
+//       real response (BunkerSigner matches it by the request's id), or its error
 //   {"op":"bench","n":N,"warmup":W}                → {n, p50, p99, mean, min, max, wire:{…}}
 //       sequential sign_events in ms: as the app sees them, and `wire` from publishing the
 //       signed request to the answer's arrival (without the client's own signing/verifying)
@@ -64,6 +70,15 @@ pool.publish = (...args) => {
 };
 let signer = null;
 let pendingConnect = null;
+let pendingSign = null;
+// auth_url callbacks (`onauth`) not yet collected, and who waits for the next one.
+const authUrls = [];
+const authWaiters = [];
+function onauth(url) {
+  const waiter = authWaiters.shift();
+  if (waiter) waiter(url);
+  else authUrls.push(url);
+}
 
 const hexToBytes = (hex) => Uint8Array.from(Buffer.from(hex, 'hex'));
 const clientKey = (hex) => (hex ? hexToBytes(hex) : generateSecretKey());
@@ -113,7 +128,7 @@ const ops = {
     const bp = await parseBunkerInput(bunker);
     if (!bp) throw new Error(`not a bunker URL: ${bunker}`);
     const sk = clientKey(client_sk);
-    await replaceSigner(BunkerSigner.fromBunker(sk, bp, { pool }));
+    await replaceSigner(BunkerSigner.fromBunker(sk, bp, { pool, onauth }));
     if (handshake) await signer.connect();
     return { client_pubkey: getPublicKey(sk), bunker_pubkey: bp.pubkey, relays: bp.relays };
   },
@@ -123,6 +138,26 @@ const ops = {
     return { pubkey: await signer.getPublicKey() };
   },
   sign_event: ({ event }) => signEvent(event ?? {}),
+  start_sign_event({ event }) {
+    pendingSign = signEvent(event ?? {});
+    pendingSign.catch(() => {});
+    return {};
+  },
+  start({ method, params = [] }) {
+    pendingSign = needSigner().sendRequest(method, params).then((result) => ({ result }));
+    pendingSign.catch(() => {});
+    return {};
+  },
+  auth_url() {
+    if (authUrls.length) return { url: authUrls.shift() };
+    return new Promise((resolve) => authWaiters.push((url) => resolve({ url })));
+  },
+  async finish_sign_event() {
+    if (!pendingSign) throw new Error('no sign_event pending');
+    const pending = pendingSign;
+    pendingSign = null;
+    return await pending;
+  },
   nip44_encrypt: async ({ peer, text }) => ({ result: await needSigner().nip44Encrypt(peer, text) }),
   nip44_decrypt: async ({ peer, text }) => ({ result: await needSigner().nip44Decrypt(peer, text) }),
   nip04_encrypt: async ({ peer, text }) => ({ result: await needSigner().nip04Encrypt(peer, text) }),

@@ -1,0 +1,219 @@
+//! Pending approvals (`approvals`) and the kinds an owner allowed "from now on"
+//! (`authorization_kinds`): issue 14, asking instead of refusing.
+//!
+//! An approval is found by the hash of the random id in its URL, never by the id. Deciding
+//! is one conditional `UPDATE` (only a pending, unexpired row), so two clicks — on one
+//! instance or two — decide once. An HTTP "allow once" is spent by the retry that matches
+//! its fingerprint, again by one conditional `UPDATE`. What the rows mean (who may decide,
+//! what a decision does) is `keycast-core`'s.
+
+use crate::pool::on_engine;
+use crate::Db;
+use crate::{AuthorizationId, RepoError, TokenHash, UserId};
+
+/// A stored approval, with the owner of its authorization.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ApprovalRow {
+    pub id_hash: TokenHash,
+    pub authorization_id: AuthorizationId,
+    /// The owner of the authorization (from `authorizations`).
+    pub user_id: UserId,
+    /// The app's `client_id` (from `authorizations`).
+    pub client_id: String,
+    /// `http` or `nip46`.
+    pub transport: String,
+    pub method: String,
+    pub kind: Option<i64>,
+    /// `{method, params}` NIP-44 encrypted by the bunker key to itself.
+    pub request_sealed: String,
+    pub fingerprint: String,
+    pub nip46_request_id: Option<String>,
+    pub nip46_client: Option<String>,
+    /// `nip44` or `nip04`: the cipher the reply must use.
+    pub nip46_cipher: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// `None` pending; `once`, `kind` or `deny`.
+    pub decision: Option<String>,
+    pub decided_at: Option<i64>,
+    pub used_at: Option<i64>,
+}
+
+/// What [`insert`] stores.
+#[derive(Debug, Clone)]
+pub struct NewApproval<'a> {
+    pub id_hash: &'a TokenHash,
+    pub authorization_id: &'a AuthorizationId,
+    pub transport: &'a str,
+    pub method: &'a str,
+    pub kind: Option<i64>,
+    pub request_sealed: &'a str,
+    pub fingerprint: &'a str,
+    pub nip46_request_id: Option<&'a str>,
+    pub nip46_client: Option<&'a str>,
+    pub nip46_cipher: Option<&'a str>,
+    pub expires_at: i64,
+}
+
+macro_rules! columns {
+    () => {
+        "p.id_hash, p.authorization_id, a.user_id, a.client_id, p.transport, p.method, p.kind, \
+         p.request_sealed, p.fingerprint, p.nip46_request_id, p.nip46_client, p.nip46_cipher, \
+         p.created_at, p.expires_at, p.decision, p.decided_at, p.used_at"
+    };
+}
+
+/// Stores a pending approval, first deleting this authorization's approvals that expired
+/// before `now` (so the table holds only what may still be decided or used).
+///
+/// # Errors
+/// [`RepoError::MissingReference`] for an unknown authorization; database errors.
+pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64) -> Result<(), RepoError> {
+    on_engine!(db, |pool| {
+        sqlx::query("DELETE FROM approvals WHERE authorization_id = $1 AND expires_at <= $2")
+            .bind(new.authorization_id)
+            .bind(now)
+            .execute(pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO approvals (id_hash, authorization_id, transport, method, kind, request_sealed, \
+             fingerprint, nip46_request_id, nip46_client, nip46_cipher, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(new.id_hash)
+        .bind(new.authorization_id)
+        .bind(new.transport)
+        .bind(new.method)
+        .bind(new.kind)
+        .bind(new.request_sealed)
+        .bind(new.fingerprint)
+        .bind(new.nip46_request_id)
+        .bind(new.nip46_client)
+        .bind(new.nip46_cipher)
+        .bind(now)
+        .bind(new.expires_at)
+        .execute(pool)
+        .await?;
+        Ok(())
+    })
+}
+
+/// How many approvals of this authorization are pending and unexpired at `now`.
+///
+/// # Errors
+/// Database errors.
+pub async fn count_pending(db: &Db, authorization: &AuthorizationId, now: i64) -> Result<i64, RepoError> {
+    Ok(on_engine!(db, |pool| {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM approvals WHERE authorization_id = $1 AND decision IS NULL AND expires_at > $2",
+        )
+        .bind(authorization)
+        .bind(now)
+        .fetch_one(pool)
+        .await?
+    }))
+}
+
+/// The approval whose id hashes to `id_hash`, in any state.
+///
+/// # Errors
+/// Database errors.
+pub async fn find(db: &Db, id_hash: &TokenHash) -> Result<Option<ApprovalRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM approvals p JOIN authorizations a ON a.id = p.authorization_id WHERE p.id_hash = $1"
+        );
+        Ok(sqlx::query_as(sql).bind(id_hash).fetch_optional(pool).await?)
+    })
+}
+
+/// Records `decision` on a pending, unexpired approval and moves its expiry to
+/// `expires_at` (the window an HTTP retry has to use an "allow once"). Returns whether
+/// this call decided it: false when it was decided before, expired, or does not exist.
+///
+/// # Errors
+/// Database errors.
+pub async fn decide(
+    db: &Db,
+    id_hash: &TokenHash,
+    decision: &str,
+    now: i64,
+    expires_at: i64,
+) -> Result<bool, RepoError> {
+    let done = on_engine!(db, |pool| {
+        sqlx::query(
+            "UPDATE approvals SET decision = $2, decided_at = $3, expires_at = $4 \
+             WHERE id_hash = $1 AND decision IS NULL AND expires_at > $3",
+        )
+        .bind(id_hash)
+        .bind(decision)
+        .bind(now)
+        .bind(expires_at)
+        .execute(pool)
+        .await?
+        .rows_affected()
+    });
+    Ok(done == 1)
+}
+
+/// Spends one unexpired HTTP "allow once" of this authorization whose fingerprint is
+/// `fingerprint`. Returns whether one was spent (so exactly one retry passes).
+///
+/// # Errors
+/// Database errors.
+pub async fn use_once(
+    db: &Db,
+    authorization: &AuthorizationId,
+    fingerprint: &str,
+    now: i64,
+) -> Result<bool, RepoError> {
+    let spent: Option<TokenHash> = on_engine!(db, |pool| {
+        sqlx::query_scalar(
+            "UPDATE approvals SET used_at = $3 WHERE id_hash = (\
+               SELECT id_hash FROM approvals WHERE authorization_id = $1 AND fingerprint = $2 \
+               AND transport = 'http' AND decision = 'once' AND used_at IS NULL AND expires_at > $3 \
+               ORDER BY decided_at LIMIT 1) \
+             AND used_at IS NULL RETURNING id_hash",
+        )
+        .bind(authorization)
+        .bind(fingerprint)
+        .bind(now)
+        .fetch_optional(pool)
+        .await?
+    });
+    Ok(spent.is_some())
+}
+
+/// Adds `kind` to what this authorization may sign (idempotent).
+///
+/// # Errors
+/// [`RepoError::MissingReference`] for an unknown authorization; database errors.
+pub async fn allow_kind(db: &Db, authorization: &AuthorizationId, kind: i64, now: i64) -> Result<(), RepoError> {
+    on_engine!(db, |pool| {
+        sqlx::query(
+            "INSERT INTO authorization_kinds (authorization_id, kind, approved_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (authorization_id, kind) DO NOTHING",
+        )
+        .bind(authorization)
+        .bind(kind)
+        .bind(now)
+        .execute(pool)
+        .await?;
+        Ok(())
+    })
+}
+
+/// The kinds the owner allowed this authorization from now on, ascending.
+///
+/// # Errors
+/// Database errors.
+pub async fn allowed_kinds(db: &Db, authorization: &AuthorizationId) -> Result<Vec<i64>, RepoError> {
+    Ok(on_engine!(db, |pool| {
+        sqlx::query_scalar("SELECT kind FROM authorization_kinds WHERE authorization_id = $1 ORDER BY kind")
+            .bind(authorization)
+            .fetch_all(pool)
+            .await?
+    }))
+}

@@ -1,0 +1,292 @@
+//! Asking instead of refusing (issue 14), against the real binary on both engines: a request
+//! the grant's policy does not cover is answered with an approval URL — HTTP RPC 403
+//! `approval_required`, NIP-46 `auth_url` (nostr-tools' `BunkerSigner` and its `onauth`
+//! callback, through keycast's embedded relay) — and the logged-in owner allows it once,
+//! allows the kind from now on, or denies it on that page. Also the attacks: another
+//! account's session, a missing CSRF token, another site's post, a spent, expired or
+//! unknown approval.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{grant, register};
+use harness::nostr::BunkerClient;
+use harness::{Engine, Keycast, Launch};
+use serde_json::{json, Value};
+
+fn start(engine: Engine, dir: &std::path::Path, env: &[(&str, &str)]) -> Keycast {
+    let mut launch = Launch::on(engine, &dir.join("data"));
+    for (k, v) in env {
+        launch = launch.env(k, v);
+    }
+    launch.start()
+}
+
+/// An article (kind 30023): not among the kinds of the seeded `social` policy.
+fn article(content: &str) -> Value {
+    json!([{ "kind": 30023, "content": content, "tags": [["d", "slug"]] }])
+}
+
+fn sign(server: &Keycast, token: &Value, params: Value) -> Reply {
+    rpc(server, token["access_token"].as_str().unwrap(), "sign_event", params)
+}
+
+/// The path of an approval URL, checked to live under the server's public URL.
+fn approval_path(server: &Keycast, reply: &Reply) -> String {
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let body = reply.json();
+    assert_eq!(body["code"], "approval_required", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("kind 30023"), "{body}");
+    assert!(body["expires_at"].as_i64().unwrap() > keycast_db::now_unix(), "{body}");
+    path_of(server, body["approval_url"].as_str().unwrap())
+}
+
+/// The path of `url`, checked to be an approval page under keycast's public URL (by
+/// default `http://localhost:<port>`).
+fn path_of(server: &Keycast, url: &str) -> String {
+    let parsed = url::Url::parse(url).unwrap();
+    let base = url::Url::parse(&server.base).unwrap();
+    assert_eq!(parsed.port(), base.port(), "{url} is keycast's");
+    let path = parsed.path();
+    assert!(
+        path.starts_with("/approvals/") && path.len() > "/approvals/".len() + 40,
+        "{url}"
+    );
+    path.to_owned()
+}
+
+/// Opens the approval page as `cookie` and posts `decision` with its CSRF token.
+fn decide(server: &Keycast, cookie: &str, path: &str, decision: &str) -> Reply {
+    let page = get(server, path, Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").expect("the page has a form");
+    post_form(server, path, Some(cookie), &[("csrf", &csrf), ("decision", decision)])
+}
+
+fn assert_signed(reply: &Reply, kind: u64) -> nostr::Event {
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let event: nostr::Event = serde_json::from_value(reply.json()["result"].clone()).unwrap();
+    event.verify().expect("a valid signature");
+    assert_eq!(u64::from(event.kind.as_u16()), kind);
+    event
+}
+
+fn http_allow_once_lets_exactly_one_retry_of_the_same_request(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "once@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let content = "My <b>article</b> & more: ".to_owned() + &"long ".repeat(100);
+    let path = approval_path(&server, &sign(&server, &token, article(&content)));
+
+    // The owner sees what is asked, escaped and cut.
+    let page = get(&server, &path, Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    for shown in [
+        "30023",
+        "sign event",
+        "My &lt;b&gt;article&lt;/b&gt; &amp; more",
+        "first 280 characters",
+        "Allow once",
+        "Allow kind 30023 from now on",
+        "Deny",
+    ] {
+        assert!(page.body.contains(shown), "the page shows {shown:?}: {}", page.body);
+    }
+    assert!(!page.body.contains("<b>article"), "content is escaped");
+    assert!(!page.body.contains(&"long ".repeat(100)), "content is cut");
+
+    let done = decide(&server, &cookie, &path, "once");
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(done.body.contains("Allowed"), "{}", done.body);
+    // The retry (its created_at filled afresh) passes, once; a different request does not.
+    assert_eq!(sign(&server, &token, article("other text")).status, 403);
+    let event = assert_signed(&sign(&server, &token, article(&content)), 30023);
+    assert_eq!(event.content, content);
+    let again = sign(&server, &token, article(&content));
+    approval_path(&server, &again);
+    // Deciding the spent approval again is refused.
+    let csrf = hidden_input(&get(&server, "/dashboard", Some(&cookie)).body, "csrf").unwrap();
+    let twice = post_form(&server, &path, Some(&cookie), &[("csrf", &csrf), ("decision", "once")]);
+    assert_eq!(twice.status, 409, "{}", twice.body);
+}
+
+fn http_allow_kind_holds_for_later_requests_and_across_a_restart(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "kind@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let path = approval_path(&server, &sign(&server, &token, article("first")));
+    let done = decide(&server, &cookie, &path, "kind");
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_signed(&sign(&server, &token, article("first")), 30023);
+    assert_signed(&sign(&server, &token, article("second, different")), 30023);
+    // Only that kind: another one is still asked.
+    let other = sign(&server, &token, json!([{ "kind": 30024, "content": "draft" }]));
+    assert_eq!(other.json()["code"], "approval_required", "{}", other.body);
+    // It is part of what the grant allows, as the owner sees it.
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert_eq!(
+        listed["authorizations"][0]["approved_kinds"],
+        json!([30023]),
+        "{listed}"
+    );
+
+    // It is stored, not cached: a restarted keycast still allows it.
+    let database = server.database.clone();
+    server.stop();
+    let mut launch = Launch::new(&dir.path().join("data"));
+    if let Some(db) = &database {
+        launch = launch.postgres(db);
+    }
+    let server = launch.start();
+    assert_signed(&sign(&server, &token, article("after the restart")), 30023);
+}
+
+fn deny_another_account_csrf_and_unknown_ids_are_refused(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "owner@example.com", None);
+    let (intruder, _) = register(&server, "intruder@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let path = approval_path(&server, &sign(&server, &token, article("secret draft")));
+
+    // Another account sees nothing of it and cannot decide it, with its own CSRF token.
+    let seen = get(&server, &path, Some(&intruder));
+    assert_eq!(seen.status, 403, "{}", seen.body);
+    assert!(!seen.body.contains("secret draft"), "{}", seen.body);
+    assert!(seen.body.contains("belongs to another account"), "{}", seen.body);
+    let csrf = hidden_input(&get(&server, "/dashboard", Some(&intruder)).body, "csrf").unwrap();
+    let forged = post_form(
+        &server,
+        &path,
+        Some(&intruder),
+        &[("csrf", &csrf), ("decision", "kind")],
+    );
+    assert_eq!(forged.status, 403, "{}", forged.body);
+    // The owner, without the CSRF token, or from another site, is refused too.
+    let no_csrf = post_form(&server, &path, Some(&cookie), &[("decision", "once")]);
+    assert_eq!(no_csrf.status, 403, "{}", no_csrf.body);
+    let page = get(&server, &path, Some(&cookie));
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let body = form(&[("csrf", &csrf), ("decision", "once")]);
+    let cross = post(
+        &server,
+        &path,
+        Some(&cookie),
+        FORM,
+        &body,
+        &[("Origin", "https://evil.example")],
+    );
+    assert_eq!(cross.status, 403, "{}", cross.body);
+    // Without a session: log in first.
+    assert_eq!(get(&server, &path, None).status, 401);
+    // None of that decided it: still pending, and the retry is still asked.
+    assert_eq!(sign(&server, &token, article("secret draft")).status, 403);
+    assert!(get(&server, &path, Some(&cookie)).body.contains("Allow once"));
+
+    let denied = decide(&server, &cookie, &path, "deny");
+    assert_eq!(denied.status, 200, "{}", denied.body);
+    assert!(denied.body.contains("Denied"), "{}", denied.body);
+    approval_path(&server, &sign(&server, &token, article("secret draft")));
+    assert!(get(&server, &path, Some(&cookie))
+        .body
+        .contains("Already decided: deny"));
+
+    let unknown = get(
+        &server,
+        "/approvals/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        Some(&cookie),
+    );
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    assert!(
+        unknown.body.contains("there is no approval at this address"),
+        "{}",
+        unknown.body
+    );
+    let csrf = hidden_input(&get(&server, "/dashboard", Some(&cookie)).body, "csrf").unwrap();
+    let unknown = post_form(
+        &server,
+        "/approvals/nope",
+        Some(&cookie),
+        &[("csrf", &csrf), ("decision", "once")],
+    );
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+}
+
+fn an_expired_approval_cannot_be_decided(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[("KEYCAST_APPROVAL_TTL_SECS", "2")]);
+    let (cookie, _) = register(&server, "late@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let path = approval_path(&server, &sign(&server, &token, article("too late")));
+    let page = get(&server, &path, Some(&cookie));
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    // Time itself is what is tested: wait past the two seconds.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(get(&server, &path, Some(&cookie)).body.contains("has expired"));
+    let late = post_form(&server, &path, Some(&cookie), &[("csrf", &csrf), ("decision", "once")]);
+    assert_eq!(late.status, 410, "{}", late.body);
+    assert!(late.body.contains("has expired"), "{}", late.body);
+    assert_eq!(
+        sign(&server, &token, article("too late")).json()["code"],
+        "approval_required"
+    );
+}
+
+/// The NIP-46 side: `auth_url`, then the real answer with the same request id.
+fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "bunker@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let connected = client.connect(token["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
+    let event = json!({"kind": 30023, "content": "over NIP-46", "tags": [["d", "n"]]});
+
+    let ask = |client: &mut BunkerClient, event: &Value| -> String {
+        client.call_ok(json!({ "op": "start_sign_event", "event": event, "timeout_ms": 1000 }));
+        let reply = client.call_ok(json!({ "op": "auth_url", "timeout_ms": 15000 }));
+        path_of(&server, reply["url"].as_str().unwrap())
+    };
+    let finish = |client: &mut BunkerClient| client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
+
+    // Allow once: the client's pending request resolves with the signed event.
+    let path = ask(&mut client, &event);
+    assert!(get(&server, &path, Some(&cookie)).body.contains("NIP-46"));
+    assert_eq!(decide(&server, &cookie, &path, "once").status, 200);
+    let signed = finish(&mut client);
+    assert_eq!(signed["ok"], true, "{signed}");
+    assert_eq!(signed["verified"], true, "{signed}");
+    assert_eq!(signed["event"]["kind"], 30023, "{signed}");
+    assert_eq!(signed["event"]["content"], "over NIP-46", "{signed}");
+
+    // Once means once: the same request is asked again; deny sends the error.
+    let path = ask(&mut client, &event);
+    assert_eq!(decide(&server, &cookie, &path, "deny").status, 200);
+    let denied = finish(&mut client);
+    assert_eq!(denied["ok"], false, "{denied}");
+    assert!(denied["error"].as_str().unwrap().contains("denied"), "{denied}");
+
+    // Allow the kind: this request is answered, and later ones need no asking.
+    let path = ask(&mut client, &event);
+    assert_eq!(decide(&server, &cookie, &path, "kind").status, 200);
+    let signed = finish(&mut client);
+    assert_eq!(signed["verified"], true, "{signed}");
+    let later = client.sign_event(json!({"kind": 30023, "content": "later", "tags": []}));
+    assert_eq!(later["ok"], true, "{later}");
+    assert_eq!(later["verified"], true, "{later}");
+    // And over HTTP too: one policy path.
+    assert_signed(&sign(&server, &token, article("by http")), 30023);
+}
+
+on_both_engines!(
+    http_allow_once_lets_exactly_one_retry_of_the_same_request,
+    http_allow_kind_holds_for_later_requests_and_across_a_restart,
+    deny_another_account_csrf_and_unknown_ids_are_refused,
+    an_expired_approval_cannot_be_decided,
+    nip46_auth_url_then_the_owners_decision_reaches_the_client,
+);
