@@ -234,6 +234,34 @@ fn an_expired_approval_cannot_be_decided(engine: Engine) {
     );
 }
 
+/// A NIP-46 client whose request nobody decides is not left waiting: when the approval
+/// expires it gets an error with the request's id.
+fn nip46_an_undecided_approval_ends_in_an_error_reply(engine: Engine) {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[("KEYCAST_APPROVAL_TTL_SECS", "2")]);
+    let (cookie, _) = register(&server, "nobody@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    assert_eq!(client.connect(token["bunker_url"].as_str().unwrap())["ok"], true);
+    let event = json!({"kind": 30023, "content": "unanswered", "tags": []});
+    client.call_ok(json!({ "op": "start_sign_event", "event": event, "timeout_ms": 1000 }));
+    let url = client.call_ok(json!({ "op": "auth_url", "timeout_ms": 15000 }));
+    let path = path_of(&server, url["url"].as_str().unwrap());
+    let ended = client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
+    assert_eq!(ended["ok"], false, "{ended}");
+    assert!(
+        ended["error"].as_str().unwrap().contains("did not decide within 2 s"),
+        "{ended}"
+    );
+    // Closed: the page says so, and a late click is refused.
+    assert!(get(&server, &path, Some(&cookie)).body.contains("expired undecided"));
+    let csrf = hidden_input(&get(&server, "/dashboard", Some(&cookie)).body, "csrf").unwrap();
+    let late = post_form(&server, &path, Some(&cookie), &[("csrf", &csrf), ("decision", "once")]);
+    assert_eq!(late.status, 410, "{}", late.body);
+}
+
 /// The NIP-46 side: `auth_url`, then the real answer with the same request id.
 fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
     let Some(mut client) = BunkerClient::spawn() else {
@@ -289,4 +317,5 @@ on_both_engines!(
     deny_another_account_csrf_and_unknown_ids_are_refused,
     an_expired_approval_cannot_be_decided,
     nip46_auth_url_then_the_owners_decision_reaches_the_client,
+    nip46_an_undecided_approval_ends_in_an_error_reply,
 );
