@@ -315,7 +315,8 @@ impl Signer {
         }
     }
 
-    /// Whether `request`, refused by the policy with `reason`, may pass on `permit`.
+    /// Whether `request`, which `policy` refuses, may pass on `permit` (only if it is
+    /// [`askable`]: an approval never overrides a content rule).
     pub(crate) async fn permitted(
         &self,
         authz: &Authorization,
