@@ -315,7 +315,8 @@ impl Signer {
         }
     }
 
-    /// Whether `request`, refused by the policy with `reason`, may pass on `permit`.
+    /// Whether `request`, which `policy` refuses, may pass on `permit` (only if it is
+    /// [`askable`]: an approval never overrides a content rule).
     pub(crate) async fn permitted(
         &self,
         authz: &Authorization,
@@ -402,6 +403,37 @@ impl Signer {
         })
     }
 
+    /// How long a pending approval waits for the owner.
+    pub fn approval_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::try_from(self.approval_options().ttl_secs).unwrap_or(0))
+    }
+
+    /// Called by the NIP-46 transport once the approval at `url` (an `auth_url` it sent) has
+    /// expired: if nobody decided it, it is closed and the client gets an error reply with
+    /// the request's id, so it does not wait forever. A decision at the same moment wins or
+    /// loses as a whole (both are conditional updates of an undecided row).
+    pub async fn close_if_undecided(&self, url: &str) {
+        let Some((_, id)) = url.rsplit_once(PAGE_PATH) else {
+            return;
+        };
+        let row = match repo::close_undecided(self.db(), &hash_token(id), now_unix()).await {
+            Ok(Some(row)) => row,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "approval: cannot close an undecided approval");
+                return;
+            }
+        };
+        if row.transport != "nip46" {
+            return;
+        }
+        let secs = self.approval_options().ttl_secs;
+        let reason = format!("the owner of the key did not decide within {secs} s; ask again");
+        if let Err(err) = self.reply_nip46(&row, Err(reason)).await {
+            tracing::warn!(error = %err, "approval: cannot tell the client its approval expired");
+        }
+    }
+
     /// The approval at `id` (the secret in its URL) as its owner `user` sees it.
     ///
     /// # Errors
@@ -448,11 +480,12 @@ impl Signer {
     pub async fn decide(&self, id: &str, user: &UserId, decision: Decision) -> Result<Decided, ApprovalError> {
         let row = self.owned_approval(id, user).await?;
         let now = now_unix();
-        if let Some(taken) = &row.decision {
-            return Err(ApprovalError::AlreadyDecided(taken.clone()));
-        }
-        if row.expires_at <= now {
-            return Err(ApprovalError::Expired);
+        match row.decision.as_deref() {
+            // Closed by the NIP-46 transport when it expired undecided.
+            Some("expired") => return Err(ApprovalError::Expired),
+            Some(taken) => return Err(ApprovalError::AlreadyDecided(taken.to_owned())),
+            None if row.expires_at <= now => return Err(ApprovalError::Expired),
+            None => {}
         }
         let kind = match (decision, row.kind) {
             (Decision::Kind, None) => return Err(ApprovalError::KindNeedsSignEvent),
@@ -464,8 +497,8 @@ impl Signer {
             // Decided or expired between the read and the update (another click).
             return Err(
                 match repo::find(self.db(), &row.id_hash).await?.and_then(|r| r.decision) {
-                    Some(taken) => ApprovalError::AlreadyDecided(taken),
-                    None => ApprovalError::Expired,
+                    Some(taken) if taken != "expired" => ApprovalError::AlreadyDecided(taken),
+                    _ => ApprovalError::Expired,
                 },
             );
         }
@@ -483,12 +516,6 @@ impl Signer {
         if row.transport != "nip46" {
             return Fulfilled::AppRetries;
         }
-        let (Some(request_id), Some(client)) = (row.nip46_request_id.clone(), row.nip46_client.as_deref()) else {
-            return Fulfilled::Replied(Err("the stored approval lacks its NIP-46 reply address".into()));
-        };
-        let Ok(client) = PublicKey::from_hex(client) else {
-            return Fulfilled::Replied(Err("the stored approval names a bad client key".into()));
-        };
         let result = match decided.decision {
             Decision::Deny => Err("the owner of the key denied this request".to_owned()),
             decision => self.run_approved(&row, decision).await.map_err(|e| match e {
@@ -500,17 +527,33 @@ impl Signer {
             }),
         };
         let outcome = result.as_ref().map(|_| ()).map_err(Clone::clone);
-        match self.authorization_by_id(&row.authorization_id).await {
-            Ok(authz) => self.send_nip46_reply(crate::Change::Nip46Reply {
-                bunker: authz.bunker_pubkey,
-                client,
-                request_id,
-                nip04: row.nip46_cipher.as_deref() == Some("nip04"),
-                result,
-            }),
-            Err(err) => return Fulfilled::Replied(Err(err.to_string())),
+        match self.reply_nip46(&row, result).await {
+            Ok(()) => Fulfilled::Replied(outcome),
+            Err(err) => Fulfilled::Replied(Err(err)),
         }
-        Fulfilled::Replied(outcome)
+    }
+
+    /// Hands the reply to the NIP-46 request of `row` to this instance's NIP-46 transport.
+    async fn reply_nip46(&self, row: &ApprovalRow, result: Result<String, String>) -> Result<(), String> {
+        let (Some(request_id), Some(client)) = (row.nip46_request_id.clone(), row.nip46_client.as_deref()) else {
+            return Err("the stored approval lacks its NIP-46 reply address".into());
+        };
+        let client =
+            PublicKey::from_hex(client).map_err(|_| "the stored approval names a bad client key".to_owned())?;
+        // A revoked authorization's bunker still answers (its client hears why).
+        let row_authz = keycast_db::authz::find_by_id(self.db(), &row.authorization_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the authorization is gone")?;
+        let bunker = PublicKey::from_hex(&row_authz.bunker_pubkey).map_err(|_| "a bad bunker key".to_owned())?;
+        self.send_nip46_reply(crate::Change::Nip46Reply {
+            bunker,
+            client,
+            request_id,
+            nip04: row.nip46_cipher.as_deref() == Some("nip04"),
+            result,
+        });
+        Ok(())
     }
 
     async fn run_approved(&self, row: &ApprovalRow, decision: Decision) -> Result<String, SignError> {

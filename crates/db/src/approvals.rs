@@ -158,6 +158,29 @@ pub async fn decide(
     Ok(done == 1)
 }
 
+/// Closes a still-pending approval as `expired` (the NIP-46 client is then told). Returns
+/// the row when this call closed it; `None` when it was decided before (or is unknown).
+///
+/// # Errors
+/// Database errors.
+pub async fn close_undecided(db: &Db, id_hash: &TokenHash, now: i64) -> Result<Option<ApprovalRow>, RepoError> {
+    let closed = on_engine!(db, |pool| {
+        sqlx::query(
+            "UPDATE approvals SET decision = 'expired', decided_at = $2 WHERE id_hash = $1 AND decision IS NULL",
+        )
+        .bind(id_hash)
+        .bind(now)
+        .execute(pool)
+        .await?
+        .rows_affected()
+    });
+    if closed == 1 {
+        find(db, id_hash).await
+    } else {
+        Ok(None)
+    }
+}
+
 /// Spends one unexpired HTTP "allow once" of this authorization whose fingerprint is
 /// `fingerprint`. Returns whether one was spent (so exactly one retry passes).
 ///

@@ -63,6 +63,9 @@ async fn show(
     let now = keycast_db::now_unix();
     let csrf = escape(&csrf_token(&session.token));
     let choices = match (&view.decision, view.expires_at <= now) {
+        (Some(decision), _) if decision == "expired" => {
+            "<p class=\"error\">This request expired undecided; the app was told.</p>".to_owned()
+        }
         (Some(decision), _) => format!("<p class=\"notice\">Already decided: {}.</p>", escape(decision)),
         (None, true) => "<p class=\"error\">This request has expired; the app has to ask again.</p>".to_owned(),
         (None, false) => {

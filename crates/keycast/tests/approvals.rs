@@ -10,8 +10,8 @@ mod harness;
 
 use harness::api::*;
 use harness::flow::{grant, register};
-use harness::nostr::BunkerClient;
-use harness::{Engine, Keycast, Launch};
+use harness::nostr::{BunkerClient, Relay};
+use harness::{Engine, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use serde_json::{json, Value};
 
 fn start(engine: Engine, dir: &std::path::Path, env: &[(&str, &str)]) -> Keycast {
@@ -234,6 +234,34 @@ fn an_expired_approval_cannot_be_decided(engine: Engine) {
     );
 }
 
+/// A NIP-46 client whose request nobody decides is not left waiting: when the approval
+/// expires it gets an error with the request's id.
+fn nip46_an_undecided_approval_ends_in_an_error_reply(engine: Engine) {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[("KEYCAST_APPROVAL_TTL_SECS", "2")]);
+    let (cookie, _) = register(&server, "nobody@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    assert_eq!(client.connect(token["bunker_url"].as_str().unwrap())["ok"], true);
+    let event = json!({"kind": 30023, "content": "unanswered", "tags": []});
+    client.call_ok(json!({ "op": "start_sign_event", "event": event, "timeout_ms": 1000 }));
+    let url = client.call_ok(json!({ "op": "auth_url", "timeout_ms": 15000 }));
+    let path = path_of(&server, url["url"].as_str().unwrap());
+    let ended = client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
+    assert_eq!(ended["ok"], false, "{ended}");
+    assert!(
+        ended["error"].as_str().unwrap().contains("did not decide within 2 s"),
+        "{ended}"
+    );
+    // Closed: the page says so, and a late click is refused.
+    assert!(get(&server, &path, Some(&cookie)).body.contains("expired undecided"));
+    let csrf = hidden_input(&get(&server, "/dashboard", Some(&cookie)).body, "csrf").unwrap();
+    let late = post_form(&server, &path, Some(&cookie), &[("csrf", &csrf), ("decision", "once")]);
+    assert_eq!(late.status, 410, "{}", late.body);
+}
+
 /// The NIP-46 side: `auth_url`, then the real answer with the same request id.
 fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
     let Some(mut client) = BunkerClient::spawn() else {
@@ -283,10 +311,57 @@ fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
     assert_signed(&sign(&server, &token, article("by http")), 30023);
 }
 
+/// Several instances on PostgreSQL: the owner's click lands on another instance than the one
+/// that received the NIP-46 request and sent the `auth_url`; the reply still reaches the app.
+#[test]
+fn nip46_approval_clicked_on_another_instance_still_answers_the_app() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let database = PgDatabase::create("approvals");
+    let dir = tempfile::tempdir().unwrap();
+    let servers: Vec<Keycast> = (0..2)
+        .map(|i| {
+            Launch::new(&dir.path().join(format!("data{i}")))
+                .postgres(&database)
+                .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+                .env("BUNKER_RELAYS", relay.url())
+                .start()
+        })
+        .collect();
+    let (cookie, _) = register(&servers[0], "two@example.com", None);
+    let token = grant(&servers[0], &cookie, "policy:social");
+    let connected = client.connect(token["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
+    let event = json!({"kind": 30023, "content": "across instances", "tags": []});
+    client.call_ok(json!({ "op": "start_sign_event", "event": event, "timeout_ms": 1000 }));
+    let url = client.call_ok(json!({ "op": "auth_url", "timeout_ms": 15000 }))["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The URL names the instance that answered (its default public URL has its port).
+    let port = url::Url::parse(&url).unwrap().port();
+    let other = servers
+        .iter()
+        .find(|s| url::Url::parse(&s.base).unwrap().port() != port)
+        .expect("two instances");
+    let path = url::Url::parse(&url).unwrap().path().to_owned();
+    assert_eq!(decide(other, &cookie, &path, "once").status, 200);
+    let signed = client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
+    assert_eq!(signed["ok"], true, "{signed}");
+    assert_eq!(signed["verified"], true, "{signed}");
+    assert_eq!(signed["event"]["content"], "across instances", "{signed}");
+}
+
 on_both_engines!(
     http_allow_once_lets_exactly_one_retry_of_the_same_request,
     http_allow_kind_holds_for_later_requests_and_across_a_restart,
     deny_another_account_csrf_and_unknown_ids_are_refused,
     an_expired_approval_cannot_be_decided,
     nip46_auth_url_then_the_owners_decision_reaches_the_client,
+    nip46_an_undecided_approval_ends_in_an_error_reply,
 );

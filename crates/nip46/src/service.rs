@@ -352,6 +352,19 @@ impl Shared {
             _ => incoming.bound,
         };
         self.reply(&keys, &incoming, bound_now, cipher, &reply).await;
+        if outcome == Outcome::AuthUrl {
+            // The client waits for a second reply: if the owner never decides, it gets an
+            // error when the approval expires (from this instance; see ARCHITECTURE.md).
+            let (signer, url, ttl) = (
+                self.signer.clone(),
+                reply.error.clone().unwrap_or_default(),
+                self.signer.approval_ttl(),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(ttl + Duration::from_secs(1)).await;
+                signer.close_if_undecided(&url).await;
+            });
+        }
     }
 
     async fn answer_busy(&self, incoming: Incoming) {
