@@ -1,0 +1,8 @@
+-- Custom policies (issue 14): an owner builds a policy from permissions and uses it at
+-- consent or on an app's grant. A seeded policy has no owner and is public (`GET
+-- /api/policies`, `scope=policy:<slug>`); a custom one belongs to `owner_user_id` and is
+-- found only for its owner. Expand-only: an older keycast still reads this schema (it
+-- refuses a custom policy's newer permission fields, so an app under one is refused there
+-- rather than widened). Keep the SQLite and PostgreSQL files identical in meaning.
+ALTER TABLE policies ADD COLUMN owner_user_id TEXT REFERENCES users(id) ON DELETE CASCADE;
+CREATE INDEX policies_owner_user_id ON policies(owner_user_id);
