@@ -6,3 +6,10 @@
 -- rather than widened). Keep the SQLite and PostgreSQL files identical in meaning.
 ALTER TABLE policies ADD COLUMN owner_user_id TEXT REFERENCES users(id) ON DELETE CASCADE;
 CREATE INDEX policies_owner_user_id ON policies(owner_user_id);
+
+-- A lost refresh response (issue 14): a spent refresh token remembers the pair that
+-- replaced it, so presenting it once more within the grace window (while that successor is
+-- unused) replaces the successor instead of revoking the family. Expand-only: an older
+-- keycast ignores the columns (and treats such a retry as reuse, as it always did).
+ALTER TABLE refresh_tokens ADD COLUMN successor_hash TEXT;
+ALTER TABLE refresh_tokens ADD COLUMN successor_access_hash TEXT;
