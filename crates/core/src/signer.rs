@@ -436,25 +436,39 @@ impl Signer {
         // permissions, terms) applies to the very next request, like a revocation.
         let current = self.ensure_live(authz).await?;
         let now = now_unix();
-        current.terms.check_expiry(now)?;
-        let keys = self.user_keys(&authz.user_id).await?;
-        policy::evaluate(&current.policy, &request, &keys.public_key())
-            .map_err(|denial| SignError::PolicyDenied { reason: denial.reason })?;
         let (method, kind) = (request.method(), request.kind());
+        // What the owner's dashboard lists: done, or refused and why.
+        let record = |result: Option<&'static str>| {
+            self.activity.record(NewActivity {
+                authorization_id: authz.id.clone(),
+                method,
+                kind: kind.map(i64::from),
+                transport,
+                created_at: now,
+                result,
+            });
+        };
+        let refused = |err: SignError| {
+            if let SignError::GrantRefused { code, .. } = &err {
+                record(Some(*code));
+            }
+            err
+        };
+        current.terms.check_expiry(now).map_err(&refused)?;
+        let keys = self.user_keys(&authz.user_id).await?;
+        if let Err(denial) = policy::evaluate(&current.policy, &request, &keys.public_key()) {
+            record(Some("policy_denied"));
+            return Err(SignError::PolicyDenied { reason: denial.reason });
+        }
         // Counted before signing: a refused signature is never made.
         if method == "sign_event" {
             self.usage
                 .admit(&self.db, &authz.id, &current.terms.limits, now)
-                .await?;
+                .await
+                .map_err(&refused)?;
         }
         let response = perform(&keys, request)?;
-        self.activity.record(NewActivity {
-            authorization_id: authz.id.clone(),
-            method,
-            kind: kind.map(i64::from),
-            transport,
-            created_at: now,
-        });
+        record(None);
         Ok(response)
     }
 

@@ -132,11 +132,15 @@ async fn app_page(
         );
         for a in &view.recent {
             body.push_str(&format!(
-                "<tr><td>{when}</td><td>{method}</td><td>{kind}</td><td>{transport}</td><td>done</td></tr>",
+                "<tr><td>{when}</td><td>{method}</td><td>{kind}</td><td>{transport}</td><td>{result}</td></tr>",
                 when = escape(&time(a.created_at)),
                 method = escape(&a.method),
                 kind = a.kind.map(|k| k.to_string()).unwrap_or_default(),
                 transport = escape(&a.transport),
+                result = match &a.result {
+                    None => "done".to_owned(),
+                    Some(code) => format!("refused ({})", escape(code)),
+                },
             ));
         }
         body.push_str("</tbody></table>");

@@ -189,6 +189,7 @@ pub(crate) async fn show_authorization(
             "kind": a.kind,
             "transport": a.transport,
             "created_at": a.created_at,
+            "result": a.result.as_deref().unwrap_or("done"),
         })).collect::<Vec<_>>(),
     })))
 }

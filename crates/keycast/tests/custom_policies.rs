@@ -171,6 +171,22 @@ fn edited_policy_and_grant_apply_to_the_next_request_on_both_transports(engine: 
     );
     assert!(page.body.contains("Notes only"), "{}", page.body);
     assert!(
+        page.body.contains("refused (policy_denied)"),
+        "refusals are listed: {}",
+        page.body
+    );
+    let shown = get(&server, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
+    let results: Vec<&str> = shown["recent_activity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["result"].as_str().unwrap())
+        .collect();
+    assert!(
+        results.contains(&"done") && results.contains(&"policy_denied"),
+        "{shown}"
+    );
+    assert!(
         !page.body.contains(token["access_token"].as_str().unwrap()),
         "no secret on the page"
     );

@@ -13,3 +13,7 @@ CREATE INDEX policies_owner_user_id ON policies(owner_user_id);
 -- keycast ignores the columns (and treats such a retry as reuse, as it always did).
 ALTER TABLE refresh_tokens ADD COLUMN successor_hash TEXT;
 ALTER TABLE refresh_tokens ADD COLUMN successor_access_hash TEXT;
+
+-- What an app tried (issue 14, the dashboard's per-app view): NULL is done (every older
+-- row), else the refusal's code. Only done signatures count against a grant's limits.
+ALTER TABLE activity ADD COLUMN result TEXT;
