@@ -84,6 +84,7 @@ mod tests {
             kind: Some(1),
             transport: Transport::Nip46,
             created_at: t,
+            result: None,
         }
     }
 

@@ -21,6 +21,7 @@
 //! - [`clients`]: registered apps, and whether a `client_id` is verified, unverified or refused.
 //! - [`refresh`]: rotating refresh tokens with reuse detection, RFC 7009 revocation.
 //! - [`terms`]: a grant's duration and limits, and the meter that enforces them.
+//! - [`grants`]: custom policies, and the owner's edits of an app's grant.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
 //! - [`cluster`]: many instances on PostgreSQL — change notices between them (so a
@@ -40,6 +41,7 @@ pub mod clients;
 pub mod cluster;
 pub mod durability;
 mod error;
+pub mod grants;
 pub mod hashing_queue;
 pub mod key_manager;
 pub mod keys;

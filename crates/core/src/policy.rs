@@ -7,7 +7,9 @@
 //!
 //! | permission | grants | restricts |
 //! |---|---|---|
-//! | `allowed_kinds: [..]` | `sign_event` of these kinds | with `full_access`, signing to these kinds |
+//! | `allowed_kinds: [..]` | `sign_event` of these kinds | with `full_access` or `any_kind`, signing to these kinds |
+//! | `any_kind: true` | `sign_event` of any kind | – |
+//! | `denied_kinds: [..]` | – | never sign these kinds, whatever else grants them |
 //! | `encrypt: true` | nip04/nip44 encrypt | – |
 //! | `decrypt: true` | nip04/nip44 decrypt | – |
 //! | `full_access: true` | sign any kind, encrypt, decrypt | – |
@@ -38,8 +40,12 @@ pub const RELAY_AUTH_KIND: u16 = 22242;
 pub struct Policy {
     /// The policy's slug, named in denials.
     pub slug: String,
-    /// Kinds `sign_event` may sign; `None` = none (or any, with `full_access`).
+    /// Kinds `sign_event` may sign; `None` = none (or any, with `full_access` or `any_kind`).
     pub allowed_kinds: Option<BTreeSet<u16>>,
+    /// Kinds never signed, whatever else allows them.
+    pub denied_kinds: BTreeSet<u16>,
+    /// Sign any kind (unless `allowed_kinds` narrows or `denied_kinds` removes it).
+    pub any_kind: bool,
     /// Words (lowercased) that may not appear in signed content or encrypted plaintext.
     pub blocked_words: Vec<String>,
     /// nip04/nip44 encryption allowed.
@@ -52,21 +58,31 @@ pub struct Policy {
     pub full_access: bool,
 }
 
-#[derive(serde::Deserialize)]
+/// The stored permissions document. Unknown fields are refused, so a typo cannot widen
+/// (or silently fail to narrow) a policy; defaults are left out when written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct Permissions {
-    #[serde(default)]
-    allowed_kinds: Option<BTreeSet<u16>>,
-    #[serde(default)]
-    blocked_words: Vec<String>,
-    #[serde(default)]
-    encrypt: bool,
-    #[serde(default)]
-    decrypt: bool,
-    #[serde(default)]
-    encrypt_to_self: bool,
-    #[serde(default)]
-    full_access: bool,
+pub struct Permissions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_kinds: Option<BTreeSet<u16>>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub denied_kinds: BTreeSet<u16>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub any_kind: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked_words: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encrypt: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub decrypt: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encrypt_to_self: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub full_access: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A stored permissions document that cannot be read.
@@ -90,6 +106,8 @@ pub enum Signing {
     Nothing,
     Kinds(BTreeSet<u16>),
     Any,
+    /// Any kind but these.
+    AnyExcept(BTreeSet<u16>),
 }
 
 /// With whom a policy lets an app encrypt or decrypt.
@@ -124,6 +142,7 @@ impl Summary {
                 Signing::Nothing => false,
                 Signing::Kinds(kinds) => kinds.contains(&event.kind.as_u16()),
                 Signing::Any => true,
+                Signing::AnyExcept(denied) => !denied.contains(&event.kind.as_u16()),
             },
             Request::Nip04Encrypt { peer, .. } | Request::Nip44Encrypt { peer, .. } => peers_ok(self.encrypt, peer),
             Request::Nip04Decrypt { peer, .. } | Request::Nip44Decrypt { peer, .. } => peers_ok(self.decrypt, peer),
@@ -136,9 +155,9 @@ impl Summary {
         lines.push(match &self.sign {
             Signing::Nothing => "Sign nothing.".to_owned(),
             Signing::Any => "Sign any event as you: posts, profile, follows, deletions, everything.".to_owned(),
-            Signing::Kinds(kinds) => {
-                let names: Vec<String> = kinds.iter().map(|k| kind_name(*k)).collect();
-                format!("Sign only these events as you: {}.", names.join(", "))
+            Signing::Kinds(kinds) => format!("Sign only these events as you: {}.", kind_names(kinds)),
+            Signing::AnyExcept(denied) => {
+                format!("Sign any event as you except these: {}.", kind_names(denied))
             }
         });
         lines.push(match self.encrypt {
@@ -159,6 +178,10 @@ impl Summary {
         }
         lines
     }
+}
+
+fn kind_names(kinds: &BTreeSet<u16>) -> String {
+    kinds.iter().map(|k| kind_name(*k)).collect::<Vec<_>>().join(", ")
 }
 
 /// `profile (kind 0)`, or `kind 30000` for a kind without a common name.
@@ -192,15 +215,42 @@ impl Policy {
             slug: slug.to_owned(),
             reason: e.to_string(),
         })?;
-        Ok(Policy {
+        Ok(Policy::from_permissions(slug, parsed))
+    }
+
+    /// The policy of a permissions document already parsed.
+    pub fn from_permissions(slug: &str, p: Permissions) -> Policy {
+        Policy {
             slug: slug.to_owned(),
-            allowed_kinds: parsed.allowed_kinds,
-            blocked_words: parsed.blocked_words.iter().map(|w| w.to_lowercase()).collect(),
-            encrypt: parsed.encrypt,
-            decrypt: parsed.decrypt,
-            encrypt_to_self: parsed.encrypt_to_self,
-            full_access: parsed.full_access,
-        })
+            allowed_kinds: p.allowed_kinds,
+            denied_kinds: p.denied_kinds,
+            any_kind: p.any_kind,
+            // Empty words would match everything; they mean nothing and are dropped.
+            blocked_words: p
+                .blocked_words
+                .iter()
+                .map(|w| w.trim().to_lowercase())
+                .filter(|w| !w.is_empty())
+                .collect(),
+            encrypt: p.encrypt,
+            decrypt: p.decrypt,
+            encrypt_to_self: p.encrypt_to_self,
+            full_access: p.full_access,
+        }
+    }
+
+    /// The permissions document of this policy (what is stored and shown by the API).
+    pub fn permissions(&self) -> Permissions {
+        Permissions {
+            allowed_kinds: self.allowed_kinds.clone(),
+            denied_kinds: self.denied_kinds.clone(),
+            any_kind: self.any_kind,
+            blocked_words: self.blocked_words.clone(),
+            encrypt: self.encrypt,
+            decrypt: self.decrypt,
+            encrypt_to_self: self.encrypt_to_self,
+            full_access: self.full_access,
+        }
     }
 
     /// Parses a stored policy row.
@@ -213,10 +263,18 @@ impl Policy {
 
     /// What this policy allows, in the consent page's terms.
     pub fn summary(&self) -> Summary {
-        let sign = match (&self.allowed_kinds, self.full_access) {
-            (Some(kinds), _) if kinds.is_empty() => Signing::Nothing,
-            (Some(kinds), _) => Signing::Kinds(kinds.clone()),
-            (None, true) => Signing::Any,
+        let sign = match (&self.allowed_kinds, self.full_access || self.any_kind) {
+            (Some(kinds), _) => {
+                let kinds: BTreeSet<u16> = kinds.difference(&self.denied_kinds).copied().collect();
+                if kinds.is_empty() {
+                    Signing::Nothing
+                } else {
+                    Signing::Kinds(kinds)
+                }
+            }
+            (None, true) if self.denied_kinds.is_empty() => Signing::Any,
+            (None, true) if self.denied_kinds.len() == usize::from(u16::MAX) + 1 => Signing::Nothing,
+            (None, true) => Signing::AnyExcept(self.denied_kinds.clone()),
             (None, false) => Signing::Nothing,
         };
         let scope = |granted: bool| match (granted || self.full_access, self.encrypt_to_self) {
@@ -254,9 +312,12 @@ impl Policy {
     }
 
     fn check_sign(&self, kind: u16, content: &str) -> Result<(), Denial> {
+        if self.denied_kinds.contains(&kind) {
+            return self.deny(format_args!("kind {kind} is denied"));
+        }
         let allowed = match &self.allowed_kinds {
             Some(kinds) => kinds.contains(&kind),
-            None => self.full_access,
+            None => self.full_access || self.any_kind,
         };
         if !allowed {
             return self.deny(format_args!("kind {kind} is not allowed"));
@@ -428,6 +489,55 @@ mod tests {
         assert!(lines.contains("Not read your encrypted messages"), "{lines}");
     }
 
+    /// Every request the agreement tests ask about: each method with the user's own key and
+    /// another as peer, and signing of every kind in `kinds`.
+    fn requests(user: PublicKey, other: PublicKey, kinds: impl Iterator<Item = u16>) -> Vec<Request> {
+        let mut requests = vec![Request::GetPublicKey];
+        for peer in [user, other] {
+            // Digits only: no generated blocked word matches them (content rules are
+            // checked separately below).
+            requests.push(Request::Nip04Encrypt {
+                peer,
+                plaintext: "0".into(),
+            });
+            requests.push(Request::Nip44Encrypt {
+                peer,
+                plaintext: "0".into(),
+            });
+            requests.push(Request::Nip04Decrypt {
+                peer,
+                ciphertext: "0?iv=1".into(),
+            });
+            requests.push(Request::Nip44Decrypt {
+                peer,
+                ciphertext: "0".into(),
+            });
+        }
+        requests.extend(kinds.map(|kind| sign(&user, kind, "")));
+        requests
+    }
+
+    /// What the summary says agrees with [`evaluate`] on every request, and its words say
+    /// which way signing goes.
+    fn assert_summary_agrees(policy: &Policy, requests: &[Request], user: &PublicKey) {
+        let summary = policy.summary();
+        for request in requests {
+            assert_eq!(
+                evaluate(policy, request, user).is_ok(),
+                summary.permits(request, user),
+                "policy {policy:?} and {request:?}: the consent text and the enforcement disagree"
+            );
+        }
+        let text = summary.lines().join(" ");
+        let says = |words: &str| text.contains(words);
+        match &summary.sign {
+            Signing::Nothing => assert!(says("Sign nothing"), "{text}"),
+            Signing::Any => assert!(says("Sign any event as you:"), "{text}"),
+            Signing::Kinds(kinds) => assert!(says("Sign only these") && says(&kind_names(kinds)), "{text}"),
+            Signing::AnyExcept(kinds) => assert!(says("except these") && says(&kind_names(kinds)), "{text}"),
+        }
+    }
+
     /// Every seeded policy, every method, every kind, both kinds of peer: what the consent
     /// page says ([`Summary`]) is exactly what [`evaluate`] enforces.
     #[tokio::test]
@@ -436,44 +546,81 @@ mod tests {
         let rows = keycast_db::policies::list(fx.pool()).await.unwrap();
         assert_eq!(rows.len(), 4, "the seeded policies");
         let (user, other) = keys();
+        let requests = requests(user, other, 0..=u16::MAX);
         for row in rows {
-            let policy = Policy::from_row(&row).unwrap();
+            assert_summary_agrees(&Policy::from_row(&row).unwrap(), &requests, &user);
+        }
+    }
+
+    #[test]
+    fn denied_kinds_win_over_every_grant_and_the_words_say_so() {
+        let (user, _) = keys();
+        let no_dms = Policy::parse("no-dms", r#"{"any_kind":true,"denied_kinds":[4,1059]}"#).unwrap();
+        assert!(evaluate(&no_dms, &sign(&user, 1, "x"), &user).is_ok());
+        let denial = evaluate(&no_dms, &sign(&user, 4, "x"), &user).unwrap_err();
+        assert_eq!(denial.reason, "kind 4 is denied by policy no-dms");
+        let text = no_dms.summary().lines().join(" ");
+        assert!(
+            text.contains("except these: direct messages (NIP-04) (kind 4), gift wraps (kind 1059)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Not encrypt") && text.contains("Not read"),
+            "any_kind grants no crypto: {text}"
+        );
+        let full = Policy::parse("f", r#"{"full_access":true,"allowed_kinds":[1,4],"denied_kinds":[4]}"#).unwrap();
+        assert!(evaluate(&full, &sign(&user, 4, "x"), &user).is_err());
+        assert_eq!(full.summary().sign, Signing::Kinds([1].into()));
+        let round = Policy::parse("r", &serde_json::to_string(&no_dms.permissions()).unwrap()).unwrap();
+        assert_eq!(round.permissions(), no_dms.permissions(), "the document round-trips");
+    }
+
+    fn permissions_strategy() -> impl proptest::strategy::Strategy<Value = Permissions> {
+        use proptest::prelude::*;
+        // A small universe of kinds, so allowed and denied sets overlap often.
+        let kinds = || proptest::collection::btree_set(0u16..12, 0..6);
+        (
+            proptest::option::of(kinds()),
+            kinds(),
+            proptest::array::uniform6(any::<bool>()),
+            proptest::collection::vec("[a-z]{0,3}", 0..3),
+        )
+            .prop_map(|(allowed_kinds, denied_kinds, b, blocked_words)| Permissions {
+                allowed_kinds,
+                denied_kinds,
+                any_kind: b[0],
+                blocked_words,
+                encrypt: b[1],
+                decrypt: b[2],
+                encrypt_to_self: b[3],
+                full_access: b[4] && b[5],
+            })
+    }
+
+    proptest::proptest! {
+        /// Custom policies are any combination of permissions: for each generated one, the
+        /// words agree with the enforcement on every method, both peers and every kind of
+        /// the universe (and one outside it), and the document round-trips.
+        #[test]
+        fn every_generated_policy_does_exactly_what_its_words_say(permissions in permissions_strategy()) {
+            let (user, other) = keys();
+            let policy = Policy::from_permissions("custom", permissions);
+            assert_summary_agrees(&policy, &requests(user, other, (0..14).chain([30023])), &user);
+            // The content rule: stated with every word, and enforced on what may be signed.
             let summary = policy.summary();
-            let mut requests = vec![Request::GetPublicKey];
-            for peer in [user, other] {
-                requests.push(Request::Nip04Encrypt {
-                    peer,
-                    plaintext: "x".into(),
-                });
-                requests.push(Request::Nip44Encrypt {
-                    peer,
-                    plaintext: "x".into(),
-                });
-                requests.push(Request::Nip04Decrypt {
-                    peer,
-                    ciphertext: "x?iv=y".into(),
-                });
-                requests.push(Request::Nip44Decrypt {
-                    peer,
-                    ciphertext: "x".into(),
-                });
+            if let Some(word) = policy.blocked_words.first() {
+                let text = summary.lines().join(" ");
+                proptest::prop_assert!(text.contains(&policy.blocked_words.join(", ")), "{}", text);
+                let kind = (0..14).find(|k| summary.permits(&sign(&user, *k, ""), &user));
+                if let Some(kind) = kind {
+                    let loud = format!("A {} B", word.to_uppercase());
+                    proptest::prop_assert!(evaluate(&policy, &sign(&user, kind, &loud), &user).is_err());
+                }
+            } else {
+                proptest::prop_assert!(!summary.lines().join(" ").contains("Never sign"));
             }
-            requests.extend((0..=u16::MAX).map(|kind| sign(&user, kind, "")));
-            for request in &requests {
-                assert_eq!(
-                    evaluate(&policy, request, &user).is_ok(),
-                    summary.permits(request, &user),
-                    "policy {} and {request:?}: the consent text and the enforcement disagree",
-                    row.slug
-                );
-            }
-            let text = summary.lines().join(" ");
-            assert_eq!(
-                text.contains("Sign nothing"),
-                summary.sign == Signing::Nothing,
-                "{}: {text}",
-                row.slug
-            );
+            let stored = serde_json::to_string(&policy.permissions()).unwrap();
+            proptest::prop_assert_eq!(Policy::parse("custom", &stored).unwrap(), policy);
         }
     }
 }

@@ -8,6 +8,17 @@
 //! the authorization, with every access token, refresh token and its bunker. The app's
 //! owner sees it revoked and can authorize again.
 //!
+//! One exception keeps a lost response from costing the app its grant (RFC 9700 §4.14.2
+//! allows this leeway): within [`REFRESH_GRACE_SECS`] of a refresh, and only while the
+//! token it issued has never been used, the *immediately previous* token may be presented
+//! again. That retry is answered with a fresh pair which **replaces** the unused successor:
+//! the successor is spent and the access token issued with it deleted, so the family still
+//! has exactly one live refresh token and nothing is revoked. Should the successor turn up
+//! later after all (the retry came from a thief, and the app did get the response), it is
+//! reuse and revokes the family, thief's pair included. Presenting the previous token after
+//! the window or after the successor was used, or presenting any older token, is reuse as
+//! before.
+//!
 //! Tokens are random, stored hashed (SHA-256 of 256 random bits: a lookup by hash is not a
 //! comparison an attacker can time), and a refresh's `client_id` is compared in constant
 //! time. This module holds no HTTP: `keycast-http` decodes and renders.
@@ -26,6 +37,10 @@ pub const DEFAULT_ACCESS_TOKEN_TTL_SECS: i64 = 3600;
 /// Default life of a refresh token: 30 days (seconds), counted afresh at each rotation,
 /// so an app used at least monthly never has to ask its user again.
 pub const DEFAULT_REFRESH_TOKEN_TTL_SECS: i64 = 30 * 24 * 3600;
+
+/// How long after a refresh its spent token may still be presented once more, when the
+/// response was lost (see the module doc).
+pub const REFRESH_GRACE_SECS: i64 = 30;
 
 /// How long issued tokens live, seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +154,29 @@ pub async fn refresh(
         .ok_or_else(|| invalid_grant("the refresh token is unknown"))?;
     if row.revoked_at.is_some() {
         return Err(invalid_grant("the authorization has been revoked"));
+    }
+    if let (Some(used_at), Some(successor)) = (row.used_at, row.successor_hash.as_ref()) {
+        // A retry of a refresh whose response was lost: the successor was never used.
+        let since = now - REFRESH_GRACE_SECS;
+        if used_at >= since
+            && refresh_repo::replace_unused_successor(db, &old, successor, &next, since, now)
+                .await?
+                .is_some()
+        {
+            tracing::info!(
+                authorization = %row.authorization_id,
+                "a refresh token was presented again within the grace window: its unused successor was replaced"
+            );
+            // The replaced access token may sit in a cache (here, or on another instance).
+            signer.invalidate_authorization(&row.authorization_id);
+            let authorization = signer.authorize_token(access.expose()).await?;
+            return Ok(Refreshed {
+                authorization,
+                access_token: access,
+                access_token_expires_at: next.access_expires_at,
+                refresh_token,
+            });
+        }
     }
     if row.used_at.is_some() {
         signer.revoke_authorization(&row.authorization_id, &row.user_id).await?;

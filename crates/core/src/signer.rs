@@ -476,31 +476,48 @@ impl Signer {
         transport: Transport,
         permit: Permit,
     ) -> Result<Response, SignError> {
-        self.ensure_live(authz).await?;
+        // The grant as it is now, not as the caller resolved it: an owner's edit (policy,
+        // permissions, terms) applies to the very next request, like a revocation.
+        let current = self.ensure_live(authz).await?;
         let now = now_unix();
-        authz.terms.check_expiry(now)?;
+        let (method, kind) = (request.method(), request.kind());
+        // What the owner's dashboard lists: done, or refused and why.
+        let record = |result: Option<&'static str>| {
+            self.activity.record(NewActivity {
+                authorization_id: authz.id.clone(),
+                method,
+                kind: kind.map(i64::from),
+                transport,
+                created_at: now,
+                result,
+            });
+        };
+        let refused = |err: SignError| {
+            if let SignError::GrantRefused { code, .. } = &err {
+                record(Some(*code));
+            }
+            err
+        };
+        current.terms.check_expiry(now).map_err(&refused)?;
         let keys = self.user_keys(&authz.user_id).await?;
         let user = keys.public_key();
         let kinds = self.allowed_kinds(&authz.id).await?;
-        let policy = approval::with_kinds(&authz.policy, &kinds);
+        let policy = approval::with_kinds(&current.policy, &kinds);
         if let Err(denial) = policy::evaluate(&policy, &request, &user) {
             if !self.permitted(authz, &policy, &request, &user, &permit).await? {
+                record(Some("policy_denied"));
                 return Err(SignError::PolicyDenied { reason: denial.reason });
             }
         }
-        let (method, kind) = (request.method(), request.kind());
         // Counted before signing: a refused signature is never made.
         if method == "sign_event" {
-            self.usage.admit(&self.db, &authz.id, &authz.terms.limits, now).await?;
+            self.usage
+                .admit(&self.db, &authz.id, &current.terms.limits, now)
+                .await
+                .map_err(&refused)?;
         }
         let response = perform(&keys, request)?;
-        self.activity.record(NewActivity {
-            authorization_id: authz.id.clone(),
-            method,
-            kind: kind.map(i64::from),
-            transport,
-            created_at: now,
-        });
+        record(None);
         Ok(response)
     }
 
@@ -549,6 +566,41 @@ impl Signer {
         Ok(revoked)
     }
 
+    /// Changes `user`'s live authorization `id` to `policy` and `terms` (the owner edits an
+    /// app's grant) and drops it from every cache here and on every other instance, so the
+    /// very next request on either transport is judged by the new grant. Returns whether
+    /// it changed (false: not theirs, not live). The caller checks `user` may use `policy`.
+    /// Commits: the caller should wait for durability before answering.
+    ///
+    /// # Errors
+    /// Storage errors (then nothing changed).
+    pub async fn edit_grant(
+        &self,
+        id: &AuthorizationId,
+        user: &UserId,
+        policy: &PolicyId,
+        terms: &crate::terms::GrantTerms,
+    ) -> Result<bool, RepoError> {
+        let edited = authz_repo::update_grant(&self.db, id, user, policy, terms.to_json().as_deref()).await?;
+        self.invalidate_authorization(id);
+        // New limits count from what is stored (a grant without limits was not metered).
+        self.usage.forget(id);
+        Ok(edited)
+    }
+
+    /// A custom policy's permissions changed (already stored): every live authorization
+    /// under it is dropped from every cache, here and on every other instance.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub async fn policy_changed(&self, policy: &PolicyId) -> Result<(), RepoError> {
+        self.policies.invalidate(policy);
+        for id in authz_repo::list_live_ids_for_policy(&self.db, policy).await? {
+            self.invalidate_authorization(&id);
+        }
+        Ok(())
+    }
+
     /// Drops one bearer token from the cache after it was deleted (RFC 7009 revocation of
     /// an access token), so its next use is refused here at once.
     pub fn forget_token(&self, hash: &TokenHash) {
@@ -594,6 +646,10 @@ impl Signer {
         self.bunker_keys.invalidate(id);
         self.tokens.invalidate_where(|_, (authz, _)| authz == id);
         self.bunkers.invalidate_where(|_, authz| authz == id);
+        // Its policy may have been edited too (a custom policy: every authorization under
+        // it is announced). Policies are few and cheap to read again, so all of them go,
+        // and no announcement needs to name a policy.
+        self.policies.invalidate_where(|_, _| true);
     }
 
     /// Drops a user's key and authorizations from this instance's caches only.
@@ -610,6 +666,7 @@ impl Signer {
         self.bunkers.invalidate_where(|_, _| true);
         self.user_keys.invalidate_where(|_, _| true);
         self.allowances.invalidate_where(|_, _| true);
+        self.policies.invalidate_where(|_, _| true);
     }
 
     /// Writes buffered activity in one batch. Call about once a second and at shutdown.
@@ -641,23 +698,23 @@ impl Signer {
         self.activity.dropped()
     }
 
-    async fn ensure_live(&self, authz: &Authorization) -> Result<(), SignError> {
+    /// The authorization as it stands now (cached, else read), if still live.
+    async fn ensure_live(&self, authz: &Authorization) -> Result<Arc<Authorization>, SignError> {
         if authz.revoked_at.is_some() {
             return Err(SignError::Revoked);
         }
         if authz.expires_at.is_some_and(|at| now_unix() >= at) {
             return Err(SignError::Expired);
         }
-        if self.cached(&self.authorizations, &authz.id).is_some() {
-            return Ok(());
+        if let Some(current) = self.cached(&self.authorizations, &authz.id) {
+            return Ok(current);
         }
-        // Not cached: invalidated (perhaps revoked) or aged out. Ask the database.
+        // Not cached: invalidated (perhaps revoked or edited) or aged out. Ask the database.
         let epoch = self.authorizations.epoch();
         let row = authz_repo::find_by_id(&self.db, &authz.id)
             .await?
             .ok_or(SignError::Revoked)?;
-        self.cache_row(epoch, &row).await?;
-        Ok(())
+        Ok(self.cache_row(epoch, &row).await?)
     }
 
     /// Builds, checks and caches a row read after `epoch` was taken.
@@ -688,7 +745,7 @@ impl Signer {
     }
 
     async fn policy(&self, id: &PolicyId) -> Result<Arc<Policy>, AuthError> {
-        if let Some(policy) = self.policies.get(id) {
+        if let Some(policy) = self.cached(&self.policies, id) {
             return Ok(policy);
         }
         let epoch = self.policies.epoch();

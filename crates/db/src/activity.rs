@@ -42,6 +42,9 @@ pub struct NewActivity {
     pub kind: Option<i64>,
     pub transport: Transport,
     pub created_at: i64,
+    /// `None`: done. A refusal's code (`policy_denied`, `grant_expired`, `grant_exhausted`,
+    /// `grant_rate_limited`), so the owner sees what an app tried (migration 0009).
+    pub result: Option<&'static str>,
 }
 
 /// A stored activity record.
@@ -54,6 +57,8 @@ pub struct Activity {
     /// `http` or `nip46`.
     pub transport: String,
     pub created_at: i64,
+    /// `None`: done; else the refusal's code.
+    pub result: Option<String>,
 }
 
 /// Stores a batch in one transaction, [`BATCH_ROWS`] rows per statement. Returns how many
@@ -79,7 +84,8 @@ pub async fn insert_batch(db: &Db, rows: &[NewActivity]) -> Result<u64, RepoErro
                     .bind(row.method)
                     .bind(row.kind)
                     .bind(row.transport.as_str())
-                    .bind(row.created_at);
+                    .bind(row.created_at)
+                    .bind(row.result);
             }
             stored += query.execute(&mut *tx).await?.rows_affected();
         }
@@ -93,21 +99,22 @@ pub async fn insert_batch(db: &Db, rows: &[NewActivity]) -> Result<u64, RepoErro
 fn chunk_sql(rows: usize) -> String {
     let values: Vec<String> = (0..rows)
         .map(|r| {
-            let p = r * 6;
+            let p = r * 7;
             format!(
-                "(${}, ${}, ${}, ${}, ${}, ${})",
+                "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
                 p + 1,
                 p + 2,
                 p + 3,
                 p + 4,
                 p + 5,
-                p + 6
+                p + 6,
+                p + 7
             )
         })
         .collect();
     format!(
-        "INSERT INTO activity (id, authorization_id, method, kind, transport, created_at) \
-         SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6 FROM (VALUES {}) AS v \
+        "INSERT INTO activity (id, authorization_id, method, kind, transport, created_at, result) \
+         SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7 FROM (VALUES {}) AS v \
          WHERE EXISTS (SELECT 1 FROM authorizations a WHERE a.id = v.column2)",
         values.join(", ")
     )
@@ -115,7 +122,7 @@ fn chunk_sql(rows: usize) -> String {
 
 macro_rules! columns {
     () => {
-        "id, authorization_id, method, kind, transport, created_at"
+        "id, authorization_id, method, kind, transport, created_at, result"
     };
 }
 
@@ -149,14 +156,15 @@ pub async fn list_for_authorization(
 /// Database errors.
 pub async fn signatures(db: &Db, authz: &AuthorizationId, since: i64) -> Result<(i64, Vec<i64>), RepoError> {
     on_engine!(db, |pool| {
-        let total: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM activity WHERE authorization_id = $1 AND method = 'sign_event'")
-                .bind(authz)
-                .fetch_one(pool)
-                .await?;
+        let total: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM activity WHERE authorization_id = $1 AND method = 'sign_event' AND result IS NULL",
+        )
+        .bind(authz)
+        .fetch_one(pool)
+        .await?;
         let recent: Vec<i64> = sqlx::query_scalar(
             "SELECT created_at FROM activity WHERE authorization_id = $1 AND method = 'sign_event' \
-             AND created_at >= $2 ORDER BY created_at",
+             AND result IS NULL AND created_at >= $2 ORDER BY created_at",
         )
         .bind(authz)
         .bind(since)
@@ -172,7 +180,7 @@ pub async fn signatures(db: &Db, authz: &AuthorizationId, since: i64) -> Result<
 /// Database errors.
 pub async fn list_for_user(db: &Db, user: &UserId, limit: i64) -> Result<Vec<Activity>, RepoError> {
     on_engine!(db, |pool| {
-        let sql = "SELECT v.id, v.authorization_id, v.method, v.kind, v.transport, v.created_at \
+        let sql = "SELECT v.id, v.authorization_id, v.method, v.kind, v.transport, v.created_at, v.result \
                FROM activity v JOIN authorizations a ON a.id = v.authorization_id \
                WHERE a.user_id = $1 ORDER BY v.created_at DESC, v.id LIMIT $2";
         Ok(sqlx::query_as(sql).bind(user).bind(limit).fetch_all(pool).await?)
@@ -191,6 +199,7 @@ mod tests {
             kind: Some(1),
             transport: Transport::Http,
             created_at: at,
+            result: None,
         }
     }
 

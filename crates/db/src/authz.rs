@@ -217,6 +217,49 @@ pub async fn revoke(db: &Db, id: &AuthorizationId, user: &UserId, now: i64) -> R
     })
 }
 
+/// Changes the policy and terms of `user`'s live authorization `id` (the owner edits an
+/// app's grant); false if it is not theirs or not live. The caller checks that `policy`
+/// is one `user` may use.
+///
+/// # Errors
+/// Database errors.
+pub async fn update_grant(
+    db: &Db,
+    id: &AuthorizationId,
+    user: &UserId,
+    policy: &PolicyId,
+    terms: Option<&str>,
+) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE authorizations SET policy_id = $1, terms = $2 \
+             WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL",
+        )
+        .bind(policy)
+        .bind(terms)
+        .bind(id)
+        .bind(user)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
+}
+
+/// The live authorizations under policy `id` (a custom policy was edited: their caches go).
+///
+/// # Errors
+/// Database errors.
+pub async fn list_live_ids_for_policy(db: &Db, id: &PolicyId) -> Result<Vec<AuthorizationId>, RepoError> {
+    on_engine!(db, |pool| {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM authorizations WHERE policy_id = $1 AND revoked_at IS NULL")
+                .bind(id)
+                .fetch_all(pool)
+                .await?,
+        )
+    })
+}
+
 /// Revokes every live authorization of `user` at `now` (a take-over of the account) and
 /// returns the ids it revoked.
 ///
@@ -291,6 +334,38 @@ pub(crate) mod tests {
             assert_eq!(find_by_id(&db, &row.id).await.unwrap().as_ref(), Some(&row));
             assert_eq!(find_by_bunker_pubkey(&db, "b1").await.unwrap().as_ref(), Some(&row));
             assert_eq!(list_for_user(&db, &user).await.unwrap(), vec![row]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_grant_is_edited_by_its_owner_only_while_live() {
+        for (_guard, db) in temp_dbs().await {
+            let owner = test_user(&db, "a@x.org").await;
+            let other = test_user(&db, "b@x.org").await;
+            let row = test_authorization(&db, &owner, "b1").await;
+            let wallet = PolicyId::new("pol_wallet");
+            assert!(
+                !update_grant(&db, &row.id, &other, &wallet, None).await.unwrap(),
+                "not theirs"
+            );
+            assert!(update_grant(&db, &row.id, &owner, &wallet, Some("{\"per_day\":3}"))
+                .await
+                .unwrap());
+            let found = find_by_id(&db, &row.id).await.unwrap().unwrap();
+            assert_eq!(
+                (found.policy_id, found.terms.as_deref()),
+                (wallet.clone(), Some("{\"per_day\":3}"))
+            );
+            assert_eq!(
+                list_live_ids_for_policy(&db, &wallet).await.unwrap(),
+                vec![row.id.clone()]
+            );
+            revoke(&db, &row.id, &owner, 5).await.unwrap();
+            assert!(
+                !update_grant(&db, &row.id, &owner, &wallet, None).await.unwrap(),
+                "revoked"
+            );
+            assert!(list_live_ids_for_policy(&db, &wallet).await.unwrap().is_empty());
         }
     }
 

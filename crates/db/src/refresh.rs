@@ -21,6 +21,8 @@ pub struct RefreshRow {
     pub used_at: Option<i64>,
     /// The authorization's revocation time.
     pub revoked_at: Option<i64>,
+    /// The refresh token that replaced this one, once spent (migration 0009).
+    pub successor_hash: Option<TokenHash>,
 }
 
 /// Stores a refresh token for an authorization, valid until `expires_at`.
@@ -54,8 +56,8 @@ pub async fn insert(
 /// Database errors.
 pub async fn find(db: &Db, hash: &TokenHash) -> Result<Option<RefreshRow>, RepoError> {
     on_engine!(db, |pool| {
-        let sql = "SELECT r.authorization_id, a.user_id, a.client_id, r.expires_at, r.used_at, a.revoked_at \
-                   FROM refresh_tokens r JOIN authorizations a ON a.id = r.authorization_id \
+        let sql = "SELECT r.authorization_id, a.user_id, a.client_id, r.expires_at, r.used_at, a.revoked_at, \
+                   r.successor_hash FROM refresh_tokens r JOIN authorizations a ON a.id = r.authorization_id \
                    WHERE r.token_hash = $1";
         Ok(sqlx::query_as(sql).bind(hash).fetch_optional(pool).await?)
     })
@@ -86,17 +88,104 @@ pub async fn rotate(
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
         let spent: Option<AuthorizationId> = sqlx::query_scalar(
-            "UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \
+            "UPDATE refresh_tokens SET used_at = $1, successor_hash = $3, successor_access_hash = $4 \
+             WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \
              AND authorization_id IN (SELECT id FROM authorizations WHERE revoked_at IS NULL) \
              RETURNING authorization_id",
         )
         .bind(now)
         .bind(old)
+        .bind(next.refresh_hash)
+        .bind(next.access_hash)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(authorization) = spent else {
             return Ok(None);
         };
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(next.refresh_hash)
+        .bind(&authorization)
+        .bind(now)
+        .bind(next.refresh_expires_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(next.access_hash)
+        .bind(&authorization)
+        .bind(now)
+        .bind(next.access_expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(authorization))
+    })
+}
+
+/// The grace retry of a lost refresh response: `old` was spent at or after `spent_since`
+/// and its successor `superseded` was never used. In one transaction, spends `superseded`
+/// (so presenting it later is reuse), deletes the access token issued with it, and stores
+/// `next` as `old`'s successor instead.
+/// Returns the authorization, or `None` when any condition no longer holds (the successor
+/// was used meanwhile, the window passed, the authorization was revoked): then nothing
+/// changed. Of concurrent retries, at most one replaces a given successor.
+///
+/// # Errors
+/// Database errors (then nothing changed).
+pub async fn replace_unused_successor(
+    db: &Db,
+    old: &TokenHash,
+    superseded: &TokenHash,
+    next: &Successor<'_>,
+    spent_since: i64,
+    now: i64,
+) -> Result<Option<AuthorizationId>, RepoError> {
+    on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        // The access token issued with the superseded successor goes with it.
+        let superseded_access: Option<Option<TokenHash>> = sqlx::query_scalar(
+            "SELECT successor_access_hash FROM refresh_tokens WHERE token_hash = $1 AND successor_hash = $2",
+        )
+        .bind(old)
+        .bind(superseded)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let authorization: Option<AuthorizationId> = sqlx::query_scalar(
+            "UPDATE refresh_tokens SET successor_hash = $1, successor_access_hash = $2 \
+             WHERE token_hash = $3 AND successor_hash = $4 AND used_at >= $5 \
+             AND authorization_id IN (SELECT id FROM authorizations WHERE revoked_at IS NULL) \
+             RETURNING authorization_id",
+        )
+        .bind(next.refresh_hash)
+        .bind(next.access_hash)
+        .bind(old)
+        .bind(superseded)
+        .bind(spent_since)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(authorization) = authorization else {
+            return Ok(None);
+        };
+        // Spent, not deleted: should whoever holds it present it later, that is reuse.
+        let removed = sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL")
+            .bind(now)
+            .bind(superseded)
+            .execute(&mut *tx)
+            .await?;
+        if removed.rows_affected() != 1 {
+            // The successor was used meanwhile: the retry is reuse after all.
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        if let Some(Some(access)) = superseded_access {
+            sqlx::query("DELETE FROM access_tokens WHERE token_hash = $1")
+                .bind(access)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
         )

@@ -33,6 +33,8 @@ mod approvals;
 pub mod auth;
 pub mod error;
 pub mod extract;
+mod grant_pages;
+mod grants;
 pub mod health;
 pub mod limit;
 pub mod mail;
@@ -68,6 +70,7 @@ pub fn app(state: AppState) -> Router {
         .merge(user::routes())
         .merge(nip05::routes())
         .merge(policies::routes())
+        .merge(grants::routes())
         .merge(openapi::routes());
     if let Some(cors) = cors(&state.options().allowed_origins) {
         api = api.layer(cors);
@@ -77,6 +80,7 @@ pub fn app(state: AppState) -> Router {
         .merge(metrics::routes())
         .merge(pages::routes())
         .merge(approvals::routes())
+        .merge(grant_pages::routes())
         .merge(api);
     if state.options().test_routes {
         router = router.merge(testing::routes());

@@ -164,12 +164,22 @@ async fn authorize_page(
                 .map_err(AppError::internal)?
                 .summary()
                 .lines();
+            let (db, _) = state.api()?;
+            let mut own = Vec::new();
+            for row in policies::list_owned(db, &s.user.id).await.map_err(AppError::from)? {
+                let words = keycast_core::Policy::from_row(&row)
+                    .map_err(AppError::internal)?
+                    .summary()
+                    .lines();
+                own.push((row, words));
+            }
             let consent = page::Consent {
                 params: &params,
                 origin: &origin,
                 identity: &identity,
                 policy: &policy,
                 lines: &lines,
+                own: &own,
             };
             page::consent(&consent, &s.user.email, &csrf_token(&s.token))
         }
@@ -231,6 +241,10 @@ struct Decision {
     per_hour: Option<Value>,
     #[serde(default)]
     per_day: Option<Value>,
+    /// The owner may put one of their own policies (or another public one) on the grant
+    /// instead of the one the app asked for; by slug.
+    #[serde(default)]
+    policy: Option<String>,
     #[serde(flatten)]
     params: AuthorizeParams,
 }
@@ -283,7 +297,16 @@ async fn decide(
         let why = "the consent form's CSRF token is missing or wrong; reload the consent page";
         return Err(AppError::Forbidden(why.into()).into());
     }
-    let (_, policy, _) = d.params.validate(&state).await?;
+    let (_, mut policy, _) = d.params.validate(&state).await?;
+    if let Some(slug) = d.policy.as_deref().filter(|s| !s.is_empty() && *s != policy.slug) {
+        // Only the owner chooses here (CSRF token or same-origin JSON): a public policy
+        // or one of their own; another user's custom policy is unknown.
+        let (db, _) = state.api()?;
+        policy = policies::find_usable(db, &session.user.id, slug)
+            .await
+            .map_err(AppError::from)?
+            .ok_or_else(|| OAuthFailure::new("invalid_request", &format!("there is no policy {slug:?} you can use")))?;
+    }
     let approved = d.approved.unwrap_or(false) || d.decision.as_deref() == Some("approve");
     if approved {
         keycast_core::account_security::require_verified(&session.user).map_err(AppError::from)?;
@@ -467,6 +490,8 @@ pub(crate) fn policy_json(policy: &keycast_core::Policy) -> Value {
     json!({
         "slug": policy.slug,
         "allowed_kinds": policy.allowed_kinds,
+        "denied_kinds": policy.denied_kinds,
+        "any_kind": policy.any_kind,
         "blocked_words": policy.blocked_words,
         "encrypt": policy.encrypt,
         "decrypt": policy.decrypt,

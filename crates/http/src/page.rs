@@ -227,6 +227,9 @@ pub(crate) struct Consent<'a> {
     pub policy: &'a PolicyRow,
     /// The policy in words, generated from its permissions.
     pub lines: &'a [String],
+    /// The user's own policies, offered instead of the one the app asked for, each with
+    /// its words.
+    pub own: &'a [(PolicyRow, Vec<String>)],
 }
 
 /// A registered app by its name, marked verified, with its redirect host; an unregistered
@@ -252,6 +255,35 @@ fn consent_heading(consent: &Consent<'_>) -> String {
     }
 }
 
+/// The choice of one of the user's own policies instead of the app's, with the words of
+/// each (empty without any).
+fn own_policies(consent: &Consent<'_>) -> String {
+    if consent.own.is_empty() {
+        return String::new();
+    }
+    let mut options = format!(
+        "<option value=\"{slug}\" selected>{name}, as the app asks</option>",
+        slug = escape(&consent.policy.slug),
+        name = escape(&consent.policy.display_name),
+    );
+    let mut described = String::new();
+    for (row, lines) in consent.own {
+        options.push_str(&format!(
+            "<option value=\"{slug}\">{name} (yours)</option>",
+            slug = escape(&row.slug),
+            name = escape(&row.display_name),
+        ));
+        let items: String = lines.iter().map(|l| format!("<li>{}</li>", escape(l))).collect();
+        described.push_str(&format!(
+            "<p>{name} (yours) lets the app:</p><ul class=\"allows\">{items}</ul>",
+            name = escape(&row.display_name)
+        ));
+    }
+    format!(
+        "<fieldset><legend>Under which policy</legend><select name=\"policy\">{options}</select>{described}</fieldset>"
+    )
+}
+
 pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String {
     let allows: String = consent
         .lines
@@ -263,7 +295,7 @@ pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String 
          <p>Signed in as {email}.</p>\
          <p>Policy: <strong>{name}</strong> (<code>{slug}</code>). The app may:</p><ul class=\"allows\">{allows}</ul>\
          <p>You can revoke this access at any time.</p>\
-         <form method=\"post\" action=\"/api/oauth/authorize\">{hidden}\
+         <form method=\"post\" action=\"/api/oauth/authorize\">{hidden}{own}\
          <fieldset><legend>For how long</legend>\
          <select name=\"duration\"><option value=\"hour\">An hour</option><option value=\"day\">A day</option>\
          <option value=\"week\">A week</option><option value=\"forever\" selected>Until I revoke it</option></select>\
@@ -280,6 +312,7 @@ pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String 
         name = escape(&consent.policy.display_name),
         slug = escape(&consent.policy.slug),
         hidden = hidden(consent.params),
+        own = own_policies(consent),
         csrf = escape(csrf),
     );
     layout("Authorize", &body)

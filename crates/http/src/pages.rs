@@ -247,11 +247,18 @@ async fn dashboard(
     };
     let (db, _) = state.api()?;
     let key = keys::find_user_key(db, &session.user.id).await?;
-    let policies: HashMap<_, _> = policies::list(db)
+    let mut policies: HashMap<_, _> = policies::list(db)
         .await?
         .into_iter()
         .map(|p| (p.id.clone(), p))
         .collect();
+    // The user's own policies name their grants and may be chosen for a new app too.
+    policies.extend(
+        policies::list_owned(db, &session.user.id)
+            .await?
+            .into_iter()
+            .map(|p| (p.id.clone(), p)),
+    );
     let authorizations = authz_repo::list_for_user(db, &session.user.id).await?;
     let recent = activity::list_for_user(db, &session.user.id, DASHBOARD_ACTIVITY).await?;
     let events = account_security::account_events(db, &session.user.id, DASHBOARD_ACTIVITY).await?;
@@ -269,7 +276,8 @@ async fn dashboard(
          <dl><dt>npub</dt><dd><code class=\"npub\">{npub}</code></dd>\
          <dt>Public key (hex)</dt><dd><code>{hex}</code></dd>\
          <dt>Origin</dt><dd>{origin}</dd></dl>{exposed}\
-         <h2>Authorized apps</h2>",
+         <h2>Authorized apps</h2>\
+         <p><a href=\"/dashboard/policies\">Your policies</a>: build your own from permissions.</p>",
         exposed = exposure_html(exposure.as_ref(), &csrf),
         email = escape(&session.user.email),
         unverified = if verified { "" } else { " (email not verified yet)" },
@@ -322,8 +330,9 @@ async fn dashboard(
                 ),
             };
             body.push_str(&format!(
-                "<tr class=\"authorization\"><td>{client}</td><td>{origin}</td><td>{policy}</td>\
-                 <td>{created}</td><td>{status}</td></tr>",
+                "<tr class=\"authorization\"><td><a href=\"/dashboard/authorizations/{id}\">{client}</a></td>\
+                 <td>{origin}</td><td>{policy}</td><td>{created}</td><td>{status}</td></tr>",
+                id = escape(row.id.as_str()),
                 client = escape(&row.client_id),
                 origin = escape(&row.redirect_origin),
                 created = escape(&time(row.created_at)),
@@ -690,7 +699,7 @@ fn form_error(err: AppError, render: impl FnOnce(&str) -> String) -> Result<Resp
     Ok(response)
 }
 
-fn check_csrf(session: &SessionUser, candidate: &str) -> Result<(), AppError> {
+pub(crate) fn check_csrf(session: &SessionUser, candidate: &str) -> Result<(), AppError> {
     if csrf_matches(&session.token, candidate) {
         Ok(())
     } else {
@@ -712,7 +721,7 @@ fn see_other(location: &'static str) -> Response {
 }
 
 /// A unix time as `YYYY-MM-DD HH:MM UTC`.
-fn time(unix: i64) -> String {
+pub(crate) fn time(unix: i64) -> String {
     chrono::DateTime::from_timestamp(unix, 0)
         .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
         .unwrap_or_else(|| unix.to_string())

@@ -30,7 +30,12 @@ const MAX_ACTIVITY: i64 = 500;
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/user/authorizations", get(list_authorizations))
-        .route("/api/user/authorizations/{id}", delete(revoke))
+        .route(
+            "/api/user/authorizations/{id}",
+            delete(revoke)
+                .get(crate::grants::show_authorization)
+                .patch(crate::grants::edit_authorization),
+        )
         .route("/api/user/activity", get(list_activity))
         .route("/api/user/key", get(key))
         .route("/api/user/key/export", post(export))
@@ -44,7 +49,13 @@ pub(crate) fn routes() -> Router<AppState> {
 /// limits, approved_kinds}]}`.
 async fn list_authorizations(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
-    let slugs: HashMap<_, _> = policies::list(db).await?.into_iter().map(|p| (p.id, p.slug)).collect();
+    let mut slugs: HashMap<_, _> = policies::list(db).await?.into_iter().map(|p| (p.id, p.slug)).collect();
+    slugs.extend(
+        policies::list_owned(db, &session.user.id)
+            .await?
+            .into_iter()
+            .map(|p| (p.id, p.slug)),
+    );
     let mut out = Vec::new();
     for row in authz_repo::list_for_user(db, &session.user.id).await? {
         let last = activity::list_for_authorization(db, &row.id, 1).await?;
@@ -148,9 +159,11 @@ pub(crate) async fn accept_nostrconnect(
             RelayCapError::Refused(e) => AppError::BadRequest(e.to_string()),
             RelayCapError::Repo(e) => e.into(),
         })?;
-    let policy = policies::find_by_slug(db, policy).await?.ok_or_else(|| {
+    // A public policy, or one of the user's own custom policies.
+    let policy = policies::find_usable(db, user, policy).await?.ok_or_else(|| {
         AppError::BadRequest(format!(
-            "unknown policy {policy:?}; GET /api/policies lists them (e.g. social, readonly, wallet, full)"
+            "unknown policy {policy:?}; GET /api/policies lists them (e.g. social, readonly, wallet, full), \
+             GET /api/user/policies your own"
         ))
     })?;
     state.ensure_writable().await?;

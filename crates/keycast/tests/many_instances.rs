@@ -93,6 +93,63 @@ fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() 
     }
 }
 
+/// A grant edited, or a custom policy changed, on one instance is obeyed by every other on
+/// the very next request (caches trusted for an hour: only the announcement can do it).
+#[test]
+fn an_edit_of_a_grant_or_a_custom_policy_on_one_instance_is_obeyed_by_every_other_at_once() {
+    let Some((_dir, servers)) = instances(2) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "editor@example.com", None);
+    let token = grant(&servers[0], &cookie, "policy:social");
+    let access = token["access_token"].as_str().unwrap();
+    let id = token["authorization_id"].as_str().unwrap();
+    for server in &servers {
+        assert_eq!(sign(server, access).status, 200, "before the edit");
+    }
+    let created = post_json(
+        &servers[0],
+        "/api/user/policies",
+        Some(&cookie),
+        &json!({ "name": "No notes", "permissions": { "any_kind": true, "denied_kinds": [1] } }),
+    );
+    assert_eq!(created.status, 201, "{}", created.body);
+    let slug = created.json()["slug"].as_str().unwrap().to_owned();
+    let r = send_json(
+        &servers[0],
+        "PATCH",
+        &format!("/api/user/authorizations/{id}"),
+        &cookie,
+        &json!({ "policy": slug }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for (i, server) in servers.iter().enumerate() {
+        let r = sign(server, access);
+        assert_eq!(
+            r.status, 403,
+            "instance {i} signed kind 1 after the grant was edited: {}",
+            r.body
+        );
+    }
+    // The policy itself changes on the other instance: the first obeys at once.
+    let r = send_json(
+        &servers[1],
+        "PUT",
+        &format!("/api/user/policies/{slug}"),
+        &cookie,
+        &json!({ "name": "Notes", "permissions": { "allowed_kinds": [1] } }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for (i, server) in servers.iter().enumerate() {
+        let r = sign(server, access);
+        assert_eq!(
+            r.status, 200,
+            "instance {i} after the policy allowed notes again: {}",
+            r.body
+        );
+    }
+}
+
 #[test]
 fn an_instance_whose_peer_died_still_answers_revocations() {
     // A peer that died without leaving (SIGKILL) cannot acknowledge: the revocation is

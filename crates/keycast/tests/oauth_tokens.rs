@@ -151,15 +151,17 @@ fn reusing_a_spent_refresh_token_revokes_the_whole_family(engine: Engine) {
     let (cookie, first) = first_grant(&server, "reuse@example.com");
     let app = client(&server, "test-app");
     let r0 = first.refresh_token().unwrap().clone();
-    let legit = refresh(&app, &r0).unwrap();
+    let second = refresh(&app, &r0).unwrap();
+    let legit = refresh(&app, second.refresh_token().unwrap()).unwrap();
     assert_eq!(signs(&server, legit.access_token().secret()), 200);
 
-    // A thief (or a confused app) presents the spent token again.
+    // A thief (or a confused app) presents an older spent token again: not the immediately
+    // previous one, so no grace applies even within seconds.
     assert_eq!(refresh(&app, &r0).unwrap_err(), BasicErrorResponseType::InvalidGrant);
 
     // The whole family is gone: the latest refresh token, every access token, the grant.
-    let r1 = legit.refresh_token().unwrap();
-    assert_eq!(refresh(&app, r1).unwrap_err(), BasicErrorResponseType::InvalidGrant);
+    let r2 = legit.refresh_token().unwrap();
+    assert_eq!(refresh(&app, r2).unwrap_err(), BasicErrorResponseType::InvalidGrant);
     for access in [first.access_token(), legit.access_token()] {
         let r = rpc(&server, access.secret(), "get_public_key", json!([]));
         assert_eq!(r.status, 401, "{}", r.body);
@@ -251,7 +253,89 @@ fn access_token_lifetime_is_a_setting(engine: Engine) {
     assert!((110..=120).contains(&next.expires_in().unwrap().as_secs()));
 }
 
+/// Runs `sql` on the server's database, whichever engine.
+fn exec_sql(server: &Keycast, sql: &str) {
+    match server.database.as_deref() {
+        None => {
+            harness::sqlite_exec(&server.data_dir.join("keycast.db"), sql);
+        }
+        Some(pg) => {
+            harness::engine::psql(&pg.url, sql);
+        }
+    }
+}
+
+fn a_lost_refresh_response_may_be_retried_once_within_the_grace_window(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (cookie, first) = first_grant(&server, "grace@example.com");
+    let app = client(&server, "test-app");
+    let r0 = first.refresh_token().unwrap().clone();
+    // The response to this refresh is lost: the app never sees `lost`.
+    let lost = refresh(&app, &r0).unwrap();
+    // It retries with the token it still holds, and gets a working pair; nothing revoked.
+    let retried = refresh(&app, &r0).expect("a retry within the grace window is answered");
+    assert_ne!(
+        retried.refresh_token().unwrap().secret(),
+        lost.refresh_token().unwrap().secret()
+    );
+    assert_eq!(
+        retried.extra_fields().authorization_id,
+        first.extra_fields().authorization_id
+    );
+    assert_eq!(signs(&server, retried.access_token().secret()), 200);
+    // The lost pair is replaced: its access token no longer signs.
+    assert_eq!(signs(&server, lost.access_token().secret()), 401);
+    // The retried pair rotates on as usual.
+    let next = refresh(&app, retried.refresh_token().unwrap()).expect("the retried token refreshes");
+    assert_eq!(signs(&server, next.access_token().secret()), 200);
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert!(listed["authorizations"][0]["revoked_at"].is_null(), "{listed}");
+
+    // The first token again, now that its successor was used: reuse, the family goes.
+    assert_eq!(refresh(&app, &r0).unwrap_err(), BasicErrorResponseType::InvalidGrant);
+    assert_eq!(signs(&server, next.access_token().secret()), 401);
+}
+
+fn a_replaced_successor_presented_later_is_reuse(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, first) = first_grant(&server, "thief@example.com");
+    let app = client(&server, "test-app");
+    let r0 = first.refresh_token().unwrap().clone();
+    let legit = refresh(&app, &r0).unwrap();
+    // A thief holding r0 uses the grace window...
+    let stolen = refresh(&app, &r0).unwrap();
+    assert_eq!(signs(&server, stolen.access_token().secret()), 200);
+    // ...and the app, which did get its response, refreshes: reuse, everything revoked.
+    assert_eq!(
+        refresh(&app, legit.refresh_token().unwrap()).unwrap_err(),
+        BasicErrorResponseType::InvalidGrant
+    );
+    assert_eq!(signs(&server, stolen.access_token().secret()), 401);
+}
+
+fn a_retry_after_the_grace_window_revokes_the_family(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, first) = first_grant(&server, "late@example.com");
+    let app = client(&server, "test-app");
+    let r0 = first.refresh_token().unwrap().clone();
+    let lost = refresh(&app, &r0).unwrap();
+    // The window passes (the spend is moved into the past rather than waited for).
+    exec_sql(
+        &server,
+        "UPDATE refresh_tokens SET used_at = used_at - 31 WHERE used_at IS NOT NULL",
+    );
+    assert_eq!(refresh(&app, &r0).unwrap_err(), BasicErrorResponseType::InvalidGrant);
+    assert_eq!(signs(&server, lost.access_token().secret()), 401, "revoked");
+    assert_eq!(
+        refresh(&app, lost.refresh_token().unwrap()).unwrap_err(),
+        BasicErrorResponseType::InvalidGrant
+    );
+}
+
 on_both_engines!(
+    a_lost_refresh_response_may_be_retried_once_within_the_grace_window,
+    a_replaced_successor_presented_later_is_reuse,
+    a_retry_after_the_grace_window_revokes_the_family,
     refresh_rotates_the_pair_and_the_bunker_url_keeps_working,
     reusing_a_spent_refresh_token_revokes_the_whole_family,
     a_refresh_token_is_refused_to_another_client_and_not_spent,

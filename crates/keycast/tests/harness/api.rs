@@ -146,3 +146,20 @@ pub fn form_action(html: &str, prefix: &str) -> Option<String> {
     let end = html[start..].find('"')?;
     Some(html[start..start + end].to_owned())
 }
+
+/// A JSON request with any method (`PUT`, `PATCH`) and a session cookie.
+pub fn send_json(server: &Keycast, method: &str, path: &str, cookie: &str, body: &Value) -> Reply {
+    let url = format!("{}{path}", server.base);
+    let text = body.to_string();
+    let req = match method {
+        "PUT" => agent().put(url),
+        "PATCH" => agent().patch(url),
+        "POST" => agent().post(url),
+        other => panic!("send_json: {other}"),
+    };
+    reply(
+        req.header("Content-Type", "application/json")
+            .header("Cookie", cookie)
+            .send(text.as_str()),
+    )
+}

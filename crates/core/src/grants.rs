@@ -1,0 +1,361 @@
+//! What an owner shapes after consent: **custom policies** (their own permission sets,
+//! used at consent or on an app's grant) and **edits of an app's grant** (another policy,
+//! other permissions, another duration or other limits).
+//!
+//! A custom policy belongs to the user who built it: it is found only for them
+//! ([`keycast_db::policies::find_usable`]), never through an app's `scope`, and only they
+//! can change it. Every change goes through the [`Signer`], which drops the affected
+//! authorizations from every cache (here and, on PostgreSQL, on every other instance), so
+//! the very next request on either transport is judged by what the owner now sees. The
+//! words shown come from the permissions ([`crate::Policy::summary`]), so the owner reads
+//! what is enforced.
+
+use keycast_db::policies::{self as policy_repo, PolicyRow};
+use keycast_db::{authz as authz_repo, AuthorizationId, PolicyId, RepoError, UserId};
+
+use crate::policy::{Permissions, Policy};
+use crate::signer::Signer;
+use crate::terms::{GrantDuration, GrantTerms, Limits};
+
+/// Longest policy name, in characters.
+pub const MAX_NAME_CHARS: usize = 80;
+/// Most blocked words per policy, and longest word in characters.
+pub const MAX_BLOCKED_WORDS: usize = 100;
+pub const MAX_WORD_CHARS: usize = 100;
+/// Most kinds listed as allowed or as denied.
+pub const MAX_KINDS: usize = 1000;
+
+/// Why a custom policy or a grant edit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantEditError {
+    /// Bad input, with what to fix. HTTP 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such policy or live authorization of the user's. HTTP 404.
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+}
+
+fn invalid(why: impl Into<String>) -> GrantEditError {
+    GrantEditError::Invalid(why.into())
+}
+
+/// Checks a custom policy's name and permissions; returns the trimmed name.
+///
+/// # Errors
+/// [`GrantEditError::Invalid`] naming the field.
+pub fn check(name: &str, permissions: &Permissions) -> Result<String, GrantEditError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(invalid(format!("name must be 1 to {MAX_NAME_CHARS} characters")));
+    }
+    if permissions.blocked_words.len() > MAX_BLOCKED_WORDS
+        || permissions
+            .blocked_words
+            .iter()
+            .any(|w| w.chars().count() > MAX_WORD_CHARS)
+    {
+        return Err(invalid(format!(
+            "blocked_words: at most {MAX_BLOCKED_WORDS} words of at most {MAX_WORD_CHARS} characters"
+        )));
+    }
+    let listed = permissions.allowed_kinds.as_ref().map_or(0, |k| k.len());
+    if listed > MAX_KINDS || permissions.denied_kinds.len() > MAX_KINDS {
+        return Err(invalid(format!(
+            "allowed_kinds and denied_kinds: at most {MAX_KINDS} kinds each"
+        )));
+    }
+    Ok(name.to_owned())
+}
+
+/// Parses a permissions document sent by the owner (unknown fields refused).
+///
+/// # Errors
+/// [`GrantEditError::Invalid`] with the parser's reason.
+pub fn parse_permissions(value: serde_json::Value) -> Result<Permissions, GrantEditError> {
+    serde_json::from_value(value).map_err(|e| invalid(format!("permissions: {e}")))
+}
+
+/// Stores a new custom policy of `owner`; its slug is generated (`custom-…`).
+///
+/// # Errors
+/// [`GrantEditError::Invalid`], storage errors.
+pub async fn create_policy(
+    signer: &Signer,
+    owner: &UserId,
+    name: &str,
+    permissions: Permissions,
+    now: i64,
+) -> Result<PolicyRow, GrantEditError> {
+    let name = check(name, &permissions)?;
+    let id = PolicyId::generate();
+    let slug = format!("custom-{}", &id.as_str()[..16]);
+    let policy = Policy::from_permissions(&slug, permissions);
+    let row = PolicyRow {
+        id,
+        slug,
+        display_name: name,
+        // Stored for older readers; keycast itself always generates the words.
+        description: policy.summary().lines().join(" "),
+        permissions: permissions_json(&policy),
+        created_at: now,
+        owner_user_id: Some(owner.clone()),
+    };
+    policy_repo::insert(signer.db(), &row).await?;
+    Ok(row)
+}
+
+/// Changes `owner`'s custom policy `slug`; every app under it is judged by the new
+/// permissions from its next request on.
+///
+/// # Errors
+/// [`GrantEditError::NotFound`] (not theirs, or a public policy), `Invalid`, storage errors.
+pub async fn update_policy(
+    signer: &Signer,
+    owner: &UserId,
+    slug: &str,
+    name: &str,
+    permissions: Permissions,
+) -> Result<PolicyRow, GrantEditError> {
+    let name = check(name, &permissions)?;
+    let row = owned(signer, owner, slug).await?;
+    let policy = Policy::from_permissions(&row.slug, permissions);
+    let (description, permissions) = (policy.summary().lines().join(" "), permissions_json(&policy));
+    if !policy_repo::update_owned(signer.db(), &row.id, owner, &name, &description, &permissions).await? {
+        return Err(not_your_policy(slug));
+    }
+    signer.policy_changed(&row.id).await?;
+    Ok(PolicyRow {
+        display_name: name,
+        description,
+        permissions,
+        ..row
+    })
+}
+
+/// `owner`'s custom policy `slug`.
+///
+/// # Errors
+/// [`GrantEditError::NotFound`], storage errors.
+pub async fn owned(signer: &Signer, owner: &UserId, slug: &str) -> Result<PolicyRow, GrantEditError> {
+    match policy_repo::find_usable(signer.db(), owner, slug).await? {
+        Some(row) if row.owner_user_id.as_ref() == Some(owner) => Ok(row),
+        _ => Err(not_your_policy(slug)),
+    }
+}
+
+/// A policy `user` may put on a grant: public, or their own.
+///
+/// # Errors
+/// [`GrantEditError::NotFound`], storage errors.
+pub async fn usable(signer: &Signer, user: &UserId, slug: &str) -> Result<PolicyRow, GrantEditError> {
+    policy_repo::find_usable(signer.db(), user, slug)
+        .await?
+        .ok_or_else(|| GrantEditError::NotFound(format!("there is no policy {slug:?} you can use")))
+}
+
+fn not_your_policy(slug: &str) -> GrantEditError {
+    GrantEditError::NotFound(format!("you have no custom policy {slug:?}"))
+}
+
+fn permissions_json(policy: &Policy) -> String {
+    serde_json::to_string(&policy.permissions()).unwrap_or_else(|_| "{}".into())
+}
+
+/// What the owner changes on an app's grant; `None` keeps what it is.
+#[derive(Debug, Clone, Default)]
+pub struct GrantEdit {
+    /// Another policy (public, or one of the owner's), by slug.
+    pub policy: Option<String>,
+    /// New permissions for this grant alone. A grant already under a custom policy used
+    /// by no other live grant has that policy changed; otherwise a new custom policy
+    /// named after the app is made for it.
+    pub permissions: Option<Permissions>,
+    /// A new duration, counted from now.
+    pub duration: Option<GrantDuration>,
+    /// New limits (all four replace the old ones).
+    pub limits: Option<Limits>,
+}
+
+/// Applies `edit` to `user`'s live authorization `id`. Commits: the caller waits for
+/// durability (on PostgreSQL: every instance has dropped the old grant) before answering.
+///
+/// # Errors
+/// [`GrantEditError::NotFound`] (not theirs, not live, an unusable policy),
+/// [`GrantEditError::Invalid`], storage errors.
+pub async fn edit_grant(
+    signer: &Signer,
+    user: &UserId,
+    id: &AuthorizationId,
+    edit: GrantEdit,
+    now: i64,
+) -> Result<(), GrantEditError> {
+    let gone = || GrantEditError::NotFound("no such live authorization of yours".into());
+    let row = authz_repo::find_by_id(signer.db(), id).await?.ok_or_else(gone)?;
+    if row.user_id != *user || row.revoked_at.is_some() {
+        return Err(gone());
+    }
+    if edit.policy.is_some() && edit.permissions.is_some() {
+        return Err(invalid("send policy or permissions, not both"));
+    }
+    let mut terms = GrantTerms::from_json(row.terms.as_deref())
+        .map_err(|_| invalid("this grant's stored terms are unreadable; revoke it and authorize the app again"))?;
+    if let Some(duration) = edit.duration {
+        terms.expires_at = duration.secs().map(|secs| now + secs);
+    }
+    if let Some(limits) = edit.limits {
+        terms.limits = limits;
+    }
+    let policy_id = match (edit.policy, edit.permissions) {
+        (Some(slug), _) => usable(signer, user, &slug).await?.id,
+        (None, Some(permissions)) => {
+            let current = policy_repo::find_by_id(signer.db(), &row.policy_id).await?;
+            let sole = match &current {
+                Some(p) if p.owner_user_id.as_ref() == Some(user) => {
+                    authz_repo::list_live_ids_for_policy(signer.db(), &p.id).await? == [id.clone()]
+                }
+                _ => false,
+            };
+            match current {
+                Some(p) if sole => {
+                    update_policy(signer, user, &p.slug, &p.display_name, permissions)
+                        .await?
+                        .id
+                }
+                _ => {
+                    let name: String = format!("{} (edited)", row.client_id)
+                        .chars()
+                        .take(MAX_NAME_CHARS)
+                        .collect();
+                    create_policy(signer, user, &name, permissions, now).await?.id
+                }
+            }
+        }
+        (None, None) => row.policy_id.clone(),
+    };
+    if !signer.edit_grant(id, user, &policy_id, &terms).await? {
+        return Err(gone());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::{insert_authorization, Authorization};
+    use crate::request::Request;
+    use crate::signer::SignerOptions;
+    use crate::testing::{fixture, social_policy, test_user, Fixture};
+    use nostr::{Kind, Tags, Timestamp, UnsignedEvent};
+
+    fn signer(fx: &Fixture) -> Signer {
+        Signer::new(fx.pool().clone(), fx.km.clone(), SignerOptions::default())
+    }
+
+    /// A social grant for a new user `email` (with a key).
+    async fn granted(fx: &Fixture, email: &str) -> (UserId, Authorization) {
+        let user = test_user(fx.pool(), email).await;
+        crate::keys::generate_user_key(fx.pool(), fx.km.as_ref(), &user, 1)
+            .await
+            .unwrap();
+        let policy = social_policy(fx).await;
+        let new = crate::authz::NewGrant {
+            user_id: &user,
+            ..fx.new_grant(&policy)
+        };
+        let (authz, _) = insert_authorization(fx.pool(), fx.km.as_ref(), &new, 1).await.unwrap();
+        (user, authz)
+    }
+
+    fn note(kind: u16) -> Request {
+        let pk = nostr::Keys::generate().public_key();
+        Request::SignEvent(UnsignedEvent::new(
+            pk,
+            Timestamp::from(1),
+            Kind::from(kind),
+            Tags::new(),
+            "hi",
+        ))
+    }
+
+    fn only(kinds: &[u16]) -> Permissions {
+        Permissions {
+            allowed_kinds: Some(kinds.iter().copied().collect()),
+            ..Permissions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_edit_applies_to_the_next_request_even_for_a_caller_holding_the_old_grant() {
+        let fx = fixture().await;
+        let signer = signer(&fx);
+        let (user, authz) = granted(&fx, "owner@example.com").await;
+        let transport = keycast_db::activity::Transport::Http;
+        assert!(signer.execute(&authz, note(1), transport).await.is_ok());
+        let edit = GrantEdit {
+            permissions: Some(only(&[7])),
+            ..GrantEdit::default()
+        };
+        edit_grant(&signer, &user, &authz.id, edit, 100).await.unwrap();
+        let err = signer.execute(&authz, note(1), transport).await.unwrap_err();
+        assert!(err.to_string().contains("kind 1 is not allowed"), "{err}");
+        assert!(signer.execute(&authz, note(7), transport).await.is_ok());
+
+        // A second edit changes the same (sole) custom policy in place; limits apply too,
+        // counting the signatures made so far (recorded once flushed).
+        signer.flush().await.unwrap();
+        let edit = GrantEdit {
+            permissions: Some(only(&[1])),
+            limits: Some(Limits {
+                max_signatures: Some(1),
+                ..Limits::default()
+            }),
+            ..GrantEdit::default()
+        };
+        edit_grant(&signer, &user, &authz.id, edit, 100).await.unwrap();
+        assert_eq!(policy_repo::list_owned(signer.db(), &user).await.unwrap().len(), 1);
+        let err = signer.execute(&authz, note(1), transport).await.unwrap_err();
+        assert!(
+            err.to_string().contains("used up"),
+            "the kind-7 signature counted: {err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_users_policy_and_grant_are_out_of_reach() {
+        let fx = fixture().await;
+        let signer = signer(&fx);
+        let (owner, authz) = granted(&fx, "owner@example.com").await;
+        let (other, _) = granted(&fx, "other@example.com").await;
+        let mine = create_policy(&signer, &owner, "Mine", only(&[1]), 1).await.unwrap();
+        assert!(matches!(
+            update_policy(&signer, &other, &mine.slug, "Theirs", Permissions::default()).await,
+            Err(GrantEditError::NotFound(_))
+        ));
+        assert!(matches!(
+            usable(&signer, &other, &mine.slug).await,
+            Err(GrantEditError::NotFound(_))
+        ));
+        assert!(
+            matches!(
+                update_policy(&signer, &owner, "social", "Mine", Permissions::default()).await,
+                Err(GrantEditError::NotFound(_))
+            ),
+            "a public policy is nobody's to change"
+        );
+        let edit = GrantEdit {
+            policy: Some("full".into()),
+            ..GrantEdit::default()
+        };
+        assert!(matches!(
+            edit_grant(&signer, &other, &authz.id, edit, 1).await,
+            Err(GrantEditError::NotFound(_))
+        ));
+        assert!(matches!(
+            check("", &Permissions::default()),
+            Err(GrantEditError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,392 @@
+//! Custom policies and editing an app's grant, against the real binary on both engines:
+//! the owner builds a policy from permissions (JSON API and dashboard forms), uses it at
+//! consent or puts it on an app's grant, edits it later — and the very next request on both
+//! transports (HTTP RPC, NIP-46 through keycast's embedded relay with nostr-tools) is
+//! judged by what the owner now reads. Another user can neither read, use nor edit it, and
+//! an app cannot ask for it.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{authorize_query, grant, pkce, register, token_request};
+use harness::nostr::BunkerClient;
+use harness::{Engine, Keycast, Launch};
+use serde_json::{json, Value};
+
+fn start(engine: Engine, dir: &std::path::Path) -> Keycast {
+    Launch::on(engine, &dir.join("data")).start()
+}
+
+fn sign_http(server: &Keycast, token: &Value, kind: u16, content: &str) -> Reply {
+    let access = token["access_token"].as_str().unwrap();
+    rpc(
+        server,
+        access,
+        "sign_event",
+        json!([{ "kind": kind, "content": content }]),
+    )
+}
+
+fn sign_nip46(client: &mut BunkerClient, kind: u16, content: &str) -> Value {
+    client.sign_event(json!({"kind": kind, "content": content, "tags": [], "created_at": 1_700_000_000}))
+}
+
+/// Both transports sign `kind` with `content`, or both refuse it saying `says`.
+fn both(server: &Keycast, token: &Value, nip46: &mut BunkerClient, kind: u16, content: &str, says: Option<&str>) {
+    let http = sign_http(server, token, kind, content);
+    let remote = sign_nip46(nip46, kind, content);
+    match says {
+        None => {
+            assert_eq!(http.status, 200, "kind {kind} over HTTP: {}", http.body);
+            assert_eq!(remote["ok"], true, "kind {kind} over NIP-46: {remote}");
+        }
+        Some(says) => {
+            assert_eq!(http.status, 403, "kind {kind} over HTTP: {}", http.body);
+            assert!(http.body.contains(says), "HTTP says {says:?}: {}", http.body);
+            assert_eq!(remote["ok"], false, "kind {kind} over NIP-46: {remote}");
+            assert!(remote.to_string().contains(says), "NIP-46 says {says:?}: {remote}");
+        }
+    }
+}
+
+fn create_policy(server: &Keycast, cookie: &str, name: &str, permissions: Value) -> Value {
+    let r = post_json(
+        server,
+        "/api/user/policies",
+        Some(cookie),
+        &json!({ "name": name, "permissions": permissions }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()
+}
+
+fn edited_policy_and_grant_apply_to_the_next_request_on_both_transports(engine: Engine) {
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "owner@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let id = token["authorization_id"].as_str().unwrap().to_owned();
+    let connected = nip46.connect(token["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
+    both(&server, &token, &mut nip46, 1, "hello", None);
+
+    // A typo cannot slip through as a permission that is silently ignored.
+    let typo = post_json(
+        &server,
+        "/api/user/policies",
+        Some(&cookie),
+        &json!({ "name": "typo", "permissions": { "denied_kind": [1] } }),
+    );
+    assert_eq!(typo.status, 400, "{}", typo.body);
+    assert!(typo.body.contains("unknown field"), "{}", typo.body);
+
+    let policy = create_policy(
+        &server,
+        &cookie,
+        "No notes",
+        json!({ "any_kind": true, "denied_kinds": [1], "blocked_words": ["Spam"] }),
+    );
+    let slug = policy["slug"].as_str().unwrap().to_owned();
+    let words = policy["description"].as_str().unwrap();
+    assert!(
+        words.contains("Sign any event as you except these: notes (kind 1).") && words.contains("spam"),
+        "the words come from the permissions: {policy}"
+    );
+    let listed = get(&server, "/api/user/policies", Some(&cookie)).json();
+    assert_eq!(listed["policies"][0]["slug"], slug.as_str(), "{listed}");
+
+    // Put it on the app's grant: the very next request on each transport obeys it.
+    let r = send_json(
+        &server,
+        "PATCH",
+        &format!("/api/user/authorizations/{id}"),
+        &cookie,
+        &json!({ "policy": slug }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["policy"]["slug"], slug.as_str(), "{}", r.body);
+    both(&server, &token, &mut nip46, 1, "hello", Some("kind 1 is denied"));
+    both(&server, &token, &mut nip46, 7, "buy SPAM", Some("spam"));
+    both(&server, &token, &mut nip46, 7, "+", None);
+
+    // Edit the policy itself: again the next request obeys.
+    let r = send_json(
+        &server,
+        "PUT",
+        &format!("/api/user/policies/{slug}"),
+        &cookie,
+        &json!({ "name": "Notes only", "permissions": { "allowed_kinds": [1] } }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    both(&server, &token, &mut nip46, 1, "hello again", None);
+    both(&server, &token, &mut nip46, 7, "+", Some("kind 7 is not allowed"));
+
+    // Duration and limits from the dashboard's API: an hour from now, two signatures a day.
+    let r = send_json(
+        &server,
+        "PATCH",
+        &format!("/api/user/authorizations/{id}"),
+        &cookie,
+        &json!({ "duration": "hour", "limits": { "per_day": 100 } }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let shown = r.json();
+    let expires_at = shown["expires_at"].as_i64().unwrap();
+    let now = keycast_db::now_unix();
+    assert!((now + 3500..=now + 3600).contains(&expires_at), "{shown}");
+    assert_eq!(shown["limits"], json!({ "per_day": 100 }), "{shown}");
+    assert!(shown["usage"]["signatures"].is_i64(), "{shown}");
+    let bad = send_json(
+        &server,
+        "PATCH",
+        &format!("/api/user/authorizations/{id}"),
+        &cookie,
+        &json!({ "limits": { "per_week": 1 } }),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+
+    // The per-app page says what is enforced, and lists the activity once it is flushed.
+    let page_path = format!("/dashboard/authorizations/{id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let page = loop {
+        let page = get(&server, &page_path, Some(&cookie));
+        assert_eq!(page.status, 200, "{}", page.body);
+        if page.body.contains("sign_event") || std::time::Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        page.body.contains("Sign only these events as you: notes (kind 1)."),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("sign_event") && page.body.contains("nip46"),
+        "recent activity: {}",
+        page.body
+    );
+    assert!(page.body.contains("Notes only"), "{}", page.body);
+    assert!(
+        page.body.contains("refused (policy_denied)"),
+        "refusals are listed: {}",
+        page.body
+    );
+    let shown = get(&server, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
+    let results: Vec<&str> = shown["recent_activity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["result"].as_str().unwrap())
+        .collect();
+    assert!(
+        results.contains(&"done") && results.contains(&"policy_denied"),
+        "{shown}"
+    );
+    assert!(
+        !page.body.contains(token["access_token"].as_str().unwrap()),
+        "no secret on the page"
+    );
+}
+
+fn another_user_cannot_read_use_or_edit_a_custom_policy_nor_can_an_app_ask_for_it(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (alice, _) = register(&server, "alice@example.com", None);
+    let (mallory, _) = register(&server, "mallory@example.com", None);
+    let policy = create_policy(&server, &alice, "Alice's", json!({ "full_access": true }));
+    let slug = policy["slug"].as_str().unwrap();
+    let alice_grant = grant(&server, &alice, "policy:readonly");
+    let alice_id = alice_grant["authorization_id"].as_str().unwrap();
+    let mallory_grant = grant(&server, &mallory, "policy:readonly");
+    let mallory_id = mallory_grant["authorization_id"].as_str().unwrap();
+
+    // Read: neither listed to Mallory nor public.
+    let listed = get(&server, "/api/user/policies", Some(&mallory)).json();
+    assert_eq!(listed["policies"], json!([]), "{listed}");
+    let public = get(&server, "/api/policies", None);
+    assert!(!public.body.contains(slug), "{}", public.body);
+    let metadata = get(&server, "/.well-known/oauth-authorization-server", None);
+    assert!(!metadata.body.contains(slug), "{}", metadata.body);
+    // Edit: as if it did not exist.
+    let r = send_json(
+        &server,
+        "PUT",
+        &format!("/api/user/policies/{slug}"),
+        &mallory,
+        &json!({ "name": "Mine now", "permissions": {} }),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = send_json(
+        &server,
+        "PUT",
+        "/api/user/policies/social",
+        &mallory,
+        &json!({ "name": "x", "permissions": { "full_access": true } }),
+    );
+    assert_eq!(r.status, 404, "a public policy is nobody's to edit: {}", r.body);
+    // Use: not on Mallory's grant, not at Mallory's consent.
+    let r = send_json(
+        &server,
+        "PATCH",
+        &format!("/api/user/authorizations/{mallory_id}"),
+        &mallory,
+        &json!({ "policy": slug }),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    let (challenge, _) = pkce();
+    let query = authorize_query("policy:readonly", &challenge);
+    let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&mallory));
+    assert!(!page.body.contains(slug), "not offered to Mallory");
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    fields.extend([
+        ("csrf".to_owned(), csrf),
+        ("decision".into(), "approve".into()),
+        ("policy".into(), slug.to_owned()),
+    ]);
+    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    let r = post(&server, "/api/oauth/authorize", Some(&mallory), FORM, &body, &[]);
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Alice's grant: Mallory can neither see nor edit it.
+    let path = format!("/api/user/authorizations/{alice_id}");
+    assert_eq!(get(&server, &path, Some(&mallory)).status, 404);
+    let r = send_json(&server, "PATCH", &path, &mallory, &json!({ "policy": "full" }));
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(
+        get(
+            &server,
+            &format!("/dashboard/authorizations/{alice_id}"),
+            Some(&mallory)
+        )
+        .status,
+        404
+    );
+    // An app cannot ask for it, even with Alice logged in.
+    let (challenge, _) = pkce();
+    let query = authorize_query(&format!("policy:{slug}"), &challenge);
+    let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&alice));
+    assert_ne!(page.status, 200, "{}", page.body);
+    assert!(
+        page.body.contains("no policy") || page.location.as_deref().is_some_and(|l| l.contains("invalid_scope")),
+        "{}",
+        page.body
+    );
+    // Alice's grant still reads only.
+    let signed = sign_http(&server, &alice_grant, 1, "x");
+    assert_eq!(signed.status, 403, "{}", signed.body);
+}
+
+fn the_owner_picks_a_custom_policy_at_consent_and_builds_one_with_the_dashboard_forms(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "forms@example.com", None);
+
+    // Build a policy with the dashboard's form; its name is shown escaped.
+    let page = get(&server, "/dashboard/policies", Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let r = post_form(
+        &server,
+        "/dashboard/policies",
+        Some(&cookie),
+        &[
+            ("csrf", &csrf),
+            ("name", "<b>Reactions</b>"),
+            ("sign", "kinds"),
+            ("allowed_kinds", "7, 1"),
+            ("denied_kinds", "1"),
+            ("encrypt", "on"),
+            ("peers", "own"),
+            ("blocked_words", "scam, spam"),
+        ],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let bad = post_form(
+        &server,
+        "/dashboard/policies",
+        Some(&cookie),
+        &[
+            ("csrf", &csrf),
+            ("name", "bad"),
+            ("sign", "kinds"),
+            ("allowed_kinds", "seven"),
+        ],
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("allowed_kinds"), "{}", bad.body);
+    let page = get(&server, "/dashboard/policies", Some(&cookie));
+    assert!(
+        page.body.contains("&lt;b&gt;Reactions&lt;/b&gt;") && !page.body.contains("<b>Reactions"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("Sign only these events as you: reactions (kind 7)."),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("Encrypt notes to yourself only."), "{}", page.body);
+    let slug = get(&server, "/api/user/policies", Some(&cookie)).json()["policies"][0]["slug"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // At consent the owner sees it, with its words, and puts it on the grant.
+    let (challenge, verifier) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
+    assert!(page.body.contains(&format!("value=\"{slug}\"")), "{}", page.body);
+    assert!(page.body.contains("reactions (kind 7)"), "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    fields.extend([
+        ("csrf".to_owned(), csrf),
+        ("decision".into(), "approve".into()),
+        ("policy".into(), slug.clone()),
+    ]);
+    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    let r = post(&server, "/api/oauth/authorize", Some(&cookie), FORM, &body, &[]);
+    assert_eq!(r.status, 302, "{}", r.body);
+    let code = query_param(&r.location.unwrap(), "code").unwrap();
+    let token = token_request(&server, &code, &verifier, REDIRECT).json();
+    assert_eq!(token["policy"]["slug"], slug.as_str(), "{token}");
+    assert_eq!(sign_http(&server, &token, 7, "+").status, 200);
+    assert_eq!(sign_http(&server, &token, 1, "note").status, 403);
+    assert_eq!(sign_http(&server, &token, 7, "a scam").status, 403);
+
+    // The app's page edits its permissions with the same fields.
+    let id = token["authorization_id"].as_str().unwrap();
+    let page = get(&server, &format!("/dashboard/authorizations/{id}"), Some(&cookie));
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let r = post_form(
+        &server,
+        &format!("/dashboard/authorizations/{id}"),
+        Some(&cookie),
+        &[
+            ("csrf", &csrf),
+            ("own_permissions", "1"),
+            ("sign", "any"),
+            ("denied_kinds", "7"),
+        ],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(sign_http(&server, &token, 1, "note").status, 200);
+    assert_eq!(sign_http(&server, &token, 7, "+").status, 403);
+    let r = post_form(
+        &server,
+        &format!("/dashboard/authorizations/{id}"),
+        Some(&cookie),
+        &[("csrf", "wrong"), ("policy", "full")],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+}
+
+on_both_engines!(
+    edited_policy_and_grant_apply_to_the_next_request_on_both_transports,
+    another_user_cannot_read_use_or_edit_a_custom_policy_nor_can_an_app_ask_for_it,
+    the_owner_picks_a_custom_policy_at_consent_and_builds_one_with_the_dashboard_forms,
+);
