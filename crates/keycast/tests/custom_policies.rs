@@ -49,6 +49,25 @@ fn both(server: &Keycast, token: &Value, nip46: &mut BunkerClient, kind: u16, co
     }
 }
 
+/// Both transports ask the owner instead of signing `kind`: HTTP 403 `approval_required`
+/// with the page's URL, NIP-46 `auth_url`.
+fn asked(server: &Keycast, token: &Value, nip46: &mut BunkerClient, kind: u16, content: &str) {
+    let http = sign_http(server, token, kind, content);
+    assert_eq!(http.status, 403, "kind {kind} over HTTP: {}", http.body);
+    assert_eq!(http.json()["code"], "approval_required", "{}", http.body);
+    assert!(
+        http.json()["approval_url"].as_str().unwrap().contains("/approvals/"),
+        "{}",
+        http.body
+    );
+    nip46.call_ok(json!({"op": "start_sign_event", "event": {"kind": kind, "content": content}}));
+    let url = nip46.call_ok(json!({"op": "auth_url", "timeout_ms": 5000}));
+    assert!(
+        url["url"].as_str().unwrap().contains("/approvals/"),
+        "kind {kind} over NIP-46: {url}"
+    );
+}
+
 fn create_policy(server: &Keycast, cookie: &str, name: &str, permissions: Value) -> Value {
     let r = post_json(
         server,
@@ -122,7 +141,8 @@ fn edited_policy_and_grant_apply_to_the_next_request_on_both_transports(engine: 
     );
     assert_eq!(r.status, 200, "{}", r.body);
     both(&server, &token, &mut nip46, 1, "hello again", None);
-    both(&server, &token, &mut nip46, 7, "+", Some("kind 7 is not allowed"));
+    // A kind the policy no longer allows is not refused but asked (approvals, issue 14).
+    asked(&server, &token, &mut nip46, 7, "+");
 
     // Duration and limits from the dashboard's API: an hour from now, two signatures a day.
     let r = send_json(
