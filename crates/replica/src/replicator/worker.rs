@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use super::handover::{Keep, Released};
 use super::{now_ms, ReplicaError, ReplicaOptions, Shared};
@@ -676,6 +676,7 @@ impl Worker {
             tokio::select! {
                 () = self.signal.wait() => self.note_pending(),
                 () = tokio::time::sleep(wait) => {}
+                () = self.compaction_finished() => {}
                 _ = stop.changed() => continue,
             }
             match self.step().await {
@@ -798,7 +799,7 @@ impl Worker {
     /// instance is fenced or steps aside, and on shutdown.
     async fn compact(&mut self) {
         if self.compacting.as_ref().is_some_and(|c| c.task.is_finished()) {
-            let Compacting { run, mut task } = self.compacting.take().expect("checked");
+            let Compacting { run, mut task, .. } = self.compacting.take().expect("checked");
             let outcome = (&mut task.0).await.ok();
             match &outcome {
                 Some(Err(e)) => {
@@ -825,11 +826,13 @@ impl Worker {
         );
         let (shared, known) = (self.shared.clone(), self.known.clone());
         let job = run.clone();
+        let done = Arc::new(Notify::new());
+        let notify = done.clone();
         let task = tokio::spawn(async move {
             // The lease is renewed while it runs, as during any other work.
             let _busy = shared.busy();
             let may_delete = move || shared.may_delete();
-            compactor::run(
+            let outcome = compactor::run(
                 &store,
                 &known,
                 &policy,
@@ -839,12 +842,28 @@ impl Worker {
                 &scratch,
                 &may_delete,
             )
-            .await
+            .await;
+            notify.notify_one();
+            outcome
         });
         self.compacting = Some(Compacting {
             run,
             task: AbortOnDrop(task),
+            done,
         });
+    }
+
+    /// Resolves when the running compaction has ended (never while none runs): its result
+    /// is collected, and the level above scheduled, at once — an idle database would
+    /// otherwise leave it until the next write or timer, an hour away.
+    fn compaction_finished(&self) -> impl Future<Output = ()> + 'static {
+        let done = self.compacting.as_ref().map(|c| c.done.clone());
+        async move {
+            match done {
+                Some(done) => done.notified().await,
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// Stops a running compaction and waits until it has: once this returns, it sends no
@@ -853,7 +872,7 @@ impl Worker {
     /// schedule, and what it knew of the replica is forgotten: whoever writes next may change
     /// it.
     pub(super) async fn stop_compaction(&mut self) {
-        if let Some(Compacting { run, mut task }) = self.compacting.take() {
+        if let Some(Compacting { run, mut task, .. }) = self.compacting.take() {
             task.0.abort();
             let outcome = (&mut task.0).await.ok();
             self.compaction.finished(&run, outcome.as_ref().filter(|o| o.is_ok()));
@@ -996,6 +1015,8 @@ impl Worker {
 struct Compacting {
     run: compactor::Run,
     task: AbortOnDrop<Result<Vec<usize>, ReplicaError>>,
+    /// Notified as the task ends (a permit waits if nobody listens yet).
+    done: Arc<Notify>,
 }
 
 /// A task aborted when its handle is dropped: if the worker itself is aborted (the
