@@ -80,7 +80,13 @@ MOTO_VERSION="$("$(dirname "$(command -v moto_server)")/python" -c 'import moto;
 unset AWS_CA_BUNDLE
 
 RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)"
-RESULTS="$WORK/results-$RUN_ID.jsonl"
+# A full run's raw results are committed beside the report; a quick run's stay in $WORK.
+if [ "$QUICK" = 1 ]; then
+  RESULTS="$WORK/results-$RUN_ID.jsonl"
+else
+  RESULTS="$ROOT/bench/results/replication-$RUN_ID.jsonl"
+  mkdir -p "$ROOT/bench/results"
+fi
 : > "$RESULTS"
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -111,12 +117,13 @@ bench() { "$BENCH" "$@" | tee -a "$RESULTS"; }
 n=0
 for store in file s3; do
   for rate in $LAG_RATES; do
-    for variant in keycast ls-default ls-100ms; do
+    for variant in keycast keycast-serial ls-default ls-100ms; do
       n=$((n + 1))
       args=(lag --store "$store" --rate "$rate" --seconds "$LAG_SECONDS" --work-dir "$WORK/tmp")
       [ "$store" = s3 ] && args+=(--s3-url "s3://$BUCKET/lag-$RUN_ID-$n")
       case "$variant" in
         keycast) args+=(--tool keycast) ;;
+        keycast-serial) args+=(--tool keycast --uploads-in-flight 1) ;;
         ls-default) args+=(--tool litestream) ;;
         ls-100ms) args+=(--tool litestream --ls-interval 100ms) ;;
       esac
@@ -164,7 +171,7 @@ TABLES="$WORK/tables-$RUN_ID.md"
   echo "| parameters | lag ${LAG_SECONDS} s per run at ${LAG_RATES// /, } commits/s (2 s warm-up); throughput ${TP_SECONDS} s × ${TP_ROUNDS} rounds; restore ${RESTORE_MB} MiB × ${RESTORE_RUNS} runs |"
   echo
   "$BENCH" report "$RESULTS"
-  echo "Raw results: \`$RESULTS\` (one JSON object per line)."
+  echo "Raw results: \`${RESULTS#"$ROOT"/}\` (one JSON object per line)."
 } > "$TABLES"
 
 if [ "$QUICK" = 1 ]; then

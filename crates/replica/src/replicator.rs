@@ -73,6 +73,12 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// goes on outside it): application writes wait for the lock up to their `busy_timeout`
 /// (5 s), so a slow store must never hold it that long.
 pub const DEFAULT_LOCK_BUDGET: Duration = Duration::from_millis(500);
+/// How many segment uploads may be in flight at once while the replicator ships committed
+/// frames (at most [`crate::store::MAX_UPLOADS_IN_FLIGHT`]). A commit that arrives while an
+/// upload is under way goes out at once instead of after it, so on a store with a few
+/// milliseconds per PUT the lag stays about one PUT. Commits are still acknowledged in TXID
+/// order only; see `docs/ARCHITECTURE.md` (shipping pipeline) for what a crash leaves.
+pub const DEFAULT_UPLOADS_IN_FLIGHT: usize = 4;
 
 /// How often the replica is restored in the background and compared with the live database.
 pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(3600);
@@ -97,6 +103,9 @@ pub struct ReplicaOptions {
     /// See [`DEFAULT_VERIFY_INTERVAL`]; zero disables background verification. Runs only when
     /// something was shipped since the last one (an idle database costs nothing).
     pub verify_interval: Duration,
+    /// See [`DEFAULT_UPLOADS_IN_FLIGHT`]; 1 ships one segment at a time. Values past
+    /// [`crate::store::MAX_UPLOADS_IN_FLIGHT`] count as that.
+    pub uploads_in_flight: usize,
 }
 
 impl Default for ReplicaOptions {
@@ -110,6 +119,7 @@ impl Default for ReplicaOptions {
             lock_budget: DEFAULT_LOCK_BUDGET,
             compaction: CompactionPolicy::default(),
             verify_interval: DEFAULT_VERIFY_INTERVAL,
+            uploads_in_flight: DEFAULT_UPLOADS_IN_FLIGHT,
         }
     }
 }
