@@ -14,7 +14,9 @@
 # Environment (defaults in brackets): CARGO_TARGET_DIR [cargo's], BENCH_WORK_DIR
 # [/var/tmp/keycast-bench], BENCH_LAG_SECONDS [20], BENCH_LAG_RATES ["100 500"],
 # BENCH_TP_SECONDS [10], BENCH_TP_ROUNDS [3], BENCH_RESTORE_MB [256], BENCH_RESTORE_RUNS [3],
-# BENCH_S3_RESTORE [1], BENCH_TREE [worktree], KEYCAST_PEERS_DIR [/var/tmp/keycast-peers].
+# BENCH_S3_RESTORE [1], BENCH_TREE [worktree], KEYCAST_PEERS_DIR [/var/tmp/keycast-peers],
+# BENCH_SKIP_BUILD [0] (1: run the release binaries already in the target dir; the report
+# then says when each was built instead of claiming a commit).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,8 +64,14 @@ case "$TREE" in
   *) say "BENCH_TREE must be worktree or head"; exit 2 ;;
 esac
 TARGET="${CARGO_TARGET_DIR:-$BUILD_DIR/target}"
-say "building release binaries from $BUILD_DIR into $TARGET"
-(cd "$BUILD_DIR" && cargo build --release -p keycast -p keycast-bench)
+if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
+  # Takes the binaries already in $TARGET as they are, and says when each was built.
+  built() { date -u -r "$1" +%H:%M:%SZ; }
+  SOURCE="\`$COMMIT\` working tree, binaries not rebuilt by this run (BENCH_SKIP_BUILD=1): keycast-bench built $(built "$TARGET/release/keycast-bench"), keycast built $(built "$TARGET/release/keycast")"
+else
+  say "building release binaries from $BUILD_DIR into $TARGET"
+  (cd "$BUILD_DIR" && cargo build --release -p keycast -p keycast-bench)
+fi
 BENCH="$TARGET/release/keycast-bench"
 KEYCAST="$TARGET/release/keycast"
 
@@ -117,13 +125,12 @@ bench() { "$BENCH" "$@" | tee -a "$RESULTS"; }
 n=0
 for store in file s3; do
   for rate in $LAG_RATES; do
-    for variant in keycast keycast-serial ls-default ls-100ms; do
+    for variant in keycast ls-default ls-100ms; do
       n=$((n + 1))
       args=(lag --store "$store" --rate "$rate" --seconds "$LAG_SECONDS" --work-dir "$WORK/tmp")
       [ "$store" = s3 ] && args+=(--s3-url "s3://$BUCKET/lag-$RUN_ID-$n")
       case "$variant" in
         keycast) args+=(--tool keycast) ;;
-        keycast-serial) args+=(--tool keycast --uploads-in-flight 1) ;;
         ls-default) args+=(--tool litestream) ;;
         ls-100ms) args+=(--tool litestream --ls-interval 100ms) ;;
       esac

@@ -11,7 +11,8 @@
 # RPC `sign_event` with the same server's /healthz/live; the NIP-46 round trip with the
 # relay's own echo (one hop); PostgreSQL with SQLite. Environment: CARGO_TARGET_DIR,
 # KEYCAST_PEERS_DIR [/var/tmp/keycast-peers], DURABLE_COMMITS [1000], RPC_SECONDS [15],
-# NIP46_N [300], SERVICES_POSTGRES [1].
+# NIP46_N [300], SERVICES_POSTGRES [1], SERVICES_SKIP_BUILD [0] (1: run the release binaries
+# already in the target dir, and say when each was built).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -26,9 +27,15 @@ PEERS="${KEYCAST_PEERS_DIR:-/var/tmp/keycast-peers}"
 export KEYCAST_PEERS_DIR="$PEERS"
 say() { echo "services.sh: $*" >&2; }
 
-say "building release binaries"
-cargo build --release -p keycast -p keycast-bench >&2
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+BUILT=""
+if [ "${SERVICES_SKIP_BUILD:-0}" = 1 ]; then
+  # Takes the binaries already in $TARGET as they are, and says when each was built.
+  BUILT=", binaries not rebuilt (SERVICES_SKIP_BUILD=1): keycast-bench built $(date -u -r "$TARGET/release/keycast-bench" +%H:%M:%SZ), keycast built $(date -u -r "$TARGET/release/keycast" +%H:%M:%SZ)"
+else
+  say "building release binaries"
+  cargo build --release -p keycast -p keycast-bench >&2
+fi
 export KEYCAST_BIN="$TARGET/release/keycast" KEYCAST_BENCH_BIN="$TARGET/release/keycast-bench"
 # shellcheck disable=SC1091
 . "$PEERS/env.sh"
@@ -39,7 +46,7 @@ WORK="$(mktemp -d /var/tmp/keycast-services.XXXXXX)"
 if [ "$QUICK" = 1 ]; then RESULTS="$WORK/services-$RUN_ID.jsonl"; else RESULTS="$ROOT/bench/results/services-$RUN_ID.jsonl"; fi
 mkdir -p "$(dirname "$RESULTS")"
 if git diff --quiet HEAD -- crates Cargo.lock bench 2>/dev/null; then DIRTY=""; else DIRTY=" + uncommitted changes"; fi
-python3 - "$RESULTS" "$(git rev-parse --short HEAD)$DIRTY" "$COMMAND_LINE" <<'PY'
+python3 - "$RESULTS" "$(git rev-parse --short HEAD)$DIRTY$BUILT" "$COMMAND_LINE" <<'PY'
 import json, os, platform, sys, time
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
@@ -67,9 +74,9 @@ export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT" AWS_ACCESS_KEY_ID=test AWS
 say "durable commit (file, then S3/moto), $DURABLE_COMMITS commits per mode"
 "$KEYCAST_BENCH_BIN" durable --store file --commits "$DURABLE_COMMITS" >>"$RESULTS"
 "$KEYCAST_BENCH_BIN" durable --store s3 --s3-url "s3://kcservices/durable-$RUN_ID" --commits "$DURABLE_COMMITS" >>"$RESULTS"
-# The shipping path before the pipeline, in the same minute: one upload at a time.
-"$KEYCAST_BENCH_BIN" durable --store s3 --s3-url "s3://kcservices/durable-serial-$RUN_ID" --commits "$DURABLE_COMMITS" \
-  --uploads-in-flight 1 >>"$RESULTS"
+# The same with the shipping pipeline on (four uploads in flight), in the same minute.
+"$KEYCAST_BENCH_BIN" durable --store s3 --s3-url "s3://kcservices/durable-pipelined-$RUN_ID" --commits "$DURABLE_COMMITS" \
+  --uploads-in-flight 4 >>"$RESULTS"
 
 say "HTTP RPC sign_event (${RPC_SECONDS} s) and /healthz/live"
 bench/rpc.sh >>"$RESULTS"

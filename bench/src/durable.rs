@@ -74,7 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await?;
         replicator.wait_durable(Duration::from_secs(10)).await?;
         durable.push(started.elapsed().as_secs_f64() * 1e3);
-        let (started, name) = (Instant::now(), format!("bench/put-{}", put.len()));
+        let (started, name) = (Instant::now(), format!("keycast/bench-put/{}", put.len()));
         let _ = store.put_object_create(&name, body.clone()).await?;
         put.push(started.elapsed().as_secs_f64() * 1e3);
     }

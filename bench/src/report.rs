@@ -58,15 +58,13 @@ pub fn render(lines: &[Value]) -> String {
         let _ = writeln!(
             s,
             "Lag = first time a level-0 file holding the commit was visible in the replica − time the commit returned. \
-             Ratios are keycast ÷ Litestream (below 1 means keycast is faster); the last column is keycast with its \
-             default options ÷ keycast shipping one segment at a time (`--uploads-in-flight 1`, the shipping path before \
-             the pipeline), where that variant ran.\n"
+             Ratios are keycast ÷ Litestream (below 1 means keycast is faster).\n"
         );
         let _ = writeln!(
             s,
-            "| store | commits/s | keycast p50 / p99 ms | Litestream 1 s (shipped) p50 / p99 ms | p99 ratio | Litestream 100 ms p50 / p99 ms | p99 ratio | keycast, 1 upload at a time p50 / p99 ms | p99 ratio |"
+            "| store | commits/s | keycast p50 / p99 ms | Litestream 1 s (shipped) p50 / p99 ms | p99 ratio | Litestream 100 ms p50 / p99 ms | p99 ratio |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
         let mut stores: Vec<&str> = lag.iter().filter_map(|l| l["store"].as_str()).collect();
         stores.dedup();
         stores.sort_unstable();
@@ -82,8 +80,7 @@ pub fn render(lines: &[Value]) -> String {
         let p99 = |l: Option<&&Value>| l.map_or(Value::Null, |l| l["lag_ms"]["p99"].clone());
         for store in &stores {
             for rate in &rates {
-                let k = find(store, *rate, "keycast", "default");
-                let serial = find(store, *rate, "keycast", "1 upload ");
+                let k = find(store, *rate, "keycast", "");
                 let l1 = find(store, *rate, "litestream", "1s");
                 let l100 = find(store, *rate, "litestream", "100ms");
                 if k.is_none() && l1.is_none() && l100.is_none() {
@@ -91,14 +88,12 @@ pub fn render(lines: &[Value]) -> String {
                 }
                 let _ = writeln!(
                     s,
-                    "| {store} | {rate} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {store} | {rate} | {} | {} | {} | {} | {} |",
                     pp(k.as_ref()),
                     pp(l1.as_ref()),
                     ratio(&p99(k.as_ref()), &p99(l1.as_ref())),
                     pp(l100.as_ref()),
                     ratio(&p99(k.as_ref()), &p99(l100.as_ref())),
-                    pp(serial.as_ref()),
-                    ratio(&p99(k.as_ref()), &p99(serial.as_ref())),
                 );
             }
         }

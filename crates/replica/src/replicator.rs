@@ -74,11 +74,14 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// (5 s), so a slow store must never hold it that long.
 pub const DEFAULT_LOCK_BUDGET: Duration = Duration::from_millis(500);
 /// How many segment uploads may be in flight at once while the replicator ships committed
-/// frames (at most [`crate::store::MAX_UPLOADS_IN_FLIGHT`]). A commit that arrives while an
-/// upload is under way goes out at once instead of after it, so on a store with a few
-/// milliseconds per PUT the lag stays about one PUT. Commits are still acknowledged in TXID
-/// order only; see `docs/ARCHITECTURE.md` (shipping pipeline) for what a crash leaves.
-pub const DEFAULT_UPLOADS_IN_FLIGHT: usize = 4;
+/// frames (at most [`crate::store::MAX_UPLOADS_IN_FLIGHT`]). One by default: with more, a
+/// commit that arrives while an upload is under way goes out at once instead of after it,
+/// but every upload then carries fewer commits — on moto at 500 commits/s, 2 or 4 in flight
+/// multiplied the PUTs until the store fell seconds behind, where one at a time batches
+/// more commits into each PUT as the store slows (BENCHMARKS.md, "shipping pipeline"). Each
+/// PUT is also a billed request. Commits are acknowledged in TXID order whatever the value;
+/// see `docs/ARCHITECTURE.md` (shipping pipeline) for what a crash leaves.
+pub const DEFAULT_UPLOADS_IN_FLIGHT: usize = 1;
 
 /// How often the replica is restored in the background and compared with the live database.
 pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(3600);

@@ -12,6 +12,14 @@ use keycast_replica::faults::{Action, Faults, Gate, Op, Rule};
 use keycast_replica::restore::{restore, Target};
 use keycast_replica::{CommitSignal, ReplicaOptions, Replicator, Store};
 
+/// Four uploads in flight (the default ships one at a time).
+fn pipelined() -> ReplicaOptions {
+    ReplicaOptions {
+        uploads_in_flight: 4,
+        ..ReplicaOptions::default()
+    }
+}
+
 async fn insert(pool: &sqlx::SqlitePool, v: &str) {
     sqlx::query("INSERT INTO t (v) VALUES ($1)")
         .bind(v)
@@ -37,15 +45,9 @@ async fn a_stuck_upload_inside_a_pipelined_batch_loses_nothing_acknowledged_and_
     let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let faults = Faults::new();
-    let replicator = Replicator::start(
-        &db,
-        store.reopen().with_faults(&faults),
-        signal,
-        "l",
-        ReplicaOptions::default(),
-    )
-    .await
-    .unwrap();
+    let replicator = Replicator::start(&db, store.reopen().with_faults(&faults), signal, "l", pipelined())
+        .await
+        .unwrap();
     let mut acknowledged = Vec::new();
     for i in 0..5 {
         let v = format!("a{i}");
@@ -114,7 +116,7 @@ async fn a_stuck_upload_inside_a_pipelined_batch_loses_nothing_acknowledged_and_
     let next_db = crashed;
     let signal = CommitSignal::new();
     let pool = common::app_pool(&next_db, &signal).await;
-    let replicator = Replicator::start(&next_db, store.clone(), signal, "l", ReplicaOptions::default())
+    let replicator = Replicator::start(&next_db, store.clone(), signal, "l", pipelined())
         .await
         .unwrap();
     for i in 0..3 {
@@ -142,15 +144,9 @@ async fn a_lost_answer_inside_a_pipelined_batch_is_retried_and_everything_is_ack
     let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let faults = Faults::new();
-    let replicator = Replicator::start(
-        &db,
-        store.reopen().with_faults(&faults),
-        signal,
-        "l",
-        ReplicaOptions::default(),
-    )
-    .await
-    .unwrap();
+    let replicator = Replicator::start(&db, store.reopen().with_faults(&faults), signal, "l", pipelined())
+        .await
+        .unwrap();
     insert(&pool, "first").await;
     replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
     let next = replicator.status().replicated_txid + 1;
