@@ -8,7 +8,9 @@ and database transactions per request.
     source /var/tmp/keycast-peers/env.sh   # nothing needed from it but PATH
     python3 bench/engines.py [--seconds 15] [--keycast target/release/keycast]
 
-Prints one JSON line per scenario. Needs wrk, psql and PostgreSQL's server binaries
+Prints one JSON line per scenario (with each instance's own wrk figures). ENGINES_LOG sets
+the servers' KEYCAST_LOG (default warn); ENGINES_KEEP_LOGS=DIR copies their logs there when a
+scenario had errors or a p99 past 100 ms. Needs wrk, psql and PostgreSQL's server binaries
 (scripts/postgres.sh starts a throwaway server)."""
 import argparse, base64, json, os, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -51,7 +53,7 @@ class Instance:
         self.base = f"http://127.0.0.1:{self.port}"
         full = {k: v for k, v in os.environ.items() if not k.startswith("KEYCAST_") and k != "DATABASE_URL"}
         full.update(PORT=str(self.port), KEYCAST_BIND="127.0.0.1", KEYCAST_DATA_DIR=os.path.join(work, name),
-                    KEYCAST_LOG="warn", KEYCAST_EMBEDDED_RELAY_ADDR="127.0.0.1:0", KEYCAST_TEST_ROUTES="true",
+                    KEYCAST_LOG=os.environ.get("ENGINES_LOG", "warn"), KEYCAST_EMBEDDED_RELAY_ADDR="127.0.0.1:0", KEYCAST_TEST_ROUTES="true",
                     **env)
         self.log = open(os.path.join(work, f"{name}.log"), "w")
         self.proc = subprocess.Popen([keycast, "serve"], env=full, stdout=subprocess.DEVNULL, stderr=self.log)
@@ -113,7 +115,19 @@ def scenario(name, instances, token, seconds, pg=None):
         "timeouts": sum(r.get("timeouts", 0) for r in results),
         "socket_errors": sum(r.get("socket_errors", 0) for r in results),
         "keycast_cpu_us_per_req": round((cpu_seconds(pids) - before) / requests * 1e6, 1),
+        # Each instance's own wrk: a stall on one instance shows here, not in the sums.
+        "per_instance": [{k: r.get(k) for k in ("requests", "req_per_s", "p50_ms", "p99_ms", "max_ms", "non_2xx",
+                                                "timeouts", "socket_errors")} for r in results],
     }
+    troubled = out["errors"] or out["p99_ms"] > 100
+    if troubled and os.environ.get("ENGINES_KEEP_LOGS"):
+        # Keep the servers' logs of a troubled scenario for a look at what they did.
+        keep = os.environ["ENGINES_KEEP_LOGS"]
+        os.makedirs(keep, exist_ok=True)
+        for i in instances:
+            i.log.flush()
+            subprocess.run(["cp", i.log.name, os.path.join(keep, f"{int(time.time())}-{os.path.basename(i.log.name)}")])
+        out["logs_kept_in"] = keep
     if pg:
         out["postgres_cpu_us_per_req"] = round((cpu_seconds(postgres_pids(pg["data"])) - pg_before) / requests * 1e6, 1)
         out["db_transactions_per_req"] = round((int(psql(pg["url"], pg["xacts"])) - xacts_before) / requests, 4)

@@ -3,7 +3,8 @@
 # real OAuth + PKCE flow, and wrk with 50 connections for RPC_SECONDS (default 15).
 # KEYCAST_BIN: a keycast binary to run instead of building one.
 #   bench/rpc.sh            # prints JSON lines: the server's footprint idle, the wrk result,
-#                           # and its footprint after the load (peak RSS included)
+#                           # its footprint after the load (peak RSS included), and the same
+#                           # wrk against /healthz/live (the HTTP stack alone) as a reference
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/keycast-target}"
@@ -39,3 +40,5 @@ footprint idle
 wrk -t2 -c50 -d3s -s bench/rpc/sign.lua "http://127.0.0.1:$PORT/api/nostr" >/dev/null
 wrk -t2 -c50 -d"${RPC_SECONDS:-15}s" --latency -s bench/rpc/sign.lua "http://127.0.0.1:$PORT/api/nostr" | grep '^{'
 footprint after-load
+# The reference in the same run: the same server's liveness probe, same connections and time.
+wrk -t2 -c50 -d"${RPC_SECONDS:-15}s" --latency -s bench/rpc/plain.lua "http://127.0.0.1:$PORT/healthz/live" | grep '^{'

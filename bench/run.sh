@@ -14,7 +14,9 @@
 # Environment (defaults in brackets): CARGO_TARGET_DIR [cargo's], BENCH_WORK_DIR
 # [/var/tmp/keycast-bench], BENCH_LAG_SECONDS [20], BENCH_LAG_RATES ["100 500"],
 # BENCH_TP_SECONDS [10], BENCH_TP_ROUNDS [3], BENCH_RESTORE_MB [256], BENCH_RESTORE_RUNS [3],
-# BENCH_S3_RESTORE [1], BENCH_TREE [worktree], KEYCAST_PEERS_DIR [/var/tmp/keycast-peers].
+# BENCH_S3_RESTORE [1], BENCH_TREE [worktree], KEYCAST_PEERS_DIR [/var/tmp/keycast-peers],
+# BENCH_SKIP_BUILD [0] (1: run the release binaries already in the target dir; the report
+# then says when each was built instead of claiming a commit).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,8 +64,14 @@ case "$TREE" in
   *) say "BENCH_TREE must be worktree or head"; exit 2 ;;
 esac
 TARGET="${CARGO_TARGET_DIR:-$BUILD_DIR/target}"
-say "building release binaries from $BUILD_DIR into $TARGET"
-(cd "$BUILD_DIR" && cargo build --release -p keycast -p keycast-bench)
+if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
+  # Takes the binaries already in $TARGET as they are, and says when each was built.
+  built() { date -u -r "$1" +%H:%M:%SZ; }
+  SOURCE="\`$COMMIT\` working tree, binaries not rebuilt by this run (BENCH_SKIP_BUILD=1): keycast-bench built $(built "$TARGET/release/keycast-bench"), keycast built $(built "$TARGET/release/keycast")"
+else
+  say "building release binaries from $BUILD_DIR into $TARGET"
+  (cd "$BUILD_DIR" && cargo build --release -p keycast -p keycast-bench)
+fi
 BENCH="$TARGET/release/keycast-bench"
 KEYCAST="$TARGET/release/keycast"
 
@@ -80,7 +88,13 @@ MOTO_VERSION="$("$(dirname "$(command -v moto_server)")/python" -c 'import moto;
 unset AWS_CA_BUNDLE
 
 RUN_ID="$(date -u +%Y%m%dT%H%M%SZ)"
-RESULTS="$WORK/results-$RUN_ID.jsonl"
+# A full run's raw results are committed beside the report; a quick run's stay in $WORK.
+if [ "$QUICK" = 1 ]; then
+  RESULTS="$WORK/results-$RUN_ID.jsonl"
+else
+  RESULTS="$ROOT/bench/results/replication-$RUN_ID.jsonl"
+  mkdir -p "$ROOT/bench/results"
+fi
 : > "$RESULTS"
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -164,7 +178,7 @@ TABLES="$WORK/tables-$RUN_ID.md"
   echo "| parameters | lag ${LAG_SECONDS} s per run at ${LAG_RATES// /, } commits/s (2 s warm-up); throughput ${TP_SECONDS} s × ${TP_ROUNDS} rounds; restore ${RESTORE_MB} MiB × ${RESTORE_RUNS} runs |"
   echo
   "$BENCH" report "$RESULTS"
-  echo "Raw results: \`$RESULTS\` (one JSON object per line)."
+  echo "Raw results: \`${RESULTS#"$ROOT"/}\` (one JSON object per line)."
 } > "$TABLES"
 
 if [ "$QUICK" = 1 ]; then

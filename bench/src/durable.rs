@@ -5,9 +5,13 @@
 //! same machine noise:
 //! - `async`: the commit alone (replication follows within milliseconds);
 //! - `durable`: the commit, then `wait_durable` — it returns only once the segment holding the
-//!   commit is in the object store.
+//!   commit is in the object store;
+//! - `put`: the store's own create-only PUT of a 512-byte object through the same client
+//!   (`Store::put_object_create`: signed, `If-None-Match: *` on S3), the floor any durable
+//!   commit pays, measured in the same loop so that it sees the same minute.
 //!
-//! Reported: p50/p99 of each, and the added latency (durable − async) at p50 and p99.
+//! Reported: p50/p99 of each, the added latency (durable − async) at p50 and p99, and the
+//! added p50 over the PUT's p50.
 
 use std::time::{Duration, Instant};
 
@@ -29,6 +33,9 @@ pub struct Args {
     /// Commits per mode.
     #[arg(long, default_value_t = 2000)]
     commits: usize,
+    /// Segment uploads in flight at once (default: `ReplicaOptions`' default).
+    #[arg(long)]
+    uploads_in_flight: Option<usize>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -43,8 +50,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let signal = CommitSignal::new();
     let pool = pools::keycast_pool(&db, &signal).await?;
     pools::create_table(&pool).await?;
-    let replicator = Replicator::start(&db, store, signal, "bench", ReplicaOptions::default()).await?;
+    let options = ReplicaOptions {
+        uploads_in_flight: args
+            .uploads_in_flight
+            .unwrap_or(ReplicaOptions::default().uploads_in_flight),
+        ..ReplicaOptions::default()
+    };
+    let uploads_in_flight = options.uploads_in_flight;
+    let replicator = Replicator::start(&db, store.clone(), signal, "bench", options).await?;
     let (mut fast, mut durable) = (Vec::with_capacity(args.commits), Vec::with_capacity(args.commits));
+    let mut put = Vec::with_capacity(args.commits);
+    let body = bytes::Bytes::from(vec![0x5a_u8; 512]);
     note!("durable: {} commits per mode on {}", args.commits, args.store);
     for _ in 0..args.commits {
         let started = Instant::now();
@@ -58,19 +74,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await?;
         replicator.wait_durable(Duration::from_secs(10)).await?;
         durable.push(started.elapsed().as_secs_f64() * 1e3);
+        let (started, name) = (Instant::now(), format!("keycast/bench-put/{}", put.len()));
+        let _ = store.put_object_create(&name, body.clone()).await?;
+        put.push(started.elapsed().as_secs_f64() * 1e3);
     }
     pool.close().await;
     replicator.shutdown(Instant::now() + Duration::from_secs(10)).await?;
     fast.sort_by(f64::total_cmp);
     durable.sort_by(f64::total_cmp);
+    put.sort_by(f64::total_cmp);
     let added = |p| Some(((percentile(&durable, p)? - percentile(&fast, p)?) * 100.0).round() / 100.0);
     emit(&json!({
         "bench": "durable",
         "store": args.store,
+        "uploads_in_flight": uploads_in_flight,
         "async_ms": summary_ms(&fast),
         "durable_ms": summary_ms(&durable),
         "added_p50_ms": added(50.0),
         "added_p99_ms": added(99.0),
+        "put_ms": summary_ms(&put),
+        "added_p50_over_put_p50": added(50.0)
+            .zip(percentile(&put, 50.0))
+            .map(|(a, p)| (a / p * 1000.0).round() / 1000.0),
     }));
     Ok(())
 }

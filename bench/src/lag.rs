@@ -64,6 +64,10 @@ pub struct Args {
     /// Directory for the run's temporary files (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// keycast only: segment uploads in flight at once (default: `ReplicaOptions`' default;
+    /// 1 ships one at a time, as before the shipping pipeline).
+    #[arg(long)]
+    uploads_in_flight: Option<usize>,
     /// Observer poll interval in ms (default 1 on file, 10 on S3).
     #[arg(long)]
     poll_ms: Option<f64>,
@@ -118,7 +122,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }) / 1000.0,
     );
     let config = match (args.tool, &args.ls_interval) {
-        (Tool::Keycast, _) => "default options".to_owned(),
+        (Tool::Keycast, _) => match args.uploads_in_flight {
+            None => "default options".to_owned(),
+            Some(n) => format!("{n} upload{} in flight", if n == 1 { "" } else { "s" }),
+        },
         (Tool::Litestream, None) => "1s (shipped default)".to_owned(),
         (Tool::Litestream, Some(i)) => format!("{i} monitor+sync"),
     };
@@ -141,7 +148,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 observe_store.clone(),
                 signal,
                 "keycast-bench",
-                ReplicaOptions::default(),
+                ReplicaOptions {
+                    uploads_in_flight: args
+                        .uploads_in_flight
+                        .unwrap_or(ReplicaOptions::default().uploads_in_flight),
+                    ..ReplicaOptions::default()
+                },
             )
             .await?;
             (

@@ -45,6 +45,9 @@ pub struct Args {
     /// The keycast replicator's checkpoint threshold in WAL pages (default: keycast's).
     #[arg(long)]
     checkpoint_pages: Option<u32>,
+    /// The keycast replicator's segment uploads in flight at once (default: keycast's).
+    #[arg(long)]
+    uploads_in_flight: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +174,9 @@ async fn one_run(v: Variant, dir: &std::path::Path, args: &Args) -> anyhow::Resu
             let mut options = ReplicaOptions::default();
             if let Some(pages) = args.checkpoint_pages {
                 options.checkpoint_pages = pages;
+            }
+            if let Some(n) = args.uploads_in_flight {
+                options.uploads_in_flight = n;
             }
             let replicator = Replicator::start(&db, store, signal, "keycast-bench", options).await?;
             let h = hammer(&pool, seconds, &db).await?;

@@ -73,6 +73,15 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// goes on outside it): application writes wait for the lock up to their `busy_timeout`
 /// (5 s), so a slow store must never hold it that long.
 pub const DEFAULT_LOCK_BUDGET: Duration = Duration::from_millis(500);
+/// How many segment uploads may be in flight at once while the replicator ships committed
+/// frames (at most [`crate::store::MAX_UPLOADS_IN_FLIGHT`]). One by default: with more, a
+/// commit that arrives while an upload is under way goes out at once instead of after it,
+/// but every upload then carries fewer commits — on moto at 500 commits/s, 2 or 4 in flight
+/// multiplied the PUTs until the store fell seconds behind, where one at a time batches
+/// more commits into each PUT as the store slows (BENCHMARKS.md, "shipping pipeline"). Each
+/// PUT is also a billed request. Commits are acknowledged in TXID order whatever the value;
+/// see `docs/ARCHITECTURE.md` (shipping pipeline) for what a crash leaves.
+pub const DEFAULT_UPLOADS_IN_FLIGHT: usize = 1;
 
 /// How often the replica is restored in the background and compared with the live database.
 pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(3600);
@@ -97,6 +106,9 @@ pub struct ReplicaOptions {
     /// See [`DEFAULT_VERIFY_INTERVAL`]; zero disables background verification. Runs only when
     /// something was shipped since the last one (an idle database costs nothing).
     pub verify_interval: Duration,
+    /// See [`DEFAULT_UPLOADS_IN_FLIGHT`]; 1 ships one segment at a time. Values past
+    /// [`crate::store::MAX_UPLOADS_IN_FLIGHT`] count as that.
+    pub uploads_in_flight: usize,
 }
 
 impl Default for ReplicaOptions {
@@ -110,6 +122,7 @@ impl Default for ReplicaOptions {
             lock_budget: DEFAULT_LOCK_BUDGET,
             compaction: CompactionPolicy::default(),
             verify_interval: DEFAULT_VERIFY_INTERVAL,
+            uploads_in_flight: DEFAULT_UPLOADS_IN_FLIGHT,
         }
     }
 }

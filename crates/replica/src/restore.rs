@@ -175,7 +175,19 @@ fn check_reached(
         // A time target restores the newest contiguous state before that time; like
         // Litestream, a later gap does not matter. Latest must reach the newest file.
         Target::Time(_) | Target::Txid(_) => Ok(()),
+        // Past a gap, a pipelined writer's unacknowledged tail (see
+        // `store::unacknowledged_tail`) is left out: nothing acknowledged is in it.
         Target::Latest => match usable.iter().filter(|f| f.max_txid > cur).min_by_key(|f| f.min_txid) {
+            Some(next)
+                if crate::store::unacknowledged_tail(usable.iter().copied().filter(|f| f.max_txid > cur), cur) =>
+            {
+                tracing::warn!(
+                    txid = cur,
+                    first_left_out = %next.key,
+                    "restoring up to a gap: the objects past it were stored ahead of an upload that never landed, and were never acknowledged"
+                );
+                Ok(())
+            }
             Some(next) => Err(RestoreError::Gap {
                 after: cur,
                 next: cur + 1,
@@ -413,9 +425,31 @@ mod tests {
 
     #[test]
     fn a_gap_is_an_error_naming_the_missing_txid() {
-        let files = vec![obj(0, 1, 1, 1), obj(0, 3, 3, 3)];
-        let err = plan(&files, Target::Latest, "r").unwrap_err();
-        assert!(matches!(err, RestoreError::Gap { after: 1, next: 2, .. }), "{err}");
+        // Further past the gap than a pipeline reaches, or compacted: a damaged replica.
+        for past in [obj(0, 7, 7, 7), obj(1, 3, 4, 4), obj(0, 3, 4, 4)] {
+            let files = vec![obj(0, 1, 1, 1), obj(0, 3, 3, 3), past];
+            let err = plan(&files, Target::Latest, "r").unwrap_err();
+            assert!(matches!(err, RestoreError::Gap { after: 1, next: 2, .. }), "{err}");
+            assert_eq!(
+                crate::store::tip(&files),
+                files.iter().map(|f| f.max_txid).max().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_pipelined_tail_past_a_gap_is_left_out_and_is_not_the_tip() {
+        // TXID 3 never landed; 4 and 5 were uploaded beside it and never acknowledged.
+        let files = vec![obj(0, 1, 1, 1), obj(0, 2, 2, 2), obj(0, 4, 4, 4), obj(0, 5, 5, 5)];
+        assert_eq!(
+            ranges(&plan(&files, Target::Latest, "r").unwrap()),
+            vec![(0, 1, 1), (0, 2, 2)]
+        );
+        assert_eq!(crate::store::tip(&files), 2);
+        // Without a gap the tip is the newest file.
+        let whole = vec![obj(0, 1, 1, 1), obj(0, 2, 2, 2), obj(0, 3, 3, 3)];
+        assert_eq!(crate::store::tip(&whole), 3);
+        assert_eq!(crate::store::tip(&[]), 0);
     }
 
     #[test]

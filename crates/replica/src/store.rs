@@ -98,6 +98,51 @@ impl Backend {
     }
 }
 
+/// The most uploads the replicator has in flight at once. An instance that dies with uploads
+/// in flight can leave level-0 objects stored *past* one that never landed; since a commit is
+/// acknowledged only once every TXID up to its own is stored, none of those objects was
+/// acknowledged, and they all lie within this many TXIDs of the gap.
+pub const MAX_UPLOADS_IN_FLIGHT: u64 = 4;
+
+/// Whether `past` — the files past the end `chain_end` of a contiguous TXID chain — is what
+/// a pipelined writer that died leaves behind (see [`MAX_UPLOADS_IN_FLIGHT`]): single-TXID
+/// level-0 files, none at `chain_end + 1` (that upload never landed), none further than
+/// the pipeline reaches. Anything else past a gap is a damaged replica, not this.
+pub fn unacknowledged_tail<'a>(past: impl IntoIterator<Item = &'a LtxObject>, chain_end: u64) -> bool {
+    let mut any = false;
+    for f in past {
+        if f.level != 0 || f.min_txid != f.max_txid || f.min_txid <= chain_end + 1 {
+            return false;
+        }
+        if f.max_txid > chain_end + MAX_UPLOADS_IN_FLIGHT {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
+/// The end of the TXID chain in `files` (a [`Store::list_recent`] or [`Store::list_all`]
+/// listing), short of an unacknowledged pipelined tail; the newest TXID when the files past
+/// the chain are anything else (restore then reports the gap) or no chain starts at TXID 1.
+pub fn tip(files: &[LtxObject]) -> u64 {
+    let newest = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
+    let mut end = 0;
+    while let Some(next) = files
+        .iter()
+        .filter(|f| f.min_txid <= end + 1 && f.max_txid > end)
+        .map(|f| f.max_txid)
+        .max()
+    {
+        end = next;
+    }
+    if end > 0 && end < newest && unacknowledged_tail(files.iter().filter(|f| f.max_txid > end), end) {
+        end
+    } else {
+        newest
+    }
+}
+
 /// One LTX file found by listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LtxObject {
@@ -544,12 +589,14 @@ impl Store {
         Ok((objects, true))
     }
 
-    /// The newest TXID in the replica (0 when empty), from [`Store::list_recent`].
+    /// The replica's newest TXID (0 when empty), from [`Store::list_recent`]: the end of its
+    /// TXID chain — not counting an unacknowledged pipelined tail past a gap (see
+    /// [`unacknowledged_tail`]), which the next writer replaces.
     ///
     /// # Errors
     /// `Backend` if a listing fails.
     pub async fn max_txid(&self) -> Result<u64, StoreError> {
-        Ok(self.list_recent().await?.iter().map(|f| f.max_txid).max().unwrap_or(0))
+        Ok(tip(&self.list_recent().await?))
     }
 
     /// Lists the LTX files at every level, sorted by level, then

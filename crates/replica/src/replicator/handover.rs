@@ -274,7 +274,7 @@ impl Worker {
         let lease = self.shared.lease.lock().await.take();
         *self.shared.lease_view.lock().expect("lease view") = None;
         self.lock().await?;
-        let nothing_unshipped = self.pending.is_none() && matches!(self.read_next_segment_now().await?, Ok(None));
+        let nothing_unshipped = self.pending.is_empty() && matches!(self.read_next_segment_now().await?, Ok(None));
         let to = self.shared.handing_over_to().unwrap_or_default();
         if !nothing_unshipped {
             self.shared.fence(format!(

@@ -6,12 +6,14 @@
 //! network half ([`Worker::transfer`]: lease check, create-only PUT, lease confirmation) that
 //! owns everything it needs, so SQLite's write lock can be let go while it runs.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{ConnectOptions, SqliteConnection};
 use tokio::sync::{watch, Notify};
@@ -84,8 +86,10 @@ pub(super) struct Worker {
     pub(super) locked: bool,
     /// The read snapshot held between rounds (see [`crate::snapshot`]).
     pub(super) snapshot: Snapshot,
-    /// The upload whose outcome is not known yet; retried before anything new is read.
-    pub(super) pending: Option<Upload>,
+    /// Uploads whose outcome is not known yet, in TXID order (the first one failed; those
+    /// behind it were in flight with it): retried, exactly as they are, before anything new
+    /// is read.
+    pub(super) pending: VecDeque<Upload>,
     /// Shipping the last frames for a hand-over: the lease is only renewed, not checked.
     pub(super) handing_over: bool,
     /// The hand-over is done: `lock_conn` keeps the write lock and nothing ships any more.
@@ -146,7 +150,7 @@ impl Worker {
             verifying: None,
             locked: false,
             snapshot: Snapshot::open(db).await?,
-            pending: None,
+            pending: VecDeque::new(),
             handing_over: false,
             handed_over: false,
             released: None,
@@ -178,7 +182,10 @@ impl Worker {
         let record = local_state::load(&self.db)?;
         self.shipped_mark = self.signal.commits();
         match record {
-            Some(record) if record.txid == remote_max && remote_max > 0 => self.resume(record).await,
+            Some(record) if record.txid == remote_max && remote_max > 0 => {
+                self.remove_unacknowledged_tail(remote_max).await?;
+                self.resume(record).await
+            }
             _ if remote_max == 0 => {
                 self.record_lineage().await?;
                 self.cursor.txid = 0;
@@ -194,6 +201,29 @@ impl Worker {
                 remote: remote_max,
             }),
         }
+    }
+
+    /// Deletes the level-0 objects past the replica's tip: a pipelined writer that died left
+    /// them ahead of an upload that never landed, and none was acknowledged (see
+    /// [`crate::store::unacknowledged_tail`]). This instance writes those TXIDs next; left in
+    /// place they would collide with its uploads.
+    async fn remove_unacknowledged_tail(&self, tip: u64) -> Result<(), ReplicaError> {
+        let past: Vec<_> = self
+            .store
+            .list_level_from(0, tip + 1)
+            .await?
+            .into_iter()
+            .filter(|f| f.min_txid > tip)
+            .collect();
+        if !past.is_empty() {
+            tracing::warn!(
+                tip,
+                objects = past.len(),
+                "removing objects past the replica's tip that were never acknowledged (stored ahead of an upload that never landed)"
+            );
+            self.store.delete(&past).await?;
+        }
+        Ok(())
     }
 
     /// Names this database's lineage in an empty replica (replacing a lineage left there by a
@@ -379,7 +409,7 @@ impl Worker {
             Ok(PutOutcome::Created) => self.advance(upload).await,
             Ok(PutOutcome::AlreadyExists) => self.resolve_collision(upload).await,
             Err(e) => {
-                self.pending = Some(upload);
+                self.pending.push_front(upload);
                 Err(e)
             }
         }
@@ -400,7 +430,7 @@ impl Worker {
         }
         for _ in 0..STALE_REPLACEMENTS {
             if let Err(e) = self.shared.check_lease().await {
-                self.pending = Some(upload);
+                self.pending.push_front(upload);
                 return Err(e);
             }
             tracing::error!(
@@ -410,20 +440,20 @@ impl Worker {
             );
             metrics::counter!("keycast_replica_stale_objects_replaced_total").increment(1);
             if let Err(e) = self.store.delete_key(&upload.prepared.key).await {
-                self.pending = Some(upload);
+                self.pending.push_front(upload);
                 return Err(e.into());
             }
             match self.transfer(&upload).await {
                 Ok(PutOutcome::Created) => return self.advance(upload).await,
                 Ok(PutOutcome::AlreadyExists) => continue,
                 Err(e) => {
-                    self.pending = Some(upload);
+                    self.pending.push_front(upload);
                     return Err(e);
                 }
             }
         }
         // Something keeps writing this key: back off and look again next round.
-        self.pending = Some(upload);
+        self.pending.push_front(upload);
         Err(ReplicaError::LeaseUnconfirmed {
             reason: format!("another instance keeps storing objects at {key}"),
         })
@@ -434,12 +464,26 @@ impl Worker {
     /// pointing past the WAL is caught at start-up by `segment::wal_reaches`, which is why
     /// the WAL need not be synced here), and note the TXID in the lease.
     async fn advance(&mut self, upload: Upload) -> Result<(), ReplicaError> {
-        self.pending = None;
         self.cursor = upload.next;
         self.shipped_since_checkpoint = true;
         self.shipped_since_verify = true;
         self.compaction.note_shipped();
         self.known.note(upload.prepared.described());
+        {
+            let mut status = self.shared.status.lock().expect("status lock");
+            status.replicated_txid = self.cursor.txid;
+            status.segments += 1;
+            status.last_error = None;
+            status.failing_since = None;
+        }
+        if let Some(mark) = upload.mark {
+            // Durable waiters need not wait for the loop to catch up, which under steady
+            // writes it may never quite do. (After the status, so they read this TXID.) Nor
+            // for the local record below: it only tells a restart where shipping stood, and
+            // one left behind the replica by a crash right here makes start-up restore.
+            self.shipped_mark = self.shipped_mark.max(mark);
+            self.publish_shipped(self.shipped_mark);
+        }
         let (db, record) = (self.db.clone(), self.record(false));
         tokio::task::spawn_blocking(move || local_state::store_quick(&db, &record))
             .await
@@ -455,19 +499,6 @@ impl Worker {
             commits = upload.commits,
             "segment stored"
         );
-        {
-            let mut status = self.shared.status.lock().expect("status lock");
-            status.replicated_txid = self.cursor.txid;
-            status.segments += 1;
-            status.last_error = None;
-            status.failing_since = None;
-        }
-        if let Some(mark) = upload.mark {
-            // Durable waiters need not wait for the loop to catch up, which under steady
-            // writes it may never quite do. (After the status, so they read this TXID.)
-            self.shipped_mark = self.shipped_mark.max(mark);
-            self.publish_shipped(self.shipped_mark);
-        }
         Ok(())
     }
 
@@ -511,7 +542,101 @@ impl Worker {
     /// Ships segments until caught up — or, with `yield_for_checkpoint`, until the WAL has
     /// grown past the checkpoint threshold: under sustained writes the loop would otherwise
     /// never end and the WAL would grow without bound.
+    ///
+    /// Up to `uploads_in_flight` uploads go out at once (the shipping pipeline): a segment is
+    /// read and sent as soon as commits arrive, without waiting for the upload before it.
+    /// Outcomes are settled strictly in TXID order, so the cursor, the local record, the
+    /// lease's TXID and every durable acknowledgement still advance one TXID at a time: a
+    /// commit is acknowledged only once every TXID up to its own is stored. When one upload
+    /// fails, it and every upload behind it stay pending, exactly as they are, and are
+    /// retried in order; objects stored ahead of it that a crash leaves past the gap were
+    /// never acknowledged (see [`crate::store::unacknowledged_tail`]).
     async fn sync(&mut self, yield_for_checkpoint: bool) -> Result<usize, ReplicaError> {
+        let depth = self
+            .options
+            .uploads_in_flight
+            .clamp(1, crate::store::MAX_UPLOADS_IN_FLIGHT as usize);
+        if depth == 1 || self.handing_over {
+            return self.sync_serially(yield_for_checkpoint).await;
+        }
+        let mut stored = 0;
+        // Whatever an earlier round left with an unknown outcome goes first, one at a time.
+        while let Some(upload) = self.pending.pop_front() {
+            self.ship(upload).await?;
+            stored += 1;
+        }
+        let threshold = u64::from(self.options.checkpoint_pages);
+        let mut flight = FuturesOrdered::new();
+        let mut queued: VecDeque<Upload> = VecDeque::new();
+        // Where the next read starts: past the last upload queued.
+        let mut ahead = self.cursor;
+        // The commit counter before a read that found nothing new: once every upload queued
+        // before it is stored, every commit up to it is shipped.
+        let mut caught_up: Option<u64> = None;
+        let mut reading = true;
+        loop {
+            while reading && queued.len() < depth {
+                let mark = self.signal.commits();
+                match self.read_segment_after(ahead).await? {
+                    Ok(Some(segment)) => {
+                        let upload = self.prepare(segment, mark)?;
+                        ahead = upload.next;
+                        flight.push_back(InFlight(tokio::spawn(self.transfer(&upload))));
+                        queued.push_back(upload);
+                        caught_up = None;
+                    }
+                    Ok(None) => {
+                        caught_up = Some(mark);
+                        break;
+                    }
+                    // A restarted WAL (a full image) or a read error: settle what is in
+                    // flight first, then the serial path deals with it.
+                    Err(e) => {
+                        if queued.is_empty() {
+                            return match e {
+                                SegmentError::ContinuityLost => {
+                                    Ok(stored + self.sync_serially(yield_for_checkpoint).await?)
+                                }
+                                e => Err(e.into()),
+                            };
+                        }
+                        reading = false;
+                    }
+                }
+            }
+            if queued.is_empty() {
+                return match caught_up {
+                    Some(mark) => {
+                        self.shipped_mark = mark;
+                        self.publish_shipped(mark);
+                        Ok(stored)
+                    }
+                    None if yield_for_checkpoint && self.wal_frames() >= threshold => Ok(stored),
+                    None => Ok(stored + self.sync_serially(yield_for_checkpoint).await?),
+                };
+            }
+            let result = tokio::select! {
+                biased;
+                Some(result) = flight.next() => result,
+                // New commits while uploads are under way: read and send them now.
+                () = self.signal.wait(), if reading && queued.len() < depth => continue,
+            };
+            let upload = queued.pop_front().expect("one queued upload per transfer in flight");
+            if let Err(e) = self.settle_upload(upload, result).await {
+                // The failed upload is pending; the ones behind it follow it, unsettled (a
+                // retry of one that did land recognises its own bytes).
+                self.pending.extend(queued);
+                return Err(e);
+            }
+            stored += 1;
+            if yield_for_checkpoint && self.wal_frames() >= threshold {
+                reading = false;
+            }
+        }
+    }
+
+    /// [`Self::sync`], one upload at a time.
+    async fn sync_serially(&mut self, yield_for_checkpoint: bool) -> Result<usize, ReplicaError> {
         let mut stored = 0;
         loop {
             let mark = self.signal.commits();
@@ -535,7 +660,7 @@ impl Worker {
     /// The upload to ship next: the one whose outcome is unknown, else the next batch of
     /// committed WAL frames, else (when the WAL restarted outside our control) a full image.
     async fn next_upload(&mut self) -> Result<Option<Upload>, ReplicaError> {
-        if let Some(upload) = self.pending.take() {
+        if let Some(upload) = self.pending.pop_front() {
             return Ok(Some(upload));
         }
         let mark = self.signal.commits();
@@ -568,15 +693,19 @@ impl Worker {
 
     /// Reads the next segment while a read snapshot is held (see [`crate::snapshot`]).
     async fn read_next_segment(&mut self) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
+        self.read_segment_after(self.cursor).await
+    }
+
+    /// Reads the segment that follows `cursor` (the shipped cursor, or the last upload in
+    /// flight) while a read snapshot is held.
+    async fn read_segment_after(
+        &mut self,
+        cursor: Cursor,
+    ) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
         if !self.locked && !self.snapshot.is_held() {
             self.snapshot.refresh().await?;
         }
-        let (db, cursor, max, scratch) = (
-            self.db.clone(),
-            self.cursor,
-            self.options.max_segment_bytes,
-            self.scratch(),
-        );
+        let (db, max, scratch) = (self.db.clone(), self.options.max_segment_bytes, self.scratch());
         tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
             .await
             .map_err(join_error)
@@ -1031,6 +1160,27 @@ impl<T> AbortOnDrop<T> {
 }
 
 impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A transfer of the shipping pipeline, running as its own task so that it progresses while
+/// the worker settles the uploads before it (and may take the lease's lock meanwhile), and
+/// stopped if dropped unfinished — a failed round, or the worker itself stopping like a crash.
+struct InFlight(tokio::task::JoinHandle<Result<PutOutcome, ReplicaError>>);
+
+impl Future for InFlight {
+    type Output = Result<PutOutcome, ReplicaError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|joined| joined.unwrap_or_else(|e| Err(join_error(e))))
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.abort();
     }
