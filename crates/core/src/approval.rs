@@ -191,7 +191,9 @@ pub fn with_kinds<'a>(policy: &'a Policy, kinds: &BTreeSet<u16>) -> Cow<'a, Poli
     if kinds.is_empty() {
         return Cow::Borrowed(policy);
     }
-    match (&policy.allowed_kinds, policy.full_access) {
+    // `any_kind` (custom policies) signs every kind like `full_access`: adding kinds to its
+    // `None` would narrow it to those kinds.
+    match (&policy.allowed_kinds, policy.full_access || policy.any_kind) {
         (Some(allowed), _) if kinds.is_subset(allowed) => Cow::Borrowed(policy),
         (None, true) => Cow::Borrowed(policy),
         (allowed, _) => {
@@ -643,6 +645,12 @@ mod tests {
         let empty = Policy::parse("empty", "{}").unwrap();
         assert!(policy::evaluate(&with_kinds(&empty, &kinds), &sign(&user, 30023, "", 1), &user).is_ok());
         assert!(matches!(with_kinds(&social, &BTreeSet::new()), Cow::Borrowed(_)));
+        // A kind approved under one policy, then the grant moved to a policy that signs any
+        // kind but a few: the approval must not narrow it to that kind.
+        let no_dms = Policy::parse("no-dms", r#"{"any_kind":true,"denied_kinds":[4]}"#).unwrap();
+        let moved = with_kinds(&no_dms, &kinds);
+        assert!(policy::evaluate(&moved, &sign(&user, 1, "note", 1), &user).is_ok());
+        assert!(policy::evaluate(&moved, &sign(&user, 4, "dm", 1), &user).is_err());
     }
 
     #[test]

@@ -146,7 +146,11 @@ pub(crate) async fn load_grant(state: &AppState, user: &UserId, id: &str) -> Res
     let policy = policy_repo::find_by_id(db, &row.policy_id)
         .await?
         .ok_or_else(|| AppError::internal("an authorization's policy is missing"))?;
-    let lines = Policy::from_row(&policy).map_err(AppError::internal)?.summary().lines();
+    // The words include the kinds the owner allowed on approval pages: what is enforced.
+    let approved = keycast_db::approvals::allowed_kinds(db, &id).await?;
+    let parsed = Policy::from_row(&policy).map_err(AppError::internal)?;
+    let approved = approved.into_iter().filter_map(|k| u16::try_from(k).ok()).collect();
+    let lines = keycast_core::approval::with_kinds(&parsed, &approved).summary().lines();
     let terms = GrantTerms::from_json(row.terms.as_deref()).map_err(AppError::internal)?;
     let now = now_unix();
     let (total, times) = activity::signatures(db, &id, now - 86_400).await?;

@@ -131,6 +131,20 @@ fn http_allow_kind_holds_for_later_requests_and_across_a_restart(engine: Engine)
         json!([30023]),
         "{listed}"
     );
+    // And in the words of the app's dashboard page ("This app may: …").
+    let id = listed["authorizations"][0]["id"].as_str().unwrap();
+    let page = get(&server, &format!("/dashboard/authorizations/{id}"), Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let allows = page
+        .body
+        .split("<ul class=\"allows\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</ul>").next());
+    assert!(
+        allows.is_some_and(|words| words.contains("30023")),
+        "the approved kind is in what the page says the app may do: {}",
+        page.body
+    );
 
     // It is stored, not cached: a restarted keycast still allows it.
     let database = server.database.clone();
