@@ -11,6 +11,31 @@ use crate::pool::on_engine;
 use crate::Db;
 use crate::{AuthorizationId, RepoError, TokenHash, UserId};
 
+/// Stores the new pair `$next` of `$authorization` in the transaction `$tx`: a macro, since
+/// the bodies run under `on_engine!` with either engine's transaction type.
+macro_rules! insert_pair {
+    ($tx:ident, $next:ident, $authorization:ident, $now:ident) => {
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind($next.refresh_hash)
+        .bind(&$authorization)
+        .bind($now)
+        .bind($next.refresh_expires_at)
+        .execute(&mut *$tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind($next.access_hash)
+        .bind(&$authorization)
+        .bind($now)
+        .bind($next.access_expires_at)
+        .execute(&mut *$tx)
+        .await?;
+    };
+}
+
 /// A stored refresh token with what the refresh checks need of its authorization.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RefreshRow {
@@ -102,24 +127,7 @@ pub async fn rotate(
         let Some(authorization) = spent else {
             return Ok(None);
         };
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(next.refresh_hash)
-        .bind(&authorization)
-        .bind(now)
-        .bind(next.refresh_expires_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(next.access_hash)
-        .bind(&authorization)
-        .bind(now)
-        .bind(next.access_expires_at)
-        .execute(&mut *tx)
-        .await?;
+        insert_pair!(tx, next, authorization, now);
         tx.commit().await?;
         Ok(Some(authorization))
     })
@@ -186,24 +194,7 @@ pub async fn replace_unused_successor(
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(next.refresh_hash)
-        .bind(&authorization)
-        .bind(now)
-        .bind(next.refresh_expires_at)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(next.access_hash)
-        .bind(&authorization)
-        .bind(now)
-        .bind(next.access_expires_at)
-        .execute(&mut *tx)
-        .await?;
+        insert_pair!(tx, next, authorization, now);
         tx.commit().await?;
         Ok(Some(authorization))
     })
