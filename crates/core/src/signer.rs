@@ -584,7 +584,7 @@ impl Signer {
         let edited = authz_repo::update_grant(&self.db, id, user, policy, terms.to_json().as_deref()).await?;
         self.invalidate_authorization(id);
         // New limits count from what is stored (a grant without limits was not metered).
-        self.usage.forget(id);
+        self.usage.forget(&self.db, id).await?;
         Ok(edited)
     }
 

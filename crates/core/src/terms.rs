@@ -3,17 +3,23 @@
 //! and day). [`crate::Signer::execute`] enforces them on every transport through
 //! [`UsageMeter`]; a refusal says why in words an app can show.
 //!
-//! Signatures are `sign_event` requests. The meter counts in memory, starting from the
-//! activity the database holds when it first meets an authorization; several instances
-//! (PostgreSQL) each count their own signatures on top of what was stored, so with N
-//! instances a rate limit can be exceeded up to N-fold until the activity is flushed and a
-//! restarted instance reloads it. On one instance (SQLite) the count is exact.
-
+//! Signatures are `sign_event` requests; a grant's earlier signatures (from the activity the
+//! database holds when the meter first meets it) count against its total. Where the count
+//! lives depends on the engine:
+//! - SQLite (one instance): in memory, exact — a database write per signature would cost a
+//!   replica upload.
+//! - PostgreSQL (any number of instances): in the database ([`keycast_db::grant_usage`]),
+//!   one short transaction per signature that locks the authorization's row, so every
+//!   instance admits against the same count and a limit holds exactly across them.
+//!
+//! When a grant's terms change the meter forgets it and counts again from the stored
+//! activity (which is written in batches, so signatures of the last moments may be missed).
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
 use keycast_db::activity as activity_repo;
-use keycast_db::{AuthorizationId, Db};
+use keycast_db::grant_usage;
+use keycast_db::{AuthorizationId, Db, EngineKind, RepoError};
 use serde::{Deserialize, Serialize};
 
 use crate::error::SignError;
@@ -158,6 +164,40 @@ struct Usage {
 
 const DAY: i64 = 86_400;
 
+/// Whether one more signature fits `limits`, given `total` signatures so far and the times
+/// of those of the last day (`recent`, oldest first).
+fn decide(limits: &Limits, total: u64, recent: &[i64], now: i64) -> Result<(), SignError> {
+    if let Some(max) = limits.max_signatures {
+        if total >= max {
+            return Err(SignError::GrantRefused {
+                code: "grant_exhausted",
+                reason: format!(
+                    "this grant's {max} signatures are used up (the limit its owner chose); ask them for a new grant"
+                ),
+            });
+        }
+    }
+    for (limit, window, per) in [
+        (limits.per_minute, 60, "minute"),
+        (limits.per_hour, 3600, "hour"),
+        (limits.per_day, DAY, "day"),
+    ] {
+        let Some(limit) = limit else { continue };
+        let in_window: Vec<i64> = recent.iter().copied().filter(|t| *t > now - window).collect();
+        if in_window.len() >= limit as usize {
+            // The oldest signature in the window leaves it first.
+            let retry = in_window.first().map_or(window, |oldest| oldest + window - now).max(1);
+            return Err(SignError::GrantRefused {
+                code: "grant_rate_limited",
+                reason: format!(
+                    "this grant allows {limit} signatures per {per} (the limit its owner chose); retry in {retry} s"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Counts signatures per limited authorization and refuses those over its limits.
 #[derive(Debug, Default)]
 pub struct UsageMeter {
@@ -174,6 +214,12 @@ impl UsageMeter {
         if limits.is_unlimited() {
             return Ok(());
         }
+        if db.kind() == EngineKind::Postgres {
+            return grant_usage::admit(db, authz, now, DAY, |usage| {
+                decide(limits, u64::try_from(usage.total).unwrap_or(0), &usage.recent, now)
+            })
+            .await?;
+        }
         let known = self.lock().contains_key(authz);
         if !known {
             let (total, recent) = activity_repo::signatures(db, authz, now - DAY).await?;
@@ -187,42 +233,23 @@ impl UsageMeter {
         while usage.recent.front().is_some_and(|t| *t <= now - DAY) {
             usage.recent.pop_front();
         }
-        if let Some(max) = limits.max_signatures {
-            if usage.total >= max {
-                return Err(SignError::GrantRefused {
-                    code: "grant_exhausted",
-                    reason: format!(
-                        "this grant's {max} signatures are used up (the limit its owner chose); ask them for a new grant"
-                    ),
-                });
-            }
-        }
-        for (limit, window, per) in [
-            (limits.per_minute, 60, "minute"),
-            (limits.per_hour, 3600, "hour"),
-            (limits.per_day, DAY, "day"),
-        ] {
-            let Some(limit) = limit else { continue };
-            let in_window: Vec<i64> = usage.recent.iter().copied().filter(|t| *t > now - window).collect();
-            if in_window.len() >= limit as usize {
-                // The oldest signature in the window leaves it first.
-                let retry = in_window.first().map_or(window, |oldest| oldest + window - now).max(1);
-                return Err(SignError::GrantRefused {
-                    code: "grant_rate_limited",
-                    reason: format!(
-                        "this grant allows {limit} signatures per {per} (the limit its owner chose); retry in {retry} s"
-                    ),
-                });
-            }
-        }
+        decide(limits, usage.total, usage.recent.make_contiguous(), now)?;
         usage.total += 1;
         usage.recent.push_back(now);
         Ok(())
     }
 
-    /// Forgets an authorization's count (revoked, or its terms changed).
-    pub fn forget(&self, authz: &AuthorizationId) {
+    /// Forgets an authorization's count (its terms changed): the next signature counts from
+    /// the stored activity again.
+    ///
+    /// # Errors
+    /// Storage errors (PostgreSQL).
+    pub async fn forget(&self, db: &Db, authz: &AuthorizationId) -> Result<(), RepoError> {
         self.lock().remove(authz);
+        if db.kind() == EngineKind::Postgres {
+            grant_usage::forget(db, authz).await?;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AuthorizationId, Usage>> {

@@ -11,6 +11,8 @@
 //!   (`LISTEN/NOTIFY`), instance membership by heartbeat, NIP-46 request claims.
 //! - [`copy`]: `keycast migrate --to`, SQLite to PostgreSQL in one verified transaction.
 //! - [`limits`]: rate limits every instance shares (used on PostgreSQL).
+//! - [`grant_usage`]: a limited grant's signatures, counted once for every instance (used on
+//!   PostgreSQL).
 //! - Repositories, one per table group, plain functions over `&Db` (either engine):
 //!   [`users`], [`sessions`] (+ single-use mailed tokens), [`keys`] (ciphertext only),
 //!   [`policies`], [`authz`] (authorizations), [`oauth`] (codes + access tokens),
@@ -36,6 +38,7 @@ pub mod clients;
 pub mod cluster;
 pub mod copy;
 mod error;
+pub mod grant_usage;
 pub mod ids;
 pub mod keys;
 pub mod limits;

@@ -1,7 +1,7 @@
 //! Several `keycast serve` processes on one PostgreSQL database, as behind a load balancer
 //! with no sticky sessions (issue 13): a revocation made on one instance is refused by
-//! every other on the very next request, and the rate limits that guard passwords count
-//! every instance's attempts together.
+//! every other on the very next request, the rate limits that guard passwords count
+//! every instance's attempts together, and so do a grant's limits on signatures.
 
 mod harness;
 
@@ -178,6 +178,77 @@ fn an_instance_whose_peer_died_still_answers_revocations() {
     for server in &servers {
         assert_eq!(sign(server, &token).status, 401);
     }
+}
+
+/// Consent on `server` with limits chosen by the owner (form fields of the consent page) →
+/// an access token.
+fn limited_token(server: &Keycast, cookie: &str, limits: &[(&str, &str)]) -> String {
+    let (challenge, verifier) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    fields.push(("csrf".into(), csrf));
+    fields.push(("decision".into(), "approve".into()));
+    fields.extend(limits.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    let r = post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]);
+    assert_eq!(r.status, 302, "{}", r.body);
+    let code = query_param(&r.location.unwrap(), "code").unwrap();
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+/// `per_instance` signatures on each instance at once (one thread per instance), all with
+/// `token`: the statuses, and the refusals' codes.
+fn sign_everywhere_at_once(servers: &[Keycast], token: &str, per_instance: usize) -> (usize, Vec<String>) {
+    let replies: Vec<Reply> = std::thread::scope(|scope| {
+        let threads: Vec<_> = servers
+            .iter()
+            .map(|server| scope.spawn(move || (0..per_instance).map(|_| sign(server, token)).collect::<Vec<_>>()))
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    });
+    let signed = replies.iter().filter(|r| r.status == 200).count();
+    let refused = replies
+        .iter()
+        .filter(|r| r.status != 200)
+        .map(|r| {
+            assert_eq!(r.status, 403, "{}", r.body);
+            r.json()["code"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect();
+    (signed, refused)
+}
+
+#[test]
+fn a_grants_limits_hold_across_every_instance_together() {
+    // Each instance counting its own would let 5 per minute through on each of three: 15.
+    let Some((_dir, servers)) = instances(3) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "limited@example.com", None);
+    let token = limited_token(&servers[1], &cookie, &[("per_minute", "5")]);
+    let (signed, refused) = sign_everywhere_at_once(&servers, &token, 6);
+    assert_eq!(
+        signed, 5,
+        "a limit of 5 per minute let {signed} of 18 through: {refused:?}"
+    );
+    assert!(refused.iter().all(|c| c == "grant_rate_limited"), "{refused:?}");
+    let r = sign(&servers[2], &token);
+    assert_eq!(r.status, 403, "{}", r.body);
+    let says = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        says.contains("5 signatures per minute") && says.contains("retry in "),
+        "{says}"
+    );
+
+    let token = limited_token(&servers[2], &cookie, &[("max_signatures", "4")]);
+    let (signed, refused) = sign_everywhere_at_once(&servers, &token, 4);
+    assert_eq!(signed, 4, "a total of 4 let {signed} of 12 through: {refused:?}");
+    assert!(refused.iter().all(|c| c == "grant_exhausted"), "{refused:?}");
 }
 
 fn login(server: &Keycast, email: &str, password: &str) -> Reply {
