@@ -105,6 +105,9 @@ pub async fn delete_expired_codes(db: &Db, now: i64) -> Result<u64, RepoError> {
     })
 }
 
+pub(crate) const INSERT_ACCESS_TOKEN: &str =
+    "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)";
+
 /// Stores a bearer token for an authorization, valid until `expires_at`.
 ///
 /// # Errors
@@ -117,15 +120,13 @@ pub async fn insert_access_token(
     expires_at: i64,
 ) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
-        sqlx::query(
-            "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(hash)
-        .bind(authorization)
-        .bind(now)
-        .bind(expires_at)
-        .execute(pool)
-        .await?;
+        sqlx::query(INSERT_ACCESS_TOKEN)
+            .bind(hash)
+            .bind(authorization)
+            .bind(now)
+            .bind(expires_at)
+            .execute(pool)
+            .await?;
         Ok(())
     })
 }

@@ -11,28 +11,27 @@ use crate::pool::on_engine;
 use crate::Db;
 use crate::{AuthorizationId, RepoError, TokenHash, UserId};
 
+const INSERT_REFRESH_TOKEN: &str =
+    "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)";
+
 /// Stores the new pair `$next` of `$authorization` in the transaction `$tx`: a macro, since
 /// the bodies run under `on_engine!` with either engine's transaction type.
 macro_rules! insert_pair {
     ($tx:ident, $next:ident, $authorization:ident, $now:ident) => {
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind($next.refresh_hash)
-        .bind(&$authorization)
-        .bind($now)
-        .bind($next.refresh_expires_at)
-        .execute(&mut *$tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO access_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind($next.access_hash)
-        .bind(&$authorization)
-        .bind($now)
-        .bind($next.access_expires_at)
-        .execute(&mut *$tx)
-        .await?;
+        sqlx::query(INSERT_REFRESH_TOKEN)
+            .bind($next.refresh_hash)
+            .bind(&$authorization)
+            .bind($now)
+            .bind($next.refresh_expires_at)
+            .execute(&mut *$tx)
+            .await?;
+        sqlx::query(crate::oauth::INSERT_ACCESS_TOKEN)
+            .bind($next.access_hash)
+            .bind(&$authorization)
+            .bind($now)
+            .bind($next.access_expires_at)
+            .execute(&mut *$tx)
+            .await?;
     };
 }
 
@@ -62,15 +61,13 @@ pub async fn insert(
     expires_at: i64,
 ) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
-        sqlx::query(
-            "INSERT INTO refresh_tokens (token_hash, authorization_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(hash)
-        .bind(authorization)
-        .bind(now)
-        .bind(expires_at)
-        .execute(pool)
-        .await?;
+        sqlx::query(INSERT_REFRESH_TOKEN)
+            .bind(hash)
+            .bind(authorization)
+            .bind(now)
+            .bind(expires_at)
+            .execute(pool)
+            .await?;
         Ok(())
     })
 }

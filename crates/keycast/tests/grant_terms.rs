@@ -8,7 +8,7 @@ mod harness;
 
 use harness::api::*;
 use harness::engine::psql;
-use harness::flow::{authorize_query, pkce, register, token_request};
+use harness::flow::{approve_with, authorize_query, pkce, register, token_request};
 use harness::nostr::BunkerClient;
 use harness::{sqlite_exec, sqlite_query, Engine, Keycast, Launch};
 use serde_json::{json, Value};
@@ -37,15 +37,7 @@ fn grant_with(server: &Keycast, cookie: &str, choices: &[(&str, &str)]) -> Value
         );
     }
     assert!(page.body.contains("Until I revoke it") && page.body.contains("A week"));
-    let csrf = hidden_input(&page.body, "csrf").unwrap();
-    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    fields.push(("csrf".into(), csrf));
-    fields.push(("decision".into(), "approve".into()));
-    fields.extend(choices.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-    let r = post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]);
-    assert_eq!(r.status, 302, "{}", r.body);
-    let code = query_param(&r.location.unwrap(), "code").unwrap();
+    let code = approve_with(server, cookie, &query, choices);
     let r = token_request(server, &code, &verifier, REDIRECT);
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use harness::api::*;
-use harness::flow::{approve, authorize_query, grant, pkce, register, token_request};
+use harness::flow::{approve, approve_with, authorize_query, grant, pkce, register, token_request};
 use harness::nostr::{keypair, BunkerClient, Relay};
 use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use nostr::nips::nip44;
@@ -184,18 +184,7 @@ fn an_instance_whose_peer_died_still_answers_revocations() {
 /// an access token.
 fn limited_token(server: &Keycast, cookie: &str, limits: &[(&str, &str)]) -> String {
     let (challenge, verifier) = pkce();
-    let query = authorize_query("policy:social", &challenge);
-    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
-    assert_eq!(page.status, 200, "{}", page.body);
-    let csrf = hidden_input(&page.body, "csrf").unwrap();
-    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    fields.push(("csrf".into(), csrf));
-    fields.push(("decision".into(), "approve".into()));
-    fields.extend(limits.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-    let r = post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]);
-    assert_eq!(r.status, 302, "{}", r.body);
-    let code = query_param(&r.location.unwrap(), "code").unwrap();
+    let code = approve_with(server, cookie, &authorize_query("policy:social", &challenge), limits);
     let r = token_request(server, &code, &verifier, REDIRECT);
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()["access_token"].as_str().unwrap().to_owned()

@@ -78,12 +78,18 @@ pub fn authorize_query(scope: &str, challenge: &str) -> String {
 
 /// GET the consent page for `query` and approve it: returns the redirect's code.
 pub fn approve(server: &Keycast, cookie: &str, query: &str) -> String {
+    approve_with(server, cookie, query, &[])
+}
+
+/// [`approve`] with the owner's choices on the consent page (`duration`, limits, `policy`).
+pub fn approve_with(server: &Keycast, cookie: &str, query: &str, choices: &[(&str, &str)]) -> String {
     let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
     assert_eq!(page.status, 200, "{}", page.body);
     let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
     let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     fields.push(("csrf".into(), csrf));
     fields.push(("decision".into(), "approve".into()));
+    fields.extend(choices.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
     let r = post(
         server,
