@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use harness::api::*;
-use harness::flow::{approve, approve_with, authorize_query, grant, pkce, register, token_request};
+use harness::flow::{access_token, approve_with, authorize_query, grant, pkce, register, token_request};
 use harness::nostr::{keypair, BunkerClient, Relay};
 use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use nostr::nips::nip44;
@@ -41,15 +41,6 @@ fn instances_with(n: usize, env: &[(&str, &str)]) -> Option<(tempfile::TempDir, 
         })
         .collect();
     Some((dir, servers))
-}
-
-/// Consent on `server` → an access token for the signed-in `cookie`.
-fn access_token(server: &Keycast, cookie: &str) -> String {
-    let (challenge, verifier) = pkce();
-    let code = approve(server, cookie, &authorize_query("policy:social", &challenge));
-    let r = token_request(server, &code, &verifier, REDIRECT);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["access_token"].as_str().unwrap().to_owned()
 }
 
 fn sign(server: &Keycast, token: &str) -> Reply {

@@ -8,16 +8,8 @@ mod harness;
 use harness::api::*;
 use harness::flow::{grant, register};
 use harness::nostr::{keypair, BunkerClient};
-use harness::{keycast_cli, Launch, PgDatabase, TEST_MASTER_KEY};
+use harness::{free_port, keycast_cli, Launch, PgDatabase, TEST_MASTER_KEY};
 use serde_json::json;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[test]
 fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_works() {

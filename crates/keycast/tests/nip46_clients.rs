@@ -12,7 +12,7 @@ use harness::api::*;
 use harness::flow::{grant, register};
 use harness::nostr::{keypair, BunkerClient, Relay};
 use harness::rust_connect::{App, JsApp, RustApp};
-use harness::{Keycast, Launch};
+use harness::{free_port, Keycast, Launch};
 use nostr::nips::{nip04, nip44};
 use nostr::{Event, Keys, PublicKey};
 use serde_json::{json, Value};
@@ -158,14 +158,6 @@ fn matrix(launch: impl Fn() -> Launch, data: &Path, relay: &str, wipe: bool) {
 
 /// A free loopback port, so the embedded relay keeps its URL across the redeploy (bunker
 /// URLs name it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn every_client_works_through_the_embedded_relay_and_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use harness::api::*;
 use harness::engine::psql;
-use harness::flow::{approve, authorize_query, pkce, register, token_request};
-use harness::{reap, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
+use harness::flow::{access_token, register};
+use harness::{free_port, reap, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use serde_json::json;
 
 /// A PgBouncer process in front of the test PostgreSQL server; killed when dropped.
@@ -131,14 +131,6 @@ fn host_port(url: &str) -> (String, u16) {
     (host.to_owned(), port.parse().unwrap())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// keycast with its queries through `bouncer` and its sessions (`LISTEN`, the migration
 /// lock) direct to the server.
 fn behind(bouncer: &PgBouncer, database: &Arc<PgDatabase>, dir: &Path) -> Launch {
@@ -148,14 +140,6 @@ fn behind(bouncer: &PgBouncer, database: &Arc<PgDatabase>, dir: &Path) -> Launch
         .env("KEYCAST_DATABASE_DIRECT_URL", &database.url)
         .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
         .env("KEYCAST_CACHE_TTL_SECS", "3600")
-}
-
-fn access_token(server: &Keycast, cookie: &str) -> String {
-    let (challenge, verifier) = pkce();
-    let code = approve(server, cookie, &authorize_query("policy:social", &challenge));
-    let r = token_request(server, &code, &verifier, REDIRECT);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["access_token"].as_str().unwrap().to_owned()
 }
 
 fn database_name(database: &PgDatabase) -> String {

@@ -133,3 +133,12 @@ pub fn grant(server: &Keycast, cookie: &str, scope: &str) -> Value {
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()
 }
+
+/// Consent to `policy:social` for the signed-in `cookie` → an access token.
+pub fn access_token(server: &Keycast, cookie: &str) -> String {
+    let (challenge, verifier) = pkce();
+    let code = approve(server, cookie, &authorize_query("policy:social", &challenge));
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["access_token"].as_str().unwrap().to_owned()
+}

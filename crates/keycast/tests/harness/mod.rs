@@ -816,3 +816,12 @@ pub fn reap(child: &mut Child) {
         eprintln!("process {} did not exit 10 s after SIGKILL; leaving it", child.id());
     }
 }
+
+/// A loopback port free at the time of asking (for a peer the test starts itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
