@@ -175,7 +175,7 @@ const ops = {
     return {};
   },
   raw: async ({ method, params = [] }) => ({ result: await needSigner().sendRequest(method, params) }),
-  nostrconnect({ relays, secret, perms, name = 'keycast-tests', client_sk }) {
+  async nostrconnect({ relays, secret, perms, name = 'keycast-tests', client_sk }) {
     const sk = clientKey(client_sk);
     secret ??= Buffer.from(generateSecretKey()).toString('hex').slice(0, 16);
     const uri = createNostrConnectURI({ clientPubkey: getPublicKey(sk), relays, secret, perms, name });
@@ -183,6 +183,16 @@ const ops = {
     // after asking it to `switch_relays`); nostrconnect_wait collects it.
     pendingConnect = BunkerSigner.fromURI(sk, uri, { pool });
     pendingConnect.catch(() => {});
+    // An app shows the URI once it listens: the signer's answer is ephemeral, and a relay
+    // does not keep it for a subscription that arrives later. fromURI gives no sign of that,
+    // so a second subscription on the same connection, sent after fromURI's, is waited for:
+    // its EOSE means the relay has taken fromURI's REQ too.
+    await new Promise((resolve, reject) => {
+      const probe = pool.subscribe(relays, { ids: ['0'.repeat(64)], limit: 1 }, {
+        oneose: () => { probe.close(); resolve(); },
+        onclose: (reasons) => reject(new Error(`relay closed the probe: ${reasons}`)),
+      });
+    });
     return { uri, client_pubkey: getPublicKey(sk), secret };
   },
   async nostrconnect_wait() {
