@@ -79,7 +79,9 @@ pub const DEFAULT_LOCK_BUDGET: Duration = Duration::from_millis(500);
 /// but every upload then carries fewer commits — on moto at 500 commits/s, 2 or 4 in flight
 /// multiplied the PUTs until the store fell seconds behind, where one at a time batches
 /// more commits into each PUT as the store slows (BENCHMARKS.md, "shipping pipeline"). Each
-/// PUT is also a billed request. Commits are acknowledged in TXID order whatever the value;
+/// PUT is also a billed request. A durable waiter's segment goes out beside the uploads in
+/// flight whatever the value (see `Worker::sync`), so a durable write waits for one PUT, not
+/// two. Commits are acknowledged in TXID order whatever the value;
 /// see `docs/ARCHITECTURE.md` (shipping pipeline) for what a crash leaves.
 pub const DEFAULT_UPLOADS_IN_FLIGHT: usize = 1;
 

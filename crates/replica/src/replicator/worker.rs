@@ -58,6 +58,8 @@ pub(super) struct Upload {
     /// The commit counter when the segment was read, if it holds everything committed then:
     /// once stored, every commit up to this mark is durable.
     mark: Option<u64>,
+    /// When it was ready to send (for the debug log of where shipping's time goes).
+    prepared_at: Instant,
 }
 
 /// The state owned by the background task.
@@ -346,6 +348,7 @@ impl Worker {
             next: segment.next,
             commits: segment.commits,
             mark: segment.reached_end.then_some(mark),
+            prepared_at: Instant::now(),
             prepared,
         })
     }
@@ -501,6 +504,7 @@ impl Worker {
             txid = upload.txid,
             bytes = upload.prepared.len(),
             commits = upload.commits,
+            sent_to_stored_us = upload.prepared_at.elapsed().as_micros() as u64,
             "segment stored"
         );
         Ok(())
@@ -730,9 +734,25 @@ impl Worker {
             self.snapshot.refresh().await?;
         }
         let (db, max, scratch) = (self.db.clone(), self.options.max_segment_bytes, self.scratch());
-        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
-            .await
-            .map_err(join_error)
+        let started = Instant::now();
+        let read = tokio::task::spawn_blocking(move || {
+            let queued_us = started.elapsed().as_micros() as u64;
+            (
+                segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch),
+                queued_us,
+            )
+        })
+        .await
+        .map_err(join_error)?;
+        if let (Ok(Some(segment)), queued_us) = &read {
+            tracing::debug!(
+                txid = segment.txid,
+                queued_us,
+                read_us = started.elapsed().as_micros() as u64,
+                "segment read"
+            );
+        }
+        Ok(read.0)
     }
 
     pub(super) fn publish_shipped(&self, mark: u64) {
