@@ -128,7 +128,9 @@ for store in file s3; do
     for variant in keycast ls-default ls-100ms; do
       n=$((n + 1))
       args=(lag --store "$store" --rate "$rate" --seconds "$LAG_SECONDS" --work-dir "$WORK/tmp")
-      [ "$store" = s3 ] && args+=(--s3-url "s3://$BUCKET/lag-$RUN_ID-$n")
+      # keycast's runs also probe the store's own PUT latency in the same seconds (every
+      # 20 ms; every 50 ms on moto, which serves one request at a time).
+      [ "$store" = s3 ] && args+=(--s3-url "s3://$BUCKET/lag-$RUN_ID-$n" --put-probe-ms 50)
       case "$variant" in
         keycast) args+=(--tool keycast) ;;
         ls-default) args+=(--tool litestream) ;;

@@ -55,7 +55,7 @@ pub struct Args {
 }
 
 /// The replica as a cold start sees it: every request `latency_ms` later.
-async fn slow_store(url: &str, latency_ms: u64) -> anyhow::Result<Store> {
+pub(crate) async fn slow_store(url: &str, latency_ms: u64) -> anyhow::Result<Store> {
     let delay = Duration::from_millis(latency_ms);
     if url.starts_with("s3://") {
         let endpoint = std::env::var("AWS_ENDPOINT_URL").context("an s3:// replica needs AWS_ENDPOINT_URL")?;

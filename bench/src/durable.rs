@@ -8,10 +8,15 @@
 //!   commit is in the object store;
 //! - `put`: the store's own create-only PUT of a 512-byte object through the same client
 //!   (`Store::put_object_create`: signed, `If-None-Match: *` on S3), the floor any durable
-//!   commit pays, measured in the same loop so that it sees the same minute.
+//!   commit pays, measured in the same loop so that it sees the same minute;
+//! - `put pair`: two such PUTs sent at once, timed until both are answered — what a store
+//!   that serves one request at a time (moto is one Python process) charges a durable commit
+//!   whose upload goes out beside an ordinary commit's upload already under way.
 //!
 //! Reported: p50/p99 of each, the added latency (durable − async) at p50 and p99, and the
-//! added p50 over the PUT's p50.
+//! added p50 over the PUT's p50. `--latency-ms` adds a delay to every store request (a TCP
+//! proxy in front of S3, as `coldstart` does), so that a store that serves requests in
+//! parallel with a cloud's round trip can be measured on loopback.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +41,9 @@ pub struct Args {
     /// Segment uploads in flight at once (default: `ReplicaOptions`' default).
     #[arg(long)]
     uploads_in_flight: Option<usize>,
+    /// Milliseconds added to every store request (see the module docs); 0: none.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -45,7 +53,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "s3" => args.s3_url.clone().context("--store s3 needs --s3-url")?,
         other => anyhow::bail!("--store {other}: expected file or s3"),
     };
-    let store = Store::from_url(&url, &|name| std::env::var(name).ok())?.context("replica url is none")?;
+    let store = if args.latency_ms > 0 {
+        crate::coldstart::slow_store(&url, args.latency_ms).await?
+    } else {
+        Store::from_url(&url, &|name| std::env::var(name).ok())?.context("replica url is none")?
+    };
     let db = dir.path().join("bench.db");
     let signal = CommitSignal::new();
     let pool = pools::keycast_pool(&db, &signal).await?;
@@ -59,7 +71,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let uploads_in_flight = options.uploads_in_flight;
     let replicator = Replicator::start(&db, store.clone(), signal, "bench", options).await?;
     let (mut fast, mut durable) = (Vec::with_capacity(args.commits), Vec::with_capacity(args.commits));
-    let mut put = Vec::with_capacity(args.commits);
+    let (mut put, mut pair) = (Vec::with_capacity(args.commits), Vec::with_capacity(args.commits));
     let body = bytes::Bytes::from(vec![0x5a_u8; 512]);
     note!("durable: {} commits per mode on {}", args.commits, args.store);
     for _ in 0..args.commits {
@@ -77,12 +89,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let (started, name) = (Instant::now(), format!("keycast/bench-put/{}", put.len()));
         let _ = store.put_object_create(&name, body.clone()).await?;
         put.push(started.elapsed().as_secs_f64() * 1e3);
+        let (started, a, b) = (
+            Instant::now(),
+            format!("keycast/bench-pair/{}a", pair.len()),
+            format!("keycast/bench-pair/{}b", pair.len()),
+        );
+        let (ra, rb) = tokio::join!(
+            store.put_object_create(&a, body.clone()),
+            store.put_object_create(&b, body.clone())
+        );
+        let _ = (ra?, rb?);
+        pair.push(started.elapsed().as_secs_f64() * 1e3);
     }
     pool.close().await;
     replicator.shutdown(Instant::now() + Duration::from_secs(10)).await?;
     fast.sort_by(f64::total_cmp);
     durable.sort_by(f64::total_cmp);
     put.sort_by(f64::total_cmp);
+    pair.sort_by(f64::total_cmp);
     let added = |p| Some(((percentile(&durable, p)? - percentile(&fast, p)?) * 100.0).round() / 100.0);
     emit(&json!({
         "bench": "durable",
@@ -92,7 +116,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "durable_ms": summary_ms(&durable),
         "added_p50_ms": added(50.0),
         "added_p99_ms": added(99.0),
+        "latency_ms": args.latency_ms,
         "put_ms": summary_ms(&put),
+        "put_pair_ms": summary_ms(&pair),
         "added_p50_over_put_p50": added(50.0)
             .zip(percentile(&put, 50.0))
             .map(|(a, p)| (a / p * 1000.0).round() / 1000.0),

@@ -81,6 +81,11 @@ pub struct Args {
     /// lag ms) and one per file seen, for looking at outliers.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Every this many milliseconds during the measured window, a create-only 512-byte PUT
+    /// through the same store client (keycast only): the store's own latency in the same
+    /// seconds, to tell the replicator's tail from the store's. 0: none.
+    #[arg(long, default_value_t = 20.0)]
+    put_probe_ms: f64,
 }
 
 /// One commit of the workload.
@@ -207,6 +212,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut commit_ms = Vec::with_capacity(total as usize);
     let mut behind = 0u64;
     let start = Instant::now() + Duration::from_millis(20);
+    let put_probe = match &side {
+        Side::Keycast { store, .. } if args.put_probe_ms > 0.0 => Some(spawn_put_probe(
+            store.clone(),
+            start + Duration::from_secs_f64(args.warmup),
+            start + Duration::from_secs_f64(args.warmup + args.seconds),
+            Duration::from_secs_f64(args.put_probe_ms / 1000.0),
+        )),
+        _ => None,
+    };
     for i in 0..total {
         let due = start + interval * i as u32;
         let now = Instant::now();
@@ -239,6 +253,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     let workload_secs = (Instant::now() - start).as_secs_f64();
+    let put_samples = match put_probe {
+        Some(task) => task.await?,
+        None => Vec::new(),
+    };
+    let mut put_ms: Vec<f64> = put_samples.iter().map(|(_, ms)| *ms).collect();
+    put_ms.sort_by(f64::total_cmp);
 
     // Wait until the last commit is visible in the replica (or give up).
     let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
@@ -324,6 +344,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "unmatched": unmatched,
         "negative": negative,
         "commit_ms": summary_ms(&commit_ms),
+        "put_probe_ms": args.put_probe_ms,
+        "store_put_ms": summary_ms(&put_ms),
         "files_seen": files_measured,
         "txids_seen": [seen.first().map(|o| o.txid), seen.last().map(|o| o.txid)],
         "full_image_files": full_images,
@@ -355,6 +377,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 c.wall_ms
             );
         }
+        for (at, took) in &put_samples {
+            let ms = (*at - start).as_secs_f64() * 1000.0;
+            let _ = writeln!(out, "put,{ms:.3},,,{took:.3},,");
+        }
         for o in &seen {
             let ms = if o.t >= start {
                 (o.t - start).as_secs_f64() * 1000.0
@@ -378,6 +404,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         note!("lag: kept {}", kept.display());
     }
     Ok(())
+}
+
+/// Sends a create-only 512-byte PUT every `every` from `from` until `until` (each after the
+/// one before it was answered, on the schedule's next tick); returns when each was sent and
+/// how long it took, in milliseconds.
+fn spawn_put_probe(
+    store: Store,
+    from: Instant,
+    until: Instant,
+    every: Duration,
+) -> tokio::task::JoinHandle<Vec<(Instant, f64)>> {
+    tokio::spawn(async move {
+        let body = bytes::Bytes::from(vec![0x5a_u8; 512]);
+        let mut samples = Vec::new();
+        let mut tick = tokio::time::interval_at(from.into(), every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            let at: Instant = tick.tick().await.into();
+            if at >= until {
+                return samples;
+            }
+            let name = format!("keycast/bench-put-probe/{}", samples.len());
+            let sent = Instant::now();
+            if store.put_object_create(&name, body.clone()).await.is_ok() {
+                samples.push((sent, sent.elapsed().as_secs_f64() * 1000.0));
+            }
+        }
+    })
 }
 
 /// For each commit, milliseconds from the commit to the first observation of a file that

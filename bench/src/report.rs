@@ -100,16 +100,16 @@ pub fn render(lines: &[Value]) -> String {
         let _ = writeln!(s, "\nDetails per run:\n");
         let _ = writeln!(
             s,
-            "| store | commits/s | tool | config | achieved/s | measured | unmatched | p50 | p90 | p99 | max ms | L0 files | commits/file | WAL gens | commit p99 ms |"
+            "| store | commits/s | tool | config | achieved/s | measured | unmatched | p50 | p90 | p99 | max ms | L0 files | commits/file | WAL gens | commit p99 ms | store PUT p50 / p99 / max ms (same seconds) |"
         );
         let _ = writeln!(
             s,
-            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for l in &lag {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 l["store"].as_str().unwrap_or(""),
                 l["rate"],
                 l["tool"].as_str().unwrap_or(""),
@@ -125,6 +125,15 @@ pub fn render(lines: &[Value]) -> String {
                 f(&l["commits_per_file"], 2),
                 l["wal_generations"],
                 f(&l["commit_ms"]["p99"], 2),
+                match l["store_put_ms"]["count"].as_u64() {
+                    Some(n) if n > 0 => format!(
+                        "{} / {} / {}",
+                        f(&l["store_put_ms"]["p50"], 1),
+                        f(&l["store_put_ms"]["p99"], 1),
+                        f(&l["store_put_ms"]["max"], 1)
+                    ),
+                    _ => "–".to_owned(),
+                },
             );
         }
         let _ = writeln!(s);

@@ -39,7 +39,7 @@ mod handover;
 mod worker;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -79,7 +79,9 @@ pub const DEFAULT_LOCK_BUDGET: Duration = Duration::from_millis(500);
 /// but every upload then carries fewer commits — on moto at 500 commits/s, 2 or 4 in flight
 /// multiplied the PUTs until the store fell seconds behind, where one at a time batches
 /// more commits into each PUT as the store slows (BENCHMARKS.md, "shipping pipeline"). Each
-/// PUT is also a billed request. Commits are acknowledged in TXID order whatever the value;
+/// PUT is also a billed request. A durable waiter's segment goes out beside the uploads in
+/// flight whatever the value (see `Worker::sync`), so a durable write waits for one PUT, not
+/// two. Commits are acknowledged in TXID order whatever the value;
 /// see `docs/ARCHITECTURE.md` (shipping pipeline) for what a crash leaves.
 pub const DEFAULT_UPLOADS_IN_FLIGHT: usize = 1;
 
@@ -268,6 +270,13 @@ struct Shared {
     renewal_in_flight: AtomicBool,
     /// Counts finished renewals started by writes, for writes waiting on one.
     renewed: watch::Sender<u64>,
+    /// The highest commit count a durable waiter has asked for. While it is past what the
+    /// uploads in flight cover, the shipping loop sends its segment at once beside them
+    /// instead of after them (see `Worker::sync`).
+    durable_wanted: AtomicU64,
+    /// Wakes the shipping loop when a durable waiter arrives while an upload is in flight
+    /// (the commit signal alone would wake it on every commit).
+    durable_waiting: tokio::sync::Notify,
 }
 
 impl Replicator {
@@ -322,6 +331,8 @@ impl Replicator {
             fenced: watch::channel(false).0,
             renewal_in_flight: AtomicBool::new(false),
             renewed: watch::channel(0).0,
+            durable_wanted: AtomicU64::new(0),
+            durable_waiting: tokio::sync::Notify::new(),
         });
         let keeper = shared
             .leased
@@ -492,7 +503,9 @@ impl Monitor {
     /// or [`ReplicaError::Stopped`] if it can never happen. Never a false success.
     pub async fn wait_durable(&self, timeout: Duration) -> Result<u64, ReplicaError> {
         let wanted = self.0.signal.commits();
+        self.0.durable_wanted.fetch_max(wanted, Ordering::SeqCst);
         self.0.signal.wake();
+        self.0.durable_waiting.notify_one();
         let mut rx = self.0.shipped.subscribe();
         let wait = async {
             loop {

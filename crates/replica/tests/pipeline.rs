@@ -42,10 +42,22 @@ async fn restored(store: &Store, dir: &std::path::Path, name: &str) -> (u64, Vec
 /// past the gap were never acknowledged) instead of refusing the replica or colliding with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_upload_inside_a_pipelined_batch_loses_nothing_acknowledged_and_is_never_restored_over() {
+    stuck_upload_with_later_durable_writes(pipelined()).await;
+}
+
+/// The same with the default options (one upload in flight): each later commit is waited
+/// for as durable, so its segment goes out at once beside the stuck upload rather than after
+/// it — and the same guarantees hold for those uploads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_writes_behind_a_stuck_upload_ship_beside_it_and_none_is_acknowledged_or_restored_over() {
+    stuck_upload_with_later_durable_writes(ReplicaOptions::default()).await;
+}
+
+async fn stuck_upload_with_later_durable_writes(options: ReplicaOptions) {
     let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let faults = Faults::new();
-    let replicator = Replicator::start(&db, store.reopen().with_faults(&faults), signal, "l", pipelined())
+    let replicator = Replicator::start(&db, store.reopen().with_faults(&faults), signal, "l", options.clone())
         .await
         .unwrap();
     let mut acknowledged = Vec::new();
@@ -116,7 +128,7 @@ async fn a_stuck_upload_inside_a_pipelined_batch_loses_nothing_acknowledged_and_
     let next_db = crashed;
     let signal = CommitSignal::new();
     let pool = common::app_pool(&next_db, &signal).await;
-    let replicator = Replicator::start(&next_db, store.clone(), signal, "l", pipelined())
+    let replicator = Replicator::start(&next_db, store.clone(), signal, "l", options)
         .await
         .unwrap();
     for i in 0..3 {
@@ -167,4 +179,134 @@ async fn a_lost_answer_inside_a_pipelined_batch_is_retried_and_everything_is_ack
         .unwrap();
     let (_, values) = restored(&store, dir.path(), "restored.db").await;
     assert_eq!(values, expected);
+}
+
+/// The upload objects past `txid` in level 0.
+async fn stored_past(store: &Store, txid: u64) -> Vec<u64> {
+    let files = store.list_level(0).await.unwrap();
+    files.iter().filter(|f| f.min_txid > txid).map(|f| f.min_txid).collect()
+}
+
+/// One upload in flight (the default): while an ordinary commit's upload is under way, the
+/// commits after it wait for it and go out together in the next upload (fewer PUTs, a smaller
+/// bill) — but a commit someone waits for as durable goes out at once beside it, and is
+/// acknowledged only once the upload before it has landed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_write_ships_beside_the_upload_in_flight_and_is_acknowledged_after_it() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let faults = Faults::new();
+    let replicator = Replicator::start(
+        &db,
+        store.reopen().with_faults(&faults),
+        signal,
+        "l",
+        ReplicaOptions::default(),
+    )
+    .await
+    .unwrap();
+    insert(&pool, "first").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+
+    // An ordinary commit whose upload is held.
+    let held = replicator.status().replicated_txid + 1;
+    let gate = Gate::new();
+    let name = store.ltx_key(0, held, held).filename().unwrap().to_owned();
+    faults.add(Rule::new(Op::Put, Action::Hold(gate.clone())).key(&name));
+    insert(&pool, "async").await;
+    tokio::time::timeout(Duration::from_secs(5), gate.reached())
+        .await
+        .expect("the ordinary commit's upload goes out");
+    // More ordinary commits wait for it: nothing goes out beside it. (A window, since what is
+    // checked is that something does not happen; a second upload would leave at once.)
+    insert(&pool, "async 2").await;
+    insert(&pool, "async 3").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        stored_past(&store, held).await,
+        Vec::<u64>::new(),
+        "ordinary commits ship one upload at a time"
+    );
+
+    // A durable write: its segment (with the two ordinary commits before it) lands at once.
+    insert(&pool, "durable").await;
+    let monitor = replicator.monitor();
+    let waiter = tokio::spawn(async move { monitor.wait_durable(Duration::from_secs(10)).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored_past(&store, held).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the durable write's segment did not go out beside the held upload"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Its bytes are stored, but the TXID before them is not: no acknowledgement yet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiter.is_finished(),
+        "a durable write was acknowledged before the upload ahead of it landed"
+    );
+    gate.open();
+    let txid = waiter.await.unwrap().expect("acknowledged once both are stored");
+    assert!(txid > held, "acknowledged at TXID {txid}, past the held {held}");
+
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (_, values) = restored(&store, dir.path(), "restored.db").await;
+    assert_eq!(values, ["first", "async", "async 2", "async 3", "durable"]);
+}
+
+/// A durable write's upload goes out beside a held one and lands, but its answer is lost: the
+/// held one lands, the lost one is retried (and recognised as its own bytes), and only then is
+/// the durable write acknowledged; the replica restores to the newest state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_to_a_durable_write_shipped_beside_the_upload_in_flight_is_retried_before_the_acknowledgement() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let faults = Faults::new();
+    let replicator = Replicator::start(
+        &db,
+        store.reopen().with_faults(&faults),
+        signal,
+        "l",
+        ReplicaOptions::default(),
+    )
+    .await
+    .unwrap();
+    insert(&pool, "first").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    let held = replicator.status().replicated_txid + 1;
+    let key = |txid| store.ltx_key(0, txid, txid).filename().unwrap().to_owned();
+    let gate = Gate::new();
+    faults.add(Rule::new(Op::Put, Action::Hold(gate.clone())).key(&key(held)).times(1));
+    faults.add(Rule::new(Op::Put, Action::LoseResponse).key(&key(held + 1)).times(1));
+    insert(&pool, "async").await;
+    tokio::time::timeout(Duration::from_secs(5), gate.reached())
+        .await
+        .expect("the ordinary commit's upload goes out");
+    insert(&pool, "durable").await;
+    let monitor = replicator.monitor();
+    let waiter = tokio::spawn(async move { monitor.wait_durable(Duration::from_secs(10)).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored_past(&store, held).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the durable write's segment went out beside the held one"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!waiter.is_finished(), "acknowledged before the held upload landed");
+    gate.open();
+    let txid = waiter.await.unwrap().expect("acknowledged after the retry");
+    assert!(txid > held, "acknowledged at TXID {txid}, past the held {held}");
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (_, values) = restored(&store, dir.path(), "restored.db").await;
+    assert_eq!(values, ["first", "async", "durable"]);
 }

@@ -27,6 +27,10 @@ use crate::segment::{self, Cursor, Segment, SegmentError};
 use crate::snapshot::Snapshot;
 use crate::store::{PreparedLtx, PutOutcome, Store};
 
+/// The most uploads in flight at once, whatever the options and durable waiters (a restore
+/// relies on it: see [`crate::store::unacknowledged_tail`]).
+const MAX_IN_FLIGHT: usize = crate::store::MAX_UPLOADS_IN_FLIGHT as usize;
+
 /// How many times a stale writer's object at our TXID is replaced before giving up the round.
 const STALE_REPLACEMENTS: usize = 3;
 
@@ -54,6 +58,8 @@ pub(super) struct Upload {
     /// The commit counter when the segment was read, if it holds everything committed then:
     /// once stored, every commit up to this mark is durable.
     mark: Option<u64>,
+    /// When it was ready to send (for the debug log of where shipping's time goes).
+    prepared_at: Instant,
 }
 
 /// The state owned by the background task.
@@ -342,6 +348,7 @@ impl Worker {
             next: segment.next,
             commits: segment.commits,
             mark: segment.reached_end.then_some(mark),
+            prepared_at: Instant::now(),
             prepared,
         })
     }
@@ -497,6 +504,7 @@ impl Worker {
             txid = upload.txid,
             bytes = upload.prepared.len(),
             commits = upload.commits,
+            sent_to_stored_us = upload.prepared_at.elapsed().as_micros() as u64,
             "segment stored"
         );
         Ok(())
@@ -545,6 +553,12 @@ impl Worker {
     ///
     /// Up to `uploads_in_flight` uploads go out at once (the shipping pipeline): a segment is
     /// read and sent as soon as commits arrive, without waiting for the upload before it.
+    /// With fewer configured (one by default: each upload then carries every commit that
+    /// arrived while the one before it was under way, which keeps the PUTs and the request
+    /// bill down), a durable waiter is the exception: when one waits for commits past what
+    /// the uploads in flight hold, its segment is read and sent at once beside them (up to
+    /// [`crate::store::MAX_UPLOADS_IN_FLIGHT`]), so it waits for one PUT rather than for the
+    /// one under way and then its own.
     /// Outcomes are settled strictly in TXID order, so the cursor, the local record, the
     /// lease's TXID and every durable acknowledgement still advance one TXID at a time: a
     /// commit is acknowledged only once every TXID up to its own is stored. When one upload
@@ -552,11 +566,8 @@ impl Worker {
     /// retried in order; objects stored ahead of it that a crash leaves past the gap were
     /// never acknowledged (see [`crate::store::unacknowledged_tail`]).
     async fn sync(&mut self, yield_for_checkpoint: bool) -> Result<usize, ReplicaError> {
-        let depth = self
-            .options
-            .uploads_in_flight
-            .clamp(1, crate::store::MAX_UPLOADS_IN_FLIGHT as usize);
-        if depth == 1 || self.handing_over {
+        let depth = self.options.uploads_in_flight.clamp(1, MAX_IN_FLIGHT);
+        if self.handing_over {
             return self.sync_serially(yield_for_checkpoint).await;
         }
         let mut stored = 0;
@@ -575,7 +586,7 @@ impl Worker {
         let mut caught_up: Option<u64> = None;
         let mut reading = true;
         loop {
-            while reading && queued.len() < depth {
+            while reading && self.room_in_flight(&queued, depth) {
                 let mark = self.signal.commits();
                 match self.read_segment_after(ahead).await? {
                     Ok(Some(segment)) => {
@@ -615,11 +626,14 @@ impl Worker {
                     None => Ok(stored + self.sync_serially(yield_for_checkpoint).await?),
                 };
             }
+            let shared = self.shared.clone();
             let result = tokio::select! {
                 biased;
                 Some(result) = flight.next() => result,
                 // New commits while uploads are under way: read and send them now.
                 () = self.signal.wait(), if reading && queued.len() < depth => continue,
+                // A durable waiter: its segment may go out beside the uploads in flight.
+                () = shared.durable_waiting.notified(), if reading && queued.len() < MAX_IN_FLIGHT => continue,
             };
             let upload = queued.pop_front().expect("one queued upload per transfer in flight");
             if let Err(e) = self.settle_upload(upload, result).await {
@@ -633,6 +647,20 @@ impl Worker {
                 reading = false;
             }
         }
+    }
+
+    /// Whether [`Self::sync`] may read and send another segment beside the uploads `queued`:
+    /// fewer than `depth` are in flight, or a durable waiter waits for commits past what they
+    /// hold (the last one's mark; one that did not reach the WAL's end holds less).
+    fn room_in_flight(&self, queued: &VecDeque<Upload>, depth: usize) -> bool {
+        if queued.len() < depth {
+            return true;
+        }
+        if queued.len() >= MAX_IN_FLIGHT {
+            return false;
+        }
+        let covered = queued.back().and_then(|u| u.mark).unwrap_or(0).max(self.shipped_mark);
+        self.shared.durable_wanted.load(std::sync::atomic::Ordering::SeqCst) > covered
     }
 
     /// [`Self::sync`], one upload at a time.
@@ -706,9 +734,25 @@ impl Worker {
             self.snapshot.refresh().await?;
         }
         let (db, max, scratch) = (self.db.clone(), self.options.max_segment_bytes, self.scratch());
-        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
-            .await
-            .map_err(join_error)
+        let started = Instant::now();
+        let read = tokio::task::spawn_blocking(move || {
+            let queued_us = started.elapsed().as_micros() as u64;
+            (
+                segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch),
+                queued_us,
+            )
+        })
+        .await
+        .map_err(join_error)?;
+        if let (Ok(Some(segment)), queued_us) = &read {
+            tracing::debug!(
+                txid = segment.txid,
+                queued_us,
+                read_us = started.elapsed().as_micros() as u64,
+                "segment read"
+            );
+        }
+        Ok(read.0)
     }
 
     pub(super) fn publish_shipped(&self, mark: u64) {
