@@ -7,9 +7,17 @@
 //! changes made by *another* instance (PostgreSQL scale-out); on one instance explicit
 //! invalidation makes changes visible on the very next request. A map that reaches its
 //! capacity is cleared (simple and safe: the next requests reload).
+//!
+//! **Refresh ahead.** Past half its TTL an entry is reloaded by *one* caller: the first
+//! [`EpochMap::get`] after that point answers a miss (that caller reads the database and
+//! inserts afresh), every other caller keeps the cached value, which is still within its
+//! TTL. So a key in steady use never expires under load: signing does not stall in a
+//! herd of reloads every TTL (PostgreSQL's is 5 s), and a slow database delays one
+//! request per entry and TTL instead of all of them. Staleness stays bounded by the TTL.
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,7 +32,15 @@ pub(crate) struct EpochMap<K, V> {
 #[derive(Debug)]
 struct Inner<K, V> {
     epoch: u64,
-    entries: HashMap<K, (V, Instant)>,
+    entries: HashMap<K, Entry<V>>,
+}
+
+#[derive(Debug)]
+struct Entry<V> {
+    value: V,
+    at: Instant,
+    /// Some caller has taken on reloading it (past half the TTL).
+    refreshing: AtomicBool,
 }
 
 impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
@@ -44,11 +60,19 @@ impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).epoch
     }
 
-    /// The cached value if present and younger than the TTL.
+    /// The cached value if present and younger than the TTL — except that the first
+    /// caller past half the TTL gets `None`, to reload it for everyone (see the module doc).
     pub fn get(&self, key: &K) -> Option<V> {
         let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        let (value, at) = inner.entries.get(key)?;
-        (at.elapsed() < self.ttl).then(|| value.clone())
+        let entry = inner.entries.get(key)?;
+        let age = entry.at.elapsed();
+        if age >= self.ttl {
+            return None;
+        }
+        if age >= self.ttl / 2 && !entry.refreshing.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        Some(entry.value.clone())
     }
 
     /// Inserts unless something was invalidated since `epoch` was read. Returns whether
@@ -61,7 +85,14 @@ impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
         if inner.entries.len() >= self.capacity {
             inner.entries.clear();
         }
-        inner.entries.insert(key, (value, Instant::now()));
+        inner.entries.insert(
+            key,
+            Entry {
+                value,
+                at: Instant::now(),
+                refreshing: AtomicBool::new(false),
+            },
+        );
         true
     }
 
@@ -76,7 +107,7 @@ impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
     pub fn invalidate_where(&self, stale: impl Fn(&K, &V) -> bool) {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         inner.epoch += 1;
-        inner.entries.retain(|k, (v, _)| !stale(k, v));
+        inner.entries.retain(|k, e| !stale(k, &e.value));
     }
 
     /// Number of entries (fresh or not).
@@ -117,6 +148,19 @@ mod tests {
         let cache = EpochMap::new(Duration::ZERO, 3);
         cache.insert_if_current(cache.epoch(), "a", 1);
         assert_eq!(cache.get(&"a"), None);
+    }
+
+    #[test]
+    fn past_half_the_ttl_one_caller_reloads_and_the_others_keep_the_value() {
+        let cache = EpochMap::new(Duration::from_secs(4), 3);
+        cache.insert_if_current(cache.epoch(), "a", 1);
+        assert_eq!(cache.get(&"a"), Some(1));
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(cache.get(&"a"), None, "the first caller past half the TTL reloads");
+        assert_eq!(cache.get(&"a"), Some(1), "the others are served meanwhile");
+        assert_eq!(cache.get(&"a"), Some(1));
+        cache.insert_if_current(cache.epoch(), "a", 2);
+        assert_eq!(cache.get(&"a"), Some(2), "the reload renews the entry");
     }
 
     #[test]

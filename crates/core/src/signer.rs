@@ -101,6 +101,9 @@ const CHANGES_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub struct Signer {
     db: Db,
+    /// The activity flush's own connection (PostgreSQL; the same pool on SQLite): a slow
+    /// flush must not hold connections that signing and the heartbeat need.
+    activity_db: Db,
     km: Arc<dyn KeyManager>,
     /// Live (unrevoked) authorizations, with `expires_at: None`.
     authorizations: EpochMap<AuthorizationId, Arc<Authorization>>,
@@ -146,6 +149,7 @@ impl Signer {
     pub fn new(db: Db, km: Arc<dyn KeyManager>, options: SignerOptions) -> Signer {
         let (ttl, cap) = (options.cache_ttl, options.cache_capacity);
         Signer {
+            activity_db: db.dedicated(1),
             db,
             km,
             authorizations: EpochMap::new(ttl, cap),
@@ -669,23 +673,33 @@ impl Signer {
         self.policies.invalidate_where(|_, _| true);
     }
 
-    /// Writes buffered activity in one batch. Call about once a second and at shutdown.
-    /// Returns the rows written. On failure the batch stays buffered for the next call.
+    /// Writes buffered activity, oldest first, in transactions of at most
+    /// [`activity_repo::MAX_BATCH_ROWS`] rows on a connection of its own. Call about once a
+    /// second and at shutdown. Returns the rows written. On failure the batch that failed
+    /// (and everything after it) stays buffered for the next call; batches already
+    /// committed stay written.
     ///
     /// # Errors
     /// [`SignError::Internal`] on storage failure.
     pub async fn flush(&self) -> Result<u64, SignError> {
-        let batch = self.activity.take();
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        match activity_repo::insert_batch(&self.db, &batch).await {
-            Ok(stored) => Ok(stored),
-            Err(err) => {
-                self.activity.put_back(batch);
-                Err(err.into())
+        let mut stored = 0;
+        // Only what was buffered when the flush began: a flush under steady signing ends.
+        let mut left = self.activity.len();
+        while left > 0 {
+            let batch = self.activity.take(left.min(activity_repo::MAX_BATCH_ROWS));
+            if batch.is_empty() {
+                break;
+            }
+            left = left.saturating_sub(batch.len());
+            match activity_repo::insert_batch(&self.activity_db, &batch).await {
+                Ok(rows) => stored += rows,
+                Err(err) => {
+                    self.activity.put_back(batch);
+                    return Err(err.into());
+                }
             }
         }
+        Ok(stored)
     }
 
     /// Activity records waiting for [`Signer::flush`].

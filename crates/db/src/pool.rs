@@ -40,7 +40,8 @@
 //! The server keeps the data (no replicator). Connections are plain sqlx `PgPool`
 //! connections named `keycast` (`application_name`), at most
 //! [`PgOptions::max_connections`] per instance: with N instances the server sees up to
-//! N × that (+1 per instance for the change listener, see [`crate::notify`]), which must stay
+//! N × that (+1 per instance for the change listener, see [`crate::notify`], +2 for the
+//! [`Db::dedicated`] connections of the activity flush and the heartbeat), which must stay
 //! under the server's `max_connections` (Cloud SQL's depends on the machine tier).
 
 use std::path::{Path, PathBuf};
@@ -351,6 +352,30 @@ impl Db {
     /// Whatever the pool or the engine returned.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         on_engine!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
+    }
+
+    /// A handle on the same database through `connections` connections of its own
+    /// (PostgreSQL; opened on first use), for background work that must neither wait for
+    /// the requests' pool nor hold it: the activity flush and the cluster heartbeat. A
+    /// multi-second flush on the shared pool once held connections that signing and the
+    /// heartbeat then queued for until the pool ran dry (BENCHMARKS.md, issue 13). On
+    /// SQLite the same pool (one writer in all, and its connections carry the replicator's
+    /// commit hook).
+    pub fn dedicated(&self, connections: u32) -> Db {
+        match &self.engine {
+            Engine::Sqlite(_) => self.clone(),
+            Engine::Postgres(pool) => {
+                let pool = PgPoolOptions::new()
+                    .max_connections(connections.max(1))
+                    .acquire_timeout(pool.options().get_acquire_timeout())
+                    .connect_lazy_with((*pool.connect_options()).clone());
+                Db {
+                    engine: Engine::Postgres(pool),
+                    location: self.location.clone(),
+                    path: None,
+                }
+            }
+        }
     }
 
     /// Pool statistics for metrics: (open connections, idle connections).
