@@ -192,9 +192,10 @@ def main():
     pg_dir = os.path.join(work, "pg")
     admin = subprocess.run([os.path.join(ROOT, "scripts/postgres.sh"), "start", pg_dir], capture_output=True, text=True,
                            check=True).stdout.strip()
-    # PostgreSQL's own account of a stall: statements over 100 ms, lock waits (checked after
+    # PostgreSQL's own account of a stall: statements over 100 ms (ENGINES_PG_LOG_MS), lock waits (checked after
     # 100 ms), checkpoints and autovacuum; the log is copied next to the servers' logs.
-    for setting in ("log_min_duration_statement = 100", "log_lock_waits = on", "deadlock_timeout = 100",
+    log_ms = os.environ.get("ENGINES_PG_LOG_MS", "100")  # 0: every statement, with its time
+    for setting in (f"log_min_duration_statement = {log_ms}", "log_line_prefix = '%m [%p] %a '", "log_lock_waits = on", "deadlock_timeout = 100",
                     "log_checkpoints = on", "log_autovacuum_min_duration = 0"):
         psql(admin, f"ALTER SYSTEM SET {setting}")
     psql(admin, "SELECT pg_reload_conf()")
