@@ -256,7 +256,11 @@ impl Cluster {
     /// Claims NIP-46 request `event_id` for this instance: true if it is this instance's
     /// to answer. A database failure answers true: a second answer is better than none.
     pub async fn claim(&self, event_id: &str) -> bool {
-        match cluster_repo::claim(&self.db, event_id, &self.id).await {
+        let started = Instant::now();
+        let claimed = cluster_repo::claim(&self.db, event_id, &self.id).await;
+        // The one database round trip of a NIP-46 request on PostgreSQL (BENCHMARKS.md).
+        metrics::histogram!("keycast_nip46_claim_seconds").record(started.elapsed());
+        match claimed {
             Ok(claimed) => claimed,
             Err(err) => {
                 tracing::warn!(error = %err, "nip46: cannot claim a request; answering it anyway");
