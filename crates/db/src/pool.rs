@@ -294,9 +294,7 @@ impl Db {
             source,
         };
         let connect = options.connect_options().map_err(open_err)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
+        let pool = pg_pool_options(options.max_connections, options.acquire_timeout)
             .connect_with(connect)
             .await
             .map_err(open_err)?;
@@ -365,9 +363,7 @@ impl Db {
         match &self.engine {
             Engine::Sqlite(_) => self.clone(),
             Engine::Postgres(pool) => {
-                let pool = PgPoolOptions::new()
-                    .max_connections(connections.max(1))
-                    .acquire_timeout(pool.options().get_acquire_timeout())
+                let pool = pg_pool_options(connections.max(1), pool.options().get_acquire_timeout())
                     .connect_lazy_with((*pool.connect_options()).clone());
                 Db {
                     engine: Engine::Postgres(pool),
@@ -387,6 +383,30 @@ impl Db {
     pub async fn close(&self) {
         on_engine!(self, |pool| pool.close().await)
     }
+}
+
+/// A connection idle at least this long is pinged before it is handed out.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(30);
+
+/// PostgreSQL pool settings. sqlx pings every idle connection before handing it out
+/// (`test_before_acquire`): a second round trip for every statement — for a NIP-46 request,
+/// whose one statement is its claim, half its database time (BENCHMARKS.md). Here only a
+/// connection idle for [`PING_IDLE_AFTER`] is pinged (one a proxy or a server restart may
+/// have closed meanwhile); a busy connection is known to be alive, and if it broke anyway
+/// the statement fails and sqlx drops it.
+fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {
