@@ -260,6 +260,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn missing_kinds_and_refusal_codes_round_trip_on_every_engine() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let refused = NewActivity {
+                method: "nip44_encrypt",
+                kind: None,
+                transport: Transport::Nip46,
+                result: Some("policy_denied"),
+                ..record(&authz.id, 5)
+            };
+            assert_eq!(insert_batch(&db, &[record(&authz.id, 4), refused]).await.unwrap(), 2);
+            let stored = list_for_authorization(&db, &authz.id, 2).await.unwrap();
+            let seen: Vec<_> = stored
+                .iter()
+                .map(|a| (a.method.as_str(), a.kind, a.transport.as_str(), a.result.as_deref()))
+                .collect();
+            assert_eq!(
+                seen,
+                [
+                    ("nip44_encrypt", None, "nip46", Some("policy_denied")),
+                    ("sign_event", Some(1), "http", None)
+                ],
+                "{:?}",
+                db.kind()
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn rows_of_deleted_authorizations_are_skipped_not_fatal() {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
