@@ -12,7 +12,7 @@ Prints one JSON line per scenario (with each instance's own wrk figures). ENGINE
 the servers' KEYCAST_LOG (default warn); ENGINES_KEEP_LOGS=DIR copies their logs there when a
 scenario had errors or a p99 past 100 ms. Needs wrk, psql and PostgreSQL's server binaries
 (scripts/postgres.sh starts a throwaway server)."""
-import argparse, base64, json, os, socket, subprocess, sys, tempfile, time, urllib.request
+import argparse, base64, collections, json, os, socket, subprocess, sys, tempfile, threading, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -41,6 +41,48 @@ def postgres_pids(data_dir):
     master = int(open(os.path.join(data_dir, "postmaster.pid")).readline())
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True).stdout.split()
     return [master] + [int(p) for p in children]
+
+
+class WaitSampler:
+    """Samples pg_stat_activity every 50 ms while wrk runs: what keycast's backends were
+    doing (active or idle in transaction, and the wait event if any), so a stall names its
+    cause from PostgreSQL's side. Counts samples per (state, wait event, statement start)."""
+
+    def __init__(self, url):
+        self.url, self.counts, self.stop_flag = url, collections.Counter(), threading.Event()
+        self.longest = {}
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        sql = ("SELECT state, coalesce(wait_event_type || ':' || wait_event, 'cpu'), left(query, 40), "
+               "extract(epoch FROM now() - xact_start) FROM pg_stat_activity WHERE application_name = 'keycast' "
+               "AND state <> 'idle' AND pid <> pg_backend_pid()")
+        proc = subprocess.Popen(["psql", "-AtqX", "-F", "\t", self.url], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, bufsize=1)
+        while not self.stop_flag.is_set():
+            proc.stdin.write(sql + ";\nSELECT 'END';\n")
+            proc.stdin.flush()
+            for line in iter(proc.stdout.readline, ""):
+                line = line.rstrip("\n")
+                if line == "END":
+                    break
+                state, wait, query, age = (line.split("\t") + ["", "", "", ""])[:4]
+                key = f"{state} | {wait} | {query}"
+                self.counts[key] += 1
+                try:
+                    self.longest[key] = max(self.longest.get(key, 0), float(age or 0))
+                except ValueError:
+                    pass
+            time.sleep(0.05)
+        proc.stdin.close()
+        proc.wait(timeout=10)
+
+    def finish(self):
+        self.stop_flag.set()
+        self.thread.join(timeout=10)
+        return [{"what": k, "samples": n, "longest_xact_s": round(self.longest.get(k, 0), 2)}
+                for k, n in self.counts.most_common(12)]
 
 
 def psql(url, sql):
@@ -100,7 +142,9 @@ def scenario(name, instances, token, seconds, pg=None):
     before = cpu_seconds(pids)
     pg_before = cpu_seconds(postgres_pids(pg["data"])) if pg else 0
     xacts_before = int(psql(pg["url"], pg["xacts"])) if pg else 0
+    sampler = WaitSampler(pg["url"]) if pg else None
     results = wrk(instances, token, seconds)
+    waits = sampler.finish() if sampler else None
     requests = sum(r["requests"] for r in results)
     out = {
         "scenario": name,
@@ -131,6 +175,8 @@ def scenario(name, instances, token, seconds, pg=None):
     if pg:
         out["postgres_cpu_us_per_req"] = round((cpu_seconds(postgres_pids(pg["data"])) - pg_before) / requests * 1e6, 1)
         out["db_transactions_per_req"] = round((int(psql(pg["url"], pg["xacts"])) - xacts_before) / requests, 4)
+        # What keycast's PostgreSQL backends were doing, sampled every 50 ms during the run.
+        out["pg_activity_samples"] = waits
     print(json.dumps(out), flush=True)
 
 
@@ -138,12 +184,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--keycast", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "release/keycast"))
+    parser.add_argument("--only", default="sqlite,pg1,pg2", help="scenarios to run, of sqlite,pg1,pg2")
     args = parser.parse_args()
+    only = args.only.split(",")
     work = tempfile.mkdtemp(prefix="keycast-engines-", dir="/var/tmp")
     os.chmod(work, 0o755)  # as root, the server runs as postgres and must reach its directory
     pg_dir = os.path.join(work, "pg")
     admin = subprocess.run([os.path.join(ROOT, "scripts/postgres.sh"), "start", pg_dir], capture_output=True, text=True,
                            check=True).stdout.strip()
+    # PostgreSQL's own account of a stall: statements over 100 ms (ENGINES_PG_LOG_MS), lock waits (checked after
+    # 100 ms), checkpoints and autovacuum; the log is copied next to the servers' logs.
+    log_ms = os.environ.get("ENGINES_PG_LOG_MS", "100")  # 0: every statement, with its time
+    for setting in (f"log_min_duration_statement = {log_ms}", "log_line_prefix = '%m [%p] %a '", "log_lock_waits = on", "deadlock_timeout = 100",
+                    "log_checkpoints = on", "log_autovacuum_min_duration = 0"):
+        psql(admin, f"ALTER SYSTEM SET {setting}")
+    psql(admin, "SELECT pg_reload_conf()")
     master = base64.b64encode(os.urandom(32)).decode()
     running = []
     try:
@@ -156,12 +211,13 @@ def main():
             return subprocess.run([sys.executable, "bench/rpc/flow.py", instance.base], cwd=ROOT, capture_output=True,
                                   text=True, check=True).stdout.strip()
 
-        lite = start("sqlite", {"KEYCAST_REPLICA_URL": f"file://{work}/replica"})
-        scenario("sqlite, one instance", [lite], token_of(lite), args.seconds)
-        lite.stop()
-        running.remove(lite)
+        if "sqlite" in only:
+            lite = start("sqlite", {"KEYCAST_REPLICA_URL": f"file://{work}/replica"})
+            scenario("sqlite, one instance", [lite], token_of(lite), args.seconds)
+            lite.stop()
+            running.remove(lite)
 
-        for n in (1, 2):
+        for n in [n for n in (1, 2) if f"pg{n}" in only]:
             db = f"bench{n}"
             psql(admin, f"CREATE DATABASE {db}")
             url = admin.rsplit("/", 1)[0] + "/" + db
@@ -176,6 +232,10 @@ def main():
     finally:
         for i in running:
             i.stop()
+        if os.environ.get("ENGINES_KEEP_LOGS"):
+            os.makedirs(os.environ["ENGINES_KEEP_LOGS"], exist_ok=True)
+            subprocess.run(["cp", os.path.join(pg_dir, "log"),
+                            os.path.join(os.environ["ENGINES_KEEP_LOGS"], f"{int(time.time())}-postgresql.log")])
         subprocess.run([os.path.join(ROOT, "scripts/postgres.sh"), "stop", pg_dir], capture_output=True)
 
 

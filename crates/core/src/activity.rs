@@ -41,11 +41,11 @@ impl ActivityBuffer {
         pending.push_back(activity);
     }
 
-    /// Takes everything buffered.
-    pub fn take(&self) -> Vec<NewActivity> {
-        Vec::from(std::mem::take(
-            &mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner),
-        ))
+    /// Takes the oldest `most` records buffered (all, if fewer).
+    pub fn take(&self, most: usize) -> Vec<NewActivity> {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = most.min(pending.len());
+        pending.drain(..n).collect()
     }
 
     /// Puts back a batch that could not be written, ahead of newer records, keeping the
@@ -99,8 +99,20 @@ mod tests {
             buffer.record(at(t));
         }
         assert_eq!(buffer.dropped(), 1);
-        assert_eq!(times(&buffer.take()), [2, 3]);
+        assert_eq!(times(&buffer.take(usize::MAX)), [2, 3]);
         assert_eq!(buffer.len(), 0);
+    }
+
+    #[test]
+    fn take_hands_out_the_oldest_first_in_bounded_batches() {
+        let buffer = ActivityBuffer::new(10);
+        for t in 1..=5 {
+            buffer.record(at(t));
+        }
+        assert_eq!(times(&buffer.take(2)), [1, 2]);
+        assert_eq!(times(&buffer.take(2)), [3, 4]);
+        assert_eq!(times(&buffer.take(2)), [5]);
+        assert!(buffer.take(2).is_empty());
     }
 
     #[test]
@@ -108,11 +120,11 @@ mod tests {
         let buffer = ActivityBuffer::new(3);
         buffer.record(at(1));
         buffer.record(at(2));
-        let batch = buffer.take();
+        let batch = buffer.take(usize::MAX);
         buffer.record(at(3));
         buffer.record(at(4));
         buffer.put_back(batch);
-        assert_eq!(times(&buffer.take()), [2, 3, 4]);
+        assert_eq!(times(&buffer.take(usize::MAX)), [2, 3, 4]);
         assert_eq!(buffer.dropped(), 1);
     }
 }

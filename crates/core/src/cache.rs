@@ -7,9 +7,22 @@
 //! changes made by *another* instance (PostgreSQL scale-out); on one instance explicit
 //! invalidation makes changes visible on the very next request. A map that reaches its
 //! capacity is cleared (simple and safe: the next requests reload).
+//!
+//! **Refresh ahead.** Past half its TTL an entry is reloaded by *one* caller: the first
+//! [`EpochMap::get`] after that point answers a miss (that caller reads the database and
+//! inserts afresh), every other caller keeps the cached value, which is still within its
+//! TTL. So a key in steady use never expires under load: signing does not stall in a
+//! herd of reloads every TTL (PostgreSQL's is 5 s), and a slow database delays one
+//! request per entry and TTL instead of all of them. Staleness stays bounded by the TTL.
+//!
+//! **One load at a time per key.** A caller that must load takes the key's turn first
+//! ([`EpochMap::load_turn`]); one that waited for another caller's load uses what that load
+//! inserted. So a cold or expired entry wanted by fifty concurrent requests costs one query,
+//! not fifty, and a slow database cannot drain the connection pool with duplicate reloads.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,12 +32,26 @@ pub(crate) struct EpochMap<K, V> {
     inner: RwLock<Inner<K, V>>,
     ttl: Duration,
     capacity: usize,
+    /// Load turns, striped by key hash (distinct keys rarely share a stripe).
+    turns: Box<[tokio::sync::Mutex<()>]>,
+    hasher: std::collections::hash_map::RandomState,
 }
+
+/// Stripes of [`EpochMap::load_turn`]: loads of distinct keys that share one wait for each other.
+const TURN_STRIPES: usize = 64;
 
 #[derive(Debug)]
 struct Inner<K, V> {
     epoch: u64,
-    entries: HashMap<K, (V, Instant)>,
+    entries: HashMap<K, Entry<V>>,
+}
+
+#[derive(Debug)]
+struct Entry<V> {
+    value: V,
+    at: Instant,
+    /// Some caller has taken on reloading it (past half the TTL).
+    refreshing: AtomicBool,
 }
 
 impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
@@ -36,7 +63,26 @@ impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
             }),
             ttl,
             capacity: capacity.max(1),
+            turns: (0..TURN_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
         }
+    }
+
+    /// Waits for the turn to load `key` (hold the guard across the load and the insert).
+    /// Also returns the value if another caller inserted it while this one waited: then
+    /// there is nothing left to load.
+    pub async fn load_turn(&self, key: &K) -> (tokio::sync::MutexGuard<'_, ()>, Option<V>) {
+        let asked = Instant::now();
+        let stripe = (self.hasher.hash_one(key) as usize) % self.turns.len();
+        let turn = self.turns[stripe].lock().await;
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        let loaded = inner
+            .entries
+            .get(key)
+            .filter(|e| e.at >= asked && e.at.elapsed() < self.ttl)
+            .map(|e| e.value.clone());
+        drop(inner);
+        (turn, loaded)
     }
 
     /// The current epoch; read it before loading what will be inserted.
@@ -44,11 +90,19 @@ impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).epoch
     }
 
-    /// The cached value if present and younger than the TTL.
+    /// The cached value if present and younger than the TTL — except that the first
+    /// caller past half the TTL gets `None`, to reload it for everyone (see the module doc).
     pub fn get(&self, key: &K) -> Option<V> {
         let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        let (value, at) = inner.entries.get(key)?;
-        (at.elapsed() < self.ttl).then(|| value.clone())
+        let entry = inner.entries.get(key)?;
+        let age = entry.at.elapsed();
+        if age >= self.ttl {
+            return None;
+        }
+        if age >= self.ttl / 2 && !entry.refreshing.swap(true, Ordering::Relaxed) {
+            return None;
+        }
+        Some(entry.value.clone())
     }
 
     /// Inserts unless something was invalidated since `epoch` was read. Returns whether
@@ -61,7 +115,14 @@ impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
         if inner.entries.len() >= self.capacity {
             inner.entries.clear();
         }
-        inner.entries.insert(key, (value, Instant::now()));
+        inner.entries.insert(
+            key,
+            Entry {
+                value,
+                at: Instant::now(),
+                refreshing: AtomicBool::new(false),
+            },
+        );
         true
     }
 
@@ -76,7 +137,7 @@ impl<K: Eq + Hash, V: Clone> EpochMap<K, V> {
     pub fn invalidate_where(&self, stale: impl Fn(&K, &V) -> bool) {
         let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
         inner.epoch += 1;
-        inner.entries.retain(|k, (v, _)| !stale(k, v));
+        inner.entries.retain(|k, e| !stale(k, &e.value));
     }
 
     /// Number of entries (fresh or not).
@@ -117,6 +178,49 @@ mod tests {
         let cache = EpochMap::new(Duration::ZERO, 3);
         cache.insert_if_current(cache.epoch(), "a", 1);
         assert_eq!(cache.get(&"a"), None);
+    }
+
+    #[test]
+    fn past_half_the_ttl_one_caller_reloads_and_the_others_keep_the_value() {
+        let cache = EpochMap::new(Duration::from_secs(4), 3);
+        cache.insert_if_current(cache.epoch(), "a", 1);
+        assert_eq!(cache.get(&"a"), Some(1));
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(cache.get(&"a"), None, "the first caller past half the TTL reloads");
+        assert_eq!(cache.get(&"a"), Some(1), "the others are served meanwhile");
+        assert_eq!(cache.get(&"a"), Some(1));
+        cache.insert_if_current(cache.epoch(), "a", 2);
+        assert_eq!(cache.get(&"a"), Some(2), "the reload renews the entry");
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_waited_for_another_ones_load_uses_it() {
+        let cache = map();
+        let (turn, loaded) = cache.load_turn(&"a").await;
+        assert_eq!(loaded, None, "nothing loaded yet: this caller loads");
+        let waiting = cache.load_turn(&"a");
+        tokio::pin!(waiting);
+        assert!(
+            futures_util_poll(&mut waiting).is_none(),
+            "a second caller waits for the first one's turn"
+        );
+        cache.insert_if_current(cache.epoch(), "a", 7);
+        drop(turn);
+        let (turn, loaded) = waiting.await;
+        assert_eq!(loaded, Some(7), "and takes what the first one loaded");
+        drop(turn);
+        let (_turn, loaded) = cache.load_turn(&"b").await;
+        assert_eq!(loaded, None);
+    }
+
+    /// Polls a future once.
+    fn futures_util_poll<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 
     #[test]

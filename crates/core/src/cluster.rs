@@ -82,6 +82,9 @@ impl Default for ClusterOptions {
 pub struct Cluster {
     id: String,
     db: Db,
+    /// The heartbeat's own connection: a pool that requests or a slow activity flush have
+    /// run dry must not make this instance miss heartbeats and drop out of the live set.
+    beat_db: Db,
     signer: Arc<Signer>,
     options: ClusterOptions,
     /// The live instances (sorted ids, this one included), as of the last heartbeat.
@@ -209,6 +212,7 @@ impl Cluster {
         let listener = Listener::connect(session).await?;
         let cluster = Arc::new(Cluster {
             id,
+            beat_db: db.dedicated(1),
             db,
             signer: signer.clone(),
             options,
@@ -252,7 +256,11 @@ impl Cluster {
     /// Claims NIP-46 request `event_id` for this instance: true if it is this instance's
     /// to answer. A database failure answers true: a second answer is better than none.
     pub async fn claim(&self, event_id: &str) -> bool {
-        match cluster_repo::claim(&self.db, event_id, &self.id).await {
+        let started = Instant::now();
+        let claimed = cluster_repo::claim(&self.db, event_id, &self.id).await;
+        // The one database round trip of a NIP-46 request on PostgreSQL (BENCHMARKS.md).
+        metrics::histogram!("keycast_nip46_claim_seconds").record(started.elapsed());
+        match claimed {
             Ok(claimed) => claimed,
             Err(err) => {
                 tracing::warn!(error = %err, "nip46: cannot claim a request; answering it anyway");
@@ -321,7 +329,7 @@ impl Cluster {
 
     async fn beat(&self) -> Result<(), keycast_db::RepoError> {
         let ttl = i64::try_from(self.options.instance_ttl.as_millis()).unwrap_or(i64::MAX);
-        let live = cluster_repo::heartbeat(&self.db, &self.id, ttl).await?;
+        let live = cluster_repo::heartbeat(&self.beat_db, &self.id, ttl).await?;
         let changed = {
             let mut current = self.live.write().unwrap_or_else(PoisonError::into_inner);
             let changed = **current != live;
@@ -352,8 +360,8 @@ impl Cluster {
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = Instant::now();
                 let before = i64::try_from(PURGE_AFTER.as_millis()).unwrap_or(i64::MAX);
-                let _ = cluster_repo::purge(&self.db, before).await;
-                let _ = keycast_db::limits::purge(&self.db, now_ms() - before).await;
+                let _ = cluster_repo::purge(&self.beat_db, before).await;
+                let _ = keycast_db::limits::purge(&self.beat_db, now_ms() - before).await;
             }
         }
     }

@@ -101,6 +101,9 @@ const CHANGES_CAPACITY: usize = 1024;
 #[derive(Debug)]
 pub struct Signer {
     db: Db,
+    /// The activity flush's own connection (PostgreSQL; the same pool on SQLite): a slow
+    /// flush must not hold connections that signing and the heartbeat need.
+    activity_db: Db,
     km: Arc<dyn KeyManager>,
     /// Live (unrevoked) authorizations, with `expires_at: None`.
     authorizations: EpochMap<AuthorizationId, Arc<Authorization>>,
@@ -146,6 +149,7 @@ impl Signer {
     pub fn new(db: Db, km: Arc<dyn KeyManager>, options: SignerOptions) -> Signer {
         let (ttl, cap) = (options.cache_ttl, options.cache_capacity);
         Signer {
+            activity_db: db.dedicated(1),
             db,
             km,
             authorizations: EpochMap::new(ttl, cap),
@@ -277,6 +281,21 @@ impl Signer {
         }
     }
 
+    /// After a miss: waits for the turn to load `key` (so concurrent misses cost one query,
+    /// see [`EpochMap::load_turn`]), with what another caller loaded meanwhile. Untrusted
+    /// caches take no turn: every lookup reads the database then.
+    async fn load_turn<'a, K: Eq + std::hash::Hash, V: Clone>(
+        &self,
+        map: &'a EpochMap<K, V>,
+        key: &K,
+    ) -> (Option<tokio::sync::MutexGuard<'a, ()>>, Option<V>) {
+        if !self.trusted.load(Ordering::Relaxed) {
+            return (None, None);
+        }
+        let (turn, loaded) = map.load_turn(key).await;
+        (Some(turn), loaded)
+    }
+
     /// Creates an authorization for a client that started with `nostrconnect://`: its
     /// bunker listens on the client's relays and the client is bound at once. Commits:
     /// the caller waits for durability, then calls [`Signer::announce_nostrconnect`].
@@ -331,11 +350,19 @@ impl Signer {
     /// # Errors
     /// [`AuthError::UnknownToken`] (no such bunker), [`AuthError::Internal`].
     pub async fn bunker_secret(&self, bunker: &PublicKey) -> Result<Arc<Keys>, AuthError> {
-        if let Some(id) = self.cached(&self.bunkers, bunker) {
-            if let Some(keys) = self.cached(&self.bunker_keys, &id) {
+        let cached_id = self.cached(&self.bunkers, bunker);
+        if let Some(id) = &cached_id {
+            if let Some(keys) = self.cached(&self.bunker_keys, id) {
                 return Ok(keys);
             }
         }
+        let _turn = match &cached_id {
+            Some(id) => match self.load_turn(&self.bunker_keys, id).await {
+                (_, Some(keys)) => return Ok(keys),
+                (turn, None) => turn,
+            },
+            None => None,
+        };
         let epoch = self.bunker_keys.epoch();
         let row = authz_repo::find_by_bunker_pubkey(&self.db, &bunker.to_hex())
             .await?
@@ -360,6 +387,12 @@ impl Signer {
     pub async fn authorize_token(&self, token: &str) -> Result<Authorization, AuthError> {
         let hash = hash_token(token);
         if let Some((id, expires_at)) = self.cached(&self.tokens, &hash) {
+            if let Some(authz) = self.cached(&self.authorizations, &id) {
+                return with_expiry(&authz, expires_at);
+            }
+        }
+        let (_turn, loaded) = self.load_turn(&self.tokens, &hash).await;
+        if let Some((id, expires_at)) = loaded {
             if let Some(authz) = self.cached(&self.authorizations, &id) {
                 return with_expiry(&authz, expires_at);
             }
@@ -669,23 +702,33 @@ impl Signer {
         self.policies.invalidate_where(|_, _| true);
     }
 
-    /// Writes buffered activity in one batch. Call about once a second and at shutdown.
-    /// Returns the rows written. On failure the batch stays buffered for the next call.
+    /// Writes buffered activity, oldest first, in transactions of at most
+    /// [`activity_repo::MAX_BATCH_ROWS`] rows on a connection of its own. Call about once a
+    /// second and at shutdown. Returns the rows written. On failure the batch that failed
+    /// (and everything after it) stays buffered for the next call; batches already
+    /// committed stay written.
     ///
     /// # Errors
     /// [`SignError::Internal`] on storage failure.
     pub async fn flush(&self) -> Result<u64, SignError> {
-        let batch = self.activity.take();
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        match activity_repo::insert_batch(&self.db, &batch).await {
-            Ok(stored) => Ok(stored),
-            Err(err) => {
-                self.activity.put_back(batch);
-                Err(err.into())
+        let mut stored = 0;
+        // Only what was buffered when the flush began: a flush under steady signing ends.
+        let mut left = self.activity.len();
+        while left > 0 {
+            let batch = self.activity.take(left.min(activity_repo::MAX_BATCH_ROWS));
+            if batch.is_empty() {
+                break;
+            }
+            left = left.saturating_sub(batch.len());
+            match activity_repo::insert_batch(&self.activity_db, &batch).await {
+                Ok(rows) => stored += rows,
+                Err(err) => {
+                    self.activity.put_back(batch);
+                    return Err(err.into());
+                }
             }
         }
+        Ok(stored)
     }
 
     /// Activity records waiting for [`Signer::flush`].
@@ -707,6 +750,10 @@ impl Signer {
             return Err(SignError::Expired);
         }
         if let Some(current) = self.cached(&self.authorizations, &authz.id) {
+            return Ok(current);
+        }
+        let (_turn, loaded) = self.load_turn(&self.authorizations, &authz.id).await;
+        if let Some(current) = loaded {
             return Ok(current);
         }
         // Not cached: invalidated (perhaps revoked or edited) or aged out. Ask the database.
@@ -748,6 +795,10 @@ impl Signer {
         if let Some(policy) = self.cached(&self.policies, id) {
             return Ok(policy);
         }
+        let (_turn, loaded) = self.load_turn(&self.policies, id).await;
+        if let Some(policy) = loaded {
+            return Ok(policy);
+        }
         let epoch = self.policies.epoch();
         let row = policies::find_by_id(&self.db, id).await?.ok_or_else(|| PolicyError {
             slug: id.to_string(),
@@ -761,6 +812,10 @@ impl Signer {
     /// The kinds the owner allowed `id` from now on (cached like the authorization).
     pub(crate) async fn allowed_kinds(&self, id: &AuthorizationId) -> Result<Arc<BTreeSet<u16>>, SignError> {
         if let Some(kinds) = self.cached(&self.allowances, id) {
+            return Ok(kinds);
+        }
+        let (_turn, loaded) = self.load_turn(&self.allowances, id).await;
+        if let Some(kinds) = loaded {
             return Ok(kinds);
         }
         let epoch = self.allowances.epoch();
@@ -789,6 +844,10 @@ impl Signer {
 
     async fn user_keys(&self, user: &UserId) -> Result<Arc<Keys>, SignError> {
         if let Some(keys) = self.cached(&self.user_keys, user) {
+            return Ok(keys);
+        }
+        let (_turn, loaded) = self.load_turn(&self.user_keys, user).await;
+        if let Some(keys) = loaded {
             return Ok(keys);
         }
         let epoch = self.user_keys.epoch();

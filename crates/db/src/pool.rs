@@ -40,7 +40,8 @@
 //! The server keeps the data (no replicator). Connections are plain sqlx `PgPool`
 //! connections named `keycast` (`application_name`), at most
 //! [`PgOptions::max_connections`] per instance: with N instances the server sees up to
-//! N × that (+1 per instance for the change listener, see [`crate::notify`]), which must stay
+//! N × that (+1 per instance for the change listener, see [`crate::notify`], +2 for the
+//! [`Db::dedicated`] connections of the activity flush and the heartbeat), which must stay
 //! under the server's `max_connections` (Cloud SQL's depends on the machine tier).
 
 use std::path::{Path, PathBuf};
@@ -293,9 +294,7 @@ impl Db {
             source,
         };
         let connect = options.connect_options().map_err(open_err)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
+        let pool = pg_pool_options(options.max_connections, options.acquire_timeout)
             .connect_with(connect)
             .await
             .map_err(open_err)?;
@@ -353,6 +352,28 @@ impl Db {
         on_engine!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))
     }
 
+    /// A handle on the same database through `connections` connections of its own
+    /// (PostgreSQL; opened on first use), for background work that must neither wait for
+    /// the requests' pool nor hold it: the activity flush and the cluster heartbeat. A
+    /// multi-second flush on the shared pool once held connections that signing and the
+    /// heartbeat then queued for until the pool ran dry (BENCHMARKS.md, issue 13). On
+    /// SQLite the same pool (one writer in all, and its connections carry the replicator's
+    /// commit hook).
+    pub fn dedicated(&self, connections: u32) -> Db {
+        match &self.engine {
+            Engine::Sqlite(_) => self.clone(),
+            Engine::Postgres(pool) => {
+                let pool = pg_pool_options(connections.max(1), pool.options().get_acquire_timeout())
+                    .connect_lazy_with((*pool.connect_options()).clone());
+                Db {
+                    engine: Engine::Postgres(pool),
+                    location: self.location.clone(),
+                    path: None,
+                }
+            }
+        }
+    }
+
     /// Pool statistics for metrics: (open connections, idle connections).
     pub fn pool_stats(&self) -> (u32, usize) {
         on_engine!(self, |pool| (pool.size(), pool.num_idle()))
@@ -362,6 +383,30 @@ impl Db {
     pub async fn close(&self) {
         on_engine!(self, |pool| pool.close().await)
     }
+}
+
+/// A connection idle at least this long is pinged before it is handed out.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(30);
+
+/// PostgreSQL pool settings. sqlx pings every idle connection before handing it out
+/// (`test_before_acquire`): a second round trip for every statement — for a NIP-46 request,
+/// whose one statement is its claim, half its database time (BENCHMARKS.md). Here only a
+/// connection idle for [`PING_IDLE_AFTER`] is pinged (one a proxy or a server restart may
+/// have closed meanwhile); a busy connection is known to be alive, and if it broke anyway
+/// the statement fails and sqlx drops it.
+fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IDLE_AFTER {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {

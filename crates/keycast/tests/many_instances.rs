@@ -547,3 +547,124 @@ fn during_a_rolling_deploy_the_older_keycast_still_starts_on_the_newer_schema() 
         refused.stderr
     );
 }
+
+/// A `psql` session holding `LOCK TABLE activity IN EXCLUSIVE MODE` (reads pass, every
+/// INSERT waits) until dropped: PostgreSQL made slow for real on the activity flush.
+struct ActivityLock(std::process::Child);
+
+impl ActivityLock {
+    fn take(database: &PgDatabase) -> ActivityLock {
+        use std::io::{BufRead, Write};
+        let mut child = std::process::Command::new("psql")
+            .args(["-AtqX", "-v", "ON_ERROR_STOP=1", &database.url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.as_mut().unwrap();
+        writeln!(stdin, "BEGIN; LOCK TABLE activity IN EXCLUSIVE MODE; SELECT 'locked';").unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "locked");
+        ActivityLock(child)
+    }
+}
+
+impl Drop for ActivityLock {
+    fn drop(&mut self) {
+        use std::io::Write;
+        if let Some(mut stdin) = self.0.stdin.take() {
+            let _ = writeln!(stdin, "COMMIT;");
+        }
+        if harness::wait_within(&mut self.0, Duration::from_secs(10)).is_none() {
+            harness::reap(&mut self.0);
+        }
+    }
+}
+
+/// The two-instance stall of BENCHMARKS.md (issue 13): an activity flush that PostgreSQL
+/// takes seconds over must not hold what signing and the heartbeat need. Here the flush
+/// cannot finish at all (the activity table is locked from another session) while each
+/// instance has one pooled connection and caches that expire every second, so every few
+/// requests must read the database: signing keeps answering at once on both instances,
+/// both keep heartbeating (neither drops out of the live set), and once the lock goes
+/// every signature's activity record is written.
+#[test]
+fn signing_and_the_heartbeat_carry_on_while_the_activity_flush_is_stuck() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("stuckflush");
+    let dir = tempfile::tempdir().unwrap();
+    let servers: Vec<Keycast> = (0..2)
+        .map(|i| {
+            Launch::new(&dir.path().join(format!("data{i}")))
+                .postgres(&database)
+                .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+                .env("KEYCAST_DATABASE_MAX_CONNECTIONS", "1")
+                .env("KEYCAST_CACHE_TTL_SECS", "1")
+                .env("KEYCAST_INSTANCE_TTL_SECS", "2")
+                .start()
+        })
+        .collect();
+    let (cookie, _) = register(&servers[0], "alice@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    let signed_before: usize = database.query("SELECT COUNT(*) FROM activity").parse().unwrap();
+
+    let lock = ActivityLock::take(&database);
+    let mut signed = 0;
+    let started = Instant::now();
+    // Three instance TTLs: long enough for a starved heartbeat to lapse, and for the
+    // caches to expire several times over.
+    while started.elapsed() < Duration::from_secs(6) {
+        for (i, server) in servers.iter().enumerate() {
+            let at = Instant::now();
+            let r = sign(server, &token);
+            assert_eq!(
+                r.status, 200,
+                "instance {i} refused to sign while the activity flush was stuck: {}",
+                r.body
+            );
+            assert!(
+                at.elapsed() < Duration::from_secs(2),
+                "instance {i} took {:?} to sign while the activity flush was stuck",
+                at.elapsed()
+            );
+            signed += 1;
+        }
+        let fresh: i64 = database
+            .query(
+                "SELECT COUNT(*) FROM keycast_instances \
+                 WHERE heartbeat_at > CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) - 2000",
+            )
+            .parse()
+            .unwrap();
+        assert_eq!(
+            fresh,
+            2,
+            "an instance stopped heartbeating ({:?} into the stuck flush)",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let written: usize = database.query("SELECT COUNT(*) FROM activity").parse().unwrap();
+    assert_eq!(written, signed_before, "the lock held every flush back");
+
+    drop(lock);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let written: usize = database.query("SELECT COUNT(*) FROM activity").parse().unwrap();
+        if written == signed_before + signed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{written} activity records after the lock went, expected {}",
+            signed_before + signed
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

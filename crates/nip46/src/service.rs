@@ -307,14 +307,18 @@ impl Shared {
     async fn handle(&self, incoming: Incoming) {
         let started = Instant::now();
         let (bunker, client) = (incoming.bunker, incoming.event.pubkey);
-        let Some((keys, request, cipher)) = self.open(&bunker, &incoming.event).await else {
+        // The claim (a PostgreSQL round trip with several instances) runs while the request
+        // is opened (key lookup, decryption): neither has a side effect but the claim row,
+        // and only the claimant goes on to answer, so nothing is answered twice.
+        let (opened, claimed) = tokio::join!(self.open(&bunker, &incoming.event), self.claim(&incoming.event));
+        let Some((keys, request, cipher)) = opened else {
             return;
         };
-        if !self.first_time(&client, &request.id) {
-            tracing::debug!(id = %request.id, "nip46: duplicate request ignored");
+        if !claimed {
             return;
         }
-        if !self.claim(&incoming.event).await {
+        if !self.first_time(&client, &request.id) {
+            tracing::debug!(id = %request.id, "nip46: duplicate request ignored");
             return;
         }
         let (reply, outcome) = handler::answer(
