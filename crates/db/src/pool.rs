@@ -385,28 +385,16 @@ impl Db {
     }
 }
 
-/// A connection idle at least this long is pinged before it is handed out.
-const PING_IDLE_AFTER: Duration = Duration::from_secs(30);
-
-/// PostgreSQL pool settings. sqlx pings every idle connection before handing it out
-/// (`test_before_acquire`): a second round trip for every statement — for a NIP-46 request,
-/// whose one statement is its claim, half its database time (BENCHMARKS.md). Here only a
-/// connection idle for [`PING_IDLE_AFTER`] is pinged (one a proxy or a server restart may
-/// have closed meanwhile); a busy connection is known to be alive, and if it broke anyway
-/// the statement fails and sqlx drops it.
+/// PostgreSQL pool settings. sqlx pings an idle connection before handing it out
+/// (`test_before_acquire`, kept on): a second round trip per statement (part of a NIP-46 claim's time,
+/// BENCHMARKS.md), paid so that a failover costs no request. A
+/// Cloud SQL maintenance restart or a proxy closes every connection at once; with the ping,
+/// sqlx replaces a dead connection before any statement is sent on it, while without it each
+/// connection of the pool would fail one request with a 500 first.
 fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_IDLE_AFTER {
-                    sqlx::Connection::ping(conn).await?;
-                }
-                Ok(true)
-            })
-        })
 }
 
 async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {
