@@ -668,3 +668,55 @@ fn signing_and_the_heartbeat_carry_on_while_the_activity_flush_is_stuck() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// PostgreSQL restarted under keycast (a Cloud SQL maintenance window, a failover, a proxy
+/// that drops its connections) — here every backend of keycast's database is terminated at
+/// once. The requests right after must not pay for it: a dead pooled connection is replaced
+/// before a statement is sent on it, so nobody gets a 500 for a connection that died idle.
+#[test]
+fn a_server_that_dropped_every_connection_costs_no_request() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("dropped");
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .postgres(&database)
+        .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+        .env("KEYCAST_DATABASE_MAX_CONNECTIONS", "4")
+        .env("KEYCAST_CACHE_TTL_SECS", "1")
+        .start();
+    let (cookie, _) = register(&server, "alice@example.com", None);
+    let token = access_token(&server, &cookie);
+    // Open the whole pool: requests at once, each holding a connection.
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| assert_eq!(get(&server, "/api/user/authorizations", Some(&cookie)).status, 200));
+        }
+    });
+
+    let dropped: usize = database
+        .query(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .parse()
+        .unwrap();
+    assert!(dropped >= 2, "only {dropped} connections to drop");
+    // Past the cache's lifetime, so signing reads the authorization again.
+    std::thread::sleep(Duration::from_millis(1100));
+
+    let failed: Vec<String> = (0..12)
+        .flat_map(|_| {
+            let page = get(&server, "/api/user/authorizations", Some(&cookie));
+            let signed = sign(&server, &token);
+            [page, signed]
+        })
+        .filter(|r| r.status != 200)
+        .map(|r| format!("{}: {}", r.status, r.body))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed after the connections dropped: {failed:?}"
+    );
+}
