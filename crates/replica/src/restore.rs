@@ -261,11 +261,25 @@ async fn restore_from(
     };
     let listed = started.elapsed();
     let temp = temp_path(output);
-    let result = apply_all(store, &files, &temp, progress).await;
+    // The checksum recorded for the TXID the plan reaches (two round trips on a cloud store)
+    // is fetched while the files are applied, not after.
+    let reached = files.last().map_or(0, |f| f.max_txid);
+    let (result, recorded) = tokio::join!(
+        apply_all(store, &files, &temp, progress),
+        crate::verify::recorded_checksum(store, reached)
+    );
     let applied = started.elapsed();
     let result = match result {
         Ok(restored) => match verify_integrity(&temp).await {
-            Ok(()) => compare_recorded_checksum(store, &temp, restored).await,
+            Ok(()) => {
+                // The chain check makes the TXID reached the plan's; should it ever differ,
+                // the record of the TXID actually restored is the one that counts.
+                let recorded = match restored.txid == reached {
+                    true => recorded,
+                    false => crate::verify::recorded_checksum(store, restored.txid).await,
+                };
+                compare_recorded_checksum(recorded, &temp, restored).await
+            }
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
@@ -369,9 +383,14 @@ pub(crate) fn missing_page(written: &crate::apply::PageSet, commit: u32, page_si
 }
 
 /// Where keycast recorded the live database's checksum for the restored TXID (its background
-/// verification does), the restored file must have exactly that checksum.
-async fn compare_recorded_checksum(store: &Store, temp: &Path, restored: Restored) -> Result<Restored, RestoreError> {
-    let Some(recorded) = crate::verify::recorded_checksum(store, restored.txid).await? else {
+/// verification does; `recorded` is what was found for it), the restored file must have
+/// exactly that checksum.
+async fn compare_recorded_checksum(
+    recorded: Result<Option<u64>, RestoreError>,
+    temp: &Path,
+    restored: Restored,
+) -> Result<Restored, RestoreError> {
+    let Some(recorded) = recorded? else {
         return Ok(restored);
     };
     let (path, page_size) = (temp.to_owned(), restored.page_size);
