@@ -270,7 +270,7 @@ async fn restore_from(
     );
     let applied = started.elapsed();
     let result = match result {
-        Ok(restored) => match verify_integrity(&temp).await {
+        Ok((restored, file)) => match sync_and_check(file, &temp).await {
             Ok(()) => {
                 // The chain check makes the TXID reached the plan's; should it ever differ,
                 // the record of the TXID actually restored is the one that counts.
@@ -333,13 +333,14 @@ fn temp_path(output: &Path) -> PathBuf {
 }
 
 /// Fetches files (several ahead, in parallel) and applies them in plan order into `temp`,
-/// then trims it to the final size and checks every page is there.
+/// then trims it to the final size and checks every page is there. Returns the file, not
+/// yet flushed to disk.
 async fn apply_all(
     store: &Store,
     files: &[LtxObject],
     temp: &Path,
     progress: Option<Progress<'_>>,
-) -> Result<Restored, RestoreError> {
+) -> Result<(Restored, File), RestoreError> {
     let io_err = |source| RestoreError::Io {
         path: temp.to_owned(),
         source,
@@ -351,29 +352,44 @@ async fn apply_all(
         .map_err(io_err)?;
     let (applied, file) = crate::apply::apply_files(store, files, file, temp, 0, progress).await?;
     let (commit, page_size) = (applied.commit, applied.page_size);
-    let finished = tokio::task::spawn_blocking(move || -> Result<(), RestoreError> {
+    let finished = tokio::task::spawn_blocking(move || -> Result<File, RestoreError> {
         file.set_len(u64::from(commit) * u64::from(page_size))
-            .and_then(|()| file.sync_all())
             .map_err(|source| RestoreError::Io {
                 path: PathBuf::new(),
                 source,
             })?;
         missing_page(&applied.written, commit, page_size)
-            .map_or(Ok(()), |pgno| Err(RestoreError::MissingPage { pgno, pages: commit }))
+            .map_or(Ok(file), |pgno| Err(RestoreError::MissingPage { pgno, pages: commit }))
     })
     .await
     .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
-    finished.map_err(|e| match e {
+    let file = finished.map_err(|e| match e {
         RestoreError::Io { source, .. } => io_err(source),
         e => e,
     })?;
-    Ok(Restored {
+    let restored = Restored {
         txid: applied.txid,
         pages: commit,
         page_size,
         files: files.len(),
         bytes: applied.bytes,
-    })
+    };
+    Ok((restored, file))
+}
+
+/// Flushes the complete temporary file to disk while SQLite checks it (both only read it),
+/// instead of one after the other; the file is renamed into place only once both succeed.
+async fn sync_and_check(file: File, temp: &Path) -> Result<(), RestoreError> {
+    let sync = tokio::task::spawn_blocking(move || file.sync_all());
+    let (synced, checked) = tokio::join!(sync, verify_integrity(temp));
+    synced
+        .map_err(std::io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| RestoreError::Io {
+            path: temp.to_owned(),
+            source,
+        })?;
+    checked
 }
 
 /// The first page in 1..=commit (the lock page aside) that no file wrote.
