@@ -52,6 +52,15 @@ pub struct Args {
     /// Directory for the databases (default: the system temp dir).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// End the history at the worst phase of compaction instead of after exactly --seconds:
+    /// 2 s before the level-2 run due at --seconds (598 s for 600), when level 2 is a whole
+    /// period behind, level 1 holds a period of files and level 0 almost a level-1 interval.
+    #[arg(long)]
+    worst_phase: bool,
+    /// The replica already holds a history (an earlier run's, kept with --keep): skip step 1
+    /// and cold-start from it; the row count every cold start must restore is the first's.
+    #[arg(long)]
+    existing: bool,
 }
 
 /// The replica as a cold start sees it: every request `latency_ms` later.
@@ -93,11 +102,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let env = |n: &str| std::env::var(n).ok();
     let open = || -> anyhow::Result<Store> { Store::from_url(&url, &env)?.context("the replica URL is none") };
     let store = open()?;
-    if !store.is_empty().await? {
+    if !args.existing && !store.is_empty().await? {
         bail!("replica {url} is not empty");
     }
 
+    if args.existing {
+        if store.is_empty().await? {
+            bail!("--existing: replica {url} holds no history");
+        }
+        let history = json!({ "existing": true, "plan": plan_shape(&store).await? });
+        return cold_starts(&args, &url, &store, &dir, history, None).await;
+    }
+
     // 1. History.
+    let seconds = history_seconds(&args);
     let db = dir.path().join("history").join("app.db");
     std::fs::create_dir_all(db.parent().expect("a parent"))?;
     let signal = CommitSignal::new();
@@ -110,7 +128,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let (mut writes, mut last_note) = (0u64, Instant::now());
-    while started.elapsed().as_secs_f64() < args.seconds {
+    while started.elapsed().as_secs_f64() < seconds {
         ticks.tick().await;
         sqlx::query("INSERT INTO t (v) VALUES (randomblob(200))")
             .execute(&pool)
@@ -144,13 +162,50 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "txid": txid,
         "objects": files.len(),
         "per_level": per_level,
+        "worst_phase": args.worst_phase,
+        "plan": plan_shape(&store).await?,
     });
     note!("coldstart: history done: {history}");
+    cold_starts(&args, &url, &store, &dir, history, Some(rows)).await
+}
 
-    // 2. Cold starts.
+/// How long the history runs: --seconds, or with --worst-phase until 2 s before the level-2
+/// compaction due then (levels run every interval from the replicator's start).
+fn history_seconds(args: &Args) -> f64 {
+    if !args.worst_phase {
+        return args.seconds;
+    }
+    let l2 = keycast_replica::compactor::CompactionPolicy::default().levels[1].as_secs_f64();
+    (args.seconds / l2).ceil().max(1.0) * l2 - 2.0
+}
+
+/// Files per level in the plan a restore of the latest state follows.
+async fn plan_shape(store: &Store) -> anyhow::Result<serde_json::Value> {
+    let files = store.list_recent().await?;
+    let plan = keycast_replica::restore::plan(&files, keycast_replica::restore::Target::Latest, "replica")?;
+    let mut shape = serde_json::Map::new();
+    for level in 0..=9u8 {
+        let n = plan.iter().filter(|f| f.level == level).count();
+        if n > 0 {
+            shape.insert(format!("L{level}"), json!(n));
+        }
+    }
+    Ok(serde_json::Value::Object(shape))
+}
+
+/// Step 2: `--runs` cold starts from the replica at `url`, each checked against `rows` (the
+/// first run's count when the history was not written by this process).
+async fn cold_starts(
+    args: &Args,
+    url: &str,
+    store: &Store,
+    dir: &tempfile::TempDir,
+    history: serde_json::Value,
+    mut rows: Option<i64>,
+) -> anyhow::Result<()> {
     let mut ready_ms = Vec::new();
     for run in 1..=args.runs {
-        let slow = slow_store(&url, args.latency_ms).await?;
+        let slow = slow_store(url, args.latency_ms).await?;
         let db = dir.path().join(format!("cold-{run}")).join("app.db");
         std::fs::create_dir_all(db.parent().expect("a parent"))?;
         let requests_before = slow.request_count();
@@ -176,8 +231,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let ready = t0.elapsed().as_secs_f64() * 1000.0;
         let requests = slow.request_count() - requests_before;
         let got: i64 = sqlx::query_scalar("SELECT count(*) FROM t").fetch_one(&pool).await?;
-        if got != rows {
-            bail!("cold start {run} restored {got} rows, the history wrote {rows}");
+        let want = *rows.get_or_insert(got);
+        if got != want {
+            bail!("cold start {run} restored {got} rows, expected {want}");
         }
         pool.close().await;
         replicator.shutdown(Instant::now() + Duration::from_secs(60)).await?;
@@ -188,6 +244,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "latency_ms": args.latency_ms,
             "lease_ms": r1(leased_ms),
             "restore_ms": r1(restored_ms - leased_ms),
+            "start_ms": r1(ready - restored_ms),
             "ready_ms": r1(ready),
             "files_applied": restored.files,
             "bytes_fetched": restored.bytes,

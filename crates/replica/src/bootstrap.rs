@@ -17,8 +17,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::local_state::{self, LocalState};
-use crate::restore::{self, RestoreError, Restored, Target};
-use crate::store::{Store, StoreError};
+use crate::restore::{self, RestoreError, Restored};
+use crate::store::{LtxObject, Store, StoreError};
 
 /// What start-up found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +93,9 @@ pub enum BootstrapError {
 /// # Errors
 /// See [`BootstrapError`].
 pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<Bootstrap, BootstrapError> {
-    let remote = store.max_txid().await?;
+    // One listing serves both the decision and, if it comes to that, the restore.
+    let recent = store.list_recent().await?;
+    let remote = crate::store::tip(&recent);
     if let Some(recorded) = recorded.filter(|r| *r > remote) {
         return Err(BootstrapError::ReplicaTruncated {
             replica: store.describe(),
@@ -105,13 +107,13 @@ pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<
     let local = db.exists();
     match (local, remote) {
         (false, 0) => Ok(Bootstrap::Fresh),
-        (false, _) => restore_into(db, store, None).await,
+        (false, _) => restore_into(db, store, None, &recent).await,
         (true, 0) => Ok(Bootstrap::Adopt),
-        (true, _) => compare(db, store, remote).await,
+        (true, _) => compare(db, store, remote, &recent).await,
     }
 }
 
-async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, BootstrapError> {
+async fn compare(db: &Path, store: &Store, remote: u64, recent: &[LtxObject]) -> Result<Bootstrap, BootstrapError> {
     let record = match local_state::load(db) {
         Ok(record) => record,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -119,7 +121,7 @@ async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, Boo
             // it unreadable. It then proves nothing, and the replica holds everything shipped.
             let aside = move_aside(db)?;
             tracing::warn!(error = %e, moved_to = %aside.display(), "the local replication record is unreadable (a power loss?); restoring from the replica, the old file is kept");
-            return restore_into(db, store, Some(aside)).await;
+            return restore_into(db, store, Some(aside), recent).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -156,7 +158,7 @@ async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, Boo
             moved_to = %aside.display(),
             "the local database is behind the replica (another instance wrote since); restoring, the old file is kept"
         );
-        return restore_into(db, store, Some(aside)).await;
+        return restore_into(db, store, Some(aside), recent).await;
     }
     let shipped_frames_lost = match &record.wal {
         Some(cursor) if !(record.clean && record.db_checksum.is_some()) => {
@@ -172,17 +174,23 @@ async fn compare(db: &Path, store: &Store, remote: u64) -> Result<Bootstrap, Boo
             moved_to = %aside.display(),
             "the local WAL no longer holds frames that were replicated (a power loss?); restoring from the replica, the old file is kept"
         );
-        return restore_into(db, store, Some(aside)).await;
+        return restore_into(db, store, Some(aside), recent).await;
     }
     Ok(Bootstrap::Resume { txid: record.txid })
 }
 
-async fn restore_into(db: &Path, store: &Store, moved_aside: Option<PathBuf>) -> Result<Bootstrap, BootstrapError> {
+/// Restores the latest state into `db`, planned from `recent`, the listing start-up just made.
+async fn restore_into(
+    db: &Path,
+    store: &Store,
+    moved_aside: Option<PathBuf>,
+    recent: &[LtxObject],
+) -> Result<Bootstrap, BootstrapError> {
     if let Some(parent) = db.parent() {
         std::fs::create_dir_all(parent)?;
     }
     tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
-    let restored = restore::restore(store, db, Target::Latest, None).await?;
+    let restored = restore::restore_latest_listed(store, db, recent).await?;
     local_state::store(
         db,
         &LocalState {

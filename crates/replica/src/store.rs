@@ -529,7 +529,8 @@ impl Store {
     /// the levels above cover. Level 0 alone holds a file per shipped batch — tens of
     /// thousands after minutes of steady writes, kept for `l0_retention` — and reading all of
     /// them, a page of 1000 names per round trip, made a cold start's time grow with the
-    /// replica's history. Four round trips instead, whatever the history.
+    /// replica's history. Three requests one after another instead, whatever the history
+    /// (levels 2–9 in one, see [`Store::list_upper_levels`]; then level 1 and level 0).
     ///
     /// Compaction merges whole files of the level below, newer than its own newest, so the
     /// files past what the levels above cover start right after it, and the newest TXID in
@@ -539,13 +540,54 @@ impl Store {
     /// # Errors
     /// `Backend` if a listing fails.
     pub async fn list_recent(&self) -> Result<Vec<LtxObject>, StoreError> {
-        let upper = futures::future::try_join_all((3..=SNAPSHOT_LEVEL).map(|level| self.list_level(level))).await?;
-        let mut files: Vec<LtxObject> = upper.into_iter().flatten().collect();
-        for level in [2, 1, 0] {
+        let mut files = self.list_upper_levels().await?;
+        for level in [1, 0] {
             let covered = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
             files.extend(self.list_level_from(level, covered + 1).await?);
         }
         files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
+        Ok(files)
+    }
+
+    /// Every LTX file at levels 2–9. Compaction keeps these levels short, so on a cloud store
+    /// it is one listing starting at level 2's directory and stopped past level 9's (level
+    /// directories sort in level order in both layouts), not one request per level: each
+    /// request is a round trip and a billed operation, and an S3 server like moto scans its
+    /// whole bucket for every listing, whatever its prefix. At most one page of other
+    /// objects (keycast's own, which sort after the levels on S3) is read past level 9.
+    /// Local backends list each level, which costs no request.
+    async fn list_upper_levels(&self) -> Result<Vec<LtxObject>, StoreError> {
+        const FIRST: u8 = 2;
+        let root = match self.inner.backend {
+            Backend::File | Backend::Memory => {
+                let per_level =
+                    futures::future::try_join_all((FIRST..=SNAPSHOT_LEVEL).map(|level| self.list_level(level))).await?;
+                return Ok(per_level.into_iter().flatten().collect());
+            }
+            Backend::S3 => self.inner.prefix.clone(),
+            Backend::Gcs | Backend::Azure => self.inner.prefix.clone().join("ltx"),
+        };
+        let dirs: Vec<(u8, Path)> = (FIRST..=SNAPSHOT_LEVEL)
+            .map(|level| (level, self.level_dir(level)))
+            .collect();
+        let last = self.level_dir(SNAPSHOT_LEVEL);
+        let past_last = |key: &Path| key.as_ref() > last.as_ref() && !key.prefix_matches(&last);
+        // Keys after "<root>/<level 2>" itself: level 2's files and everything sorting later.
+        self.begin(Operation::List);
+        let mut metas = self.inner.objects.list_with_offset(Some(&root), &dirs[0].1);
+        let mut files = Vec::new();
+        while let Some(meta) = metas
+            .try_next()
+            .await
+            .map_err(|source| self.failed(Operation::List, &root, source))?
+        {
+            if past_last(&meta.location) {
+                break;
+            }
+            if let Some((level, dir)) = dirs.iter().find(|(_, dir)| meta.location.prefix_matches(dir)) {
+                files.extend(ltx_object(*level, dir, meta));
+            }
+        }
         Ok(files)
     }
 

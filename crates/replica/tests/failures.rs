@@ -338,3 +338,34 @@ async fn a_slow_store_under_sustained_writes_keeps_the_wal_bounded() {
         .unwrap();
     assert_eq!(restored_values(&store, dir.path(), "check.db").await.len() as u64, n);
 }
+
+/// Start-up on an empty disk lists the replica once, both to find its tip and to restore it:
+/// on a cloud store every listing is round trips (and, on some servers, a scan of the bucket)
+/// before the instance can serve. Any listing past the first fails here.
+#[tokio::test]
+async fn a_cold_start_lists_the_replica_once() {
+    let (dir, db_a, pool_a, signal_a) = common::live_db().await;
+    let store = Store::in_memory();
+    let a = Replicator::start(&db_a, store.clone(), signal_a, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool_a, "a1").await;
+    a.wait_durable(Duration::from_secs(5)).await.unwrap();
+    pool_a.close().await;
+    a.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+
+    // The requests one recent listing takes on this backend (one per level here).
+    let before = store.request_count();
+    store.list_recent().await.unwrap();
+    let listings = usize::try_from(store.request_count() - before).unwrap();
+    let faults = Faults::new();
+    faults.add(Rule::new(Op::List, Action::Delay(Duration::ZERO)).times(listings));
+    faults.add(Rule::new(Op::List, Action::Fail));
+    let once = store.with_faults(&faults);
+
+    let db_b = dir.path().join("b.db");
+    let prepared = bootstrap::prepare(&db_b, &once, None).await.unwrap();
+    assert!(matches!(prepared, Bootstrap::Restored { .. }), "{prepared:?}");
+    let values: Vec<String> = common::rows(&db_b).await.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, ["a1"]);
+}

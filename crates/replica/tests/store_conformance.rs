@@ -237,6 +237,7 @@ every_backend!(
     empty_store_lists_nothing,
     put_files_are_listed_sorted_with_level_txids_and_size,
     the_recent_listing_skips_what_the_levels_above_cover,
+    the_recent_listing_reads_levels_two_to_nine_in_one_request,
     get_returns_the_written_bytes,
     second_put_at_same_key_is_already_exists_and_keeps_first_content,
     get_of_missing_file_is_not_found_naming_its_key,
@@ -339,6 +340,63 @@ mod cases {
             [(0, 32, 32), (0, 33, 33), (0, 34, 34), (0, 35, 35)]
         );
         assert!(store.list_level_from(1, 31).await.unwrap().is_empty());
+    }
+
+    pub async fn the_recent_listing_reads_levels_two_to_nine_in_one_request(store: &Store, _rival: &Store) {
+        // Files on every upper level, plus level 1 and 0 past them, plus keycast's own objects
+        // (on S3 they sort right after level 9's directory) and a stray object in a level-2
+        // subdirectory: only the LTX files count, and each level keeps its own.
+        let layout = [
+            (9, 1, 40),
+            (8, 1, 40),
+            (5, 1, 30),
+            (3, 1, 20),
+            (2, 1, 10),
+            (2, 11, 41),
+            (1, 42, 45),
+        ];
+        for (level, min, max) in layout {
+            put(store, level, min, max).await;
+        }
+        for txid in 44..=47 {
+            put(store, 0, txid, txid).await;
+        }
+        for name in ["keycast/lineage.json", "keycast/checksum/x/0000000000000001.json"] {
+            let _ = store.put_object_create(name, Bytes::from_static(b"{}")).await.unwrap();
+        }
+        let stray = store
+            .level_dir(2)
+            .join("sub")
+            .join("0000000000000001-0000000000000001.ltx");
+        store
+            .object_store()
+            .put(&stray, PutPayload::from_static(b"x"))
+            .await
+            .unwrap();
+
+        let before = store.request_count();
+        let recent = store.list_recent().await.unwrap();
+        let requests = store.request_count() - before;
+        assert_eq!(
+            txids(&recent),
+            [
+                (0, 46, 46),
+                (0, 47, 47),
+                (1, 42, 45),
+                (2, 1, 10),
+                (2, 11, 41),
+                (3, 1, 20),
+                (5, 1, 30),
+                (8, 1, 40),
+                (9, 1, 40)
+            ]
+        );
+        // On a cloud store each request is a round trip and a billed operation: levels 2–9
+        // in one, then level 1 and level 0 (it was one per level, ten in all).
+        if matches!(store.backend(), Backend::S3 | Backend::Gcs | Backend::Azure) {
+            assert_eq!(requests, 3, "{:?}", store.backend());
+        }
+        assert_eq!(store.max_txid().await.unwrap(), 47);
     }
 
     pub async fn get_returns_the_written_bytes(store: &Store, _rival: &Store) {

@@ -14,14 +14,12 @@
 //!
 //! [`Encoder`]: super::Encoder
 
-use crc::Digest;
-
 use super::cursor::Cursor;
 use super::{
     check_page_order, check_post_apply, check_snapshot_complete, legacy, Header, IndexEntry, LtxError, HEADER_SIZE,
     PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, TRAILER_SIZE,
 };
-use crate::checksum::{CHECKSUM_FLAG, CRC64};
+use crate::checksum::{Crc64Digest, CHECKSUM_FLAG, CRC64};
 
 /// Everything in a decoded LTX file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +125,7 @@ pub struct StreamDecoder {
     /// File offset of `buf[0]`.
     pos: u64,
     header: Option<Header>,
-    digest: Digest<'static, u64>,
+    digest: Crc64Digest,
     frames: Vec<IndexEntry>,
 }
 
@@ -382,7 +380,7 @@ fn decode_index(cur: &mut Cursor<'_>) -> Result<Vec<IndexEntry>, LtxError> {
 
 /// Reads the trailer, which must end the input, and verifies the file
 /// checksum. Returns `(post_apply_checksum, file_checksum)`.
-fn decode_trailer(cur: &mut Cursor<'_>, mut digest: Digest<'static, u64>) -> Result<(u64, u64), LtxError> {
+fn decode_trailer(cur: &mut Cursor<'_>, mut digest: Crc64Digest) -> Result<(u64, u64), LtxError> {
     let extra = cur.rest().len().saturating_sub(TRAILER_SIZE);
     if extra > 0 {
         return Err(LtxError::TrailingData(extra));

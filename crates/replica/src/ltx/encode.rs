@@ -3,14 +3,12 @@
 
 use std::io::Write;
 
-use crc::Digest;
-
 use super::cursor::put_uvarint;
 use super::{
     check_page_order, check_post_apply, check_snapshot_complete, Header, IndexEntry, LtxError, PAGE_FLAG_SIZE,
     PAGE_HEADER_SIZE,
 };
-use crate::checksum::{CHECKSUM_FLAG, CRC64};
+use crate::checksum::{Crc64Digest, CHECKSUM_FLAG, CRC64};
 
 /// Writes an LTX file: header first, pages in ascending order, then index and trailer on
 /// [`Encoder::finish`]. Only the page index (a few bytes per page) is kept in memory.
@@ -22,7 +20,7 @@ pub struct Encoder<W: Write = Vec<u8>> {
     out: W,
     /// Bytes written to `out`.
     written: u64,
-    digest: Digest<'static, u64>,
+    digest: Crc64Digest,
     index: Vec<IndexEntry>,
     /// Last page written, 0 before the first.
     prev_pgno: u32,

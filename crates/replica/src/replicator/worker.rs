@@ -25,7 +25,7 @@ use crate::compactor;
 use crate::local_state::{self, LocalState};
 use crate::segment::{self, Cursor, Segment, SegmentError};
 use crate::snapshot::Snapshot;
-use crate::store::{PreparedLtx, PutOutcome, Store};
+use crate::store::{LtxObject, PreparedLtx, PutOutcome, Store};
 
 /// The most uploads in flight at once, whatever the options and durable waiters (a restore
 /// relies on it: see [`crate::store::unacknowledged_tail`]).
@@ -184,12 +184,15 @@ impl Worker {
     /// its latest state; anything else is refused, because writing the next TXID over a state
     /// this instance never restored could erase another writer's commits.
     pub(super) async fn align(&mut self) -> Result<(), ReplicaError> {
-        let remote_max = self.store.max_txid().await?;
+        // One listing: its level-0 part starts at or before the tip, so it also holds any
+        // unacknowledged tail past it.
+        let recent = self.store.list_recent().await?;
+        let remote_max = crate::store::tip(&recent);
         let record = local_state::load(&self.db)?;
         self.shipped_mark = self.signal.commits();
         match record {
             Some(record) if record.txid == remote_max && remote_max > 0 => {
-                self.remove_unacknowledged_tail(remote_max).await?;
+                self.remove_unacknowledged_tail(remote_max, &recent).await?;
                 self.resume(record).await
             }
             _ if remote_max == 0 => {
@@ -212,14 +215,12 @@ impl Worker {
     /// Deletes the level-0 objects past the replica's tip: a pipelined writer that died left
     /// them ahead of an upload that never landed, and none was acknowledged (see
     /// [`crate::store::unacknowledged_tail`]). This instance writes those TXIDs next; left in
-    /// place they would collide with its uploads.
-    async fn remove_unacknowledged_tail(&self, tip: u64) -> Result<(), ReplicaError> {
-        let past: Vec<_> = self
-            .store
-            .list_level_from(0, tip + 1)
-            .await?
-            .into_iter()
-            .filter(|f| f.min_txid > tip)
+    /// place they would collide with its uploads. `recent` is the listing that found the tip.
+    async fn remove_unacknowledged_tail(&self, tip: u64, recent: &[LtxObject]) -> Result<(), ReplicaError> {
+        let past: Vec<_> = recent
+            .iter()
+            .filter(|f| f.level == 0 && f.min_txid > tip)
+            .cloned()
             .collect();
         if !past.is_empty() {
             tracing::warn!(
