@@ -181,18 +181,18 @@ async fn a_lost_answer_inside_a_pipelined_batch_is_retried_and_everything_is_ack
     assert_eq!(values, expected);
 }
 
-/// The upload objects past `txid` in level 0.
-async fn stored_past(store: &Store, txid: u64) -> Vec<u64> {
-    let files = store.list_level(0).await.unwrap();
-    files.iter().filter(|f| f.min_txid > txid).map(|f| f.min_txid).collect()
+/// A replicator with the default options (one upload in flight) over a store that faults can
+/// be put on, with one write ("first") already durable; `held` is the next commit's TXID.
+struct Started {
+    dir: tempfile::TempDir,
+    pool: sqlx::SqlitePool,
+    store: Store,
+    faults: Faults,
+    replicator: Replicator,
+    held: u64,
 }
 
-/// One upload in flight (the default): while an ordinary commit's upload is under way, the
-/// commits after it wait for it and go out together in the next upload (fewer PUTs, a smaller
-/// bill) — but a commit someone waits for as durable goes out at once beside it, and is
-/// acknowledged only once the upload before it has landed too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_durable_write_ships_beside_the_upload_in_flight_and_is_acknowledged_after_it() {
+async fn one_durable_write() -> Started {
     let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let faults = Faults::new();
@@ -207,9 +207,38 @@ async fn a_durable_write_ships_beside_the_upload_in_flight_and_is_acknowledged_a
     .unwrap();
     insert(&pool, "first").await;
     replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
-
-    // An ordinary commit whose upload is held.
     let held = replicator.status().replicated_txid + 1;
+    Started {
+        dir,
+        pool,
+        store,
+        faults,
+        replicator,
+        held,
+    }
+}
+
+/// The upload objects past `txid` in level 0.
+async fn stored_past(store: &Store, txid: u64) -> Vec<u64> {
+    let files = store.list_level(0).await.unwrap();
+    files.iter().filter(|f| f.min_txid > txid).map(|f| f.min_txid).collect()
+}
+
+/// One upload in flight (the default): while an ordinary commit's upload is under way, the
+/// commits after it wait for it and go out together in the next upload (fewer PUTs, a smaller
+/// bill) — but a commit someone waits for as durable goes out at once beside it, and is
+/// acknowledged only once the upload before it has landed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_write_ships_beside_the_upload_in_flight_and_is_acknowledged_after_it() {
+    let Started {
+        dir,
+        pool,
+        store,
+        faults,
+        replicator,
+        held,
+    } = one_durable_write().await;
+    // An ordinary commit (TXID `held`) whose upload is held.
     let gate = Gate::new();
     let name = store.ltx_key(0, held, held).filename().unwrap().to_owned();
     faults.add(Rule::new(Op::Put, Action::Hold(gate.clone())).key(&name));
@@ -264,21 +293,14 @@ async fn a_durable_write_ships_beside_the_upload_in_flight_and_is_acknowledged_a
 /// the durable write acknowledged; the replica restores to the newest state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_to_a_durable_write_shipped_beside_the_upload_in_flight_is_retried_before_the_acknowledgement() {
-    let (dir, db, pool, signal) = common::live_db().await;
-    let store = Store::in_memory();
-    let faults = Faults::new();
-    let replicator = Replicator::start(
-        &db,
-        store.reopen().with_faults(&faults),
-        signal,
-        "l",
-        ReplicaOptions::default(),
-    )
-    .await
-    .unwrap();
-    insert(&pool, "first").await;
-    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
-    let held = replicator.status().replicated_txid + 1;
+    let Started {
+        dir,
+        pool,
+        store,
+        faults,
+        replicator,
+        held,
+    } = one_durable_write().await;
     let key = |txid| store.ltx_key(0, txid, txid).filename().unwrap().to_owned();
     let gate = Gate::new();
     faults.add(Rule::new(Op::Put, Action::Hold(gate.clone())).key(&key(held)).times(1));
