@@ -28,6 +28,15 @@ use crate::store::{LtxObject, LtxReader, Store};
 /// writes fetches a few thousand small level-0 files; at a cloud store's 30 ms a request,
 /// 64 in flight fetch them in well under a second (at most 32 MiB of whole objects held).
 pub const FETCH_CONCURRENCY: usize = 64;
+/// Objects fetched ahead by background work (compaction, snapshots) while the writer ships.
+/// A store that serves requests one at a time (moto; a throttled bucket) queues the writer's
+/// next PUT behind every GET already sent: with 64 in flight, each level-1 compaction of a
+/// thousand level-0 files held the PUTs for about 100 ms for two seconds (replication lag p99
+/// 267–318 ms on moto at 100 commits/s; 52–66 ms with 4 in flight, 92–118 ms with 8,
+/// BENCHMARKS.md). Eight still keeps compaction ahead on any store: the writer uploads at
+/// most `MAX_UPLOADS_IN_FLIGHT` (4) objects per round trip (one, or more beside it for durable
+/// waiters), so level 0 grows at most half as fast as compaction can read it.
+pub const BACKGROUND_FETCH_CONCURRENCY: usize = 8;
 /// Objects up to this size are fetched whole while earlier ones are applied (512 KiB).
 pub const WHOLE_FETCH_BYTES: u64 = 512 << 10;
 /// Pieces queued for the worker.
@@ -85,7 +94,7 @@ enum Fetched {
 }
 
 /// Applies `files` in order to `file` (at `path`, for error messages), starting after TXID
-/// `after` (0 for a chain that must start with a snapshot).
+/// `after` (0 for a chain that must start with a snapshot), fetching `concurrency` objects ahead.
 ///
 /// # Errors
 /// The first store, decoding, chain or I/O error, naming the object at fault.
@@ -96,11 +105,12 @@ pub async fn apply_files(
     path: &Path,
     after: u64,
     progress: Option<Progress<'_>>,
+    concurrency: usize,
 ) -> Result<(Applied, File), RestoreError> {
     let (tx, rx) = mpsc::channel(QUEUED_PIECES);
     let worker_path = path.to_owned();
     let worker = tokio::task::spawn_blocking(move || apply_worker(rx, file, worker_path, after));
-    let fed = feed(store, files, &tx, progress).await;
+    let fed = feed(store, files, &tx, progress, concurrency).await;
     drop(tx);
     let applied = worker
         .await
@@ -120,13 +130,14 @@ pub async fn apply_files(
     }
 }
 
-/// Fetches `files` ahead, in order, and hands their bytes to the worker. Returns the bytes
+/// Fetches `files` ahead (`concurrency` at once), in order, and hands their bytes to the worker. Returns the bytes
 /// fetched.
 async fn feed(
     store: &Store,
     files: &[LtxObject],
     tx: &mpsc::Sender<Feed>,
     progress: Option<Progress<'_>>,
+    concurrency: usize,
 ) -> Result<u64, RestoreError> {
     // Owned futures (a cloned store and object each): borrowing ones trip a rustc limitation
     // (higher-ranked lifetimes) when this runs inside a spawned task.
@@ -134,7 +145,7 @@ async fn feed(
         let store = store.clone();
         async move { fetch(&store, f).await }
     });
-    let mut fetched = futures::stream::iter(fetches).buffered(FETCH_CONCURRENCY);
+    let mut fetched = futures::stream::iter(fetches).buffered(concurrency);
     let (mut done, mut bytes) = (0, 0u64);
     let stopped = || RestoreError::Io {
         path: PathBuf::new(),

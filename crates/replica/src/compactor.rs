@@ -415,9 +415,17 @@ async fn snapshot_of(
 async fn merge(store: &Store, inputs: &[LtxObject], min: u64, scratch: &Path) -> Result<(Body, i64), ReplicaError> {
     std::fs::create_dir_all(scratch)?;
     let pages = tempfile::tempfile_in(scratch)?;
-    let (applied, pages) = crate::apply::apply_files(store, inputs, pages, scratch, min - 1, None)
-        .await
-        .map_err(replica_error)?;
+    let (applied, pages) = crate::apply::apply_files(
+        store,
+        inputs,
+        pages,
+        scratch,
+        min - 1,
+        None,
+        crate::apply::BACKGROUND_FETCH_CONCURRENCY,
+    )
+    .await
+    .map_err(replica_error)?;
     let last = applied.last.expect("inputs is not empty");
     let header = Header {
         flags: FLAG_NO_CHECKSUM,
@@ -668,6 +676,30 @@ mod tests {
             None,
             "nothing new to merge"
         );
+    }
+
+    /// Compaction runs while the writer ships through the same store: it fetches its inputs a
+    /// few at a time, so a store that serves one request at a time does not queue the writer's
+    /// next PUT behind dozens of GETs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_fetches_its_inputs_a_few_at_a_time() {
+        use crate::faults::{Action, Faults, Gate, Op, Rule};
+        let store = Store::in_memory();
+        for txid in 1..=40 {
+            put(&store, 0, txid, file(txid, 1, &[(1, txid as u8)])).await;
+        }
+        let (faults, gate) = (Faults::new(), Gate::new());
+        faults.add(Rule::new(Op::Get, Action::Hold(gate.clone())));
+        let faulty = store.reopen().with_faults(&faults);
+        let compaction = tokio::spawn(async move { compact_level(&faulty, 1, u64::MAX, &std::env::temp_dir()).await });
+        gate.reached().await;
+        // A window, since what is checked is that no more GETs are sent: with the restore's
+        // fetch-ahead all 40 would be held at once within it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(gate.held(), crate::apply::BACKGROUND_FETCH_CONCURRENCY);
+        gate.open();
+        assert_eq!(compaction.await.unwrap().unwrap(), Some((1, 40)));
+        assert_eq!(pages_of(&store, 1).await, vec![(1, 40, vec![(1, 40)])]);
     }
 
     #[tokio::test]

@@ -127,6 +127,11 @@ impl Gate {
         let _ = waiting.wait_for(|n| *n > 0).await;
     }
 
+    /// How many requests are held at the gate now.
+    pub fn held(&self) -> usize {
+        *self.waiting.borrow()
+    }
+
     async fn pass(&self) {
         let mut open = self.open.subscribe();
         if *open.borrow() {
