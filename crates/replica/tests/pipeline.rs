@@ -218,6 +218,43 @@ async fn one_durable_write() -> Started {
     }
 }
 
+/// Commits a durable write while the upload of `held` is held, and waits until its segment is
+/// stored beside it; returns the durable wait, which must still be pending.
+async fn durable_write_beside(
+    pool: &sqlx::SqlitePool,
+    replicator: &Replicator,
+    store: &Store,
+    held: u64,
+) -> tokio::task::JoinHandle<Result<u64, keycast_replica::ReplicaError>> {
+    insert(pool, "durable").await;
+    let monitor = replicator.monitor();
+    let waiter = tokio::spawn(async move { monitor.wait_durable(Duration::from_secs(10)).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored_past(store, held).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the durable write's segment did not go out beside the held upload"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    waiter
+}
+
+/// Stops writing and replicating, and returns the values a restore of the replica holds.
+async fn shut_down_and_restore(
+    pool: sqlx::SqlitePool,
+    replicator: Replicator,
+    store: &Store,
+    dir: &tempfile::TempDir,
+) -> Vec<String> {
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    restored(store, dir.path(), "restored.db").await.1
+}
+
 /// The upload objects past `txid` in level 0.
 async fn stored_past(store: &Store, txid: u64) -> Vec<u64> {
     let files = store.list_level(0).await.unwrap();
@@ -258,17 +295,7 @@ async fn a_durable_write_ships_beside_the_upload_in_flight_and_is_acknowledged_a
     );
 
     // A durable write: its segment (with the two ordinary commits before it) lands at once.
-    insert(&pool, "durable").await;
-    let monitor = replicator.monitor();
-    let waiter = tokio::spawn(async move { monitor.wait_durable(Duration::from_secs(10)).await });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stored_past(&store, held).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the durable write's segment did not go out beside the held upload"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiter = durable_write_beside(&pool, &replicator, &store, held).await;
     // Its bytes are stored, but the TXID before them is not: no acknowledgement yet.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
@@ -279,12 +306,7 @@ async fn a_durable_write_ships_beside_the_upload_in_flight_and_is_acknowledged_a
     let txid = waiter.await.unwrap().expect("acknowledged once both are stored");
     assert!(txid > held, "acknowledged at TXID {txid}, past the held {held}");
 
-    pool.close().await;
-    replicator
-        .shutdown(Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
-    let (_, values) = restored(&store, dir.path(), "restored.db").await;
+    let values = shut_down_and_restore(pool, replicator, &store, &dir).await;
     assert_eq!(values, ["first", "async", "async 2", "async 3", "durable"]);
 }
 
@@ -309,26 +331,11 @@ async fn a_lost_answer_to_a_durable_write_shipped_beside_the_upload_in_flight_is
     tokio::time::timeout(Duration::from_secs(5), gate.reached())
         .await
         .expect("the ordinary commit's upload goes out");
-    insert(&pool, "durable").await;
-    let monitor = replicator.monitor();
-    let waiter = tokio::spawn(async move { monitor.wait_durable(Duration::from_secs(10)).await });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stored_past(&store, held).await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the durable write's segment went out beside the held one"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let waiter = durable_write_beside(&pool, &replicator, &store, held).await;
     assert!(!waiter.is_finished(), "acknowledged before the held upload landed");
     gate.open();
     let txid = waiter.await.unwrap().expect("acknowledged after the retry");
     assert!(txid > held, "acknowledged at TXID {txid}, past the held {held}");
-    pool.close().await;
-    replicator
-        .shutdown(Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
-    let (_, values) = restored(&store, dir.path(), "restored.db").await;
+    let values = shut_down_and_restore(pool, replicator, &store, &dir).await;
     assert_eq!(values, ["first", "async", "durable"]);
 }
