@@ -33,7 +33,9 @@ pub const FETCH_CONCURRENCY: usize = 64;
 /// next PUT behind every GET already sent: with 64 in flight, each level-1 compaction of a
 /// thousand level-0 files held the PUTs for about 100 ms for two seconds (replication lag p99
 /// 267–318 ms on moto at 100 commits/s; 52–66 ms with 4 in flight, 92–118 ms with 8,
-/// BENCHMARKS.md). Eight still keeps compaction ahead on any store: the writer uploads at
+/// BENCHMARKS.md). Level 1 now merges the bytes the writer holds (see
+/// `compactor::Known`) and fetches only what an earlier instance shipped; the higher levels
+/// fetch a few dozen files. Eight still keeps compaction ahead on any store: the writer uploads at
 /// most `MAX_UPLOADS_IN_FLIGHT` (4) objects per round trip (one, or more beside it for durable
 /// waiters), so level 0 grows at most half as fast as compaction can read it.
 pub const BACKGROUND_FETCH_CONCURRENCY: usize = 8;
@@ -53,7 +55,7 @@ pub struct Applied {
     pub page_size: u32,
     /// Pages written (some may be past `commit`).
     pub written: PageSet,
-    /// Bytes fetched.
+    /// Bytes applied (fetched, or held by the caller: see [`Fetching::held`]).
     pub bytes: u64,
     /// The last file's header.
     pub last: Option<Header>,
@@ -93,8 +95,25 @@ enum Fetched {
     Open(LtxObject, Box<LtxReader>),
 }
 
+/// How [`apply_files`] gets its objects.
+#[derive(Clone, Copy)]
+pub struct Fetching<'a> {
+    /// Objects fetched from the store ahead of the one being applied.
+    pub ahead: usize,
+    /// The bytes of an object the caller already holds (the plaintext LTX file, as the store
+    /// would return it), used instead of fetching it. Checked exactly as fetched bytes are.
+    pub held: &'a (dyn Fn(&LtxObject) -> Option<Bytes> + Sync),
+}
+
+impl Fetching<'static> {
+    /// Everything from the store, `ahead` objects ahead.
+    pub fn from_store(ahead: usize) -> Fetching<'static> {
+        Fetching { ahead, held: &|_| None }
+    }
+}
+
 /// Applies `files` in order to `file` (at `path`, for error messages), starting after TXID
-/// `after` (0 for a chain that must start with a snapshot), fetching `concurrency` objects ahead.
+/// `after` (0 for a chain that must start with a snapshot), fetching as `fetching` says.
 ///
 /// # Errors
 /// The first store, decoding, chain or I/O error, naming the object at fault.
@@ -105,12 +124,12 @@ pub async fn apply_files(
     path: &Path,
     after: u64,
     progress: Option<Progress<'_>>,
-    concurrency: usize,
+    fetching: Fetching<'_>,
 ) -> Result<(Applied, File), RestoreError> {
     let (tx, rx) = mpsc::channel(QUEUED_PIECES);
     let worker_path = path.to_owned();
     let worker = tokio::task::spawn_blocking(move || apply_worker(rx, file, worker_path, after));
-    let fed = feed(store, files, &tx, progress, concurrency).await;
+    let fed = feed(store, files, &tx, progress, fetching).await;
     drop(tx);
     let applied = worker
         .await
@@ -130,22 +149,27 @@ pub async fn apply_files(
     }
 }
 
-/// Fetches `files` ahead (`concurrency` at once), in order, and hands their bytes to the worker. Returns the bytes
-/// fetched.
+/// Fetches `files` ahead, in order (those the caller holds are not fetched), and hands their
+/// bytes to the worker. Returns the bytes applied.
 async fn feed(
     store: &Store,
     files: &[LtxObject],
     tx: &mpsc::Sender<Feed>,
     progress: Option<Progress<'_>>,
-    concurrency: usize,
+    fetching: Fetching<'_>,
 ) -> Result<u64, RestoreError> {
     // Owned futures (a cloned store and object each): borrowing ones trip a rustc limitation
     // (higher-ranked lifetimes) when this runs inside a spawned task.
     let fetches = files.iter().cloned().map(|f| {
-        let store = store.clone();
-        async move { fetch(&store, f).await }
+        let (store, held) = (store.clone(), (fetching.held)(&f));
+        async move {
+            match held {
+                Some(bytes) => Ok(Fetched::Whole(f, vec![bytes])),
+                None => fetch(&store, f).await,
+            }
+        }
     });
-    let mut fetched = futures::stream::iter(fetches).buffered(concurrency);
+    let mut fetched = futures::stream::iter(fetches).buffered(fetching.ahead);
     let (mut done, mut bytes) = (0, 0u64);
     let stopped = || RestoreError::Io {
         path: PathBuf::new(),

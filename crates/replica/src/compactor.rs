@@ -32,6 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::apply::Fetching;
 use crate::ltx::{Encoder, Header, FLAG_NO_CHECKSUM};
 use crate::restore::{self, RestoreError, Target};
 use crate::spill::{Body, SpillWriter, DEFAULT_SPILL_LIMIT};
@@ -279,11 +280,19 @@ pub async fn run(
 ) -> Result<Vec<usize>, ReplicaError> {
     let result = async {
         let mut files = known.files(store).await?;
+        let held = |f: &LtxObject| known.held(f);
+        let fetching = Fetching {
+            ahead: crate::apply::BACKGROUND_FETCH_CONCURRENCY,
+            held: &held,
+        };
         let mut compacted = Vec::new();
         for &i in &run.levels {
             let inputs = inputs_for(&files, (i + 1) as u8, upto);
             if !inputs.is_empty() {
-                let file = merge_into(store, (i + 1) as u8, &inputs, scratch).await?;
+                let file = merge_into(store, (i + 1) as u8, &inputs, scratch, fetching).await?;
+                if file.level == 1 {
+                    known.release_through(file.max_txid);
+                }
                 known.note(file.clone());
                 files.push(file);
                 compacted.push(i);
@@ -291,7 +300,7 @@ pub async fn run(
         }
         let mut changed = !compacted.is_empty();
         if run.snapshot {
-            if let Some(file) = snapshot_of(store, files.clone(), upto, scratch).await? {
+            if let Some(file) = snapshot_of(store, files.clone(), upto, scratch, fetching).await? {
                 known.note(file.clone());
                 files.push(file);
             }
@@ -365,14 +374,21 @@ pub async fn compact_level(
     if inputs.is_empty() {
         return Ok(None);
     }
-    let file = merge_into(store, level, &inputs, scratch).await?;
+    let fetching = Fetching::from_store(crate::apply::BACKGROUND_FETCH_CONCURRENCY);
+    let file = merge_into(store, level, &inputs, scratch, fetching).await?;
     Ok(Some((file.min_txid, file.max_txid)))
 }
 
 /// Merges `inputs` (a contiguous run, oldest first) into one `level` file and stores it.
-async fn merge_into(store: &Store, level: u8, inputs: &[LtxObject], scratch: &Path) -> Result<LtxObject, ReplicaError> {
+async fn merge_into(
+    store: &Store,
+    level: u8,
+    inputs: &[LtxObject],
+    scratch: &Path,
+    fetching: Fetching<'_>,
+) -> Result<LtxObject, ReplicaError> {
     let (min, max) = (inputs[0].min_txid, inputs[inputs.len() - 1].max_txid);
-    let (body, timestamp_ms) = merge(store, inputs, min, scratch).await?;
+    let (body, timestamp_ms) = merge(store, inputs, min, scratch, fetching).await?;
     let file = store_create(store, level, min, max, body, timestamp_ms).await?;
     metrics::counter!("keycast_replica_compactions_total", "level" => level.to_string()).increment(1);
     Ok(file)
@@ -385,7 +401,8 @@ async fn merge_into(store: &Store, level: u8, inputs: &[LtxObject], scratch: &Pa
 /// Store and decoding errors.
 pub async fn snapshot(store: &Store, upto: u64, scratch: &Path) -> Result<Option<u64>, ReplicaError> {
     let files = store.list_all().await?;
-    Ok(snapshot_of(store, files, upto, scratch).await?.map(|f| f.max_txid))
+    let fetching = Fetching::from_store(crate::apply::BACKGROUND_FETCH_CONCURRENCY);
+    Ok(snapshot_of(store, files, upto, scratch, fetching).await?.map(|f| f.max_txid))
 }
 
 /// As [`snapshot`], from the replica's `files`; returns the file stored, if one was.
@@ -394,6 +411,7 @@ async fn snapshot_of(
     mut files: Vec<LtxObject>,
     upto: u64,
     scratch: &Path,
+    fetching: Fetching<'_>,
 ) -> Result<Option<LtxObject>, ReplicaError> {
     files.retain(|f| f.max_txid <= upto);
     files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
@@ -403,7 +421,7 @@ async fn snapshot_of(
     if files.iter().any(|f| f.level == SNAPSHOT_LEVEL && f.max_txid == max) {
         return Ok(None);
     }
-    let (body, timestamp_ms) = merge(store, &plan, 1, scratch).await?;
+    let (body, timestamp_ms) = merge(store, &plan, 1, scratch, fetching).await?;
     let file = store_create(store, SNAPSHOT_LEVEL, 1, max, body, timestamp_ms).await?;
     metrics::counter!("keycast_replica_snapshots_total").increment(1);
     Ok(Some(file))
@@ -412,7 +430,13 @@ async fn snapshot_of(
 /// Applies `inputs` in order and encodes their union (newest page wins) as one file whose
 /// TXIDs start at `min`. Header: last input's commit and timestamp, as Litestream does; the
 /// timestamp is returned too, because it must also become the object's CreatedAt.
-async fn merge(store: &Store, inputs: &[LtxObject], min: u64, scratch: &Path) -> Result<(Body, i64), ReplicaError> {
+async fn merge(
+    store: &Store,
+    inputs: &[LtxObject],
+    min: u64,
+    scratch: &Path,
+    fetching: Fetching<'_>,
+) -> Result<(Body, i64), ReplicaError> {
     std::fs::create_dir_all(scratch)?;
     let pages = tempfile::tempfile_in(scratch)?;
     let (applied, pages) = crate::apply::apply_files(
@@ -422,7 +446,7 @@ async fn merge(store: &Store, inputs: &[LtxObject], min: u64, scratch: &Path) ->
         scratch,
         min - 1,
         None,
-        crate::apply::BACKGROUND_FETCH_CONCURRENCY,
+        fetching,
     )
     .await
     .map_err(replica_error)?;

@@ -351,7 +351,16 @@ async fn apply_all(
         .open(temp)
         .map_err(io_err)?;
     let (applied, file) =
-        crate::apply::apply_files(store, files, file, temp, 0, progress, DEFAULT_FETCH_CONCURRENCY).await?;
+        crate::apply::apply_files(
+        store,
+        files,
+        file,
+        temp,
+        0,
+        progress,
+        crate::apply::Fetching::from_store(DEFAULT_FETCH_CONCURRENCY),
+    )
+    .await?;
     let (commit, page_size) = (applied.commit, applied.page_size);
     let finished = tokio::task::spawn_blocking(move || -> Result<File, RestoreError> {
         file.set_len(u64::from(commit) * u64::from(page_size))

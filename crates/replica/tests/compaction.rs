@@ -219,3 +219,53 @@ async fn compaction_and_retention_need_no_listing_once_the_replica_is_known() {
         .await
         .unwrap();
 }
+
+/// Level 1 merges every level-0 file of its interval; fetching them back cost a GET each,
+/// and on a store that serves requests one at a time those GETs queued the writer's PUTs
+/// (replication lag p99 on moto, BENCHMARKS.md). The writer builds level 1 from the bytes it
+/// shipped itself: with every level-0 GET failing, level 1 still reaches the newest TXID, and
+/// the replica restores to the live rows.
+#[tokio::test]
+async fn level_one_is_built_from_what_this_instance_shipped_without_fetching_it_back() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let base = Store::in_memory();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    faults.add(Rule::new(Op::Get, Action::Fail).key("ltx/0/"));
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())
+        .await
+        .unwrap();
+    for i in 0..20 {
+        insert(&pool, &format!("v{i}")).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    let newest = replicator.status().replicated_txid;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l1_max = base.list_level(1).await.unwrap().iter().map(|f| f.max_txid).max();
+        if l1_max == Some(newest) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "level 1 reaches TXID {newest} with no level-0 file fetched: L1 max {l1_max:?}, status {:?}",
+            replicator.status().last_error
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let live = common::rows(&db).await;
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    // What level 1 holds is what was committed: restored from the levels above 0 alone.
+    faults.clear();
+    for f in base.list_level(0).await.unwrap() {
+        base.delete(&[f]).await.unwrap();
+    }
+    let restored = dir.path().join("restored.db");
+    restore(&base, &restored, Target::Latest, None).await.unwrap();
+    assert_eq!(common::rows(&restored).await, live);
+    assert_eq!(live.len(), 20);
+}

@@ -8,12 +8,27 @@
 //! is replaced, and noted, when this instance ships that TXID). The worker drops the index
 //! whenever it stops compacting (a hand-over, stepping aside), and a run that fails drops it
 //! too — a file someone else deleted is then listed afresh, not trusted.
+//!
+//! It also holds the bytes of the level-0 files this instance stored, until level 1 holds
+//! them: level 1 merges every level-0 file of the last interval (a thousand at 100 writes/s),
+//! and fetching them back would cost a GET each and compete with the writer's PUTs on the
+//! same store (BENCHMARKS.md, replication lag on S3). The bytes are those the store accepted,
+//! create-only, under a lease confirmed after the PUT — the object's contents exactly — and
+//! they are checked as they are applied, like fetched ones. At most [`HELD_BYTES`] are held;
+//! past that, and for files stored before this instance wrote (or before the index was last
+//! dropped), compaction fetches.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::store::{LtxObject, Store, StoreError};
+use bytes::Bytes;
+
+use crate::store::{LtxObject, PreparedLtx, Store, StoreError};
+
+/// Most bytes of level-0 files held for level 1 (see the module documentation): twice what
+/// 500 writes/s of one-page commits ship between two level-1 runs.
+pub const HELD_BYTES: usize = 16 << 20;
 
 /// See the module documentation.
 #[derive(Debug, Default)]
@@ -30,6 +45,10 @@ struct State {
     listing: bool,
     /// When the staging area was last pruned (see `compactor::enforce_retention`).
     pruned_at: Option<Instant>,
+    /// The plaintext of level-0 files this instance stored, by (min TXID, max TXID).
+    held: BTreeMap<(u64, u64), Bytes>,
+    /// Their total length.
+    held_bytes: usize,
 }
 
 impl Known {
@@ -49,6 +68,38 @@ impl Known {
         }
     }
 
+    /// A level-0 file this instance just stored: noted, and its bytes held for level 1 if
+    /// they are in memory and within [`HELD_BYTES`].
+    pub fn note_stored(&self, file: &PreparedLtx) {
+        self.note(file.described());
+        let Some(bytes) = file.body.in_memory().filter(|_| file.level == 0) else {
+            return;
+        };
+        let mut state = self.state.lock().expect("known files");
+        if state.held_bytes + bytes.len() <= HELD_BYTES {
+            state.held_bytes += bytes.len();
+            state.held.insert((file.min_txid, file.max_txid), bytes.clone());
+        }
+    }
+
+    /// The bytes of `file`, if it is a level-0 file this instance stored and still holds.
+    pub fn held(&self, file: &LtxObject) -> Option<Bytes> {
+        if file.level != 0 {
+            return None;
+        }
+        let state = self.state.lock().expect("known files");
+        state.held.get(&(file.min_txid, file.max_txid)).cloned()
+    }
+
+    /// Level 1 holds every TXID up to `txid`: the level-0 bytes up to it are not needed.
+    pub fn release_through(&self, txid: u64) {
+        let mut state = self.state.lock().expect("known files");
+        let kept = state.held.split_off(&(txid + 1, 0));
+        let released: usize = state.held.values().map(Bytes::len).sum();
+        state.held = kept;
+        state.held_bytes -= released;
+    }
+
     /// Files this instance deleted.
     pub fn forget(&self, deleted: &[LtxObject]) {
         let mut state = self.state.lock().expect("known files");
@@ -59,11 +110,13 @@ impl Known {
         }
     }
 
-    /// Forgets everything: the next [`Known::files`] lists the replica again.
+    /// Forgets everything, held bytes too: the next [`Known::files`] lists the replica again.
     pub fn invalidate(&self) {
         let mut state = self.state.lock().expect("known files");
         state.files = None;
         state.pruned_at = None;
+        state.held.clear();
+        state.held_bytes = 0;
     }
 
     /// Every file, sorted by level, then TXIDs; lists the replica the first time.
@@ -104,5 +157,51 @@ impl Known {
             state.pruned_at = Some(Instant::now());
         }
         due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spill::Body;
+
+    fn prepared(store: &Store, level: u8, txid: u64, len: usize) -> PreparedLtx {
+        store
+            .prepare_ltx(level, txid, txid, Body::from(vec![0u8; len]), 0)
+            .unwrap()
+    }
+
+    /// Holding is bounded: past [`HELD_BYTES`] nothing more is held (compaction fetches it
+    /// instead), until level 1 releases what it covers.
+    #[test]
+    fn held_bytes_stay_within_their_bound_and_are_released_by_level_one() {
+        let store = Store::in_memory();
+        let known = Known::new();
+        let quarter = HELD_BYTES / 4;
+        for txid in 1..=5 {
+            known.note_stored(&prepared(&store, 0, txid, quarter));
+        }
+        let held = |txid| known.held(&prepared(&store, 0, txid, 0).described()).is_some();
+        assert_eq!((1..=5).map(held).collect::<Vec<_>>(), [true, true, true, true, false]);
+        known.release_through(2);
+        assert!(!held(1) && !held(2) && held(3) && held(4));
+        known.note_stored(&prepared(&store, 0, 6, quarter));
+        known.note_stored(&prepared(&store, 0, 7, quarter));
+        known.note_stored(&prepared(&store, 0, 8, quarter));
+        assert_eq!((6..=8).map(held).collect::<Vec<_>>(), [true, true, false]);
+    }
+
+    /// Only level-0 files are held: level 1 is what merges them. And a dropped index drops
+    /// them too — whoever writes next may change the replica.
+    #[test]
+    fn only_level_zero_is_held_and_invalidating_drops_it() {
+        let store = Store::in_memory();
+        let known = Known::new();
+        known.note_stored(&prepared(&store, 1, 1, 10));
+        known.note_stored(&prepared(&store, 0, 2, 10));
+        assert!(known.held(&prepared(&store, 1, 1, 0).described()).is_none());
+        assert_eq!(known.held(&prepared(&store, 0, 2, 0).described()).unwrap().len(), 10);
+        known.invalidate();
+        assert!(known.held(&prepared(&store, 0, 2, 0).described()).is_none());
     }
 }

@@ -476,7 +476,7 @@ impl Worker {
         self.shipped_since_checkpoint = true;
         self.shipped_since_verify = true;
         self.compaction.note_shipped();
-        self.known.note(upload.prepared.described());
+        self.known.note_stored(&upload.prepared);
         {
             let mut status = self.shared.status.lock().expect("status lock");
             status.replicated_txid = self.cursor.txid;
