@@ -68,6 +68,13 @@ impl Known {
         }
     }
 
+    /// Every file the replica holds, as a complete listing just found them (nothing is
+    /// stored or deleted meanwhile: the writer has not started): no listing is needed.
+    pub fn seed(&self, files: impl IntoIterator<Item = LtxObject>) {
+        let mut state = self.state.lock().expect("known files");
+        state.files = Some(files.into_iter().map(|f| ((f.level, f.min_txid, f.max_txid), f)).collect());
+    }
+
     /// A level-0 file this instance just stored: noted, and its bytes held for level 1 if
     /// they are in memory and within [`HELD_BYTES`].
     pub fn note_stored(&self, file: &PreparedLtx) {

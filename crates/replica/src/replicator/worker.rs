@@ -193,9 +193,11 @@ impl Worker {
         match record {
             Some(record) if record.txid == remote_max && remote_max > 0 => {
                 self.remove_unacknowledged_tail(remote_max, &recent).await?;
+                self.know_if_complete(recent.into_iter().filter(|f| f.max_txid <= remote_max));
                 self.resume(record).await
             }
             _ if remote_max == 0 => {
+                self.know_if_complete(recent.into_iter());
                 self.record_lineage().await?;
                 self.cursor.txid = 0;
                 let upload = self.full_image_upload().await?;
@@ -209,6 +211,18 @@ impl Worker {
                 local: record.map_or(0, |r| r.txid),
                 remote: remote_max,
             }),
+        }
+    }
+
+    /// Hands compaction the alignment's listing as its index of the replica (see
+    /// [`compactor::Known`]) when that listing holds every file: `list_recent` lists level 0
+    /// from the start only when no level above holds a file. A replica this instance starts
+    /// (or one younger than its first level-1 run) then needs no listing ever — on a store
+    /// that serves requests one at a time, listing the thousand level-0 files of the first
+    /// interval held the writer's PUTs for 150 ms.
+    fn know_if_complete(&self, files: impl Iterator<Item = LtxObject> + Clone) {
+        if files.clone().all(|f| f.level == 0) {
+            self.known.seed(files);
         }
     }
 
