@@ -402,7 +402,9 @@ async fn merge_into(
 pub async fn snapshot(store: &Store, upto: u64, scratch: &Path) -> Result<Option<u64>, ReplicaError> {
     let files = store.list_all().await?;
     let fetching = Fetching::from_store(crate::apply::BACKGROUND_FETCH_CONCURRENCY);
-    Ok(snapshot_of(store, files, upto, scratch, fetching).await?.map(|f| f.max_txid))
+    Ok(snapshot_of(store, files, upto, scratch, fetching)
+        .await?
+        .map(|f| f.max_txid))
 }
 
 /// As [`snapshot`], from the replica's `files`; returns the file stored, if one was.
@@ -439,17 +441,9 @@ async fn merge(
 ) -> Result<(Body, i64), ReplicaError> {
     std::fs::create_dir_all(scratch)?;
     let pages = tempfile::tempfile_in(scratch)?;
-    let (applied, pages) = crate::apply::apply_files(
-        store,
-        inputs,
-        pages,
-        scratch,
-        min - 1,
-        None,
-        fetching,
-    )
-    .await
-    .map_err(replica_error)?;
+    let (applied, pages) = crate::apply::apply_files(store, inputs, pages, scratch, min - 1, None, fetching)
+        .await
+        .map_err(replica_error)?;
     let last = applied.last.expect("inputs is not empty");
     let header = Header {
         flags: FLAG_NO_CHECKSUM,

@@ -350,8 +350,7 @@ async fn apply_all(
         .create_new(true)
         .open(temp)
         .map_err(io_err)?;
-    let (applied, file) =
-        crate::apply::apply_files(
+    let (applied, file) = crate::apply::apply_files(
         store,
         files,
         file,

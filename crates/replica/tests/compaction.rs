@@ -189,10 +189,7 @@ async fn compaction_and_retention_need_no_listing_once_the_replica_is_known() {
     insert(&pool, "first").await;
     first.wait_durable(Duration::from_secs(5)).await.unwrap();
     wait_for_level_one(&base, first.status().replicated_txid).await;
-    first
-        .shutdown(Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
+    first.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
     // Restarted on a replica with a level-1 file, whose start-up listing skips what level 1
     // covers: the first compaction lists the replica, once.
     let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())

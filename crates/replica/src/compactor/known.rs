@@ -72,7 +72,12 @@ impl Known {
     /// stored or deleted meanwhile: the writer has not started): no listing is needed.
     pub fn seed(&self, files: impl IntoIterator<Item = LtxObject>) {
         let mut state = self.state.lock().expect("known files");
-        state.files = Some(files.into_iter().map(|f| ((f.level, f.min_txid, f.max_txid), f)).collect());
+        state.files = Some(
+            files
+                .into_iter()
+                .map(|f| ((f.level, f.min_txid, f.max_txid), f))
+                .collect(),
+        );
     }
 
     /// A level-0 file this instance just stored: noted, and its bytes held for level 1 if
@@ -85,7 +90,10 @@ impl Known {
         let mut state = self.state.lock().expect("known files");
         if state.held_bytes + bytes.len() <= HELD_BYTES {
             state.held_bytes += bytes.len();
-            state.held.insert((file.min_txid, file.max_txid), bytes.clone());
+            // A copy of exactly its length: the body's own buffer grew by doubling, and the
+            // bound is on what is held, not on half of it.
+            let exact = Bytes::copy_from_slice(bytes);
+            state.held.insert((file.min_txid, file.max_txid), exact);
         }
     }
 
