@@ -628,9 +628,12 @@ pub fn sqlite_query(db: &Path, sql: &str) -> String {
 }
 
 /// Runs `sqlite3 <db> <sql>` read-write (for preparing databases that are not keycast's).
+/// It waits up to 10 s for SQLite's locks, as an application would: Litestream replicating
+/// the same database holds the write lock while it syncs and checkpoints, and a writer
+/// without a busy timeout fails at once with "database is locked".
 pub fn sqlite_exec(db: &Path, sql: &str) -> String {
     let mut cmd = Command::new("sqlite3");
-    cmd.arg(db).arg(sql);
+    cmd.arg("-cmd").arg(".timeout 10000").arg(db).arg(sql);
     let out = run_with_timeout(cmd, Duration::from_secs(60));
     out.assert_success(&format!("sqlite3 {} {sql:?}", db.display()));
     out.stdout.trim().to_owned()
