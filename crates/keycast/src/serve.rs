@@ -344,8 +344,12 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
     if store.backend() == keycast_replica::store::Backend::File {
         tracing::warn!(replica = %store.describe(), "replicating to a local directory: fine for development, but it does not survive losing this machine; set KEYCAST_REPLICA_URL to object storage (s3://, gs://, az://) in production");
     }
-    crate::replication::check_conditional_writes(&store, replica).await?;
-    crate::replication::check_encryption_key(&store).await?;
+    // Both only read or touch objects of their own, so they run side by side: six requests
+    // and two, one after another, on a cold start's critical path.
+    tokio::try_join!(
+        crate::replication::check_conditional_writes(&store, replica),
+        crate::replication::check_encryption_key(&store),
+    )?;
     let mut lease = crate::replication::acquire_lease(&store, replica).await?;
     let recorded = lease.previous_txid();
     // A large restore may outlast the lease: keep it renewed meanwhile.

@@ -1,5 +1,7 @@
 //! The replica's LTX files as the writer knows them: listed once, when compaction first needs
-//! them, then kept up to date from the writer's own uploads, compactions and deletions. So
+//! them (or taken from the start-up listing, when that one was complete: see
+//! [`Known::seed`]), then kept up to date from the writer's own uploads, compactions and
+//! deletions. So
 //! compaction and retention cost no listings — listings are class-A requests, the bulk of the
 //! object-store bill (BENCHMARKS.md, "Object-store cost of a day").
 //!
@@ -94,6 +96,7 @@ impl Known {
             // bound is on what is held, not on half of it.
             let exact = Bytes::copy_from_slice(bytes);
             state.held.insert((file.min_txid, file.max_txid), exact);
+            held_gauge(state.held_bytes);
         }
     }
 
@@ -113,6 +116,7 @@ impl Known {
         let released: usize = state.held.values().map(Bytes::len).sum();
         state.held = kept;
         state.held_bytes -= released;
+        held_gauge(state.held_bytes);
     }
 
     /// Files this instance deleted.
@@ -132,6 +136,7 @@ impl Known {
         state.pruned_at = None;
         state.held.clear();
         state.held_bytes = 0;
+        held_gauge(0);
     }
 
     /// Every file, sorted by level, then TXIDs; lists the replica the first time.
@@ -173,6 +178,11 @@ impl Known {
         }
         due
     }
+}
+
+/// The memory level-0 bytes held for compaction take, for the operator's sizing.
+fn held_gauge(bytes: usize) {
+    metrics::gauge!("keycast_replica_compaction_held_bytes").set(bytes as f64);
 }
 
 #[cfg(test)]
