@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use keycast_replica::compactor::CompactionPolicy;
+use keycast_replica::crypt::ObjectCipher;
 use keycast_replica::faults::{Action, Faults, Gate, Op, Rule};
 use keycast_replica::lease::{Lease, LeaseOptions};
 use keycast_replica::restore::{restore, Target};
@@ -263,10 +264,27 @@ async fn compacts_and_deletes_without_listing(pool: &sqlx::SqlitePool, replicato
 /// the replica restores to the live rows.
 #[tokio::test]
 async fn level_one_is_built_from_what_this_instance_shipped_without_fetching_it_back() {
+    level_one_from_shipped_bytes(None).await;
+}
+
+/// The same on an encrypted replica: the writer holds the plaintext it sealed as it sent it,
+/// and level 1 is sealed in turn — readable with the key, refused without it.
+#[tokio::test]
+async fn level_one_of_an_encrypted_replica_is_built_from_the_plaintext_shipped_and_sealed() {
+    level_one_from_shipped_bytes(Some("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")).await;
+}
+
+/// Twenty durable rows with every level-0 GET failing; level 1 must reach the newest TXID,
+/// and the replica without its level 0 must restore to the live rows (with `key`, if set).
+async fn level_one_from_shipped_bytes(key: Option<&str>) {
+    let cipher = || key.map(|k| ObjectCipher::from_base64(k).unwrap());
     let (dir, db, pool, signal) = common::live_db().await;
     let base = Store::in_memory();
     let faults = Faults::new();
-    let store = base.reopen().with_faults(&faults);
+    let mut store = base.reopen().with_faults(&faults);
+    if let Some(cipher) = cipher() {
+        store = store.with_encryption(cipher);
+    }
     faults.add(Rule::new(Op::Get, Action::Fail).key("ltx/0/"));
     let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())
         .await
@@ -301,7 +319,15 @@ async fn level_one_is_built_from_what_this_instance_shipped_without_fetching_it_
         base.delete(&[f]).await.unwrap();
     }
     let restored = dir.path().join("restored.db");
-    restore(&base, &restored, Target::Latest, None).await.unwrap();
+    let reader = match cipher() {
+        Some(cipher) => {
+            let refused = restore(&base, &dir.path().join("no-key.db"), Target::Latest, None).await;
+            assert!(refused.is_err(), "level 1 is sealed: no restore without the key");
+            base.reopen().with_encryption(cipher)
+        }
+        None => base.reopen(),
+    };
+    restore(&reader, &restored, Target::Latest, None).await.unwrap();
     assert_eq!(common::rows(&restored).await, live);
     assert_eq!(live.len(), 20);
 }
