@@ -391,14 +391,19 @@ async fn apply_all(
 async fn sync_and_check(file: File, temp: &Path) -> Result<(), RestoreError> {
     let sync = tokio::task::spawn_blocking(move || file.sync_all());
     let (synced, checked) = tokio::join!(sync, verify_integrity(temp));
-    synced
+    joined_io(synced, temp)?;
+    checked
+}
+
+/// A blocking task's I/O result (its panic as an I/O error too), as an error naming `path`.
+fn joined_io<T>(joined: Result<std::io::Result<T>, tokio::task::JoinError>, path: &Path) -> Result<T, RestoreError> {
+    joined
         .map_err(std::io::Error::other)
         .and_then(|r| r)
         .map_err(|source| RestoreError::Io {
-            path: temp.to_owned(),
+            path: path.to_owned(),
             source,
-        })?;
-    checked
+        })
 }
 
 /// The first page in 1..=commit (the lock page aside) that no file wrote.
@@ -419,14 +424,10 @@ async fn compare_recorded_checksum(
         return Ok(restored);
     };
     let (path, page_size) = (temp.to_owned(), restored.page_size);
-    let actual = tokio::task::spawn_blocking(move || crate::checksum::database_checksum_path(&path, page_size))
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r)
-        .map_err(|source| RestoreError::Io {
-            path: temp.to_owned(),
-            source,
-        })?;
+    let actual = joined_io(
+        tokio::task::spawn_blocking(move || crate::checksum::database_checksum_path(&path, page_size)).await,
+        temp,
+    )?;
     if actual != recorded {
         return Err(RestoreError::ChecksumMismatch {
             txid: restored.txid,

@@ -35,6 +35,15 @@ fn eager_compaction() -> ReplicaOptions {
     }
 }
 
+/// An in-memory replica seen two ways: `base` as it is, and the returned store through the
+/// returned faults (as the replicator sees it).
+fn faulty_memory_store() -> (Store, Faults, Store) {
+    let base = Store::in_memory();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    (base, faults, store)
+}
+
 async fn level0(store: &Store) -> Vec<u64> {
     store.list_level(0).await.unwrap().iter().map(|f| f.max_txid).collect()
 }
@@ -45,8 +54,7 @@ async fn level0(store: &Store) -> Vec<u64> {
 #[tokio::test]
 async fn a_stuck_compaction_never_holds_up_durable_commits() {
     let (_dir, db, pool, signal) = common::live_db().await;
-    let faults = Faults::new();
-    let store = Store::in_memory().with_faults(&faults);
+    let (_base, faults, store) = faulty_memory_store();
     let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())
         .await
         .unwrap();
@@ -82,9 +90,7 @@ async fn a_stuck_compaction_never_holds_up_durable_commits() {
 #[tokio::test]
 async fn a_hand_over_stops_compaction_before_the_lease_is_released() {
     let (dir, db, pool, signal) = common::live_db().await;
-    let base = Store::in_memory();
-    let faults = Faults::new();
-    let store = base.reopen().with_faults(&faults);
+    let (base, faults, store) = faulty_memory_store();
     let deleting = Gate::new();
     faults.add(Rule::new(Op::Delete, Action::Hold(deleting.clone())).key("ltx/0"));
     let options = LeaseOptions {
@@ -134,9 +140,7 @@ async fn a_hand_over_stops_compaction_before_the_lease_is_released() {
 #[tokio::test]
 async fn a_compaction_resumed_after_its_lease_ran_out_deletes_nothing() {
     let (_dir, db, pool, signal) = common::live_db().await;
-    let base = Store::in_memory();
-    let faults = Faults::new();
-    let store = base.reopen().with_faults(&faults);
+    let (base, faults, store) = faulty_memory_store();
     let options = LeaseOptions {
         ttl: Duration::from_secs(2),
         wait: Duration::from_secs(20),
@@ -181,9 +185,7 @@ async fn a_compaction_resumed_after_its_lease_ran_out_deletes_nothing() {
 #[tokio::test]
 async fn compaction_and_retention_need_no_listing_once_the_replica_is_known() {
     let (_dir, db, pool, signal) = common::live_db().await;
-    let base = Store::in_memory();
-    let faults = Faults::new();
-    let store = base.reopen().with_faults(&faults);
+    let (base, faults, store) = faulty_memory_store();
     let first = Replicator::start(&db, store.clone(), signal.clone(), "l", eager_compaction())
         .await
         .unwrap();
@@ -204,15 +206,13 @@ async fn compaction_and_retention_need_no_listing_once_the_replica_is_known() {
 }
 
 /// A replica this instance started (or found with nothing above level 0) was listed whole at
-/// start-up: compaction and retention never list its levels again. On a store that serves one request at a
-/// time, the first compaction's listing of the level-0 files of its interval held the
-/// writer's PUTs for 150 ms (replication lag p99 on moto, BENCHMARKS.md).
+/// start-up: compaction and retention never list its levels again. On a store that serves
+/// one request at a time, the first compaction's listing of the level-0 files of its interval
+/// held the writer's PUTs for 150 ms (replication lag p99 on moto, BENCHMARKS.md).
 #[tokio::test]
 async fn a_replica_listed_whole_at_start_up_is_compacted_without_any_listing() {
     let (_dir, db, pool, signal) = common::live_db().await;
-    let base = Store::in_memory();
-    let faults = Faults::new();
-    let store = base.reopen().with_faults(&faults);
+    let (base, faults, store) = faulty_memory_store();
     let replicator = Replicator::start(&db, store.clone(), signal, "l", eager_compaction())
         .await
         .unwrap();
@@ -279,9 +279,7 @@ async fn level_one_of_an_encrypted_replica_is_built_from_the_plaintext_shipped_a
 async fn level_one_from_shipped_bytes(key: Option<&str>) {
     let cipher = || key.map(|k| ObjectCipher::from_base64(k).unwrap());
     let (dir, db, pool, signal) = common::live_db().await;
-    let base = Store::in_memory();
-    let faults = Faults::new();
-    let mut store = base.reopen().with_faults(&faults);
+    let (base, faults, mut store) = faulty_memory_store();
     if let Some(cipher) = cipher() {
         store = store.with_encryption(cipher);
     }
@@ -293,20 +291,8 @@ async fn level_one_from_shipped_bytes(key: Option<&str>) {
         insert(&pool, &format!("v{i}")).await;
         replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
     }
-    let newest = replicator.status().replicated_txid;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let l1_max = base.list_level(1).await.unwrap().iter().map(|f| f.max_txid).max();
-        if l1_max == Some(newest) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "level 1 reaches TXID {newest} with no level-0 file fetched: L1 max {l1_max:?}, status {:?}",
-            replicator.status().last_error
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // With no level-0 file fetched.
+    wait_for_level_one(&base, replicator.status().replicated_txid).await;
     let live = common::rows(&db).await;
     pool.close().await;
     replicator
