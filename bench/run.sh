@@ -100,24 +100,45 @@ LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 STARTED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 T0=$SECONDS
 
-# 3. moto on a free loopback port, stopped by its PID on exit.
-MOTO_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
-moto_server -H 127.0.0.1 -p "$MOTO_PORT" > "$WORK/moto-$RUN_ID.log" 2>&1 &
-MOTO_PID=$!
+# 3. moto on a free loopback port, stopped by its PID on exit; and a second one whose Python
+# cyclic garbage collector is off. Stock moto pauses every request for 40-100 ms every few
+# seconds once it holds thousands of objects (its collector walking them; the probe PUT stalls
+# at the same instants), which no real S3 does; the second one measures keycast without those
+# pauses (section 4b).
+BUCKET=kcbench
+MOTO_PIDS=()
 cleanup() {
-  kill "$MOTO_PID" 2>/dev/null || true
-  wait "$MOTO_PID" 2>/dev/null || true
+  for pid in "${MOTO_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
-for _ in $(seq 1 150); do
-  curl -fs -o /dev/null "http://127.0.0.1:$MOTO_PORT/" && break
-  sleep 0.2
-done
-curl -fs -o /dev/null "http://127.0.0.1:$MOTO_PORT/" || { say "moto did not start"; exit 1; }
-BUCKET=kcbench
-curl -fs -o /dev/null -X PUT "http://127.0.0.1:$MOTO_PORT/$BUCKET"
+start_moto() { # name [gc-off]; sets MOTO_STARTED_PORT
+  local port
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
+  if [ "${2:-}" = gc-off ]; then
+    "$(dirname "$(command -v moto_server)")/python" -c \
+      'import gc, sys; gc.disable(); from moto.server import main; sys.exit(main())' \
+      -H 127.0.0.1 -p "$port" > "$WORK/$1-$RUN_ID.log" 2>&1 &
+  else
+    moto_server -H 127.0.0.1 -p "$port" > "$WORK/$1-$RUN_ID.log" 2>&1 &
+  fi
+  MOTO_PIDS+=("$!")
+  for _ in $(seq 1 150); do
+    curl -fs -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.2
+  done
+  curl -fs -o /dev/null "http://127.0.0.1:$port/" || { say "$1 did not start"; exit 1; }
+  curl -fs -o /dev/null -X PUT "http://127.0.0.1:$port/$BUCKET"
+  MOTO_STARTED_PORT=$port
+}
+start_moto moto
+MOTO_PORT=$MOTO_STARTED_PORT
+start_moto moto-gc-off gc-off
+MOTO_GC_OFF_PORT=$MOTO_STARTED_PORT
 export AWS_ENDPOINT_URL="http://127.0.0.1:$MOTO_PORT" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
-say "moto $MOTO_VERSION on port $MOTO_PORT (pid $MOTO_PID); results in $RESULTS"
+say "moto $MOTO_VERSION on port $MOTO_PORT, with its GC off on port $MOTO_GC_OFF_PORT; results in $RESULTS"
 
 bench() { "$BENCH" "$@" | tee -a "$RESULTS"; }
 
@@ -138,6 +159,19 @@ for store in file s3; do
       esac
       bench "${args[@]}"
     done
+  done
+done
+
+# 4b. keycast on S3 with no observer: lag to the store's answer alone, on the same moto and on
+# the one with its garbage collector off.
+for rate in $LAG_RATES; do
+  for server in moto moto-gc-off; do
+    n=$((n + 1))
+    port=$MOTO_PORT
+    [ "$server" = moto-gc-off ] && port=$MOTO_GC_OFF_PORT
+    AWS_ENDPOINT_URL="http://127.0.0.1:$port" "$BENCH" lag --tool keycast --store s3 --no-observer \
+      --label "$server" --rate "$rate" --seconds "$LAG_SECONDS" --work-dir "$WORK/tmp" \
+      --s3-url "s3://$BUCKET/lag-$RUN_ID-$n" --put-probe-ms 50 | tee -a "$RESULTS"
   done
 done
 

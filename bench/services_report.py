@@ -40,18 +40,20 @@ def render(lines, raw_name):
                 "all three see the same minute; then two such PUTs sent at once (*2 PUTs at once*: what a store "
                 "that serves one request at a time — moto is one Python process — charges a durable commit whose "
                 "upload goes out beside an ordinary commit's upload already under way, as here after every async "
-                "commit). *Added latency* (ms) rows with a latency > 0 put a TCP proxy in front of the store that "
+                "commit); last, a durable commit with nothing else in flight (*durable alone*: after the two PUTs "
+                "were answered: what a durable write costs when no other upload is under way). *Added latency* (ms) rows with a latency > 0 put a TCP proxy in front of the store that "
                 "delays every request by that much (a cloud store's round trip; the store then serves requests in "
                 "parallel). Target: added p50 ≤ 1.2 × the PUT's p50.", "",
-                "| store | added latency | uploads in flight | commits per mode | async p50 / p99 ms | durable p50 / p99 ms | added p50 / p99 ms | store PUT p50 / p99 ms | 2 PUTs at once p50 ms | added p50 ÷ PUT p50 | added p50 ÷ 2 PUTs p50 |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| store | added latency | uploads in flight | commits per mode | async p50 / p99 ms | durable p50 / p99 ms | added p50 / p99 ms | store PUT p50 / p99 ms | 2 PUTs at once p50 ms | added p50 ÷ PUT p50 | added p50 ÷ 2 PUTs p50 | durable alone: added p50 / p99 ms | alone: added p50 ÷ PUT p50 |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for d in durable:
             a, du, p, pp = d["async_ms"], d["durable_ms"], d.get("put_ms") or {}, d.get("put_pair_ms") or {}
             store = "S3 (moto, loopback)" if d["store"] == "s3" else "`file://`"
             over_pair = d["added_p50_ms"] / pp["p50"] if pp.get("p50") else None
             out.append(f"| {store} | {d.get('latency_ms', 0)} ms | {d.get('uploads_in_flight', '–')} | {a['count']} | {fmt(a['p50'])} / {fmt(a['p99'])} | {fmt(du['p50'])} / {fmt(du['p99'])} | "
                        f"**{fmt(d['added_p50_ms'])}** / {fmt(d['added_p99_ms'])} | {fmt(p.get('p50'))} / {fmt(p.get('p99'))} | {fmt(pp.get('p50'))} | "
-                       f"**{fmt(d.get('added_p50_over_put_p50'))}** | {fmt(over_pair)} |")
+                       f"**{fmt(d.get('added_p50_over_put_p50'))}** | {fmt(over_pair)} | "
+                       f"{fmt(d.get('alone_added_p50_ms'))} / {fmt(d.get('alone_added_p99_ms'))} | **{fmt(d.get('alone_added_p50_over_put_p50'))}** |")
         out.append("")
 
     sign = next((l for l in lines if l.get("bench") == "rpc-sign-event"), None)

@@ -5,7 +5,10 @@
 //! same machine noise:
 //! - `async`: the commit alone (replication follows within milliseconds);
 //! - `durable`: the commit, then `wait_durable` — it returns only once the segment holding the
-//!   commit is in the object store;
+//!   commit is in the object store. It comes right after the `async` commit, whose upload is
+//!   still under way: the durable write's upload goes out beside it and is acknowledged after it;
+//! - `durable alone`: the same, with nothing else in flight (after the two PUTs below have
+//!   been answered): what a durable write costs on its own;
 //! - `put`: the store's own create-only PUT of a 512-byte object through the same client
 //!   (`Store::put_object_create`: signed, `If-None-Match: *` on S3), the floor any durable
 //!   commit pays, measured in the same loop so that it sees the same minute;
@@ -14,7 +17,7 @@
 //!   whose upload goes out beside an ordinary commit's upload already under way.
 //!
 //! Reported: p50/p99 of each, the added latency (durable − async) at p50 and p99, and the
-//! added p50 over the PUT's p50. `--latency-ms` adds a delay to every store request (a TCP
+//! added p50 over the PUT's p50, for both durable modes. `--latency-ms` adds a delay to every store request (a TCP
 //! proxy in front of S3, as `coldstart` does), so that a store that serves requests in
 //! parallel with a cloud's round trip can be measured on loopback.
 
@@ -72,6 +75,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let replicator = Replicator::start(&db, store.clone(), signal, "bench", options).await?;
     let (mut fast, mut durable) = (Vec::with_capacity(args.commits), Vec::with_capacity(args.commits));
     let (mut put, mut pair) = (Vec::with_capacity(args.commits), Vec::with_capacity(args.commits));
+    let mut alone = Vec::with_capacity(args.commits);
     let body = bytes::Bytes::from(vec![0x5a_u8; 512]);
     note!("durable: {} commits per mode on {}", args.commits, args.store);
     for _ in 0..args.commits {
@@ -100,6 +104,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
         let _ = (ra?, rb?);
         pair.push(started.elapsed().as_secs_f64() * 1e3);
+        let started = Instant::now();
+        sqlx::query("INSERT INTO t (v) VALUES (randomblob(100))")
+            .execute(&pool)
+            .await?;
+        replicator.wait_durable(Duration::from_secs(10)).await?;
+        alone.push(started.elapsed().as_secs_f64() * 1e3);
     }
     pool.close().await;
     replicator.shutdown(Instant::now() + Duration::from_secs(10)).await?;
@@ -107,7 +117,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     durable.sort_by(f64::total_cmp);
     put.sort_by(f64::total_cmp);
     pair.sort_by(f64::total_cmp);
-    let added = |p| Some(((percentile(&durable, p)? - percentile(&fast, p)?) * 100.0).round() / 100.0);
+    alone.sort_by(f64::total_cmp);
+    let added_to =
+        |durable: &[f64], p| Some(((percentile(durable, p)? - percentile(&fast, p)?) * 100.0).round() / 100.0);
+    let added = |p| added_to(&durable, p);
+    let over_put = |added: Option<f64>| {
+        added
+            .zip(percentile(&put, 50.0))
+            .map(|(a, p)| (a / p * 1000.0).round() / 1000.0)
+    };
     emit(&json!({
         "bench": "durable",
         "store": args.store,
@@ -119,9 +137,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "latency_ms": args.latency_ms,
         "put_ms": summary_ms(&put),
         "put_pair_ms": summary_ms(&pair),
-        "added_p50_over_put_p50": added(50.0)
-            .zip(percentile(&put, 50.0))
-            .map(|(a, p)| (a / p * 1000.0).round() / 1000.0),
+        "added_p50_over_put_p50": over_put(added(50.0)),
+        "durable_alone_ms": summary_ms(&alone),
+        "alone_added_p50_ms": added_to(&alone, 50.0),
+        "alone_added_p99_ms": added_to(&alone, 99.0),
+        "alone_added_p50_over_put_p50": over_put(added_to(&alone, 50.0)),
     }));
     Ok(())
 }

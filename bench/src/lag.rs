@@ -9,6 +9,11 @@
 //! seen, minus the commit time. A full-image file (no WAL fields) covers every commit made
 //! before its header timestamp (it is built under the write lock). Both tools are measured by
 //! exactly this code; only the replicating side differs.
+//!
+//! On S3 keycast is measured a second way too, with no poll interval in it: to the moment the
+//! store answered the upload of the file holding the commit (see [`crate::acks`]). The observer
+//! costs a store that serves one request at a time (moto) one GET per file on top of the
+//! writer's PUT, so `--no-observer` measures keycast that way alone, with the store to itself.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +24,7 @@ use clap::ValueEnum;
 use keycast_replica::{CommitSignal, ReplicaOptions, Replicator, Store};
 use serde_json::json;
 
+use crate::acks::AckLog;
 use crate::litestream::{self, Replica};
 use crate::observe::{Obs, Observer, Target};
 use crate::pools::{self, WalProbe};
@@ -71,6 +77,13 @@ pub struct Args {
     /// Observer poll interval in ms (default 1 on file, 10 on S3).
     #[arg(long)]
     poll_ms: Option<f64>,
+    /// keycast on S3 only: no observer; lag is measured only to the store's answer to each
+    /// upload (see the module docs).
+    #[arg(long)]
+    no_observer: bool,
+    /// Free text copied into the result, e.g. which server answered at the S3 URL.
+    #[arg(long)]
+    label: Option<String>,
     /// Give up waiting for the last commits to appear after this many seconds.
     #[arg(long, default_value_t = 30.0)]
     drain_timeout: f64,
@@ -120,6 +133,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let env = |name: &str| std::env::var(name).ok();
     let observe_store = Store::from_url(&url, &env)?.context("replica url is none")?;
+    if args.no_observer && (args.tool, args.store) != (Tool::Keycast, StoreKind::S3) {
+        bail!("--no-observer measures keycast on S3 only: lag to the store's answer needs keycast's store client");
+    }
     let poll = Duration::from_secs_f64(
         args.poll_ms.unwrap_or(match args.store {
             StoreKind::File => 1.0,
@@ -127,10 +143,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }) / 1000.0,
     );
     let config = match (args.tool, &args.ls_interval) {
-        (Tool::Keycast, _) => match args.uploads_in_flight {
-            None => "default options".to_owned(),
-            Some(n) => format!("{n} upload{} in flight", if n == 1 { "" } else { "s" }),
-        },
+        (Tool::Keycast, _) => {
+            let uploads = match args.uploads_in_flight {
+                None => "default options".to_owned(),
+                Some(n) => format!("{n} upload{} in flight", if n == 1 { "" } else { "s" }),
+            };
+            if args.no_observer {
+                format!("{uploads}, no observer")
+            } else {
+                uploads
+            }
+        }
         (Tool::Litestream, None) => "1s (shipped default)".to_owned(),
         (Tool::Litestream, Some(i)) => format!("{i} monitor+sync"),
     };
@@ -143,14 +166,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     // Set up the database and the replicating side.
+    let acks = AckLog::default();
     let (pool, mut side) = match args.tool {
         Tool::Keycast => {
             let signal = CommitSignal::new();
             let pool = pools::keycast_pool(&db, &signal).await?;
             pools::create_table(&pool).await?;
+            // On the file backend a layer would turn off its direct file access, so what
+            // is measured would not be what ships.
+            let store = match args.store {
+                StoreKind::File => observe_store.clone(),
+                StoreKind::S3 => acks.layer(Store::from_url(&url, &env)?.context("replica url is none")?),
+            };
             let replicator = Replicator::start(
                 &db,
-                observe_store.clone(),
+                store.clone(),
                 signal,
                 "keycast-bench",
                 ReplicaOptions {
@@ -161,13 +191,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            (
-                pool,
-                Side::Keycast {
-                    replicator,
-                    store: observe_store.clone(),
-                },
-            )
+            (pool, Side::Keycast { replicator, store })
         }
         Tool::Litestream => {
             let pool = pools::plain_pool(&db).await?;
@@ -201,7 +225,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         StoreKind::File => Target::File(replica_dir.clone()),
         StoreKind::S3 => Target::S3(observe_store.clone()),
     };
-    let observer = Observer::start(target, poll)?;
+    let observer = if args.no_observer {
+        None
+    } else {
+        Some(Observer::start(target, poll)?)
+    };
 
     // The paced workload.
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
@@ -264,7 +292,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain_timeout);
     let last = *commits.last().context("no commits")?;
     loop {
-        if lags(&[last], &observer.snapshot())[0].is_some() {
+        let seen = match &observer {
+            Some(observer) => observer.snapshot(),
+            None => acks.observations(&observe_store).await?,
+        };
+        if lags(&[last], &seen)[0].is_some() {
             break;
         }
         if Instant::now() > drain_deadline {
@@ -274,7 +306,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (seen, probe_errors) = observer.stop();
+    let (seen, probe_errors) = observer.map_or((Vec::new(), 0), Observer::stop);
 
     // Stop the replicating side.
     pool.close().await;
@@ -304,22 +336,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // Attribute commits to files.
     let results = lags(&commits, &seen);
-    let mut measured = Vec::new();
-    let mut unmatched = 0u64;
-    let mut negative = 0u64;
-    for (c, lag) in commits.iter().zip(&results) {
-        if !c.measured {
-            continue;
-        }
-        match lag {
-            Some(ms) if *ms < 0.0 => {
-                negative += 1;
-                measured.push(0.0);
-            }
-            Some(ms) => measured.push(*ms),
-            None => unmatched += 1,
-        }
-    }
+    let (measured, unmatched, negative) = measured_lags(&commits, &results);
+    let acked = acks.observations(&observe_store).await?;
+    let ack_results = lags(&commits, &acked);
+    let (ack_measured, ack_unmatched, _) = measured_lags(&commits, &ack_results);
     let full_images = seen.iter().filter(|o| o.header.wal_offset == 0).count();
     let generations: std::collections::HashSet<_> = commits.iter().map(|c| c.salts).collect();
     let files_measured = seen.len();
@@ -333,6 +353,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "tool": format!("{:?}", args.tool).to_lowercase(),
         "config": config,
         "store": format!("{:?}", args.store).to_lowercase(),
+        "label": args.label,
         "rate": args.rate,
         "seconds": args.seconds,
         "warmup": args.warmup,
@@ -340,9 +361,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "commits": commits.len(),
         "achieved_rate": (commits.len() as f64 / workload_secs * 10.0).round() / 10.0,
         "commits_behind_schedule": behind,
-        "lag_ms": summary_ms(&measured),
+        "observer": !args.no_observer,
+        "lag_ms": (!args.no_observer).then(|| summary_ms(&measured)),
         "unmatched": unmatched,
         "negative": negative,
+        "lag_ack_ms": (!acked.is_empty()).then(|| summary_ms(&ack_measured)),
+        "ack_unmatched": ack_unmatched,
+        "files_acked": acked.len(),
         "commit_ms": summary_ms(&commit_ms),
         "put_probe_ms": args.put_probe_ms,
         "store_put_ms": summary_ms(&put_ms),
@@ -358,7 +383,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.dump {
         use std::fmt::Write as _;
         let mut gens: Vec<(u32, u32)> = Vec::new();
-        let mut out = String::from("kind,ms,generation,wal_end,lag_ms,txid,wall_ms\n");
+        let mut out = String::from("kind,ms,generation,wal_end,lag_ms,txid,wall_ms,ack_lag_ms\n");
         let mut gen_of = |salts: (u32, u32)| match gens.iter().position(|g| *g == salts) {
             Some(i) => i,
             None => {
@@ -366,12 +391,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 gens.len() - 1
             }
         };
-        for (c, lag) in commits.iter().zip(&results) {
+        for ((c, lag), ack) in commits.iter().zip(&results).zip(&ack_results) {
             let ms = (c.t - start).as_secs_f64() * 1000.0;
             let lag = lag.map_or(String::new(), |l| format!("{l:.3}"));
+            let ack = ack.map_or(String::new(), |l| format!("{l:.3}"));
             let _ = writeln!(
                 out,
-                "commit,{ms:.3},{},{},{lag},,{:.3}",
+                "commit,{ms:.3},{},{},{lag},,{:.3},{ack}",
                 gen_of(c.salts),
                 c.end,
                 c.wall_ms
@@ -379,23 +405,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         for (at, took) in &put_samples {
             let ms = (*at - start).as_secs_f64() * 1000.0;
-            let _ = writeln!(out, "put,{ms:.3},,,{took:.3},,");
+            let _ = writeln!(out, "put,{ms:.3},,,{took:.3},,,");
         }
-        for o in &seen {
-            let ms = if o.t >= start {
-                (o.t - start).as_secs_f64() * 1000.0
+        let since_start = |t: Instant| {
+            if t >= start {
+                (t - start).as_secs_f64() * 1000.0
             } else {
-                -((start - o.t).as_secs_f64() * 1000.0)
-            };
+                -((start - t).as_secs_f64() * 1000.0)
+            }
+        };
+        for o in &seen {
+            let ms = since_start(o.t);
             let h = &o.header;
             let g = gen_of((h.wal_salt1, h.wal_salt2));
             let _ = writeln!(
                 out,
-                "file,{ms:.3},{g},{},,{},{}",
+                "file,{ms:.3},{g},{},,{},{},",
                 h.wal_offset + h.wal_size,
                 o.txid,
                 h.timestamp_ms
             );
+        }
+        for o in &acked {
+            let ms = since_start(o.t);
+            let _ = writeln!(out, "ack,{ms:.3},,,,{},,", o.txid);
         }
         std::fs::write(path, out)?;
     }
@@ -432,6 +465,27 @@ fn spawn_put_probe(
             }
         }
     })
+}
+
+/// The measured commits' lags (a negative one, a file seen before its commit returned, counts
+/// as 0), how many measured commits no file held, and how many lags were negative.
+fn measured_lags(commits: &[Commit], results: &[Option<f64>]) -> (Vec<f64>, u64, u64) {
+    let mut measured = Vec::new();
+    let (mut unmatched, mut negative) = (0u64, 0u64);
+    for (c, lag) in commits.iter().zip(results) {
+        if !c.measured {
+            continue;
+        }
+        match lag {
+            Some(ms) if *ms < 0.0 => {
+                negative += 1;
+                measured.push(0.0);
+            }
+            Some(ms) => measured.push(*ms),
+            None => unmatched += 1,
+        }
+    }
+    (measured, unmatched, negative)
 }
 
 /// For each commit, milliseconds from the commit to the first observation of a file that

@@ -19,6 +19,7 @@
 //! - `memory` / `full-image`: peak resident memory of shipping a full image of a large
 //!   database and of restoring it (see [`memory`]).
 
+mod acks;
 mod coldstart;
 mod durable;
 mod lag;

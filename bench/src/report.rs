@@ -49,6 +49,7 @@ pub fn render(lines: &[Value]) -> String {
         let find = |store: &str, rate: u64, tool: &str, config_prefix: &str| {
             lag.iter().copied().find(|l| {
                 l["store"] == store
+                    && l["observer"] != false
                     && l["rate"].as_u64() == Some(rate)
                     && l["tool"] == tool
                     && l["config"].as_str().is_some_and(|c| c.starts_with(config_prefix))
@@ -97,6 +98,7 @@ pub fn render(lines: &[Value]) -> String {
                 );
             }
         }
+        render_acknowledged(&mut s, &lag);
         let _ = writeln!(s, "\nDetails per run:\n");
         let _ = writeln!(
             s,
@@ -106,7 +108,7 @@ pub fn render(lines: &[Value]) -> String {
             s,
             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
-        for l in &lag {
+        for l in lag.iter().filter(|l| l["observer"] != false) {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -288,4 +290,45 @@ pub fn render(lines: &[Value]) -> String {
         let _ = writeln!(s);
     }
     s
+}
+
+/// keycast's lag measured to the store's answer to each upload (S3 runs only; see
+/// `crate::acks`), with and without the observer loading the store.
+fn render_acknowledged(s: &mut String, lag: &[&Value]) {
+    let rows: Vec<&&Value> = lag.iter().filter(|l| l["lag_ack_ms"].is_object()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nkeycast on S3, lag to the store's answer: from the commit to the moment the store answered the \
+         upload of the file holding it, recorded in keycast's store client. The store makes an object readable \
+         before it answers, so this is never shorter than the true lag, and it has no poll interval in it. \
+         *Observer* says whether the observer above was polling the same store (one more GET per file). \
+         The store PUT probe runs in the same seconds.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| store server | commits/s | observer | measured | to the answer p50 / p90 / p99 / max ms | store PUT probe p50 / p99 / max ms |"
+    );
+    let _ = writeln!(s, "|---|---:|---|---:|---:|---:|");
+    for l in rows {
+        let a = &l["lag_ack_ms"];
+        let p = &l["store_put_ms"];
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} / {} / **{}** / {} | {} / {} / {} |",
+            l["label"].as_str().unwrap_or("moto"),
+            l["rate"],
+            if l["observer"] == false { "off" } else { "on" },
+            a["count"],
+            f(&a["p50"], 1),
+            f(&a["p90"], 1),
+            f(&a["p99"], 1),
+            f(&a["max"], 1),
+            f(&p["p50"], 1),
+            f(&p["p99"], 1),
+            f(&p["max"], 1),
+        );
+    }
 }

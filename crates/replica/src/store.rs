@@ -316,9 +316,9 @@ struct Inner {
     requests: AtomicU64,
     /// Client-side encryption of LTX objects, when configured.
     cipher: Option<ObjectCipher>,
-    /// Requests go through a fault injector (see [`Store::with_faults`]): the file backend's
-    /// direct file access, which would bypass it, is not used.
-    faulty: bool,
+    /// Requests go through a layer (see [`Store::with_layer`]): the file backend's direct file
+    /// access, which would bypass it, is not used.
+    layered: bool,
 }
 
 impl fmt::Debug for Store {
@@ -418,7 +418,7 @@ impl Store {
             description,
             requests: AtomicU64::new(0),
             cipher: None,
-            faulty: false,
+            layered: false,
         };
         Store { inner: Arc::new(inner) }
     }
@@ -755,7 +755,7 @@ impl Store {
 
     /// The directory of a `file://` replica, when it is read and written directly.
     fn local_root(&self) -> Option<PathBuf> {
-        self.inner.root.clone().filter(|_| !self.inner.faulty)
+        self.inner.root.clone().filter(|_| !self.inner.layered)
     }
 
     /// Uploads a prepared LTX file create-only: in one request from memory when it is small,
@@ -852,7 +852,7 @@ impl Store {
             description: self.inner.description.clone(),
             requests: AtomicU64::new(0),
             cipher: self.inner.cipher.clone(),
-            faulty: self.inner.faulty,
+            layered: self.inner.layered,
         };
         Store { inner: Arc::new(inner) }
     }
@@ -862,10 +862,21 @@ impl Store {
     ///
     /// # Panics
     /// If the store was already cloned.
-    pub fn with_faults(mut self, faults: &crate::faults::Faults) -> Store {
-        let inner = Arc::get_mut(&mut self.inner).expect("with_faults is called before the store is shared");
-        inner.objects = Arc::new(crate::faults::FaultyStore::new(inner.objects.clone(), faults.clone()));
-        inner.faulty = true;
+    pub fn with_faults(self, faults: &crate::faults::Faults) -> Store {
+        self.with_layer(|objects| Arc::new(crate::faults::FaultyStore::new(objects, faults.clone())))
+    }
+
+    /// Routes every request through the object store `layer` builds around this one: a fault
+    /// injector, or a benchmark's record of when each upload was answered. The layer must
+    /// forward what it does not mean to change. Call right after opening, before the store is
+    /// cloned.
+    ///
+    /// # Panics
+    /// If the store was already cloned.
+    pub fn with_layer(mut self, layer: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>) -> Store {
+        let inner = Arc::get_mut(&mut self.inner).expect("a layer is added before the store is shared");
+        inner.objects = layer(inner.objects.clone());
+        inner.layered = true;
         self
     }
 
