@@ -59,6 +59,28 @@ curl -fs "http://127.0.0.1:$PORT/healthz/ready" >/dev/null || { echo "nip46.sh: 
 # Tags every JSON line with the relay, the engine and (if not already named) the client.
 tag() { python3 -c "import json,sys; [print(json.dumps({'client': '$2', **json.loads(l), 'relay_kind': '$1', 'engine': '$ENGINE'})) for l in sys.stdin]"; }
 
+# A JS client's answers (connect, bench, close) as one result line; a client that failed
+# (no bench answer, or one not ok) gives an error line naming what it said, and the run goes on.
+# Usage: js_result CLIENT [wire]; JS_STDERR names a file holding the client's stderr, if kept.
+js_result() { python3 -c '
+import json, os, sys
+r = [json.loads(l) for l in sys.stdin if l.strip()]
+exit_code = [x for x in r if "node_exit" in x]
+r = [x for x in r if "node_exit" not in x] + [x for x in exit_code if x["node_exit"] != 0]
+b = r[1] if len(r) > 1 else None
+if not b or not b.get("ok"):
+    print(json.dumps({"bench": "nip46", "error": "client failed: %s" % json.dumps(r)[:300]}))
+    print("nip46.sh: the %s client failed: %s" % (sys.argv[1], r), file=sys.stderr)
+    err = os.environ.get("JS_STDERR")
+    if err and os.path.exists(err):
+        print("nip46.sh: its stderr ends:\n" + open(err).read()[-2000:], file=sys.stderr)
+else:
+    out = {"bench": "nip46", "sign_event_round_trip_ms": {k: b[k] for k in ("p50", "p99", "mean")}}
+    if sys.argv[2:] == ["wire"]:
+        out["wire_ms"] = b["wire"]
+    print(json.dumps(out))
+' "$@"; }
+
 for relay in "ws://127.0.0.1:$EMBEDDED_PORT" "ws://127.0.0.1:$RELAY_PORT"; do
   name=$([ "$relay" = "ws://127.0.0.1:$EMBEDDED_PORT" ] && echo embedded || echo nostr-relay)
   # A fresh grant per client: a bunker binds the first client that connects.
@@ -72,15 +94,15 @@ print(pk + "?" + u.urlencode(p))' "$1" "$relay"; }
   if [[ $CLIENTS == *" nostr-tools "* ]]; then
     BUNKER=$(only "$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT" bunker_url)")
     printf '%s\n' "{\"op\":\"connect\",\"bunker\":\"$BUNKER\"}" "{\"op\":\"bench\",\"n\":$N,\"warmup\":20,\"timeout_ms\":600000}" '{"op":"close"}' |
-      node crates/keycast/tests/js/bunker-client.mjs |
-      python3 -c "import json,sys; r=[json.loads(l) for l in sys.stdin]; b=r[1]; assert b['ok'], b; print(json.dumps({'bench': 'nip46', 'sign_event_round_trip_ms': {k: b[k] for k in ('p50','p99','mean')}, 'wire_ms': b['wire']}))" |
+      { rc=0; node crates/keycast/tests/js/bunker-client.mjs || rc=$?; echo "{\"node_exit\": $rc}"; } |
+      js_result nostr-tools wire |
       tag "$name" nostr-tools
   fi
   if [[ $CLIENTS == *" ndk "* ]]; then
     BUNKER=$(only "$(python3 bench/rpc/flow.py "http://127.0.0.1:$PORT" bunker_url)")
     printf '%s\n' "{\"op\":\"connect\",\"bunker\":\"$BUNKER\",\"timeout_ms\":20000}" "{\"op\":\"bench\",\"n\":$N,\"warmup\":20,\"timeout_ms\":600000}" '{"op":"close"}' |
-      KEYCAST_NDK_DIR="$KEYCAST_PEERS_DIR/ndk" node crates/keycast/tests/js/ndk-client.mjs 2>/dev/null |
-      python3 -c "import json,sys; r=[json.loads(l) for l in sys.stdin]; b=r[1]; assert b['ok'], r; print(json.dumps({'bench': 'nip46', 'sign_event_round_trip_ms': {k: b[k] for k in ('p50','p99','mean')}}))" |
+      { rc=0; node crates/keycast/tests/js/ndk-client.mjs 2>"$WORK/ndk.err" || rc=$?; echo "{\"node_exit\": $rc}"; } |
+      JS_STDERR="$WORK/ndk.err" js_result ndk |
       tag "$name" ndk
   fi
   if [[ $CLIENTS == *" rust-nostr "* ]]; then

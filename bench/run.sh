@@ -209,7 +209,7 @@ TABLES="$WORK/tables-$RUN_ID.md"
   echo "| command | \`$COMMAND_LINE\` |"
   echo "| machine | $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(awk '/MemTotal/ {printf "%.1f GiB RAM", $2/1048576}' /proc/meminfo), $(uname -sr) |"
   echo "| load average (1/5/15 min) | start $LOAD_START, end $LOAD_END |"
-  echo "| peers | litestream $LS_VERSION, moto $MOTO_VERSION (in-memory S3 on loopback) |"
+  echo "| peers | litestream $LS_VERSION, moto $MOTO_VERSION (in-memory S3 on loopback; a second one with Python's cyclic GC off for the lag runs labelled moto-gc-off) |"
   echo "| toolchain | $(rustc --version) |"
   echo "| parameters | lag ${LAG_SECONDS} s per run at ${LAG_RATES// /, } commits/s (2 s warm-up); throughput ${TP_SECONDS} s × ${TP_ROUNDS} rounds; restore ${RESTORE_MB} MiB × ${RESTORE_RUNS} runs |"
   echo

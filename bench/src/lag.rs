@@ -366,7 +366,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "unmatched": unmatched,
         "negative": negative,
         "lag_ack_ms": (!acked.is_empty()).then(|| summary_ms(&ack_measured)),
-        "ack_unmatched": ack_unmatched,
+        "ack_unmatched": (!acked.is_empty()).then_some(ack_unmatched),
         "files_acked": acked.len(),
         "commit_ms": summary_ms(&commit_ms),
         "put_probe_ms": args.put_probe_ms,
