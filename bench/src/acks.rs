@@ -175,7 +175,60 @@ impl ObjectStore for Recording {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use keycast_replica::{CommitSignal, ReplicaOptions, Replicator};
+
     use super::*;
+    use crate::pools::{self, WalProbe};
+
+    /// The measure records what keycast ships: after a durable commit, an answered level-0
+    /// upload's header reaches the commit's end in the WAL, recorded after the commit began.
+    /// (Not necessarily after it returned: the replicator can ship the frames while the
+    /// writer's answer is on its way back, which the lag counts as 0.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_answered_upload_is_recorded_with_the_wal_range_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("app.db");
+        let signal = CommitSignal::new();
+        let pool = pools::keycast_pool(&db, &signal).await.unwrap();
+        pools::create_table(&pool).await.unwrap();
+        let log = AckLog::default();
+        let store = log.layer(Store::in_memory());
+        let replicator = Replicator::start(&db, store.clone(), signal, "acks-test", ReplicaOptions::default())
+            .await
+            .unwrap();
+        let mut probe = WalProbe::new(&db);
+        let mut ends = Vec::new();
+        for _ in 0..3 {
+            let began = Instant::now();
+            sqlx::query(pools::INSERT_SMALL).execute(&pool).await.unwrap();
+            let end = probe.read().unwrap();
+            replicator.wait_durable(Duration::from_secs(10)).await.unwrap();
+            ends.push((began, end));
+        }
+        let seen = log.observations(&store).await.unwrap();
+        for (began, end) in ends {
+            let holding = seen
+                .iter()
+                .find(|o| {
+                    let h = &o.header;
+                    (h.wal_salt1, h.wal_salt2) == (end.salt1, end.salt2) && h.wal_offset + h.wal_size >= end.end as i64
+                })
+                .expect("an answered upload holds the commit");
+            assert!(holding.t >= began, "recorded before the commit began");
+        }
+        let txids: Vec<u64> = seen.iter().map(|o| o.txid).collect();
+        assert!(
+            txids.windows(2).all(|w| w[0] < w[1]),
+            "answers in TXID order: {txids:?}"
+        );
+        pool.close().await;
+        replicator
+            .shutdown(Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn a_header_split_across_chunks_is_joined_and_a_short_payload_has_none() {

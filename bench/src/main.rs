@@ -6,7 +6,8 @@
 //! `report` turns a file of such lines into the Markdown tables of `BENCHMARKS.md`.
 //!
 //! - `lag`: replication lag of a paced workload, observed from the replica's level-0 LTX
-//!   headers (see [`lag`]).
+//!   headers (see [`lag`]); for keycast on S3 also to the store's answer to each upload (see
+//!   [`acks`]).
 //! - `throughput`: sequential commits/s with and without replication (see [`throughput`]).
 //! - `durable`: commit latency with and without waiting for the object store (see [`durable`]).
 //! - `restore-db` / `restore-time`: build a replica of a large database with keycast, then
