@@ -85,6 +85,11 @@ pub fn start(dir: &Path, config: &Path) -> anyhow::Result<Process> {
 }
 
 impl Process {
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Fails if the process already exited.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {

@@ -149,9 +149,9 @@ pub fn render(lines: &[Value]) -> String {
         );
         let _ = writeln!(
             s,
-            "| variant | runs (commits/s) | median commits/s | ÷ same pool, no replicator | ÷ plain SQLite |"
+            "| variant | runs (commits/s) | median commits/s | ÷ same pool, no replicator | ÷ plain SQLite | CPU µs per commit (median) | CPU ÷ plain |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|");
         for t in &tp {
             let runs = |k: &str| {
                 t["runs"][k]
@@ -160,8 +160,16 @@ pub fn render(lines: &[Value]) -> String {
                     .unwrap_or_default()
             };
             let m = |k: &str| f(&t["median"][k], 0);
+            let cpu = &t["cpu_us_per_commit"];
             let row = |s: &mut String, name: &str, k: &str, vs_pool: String, vs_plain: String| {
-                let _ = writeln!(s, "| {name} | {} | {} | {vs_pool} | {vs_plain} |", runs(k), m(k));
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} | {vs_pool} | {vs_plain} | {} | {} |",
+                    runs(k),
+                    m(k),
+                    f(&cpu[k], 1),
+                    ratio(&cpu[k], &cpu["plain"])
+                );
             };
             row(
                 &mut s,
@@ -200,7 +208,9 @@ pub fn render(lines: &[Value]) -> String {
             let list = |key: &str, d: usize| k.iter().map(|r| f(&r[key], d)).collect::<Vec<_>>().join(", ");
             let _ = writeln!(
                 s,
-                "\nkeycast runs: commits per segment {}; checkpoints {}; replicator catch-up after the writer stopped {} ms.",
+                "\nCPU: user + system time over the timed window, per commit, of the bench process (the writer, \
+                 keycast's replicator when it runs, a WAL-size sampler) plus the Litestream process for that variant. \
+                 keycast runs: commits per segment {}; checkpoints {}; replicator catch-up after the writer stopped {} ms.",
                 list("commits_per_segment", 1),
                 list("checkpoints", 0),
                 list("catch_up_ms", 1)

@@ -79,7 +79,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.only.is_empty() {
         variants.retain(|v| args.only.iter().any(|o| o == v.name()));
     }
-    let mut results: Vec<(Variant, f64)> = Vec::new();
+    // Per run: the variant, its commits/s and its CPU microseconds per commit.
+    let mut results: Vec<(Variant, f64, f64)> = Vec::new();
     for round in 0..args.rounds {
         // Rotate the order so no variant always runs first (or right after another).
         let mut order = variants.clone();
@@ -92,7 +93,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             note!("throughput: round {} {}", round + 1, v.name());
             let r = one_run(v, dir.path(), &args).await?;
             let rate = r["commits_per_s"].as_f64().unwrap_or(0.0);
-            results.push((v, rate));
+            let cpu = r["cpu_us_per_commit"].as_f64().unwrap_or(0.0);
+            results.push((v, rate, cpu));
             let mut line = r;
             line["bench"] = json!("throughput-run");
             line["round"] = json!(round + 1);
@@ -103,16 +105,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         median(
             &results
                 .iter()
-                .filter(|(x, _)| *x == v)
-                .map(|(_, r)| *r)
+                .filter(|(x, ..)| *x == v)
+                .map(|(_, r, _)| *r)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let med_cpu = |v: Variant| {
+        median(
+            &results
+                .iter()
+                .filter(|(x, ..)| *x == v)
+                .map(|(.., c)| *c)
                 .collect::<Vec<_>>(),
         )
     };
     let runs = |v: Variant| -> Vec<f64> {
         results
             .iter()
-            .filter(|(x, _)| *x == v)
-            .map(|(_, r)| r.round())
+            .filter(|(x, ..)| *x == v)
+            .map(|(_, r, _)| r.round())
             .collect()
     };
     let (Some(pool), Some(plain), Some(keycast)) = (med(Variant::Pool), med(Variant::Plain), med(Variant::Keycast))
@@ -131,6 +142,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "pool": pool.round(),
             "plain": plain.round(),
             "litestream": ls.map(f64::round),
+        },
+        "cpu_us_per_commit": {
+            "keycast": med_cpu(Variant::Keycast),
+            "pool": med_cpu(Variant::Pool),
+            "plain": med_cpu(Variant::Plain),
+            "litestream": med_cpu(Variant::Litestream),
         },
         "keycast_vs_pool": r3(keycast / pool),
         "keycast_vs_plain": r3(keycast / plain),
@@ -155,14 +172,14 @@ async fn one_run(v: Variant, dir: &std::path::Path, args: &Args) -> anyhow::Resu
             let signal = CommitSignal::new();
             let pool = pools::keycast_pool(&db, &signal).await?;
             pools::create_table(&pool).await?;
-            let h = hammer(&pool, seconds, &db).await?;
+            let h = hammer(&pool, seconds, &db, None).await?;
             pool.close().await;
             Ok(h.json(v))
         }
         Variant::Plain => {
             let pool = pools::plain_pool(&db).await?;
             pools::create_table(&pool).await?;
-            let h = hammer(&pool, seconds, &db).await?;
+            let h = hammer(&pool, seconds, &db, None).await?;
             pool.close().await;
             Ok(h.json(v))
         }
@@ -179,7 +196,7 @@ async fn one_run(v: Variant, dir: &std::path::Path, args: &Args) -> anyhow::Resu
                 options.uploads_in_flight = n;
             }
             let replicator = Replicator::start(&db, store, signal, "keycast-bench", options).await?;
-            let h = hammer(&pool, seconds, &db).await?;
+            let h = hammer(&pool, seconds, &db, None).await?;
             let n = h.commits;
             // How far behind the replicator was when the writer stopped.
             let t = Instant::now();
@@ -217,7 +234,7 @@ async fn one_run(v: Variant, dir: &std::path::Path, args: &Args) -> anyhow::Resu
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            let h = hammer(&pool, seconds, &db).await?;
+            let h = hammer(&pool, seconds, &db, Some(process.pid())).await?;
             pool.close().await;
             process.check_running()?;
             let clean = process.stop()?;
@@ -229,8 +246,10 @@ async fn one_run(v: Variant, dir: &std::path::Path, args: &Args) -> anyhow::Resu
 }
 
 /// Commits small transactions back to back for `seconds`. The WAL's size is sampled every
-/// 2 ms by a thread, and at the end, since a WAL can be truncated after it restarts.
-async fn hammer(pool: &SqlitePool, seconds: f64, db: &std::path::Path) -> anyhow::Result<Hammered> {
+/// 2 ms by a thread, and at the end, since a WAL can be truncated after it restarts. The CPU
+/// time the work took is that of this process (writer, replicator, sampler) plus that of the
+/// replicating `child` process, if any, over the timed window.
+async fn hammer(pool: &SqlitePool, seconds: f64, db: &std::path::Path, child: Option<u32>) -> anyhow::Result<Hammered> {
     // A short warm-up so every variant starts with an open connection and a hot cache.
     for _ in 0..200 {
         sqlx::query(pools::INSERT_SMALL).execute(pool).await?;
@@ -249,6 +268,14 @@ async fn hammer(pool: &SqlitePool, seconds: f64, db: &std::path::Path) -> anyhow
             largest
         })
     };
+    let cpu = || -> anyhow::Result<Duration> {
+        let mut total = cpu_time("self")?;
+        if let Some(pid) = child {
+            total += cpu_time(&pid.to_string())?;
+        }
+        Ok(total)
+    };
+    let cpu_start = cpu()?;
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
     let (mut n, mut stalls, mut stalled) = (0u64, 0u64, Duration::ZERO);
@@ -263,6 +290,7 @@ async fn hammer(pool: &SqlitePool, seconds: f64, db: &std::path::Path) -> anyhow
         n += 1;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu_used = cpu()?.saturating_sub(cpu_start);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let wal = sampler.join().unwrap_or(0).max(size());
     Ok(Hammered {
@@ -271,7 +299,21 @@ async fn hammer(pool: &SqlitePool, seconds: f64, db: &std::path::Path) -> anyhow
         wal,
         stalls,
         stalled_ms: (stalled.as_secs_f64() * 10_000.0).round() / 10.0,
+        cpu: cpu_used,
     })
+}
+
+/// User + system CPU time of a process so far (`self` or a PID), from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces: state is
+    // the first, utime and stime the 12th and 13th (fields 14 and 15 of proc(5)).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> { Ok(fields.get(i).context("short /proc stat")?.parse::<u64>()?) };
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(Duration::from_secs_f64((ticks(11)? + ticks(12)?) as f64 / per_second))
 }
 
 impl Hammered {
@@ -283,6 +325,8 @@ impl Hammered {
             "commits_per_s": self.commits as f64 / self.secs,
             "stalls": self.stalls,
             "stalled_ms": self.stalled_ms,
+            "cpu_s": (self.cpu.as_secs_f64() * 100.0).round() / 100.0,
+            "cpu_us_per_commit": (self.cpu.as_secs_f64() * 1e6 / self.commits.max(1) as f64 * 10.0).round() / 10.0,
         })
     }
 }
@@ -300,4 +344,26 @@ struct Hammered {
     /// Commits that took at least [`STALL`], and the time spent in them.
     stalls: u64,
     stalled_ms: f64,
+    /// CPU time of the work over the timed window (see [`hammer`]).
+    cpu: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_counts_this_process_spinning() {
+        let before = cpu_time("self").unwrap();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(200) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let spent = cpu_time("self").unwrap() - before;
+        // 200 ms of wall time spinning; the scheduler may take some of it away on a busy
+        // machine, and the clock counts in ticks of 10 ms.
+        assert!(spent >= Duration::from_millis(50), "{spent:?} of CPU for 200 ms of spinning");
+        assert!(spent < Duration::from_secs(5), "{spent:?}");
+    }
 }
