@@ -278,9 +278,20 @@ fn nip46_an_undecided_approval_ends_in_an_error_reply(engine: Engine) {
 
 /// The NIP-46 side: `auth_url`, then the real answer with the same request id.
 fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
-    let Some(mut client) = BunkerClient::spawn() else {
-        return;
-    };
+    if let Some(client) = BunkerClient::spawn() {
+        auth_url_then_the_owners_decision(engine, client);
+    }
+}
+
+/// The same with NDK's `NDKNip46Signer`, which emits `authUrl` and keeps waiting for the
+/// request's real answer.
+fn nip46_auth_url_then_the_owners_decision_reaches_an_ndk_client(engine: Engine) {
+    if let Some(client) = BunkerClient::spawn_ndk() {
+        auth_url_then_the_owners_decision(engine, client);
+    }
+}
+
+fn auth_url_then_the_owners_decision(engine: Engine, mut client: BunkerClient) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(engine, dir.path(), &[]);
     let (cookie, _) = register(&server, "bunker@example.com", None);
@@ -377,5 +388,6 @@ on_both_engines!(
     deny_another_account_csrf_and_unknown_ids_are_refused,
     an_expired_approval_cannot_be_decided,
     nip46_auth_url_then_the_owners_decision_reaches_the_client,
+    nip46_auth_url_then_the_owners_decision_reaches_an_ndk_client,
     nip46_an_undecided_approval_ends_in_an_error_reply,
 );

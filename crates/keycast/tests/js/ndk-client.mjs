@@ -8,7 +8,8 @@
 // What NDK does on its own is what apps get: `connect` is `bunker(ndk, url, localSigner)` +
 // `blockUntilReady()`, which sends `connect` with params ["", secret] (NDK leaves the first
 // parameter empty when the URL names no user), then `get_public_key` and `switch_relays`.
-// Ops as in bunker-client.mjs, plus:
+// Ops as in bunker-client.mjs (`start_sign_event`, `auth_url` and `finish_sign_event` with
+// NDK's `authUrl` event in place of BunkerSigner's `onauth`), plus:
 //   {"op":"nip05_start","address":"name@domain","http_base":"http://127.0.0.1:PORT"}
 //       → {} once started: NDK fetches https://domain/.well-known/nostr.json (routed to
 //       http_base: a loopback test has no TLS) and connects to the `nip46` relays it names;
@@ -41,6 +42,17 @@ let ndk = null;
 let signer = null;
 let pending = null;
 let authUrl = null;
+// A sign_event started and not yet finished (`start_sign_event`).
+let pendingSign = null;
+// auth_url events not yet collected by the `auth_url` op, and who waits for the next one.
+const authUrls = [];
+const authWaiters = [];
+function onauth(url) {
+  authUrl = url;
+  const waiter = authWaiters.shift();
+  if (waiter) waiter(url);
+  else authUrls.push(url);
+}
 
 const randomHex = () => Buffer.from(generateSecretKey()).toString('hex');
 
@@ -52,6 +64,8 @@ function fresh(httpBase) {
     ndk.httpFetch = (url, opts) => fetch(url.replace(/^https:\/\/[^/]+/, httpBase), opts);
   }
   authUrl = null;
+  authUrls.length = 0;
+  pendingSign = null;
 }
 
 function needSigner() {
@@ -92,13 +106,28 @@ const ops = {
     fresh();
     const sk = client_sk ?? randomHex();
     signer = NDKNip46Signer.bunker(ndk, bunker, new NDKPrivateKeySigner(sk));
-    signer.on('authUrl', (url) => (authUrl = url));
+    signer.on('authUrl', onauth);
     // Without the handshake, only listen (to try requests from a client that is not bound).
     await (handshake ? signer.blockUntilReady() : signer.startListening());
     return { client_pubkey: getPublicKey(Buffer.from(sk, 'hex')), bunker_pubkey: signer.bunkerPubkey, relays: signer.relayUrls };
   },
   get_public_key: async () => ({ pubkey: await request('get_public_key') }),
   sign_event: ({ event }) => signEvent(event ?? {}),
+  start_sign_event({ event }) {
+    pendingSign = signEvent(event ?? {});
+    pendingSign.catch(() => {});
+    return {};
+  },
+  auth_url() {
+    if (authUrls.length) return { url: authUrls.shift() };
+    return new Promise((resolve) => authWaiters.push((url) => resolve({ url })));
+  },
+  async finish_sign_event() {
+    if (!pendingSign) throw new Error('no sign_event pending');
+    const started = pendingSign;
+    pendingSign = null;
+    return await started;
+  },
   nip44_encrypt: async ({ peer: p, text }) => ({ result: await needSigner().encrypt(peer(p), text, 'nip44') }),
   nip44_decrypt: async ({ peer: p, text }) => ({ result: await needSigner().decrypt(peer(p), text, 'nip44') }),
   nip04_encrypt: async ({ peer: p, text }) => ({ result: await needSigner().encrypt(peer(p), text, 'nip04') }),
@@ -131,7 +160,7 @@ const ops = {
   nip05_start({ address, http_base, client_sk }) {
     fresh(http_base);
     signer = NDKNip46Signer.bunker(ndk, address, new NDKPrivateKeySigner(client_sk ?? randomHex()));
-    signer.on('authUrl', (url) => (authUrl = url));
+    signer.on('authUrl', onauth);
     pending = signer.blockUntilReady();
     pending.catch(() => {});
     return {};
