@@ -363,7 +363,10 @@ mod tests {
         let spent = cpu_time("self").unwrap() - before;
         // 200 ms of wall time spinning; the scheduler may take some of it away on a busy
         // machine, and the clock counts in ticks of 10 ms.
-        assert!(spent >= Duration::from_millis(50), "{spent:?} of CPU for 200 ms of spinning");
+        assert!(
+            spent >= Duration::from_millis(50),
+            "{spent:?} of CPU for 200 ms of spinning"
+        );
         assert!(spent < Duration::from_secs(5), "{spent:?}");
     }
 }
