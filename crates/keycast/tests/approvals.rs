@@ -11,6 +11,7 @@ mod harness;
 use harness::api::*;
 use harness::flow::{grant, register};
 use harness::nostr::{BunkerClient, Relay};
+use harness::rust_connect::{App, JsApp, RustApp};
 use harness::{Engine, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use serde_json::{json, Value};
 
@@ -279,7 +280,11 @@ fn nip46_an_undecided_approval_ends_in_an_error_reply(engine: Engine) {
 /// The NIP-46 side: `auth_url`, then the real answer with the same request id.
 fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
     if let Some(client) = BunkerClient::spawn() {
-        auth_url_then_the_owners_decision(engine, client);
+        let mut app = JsApp {
+            name: "nostr-tools BunkerSigner",
+            client,
+        };
+        auth_url_then_the_owners_decision(engine, &mut app);
     }
 }
 
@@ -287,51 +292,61 @@ fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
 /// request's real answer.
 fn nip46_auth_url_then_the_owners_decision_reaches_an_ndk_client(engine: Engine) {
     if let Some(client) = BunkerClient::spawn_ndk() {
-        auth_url_then_the_owners_decision(engine, client);
+        let mut app = JsApp {
+            name: "NDK NDKNip46Signer",
+            client,
+        };
+        auth_url_then_the_owners_decision(engine, &mut app);
     }
 }
 
-fn auth_url_then_the_owners_decision(engine: Engine, mut client: BunkerClient) {
+/// The same with rust-nostr's `NostrConnect`, whose `auth_url` handler receives the URL while
+/// the request keeps waiting.
+fn nip46_auth_url_then_the_owners_decision_reaches_a_rust_nostr_client(engine: Engine) {
+    auth_url_then_the_owners_decision(engine, &mut RustApp::default());
+}
+
+fn auth_url_then_the_owners_decision(engine: Engine, client: &mut dyn App) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(engine, dir.path(), &[]);
     let (cookie, _) = register(&server, "bunker@example.com", None);
     let token = grant(&server, &cookie, "policy:social");
-    let connected = client.connect(token["bunker_url"].as_str().unwrap());
-    assert_eq!(connected["ok"], true, "{connected}");
+    client.call_ok(json!({ "op": "connect", "bunker": token["bunker_url"] }));
     let event = json!({"kind": 30023, "content": "over NIP-46", "tags": [["d", "n"]]});
+    let name = client.name();
 
-    let ask = |client: &mut BunkerClient, event: &Value| -> String {
+    let ask = |client: &mut dyn App, event: &Value| -> String {
         client.call_ok(json!({ "op": "start_sign_event", "event": event, "timeout_ms": 1000 }));
         let reply = client.call_ok(json!({ "op": "auth_url", "timeout_ms": 15000 }));
         path_of(&server, reply["url"].as_str().unwrap())
     };
-    let finish = |client: &mut BunkerClient| client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
+    let finish = |client: &mut dyn App| client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
 
     // Allow once: the client's pending request resolves with the signed event.
-    let path = ask(&mut client, &event);
+    let path = ask(client, &event);
     assert!(get(&server, &path, Some(&cookie)).body.contains("NIP-46"));
     assert_eq!(decide(&server, &cookie, &path, "once").status, 200);
-    let signed = finish(&mut client);
-    assert_eq!(signed["ok"], true, "{signed}");
-    assert_eq!(signed["verified"], true, "{signed}");
-    assert_eq!(signed["event"]["kind"], 30023, "{signed}");
-    assert_eq!(signed["event"]["content"], "over NIP-46", "{signed}");
+    let signed = finish(client);
+    assert_eq!(signed["ok"], true, "{name}: {signed}");
+    assert_eq!(signed["verified"], true, "{name}: {signed}");
+    assert_eq!(signed["event"]["kind"], 30023, "{name}: {signed}");
+    assert_eq!(signed["event"]["content"], "over NIP-46", "{name}: {signed}");
 
     // Once means once: the same request is asked again; deny sends the error.
-    let path = ask(&mut client, &event);
+    let path = ask(client, &event);
     assert_eq!(decide(&server, &cookie, &path, "deny").status, 200);
-    let denied = finish(&mut client);
-    assert_eq!(denied["ok"], false, "{denied}");
-    assert!(denied["error"].as_str().unwrap().contains("denied"), "{denied}");
+    let denied = finish(client);
+    assert_eq!(denied["ok"], false, "{name}: {denied}");
+    assert!(denied["error"].as_str().unwrap().contains("denied"), "{name}: {denied}");
 
     // Allow the kind: this request is answered, and later ones need no asking.
-    let path = ask(&mut client, &event);
+    let path = ask(client, &event);
     assert_eq!(decide(&server, &cookie, &path, "kind").status, 200);
-    let signed = finish(&mut client);
-    assert_eq!(signed["verified"], true, "{signed}");
-    let later = client.sign_event(json!({"kind": 30023, "content": "later", "tags": []}));
-    assert_eq!(later["ok"], true, "{later}");
-    assert_eq!(later["verified"], true, "{later}");
+    let signed = finish(client);
+    assert_eq!(signed["verified"], true, "{name}: {signed}");
+    let later = client.call(json!({ "op": "sign_event", "event": {"kind": 30023, "content": "later", "tags": []} }));
+    assert_eq!(later["ok"], true, "{name}: {later}");
+    assert_eq!(later["verified"], true, "{name}: {later}");
     // And over HTTP too: one policy path.
     assert_signed(&sign(&server, &token, article("by http")), 30023);
 }
@@ -389,5 +404,6 @@ on_both_engines!(
     an_expired_approval_cannot_be_decided,
     nip46_auth_url_then_the_owners_decision_reaches_the_client,
     nip46_auth_url_then_the_owners_decision_reaches_an_ndk_client,
+    nip46_auth_url_then_the_owners_decision_reaches_a_rust_nostr_client,
     nip46_an_undecided_approval_ends_in_an_error_reply,
 );

@@ -102,7 +102,7 @@ fn exercise(app: &mut dyn App, server: &Keycast, cookie: &str, user: &PublicKey,
     assert_eq!(opened["result"], "nip04 answer", "{name}");
 
     // (A kind the social policy does not allow is no longer refused but asked with NIP-46
-    // `auth_url`, issue 14: tests/approvals.rs drives that with nostr-tools and with NDK.)
+    // `auth_url`, issue 14: tests/approvals.rs drives that with each of these clients.)
 
     if app.has_session_methods() {
         assert_eq!(app.call_ok(json!({"op": "ping"}))["result"], "pong", "{name}");

@@ -4,13 +4,16 @@
 //!
 //! `NostrConnect` offers `connect` (on first use), `get_public_key`, `sign_event` and the four
 //! encrypt/decrypt methods; it has no `ping`, `switch_relays` or `logout`, so those ops answer
-//! `{ok: false, error: "unsupported"}` and the scenario skips them for this client.
+//! `{ok: false, error: "unsupported"}` and the scenario skips them for this client. A
+//! request the owner must approve is driven as with the JavaScript drivers: `start_sign_event`,
+//! then `auth_url` (from the client's `auth_url` handler), then `finish_sign_event`.
 
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nostr_connect::prelude::{
-    EventBuilder, Keys, Kind, NostrConnect, NostrConnectMetadata, NostrConnectURI, NostrSigner, PublicKey, RelayUrl,
-    Tag, Timestamp,
+    AuthUrlHandler, BoxedFuture, Event, EventBuilder, Keys, Kind, NostrConnect, NostrConnectMetadata, NostrConnectURI,
+    NostrSigner, PublicKey, RelayUrl, Tag, Timestamp, Url,
 };
 use serde_json::{json, Value};
 
@@ -59,10 +62,28 @@ pub struct RustApp {
     client: Option<NostrConnect>,
     /// A `nostrconnect://` session waiting for the signer's answer.
     pending: Option<tokio::task::JoinHandle<Result<(NostrConnect, PublicKey), String>>>,
+    /// A sign_event started and not yet finished (`start_sign_event`).
+    pending_sign: Option<tokio::task::JoinHandle<Result<Event, String>>>,
+    /// The `auth_url`s the signer sent, as the client's handler received them.
+    auth_urls: mpsc::Receiver<String>,
+    auth_url_sender: mpsc::Sender<String>,
+}
+
+/// The client's `auth_url` handler: where an app would open a browser, the test collects the
+/// URL (`auth_url` op).
+#[derive(Debug)]
+struct CollectAuthUrls(mpsc::Sender<String>);
+
+impl AuthUrlHandler for CollectAuthUrls {
+    fn on_auth_url(&self, auth_url: Url) -> BoxedFuture<'_, nostr_connect::prelude::Result<()>> {
+        let sent = self.0.send(auth_url.to_string());
+        Box::pin(async move { sent.map_err(|e| e.into()) })
+    }
 }
 
 impl Default for RustApp {
     fn default() -> Self {
+        let (auth_url_sender, auth_urls) = mpsc::channel();
         RustApp {
             runtime: tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -71,6 +92,9 @@ impl Default for RustApp {
                 .unwrap(),
             client: None,
             pending: None,
+            pending_sign: None,
+            auth_urls,
+            auth_url_sender,
         }
     }
 }
@@ -96,6 +120,31 @@ impl App for RustApp {
         reply["ms"] = json!(started.elapsed().as_secs_f64() * 1000.0);
         reply
     }
+}
+
+/// Signs `template` (`{kind, content, tags, created_at}`) through the bunker.
+async fn sign_event(signer: NostrConnect, template: Value) -> Result<Event, String> {
+    let pubkey = signer.get_public_key().await.map_err(|e| e.to_string())?;
+    let kind = Kind::from(template["kind"].as_u64().unwrap_or(1) as u16);
+    let mut builder = EventBuilder::new(kind, template["content"].as_str().unwrap_or_default());
+    for tag in template["tags"].as_array().into_iter().flatten() {
+        let parts: Vec<String> = serde_json::from_value(tag.clone()).map_err(|e| e.to_string())?;
+        builder = builder.tag(Tag::parse(parts).map_err(|e| e.to_string())?);
+    }
+    if let Some(at) = template["created_at"].as_u64() {
+        builder = builder.custom_created_at(Timestamp::from(at));
+    }
+    signer
+        .sign_event(builder.build(pubkey))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The reply to a signed event. The client verified it already
+/// (`ResponseResult::to_sign_event`); the nostr crate says so as well.
+fn signed(event: Event) -> Result<Value, String> {
+    let verified = event.verify().is_ok();
+    Ok(json!({"event": event, "verified": verified}))
 }
 
 fn text(cmd: &Value, field: &str) -> String {
@@ -124,7 +173,8 @@ impl RustApp {
                 let uri = NostrConnectURI::parse(text(cmd, "bunker")).map_err(|e| e.to_string())?;
                 let keys = keys_of(cmd);
                 let client_pubkey = keys.public_key();
-                let client = NostrConnect::new(uri, keys, TIMEOUT, None).map_err(|e| e.to_string())?;
+                let mut client = NostrConnect::new(uri, keys, TIMEOUT, None).map_err(|e| e.to_string())?;
+                client.auth_url_handler(CollectAuthUrls(self.auth_url_sender.clone()));
                 if let Some(old) = self.client.replace(client) {
                     self.runtime.block_on(old.shutdown());
                 }
@@ -146,28 +196,22 @@ impl RustApp {
                 Ok(json!({"pubkey": pk.to_hex()}))
             }
             "sign_event" => {
-                let template = &cmd["event"];
-                let signer = self.signer()?;
-                let event = self.runtime.block_on(async {
-                    let pubkey = signer.get_public_key().await.map_err(|e| e.to_string())?;
-                    let kind = Kind::from(template["kind"].as_u64().unwrap_or(1) as u16);
-                    let mut builder = EventBuilder::new(kind, template["content"].as_str().unwrap_or_default());
-                    for tag in template["tags"].as_array().into_iter().flatten() {
-                        let parts: Vec<String> = serde_json::from_value(tag.clone()).map_err(|e| e.to_string())?;
-                        builder = builder.tag(Tag::parse(parts).map_err(|e| e.to_string())?);
-                    }
-                    if let Some(at) = template["created_at"].as_u64() {
-                        builder = builder.custom_created_at(Timestamp::from(at));
-                    }
-                    signer
-                        .sign_event(builder.build(pubkey))
-                        .await
-                        .map_err(|e| e.to_string())
-                })?;
-                // The client verified it already (ResponseResult::to_sign_event); say so
-                // from the nostr crate as well.
-                let verified = event.verify().is_ok();
-                Ok(json!({"event": event, "verified": verified}))
+                let signing = sign_event(self.signer()?.clone(), cmd["event"].clone());
+                signed(self.runtime.block_on(signing)?)
+            }
+            "start_sign_event" => {
+                let signing = sign_event(self.signer()?.clone(), cmd["event"].clone());
+                self.pending_sign = Some(self.runtime.spawn(signing));
+                Ok(json!({}))
+            }
+            "auth_url" => {
+                let wait = Duration::from_millis(cmd["timeout_ms"].as_u64().unwrap_or(5000));
+                let url = self.auth_urls.recv_timeout(wait).map_err(|_| "timeout".to_owned())?;
+                Ok(json!({ "url": url }))
+            }
+            "finish_sign_event" => {
+                let pending = self.pending_sign.take().ok_or("no sign_event pending")?;
+                signed(self.runtime.block_on(pending).map_err(|e| e.to_string())??)
             }
             "nip44_encrypt" | "nip44_decrypt" | "nip04_encrypt" | "nip04_decrypt" => {
                 let (signer, peer, text) = (self.signer()?, peer()?, text(cmd, "text"));
