@@ -38,6 +38,8 @@ import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 
+import { approvals } from './approval.mjs';
+
 const require = createRequire(join(process.env.KEYCAST_NOSTR_TOOLS_DIR ?? '.', 'package.json'));
 const WebSocket = require('ws');
 const { SimplePool, useWebSocketImplementation } = require('nostr-tools/pool');
@@ -70,15 +72,9 @@ pool.publish = (...args) => {
 };
 let signer = null;
 let pendingConnect = null;
-let pendingSign = null;
-// auth_url callbacks (`onauth`) not yet collected, and who waits for the next one.
-const authUrls = [];
-const authWaiters = [];
-function onauth(url) {
-  const waiter = authWaiters.shift();
-  if (waiter) waiter(url);
-  else authUrls.push(url);
-}
+// auth_url callbacks (`onauth`) and the request started by `start_sign_event` or `start`.
+const approval = approvals();
+const onauth = approval.onauth;
 
 const hexToBytes = (hex) => Uint8Array.from(Buffer.from(hex, 'hex'));
 const clientKey = (hex) => (hex ? hexToBytes(hex) : generateSecretKey());
@@ -138,26 +134,11 @@ const ops = {
     return { pubkey: await signer.getPublicKey() };
   },
   sign_event: ({ event }) => signEvent(event ?? {}),
-  start_sign_event({ event }) {
-    pendingSign = signEvent(event ?? {});
-    pendingSign.catch(() => {});
-    return {};
-  },
-  start({ method, params = [] }) {
-    pendingSign = needSigner().sendRequest(method, params).then((result) => ({ result }));
-    pendingSign.catch(() => {});
-    return {};
-  },
-  auth_url() {
-    if (authUrls.length) return { url: authUrls.shift() };
-    return new Promise((resolve) => authWaiters.push((url) => resolve({ url })));
-  },
-  async finish_sign_event() {
-    if (!pendingSign) throw new Error('no sign_event pending');
-    const pending = pendingSign;
-    pendingSign = null;
-    return await pending;
-  },
+  start_sign_event: ({ event }) => approval.begin(signEvent(event ?? {})),
+  start: ({ method, params = [] }) =>
+    approval.begin(needSigner().sendRequest(method, params).then((result) => ({ result }))),
+  auth_url: () => approval.authUrl(),
+  finish_sign_event: () => approval.finish(),
   nip44_encrypt: async ({ peer, text }) => ({ result: await needSigner().nip44Encrypt(peer, text) }),
   nip44_decrypt: async ({ peer, text }) => ({ result: await needSigner().nip44Decrypt(peer, text) }),
   nip04_encrypt: async ({ peer, text }) => ({ result: await needSigner().nip04Encrypt(peer, text) }),

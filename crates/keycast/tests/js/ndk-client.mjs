@@ -23,6 +23,8 @@
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+
+import { approvals } from './approval.mjs';
 import { pathToFileURL } from 'node:url';
 
 const dir = process.env.KEYCAST_NDK_DIR ?? '.';
@@ -42,16 +44,11 @@ let ndk = null;
 let signer = null;
 let pending = null;
 let authUrl = null;
-// A sign_event started and not yet finished (`start_sign_event`).
-let pendingSign = null;
-// auth_url events not yet collected by the `auth_url` op, and who waits for the next one.
-const authUrls = [];
-const authWaiters = [];
+// authUrl events and the sign_event started by `start_sign_event`.
+const approval = approvals();
 function onauth(url) {
   authUrl = url;
-  const waiter = authWaiters.shift();
-  if (waiter) waiter(url);
-  else authUrls.push(url);
+  approval.onauth(url);
 }
 
 const randomHex = () => Buffer.from(generateSecretKey()).toString('hex');
@@ -64,8 +61,7 @@ function fresh(httpBase) {
     ndk.httpFetch = (url, opts) => fetch(url.replace(/^https:\/\/[^/]+/, httpBase), opts);
   }
   authUrl = null;
-  authUrls.length = 0;
-  pendingSign = null;
+  approval.reset();
 }
 
 function needSigner() {
@@ -113,21 +109,9 @@ const ops = {
   },
   get_public_key: async () => ({ pubkey: await request('get_public_key') }),
   sign_event: ({ event }) => signEvent(event ?? {}),
-  start_sign_event({ event }) {
-    pendingSign = signEvent(event ?? {});
-    pendingSign.catch(() => {});
-    return {};
-  },
-  auth_url() {
-    if (authUrls.length) return { url: authUrls.shift() };
-    return new Promise((resolve) => authWaiters.push((url) => resolve({ url })));
-  },
-  async finish_sign_event() {
-    if (!pendingSign) throw new Error('no sign_event pending');
-    const started = pendingSign;
-    pendingSign = null;
-    return await started;
-  },
+  start_sign_event: ({ event }) => approval.begin(signEvent(event ?? {})),
+  auth_url: () => approval.authUrl(),
+  finish_sign_event: () => approval.finish(),
   nip44_encrypt: async ({ peer: p, text }) => ({ result: await needSigner().encrypt(peer(p), text, 'nip44') }),
   nip44_decrypt: async ({ peer: p, text }) => ({ result: await needSigner().decrypt(peer(p), text, 'nip44') }),
   nip04_encrypt: async ({ peer: p, text }) => ({ result: await needSigner().encrypt(peer(p), text, 'nip04') }),
