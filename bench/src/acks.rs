@@ -38,32 +38,15 @@ struct Ack {
 /// The shared record of answered uploads. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct AckLog {
-    level0: Arc<Mutex<Option<String>>>,
     acks: Arc<Mutex<Vec<Ack>>>,
 }
 
 impl AckLog {
     /// Wraps `store` so that each level-0 upload it answers is recorded here.
     pub fn layer(&self, store: Store) -> Store {
-        let dir = store.level_dir(0).to_string();
-        *self.level0.lock().expect("ack log") = Some(format!("{dir}/"));
+        let level0 = format!("{}/", store.level_dir(0));
         let log = self.clone();
-        store.with_layer(move |inner| Arc::new(Recording { inner, log }))
-    }
-
-    fn record(&self, key: &Path, header: Option<Bytes>) {
-        let t = Instant::now();
-        let is_level0 = match &*self.level0.lock().expect("ack log") {
-            Some(dir) => key.as_ref().starts_with(dir.as_str()),
-            None => false,
-        };
-        if is_level0 && ltx::parse_file_name(key.filename().unwrap_or_default()).is_some() {
-            self.acks.lock().expect("ack log").push(Ack {
-                t,
-                key: key.clone(),
-                header,
-            });
-        }
+        store.with_layer(move |inner| Arc::new(Recording { inner, log, level0 }))
     }
 
     /// Every answered level-0 upload as an observation, in the order answered. Headers the
@@ -120,6 +103,23 @@ fn header_of(payload: &PutPayload) -> Option<Bytes> {
 struct Recording {
     inner: Arc<dyn ObjectStore>,
     log: AckLog,
+    /// The level-0 directory's key prefix, `/` included.
+    level0: String,
+}
+
+impl Recording {
+    /// Records an answered upload to `key` if it is a level-0 LTX file.
+    fn record(&self, key: &Path, header: Option<Bytes>) {
+        let t = Instant::now();
+        let is_ltx = ltx::parse_file_name(key.filename().unwrap_or_default()).is_some();
+        if key.as_ref().starts_with(&self.level0) && is_ltx {
+            self.log.acks.lock().expect("ack log").push(Ack {
+                t,
+                key: key.clone(),
+                header,
+            });
+        }
+    }
 }
 
 impl fmt::Display for Recording {
@@ -133,7 +133,7 @@ impl ObjectStore for Recording {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
         let header = header_of(&payload);
         let result = self.inner.put_opts(location, payload, opts).await?;
-        self.log.record(location, header);
+        self.record(location, header);
         Ok(result)
     }
 
@@ -168,7 +168,7 @@ impl ObjectStore for Recording {
 
     async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
         self.inner.copy_opts(from, to, options).await?;
-        self.log.record(to, None);
+        self.record(to, None);
         Ok(())
     }
 }

@@ -17,9 +17,9 @@
 //!   whose upload goes out beside an ordinary commit's upload already under way.
 //!
 //! Reported: p50/p99 of each, the added latency (durable − async) at p50 and p99, and the
-//! added p50 over the PUT's p50, for both durable modes. `--latency-ms` adds a delay to every store request (a TCP
-//! proxy in front of S3, as `coldstart` does), so that a store that serves requests in
-//! parallel with a cloud's round trip can be measured on loopback.
+//! added p50 over the PUT's p50, for both durable modes. `--latency-ms` adds a delay to every
+//! store request (a TCP proxy in front of S3, as `coldstart` does), so that a store that serves
+//! requests in parallel with a cloud's round trip can be measured on loopback.
 
 use std::time::{Duration, Instant};
 

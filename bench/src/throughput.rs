@@ -101,24 +101,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             emit(&line);
         }
     }
-    let med = |v: Variant| {
-        median(
-            &results
-                .iter()
-                .filter(|(x, ..)| *x == v)
-                .map(|(_, r, _)| *r)
-                .collect::<Vec<_>>(),
-        )
+    let median_of = |v: Variant, pick: fn(&(Variant, f64, f64)) -> f64| {
+        median(&results.iter().filter(|r| r.0 == v).map(pick).collect::<Vec<_>>())
     };
-    let med_cpu = |v: Variant| {
-        median(
-            &results
-                .iter()
-                .filter(|(x, ..)| *x == v)
-                .map(|(.., c)| *c)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let med = |v: Variant| median_of(v, |r| r.1);
+    let med_cpu = |v: Variant| median_of(v, |r| r.2);
     let runs = |v: Variant| -> Vec<f64> {
         results
             .iter()

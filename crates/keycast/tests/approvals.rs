@@ -279,11 +279,7 @@ fn nip46_an_undecided_approval_ends_in_an_error_reply(engine: Engine) {
 
 /// The NIP-46 side: `auth_url`, then the real answer with the same request id.
 fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
-    if let Some(client) = BunkerClient::spawn() {
-        let mut app = JsApp {
-            name: "nostr-tools BunkerSigner",
-            client,
-        };
+    if let Some(mut app) = JsApp::nostr_tools() {
         auth_url_then_the_owners_decision(engine, &mut app);
     }
 }
@@ -291,11 +287,7 @@ fn nip46_auth_url_then_the_owners_decision_reaches_the_client(engine: Engine) {
 /// The same with NDK's `NDKNip46Signer`, which emits `authUrl` and keeps waiting for the
 /// request's real answer.
 fn nip46_auth_url_then_the_owners_decision_reaches_an_ndk_client(engine: Engine) {
-    if let Some(client) = BunkerClient::spawn_ndk() {
-        let mut app = JsApp {
-            name: "NDK NDKNip46Signer",
-            client,
-        };
+    if let Some(mut app) = JsApp::ndk() {
         auth_url_then_the_owners_decision(engine, &mut app);
     }
 }

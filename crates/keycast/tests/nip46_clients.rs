@@ -23,14 +23,8 @@ const REFUSAL_WITHIN_MS: f64 = 1000.0;
 /// Every client whose peer is installed: `None` skips the test outside scripts/test.sh.
 fn apps() -> Option<Vec<Box<dyn App>>> {
     Some(vec![
-        Box::new(JsApp {
-            name: "nostr-tools BunkerSigner",
-            client: BunkerClient::spawn()?,
-        }),
-        Box::new(JsApp {
-            name: "NDK NDKNip46Signer",
-            client: BunkerClient::spawn_ndk()?,
-        }),
+        Box::new(JsApp::nostr_tools()?),
+        Box::new(JsApp::ndk()?),
         Box::new(RustApp::default()),
     ])
 }

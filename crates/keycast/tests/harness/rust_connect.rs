@@ -44,6 +44,25 @@ pub struct JsApp {
     pub client: BunkerClient,
 }
 
+impl JsApp {
+    /// nostr-tools' `BunkerSigner`; `None` when the peer is not installed (see
+    /// [`BunkerClient::spawn`]).
+    pub fn nostr_tools() -> Option<JsApp> {
+        Some(JsApp {
+            name: "nostr-tools BunkerSigner",
+            client: BunkerClient::spawn()?,
+        })
+    }
+
+    /// NDK's `NDKNip46Signer`; `None` when the peer is not installed.
+    pub fn ndk() -> Option<JsApp> {
+        Some(JsApp {
+            name: "NDK NDKNip46Signer",
+            client: BunkerClient::spawn_ndk()?,
+        })
+    }
+}
+
 impl App for JsApp {
     fn name(&self) -> &'static str {
         self.name
