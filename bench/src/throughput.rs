@@ -90,6 +90,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         for v in order {
             let dir = tempfile::Builder::new().prefix("throughput-").tempdir_in(&base)?;
+            // Write back what the last runs left, so that no run pays for it in its own
+            // fsyncs or file creation. On ext4 without a journal (these machines), a freed
+            // inode is not reused for 60 s, or 360 s while its inode table block is dirty,
+            // and every file created meanwhile scans past it: after a deleted replica of
+            // thousands of files, that slowed each segment keycast creates.
+            std::process::Command::new("sync").status()?;
             note!("throughput: round {} {}", round + 1, v.name());
             let r = one_run(v, dir.path(), &args).await?;
             let rate = r["commits_per_s"].as_f64().unwrap_or(0.0);

@@ -326,7 +326,10 @@ impl Worker {
             .await
             .map_err(join_error)??;
         tracing::info!(txid, "built a full image of the database");
-        self.prepare(segment, mark)
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || prepare(&store, segment, mark))
+            .await
+            .map_err(join_error)?
     }
 
     /// Takes SQLite's write lock on `lock_conn`: no commit can land until [`Self::unlock`].
@@ -350,22 +353,6 @@ impl Worker {
         self.locked = false;
         sqlx::query("ROLLBACK").execute(&mut self.lock_conn).await?;
         Ok(refreshed?)
-    }
-
-    /// Encodes `segment`, read when the commit counter stood at `mark`, for upload once (see
-    /// [`Upload`]).
-    fn prepare(&self, segment: Segment, mark: u64) -> Result<Upload, ReplicaError> {
-        let prepared = self
-            .store
-            .prepare_ltx(0, segment.txid, segment.txid, segment.body, now_ms())?;
-        Ok(Upload {
-            txid: segment.txid,
-            next: segment.next,
-            commits: segment.commits,
-            mark: segment.reached_end.then_some(mark),
-            prepared_at: Instant::now(),
-            prepared,
-        })
     }
 
     fn keep_mode(&self) -> Keep {
@@ -506,10 +493,9 @@ impl Worker {
             self.shipped_mark = self.shipped_mark.max(mark);
             self.publish_shipped(self.shipped_mark);
         }
-        let (db, record) = (self.db.clone(), self.record(false));
-        tokio::task::spawn_blocking(move || local_state::store_quick(&db, &record))
-            .await
-            .map_err(join_error)??;
+        // In place, on this thread: one `pwrite` into the page cache, cheaper than a hand-off
+        // to the blocking pool after every segment.
+        local_state::store_quick(&self.db, &self.record(false))?;
         if let Some(lease) = self.shared.lease.lock().await.as_mut() {
             lease.note_txid(upload.txid);
         }
@@ -603,9 +589,8 @@ impl Worker {
         loop {
             while reading && self.room_in_flight(&queued, depth) {
                 let mark = self.signal.commits();
-                match self.read_segment_after(ahead).await? {
-                    Ok(Some(segment)) => {
-                        let upload = self.prepare(segment, mark)?;
+                match self.read_upload_after(ahead, mark).await? {
+                    Ok(Some(upload)) => {
                         ahead = upload.next;
                         flight.push_back(InFlight(tokio::spawn(self.transfer(&upload))));
                         queued.push_back(upload);
@@ -707,8 +692,8 @@ impl Worker {
             return Ok(Some(upload));
         }
         let mark = self.signal.commits();
-        match self.read_next_segment().await? {
-            Ok(Some(segment)) => self.prepare(segment, mark).map(Some),
+        match self.read_upload_after(self.cursor, mark).await? {
+            Ok(Some(upload)) => Ok(Some(upload)),
             Ok(None) => Ok(None),
             Err(SegmentError::ContinuityLost) => {
                 tracing::warn!("the WAL restarted outside the replicator's control; shipping a full image");
@@ -734,40 +719,46 @@ impl Worker {
             .map_err(join_error)
     }
 
-    /// Reads the next segment while a read snapshot is held (see [`crate::snapshot`]).
-    async fn read_next_segment(&mut self) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
-        self.read_segment_after(self.cursor).await
-    }
-
     /// Reads the segment that follows `cursor` (the shipped cursor, or the last upload in
-    /// flight) while a read snapshot is held.
-    async fn read_segment_after(
+    /// flight) while a read snapshot is held, and encodes it for upload; `mark` is the commit
+    /// counter before the read. One trip to the blocking pool for both: a thread hand-off
+    /// costs more than reading a small segment, and a large one is not encoded on the
+    /// runtime's threads.
+    async fn read_upload_after(
         &mut self,
         cursor: Cursor,
-    ) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
+        mark: u64,
+    ) -> Result<Result<Option<Upload>, SegmentError>, ReplicaError> {
         if !self.locked && !self.snapshot.is_held() {
             self.snapshot.refresh().await?;
         }
-        let (db, max, scratch) = (self.db.clone(), self.options.max_segment_bytes, self.scratch());
+        let (db, max, scratch, store) = (
+            self.db.clone(),
+            self.options.max_segment_bytes,
+            self.scratch(),
+            self.store.clone(),
+        );
         let started = Instant::now();
-        let read = tokio::task::spawn_blocking(move || {
+        let (read, queued_us) = tokio::task::spawn_blocking(move || {
             let queued_us = started.elapsed().as_micros() as u64;
-            (
-                segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch),
-                queued_us,
-            )
+            let read = match segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch) {
+                Ok(Some(segment)) => prepare(&store, segment, mark).map(|upload| Ok(Some(upload))),
+                Ok(None) => Ok(Ok(None)),
+                Err(e) => Ok(Err(e)),
+            };
+            (read, queued_us)
         })
         .await
         .map_err(join_error)?;
-        if let (Ok(Some(segment)), queued_us) = &read {
+        if let Ok(Ok(Some(upload))) = &read {
             tracing::debug!(
-                txid = segment.txid,
+                txid = upload.txid,
                 queued_us,
                 read_us = started.elapsed().as_micros() as u64,
                 "segment read"
             );
         }
-        Ok(read.0)
+        read
     }
 
     pub(super) fn publish_shipped(&self, mark: u64) {
@@ -1243,6 +1234,20 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Encodes `segment`, read when the commit counter stood at `mark`, for upload once (see
+/// [`Upload`]).
+fn prepare(store: &Store, segment: Segment, mark: u64) -> Result<Upload, ReplicaError> {
+    let prepared = store.prepare_ltx(0, segment.txid, segment.txid, segment.body, now_ms())?;
+    Ok(Upload {
+        txid: segment.txid,
+        next: segment.next,
+        commits: segment.commits,
+        mark: segment.reached_end.then_some(mark),
+        prepared_at: Instant::now(),
+        prepared,
+    })
 }
 
 pub(super) fn join_error(e: tokio::task::JoinError) -> ReplicaError {
