@@ -693,8 +693,7 @@ impl Worker {
         }
         let mark = self.signal.commits();
         match self.read_upload_after(self.cursor, mark).await? {
-            Ok(Some(upload)) => Ok(Some(upload)),
-            Ok(None) => Ok(None),
+            Ok(found) => Ok(found),
             Err(SegmentError::ContinuityLost) => {
                 tracing::warn!("the WAL restarted outside the replicator's control; shipping a full image");
                 self.full_image_upload().await.map(Some)
@@ -754,8 +753,8 @@ impl Worker {
             tracing::debug!(
                 txid = upload.txid,
                 queued_us,
-                read_us = started.elapsed().as_micros() as u64,
-                "segment read"
+                read_and_encoded_us = started.elapsed().as_micros() as u64,
+                "segment read and encoded"
             );
         }
         read
