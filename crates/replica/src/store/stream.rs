@@ -10,8 +10,9 @@
 //! on S3's completing request, `ifGenerationMatch=0` on GCS, `If-None-Match: *` on Azure). The
 //! staging object is deleted afterwards (on Azure only by retention, an hour later: its copy
 //! may still be running, see `put_staged`); one left behind by a crash is removed by retention.
-//! On the file backend the bytes are written to a hidden staging file next to the target and
-//! hard-linked into place, which fails if the target exists.
+//! On the file backend every LTX object, small or spilled, is written to a hidden staging file
+//! next to the target, given its mtime and hard-linked into place, which fails if the target
+//! exists.
 //!
 //! S3 copies in parts do not carry user metadata over, so a large object on S3 has no
 //! `litestream-timestamp`: its CreatedAt falls back to the time it was stored, which is later
@@ -121,26 +122,17 @@ impl UploadReader {
 }
 
 impl Store {
-    /// Uploads a spilled body create-only; see the module docs.
-    pub(super) async fn put_streamed(
-        &self,
-        prepared: &PreparedLtx,
-        attributes: Attributes,
-    ) -> Result<PutOutcome, StoreError> {
-        match self.local_root() {
-            Some(root) => self.put_file_streamed(root, prepared).await,
-            None => self.put_staged(prepared, attributes).await,
-        }
-    }
-
-    /// The file backend: write a hidden staging file, make it durable, hard-link it into
-    /// place (refused if the target exists), make the directory entry durable.
-    async fn put_file_streamed(&self, root: PathBuf, prepared: &PreparedLtx) -> Result<PutOutcome, StoreError> {
+    /// The file backend, for any body: write a hidden staging file with its mtime (the
+    /// object's CreatedAt), make it durable, hard-link it into place (refused if the target
+    /// exists), make the directory entry durable. One trip to the blocking pool: a durable
+    /// commit waits for all of it.
+    pub(super) async fn put_file(&self, root: PathBuf, prepared: &PreparedLtx) -> Result<PutOutcome, StoreError> {
         let key = prepared.key.clone();
         let target = key.parts().fold(root, |path, part| path.join(part.as_ref()));
         let mut reader = UploadReader::new(self, prepared);
         self.begin(Operation::Put);
         let len = prepared.len();
+        let created_at: std::time::SystemTime = prepared.created_at.into();
         let written = tokio::task::spawn_blocking(move || -> io::Result<bool> {
             let dir = target.parent().expect("an object key has a directory");
             std::fs::create_dir_all(dir)?;
@@ -154,6 +146,7 @@ impl Store {
                     }
                     file.write_all(&chunk)?;
                 }
+                file.set_modified(created_at)?;
                 file.sync_all()?;
                 match std::fs::hard_link(&staging, &target) {
                     Ok(()) => Ok(true),
@@ -187,13 +180,17 @@ impl Store {
         }
     }
 
-    /// Every other backend: multipart upload to a staging key, create-only copy into place,
+    /// Every other backend, for a spilled body: multipart upload to a staging key, create-only copy into place,
     /// staging object deleted — except on Azure, where Copy Blob may answer `202 Accepted`
     /// with the copy still `pending` (object_store does not wait for it), and deleting the
     /// source then would fail the copy and leave a broken object at a key already counted as
     /// stored. There the staging blob stays until retention prunes staging objects older than
     /// an hour, long after any copy within one account has finished.
-    async fn put_staged(&self, prepared: &PreparedLtx, attributes: Attributes) -> Result<PutOutcome, StoreError> {
+    pub(super) async fn put_staged(
+        &self,
+        prepared: &PreparedLtx,
+        attributes: Attributes,
+    ) -> Result<PutOutcome, StoreError> {
         let staging = self.staging_key()?;
         self.begin(Operation::Put);
         let uploaded = self.upload_parts(&staging, prepared, attributes).await;
