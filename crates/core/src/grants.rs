@@ -4,13 +4,13 @@
 //!
 //! A custom policy belongs to the user who built it: it is found only for them
 //! ([`keycast_db::policies::find_usable`]), never through an app's `scope`, and only they
-//! can change it. Every change goes through the [`Signer`], which drops the affected
+//! can change it, or delete it once no live app uses it. Every change goes through the [`Signer`], which drops the affected
 //! authorizations from every cache (here and, on PostgreSQL, on every other instance), so
 //! the very next request on either transport is judged by what the owner now sees. The
 //! words shown come from the permissions ([`crate::Policy::summary`]), so the owner reads
 //! what is enforced.
 
-use keycast_db::policies::{self as policy_repo, PolicyRow};
+use keycast_db::policies::{self as policy_repo, Deletion, PolicyRow};
 use keycast_db::{authz as authz_repo, AuthorizationId, PolicyId, RepoError, UserId};
 
 use crate::policy::{Permissions, Policy};
@@ -34,6 +34,9 @@ pub enum GrantEditError {
     /// No such policy or live authorization of the user's. HTTP 404.
     #[error("{0}")]
     NotFound(String),
+    /// The policy cannot be deleted while apps use it. HTTP 409.
+    #[error("{0}")]
+    InUse(String),
     #[error(transparent)]
     Repo(#[from] RepoError),
 }
@@ -102,6 +105,7 @@ pub async fn create_policy(
         permissions: permissions_json(&policy),
         created_at: now,
         owner_user_id: Some(owner.clone()),
+        deleted_at: None,
     };
     policy_repo::insert(signer.db(), &row).await?;
     Ok(row)
@@ -133,6 +137,28 @@ pub async fn update_policy(
         permissions,
         ..row
     })
+}
+
+/// Deletes `owner`'s custom policy `slug`. Refused while a live (unrevoked) app uses it:
+/// the owner moves those apps to another policy or revokes them first, so no app's
+/// permissions change by a deletion. Revoked apps keep naming it in their history.
+///
+/// # Errors
+/// [`GrantEditError::NotFound`] (not theirs, a public policy, already deleted),
+/// [`GrantEditError::InUse`], storage errors.
+pub async fn delete_policy(signer: &Signer, owner: &UserId, slug: &str, now: i64) -> Result<(), GrantEditError> {
+    let row = owned(signer, owner, slug).await?;
+    match policy_repo::delete_owned(signer.db(), &row.id, owner, now).await? {
+        Deletion::Deleted => Ok(()),
+        Deletion::InUse(apps) => Err(GrantEditError::InUse(format!(
+            "{apps} app{s} still use{verb} policy {name:?}: put {them} under another policy or revoke {them} first",
+            s = if apps == 1 { "" } else { "s" },
+            verb = if apps == 1 { "s" } else { "" },
+            name = row.display_name,
+            them = if apps == 1 { "it" } else { "them" },
+        ))),
+        Deletion::NotFound => Err(not_your_policy(slug)),
+    }
 }
 
 /// `owner`'s custom policy `slug`.
@@ -213,7 +239,7 @@ pub async fn edit_grant(
         (None, Some(permissions)) => {
             let current = policy_repo::find_by_id(signer.db(), &row.policy_id).await?;
             let sole = match &current {
-                Some(p) if p.owner_user_id.as_ref() == Some(user) => {
+                Some(p) if p.owner_user_id.as_ref() == Some(user) && p.deleted_at.is_none() => {
                     authz_repo::list_live_ids_for_policy(signer.db(), &p.id).await? == [id.clone()]
                 }
                 _ => false,

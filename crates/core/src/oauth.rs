@@ -245,7 +245,8 @@ pub async fn exchange_code(
     };
     let policy = policy_repo::find_by_id(db, &code.policy_id)
         .await?
-        .ok_or_else(|| invalid_grant("the code's policy no longer exists"))?;
+        .filter(|policy| policy.deleted_at.is_none())
+        .ok_or_else(|| invalid_grant("the policy chosen at consent was deleted since; authorize the app again"))?;
     let new = NewGrant {
         user_id: &code.user_id,
         policy: &policy,

@@ -218,8 +218,8 @@ pub async fn revoke(db: &Db, id: &AuthorizationId, user: &UserId, now: i64) -> R
 }
 
 /// Changes the policy and terms of `user`'s live authorization `id` (the owner edits an
-/// app's grant); false if it is not theirs or not live. The caller checks that `policy`
-/// is one `user` may use.
+/// app's grant); false if it is not theirs or not live, or `policy` was deleted. The
+/// caller checks that `policy` is one `user` may use.
 ///
 /// # Errors
 /// Database errors.
@@ -233,7 +233,8 @@ pub async fn update_grant(
     on_engine!(db, |pool| {
         let done = sqlx::query(
             "UPDATE authorizations SET policy_id = $1, terms = $2 \
-             WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL",
+             WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL \
+             AND EXISTS (SELECT 1 FROM policies WHERE id = $1 AND deleted_at IS NULL)",
         )
         .bind(policy)
         .bind(terms)

@@ -6,7 +6,8 @@
 //!   (`POST /dashboard/authorizations/{id}`: another policy, duration, limits; or its own
 //!   permissions).
 //! - `GET /dashboard/policies`: the user's custom policies with a form each, and a form to
-//!   build a new one (`POST /dashboard/policies`, `POST /dashboard/policies/{slug}`).
+//!   build a new one (`POST /dashboard/policies`, `POST /dashboard/policies/{slug}`,
+//!   `POST /dashboard/policies/{slug}/delete`).
 //!
 //! The handlers call the JSON API's functions (`crate::grants`), so the rules and the
 //! durability wait are the same. The words shown come from the permissions.
@@ -24,9 +25,9 @@ use keycast_db::policies::{self as policy_repo, PolicyRow};
 use serde::Deserialize;
 
 use crate::extract::FormOrJson;
-use crate::grants::{apply_edit, load_grant, save_policy};
+use crate::grants::{apply_edit, load_grant, remove_policy, save_policy};
 use crate::page::{escape, html, layout_with};
-use crate::pages::{check_csrf, time};
+use crate::pages::{check_csrf, time, CsrfForm};
 use crate::session::{csrf_token, MaybeSession};
 use crate::{AppError, AppState};
 
@@ -35,6 +36,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard/authorizations/{id}", get(app_page).post(edit_form))
         .route("/dashboard/policies", get(policies_page).post(create_form))
         .route("/dashboard/policies/{slug}", post(update_form))
+        .route("/dashboard/policies/{slug}/delete", post(delete_form))
         .layer(axum::middleware::from_fn(crate::page::html_errors))
 }
 
@@ -380,7 +382,8 @@ async fn policies_page(
     let mut body = String::from(
         "<p><a href=\"/dashboard\">&larr; Dashboard</a></p><h1>Your policies</h1>\
          <p>Build a policy from permissions, then choose it when you authorize an app or on an app's page. \
-         Changing a policy changes what every app under it may do, from its next request.</p>",
+         Changing a policy changes what every app under it may do, from its next request. \
+         A policy can be deleted once no live app uses it.</p>",
     );
     let rows = policy_repo::list_owned(db, &session.user.id).await?;
     if rows.is_empty() {
@@ -394,7 +397,10 @@ async fn policies_page(
              <form method=\"post\" action=\"/dashboard/policies/{slug}\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
              <label>Name <input name=\"name\" required value=\"{name}\"></label>{fields}\
-             <button type=\"submit\">Save</button></form></details></section>",
+             <button type=\"submit\">Save</button></form></details>\
+             <form method=\"post\" action=\"/dashboard/policies/{slug}/delete\" class=\"delete\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <button type=\"submit\">Delete this policy</button></form></section>",
             name = escape(&row.display_name),
             slug = escape(&row.slug),
             words = policy_words(row)?,
@@ -451,5 +457,19 @@ async fn update_form(
     check_csrf(&session, &form.csrf)?;
     let permissions = form.permissions.permissions()?;
     save_policy(&state, &session.user.id, Some(&slug), &form.name, permissions).await?;
+    see_other("/dashboard/policies")
+}
+
+/// `POST /dashboard/policies/{slug}/delete` → 303 to the policies page once the deletion
+/// is durable; 409 (a page saying which apps to move first) while a live app uses it.
+async fn delete_form(
+    State(state): State<AppState>,
+    MaybeSession(session): MaybeSession,
+    Path(slug): Path<String>,
+    FormOrJson { value: form, .. }: FormOrJson<CsrfForm>,
+) -> Result<Response, AppError> {
+    let Some(session) = session else { return login() };
+    check_csrf(&session, &form.csrf)?;
+    remove_policy(&state, &session.user.id, &slug).await?;
     see_other("/dashboard/policies")
 }

@@ -1,8 +1,8 @@
 //! The owner shapes their grants (JSON API; the dashboard's forms call the same functions):
 //!
-//! - `GET /api/user/policies`, `POST /api/user/policies`, `PUT /api/user/policies/{slug}`:
-//!   their custom policies (`keycast_core::grants`), each with the words generated from
-//!   its permissions.
+//! - `GET /api/user/policies`, `POST /api/user/policies`, `PUT` and `DELETE
+//!   /api/user/policies/{slug}`: their custom policies (`keycast_core::grants`), each with
+//!   the words generated from its permissions; one that a live app uses is not deleted.
 //! - `GET /api/user/authorizations/{id}`: one app's grant — policy in words, expiry,
 //!   limits and usage so far, last used, recent activity.
 //! - `PATCH /api/user/authorizations/{id}`: edit it (another policy or other permissions,
@@ -34,7 +34,7 @@ pub(crate) const RECENT_ACTIVITY: i64 = 20;
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/user/policies", get(list_policies).post(create_policy))
-        .route("/api/user/policies/{slug}", put(update_policy))
+        .route("/api/user/policies/{slug}", put(update_policy).delete(delete_policy))
     // `GET` and `PATCH /api/user/authorizations/{id}` sit with its `DELETE` in `user.rs`.
 }
 
@@ -43,6 +43,7 @@ impl From<GrantEditError> for AppError {
         match err {
             GrantEditError::Invalid(why) => AppError::BadRequest(why),
             GrantEditError::NotFound(why) => AppError::NotFound(why),
+            GrantEditError::InUse(why) => AppError::Conflict(why),
             GrantEditError::Repo(e) => e.into(),
         }
     }
@@ -99,6 +100,26 @@ async fn update_policy(
     let permissions = grants::parse_permissions(body.permissions)?;
     let row = save_policy(&state, &session.user.id, Some(&slug), &body.name, permissions).await?;
     Ok(Json(policy_view(&row)?))
+}
+
+/// `DELETE /api/user/policies/{slug}` → 204 once the deletion is durable; 409 while a
+/// live app uses it.
+async fn delete_policy(
+    State(state): State<AppState>,
+    session: SessionUser,
+    Path(slug): Path<String>,
+) -> Result<StatusCode, AppError> {
+    remove_policy(&state, &session.user.id, &slug).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes a custom policy, waiting until that is durable. Shared with the dashboard.
+pub(crate) async fn remove_policy(state: &AppState, user: &UserId, slug: &str) -> Result<(), AppError> {
+    let (_, services) = state.api()?;
+    state.ensure_writable().await?;
+    grants::delete_policy(&services.signer, user, slug, now_unix()).await?;
+    state.confirm_write(true).await?;
+    Ok(())
 }
 
 /// Creates (`slug: None`) or changes a custom policy, waiting until that is durable and

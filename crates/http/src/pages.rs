@@ -123,9 +123,9 @@ async fn login_form(
 }
 
 #[derive(Deserialize)]
-struct CsrfForm {
+pub(crate) struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub(crate) csrf: String,
 }
 
 /// `POST /logout` (form with the CSRF token) → 303 to `/login`, the session ended and the

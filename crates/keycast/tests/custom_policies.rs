@@ -2,8 +2,8 @@
 //! the owner builds a policy from permissions (JSON API and dashboard forms), uses it at
 //! consent or puts it on an app's grant, edits it later — and the very next request on both
 //! transports (HTTP RPC, NIP-46 through keycast's embedded relay with nostr-tools) is
-//! judged by what the owner now reads. Another user can neither read, use nor edit it, and
-//! an app cannot ask for it.
+//! judged by what the owner now reads. Another user can neither read, use, edit nor delete
+//! it, and an app cannot ask for it. The owner deletes it once no live app uses it.
 
 mod harness;
 
@@ -77,6 +77,34 @@ fn create_policy(server: &Keycast, cookie: &str, name: &str, permissions: Value)
     );
     assert_eq!(r.status, 201, "{}", r.body);
     r.json()
+}
+
+/// The owner approves an app's `policy:social` request with their own policy `slug`
+/// chosen instead (the consent form): the reply, and the PKCE verifier for the code.
+fn consent_with(server: &Keycast, cookie: &str, slug: &str) -> (Reply, String) {
+    let (challenge, verifier) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    fields.extend([
+        ("csrf".to_owned(), csrf),
+        ("decision".into(), "approve".into()),
+        ("policy".into(), slug.to_owned()),
+    ]);
+    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+    (
+        post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[]),
+        verifier,
+    )
+}
+
+/// The code of an approved consent (see [`consent_with`]) and its verifier.
+fn consented_code(server: &Keycast, cookie: &str, slug: &str) -> (String, String) {
+    let (r, verifier) = consent_with(server, cookie, slug);
+    assert_eq!(r.status, 302, "{}", r.body);
+    (query_param(&r.location.unwrap(), "code").unwrap(), verifier)
 }
 
 fn edited_policy_and_grant_apply_to_the_next_request_on_both_transports(engine: Engine) {
@@ -356,22 +384,12 @@ fn the_owner_picks_a_custom_policy_at_consent_and_builds_one_with_the_dashboard_
         .to_owned();
 
     // At consent the owner sees it, with its words, and puts it on the grant.
-    let (challenge, verifier) = pkce();
+    let (challenge, _) = pkce();
     let query = authorize_query("policy:social", &challenge);
     let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
     assert!(page.body.contains(&format!("value=\"{slug}\"")), "{}", page.body);
     assert!(page.body.contains("reactions (kind 7)"), "{}", page.body);
-    let csrf = hidden_input(&page.body, "csrf").unwrap();
-    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    fields.extend([
-        ("csrf".to_owned(), csrf),
-        ("decision".into(), "approve".into()),
-        ("policy".into(), slug.clone()),
-    ]);
-    let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-    let r = post(&server, "/api/oauth/authorize", Some(&cookie), FORM, &body, &[]);
-    assert_eq!(r.status, 302, "{}", r.body);
-    let code = query_param(&r.location.unwrap(), "code").unwrap();
+    let (code, verifier) = consented_code(&server, &cookie, &slug);
     let token = token_request(&server, &code, &verifier, REDIRECT).json();
     assert_eq!(token["policy"]["slug"], slug.as_str(), "{token}");
     assert_eq!(sign_http(&server, &token, 7, "+").status, 200);
@@ -405,7 +423,105 @@ fn the_owner_picks_a_custom_policy_at_consent_and_builds_one_with_the_dashboard_
     assert_eq!(r.status, 403, "{}", r.body);
 }
 
+fn a_custom_policy_is_deleted_by_its_owner_once_no_live_app_uses_it(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (alice, _) = register(&server, "alice@example.com", None);
+    let (mallory, _) = register(&server, "mallory@example.com", None);
+    let policy = create_policy(&server, &alice, "Reactions", json!({ "allowed_kinds": [7] }));
+    let slug = policy["slug"].as_str().unwrap().to_owned();
+    let path = format!("/api/user/policies/{slug}");
+    // A code approved under it but not yet redeemed, and a live app under it.
+    let (pending_code, pending_verifier) = consented_code(&server, &alice, &slug);
+    let (code, verifier) = consented_code(&server, &alice, &slug);
+    let app = token_request(&server, &code, &verifier, REDIRECT).json();
+    let app_id = app["authorization_id"].as_str().unwrap();
+    let other = grant(&server, &alice, "policy:social");
+    let other_id = other["authorization_id"].as_str().unwrap();
+
+    // In use: refused with what to do, and the app keeps signing what it may.
+    let r = delete(&server, &path, &alice);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["error"], "conflict", "{}", r.body);
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("1 app still uses") && message.contains("Reactions") && message.contains("revoke"),
+        "{message}"
+    );
+    let page = get(&server, "/dashboard/policies", Some(&alice));
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let form_path = format!("{path}/delete").replace("/api/user/", "/dashboard/");
+    assert!(page.body.contains(&format!("action=\"{form_path}\"")), "{}", page.body);
+    let r = post_form(&server, &form_path, Some(&alice), &[("csrf", &csrf)]);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("1 app still uses"), "the page says why: {}", r.body);
+    assert_eq!(sign_http(&server, &app, 7, "+").status, 200);
+
+    // Nobody else's to delete, nor a public policy.
+    assert_eq!(delete(&server, &path, &mallory).status, 404);
+    assert_eq!(delete(&server, "/api/user/policies/social", &alice).status, 404);
+
+    // Once the app is revoked it goes: no longer listed, editable, usable or redeemable.
+    assert_eq!(
+        delete(&server, &format!("/api/user/authorizations/{app_id}"), &alice).status,
+        204
+    );
+    let r = delete(&server, &path, &alice);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(delete(&server, &path, &alice).status, 404, "deleted once");
+    let listed = get(&server, "/api/user/policies", Some(&alice)).json();
+    assert_eq!(listed["policies"], json!([]), "{listed}");
+    assert!(!get(&server, "/dashboard/policies", Some(&alice)).body.contains(&slug));
+    let r = send_json(
+        &server,
+        "PUT",
+        &path,
+        &alice,
+        &json!({ "name": "Back", "permissions": {} }),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = send_json(
+        &server,
+        "PATCH",
+        &format!("/api/user/authorizations/{other_id}"),
+        &alice,
+        &json!({ "policy": slug }),
+    );
+    assert_eq!(r.status, 404, "no app is put under it: {}", r.body);
+    let (r, _) = consent_with(&server, &alice, &slug);
+    assert_eq!(r.status, 400, "not offered at consent: {}", r.body);
+    let r = token_request(&server, &pending_code, &pending_verifier, REDIRECT);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.body);
+    assert!(r.body.contains("deleted"), "{}", r.body);
+    // The revoked app's history still names it.
+    let revoked = get(&server, &format!("/api/user/authorizations/{app_id}"), Some(&alice));
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    assert!(revoked.body.contains("Reactions"), "{}", revoked.body);
+
+    // The dashboard's button deletes an unused one.
+    let unused = create_policy(&server, &alice, "Unused", json!({}));
+    let unused_slug = unused["slug"].as_str().unwrap();
+    let r = post_form(
+        &server,
+        &format!("/dashboard/policies/{unused_slug}/delete"),
+        Some(&alice),
+        &[("csrf", &csrf)],
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let listed = get(&server, "/api/user/policies", Some(&alice)).json();
+    assert_eq!(listed["policies"], json!([]), "{listed}");
+    let r = post_form(
+        &server,
+        &format!("/dashboard/policies/{unused_slug}/delete"),
+        Some(&alice),
+        &[("csrf", "wrong")],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+}
+
 on_both_engines!(
+    a_custom_policy_is_deleted_by_its_owner_once_no_live_app_uses_it,
     edited_policy_and_grant_apply_to_the_next_request_on_both_transports,
     another_user_cannot_read_use_or_edit_a_custom_policy_nor_can_an_app_ask_for_it,
     the_owner_picks_a_custom_policy_at_consent_and_builds_one_with_the_dashboard_forms,
