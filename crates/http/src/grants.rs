@@ -141,6 +141,30 @@ pub(crate) async fn save_policy(
     Ok(row)
 }
 
+/// The public policies, `user`'s own, and any other policy one of `rows` (their
+/// authorizations) is under — a deleted custom policy still names a revoked app — by id.
+/// Only the undeleted ones may be chosen for an app.
+pub(crate) async fn policies_by_id(
+    db: &keycast_db::Db,
+    user: &UserId,
+    rows: &[authz_repo::AuthorizationRow],
+) -> Result<std::collections::HashMap<keycast_db::PolicyId, PolicyRow>, AppError> {
+    let mut policies: std::collections::HashMap<_, _> = policy_repo::list(db)
+        .await?
+        .into_iter()
+        .chain(policy_repo::list_owned(db, user).await?)
+        .map(|p| (p.id.clone(), p))
+        .collect();
+    for row in rows {
+        if !policies.contains_key(&row.policy_id) {
+            if let Some(p) = policy_repo::find_by_id(db, &row.policy_id).await? {
+                policies.insert(p.id.clone(), p);
+            }
+        }
+    }
+    Ok(policies)
+}
+
 /// One grant as its owner sees it (the per-app view and `GET /api/user/authorizations/{id}`).
 pub(crate) struct GrantView {
     pub row: authz_repo::AuthorizationRow,

@@ -30,7 +30,7 @@ use keycast_core::account_security;
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
 use keycast_db::sessions::TokenPurpose;
-use keycast_db::{activity, authz as authz_repo, policies};
+use keycast_db::{activity, authz as authz_repo};
 use serde::Deserialize;
 
 use crate::extract::{ClientIp, FormOrJson, OverHttps, QueryParams};
@@ -247,19 +247,9 @@ async fn dashboard(
     };
     let (db, _) = state.api()?;
     let key = keys::find_user_key(db, &session.user.id).await?;
-    let mut policies: HashMap<_, _> = policies::list(db)
-        .await?
-        .into_iter()
-        .map(|p| (p.id.clone(), p))
-        .collect();
-    // The user's own policies name their grants and may be chosen for a new app too.
-    policies.extend(
-        policies::list_owned(db, &session.user.id)
-            .await?
-            .into_iter()
-            .map(|p| (p.id.clone(), p)),
-    );
     let authorizations = authz_repo::list_for_user(db, &session.user.id).await?;
+    // The user's own policies name their grants and may be chosen for a new app too.
+    let policies = crate::grants::policies_by_id(db, &session.user.id, &authorizations).await?;
     let recent = activity::list_for_user(db, &session.user.id, DASHBOARD_ACTIVITY).await?;
     let events = account_security::account_events(db, &session.user.id, DASHBOARD_ACTIVITY).await?;
     let exposure = account_security::key_exposure(db, &session.user.id).await?;
@@ -341,7 +331,7 @@ async fn dashboard(
         body.push_str("</tbody></table>");
     }
 
-    let mut choices: Vec<_> = policies.values().collect();
+    let mut choices: Vec<_> = policies.values().filter(|p| p.deleted_at.is_none()).collect();
     choices.sort_by(|a, b| a.slug.cmp(&b.slug));
     let options: String = choices
         .iter()

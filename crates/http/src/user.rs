@@ -1,8 +1,6 @@
 //! The logged-in user's own resources: authorizations (list, revoke), activity, key
 //! (public side, export after password re-authentication).
 
-use std::collections::HashMap;
-
 use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
@@ -49,21 +47,16 @@ pub(crate) fn routes() -> Router<AppState> {
 /// limits, approved_kinds}]}`.
 async fn list_authorizations(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
-    let mut slugs: HashMap<_, _> = policies::list(db).await?.into_iter().map(|p| (p.id, p.slug)).collect();
-    slugs.extend(
-        policies::list_owned(db, &session.user.id)
-            .await?
-            .into_iter()
-            .map(|p| (p.id, p.slug)),
-    );
+    let rows = authz_repo::list_for_user(db, &session.user.id).await?;
+    let policies = crate::grants::policies_by_id(db, &session.user.id, &rows).await?;
     let mut out = Vec::new();
-    for row in authz_repo::list_for_user(db, &session.user.id).await? {
+    for row in rows {
         let last = activity::list_for_authorization(db, &row.id, 1).await?;
         let terms = GrantTerms::from_json(row.terms.as_deref()).map_err(AppError::internal)?;
         out.push(json!({
             "id": row.id.as_str(),
             "client_id": row.client_id,
-            "policy": slugs.get(&row.policy_id),
+            "policy": policies.get(&row.policy_id).map(|p| &p.slug),
             "redirect_origin": row.redirect_origin,
             "bunker_pubkey": row.bunker_pubkey,
             "connected_client_pubkey": row.connected_client_pubkey,

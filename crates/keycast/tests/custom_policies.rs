@@ -498,6 +498,23 @@ fn a_custom_policy_is_deleted_by_its_owner_once_no_live_app_uses_it(engine: Engi
     let revoked = get(&server, &format!("/api/user/authorizations/{app_id}"), Some(&alice));
     assert_eq!(revoked.status, 200, "{}", revoked.body);
     assert!(revoked.body.contains("Reactions"), "{}", revoked.body);
+    let listed = get(&server, "/api/user/authorizations", Some(&alice)).json();
+    let entry = listed["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == app_id)
+        .unwrap();
+    assert_eq!(entry["policy"], slug.as_str(), "{listed}");
+    let dashboard = get(&server, "/dashboard", Some(&alice)).body;
+    assert!(
+        dashboard.contains(&format!("Reactions (<code>{slug}</code>)")),
+        "{dashboard}"
+    );
+    assert!(
+        !dashboard.contains(&format!("value=\"{slug}\"")),
+        "not offered for a new app: {dashboard}"
+    );
 
     // The dashboard's button deletes an unused one.
     let unused = create_policy(&server, &alice, "Unused", json!({}));
