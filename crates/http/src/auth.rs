@@ -337,9 +337,7 @@ async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose
 /// learns of an export they did not make, and what to do.
 pub(crate) fn send_export_notice(state: &AppState, user: &User, format: &str, ip: &str) {
     let base = state.options().public_url.trim_end_matches('/');
-    let when = chrono::DateTime::from_timestamp(now_unix(), 0)
-        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
-        .unwrap_or_default();
+    let when = mail_time();
     let body = format!(
         "Hello,\n\nthe secret key of the keycast account {email} was exported ({format}) at {when}, from the \
          address {ip}. Whoever exported it can sign as you for as long as the key is used.\n\nIf that was you, \
@@ -352,6 +350,35 @@ pub(crate) fn send_export_notice(state: &AppState, user: &User, format: &str, ip
         subject: "Your keycast key was exported".into(),
         body,
         purpose: "key_exported",
+        token: String::new(),
+        link: None,
+    });
+}
+
+/// Now, as a notice mail says it.
+fn mail_time() -> String {
+    chrono::DateTime::from_timestamp(now_unix(), 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+        .unwrap_or_default()
+}
+
+/// Tells the account that its password was changed, and what to do if that was not its
+/// owner (the reset link's take-over ends everything the changer opened).
+pub(crate) fn send_password_changed_notice(state: &AppState, user: &User, ip: &str) {
+    let base = state.options().public_url.trim_end_matches('/');
+    let when = mail_time();
+    let body = format!(
+        "Hello,\n\nthe password of the keycast account {email} was changed at {when}, from the address {ip}. \
+         Every other session was ended; your apps stay connected.\n\nIf that was you, there is nothing to do. \
+         If it was not: reset your password at {base}/forgot-password (that ends every session and disconnects \
+         every app).\n",
+        email = user.email,
+    );
+    state.send_mail(Mail {
+        to: user.email.clone(),
+        subject: "Your keycast password was changed".into(),
+        body,
+        purpose: "password_changed",
         token: String::new(),
         link: None,
     });

@@ -1,5 +1,6 @@
 //! The logged-in user's own resources: authorizations (list, revoke), activity, key
-//! (public side, export after password re-authentication).
+//! (public side, export after password re-authentication), password (changed after
+//! re-authentication).
 
 use axum::extract::{Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
@@ -40,6 +41,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/user/key/replace", post(replace_key))
         .route("/api/user/key/exposure", delete(dismiss_exposure))
         .route("/api/user/nostrconnect", post(nostrconnect))
+        .route("/api/user/password", post(change_password))
 }
 
 /// `GET /api/user/authorizations` → `{authorizations: [{id, client_id, policy,
@@ -277,6 +279,48 @@ pub(crate) async fn dismiss_key_exposure(state: &AppState, user: &UserId) -> Res
         return Err(AppError::NotFound("the key is not marked exposed".into()));
     }
     state.confirm_write(false).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangePasswordBody {
+    current_password: String,
+    new_password: String,
+}
+
+/// `POST /api/user/password {current_password, new_password}` → 200 `{other_sessions_ended}`
+/// once durable: every other session has ended, this one stays; apps stay authorized. The
+/// account is mailed.
+async fn change_password(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    session: SessionUser,
+    JsonBody(body): JsonBody<ChangePasswordBody>,
+) -> Result<Json<Value>, AppError> {
+    let ended = set_password(&state, &ip, &session, body.current_password, body.new_password).await?;
+    Ok(Json(json!({ "other_sessions_ended": ended })))
+}
+
+/// Re-checks the current password, sets the new one, waits until that is durable and
+/// mails the account (shared with the dashboard's form).
+pub(crate) async fn set_password(
+    state: &AppState,
+    ip: &str,
+    session: &SessionUser,
+    current: String,
+    new: String,
+) -> Result<u64, AppError> {
+    let new = Secret::new(new);
+    // Bad input costs no argon2 work and no backoff step.
+    keycast_core::password::validate_new_password(&new)?;
+    let proof = reauthenticate(state, ip, &session.user, current).await?;
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
+    let ended =
+        keycast_core::accounts::change_password(db, &services.hasher, &proof, &session.token, &new, now_unix()).await?;
+    state.confirm_write(true).await?;
+    crate::auth::send_password_changed_notice(state, &session.user, ip);
+    Ok(ended)
 }
 
 /// Checks the user's password again, with a backoff per account and client (see

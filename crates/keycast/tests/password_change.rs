@@ -1,0 +1,171 @@
+//! Changing the password while logged in, against the real binary on both engines: the
+//! current password is checked again (with the same backoff as every re-authentication),
+//! every other session ends and every reset link still out is used up, the changer's own
+//! session and the apps stay, the account is mailed — through the JSON API and the
+//! dashboard's form.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{grant, register};
+use harness::{Engine, Keycast, Launch};
+use serde_json::{json, Value};
+
+const NEW_PASSWORD: &str = "a brand new passphrase";
+
+fn login(server: &Keycast, email: &str, password: &str) -> Reply {
+    post_json(
+        server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": password }),
+    )
+}
+
+fn change(server: &Keycast, cookie: &str, current: &str, new: &str) -> Reply {
+    post_json(
+        server,
+        "/api/user/password",
+        Some(cookie),
+        &json!({ "current_password": current, "new_password": new }),
+    )
+}
+
+fn mails(server: &Keycast, email: &str, purpose: &str) -> Vec<Value> {
+    let outbox = get(server, "/api/test/outbox", None).json();
+    outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["to"] == email && m["purpose"] == purpose)
+        .cloned()
+        .collect()
+}
+
+fn signs(server: &Keycast, app: &Value) -> u16 {
+    let access = app["access_token"].as_str().unwrap();
+    rpc(
+        server,
+        access,
+        "sign_event",
+        json!([{ "kind": 1, "content": "still here" }]),
+    )
+    .status
+}
+
+fn the_password_changes_other_sessions_end_and_apps_stay(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
+    let email = "alice@example.com";
+    let (here, _) = register(&server, email, None);
+    let elsewhere = cookie_of(&login(&server, email, PASSWORD));
+    let app = grant(&server, &here, "policy:social");
+    let asked = post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let reset_link = harness::flow::mailed_token(&server, email, "reset_password");
+
+    // Bad input: a clear error, nothing changed.
+    let r = change(&server, &here, PASSWORD, "short");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.json()["message"].as_str().unwrap().contains("8"), "{}", r.body);
+    let r = change(&server, &here, "not my password", NEW_PASSWORD);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"], "unauthorized", "{}", r.body);
+    let r = post_json(
+        &server,
+        "/api/user/password",
+        None,
+        &json!({ "current_password": PASSWORD, "new_password": NEW_PASSWORD }),
+    );
+    assert_eq!(r.status, 401, "a session is needed: {}", r.body);
+    assert_eq!(login(&server, email, PASSWORD).status, 200, "unchanged so far");
+
+    let r = change(&server, &here, PASSWORD, NEW_PASSWORD);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["other_sessions_ended"],
+        2,
+        "the other login and the one just made: {}",
+        r.body
+    );
+    assert_eq!(
+        get(&server, "/api/user/key", Some(&here)).status,
+        200,
+        "this session stays"
+    );
+    assert_eq!(
+        get(&server, "/api/user/key", Some(&elsewhere)).status,
+        401,
+        "another one ends"
+    );
+    assert_eq!(login(&server, email, PASSWORD).status, 401, "the old password is gone");
+    let fresh = login(&server, email, NEW_PASSWORD);
+    assert_eq!(fresh.status, 200, "{}", fresh.body);
+    assert_eq!(signs(&server, &app), 200, "apps stay authorized");
+    let r = post_json(
+        &server,
+        "/api/auth/reset-password",
+        None,
+        &json!({ "token": reset_link, "password": "the attacker's choice" }),
+    );
+    assert_eq!(r.status, 400, "a reset link from before is used up: {}", r.body);
+    let notices = mails(&server, email, "password_changed");
+    assert_eq!(notices.len(), 1, "mailed once");
+    assert!(
+        notices[0]["body"].as_str().unwrap().contains("/forgot-password"),
+        "{}",
+        notices[0]
+    );
+    let dashboard = get(&server, "/dashboard", Some(&here)).body;
+    assert!(dashboard.contains("password changed"), "recorded: {dashboard}");
+
+    // The dashboard's form does the same, behind its CSRF token.
+    let csrf = hidden_input(&dashboard, "csrf").unwrap();
+    let fields = [
+        ("csrf", csrf.as_str()),
+        ("current_password", NEW_PASSWORD),
+        ("new_password", "yet another passphrase"),
+    ];
+    let forged = [("csrf", "wrong"), fields[1], fields[2]];
+    let r = post_form(&server, "/dashboard/password", Some(&here), &forged);
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post_form(&server, "/dashboard/password", Some(&here), &fields);
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.location.as_deref(), Some("/dashboard?sent=password"));
+    assert!(get(&server, "/dashboard?sent=password", Some(&here))
+        .body
+        .contains("Your password is changed"));
+    assert_eq!(login(&server, email, "yet another passphrase").status, 200);
+    let wrong = [fields[0], ("current_password", "nope"), fields[2]];
+    let r = post_form(&server, "/dashboard/password", Some(&here), &wrong);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        r.body.contains("<html") && r.body.contains("wrong password"),
+        "{}",
+        r.body
+    );
+}
+
+fn guessing_the_current_password_is_slowed_down(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "bob@example.com", None);
+    let statuses: Vec<u16> = (0..8)
+        .map(|i| change(&server, &cookie, &format!("guess number {i}"), NEW_PASSWORD).status)
+        .collect();
+    let slowed = statuses.iter().position(|s| *s == 429);
+    assert!(slowed.is_some_and(|at| at >= 5), "{statuses:?}");
+    let r = change(&server, &cookie, PASSWORD, NEW_PASSWORD);
+    assert_eq!(r.status, 429, "even the right one waits: {}", r.body);
+    assert!(r.retry_after.is_some(), "{}", r.body);
+    assert_eq!(
+        login(&server, "bob@example.com", PASSWORD).status,
+        429,
+        "the guesses count against logging in from the same client too"
+    );
+}
+
+on_both_engines!(
+    the_password_changes_other_sessions_end_and_apps_stay,
+    guessing_the_current_password_is_slowed_down,
+);
