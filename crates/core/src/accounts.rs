@@ -321,6 +321,24 @@ pub async fn change_password(
     Ok(ended)
 }
 
+/// Deletes the re-authenticated user's account, for good. Every authorization is revoked
+/// first, through the signer (every cache here and on every other instance drops it, and
+/// NIP-46 stops serving its bunker); then the user row goes and, by cascade, the key,
+/// sessions, tokens, custom policies, authorizations, their activity and the account's
+/// events. Two steps that fail closed: a crash between them leaves an account whose apps
+/// are all disconnected, which the owner deletes again. Deleting an account that is
+/// already gone succeeds.
+///
+/// # Errors
+/// Storage errors.
+pub async fn delete_account(signer: &crate::Signer, proof: &crate::Reauthenticated) -> Result<(), AccountError> {
+    let user = proof.user_id();
+    signer.revoke_all(user).await?;
+    user_repo::delete(signer.db(), user).await?;
+    signer.invalidate_user(user);
+    Ok(())
+}
+
 /// Issues a single-use token to mail to `user` (link in the email).
 ///
 /// # Errors

@@ -384,6 +384,27 @@ pub(crate) fn send_password_changed_notice(state: &AppState, user: &User, ip: &s
     });
 }
 
+/// Tells the address that its account was deleted, and what it means if its owner did not
+/// do it.
+pub(crate) fn send_account_deleted_notice(state: &AppState, user: &User, ip: &str) {
+    let when = mail_time();
+    let body = format!(
+        "Hello,\n\nthe keycast account {email} was deleted at {when}, from the address {ip}, with its \
+         password. Its Nostr key is gone from keycast with it (unless you exported it, keycast can no longer \
+         sign as you), and every app it had authorized is disconnected.\n\nIf that was you, there is nothing \
+         to do. If it was not, someone knew your password: change it wherever else you use it.\n",
+        email = user.email,
+    );
+    state.send_mail(Mail {
+        to: user.email.clone(),
+        subject: "Your keycast account was deleted".into(),
+        body,
+        purpose: "account_deleted",
+        token: String::new(),
+        link: None,
+    });
+}
+
 /// What the account endpoints answer.
 pub(crate) fn account_json(user: &User, pubkey: &PublicKey) -> Value {
     json!({

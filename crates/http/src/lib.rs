@@ -10,7 +10,8 @@
 //! - [`session`]: the session cookie, the [`session::SessionUser`] extractor, CSRF tokens.
 //! - [`oauth`]: `/api/oauth/{authorize,login,token}`, RFC 8414 metadata.
 //! - [`rpc`]: `POST /api/nostr`, the HTTP transport of the signer.
-//! - [`user`]: the user's authorizations (list, revoke), activity, key and its export.
+//! - [`user`]: the user's authorizations (list, revoke), activity, key and its export,
+//!   password change and account deletion.
 //! - [`nip05`]: `/.well-known/nostr.json` and choosing a username.
 //! - [`openapi`]: `GET /api/openapi.json`, the hand-written OpenAPI 3.1 document.
 //! - [`policies`]: `GET /api/policies`, the policies an app may ask for.
@@ -20,6 +21,7 @@
 //!   `/dashboard` (key, authorizations with revoke, activity), and the pages the mailed
 //!   links open (`/verify-email`, `/reset-password`, `/forgot-password`). Not part of
 //!   `openapi.json`.
+//! - `account_pages`: the dashboard's forms to change the password and delete the account.
 //! - `approvals`: `/approvals/{id}`, where an authorization's owner allows or denies a
 //!   request its policy does not cover (NIP-46 `auth_url`, HTTP RPC `approval_url`).
 //! - `origin`: refuses state-changing requests from other sites (CSRF, login CSRF).
@@ -28,6 +30,7 @@
 //!
 //! [`app`] builds the router without a socket, so tests can drive it with `oneshot`.
 
+mod account_pages;
 pub mod admin;
 mod approvals;
 pub mod auth;
@@ -81,6 +84,7 @@ pub fn app(state: AppState) -> Router {
         .merge(pages::routes())
         .merge(approvals::routes())
         .merge(grant_pages::routes())
+        .merge(account_pages::routes())
         .merge(api);
     if state.options().test_routes {
         router = router.merge(testing::routes());

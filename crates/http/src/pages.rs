@@ -53,7 +53,6 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard/nostrconnect", post(nostrconnect_form))
         .route("/dashboard/key/replace", post(replace_key_form))
         .route("/dashboard/key/dismiss-exposure", post(dismiss_exposure_form))
-        .route("/dashboard/password", post(password_form))
         .route("/verify-email", get(verify_page).post(verify_form))
         .route("/forgot-password", get(forgot_page).post(forgot_form))
         .route("/reset-password", get(reset_page).post(reset_form))
@@ -211,32 +210,6 @@ async fn replace_key_form(
     Ok(see_other("/dashboard?sent=newkey"))
 }
 
-#[derive(Deserialize)]
-struct PasswordForm {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    current_password: String,
-    #[serde(default)]
-    new_password: String,
-}
-
-/// `POST /dashboard/password` (form: CSRF token, current and new password) → 303 back to
-/// the dashboard once the change is durable (as `POST /api/user/password`).
-async fn password_form(
-    State(state): State<AppState>,
-    ClientIp(ip): ClientIp,
-    MaybeSession(session): MaybeSession,
-    FormOrJson { value: form, .. }: FormOrJson<PasswordForm>,
-) -> Result<Response, AppError> {
-    let Some(session) = session else {
-        return Ok(see_other("/login"));
-    };
-    check_csrf(&session, &form.csrf)?;
-    crate::user::set_password(&state, &ip, &session, form.current_password, form.new_password).await?;
-    Ok(see_other("/dashboard?sent=password"))
-}
-
 /// `POST /dashboard/key/dismiss-exposure` (form with the CSRF token) → 303 back to the
 /// dashboard without the exposure warning (as `DELETE /api/user/key/exposure`).
 async fn dismiss_exposure_form(
@@ -385,17 +358,7 @@ async fn dashboard(
         uri = escape(query.nostrconnect.as_deref().unwrap_or_default()),
     ));
 
-    body.push_str(&format!(
-        "<h2>Your password</h2>\
-         <form method=\"post\" action=\"/dashboard/password\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <label>Current password <input type=\"password\" name=\"current_password\" required \
-         autocomplete=\"current-password\"></label>\
-         <label>New password <input type=\"password\" name=\"new_password\" required \
-         autocomplete=\"new-password\"></label>\
-         <button type=\"submit\">Change the password</button></form>\
-         <p>Changing it ends every other session; your apps stay connected.</p>"
-    ));
+    body.push_str(&crate::account_pages::dashboard_sections(&csrf_token(&session.token)));
 
     body.push_str("<h2>Recent activity</h2>");
     if !events.is_empty() {
@@ -748,7 +711,7 @@ fn logged_in(cookie: HeaderValue) -> Response {
     response
 }
 
-fn see_other(location: &'static str) -> Response {
+pub(crate) fn see_other(location: &'static str) -> Response {
     (StatusCode::SEE_OTHER, [(LOCATION, HeaderValue::from_static(location))]).into_response()
 }
 

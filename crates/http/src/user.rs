@@ -1,9 +1,9 @@
 //! The logged-in user's own resources: authorizations (list, revoke), activity, key
 //! (public side, export after password re-authentication), password (changed after
-//! re-authentication).
+//! re-authentication), the account itself (deleted after re-authentication).
 
 use axum::extract::{Path, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -19,7 +19,7 @@ use keycast_db::{activity, authz as authz_repo, now_unix, policies, Authorizatio
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::{ClientIp, JsonBody, QueryParams};
+use crate::extract::{ClientIp, JsonBody, OverHttps, QueryParams};
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
 
@@ -42,6 +42,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/user/key/exposure", delete(dismiss_exposure))
         .route("/api/user/nostrconnect", post(nostrconnect))
         .route("/api/user/password", post(change_password))
+        .route("/api/user/delete", post(delete_account))
 }
 
 /// `GET /api/user/authorizations` → `{authorizations: [{id, client_id, policy,
@@ -321,6 +322,36 @@ pub(crate) async fn set_password(
     state.confirm_write(true).await?;
     crate::auth::send_password_changed_notice(state, &session.user, ip);
     Ok(ended)
+}
+
+/// `POST /api/user/delete {password}` → 204 once durable, the session cookie cleared: the
+/// account, its key and everything under it are gone, every app disconnected. The address
+/// is mailed.
+async fn delete_account(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
+    session: SessionUser,
+    JsonBody(body): JsonBody<PasswordBody>,
+) -> Result<Response, AppError> {
+    remove_account(&state, &ip, &session.user, body.password).await?;
+    Ok((
+        StatusCode::NO_CONTENT,
+        [(SET_COOKIE, crate::session::clear_cookie(secure))],
+    )
+        .into_response())
+}
+
+/// Re-checks the password, deletes the account, waits until that is durable and mails the
+/// address (shared with the dashboard's form).
+pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, password: String) -> Result<(), AppError> {
+    let proof = reauthenticate(state, ip, user, password).await?;
+    let (_, services) = state.api()?;
+    state.ensure_writable().await?;
+    keycast_core::accounts::delete_account(&services.signer, &proof).await?;
+    state.confirm_write(true).await?;
+    crate::auth::send_account_deleted_notice(state, user, ip);
+    Ok(())
 }
 
 /// Checks the user's password again, with a backoff per account and client (see

@@ -30,8 +30,9 @@ const TEST_ONLY_PREFIX: &str = "/api/test/";
 /// are for people in a browser, not API clients, so they are not in the document. Excluded
 /// by file rather than by path prefix because `/healthz/*` and `/metrics` are documented
 /// outside `/api`; [`source_route_paths`] makes sure no API path hides in these files.
-/// `grant_pages.rs` holds the dashboard's pages for custom policies and one app's grant.
-const PAGES_FILES: &[&str] = &["pages.rs", "grant_pages.rs"];
+/// `grant_pages.rs` holds the dashboard's pages for custom policies and one app's grant,
+/// `account_pages.rs` its forms to change the password and delete the account.
+const PAGES_FILES: &[&str] = &["pages.rs", "grant_pages.rs", "account_pages.rs"];
 
 fn state() -> AppState {
     let recorder = PrometheusBuilder::new().build_recorder();

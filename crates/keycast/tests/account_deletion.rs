@@ -1,0 +1,186 @@
+//! Deleting one's account, against the real binary on both engines: the password is checked
+//! again; then every app is disconnected on both transports' credentials, every session
+//! ends, the key and everything under the account leave the database, the NIP-05 name and
+//! the address are free again, and the address is mailed. Another user's service carries
+//! on, their activity still recorded although the deleted account's last signatures were
+//! still buffered. Through the JSON API and the dashboard's form.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::api::*;
+use harness::flow::{grant, register};
+use harness::{Engine, Keycast, Launch};
+use serde_json::{json, Value};
+
+fn login(server: &Keycast, email: &str, password: &str) -> Reply {
+    post_json(
+        server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": password }),
+    )
+}
+
+fn sign(server: &Keycast, app: &Value, content: &str) -> Reply {
+    let access = app["access_token"].as_str().unwrap();
+    rpc(server, access, "sign_event", json!([{ "kind": 1, "content": content }]))
+}
+
+fn delete_account(server: &Keycast, cookie: &str, password: &str) -> Reply {
+    post_json(
+        server,
+        "/api/user/delete",
+        Some(cookie),
+        &json!({ "password": password }),
+    )
+}
+
+fn mailed(server: &Keycast, email: &str, purpose: &str) -> usize {
+    get(server, "/api/test/outbox", None).json()["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["to"] == email && m["purpose"] == purpose)
+        .count()
+}
+
+/// Waits until `cookie`'s activity lists a signature with `content`'s app — activity is
+/// buffered and written about once a second.
+fn activity_recorded(server: &Keycast, cookie: &str, authorization: &str) -> bool {
+    (0..60).any(|_| {
+        let a = get(server, "/api/user/activity", Some(cookie)).json();
+        let found = a["activity"]
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["authorization_id"] == authorization));
+        if !found {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        found
+    })
+}
+
+fn an_account_is_deleted_with_its_key_and_everything_under_it(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Launch::on(engine, &data).start();
+    let email = "alice@example.com";
+    let (cookie, registered) = register(&server, email, None);
+    let user_id = registered["user_id"].as_str().unwrap().to_owned();
+    let pubkey = registered["pubkey"].as_str().unwrap().to_owned();
+    let elsewhere = cookie_of(&login(&server, email, PASSWORD));
+    let claimed = post_json(
+        &server,
+        "/api/user/username",
+        Some(&cookie),
+        &json!({ "username": "alice" }),
+    );
+    assert_eq!(claimed.status, 200, "{}", claimed.body);
+    let policy = post_json(
+        &server,
+        "/api/user/policies",
+        Some(&cookie),
+        &json!({ "name": "Mine", "permissions": { "allowed_kinds": [1] } }),
+    );
+    assert_eq!(policy.status, 201, "{}", policy.body);
+    let app = grant(&server, &cookie, "policy:social");
+    let (bob, _) = register(&server, "bob@example.com", None);
+    let bobs_app = grant(&server, &bob, "policy:social");
+
+    // A wrong password deletes nothing.
+    let r = delete_account(&server, &cookie, "not my password");
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(sign(&server, &app, "before").status, 200);
+
+    // The app's last signature is still in the activity buffer when the account goes.
+    assert_eq!(sign(&server, &app, "last words").status, 200);
+    let r = delete_account(&server, &cookie, PASSWORD);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(
+        r.set_cookie.as_deref().is_some_and(|c| c.contains("Max-Age=0")),
+        "the session cookie is cleared: {:?}",
+        r.set_cookie
+    );
+
+    let r = sign(&server, &app, "after");
+    assert_eq!(r.status, 401, "the app is disconnected: {}", r.body);
+    assert_eq!(get(&server, "/api/user/key", Some(&cookie)).status, 401);
+    assert_eq!(get(&server, "/api/user/key", Some(&elsewhere)).status, 401);
+    assert_eq!(login(&server, email, PASSWORD).status, 401);
+    let names = get(&server, "/.well-known/nostr.json?name=alice", None).json();
+    assert_eq!(names["names"], json!({}), "the name is free: {names}");
+    assert_eq!(mailed(&server, email, "account_deleted"), 1);
+    if engine == Engine::Sqlite {
+        let db = data.join("keycast.db");
+        for table in [
+            "users WHERE id",
+            "keys WHERE user_id",
+            "authorizations WHERE user_id",
+            "policies WHERE owner_user_id",
+        ] {
+            let left = harness::sqlite_query(&db, &format!("SELECT COUNT(*) FROM {table} = '{user_id}'"));
+            assert_eq!(left.trim(), "0", "{table}");
+        }
+    }
+
+    // Bob carries on: his activity is recorded although Alice's last one could not be.
+    assert_eq!(sign(&server, &bobs_app, "still here").status, 200);
+    let bobs_id = bobs_app["authorization_id"].as_str().unwrap();
+    assert!(activity_recorded(&server, &bob, bobs_id), "bob's activity is written");
+
+    // The address is free: a new account with a new key.
+    let again = post_json(
+        &server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(again.status, 201, "{}", again.body);
+    assert_ne!(again.json()["pubkey"], pubkey.as_str(), "{}", again.body);
+}
+
+fn the_dashboard_deletes_the_account_behind_its_password_and_csrf_token(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
+    let email = "carol@example.com";
+    let (cookie, _) = register(&server, email, None);
+    let dashboard = get(&server, "/dashboard", Some(&cookie)).body;
+    assert!(dashboard.contains("action=\"/dashboard/delete\""), "{dashboard}");
+    let csrf = hidden_input(&dashboard, "csrf").unwrap();
+
+    let r = post_form(
+        &server,
+        "/dashboard/delete",
+        Some(&cookie),
+        &[("csrf", "wrong"), ("password", PASSWORD)],
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post_form(
+        &server,
+        "/dashboard/delete",
+        Some(&cookie),
+        &[("csrf", &csrf), ("password", "nope")],
+    );
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.body.contains("<html"), "an HTML page: {}", r.body);
+    assert_eq!(login(&server, email, PASSWORD).status, 200, "still there");
+
+    let r = post_form(
+        &server,
+        "/dashboard/delete",
+        Some(&cookie),
+        &[("csrf", &csrf), ("password", PASSWORD)],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("Your account is deleted"), "{}", r.body);
+    assert!(r.set_cookie.as_deref().is_some_and(|c| c.contains("Max-Age=0")));
+    assert_eq!(login(&server, email, PASSWORD).status, 401);
+    let r = get(&server, "/dashboard", Some(&cookie));
+    assert_eq!(r.status, 303, "back to the login page: {}", r.body);
+}
+
+on_both_engines!(
+    an_account_is_deleted_with_its_key_and_everything_under_it,
+    the_dashboard_deletes_the_account_behind_its_password_and_csrf_token,
+);
