@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use harness::api::*;
 use harness::flow::{grant, register};
+use harness::nostr::BunkerClient;
 use harness::{Engine, Keycast, Launch};
 use serde_json::{json, Value};
 
@@ -62,6 +63,9 @@ fn activity_recorded(server: &Keycast, cookie: &str, authorization: &str) -> boo
 }
 
 fn an_account_is_deleted_with_its_key_and_everything_under_it(engine: Engine) {
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Launch::on(engine, &data).start();
@@ -85,6 +89,8 @@ fn an_account_is_deleted_with_its_key_and_everything_under_it(engine: Engine) {
     );
     assert_eq!(policy.status, 201, "{}", policy.body);
     let app = grant(&server, &cookie, "policy:social");
+    let connected = nip46.connect(app["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
     let (bob, _) = register(&server, "bob@example.com", None);
     let bobs_app = grant(&server, &bob, "policy:social");
 
@@ -92,6 +98,8 @@ fn an_account_is_deleted_with_its_key_and_everything_under_it(engine: Engine) {
     let r = delete_account(&server, &cookie, "not my password");
     assert_eq!(r.status, 401, "{}", r.body);
     assert_eq!(sign(&server, &app, "before").status, 200);
+    let remote = nip46.sign_event(json!({"kind": 1, "content": "before"}));
+    assert_eq!(remote["ok"], true, "{remote}");
 
     // The app's last signature is still in the activity buffer when the account goes.
     assert_eq!(sign(&server, &app, "last words").status, 200);
@@ -105,6 +113,8 @@ fn an_account_is_deleted_with_its_key_and_everything_under_it(engine: Engine) {
 
     let r = sign(&server, &app, "after");
     assert_eq!(r.status, 401, "the app is disconnected: {}", r.body);
+    let remote = nip46.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 3000}));
+    assert_eq!(remote["ok"], false, "the bunker signs no more: {remote}");
     assert_eq!(get(&server, "/api/user/key", Some(&cookie)).status, 401);
     assert_eq!(get(&server, "/api/user/key", Some(&elsewhere)).status, 401);
     assert_eq!(login(&server, email, PASSWORD).status, 401);
