@@ -4,11 +4,11 @@
 //!
 //! A custom policy belongs to the user who built it: it is found only for them
 //! ([`keycast_db::policies::find_usable`]), never through an app's `scope`, and only they
-//! can change it, or delete it once no live app uses it. Every change goes through the [`Signer`], which drops the affected
-//! authorizations from every cache (here and, on PostgreSQL, on every other instance), so
-//! the very next request on either transport is judged by what the owner now sees. The
-//! words shown come from the permissions ([`crate::Policy::summary`]), so the owner reads
-//! what is enforced.
+//! can change it, or delete it once no live app uses it. Every change goes through the
+//! [`Signer`], which drops the affected authorizations from every cache (here and, on
+//! PostgreSQL, on every other instance), so the very next request on either transport is
+//! judged by what the owner now sees. The words shown come from the permissions
+//! ([`crate::Policy::summary`]), so the owner reads what is enforced.
 
 use keycast_db::policies::{self as policy_repo, Deletion, PolicyRow};
 use keycast_db::{authz as authz_repo, AuthorizationId, PolicyId, RepoError, UserId};
