@@ -84,6 +84,52 @@ fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() 
     }
 }
 
+/// An account deleted on one instance: every other instance, each holding the account's
+/// grant in its caches (trusted for an hour), refuses its token and its sessions on the very
+/// next request. A password changed on one instance ends the owner's other sessions on every
+/// instance.
+#[test]
+fn an_account_deleted_or_a_password_changed_on_one_instance_holds_on_every_other_at_once() {
+    let Some((_dir, servers)) = instances(3) else {
+        return;
+    };
+    let email = "alice@example.com";
+    let (cookie, _) = register(&servers[0], email, None);
+    let on_second = cookie_of(&login(&servers[1], email, PASSWORD));
+    let changed = post_json(
+        &servers[2],
+        "/api/user/password",
+        Some(&cookie),
+        &json!({ "current_password": PASSWORD, "new_password": "a brand new passphrase" }),
+    );
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    for (i, server) in servers.iter().enumerate() {
+        assert_eq!(
+            get(server, "/api/user/key", Some(&on_second)).status,
+            401,
+            "instance {i} kept a session the password change ended"
+        );
+        assert_eq!(get(server, "/api/user/key", Some(&cookie)).status, 200, "instance {i}");
+    }
+
+    let token = access_token(&servers[0], &cookie);
+    for server in &servers {
+        assert_eq!(sign(server, &token).status, 200);
+    }
+    let deleted = post_json(
+        &servers[1],
+        "/api/user/delete",
+        Some(&cookie),
+        &json!({ "password": "a brand new passphrase" }),
+    );
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
+    for (i, server) in servers.iter().enumerate() {
+        let r = sign(server, &token);
+        assert_eq!(r.status, 401, "instance {i} signed for a deleted account: {}", r.body);
+        assert_eq!(get(server, "/api/user/key", Some(&cookie)).status, 401, "instance {i}");
+    }
+}
+
 /// A grant edited, or a custom policy changed, on one instance is obeyed by every other on
 /// the very next request (caches trusted for an hour: only the announcement can do it).
 #[test]
