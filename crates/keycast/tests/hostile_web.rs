@@ -79,6 +79,10 @@ fn state_changes_from_another_site_are_refused_and_json_needs_its_content_type()
         ("/api/user/username", "text/plain", true),
         ("/api/user/nostrconnect", "text/plain", true),
         ("/api/user/key/export", "text/plain", true),
+        ("/api/user/password", "text/plain", true),
+        ("/api/user/delete", "text/plain", true),
+        ("/dashboard/password", FORM, true),
+        ("/dashboard/delete", FORM, true),
     ] {
         let r = post(
             &server,
@@ -107,6 +111,12 @@ fn state_changes_from_another_site_are_refused_and_json_needs_its_content_type()
         .header("Origin", "https://evil.example")
         .call();
     assert_eq!(reply(revoke).status, 403, "a cross-site revocation");
+    let drop_policy = agent()
+        .delete(format!("{}/api/user/policies/custom-0000000000000000", server.base))
+        .header("Cookie", &cookie)
+        .header("Origin", "https://evil.example")
+        .call();
+    assert_eq!(reply(drop_policy).status, 403, "a cross-site policy deletion");
 
     // JSON endpoints read JSON only when it says so, even from keycast's own origin.
     let own = [("Origin", server.base.as_str())];
