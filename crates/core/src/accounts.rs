@@ -333,9 +333,12 @@ pub async fn change_password(
 /// Storage errors.
 pub async fn delete_account(signer: &crate::Signer, proof: &crate::Reauthenticated) -> Result<(), AccountError> {
     let user = proof.user_id();
-    signer.revoke_all(user).await?;
+    let revoked = signer.revoke_all(user).await?;
     user_repo::delete(signer.db(), user).await?;
     signer.invalidate_user(user);
+    // The one trace left of the account: what an operator looks for after a point-in-time
+    // recovery to before it (see OPERATIONS.md, section 8).
+    tracing::info!(user_id = %user, authorizations_revoked = revoked, "account deleted");
     Ok(())
 }
 

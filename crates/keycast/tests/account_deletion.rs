@@ -121,6 +121,13 @@ fn an_account_is_deleted_with_its_key_and_everything_under_it(engine: Engine) {
     let names = get(&server, "/.well-known/nostr.json?name=alice", None).json();
     assert_eq!(names["names"], json!({}), "the name is free: {names}");
     assert_eq!(mailed(&server, email, "account_deleted"), 1);
+    let logged = server.log();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("account deleted") && l.contains(&user_id)),
+        "the deletion is logged with the user id, for a recovery to before it:\n{logged}"
+    );
     if engine == Engine::Sqlite {
         let db = data.join("keycast.db");
         for table in [
