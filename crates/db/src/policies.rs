@@ -218,6 +218,20 @@ mod tests {
     use super::*;
     use crate::testing::temp_dbs;
 
+    /// A custom policy of `owner` that allows nothing, not yet stored.
+    fn custom(owner: &UserId, slug: &str, name: &str) -> PolicyRow {
+        PolicyRow {
+            id: PolicyId::generate(),
+            slug: slug.into(),
+            display_name: name.into(),
+            description: String::new(),
+            permissions: "{}".into(),
+            created_at: 1,
+            owner_user_id: Some(owner.clone()),
+            deleted_at: None,
+        }
+    }
+
     #[tokio::test]
     async fn seeded_policies_are_listed_and_found_by_slug_and_id() {
         for (_guard, db) in temp_dbs().await {
@@ -235,16 +249,7 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let owner = crate::testing::test_user(&db, "owner@example.com").await;
             let other = crate::testing::test_user(&db, "other@example.com").await;
-            let row = PolicyRow {
-                id: PolicyId::generate(),
-                slug: "custom-1".into(),
-                display_name: "Mine".into(),
-                description: String::new(),
-                permissions: "{}".into(),
-                created_at: 1,
-                owner_user_id: Some(owner.clone()),
-                deleted_at: None,
-            };
+            let row = custom(&owner, "custom-1", "Mine");
             insert(&db, &row).await.unwrap();
             assert_eq!(find_usable(&db, &owner, "custom-1").await.unwrap(), Some(row.clone()));
             assert_eq!(find_usable(&db, &other, "custom-1").await.unwrap(), None);
@@ -273,16 +278,7 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let owner = crate::testing::test_user(&db, "owner@example.com").await;
             let other = crate::testing::test_user(&db, "other@example.com").await;
-            let row = PolicyRow {
-                id: PolicyId::generate(),
-                slug: "custom-gone".into(),
-                display_name: "Soon gone".into(),
-                description: String::new(),
-                permissions: "{}".into(),
-                created_at: 1,
-                owner_user_id: Some(owner.clone()),
-                deleted_at: None,
-            };
+            let row = custom(&owner, "custom-gone", "Soon gone");
             insert(&db, &row).await.unwrap();
             let app = crate::testing::test_authorization(&db, &owner, &"b".repeat(64)).await;
             assert!(authz::update_grant(&db, &app.id, &owner, &row.id, None).await.unwrap());

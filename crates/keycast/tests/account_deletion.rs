@@ -10,19 +10,10 @@ mod harness;
 use std::time::Duration;
 
 use harness::api::*;
-use harness::flow::{grant, register};
+use harness::flow::{grant, login, register};
 use harness::nostr::BunkerClient;
 use harness::{Engine, Keycast, Launch};
 use serde_json::{json, Value};
-
-fn login(server: &Keycast, email: &str, password: &str) -> Reply {
-    post_json(
-        server,
-        "/api/auth/login",
-        None,
-        &json!({ "email": email, "password": password }),
-    )
-}
 
 fn sign(server: &Keycast, app: &Value, content: &str) -> Reply {
     let access = app["access_token"].as_str().unwrap();

@@ -7,7 +7,7 @@
 mod harness;
 
 use harness::api::*;
-use harness::flow::{grant, mailed_token, register, register_unverified};
+use harness::flow::{grant, login, mailed_token, register, register_unverified};
 use harness::{Keycast, Launch};
 use nostr::nips::nip19::ToBech32;
 use nostr::Keys;
@@ -36,15 +36,6 @@ fn reset(server: &Keycast, email: &str, new_password: &str) {
     let body = json!({ "token": token, "password": new_password });
     let done = post_json(server, "/api/auth/reset-password", None, &body);
     assert_eq!(done.status, 200, "{}", done.body);
-}
-
-fn login(server: &Keycast, email: &str, password: &str) -> Reply {
-    post_json(
-        server,
-        "/api/auth/login",
-        None,
-        &json!({ "email": email, "password": password }),
-    )
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use harness::api::*;
-use harness::flow::{access_token, approve_with, authorize_query, grant, pkce, register, token_request};
+use harness::flow::{access_token, approve_with, authorize_query, grant, login, pkce, register, token_request};
 use harness::nostr::{keypair, BunkerClient, Relay};
 use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use nostr::nips::nip44;
@@ -275,15 +275,6 @@ fn a_grants_limits_hold_across_every_instance_together() {
     let (signed, refused) = sign_everywhere_at_once(&servers, &token, 4);
     assert_eq!(signed, 4, "a total of 4 let {signed} of 12 through: {refused:?}");
     assert!(refused.iter().all(|c| c == "grant_exhausted"), "{refused:?}");
-}
-
-fn login(server: &Keycast, email: &str, password: &str) -> Reply {
-    post_json(
-        server,
-        "/api/auth/login",
-        None,
-        &json!({ "email": email, "password": password }),
-    )
 }
 
 #[test]

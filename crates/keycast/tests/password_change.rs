@@ -7,20 +7,11 @@
 mod harness;
 
 use harness::api::*;
-use harness::flow::{grant, register};
+use harness::flow::{grant, login, register};
 use harness::{Engine, Keycast, Launch};
 use serde_json::{json, Value};
 
 const NEW_PASSWORD: &str = "a brand new passphrase";
-
-fn login(server: &Keycast, email: &str, password: &str) -> Reply {
-    post_json(
-        server,
-        "/api/auth/login",
-        None,
-        &json!({ "email": email, "password": password }),
-    )
-}
 
 fn change(server: &Keycast, cookie: &str, current: &str, new: &str) -> Reply {
     post_json(

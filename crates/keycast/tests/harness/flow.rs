@@ -17,6 +17,16 @@ pub fn register(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, V
     (cookie, body)
 }
 
+/// `POST /api/auth/login` with this email and password.
+pub fn login(server: &Keycast, email: &str, password: &str) -> Reply {
+    post_json(
+        server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": password }),
+    )
+}
+
 /// Registers `email` without confirming it (what anyone can do with any address).
 pub fn register_unverified(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, Value) {
     let r = post_json(
