@@ -243,10 +243,11 @@ pub async fn exchange_code(
         Some(json) => serde_json::from_str(json).map_err(|_| invalid_grant("the code's terms are unreadable"))?,
         None => Choice::default(),
     };
+    let deleted = || invalid_grant("the policy chosen at consent was deleted since; authorize the app again");
     let policy = policy_repo::find_by_id(db, &code.policy_id)
         .await?
         .filter(|policy| policy.deleted_at.is_none())
-        .ok_or_else(|| invalid_grant("the policy chosen at consent was deleted since; authorize the app again"))?;
+        .ok_or_else(deleted)?;
     let new = NewGrant {
         user_id: &code.user_id,
         policy: &policy,
@@ -256,7 +257,11 @@ pub async fn exchange_code(
         token_ttl_secs: lifetimes.access_secs,
         terms: choice.terms_from(now),
     };
-    let mut grant = create_grant(db, km, &new, now).await?;
+    let mut grant = match create_grant(db, km, &new, now).await {
+        // The policy was deleted between the check above and the insert.
+        Err(GrantError::Repo(RepoError::MissingReference)) => return Err(deleted()),
+        other => other?,
+    };
     let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;
     grant.refresh_token = Some(refresh);
     Ok(grant)

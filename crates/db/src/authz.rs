@@ -6,7 +6,7 @@
 //! caches that must hear about it live in `keycast-core`.
 
 use crate::pool::on_engine;
-use crate::Db;
+use crate::{Db, EngineKind};
 
 use crate::{AuthorizationId, PolicyId, RepoError, TokenHash, UserId};
 
@@ -61,21 +61,39 @@ macro_rules! columns {
     };
 }
 
-/// Stores a new authorization.
+/// `INSERT INTO authorizations … SELECT` the new row's values, only while its policy is not
+/// deleted; `$lock` locks the policy row on PostgreSQL (see [`insert`]).
+macro_rules! insert_sql {
+    ($lock:literal) => {
+        concat!(
+            "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
+             bunker_secret_encrypted, connect_secret_hash, relays, created_at, terms) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 \
+             WHERE EXISTS (SELECT 1 FROM policies WHERE id = $3 AND deleted_at IS NULL",
+            $lock,
+            ") RETURNING ",
+            columns!()
+        )
+    };
+}
+
+/// Stores a new authorization, under a policy that is not deleted.
+///
+/// The policy's check is part of the insert. On PostgreSQL it also takes a share lock on the
+/// policy row, so a deletion of that policy running at the same moment (which locks the row,
+/// then counts its live authorizations: [`crate::policies::delete_owned`]) either finishes
+/// first, and this insert finds the policy deleted, or waits for this insert and counts it.
 ///
 /// # Errors
-/// [`RepoError::MissingReference`] for an unknown user or policy;
+/// [`RepoError::MissingReference`] for an unknown user or an unknown or deleted policy;
 /// [`RepoError::AlreadyExists`] for a reused id or bunker pubkey; database errors.
 pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<AuthorizationRow, RepoError> {
+    let sql = match db.kind() {
+        EngineKind::Sqlite => insert_sql!(""),
+        EngineKind::Postgres => insert_sql!(" FOR SHARE"),
+    };
     on_engine!(db, |pool| {
-        let sql = concat!(
-            "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
-         bunker_secret_encrypted, connect_secret_hash, relays, created_at, terms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING ",
-            columns!(),
-            ""
-        );
-        Ok(sqlx::query_as(sql)
+        let row: Option<AuthorizationRow> = sqlx::query_as(sql)
             .bind(new.id)
             .bind(new.user_id)
             .bind(new.policy_id)
@@ -87,8 +105,9 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
             .bind(new.relays)
             .bind(now)
             .bind(new.terms)
-            .fetch_one(pool)
-            .await?)
+            .fetch_optional(pool)
+            .await?;
+        row.ok_or(RepoError::MissingReference)
     })
 }
 
@@ -217,6 +236,18 @@ pub async fn revoke(db: &Db, id: &AuthorizationId, user: &UserId, now: i64) -> R
     })
 }
 
+macro_rules! update_grant_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE authorizations SET policy_id = $1, terms = $2 \
+             WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL \
+             AND EXISTS (SELECT 1 FROM policies WHERE id = $1 AND deleted_at IS NULL",
+            $lock,
+            ")"
+        )
+    };
+}
+
 /// Changes the policy and terms of `user`'s live authorization `id` (the owner edits an
 /// app's grant); false if it is not theirs or not live, or `policy` was deleted. The
 /// caller checks that `policy` is one `user` may use.
@@ -230,18 +261,19 @@ pub async fn update_grant(
     policy: &PolicyId,
     terms: Option<&str>,
 ) -> Result<bool, RepoError> {
+    // Locks the policy row on PostgreSQL, as `insert` does and for the same reason.
+    let sql = match db.kind() {
+        EngineKind::Sqlite => update_grant_sql!(""),
+        EngineKind::Postgres => update_grant_sql!(" FOR SHARE"),
+    };
     on_engine!(db, |pool| {
-        let done = sqlx::query(
-            "UPDATE authorizations SET policy_id = $1, terms = $2 \
-             WHERE id = $3 AND user_id = $4 AND revoked_at IS NULL \
-             AND EXISTS (SELECT 1 FROM policies WHERE id = $1 AND deleted_at IS NULL)",
-        )
-        .bind(policy)
-        .bind(terms)
-        .bind(id)
-        .bind(user)
-        .execute(pool)
-        .await?;
+        let done = sqlx::query(sql)
+            .bind(policy)
+            .bind(terms)
+            .bind(id)
+            .bind(user)
+            .execute(pool)
+            .await?;
         Ok(done.rows_affected() == 1)
     })
 }

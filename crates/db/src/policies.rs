@@ -175,14 +175,18 @@ pub async fn update_owned(
 /// Deletes `owner`'s custom policy `id` at `now`, unless a live authorization uses it: an
 /// app's permissions never change behind the owner's back, so they move or revoke it first.
 ///
-/// The check and the mark are one statement. An authorization that another transaction
-/// puts under the policy at the same moment (on PostgreSQL, a consent or a grant edit
-/// committing while this runs) can still end up under a deleted policy: it keeps the
-/// permissions it was given, shows the policy's name, and can be moved to another.
+/// No authorization can slip under the policy while it is being deleted. On SQLite the
+/// check and the mark are one statement, and writes are serial. On PostgreSQL the policy row
+/// is locked first, which waits for any insert or grant edit that holds its share lock (see
+/// [`crate::authz::insert`]) to commit; the count that follows, with a fresh snapshot, then
+/// sees it. Those writes in turn find the policy deleted once this commits.
 ///
 /// # Errors
 /// Database errors.
 pub async fn delete_owned(db: &Db, id: &PolicyId, owner: &UserId, now: i64) -> Result<Deletion, RepoError> {
+    if let Some(pool) = db.as_postgres() {
+        return delete_owned_locked(pool, id, owner, now).await;
+    }
     on_engine!(db, |pool| {
         let done = sqlx::query(
             "UPDATE policies SET deleted_at = $1 \
@@ -197,14 +201,11 @@ pub async fn delete_owned(db: &Db, id: &PolicyId, owner: &UserId, now: i64) -> R
         if done.rows_affected() == 1 {
             return Ok(Deletion::Deleted);
         }
-        let live: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM authorizations a JOIN policies p ON p.id = a.policy_id \
-             WHERE a.policy_id = $1 AND a.revoked_at IS NULL AND p.owner_user_id = $2 AND p.deleted_at IS NULL",
-        )
-        .bind(id)
-        .bind(owner)
-        .fetch_one(pool)
-        .await?;
+        let live: i64 = sqlx::query_scalar(COUNT_LIVE)
+            .bind(id)
+            .bind(owner)
+            .fetch_one(pool)
+            .await?;
         Ok(if live > 0 {
             Deletion::InUse(live)
         } else {
@@ -212,6 +213,45 @@ pub async fn delete_owned(db: &Db, id: &PolicyId, owner: &UserId, now: i64) -> R
         })
     })
 }
+
+/// [`delete_owned`] on PostgreSQL: lock, count, mark, in one transaction.
+async fn delete_owned_locked(
+    pool: &sqlx::PgPool,
+    id: &PolicyId,
+    owner: &UserId,
+    now: i64,
+) -> Result<Deletion, RepoError> {
+    let mut tx = pool.begin().await?;
+    let found: Option<PolicyId> = sqlx::query_scalar(
+        "SELECT id FROM policies WHERE id = $1 AND owner_user_id = $2 AND deleted_at IS NULL FOR UPDATE",
+    )
+    .bind(id)
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if found.is_none() {
+        return Ok(Deletion::NotFound);
+    }
+    let live: i64 = sqlx::query_scalar(COUNT_LIVE)
+        .bind(id)
+        .bind(owner)
+        .fetch_one(&mut *tx)
+        .await?;
+    if live > 0 {
+        return Ok(Deletion::InUse(live));
+    }
+    sqlx::query("UPDATE policies SET deleted_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Deletion::Deleted)
+}
+
+/// How many live authorizations `owner`'s undeleted policy `$1` has (`$2`: the owner).
+const COUNT_LIVE: &str = "SELECT COUNT(*) FROM authorizations a JOIN policies p ON p.id = a.policy_id \
+     WHERE a.policy_id = $1 AND a.revoked_at IS NULL AND p.owner_user_id = $2 AND p.deleted_at IS NULL";
 
 #[cfg(test)]
 mod tests {
@@ -314,5 +354,118 @@ mod tests {
                 "no app is moved under a deleted policy"
             );
         }
+    }
+
+    /// A scratch PostgreSQL database with `owner` and their custom policy, or `None` without
+    /// a test server.
+    async fn postgres_with_policy() -> Option<(crate::scratch::ScratchDatabase, Db, UserId, PolicyRow)> {
+        let server = crate::scratch::test_server()?;
+        let scratch = crate::scratch::create_database(&server, "policy_race").await.unwrap();
+        let db = Db::open_postgres(&crate::PgOptions::new(&scratch.url)).await.unwrap();
+        let owner = crate::testing::test_user(&db, "owner@example.com").await;
+        let row = custom(&owner, "custom-race", "Raced");
+        insert(&db, &row).await.unwrap();
+        Some((scratch, db, owner, row))
+    }
+
+    /// Waits until some transaction waits for a lock: the racing statement has started and
+    /// is held by the lock under test.
+    async fn someone_waits_for_a_lock(db: &Db) {
+        let pool = db.as_postgres().unwrap();
+        for _ in 0..1000 {
+            let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_locks WHERE NOT granted")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the racing statement never waited for the lock");
+    }
+
+    #[tokio::test]
+    async fn on_postgresql_a_consent_racing_a_deletion_does_not_land_under_the_deleted_policy() {
+        let Some((_scratch, db, owner, row)) = postgres_with_policy().await else {
+            return;
+        };
+        // The deletion has locked and marked the row, not yet committed...
+        let mut deleting = db.as_postgres().unwrap().begin().await.unwrap();
+        sqlx::query("SELECT id FROM policies WHERE id = $1 FOR UPDATE")
+            .bind(&row.id)
+            .execute(&mut *deleting)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE policies SET deleted_at = 5 WHERE id = $1")
+            .bind(&row.id)
+            .execute(&mut *deleting)
+            .await
+            .unwrap();
+        // ...when the app's authorization is inserted under it.
+        let insert = tokio::spawn({
+            let (db, owner, policy) = (db.clone(), owner.clone(), row.id.clone());
+            async move {
+                let new = crate::authz::NewAuthorization {
+                    id: &crate::AuthorizationId::generate(),
+                    user_id: &owner,
+                    policy_id: &policy,
+                    client_id: "app",
+                    redirect_origin: "https://app.example",
+                    bunker_pubkey: &"d".repeat(64),
+                    bunker_secret_encrypted: b"ciphertext",
+                    connect_secret_hash: &crate::TokenHash::of(b"connect"),
+                    relays: "[]",
+                    terms: None,
+                };
+                crate::authz::insert(&db, &new, 6).await
+            }
+        });
+        someone_waits_for_a_lock(&db).await;
+        deleting.commit().await.unwrap();
+        let inserted = insert.await.unwrap();
+        assert!(
+            matches!(inserted, Err(RepoError::MissingReference)),
+            "an app landed under a policy deleted before it committed: {inserted:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn on_postgresql_a_deletion_racing_a_consent_counts_the_new_app() {
+        let Some((_scratch, db, owner, row)) = postgres_with_policy().await else {
+            return;
+        };
+        // An app's authorization is being inserted under the policy, holding its share lock
+        // as `authz::insert` does, not yet committed...
+        let mut consenting = db.as_postgres().unwrap().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM policies WHERE id = $1 AND deleted_at IS NULL FOR SHARE")
+            .bind(&row.id)
+            .execute(&mut *consenting)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
+             bunker_secret_encrypted, connect_secret_hash, relays, created_at) \
+             VALUES ('a1', $1, $2, 'app', 'https://app.example', $3, '\\x00', 'h', '[]', 1)",
+        )
+        .bind(&owner)
+        .bind(&row.id)
+        .bind("e".repeat(64))
+        .execute(&mut *consenting)
+        .await
+        .unwrap();
+        // ...when the owner deletes the policy.
+        let deletion = tokio::spawn({
+            let (db, owner, id) = (db.clone(), owner.clone(), row.id.clone());
+            async move { delete_owned(&db, &id, &owner, 7).await }
+        });
+        someone_waits_for_a_lock(&db).await;
+        consenting.commit().await.unwrap();
+        assert_eq!(
+            deletion.await.unwrap().unwrap(),
+            Deletion::InUse(1),
+            "the policy was deleted under an app that committed first"
+        );
+        assert_eq!(find_usable(&db, &owner, "custom-race").await.unwrap(), Some(row));
     }
 }

@@ -167,7 +167,13 @@ pub(crate) async fn accept_nostrconnect(
         .signer
         .accept_nostrconnect(user, &policy, &uri)
         .await
-        .map_err(AppError::internal)?;
+        .map_err(|e| match e {
+            // The policy was deleted since it was looked up.
+            keycast_core::authz::GrantError::Repo(keycast_db::RepoError::MissingReference) => {
+                AppError::BadRequest(format!("policy {:?} was just deleted; choose another", policy.slug))
+            }
+            e => AppError::internal(e),
+        })?;
     state.confirm_write(true).await?;
     // NIP-46 starts listening for the new bunker on hearing this, then answers the client.
     services.signer.announce_nostrconnect(&authz, &uri);
