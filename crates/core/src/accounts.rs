@@ -293,12 +293,13 @@ pub async fn logout(db: &Db, token: &str) -> Result<bool, RepoError> {
     session_repo::delete(db, &hash_token(token)).await
 }
 
-/// Changes the re-authenticated user's password and returns how many other sessions it
-/// ended. Every session but `current` (the changer's own) ends and every reset link still
-/// out is used up, before the new password takes effect: whoever knew the old password
-/// keeps nothing it opened. Apps keep their authorizations (they never held the password);
-/// an owner who suspects more than a leaked password revokes them, or resets the password,
-/// which does. Recorded in the account's events.
+/// Changes the re-authenticated user's password. Every session ends (the changer's too:
+/// whoever shares its cookie must not keep it) and every reset link still out is used up,
+/// before the new password takes effect: whoever knew the old password keeps nothing it
+/// opened. The changer gets a new session, returned with how many *other* sessions ended.
+/// Apps keep their authorizations (they never held the password); an owner who suspects
+/// more than a leaked password revokes them, or resets the password, which does. Recorded
+/// in the account's events.
 ///
 /// # Errors
 /// [`AccountError::Password`] (length rules, hashing busy); storage errors.
@@ -306,19 +307,19 @@ pub async fn change_password(
     db: &Db,
     hasher: &PasswordHasher,
     proof: &crate::Reauthenticated,
-    current: &str,
     new_password: &Secret<String>,
     now: i64,
-) -> Result<u64, AccountError> {
+) -> Result<(u64, NewSession), AccountError> {
     validate_new_password(new_password)?;
     let password_hash = hasher.hash_async(new_password).await?;
     let user = proof.user_id();
-    let ended = session_repo::delete_for_user_except(db, user, &hash_token(current)).await?;
+    // The changer's own session is one of them.
+    let others = session_repo::delete_for_user(db, user).await?.saturating_sub(1);
     session_repo::use_up_user_tokens(db, user, TokenPurpose::ResetPassword, now).await?;
     user_repo::set_password_hash(db, user, &password_hash, now).await?;
-    let detail = format!("{ended} other session{} ended", if ended == 1 { "" } else { "s" });
+    let detail = format!("{others} other session{} ended", if others == 1 { "" } else { "s" });
     keycast_db::account_events::insert(db, user, "password_changed", &detail, now).await?;
-    Ok(ended)
+    Ok((others, create_session(db, user, now).await?))
 }
 
 /// Deletes the re-authenticated user's account, for good. Every authorization is revoked

@@ -76,22 +76,6 @@ pub async fn delete_for_user(db: &Db, user: &UserId) -> Result<u64, RepoError> {
     })
 }
 
-/// Ends every session of a user but `keep` (after a password change, the changer's own
-/// session stays). Returns how many ended.
-///
-/// # Errors
-/// Database errors.
-pub async fn delete_for_user_except(db: &Db, user: &UserId, keep: &TokenHash) -> Result<u64, RepoError> {
-    on_engine!(db, |pool| {
-        let done = sqlx::query("DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2")
-            .bind(user)
-            .bind(keep)
-            .execute(pool)
-            .await?;
-        Ok(done.rows_affected())
-    })
-}
-
 /// Removes sessions expired at `now`. Returns how many.
 ///
 /// # Errors

@@ -61,10 +61,12 @@ struct PasswordForm {
 }
 
 /// `POST /dashboard/password` (form: CSRF token, current and new password) → 303 back to
-/// the dashboard once the change is durable (as `POST /api/user/password`).
+/// the dashboard with a new session cookie once the change is durable (as
+/// `POST /api/user/password`).
 async fn password_form(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
     MaybeSession(session): MaybeSession,
     FormOrJson { value: form, .. }: FormOrJson<PasswordForm>,
 ) -> Result<Response, AppError> {
@@ -72,8 +74,11 @@ async fn password_form(
         return Ok(see_other("/login"));
     };
     check_csrf(&session, &form.csrf)?;
-    crate::user::set_password(&state, &ip, &session, form.current_password, form.new_password).await?;
-    Ok(see_other("/dashboard?sent=password"))
+    let (_, cookie) =
+        crate::user::set_password(&state, &ip, secure, &session, form.current_password, form.new_password).await?;
+    let mut response = see_other("/dashboard?sent=password");
+    response.headers_mut().insert(SET_COOKIE, cookie);
+    Ok(response)
 }
 
 #[derive(Deserialize)]

@@ -296,38 +296,41 @@ struct ChangePasswordBody {
 }
 
 /// `POST /api/user/password {current_password, new_password}` → 200 `{other_sessions_ended}`
-/// once durable: every other session has ended, this one stays; apps stay authorized. The
-/// account is mailed.
+/// and a new session cookie, once durable: every session that existed has ended, this one
+/// included; apps stay authorized. The account is mailed.
 async fn change_password(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
+    OverHttps(secure): OverHttps,
     session: SessionUser,
     JsonBody(body): JsonBody<ChangePasswordBody>,
-) -> Result<Json<Value>, AppError> {
-    let ended = set_password(&state, &ip, &session, body.current_password, body.new_password).await?;
-    Ok(Json(json!({ "other_sessions_ended": ended })))
+) -> Result<Response, AppError> {
+    let (ended, cookie) = set_password(&state, &ip, secure, &session, body.current_password, body.new_password).await?;
+    Ok(([(SET_COOKIE, cookie)], Json(json!({ "other_sessions_ended": ended }))).into_response())
 }
 
 /// Re-checks the current password, sets the new one, waits until that is durable and
-/// mails the account (shared with the dashboard's form).
+/// mails the account (shared with the dashboard's form). Returns how many other sessions
+/// ended and the `Set-Cookie` of the changer's new session.
 pub(crate) async fn set_password(
     state: &AppState,
     ip: &str,
+    secure: bool,
     session: &SessionUser,
     current: String,
     new: String,
-) -> Result<u64, AppError> {
+) -> Result<(u64, HeaderValue), AppError> {
     let new = Secret::new(new);
     // Bad input costs no argon2 work and no backoff step.
     keycast_core::password::validate_new_password(&new)?;
     let proof = reauthenticate(state, ip, &session.user, current).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
-    let ended =
-        keycast_core::accounts::change_password(db, &services.hasher, &proof, &session.token, &new, now_unix()).await?;
+    let (ended, fresh) =
+        keycast_core::accounts::change_password(db, &services.hasher, &proof, &new, now_unix()).await?;
     state.confirm_write(true).await?;
     crate::auth::send_password_changed_notice(state, &session.user, ip);
-    Ok(ended)
+    Ok((ended, crate::session::session_cookie(&fresh, secure)))
 }
 
 /// `POST /api/user/delete {password}` → 204 once durable, the session cookie cleared: the

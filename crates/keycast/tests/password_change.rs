@@ -1,8 +1,7 @@
 //! Changing the password while logged in, against the real binary on both engines: the
 //! current password is checked again (with the same backoff as every re-authentication),
-//! every other session ends and every reset link still out is used up, the changer's own
-//! session and the apps stay, the account is mailed — through the JSON API and the
-//! dashboard's form.
+//! every session ends (the changer gets a new one) and every reset link still out is used
+//! up, the apps stay, the account is mailed — through the JSON API and the dashboard's form.
 
 mod harness;
 
@@ -79,10 +78,16 @@ fn the_password_changes_other_sessions_end_and_apps_stay(engine: Engine) {
         "the other login and the one just made: {}",
         r.body
     );
+    let renewed = cookie_of(&r);
     assert_eq!(
         get(&server, "/api/user/key", Some(&here)).status,
+        401,
+        "the changer's old cookie ends too: whoever shares it is out"
+    );
+    assert_eq!(
+        get(&server, "/api/user/key", Some(&renewed)).status,
         200,
-        "this session stays"
+        "the changer carries on with a new session"
     );
     assert_eq!(
         get(&server, "/api/user/key", Some(&elsewhere)).status,
@@ -107,7 +112,7 @@ fn the_password_changes_other_sessions_end_and_apps_stay(engine: Engine) {
         "{}",
         notices[0]
     );
-    let dashboard = get(&server, "/dashboard", Some(&here)).body;
+    let dashboard = get(&server, "/dashboard", Some(&renewed)).body;
     assert!(dashboard.contains("password changed"), "recorded: {dashboard}");
 
     // The dashboard's form does the same, behind its CSRF token.
@@ -118,17 +123,23 @@ fn the_password_changes_other_sessions_end_and_apps_stay(engine: Engine) {
         ("new_password", "yet another passphrase"),
     ];
     let forged = [("csrf", "wrong"), fields[1], fields[2]];
-    let r = post_form(&server, "/dashboard/password", Some(&here), &forged);
+    let r = post_form(&server, "/dashboard/password", Some(&renewed), &forged);
     assert_eq!(r.status, 403, "{}", r.body);
-    let r = post_form(&server, "/dashboard/password", Some(&here), &fields);
+    let r = post_form(&server, "/dashboard/password", Some(&renewed), &fields);
     assert_eq!(r.status, 303, "{}", r.body);
     assert_eq!(r.location.as_deref(), Some("/dashboard?sent=password"));
-    assert!(get(&server, "/dashboard?sent=password", Some(&here))
-        .body
-        .contains("Your password is changed"));
+    let again = cookie_of(&r);
+    let page = get(&server, "/dashboard?sent=password", Some(&again)).body;
+    assert!(page.contains("Your password is changed"), "{page}");
+    assert_eq!(get(&server, "/api/user/key", Some(&renewed)).status, 401);
     assert_eq!(login(&server, email, "yet another passphrase").status, 200);
-    let wrong = [fields[0], ("current_password", "nope"), fields[2]];
-    let r = post_form(&server, "/dashboard/password", Some(&here), &wrong);
+    let csrf = hidden_input(&page, "csrf").unwrap();
+    let wrong = [
+        ("csrf", csrf.as_str()),
+        ("current_password", "nope"),
+        ("new_password", "and one more passphrase"),
+    ];
+    let r = post_form(&server, "/dashboard/password", Some(&again), &wrong);
     assert_eq!(r.status, 401, "{}", r.body);
     assert!(
         r.body.contains("<html") && r.body.contains("wrong password"),
