@@ -55,6 +55,9 @@ pub enum GrantError {
     Policy(#[from] PolicyError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The policy was deleted after it was looked up (its owner deleted it meanwhile).
+    #[error("policy {slug:?} was deleted meanwhile; choose another")]
+    PolicyDeleted { slug: String },
     #[error(transparent)]
     Repo(#[from] RepoError),
 }
@@ -187,7 +190,14 @@ pub(crate) async fn insert_authorization(
         relays: &relays,
         terms: terms.as_deref(),
     };
-    let row = authz_repo::insert(db, &row, now).await?;
+    // The user is the caller's (a session's, a code's), so a missing reference is the
+    // policy, deleted since `new.policy` was read.
+    let row = authz_repo::insert(db, &row, now).await.map_err(|e| match e {
+        RepoError::MissingReference => GrantError::PolicyDeleted {
+            slug: new.policy.slug.clone(),
+        },
+        e => e.into(),
+    })?;
     Ok((Authorization::from_row(&row, policy, None)?, connect_secret))
 }
 
@@ -266,5 +276,31 @@ mod tests {
         assert_ne!(a.authorization.bunker_pubkey, b.authorization.bunker_pubkey);
         assert_ne!(a.authorization.bunker_pubkey, fx.user_pubkey);
         assert_ne!(a.connect_secret.expose(), b.connect_secret.expose());
+    }
+
+    /// A consent (or a `nostrconnect://` acceptance) read the policy, then its owner deleted
+    /// it before the grant was stored: the grant is refused, saying so.
+    #[tokio::test]
+    async fn a_grant_under_a_policy_deleted_since_it_was_read_is_refused() {
+        let fx = fixture().await;
+        let social = social_policy(&fx).await;
+        let read = keycast_db::policies::PolicyRow {
+            id: keycast_db::PolicyId::generate(),
+            slug: "custom-stale".into(),
+            display_name: "Stale".into(),
+            owner_user_id: Some(fx.user.clone()),
+            ..social
+        };
+        keycast_db::policies::insert(fx.pool(), &read).await.unwrap();
+        let deleted = keycast_db::policies::delete_owned(fx.pool(), &read.id, &fx.user, 2)
+            .await
+            .unwrap();
+        assert_eq!(deleted, keycast_db::policies::Deletion::Deleted);
+        let refused = create_grant(fx.pool(), fx.km.as_ref(), &fx.new_grant(&read), 3).await;
+        assert!(
+            matches!(&refused, Err(GrantError::PolicyDeleted { slug }) if slug == "custom-stale"),
+            "{:?}",
+            refused.map(|g| g.authorization.id)
+        );
     }
 }

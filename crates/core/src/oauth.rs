@@ -258,8 +258,8 @@ pub async fn exchange_code(
         terms: choice.terms_from(now),
     };
     let mut grant = match create_grant(db, km, &new, now).await {
-        // The policy was deleted between the check above and the insert.
-        Err(GrantError::Repo(RepoError::MissingReference)) => return Err(deleted()),
+        // Deleted between the check above and the insert.
+        Err(GrantError::PolicyDeleted { .. }) => return Err(deleted()),
         other => other?,
     };
     let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;

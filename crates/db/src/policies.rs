@@ -7,7 +7,7 @@
 //! finds it, while [`find_usable`] and [`list_owned`] no longer do. `permissions` is JSON
 //! that `keycast-core::policy` parses and evaluates; this module treats it as text.
 
-use crate::pool::on_engine;
+use crate::pool::{on_engine, Engine};
 use crate::Db;
 
 use crate::{PolicyId, RepoError, UserId};
@@ -184,33 +184,42 @@ pub async fn update_owned(
 /// # Errors
 /// Database errors.
 pub async fn delete_owned(db: &Db, id: &PolicyId, owner: &UserId, now: i64) -> Result<Deletion, RepoError> {
-    if let Some(pool) = db.as_postgres() {
-        return delete_owned_locked(pool, id, owner, now).await;
+    match db.engine() {
+        Engine::Sqlite(pool) => delete_owned_serial(pool, id, owner, now).await,
+        Engine::Postgres(pool) => delete_owned_locked(pool, id, owner, now).await,
     }
-    on_engine!(db, |pool| {
-        let done = sqlx::query(
-            "UPDATE policies SET deleted_at = $1 \
-             WHERE id = $2 AND owner_user_id = $3 AND deleted_at IS NULL \
-             AND NOT EXISTS (SELECT 1 FROM authorizations WHERE policy_id = $2 AND revoked_at IS NULL)",
-        )
-        .bind(now)
+}
+
+/// [`delete_owned`] on SQLite: check and mark in one statement, then tell why if nothing was
+/// marked.
+async fn delete_owned_serial(
+    pool: &sqlx::SqlitePool,
+    id: &PolicyId,
+    owner: &UserId,
+    now: i64,
+) -> Result<Deletion, RepoError> {
+    let done = sqlx::query(
+        "UPDATE policies SET deleted_at = $1 \
+         WHERE id = $2 AND owner_user_id = $3 AND deleted_at IS NULL \
+         AND NOT EXISTS (SELECT 1 FROM authorizations WHERE policy_id = $2 AND revoked_at IS NULL)",
+    )
+    .bind(now)
+    .bind(id)
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    if done.rows_affected() == 1 {
+        return Ok(Deletion::Deleted);
+    }
+    let live: i64 = sqlx::query_scalar(COUNT_LIVE)
         .bind(id)
         .bind(owner)
-        .execute(pool)
+        .fetch_one(pool)
         .await?;
-        if done.rows_affected() == 1 {
-            return Ok(Deletion::Deleted);
-        }
-        let live: i64 = sqlx::query_scalar(COUNT_LIVE)
-            .bind(id)
-            .bind(owner)
-            .fetch_one(pool)
-            .await?;
-        Ok(if live > 0 {
-            Deletion::InUse(live)
-        } else {
-            Deletion::NotFound
-        })
+    Ok(if live > 0 {
+        Deletion::InUse(live)
+    } else {
+        Deletion::NotFound
     })
 }
 

@@ -12,6 +12,8 @@
 //! Everything here is the session user's own: another user's policy or grant is a 404,
 //! exactly like one that does not exist.
 
+use std::collections::HashMap;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, put};
@@ -20,7 +22,7 @@ use keycast_core::grants::{self, GrantEdit, GrantEditError};
 use keycast_core::terms::{GrantDuration, GrantTerms, Limits};
 use keycast_core::Policy;
 use keycast_db::policies::{self as policy_repo, PolicyRow};
-use keycast_db::{activity, authz as authz_repo, now_unix, AuthorizationId, UserId};
+use keycast_db::{activity, authz as authz_repo, now_unix, AuthorizationId, Db, PolicyId, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -145,11 +147,11 @@ pub(crate) async fn save_policy(
 /// authorizations) is under — a deleted custom policy still names a revoked app — by id.
 /// Only the undeleted ones may be chosen for an app.
 pub(crate) async fn policies_by_id(
-    db: &keycast_db::Db,
+    db: &Db,
     user: &UserId,
     rows: &[authz_repo::AuthorizationRow],
-) -> Result<std::collections::HashMap<keycast_db::PolicyId, PolicyRow>, AppError> {
-    let mut policies: std::collections::HashMap<_, _> = policy_repo::list(db)
+) -> Result<HashMap<PolicyId, PolicyRow>, AppError> {
+    let mut policies: HashMap<_, _> = policy_repo::list(db)
         .await?
         .into_iter()
         .chain(policy_repo::list_owned(db, user).await?)

@@ -168,10 +168,7 @@ pub(crate) async fn accept_nostrconnect(
         .accept_nostrconnect(user, &policy, &uri)
         .await
         .map_err(|e| match e {
-            // The policy was deleted since it was looked up.
-            keycast_core::authz::GrantError::Repo(keycast_db::RepoError::MissingReference) => {
-                AppError::BadRequest(format!("policy {:?} was just deleted; choose another", policy.slug))
-            }
+            e @ keycast_core::authz::GrantError::PolicyDeleted { .. } => AppError::BadRequest(e.to_string()),
             e => AppError::internal(e),
         })?;
     state.confirm_write(true).await?;

@@ -180,12 +180,13 @@ impl Store {
         }
     }
 
-    /// Every other backend, for a spilled body: multipart upload to a staging key, create-only copy into place,
-    /// staging object deleted — except on Azure, where Copy Blob may answer `202 Accepted`
-    /// with the copy still `pending` (object_store does not wait for it), and deleting the
-    /// source then would fail the copy and leave a broken object at a key already counted as
-    /// stored. There the staging blob stays until retention prunes staging objects older than
-    /// an hour, long after any copy within one account has finished.
+    /// Every other backend, for a spilled body: multipart upload to a staging key,
+    /// create-only copy into place, staging object deleted — except on Azure, where Copy Blob
+    /// may answer `202 Accepted` with the copy still `pending` (object_store does not wait for
+    /// it), and deleting the source then would fail the copy and leave a broken object at a
+    /// key already counted as stored. There the staging blob stays until retention prunes
+    /// staging objects older than an hour, long after any copy within one account has
+    /// finished.
     pub(super) async fn put_staged(
         &self,
         prepared: &PreparedLtx,
