@@ -333,14 +333,90 @@ pub async fn change_password(
 /// # Errors
 /// Storage errors.
 pub async fn delete_account(signer: &crate::Signer, proof: &crate::Reauthenticated) -> Result<(), AccountError> {
-    let user = proof.user_id();
-    let revoked = signer.revoke_all(user).await?;
-    user_repo::delete(signer.db(), user).await?;
-    signer.invalidate_user(user);
-    // The one trace left of the account: what an operator looks for after a point-in-time
-    // recovery to before it (see OPERATIONS.md, section 8).
-    tracing::info!(user_id = %user, authorizations_revoked = revoked, "account deleted");
+    erase(signer, proof.user_id(), "owner").await?;
     Ok(())
+}
+
+/// Deletes `user`'s account on the operator's word (the admin API, which authenticated the
+/// operator): the same steps as [`delete_account`], for an owner who lost both password
+/// and mailbox, or an account the operator must remove. False if there was no such
+/// account.
+///
+/// # Errors
+/// Storage errors.
+pub async fn delete_account_as_operator(signer: &crate::Signer, user: &UserId) -> Result<bool, AccountError> {
+    Ok(erase(signer, user, "operator").await?)
+}
+
+async fn erase(signer: &crate::Signer, user: &UserId, by: &'static str) -> Result<bool, RepoError> {
+    let revoked = signer.revoke_all(user).await?;
+    let deleted = user_repo::delete(signer.db(), user).await?;
+    signer.invalidate_user(user);
+    if deleted {
+        // The one trace left of the account: what an operator looks for after a
+        // point-in-time recovery to before it (see OPERATIONS.md, section 8).
+        tracing::info!(user_id = %user, authorizations_revoked = revoked, by, "account deleted");
+    }
+    Ok(deleted)
+}
+
+/// How an operator names an account.
+#[derive(Debug, Clone)]
+pub enum AccountRef {
+    Id(UserId),
+    /// As given: normalized here as at registration.
+    Email(String),
+    /// The NIP-05 name, lowercase.
+    Username(String),
+    Pubkey(nostr::PublicKey),
+}
+
+/// What an operator is shown of an account: who it is, never its password hash or key
+/// material.
+#[derive(Debug, Clone)]
+pub struct AccountSummary {
+    pub user: User,
+    /// `None` only for an account caught between its row and its key (a crash during
+    /// registration).
+    pub pubkey: Option<nostr::PublicKey>,
+    /// Authorizations not revoked (some may have run out of time).
+    pub live_authorizations: usize,
+}
+
+/// Finds the account `by` names, for the operator.
+///
+/// # Errors
+/// Storage errors; a stored public key that does not parse.
+pub async fn find_for_operator(db: &Db, by: &AccountRef) -> Result<Option<AccountSummary>, AccountError> {
+    let user = match by {
+        AccountRef::Id(id) => user_repo::find_by_id(db, id).await?,
+        AccountRef::Email(email) => match normalize_email(email) {
+            Ok(email) => user_repo::find_by_email(db, &email).await?,
+            Err(_) => None,
+        },
+        AccountRef::Username(name) => user_repo::find_by_username(db, &name.trim().to_lowercase()).await?,
+        AccountRef::Pubkey(pubkey) => match keycast_db::keys::find_by_pubkey(db, &pubkey.to_hex()).await? {
+            Some(key) => user_repo::find_by_id(db, &key.user_id).await?,
+            None => None,
+        },
+    };
+    let Some(user) = user else { return Ok(None) };
+    let pubkey = match keycast_db::keys::find_by_user(db, &user.id).await? {
+        Some(stored) => {
+            Some(nostr::PublicKey::from_hex(&stored.pubkey).map_err(|_| AccountError::Key(KeyError::CorruptKey))?)
+        }
+        None => None,
+    };
+    let live_authorizations = keycast_db::authz::list_for_user(db, &user.id)
+        .await?
+        .iter()
+        .filter(|a| a.revoked_at.is_none())
+        .count();
+    Ok(Some(AccountSummary {
+        user,
+        pubkey,
+        live_authorizations,
+    }))
 }
 
 /// Issues a single-use token to mail to `user` (link in the email).

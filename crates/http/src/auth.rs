@@ -405,6 +405,26 @@ pub(crate) fn send_account_deleted_notice(state: &AppState, user: &User, ip: &st
     });
 }
 
+/// Tells the address that the operator deleted its account.
+pub(crate) fn send_account_deleted_by_operator_notice(state: &AppState, user: &User) {
+    let when = mail_time();
+    let body = format!(
+        "Hello,\n\nthe keycast account {email} was deleted at {when} by the operator of this keycast service. \
+         Its Nostr key is gone from keycast with it (unless you exported it, keycast can no longer sign as you), \
+         and every app it had authorized is disconnected.\n\nIf you did not ask for this, contact the \
+         operator of this service.\n",
+        email = user.email,
+    );
+    state.send_mail(Mail {
+        to: user.email.clone(),
+        subject: "Your keycast account was deleted".into(),
+        body,
+        purpose: "account_deleted",
+        token: String::new(),
+        link: None,
+    });
+}
+
 /// What the account endpoints answer.
 pub(crate) fn account_json(user: &User, pubkey: &PublicKey) -> Value {
     json!({

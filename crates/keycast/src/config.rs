@@ -127,7 +127,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "admin_token",
         env: "KEYCAST_ADMIN_TOKEN",
         default: "(none: admin API off)",
-        help: "bearer token the admin API (/api/admin/*, registered apps) requires; without it the admin API is off; secret",
+        help: "bearer token the admin API (/api/admin/*: registered apps, finding and deleting accounts) requires; without it the admin API is off; secret",
     },
     Setting {
         key: "open_registration",

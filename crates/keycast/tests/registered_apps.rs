@@ -50,37 +50,6 @@ fn authorize_path(client_id: &str, redirect: &str) -> String {
     format!("/api/oauth/authorize?{query}")
 }
 
-fn admin(server: &Keycast, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
-    let url = format!("{}{path}", server.base);
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let agent = agent();
-    let result = match (method, body) {
-        ("POST", Some(body)) => {
-            let mut req = agent.post(&url).header("Content-Type", "application/json");
-            if let Some(a) = &auth {
-                req = req.header("Authorization", a);
-            }
-            req.send(body.to_string())
-        }
-        ("GET", _) => {
-            let mut req = agent.get(&url);
-            if let Some(a) = &auth {
-                req = req.header("Authorization", a);
-            }
-            req.call()
-        }
-        ("DELETE", _) => {
-            let mut req = agent.delete(&url);
-            if let Some(a) = &auth {
-                req = req.header("Authorization", a);
-            }
-            req.call()
-        }
-        other => panic!("unsupported {other:?}"),
-    };
-    reply(result)
-}
-
 fn cli_registered_app_is_verified_with_an_exact_redirect_and_others_unverified(engine: Engine) {
     let (_dir, server) = start(engine, &[]);
     let added = clients_cli(

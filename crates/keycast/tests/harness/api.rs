@@ -163,3 +163,36 @@ pub fn send_json(server: &Keycast, method: &str, path: &str, cookie: &str, body:
             .send(text.as_str()),
     )
 }
+
+/// A request to the admin API with `Authorization: Bearer <token>` (none if `token` is
+/// `None`) and an optional JSON body.
+pub fn admin(server: &Keycast, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
+    let url = format!("{}{path}", server.base);
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let agent = agent();
+    let result = match (method, body) {
+        ("POST", Some(body)) => {
+            let mut req = agent.post(&url).header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.send(body.to_string())
+        }
+        ("GET", _) => {
+            let mut req = agent.get(&url);
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
+        ("DELETE", _) => {
+            let mut req = agent.delete(&url);
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
+        other => panic!("unsupported {other:?}"),
+    };
+    reply(result)
+}
