@@ -8,6 +8,7 @@
 //! what a decision does) is `keycast-core`'s.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::Db;
 use crate::{AuthorizationId, RepoError, TokenHash, UserId};
 
@@ -203,8 +204,9 @@ pub async fn use_once(
         .bind(authorization)
         .bind(fingerprint)
         .bind(now)
-        .fetch_optional(pool)
+        .fetch_all(pool)
         .await?
+        .into_first()
     });
     Ok(spent.is_some())
 }

@@ -6,6 +6,7 @@
 //! caches that must hear about it live in `keycast-core`.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::{Db, EngineKind};
 
 use crate::{AuthorizationId, PolicyId, RepoError, TokenHash, UserId};
@@ -105,8 +106,9 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
             .bind(new.relays)
             .bind(now)
             .bind(new.terms)
-            .fetch_optional(pool)
-            .await?;
+            .fetch_all(pool)
+            .await?
+            .into_first();
         row.ok_or(RepoError::MissingReference)
     })
 }

@@ -17,6 +17,10 @@ pub enum RepoError {
     /// The operation exists on the other engine only (instance membership on SQLite).
     #[error("not available on this database engine: {0}")]
     Unsupported(&'static str),
+    /// The database's disk is full (SQLite `SQLITE_FULL`, PostgreSQL `disk_full`): the write
+    /// was not made. It works again once space is freed, without a restart.
+    #[error("the database's disk is full, so the write was not made: {0}")]
+    StorageFull(#[source] sqlx::Error),
     /// Any other database failure (with a hint when it is a pooler's doing, see
     /// [`pooler_hint`]).
     #[error("database error: {0}{hint}", hint = pooler_hint(.0))]
@@ -35,6 +39,10 @@ impl From<sqlx::Error> for RepoError {
             }
             if db.is_foreign_key_violation() {
                 return RepoError::MissingReference;
+            }
+            // SQLITE_FULL (13, no extended codes); PostgreSQL's SQLSTATE 53100.
+            if matches!(db.code().as_deref(), Some("13" | "53100")) {
+                return RepoError::StorageFull(err);
             }
         }
         RepoError::Database(err)

@@ -10,6 +10,7 @@
 //! another on every instance, those of different authorizations side by side.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::{AuthorizationId, Db, RepoError};
 
 /// What the database knows of one authorization's signatures when it is asked to admit one.
@@ -46,8 +47,9 @@ pub async fn admit<E>(
         )
         .bind(authz)
         .bind(UNSEEDED)
-        .fetch_one(&mut *tx)
-        .await?;
+        .fetch_all(&mut *tx)
+        .await?
+        .into_one()?;
         if total == UNSEEDED {
             // First met (or its terms changed): its earlier signatures count.
             total = sqlx::query_scalar(
@@ -55,8 +57,9 @@ pub async fn admit<E>(
                  AND method = 'sign_event' AND result IS NULL) WHERE authorization_id = $1 RETURNING total",
             )
             .bind(authz)
-            .fetch_one(&mut *tx)
-            .await?;
+            .fetch_all(&mut *tx)
+            .await?
+            .into_one()?;
             sqlx::query(
                 "INSERT INTO grant_signatures (authorization_id, signed_at) SELECT authorization_id, created_at \
                  FROM activity WHERE authorization_id = $1 AND method = 'sign_event' AND result IS NULL \

@@ -5,6 +5,7 @@
 //! and cannot encrypt or decrypt one.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::Db;
 
 use crate::{KeyId, RepoError, UserId};
@@ -123,8 +124,9 @@ pub async fn insert(db: &Db, new: &NewKey<'_>, now: i64) -> Result<StoredKey, Re
             .bind(new.encrypted_secret)
             .bind(new.origin.as_str())
             .bind(now)
-            .fetch_one(pool)
-            .await?;
+            .fetch_all(pool)
+            .await?
+            .into_one()?;
         row.try_into()
     })
 }

@@ -49,6 +49,7 @@ pub mod oauth;
 pub mod policies;
 pub mod pool;
 pub mod refresh;
+mod returning;
 #[cfg(test)]
 mod schema_parity;
 #[cfg(any(test, feature = "testing"))]

@@ -11,6 +11,7 @@
 //! requests on any number of instances are counted exactly.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::{Db, RepoError};
 
 /// What [`take`] decided.
@@ -46,8 +47,9 @@ pub async fn take(db: &Db, key: &str, burst: u32, interval_ms: i64, now_ms: i64)
             .bind(now_ms)
             .bind(interval_ms)
             .bind(tolerance)
-            .fetch_one(pool)
+            .fetch_all(pool)
             .await?
+            .into_one()?
     });
     Ok(if allowed == 1 {
         Attempt::Allowed
@@ -85,8 +87,9 @@ pub async fn add_failure(db: &Db, key: &str, now_ms: i64) -> Result<i64, RepoErr
         )
         .bind(key)
         .bind(now_ms)
-        .fetch_one(pool)
+        .fetch_all(pool)
         .await?
+        .into_one()?
     }))
 }
 

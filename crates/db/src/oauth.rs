@@ -7,6 +7,7 @@
 //! those checks has still been used up, as RFC 6749 §4.1.2 asks.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::Db;
 
 use crate::authz::AuthorizationRow;
@@ -87,7 +88,12 @@ pub async fn redeem_code(db: &Db, hash: &TokenHash, now: i64) -> Result<Option<O
             code_columns!(),
             ""
         );
-        Ok(sqlx::query_as(sql).bind(now).bind(hash).fetch_optional(pool).await?)
+        Ok(sqlx::query_as(sql)
+            .bind(now)
+            .bind(hash)
+            .fetch_all(pool)
+            .await?
+            .into_first())
     })
 }
 

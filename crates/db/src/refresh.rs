@@ -8,6 +8,7 @@
 //! failed spend means (reuse, expiry, revocation) is `keycast-core`'s job, from [`find`].
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::Db;
 use crate::{AuthorizationId, RepoError, TokenHash, UserId};
 
@@ -119,8 +120,9 @@ pub async fn rotate(
         .bind(old)
         .bind(next.refresh_hash)
         .bind(next.access_hash)
-        .fetch_optional(&mut *tx)
-        .await?;
+        .fetch_all(&mut *tx)
+        .await?
+        .into_first();
         let Some(authorization) = spent else {
             return Ok(None);
         };
@@ -169,8 +171,9 @@ pub async fn replace_unused_successor(
         .bind(old)
         .bind(superseded)
         .bind(spent_since)
-        .fetch_optional(&mut *tx)
-        .await?;
+        .fetch_all(&mut *tx)
+        .await?
+        .into_first();
         let Some(authorization) = authorization else {
             return Ok(None);
         };
@@ -207,8 +210,9 @@ pub async fn delete_access_token(db: &Db, hash: &TokenHash) -> Result<Option<Aut
         Ok(
             sqlx::query_scalar("DELETE FROM access_tokens WHERE token_hash = $1 RETURNING authorization_id")
                 .bind(hash)
-                .fetch_optional(pool)
-                .await?,
+                .fetch_all(pool)
+                .await?
+                .into_first(),
         )
     })
 }

@@ -2,6 +2,7 @@
 //! up by [`TokenHash`]: the raw cookie or mailed token never reaches the database.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::Db;
 
 use crate::{RepoError, TokenHash, UserId};
@@ -155,8 +156,9 @@ pub async fn redeem_user_token(
         .bind(now)
         .bind(hash)
         .bind(purpose.as_str())
-        .fetch_optional(pool)
-        .await?)
+        .fetch_all(pool)
+        .await?
+        .into_first())
     })
 }
 

@@ -4,6 +4,7 @@
 //! stored as given: callers normalise (trim, lowercase) before insert and lookup.
 
 use crate::pool::on_engine;
+use crate::returning::Returned;
 use crate::Db;
 
 use crate::{RepoError, UserId};
@@ -56,8 +57,9 @@ pub async fn insert(db: &Db, new: &NewUser<'_>, now: i64) -> Result<User, RepoEr
             .bind(new.password_hash)
             .bind(new.username)
             .bind(now)
-            .fetch_one(pool)
-            .await?)
+            .fetch_all(pool)
+            .await?
+            .into_one()?)
     })
 }
 

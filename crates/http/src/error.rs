@@ -125,7 +125,25 @@ pub async fn not_found(method: Method, uri: Uri, headers: HeaderMap) -> Response
 
 impl From<RepoError> for AppError {
     fn from(err: RepoError) -> Self {
+        if let RepoError::StorageFull(_) = &err {
+            tracing::error!(cause = %err, "the database's disk is full: writes fail until space is freed");
+            return AppError::Overloaded {
+                message: "keycast's database disk is full, so nothing was changed; retry later (the operator \
+                          is told in the server log)"
+                    .into(),
+                retry_after_secs: 30,
+            };
+        }
         AppError::internal(err)
+    }
+}
+
+impl From<keycast_core::InternalError> for AppError {
+    fn from(err: keycast_core::InternalError) -> Self {
+        match err {
+            keycast_core::InternalError::Repo(e) => e.into(),
+            other => AppError::internal(other),
+        }
     }
 }
 
@@ -138,7 +156,7 @@ impl From<AccountError> for AppError {
             AccountError::EmailNotVerified => AppError::Forbidden(err.to_string()),
             AccountError::Password(p) => p.into(),
             AccountError::Key(k) => k.into(),
-            AccountError::Internal(e) => AppError::internal(e),
+            AccountError::Internal(e) => e.into(),
         }
     }
 }
@@ -170,6 +188,7 @@ impl From<KeyError> for AppError {
             KeyError::KeyTaken | KeyError::AlreadyHasKey => AppError::Conflict(err.to_string()),
             KeyError::NoKey => AppError::NotFound(err.to_string()),
             KeyError::Busy(busy) => busy.into(),
+            KeyError::Repo(e) => e.into(),
             other => AppError::internal(other),
         }
     }

@@ -480,7 +480,7 @@ async fn revoke(
     state.ensure_writable().await?;
     keycast_core::refresh::revoke_token(&services.signer, &p.token)
         .await
-        .map_err(AppError::internal)?;
+        .map_err(AppError::from)?;
     state.confirm_write(true).await?;
     Ok(no_store(StatusCode::OK).into_response())
 }
@@ -571,7 +571,7 @@ impl From<OAuthError> for OAuthFailure {
     fn from(err: OAuthError) -> Self {
         let error = err.code();
         match err {
-            OAuthError::Internal(cause) => OAuthFailure::App(AppError::internal(cause)),
+            OAuthError::Internal(cause) => OAuthFailure::App(cause.into()),
             OAuthError::InvalidRequest { reason }
             | OAuthError::InvalidGrant { reason }
             | OAuthError::InvalidScope { reason }
