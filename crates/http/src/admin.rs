@@ -193,6 +193,6 @@ async fn delete_user(
     state.ensure_writable().await?;
     accounts::delete_account_as_operator(&services.signer, &id).await?;
     state.confirm_write(true).await?;
-    crate::auth::send_account_deleted_by_operator_notice(&state, &user);
+    crate::auth::send_account_deleted_notice(&state, &user, crate::auth::DeletedBy::Operator);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -384,35 +384,32 @@ pub(crate) fn send_password_changed_notice(state: &AppState, user: &User, ip: &s
     });
 }
 
-/// Tells the address that its account was deleted, and what it means if its owner did not
-/// do it.
-pub(crate) fn send_account_deleted_notice(state: &AppState, user: &User, ip: &str) {
-    let when = mail_time();
-    let body = format!(
-        "Hello,\n\nthe keycast account {email} was deleted at {when}, from the address {ip}, with its \
-         password. Its Nostr key is gone from keycast with it (unless you exported it, keycast can no longer \
-         sign as you), and every app it had authorized is disconnected.\n\nIf that was you, there is nothing \
-         to do. If it was not, someone knew your password: change it wherever else you use it.\n",
-        email = user.email,
-    );
-    state.send_mail(Mail {
-        to: user.email.clone(),
-        subject: "Your keycast account was deleted".into(),
-        body,
-        purpose: "account_deleted",
-        token: String::new(),
-        link: None,
-    });
+/// Who deleted an account, for the notice.
+pub(crate) enum DeletedBy<'a> {
+    /// The owner, with the password, from this client address.
+    Owner { ip: &'a str },
+    /// The operator, through the admin API.
+    Operator,
 }
 
-/// Tells the address that the operator deleted its account.
-pub(crate) fn send_account_deleted_by_operator_notice(state: &AppState, user: &User) {
+/// Tells the address that its account was deleted, and what it means if its owner did not
+/// ask for it.
+pub(crate) fn send_account_deleted_notice(state: &AppState, user: &User, by: DeletedBy<'_>) {
     let when = mail_time();
+    let (how, otherwise) = match by {
+        DeletedBy::Owner { ip } => (
+            format!("from the address {ip}, with its password"),
+            "If it was not, someone knew your password: change it wherever else you use it.",
+        ),
+        DeletedBy::Operator => (
+            "by the operator of this keycast service".to_owned(),
+            "If you did not ask for it, contact the operator of this service.",
+        ),
+    };
     let body = format!(
-        "Hello,\n\nthe keycast account {email} was deleted at {when} by the operator of this keycast service. \
-         Its Nostr key is gone from keycast with it (unless you exported it, keycast can no longer sign as you), \
-         and every app it had authorized is disconnected.\n\nIf you did not ask for this, contact the \
-         operator of this service.\n",
+        "Hello,\n\nthe keycast account {email} was deleted at {when}, {how}. Its Nostr key is gone from \
+         keycast with it (unless you exported it, keycast can no longer sign as you), and every app it had \
+         authorized is disconnected.\n\nIf that was you, there is nothing to do. {otherwise}\n",
         email = user.email,
     );
     state.send_mail(Mail {

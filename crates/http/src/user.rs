@@ -356,7 +356,7 @@ pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, pass
     state.ensure_writable().await?;
     keycast_core::accounts::delete_account(&services.signer, &proof).await?;
     state.confirm_write(true).await?;
-    crate::auth::send_account_deleted_notice(state, user, ip);
+    crate::auth::send_account_deleted_notice(state, user, crate::auth::DeletedBy::Owner { ip });
     Ok(())
 }
 
