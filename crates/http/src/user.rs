@@ -96,7 +96,10 @@ pub(crate) async fn revoke_authorization(state: &AppState, user: &UserId, id: St
         .signer
         .revoke(&AuthorizationId::new(id), user)
         .await
-        .map_err(AppError::internal)?;
+        .map_err(|err| match err {
+            keycast_core::SignError::Internal(cause) => cause.into(),
+            other => AppError::internal(other),
+        })?;
     if !revoked {
         return Err(AppError::NotFound("no such live authorization of yours".into()));
     }

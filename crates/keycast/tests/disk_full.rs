@@ -133,7 +133,13 @@ fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
     assert!(refused.retry_after.is_some(), "with Retry-After");
     assert_eq!(signs(&server, &access), 200, "signing only reads: it goes on");
 
-    // The revocation either fails or holds; it is never answered and then undone.
+    // The owner's revocation of the app fails whole, saying why.
+    let authorization = format!("/api/user/authorizations/{}", app["authorization_id"].as_str().unwrap());
+    let r = delete(&server, &authorization, &cookie);
+    assert_eq!(r.status, 503, "{}", r.body);
+
+    // The app's own revocation of its token either fails or holds; it is never answered
+    // and then undone.
     let revoked = revoke(&server, &access);
     disk.free();
     if revoked.status == 200 {
@@ -151,6 +157,7 @@ fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
     }
 
     // Space is back: writes work again without a restart.
+    assert_eq!(delete(&server, &authorization, &cookie).status, 204);
     let after = registration(&server, "after@example.com");
     assert_eq!(after.status, 201, "{}", after.body);
     acknowledged.push("after@example.com".to_owned());
