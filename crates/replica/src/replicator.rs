@@ -206,8 +206,11 @@ pub struct Status {
     /// Segments stored / checkpoints run since start.
     pub segments: u64,
     pub checkpoints: u64,
-    /// The last background verification, if one ran.
+    /// The last background verification that reached a verdict, if one ran.
     pub verification: Option<Verification>,
+    /// The last background verification that could not check the replica (the store or the
+    /// scratch disk failed it), since the last verdict.
+    pub verification_inconclusive: Option<Verification>,
 }
 
 /// The outcome of one background verification.
@@ -215,7 +218,8 @@ pub struct Status {
 pub struct Verification {
     /// The TXID restored and compared.
     pub txid: u64,
-    /// `None` when the restored replica matched the live database; the reason otherwise.
+    /// `None` when the restored replica matched the live database; the reason otherwise
+    /// (or why it could not be checked).
     pub error: Option<String>,
     /// When it finished.
     pub at: SystemTime,
@@ -601,6 +605,24 @@ impl Shared {
         }
     }
 
+    /// Records a verification's outcome. One that could not check the replica (see
+    /// [`crate::verify::VerifyError::is_inconclusive`]) is no verdict on it: it is logged as a
+    /// warning and counted, and `keycast_replica_verification_ok` keeps the last verdict.
+    fn record_verification_outcome(&self, txid: u64, result: Result<(), crate::verify::VerifyError>) {
+        match result {
+            Err(e) if e.is_inconclusive() => {
+                metrics::counter!("keycast_replica_verification_inconclusive_total").increment(1);
+                tracing::warn!(txid, error = %e, "could not verify the replica this time (it is not known to be wrong); the next verification tries again");
+                self.status.lock().expect("status lock").verification_inconclusive = Some(Verification {
+                    txid,
+                    error: Some(format!("could not check the replica: {e}")),
+                    at: SystemTime::now(),
+                });
+            }
+            other => self.record_verification(txid, other.err().map(|e| e.to_string())),
+        }
+    }
+
     fn record_verification(&self, txid: u64, error: Option<String>) {
         metrics::gauge!("keycast_replica_verification_ok").set(if error.is_none() { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_verification_txid").set(txid as f64);
@@ -610,7 +632,9 @@ impl Shared {
                 tracing::error!(txid, error = %e, "VERIFICATION FAILED: the replica does not restore to the live database")
             }
         }
-        self.status.lock().expect("status lock").verification = Some(Verification {
+        let mut status = self.status.lock().expect("status lock");
+        status.verification_inconclusive = None;
+        status.verification = Some(Verification {
             txid,
             error,
             at: SystemTime::now(),

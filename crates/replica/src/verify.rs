@@ -52,6 +52,23 @@ pub enum VerifyError {
     Io(#[from] std::io::Error),
 }
 
+impl VerifyError {
+    /// True when the replica could not be checked (the store failed a request, or the
+    /// scratch restore could not be written: a full disk), as opposed to checked and found
+    /// wrong. A missing object or one that does not decrypt is a verdict: the replica lacks
+    /// what it must hold (retention pruning one mid-restore is retried before it gets here).
+    pub fn is_inconclusive(&self) -> bool {
+        match self {
+            VerifyError::Io(_) | VerifyError::Restore(RestoreError::Io { .. }) => true,
+            VerifyError::Store(e) | VerifyError::Restore(RestoreError::Store(e)) => matches!(
+                e,
+                StoreError::Backend { .. } | StoreError::LocalDir { .. } | StoreError::Lock { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct ChecksumRecord {
     txid: u64,
@@ -224,4 +241,52 @@ async fn restore_and_sum(store: &Store, target: Target, scratch: &Path) -> Resul
         .await
         .map_err(std::io::Error::other)??;
     Ok((restored.txid, checksum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_failure_to_check_is_inconclusive() {
+        let disk_full = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let outage = || StoreError::Backend {
+            operation: "get",
+            key: "ltx/0/x.ltx".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: "connection reset".into(),
+            },
+        };
+        let missing = || StoreError::NotFound {
+            key: "ltx/0/x.ltx".into(),
+        };
+        for inconclusive in [
+            VerifyError::Io(disk_full()),
+            VerifyError::Restore(RestoreError::Io {
+                path: "verify.db".into(),
+                source: disk_full(),
+            }),
+            VerifyError::Store(outage()),
+            VerifyError::Restore(RestoreError::Store(outage())),
+        ] {
+            assert!(inconclusive.is_inconclusive(), "{inconclusive}");
+        }
+        for verdict in [
+            VerifyError::Mismatch {
+                txid: 3,
+                replica: 1,
+                expected: 2,
+            },
+            VerifyError::Restore(RestoreError::Store(missing())),
+            VerifyError::Restore(RestoreError::Gap {
+                after: 3,
+                next: 4,
+                found: "6".into(),
+            }),
+            VerifyError::Restore(RestoreError::Integrity("page 3 is never used".into())),
+        ] {
+            assert!(!verdict.is_inconclusive(), "{verdict}");
+        }
+    }
 }

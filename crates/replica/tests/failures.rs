@@ -293,6 +293,65 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
         .unwrap();
 }
 
+/// Polls `status` until `done` holds (up to 20 s).
+async fn until(replicator: &Replicator, what: &str, done: impl Fn(&keycast_replica::Status) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done(&replicator.status()) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}",
+            replicator.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A background verification that cannot read the store (an outage, a throttled bucket) did
+/// not check the replica: it is reported as inconclusive, not as a replica that fails to
+/// restore, which pages the operator (`KeycastReplicaVerificationFailed`). Once the store
+/// answers, the next verification passes.
+#[tokio::test]
+async fn a_verification_that_cannot_read_the_store_is_inconclusive_not_failed() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let faults = Faults::new();
+    let store = Store::in_memory().with_faults(&faults);
+    let options = ReplicaOptions {
+        verify_interval: Duration::from_millis(200),
+        ..ReplicaOptions::default()
+    };
+    let replicator = Replicator::start(&db, store.clone(), signal, "lineage-i", options)
+        .await
+        .unwrap();
+    faults.add(Rule::new(Op::Get, Action::Fail).key("ltx/"));
+    insert(&pool, "one").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    until(&replicator, "an inconclusive verification", |s| {
+        s.verification_inconclusive.is_some()
+    })
+    .await;
+    let status = replicator.status();
+    assert!(
+        status.verification.is_none(),
+        "recorded as a verdict: {:?}",
+        status.verification
+    );
+    let reason = status.verification_inconclusive.unwrap().error.unwrap_or_default();
+    assert!(reason.contains("could not"), "{reason}");
+
+    faults.clear();
+    insert(&pool, "two").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    until(&replicator, "a verification", |s| s.verification.is_some()).await;
+    let status = replicator.status();
+    assert_eq!(status.verification.as_ref().unwrap().error, None);
+    assert!(status.verification_inconclusive.is_none(), "a verdict replaces it");
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
 /// A store that answers every upload late while a writer commits back to back: the WAL still
 /// stays bounded — past twice the checkpoint threshold the replicator takes the write lock at
 /// once, which is what bounds it here; past the hold limit (12,000 frames) commits would also

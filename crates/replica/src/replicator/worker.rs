@@ -1104,7 +1104,7 @@ impl Worker {
         let (scratch, lineage) = (self.scratch(), self.lineage.clone());
         self.verifying = Some(tokio::spawn(async move {
             let result = crate::verify::verify_at(&store, txid, expected, &scratch, &lineage).await;
-            shared.record_verification(txid, result.err().map(|e| e.to_string()));
+            shared.record_verification_outcome(txid, result.map(|_| ()));
         }));
         Ok(())
     }
