@@ -37,7 +37,7 @@ impl From<ApprovalError> for AppError {
             ApprovalError::Expired => AppError::Gone(err.to_string()),
             ApprovalError::AlreadyDecided(_) => AppError::Conflict(err.to_string()),
             ApprovalError::KindNeedsSignEvent => AppError::BadRequest(err.to_string()),
-            ApprovalError::Internal(cause) => AppError::internal(cause),
+            ApprovalError::Internal(cause) => cause.into(),
         }
     }
 }

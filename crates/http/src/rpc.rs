@@ -19,7 +19,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use keycast_core::approval::Asker;
 use keycast_core::nostr::PublicKey;
-use keycast_core::{AuthError, Request, SignError};
+use keycast_core::{AuthError, InternalError, Request, SignError};
+use keycast_db::RepoError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -48,7 +49,9 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Va
     let token = bearer(headers).ok_or(RpcError::Unauthorized(
         "send the access token as Authorization: Bearer <token>".into(),
     ))?;
-    let (_, services) = state.api().map_err(|_| RpcError::Unavailable)?;
+    let (_, services) = state
+        .api()
+        .map_err(|_| RpcError::Unavailable("keycast is starting; retry in a moment".into()))?;
     let authz = services.signer.authorize_token(token).await?;
     let call: Call = serde_json::from_slice(body)
         .map_err(|e| RpcError::BadRequest(format!("the body must be JSON {{\"method\", \"params\"}}: {e}")))?;
@@ -99,7 +102,8 @@ enum RpcError {
         url: String,
         expires_at: i64,
     },
-    Unavailable,
+    /// 503 with a message saying why and when to retry.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -131,6 +135,12 @@ impl From<SignError> for RpcError {
             }
             SignError::BadRequest { reason } => RpcError::BadRequest(reason),
             SignError::NoKey => RpcError::Internal("authorization without a user key".into()),
+            SignError::Internal(InternalError::Repo(cause @ RepoError::StorageFull(_))) => {
+                tracing::error!(%cause, "the database's disk is full: writes fail until space is freed");
+                RpcError::Unavailable(
+                    "keycast's database disk is full, so this request could not be recorded; retry later".into(),
+                )
+            }
             SignError::Internal(cause) => RpcError::Internal(cause.to_string()),
         }
     }
@@ -156,11 +166,7 @@ impl IntoResponse for RpcError {
                 });
                 return (StatusCode::FORBIDDEN, Json(body)).into_response();
             }
-            RpcError::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "keycast is starting; retry in a moment".to_owned(),
-            ),
+            RpcError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             RpcError::Internal(cause) => {
                 tracing::error!(%cause, "rpc internal error");
                 (
@@ -171,5 +177,24 @@ impl IntoResponse for RpcError {
             }
         };
         (status, Json(json!({ "error": message, "code": code }))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On PostgreSQL a grant with limits counts each signature in the database: with its
+    /// disk full, the signature is refused with a 503 that says why, not a 500.
+    #[test]
+    fn a_full_database_disk_is_a_503_that_says_so() {
+        let full = RepoError::StorageFull(sqlx::Error::Protocol(
+            "could not extend file: No space left on device".into(),
+        ));
+        let response = RpcError::from(SignError::Internal(InternalError::Repo(full))).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let other = RepoError::Database(sqlx::Error::PoolTimedOut);
+        let response = RpcError::from(SignError::Internal(InternalError::Repo(other))).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use harness::api::*;
-use harness::flow::{grant, register};
+use harness::flow::{approve_with, authorize_query, grant, pkce, register, token_request};
 use harness::{CommandExt as _, Launch};
 use serde_json::json;
 
@@ -107,6 +107,13 @@ fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
     let app = grant(&server, &cookie, "policy:social");
     let access = app["access_token"].as_str().unwrap().to_owned();
     assert_eq!(signs(&server, &access), 200);
+    // A grant with limits: its count lives in memory on SQLite, so it signs on too.
+    let (challenge, verifier) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let code = approve_with(&server, &cookie, &query, &[("per_day", "100")]);
+    let limited = token_request(&server, &code, &verifier, REDIRECT).json();
+    let counted = limited["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(signs(&server, &counted), 200);
 
     disk.fill();
     let mut acknowledged = vec!["alice@example.com".to_owned()];
@@ -132,6 +139,11 @@ fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
     );
     assert!(refused.retry_after.is_some(), "with Retry-After");
     assert_eq!(signs(&server, &access), 200, "signing only reads: it goes on");
+    assert_eq!(
+        signs(&server, &counted),
+        200,
+        "a grant's count is kept in memory on SQLite"
+    );
 
     // The owner's revocation of the app fails whole, saying why.
     let authorization = format!("/api/user/authorizations/{}", app["authorization_id"].as_str().unwrap());
