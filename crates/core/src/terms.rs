@@ -158,15 +158,76 @@ fn rfc3339(at: i64) -> String {
 #[derive(Debug, Default)]
 struct Usage {
     total: u64,
-    /// Times of the signatures of the last day, oldest first.
-    recent: VecDeque<i64>,
+    recent: Recent,
 }
 
 const DAY: i64 = 86_400;
 
-/// Whether one more signature fits `limits`, given `total` signatures so far and the times
-/// of those of the last day (`recent`, oldest first).
-fn decide(limits: &Limits, total: u64, recent: &[i64], now: i64) -> Result<(), SignError> {
+/// A grant's recent signatures, one entry per second however many were made in it, each
+/// entry with the running count up to it. Memory is bounded by the seconds in the longest
+/// window (a day: 86,400 entries) rather than by how fast an app signs, and a window's count
+/// is a binary search rather than a scan of every signature.
+#[derive(Debug, Default)]
+pub(crate) struct Recent {
+    /// `(second, signatures counted up to and including it)`, oldest first.
+    seconds: VecDeque<(i64, u64)>,
+    /// The running count of the entries already let go.
+    before: u64,
+}
+
+impl Recent {
+    /// From `(second, signatures in it)`, oldest first.
+    pub(crate) fn from_counts(counts: impl IntoIterator<Item = (i64, i64)>) -> Recent {
+        let mut recent = Recent::default();
+        for (at, n) in counts {
+            recent.add(at, u64::try_from(n).unwrap_or(0));
+        }
+        recent
+    }
+
+    fn last(&self) -> u64 {
+        self.seconds.back().map_or(self.before, |e| e.1)
+    }
+
+    /// Counts `n` signatures at `at`. A clock that steps back counts them in the newest
+    /// second, so the entries stay in order.
+    fn add(&mut self, at: i64, n: u64) {
+        let count = self.last() + n;
+        match self.seconds.back_mut() {
+            Some(newest) if at <= newest.0 => newest.1 = count,
+            _ => self.seconds.push_back((at, count)),
+        }
+    }
+
+    /// Lets go of the seconds at or before `cutoff`.
+    fn forget_up_to(&mut self, cutoff: i64) {
+        while let Some(&(at, count)) = self.seconds.front() {
+            if at > cutoff {
+                break;
+            }
+            self.before = count;
+            self.seconds.pop_front();
+        }
+    }
+
+    /// How many signatures were made after `since`, and when the oldest of them was.
+    fn after(&self, since: i64) -> (u64, Option<i64>) {
+        let first = self.seconds.partition_point(|e| e.0 <= since);
+        let before = first.checked_sub(1).map_or(self.before, |i| self.seconds[i].1);
+        (self.last() - before, self.seconds.get(first).map(|e| e.0))
+    }
+}
+
+/// The longest window `limits` has a rate for: how far back the meter must remember.
+fn longest_window(limits: &Limits) -> Option<i64> {
+    [(limits.per_day, DAY), (limits.per_hour, 3600), (limits.per_minute, 60)]
+        .into_iter()
+        .find_map(|(limit, window)| limit.map(|_| window))
+}
+
+/// Whether one more signature fits `limits`, given `total` signatures so far and the
+/// `recent` ones.
+fn decide(limits: &Limits, total: u64, recent: &Recent, now: i64) -> Result<(), SignError> {
     if let Some(max) = limits.max_signatures {
         if total >= max {
             return Err(SignError::GrantRefused {
@@ -183,10 +244,10 @@ fn decide(limits: &Limits, total: u64, recent: &[i64], now: i64) -> Result<(), S
         (limits.per_day, DAY, "day"),
     ] {
         let Some(limit) = limit else { continue };
-        let in_window: Vec<i64> = recent.iter().copied().filter(|t| *t > now - window).collect();
-        if in_window.len() >= limit as usize {
+        let (in_window, oldest) = recent.after(now - window);
+        if in_window >= u64::from(limit) {
             // The oldest signature in the window leaves it first.
-            let retry = in_window.first().map_or(window, |oldest| oldest + window - now).max(1);
+            let retry = oldest.map_or(window, |oldest| oldest + window - now).max(1);
             return Err(SignError::GrantRefused {
                 code: "grant_rate_limited",
                 reason: format!(
@@ -216,7 +277,8 @@ impl UsageMeter {
         }
         if db.kind() == EngineKind::Postgres {
             return grant_usage::admit(db, authz, now, DAY, |usage| {
-                decide(limits, u64::try_from(usage.total).unwrap_or(0), &usage.recent, now)
+                let recent = Recent::from_counts(usage.recent.iter().copied());
+                decide(limits, u64::try_from(usage.total).unwrap_or(0), &recent, now)
             })
             .await?;
         }
@@ -225,17 +287,18 @@ impl UsageMeter {
             let (total, recent) = activity_repo::signatures(db, authz, now - DAY).await?;
             self.lock().entry(authz.clone()).or_insert_with(|| Usage {
                 total: u64::try_from(total).unwrap_or(0),
-                recent: recent.into(),
+                recent: Recent::from_counts(recent),
             });
         }
         let mut usage = self.lock();
         let usage = usage.entry(authz.clone()).or_default();
-        while usage.recent.front().is_some_and(|t| *t <= now - DAY) {
-            usage.recent.pop_front();
-        }
-        decide(limits, usage.total, usage.recent.make_contiguous(), now)?;
+        let remember = longest_window(limits);
+        usage.recent.forget_up_to(now - remember.unwrap_or(0));
+        decide(limits, usage.total, &usage.recent, now)?;
         usage.total += 1;
-        usage.recent.push_back(now);
+        if remember.is_some() {
+            usage.recent.add(now, 1);
+        }
         Ok(())
     }
 
@@ -316,5 +379,118 @@ mod tests {
         let err = meter.admit(db, &id, &limits, 1300).await.unwrap_err();
         assert!(err.to_string().contains("5 signatures are used up"), "{err}");
         meter.admit(db, &id, &Limits::default(), 1300).await.unwrap();
+    }
+
+    #[test]
+    fn recent_signatures_count_per_window_in_one_entry_per_second() {
+        let mut recent = Recent::from_counts([(100, 2), (130, 1)]);
+        for at in [150, 150, 150, 149] {
+            recent.add(at, 1); // 149: a clock stepping back counts in the newest second
+        }
+        assert_eq!(recent.seconds.len(), 3);
+        assert_eq!(recent.after(99), (7, Some(100)));
+        assert_eq!(recent.after(100), (5, Some(130)));
+        assert_eq!(recent.after(150), (0, None));
+        recent.forget_up_to(129);
+        assert_eq!(recent.after(0), (5, Some(130)), "forgotten seconds no longer count");
+        assert_eq!(recent.after(130), (4, Some(150)));
+    }
+
+    /// A grant with limits signing fast all day (here 3 a second for a day): the meter
+    /// remembers one entry per second of its longest window, never one per signature, and
+    /// still counts the windows exactly.
+    #[tokio::test]
+    async fn a_busy_limited_grant_is_remembered_per_second_and_counted_exactly() {
+        let fx = crate::testing::fixture().await;
+        let db = fx.pool();
+        let meter = UsageMeter::default();
+        let id = AuthorizationId::generate();
+        let limits = Limits {
+            per_minute: Some(180),
+            per_day: Some(259_200),
+            ..Limits::default()
+        };
+        let start = 1_000_000;
+        for second in 0..DAY {
+            for _ in 0..3 {
+                meter.admit(db, &id, &limits, start + second).await.unwrap();
+            }
+        }
+        {
+            let usage = meter.lock();
+            let usage = &usage[&id];
+            assert_eq!(usage.total, 259_200);
+            assert_eq!(
+                usage.recent.seconds.len(),
+                86_400,
+                "one entry per second, not per signature"
+            );
+        }
+        let last = start + DAY - 1;
+        let err = meter.admit(db, &id, &limits, last).await.unwrap_err().to_string();
+        assert!(
+            err.contains("180 signatures per minute") && err.contains("retry in 1 s"),
+            "{err}"
+        );
+        // A second later three of the minute's and three of the day's have left their windows.
+        for _ in 0..3 {
+            meter.admit(db, &id, &limits, last + 1).await.unwrap();
+        }
+        let err = meter.admit(db, &id, &limits, last + 1).await.unwrap_err().to_string();
+        assert!(err.contains("signatures per"), "{err}");
+        assert_eq!(meter.lock()[&id].recent.seconds.len(), 86_400);
+    }
+
+    /// The cost of one admission as a limited grant's day fills up: `bench/meter.sh` runs
+    /// it in release and prints one JSON line per size (`KEYCAST_METER_SIZES`, signatures
+    /// already counted, 10 a second).
+    #[tokio::test]
+    #[ignore = "a benchmark: bench/meter.sh"]
+    async fn meter_admission_cost() {
+        let fx = crate::testing::fixture().await;
+        let db = fx.pool();
+        let limits = Limits {
+            per_day: Some(u32::MAX),
+            ..Limits::default()
+        };
+        let sizes = std::env::var("KEYCAST_METER_SIZES").unwrap_or_else(|_| "10000 100000 864000".into());
+        for size in sizes.split_whitespace().map(|s| s.parse::<i64>().unwrap()) {
+            let (meter, id, start) = (UsageMeter::default(), AuthorizationId::generate(), 1_000_000);
+            for i in 0..size {
+                meter.admit(db, &id, &limits, start + i / 10).await.unwrap();
+            }
+            let (probes, now) = (1000, start + size / 10);
+            let began = std::time::Instant::now();
+            for _ in 0..probes {
+                meter.admit(db, &id, &limits, now).await.unwrap();
+            }
+            let per = began.elapsed() / probes;
+            let entries = meter.lock()[&id].recent.seconds.len();
+            println!(
+                "{}",
+                serde_json::json!({"bench": "meter", "counted": size, "admit_ns": per.as_nanos() as u64, "entries": entries})
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_longest_window_with_a_rate_is_remembered() {
+        let minute = Limits {
+            per_minute: Some(1),
+            ..Limits::default()
+        };
+        let total = Limits {
+            max_signatures: Some(10),
+            ..Limits::default()
+        };
+        let all = Limits {
+            per_minute: Some(1),
+            per_hour: Some(2),
+            per_day: Some(3),
+            ..Limits::default()
+        };
+        assert_eq!(longest_window(&minute), Some(60));
+        assert_eq!(longest_window(&total), None);
+        assert_eq!(longest_window(&all), Some(DAY));
     }
 }

@@ -188,12 +188,13 @@ pub async fn list_for_authorization(
     })
 }
 
-/// An authorization's signatures (`sign_event` records): how many in all, and the times of
-/// those at or after `since` (oldest first), for the usage limits of its grant.
+/// An authorization's signatures (`sign_event` records): how many in all, and how many in
+/// each second at or after `since` (`(second, count)`, oldest first: one row per second
+/// however fast the app signs), for the usage limits of its grant.
 ///
 /// # Errors
 /// Database errors.
-pub async fn signatures(db: &Db, authz: &AuthorizationId, since: i64) -> Result<(i64, Vec<i64>), RepoError> {
+pub async fn signatures(db: &Db, authz: &AuthorizationId, since: i64) -> Result<(i64, Vec<(i64, i64)>), RepoError> {
     on_engine!(db, |pool| {
         let total: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM activity WHERE authorization_id = $1 AND method = 'sign_event' AND result IS NULL",
@@ -201,9 +202,9 @@ pub async fn signatures(db: &Db, authz: &AuthorizationId, since: i64) -> Result<
         .bind(authz)
         .fetch_one(pool)
         .await?;
-        let recent: Vec<i64> = sqlx::query_scalar(
-            "SELECT created_at FROM activity WHERE authorization_id = $1 AND method = 'sign_event' \
-             AND result IS NULL AND created_at >= $2 ORDER BY created_at",
+        let recent: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT created_at, COUNT(*) FROM activity WHERE authorization_id = $1 AND method = 'sign_event' \
+             AND result IS NULL AND created_at >= $2 GROUP BY created_at ORDER BY created_at",
         )
         .bind(authz)
         .bind(since)

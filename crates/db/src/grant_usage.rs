@@ -18,8 +18,8 @@ use crate::{AuthorizationId, Db, RepoError};
 pub struct Usage {
     /// Signatures in all (seeded from `activity` when the row was made).
     pub total: i64,
-    /// Times (unix seconds) of those after `now − window`, oldest first.
-    pub recent: Vec<i64>,
+    /// Those after `now − window`, per second: `(unix second, count)`, oldest first.
+    pub recent: Vec<(i64, i64)>,
 }
 
 /// A made row holds this total until it is seeded (in the same transaction).
@@ -76,11 +76,13 @@ pub async fn admit<E>(
                 .execute(&mut *tx)
                 .await?;
         }
-        let recent: Vec<i64> =
-            sqlx::query_scalar("SELECT signed_at FROM grant_signatures WHERE authorization_id = $1 ORDER BY signed_at")
-                .bind(authz)
-                .fetch_all(&mut *tx)
-                .await?;
+        let recent: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT signed_at, COUNT(*) FROM grant_signatures WHERE authorization_id = $1 \
+             GROUP BY signed_at ORDER BY signed_at",
+        )
+        .bind(authz)
+        .fetch_all(&mut *tx)
+        .await?;
         let decision = decide(&Usage { total, recent });
         if decision.is_ok() {
             sqlx::query("UPDATE grant_usage SET total = total + 1 WHERE authorization_id = $1")
@@ -124,7 +126,7 @@ mod tests {
         admit(db, authz, now, 60, |u: &Usage| {
             if u.total >= max {
                 Err(format!("exhausted at {}", u.total))
-            } else if u.recent.len() >= 2 {
+            } else if u.recent.iter().map(|(_, n)| n).sum::<i64>() >= 2 {
                 Err(format!("rate: {:?}", u.recent))
             } else {
                 Ok(())
@@ -152,7 +154,10 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(take(&db, &authz, 1000, 5).await, Ok(()), "{:?}", db.kind());
-            assert_eq!(take(&db, &authz, 1001, 5).await.unwrap_err(), "rate: [950, 1000]");
+            assert_eq!(
+                take(&db, &authz, 1001, 5).await.unwrap_err(),
+                "rate: [(950, 1), (1000, 1)]"
+            );
             assert_eq!(take(&db, &authz, 1011, 5).await, Ok(()), "950 left the window");
             assert_eq!(take(&db, &authz, 1100, 5).await, Ok(()));
             assert_eq!(take(&db, &authz, 1200, 5).await.unwrap_err(), "exhausted at 5");
@@ -160,7 +165,10 @@ mod tests {
             forget(&db, &authz).await.unwrap();
             assert_eq!(take(&db, &authz, 1200, 5).await, Ok(()));
             assert_eq!(take(&db, &authz, 1201, 5).await, Ok(()));
-            assert_eq!(take(&db, &authz, 1202, 5).await.unwrap_err(), "rate: [1200, 1201]");
+            assert_eq!(
+                take(&db, &authz, 1202, 5).await.unwrap_err(),
+                "rate: [(1200, 1), (1201, 1)]"
+            );
         }
     }
 }

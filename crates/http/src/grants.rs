@@ -201,7 +201,13 @@ pub(crate) async fn load_grant(state: &AppState, user: &UserId, id: &str) -> Res
     let terms = GrantTerms::from_json(row.terms.as_deref()).map_err(AppError::internal)?;
     let now = now_unix();
     let (total, times) = activity::signatures(db, &id, now - 86_400).await?;
-    let within = |secs: i64| times.iter().filter(|t| **t > now - secs).count() as i64;
+    let within = |secs: i64| {
+        times
+            .iter()
+            .filter(|(t, _)| *t > now - secs)
+            .map(|(_, n)| n)
+            .sum::<i64>()
+    };
     let recent = activity::list_for_authorization(db, &id, RECENT_ACTIVITY).await?;
     Ok(GrantView {
         usage: [total, within(60), within(3600), within(86_400)],
