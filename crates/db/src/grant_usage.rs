@@ -1,4 +1,5 @@
-//! A limited grant's signatures counted in the database (`grant_usage`, `grant_signatures`),
+//! A limited grant's signatures counted in the database (`grant_usage`, and `grant_seconds`:
+//! the last day's signatures per second, at most 86,400 rows a grant however fast it signs),
 //! so that every instance on one PostgreSQL server admits against the same count: a limit
 //! each instance counted alone would be exceeded up to N-fold. One instance on SQLite
 //! counts in memory instead (`keycast-core`'s `terms` module) — a write per signature would
@@ -61,24 +62,23 @@ pub async fn admit<E>(
             .await?
             .into_one()?;
             sqlx::query(
-                "INSERT INTO grant_signatures (authorization_id, signed_at) SELECT authorization_id, created_at \
-                 FROM activity WHERE authorization_id = $1 AND method = 'sign_event' AND result IS NULL \
-                 AND created_at > $2",
+                "INSERT INTO grant_seconds (authorization_id, signed_at, signatures) \
+                 SELECT authorization_id, created_at, COUNT(*) FROM activity WHERE authorization_id = $1 \
+                 AND method = 'sign_event' AND result IS NULL AND created_at > $2 GROUP BY authorization_id, created_at",
             )
             .bind(authz)
             .bind(since)
             .execute(&mut *tx)
             .await?;
         } else {
-            sqlx::query("DELETE FROM grant_signatures WHERE authorization_id = $1 AND signed_at <= $2")
+            sqlx::query("DELETE FROM grant_seconds WHERE authorization_id = $1 AND signed_at <= $2")
                 .bind(authz)
                 .bind(since)
                 .execute(&mut *tx)
                 .await?;
         }
         let recent: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT signed_at, COUNT(*) FROM grant_signatures WHERE authorization_id = $1 \
-             GROUP BY signed_at ORDER BY signed_at",
+            "SELECT signed_at, signatures FROM grant_seconds WHERE authorization_id = $1 ORDER BY signed_at",
         )
         .bind(authz)
         .fetch_all(&mut *tx)
@@ -89,11 +89,14 @@ pub async fn admit<E>(
                 .bind(authz)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("INSERT INTO grant_signatures (authorization_id, signed_at) VALUES ($1, $2)")
-                .bind(authz)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO grant_seconds (authorization_id, signed_at, signatures) VALUES ($1, $2, 1) \
+                 ON CONFLICT (authorization_id, signed_at) DO UPDATE SET signatures = grant_seconds.signatures + 1",
+            )
+            .bind(authz)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(decision)
@@ -168,6 +171,42 @@ mod tests {
             assert_eq!(
                 take(&db, &authz, 1202, 5).await.unwrap_err(),
                 "rate: [(1200, 1), (1201, 1)]"
+            );
+        }
+    }
+
+    /// However fast a grant signs, one row per second is kept and read back.
+    #[tokio::test]
+    async fn signatures_of_one_second_are_one_row_on_every_engine() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "u@example.com").await;
+            let authz = test_authorization(&db, &user, "b1").await.id;
+            for _ in 0..50 {
+                admit(&db, &authz, 1000, 60, |_: &Usage| Ok::<(), ()>(()))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+            admit(&db, &authz, 1001, 60, |_: &Usage| Ok::<(), ()>(()))
+                .await
+                .unwrap()
+                .unwrap();
+            let mut seen = None;
+            admit(&db, &authz, 1002, 60, |u: &Usage| {
+                seen = Some(u.clone());
+                Err(())
+            })
+            .await
+            .unwrap()
+            .unwrap_err();
+            assert_eq!(
+                seen,
+                Some(Usage {
+                    total: 51,
+                    recent: vec![(1000, 50), (1001, 1)]
+                }),
+                "{:?}",
+                db.kind()
             );
         }
     }
