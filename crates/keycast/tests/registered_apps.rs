@@ -236,6 +236,53 @@ fn an_app_registered_from_the_shell_while_serving_survives_a_redeploy() {
     assert!(page.body.contains("<strong>Nostrudel</strong>") && page.body.contains("Verified app"));
 }
 
+/// A second process on the live database — `keycast clients add`, or an operator's
+/// `sqlite3` — closes its connection believing it is alone unless the service still holds
+/// SQLite's locks; it then checkpoints and deletes the WAL under the service, which goes on
+/// committing into the unlinked file. The service's locks are POSIX advisory locks, which
+/// the process loses whenever any descriptor of the file is closed: the replicator must
+/// never open and close the database file on its own.
+#[test]
+fn the_shell_on_the_live_database_leaves_the_services_wal_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Launch::new(&data).redeployable(&dir.path().join("replica")).start();
+    let db = data.join("keycast.db");
+    let emails = ["a@example.com", "b@example.com", "c@example.com"];
+    register(&server, emails[0], None);
+    for (round, email) in emails[1..].iter().enumerate() {
+        let name = format!("App {round}");
+        let added = clients_cli(&server, &["add", "--name", &name, "--redirect-uri", APP_REDIRECT]);
+        assert!(added.status.success(), "clients add while serving: {}", added.stderr);
+        // An operator's query through the sqlite3 shell, a write.
+        harness::sqlite_exec(&db, "UPDATE users SET updated_at = updated_at + 1");
+        register(&server, email, None);
+        assert!(
+            std::fs::exists(data.join("keycast.db-wal")).unwrap(),
+            "the WAL of the running service was deleted under it"
+        );
+        let seen = harness::sqlite_query(&db, "SELECT COUNT(*) FROM users");
+        assert_eq!(
+            seen,
+            (round + 2).to_string(),
+            "another reader sees every account the service made"
+        );
+    }
+    server.stop();
+    let again = Launch::new(&data).redeployable(&dir.path().join("replica")).start();
+    for email in emails {
+        login_cookie(&again, email);
+    }
+    let listed = clients_cli(&again, &["list", "--json"]);
+    assert!(
+        listed.stdout.contains("App 0") && listed.stdout.contains("App 1"),
+        "{}",
+        listed.stdout
+    );
+    again.stop();
+    assert_eq!(harness::sqlite_query(&db, "PRAGMA integrity_check"), "ok");
+}
+
 fn login_cookie(server: &Keycast, email: &str) -> String {
     let r = post_json(
         server,

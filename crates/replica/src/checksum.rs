@@ -138,7 +138,24 @@ pub fn database_checksum<R: Read>(mut reader: R, page_size: u32) -> io::Result<u
 /// # Errors
 /// As [`database_checksum`], plus any error opening the file.
 pub fn database_checksum_path(path: &Path, page_size: u32) -> io::Result<u64> {
-    database_checksum(io::BufReader::new(File::open(path)?), page_size)
+    // Through the process's one descriptor of the file (see `crate::db_file`), read by
+    // position so that no other reader's offset moves.
+    let file = crate::db_file::open(path)?;
+    database_checksum(io::BufReader::new(Positioned { file: &file, at: 0 }), page_size)
+}
+
+/// Reads a shared file from its own position (`pread`).
+struct Positioned<'a> {
+    file: &'a File,
+    at: u64,
+}
+
+impl Read for Positioned<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 /// Fills `page` from `reader`. Returns `false` at a clean end of input.

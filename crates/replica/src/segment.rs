@@ -90,7 +90,7 @@ pub fn wal_path(db: &Path) -> PathBuf {
 /// I/O errors; [`SegmentError::NotADatabase`] for a file without a SQLite header.
 pub fn page_size_of(db: &Path) -> Result<u32, SegmentError> {
     let mut header = [0u8; 100];
-    let file = File::open(db).map_err(|source| SegmentError::Io {
+    let file = crate::db_file::open(db).map_err(|source| SegmentError::Io {
         path: db.to_owned(),
         source,
     })?;
@@ -208,14 +208,15 @@ fn finish_body(encoder: Encoder<SpillWriter>) -> Result<Body, SegmentError> {
 /// Where pages are read from: the WAL (a frame found by [`wal::index_committed_limit`]) or
 /// the database file.
 struct PageSource {
-    db: File,
+    /// Never closed: see [`crate::db_file`].
+    db: std::sync::Arc<File>,
     db_path: PathBuf,
     wal: Option<(File, WalHeader)>,
 }
 
 impl PageSource {
     fn open(db: &Path, wal: Option<(File, WalHeader)>) -> Result<PageSource, SegmentError> {
-        let file = File::open(db).map_err(|source| SegmentError::Io {
+        let file = crate::db_file::open(db).map_err(|source| SegmentError::Io {
             path: db.to_owned(),
             source,
         })?;
