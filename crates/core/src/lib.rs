@@ -24,6 +24,7 @@
 //! - [`grants`]: custom policies, and the owner's edits of an app's grant.
 //! - [`signer`]: [`Signer`] — resolve a credential, `execute` a request, caches with
 //!   explicit invalidation, buffered activity.
+//! - [`housekeeping`]: removing sessions, tokens and codes whose time is over.
 //! - [`cluster`]: many instances on PostgreSQL — change notices between them (so a
 //!   revocation anywhere is refused everywhere on the next request) and which instance
 //!   answers each NIP-46 request.
@@ -43,6 +44,7 @@ pub mod durability;
 mod error;
 pub mod grants;
 pub mod hashing_queue;
+pub mod housekeeping;
 pub mod key_manager;
 pub mod keys;
 pub mod nostrconnect;

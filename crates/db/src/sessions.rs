@@ -181,6 +181,20 @@ pub async fn use_up_user_tokens(db: &Db, user: &UserId, purpose: TokenPurpose, n
     })
 }
 
+/// Removes mailed single-use tokens expired at `now`, used or not. Returns how many.
+///
+/// # Errors
+/// Database errors.
+pub async fn delete_expired_user_tokens(db: &Db, now: i64) -> Result<u64, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM user_tokens WHERE expires_at <= $1")
+            .bind(now)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected())
+    })
+}
+
 /// The user a single-use token belongs to if it would redeem now (known, of `purpose`,
 /// unused, unexpired), without using it.
 ///

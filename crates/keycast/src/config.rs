@@ -376,6 +376,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "milliseconds between writes of the buffered signing activity (10 to 60000): each write is one commit and one replica upload; a crash loses at most this much activity",
     },
     Setting {
+        key: "sweep_interval_secs",
+        env: "KEYCAST_SWEEP_INTERVAL_SECS",
+        default: "3600",
+        help: "seconds between removals of expired sessions, mailed tokens, OAuth codes and access tokens, and of refresh tokens 30 days past their expiry (1 to 86400)",
+    },
+    Setting {
         key: "allow_network_filesystem",
         env: "KEYCAST_ALLOW_NETWORK_FILESYSTEM",
         default: "false",
@@ -485,6 +491,8 @@ pub struct Config {
     pub allow_network_filesystem: bool,
     /// How often buffered signing activity is written (`KEYCAST_ACTIVITY_FLUSH_MS`).
     pub activity_flush: Duration,
+    /// How often expired sessions, tokens and codes are removed (`KEYCAST_SWEEP_INTERVAL_SECS`).
+    pub sweep_interval: Duration,
 }
 
 /// Which database keycast runs on.
@@ -833,6 +841,12 @@ impl Sources {
                     _ => Err("expected milliseconds from 10 to 60000".into()),
                 })?
                 .unwrap_or(Duration::from_secs(1)),
+            sweep_interval: self
+                .get("sweep_interval_secs", |v| match v.parse::<u64>() {
+                    Ok(secs) if (1..=86_400).contains(&secs) => Ok(Duration::from_secs(secs)),
+                    _ => Err("expected seconds from 1 to 86400".into()),
+                })?
+                .unwrap_or(Duration::from_secs(3600)),
             data_dir,
         })
     }
@@ -1648,6 +1662,23 @@ mod tests {
         std::fs::write(&file, "prot = 1\n").unwrap();
         let err = Sources::default().with_file(&file).unwrap_err().to_string();
         assert!(err.contains("unknown setting `prot`"), "{err}");
+    }
+
+    #[test]
+    fn expired_rows_are_swept_hourly_by_default_and_the_interval_is_bounded() {
+        assert_eq!(
+            Sources::default().build().unwrap().sweep_interval,
+            Duration::from_secs(3600)
+        );
+        let config = env(&[("KEYCAST_SWEEP_INTERVAL_SECS", "60")]).build().unwrap();
+        assert_eq!(config.sweep_interval, Duration::from_secs(60));
+        for bad in ["0", "86401", "1h"] {
+            let err = env(&[("KEYCAST_SWEEP_INTERVAL_SECS", bad)])
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("KEYCAST_SWEEP_INTERVAL_SECS={bad}")), "{err}");
+        }
     }
 
     #[test]

@@ -246,7 +246,7 @@ struct Running {
 }
 
 /// Builds the domain services over the open database: the master key (checked against
-/// the stored keys), the password hasher and the signer, and starts the activity flusher.
+/// the stored keys), the password hasher and the signer, and starts the background writes.
 async fn services(
     config: &Config,
     db: &Db,
@@ -265,7 +265,13 @@ async fn services(
         ..SignerOptions::default()
     };
     let signer = Arc::new(Signer::new(db.clone(), km.clone(), options));
-    let flusher = tokio::spawn(flush_activity(signer.clone(), replica, config.activity_flush));
+    let flusher = tokio::spawn(background_writes(
+        signer.clone(),
+        db.clone(),
+        replica,
+        config.activity_flush,
+        config.sweep_interval,
+    ));
     Ok((
         Services {
             signer,
@@ -277,13 +283,24 @@ async fn services(
     ))
 }
 
-/// Flushes the signer's activity buffer every `every` (`KEYCAST_ACTIVITY_FLUSH_MS`, a second
-/// by default), forever (aborted at shutdown, which then flushes once more). Each flush with
-/// records is one commit, hence one upload to the replica: the interval trades the records'
-/// loss window for object-store requests.
-async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
+/// The writes no request makes, forever (aborted at shutdown, which then flushes once
+/// more), and only while this instance may write:
+/// - flushes the signer's activity buffer every `flush_every` (`KEYCAST_ACTIVITY_FLUSH_MS`,
+///   a second by default). Each flush with records is one commit, hence one upload to the
+///   replica: the interval trades the records' loss window for object-store requests;
+/// - removes expired sessions, tokens and codes every `sweep_every`
+///   (`KEYCAST_SWEEP_INTERVAL_SECS`, an hour), so the database does not grow by every login
+///   and token refresh for good.
+async fn background_writes(
+    signer: Arc<Signer>,
+    db: Db,
+    replica: Option<Monitor>,
+    flush_every: Duration,
+    sweep_every: Duration,
+) {
+    let mut tick = tokio::time::interval(flush_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep: Option<std::time::Instant> = None;
     loop {
         tick.tick().await;
         if replica.as_ref().is_some_and(|m| !accepts_writes(m)) {
@@ -291,6 +308,14 @@ async fn flush_activity(signer: Arc<Signer>, replica: Option<Monitor>, every: Du
         }
         if let Err(err) = signer.flush().await {
             tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity; will retry");
+        }
+        if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
+            last_sweep = Some(std::time::Instant::now());
+            match keycast_core::housekeeping::sweep_expired(&db, keycast_db::now_unix()).await {
+                Ok(swept) if swept.total() > 0 => tracing::info!(?swept, "removed expired sessions, tokens and codes"),
+                Ok(_) => {}
+                Err(err) => tracing::warn!(error = %err, "could not remove expired sessions and tokens; will retry"),
+            }
         }
     }
 }

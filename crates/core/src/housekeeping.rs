@@ -1,0 +1,44 @@
+//! Rows whose time is over: expired sessions, mailed tokens, OAuth codes, access tokens and
+//! refresh tokens. Each is refused once expired anyway; removing them keeps the database (on
+//! Cloud Run, memory) from growing by every login and every hourly token refresh for good.
+//!
+//! Spent refresh tokens are kept for [`SPENT_REFRESH_MEMORY_SECS`] past their expiry: one
+//! presented again is reuse, which revokes its authorization (RFC 9700 §4.14), and that
+//! detection should outlive the token's own life by a margin. After that it is unknown.
+
+use keycast_db::{oauth, refresh, sessions, Db, RepoError};
+
+/// How long past its expiry a refresh token is remembered, for reuse detection: 30 days.
+pub const SPENT_REFRESH_MEMORY_SECS: i64 = 30 * 24 * 3600;
+
+/// What one sweep removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub sessions: u64,
+    pub mailed_tokens: u64,
+    pub codes: u64,
+    pub access_tokens: u64,
+    pub refresh_tokens: u64,
+}
+
+impl Swept {
+    /// Rows removed in all.
+    pub fn total(&self) -> u64 {
+        self.sessions + self.mailed_tokens + self.codes + self.access_tokens + self.refresh_tokens
+    }
+}
+
+/// Removes what expired by `now` (refresh tokens: by `now` minus
+/// [`SPENT_REFRESH_MEMORY_SECS`]).
+///
+/// # Errors
+/// Storage errors (what was removed before the failing statement stays removed).
+pub async fn sweep_expired(db: &Db, now: i64) -> Result<Swept, RepoError> {
+    Ok(Swept {
+        sessions: sessions::delete_expired(db, now).await?,
+        mailed_tokens: sessions::delete_expired_user_tokens(db, now).await?,
+        codes: oauth::delete_expired_codes(db, now).await?,
+        access_tokens: oauth::delete_expired_tokens(db, now).await?,
+        refresh_tokens: refresh::delete_expired(db, now - SPENT_REFRESH_MEMORY_SECS).await?,
+    })
+}

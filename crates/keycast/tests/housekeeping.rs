@@ -1,0 +1,112 @@
+//! Rows whose time is over leave the database, against the real binary on both engines:
+//! expired sessions, mailed tokens, OAuth codes and access tokens, and refresh tokens 30 days
+//! past their expiry (kept that long so a spent one presented again still revokes its
+//! authorization). Live ones stay. Before, none was ever removed: on Cloud Run, where the
+//! disk is memory, every login and every hourly token refresh grew the database for good.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::api::*;
+use harness::flow::{grant, login, register};
+use harness::{Engine, Keycast, Launch};
+
+/// Runs `sql` on the server's own database, SQLite or PostgreSQL.
+fn sql(server: &Keycast, sql: &str) -> String {
+    match &server.database {
+        Some(db) => db.query(sql),
+        None => harness::sqlite_exec(&server.data_dir.join("keycast.db"), sql),
+    }
+}
+
+fn count(server: &Keycast, table: &str) -> i64 {
+    sql(server, &format!("SELECT COUNT(*) FROM {table}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The stored hash of the session in `cookie` (`keycast_session=<token>`).
+fn session_hash(cookie: &str) -> String {
+    let raw = cookie.split_once('=').unwrap().1;
+    keycast_db::TokenHash::of(raw.as_bytes()).as_str().to_owned()
+}
+
+fn expired_sessions_tokens_and_codes_are_removed_and_live_ones_stay(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_SWEEP_INTERVAL_SECS", "1")
+        .start();
+    let (cookie, _) = register(&server, "ann@example.com", None);
+    let old = cookie_of(&login(&server, "ann@example.com", PASSWORD));
+    grant(&server, &cookie, "policy:social");
+    assert!(count(&server, "sessions") >= 2 && count(&server, "oauth_codes") >= 1);
+
+    // Time passes for all but the first session and a fresh token pair.
+    let keep = session_hash(&cookie);
+    let day = 86_400;
+    let now = keycast_db::now_unix();
+    sql(
+        &server,
+        &format!("UPDATE sessions SET expires_at = 1 WHERE token_hash <> '{keep}'"),
+    );
+    sql(&server, "UPDATE user_tokens SET expires_at = 1");
+    sql(&server, "UPDATE oauth_codes SET expires_at = 1");
+    sql(&server, "UPDATE access_tokens SET expires_at = 1");
+    // A refresh token that expired 29 days ago is still remembered; one 31 days ago is not.
+    sql(
+        &server,
+        &format!("UPDATE refresh_tokens SET expires_at = {}", now - 31 * day),
+    );
+    let recent = {
+        let second = grant(&server, &cookie, "policy:social");
+        let token = second["refresh_token"].as_str().unwrap().to_owned();
+        let hash = keycast_db::TokenHash::of(token.as_bytes()).as_str().to_owned();
+        sql(
+            &server,
+            &format!(
+                "UPDATE refresh_tokens SET expires_at = {} WHERE token_hash = '{hash}'",
+                now - 29 * day
+            ),
+        );
+        hash
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = [
+            count(&server, "sessions"),
+            count(&server, "user_tokens"),
+            count(&server, "oauth_codes"),
+            count(&server, "access_tokens"),
+            count(&server, "refresh_tokens"),
+        ];
+        // The second grant's code and access token expire on their own later: only the
+        // first session, the second grant's rows and the remembered refresh token are left.
+        if left == [1, 0, 1, 1, 1] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not swept: {left:?}\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let remembered = sql(&server, "SELECT token_hash FROM refresh_tokens");
+    assert_eq!(
+        remembered.trim(),
+        recent,
+        "the refresh token 29 days past expiry is kept"
+    );
+    assert_eq!(
+        get(&server, "/api/user/key", Some(&cookie)).status,
+        200,
+        "the live session stays"
+    );
+    assert_eq!(get(&server, "/api/user/key", Some(&old)).status, 401);
+    assert!(
+        server.log().contains("removed expired sessions, tokens and codes"),
+        "{}",
+        server.log()
+    );
+}
+
+on_both_engines!(expired_sessions_tokens_and_codes_are_removed_and_live_ones_stay);
