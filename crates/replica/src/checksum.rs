@@ -133,7 +133,16 @@ pub fn database_checksum<R: Read>(mut reader: R, page_size: u32) -> io::Result<u
     Ok(sum.value())
 }
 
-/// Computes [`database_checksum`] of the database file at `path`.
+/// Computes [`database_checksum`] of a database file no connection of this process has
+/// open (a restored copy): read through a descriptor of its own, closed after.
+///
+/// # Errors
+/// As [`database_checksum`], plus any error opening the file.
+pub fn copy_checksum_path(path: &Path, page_size: u32) -> io::Result<u64> {
+    database_checksum(io::BufReader::new(File::open(path)?), page_size)
+}
+
+/// Computes [`database_checksum`] of the live database file at `path`.
 ///
 /// # Errors
 /// As [`database_checksum`], plus any error opening the file.

@@ -425,7 +425,7 @@ async fn compare_recorded_checksum(
     };
     let (path, page_size) = (temp.to_owned(), restored.page_size);
     let actual = joined_io(
-        tokio::task::spawn_blocking(move || crate::checksum::database_checksum_path(&path, page_size)).await,
+        tokio::task::spawn_blocking(move || crate::checksum::copy_checksum_path(&path, page_size)).await,
         temp,
     )?;
     if actual != recorded {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-use crate::checksum::database_checksum_path;
+use crate::checksum::copy_checksum_path;
 use crate::ltx::{self, LtxError};
 use crate::restore::{self, RestoreError, Target};
 use crate::store::{Store, StoreError};
@@ -237,7 +237,7 @@ async fn restore_and_sum(store: &Store, target: Target, scratch: &Path) -> Resul
         .tempdir_in(scratch)?;
     let out = dir.path().join("verify.db");
     let restored = restore::restore(store, &out, target, None).await?;
-    let checksum = tokio::task::spawn_blocking(move || database_checksum_path(&out, restored.page_size))
+    let checksum = tokio::task::spawn_blocking(move || copy_checksum_path(&out, restored.page_size))
         .await
         .map_err(std::io::Error::other)??;
     Ok((restored.txid, checksum))
