@@ -608,18 +608,25 @@ impl Shared {
     /// Records a verification's outcome. One that could not check the replica (see
     /// [`crate::verify::VerifyError::is_inconclusive`]) is no verdict on it: it is logged as a
     /// warning and counted, and `keycast_replica_verification_ok` keeps the last verdict.
-    fn record_verification_outcome(&self, txid: u64, result: Result<(), crate::verify::VerifyError>) {
+    /// Returns true for an inconclusive one, and then wakes the worker, which schedules the
+    /// next attempt sooner.
+    fn record_verification_outcome(&self, txid: u64, result: Result<(), crate::verify::VerifyError>) -> bool {
         match result {
             Err(e) if e.is_inconclusive() => {
                 metrics::counter!("keycast_replica_verification_inconclusive_total").increment(1);
-                tracing::warn!(txid, error = %e, "could not verify the replica this time (it is not known to be wrong); the next verification tries again");
+                tracing::warn!(txid, error = %e, "could not verify the replica this time (it is not known to be wrong); trying again soon");
                 self.status.lock().expect("status lock").verification_inconclusive = Some(Verification {
                     txid,
                     error: Some(format!("could not check the replica: {e}")),
                     at: SystemTime::now(),
                 });
+                self.signal.wake();
+                true
             }
-            other => self.record_verification(txid, other.err().map(|e| e.to_string())),
+            other => {
+                self.record_verification(txid, other.err().map(|e| e.to_string()));
+                false
+            }
         }
     }
 

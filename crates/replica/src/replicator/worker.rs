@@ -87,7 +87,8 @@ pub(super) struct Worker {
     known: Arc<compactor::Known>,
     last_verify: Instant,
     shipped_since_verify: bool,
-    verifying: Option<tokio::task::JoinHandle<()>>,
+    /// The background verification; it ends `true` when it could not check the replica.
+    verifying: Option<tokio::task::JoinHandle<bool>>,
     /// `lock_conn` holds SQLite's write lock.
     pub(super) locked: bool,
     /// The read snapshot held between rounds (see [`crate::snapshot`]).
@@ -956,6 +957,7 @@ impl Worker {
         if self.checkpoint_due() {
             self.checkpoint().await?;
         }
+        self.reap_verification();
         if self.verify_due() {
             self.start_verification().await?;
         }
@@ -1104,9 +1106,25 @@ impl Worker {
         let (scratch, lineage) = (self.scratch(), self.lineage.clone());
         self.verifying = Some(tokio::spawn(async move {
             let result = crate::verify::verify_at(&store, txid, expected, &scratch, &lineage).await;
-            shared.record_verification_outcome(txid, result.map(|_| ()));
+            shared.record_verification_outcome(txid, result.map(|_| ()))
         }));
         Ok(())
+    }
+
+    /// A finished verification that could not check the replica (the store or the disk
+    /// failed it) is tried again after a twelfth of the interval (five minutes for the
+    /// default hour), whether or not anything shipped since.
+    fn reap_verification(&mut self) {
+        let Some(task) = self.verifying.take_if(|t| t.is_finished()) else {
+            return;
+        };
+        if let Some(Ok(true)) = futures::FutureExt::now_or_never(task) {
+            let interval = self.options.verify_interval;
+            self.shipped_since_verify = true;
+            self.last_verify = Instant::now()
+                .checked_sub(interval - interval / 12)
+                .unwrap_or(self.last_verify);
+        }
     }
 
     fn checkpoint_due(&self) -> bool {
