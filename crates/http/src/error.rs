@@ -123,14 +123,20 @@ pub async fn not_found(method: Method, uri: Uri, headers: HeaderMap) -> Response
     }
 }
 
+/// What a request that needed a write hears while the database's disk is full (logged here
+/// for the operator, once per refused request); both the API and HTTP RPC answer 503 with it.
+pub(crate) fn storage_full(cause: &RepoError) -> String {
+    tracing::error!(%cause, "the database's disk is full: writes fail until space is freed");
+    "keycast's database disk is full, so nothing was changed; retry later (the operator is told in the \
+     server log)"
+        .into()
+}
+
 impl From<RepoError> for AppError {
     fn from(err: RepoError) -> Self {
         if let RepoError::StorageFull(_) = &err {
-            tracing::error!(cause = %err, "the database's disk is full: writes fail until space is freed");
             return AppError::Overloaded {
-                message: "keycast's database disk is full, so nothing was changed; retry later (the operator \
-                          is told in the server log)"
-                    .into(),
+                message: storage_full(&err),
                 retry_after_secs: 30,
             };
         }

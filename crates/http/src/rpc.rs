@@ -136,10 +136,7 @@ impl From<SignError> for RpcError {
             SignError::BadRequest { reason } => RpcError::BadRequest(reason),
             SignError::NoKey => RpcError::Internal("authorization without a user key".into()),
             SignError::Internal(InternalError::Repo(cause @ RepoError::StorageFull(_))) => {
-                tracing::error!(%cause, "the database's disk is full: writes fail until space is freed");
-                RpcError::Unavailable(
-                    "keycast's database disk is full, so this request could not be recorded; retry later".into(),
-                )
+                RpcError::Unavailable(crate::error::storage_full(&cause))
             }
             SignError::Internal(cause) => RpcError::Internal(cause.to_string()),
         }
