@@ -10,20 +10,52 @@ use crate::keys::KeyError;
 use crate::policy::PolicyError;
 
 /// A failure that is keycast's fault, not the caller's. Log it; answer "internal error".
+///
+/// A storage failure is always [`InternalError::Repo`], however deep it arose (a key's, a
+/// grant's or a client's): the transports tell a full disk from a bug by that variant alone
+/// (503 "disk is full", not 500), so the `From` impls below lift it out of the others.
 #[derive(Debug, thiserror::Error)]
 pub enum InternalError {
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error(transparent)]
-    Key(#[from] KeyError),
+    Key(KeyError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
-    Grant(#[from] GrantError),
+    Grant(GrantError),
     #[error(transparent)]
-    Client(#[from] crate::clients::ClientError),
+    Client(crate::clients::ClientError),
     #[error("signing failed: {0}")]
     Crypto(String),
+}
+
+impl From<KeyError> for InternalError {
+    fn from(err: KeyError) -> Self {
+        match err {
+            KeyError::Repo(e) => InternalError::Repo(e),
+            other => InternalError::Key(other),
+        }
+    }
+}
+
+impl From<GrantError> for InternalError {
+    fn from(err: GrantError) -> Self {
+        match err {
+            GrantError::Repo(e) => InternalError::Repo(e),
+            GrantError::Key(e) => e.into(),
+            other => InternalError::Grant(other),
+        }
+    }
+}
+
+impl From<crate::clients::ClientError> for InternalError {
+    fn from(err: crate::clients::ClientError) -> Self {
+        match err {
+            crate::clients::ClientError::Repo(e) => InternalError::Repo(e),
+            other => InternalError::Client(other),
+        }
+    }
 }
 
 /// Why a credential does not resolve to a live authorization.

@@ -73,7 +73,7 @@ impl FromRequestParts<AppState> for Admin {
 fn client_error(err: ClientError) -> AppError {
     match err {
         ClientError::Invalid(message) => AppError::BadRequest(message),
-        other => AppError::internal(other),
+        other => keycast_core::InternalError::from(other).into(),
     }
 }
 

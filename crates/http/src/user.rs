@@ -172,7 +172,7 @@ pub(crate) async fn accept_nostrconnect(
         .await
         .map_err(|e| match e {
             e @ keycast_core::authz::GrantError::PolicyDeleted { .. } => AppError::BadRequest(e.to_string()),
-            e => AppError::internal(e),
+            e => keycast_core::InternalError::from(e).into(),
         })?;
     state.confirm_write(true).await?;
     // NIP-46 starts listening for the new bunker on hearing this, then answers the client.
