@@ -4,15 +4,72 @@
 //! The buffer is bounded. If the database stays unwritable long enough to fill it, the
 //! oldest records are dropped and counted ([`ActivityBuffer::dropped`]): losing audit
 //! lines is better than running out of memory or stopping signing.
+//!
+//! The stored record is bounded too ([`RecordBound`]): an app signing as fast as it can
+//! would otherwise grow the database by every request for good, and on Cloud Run that disk
+//! is memory. Each grant keeps about its newest [`DEFAULT_KEPT_PER_GRANT`] records; older
+//! ones are pruned as it signs (`keycast_db::activity::prune`), their signatures still
+//! counted in the grant's total, and a grant with a rate limit keeps the signatures of its
+//! longest window, which that limit counts again after a restart.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use keycast_db::activity::NewActivity;
+use keycast_db::AuthorizationId;
 
 /// Default bound on buffered records.
 pub const DEFAULT_ACTIVITY_CAPACITY: usize = 100_000;
+
+/// Default number of records kept per grant: the owner's pages show the newest 20 of a
+/// grant and 500 of an account.
+pub const DEFAULT_KEPT_PER_GRANT: u32 = 1_000;
+
+/// Which grants have written enough since their last pruning to be pruned again: a quarter
+/// of the kept number, so pruning costs a statement per that many records and a grant's
+/// record stays under 1.25 times the kept number (plus one flush).
+#[derive(Debug)]
+pub(crate) struct RecordBound {
+    keep: u32,
+    /// Records written per grant since its last pruning (or since start).
+    written: Mutex<HashMap<AuthorizationId, u32>>,
+}
+
+impl RecordBound {
+    pub fn new(keep: u32) -> Self {
+        RecordBound {
+            keep: keep.max(1),
+            written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records kept per grant.
+    pub fn keep(&self) -> u32 {
+        self.keep
+    }
+
+    /// Counts a written batch; returns the grants now due for pruning.
+    pub fn written(&self, batch: &[NewActivity]) -> Vec<AuthorizationId> {
+        let due_after = (self.keep / 4).max(1);
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        for record in batch {
+            *written.entry(record.authorization_id.clone()).or_insert(0) += 1;
+        }
+        // Still due after a pruning that failed: it is tried again with the next batch.
+        let due: HashSet<&AuthorizationId> = batch
+            .iter()
+            .map(|r| &r.authorization_id)
+            .filter(|id| written.get(*id).is_some_and(|n| *n >= due_after))
+            .collect();
+        due.into_iter().cloned().collect()
+    }
+
+    /// The grant was pruned (or is gone): it counts from zero again.
+    pub fn pruned(&self, id: &AuthorizationId) {
+        self.written.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+    }
+}
 
 /// Records waiting to be written.
 #[derive(Debug)]
@@ -126,5 +183,27 @@ mod tests {
         buffer.put_back(batch);
         assert_eq!(times(&buffer.take(usize::MAX)), [2, 3, 4]);
         assert_eq!(buffer.dropped(), 1);
+    }
+
+    #[test]
+    fn a_grant_is_due_for_pruning_every_quarter_of_the_kept_records_until_pruned() {
+        let bound = RecordBound::new(8);
+        let of = |id: &str, n: usize| -> Vec<NewActivity> {
+            (0..n)
+                .map(|t| NewActivity {
+                    authorization_id: AuthorizationId::new(id),
+                    ..at(t as i64)
+                })
+                .collect()
+        };
+        assert!(bound.written(&of("a", 1)).is_empty());
+        let mut batch = of("a", 1);
+        batch.extend(of("b", 1));
+        assert_eq!(bound.written(&batch), [AuthorizationId::new("a")], "a: 2 of 8/4");
+        // Not pruned (it failed): due again with its next record, and only once per batch.
+        assert_eq!(bound.written(&of("a", 3)), [AuthorizationId::new("a")]);
+        bound.pruned(&AuthorizationId::new("a"));
+        assert!(bound.written(&of("a", 1)).is_empty(), "counted from zero again");
+        assert_eq!(bound.written(&of("b", 1)), [AuthorizationId::new("b")]);
     }
 }

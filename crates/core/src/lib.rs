@@ -60,7 +60,7 @@ pub mod terms;
 #[cfg(test)]
 mod testing;
 
-pub use activity::DEFAULT_ACTIVITY_CAPACITY;
+pub use activity::{DEFAULT_ACTIVITY_CAPACITY, DEFAULT_KEPT_PER_GRANT};
 pub use authz::{Authorization, Grant};
 pub use durability::Durability;
 pub use error::{AuthError, InternalError, SignError};

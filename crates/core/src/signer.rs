@@ -26,7 +26,7 @@ use nostr::nips::{nip04, nip44};
 use nostr::{Keys, PublicKey};
 use tokio::sync::{broadcast, mpsc, watch};
 
-use crate::activity::{ActivityBuffer, DEFAULT_ACTIVITY_CAPACITY};
+use crate::activity::{ActivityBuffer, RecordBound, DEFAULT_ACTIVITY_CAPACITY, DEFAULT_KEPT_PER_GRANT};
 use crate::approval::{self, ApprovalOptions, Permit};
 use crate::authz::{insert_authorization, Authorization, GrantError, NewGrant};
 use crate::cache::EpochMap;
@@ -54,6 +54,9 @@ pub struct SignerOptions {
     pub cache_capacity: usize,
     /// Activity records buffered between flushes. Default [`DEFAULT_ACTIVITY_CAPACITY`].
     pub activity_capacity: usize,
+    /// Activity records kept per grant (see [`crate::activity`]). Default
+    /// [`DEFAULT_KEPT_PER_GRANT`].
+    pub activity_kept_per_grant: u32,
     /// Pending approvals ([`crate::approval`]): their life and the URL they live under.
     pub approvals: ApprovalOptions,
 }
@@ -64,6 +67,7 @@ impl Default for SignerOptions {
             cache_ttl: DEFAULT_CACHE_TTL,
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             activity_capacity: DEFAULT_ACTIVITY_CAPACITY,
+            activity_kept_per_grant: DEFAULT_KEPT_PER_GRANT,
             approvals: ApprovalOptions::default(),
         }
     }
@@ -118,6 +122,8 @@ pub struct Signer {
     allowances: EpochMap<AuthorizationId, Arc<BTreeSet<u16>>>,
     approvals: ApprovalOptions,
     activity: ActivityBuffer,
+    /// Which grants' stored records are due for pruning.
+    record_bound: RecordBound,
     /// Signatures per limited grant ([`crate::terms`]).
     usage: UsageMeter,
     changes: broadcast::Sender<Change>,
@@ -161,6 +167,7 @@ impl Signer {
             allowances: EpochMap::new(ttl, cap),
             approvals: options.approvals,
             activity: ActivityBuffer::new(options.activity_capacity),
+            record_bound: RecordBound::new(options.activity_kept_per_grant),
             usage: UsageMeter::default(),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
             trusted: AtomicBool::new(true),
@@ -703,10 +710,12 @@ impl Signer {
     }
 
     /// Writes buffered activity, oldest first, in transactions of at most
-    /// [`activity_repo::MAX_BATCH_ROWS`] rows on a connection of its own. Call about once a
-    /// second and at shutdown. Returns the rows written. On failure the batch that failed
-    /// (and everything after it) stays buffered for the next call; batches already
-    /// committed stay written.
+    /// [`activity_repo::MAX_BATCH_ROWS`] rows on a connection of its own, then prunes the
+    /// stored record of each grant that wrote enough since its last pruning (see
+    /// [`crate::activity`]). Call about once a second and at shutdown. Returns the rows
+    /// written. On failure the batch that failed (and everything after it) stays buffered
+    /// for the next call; batches already committed stay written. A pruning that fails is
+    /// logged and tried again at the grant's next flush.
     ///
     /// # Errors
     /// [`SignError::Internal`] on storage failure.
@@ -727,8 +736,42 @@ impl Signer {
                     return Err(err.into());
                 }
             }
+            let due = self.record_bound.written(&batch);
+            if !due.is_empty() {
+                if let Err(err) = self.prune_records(&due).await {
+                    tracing::warn!(grants = due.len(), error = %err, "could not prune grants' activity records; will retry");
+                }
+            }
         }
         Ok(stored)
+    }
+
+    /// Prunes the stored records of `due` grants to the newest kept, each keeping the
+    /// signatures of its longest rate window (what that limit counts after a restart).
+    async fn prune_records(&self, due: &[AuthorizationId]) -> Result<(), RepoError> {
+        let now = now_unix();
+        let mut grants = Vec::with_capacity(due.len());
+        for id in due {
+            let Some(row) = authz_repo::find_by_id(&self.activity_db, id).await? else {
+                // Deleted with its account: its records went with it.
+                self.record_bound.pruned(id);
+                continue;
+            };
+            // Unreadable terms (refused at signing anyway): keep a day, the longest window.
+            let window = crate::terms::GrantTerms::from_json(row.terms.as_deref())
+                .map_or(Some(crate::terms::DAY), |terms| {
+                    crate::terms::longest_window(&terms.limits)
+                });
+            grants.push(activity_repo::Prune {
+                authorization_id: id.clone(),
+                protect_since: window.map(|w| now - w),
+            });
+        }
+        activity_repo::prune(&self.activity_db, self.record_bound.keep(), &grants).await?;
+        for grant in &grants {
+            self.record_bound.pruned(&grant.authorization_id);
+        }
+        Ok(())
     }
 
     /// Activity records waiting for [`Signer::flush`].

@@ -161,7 +161,7 @@ struct Usage {
     recent: Recent,
 }
 
-const DAY: i64 = 86_400;
+pub(crate) const DAY: i64 = 86_400;
 
 /// A grant's recent signatures, one entry per second however many were made in it, each
 /// entry with the running count up to it. Memory is bounded by the seconds in the longest
@@ -219,7 +219,8 @@ impl Recent {
 }
 
 /// The longest window `limits` has a rate for: how far back the meter must remember.
-fn longest_window(limits: &Limits) -> Option<i64> {
+/// The longest rate window of `limits` in seconds (a day, an hour, a minute), if any.
+pub(crate) fn longest_window(limits: &Limits) -> Option<i64> {
     [(limits.per_day, DAY), (limits.per_hour, 3600), (limits.per_minute, 60)]
         .into_iter()
         .find_map(|(limit, window)| limit.map(|_| window))

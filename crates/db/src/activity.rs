@@ -188,6 +188,74 @@ pub async fn list_for_authorization(
     })
 }
 
+/// An authorization's signatures in all, as a scalar subquery with its id as `$1`: the
+/// `sign_event` records done, and those already pruned (see [`prune`]).
+pub const SIGNATURES_IN_ALL: &str = "SELECT (SELECT COUNT(*) FROM activity WHERE authorization_id = $1 \
+     AND method = 'sign_event' AND result IS NULL) \
+     + COALESCE((SELECT signatures_pruned FROM authorizations WHERE id = $1), 0)";
+
+/// One grant for [`prune`]: its id, and the time from which its signatures (`sign_event`
+/// done) stay whatever their number — a grant with a rate limit counts that window from
+/// them after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prune {
+    pub authorization_id: AuthorizationId,
+    pub protect_since: Option<i64>,
+}
+
+/// Removes each grant's records older than its newest `keep`, except its protected
+/// signatures, in one transaction (on SQLite one commit, hence one replica upload, for all
+/// of them). The signatures removed are added to the grant's `signatures_pruned` first, so
+/// [`signatures`] still counts every one. Returns the rows removed.
+///
+/// # Errors
+/// Database errors; then nothing is removed.
+pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoError> {
+    const DOOMED: &str = "authorization_id = $1 AND (created_at < $2 OR (created_at = $2 AND id <= $3)) \
+         AND NOT (method = 'sign_event' AND result IS NULL AND created_at >= $4)";
+    on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        let mut removed = 0;
+        for grant in grants {
+            let authz = &grant.authorization_id;
+            let protect_since = grant.protect_since.unwrap_or(i64::MAX);
+            // The newest row to go: the first past the `keep` newest.
+            let edge: Option<(i64, ActivityId)> = sqlx::query_as(
+                "SELECT created_at, id FROM activity WHERE authorization_id = $1 \
+                 ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET $2",
+            )
+            .bind(authz)
+            .bind(i64::from(keep))
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((at, id)) = edge else {
+                continue;
+            };
+            let counted = format!(
+                "UPDATE authorizations SET signatures_pruned = signatures_pruned + (SELECT COUNT(*) FROM activity \
+                 WHERE {DOOMED} AND method = 'sign_event' AND result IS NULL) WHERE id = $1"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(counted))
+                .bind(authz)
+                .bind(at)
+                .bind(&id)
+                .bind(protect_since)
+                .execute(&mut *tx)
+                .await?;
+            removed += sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM activity WHERE {DOOMED}")))
+                .bind(authz)
+                .bind(at)
+                .bind(&id)
+                .bind(protect_since)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(removed)
+    })
+}
+
 /// An authorization's signatures (`sign_event` records): how many in all, and how many in
 /// each second at or after `since` (`(second, count)`, oldest first: one row per second
 /// however fast the app signs), for the usage limits of its grant.
@@ -196,12 +264,10 @@ pub async fn list_for_authorization(
 /// Database errors.
 pub async fn signatures(db: &Db, authz: &AuthorizationId, since: i64) -> Result<(i64, Vec<(i64, i64)>), RepoError> {
     on_engine!(db, |pool| {
-        let total: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM activity WHERE authorization_id = $1 AND method = 'sign_event' AND result IS NULL",
-        )
-        .bind(authz)
-        .fetch_one(pool)
-        .await?;
+        let total: i64 = sqlx::query_scalar(SIGNATURES_IN_ALL)
+            .bind(authz)
+            .fetch_one(pool)
+            .await?;
         let recent: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT created_at, COUNT(*) FROM activity WHERE authorization_id = $1 AND method = 'sign_event' \
              AND result IS NULL AND created_at >= $2 GROUP BY created_at ORDER BY created_at",
@@ -256,6 +322,78 @@ mod tests {
             assert_eq!(
                 (newest[0].method.as_str(), newest[0].transport.as_str(), newest[0].kind),
                 ("sign_event", "http", Some(1))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_newest_and_the_protected_and_counts_every_signature_on_every_engine() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let other = test_authorization(&db, &user, "b2").await;
+            // Seconds 1..=60: signatures, every third one refused, every fifth an encryption.
+            let rows: Vec<_> = (1..=60)
+                .map(|t| match t {
+                    t if t % 5 == 0 => NewActivity {
+                        method: "nip44_encrypt",
+                        kind: None,
+                        ..record(&authz.id, t)
+                    },
+                    t if t % 3 == 0 => NewActivity {
+                        result: Some("grant_rate_limited"),
+                        ..record(&authz.id, t)
+                    },
+                    t => record(&authz.id, t),
+                })
+                .collect();
+            insert_batch(&db, &rows).await.unwrap();
+            insert_batch(&db, &[record(&other.id, 1)]).await.unwrap();
+            let done = |rows: &[NewActivity]| {
+                rows.iter()
+                    .filter(|r| r.method == "sign_event" && r.result.is_none())
+                    .count() as i64
+            };
+            let before = signatures(&db, &authz.id, 0).await.unwrap().0;
+            assert_eq!(before, done(&rows));
+            let grant = |protect_since| Prune {
+                authorization_id: authz.id.clone(),
+                protect_since,
+            };
+
+            // Nothing past the newest 100: nothing goes.
+            assert_eq!(prune(&db, 100, &[grant(None)]).await.unwrap(), 0);
+            // Keep 10, and every signature from second 41 on (a rate window).
+            let removed = prune(&db, 10, &[grant(Some(41))]).await.unwrap();
+            let left = list_for_authorization(&db, &authz.id, 1000).await.unwrap();
+            assert_eq!(left.len() as u64, 60 - removed);
+            let newest: Vec<i64> = left.iter().take(10).map(|a| a.created_at).collect();
+            assert_eq!(newest, (51..=60).rev().collect::<Vec<_>>(), "the newest 10 stay");
+            let protected = rows.iter().filter(|r| r.created_at >= 41 && r.created_at <= 50);
+            for r in protected.filter(|r| r.method == "sign_event" && r.result.is_none()) {
+                assert!(
+                    left.iter().any(|a| a.created_at == r.created_at),
+                    "second {} kept",
+                    r.created_at
+                );
+            }
+            assert!(
+                left.iter().all(|a| a.created_at >= 41),
+                "nothing older than the window stays"
+            );
+            let (total, recent) = signatures(&db, &authz.id, 41).await.unwrap();
+            assert_eq!(total, before, "pruned signatures still count");
+            let window: i64 = recent.iter().map(|(_, n)| n).sum();
+            assert_eq!(window, done(&rows[40..]), "the window's signatures are all there");
+
+            // Without a window: only the newest 10 stay, and the total holds again.
+            prune(&db, 10, &[grant(None)]).await.unwrap();
+            assert_eq!(list_for_authorization(&db, &authz.id, 1000).await.unwrap().len(), 10);
+            assert_eq!(signatures(&db, &authz.id, 0).await.unwrap().0, before);
+            assert_eq!(
+                list_for_authorization(&db, &other.id, 10).await.unwrap().len(),
+                1,
+                "other grants untouched"
             );
         }
     }

@@ -53,14 +53,15 @@ pub async fn admit<E>(
         .into_one()?;
         if total == UNSEEDED {
             // First met (or its terms changed): its earlier signatures count.
-            total = sqlx::query_scalar(
-                "UPDATE grant_usage SET total = (SELECT COUNT(*) FROM activity WHERE authorization_id = $1 \
-                 AND method = 'sign_event' AND result IS NULL) WHERE authorization_id = $1 RETURNING total",
-            )
-            .bind(authz)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_one()?;
+            let seed = format!(
+                "UPDATE grant_usage SET total = ({}) WHERE authorization_id = $1 RETURNING total",
+                crate::activity::SIGNATURES_IN_ALL
+            );
+            total = sqlx::query_scalar(sqlx::AssertSqlSafe(seed))
+                .bind(authz)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_one()?;
             sqlx::query(
                 "INSERT INTO grant_seconds (authorization_id, signed_at, signatures) \
                  SELECT authorization_id, created_at, COUNT(*) FROM activity WHERE authorization_id = $1 \

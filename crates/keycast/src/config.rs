@@ -376,6 +376,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "milliseconds between writes of the buffered signing activity (10 to 60000): each write is one commit and one replica upload; a crash loses at most this much activity",
     },
     Setting {
+        key: "activity_per_grant",
+        env: "KEYCAST_ACTIVITY_PER_GRANT",
+        default: "1000",
+        help: "activity records kept per grant (100 to 10000000): older ones are removed as the app signs, its total of signatures still counted, and a grant with a rate limit keeps that window's signatures",
+    },
+    Setting {
         key: "sweep_interval_secs",
         env: "KEYCAST_SWEEP_INTERVAL_SECS",
         default: "3600",
@@ -493,6 +499,8 @@ pub struct Config {
     pub activity_flush: Duration,
     /// How often expired sessions, tokens and codes are removed (`KEYCAST_SWEEP_INTERVAL_SECS`).
     pub sweep_interval: Duration,
+    /// Activity records kept per grant (`KEYCAST_ACTIVITY_PER_GRANT`).
+    pub activity_per_grant: u32,
 }
 
 /// Which database keycast runs on.
@@ -847,6 +855,12 @@ impl Sources {
                     _ => Err("expected seconds from 1 to 86400".into()),
                 })?
                 .unwrap_or(Duration::from_secs(3600)),
+            activity_per_grant: self
+                .get("activity_per_grant", |v| match v.parse::<u32>() {
+                    Ok(n) if (100..=10_000_000).contains(&n) => Ok(n),
+                    _ => Err("expected a number of records from 100 to 10000000".into()),
+                })?
+                .unwrap_or(keycast_core::DEFAULT_KEPT_PER_GRANT),
             data_dir,
         })
     }
@@ -1678,6 +1692,20 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&format!("KEYCAST_SWEEP_INTERVAL_SECS={bad}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_thousand_activity_records_are_kept_per_grant_by_default_and_the_number_is_bounded() {
+        assert_eq!(Sources::default().build().unwrap().activity_per_grant, 1000);
+        let config = env(&[("KEYCAST_ACTIVITY_PER_GRANT", "100")]).build().unwrap();
+        assert_eq!(config.activity_per_grant, 100);
+        for bad in ["99", "10000001", "-1", "many"] {
+            let err = env(&[("KEYCAST_ACTIVITY_PER_GRANT", bad)])
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("KEYCAST_ACTIVITY_PER_GRANT={bad}")), "{err}");
         }
     }
 

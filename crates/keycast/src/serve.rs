@@ -258,6 +258,7 @@ async fn services(
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
     let options = SignerOptions {
         cache_ttl: config.cache_ttl,
+        activity_kept_per_grant: config.activity_per_grant,
         approvals: keycast_core::approval::ApprovalOptions {
             ttl_secs: config.approval_ttl_secs,
             public_url: config.public_url.clone().unwrap_or_default(),

@@ -1,0 +1,142 @@
+//! A grant's activity record stays bounded however fast its app signs, against the real
+//! binary on both engines, and what the record served still holds: the grant's total of
+//! signatures (shown to its owner, and its `max_signatures`) and its rates.
+//!
+//! Before, every request of an app added a row for good: an app (hostile, or a loop in its
+//! code) signing 10,000 times a second grows the database by 2 MB a second, and on Cloud Run
+//! that disk is memory: the instance runs out of it and nobody can sign or log in. Each
+//! owner's page and every first signature after a restart also counted the whole record.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{approve_with, authorize_query, grant, pkce, register, token_request};
+use harness::{Engine, Keycast, Launch};
+use serde_json::{json, Value};
+
+/// Rows kept per grant in these tests (`KEYCAST_ACTIVITY_PER_GRANT`).
+const KEPT: i64 = 100;
+
+fn sql(server: &Keycast, sql: &str) -> String {
+    match &server.database {
+        Some(db) => db.query(sql),
+        None => harness::sqlite_query(&server.data_dir.join("keycast.db"), sql),
+    }
+}
+
+fn rows_of(server: &Keycast, authorization: &str) -> i64 {
+    sql(
+        server,
+        &format!("SELECT COUNT(*) FROM activity WHERE authorization_id = '{authorization}'"),
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+fn limited(server: &Keycast, cookie: &str, choices: &[(&str, &str)]) -> Value {
+    let (challenge, verifier) = pkce();
+    let code = approve_with(server, cookie, &authorize_query("policy:social", &challenge), choices);
+    let r = token_request(server, &code, &verifier, REDIRECT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+fn sign(server: &Keycast, app: &Value, n: usize) -> Reply {
+    rpc(
+        server,
+        app["access_token"].as_str().unwrap(),
+        "sign_event",
+        json!([{ "kind": 1, "content": format!("note {n}") }]),
+    )
+}
+
+fn usage(server: &Keycast, cookie: &str, app: &Value) -> Value {
+    let id = app["authorization_id"].as_str().unwrap();
+    let r = get(server, &format!("/api/user/authorizations/{id}"), Some(cookie));
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["usage"].clone()
+}
+
+fn the_record_stays_bounded_and_the_counts_it_served_hold(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let launch = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_ACTIVITY_PER_GRANT", &KEPT.to_string())
+        .env("KEYCAST_ACTIVITY_FLUSH_MS", "20");
+    let server = launch.start();
+    let (cookie, _) = register(&server, "busy@example.com", None);
+
+    // An app without limits signs four times what is kept.
+    let free = grant(&server, &cookie, "policy:social");
+    let signed = 4 * KEPT as usize;
+    for n in 0..signed {
+        assert_eq!(sign(&server, &free, n).status, 200);
+    }
+    // A grant of 300 signatures a day at most, used up, then asked again and again.
+    let daily = limited(&server, &cookie, &[("per_day", "300")]);
+    for n in 0..300 {
+        let r = sign(&server, &daily, n);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for n in 0..3 * KEPT as usize {
+        let r = sign(&server, &daily, n);
+        assert_eq!(r.json()["code"], "grant_rate_limited", "{}", r.body);
+    }
+    // A grant of 250 signatures in all, used up.
+    let total = limited(&server, &cookie, &[("max_signatures", "250")]);
+    for n in 0..250 {
+        assert_eq!(sign(&server, &total, n).status, 200);
+    }
+    assert_eq!(sign(&server, &total, 250).json()["code"], "grant_exhausted");
+    // Once the owner's page counts every signature, the records are written.
+    let expected = [(&free, signed), (&daily, 300), (&total, 250)];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let totals: Vec<Value> = expected
+            .iter()
+            .map(|(app, _)| usage(&server, &cookie, app)["signatures"].clone())
+            .collect();
+        if expected.iter().zip(&totals).all(|((_, n), t)| t == n) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the owner's page counts {totals:?} signatures of {:?} made",
+            expected.iter().map(|(_, n)| n).collect::<Vec<_>>()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    let free_id = free["authorization_id"].as_str().unwrap();
+    let kept = rows_of(&server, free_id);
+    assert!(
+        kept <= 2 * KEPT,
+        "{signed} signatures left {kept} rows of activity; at most {} are kept",
+        2 * KEPT
+    );
+    // Only the refusals beyond the kept ones go: a day's signatures under a daily limit
+    // are what that limit counts after a restart.
+    let daily_rows = rows_of(&server, daily["authorization_id"].as_str().unwrap());
+    assert!(
+        (300..=300 + 2 * KEPT).contains(&daily_rows),
+        "{daily_rows} rows for 300 signatures and {} refusals",
+        3 * KEPT
+    );
+    let recent =
+        get(&server, &format!("/api/user/authorizations/{free_id}"), Some(&cookie)).json()["recent_activity"].clone();
+    assert_eq!(recent.as_array().unwrap().len(), 20, "{recent}");
+    assert_eq!(recent[0]["result"], "done", "the newest stay: {recent}");
+    server.stop();
+
+    // After a restart the limits count what the record served before.
+    let server = launch.start();
+    let r = sign(&server, &total, 251);
+    assert_eq!(r.json()["code"], "grant_exhausted", "{}", r.body);
+    let r = sign(&server, &daily, 301);
+    assert_eq!(r.json()["code"], "grant_rate_limited", "{}", r.body);
+    assert_eq!(usage(&server, &cookie, &total)["signatures"], 250);
+    assert_eq!(sign(&server, &free, signed).status, 200);
+    server.stop();
+}
+
+on_both_engines!(the_record_stays_bounded_and_the_counts_it_served_hold);
