@@ -58,6 +58,12 @@ pub enum GrantError {
     /// The policy was deleted after it was looked up (its owner deleted it meanwhile).
     #[error("policy {slug:?} was deleted meanwhile; choose another")]
     PolicyDeleted { slug: String },
+    /// The account already has `max` live grants.
+    #[error(
+        "this account already has {max} apps with access, the most it may have; revoke one you no longer use \
+         on the dashboard, then try again"
+    )]
+    TooManyGrants { max: u32 },
     #[error(transparent)]
     Repo(#[from] RepoError),
 }
@@ -109,7 +115,15 @@ pub struct NewGrant<'a> {
     pub token_ttl_secs: i64,
     /// The owner's terms (default: until revoked, no limits).
     pub terms: GrantTerms,
+    /// The most live grants the user may have, this one included
+    /// ([`DEFAULT_MAX_LIVE_GRANTS`]; `KEYCAST_MAX_GRANTS_PER_ACCOUNT`).
+    pub max_live: u32,
 }
+
+/// Live grants (not revoked, not expired) an account may have by default: each holds a
+/// bunker key, a relay subscription and up to its kept activity, so one account scripting
+/// consents cannot fill the database (on Cloud Run, memory) for everyone.
+pub const DEFAULT_MAX_LIVE_GRANTS: u32 = 100;
 
 /// A created grant, with its secrets. The secrets exist only here: the database keeps
 /// hashes, so the bunker URL and the token can be shown to the app exactly once.
@@ -189,6 +203,7 @@ pub(crate) async fn insert_authorization(
         connect_secret_hash: &hash_token(connect_secret.expose()),
         relays: &relays,
         terms: terms.as_deref(),
+        max_live: new.max_live,
     };
     // The user is the caller's (a session's, a code's), so a missing reference is the
     // policy, deleted since `new.policy` was read.
@@ -196,6 +211,7 @@ pub(crate) async fn insert_authorization(
         RepoError::MissingReference => GrantError::PolicyDeleted {
             slug: new.policy.slug.clone(),
         },
+        RepoError::TooMany(_) => GrantError::TooManyGrants { max: new.max_live },
         e => e.into(),
     })?;
     Ok((Authorization::from_row(&row, policy, None)?, connect_secret))

@@ -424,6 +424,7 @@ mod tests {
                     relays: &relays,
                     token_ttl_secs: 0,
                     terms: Default::default(),
+                    max_live: crate::authz::DEFAULT_MAX_LIVE_GRANTS,
                 };
                 insert_authorization(&pool, km.as_ref(), &new, 1).await.unwrap();
             }

@@ -205,18 +205,21 @@ pub struct TokenRequest<'a> {
 }
 
 /// Exchanges a code for a grant (new authorization, bunker keypair, connect secret,
-/// access and refresh tokens living as `lifetimes` says, bunker on `relays`).
+/// access and refresh tokens living as `lifetimes` says, bunker on `relays`), while its
+/// user has fewer than `max_live` live grants.
 ///
 /// # Errors
 /// [`OAuthError::InvalidRequest`] for a malformed verifier (the code is not used up);
 /// [`OAuthError::InvalidGrant`] for an unknown, expired or used code, or a client id,
-/// redirect URI or verifier that does not match; [`OAuthError::Internal`].
+/// redirect URI or verifier that does not match, or a user with `max_live` live grants
+/// already; [`OAuthError::Internal`].
 pub async fn exchange_code(
     db: &Db,
     km: &dyn KeyManager,
     request: &TokenRequest<'_>,
     relays: &[String],
     lifetimes: TokenLifetimes,
+    max_live: u32,
     now: i64,
 ) -> Result<Grant, OAuthError> {
     if !valid_verifier(request.code_verifier) {
@@ -256,10 +259,13 @@ pub async fn exchange_code(
         relays,
         token_ttl_secs: lifetimes.access_secs,
         terms: choice.terms_from(now),
+        max_live,
     };
     let mut grant = match create_grant(db, km, &new, now).await {
         // Deleted between the check above and the insert.
         Err(GrantError::PolicyDeleted { .. }) => return Err(deleted()),
+        // Consent checks this too; codes issued before the account filled up end here.
+        Err(e @ GrantError::TooManyGrants { .. }) => return Err(invalid_grant(e.to_string())),
         other => other?,
     };
     let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;
@@ -306,6 +312,7 @@ mod tests {
             request,
             &fx.relays,
             TokenLifetimes::default(),
+            crate::authz::DEFAULT_MAX_LIVE_GRANTS,
             now,
         )
         .await
@@ -365,9 +372,17 @@ mod tests {
                 let (db, km, relays, code) = (fx.pool().clone(), fx.km.clone(), fx.relays.clone(), code.clone());
                 tokio::spawn(async move {
                     let request = token_request(&code);
-                    exchange_code(&db, km.as_ref(), &request, &relays, TokenLifetimes::default(), 101)
-                        .await
-                        .is_ok()
+                    exchange_code(
+                        &db,
+                        km.as_ref(),
+                        &request,
+                        &relays,
+                        TokenLifetimes::default(),
+                        crate::authz::DEFAULT_MAX_LIVE_GRANTS,
+                        101,
+                    )
+                    .await
+                    .is_ok()
                 })
             })
             .collect();

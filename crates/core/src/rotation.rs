@@ -245,6 +245,7 @@ mod tests {
                 relays: &[],
                 token_ttl_secs: 60,
                 terms: Default::default(),
+                max_live: crate::authz::DEFAULT_MAX_LIVE_GRANTS,
             };
             create_grant(db, old, &grant, 1).await.unwrap();
             out.push((user, key.pubkey.to_hex()));

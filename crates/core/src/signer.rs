@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::activity::{ActivityBuffer, RecordBound, DEFAULT_ACTIVITY_CAPACITY, DEFAULT_KEPT_PER_GRANT};
 use crate::approval::{self, ApprovalOptions, Permit};
-use crate::authz::{insert_authorization, Authorization, GrantError, NewGrant};
+use crate::authz::{insert_authorization, Authorization, GrantError, NewGrant, DEFAULT_MAX_LIVE_GRANTS};
 use crate::cache::EpochMap;
 use crate::error::{AuthError, InternalError, SignError};
 use crate::key_manager::{KeyManager, KeyOwner};
@@ -57,6 +57,8 @@ pub struct SignerOptions {
     /// Activity records kept per grant (see [`crate::activity`]). Default
     /// [`DEFAULT_KEPT_PER_GRANT`].
     pub activity_kept_per_grant: u32,
+    /// Live grants an account may have. Default [`DEFAULT_MAX_LIVE_GRANTS`].
+    pub max_live_grants: u32,
     /// Pending approvals ([`crate::approval`]): their life and the URL they live under.
     pub approvals: ApprovalOptions,
 }
@@ -68,6 +70,7 @@ impl Default for SignerOptions {
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             activity_capacity: DEFAULT_ACTIVITY_CAPACITY,
             activity_kept_per_grant: DEFAULT_KEPT_PER_GRANT,
+            max_live_grants: DEFAULT_MAX_LIVE_GRANTS,
             approvals: ApprovalOptions::default(),
         }
     }
@@ -124,6 +127,8 @@ pub struct Signer {
     activity: ActivityBuffer,
     /// Which grants' stored records are due for pruning.
     record_bound: RecordBound,
+    /// Live grants an account may have ([`SignerOptions::max_live_grants`]).
+    max_live_grants: u32,
     /// Signatures per limited grant ([`crate::terms`]).
     usage: UsageMeter,
     changes: broadcast::Sender<Change>,
@@ -168,6 +173,7 @@ impl Signer {
             approvals: options.approvals,
             activity: ActivityBuffer::new(options.activity_capacity),
             record_bound: RecordBound::new(options.activity_kept_per_grant),
+            max_live_grants: options.max_live_grants,
             usage: UsageMeter::default(),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
             trusted: AtomicBool::new(true),
@@ -324,6 +330,7 @@ impl Signer {
             relays: &uri.relays,
             token_ttl_secs: 0,
             terms: Default::default(),
+            max_live: self.max_live_grants,
         };
         // The authorization's own connect secret is never shown: the client is bound
         // here, so nobody else can use it.
@@ -772,6 +779,11 @@ impl Signer {
             self.record_bound.pruned(&grant.authorization_id);
         }
         Ok(())
+    }
+
+    /// Live grants an account may have (`KEYCAST_MAX_GRANTS_PER_ACCOUNT`).
+    pub fn max_live_grants(&self) -> u32 {
+        self.max_live_grants
     }
 
     /// Activity records waiting for [`Signer::flush`].

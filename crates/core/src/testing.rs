@@ -36,6 +36,7 @@ impl Fixture {
             relays: &self.relays,
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             terms: Default::default(),
+            max_live: crate::authz::DEFAULT_MAX_LIVE_GRANTS,
         }
     }
 }

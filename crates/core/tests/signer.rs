@@ -66,6 +66,7 @@ impl Harness {
             relays: &relays,
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             terms: Default::default(),
+            max_live: keycast_core::authz::DEFAULT_MAX_LIVE_GRANTS,
         };
         create_grant(&self.db, self.km.as_ref(), &new, now_unix())
             .await

@@ -53,6 +53,8 @@ pub struct NewAuthorization<'a> {
     pub relays: &'a str,
     /// See [`AuthorizationRow::terms`].
     pub terms: Option<&'a str>,
+    /// The most live grants its user may have, this one included.
+    pub max_live: u32,
 }
 
 macro_rules! columns {
@@ -62,19 +64,55 @@ macro_rules! columns {
     };
 }
 
+/// How many live grants user `$user` has at time `$now` (placeholders): not revoked, and
+/// not past the `expires_at` of their terms, which `$expires` reads from the JSON on the
+/// engine ([`sqlite_expires`], [`postgres_expires`]).
+macro_rules! live_count_sql {
+    ($expires:expr, $user:literal, $now:literal) => {
+        concat!(
+            "(SELECT COUNT(*) FROM authorizations WHERE user_id = ",
+            $user,
+            " AND revoked_at IS NULL AND COALESCE(",
+            $expires,
+            ", ",
+            $now,
+            " + 1) > ",
+            $now,
+            ")"
+        )
+    };
+}
+
 /// `INSERT INTO authorizations … SELECT` the new row's values, only while its policy is not
-/// deleted; `$lock` locks the policy row on PostgreSQL (see [`insert`]).
+/// deleted and its user has fewer than `$12` live grants; `$lock` locks the policy row on
+/// PostgreSQL (see [`insert`]).
 macro_rules! insert_sql {
-    ($lock:literal) => {
+    ($lock:literal, $expires:expr) => {
         concat!(
             "INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
              bunker_secret_encrypted, connect_secret_hash, relays, created_at, terms) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11 \
              WHERE EXISTS (SELECT 1 FROM policies WHERE id = $3 AND deleted_at IS NULL",
             $lock,
-            ") RETURNING ",
+            ") AND ",
+            live_count_sql!($expires, "$2", "$10"),
+            " < $12 RETURNING ",
             columns!()
         )
+    };
+}
+
+/// `expires_at` of a grant's terms (JSON text) on SQLite.
+macro_rules! sqlite_expires {
+    () => {
+        "json_extract(terms, '$.expires_at')"
+    };
+}
+
+/// `expires_at` of a grant's terms (JSON text) on PostgreSQL.
+macro_rules! postgres_expires {
+    () => {
+        "(terms::json->>'expires_at')::BIGINT"
     };
 }
 
@@ -90,8 +128,8 @@ macro_rules! insert_sql {
 /// [`RepoError::AlreadyExists`] for a reused id or bunker pubkey; database errors.
 pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<AuthorizationRow, RepoError> {
     let sql = match db.kind() {
-        EngineKind::Sqlite => insert_sql!(""),
-        EngineKind::Postgres => insert_sql!(" FOR SHARE"),
+        EngineKind::Sqlite => insert_sql!("", sqlite_expires!()),
+        EngineKind::Postgres => insert_sql!(" FOR SHARE", postgres_expires!()),
     };
     on_engine!(db, |pool| {
         let row: Option<AuthorizationRow> = sqlx::query_as(sql)
@@ -106,10 +144,33 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
             .bind(new.relays)
             .bind(now)
             .bind(new.terms)
+            .bind(i64::from(new.max_live))
             .fetch_all(pool)
             .await?
             .into_first();
-        row.ok_or(RepoError::MissingReference)
+        match row {
+            Some(row) => Ok(row),
+            None if count_live_for_user(db, new.user_id, now).await? >= i64::from(new.max_live) => {
+                Err(RepoError::TooMany("live authorizations"))
+            }
+            None => Err(RepoError::MissingReference),
+        }
+    })
+}
+
+/// How many live grants `user` has at `now`: not revoked, and not past the `expires_at` of
+/// their terms.
+///
+/// # Errors
+/// Database errors.
+pub async fn count_live_for_user(db: &Db, user: &UserId, now: i64) -> Result<i64, RepoError> {
+    let sql = match db.kind() {
+        EngineKind::Sqlite => concat!("SELECT ", live_count_sql!(sqlite_expires!(), "$1", "$2")),
+        EngineKind::Postgres => concat!("SELECT ", live_count_sql!(postgres_expires!(), "$1", "$2")),
+    };
+    on_engine!(db, |pool| {
+        let query = sqlx::query_scalar(sql).bind(user);
+        Ok(query.bind(now).fetch_one(pool).await?)
     })
 }
 
@@ -369,6 +430,64 @@ pub(crate) mod tests {
             assert_eq!(find_by_id(&db, &row.id).await.unwrap().as_ref(), Some(&row));
             assert_eq!(find_by_bunker_pubkey(&db, "b1").await.unwrap().as_ref(), Some(&row));
             assert_eq!(list_for_user(&db, &user).await.unwrap(), vec![row]);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_account_has_at_most_its_live_grants_and_revoked_or_expired_ones_do_not_count() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let other = test_user(&db, "b@x.org").await;
+            let now = 1_000;
+            let grant = |user: UserId, bunker: &'static str, terms: Option<&'static str>| {
+                let db = db.clone();
+                async move {
+                    let new = NewAuthorization {
+                        id: &AuthorizationId::generate(),
+                        user_id: &user,
+                        policy_id: &PolicyId::new("pol_social"),
+                        client_id: "app",
+                        redirect_origin: "https://app.example",
+                        bunker_pubkey: bunker,
+                        bunker_secret_encrypted: b"ciphertext",
+                        connect_secret_hash: &TokenHash::of(b"connect"),
+                        relays: "[]",
+                        terms,
+                        max_live: 2,
+                    };
+                    insert(&db, &new, now).await
+                }
+            };
+            let first = grant(user.clone(), "b1", None).await.unwrap();
+            grant(user.clone(), "b2", Some("{\"per_day\":3}")).await.unwrap();
+            assert_eq!(count_live_for_user(&db, &user, now).await.unwrap(), 2);
+            let refused = grant(user.clone(), "b3", None).await.unwrap_err();
+            assert!(matches!(refused, RepoError::TooMany(_)), "{refused:?}");
+            grant(other.clone(), "b4", None)
+                .await
+                .expect("another account counts alone");
+
+            assert!(revoke(&db, &first.id, &user, now).await.unwrap());
+            let third = grant(user.clone(), "b5", Some("{\"expires_at\":1001}")).await.unwrap();
+            assert!(grant(user.clone(), "b6", None).await.is_err(), "two live again");
+            // Once the third's time is over, it no longer counts.
+            assert_eq!(count_live_for_user(&db, &user, 1_001).await.unwrap(), 1, "{third:?}");
+            let new = NewAuthorization {
+                id: &AuthorizationId::generate(),
+                user_id: &user,
+                policy_id: &PolicyId::new("pol_social"),
+                client_id: "app",
+                redirect_origin: "https://app.example",
+                bunker_pubkey: "b7",
+                bunker_secret_encrypted: b"ciphertext",
+                connect_secret_hash: &TokenHash::of(b"connect"),
+                relays: "[]",
+                terms: None,
+                max_live: 2,
+            };
+            insert(&db, &new, 1_001)
+                .await
+                .expect("an expired grant frees its place");
         }
     }
 

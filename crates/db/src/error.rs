@@ -14,6 +14,10 @@ pub enum RepoError {
     /// A stored value could not be read back (for example an unknown enum text).
     #[error("stored value is invalid: {0}")]
     Corrupt(String),
+    /// A per-account bound refused the row: the account already has the most of these
+    /// (`live authorizations`) it may have.
+    #[error("the account already has the most {0} it may have")]
+    TooMany(&'static str),
     /// The operation exists on the other engine only (instance membership on SQLite).
     #[error("not available on this database engine: {0}")]
     Unsupported(&'static str),

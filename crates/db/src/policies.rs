@@ -426,6 +426,7 @@ mod tests {
                     connect_secret_hash: &crate::TokenHash::of(b"connect"),
                     relays: "[]",
                     terms: None,
+                    max_live: 100,
                 };
                 crate::authz::insert(&db, &new, 6).await
             }

@@ -54,6 +54,7 @@ pub(crate) async fn test_authorization(db: &Db, user: &UserId, bunker: &str) -> 
         connect_secret_hash: &TokenHash::of(b"connect"),
         relays: "[\"ws://127.0.0.1:7777\"]",
         terms: None,
+        max_live: 1_000,
     };
     authz::insert(db, &new, 2).await.unwrap()
 }

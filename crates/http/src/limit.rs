@@ -88,6 +88,14 @@ pub const RESET_PER_IP: Rate = Rate {
     refill: Duration::from_secs(60),
 };
 
+/// New grants (OAuth consents, `nostrconnect://` acceptances) per account: 30 then one a
+/// minute. With the cap on live grants it bounds the rows one account's script can make
+/// (codes live ten minutes, revoked grants stay listed).
+pub const GRANTS_PER_ACCOUNT: Rate = Rate {
+    burst: 30,
+    refill: Duration::from_secs(60),
+};
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,

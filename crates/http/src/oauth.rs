@@ -312,6 +312,7 @@ async fn decide(
         keycast_core::account_security::require_verified(&session.user).map_err(AppError::from)?;
     }
     let target = if approved {
+        crate::user::admit_new_grant(&state, &session.user.id).await?;
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
         let request = d.params.code_request(&session.user.id, &policy, d.choice()?);
@@ -405,6 +406,7 @@ async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFa
         &request,
         &options.relays,
         options.token_lifetimes,
+        services.signer.max_live_grants(),
         now,
     )
     .await?;

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use keycast_core::account_security::{self, ExportFormat};
+use keycast_core::authz::GrantError;
 use keycast_core::keys;
 use keycast_core::nostr::nips::nip19::ToBech32;
 use keycast_core::nostrconnect::RelayCapError;
@@ -20,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::extract::{ClientIp, JsonBody, OverHttps, QueryParams};
+use crate::limit::GRANTS_PER_ACCOUNT;
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
 
@@ -165,19 +167,37 @@ pub(crate) async fn accept_nostrconnect(
              GET /api/user/policies your own"
         ))
     })?;
+    admit_new_grant(state, user).await?;
     state.ensure_writable().await?;
     let authz = services
         .signer
         .accept_nostrconnect(user, &policy, &uri)
         .await
         .map_err(|e| match e {
-            e @ keycast_core::authz::GrantError::PolicyDeleted { .. } => AppError::BadRequest(e.to_string()),
+            e @ GrantError::PolicyDeleted { .. } => AppError::BadRequest(e.to_string()),
+            e @ GrantError::TooManyGrants { .. } => AppError::Conflict(e.to_string()),
             e => keycast_core::InternalError::from(e).into(),
         })?;
     state.confirm_write(true).await?;
     // NIP-46 starts listening for the new bunker on hearing this, then answers the client.
     services.signer.announce_nostrconnect(&authz, &uri);
     Ok(authz)
+}
+
+/// Whether `user` may start one more grant (an OAuth consent, a `nostrconnect://`
+/// acceptance): within [`GRANTS_PER_ACCOUNT`] (429 beyond), and with fewer live grants
+/// than the cap (409, saying to revoke one). The insert checks the cap again, atomically.
+pub(crate) async fn admit_new_grant(state: &AppState, user: &UserId) -> Result<(), AppError> {
+    state
+        .limits()
+        .check(&format!("grant:{user}"), GRANTS_PER_ACCOUNT)
+        .await?;
+    let (db, services) = state.api()?;
+    let max = services.signer.max_live_grants();
+    if authz_repo::count_live_for_user(db, user, now_unix()).await? >= i64::from(max) {
+        return Err(AppError::Conflict(GrantError::TooManyGrants { max }.to_string()));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]

@@ -382,6 +382,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "activity records kept per grant (100 to 10000000): older ones are removed as the app signs, its total of signatures still counted, and a grant with a rate limit keeps that window's signatures",
     },
     Setting {
+        key: "max_grants_per_account",
+        env: "KEYCAST_MAX_GRANTS_PER_ACCOUNT",
+        default: "100",
+        help: "live (unrevoked, unexpired) apps one account may authorize (1 to 100000); past it a consent or nostrconnect acceptance is refused with 409 saying to revoke one",
+    },
+    Setting {
         key: "sweep_interval_secs",
         env: "KEYCAST_SWEEP_INTERVAL_SECS",
         default: "3600",
@@ -501,6 +507,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// Activity records kept per grant (`KEYCAST_ACTIVITY_PER_GRANT`).
     pub activity_per_grant: u32,
+    /// Live grants an account may have (`KEYCAST_MAX_GRANTS_PER_ACCOUNT`).
+    pub max_grants_per_account: u32,
 }
 
 /// Which database keycast runs on.
@@ -861,6 +869,12 @@ impl Sources {
                     _ => Err("expected a number of records from 100 to 10000000".into()),
                 })?
                 .unwrap_or(keycast_core::DEFAULT_KEPT_PER_GRANT),
+            max_grants_per_account: self
+                .get("max_grants_per_account", |v| match v.parse::<u32>() {
+                    Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+                    _ => Err("expected a number of apps from 1 to 100000".into()),
+                })?
+                .unwrap_or(keycast_core::authz::DEFAULT_MAX_LIVE_GRANTS),
             data_dir,
         })
     }
@@ -1706,6 +1720,20 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(&format!("KEYCAST_ACTIVITY_PER_GRANT={bad}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_hundred_live_grants_per_account_by_default_and_the_number_is_bounded() {
+        assert_eq!(Sources::default().build().unwrap().max_grants_per_account, 100);
+        let config = env(&[("KEYCAST_MAX_GRANTS_PER_ACCOUNT", "3")]).build().unwrap();
+        assert_eq!(config.max_grants_per_account, 3);
+        for bad in ["0", "100001", "lots"] {
+            let err = env(&[("KEYCAST_MAX_GRANTS_PER_ACCOUNT", bad)])
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("KEYCAST_MAX_GRANTS_PER_ACCOUNT={bad}")), "{err}");
         }
     }
 

@@ -259,6 +259,7 @@ async fn services(
     let options = SignerOptions {
         cache_ttl: config.cache_ttl,
         activity_kept_per_grant: config.activity_per_grant,
+        max_live_grants: config.max_grants_per_account,
         approvals: keycast_core::approval::ApprovalOptions {
             ttl_secs: config.approval_ttl_secs,
             public_url: config.public_url.clone().unwrap_or_default(),

@@ -1,0 +1,141 @@
+//! One account cannot grow the database without bound, against the real binary on both
+//! engines: it has at most `KEYCAST_MAX_GRANTS_PER_ACCOUNT` live grants (each holds a bunker
+//! key, a relay subscription and its kept activity), and starts at most 30 grants at once,
+//! then one a minute (each consent stores a code). Past the cap, consent and `nostrconnect`
+//! say to revoke an app; codes issued before the cap was reached cannot go past it.
+//!
+//! Before, a script with one verified account and its session could approve consents and
+//! redeem them as fast as keycast answered: a grant per request, for good. On Cloud Run
+//! that disk is memory, shared by every account.
+
+mod harness;
+
+use harness::api::*;
+use harness::flow::{authorize_query, grant, pkce, register, token_request};
+use harness::{Engine, Keycast, Launch};
+use serde_json::json;
+
+const MAX: usize = 3;
+
+/// The consent form's approval, without asserting the answer: `(reply, verifier)`.
+fn consent(server: &Keycast, cookie: &str) -> (Reply, String) {
+    let (challenge, verifier) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
+    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    fields.push(("csrf".into(), csrf));
+    fields.push(("decision".into(), "approve".into()));
+    let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    (
+        post_form(server, "/api/oauth/authorize", Some(cookie), &pairs),
+        verifier,
+    )
+}
+
+fn code_of(reply: &Reply) -> String {
+    assert_eq!(reply.status, 302, "{}", reply.body);
+    query_param(reply.location.as_deref().unwrap(), "code").expect("a code")
+}
+
+fn nostrconnect(server: &Keycast, cookie: &str) -> Reply {
+    let uri = format!(
+        "nostrconnect://{}?relay=ws%3A%2F%2F127.0.0.1%3A9&secret=s3cret",
+        nostr::Keys::generate().public_key().to_hex()
+    );
+    post_json(
+        server,
+        "/api/user/nostrconnect",
+        Some(cookie),
+        &json!({ "uri": uri, "policy": "social" }),
+    )
+}
+
+fn one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_MAX_GRANTS_PER_ACCOUNT", &MAX.to_string())
+        .start();
+    let (cookie, _) = register(&server, "many@example.com", None);
+    let (other, _) = register(&server, "other@example.com", None);
+    let grants: Vec<_> = (0..MAX).map(|_| grant(&server, &cookie, "policy:social")).collect();
+
+    // At the cap: the owner is told what to do, on the consent page and over the API.
+    let (refused, _) = consent(&server, &cookie);
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        refused.body.contains("revoke"),
+        "says to revoke an app: {}",
+        refused.body
+    );
+    let r = nostrconnect(&server, &cookie);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.json()["message"].as_str().unwrap().contains(&format!("{MAX} apps")),
+        "{}",
+        r.body
+    );
+    assert_eq!(consent(&server, &other).0.status, 302, "another account counts alone");
+
+    // Revoking one frees its place.
+    let revoke = |g: &serde_json::Value| {
+        let path = format!("/api/user/authorizations/{}", g["authorization_id"].as_str().unwrap());
+        assert_eq!(delete(&server, &path, &cookie).status, 204);
+    };
+    revoke(&grants[0]);
+    revoke(&grants[1]);
+    // Two places, three codes: the third redeemed goes past the cap and is refused.
+    let codes: Vec<(String, String)> = (0..3)
+        .map(|_| {
+            let (reply, verifier) = consent(&server, &cookie);
+            (code_of(&reply), verifier)
+        })
+        .collect();
+    let answers: Vec<Reply> = codes
+        .iter()
+        .map(|(code, verifier)| token_request(&server, code, verifier, REDIRECT))
+        .collect();
+    assert_eq!(answers[0].status, 200, "{}", answers[0].body);
+    assert_eq!(answers[1].status, 200, "{}", answers[1].body);
+    assert_eq!(answers[2].status, 400, "{}", answers[2].body);
+    assert_eq!(answers[2].json()["error"], "invalid_grant", "{}", answers[2].body);
+    assert!(
+        answers[2].json()["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("revoke"),
+        "{}",
+        answers[2].body
+    );
+    let live = get(&server, "/api/user/authorizations", Some(&cookie)).json()["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["revoked_at"].is_null())
+        .count();
+    assert_eq!(live, MAX);
+
+    // Starting grants is rate-limited per account: 30 at once (this account has asked for
+    // 3 + 1 + 1 + 3 so far), then one a minute.
+    revoke(&answers[0].json());
+    let mut admitted = 0;
+    let limited = loop {
+        let (reply, _) = consent(&server, &cookie);
+        match reply.status {
+            302 => admitted += 1,
+            _ => break reply,
+        }
+        assert!(admitted <= 30, "no limit on consents");
+    };
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert!(limited.retry_after.is_some(), "with Retry-After");
+    assert!(
+        (20..=23).contains(&admitted),
+        "{admitted} more consents after 8 (30 at once, one a minute)"
+    );
+    assert_eq!(consent(&server, &other).0.status, 302, "other accounts go on");
+    server.stop();
+}
+
+on_both_engines!(one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate);
