@@ -17,6 +17,9 @@ use crate::secret::{hash_token, random_token, Secret};
 
 /// Life of a login session: 30 days (seconds).
 pub const SESSION_TTL_SECS: i64 = 30 * 24 * 3600;
+/// Sessions an account keeps: a new one ends the oldest beyond this. Logins come from many
+/// addresses (rate limits are per client), and each session is a row for 30 days.
+pub const MAX_SESSIONS_PER_ACCOUNT: u32 = 50;
 /// Life of an email-verification token: 24 hours (seconds).
 pub const VERIFY_EMAIL_TTL_SECS: i64 = 24 * 3600;
 /// Life of a password-reset token: 1 hour (seconds).
@@ -270,7 +273,15 @@ pub async fn login(
 pub async fn create_session(db: &Db, user: &UserId, now: i64) -> Result<NewSession, RepoError> {
     let token = random_token();
     let expires_at = now + SESSION_TTL_SECS;
-    session_repo::insert(db, &hash_token(token.expose()), user, now, expires_at).await?;
+    session_repo::insert(
+        db,
+        &hash_token(token.expose()),
+        user,
+        now,
+        expires_at,
+        MAX_SESSIONS_PER_ACCOUNT,
+    )
+    .await?;
     Ok(NewSession { token, expires_at })
 }
 

@@ -307,7 +307,7 @@ mod tests {
             owner_user_id: Some(fx.user.clone()),
             ..social
         };
-        keycast_db::policies::insert(fx.pool(), &read).await.unwrap();
+        keycast_db::policies::insert(fx.pool(), &read, 100).await.unwrap();
         let deleted = keycast_db::policies::delete_owned(fx.pool(), &read.id, &fx.user, 2)
             .await
             .unwrap();

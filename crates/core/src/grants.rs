@@ -24,6 +24,8 @@ pub const MAX_BLOCKED_WORDS: usize = 100;
 pub const MAX_WORD_CHARS: usize = 100;
 /// Most kinds listed as allowed or as denied.
 pub const MAX_KINDS: usize = 1000;
+/// Custom policies (not deleted) an account may have.
+pub const MAX_CUSTOM_POLICIES: u32 = 25;
 
 /// Why a custom policy or a grant edit was refused.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,12 @@ pub enum GrantEditError {
     /// The policy cannot be deleted while apps use it. HTTP 409.
     #[error("{0}")]
     InUse(String),
+    /// The account already has [`MAX_CUSTOM_POLICIES`]. HTTP 409.
+    #[error(
+        "you already have {MAX_CUSTOM_POLICIES} custom policies, the most an account may have; delete one you \
+         no longer use first"
+    )]
+    TooManyPolicies,
     #[error(transparent)]
     Repo(#[from] RepoError),
 }
@@ -107,7 +115,12 @@ pub async fn create_policy(
         owner_user_id: Some(owner.clone()),
         deleted_at: None,
     };
-    policy_repo::insert(signer.db(), &row).await?;
+    policy_repo::insert(signer.db(), &row, MAX_CUSTOM_POLICIES)
+        .await
+        .map_err(|e| match e {
+            RepoError::TooMany(_) => GrantEditError::TooManyPolicies,
+            e => e.into(),
+        })?;
     Ok(row)
 }
 

@@ -119,15 +119,17 @@ pub async fn list_owned(db: &Db, user: &UserId) -> Result<Vec<PolicyRow>, RepoEr
     })
 }
 
-/// Stores a custom policy (its `owner_user_id` must be set).
+/// Stores a custom policy (its `owner_user_id` must be set) while its owner has fewer than
+/// `max_live` custom policies not deleted, checked in the same statement.
 ///
 /// # Errors
-/// Database errors (a taken slug among them).
-pub async fn insert(db: &Db, row: &PolicyRow) -> Result<(), RepoError> {
+/// [`RepoError::TooMany`] at `max_live`; database errors (a taken slug among them).
+pub async fn insert(db: &Db, row: &PolicyRow, max_live: u32) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO policies (id, slug, display_name, description, permissions, created_at, owner_user_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             SELECT $1, $2, $3, $4, $5, $6, $7 \
+             WHERE (SELECT COUNT(*) FROM policies WHERE owner_user_id = $7 AND deleted_at IS NULL) < $8",
         )
         .bind(&row.id)
         .bind(&row.slug)
@@ -136,8 +138,13 @@ pub async fn insert(db: &Db, row: &PolicyRow) -> Result<(), RepoError> {
         .bind(&row.permissions)
         .bind(row.created_at)
         .bind(&row.owner_user_id)
+        .bind(i64::from(max_live))
         .execute(pool)
-        .await?;
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(RepoError::TooMany("custom policies"));
+        }
         Ok(())
     })
 }
@@ -299,7 +306,7 @@ mod tests {
             let owner = crate::testing::test_user(&db, "owner@example.com").await;
             let other = crate::testing::test_user(&db, "other@example.com").await;
             let row = custom(&owner, "custom-1", "Mine");
-            insert(&db, &row).await.unwrap();
+            insert(&db, &row, 100).await.unwrap();
             assert_eq!(find_usable(&db, &owner, "custom-1").await.unwrap(), Some(row.clone()));
             assert_eq!(find_usable(&db, &other, "custom-1").await.unwrap(), None);
             assert!(find_usable(&db, &other, "social").await.unwrap().is_some());
@@ -328,7 +335,7 @@ mod tests {
             let owner = crate::testing::test_user(&db, "owner@example.com").await;
             let other = crate::testing::test_user(&db, "other@example.com").await;
             let row = custom(&owner, "custom-gone", "Soon gone");
-            insert(&db, &row).await.unwrap();
+            insert(&db, &row, 100).await.unwrap();
             let app = crate::testing::test_authorization(&db, &owner, &"b".repeat(64)).await;
             assert!(authz::update_grant(&db, &app.id, &owner, &row.id, None).await.unwrap());
 
@@ -373,7 +380,7 @@ mod tests {
         let db = Db::open_postgres(&crate::PgOptions::new(&scratch.url)).await.unwrap();
         let owner = crate::testing::test_user(&db, "owner@example.com").await;
         let row = custom(&owner, "custom-race", "Raced");
-        insert(&db, &row).await.unwrap();
+        insert(&db, &row, 100).await.unwrap();
         Some((scratch, db, owner, row))
     }
 

@@ -16,19 +16,38 @@ pub struct Session {
     pub expires_at: i64,
 }
 
-/// Stores a session that expires at `expires_at` (unix seconds).
+/// Stores a session that expires at `expires_at` (unix seconds), and ends the user's
+/// oldest sessions beyond the newest `keep` (this one among them), in one transaction.
 ///
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user; database errors.
-pub async fn insert(db: &Db, hash: &TokenHash, user: &UserId, now: i64, expires_at: i64) -> Result<(), RepoError> {
+pub async fn insert(
+    db: &Db,
+    hash: &TokenHash,
+    user: &UserId,
+    now: i64,
+    expires_at: i64,
+    keep: u32,
+) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
         sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(hash)
             .bind(user)
             .bind(now)
             .bind(expires_at)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2 AND token_hash NOT IN \
+             (SELECT token_hash FROM sessions WHERE user_id = $1 ORDER BY created_at DESC, token_hash LIMIT $3)",
+        )
+        .bind(user)
+        .bind(hash)
+        .bind(i64::from(keep))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     })
 }
@@ -250,7 +269,7 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
             let hash = TokenHash::of(b"cookie");
-            insert(&db, &hash, &user, 10, 20).await.unwrap();
+            insert(&db, &hash, &user, 10, 20, 50).await.unwrap();
             let found = find_live_by_hash(&db, &hash, 19).await.unwrap().unwrap();
             assert_eq!(found.user_id, user);
             assert_eq!(find_live_by_hash(&db, &hash, 20).await.unwrap(), None);
@@ -266,7 +285,7 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
             for raw in [b"s1", b"s2", b"s3"] {
-                insert(&db, &TokenHash::of(raw), &user, 1, 100).await.unwrap();
+                insert(&db, &TokenHash::of(raw), &user, 1, 100, 50).await.unwrap();
             }
             assert!(delete(&db, &TokenHash::of(b"s1")).await.unwrap());
             assert!(!delete(&db, &TokenHash::of(b"s1")).await.unwrap());
@@ -275,11 +294,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_session_ends_the_oldest_beyond_the_kept_number_of_that_user_only() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let other = test_user(&db, "b@x.org").await;
+            insert(&db, &TokenHash::of(b"theirs"), &other, 1, 100, 2).await.unwrap();
+            for (at, raw) in [(1, b"s1"), (2, b"s2"), (3, b"s3")] {
+                insert(&db, &TokenHash::of(raw), &user, at, 100, 2).await.unwrap();
+            }
+            let live = |raw: &'static [u8]| {
+                let db = db.clone();
+                async move { find_live_by_hash(&db, &TokenHash::of(raw), 10).await.unwrap().is_some() }
+            };
+            assert!(!live(b"s1").await, "the oldest ended");
+            assert!(live(b"s2").await && live(b"s3").await && live(b"theirs").await);
+        }
+    }
+
+    #[tokio::test]
     async fn expired_sessions_are_purged() {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
-            insert(&db, &TokenHash::of(b"old"), &user, 1, 5).await.unwrap();
-            insert(&db, &TokenHash::of(b"new"), &user, 1, 50).await.unwrap();
+            insert(&db, &TokenHash::of(b"old"), &user, 1, 5, 50).await.unwrap();
+            insert(&db, &TokenHash::of(b"new"), &user, 1, 50, 50).await.unwrap();
             assert_eq!(delete_expired(&db, 10).await.unwrap(), 1);
             assert!(find_live_by_hash(&db, &TokenHash::of(b"new"), 10)
                 .await
@@ -291,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn session_for_unknown_user_is_a_missing_reference() {
         for (_guard, db) in temp_dbs().await {
-            let err = insert(&db, &TokenHash::of(b"x"), &UserId::generate(), 1, 2)
+            let err = insert(&db, &TokenHash::of(b"x"), &UserId::generate(), 1, 2, 50)
                 .await
                 .unwrap_err();
             assert!(matches!(err, RepoError::MissingReference), "{err:?}");

@@ -46,6 +46,7 @@ impl From<GrantEditError> for AppError {
             GrantEditError::Invalid(why) => AppError::BadRequest(why),
             GrantEditError::NotFound(why) => AppError::NotFound(why),
             GrantEditError::InUse(why) => AppError::Conflict(why),
+            e @ GrantEditError::TooManyPolicies => AppError::Conflict(e.to_string()),
             GrantEditError::Repo(e) => e.into(),
         }
     }
@@ -134,6 +135,14 @@ pub(crate) async fn save_policy(
     permissions: keycast_core::policy::Permissions,
 ) -> Result<PolicyRow, AppError> {
     let (_, services) = state.api()?;
+    if slug.is_none() {
+        // Deleted policies stay as rows (their revoked grants name them): the cap alone
+        // would not bound a loop of creations and deletions.
+        state
+            .limits()
+            .check(&format!("policy:{user}"), crate::limit::POLICIES_PER_ACCOUNT)
+            .await?;
+    }
     state.ensure_writable().await?;
     let row = match slug {
         None => grants::create_policy(&services.signer, user, name, permissions, now_unix()).await?,

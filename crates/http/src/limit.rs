@@ -96,6 +96,12 @@ pub const GRANTS_PER_ACCOUNT: Rate = Rate {
     refill: Duration::from_secs(60),
 };
 
+/// New custom policies per account: 30 then one a minute.
+pub const POLICIES_PER_ACCOUNT: Rate = Rate {
+    burst: 30,
+    refill: Duration::from_secs(60),
+};
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,

@@ -2,7 +2,8 @@
 //! engines: it has at most `KEYCAST_MAX_GRANTS_PER_ACCOUNT` live grants (each holds a bunker
 //! key, a relay subscription and its kept activity), and starts at most 30 grants at once,
 //! then one a minute (each consent stores a code). Past the cap, consent and `nostrconnect`
-//! say to revoke an app; codes issued before the cap was reached cannot go past it.
+//! say to revoke an app; codes issued before the cap was reached cannot go past it. It keeps
+//! its newest 50 sessions, and at most 25 custom policies.
 //!
 //! Before, a script with one verified account and its session could approve consents and
 //! redeem them as fast as keycast answered: a grant per request, for good. On Cloud Run
@@ -138,4 +139,87 @@ fn one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate(eng
     server.stop();
 }
 
-on_both_engines!(one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate);
+fn login_from(server: &Keycast, email: &str, client: &str) -> Reply {
+    post(
+        server,
+        "/api/auth/login",
+        None,
+        "application/json",
+        &json!({ "email": email, "password": PASSWORD }).to_string(),
+        &[("X-Forwarded-For", client)],
+    )
+}
+
+fn create_policy(server: &Keycast, cookie: &str, n: usize) -> Reply {
+    post_json(
+        server,
+        "/api/user/policies",
+        Some(cookie),
+        &json!({ "name": format!("policy {n}"), "permissions": { "allowed_kinds": [1] } }),
+    )
+}
+
+/// Sessions: logging in from many addresses (each within its own rate limit) keeps the
+/// newest 50 and ends the oldest. Custom policies: 25 at most, and 30 creations at once
+/// then one a minute, since a deleted policy stays as a row (its revoked grants name it).
+fn an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_TRUSTED_PROXY_HOPS", "1")
+        .start();
+    let (first, _) = register(&server, "logins@example.com", None);
+    let mut sessions = vec![first];
+    for i in 0..50 {
+        let r = login_from(
+            &server,
+            "logins@example.com",
+            &format!("10.1.{}.{}", i / 200, i % 200 + 1),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        sessions.push(cookie_of(&r));
+    }
+    let mine = |cookie: &str| get(&server, "/api/user/policies", Some(cookie)).status;
+    let newest = sessions.last().unwrap().clone();
+    assert_eq!(mine(&newest), 200);
+    // Oldest first by the second they began; within one second any may go.
+    let live = sessions.iter().filter(|c| mine(c) == 200).count();
+    assert_eq!(live, 50, "51 sessions, the newest 50 kept");
+
+    for n in 0..25 {
+        let r = create_policy(&server, &newest, n);
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let full = create_policy(&server, &newest, 25);
+    assert_eq!(full.status, 409, "{}", full.body);
+    assert!(
+        full.json()["message"].as_str().unwrap().contains("delete one"),
+        "{}",
+        full.body
+    );
+    let slug = get(&server, "/api/user/policies", Some(&newest)).json()["policies"][0]["slug"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        delete(&server, &format!("/api/user/policies/{slug}"), &newest).status,
+        204
+    );
+    assert_eq!(
+        create_policy(&server, &newest, 26).status,
+        201,
+        "a deletion frees a place"
+    );
+    // 27 creations asked so far: three more are answered (at the cap), then the rate says no.
+    for n in 27..30 {
+        assert_eq!(create_policy(&server, &newest, n).status, 409);
+    }
+    let limited = create_policy(&server, &newest, 30);
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert!(limited.retry_after.is_some());
+    server.stop();
+}
+
+on_both_engines!(
+    one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate,
+    an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies
+);
