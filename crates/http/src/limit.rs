@@ -326,6 +326,10 @@ fn secs_ceil(ms: i64) -> u64 {
 }
 
 fn unavailable(err: keycast_db::RepoError) -> AppError {
+    if let keycast_db::RepoError::StorageFull(_) = err {
+        // Each check writes its bucket: on a full disk say so, as every other write does.
+        return err.into();
+    }
     tracing::warn!(error = %err, "cannot read the shared rate limits");
     AppError::Unavailable("rate limits cannot be checked right now; retry in a moment".into())
 }
@@ -362,6 +366,20 @@ fn bucket_of(ip: IpAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On PostgreSQL each check writes its bucket: with the disk full the client hears
+    /// that (503, `Retry-After`), not that the limits cannot be checked.
+    #[test]
+    fn a_full_database_disk_under_the_shared_limits_says_so() {
+        let full = keycast_db::RepoError::StorageFull(sqlx::Error::Protocol("could not extend file".into()));
+        let response = axum::response::IntoResponse::into_response(unavailable(full));
+        assert_eq!(response.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().contains_key("retry-after"));
+        let message = &response.extensions().get::<crate::error::ErrorMessage>().unwrap().0;
+        assert!(message.contains("disk is full"), "{message}");
+        let other = unavailable(keycast_db::RepoError::Database(sqlx::Error::PoolTimedOut));
+        assert!(other.to_string().contains("rate limits cannot be checked"), "{other}");
+    }
     use axum::http::Request;
 
     fn parts(xff: Option<&str>, peer: &str) -> Parts {

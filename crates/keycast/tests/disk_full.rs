@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use harness::api::*;
+use harness::engine::psql;
 use harness::flow::{approve_with, authorize_query, grant, pkce, register, token_request};
 use harness::{CommandExt as _, Launch};
 use serde_json::json;
@@ -473,4 +474,118 @@ fn every_write_on_a_full_disk_is_made_or_refused_as_full_never_a_500() {
         );
     }
     server.stop();
+}
+
+/// The same on PostgreSQL: the database's tables live in a tablespace on a small tmpfs (its
+/// WAL stays on the server's own disk, as on a managed server whose storage fills), which
+/// the test fills. PostgreSQL's "could not extend file" (SQLSTATE 53100) is answered as the
+/// same 503, signing under an unlimited grant goes on, and writes resume once space is back
+/// with every acknowledged one in place.
+#[test]
+fn on_postgresql_a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
+    let Some(admin) = harness::engine::postgres_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = Tmpfs::mount(&dir.path().join("tablespace"), "24m") else {
+        return;
+    };
+    // The server runs as `postgres`, which must own a tablespace's directory.
+    let owned = Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&disk.point)
+        .output_within(harness::COMMAND_TIMEOUT);
+    assert!(owned.status.success(), "{}", String::from_utf8_lossy(&owned.stderr));
+    let space = format!("kt_full_{}", std::process::id());
+    psql(
+        &admin,
+        &format!("CREATE TABLESPACE {space} LOCATION '{}'", disk.point.display()),
+    );
+    let database = harness::engine::PgDatabase::create("disk_full");
+    let name = database
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    psql(&admin, &format!("ALTER DATABASE {name} SET TABLESPACE {space}"));
+
+    // Registrations come from many addresses: the per-client limit is not what is tested.
+    let server = Launch::new(&dir.path().join("data"))
+        .postgres(&database)
+        .env("KEYCAST_TRUSTED_PROXY_HOPS", "1")
+        .start();
+    let registration = |email: &str, i: usize| {
+        post(
+            &server,
+            "/api/auth/register",
+            None,
+            "application/json",
+            &json!({ "email": email, "password": PASSWORD }).to_string(),
+            &[("X-Forwarded-For", &format!("10.2.{}.{}", i / 200, i % 200 + 1))],
+        )
+    };
+    let (cookie, _) = register(&server, "alice@example.com", None);
+    let app = grant(&server, &cookie, "policy:social");
+    let access = app["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(signs(&server, &access), 200);
+
+    disk.fill();
+    let mut acknowledged = vec!["alice@example.com".to_owned()];
+    let mut refused = None;
+    for i in 0..2000 {
+        let email = format!("while-full-{i}@example.com");
+        let r = registration(&email, i);
+        if r.status == 201 {
+            acknowledged.push(email);
+        } else {
+            refused = Some(r);
+            break;
+        }
+    }
+    let refused = refused.expect("no registration failed on the full disk");
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.body.contains("disk is full"), "{}", refused.body);
+    assert!(refused.retry_after.is_some(), "with Retry-After");
+    assert_eq!(signs(&server, &access), 200, "signing only reads: it goes on");
+    let authorization = format!("/api/user/authorizations/{}", app["authorization_id"].as_str().unwrap());
+    let r = delete(&server, &authorization, &cookie);
+    assert!(
+        r.status == 204 || (r.status == 503 && r.body.contains("disk is full")),
+        "{} {}",
+        r.status,
+        r.body
+    );
+    let revoked = r.status == 204;
+
+    disk.free();
+    assert_eq!(
+        signs(&server, &access),
+        if revoked { 401 } else { 200 },
+        "the revocation's answer held"
+    );
+    if !revoked {
+        assert_eq!(delete(&server, &authorization, &cookie).status, 204);
+        assert_eq!(signs(&server, &access), 401);
+    }
+    let after = registration("after@example.com", 5000);
+    assert_eq!(after.status, 201, "writes resume without a restart: {}", after.body);
+    acknowledged.push("after@example.com".to_owned());
+    for (i, email) in acknowledged.iter().enumerate() {
+        let r = post(
+            &server,
+            "/api/auth/login",
+            None,
+            "application/json",
+            &json!({ "email": email, "password": PASSWORD }).to_string(),
+            &[("X-Forwarded-For", &format!("10.3.{}.{}", i / 200, i % 200 + 1))],
+        );
+        assert_eq!(r.status, 200, "{email} was acknowledged but is missing: {}", r.body);
+    }
+    server.stop();
+    drop(database);
+    psql(&admin, &format!("DROP TABLESPACE IF EXISTS {space}"));
 }
