@@ -1,12 +1,24 @@
 //! Rows whose time is over: expired sessions, mailed tokens, OAuth codes, access tokens and
-//! refresh tokens. Each is refused once expired anyway; removing them keeps the database (on
-//! Cloud Run, memory) from growing by every login and every hourly token refresh for good.
+//! refresh tokens, and the older activity of revoked grants. Each is refused once expired
+//! anyway; removing them keeps the database (on Cloud Run, memory) from growing by every
+//! login and every hourly token refresh for good.
 //!
 //! Spent refresh tokens are kept for [`SPENT_REFRESH_MEMORY_SECS`] past their expiry: one
 //! presented again is reuse, which revokes its authorization (RFC 9700 §4.14), and that
 //! detection should outlive the token's own life by a margin. After that it is unknown.
+//!
+//! A revoked grant keeps its newest [`KEPT_PER_REVOKED_GRANT`] activity records (what its
+//! page shows), its total of signatures still counted: an account may start a grant a
+//! minute, and each could otherwise keep a live grant's whole record for good.
 
+use keycast_db::activity::{self, Prune};
 use keycast_db::{oauth, refresh, sessions, Db, RepoError};
+
+/// Activity records a revoked grant keeps.
+pub const KEPT_PER_REVOKED_GRANT: u32 = 20;
+
+/// Revoked grants trimmed per transaction.
+const TRIM_BATCH: i64 = 500;
 
 /// How long past its expiry a refresh token is remembered, for reuse detection: 30 days.
 pub const SPENT_REFRESH_MEMORY_SECS: i64 = 30 * 24 * 3600;
@@ -19,12 +31,19 @@ pub struct Swept {
     pub codes: u64,
     pub access_tokens: u64,
     pub refresh_tokens: u64,
+    /// Activity records of revoked grants beyond their newest [`KEPT_PER_REVOKED_GRANT`].
+    pub revoked_activity: u64,
 }
 
 impl Swept {
     /// Rows removed in all.
     pub fn total(&self) -> u64 {
-        self.sessions + self.mailed_tokens + self.codes + self.access_tokens + self.refresh_tokens
+        self.sessions
+            + self.mailed_tokens
+            + self.codes
+            + self.access_tokens
+            + self.refresh_tokens
+            + self.revoked_activity
     }
 }
 
@@ -40,5 +59,26 @@ pub async fn sweep_expired(db: &Db, now: i64) -> Result<Swept, RepoError> {
         codes: oauth::delete_expired_codes(db, now).await?,
         access_tokens: oauth::delete_expired_tokens(db, now).await?,
         refresh_tokens: refresh::delete_expired(db, now - SPENT_REFRESH_MEMORY_SECS).await?,
+        revoked_activity: trim_revoked(db).await?,
     })
+}
+
+/// Trims every revoked grant's record to its newest [`KEPT_PER_REVOKED_GRANT`], a batch of
+/// grants per transaction.
+async fn trim_revoked(db: &Db) -> Result<u64, RepoError> {
+    let mut removed = 0;
+    loop {
+        let ids = activity::revoked_with_more_than(db, KEPT_PER_REVOKED_GRANT, TRIM_BATCH).await?;
+        let grants: Vec<Prune> = ids
+            .into_iter()
+            .map(|authorization_id| Prune {
+                authorization_id,
+                protect_since: None,
+            })
+            .collect();
+        removed += activity::prune(db, KEPT_PER_REVOKED_GRANT, &grants).await?;
+        if (grants.len() as i64) < TRIM_BATCH {
+            return Ok(removed);
+        }
+    }
 }

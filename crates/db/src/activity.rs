@@ -256,6 +256,24 @@ pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoErro
     })
 }
 
+/// Up to `most` revoked authorizations with more than `keep` activity records (for
+/// [`prune`] to trim).
+///
+/// # Errors
+/// Database errors.
+pub async fn revoked_with_more_than(db: &Db, keep: u32, most: i64) -> Result<Vec<AuthorizationId>, RepoError> {
+    on_engine!(db, |pool| {
+        Ok(sqlx::query_scalar(
+            "SELECT a.id FROM authorizations a WHERE a.revoked_at IS NOT NULL AND EXISTS \
+             (SELECT 1 FROM activity v WHERE v.authorization_id = a.id LIMIT 1 OFFSET $1) LIMIT $2",
+        )
+        .bind(i64::from(keep))
+        .bind(most)
+        .fetch_all(pool)
+        .await?)
+    })
+}
+
 /// An authorization's signatures (`sign_event` records): how many in all, and how many in
 /// each second at or after `since` (`(second, count)`, oldest first: one row per second
 /// however fast the app signs), for the usage limits of its grant.

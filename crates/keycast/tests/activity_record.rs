@@ -139,4 +139,40 @@ fn the_record_stays_bounded_and_the_counts_it_served_hold(engine: Engine) {
     server.stop();
 }
 
-on_both_engines!(the_record_stays_bounded_and_the_counts_it_served_hold);
+/// A revoked grant keeps its newest 20 records (what its page shows), trimmed by the
+/// housekeeping sweep; its total still counts every signature.
+fn a_revoked_grant_keeps_its_newest_records_and_its_total(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_ACTIVITY_FLUSH_MS", "20")
+        .env("KEYCAST_SWEEP_INTERVAL_SECS", "1")
+        .start();
+    let (cookie, _) = register(&server, "revoked@example.com", None);
+    let app = grant(&server, &cookie, "policy:social");
+    let id = app["authorization_id"].as_str().unwrap().to_owned();
+    for n in 0..60 {
+        assert_eq!(sign(&server, &app, n).status, 200);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while usage(&server, &cookie, &app)["signatures"] != 60 {
+        assert!(std::time::Instant::now() < deadline, "the activity was never written");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(rows_of(&server, &id), 60, "a live grant keeps its 60 (of 1,000)");
+    let path = format!("/api/user/authorizations/{id}");
+    assert_eq!(delete(&server, &path, &cookie).status, 204);
+    while rows_of(&server, &id) > 20 {
+        assert!(std::time::Instant::now() < deadline, "never trimmed:\n{}", server.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(rows_of(&server, &id), 20);
+    let shown = get(&server, &path, Some(&cookie)).json();
+    assert_eq!(shown["usage"]["signatures"], 60, "{shown}");
+    assert_eq!(shown["recent_activity"].as_array().unwrap().len(), 20, "{shown}");
+    server.stop();
+}
+
+on_both_engines!(
+    the_record_stays_bounded_and_the_counts_it_served_hold,
+    a_revoked_grant_keeps_its_newest_records_and_its_total
+);
