@@ -1,5 +1,8 @@
 //! The one error type of the repositories.
 
+/// Writes the database refused because its disk is full (`KeycastDatabaseDiskFull`).
+pub const DISK_FULL_METRIC: &str = "keycast_database_disk_full_total";
+
 /// Why a repository call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -46,6 +49,9 @@ impl From<sqlx::Error> for RepoError {
             }
             // SQLITE_FULL (13, no extended codes); PostgreSQL's SQLSTATE 53100.
             if matches!(db.code().as_deref(), Some("13" | "53100")) {
+                // Counted here, where every refused write passes: the alert must not depend
+                // on which caller met it (signing goes on, so the 5xx rate may stay low).
+                metrics::counter!(DISK_FULL_METRIC).increment(1);
                 return RepoError::StorageFull(err);
             }
         }

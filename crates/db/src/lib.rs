@@ -60,7 +60,7 @@ pub mod sessions;
 mod testing;
 pub mod users;
 
-pub use error::RepoError;
+pub use error::{RepoError, DISK_FULL_METRIC};
 pub use ids::{ActivityId, AuthorizationId, KeyId, PolicyId, TokenHash, UserId};
 pub use migrate::MigrateError;
 pub use pool::{Db, DbOptions, EngineKind, OpenError, PgOptions};

@@ -206,6 +206,7 @@ pub fn register_alerted_counters() {
         metrics::counter!("keycast_replica_request_errors_total", "operation" => operation).increment(0);
     }
     metrics::counter!("keycast_nip46_dropped_total").increment(0);
+    metrics::counter!(keycast_db::DISK_FULL_METRIC).increment(0);
 }
 
 /// Replication as a readiness dependency and a metrics source.

@@ -168,6 +168,14 @@ fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
         assert_eq!(signs(&server, &access), 401);
     }
 
+    // The operator is paged by its own counter (signing kept the 5xx rate low).
+    let (status, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        harness::metric_sum(&metrics, "keycast_database_disk_full_total") >= 1.0,
+        "the refusals are counted: {metrics}"
+    );
+
     // Space is back: writes work again without a restart.
     assert_eq!(delete(&server, &authorization, &cookie).status, 204);
     let after = registration(&server, "after@example.com");
