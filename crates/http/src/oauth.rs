@@ -159,6 +159,15 @@ async fn authorize_page(
         None => page::login(&params, None),
         Some(s) if s.user.email_verified_at.is_none() => page::verify_first(&s.user.email),
         Some(s) => {
+            // Nothing to approve until the owner revokes an app (the approval checks again).
+            match crate::user::grant_cap(&state, &s.user.id).await {
+                Ok(()) => {}
+                Err(AppError::Conflict(message)) => {
+                    let page = page::at_grant_cap(&s.user.email, &message);
+                    return Ok(no_store((StatusCode::CONFLICT, Html(page))).into_response());
+                }
+                Err(other) => return Err(other.into()),
+            }
             // The words come from the permissions themselves, never from stored prose.
             let lines = keycast_core::Policy::from_row(&policy)
                 .map_err(AppError::internal)?

@@ -218,6 +218,19 @@ pub fn verify_first(email: &str) -> String {
     layout("Confirm your email", &body)
 }
 
+/// The consent page when the account already has its most live grants: nothing to approve
+/// until one is revoked.
+pub fn at_grant_cap(email: &str, message: &str) -> String {
+    let body = format!(
+        "<h1>Too many apps</h1>\
+         <p class=\"error\" role=\"alert\">Signed in as {email}: {message}.</p>\
+         <p><a href=\"/dashboard\">Your dashboard</a> lists your apps and revokes them.</p>",
+        email = escape(email),
+        message = escape(message),
+    );
+    layout("Too many apps", &body)
+}
+
 /// What the consent page shows besides the user.
 pub(crate) struct Consent<'a> {
     pub params: &'a AuthorizeParams,

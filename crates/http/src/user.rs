@@ -192,6 +192,12 @@ pub(crate) async fn admit_new_grant(state: &AppState, user: &UserId) -> Result<(
         .limits()
         .check(&format!("grant:{user}"), GRANTS_PER_ACCOUNT)
         .await?;
+    grant_cap(state, user).await
+}
+
+/// 409 ([`AppError::Conflict`], saying to revoke one) when `user` has the most live grants
+/// an account may have.
+pub(crate) async fn grant_cap(state: &AppState, user: &UserId) -> Result<(), AppError> {
     let (db, services) = state.api()?;
     let max = services.signer.max_live_grants();
     if authz_repo::count_live_for_user(db, user, now_unix()).await? >= i64::from(max) {

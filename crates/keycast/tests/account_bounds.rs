@@ -18,13 +18,13 @@ use serde_json::json;
 
 const MAX: usize = 3;
 
-/// The consent form's approval, without asserting the answer: `(reply, verifier)`.
+/// The consent form's approval, without asserting the answer: `(reply, verifier)`. The
+/// session's CSRF token comes from the dashboard (at the cap the consent page has no form).
 fn consent(server: &Keycast, cookie: &str) -> (Reply, String) {
     let (challenge, verifier) = pkce();
     let query = authorize_query("policy:social", &challenge);
-    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
-    assert_eq!(page.status, 200, "{}", page.body);
-    let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
+    let dashboard = get(server, "/dashboard", Some(cookie));
+    let csrf = hidden_input(&dashboard.body, "csrf").expect("the dashboard carries the session's CSRF token");
     let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
     fields.push(("csrf".into(), csrf));
     fields.push(("decision".into(), "approve".into()));
@@ -63,6 +63,18 @@ fn one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate(eng
     let grants: Vec<_> = (0..MAX).map(|_| grant(&server, &cookie, "policy:social")).collect();
 
     // At the cap: the owner is told what to do, on the consent page and over the API.
+    let (challenge, _) = pkce();
+    let page = get(
+        &server,
+        &format!("/api/oauth/authorize?{}", authorize_query("policy:social", &challenge)),
+        Some(&cookie),
+    );
+    assert_eq!(page.status, 409, "{}", page.body);
+    assert!(
+        page.body.contains("revoke") && !page.body.contains("name=\"decision\""),
+        "a page saying to revoke an app, with nothing to approve: {}",
+        page.body
+    );
     let (refused, _) = consent(&server, &cookie);
     assert_eq!(refused.status, 409, "{}", refused.body);
     assert!(
