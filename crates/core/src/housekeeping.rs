@@ -7,14 +7,15 @@
 //! presented again is reuse, which revokes its authorization (RFC 9700 §4.14), and that
 //! detection should outlive the token's own life by a margin. After that it is unknown.
 //!
-//! A revoked grant keeps its newest [`KEPT_PER_REVOKED_GRANT`] activity records (what its
-//! page shows), its total of signatures still counted: an account may start a grant a
-//! minute, and each could otherwise keep a live grant's whole record for good.
+//! A grant that is over (revoked, or past its chosen duration) keeps its newest
+//! [`KEPT_PER_REVOKED_GRANT`] activity records (what its page shows), its total of
+//! signatures still counted: an account may start a grant a minute, and each could otherwise
+//! keep a live grant's whole record for good.
 
 use keycast_db::activity::{self, Prune};
 use keycast_db::{oauth, refresh, sessions, Db, RepoError};
 
-/// Activity records a revoked grant keeps.
+/// Activity records a revoked or expired grant keeps.
 pub const KEPT_PER_REVOKED_GRANT: u32 = 20;
 
 /// Revoked grants trimmed per transaction.
@@ -31,7 +32,8 @@ pub struct Swept {
     pub codes: u64,
     pub access_tokens: u64,
     pub refresh_tokens: u64,
-    /// Activity records of revoked grants beyond their newest [`KEPT_PER_REVOKED_GRANT`].
+    /// Activity records of revoked or expired grants beyond their newest
+    /// [`KEPT_PER_REVOKED_GRANT`].
     pub revoked_activity: u64,
 }
 
@@ -59,16 +61,16 @@ pub async fn sweep_expired(db: &Db, now: i64) -> Result<Swept, RepoError> {
         codes: oauth::delete_expired_codes(db, now).await?,
         access_tokens: oauth::delete_expired_tokens(db, now).await?,
         refresh_tokens: refresh::delete_expired(db, now - SPENT_REFRESH_MEMORY_SECS).await?,
-        revoked_activity: trim_revoked(db).await?,
+        revoked_activity: trim_over(db, now).await?,
     })
 }
 
-/// Trims every revoked grant's record to its newest [`KEPT_PER_REVOKED_GRANT`], a batch of
-/// grants per transaction.
-async fn trim_revoked(db: &Db) -> Result<u64, RepoError> {
+/// Trims the record of every grant that is over (revoked, or past its duration) to its
+/// newest [`KEPT_PER_REVOKED_GRANT`], a batch of grants per transaction.
+async fn trim_over(db: &Db, now: i64) -> Result<u64, RepoError> {
     let mut removed = 0;
     loop {
-        let ids = activity::revoked_with_more_than(db, KEPT_PER_REVOKED_GRANT, TRIM_BATCH).await?;
+        let ids = activity::over_with_more_than(db, KEPT_PER_REVOKED_GRANT, TRIM_BATCH, now).await?;
         let grants: Vec<Prune> = ids
             .into_iter()
             .map(|authorization_id| Prune {

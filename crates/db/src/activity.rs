@@ -5,7 +5,7 @@
 //! authorization has meanwhile been deleted (its user deleted the account) is dropped
 //! silently instead of failing the whole batch.
 
-use crate::pool::on_engine;
+use crate::pool::{on_engine, EngineKind};
 use crate::Db;
 
 use crate::{ActivityId, AuthorizationId, RepoError, UserId};
@@ -256,21 +256,33 @@ pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoErro
     })
 }
 
-/// Up to `most` revoked authorizations with more than `keep` activity records (for
-/// [`prune`] to trim).
+/// Up to `most` authorizations over by `now` (revoked, or past the `expires_at` of their
+/// terms) with more than `keep` activity records, for [`prune`] to trim.
 ///
 /// # Errors
 /// Database errors.
-pub async fn revoked_with_more_than(db: &Db, keep: u32, most: i64) -> Result<Vec<AuthorizationId>, RepoError> {
+pub async fn over_with_more_than(db: &Db, keep: u32, most: i64, now: i64) -> Result<Vec<AuthorizationId>, RepoError> {
+    macro_rules! over_sql {
+        ($expires:expr) => {
+            concat!(
+                "SELECT id FROM authorizations a WHERE (revoked_at IS NOT NULL OR COALESCE(",
+                $expires,
+                ", $3 + 1) <= $3) AND EXISTS \
+                 (SELECT 1 FROM activity v WHERE v.authorization_id = a.id LIMIT 1 OFFSET $1) LIMIT $2"
+            )
+        };
+    }
+    let sql = match db.kind() {
+        EngineKind::Sqlite => over_sql!(crate::authz::sqlite_expires!()),
+        EngineKind::Postgres => over_sql!(crate::authz::postgres_expires!()),
+    };
     on_engine!(db, |pool| {
-        Ok(sqlx::query_scalar(
-            "SELECT a.id FROM authorizations a WHERE a.revoked_at IS NOT NULL AND EXISTS \
-             (SELECT 1 FROM activity v WHERE v.authorization_id = a.id LIMIT 1 OFFSET $1) LIMIT $2",
-        )
-        .bind(i64::from(keep))
-        .bind(most)
-        .fetch_all(pool)
-        .await?)
+        Ok(sqlx::query_scalar(sql)
+            .bind(i64::from(keep))
+            .bind(most)
+            .bind(now)
+            .fetch_all(pool)
+            .await?)
     })
 }
 

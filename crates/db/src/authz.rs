@@ -115,6 +115,7 @@ macro_rules! postgres_expires {
         "(terms::json->>'expires_at')::BIGINT"
     };
 }
+pub(crate) use {postgres_expires, sqlite_expires};
 
 /// Stores a new authorization, under a policy that is not deleted.
 ///

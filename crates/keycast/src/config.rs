@@ -391,7 +391,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "sweep_interval_secs",
         env: "KEYCAST_SWEEP_INTERVAL_SECS",
         default: "3600",
-        help: "seconds between removals of expired sessions, mailed tokens, OAuth codes and access tokens, of refresh tokens 30 days past their expiry, and of revoked grants' activity beyond their newest 20 (1 to 86400)",
+        help: "seconds between removals of expired sessions, mailed tokens, OAuth codes and access tokens, of refresh tokens 30 days past their expiry, and of revoked or expired grants' activity beyond their newest 20 (1 to 86400)",
     },
     Setting {
         key: "allow_network_filesystem",

@@ -20,7 +20,7 @@ const KEPT: i64 = 100;
 fn sql(server: &Keycast, sql: &str) -> String {
     match &server.database {
         Some(db) => db.query(sql),
-        None => harness::sqlite_query(&server.data_dir.join("keycast.db"), sql),
+        None => harness::sqlite_exec(&server.data_dir.join("keycast.db"), sql),
     }
 }
 
@@ -139,8 +139,8 @@ fn the_record_stays_bounded_and_the_counts_it_served_hold(engine: Engine) {
     server.stop();
 }
 
-/// A revoked grant keeps its newest 20 records (what its page shows), trimmed by the
-/// housekeeping sweep; its total still counts every signature.
+/// A revoked grant, and one past its chosen duration, keeps its newest 20 records (what its
+/// page shows), trimmed by the housekeeping sweep; its total still counts every signature.
 fn a_revoked_grant_keeps_its_newest_records_and_its_total(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let server = Launch::on(engine, &dir.path().join("data"))
@@ -150,22 +150,37 @@ fn a_revoked_grant_keeps_its_newest_records_and_its_total(engine: Engine) {
     let (cookie, _) = register(&server, "revoked@example.com", None);
     let app = grant(&server, &cookie, "policy:social");
     let id = app["authorization_id"].as_str().unwrap().to_owned();
+    let hourly = limited(&server, &cookie, &[("duration", "hour")]);
+    let hourly_id = hourly["authorization_id"].as_str().unwrap().to_owned();
     for n in 0..60 {
         assert_eq!(sign(&server, &app, n).status, 200);
+        assert_eq!(sign(&server, &hourly, n).status, 200);
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while usage(&server, &cookie, &app)["signatures"] != 60 {
+    while usage(&server, &cookie, &app)["signatures"] != 60 || usage(&server, &cookie, &hourly)["signatures"] != 60 {
         assert!(std::time::Instant::now() < deadline, "the activity was never written");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(rows_of(&server, &id), 60, "a live grant keeps its 60 (of 1,000)");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        rows_of(&server, &hourly_id),
+        60,
+        "and so does one within its hour, sweep after sweep"
+    );
     let path = format!("/api/user/authorizations/{id}");
     assert_eq!(delete(&server, &path, &cookie).status, 204);
-    while rows_of(&server, &id) > 20 {
+    // The hour is over.
+    sql(
+        &server,
+        &format!("UPDATE authorizations SET terms = '{{\"expires_at\":1}}' WHERE id = '{hourly_id}'"),
+    );
+    while rows_of(&server, &id) > 20 || rows_of(&server, &hourly_id) > 20 {
         assert!(std::time::Instant::now() < deadline, "never trimmed:\n{}", server.log());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(rows_of(&server, &id), 20);
+    assert_eq!(rows_of(&server, &hourly_id), 20);
     let shown = get(&server, &path, Some(&cookie)).json();
     assert_eq!(shown["usage"]["signatures"], 60, "{shown}");
     assert_eq!(shown["recent_activity"].as_array().unwrap().len(), 20, "{shown}");
