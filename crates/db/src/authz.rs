@@ -440,7 +440,7 @@ pub(crate) mod tests {
             let user = test_user(&db, "a@x.org").await;
             let other = test_user(&db, "b@x.org").await;
             let now = 1_000;
-            let grant = |user: UserId, bunker: &'static str, terms: Option<&'static str>| {
+            let grant_at = |at: i64, user: UserId, bunker: &'static str, terms: Option<&'static str>| {
                 let db = db.clone();
                 async move {
                     let new = NewAuthorization {
@@ -456,9 +456,10 @@ pub(crate) mod tests {
                         terms,
                         max_live: 2,
                     };
-                    insert(&db, &new, now).await
+                    insert(&db, &new, at).await
                 }
             };
+            let grant = |user, bunker, terms| grant_at(now, user, bunker, terms);
             let first = grant(user.clone(), "b1", None).await.unwrap();
             grant(user.clone(), "b2", Some("{\"per_day\":3}")).await.unwrap();
             assert_eq!(count_live_for_user(&db, &user, now).await.unwrap(), 2);
@@ -473,20 +474,7 @@ pub(crate) mod tests {
             assert!(grant(user.clone(), "b6", None).await.is_err(), "two live again");
             // Once the third's time is over, it no longer counts.
             assert_eq!(count_live_for_user(&db, &user, 1_001).await.unwrap(), 1, "{third:?}");
-            let new = NewAuthorization {
-                id: &AuthorizationId::generate(),
-                user_id: &user,
-                policy_id: &PolicyId::new("pol_social"),
-                client_id: "app",
-                redirect_origin: "https://app.example",
-                bunker_pubkey: "b7",
-                bunker_secret_encrypted: b"ciphertext",
-                connect_secret_hash: &TokenHash::of(b"connect"),
-                relays: "[]",
-                terms: None,
-                max_live: 2,
-            };
-            insert(&db, &new, 1_001)
+            grant_at(1_001, user.clone(), "b7", None)
                 .await
                 .expect("an expired grant frees its place");
         }

@@ -397,6 +397,34 @@ fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOpt
         .acquire_timeout(acquire_timeout)
 }
 
+/// Whether an idle pooled connection is inside a transaction, by sqlx's count or by SQLite's
+/// own state; such a connection is closed instead of handed out.
+///
+/// A COMMIT that SQLite refuses with `SQLITE_FULL` rolls the transaction back by itself; sqlx's
+/// ROLLBACK after it then fails ("no transaction is active") and sqlx goes on counting the
+/// connection as inside one. Its next `begin()` is then a SAVEPOINT that an error rolls back
+/// *to*, leaving SQLite's transaction open: the write lock is held for good (every other
+/// write waits out the busy timeout and fails), and what that connection writes afterwards
+/// is answered as made yet never committed. (`disk_full.rs` and
+/// `tests/refused_commit.rs` walk into it.)
+async fn left_in_a_transaction(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection as _;
+    let counted = conn.is_in_transaction();
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: a live connection owned by the pool; `sqlite3_get_autocommit` only reads it.
+    let open = unsafe { libsqlite3_sys::sqlite3_get_autocommit(handle.as_raw_handle().as_ptr()) == 0 };
+    if counted || open {
+        metrics::counter!("keycast_database_connections_discarded_total").increment(1);
+        tracing::warn!(
+            counted,
+            open,
+            "a pooled database connection was left inside a transaction (a commit the disk refused?); closing it"
+        );
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {
     let connect = SqliteConnectOptions::new()
         .filename(&options.path)
@@ -412,7 +440,8 @@ async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> 
         .pragma("secure_delete", "ON");
     let mut pool = SqlitePoolOptions::new()
         .max_connections(options.max_connections)
-        .acquire_timeout(options.acquire_timeout);
+        .acquire_timeout(options.acquire_timeout)
+        .before_acquire(|conn, _meta| Box::pin(async move { Ok(!left_in_a_transaction(conn).await?) }));
     if let Some(signal) = options.commit_signal.clone() {
         let busy_timeout = options.busy_timeout;
         pool = pool.after_connect(move |conn, _meta| {

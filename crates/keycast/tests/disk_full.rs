@@ -95,6 +95,29 @@ fn signs(server: &harness::Keycast, token: &str) -> u16 {
     rpc(server, token, "sign_event", json!([{ "kind": 1, "content": "hi" }])).status
 }
 
+/// Registers accounts (`register(email, i)`) until the full disk refuses one, which must be
+/// the 503 that says so, with `Retry-After`; returns the addresses acknowledged before it.
+fn register_until_refused(register: impl Fn(&str, usize) -> Reply) -> Vec<String> {
+    let mut acknowledged = Vec::new();
+    for i in 0..2000 {
+        let email = format!("while-full-{i}@example.com");
+        let r = register(&email, i);
+        if r.status == 201 {
+            acknowledged.push(email);
+            continue;
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            r.json()["message"].as_str().is_some_and(|m| m.contains("disk is full")),
+            "a JSON error saying why: {}",
+            r.body
+        );
+        assert!(r.retry_after.is_some(), "with Retry-After");
+        return acknowledged;
+    }
+    panic!("no registration failed on the full disk");
+}
+
 #[test]
 fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,27 +140,7 @@ fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
 
     disk.fill();
     let mut acknowledged = vec!["alice@example.com".to_owned()];
-    let mut refused = None;
-    for i in 0..200 {
-        let email = format!("while-full-{i}@example.com");
-        let r = registration(&server, &email);
-        if r.status == 201 {
-            acknowledged.push(email);
-        } else {
-            refused = Some(r);
-            break;
-        }
-    }
-    let refused = refused.expect("no registration failed on the full disk");
-    assert_eq!(refused.status, 503, "{}", refused.body);
-    assert!(
-        refused.json()["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("disk is full")),
-        "a JSON error saying why: {}",
-        refused.body
-    );
-    assert!(refused.retry_after.is_some(), "with Retry-After");
+    acknowledged.extend(register_until_refused(|email, _| registration(&server, email)));
     assert_eq!(signs(&server, &access), 200, "signing only reads: it goes on");
     assert_eq!(
         signs(&server, &counted),
@@ -205,18 +208,6 @@ fn a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged() {
 
 const ADMIN_TOKEN: &str = "an-operator-token-of-at-least-32-characters";
 
-/// The consent form's approval, without asserting the answer (harness `approve` does).
-fn consent(server: &harness::Keycast, cookie: &str, query: &str) -> Reply {
-    let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
-    assert_eq!(page.status, 200, "{}", page.body);
-    let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
-    let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
-    fields.push(("csrf".into(), csrf));
-    fields.push(("decision".into(), "approve".into()));
-    let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    post_form(server, "/api/oauth/authorize", Some(cookie), &pairs)
-}
-
 /// Every kind of write a person, an app or the operator can ask for, while the disk is full:
 /// each is made, or refused with the 503 that says the disk is full. None is a 500 (which
 /// tells nobody what to do, and pages as a bug), and a refused one changed nothing.
@@ -231,6 +222,7 @@ fn every_write_on_a_full_disk_is_made_or_refused_as_full_never_a_500() {
         return;
     };
     let server = Launch::new(&disk.point.join("data"))
+        .redeployable(&dir.path().join("replica"))
         .env("KEYCAST_ADMIN_TOKEN", ADMIN_TOKEN)
         .start();
     let (cookie, _) = register(&server, "alice@example.com", None);
@@ -275,11 +267,7 @@ fn every_write_on_a_full_disk_is_made_or_refused_as_full_never_a_500() {
 
     disk.fill();
     // Until SQLite can no longer grow its files (the WAL may have room left at first).
-    let refused = (0..200)
-        .map(|i| registration(&server, &format!("filler-{i}@example.com")))
-        .find(|r| r.status != 201)
-        .expect("no registration failed on the full disk");
-    assert_eq!(refused.status, 503, "{}", refused.body);
+    register_until_refused(|email, _| registration(&server, email));
 
     let (challenge2, _) = pkce();
     let password = json!({ "password": PASSWORD });
@@ -287,7 +275,7 @@ fn every_write_on_a_full_disk_is_made_or_refused_as_full_never_a_500() {
         ("login", harness::flow::login(&server, "alice@example.com", PASSWORD)),
         (
             "OAuth consent",
-            consent(&server, &cookie, &authorize_query("policy:social", &challenge2)),
+            harness::flow::consent(&server, &cookie, &authorize_query("policy:social", &challenge2), &[]),
         ),
         (
             "code redemption",
@@ -425,8 +413,9 @@ fn every_write_on_a_full_disk_is_made_or_refused_as_full_never_a_500() {
         .collect();
     assert!(
         wrong.is_empty(),
-        "writes that failed without saying the disk is full:\n{}",
-        wrong.join("\n")
+        "writes that failed without saying the disk is full:\n{}\n\nkeycast's log:\n{}",
+        wrong.join("\n"),
+        server.log()
     );
     let refusals = attempts.iter().filter(|(_, r)| r.status == 503).count();
     assert!(
@@ -543,21 +532,7 @@ fn on_postgresql_a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged
 
     disk.fill();
     let mut acknowledged = vec!["alice@example.com".to_owned()];
-    let mut refused = None;
-    for i in 0..2000 {
-        let email = format!("while-full-{i}@example.com");
-        let r = registration(&email, i);
-        if r.status == 201 {
-            acknowledged.push(email);
-        } else {
-            refused = Some(r);
-            break;
-        }
-    }
-    let refused = refused.expect("no registration failed on the full disk");
-    assert_eq!(refused.status, 503, "{}", refused.body);
-    assert!(refused.body.contains("disk is full"), "{}", refused.body);
-    assert!(refused.retry_after.is_some(), "with Retry-After");
+    acknowledged.extend(register_until_refused(registration));
     assert_eq!(signs(&server, &access), 200, "signing only reads: it goes on");
     let authorization = format!("/api/user/authorizations/{}", app["authorization_id"].as_str().unwrap());
     let r = delete(&server, &authorization, &cookie);

@@ -91,8 +91,9 @@ pub fn approve(server: &Keycast, cookie: &str, query: &str) -> String {
     approve_with(server, cookie, query, &[])
 }
 
-/// [`approve`] with the owner's choices on the consent page (`duration`, limits, `policy`).
-pub fn approve_with(server: &Keycast, cookie: &str, query: &str, choices: &[(&str, &str)]) -> String {
+/// GET the consent page for `query` and approve it with the owner's `choices`, as its form
+/// does: the answer, whatever it is.
+pub fn consent(server: &Keycast, cookie: &str, query: &str, choices: &[(&str, &str)]) -> Reply {
     let page = get(server, &format!("/api/oauth/authorize?{query}"), Some(cookie));
     assert_eq!(page.status, 200, "{}", page.body);
     let csrf = hidden_input(&page.body, "csrf").expect("the consent page carries a CSRF token");
@@ -101,14 +102,12 @@ pub fn approve_with(server: &Keycast, cookie: &str, query: &str, choices: &[(&st
     fields.push(("decision".into(), "approve".into()));
     fields.extend(choices.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-    let r = post(
-        server,
-        "/api/oauth/authorize",
-        Some(cookie),
-        "application/x-www-form-urlencoded",
-        &body,
-        &[],
-    );
+    post(server, "/api/oauth/authorize", Some(cookie), FORM, &body, &[])
+}
+
+/// [`approve`] with the owner's choices on the consent page (`duration`, limits, `policy`).
+pub fn approve_with(server: &Keycast, cookie: &str, query: &str, choices: &[(&str, &str)]) -> String {
+    let r = consent(server, cookie, query, choices);
     assert_eq!(r.status, 302, "{}", r.body);
     let location = r.location.expect("redirect");
     assert!(location.starts_with(REDIRECT), "{location}");
