@@ -28,6 +28,11 @@ pub enum RepoError {
     /// was not made. It works again once space is freed, without a restart.
     #[error("the database's disk is full, so the write was not made: {0}")]
     StorageFull(#[source] sqlx::Error),
+    /// The database stayed busy past the wait (SQLite's busy timeout, PostgreSQL's lock
+    /// wait, a serialization failure or deadlock, or no pooled connection in time): nothing
+    /// is wrong, and the same request may succeed in a moment.
+    #[error("the database is busy: {0}")]
+    Busy(#[source] sqlx::Error),
     /// Any other database failure (with a hint when it is a pooler's doing, see
     /// [`pooler_hint`]).
     #[error("database error: {0}{hint}", hint = pooler_hint(.0))]
@@ -36,6 +41,9 @@ pub enum RepoError {
 
 impl From<sqlx::Error> for RepoError {
     fn from(err: sqlx::Error) -> Self {
+        if let sqlx::Error::PoolTimedOut = err {
+            return RepoError::Busy(err);
+        }
         if let sqlx::Error::Database(db) = &err {
             if db.is_unique_violation() {
                 let constraint = db
@@ -53,6 +61,12 @@ impl From<sqlx::Error> for RepoError {
                 // on which caller met it (signing goes on, so the 5xx rate may stay low).
                 metrics::counter!(DISK_FULL_METRIC).increment(1);
                 return RepoError::StorageFull(err);
+            }
+            // SQLITE_BUSY and SQLITE_LOCKED with their extended codes; PostgreSQL's
+            // lock_not_available, serialization_failure and deadlock_detected.
+            let busy = ["5", "6", "261", "262", "517", "773", "55P03", "40001", "40P01"];
+            if db.code().is_some_and(|code| busy.contains(&code.as_ref())) {
+                return RepoError::Busy(err);
             }
         }
         RepoError::Database(err)
@@ -84,5 +98,31 @@ impl RepoError {
     /// `email`, `username`, `pubkey`) refused the row.
     pub fn is_duplicate_of(&self, what: &str) -> bool {
         matches!(self, RepoError::AlreadyExists { constraint } if constraint.contains(what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that waits out SQLite's busy timeout behind another writer is `Busy`.
+    #[tokio::test]
+    async fn a_write_that_outwaits_the_busy_timeout_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = crate::DbOptions {
+            busy_timeout: std::time::Duration::from_millis(50),
+            ..crate::DbOptions::new(dir.path().join("k.db"))
+        };
+        let db = crate::Db::open_sqlite(&options).await.unwrap();
+        let pool = db.as_sqlite().unwrap();
+        let mut holder = pool.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *holder).await.unwrap();
+        let err: RepoError = sqlx::query("CREATE TABLE t (x)")
+            .execute(pool)
+            .await
+            .unwrap_err()
+            .into();
+        assert!(matches!(err, RepoError::Busy(_)), "{err:?}");
+        sqlx::query("ROLLBACK").execute(&mut *holder).await.unwrap();
     }
 }

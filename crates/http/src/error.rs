@@ -132,15 +132,25 @@ pub(crate) fn storage_full(cause: &RepoError) -> String {
         .into()
 }
 
+/// What a request hears when the database stayed busy past the wait (logged as a warning).
+pub(crate) fn database_busy(cause: &RepoError) -> String {
+    tracing::warn!(%cause, "the database stayed busy past the wait");
+    "keycast's database is busy; retry in a moment".into()
+}
+
 impl From<RepoError> for AppError {
     fn from(err: RepoError) -> Self {
-        if let RepoError::StorageFull(_) = &err {
-            return AppError::Overloaded {
+        match &err {
+            RepoError::StorageFull(_) => AppError::Overloaded {
                 message: storage_full(&err),
                 retry_after_secs: 30,
-            };
+            },
+            RepoError::Busy(_) => AppError::Overloaded {
+                message: database_busy(&err),
+                retry_after_secs: 1,
+            },
+            _ => AppError::internal(err),
         }
-        AppError::internal(err)
     }
 }
 
@@ -197,5 +207,20 @@ impl From<KeyError> for AppError {
             KeyError::Repo(e) => e.into(),
             other => AppError::internal(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A busy database is a 503 to retry in a second, not a 500.
+    #[test]
+    fn a_busy_database_is_a_503_to_retry() {
+        let response = AppError::from(RepoError::Busy(sqlx::Error::PoolTimedOut)).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        let other = AppError::from(RepoError::Database(sqlx::Error::RowNotFound)).into_response();
+        assert_eq!(other.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

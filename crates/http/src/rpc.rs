@@ -138,6 +138,9 @@ impl From<SignError> for RpcError {
             SignError::Internal(InternalError::Repo(cause @ RepoError::StorageFull(_))) => {
                 RpcError::Unavailable(crate::error::storage_full(&cause))
             }
+            SignError::Internal(InternalError::Repo(cause @ RepoError::Busy(_))) => {
+                RpcError::Unavailable(crate::error::database_busy(&cause))
+            }
             SignError::Internal(cause) => RpcError::Internal(cause.to_string()),
         }
     }
