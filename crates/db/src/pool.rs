@@ -405,8 +405,8 @@ fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOpt
 /// connection as inside one. Its next `begin()` is then a SAVEPOINT that an error rolls back
 /// *to*, leaving SQLite's transaction open: the write lock is held for good (every other
 /// write waits out the busy timeout and fails), and what that connection writes afterwards
-/// is answered as made yet never committed. (`disk_full.rs` and
-/// `tests/refused_commit.rs` walk into it.)
+/// is answered as made yet never committed. (`crates/keycast/tests/refused_commit.rs` and
+/// `disk_full.rs` walk into it.)
 async fn left_in_a_transaction(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
     use sqlx::Connection as _;
     let counted = conn.is_in_transaction();

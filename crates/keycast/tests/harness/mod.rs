@@ -15,6 +15,7 @@ pub mod rust_connect;
 pub mod s3proxy;
 pub mod scripted_relay;
 pub mod stores;
+pub mod tmpfs;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! A COMMIT the disk refuses leaves the pool sound, against SQLite on a real full tmpfs.
+//! A COMMIT the disk refuses leaves keycast's SQLite pool sound, on a real full tmpfs.
 //!
 //! SQLite rolls a transaction back by itself when its COMMIT fails with `SQLITE_FULL`; sqlx's
 //! ROLLBACK after it then fails, and sqlx went on counting that pooled connection as inside a
@@ -7,52 +7,13 @@
 //! out the busy timeout and failed with "database is locked"), and a later transaction on it
 //! was answered as committed but never was. Found by `disk_full.rs` against the binary.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod harness;
 
+use std::path::Path;
+
+use harness::tmpfs::Tmpfs;
 use keycast_db::{Db, DbOptions};
 use sqlx::Connection as _;
-
-/// A tmpfs of `size` at `point`, unmounted on drop; `None` (skipped loudly) without root,
-/// unless the suite requires every peer.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(point: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(point).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(point)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            return Some(Tmpfs(point.to_owned()));
-        }
-        let why = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            std::env::var("KEYCAST_REQUIRE_PEERS").as_deref() != Ok("1"),
-            "cannot mount a tmpfs (the suite runs as root): {why}"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs: {why}");
-        None
-    }
-
-    /// Writes a file until the filesystem refuses more.
-    fn fill(&self) {
-        let mut filler = std::fs::File::create(self.0.join("filler")).unwrap();
-        for chunk in [1 << 20, 4096, 512] {
-            let bytes = vec![0x5a_u8; chunk];
-            while filler.write_all(&bytes).and_then(|()| filler.sync_all()).is_ok() {}
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// Whether another connection (outside the pool) can take the write lock at once.
 async fn write_lock_free(path: &Path) -> bool {
@@ -85,7 +46,7 @@ async fn a_commit_the_disk_refuses_leaves_no_transaction_behind() {
     let Some(disk) = Tmpfs::mount(&dir.path().join("disk"), "8m") else {
         return;
     };
-    let path = disk.0.join("t.db");
+    let path = disk.point.join("t.db");
     let db = Db::open_sqlite(&DbOptions::new(&path)).await.unwrap();
     let pool = db.as_sqlite().unwrap().clone();
     sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
@@ -146,7 +107,7 @@ async fn a_commit_the_disk_refuses_leaves_no_transaction_behind() {
     );
 
     // Space is back: the pool writes again, and what it acknowledges is committed.
-    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    disk.free();
     for id in [20_000_i64, 20_001] {
         let mut tx = pool.begin().await.unwrap();
         sqlx::query("INSERT INTO t (id) VALUES ($1)")
