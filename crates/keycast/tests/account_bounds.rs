@@ -12,7 +12,7 @@
 mod harness;
 
 use harness::api::*;
-use harness::flow::{authorize_query, grant, pkce, register, token_request};
+use harness::flow::{authorize_query, grant, login_from, pkce, register, token_request};
 use harness::{Engine, Keycast, Launch};
 use serde_json::json;
 
@@ -151,17 +151,6 @@ fn one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate(eng
     server.stop();
 }
 
-fn login_from(server: &Keycast, email: &str, client: &str) -> Reply {
-    post(
-        server,
-        "/api/auth/login",
-        None,
-        "application/json",
-        &json!({ "email": email, "password": PASSWORD }).to_string(),
-        &[("X-Forwarded-For", client)],
-    )
-}
-
 fn create_policy(server: &Keycast, cookie: &str, n: usize) -> Reply {
     post_json(
         server,
@@ -182,11 +171,8 @@ fn an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies(engine:
     let (first, _) = register(&server, "logins@example.com", None);
     let mut sessions = vec![first];
     for i in 0..50 {
-        let r = login_from(
-            &server,
-            "logins@example.com",
-            &format!("10.1.{}.{}", i / 200, i % 200 + 1),
-        );
+        let client = format!("10.1.{}.{}", i / 200, i % 200 + 1);
+        let r = login_from(&server, "logins@example.com", PASSWORD, &client);
         assert_eq!(r.status, 200, "{}", r.body);
         sessions.push(cookie_of(&r));
     }

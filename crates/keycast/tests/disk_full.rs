@@ -441,16 +441,10 @@ fn on_postgresql_a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged
         &format!("CREATE TABLESPACE {space} LOCATION '{}'", disk.point.display()),
     );
     let database = harness::engine::PgDatabase::create("disk_full");
-    let name = database
-        .url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
-    psql(&admin, &format!("ALTER DATABASE {name} SET TABLESPACE {space}"));
+    psql(
+        &admin,
+        &format!("ALTER DATABASE {} SET TABLESPACE {space}", database.name()),
+    );
 
     // Registrations come from many addresses: the per-client limit is not what is tested.
     let server = Launch::new(&dir.path().join("data"))
@@ -500,14 +494,8 @@ fn on_postgresql_a_full_disk_fails_writes_clearly_and_loses_none_it_acknowledged
     assert_eq!(after.status, 201, "writes resume without a restart: {}", after.body);
     acknowledged.push("after@example.com".to_owned());
     for (i, email) in acknowledged.iter().enumerate() {
-        let r = post(
-            &server,
-            "/api/auth/login",
-            None,
-            "application/json",
-            &json!({ "email": email, "password": PASSWORD }).to_string(),
-            &[("X-Forwarded-For", &format!("10.3.{}.{}", i / 200, i % 200 + 1))],
-        );
+        let client = format!("10.3.{}.{}", i / 200, i % 200 + 1);
+        let r = harness::flow::login_from(&server, email, PASSWORD, &client);
         assert_eq!(r.status, 200, "{email} was acknowledged but is missing: {}", r.body);
     }
     server.stop();

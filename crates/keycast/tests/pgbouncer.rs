@@ -142,18 +142,6 @@ fn behind(bouncer: &PgBouncer, database: &Arc<PgDatabase>, dir: &Path) -> Launch
         .env("KEYCAST_CACHE_TTL_SECS", "3600")
 }
 
-fn database_name(database: &PgDatabase) -> String {
-    database
-        .url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 #[test]
 fn two_instances_sign_and_revoke_through_pgbouncer_in_transaction_mode() {
     let Some(bouncer) = PgBouncer::start(200) else {
@@ -188,7 +176,7 @@ fn two_instances_sign_and_revoke_through_pgbouncer_in_transaction_mode() {
             });
         }
     });
-    let carried = bouncer.transactions(&database_name(&database));
+    let carried = bouncer.transactions(database.name());
     assert!(
         carried >= 80,
         "PgBouncer carried {carried} transactions: keycast went around it"

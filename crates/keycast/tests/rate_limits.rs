@@ -9,7 +9,7 @@ mod harness;
 use std::time::Duration;
 
 use harness::api::*;
-use harness::flow::register;
+use harness::flow::{login_from, register};
 use harness::{Keycast, Launch};
 use serde_json::json;
 
@@ -20,17 +20,6 @@ fn start(env: &[(&str, &str)]) -> (tempfile::TempDir, Keycast) {
         launch = launch.env(k, v);
     }
     (dir, launch.start())
-}
-
-fn login_from(server: &Keycast, email: &str, password: &str, forwarded_for: &str) -> Reply {
-    post(
-        server,
-        "/api/auth/login",
-        None,
-        "application/json",
-        &json!({ "email": email, "password": password }).to_string(),
-        &[("X-Forwarded-For", forwarded_for)],
-    )
 }
 
 /// The peak resident memory of a process (`VmHWM`), KiB.

@@ -70,6 +70,11 @@ impl PgDatabase {
         })
     }
 
+    /// The database's name on the server.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Runs `sql` in this database and returns what psql printed (unaligned, tuples only).
     pub fn query(&self, sql: &str) -> String {
         psql(&self.url, sql)

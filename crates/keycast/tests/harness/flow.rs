@@ -27,6 +27,19 @@ pub fn login(server: &Keycast, email: &str, password: &str) -> Reply {
     )
 }
 
+/// [`login`] from the client `forwarded_for` (`X-Forwarded-For`; keycast reads it behind
+/// `KEYCAST_TRUSTED_PROXY_HOPS`), so a test can log in past one client's rate limit.
+pub fn login_from(server: &Keycast, email: &str, password: &str, forwarded_for: &str) -> Reply {
+    post(
+        server,
+        "/api/auth/login",
+        None,
+        "application/json",
+        &json!({ "email": email, "password": password }).to_string(),
+        &[("X-Forwarded-For", forwarded_for)],
+    )
+}
+
 /// Registers `email` without confirming it (what anyone can do with any address).
 pub fn register_unverified(server: &Keycast, email: &str, nsec: Option<&str>) -> (String, Value) {
     let r = post_json(
