@@ -123,33 +123,33 @@ pub async fn not_found(method: Method, uri: Uri, headers: HeaderMap) -> Response
     }
 }
 
-/// What a request that needed a write hears while the database's disk is full (logged here
-/// for the operator, once per refused request); both the API and HTTP RPC answer 503 with it.
-pub(crate) fn storage_full(cause: &RepoError) -> String {
-    tracing::error!(%cause, "the database's disk is full: writes fail until space is freed");
-    "keycast's database disk is full, so nothing was changed; retry later (the operator is told in the \
-     server log)"
-        .into()
-}
-
-/// What a request hears when the database stayed busy past the wait (logged as a warning).
-pub(crate) fn database_busy(cause: &RepoError) -> String {
-    tracing::warn!(%cause, "the database stayed busy past the wait");
-    "keycast's database is busy; retry in a moment".into()
+/// A storage failure that is not a bug but a state to wait out: what the client hears and
+/// after how many seconds to retry, logged here for the operator once per refused request.
+/// Both the API and HTTP RPC answer 503 with it; `None` for any other failure.
+pub(crate) fn transient(cause: &RepoError) -> Option<(String, u64)> {
+    match cause {
+        RepoError::StorageFull(_) => {
+            tracing::error!(%cause, "the database's disk is full: writes fail until space is freed");
+            let message = "keycast's database disk is full, so nothing was changed; retry later (the operator is \
+                           told in the server log)";
+            Some((message.into(), 30))
+        }
+        RepoError::Busy(_) => {
+            tracing::warn!(%cause, "the database stayed busy past the wait");
+            Some(("keycast's database is busy; retry in a moment".into(), 1))
+        }
+        _ => None,
+    }
 }
 
 impl From<RepoError> for AppError {
     fn from(err: RepoError) -> Self {
-        match &err {
-            RepoError::StorageFull(_) => AppError::Overloaded {
-                message: storage_full(&err),
-                retry_after_secs: 30,
+        match transient(&err) {
+            Some((message, retry_after_secs)) => AppError::Overloaded {
+                message,
+                retry_after_secs,
             },
-            RepoError::Busy(_) => AppError::Overloaded {
-                message: database_busy(&err),
-                retry_after_secs: 1,
-            },
-            _ => AppError::internal(err),
+            None => AppError::internal(err),
         }
     }
 }

@@ -20,7 +20,6 @@ use axum::{Json, Router};
 use keycast_core::approval::Asker;
 use keycast_core::nostr::PublicKey;
 use keycast_core::{AuthError, InternalError, Request, SignError};
-use keycast_db::RepoError;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -135,12 +134,10 @@ impl From<SignError> for RpcError {
             }
             SignError::BadRequest { reason } => RpcError::BadRequest(reason),
             SignError::NoKey => RpcError::Internal("authorization without a user key".into()),
-            SignError::Internal(InternalError::Repo(cause @ RepoError::StorageFull(_))) => {
-                RpcError::Unavailable(crate::error::storage_full(&cause))
-            }
-            SignError::Internal(InternalError::Repo(cause @ RepoError::Busy(_))) => {
-                RpcError::Unavailable(crate::error::database_busy(&cause))
-            }
+            SignError::Internal(InternalError::Repo(cause)) => match crate::error::transient(&cause) {
+                Some((message, _)) => RpcError::Unavailable(message),
+                None => RpcError::Internal(cause.to_string()),
+            },
             SignError::Internal(cause) => RpcError::Internal(cause.to_string()),
         }
     }
@@ -183,6 +180,7 @@ impl IntoResponse for RpcError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keycast_db::RepoError;
 
     /// On PostgreSQL a grant with limits counts each signature in the database: with its
     /// disk full, the signature is refused with a 503 that says why, not a 500.
