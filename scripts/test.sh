@@ -119,4 +119,6 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test.sh: installing cargo-nextest (the suite's runner; it bounds every test's time)"
   cargo install --locked --quiet cargo-nextest --version "$NEXTEST_VERSION"
 fi
-cargo nextest run --workspace --profile ci "$@"
+# `failpoints`: the tests that make a vital task panic arm its `fail_point!` through
+# `/api/test/failpoint` (vital_tasks.rs); a release build has none.
+cargo nextest run --workspace --profile ci --features keycast/failpoints "$@"

@@ -41,10 +41,11 @@ use keycast_db::notify::{Heard, Listener};
 use keycast_db::{cluster as cluster_repo, AuthorizationId, Db, PgOptions, UserId};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 
 use crate::durability::{BoxFuture, Durability};
 use crate::signer::{Announcement, Signer};
+use crate::vital::Vitals;
 
 /// Default: an instance silent this long is dead.
 pub const DEFAULT_INSTANCE_TTL: Duration = Duration::from_secs(5);
@@ -65,6 +66,8 @@ pub struct ClusterOptions {
     /// How long a NIP-46 follower may take to re-read the bunkers after another
     /// instance's change before this instance acknowledges it anyway. Default 2 s.
     pub resync_timeout: Duration,
+    /// Where the heartbeat and the change notices report an unexpected end.
+    pub vitals: Vitals,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +76,7 @@ impl Default for ClusterOptions {
             instance_ttl: DEFAULT_INSTANCE_TTL,
             sync_timeout: DEFAULT_SYNC_TIMEOUT,
             resync_timeout: Duration::from_secs(2),
+            vitals: Vitals::default(),
         }
     }
 }
@@ -96,7 +100,7 @@ pub struct Cluster {
     /// Wakes the heartbeat loop early (an instance joined or left).
     membership: Notify,
     listening: AtomicBool,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    tasks: Mutex<Vec<AbortHandle>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -226,10 +230,11 @@ impl Cluster {
         cluster.beat().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         signer.announce_to(tx);
+        let vitals = &cluster.options.vitals;
         let tasks = vec![
-            tokio::spawn(cluster.clone().listen(listener)),
-            tokio::spawn(cluster.clone().publish(rx)),
-            tokio::spawn(cluster.clone().heartbeat()),
+            vitals.spawn("the change-notice listener", cluster.clone().listen(listener)),
+            vitals.spawn("the change-notice publisher", cluster.clone().publish(rx)),
+            vitals.spawn("the instance heartbeat", cluster.clone().heartbeat()),
         ];
         *cluster.tasks.lock().unwrap_or_else(PoisonError::into_inner) = tasks;
         let _ = keycast_db::notify::notify(&cluster.db, &Message::Membership.encode()).await;
@@ -354,6 +359,7 @@ impl Cluster {
                 () = tokio::time::sleep(every) => {}
                 () = self.membership.notified() => {}
             }
+            fail::fail_point!("cluster-heartbeat", |_| ());
             if let Err(err) = self.beat().await {
                 tracing::warn!(error = %err, "heartbeat failed; keeping the last known instances");
             }

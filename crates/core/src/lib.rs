@@ -28,6 +28,8 @@
 //! - [`cluster`]: many instances on PostgreSQL — change notices between them (so a
 //!   revocation anywhere is refused everywhere on the next request) and which instance
 //!   answers each NIP-46 request.
+//! - [`vital`]: the background tasks an instance cannot serve without, and the report
+//!   that one of them ended (so `serve` exits and the platform replaces it).
 //!
 //! This crate knows nothing of HTTP, relays, environment variables or files; the binary
 //! reads configuration and passes values in.
@@ -59,6 +61,7 @@ pub mod signer;
 pub mod terms;
 #[cfg(test)]
 mod testing;
+pub mod vital;
 
 pub use activity::{DEFAULT_ACTIVITY_CAPACITY, DEFAULT_KEPT_PER_GRANT};
 pub use authz::{Authorization, Grant};

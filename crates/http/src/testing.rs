@@ -20,6 +20,27 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/api/test/slow", get(slow))
         .route("/api/test/write", post(write))
         .route("/api/test/outbox", get(outbox))
+        .route("/api/test/failpoint", post(failpoint))
+}
+
+#[derive(Deserialize)]
+struct FailpointQuery {
+    name: String,
+    actions: String,
+}
+
+/// Arms one of keycast's `fail_point!`s, e.g. `name=replica-worker&actions=panic(injected)`
+/// (the `fail` crate's action syntax): how the tests make a task the instance cannot serve
+/// without end, and watch what the instance does about it.
+async fn failpoint(QueryParams(q): QueryParams<FailpointQuery>) -> Result<Json<Value>, AppError> {
+    if !fail::has_failpoints() {
+        return Err(AppError::NotFound(
+            "this keycast was built without fault injection (cargo feature keycast/failpoints, which scripts/test.sh turns on)".into(),
+        ));
+    }
+    fail::cfg(q.name.clone(), &q.actions).map_err(|e| AppError::BadRequest(format!("actions {:?}: {e}", q.actions)))?;
+    tracing::warn!(name = %q.name, actions = %q.actions, "a test armed a failpoint");
+    Ok(Json(json!({ "name": q.name, "actions": q.actions })))
 }
 
 #[derive(Deserialize)]

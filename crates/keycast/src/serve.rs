@@ -29,6 +29,7 @@ use anyhow::Context;
 use std::sync::Arc;
 
 use keycast_core::cluster::{Cluster, ClusterDurability, ClusterOptions};
+use keycast_core::vital::Vitals;
 use keycast_core::{KeyManager, Keyring, PasswordHasher, PasswordParams, Signer, SignerOptions};
 use keycast_db::{Db, DbOptions};
 use keycast_http::{AppState, Dependency, HttpOptions, Services};
@@ -38,6 +39,7 @@ use keycast_replica::{CommitSignal, Replicator};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
 
 use crate::config::{Config, Database, PostgresConfig};
 
@@ -63,9 +65,11 @@ pub async fn run(
     );
     // Before anything else binds: bunker URLs name the embedded relay when no relays are
     // configured, so its address must be known before the first grant.
+    // The background tasks this instance cannot serve without report here if one ends.
+    let vitals = Vitals::default();
     let embedded = match config.embedded_relay {
         Some(addr) => {
-            let relay = keycast_nip46::EmbeddedRelay::start(addr)
+            let relay = keycast_nip46::EmbeddedRelay::start(addr, &vitals)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e} (KEYCAST_EMBEDDED_RELAY_ADDR)"))?;
             tracing::info!(url = relay.url(), "embedded relay listening");
@@ -113,7 +117,7 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     let mut running = tokio::select! {
-        started = start(&config) => started?,
+        started = start(&config, &vitals) => started?,
         () = &mut shutdown => {
             tracing::info!("shutdown requested before start-up finished");
             return Ok(());
@@ -158,6 +162,7 @@ pub async fn run(
             app_relay_messages_per_sec: config.nostrconnect_relay_messages_per_sec,
             unbound_requests_per_sec: config.nip46_unbound_requests_per_sec,
             cluster: running.cluster.clone(),
+            vitals: vitals.clone(),
             ..Default::default()
         };
         Some(
@@ -201,13 +206,16 @@ pub async fn run(
             None => std::future::pending().await,
         }
     };
-    let fenced = tokio::select! {
-        () = &mut shutdown => false,
-        () = fenced => true,
+    let ended = tokio::select! {
+        () = &mut shutdown => None,
+        () = fenced => Some(Ended::Fenced),
+        why = vitals.stopped() => Some(Ended::Vital(why)),
         result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
     };
-    if fenced {
-        tracing::error!("this instance was fenced and can never write the replica again: shutting down so the platform starts a replacement");
+    match &ended {
+        Some(Ended::Fenced) => tracing::error!("this instance was fenced and can never write the replica again: shutting down so the platform starts a replacement"),
+        Some(Ended::Vital(why)) => tracing::error!(reason = %why, "this instance can no longer serve: shutting down so the platform starts a replacement"),
+        None => {}
     }
     // Stop answering NIP-46 before the database closes, so no connect can commit after
     // the final sync.
@@ -221,13 +229,24 @@ pub async fn run(
     drop(embedded);
     let reason = monitor.and_then(|m| m.status().fence_reason);
     shut_down(config, stop_http, server, running).await?;
-    match (fenced, reason) {
-        (true, reason) => anyhow::bail!(
+    match ended {
+        Some(Ended::Fenced) => anyhow::bail!(
             "fenced: {}; exiting so that a new instance (which restores first) takes over",
             reason.unwrap_or_else(|| "another instance owns the replica".into())
         ),
-        _ => Ok(()),
+        Some(Ended::Vital(why)) => {
+            anyhow::bail!("{why}; exiting so that the platform starts a replacement")
+        }
+        None => Ok(()),
     }
+}
+
+/// Why `serve` stopped serving, other than being asked to.
+enum Ended {
+    /// Another instance owns the replica for good (or the replicator stopped: it fences).
+    Fenced,
+    /// A task this instance cannot serve without ended (see [`keycast_core::vital`]).
+    Vital(String),
 }
 
 /// What start-up produced.
@@ -238,7 +257,7 @@ struct Running {
     cluster: Option<Arc<Cluster>>,
     services: Services,
     /// Writes the signer's buffered activity about once a second.
-    flusher: tokio::task::JoinHandle<()>,
+    flusher: AbortHandle,
     /// The master key, and the previous one during a rotation.
     keyring: Arc<Keyring>,
     /// The background master-key rotation, while `KEYCAST_MASTER_KEY_PREVIOUS` is set.
@@ -251,7 +270,8 @@ async fn services(
     config: &Config,
     db: &Db,
     replica: Option<Monitor>,
-) -> anyhow::Result<(Services, tokio::task::JoinHandle<()>, Arc<Keyring>)> {
+    vitals: &Vitals,
+) -> anyhow::Result<(Services, AbortHandle, Arc<Keyring>)> {
     let keyring = crate::master_key::load(&config.master_key, config.master_key_previous.as_ref(), db).await?;
     let km: Arc<dyn KeyManager> = keyring.clone();
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
@@ -267,13 +287,16 @@ async fn services(
         ..SignerOptions::default()
     };
     let signer = Arc::new(Signer::new(db.clone(), km.clone(), options));
-    let flusher = tokio::spawn(background_writes(
-        signer.clone(),
-        db.clone(),
-        replica,
-        config.activity_flush,
-        config.sweep_interval,
-    ));
+    let flusher = vitals.spawn(
+        "the activity flusher",
+        background_writes(
+            signer.clone(),
+            db.clone(),
+            replica,
+            config.activity_flush,
+            config.sweep_interval,
+        ),
+    );
     Ok((
         Services {
             signer,
@@ -305,6 +328,7 @@ async fn background_writes(
     let mut last_sweep: Option<std::time::Instant> = None;
     loop {
         tick.tick().await;
+        fail::fail_point!("activity-flusher", |_| ());
         if replica.as_ref().is_some_and(|m| !accepts_writes(m)) {
             continue;
         }
@@ -347,16 +371,16 @@ async fn mark_serving(replicator: &Replicator) -> anyhow::Result<()> {
 /// Restore-before-serve, open the database, start replication. A start-up that fails after
 /// taking the lease gives it back, so the instance it was taken from can take it again at
 /// once (a deploy that fails must not leave nobody writing).
-async fn start(config: &Config) -> anyhow::Result<Running> {
+async fn start(config: &Config, vitals: &Vitals) -> anyhow::Result<Running> {
     prepare_directories(config)?;
     let database_path = match &config.database {
-        Database::Postgres(pg) => return start_postgres(config, pg).await,
+        Database::Postgres(pg) => return start_postgres(config, pg, vitals).await,
         Database::Sqlite { path, .. } => path.as_path(),
     };
     let Some(replica) = &config.replica else {
         tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
         let db = Db::open_sqlite(&sqlite_options(config, database_path)).await?;
-        let (services, flusher, keyring) = services(config, &db, None).await?;
+        let (services, flusher, keyring) = services(config, &db, None, vitals).await?;
         return Ok(Running {
             db,
             replicator: None,
@@ -395,7 +419,7 @@ async fn start(config: &Config) -> anyhow::Result<Running> {
             return Err(e);
         }
     };
-    match services(config, &db, Some(replicator.monitor())).await {
+    match services(config, &db, Some(replicator.monitor()), vitals).await {
         Ok((services, flusher, keyring)) => Ok(Running {
             db,
             replicator: Some(replicator),
@@ -452,10 +476,10 @@ fn sqlite_options(config: &Config, path: &Path) -> DbOptions {
 /// Start-up on PostgreSQL: no replicator and no lease (the server keeps the data and any
 /// number of instances write it); migrations run once however many instances start
 /// together (see [`open_postgres`]).
-async fn start_postgres(config: &Config, pg: &PostgresConfig) -> anyhow::Result<Running> {
+async fn start_postgres(config: &Config, pg: &PostgresConfig, vitals: &Vitals) -> anyhow::Result<Running> {
     let db = open_postgres(pg).await?;
     tracing::info!(database = %pg.options.describe(), pool = pg.options.max_connections, "connected to PostgreSQL");
-    let (services, flusher, keyring) = match services(config, &db, None).await {
+    let (services, flusher, keyring) = match services(config, &db, None, vitals).await {
         Ok(started) => started,
         Err(e) => {
             db.close().await;
@@ -464,6 +488,7 @@ async fn start_postgres(config: &Config, pg: &PostgresConfig) -> anyhow::Result<
     };
     let options = ClusterOptions {
         instance_ttl: pg.instance_ttl,
+        vitals: vitals.clone(),
         ..ClusterOptions::default()
     };
     match Cluster::start(db.clone(), &pg.session(), services.signer.clone(), options).await {
@@ -735,7 +760,8 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
 /// As for start-up; a rotation error; an incomplete rotation (see
 /// [`crate::rotation::report`]).
 pub async fn rotate_master_key(config: &Config, limit: Option<u64>, as_json: bool) -> anyhow::Result<()> {
-    let running = start(config).await?;
+    // A one-off command: nobody watches its background tasks, and it stops them at once.
+    let running = start(config, &Vitals::default()).await?;
     running.flusher.abort();
     let outcome = keycast_core::rotation::rotate(&running.db, &running.keyring, limit).await;
     running.db.close().await;

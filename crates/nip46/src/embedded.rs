@@ -12,12 +12,13 @@
 use std::net::SocketAddr;
 
 use keycast_core::nostr::{Event, Kind};
+use keycast_core::vital::Vitals;
 use nostr_relay_builder::builder::{PolicyResult, RateLimit, WritePolicy};
 use nostr_relay_builder::prelude::{BoxedFuture, MemoryDatabase, MemoryDatabaseOptions};
 use nostr_relay_builder::{LocalRelay, RelayBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 
 /// The longest upgrade request accepted.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -25,7 +26,7 @@ const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// A running embedded relay; stops when dropped.
 pub struct EmbeddedRelay {
     url: String,
-    accept: JoinHandle<()>,
+    accept: AbortHandle,
 }
 
 /// Refuses every event that is not NIP-46, so the relay cannot be used for anything else.
@@ -45,11 +46,12 @@ impl WritePolicy for OnlyNostrConnect {
 }
 
 impl EmbeddedRelay {
-    /// Listens on `addr` (port 0 picks a free one).
+    /// Listens on `addr` (port 0 picks a free one); an end of its accept loop other than
+    /// this value's drop is reported to `vitals`.
     ///
     /// # Errors
     /// The address cannot be bound.
-    pub async fn start(addr: SocketAddr) -> Result<EmbeddedRelay, String> {
+    pub async fn start(addr: SocketAddr, vitals: &Vitals) -> Result<EmbeddedRelay, String> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot bind the embedded relay on {addr}: {e}"))?;
@@ -70,7 +72,7 @@ impl EmbeddedRelay {
             })
             .write_policy(OnlyNostrConnect);
         let relay = LocalRelay::new(builder);
-        let accept = tokio::spawn(accept(listener, relay));
+        let accept = vitals.spawn("the embedded relay", accept(listener, relay));
         Ok(EmbeddedRelay {
             url: format!("ws://{bound}"),
             accept,
@@ -157,7 +159,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_plain_http_request_is_told_to_use_a_websocket() {
-        let relay = EmbeddedRelay::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let relay = EmbeddedRelay::start("127.0.0.1:0".parse().unwrap(), &Vitals::default())
+            .await
+            .unwrap();
         let addr = relay.url().trim_start_matches("ws://").to_owned();
         let mut conn = TcpStream::connect(addr).await.unwrap();
         conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
@@ -171,7 +175,9 @@ mod tests {
         use keycast_core::nostr::{EventBuilder, Keys, Tag};
         use nostr_sdk::pool::{RelayOptions, RelayPool};
 
-        let relay = EmbeddedRelay::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let relay = EmbeddedRelay::start("127.0.0.1:0".parse().unwrap(), &Vitals::default())
+            .await
+            .unwrap();
         let pool = RelayPool::new();
         pool.add_relay(relay.url(), RelayOptions::new()).await.unwrap();
         pool.connect().await;

@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use keycast_core::cluster::Cluster;
 use keycast_core::nostr::{Event, Filter, Kind, PublicKey, RelayUrl, Timestamp};
+use keycast_core::vital::Vitals;
 use keycast_core::{Change, Durability, Signer};
 use nostr_sdk::pool::{RelayOptions, RelayPool, RelayPoolNotification};
 use nostr_sdk::{ClientMessage, SubscribeOptions, SubscriptionId};
 use tokio::sync::{broadcast, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::task::AbortHandle;
 
 use crate::dedup::Seen;
 use crate::handler::{self, Outcome};
@@ -76,6 +77,8 @@ pub struct Nip46Options {
     /// bunkers, and only requests this instance claimed (each answered exactly once).
     /// `None` (SQLite, one instance): answer everything.
     pub cluster: Option<Arc<Cluster>>,
+    /// Where the listener's tasks report an unexpected end (see [`keycast_core::vital`]).
+    pub vitals: Vitals,
 }
 
 impl Default for Nip46Options {
@@ -90,6 +93,7 @@ impl Default for Nip46Options {
             app_relay_messages_per_sec: DEFAULT_APP_RELAY_MESSAGES_PER_SEC,
             unbound_requests_per_sec: DEFAULT_UNBOUND_REQUESTS_PER_SEC,
             cluster: None,
+            vitals: Vitals::default(),
         }
     }
 }
@@ -113,7 +117,7 @@ const SUBSCRIPTION: &str = "keycast-nip46";
 /// The running NIP-46 signer. Dropping it does not stop it; call [`Nip46Service::shutdown`].
 pub struct Nip46Service {
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Vec<AbortHandle>,
 }
 
 struct Shared {
@@ -207,10 +211,14 @@ impl Nip46Service {
         if let Err(err) = shared.sync().await {
             tracing::warn!(error = %err, "nip46: could not read the bunkers yet; will retry");
         }
+        let vitals = &shared.options.vitals;
         let tasks = vec![
-            tokio::spawn(shared.clone().receive(notifications)),
-            tokio::spawn(shared.clone().follow(changes)),
-            tokio::spawn(crate::reconnect::supervise(shared.pool.clone())),
+            vitals.spawn("the NIP-46 listener", shared.clone().receive(notifications)),
+            vitals.spawn("the NIP-46 bunker follower", shared.clone().follow(changes)),
+            vitals.spawn(
+                "the NIP-46 relay reconnector",
+                crate::reconnect::supervise(shared.pool.clone()),
+            ),
         ];
         tracing::info!(relays = ?shared.options.relays, "nip46 signer listening");
         Ok(Nip46Service { shared, tasks })
@@ -242,6 +250,7 @@ impl Shared {
     /// Hands each incoming request to a task; never does signing work itself.
     async fn receive(self: Arc<Self>, mut notifications: broadcast::Receiver<RelayPoolNotification>) {
         loop {
+            fail::fail_point!("nip46-listener", |_| ());
             match notifications.recv().await {
                 Ok(RelayPoolNotification::Event { relay_url, event, .. }) => self.clone().dispatch(relay_url, *event),
                 Ok(RelayPoolNotification::Shutdown) => return,

@@ -166,6 +166,8 @@ pub enum ReplicaError {
     Lease(#[from] LeaseError),
     #[error("timed out after {0:?} waiting for the replica")]
     Timeout(Duration),
+    #[error("the replication worker panicked: {0}")]
+    Panicked(String),
 }
 
 impl ReplicaError {
@@ -355,7 +357,7 @@ impl Replicator {
         shared.status.lock().expect("status lock").replicated_txid = worker.txid();
         let (stop, stop_rx) = watch::channel(None);
         worker.publish_shipped(worker.shipped_mark());
-        let task = tokio::spawn(worker.run(stop_rx));
+        let task = tokio::spawn(run_or_fence(worker, stop_rx, shared.clone()));
         Ok(Replicator {
             shared,
             stop,
@@ -446,6 +448,42 @@ impl Drop for Replicator {
             task.abort();
         }
     }
+}
+
+/// Runs the worker until shutdown asks it to stop. A worker that ends before that (an error
+/// it did not fence for, or a panic, which tokio would otherwise keep to the task) leaves an
+/// instance that takes writes nobody ships while its probes look healthy: fence it, so the
+/// application refuses writes and makes way for an instance that restores first.
+async fn run_or_fence(
+    worker: Worker,
+    stop: watch::Receiver<Option<Instant>>,
+    shared: Arc<Shared>,
+) -> Result<u64, ReplicaError> {
+    use futures::FutureExt as _;
+    let asked = stop.clone();
+    let result = std::panic::AssertUnwindSafe(worker.run(stop))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(ReplicaError::Panicked(panic_message(panic.as_ref()))));
+    if asked.borrow().is_none() {
+        // Nobody checkpoints any more: commits must not wait for it.
+        shared.signal.set_wal_limit(0);
+        let why = match &result {
+            Ok(_) => "the replication worker stopped".to_owned(),
+            Err(e) => format!("the replication worker stopped: {e}"),
+        };
+        shared.fence(why);
+    }
+    result
+}
+
+/// The text a panic was raised with, when it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 /// Read-only view of a replicator's [`Status`].

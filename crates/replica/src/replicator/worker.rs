@@ -837,6 +837,7 @@ impl Worker {
             if let Some(deadline) = requested {
                 return self.finish(deadline).await;
             }
+            fail::fail_point!("replica-worker", |_| Err(ReplicaError::Stopped));
             if self.handed_over || self.shared.status.lock().expect("status lock").fenced {
                 self.stop_compaction().await;
                 self.park(&mut stop).await?;
