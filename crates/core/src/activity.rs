@@ -3,7 +3,10 @@
 //!
 //! The buffer is bounded. If the database stays unwritable long enough to fill it, the
 //! oldest records are dropped and counted ([`ActivityBuffer::dropped`]): losing audit
-//! lines is better than running out of memory or stopping signing.
+//! lines is better than running out of memory or stopping signing. The signatures among
+//! them are still counted per grant and added to its stored total by the next flush, so
+//! that a `max_signatures` grant cannot sign more after a restart because its record was
+//! dropped.
 //!
 //! The stored record is bounded too ([`RecordBound`]): an app signing as fast as it can
 //! would otherwise grow the database by every request for good, and on Cloud Run that disk
@@ -71,12 +74,21 @@ impl RecordBound {
     }
 }
 
+/// Whether a record is one signature made (what a grant's total counts: see
+/// `keycast_db::activity::SIGNATURES_IN_ALL`).
+fn is_signature(record: &NewActivity) -> bool {
+    record.method == "sign_event" && record.result.is_none()
+}
+
 /// Records waiting to be written.
 #[derive(Debug)]
 pub(crate) struct ActivityBuffer {
     pending: Mutex<VecDeque<NewActivity>>,
     capacity: usize,
     dropped: AtomicU64,
+    /// Signatures among the dropped records, per grant, not yet in its stored total (one
+    /// entry per grant, so bounded by the grants that signed). Locked after `pending`.
+    dropped_signatures: Mutex<HashMap<AuthorizationId, u64>>,
 }
 
 impl ActivityBuffer {
@@ -85,6 +97,7 @@ impl ActivityBuffer {
             pending: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
             dropped: AtomicU64::new(0),
+            dropped_signatures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -92,10 +105,34 @@ impl ActivityBuffer {
     pub fn record(&self, activity: NewActivity) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if pending.len() >= self.capacity {
-            pending.pop_front();
+            let oldest = pending.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.count_dropped(oldest.iter());
         }
         pending.push_back(activity);
+    }
+
+    /// Keeps the signatures of `dropped` records for [`ActivityBuffer::take_dropped_signatures`].
+    fn count_dropped<'a>(&self, dropped: impl Iterator<Item = &'a NewActivity>) {
+        let mut counts = self.dropped_signatures.lock().unwrap_or_else(PoisonError::into_inner);
+        for record in dropped.filter(|r| is_signature(r)) {
+            *counts.entry(record.authorization_id.clone()).or_insert(0) += 1;
+        }
+    }
+
+    /// The signatures dropped since the last call, per grant, for the caller to add to the
+    /// grants' stored totals (and to give back with [`ActivityBuffer::untake_dropped_signatures`]
+    /// if it cannot).
+    pub fn take_dropped_signatures(&self) -> HashMap<AuthorizationId, u64> {
+        std::mem::take(&mut *self.dropped_signatures.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Gives back counts [`ActivityBuffer::take_dropped_signatures`] returned.
+    pub fn untake_dropped_signatures(&self, taken: HashMap<AuthorizationId, u64>) {
+        let mut counts = self.dropped_signatures.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, n) in taken {
+            *counts.entry(id).or_insert(0) += n;
+        }
     }
 
     /// Takes the oldest `most` records buffered (all, if fewer).
@@ -112,7 +149,7 @@ impl ActivityBuffer {
         let mut merged = VecDeque::from(batch);
         merged.append(&mut pending);
         let excess = merged.len().saturating_sub(self.capacity);
-        merged.drain(..excess);
+        self.count_dropped(merged.drain(..excess).collect::<Vec<_>>().iter());
         self.dropped.fetch_add(excess as u64, Ordering::Relaxed);
         *pending = merged;
     }
@@ -183,6 +220,40 @@ mod tests {
         buffer.put_back(batch);
         assert_eq!(times(&buffer.take(usize::MAX)), [2, 3, 4]);
         assert_eq!(buffer.dropped(), 1);
+    }
+
+    #[test]
+    fn dropped_signatures_are_counted_per_grant_until_taken_and_given_back_if_unwritten() {
+        let buffer = ActivityBuffer::new(2);
+        let of = |id: &str, method: &'static str, result: Option<&'static str>| NewActivity {
+            authorization_id: AuthorizationId::new(id),
+            method,
+            result,
+            ..at(1)
+        };
+        buffer.record(of("a", "sign_event", None));
+        buffer.record(of("a", "sign_event", Some("policy_denied")));
+        buffer.record(of("b", "nip44_encrypt", None));
+        buffer.record(of("b", "sign_event", None));
+        buffer.record(of("c", "sign_event", None));
+        // Dropped: a's signature, a's refusal, b's encryption (only the first counts).
+        assert_eq!(buffer.dropped(), 3);
+        let batch = buffer.take(usize::MAX);
+        buffer.record(of("c", "sign_event", None));
+        buffer.record(of("c", "sign_event", None));
+        buffer.put_back(batch); // b's and c's first signatures no longer fit
+        let taken = buffer.take_dropped_signatures();
+        let expected = HashMap::from([
+            (AuthorizationId::new("a"), 1),
+            (AuthorizationId::new("b"), 1),
+            (AuthorizationId::new("c"), 1),
+        ]);
+        assert_eq!(taken, expected);
+        assert!(buffer.take_dropped_signatures().is_empty(), "taken once");
+        buffer.untake_dropped_signatures(taken);
+        buffer.record(of("c", "sign_event", None));
+        let again = buffer.take_dropped_signatures();
+        assert_eq!(again[&AuthorizationId::new("c")], 2, "given back, and added to");
     }
 
     #[test]

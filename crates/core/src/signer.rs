@@ -716,7 +716,9 @@ impl Signer {
         self.policies.invalidate_where(|_, _| true);
     }
 
-    /// Writes buffered activity, oldest first, in transactions of at most
+    /// First adds the signatures whose records a full buffer dropped to their grants'
+    /// totals, so the grants' limits hold after a restart. Then writes buffered activity,
+    /// oldest first, in transactions of at most
     /// [`activity_repo::MAX_BATCH_ROWS`] rows on a connection of its own, then prunes the
     /// stored record of each grant that wrote enough since its last pruning (see
     /// [`crate::activity`]). Call about once a second and at shutdown. Returns the rows
@@ -727,6 +729,17 @@ impl Signer {
     /// # Errors
     /// [`SignError::Internal`] on storage failure.
     pub async fn flush(&self) -> Result<u64, SignError> {
+        let unrecorded = self.activity.take_dropped_signatures();
+        if !unrecorded.is_empty() {
+            let counts: Vec<(AuthorizationId, i64)> = unrecorded
+                .iter()
+                .map(|(id, n)| (id.clone(), i64::try_from(*n).unwrap_or(i64::MAX)))
+                .collect();
+            if let Err(err) = activity_repo::add_unrecorded_signatures(&self.activity_db, &counts).await {
+                self.activity.untake_dropped_signatures(unrecorded);
+                return Err(err.into());
+            }
+        }
         let mut stored = 0;
         // Only what was buffered when the flush began: a flush under steady signing ends.
         let mut left = self.activity.len();

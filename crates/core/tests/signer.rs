@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use keycast_core::authz::{create_grant, issue_access_token, NewGrant, DEFAULT_TOKEN_TTL_SECS};
 use keycast_core::nostr::{Event, EventBuilder, Keys, Kind, PublicKey, UnsignedEvent};
+use keycast_core::terms::{GrantTerms, Limits};
 use keycast_core::{
     keys, AuthError, Authorization, Grant, KeyManager, MasterKey, MasterKeyManager, Request, Response, SignError,
     Signer, SignerOptions, Transport,
@@ -56,6 +57,10 @@ async fn harness() -> Harness {
 
 impl Harness {
     async fn grant(&self, slug: &str) -> Grant {
+        self.grant_with(slug, GrantTerms::default()).await
+    }
+
+    async fn grant_with(&self, slug: &str, terms: GrantTerms) -> Grant {
         let policy = policies::find_by_slug(&self.db, slug).await.unwrap().unwrap();
         let relays = vec!["ws://127.0.0.1:7777".to_owned()];
         let new = NewGrant {
@@ -65,7 +70,7 @@ impl Harness {
             redirect_origin: "https://app.example",
             relays: &relays,
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
-            terms: Default::default(),
+            terms,
             max_live: keycast_core::authz::DEFAULT_MAX_LIVE_GRANTS,
         };
         create_grant(&self.db, self.km.as_ref(), &new, now_unix())
@@ -303,6 +308,57 @@ async fn failed_flush_keeps_the_records_for_the_next_one() {
     h.db.close().await;
     assert!(matches!(h.signer.flush().await, Err(SignError::Internal(_))));
     assert_eq!(h.signer.pending_activity(), 1);
+}
+
+/// A grant's limit holds across a restart even when its records never reached the
+/// database: a full buffer (the disk was full for long enough) drops the oldest records,
+/// and their signatures must still count. Before, a grant of 5 signatures whose buffer kept
+/// 2 of them signed 3 more after a restart.
+#[tokio::test]
+async fn signatures_a_full_buffer_dropped_still_count_after_a_restart() {
+    let h = harness().await;
+    let terms = GrantTerms {
+        limits: Limits {
+            max_signatures: Some(5),
+            ..Limits::default()
+        },
+        ..GrantTerms::default()
+    };
+    let token = h.grant_with("social", terms).await.access_token;
+    let small = SignerOptions {
+        activity_capacity: 2,
+        ..SignerOptions::default()
+    };
+    let signer = Signer::new(h.db.clone(), h.km.clone(), small);
+    let authz = signer.authorize_token(token.expose()).await.unwrap();
+    for n in 0..5 {
+        let template = note(h.user_pubkey, 1, &format!("note {n}"));
+        signer
+            .execute(&authz, Request::SignEvent(template), Transport::Http)
+            .await
+            .unwrap();
+    }
+    assert_eq!(signer.dropped_activity(), 3);
+    assert_eq!(signer.flush().await.unwrap(), 2);
+    assert_eq!(h.activity_rows().await, 2, "three records were dropped");
+
+    let restarted = Signer::new(h.db.clone(), h.km.clone(), SignerOptions::default());
+    let authz = restarted.authorize_token(token.expose()).await.unwrap();
+    let template = note(h.user_pubkey, 1, "one too many");
+    let refused = restarted
+        .execute(&authz, Request::SignEvent(template), Transport::Http)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &refused,
+            SignError::GrantRefused {
+                code: "grant_exhausted",
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

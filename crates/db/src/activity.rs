@@ -194,6 +194,31 @@ pub const SIGNATURES_IN_ALL: &str = "SELECT (SELECT COUNT(*) FROM activity WHERE
      AND method = 'sign_event' AND result IS NULL) \
      + COALESCE((SELECT signatures_pruned FROM authorizations WHERE id = $1), 0)";
 
+/// Adds signatures that were made but never recorded (their records were dropped while
+/// the database could not be written) to their grants' totals, as [`prune`] does for the
+/// records it removes: `(grant, signatures)`, in one transaction. Unknown grants (deleted
+/// since) are skipped.
+///
+/// # Errors
+/// Database errors; then nothing is added.
+pub async fn add_unrecorded_signatures(db: &Db, counts: &[(AuthorizationId, i64)]) -> Result<(), RepoError> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        for (authz, signatures) in counts {
+            sqlx::query("UPDATE authorizations SET signatures_pruned = signatures_pruned + $2 WHERE id = $1")
+                .bind(authz)
+                .bind(signatures)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    })
+}
+
 /// One grant for [`prune`]: its id, and the time from which its signatures (`sign_event`
 /// done) stay whatever their number — a grant with a rate limit counts that window from
 /// them after a restart.
