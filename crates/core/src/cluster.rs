@@ -213,7 +213,8 @@ impl Cluster {
         options: ClusterOptions,
     ) -> Result<Arc<Cluster>, keycast_db::RepoError> {
         let id = instance_id();
-        let listener = Listener::connect(session).await?;
+        // Heartbeats come every fifth of the TTL: ten missed in a row is a dead session.
+        let listener = Listener::connect(session, options.instance_ttl * 2).await?;
         let cluster = Arc::new(Cluster {
             id,
             beat_db: db.dedicated(1),
@@ -360,6 +361,12 @@ impl Cluster {
                 () = self.membership.notified() => {}
             }
             fail::fail_point!("cluster-heartbeat", |_| ());
+            // An instance that cannot hear the others' changes does not count itself among
+            // them: they stop waiting for acknowledgements it cannot send (it trusts no cache
+            // meanwhile, so it needs none) and answer its bunkers.
+            if !self.listening.load(Ordering::SeqCst) {
+                continue;
+            }
             if let Err(err) = self.beat().await {
                 tracing::warn!(error = %err, "heartbeat failed; keeping the last known instances");
             }

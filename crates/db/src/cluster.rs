@@ -20,7 +20,9 @@ fn postgres(db: &Db) -> Result<&sqlx::PgPool, RepoError> {
 }
 
 /// Records a heartbeat of instance `id` (registering it if new) and returns the instances
-/// whose heartbeat is younger than `ttl_ms`, this one included, sorted. One round trip.
+/// whose heartbeat is younger than `ttl_ms`, this one included, sorted. It also sends the
+/// [`crate::notify::BEAT`] notice, by which every listener knows its session still hears.
+/// One round trip.
 ///
 /// # Errors
 /// [`RepoError::Unsupported`] on SQLite; database errors.
@@ -28,14 +30,17 @@ pub async fn heartbeat(db: &Db, id: &str, ttl_ms: i64) -> Result<Vec<String>, Re
     // The statement's snapshot does not see its own insert: this instance is added by hand.
     let sql = format!(
         "WITH beat AS (INSERT INTO keycast_instances (id, started_at, heartbeat_at) VALUES ($1, {NOW_MS}, {NOW_MS}) \
-                       ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at) \
+                       ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at), \
+              heard AS (SELECT pg_notify($3, $4)) \
          SELECT id FROM (SELECT id FROM keycast_instances WHERE heartbeat_at > {NOW_MS} - $2 AND id <> $1 \
-                         UNION ALL SELECT CAST($1 AS TEXT)) AS live ORDER BY id"
+                         UNION ALL SELECT CAST($1 AS TEXT)) AS live CROSS JOIN heard ORDER BY id"
     );
     // Built from constants only; the values are bound.
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(ttl_ms)
+        .bind(crate::notify::CHANNEL)
+        .bind(crate::notify::BEAT)
         .fetch_all(postgres(db)?)
         .await?)
 }

@@ -8,6 +8,13 @@
 //!
 //! `LISTEN` belongs to a session: behind a transaction-mode pooler the listener must
 //! connect directly (`KEYCAST_DATABASE_DIRECT_URL`).
+//!
+//! A session can also die without a word: an idle TCP connection whose NAT mapping
+//! expired, a partition. Nothing is sent on a listening session, so nothing would ever
+//! fail, and the instance would trust its caches for good while missing every change.
+//! Every instance's heartbeat therefore also sends [`BEAT`] (see `crate::cluster`), which
+//! every listener hears, its own included; a listener that hears nothing at all for its
+//! silence limit takes its session for dead ([`Heard::Lost`]) and reconnects.
 
 use std::time::Duration;
 
@@ -18,6 +25,10 @@ use crate::{Db, PgOptions, RepoError};
 
 /// The channel keycast's instances talk on.
 pub const CHANNEL: &str = "keycast_changes";
+
+/// The payload of the heartbeat's notice: proof that the session still hears, never
+/// returned by [`Listener::next`].
+pub const BEAT: &str = "beat";
 
 /// Sends `payload` (at most 7999 bytes) to every listening instance, this one included.
 ///
@@ -47,10 +58,13 @@ pub enum Heard {
     Listening,
 }
 
-/// A session that `LISTEN`s on [`CHANNEL`], reconnecting when its connection drops.
+/// A session that `LISTEN`s on [`CHANNEL`], reconnecting when its connection drops or
+/// falls silent.
 pub struct Listener {
     options: PgOptions,
     inner: Option<PgListener>,
+    /// Hearing nothing (not even a [`BEAT`]) for this long means the session is dead.
+    silence_limit: Duration,
 }
 
 impl std::fmt::Debug for Listener {
@@ -63,17 +77,29 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Connects and listens.
+    /// Connects and listens. A session that hears nothing for `silence_limit` is taken for
+    /// dead: the heartbeats of the instances on the database must come more often.
     ///
     /// # Errors
     /// The server cannot be reached or refuses the session.
-    pub async fn connect(options: &PgOptions) -> Result<Listener, RepoError> {
+    pub async fn connect(options: &PgOptions, silence_limit: Duration) -> Result<Listener, RepoError> {
         let mut listener = Listener {
             options: options.clone(),
             inner: None,
+            silence_limit,
         };
-        listener.inner = Some(listener.open().await?);
+        listener.inner = Some(listener.open_within().await?);
         Ok(listener)
+    }
+
+    /// [`Listener::open`], given up after the silence limit: a server behind a dead link
+    /// may accept the connection and never answer.
+    async fn open_within(&self) -> Result<PgListener, RepoError> {
+        match tokio::time::timeout(self.silence_limit, self.open()).await {
+            Ok(opened) => opened,
+            // What sqlx says of a connection that did not come in time.
+            Err(_) => Err(RepoError::Busy(sqlx::Error::PoolTimedOut)),
+        }
     }
 
     async fn open(&self) -> Result<PgListener, RepoError> {
@@ -91,7 +117,7 @@ impl Listener {
     pub async fn next(&mut self) -> Heard {
         loop {
             let Some(listener) = self.inner.as_mut() else {
-                match self.open().await {
+                match self.open_within().await {
                     Ok(listener) => {
                         self.inner = Some(listener);
                         return Heard::Listening;
@@ -103,9 +129,19 @@ impl Listener {
                     }
                 }
             };
-            match listener.try_recv().await {
-                Ok(Some(notice)) => return Heard::Notice(notice.payload().to_owned()),
-                Ok(None) | Err(_) => {
+            // Cancelling a read can leave the session mid-message: it is dropped then anyway.
+            match tokio::time::timeout(self.silence_limit, listener.try_recv()).await {
+                Ok(Ok(Some(notice))) if notice.payload() == BEAT => {}
+                Ok(Ok(Some(notice))) => return Heard::Notice(notice.payload().to_owned()),
+                Ok(Ok(None) | Err(_)) => {
+                    self.inner = None;
+                    return Heard::Lost;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        silence_ms = self.silence_limit.as_millis() as u64,
+                        "heard nothing on the session that listens for other instances' changes, not even a heartbeat: taking it for dead"
+                    );
                     self.inner = None;
                     return Heard::Lost;
                 }
@@ -126,7 +162,9 @@ mod tests {
                 assert!(notify(&db, "x").await.is_err());
                 continue;
             };
-            let mut listener = Listener::connect(&PgOptions::new(&scratch.url)).await.unwrap();
+            let mut listener = Listener::connect(&PgOptions::new(&scratch.url), Duration::from_secs(30))
+                .await
+                .unwrap();
             for n in 0..5 {
                 notify(&db, &format!("n{n}")).await.unwrap();
             }

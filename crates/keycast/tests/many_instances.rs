@@ -761,3 +761,152 @@ fn a_server_that_dropped_every_connection_costs_no_request() {
         "requests failed after the connections dropped: {failed:?}"
     );
 }
+
+/// A TCP relay that can go silent: frozen, it stops carrying bytes either way and sends no
+/// reset, as a NAT that forgot an idle connection's mapping or a partition does.
+struct SilentLink {
+    port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SilentLink {
+    fn start(upstream: String) -> SilentLink {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pump = |mut from: TcpStream, mut to: TcpStream, frozen: std::sync::Arc<std::sync::atomic::AtomicBool>| {
+            from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                if frozen.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                match from.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let link = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (f1, f2) = (link.clone(), link.clone());
+                std::thread::spawn(move || pump(client, server, f1));
+                std::thread::spawn(move || pump(s2, c2, f2));
+            }
+        });
+        SilentLink { port, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A read already waiting (50 ms at most) may still carry its bytes across.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The session that hears the other instances' changes (`LISTEN`) can die without a word:
+/// an idle TCP connection whose NAT mapping expired, a partition. The instance must notice
+/// by itself. Before, it never did: it went on trusting its caches (for an hour here) and
+/// signed with a token revoked on another instance, and every change on the others waited
+/// out the sync timeout for its acknowledgement, for good.
+#[test]
+fn an_instance_whose_notice_session_silently_died_stops_trusting_its_caches() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("deaf");
+    let host_port = database
+        .url
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let link = SilentLink::start(host_port.clone());
+    let through_link = database.url.replace(&host_port, &format!("127.0.0.1:{}", link.port));
+    let dir = tempfile::tempdir().unwrap();
+    let launch = |i: usize| {
+        Launch::new(&dir.path().join(format!("data{i}")))
+            .postgres(&database)
+            .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+            .env("KEYCAST_CACHE_TTL_SECS", "3600")
+    };
+    let a = launch(0).start();
+    let b = launch(1).env("KEYCAST_DATABASE_DIRECT_URL", &through_link).start();
+    let (cookie, _) = register(&a, "alice@example.com", None);
+    let token = access_token(&a, &cookie);
+    // Once the grant's announcements have settled (a read racing an invalidation is not
+    // cached), b holds the grant in its caches. Idle past the silence limit (10 s) first:
+    // a session that hears must not be taken for dead for being quiet.
+    std::thread::sleep(Duration::from_secs(11));
+    for _ in 0..2 {
+        assert_eq!(sign(&b, &token).status, 200);
+    }
+
+    link.freeze();
+    let list = get(&a, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = delete(&a, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = sign(&b, &token);
+        if r.status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "20 s after the revocation, the instance that cannot hear it still signs: {} {}",
+            r.status,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // And the others stop waiting for an acknowledgement that cannot come: a change (a new
+    // grant, then its revocation) is answered without the 3 s sync timeout again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let started = Instant::now();
+        access_token(&a, &cookie);
+        let list = get(&a, "/api/user/authorizations", Some(&cookie)).json();
+        let live = list["authorizations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["revoked_at"].is_null())
+            .map(|g| g["id"].as_str().unwrap().to_owned())
+            .unwrap();
+        let r = delete(&a, &format!("/api/user/authorizations/{live}"), &cookie);
+        assert_eq!(r.status, 204, "{}", r.body);
+        if started.elapsed() < Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "changes on the instance that can hear still wait for the deaf one ({:?} for a grant and its revocation)",
+            started.elapsed()
+        );
+    }
+    assert!(b.log().contains("taking it for dead"), "{}", b.log());
+    // The heartbeats' notices keep a session that hears alive: the healthy instance, idle
+    // well past the silence limit before the link froze and since, never took its for dead.
+    assert!(!a.log().contains("taking it for dead"), "{}", a.log());
+}
