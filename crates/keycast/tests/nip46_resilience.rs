@@ -2,11 +2,15 @@
 //! that the test cuts (every open connection closed, new ones refused) and later restores,
 //! while the client (nostr-tools `BunkerSigner`) stays connected to the relay directly.
 //! Nothing is signed while keycast cannot reach the relay; once the relay is reachable
-//! again keycast reconnects with backoff, re-sends its subscription, and answers.
+//! again keycast reconnects with backoff, re-sends its subscription, and answers. A
+//! connection that goes silent instead (no close, no reset: a NAT that forgot it) is
+//! noticed by keycast's own pings, and replaced.
 
 mod harness;
 
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +30,9 @@ const RECOVERY_WITHIN: Duration = Duration::from_secs(30);
 const OUTAGE_TIMEOUT_MS: u64 = 1500;
 /// The client's timeout for each request after the outage (milliseconds).
 const RETRY_TIMEOUT_MS: u64 = 3000;
+/// How long a silent relay connection may go unnoticed, with the reconnection and the
+/// client's next try: keycast pings every 10 s and gives up on a ping unanswered for 10 s.
+const SILENCE_NOTICED_WITHIN: Duration = Duration::from_secs(30);
 
 /// A loopback TCP proxy in front of one upstream address that can be cut and restored.
 /// Records every connection attempt it sees, with whether it was let through.
@@ -39,6 +46,8 @@ struct ProxyState {
     down: bool,
     /// Both ends of every connection piped so far (closed ones are harmless to shut down).
     open: Vec<TcpStream>,
+    /// Per connection piped so far: set, it carries no more bytes either way.
+    silenced: Vec<Arc<AtomicBool>>,
     /// (when, let through) for every incoming connection.
     attempts: Vec<(Instant, bool)>,
 }
@@ -66,7 +75,9 @@ impl RelayProxy {
                 };
                 state.open.push(client.try_clone().unwrap());
                 state.open.push(server.try_clone().unwrap());
-                std::thread::spawn(move || pipe(client, server));
+                let silenced = Arc::new(AtomicBool::new(false));
+                state.silenced.push(silenced.clone());
+                std::thread::spawn(move || pipe(client, server, silenced));
             }
         });
         RelayProxy { port, state }
@@ -88,6 +99,19 @@ impl RelayProxy {
         open
     }
 
+    /// Every open connection stops carrying bytes, with no close and no reset, as when a
+    /// NAT forgets a connection; new connections are let through. Returns how many went
+    /// silent.
+    fn silence(&self) -> usize {
+        let state = self.state.lock().unwrap();
+        for flag in &state.silenced {
+            flag.store(true, Ordering::SeqCst);
+        }
+        // A read already waiting (50 ms at most) may still carry its bytes across.
+        std::thread::sleep(Duration::from_millis(200));
+        state.silenced.len()
+    }
+
     fn restore(&self) {
         self.state.lock().unwrap().down = false;
     }
@@ -98,19 +122,37 @@ impl RelayProxy {
     }
 }
 
-/// Copies bytes both ways until either side closes, then closes both.
-fn pipe(client: TcpStream, server: TcpStream) {
-    let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-    let up = std::thread::spawn(move || {
-        let (mut client, mut server) = (client, server);
-        let _ = std::io::copy(&mut client, &mut server);
-        let _ = server.shutdown(Shutdown::Both);
-        let _ = client.shutdown(Shutdown::Both);
-    });
-    let _ = std::io::copy(&mut s2, &mut c2);
-    let _ = c2.shutdown(Shutdown::Both);
-    let _ = s2.shutdown(Shutdown::Both);
+/// Copies bytes both ways until either side closes, then closes both; once `silenced`,
+/// copies nothing more and closes nothing.
+fn pipe(client: TcpStream, server: TcpStream, silenced: Arc<AtomicBool>) {
+    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let quiet = silenced.clone();
+    let up = std::thread::spawn(move || copy_until_silenced(client, server, &quiet));
+    copy_until_silenced(s2, c2, &silenced);
     let _ = up.join();
+}
+
+fn copy_until_silenced(mut from: TcpStream, mut to: TcpStream, silenced: &AtomicBool) {
+    from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if silenced.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 fn url_encode(text: &str) -> String {
@@ -220,4 +262,61 @@ fn signing_resumes_after_the_relay_connection_drops() {
     );
     let log = server.log();
     assert!(!log.contains("panicked"), "keycast panicked; log:\n{log}");
+}
+
+/// keycast's connection to its relay goes silent (no close, no reset: a NAT that forgot an
+/// idle connection, a relay host that vanished). Nothing on the connection ever fails, so
+/// only a ping can tell. Before, keycast relied on nostr-sdk's (every 55 s, a miss noticed at
+/// the next one): NIP-46 went unanswered for one to two minutes.
+#[test]
+fn signing_resumes_soon_after_the_relay_connection_goes_silent() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let proxy = RelayProxy::start(relay.url());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &proxy.url())
+        .start();
+    let (cookie, _) = register(&server, "silence@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let bunker = bunker_url_via(&token, &proxy.url(), relay.url());
+    let connected = client.connect(&bunker);
+    assert_eq!(connected["ok"], true, "connect: {connected}");
+    let before = sign(&mut client, "before the silence", 5000);
+    assert_eq!(before["ok"], true, "signing before the silence: {before}");
+
+    let silent_at = Instant::now();
+    assert!(
+        proxy.silence() >= 1,
+        "keycast's relay connection went through the proxy"
+    );
+    let mut tries = Vec::new();
+    let after = loop {
+        let reply = sign(
+            &mut client,
+            &format!("after the silence, try {}", tries.len() + 1),
+            RETRY_TIMEOUT_MS,
+        );
+        if reply["ok"] == true {
+            break reply;
+        }
+        tries.push(reply["error"].to_string());
+        assert!(
+            silent_at.elapsed() < SILENCE_NOTICED_WITHIN,
+            "no answer {SILENCE_NOTICED_WITHIN:?} after keycast's relay connection went silent ({} tries); \
+             connections since: {}; log:\n{}",
+            tries.len(),
+            schedule(&proxy.attempts(), silent_at),
+            server.log()
+        );
+    };
+    assert_eq!(after["verified"], true, "the signature verifies: {after}");
+    eprintln!(
+        "signing answered {:.2}s after the connection went silent ({} failed tries); connections since: {}",
+        silent_at.elapsed().as_secs_f64(),
+        tries.len(),
+        schedule(&proxy.attempts(), silent_at)
+    );
 }

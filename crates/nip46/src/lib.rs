@@ -9,6 +9,8 @@
 //! - [`handler`]: what each method means; signing goes through
 //!   [`keycast_core::Signer::execute`], the path HTTP RPC uses too.
 //! - [`reconnect`]: bringing dropped relays back, with a backoff that resets.
+//! - [`keepalive`]: pinging each relay, so a connection that went silent is dropped (and
+//!   brought back) within seconds.
 //! - [`transport`]: how relay connections are opened: the host resolved and judged by
 //!   keycast at every connect, and only the judged addresses dialled.
 //! - [`wire`]: kind 24133 envelopes, NIP-44 (and NIP-04) on the wire.
@@ -20,6 +22,7 @@
 pub mod dedup;
 pub mod embedded;
 pub mod handler;
+pub mod keepalive;
 pub mod reconnect;
 pub mod roster;
 pub mod service;

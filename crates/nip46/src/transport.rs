@@ -26,8 +26,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_wsocket::futures_util::stream::SplitSink;
-use async_wsocket::futures_util::{Sink, SinkExt, StreamExt, TryStreamExt};
+use async_wsocket::futures_util::{Sink, SinkExt};
 use async_wsocket::{ConnectionMode, Message, WebSocket};
 use nostr_sdk::pool::transport::error::TransportError;
 use nostr_sdk::pool::transport::websocket::{WebSocketSink, WebSocketStream, WebSocketTransport};
@@ -151,11 +150,11 @@ impl WebSocketTransport for RelayTransport {
     ) -> BoxedFuture<'a, Result<(WebSocketSink, WebSocketStream), TransportError>> {
         Box::pin(async move {
             let socket = self.open(url, timeout).await.map_err(TransportError::backend)?;
-            let (tx, rx) = socket.split();
+            let (tx, rx) = crate::keepalive::watch(socket, crate::keepalive::PING_EVERY, crate::keepalive::PONG_WITHIN);
             // As nostr-sdk's own transport: not `sink_map_err`, which may panic
             // (rust-nostr/nostr#984).
             let sink: WebSocketSink = Box::new(TransportSink(tx));
-            let stream = rx.map_err(TransportError::backend);
+            let stream = rx;
             let stream: WebSocketStream = match self.app_rate {
                 Some(rate) if !self.is_trusted(url) => Box::pin(Throttled::new(stream, rate)),
                 _ => Box::pin(stream),
@@ -209,8 +208,9 @@ async fn dial(relay: &str, addrs: &[SocketAddr], timeout: Duration) -> Result<Tc
     })
 }
 
-/// The write half, with the backend's errors wrapped (as nostr-sdk's own transport does).
-struct TransportSink(SplitSink<WebSocket, Message>);
+/// The write half (to the connection's task, see [`crate::keepalive`]), with its errors
+/// wrapped as nostr-sdk's own transport does.
+struct TransportSink(futures::channel::mpsc::Sender<Message>);
 
 impl Sink<Message> for TransportSink {
     type Error = TransportError;
