@@ -11,6 +11,7 @@ use std::collections::HashMap;
 
 use harness::api::*;
 use harness::flow::{access_token, approve_with, authorize_query, grant, login, pkce, register, token_request};
+use harness::link::SilentLink;
 use harness::nostr::{keypair, BunkerClient, Relay};
 use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use nostr::nips::nip44;
@@ -760,63 +761,6 @@ fn a_server_that_dropped_every_connection_costs_no_request() {
         failed.is_empty(),
         "requests failed after the connections dropped: {failed:?}"
     );
-}
-
-/// A TCP relay that can go silent: frozen, it stops carrying bytes either way and sends no
-/// reset, as a NAT that forgot an idle connection's mapping or a partition does.
-struct SilentLink {
-    port: u16,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl SilentLink {
-    fn start(upstream: String) -> SilentLink {
-        use std::io::{Read, Write};
-        use std::net::{TcpListener, TcpStream};
-        use std::sync::atomic::Ordering;
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let pump = |mut from: TcpStream, mut to: TcpStream, frozen: std::sync::Arc<std::sync::atomic::AtomicBool>| {
-            from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-            let mut buf = [0u8; 16 * 1024];
-            loop {
-                if frozen.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
-                match from.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        if to.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                    Err(_) => return,
-                }
-            }
-        };
-        let link = frozen.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().map_while(Result::ok) {
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (f1, f2) = (link.clone(), link.clone());
-                std::thread::spawn(move || pump(client, server, f1));
-                std::thread::spawn(move || pump(s2, c2, f2));
-            }
-        });
-        SilentLink { port, frozen }
-    }
-
-    fn freeze(&self) {
-        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
-        // A read already waiting (50 ms at most) may still carry its bytes across.
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The session that hears the other instances' changes (`LISTEN`) can die without a word:

@@ -8,15 +8,15 @@
 
 mod harness;
 
-use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::flow::{grant, register};
+use harness::link::{pipe_until_silenced, silence};
 use harness::nostr::{BunkerClient, Relay};
-use harness::Launch;
+use harness::{Keycast, Launch};
 use serde_json::{json, Value};
 
 /// The outage lasts at least this long, and until keycast has had a reconnect refused.
@@ -77,7 +77,7 @@ impl RelayProxy {
                 state.open.push(server.try_clone().unwrap());
                 let silenced = Arc::new(AtomicBool::new(false));
                 state.silenced.push(silenced.clone());
-                std::thread::spawn(move || pipe(client, server, silenced));
+                std::thread::spawn(move || pipe_until_silenced(client, server, silenced));
             }
         });
         RelayProxy { port, state }
@@ -104,11 +104,7 @@ impl RelayProxy {
     /// silent.
     fn silence(&self) -> usize {
         let state = self.state.lock().unwrap();
-        for flag in &state.silenced {
-            flag.store(true, Ordering::SeqCst);
-        }
-        // A read already waiting (50 ms at most) may still carry its bytes across.
-        std::thread::sleep(Duration::from_millis(200));
+        silence(&state.silenced);
         state.silenced.len()
     }
 
@@ -120,39 +116,6 @@ impl RelayProxy {
     fn attempts(&self) -> Vec<(Instant, bool)> {
         self.state.lock().unwrap().attempts.clone()
     }
-}
-
-/// Copies bytes both ways until either side closes, then closes both; once `silenced`,
-/// copies nothing more and closes nothing.
-fn pipe(client: TcpStream, server: TcpStream, silenced: Arc<AtomicBool>) {
-    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-    let quiet = silenced.clone();
-    let up = std::thread::spawn(move || copy_until_silenced(client, server, &quiet));
-    copy_until_silenced(s2, c2, &silenced);
-    let _ = up.join();
-}
-
-fn copy_until_silenced(mut from: TcpStream, mut to: TcpStream, silenced: &AtomicBool) {
-    from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        if silenced.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(_) => break,
-        }
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
 }
 
 fn url_encode(text: &str) -> String {
@@ -188,24 +151,53 @@ fn schedule(attempts: &[(Instant, bool)], zero: Instant) -> String {
         .join(", ")
 }
 
-#[test]
-fn signing_resumes_after_the_relay_connection_drops() {
-    let Some(relay) = Relay::start() else { return };
-    let Some(mut client) = BunkerClient::spawn() else {
-        return;
-    };
+/// keycast, whose connection to the relay goes through a [`RelayProxy`], and a nostr-tools
+/// client connected to the relay directly with a fresh grant's bunker, which has signed
+/// once. `None` outside scripts/test.sh when a peer is missing.
+struct Connected {
+    proxy: RelayProxy,
+    server: Keycast,
+    client: BunkerClient,
+    _relay: Relay,
+    _dir: tempfile::TempDir,
+}
+
+fn connected(email: &str) -> Option<Connected> {
+    let relay = Relay::start()?;
+    let mut client = BunkerClient::spawn()?;
     let proxy = RelayProxy::start(relay.url());
     let dir = tempfile::tempdir().unwrap();
     let server = Launch::new(&dir.path().join("data"))
         .env("BUNKER_RELAYS", &proxy.url())
         .start();
-    let (cookie, _) = register(&server, "resilience@example.com", None);
+    let (cookie, _) = register(&server, email, None);
     let token = grant(&server, &cookie, "policy:social");
     let bunker = bunker_url_via(&token, &proxy.url(), relay.url());
     let connected = client.connect(&bunker);
     assert_eq!(connected["ok"], true, "connect: {connected}");
-    let before = sign(&mut client, "before the drop", 5000);
-    assert_eq!(before["ok"], true, "signing before the drop: {before}");
+    let before = sign(&mut client, "before the fault", 5000);
+    assert_eq!(before["ok"], true, "signing before the fault: {before}");
+    Some(Connected {
+        proxy,
+        server,
+        client,
+        _relay: relay,
+        _dir: dir,
+    })
+}
+
+#[test]
+fn signing_resumes_after_the_relay_connection_drops() {
+    let Some(Connected {
+        proxy,
+        server,
+        mut client,
+        _relay,
+        _dir,
+    }) = connected("resilience@example.com")
+    else {
+        return;
+    };
 
     // The relay drops: keycast's connection is cut and its reconnects refused.
     let cut_at = Instant::now();
@@ -270,22 +262,16 @@ fn signing_resumes_after_the_relay_connection_drops() {
 /// the next one): NIP-46 went unanswered for one to two minutes.
 #[test]
 fn signing_resumes_soon_after_the_relay_connection_goes_silent() {
-    let Some(relay) = Relay::start() else { return };
-    let Some(mut client) = BunkerClient::spawn() else {
+    let Some(Connected {
+        proxy,
+        server,
+        mut client,
+        _relay,
+        _dir,
+    }) = connected("silence@example.com")
+    else {
         return;
     };
-    let proxy = RelayProxy::start(relay.url());
-    let dir = tempfile::tempdir().unwrap();
-    let server = Launch::new(&dir.path().join("data"))
-        .env("BUNKER_RELAYS", &proxy.url())
-        .start();
-    let (cookie, _) = register(&server, "silence@example.com", None);
-    let token = grant(&server, &cookie, "policy:social");
-    let bunker = bunker_url_via(&token, &proxy.url(), relay.url());
-    let connected = client.connect(&bunker);
-    assert_eq!(connected["ok"], true, "connect: {connected}");
-    let before = sign(&mut client, "before the silence", 5000);
-    assert_eq!(before["ok"], true, "signing before the silence: {before}");
 
     let silent_at = Instant::now();
     assert!(

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod engine;
 pub mod flow;
+pub mod link;
 pub mod native;
 pub mod nostr;
 pub mod proxy;
