@@ -186,6 +186,38 @@ fn connected(email: &str) -> Option<Connected> {
     })
 }
 
+/// Signs again and again (each try waiting [`RETRY_TIMEOUT_MS`]) until an answer, failing
+/// the test if none came `within` of now (`since`, what happened just before). Returns the
+/// answer and the failed tries' errors.
+fn sign_within(
+    client: &mut BunkerClient,
+    server: &Keycast,
+    proxy: &RelayProxy,
+    since: &str,
+    within: Duration,
+) -> (Value, Vec<String>) {
+    let started = Instant::now();
+    let mut tries = Vec::new();
+    loop {
+        let reply = sign(
+            client,
+            &format!("after {since}, try {}", tries.len() + 1),
+            RETRY_TIMEOUT_MS,
+        );
+        if reply["ok"] == true {
+            return (reply, tries);
+        }
+        tries.push(reply["error"].to_string());
+        assert!(
+            started.elapsed() < within,
+            "no answer {within:?} after {since} ({} tries: {tries:?}); connections since: {}; log:\n{}",
+            tries.len(),
+            schedule(&proxy.attempts(), started),
+            server.log()
+        );
+    }
+}
+
 #[test]
 fn signing_resumes_after_the_relay_connection_drops() {
     let Some(Connected {
@@ -222,26 +254,7 @@ fn signing_resumes_after_the_relay_connection_drops() {
     // it answers requests up to 120 s old.)
     proxy.restore();
     let back_at = Instant::now();
-    let mut tries = Vec::new();
-    let after = loop {
-        let reply = sign(
-            &mut client,
-            &format!("after the outage, try {}", tries.len() + 1),
-            RETRY_TIMEOUT_MS,
-        );
-        if reply["ok"] == true {
-            break reply;
-        }
-        tries.push(reply["error"].to_string());
-        assert!(
-            back_at.elapsed() < RECOVERY_WITHIN,
-            "no answer {RECOVERY_WITHIN:?} after the relay came back ({} tries: {tries:?}); \
-             connections since the cut: {}; log:\n{}",
-            tries.len(),
-            schedule(&proxy.attempts(), cut_at),
-            server.log()
-        );
-    };
+    let (after, tries) = sign_within(&mut client, &server, &proxy, "the relay came back", RECOVERY_WITHIN);
     let recovered = back_at.elapsed();
     assert_eq!(after["verified"], true, "the signature verifies: {after}");
     eprintln!(
@@ -278,26 +291,13 @@ fn signing_resumes_soon_after_the_relay_connection_goes_silent() {
         proxy.silence() >= 1,
         "keycast's relay connection went through the proxy"
     );
-    let mut tries = Vec::new();
-    let after = loop {
-        let reply = sign(
-            &mut client,
-            &format!("after the silence, try {}", tries.len() + 1),
-            RETRY_TIMEOUT_MS,
-        );
-        if reply["ok"] == true {
-            break reply;
-        }
-        tries.push(reply["error"].to_string());
-        assert!(
-            silent_at.elapsed() < SILENCE_NOTICED_WITHIN,
-            "no answer {SILENCE_NOTICED_WITHIN:?} after keycast's relay connection went silent ({} tries); \
-             connections since: {}; log:\n{}",
-            tries.len(),
-            schedule(&proxy.attempts(), silent_at),
-            server.log()
-        );
-    };
+    let (after, tries) = sign_within(
+        &mut client,
+        &server,
+        &proxy,
+        "keycast's relay connection went silent",
+        SILENCE_NOTICED_WITHIN,
+    );
     assert_eq!(after["verified"], true, "the signature verifies: {after}");
     eprintln!(
         "signing answered {:.2}s after the connection went silent ({} failed tries); connections since: {}",
