@@ -70,6 +70,17 @@ pub struct ClusterOptions {
     pub vitals: Vitals,
 }
 
+impl ClusterOptions {
+    /// How often an instance heartbeats: five times per TTL, and three times per sync
+    /// timeout, since its caches are trusted only that long after its last beat it heard
+    /// (see `Cluster::receive`). A second by default.
+    fn beat_every(&self) -> Duration {
+        (self.instance_ttl / 5)
+            .min(self.sync_timeout / 3)
+            .max(Duration::from_millis(100))
+    }
+}
+
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
@@ -100,6 +111,8 @@ pub struct Cluster {
     /// Wakes the heartbeat loop early (an instance joined or left).
     membership: Notify,
     listening: AtomicBool,
+    /// What this instance's beats are dated from.
+    epoch: Instant,
     tasks: Mutex<Vec<AbortHandle>>,
 }
 
@@ -125,6 +138,9 @@ enum Message {
     Ack { acker: String, origin: String, seq: u64 },
     /// `up <id>` / `down <id>`: membership changed; re-read it now.
     Membership,
+    /// `beat <origin> <sent>`: a heartbeat, sent `sent` microseconds after the origin's
+    /// cluster started (meaningful to the origin only).
+    Beat { origin: String, sent_us: u64 },
 }
 
 impl Message {
@@ -137,6 +153,7 @@ impl Message {
             },
             Message::Ack { acker, origin, seq } => format!("ack {acker} {origin} {seq}"),
             Message::Membership => "members".to_owned(),
+            Message::Beat { origin, sent_us } => format!("beat {origin} {sent_us}"),
         }
     }
 
@@ -162,6 +179,10 @@ impl Message {
                 seq: seq.parse().ok()?,
             }),
             ["members"] => Some(Message::Membership),
+            ["beat", origin, sent] => Some(Message::Beat {
+                origin: (*origin).to_owned(),
+                sent_us: sent.parse().ok()?,
+            }),
             _ => None,
         }
     }
@@ -213,8 +234,8 @@ impl Cluster {
         options: ClusterOptions,
     ) -> Result<Arc<Cluster>, keycast_db::RepoError> {
         let id = instance_id();
-        // Heartbeats come every fifth of the TTL: ten missed in a row is a dead session.
-        let listener = Listener::connect(session, options.instance_ttl * 2).await?;
+        // Ten heartbeats missed in a row is a dead session.
+        let listener = Listener::connect(session, options.beat_every() * 10).await?;
         let cluster = Arc::new(Cluster {
             id,
             beat_db: db.dedicated(1),
@@ -226,8 +247,11 @@ impl Cluster {
             acks: watch::channel(HashMap::new()).0,
             membership: Notify::new(),
             listening: AtomicBool::new(true),
+            epoch: Instant::now(),
             tasks: Mutex::new(Vec::new()),
         });
+        // Trusted from this instance's first beat heard on (see `receive`).
+        signer.trust_caches(false);
         cluster.beat().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         signer.announce_to(tx);
@@ -335,7 +359,12 @@ impl Cluster {
 
     async fn beat(&self) -> Result<(), keycast_db::RepoError> {
         let ttl = i64::try_from(self.options.instance_ttl.as_millis()).unwrap_or(i64::MAX);
-        let live = cluster_repo::heartbeat(&self.beat_db, &self.id, ttl).await?;
+        // Dated before it is sent, so never later than its commit (see `receive`).
+        let beat = Message::Beat {
+            origin: self.id.clone(),
+            sent_us: u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
+        };
+        let live = cluster_repo::heartbeat(&self.beat_db, &self.id, ttl, &beat.encode()).await?;
         let changed = {
             let mut current = self.live.write().unwrap_or_else(PoisonError::into_inner);
             let changed = **current != live;
@@ -350,10 +379,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// Heartbeats every fifth of the TTL (or at once when told membership changed), and
-    /// purges old rows now and then.
+    /// Heartbeats every [`ClusterOptions::beat_every`] (or at once when told membership
+    /// changed), and purges old rows now and then.
     async fn heartbeat(self: Arc<Self>) {
-        let every = (self.options.instance_ttl / 5).max(Duration::from_millis(100));
+        let every = self.options.beat_every();
         let mut last_purge = Instant::now();
         loop {
             tokio::select! {
@@ -405,6 +434,9 @@ impl Cluster {
     async fn listen(self: Arc<Self>, mut listener: Listener) {
         loop {
             match listener.next().await {
+                // The tests' stand-in for a listener that fell behind (a paused or starved
+                // process): notices heard but never applied.
+                Heard::Notice(_) if fail_point_armed_behind() => {}
                 Heard::Notice(text) => match Message::decode(&text) {
                     Some(message) => self.receive(message).await,
                     None => tracing::debug!(text, "ignoring an unknown notice"),
@@ -417,9 +449,9 @@ impl Cluster {
                     );
                 }
                 Heard::Listening => {
-                    // What was missed meanwhile is unknown: start from empty caches.
+                    // What was missed meanwhile is unknown: start from empty caches, trusted
+                    // again once this instance hears its next beat (sent at once).
                     self.signer.forget_everything();
-                    self.signer.trust_caches(true);
                     self.listening.store(true, Ordering::SeqCst);
                     self.membership.notify_one();
                     tracing::info!("listening for other instances' changes again");
@@ -460,8 +492,26 @@ impl Cluster {
             }
             Message::Ack { .. } => {}
             Message::Membership => self.membership.notify_one(),
+            // Notices arrive in commit order, and this loop applies each before reading the
+            // next: hearing a beat of ours means every change committed before it was sent
+            // is applied here. A change committed later is answered (by whoever made it) no
+            // sooner than the sync timeout after, unless this instance acknowledged it first.
+            // So the caches are trusted until the sync timeout after that beat was sent, and
+            // a paused or lagging instance stops trusting them before it could serve what
+            // someone was already told is revoked.
+            Message::Beat { origin, sent_us } if origin == self.id => self
+                .signer
+                .trust_caches_until(self.epoch + Duration::from_micros(sent_us) + self.options.sync_timeout),
+            Message::Beat { .. } => {}
         }
     }
+}
+
+/// Whether the `cluster-listen-behind` failpoint is armed (never, in a build without the
+/// `failpoints` feature).
+fn fail_point_armed_behind() -> bool {
+    fail::fail_point!("cluster-listen-behind", |_| true);
+    false
 }
 
 /// PostgreSQL's answer to "is this write safe to acknowledge?": the commit is durable on

@@ -14,7 +14,7 @@
 //! races a revocation cannot re-cache the old state.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -132,9 +132,12 @@ pub struct Signer {
     /// Signatures per limited grant ([`crate::terms`]).
     usage: UsageMeter,
     changes: broadcast::Sender<Change>,
-    /// False while changes made elsewhere may be going unheard (the cluster's listener is
-    /// down): then every lookup reads the database.
-    trusted: AtomicBool,
+    /// Until when the caches may be used, in microseconds since `trust_epoch`: `u64::MAX`
+    /// for good (one instance), 0 not at all (the cluster's listener is down). Otherwise
+    /// only a little past the last moment this instance knows it had heard every change
+    /// made elsewhere (see [`crate::cluster`]); then every lookup reads the database.
+    trusted_until: AtomicU64,
+    trust_epoch: std::time::Instant,
     /// Where changes are announced to other instances (PostgreSQL), and how many were.
     announcer: OnceLock<mpsc::UnboundedSender<Announcement>>,
     announced: AtomicU64,
@@ -176,7 +179,8 @@ impl Signer {
             max_live_grants: options.max_live_grants,
             usage: UsageMeter::default(),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
-            trusted: AtomicBool::new(true),
+            trusted_until: AtomicU64::new(u64::MAX),
+            trust_epoch: std::time::Instant::now(),
             announcer: OnceLock::new(),
             announced: AtomicU64::new(0),
             bunker_generation: AtomicU64::new(0),
@@ -280,14 +284,32 @@ impl Signer {
         }
     }
 
-    /// Whether lookups may use the caches; false while changes made elsewhere may go
-    /// unheard (then every lookup reads the database).
+    /// Whether lookups may use the caches, for good (`true`) or not at all while changes
+    /// made elsewhere may go unheard (then every lookup reads the database).
     pub fn trust_caches(&self, trusted: bool) {
-        self.trusted.store(trusted, Ordering::SeqCst);
+        self.trusted_until
+            .store(if trusted { u64::MAX } else { 0 }, Ordering::SeqCst);
+    }
+
+    /// Lookups may use the caches until `until`, and read the database from then on unless
+    /// told again.
+    pub fn trust_caches_until(&self, until: std::time::Instant) {
+        let micros = until.saturating_duration_since(self.trust_epoch).as_micros();
+        self.trusted_until
+            .store(u64::try_from(micros).unwrap_or(u64::MAX - 1).max(1), Ordering::SeqCst);
+    }
+
+    /// Whether the caches may be used now.
+    fn caches_trusted(&self) -> bool {
+        match self.trusted_until.load(Ordering::Relaxed) {
+            u64::MAX => true,
+            0 => false,
+            until => u64::try_from(self.trust_epoch.elapsed().as_micros()).is_ok_and(|now| now < until),
+        }
     }
 
     fn cached<K: Eq + std::hash::Hash, V: Clone>(&self, map: &EpochMap<K, V>, key: &K) -> Option<V> {
-        if self.trusted.load(Ordering::Relaxed) {
+        if self.caches_trusted() {
             map.get(key)
         } else {
             None
@@ -302,7 +324,7 @@ impl Signer {
         map: &'a EpochMap<K, V>,
         key: &K,
     ) -> (Option<tokio::sync::MutexGuard<'a, ()>>, Option<V>) {
-        if !self.trusted.load(Ordering::Relaxed) {
+        if !self.caches_trusted() {
             return (None, None);
         }
         let (turn, loaded) = map.load_turn(key).await;

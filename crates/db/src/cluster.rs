@@ -20,13 +20,13 @@ fn postgres(db: &Db) -> Result<&sqlx::PgPool, RepoError> {
 }
 
 /// Records a heartbeat of instance `id` (registering it if new) and returns the instances
-/// whose heartbeat is younger than `ttl_ms`, this one included, sorted. It also sends the
-/// [`crate::notify::BEAT`] notice, by which every listener knows its session still hears.
-/// One round trip.
+/// whose heartbeat is younger than `ttl_ms`, this one included, sorted. It also sends
+/// `beat` as a notice ([`crate::notify`]), by which every listener knows its session still
+/// hears, and this instance how far its own listening has caught up. One round trip.
 ///
 /// # Errors
 /// [`RepoError::Unsupported`] on SQLite; database errors.
-pub async fn heartbeat(db: &Db, id: &str, ttl_ms: i64) -> Result<Vec<String>, RepoError> {
+pub async fn heartbeat(db: &Db, id: &str, ttl_ms: i64, beat: &str) -> Result<Vec<String>, RepoError> {
     // The statement's snapshot does not see its own insert: this instance is added by hand.
     let sql = format!(
         "WITH beat AS (INSERT INTO keycast_instances (id, started_at, heartbeat_at) VALUES ($1, {NOW_MS}, {NOW_MS}) \
@@ -40,7 +40,7 @@ pub async fn heartbeat(db: &Db, id: &str, ttl_ms: i64) -> Result<Vec<String>, Re
         .bind(id)
         .bind(ttl_ms)
         .bind(crate::notify::CHANNEL)
-        .bind(crate::notify::BEAT)
+        .bind(beat)
         .fetch_all(postgres(db)?)
         .await?)
 }
@@ -105,22 +105,22 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             if db.kind() == crate::EngineKind::Sqlite {
                 assert!(matches!(
-                    heartbeat(&db, "a", 1000).await,
+                    heartbeat(&db, "a", 1000, "beat").await,
                     Err(RepoError::Unsupported(_))
                 ));
                 continue;
             }
-            assert_eq!(heartbeat(&db, "b", 60_000).await.unwrap(), ["b"]);
-            assert_eq!(heartbeat(&db, "a", 60_000).await.unwrap(), ["a", "b"]);
+            assert_eq!(heartbeat(&db, "b", 60_000, "beat").await.unwrap(), ["b"]);
+            assert_eq!(heartbeat(&db, "a", 60_000, "beat").await.unwrap(), ["a", "b"]);
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-            heartbeat(&db, "a", 60_000).await.unwrap();
+            heartbeat(&db, "a", 60_000, "beat").await.unwrap();
             assert_eq!(
-                heartbeat(&db, "a", 20).await.unwrap(),
+                heartbeat(&db, "a", 20, "beat").await.unwrap(),
                 ["a"],
                 "b is silent longer than 20 ms"
             );
             leave(&db, "a").await.unwrap();
-            assert_eq!(heartbeat(&db, "b", 60_000).await.unwrap(), ["b"]);
+            assert_eq!(heartbeat(&db, "b", 60_000, "beat").await.unwrap(), ["b"]);
             assert_eq!(purge(&db, 60_000).await.unwrap(), 0, "b beat just now");
             assert_eq!(purge(&db, 0).await.unwrap(), 1, "and is gone once older than nothing");
         }

@@ -12,7 +12,7 @@
 //! A session can also die without a word: an idle TCP connection whose NAT mapping
 //! expired, a partition. Nothing is sent on a listening session, so nothing would ever
 //! fail, and the instance would trust its caches for good while missing every change.
-//! Every instance's heartbeat therefore also sends [`BEAT`] (see `crate::cluster`), which
+//! Every instance's heartbeat therefore also sends a notice (see `crate::cluster`), which
 //! every listener hears, its own included; a listener that hears nothing at all for its
 //! silence limit takes its session for dead ([`Heard::Lost`]) and reconnects.
 
@@ -25,10 +25,6 @@ use crate::{Db, PgOptions, RepoError};
 
 /// The channel keycast's instances talk on.
 pub const CHANNEL: &str = "keycast_changes";
-
-/// The payload of the heartbeat's notice: proof that the session still hears, never
-/// returned by [`Listener::next`].
-pub const BEAT: &str = "beat";
 
 /// Sends `payload` (at most 7999 bytes) to every listening instance, this one included.
 ///
@@ -63,7 +59,8 @@ pub enum Heard {
 pub struct Listener {
     options: PgOptions,
     inner: Option<PgListener>,
-    /// Hearing nothing (not even a [`BEAT`]) for this long means the session is dead.
+    /// Hearing nothing (not even a heartbeat's notice) for this long means the session is
+    /// dead.
     silence_limit: Duration,
 }
 
@@ -131,7 +128,6 @@ impl Listener {
             };
             // Cancelling a read can leave the session mid-message: it is dropped then anyway.
             match tokio::time::timeout(self.silence_limit, listener.try_recv()).await {
-                Ok(Ok(Some(notice))) if notice.payload() == BEAT => {}
                 Ok(Ok(Some(notice))) => return Heard::Notice(notice.payload().to_owned()),
                 Ok(Ok(None) | Err(_)) => {
                     self.inner = None;

@@ -854,3 +854,45 @@ fn an_instance_whose_notice_session_silently_died_stops_trusting_its_caches() {
     // well past the silence limit before the link froze and since, never took its for dead.
     assert!(!a.log().contains("taking it for dead"), "{}", a.log());
 }
+
+/// An instance whose listener falls behind (a paused process, a starved one) must not serve
+/// from its caches what it has not caught up on: someone may already have been told that
+/// the grant is revoked. Simulated with a failpoint that makes one instance ignore every
+/// notice it hears, its own heartbeats' included, while its session stays healthy (so the
+/// silence limit never fires). Before, it trusted its caches for their whole TTL (an hour
+/// here) and signed with the revoked token; now only until the sync timeout after the last
+/// beat of its own it applied.
+#[test]
+fn an_instance_whose_listener_fell_behind_stops_trusting_its_caches() {
+    let Some((_dir, servers)) = instances_with(2, &[("KEYCAST_TEST_ROUTES", "true")]) else {
+        return;
+    };
+    let (a, b) = (&servers[0], &servers[1]);
+    let (cookie, _) = register(a, "alice@example.com", None);
+    let token = access_token(a, &cookie);
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..2 {
+        assert_eq!(sign(b, &token).status, 200);
+    }
+    let (status, body) = b.post("/api/test/failpoint?name=cluster-listen-behind&actions=return");
+    assert_eq!(status, 200, "arming the failpoint: {body}");
+    let list = get(a, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked_at = Instant::now();
+    let revoked = delete(a, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    // The revocation is answered once b fails to acknowledge it (3 s); by then b has stopped
+    // trusting its caches.
+    let r = sign(b, &token);
+    assert_eq!(
+        r.status,
+        401,
+        "{:?} after the revocation, the instance that fell behind signed with the revoked token: {}",
+        revoked_at.elapsed(),
+        r.body
+    );
+    assert!(
+        !b.log().contains("taking it for dead"),
+        "the session itself stayed healthy"
+    );
+}
