@@ -11,6 +11,17 @@ pub trait Durability: Send + Sync {
     /// Resolves `Ok` if this instance may accept a write now; `Err(reason)` when it must not
     /// (fenced: another instance owns the replica).
     fn check_writable(&self) -> BoxFuture<'_, Result<(), String>>;
+
+    /// Resolves `false` once this instance is known not to be the one that writes: it
+    /// handed the replica over, stepped aside (its lease lapsed while idle and another
+    /// instance took it, which a lease due for renewal is renewed to find out), or was
+    /// fenced. `true` otherwise, a lease that cannot be confirmed right now included (the
+    /// store is out: signing goes on). During a deploy both instances hear every NIP-46
+    /// request on the relays, and the one that handed over knows nothing of what changed
+    /// since (a revocation, signatures counted against a limit): only the writer answers.
+    fn is_writer(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async { true })
+    }
 }
 
 /// A boxed future, as the object-safe traits here return.

@@ -196,6 +196,15 @@ impl keycast_http::Durability for ReplicaDurability {
     fn check_writable(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move { self.monitor.check_writable().await.map_err(|e| e.to_string()) })
     }
+
+    fn is_writer(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            !matches!(
+                self.monitor.check_writable().await,
+                Err(e) if !matches!(e, keycast_replica::ReplicaError::LeaseUnconfirmed { .. })
+            )
+        })
+    }
 }
 
 /// Creates, at zero, the counters that deploy/alerts.yaml reads, so that they are on

@@ -13,7 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use harness::api::{delete, get};
+use harness::flow::{grant, register};
+use harness::nostr::{replies_to, BunkerClient, Relay};
 use harness::{Keycast, Launch};
+use nostr::{Keys, PublicKey};
+use serde_json::{json, Value};
 
 fn post(url: &str) -> u16 {
     let agent = ureq::Agent::config_builder()
@@ -354,4 +359,70 @@ fn a_handover_nobody_takes_is_undone() {
     let present = replicated_keys(dir.path(), &replica, &[]);
     let missing: Vec<&String> = acked.iter().filter(|k| !present.contains(k)).collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+}
+
+/// During a deploy both instances hear every NIP-46 request on the relays. The old one, once
+/// it has handed the replica over, knows nothing of what changes since: a revocation made on
+/// the newcomer, signatures counted there against a grant's limits. Before, it went on
+/// answering until it was stopped, and signed for an app its owner had just revoked; now only
+/// the instance that writes answers.
+#[test]
+fn after_handing_over_the_old_instance_no_longer_answers_nip46() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = |name: &str| {
+        launch(&dir.path().join(name), &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            .env("BUNKER_RELAYS", relay.url())
+    };
+    let old = launch("old").start();
+    let (cookie, _) = register(&old, "deploy@example.com", None);
+    let token = grant(&old, &cookie, "policy:social");
+    let bunker_url = token["bunker_url"].as_str().unwrap();
+    let bunker = PublicKey::parse(bunker_url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let client = Keys::generate();
+    let connected = app.connect_as(bunker_url, &client.secret_key().to_secret_hex());
+    assert_eq!(connected["ok"], true, "connect: {connected}");
+    let sign = |app: &mut BunkerClient, content: &str| {
+        app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": content}, "timeout_ms": 3000}))
+    };
+    let before = sign(&mut app, "before the deploy");
+    assert_eq!(before["ok"], true, "signing through the old instance: {before}");
+
+    let mut new = launch("new").spawn_started_later();
+    new.wait_started(Duration::from_secs(20));
+    let new = new.into_keycast();
+    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    // Replies are dated in seconds: the one before the deploy must be older.
+    std::thread::sleep(Duration::from_millis(1100));
+    let revoked_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let revoked = delete(&new, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+
+    let after = sign(&mut app, "after the revocation");
+    assert_ne!(after["ok"], true, "a revoked app got a signature: {after}");
+    // Every reply of the bunker's since the revocation, as the relay carried them: the
+    // newcomer's refusal, and nothing from the old instance.
+    let replies: Vec<Value> = replies_to(relay.url(), &bunker, &client)
+        .into_iter()
+        .filter(|(at, _)| *at >= revoked_at)
+        .map(|(_, reply)| reply)
+        .collect();
+    assert!(!replies.is_empty(), "the newcomer answered the request");
+    // An error reply carries an empty `result` beside its `error`.
+    let signed: Vec<&Value> = replies
+        .iter()
+        .filter(|r| r["result"].as_str().is_some_and(|result| !result.is_empty()))
+        .collect();
+    assert!(
+        signed.is_empty(),
+        "an instance signed for the revoked app after the revocation: {signed:?}"
+    );
+    assert_eq!(replies.len(), 1, "one answer, the writer's: {replies:?}");
 }

@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use harness::api::*;
 use harness::flow::{access_token, approve_with, authorize_query, grant, login, pkce, register, token_request};
 use harness::link::SilentLink;
-use harness::nostr::{keypair, BunkerClient, Relay};
+use harness::nostr::{keypair, stored, BunkerClient, Relay};
 use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use nostr::nips::nip44;
-use nostr::{Event, Filter, Keys, Kind, PublicKey, SecretKey};
+use nostr::{Keys, PublicKey, SecretKey};
 use serde_json::{json, Value};
 
 /// `n` instances on one fresh database, sharing the master key (as every instance of one
@@ -349,24 +349,6 @@ fn wrong_passwords_on_every_instance_add_up_to_one_backoff() {
 
 /// How long an instance may be silent before the others take its bunkers, in the test.
 const INSTANCE_TTL_SECS: u64 = 2;
-
-/// Every kind-24133 event the relay stored with an author in `authors` (nostr-relay keeps
-/// ephemeral events for a few minutes, so a test can count what was published).
-fn stored(relay: &str, authors: Vec<PublicKey>) -> Vec<Event> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = nostr_sdk::Client::default();
-        client.add_relay(relay).await.unwrap();
-        client.connect().await;
-        let filter = Filter::new().kind(Kind::NostrConnect).authors(authors).limit(10_000);
-        let events = client.fetch_events(filter, Duration::from_secs(10)).await.unwrap();
-        client.shutdown().await;
-        events.into_iter().collect()
-    })
-}
 
 /// A client of one bunker: its key and the bunker's.
 struct Session {

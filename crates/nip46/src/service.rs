@@ -313,7 +313,24 @@ impl Shared {
         }
     }
 
+    /// Whether this instance answers at all: on SQLite only the one that writes the replica
+    /// does (see [`Durability::is_writer`]); a deploy's old instance, once it has handed
+    /// over, knows nothing of what changed since.
+    async fn answers(&self) -> bool {
+        let Some(durability) = &self.durability else {
+            return true;
+        };
+        let writer = durability.is_writer().await;
+        if !writer {
+            metrics::counter!("keycast_nip46_not_writer_total").increment(1);
+        }
+        writer
+    }
+
     async fn handle(&self, incoming: Incoming) {
+        if !self.answers().await {
+            return;
+        }
         let started = Instant::now();
         let (bunker, client) = (incoming.bunker, incoming.event.pubkey);
         // The claim (a PostgreSQL round trip with several instances) runs while the request
@@ -381,7 +398,7 @@ impl Shared {
     }
 
     async fn answer_busy(&self, incoming: Incoming) {
-        if !self.claim(&incoming.event).await {
+        if !self.answers().await || !self.claim(&incoming.event).await {
             return;
         }
         if let Some((keys, request, cipher)) = self.open(&incoming.bunker, &incoming.event).await {

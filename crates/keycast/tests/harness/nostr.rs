@@ -17,6 +17,39 @@ use serde_json::{json, Value};
 
 use super::{collect, peer};
 
+/// Every kind-24133 event the relay stored with an author in `authors` (nostr-relay keeps
+/// ephemeral events for a few minutes, so a test can count what was published).
+pub fn stored(relay: &str, authors: Vec<nostr::PublicKey>) -> Vec<nostr::Event> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = nostr_sdk::Client::default();
+        client.add_relay(relay).await.unwrap();
+        client.connect().await;
+        let filter = nostr::Filter::new()
+            .kind(nostr::Kind::NostrConnect)
+            .authors(authors)
+            .limit(10_000);
+        let events = client.fetch_events(filter, Duration::from_secs(10)).await.unwrap();
+        client.shutdown().await;
+        events.into_iter().collect()
+    })
+}
+
+/// What `bunker` replied to `client` through `relay` (as stored there, decrypted as only the
+/// client can): each reply's date and its JSON (`id`, and `result` or `error`).
+pub fn replies_to(relay: &str, bunker: &nostr::PublicKey, client: &nostr::Keys) -> Vec<(u64, Value)> {
+    stored(relay, vec![*bunker])
+        .into_iter()
+        .filter_map(|event| {
+            let text = nostr::nips::nip44::decrypt(client.secret_key(), bunker, &event.content).ok()?;
+            Some((event.created_at.as_secs(), serde_json::from_str(&text).ok()?))
+        })
+        .collect()
+}
+
 /// How long the relay may take to accept connections (it runs its migrations first).
 pub const RELAY_START_TIMEOUT: Duration = Duration::from_secs(30);
 
