@@ -1,6 +1,7 @@
 //! The low-severity hardening of issue 12, item 10, against the real binary: `/metrics` is
 //! not public, the test routes cannot be switched on in production, a client that sends its
-//! headers a byte at a time is cut off, and a password reset kills every other reset link.
+//! headers a byte at a time is cut off, a password reset kills every other reset link, and
+//! running out of file descriptors spins no core.
 
 mod harness;
 
@@ -134,4 +135,52 @@ fn a_password_reset_kills_every_other_reset_link() {
         400,
         "an older reset link still worked"
     );
+}
+
+/// CPU time (user + system) `pid` has used, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_sec)
+}
+
+/// Connections past the file-descriptor limit: every accept fails (EMFILE) while they wait
+/// in the kernel's backlog. An accept loop that retries at once spins a core for as long as
+/// that lasts; before, the embedded relay's did. Both loops back off, and keycast serves
+/// again once descriptors are free.
+#[test]
+fn running_out_of_file_descriptors_spins_no_core_and_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_port = harness::free_port();
+    let mut launch =
+        Launch::new(&dir.path().join("data")).env("KEYCAST_EMBEDDED_RELAY_ADDR", &format!("127.0.0.1:{relay_port}"));
+    launch.wrapper = vec!["prlimit".into(), "--nofile=128:128".into()];
+    let server = launch.start();
+    let pid = server.pid();
+    let relay: std::net::SocketAddr = ([127, 0, 0, 1], relay_port).into();
+    let flood: Vec<TcpStream> = (0..300)
+        .map_while(|_| TcpStream::connect_timeout(&relay, Duration::from_millis(500)).ok())
+        .collect();
+    assert!(flood.len() > 128, "the backlog took {} connections", flood.len());
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_time(pid) - before;
+    assert!(
+        used < Duration::from_millis(500),
+        "keycast used {used:?} of CPU in 2 s while out of file descriptors"
+    );
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.get("/healthz/live").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "keycast did not serve again once descriptors were free"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

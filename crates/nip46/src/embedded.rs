@@ -97,7 +97,9 @@ async fn accept(listener: TcpListener, relay: LocalRelay) {
         let (mut stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning a core.
                 tracing::warn!(error = %err, "embedded relay: cannot accept a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
