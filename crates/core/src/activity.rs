@@ -107,16 +107,16 @@ impl ActivityBuffer {
         if pending.len() >= self.capacity {
             let oldest = pending.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
-            self.count_dropped(oldest.iter());
+            self.count_dropped(oldest);
         }
         pending.push_back(activity);
     }
 
     /// Keeps the signatures of `dropped` records for [`ActivityBuffer::take_dropped_signatures`].
-    fn count_dropped<'a>(&self, dropped: impl Iterator<Item = &'a NewActivity>) {
+    fn count_dropped(&self, dropped: impl IntoIterator<Item = NewActivity>) {
         let mut counts = self.dropped_signatures.lock().unwrap_or_else(PoisonError::into_inner);
-        for record in dropped.filter(|r| is_signature(r)) {
-            *counts.entry(record.authorization_id.clone()).or_insert(0) += 1;
+        for record in dropped.into_iter().filter(is_signature) {
+            *counts.entry(record.authorization_id).or_insert(0) += 1;
         }
     }
 
@@ -149,7 +149,7 @@ impl ActivityBuffer {
         let mut merged = VecDeque::from(batch);
         merged.append(&mut pending);
         let excess = merged.len().saturating_sub(self.capacity);
-        self.count_dropped(merged.drain(..excess).collect::<Vec<_>>().iter());
+        self.count_dropped(merged.drain(..excess));
         self.dropped.fetch_add(excess as u64, Ordering::Relaxed);
         *pending = merged;
     }

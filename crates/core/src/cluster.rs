@@ -251,7 +251,7 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
         });
         // Trusted from this instance's first beat heard on (see `receive`).
-        signer.trust_caches(false);
+        signer.distrust_caches();
         cluster.beat().await?;
         let (tx, rx) = mpsc::unbounded_channel();
         signer.announce_to(tx);
@@ -443,7 +443,7 @@ impl Cluster {
                 },
                 Heard::Lost => {
                     self.listening.store(false, Ordering::SeqCst);
-                    self.signer.trust_caches(false);
+                    self.signer.distrust_caches();
                     tracing::warn!(
                         "lost the connection that hears other instances' changes: not trusting caches until it is back"
                     );

@@ -284,11 +284,10 @@ impl Signer {
         }
     }
 
-    /// Whether lookups may use the caches, for good (`true`) or not at all while changes
-    /// made elsewhere may go unheard (then every lookup reads the database).
-    pub fn trust_caches(&self, trusted: bool) {
-        self.trusted_until
-            .store(if trusted { u64::MAX } else { 0 }, Ordering::SeqCst);
+    /// Lookups read the database, not the caches, until [`Signer::trust_caches_until`]
+    /// says otherwise: changes made elsewhere may be going unheard.
+    pub fn distrust_caches(&self) {
+        self.trusted_until.store(0, Ordering::SeqCst);
     }
 
     /// Lookups may use the caches until `until`, and read the database from then on unless
