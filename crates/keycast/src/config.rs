@@ -262,6 +262,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "where the embedded relay listens (ip:port; port 0 picks a free one)",
     },
     Setting {
+        key: "embedded_relay_max_connections",
+        env: "KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS",
+        default: "256",
+        help: "connections the embedded relay holds at once; more are closed at once, so a flood cannot take the descriptors HTTP needs",
+    },
+    Setting {
         key: "nip46",
         env: "KEYCAST_NIP46",
         default: "true",
@@ -468,6 +474,8 @@ pub struct Config {
     pub bunker_relays: Vec<String>,
     /// Where the embedded relay listens; `None` when it is off.
     pub embedded_relay: Option<std::net::SocketAddr>,
+    /// Connections the embedded relay holds at once.
+    pub embedded_relay_max_connections: usize,
     /// Answer NIP-46 requests.
     pub nip46: bool,
     /// Accept `nostrconnect://` relays on internal addresses.
@@ -787,6 +795,14 @@ impl Sources {
             public_url: self.get("public_url", parse_public_url)?,
             bunker_relays: self.get("bunker_relays", parse_relays)?.unwrap_or_default(),
             embedded_relay: self.embedded_relay()?,
+            embedded_relay_max_connections: self
+                .get("embedded_relay_max_connections", |v| {
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                        .ok_or_else(|| "expected a number of connections from 1 to 1000000".to_owned())
+                })?
+                .unwrap_or(keycast_nip46::embedded::DEFAULT_MAX_CONNECTIONS),
             nip46: self.get("nip46", parse_bool)?.unwrap_or(true),
             // A development instance (embedded relay) talks to local clients; a production
             // one must not be steered into its own network.

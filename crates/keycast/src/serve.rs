@@ -69,7 +69,11 @@ pub async fn run(
     let vitals = Vitals::default();
     let embedded = match config.embedded_relay {
         Some(addr) => {
-            let relay = keycast_nip46::EmbeddedRelay::start(addr, &vitals)
+            let limits = keycast_nip46::RelayLimits {
+                upgrade_timeout: config.header_read_timeout,
+                max_connections: config.embedded_relay_max_connections,
+            };
+            let relay = keycast_nip46::EmbeddedRelay::start(addr, limits, &vitals)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e} (KEYCAST_EMBEDDED_RELAY_ADDR)"))?;
             tracing::info!(url = relay.url(), "embedded relay listening");

@@ -1,7 +1,8 @@
 //! The low-severity hardening of issue 12, item 10, against the real binary: `/metrics` is
 //! not public, the test routes cannot be switched on in production, a client that sends its
-//! headers a byte at a time is cut off, a password reset kills every other reset link, and
-//! running out of file descriptors spins no core.
+//! headers a byte at a time is cut off, a password reset kills every other reset link,
+//! running out of file descriptors spins no core, and a connection flood on the embedded relay
+//! leaves HTTP its descriptors.
 
 mod harness;
 
@@ -181,6 +182,101 @@ fn running_out_of_file_descriptors_spins_no_core_and_passes() {
             Instant::now() < deadline,
             "keycast did not serve again once descriptors were free"
         );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The embedded relay under a connection flood (an operator may bind it beyond loopback):
+/// some connections never finish their WebSocket upgrade (slowloris), the rest upgrade and
+/// idle. Before, the relay held every one of them for as long as the client liked, until
+/// keycast had no descriptor left and HTTP stopped answering. Now an upgrade gets the header
+/// timeout, and the relay holds at most `KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS`: the
+/// connections past it are closed at once.
+#[test]
+fn a_connection_flood_on_the_embedded_relay_cannot_starve_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay_port = harness::free_port();
+    let mut launch = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_EMBEDDED_RELAY_ADDR", &format!("127.0.0.1:{relay_port}"))
+        .env("KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS", "64")
+        .env("KEYCAST_HEADER_READ_TIMEOUT_SECS", "2");
+    launch.wrapper = vec!["prlimit".into(), "--nofile=256:256".into()];
+    let server = launch.start();
+    let relay: std::net::SocketAddr = ([127, 0, 0, 1], relay_port).into();
+    let upgrade = "GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let open = |finish: bool| {
+        // A burst this fast can fill the listen backlog (128) for a moment: a dropped SYN is
+        // sent again after a second.
+        let mut conn = TcpStream::connect_timeout(&relay, Duration::from_secs(5)).ok()?;
+        // A slowloris stops before the blank line that ends the request.
+        let request = if finish {
+            format!("{upgrade}\r\n")
+        } else {
+            upgrade.to_owned()
+        };
+        // Past the cap the relay may have closed it already: the write may fail.
+        let _ = conn.write_all(request.as_bytes());
+        Some(conn)
+    };
+    // The slowloris first, within the cap, so the relay holds them until the header timeout.
+    let mut slow: Vec<TcpStream> = (0..40).map_while(|_| open(false)).collect();
+    let idle: Vec<TcpStream> = (0..260).map_while(|_| open(true)).collect();
+    assert!(
+        idle.len() + slow.len() > 256,
+        "only {} connections were made to the relay",
+        idle.len() + slow.len()
+    );
+
+    let quick = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(2)))
+        .build()
+        .new_agent();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        match quick.get(format!("{}/healthz/live", server.base)).call() {
+            Ok(r) if r.status() == 200 => break,
+            answer => assert!(
+                Instant::now() < deadline,
+                "HTTP did not answer while the relay was flooded: {answer:?}"
+            ),
+        }
+    }
+
+    // Every unfinished upgrade is cut off once the header timeout has passed, not before.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut first = [0u8; 1];
+    slow[0].set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(
+        slow[0].read(&mut first).is_err(),
+        "an upgrade in progress was closed before its time"
+    );
+    for conn in &mut slow {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        conn.set_read_timeout(Some(left)).unwrap();
+        let mut answer = [0u8; 512];
+        match conn.read(&mut answer) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an unfinished upgrade was still held after the header timeout: {other:?}"),
+        }
+    }
+    drop((idle, slow));
+    // Once the flood is gone (the relay notices each close), it upgrades connections again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut conn = open(true).expect("the relay accepts");
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = [0u8; 512];
+        let n = conn.read(&mut answer).unwrap_or(0);
+        let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+        if answer.starts_with("HTTP/1.1 101") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay did not upgrade again: {answer:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -8,8 +8,15 @@
 //! ACK — about 40 ms on every NIP-46 round trip (measured: 43 ms p50, 7 ms with the
 //! external relay). Here each socket gets `TCP_NODELAY`, the WebSocket upgrade is answered,
 //! and the stream is handed to the relay.
+//!
+//! An operator may bind it beyond loopback, so a connection flood must not take the
+//! descriptors HTTP needs ([`RelayLimits`]): an upgrade gets the HTTP header timeout (a
+//! client that never finishes it is cut off), and past the connection cap a connection is
+//! closed as soon as it is accepted (which also keeps the kernel's backlog draining).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use keycast_core::nostr::{Event, Kind};
 use keycast_core::vital::Vitals;
@@ -18,10 +25,32 @@ use nostr_relay_builder::prelude::{BoxedFuture, MemoryDatabase, MemoryDatabaseOp
 use nostr_relay_builder::{LocalRelay, RelayBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 
 /// The longest upgrade request accepted.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+/// What one client may hold of the relay.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    /// Time to send the whole upgrade request (keycast's HTTP header timeout).
+    pub upgrade_timeout: Duration,
+    /// Connections held at once, upgrading or upgraded.
+    pub max_connections: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            upgrade_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Default of [`RelayLimits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// A running embedded relay; stops when dropped.
 pub struct EmbeddedRelay {
@@ -51,7 +80,7 @@ impl EmbeddedRelay {
     ///
     /// # Errors
     /// The address cannot be bound.
-    pub async fn start(addr: SocketAddr, vitals: &Vitals) -> Result<EmbeddedRelay, String> {
+    pub async fn start(addr: SocketAddr, limits: RelayLimits, vitals: &Vitals) -> Result<EmbeddedRelay, String> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot bind the embedded relay on {addr}: {e}"))?;
@@ -72,7 +101,7 @@ impl EmbeddedRelay {
             })
             .write_policy(OnlyNostrConnect);
         let relay = LocalRelay::new(builder);
-        let accept = vitals.spawn("the embedded relay", accept(listener, relay));
+        let accept = vitals.spawn("the embedded relay", accept(listener, relay, limits));
         Ok(EmbeddedRelay {
             url: format!("ws://{bound}"),
             accept,
@@ -92,23 +121,46 @@ impl Drop for EmbeddedRelay {
     }
 }
 
-async fn accept(listener: TcpListener, relay: LocalRelay) {
+async fn accept(listener: TcpListener, relay: LocalRelay, limits: RelayLimits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut full = false;
     loop {
         let (mut stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(err) => {
                 // Out of file descriptors and the like: back off instead of spinning a core.
                 tracing::warn!(error = %err, "embedded relay: cannot accept a connection");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!("keycast_embedded_relay_refused_total").increment(1);
+            if !full {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "embedded relay: at its connection cap (KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS); closing new connections until one ends"
+                );
+            }
+            full = true;
+            drop(stream);
+            continue;
+        };
+        full = false;
         let relay = relay.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let _ = stream.set_nodelay(true);
-            if let Err(err) = upgrade(&mut stream).await {
-                tracing::debug!(%peer, error = %err, "embedded relay: not a WebSocket upgrade");
-                return;
+            match tokio::time::timeout(limits.upgrade_timeout, upgrade(&mut stream)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "embedded relay: not a WebSocket upgrade");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "embedded relay: no upgrade request within the header timeout");
+                    return;
+                }
             }
             if let Err(err) = relay.take_connection(stream, peer).await {
                 tracing::debug!(%peer, error = %err, "embedded relay: connection ended");
@@ -161,9 +213,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_plain_http_request_is_told_to_use_a_websocket() {
-        let relay = EmbeddedRelay::start("127.0.0.1:0".parse().unwrap(), &Vitals::default())
-            .await
-            .unwrap();
+        let relay = EmbeddedRelay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            RelayLimits::default(),
+            &Vitals::default(),
+        )
+        .await
+        .unwrap();
         let addr = relay.url().trim_start_matches("ws://").to_owned();
         let mut conn = TcpStream::connect(addr).await.unwrap();
         conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
@@ -177,9 +233,13 @@ mod tests {
         use keycast_core::nostr::{EventBuilder, Keys, Tag};
         use nostr_sdk::pool::{RelayOptions, RelayPool};
 
-        let relay = EmbeddedRelay::start("127.0.0.1:0".parse().unwrap(), &Vitals::default())
-            .await
-            .unwrap();
+        let relay = EmbeddedRelay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            RelayLimits::default(),
+            &Vitals::default(),
+        )
+        .await
+        .unwrap();
         let pool = RelayPool::new();
         pool.add_relay(relay.url(), RelayOptions::new()).await.unwrap();
         pool.connect().await;

@@ -30,5 +30,5 @@ pub mod throttle;
 pub mod transport;
 pub mod wire;
 
-pub use embedded::EmbeddedRelay;
+pub use embedded::{EmbeddedRelay, RelayLimits};
 pub use service::{Nip46Options, Nip46Service, StartError};
