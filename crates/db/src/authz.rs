@@ -123,6 +123,8 @@ pub(crate) use {postgres_expires, sqlite_expires};
 /// policy row, so a deletion of that policy running at the same moment (which locks the row,
 /// then counts its live authorizations: [`crate::policies::delete_owned`]) either finishes
 /// first, and this insert finds the policy deleted, or waits for this insert and counts it.
+/// The account's live grants are counted in the same statement, on PostgreSQL under the
+/// account's lock ([`crate::users::account_lock`]), so inserts at once cannot pass `max_live`.
 ///
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user or an unknown or deleted policy;
@@ -133,6 +135,10 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
         EngineKind::Postgres => insert_sql!(" FOR SHARE", postgres_expires!()),
     };
     on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        if let Some(lock) = crate::users::account_lock(db.kind()) {
+            sqlx::query(lock).bind(new.user_id).execute(&mut *tx).await?;
+        }
         let row: Option<AuthorizationRow> = sqlx::query_as(sql)
             .bind(new.id)
             .bind(new.user_id)
@@ -146,9 +152,10 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
             .bind(now)
             .bind(new.terms)
             .bind(i64::from(new.max_live))
-            .fetch_all(pool)
+            .fetch_all(&mut *tx)
             .await?
             .into_first();
+        tx.commit().await?;
         match row {
             Some(row) => Ok(row),
             None if count_live_for_user(db, new.user_id, now).await? >= i64::from(new.max_live) => {
@@ -477,6 +484,47 @@ pub(crate) mod tests {
             grant_at(1_001, user.clone(), "b7", None)
                 .await
                 .expect("an expired grant frees its place");
+        }
+    }
+
+    /// Inserts for one account racing each other: on PostgreSQL (READ COMMITTED) each
+    /// statement counts the live grants in its own snapshot, so without a lock on the account
+    /// several could count below the cap and all insert.
+    #[tokio::test]
+    async fn inserts_racing_for_the_last_places_stay_within_the_cap() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "race@x.org").await;
+            let racing: Vec<_> = (0..40)
+                .map(|n| {
+                    let (db, user) = (db.clone(), user.clone());
+                    tokio::spawn(async move {
+                        let new = NewAuthorization {
+                            id: &AuthorizationId::generate(),
+                            user_id: &user,
+                            policy_id: &PolicyId::new("pol_social"),
+                            client_id: "app",
+                            redirect_origin: "https://app.example",
+                            bunker_pubkey: &format!("bunker{n}"),
+                            bunker_secret_encrypted: b"ciphertext",
+                            connect_secret_hash: &TokenHash::of(b"connect"),
+                            relays: "[]",
+                            terms: None,
+                            max_live: 3,
+                        };
+                        insert(&db, &new, 1_000).await
+                    })
+                })
+                .collect();
+            let mut granted = 0;
+            for outcome in racing {
+                match outcome.await.unwrap() {
+                    Ok(_) => granted += 1,
+                    Err(RepoError::TooMany(_)) => {}
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(granted, 3, "{:?}", db.kind());
+            assert_eq!(count_live_for_user(&db, &user, 1_000).await.unwrap(), 3);
         }
     }
 

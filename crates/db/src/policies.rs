@@ -120,12 +120,17 @@ pub async fn list_owned(db: &Db, user: &UserId) -> Result<Vec<PolicyRow>, RepoEr
 }
 
 /// Stores a custom policy (its `owner_user_id` must be set) while its owner has fewer than
-/// `max_live` custom policies not deleted, checked in the same statement.
+/// `max_live` custom policies not deleted, checked in the same statement (on PostgreSQL under
+/// the owner's lock: see [`crate::users::account_lock`]).
 ///
 /// # Errors
 /// [`RepoError::TooMany`] at `max_live`; database errors (a taken slug among them).
 pub async fn insert(db: &Db, row: &PolicyRow, max_live: u32) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        if let Some(lock) = crate::users::account_lock(db.kind()) {
+            sqlx::query(lock).bind(&row.owner_user_id).execute(&mut *tx).await?;
+        }
         let inserted = sqlx::query(
             "INSERT INTO policies (id, slug, display_name, description, permissions, created_at, owner_user_id) \
              SELECT $1, $2, $3, $4, $5, $6, $7 \
@@ -139,12 +144,13 @@ pub async fn insert(db: &Db, row: &PolicyRow, max_live: u32) -> Result<(), RepoE
         .bind(row.created_at)
         .bind(&row.owner_user_id)
         .bind(i64::from(max_live))
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         if inserted == 0 {
             return Err(RepoError::TooMany("custom policies"));
         }
+        tx.commit().await?;
         Ok(())
     })
 }
@@ -285,6 +291,30 @@ mod tests {
             created_at: 1,
             owner_user_id: Some(owner.clone()),
             deleted_at: None,
+        }
+    }
+
+    /// Creations racing for an owner's last places: see [`crate::users::account_lock`].
+    #[tokio::test]
+    async fn creations_racing_for_the_last_places_stay_within_the_cap() {
+        for (_guard, db) in temp_dbs().await {
+            let owner = crate::testing::test_user(&db, "race@x.org").await;
+            let racing: Vec<_> = (0..40)
+                .map(|n| {
+                    let (db, row) = (db.clone(), custom(&owner, &format!("p{n}"), "P"));
+                    tokio::spawn(async move { insert(&db, &row, 3).await })
+                })
+                .collect();
+            let mut created = 0;
+            for outcome in racing {
+                match outcome.await.unwrap() {
+                    Ok(()) => created += 1,
+                    Err(RepoError::TooMany(_)) => {}
+                    Err(other) => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(created, 3, "{:?}", db.kind());
+            assert_eq!(list_owned(&db, &owner).await.unwrap().len(), 3);
         }
     }
 

@@ -17,7 +17,8 @@ pub struct Session {
 }
 
 /// Stores a session that expires at `expires_at` (unix seconds), and ends the user's
-/// oldest sessions beyond the newest `keep` (this one among them), in one transaction.
+/// oldest sessions beyond the newest `keep` (this one among them), in one transaction (on
+/// PostgreSQL under the account's lock, so logins at once cannot leave more than `keep`).
 ///
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user; database errors.
@@ -31,6 +32,9 @@ pub async fn insert(
 ) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
+        if let Some(lock) = crate::users::account_lock(db.kind()) {
+            sqlx::query(lock).bind(user).execute(&mut *tx).await?;
+        }
         sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
             .bind(hash)
             .bind(user)
@@ -38,13 +42,16 @@ pub async fn insert(
             .bind(expires_at)
             .execute(&mut *tx)
             .await?;
+        // This one and the newest `keep - 1` others: sessions made in the same second tie on
+        // `created_at`, and a newest `keep` that left this one out would keep `keep + 1`.
         sqlx::query(
             "DELETE FROM sessions WHERE user_id = $1 AND token_hash <> $2 AND token_hash NOT IN \
-             (SELECT token_hash FROM sessions WHERE user_id = $1 ORDER BY created_at DESC, token_hash LIMIT $3)",
+             (SELECT token_hash FROM sessions WHERE user_id = $1 AND token_hash <> $2 \
+              ORDER BY created_at DESC, token_hash LIMIT $3)",
         )
         .bind(user)
         .bind(hash)
-        .bind(i64::from(keep))
+        .bind(i64::from(keep.saturating_sub(1)))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -277,6 +284,29 @@ mod tests {
                 find_live_by_hash(&db, &TokenHash::of(b"other"), 11).await.unwrap(),
                 None
             );
+        }
+    }
+
+    /// Logins at once keep no more than the newest `keep`: see [`crate::users::account_lock`].
+    #[tokio::test]
+    async fn logins_at_once_keep_no_more_than_the_newest() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "race@x.org").await;
+            let racing: Vec<_> = (0..40u32)
+                .map(|n| {
+                    let (db, user) = (db.clone(), user.clone());
+                    tokio::spawn(async move { insert(&db, &TokenHash::of(&n.to_be_bytes()), &user, 1, 100, 3).await })
+                })
+                .collect();
+            for outcome in racing {
+                outcome.await.unwrap().unwrap();
+            }
+            let mut live = 0;
+            for n in 0..40u32 {
+                let hash = TokenHash::of(&n.to_be_bytes());
+                live += usize::from(find_live_by_hash(&db, &hash, 2).await.unwrap().is_some());
+            }
+            assert_eq!(live, 3, "{:?}", db.kind());
         }
     }
 

@@ -5,7 +5,7 @@
 
 use crate::pool::on_engine;
 use crate::returning::Returned;
-use crate::Db;
+use crate::{Db, EngineKind};
 
 use crate::{RepoError, UserId};
 
@@ -159,6 +159,18 @@ pub async fn delete(db: &Db, id: &UserId) -> Result<bool, RepoError> {
             .await?;
         Ok(done.rows_affected() == 1)
     })
+}
+
+/// The statement that locks `$1`'s user row until the end of the transaction, where an
+/// engine needs it for a per-account cap checked by counting (live grants, custom policies,
+/// sessions). On PostgreSQL (READ COMMITTED) each statement counts in its own snapshot, so
+/// two inserts for one account counting at once would both find room; taken first, this lock
+/// makes them count one after another. SQLite writes one transaction at a time: none needed.
+pub(crate) fn account_lock(kind: EngineKind) -> Option<&'static str> {
+    match kind {
+        EngineKind::Sqlite => None,
+        EngineKind::Postgres => Some("SELECT 1 FROM users WHERE id = $1 FOR UPDATE"),
+    }
 }
 
 #[cfg(test)]

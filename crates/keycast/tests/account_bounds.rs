@@ -217,7 +217,52 @@ fn an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies(engine:
     server.stop();
 }
 
+/// Codes issued below the cap and redeemed all at once: each redemption counts the live
+/// grants and inserts one, and on PostgreSQL (READ COMMITTED, several connections) two of
+/// them could both count below the cap and both insert. Before, this went past the cap.
+fn codes_redeemed_all_at_once_cannot_pass_the_cap(engine: Engine) {
+    const CODES: usize = 25;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_MAX_GRANTS_PER_ACCOUNT", &MAX.to_string())
+        .start();
+    let (cookie, _) = register(&server, "race@example.com", None);
+    let codes: Vec<(String, String)> = (0..CODES)
+        .map(|_| {
+            let (reply, verifier) = consent(&server, &cookie);
+            (code_of(&reply), verifier)
+        })
+        .collect();
+    let start = std::sync::Barrier::new(CODES);
+    let answers: Vec<Reply> = std::thread::scope(|scope| {
+        let redeeming: Vec<_> = codes
+            .iter()
+            .map(|(code, verifier)| {
+                let (server, start) = (&server, &start);
+                scope.spawn(move || {
+                    start.wait();
+                    token_request(server, code, verifier, REDIRECT)
+                })
+            })
+            .collect();
+        redeeming.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let granted = answers.iter().filter(|a| a.status == 200).count();
+    for refused in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!(refused.json()["error"], "invalid_grant", "{}", refused.body);
+    }
+    let live = get(&server, "/api/user/authorizations", Some(&cookie)).json()["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["revoked_at"].is_null())
+        .count();
+    assert_eq!((granted, live), (MAX, MAX), "{CODES} codes redeemed at once");
+    server.stop();
+}
+
 on_both_engines!(
     one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate,
-    an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies
+    an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies,
+    codes_redeemed_all_at_once_cannot_pass_the_cap
 );
