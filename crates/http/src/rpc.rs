@@ -51,6 +51,10 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Va
     let (_, services) = state
         .api()
         .map_err(|_| RpcError::Unavailable("keycast is starting; retry in a moment".into()))?;
+    // A deploy's old instance keeps getting requests until the traffic has moved.
+    if !state.is_writer().await {
+        return Err(RpcError::Moved);
+    }
     let authz = services.signer.authorize_token(token).await?;
     let call: Call = serde_json::from_slice(body)
         .map_err(|e| RpcError::BadRequest(format!("the body must be JSON {{\"method\", \"params\"}}: {e}")))?;
@@ -103,6 +107,9 @@ enum RpcError {
     },
     /// 503 with a message saying why and when to retry.
     Unavailable(String),
+    /// 503 with `Retry-After: 1`: this instance handed the database over (a deploy) or lost it;
+    /// a retry reaches the instance that has it.
+    Moved,
     Internal(String),
 }
 
@@ -164,6 +171,14 @@ impl IntoResponse for RpcError {
                 return (StatusCode::FORBIDDEN, Json(body)).into_response();
             }
             RpcError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+            RpcError::Moved => {
+                let body = json!({
+                    "error": "this instance has handed its database over to another (a deploy) and no longer signs; retry: the request will reach the instance that has it",
+                    "code": "unavailable",
+                });
+                let retry = [(axum::http::header::RETRY_AFTER, "1")];
+                return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
+            }
             RpcError::Internal(cause) => {
                 tracing::error!(%cause, "rpc internal error");
                 (

@@ -252,6 +252,17 @@ impl AppState {
         }
     }
 
+    /// Whether this instance still speaks for the database (see [`Durability::is_writer`]):
+    /// false once it handed the replica over, stepped aside or was fenced, when what it knows
+    /// of grants (a revocation on the newcomer, signatures counted against a limit) is stale
+    /// and what it would record is refused. True without a replicator.
+    pub async fn is_writer(&self) -> bool {
+        match self.inner.durability.get() {
+            Some(d) => d.is_writer().await,
+            None => true,
+        }
+    }
+
     /// Call after a write commits: waits for the replica when the write is `critical` (it
     /// changes who may sign) or when the durability mode is [`DurabilityMode::Sync`].
     ///

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::api::{delete, get};
+use harness::api::{delete, get, rpc};
 use harness::flow::{grant, register};
 use harness::nostr::{replies_to, BunkerClient, Relay};
 use harness::{Keycast, Launch};
@@ -425,4 +425,49 @@ fn after_handing_over_the_old_instance_no_longer_answers_nip46() {
         "an instance signed for the revoked app after the revocation: {signed:?}"
     );
     assert_eq!(replies.len(), 1, "one answer, the writer's: {replies:?}");
+}
+
+/// The same over HTTP: Cloud Run keeps sending some requests to the old revision until its
+/// traffic has moved, and the old instance, once it has handed over, knows nothing of what
+/// changes on the newcomer. Before, it went on signing with a token revoked there, and the
+/// signatures it made were counted nowhere (its writes are refused). Now it answers 503, and
+/// the client's retry reaches the newcomer.
+#[test]
+fn after_handing_over_the_old_instance_refuses_http_signing() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch =
+        |name: &str| launch(&dir.path().join(name), &replica).env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY);
+    let old = launch("old").start();
+    let (cookie, _) = register(&old, "rpc-deploy@example.com", None);
+    let granted = grant(&old, &cookie, "policy:social");
+    let token = granted["access_token"].as_str().unwrap().to_owned();
+    let sign = |server: &Keycast| rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
+    assert_eq!(sign(&old).status, 200, "signing through the old instance");
+
+    let mut new = launch("new").spawn_started_later();
+    new.wait_started(Duration::from_secs(20));
+    let new = new.into_keycast();
+    let refused = sign(&old);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["code"], "unavailable", "{}", refused.body);
+    assert!(
+        refused.json()["error"].as_str().unwrap().contains("retry"),
+        "{}",
+        refused.body
+    );
+    assert!(refused.retry_after.is_some(), "a 503 says when to retry");
+    assert_eq!(sign(&new).status, 200, "the newcomer signs");
+
+    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = delete(&new, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    assert_eq!(sign(&new).status, 401, "revoked on the newcomer");
+    let old_answer = sign(&old);
+    assert_ne!(
+        old_answer.status, 200,
+        "the old instance signed for an app revoked on the newcomer: {}",
+        old_answer.body
+    );
 }
