@@ -532,6 +532,19 @@ pub enum Database {
     Postgres(PostgresConfig),
 }
 
+impl Config {
+    /// How often the signer's buffered activity is written: `KEYCAST_ACTIVITY_FLUSH_MS`, but
+    /// at least once per replica lease TTL. An instance that only signs writes nothing else;
+    /// its lease is renewed by each signing request and may be taken at a deploy a TTL (and a
+    /// margin) after the last one, and what is still buffered then could never be written.
+    pub fn activity_flush_every(&self) -> Duration {
+        match &self.replica {
+            Some(replica) => self.activity_flush.min(replica.lease.ttl),
+            None => self.activity_flush,
+        }
+    }
+}
+
 impl Database {
     /// The SQLite file, if that is the engine.
     pub fn sqlite_path(&self) -> Option<&Path> {

@@ -291,13 +291,26 @@ async fn services(
         ..SignerOptions::default()
     };
     let signer = Arc::new(Signer::new(db.clone(), km.clone(), options));
+    if let Some(monitor) = &replica {
+        // From the hand-over's write lock on nothing can commit here: what is still buffered
+        // is written first, so the newcomer counts those signatures and the owner sees them.
+        let signer = signer.clone();
+        monitor.before_handover(Arc::new(move || {
+            let signer = signer.clone();
+            Box::pin(async move {
+                if let Err(err) = signer.flush().await {
+                    tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity before handing over");
+                }
+            })
+        }));
+    }
     let flusher = vitals.spawn(
         "the activity flusher",
         background_writes(
             signer.clone(),
             db.clone(),
             replica,
-            config.activity_flush,
+            config.activity_flush_every(),
             config.sweep_interval,
         ),
     );

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use harness::api::REDIRECT;
 use harness::api::{delete, get, rpc};
-use harness::flow::{grant, register};
+use harness::flow::{approve_with, authorize_query, grant, pkce, register, token_request};
 use harness::nostr::{replies_to, BunkerClient, Relay};
 use harness::{Keycast, Launch};
 use nostr::{Keys, PublicKey};
@@ -469,5 +470,74 @@ fn after_handing_over_the_old_instance_refuses_http_signing() {
         old_answer.status, 200,
         "the old instance signed for an app revoked on the newcomer: {}",
         old_answer.body
+    );
+}
+
+/// Signing activity is buffered in memory and written about once a second
+/// (`KEYCAST_ACTIVITY_FLUSH_MS`). Before, what was still buffered when the old instance handed
+/// over was lost: its writes are refused from the hand-over on. The owner's record missed those
+/// signatures, and a grant limited to N signatures could sign them again on the newcomer. Now
+/// the hand-over writes the buffer before it locks the database.
+#[test]
+fn a_handover_keeps_the_signatures_still_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = |name: &str| {
+        launch(&dir.path().join(name), &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            // Nothing is written by the timer during the test: all of it is still buffered.
+            // (Activity is written at least once per lease TTL: the TTL goes up too.)
+            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
+            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
+    };
+    let old = launch("old").start();
+    let (cookie, _) = register(&old, "buffered@example.com", None);
+    let (challenge, verifier) = pkce();
+    let code = approve_with(
+        &old,
+        &cookie,
+        &authorize_query("policy:social", &challenge),
+        &[("max_signatures", "3")],
+    );
+    let token = token_request(&old, &code, &verifier, REDIRECT).json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sign = |server: &Keycast| rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
+    for _ in 0..3 {
+        assert_eq!(sign(&old).status, 200);
+    }
+
+    // Writes keep the old instance's lease renewed, so it hands over rather than lapses.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(old.base.clone(), "w".into(), false, stop.clone());
+    let mut new = launch("new").spawn_started_later();
+    new.wait_started(Duration::from_secs(20));
+    let new = new.into_keycast();
+    stop.store(true, Ordering::Relaxed);
+    writes.join().unwrap();
+    assert!(
+        old.log().contains("handed the replica over"),
+        "the old instance handed over"
+    );
+    let fourth = sign(&new);
+    assert_eq!(
+        fourth.status, 403,
+        "a 4th signature of a 3-signature grant: {}",
+        fourth.body
+    );
+    assert_eq!(fourth.json()["code"], "grant_exhausted", "{}", fourth.body);
+    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let shown = get(&new, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
+    let signed = shown["recent_activity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["method"] == "sign_event")
+        .count();
+    assert_eq!(
+        signed, 3,
+        "the owner's record of the old instance's signatures: {shown}"
     );
 }

@@ -49,7 +49,7 @@ mod test_support;
 pub use capture::CommitSignal;
 pub use checksum::{database_checksum, lock_page, page_checksum, DbChecksum};
 pub use ltx::{Decoded, Encoder, Header, LtxError};
-pub use replicator::{ReplicaError, ReplicaOptions, Replicator, Status};
+pub use replicator::{BeforeHandover, ReplicaError, ReplicaOptions, Replicator, Status, BEFORE_HANDOVER_LIMIT};
 pub use restore::{restore, RestoreError, Restored, Target};
 pub use store::Store;
 pub use wal::{Committed, CommittedIndex, Frame, FrameRef, WalError, WalHeader, WalPosition};

@@ -283,7 +283,18 @@ struct Shared {
     /// Wakes the shipping loop when a durable waiter arrives while an upload is in flight
     /// (the commit signal alone would wake it on every commit).
     durable_waiting: tokio::sync::Notify,
+    /// Run by a hand-over before it locks the database (see [`Monitor::before_handover`]).
+    before_handover: std::sync::OnceLock<BeforeHandover>,
 }
+
+/// What the application writes before a hand-over locks the database: what it still holds in
+/// memory (keycast: buffered signing activity). See [`Monitor::before_handover`].
+pub type BeforeHandover =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
+/// How long a hand-over waits for [`Monitor::before_handover`]'s hook before it goes on
+/// without it (the newcomer is waiting).
+pub const BEFORE_HANDOVER_LIMIT: Duration = Duration::from_secs(5);
 
 impl Replicator {
     /// Starts replicating the database at `db`, whose application connections report commits
@@ -339,6 +350,7 @@ impl Replicator {
             renewed: watch::channel(0).0,
             durable_wanted: AtomicU64::new(0),
             durable_waiting: tokio::sync::Notify::new(),
+            before_handover: std::sync::OnceLock::new(),
         });
         let keeper = shared
             .leased
@@ -491,6 +503,14 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub struct Monitor(Arc<Shared>);
 
 impl Monitor {
+    /// Registers what a hand-over runs before it takes SQLite's write lock for good: the
+    /// application's last writes of what it holds only in memory, which can commit (and ship
+    /// with the tail) then and never after. Given at most [`BEFORE_HANDOVER_LIMIT`]; a later
+    /// registration is ignored.
+    pub fn before_handover(&self, hook: BeforeHandover) {
+        let _ = self.0.before_handover.set(hook);
+    }
+
     /// Current replication status.
     pub fn status(&self) -> Status {
         self.0.snapshot_status()

@@ -5,7 +5,8 @@
 //! # Hand-over
 //! When a starting instance asks for the lease (see [`crate::lease`]), the replicator learns
 //! it before a write or a shipment and hands over: writes are refused from that moment, the
-//! worker ships what is committed, takes SQLite's write lock (`BEGIN IMMEDIATE`) so no commit
+//! application writes what it holds only in memory (`Monitor::before_handover`), the worker
+//! ships what is committed, takes SQLite's write lock (`BEGIN IMMEDIATE`) so no commit
 //! can slip in, ships the tail, releases the lease, and then keeps the lock until shutdown:
 //! nothing can commit locally any more, so nothing acknowledged is left behind. Durable waits
 //! for commits made before the lock succeed; a write that raced the hand-over gets an error.
@@ -205,6 +206,14 @@ impl Worker {
         let _busy = self.shared.busy();
         // Compaction deletes objects: it must be over before the newcomer may restore.
         self.stop_compaction().await;
+        if let Some(hook) = self.shared.before_handover.get() {
+            if tokio::time::timeout(super::BEFORE_HANDOVER_LIMIT, hook())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%to, "the application's last writes before the hand-over did not finish in time; handing over without them");
+            }
+        }
         let mut backoff = self.options.retry_min;
         loop {
             let shipped = async {
