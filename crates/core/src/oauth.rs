@@ -4,7 +4,9 @@
 //! A code is redeemed by one conditional `UPDATE` before anything else is checked, so it
 //! can be exchanged at most once even under a race; a request with the wrong verifier,
 //! client or redirect URI still uses it up (RFC 6749 §4.1.2 asks that a code be used
-//! once). HTTP renders [`OAuthError::code`] as the RFC 6749 `error` field.
+//! once). A code used again by its client, with its verifier, revokes the grant it became
+//! (§4.1.2: the server SHOULD revoke what it issued from a code used twice). HTTP renders
+//! [`OAuthError::code`] as the RFC 6749 `error` field.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -16,9 +18,9 @@ use sha2::{Digest, Sha256};
 
 use crate::authz::{create_grant, Grant, GrantError, NewGrant};
 use crate::error::InternalError;
-use crate::key_manager::KeyManager;
 use crate::refresh::{issue_refresh_token, TokenLifetimes};
 use crate::secret::{ct_eq, hash_token, random_token, Secret};
+use crate::signer::Signer;
 use crate::terms::Choice;
 
 /// Default and longest life of an authorization code: 10 minutes (seconds), the most
@@ -210,12 +212,12 @@ pub struct TokenRequest<'a> {
 ///
 /// # Errors
 /// [`OAuthError::InvalidRequest`] for a malformed verifier (the code is not used up);
-/// [`OAuthError::InvalidGrant`] for an unknown, expired or used code, or a client id,
-/// redirect URI or verifier that does not match, or a user with `max_live` live grants
-/// already; [`OAuthError::Internal`].
+/// [`OAuthError::InvalidGrant`] for an unknown, expired or used code (a used one presented
+/// with its client id and verifier revokes the grant it became: see [`reused`]), or a
+/// client id, redirect URI or verifier that does not match, or a user with `max_live` live
+/// grants already; [`OAuthError::Internal`].
 pub async fn exchange_code(
-    db: &Db,
-    km: &dyn KeyManager,
+    signer: &Signer,
     request: &TokenRequest<'_>,
     relays: &[String],
     lifetimes: TokenLifetimes,
@@ -227,9 +229,11 @@ pub async fn exchange_code(
             "code_verifier must be 43-128 characters of [A-Za-z0-9-._~]",
         ));
     }
-    let code = oauth_repo::redeem_code(db, &hash_token(request.code), now)
-        .await?
-        .ok_or_else(|| invalid_grant("the code is unknown, expired or already used"))?;
+    let (db, km) = (signer.db(), signer.key_manager());
+    let hash = hash_token(request.code);
+    let Some(code) = oauth_repo::redeem_code(db, &hash, now).await? else {
+        return Err(reused(signer, request, now).await?);
+    };
     if !ct_eq(code.client_id.as_bytes(), request.client_id.as_bytes()) {
         return Err(invalid_grant("client_id does not match the code"));
     }
@@ -268,15 +272,53 @@ pub async fn exchange_code(
         Err(e @ GrantError::TooManyGrants { .. }) => return Err(invalid_grant(e.to_string())),
         other => other?,
     };
+    oauth_repo::link_code(db, &hash, &grant.authorization.id).await?;
     let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;
     grant.refresh_token = Some(refresh);
     Ok(grant)
+}
+
+/// What a code presented after it was redeemed gets. RFC 6749 §4.1.2: such a code may have
+/// been stolen, and the server SHOULD revoke what it issued from it. keycast revokes the grant
+/// the code became only when the request proves it holds both the code and its PKCE verifier
+/// (and names the code's client): a code that leaked alone (a log, a `Referer`) must not let
+/// whoever found it revoke a user's grant. A client that retries after losing the answer
+/// revokes its own grant too, and must ask its user again: a lost answer and a theft look the
+/// same from here. Commits: the caller should wait for durability before answering.
+///
+/// # Errors
+/// Storage errors.
+async fn reused(signer: &Signer, request: &TokenRequest<'_>, now: i64) -> Result<OAuthError, OAuthError> {
+    let unusable = invalid_grant("the code is unknown, expired or already used");
+    let Some(code) = oauth_repo::find_redeemed_code(signer.db(), &hash_token(request.code), now).await? else {
+        return Ok(unusable);
+    };
+    let proven = ct_eq(code.client_id.as_bytes(), request.client_id.as_bytes())
+        && ct_eq(
+            pkce_challenge(request.code_verifier).as_bytes(),
+            code.code_challenge.as_bytes(),
+        );
+    let Some(authorization) = code.authorization_id.filter(|_| proven) else {
+        return Ok(unusable);
+    };
+    if signer.revoke_authorization(&authorization, &code.user_id).await? {
+        metrics::counter!("keycast_oauth_code_reused_total").increment(1);
+        tracing::warn!(
+            %authorization,
+            client_id = %code.client_id,
+            "an authorization code was used twice: the grant it became is revoked (RFC 6749 section 4.1.2)"
+        );
+    }
+    Ok(invalid_grant(
+        "the code was already used: the grant it became is revoked, as a code used twice may have been stolen; authorize the app again",
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::{fixture, social_policy, Fixture};
+    use std::sync::Arc;
 
     const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
     const REDIRECT: &str = "https://app.example/cb";
@@ -305,10 +347,13 @@ mod tests {
         }
     }
 
+    fn signer(fx: &Fixture) -> Signer {
+        Signer::new(fx.db.clone(), fx.km.clone(), crate::signer::SignerOptions::default())
+    }
+
     async fn exchange(fx: &Fixture, request: &TokenRequest<'_>, now: i64) -> Result<Grant, OAuthError> {
         exchange_code(
-            fx.pool(),
-            fx.km.as_ref(),
+            &signer(fx),
             request,
             &fx.relays,
             TokenLifetimes::default(),
@@ -363,18 +408,58 @@ mod tests {
         assert_eq!(again.code(), "invalid_grant");
     }
 
+    /// RFC 6749 §4.1.2: a code used twice may have been stolen; what it became is revoked —
+    /// but only for a request that holds the verifier too, so a leaked code alone cannot
+    /// revoke anybody's grant.
+    #[tokio::test]
+    async fn a_code_used_again_with_its_verifier_revokes_the_grant_it_became() {
+        let fx = fixture().await;
+        let live = |id: keycast_db::AuthorizationId| {
+            let db = fx.db.clone();
+            async move {
+                let row = keycast_db::authz::find_by_id(&db, &id).await.unwrap().unwrap();
+                row.revoked_at.is_none()
+            }
+        };
+        let code = code(&fx).await;
+        let grant = exchange(&fx, &token_request(&code), 101).await.unwrap();
+        let id = grant.authorization.id.clone();
+        let leaked = TokenRequest {
+            code_verifier: "a-guess-that-is-long-enough-to-be-a-well-formed-verifier-000",
+            ..token_request(&code)
+        };
+        let refused = exchange(&fx, &leaked, 102).await.unwrap_err();
+        assert!(refused.to_string().contains("already used"), "{refused}");
+        let other_client = TokenRequest {
+            client_id: "another-app",
+            ..token_request(&code)
+        };
+        exchange(&fx, &other_client, 102).await.unwrap_err();
+        assert!(live(id.clone()).await, "the code alone revokes nothing");
+
+        let replayed = exchange(&fx, &token_request(&code), 103).await.unwrap_err();
+        assert_eq!(replayed.code(), "invalid_grant");
+        assert!(replayed.to_string().contains("revoked"), "{replayed}");
+        assert!(!live(id.clone()).await, "the grant the code became is revoked");
+        // Once the code has expired it is forgotten like any other.
+        let late = exchange(&fx, &token_request(&code), 100 + CODE_TTL_SECS)
+            .await
+            .unwrap_err();
+        assert!(!late.to_string().contains("revoked"), "{late}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_exchanges_of_one_code_yield_one_grant() {
         let fx = fixture().await;
         let code = code(&fx).await;
+        let signer = Arc::new(signer(&fx));
         let tasks: Vec<_> = (0..6)
             .map(|_| {
-                let (db, km, relays, code) = (fx.pool().clone(), fx.km.clone(), fx.relays.clone(), code.clone());
+                let (signer, relays, code) = (signer.clone(), fx.relays.clone(), code.clone());
                 tokio::spawn(async move {
                     let request = token_request(&code);
                     exchange_code(
-                        &db,
-                        km.as_ref(),
+                        &signer,
                         &request,
                         &relays,
                         TokenLifetimes::default(),

@@ -193,6 +193,11 @@ impl Signer {
         &self.db
     }
 
+    /// The key manager the signer opens keys with (for the rest of core).
+    pub(crate) fn key_manager(&self) -> &dyn KeyManager {
+        self.km.as_ref()
+    }
+
     /// How approvals are made ([`crate::approval`]).
     pub(crate) fn approval_options(&self) -> &ApprovalOptions {
         &self.approvals

@@ -4,7 +4,9 @@
 //! Redemption of a code is one conditional `UPDATE … RETURNING`, so two concurrent token
 //! requests with the same code can never both succeed. Checking PKCE, `client_id` and
 //! `redirect_uri` against the redeemed row is `keycast-core`'s job; a code that fails
-//! those checks has still been used up, as RFC 6749 §4.1.2 asks.
+//! those checks has still been used up, as RFC 6749 §4.1.2 asks. A redeemed code keeps the
+//! authorization it became ([`link_code`]) until it expires, so that a second use of it can
+//! revoke that authorization ([`find_redeemed_code`]).
 
 use crate::pool::on_engine;
 use crate::returning::Returned;
@@ -28,6 +30,8 @@ pub struct OAuthCode {
     pub redeemed_at: Option<i64>,
     /// The terms the owner chose at consent (JSON), for the grant the code becomes.
     pub terms: Option<String>,
+    /// The authorization it became, once redeemed ([`link_code`]).
+    pub authorization_id: Option<AuthorizationId>,
 }
 
 /// What [`insert_code`] needs.
@@ -45,7 +49,8 @@ pub struct NewCode<'a> {
 
 macro_rules! code_columns {
     () => {
-        "code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, created_at, expires_at, redeemed_at, terms"
+        "code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, created_at, expires_at, redeemed_at, terms, \
+         authorization_id"
     };
 }
 
@@ -94,6 +99,37 @@ pub async fn redeem_code(db: &Db, hash: &TokenHash, now: i64) -> Result<Option<O
             .fetch_all(pool)
             .await?
             .into_first())
+    })
+}
+
+/// Records that the redeemed code `hash` became `authorization`.
+///
+/// # Errors
+/// Database errors.
+pub async fn link_code(db: &Db, hash: &TokenHash, authorization: &AuthorizationId) -> Result<(), RepoError> {
+    on_engine!(db, |pool| {
+        sqlx::query("UPDATE oauth_codes SET authorization_id = $1 WHERE code_hash = $2")
+            .bind(authorization)
+            .bind(hash)
+            .execute(pool)
+            .await?;
+        Ok(())
+    })
+}
+
+/// The code `hash` if it was redeemed and has not expired at `now`: what a second use of a
+/// code finds.
+///
+/// # Errors
+/// Database errors.
+pub async fn find_redeemed_code(db: &Db, hash: &TokenHash, now: i64) -> Result<Option<OAuthCode>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "SELECT ",
+            code_columns!(),
+            " FROM oauth_codes WHERE code_hash = $1 AND redeemed_at IS NOT NULL AND expires_at > $2"
+        );
+        Ok(sqlx::query_as(sql).bind(hash).bind(now).fetch_optional(pool).await?)
     })
 }
 

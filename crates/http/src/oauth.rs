@@ -399,7 +399,7 @@ async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFa
         ("client_id", &p.client_id),
         ("redirect_uri", &p.redirect_uri),
     ])?;
-    let (db, services) = state.api()?;
+    let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let request = TokenRequest {
         code: &p.code,
@@ -410,18 +410,19 @@ async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFa
     let options = state.options();
     let now = now_unix();
     let grant = oauth::exchange_code(
-        db,
-        services.keys.as_ref(),
+        &services.signer,
         &request,
         &options.relays,
         options.token_lifetimes,
         services.signer.max_live_grants(),
         now,
     )
-    .await?;
+    .await;
     // NIP-46 starts listening for the new bunker now, before the app can use its URL.
     services.signer.authorizations_changed();
+    // A code used twice revokes the grant it became: that must be durable too.
     state.confirm_write(true).await?;
+    let grant = grant?;
     let mut body = token_body(
         &grant.authorization,
         grant.access_token.expose(),

@@ -284,6 +284,42 @@ fn two_concurrent_redemptions_of_one_code_yield_exactly_one_token(engine: Engine
     assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 3, "{statuses:?}");
 }
 
+/// RFC 6749 §4.1.2: a code used twice may have been stolen, and what it became is revoked.
+/// Before, the second use was refused and the grant it became went on signing. A leaked code
+/// without its verifier revokes nothing (else whoever found it in a log could end the grant).
+fn a_code_used_twice_with_its_verifier_revokes_the_grant_it_became(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (cookie, _) = register(&server, "twice@example.com", None);
+    let (challenge, verifier) = pkce();
+    let code = approve(&server, &cookie, &authorize_query("policy:social", &challenge));
+    let first = token_request(&server, &code, &verifier, REDIRECT);
+    assert_eq!(first.status, 200, "{}", first.body);
+    let token = first.json()["access_token"].as_str().unwrap().to_owned();
+    let signs = || rpc(&server, &token, "sign_event", json!([{ "kind": 1, "content": "x" }])).status;
+    assert_eq!(signs(), 200);
+
+    let (_, not_the_verifier) = pkce();
+    let leaked = token_request(&server, &code, &not_the_verifier, REDIRECT);
+    assert_eq!(leaked.json()["error"], "invalid_grant", "{}", leaked.body);
+    assert_eq!(signs(), 200, "a leaked code alone revokes nothing");
+
+    let again = token_request(&server, &code, &verifier, REDIRECT);
+    assert_eq!(
+        (again.status, again.json()["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{}",
+        again.body
+    );
+    assert!(
+        again.json()["error_description"].as_str().unwrap().contains("revoked"),
+        "{}",
+        again.body
+    );
+    assert_eq!(signs(), 401, "the grant the code became is revoked");
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert!(!listed["authorizations"][0]["revoked_at"].is_null(), "{listed}");
+}
+
 fn authorize_requires_pkce_s256_and_a_safe_redirect(engine: Engine) {
     let (_dir, server) = start(engine);
     let (cookie, _) = register(&server, "erin@example.com", None);
@@ -855,6 +891,7 @@ on_both_engines!(
     revoked_authorization_is_refused_on_the_very_next_request,
     token_endpoint_refuses_bad_pkce_reuse_and_redirect_mismatch_with_rfc6749_errors,
     two_concurrent_redemptions_of_one_code_yield_exactly_one_token,
+    a_code_used_twice_with_its_verifier_revokes_the_grant_it_became,
     authorize_requires_pkce_s256_and_a_safe_redirect,
     consent_post_without_the_right_csrf_token_is_refused_and_deny_redirects,
     password_reset_attempts_are_rate_limited,
