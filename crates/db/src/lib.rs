@@ -44,6 +44,7 @@ pub mod keys;
 pub mod limits;
 pub mod meta;
 pub mod migrate;
+pub mod nip46_seen;
 pub mod notify;
 pub mod oauth;
 pub mod policies;

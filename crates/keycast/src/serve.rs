@@ -167,13 +167,14 @@ pub async fn run(
             unbound_requests_per_sec: config.nip46_unbound_requests_per_sec,
             cluster: running.cluster.clone(),
             vitals: vitals.clone(),
+            seen_before: seen_before_handover(&running).await,
             ..Default::default()
         };
-        Some(
-            keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability.clone(), options)
-                .await
-                .context("cannot start the NIP-46 signer")?,
-        )
+        let service = keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability.clone(), options)
+            .await
+            .context("cannot start the NIP-46 signer")?;
+        hand_over_seen_requests(&running, &service);
+        Some(service)
     } else {
         tracing::warn!("KEYCAST_NIP46=false: bunker URLs are issued but nobody answers them");
         None
@@ -323,6 +324,43 @@ async fn services(
         flusher,
         keyring,
     ))
+}
+
+/// The NIP-46 requests the previous instance had seen when it handed the replica over (see
+/// `keycast_db::nip46_seen`); none without a replicator (PostgreSQL shares claims instead).
+async fn seen_before_handover(running: &Running) -> Vec<(keycast_core::nostr::PublicKey, String)> {
+    if running.replicator.is_none() {
+        return Vec::new();
+    }
+    let since = keycast_db::now_unix() - keycast_nip46::DEDUP_WINDOW.as_secs() as i64;
+    match keycast_db::nip46_seen::since(&running.db, since).await {
+        Ok(rows) => rows
+            .into_iter()
+            .filter_map(|(client, id)| Some((keycast_core::nostr::PublicKey::from_hex(&client).ok()?, id)))
+            .collect(),
+        Err(err) => {
+            tracing::warn!(error = %err, "could not read the NIP-46 requests the previous instance had seen; a relay's replay may be answered twice");
+            Vec::new()
+        }
+    }
+}
+
+/// At a hand-over, writes the NIP-46 requests this instance has seen, for the next one.
+fn hand_over_seen_requests(running: &Running, service: &keycast_nip46::Nip46Service) {
+    let Some(replicator) = &running.replicator else {
+        return;
+    };
+    let (seen, db) = (service.seen(), running.db.clone());
+    replicator.monitor().before_handover(Arc::new(move || {
+        let (seen, db) = (seen.clone(), db.clone());
+        Box::pin(async move {
+            let entries: Vec<(String, String)> =
+                seen.entries().into_iter().map(|(client, id)| (client.to_hex(), id)).collect();
+            if let Err(err) = keycast_db::nip46_seen::replace(&db, &entries, keycast_db::now_unix()).await {
+                tracing::warn!(error = %err, "could not hand the NIP-46 requests seen over; a relay's replay may be answered twice");
+            }
+        })
+    }));
 }
 
 /// The writes no request makes, forever (aborted at shutdown, which then flushes once

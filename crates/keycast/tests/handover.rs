@@ -541,3 +541,68 @@ fn a_handover_keeps_the_signatures_still_buffered() {
         "the owner's record of the old instance's signatures: {shown}"
     );
 }
+
+/// Some relays keep ephemeral events for a while, and a new subscription gets the requests of
+/// the last minute again (the filter's `since`). Before, the newcomer answered every request
+/// the old instance had already answered in that minute: a second signature, counted twice
+/// against the grant's limits and listed twice to its owner. Now the old instance hands over
+/// the requests it has seen with the database, and the newcomer drops them as seen.
+#[test]
+fn a_request_answered_before_the_handover_is_not_answered_again_after_it() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = |name: &str| {
+        launch(&dir.path().join(name), &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            .env("BUNKER_RELAYS", relay.url())
+    };
+    let old = launch("old").start();
+    let (cookie, _) = register(&old, "replayed@example.com", None);
+    let token = grant(&old, &cookie, "policy:social");
+    let bunker_url = token["bunker_url"].as_str().unwrap();
+    let bunker = PublicKey::parse(bunker_url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let client = Keys::generate();
+    let connected = app.connect_as(bunker_url, &client.secret_key().to_secret_hex());
+    assert_eq!(connected["ok"], true, "connect: {connected}");
+    let signed = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "once"}, "timeout_ms": 3000}));
+    assert_eq!(signed["ok"], true, "signing through the old instance: {signed}");
+
+    // Writes keep the old instance's lease renewed, so it hands over rather than lapses.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(old.base.clone(), "w".into(), false, stop.clone());
+    let mut new = launch("new").spawn_started_later();
+    new.wait_started(Duration::from_secs(20));
+    let new = new.into_keycast();
+    stop.store(true, Ordering::Relaxed);
+    writes.join().unwrap();
+    // The newcomer listens, and the relay has replayed the minute's requests to it.
+    let after = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 10000}));
+    assert_eq!(after["ok"], true, "signing through the newcomer: {after}");
+
+    let mut answers: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (_, reply) in replies_to(relay.url(), &bunker, &client) {
+        *answers
+            .entry(reply["id"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = answers.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "requests answered more than once: {twice:?} of {answers:?}"
+    );
+    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    // The newcomer writes its activity about once a second: wait for both, then a little
+    // more for a third that should not come.
+    let shown = || get(&new, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shown()["usage"]["signatures"].as_u64() < Some(2) {
+        assert!(Instant::now() < deadline, "two signatures asked for: {}", shown());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let shown = shown();
+    assert_eq!(shown["usage"]["signatures"], 2, "two signatures asked for: {shown}");
+}

@@ -46,6 +46,16 @@ impl Seen {
         let first = !self.previous.contains(&key) && self.current.insert(key);
         (first, expired)
     }
+
+    /// Every pair remembered now (both generations), for the instance that takes over.
+    pub fn entries(&self) -> Vec<(PublicKey, String)> {
+        self.previous.iter().chain(&self.current).cloned().collect()
+    }
+
+    /// Remembers pairs another instance saw (see [`Seen::entries`]) as if seen now.
+    pub fn remember(&mut self, entries: impl IntoIterator<Item = (PublicKey, String)>) {
+        self.current.extend(entries);
+    }
 }
 
 #[cfg(test)]
@@ -66,6 +76,21 @@ mod tests {
         assert!(!seen.insert(a, "1".into(), now).0, "the same request again");
         assert!(seen.insert(b, "1".into(), now).0, "another client may use the same id");
         assert!(seen.insert(a, "2".into(), now).0);
+    }
+
+    #[test]
+    fn what_one_instance_saw_is_seen_by_the_next() {
+        let mut old = Seen::new(DEDUP_WINDOW);
+        let a = keycast_core::nostr::Keys::generate().public_key();
+        let start = Instant::now();
+        old.insert(a, "1".into(), start);
+        // One rotation later, "1" is in the older generation, "2" in the newer.
+        old.insert(a, "2".into(), start + DEDUP_WINDOW);
+        let mut new = Seen::new(DEDUP_WINDOW);
+        new.remember(old.entries());
+        assert!(!new.insert(a, "1".into(), start).0);
+        assert!(!new.insert(a, "2".into(), start).0);
+        assert!(new.insert(a, "3".into(), start).0);
     }
 
     #[test]

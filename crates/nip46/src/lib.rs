@@ -31,4 +31,4 @@ pub mod transport;
 pub mod wire;
 
 pub use embedded::{EmbeddedRelay, RelayLimits};
-pub use service::{Nip46Options, Nip46Service, StartError};
+pub use service::{Nip46Options, Nip46Service, SeenRequests, StartError, DEDUP_WINDOW};

@@ -79,6 +79,10 @@ pub struct Nip46Options {
     pub cluster: Option<Arc<Cluster>>,
     /// Where the listener's tasks report an unexpected end (see [`keycast_core::vital`]).
     pub vitals: Vitals,
+    /// Requests the previous instance saw (client, request id), handed over with the
+    /// database (see [`Nip46Service::seen`]): dropped as seen, so that a relay that replays
+    /// the last minute's requests to a new subscription gets no second answer.
+    pub seen_before: Vec<(PublicKey, String)>,
 }
 
 impl Default for Nip46Options {
@@ -94,6 +98,7 @@ impl Default for Nip46Options {
             unbound_requests_per_sec: DEFAULT_UNBOUND_REQUESTS_PER_SEC,
             cluster: None,
             vitals: Vitals::default(),
+            seen_before: Vec::new(),
         }
     }
 }
@@ -111,7 +116,7 @@ const PUBKEYS_PER_FILTER: usize = 500;
 /// How long a (client, request id) pair is remembered to drop duplicates: at least as long
 /// as a request can be accepted at all (`2 × REQUEST_WINDOW_SECS`, from a minute before its
 /// date to a minute after), so no replay inside the window gets through.
-const DEDUP_WINDOW: Duration = Duration::from_secs(2 * REQUEST_WINDOW_SECS);
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(2 * REQUEST_WINDOW_SECS);
 const SUBSCRIPTION: &str = "keycast-nip46";
 
 /// The running NIP-46 signer. Dropping it does not stop it; call [`Nip46Service::shutdown`].
@@ -134,7 +139,7 @@ struct Shared {
     strangers: Strangers,
     in_flight: Arc<Semaphore>,
     busy: Arc<Semaphore>,
-    seen: Mutex<Seen>,
+    seen: Arc<Mutex<Seen>>,
     /// The bunkers each relay's subscription names, as last sent successfully.
     subscribed: tokio::sync::Mutex<HashMap<RelayUrl, Vec<PublicKey>>>,
     /// App relays left out by the cap at the last sync (logged when it changes).
@@ -170,7 +175,7 @@ impl Nip46Service {
     pub async fn start(
         signer: Arc<Signer>,
         durability: Option<Arc<dyn Durability>>,
-        options: Nip46Options,
+        mut options: Nip46Options,
     ) -> Result<Nip46Service, StartError> {
         let configured = options
             .relays
@@ -188,6 +193,8 @@ impl Nip46Service {
                 .await
                 .map_err(|e| StartError::Pool(e.to_string()))?;
         }
+        let mut seen = Seen::new(DEDUP_WINDOW);
+        seen.remember(std::mem::take(&mut options.seen_before));
         // Take the receivers before anything can happen, so nothing is missed.
         let notifications = pool.notifications();
         let changes = signer.subscribe();
@@ -204,7 +211,7 @@ impl Nip46Service {
             configured,
             roster: RwLock::default(),
             bindings: Bindings::default(),
-            seen: Mutex::new(Seen::new(DEDUP_WINDOW)),
+            seen: Arc::new(Mutex::new(seen)),
             subscribed: tokio::sync::Mutex::default(),
             left_out: AtomicUsize::new(0),
         });
@@ -224,12 +231,29 @@ impl Nip46Service {
         Ok(Nip46Service { shared, tasks })
     }
 
+    /// The requests this instance has seen lately, to hand to the next instance with the
+    /// database (SQLite hand-over; on PostgreSQL every instance shares the claims instead).
+    pub fn seen(&self) -> SeenRequests {
+        SeenRequests(self.shared.seen.clone())
+    }
+
     /// Stops answering and closes the relay connections.
     pub async fn shutdown(self) {
         for task in &self.tasks {
             task.abort();
         }
         self.shared.pool.shutdown().await;
+    }
+}
+
+/// See [`Nip46Service::seen`].
+#[derive(Clone)]
+pub struct SeenRequests(Arc<Mutex<Seen>>);
+
+impl SeenRequests {
+    /// (client, request id) of every request seen within the dedup window (at least).
+    pub fn entries(&self) -> Vec<(PublicKey, String)> {
+        self.0.lock().map(|seen| seen.entries()).unwrap_or_default()
     }
 }
 

@@ -283,8 +283,9 @@ struct Shared {
     /// Wakes the shipping loop when a durable waiter arrives while an upload is in flight
     /// (the commit signal alone would wake it on every commit).
     durable_waiting: tokio::sync::Notify,
-    /// Run by a hand-over before it locks the database (see [`Monitor::before_handover`]).
-    before_handover: std::sync::OnceLock<BeforeHandover>,
+    /// Run by a hand-over before it locks the database, in order (see
+    /// [`Monitor::before_handover`]).
+    before_handover: Mutex<Vec<BeforeHandover>>,
 }
 
 /// What the application writes before a hand-over locks the database: what it still holds in
@@ -350,7 +351,7 @@ impl Replicator {
             renewed: watch::channel(0).0,
             durable_wanted: AtomicU64::new(0),
             durable_waiting: tokio::sync::Notify::new(),
-            before_handover: std::sync::OnceLock::new(),
+            before_handover: Mutex::new(Vec::new()),
         });
         let keeper = shared
             .leased
@@ -505,10 +506,10 @@ pub struct Monitor(Arc<Shared>);
 impl Monitor {
     /// Registers what a hand-over runs before it takes SQLite's write lock for good: the
     /// application's last writes of what it holds only in memory, which can commit (and ship
-    /// with the tail) then and never after. Given at most [`BEFORE_HANDOVER_LIMIT`]; a later
-    /// registration is ignored.
+    /// with the tail) then and never after. Hooks run in the order registered, all of them
+    /// within [`BEFORE_HANDOVER_LIMIT`].
     pub fn before_handover(&self, hook: BeforeHandover) {
-        let _ = self.0.before_handover.set(hook);
+        self.0.before_handover.lock().expect("hooks lock").push(hook);
     }
 
     /// Current replication status.

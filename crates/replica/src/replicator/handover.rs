@@ -206,13 +206,17 @@ impl Worker {
         let _busy = self.shared.busy();
         // Compaction deletes objects: it must be over before the newcomer may restore.
         self.stop_compaction().await;
-        if let Some(hook) = self.shared.before_handover.get() {
-            if tokio::time::timeout(super::BEFORE_HANDOVER_LIMIT, hook())
-                .await
-                .is_err()
-            {
-                tracing::warn!(%to, "the application's last writes before the hand-over did not finish in time; handing over without them");
+        let hooks: Vec<_> = self.shared.before_handover.lock().expect("hooks lock").clone();
+        let last_writes = async {
+            for hook in hooks {
+                hook().await;
             }
+        };
+        if tokio::time::timeout(super::BEFORE_HANDOVER_LIMIT, last_writes)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%to, "the application's last writes before the hand-over did not finish in time; handing over without the rest");
         }
         let mut backoff = self.options.retry_min;
         loop {
