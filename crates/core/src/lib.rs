@@ -47,6 +47,7 @@ mod error;
 pub mod grants;
 pub mod hashing_queue;
 pub mod housekeeping;
+pub mod in_flight;
 pub mod key_manager;
 pub mod keys;
 pub mod nostrconnect;

@@ -145,6 +145,8 @@ pub struct Signer {
     /// generation it has re-read up to.
     bunker_generation: AtomicU64,
     bunkers_synced: watch::Sender<u64>,
+    /// Requests under way in the transports ([`Signer::request`]).
+    in_flight: crate::in_flight::InFlight,
 }
 
 /// A change other instances' caches must hear about (see [`crate::cluster`]).
@@ -185,7 +187,20 @@ impl Signer {
             announced: AtomicU64::new(0),
             bunker_generation: AtomicU64::new(0),
             bunkers_synced: watch::channel(0).0,
+            in_flight: Default::default(),
         }
+    }
+
+    /// Counts a transport's request from before its writer check until it has answered (the
+    /// guard's drop): see [`crate::in_flight`].
+    pub fn request(&self) -> crate::in_flight::Guard<'_> {
+        self.in_flight.enter()
+    }
+
+    /// Waits, at most `limit`, until no request counted by [`Signer::request`] is under way;
+    /// then writing the buffered activity ([`Signer::flush`]) leaves none of theirs behind.
+    pub async fn drain(&self, limit: std::time::Duration) -> bool {
+        self.in_flight.drain(limit).await
     }
 
     /// The database the signer reads and writes (for the rest of core).
@@ -590,6 +605,9 @@ impl Signer {
                 .map_err(&refused)?;
         }
         let response = perform(&keys, request)?;
+        if let Some(ms) = held_before_record() {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         record(None);
         Ok(response)
     }
@@ -963,6 +981,14 @@ fn with_expiry(authz: &Authorization, expires_at: i64) -> Result<Authorization, 
 
 /// Performs an allowed request with the user's key. CPU work of tens of microseconds
 /// (one Schnorr signature or one ECDH + symmetric cipher), fine on a runtime thread.
+/// Milliseconds the tests hold a request between its signature and its record (fail point
+/// `signer-before-record`, `return(<ms>)`); always `None` in a build without fault injection.
+fn held_before_record() -> Option<u64> {
+    fail::fail_point!("signer-before-record", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok()));
+    None
+}
+
 fn perform(keys: &Keys, request: Request) -> Result<Response, SignError> {
     let secret = keys.secret_key();
     match request {

@@ -51,6 +51,8 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Va
     let (_, services) = state
         .api()
         .map_err(|_| RpcError::Unavailable("keycast is starting; retry in a moment".into()))?;
+    // Counted from before the writer check, so a hand-over waits for this request to end.
+    let _request = services.signer.request();
     // A deploy's old instance keeps getting requests until the traffic has moved.
     if !state.is_writer().await {
         return Err(RpcError::Moved);

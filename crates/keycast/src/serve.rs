@@ -294,11 +294,15 @@ async fn services(
     let signer = Arc::new(Signer::new(db.clone(), km.clone(), options));
     if let Some(monitor) = &replica {
         // From the hand-over's write lock on nothing can commit here: what is still buffered
-        // is written first, so the newcomer counts those signatures and the owner sees them.
+        // is written first (once the requests already under way have recorded theirs), so
+        // the newcomer counts those signatures and the owner sees them.
         let signer = signer.clone();
         monitor.before_handover(Arc::new(move || {
             let signer = signer.clone();
             Box::pin(async move {
+                if !signer.drain(HANDOVER_DRAIN).await {
+                    tracing::warn!("requests under way did not end before the hand-over; their activity may be missing");
+                }
                 if let Err(err) = signer.flush().await {
                     tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity before handing over");
                 }
@@ -325,6 +329,10 @@ async fn services(
         keyring,
     ))
 }
+
+/// How long a hand-over waits for the signing requests under way (see
+/// `keycast_core::in_flight`), within the replicator's own limit on its last writes.
+const HANDOVER_DRAIN: Duration = Duration::from_secs(3);
 
 /// The NIP-46 requests the previous instance had seen when it handed the replica over (see
 /// `keycast_db::nip46_seen`); none without a replicator (PostgreSQL shares claims instead).

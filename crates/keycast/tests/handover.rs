@@ -606,3 +606,53 @@ fn a_request_answered_before_the_handover_is_not_answered_again_after_it() {
     let shown = shown();
     assert_eq!(shown["usage"]["signatures"], 2, "two signatures asked for: {shown}");
 }
+
+/// A signature under way when the hand-over begins: it passed the writer check just before,
+/// and records its activity just after the hand-over's last write of the buffer. Before, that
+/// record was lost (the owner never saw the signature; a limited grant could sign it again on
+/// the newcomer). Now the hand-over waits for the requests under way before it writes.
+#[test]
+fn a_handover_waits_for_the_signature_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = |name: &str| {
+        launch(&dir.path().join(name), &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
+            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
+    };
+    let old = launch("old").start();
+    let (cookie, _) = register(&old, "underway@example.com", None);
+    let token = grant(&old, &cookie, "policy:social")["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The signature is made, then held 2 s before its record.
+    if !harness::arm_failpoint(&old, "signer-before-record", "return(2000)") {
+        return;
+    }
+    let signing = std::thread::scope(|scope| {
+        let signing = scope.spawn(|| rpc(&old, &token, "sign_event", json!([{"kind": 1, "content": "under way"}])));
+        std::thread::sleep(Duration::from_millis(300));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = writer(old.base.clone(), "w".into(), false, stop.clone());
+        let mut new = launch("new").spawn_started_later();
+        new.wait_started(Duration::from_secs(20));
+        stop.store(true, Ordering::Relaxed);
+        writes.join().unwrap();
+        (signing.join().unwrap(), new.into_keycast())
+    });
+    let (signed, new) = signing;
+    assert_eq!(signed.status, 200, "{}", signed.body);
+    assert!(
+        old.log().contains("handed the replica over"),
+        "the old instance handed over"
+    );
+    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let shown = get(&new, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
+    assert_eq!(
+        shown["usage"]["signatures"], 1,
+        "the signature made on the old instance, counted on the newcomer: {shown}"
+    );
+}

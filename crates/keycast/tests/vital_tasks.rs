@@ -13,18 +13,6 @@ use std::time::Duration;
 use harness::flow::{grant, register};
 use harness::{Engine, Keycast, Launch};
 
-/// Arms `name` with `actions` (the `fail` crate's syntax). `false`: this binary has no
-/// fault injection, which fails the test under scripts/test.sh and skips it elsewhere.
-fn arm(server: &Keycast, name: &str, actions: &str) -> bool {
-    let (status, body) = server.post(&format!("/api/test/failpoint?name={name}&actions={actions}"));
-    if status == 404 && std::env::var("KEYCAST_REQUIRE_PEERS").as_deref() != Ok("1") {
-        eprintln!("SKIPPED: {body}");
-        return false;
-    }
-    assert_eq!(status, 200, "arming {name}: {body}");
-    true
-}
-
 /// Waits for `server` to exit by itself, and checks it failed and said why.
 fn assert_exits_saying(mut server: Keycast, why: &str) {
     let (status, _) = server.wait_exit(Duration::from_secs(30));
@@ -65,7 +53,7 @@ fn an_instance_whose_replication_worker_ends_exits_and_loses_no_durable_write() 
         for n in 0..3 {
             server.write(&format!("before-{n}"), true);
         }
-        if !arm(&server, "replica-worker", actions) {
+        if !harness::arm_failpoint(&server, "replica-worker", actions) {
             return;
         }
         // A commit wakes the worker; what it answers does not matter here.
@@ -90,7 +78,7 @@ fn an_instance_whose_activity_flusher_ends_exits() {
     let server = Launch::new(&dir.path().join("data"))
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
-    if !arm(&server, "activity-flusher", "return") {
+    if !harness::arm_failpoint(&server, "activity-flusher", "return") {
         return;
     }
     assert_exits_saying(
@@ -109,7 +97,7 @@ fn an_instance_whose_nip46_listener_panics_exits() {
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
     let (cookie, _) = register(&server, "vital@example.com", None);
-    if !arm(&server, "nip46-listener", "panic(injected)") {
+    if !harness::arm_failpoint(&server, "nip46-listener", "panic(injected)") {
         return;
     }
     grant(&server, &cookie, "policy:social");
@@ -127,7 +115,7 @@ fn an_instance_whose_heartbeat_panics_exits() {
     let server = Launch::on(Engine::Postgres, &dir.path().join("data"))
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
-    if !arm(&server, "cluster-heartbeat", "panic(injected)") {
+    if !harness::arm_failpoint(&server, "cluster-heartbeat", "panic(injected)") {
         return;
     }
     assert_exits_saying(server, "the instance heartbeat ended: task");

@@ -352,6 +352,8 @@ impl Shared {
     }
 
     async fn handle(&self, incoming: Incoming) {
+        // Counted from before the writer check, so a hand-over waits for this request to end.
+        let _request = self.signer.request();
         if !self.answers().await {
             return;
         }

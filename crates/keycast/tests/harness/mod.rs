@@ -822,6 +822,19 @@ pub fn reap(child: &mut Child) {
     }
 }
 
+/// Arms `server`'s fail point `name` with `actions` (the `fail` crate's syntax) through
+/// `/api/test/failpoint`. `false`: this binary has no fault injection (built without the
+/// `failpoints` feature), which fails the test under scripts/test.sh and skips it elsewhere.
+pub fn arm_failpoint(server: &Keycast, name: &str, actions: &str) -> bool {
+    let (status, body) = server.post(&format!("/api/test/failpoint?name={name}&actions={actions}"));
+    if status == 404 && std::env::var("KEYCAST_REQUIRE_PEERS").as_deref() != Ok("1") {
+        eprintln!("SKIPPED: {body}");
+        return false;
+    }
+    assert_eq!(status, 200, "arming {name}: {body}");
+    true
+}
+
 /// A loopback port free at the time of asking (for a peer the test starts itself).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
