@@ -8,7 +8,8 @@
 //!
 //! Shutdown order, on SIGTERM or SIGINT:
 //! 1. stop accepting connections;
-//! 2. let in-flight requests finish, within the grace period (`KEYCAST_SHUTDOWN_GRACE_SECS`);
+//! 2. let in-flight requests finish, HTTP and NIP-46, within the grace period
+//!    (`KEYCAST_SHUTDOWN_GRACE_SECS`);
 //! 3. flush the signer's buffered activity, then close the database pool, so no commit can
 //!    land after the final sync;
 //! 4. ship the last committed frames and record a clean stop (the exit line names the TXID).
@@ -222,10 +223,11 @@ pub async fn run(
         Some(Ended::Vital(why)) => tracing::error!(reason = %why, "this instance can no longer serve: shutting down so the platform starts a replacement"),
         None => {}
     }
-    // Stop answering NIP-46 before the database closes, so no connect can commit after
-    // the final sync.
-    if let Some(nip46) = nip46 {
-        nip46.shutdown().await;
+    // No new NIP-46 request from here; those under way finish (and reply) in `shut_down`,
+    // before the last flush and before the database closes, so no commit lands after the
+    // final sync.
+    if let Some(nip46) = &nip46 {
+        nip46.stop_listening();
     }
     // The others take this instance's bunkers at once instead of after its heartbeat lapses.
     if let Some(cluster) = &running.cluster {
@@ -233,7 +235,7 @@ pub async fn run(
     }
     drop(embedded);
     let reason = monitor.and_then(|m| m.status().fence_reason);
-    shut_down(config, stop_http, server, running).await?;
+    shut_down(config, stop_http, server, running, nip46).await?;
     match ended {
         Some(Ended::Fenced) => anyhow::bail!(
             "fenced: {}; exiting so that a new instance (which restores first) takes over",
@@ -642,6 +644,7 @@ async fn shut_down(
     stop_http: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     running: Running,
+    nip46: Option<keycast_nip46::Nip46Service>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let grace = config.shutdown_grace;
@@ -663,6 +666,18 @@ async fn shut_down(
             reserve_ms = reserve.as_millis() as u64,
             "in-flight requests did not finish in time: cut off, keeping the rest of the grace period for the final sync"
         );
+    }
+    // NIP-46 requests under way (the listener stopped taking new ones) record their activity
+    // before the last flush, and reply while the relays are still connected.
+    let signer = &running.services.signer;
+    if !signer
+        .drain(drain_until.saturating_duration_since(Instant::now()))
+        .await
+    {
+        tracing::warn!("NIP-46 requests under way did not finish in time; their activity may be missing");
+    }
+    if let Some(nip46) = nip46 {
+        nip46.shutdown().await;
     }
     running.flusher.abort();
     // Each re-encrypted key is one atomic swap: stopping between two loses nothing, and the

@@ -656,3 +656,48 @@ fn a_handover_waits_for_the_signature_under_way() {
         "the signature made on the old instance, counted on the newcomer: {shown}"
     );
 }
+
+/// SIGTERM (a deploy, a scale-in) while a NIP-46 signature is under way. Before, the
+/// listener's tasks were aborted and the relays closed at once: the request went on signing,
+/// its reply had no relay to go to, and its record reached the buffer after the last flush —
+/// made, unanswered and counted nowhere. Now shutdown lets the requests under way finish and
+/// reply, then writes the activity.
+#[test]
+fn sigterm_lets_a_nip46_signature_under_way_finish_and_be_recorded() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = || {
+        launch(&dir.path().join("data"), &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            .env("BUNKER_RELAYS", relay.url())
+            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
+            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
+    };
+    let mut server = launch().start();
+    let (cookie, _) = register(&server, "sigterm@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let connected = app.connect(token["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "connect: {connected}");
+    if !harness::arm_failpoint(&server, "signer-before-record", "return(1500)") {
+        return;
+    }
+    let pid = server.pid() as i32;
+    let terminate = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    });
+    let signed = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "late"}, "timeout_ms": 10000}));
+    terminate.join().unwrap();
+    assert_eq!(signed["ok"], true, "the signature under way was answered: {signed}");
+    let (status, _) = server.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", server.log());
+
+    let server = launch().start();
+    let list = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let shown = get(&server, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
+    assert_eq!(shown["usage"]["signatures"], 1, "the signature is recorded: {shown}");
+}

@@ -237,6 +237,14 @@ impl Nip46Service {
         SeenRequests(self.shared.seen.clone())
     }
 
+    /// Stops taking requests; those already under way go on, and can still reply until
+    /// [`Nip46Service::shutdown`] (wait for them with `Signer::drain`).
+    pub fn stop_listening(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+
     /// Stops answering and closes the relay connections.
     pub async fn shutdown(self) {
         for task in &self.tasks {
