@@ -441,6 +441,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// A social-policy grant of `user` on `bunker`, with `terms`, while `user` has fewer than
+    /// `max_live` live grants at `at`.
+    async fn insert_capped(
+        db: &Db,
+        user: &UserId,
+        bunker: &str,
+        terms: Option<&str>,
+        max_live: u32,
+        at: i64,
+    ) -> Result<AuthorizationRow, RepoError> {
+        let new = NewAuthorization {
+            id: &AuthorizationId::generate(),
+            user_id: user,
+            policy_id: &PolicyId::new("pol_social"),
+            client_id: "app",
+            redirect_origin: "https://app.example",
+            bunker_pubkey: bunker,
+            bunker_secret_encrypted: b"ciphertext",
+            connect_secret_hash: &TokenHash::of(b"connect"),
+            relays: "[]",
+            terms,
+            max_live,
+        };
+        insert(db, &new, at).await
+    }
+
     #[tokio::test]
     async fn an_account_has_at_most_its_live_grants_and_revoked_or_expired_ones_do_not_count() {
         for (_guard, db) in temp_dbs().await {
@@ -449,22 +475,7 @@ pub(crate) mod tests {
             let now = 1_000;
             let grant_at = |at: i64, user: UserId, bunker: &'static str, terms: Option<&'static str>| {
                 let db = db.clone();
-                async move {
-                    let new = NewAuthorization {
-                        id: &AuthorizationId::generate(),
-                        user_id: &user,
-                        policy_id: &PolicyId::new("pol_social"),
-                        client_id: "app",
-                        redirect_origin: "https://app.example",
-                        bunker_pubkey: bunker,
-                        bunker_secret_encrypted: b"ciphertext",
-                        connect_secret_hash: &TokenHash::of(b"connect"),
-                        relays: "[]",
-                        terms,
-                        max_live: 2,
-                    };
-                    insert(&db, &new, at).await
-                }
+                async move { insert_capped(&db, &user, bunker, terms, 2, at).await }
             };
             let grant = |user, bunker, terms| grant_at(now, user, bunker, terms);
             let first = grant(user.clone(), "b1", None).await.unwrap();
@@ -497,22 +508,7 @@ pub(crate) mod tests {
             let racing: Vec<_> = (0..40)
                 .map(|n| {
                     let (db, user) = (db.clone(), user.clone());
-                    tokio::spawn(async move {
-                        let new = NewAuthorization {
-                            id: &AuthorizationId::generate(),
-                            user_id: &user,
-                            policy_id: &PolicyId::new("pol_social"),
-                            client_id: "app",
-                            redirect_origin: "https://app.example",
-                            bunker_pubkey: &format!("bunker{n}"),
-                            bunker_secret_encrypted: b"ciphertext",
-                            connect_secret_hash: &TokenHash::of(b"connect"),
-                            relays: "[]",
-                            terms: None,
-                            max_live: 3,
-                        };
-                        insert(&db, &new, 1_000).await
-                    })
+                    tokio::spawn(async move { insert_capped(&db, &user, &format!("bunker{n}"), None, 3, 1_000).await })
                 })
                 .collect();
             let mut granted = 0;

@@ -53,6 +53,16 @@ fn nostrconnect(server: &Keycast, cookie: &str) -> Reply {
     )
 }
 
+/// How many of the account's grants are live (not revoked).
+fn live_grants(server: &Keycast, cookie: &str) -> usize {
+    get(server, "/api/user/authorizations", Some(cookie)).json()["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["revoked_at"].is_null())
+        .count()
+}
+
 fn one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let server = Launch::on(engine, &dir.path().join("data"))
@@ -121,12 +131,7 @@ fn one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate(eng
         "{}",
         answers[2].body
     );
-    let live = get(&server, "/api/user/authorizations", Some(&cookie)).json()["authorizations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["revoked_at"].is_null())
-        .count();
+    let live = live_grants(&server, &cookie);
     assert_eq!(live, MAX);
 
     // Starting grants is rate-limited per account: 30 at once (this account has asked for
@@ -251,12 +256,7 @@ fn codes_redeemed_all_at_once_cannot_pass_the_cap(engine: Engine) {
     for refused in answers.iter().filter(|a| a.status != 200) {
         assert_eq!(refused.json()["error"], "invalid_grant", "{}", refused.body);
     }
-    let live = get(&server, "/api/user/authorizations", Some(&cookie)).json()["authorizations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["revoked_at"].is_null())
-        .count();
+    let live = live_grants(&server, &cookie);
     assert_eq!((granted, live), (MAX, MAX), "{CODES} codes redeemed at once");
     server.stop();
 }

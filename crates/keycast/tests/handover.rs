@@ -84,6 +84,43 @@ fn writer(base: String, prefix: String, durable: bool, stop: Arc<AtomicBool>) ->
     })
 }
 
+/// Starts `new` beside `old` while writes keep `old`'s lease renewed, so that `old` hands the
+/// replica over (rather than letting its lease lapse); returns `new` once it serves.
+fn hand_over_under_writes(old: &Keycast, new: Launch) -> Keycast {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(old.base.clone(), "w".into(), false, stop.clone());
+    let mut new = new.spawn_started_later();
+    new.wait_started(Duration::from_secs(20));
+    stop.store(true, Ordering::Relaxed);
+    writes.join().unwrap();
+    assert!(
+        old.log().contains("handed the replica over"),
+        "the old instance handed over"
+    );
+    new.into_keycast()
+}
+
+/// A user of `server` with a grant whose app `app` has connected over NIP-46 as a fresh
+/// client key: (session cookie, bunker public key, the client's keys).
+fn connected_app(server: &Keycast, app: &mut BunkerClient, email: &str) -> (String, PublicKey, Keys) {
+    let (cookie, _) = register(server, email, None);
+    let token = grant(server, &cookie, "policy:social");
+    let bunker_url = token["bunker_url"].as_str().unwrap();
+    let bunker = PublicKey::parse(bunker_url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let client = Keys::generate();
+    let connected = app.connect_as(bunker_url, &client.secret_key().to_secret_hex());
+    assert_eq!(connected["ok"], true, "connect: {connected}");
+    (cookie, bunker, client)
+}
+
+/// The signatures counted for the user's only grant, and the grant as the dashboard shows it.
+fn signatures_counted(server: &Keycast, cookie: &str) -> (u64, Value) {
+    let list = get(server, "/api/user/authorizations", Some(cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let shown = get(server, &format!("/api/user/authorizations/{id}"), Some(cookie)).json();
+    (shown["usage"]["signatures"].as_u64().unwrap_or_default(), shown)
+}
+
 fn handover_loop(replica: &str, cycles: usize, extra_env: &[(String, String)]) {
     let dir = tempfile::tempdir().unwrap();
     let launch = |data: &Path, replica: &str| extra_env.iter().fold(launch(data, replica), |l, (k, v)| l.env(k, v));
@@ -379,13 +416,7 @@ fn after_handing_over_the_old_instance_no_longer_answers_nip46() {
             .env("BUNKER_RELAYS", relay.url())
     };
     let old = launch("old").start();
-    let (cookie, _) = register(&old, "deploy@example.com", None);
-    let token = grant(&old, &cookie, "policy:social");
-    let bunker_url = token["bunker_url"].as_str().unwrap();
-    let bunker = PublicKey::parse(bunker_url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
-    let client = Keys::generate();
-    let connected = app.connect_as(bunker_url, &client.secret_key().to_secret_hex());
-    assert_eq!(connected["ok"], true, "connect: {connected}");
+    let (cookie, bunker, client) = connected_app(&old, &mut app, "deploy@example.com");
     let sign = |app: &mut BunkerClient, content: &str| {
         app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": content}, "timeout_ms": 3000}))
     };
@@ -508,18 +539,7 @@ fn a_handover_keeps_the_signatures_still_buffered() {
         assert_eq!(sign(&old).status, 200);
     }
 
-    // Writes keep the old instance's lease renewed, so it hands over rather than lapses.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(old.base.clone(), "w".into(), false, stop.clone());
-    let mut new = launch("new").spawn_started_later();
-    new.wait_started(Duration::from_secs(20));
-    let new = new.into_keycast();
-    stop.store(true, Ordering::Relaxed);
-    writes.join().unwrap();
-    assert!(
-        old.log().contains("handed the replica over"),
-        "the old instance handed over"
-    );
+    let new = hand_over_under_writes(&old, launch("new"));
     let fourth = sign(&new);
     assert_eq!(
         fourth.status, 403,
@@ -527,17 +547,16 @@ fn a_handover_keeps_the_signatures_still_buffered() {
         fourth.body
     );
     assert_eq!(fourth.json()["code"], "grant_exhausted", "{}", fourth.body);
-    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
-    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
-    let shown = get(&new, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
-    let signed = shown["recent_activity"]
+    let (counted, shown) = signatures_counted(&new, &cookie);
+    let listed = shown["recent_activity"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|a| a["method"] == "sign_event")
         .count();
     assert_eq!(
-        signed, 3,
+        (counted, listed),
+        (3, 3),
         "the owner's record of the old instance's signatures: {shown}"
     );
 }
@@ -559,24 +578,11 @@ fn a_request_answered_before_the_handover_is_not_answered_again_after_it() {
             .env("BUNKER_RELAYS", relay.url())
     };
     let old = launch("old").start();
-    let (cookie, _) = register(&old, "replayed@example.com", None);
-    let token = grant(&old, &cookie, "policy:social");
-    let bunker_url = token["bunker_url"].as_str().unwrap();
-    let bunker = PublicKey::parse(bunker_url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
-    let client = Keys::generate();
-    let connected = app.connect_as(bunker_url, &client.secret_key().to_secret_hex());
-    assert_eq!(connected["ok"], true, "connect: {connected}");
+    let (cookie, bunker, client) = connected_app(&old, &mut app, "replayed@example.com");
     let signed = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "once"}, "timeout_ms": 3000}));
     assert_eq!(signed["ok"], true, "signing through the old instance: {signed}");
 
-    // Writes keep the old instance's lease renewed, so it hands over rather than lapses.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(old.base.clone(), "w".into(), false, stop.clone());
-    let mut new = launch("new").spawn_started_later();
-    new.wait_started(Duration::from_secs(20));
-    let new = new.into_keycast();
-    stop.store(true, Ordering::Relaxed);
-    writes.join().unwrap();
+    let new = hand_over_under_writes(&old, launch("new"));
     // The newcomer listens, and the relay has replayed the minute's requests to it.
     let after = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 10000}));
     assert_eq!(after["ok"], true, "signing through the newcomer: {after}");
@@ -592,19 +598,20 @@ fn a_request_answered_before_the_handover_is_not_answered_again_after_it() {
         twice.is_empty(),
         "requests answered more than once: {twice:?} of {answers:?}"
     );
-    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
-    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
     // The newcomer writes its activity about once a second: wait for both, then a little
     // more for a third that should not come.
-    let shown = || get(&new, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while shown()["usage"]["signatures"].as_u64() < Some(2) {
-        assert!(Instant::now() < deadline, "two signatures asked for: {}", shown());
+    while signatures_counted(&new, &cookie).0 < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two signatures asked for: {:?}",
+            signatures_counted(&new, &cookie)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let shown = shown();
-    assert_eq!(shown["usage"]["signatures"], 2, "two signatures asked for: {shown}");
+    let (counted, shown) = signatures_counted(&new, &cookie);
+    assert_eq!(counted, 2, "two signatures asked for: {shown}");
 }
 
 /// A signature under way when the hand-over begins: it passed the writer check just before,
@@ -634,25 +641,14 @@ fn a_handover_waits_for_the_signature_under_way() {
     let signing = std::thread::scope(|scope| {
         let signing = scope.spawn(|| rpc(&old, &token, "sign_event", json!([{"kind": 1, "content": "under way"}])));
         std::thread::sleep(Duration::from_millis(300));
-        let stop = Arc::new(AtomicBool::new(false));
-        let writes = writer(old.base.clone(), "w".into(), false, stop.clone());
-        let mut new = launch("new").spawn_started_later();
-        new.wait_started(Duration::from_secs(20));
-        stop.store(true, Ordering::Relaxed);
-        writes.join().unwrap();
-        (signing.join().unwrap(), new.into_keycast())
+        let new = hand_over_under_writes(&old, launch("new"));
+        (signing.join().unwrap(), new)
     });
     let (signed, new) = signing;
     assert_eq!(signed.status, 200, "{}", signed.body);
-    assert!(
-        old.log().contains("handed the replica over"),
-        "the old instance handed over"
-    );
-    let list = get(&new, "/api/user/authorizations", Some(&cookie)).json();
-    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
-    let shown = get(&new, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
+    let (counted, shown) = signatures_counted(&new, &cookie);
     assert_eq!(
-        shown["usage"]["signatures"], 1,
+        counted, 1,
         "the signature made on the old instance, counted on the newcomer: {shown}"
     );
 }
@@ -676,10 +672,7 @@ fn sigterm_lets_a_nip46_signature_under_way_finish_and_be_recorded() {
             .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
     };
     let mut server = launch().start();
-    let (cookie, _) = register(&server, "sigterm@example.com", None);
-    let token = grant(&server, &cookie, "policy:social");
-    let connected = app.connect(token["bunker_url"].as_str().unwrap());
-    assert_eq!(connected["ok"], true, "connect: {connected}");
+    let (cookie, _, _) = connected_app(&server, &mut app, "sigterm@example.com");
     if !harness::arm_failpoint(&server, "signer-before-record", "return(1500)") {
         return;
     }
@@ -696,8 +689,6 @@ fn sigterm_lets_a_nip46_signature_under_way_finish_and_be_recorded() {
     assert!(status.success(), "{}", server.log());
 
     let server = launch().start();
-    let list = get(&server, "/api/user/authorizations", Some(&cookie)).json();
-    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
-    let shown = get(&server, &format!("/api/user/authorizations/{id}"), Some(&cookie)).json();
-    assert_eq!(shown["usage"]["signatures"], 1, "the signature is recorded: {shown}");
+    let (counted, shown) = signatures_counted(&server, &cookie);
+    assert_eq!(counted, 1, "the signature is recorded: {shown}");
 }
