@@ -332,6 +332,10 @@ async fn services(
     ))
 }
 
+/// The most NIP-46 requests a hand-over passes on (see `hand_over_seen_requests`): two
+/// minutes of requests at over 800 a second.
+const SEEN_HANDED_OVER: usize = 100_000;
+
 /// How long a hand-over waits for the signing requests under way (see
 /// `keycast_core::in_flight`), within the replicator's own limit on its last writes.
 const HANDOVER_DRAIN: Duration = Duration::from_secs(3);
@@ -364,8 +368,14 @@ fn hand_over_seen_requests(running: &Running, service: &keycast_nip46::Nip46Serv
     replicator.monitor().before_handover(Arc::new(move || {
         let (seen, db) = (seen.clone(), db.clone());
         Box::pin(async move {
-            let entries: Vec<(String, String)> =
-                seen.entries().into_iter().map(|(client, id)| (client.to_hex(), id)).collect();
+            // Bounded, so a flood of requests cannot stretch the hand-over: past this many a
+            // relay's replay of the rest may be answered twice.
+            let entries: Vec<(String, String)> = seen
+                .entries()
+                .into_iter()
+                .take(SEEN_HANDED_OVER)
+                .map(|(client, id)| (client.to_hex(), id))
+                .collect();
             if let Err(err) = keycast_db::nip46_seen::replace(&db, &entries, keycast_db::now_unix()).await {
                 tracing::warn!(error = %err, "could not hand the NIP-46 requests seen over; a relay's replay may be answered twice");
             }
