@@ -366,12 +366,21 @@ fn on_postgres_the_command_rotates_beside_a_serving_instance_and_resumes() {
             .unwrap_or_else(|e| panic!("no JSON report ({e}): {}\n{}", out.stdout, out.stderr));
         (out.status.success(), report, format!("{}{}", out.stdout, out.stderr))
     };
+    // Each stored key's id and header (format and key id, not the ciphertext), for a failure
+    // message: which rows are under which key.
+    let headers = || {
+        database.query(
+            "SELECT 'key', id, encode(substr(encrypted_secret, 1, 9), 'hex') FROM keys UNION ALL \
+             SELECT 'bunker', id, encode(substr(bunker_secret_encrypted, 1, 9), 'hex') FROM authorizations ORDER BY 1, 2",
+        )
+    };
     let (ok, first, log_first) = rotate(&["--limit", "3"]);
     assert!(!ok, "{first}");
     assert_eq!(
         (first["reencrypted"].as_u64(), first["remaining"].as_u64()),
         (Some(3), Some(3)),
-        "{first}"
+        "{first}\nstored keys:\n{}\n{log_first}",
+        headers()
     );
     for (_, pubkey, token) in &users {
         signs_as(&serving, token, pubkey);
