@@ -673,12 +673,14 @@ fn sigterm_lets_a_nip46_signature_under_way_finish_and_be_recorded() {
     };
     let mut server = launch().start();
     let (cookie, _, _) = connected_app(&server, &mut app, "sigterm@example.com");
-    if !harness::arm_failpoint(&server, "signer-before-record", "return(1500)") {
+    // Held 4 s between its signature and its record; SIGTERM comes 2 s into the request, once
+    // it is under way (a request that arrives after SIGTERM is not taken at all).
+    if !harness::arm_failpoint(&server, "signer-before-record", "return(4000)") {
         return;
     }
     let pid = server.pid() as i32;
     let terminate = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(2000));
         // SAFETY: kill(2) has no memory-safety preconditions.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     });
