@@ -17,6 +17,7 @@ pub mod cli;
 pub mod clients_cmd;
 pub mod config;
 pub mod http_server;
+pub mod last_writes;
 pub mod local_disk;
 pub mod logging;
 pub mod master_key;

@@ -168,13 +168,15 @@ pub async fn run(
             unbound_requests_per_sec: config.nip46_unbound_requests_per_sec,
             cluster: running.cluster.clone(),
             vitals: vitals.clone(),
-            seen_before: seen_before_handover(&running).await,
+            seen_before: crate::last_writes::seen_before_handover(&running.db, running.replicator.is_some()).await,
             ..Default::default()
         };
         let service = keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability.clone(), options)
             .await
             .context("cannot start the NIP-46 signer")?;
-        hand_over_seen_requests(&running, &service);
+        if let Some(replicator) = &running.replicator {
+            crate::last_writes::hand_over_seen_requests(&replicator.monitor(), &service, &running.db);
+        }
         Some(service)
     } else {
         tracing::warn!("KEYCAST_NIP46=false: bunker URLs are issued but nobody answers them");
@@ -295,21 +297,7 @@ async fn services(
     };
     let signer = Arc::new(Signer::new(db.clone(), km.clone(), options));
     if let Some(monitor) = &replica {
-        // From the hand-over's write lock on nothing can commit here: what is still buffered
-        // is written first (once the requests already under way have recorded theirs), so
-        // the newcomer counts those signatures and the owner sees them.
-        let signer = signer.clone();
-        monitor.before_handover(Arc::new(move || {
-            let signer = signer.clone();
-            Box::pin(async move {
-                if !signer.drain(HANDOVER_DRAIN).await {
-                    tracing::warn!("requests under way did not end before the hand-over; their activity may be missing");
-                }
-                if let Err(err) = signer.flush().await {
-                    tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity before handing over");
-                }
-            })
-        }));
+        crate::last_writes::hand_over_activity(monitor, &signer);
     }
     let flusher = vitals.spawn(
         "the activity flusher",
@@ -330,57 +318,6 @@ async fn services(
         flusher,
         keyring,
     ))
-}
-
-/// The most NIP-46 requests a hand-over passes on (see `hand_over_seen_requests`): two
-/// minutes of requests at over 800 a second.
-const SEEN_HANDED_OVER: usize = 100_000;
-
-/// How long a hand-over waits for the signing requests under way (see
-/// `keycast_core::in_flight`), within the replicator's own limit on its last writes.
-const HANDOVER_DRAIN: Duration = Duration::from_secs(3);
-
-/// The NIP-46 requests the previous instance had seen when it handed the replica over (see
-/// `keycast_db::nip46_seen`); none without a replicator (PostgreSQL shares claims instead).
-async fn seen_before_handover(running: &Running) -> Vec<(keycast_core::nostr::PublicKey, String)> {
-    if running.replicator.is_none() {
-        return Vec::new();
-    }
-    let since = keycast_db::now_unix() - keycast_nip46::DEDUP_WINDOW.as_secs() as i64;
-    match keycast_db::nip46_seen::since(&running.db, since).await {
-        Ok(rows) => rows
-            .into_iter()
-            .filter_map(|(client, id)| Some((keycast_core::nostr::PublicKey::from_hex(&client).ok()?, id)))
-            .collect(),
-        Err(err) => {
-            tracing::warn!(error = %err, "could not read the NIP-46 requests the previous instance had seen; a relay's replay may be answered twice");
-            Vec::new()
-        }
-    }
-}
-
-/// At a hand-over, writes the NIP-46 requests this instance has seen, for the next one.
-fn hand_over_seen_requests(running: &Running, service: &keycast_nip46::Nip46Service) {
-    let Some(replicator) = &running.replicator else {
-        return;
-    };
-    let (seen, db) = (service.seen(), running.db.clone());
-    replicator.monitor().before_handover(Arc::new(move || {
-        let (seen, db) = (seen.clone(), db.clone());
-        Box::pin(async move {
-            // Bounded, so a flood of requests cannot stretch the hand-over: past this many a
-            // relay's replay of the rest may be answered twice.
-            let entries: Vec<(String, String)> = seen
-                .entries()
-                .into_iter()
-                .take(SEEN_HANDED_OVER)
-                .map(|(client, id)| (client.to_hex(), id))
-                .collect();
-            if let Err(err) = keycast_db::nip46_seen::replace(&db, &entries, keycast_db::now_unix()).await {
-                tracing::warn!(error = %err, "could not hand the NIP-46 requests seen over; a relay's replay may be answered twice");
-            }
-        })
-    }));
 }
 
 /// The writes no request makes, forever (aborted at shutdown, which then flushes once
@@ -649,6 +586,10 @@ fn check_local_disk(config: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// How long shutdown leaves the relay connections open after the last NIP-46 request
+/// finished, for the replies still queued to them.
+const REPLIES_SETTLE: Duration = Duration::from_millis(300);
+
 async fn shut_down(
     config: Config,
     stop_http: oneshot::Sender<()>,
@@ -687,6 +628,9 @@ async fn shut_down(
         tracing::warn!("NIP-46 requests under way did not finish in time; their activity may be missing");
     }
     if let Some(nip46) = nip46 {
+        // Replies are queued to the relays' connections without waiting for the relays'
+        // `OK`; closing the connections drops what is still queued, so they get a moment.
+        tokio::time::sleep(REPLIES_SETTLE.min(drain_until.saturating_duration_since(Instant::now()))).await;
         nip46.shutdown().await;
     }
     running.flusher.abort();
