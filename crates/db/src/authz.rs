@@ -426,7 +426,7 @@ pub async fn unbind_client(db: &Db, id: &AuthorizationId, client_pubkey: &str) -
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::testing::{temp_dbs, test_authorization, test_user};
+    use crate::testing::{insert_capped, temp_dbs, test_authorization, test_user};
 
     #[tokio::test]
     async fn inserted_authorization_is_found_by_id_bunker_and_user() {
@@ -439,32 +439,6 @@ pub(crate) mod tests {
             assert_eq!(find_by_bunker_pubkey(&db, "b1").await.unwrap().as_ref(), Some(&row));
             assert_eq!(list_for_user(&db, &user).await.unwrap(), vec![row]);
         }
-    }
-
-    /// A social-policy grant of `user` on `bunker`, with `terms`, while `user` has fewer than
-    /// `max_live` live grants at `at`.
-    async fn insert_capped(
-        db: &Db,
-        user: &UserId,
-        bunker: &str,
-        terms: Option<&str>,
-        max_live: u32,
-        at: i64,
-    ) -> Result<AuthorizationRow, RepoError> {
-        let new = NewAuthorization {
-            id: &AuthorizationId::generate(),
-            user_id: user,
-            policy_id: &PolicyId::new("pol_social"),
-            client_id: "app",
-            redirect_origin: "https://app.example",
-            bunker_pubkey: bunker,
-            bunker_secret_encrypted: b"ciphertext",
-            connect_secret_hash: &TokenHash::of(b"connect"),
-            relays: "[]",
-            terms,
-            max_live,
-        };
-        insert(db, &new, at).await
     }
 
     #[tokio::test]

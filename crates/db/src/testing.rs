@@ -43,6 +43,19 @@ pub(crate) async fn test_user(db: &Db, email: &str) -> UserId {
 
 /// A `social` authorization of `user` whose bunker pubkey is `bunker`.
 pub(crate) async fn test_authorization(db: &Db, user: &UserId, bunker: &str) -> AuthorizationRow {
+    insert_capped(db, user, bunker, None, 1_000, 2).await.unwrap()
+}
+
+/// A `social` authorization of `user` on `bunker` with `terms`, inserted at `at` while `user`
+/// has fewer than `max_live` live grants.
+pub(crate) async fn insert_capped(
+    db: &Db,
+    user: &UserId,
+    bunker: &str,
+    terms: Option<&str>,
+    max_live: u32,
+    at: i64,
+) -> Result<AuthorizationRow, crate::RepoError> {
     let new = NewAuthorization {
         id: &AuthorizationId::generate(),
         user_id: user,
@@ -53,8 +66,8 @@ pub(crate) async fn test_authorization(db: &Db, user: &UserId, bunker: &str) -> 
         bunker_secret_encrypted: b"ciphertext",
         connect_secret_hash: &TokenHash::of(b"connect"),
         relays: "[\"ws://127.0.0.1:7777\"]",
-        terms: None,
-        max_live: 1_000,
+        terms,
+        max_live,
     };
-    authz::insert(db, &new, 2).await.unwrap()
+    authz::insert(db, &new, at).await
 }
