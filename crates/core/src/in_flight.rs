@@ -5,11 +5,14 @@
 //! then writes the signing activity still buffered. A request that passed that check just
 //! before the hand-over began may still be signing: its record would reach the buffer after
 //! the last write, and be lost. Each transport therefore holds a [`Guard`] from *before* its
-//! writer check until it has answered; the hand-over waits for the count to reach zero
-//! ([`InFlight::drain`]) before it writes. A request that starts after the hand-over began
-//! fails the writer check, so the wait is for the few already under way.
+//! writer check until it has answered (NIP-46 from the moment it hands the request to a
+//! task); the hand-over waits for the count to reach zero ([`InFlight::drain`]) before it
+//! writes. A request that starts after the hand-over began fails the writer check, so the
+//! wait is for the few already under way. Shutdown waits the same way before its last write,
+//! once no new request is taken.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -21,15 +24,16 @@ pub struct InFlight {
     drained: Notify,
 }
 
-/// One request under way; ends when dropped.
+/// One request under way; ends when dropped. Owned, so a request handed to a task of its
+/// own is counted before the task starts.
 #[derive(Debug)]
-pub struct Guard<'a>(&'a InFlight);
+pub struct Guard(Arc<InFlight>);
 
 impl InFlight {
     /// Counts a request until the guard is dropped.
-    pub fn enter(&self) -> Guard<'_> {
+    pub fn enter(self: &Arc<Self>) -> Guard {
         self.count.fetch_add(1, Ordering::SeqCst);
-        Guard(self)
+        Guard(self.clone())
     }
 
     /// Waits until no request is under way, at most `limit`. Returns whether none is.
@@ -50,7 +54,7 @@ impl InFlight {
     }
 }
 
-impl Drop for Guard<'_> {
+impl Drop for Guard {
     fn drop(&mut self) {
         if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.drained.notify_waiters();

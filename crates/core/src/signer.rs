@@ -146,7 +146,7 @@ pub struct Signer {
     bunker_generation: AtomicU64,
     bunkers_synced: watch::Sender<u64>,
     /// Requests under way in the transports ([`Signer::request`]).
-    in_flight: crate::in_flight::InFlight,
+    in_flight: Arc<crate::in_flight::InFlight>,
 }
 
 /// A change other instances' caches must hear about (see [`crate::cluster`]).
@@ -193,7 +193,7 @@ impl Signer {
 
     /// Counts a transport's request from before its writer check until it has answered (the
     /// guard's drop): see [`crate::in_flight`].
-    pub fn request(&self) -> crate::in_flight::Guard<'_> {
+    pub fn request(&self) -> crate::in_flight::Guard {
         self.in_flight.enter()
     }
 
@@ -979,8 +979,6 @@ fn with_expiry(authz: &Authorization, expires_at: i64) -> Result<Authorization, 
     })
 }
 
-/// Performs an allowed request with the user's key. CPU work of tens of microseconds
-/// (one Schnorr signature or one ECDH + symmetric cipher), fine on a runtime thread.
 /// Milliseconds the tests hold a request between its signature and its record (fail point
 /// `signer-before-record`, `return(<ms>)`); always `None` in a build without fault injection.
 fn held_before_record() -> Option<u64> {
@@ -989,6 +987,8 @@ fn held_before_record() -> Option<u64> {
     None
 }
 
+/// Performs an allowed request with the user's key. CPU work of tens of microseconds
+/// (one Schnorr signature or one ECDH + symmetric cipher), fine on a runtime thread.
 fn perform(keys: &Keys, request: Request) -> Result<Response, SignError> {
     let secret = keys.secret_key();
     match request {

@@ -175,7 +175,7 @@ impl IntoResponse for RpcError {
             RpcError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             RpcError::Moved => {
                 let body = json!({
-                    "error": "this instance has handed its database over to another (a deploy) and no longer signs; retry: the request will reach the instance that has it",
+                    "error": "this instance no longer holds the database (another took it over, as in a deploy) and does not sign; retry: the request will reach the instance that holds it",
                     "code": "unavailable",
                 });
                 let retry = [(axum::http::header::RETRY_AFTER, "1")];

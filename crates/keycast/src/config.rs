@@ -379,7 +379,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "activity_flush_ms",
         env: "KEYCAST_ACTIVITY_FLUSH_MS",
         default: "1000",
-        help: "milliseconds between writes of the buffered signing activity (10 to 60000): each write is one commit and one replica upload; a crash loses at most this much activity",
+        help: "milliseconds between writes of the buffered signing activity (10 to 60000; with a replica, at most the lease TTL): each write is one commit and one replica upload; a crash loses at most this much activity",
     },
     Setting {
         key: "activity_per_grant",

@@ -21,6 +21,7 @@ use keycast_replica::replicator::Monitor;
 /// How long a hand-over waits for the signing requests under way (see
 /// `keycast_core::in_flight`), within the replicator's own limit on its last writes.
 const DRAIN: Duration = Duration::from_secs(3);
+const _: () = assert!(DRAIN.as_millis() < keycast_replica::BEFORE_HANDOVER_LIMIT.as_millis());
 
 /// The most NIP-46 requests a hand-over passes on: two minutes of requests at over 800 a
 /// second. Past this many, a relay's replay of the rest may be answered twice.

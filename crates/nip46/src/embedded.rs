@@ -31,7 +31,7 @@ use tokio::task::AbortHandle;
 /// The longest upgrade request accepted.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
-/// What one client may hold of the relay.
+/// How much of keycast the relay's clients may hold at once.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayLimits {
     /// Time to send the whole upgrade request (keycast's HTTP header timeout).

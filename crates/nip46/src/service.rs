@@ -247,9 +247,7 @@ impl Nip46Service {
 
     /// Stops answering and closes the relay connections.
     pub async fn shutdown(self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.stop_listening();
         self.shared.pool.shutdown().await;
     }
 }
@@ -330,9 +328,12 @@ impl Shared {
             bound,
         };
         if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
+            // Counted before the task starts, so a hand-over or shutdown that waits for the
+            // requests under way cannot miss one spawned but not yet running.
+            let request = self.signer.request();
             tokio::spawn(async move {
                 self.handle(incoming).await;
-                drop(permit);
+                drop((permit, request));
             });
         } else if let Ok(permit) = self.busy.clone().try_acquire_owned() {
             tokio::spawn(async move {
@@ -359,9 +360,9 @@ impl Shared {
         writer
     }
 
+    /// Answers one request; the caller counts it as under way (`Signer::request`) from
+    /// before the writer check here until it returns.
     async fn handle(&self, incoming: Incoming) {
-        // Counted from before the writer check, so a hand-over waits for this request to end.
-        let _request = self.signer.request();
         if !self.answers().await {
             return;
         }

@@ -289,12 +289,13 @@ struct Shared {
 }
 
 /// What the application writes before a hand-over locks the database: what it still holds in
-/// memory (keycast: buffered signing activity). See [`Monitor::before_handover`].
+/// memory (keycast: the signing activity not yet written, the NIP-46 requests seen lately).
+/// See [`Monitor::before_handover`].
 pub type BeforeHandover =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
 
-/// How long a hand-over waits for [`Monitor::before_handover`]'s hook before it goes on
-/// without it (the newcomer is waiting).
+/// How long a hand-over waits for the hooks of [`Monitor::before_handover`], all together,
+/// before it goes on without the rest (the newcomer is waiting).
 pub const BEFORE_HANDOVER_LIMIT: Duration = Duration::from_secs(5);
 
 impl Replicator {
