@@ -1,6 +1,8 @@
 //! What an instance writes before it hands the replica over (SQLite), through the
 //! replicator's `Monitor::before_handover` hooks: what it holds only in memory and the
 //! newcomer must not be without. From the hand-over's write lock on nothing can commit here.
+//! Shutdown writes the same (see `serve::shut_down`): the next instance may start within the
+//! minute a relay replays.
 //!
 //! - The signing activity not yet written (about a second's worth), once the requests under
 //!   way have recorded theirs: the newcomer counts those signatures against the grants'
@@ -14,8 +16,8 @@ use std::time::Duration;
 
 use keycast_core::nostr::PublicKey;
 use keycast_core::Signer;
-use keycast_db::Db;
-use keycast_nip46::Nip46Service;
+use keycast_db::{Db, EngineKind};
+use keycast_nip46::{Nip46Service, SeenRequests};
 use keycast_replica::replicator::Monitor;
 
 /// How long a hand-over waits for the signing requests under way (see
@@ -48,24 +50,31 @@ pub fn hand_over_seen_requests(monitor: &Monitor, service: &Nip46Service, db: &D
     let (seen, db) = (service.seen(), db.clone());
     monitor.before_handover(Arc::new(move || {
         let (seen, db) = (seen.clone(), db.clone());
-        Box::pin(async move {
-            let entries: Vec<(String, String)> = seen
-                .entries()
-                .into_iter()
-                .take(SEEN_HANDED_OVER)
-                .map(|(client, id)| (client.to_hex(), id))
-                .collect();
-            if let Err(err) = keycast_db::nip46_seen::replace(&db, &entries, keycast_db::now_unix()).await {
-                tracing::warn!(error = %err, "could not hand the NIP-46 requests seen over; a relay's replay may be answered twice");
-            }
-        })
+        Box::pin(async move { write_seen_requests(&seen, &db).await })
     }));
 }
 
-/// The NIP-46 requests the previous instance had seen when it handed the replica over; none
-/// without a replica (on PostgreSQL the instances share `nip46_claims` instead).
-pub async fn seen_before_handover(db: &Db, replicated: bool) -> Vec<(PublicKey, String)> {
-    if !replicated {
+/// Writes the NIP-46 requests seen lately for the next instance on this database (SQLite; on
+/// PostgreSQL the instances share `nip46_claims` instead).
+pub async fn write_seen_requests(seen: &SeenRequests, db: &Db) {
+    if db.kind() != EngineKind::Sqlite {
+        return;
+    }
+    let entries: Vec<(String, String)> = seen
+        .entries()
+        .into_iter()
+        .take(SEEN_HANDED_OVER)
+        .map(|(client, id)| (client.to_hex(), id))
+        .collect();
+    if let Err(err) = keycast_db::nip46_seen::replace(db, &entries, keycast_db::now_unix()).await {
+        tracing::warn!(error = %err, "could not pass the NIP-46 requests seen on; a relay's replay may be answered twice");
+    }
+}
+
+/// The NIP-46 requests the previous instance on this database had seen when it handed the
+/// replica over or stopped (SQLite).
+pub async fn seen_before(db: &Db) -> Vec<(PublicKey, String)> {
+    if db.kind() != EngineKind::Sqlite {
         return Vec::new();
     }
     let since = keycast_db::now_unix() - keycast_nip46::DEDUP_WINDOW.as_secs() as i64;

@@ -168,7 +168,7 @@ pub async fn run(
             unbound_requests_per_sec: config.nip46_unbound_requests_per_sec,
             cluster: running.cluster.clone(),
             vitals: vitals.clone(),
-            seen_before: crate::last_writes::seen_before_handover(&running.db, running.replicator.is_some()).await,
+            seen_before: crate::last_writes::seen_before(&running.db).await,
             ..Default::default()
         };
         let service = keycast_nip46::Nip46Service::start(running.services.signer.clone(), durability.clone(), options)
@@ -627,6 +627,7 @@ async fn shut_down(
     {
         tracing::warn!("NIP-46 requests under way did not finish in time; their activity may be missing");
     }
+    let seen = nip46.as_ref().map(|nip46| nip46.seen());
     if let Some(nip46) = nip46 {
         // Replies are queued to the relays' connections without waiting for the relays'
         // `OK`; closing the connections drops what is still queued, so they get a moment.
@@ -647,12 +648,16 @@ async fn shut_down(
             "signing activity since the replica was handed over is not recorded"
         );
     } else {
-        match tokio::time::timeout_at(
-            drain_until.max(Instant::now() + reserve / 4).into(),
-            running.services.signer.flush(),
-        )
-        .await
-        {
+        // The activity first: it is what a grant's limits count. Then the NIP-46 requests
+        // seen, which the next instance drops if a relay replays them.
+        let last_writes = async {
+            let flushed = running.services.signer.flush().await;
+            if let Some(seen) = &seen {
+                crate::last_writes::write_seen_requests(seen, &running.db).await;
+            }
+            flushed
+        };
+        match tokio::time::timeout_at(drain_until.max(Instant::now() + reserve / 4).into(), last_writes).await {
             Ok(Ok(rows)) => tracing::info!(rows, "flushed buffered signing activity"),
             Ok(Err(err)) => tracing::warn!(error = %err, "could not write the last signing activity"),
             Err(_) => tracing::warn!("writing the last signing activity took too long; it is not recorded"),

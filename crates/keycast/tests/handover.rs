@@ -694,3 +694,55 @@ fn sigterm_lets_a_nip46_signature_under_way_finish_and_be_recorded() {
     let (counted, shown) = signatures_counted(&server, &cookie);
     assert_eq!(counted, 1, "the signature is recorded: {shown}");
 }
+
+/// The same replay as above, after a SIGTERM instead of a hand-over (a scale-in, a host's
+/// maintenance, a deploy whose newcomer waited for the lease): the next instance restores on an
+/// empty disk within the minute a relay replays, and must not answer the requests the stopped
+/// instance had answered. Before, only a hand-over passed them on.
+#[test]
+fn a_request_answered_before_sigterm_is_not_answered_again_by_the_next_instance() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = |name: &str| {
+        launch(&dir.path().join(name), &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            .env("BUNKER_RELAYS", relay.url())
+    };
+    let mut old = launch("old").start();
+    let (cookie, bunker, client) = connected_app(&old, &mut app, "restarted@example.com");
+    let signed = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "once"}, "timeout_ms": 3000}));
+    assert_eq!(signed["ok"], true, "signing through the first instance: {signed}");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(old.pid() as i32, libc::SIGTERM) };
+    let (status, _) = old.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", old.log());
+
+    let new = launch("new").start();
+    let after = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 10000}));
+    assert_eq!(after["ok"], true, "signing through the next instance: {after}");
+    let mut answers: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (_, reply) in replies_to(relay.url(), &bunker, &client) {
+        *answers
+            .entry(reply["id"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = answers.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "requests answered more than once: {twice:?} of {answers:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while signatures_counted(&new, &cookie).0 < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two signatures asked for: {:?}",
+            signatures_counted(&new, &cookie)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (counted, shown) = signatures_counted(&new, &cookie);
+    assert_eq!(counted, 2, "two signatures asked for: {shown}");
+}
