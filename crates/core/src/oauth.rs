@@ -272,7 +272,16 @@ pub async fn exchange_code(
         Err(e @ GrantError::TooManyGrants { .. }) => return Err(invalid_grant(e.to_string())),
         other => other?,
     };
-    oauth_repo::link_code(db, &hash, &grant.authorization.id).await?;
+    if !oauth_repo::link_code(db, &hash, &grant.authorization.id).await? {
+        // Every grant of the account was revoked (a password reset, a new key, a deletion)
+        // between this code's redemption and its grant's insert: the grant goes too.
+        signer
+            .revoke_authorization(&grant.authorization.id, &code.user_id)
+            .await?;
+        return Err(invalid_grant(
+            "the account's grants were revoked after this code was issued; authorize the app again",
+        ));
+    }
     let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;
     grant.refresh_token = Some(refresh);
     Ok(grant)

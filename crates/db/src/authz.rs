@@ -364,20 +364,33 @@ pub async fn list_live_ids_for_policy(db: &Db, id: &PolicyId) -> Result<Vec<Auth
     })
 }
 
-/// Revokes every live authorization of `user` at `now` (a take-over of the account) and
-/// returns the ids it revoked.
+/// Revokes every live authorization of `user` at `now` (a take-over of the account, a new
+/// key, a deletion) and returns the ids it revoked. The user's authorization codes go first,
+/// in the same transaction, redeemed or not: a code still unredeemed would otherwise become a
+/// grant after this, for whoever held the account before. An exchange that redeemed its code
+/// just before and inserts its grant just after finds its code gone when it links the two
+/// (`oauth::link_code`) and revokes the grant itself; the order matters on PostgreSQL, where
+/// the revocation's statement sees a grant committed before it starts, and the link waits for
+/// (then misses) a code this transaction deletes.
 ///
 /// # Errors
-/// Database errors.
+/// Database errors (then nothing changed).
 pub async fn revoke_all_for_user(db: &Db, user: &UserId, now: i64) -> Result<Vec<AuthorizationId>, RepoError> {
     on_engine!(db, |pool| {
-        Ok(sqlx::query_scalar(
+        let mut tx = pool.begin().await?;
+        sqlx::query("DELETE FROM oauth_codes WHERE user_id = $1")
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        let revoked = sqlx::query_scalar(
             "UPDATE authorizations SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL RETURNING id",
         )
         .bind(now)
         .bind(user)
-        .fetch_all(pool)
-        .await?)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(revoked)
     })
 }
 

@@ -102,18 +102,20 @@ pub async fn redeem_code(db: &Db, hash: &TokenHash, now: i64) -> Result<Option<O
     })
 }
 
-/// Records that the redeemed code `hash` became `authorization`.
+/// Records that the redeemed code `hash` became `authorization`. False when the code is gone:
+/// its account's grants were all revoked since it was redeemed (see
+/// `authz::revoke_all_for_user`), and `authorization` must not outlive that.
 ///
 /// # Errors
 /// Database errors.
-pub async fn link_code(db: &Db, hash: &TokenHash, authorization: &AuthorizationId) -> Result<(), RepoError> {
+pub async fn link_code(db: &Db, hash: &TokenHash, authorization: &AuthorizationId) -> Result<bool, RepoError> {
     on_engine!(db, |pool| {
-        sqlx::query("UPDATE oauth_codes SET authorization_id = $1 WHERE code_hash = $2")
+        let done = sqlx::query("UPDATE oauth_codes SET authorization_id = $1 WHERE code_hash = $2")
             .bind(authorization)
             .bind(hash)
             .execute(pool)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     })
 }
 
@@ -273,6 +275,41 @@ mod tests {
                 }
                 assert_eq!(winners, 1, "round {round}");
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn revoking_all_of_an_accounts_grants_takes_its_codes_with_them() {
+        for (_guard, db) in temp_dbs().await {
+            let kept = stored_code(&db, b"another account", 600).await;
+            let pending = stored_code(&db, b"owner", 600).await;
+            let redeemed = TokenHash::of(b"redeemed");
+            let owner = redeem_code(&db, &pending, 5).await.unwrap().unwrap().user_id;
+            let new = NewCode {
+                code_hash: &redeemed,
+                user_id: &owner,
+                client_id: "app",
+                redirect_uri: "https://app.example/cb",
+                policy_id: &PolicyId::new("pol_social"),
+                code_challenge: "challenge",
+                terms: None,
+            };
+            insert_code(&db, &new, 1, 600).await.unwrap();
+            assert!(redeem_code(&db, &redeemed, 6).await.unwrap().is_some());
+            let grant = test_authorization(&db, &owner, "b1").await;
+
+            crate::authz::revoke_all_for_user(&db, &owner, 7).await.unwrap();
+            assert_eq!(redeem_code(&db, &pending, 8).await.unwrap(), None, "an unredeemed code");
+            assert!(
+                !link_code(&db, &redeemed, &grant.id).await.unwrap(),
+                "a code redeemed before, whose grant is inserted after"
+            );
+            let other = redeem_code(&db, &kept, 8).await.unwrap().unwrap();
+            let other_grant = test_authorization(&db, &other.user_id, "b2").await;
+            assert!(
+                link_code(&db, &kept, &other_grant.id).await.unwrap(),
+                "another account's code"
+            );
         }
     }
 

@@ -258,3 +258,29 @@ fn wait_for_log(server: &Keycast, text: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Whoever held the password approved an app and kept its authorization code unredeemed (a
+/// code lives 10 minutes, and a fresh one is a consent away). A reset revokes every grant the
+/// account has; the code must not become a new one after it. Before, it did: a live grant on
+/// the owner's key for the previous holder, after the owner had taken the account back.
+#[test]
+fn a_code_issued_before_a_reset_cannot_be_redeemed_after_it() {
+    let (_dir, server) = start();
+    let email = "pending@example.org";
+    let (cookie, _) = register(&server, email, None);
+    let (challenge, verifier) = harness::flow::pkce();
+    let code = harness::flow::approve(
+        &server,
+        &cookie,
+        &harness::flow::authorize_query("policy:full", &challenge),
+    );
+
+    reset(&server, email, "a new password, mine");
+    let redeemed = harness::flow::token_request(&server, &code, &verifier, harness::api::REDIRECT);
+    assert_eq!(
+        redeemed.status, 400,
+        "a code from before the reset became a grant: {}",
+        redeemed.body
+    );
+    assert_eq!(redeemed.json()["error"], "invalid_grant", "{}", redeemed.body);
+}
