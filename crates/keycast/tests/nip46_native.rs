@@ -8,6 +8,7 @@ use std::time::Duration;
 use harness::api::*;
 use harness::flow::{grant, register};
 use harness::native::{Cipher, NativeClient};
+use harness::nostr::Relay;
 use harness::{Keycast, Launch};
 use nostr::PublicKey;
 use serde_json::{json, Value};
@@ -322,4 +323,124 @@ fn nostrconnect_relays_are_resolved_and_special_ranges_refused() {
             r.body
         );
     }
+}
+
+/// A request id is kept for the dedup window (minutes) and echoed in the reply to every
+/// relay: an id of 100 KB from a client, a thousand times, held a gigabyte. Ids past 128
+/// bytes are not answered (no client sends them: nostr-tools sends a counter with a random
+/// prefix, others a UUID or 64 hex digits).
+#[test]
+fn a_request_with_an_oversized_id_is_not_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+
+    let (longest, too_long) = ("x".repeat(128), "y".repeat(129 * 400));
+    client.send(
+        &[(too_long, "ping", json!([])), (longest.clone(), "ping", json!([]))],
+        Cipher::Nip04,
+    );
+    let replies = client.replies(2, Duration::from_secs(3));
+    let ids: Vec<&str> = replies.iter().map(|r| r.json["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [longest.as_str()], "only the id within bounds is answered");
+    let metrics = get(&server, "/metrics", None).body;
+    assert_eq!(
+        harness::metric_sum(&metrics, "keycast_nip46_undecryptable_total"),
+        1.0,
+        "counted among the requests that cannot be opened"
+    );
+}
+
+/// A revoked bunker is still served for a while, to answer "revoked"; its client is no longer
+/// the bunker's: it gets a stranger's limits. Before, the app its owner had just revoked was
+/// the one client keycast answered without any limit (each answer a key unwrap, an ECDH and a
+/// reply to every relay).
+#[test]
+fn a_revoked_apps_client_is_limited_like_a_stranger() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut launch = Launch::new(&dir.path().join("data"));
+    launch = launch.env("KEYCAST_NIP46_UNBOUND_REQUESTS_PER_SEC", "20");
+    let server = launch.start();
+    let (cookie, _) = register(&server, "revoked@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let url = token["bunker_url"].as_str().unwrap().to_owned();
+    let bunker = PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let relay = query_param(&url, "relay").unwrap();
+    let secret = query_param(&url, "secret").unwrap();
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+
+    let id = token["authorization_id"].as_str().unwrap();
+    let revoked = delete(&server, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert!(revoked.status < 300, "{}", revoked.body);
+    client.send(&[("after".into(), "ping", json!([]))], Cipher::Nip44);
+    let answer = client.replies(1, Duration::from_secs(5));
+    assert_eq!(answer.len(), 1, "the revoked app is told");
+    assert!(
+        answer[0].json["error"].as_str().unwrap_or_default().contains("revoked"),
+        "{}",
+        answer[0].json
+    );
+
+    // Once keycast's view of its bunkers has caught up with the revocation (it re-reads them
+    // at each change), a burst from the revoked app.
+    std::thread::sleep(Duration::from_secs(2));
+    let burst: Vec<(String, &str, Value)> = (0..60).map(|i| (format!("b{i}"), "ping", json!([]))).collect();
+    client.send(&burst, Cipher::Nip44);
+    let answered = client.replies(burst.len(), Duration::from_secs(5)).len();
+    assert!(
+        answered <= 12,
+        "{answered} of a burst of 60 from a revoked app answered; a stranger gets about 10"
+    );
+    let metrics = get(&server, "/metrics", None).body;
+    assert!(harness::metric_sum(&metrics, "keycast_nip46_unbound_dropped_total") > 0.0);
+}
+
+/// Apps publish each request to every relay of the bunker URL, so keycast receives it once
+/// per relay. Every copy is answered once: before, a copy arriving while keycast was at
+/// capacity (the first copy holding the last slot) was answered "busy" under the id of the
+/// request under way, and clients reject on the first error; each copy also took a slot and
+/// a decryption. (nostr-sdk's pool passes an event on once, whichever relays it comes from;
+/// this holds it to that.) The same holds for whoever republishes a captured request.
+#[test]
+fn a_request_on_two_relays_is_answered_once_even_at_capacity() {
+    let (Some(first), Some(second)) = (Relay::start(), Relay::start()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &format!("{},{}", first.url(), second.url()))
+        .env("KEYCAST_NIP46_MAX_IN_FLIGHT", "1")
+        .start();
+    let (cookie, _) = register(&server, "tworelays@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let url = token["bunker_url"].as_str().unwrap().to_owned();
+    let bunker = PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let secret = query_param(&url, "secret").unwrap();
+    let mut client = NativeClient::connect_to(&[first.url(), second.url()], bunker, nostr::Keys::generate());
+    client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+    // The signature is held 2 s before its record: the one slot stays taken.
+    if !harness::arm_failpoint(&server, "signer-before-record", "return(2000)") {
+        return;
+    }
+    let event = json!({"kind": 1, "content": "once", "tags": [], "created_at": nostr::Timestamp::now().as_secs()});
+    client.send(
+        &[("held".into(), "sign_event", json!([event.to_string()]))],
+        Cipher::Nip44,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    client.send_again();
+    let replies = client.replies(3, Duration::from_secs(5));
+    let shown: Vec<&Value> = replies.iter().map(|r| &r.json).collect();
+    assert_eq!(replies.len(), 1, "one answer to one request: {shown:?}");
+    assert!(
+        replies[0].json["result"]
+            .as_str()
+            .is_some_and(|r| r.contains("\"sig\"")),
+        "{shown:?}"
+    );
 }

@@ -47,9 +47,11 @@ impl Seen {
         (first, expired)
     }
 
-    /// Every pair remembered now (both generations), for the instance that takes over.
+    /// Every pair remembered now (both generations), for the instance that takes over: the
+    /// newer generation first, so that a caller keeping only so many keeps the newest (a
+    /// relay's replay is of the last minute).
     pub fn entries(&self) -> Vec<(PublicKey, String)> {
-        self.previous.iter().chain(&self.current).cloned().collect()
+        self.current.iter().chain(&self.previous).cloned().collect()
     }
 
     /// Remembers pairs another instance saw (see [`Seen::entries`]) as if seen now.
@@ -91,6 +93,9 @@ mod tests {
         assert!(!new.insert(a, "1".into(), start).0);
         assert!(!new.insert(a, "2".into(), start).0);
         assert!(new.insert(a, "3".into(), start).0);
+        // Kept only so many, the newest are kept.
+        let newest: Vec<_> = old.entries().into_iter().take(1).collect();
+        assert_eq!(newest, [(a, "2".to_owned())]);
     }
 
     #[test]

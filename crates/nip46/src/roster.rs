@@ -37,6 +37,20 @@ pub struct Entry {
     pub relays: Vec<RelayUrl>,
     /// The client bound by `connect`, when the roster was read.
     pub client: Option<PublicKey>,
+    /// Not revoked when the roster was read.
+    pub live: bool,
+}
+
+impl Entry {
+    /// The client the bunker is bound to now, given the bindings made here since the roster
+    /// was read (`bound_here`). None for a revoked bunker: it is served only to say so, and
+    /// its former client gets a stranger's limits.
+    pub fn client(&self, bound_here: Option<Option<PublicKey>>) -> Option<PublicKey> {
+        if !self.live {
+            return None;
+        }
+        bound_here.unwrap_or(self.client)
+    }
 }
 
 /// See the module documentation.
@@ -62,6 +76,7 @@ impl Roster {
             let mut entry = Entry {
                 relays: Vec::new(),
                 client: row.client,
+                live: row.live,
             };
             for relay in row.relays {
                 if operator.contains(&relay) || entry.relays.contains(&relay) {
@@ -233,6 +248,31 @@ mod tests {
             "a relay in use is shared"
         );
         assert_eq!(roster.len(), 3, "every bunker is still served on the operator's relays");
+    }
+
+    #[test]
+    fn a_revoked_bunker_has_no_client_of_its_own() {
+        let (client, operator) = (key(), HashSet::new());
+        let (live, revoked) = (
+            Row {
+                client: Some(client),
+                ..row(&[], true)
+            },
+            Row {
+                client: Some(client),
+                ..row(&[], false)
+            },
+        );
+        let (live_bunker, revoked_bunker) = (live.bunker, revoked.bunker);
+        let roster = Roster::build(vec![live, revoked], &operator, 10);
+        let (live, revoked) = (
+            roster.entry(&live_bunker).unwrap(),
+            roster.entry(&revoked_bunker).unwrap(),
+        );
+        assert_eq!(live.client(None), Some(client));
+        assert_eq!(live.client(Some(None)), None, "logged out here");
+        assert_eq!(revoked.client(None), None);
+        assert_eq!(revoked.client(Some(Some(client))), None, "connected here before");
     }
 
     #[test]

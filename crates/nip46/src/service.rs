@@ -314,7 +314,7 @@ impl Shared {
                 return; // another live instance answers this bunker
             }
         }
-        let client = self.bindings.get(&bunker).unwrap_or(entry.client);
+        let client = entry.client(self.bindings.get(&bunker));
         let bound = client == Some(event.pubkey);
         drop(roster);
         if !bound && !self.strangers.admit(&relay, &bunker, Instant::now()) {

@@ -63,9 +63,17 @@ impl RpcReply {
     }
 }
 
+/// The longest request id answered. Clients send short ones (nostr-tools a counter after a
+/// random prefix, others a UUID or 64 hex digits); an id is kept for the dedup window and
+/// echoed in the reply to every relay, so one of 100 KB costs that much memory for minutes
+/// and that much of every relay's bandwidth.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
 /// Why an incoming event cannot be answered at all (no id to answer to).
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error("the request id is longer than {MAX_REQUEST_ID_BYTES} bytes")]
+    IdTooLong,
     #[error("the content does not decrypt with the bunker key")]
     Decrypt,
     #[error("the decrypted content is not a NIP-46 request: {0}")]
@@ -83,7 +91,11 @@ pub fn open(bunker: &Keys, event: &Event) -> Result<(RpcRequest, Cipher), OpenEr
         Cipher::Nip04 => nip04::decrypt(bunker.secret_key(), &event.pubkey, &event.content).ok(),
     }
     .ok_or(OpenError::Decrypt)?;
-    Ok((serde_json::from_str(&plaintext)?, cipher))
+    let request: RpcRequest = serde_json::from_str(&plaintext)?;
+    if request.id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(OpenError::IdTooLong);
+    }
+    Ok((request, cipher))
 }
 
 /// Builds the signed reply event from `bunker` to `client`.
@@ -166,5 +178,18 @@ mod tests {
         assert!(matches!(open(&bunker, &event), Err(OpenError::Decrypt)));
         let event = request_event(&client, &bunker.public_key(), Cipher::Nip44, "hello");
         assert!(matches!(open(&bunker, &event), Err(OpenError::Json(_))));
+    }
+
+    #[test]
+    fn an_id_past_the_limit_is_refused() {
+        let (client, bunker) = (Keys::generate(), Keys::generate());
+        let with_id = |id: &str| {
+            let body = serde_json::json!({"id": id, "method": "ping"}).to_string();
+            request_event(&client, &bunker.public_key(), Cipher::Nip44, &body)
+        };
+        let longest = "a".repeat(MAX_REQUEST_ID_BYTES);
+        assert_eq!(open(&bunker, &with_id(&longest)).unwrap().0.id, longest);
+        let event = with_id(&"a".repeat(MAX_REQUEST_ID_BYTES + 1));
+        assert!(matches!(open(&bunker, &event), Err(OpenError::IdTooLong)));
     }
 }

@@ -30,6 +30,8 @@ pub struct NativeClient {
     notifications: broadcast::Receiver<RelayPoolNotification>,
     keys: Keys,
     bunker: PublicKey,
+    /// The events of the last `send`, for [`NativeClient::send_again`].
+    last: Vec<Event>,
 }
 
 impl NativeClient {
@@ -41,13 +43,21 @@ impl NativeClient {
     /// As [`NativeClient::connect`], as the client with `keys` (e.g. the one a
     /// `nostrconnect://` URI named).
     pub fn connect_as(relay: &str, bunker: PublicKey, keys: Keys) -> NativeClient {
+        NativeClient::connect_to(&[relay], bunker, keys)
+    }
+
+    /// As [`NativeClient::connect_as`], on several relays: each request goes to all of them
+    /// (as apps publish), each reply is collected once.
+    pub fn connect_to(relays: &[&str], bunker: PublicKey, keys: Keys) -> NativeClient {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let (pool, notifications) = runtime.block_on(async {
             let pool = RelayPool::new();
-            pool.add_relay(relay, RelayOptions::new()).await.unwrap();
+            for relay in relays {
+                pool.add_relay(*relay, RelayOptions::new()).await.unwrap();
+            }
             pool.connect().await;
             pool.wait_for_connection(Duration::from_secs(5)).await;
             let notifications = pool.notifications();
@@ -64,6 +74,7 @@ impl NativeClient {
             notifications,
             keys,
             bunker,
+            last: Vec::new(),
         }
     }
 
@@ -92,8 +103,15 @@ impl NativeClient {
                     .unwrap()
             })
             .collect();
+        self.last = events;
+        self.send_again();
+    }
+
+    /// Publishes the last `send`'s events again, byte for byte: what whoever captured them
+    /// can do (or a relay that replays what it kept).
+    pub fn send_again(&mut self) {
         self.runtime.block_on(async {
-            for event in &events {
+            for event in &self.last {
                 self.pool.send_event(event).await.unwrap();
             }
         });
