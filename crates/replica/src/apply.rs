@@ -59,6 +59,12 @@ pub struct Applied {
     pub bytes: u64,
     /// The last file's header.
     pub last: Option<Header>,
+    /// The newest writer stamp among the files applied (see [`crate::ltx::Header::node_id`]).
+    pub newest_writer: u64,
+    /// The file applying stopped at, unapplied: a writer's stamp older than one already
+    /// applied, so it was stored by an instance that had lost the replica to a newer one (see
+    /// [`Applied::check_writer`]). Everything before it is applied.
+    pub stale: Option<LtxObject>,
 }
 
 /// A set of page numbers, one bit each.
@@ -139,8 +145,10 @@ pub async fn apply_files(
         })
         .and_then(|r| r);
     // A worker that stopped on an error makes the feeding fail too; its error names the cause.
+    // One that stopped at a stale file did too, and what it applied stands.
     match (applied, fed) {
         (Err(e), _) => Err(e),
+        (Ok((applied, file)), Err(_)) if applied.stale.is_some() => Ok((applied, file)),
         (Ok(_), Err(e)) => Err(e),
         (Ok((mut applied, file)), Ok(bytes)) => {
             applied.bytes = bytes;
@@ -216,6 +224,8 @@ async fn fetch(store: &Store, object: LtxObject) -> Result<Fetched, RestoreError
 
 /// Why applying stopped, inside the worker.
 enum ApplyError {
+    /// The file is a stale writer's (see [`Applied::check_writer`]): applying stops before it.
+    Stale,
     Restore(RestoreError),
     Ltx(LtxError),
     Io(std::io::Error),
@@ -236,6 +246,10 @@ impl From<std::io::Error> for ApplyError {
 impl ApplyError {
     fn into_restore_error(self, object: Option<&LtxObject>, path: &Path) -> RestoreError {
         match self {
+            ApplyError::Stale => RestoreError::Mismatch {
+                key: object.map(|o| o.key.to_string()).unwrap_or_default(),
+                reason: "written by a writer older than one before it".into(),
+            },
             ApplyError::Restore(e) => e,
             ApplyError::Ltx(source) => RestoreError::Corrupt {
                 key: object.map(|o| o.key.to_string()).unwrap_or_default(),
@@ -282,8 +296,13 @@ fn apply_worker(
                 Ok(())
             }
         };
-        if let Err(e) = step {
-            return Err(e.into_restore_error(current.as_ref().map(|(o, _)| o), &path));
+        match step {
+            Ok(()) => {}
+            Err(ApplyError::Stale) => {
+                applied.stale = current.map(|(object, _)| object);
+                return Ok((applied, file));
+            }
+            Err(e) => return Err(e.into_restore_error(current.as_ref().map(|(o, _)| o), &path)),
         }
     }
     Ok((applied, file))
@@ -326,6 +345,21 @@ impl Applied {
             )));
         }
         self.page_size = h.page_size;
+        self.check_writer(h.node_id)
+    }
+
+    /// Each writer stamps its files with a number larger than every stamp in the history it
+    /// took over (its start time in ms, or one more than the newest stamp it restored: see
+    /// `replicator::worker`). Along a chain the stamps therefore never decrease — except for
+    /// a file stored late by an instance paused past its lease, after the next writer had
+    /// taken over and shipped the TXID before it: contiguous by TXID, but from the other
+    /// history, and applying it would undo the newer writer's commits. 0 is no stamp (files
+    /// from Litestream or from keycast before stamps), and proves nothing either way.
+    fn check_writer(&mut self, stamp: u64) -> Result<(), ApplyError> {
+        if stamp != 0 && stamp < self.newest_writer {
+            return Err(ApplyError::Stale);
+        }
+        self.newest_writer = self.newest_writer.max(stamp);
         Ok(())
     }
 }

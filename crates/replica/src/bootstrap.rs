@@ -191,6 +191,9 @@ async fn restore_into(
     }
     tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
     let restored = restore::restore_latest_listed(store, db, recent).await?;
+    if restored.stale.is_some() {
+        remove_stale_tail(store, restored.txid, recent).await?;
+    }
     local_state::store(
         db,
         &LocalState {
@@ -206,6 +209,7 @@ async fn restore_into(
             updated_at_ms: crate::replicator::now_ms(),
             last_error: None,
             verification: None,
+            writer: restored.newest_writer,
         },
     )?;
     tracing::info!(
@@ -215,6 +219,25 @@ async fn restore_into(
         "restore complete"
     );
     Ok(Bootstrap::Restored { restored, moved_aside })
+}
+
+/// Deletes the level-0 objects past `txid`, where the restore stopped at a stale writer's
+/// object (see `restore::Restored::stale`): this instance, holding the lease, writes those
+/// TXIDs next, and the replica's tip must be its own. An object that lands even later meets
+/// this writer's own upload at its TXID (see `worker::resolve_collision`).
+async fn remove_stale_tail(store: &Store, txid: u64, recent: &[LtxObject]) -> Result<(), BootstrapError> {
+    let past: Vec<LtxObject> = recent
+        .iter()
+        .filter(|f| f.level == 0 && f.min_txid > txid)
+        .cloned()
+        .collect();
+    tracing::warn!(
+        txid,
+        objects = past.len(),
+        "removing objects an instance stored after it had lost the replica (past the TXID restored)"
+    );
+    store.delete(&past).await?;
+    Ok(())
 }
 
 /// The lineage recorded in the replica by keycast; `None` for replicas Litestream wrote.

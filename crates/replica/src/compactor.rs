@@ -444,6 +444,13 @@ async fn merge(
     let (applied, pages) = crate::apply::apply_files(store, inputs, pages, scratch, min - 1, None, fetching)
         .await
         .map_err(replica_error)?;
+    if let Some(stale) = applied.stale {
+        // This writer compacts only what it shipped itself; a stale file among that is damage.
+        return Err(replica_error(RestoreError::Mismatch {
+            key: stale.key.to_string(),
+            reason: "written by a writer older than one before it".into(),
+        }));
+    }
     let last = applied.last.expect("inputs is not empty");
     let header = Header {
         flags: FLAG_NO_CHECKSUM,
@@ -452,6 +459,8 @@ async fn merge(
         min_txid: min,
         max_txid: last.max_txid,
         timestamp_ms: last.timestamp_ms,
+        // The newest of its inputs' writers: the chain's stamps stay in order.
+        node_id: applied.newest_writer,
         ..Header::default()
     };
     let scratch = scratch.to_owned();

@@ -92,6 +92,11 @@ pub struct LocalState {
     /// The last background verification: TXID, when (ms), and the failure if it failed.
     #[serde(default)]
     pub verification: Option<VerificationRecord>,
+    /// The newest writer stamp in this database's history (the LTX header's node id: see
+    /// `apply::Applied::check_writer`); the next writer's stamp must be larger. 0 before
+    /// stamps.
+    #[serde(default)]
+    pub writer: u64,
 }
 
 /// A background verification's outcome, as recorded locally.
@@ -213,6 +218,7 @@ mod tests {
             updated_at_ms: 1,
             last_error: None,
             verification: None,
+            writer: 5,
         };
         store(&db, &state).unwrap();
         assert_eq!(load(&db).unwrap(), Some(state.clone()));

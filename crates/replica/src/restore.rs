@@ -51,6 +51,11 @@ pub struct Restored {
     pub files: usize,
     /// Bytes fetched from the store.
     pub bytes: u64,
+    /// The newest writer stamp in the restored history (see `apply::Applied::check_writer`).
+    pub newest_writer: u64,
+    /// The object the restore stopped at, left out with everything after it: stored late by
+    /// a writer that had lost the replica to a newer one, after that one's last TXID.
+    pub stale: Option<String>,
 }
 
 /// Why a restore failed. Every variant names what to look at.
@@ -265,7 +270,7 @@ async fn restore_from(
     // is fetched while the files are applied, not after.
     let reached = files.last().map_or(0, |f| f.max_txid);
     let (result, recorded) = tokio::join!(
-        apply_all(store, &files, &temp, progress),
+        apply_all(store, &files, &temp, target, progress),
         crate::verify::recorded_checksum(store, reached)
     );
     let applied = started.elapsed();
@@ -339,6 +344,7 @@ async fn apply_all(
     store: &Store,
     files: &[LtxObject],
     temp: &Path,
+    target: Target,
     progress: Option<Progress<'_>>,
 ) -> Result<(Restored, File), RestoreError> {
     let io_err = |source| RestoreError::Io {
@@ -360,6 +366,22 @@ async fn apply_all(
         crate::apply::Fetching::from_store(DEFAULT_FETCH_CONCURRENCY),
     )
     .await?;
+    if let Some(stale) = &applied.stale {
+        // What follows the newer writer's last TXID is not part of its history: the latest
+        // state (or the newest before a time) is the one before it; a TXID past it is not
+        // in the replica at all.
+        if let Target::Txid(wanted) = target {
+            return Err(RestoreError::TxidUnreachable {
+                wanted,
+                reached: applied.txid,
+            });
+        }
+        tracing::warn!(
+            txid = applied.txid,
+            left_out = %stale.key,
+            "restoring up to an object stored late by an instance that had lost the replica: it and what follows it are left out"
+        );
+    }
     let (commit, page_size) = (applied.commit, applied.page_size);
     let finished = tokio::task::spawn_blocking(move || -> Result<File, RestoreError> {
         file.set_len(u64::from(commit) * u64::from(page_size))
@@ -382,6 +404,8 @@ async fn apply_all(
         page_size,
         files: files.len(),
         bytes: applied.bytes,
+        newest_writer: applied.newest_writer,
+        stale: applied.stale.map(|f| f.key.to_string()),
     };
     Ok((restored, file))
 }

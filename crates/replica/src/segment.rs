@@ -107,7 +107,8 @@ pub fn page_size_of(db: &Path) -> Result<u32, SegmentError> {
 
 /// The next segment of committed WAL frames after `cursor`, or `None` if nothing new is
 /// committed. At most about `max_bytes` of WAL go into one segment (it ends on a commit).
-/// A large segment is written into a temporary file in `scratch`.
+/// A large segment is written into a temporary file in `scratch`. `writer` is the writer's
+/// stamp, recorded in the file's header (see `apply::Applied::check_writer`).
 ///
 /// # Errors
 /// [`SegmentError::ContinuityLost`] when the WAL generation changed unexpectedly.
@@ -116,6 +117,7 @@ pub fn next_wal_segment(
     cursor: &Cursor,
     max_bytes: u64,
     now_ms: i64,
+    writer: u64,
     scratch: &Path,
 ) -> Result<Option<Segment>, SegmentError> {
     let wal_path = wal_path(db);
@@ -172,6 +174,7 @@ pub fn next_wal_segment(
         wal_size: (committed.end.offset - start.offset) as i64,
         wal_salt1: salt1,
         wal_salt2: salt2,
+        node_id: writer,
         ..Header::default()
     };
     let mut encoder = Encoder::with_writer(ltx_header, SpillWriter::new(scratch, DEFAULT_SPILL_LIMIT))?;
@@ -364,8 +367,8 @@ impl LiveImage {
 ///
 /// # Errors
 /// I/O and encoding errors.
-pub fn full_image(db: &Path, txid: u64, now_ms: i64, scratch: &Path) -> Result<Segment, SegmentError> {
-    full_image_upto(db, None, txid, now_ms, scratch)
+pub fn full_image(db: &Path, txid: u64, now_ms: i64, writer: u64, scratch: &Path) -> Result<Segment, SegmentError> {
+    full_image_upto(db, None, txid, now_ms, writer, scratch)
 }
 
 /// As [`full_image`], of the state at `limit` (see [`LiveImage::open_upto`]), so the caller
@@ -378,6 +381,7 @@ pub fn full_image_upto(
     limit: Option<WalCursor>,
     txid: u64,
     now_ms: i64,
+    writer: u64,
     scratch: &Path,
 ) -> Result<Segment, SegmentError> {
     let image = LiveImage::open_upto(db, limit)?;
@@ -388,6 +392,7 @@ pub fn full_image_upto(
         min_txid: txid,
         max_txid: txid,
         timestamp_ms: now_ms,
+        node_id: writer,
         ..Header::default()
     };
     let mut encoder = Encoder::with_writer(header, SpillWriter::new(scratch, DEFAULT_SPILL_LIMIT))?;
@@ -573,7 +578,7 @@ mod tests {
             salt2: now.salt2 ^ 0x5a5a,
             ..now
         };
-        let segment = next_wal_segment(&db, &cursor_after(before, true), u64::MAX, 0, dir.path())
+        let segment = next_wal_segment(&db, &cursor_after(before, true), u64::MAX, 0, 0, dir.path())
             .unwrap()
             .expect("the new generation's commits are read from its start");
         assert_eq!(segment.txid, 8);
@@ -584,12 +589,12 @@ mod tests {
             ..before
         };
         assert!(matches!(
-            next_wal_segment(&db, &cursor_after(skipped, true), u64::MAX, 0, dir.path()),
+            next_wal_segment(&db, &cursor_after(skipped, true), u64::MAX, 0, 0, dir.path()),
             Err(SegmentError::ContinuityLost)
         ));
         // And without a checkpoint of ours, no new generation at all.
         assert!(matches!(
-            next_wal_segment(&db, &cursor_after(before, false), u64::MAX, 0, dir.path()),
+            next_wal_segment(&db, &cursor_after(before, false), u64::MAX, 0, 0, dir.path()),
             Err(SegmentError::ContinuityLost)
         ));
     }

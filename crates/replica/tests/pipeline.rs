@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use keycast_replica::bootstrap::{self, Bootstrap};
 use keycast_replica::faults::{Action, Faults, Gate, Op, Rule};
-use keycast_replica::restore::{restore, Target};
+use keycast_replica::restore::{restore, RestoreError, Target};
 use keycast_replica::{CommitSignal, ReplicaOptions, Replicator, Store};
 
 /// Four uploads in flight (the default ships one at a time).
@@ -338,4 +338,133 @@ async fn a_lost_answer_to_a_durable_write_shipped_beside_the_upload_in_flight_is
     assert!(txid > held, "acknowledged at TXID {txid}, past the held {held}");
     let values = shut_down_and_restore(pool, replicator, &store, &dir).await;
     assert_eq!(values, ["first", "async", "durable"]);
+}
+
+/// A writer with two uploads in flight (a durable write's segment beside the one before it)
+/// is paused past its lease; the next writer restores the replica's state before both and
+/// ships one commit of its own, at the first of the two TXIDs. Then the paused writer's
+/// second upload lands, at the TXID after: contiguous, but from the other history. The next
+/// restore must stop at the second writer's commit — applying the stale object over it would
+/// lose that acknowledged commit and bring back the first writer's unacknowledged ones — and
+/// the writer after must ship on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_writers_upload_landing_after_a_takeover_is_never_restored_over_the_new_history() {
+    use keycast_replica::lease::{Lease, LeaseOptions};
+    let lease_options = LeaseOptions {
+        ttl: Duration::from_millis(500),
+        wait: Duration::from_secs(3),
+        check_interval: Duration::from_millis(100),
+    };
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let faults = Faults::new();
+    let a_store = store.reopen().with_faults(&faults);
+    let lease = Lease::acquire(&a_store, "a", lease_options).await.unwrap();
+    let a = Replicator::start_with_lease(&db, a_store, signal, "l", ReplicaOptions::default(), Some(lease))
+        .await
+        .unwrap();
+    let mut acknowledged = Vec::new();
+    for i in 0..3 {
+        let v = format!("a{i}");
+        insert(&pool, &v).await;
+        a.wait_durable(Duration::from_secs(5)).await.unwrap();
+        acknowledged.push(v);
+    }
+
+    // A's next upload never lands; a durable write's segment goes out beside it and is held.
+    let stuck = a.status().replicated_txid + 1;
+    let key = |txid: u64| store.ltx_key(0, txid, txid).filename().unwrap().to_owned();
+    let (never, late, pause) = (Gate::new(), Gate::new(), Gate::new());
+    faults.add(Rule::new(Op::Put, Action::Hold(never.clone())).key(&key(stuck)));
+    faults.add(Rule::new(Op::Put, Action::Hold(late.clone())).key(&key(stuck + 1)));
+    insert(&pool, "b0").await;
+    tokio::time::timeout(Duration::from_secs(5), never.reached())
+        .await
+        .expect("the upload of b0 goes out");
+    insert(&pool, "b1").await;
+    let monitor = a.monitor();
+    let waiter = tokio::spawn(async move { monitor.wait_durable(Duration::from_secs(30)).await });
+    tokio::time::timeout(Duration::from_secs(5), late.reached())
+        .await
+        .expect("the upload of b1 goes out beside it");
+    // A is paused: nothing else of it reaches the store, and its lease lapses.
+    for op in [Op::Put, Op::Get, Op::List, Op::Delete] {
+        faults.add(Rule::new(op, Action::Hold(pause.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // B takes over from the replica as it is (a0..a2) and ships one durable commit.
+    let b_db = dir.path().join("b").join("b.db");
+    std::fs::create_dir_all(b_db.parent().unwrap()).unwrap();
+    let lease = Lease::acquire(&store, "b", lease_options).await.unwrap();
+    bootstrap::prepare(&b_db, &store, lease.previous_txid()).await.unwrap();
+    let b_signal = CommitSignal::new();
+    let b_pool = common::app_pool(&b_db, &b_signal).await;
+    let b = Replicator::start_with_lease(
+        &b_db,
+        store.clone(),
+        b_signal,
+        "l",
+        ReplicaOptions::default(),
+        Some(lease),
+    )
+    .await
+    .unwrap();
+    // A's second upload lands now, at the TXID after the one B is about to use.
+    late.open();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stored_past(&store, stuck).await.contains(&(stuck + 1)) {
+        assert!(Instant::now() < deadline, "A's held upload landed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    insert(&b_pool, "c0").await;
+    b.wait_durable(Duration::from_secs(5)).await.unwrap();
+    acknowledged.push("c0".to_owned());
+    assert_eq!(
+        b.status().replicated_txid,
+        stuck,
+        "B's commit is at the first of the two TXIDs"
+    );
+    b_pool.close().await;
+    b.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+    waiter.abort();
+    drop(a);
+
+    let (txid, values) = restored(&store, dir.path(), "after-b.db").await;
+    assert_eq!(
+        values, acknowledged,
+        "B's acknowledged commit, nothing of A's unacknowledged ones"
+    );
+    assert_eq!(txid, stuck, "the restore stops before the stale object");
+    let past = restore(&store, &dir.path().join("past.db"), Target::Txid(stuck + 1), None).await;
+    assert!(
+        matches!(past, Err(RestoreError::TxidUnreachable { wanted, reached }) if wanted == stuck + 1 && reached == stuck),
+        "the stale object's TXID is not in the replica's history: {past:?}"
+    );
+
+    // The writer after B ships on from B's commit.
+    let d_db = dir.path().join("d").join("d.db");
+    std::fs::create_dir_all(d_db.parent().unwrap()).unwrap();
+    let lease = Lease::acquire(&store, "d", lease_options).await.unwrap();
+    bootstrap::prepare(&d_db, &store, lease.previous_txid()).await.unwrap();
+    let d_signal = CommitSignal::new();
+    let d_pool = common::app_pool(&d_db, &d_signal).await;
+    let d = Replicator::start_with_lease(
+        &d_db,
+        store.clone(),
+        d_signal,
+        "l",
+        ReplicaOptions::default(),
+        Some(lease),
+    )
+    .await
+    .unwrap();
+    insert(&d_pool, "d0").await;
+    d.wait_durable(Duration::from_secs(5)).await.unwrap();
+    acknowledged.push("d0".to_owned());
+    d_pool.close().await;
+    d.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+    let (_, values) = restored(&store, dir.path(), "after-d.db").await;
+    assert_eq!(values, acknowledged);
+    drop((never, pause));
 }

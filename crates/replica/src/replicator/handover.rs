@@ -349,6 +349,8 @@ impl Worker {
             return Ok(());
         }
         let epoch = lease.epoch();
+        // A new holding, a new stamp: past any the instance that asked may have used.
+        self.writer = super::worker::next_writer(self.writer);
         self.shared.note_lease(&lease);
         *self.shared.lease.lock().await = Some(lease);
         {

@@ -104,6 +104,17 @@ pub(super) struct Worker {
     /// After a hand-over: the lease this instance released, to take back if nobody else
     /// holds it (see [`Worker::take_back`]).
     pub(super) released: Option<Released>,
+    /// This writer's stamp, in the header of every file it writes (see [`next_writer`]).
+    pub(super) writer: u64,
+}
+
+/// A writer's stamp: its start time (ms since the Unix epoch), and more than `newest`, the
+/// newest stamp in the history it took over, whatever the clocks say. Stamps therefore
+/// increase along the replica's history; an instance paused past its lease has an older one
+/// than whoever took over, so a file it stores late is told from theirs and never restored
+/// over them (see `apply::Applied::check_writer`).
+pub(super) fn next_writer(newest: u64) -> u64 {
+    (now_ms().max(0) as u64).max(newest + 1)
 }
 
 impl Worker {
@@ -161,6 +172,7 @@ impl Worker {
             handing_over: false,
             handed_over: false,
             released: None,
+            writer: 0,
         })
     }
 
@@ -193,11 +205,13 @@ impl Worker {
         self.shipped_mark = self.signal.commits();
         match record {
             Some(record) if record.txid == remote_max && remote_max > 0 => {
+                self.writer = next_writer(record.writer);
                 self.remove_unacknowledged_tail(remote_max, &recent).await?;
                 self.know_if_complete(recent.into_iter().filter(|f| f.max_txid <= remote_max));
                 self.resume(record).await
             }
             _ if remote_max == 0 => {
+                self.writer = next_writer(record.map_or(0, |r| r.writer));
                 self.know_if_complete(recent.into_iter());
                 self.record_lineage().await?;
                 self.cursor.txid = 0;
@@ -321,11 +335,12 @@ impl Worker {
         if took_lock {
             self.unlock().await?;
         }
-        let (db, txid, end) = (self.db.clone(), self.cursor.txid + 1, end?);
+        let (db, txid, end, writer) = (self.db.clone(), self.cursor.txid + 1, end?, self.writer);
         let scratch = self.scratch();
-        let segment = tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms(), &scratch))
-            .await
-            .map_err(join_error)??;
+        let segment =
+            tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms(), writer, &scratch))
+                .await
+                .map_err(join_error)??;
         tracing::info!(txid, "built a full image of the database");
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || prepare(&store, segment, mark))
@@ -525,6 +540,7 @@ impl Worker {
             db_checksum: None,
             updated_at_ms: now_ms(),
             last_error: None,
+            writer: self.writer,
             verification: self
                 .shared
                 .status
@@ -708,13 +724,14 @@ impl Worker {
     pub(super) async fn read_next_segment_now(
         &mut self,
     ) -> Result<Result<Option<Segment>, SegmentError>, ReplicaError> {
-        let (db, cursor, max, scratch) = (
+        let (db, cursor, max, writer, scratch) = (
             self.db.clone(),
             self.cursor,
             self.options.max_segment_bytes,
+            self.writer,
             self.scratch(),
         );
-        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch))
+        tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), writer, &scratch))
             .await
             .map_err(join_error)
     }
@@ -732,16 +749,17 @@ impl Worker {
         if !self.locked && !self.snapshot.is_held() {
             self.snapshot.refresh().await?;
         }
-        let (db, max, scratch, store) = (
+        let (db, max, writer, scratch, store) = (
             self.db.clone(),
             self.options.max_segment_bytes,
+            self.writer,
             self.scratch(),
             self.store.clone(),
         );
         let started = Instant::now();
         let (read, queued_us) = tokio::task::spawn_blocking(move || {
             let queued_us = started.elapsed().as_micros() as u64;
-            let read = match segment::next_wal_segment(&db, &cursor, max, now_ms(), &scratch) {
+            let read = match segment::next_wal_segment(&db, &cursor, max, now_ms(), writer, &scratch) {
                 Ok(Some(segment)) => prepare(&store, segment, mark).map(|upload| Ok(Some(upload))),
                 Ok(None) => Ok(Ok(None)),
                 Err(e) => Ok(Err(e)),
