@@ -50,6 +50,8 @@ pub enum VerifyError {
     Store(#[from] StoreError),
     #[error("verification scratch file: {0}")]
     Io(#[from] std::io::Error),
+    #[error("retention removed the files that reach TXID {txid} while it was being verified (the replica has compacted past it); a later TXID is verified next")]
+    CompactedPast { txid: u64 },
 }
 
 impl VerifyError {
@@ -59,7 +61,9 @@ impl VerifyError {
     /// what it must hold (retention pruning one mid-restore is retried before it gets here).
     pub fn is_inconclusive(&self) -> bool {
         match self {
-            VerifyError::Io(_) | VerifyError::Restore(RestoreError::Io { .. }) => true,
+            VerifyError::Io(_) | VerifyError::Restore(RestoreError::Io { .. }) | VerifyError::CompactedPast { .. } => {
+                true
+            }
             VerifyError::Store(e) | VerifyError::Restore(RestoreError::Store(e)) => matches!(
                 e,
                 StoreError::Backend { .. } | StoreError::LocalDir { .. } | StoreError::Lock { .. }
@@ -192,7 +196,9 @@ async fn check_object(store: &Store, object: &crate::store::LtxObject) -> Result
 /// Restores `txid` into `scratch` and compares it with `expected`, the live database's
 /// checksum at that TXID; on success records the checksum in the replica under `lineage`.
 /// An object deleted by retention while the restore read it is not a failure: the plan is
-/// made again (a compacted file covers it).
+/// made again (a compacted file covers it). If none does — level 1 has moved past `txid`,
+/// and the level-0 files that reached it exactly are gone — the state is still in the
+/// replica, compacted: [`VerifyError::CompactedPast`], no verdict.
 ///
 /// # Errors
 /// A failed restore or a mismatch.
@@ -209,6 +215,9 @@ pub async fn verify_at(
         match restore_and_sum(store, Target::Txid(txid), scratch).await {
             Err(VerifyError::Restore(RestoreError::Store(StoreError::NotFound { key }))) if attempt < REPLANS => {
                 tracing::debug!(%key, "an object was pruned during verification; planning the restore again");
+            }
+            Err(VerifyError::Restore(RestoreError::TxidUnreachable { .. })) if attempt > 1 => {
+                return Err(VerifyError::CompactedPast { txid });
             }
             other => break other?,
         }
@@ -269,6 +278,7 @@ mod tests {
             }),
             VerifyError::Store(outage()),
             VerifyError::Restore(RestoreError::Store(outage())),
+            VerifyError::CompactedPast { txid: 5 },
         ] {
             assert!(inconclusive.is_inconclusive(), "{inconclusive}");
         }

@@ -293,6 +293,88 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
         .unwrap();
 }
 
+/// Retention prunes the level-0 files a verification's restore needs, once level 1 has
+/// moved past the TXID verified (writes went on): no chain reaches that TXID any more. That
+/// says nothing about the replica — the state is in it, compacted — so it is no verdict.
+/// Before, it was one: `verification_ok` 0, and the runbook's advice to restore an older
+/// TXID, dropping later commits.
+#[tokio::test]
+async fn a_verified_txid_compacted_away_mid_verification_is_no_verdict() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let faults = Faults::new();
+    let store = Store::in_memory().with_faults(&faults);
+    let replicator = Replicator::start(&db, store.clone(), signal, "lineage-p", ReplicaOptions::default())
+        .await
+        .unwrap();
+    let write = |v: &'static str| {
+        let (pool, replicator) = (pool.clone(), &replicator);
+        async move {
+            insert(&pool, v).await;
+            replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+        }
+    };
+    for v in ["one", "two"] {
+        write(v).await;
+    }
+    compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
+        .await
+        .unwrap();
+    let compacted = replicator.status().replicated_txid;
+    for v in ["three", "four"] {
+        write(v).await;
+    }
+    let txid = replicator.status().replicated_txid;
+    let expected = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            keycast_replica::segment::LiveImage::open(&db)
+                .unwrap()
+                .checksum()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    // Writes go on, and level 1 moves past the TXID verified.
+    write("five").await;
+    compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
+        .await
+        .unwrap();
+    // The restore of `txid` reads level 1 up to `compacted`, then level 0; retention prunes
+    // that level-0 tail while the restore is about to read it.
+    let tail: Vec<_> = store
+        .list_level(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.min_txid > compacted && f.max_txid <= txid)
+        .collect();
+    let gate = Gate::new();
+    faults.add(
+        Rule::new(Op::Get, Action::Hold(gate.clone()))
+            .key(tail.last().unwrap().key.as_ref())
+            .times(1),
+    );
+    let verification = tokio::spawn({
+        let (store, scratch) = (store.clone(), dir.path().to_owned());
+        async move { keycast_replica::verify::verify_at(&store, txid, expected, &scratch, "lineage-p").await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), gate.reached())
+        .await
+        .expect("the restore reads the level-0 tail");
+    store.delete(&tail).await.unwrap();
+    gate.open();
+    match verification.await.unwrap() {
+        Ok(_) => {}
+        Err(e) => assert!(e.is_inconclusive(), "a verdict on a replica that holds the state: {e}"),
+    }
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
 /// Polls `status` until `done` holds (up to 20 s).
 async fn until(replicator: &Replicator, what: &str, done: impl Fn(&keycast_replica::Status) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
