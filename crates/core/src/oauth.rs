@@ -76,6 +76,31 @@ fn invalid_grant(reason: impl Into<String>) -> OAuthError {
     OAuthError::InvalidGrant { reason: reason.into() }
 }
 
+/// The longest `client_id` accepted. It is stored with every code and grant (and a revoked
+/// grant's row is kept), so an unbounded one lets an account grow the database at will;
+/// client ids in use are names or URLs far shorter.
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+/// The longest `redirect_uri` accepted (stored like the client id).
+pub const MAX_REDIRECT_URI_BYTES: usize = 2048;
+/// The longest `state` accepted: echoed in the redirect, never stored.
+pub const MAX_STATE_BYTES: usize = 2048;
+
+/// A `client_id` that is present and within [`MAX_CLIENT_ID_BYTES`].
+///
+/// # Errors
+/// [`OAuthError::InvalidRequest`] naming the field.
+pub fn check_client_id(client_id: &str) -> Result<(), OAuthError> {
+    if client_id.trim().is_empty() {
+        return Err(invalid_request("client_id is required"));
+    }
+    if client_id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(invalid_request(format!(
+            "client_id is longer than {MAX_CLIENT_ID_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a redirect URI (absolute `https`, or `http` on localhost / a loopback
 /// address; no fragment) and returns its origin (`scheme://host[:port]`), which is what
 /// the consent page shows and the authorization records.
@@ -83,6 +108,11 @@ fn invalid_grant(reason: impl Into<String>) -> OAuthError {
 /// # Errors
 /// [`OAuthError::InvalidRequest`].
 pub fn redirect_origin(uri: &str) -> Result<String, OAuthError> {
+    if uri.len() > MAX_REDIRECT_URI_BYTES {
+        return Err(invalid_request(format!(
+            "redirect_uri is longer than {MAX_REDIRECT_URI_BYTES} bytes"
+        )));
+    }
     let url = url::Url::parse(uri).map_err(|_| invalid_request("redirect_uri is not an absolute URL"))?;
     if url.fragment().is_some() {
         return Err(invalid_request("redirect_uri must not have a fragment"));
@@ -166,9 +196,7 @@ pub async fn issue_code(
     ttl_secs: i64,
     now: i64,
 ) -> Result<Secret<String>, OAuthError> {
-    if request.client_id.is_empty() {
-        return Err(invalid_request("client_id is required"));
-    }
+    check_client_id(request.client_id)?;
     redirect_origin(request.redirect_uri)?;
     if request.code_challenge_method != "S256" {
         return Err(invalid_request("PKCE is required: code_challenge_method must be S256"));

@@ -68,8 +68,12 @@ impl AuthorizeParams {
                 "response_type must be code",
             ));
         }
-        if self.client_id.trim().is_empty() {
-            return Err(OAuthFailure::new("invalid_request", "client_id is required"));
+        oauth::check_client_id(&self.client_id)?;
+        if self.state.as_ref().is_some_and(|s| s.len() > oauth::MAX_STATE_BYTES) {
+            return Err(OAuthFailure::new(
+                "invalid_request",
+                &format!("state is longer than {} bytes", oauth::MAX_STATE_BYTES),
+            ));
         }
         let origin = oauth::redirect_origin(&self.redirect_uri)?;
         if self.code_challenge_method != "S256" || self.code_challenge.is_empty() {

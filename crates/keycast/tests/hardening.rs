@@ -280,3 +280,50 @@ fn a_connection_flood_on_the_embedded_relay_cannot_starve_http() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// An app's `client_id` and redirect URI are stored with every code and grant, and a revoked
+/// grant's row is kept: one account approving its own "app" named by a megabyte, again and
+/// again, grew the database (on Cloud Run, memory) by a megabyte a grant. They are capped
+/// (256 and 2,048 bytes) with an error naming the field; `state`, echoed in the redirect, too.
+#[test]
+fn an_app_named_by_a_megabyte_is_refused_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "bounds@example.com", None);
+    let (challenge, _) = harness::flow::pkce();
+    let approve = |field: &str, value: String| {
+        let mut approval: serde_json::Value =
+            url::form_urlencoded::parse(harness::flow::authorize_query("policy:social", &challenge).as_bytes())
+                .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        approval["approved"] = json!(true);
+        approval[field] = json!(value);
+        post(
+            &server,
+            "/api/oauth/authorize",
+            Some(&cookie),
+            "application/json",
+            &approval.to_string(),
+            &[("Origin", &server.base)],
+        )
+    };
+    let cases = [
+        ("client_id", "a".repeat(1_000_000)),
+        ("redirect_uri", format!("https://app.example/cb?{}", "x".repeat(5_000))),
+        ("state", "s".repeat(5_000)),
+    ];
+    for (field, value) in cases {
+        let refused = approve(field, value);
+        assert_eq!(
+            refused.status,
+            400,
+            "{field}: {}",
+            refused.body.chars().take(300).collect::<String>()
+        );
+        assert!(refused.body.contains(field), "{field}: {}", refused.body);
+        assert!(refused.body.len() < 1_000, "{field}: the answer does not echo it back");
+    }
+    let longest = approve("client_id", "a".repeat(256));
+    assert_eq!(longest.status, 200, "{}", longest.body);
+}
