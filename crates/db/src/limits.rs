@@ -60,52 +60,61 @@ pub async fn take(db: &Db, key: &str, burst: u32, interval_ms: i64, now_ms: i64)
     })
 }
 
-/// Milliseconds `key` must still wait before its next password try, `None` when it may try.
+/// How long wrong passwords make a key wait: nothing for the first `free` tries, then 1 s
+/// after the `free`th, doubling with each further try, up to `max_ms`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub free: u32,
+    pub max_ms: i64,
+}
+
+/// Starts a password try for `key` at `now_ms`: `Some(ms)` to wait when its backoff runs
+/// (nothing is counted), else `None`, and the try is counted as a failure already (a right
+/// password clears the count: [`clear_failures`]), the wait for the next one set as
+/// `backoff` says. The decision and the count are one conditional `UPDATE`, so tries at once
+/// on any number of instances take turns: no more than `backoff.free` pass before the wait.
 ///
 /// # Errors
 /// Database errors.
-pub async fn blocked_for(db: &Db, key: &str, now_ms: i64) -> Result<Option<i64>, RepoError> {
+pub async fn start_try(db: &Db, key: &str, now_ms: i64, backoff: Backoff) -> Result<Option<i64>, RepoError> {
+    // Doublings past which the wait is `max_ms` (and the shift stays small).
+    let cap = (0..62).find(|k| 1000i64 << k >= backoff.max_ms).unwrap_or(62);
+    let counted: Option<i64> = on_engine!(db, |pool| {
+        sqlx::query(
+            "INSERT INTO password_failures (key, failures, blocked_until_ms, touched_ms) VALUES ($1, 0, 0, $2) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(now_ms)
+        .execute(pool)
+        .await?;
+        sqlx::query_scalar(
+            "UPDATE password_failures SET failures = failures + 1, touched_ms = $2, blocked_until_ms = CASE \
+               WHEN failures + 1 < $3 THEN 0 \
+               WHEN failures + 1 - $3 >= $4 THEN $2 + $5 \
+               ELSE $2 + 1000 * (CAST(1 AS BIGINT) << CAST(failures + 1 - $3 AS INTEGER)) END \
+             WHERE key = $1 AND blocked_until_ms <= $2 RETURNING failures",
+        )
+        .bind(key)
+        .bind(now_ms)
+        .bind(i64::from(backoff.free))
+        .bind(cap)
+        .bind(backoff.max_ms)
+        .fetch_all(pool)
+        .await?
+        .into_first()
+    });
+    if counted.is_some() {
+        return Ok(None);
+    }
     let until: Option<i64> = on_engine!(db, |pool| {
         sqlx::query_scalar("SELECT blocked_until_ms FROM password_failures WHERE key = $1")
             .bind(key)
             .fetch_optional(pool)
             .await?
     });
-    Ok(until.filter(|until| *until > now_ms).map(|until| until - now_ms))
-}
-
-/// Counts one more wrong password for `key`; returns the count.
-///
-/// # Errors
-/// Database errors.
-pub async fn add_failure(db: &Db, key: &str, now_ms: i64) -> Result<i64, RepoError> {
-    Ok(on_engine!(db, |pool| {
-        sqlx::query_scalar(
-            "INSERT INTO password_failures (key, failures, blocked_until_ms, touched_ms) VALUES ($1, 1, 0, $2) \
-             ON CONFLICT (key) DO UPDATE SET failures = password_failures.failures + 1, touched_ms = $2 \
-             RETURNING failures",
-        )
-        .bind(key)
-        .bind(now_ms)
-        .fetch_all(pool)
-        .await?
-        .into_one()?
-    }))
-}
-
-/// Blocks `key` until `until_ms` (never shortening a block already further out).
-///
-/// # Errors
-/// Database errors.
-pub async fn block_until(db: &Db, key: &str, until_ms: i64) -> Result<(), RepoError> {
-    on_engine!(db, |pool| {
-        sqlx::query("UPDATE password_failures SET blocked_until_ms = $2 WHERE key = $1 AND blocked_until_ms < $2")
-            .bind(key)
-            .bind(until_ms)
-            .execute(pool)
-            .await?;
-    });
-    Ok(())
+    // Cleared in between (a right password): the next try is not refused.
+    Ok(Some(until.map_or(1, |until| (until - now_ms).max(1))))
 }
 
 /// Forgets `key`'s failures (a right password).
@@ -184,21 +193,57 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failures_count_block_and_clear() {
+    async fn tries_past_the_free_ones_wait_longer_each_time_and_a_success_clears_them() {
+        const BACKOFF: Backoff = Backoff { free: 2, max_ms: 5_000 };
         for (_guard, db) in temp_dbs().await {
-            assert_eq!(blocked_for(&db, "a", 0).await.unwrap(), None);
-            assert_eq!(add_failure(&db, "a", 1).await.unwrap(), 1);
-            assert_eq!(add_failure(&db, "a", 2).await.unwrap(), 2);
-            block_until(&db, "a", 5_000).await.unwrap();
-            block_until(&db, "a", 3_000).await.unwrap();
-            assert_eq!(
-                blocked_for(&db, "a", 1_000).await.unwrap(),
-                Some(4_000),
-                "never shortened"
-            );
-            assert_eq!(blocked_for(&db, "a", 5_000).await.unwrap(), None);
+            let kind = db.kind();
+            let start = |key: &'static str, at: i64| {
+                let db = db.clone();
+                async move { start_try(&db, key, at, BACKOFF).await.unwrap() }
+            };
+            assert_eq!(start("a", 0).await, None, "{kind:?}");
+            assert_eq!(start("a", 10).await, None, "the second free try");
+            assert_eq!(start("a", 500).await, Some(510), "1 s after the second");
+            assert_eq!(start("b", 500).await, None, "another key");
+            assert_eq!(start("a", 1_010).await, None);
+            assert_eq!(start("a", 1_010).await, Some(2_000), "then 2 s");
+            assert_eq!(start("a", 3_010).await, None);
+            assert_eq!(start("a", 3_011).await, Some(3_999), "then 4 s");
+            assert_eq!(start("a", 7_010).await, None);
+            assert_eq!(start("a", 7_010).await, Some(5_000), "8 s, at most 5");
             clear_failures(&db, "a").await.unwrap();
-            assert_eq!(add_failure(&db, "a", 6).await.unwrap(), 1);
+            assert_eq!(start("a", 7_010).await, None, "a right password clears them");
+            assert_eq!(start("a", 7_010).await, None);
+            assert_eq!(purge(&db, 50_000).await.unwrap(), 2);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn tries_at_once_pass_no_more_than_the_free_ones() {
+        for (_guard, db) in temp_dbs().await {
+            let tasks: Vec<_> = (0..40)
+                .map(|_| {
+                    let db = db.clone();
+                    tokio::spawn(async move {
+                        start_try(
+                            &db,
+                            "k",
+                            1_000,
+                            Backoff {
+                                free: 5,
+                                max_ms: 900_000,
+                            },
+                        )
+                        .await
+                        .unwrap()
+                    })
+                })
+                .collect();
+            let mut passed = 0;
+            for task in tasks {
+                passed += usize::from(task.await.unwrap().is_none());
+            }
+            assert_eq!(passed, 5, "{:?}", db.kind());
         }
     }
 }

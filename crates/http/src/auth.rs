@@ -121,7 +121,7 @@ pub(crate) async fn log_in(
     state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP).await?;
     // Wrong passwords slow down this client at this account only (see `crate::limit`).
     let backoff = format!("password:{}|{ip}", email.trim().to_lowercase());
-    state.limits().check_backoff(&backoff).await?;
+    state.limits().start_password_try(&backoff).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let outcome = accounts::login(db, &services.hasher, email, &Secret::new(password), now_unix()).await;
@@ -130,10 +130,7 @@ pub(crate) async fn log_in(
             state.limits().password_succeeded(&backoff).await;
             done
         }
-        Err(err @ accounts::AccountError::InvalidCredentials) => {
-            state.limits().password_failed(&backoff).await;
-            return Err(err.into());
-        }
+        // A wrong password was counted when the try started.
         Err(err) => return Err(err.into()),
     };
     state.confirm_write(false).await?;

@@ -180,43 +180,31 @@ impl RateLimits {
         }
     }
 
-    /// Refuses a password try for `key` (account and client) while its backoff runs.
+    /// Starts a password try for `key` (account and client): refused while its backoff runs,
+    /// else counted as a failure at once — a right password clears the count
+    /// ([`RateLimits::password_succeeded`]). Counted as it starts, not once it is judged:
+    /// hashing takes a while, and tries sent all at once would otherwise all pass this check
+    /// before the first had failed. Past [`FREE_FAILURES`], the next try waits.
     ///
     /// # Errors
     /// [`AppError::TooManyRequests`] with the seconds left; [`AppError::Unavailable`] as
     /// [`RateLimits::check`].
-    pub async fn check_backoff(&self, key: &str) -> Result<(), AppError> {
+    pub async fn start_password_try(&self, key: &str) -> Result<(), AppError> {
         let Some(db) = self.shared.get() else {
-            return self.check_backoff_local(key);
+            return self.start_password_try_local(key);
         };
-        let key = &stored_key(key);
-        match shared::blocked_for(db, key, now_ms()).await.map_err(unavailable)? {
+        let schedule = shared::Backoff {
+            free: FREE_FAILURES,
+            max_ms: i64::try_from(MAX_BACKOFF.as_millis()).unwrap_or(i64::MAX),
+        };
+        match shared::start_try(db, &stored_key(key), now_ms(), schedule)
+            .await
+            .map_err(unavailable)?
+        {
             None => Ok(()),
             Some(wait_ms) => Err(AppError::TooManyRequests {
                 retry_after_secs: secs_ceil(wait_ms),
             }),
-        }
-    }
-
-    /// Records a wrong password for `key`: past [`FREE_FAILURES`], the next try waits.
-    pub async fn password_failed(&self, key: &str) {
-        let Some(db) = self.shared.get() else {
-            return self.password_failed_local(key);
-        };
-        let key = &stored_key(key);
-        let now = now_ms();
-        let recorded = match shared::add_failure(db, key, now).await {
-            Ok(count) => match backoff(u32::try_from(count).unwrap_or(u32::MAX)) {
-                Some(wait) => {
-                    let until = now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
-                    shared::block_until(db, key, until).await
-                }
-                None => Ok(()),
-            },
-            Err(err) => Err(err),
-        };
-        if let Err(err) = recorded {
-            tracing::warn!(error = %err, "cannot record a wrong password in the shared limits");
         }
     }
 
@@ -254,28 +242,23 @@ impl RateLimits {
         })
     }
 
-    fn check_backoff_local(&self, key: &str) -> Result<(), AppError> {
-        let Some(entry) = self.failures.get(key) else {
-            return Ok(());
-        };
-        let failures = *entry.lock().unwrap_or_else(|p| p.into_inner());
-        match failures.until {
-            Some(until) if until > Instant::now() => Err(AppError::TooManyRequests {
-                retry_after_secs: until.saturating_duration_since(Instant::now()).as_secs().max(1),
-            }),
-            _ => Ok(()),
-        }
-    }
-
-    fn password_failed_local(&self, key: &str) {
+    fn start_password_try_local(&self, key: &str) -> Result<(), AppError> {
         let entry = self
             .failures
             .get_with_by_ref(key, || Arc::new(Mutex::new(Failures::default())));
+        // The check and the count under one lock: tries at once take turns here.
         let mut failures = entry.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if let Some(until) = failures.until.filter(|until| *until > now) {
+            return Err(AppError::TooManyRequests {
+                retry_after_secs: until.saturating_duration_since(now).as_secs().max(1),
+            });
+        }
         failures.count = failures.count.saturating_add(1);
         if let Some(wait) = backoff(failures.count) {
-            failures.until = Some(Instant::now() + wait);
+            failures.until = Some(now + wait);
         }
+        Ok(())
     }
 
     fn password_succeeded_local(&self, key: &str) {
@@ -449,15 +432,14 @@ mod tests {
     fn failures_back_off_per_key_and_a_success_clears_them() {
         let limits = RateLimits::default();
         for _ in 0..FREE_FAILURES {
-            limits.check_backoff_local("acct|a").unwrap();
-            limits.password_failed_local("acct|a");
+            limits.start_password_try_local("acct|a").unwrap();
         }
         assert!(
-            limits.check_backoff_local("acct|a").is_err(),
-            "the fifth failure starts the wait"
+            limits.start_password_try_local("acct|a").is_err(),
+            "the fifth try starts the wait (it counts as it starts, not once judged)"
         );
-        limits.check_backoff_local("acct|b").unwrap();
+        limits.start_password_try_local("acct|b").unwrap();
         limits.password_succeeded_local("acct|a");
-        limits.check_backoff_local("acct|a").unwrap();
+        limits.start_password_try_local("acct|a").unwrap();
     }
 }

@@ -398,17 +398,14 @@ async fn reauthenticate(
     password: String,
 ) -> Result<keycast_core::Reauthenticated, AppError> {
     let backoff = format!("password:{}|{ip}", user.email);
-    state.limits().check_backoff(&backoff).await?;
+    state.limits().start_password_try(&backoff).await?;
     let (_, services) = state.api()?;
     match services.hasher.reauthenticate(user, &Secret::new(password)).await {
         Ok(proof) => {
             state.limits().password_succeeded(&backoff).await;
             Ok(proof)
         }
-        Err(err @ keycast_core::password::PasswordError::Mismatch) => {
-            state.limits().password_failed(&backoff).await;
-            Err(err.into())
-        }
+        // A wrong password was counted when the try started.
         Err(err) => Err(err.into()),
     }
 }

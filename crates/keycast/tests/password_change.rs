@@ -167,7 +167,33 @@ fn guessing_the_current_password_is_slowed_down(engine: Engine) {
     );
 }
 
+/// The same guesses sent all at once. Each took the backoff's check before any had failed
+/// (hashing takes a while), so forty at once were forty guesses, and again whenever the
+/// backoff ended: about 70 times the guessing rate the backoff allows. A try now counts as
+/// it starts.
+fn guesses_sent_at_once_are_slowed_down_too(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "carol@example.com", None);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let guesses: Vec<_> = (0..40)
+            .map(|i| {
+                let (server, cookie) = (&server, &cookie);
+                scope.spawn(move || change(server, cookie, &format!("guess number {i}"), NEW_PASSWORD).status)
+            })
+            .collect();
+        guesses.into_iter().map(|g| g.join().unwrap()).collect()
+    });
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    assert!(
+        checked <= keycast_http::limit::FREE_FAILURES as usize + 1,
+        "{checked} guesses checked of 40 sent at once: {statuses:?}"
+    );
+    assert!(statuses.iter().all(|s| [401, 429].contains(s)), "{statuses:?}");
+}
+
 on_both_engines!(
     the_password_changes_other_sessions_end_and_apps_stay,
     guessing_the_current_password_is_slowed_down,
+    guesses_sent_at_once_are_slowed_down_too,
 );
