@@ -14,8 +14,8 @@
 //!
 //! A request with neither header is not a browser's and passes (command-line clients, apps'
 //! servers). Exempt are the endpoints meant for other origins, which never use the session
-//! cookie: `POST /api/nostr` (bearer token) and `POST /api/oauth/token` (a public client's
-//! code exchange). Session-bound forms also carry a CSRF token (`session::csrf_token`), and
+//! cookie: `POST /api/nostr` (bearer token), `POST /api/oauth/token` (a public client's
+//! code exchange) and `POST /api/oauth/revoke` (the token is the credential, RFC 7009). Session-bound forms also carry a CSRF token (`session::csrf_token`), and
 //! JSON bodies must say `Content-Type: application/json` (`extract::JsonBody`), which a
 //! cross-site form cannot send.
 
@@ -29,7 +29,7 @@ use crate::{AppError, AppState};
 
 /// Paths other origins may post to: they authenticate with a bearer token or a PKCE code,
 /// never with the session cookie.
-const CROSS_ORIGIN_PATHS: &[&str] = &["/api/nostr", "/api/oauth/token"];
+const CROSS_ORIGIN_PATHS: &[&str] = &["/api/nostr", "/api/oauth/token", "/api/oauth/revoke"];
 
 /// Middleware: refuses a state-changing request from another site (see the module doc).
 pub(crate) async fn require_same_origin(State(state): State<AppState>, request: Request, next: Next) -> Response {

@@ -332,7 +332,31 @@ fn a_retry_after_the_grace_window_revokes_the_family(engine: Engine) {
     );
 }
 
+/// A browser app signs its user out by revoking its tokens from its own page (RFC 7009 §2:
+/// the token is the credential; the same as the token endpoint). Before, the request, from
+/// another origin, was refused 403 as a cross-site change, and the tokens stayed live.
+fn a_browser_app_on_another_origin_can_revoke_its_tokens(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, token) = first_grant(&server, "spa@example.com");
+    let body = form(&[("token", token.refresh_token().unwrap().secret().as_str())]);
+    let r = post(
+        &server,
+        "/api/oauth/revoke",
+        None,
+        "application/x-www-form-urlencoded",
+        &body,
+        &[("Origin", "https://app.example"), ("Sec-Fetch-Site", "cross-site")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        signs(&server, token.access_token().secret()),
+        401,
+        "the app is signed out"
+    );
+}
+
 on_both_engines!(
+    a_browser_app_on_another_origin_can_revoke_its_tokens,
     a_lost_refresh_response_may_be_retried_once_within_the_grace_window,
     a_replaced_successor_presented_later_is_reuse,
     a_retry_after_the_grace_window_revokes_the_family,
