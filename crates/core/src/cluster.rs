@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use keycast_db::notify::{Heard, Listener};
-use keycast_db::{cluster as cluster_repo, AuthorizationId, Db, PgOptions, UserId};
+use keycast_db::{cluster as cluster_repo, AuthorizationId, Db, PgOptions, TokenHash, UserId};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
@@ -150,6 +150,7 @@ impl Message {
                 Announcement::Authorization(id) => format!("inv {origin} {seq} a {id}"),
                 Announcement::User(id) => format!("inv {origin} {seq} u {id}"),
                 Announcement::Bunkers => format!("inv {origin} {seq} b"),
+                Announcement::Token(hash) => format!("inv {origin} {seq} t {}", hash.as_str()),
             },
             Message::Ack { acker, origin, seq } => format!("ack {acker} {origin} {seq}"),
             Message::Membership => "members".to_owned(),
@@ -165,6 +166,7 @@ impl Message {
                     ("a", [id]) => Announcement::Authorization(AuthorizationId::new(*id)),
                     ("u", [id]) => Announcement::User(UserId::new(*id)),
                     ("b", []) => Announcement::Bunkers,
+                    ("t", [hash]) => Announcement::Token(TokenHash::from_hex(hash)?),
                     _ => return None,
                 };
                 Some(Message::Changed {
@@ -466,6 +468,7 @@ impl Cluster {
                 match &what {
                     Announcement::Authorization(id) => self.signer.forget_authorization(id),
                     Announcement::User(id) => self.signer.forget_user(id),
+                    Announcement::Token(hash) => self.signer.forget_token(hash),
                     Announcement::Bunkers => {
                         // Acknowledge once this instance's NIP-46 listens for the new set.
                         let generation = self.signer.bunkers_changed_elsewhere();
@@ -553,6 +556,11 @@ mod tests {
                 seq: 9,
                 what: Announcement::Bunkers,
             },
+            Message::Changed {
+                origin: "i1".into(),
+                seq: 10,
+                what: Announcement::Token(TokenHash::of(b"an access token")),
+            },
             Message::Ack {
                 acker: "i2".into(),
                 origin: "i1".into(),
@@ -563,6 +571,7 @@ mod tests {
             assert_eq!(Message::decode(&message.encode()), Some(message));
         }
         assert_eq!(Message::decode("inv i1 x b"), None);
+        assert_eq!(Message::decode("inv i1 3 t not-a-hash"), None);
         assert_eq!(Message::decode("something else"), None);
     }
 

@@ -207,7 +207,7 @@ pub async fn revoke_token(signer: &Signer, token: &str) -> Result<(), InternalEr
         return Ok(());
     }
     if refresh_repo::delete_access_token(db, &hash).await?.is_some() {
-        signer.forget_token(&hash);
+        signer.invalidate_token(&hash);
     }
     Ok(())
 }

@@ -158,6 +158,8 @@ pub enum Announcement {
     User(UserId),
     /// The set of bunkers to listen for changed (a grant, a revocation).
     Bunkers,
+    /// This access token was revoked alone (RFC 7009).
+    Token(TokenHash),
 }
 
 impl Signer {
@@ -693,7 +695,15 @@ impl Signer {
     }
 
     /// Drops one bearer token from the cache after it was deleted (RFC 7009 revocation of
-    /// an access token), so its next use is refused here at once.
+    /// an access token), here and on every other instance, so its next use is refused
+    /// everywhere at once.
+    pub fn invalidate_token(&self, hash: &TokenHash) {
+        self.forget_token(hash);
+        self.announce(Announcement::Token(hash.clone()));
+    }
+
+    /// Drops one bearer token from this instance's cache only (another instance announced
+    /// its revocation).
     pub fn forget_token(&self, hash: &TokenHash) {
         self.tokens.invalidate(hash);
     }

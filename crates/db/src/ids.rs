@@ -94,6 +94,13 @@ impl TokenHash {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A hash as [`TokenHash::as_str`] writes it (another instance's announcement): 64
+    /// lowercase hex digits, never a raw token.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let valid = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        valid.then(|| Self(hex.to_owned()))
+    }
 }
 
 #[cfg(test)]

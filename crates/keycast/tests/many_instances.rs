@@ -85,6 +85,37 @@ fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() 
     }
 }
 
+/// An access token revoked alone (RFC 7009, an app signing out) on one instance: every other
+/// instance, each holding the token in its cache, refuses it on the very next request.
+/// Before, only the revoking instance forgot it; the others signed with it for up to the
+/// cache's lifetime.
+#[test]
+fn an_access_token_revoked_on_one_instance_is_refused_by_every_other_at_once() {
+    let Some((_dir, servers)) = instances(3) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "tokens@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    for server in &servers {
+        let r = sign(server, &token);
+        assert_eq!(r.status, 200, "before revoking: {}", r.body);
+    }
+    let body = form(&[("token", token.as_str()), ("token_type_hint", "access_token")]);
+    let revoked = post(
+        &servers[1],
+        "/api/oauth/revoke",
+        None,
+        "application/x-www-form-urlencoded",
+        &body,
+        &[],
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    for (i, server) in servers.iter().enumerate() {
+        let r = sign(server, &token);
+        assert_eq!(r.status, 401, "instance {i} signed with a revoked token: {}", r.body);
+    }
+}
+
 /// An account deleted on one instance: every other instance, each holding the account's
 /// grant in its caches (trusted for an hour), refuses its token and its sessions on the very
 /// next request. A password changed on one instance ends the owner's other sessions on every
