@@ -444,3 +444,45 @@ fn a_request_on_two_relays_is_answered_once_even_at_capacity() {
         "{shown:?}"
     );
 }
+
+/// Anyone who reaches the embedded relay can publish a kind-24133 event addressed to a bunker
+/// keycast serves. keycast reads at most 256 KiB a message from a relay (a bigger one ends
+/// the connection), so one event past that, forwarded, cut keycast off the relay — again and
+/// again, the reconnect waiting longer each time. The embedded relay refuses such events.
+#[test]
+fn an_oversized_event_on_the_embedded_relay_does_not_cut_keycast_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let pool = nostr_sdk::pool::RelayPool::new();
+        pool.add_relay(relay.as_str(), nostr_sdk::pool::RelayOptions::new())
+            .await
+            .unwrap();
+        pool.connect().await;
+        pool.wait_for_connection(Duration::from_secs(5)).await;
+        let huge = nostr::EventBuilder::new(nostr::Kind::NostrConnect, "x".repeat(300 * 1024))
+            .tag(nostr::Tag::public_key(bunker))
+            .sign_with_keys(&nostr::Keys::generate())
+            .unwrap();
+        let _ = pool.send_event(&huge).await;
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    client.send(&[("after".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    let replies = client.replies(1, Duration::from_secs(3));
+    assert_eq!(replies.len(), 1, "keycast still answers on the relay");
+    assert_eq!(replies[0].json["result"], user_pubkey.as_str());
+    let metrics = get(&server, "/metrics", None).body;
+    assert_eq!(
+        harness::metric_sum(&metrics, "keycast_nip46_reconnects_total"),
+        0.0,
+        "keycast's connection to the relay held"
+    );
+}

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keycast_core::nostr::{Event, Kind};
+use keycast_core::nostr::{Event, JsonUtil, Kind};
 use keycast_core::vital::Vitals;
 use nostr_relay_builder::builder::{PolicyResult, RateLimit, WritePolicy};
 use nostr_relay_builder::prelude::{BoxedFuture, MemoryDatabase, MemoryDatabaseOptions};
@@ -58,18 +58,26 @@ pub struct EmbeddedRelay {
     accept: AbortHandle,
 }
 
-/// Refuses every event that is not NIP-46, so the relay cannot be used for anything else.
+/// The largest event the relay carries: half of what keycast reads from a relay in one
+/// message (`transport::MAX_MESSAGE_BYTES`; a larger message ends its connection), and more
+/// than any NIP-46 request (a NIP-44 payload is at most about 87 KiB as an event).
+pub const MAX_EVENT_BYTES: usize = crate::transport::MAX_MESSAGE_BYTES / 2;
+
+/// Refuses every event that is not NIP-46, so the relay cannot be used for anything else, and
+/// any larger than [`MAX_EVENT_BYTES`]: forwarded to keycast, it would cut keycast off.
 #[derive(Debug)]
 struct OnlyNostrConnect;
 
 impl WritePolicy for OnlyNostrConnect {
     fn admit_event<'a>(&'a self, event: &'a Event, _addr: &'a SocketAddr) -> BoxedFuture<'a, PolicyResult> {
         Box::pin(async move {
-            if event.kind == Kind::NostrConnect {
-                PolicyResult::Accept
-            } else {
-                PolicyResult::Reject("this relay only carries NIP-46 (kind 24133)".into())
+            if event.kind != Kind::NostrConnect {
+                return PolicyResult::Reject("this relay only carries NIP-46 (kind 24133)".into());
             }
+            if event.as_json().len() > MAX_EVENT_BYTES {
+                return PolicyResult::Reject(format!("events are limited to {MAX_EVENT_BYTES} bytes"));
+            }
+            PolicyResult::Accept
         })
     }
 }
