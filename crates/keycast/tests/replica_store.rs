@@ -63,6 +63,24 @@ fn a_store_that_ignores_create_only_writes_is_refused_at_start() {
     assert_eq!(replica_files(&moto, &bucket), 0, "nothing was replicated");
 }
 
+/// A store that honours `If-None-Match` on a plain upload but not where a multipart upload
+/// completes: objects over 8 MiB (full images, snapshots, large compactions) are written in
+/// parts and copied into place create-only, so there a stale writer could overwrite. Before,
+/// the check tried plain uploads only and let keycast start.
+#[test]
+fn a_store_that_ignores_create_only_on_large_objects_is_refused_at_start() {
+    let Some(moto) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let bucket = harness::new_bucket(&moto, "ignores-on-completion");
+    let proxy = HeaderStrippingProxy::start_when(&moto, &["If-None-Match"], "uploadId=");
+    let dir = tempfile::tempdir().unwrap();
+    let finished = launch(&dir.path().join("data"), &proxy.url, &bucket).run_to_exit(Duration::from_secs(60));
+    assert_refused(&finished, &bucket, "If-None-Match");
+    assert!(finished.stderr.contains("8 MiB"), "{}", finished.stderr);
+    assert_eq!(replica_files(&moto, &bucket), 0, "nothing was replicated");
+}
+
 #[test]
 fn a_store_that_ignores_compare_and_swap_is_refused_at_start() {
     let Some(moto) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {

@@ -17,15 +17,22 @@ impl HeaderStrippingProxy {
     /// Proxies to `upstream` (`http://host:port`), dropping the request headers named in
     /// `strip` (case-insensitive).
     pub fn start(upstream: &str, strip: &[&str]) -> HeaderStrippingProxy {
+        HeaderStrippingProxy::start_when(upstream, strip, "")
+    }
+
+    /// As [`HeaderStrippingProxy::start`], only on requests whose request line contains
+    /// `request_line` (e.g. `uploadId=`: the completion of a multipart upload).
+    pub fn start_when(upstream: &str, strip: &[&str], request_line: &str) -> HeaderStrippingProxy {
         let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_string();
         let strip: Vec<String> = strip.iter().map(|h| h.to_ascii_lowercase()).collect();
+        let request_line = request_line.to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
-                let (upstream, strip) = (upstream.clone(), strip.clone());
+                let (upstream, strip, request_line) = (upstream.clone(), strip.clone(), request_line.clone());
                 std::thread::spawn(move || {
-                    let _ = relay(client, &upstream, &strip);
+                    let _ = relay(client, &upstream, &strip, &request_line);
                 });
             }
         });
@@ -35,7 +42,7 @@ impl HeaderStrippingProxy {
 
 /// Forwards one request from `client` (minus the `strip` headers) and the whole response
 /// back.
-fn relay(mut client: TcpStream, upstream: &str, strip: &[String]) -> std::io::Result<()> {
+fn relay(mut client: TcpStream, upstream: &str, strip: &[String], request_line: &str) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(client.try_clone()?);
     let mut head = String::new();
@@ -52,7 +59,8 @@ fn relay(mut client: TcpStream, upstream: &str, strip: &[String]) -> std::io::Re
         if name == "content-length" {
             content_length = line.split(':').nth(1).unwrap_or("0").trim().parse().unwrap_or(0);
         }
-        if strip.contains(&name) || name == "connection" {
+        let stripping = head.lines().next().is_some_and(|first| first.contains(request_line));
+        if (stripping && strip.contains(&name)) || name == "connection" {
             continue;
         }
         head.push_str(&line);

@@ -36,28 +36,35 @@ pub enum ConditionalWriteError {
 
 impl Store {
     /// Writes a probe object under `keycast/probe/` twice create-only, then updates it from
-    /// a stale version, and checks the store refused the second write each time. The probe
-    /// object is deleted afterwards (a failed delete only leaves a small object behind).
-    /// Costs six requests.
+    /// a stale version, then copies it create-only twice onto a second name (the path large
+    /// objects take: uploaded in parts, then copied into place, `store::stream`), and checks
+    /// the store refused the second write each time. The probe objects are deleted afterwards
+    /// (a failed delete only leaves a small object behind). Costs nine requests.
     ///
     /// # Errors
     /// `Ignored` naming the store and the ignored precondition; `Store` if a request fails.
     pub async fn check_conditional_writes(&self) -> Result<(), ConditionalWriteError> {
-        let name = format!("keycast/probe/{}.json", probe_id());
-        let result = self.probe(&name).await;
-        if let Ok(key) = self.object_key(&name) {
-            self.begin(super::Operation::Delete);
-            let _ = self.inner.objects.delete(&key).await;
-            // The file backend's compare-and-swap left its lock file beside the object.
-            if let Some(root) = &self.inner.root {
-                let path = key.parts().fold(root.clone(), |path, part| path.join(part.as_ref()));
-                let _ = std::fs::remove_file(path.with_extension("lock"));
+        let id = probe_id();
+        let (name, copy) = (
+            format!("keycast/probe/{id}.json"),
+            format!("keycast/probe/{id}-copy.json"),
+        );
+        let result = self.probe(&name, &copy).await;
+        for name in [name, copy] {
+            if let Ok(key) = self.object_key(&name) {
+                self.begin(super::Operation::Delete);
+                let _ = self.inner.objects.delete(&key).await;
+                // The file backend's compare-and-swap left its lock file beside the object.
+                if let Some(root) = &self.inner.root {
+                    let path = key.parts().fold(root.clone(), |path, part| path.join(part.as_ref()));
+                    let _ = std::fs::remove_file(path.with_extension("lock"));
+                }
             }
         }
         result
     }
 
-    async fn probe(&self, name: &str) -> Result<(), ConditionalWriteError> {
+    async fn probe(&self, name: &str, copy: &str) -> Result<(), ConditionalWriteError> {
         let ignored = |header, what| ConditionalWriteError::Ignored {
             store: self.describe(),
             header,
@@ -101,7 +108,26 @@ impl Store {
         if stale != UpdateOutcome::Conflict {
             return Err(ignored("If-Match", "an update from a stale version"));
         }
-        Ok(())
+        let (from, to) = (self.object_key(name)?, self.object_key(copy)?);
+        let create = || object_store::CopyOptions {
+            mode: object_store::CopyMode::Create,
+            ..object_store::CopyOptions::default()
+        };
+        self.begin(super::Operation::Put);
+        self.inner
+            .objects
+            .copy_opts(&from, &to, create())
+            .await
+            .map_err(|e| self.failed(super::Operation::Put, &to, e))?;
+        self.begin(super::Operation::Put);
+        match self.inner.objects.copy_opts(&from, &to, create()).await {
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(()),
+            Ok(()) => Err(ignored(
+                "If-None-Match",
+                "a second create-only copy onto the same object (how objects over 8 MiB are written)",
+            )),
+            Err(e) => Err(self.failed(super::Operation::Put, &to, e).into()),
+        }
     }
 }
 
