@@ -51,18 +51,21 @@ impl Store {
             format!("keycast/probe/{id}-copy.json"),
         );
         let result = self.probe(&name, &copy).await;
-        for name in [name, copy] {
-            if let Ok(key) = self.object_key(&name) {
-                self.begin(super::Operation::Delete);
-                let _ = self.inner.objects.delete(&key).await;
-                // The file backend's compare-and-swap left its lock file beside the object.
-                if let Some(root) = &self.inner.root {
-                    let path = key.parts().fold(root.clone(), |path, part| path.join(part.as_ref()));
-                    let _ = std::fs::remove_file(path.with_extension("lock"));
-                }
-            }
-        }
+        futures::future::join(self.remove_probe(&name), self.remove_probe(&copy)).await;
         result
+    }
+
+    async fn remove_probe(&self, name: &str) {
+        let Ok(key) = self.object_key(name) else {
+            return;
+        };
+        self.begin(super::Operation::Delete);
+        let _ = self.inner.objects.delete(&key).await;
+        // The file backend's compare-and-swap left its lock file beside the object.
+        if let Some(root) = &self.inner.root {
+            let path = key.parts().fold(root.clone(), |path, part| path.join(part.as_ref()));
+            let _ = std::fs::remove_file(path.with_extension("lock"));
+        }
     }
 
     async fn probe(&self, name: &str, copy: &str) -> Result<(), ConditionalWriteError> {
