@@ -121,6 +121,42 @@ fn signatures_counted(server: &Keycast, cookie: &str) -> (u64, Value) {
     (shown["usage"]["signatures"].as_u64().unwrap_or_default(), shown)
 }
 
+/// Every reply on `relay` from `bunker` to `client` answers a different request (none was
+/// answered twice), and `server` counts the two signatures asked for, no more (it writes its
+/// activity about once a second: waited for, then a little more for a third that should not
+/// come).
+fn each_answered_once_and_two_signatures_counted(
+    relay: &Relay,
+    bunker: &PublicKey,
+    client: &Keys,
+    server: &Keycast,
+    cookie: &str,
+) {
+    let mut answers: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (_, reply) in replies_to(relay.url(), bunker, client) {
+        *answers
+            .entry(reply["id"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = answers.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "requests answered more than once: {twice:?} of {answers:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while signatures_counted(server, cookie).0 < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two signatures asked for: {:?}",
+            signatures_counted(server, cookie)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let (counted, shown) = signatures_counted(server, cookie);
+    assert_eq!(counted, 2, "two signatures asked for: {shown}");
+}
+
 fn handover_loop(replica: &str, cycles: usize, extra_env: &[(String, String)]) {
     let dir = tempfile::tempdir().unwrap();
     let launch = |data: &Path, replica: &str| extra_env.iter().fold(launch(data, replica), |l, (k, v)| l.env(k, v));
@@ -587,31 +623,7 @@ fn a_request_answered_before_the_handover_is_not_answered_again_after_it() {
     let after = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 10000}));
     assert_eq!(after["ok"], true, "signing through the newcomer: {after}");
 
-    let mut answers: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for (_, reply) in replies_to(relay.url(), &bunker, &client) {
-        *answers
-            .entry(reply["id"].as_str().unwrap_or_default().to_owned())
-            .or_default() += 1;
-    }
-    let twice: Vec<_> = answers.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        twice.is_empty(),
-        "requests answered more than once: {twice:?} of {answers:?}"
-    );
-    // The newcomer writes its activity about once a second: wait for both, then a little
-    // more for a third that should not come.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while signatures_counted(&new, &cookie).0 < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "two signatures asked for: {:?}",
-            signatures_counted(&new, &cookie)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let (counted, shown) = signatures_counted(&new, &cookie);
-    assert_eq!(counted, 2, "two signatures asked for: {shown}");
+    each_answered_once_and_two_signatures_counted(&relay, &bunker, &client, &new, &cookie);
 }
 
 /// A signature under way when the hand-over begins: it passed the writer check just before,
@@ -722,27 +734,5 @@ fn a_request_answered_before_sigterm_is_not_answered_again_by_the_next_instance(
     let new = launch("new").start();
     let after = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 10000}));
     assert_eq!(after["ok"], true, "signing through the next instance: {after}");
-    let mut answers: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for (_, reply) in replies_to(relay.url(), &bunker, &client) {
-        *answers
-            .entry(reply["id"].as_str().unwrap_or_default().to_owned())
-            .or_default() += 1;
-    }
-    let twice: Vec<_> = answers.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        twice.is_empty(),
-        "requests answered more than once: {twice:?} of {answers:?}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while signatures_counted(&new, &cookie).0 < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "two signatures asked for: {:?}",
-            signatures_counted(&new, &cookie)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    let (counted, shown) = signatures_counted(&new, &cookie);
-    assert_eq!(counted, 2, "two signatures asked for: {shown}");
+    each_answered_once_and_two_signatures_counted(&relay, &bunker, &client, &new, &cookie);
 }

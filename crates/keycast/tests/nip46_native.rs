@@ -22,17 +22,24 @@ fn bunker(dir: &std::path::Path, env: &[(&str, &str)]) -> (Keycast, String, Publ
     }
     let server = launch.start();
     let (cookie, account) = register(&server, "native@example.com", None);
-    let token = grant(&server, &cookie, "policy:social");
-    let url = token["bunker_url"].as_str().unwrap().to_owned();
-    let bunker = PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
-    let relay = query_param(&url, "relay").unwrap();
-    let secret = query_param(&url, "secret").unwrap();
+    let (bunker, relay, secret) = bunker_of(&grant(&server, &cookie, "policy:social"));
     (
         server,
         account["pubkey"].as_str().unwrap().to_owned(),
         bunker,
         relay,
         secret,
+    )
+}
+
+/// A grant's bunker URL, taken apart: (bunker key, its first relay, connect secret).
+fn bunker_of(grant: &Value) -> (PublicKey, String, String) {
+    let url = grant["bunker_url"].as_str().unwrap();
+    let bunker = PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    (
+        bunker,
+        query_param(url, "relay").unwrap(),
+        query_param(url, "secret").unwrap(),
     )
 }
 
@@ -365,10 +372,7 @@ fn a_revoked_apps_client_is_limited_like_a_stranger() {
     let server = launch.start();
     let (cookie, _) = register(&server, "revoked@example.com", None);
     let token = grant(&server, &cookie, "policy:social");
-    let url = token["bunker_url"].as_str().unwrap().to_owned();
-    let bunker = PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
-    let relay = query_param(&url, "relay").unwrap();
-    let secret = query_param(&url, "secret").unwrap();
+    let (bunker, relay, secret) = bunker_of(&token);
     let mut client = NativeClient::connect(&relay, bunker);
     client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
     assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
@@ -416,10 +420,7 @@ fn a_request_on_two_relays_is_answered_once_even_at_capacity() {
         .env("KEYCAST_NIP46_MAX_IN_FLIGHT", "1")
         .start();
     let (cookie, _) = register(&server, "tworelays@example.com", None);
-    let token = grant(&server, &cookie, "policy:social");
-    let url = token["bunker_url"].as_str().unwrap().to_owned();
-    let bunker = PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
-    let secret = query_param(&url, "secret").unwrap();
+    let (bunker, _, secret) = bunker_of(&grant(&server, &cookie, "policy:social"));
     let mut client = NativeClient::connect_to(&[first.url(), second.url()], bunker, nostr::Keys::generate());
     client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
     assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");

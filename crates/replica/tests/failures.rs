@@ -253,17 +253,7 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
         replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
     }
     let txid = replicator.status().replicated_txid;
-    let expected = {
-        let db = db.clone();
-        tokio::task::spawn_blocking(move || {
-            keycast_replica::segment::LiveImage::open(&db)
-                .unwrap()
-                .checksum()
-                .unwrap()
-        })
-        .await
-        .unwrap()
-    };
+    let expected = live_checksum(&db).await;
     compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
         .await
         .unwrap();
@@ -324,17 +314,7 @@ async fn a_verified_txid_compacted_away_mid_verification_is_no_verdict() {
         write(v).await;
     }
     let txid = replicator.status().replicated_txid;
-    let expected = {
-        let db = db.clone();
-        tokio::task::spawn_blocking(move || {
-            keycast_replica::segment::LiveImage::open(&db)
-                .unwrap()
-                .checksum()
-                .unwrap()
-        })
-        .await
-        .unwrap()
-    };
+    let expected = live_checksum(&db).await;
     // Writes go on, and level 1 moves past the TXID verified.
     write("five").await;
     compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
@@ -373,6 +353,19 @@ async fn a_verified_txid_compacted_away_mid_verification_is_no_verdict() {
         .shutdown(Instant::now() + Duration::from_secs(5))
         .await
         .unwrap();
+}
+
+/// The live database's checksum, as verification computes it.
+async fn live_checksum(db: &std::path::Path) -> u64 {
+    let db = db.to_owned();
+    tokio::task::spawn_blocking(move || {
+        keycast_replica::segment::LiveImage::open(&db)
+            .unwrap()
+            .checksum()
+            .unwrap()
+    })
+    .await
+    .unwrap()
 }
 
 /// Polls `status` until `done` holds (up to 20 s).
