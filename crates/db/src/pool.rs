@@ -156,8 +156,34 @@ fn normalize_socket_url(url: &str) -> String {
     }
 }
 
-/// `scheme://user:***@host/db?…`: a database URL safe to print.
+/// `scheme://user:***@host/db?…&password=***`: a database URL safe to print. A password may
+/// also come as a query parameter (`?password=`, which sqlx accepts: handy with a Cloud SQL
+/// socket, whose URL has no host to put credentials before).
 pub fn redact_url(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((url, query)) => (url, Some(redact_query(query))),
+        None => (url, None),
+    };
+    let redacted = redact_authority(url);
+    match query {
+        Some(query) => format!("{redacted}?{query}"),
+        None => redacted,
+    }
+}
+
+/// The query with the value of every password parameter masked.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().ends_with("password") => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn redact_authority(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -528,6 +554,14 @@ mod tests {
             redact_url("postgres://u:p@h:5/d?sslmode=require"),
             "postgres://u:***@h:5/d?sslmode=require"
         );
+        // The password as a query parameter (sqlx takes it): the Cloud SQL socket's form.
+        let url = "postgres://keycast@/keycast?host=/cloudsql/p:r:i&password=hunter2&sslpassword=x2";
+        assert_eq!(PgOptions::new(url).connect_options().unwrap().get_username(), "keycast");
+        assert_eq!(
+            redact_url(url),
+            "postgres://keycast@/keycast?host=/cloudsql/p:r:i&password=***&sslpassword=***"
+        );
+        assert!(!PgOptions::new(url).describe().contains("hunter2"));
         assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
     }
 }

@@ -27,7 +27,7 @@ pub fn open(url: Option<&str>, encryption: Option<ObjectCipher>) -> anyhow::Resu
         ),
     };
     let store = Store::from_url(&url, &|name| std::env::var(name).ok())
-        .with_context(|| format!("invalid {origin}={url}"))?
+        .with_context(|| format!("invalid {origin}={}", keycast_db::pool::redact_url(&url)))?
         .with_context(|| format!("{origin}=none: there is no replica to read"))?;
     Ok(match encryption {
         Some(cipher) => store.with_encryption(cipher),
@@ -89,16 +89,17 @@ pub async fn restore_cmd(
     force: bool,
     as_json: bool,
 ) -> anyhow::Result<()> {
-    if output.exists() {
-        if !force {
-            bail!("{} already exists; pass --force to replace it", output.display());
-        }
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = output.as_os_str().to_owned();
-            p.push(suffix);
-            let _ = std::fs::remove_file(PathBuf::from(p));
-        }
+    let replacing = output.exists();
+    if replacing && !force {
+        bail!("{} already exists; pass --force to replace it", output.display());
     }
+    // A database being replaced stays as it is until the restore has succeeded: the restore
+    // is written beside it and renamed over it only then.
+    let restoring = if replacing {
+        sibling(output, &format!(".restoring-{}", std::process::id()))
+    } else {
+        output.to_owned()
+    };
     if matches!(target, Target::Latest) {
         refuse_truncated(store).await?;
     }
@@ -111,9 +112,17 @@ pub async fn restore_cmd(
         }
     };
     let started = std::time::Instant::now();
-    let restored = restore::restore(store, output, target, Some(&report)).await?;
+    let restored = restore::restore(store, &restoring, target, Some(&report)).await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    if replacing {
+        // The old database's WAL would be applied to the new file on its next open.
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(sibling(output, suffix));
+        }
+        std::fs::rename(&restoring, output)
+            .with_context(|| format!("cannot move the restored database over {}", output.display()))?;
     }
     if as_json {
         println!(
@@ -133,6 +142,13 @@ pub async fn restore_cmd(
         );
     }
     Ok(())
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// A progress bar on a terminal only (never in JSON mode or in logs).

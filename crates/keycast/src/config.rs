@@ -423,7 +423,7 @@ const SECRET_SETTINGS: &[&str] = &[
     "admin_token",
 ];
 /// Settings whose values are URLs that may carry a password: printed with it masked.
-const URL_SETTINGS: &[&str] = &["database_url", "database_direct_url"];
+const URL_SETTINGS: &[&str] = &["database_url", "database_direct_url", "replica_url"];
 
 /// Where the embedded relay listens by default: loopback, so it is private to the machine.
 pub const DEFAULT_EMBEDDED_RELAY_ADDR: &str = "127.0.0.1:7447";

@@ -21,7 +21,12 @@ use crate::config::ReplicaConfig;
 /// An unusable URL or missing credentials variable.
 pub fn open_store(config: &ReplicaConfig) -> anyhow::Result<Store> {
     let store = Store::from_url(&config.url, &|name| std::env::var(name).ok())
-        .with_context(|| format!("invalid configuration: KEYCAST_REPLICA_URL={}", config.url))?
+        .with_context(|| {
+            format!(
+                "invalid configuration: KEYCAST_REPLICA_URL={}",
+                keycast_db::pool::redact_url(&config.url)
+            )
+        })?
         .context("KEYCAST_REPLICA_URL=none was handled before")?;
     Ok(match &config.encryption {
         Some(cipher) => store.with_encryption(cipher.clone()),

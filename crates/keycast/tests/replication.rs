@@ -324,6 +324,21 @@ fn restore_cli_point_in_time() {
         "the refused restore left the existing file alone"
     );
 
+    // --force with a restore that fails (a TXID past the replica): the existing database
+    // stays as it was. Before, it was deleted before the restore began.
+    let beyond = (replica_max_txid(&env) + 100).to_string();
+    let failed = cli(
+        &["restore", "-o", by_txid.to_str().unwrap(), "--force", "--txid", &beyond],
+        &env,
+    );
+    assert!(!failed.status.success(), "{}", failed.stdout);
+    assert!(failed.stderr.contains("cannot reach TXID"), "{}", failed.stderr);
+    assert_eq!(
+        harness::test_keys(&by_txid),
+        keys(&["a1"]),
+        "the failed restore left the existing file alone"
+    );
+
     // --force replaces it; --json reports what was restored.
     let forced = restore(&by_txid, &["--force", "--json"], &env);
     let doc: Value = serde_json::from_str(forced.stdout.trim())

@@ -197,3 +197,36 @@ fn json_logs_carry_severity_and_message() {
         "{log}"
     );
 }
+
+/// Credentials written into the replica URL (`s3://KEY:SECRET@bucket/prefix`) are refused —
+/// they belong in the environment — and the refusal does not print them: it is logged, and
+/// logs are read by more people than the bucket's owners. Before, the error repeated the URL
+/// as given, secret and all.
+#[test]
+fn a_replica_url_with_credentials_is_refused_without_printing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "s3://AKIAEXAMPLE:wJalrXUtnFEMIsecretKEY@bucket/prefix";
+    let data = dir.path().join("data");
+    let env = [
+        ("KEYCAST_REPLICA_URL", url),
+        ("KEYCAST_DATA_DIR", data.to_str().unwrap()),
+        ("PORT", "0"),
+    ];
+    for args in [
+        &["serve"][..],
+        &["replica", "ls"][..],
+        &["replica", "ls", "--replica", url][..],
+    ] {
+        let finished = harness::keycast_cli(args, &env);
+        assert!(!finished.status.success(), "{args:?} refuses it");
+        let printed = format!("{}{}", finished.stdout, finished.stderr);
+        assert!(
+            printed.contains("KEYCAST_REPLICA_URL") || printed.contains("--replica"),
+            "{args:?}: {printed}"
+        );
+        assert!(
+            !printed.contains("wJalrXUtnFEMIsecretKEY"),
+            "{args:?} printed the secret: {printed}"
+        );
+    }
+}
