@@ -56,6 +56,8 @@ pub const MAX_PENDING_PER_AUTHORIZATION: i64 = 20;
 pub const PAGE_PATH: &str = "/approvals/";
 /// Characters of content shown on the approval page.
 pub const PREVIEW_CHARS: usize = 280;
+/// Tags an approval page shows of an event to sign.
+pub const PREVIEW_TAGS: usize = 50;
 /// NIP-44 takes at most this much plaintext; a larger request is refused, not asked.
 const MAX_SEALED: usize = 65_535;
 
@@ -159,8 +161,14 @@ pub struct ApprovalView {
     pub preview: Option<String>,
     /// Whether [`ApprovalView::preview`] was cut.
     pub truncated: bool,
-    /// Number of tags of an event to sign.
-    pub tags: usize,
+    /// The tags of an event to sign, each as JSON (`["e","…"]`), the first [`PREVIEW_TAGS`],
+    /// each at most [`PREVIEW_CHARS`] characters: what it deletes, mentions, pays or lists is
+    /// there, not in the content.
+    pub tags: Vec<String>,
+    /// How many tags the event has in all.
+    pub tag_count: usize,
+    /// The date the event to sign carries (unix seconds).
+    pub created_at: Option<i64>,
     /// The peer of an encrypt/decrypt request.
     pub peer: Option<PublicKey>,
     pub expires_at: i64,
@@ -445,14 +453,26 @@ impl Signer {
         let row = self.owned_approval(id, user).await?;
         let bunker = self.approval_bunker(&row).await?;
         let request = unseal(&bunker, &row.request_sealed)?;
-        let (text, peer, tags) = match &request {
-            Request::SignEvent(event) => (Some(event.content.as_str()), None, event.tags.len()),
+        let (text, peer) = match &request {
+            Request::SignEvent(event) => (Some(event.content.as_str()), None),
             Request::Nip04Encrypt { peer, plaintext } | Request::Nip44Encrypt { peer, plaintext } => {
-                (Some(plaintext.as_str()), Some(*peer), 0)
+                (Some(plaintext.as_str()), Some(*peer))
             }
-            Request::Nip04Decrypt { peer, .. } | Request::Nip44Decrypt { peer, .. } => (None, Some(*peer), 0),
-            Request::GetPublicKey => (None, None, 0),
+            Request::Nip04Decrypt { peer, .. } | Request::Nip44Decrypt { peer, .. } => (None, Some(*peer)),
+            Request::GetPublicKey => (None, None),
         };
+        let event = match &request {
+            Request::SignEvent(event) => Some(event),
+            _ => None,
+        };
+        let tags = event.map_or_else(Vec::new, |event| {
+            event
+                .tags
+                .iter()
+                .take(PREVIEW_TAGS)
+                .map(|tag| self::preview(&serde_json::to_string(tag.as_slice()).unwrap_or_default()).0)
+                .collect()
+        });
         let (preview, truncated) = match text.map(preview) {
             Some((p, t)) => (Some(p), t),
             None => (None, false),
@@ -466,6 +486,8 @@ impl Signer {
             preview,
             truncated,
             tags,
+            tag_count: event.map_or(0, |event| event.tags.len()),
+            created_at: event.map(|event| i64::try_from(event.created_at.as_secs()).unwrap_or(i64::MAX)),
             peer,
             expires_at: row.expires_at,
             decision: row.decision.clone(),

@@ -100,7 +100,20 @@ fn describe(view: &ApprovalView, now: i64) -> String {
     ];
     if let Some(kind) = view.kind {
         rows.push(("Event kind", kind.to_string()));
-        rows.push(("Tags", view.tags.to_string()));
+        let shown = if view.tags.len() < view.tag_count {
+            format!(" <em>(the first {} of {})</em>", view.tags.len(), view.tag_count)
+        } else {
+            String::new()
+        };
+        let tags = if view.tags.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("<pre class=\"preview\">{}</pre>{shown}", escape(&view.tags.join("\n")))
+        };
+        rows.push(("Tags", tags));
+    }
+    if let Some(created_at) = view.created_at {
+        rows.push(("Dated", escape(&crate::pages::time(created_at))));
     }
     if let Some(peer) = &view.peer {
         rows.push(("With", escape(&peer.to_bech32().unwrap_or_else(|_| peer.to_hex()))));

@@ -112,6 +112,27 @@ fn http_allow_once_lets_exactly_one_retry_of_the_same_request(engine: Engine) {
     assert_eq!(twice.status, 409, "{}", twice.body);
 }
 
+/// What an event does is often in its tags, not its content: the notes a deletion removes,
+/// the relays a relay list names, a zap's amount and recipient. The approval page showed
+/// the kind, the number of tags and the content; the owner approved blind what the tags said.
+/// Now it shows them (escaped), and the date the event carries.
+fn the_approval_page_shows_the_tags_and_the_date_the_owner_would_sign(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "tags@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let target = "a".repeat(64);
+    let params = json!([{ "kind": 30023, "content": "just tidying up", "created_at": 1_900_000_000,
+                         "tags": [["d", "slug"], ["e", target], ["p", "<script>x</script>"]] }]);
+    let path = approval_path(&server, &sign(&server, &token, params));
+    let page = get(&server, &path, Some(&cookie));
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains(&target), "the tag's value is shown: {}", page.body);
+    assert!(page.body.contains("&lt;script&gt;"), "escaped: {}", page.body);
+    assert!(!page.body.contains("<script>x"), "{}", page.body);
+    assert!(page.body.contains("2030-03-17"), "the event's date: {}", page.body);
+}
+
 fn http_allow_kind_holds_for_later_requests_and_across_a_restart(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(engine, dir.path(), &[]);
@@ -390,6 +411,7 @@ fn nip46_approval_clicked_on_another_instance_still_answers_the_app() {
 }
 
 on_both_engines!(
+    the_approval_page_shows_the_tags_and_the_date_the_owner_would_sign,
     http_allow_once_lets_exactly_one_retry_of_the_same_request,
     http_allow_kind_holds_for_later_requests_and_across_a_restart,
     deny_another_account_csrf_and_unknown_ids_are_refused,
