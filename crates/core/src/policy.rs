@@ -297,21 +297,47 @@ impl Policy {
     }
 
     fn check_content(&self, text: &str, what: &str) -> Result<(), Denial> {
+        self.check_texts(std::iter::once(text), what)
+    }
+
+    /// No blocked word in any of `texts`, each compared as readers read it ([`folded`]).
+    fn check_texts<'a>(&self, texts: impl IntoIterator<Item = &'a str>, what: &str) -> Result<(), Denial> {
         if self.blocked_words.is_empty() {
             return Ok(());
         }
-        let lower = text.to_lowercase();
-        match self
-            .blocked_words
-            .iter()
-            .find(|w| !w.is_empty() && lower.contains(w.as_str()))
-        {
-            Some(word) => self.deny(format_args!("{what} containing the word \"{word}\" is not allowed")),
-            None => Ok(()),
+        let words: Vec<(String, &String)> = self.blocked_words.iter().map(|w| (folded(w), w)).collect();
+        for text in texts {
+            let text = folded(text);
+            if let Some((_, word)) = words.iter().find(|(w, _)| !w.is_empty() && text.contains(w.as_str())) {
+                return self.deny(format_args!("{what} containing the word \"{word}\" is not allowed"));
+            }
         }
+        Ok(())
     }
 
-    fn check_sign(&self, kind: u16, content: &str) -> Result<(), Denial> {
+    /// A blocked word may sit anywhere readers see it: the content, any tag (hashtags,
+    /// titles, subjects), and in a profile (kind 0) behind a JSON escape.
+    fn check_event(&self, event: &nostr::UnsignedEvent) -> Result<(), Denial> {
+        if self.blocked_words.is_empty() {
+            return Ok(());
+        }
+        let mut decoded = Vec::new();
+        if event.kind == nostr::Kind::Metadata {
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&event.content) {
+                json_strings(&json, &mut decoded);
+            }
+        }
+        let tags = event
+            .tags
+            .iter()
+            .flat_map(|tag| tag.as_slice().iter().map(String::as_str));
+        let texts = std::iter::once(event.content.as_str())
+            .chain(tags)
+            .chain(decoded.iter().map(String::as_str));
+        self.check_texts(texts, "signing content")
+    }
+
+    fn check_kind(&self, kind: u16) -> Result<(), Denial> {
         if self.denied_kinds.contains(&kind) {
             return self.deny(format_args!("kind {kind} is denied"));
         }
@@ -322,7 +348,7 @@ impl Policy {
         if !allowed {
             return self.deny(format_args!("kind {kind} is not allowed"));
         }
-        self.check_content(content, "signing content")
+        Ok(())
     }
 
     fn check_encrypt(&self, peer: &PublicKey, plaintext: &str, user: &PublicKey) -> Result<(), Denial> {
@@ -346,6 +372,42 @@ impl Policy {
     }
 }
 
+/// `text` as a blocked word is looked for in it: compatibility forms folded (NFKC: fullwidth
+/// and other stylised letters read as the plain ones), invisible format characters dropped
+/// (zero-width spaces and joiners, soft hyphens, direction marks), lowercased. Each changes how
+/// a word is spelled in bytes, not how it reads. Look-alike letters from other scripts (a
+/// Cyrillic "а") are not folded.
+fn folded(text: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    text.nfkc()
+        .filter(|c| !is_invisible(*c))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}'
+        | '\u{E0000}'..='\u{E0FFF}')
+}
+
+/// Every string in `json`, keys included, decoded.
+fn json_strings(json: &serde_json::Value, out: &mut Vec<String>) {
+    match json {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|item| json_strings(item, out)),
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                out.push(key.clone());
+                json_strings(value, out);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Decides whether `policy` allows `request` for the user whose public key is `user`.
 /// Used by every transport for every operation.
 ///
@@ -355,7 +417,9 @@ impl Policy {
 pub fn evaluate(policy: &Policy, request: &Request, user: &PublicKey) -> Result<(), Denial> {
     match request {
         Request::GetPublicKey => Ok(()),
-        Request::SignEvent(event) => policy.check_sign(event.kind.as_u16(), &event.content),
+        Request::SignEvent(event) => policy
+            .check_kind(event.kind.as_u16())
+            .and_then(|()| policy.check_event(event)),
         Request::Nip04Encrypt { peer, plaintext } | Request::Nip44Encrypt { peer, plaintext } => {
             policy.check_encrypt(peer, plaintext, user)
         }
@@ -447,6 +511,35 @@ mod tests {
         assert!(evaluate(&clean, &encrypt(peer, "spammy"), &user).is_err());
         assert!(evaluate(&clean, &decrypt(peer), &user).is_ok());
         assert!(evaluate(&clean, &sign(&user, 1, "ham"), &user).is_ok());
+    }
+
+    /// A blocked word is what readers read, not a byte string: in a tag (a hashtag, a title),
+    /// behind a JSON escape in a profile, split by an invisible character, or in fullwidth
+    /// letters, it reads the same. Before, each of these was signed.
+    #[test]
+    fn blocked_words_are_found_in_tags_escapes_and_disguised_spellings() {
+        let (user, _) = keys();
+        let clean = Policy::parse("clean", r#"{"any_kind":true,"blocked_words":["spam"]}"#).unwrap();
+        let tagged = Request::SignEvent(UnsignedEvent::new(
+            user,
+            Timestamp::from(1),
+            Kind::from(1),
+            Tags::parse([vec!["t", "spam"]]).unwrap(),
+            "hi",
+        ));
+        let refused = [
+            tagged,
+            sign(&user, 0, r#"{"name":"\u0073pam"}"#),
+            sign(&user, 1, "s\u{200b}pam"),
+            sign(&user, 1, "buy ｓｐａｍ"),
+            sign(&user, 1, "SP\u{00AD}AM"),
+        ];
+        for request in &refused {
+            assert!(evaluate(&clean, request, &user).is_err(), "{request:?}");
+        }
+        for fine in ["spa m", "hi", r#"{"name":"\u0068am"}"#] {
+            assert!(evaluate(&clean, &sign(&user, 0, fine), &user).is_ok(), "{fine}");
+        }
     }
 
     #[test]
