@@ -113,7 +113,10 @@ pub struct Cluster {
     listening: AtomicBool,
     /// What this instance's beats are dated from.
     epoch: Instant,
+    /// Listener, publisher, heartbeat.
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Set by [`Cluster::leave`]: this instance's caches are not trusted again.
+    left: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -251,6 +254,7 @@ impl Cluster {
             listening: AtomicBool::new(true),
             epoch: Instant::now(),
             tasks: Mutex::new(Vec::new()),
+            left: AtomicBool::new(false),
         });
         // Trusted from this instance's first beat heard on (see `receive`).
         signer.distrust_caches();
@@ -346,10 +350,17 @@ impl Cluster {
         );
     }
 
-    /// Leaves the cluster (a clean stop): the others take this instance's bunkers at once.
+    /// Leaves the cluster (a clean stop): the others take this instance's bunkers at once,
+    /// and no longer wait for its acknowledgements. The requests it is still finishing read
+    /// the database from here on (its caches are not trusted again: a revocation made
+    /// elsewhere is no longer acknowledged by it before it is answered), and the changes they
+    /// make are still announced: the listener and the publisher run until
+    /// [`Cluster::close`]. Only the heartbeat stops, so the registration stays gone.
     pub async fn leave(&self) {
-        for task in self.tasks.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
-            task.abort();
+        self.left.store(true, Ordering::SeqCst);
+        self.signer.distrust_caches();
+        if let Some(heartbeat) = self.tasks.lock().unwrap_or_else(PoisonError::into_inner).pop() {
+            heartbeat.abort();
         }
         if let Err(err) = cluster_repo::leave(&self.db, &self.id).await {
             tracing::warn!(error = %err, "could not deregister this instance; the others notice when its heartbeat lapses");
@@ -357,6 +368,14 @@ impl Cluster {
         }
         let _ = keycast_db::notify::notify(&self.db, &Message::Membership.encode()).await;
         tracing::info!(instance = self.id, "left the instances sharing this database");
+    }
+
+    /// Stops listening and publishing: the last step of a clean stop, once nothing is left
+    /// to announce.
+    pub fn close(&self) {
+        for task in self.tasks.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+            task.abort();
+        }
     }
 
     async fn beat(&self) -> Result<(), keycast_db::RepoError> {
@@ -502,7 +521,7 @@ impl Cluster {
             // So the caches are trusted until the sync timeout after that beat was sent, and
             // a paused or lagging instance stops trusting them before it could serve what
             // someone was already told is revoked.
-            Message::Beat { origin, sent_us } if origin == self.id => self
+            Message::Beat { origin, sent_us } if origin == self.id && !self.left.load(Ordering::SeqCst) => self
                 .signer
                 .trust_caches_until(self.epoch + Duration::from_micros(sent_us) + self.options.sync_timeout),
             Message::Beat { .. } => {}

@@ -362,6 +362,36 @@ mod tests {
         );
     }
 
+    /// An edit that leaves the limits as they were (a new duration) must not reset the count
+    /// of signatures to what is written: those still buffered were lost from it, and a grant
+    /// of 2 signatures signed a third. Now the buffer is written first.
+    #[tokio::test]
+    async fn an_edit_keeps_the_signatures_not_yet_written_in_the_count() {
+        let fx = fixture().await;
+        let signer = signer(&fx);
+        let (user, authz) = granted(&fx, "owner@example.com").await;
+        let transport = keycast_db::activity::Transport::Http;
+        let two = GrantEdit {
+            limits: Some(Limits {
+                max_signatures: Some(2),
+                ..Limits::default()
+            }),
+            ..GrantEdit::default()
+        };
+        edit_grant(&signer, &user, &authz.id, two, 100).await.unwrap();
+        assert!(signer.execute(&authz, note(1), transport).await.is_ok());
+        assert!(signer.execute(&authz, note(1), transport).await.is_ok());
+        let longer = GrantEdit {
+            duration: Some(crate::terms::GrantDuration::parse("week").unwrap()),
+            ..GrantEdit::default()
+        };
+        edit_grant(&signer, &user, &authz.id, longer, keycast_db::now_unix())
+            .await
+            .unwrap();
+        let err = signer.execute(&authz, note(1), transport).await.unwrap_err();
+        assert!(err.to_string().contains("used up"), "a third signature of two: {err}");
+    }
+
     #[tokio::test]
     async fn another_users_policy_and_grant_are_out_of_reach() {
         let fx = fixture().await;

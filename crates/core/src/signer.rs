@@ -454,13 +454,18 @@ impl Signer {
                 return with_expiry(&authz, expires_at);
             }
         }
-        let epoch = self.authorizations.epoch();
+        // Both epochs before the query: a token revoked after it (RFC 7009) must not be cached
+        // from what it read.
+        let (epoch, token_epoch) = (self.authorizations.epoch(), self.tokens.epoch());
         let grant = oauth_repo::find_token_grant(&self.db, &hash)
             .await?
             .ok_or(AuthError::UnknownToken)?;
+        if let Some(ms) = held_after_token_read() {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         let authz = self.cache_row(epoch, &grant.authorization).await?;
         self.tokens
-            .insert_if_current(self.tokens.epoch(), hash, (authz.id.clone(), grant.token_expires_at));
+            .insert_if_current(token_epoch, hash, (authz.id.clone(), grant.token_expires_at));
         with_expiry(&authz, grant.token_expires_at)
     }
 
@@ -654,6 +659,7 @@ impl Signer {
         let revoked = authz_repo::revoke(&self.db, id, user, now_unix()).await?;
         self.invalidate_authorization(id);
         if revoked {
+            self.usage.revoked(id);
             self.authorizations_changed();
         }
         Ok(revoked)
@@ -676,8 +682,12 @@ impl Signer {
     ) -> Result<bool, RepoError> {
         let edited = authz_repo::update_grant(&self.db, id, user, policy, terms.to_json().as_deref()).await?;
         self.invalidate_authorization(id);
-        // New limits count from what is stored (a grant without limits was not metered).
-        self.usage.forget(&self.db, id).await?;
+        // The meter may count again from what is stored (a grant without limits was not
+        // metered): what this instance still buffers is written first, so none is missed.
+        if let Err(err) = self.flush().await {
+            tracing::warn!(error = %err, "could not write signing activity before a grant's edit; its count may miss the latest");
+        }
+        self.usage.terms_changed(&self.db, id, &terms.limits).await?;
         Ok(edited)
     }
 
@@ -718,6 +728,7 @@ impl Signer {
         let revoked = authz_repo::revoke_all_for_user(&self.db, user, now_unix()).await?;
         for id in &revoked {
             self.invalidate_authorization(id);
+            self.usage.revoked(id);
         }
         if !revoked.is_empty() {
             self.authorizations_changed();
@@ -803,13 +814,28 @@ impl Signer {
                 break;
             }
             left = left.saturating_sub(batch.len());
-            match activity_repo::insert_batch(&self.activity_db, &batch).await {
-                Ok(rows) => stored += rows,
-                Err(err) => {
+            // The write runs in a task of its own: a flush cut off while it waits (shutdown
+            // aborting the flusher, a hand-over's time limit) must not take the batch with it
+            // — taken from the buffer, it exists nowhere else. The write goes on and lands.
+            let db = self.activity_db.clone();
+            let written = tokio::spawn(async move {
+                let inserted = activity_repo::insert_batch(&db, &batch).await;
+                (inserted, batch)
+            })
+            .await;
+            let batch = match written {
+                Ok((Ok(rows), batch)) => {
+                    stored += rows;
+                    batch
+                }
+                Ok((Err(err), batch)) => {
                     self.activity.put_back(batch);
                     return Err(err.into());
                 }
-            }
+                Err(joined) if joined.is_panic() => std::panic::resume_unwind(joined.into_panic()),
+                // The runtime is shutting down: nothing more can be written.
+                Err(_) => return Ok(stored),
+            };
             let due = self.record_bound.written(&batch);
             if !due.is_empty() {
                 if let Err(err) = self.prune_records(&due).await {
@@ -987,6 +1013,14 @@ fn with_expiry(authz: &Authorization, expires_at: i64) -> Result<Authorization, 
         expires_at: Some(expires_at),
         ..authz.clone()
     })
+}
+
+/// Milliseconds the tests hold a token's lookup between its read and its caching (fail point
+/// `signer-after-token-read`, `return(<ms>)`); always `None` without fault injection.
+fn held_after_token_read() -> Option<u64> {
+    fail::fail_point!("signer-after-token-read", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok()));
+    None
 }
 
 /// Milliseconds the tests hold a request between its signature and its record (fail point

@@ -303,17 +303,27 @@ impl UsageMeter {
         Ok(())
     }
 
-    /// Forgets an authorization's count (its terms changed): the next signature counts from
-    /// the stored activity again.
+    /// An authorization's terms changed to `limits`. Here (SQLite) its count starts again from
+    /// the stored activity, which holds the history a longer window needs (the caller writes
+    /// what it buffers first). The shared count (PostgreSQL) is exact and keeps a day of
+    /// history, so it stays — unless the grant goes unlimited: it is not metered then, and a
+    /// limit set later counts from the stored activity.
     ///
     /// # Errors
     /// Storage errors (PostgreSQL).
-    pub async fn forget(&self, db: &Db, authz: &AuthorizationId) -> Result<(), RepoError> {
+    pub async fn terms_changed(&self, db: &Db, authz: &AuthorizationId, limits: &Limits) -> Result<(), RepoError> {
         self.lock().remove(authz);
-        if db.kind() == EngineKind::Postgres {
+        if db.kind() == EngineKind::Postgres && limits.is_unlimited() {
             grant_usage::forget(db, authz).await?;
         }
         Ok(())
+    }
+
+    /// Drops a revoked authorization's count: it never signs again, and its history of up to
+    /// a day of seconds would otherwise stay in memory until the process ends.
+    pub fn revoked(&self, authz: &AuthorizationId) {
+        let removed = self.lock().remove(authz);
+        drop(removed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AuthorizationId, Usage>> {
@@ -440,6 +450,9 @@ mod tests {
         let err = meter.admit(db, &id, &limits, last + 1).await.unwrap_err().to_string();
         assert!(err.contains("signatures per"), "{err}");
         assert_eq!(meter.lock()[&id].recent.seconds.len(), 86_400);
+        // Revoked, it is dropped: its day of seconds is not kept until the process ends.
+        meter.revoked(&id);
+        assert!(meter.lock().is_empty());
     }
 
     /// The cost of one admission as a limited grant's day fills up: `bench/meter.sh` runs

@@ -310,6 +310,42 @@ async fn failed_flush_keeps_the_records_for_the_next_one() {
     assert_eq!(h.signer.pending_activity(), 1);
 }
 
+/// A flush cut off while it writes (shutdown aborting the flusher, a hand-over's time limit)
+/// must not lose the batch it took from the buffer. Before, the batch was gone with the
+/// cancelled write: signatures made and counted nowhere, a grant's limits short of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_cut_off_while_it_writes_loses_no_record() {
+    let h = Arc::new(harness().await);
+    let authz = h.grant("social").await.authorization;
+    for _ in 0..5 {
+        h.sign(&authz, 1, Transport::Http).await.unwrap();
+    }
+    // Another connection holds the write lock: the flush waits for it.
+    let mut blocker =
+        <sqlx::SqliteConnection as sqlx::Connection>::connect_with(&h.db.as_sqlite().unwrap().connect_options())
+            .await
+            .unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut blocker).await.unwrap();
+    let flushing = tokio::spawn({
+        let h = h.clone();
+        async move { h.signer.flush().await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    flushing.abort();
+    let _ = flushing.await;
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    h.signer.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while h.activity_rows().await < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        h.activity_rows().await,
+        5,
+        "every record of the cut-off flush is written"
+    );
+}
+
 /// A grant's limit holds across a restart even when its records never reached the
 /// database: a full buffer (the disk was full for long enough) drops the oldest records,
 /// and their signatures must still count. Before, a grant of 5 signatures whose buffer kept

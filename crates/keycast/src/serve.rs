@@ -232,8 +232,11 @@ pub async fn run(
         nip46.stop_listening();
     }
     // The others take this instance's bunkers at once instead of after its heartbeat lapses.
+    // Bounded: a stalled database must not eat the grace period before it starts.
     if let Some(cluster) = &running.cluster {
-        cluster.leave().await;
+        if tokio::time::timeout(LEAVE_LIMIT, cluster.leave()).await.is_err() {
+            tracing::warn!("could not leave the instances in time; the others notice when this heartbeat lapses");
+        }
     }
     drop(embedded);
     let reason = monitor.and_then(|m| m.status().fence_reason);
@@ -586,6 +589,9 @@ fn check_local_disk(config: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// How long a stopping instance tries to deregister from the others (PostgreSQL).
+const LEAVE_LIMIT: Duration = Duration::from_secs(1);
+
 /// How long shutdown leaves the relay connections open after the last NIP-46 request
 /// finished, for the replies still queued to them.
 const REPLIES_SETTLE: Duration = Duration::from_millis(300);
@@ -662,6 +668,10 @@ async fn shut_down(
             Ok(Err(err)) => tracing::warn!(error = %err, "could not write the last signing activity"),
             Err(_) => tracing::warn!("writing the last signing activity took too long; it is not recorded"),
         }
+    }
+    // Everything this instance changed is written and announced.
+    if let Some(cluster) = &running.cluster {
+        cluster.close();
     }
     let close_until = drain_until.max(Instant::now()) + reserve / 2;
     let closed = tokio::time::timeout_at(close_until.into(), running.db.close())

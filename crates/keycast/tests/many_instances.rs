@@ -85,6 +85,56 @@ fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() 
     }
 }
 
+/// SIGTERM on one instance while a signing request is still arriving; the instance leaves the
+/// others at once (they take its bunkers and stop waiting for its acknowledgements), then
+/// finishes the request. A revocation made elsewhere in between is answered without waiting
+/// for it — so it must no longer trust what it cached. Before, it signed with the grant just
+/// revoked (its caches were trusted until its last heartbeat plus the sync timeout, and with
+/// a slow body, longer than that after its last one).
+#[test]
+fn an_instance_finishing_its_requests_after_leaving_obeys_a_revocation_made_elsewhere() {
+    use std::io::{Read, Write};
+    let Some((_dir, mut servers)) = instances(2) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "leaving@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    for server in &servers {
+        assert_eq!(sign(server, &token).status, 200);
+    }
+    // Half a signing request to the instance about to stop.
+    let body = json!({"method": "sign_event", "params": [{"kind": 1, "content": "late"}]}).to_string();
+    let address = servers[1].base.trim_start_matches("http://").to_owned();
+    let mut raw = std::net::TcpStream::connect(&address).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        raw,
+        "POST /api/nostr HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    raw.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    servers[1].signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !servers[1].log().contains("left the instances") {
+        assert!(Instant::now() < deadline, "{}", servers[1].log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let list = get(&servers[0], "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = delete(&servers[0], &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    raw.write_all(&body.as_bytes()[10..]).unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "the stopping instance signed with a grant revoked elsewhere: {answer}"
+    );
+    let _ = servers.pop().unwrap().wait_exit(Duration::from_secs(15));
+}
+
 /// An access token revoked alone (RFC 7009, an app signing out) on one instance: every other
 /// instance, each holding the token in its cache, refuses it on the very next request.
 /// Before, only the revoking instance forgot it; the others signed with it for up to the

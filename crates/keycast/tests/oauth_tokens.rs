@@ -355,7 +355,32 @@ fn a_browser_app_on_another_origin_can_revoke_its_tokens(engine: Engine) {
     );
 }
 
+/// An access token revoked (RFC 7009) while a request is looking it up: the lookup read the
+/// token before the revocation and cached it after, so the revoked token went on signing
+/// for the cache's lifetime. The cache's rule — read its epoch before the query — was broken
+/// there.
+fn a_token_revoked_during_its_lookup_is_not_cached_again(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, token) = first_grant(&server, "race@example.com");
+    let access = token.access_token().secret().to_owned();
+    if !harness::arm_failpoint(&server, "signer-after-token-read", "1*return(800)") {
+        return;
+    }
+    std::thread::scope(|scope| {
+        let looking_up = scope.spawn(|| signs(&server, &access));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert_eq!(revoke(&server, &access, "access_token").status, 200);
+        looking_up.join().unwrap();
+    });
+    assert_eq!(
+        signs(&server, &access),
+        401,
+        "the revoked token, after the lookup under way"
+    );
+}
+
 on_both_engines!(
+    a_token_revoked_during_its_lookup_is_not_cached_again,
     a_browser_app_on_another_origin_can_revoke_its_tokens,
     a_lost_refresh_response_may_be_retried_once_within_the_grace_window,
     a_replaced_successor_presented_later_is_reuse,
