@@ -400,6 +400,15 @@ fn on_postgres_the_command_rotates_beside_a_serving_instance_and_resumes() {
     for text in [&log, &log_first, &log_second] {
         no_secret_in(text, &secrets);
     }
+    // Every stored key under the new master key (one header for all), before an instance
+    // that reads only that key starts: a failure here names the rows and what wrote them.
+    let stored = headers();
+    let distinct: std::collections::BTreeSet<&str> = stored.lines().filter_map(|row| row.split('|').nth(2)).collect();
+    assert_eq!(
+        distinct.len(),
+        1,
+        "stored keys under more than one master key after the rotation:\n{stored}\n{second}\nserving instance:\n{log}"
+    );
 
     let server = launch("c").env("KEYCAST_MASTER_KEY", NEW_MASTER_KEY).start();
     for (_, pubkey, token) in &users {

@@ -283,7 +283,8 @@ impl Keycast {
         (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
     }
 
-    /// Polls `path` until it answers `status`, failing the test after `timeout`.
+    /// Polls `path` until it answers `status`, failing the test after `timeout` — or at once
+    /// when the process has exited (a refused start-up says why in its log).
     pub fn wait_for_status(&self, path: &str, status: u16, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -291,12 +292,28 @@ impl Keycast {
                 return;
             }
             assert!(
+                !self.has_exited(),
+                "keycast exited before {path} answered {status}; log:\n{}",
+                self.log()
+            );
+            assert!(
                 Instant::now() < deadline,
                 "{path} never answered {status}; log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether the process has exited (a zombie not yet reaped: this handle reaps it).
+    fn has_exited(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .map(|stat| {
+                // The state follows the parenthesised command name, which may hold spaces.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
     }
 
     /// Waits until the log contains `needle` (it is read from a pipe and may trail the
