@@ -121,14 +121,36 @@ pub async fn run(
     let mut server = tokio::spawn(server);
 
     tokio::pin!(shutdown);
-    let mut running = tokio::select! {
-        started = start(&config, &vitals) => started?,
-        () = &mut shutdown => {
-            tracing::info!("shutdown requested before start-up finished");
-            return Ok(());
-        }
-        result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
+    // A SIGTERM during start-up (a deploy cancelled, a startup probe given up) is passed to
+    // it: holding the replica's lease, it gives the lease back before it stops, so the
+    // instance it took it from need not wait for it to lapse.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopping_config = config.clone();
+    let mut starting = Box::pin(start(&config, &vitals, stop_rx));
+    let running = tokio::select! {
+            started = &mut starting => match started {
+                Ok(running) => running,
+                Err(e) if e.is::<StoppedDuringStartup>() => return Ok(()),
+                Err(e) => return Err(e),
+            },
+            () = &mut shutdown => {
+                tracing::info!("shutdown requested before start-up finished");
+                let _ = stop_tx.send(true);
+                // Start-up notices the stop where it holds the lease (the restore); elsewhere
+                // it is cut off after a moment, as before.
+                match tokio::time::timeout(STOP_DURING_STARTUP, &mut starting).await {
+                    Ok(Ok(running)) => {
+                        // It finished just then: stop what it started.
+                        return shut_down(stopping_config, stop_http, server, running, None).await;
+                    }
+                    Ok(Err(e)) if !e.is::<StoppedDuringStartup>() => return Err(e),
+                    _ => return Ok(()),
+                }
+            }
+            result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
     };
+    drop(starting);
+    let mut running = running;
     if let (Some(replicator), Some(replica)) = (&running.replicator, &config.replica) {
         let health = crate::replication::ReplicationHealth {
             monitor: replicator.monitor(),
@@ -386,7 +408,11 @@ async fn mark_serving(replicator: &Replicator) -> anyhow::Result<()> {
 /// Restore-before-serve, open the database, start replication. A start-up that fails after
 /// taking the lease gives it back, so the instance it was taken from can take it again at
 /// once (a deploy that fails must not leave nobody writing).
-async fn start(config: &Config, vitals: &Vitals) -> anyhow::Result<Running> {
+async fn start(
+    config: &Config,
+    vitals: &Vitals,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Running> {
     prepare_directories(config)?;
     let database_path = match &config.database {
         Database::Postgres(pg) => return start_postgres(config, pg, vitals).await,
@@ -419,7 +445,11 @@ async fn start(config: &Config, vitals: &Vitals) -> anyhow::Result<Running> {
     let mut lease = crate::replication::acquire_lease(&store, replica).await?;
     let recorded = lease.previous_txid();
     // A large restore may outlast the lease: keep it renewed meanwhile.
-    let opened = keep_alive_while(&mut lease, open_replicated(config, database_path, &store, recorded)).await?;
+    let opened = tokio::select! {
+        opened = keep_alive_while(&mut lease, open_replicated(config, database_path, &store, recorded)) => opened?,
+        // (A dropped sender is no stop: the branch is then disabled.)
+        Ok(_) = stop.wait_for(|stop| *stop) => Err(StoppedDuringStartup.into()),
+    };
     let (db, signal, lineage) = match opened {
         Ok(opened) => opened,
         Err(e) => {
@@ -537,6 +567,11 @@ async fn open_postgres(pg: &PostgresConfig) -> anyhow::Result<Db> {
     }
 }
 
+/// Start-up stopped by a SIGTERM before it finished (the lease given back).
+#[derive(Debug, thiserror::Error)]
+#[error("stopped before start-up finished")]
+struct StoppedDuringStartup;
+
 /// Releases the lease after a start-up that failed before replication started.
 async fn give_back(lease: keycast_replica::lease::Lease) {
     match lease.release().await {
@@ -588,6 +623,9 @@ fn check_local_disk(config: &Config) -> anyhow::Result<()> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// How long a SIGTERM during start-up waits for it to give the lease back.
+const STOP_DURING_STARTUP: Duration = Duration::from_secs(2);
 
 /// How long a stopping instance tries to deregister from the others (PostgreSQL).
 const LEAVE_LIMIT: Duration = Duration::from_secs(1);
@@ -808,7 +846,8 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
 /// [`crate::rotation::report`]).
 pub async fn rotate_master_key(config: &Config, limit: Option<u64>, as_json: bool) -> anyhow::Result<()> {
     // A one-off command: nobody watches its background tasks, and it stops them at once.
-    let running = start(config, &Vitals::default()).await?;
+    let (_never, no_stop) = tokio::sync::watch::channel(false);
+    let running = start(config, &Vitals::default(), no_stop).await?;
     running.flusher.abort();
     let outcome = keycast_core::rotation::rotate(&running.db, &running.keyring, limit).await;
     running.db.close().await;

@@ -532,3 +532,49 @@ fn a_replica_missing_its_newest_objects_is_refused_not_restored_silently() {
         finished.stderr
     );
 }
+
+/// A deploy whose newcomer is stopped while it restores (the deploy cancelled, its startup
+/// probe given up): it has taken the replica's lease, and gives it back before it exits.
+/// Before, it exited holding it, and the next instance (or the old one taking the replica
+/// back) waited for it to lapse.
+#[test]
+fn an_instance_stopped_while_it_restores_gives_the_lease_back() {
+    let Some(endpoint) = s3() else { return };
+    let bucket = harness::new_bucket(&endpoint, "stopped-restoring");
+    let dir = tempfile::tempdir().unwrap();
+    let long_lease = |l: Launch| l.env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60");
+    let first = long_lease(launch(&dir.path().join("a"), &endpoint, &bucket)).start();
+    for n in 0..20 {
+        assert_eq!(write(&first, &format!("k{n}"), true), 200);
+    }
+    first.stop();
+
+    // The newcomer restores through a store that answers slowly, and is stopped meanwhile.
+    let proxy = FaultyS3::start(&endpoint);
+    proxy.set_delay(Duration::from_millis(300));
+    let mut restoring = long_lease(launch(&dir.path().join("b"), &proxy.endpoint(), &bucket))
+        .spawn_started_later()
+        .into_keycast();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !restoring.log().contains("restoring the database from the replica") {
+        assert!(Instant::now() < deadline, "{}", restoring.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    restoring.signal(libc::SIGTERM);
+    let (_, took) = restoring.wait_exit(Duration::from_secs(10));
+    assert!(took < Duration::from_secs(5), "stopped at once: {took:?}");
+    assert!(
+        restoring.log().contains("released the replica lease"),
+        "{}",
+        restoring.log()
+    );
+
+    let started = Instant::now();
+    let next = long_lease(launch(&dir.path().join("c"), &endpoint, &bucket)).start();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the next instance did not wait for a 60 s lease to lapse: {:?}",
+        started.elapsed()
+    );
+    assert!(harness::test_keys(&next.data_dir.join("keycast.db")).contains(&"k19".to_owned()));
+}
