@@ -599,6 +599,14 @@ impl Signer {
         let kinds = self.allowed_kinds(&authz.id).await?;
         let policy = approval::with_kinds(&current.policy, &kinds);
         if let Err(denial) = policy::evaluate(&policy, &request, &user) {
+            // A signature the grant's terms refuse anyway (used up, rate reached) is refused
+            // for that: no approval is asked for, no "allow once" spent on it.
+            if method == "sign_event" {
+                self.usage
+                    .would_admit(&self.db, &authz.id, &current.terms.limits, now)
+                    .await
+                    .map_err(&refused)?;
+            }
             if !self.permitted(authz, &policy, &request, &user, &permit).await? {
                 record(Some("policy_denied"));
                 return Err(SignError::PolicyDenied { reason: denial.reason });

@@ -273,15 +273,45 @@ impl UsageMeter {
     /// [`SignError::GrantRefused`] (`grant_exhausted`: the total is used up;
     /// `grant_rate_limited`: a rate, with when to retry); storage errors.
     pub async fn admit(&self, db: &Db, authz: &AuthorizationId, limits: &Limits, now: i64) -> Result<(), SignError> {
+        self.judge(db, authz, limits, now, true).await
+    }
+
+    /// Whether [`UsageMeter::admit`] would admit a signature now, counting none: a request
+    /// its terms refuse anyway is refused for that before an approval is asked for or an
+    /// "allow once" spent on it.
+    ///
+    /// # Errors
+    /// As [`UsageMeter::admit`].
+    pub async fn would_admit(
+        &self,
+        db: &Db,
+        authz: &AuthorizationId,
+        limits: &Limits,
+        now: i64,
+    ) -> Result<(), SignError> {
+        self.judge(db, authz, limits, now, false).await
+    }
+
+    async fn judge(
+        &self,
+        db: &Db,
+        authz: &AuthorizationId,
+        limits: &Limits,
+        now: i64,
+        count: bool,
+    ) -> Result<(), SignError> {
         if limits.is_unlimited() {
             return Ok(());
         }
         if db.kind() == EngineKind::Postgres {
-            return grant_usage::admit(db, authz, now, DAY, |usage| {
+            let decision = |usage: &grant_usage::Usage| {
                 let recent = Recent::from_counts(usage.recent.iter().copied());
                 decide(limits, u64::try_from(usage.total).unwrap_or(0), &recent, now)
-            })
-            .await?;
+            };
+            return match count {
+                true => grant_usage::admit(db, authz, now, DAY, decision).await?,
+                false => grant_usage::would_admit(db, authz, now, DAY, decision).await?,
+            };
         }
         let known = self.lock().contains_key(authz);
         if !known {
@@ -296,6 +326,9 @@ impl UsageMeter {
         let remember = longest_window(limits);
         usage.recent.forget_up_to(now - remember.unwrap_or(0));
         decide(limits, usage.total, &usage.recent, now)?;
+        if !count {
+            return Ok(());
+        }
         usage.total += 1;
         if remember.is_some() {
             usage.recent.add(now, 1);

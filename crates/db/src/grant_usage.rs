@@ -39,6 +39,31 @@ pub async fn admit<E>(
     window: i64,
     decide: impl FnOnce(&Usage) -> Result<(), E>,
 ) -> Result<Result<(), E>, RepoError> {
+    judge(db, authz, now, window, decide, true).await
+}
+
+/// As [`admit`], without counting a signature: whether one would be admitted now.
+///
+/// # Errors
+/// Database errors.
+pub async fn would_admit<E>(
+    db: &Db,
+    authz: &AuthorizationId,
+    now: i64,
+    window: i64,
+    decide: impl FnOnce(&Usage) -> Result<(), E>,
+) -> Result<Result<(), E>, RepoError> {
+    judge(db, authz, now, window, decide, false).await
+}
+
+async fn judge<E>(
+    db: &Db,
+    authz: &AuthorizationId,
+    now: i64,
+    window: i64,
+    decide: impl FnOnce(&Usage) -> Result<(), E>,
+    count: bool,
+) -> Result<Result<(), E>, RepoError> {
     let since = now - window;
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
@@ -85,7 +110,7 @@ pub async fn admit<E>(
         .fetch_all(&mut *tx)
         .await?;
         let decision = decide(&Usage { total, recent });
-        if decision.is_ok() {
+        if count && decision.is_ok() {
             sqlx::query("UPDATE grant_usage SET total = total + 1 WHERE authorization_id = $1")
                 .bind(authz)
                 .execute(&mut *tx)

@@ -210,7 +210,39 @@ fn expired_grant_is_refused_on_both_transports(engine: Engine) {
     assert_refused_nip46(&sign_nip46(&mut nip46, 3), "this grant expired at");
 }
 
+/// A grant whose signatures are used up asks the owner for nothing: a kind its policy does
+/// not cover is refused as used up, not put to the owner as an approval (which, allowed
+/// once, would then be spent and refused anyway). Before, the app of an exhausted grant kept
+/// prompts pending in front of its owner.
+fn an_exhausted_grant_asks_the_owner_for_nothing(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "asks@example.com", None);
+    let token = grant_with(&server, &cookie, &[("max_signatures", "1")]);
+    let access = token["access_token"].as_str().unwrap();
+    let note = rpc(
+        &server,
+        access,
+        "sign_event",
+        json!([{ "kind": 1, "content": "the one" }]),
+    );
+    assert_eq!(note.status, 200, "{}", note.body);
+    let article = rpc(
+        &server,
+        access,
+        "sign_event",
+        json!([{ "kind": 30023, "content": "more", "tags": [["d", "x"]] }]),
+    );
+    assert_eq!(
+        article.json()["code"],
+        "grant_exhausted",
+        "refused as used up, no approval asked for: {}",
+        article.body
+    );
+}
+
 on_both_engines!(
+    an_exhausted_grant_asks_the_owner_for_nothing,
     exhausted_grant_is_refused_on_both_transports_with_one_count,
     rate_limited_grant_says_when_to_retry_on_both_transports,
     bad_limits_at_consent_are_refused_with_the_field_named,
