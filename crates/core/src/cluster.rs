@@ -100,6 +100,9 @@ pub struct Cluster {
     /// The heartbeat's own connection: a pool that requests or a slow activity flush have
     /// run dry must not make this instance miss heartbeats and drop out of the live set.
     beat_db: Db,
+    /// The publisher's own connection, for the same reason: a change is answered only
+    /// `sync_timeout` after its notice went out (see [`Cluster::wait_synced`]).
+    publish_db: Db,
     signer: Arc<Signer>,
     options: ClusterOptions,
     /// The live instances (sorted ids, this one included), as of the last heartbeat.
@@ -244,6 +247,7 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             id,
             beat_db: db.dedicated(1),
+            publish_db: db.dedicated(1),
             db,
             signer: signer.clone(),
             options,
@@ -306,8 +310,12 @@ impl Cluster {
     }
 
     /// Resolves once every other live instance has applied every change this instance
-    /// announced before the call, or after [`ClusterOptions::sync_timeout`] (logged and
-    /// counted; see the module doc for why that is not an error).
+    /// announced before the call, or [`ClusterOptions::sync_timeout`] after the notice went
+    /// out (logged and counted; see the module doc for why that is not an error). Timed from
+    /// the notice, not the call: an instance that has not applied it trusts its caches at
+    /// most `sync_timeout` past the last heartbeat of its own it heard, and a heartbeat sent
+    /// after the notice is heard after it. A notice still unsent after `sync_timeout` is
+    /// given up on the same way.
     pub async fn wait_synced(&self) {
         let target = self.signer.announced();
         if target == 0 {
@@ -322,6 +330,7 @@ impl Cluster {
             self.sync_timed_out("the change could not be announced", &[]);
             return;
         }
+        let deadline = tokio::time::Instant::now() + self.options.sync_timeout;
         let peers: Vec<String> = self
             .live_instances()
             .iter()
@@ -440,8 +449,11 @@ impl Cluster {
                 what,
             }
             .encode();
+            if let Some(ms) = held_before_publish() {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             let mut wait = Duration::from_millis(50);
-            while let Err(err) = keycast_db::notify::notify(&self.db, &message).await {
+            while let Err(err) = keycast_db::notify::notify(&self.publish_db, &message).await {
                 tracing::warn!(error = %err, "cannot announce a change to the other instances; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
@@ -527,6 +539,15 @@ impl Cluster {
             Message::Beat { .. } => {}
         }
     }
+}
+
+/// Milliseconds the tests hold each change notice before it goes out (fail point
+/// `cluster-publish`, `return(<ms>)`: a publisher behind); always `None` without fault
+/// injection.
+fn held_before_publish() -> Option<u64> {
+    fail::fail_point!("cluster-publish", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok()));
+    None
 }
 
 /// Whether the `cluster-listen-behind` failpoint is armed (never, in a build without the

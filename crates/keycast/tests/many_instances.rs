@@ -135,6 +135,40 @@ fn an_instance_finishing_its_requests_after_leaving_obeys_a_revocation_made_else
     let _ = servers.pop().unwrap().wait_exit(Duration::from_secs(15));
 }
 
+/// A change notice that goes out late (the publisher behind) to an instance that does not
+/// acknowledge it: the change is answered no sooner than the sync timeout after the notice
+/// went out — by then that instance stops trusting what it cached unless it has applied the
+/// notice. Before, the timeout ran from the call, and the answer came with the notice barely
+/// out: an instance that had heard a heartbeat of its own sent in between still trusted its
+/// caches.
+#[test]
+fn a_change_is_answered_no_sooner_than_the_sync_timeout_after_its_notice_went_out() {
+    let Some((_dir, servers)) = instances_with(2, &[("KEYCAST_TEST_ROUTES", "true")]) else {
+        return;
+    };
+    let (a, b) = (&servers[0], &servers[1]);
+    let (cookie, _) = register(a, "late@example.com", None);
+    let token = access_token(a, &cookie);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sign(b, &token).status, 200);
+    if !harness::arm_failpoint(b, "cluster-listen-behind", "return")
+        || !harness::arm_failpoint(a, "cluster-publish", "1*return(2000)")
+    {
+        return;
+    }
+    let list = get(a, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let started = Instant::now();
+    let revoked = delete(a, &format!("/api/user/authorizations/{id}"), &cookie);
+    let took = started.elapsed();
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    // The notice goes out 2 s after the revocation; the sync timeout is 3 s.
+    assert!(
+        took >= Duration::from_millis(4500),
+        "answered {took:?} after the call, under 3 s after the notice went out"
+    );
+}
+
 /// An access token revoked alone (RFC 7009, an app signing out) on one instance: every other
 /// instance, each holding the token in its cache, refuses it on the very next request.
 /// Before, only the revoking instance forgot it; the others signed with it for up to the
