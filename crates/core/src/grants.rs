@@ -251,9 +251,13 @@ pub async fn edit_grant(
         (Some(slug), _) => usable(signer, user, &slug).await?.id,
         (None, Some(permissions)) => {
             let current = policy_repo::find_by_id(signer.db(), &row.policy_id).await?;
+            // Changed in place only if this grant alone uses it: no other live grant, and no
+            // code waiting to become one (it would take the edited permissions, which its
+            // consent page never showed).
             let sole = match &current {
                 Some(p) if p.owner_user_id.as_ref() == Some(user) && p.deleted_at.is_none() => {
                     authz_repo::list_live_ids_for_policy(signer.db(), &p.id).await? == [id.clone()]
+                        && !keycast_db::oauth::pending_under_policy(signer.db(), &p.id, now).await?
                 }
                 _ => false,
             };
@@ -360,6 +364,51 @@ mod tests {
             err.to_string().contains("used up"),
             "the kind-7 signature counted: {err}"
         );
+    }
+
+    /// Editing a grant's permissions changes its custom policy in place only while nothing
+    /// else uses it — a code under it, not yet exchanged, too: that code would become a grant
+    /// with permissions its consent page never showed. Before, only live grants counted.
+    #[tokio::test]
+    async fn a_policy_a_pending_code_will_use_is_not_changed_in_place() {
+        let fx = fixture().await;
+        let signer = signer(&fx);
+        let (user, authz) = granted(&fx, "owner@example.com").await;
+        let now = keycast_db::now_unix();
+        let narrow = GrantEdit {
+            permissions: Some(only(&[1])),
+            ..GrantEdit::default()
+        };
+        edit_grant(&signer, &user, &authz.id, narrow, now).await.unwrap();
+        let custom = authz_repo::find_by_id(signer.db(), &authz.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .policy_id;
+        let policy = policy_repo::find_by_id(signer.db(), &custom).await.unwrap().unwrap();
+        let challenge = crate::oauth::pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk");
+        let request = crate::oauth::CodeRequest {
+            user_id: &user,
+            client_id: "another-app",
+            redirect_uri: "https://other.example/cb",
+            policy: &policy,
+            code_challenge: &challenge,
+            code_challenge_method: "S256",
+            choice: crate::terms::Choice::default(),
+        };
+        crate::oauth::issue_code(signer.db(), &request, 600, now).await.unwrap();
+
+        let wider = GrantEdit {
+            permissions: Some(only(&[1, 7])),
+            ..GrantEdit::default()
+        };
+        edit_grant(&signer, &user, &authz.id, wider, now).await.unwrap();
+        let kept = policy_repo::find_by_id(signer.db(), &custom).await.unwrap().unwrap();
+        assert_eq!(
+            kept.permissions, policy.permissions,
+            "the pending code's policy is unchanged"
+        );
+        assert_eq!(policy_repo::list_owned(signer.db(), &user).await.unwrap().len(), 2);
     }
 
     /// An edit that leaves the limits as they were (a new duration) must not reset the count

@@ -135,6 +135,24 @@ pub async fn find_redeemed_code(db: &Db, hash: &TokenHash, now: i64) -> Result<O
     })
 }
 
+/// Whether a code not yet redeemed and not expired at `now` would become a grant under
+/// `policy`: such a code takes the policy as it is when it is exchanged.
+///
+/// # Errors
+/// Database errors.
+pub async fn pending_under_policy(db: &Db, policy: &PolicyId, now: i64) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM oauth_codes WHERE policy_id = $1 AND redeemed_at IS NULL AND expires_at > $2 LIMIT 1",
+        )
+        .bind(policy)
+        .bind(now)
+        .fetch_optional(pool)
+        .await?;
+        Ok(found.is_some())
+    })
+}
+
 /// Removes codes that expired before `now`, redeemed or not. Returns how many.
 ///
 /// # Errors
