@@ -16,6 +16,21 @@ export KEYCAST_PEERS_DIR="${KEYCAST_PEERS_DIR:-/var/tmp/keycast-peers}"
 export KEYCAST_REQUIRE_PEERS=1
 
 step() { printf '\n==> %s\n' "$*"; }
+
+# The persistent target directory grows with every build (incremental artefacts alone reached
+# 35 GB on a development machine, and filled its disk mid-run). Below 15 GB free, the
+# incremental artefacts go, then if need be the whole directory: a slower build, not a
+# failed run.
+free_gb() { df -P -BG "$(dirname "$CARGO_TARGET_DIR")" | awk 'NR == 2 { sub("G", "", $4); print $4 }'; }
+if [ -d "$CARGO_TARGET_DIR" ] && [ "$(free_gb)" -lt 15 ]; then
+    step "low on disk ($(free_gb) GB free): removing incremental build artefacts"
+    rm -rf "$CARGO_TARGET_DIR"/debug/incremental
+    if [ "$(free_gb)" -lt 15 ]; then
+        step "still low on disk ($(free_gb) GB free): removing the target directory"
+        rm -rf "$CARGO_TARGET_DIR"
+    fi
+fi
+
 # The test runner, pinned like the peers (its config is .config/nextest.toml).
 NEXTEST_VERSION=0.9.143
 
