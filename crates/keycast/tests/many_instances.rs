@@ -135,6 +135,52 @@ fn an_instance_finishing_its_requests_after_leaving_obeys_a_revocation_made_else
     let _ = servers.pop().unwrap().wait_exit(Duration::from_secs(15));
 }
 
+/// The same stopping instance is asked, in a request that was arriving when it left, to
+/// revoke a token (an app signing out): every other instance must hear of it. Before, leaving
+/// stopped this instance's publisher with its heartbeat, so the change was never announced
+/// and the others signed with the token for their cache's lifetime (an hour here).
+#[test]
+fn a_change_made_by_an_instance_finishing_its_requests_after_leaving_is_announced() {
+    use std::io::{Read, Write};
+    let Some((_dir, mut servers)) = instances(2) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "signing-out@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    for server in &servers {
+        assert_eq!(sign(server, &token).status, 200);
+    }
+    let body = form(&[("token", token.as_str()), ("token_type_hint", "access_token")]);
+    let address = servers[1].base.trim_start_matches("http://").to_owned();
+    let mut raw = std::net::TcpStream::connect(&address).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        raw,
+        "POST /api/oauth/revoke HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    raw.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    servers[1].signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !servers[1].log().contains("left the instances") {
+        assert!(Instant::now() < deadline, "{}", servers[1].log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    raw.write_all(&body.as_bytes()[10..]).unwrap();
+    let mut answer = String::new();
+    let _ = raw.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let r = sign(&servers[0], &token);
+    assert_eq!(
+        r.status, 401,
+        "the other instance signed with the revoked token: {}",
+        r.body
+    );
+    let _ = servers.pop().unwrap().wait_exit(Duration::from_secs(15));
+}
+
 /// A change notice that goes out late (the publisher behind) to an instance that does not
 /// acknowledge it: the change is answered no sooner than the sync timeout after the notice
 /// went out — by then that instance stops trusting what it cached unless it has applied the
