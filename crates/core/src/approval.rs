@@ -453,17 +453,13 @@ impl Signer {
         let row = self.owned_approval(id, user).await?;
         let bunker = self.approval_bunker(&row).await?;
         let request = unseal(&bunker, &row.request_sealed)?;
-        let (text, peer) = match &request {
-            Request::SignEvent(event) => (Some(event.content.as_str()), None),
+        let (text, peer, event) = match &request {
+            Request::SignEvent(event) => (Some(event.content.as_str()), None, Some(event)),
             Request::Nip04Encrypt { peer, plaintext } | Request::Nip44Encrypt { peer, plaintext } => {
-                (Some(plaintext.as_str()), Some(*peer))
+                (Some(plaintext.as_str()), Some(*peer), None)
             }
-            Request::Nip04Decrypt { peer, .. } | Request::Nip44Decrypt { peer, .. } => (None, Some(*peer)),
-            Request::GetPublicKey => (None, None),
-        };
-        let event = match &request {
-            Request::SignEvent(event) => Some(event),
-            _ => None,
+            Request::Nip04Decrypt { peer, .. } | Request::Nip44Decrypt { peer, .. } => (None, Some(*peer), None),
+            Request::GetPublicKey => (None, None, None),
         };
         let tags = event.map_or_else(Vec::new, |event| {
             event

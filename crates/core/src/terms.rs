@@ -355,6 +355,7 @@ impl UsageMeter {
     /// Drops a revoked authorization's count: it never signs again, and its history of up to
     /// a day of seconds would otherwise stay in memory until the process ends.
     pub fn revoked(&self, authz: &AuthorizationId) {
+        // Freed once the lock is released (the guard is a temporary of this statement).
         let removed = self.lock().remove(authz);
         drop(removed);
     }

@@ -15,7 +15,8 @@
 //! A request with neither header is not a browser's and passes (command-line clients, apps'
 //! servers). Exempt are the endpoints meant for other origins, which never use the session
 //! cookie: `POST /api/nostr` (bearer token), `POST /api/oauth/token` (a public client's
-//! code exchange) and `POST /api/oauth/revoke` (the token is the credential, RFC 7009). Session-bound forms also carry a CSRF token (`session::csrf_token`), and
+//! code exchange) and `POST /api/oauth/revoke` (the token is the credential, RFC 7009).
+//! Session-bound forms also carry a CSRF token (`session::csrf_token`), and
 //! JSON bodies must say `Content-Type: application/json` (`extract::JsonBody`), which a
 //! cross-site form cannot send.
 

@@ -125,32 +125,31 @@ pub async fn run(
     // it: holding the replica's lease, it gives the lease back before it stops, so the
     // instance it took it from need not wait for it to lapse.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopping_config = config.clone();
     let mut starting = Box::pin(start(&config, &vitals, stop_rx));
-    let running = tokio::select! {
-            started = &mut starting => match started {
-                Ok(running) => running,
-                Err(e) if e.is::<StoppedDuringStartup>() => return Ok(()),
-                Err(e) => return Err(e),
-            },
-            () = &mut shutdown => {
-                tracing::info!("shutdown requested before start-up finished");
-                let _ = stop_tx.send(true);
-                // Start-up notices the stop where it holds the lease (the restore); elsewhere
-                // it is cut off after a moment, as before.
-                match tokio::time::timeout(STOP_DURING_STARTUP, &mut starting).await {
-                    Ok(Ok(running)) => {
-                        // It finished just then: stop what it started.
-                        return shut_down(stopping_config, stop_http, server, running, None).await;
-                    }
-                    Ok(Err(e)) if !e.is::<StoppedDuringStartup>() => return Err(e),
-                    _ => return Ok(()),
+    let mut running = tokio::select! {
+        started = &mut starting => match started {
+            Ok(running) => running,
+            Err(e) if e.is::<StoppedDuringStartup>() => return Ok(()),
+            Err(e) => return Err(e),
+        },
+        () = &mut shutdown => {
+            tracing::info!("shutdown requested before start-up finished");
+            let _ = stop_tx.send(true);
+            // Start-up notices the stop where it holds the lease (the restore); elsewhere
+            // it is cut off after a moment, as before.
+            match tokio::time::timeout(STOP_DURING_STARTUP, &mut starting).await {
+                Ok(Ok(running)) => {
+                    // It finished just then: stop what it started.
+                    drop(starting);
+                    return shut_down(config, stop_http, server, running, None).await;
                 }
+                Ok(Err(e)) if !e.is::<StoppedDuringStartup>() => return Err(e),
+                _ => return Ok(()),
             }
-            result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
+        }
+        result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
     };
     drop(starting);
-    let mut running = running;
     if let (Some(replicator), Some(replica)) = (&running.replicator, &config.replica) {
         let health = crate::replication::ReplicationHealth {
             monitor: replicator.monitor(),

@@ -604,6 +604,14 @@ fn a_handover_keeps_the_signatures_still_buffered() {
 /// the requests it has seen with the database, and the newcomer drops them as seen.
 #[test]
 fn a_request_answered_before_the_handover_is_not_answered_again_after_it() {
+    replayed_to_the_next_instance("replayed@example.com", |old, new| hand_over_under_writes(old, new));
+}
+
+/// An app signs once through the first instance; `next` brings up the next one (on an empty
+/// disk) from it, and the app signs again, while the relay replays the minute's requests to
+/// the newcomer's subscription. Every request is answered once, and the two signatures are
+/// counted.
+fn replayed_to_the_next_instance(email: &str, next: impl FnOnce(&mut Keycast, Launch) -> Keycast) {
     let Some(relay) = Relay::start() else { return };
     let Some(mut app) = BunkerClient::spawn() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -613,16 +621,14 @@ fn a_request_answered_before_the_handover_is_not_answered_again_after_it() {
             .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
             .env("BUNKER_RELAYS", relay.url())
     };
-    let old = launch("old").start();
-    let (cookie, bunker, client) = connected_app(&old, &mut app, "replayed@example.com");
+    let mut old = launch("old").start();
+    let (cookie, bunker, client) = connected_app(&old, &mut app, email);
     let signed = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "once"}, "timeout_ms": 3000}));
-    assert_eq!(signed["ok"], true, "signing through the old instance: {signed}");
+    assert_eq!(signed["ok"], true, "signing through the first instance: {signed}");
 
-    let new = hand_over_under_writes(&old, launch("new"));
-    // The newcomer listens, and the relay has replayed the minute's requests to it.
+    let new = next(&mut old, launch("new"));
     let after = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 10000}));
-    assert_eq!(after["ok"], true, "signing through the newcomer: {after}");
-
+    assert_eq!(after["ok"], true, "signing through the next instance: {after}");
     each_answered_once_and_two_signatures_counted(&relay, &bunker, &client, &new, &cookie);
 }
 
@@ -713,26 +719,11 @@ fn sigterm_lets_a_nip46_signature_under_way_finish_and_be_recorded() {
 /// instance had answered. Before, only a hand-over passed them on.
 #[test]
 fn a_request_answered_before_sigterm_is_not_answered_again_by_the_next_instance() {
-    let Some(relay) = Relay::start() else { return };
-    let Some(mut app) = BunkerClient::spawn() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let replica = format!("file://{}", dir.path().join("replica").display());
-    let launch = |name: &str| {
-        launch(&dir.path().join(name), &replica)
-            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
-            .env("BUNKER_RELAYS", relay.url())
-    };
-    let mut old = launch("old").start();
-    let (cookie, bunker, client) = connected_app(&old, &mut app, "restarted@example.com");
-    let signed = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "once"}, "timeout_ms": 3000}));
-    assert_eq!(signed["ok"], true, "signing through the first instance: {signed}");
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe { libc::kill(old.pid() as i32, libc::SIGTERM) };
-    let (status, _) = old.wait_exit(Duration::from_secs(30));
-    assert!(status.success(), "{}", old.log());
-
-    let new = launch("new").start();
-    let after = app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": "after"}, "timeout_ms": 10000}));
-    assert_eq!(after["ok"], true, "signing through the next instance: {after}");
-    each_answered_once_and_two_signatures_counted(&relay, &bunker, &client, &new, &cookie);
+    replayed_to_the_next_instance("restarted@example.com", |old, new| {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(old.pid() as i32, libc::SIGTERM) };
+        let (status, _) = old.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{}", old.log());
+        new.start()
+    });
 }

@@ -246,9 +246,8 @@ impl From<std::io::Error> for ApplyError {
 impl ApplyError {
     fn into_restore_error(self, object: Option<&LtxObject>, path: &Path) -> RestoreError {
         match self {
-            ApplyError::Stale => RestoreError::Mismatch {
+            ApplyError::Stale => RestoreError::StaleWriter {
                 key: object.map(|o| o.key.to_string()).unwrap_or_default(),
-                reason: "written by a writer older than one before it".into(),
             },
             ApplyError::Restore(e) => e,
             ApplyError::Ltx(source) => RestoreError::Corrupt {

@@ -446,9 +446,8 @@ async fn merge(
         .map_err(replica_error)?;
     if let Some(stale) = applied.stale {
         // This writer compacts only what it shipped itself; a stale file among that is damage.
-        return Err(replica_error(RestoreError::Mismatch {
+        return Err(replica_error(RestoreError::StaleWriter {
             key: stale.key.to_string(),
-            reason: "written by a writer older than one before it".into(),
         }));
     }
     let last = applied.last.expect("inputs is not empty");

@@ -79,6 +79,8 @@ pub enum RestoreError {
     },
     #[error("object {key} does not match its name: {reason}")]
     Mismatch { key: String, reason: String },
+    #[error("object {key} was stored by an instance that had lost the replica to a newer writer (its writer stamp is older than one before it)")]
+    StaleWriter { key: String },
     #[error("the restored database is incomplete: page {pgno} of {pages} is in no backup file")]
     MissingPage { pgno: u32, pages: u32 },
     #[error("the restored database fails SQLite's integrity check: {0}")]
