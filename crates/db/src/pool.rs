@@ -411,16 +411,40 @@ impl Db {
     }
 }
 
-/// PostgreSQL pool settings. sqlx pings an idle connection before handing it out
-/// (`test_before_acquire`, kept on): a second round trip per statement (part of a NIP-46 claim's time,
-/// BENCHMARKS.md), paid so that a failover costs no request. A
-/// Cloud SQL maintenance restart or a proxy closes every connection at once; with the ping,
-/// sqlx replaces a dead connection before any statement is sent on it, while without it each
-/// connection of the pool would fail one request with a 500 first.
+/// PostgreSQL pool settings. Before an idle connection is handed out it is asked one
+/// question ([`pg_left_in_a_transaction`], in place of sqlx's ping: one round trip either
+/// way, part of a NIP-46 claim's time, BENCHMARKS.md). Its answer proves the connection alive,
+/// so that a failover costs no request: a Cloud SQL maintenance restart or a proxy closes every
+/// connection at once, and sqlx replaces a dead connection before any statement is sent on it,
+/// where each connection of the pool would otherwise fail one request with a 500 first.
 fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
+        .test_before_acquire(false)
+        .before_acquire(|conn, _meta| Box::pin(async move { Ok(!pg_left_in_a_transaction(conn).await?) }))
+}
+
+/// Whether an idle pooled PostgreSQL connection is inside a transaction sqlx does not count.
+///
+/// sqlx 0.9 counts a transaction only once the server has answered its `BEGIN`: a `begin()`
+/// cancelled while it waits (a request cut off by its timeout or its client, a task aborted)
+/// returns the connection to the pool inside a transaction nobody will end. Every statement
+/// later run on it is answered as done and never committed: a user's new key, a swap of master
+/// key rotation — gone when the connection closes. An error here (a dead connection, or a
+/// transaction aborted by an error) closes it too.
+async fn pg_left_in_a_transaction(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    // The first statement of a transaction starts it: the two times differ only inside one
+    // begun earlier. The simple protocol needs no prepared statement (transaction-mode poolers).
+    let idle = sqlx::raw_sql("SELECT 1 WHERE statement_timestamp() = transaction_timestamp()")
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some();
+    if !idle {
+        metrics::counter!("keycast_database_connections_discarded_total").increment(1);
+        tracing::warn!("a pooled database connection was left inside a transaction (a cancelled BEGIN?); closing it");
+    }
+    Ok(!idle)
 }
 
 /// Whether an idle pooled connection is inside a transaction, by sqlx's count or by SQLite's
@@ -535,6 +559,38 @@ mod tests {
             3,
             "one signal per write transaction, none for reads"
         );
+    }
+
+    /// What a `begin()` cancelled while its `BEGIN` is in flight leaves behind: the server
+    /// inside a transaction, sqlx counting none. Without the check, the write below went out
+    /// on that connection, was answered, and was rolled back when the pool closed.
+    #[tokio::test]
+    async fn a_postgres_connection_left_inside_a_transaction_is_never_handed_out_again() {
+        let Some(server) = crate::scratch::test_server() else {
+            return;
+        };
+        let scratch = crate::scratch::create_database(&server, "left_in_txn").await.unwrap();
+        let options = PgOptions {
+            max_connections: 1,
+            ..PgOptions::new(&scratch.url)
+        };
+        let db = Db::open_postgres(&options).await.unwrap();
+        let pool = db.as_postgres().unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+        drop(conn);
+        sqlx::query("INSERT INTO keycast_meta (key, value) VALUES ('answered', 'kept')")
+            .execute(pool)
+            .await
+            .unwrap();
+        db.close().await;
+        let db = Db::open_postgres(&options).await.unwrap();
+        let kept: Option<String> = sqlx::query_scalar("SELECT value FROM keycast_meta WHERE key = 'answered'")
+            .fetch_optional(db.as_postgres().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(kept.as_deref(), Some("kept"), "a write answered as done was committed");
+        db.close().await;
     }
 
     #[test]
