@@ -125,7 +125,7 @@ pub async fn run(
     // it: holding the replica's lease, it gives the lease back before it stops, so the
     // instance it took it from need not wait for it to lapse.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut starting = Box::pin(start(&config, &vitals, stop_rx));
+    let mut starting = Box::pin(start(&config, &vitals, stop_rx, Purpose::Serve));
     let mut running = tokio::select! {
         started = &mut starting => match started {
             Ok(running) => running,
@@ -289,22 +289,35 @@ struct Running {
     /// This instance among the others on one PostgreSQL database; `None` on SQLite.
     cluster: Option<Arc<Cluster>>,
     services: Services,
-    /// Writes the signer's buffered activity about once a second.
-    flusher: AbortHandle,
+    /// Writes the signer's buffered activity about once a second; `None` for a one-off command.
+    flusher: Option<AbortHandle>,
     /// The master key, and the previous one during a rotation.
     keyring: Arc<Keyring>,
     /// The background master-key rotation, while `KEYCAST_MASTER_KEY_PREVIOUS` is set.
     rotation: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// What [`start`] starts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// `keycast serve`: the background writes, and on PostgreSQL a member of the cluster.
+    Serve,
+    /// A command that works on the database and stops (`master-key rotate`): neither. It
+    /// answers no request, so it caches nothing another instance must hear of; as a member it
+    /// would own bunkers it never answers and be waited for on every change.
+    OneOff,
+}
+
 /// Builds the domain services over the open database: the master key (checked against
-/// the stored keys), the password hasher and the signer, and starts the background writes.
+/// the stored keys), the password hasher and the signer, and, to serve, starts the
+/// background writes.
 async fn services(
     config: &Config,
     db: &Db,
     replica: Option<Monitor>,
     vitals: &Vitals,
-) -> anyhow::Result<(Services, AbortHandle, Arc<Keyring>)> {
+    purpose: Purpose,
+) -> anyhow::Result<(Services, Option<AbortHandle>, Arc<Keyring>)> {
     let keyring = crate::master_key::load(&config.master_key, config.master_key_previous.as_ref(), db).await?;
     let km: Arc<dyn KeyManager> = keyring.clone();
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
@@ -323,16 +336,18 @@ async fn services(
     if let Some(monitor) = &replica {
         crate::last_writes::hand_over_activity(monitor, &signer);
     }
-    let flusher = vitals.spawn(
-        "the activity flusher",
-        background_writes(
-            signer.clone(),
-            db.clone(),
-            replica,
-            config.activity_flush_every(),
-            config.sweep_interval,
-        ),
-    );
+    let flusher = (purpose == Purpose::Serve).then(|| {
+        vitals.spawn(
+            "the activity flusher",
+            background_writes(
+                signer.clone(),
+                db.clone(),
+                replica,
+                config.activity_flush_every(),
+                config.sweep_interval,
+            ),
+        )
+    });
     Ok((
         Services {
             signer,
@@ -411,16 +426,17 @@ async fn start(
     config: &Config,
     vitals: &Vitals,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    purpose: Purpose,
 ) -> anyhow::Result<Running> {
     prepare_directories(config)?;
     let database_path = match &config.database {
-        Database::Postgres(pg) => return start_postgres(config, pg, vitals).await,
+        Database::Postgres(pg) => return start_postgres(config, pg, vitals, purpose).await,
         Database::Sqlite { path, .. } => path.as_path(),
     };
     let Some(replica) = &config.replica else {
         tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
         let db = Db::open_sqlite(&sqlite_options(config, database_path)).await?;
-        let (services, flusher, keyring) = services(config, &db, None, vitals).await?;
+        let (services, flusher, keyring) = services(config, &db, None, vitals, purpose).await?;
         return Ok(Running {
             db,
             replicator: None,
@@ -463,7 +479,7 @@ async fn start(
             return Err(e);
         }
     };
-    match services(config, &db, Some(replicator.monitor()), vitals).await {
+    match services(config, &db, Some(replicator.monitor()), vitals, purpose).await {
         Ok((services, flusher, keyring)) => Ok(Running {
             db,
             replicator: Some(replicator),
@@ -520,16 +536,32 @@ fn sqlite_options(config: &Config, path: &Path) -> DbOptions {
 /// Start-up on PostgreSQL: no replicator and no lease (the server keeps the data and any
 /// number of instances write it); migrations run once however many instances start
 /// together (see [`open_postgres`]).
-async fn start_postgres(config: &Config, pg: &PostgresConfig, vitals: &Vitals) -> anyhow::Result<Running> {
+async fn start_postgres(
+    config: &Config,
+    pg: &PostgresConfig,
+    vitals: &Vitals,
+    purpose: Purpose,
+) -> anyhow::Result<Running> {
     let db = open_postgres(pg).await?;
     tracing::info!(database = %pg.options.describe(), pool = pg.options.max_connections, "connected to PostgreSQL");
-    let (services, flusher, keyring) = match services(config, &db, None, vitals).await {
+    let (services, flusher, keyring) = match services(config, &db, None, vitals, purpose).await {
         Ok(started) => started,
         Err(e) => {
             db.close().await;
             return Err(e);
         }
     };
+    if purpose == Purpose::OneOff {
+        return Ok(Running {
+            db,
+            replicator: None,
+            cluster: None,
+            services,
+            flusher,
+            keyring,
+            rotation: None,
+        });
+    }
     let options = ClusterOptions {
         instance_ttl: pg.instance_ttl,
         vitals: vitals.clone(),
@@ -546,7 +578,9 @@ async fn start_postgres(config: &Config, pg: &PostgresConfig, vitals: &Vitals) -
             rotation: None,
         }),
         Err(e) => {
-            flusher.abort();
+            if let Some(flusher) = flusher {
+                flusher.abort();
+            }
             db.close().await;
             Err(anyhow::Error::new(e).context("cannot join the other instances on this database (LISTEN needs a session: KEYCAST_DATABASE_DIRECT_URL)"))
         }
@@ -677,7 +711,9 @@ async fn shut_down(
         tokio::time::sleep(REPLIES_SETTLE.min(drain_until.saturating_duration_since(Instant::now()))).await;
         nip46.shutdown().await;
     }
-    running.flusher.abort();
+    if let Some(flusher) = &running.flusher {
+        flusher.abort();
+    }
     // Each re-encrypted key is one atomic swap: stopping between two loses nothing, and the
     // next start continues.
     if let Some(rotation) = &running.rotation {
@@ -844,10 +880,8 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
 /// As for start-up; a rotation error; an incomplete rotation (see
 /// [`crate::rotation::report`]).
 pub async fn rotate_master_key(config: &Config, limit: Option<u64>, as_json: bool) -> anyhow::Result<()> {
-    // A one-off command: nobody watches its background tasks, and it stops them at once.
     let (_never, no_stop) = tokio::sync::watch::channel(false);
-    let running = start(config, &Vitals::default(), no_stop).await?;
-    running.flusher.abort();
+    let running = start(config, &Vitals::default(), no_stop, Purpose::OneOff).await?;
     let outcome = keycast_core::rotation::rotate(&running.db, &running.keyring, limit).await;
     running.db.close().await;
     if let Some(replicator) = running.replicator {

@@ -374,8 +374,13 @@ fn on_postgres_the_command_rotates_beside_a_serving_instance_and_resumes() {
              SELECT 'bunker', id, encode(substr(bunker_secret_encrypted, 1, 9), 'hex') FROM authorizations ORDER BY 1, 2",
         )
     };
+    // The serving instance is the only member of the cluster: a command that joined it would
+    // own bunkers it never answers, and every change would wait for its acknowledgement.
+    let members = || database.query("SELECT count(*) FROM keycast_instances");
+    assert_eq!(members().trim(), "1");
     let (ok, first, log_first) = rotate(&["--limit", "3"]);
     assert!(!ok, "{first}");
+    assert_eq!(members().trim(), "1", "the command joined the instances and never left");
     assert_eq!(
         (first["reencrypted"].as_u64(), first["remaining"].as_u64()),
         (Some(3), Some(3)),
