@@ -44,6 +44,9 @@ impl Default for RelayCaps {
 }
 /// Longest accepted secret, name or URL parameter.
 const MAX_PARAM_LEN: usize = 512;
+/// Longest accepted URI: room for every parameter at its longest, so that a URI as long as a
+/// body is refused before its parameters are parsed and compared with each other.
+pub const MAX_URI_LEN: usize = 8 * 1024;
 
 /// A parsed `nostrconnect://` URI.
 #[derive(Debug, Clone)]
@@ -88,6 +91,10 @@ impl NostrConnectUri {
     /// [`NostrConnectError`] saying what is missing or wrong.
     pub fn parse(text: &str) -> Result<Self, NostrConnectError> {
         let text = text.trim();
+        // Refused before it is read: each parameter is parsed and compared with those before.
+        if text.len() > MAX_URI_LEN {
+            return Err(bad(format!("a nostrconnect URI is at most {MAX_URI_LEN} bytes")));
+        }
         let rest = text
             .strip_prefix("nostrconnect://")
             .ok_or_else(|| bad("a nostrconnect URI starts with nostrconnect://"))?;
@@ -106,6 +113,9 @@ impl NostrConnectUri {
                         .map_err(|_| bad(format!("relay {v:?} is not a ws:// or wss:// URL")))?;
                     let relay = relay.to_string();
                     if !relays.contains(&relay) {
+                        if relays.len() == MAX_RELAYS {
+                            return Err(bad(format!("the nostrconnect URI names more than {MAX_RELAYS} relays")));
+                        }
                         relays.push(relay);
                     }
                 }
@@ -118,9 +128,6 @@ impl NostrConnectUri {
         }
         if relays.is_empty() {
             return Err(bad("the nostrconnect URI names no relay (relay=wss://…)"));
-        }
-        if relays.len() > MAX_RELAYS {
-            return Err(bad(format!("the nostrconnect URI names more than {MAX_RELAYS} relays")));
         }
         let secret = secret
             .filter(|s| !s.is_empty())
@@ -521,5 +528,27 @@ mod tests {
         }
         let many: String = (0..=MAX_RELAYS).map(|i| format!("relay=wss://r{i}.example&")).collect();
         assert!(NostrConnectUri::parse(&format!("nostrconnect://{pk}?{many}secret=s")).is_err());
+    }
+
+    /// Before, every relay of a URI was parsed and compared with each before it, and the count
+    /// checked after: tens of thousands of relays in one pasted URI held a runtime thread for
+    /// seconds.
+    #[test]
+    fn a_uri_longer_than_any_valid_one_is_refused_unread() {
+        let pk = client();
+        let relays: String = (0..3_000).map(|i| format!("relay=wss://r{i}.example&")).collect();
+        let err = NostrConnectUri::parse(&format!("nostrconnect://{pk}?{relays}secret=s"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("at most {MAX_URI_LEN} bytes")), "{err}");
+        let longest_valid = format!(
+            "nostrconnect://{pk}?{}secret={s}&name={s}&url={s}&perms={s}&image={s}",
+            (0..MAX_RELAYS)
+                .map(|i| format!("relay=wss://r{i}.example/{}&", "p".repeat(480)))
+                .collect::<String>(),
+            s = "s".repeat(MAX_PARAM_LEN)
+        );
+        assert!(longest_valid.len() <= MAX_URI_LEN, "{}", longest_valid.len());
+        NostrConnectUri::parse(&longest_valid).unwrap();
     }
 }

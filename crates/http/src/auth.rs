@@ -120,7 +120,7 @@ pub(crate) async fn log_in(
 ) -> Result<(User, axum::http::HeaderValue), AppError> {
     state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP).await?;
     // Wrong passwords slow down this client at this account only (see `crate::limit`).
-    let backoff = format!("password:{}|{ip}", email.trim().to_lowercase());
+    let backoff = crate::limit::password_key(email, ip);
     state.limits().start_password_try(&backoff).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;

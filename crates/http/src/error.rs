@@ -50,6 +50,10 @@ pub enum AppError {
     /// `unsupported_media_type`.
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The body is larger than the endpoint reads ([`crate::BODY_LIMIT`]). 413, code
+    /// `payload_too_large`.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// Too many attempts; retry after `retry_after_secs`. 429, code `rate_limited`, with
     /// a `Retry-After` header.
     #[error("too many attempts; retry in {retry_after_secs} s")]
@@ -74,6 +78,7 @@ impl AppError {
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AppError::Gone(_) => (StatusCode::GONE, "gone"),
             AppError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            AppError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             AppError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }

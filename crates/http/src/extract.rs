@@ -2,6 +2,7 @@
 //! (axum's own rejections are plain text).
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
@@ -24,12 +25,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 "send the body as JSON with Content-Type: application/json".into(),
             ));
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(unread)?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| AppError::BadRequest(format!("the body must be JSON: {e}")))
+    }
+}
+
+/// Why a body was not read: past the route's limit (`DefaultBodyLimit`, see
+/// [`crate::BODY_LIMIT`]) a 413, otherwise (the client went away mid-body) a 400.
+pub(crate) fn unread(rejection: BytesRejection) -> AppError {
+    if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        AppError::PayloadTooLarge(format!(
+            "the request body is larger than this endpoint reads ({rejection})"
+        ))
+    } else {
+        AppError::BadRequest("the request body could not be read".into())
     }
 }
 
@@ -51,9 +62,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormOrJson<T> {
                 "send a form (application/x-www-form-urlencoded) or JSON (application/json)".into(),
             ));
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|_| AppError::BadRequest("the request body could not be read".into()))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(unread)?;
         let value = if json {
             serde_json::from_slice(&bytes).map_err(|e| AppError::BadRequest(format!("the body must be JSON: {e}")))?
         } else {

@@ -63,6 +63,16 @@ use axum::Router;
 pub use error::AppError;
 pub use state::{AppState, BoxFuture, Dependency, Durability, DurabilityMode, HttpOptions, Services};
 
+/// The most a request body may hold (`POST /api/nostr`: [`RPC_BODY_LIMIT`]); larger → 413.
+/// Bodies are read whole before a handler's rate limit or credential check, so this bounds
+/// what anyone can make keycast hold: every form and JSON body keycast reads is a few KiB (a
+/// custom policy at its caps about 16).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// The most a signing request's body may hold: an event of the 128 KiB a relay takes
+/// (`embedded` relay's cap), JSON-escaped.
+pub const RPC_BODY_LIMIT: usize = 512 * 1024;
+
 /// Builds the whole HTTP application over `state`.
 pub fn app(state: AppState) -> Router {
     let mut api = Router::new()
@@ -91,6 +101,7 @@ pub fn app(state: AppState) -> Router {
     }
     router
         .fallback(error::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             origin::require_same_origin,

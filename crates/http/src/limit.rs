@@ -265,6 +265,15 @@ impl RateLimits {
         self.failures.invalidate(key);
     }
 
+    /// The key of the password backoff of the account `email` names, for the client `ip`. Keyed
+    /// by the address as accounts store it: the field as sent may be as long as a body, and the
+    /// key is kept for an hour; a malformed address names no account, so all of a client's
+    /// share one key.
+    pub fn password_key(email: &str, ip: &str) -> String {
+        let email = keycast_core::accounts::normalize_email(email).unwrap_or_default();
+        format!("password:{email}|{ip}")
+    }
+
     /// The rate-limit key of the request's client (see the module doc): `v4:1.2.3.4`,
     /// `v6:2001:db8:1:2::/64`, or `unknown`.
     pub fn client_key(&self, parts: &Parts) -> String {
@@ -375,6 +384,20 @@ mod tests {
             .extensions
             .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
         parts
+    }
+
+    /// Each key is kept for an hour, 200,000 of them: before, an anonymous login kept its
+    /// email field whole (up to the body limit) in its key.
+    #[test]
+    fn a_password_backoff_key_holds_the_stored_address_never_the_field_as_sent() {
+        assert_eq!(
+            password_key("  Owner@Example.org ", "v4:1.2.3.4"),
+            password_key("owner@example.org", "v4:1.2.3.4"),
+            "the account's own key, however the address is typed"
+        );
+        let huge = format!("{}@example.org", "a".repeat(60_000));
+        assert_eq!(password_key(&huge, "v4:1.2.3.4"), "password:|v4:1.2.3.4");
+        assert_eq!(password_key("no at sign", "v4:1.2.3.4"), "password:|v4:1.2.3.4");
     }
 
     #[test]

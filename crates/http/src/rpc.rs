@@ -23,10 +23,13 @@ use keycast_core::{AuthError, InternalError, Request, SignError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::AppState;
+use crate::{AppError, AppState};
 
 pub(crate) fn routes() -> Router<AppState> {
-    Router::new().route("/api/nostr", post(rpc))
+    Router::new().route(
+        "/api/nostr",
+        post(rpc).layer(axum::extract::DefaultBodyLimit::max(crate::RPC_BODY_LIMIT)),
+    )
 }
 
 #[derive(Deserialize)]
@@ -37,7 +40,21 @@ struct Call {
 }
 
 /// `POST /api/nostr`.
-async fn rpc(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn rpc(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return match crate::extract::unread(rejection) {
+                AppError::PayloadTooLarge(m) => RpcError::TooLarge(m),
+                other => RpcError::BadRequest(other.to_string()),
+            }
+            .into_response()
+        }
+    };
     match handle(&state, &headers, &body).await {
         Ok(result) => Json(json!({ "result": result })).into_response(),
         Err(err) => err.into_response(),
@@ -97,6 +114,8 @@ fn bad(message: &str) -> RpcError {
 #[derive(Debug)]
 enum RpcError {
     BadRequest(String),
+    /// The body is past [`crate::RPC_BODY_LIMIT`]: 413.
+    TooLarge(String),
     Unauthorized(String),
     Forbidden(String),
     /// The grant's terms refuse it; the code says which (`grant_expired`, …).
@@ -156,6 +175,7 @@ impl IntoResponse for RpcError {
     fn into_response(self) -> Response {
         let (status, code, message) = match self {
             RpcError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+            RpcError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
             RpcError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
             RpcError::Forbidden(m) => (StatusCode::FORBIDDEN, "policy_denied", m),
             RpcError::Grant(code, m) => (StatusCode::FORBIDDEN, code, m),

@@ -397,7 +397,7 @@ async fn reauthenticate(
     user: &User,
     password: String,
 ) -> Result<keycast_core::Reauthenticated, AppError> {
-    let backoff = format!("password:{}|{ip}", user.email);
+    let backoff = crate::limit::password_key(&user.email, ip);
     state.limits().start_password_try(&backoff).await?;
     let (_, services) = state.api()?;
     match services.hasher.reauthenticate(user, &Secret::new(password)).await {

@@ -107,6 +107,16 @@ pub async fn run(
         open_registration: config.open_registration,
         admin_token: config.admin_token.clone(),
     };
+    // `install_recorder` leaves the upkeep to its caller: without it every histogram sample
+    // stays in memory until a scrape, and a platform that never scrapes leaks by the request.
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let state = AppState::new(metrics, options);
     crate::replication::register_alerted_counters();
     state.log_mail_setup();
