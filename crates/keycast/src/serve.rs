@@ -390,8 +390,15 @@ async fn background_writes(
     loop {
         tick.tick().await;
         fail::fail_point!("activity-flusher", |_| ());
-        if replica.as_ref().is_some_and(|m| !accepts_writes(m)) {
-            continue;
+        if let Some(monitor) = &replica {
+            // While the lease cannot be confirmed (the store unreachable) a commit would
+            // never ship, and the WAL, in memory on Cloud Run, would grow by one a second for
+            // as long as the outage lasts; the buffer is bounded and counts what it drops.
+            // Asked only with records to write: asking renews an idle lease.
+            let idle = signer.pending_activity() == 0 && last_sweep.is_some_and(|at| at.elapsed() < sweep_every);
+            if !accepts_writes(monitor) || (!idle && monitor.check_writable().await.is_err()) {
+                continue;
+            }
         }
         if let Err(err) = signer.flush().await {
             tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity; will retry");

@@ -100,3 +100,64 @@ fn failing_uploads_turn_readiness_503_and_refuse_durable_writes_until_repaired()
         "test:after\ntest:before\ntest:during\n"
     );
 }
+
+/// `keycast_replica_local_commits` from `/metrics`.
+fn local_commits(server: &harness::Keycast) -> f64 {
+    harness::metric_sum(&server.get("/metrics").1, "keycast_replica_local_commits")
+}
+
+/// The store out of reach for good (every connection silent): signing goes on, but nothing
+/// is written that could never ship. Before, the activity flusher committed every record
+/// batch into a WAL that could not be checkpointed — on Cloud Run, memory — for as long as
+/// the outage lasted.
+#[test]
+fn an_unreachable_store_stops_the_activity_writes_while_signing_goes_on() {
+    let Some(endpoint) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let bucket = harness::new_bucket(&endpoint, "outage");
+    let link = harness::link::SilentLink::start(endpoint.trim_start_matches("http://").to_owned());
+    let dir = tempfile::tempdir().unwrap();
+    let server = harness::s3_env(&format!("http://127.0.0.1:{}", link.port), &bucket, "kc")
+        .iter()
+        .fold(Launch::new(&dir.path().join("data")), |l, (k, v)| l.env(k, v))
+        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "2")
+        .env("KEYCAST_ACTIVITY_FLUSH_MS", "100")
+        .start();
+    let (cookie, _) = harness::flow::register(&server, "outage@example.org", None);
+    let token = harness::flow::access_token(&server, &cookie);
+    let sign = |n: usize| {
+        let r = harness::api::rpc(
+            &server,
+            &token,
+            "sign_event",
+            serde_json::json!([{ "kind": 1, "content": format!("note {n}") }]),
+        );
+        assert_eq!(r.status, 200, "signing goes on: {}", r.body);
+    };
+    sign(0);
+
+    link.freeze();
+    // Past the lease's time: from here on no write can be confirmed.
+    let lapsed = Instant::now() + Duration::from_secs(5);
+    let mut n = 1;
+    while Instant::now() < lapsed {
+        sign(n);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = local_commits(&server);
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        sign(n);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = local_commits(&server);
+    assert_eq!(
+        after,
+        before,
+        "{} commits made that could never ship, in 5 s of signing",
+        after - before
+    );
+}
