@@ -185,14 +185,17 @@ pub fn is_reserved(name: &str, extra_reserved: &[String]) -> bool {
 }
 
 /// Trims and lowercases an email and checks its shape (one `@`, non-empty parts, no
-/// spaces, at most 254 bytes).
+/// spaces, at most 254 bytes, none of the characters that make a mailbox out of an address:
+/// a mailer reads `"name" <addr>` as mail to `addr`, and `a@x,b@y` as two).
 ///
 /// # Errors
 /// [`AccountError::InvalidEmail`].
 pub fn normalize_email(email: &str) -> Result<String, AccountError> {
     let email = email.trim().to_lowercase();
     let valid = email.len() <= 254
-        && !email.chars().any(char::is_whitespace)
+        && !email
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>()[]\\,;:\"".contains(c))
         && matches!(email.split_once('@'), Some((local, domain)) if !local.is_empty() && !domain.is_empty() && !domain.contains('@'));
     valid.then_some(email).ok_or(AccountError::InvalidEmail)
 }
@@ -305,9 +308,12 @@ pub async fn logout(db: &Db, token: &str) -> Result<bool, RepoError> {
 }
 
 /// Changes the re-authenticated user's password. Every session ends (the changer's too:
-/// whoever shares its cookie must not keep it) and every reset link still out is used up,
-/// before the new password takes effect: whoever knew the old password keeps nothing it
-/// opened. The changer gets a new session, returned with how many *other* sessions ended.
+/// whoever shares its cookie must not keep it) before the new password takes effect:
+/// whoever knew the old password keeps nothing it opened. The changer gets a new session,
+/// returned with how many *other* sessions ended. Reset links stay usable: they reach only the
+/// mailbox, the root of trust, and a reset outranks a change — were they used up, whoever
+/// holds the password (a squatter on the owner's address) could change it in a loop and no
+/// link the owner asks for would ever work.
 /// Apps keep their authorizations (they never held the password); an owner who suspects
 /// more than a leaked password revokes them, or resets the password, which does. Recorded
 /// in the account's events.
@@ -326,7 +332,6 @@ pub async fn change_password(
     let user = proof.user_id();
     // The changer's own session is one of them.
     let others = session_repo::delete_for_user(db, user).await?.saturating_sub(1);
-    session_repo::use_up_user_tokens(db, user, TokenPurpose::ResetPassword, now).await?;
     user_repo::set_password_hash(db, user, &password_hash, now).await?;
     let detail = format!("{others} other session{} ended", if others == 1 { "" } else { "s" });
     keycast_db::account_events::insert(db, user, "password_changed", &detail, now).await?;
@@ -475,7 +480,20 @@ mod tests {
     #[test]
     fn emails_are_normalised_and_malformed_ones_refused() {
         assert_eq!(normalize_email("  Bob@Example.COM ").unwrap(), "bob@example.com");
-        for bad in ["", "bob", "@x.org", "bob@", "b ob@x.org", "a@b@c"] {
+        for bad in [
+            "",
+            "bob",
+            "@x.org",
+            "bob@",
+            "b ob@x.org",
+            "a@b@c",
+            "\"x\"<bob@x.org>",
+            "<bob@x.org>",
+            "a@x.org,bob@x.org",
+            "bob@x.org;",
+            "bob(c)@x.org",
+            "bob@x.org\u{0}",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
         }
     }
