@@ -182,10 +182,14 @@ impl SmtpMailer {
     }
 
     async fn deliver(&self, mail: &Mail) -> Result<(), String> {
-        let to: Mailbox = mail
-            .to
-            .parse()
-            .map_err(|e| format!("the recipient is not a valid address: {e}"))?;
+        // An address, never a mailbox: `"name" <addr>` would reach `addr` under a name the
+        // account's registrant chose (accounts refuse that shape; older rows may hold it).
+        let to = Mailbox::new(
+            None,
+            mail.to
+                .parse::<lettre::Address>()
+                .map_err(|e| format!("the recipient is not a valid address: {e}"))?,
+        );
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)

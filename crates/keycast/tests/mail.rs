@@ -157,6 +157,22 @@ fn the_verification_mail_arrives_over_smtp_and_its_link_verifies_the_email() {
         .start();
 
     let email = "smtp-user@example.com";
+    // A display name and brackets around the address: mail to the address itself, a new
+    // account (and mail budget) per name, and the attacker's text in a genuine keycast mail.
+    // Before, accepted (201) and delivered to the bracketed address.
+    for named in [
+        format!("\"https://evil.example/x\" <{email}>"),
+        format!("<{email}>"),
+        format!("x@evil.example,{email}"),
+    ] {
+        let r = post_json(
+            &server,
+            "/api/auth/register",
+            None,
+            &json!({ "email": named, "password": PASSWORD }),
+        );
+        assert_eq!(r.status, 400, "{named}: {}", r.body);
+    }
     let r = post_json(
         &server,
         "/api/auth/register",
