@@ -1,5 +1,5 @@
-//! Rows whose time is over: expired sessions, mailed tokens, OAuth codes, access tokens and
-//! refresh tokens, and the older activity of revoked grants. Each is refused once expired
+//! Rows whose time is over: expired sessions, mailed tokens, OAuth codes, access tokens,
+//! refresh tokens and approvals, and the older activity of revoked grants. Each is refused once expired
 //! anyway; removing them keeps the database (on Cloud Run, memory) from growing by every
 //! login and every hourly token refresh for good.
 //!
@@ -13,7 +13,7 @@
 //! keep a live grant's whole record for good.
 
 use keycast_db::activity::{self, Prune};
-use keycast_db::{oauth, refresh, sessions, Db, RepoError};
+use keycast_db::{approvals, oauth, refresh, sessions, Db, RepoError};
 
 /// Activity records a revoked or expired grant keeps.
 pub const KEPT_PER_REVOKED_GRANT: u32 = 20;
@@ -32,6 +32,9 @@ pub struct Swept {
     pub codes: u64,
     pub access_tokens: u64,
     pub refresh_tokens: u64,
+    /// Approvals past their time, decided or not (each holds its request, up to ~90 KB
+    /// sealed; before, only the grant's next request removed them — a revoked grant's never).
+    pub approvals: u64,
     /// Activity records of revoked or expired grants beyond their newest
     /// [`KEPT_PER_REVOKED_GRANT`].
     pub revoked_activity: u64,
@@ -45,6 +48,7 @@ impl Swept {
             + self.codes
             + self.access_tokens
             + self.refresh_tokens
+            + self.approvals
             + self.revoked_activity
     }
 }
@@ -61,6 +65,7 @@ pub async fn sweep_expired(db: &Db, now: i64) -> Result<Swept, RepoError> {
         codes: oauth::delete_expired_codes(db, now).await?,
         access_tokens: oauth::delete_expired_tokens(db, now).await?,
         refresh_tokens: refresh::delete_expired(db, now - SPENT_REFRESH_MEMORY_SECS).await?,
+        approvals: approvals::delete_expired(db, now).await?,
         revoked_activity: trim_over(db, now).await?,
     })
 }

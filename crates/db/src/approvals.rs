@@ -8,7 +8,6 @@
 //! what a decision does) is `keycast-core`'s.
 
 use crate::pool::on_engine;
-use crate::returning::Returned;
 use crate::Db;
 use crate::{AuthorizationId, RepoError, TokenHash, UserId};
 
@@ -62,6 +61,21 @@ macro_rules! columns {
          p.request_sealed, p.fingerprint, p.nip46_request_id, p.nip46_client, p.nip46_cipher, \
          p.created_at, p.expires_at, p.decision, p.decided_at, p.used_at"
     };
+}
+
+/// Removes every approval that expired by `now`, decided or not: none can be decided or used
+/// any more. Returns how many.
+///
+/// # Errors
+/// Database errors.
+pub async fn delete_expired(db: &Db, now: i64) -> Result<u64, RepoError> {
+    on_engine!(db, |pool| {
+        Ok(sqlx::query("DELETE FROM approvals WHERE expires_at <= $1")
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected())
+    })
 }
 
 /// Stores a pending approval, first deleting this authorization's approvals that expired
@@ -182,33 +196,53 @@ pub async fn close_undecided(db: &Db, id_hash: &TokenHash, now: i64) -> Result<O
     }
 }
 
-/// Spends one unexpired HTTP "allow once" of this authorization whose fingerprint is
-/// `fingerprint`. Returns whether one was spent (so exactly one retry passes).
+/// The unexpired, unspent HTTP "allow once" approvals of this authorization whose
+/// fingerprint is `fingerprint`, oldest decision first: what a retry may spend ([`spend`]).
 ///
 /// # Errors
 /// Database errors.
-pub async fn use_once(
+pub async fn unused_onces(
     db: &Db,
     authorization: &AuthorizationId,
     fingerprint: &str,
     now: i64,
-) -> Result<bool, RepoError> {
-    let spent: Option<TokenHash> = on_engine!(db, |pool| {
-        sqlx::query_scalar(
-            "UPDATE approvals SET used_at = $3 WHERE id_hash = (\
-               SELECT id_hash FROM approvals WHERE authorization_id = $1 AND fingerprint = $2 \
-               AND transport = 'http' AND decision = 'once' AND used_at IS NULL AND expires_at > $3 \
-               ORDER BY decided_at LIMIT 1) \
-             AND used_at IS NULL RETURNING id_hash",
+) -> Result<Vec<ApprovalRow>, RepoError> {
+    on_engine!(db, |pool| {
+        let sql = concat!(
+            "SELECT ",
+            columns!(),
+            " FROM approvals p JOIN authorizations a ON a.id = p.authorization_id \
+             WHERE p.authorization_id = $1 AND p.fingerprint = $2 AND p.transport = 'http' \
+             AND p.decision = 'once' AND p.used_at IS NULL AND p.expires_at > $3 \
+             ORDER BY p.decided_at LIMIT 20"
+        );
+        Ok(sqlx::query_as(sql)
+            .bind(authorization)
+            .bind(fingerprint)
+            .bind(now)
+            .fetch_all(pool)
+            .await?)
+    })
+}
+
+/// Spends the "allow once" `id_hash` if it is still unspent and unexpired (one conditional
+/// `UPDATE`: of retries at once, exactly one spends it). Returns whether this call did.
+///
+/// # Errors
+/// Database errors.
+pub async fn spend(db: &Db, id_hash: &TokenHash, now: i64) -> Result<bool, RepoError> {
+    let spent = on_engine!(db, |pool| {
+        sqlx::query(
+            "UPDATE approvals SET used_at = $2 WHERE id_hash = $1 AND decision = 'once' \
+             AND used_at IS NULL AND expires_at > $2",
         )
-        .bind(authorization)
-        .bind(fingerprint)
+        .bind(id_hash)
         .bind(now)
-        .fetch_all(pool)
+        .execute(pool)
         .await?
-        .into_first()
+        .rows_affected()
     });
-    Ok(spent.is_some())
+    Ok(spent == 1)
 }
 
 /// Adds `kind` to what this authorization may sign (idempotent).

@@ -345,6 +345,14 @@ impl StrictLimits {
 /// the old grant. Shared with the dashboard.
 pub(crate) async fn apply_edit(state: &AppState, user: &UserId, id: &str, edit: GrantEdit) -> Result<(), AppError> {
     let (_, services) = state.api()?;
+    if edit.permissions.is_some() {
+        // An app's own permissions may be a new policy, kept as a row after the app moves on:
+        // the same budget as creating one.
+        state
+            .limits()
+            .check(&format!("policy:{user}"), crate::limit::POLICIES_PER_ACCOUNT)
+            .await?;
+    }
     state.ensure_writable().await?;
     grants::edit_grant(&services.signer, user, &AuthorizationId::new(id), edit, now_unix()).await?;
     state.confirm_write(true).await?;

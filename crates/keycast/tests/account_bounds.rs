@@ -219,6 +219,17 @@ fn an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies(engine:
     let limited = create_policy(&server, &newest, 30);
     assert_eq!(limited.status, 429, "{}", limited.body);
     assert!(limited.retry_after.is_some());
+    // Giving one app its own permissions may make a policy too (kept as a row once the app
+    // goes back to a public one): the same budget. Before, edits made them without a limit.
+    let app = grant(&server, &newest, "policy:social");
+    let edited = send_json(
+        &server,
+        "PATCH",
+        &format!("/api/user/authorizations/{}", app["authorization_id"].as_str().unwrap()),
+        &newest,
+        &json!({ "permissions": { "allowed_kinds": [1, 7] } }),
+    );
+    assert_eq!(edited.status, 429, "{}", edited.body);
     server.stop();
 }
 

@@ -133,6 +133,25 @@ fn the_approval_page_shows_the_tags_and_the_date_the_owner_would_sign(engine: En
     assert!(page.body.contains("2030-03-17"), "the event's date: {}", page.body);
 }
 
+/// The page shows the event's date, and "allow once" holds for that date: a retry dated
+/// afresh passes, one dated years ahead does not. Before, the date was not compared, and an
+/// app could have a replaceable event (a relay list, a profile) signed for the year 2100,
+/// outranking every later one the owner publishes.
+fn http_allow_once_holds_for_the_date_the_owner_saw(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "dated@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let path = approval_path(&server, &sign(&server, &token, article("dated today")));
+    assert_eq!(decide(&server, &cookie, &path, "once").status, 200);
+    let ahead = json!([{ "kind": 30023, "content": "dated today", "tags": [["d", "slug"]],
+                        "created_at": 4_102_444_800_u64 }]);
+    let refused = sign(&server, &token, ahead);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(refused.json()["code"], "approval_required", "{}", refused.body);
+    assert_signed(&sign(&server, &token, article("dated today")), 30023);
+}
+
 fn http_allow_kind_holds_for_later_requests_and_across_a_restart(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let server = start(engine, dir.path(), &[]);
@@ -413,6 +432,7 @@ fn nip46_approval_clicked_on_another_instance_still_answers_the_app() {
 on_both_engines!(
     the_approval_page_shows_the_tags_and_the_date_the_owner_would_sign,
     http_allow_once_lets_exactly_one_retry_of_the_same_request,
+    http_allow_once_holds_for_the_date_the_owner_saw,
     http_allow_kind_holds_for_later_requests_and_across_a_restart,
     deny_another_account_csrf_and_unknown_ids_are_refused,
     an_expired_approval_cannot_be_decided,

@@ -1,6 +1,7 @@
 //! Rows whose time is over leave the database, against the real binary on both engines:
-//! expired sessions, mailed tokens, OAuth codes and access tokens, and refresh tokens 30 days
-//! past their expiry (kept that long so a spent one presented again still revokes its
+//! expired sessions, mailed tokens, OAuth codes, access tokens and approvals (each holds the
+//! request it asks about, up to ~90 KB; before, a revoked grant's stayed for good), and
+//! refresh tokens 30 days past their expiry (kept that long so a spent one presented again still revokes its
 //! authorization). Live ones stay. Before, none was ever removed: on Cloud Run, where the
 //! disk is memory, every login and every hourly token refresh grew the database for good.
 
@@ -40,8 +41,18 @@ fn expired_sessions_tokens_and_codes_are_removed_and_live_ones_stay(engine: Engi
         .start();
     let (cookie, _) = register(&server, "ann@example.com", None);
     let old = cookie_of(&login(&server, "ann@example.com", PASSWORD));
-    grant(&server, &cookie, "policy:social");
+    let first = grant(&server, &cookie, "policy:social");
     assert!(count(&server, "sessions") >= 2 && count(&server, "oauth_codes") >= 1);
+    // An article is not among `social`'s kinds: the owner is asked, twice.
+    for content in ["one", "two"] {
+        let asked = rpc(
+            &server,
+            first["access_token"].as_str().unwrap(),
+            "sign_event",
+            serde_json::json!([{ "kind": 30023, "content": content, "tags": [["d", content]] }]),
+        );
+        assert_eq!(asked.json()["code"], "approval_required", "{}", asked.body);
+    }
 
     // Time passes for all but the first session and a fresh token pair.
     let keep = session_hash(&cookie);
@@ -54,6 +65,7 @@ fn expired_sessions_tokens_and_codes_are_removed_and_live_ones_stay(engine: Engi
     sql(&server, "UPDATE user_tokens SET expires_at = 1");
     sql(&server, "UPDATE oauth_codes SET expires_at = 1");
     sql(&server, "UPDATE access_tokens SET expires_at = 1");
+    sql(&server, "UPDATE approvals SET expires_at = 1");
     // A refresh token that expired 29 days ago is still remembered; one 31 days ago is not.
     sql(
         &server,
@@ -81,10 +93,11 @@ fn expired_sessions_tokens_and_codes_are_removed_and_live_ones_stay(engine: Engi
             count(&server, "oauth_codes"),
             count(&server, "access_tokens"),
             count(&server, "refresh_tokens"),
+            count(&server, "approvals"),
         ];
         // The second grant's code and access token expire on their own later: only the
         // first session, the second grant's rows and the remembered refresh token are left.
-        if left == [1, 0, 1, 1, 1] {
+        if left == [1, 0, 1, 1, 1, 0] {
             break;
         }
         assert!(Instant::now() < deadline, "not swept: {left:?}\n{}", server.log());
