@@ -328,8 +328,11 @@ pub async fn run(
     result
 }
 
-/// The level−1 files to merge into `level`: those newer than `level`'s newest file in
-/// `files`, up to TXID `upto`, as far as they form a contiguous run.
+/// The level−1 files to merge into `level`: from the TXID after `level`'s newest file in
+/// `files`, up to TXID `upto`, as far as they form a contiguous chain. Each step takes the
+/// file that reaches furthest among those holding the next TXID, as a restore does: files of
+/// one level may overlap (a paused writer's compaction landing after its successor's), and
+/// one that starts before the next TXID must not stop the chain for good.
 fn inputs_for(files: &[LtxObject], level: u8, upto: u64) -> Vec<LtxObject> {
     let done = files
         .iter()
@@ -337,18 +340,19 @@ fn inputs_for(files: &[LtxObject], level: u8, upto: u64) -> Vec<LtxObject> {
         .map(|f| f.max_txid)
         .max()
         .unwrap_or(0);
-    let mut below: Vec<&LtxObject> = files
+    let below: Vec<&LtxObject> = files
         .iter()
-        .filter(|f| f.level == level - 1 && f.min_txid > done && f.max_txid <= upto)
+        .filter(|f| f.level == level - 1 && f.max_txid > done && f.max_txid <= upto)
         .collect();
-    below.sort_by_key(|f| (f.min_txid, f.max_txid));
     let mut inputs: Vec<LtxObject> = Vec::new();
-    for file in below {
-        let expected = inputs.last().map_or(done + 1, |f| f.max_txid + 1);
-        if file.min_txid != expected {
-            break; // only a contiguous run can be merged
-        }
-        inputs.push(file.clone());
+    let mut next = done + 1;
+    while let Some(file) = below
+        .iter()
+        .filter(|f| f.min_txid <= next && f.max_txid >= next)
+        .max_by_key(|f| (f.max_txid, f.min_txid))
+    {
+        inputs.push((*file).clone());
+        next = file.max_txid + 1;
     }
     inputs
 }
@@ -745,6 +749,33 @@ mod tests {
         );
     }
 
+    /// Level 1 holds 1-10 and, overlapping it, 1-20 (a paused writer's compaction that
+    /// landed late), then 21-30; level 2 reached 10. The chain went by exact starts: 11 was
+    /// never one, so level 2 stopped advancing for good, silently.
+    #[tokio::test]
+    async fn compaction_follows_a_level_whose_files_overlap() {
+        let tmp = std::env::temp_dir();
+        let (store, other) = (Store::in_memory(), Store::in_memory());
+        for txid in 1..=30 {
+            put(&store, 0, txid, file(txid, 1, &[(1, txid as u8)])).await;
+            if txid <= 20 {
+                put(&other, 0, txid, file(txid, 1, &[(1, txid as u8)])).await;
+            }
+        }
+        assert_eq!(compact_level(&store, 1, 10, &tmp).await.unwrap(), Some((1, 10)));
+        assert_eq!(compact_level(&store, 2, 10, &tmp).await.unwrap(), Some((1, 10)));
+        assert_eq!(compact_level(&other, 1, 20, &tmp).await.unwrap(), Some((1, 20)));
+        let late = other.list_level(1).await.unwrap().remove(0);
+        store
+            .put_ltx(1, 1, 20, other.get(&late).await.unwrap(), 0)
+            .await
+            .unwrap();
+        assert_eq!(compact_level(&store, 1, 30, &tmp).await.unwrap(), Some((21, 30)));
+        assert_eq!(compact_level(&store, 2, u64::MAX, &tmp).await.unwrap(), Some((1, 30)));
+        let newest = pages_of(&store, 2).await.pop().unwrap();
+        assert_eq!(newest, (1, 30, vec![(1, 30)]));
+    }
+
     #[tokio::test]
     async fn snapshot_covers_everything_and_is_written_once_per_txid() {
         let store = Store::in_memory();
@@ -759,6 +790,42 @@ mod tests {
             vec![(1, 2, vec![(1, 1), (2, 2)])]
         );
         assert_eq!(snapshot(&store, u64::MAX, &std::env::temp_dir()).await.unwrap(), None);
+    }
+
+    /// A snapshot in a run where level 1 was not due (at 5, level 1 at 3), then level 1's
+    /// next file (4-7) straddles it, and retention removes the level-0 files it covers but the
+    /// newest. The recent listing started level 1 past the snapshot and missed 4-7: the
+    /// chain stopped at 5, and TXID 7 — acknowledged — looked like an unacknowledged tail
+    /// (the next writer would have deleted it, or start-up refused a truncated replica).
+    #[tokio::test]
+    async fn a_level_one_file_straddling_the_newest_snapshot_is_in_the_recent_listing() {
+        let store = Store::in_memory();
+        let tmp = std::env::temp_dir();
+        let ship = |txid: u64| put(&store, 0, txid, file(txid, 1, &[(1, txid as u8)]));
+        for txid in 1..=3 {
+            ship(txid).await;
+        }
+        assert_eq!(compact_level(&store, 1, 3, &tmp).await.unwrap(), Some((1, 3)));
+        for txid in 4..=5 {
+            ship(txid).await;
+        }
+        assert_eq!(snapshot(&store, 5, &tmp).await.unwrap(), Some(5));
+        for txid in 6..=7 {
+            ship(txid).await;
+        }
+        assert_eq!(compact_level(&store, 1, 7, &tmp).await.unwrap(), Some((4, 7)));
+        let policy = CompactionPolicy {
+            l0_retention: Duration::from_secs(300),
+            ..CompactionPolicy::default()
+        };
+        enforce_retention(&store, &policy, SystemTime::now() + Duration::from_secs(301))
+            .await
+            .unwrap();
+        let recent = store.list_recent().await.unwrap();
+        assert_eq!(crate::store::tip(&recent), 7, "{recent:?}");
+        assert_eq!(store.max_txid().await.unwrap(), 7);
+        let plan = crate::restore::plan(&recent, crate::restore::Target::Latest, "test").unwrap();
+        assert_eq!(plan.last().map(|f| f.max_txid), Some(7));
     }
 
     #[tokio::test]

@@ -127,6 +127,16 @@ pub fn unacknowledged_tail<'a>(past: impl IntoIterator<Item = &'a LtxObject>, ch
 /// the chain are anything else (restore then reports the gap) or no chain starts at TXID 1.
 pub fn tip(files: &[LtxObject]) -> u64 {
     let newest = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
+    let end = chain_end(files);
+    if end > 0 && end < newest && unacknowledged_tail(files.iter().filter(|f| f.max_txid > end), end) {
+        end
+    } else {
+        newest
+    }
+}
+
+/// How far the TXID chain from TXID 1 reaches in `files`, whatever their levels.
+fn chain_end(files: &[LtxObject]) -> u64 {
     let mut end = 0;
     while let Some(next) = files
         .iter()
@@ -136,11 +146,7 @@ pub fn tip(files: &[LtxObject]) -> u64 {
     {
         end = next;
     }
-    if end > 0 && end < newest && unacknowledged_tail(files.iter().filter(|f| f.max_txid > end), end) {
-        end
-    } else {
-        newest
-    }
+    end
 }
 
 /// One LTX file found by listing.
@@ -544,6 +550,15 @@ impl Store {
         for level in [1, 0] {
             let covered = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
             files.extend(self.list_level_from(level, covered + 1).await?);
+        }
+        // A snapshot is taken at whatever TXID the database is at, so a compacted file made
+        // after it may start at or before it (level 1's 4-7 past a snapshot at 5) and was
+        // left out above: the chain would stop at the snapshot, and an acknowledged tail look
+        // like a gap or an unacknowledged one. Whenever the chain does not reach the newest
+        // file, the whole listing decides (so also for a real gap, or a tail past one).
+        let newest = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
+        if chain_end(&files) < newest {
+            return self.list_all().await;
         }
         files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
         Ok(files)

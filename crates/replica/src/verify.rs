@@ -148,12 +148,32 @@ pub async fn record_checksum(store: &Store, lineage: &str, txid: u64, checksum: 
 pub async fn verify_replica(store: &Store, scratch: &Path) -> Result<Verified, VerifyError> {
     let checks = store.list_all().await?.into_iter().map(|object| {
         let store = store.clone();
-        async move { check_object(&store, &object).await }
+        async move {
+            match check_object(&store, &object).await {
+                Ok(size) => Ok(Ok(size)),
+                Err(VerifyError::Store(StoreError::NotFound { .. })) => Ok(Err(object)),
+                Err(e) => Err(e),
+            }
+        }
     });
-    let sizes: Vec<u64> = futures::stream::iter(checks)
+    let checked: Vec<Result<u64, crate::store::LtxObject>> = futures::stream::iter(checks)
         .buffer_unordered(CHECK_CONCURRENCY)
         .try_collect()
         .await?;
+    // Listed, then gone: retention pruned it meanwhile (it runs every few seconds on a live
+    // replica, oldest level-0 files first, which are checked first), and what it held is
+    // in a compacted file. Only an object still listed that cannot be read is missing.
+    let gone: Vec<_> = checked.iter().filter_map(|c| c.as_ref().err()).collect();
+    if !gone.is_empty() {
+        let listed = store.list_all().await?;
+        if let Some(missing) = gone.iter().find(|g| listed.iter().any(|o| o.key == g.key)) {
+            return Err(StoreError::NotFound {
+                key: missing.key.to_string(),
+            }
+            .into());
+        }
+    }
+    let sizes: Vec<u64> = checked.into_iter().filter_map(Result::ok).collect();
     let (objects, bytes) = (sizes.len(), sizes.iter().sum());
     let (txid, checksum) = restore_and_sum(store, Target::Latest, scratch).await?;
     if let Some(expected) = recorded_checksum(store, txid).await? {

@@ -283,6 +283,49 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
         .unwrap();
 }
 
+/// `keycast replica verify` checks every listed object, oldest level-0 files first — the ones
+/// retention prunes next on a live replica. One pruned after the listing was reported as a
+/// missing object: a failed check, on a replica that lacks nothing.
+#[tokio::test]
+async fn an_object_pruned_while_the_whole_replica_is_checked_is_not_missing() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let faults = Faults::new();
+    let store = Store::in_memory().with_faults(&faults);
+    let replicator = Replicator::start(&db, store.clone(), signal, "lineage-w", ReplicaOptions::default())
+        .await
+        .unwrap();
+    for v in ["one", "two", "three"] {
+        insert(&pool, v).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
+        .await
+        .unwrap();
+    let victim = store.list_level(0).await.unwrap().remove(0);
+    let gate = Gate::new();
+    faults.add(
+        Rule::new(Op::Get, Action::Hold(gate.clone()))
+            .key(victim.key.as_ref())
+            .times(1),
+    );
+    let verification = tokio::spawn({
+        let (store, scratch) = (store.clone(), dir.path().to_owned());
+        async move { keycast_replica::verify::verify_replica(&store, &scratch).await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), gate.reached())
+        .await
+        .expect("the check reads the oldest level-0 file");
+    store.delete(&[victim]).await.unwrap();
+    gate.open();
+    let verified = verification.await.unwrap();
+    assert!(verified.is_ok(), "{:?}", verified.err());
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
 /// Retention prunes the level-0 files a verification's restore needs, once level 1 has
 /// moved past the TXID verified (writes went on): no chain reaches that TXID any more. That
 /// says nothing about the replica — the state is in it, compacted — so it is no verdict.
