@@ -265,15 +265,6 @@ impl RateLimits {
         self.failures.invalidate(key);
     }
 
-    /// The key of the password backoff of the account `email` names, for the client `ip`. Keyed
-    /// by the address as accounts store it: the field as sent may be as long as a body, and the
-    /// key is kept for an hour; a malformed address names no account, so all of a client's
-    /// share one key.
-    pub fn password_key(email: &str, ip: &str) -> String {
-        let email = keycast_core::accounts::normalize_email(email).unwrap_or_default();
-        format!("password:{email}|{ip}")
-    }
-
     /// The rate-limit key of the request's client (see the module doc): `v4:1.2.3.4`,
     /// `v6:2001:db8:1:2::/64`, or `unknown`.
     pub fn client_key(&self, parts: &Parts) -> String {
@@ -353,6 +344,15 @@ fn bucket_of(ip: IpAddr) -> String {
             }
         },
     }
+}
+
+/// The key of the password backoff of the account `email` names, for the client `ip`. Keyed
+/// by the address as accounts store it: the field as sent may be as long as a body, and the
+/// key is kept for an hour; a malformed address names no account, so all of a client's
+/// share one key.
+pub fn password_key(email: &str, ip: &str) -> String {
+    let email = keycast_core::accounts::normalize_email(email).unwrap_or_default();
+    format!("password:{email}|{ip}")
 }
 
 #[cfg(test)]

@@ -370,10 +370,9 @@ pub async fn compact_level(
     scratch: &Path,
 ) -> Result<Option<(u64, u64)>, ReplicaError> {
     let mut files = store.list_level(level).await?;
-    let done = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
-    // Only what is past `done` is merged: the level below is listed from there, not through
-    // the history retention still keeps.
-    files.extend(store.list_level_from(level - 1, done + 1).await?);
+    // The level below whole, not only past `done`: a file there may start before it (see
+    // `inputs_for`).
+    files.extend(store.list_level(level - 1).await?);
     let inputs = inputs_for(&files, level, upto);
     if inputs.is_empty() {
         return Ok(None);
@@ -766,10 +765,13 @@ mod tests {
         assert_eq!(compact_level(&store, 2, 10, &tmp).await.unwrap(), Some((1, 10)));
         assert_eq!(compact_level(&other, 1, 20, &tmp).await.unwrap(), Some((1, 20)));
         let late = other.list_level(1).await.unwrap().remove(0);
-        store
-            .put_ltx(1, 1, 20, other.get(&late).await.unwrap(), 0)
-            .await
-            .unwrap();
+        assert!(matches!(
+            store
+                .put_ltx(1, 1, 20, other.get(&late).await.unwrap(), 0)
+                .await
+                .unwrap(),
+            PutOutcome::Created
+        ));
         assert_eq!(compact_level(&store, 1, 30, &tmp).await.unwrap(), Some((21, 30)));
         assert_eq!(compact_level(&store, 2, u64::MAX, &tmp).await.unwrap(), Some((1, 30)));
         let newest = pages_of(&store, 2).await.pop().unwrap();
