@@ -243,6 +243,16 @@ impl Dependency for ReplicationHealth {
                 None => format!("handing the replica over to {to}; this instance accepts no writes"),
             });
         }
+        if let Some(since) = status
+            .lease_unconfirmed_since
+            .filter(|s| s.elapsed() >= self.unhealthy_after)
+        {
+            return Err(format!(
+                "the replica lease has not been confirmed for {} s ({}): writes are refused until the store answers",
+                since.elapsed().as_secs(),
+                status.lease_error.unwrap_or_default()
+            ));
+        }
         match status.failing_since {
             Some(since) if since.elapsed() >= self.unhealthy_after => Err(format!(
                 "replication has been failing for {} s: {}",
@@ -267,12 +277,13 @@ impl Dependency for ReplicationHealth {
         metrics::gauge!("keycast_replica_local_commits").set(s.local_commits as f64);
         metrics::gauge!("keycast_replica_shipped_commits").set(s.shipped_commits as f64);
         metrics::gauge!("keycast_replica_lag_seconds").set(s.lag_seconds);
-        metrics::gauge!("keycast_replica_failing").set(if s.failing_since.is_some() { 1.0 } else { 0.0 });
+        let failing = s.failing_since.is_some() || s.lease_unconfirmed_since.is_some();
+        metrics::gauge!("keycast_replica_failing").set(if failing { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_fenced").set(if s.fenced { 1.0 } else { 0.0 });
         metrics::gauge!("keycast_replica_handing_over").set(if s.handing_over_to.is_some() { 1.0 } else { 0.0 });
         // This instance is the writer: it holds the lease and accepts writes (the
         // KeycastLeaseLost and KeycastNoWriter alerts of deploy/alerts.yaml).
-        let writer = !s.fenced && !s.superseded && s.handing_over_to.is_none();
+        let writer = !s.fenced && !s.superseded && s.handing_over_to.is_none() && s.lease_unconfirmed_since.is_none();
         metrics::gauge!("keycast_replica_lease_held").set(if writer { 1.0 } else { 0.0 });
     }
 }

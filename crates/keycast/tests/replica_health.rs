@@ -161,3 +161,57 @@ fn an_unreachable_store_stops_the_activity_writes_while_signing_goes_on() {
         after - before
     );
 }
+
+/// An idle writer whose store stopped answering: its lease lapses by the clocks, and the next
+/// write cannot renew it, so writes are refused. Before, readiness said 200 and the metrics
+/// said everything was fine (a renewal's failure was logged at debug level only): no alert
+/// fired while every write failed.
+#[test]
+fn a_writer_that_cannot_confirm_its_lease_says_so_in_readiness_and_metrics() {
+    let Some(endpoint) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+        return;
+    };
+    let bucket = harness::new_bucket(&endpoint, "unconfirmed");
+    let link = harness::link::SilentLink::start(endpoint.trim_start_matches("http://").to_owned());
+    let dir = tempfile::tempdir().unwrap();
+    let server = harness::s3_env(&format!("http://127.0.0.1:{}", link.port), &bucket, "kc")
+        .iter()
+        .fold(Launch::new(&dir.path().join("data")), |l, (k, v)| l.env(k, v))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "2")
+        .env("KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS", "1")
+        .start();
+    let write = |key: &str| post(&format!("{}/api/test/write?key={key}&durable=true", server.base));
+    assert_eq!(write("before").0, 200);
+    link.freeze();
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, body) = write("during");
+    assert_eq!(status, 503, "{body}");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reason = loop {
+        let (status, body) = server.get_json("/healthz/ready");
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readiness never said the lease is unconfirmed: {body}"
+        );
+        // Each refused write is one more failed renewal.
+        write("again");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(reason["message"].as_str().unwrap().contains("lease"), "{reason}");
+    let metrics = server.get("/metrics").1;
+    assert_eq!(
+        harness::metric_sum(&metrics, "keycast_replica_failing"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        harness::metric_sum(&metrics, "keycast_replica_lease_held"),
+        0.0,
+        "{metrics}"
+    );
+}

@@ -213,6 +213,12 @@ pub struct Status {
     /// The last background verification that could not check the replica (the store or the
     /// scratch disk failed it), since the last verdict.
     pub verification_inconclusive: Option<Verification>,
+    /// Since when the lease could not be confirmed (its renewal failed or did not answer) and
+    /// the clocks no longer vouch for it: writes are refused meanwhile. `None` while the
+    /// lease is confirmed, or lapsed idle with nothing asking to write.
+    pub lease_unconfirmed_since: Option<Instant>,
+    /// Why, while `lease_unconfirmed_since` is set.
+    pub lease_error: Option<String>,
 }
 
 /// The outcome of one background verification.
@@ -276,6 +282,9 @@ struct Shared {
     renewal_in_flight: AtomicBool,
     /// Counts finished renewals started by writes, for writes waiting on one.
     renewed: watch::Sender<u64>,
+    /// Since when, and why, renewing the lease has failed (see
+    /// [`Status::lease_unconfirmed_since`]); cleared by a renewal that succeeds.
+    lease_failing: Mutex<Option<(Instant, String)>>,
     /// The highest commit count a durable waiter has asked for. While it is past what the
     /// uploads in flight cover, the shipping loop sends its segment at once beside them
     /// instead of after them (see `Worker::sync`).
@@ -349,6 +358,7 @@ impl Replicator {
             busy: AtomicUsize::new(0),
             fenced: watch::channel(false).0,
             renewal_in_flight: AtomicBool::new(false),
+            lease_failing: Mutex::new(None),
             renewed: watch::channel(0).0,
             durable_wanted: AtomicU64::new(0),
             durable_waiting: tokio::sync::Notify::new(),
@@ -554,9 +564,11 @@ impl Monitor {
         }
         match self.0.lease_trusted() {
             true => Ok(()),
-            false => Err(ReplicaError::LeaseUnconfirmed {
-                reason: format!("its renewal did not succeed within {} s", LEASE_CHECK_TIMEOUT.as_secs()),
-            }),
+            false => {
+                let reason = format!("its renewal did not succeed within {} s", LEASE_CHECK_TIMEOUT.as_secs());
+                self.0.lease_failed(&reason);
+                Err(ReplicaError::LeaseUnconfirmed { reason })
+            }
         }
     }
 
@@ -601,6 +613,22 @@ impl Shared {
         match *self.lease_view.lock().expect("lease view") {
             Some(view) => Instant::now() < view.valid_until,
             None => !self.leased,
+        }
+    }
+
+    /// Records that the lease could not be renewed (kept from the first failure on).
+    fn lease_failed(&self, why: &str) {
+        let mut failing = self.lease_failing.lock().expect("lease failing");
+        if failing.is_none() {
+            tracing::warn!(reason = %why, "cannot confirm the replica lease: writes are refused until it is renewed");
+            *failing = Some((Instant::now(), why.to_owned()));
+        }
+    }
+
+    /// Records that the lease was renewed (or read and found ours).
+    fn lease_confirmed(&self) {
+        if self.lease_failing.lock().expect("lease failing").take().is_some() {
+            tracing::info!("the replica lease is confirmed again");
         }
     }
 
@@ -727,6 +755,12 @@ impl Shared {
 
     fn snapshot_status(&self) -> Status {
         let mut status = self.status.lock().expect("status lock").clone();
+        if let Some((since, error)) = self.lease_failing.lock().expect("lease failing").clone() {
+            if !self.lease_trusted() {
+                status.lease_unconfirmed_since = Some(since);
+                status.lease_error = Some(error);
+            }
+        }
         status.local_commits = self.signal.commits();
         status.shipped_commits = *self.shipped.borrow();
         status.lag_seconds = match *self.pending_since.lock().expect("pending lock") {

@@ -73,7 +73,10 @@ impl Shared {
         };
         self.note_lease(held);
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.lease_confirmed();
+                Ok(())
+            }
             Err(LeaseError::HandoverRequested { by }) if writing => {
                 self.begin_handover(&by);
                 Err(ReplicaError::HandingOver { to: by })
@@ -84,7 +87,10 @@ impl Shared {
                 tracing::warn!(error = %e, "cannot renew the replica lease now; it is still valid, going on");
                 Ok(())
             }
-            Err(e) => Err(ReplicaError::LeaseUnconfirmed { reason: e.to_string() }),
+            Err(e) => {
+                self.lease_failed(&e.to_string());
+                Err(ReplicaError::LeaseUnconfirmed { reason: e.to_string() })
+            }
         }
     }
 
@@ -153,7 +159,10 @@ impl Shared {
                 self.fence(format!("the replica lease was taken over by {by}"));
                 Err(ReplicaError::LeaseLost { by })
             }
-            Err(e) => Err(ReplicaError::LeaseUnconfirmed { reason: e.to_string() }),
+            Err(e) => {
+                self.lease_failed(&e.to_string());
+                Err(ReplicaError::LeaseUnconfirmed { reason: e.to_string() })
+            }
         }
     }
 }
@@ -180,7 +189,7 @@ pub(super) async fn keep_lease_while_busy(shared: Arc<Shared>) {
         let result = held.keep().await;
         shared.note_lease(held);
         match result {
-            Ok(()) => {}
+            Ok(()) => shared.lease_confirmed(),
             Err(LeaseError::HandoverRequested { by }) => shared.begin_handover(&by),
             Err(LeaseError::Lost { by }) => {
                 shared.lost(by);
