@@ -96,6 +96,15 @@ pub const GRANTS_PER_ACCOUNT: Rate = Rate {
     refill: Duration::from_secs(60),
 };
 
+/// Key exports and password changes per account: 10, then one every 6 minutes. Each is
+/// recorded in the account's events and mailed to the account: a loop of them, with the right
+/// password, would otherwise grow the database and spend the operator's mail quota (and so
+/// every other account's verification and reset mail) without bound.
+pub const NOTICED_CHANGES_PER_ACCOUNT: Rate = Rate {
+    burst: 10,
+    refill: Duration::from_secs(360),
+};
+
 /// New custom policies per account: 30 then one a minute.
 pub const POLICIES_PER_ACCOUNT: Rate = Rate {
     burst: 30,

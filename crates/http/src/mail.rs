@@ -29,6 +29,10 @@ pub const OUTBOX_CAPACITY: usize = 200;
 pub const MAX_CONCURRENT_SENDS: usize = 4;
 /// Longest an SMTP exchange may take (each command), so a dead server cannot pile up tasks.
 pub const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Mails waiting for a slot or being sent; past this a new one is dropped (logged and counted
+/// in `keycast_mail_dropped_total`): a slow server, or requests that each mail, must not pile
+/// up tasks and memory without bound.
+pub const MAX_QUEUED: usize = 256;
 
 /// One message.
 #[derive(Debug, Clone, Serialize)]
@@ -106,6 +110,8 @@ pub struct SmtpMailer {
     /// Plain SMTP to a host other than this one.
     clear_text: bool,
     slots: Arc<Semaphore>,
+    /// Mails accepted by [`SmtpMailer::send`] and not yet done.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for SmtpMailer {
@@ -147,6 +153,7 @@ impl SmtpMailer {
             server,
             clear_text: !encrypted && !loopback,
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT_SENDS)),
+            queued: Arc::default(),
         })
     }
 
@@ -163,8 +170,22 @@ impl SmtpMailer {
     /// Starts delivering `mail` in the background and returns at once (see the module doc
     /// for what happens on failure). Must be called inside a Tokio runtime.
     pub fn send(&self, mail: Mail) {
+        use std::sync::atomic::Ordering;
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            metrics::counter!("keycast_mail_dropped_total").increment(1);
+            tracing::warn!(to = %mail.to, subject = %mail.subject, server = %self.server, "{MAX_QUEUED} mails already wait for the SMTP server; this one is dropped (the user can ask for a new link)");
+            return;
+        }
         let mailer = self.clone();
         tokio::spawn(async move {
+            struct Done(Arc<std::sync::atomic::AtomicUsize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let _done = Done(mailer.queued.clone());
             let Ok(_slot) = mailer.slots.acquire().await else {
                 return;
             };
@@ -217,6 +238,27 @@ fn redacted(text: &str, url: &url::Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that accepts connections and never answers: every delivery waits (up to
+    /// `SMTP_TIMEOUT` a command). Before, each mail was one more task waiting, without bound.
+    #[tokio::test]
+    async fn mails_waiting_for_a_silent_server_are_bounded() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("smtp://{}", silent.local_addr().unwrap());
+        let mailer = SmtpMailer::new(&Secret::new(url), "k@x.org").unwrap();
+        for n in 0..MAX_QUEUED + 50 {
+            mailer.send(Mail {
+                to: format!("u{n}@example.org"),
+                subject: "s".into(),
+                body: "b".into(),
+                purpose: "verify_email",
+                token: String::new(),
+                link: None,
+            });
+        }
+        assert_eq!(mailer.queued.load(std::sync::atomic::Ordering::SeqCst), MAX_QUEUED);
+        drop(silent);
+    }
 
     #[test]
     fn smtp_settings_are_checked_without_echoing_the_password() {

@@ -349,6 +349,7 @@ pub(crate) async fn set_password(
     let new = Secret::new(new);
     // Bad input costs no argon2 work and no backoff step.
     keycast_core::password::validate_new_password(&new)?;
+    noticed_change(state, session).await?;
     let proof = reauthenticate(state, ip, &session.user, current).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
@@ -387,6 +388,18 @@ pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, pass
     state.confirm_write(true).await?;
     crate::auth::send_account_deleted_notice(state, user, crate::auth::DeletedBy::Owner { ip });
     Ok(())
+}
+
+/// Counts a change that is recorded and mailed to the account (an export, a new password)
+/// against its budget ([`crate::limit::NOTICED_CHANGES_PER_ACCOUNT`]).
+async fn noticed_change(state: &AppState, session: &SessionUser) -> Result<(), AppError> {
+    state
+        .limits()
+        .check(
+            &format!("noticed:{}", session.user.id),
+            crate::limit::NOTICED_CHANGES_PER_ACCOUNT,
+        )
+        .await
 }
 
 /// Checks the user's password again, with a backoff per account and client (see
@@ -438,6 +451,7 @@ async fn export(
         }
         _ => return Err(AppError::BadRequest("format must be nsec or ncryptsec".into())),
     };
+    noticed_change(&state, &session).await?;
     let proof = reauthenticate(&state, &ip, &session.user, body.password).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;

@@ -272,8 +272,50 @@ fn codes_redeemed_all_at_once_cannot_pass_the_cap(engine: Engine) {
     server.stop();
 }
 
+/// Each key export and password change is recorded and mailed to the account. With the right
+/// password, a loop of them grew the account's events and spent the operator's mail quota —
+/// every other account's verification and reset mail with it — without bound.
+fn exports_and_password_changes_are_bounded_per_account(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
+    let email = "exports@example.com";
+    let (cookie, _) = register(&server, email, None);
+    let export = || {
+        post_json(
+            &server,
+            "/api/user/key/export",
+            Some(&cookie),
+            &json!({ "password": PASSWORD, "format": "nsec" }),
+        )
+    };
+    for n in 0..10 {
+        let r = export();
+        assert_eq!(r.status, 200, "export {n}: {}", r.body);
+    }
+    let limited = export();
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert!(limited.retry_after.is_some());
+    let changed = post_json(
+        &server,
+        "/api/user/password",
+        Some(&cookie),
+        &json!({ "current_password": PASSWORD, "new_password": "another passphrase" }),
+    );
+    assert_eq!(changed.status, 429, "the same budget: {}", changed.body);
+    let outbox = get(&server, "/api/test/outbox", None).json();
+    let notices = outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["to"] == email && m["purpose"] == "key_exported")
+        .count();
+    assert_eq!(notices, 10);
+    server.stop();
+}
+
 on_both_engines!(
     one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate,
     an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies,
-    codes_redeemed_all_at_once_cannot_pass_the_cap
+    codes_redeemed_all_at_once_cannot_pass_the_cap,
+    exports_and_password_changes_are_bounded_per_account,
 );
