@@ -13,8 +13,8 @@
 //! How each transport gets its answer ([`Signer::execute_or_ask`]):
 //! - **HTTP RPC**: 403 `approval_required` with the URL. After *allow once* the next request
 //!   with the same [`fingerprint`] (authorization, method, and the request without the
-//!   event's `created_at`, which must be within [`ApprovalOptions::ttl_secs`] of the date
-//!   the owner was shown) passes, exactly once, within [`ApprovalOptions::ttl_secs`] of the
+//!   event's `created_at`, which must be within twice [`ApprovalOptions::ttl_secs`] of the
+//!   date the owner was shown) passes, exactly once, within [`ApprovalOptions::ttl_secs`] of the
 //!   decision; after *allow kind* every later one passes by policy.
 //! - **NIP-46**: `{id, result: "auth_url", error: <URL>}`. The decision is carried out by
 //!   the instance that records it ([`Signer::fulfil`]): it runs the stored request through
@@ -347,16 +347,19 @@ impl Signer {
     }
 
     /// Spends an HTTP "allow once" that `request` retries: one of the same [`fingerprint`],
-    /// and for an event one dated within the approval's time of the date the owner was shown.
-    /// A client may date its retry afresh, but not years ahead: a replaceable event (a relay
-    /// list, a profile) dated so would outrank every later one the owner publishes.
+    /// and for an event one dated within twice the approval's time of the date the owner was
+    /// shown (the owner has that long to decide, the retry as long again). A client may date
+    /// its retry afresh, but not years ahead: a replaceable event (a relay list, a profile)
+    /// dated so would outrank every later one the owner publishes.
     async fn spend_once(&self, authz: &Authorization, request: &Request) -> Result<bool, SignError> {
         let now = now_unix();
         let onces = repo::unused_onces(self.db(), &authz.id, &fingerprint(&authz.id, request), now).await?;
         if onces.is_empty() {
             return Ok(false);
         }
-        let window = u64::try_from(self.approval_options().ttl_secs).unwrap_or(0);
+        let window = u64::try_from(self.approval_options().ttl_secs)
+            .unwrap_or(0)
+            .saturating_mul(2);
         let bunker = self.bunker_keys(authz).await?;
         for once in onces {
             if let Request::SignEvent(event) = request {

@@ -44,9 +44,10 @@ impl Default for RelayCaps {
 }
 /// Longest accepted secret, name or URL parameter.
 const MAX_PARAM_LEN: usize = 512;
-/// Longest accepted URI: room for every parameter at its longest, so that a URI as long as a
-/// body is refused before its parameters are parsed and compared with each other.
-pub const MAX_URI_LEN: usize = 8 * 1024;
+/// Longest accepted URI: room for every parameter at its longest, percent-encoded (three
+/// characters a byte), so that a URI as long as a body is refused before its parameters are
+/// parsed and compared with each other.
+pub const MAX_URI_LEN: usize = 24 * 1024;
 
 /// A parsed `nostrconnect://` URI.
 #[derive(Debug, Clone)]

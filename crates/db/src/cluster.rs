@@ -122,6 +122,8 @@ mod tests {
             leave(&db, "a").await.unwrap();
             assert_eq!(heartbeat(&db, "b", 60_000, "beat").await.unwrap(), ["b"]);
             assert_eq!(purge(&db, 60_000).await.unwrap(), 0, "b beat just now");
+            // Past the millisecond of b's beat (times are in ms: within it, b is not older).
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             assert_eq!(purge(&db, 0).await.unwrap(), 1, "and is gone once older than nothing");
         }
     }

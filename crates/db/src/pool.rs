@@ -436,10 +436,17 @@ fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOpt
 async fn pg_left_in_a_transaction(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
     // The first statement of a transaction starts it: the two times differ only inside one
     // begun earlier. The simple protocol needs no prepared statement (transaction-mode poolers).
-    let idle = sqlx::raw_sql("SELECT 1 WHERE statement_timestamp() = transaction_timestamp()")
+    let idle = match sqlx::raw_sql("SELECT 1 WHERE statement_timestamp() = transaction_timestamp()")
         .fetch_optional(&mut *conn)
-        .await?
-        .is_some();
+        .await
+    {
+        Ok(row) => row.is_some(),
+        Err(e) => {
+            // Dead (a failover closed it) or inside a transaction an error aborted.
+            metrics::counter!("keycast_database_connections_discarded_total").increment(1);
+            return Err(e);
+        }
+    };
     if !idle {
         metrics::counter!("keycast_database_connections_discarded_total").increment(1);
         tracing::warn!("a pooled database connection was left inside a transaction (a cancelled BEGIN?); closing it");

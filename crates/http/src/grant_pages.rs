@@ -37,6 +37,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard/policies", get(policies_page).post(create_form))
         .route("/dashboard/policies/{slug}", post(update_form))
         .route("/dashboard/policies/{slug}/delete", post(delete_form))
+        .layer(axum::extract::DefaultBodyLimit::max(crate::POLICY_BODY_LIMIT))
         .layer(axum::middleware::from_fn(crate::page::html_errors))
 }
 

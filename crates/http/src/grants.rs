@@ -37,6 +37,7 @@ pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/user/policies", get(list_policies).post(create_policy))
         .route("/api/user/policies/{slug}", put(update_policy).delete(delete_policy))
+        .layer(axum::extract::DefaultBodyLimit::max(crate::POLICY_BODY_LIMIT))
     // `GET` and `PATCH /api/user/authorizations/{id}` sit with its `DELETE` in `user.rs`.
 }
 

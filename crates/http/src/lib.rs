@@ -63,11 +63,17 @@ use axum::Router;
 pub use error::AppError;
 pub use state::{AppState, BoxFuture, Dependency, Durability, DurabilityMode, HttpOptions, Services};
 
-/// The most a request body may hold (`POST /api/nostr`: [`RPC_BODY_LIMIT`]); larger → 413.
-/// Bodies are read whole before a handler's rate limit or credential check, so this bounds
-/// what anyone can make keycast hold: every form and JSON body keycast reads is a few KiB (a
-/// custom policy at its caps about 16).
+/// The most a request body may hold (signing: [`RPC_BODY_LIMIT`]; permissions:
+/// [`POLICY_BODY_LIMIT`]); larger → 413. Bodies are read whole before a handler's rate limit
+/// or credential check, so this bounds what anyone can make keycast hold: every other form and
+/// JSON body keycast reads is a few KiB.
 pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// The most a body carrying permissions may hold (a custom policy, an app's own
+/// permissions): at the caps (100 blocked words of 100 characters, 1,000 kinds twice) a form
+/// percent-encodes each byte of a word in three characters — about 90 KB for words in CJK
+/// script. These routes need a session.
+pub const POLICY_BODY_LIMIT: usize = 256 * 1024;
 
 /// The most a signing request's body may hold: an event of the 128 KiB a relay takes
 /// (`embedded` relay's cap), JSON-escaped.

@@ -35,7 +35,8 @@ pub(crate) fn routes() -> Router<AppState> {
             "/api/user/authorizations/{id}",
             delete(revoke)
                 .get(crate::grants::show_authorization)
-                .patch(crate::grants::edit_authorization),
+                .patch(crate::grants::edit_authorization)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::POLICY_BODY_LIMIT)),
         )
         .route("/api/user/activity", get(list_activity))
         .route("/api/user/key", get(key))

@@ -52,6 +52,35 @@ fn a_body_past_its_endpoints_limit_is_refused_as_json() {
     assert_eq!(refused.json()["code"], "payload_too_large", "{}", refused.body);
 }
 
+/// The routes that carry permissions take more: a custom policy at its caps, its words in a
+/// script JSON writers escape (six characters a character), is past the general limit.
+#[test]
+fn a_policy_at_its_caps_fits_its_routes_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "policies@example.org", None);
+    let words: Vec<String> = (0..100)
+        .map(|n| format!("\"{}{n:03}\"", "\\u4e2d".repeat(97)))
+        .collect();
+    let kinds = |from: u32| (from..from + 1000).map(|k| k.to_string()).collect::<Vec<_>>().join(",");
+    let body = format!(
+        r#"{{"name":"at the caps","permissions":{{"allowed_kinds":[{}],"denied_kinds":[{}],"blocked_words":[{}]}}}}"#,
+        kinds(20_000),
+        kinds(30_000),
+        words.join(",")
+    );
+    assert!(body.len() > keycast_http::BODY_LIMIT, "{}", body.len());
+    let created = post(
+        &server,
+        "/api/user/policies",
+        Some(&cookie),
+        "application/json",
+        &body,
+        &[],
+    );
+    assert_eq!(created.status, 201, "{}", &created.body[..created.body.len().min(300)]);
+}
+
 /// One request with `method`, the answer's status line.
 fn send_with_method(base: &str, method: &str) -> String {
     let mut stream = TcpStream::connect(base.trim_start_matches("http://")).unwrap();

@@ -340,25 +340,32 @@ fn inputs_for(files: &[LtxObject], level: u8, upto: u64) -> Vec<LtxObject> {
         .map(|f| f.max_txid)
         .max()
         .unwrap_or(0);
-    let below: Vec<&LtxObject> = files
+    let mut below: Vec<&LtxObject> = files
         .iter()
         .filter(|f| f.level == level - 1 && f.max_txid > done && f.max_txid <= upto)
         .collect();
+    below.sort_by_key(|f| f.min_txid);
+    // One sweep by start (a level 0 behind a stalled compaction holds tens of thousands of
+    // files): every file passed has been weighed, and the one taken reaches past them all.
     let mut inputs: Vec<LtxObject> = Vec::new();
-    let mut next = done + 1;
-    while let Some(file) = below
-        .iter()
-        .filter(|f| f.min_txid <= next && f.max_txid >= next)
-        .max_by_key(|f| (f.max_txid, f.min_txid))
-    {
-        inputs.push((*file).clone());
+    let (mut next, mut at) = (done + 1, 0);
+    loop {
+        let mut best: Option<&LtxObject> = None;
+        while let Some(file) = below.get(at).filter(|f| f.min_txid <= next) {
+            if file.max_txid >= next && best.is_none_or(|b| file.max_txid > b.max_txid) {
+                best = Some(file);
+            }
+            at += 1;
+        }
+        let Some(file) = best else { break };
+        inputs.push(file.clone());
         next = file.max_txid + 1;
     }
     inputs
 }
 
-/// Merges the level−1 files newer than `level`'s newest file, up to TXID `upto`, into one
-/// `level` file (built in `scratch`). Returns the stored object's TXID range, or `None` when
+/// Merges the level−1 files that continue `level` past its newest file (see `inputs_for`:
+/// one may start before it), up to TXID `upto`, into one `level` file (built in `scratch`). Returns the stored object's TXID range, or `None` when
 /// there was nothing to merge.
 ///
 /// # Errors
@@ -616,7 +623,8 @@ fn doomed_among(files: &[LtxObject], policy: &CompactionPolicy, now: SystemTime)
     if let Some(floor) = expired.iter().map(|f| f.max_txid).max() {
         for level in 1..SNAPSHOT_LEVEL {
             let level_files: Vec<&LtxObject> = by_level(level).collect();
-            let keep_last = level_files.last().map(|f| f.max_txid);
+            // The level's furthest file, not its last by name: files of a level may overlap.
+            let keep_last = level_files.iter().map(|f| f.max_txid).max();
             doomed.extend(
                 level_files
                     .into_iter()
@@ -792,6 +800,49 @@ mod tests {
             vec![(1, 2, vec![(1, 1), (2, 2)])]
         );
         assert_eq!(snapshot(&store, u64::MAX, &std::env::temp_dir()).await.unwrap(), None);
+    }
+
+    /// Retention below an expired snapshot keeps each level's furthest file, which compaction
+    /// continues from. Files of a level may overlap (1-4, 3-30, 5-10): the last by name
+    /// (5-10) was kept and 3-30 deleted, and the level went back to 10.
+    #[tokio::test]
+    async fn retention_keeps_the_furthest_file_of_a_level_whose_files_overlap() {
+        let store = Store::in_memory();
+        let ranged = |min: u64, max: u64| {
+            let header = Header {
+                flags: FLAG_NO_CHECKSUM,
+                page_size: PAGE,
+                commit: 1,
+                min_txid: min,
+                max_txid: max,
+                timestamp_ms: 1_000 * max as i64,
+                ..Header::default()
+            };
+            let mut encoder = Encoder::new(header).unwrap();
+            encoder.encode_page(1, &vec![max as u8; PAGE as usize]).unwrap();
+            Bytes::from(encoder.finish(0).unwrap())
+        };
+        for (level, min, max) in [
+            (1, 1, 4),
+            (1, 3, 30),
+            (1, 5, 10),
+            (SNAPSHOT_LEVEL, 1, 40),
+            (SNAPSHOT_LEVEL, 1, 50),
+        ] {
+            let stored = store.put_ltx(level, min, max, ranged(min, max), 0).await.unwrap();
+            assert!(matches!(stored, PutOutcome::Created));
+        }
+        let policy = CompactionPolicy::default();
+        let later = SystemTime::now() + policy.snapshot_retention + Duration::from_secs(1);
+        enforce_retention(&store, &policy, later).await.unwrap();
+        let left: Vec<(u64, u64)> = store
+            .list_level(1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| (f.min_txid, f.max_txid))
+            .collect();
+        assert_eq!(left, vec![(3, 30)]);
     }
 
     /// A snapshot in a run where level 1 was not due (at 5, level 1 at 3), then level 1's

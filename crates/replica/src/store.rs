@@ -536,6 +536,7 @@ impl Store {
     /// thousands after minutes of steady writes, kept for `l0_retention` — and reading all of
     /// them, a page of 1000 names per round trip, made a cold start's time grow with the
     /// replica's history. Three requests one after another instead, whatever the history
+    /// (the whole listing only when those leave the TXID chain short; see the body)
     /// (levels 2–9 in one, see [`Store::list_upper_levels`]; then level 1 and level 0).
     ///
     /// Compaction merges whole files of the level below, newer than its own newest, so the
@@ -547,17 +548,34 @@ impl Store {
     /// `Backend` if a listing fails.
     pub async fn list_recent(&self) -> Result<Vec<LtxObject>, StoreError> {
         let mut files = self.list_upper_levels().await?;
+        let mut past_a_snapshot = false;
         for level in [1, 0] {
-            let covered = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
+            // A snapshot is taken at whatever TXID the database is at, so a compacted file
+            // made after it may start at or before it (level 1's 4-7 past a snapshot at 5):
+            // a level is listed past the compacted levels above it, the snapshot only when
+            // there are none.
+            let compacted = files
+                .iter()
+                .filter(|f| f.level != SNAPSHOT_LEVEL)
+                .map(|f| f.max_txid)
+                .max();
+            let covered = match compacted {
+                Some(txid) => txid,
+                None => {
+                    past_a_snapshot = !files.is_empty();
+                    files.iter().map(|f| f.max_txid).max().unwrap_or(0)
+                }
+            };
             files.extend(self.list_level_from(level, covered + 1).await?);
         }
-        // A snapshot is taken at whatever TXID the database is at, so a compacted file made
-        // after it may start at or before it (level 1's 4-7 past a snapshot at 5) and was
-        // left out above: the chain would stop at the snapshot, and an acknowledged tail look
-        // like a gap or an unacknowledged one. Whenever the chain does not reach the newest
-        // file, the whole listing decides (so also for a real gap, or a tail past one).
-        let newest = files.iter().map(|f| f.max_txid).max().unwrap_or(0);
-        if chain_end(&files) < newest {
+        // A chain short of the newest file: past a snapshot, a straddling file may have been
+        // left out (what follows then looks like a gap, or an unacknowledged tail), so the
+        // whole listing decides; so too for anything past the chain that is not such a tail
+        // (a real gap, a layout another tool wrote). A tail past compacted levels is in the
+        // part listed already.
+        let end = chain_end(&files);
+        let past = files.iter().filter(|f| f.max_txid > end);
+        if past.clone().next().is_some() && (past_a_snapshot || !unacknowledged_tail(past, end)) {
             return self.list_all().await;
         }
         files.sort_by_key(|f| (f.level, f.min_txid, f.max_txid));
