@@ -238,16 +238,27 @@ pub struct Verification {
 struct LeaseView {
     /// [`Lease::valid_until`].
     valid_until: Instant,
+    /// The same moment by the wall clock (ms since the epoch). The monotonic clock stops
+    /// while a VM or process is suspended; the wall clock does not, and the lease runs out by
+    /// it for everyone else.
+    valid_until_ms: i64,
     /// [`Lease::renewal_due_at`].
     renewal_due_at: Instant,
 }
 
 impl LeaseView {
     fn of(lease: &Lease) -> LeaseView {
+        let valid_for = lease.valid_for();
         LeaseView {
-            valid_until: lease.valid_until(),
+            valid_until: Instant::now() + valid_for,
+            valid_until_ms: now_ms().saturating_add(i64::try_from(valid_for.as_millis()).unwrap_or(i64::MAX)),
             renewal_due_at: lease.renewal_due_at(),
         }
+    }
+
+    /// Whether the lease is still valid by both clocks, at `now` and `now_ms`.
+    fn trusted(&self, now: Instant, now_ms: i64) -> bool {
+        now < self.valid_until && now_ms < self.valid_until_ms
     }
 }
 
@@ -611,7 +622,7 @@ impl Shared {
     /// Whether the lease (if any) is still valid by the clocks alone.
     fn lease_trusted(&self) -> bool {
         match *self.lease_view.lock().expect("lease view") {
-            Some(view) => Instant::now() < view.valid_until,
+            Some(view) => view.trusted(Instant::now(), now_ms()),
             None => !self.leased,
         }
     }
@@ -808,4 +819,28 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process suspended past its lease (a VM paused, a container frozen) resumes with its
+    /// monotonic clock where it stopped: by it alone the lease still looked valid, and writes
+    /// were accepted that the next upload's check then fenced and lost.
+    #[test]
+    fn a_lease_runs_out_by_the_wall_clock_too() {
+        let now = Instant::now();
+        let view = LeaseView {
+            valid_until: now + Duration::from_secs(10),
+            valid_until_ms: 1_000_000,
+            renewal_due_at: now,
+        };
+        assert!(view.trusted(now, 999_999));
+        assert!(
+            !view.trusted(now, 1_000_000),
+            "suspended past it: the wall clock says so"
+        );
+        assert!(!view.trusted(now + Duration::from_secs(10), 0));
+    }
 }
