@@ -55,10 +55,6 @@ pub const DEFAULT_APPROVAL_TTL_SECS: i64 = 300;
 pub const MAX_PENDING_PER_AUTHORIZATION: i64 = 20;
 /// The path under the public URL where an approval is shown: `/approvals/<id>`.
 pub const PAGE_PATH: &str = "/approvals/";
-/// Characters of content shown on the approval page.
-pub const PREVIEW_CHARS: usize = 280;
-/// Tags an approval page shows of an event to sign.
-pub const PREVIEW_TAGS: usize = 50;
 /// NIP-44 takes at most this much plaintext; a larger request is refused, not asked.
 const MAX_SEALED: usize = 65_535;
 
@@ -158,16 +154,12 @@ pub struct ApprovalView {
     pub transport: String,
     pub method: String,
     pub kind: Option<u16>,
-    /// Content (sign) or plaintext (encrypt), at most [`PREVIEW_CHARS`] characters.
+    /// Content (sign) or plaintext (encrypt), whole: "allow once" signs all of it, so the
+    /// owner sees all of it (a stored request is at most `MAX_SEALED`).
     pub preview: Option<String>,
-    /// Whether [`ApprovalView::preview`] was cut.
-    pub truncated: bool,
-    /// The tags of an event to sign, each as JSON (`["e","…"]`), the first [`PREVIEW_TAGS`],
-    /// each at most [`PREVIEW_CHARS`] characters: what it deletes, mentions, pays or lists is
-    /// there, not in the content.
+    /// The tags of an event to sign, each as JSON (`["e","…"]`), all of them: what it
+    /// deletes, mentions, pays or lists is there, not in the content.
     pub tags: Vec<String>,
-    /// How many tags the event has in all.
-    pub tag_count: usize,
     /// The date the event to sign carries (unix seconds).
     pub created_at: Option<i64>,
     /// The peer of an encrypt/decrypt request.
@@ -292,13 +284,6 @@ fn unseal(bunker: &Keys, sealed: &str) -> Result<Request, InternalError> {
     let method = value["method"].as_str().unwrap_or_default();
     let params = value["params"].as_array().cloned().unwrap_or_default();
     Request::decode(method, &params, bunker.public_key()).map_err(|_| corrupt("request"))
-}
-
-/// Up to [`PREVIEW_CHARS`] characters of `text`, and whether it was cut.
-fn preview(text: &str) -> (String, bool) {
-    let cut: String = text.chars().take(PREVIEW_CHARS).collect();
-    let truncated = cut.len() < text.len();
-    (cut, truncated)
 }
 
 impl Signer {
@@ -495,24 +480,17 @@ impl Signer {
             event
                 .tags
                 .iter()
-                .take(PREVIEW_TAGS)
-                .map(|tag| self::preview(&serde_json::to_string(tag.as_slice()).unwrap_or_default()).0)
+                .map(|tag| serde_json::to_string(tag.as_slice()).unwrap_or_default())
                 .collect()
         });
-        let (preview, truncated) = match text.map(preview) {
-            Some((p, t)) => (Some(p), t),
-            None => (None, false),
-        };
         Ok(ApprovalView {
             app: row.client_id.clone(),
             authorization_id: row.authorization_id.clone(),
             transport: row.transport.clone(),
             method: row.method.clone(),
             kind: request.kind(),
-            preview,
-            truncated,
+            preview: text.map(str::to_owned),
             tags,
-            tag_count: event.map_or(0, |event| event.tags.len()),
             created_at: event.map(|event| i64::try_from(event.created_at.as_secs()).unwrap_or(i64::MAX)),
             peer,
             expires_at: row.expires_at,
@@ -738,14 +716,5 @@ mod tests {
         let a = AuthorizationId::new("a");
         assert_eq!(fingerprint(&a, &opened), fingerprint(&a, &request));
         assert_eq!(opened.kind(), Some(30023));
-    }
-
-    #[test]
-    fn the_preview_is_cut_at_a_character_boundary() {
-        let long = "é".repeat(PREVIEW_CHARS + 5);
-        let (cut, truncated) = preview(&long);
-        assert_eq!(cut.chars().count(), PREVIEW_CHARS);
-        assert!(truncated);
-        assert_eq!(preview("short"), ("short".to_owned(), false));
     }
 }

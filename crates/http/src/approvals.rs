@@ -1,6 +1,6 @@
 //! The approval page (issue 14, asking instead of refusing): `GET /approvals/{id}` shows the
 //! logged-in owner exactly what an app asked that its policy does not cover — app, method,
-//! kind, a preview of the content (escaped, cut at [`PREVIEW_CHARS`] characters) — and
+//! kind, its tags and date, the content (escaped, whole, in a box that scrolls) — and
 //! `POST /approvals/{id}` (a form with the session's CSRF token; cross-site posts are
 //! refused before it, `origin`) records *allow once*, *allow this kind from now on* or
 //! *deny* and carries it out ([`keycast_core::approval`]).
@@ -14,12 +14,12 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use keycast_core::approval::{ApprovalError, ApprovalView, Decision, Fulfilled, PREVIEW_CHARS};
+use keycast_core::approval::{ApprovalError, ApprovalView, Decision, Fulfilled};
 use keycast_core::nostr::nips::nip19::ToBech32;
 use serde::Deserialize;
 
 use crate::extract::FormOrJson;
-use crate::page::{escape, html, layout};
+use crate::page::{escape, html, layout, layout_with};
 use crate::session::{csrf_matches, csrf_token, MaybeSession, SessionUser};
 use crate::{AppError, AppState};
 
@@ -85,8 +85,15 @@ async fn show(
         }
     };
     let body = format!("{}{choices}", describe(&view, now));
-    Ok(html(StatusCode::OK, layout("Approve a request", &body)))
+    Ok(html(
+        StatusCode::OK,
+        layout_with("Approve a request", PREVIEW_CSS, &body),
+    ))
 }
+
+/// A request's content and tags, whole, in a box that scrolls: "allow once" signs all of it.
+const PREVIEW_CSS: &str = "pre.preview{max-height:20rem;overflow:auto;white-space:pre-wrap;\
+     overflow-wrap:anywhere;border:1px solid #ccc;padding:.5rem}";
 
 /// What the app asked, every value escaped.
 fn describe(view: &ApprovalView, now: i64) -> String {
@@ -100,15 +107,14 @@ fn describe(view: &ApprovalView, now: i64) -> String {
     ];
     if let Some(kind) = view.kind {
         rows.push(("Event kind", kind.to_string()));
-        let shown = if view.tags.len() < view.tag_count {
-            format!(" <em>(the first {} of {})</em>", view.tags.len(), view.tag_count)
-        } else {
-            String::new()
-        };
         let tags = if view.tags.is_empty() {
             "none".to_owned()
         } else {
-            format!("<pre class=\"preview\">{}</pre>{shown}", escape(&view.tags.join("\n")))
+            format!(
+                "<pre class=\"preview\">{}</pre> <em>({} in all)</em>",
+                escape(&view.tags.join("\n")),
+                view.tags.len()
+            )
         };
         rows.push(("Tags", tags));
     }
@@ -119,12 +125,14 @@ fn describe(view: &ApprovalView, now: i64) -> String {
         rows.push(("With", escape(&peer.to_bech32().unwrap_or_else(|_| peer.to_hex()))));
     }
     if let Some(text) = &view.preview {
-        let cut = if view.truncated {
-            format!(" <em>(first {PREVIEW_CHARS} characters)</em>")
-        } else {
-            String::new()
-        };
-        rows.push(("Content", format!("<pre class=\"preview\">{}</pre>{cut}", escape(text))));
+        rows.push((
+            "Content",
+            format!(
+                "<pre class=\"preview\">{}</pre> <em>({} characters, all of them)</em>",
+                escape(text),
+                text.chars().count()
+            ),
+        ));
     }
     rows.push(("Expires", format!("in {} s", (view.expires_at - now).max(0))));
     let list: String = rows.iter().map(|(k, v)| format!("<dt>{k}</dt><dd>{v}</dd>")).collect();

@@ -170,6 +170,36 @@ struct NostrConnectForm {
     policy: String,
 }
 
+/// What a `nostrconnect://` link that filled the form in names, for the owner to check before
+/// choosing: the name and site the app gives itself (its own words), its key, and the relays
+/// keycast would connect to for it.
+fn linked_app(uri: &str) -> String {
+    let parsed = match keycast_core::nostrconnect::NostrConnectUri::parse(uri) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            return format!(
+                "<p class=\"error\">The link you followed is not usable: {}</p>",
+                escape(&e.to_string())
+            )
+        }
+    };
+    let key = parsed.client.to_bech32().unwrap_or_else(|_| parsed.client.to_hex());
+    let relays: String = parsed
+        .relays
+        .iter()
+        .map(|r| format!("<li><code>{}</code></li>", escape(r)))
+        .collect();
+    format!(
+        "<p>A link asks you to connect an app. Check it is the app you mean: the name and site are \
+         what the app says of itself.</p><dl>\
+         <dt>Name</dt><dd>{name}</dd><dt>Site</dt><dd>{site}</dd>\
+         <dt>App key</dt><dd><code>{key}</code></dd><dt>Relays</dt><dd><ul>{relays}</ul></dd></dl>",
+        name = escape(parsed.name.as_deref().unwrap_or("(none given)")),
+        site = escape(parsed.url.as_deref().unwrap_or("(none given)")),
+        key = escape(&key),
+    )
+}
+
 /// `POST /dashboard/nostrconnect` (form: CSRF token, `uri`, `policy`) → 303 back to the
 /// dashboard once the authorization is durable (keycast then answers the app on its
 /// relays); a bad URI or policy shows an error page saying what is wrong.
@@ -336,26 +366,39 @@ async fn dashboard(
 
     let mut choices: Vec<_> = policies.values().filter(|p| p.deleted_at.is_none()).collect();
     choices.sort_by(|a, b| a.slug.cmp(&b.slug));
+    // A link may fill the form in (NIP-46 discovery's `nostrconnect_url`), from any site:
+    // then the page says what the link names, and nothing is chosen for the owner.
+    let linked = query.nostrconnect.as_deref().filter(|uri| !uri.is_empty());
     let options: String = choices
         .iter()
         .map(|p| {
             format!(
                 "<option value=\"{slug}\"{selected}>{name}</option>",
                 slug = escape(&p.slug),
-                selected = if p.slug == "social" { " selected" } else { "" },
+                selected = if linked.is_none() && p.slug == "social" {
+                    " selected"
+                } else {
+                    ""
+                },
                 name = escape(&p.display_name),
             )
         })
         .collect();
+    let placeholder = if linked.is_some() {
+        "<option value=\"\" selected disabled>choose what it may do</option>"
+    } else {
+        ""
+    };
     body.push_str(&format!(
-        "<h2>Connect an app with nostrconnect://</h2>\
+        "<h2>Connect an app with nostrconnect://</h2>{summary}\
          <form method=\"post\" action=\"/dashboard/nostrconnect\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <label>The app's <code>nostrconnect://</code> link\
          <input name=\"uri\" required placeholder=\"nostrconnect://…\" value=\"{uri}\"></label>\
-         <label>Allow it to<select name=\"policy\">{options}</select></label>\
+         <label>Allow it to<select name=\"policy\" required>{placeholder}{options}</select></label>\
          <button type=\"submit\">Authorize the app</button></form>",
-        uri = escape(query.nostrconnect.as_deref().unwrap_or_default()),
+        summary = linked.map(linked_app).unwrap_or_default(),
+        uri = escape(linked.unwrap_or_default()),
     ));
 
     body.push_str(&crate::account_pages::dashboard_sections(&csrf_token(&session.token)));

@@ -80,14 +80,16 @@ fn http_allow_once_lets_exactly_one_retry_of_the_same_request(engine: Engine) {
     let content = "My <b>article</b> & more: ".to_owned() + &"long ".repeat(100);
     let path = approval_path(&server, &sign(&server, &token, article(&content)));
 
-    // The owner sees what is asked, escaped and cut.
+    // The owner sees what is asked, escaped and whole: "allow once" signs all of it. (Before,
+    // the page showed the first 280 characters and the first 50 tags; what followed was
+    // signed unseen.)
     let page = get(&server, &path, Some(&cookie));
     assert_eq!(page.status, 200, "{}", page.body);
     for shown in [
         "30023",
         "sign event",
         "My &lt;b&gt;article&lt;/b&gt; &amp; more",
-        "first 280 characters",
+        "526 characters, all of them",
         "Allow once",
         "Allow kind 30023 from now on",
         "Deny",
@@ -95,7 +97,7 @@ fn http_allow_once_lets_exactly_one_retry_of_the_same_request(engine: Engine) {
         assert!(page.body.contains(shown), "the page shows {shown:?}: {}", page.body);
     }
     assert!(!page.body.contains("<b>article"), "content is escaped");
-    assert!(!page.body.contains(&"long ".repeat(100)), "content is cut");
+    assert!(page.body.contains(&"long ".repeat(100)), "the whole content");
 
     let done = decide(&server, &cookie, &path, "once");
     assert_eq!(done.status, 200, "{}", done.body);
