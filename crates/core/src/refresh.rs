@@ -108,6 +108,15 @@ impl From<AuthError> for OAuthError {
     }
 }
 
+/// The account whose authorization `token` (a refresh token, spent or not) belongs to, if it
+/// is known: what a refresh is counted against before it is made.
+///
+/// # Errors
+/// Storage errors.
+pub async fn owner_of(db: &keycast_db::Db, token: &str) -> Result<Option<keycast_db::UserId>, keycast_db::RepoError> {
+    Ok(refresh_repo::find(db, &hash_token(token)).await?.map(|row| row.user_id))
+}
+
 /// Spends a refresh token for a new pair (see the module doc). Commits: the caller should
 /// wait for durability before answering.
 ///

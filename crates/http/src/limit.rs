@@ -105,6 +105,13 @@ pub const NOTICED_CHANGES_PER_ACCOUNT: Rate = Rate {
     refill: Duration::from_secs(360),
 };
 
+/// Token refreshes per account, across its apps: 100 at once, then one every 30 s — an
+/// account at its cap of live grants, each refreshing hourly as access tokens expire, fits.
+pub const REFRESHES_PER_ACCOUNT: Rate = Rate {
+    burst: 100,
+    refill: Duration::from_secs(30),
+};
+
 /// New custom policies per account: 30 then one a minute.
 pub const POLICIES_PER_ACCOUNT: Rate = Rate {
     burst: 30,

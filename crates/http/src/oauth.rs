@@ -439,7 +439,19 @@ async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFa
 
 async fn refresh(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFailure> {
     require(&[("refresh_token", &p.refresh_token), ("client_id", &p.client_id)])?;
-    let (_, services) = state.api()?;
+    let (db, services) = state.api()?;
+    // Each refresh stores a token pair, and spent refresh tokens are kept for reuse detection
+    // (`housekeeping::SPENT_REFRESH_MEMORY_SECS`): an app refreshing in a loop grew the database
+    // by a pair a request.
+    if let Some(user) = keycast_core::refresh::owner_of(db, &p.refresh_token)
+        .await
+        .map_err(AppError::from)?
+    {
+        state
+            .limits()
+            .check(&format!("refresh:{user}"), crate::limit::REFRESHES_PER_ACCOUNT)
+            .await?;
+    }
     state.ensure_writable().await?;
     let request = RefreshRequest {
         refresh_token: &p.refresh_token,

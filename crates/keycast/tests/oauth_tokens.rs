@@ -253,6 +253,15 @@ fn access_token_lifetime_is_a_setting(engine: Engine) {
     assert!((110..=120).contains(&next.expires_in().unwrap().as_secs()));
 }
 
+/// The number a `SELECT COUNT(*)` on the server's database answers, whichever engine.
+fn exec_count(server: &Keycast, sql: &str) -> i64 {
+    let out = match server.database.as_deref() {
+        None => harness::sqlite_query(&server.data_dir.join("keycast.db"), sql),
+        Some(pg) => harness::engine::psql(&pg.url, sql),
+    };
+    out.trim().parse().unwrap_or_else(|_| panic!("{sql}: {out}"))
+}
+
 /// Runs `sql` on the server's database, whichever engine.
 fn exec_sql(server: &Keycast, sql: &str) {
     match server.database.as_deref() {
@@ -379,7 +388,40 @@ fn a_token_revoked_during_its_lookup_is_not_cached_again(engine: Engine) {
     );
 }
 
+/// Each refresh stores a token pair, and spent refresh tokens are kept a month past their
+/// expiry for reuse detection: an app refreshing in a loop grew the database by a pair a
+/// request, without bound. An account's apps refresh 100 times at once, then once every 30 s.
+fn refreshing_in_a_loop_is_slowed_down(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, first) = first_grant(&server, "loop@example.com");
+    let client = client(&server, "test-app");
+    let mut token = first.refresh_token().unwrap().clone();
+    for n in 0..100 {
+        let next = refresh(&client, &token).unwrap_or_else(|e| panic!("refresh {n}: {e:?}"));
+        token = next.refresh_token().unwrap().clone();
+    }
+    let body = form(&[
+        ("grant_type", "refresh_token"),
+        ("refresh_token", token.secret()),
+        ("client_id", "test-app"),
+    ]);
+    let limited = post(
+        &server,
+        "/api/oauth/token",
+        None,
+        "application/x-www-form-urlencoded",
+        &body,
+        &[],
+    );
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert!(limited.retry_after.is_some());
+    // Not spent, and nothing stored for it.
+    let rows = exec_count(&server, "SELECT COUNT(*) FROM refresh_tokens");
+    assert_eq!(rows, 101, "no pair stored for the refused refresh");
+}
+
 on_both_engines!(
+    refreshing_in_a_loop_is_slowed_down,
     a_token_revoked_during_its_lookup_is_not_cached_again,
     a_browser_app_on_another_origin_can_revoke_its_tokens,
     a_lost_refresh_response_may_be_retried_once_within_the_grace_window,
