@@ -67,7 +67,11 @@ pub struct Roster {
 
 impl Roster {
     /// Builds the roster from `rows` (oldest first): live authorizations' app relays are
-    /// admitted before revoked ones', in order, up to `max_app_relays` distinct ones.
+    /// admitted, in order, up to `max_app_relays` distinct ones. A revoked bunker is served on
+    /// those only: it opens no connection of its own. Each app relay is a party keycast reads
+    /// and answers, and the caps on relays count live grants only, so grants made and revoked
+    /// in a loop kept one account's relays — wildcard DNS, 5 a grant — connected for a week
+    /// each, up to the total cap.
     pub fn build(rows: Vec<Row>, operator: &HashSet<RelayUrl>, max_app_relays: usize) -> Roster {
         let (live, revoked): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| r.live);
         let mut roster = Roster::default();
@@ -82,7 +86,8 @@ impl Roster {
                 if operator.contains(&relay) || entry.relays.contains(&relay) {
                     continue;
                 }
-                let admitted = roster.on_relay.contains_key(&relay) || roster.on_relay.len() < max_app_relays;
+                let admitted =
+                    roster.on_relay.contains_key(&relay) || (row.live && roster.on_relay.len() < max_app_relays);
                 if !admitted {
                     left_out.insert(relay);
                     continue;
@@ -240,12 +245,37 @@ mod tests {
         let mut admitted: Vec<&RelayUrl> = roster.app_relays().collect();
         admitted.sort_by_key(|r| r.to_string());
         assert_eq!(admitted, [&relay(1), &relay(2)]);
-        assert_eq!(roster.left_out(), 2, "relays 3 and 9");
+        assert_eq!(
+            roster.left_out(),
+            2,
+            "relays 3 and 9 (a revoked grant's: never admitted)"
+        );
         assert_eq!(roster.entry(&ka).unwrap().relays, [relay(1), relay(2)]);
         assert_eq!(
             roster.entry(&kb).unwrap().relays,
             [relay(2)],
             "a relay in use is shared"
+        );
+        assert_eq!(roster.len(), 3, "every bunker is still served on the operator's relays");
+    }
+
+    /// A revoked bunker answers "revoked" where keycast listens anyway (the operator's relays,
+    /// an app relay a live grant uses); before, each of its own relays was a connection opened
+    /// for it, for a week.
+    #[test]
+    fn a_revoked_bunker_opens_no_app_relay_of_its_own() {
+        let operator = HashSet::new();
+        let live = row(&[1], true);
+        let (revoked, shared) = (row(&[7, 8], false), row(&[1, 9], false));
+        let (kr, ks) = (revoked.bunker, shared.bunker);
+        let roster = Roster::build(vec![revoked, live, shared], &operator, 10);
+        let admitted: Vec<&RelayUrl> = roster.app_relays().collect();
+        assert_eq!(admitted, [&relay(1)]);
+        assert_eq!(roster.entry(&kr).unwrap().relays, []);
+        assert_eq!(
+            roster.entry(&ks).unwrap().relays,
+            [relay(1)],
+            "a relay a live grant uses"
         );
         assert_eq!(roster.len(), 3, "every bunker is still served on the operator's relays");
     }
