@@ -40,9 +40,8 @@
 //! The server keeps the data (no replicator). Connections are plain sqlx `PgPool`
 //! connections named `keycast` (`application_name`), at most
 //! [`PgOptions::max_connections`] per instance: with N instances the server sees up to
-//! N × that (+1 per instance for the change listener, see [`crate::notify`], +2 for the
-//! [`Db::dedicated`] connections of the activity flush and the heartbeat), which must stay
-//! under the server's `max_connections` (Cloud SQL's depends on the machine tier).
+//! N × (that + [`CONNECTIONS_BESIDE_THE_POOL`]), which must stay under the server's
+//! `max_connections` (Cloud SQL's depends on the machine tier).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -159,15 +158,44 @@ fn normalize_socket_url(url: &str) -> String {
 /// `scheme://user:***@host/db?…&password=***`: a database URL safe to print. A password may
 /// also come as a query parameter (`?password=`, which sqlx accepts: handy with a Cloud SQL
 /// socket, whose URL has no host to put credentials before).
-pub fn redact_url(url: &str) -> String {
-    let (url, query) = match url.split_once('?') {
-        Some((url, query)) => (url, Some(redact_query(query))),
-        None => (url, None),
+pub fn redact_url(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return redact_unparsed(text);
     };
-    let redacted = redact_authority(url);
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    if let Some(query) = url.query().map(redact_query) {
+        url.set_query(Some(&query));
+    }
+    url.to_string()
+}
+
+/// [`redact_url`] for what the `url` crate does not parse: a Cloud SQL socket's URL
+/// (credentials, no host), or a password with an unescaped `/`, `?` or `#` — what an error
+/// about the URL prints. Credentials end at the last `@` before the query; an `@` only past a
+/// `?` could end a password holding `?` or start a query value: then all but the scheme is
+/// masked.
+fn redact_unparsed(text: &str) -> String {
+    const MASKED: &str = "*** (not a valid URL; shown masked)";
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return MASKED.to_owned();
+    };
+    let (base, query) = match rest.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (rest, None),
+    };
+    let base = match base.rsplit_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{credentials}@{host}"),
+        },
+        None if query.is_some_and(|q| q.contains('@')) => return format!("{scheme}://{MASKED}"),
+        None => base.to_owned(),
+    };
     match query {
-        Some(query) => format!("{redacted}?{query}"),
-        None => redacted,
+        Some(query) => format!("{scheme}://{base}?{}", redact_query(query)),
+        None => format!("{scheme}://{base}"),
     }
 }
 
@@ -183,24 +211,11 @@ fn redact_query(query: &str) -> String {
         .join("&")
 }
 
-fn redact_authority(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority_end, _) = rest
-        .char_indices()
-        .find(|(_, c)| *c == '/')
-        .unwrap_or((rest.len(), '/'));
-    let authority = &rest[..authority_end];
-    match authority.rsplit_once('@') {
-        Some((credentials, host)) => {
-            let user = credentials.split(':').next().unwrap_or_default();
-            let masked = if credentials.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{masked}@{host}{}", &rest[authority_end..])
-        }
-        None => url.to_owned(),
-    }
-}
+/// Connections each PostgreSQL instance holds beside its pool: the change listener (see
+/// [`crate::notify`]) and the [`Db::dedicated`] ones of the activity flush, the heartbeat and
+/// the change-notice publisher. A deployment's instances × (pool + this) must stay under the
+/// server's `max_connections`.
+pub const CONNECTIONS_BESIDE_THE_POOL: u32 = 4;
 
 /// Why the database could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -626,5 +641,19 @@ mod tests {
         );
         assert!(!PgOptions::new(url).describe().contains("hunter2"));
         assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+        // A password with an unescaped `/`, `?` or `#` is not a URL (sqlx refuses it, and the
+        // refusal prints it): before, it was printed whole.
+        for leaky in [
+            "postgres://keycast:Xy/9q@db/keycast",
+            "postgres://keycast:ab?cd@db/keycast",
+            "postgres://keycast:a#9q@db/keycast",
+        ] {
+            let shown = redact_url(leaky);
+            assert!(!shown.contains("9q") && !shown.contains("cd@"), "{shown}");
+        }
+        for parsed in ["postgres://h/d?password=p@ss", "postgres://u:p@h/d?x=a@b"] {
+            let shown = redact_url(parsed);
+            assert!(!shown.contains(":p@") && !shown.contains("=p@"), "{shown}");
+        }
     }
 }

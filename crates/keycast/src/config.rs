@@ -67,7 +67,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "database_max_connections",
         env: "KEYCAST_DATABASE_MAX_CONNECTIONS",
         default: "8 (SQLite), 10 (PostgreSQL)",
-        help: "pooled connections per instance; on PostgreSQL instances × (this + 3: listener, activity flush, heartbeat) must stay under the server's max_connections",
+        help: "pooled connections per instance; on PostgreSQL instances × (this + 4: listener, activity flush, heartbeat, change notices) must stay under the server's max_connections",
     },
     Setting {
         key: "database_direct_url",

@@ -252,7 +252,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{}", error_chain(&e));
+            // A log filter that leaves keycast's errors out (`KEYCAST_LOG=sqlx=debug`) must not
+            // make a failed command silent.
+            if tracing::enabled!(tracing::Level::ERROR) {
+                tracing::error!("{}", error_chain(&e));
+            } else {
+                eprintln!("error: {}", error_chain(&e));
+            }
             ExitCode::FAILURE
         }
     }

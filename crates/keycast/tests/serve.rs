@@ -230,3 +230,23 @@ fn a_replica_url_with_credentials_is_refused_without_printing_them() {
         );
     }
 }
+
+/// A log filter that names only another crate (`KEYCAST_LOG=sqlx=debug`) left keycast's own
+/// errors out: a failed command exited 1 without a word.
+#[test]
+fn a_failed_command_says_why_whatever_the_log_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-replica");
+    let out = dir.path().join("restored.db");
+    let replica = format!("file://{}", missing.display());
+    let finished = harness::keycast_cli(
+        &["restore", "--replica", &replica, "-o", out.to_str().unwrap()],
+        &[("KEYCAST_LOG", "sqlx=debug")],
+    );
+    assert!(!finished.status.success());
+    assert!(
+        finished.stderr.contains("error"),
+        "the failure is printed: {:?}",
+        finished.stderr
+    );
+}
