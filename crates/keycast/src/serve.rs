@@ -214,11 +214,25 @@ pub async fn run(
         None
     };
     if let Some(replicator) = &running.replicator {
+        if let Some(ms) = pause_before_serving() {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         mark_serving(replicator).await?;
     }
-    state.set_services(running.services.clone());
-    state.set_db(running.db.clone());
-    tracing::info!(database = %config.database.describe(), "keycast is ready");
+    // Asked for the replica (or its lease taken back) before it served: it would report
+    // itself started, be routed traffic, and refuse every write and signature. It stops
+    // instead, handing over; the platform starts another, which asks for the replica again.
+    let displaced = running
+        .replicator
+        .as_ref()
+        .map(Replicator::monitor)
+        .filter(|m| !accepts_writes(m))
+        .map(|m| m.status().handing_over_to.unwrap_or_else(|| "another instance".into()));
+    if displaced.is_none() {
+        state.set_services(running.services.clone());
+        state.set_db(running.db.clone());
+        tracing::info!(database = %config.database.describe(), "keycast is ready");
+    }
     match (&config.database, running.keyring.previous_id()) {
         (_, None) => {}
         // One instance writes a SQLite database: it may rotate while it serves.
@@ -245,15 +259,19 @@ pub async fn run(
             None => std::future::pending().await,
         }
     };
-    let ended = tokio::select! {
-        () = &mut shutdown => None,
-        () = fenced => Some(Ended::Fenced),
-        why = vitals.stopped() => Some(Ended::Vital(why)),
-        result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
+    let ended = match displaced {
+        Some(to) => Some(Ended::Displaced(to)),
+        None => tokio::select! {
+            () = &mut shutdown => None,
+            () = fenced => Some(Ended::Fenced),
+            why = vitals.stopped() => Some(Ended::Vital(why)),
+            result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
+        },
     };
     match &ended {
         Some(Ended::Fenced) => tracing::error!("this instance was fenced and can never write the replica again: shutting down so the platform starts a replacement"),
         Some(Ended::Vital(why)) => tracing::error!(reason = %why, "this instance can no longer serve: shutting down so the platform starts a replacement"),
+        Some(Ended::Displaced(to)) => tracing::error!(%to, "another instance asked for the replica before this one started serving: handing it over and stopping, never reported started"),
         None => {}
     }
     // No new NIP-46 request from here; those under way finish (and reply) in `shut_down`,
@@ -270,7 +288,7 @@ pub async fn run(
         }
     }
     drop(embedded);
-    let reason = monitor.and_then(|m| m.status().fence_reason);
+    let reason = monitor.as_ref().and_then(|m| m.status().fence_reason);
     shut_down(config, stop_http, server, running, nip46).await?;
     match ended {
         Some(Ended::Fenced) => anyhow::bail!(
@@ -279,6 +297,9 @@ pub async fn run(
         ),
         Some(Ended::Vital(why)) => {
             anyhow::bail!("{why}; exiting so that the platform starts a replacement")
+        }
+        Some(Ended::Displaced(to)) => {
+            anyhow::bail!("handed the replica over to {to} before serving; exiting so that the platform starts an instance that asks for it again")
         }
         None => Ok(()),
     }
@@ -290,6 +311,16 @@ enum Ended {
     Fenced,
     /// A task this instance cannot serve without ended (see [`keycast_core::vital`]).
     Vital(String),
+    /// Another instance (named) asked for the replica before this one served.
+    Displaced(String),
+}
+
+/// Fault injection: a pause (ms) between taking the replica and marking it served, the window
+/// in which another instance may ask for it (fail point `serve-before-marking`).
+fn pause_before_serving() -> Option<u64> {
+    fail::fail_point!("serve-before-marking", |ms: Option<String>| ms
+        .and_then(|m| m.parse().ok()));
+    None
 }
 
 /// What start-up produced.
@@ -736,9 +767,16 @@ async fn shut_down(
     if let Some(rotation) = &running.rotation {
         rotation.abort();
     }
-    let writable = running.replicator.as_ref().is_none_or(|r| accepts_writes(&r.monitor()));
+    // The lease is confirmed first (renewed if due, at most 2 s): an idle instance whose lease
+    // lapsed and was taken (a deploy's newcomer waits that out when nobody writes here) learns
+    // it now and steps aside. Before, it wrote its last rows, found at the final sync that
+    // they could never ship, and was fenced: an exit as if writes had been lost, and a page.
+    let writable = match &running.replicator {
+        None => true,
+        Some(r) => accepts_writes(&r.monitor()) && r.monitor().check_writable().await.is_ok(),
+    };
     if !writable {
-        // Handed over (or fenced): the database holds no more commits, and none would ship.
+        // Handed over, superseded, fenced or unconfirmed: no commit made now would ship.
         tracing::warn!(
             records = running.services.signer.pending_activity(),
             "signing activity since the replica was handed over is not recorded"

@@ -248,27 +248,47 @@ fn a_store_two_seconds_late_slows_durable_writes_but_fails_none() {
 }
 
 /// Three instances started at the same moment (max-instances > 1, or a deploy racing a
-/// restart): they hand the replica on until exactly one writes; the others refuse writes
-/// as handed over, none is fenced, and nothing acknowledged is lost.
+/// restart): they hand the replica on until exactly one writes. An instance asked for the
+/// replica before it started serving hands it over and exits non-zero without ever reporting
+/// itself started (so no traffic reaches an instance that refuses everything; the platform
+/// starts another if it wants one); one asked after it served stays, refusing writes as
+/// handed over. None is fenced, and nothing acknowledged is lost.
 #[test]
 fn three_instances_started_at_once_end_with_one_writer() {
     let Some(endpoint) = s3() else { return };
     let bucket = harness::new_bucket(&endpoint, "three");
     let dir = tempfile::tempdir().unwrap();
-    let mut starting: Vec<_> = ["a", "b", "c"]
+    let starting: Vec<_> = ["a", "b", "c"]
         .iter()
         .map(|name| launch(&dir.path().join(name), &endpoint, &bucket).spawn_started_later())
         .collect();
-    for s in &mut starting {
-        s.wait_started(Duration::from_secs(90));
+    let mut servers: Vec<Keycast> = starting.into_iter().map(|s| s.into_keycast()).collect();
+    // Each either reports itself started or exits (displaced before it served).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !servers
+        .iter()
+        .all(|s| s.has_exited() || s.get("/healthz/startup").0 == 200)
+    {
+        assert!(Instant::now() < deadline, "an instance neither started nor exited");
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let servers: Vec<Keycast> = starting.into_iter().map(|s| s.into_keycast()).collect();
+    let (mut live, mut gone): (Vec<Keycast>, Vec<Keycast>) = servers.drain(..).partition(|s| !s.has_exited());
+    for server in &mut gone {
+        let (status, _) = server.wait_exit(Duration::from_secs(10));
+        assert!(!status.success(), "{}", server.log());
+        assert!(
+            server.log().contains("before this one started serving"),
+            "a displaced instance says why: {}",
+            server.log()
+        );
+    }
+    assert!(!live.is_empty(), "one instance serves");
     // Whoever the writer is, probing it twice must be consistent; the others refuse.
     let deadline = Instant::now() + Duration::from_secs(30);
     let (writers, acked) = loop {
         let mut writers = Vec::new();
         let mut acked = Vec::new();
-        for (i, server) in servers.iter().enumerate() {
+        for (i, server) in live.iter().enumerate() {
             let key = format!("probe-{i}-{}", Instant::now().elapsed().as_nanos());
             if write(server, &key, true) == 200 {
                 writers.push(i);
@@ -281,15 +301,17 @@ fn three_instances_started_at_once_end_with_one_writer() {
         std::thread::sleep(Duration::from_millis(300));
     };
     assert_eq!(writers.len(), 1, "exactly one instance writes: {writers:?}");
-    for (i, server) in servers.iter().enumerate() {
+    for (i, server) in live.iter().chain(gone.iter()).enumerate() {
         assert!(
             !server.log().contains("this instance is fenced"),
             "instance {i} was never fenced; log:\n{}",
             server.log()
         );
-        assert_eq!(server.get("/healthz/live").0, 200, "instance {i} is alive");
     }
-    for server in servers {
+    for server in &live {
+        assert_eq!(server.get("/healthz/live").0, 200, "a started instance is alive");
+    }
+    for server in live.drain(..) {
         server.stop();
     }
     assert_all_present(&acked, &replicated(dir.path(), &endpoint, &bucket));

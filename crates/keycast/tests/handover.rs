@@ -727,3 +727,48 @@ fn a_request_answered_before_sigterm_is_not_answered_again_by_the_next_instance(
         new.start()
     });
 }
+
+/// A deploy after a deploy: the newest instance (C) asks for the replica while the one before
+/// (B) holds it but has not yet started serving. B hands over — and then reported itself
+/// started: the platform routed traffic to an instance that refused every write and
+/// signature. B now stops (non-zero) without ever reporting started, and C serves.
+#[test]
+fn an_instance_asked_for_the_replica_before_it_served_never_reports_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let a = launch(&dir.path().join("a"), &replica).start();
+    assert_eq!(post(&format!("{}/api/test/write?key=a&durable=true", a.base)), 200);
+
+    let mut b = launch(&dir.path().join("b"), &replica)
+        .spawn_started_later()
+        .into_keycast();
+    if !harness::arm_failpoint(&b, "serve-before-marking", "return(4000)") {
+        return;
+    }
+    b.wait_for_log("holding the replica lease", Duration::from_secs(60));
+    // A's part is done (idle, it let its lease lapse to B); gone, it cannot take the replica
+    // back meanwhile. It stops cleanly: nothing of its own was lost.
+    a.stop();
+    let c = launch(&dir.path().join("c"), &replica).spawn_started_later();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.status("/healthz/startup") != 200 {
+        assert_ne!(
+            b.get("/healthz/startup").0,
+            200,
+            "B reported itself started:\n{}",
+            b.log()
+        );
+        assert!(Instant::now() < deadline, "C never started; B:\n{}", b.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = c.into_keycast();
+    let (status, _) = b.wait_exit(Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "B exits non-zero so the platform replaces it:\n{}",
+        b.log()
+    );
+    assert!(b.log().contains("before this one started serving"), "{}", b.log());
+    assert_eq!(post(&format!("{}/api/test/write?key=c&durable=true", c.base)), 200);
+    c.stop();
+}

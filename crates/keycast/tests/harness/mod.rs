@@ -306,7 +306,7 @@ impl Keycast {
     }
 
     /// Whether the process has exited (a zombie not yet reaped: this handle reaps it).
-    fn has_exited(&self) -> bool {
+    pub fn has_exited(&self) -> bool {
         std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
             .map(|stat| {
                 // The state follows the parenthesised command name, which may hold spaces.
