@@ -860,6 +860,17 @@ pub async fn shutdown_signal() {
 /// # Errors
 /// As for start-up.
 pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
+    if let (Database::Sqlite { path, .. }, Some(replica)) = (&config.database, &config.replica) {
+        // A new empty file here would be a database the replica knows nothing of, which
+        // `serve` then refuses to start on (and anything written to it never ships).
+        if !path.exists() {
+            anyhow::bail!(
+                "there is no database at {} and KEYCAST_REPLICA_URL ({}) is set: `keycast serve` restores it from the replica before anything else may use it; run this where keycast serves, or `keycast restore` the replica here first",
+                path.display(),
+                keycast_db::pool::redact_url(&replica.url)
+            );
+        }
+    }
     prepare_directories(config)?;
     Ok(match &config.database {
         Database::Sqlite { path, .. } => Db::open_sqlite(&sqlite_options(config, path)).await?,

@@ -228,6 +228,19 @@ fn an_app_registered_from_the_shell_while_serving_survives_a_redeploy() {
     server.stop();
 
     std::fs::remove_dir_all(&data).unwrap();
+    // On the wiped disk, before the new instance restored it: the command refuses instead of
+    // creating an empty database there, which `serve` would then refuse to start on.
+    let env = [
+        ("KEYCAST_DATA_DIR", data.to_str().unwrap()),
+        (
+            "KEYCAST_REPLICA_URL",
+            &format!("file://{}", dir.path().join("replica").display()),
+        ),
+    ];
+    let early = harness::keycast_cli(&["clients", "list"], &env);
+    assert!(!early.status.success(), "{}", early.stdout);
+    assert!(early.stderr.contains("KEYCAST_REPLICA_URL"), "{}", early.stderr);
+    assert!(!data.join("keycast.db").exists(), "no empty database left behind");
     let server = launch.start();
     let listed = clients_cli(&server, &["list", "--json"]);
     assert!(listed.stdout.contains(&id), "lost in the redeploy: {}", listed.stdout);
