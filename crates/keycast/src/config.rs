@@ -1086,7 +1086,10 @@ impl Sources {
             compaction.levels = levels;
         }
         let long = |key| self.get(key, parse_long_secs);
-        compaction.snapshot_interval = long("replica_snapshot_interval_secs")?.unwrap_or(compaction.snapshot_interval);
+        // Zero would snapshot the whole database on every compaction run after any write.
+        compaction.snapshot_interval = self
+            .get("replica_snapshot_interval_secs", |v| parse_long_secs_from(v, 60))?
+            .unwrap_or(compaction.snapshot_interval);
         compaction.snapshot_retention =
             long("replica_snapshot_retention_secs")?.unwrap_or(compaction.snapshot_retention);
         compaction.l0_retention = long("replica_l0_retention_secs")?.unwrap_or(compaction.l0_retention);
@@ -1178,6 +1181,19 @@ fn parse_long_secs(v: &str) -> Result<Duration, String> {
         .ok_or_else(|| "expected a whole number of seconds from 0 to 2592000 (30 days)".into())
 }
 
+/// [`parse_long_secs`] of at least `min` seconds.
+fn parse_long_secs_from(v: &str, min: u64) -> Result<Duration, String> {
+    parse_long_secs(v).and_then(|d| {
+        if d.as_secs() < min {
+            Err(format!(
+                "expected a whole number of seconds from {min} to 2592000 (30 days)"
+            ))
+        } else {
+            Ok(d)
+        }
+    })
+}
+
 fn parse_positive_secs(v: &str) -> Result<Duration, String> {
     parse_long_secs(v).and_then(|d| {
         if d.is_zero() {
@@ -1210,11 +1226,13 @@ fn parse_durability(v: &str) -> Result<DurabilityMode, String> {
     }
 }
 
+/// Up to 100,000 pages (about 400 MiB at 4 KiB): the WAL grows to three times this under
+/// sustained writes, and on Cloud Run the disk is memory.
 fn parse_pages(v: &str) -> Result<u32, String> {
     v.parse::<u32>()
         .ok()
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| "expected a number of pages, at least 1".into())
+        .filter(|n| (1..=100_000).contains(n))
+        .ok_or_else(|| "expected a number of pages from 1 to 100000".into())
 }
 
 /// A number of relays from 0 (none accepted) to `max`.
@@ -1819,6 +1837,30 @@ mod tests {
             "a short backstop with many instances"
         );
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    /// Values that parsed and then hurt: a snapshot interval of 0 snapshotted the whole
+    /// database on every compaction run after any write; a checkpoint threshold without a
+    /// ceiling let the WAL — memory, on Cloud Run — grow to three times any number.
+    #[test]
+    fn replica_intervals_and_thresholds_have_bounds_that_name_the_variable() {
+        for (var, value, expected) in [
+            ("KEYCAST_REPLICA_SNAPSHOT_INTERVAL_SECS", "0", "from 60"),
+            ("KEYCAST_REPLICA_SNAPSHOT_INTERVAL_SECS", "59", "from 60"),
+            ("KEYCAST_REPLICA_CHECKPOINT_PAGES", "100001", "from 1 to 100000"),
+        ] {
+            let err = env(&[(var, value)]).build().unwrap_err().to_string();
+            assert!(err.contains(var) && err.contains(expected), "{err}");
+        }
+        let config = env(&[
+            ("KEYCAST_REPLICA_SNAPSHOT_INTERVAL_SECS", "60"),
+            ("KEYCAST_REPLICA_CHECKPOINT_PAGES", "100000"),
+        ])
+        .build()
+        .unwrap();
+        let replica = config.replica.unwrap();
+        assert_eq!(replica.options.compaction.snapshot_interval, Duration::from_secs(60));
+        assert_eq!(replica.options.checkpoint_pages, 100_000);
     }
 
     #[test]

@@ -505,6 +505,15 @@ async fn start(
         crate::replication::check_conditional_writes(&store, replica),
         crate::replication::check_encryption_key(&store),
     )?;
+    if replica.lease.wait <= replica.lease.ttl + replica.lease.margin() {
+        // An idle holder renews nothing, so it never sees a newcomer's request: the newcomer
+        // waits its lease out (TTL and margin) and gives up first.
+        tracing::warn!(
+            wait_secs = replica.lease.wait.as_secs(),
+            ttl_secs = replica.lease.ttl.as_secs(),
+            "KEYCAST_REPLICA_LEASE_WAIT_SECS is not longer than KEYCAST_REPLICA_LEASE_TTL_SECS plus a fifth: a deploy onto an idle instance gives up before its lease lapses"
+        );
+    }
     let mut lease = crate::replication::acquire_lease(&store, replica).await?;
     let recorded = lease.previous_txid();
     // A large restore may outlast the lease: keep it renewed meanwhile.
