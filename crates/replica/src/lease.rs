@@ -139,6 +139,10 @@ struct Record {
     /// A waiting newcomer that asked the holder to hand over (absent in older records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     handover_requested_by: Option<String>,
+    /// When it asked (ms since the Unix epoch; absent in older records, which never go
+    /// stale): a request older than [`STALE_REQUEST`] is from a newcomer that gave up or died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    handover_requested_at_ms: Option<i64>,
     /// The holder finished starting and served (see [`Lease::mark_serving`]). Records from
     /// before this field read as serving, so nobody takes them back.
     #[serde(default = "yes")]
@@ -152,7 +156,20 @@ fn yes() -> bool {
     true
 }
 
+/// Age past which a hand-over request is ignored (by the holder) and replaced (by the next
+/// newcomer). A newcomer killed while it waited (a deploy cancelled, a startup probe given up)
+/// left its request for good: an idle holder found it at its next write, hours later, and
+/// handed the replica over to nobody — a lease's time of refused writes at a random moment —
+/// and a busy one left the next newcomer waiting on a request it never answered.
+const STALE_REQUEST: Duration = Duration::from_secs(600);
+
 impl Record {
+    /// A hand-over request old enough to be a newcomer's that is gone.
+    fn request_is_stale(&self) -> bool {
+        self.handover_requested_at_ms
+            .is_some_and(|at| now_ms().saturating_sub(at) > STALE_REQUEST.as_millis() as i64)
+    }
+
     /// Free to take: released, or lapsed by more than the skew margin.
     fn is_free(&self, margin: Duration) -> bool {
         self.released || self.expires_at_ms + margin.as_millis() as i64 <= now_ms()
@@ -284,12 +301,13 @@ impl Lease {
                         }
                         continue;
                     }
-                    if current.handover_requested_by.is_none() {
+                    if current.handover_requested_by.is_none() || current.request_is_stale() {
                         // Ask the holder to hand over. A conflict means the lease changed
                         // (a renewal, a release): look again at once and ask again if needed.
                         let holder = current.describe();
                         let request = Record {
                             handover_requested_by: Some(owner.into()),
+                            handover_requested_at_ms: Some(now_ms()),
                             ..current
                         };
                         if let Swap::Done(_) = swap(store, &request, &version).await? {
@@ -304,6 +322,7 @@ impl Lease {
                             // does not step down for an instance that is not coming.
                             let withdrawn = Record {
                                 handover_requested_by: None,
+                                handover_requested_at_ms: None,
                                 ..current.clone()
                             };
                             let _ = store.put_object_update(OBJECT, encode(&withdrawn), &version).await;
@@ -332,6 +351,7 @@ impl Lease {
             expires_at_ms: expiry_ms(options.ttl),
             released: false,
             handover_requested_by: None,
+            handover_requested_at_ms: None,
             serving: false,
             txid,
         }
@@ -518,8 +538,9 @@ impl Lease {
         }
         // Ours still: adopt its version, so that renewing and releasing by CAS keep working.
         self.version = version;
+        let stale = stored.request_is_stale();
         match stored.handover_requested_by {
-            Some(by) if self.handover.is_none() => {
+            Some(by) if self.handover.is_none() && !stale => {
                 self.handover = Some(by.clone());
                 Err(LeaseError::HandoverRequested { by })
             }
@@ -535,6 +556,8 @@ impl Lease {
             expires_at_ms: if released { now_ms() } else { expiry_ms(self.ttl) },
             released,
             handover_requested_by: if released { None } else { self.handover.clone() },
+            // A request seen is being answered (the hand-over is under way): it no longer ages.
+            handover_requested_at_ms: None,
             serving: self.serving,
             txid: self.txid,
         }
@@ -687,6 +710,48 @@ mod tests {
             }
             assert!(started.elapsed() < Duration::from_secs(5), "no hand-over request");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A newcomer killed while it waited left its request behind. Before, the holder handed
+    /// over to it whenever it next looked (an idle one: hours later, at its next write), and
+    /// the next newcomer, finding a request there, never asked: it waited in vain.
+    #[tokio::test]
+    async fn a_stale_handover_request_is_ignored_and_replaced() {
+        let store = Store::in_memory();
+        let mut a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
+        let (bytes, version) = store.get_object(OBJECT).await.unwrap().unwrap();
+        let stale = Record {
+            handover_requested_by: Some("gone".into()),
+            handover_requested_at_ms: Some(now_ms() - STALE_REQUEST.as_millis() as i64 - 1_000),
+            ..decode(&bytes).unwrap()
+        };
+        assert!(matches!(swap(&store, &stale, &version).await.unwrap(), Swap::Done(_)));
+        a.check().await.unwrap();
+        assert_eq!(a.handover_requested_by(), None, "the holder ignores it");
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { Lease::acquire(&store, "b", quick(60_000, 30_000)).await }
+        });
+        assert_eq!(requested_by(&store, "b").await, "b", "the next newcomer asks over it");
+        let err = a.renew().await.unwrap_err();
+        assert!(
+            matches!(err, LeaseError::HandoverRequested { ref by } if by == "b"),
+            "{err}"
+        );
+        a.release().await.unwrap();
+        assert_eq!(waiter.await.unwrap().unwrap().epoch(), 2);
+    }
+
+    /// Waits (up to 5 s) until the stored hand-over request names `who`.
+    async fn requested_by(store: &Store, who: &str) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(by) = stored(store).await.handover_requested_by.filter(|by| by == who) {
+                return by;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "{who} never asked");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
