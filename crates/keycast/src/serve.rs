@@ -349,6 +349,22 @@ enum Purpose {
     OneOff,
 }
 
+impl Running {
+    /// Serving with no replicator and no other instances: SQLite without a replica, or a
+    /// one-off command.
+    fn alone(db: Db, services: Services, flusher: Option<AbortHandle>, keyring: Arc<Keyring>) -> Running {
+        Running {
+            db,
+            replicator: None,
+            cluster: None,
+            services,
+            flusher,
+            keyring,
+            rotation: None,
+        }
+    }
+}
+
 /// Builds the domain services over the open database: the master key (checked against
 /// the stored keys), the password hasher and the signer, and, to serve, starts the
 /// background writes.
@@ -485,15 +501,7 @@ async fn start(
         tracing::warn!("KEYCAST_REPLICA_URL=none: the database is not replicated and is lost with this disk");
         let db = Db::open_sqlite(&sqlite_options(config, database_path)).await?;
         let (services, flusher, keyring) = services(config, &db, None, vitals, purpose).await?;
-        return Ok(Running {
-            db,
-            replicator: None,
-            cluster: None,
-            services,
-            flusher,
-            keyring,
-            rotation: None,
-        });
+        return Ok(Running::alone(db, services, flusher, keyring));
     };
     let store = crate::replication::open_store(replica)?;
     if store.backend() == keycast_replica::store::Backend::File {
@@ -609,15 +617,7 @@ async fn start_postgres(
         }
     };
     if purpose == Purpose::OneOff {
-        return Ok(Running {
-            db,
-            replicator: None,
-            cluster: None,
-            services,
-            flusher,
-            keyring,
-            rotation: None,
-        });
+        return Ok(Running::alone(db, services, flusher, keyring));
     }
     let options = ClusterOptions {
         instance_ttl: pg.instance_ttl,

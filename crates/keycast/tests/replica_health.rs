@@ -101,6 +101,24 @@ fn failing_uploads_turn_readiness_503_and_refuse_durable_writes_until_repaired()
     );
 }
 
+/// keycast on an S3 replica (moto) reached through a link the test can silence, with a
+/// 2 s lease and `env`; `None` without moto.
+fn behind_a_silent_link(
+    hint: &str,
+    env: &[(&str, &str)],
+) -> Option<(tempfile::TempDir, harness::link::SilentLink, harness::Keycast)> {
+    let endpoint = harness::peer("KEYCAST_TEST_S3_ENDPOINT")?;
+    let bucket = harness::new_bucket(&endpoint, hint);
+    let link = harness::link::SilentLink::start(endpoint.trim_start_matches("http://").to_owned());
+    let dir = tempfile::tempdir().unwrap();
+    let launch = harness::s3_env(&format!("http://127.0.0.1:{}", link.port), &bucket, "kc")
+        .iter()
+        .fold(Launch::new(&dir.path().join("data")), |l, (k, v)| l.env(k, v))
+        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "2");
+    let server = env.iter().fold(launch, |l, (k, v)| l.env(k, v)).start();
+    Some((dir, link, server))
+}
+
 /// `keycast_replica_local_commits` from `/metrics`.
 fn local_commits(server: &harness::Keycast) -> f64 {
     harness::metric_sum(&server.get("/metrics").1, "keycast_replica_local_commits")
@@ -112,18 +130,9 @@ fn local_commits(server: &harness::Keycast) -> f64 {
 /// the outage lasted.
 #[test]
 fn an_unreachable_store_stops_the_activity_writes_while_signing_goes_on() {
-    let Some(endpoint) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+    let Some((_dir, link, server)) = behind_a_silent_link("outage", &[("KEYCAST_ACTIVITY_FLUSH_MS", "100")]) else {
         return;
     };
-    let bucket = harness::new_bucket(&endpoint, "outage");
-    let link = harness::link::SilentLink::start(endpoint.trim_start_matches("http://").to_owned());
-    let dir = tempfile::tempdir().unwrap();
-    let server = harness::s3_env(&format!("http://127.0.0.1:{}", link.port), &bucket, "kc")
-        .iter()
-        .fold(Launch::new(&dir.path().join("data")), |l, (k, v)| l.env(k, v))
-        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "2")
-        .env("KEYCAST_ACTIVITY_FLUSH_MS", "100")
-        .start();
     let (cookie, _) = harness::flow::register(&server, "outage@example.org", None);
     let token = harness::flow::access_token(&server, &cookie);
     let sign = |n: usize| {
@@ -168,19 +177,13 @@ fn an_unreachable_store_stops_the_activity_writes_while_signing_goes_on() {
 /// fired while every write failed.
 #[test]
 fn a_writer_that_cannot_confirm_its_lease_says_so_in_readiness_and_metrics() {
-    let Some(endpoint) = harness::peer("KEYCAST_TEST_S3_ENDPOINT") else {
+    let env = [
+        ("KEYCAST_TEST_ROUTES", "true"),
+        ("KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS", "1"),
+    ];
+    let Some((_dir, link, server)) = behind_a_silent_link("unconfirmed", &env) else {
         return;
     };
-    let bucket = harness::new_bucket(&endpoint, "unconfirmed");
-    let link = harness::link::SilentLink::start(endpoint.trim_start_matches("http://").to_owned());
-    let dir = tempfile::tempdir().unwrap();
-    let server = harness::s3_env(&format!("http://127.0.0.1:{}", link.port), &bucket, "kc")
-        .iter()
-        .fold(Launch::new(&dir.path().join("data")), |l, (k, v)| l.env(k, v))
-        .env("KEYCAST_TEST_ROUTES", "true")
-        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "2")
-        .env("KEYCAST_REPLICA_UNHEALTHY_AFTER_SECS", "1")
-        .start();
     let write = |key: &str| post(&format!("{}/api/test/write?key={key}&durable=true", server.base));
     assert_eq!(write("before").0, 200);
     link.freeze();

@@ -684,6 +684,12 @@ mod tests {
         ));
     }
 
+    /// The TXID ranges of `level`'s files, in name order.
+    async fn ranges(store: &Store, level: u8) -> Vec<(u64, u64)> {
+        let files = store.list_level(level).await.unwrap();
+        files.iter().map(|f| (f.min_txid, f.max_txid)).collect()
+    }
+
     async fn pages_of(store: &Store, level: u8) -> Vec<(u64, u64, Vec<(u32, u8)>)> {
         let mut out = Vec::new();
         for f in store.list_level(level).await.unwrap() {
@@ -835,14 +841,7 @@ mod tests {
         let policy = CompactionPolicy::default();
         let later = SystemTime::now() + policy.snapshot_retention + Duration::from_secs(1);
         enforce_retention(&store, &policy, later).await.unwrap();
-        let left: Vec<(u64, u64)> = store
-            .list_level(1)
-            .await
-            .unwrap()
-            .iter()
-            .map(|f| (f.min_txid, f.max_txid))
-            .collect();
-        assert_eq!(left, vec![(3, 30)]);
+        assert_eq!(ranges(&store, 1).await, vec![(3, 30)]);
     }
 
     /// A snapshot in a run where level 1 was not due (at 5, level 1 at 3), then level 1's
@@ -926,23 +925,17 @@ mod tests {
         let policy = CompactionPolicy::default();
         let later = SystemTime::now() + policy.snapshot_retention + Duration::from_secs(1);
         enforce_retention(&store, &policy, later).await.unwrap();
-        let snaps: Vec<(u64, u64)> = store
-            .list_level(9)
-            .await
-            .unwrap()
-            .iter()
-            .map(|f| (f.min_txid, f.max_txid))
-            .collect();
-        assert_eq!(snaps, vec![(1, 3)], "the older snapshot expired, the newest stays");
+        assert_eq!(
+            ranges(&store, 9).await,
+            vec![(1, 3)],
+            "the older snapshot expired, the newest stays"
+        );
         // As Litestream: the floor is the newest expired snapshot's TXID (2).
-        let l1: Vec<(u64, u64)> = store
-            .list_level(1)
-            .await
-            .unwrap()
-            .iter()
-            .map(|f| (f.min_txid, f.max_txid))
-            .collect();
-        assert_eq!(l1, vec![(2, 2), (3, 3)], "L1 wholly below the floor is gone");
+        assert_eq!(
+            ranges(&store, 1).await,
+            vec![(2, 2), (3, 3)],
+            "L1 wholly below the floor is gone"
+        );
         let files = store.list_all().await.unwrap();
         let plan = restore::plan(&files, Target::Latest, "mem").unwrap();
         assert_eq!(plan.last().unwrap().max_txid, 3, "the latest state is still restorable");

@@ -238,14 +238,26 @@ async fn a_replica_missing_its_newest_objects_is_refused_not_rolled_back() {
     }
 }
 
-/// Retention prunes a file while a verification's restore is about to read it: the restore
-/// plans again (other files cover it) instead of reporting the replica broken.
-#[tokio::test]
-async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
+/// Three commits replicated and compacted to level 1 (`lineage`); `verify` runs with the
+/// store, a scratch directory, the TXID replicated and the live checksum at it, and the first
+/// read of the object `pick` chooses is held while the object is deleted, as retention would.
+/// Returns what `verify` returned.
+async fn pruned_while_read<T, F>(
+    lineage: &'static str,
+    pick: impl FnOnce(
+        Vec<keycast_replica::store::LtxObject>,
+        Vec<keycast_replica::store::LtxObject>,
+    ) -> keycast_replica::store::LtxObject,
+    verify: impl FnOnce(Store, std::path::PathBuf, u64, u64) -> F,
+) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
     let (dir, db, pool, signal) = common::live_db().await;
     let faults = Faults::new();
     let store = Store::in_memory().with_faults(&faults);
-    let replicator = Replicator::start(&db, store.clone(), signal, "lineage-v", ReplicaOptions::default())
+    let replicator = Replicator::start(&db, store.clone(), signal, lineage, ReplicaOptions::default())
         .await
         .unwrap();
     for v in ["one", "two", "three"] {
@@ -257,30 +269,42 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
     compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
         .await
         .unwrap();
-    // The restore plans with the level-1 file; it goes while the restore is about to read it.
-    let victim = store.list_level(1).await.unwrap().pop().unwrap();
+    let victim = pick(store.list_level(0).await.unwrap(), store.list_level(1).await.unwrap());
     let gate = Gate::new();
     faults.add(
         Rule::new(Op::Get, Action::Hold(gate.clone()))
             .key(victim.key.as_ref())
             .times(1),
     );
-    let verification = tokio::spawn({
-        let (store, scratch) = (store.clone(), dir.path().to_owned());
-        async move { keycast_replica::verify::verify_at(&store, txid, expected, &scratch, "lineage-v").await }
-    });
+    let verification = tokio::spawn(verify(store.clone(), dir.path().to_owned(), txid, expected));
     tokio::time::timeout(Duration::from_secs(20), gate.reached())
         .await
-        .expect("the restore reads the planned file");
+        .expect("the verification reads the object");
     store.delete(&[victim]).await.unwrap();
     gate.open();
     let verified = verification.await.unwrap();
-    assert!(verified.is_ok(), "{:?}", verified.err());
     pool.close().await;
     replicator
         .shutdown(Instant::now() + Duration::from_secs(5))
         .await
         .unwrap();
+    verified
+}
+
+/// Retention prunes a file while a verification's restore is about to read it: the restore
+/// plans again (other files cover it) instead of reporting the replica broken.
+#[tokio::test]
+async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
+    // The restore plans with the level-1 file; it goes while the restore is about to read it.
+    let verified = pruned_while_read(
+        "lineage-v",
+        |_, mut level1| level1.pop().unwrap(),
+        |store, scratch, txid, expected| async move {
+            keycast_replica::verify::verify_at(&store, txid, expected, &scratch, "lineage-v").await
+        },
+    )
+    .await;
+    assert!(verified.is_ok(), "{:?}", verified.err());
 }
 
 /// `keycast replica verify` checks every listed object, oldest level-0 files first — the ones
@@ -288,42 +312,13 @@ async fn a_file_pruned_during_verification_is_not_a_verification_failure() {
 /// missing object: a failed check, on a replica that lacks nothing.
 #[tokio::test]
 async fn an_object_pruned_while_the_whole_replica_is_checked_is_not_missing() {
-    let (dir, db, pool, signal) = common::live_db().await;
-    let faults = Faults::new();
-    let store = Store::in_memory().with_faults(&faults);
-    let replicator = Replicator::start(&db, store.clone(), signal, "lineage-w", ReplicaOptions::default())
-        .await
-        .unwrap();
-    for v in ["one", "two", "three"] {
-        insert(&pool, v).await;
-        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
-    }
-    compactor::compact_level(&store, 1, u64::MAX, &std::env::temp_dir())
-        .await
-        .unwrap();
-    let victim = store.list_level(0).await.unwrap().remove(0);
-    let gate = Gate::new();
-    faults.add(
-        Rule::new(Op::Get, Action::Hold(gate.clone()))
-            .key(victim.key.as_ref())
-            .times(1),
-    );
-    let verification = tokio::spawn({
-        let (store, scratch) = (store.clone(), dir.path().to_owned());
-        async move { keycast_replica::verify::verify_replica(&store, &scratch).await }
-    });
-    tokio::time::timeout(Duration::from_secs(20), gate.reached())
-        .await
-        .expect("the check reads the oldest level-0 file");
-    store.delete(&[victim]).await.unwrap();
-    gate.open();
-    let verified = verification.await.unwrap();
+    let verified = pruned_while_read(
+        "lineage-w",
+        |mut level0, _| level0.remove(0),
+        |store, scratch, _, _| async move { keycast_replica::verify::verify_replica(&store, &scratch).await },
+    )
+    .await;
     assert!(verified.is_ok(), "{:?}", verified.err());
-    pool.close().await;
-    replicator
-        .shutdown(Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
 }
 
 /// Retention prunes the level-0 files a verification's restore needs, once level 1 has
