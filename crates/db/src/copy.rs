@@ -98,7 +98,11 @@ pub async fn sqlite_to_postgres(source: &Db, target: &Db) -> Result<Vec<TableRep
     let (Engine::Sqlite(lite), Engine::Postgres(pg)) = (source.engine(), target.engine()) else {
         return Err(CopyError::Engines);
     };
-    let tables = tables(lite).await?;
+    // One read transaction for every table: a copy taken while keycast still writes would
+    // otherwise read each table at another moment (a grant revoked between two tables' reads)
+    // and still check out, since the checksums compare what was read with what was written.
+    let mut source = lite.begin().await?;
+    let tables = tables(&mut source).await?;
     let mut tx = pg.begin().await?;
     for table in &tables {
         let sql = format!("SELECT COUNT(*) FROM {}", quote(&table.name));
@@ -117,7 +121,7 @@ pub async fn sqlite_to_postgres(source: &Db, target: &Db) -> Result<Vec<TableRep
     }
     let mut reports = Vec::with_capacity(tables.len());
     for table in &tables {
-        let rows = read_sqlite(lite, table).await?;
+        let rows = read_sqlite(&mut source, table).await?;
         insert(&mut tx, table, &rows).await?;
         let (source_rows, source_sum) = summarize(&rows);
         let (target_rows, target_sum) = summarize(&read_postgres(&mut tx, table).await?);
@@ -145,19 +149,19 @@ fn quote(identifier: &str) -> String {
 }
 
 /// The source's tables with their columns, parents before children (foreign keys).
-async fn tables(pool: &sqlx::SqlitePool) -> Result<Vec<Table>, CopyError> {
+async fn tables(conn: &mut sqlx::SqliteConnection) -> Result<Vec<Table>, CopyError> {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT name FROM sqlite_master WHERE type = 'table' \
          AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations' ORDER BY name",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     let mut found = BTreeMap::new();
     let mut parents: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for name in &names {
         let columns = sqlx::query("SELECT name, type FROM pragma_table_info(?) ORDER BY cid")
             .bind(name)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?
             .iter()
             .map(|row| {
@@ -180,7 +184,7 @@ async fn tables(pool: &sqlx::SqlitePool) -> Result<Vec<Table>, CopyError> {
             .collect::<Result<Vec<_>, _>>()?;
         let referenced: Vec<String> = sqlx::query_scalar("SELECT \"table\" FROM pragma_foreign_key_list(?)")
             .bind(name)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
         parents.insert(
             name.clone(),
@@ -244,8 +248,10 @@ where
         .collect()
 }
 
-async fn read_sqlite(pool: &sqlx::SqlitePool, table: &Table) -> Result<Vec<Vec<Value>>, CopyError> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(select(table))).fetch_all(pool).await?;
+async fn read_sqlite(conn: &mut sqlx::SqliteConnection, table: &Table) -> Result<Vec<Vec<Value>>, CopyError> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(select(table)))
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows.iter().map(|r| decode(r, table)).collect::<Result<_, _>>()?)
 }
 
