@@ -766,7 +766,15 @@ async fn shut_down(
         // Replies are queued to the relays' connections without waiting for the relays'
         // `OK`; closing the connections drops what is still queued, so they get a moment.
         tokio::time::sleep(REPLIES_SETTLE.min(drain_until.saturating_duration_since(Instant::now()))).await;
-        nip46.shutdown().await;
+        // Closing each relay's connection waits on the relay: one that stopped answering must
+        // not eat the time the final sync and the lease's release need.
+        let close_by = drain_until.max(Instant::now() + REPLIES_SETTLE);
+        if tokio::time::timeout_at(close_by.into(), nip46.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the NIP-46 relays did not close in time; going on with the final sync");
+        }
     }
     if let Some(flusher) = &running.flusher {
         flusher.abort();

@@ -5,7 +5,7 @@ mod harness;
 use harness::CommandExt as _;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use harness::{Keycast, Launch};
 
@@ -249,4 +249,32 @@ fn a_failed_command_says_why_whatever_the_log_filter() {
         "the failure is printed: {:?}",
         finished.stderr
     );
+}
+
+/// The operator's relay stops answering (its connection silent) just before a SIGTERM:
+/// closing the relay connections must not eat the grace period the final sync and the lease's
+/// release need. keycast still stops cleanly, in time. (nostr-sdk's pool closes without
+/// waiting on the relay today, so this held before too; keycast now also bounds that step.)
+#[test]
+fn a_silent_relay_does_not_hold_up_shutdown() {
+    let Some(relay) = harness::nostr::Relay::start() else {
+        return;
+    };
+    let link = harness::link::SilentLink::start(relay.url().trim_start_matches("ws://").to_owned());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .redeployable(&dir.path().join("replica"))
+        .env("BUNKER_RELAYS", &format!("ws://127.0.0.1:{}", link.port))
+        .env("KEYCAST_SHUTDOWN_GRACE_SECS", "4")
+        .start();
+    server.wait_for_log("nip46 signer listening", Duration::from_secs(30));
+    link.freeze();
+    let started = Instant::now();
+    let log = server.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}:\n{log}",
+        started.elapsed()
+    );
+    assert!(log.contains("released the replica lease"), "{log}");
 }
