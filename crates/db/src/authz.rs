@@ -272,7 +272,13 @@ pub async fn list_live_relays(db: &Db, except: &str) -> Result<Vec<(UserId, Stri
     })
 }
 
-/// A user's authorizations, newest first, revoked ones included.
+/// Revoked authorizations a user's list shows, the newest.
+pub const LISTED_REVOKED: i64 = 100;
+
+/// A user's authorizations, newest first: every live one, and the newest
+/// [`LISTED_REVOKED`] revoked ones. Revoked rows are kept (their activity, what a reused code
+/// or token names), and an account may start a grant a minute: listed whole, a month of that
+/// was tens of thousands of rows and queries for each list.
 ///
 /// # Errors
 /// Database errors.
@@ -281,9 +287,16 @@ pub async fn list_for_user(db: &Db, user: &UserId) -> Result<Vec<AuthorizationRo
         let sql = concat!(
             "SELECT ",
             columns!(),
-            " FROM authorizations WHERE user_id = $1 ORDER BY created_at DESC, id"
+            " FROM authorizations WHERE user_id = $1 AND (revoked_at IS NULL OR id IN (\
+               SELECT id FROM authorizations WHERE user_id = $1 AND revoked_at IS NOT NULL \
+               ORDER BY created_at DESC, id LIMIT $2)) \
+             ORDER BY created_at DESC, id"
         );
-        Ok(sqlx::query_as(sql).bind(user).fetch_all(pool).await?)
+        Ok(sqlx::query_as(sql)
+            .bind(user)
+            .bind(LISTED_REVOKED)
+            .fetch_all(pool)
+            .await?)
     })
 }
 

@@ -313,6 +313,51 @@ fn exports_and_password_changes_are_bounded_per_account(engine: Engine) {
     server.stop();
 }
 
+/// Revoked grants are kept (their record, what a reused code or token names), and an account
+/// may start a grant a minute: listed whole, a month of that was tens of thousands of rows,
+/// each with its own queries, on every list and dashboard view. The list holds every live
+/// grant and the newest 100 revoked ones.
+#[test]
+fn the_list_of_grants_holds_the_live_ones_and_the_newest_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "history@example.com", None);
+    let live = grant(&server, &cookie, "policy:social");
+    let old = grant(&server, &cookie, "policy:social");
+    let old_id = old["authorization_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        delete(&server, &format!("/api/user/authorizations/{old_id}"), &cookie).status,
+        204
+    );
+    // 150 more revoked grants, as a month of grant-and-revoke would leave (copies of the
+    // revoked one, each with its own id and bunker key, newer than it).
+    harness::sqlite_exec(
+        &server.data_dir.join("keycast.db"),
+        &format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 150) \
+             INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
+               bunker_secret_encrypted, connect_secret_hash, relays, created_at, revoked_at) \
+             SELECT lower(hex(randomblob(16))), user_id, policy_id, client_id, redirect_origin, \
+               lower(hex(randomblob(32))), bunker_secret_encrypted, connect_secret_hash, relays, \
+               created_at + i, revoked_at FROM authorizations, n WHERE id = '{old_id}'"
+        ),
+    );
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let listed = listed["authorizations"].as_array().unwrap();
+    let revoked = listed.iter().filter(|a| !a["revoked_at"].is_null()).count();
+    assert_eq!(revoked, keycast_db::authz::LISTED_REVOKED as usize);
+    assert!(
+        listed.iter().any(|a| a["id"] == live["authorization_id"]),
+        "every live grant is listed"
+    );
+    assert!(
+        !listed.iter().any(|a| a["id"] == old_id.as_str()),
+        "the oldest revoked one is not"
+    );
+    assert_eq!(get(&server, "/dashboard", Some(&cookie)).status, 200);
+    server.stop();
+}
+
 on_both_engines!(
     one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate,
     an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies,
