@@ -108,13 +108,21 @@ impl From<AuthError> for OAuthError {
     }
 }
 
-/// The account whose authorization `token` (a refresh token, spent or not) belongs to, if it
-/// is known: what a refresh is counted against before it is made.
+/// The authorization a live, unspent refresh token belongs to: what a refresh is counted
+/// against before it is made. A dead token (spent, expired, revoked) counts against nothing:
+/// it is refused without storing anything.
 ///
 /// # Errors
 /// Storage errors.
-pub async fn owner_of(db: &keycast_db::Db, token: &str) -> Result<Option<keycast_db::UserId>, keycast_db::RepoError> {
-    Ok(refresh_repo::find(db, &hash_token(token)).await?.map(|row| row.user_id))
+pub async fn grant_of(
+    db: &keycast_db::Db,
+    token: &str,
+    now: i64,
+) -> Result<Option<keycast_db::AuthorizationId>, keycast_db::RepoError> {
+    Ok(refresh_repo::find(db, &hash_token(token))
+        .await?
+        .filter(|row| row.used_at.is_none() && row.revoked_at.is_none() && row.expires_at > now)
+        .map(|row| row.authorization_id))
 }
 
 /// Spends a refresh token for a new pair (see the module doc). Commits: the caller should

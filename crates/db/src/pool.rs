@@ -162,6 +162,17 @@ pub fn redact_url(text: &str) -> String {
     let Ok(mut url) = url::Url::parse(text) else {
         return redact_unparsed(text);
     };
+    // A password starting with digits and `/` (a port and a path), or with `/`, `?` or `#`,
+    // parses — with the credentials in the path, query or fragment. No user, but an `@`
+    // after the host: masked as text (an `@` only in a query is then masked whole).
+    let hides_credentials = |part: Option<&str>| part.is_some_and(|p| p.contains('@'));
+    if url.username().is_empty()
+        && [Some(url.path()), url.query(), url.fragment()]
+            .into_iter()
+            .any(hides_credentials)
+    {
+        return redact_unparsed(text);
+    }
     if url.password().is_some() {
         let _ = url.set_password(Some("***"));
     }
@@ -647,6 +658,10 @@ mod tests {
             "postgres://keycast:Xy/9q@db/keycast",
             "postgres://keycast:ab?cd@db/keycast",
             "postgres://keycast:a#9q@db/keycast",
+            "postgres://keycast:123/9q@db/keycast",
+            "postgres://keycast:/9q@db/keycast",
+            "postgres://keycast:#9q@db/keycast",
+            "postgres://keycast:?9q@db/keycast",
         ] {
             let shown = redact_url(leaky);
             assert!(!shown.contains("9q") && !shown.contains("cd@"), "{shown}");

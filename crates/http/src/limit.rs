@@ -105,11 +105,12 @@ pub const NOTICED_CHANGES_PER_ACCOUNT: Rate = Rate {
     refill: Duration::from_secs(360),
 };
 
-/// Token refreshes per account, across its apps: 100 at once, then one every 30 s — an
-/// account at its cap of live grants, each refreshing hourly as access tokens expire, fits.
-pub const REFRESHES_PER_ACCOUNT: Rate = Rate {
-    burst: 100,
-    refill: Duration::from_secs(30),
+/// Token refreshes per grant: 5 at once, then one every 5 minutes — an app refreshing as its
+/// access token (an hour) expires, or after a restart, fits; a pair stored per refresh stays
+/// a month.
+pub const REFRESHES_PER_GRANT: Rate = Rate {
+    burst: 5,
+    refill: Duration::from_secs(300),
 };
 
 /// New custom policies per account: 30 then one a minute.

@@ -442,14 +442,17 @@ async fn refresh(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFai
     let (db, services) = state.api()?;
     // Each refresh stores a token pair, and spent refresh tokens are kept for reuse detection
     // (`housekeeping::SPENT_REFRESH_MEMORY_SECS`): an app refreshing in a loop grew the database
-    // by a pair a request.
-    if let Some(user) = keycast_core::refresh::owner_of(db, &p.refresh_token)
+    // by a pair a request. Counted per grant: one app cannot hold up the account's others.
+    if let Some(grant) = keycast_core::refresh::grant_of(db, &p.refresh_token, now_unix())
         .await
         .map_err(AppError::from)?
     {
         state
             .limits()
-            .check(&format!("refresh:{user}"), crate::limit::REFRESHES_PER_ACCOUNT)
+            .check(
+                &format!("refresh:{}", grant.as_str()),
+                crate::limit::REFRESHES_PER_GRANT,
+            )
             .await?;
     }
     state.ensure_writable().await?;

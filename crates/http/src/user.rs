@@ -350,8 +350,9 @@ pub(crate) async fn set_password(
     let new = Secret::new(new);
     // Bad input costs no argon2 work and no backoff step.
     keycast_core::password::validate_new_password(&new)?;
-    noticed_change(state, session).await?;
     let proof = reauthenticate(state, ip, &session.user, current).await?;
+    // After the password: a stolen session alone cannot spend the owner's budget.
+    noticed_change(state, session).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let (ended, fresh) =
@@ -452,8 +453,8 @@ async fn export(
         }
         _ => return Err(AppError::BadRequest("format must be nsec or ncryptsec".into())),
     };
-    noticed_change(&state, &session).await?;
     let proof = reauthenticate(&state, &ip, &session.user, body.password).await?;
+    noticed_change(&state, &session).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let key = account_security::export_key(

@@ -227,7 +227,11 @@ pub async fn run(
         .as_ref()
         .map(Replicator::monitor)
         .filter(|m| !accepts_writes(m))
-        .map(|m| m.status().handing_over_to.unwrap_or_else(|| "another instance".into()));
+        .map(|m| m.status())
+        .map(|status| match status.handing_over_to {
+            Some(to) if !status.fenced => Ended::Displaced(to),
+            _ => Ended::Fenced,
+        });
     if displaced.is_none() {
         state.set_services(running.services.clone());
         state.set_db(running.db.clone());
@@ -235,6 +239,8 @@ pub async fn run(
     }
     match (&config.database, running.keyring.previous_id()) {
         (_, None) => {}
+        // Stopping at once: nothing to rotate.
+        (_, Some(_)) if displaced.is_some() => {}
         // One instance writes a SQLite database: it may rotate while it serves.
         (Database::Sqlite { .. }, Some(_)) => {
             tracing::info!("KEYCAST_MASTER_KEY_PREVIOUS is set: re-encrypting every stored key under the current master key in the background");
@@ -260,7 +266,7 @@ pub async fn run(
         }
     };
     let ended = match displaced {
-        Some(to) => Some(Ended::Displaced(to)),
+        Some(ended) => Some(ended),
         None => tokio::select! {
             () = &mut shutdown => None,
             () = fenced => Some(Ended::Fenced),
@@ -878,9 +884,10 @@ pub async fn shutdown_signal() {
 /// As for start-up.
 pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
     if let (Database::Sqlite { path, .. }, Some(replica)) = (&config.database, &config.replica) {
-        // A new empty file here would be a database the replica knows nothing of, which
-        // `serve` then refuses to start on (and anything written to it never ships).
-        if !path.exists() {
+        // A new empty file beside a replica with data would be a database the replica knows
+        // nothing of, which `serve` then refuses to start on (and anything written to it never
+        // ships). Beside an empty replica, `serve` adopts it: that is a first start.
+        if !path.exists() && crate::replication::open_store(replica)?.max_txid().await? > 0 {
             anyhow::bail!(
                 "there is no database at {} and KEYCAST_REPLICA_URL ({}) is set: `keycast serve` restores it from the replica before anything else may use it; run this where keycast serves, or `keycast restore` the replica here first",
                 path.display(),

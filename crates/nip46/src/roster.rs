@@ -89,7 +89,10 @@ impl Roster {
                 let admitted =
                     roster.on_relay.contains_key(&relay) || (row.live && roster.on_relay.len() < max_app_relays);
                 if !admitted {
-                    left_out.insert(relay);
+                    // Only a live grant's relay is left out by the cap.
+                    if row.live {
+                        left_out.insert(relay);
+                    }
                     continue;
                 }
                 roster.on_relay.entry(relay.clone()).or_default().push(row.bunker);
@@ -247,8 +250,8 @@ mod tests {
         assert_eq!(admitted, [&relay(1), &relay(2)]);
         assert_eq!(
             roster.left_out(),
-            2,
-            "relays 3 and 9 (a revoked grant's: never admitted)"
+            1,
+            "relay 3 (9 is a revoked grant's: never admitted, not over the cap)"
         );
         assert_eq!(roster.entry(&ka).unwrap().relays, [relay(1), relay(2)]);
         assert_eq!(

@@ -484,6 +484,11 @@ impl Lease {
         self.txid = Some(self.txid.map_or(txid, |t| t.max(txid)));
     }
 
+    /// Whether this holder marked itself serving (see [`Lease::mark_serving`]).
+    pub fn is_serving(&self) -> bool {
+        self.serving
+    }
+
     /// Marks the lease as held by an instance that finished starting, renewing it: from now on
     /// the instance that handed over to this one never takes it back.
     ///

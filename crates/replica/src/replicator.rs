@@ -239,8 +239,8 @@ struct LeaseView {
     /// [`Lease::valid_until`].
     valid_until: Instant,
     /// The same moment by the wall clock (ms since the epoch). The monotonic clock stops
-    /// while a VM or process is suspended; the wall clock does not, and the lease runs out by
-    /// it for everyone else.
+    /// while a VM is suspended; the wall clock does not, and the lease runs out by it for
+    /// everyone else.
     valid_until_ms: i64,
     /// [`Lease::renewal_due_at`].
     renewal_due_at: Instant,
@@ -444,7 +444,10 @@ impl Replicator {
             self.shared.begin_handover(&by);
         }
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.shared.lease_confirmed();
+                Ok(())
+            }
             Err(LeaseError::Lost { by }) => Err(self.shared.lost(by)),
             Err(e) => Err(e.into()),
         }
@@ -559,7 +562,9 @@ impl Monitor {
         if let Some(refused) = self.0.refusal() {
             return Err(refused);
         }
-        if !self.0.leased || !self.0.renewal_due() {
+        // Not due by the monotonic clock and valid by the wall clock too: a VM suspended in
+        // the first half of the lease resumes with its monotonic clock where it stopped.
+        if !self.0.leased || (!self.0.renewal_due() && self.0.lease_trusted()) {
             return Ok(());
         }
         // One renewal at a time runs in the background (never cancelled half way); a write

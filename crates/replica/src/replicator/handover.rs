@@ -150,7 +150,10 @@ impl Shared {
         let result = held.check().await;
         self.note_lease(held);
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.lease_confirmed();
+                Ok(())
+            }
             Err(LeaseError::HandoverRequested { by }) => {
                 self.begin_handover(&by);
                 Ok(())
@@ -167,11 +170,14 @@ impl Shared {
     }
 }
 
-/// While the worker is busy (a round, a hand-over, the final sync): renews the lease when
-/// due, so a slow upload, compaction or verification cannot let it lapse under a live
-/// instance, and otherwise reads it once per check interval to notice a hand-over request
-/// within about a second while writes go on ([`Lease::keep`]). While idle it does nothing,
-/// so an idle instance makes no requests.
+/// While the worker is busy (a round, a hand-over, the final sync), while the instance has
+/// not yet started serving, and while the lease could not be confirmed: renews the lease when
+/// due, so a slow upload, compaction, verification or start-up cannot let it lapse under a
+/// live instance (a start-up's lapsed lease was taken back by the instance it came from), and
+/// a store that failed a renewal is asked again until it answers; otherwise reads it once per
+/// check interval to notice a hand-over request within about a second while writes go on
+/// ([`Lease::keep`]). While idle and serving it does nothing, so an idle instance makes no
+/// requests.
 pub(super) async fn keep_lease_while_busy(shared: Arc<Shared>) {
     let look = match shared.lease.lock().await.as_ref() {
         Some(lease) => (lease.options().ttl / 10).min(lease.options().check_interval),
@@ -179,13 +185,14 @@ pub(super) async fn keep_lease_while_busy(shared: Arc<Shared>) {
     };
     loop {
         tokio::time::sleep(look).await;
-        if shared.busy.load(Ordering::SeqCst) == 0 {
-            continue;
-        }
+        let failing = shared.lease_failing.lock().expect("lease failing").is_some();
         let mut lease = shared.lease.lock().await;
         let Some(held) = lease.as_mut() else {
             continue;
         };
+        if shared.busy.load(Ordering::SeqCst) == 0 && held.is_serving() && !failing {
+            continue;
+        }
         let result = held.keep().await;
         shared.note_lease(held);
         match result {
@@ -362,6 +369,7 @@ impl Worker {
         self.writer = super::worker::next_writer(self.writer);
         self.shared.note_lease(&lease);
         *self.shared.lease.lock().await = Some(lease);
+        self.shared.lease_confirmed();
         {
             let mut status = self.shared.status.lock().expect("status lock");
             status.handing_over_to = None;
