@@ -144,6 +144,30 @@ pub async fn sqlite_to_postgres(source: &Db, target: &Db) -> Result<Vec<TableRep
     Ok(reports)
 }
 
+/// Tables of `target` (PostgreSQL, its current schema) that `source` (SQLite) does not have:
+/// in a database keycast did not make, another application's, sorted. Read before anything is
+/// created in the target.
+///
+/// # Errors
+/// [`CopyError::Engines`]; database errors.
+pub async fn foreign_tables(source: &Db, target: &Db) -> Result<Vec<String>, CopyError> {
+    let (Engine::Sqlite(lite), Engine::Postgres(pg)) = (source.engine(), target.engine()) else {
+        return Err(CopyError::Engines);
+    };
+    let ours: BTreeSet<String> = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .fetch_all(lite)
+        .await?
+        .into_iter()
+        .collect();
+    let theirs: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(table_name AS TEXT) FROM information_schema.tables \
+         WHERE table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .fetch_all(pg)
+    .await?;
+    Ok(theirs.into_iter().filter(|t| !ours.contains(t)).collect())
+}
+
 fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
 }

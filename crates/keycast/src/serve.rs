@@ -940,7 +940,29 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
     }
     let source = Db::open_sqlite(&sqlite_options(config, path)).await?;
     let target_options = keycast_db::PgOptions::new(to);
-    let target = Db::open_postgres(&target_options).await.context("--to")?;
+    // Looked at before anything is created there: a database with tables keycast does not
+    // make is another application's (a wrong --to), and keycast's schema is not written in.
+    let target = Db::connect_postgres(&target_options).await.context("--to")?;
+    let foreign = keycast_db::copy::foreign_tables(&source, &target).await;
+    let foreign = match foreign {
+        Ok(foreign) if foreign.is_empty() => Ok(()),
+        Ok(foreign) => Err(anyhow::anyhow!(
+            "--to {}: the database holds tables keycast does not make ({}); it is not an empty database for keycast, and nothing was written to it",
+            target_options.describe(),
+            foreign.join(", ")
+        )),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = foreign {
+        source.close().await;
+        target.close().await;
+        return Err(e);
+    }
+    if let Err(e) = keycast_db::migrate::run(&target).await {
+        source.close().await;
+        target.close().await;
+        return Err(anyhow::Error::new(e).context("--to"));
+    }
     let copied = keycast_db::copy::sqlite_to_postgres(&source, &target).await;
     source.close().await;
     target.close().await;

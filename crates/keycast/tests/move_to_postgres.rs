@@ -64,6 +64,25 @@ fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_work
         )
     };
 
+    // A --to naming another application's database: refused before anything is created in
+    // it. (Before, keycast's tables were created there, and the copy committed beside them.)
+    let theirs = PgDatabase::create("theirs");
+    theirs.query("CREATE TABLE invoices (id integer)");
+    let refused = keycast_cli(
+        &["migrate", "--to", &theirs.url],
+        &[
+            ("DATABASE_URL", sqlite_url.as_str()),
+            ("KEYCAST_MASTER_KEY", TEST_MASTER_KEY),
+        ],
+    );
+    assert!(!refused.status.success(), "{}", refused.stdout);
+    assert!(refused.stderr.contains("invoices"), "{}", refused.stderr);
+    assert_eq!(
+        theirs.query("SELECT count(*) FROM information_schema.tables WHERE table_name = 'users'"),
+        "0",
+        "nothing created in it"
+    );
+
     // A copy that fails half-way (here: the server refuses access tokens) keeps nothing.
     keycast_cli(&["migrate"], &[("DATABASE_URL", database.url.as_str())]).assert_success("migrating the target");
     database.query(
