@@ -512,8 +512,22 @@ async fn store_create(
     timestamp_ms: i64,
 ) -> Result<LtxObject, ReplicaError> {
     let prepared = store.prepare_ltx(level, min, max, body, timestamp_ms)?;
+    let file = prepared.described();
     match store.put_prepared(&prepared).await? {
-        PutOutcome::Created | PutOutcome::AlreadyExists => Ok(prepared.described()),
+        PutOutcome::Created => Ok(file),
+        // Another compactor's output of the same range (a paused writer's) holds the same
+        // pages — if it is whole. Retention deletes the inputs once this file is noted, so it
+        // is read through first: a broken one (an interrupted copy) stops the compaction, and
+        // the inputs stay.
+        PutOutcome::AlreadyExists => match crate::verify::check_object(store, &file).await {
+            Ok(_) => Ok(file),
+            Err(e) => Err(replica_error(RestoreError::Mismatch {
+                key: file.key.to_string(),
+                reason: format!(
+                    "an object already at this compaction's key does not read whole ({e}); its inputs are kept"
+                ),
+            })),
+        },
     }
 }
 
@@ -790,6 +804,32 @@ mod tests {
         assert_eq!(compact_level(&store, 2, u64::MAX, &tmp).await.unwrap(), Some((1, 30)));
         let newest = pages_of(&store, 2).await.pop().unwrap();
         assert_eq!(newest, (1, 30, vec![(1, 30)]));
+    }
+
+    /// An object already at a compaction's key was taken for the compaction's own output, and
+    /// retention then deleted the inputs: a broken one (an interrupted copy) left a hole no
+    /// restore could cross. It is read through first now; a broken one stops the compaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_object_already_at_a_compactions_key_keeps_the_inputs() {
+        let store = Store::in_memory();
+        for txid in 1..=3 {
+            put(&store, 0, txid, file(txid, 1, &[(1, txid as u8)])).await;
+        }
+        // It lands while the compaction reads its inputs (after it listed the level).
+        use crate::faults::{Action, Faults, Gate, Op, Rule};
+        let (faults, gate) = (Faults::new(), Gate::new());
+        faults.add(Rule::new(Op::Get, Action::Hold(gate.clone())).times(1));
+        let faulty = store.reopen().with_faults(&faults);
+        let compaction = tokio::spawn(async move { compact_level(&faulty, 1, u64::MAX, &std::env::temp_dir()).await });
+        gate.reached().await;
+        let whole = file(1, 1, &[(1, 1)]);
+        let broken = Bytes::from(whole[..whole.len() - 8].to_vec());
+        let stored = store.put_ltx(1, 1, 3, broken, 0).await.unwrap();
+        assert!(matches!(stored, PutOutcome::Created));
+        gate.open();
+        let err = compaction.await.unwrap();
+        assert!(err.is_err(), "{err:?}");
+        assert_eq!(ranges(&store, 0).await, vec![(1, 1), (2, 2), (3, 3)]);
     }
 
     #[tokio::test]

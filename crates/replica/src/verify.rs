@@ -197,7 +197,7 @@ pub async fn verify_replica(store: &Store, scratch: &Path) -> Result<Verified, V
 const CHECK_CONCURRENCY: usize = 8;
 
 /// Reads `object` piece by piece and checks it decodes (CRC included); returns its size.
-async fn check_object(store: &Store, object: &crate::store::LtxObject) -> Result<u64, VerifyError> {
+pub(crate) async fn check_object(store: &Store, object: &crate::store::LtxObject) -> Result<u64, VerifyError> {
     let corrupt = |source| VerifyError::Corrupt {
         key: object.key.to_string(),
         source,
