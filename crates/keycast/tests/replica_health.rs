@@ -21,6 +21,21 @@ fn post(url: &str) -> (u16, String) {
     }
 }
 
+/// Polls `/healthz/ready` (running `between` after each 200) until it answers 503 within
+/// `timeout`; returns the reason it gave.
+fn not_ready_within(server: &harness::Keycast, timeout: Duration, mut between: impl FnMut()) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = server.get_json("/healthz/ready");
+        if status == 503 {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "readiness never turned 503: {body}");
+        between();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn failing_uploads_turn_readiness_503_and_refuse_durable_writes_until_repaired() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,18 +63,7 @@ fn failing_uploads_turn_readiness_503_and_refuse_durable_writes_until_repaired()
         "{body}"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let reason = loop {
-        let (status, body) = server.get_json("/healthz/ready");
-        if status == 503 {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "readiness never reported the failing replica"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let reason = not_ready_within(&server, Duration::from_secs(10), || {});
     assert!(
         reason["message"]
             .as_str()
@@ -191,20 +195,10 @@ fn a_writer_that_cannot_confirm_its_lease_says_so_in_readiness_and_metrics() {
     let (status, body) = write("during");
     assert_eq!(status, 503, "{body}");
 
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let reason = loop {
-        let (status, body) = server.get_json("/healthz/ready");
-        if status == 503 {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "readiness never said the lease is unconfirmed: {body}"
-        );
-        // Each refused write is one more failed renewal.
+    // Each refused write is one more failed renewal.
+    let reason = not_ready_within(&server, Duration::from_secs(15), || {
         write("again");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    });
     assert!(reason["message"].as_str().unwrap().contains("lease"), "{reason}");
     let metrics = server.get("/metrics").1;
     assert_eq!(
