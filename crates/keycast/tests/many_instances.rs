@@ -85,6 +85,50 @@ fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() 
     }
 }
 
+/// A request that is still arriving at `server` when it is told to stop: its headers and the
+/// first bytes of `body` are sent, then SIGTERM, and the rest only once the instance has left
+/// the others ([`Arriving::finish`]).
+struct Arriving {
+    raw: std::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+fn arriving_while_it_leaves(server: &Keycast, path: &str, headers: &str, body: &str) -> Arriving {
+    use std::io::Write;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut raw = std::net::TcpStream::connect(&address).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        raw,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\n{headers}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    raw.write_all(&body.as_bytes()[..10]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("left the instances") {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Arriving {
+        raw,
+        rest: body.as_bytes()[10..].to_vec(),
+    }
+}
+
+impl Arriving {
+    /// Sends the rest of the body; the whole answer.
+    fn finish(mut self) -> String {
+        use std::io::{Read, Write};
+        self.raw.write_all(&self.rest).unwrap();
+        let mut answer = String::new();
+        let _ = self.raw.read_to_string(&mut answer);
+        answer
+    }
+}
+
 /// SIGTERM on one instance while a signing request is still arriving; the instance leaves the
 /// others at once (they take its bunkers and stop waiting for its acknowledgements), then
 /// finishes the request. A revocation made elsewhere in between is answered without waiting
@@ -93,7 +137,6 @@ fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() 
 /// a slow body, longer than that after its last one).
 #[test]
 fn an_instance_finishing_its_requests_after_leaving_obeys_a_revocation_made_elsewhere() {
-    use std::io::{Read, Write};
     let Some((_dir, mut servers)) = instances(2) else {
         return;
     };
@@ -102,32 +145,19 @@ fn an_instance_finishing_its_requests_after_leaving_obeys_a_revocation_made_else
     for server in &servers {
         assert_eq!(sign(server, &token).status, 200);
     }
-    // Half a signing request to the instance about to stop.
+    // A signing request arriving at the instance about to stop.
     let body = json!({"method": "sign_event", "params": [{"kind": 1, "content": "late"}]}).to_string();
-    let address = servers[1].base.trim_start_matches("http://").to_owned();
-    let mut raw = std::net::TcpStream::connect(&address).unwrap();
-    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        raw,
-        "POST /api/nostr HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    raw.write_all(&body.as_bytes()[..10]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    servers[1].signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !servers[1].log().contains("left the instances") {
-        assert!(Instant::now() < deadline, "{}", servers[1].log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let arriving = arriving_while_it_leaves(
+        &servers[1],
+        "/api/nostr",
+        &format!("Authorization: Bearer {token}\r\nContent-Type: application/json"),
+        &body,
+    );
     let list = get(&servers[0], "/api/user/authorizations", Some(&cookie)).json();
     let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
     let revoked = delete(&servers[0], &format!("/api/user/authorizations/{id}"), &cookie);
     assert_eq!(revoked.status, 204, "{}", revoked.body);
-    raw.write_all(&body.as_bytes()[10..]).unwrap();
-    let mut answer = String::new();
-    let _ = raw.read_to_string(&mut answer);
+    let answer = arriving.finish();
     assert!(
         answer.starts_with("HTTP/1.1 401"),
         "the stopping instance signed with a grant revoked elsewhere: {answer}"
@@ -141,7 +171,6 @@ fn an_instance_finishing_its_requests_after_leaving_obeys_a_revocation_made_else
 /// and the others signed with the token for their cache's lifetime (an hour here).
 #[test]
 fn a_change_made_by_an_instance_finishing_its_requests_after_leaving_is_announced() {
-    use std::io::{Read, Write};
     let Some((_dir, mut servers)) = instances(2) else {
         return;
     };
@@ -151,26 +180,13 @@ fn a_change_made_by_an_instance_finishing_its_requests_after_leaving_is_announce
         assert_eq!(sign(server, &token).status, 200);
     }
     let body = form(&[("token", token.as_str()), ("token_type_hint", "access_token")]);
-    let address = servers[1].base.trim_start_matches("http://").to_owned();
-    let mut raw = std::net::TcpStream::connect(&address).unwrap();
-    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        raw,
-        "POST /api/oauth/revoke HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    raw.write_all(&body.as_bytes()[..10]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    servers[1].signal(libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !servers[1].log().contains("left the instances") {
-        assert!(Instant::now() < deadline, "{}", servers[1].log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    raw.write_all(&body.as_bytes()[10..]).unwrap();
-    let mut answer = String::new();
-    let _ = raw.read_to_string(&mut answer);
+    let arriving = arriving_while_it_leaves(
+        &servers[1],
+        "/api/oauth/revoke",
+        "Content-Type: application/x-www-form-urlencoded",
+        &body,
+    );
+    let answer = arriving.finish();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let r = sign(&servers[0], &token);
     assert_eq!(
