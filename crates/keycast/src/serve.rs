@@ -790,13 +790,21 @@ async fn shut_down(
     if let Some(rotation) = &running.rotation {
         rotation.abort();
     }
-    // The lease is confirmed first (renewed if due, at most 2 s): an idle instance whose lease
+    // The lease is confirmed first (renewed if due, within the drain deadline): an idle instance whose lease
     // lapsed and was taken (a deploy's newcomer waits that out when nobody writes here) learns
     // it now and steps aside. Before, it wrote its last rows, found at the final sync that
     // they could never ship, and was fenced: an exit as if writes had been lost, and a page.
     let writable = match &running.replicator {
         None => true,
-        Some(r) => accepts_writes(&r.monitor()) && r.monitor().check_writable().await.is_ok(),
+        Some(r) => {
+            let monitor = r.monitor();
+            let by = drain_until.max(Instant::now() + reserve / 4);
+            accepts_writes(&monitor)
+                && matches!(
+                    tokio::time::timeout_at(by.into(), monitor.check_writable()).await,
+                    Ok(Ok(()))
+                )
+        }
     };
     if !writable {
         // Handed over, superseded, fenced or unconfirmed: no commit made now would ship.
