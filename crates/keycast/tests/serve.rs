@@ -278,3 +278,29 @@ fn a_silent_relay_does_not_hold_up_shutdown() {
     );
     assert!(log.contains("released the replica lease"), "{log}");
 }
+
+/// A newcomer gives up after KEYCAST_REPLICA_LEASE_WAIT_SECS, and an idle holder never sees its
+/// request: a wait not longer than the lease (and its margin) makes every deploy onto an idle
+/// instance fail. keycast says so at start.
+#[test]
+fn a_lease_wait_shorter_than_the_lease_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = Launch::new(&dir.path().join("a"))
+        .redeployable(&dir.path().join("replica-a"))
+        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
+        .env("KEYCAST_REPLICA_LEASE_WAIT_SECS", "30")
+        .start();
+    let log = short.stop();
+    assert!(
+        log.contains("KEYCAST_REPLICA_LEASE_WAIT_SECS is not longer than"),
+        "{log}"
+    );
+    let default = Launch::new(&dir.path().join("b"))
+        .redeployable(&dir.path().join("replica-b"))
+        .start();
+    let log = default.stop();
+    assert!(
+        !log.contains("KEYCAST_REPLICA_LEASE_WAIT_SECS is not longer than"),
+        "{log}"
+    );
+}
