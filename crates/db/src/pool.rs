@@ -443,12 +443,64 @@ impl Db {
 /// so that a failover costs no request: a Cloud SQL maintenance restart or a proxy closes every
 /// connection at once, and sqlx replaces a dead connection before any statement is sent on it,
 /// where each connection of the pool would otherwise fail one request with a 500 first.
+///
+/// That question is bounded by [`PG_CHECK_WITHIN`], and a connection that comes back gets
+/// [`PG_RELEASE_WITHIN`] to answer a ping (a statement cut off by a timeout included): a
+/// connection that a NAT, a proxy or a failover dropped without a word never
+/// answers and never fails (sqlx sets no TCP keepalive), and without the bounds it failed the
+/// acquire that drew it (idle), or held its pool slot for as long as the kernel took to give
+/// up on it, for good in the one-connection pools of the heartbeat and the change notices.
 fn pg_pool_options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
         .test_before_acquire(false)
-        .before_acquire(|conn, _meta| Box::pin(async move { Ok(!pg_left_in_a_transaction(conn).await?) }))
+        .before_acquire(|conn, _meta| {
+            Box::pin(async move { Ok(!answered_within(PG_CHECK_WITHIN, pg_left_in_a_transaction(conn)).await?) })
+        })
+        .after_release(|conn, _meta| {
+            Box::pin(async move {
+                use sqlx::Connection as _;
+                // sqlx pings every connection that comes back, without a bound, right after
+                // this: one that died since its last statement held its slot for good. Pinged
+                // here first, bounded (one more round trip per release, off the request's
+                // path: the release runs in a task of its own).
+                answered_within(PG_RELEASE_WITHIN, conn.ping()).await.map(|()| true)
+            })
+        })
+}
+
+/// How long an idle pooled PostgreSQL connection has to answer its check before it is taken
+/// for dead and closed (a healthy server answers in a millisecond; the pool replaces the
+/// connection with a new one).
+pub const PG_CHECK_WITHIN: Duration = Duration::from_secs(1);
+
+/// How long a connection coming back to the pool has to answer a ping, a statement cut off
+/// by a timeout included, before it is closed: a healthy server finishes a slow statement, a
+/// dropped connection never answers. Shorter than the acquire timeout, so that a request
+/// waiting for that slot gets a new connection instead (a statement still running on the
+/// server then finishes there by itself).
+pub const PG_RELEASE_WITHIN: Duration = Duration::from_secs(2);
+
+/// `check`, failed as a dead connection's if it has no answer `within`.
+async fn answered_within<T>(
+    within: Duration,
+    check: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(within, check).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            metrics::counter!("keycast_database_connections_discarded_total").increment(1);
+            tracing::warn!(
+                within_ms = within.as_millis() as u64,
+                "a pooled database connection did not answer its check in time (dropped by the network?); closing it"
+            );
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer to the connection check",
+            )))
+        }
+    }
 }
 
 /// Whether an idle pooled PostgreSQL connection is inside a transaction sqlx does not count.
@@ -624,6 +676,125 @@ mod tests {
             .unwrap();
         assert_eq!(kept.as_deref(), Some("kept"), "a write answered as done was committed");
         db.close().await;
+    }
+
+    /// A NAT, a proxy or a failover that forgets a connection leaves it silent: no answer,
+    /// no error, ever. Before the pool's checks were bounded, its one connection so dropped
+    /// made every later statement fail: the idle connection's check failed each acquire that
+    /// drew it, and a statement cut off on it (a request's timeout) kept its slot for good
+    /// while sqlx waited on its ping.
+    #[tokio::test]
+    async fn a_postgres_pool_replaces_connections_the_network_silently_dropped() {
+        let Some(server) = crate::scratch::test_server() else {
+            return;
+        };
+        let scratch = crate::scratch::create_database(&server, "forgotten").await.unwrap();
+        let upstream = url::Url::parse(&scratch.url).unwrap();
+        let upstream_at = format!("{}:{}", upstream.host_str().unwrap(), upstream.port().unwrap());
+        let link = ForgetfulLink::start(upstream_at.clone()).await;
+        let options = PgOptions {
+            max_connections: 1,
+            ..PgOptions::new(scratch.url.replace(&upstream_at, &format!("127.0.0.1:{}", link.port)))
+        };
+        let db = Db::open_postgres(&options).await.unwrap();
+        let pool = db.as_postgres().unwrap();
+
+        link.forget();
+        let started = std::time::Instant::now();
+        sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .expect("a new connection in place of the idle one the network dropped");
+        assert!(
+            started.elapsed() < PG_RELEASE_WITHIN + Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let cut_off = tokio::time::timeout(Duration::from_millis(600), async {
+            let sleeping = sqlx::query("SELECT pg_sleep(5)").execute(pool);
+            let forget = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                link.forget();
+                std::future::pending::<()>().await
+            };
+            tokio::select! { _ = sleeping => {}, () = forget => {} }
+        })
+        .await;
+        assert!(cut_off.is_err(), "the statement was meant to be cut off");
+        let started = std::time::Instant::now();
+        sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .expect("a new connection in place of the one cut off while the network dropped it");
+        assert!(
+            started.elapsed() < PG_RELEASE_WITHIN + Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        db.close().await;
+    }
+
+    /// A loopback relay to one address whose connections so far can all go silent at once
+    /// ([`ForgetfulLink::forget`]: no close, no reset) while new ones carry bytes.
+    struct ForgetfulLink {
+        port: u16,
+        silenced: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    }
+
+    impl ForgetfulLink {
+        async fn start(upstream: String) -> ForgetfulLink {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let silenced = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let registry = silenced.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        continue;
+                    };
+                    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    registry.lock().unwrap().push(flag.clone());
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(Self::carry(client_read, server_write, flag.clone()));
+                    tokio::spawn(Self::carry(server_read, client_write, flag));
+                }
+            });
+            ForgetfulLink { port, silenced }
+        }
+
+        /// Copies bytes until either side closes, or never again once `silenced` is set
+        /// (holding both sockets open).
+        async fn carry(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            silenced: Arc<std::sync::atomic::AtomicBool>,
+        ) {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let read = tokio::time::timeout(Duration::from_millis(20), from.read(&mut buf)).await;
+                if silenced.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                match read {
+                    Err(_) => {}
+                    Ok(Ok(0) | Err(_)) => return,
+                    Ok(Ok(n)) => {
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+
+        fn forget(&self) {
+            for flag in self.silenced.lock().unwrap().iter() {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
     }
 
     #[test]
