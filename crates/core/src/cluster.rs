@@ -79,6 +79,31 @@ impl ClusterOptions {
             .min(self.sync_timeout / 3)
             .max(Duration::from_millis(100))
     }
+
+    /// The longest one statement of the cluster's own (a heartbeat, a notice, a claim) may
+    /// take, connecting included, before it is given up and retried: a connection the
+    /// network dropped without a word never answers and never fails, and an instance whose
+    /// heartbeat or notices waited on one for good dropped out of the live set, or announced
+    /// nothing again, while every probe said it was well. As long as the pool waits for a
+    /// connection (a slow connect on a loaded server is no dead connection), and at least a
+    /// TTL: a beat given up costs the instance a moment out of the live set, not its place.
+    fn statement_within(&self) -> Duration {
+        self.instance_ttl
+            .max(Duration::from_millis(keycast_db::pool::DEFAULT_ACQUIRE_TIMEOUT_MS))
+    }
+}
+
+/// `statement`, failed with a timeout error if it takes longer than `within`.
+async fn within<T>(
+    within: Duration,
+    statement: impl std::future::Future<Output = Result<T, keycast_db::RepoError>>,
+) -> Result<T, keycast_db::RepoError> {
+    tokio::time::timeout(within, statement).await.unwrap_or_else(|_| {
+        Err(keycast_db::RepoError::Busy(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} ms", within.as_millis()),
+        ))))
+    })
 }
 
 impl Default for ClusterOptions {
@@ -297,7 +322,11 @@ impl Cluster {
     /// to answer. A database failure answers true: a second answer is better than none.
     pub async fn claim(&self, event_id: &str) -> bool {
         let started = Instant::now();
-        let claimed = cluster_repo::claim(&self.db, event_id, &self.id).await;
+        let claimed = within(
+            self.options.statement_within(),
+            cluster_repo::claim(&self.db, event_id, &self.id),
+        )
+        .await;
         // The one database round trip of a NIP-46 request on PostgreSQL (BENCHMARKS.md).
         metrics::histogram!("keycast_nip46_claim_seconds").record(started.elapsed());
         match claimed {
@@ -394,7 +423,11 @@ impl Cluster {
             origin: self.id.clone(),
             sent_us: u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
         };
-        let live = cluster_repo::heartbeat(&self.beat_db, &self.id, ttl, &beat.encode()).await?;
+        let live = within(
+            self.options.statement_within(),
+            cluster_repo::heartbeat(&self.beat_db, &self.id, ttl, &beat.encode()),
+        )
+        .await?;
         let changed = {
             let mut current = self.live.write().unwrap_or_else(PoisonError::into_inner);
             let changed = **current != live;
@@ -432,8 +465,12 @@ impl Cluster {
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = Instant::now();
                 let before = i64::try_from(PURGE_AFTER.as_millis()).unwrap_or(i64::MAX);
-                let _ = cluster_repo::purge(&self.beat_db, before).await;
-                let _ = keycast_db::limits::purge(&self.beat_db, now_ms() - before).await;
+                // Beside the beats, not between them: a slow purge must not cost a beat.
+                let (db, bound) = (self.db.clone(), self.options.statement_within());
+                tokio::spawn(async move {
+                    let _ = within(bound, cluster_repo::purge(&db, before)).await;
+                    let _ = within(bound, keycast_db::limits::purge(&db, now_ms() - before)).await;
+                });
             }
         }
     }
@@ -453,7 +490,12 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
             }
             let mut wait = Duration::from_millis(50);
-            while let Err(err) = keycast_db::notify::notify(&self.publish_db, &message).await {
+            while let Err(err) = within(
+                self.options.statement_within(),
+                keycast_db::notify::notify(&self.publish_db, &message),
+            )
+            .await
+            {
                 tracing::warn!(error = %err, "cannot announce a change to the other instances; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
@@ -513,7 +555,12 @@ impl Cluster {
                     origin,
                     seq,
                 };
-                if let Err(err) = keycast_db::notify::notify(&self.db, &ack.encode()).await {
+                if let Err(err) = within(
+                    self.options.statement_within(),
+                    keycast_db::notify::notify(&self.db, &ack.encode()),
+                )
+                .await
+                {
                     tracing::warn!(error = %err, "cannot acknowledge another instance's change");
                 }
             }

@@ -104,6 +104,10 @@ pub enum Change {
 /// Changes buffered per subscriber; a subscriber that lags re-reads everything.
 const CHANGES_CAPACITY: usize = 1024;
 
+/// The longest one activity batch's write may take (a healthy one takes milliseconds; the
+/// busy timeout is 5 s) before it is given up and the batch put back.
+const ACTIVITY_WRITE_WITHIN: Duration = Duration::from_secs(30);
+
 /// Resolves credentials and executes requests. One per process, shared (`Arc`).
 #[derive(Debug)]
 pub struct Signer {
@@ -825,9 +829,20 @@ impl Signer {
             // The write runs in a task of its own: a flush cut off while it waits (shutdown
             // aborting the flusher, a hand-over's time limit) must not take the batch with it
             // — taken from the buffer, it exists nowhere else. The write goes on and lands.
+            // Bounded all the same: on a connection the network dropped without a word it
+            // would wait for good, and every later flush with it. A batch whose write timed
+            // out goes back and is written again (at least once: its first write may have
+            // landed, its answer lost).
             let db = self.activity_db.clone();
             let written = tokio::spawn(async move {
-                let inserted = activity_repo::insert_batch(&db, &batch).await;
+                let inserted = tokio::time::timeout(ACTIVITY_WRITE_WITHIN, activity_repo::insert_batch(&db, &batch))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RepoError::Busy(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no answer to the activity write in time",
+                        ))))
+                    });
                 (inserted, batch)
             })
             .await;

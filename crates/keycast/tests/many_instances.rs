@@ -933,17 +933,7 @@ fn an_instance_whose_notice_session_silently_died_stops_trusting_its_caches() {
         return;
     }
     let database = PgDatabase::create("deaf");
-    let host_port = database
-        .url
-        .split('@')
-        .nth(1)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
-    let link = SilentLink::start(host_port.clone());
-    let through_link = database.url.replace(&host_port, &format!("127.0.0.1:{}", link.port));
+    let (link, through_link) = link_to(&database);
     let dir = tempfile::tempdir().unwrap();
     let launch = |i: usize| {
         Launch::new(&dir.path().join(format!("data{i}")))
@@ -1012,6 +1002,102 @@ fn an_instance_whose_notice_session_silently_died_stops_trusting_its_caches() {
     // The heartbeats' notices keep a session that hears alive: the healthy instance, idle
     // well past the silence limit before the link froze and since, never took its for dead.
     assert!(!a.log().contains("taking it for dead"), "{}", a.log());
+}
+
+/// A relay to `database`'s server that can go silent, and the database's URL through it.
+fn link_to(database: &PgDatabase) -> (SilentLink, String) {
+    let host_port = database
+        .url
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let link = SilentLink::start(host_port.clone());
+    let through_link = database.url.replace(&host_port, &format!("127.0.0.1:{}", link.port));
+    (link, through_link)
+}
+
+/// A NAT, a proxy or a failover behind one address can forget every connection an instance
+/// has to PostgreSQL at once: each goes silent, with no close and no reset, while new
+/// connections work. The instance must carry on with new ones. Before, its heartbeat and its
+/// change notices each waited on their dead connection for good while every probe said it was
+/// well: it dropped out of the live set, its revocations never reached the other instance
+/// (which signed with the revoked token for its caches' hour), and a request that drew a dead
+/// pooled connection failed after the acquire timeout.
+#[test]
+fn an_instance_whose_database_connections_were_all_forgotten_carries_on_with_new_ones() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("forgotten");
+    let (link, through_link) = link_to(&database);
+    let dir = tempfile::tempdir().unwrap();
+    let launch = |i: usize| {
+        Launch::new(&dir.path().join(format!("data{i}")))
+            .postgres(&database)
+            .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+            .env("KEYCAST_CACHE_TTL_SECS", "3600")
+    };
+    let a = launch(0).env("DATABASE_URL", &through_link).start();
+    let b = launch(1).start();
+    let (cookie, _) = register(&a, "alice@example.com", None);
+    let token = access_token(&a, &cookie);
+    std::thread::sleep(Duration::from_secs(1));
+    for _ in 0..2 {
+        assert_eq!(sign(&b, &token).status, 200);
+    }
+
+    // A heartbeat under way when the connections are forgotten never hears its answer: it
+    // waits on a lock meanwhile (as a slow statement would), and the answer comes after.
+    let locker = {
+        let database = database.clone();
+        std::thread::spawn(move || {
+            database.query("BEGIN; LOCK TABLE keycast_instances IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); ROLLBACK")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    link.forget();
+    let forgotten = Instant::now();
+    locker.join().unwrap();
+    for _ in 0..4 {
+        let r = get(&a, "/api/user/authorizations", Some(&cookie));
+        assert_eq!(r.status, 200, "after the connections were forgotten: {}", r.body);
+    }
+    let list = get(&a, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = delete(&a, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = sign(&b, &token);
+        if r.status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 s after the revocation the other instance still signs: {} {}",
+            r.status,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Still a live instance, well past the instance TTL (5 s) since it was forgotten.
+    let deadline = forgotten + Duration::from_secs(25);
+    loop {
+        let live = metric_sum(&b.get("/metrics").1, "keycast_cluster_instances");
+        if live == 2.0 && forgotten.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other instance counts {live} live instances: the forgotten one's heartbeat never came back"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// An instance whose listener falls behind (a paused process, a starved one) must not serve

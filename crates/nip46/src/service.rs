@@ -106,6 +106,13 @@ impl Default for Nip46Options {
 /// Busy replies sent at once when every in-flight slot is taken; beyond both, requests
 /// are dropped and counted (`keycast_nip46_dropped_total`).
 const MAX_BUSY_REPLIES: usize = 64;
+
+/// The longest one request is worked on before it is given up, its in-flight place freed:
+/// past every wait a request may legitimately have (the durable wait, the other instances'
+/// acknowledgements), so only one stuck on a database connection the network dropped
+/// without a word is cut off. Without it such requests held their places for good, and
+/// once they filled them every request was answered "busy".
+const HANDLE_WITHIN: Duration = Duration::from_secs(60);
 /// Requests dated further than this from now, either way, are not answered (issue 12 item
 /// 8): a relay replaying stored events after a restart or reconnect, or a captured request
 /// sent again later, must not make keycast sign what the client gave up on long ago. A
@@ -332,7 +339,15 @@ impl Shared {
             // requests under way cannot miss one spawned but not yet running.
             let request = self.signer.request();
             tokio::spawn(async move {
-                self.handle(incoming).await;
+                if tokio::time::timeout(HANDLE_WITHIN, self.handle(incoming))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        within_secs = HANDLE_WITHIN.as_secs(),
+                        "nip46: a request did not finish in time (a database connection that stopped answering?); given up"
+                    );
+                }
                 drop((permit, request));
             });
         } else if let Ok(permit) = self.busy.clone().try_acquire_owned() {

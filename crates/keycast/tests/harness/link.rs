@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Longest a read blocks before the silence flag is looked at again.
@@ -55,10 +55,12 @@ pub fn silence(flags: &[Arc<AtomicBool>]) {
 }
 
 /// A loopback TCP relay to one upstream address, all of whose connections go silent at
-/// once ([`SilentLink::freeze`]), new ones included.
+/// once ([`SilentLink::freeze`]), new ones included; or only those made so far
+/// ([`SilentLink::forget`], as a NAT or proxy that lost its state).
 pub struct SilentLink {
     pub port: u16,
     frozen: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
 }
 
 impl SilentLink {
@@ -67,21 +69,38 @@ impl SilentLink {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let frozen = Arc::new(AtomicBool::new(false));
-        let link = frozen.clone();
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let (link, registry) = (frozen.clone(), connections.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().map_while(Result::ok) {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
-                let link = link.clone();
-                std::thread::spawn(move || pipe_until_silenced(client, server, link));
+                // Read and registered under the lock, so a freeze cannot fall between.
+                let silenced = {
+                    let mut all = registry.lock().unwrap();
+                    all.push(Arc::new(AtomicBool::new(link.load(Ordering::SeqCst))));
+                    all[all.len() - 1].clone()
+                };
+                std::thread::spawn(move || pipe_until_silenced(client, server, silenced));
             }
         });
-        SilentLink { port, frozen }
+        SilentLink {
+            port,
+            frozen,
+            connections,
+        }
     }
 
     /// Every connection, and every one made from now on, goes silent.
     pub fn freeze(&self) {
-        silence(std::slice::from_ref(&self.frozen));
+        self.frozen.store(true, Ordering::SeqCst);
+        self.forget();
+    }
+
+    /// Every connection made so far goes silent; new ones carry bytes.
+    pub fn forget(&self) {
+        let connections = self.connections.lock().unwrap().clone();
+        silence(&connections);
     }
 }
