@@ -144,17 +144,28 @@ pub async fn run(
         },
         () = &mut shutdown => {
             tracing::info!("shutdown requested before start-up finished");
+            let asked = Instant::now();
             let _ = stop_tx.send(true);
-            // Start-up notices the stop where it holds the lease (the restore); elsewhere
-            // it is cut off after a moment, as before.
-            match tokio::time::timeout(STOP_DURING_STARTUP, &mut starting).await {
+            // Start-up notices the stop where it holds the lease before replicating (the
+            // restore). Past that it is let finish, within half the grace period (the other
+            // half stops it cleanly): cut off while replication starts, it exited holding the
+            // lease, and the next instance waited for it to lapse.
+            match tokio::time::timeout(config.shutdown_grace / 2, &mut starting).await {
                 Ok(Ok(running)) => {
-                    // It finished just then: stop what it started.
                     drop(starting);
-                    return shut_down(config, stop_http, server, running, None).await;
+                    if let Some(cluster) = &running.cluster {
+                        if tokio::time::timeout(LEAVE_LIMIT, cluster.leave()).await.is_err() {
+                            tracing::warn!("could not leave the instances in time; the others notice when this heartbeat lapses");
+                        }
+                    }
+                    return shut_down(config, asked, stop_http, server, running, None).await;
                 }
                 Ok(Err(e)) if !e.is::<StoppedDuringStartup>() => return Err(e),
-                _ => return Ok(()),
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => anyhow::bail!(
+                    "start-up did not finish within half the {} s grace period after the SIGTERM; stopped without giving the replica lease back (the next instance waits for it to lapse)",
+                    config.shutdown_grace.as_secs_f64()
+                ),
             }
         }
         result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
@@ -274,6 +285,7 @@ pub async fn run(
             result = &mut server => return result.context("HTTP server task failed")?.context("HTTP server failed"),
         },
     };
+    let asked = Instant::now();
     match &ended {
         Some(Ended::Fenced) => tracing::error!("this instance was fenced and can never write the replica again: shutting down so the platform starts a replacement"),
         Some(Ended::Vital(why)) => tracing::error!(reason = %why, "this instance can no longer serve: shutting down so the platform starts a replacement"),
@@ -295,7 +307,7 @@ pub async fn run(
     }
     drop(embedded);
     let reason = monitor.as_ref().and_then(|m| m.status().fence_reason);
-    shut_down(config, stop_http, server, running, nip46).await?;
+    shut_down(config, asked, stop_http, server, running, nip46).await?;
     match ended {
         Some(Ended::Fenced) => anyhow::bail!(
             "fenced: {}; exiting so that a new instance (which restores first) takes over",
@@ -453,12 +465,32 @@ async fn background_writes(
                 continue;
             }
         }
-        if let Err(err) = signer.flush().await {
-            tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity; will retry");
+        // Each step bounded: on a database connection the network dropped without a word a
+        // statement waits for good, and this task with it while nothing reports it ended.
+        match tokio::time::timeout(FLUSH_WITHIN, signer.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, pending = signer.pending_activity(), "could not write signing activity; will retry")
+            }
+            Err(_) => tracing::warn!(
+                pending = signer.pending_activity(),
+                "writing signing activity did not finish in time; will retry"
+            ),
         }
         if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
             last_sweep = Some(std::time::Instant::now());
-            match keycast_core::housekeeping::sweep_expired(&db, keycast_db::now_unix()).await {
+            let swept = tokio::time::timeout(
+                SWEEP_WITHIN,
+                keycast_core::housekeeping::sweep_expired(&db, keycast_db::now_unix()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(keycast_db::RepoError::Busy(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the sweep did not finish in time",
+                ))))
+            });
+            match swept {
                 Ok(swept) if swept.total() > 0 => tracing::info!(?swept, "removed expired sessions, tokens and codes"),
                 Ok(_) => {}
                 Err(err) => tracing::warn!(error = %err, "could not remove expired sessions and tokens; will retry"),
@@ -720,8 +752,13 @@ fn check_local_disk(config: &Config) -> anyhow::Result<()> {
     }
 }
 
-/// How long a SIGTERM during start-up waits for it to give the lease back.
-const STOP_DURING_STARTUP: Duration = Duration::from_secs(2);
+/// The longest one flush of signing activity may take (its batches' writes are bounded by
+/// half that). What it had not taken stays buffered; a batch whose write was under way still
+/// lands, unless that write fails too (then those records are lost: activity only).
+const FLUSH_WITHIN: Duration = Duration::from_secs(60);
+
+/// The longest one sweep of expired rows may take (the next sweep goes on where it stopped).
+const SWEEP_WITHIN: Duration = Duration::from_secs(300);
 
 /// How long a stopping instance tries to deregister from the others (PostgreSQL).
 const LEAVE_LIMIT: Duration = Duration::from_secs(1);
@@ -732,14 +769,14 @@ const REPLIES_SETTLE: Duration = Duration::from_millis(300);
 
 async fn shut_down(
     config: Config,
+    asked: Instant,
     stop_http: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     running: Running,
     nip46: Option<keycast_nip46::Nip46Service>,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
     let grace = config.shutdown_grace;
-    let deadline = started + grace;
+    let deadline = asked + grace;
     // The final sync must not be starved by slow requests: they get the grace period minus
     // this reserve, and are cut off after it.
     let reserve = (grace / 4).max(Duration::from_secs(1)).min(grace / 2);
@@ -849,7 +886,7 @@ async fn shut_down(
         );
     }
     tracing::info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        elapsed_ms = asked.elapsed().as_millis() as u64,
         "keycast stopped cleanly"
     );
     Ok(())

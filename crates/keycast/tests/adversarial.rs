@@ -555,6 +555,57 @@ fn a_replica_missing_its_newest_objects_is_refused_not_restored_silently() {
     );
 }
 
+/// A deploy's newcomer stopped once its restore is done, while replication starts (its
+/// first listing of the replica, through a store that now takes 1.5 s a request). It lets
+/// start-up finish and stops cleanly, giving the lease back. Before, it was cut off two seconds after the
+/// SIGTERM and exited 0 holding the lease, so the next instance waited for it to lapse.
+#[test]
+fn an_instance_stopped_while_replication_starts_gives_the_lease_back() {
+    let Some(endpoint) = s3() else { return };
+    let bucket = harness::new_bucket(&endpoint, "stopped-starting");
+    let dir = tempfile::tempdir().unwrap();
+    let long_lease = |l: Launch| {
+        l.env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
+            .env("KEYCAST_SHUTDOWN_GRACE_SECS", "20")
+    };
+    let first = long_lease(launch(&dir.path().join("a"), &endpoint, &bucket)).start();
+    for n in 0..5 {
+        assert_eq!(write(&first, &format!("k{n}"), true), 200);
+    }
+    first.stop();
+
+    let proxy = FaultyS3::start(&endpoint);
+    let mut starting = long_lease(launch(&dir.path().join("b"), &proxy.endpoint(), &bucket))
+        .spawn_started_later()
+        .into_keycast();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !starting.log().contains("restored the database from the replica") {
+        assert!(Instant::now() < deadline, "{}", starting.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.set_delay(Duration::from_millis(1500));
+    starting.signal(libc::SIGTERM);
+    let (_, took) = starting.wait_exit(Duration::from_secs(30));
+    assert!(
+        took < Duration::from_secs(20),
+        "stopped within the grace period: {took:?}"
+    );
+    assert!(
+        starting.log().contains("released the replica lease"),
+        "{}",
+        starting.log()
+    );
+
+    let started = Instant::now();
+    let next = long_lease(launch(&dir.path().join("c"), &endpoint, &bucket)).start();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the next instance did not wait for a 60 s lease to lapse: {:?}",
+        started.elapsed()
+    );
+    assert!(harness::test_keys(&next.data_dir.join("keycast.db")).contains(&"k4".to_owned()));
+}
+
 /// A deploy whose newcomer is stopped while it restores (the deploy cancelled, its startup
 /// probe given up): it has taken the replica's lease, and gives it back before it exits.
 /// Before, it exited holding it, and the next instance (or the old one taking the replica
