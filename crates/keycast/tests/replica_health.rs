@@ -123,6 +123,35 @@ fn behind_a_silent_link(
     Some((dir, link, server))
 }
 
+/// A store that stops answering just as the instance is told to stop: the exit must come
+/// within the grace period (plus the moment the lease's release gets), saying what is left
+/// unshipped, before the platform's SIGKILL. Before, the final sync's upload waited out the
+/// store client's own timeout (30 s), and Cloud Run killed the process without a word at 10.
+#[test]
+fn a_store_that_stops_answering_does_not_hold_shutdown_past_the_grace_period() {
+    let env = [("KEYCAST_TEST_ROUTES", "true"), ("KEYCAST_SHUTDOWN_GRACE_SECS", "3")];
+    let Some((_dir, link, mut server)) = behind_a_silent_link("stalled-stop", &env) else {
+        return;
+    };
+    server.write("shipped", true);
+    link.freeze();
+    // Committed here (the lease is still trusted by the clocks); its upload never lands.
+    server.write("unshipped", false);
+    server.signal(libc::SIGTERM);
+    let (status, took) = server.wait_exit(Duration::from_secs(45));
+    assert!(
+        took < Duration::from_secs(6),
+        "stopping took {took:?} with a 3 s grace period; log:\n{}",
+        server.log()
+    );
+    assert!(!status.success(), "a stop that left a commit unshipped exited 0");
+    assert!(
+        server.log().contains("the final sync did not finish in time"),
+        "{}",
+        server.log()
+    );
+}
+
 /// `keycast_replica_local_commits` from `/metrics`.
 fn local_commits(server: &harness::Keycast) -> f64 {
     harness::metric_sum(&server.get("/metrics").1, "keycast_replica_local_commits")

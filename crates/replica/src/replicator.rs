@@ -129,6 +129,11 @@ impl Default for ReplicaOptions {
     }
 }
 
+/// How long past its deadline [`Replicator::shutdown`] waits for the worker: the lease's
+/// release after a final sync that finished just in time (Cloud Run kills 2 s after the
+/// default grace period).
+const RELEASE_AFTER_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Why replication could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -460,10 +465,34 @@ impl Replicator {
     /// # Errors
     /// The last upload error if the final sync did not finish by `deadline`.
     pub async fn shutdown(mut self, deadline: Instant) -> Result<u64, ReplicaError> {
+        let asked = Instant::now();
         let _ = self.stop.send(Some(deadline));
         self.shared.signal.wake();
-        let task = self.task.take().expect("the worker runs until shutdown");
-        let result = match task.await {
+        let mut task = self.task.take().expect("the worker runs until shutdown");
+        // The worker retries only until the deadline, but a store request already in flight
+        // waits out the store's own timeout (30 s), past the platform's kill. The lease's
+        // release gets a moment more; past that the worker is stopped here, and says so.
+        let by = deadline + RELEASE_AFTER_DEADLINE;
+        let joined = match tokio::time::timeout_at(by.into(), &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                task.abort();
+                // It may have finished just then (its last steps do not wait on the store).
+                match task.await {
+                    Err(e) if e.is_cancelled() => {
+                        let status = self.status();
+                        tracing::error!(
+                            replicated_txid = status.replicated_txid,
+                            unshipped_commits = status.local_commits.saturating_sub(status.shipped_commits),
+                            "the final sync did not finish in time (the store stopped answering?); commits past the replicated TXID are only on local disk, and the lease lapses instead of being released"
+                        );
+                        Ok(Err(ReplicaError::Timeout(by.saturating_duration_since(asked))))
+                    }
+                    joined => joined,
+                }
+            }
+        };
+        let result = match joined {
             Ok(result) => result,
             Err(e) => Err(ReplicaError::LocalState(std::io::Error::other(e.to_string()))),
         };
