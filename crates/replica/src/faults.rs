@@ -55,6 +55,7 @@ pub enum Action {
 pub struct Rule {
     op: Op,
     key: Option<String>,
+    body: Option<Vec<u8>>,
     action: Action,
     remaining: Option<usize>,
 }
@@ -66,6 +67,7 @@ impl Rule {
         Rule {
             op,
             key: None,
+            body: None,
             action,
             remaining: None,
         }
@@ -77,14 +79,25 @@ impl Rule {
         self
     }
 
+    /// Only uploads whose body contains `part`: one kind of write of an object, when the
+    /// same object is written for several reasons (a lease released, not renewed).
+    pub fn body(mut self, part: &str) -> Rule {
+        self.body = Some(part.as_bytes().to_vec());
+        self
+    }
+
     /// Fires this many times, then retires.
     pub fn times(mut self, n: usize) -> Rule {
         self.remaining = Some(n);
         self
     }
 
-    fn matches(&self, op: Op, key: &str) -> bool {
-        self.op == op && self.key.as_deref().is_none_or(|part| key.contains(part))
+    fn matches(&self, op: Op, key: &str, body: Option<&[u8]>) -> bool {
+        self.op == op
+            && self.key.as_deref().is_none_or(|part| key.contains(part))
+            && self.body.as_deref().is_none_or(|part| {
+                body.is_some_and(|body| body.windows(part.len().max(1)).any(|window| window == part))
+            })
     }
 }
 
@@ -173,10 +186,15 @@ impl Faults {
         self.rules.lock().expect("rules").clear();
     }
 
+    /// Whether a rule looks at bodies (only then are they gathered to be looked at).
+    fn wants_bodies(&self) -> bool {
+        self.rules.lock().expect("rules").iter().any(|r| r.body.is_some())
+    }
+
     /// Takes the action of the first rule matching the request, counting it down.
-    fn take(&self, op: Op, key: &str) -> Option<Action> {
+    fn take(&self, op: Op, key: &str, body: Option<&[u8]>) -> Option<Action> {
         let mut rules = self.rules.lock().expect("rules");
-        let index = rules.iter().position(|r| r.matches(op, key))?;
+        let index = rules.iter().position(|r| r.matches(op, key, body))?;
         let rule = &mut rules[index];
         let action = rule.action.clone();
         if let Some(n) = rule.remaining.as_mut() {
@@ -190,8 +208,8 @@ impl Faults {
 
     /// Runs the part of the action that comes before forwarding. `Ok(true)` means the
     /// answer must be lost after forwarding.
-    async fn before(&self, op: Op, key: &str) -> Result<bool> {
-        match self.take(op, key) {
+    async fn before(&self, op: Op, key: &str, body: Option<&[u8]>) -> Result<bool> {
+        match self.take(op, key, body) {
             None => Ok(false),
             Some(Action::Fail) => Err(injected(op, key, "failed before reaching the store")),
             Some(Action::LoseResponse) => Ok(true),
@@ -228,7 +246,17 @@ impl FaultyStore {
     }
 
     async fn around<T>(&self, op: Op, key: &str, request: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        let lose = self.faults.before(op, key).await?;
+        self.around_body(op, key, None, request).await
+    }
+
+    async fn around_body<T>(
+        &self,
+        op: Op,
+        key: &str,
+        body: Option<&[u8]>,
+        request: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let lose = self.faults.before(op, key, body).await?;
         let result = request.await;
         if lose && result.is_ok() {
             return Err(injected(op, key, "was applied, but its answer was lost"));
@@ -246,8 +274,17 @@ impl fmt::Display for FaultyStore {
 #[async_trait::async_trait]
 impl ObjectStore for FaultyStore {
     async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> Result<PutResult> {
-        self.around(Op::Put, location.as_ref(), self.inner.put_opts(location, payload, opts))
-            .await
+        let body: Option<Vec<u8>> = self
+            .faults
+            .wants_bodies()
+            .then(|| payload.iter().flat_map(|chunk| chunk.iter().copied()).collect());
+        self.around_body(
+            Op::Put,
+            location.as_ref(),
+            body.as_deref(),
+            self.inner.put_opts(location, payload, opts),
+        )
+        .await
     }
 
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
@@ -278,7 +315,7 @@ impl ObjectStore for FaultyStore {
                 let (faults, marked) = (faults.clone(), marked.clone());
                 async move {
                     let location = location?;
-                    if faults.before(Op::Delete, location.as_ref()).await? {
+                    if faults.before(Op::Delete, location.as_ref(), None).await? {
                         marked.lock().expect("lost").insert(location.clone());
                     }
                     Ok(location)
@@ -303,7 +340,7 @@ impl ObjectStore for FaultyStore {
         let prefix = prefix.cloned();
         futures::stream::once(async move {
             let key = prefix.as_ref().map(|p| p.to_string()).unwrap_or_default();
-            faults.before(Op::List, &key).await.map(|_| prefix)
+            faults.before(Op::List, &key, None).await.map(|_| prefix)
         })
         .flat_map(move |checked| match checked {
             Ok(prefix) => inner.list(prefix.as_ref()),

@@ -50,7 +50,8 @@
 //! ([`Lease::mark_serving`]). An instance that handed over may take the lease back
 //! ([`Lease::take_back`]) while it is still exactly as released, or when the instance that
 //! took it never started serving and let it lapse (a deploy that failed after taking the
-//! lease) — never from an instance that served.
+//! lease), or when its own release failed and the lease lapsed untaken — never from an
+//! instance that served.
 //!
 //! # The high-water mark
 //! Each write of the lease records the highest TXID its holder knows to be in the replica
@@ -398,7 +399,12 @@ impl Lease {
         };
         let current = decode(&bytes)?;
         let failed_newcomer = !current.released && !current.serving && current.is_free(options.margin());
-        if !current.released && !failed_newcomer {
+        // Its own lease, whose release failed at the hand-over, and which nobody took for a
+        // whole TTL after it lapsed (a waiting newcomer polls a free lease within a moment):
+        // the newcomer is gone.
+        let never_released =
+            !current.released && current.owner == owner && current.is_free(options.margin() + options.ttl);
+        if !current.released && !failed_newcomer && !never_released {
             return Ok(None);
         }
         if failed_newcomer {
@@ -858,6 +864,42 @@ mod tests {
             .unwrap()
             .expect("a newcomer that never served and lapsed");
         assert_eq!(a.epoch(), 5);
+    }
+
+    /// A hand-over whose release failed (the store did not answer) leaves the lease as it
+    /// was, held by the instance that handed over. If the newcomer then dies before taking it,
+    /// nobody ever writes again unless that instance takes its own lease back once it lapsed.
+    /// Before, it never did: it stayed parked, refusing every write, for good.
+    #[tokio::test]
+    async fn a_lease_whose_release_failed_is_taken_back_once_it_lapsed_untaken() {
+        let store = Store::in_memory();
+        let options = quick(1000, 0);
+        let mut a = Lease::acquire(&store, "a", options).await.unwrap();
+        a.mark_serving().await.unwrap();
+        drop(a);
+        assert!(
+            Lease::take_back(&store, "a", options).await.unwrap().is_none(),
+            "not before it lapsed: a waiting newcomer may still take it"
+        );
+        assert!(
+            Lease::take_back(&store, "b", options).await.unwrap().is_none(),
+            "nobody else's to take back"
+        );
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        assert!(
+            Lease::take_back(&store, "a", options).await.unwrap().is_none(),
+            "lapsed, but not for a whole TTL: a newcomer polling for it takes it first"
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(
+            Lease::take_back(&store, "b", options).await.unwrap().is_none(),
+            "still nobody else's to take back"
+        );
+        let a = Lease::take_back(&store, "a", options)
+            .await
+            .unwrap()
+            .expect("its own lease, lapsed and untaken");
+        assert_eq!(a.epoch(), 2);
     }
 
     #[tokio::test]

@@ -540,3 +540,78 @@ async fn a_cold_start_lists_the_replica_once() {
     let values: Vec<String> = common::rows(&db_b).await.into_iter().map(|(_, v)| v).collect();
     assert_eq!(values, ["a1"]);
 }
+
+/// A hand-over whose lease release the store refused, and whose newcomer then died before
+/// taking the lease: the old writer holds a lease it gave up on, and nobody else will ever
+/// write. It takes its own lease back once it lapsed untaken, and writes again. Before, it
+/// stayed parked, refusing every write, for good.
+#[tokio::test]
+async fn a_hand_over_whose_release_failed_is_undone_when_the_newcomer_never_comes() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let base = Store::in_memory();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let options = LeaseOptions {
+        ttl: Duration::from_secs(2),
+        wait: Duration::from_secs(20),
+        check_interval: Duration::from_millis(100),
+    };
+    let lease = Lease::acquire(&store, "a", options).await.unwrap();
+    let replicator =
+        Replicator::start_with_lease(&db, store.clone(), signal, "l", ReplicaOptions::default(), Some(lease))
+            .await
+            .unwrap();
+    replicator.mark_serving().await.unwrap();
+    insert(&pool, "before").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+
+    // A newcomer asks for the replica (a request written into the live lease), then dies.
+    let newcomer = tokio::spawn({
+        let base = base.reopen();
+        async move { Lease::acquire(&base, "b", options).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    newcomer.abort();
+    // Every write of the lease that releases it fails, until the hand-over is done.
+    faults.add(Rule::new(Op::Put, Action::Fail).key("lease").body("\"released\":true"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while replicator.status().handed_over_txid.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "never handed over: {:?}",
+            replicator.status()
+        );
+        if replicator.status().handing_over_to.is_none() {
+            n += 1;
+            // Refused (the write lock is the hand-over's) once it began: not asserted.
+            let _ = sqlx::query("INSERT INTO t (v) VALUES ($1)")
+                .bind(format!("during-{n}"))
+                .execute(&pool)
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    faults.clear();
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while replicator.monitor().check_writable().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "still parked 15 s after a hand-over nobody took: {:?}",
+            replicator.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    insert(&pool, "after").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let restored = restored_values(&base, dir.path(), "restored.db").await;
+    assert_eq!(restored.first().map(String::as_str), Some("before"));
+    assert_eq!(restored.last().map(String::as_str), Some("after"), "{restored:?}");
+}

@@ -270,12 +270,12 @@ impl Worker {
                 options: lease.options(),
                 at: Instant::now(),
             };
-            match lease.release().await {
-                Ok(()) => self.released = Some(released),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not release the replica lease; the newcomer takes it when it lapses")
-                }
+            // Remembered either way: should the newcomer die before taking it, the lease is
+            // taken back once it lapsed (see `take_back`), released or not.
+            if let Err(e) = lease.release().await {
+                tracing::warn!(error = %e, "could not release the replica lease; the newcomer takes it when it lapses");
             }
+            self.released = Some(released);
         }
         *self.shared.lease_view.lock().expect("lease view") = None;
         self.handed_over = true;
