@@ -20,7 +20,9 @@ use serde::Deserialize;
 
 use crate::extract::FormOrJson;
 use crate::page::{escape, html, layout, layout_with};
-use crate::session::{csrf_matches, csrf_token, MaybeSession, SessionUser};
+use crate::session::{
+    check_shown_long_enough, csrf_matches, csrf_token, now_ms, shown_stamp, MaybeSession, SessionUser,
+};
 use crate::{AppError, AppState};
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -62,6 +64,7 @@ async fn show(
     let view = services.signer.approval(&id, &session.user.id).await?;
     let now = keycast_db::now_unix();
     let csrf = escape(&csrf_token(&session.token));
+    let shown = escape(&shown_stamp(&session.token, now_ms()));
     let choices = match (&view.decision, view.expires_at <= now) {
         (Some(decision), _) if decision == "expired" => {
             "<p class=\"error\">This request expired undecided; the app was told.</p>".to_owned()
@@ -71,14 +74,15 @@ async fn show(
         (None, false) => {
             let kind = match view.kind {
                 Some(kind) => format!(
-                    "<button type=\"submit\" name=\"decision\" value=\"kind\">Allow kind {kind} from now on</button>"
+                    "<button type=\"submit\" name=\"decision\" value=\"kind\" data-after-view>Allow kind {kind} from now on</button>"
                 ),
                 None => String::new(),
             };
             format!(
                 "<form method=\"post\" action=\"/approvals/{id}\">\
                  <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-                 <button type=\"submit\" name=\"decision\" value=\"once\">Allow once</button>{kind}\
+                 <input type=\"hidden\" name=\"shown\" value=\"{shown}\">\
+                 <button type=\"submit\" name=\"decision\" value=\"once\" data-after-view>Allow once</button>{kind}\
                  <button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button></form>",
                 id = escape(&id),
             )
@@ -149,6 +153,9 @@ struct DecisionForm {
     csrf: String,
     #[serde(default)]
     decision: String,
+    /// When the page was shown (see [`check_shown_long_enough`]).
+    #[serde(default)]
+    shown: Option<String>,
 }
 
 /// `POST /approvals/{id}` (form: CSRF token, `decision` = `once`, `kind` or `deny`) → a page
@@ -168,6 +175,9 @@ async fn decide(
         ));
     }
     let decision = Decision::parse(&form.decision).map_err(AppError::BadRequest)?;
+    if decision != Decision::Deny {
+        check_shown_long_enough(&session.token, form.shown.as_deref(), now_ms())?;
+    }
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let decided = services.signer.decide(&id, &session.user.id, decision).await?;

@@ -33,7 +33,9 @@ use serde_json::{json, Value};
 
 use crate::extract::{ClientIp, FormOrJson, OverHttps, QueryParams};
 use crate::page;
-use crate::session::{csrf_matches, csrf_token, MaybeSession, SessionUser};
+use crate::session::{
+    check_shown_long_enough, csrf_matches, csrf_token, now_ms, shown_stamp, MaybeSession, SessionUser,
+};
 use crate::{AppError, AppState};
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -106,8 +108,11 @@ impl AuthorizeParams {
         }
     }
 
-    /// The app's redirect URI with `pairs` and `state` appended to its query.
-    fn redirect_with(&self, pairs: &[(&str, &str)]) -> String {
+    /// The app's redirect URI with `pairs`, `state` and `iss` appended to its query. `iss`
+    /// (RFC 9207) names who answered: an app that uses several authorization servers tells
+    /// from it which one this code is for, so a hostile one cannot have it send a code from
+    /// here to its own token endpoint (a mix-up attack).
+    fn redirect_with(&self, issuer: &str, pairs: &[(&str, &str)]) -> String {
         let mut url = url::Url::parse(&self.redirect_uri).expect("validated by redirect_origin");
         {
             let mut query = url.query_pairs_mut();
@@ -117,6 +122,7 @@ impl AuthorizeParams {
             if let Some(s) = &self.state {
                 query.append_pair("state", s);
             }
+            query.append_pair("iss", issuer);
         }
         url.into()
     }
@@ -194,7 +200,12 @@ async fn authorize_page(
                 lines: &lines,
                 own: &own,
             };
-            page::consent(&consent, &s.user.email, &csrf_token(&s.token))
+            page::consent(
+                &consent,
+                &s.user.email,
+                &csrf_token(&s.token),
+                &shown_stamp(&s.token, now_ms()),
+            )
         }
     };
     Ok(no_store(Html(page)).into_response())
@@ -242,6 +253,9 @@ struct Decision {
     /// Form: the session-bound CSRF token from the consent page.
     #[serde(default)]
     csrf: Option<String>,
+    /// Form: when the consent page was shown (see [`check_shown_long_enough`]).
+    #[serde(default)]
+    shown: Option<String>,
     /// How long the grant lasts: `hour`, `day`, `week` or `forever` (the default).
     #[serde(default)]
     duration: Option<Value>,
@@ -322,6 +336,9 @@ async fn decide(
     }
     let approved = d.approved.unwrap_or(false) || d.decision.as_deref() == Some("approve");
     if approved {
+        if !json {
+            check_shown_long_enough(&session.token, d.shown.as_deref(), now_ms())?;
+        }
         keycast_core::account_security::require_verified(&session.user).map_err(AppError::from)?;
     }
     let target = if approved {
@@ -333,10 +350,10 @@ async fn decide(
         state.confirm_write(false).await?;
         Ok((
             code.expose().clone(),
-            d.params.redirect_with(&[("code", code.expose())]),
+            d.params.redirect_with(&issuer(&state), &[("code", code.expose())]),
         ))
     } else {
-        Err(d.params.redirect_with(&[("error", "access_denied")]))
+        Err(d.params.redirect_with(&issuer(&state), &[("error", "access_denied")]))
     };
     Ok(match (json, target) {
         (true, Ok((code, uri))) => no_store(Json(json!({ "code": code, "redirect_uri": uri }))).into_response(),
@@ -539,7 +556,7 @@ async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, AppError
         .into_iter()
         .map(|p| format!("policy:{}", p.slug))
         .collect();
-    let issuer = state.options().public_url.trim_end_matches('/').to_owned();
+    let issuer = issuer(&state);
     Ok(Json(json!({
         "issuer": issuer,
         "authorization_endpoint": format!("{issuer}/api/oauth/authorize"),
@@ -551,7 +568,13 @@ async fn metadata(State(state): State<AppState>) -> Result<Json<Value>, AppError
         "token_endpoint_auth_methods_supported": ["none"],
         "revocation_endpoint_auth_methods_supported": ["none"],
         "scopes_supported": scopes,
+        "authorization_response_iss_parameter_supported": true,
     })))
+}
+
+/// This server's issuer identifier (RFC 8414): its public URL.
+fn issuer(state: &AppState) -> String {
+    state.options().public_url.trim_end_matches('/').to_owned()
 }
 
 fn found(uri: &str) -> Result<Response, OAuthFailure> {

@@ -8,7 +8,11 @@ use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use keycast_db::policies::PolicyRow;
+use sha2::{Digest, Sha256};
+use std::sync::LazyLock;
 
 use crate::error::ErrorMessage;
 use keycast_core::clients::ClientIdentity;
@@ -27,12 +31,35 @@ fn secure_headers(headers: &mut HeaderMap) {
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
-/// The policy of every HTML page: nothing loads but the page's own inline style (no script
-/// at all), nothing may frame it (RFC 9700 §4.16: the consent page must not be
-/// clickjacked), no `<base>` can redirect its links. `form-action` is left out on purpose:
-/// Chromium applies it to the redirect after the consent form, which goes to the app.
-const HTML_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; \
-                        frame-ancestors 'none'; base-uri 'none'";
+/// The policy of every HTML page: nothing loads but the page's own inline style and the one
+/// script [`VIEW_GATE`] (by its hash: no other script runs), nothing may frame it (RFC 9700
+/// §4.16: the consent page must not be clickjacked), no `<base>` can redirect its links.
+/// `form-action` is left out on purpose: Chromium applies it to the redirect after the
+/// consent form, which goes to the app.
+static HTML_CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
+    let hash = STANDARD.encode(Sha256::digest(VIEW_GATE.as_bytes()));
+    HeaderValue::from_str(&format!(
+        "default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{hash}'; img-src 'self' data:; \
+         frame-ancestors 'none'; base-uri 'none'"
+    ))
+    .expect("a header value")
+});
+
+/// Keeps the buttons that grant something (`data-after-view`: approve an app, allow a
+/// request) disabled until the page has been visible and focused for 800 ms in a row,
+/// starting over whenever it loses either. Double-clickjacking: a hostile page that gets a
+/// double click from its visitor brings keycast's page up under the pointer between the two
+/// clicks (framing is refused, a new window or the opener's navigation is not), and the
+/// second click lands on "Approve" the moment the page is uncovered. Server-side, the form's
+/// `shown` stamp refuses an approval within 800 ms of the page being served (the page opened
+/// between the clicks, or a browser without scripts).
+pub(crate) const VIEW_GATE: &str = "(function(){\
+var b=document.querySelectorAll('button[data-after-view]'),t=null;\
+function set(d){for(var i=0;i<b.length;i++){b[i].disabled=d;}}\
+function hold(){clearTimeout(t);t=null;set(true);}\
+function watch(){hold();if(document.visibilityState==='visible'&&document.hasFocus()){t=setTimeout(function(){set(false);},800);}}\
+window.addEventListener('focus',watch);window.addEventListener('blur',hold);\
+document.addEventListener('visibilitychange',watch);watch();})();";
 /// Every other answer (JSON, text) loads nothing and is framed by no one either.
 const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 /// Two years, the preload lists' minimum; subdomains are the operator's business.
@@ -54,11 +81,12 @@ pub(crate) async fn security_headers(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/html"));
     let headers = response.headers_mut();
-    let csp = if html { HTML_CSP } else { API_CSP };
-    headers.insert(
-        HeaderName::from_static("content-security-policy"),
-        HeaderValue::from_static(csp),
-    );
+    let csp = if html {
+        HTML_CSP.clone()
+    } else {
+        HeaderValue::from_static(API_CSP)
+    };
+    headers.insert(HeaderName::from_static("content-security-policy"), csp);
     headers.insert(
         HeaderName::from_static("x-frame-options"),
         HeaderValue::from_static("DENY"),
@@ -175,7 +203,8 @@ pub(crate) fn layout_with(title: &str, extra_css: &str, body: &str) -> String {
          <title>{title} · keycast</title>\
          <style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem}}\
          input,button{{font-size:1rem;padding:.5rem;margin:.25rem 0;width:100%;box-sizing:border-box}}\
-         .row{{display:flex;gap:.5rem}}.error{{color:#b00}}{extra_css}</style></head><body>{body}</body></html>",
+         .row{{display:flex;gap:.5rem}}.error{{color:#b00}}{extra_css}</style></head><body>{body}\
+         <script>{VIEW_GATE}</script></body></html>",
         title = escape(title)
     )
 }
@@ -297,7 +326,7 @@ fn own_policies(consent: &Consent<'_>) -> String {
     )
 }
 
-pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String {
+pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str, shown: &str) -> String {
     let allows: String = consent
         .lines
         .iter()
@@ -318,8 +347,9 @@ pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String 
          <label>Per hour <input type=\"number\" min=\"1\" name=\"per_hour\"></label>\
          <label>Per day <input type=\"number\" min=\"1\" name=\"per_day\"></label></fieldset>\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <input type=\"hidden\" name=\"shown\" value=\"{shown}\">\
          <div class=\"row\"><button type=\"submit\" name=\"decision\" value=\"deny\">Deny</button>\
-         <button type=\"submit\" name=\"decision\" value=\"approve\">Approve</button></div></form>",
+         <button type=\"submit\" name=\"decision\" value=\"approve\" data-after-view>Approve</button></div></form>",
         heading = consent_heading(consent),
         email = escape(email),
         name = escape(&consent.policy.display_name),
@@ -327,6 +357,7 @@ pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str) -> String 
         hidden = hidden(consent.params),
         own = own_policies(consent),
         csrf = escape(csrf),
+        shown = escape(shown),
     );
     layout("Authorize", &body)
 }

@@ -114,3 +114,62 @@ pub fn csrf_token(session_token: &str) -> String {
 pub fn csrf_matches(session_token: &str, candidate: &str) -> bool {
     ct_eq(csrf_token(session_token).as_bytes(), candidate.as_bytes())
 }
+
+/// How long a consent or approval page must have been shown before its "approve" counts.
+/// A hostile page that gets a double click from its visitor can bring keycast's page up
+/// under the pointer between the two clicks (double-clickjacking: framing is refused, but a
+/// new window or a navigation is not), and the second click lands on "Approve" a moment
+/// after the page appeared. Reading what one approves takes longer.
+pub const MIN_SHOWN_MS: i64 = 800;
+
+/// A page's "shown at" stamp for its form, `{unix ms}.{MAC}`: the MAC (SHA-256 over a label,
+/// the session token and the time, as [`csrf_token`]) makes it unforgeable and good for this
+/// session only.
+pub fn shown_stamp(session_token: &str, now_ms: i64) -> String {
+    format!("{now_ms}.{}", shown_mac(session_token, now_ms))
+}
+
+fn shown_mac(session_token: &str, at_ms: i64) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"keycast-shown-at-v1\0");
+    hasher.update(session_token.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(at_ms.to_string().as_bytes());
+    URL_SAFE_NO_PAD.encode(hasher.finalize())
+}
+
+/// Refuses an approval that came back less than [`MIN_SHOWN_MS`] after its page was shown,
+/// or with a stamp that is not this session's. A form without a stamp passes: the button a
+/// double click can land on is on keycast's own pages, which always carry one, and a request
+/// made any other way needs the CSRF token, which only the session's holder can read.
+///
+/// # Errors
+/// [`AppError::Forbidden`], saying why and what to do.
+pub fn check_shown_long_enough(session_token: &str, stamp: Option<&str>, now_ms: i64) -> Result<(), AppError> {
+    let Some(stamp) = stamp.filter(|s| !s.is_empty()) else {
+        return Ok(());
+    };
+    let shown_at = stamp
+        .split_once('.')
+        .and_then(|(at, mac)| at.parse::<i64>().ok().map(|at| (at, mac)))
+        .filter(|(at, mac)| ct_eq(shown_mac(session_token, *at).as_bytes(), mac.as_bytes()))
+        .map(|(at, _)| at)
+        .ok_or_else(|| {
+            AppError::Forbidden("the page's form is not this session's; reload the page and try again".into())
+        })?;
+    let shown_for = now_ms.saturating_sub(shown_at);
+    if shown_for < MIN_SHOWN_MS {
+        return Err(AppError::Forbidden(format!(
+            "approved {shown_for} ms after the page appeared, too soon to have been read (a hostile page can turn a \
+             double click into a click on this page); go back, check what is asked, and approve again"
+        )));
+    }
+    Ok(())
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

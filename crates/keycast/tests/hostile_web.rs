@@ -165,6 +165,118 @@ fn keycasts_login_and_consent_pages_cannot_be_framed_by_another_site() {
 }
 
 /// The response headers of a GET, lowercased names.
+/// Double-clickjacking in the browser: the hostile page navigates its opener to keycast's
+/// consent page while a popup of its own is in front, and closes the popup on the first
+/// click of a double click; the page has been loaded for long, and the second click lands on
+/// "Approve" the moment it is uncovered. In Chromium, under the page's CSP, "Approve" is
+/// held back until the page has been visible and focused for a moment: at load, and again
+/// right after the window lost and regained focus; a click then does nothing, one a second
+/// later approves. Before, the button took the click at once, whenever the page was loaded.
+#[test]
+fn approve_waits_until_the_consent_page_has_been_in_view() {
+    let (dir, server) = start();
+    let (cookie, _) = register(&server, "gate@example.com", None);
+    let (challenge, _) = harness::flow::pkce();
+    let path = format!(
+        "/api/oauth/authorize?{}",
+        harness::flow::authorize_query("policy:social", &challenge)
+    );
+    let Some(result) = hostile_page(&server, dir.path(), "view-gate", &[&path, &cookie]) else {
+        return;
+    };
+    assert_eq!(result["disabledAtLoad"], true, "{result}");
+    assert_eq!(
+        result["postsAtOnce"], 0,
+        "a click as the page appeared approved: {result}"
+    );
+    assert_eq!(result["enabledAfterView"], true, "{result}");
+    assert_eq!(result["disabledAfterRefocus"], true, "{result}");
+    assert_eq!(
+        result["postsAfterRefocus"], 0,
+        "a click as the window regained focus approved: {result}"
+    );
+    assert_eq!(result["postsAfterWait"], 1, "{result}");
+}
+
+/// Double-clickjacking: a page on another site that gets a double click from its visitor
+/// brings keycast's page up under the pointer between the two clicks (framing is refused; a
+/// new window or a navigation is not), and the second click lands on "Approve" a moment
+/// after the page appeared. The consent and approval pages carry when they were shown, and
+/// an approval sooner than anyone reads is refused; the same form a moment later goes
+/// through, and refusing is never held up. Before, the click granted the app access, or
+/// signed what it asked.
+#[test]
+fn an_approval_clicked_as_its_page_appears_is_refused() {
+    let (_dir, server) = start();
+    let (cookie, _) = register(&server, "dblclick@example.com", None);
+    let (challenge, _) = harness::flow::pkce();
+    let query = harness::flow::authorize_query("policy:social", &challenge);
+    let consent = |decision: &str, csrf: &str, shown: &str| {
+        let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        fields.extend(
+            [("csrf", csrf), ("decision", decision), ("shown", shown)].map(|(k, v)| (k.to_owned(), v.to_owned())),
+        );
+        let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        post_form(&server, "/api/oauth/authorize", Some(&cookie), &pairs)
+    };
+    let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
+    let (csrf, shown) = (
+        hidden_input(&page.body, "csrf").unwrap(),
+        hidden_input(&page.body, "shown").expect("the consent form says when it was shown"),
+    );
+    let at_once = consent("approve", &csrf, &shown);
+    assert_eq!(at_once.status, 403, "{}", at_once.body);
+    assert!(
+        at_once.json()["message"].as_str().unwrap().contains("too soon"),
+        "{}",
+        at_once.body
+    );
+    let (at, mac) = shown.split_once('.').unwrap();
+    let backdated = format!("{}.{mac}", at.parse::<i64>().unwrap() - 5_000);
+    let forged = consent("approve", &csrf, &backdated);
+    assert_eq!(forged.status, 403, "a backdated stamp: {}", forged.body);
+    let denied = consent("deny", &csrf, &shown);
+    assert_eq!(denied.status, 302, "{}", denied.body);
+    assert_eq!(
+        query_param(denied.location.as_deref().unwrap(), "error").as_deref(),
+        Some("access_denied")
+    );
+    std::thread::sleep(Duration::from_millis(900));
+    let read = consent("approve", &csrf, &shown);
+    assert_eq!(read.status, 302, "{}", read.body);
+    assert!(query_param(read.location.as_deref().unwrap(), "code").is_some());
+
+    // The page that approves one signature the grant's policy does not cover.
+    let token = grant(&server, &cookie, "policy:social");
+    let asked = rpc(
+        &server,
+        token["access_token"].as_str().unwrap(),
+        "sign_event",
+        json!([{ "kind": 30023, "content": "an article", "tags": [["d", "a"]] }]),
+    );
+    assert_eq!(asked.status, 403, "{}", asked.body);
+    let url = url::Url::parse(asked.json()["approval_url"].as_str().unwrap()).unwrap();
+    let page = get(&server, url.path(), Some(&cookie));
+    let (csrf, shown) = (
+        hidden_input(&page.body, "csrf").unwrap(),
+        hidden_input(&page.body, "shown").expect("the approval form says when it was shown"),
+    );
+    let allow = || {
+        post_form(
+            &server,
+            url.path(),
+            Some(&cookie),
+            &[("csrf", &csrf), ("decision", "once"), ("shown", &shown)],
+        )
+    };
+    let at_once = allow();
+    assert_eq!(at_once.status, 403, "{}", at_once.body);
+    std::thread::sleep(Duration::from_millis(900));
+    let read = allow();
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert!(read.body.contains("Allowed"), "{}", read.body);
+}
+
 fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
     let mut req = agent()
         .get(format!("{}{path}", server.base))

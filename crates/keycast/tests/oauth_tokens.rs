@@ -240,6 +240,44 @@ fn metadata_advertises_refresh_and_revocation(engine: Engine) {
     assert_eq!(meta["revocation_endpoint_auth_methods_supported"], json!(["none"]));
 }
 
+/// Every authorization response, a code or a refusal, names its issuer (RFC 9207), the one
+/// in the metadata, and the metadata says it does. An app that uses several authorization
+/// servers checks it: otherwise a hostile one can have it send a code from here to the
+/// hostile server's token endpoint (a mix-up attack).
+fn every_authorization_response_names_its_issuer(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let meta = get(&server, "/.well-known/oauth-authorization-server", None).json();
+    assert_eq!(meta["authorization_response_iss_parameter_supported"], json!(true));
+    let issuer = meta["issuer"].as_str().unwrap().to_owned();
+    let (cookie, _) = register(&server, "issuer@example.com", None);
+    let (challenge, _) = pkce();
+    let query = authorize_query("policy:social", &challenge);
+    let answer = |decision: &str| {
+        let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
+        let csrf = hidden_input(&page.body, "csrf").unwrap();
+        let mut fields: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        fields.extend([("csrf".into(), csrf), ("decision".into(), decision.to_owned())]);
+        let body = form(&fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+        let r = post(&server, "/api/oauth/authorize", Some(&cookie), FORM, &body, &[]);
+        assert_eq!(r.status, 302, "{}", r.body);
+        r.location.unwrap()
+    };
+    let approved = answer("approve");
+    assert!(query_param(&approved, "code").is_some(), "{approved}");
+    assert_eq!(
+        query_param(&approved, "iss").as_deref(),
+        Some(issuer.as_str()),
+        "{approved}"
+    );
+    let denied = answer("deny");
+    assert_eq!(query_param(&denied, "error").as_deref(), Some("access_denied"));
+    assert_eq!(
+        query_param(&denied, "iss").as_deref(),
+        Some(issuer.as_str()),
+        "{denied}"
+    );
+}
+
 fn access_token_lifetime_is_a_setting(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
     let server = Launch::on(engine, &dir.path().join("data"))
@@ -438,5 +476,6 @@ on_both_engines!(
     a_refresh_token_is_refused_to_another_client_and_not_spent,
     revocation_ends_an_access_token_alone_or_the_whole_grant,
     metadata_advertises_refresh_and_revocation,
+    every_authorization_response_names_its_issuer,
     access_token_lifetime_is_a_setting,
 );

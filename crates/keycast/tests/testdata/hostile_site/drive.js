@@ -10,6 +10,10 @@
 //                              as the OAuth login form (POST /api/oauth/login); then the
 //                              visitor opens keycast: is their browser logged in?
 //   framing PATH               the page frames keycast's PATH: does it render inside?
+//   view-gate PATH COOKIE      the visitor (session cookie NAME=VALUE) has keycast's consent
+//                              page at PATH in front of them: is "Approve" held back at first,
+//                              and again right after the window lost and regained focus (what
+//                              a double-clickjacking page makes happen between two clicks)?
 //
 // keycast is reached at KEYCAST_BASE (http://127.0.0.1:PORT); the hostile page is served by
 // this script at http://localhost:PORT2 — another site for the browser.
@@ -96,6 +100,40 @@ async function main() {
         text = String(err);
       }
       console.log(JSON.stringify({ status: response.status(), frame_url: frame.url(), rendered, text: text.slice(0, 200) }));
+    } else if (mode === 'view-gate') {
+      const [path, cookie] = rest;
+      const [name, value] = cookie.split(/=(.*)/s);
+      await context.addCookies([{ name, value, url: base }]);
+      const posts = [];
+      page.on('request', (r) => { if (r.method() === 'POST') posts.push(r.url()); });
+      await page.goto(`${base}${path}`);
+      const approve = page.locator('button[value=approve]');
+      await approve.scrollIntoViewIfNeeded();
+      const box = await approve.boundingBox();
+      const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
+      const disabledAtLoad = await approve.isDisabled();
+      await page.mouse.click(x, y);
+      await page.waitForTimeout(300);
+      const postsAtOnce = posts.length;
+      await page.waitForTimeout(1000);
+      const enabledAfterView = await approve.isEnabled();
+      // Another window in front, then gone: the second click of a double click follows.
+      await page.evaluate(() => {
+        window.dispatchEvent(new Event('blur'));
+        window.dispatchEvent(new Event('focus'));
+      });
+      const disabledAfterRefocus = await approve.isDisabled();
+      await page.mouse.click(x, y);
+      await page.waitForTimeout(300);
+      const postsAfterRefocus = posts.length;
+      await page.waitForTimeout(1000);
+      const enabledAfterRefocusWait = await approve.isEnabled();
+      await page.mouse.click(x, y);
+      await page.waitForTimeout(500);
+      console.log(JSON.stringify({
+        disabledAtLoad, postsAtOnce, enabledAfterView, disabledAfterRefocus, postsAfterRefocus,
+        enabledAfterRefocusWait, postsAfterWait: posts.length,
+      }));
     } else {
       throw new Error(`unknown mode ${mode}`);
     }
