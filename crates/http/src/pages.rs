@@ -396,7 +396,7 @@ async fn dashboard(
          <label>The app's <code>nostrconnect://</code> link\
          <input name=\"uri\" required placeholder=\"nostrconnect://…\" value=\"{uri}\"></label>\
          <label>Allow it to<select name=\"policy\" required>{placeholder}{options}</select></label>\
-         <button type=\"submit\">Authorize the app</button></form>",
+         <button type=\"submit\" data-after-view>Authorize the app</button></form>",
         summary = linked.map(linked_app).unwrap_or_default(),
         uri = escape(linked.unwrap_or_default()),
     ));
@@ -472,7 +472,7 @@ fn exposure_html(exposure: Option<&(i64, String)>, csrf: &str) -> String {
          (you brought it, or you exported it yourself), you may keep it:</p>\
          <form method=\"post\" action=\"/dashboard/key/dismiss-exposure\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-         <button type=\"submit\">This key is mine alone: hide this warning</button></form></section>",
+         <button type=\"submit\" data-after-view>This key is mine alone: hide this warning</button></form></section>",
         text = escape(account_security::exposure_text(reason)),
         since = escape(&time(*since)),
     )

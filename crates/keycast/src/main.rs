@@ -97,8 +97,10 @@ struct MigrateArgs {
     #[command(flatten)]
     common: ServeArgs,
     /// Copy everything from the SQLite database (DATABASE_URL) into this empty PostgreSQL
-    /// database (postgres://…), verifying row counts and per-table checksums
-    #[arg(long, value_name = "URL")]
+    /// database (postgres://…), verifying row counts and per-table checksums. Prefer the
+    /// environment variable: on the command line the URL, password included, is shown to
+    /// every user of the machine (ps) and kept in shell history
+    #[arg(long, value_name = "URL", env = "KEYCAST_MIGRATE_TO", hide_env_values = true)]
     to: Option<String>,
     /// With --to: copy the latest state of this replica (s3://, gs://, az://, file://)
     /// instead of the local database; it is restored into a temporary file first
