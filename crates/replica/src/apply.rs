@@ -65,6 +65,10 @@ pub struct Applied {
     /// applied, so it was stored by an instance that had lost the replica to a newer one (see
     /// [`Applied::check_writer`]). Everything before it is applied.
     pub stale: Option<LtxObject>,
+    /// The file being read carries a stale stamp: its pages are read but not written, and it
+    /// counts as stale only once its checksum (and, encrypted, its tag) proves the stamp is
+    /// what its writer wrote. A stamp a flipped bit lowered is corruption, not a stale writer.
+    stale_stamp: bool,
 }
 
 /// A set of page numbers, one bit each.
@@ -224,8 +228,6 @@ async fn fetch(store: &Store, object: LtxObject) -> Result<Fetched, RestoreError
 
 /// Why applying stopped, inside the worker.
 enum ApplyError {
-    /// The file is a stale writer's (see [`Applied::check_writer`]): applying stops before it.
-    Stale,
     Restore(RestoreError),
     Ltx(LtxError),
     Io(std::io::Error),
@@ -246,9 +248,6 @@ impl From<std::io::Error> for ApplyError {
 impl ApplyError {
     fn into_restore_error(self, object: Option<&LtxObject>, path: &Path) -> RestoreError {
         match self {
-            ApplyError::Stale => RestoreError::StaleWriter {
-                key: object.map(|o| o.key.to_string()).unwrap_or_default(),
-            },
             ApplyError::Restore(e) => e,
             ApplyError::Ltx(source) => RestoreError::Corrupt {
                 key: object.map(|o| o.key.to_string()).unwrap_or_default(),
@@ -289,19 +288,18 @@ fn apply_worker(
                 let trailer = decoder
                     .finish()
                     .map_err(|e| ApplyError::Ltx(e).into_restore_error(Some(&object), &path))?;
+                if applied.stale_stamp {
+                    applied.stale = Some(object);
+                    return Ok((applied, file));
+                }
                 applied.commit = trailer.header.commit;
                 applied.txid = trailer.header.max_txid;
                 applied.last = Some(trailer.header);
                 Ok(())
             }
         };
-        match step {
-            Ok(()) => {}
-            Err(ApplyError::Stale) => {
-                applied.stale = current.map(|(object, _)| object);
-                return Ok((applied, file));
-            }
-            Err(e) => return Err(e.into_restore_error(current.as_ref().map(|(o, _)| o), &path)),
+        if let Err(e) = step {
+            return Err(e.into_restore_error(current.as_ref().map(|(o, _)| o), &path));
         }
     }
     Ok((applied, file))
@@ -311,6 +309,7 @@ impl Applied {
     fn on_event(&mut self, file: &File, object: &LtxObject, event: Event<'_>) -> Result<(), ApplyError> {
         match event {
             Event::Header(h) => self.check_header(object, h),
+            Event::Page(_, _) if self.stale_stamp => Ok(()),
             Event::Page(pgno, page) => {
                 file.write_all_at(page, u64::from(pgno - 1) * u64::from(self.page_size))?;
                 self.written.insert(pgno);
@@ -356,7 +355,9 @@ impl Applied {
     /// from Litestream or from keycast before stamps), and proves nothing either way.
     fn check_writer(&mut self, stamp: u64) -> Result<(), ApplyError> {
         if stamp != 0 && stamp < self.newest_writer {
-            return Err(ApplyError::Stale);
+            // Judged at the file's end, once its checksum is proven (see `stale_stamp`).
+            self.stale_stamp = true;
+            return Ok(());
         }
         self.newest_writer = self.newest_writer.max(stamp);
         Ok(())

@@ -69,7 +69,7 @@ pub enum BootstrapError {
     },
     #[error(
         "the replica {replica} reaches only TXID {remote}, but its lease records TXID {recorded} as replicated: \
-         its newest objects are missing (deleted or lost). keycast will not silently roll back to an older state; \
+         its newest objects are missing (deleted or lost) or could not be applied. keycast will not silently roll back to an older state; \
          restore the missing objects, or, to accept the loss, delete {lease_object} from the replica"
     )]
     ReplicaTruncated {
@@ -107,13 +107,19 @@ pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<
     let local = db.exists();
     match (local, remote) {
         (false, 0) => Ok(Bootstrap::Fresh),
-        (false, _) => restore_into(db, store, None, &recent).await,
+        (false, _) => restore_into(db, store, None, &recent, recorded).await,
         (true, 0) => Ok(Bootstrap::Adopt),
-        (true, _) => compare(db, store, remote, &recent).await,
+        (true, _) => compare(db, store, remote, &recent, recorded).await,
     }
 }
 
-async fn compare(db: &Path, store: &Store, remote: u64, recent: &[LtxObject]) -> Result<Bootstrap, BootstrapError> {
+async fn compare(
+    db: &Path,
+    store: &Store,
+    remote: u64,
+    recent: &[LtxObject],
+    recorded: Option<u64>,
+) -> Result<Bootstrap, BootstrapError> {
     let record = match local_state::load(db) {
         Ok(record) => record,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -121,7 +127,7 @@ async fn compare(db: &Path, store: &Store, remote: u64, recent: &[LtxObject]) ->
             // it unreadable. It then proves nothing, and the replica holds everything shipped.
             let aside = move_aside(db)?;
             tracing::warn!(error = %e, moved_to = %aside.display(), "the local replication record is unreadable (a power loss?); restoring from the replica, the old file is kept");
-            return restore_into(db, store, Some(aside), recent).await;
+            return restore_into(db, store, Some(aside), recent, recorded).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -158,7 +164,7 @@ async fn compare(db: &Path, store: &Store, remote: u64, recent: &[LtxObject]) ->
             moved_to = %aside.display(),
             "the local database is behind the replica (another instance wrote since); restoring, the old file is kept"
         );
-        return restore_into(db, store, Some(aside), recent).await;
+        return restore_into(db, store, Some(aside), recent, recorded).await;
     }
     let shipped_frames_lost = match &record.wal {
         Some(cursor) if !(record.clean && record.db_checksum.is_some()) => {
@@ -174,23 +180,35 @@ async fn compare(db: &Path, store: &Store, remote: u64, recent: &[LtxObject]) ->
             moved_to = %aside.display(),
             "the local WAL no longer holds frames that were replicated (a power loss?); restoring from the replica, the old file is kept"
         );
-        return restore_into(db, store, Some(aside), recent).await;
+        return restore_into(db, store, Some(aside), recent, recorded).await;
     }
     Ok(Bootstrap::Resume { txid: record.txid })
 }
 
 /// Restores the latest state into `db`, planned from `recent`, the listing start-up just made.
+/// A restore that stops short of `recorded` (the lease's high-water mark) is refused, and
+/// removes nothing from the replica: what it could not apply was acknowledged.
 async fn restore_into(
     db: &Path,
     store: &Store,
     moved_aside: Option<PathBuf>,
     recent: &[LtxObject],
+    recorded: Option<u64>,
 ) -> Result<Bootstrap, BootstrapError> {
     if let Some(parent) = db.parent() {
         std::fs::create_dir_all(parent)?;
     }
     tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
     let restored = restore::restore_latest_listed(store, db, recent).await?;
+    if let Some(recorded) = recorded.filter(|r| *r > restored.txid) {
+        std::fs::remove_file(db)?;
+        return Err(BootstrapError::ReplicaTruncated {
+            replica: store.describe(),
+            remote: restored.txid,
+            recorded,
+            lease_object: "keycast/lease.json".into(),
+        });
+    }
     if restored.stale.is_some() {
         remove_stale_tail(store, restored.txid, recent).await?;
     }

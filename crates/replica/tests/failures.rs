@@ -615,3 +615,113 @@ async fn a_hand_over_whose_release_failed_is_undone_when_the_newcomer_never_come
     assert_eq!(restored.first().map(String::as_str), Some("before"));
     assert_eq!(restored.last().map(String::as_str), Some("after"), "{restored:?}");
 }
+
+/// Three commits replicated under a lease (whose high-water mark then records the last), and
+/// the newest level-0 object with its bytes.
+async fn replicated_with_newest() -> (
+    tempfile::TempDir,
+    Store,
+    u64,
+    keycast_replica::store::LtxObject,
+    Vec<u8>,
+) {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let lease = Lease::acquire(&store, "a", LeaseOptions::default()).await.unwrap();
+    let replicator =
+        Replicator::start_with_lease(&db, store.clone(), signal, "l", ReplicaOptions::default(), Some(lease))
+            .await
+            .unwrap();
+    for v in ["one", "two", "three"] {
+        insert(&pool, v).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    pool.close().await;
+    let txid = replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    let newest = store
+        .list_all()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|f| f.level == 0 && f.max_txid == txid)
+        .expect("the newest commit at level 0");
+    let bytes = store.get(&newest).await.unwrap().to_vec();
+    (dir, store, txid, newest, bytes)
+}
+
+/// Replaces the object at `key` with `bytes`, as a store that corrupts or an attacker would.
+async fn overwrite(store: &Store, key: &object_store::path::Path, bytes: Vec<u8>) {
+    object_store::ObjectStoreExt::put(&store.object_store(), key, bytes.into())
+        .await
+        .unwrap();
+}
+
+/// A bit flip that lowers the writer stamp in the newest object's header made it look like a
+/// stale writer's: the restore stopped before it and said it was complete, and start-up then
+/// deleted it, an acknowledged commit, from the replica. The stamp is now believed only once
+/// the object's checksum proves it: this object is corrupt, start-up refuses it, and nothing
+/// is deleted.
+#[tokio::test]
+async fn a_flipped_writer_stamp_is_corruption_not_a_stale_writer() {
+    let (dir, store, _, newest, mut bytes) = replicated_with_newest().await;
+    // The header's writer stamp (node_id): bytes 72..80, big-endian.
+    bytes[72..80].copy_from_slice(&1u64.to_be_bytes());
+    overwrite(&store, &newest.key, bytes).await;
+    let before = store.list_all().await.unwrap();
+
+    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, None).await;
+    match refused {
+        Err(BootstrapError::Restore(e)) => assert!(e.to_string().contains(newest.key.as_ref()), "{e}"),
+        other => panic!("a corrupt object is refused: {other:?}"),
+    }
+    assert_eq!(
+        store.list_all().await.unwrap(),
+        before,
+        "nothing deleted from the replica"
+    );
+}
+
+/// An object whose stamp is older than the files before it but whose checksum holds (a
+/// hostile store, or a stale writer's object at a TXID the lease records as replicated): the
+/// restore stops before it, short of the lease's high-water mark. Start-up refuses, instead
+/// of deleting it and serving the older state.
+#[tokio::test]
+async fn a_restore_short_of_the_high_water_mark_is_refused_and_deletes_nothing() {
+    let (dir, store, txid, newest, bytes) = replicated_with_newest().await;
+    let decoded = keycast_replica::ltx::decode(&bytes).unwrap();
+    let mut header = decoded.header;
+    header.node_id = 1;
+    let mut encoder = keycast_replica::ltx::Encoder::new(header).unwrap();
+    for (pgno, page) in &decoded.pages {
+        encoder.encode_page(*pgno, page).unwrap();
+    }
+    overwrite(
+        &store,
+        &newest.key,
+        encoder.finish(decoded.post_apply_checksum).unwrap(),
+    )
+    .await;
+    let before = store.list_all().await.unwrap();
+
+    let lease = Lease::acquire(&store, "b", LeaseOptions::default()).await;
+    // The first holder shut down cleanly: its lease is released, the mark kept.
+    let lease = lease.unwrap();
+    assert_eq!(lease.previous_txid(), Some(txid));
+    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, lease.previous_txid()).await;
+    assert!(
+        matches!(refused, Err(BootstrapError::ReplicaTruncated { recorded, .. }) if recorded == txid),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.list_all().await.unwrap(),
+        before,
+        "nothing deleted from the replica"
+    );
+    assert!(
+        !dir.path().join("b.db").exists(),
+        "no half-trusted database left to serve"
+    );
+}
