@@ -98,6 +98,12 @@ pub async fn restore_cmd(
     let restoring = if replacing {
         sibling(output, &format!(".restoring-{}", std::process::id()))
     } else {
+        if force {
+            // A WAL left without its database would be applied over the restore.
+            for leftover in restore::leftovers(output) {
+                std::fs::remove_file(&leftover).with_context(|| format!("cannot remove {}", leftover.display()))?;
+            }
+        }
         output.to_owned()
     };
     if matches!(target, Target::Latest) {
@@ -118,12 +124,15 @@ pub async fn restore_cmd(
     }
     if replacing {
         // The old database's WAL would be applied to the new file on its next open.
-        for suffix in ["-wal", "-shm"] {
+        for suffix in ["-wal", "-shm", "-journal"] {
             let _ = std::fs::remove_file(sibling(output, suffix));
         }
         std::fs::rename(&restoring, output)
             .with_context(|| format!("cannot move the restored database over {}", output.display()))?;
     }
+    // A replication record left from the database that was there before would let `serve`
+    // resume shipping this one as if it were that one's continuation.
+    keycast_replica::local_state::remove(output);
     if as_json {
         println!(
             "{}",

@@ -339,13 +339,31 @@ fn restore_cli_point_in_time() {
         "the failed restore left the existing file alone"
     );
 
-    // --force replaces it; --json reports what was restored.
+    // --force replaces it; --json reports what was restored. The replication record left
+    // beside it goes too: with it, `serve` resumed shipping the restored file as the replaced
+    // database's continuation.
+    let record = dir.path().join("by-txid.db-replica.json");
+    std::fs::write(&record, "{}").unwrap();
     let forced = restore(&by_txid, &["--force", "--json"], &env);
+    assert!(!record.exists(), "the replaced database's replication record is gone");
     let doc: Value = serde_json::from_str(forced.stdout.trim())
         .unwrap_or_else(|e| panic!("restore --json is not JSON ({e}): {}", forced.stdout));
     assert_eq!(doc["txid"].as_u64(), Some(replica_max_txid(&env)), "{doc}");
     assert!(doc["files"].as_u64().unwrap() >= 1, "{doc}");
     assert_eq!(harness::test_keys(&by_txid), keys(&["a1", "a2", "a3", "b1", "b2"]));
+
+    // A WAL left where its database was moved away from is refused, named (SQLite would
+    // apply it over the restore); --force removes it.
+    let moved = dir.path().join("moved.db");
+    let orphan = dir.path().join("moved.db-wal");
+    std::fs::write(&orphan, b"another database's commits").unwrap();
+    let refused = cli(&["restore", "-o", moved.to_str().unwrap()], &env);
+    assert!(!refused.status.success(), "{}", refused.stdout);
+    assert!(refused.stderr.contains("moved.db-wal"), "{}", refused.stderr);
+    assert!(!moved.exists());
+    restore(&moved, &["--force"], &env);
+    assert!(!orphan.exists());
+    assert_eq!(harness::test_keys(&moved), keys(&["a1", "a2", "a3", "b1", "b2"]));
 
     // A time before the first file cannot be restored, and says so.
     let too_early = dir.path().join("too-early.db");

@@ -198,6 +198,15 @@ async fn restore_into(
     if let Some(parent) = db.parent() {
         std::fs::create_dir_all(parent)?;
     }
+    // A WAL (or shared memory, or journal) without its database: the database was moved away
+    // and this was left. Applied over the restore by SQLite, it would mix two states; it is
+    // kept beside, renamed, for whoever moved the database.
+    for leftover in restore::leftovers(db) {
+        let mut aside = leftover.as_os_str().to_owned();
+        aside.push(format!(".orphan-{}", crate::replicator::now_ms()));
+        std::fs::rename(&leftover, &aside)?;
+        tracing::warn!(file = %leftover.display(), moved_to = %Path::new(&aside).display(), "a database's WAL was left without its database: moved aside before restoring");
+    }
     tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
     let restored = restore::restore_latest_listed(store, db, recent).await?;
     if let Some(recorded) = recorded.filter(|r| *r > restored.txid) {

@@ -89,6 +89,11 @@ pub enum RestoreError {
     ChecksumMismatch { txid: u64, restored: u64, recorded: u64 },
     #[error("output {0} already exists; remove it or restore elsewhere")]
     OutputExists(PathBuf),
+    #[error(
+        "{0} is left beside the output from a database that was there before: SQLite would apply it over the \
+         restored database. Move it away with the database it belongs to, or restore elsewhere"
+    )]
+    LeftoverBeside(PathBuf),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write {path}: {source}")]
@@ -232,6 +237,20 @@ pub async fn restore_latest_listed(
     restore_from(store, output, Target::Latest, Some(recent), None).await
 }
 
+/// The files SQLite would read with a database at `db` (its WAL, shared memory, rollback
+/// journal) that exist.
+pub fn leftovers(db: &Path) -> Vec<PathBuf> {
+    ["-wal", "-shm", "-journal"]
+        .into_iter()
+        .map(|suffix| {
+            let mut path = db.as_os_str().to_owned();
+            path.push(suffix);
+            PathBuf::from(path)
+        })
+        .filter(|path| path.exists())
+        .collect()
+}
+
 async fn restore_from(
     store: &Store,
     output: &Path,
@@ -241,6 +260,12 @@ async fn restore_from(
 ) -> Result<Restored, RestoreError> {
     if output.exists() {
         return Err(RestoreError::OutputExists(output.to_owned()));
+    }
+    // SQLite ties no WAL to its database file: one left beside the output (its database moved
+    // away, the WAL not) would be applied over the restored pages when it is first opened, and
+    // the replicator would ship that mix as the next TXID.
+    if let Some(leftover) = leftovers(output).into_iter().next() {
+        return Err(RestoreError::LeftoverBeside(leftover));
     }
     let started = std::time::Instant::now();
     let recent = match (target, recent) {

@@ -725,3 +725,33 @@ async fn a_restore_short_of_the_high_water_mark_is_refused_and_deletes_nothing()
         "no half-trusted database left to serve"
     );
 }
+
+/// The runbook says to move a database away to restore in its place; a WAL left behind (its
+/// database moved, the WAL not) holds another database's commits. SQLite ties no WAL to its
+/// database file: opened beside the restore, it was applied over the restored pages, and the
+/// replicator would have shipped the mix. Start-up now moves it aside before restoring, and
+/// `restore` into a path with one beside refuses, naming it.
+#[tokio::test]
+async fn a_wal_left_without_its_database_is_never_applied_over_a_restore() {
+    let (dir, store, _, _, _) = replicated_with_newest().await;
+    let (_other_dir, other_db, other_pool, _other_signal) = common::live_db().await;
+    for v in ["not", "this", "database's"] {
+        insert(&other_pool, v).await;
+    }
+    let db = dir.path().join("b.db");
+    let orphan = dir.path().join("b.db-wal");
+    std::fs::copy(other_db.with_file_name("live.db-wal"), &orphan).unwrap();
+    other_pool.close().await;
+
+    let refused = restore(&store, &db, Target::Latest, None).await;
+    assert!(
+        matches!(&refused, Err(keycast_replica::restore::RestoreError::LeftoverBeside(p)) if *p == orphan),
+        "{refused:?}"
+    );
+    assert!(!db.exists());
+
+    bootstrap::prepare(&db, &store, None).await.unwrap();
+    assert!(!orphan.exists(), "moved aside");
+    let values: Vec<String> = common::rows(&db).await.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, ["one", "two", "three"]);
+}
