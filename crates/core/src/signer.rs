@@ -101,6 +101,36 @@ pub enum Change {
     },
 }
 
+/// How far ahead of now an event to sign may be dated.
+pub const MAX_DATED_AHEAD_SECS: i64 = 600;
+
+/// Refuses an event dated more than [`MAX_DATED_AHEAD_SECS`] ahead, or after the grant ends.
+/// A signature outlives its grant: an app with an hour's grant, or one about to be revoked,
+/// could sign notes dated weeks ahead and publish each when its date comes (relays take
+/// them: the signature stays valid), or date a profile or relay list far ahead so that it
+/// outranks every later one. Revoking the grant would stop none of it.
+fn check_date(request: &Request, now: i64, grant_ends: Option<i64>) -> Result<(), SignError> {
+    let Request::SignEvent(event) = request else {
+        return Ok(());
+    };
+    let dated = i64::try_from(event.created_at.as_secs()).unwrap_or(i64::MAX);
+    if dated > now.saturating_add(MAX_DATED_AHEAD_SECS) {
+        return Err(SignError::BadRequest {
+            reason: format!(
+                "the event is dated {} s ahead; keycast signs events dated at most {MAX_DATED_AHEAD_SECS} s ahead, \
+                 so that no signature outlives the grant that made it (leave created_at out to date it now)",
+                dated - now
+            ),
+        });
+    }
+    if let Some(ends) = grant_ends.filter(|ends| dated > *ends) {
+        return Err(SignError::BadRequest {
+            reason: format!("the event is dated after this grant ends (at {ends}); it cannot be signed under it"),
+        });
+    }
+    Ok(())
+}
+
 /// Changes buffered per subscriber; a subscriber that lags re-reads everything.
 const CHANGES_CAPACITY: usize = 1024;
 
@@ -598,6 +628,7 @@ impl Signer {
             err
         };
         current.terms.check_expiry(now).map_err(&refused)?;
+        check_date(&request, now, current.terms.expires_at)?;
         let keys = self.user_keys(&authz.user_id).await?;
         let user = keys.public_key();
         let kinds = self.allowed_kinds(&authz.id).await?;
@@ -1085,4 +1116,30 @@ fn perform(keys: &Keys, request: Request) -> Result<Response, SignError> {
 
 fn bad_request(reason: String) -> SignError {
     SignError::BadRequest { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_dated(at: i64) -> Request {
+        let event = nostr::EventBuilder::text_note("dated")
+            .custom_created_at(nostr::Timestamp::from(u64::try_from(at).unwrap()))
+            .build(Keys::generate().public_key());
+        Request::SignEvent(event)
+    }
+
+    #[test]
+    fn an_event_is_signed_dated_at_most_ten_minutes_ahead_and_never_after_its_grant() {
+        let now = 1_700_000_000;
+        let at = |ahead: i64| event_dated(now + ahead);
+        assert!(check_date(&at(0), now, None).is_ok());
+        assert!(check_date(&at(-86_400), now, None).is_ok(), "the past is not refused");
+        assert!(check_date(&at(MAX_DATED_AHEAD_SECS), now, None).is_ok());
+        assert!(check_date(&at(MAX_DATED_AHEAD_SECS + 1), now, None).is_err());
+        // The last minutes of a grant: within ten minutes, but after it ends.
+        assert!(check_date(&at(120), now, Some(now + 60)).is_err());
+        assert!(check_date(&at(60), now, Some(now + 60)).is_ok());
+        assert!(check_date(&Request::GetPublicKey, now, Some(now - 1)).is_ok());
+    }
 }

@@ -124,7 +124,7 @@ fn the_approval_page_shows_the_tags_and_the_date_the_owner_would_sign(engine: En
     let (cookie, _) = register(&server, "tags@example.com", None);
     let token = grant(&server, &cookie, "policy:social");
     let target = "a".repeat(64);
-    let params = json!([{ "kind": 30023, "content": "just tidying up", "created_at": 1_900_000_000,
+    let params = json!([{ "kind": 30023, "content": "just tidying up", "created_at": 1_600_000_000,
                          "tags": [["d", "slug"], ["e", target], ["p", "<script>x</script>"]] }]);
     let path = approval_path(&server, &sign(&server, &token, params));
     let page = get(&server, &path, Some(&cookie));
@@ -132,12 +132,13 @@ fn the_approval_page_shows_the_tags_and_the_date_the_owner_would_sign(engine: En
     assert!(page.body.contains(&target), "the tag's value is shown: {}", page.body);
     assert!(page.body.contains("&lt;script&gt;"), "escaped: {}", page.body);
     assert!(!page.body.contains("<script>x"), "{}", page.body);
-    assert!(page.body.contains("2030-03-17"), "the event's date: {}", page.body);
+    assert!(page.body.contains("2020-09-13"), "the event's date: {}", page.body);
 }
 
 /// The page shows the event's date, and "allow once" holds for that date: a retry dated
-/// afresh passes, one dated years ahead does not. Before, the date was not compared, and an
-/// app could have a replaceable event (a relay list, a profile) signed for the year 2100,
+/// afresh passes, one dated otherwise does not (here years back; years ahead is refused
+/// before any approval, see `grant_terms.rs`). Before, the date was not compared, and an app
+/// could have a replaceable event (a relay list, a profile) signed for the year 2100,
 /// outranking every later one the owner publishes.
 fn http_allow_once_holds_for_the_date_the_owner_saw(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
@@ -146,9 +147,9 @@ fn http_allow_once_holds_for_the_date_the_owner_saw(engine: Engine) {
     let token = grant(&server, &cookie, "policy:social");
     let path = approval_path(&server, &sign(&server, &token, article("dated today")));
     assert_eq!(decide(&server, &cookie, &path, "once").status, 200);
-    let ahead = json!([{ "kind": 30023, "content": "dated today", "tags": [["d", "slug"]],
-                        "created_at": 4_102_444_800_u64 }]);
-    let refused = sign(&server, &token, ahead);
+    let back = json!([{ "kind": 30023, "content": "dated today", "tags": [["d", "slug"]],
+                        "created_at": 1_600_000_000_u64 }]);
+    let refused = sign(&server, &token, back);
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert_eq!(refused.json()["code"], "approval_required", "{}", refused.body);
     assert_signed(&sign(&server, &token, article("dated today")), 30023);

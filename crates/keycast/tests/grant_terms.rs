@@ -241,7 +241,50 @@ fn an_exhausted_grant_asks_the_owner_for_nothing(engine: Engine) {
     );
 }
 
+/// A signature outlives its grant: an app with an hour's grant (or one about to be revoked)
+/// could sign notes dated weeks ahead and publish each when its date comes. Events are signed
+/// dated at most 10 minutes ahead, and never after the grant ends, on both transports; the
+/// refusal says why. Before, any date was signed.
+fn an_event_dated_past_the_grant_is_not_signed_on_either_transport(engine: Engine) {
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "dated@example.com", None);
+    let hour = grant_with(&server, &cookie, &[("duration", "hour")]);
+    let forever = grant_with(&server, &cookie, &[]);
+    let connected = nip46.connect(forever["bunker_url"].as_str().unwrap());
+    assert_eq!(connected["ok"], true, "{connected}");
+    let now = keycast_db::now_unix();
+    let dated = |token: &Value, at: i64| {
+        rpc(
+            &server,
+            token["access_token"].as_str().unwrap(),
+            "sign_event",
+            json!([{ "kind": 1, "content": "dated", "created_at": at }]),
+        )
+    };
+
+    let ahead = dated(&forever, now + 7 * 86_400);
+    assert_eq!(ahead.status, 400, "{}", ahead.body);
+    assert!(ahead.body.contains("at most 600 s ahead"), "{}", ahead.body);
+    let over_nip46 =
+        nip46.sign_event(json!({"kind": 1, "content": "dated", "tags": [], "created_at": now + 7 * 86_400}));
+    assert_refused_nip46(&over_nip46, "ahead");
+    // Past the hour's grant, too (the grant's end is checked as well: see `signer::tests`).
+    let past_the_hour = dated(&hour, now + 3_600 + 120);
+    assert_eq!(past_the_hour.status, 400, "{}", past_the_hour.body);
+
+    // A clock a few minutes fast, and the past, are signed as before.
+    assert_eq!(dated(&forever, now + 300).status, 200);
+    assert_eq!(dated(&hour, 1_700_000_000).status, 200);
+    let signed = nip46.sign_event(json!({"kind": 1, "content": "now", "tags": [], "created_at": now}));
+    assert_eq!(signed["ok"], true, "{signed}");
+}
+
 on_both_engines!(
+    an_event_dated_past_the_grant_is_not_signed_on_either_transport,
     an_exhausted_grant_asks_the_owner_for_nothing,
     exhausted_grant_is_refused_on_both_transports_with_one_count,
     rate_limited_grant_says_when_to_retry_on_both_transports,
