@@ -569,6 +569,44 @@ fn sign_through(app: &mut BunkerClient, session: &Session, content: &str, timeou
     app.call(json!({"op": "sign_event", "event": {"kind": 1, "content": content}, "timeout_ms": timeout_ms}))
 }
 
+/// An app's bound client connecting again (a restart, a loop) changes nothing, so it waits
+/// for no other instance. Before, each `connect` dropped the grant from every cache and waited
+/// for every other instance to acknowledge that: with instances that do not (here they ignore
+/// every notice), each reconnect waited out the 3 s sync timeout, and a loop of them filled
+/// the requests in flight for everyone.
+#[test]
+fn a_bound_client_connecting_again_waits_for_no_other_instance() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    let env = [("BUNKER_RELAYS", relay.url()), ("KEYCAST_TEST_ROUTES", "true")];
+    let Some((_dir, servers)) = instances_with(2, &env) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "again@example.com", None);
+    let token = grant(&servers[0], &cookie, "policy:social");
+    let bunker_url = token["bunker_url"].as_str().unwrap().to_owned();
+    let (client_sk, _) = keypair();
+    let connected = app.connect_as(&bunker_url, &client_sk);
+    assert_eq!(connected["ok"], true, "{connected}");
+    for server in &servers {
+        if !harness::arm_failpoint(server, "cluster-listen-behind", "return") {
+            return;
+        }
+    }
+    let timeouts = || -> f64 {
+        servers
+            .iter()
+            .map(|s| metric_sum(&s.get("/metrics").1, "keycast_cluster_sync_timeouts_total"))
+            .sum()
+    };
+    let before = timeouts();
+    for _ in 0..3 {
+        let again = app.connect_as(&bunker_url, &client_sk);
+        assert_eq!(again["ok"], true, "{again}");
+    }
+    assert_eq!(timeouts(), before, "reconnects waited for the other instance");
+}
+
 #[test]
 fn each_nip46_request_is_answered_once_and_a_dead_instances_bunkers_answer_again() {
     let Some(relay) = Relay::start() else { return };

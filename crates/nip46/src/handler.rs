@@ -149,6 +149,14 @@ async fn run(
             // hints for a consent screen: the grant was made by the owner already, and what
             // a client asks for never widens it.
             let secret = request.params.get(1).and_then(Value::as_str);
+            // The bound client connecting again (an app restarting, or one looping) changes
+            // nothing: answered from the caches, with no write and nothing to wait for.
+            // Before, each one wrote the binding again, dropped the grant from every cache
+            // here and on the other instances, and waited for the replica: a cheap flood from
+            // any app took NIP-46 down for everyone.
+            if signer.authorize_bunker(bunker, client).await.is_ok() {
+                return Ok("ack".into());
+            }
             writable(durability).await?;
             signer.connect(bunker, client, secret).await?;
             // The binding decides who may sign: acknowledge it only once it is in the replica.
