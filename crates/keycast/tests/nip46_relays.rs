@@ -313,6 +313,41 @@ const FLOOD: usize = 10_000;
 /// `KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC` (the default).
 const RATE: f64 = 100.0;
 
+/// One oversized event published on a relay keycast listens on (relays take events up to
+/// 500 KB: khatru's default) ended keycast's connection to it, and did again after every
+/// reconnect: every user's bunker on that relay went deaf for as long as someone kept
+/// publishing. The operator's relays now get room for it: the event is read and dropped, and
+/// the connection stays.
+#[test]
+fn an_oversized_event_on_an_operator_relay_does_not_cut_keycast_off_it() {
+    let relay = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &relay.url())
+        .start();
+    let (cookie, _) = register(&server, "oversized@example.com", None);
+    let token = harness::flow::grant(&server, &cookie, "policy:social");
+    let bunker_hex = token["bunker_url"].as_str().unwrap()["bunker://".len()..][..64].to_owned();
+    wait_until(&server, "a subscription for the bunker", || {
+        relay.requested_pubkeys().contains(&bunker_hex)
+    });
+    let connections = relay.connections();
+    let big = nostr::EventBuilder::new(nostr::Kind::NostrConnect, "a".repeat(300 * 1024))
+        .tag(nostr::Tag::public_key(PublicKey::from_hex(&bunker_hex).unwrap()))
+        .sign_with_keys(&Keys::generate())
+        .unwrap()
+        .as_json();
+    relay.flood(vec![big]);
+    wait_until(&server, "the oversized event to be sent", || relay.flooded() >= 1);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        relay.connections(),
+        connections,
+        "keycast reconnected: the oversized event ended its connection; log:\n{}",
+        server.log()
+    );
+}
+
 /// Issue 12 item 6: a relay named by an app pushes thousands of valid kind-24133 requests
 /// from strangers (fresh keys, not bound to the bunker) at keycast. Each used to cost a
 /// signature check, an ECDH, a handler run and a signed reply published to every

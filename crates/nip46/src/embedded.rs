@@ -58,7 +58,7 @@ pub struct EmbeddedRelay {
     accept: AbortHandle,
 }
 
-/// The largest event the relay carries: half of what keycast reads from a relay in one
+/// The largest event the relay carries: half of the least keycast reads from a relay in one
 /// message (`transport::MAX_MESSAGE_BYTES`; a larger message ends its connection), and more
 /// than any NIP-46 request (a NIP-44 payload is at most about 87 KiB as an event).
 pub const MAX_EVENT_BYTES: usize = crate::transport::MAX_MESSAGE_BYTES / 2;

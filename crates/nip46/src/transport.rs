@@ -15,10 +15,14 @@
 //! instance). A refused connection fails like an unreachable relay; the reconnect
 //! supervisor tries again later, and the name is judged again then.
 //!
-//! Incoming WebSocket messages are limited in size ([`MAX_MESSAGE_BYTES`]): a relay cannot
-//! make keycast buffer a 64 MiB message (tungstenite's default) before nostr-sdk's own
-//! limits look at it. Those from relays named by apps are also read at a bounded rate
-//! ([`RelayTransport::throttle_app_relays`], issue 12 item 6).
+//! Incoming WebSocket messages are limited in size ([`MAX_MESSAGE_BYTES`], and
+//! [`MAX_OPERATOR_MESSAGE_BYTES`] from the operator's relays): a relay cannot make keycast
+//! buffer a 64 MiB message (tungstenite's default) before nostr-sdk's own limits look at it.
+//! A larger message ends the connection, so the operator's relays get a limit above what
+//! common relays accept: one oversized event published there by anyone must not cut keycast
+//! off a relay every user's bunker is on (keycast drops it instead, as a stranger's request it
+//! cannot open). Messages from relays named by apps are also read at a bounded rate
+//! ([`RelayTransport::throttle_app_relays`], issue 12 item 6); the operator's are not.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -40,6 +44,9 @@ use crate::throttle::{Rate, Throttled};
 /// Largest WebSocket message accepted from a relay. A NIP-44 payload is at most 64 KiB of
 /// plaintext (about 87 KiB as an event), so this leaves room for NIP-04 and relay notices.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Largest WebSocket message accepted from the operator's relays: more than any relay's
+/// default limit on events (khatru's is 500 KB, nostr-rs-relay's and strfry's smaller).
+pub const MAX_OPERATOR_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Shortest time given to one address when a name resolves to several.
 const MIN_ATTEMPT: Duration = Duration::from_secs(2);
 
@@ -116,9 +123,14 @@ impl RelayTransport {
         let attempt = async {
             let addrs = self.addresses(url).await?;
             let tcp = dial(&relay, &addrs, timeout).await?;
+            let limit = if self.is_trusted(url) {
+                MAX_OPERATOR_MESSAGE_BYTES
+            } else {
+                MAX_MESSAGE_BYTES
+            };
             let config = WebSocketConfig::default()
-                .max_message_size(Some(MAX_MESSAGE_BYTES))
-                .max_frame_size(Some(MAX_MESSAGE_BYTES));
+                .max_message_size(Some(limit))
+                .max_frame_size(Some(limit));
             // The URL's host name is what TLS verifies and `Host` names; the TCP
             // connection is to the address judged above.
             let (ws, _) = tokio_tungstenite::client_async_tls_with_config(url.as_str(), tcp, Some(config), None)
