@@ -361,3 +361,21 @@ pub(crate) fn consent(consent: &Consent<'_>, email: &str, csrf: &str, shown: &st
     );
     layout("Authorize", &body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The browser runs the page's one script only if the CSP names its exact bytes: a
+    /// change to either that leaves them apart silently turns the double-clickjacking
+    /// defence off (the Chromium test proves it end to end where a browser is installed).
+    #[test]
+    fn the_csp_allows_exactly_the_script_every_page_carries() {
+        let csp = HTML_CSP.to_str().unwrap();
+        let hash = STANDARD.encode(Sha256::digest(VIEW_GATE.as_bytes()));
+        assert!(csp.contains(&format!("script-src 'sha256-{hash}'")), "{csp}");
+        let page = layout("t", "<p>body</p>");
+        assert!(page.contains(&format!("<script>{VIEW_GATE}</script>")), "{page}");
+        assert_eq!(page.matches("<script").count(), 1, "one script, no other");
+    }
+}

@@ -99,10 +99,10 @@ pub async fn restore_cmd(
         sibling(output, &format!(".restoring-{}", std::process::id()))
     } else {
         if force {
-            // A WAL left without its database would be applied over the restore.
-            for leftover in restore::leftovers(output) {
-                std::fs::remove_file(&leftover).with_context(|| format!("cannot remove {}", leftover.display()))?;
-            }
+            // A WAL left without its database would be applied over the restore: kept beside,
+            // renamed, since it may hold the moved database's last commits.
+            keycast_replica::bootstrap::move_leftovers_aside(output)
+                .with_context(|| format!("cannot move aside what is left beside {}", output.display()))?;
         }
         output.to_owned()
     };

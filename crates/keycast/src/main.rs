@@ -97,15 +97,25 @@ struct MigrateArgs {
     #[command(flatten)]
     common: ServeArgs,
     /// Copy everything from the SQLite database (DATABASE_URL) into this empty PostgreSQL
-    /// database (postgres://…), verifying row counts and per-table checksums. Prefer the
-    /// environment variable: on the command line the URL, password included, is shown to
-    /// every user of the machine (ps) and kept in shell history
-    #[arg(long, value_name = "URL", env = "KEYCAST_MIGRATE_TO", hide_env_values = true)]
+    /// database (postgres://…), verifying row counts and per-table checksums. `env:NAME`
+    /// reads the URL from the environment variable NAME instead: on the command line the URL,
+    /// password included, is shown to every user of the machine (ps) and kept in shell history
+    #[arg(long, value_name = "URL")]
     to: Option<String>,
     /// With --to: copy the latest state of this replica (s3://, gs://, az://, file://)
     /// instead of the local database; it is restored into a temporary file first
     #[arg(long, value_name = "URL", requires = "to")]
     from_replica: Option<String>,
+}
+
+/// The `--to` of `keycast migrate`: the URL itself, or `env:NAME` for the URL in the
+/// environment variable NAME (kept out of `ps` and shell history).
+fn target_url(to: &str) -> anyhow::Result<String> {
+    match to.strip_prefix("env:") {
+        Some(name) => std::env::var(name)
+            .with_context(|| format!("--to {to}: the environment variable {name} is not set (or not UTF-8)")),
+        None => Ok(to.to_owned()),
+    }
 }
 
 #[derive(Args)]
@@ -203,7 +213,7 @@ fn main() -> ExitCode {
                 to: Some(to),
                 from_replica: None,
                 ..
-            }) => keycast::serve::copy_to_postgres(&config, &to, None).await,
+            }) => keycast::serve::copy_to_postgres(&config, &target_url(&to)?, None).await,
             Command::Migrate(MigrateArgs {
                 to: Some(to),
                 from_replica: Some(url),
@@ -212,6 +222,7 @@ fn main() -> ExitCode {
                 let store = replica(&config, Some(url.as_str()))?;
                 let scratch = tempfile::tempdir().context("a temporary directory for the restored database")?;
                 let restored = scratch.path().join("keycast.db");
+                let to = target_url(&to)?;
                 cli::restore_cmd(&store, &restored, Target::Latest, false, false).await?;
                 keycast::serve::copy_to_postgres(&config, &to, Some(&restored)).await
             }

@@ -163,7 +163,7 @@ pub async fn run(
                 Ok(Err(e)) if !e.is::<StoppedDuringStartup>() => return Err(e),
                 Ok(Err(_)) => return Ok(()),
                 Err(_) => anyhow::bail!(
-                    "start-up did not finish within half the {} s grace period after the SIGTERM; stopped without giving the replica lease back (the next instance waits for it to lapse)",
+                    "start-up did not finish within half the {} s grace period after the SIGTERM; stopped where it was (a replica lease it held lapses instead of being given back)",
                     config.shutdown_grace.as_secs_f64()
                 ),
             }

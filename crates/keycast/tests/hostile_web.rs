@@ -164,7 +164,6 @@ fn keycasts_login_and_consent_pages_cannot_be_framed_by_another_site() {
     );
 }
 
-/// The response headers of a GET, lowercased names.
 /// Double-clickjacking in the browser: the hostile page navigates its opener to keycast's
 /// consent page while a popup of its own is in front, and closes the popup on the first
 /// click of a double click; the page has been loaded for long, and the second click lands on
@@ -195,6 +194,7 @@ fn approve_waits_until_the_consent_page_has_been_in_view() {
         result["postsAfterRefocus"], 0,
         "a click as the window regained focus approved: {result}"
     );
+    assert_eq!(result["enabledAfterRefocusWait"], true, "{result}");
     assert_eq!(result["postsAfterWait"], 1, "{result}");
 }
 
@@ -277,6 +277,7 @@ fn an_approval_clicked_as_its_page_appears_is_refused() {
     assert!(read.body.contains("Allowed"), "{}", read.body);
 }
 
+/// The response headers of a GET, lowercased names.
 fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
     let mut req = agent()
         .get(format!("{}{path}", server.base))

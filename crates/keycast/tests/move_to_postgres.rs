@@ -58,7 +58,7 @@ fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_work
     // be shown to every user of the machine.
     let migrate_to = || {
         keycast_cli(
-            &["migrate"],
+            &["migrate", "--to", "env:KEYCAST_MIGRATE_TO"],
             &[
                 ("DATABASE_URL", sqlite_url.as_str()),
                 ("KEYCAST_MASTER_KEY", TEST_MASTER_KEY),

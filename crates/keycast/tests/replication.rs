@@ -363,6 +363,14 @@ fn restore_cli_point_in_time() {
     assert!(!moved.exists());
     restore(&moved, &["--force"], &env);
     assert!(!orphan.exists());
+    let kept = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("moved.db-wal.orphan-"));
+    assert!(
+        kept,
+        "the leftover is kept beside, renamed: it may hold the moved database's last commits"
+    );
     assert_eq!(harness::test_keys(&moved), keys(&["a1", "a2", "a3", "b1", "b2"]));
 
     // A time before the first file cannot be restored, and says so.

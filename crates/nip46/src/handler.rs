@@ -150,11 +150,13 @@ async fn run(
             // a client asks for never widens it.
             let secret = request.params.get(1).and_then(Value::as_str);
             // The bound client connecting again (an app restarting, or one looping) changes
-            // nothing: answered from the caches, with no write and nothing to wait for.
-            // Before, each one wrote the binding again, dropped the grant from every cache
-            // here and on the other instances, and waited for the replica: a cheap flood from
-            // any app took NIP-46 down for everyone.
+            // nothing: answered from the caches, with no write. Before, each one wrote the
+            // binding again, dropped the grant from every cache here and on the other
+            // instances, and waited for them: a cheap flood from any app took NIP-46 down for
+            // everyone. It still waits for what is unshipped (at once when nothing is): the
+            // binding may be the first connect's, not yet in the replica.
             if signer.authorize_bunker(bunker, client).await.is_ok() {
+                durable(durability, "the connection was not saved").await?;
                 return Ok("ack".into());
             }
             writable(durability).await?;

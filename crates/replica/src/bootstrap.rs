@@ -105,6 +105,9 @@ pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<
         });
     }
     let local = db.exists();
+    if !local {
+        move_leftovers_aside(db)?;
+    }
     match (local, remote) {
         (false, 0) => Ok(Bootstrap::Fresh),
         (false, _) => restore_into(db, store, None, &recent, recorded).await,
@@ -198,15 +201,6 @@ async fn restore_into(
     if let Some(parent) = db.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    // A WAL (or shared memory, or journal) without its database: the database was moved away
-    // and this was left. Applied over the restore by SQLite, it would mix two states; it is
-    // kept beside, renamed, for whoever moved the database.
-    for leftover in restore::leftovers(db) {
-        let mut aside = leftover.as_os_str().to_owned();
-        aside.push(format!(".orphan-{}", crate::replicator::now_ms()));
-        std::fs::rename(&leftover, &aside)?;
-        tracing::warn!(file = %leftover.display(), moved_to = %Path::new(&aside).display(), "a database's WAL was left without its database: moved aside before restoring");
-    }
     tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
     let restored = restore::restore_latest_listed(store, db, recent).await?;
     if let Some(recorded) = recorded.filter(|r| *r > restored.txid) {
@@ -273,6 +267,20 @@ async fn replica_lineage(store: &Store) -> Result<Option<String>, StoreError> {
 }
 
 /// Renames the database and its `-wal`/`-shm`/record to `<db>.behind-<unix>…`.
+/// A WAL (or shared memory, or journal) without its database: the database was moved away
+/// and this was left. Opened beside a restored or a new database, SQLite would apply it (it
+/// ties no WAL to its file) and mix two states; it is kept beside, renamed, for whoever moved
+/// the database.
+pub fn move_leftovers_aside(db: &Path) -> std::io::Result<()> {
+    for leftover in restore::leftovers(db) {
+        let mut aside = leftover.as_os_str().to_owned();
+        aside.push(format!(".orphan-{}", crate::replicator::now_ms()));
+        std::fs::rename(&leftover, &aside)?;
+        tracing::warn!(file = %leftover.display(), moved_to = %Path::new(&aside).display(), "a database's WAL was left without its database: moved aside");
+    }
+    Ok(())
+}
+
 fn move_aside(db: &Path) -> std::io::Result<PathBuf> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

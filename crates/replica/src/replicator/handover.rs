@@ -288,7 +288,7 @@ impl Worker {
         // Wake durable waiters: theirs is shipped, or will never be.
         self.shared.shipped.send_modify(|_| {});
         metrics::counter!("keycast_replica_handovers_total").increment(1);
-        tracing::info!(%to, txid, "handed the replica over: every committed transaction is in the replica and the lease is released; this instance accepts no more writes");
+        tracing::info!(%to, txid, "handed the replica over: every committed transaction is in the replica; this instance accepts no more writes");
         Ok(())
     }
 

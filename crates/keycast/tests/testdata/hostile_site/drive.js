@@ -112,6 +112,11 @@ async function main() {
       const box = await approve.boundingBox();
       const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
       const disabledAtLoad = await approve.isDisabled();
+      // However long loading took, the window has just come to the front.
+      await page.evaluate(() => {
+        window.dispatchEvent(new Event('blur'));
+        window.dispatchEvent(new Event('focus'));
+      });
       await page.mouse.click(x, y);
       await page.waitForTimeout(300);
       const postsAtOnce = posts.length;
