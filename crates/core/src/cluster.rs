@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use keycast_db::notify::{Heard, Listener};
-use keycast_db::{cluster as cluster_repo, AuthorizationId, Db, PgOptions, TokenHash, UserId};
+use keycast_db::{cluster as cluster_repo, within, AuthorizationId, Db, PgOptions, TokenHash, UserId};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::AbortHandle;
@@ -91,19 +91,6 @@ impl ClusterOptions {
         self.instance_ttl
             .max(Duration::from_millis(keycast_db::pool::DEFAULT_ACQUIRE_TIMEOUT_MS))
     }
-}
-
-/// `statement`, failed with a timeout error if it takes longer than `within`.
-async fn within<T>(
-    within: Duration,
-    statement: impl std::future::Future<Output = Result<T, keycast_db::RepoError>>,
-) -> Result<T, keycast_db::RepoError> {
-    tokio::time::timeout(within, statement).await.unwrap_or_else(|_| {
-        Err(keycast_db::RepoError::Busy(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {} ms", within.as_millis()),
-        ))))
-    })
 }
 
 impl Default for ClusterOptions {

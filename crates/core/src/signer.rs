@@ -866,14 +866,8 @@ impl Signer {
             // landed, its answer lost).
             let db = self.activity_db.clone();
             let written = tokio::spawn(async move {
-                let inserted = tokio::time::timeout(ACTIVITY_WRITE_WITHIN, activity_repo::insert_batch(&db, &batch))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(RepoError::Busy(sqlx::Error::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no answer to the activity write in time",
-                        ))))
-                    });
+                let inserted =
+                    keycast_db::within(ACTIVITY_WRITE_WITHIN, activity_repo::insert_batch(&db, &batch)).await;
                 (inserted, batch)
             })
             .await;

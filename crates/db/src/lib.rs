@@ -66,6 +66,25 @@ pub use ids::{ActivityId, AuthorizationId, KeyId, PolicyId, TokenHash, UserId};
 pub use migrate::MigrateError;
 pub use pool::{Db, DbOptions, EngineKind, OpenError, PgOptions};
 
+/// `statement`, failed as [`RepoError::Busy`] (a timed-out I/O error) if it has no answer
+/// within `within`: on a connection the network dropped without a word (sqlx sets no TCP
+/// keepalive) a statement never answers and never fails, and work that must go on (a
+/// heartbeat, a flush) has to give up on it and try again on another.
+///
+/// # Errors
+/// `statement`'s own, or the timeout.
+pub async fn within<T>(
+    within: std::time::Duration,
+    statement: impl std::future::Future<Output = Result<T, RepoError>>,
+) -> Result<T, RepoError> {
+    tokio::time::timeout(within, statement).await.unwrap_or_else(|_| {
+        Err(RepoError::Busy(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {} ms", within.as_millis()),
+        ))))
+    })
+}
+
 /// The current time as unix seconds, the one timestamp format stored in every table.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()

@@ -124,8 +124,8 @@ pub async fn restore_cmd(
     }
     if replacing {
         // The old database's WAL would be applied to the new file on its next open.
-        for suffix in ["-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(sibling(output, suffix));
+        for leftover in restore::leftovers(output) {
+            let _ = std::fs::remove_file(leftover);
         }
         std::fs::rename(&restoring, output)
             .with_context(|| format!("cannot move the restored database over {}", output.display()))?;

@@ -153,11 +153,7 @@ pub async fn run(
             match tokio::time::timeout(config.shutdown_grace / 2, &mut starting).await {
                 Ok(Ok(running)) => {
                     drop(starting);
-                    if let Some(cluster) = &running.cluster {
-                        if tokio::time::timeout(LEAVE_LIMIT, cluster.leave()).await.is_err() {
-                            tracing::warn!("could not leave the instances in time; the others notice when this heartbeat lapses");
-                        }
-                    }
+                    leave_cluster(&running).await;
                     return shut_down(config, asked, stop_http, server, running, None).await;
                 }
                 Ok(Err(e)) if !e.is::<StoppedDuringStartup>() => return Err(e),
@@ -298,13 +294,7 @@ pub async fn run(
     if let Some(nip46) = &nip46 {
         nip46.stop_listening();
     }
-    // The others take this instance's bunkers at once instead of after its heartbeat lapses.
-    // Bounded: a stalled database must not eat the grace period before it starts.
-    if let Some(cluster) = &running.cluster {
-        if tokio::time::timeout(LEAVE_LIMIT, cluster.leave()).await.is_err() {
-            tracing::warn!("could not leave the instances in time; the others notice when this heartbeat lapses");
-        }
-    }
+    leave_cluster(&running).await;
     drop(embedded);
     let reason = monitor.as_ref().and_then(|m| m.status().fence_reason);
     shut_down(config, asked, stop_http, server, running, nip46).await?;
@@ -320,6 +310,16 @@ pub async fn run(
             anyhow::bail!("handed the replica over to {to} before serving; exiting so that the platform starts an instance that asks for it again")
         }
         None => Ok(()),
+    }
+}
+
+/// On PostgreSQL, leaves the other instances (they take this one's bunkers at once instead of
+/// after its heartbeat lapses). Bounded: a stalled database must not eat the grace period.
+async fn leave_cluster(running: &Running) {
+    if let Some(cluster) = &running.cluster {
+        if tokio::time::timeout(LEAVE_LIMIT, cluster.leave()).await.is_err() {
+            tracing::warn!("could not leave the instances in time; the others notice when this heartbeat lapses");
+        }
     }
 }
 
@@ -479,17 +479,11 @@ async fn background_writes(
         }
         if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
             last_sweep = Some(std::time::Instant::now());
-            let swept = tokio::time::timeout(
+            let swept = keycast_db::within(
                 SWEEP_WITHIN,
                 keycast_core::housekeeping::sweep_expired(&db, keycast_db::now_unix()),
             )
-            .await
-            .unwrap_or_else(|_| {
-                Err(keycast_db::RepoError::Busy(sqlx::Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the sweep did not finish in time",
-                ))))
-            });
+            .await;
             match swept {
                 Ok(swept) if swept.total() > 0 => tracing::info!(?swept, "removed expired sessions, tokens and codes"),
                 Ok(_) => {}

@@ -97,12 +97,7 @@ pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<
     let recent = store.list_recent().await?;
     let remote = crate::store::tip(&recent);
     if let Some(recorded) = recorded.filter(|r| *r > remote) {
-        return Err(BootstrapError::ReplicaTruncated {
-            replica: store.describe(),
-            remote,
-            recorded,
-            lease_object: "keycast/lease.json".into(),
-        });
+        return Err(truncated(store, remote, recorded));
     }
     let local = db.exists();
     if !local {
@@ -205,12 +200,7 @@ async fn restore_into(
     let restored = restore::restore_latest_listed(store, db, recent).await?;
     if let Some(recorded) = recorded.filter(|r| *r > restored.txid) {
         std::fs::remove_file(db)?;
-        return Err(BootstrapError::ReplicaTruncated {
-            replica: store.describe(),
-            remote: restored.txid,
-            recorded,
-            lease_object: "keycast/lease.json".into(),
-        });
+        return Err(truncated(store, restored.txid, recorded));
     }
     if restored.stale.is_some() {
         remove_stale_tail(store, restored.txid, recent).await?;
@@ -267,6 +257,16 @@ async fn replica_lineage(store: &Store) -> Result<Option<String>, StoreError> {
 }
 
 /// Renames the database and its `-wal`/`-shm`/record to `<db>.behind-<unix>…`.
+/// The replica reaches only `remote`, short of the `recorded` high-water mark.
+fn truncated(store: &Store, remote: u64, recorded: u64) -> BootstrapError {
+    BootstrapError::ReplicaTruncated {
+        replica: store.describe(),
+        remote,
+        recorded,
+        lease_object: "keycast/lease.json".into(),
+    }
+}
+
 /// A WAL (or shared memory, or journal) without its database: the database was moved away
 /// and this was left. Opened beside a restored or a new database, SQLite would apply it (it
 /// ties no WAL to its file) and mix two states; it is kept beside, renamed, for whoever moved
