@@ -992,24 +992,7 @@ fn an_instance_whose_notice_session_silently_died_stops_trusting_its_caches() {
     }
 
     link.freeze();
-    let list = get(&a, "/api/user/authorizations", Some(&cookie)).json();
-    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
-    let revoked = delete(&a, &format!("/api/user/authorizations/{id}"), &cookie);
-    assert_eq!(revoked.status, 204, "{}", revoked.body);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = sign(&b, &token);
-        if r.status == 401 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "20 s after the revocation, the instance that cannot hear it still signs: {} {}",
-            r.status,
-            r.body
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    revoke_then_refused_by(&a, &b, &cookie, &token, Duration::from_secs(20));
 
     // And the others stop waiting for an acknowledgement that cannot come: a change (a new
     // grant, then its revocation) is answered without the 3 s sync timeout again.
@@ -1040,6 +1023,29 @@ fn an_instance_whose_notice_session_silently_died_stops_trusting_its_caches() {
     // The heartbeats' notices keep a session that hears alive: the healthy instance, idle
     // well past the silence limit before the link froze and since, never took its for dead.
     assert!(!a.log().contains("taking it for dead"), "{}", a.log());
+}
+
+/// Revokes the first of `cookie`'s grants on `on`, then waits up to `within` for `other` to
+/// refuse `token` (the grant's access token).
+fn revoke_then_refused_by(on: &Keycast, other: &Keycast, cookie: &str, token: &str, within: Duration) {
+    let list = get(on, "/api/user/authorizations", Some(cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = delete(on, &format!("/api/user/authorizations/{id}"), cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let deadline = Instant::now() + within;
+    loop {
+        let r = sign(other, token);
+        if r.status == 401 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{within:?} after the revocation the other instance still signs: {} {}",
+            r.status,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A relay to `database`'s server that can go silent, and the database's URL through it.
@@ -1104,24 +1110,7 @@ fn an_instance_whose_database_connections_were_all_forgotten_carries_on_with_new
         let r = get(&a, "/api/user/authorizations", Some(&cookie));
         assert_eq!(r.status, 200, "after the connections were forgotten: {}", r.body);
     }
-    let list = get(&a, "/api/user/authorizations", Some(&cookie)).json();
-    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
-    let revoked = delete(&a, &format!("/api/user/authorizations/{id}"), &cookie);
-    assert_eq!(revoked.status, 204, "{}", revoked.body);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = sign(&b, &token);
-        if r.status == 401 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "10 s after the revocation the other instance still signs: {} {}",
-            r.status,
-            r.body
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    revoke_then_refused_by(&a, &b, &cookie, &token, Duration::from_secs(10));
 
     // Still a live instance, well past the instance TTL (5 s) since it was forgotten.
     let deadline = forgotten + Duration::from_secs(25);

@@ -197,27 +197,12 @@ async fn a_failing_compaction_backs_off_and_does_not_fail_replication() {
 /// nothing had happened.
 #[tokio::test]
 async fn a_replica_missing_its_newest_objects_is_refused_not_rolled_back() {
-    let (dir, db, pool, signal) = common::live_db().await;
-    let store = Store::in_memory();
+    let (dir, store, txid, _, _) = replicated_with_newest().await;
     let options = LeaseOptions {
         ttl: Duration::from_secs(30),
         wait: Duration::ZERO,
         ..LeaseOptions::default()
     };
-    let lease = Lease::acquire(&store, "a", options).await.unwrap();
-    let replicator =
-        Replicator::start_with_lease(&db, store.clone(), signal, "l", ReplicaOptions::default(), Some(lease))
-            .await
-            .unwrap();
-    for v in ["one", "two"] {
-        insert(&pool, v).await;
-        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
-    }
-    pool.close().await;
-    let txid = replicator
-        .shutdown(Instant::now() + Duration::from_secs(5))
-        .await
-        .unwrap();
     let newest = store
         .list_all()
         .await
