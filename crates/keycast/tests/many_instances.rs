@@ -31,10 +31,7 @@ fn instances_with(n: usize, env: &[(&str, &str)]) -> Option<(tempfile::TempDir, 
     let dir = tempfile::tempdir().unwrap();
     let servers = (0..n)
         .map(|i| {
-            let mut launch = Launch::new(&dir.path().join(format!("data{i}")))
-                .postgres(&database)
-                .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
-                .env("KEYCAST_CACHE_TTL_SECS", "3600");
+            let mut launch = member(dir.path(), &database, i);
             for (k, v) in env {
                 launch = launch.env(k, v);
             }
@@ -42,6 +39,15 @@ fn instances_with(n: usize, env: &[(&str, &str)]) -> Option<(tempfile::TempDir, 
         })
         .collect();
     Some((dir, servers))
+}
+
+/// Instance `i` of those on `database`, its data under `dir`: the shared master key, caches
+/// trusted for an hour.
+fn member(dir: &std::path::Path, database: &std::sync::Arc<PgDatabase>, i: usize) -> Launch {
+    Launch::new(&dir.join(format!("data{i}")))
+        .postgres(database)
+        .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+        .env("KEYCAST_CACHE_TTL_SECS", "3600")
 }
 
 fn sign(server: &Keycast, token: &str) -> Reply {
@@ -973,12 +979,7 @@ fn an_instance_whose_notice_session_silently_died_stops_trusting_its_caches() {
     let database = PgDatabase::create("deaf");
     let (link, through_link) = link_to(&database);
     let dir = tempfile::tempdir().unwrap();
-    let launch = |i: usize| {
-        Launch::new(&dir.path().join(format!("data{i}")))
-            .postgres(&database)
-            .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
-            .env("KEYCAST_CACHE_TTL_SECS", "3600")
-    };
+    let launch = |i: usize| member(dir.path(), &database, i);
     let a = launch(0).start();
     let b = launch(1).env("KEYCAST_DATABASE_DIRECT_URL", &through_link).start();
     let (cookie, _) = register(&a, "alice@example.com", None);
@@ -1079,12 +1080,7 @@ fn an_instance_whose_database_connections_were_all_forgotten_carries_on_with_new
     let database = PgDatabase::create("forgotten");
     let (link, through_link) = link_to(&database);
     let dir = tempfile::tempdir().unwrap();
-    let launch = |i: usize| {
-        Launch::new(&dir.path().join(format!("data{i}")))
-            .postgres(&database)
-            .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
-            .env("KEYCAST_CACHE_TTL_SECS", "3600")
-    };
+    let launch = |i: usize| member(dir.path(), &database, i);
     let a = launch(0).env("DATABASE_URL", &through_link).start();
     let b = launch(1).start();
     let (cookie, _) = register(&a, "alice@example.com", None);
