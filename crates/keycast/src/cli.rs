@@ -66,9 +66,11 @@ pub fn parse_time(v: &str) -> anyhow::Result<SystemTime> {
 /// Restore errors, naming the object at fault.
 /// A restore of "the latest state" from a replica whose newest objects are gone would quietly
 /// be an older state: the lease's high-water mark says how far the replica reached.
-async fn refuse_truncated(store: &Store) -> anyhow::Result<()> {
+///
+/// Returns the mark, which the restore must then reach too.
+async fn refuse_truncated(store: &Store) -> anyhow::Result<Option<u64>> {
     let Some(recorded) = keycast_replica::lease::recorded_txid(store).await? else {
-        return Ok(());
+        return Ok(None);
     };
     let reached = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
     if reached < recorded {
@@ -79,7 +81,7 @@ async fn refuse_truncated(store: &Store) -> anyhow::Result<()> {
             store.describe()
         );
     }
-    Ok(())
+    Ok(Some(recorded))
 }
 
 pub async fn restore_cmd(
@@ -106,9 +108,10 @@ pub async fn restore_cmd(
         }
         output.to_owned()
     };
-    if matches!(target, Target::Latest) {
-        refuse_truncated(store).await?;
-    }
+    let recorded = match target {
+        Target::Latest => refuse_truncated(store).await?,
+        _ => None,
+    };
     let bar = progress_bar(as_json);
     let report = |done: usize, total: usize, bytes: u64| {
         if let Some(bar) = &bar {
@@ -121,6 +124,20 @@ pub async fn restore_cmd(
     let restored = restore::restore(store, &restoring, target, Some(&report)).await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
+    }
+    // Objects past a missing one look like uploads that were never acknowledged, and the
+    // restore stops before the gap: short of the mark, that was acknowledged state.
+    if let Some(recorded) = recorded.filter(|r| *r > restored.txid) {
+        let _ = std::fs::remove_file(&restoring);
+        bail!(
+            "the restore of {} stopped at TXID {} ({:016x}), short of TXID {recorded} that its lease records as \
+             replicated: an object in between is missing or could not be applied. Restore it, or pass --txid {} to \
+             restore the older state knowingly",
+            store.describe(),
+            restored.txid,
+            restored.txid,
+            restored.txid
+        );
     }
     if replacing {
         // The old database's WAL would be applied to the new file on its next open.

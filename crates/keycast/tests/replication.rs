@@ -391,6 +391,8 @@ fn restore_cli_point_in_time() {
 enum Damage {
     FlipBytes,
     Truncate,
+    /// Gone: the objects after it look like uploads that were never acknowledged.
+    Missing,
 }
 
 fn damage(path: &Path, how: Damage) {
@@ -405,6 +407,7 @@ fn damage(path: &Path, how: Damage) {
             }
         }
         Damage::Truncate => bytes.truncate(bytes.len() * 2 / 3),
+        Damage::Missing => return std::fs::remove_file(path).unwrap(),
     }
     std::fs::write(path, bytes).unwrap();
 }
@@ -446,7 +449,7 @@ fn corrupt_or_truncated_object_is_refused_naming_it() {
     let files = level0_files(&replica);
     assert!(files.len() >= 5, "{files:?}");
 
-    for how in [Damage::FlipBytes, Damage::Truncate] {
+    for how in [Damage::FlipBytes, Damage::Truncate, Damage::Missing] {
         let case = dir.path().join(format!("{how:?}"));
         std::fs::create_dir(&case).unwrap();
         let broken = case.join("replica");
@@ -466,7 +469,7 @@ fn corrupt_or_truncated_object_is_refused_naming_it() {
             failed.stdout
         );
         assert!(
-            failed.stderr.contains(&name),
+            matches!(how, Damage::Missing) || failed.stderr.contains(&name),
             "{how:?}: the error names the damaged object {name}: {}",
             failed.stderr
         );
@@ -475,6 +478,10 @@ fn corrupt_or_truncated_object_is_refused_naming_it() {
             left.is_empty(),
             "{how:?}: a failed restore leaves nothing behind: {left:?}"
         );
+        if matches!(how, Damage::Missing) {
+            // Nothing names a file that is not there: the refusal names the TXIDs instead.
+            assert!(failed.stderr.contains("short of TXID"), "{}", failed.stderr);
+        }
 
         let data = case.join("data");
         let refused = launch(&data, &broken_env).run_to_exit(Duration::from_secs(60));
@@ -484,7 +491,7 @@ fn corrupt_or_truncated_object_is_refused_naming_it() {
             refused.stderr
         );
         assert!(
-            refused.stderr.contains(&name),
+            matches!(how, Damage::Missing) || refused.stderr.contains(&name),
             "{how:?}: the start-up error names the damaged object {name}: {}",
             refused.stderr
         );
