@@ -483,6 +483,13 @@ fn corrupt_or_truncated_object_is_refused_naming_it() {
             assert!(failed.stderr.contains("short of TXID"), "{}", failed.stderr);
         }
 
+        let verified = cli(&["replica", "verify"], &broken_env);
+        assert!(
+            !verified.status.success(),
+            "{how:?}: replica verify must fail: {}",
+            verified.stdout
+        );
+
         let data = case.join("data");
         let refused = launch(&data, &broken_env).run_to_exit(Duration::from_secs(60));
         assert!(

@@ -52,6 +52,8 @@ pub enum VerifyError {
     Io(#[from] std::io::Error),
     #[error("retention removed the files that reach TXID {txid} while it was being verified (the replica has compacted past it); a later TXID is verified next")]
     CompactedPast { txid: u64 },
+    #[error("the replica restores only to TXID {txid}, short of TXID {recorded} that its lease records as replicated: an object in between is missing or could not be applied")]
+    Short { txid: u64, recorded: u64 },
 }
 
 impl VerifyError {
@@ -176,6 +178,18 @@ pub async fn verify_replica(store: &Store, scratch: &Path) -> Result<Verified, V
     let sizes: Vec<u64> = checked.into_iter().filter_map(Result::ok).collect();
     let (objects, bytes) = (sizes.len(), sizes.iter().sum());
     let (txid, checksum) = restore_and_sum(store, Target::Latest, scratch).await?;
+    // Objects past a missing one look like uploads never acknowledged: the restore stops
+    // before the gap, at a state older than the lease knows was replicated.
+    let recorded = crate::lease::recorded_txid(store).await.map_err(|e| match e {
+        crate::lease::LeaseError::Store(e) => VerifyError::Store(e),
+        other => VerifyError::Restore(RestoreError::Mismatch {
+            key: "keycast/lease.json".into(),
+            reason: other.to_string(),
+        }),
+    })?;
+    if let Some(recorded) = recorded.filter(|r| *r > txid) {
+        return Err(VerifyError::Short { txid, recorded });
+    }
     if let Some(expected) = recorded_checksum(store, txid).await? {
         if expected != checksum {
             return Err(VerifyError::Mismatch {
