@@ -313,6 +313,33 @@ const FLOOD: usize = 10_000;
 /// `KEYCAST_NOSTRCONNECT_RELAY_MESSAGES_PER_SEC` (the default).
 const RATE: f64 = 100.0;
 
+/// A relay that ends keycast's subscription (`CLOSED`: restarting its subscriptions, a limit
+/// reached) was never sent it again until the bunkers on that relay changed: every bunker
+/// there went deaf, with no error. keycast now subscribes again shortly after.
+#[test]
+fn a_subscription_a_relay_closed_is_sent_again() {
+    let relay = ScriptedRelay::start();
+    relay.close_next_subscriptions(1);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &relay.url())
+        .start();
+    let (cookie, _) = register(&server, "closed@example.com", None);
+    let token = harness::flow::grant(&server, &cookie, "policy:social");
+    let bunker_hex = token["bunker_url"].as_str().unwrap()["bunker://".len()..][..64].to_owned();
+    let asked_for_it = || {
+        relay
+            .log()
+            .reqs
+            .iter()
+            .filter(|filters| filters.iter().any(|f| f["#p"].to_string().contains(&bunker_hex)))
+            .count()
+    };
+    wait_until(&server, "the subscription sent again after the relay closed it", || {
+        asked_for_it() >= 2
+    });
+}
+
 /// One oversized event published on a relay keycast listens on (relays take events up to
 /// 500 KB: khatru's default) ended keycast's connection to it, and did again after every
 /// reconnect: every user's bunker on that relay went deaf for as long as someone kept

@@ -28,7 +28,7 @@ use keycast_core::nostr::{Event, Filter, Kind, PublicKey, RelayUrl, Timestamp};
 use keycast_core::vital::Vitals;
 use keycast_core::{Change, Durability, Signer};
 use nostr_sdk::pool::{RelayOptions, RelayPool, RelayPoolNotification};
-use nostr_sdk::{ClientMessage, SubscribeOptions, SubscriptionId};
+use nostr_sdk::{ClientMessage, RelayMessage, SubscribeOptions, SubscriptionId};
 use tokio::sync::{broadcast, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -125,6 +125,8 @@ const PUBKEYS_PER_FILTER: usize = 500;
 /// date to a minute after), so no replay inside the window gets through.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(2 * REQUEST_WINDOW_SECS);
 const SUBSCRIPTION: &str = "keycast-nip46";
+/// How long after a relay closed the subscription it is sent again.
+const SUBSCRIBE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
 /// The running NIP-46 signer. Dropping it does not stop it; call [`Nip46Service::shutdown`].
 pub struct Nip46Service {
@@ -291,6 +293,17 @@ impl Shared {
             match notifications.recv().await {
                 Ok(RelayPoolNotification::Event { relay_url, event, .. }) => self.clone().dispatch(relay_url, *event),
                 Ok(RelayPoolNotification::Shutdown) => return,
+                Ok(RelayPoolNotification::Message {
+                    relay_url,
+                    message:
+                        RelayMessage::Closed {
+                            subscription_id,
+                            message,
+                        },
+                }) if subscription_id.as_str() == SUBSCRIPTION => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.subscribe_again(relay_url, message.into_owned()).await });
+                }
                 Ok(RelayPoolNotification::Message { .. }) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     metrics::counter!("keycast_nip46_dropped_total").increment(missed);
@@ -660,6 +673,33 @@ impl Shared {
                 }
                 Err(err) => tracing::debug!(relay = %url, error = %err, "nip46: cannot subscribe yet; will retry"),
             }
+        }
+    }
+
+    /// A relay ended the subscription (`CLOSED`: restarting, a limit, an error). nostr-sdk
+    /// does not send it again, and `sync` would not until the bunkers on that relay change:
+    /// every bunker there went deaf, with no error, until then. Sent again after a pause
+    /// (a relay that keeps closing it is asked once per pause).
+    async fn subscribe_again(self: Arc<Self>, relay: RelayUrl, reason: String) {
+        metrics::counter!("keycast_nip46_subscriptions_closed_total").increment(1);
+        tracing::warn!(relay = %relay, reason, "nip46: a relay closed the subscription; subscribing again shortly");
+        tokio::time::sleep(SUBSCRIBE_AGAIN_AFTER).await;
+        // Held throughout, as `subscribe` holds it: never an older list over a newer one.
+        let mut subscribed = self.subscribed.lock().await;
+        let Some(bunkers) = subscribed.get(&relay).filter(|b| !b.is_empty()).cloned() else {
+            return;
+        };
+        let Ok(handle) = self.pool.relay(&relay).await else {
+            return;
+        };
+        let id = SubscriptionId::new(SUBSCRIPTION);
+        if let Err(err) = handle
+            .subscribe_with_id(id, filters(&bunkers), SubscribeOptions::default())
+            .await
+        {
+            // Forgotten, so the next sync sends it.
+            subscribed.remove(&relay);
+            tracing::debug!(relay = %relay, error = %err, "nip46: cannot subscribe again yet");
         }
     }
 

@@ -36,6 +36,9 @@ struct Shared {
     flood: Mutex<Option<Arc<Vec<String>>>>,
     /// The next event of the flood to push (shared by every connection).
     next: AtomicUsize,
+    /// `REQ`s still to be answered with `CLOSED` instead of `EOSE` (a relay restarting its
+    /// subscriptions, or refusing one over a limit).
+    close_next: AtomicUsize,
 }
 
 /// A scripted relay on `ws://127.0.0.1:PORT`. Stops accepting when dropped.
@@ -102,6 +105,11 @@ impl ScriptedRelay {
         *self.shared.flood.lock().unwrap() = Some(Arc::new(events));
     }
 
+    /// Answers the next `n` subscriptions with `CLOSED` (as a relay that dropped them).
+    pub fn close_next_subscriptions(&self, n: usize) {
+        self.shared.close_next.store(n, Ordering::SeqCst);
+    }
+
     /// How many events of the flood were written to a connection so far.
     pub fn flooded(&self) -> usize {
         let total = self.shared.flood.lock().unwrap().as_ref().map_or(0, |f| f.len());
@@ -159,6 +167,16 @@ fn answer(ws: &mut WebSocket<TcpStream>, text: &str, shared: &Shared) -> Option<
         Some("REQ") => {
             let sub = message.get(1)?.as_str()?.to_owned();
             shared.log.lock().unwrap().reqs.push(message[2..].to_vec());
+            let close = shared
+                .close_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if close {
+                let _ = ws.send(Message::text(
+                    serde_json::json!(["CLOSED", sub, "error: shutting down idle subscriptions"]).to_string(),
+                ));
+                return None;
+            }
             let _ = ws.send(Message::text(serde_json::json!(["EOSE", sub]).to_string()));
             Some(sub)
         }
