@@ -41,6 +41,7 @@ use keycast_db::limits::{self as shared, Attempt};
 use keycast_db::Db;
 use moka::sync::Cache;
 
+use crate::session::now_ms;
 use crate::AppError;
 
 /// Buckets kept at most (each a few dozen bytes); the least useful go first beyond it.
@@ -312,13 +313,6 @@ fn stored_key(key: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 fn secs_ceil(ms: i64) -> u64 {

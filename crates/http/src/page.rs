@@ -45,8 +45,8 @@ static HTML_CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
     .expect("a header value")
 });
 
-/// Keeps the buttons that grant something (`data-after-view`: approve an app, allow a
-/// request) disabled until the page has been visible and focused for 800 ms in a row,
+/// Keeps the buttons that grant or dismiss with one click (`data-after-view`: approve an app,
+/// allow a request, authorize a `nostrconnect://` app, hide a warning) disabled until the page has been visible and focused for 800 ms in a row,
 /// starting over whenever it loses either. Double-clickjacking: a hostile page that gets a
 /// double click from its visitor brings keycast's page up under the pointer between the two
 /// clicks (framing is refused, a new window or the opener's navigation is not), and the

@@ -290,7 +290,7 @@ fn move_aside(db: &Path) -> std::io::Result<PathBuf> {
     name.push(format!(".behind-{stamp}"));
     let aside = db.with_file_name(name);
     std::fs::rename(db, &aside)?;
-    for suffix in ["-wal", "-shm"] {
+    for suffix in restore::SIDE_FILES {
         let mut from = db.as_os_str().to_owned();
         from.push(suffix);
         let mut to = aside.as_os_str().to_owned();

@@ -237,10 +237,14 @@ pub async fn restore_latest_listed(
     restore_from(store, output, Target::Latest, Some(recent), None).await
 }
 
+/// The suffixes of the files SQLite keeps beside a database: its WAL, shared memory and
+/// rollback journal.
+pub const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
 /// The files SQLite would read with a database at `db` (its WAL, shared memory, rollback
 /// journal) that exist.
 pub fn leftovers(db: &Path) -> Vec<PathBuf> {
-    ["-wal", "-shm", "-journal"]
+    SIDE_FILES
         .into_iter()
         .map(|suffix| {
             let mut path = db.as_os_str().to_owned();

@@ -137,8 +137,13 @@ async fn an_unreadable_local_record_is_replaced_by_a_restore() {
     pool.close().await;
     // What a rename that reached the disk before the file's data leaves behind.
     std::fs::write(keycast_replica::local_state::path_for(&db), b"").unwrap();
+    // Every side file goes aside with the old file, a rollback journal too: left, it would
+    // refuse the restore (SQLite would apply it over the restored pages).
+    let journal = std::path::PathBuf::from(format!("{}-journal", db.display()));
+    std::fs::write(&journal, b"a journal of the old file").unwrap();
 
     let prepared = bootstrap::prepare(&db, &store, None).await.unwrap();
+    assert!(!journal.exists(), "moved aside with the old file");
     assert!(
         matches!(
             &prepared,
