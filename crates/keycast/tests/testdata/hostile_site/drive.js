@@ -106,12 +106,20 @@ async function main() {
       await context.addCookies([{ name, value, url: base }]);
       const posts = [];
       page.on('request', (r) => { if (r.method() === 'POST') posts.push(r.url()); });
+      // The button's state as the document finishes parsing (its script has run): read in
+      // the page, so a slow machine between load and the next step cannot blur it.
+      await page.addInitScript(() => {
+        document.addEventListener('DOMContentLoaded', () => {
+          const button = document.querySelector('button[value=approve]');
+          window.__approveDisabledAtLoad = button ? button.disabled : null;
+        });
+      });
       await page.goto(`${base}${path}`);
       const approve = page.locator('button[value=approve]');
       await approve.scrollIntoViewIfNeeded();
       const box = await approve.boundingBox();
       const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
-      const disabledAtLoad = await approve.isDisabled();
+      const disabledAtLoad = await page.evaluate(() => window.__approveDisabledAtLoad);
       // However long loading took, the window has just come to the front.
       await page.evaluate(() => {
         window.dispatchEvent(new Event('blur'));
