@@ -837,7 +837,22 @@ async fn shut_down(
                 )
         }
     };
-    if !writable {
+    let handing_over = running.replicator.as_ref().map(Replicator::monitor).filter(|m| {
+        let status = m.status();
+        status.handing_over_to.is_some() && !status.fenced && !status.superseded
+    });
+    if let Some(monitor) = handing_over {
+        // The hand-over writes these same rows before it locks the database, unless the
+        // SIGTERM came first (asked for while the worker was busy with a round): the final
+        // sync, which then ships the tail to the newcomer, writes nothing. Written here once.
+        let by = drain_until.max(Instant::now() + reserve / 4);
+        if tokio::time::timeout_at(by.into(), monitor.write_before_handover())
+            .await
+            .is_err()
+        {
+            tracing::warn!("writing the last signing activity before the hand-over took too long; it is not recorded");
+        }
+    } else if !writable {
         // Handed over, superseded, fenced or unconfirmed: no commit made now would ship.
         tracing::warn!(
             records = running.services.signer.pending_activity(),

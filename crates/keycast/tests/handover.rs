@@ -597,6 +597,67 @@ fn a_handover_keeps_the_signatures_still_buffered() {
     );
 }
 
+/// SIGTERM after a starting instance asked for the replica, before the hand-over began: the
+/// worker was still in a round (a store slow to answer an upload) when the request came, and
+/// the SIGTERM came before that round ended. Before, shutdown skipped its last writes because
+/// a hand-over was under way, and the final sync, which then shipped the tail, wrote none:
+/// the buffered signatures were lost, and a grant limited to 3 signed a 4th on the newcomer.
+/// Now shutdown writes them in the hand-over's stead.
+#[test]
+fn sigterm_before_a_requested_handover_began_keeps_the_signatures_still_buffered() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let launch = |name: &str| {
+        launch(&dir.path().join(name), &replica)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
+            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
+    };
+    let mut old = launch("old").start();
+    let (cookie, _) = register(&old, "requested@example.com", None);
+    let (challenge, verifier) = pkce();
+    let code = approve_with(
+        &old,
+        &cookie,
+        &authorize_query("policy:social", &challenge),
+        &[("max_signatures", "3")],
+    );
+    let token = token_request(&old, &code, &verifier, REDIRECT).json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sign = |server: &Keycast| rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
+    for _ in 0..3 {
+        assert_eq!(sign(&old).status, 200);
+    }
+    // The next round waits 8 s before it ships, as on a stalled upload.
+    if !harness::arm_failpoint(&old, "replica-round", "return(8000)") {
+        return;
+    }
+    old.write("round", false);
+    let mut new = launch("new").spawn_started_later();
+    old.wait_for_log("a starting instance asked for the replica", Duration::from_secs(10));
+    assert!(
+        !old.log().contains("handed the replica over"),
+        "the hand-over began before the SIGTERM: {}",
+        old.log()
+    );
+    old.signal(libc::SIGTERM);
+    let (status, _) = old.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "the old instance's stop: {}", old.log());
+    new.wait_started(Duration::from_secs(30));
+    let new = new.into_keycast();
+
+    let fourth = sign(&new);
+    assert_eq!(
+        fourth.status, 403,
+        "a 4th signature of a 3-signature grant: {}",
+        fourth.body
+    );
+    let (counted, shown) = signatures_counted(&new, &cookie);
+    assert_eq!(counted, 3, "the old instance's signatures, on the newcomer: {shown}");
+}
+
 /// Some relays keep ephemeral events for a while, and a new subscription gets the requests of
 /// the last minute again (the filter's `since`). Before, the newcomer answered every request
 /// the old instance had already answered in that minute: a second signature, counted twice

@@ -311,6 +311,10 @@ struct Shared {
     /// Run by a hand-over before it locks the database, in order (see
     /// [`Monitor::before_handover`]).
     before_handover: Mutex<Vec<BeforeHandover>>,
+    /// Whether those hooks ran for the hand-over under way. Held while they run: the worker
+    /// and shutdown may both get there (see [`Monitor::write_before_handover`]), and they run
+    /// once. Cleared when the instance takes the replica back.
+    before_handover_ran: tokio::sync::Mutex<bool>,
 }
 
 /// What the application writes before a hand-over locks the database: what it still holds in
@@ -379,6 +383,7 @@ impl Replicator {
             durable_wanted: AtomicU64::new(0),
             durable_waiting: tokio::sync::Notify::new(),
             before_handover: Mutex::new(Vec::new()),
+            before_handover_ran: tokio::sync::Mutex::new(false),
         });
         let keeper = shared
             .leased
@@ -566,6 +571,23 @@ impl Monitor {
         self.0.before_handover.lock().expect("hooks lock").push(hook);
     }
 
+    /// Shutdown during a hand-over that was asked for but has not written yet (the worker was
+    /// still busy with a round when the SIGTERM came): runs the hooks of
+    /// [`Monitor::before_handover`] now, while the application can still write, since the
+    /// final sync that then ships the tail runs none. Does nothing if they already ran
+    /// (waiting for them if they are running), or when no hand-over is under way, or nothing
+    /// could ship (fenced, or stepped aside after the lease was taken).
+    pub async fn write_before_handover(&self) {
+        let to = {
+            let status = self.0.status.lock().expect("status lock");
+            match &status.handing_over_to {
+                Some(to) if !status.fenced && !status.superseded => to.clone(),
+                _ => return,
+            }
+        };
+        self.0.write_before_handover(&to).await;
+    }
+
     /// Current replication status.
     pub fn status(&self) -> Status {
         self.0.snapshot_status()
@@ -694,6 +716,25 @@ impl Shared {
 
     fn handing_over_to(&self) -> Option<String> {
         self.status.lock().expect("status lock").handing_over_to.clone()
+    }
+
+    /// Runs the hooks of [`Monitor::before_handover`] for the hand-over to `to`, once, within
+    /// [`BEFORE_HANDOVER_LIMIT`].
+    async fn write_before_handover(&self, to: &str) {
+        let mut ran = self.before_handover_ran.lock().await;
+        if *ran {
+            return;
+        }
+        *ran = true;
+        let hooks: Vec<_> = self.before_handover.lock().expect("hooks lock").clone();
+        let last_writes = async {
+            for hook in hooks {
+                hook().await;
+            }
+        };
+        if tokio::time::timeout(BEFORE_HANDOVER_LIMIT, last_writes).await.is_err() {
+            tracing::warn!(%to, "the application's last writes before the hand-over did not finish in time; handing over without the rest");
+        }
     }
 
     /// Records that `by` asked for the replica and wakes the worker to hand over.

@@ -222,18 +222,7 @@ impl Worker {
         let _busy = self.shared.busy();
         // Compaction deletes objects: it must be over before the newcomer may restore.
         self.stop_compaction().await;
-        let hooks: Vec<_> = self.shared.before_handover.lock().expect("hooks lock").clone();
-        let last_writes = async {
-            for hook in hooks {
-                hook().await;
-            }
-        };
-        if tokio::time::timeout(super::BEFORE_HANDOVER_LIMIT, last_writes)
-            .await
-            .is_err()
-        {
-            tracing::warn!(%to, "the application's last writes before the hand-over did not finish in time; handing over without the rest");
-        }
+        self.shared.write_before_handover(to).await;
         let mut backoff = self.options.retry_min;
         loop {
             let shipped = async {
@@ -379,6 +368,8 @@ impl Worker {
         self.released = None;
         self.handing_over = false;
         self.handed_over = false;
+        // The next hand-over writes its own last rows.
+        *self.shared.before_handover_ran.lock().await = false;
         metrics::gauge!("keycast_replica_handing_over").set(0.0);
         tracing::warn!(%to, epoch, txid = self.cursor.txid, "the instance that asked for the replica never served: taking it back and resuming as its writer");
         self.unlock().await

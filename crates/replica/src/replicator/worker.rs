@@ -972,6 +972,9 @@ impl Worker {
     /// One round: ship what is committed, then checkpoint, verify and start a compaction if due.
     async fn step(&mut self) -> Result<(), ReplicaError> {
         let _busy = self.shared.busy();
+        if let Some(ms) = held_round() {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         self.sync(true).await?;
         if self.checkpoint_due() {
             self.checkpoint().await?;
@@ -1270,6 +1273,13 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Milliseconds the tests hold each round before it ships, as a slow store would (fail point
+/// `replica-round`, `return(<ms>)`); always `None` without fault injection.
+fn held_round() -> Option<u64> {
+    fail::fail_point!("replica-round", |ms: Option<String>| ms.and_then(|ms| ms.parse().ok()));
+    None
 }
 
 /// Encodes `segment`, read when the commit counter stood at `mark`, for upload once (see
