@@ -95,6 +95,17 @@ pub async fn restore_cmd(
     if replacing && !force {
         bail!("{} already exists; pass --force to replace it", output.display());
     }
+    if replacing {
+        if let Some(pid) = keycast_replica::db_file::opened_elsewhere(output)
+            .with_context(|| format!("cannot tell whether {} is in use", output.display()))?
+        {
+            bail!(
+                "{} is open in process {pid} (a running keycast?): replacing a database in use loses what it \
+                 commits next. Stop that process first",
+                output.display()
+            );
+        }
+    }
     // A database being replaced stays as it is until the restore has succeeded: the restore
     // is written beside it and renamed over it only then.
     let restoring = if replacing {

@@ -386,6 +386,43 @@ fn restore_cli_point_in_time() {
     assert!(!too_early.exists());
 }
 
+/// `keycast restore --force` pointed at the database a running instance has open (a mistyped
+/// path, or a runbook followed without stopping the service first). Before, it removed the
+/// live WAL and renamed the restore over the file: the instance went on committing into
+/// unlinked files, answering writes as made that no later start would see. Now it refuses,
+/// naming the process, and changes nothing.
+#[test]
+fn restore_refuses_to_replace_the_database_a_running_instance_has_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = file_env(&dir.path().join("replica"));
+    let data = dir.path().join("data");
+    let server = launch(&data, &env).start();
+    server.write("before", true);
+    let live = data.join("keycast.db");
+    let wal = data.join("keycast.db-wal");
+    assert!(wal.exists(), "the running instance's WAL");
+
+    let refused = cli(&["restore", "-o", live.to_str().unwrap(), "--force"], &env);
+    assert!(!refused.status.success(), "{}", refused.stdout);
+    assert!(
+        refused.stderr.contains(&format!("process {}", server.pid())),
+        "the refusal names the process that has it open: {}",
+        refused.stderr
+    );
+    assert!(wal.exists(), "the running instance's WAL is left alone");
+
+    // The instance goes on as before: what it writes next is in its database and replica.
+    server.write("after", true);
+    server.stop();
+    let out = dir.path().join("check.db");
+    restore(&out, &[], &env);
+    assert_eq!(harness::test_keys(&out), keys(&["after", "before"]));
+    assert_eq!(harness::test_keys(&live), keys(&["after", "before"]));
+
+    // Stopped, it may be replaced.
+    restore(&live, &["--force"], &env);
+}
+
 /// How to damage an object.
 #[derive(Debug, Clone, Copy)]
 enum Damage {

@@ -51,6 +51,34 @@ pub(crate) fn open(path: &Path) -> std::io::Result<Arc<File>> {
     Ok(file)
 }
 
+/// The id of another process that has the SQLite database at `path` open, if one does: a
+/// connection holds SQLite's shared lock on the file for as long as it is open (WAL mode),
+/// and `F_GETLK` names the holder of a conflicting lock. This process's own locks do not
+/// count.
+///
+/// # Errors
+/// I/O errors opening the file or asking for its locks.
+pub fn opened_elsewhere(path: &Path) -> std::io::Result<Option<u32>> {
+    use std::os::fd::AsRawFd;
+    // SQLite's lock bytes (os_unix.c): PENDING_BYTE, RESERVED_BYTE, then the 510 bytes
+    // readers share.
+    const PENDING_BYTE: libc::off_t = 0x4000_0000;
+    const LOCK_BYTES: libc::off_t = 512;
+    // Through `open`: closing a descriptor of the file would drop this process's locks.
+    let file = open(path)?;
+    // SAFETY: an all-zero `flock` is a valid value of this plain C struct.
+    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+    probe.l_type = libc::F_WRLCK as libc::c_short;
+    probe.l_whence = libc::SEEK_SET as libc::c_short;
+    probe.l_start = PENDING_BYTE;
+    probe.l_len = LOCK_BYTES;
+    // SAFETY: F_GETLK on a valid, owned descriptor with a valid `flock` to fill in.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut probe) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((probe.l_type != libc::F_UNLCK as libc::c_short).then_some(probe.l_pid as u32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ pub mod capture;
 pub mod checksum;
 pub mod compactor;
 pub mod crypt;
-mod db_file;
+pub mod db_file;
 pub mod faults;
 mod file_lock;
 pub mod lease;
