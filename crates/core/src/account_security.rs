@@ -143,7 +143,8 @@ pub async fn reset_password(
     // Fail closed: everything the previous holder could use ends before the new password
     // takes effect.
     take_over(signer, &user, TakeOver::PasswordReset, now).await?;
-    user_repo::set_password_hash(db, &user.id, &password_hash, now).await?;
+    // Again with the new password: a login that checked the old one meanwhile.
+    user_repo::set_password_hash_ending_sessions(db, &user.id, &password_hash, now).await?;
     user_repo::mark_email_verified(db, &user.id, now).await?;
     event_repo::insert(db, &user.id, "password_reset", "", now).await?;
     Ok(user.id)
@@ -167,6 +168,15 @@ async fn live_token_user(
 /// before.
 async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Result<(), AccountError> {
     let db = signer.db();
+    if how == TakeOver::PasswordReset {
+        // The first verification was made with the password: its sessions are the
+        // verifier's own. A reset ends whatever the previous password opened — first, so
+        // that a grant a session was still writing is among those revoked next, and one
+        // written after finds its session gone (see the HTTP layer's
+        // `SessionUser::ensure_still_live`).
+        session_repo::delete_for_user(db, &user.id).await?;
+        session_repo::use_up_user_tokens(db, &user.id, TokenPurpose::ResetPassword, now).await?;
+    }
     let revoked = signer.revoke_all(&user.id).await?;
     if revoked > 0 {
         let why = match how {
@@ -181,12 +191,6 @@ async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Res
             now,
         )
         .await?;
-    }
-    if how == TakeOver::PasswordReset {
-        // The first verification was made with the password: its sessions are the
-        // verifier's own. A reset ends whatever the previous password opened.
-        session_repo::delete_for_user(db, &user.id).await?;
-        session_repo::use_up_user_tokens(db, &user.id, TokenPurpose::ResetPassword, now).await?;
     }
     if let Some(key) = key_repo::find_by_user(db, &user.id).await? {
         let reason = if key.last_exported_at.is_some() {

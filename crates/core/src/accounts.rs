@@ -276,8 +276,23 @@ pub async fn login(
         .verify_async(password, user.as_ref().map(|u| u.password_hash.as_str()))
         .await?;
     let user = user.ok_or(AccountError::InvalidCredentials)?;
-    let session = create_session(db, &user.id, now).await?;
+    if let Some(ms) = held_after_password_check() {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    // The password was checked against the hash read before the wait for the hasher: a
+    // reset or change since then has ended every session and must not see a new one.
+    let session = open_session(db, &user.id, Some(&user.password_hash), now)
+        .await?
+        .ok_or(AccountError::InvalidCredentials)?;
     Ok((user, session))
+}
+
+/// Milliseconds the tests hold a login between its password check and its session (fail
+/// point `login-after-password-check`, `return(<ms>)`); always `None` without fault injection.
+fn held_after_password_check() -> Option<u64> {
+    fail::fail_point!("login-after-password-check", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok()));
+    None
 }
 
 /// Opens a session for `user`.
@@ -285,18 +300,32 @@ pub async fn login(
 /// # Errors
 /// Storage errors.
 pub async fn create_session(db: &Db, user: &UserId, now: i64) -> Result<NewSession, RepoError> {
+    Ok(open_session(db, user, None, now)
+        .await?
+        .expect("a session without a password condition is always opened"))
+}
+
+/// Opens a session for `user`; with `checked`, only while its password hash is still that
+/// one (`None` otherwise).
+async fn open_session(
+    db: &Db,
+    user: &UserId,
+    checked: Option<&str>,
+    now: i64,
+) -> Result<Option<NewSession>, RepoError> {
     let token = random_token();
     let expires_at = now + SESSION_TTL_SECS;
-    session_repo::insert(
+    let opened = session_repo::insert(
         db,
         &hash_token(token.expose()),
         user,
+        checked,
         now,
         expires_at,
         MAX_SESSIONS_PER_ACCOUNT,
     )
     .await?;
-    Ok(NewSession { token, expires_at })
+    Ok(opened.then_some(NewSession { token, expires_at }))
 }
 
 /// The user of a live session cookie.
@@ -319,8 +348,9 @@ pub async fn logout(db: &Db, token: &str) -> Result<bool, RepoError> {
 }
 
 /// Changes the re-authenticated user's password. Every session ends (the changer's too:
-/// whoever shares its cookie must not keep it) before the new password takes effect:
-/// whoever knew the old password keeps nothing it opened. The changer gets a new session,
+/// whoever shares its cookie must not keep it) as the new password takes effect, in one
+/// transaction: whoever knew the old password keeps nothing it opened, not even a login
+/// still checking it. The changer gets a new session,
 /// returned with how many *other* sessions ended. Reset links stay usable: they reach only the
 /// mailbox, the root of trust, and a reset outranks a change — were they used up, whoever
 /// holds the password (a squatter on the owner's address) could change it in a loop and no
@@ -341,9 +371,11 @@ pub async fn change_password(
     validate_new_password(new_password)?;
     let password_hash = hasher.hash_async(new_password).await?;
     let user = proof.user_id();
-    // The changer's own session is one of them.
-    let others = session_repo::delete_for_user(db, user).await?.saturating_sub(1);
-    user_repo::set_password_hash(db, user, &password_hash, now).await?;
+    // The changer's own session is one of them. (None: the account was deleted meanwhile.)
+    let ended = user_repo::set_password_hash_ending_sessions(db, user, &password_hash, now)
+        .await?
+        .ok_or(AccountError::Internal(RepoError::MissingReference))?;
+    let others = ended.saturating_sub(1);
     let detail = format!("{others} other session{} ended", if others == 1 { "" } else { "s" });
     keycast_db::account_events::insert(db, user, "password_changed", &detail, now).await?;
     Ok((others, create_session(db, user, now).await?))

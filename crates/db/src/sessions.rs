@@ -20,28 +20,41 @@ pub struct Session {
 /// oldest sessions beyond the newest `keep` (this one among them), in one transaction (on
 /// PostgreSQL under the account's lock, so logins at once cannot leave more than `keep`).
 ///
+/// With `opened_with`, only while the user's password hash is still that one: a login checks
+/// the password for a while (the hashing queue, argon2) and must not open a session after a
+/// reset or change replaced it (see `users::set_password_hash_ending_sessions`). Returns
+/// false when it was replaced.
+///
 /// # Errors
 /// [`RepoError::MissingReference`] for an unknown user; database errors.
 pub async fn insert(
     db: &Db,
     hash: &TokenHash,
     user: &UserId,
+    opened_with: Option<&str>,
     now: i64,
     expires_at: i64,
     keep: u32,
-) -> Result<(), RepoError> {
+) -> Result<bool, RepoError> {
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
         if let Some(lock) = crate::users::account_lock(db.kind()) {
             sqlx::query(lock).bind(user).execute(&mut *tx).await?;
         }
-        sqlx::query("INSERT INTO sessions (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(hash)
-            .bind(user)
-            .bind(now)
-            .bind(expires_at)
-            .execute(&mut *tx)
-            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO sessions (token_hash, user_id, created_at, expires_at) SELECT $1, $2, $3, $4 \
+             WHERE $5 IS NULL OR EXISTS (SELECT 1 FROM users WHERE id = $2 AND password_hash = $5)",
+        )
+        .bind(hash)
+        .bind(user)
+        .bind(now)
+        .bind(expires_at)
+        .bind(opened_with)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Ok(false);
+        }
         // This one and the newest `keep - 1` others: sessions made in the same second tie on
         // `created_at`, and a newest `keep` that left this one out would keep `keep + 1`.
         sqlx::query(
@@ -55,7 +68,7 @@ pub async fn insert(
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     })
 }
 
@@ -276,7 +289,7 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
             let hash = TokenHash::of(b"cookie");
-            insert(&db, &hash, &user, 10, 20, 50).await.unwrap();
+            insert(&db, &hash, &user, None, 10, 20, 50).await.unwrap();
             let found = find_live_by_hash(&db, &hash, 19).await.unwrap().unwrap();
             assert_eq!(found.user_id, user);
             assert_eq!(find_live_by_hash(&db, &hash, 20).await.unwrap(), None);
@@ -295,7 +308,9 @@ mod tests {
             let racing: Vec<_> = (0..40u32)
                 .map(|n| {
                     let (db, user) = (db.clone(), user.clone());
-                    tokio::spawn(async move { insert(&db, &TokenHash::of(&n.to_be_bytes()), &user, 1, 100, 3).await })
+                    tokio::spawn(
+                        async move { insert(&db, &TokenHash::of(&n.to_be_bytes()), &user, None, 1, 100, 3).await },
+                    )
                 })
                 .collect();
             for outcome in racing {
@@ -315,7 +330,7 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
             for raw in [b"s1", b"s2", b"s3"] {
-                insert(&db, &TokenHash::of(raw), &user, 1, 100, 50).await.unwrap();
+                insert(&db, &TokenHash::of(raw), &user, None, 1, 100, 50).await.unwrap();
             }
             assert!(delete(&db, &TokenHash::of(b"s1")).await.unwrap());
             assert!(!delete(&db, &TokenHash::of(b"s1")).await.unwrap());
@@ -328,9 +343,11 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
             let other = test_user(&db, "b@x.org").await;
-            insert(&db, &TokenHash::of(b"theirs"), &other, 1, 100, 2).await.unwrap();
+            insert(&db, &TokenHash::of(b"theirs"), &other, None, 1, 100, 2)
+                .await
+                .unwrap();
             for (at, raw) in [(1, b"s1"), (2, b"s2"), (3, b"s3")] {
-                insert(&db, &TokenHash::of(raw), &user, at, 100, 2).await.unwrap();
+                insert(&db, &TokenHash::of(raw), &user, None, at, 100, 2).await.unwrap();
             }
             let live = |raw: &'static [u8]| {
                 let db = db.clone();
@@ -345,8 +362,12 @@ mod tests {
     async fn expired_sessions_are_purged() {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
-            insert(&db, &TokenHash::of(b"old"), &user, 1, 5, 50).await.unwrap();
-            insert(&db, &TokenHash::of(b"new"), &user, 1, 50, 50).await.unwrap();
+            insert(&db, &TokenHash::of(b"old"), &user, None, 1, 5, 50)
+                .await
+                .unwrap();
+            insert(&db, &TokenHash::of(b"new"), &user, None, 1, 50, 50)
+                .await
+                .unwrap();
             assert_eq!(delete_expired(&db, 10).await.unwrap(), 1);
             assert!(find_live_by_hash(&db, &TokenHash::of(b"new"), 10)
                 .await
@@ -356,9 +377,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_opened_with_a_password_opens_only_while_it_is_the_accounts() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let checked = TokenHash::of(b"checked");
+            assert!(insert(&db, &checked, &user, Some("$argon2id$stub"), 1, 100, 50)
+                .await
+                .unwrap());
+            // A change or reset in between: no session, and the others end with it.
+            let ended = crate::users::set_password_hash_ending_sessions(&db, &user, "$argon2id$new", 2).await;
+            assert_eq!(ended.unwrap(), Some(1));
+            let late = TokenHash::of(b"late");
+            assert!(!insert(&db, &late, &user, Some("$argon2id$stub"), 3, 100, 50)
+                .await
+                .unwrap());
+            assert_eq!(find_live_by_hash(&db, &late, 4).await.unwrap(), None);
+            assert_eq!(find_live_by_hash(&db, &checked, 4).await.unwrap(), None);
+        }
+    }
+
+    #[tokio::test]
     async fn session_for_unknown_user_is_a_missing_reference() {
         for (_guard, db) in temp_dbs().await {
-            let err = insert(&db, &TokenHash::of(b"x"), &UserId::generate(), 1, 2, 50)
+            let err = insert(&db, &TokenHash::of(b"x"), &UserId::generate(), None, 1, 2, 50)
                 .await
                 .unwrap_err();
             assert!(matches!(err, RepoError::MissingReference), "{err:?}");

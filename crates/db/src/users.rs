@@ -96,19 +96,37 @@ pub async fn find_by_username(db: &Db, username: &str) -> Result<Option<User>, R
     })
 }
 
-/// Replaces the password hash. Returns false if no such user.
+/// Sets the password hash and ends every session of the user, in one transaction. A login
+/// that checked the old password opens its session only while the hash is still the one it
+/// checked (see `sessions::insert`): it lands before this (and is ended here) or after it
+/// (and is refused), never with a session under the old password. Returns the sessions
+/// ended, or `None` if there is no such user.
 ///
 /// # Errors
 /// Database errors.
-pub async fn set_password_hash(db: &Db, id: &UserId, hash: &str, now: i64) -> Result<bool, RepoError> {
+pub async fn set_password_hash_ending_sessions(
+    db: &Db,
+    id: &UserId,
+    hash: &str,
+    now: i64,
+) -> Result<Option<u64>, RepoError> {
     on_engine!(db, |pool| {
-        let done = sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+        let mut tx = pool.begin().await?;
+        let updated = sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
             .bind(hash)
             .bind(now)
             .bind(id)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() == 1)
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let ended = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(ended.rows_affected()))
     })
 }
 
@@ -247,7 +265,12 @@ mod tests {
     async fn password_and_username_updates_apply_and_delete_removes() {
         for (_guard, db) in temp_dbs().await {
             let user = insert(&db, &alice(), 1).await.unwrap();
-            assert!(set_password_hash(&db, &user.id, "$argon2id$new", 5).await.unwrap());
+            assert_eq!(
+                set_password_hash_ending_sessions(&db, &user.id, "$argon2id$new", 5)
+                    .await
+                    .unwrap(),
+                Some(0)
+            );
             assert!(set_username(&db, &user.id, None, 6).await.unwrap());
             let found = find_by_id(&db, &user.id).await.unwrap().unwrap();
             assert_eq!((found.password_hash.as_str(), found.username), ("$argon2id$new", None));

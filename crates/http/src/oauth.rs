@@ -345,6 +345,7 @@ async fn decide(
         crate::user::admit_new_grant(&state, &session.user.id).await?;
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
+        session.ensure_still_live(&state).await?;
         let request = d.params.code_request(&session.user.id, &policy, d.choice()?);
         let code = oauth::issue_code(db, &request, state.options().code_ttl_secs, now_unix()).await?;
         state.confirm_write(false).await?;

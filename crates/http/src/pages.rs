@@ -212,7 +212,7 @@ async fn nostrconnect_form(
         return Ok(see_other("/login"));
     };
     check_csrf(&session, &form.csrf)?;
-    crate::user::accept_nostrconnect(&state, &session.user, &form.uri, &form.policy).await?;
+    crate::user::accept_nostrconnect(&state, &session, &form.uri, &form.policy).await?;
     Ok(see_other("/dashboard?sent=nostrconnect"))
 }
 

@@ -49,6 +49,28 @@ impl FromRequestParts<AppState> for SessionUser {
     }
 }
 
+impl SessionUser {
+    /// Right before a write that gives an app access to the account (a grant, an
+    /// authorization code): the session must still be live. A request can spend long
+    /// between its session check and its write (resolving the relays' names, which whoever
+    /// runs their DNS can hold), and a password reset, which ends every session and then
+    /// revokes every grant, must not see a grant appear after it from a request it ended.
+    ///
+    /// # Errors
+    /// 401 when the session has ended meanwhile.
+    pub async fn ensure_still_live(&self, state: &AppState) -> Result<(), AppError> {
+        let (db, _) = state.api()?;
+        match accounts::session_user(db, &self.token, now_unix()).await? {
+            Some(user) if user.id == self.user.id => Ok(()),
+            _ => Err(AppError::Unauthorized(
+                "your session ended while this was under way (signed out, or the password was changed or reset); \
+                 nothing was authorized. Log in again"
+                    .into(),
+            )),
+        }
+    }
+}
+
 /// The session of a request if there is one (pages that show a login form otherwise).
 pub struct MaybeSession(pub Option<SessionUser>);
 

@@ -124,7 +124,7 @@ async fn nostrconnect(
     session: SessionUser,
     JsonBody(body): JsonBody<NostrConnectBody>,
 ) -> Result<(StatusCode, Json<Value>), AppError> {
-    let authz = accept_nostrconnect(&state, &session.user, &body.uri, &body.policy).await?;
+    let authz = accept_nostrconnect(&state, &session, &body.uri, &body.policy).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -141,12 +141,12 @@ async fn nostrconnect(
 /// (shared with the dashboard's form).
 pub(crate) async fn accept_nostrconnect(
     state: &AppState,
-    user: &User,
+    session: &SessionUser,
     uri: &str,
     policy: &str,
 ) -> Result<keycast_core::Authorization, AppError> {
-    account_security::require_verified(user)?;
-    let user = &user.id;
+    account_security::require_verified(&session.user)?;
+    let user = &session.user.id;
     let uri = NostrConnectUri::parse(uri).map_err(|e| AppError::BadRequest(e.to_string()))?;
     if !state.options().nostrconnect_internal_relays {
         uri.refuse_internal_relays()
@@ -170,6 +170,10 @@ pub(crate) async fn accept_nostrconnect(
     })?;
     admit_new_grant(state, user).await?;
     state.ensure_writable().await?;
+    if let Some(ms) = held_before_grant() {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    session.ensure_still_live(state).await?;
     let authz = services
         .signer
         .accept_nostrconnect(user, &policy, &uri)
@@ -183,6 +187,15 @@ pub(crate) async fn accept_nostrconnect(
     // NIP-46 starts listening for the new bunker on hearing this, then answers the client.
     services.signer.announce_nostrconnect(&authz, &uri);
     Ok(authz)
+}
+
+/// Milliseconds the tests hold a `nostrconnect://` acceptance before its grant is written, as
+/// a slow DNS answer for one of its relays would (fail point `nostrconnect-before-grant`,
+/// `return(<ms>)`); always `None` without fault injection.
+fn held_before_grant() -> Option<u64> {
+    fail::fail_point!("nostrconnect-before-grant", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok()));
+    None
 }
 
 /// Whether `user` may start one more grant (an OAuth consent, a `nostrconnect://`

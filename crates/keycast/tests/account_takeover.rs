@@ -284,3 +284,93 @@ fn a_code_issued_before_a_reset_cannot_be_redeemed_after_it() {
     );
     assert_eq!(redeemed.json()["error"], "invalid_grant", "{}", redeemed.body);
 }
+
+/// A login with the password holder's password, still being checked when the mailbox owner
+/// resets it (the hashing queue and argon2 take a while; whoever holds the password can keep
+/// logins under way from many addresses). Before, the login opened its session after the
+/// reset had ended the others, and that session lived on under the new password, able to
+/// approve apps as the owner. Now a session opens only while the password it checked is still
+/// the account's; the same holds against a password change.
+#[test]
+fn a_login_still_checking_a_password_that_is_then_replaced_opens_no_session() {
+    let (_dir, server) = start();
+    let email = "racing@example.com";
+    register_unverified(&server, email, None);
+    // Each login is held 1.5 s between its password check and its session.
+    if !harness::arm_failpoint(&server, "login-after-password-check", "return(1500)") {
+        return;
+    }
+    let racing = |password: &str, replace: &dyn Fn()| {
+        std::thread::scope(|scope| {
+            let login = scope.spawn(|| login(&server, email, password));
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            replace();
+            let login = login.join().unwrap();
+            let still = (login.status == 200).then(|| get(&server, "/api/user/key", Some(&cookie_of(&login))).status);
+            (login.status, still)
+        })
+    };
+
+    let reset_meanwhile = racing(PASSWORD, &|| reset(&server, email, "the mailbox owner's own"));
+    assert_eq!(
+        reset_meanwhile,
+        (401, None),
+        "(the login's status, and what its session gets) when a reset replaced the password it checked"
+    );
+
+    let owner = login(&server, email, "the mailbox owner's own");
+    assert_eq!(owner.status, 200, "{}", owner.body);
+    let owners = cookie_of(&owner);
+    let changed_meanwhile = racing("the mailbox owner's own", &|| {
+        let body = json!({ "current_password": "the mailbox owner's own", "new_password": "changed once more" });
+        let changed = post_json(&server, "/api/user/password", Some(&owners), &body);
+        assert_eq!(changed.status, 200, "{}", changed.body);
+    });
+    assert_eq!(
+        changed_meanwhile,
+        (401, None),
+        "(the login's status, and what its session gets) when a change replaced the password it checked"
+    );
+}
+
+/// Whoever holds the password keeps `nostrconnect://` acceptances under way, each held by the
+/// DNS of a relay name they run (a fail point holds it here), and lets one go on once the
+/// mailbox owner has reset the password. Before, the acceptance wrote its grant after the
+/// reset had revoked the others: a live bunker for the password holder's app on the
+/// owner's account. Now a grant is written only while the session that asked for it is live.
+#[test]
+fn a_grant_under_way_when_the_password_is_reset_is_never_written() {
+    let (_dir, server) = start();
+    let email = "pending@example.com";
+    let (holder, _) = register(&server, email, None);
+    if !harness::arm_failpoint(&server, "nostrconnect-before-grant", "return(1500)") {
+        return;
+    }
+    let pending = std::thread::scope(|scope| {
+        let pending = scope.spawn(|| {
+            post_json(
+                &server,
+                "/api/user/nostrconnect",
+                Some(&holder),
+                &json!({
+                    "uri": format!("nostrconnect://{}?relay=ws%3A%2F%2F127.0.0.1%3A9&secret=s3cret", Keys::generate().public_key().to_hex()),
+                    "policy": "full",
+                }),
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        reset(&server, email, "the mailbox owner's own");
+        pending.join().unwrap()
+    });
+    assert_eq!(pending.status, 401, "{}", pending.body);
+    let owner = login(&server, email, "the mailbox owner's own");
+    assert_eq!(owner.status, 200, "{}", owner.body);
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie_of(&owner))).json();
+    let live: Vec<_> = listed["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["revoked_at"].is_null())
+        .collect();
+    assert!(live.is_empty(), "grants live after the reset: {listed}");
+}
