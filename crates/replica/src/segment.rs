@@ -432,12 +432,17 @@ pub fn wal_end(db: &Path) -> Result<Option<WalCursor>, SegmentError> {
     Ok(Some(WalCursor::new(&header, committed.end)))
 }
 
-/// Whether the local WAL still holds every frame up to `cursor`: same generation, and the
-/// frame just before it is there with exactly the cumulative checksum the cursor recorded —
-/// or, when everything up to `cursor` was `checkpointed` into the database file, the WAL was
-/// restarted in place after it (or is gone).
-/// After a power loss the last frames written without an fsync may be gone (or the WAL
-/// reset); the replica then holds commits the local file lost.
+/// Whether the local WAL still holds every frame up to `cursor`: same generation, and its
+/// frames from the start form one unbroken checksum chain (page data included) whose commit
+/// ends exactly at `cursor`, with the cumulative checksum the cursor recorded — what SQLite's
+/// own recovery will accept on the next open — or, when everything up to `cursor` was
+/// `checkpointed` into the database file, the WAL was restarted in place after it (or is
+/// gone).
+/// After a power loss the frames written without an fsync may be gone, torn (a header that
+/// survived over a page that did not), or the WAL reset; the replica then holds commits the
+/// local file lost. A torn frame is the treacherous one: SQLite drops it and everything
+/// after, and the next commit takes its place, ending where the cursor says the shipped ones
+/// end.
 ///
 /// # Errors
 /// I/O errors.
@@ -453,30 +458,15 @@ pub fn wal_reaches(db: &Path, cursor: &WalCursor, checkpointed: bool) -> Result<
     if cursor.offset <= wal::WAL_HEADER_SIZE {
         return Ok(true);
     }
-    let len = wal.metadata().map_err(|source| SegmentError::Io {
-        path: wal_path.clone(),
-        source,
-    })?;
-    if len.len() < cursor.offset {
-        return Ok(false);
-    }
-    let Some(frame_start) = cursor.offset.checked_sub(header.frame_size()) else {
-        return Ok(false);
-    };
-    let mut frame_header = [0u8; wal::FRAME_HEADER_SIZE as usize];
-    wal.seek(SeekFrom::Start(frame_start))
-        .and_then(|_| wal.read_exact(&mut frame_header))
-        .map(|()| {
-            let word = |i: usize| u32::from_be_bytes(frame_header[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
-            (word(2), word(3)) == header.salts() && (word(4), word(5)) == (cursor.checksum1, cursor.checksum2)
-        })
-        .or_else(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => Ok(false),
-            _ => Err(SegmentError::Io {
-                path: wal_path,
-                source: e,
-            }),
-        })
+    // Up to the first commit that ends at or past the cursor: a few bytes per frame.
+    let reached = wal::index_committed_limit(
+        &mut wal,
+        &header,
+        WalPosition::start(&header),
+        cursor.offset - wal::WAL_HEADER_SIZE,
+    )
+    .map_err(|source| SegmentError::Wal { path: wal_path, source })?;
+    Ok(reached.end == cursor.position())
 }
 
 /// Opens the WAL and parses its header; `None` if there is no WAL or it holds no header yet.

@@ -65,6 +65,38 @@ async fn a_writer_never_writes_over_a_replica_it_did_not_restore() {
 /// resuming on — and, worse, shipping — the older local state.
 #[tokio::test]
 async fn a_local_wal_that_lost_replicated_frames_is_replaced_by_a_restore() {
+    restored_after_the_wal_lost(|wal, len| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(wal)
+            .unwrap()
+            .set_len(len - 1000)
+            .unwrap();
+    })
+    .await;
+}
+
+/// As above, but the power loss tore the last replicated frame: its header is there, its
+/// page is not what was written. SQLite's recovery drops that frame and every one after it,
+/// so the WAL ends before X. Before, start-up compared only the frame's header with the
+/// record, resumed, and the next commit took the dropped frame's place: it ended exactly at
+/// X, the worker read nothing past X and took itself for caught up, and every durable write
+/// from then on was acknowledged and never shipped.
+#[tokio::test]
+async fn a_local_wal_whose_last_replicated_frame_is_torn_is_replaced_by_a_restore() {
+    restored_after_the_wal_lost(|wal, len| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(wal).unwrap();
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, len - 100).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x5a], len - 100).unwrap();
+    })
+    .await;
+}
+
+/// Three durable commits, a power loss that did `damage` to the WAL (given its length), then
+/// a start: restored from the replica, and a fourth commit is replicated after the three.
+async fn restored_after_the_wal_lost(damage: impl FnOnce(&std::path::Path, u64)) {
     let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let replicator = Replicator::start(&db, store.clone(), signal, "l", ReplicaOptions::default())
@@ -82,12 +114,7 @@ async fn a_local_wal_that_lost_replicated_frames_is_replaced_by_a_restore() {
     pool.close().await;
     let wal = keycast_replica::segment::wal_path(&db);
     let len = std::fs::metadata(&wal).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&wal)
-        .unwrap()
-        .set_len(len - 1000)
-        .unwrap();
+    damage(&wal, len);
 
     let prepared = bootstrap::prepare(&db, &store, None).await.unwrap();
     assert!(
