@@ -205,6 +205,16 @@ async fn restore_into(
     if restored.stale.is_some() {
         remove_stale_tail(store, restored.txid, recent).await?;
     }
+    // The file alone is the restored state. Anything that folds a WAL into it before the
+    // replicator runs (another program's last connection closing, the migrations of a start
+    // that then fails) changes it without a trace in any WAL: the checksum is what notices it
+    // (see `Worker::changed_while_down`), and a full image ships instead.
+    let db_checksum = {
+        let (path, page_size) = (db.to_owned(), restored.page_size);
+        tokio::task::spawn_blocking(move || crate::checksum::database_checksum_path(&path, page_size))
+            .await
+            .map_err(std::io::Error::other)??
+    };
     local_state::store(
         db,
         &LocalState {
@@ -216,7 +226,7 @@ async fn restore_into(
             wal: None,
             clean: true,
             checkpointed: false,
-            db_checksum: None,
+            db_checksum: Some(db_checksum),
             updated_at_ms: crate::replicator::now_ms(),
             last_error: None,
             verification: None,

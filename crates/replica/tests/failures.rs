@@ -145,6 +145,82 @@ async fn restored_after_the_wal_lost(damage: impl FnOnce(&std::path::Path, u64))
     );
 }
 
+/// Restored, then folded while keycast was down: another program's write (an operator's
+/// `keycast clients add` before the service is up, or the migrations of a start that then
+/// failed) closed the last connection, and SQLite checkpointed its WAL into the file and
+/// removed it. Before, the restore's record carried no checksum of the file, so the next
+/// start resumed on a file the replica had never seen and shipped nothing of it: the replica
+/// lacked that write for good, and every later commit shipped on top of a base it did not have.
+/// Now the change is noticed and a full image ships.
+#[tokio::test]
+async fn a_restored_database_changed_while_keycast_was_down_ships_in_full() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let first = Replicator::start(&db, store.clone(), signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    for v in ["one", "two"] {
+        insert(&pool, v).await;
+        first.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    pool.close().await;
+    first.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+
+    let restored = dir.path().join("restored.db");
+    let prepared = bootstrap::prepare(&restored, &store, None).await.unwrap();
+    assert!(matches!(prepared, Bootstrap::Restored { .. }), "{prepared:?}");
+    {
+        use sqlx::{ConnectOptions, Connection};
+        let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&restored)
+            .connect()
+            .await
+            .unwrap();
+        // Pages the next commits leave alone (a table of its own), as an app registration's.
+        for sql in [
+            "CREATE TABLE u (v TEXT NOT NULL)",
+            "INSERT INTO u VALUES ('written while down')",
+        ] {
+            sqlx::query(sql).execute(&mut other).await.unwrap();
+        }
+        other.close().await.unwrap();
+    }
+    assert!(
+        !keycast_replica::segment::wal_path(&restored).exists(),
+        "the last connection's close folded the WAL into the file"
+    );
+
+    let prepared = bootstrap::prepare(&restored, &store, None).await.unwrap();
+    assert!(matches!(prepared, Bootstrap::Resume { .. }), "{prepared:?}");
+    let signal = CommitSignal::new();
+    let pool = common::app_pool(&restored, &signal).await;
+    let second = Replicator::start(&restored, store.clone(), signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool, "after").await;
+    second.wait_durable(Duration::from_secs(5)).await.unwrap();
+    pool.close().await;
+    second.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        restored_values(&store, dir.path(), "check.db").await,
+        ["one", "two", "after"]
+    );
+    let check = dir.path().join("check.db");
+    let written: Option<String> = {
+        use sqlx::{ConnectOptions, Connection};
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&check)
+            .read_only(true)
+            .connect()
+            .await
+            .unwrap();
+        let row = sqlx::query_scalar("SELECT v FROM u").fetch_optional(&mut conn).await;
+        conn.close().await.unwrap();
+        row.unwrap_or_else(|e| panic!("the write made while keycast was down, in the replica: {e}"))
+    };
+    assert_eq!(written.as_deref(), Some("written while down"));
+}
+
 /// The local record is written after every segment without waiting for the disk, so a power
 /// loss can leave it empty or torn. It then proves nothing: start-up restores from the replica
 /// (keeping the old file aside) instead of refusing to start.

@@ -311,9 +311,10 @@ impl Worker {
         self.sync_all().await.map(|_| ())
     }
 
-    /// After a clean stop the file alone held the shipped state. Only the replicator
-    /// checkpoints, so nothing keycast did since (migrations included) has touched the file:
-    /// a different checksum means another program wrote to it while keycast was down.
+    /// After a clean stop, or a restore, the file alone held the shipped state. Only the
+    /// replicator checkpoints, so nothing keycast did since (migrations included) has touched
+    /// the file: a different checksum means it was written without keycast shipping it —
+    /// another program's last connection folding its WAL in, say, while keycast was down.
     fn changed_while_down(&self, record: &LocalState) -> Result<bool, ReplicaError> {
         let Some(expected) = record.db_checksum.filter(|_| record.clean) else {
             return Ok(false);
