@@ -78,6 +78,11 @@ pub struct DbOptions {
     /// When set, every connection gets a WAL commit hook that reports to this signal, which
     /// the replicator waits on. Default none (no replication).
     pub commit_signal: Option<Arc<CommitSignal>>,
+    /// Leave the WAL in place when the last connection closes (see
+    /// `keycast_replica::capture::keep_wal_on_close`): for the operator's commands, whose
+    /// commits `serve` ships from the WAL later. Default false (`serve` folds it on a clean
+    /// stop, so that the file alone is the state it records).
+    pub keep_wal_on_close: bool,
 }
 
 impl DbOptions {
@@ -89,6 +94,7 @@ impl DbOptions {
             busy_timeout: Duration::from_millis(DEFAULT_BUSY_TIMEOUT_MS),
             acquire_timeout: Duration::from_millis(DEFAULT_ACQUIRE_TIMEOUT_MS),
             commit_signal: None,
+            keep_wal_on_close: false,
         }
     }
 }
@@ -577,7 +583,8 @@ async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> 
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout)
         .before_acquire(|conn, _meta| Box::pin(async move { Ok(!left_in_a_transaction(conn).await?) }));
-    if let Some(signal) = options.commit_signal.clone() {
+    let (signal, keep_wal) = (options.commit_signal.clone(), options.keep_wal_on_close);
+    if signal.is_some() || keep_wal {
         let busy_timeout = options.busy_timeout;
         pool = pool.after_connect(move |conn, _meta| {
             let signal = signal.clone();
@@ -586,10 +593,15 @@ async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> 
                 // SAFETY: the handle is a live connection owned by the pool; the hook and
                 // the busy handler live as long as the connection does.
                 unsafe {
-                    keycast_replica::capture::install_wal_hook(handle.as_raw_handle(), &signal);
-                    // The replicator's checkpoints take the write lock for milliseconds:
-                    // retry promptly instead of SQLite's back-off (same timeout).
-                    keycast_replica::capture::install_busy_handler(handle.as_raw_handle(), busy_timeout);
+                    if let Some(signal) = &signal {
+                        keycast_replica::capture::install_wal_hook(handle.as_raw_handle(), signal);
+                        // The replicator's checkpoints take the write lock for milliseconds:
+                        // retry promptly instead of SQLite's back-off (same timeout).
+                        keycast_replica::capture::install_busy_handler(handle.as_raw_handle(), busy_timeout);
+                    }
+                    if keep_wal {
+                        keycast_replica::capture::keep_wal_on_close(handle.as_raw_handle());
+                    }
                 }
                 Ok(())
             })

@@ -951,7 +951,13 @@ pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
     }
     prepare_directories(config)?;
     Ok(match &config.database {
-        Database::Sqlite { path, .. } => Db::open_sqlite(&sqlite_options(config, path)).await?,
+        Database::Sqlite { path, .. } => {
+            // Whether or not this command was told of the replica: `serve` ships from the WAL
+            // what this commits, also after a crash left commits in it unshipped.
+            let mut options = sqlite_options(config, path);
+            options.keep_wal_on_close = true;
+            Db::open_sqlite(&options).await?
+        }
         Database::Postgres(pg) => open_postgres(pg).await?,
     })
 }

@@ -249,6 +249,42 @@ fn an_app_registered_from_the_shell_while_serving_survives_a_redeploy() {
     assert!(page.body.contains("<strong>Nostrudel</strong>") && page.body.contains("Verified app"));
 }
 
+/// `keycast clients add` on a persistent disk after the service crashed (SIGKILL, an OOM
+/// kill), before it is started again. Before, the command's connection was the last one and
+/// SQLite folded the WAL into the file on close; the next start found the WAL gone under its
+/// record, took it for a power loss, moved the database aside and restored the replica: the
+/// app the command said it registered was gone. Now commands leave the WAL for `serve` to
+/// ship.
+#[test]
+fn an_app_registered_from_the_shell_after_a_crash_is_kept_and_replicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let launch = Launch::new(&data).redeployable(&dir.path().join("replica"));
+    let mut server = launch.start();
+    register(&server, "before-the-crash@example.com", None);
+    server.signal(libc::SIGKILL);
+    server.wait_exit(std::time::Duration::from_secs(10));
+    let added = clients_cli(
+        &server,
+        &["add", "--name", "Coracle", "--redirect-uri", APP_REDIRECT, "--json"],
+    );
+    assert!(added.status.success(), "clients add after the crash: {}", added.stderr);
+    let id = serde_json::from_str::<Value>(added.stdout.trim()).unwrap()["client_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let server = launch.start();
+    let listed = clients_cli(&server, &["list", "--json"]);
+    assert!(listed.stdout.contains(&id), "lost at the next start: {}", listed.stdout);
+    server.stop();
+    // And in the replica: a wiped disk gets it back.
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = launch.start();
+    let listed = clients_cli(&server, &["list", "--json"]);
+    assert!(listed.stdout.contains(&id), "not replicated: {}", listed.stdout);
+}
+
 /// A second process on the live database — `keycast clients add`, or an operator's
 /// `sqlite3` — closes its connection believing it is alone unless the service still holds
 /// SQLite's locks; it then checkpoints and deletes the WAL under the service, which goes on

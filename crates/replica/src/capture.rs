@@ -127,6 +127,24 @@ pub unsafe fn install_busy_handler(db: NonNull<sqlite3>, timeout: Duration) {
     sqlite3_busy_handler(db.as_ptr(), Some(on_busy), ms as *mut c_void);
 }
 
+/// Makes the connection leave the WAL in place when it closes, even as the database's last
+/// connection: SQLite otherwise checkpoints the WAL into the file and removes it then. For a
+/// program other than `keycast serve` on a replicated database (its commands run while the
+/// service is down): folded into the file, its commits — and those the service made but had
+/// not shipped before it crashed — would be nowhere the next start can ship them from.
+///
+/// # Safety
+/// `db` must be a valid, open connection handle.
+pub unsafe fn keep_wal_on_close(db: NonNull<sqlite3>) {
+    let set: c_int = 1;
+    libsqlite3_sys::sqlite3_db_config(
+        db.as_ptr(),
+        libsqlite3_sys::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        set,
+        std::ptr::null_mut::<c_int>(),
+    );
+}
+
 std::thread_local! {
     /// When the current run of busy retries on this thread began (SQLite calls the handler
     /// on the thread running the statement, and restarts `count` at 0 for every new wait).
