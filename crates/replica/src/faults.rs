@@ -48,6 +48,11 @@ pub enum Action {
     Delay(Duration),
     /// It waits at the gate until the gate is opened (a paused process, a stuck socket).
     Hold(Gate),
+    /// An upload that reaches the store after this delay, in a task of its own: a caller
+    /// that gives up meanwhile does not stop it landing, as object_store's local filesystem
+    /// writes from a blocking task, and a cloud store applies a request whose caller timed
+    /// out. (Other requests are only delayed.)
+    Detached(Duration),
 }
 
 /// One fault: which requests, what happens, how many times.
@@ -206,6 +211,21 @@ impl Faults {
         Some(action)
     }
 
+    /// The delay of an upload that must land whatever its caller does (see
+    /// [`Action::Detached`]), when the first rule matching it says so; other actions are
+    /// left for [`Faults::before`].
+    fn detached(&self, op: Op, key: &str, body: Option<&[u8]>) -> Option<Duration> {
+        let delay = {
+            let rules = self.rules.lock().expect("rules");
+            match rules.iter().find(|r| r.matches(op, key, body))?.action {
+                Action::Detached(delay) => delay,
+                _ => return None,
+            }
+        };
+        self.take(op, key, body);
+        Some(delay)
+    }
+
     /// Runs the part of the action that comes before forwarding. `Ok(true)` means the
     /// answer must be lost after forwarding.
     async fn before(&self, op: Op, key: &str, body: Option<&[u8]>) -> Result<bool> {
@@ -213,7 +233,7 @@ impl Faults {
             None => Ok(false),
             Some(Action::Fail) => Err(injected(op, key, "failed before reaching the store")),
             Some(Action::LoseResponse) => Ok(true),
-            Some(Action::Delay(delay)) => {
+            Some(Action::Delay(delay) | Action::Detached(delay)) => {
                 tokio::time::sleep(delay).await;
                 Ok(false)
             }
@@ -278,6 +298,16 @@ impl ObjectStore for FaultyStore {
             .faults
             .wants_bodies()
             .then(|| payload.iter().flat_map(|chunk| chunk.iter().copied()).collect());
+        if let Some(delay) = self.faults.detached(Op::Put, location.as_ref(), body.as_deref()) {
+            let (inner, at) = (self.inner.clone(), location.clone());
+            let landing = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                inner.put_opts(&at, payload, opts).await
+            });
+            return landing
+                .await
+                .unwrap_or_else(|e| Err(injected(Op::Put, location.as_ref(), &e.to_string())));
+        }
         self.around_body(
             Op::Put,
             location.as_ref(),

@@ -1057,8 +1057,29 @@ impl Store {
         }
     }
 
-    /// The file backend's compare-and-swap: lock, compare the current e-tag, write, unlock.
+    /// The file backend's compare-and-swap: lock, compare the current e-tag, write, unlock —
+    /// in a task of its own. object_store writes a file from a blocking task that goes on
+    /// when its caller gives up (a renewal cancelled with a failed round, a stopped
+    /// start-up); the lock must go on with it, or another process takes the lock, compares
+    /// against the old version and writes, and the first write then lands over it.
     async fn update_file(
+        &self,
+        root: PathBuf,
+        key: Path,
+        data: Bytes,
+        expected: UpdateVersion,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let store = self.clone();
+        let path = key.parts().fold(root.clone(), |path, part| path.join(part.as_ref()));
+        tokio::spawn(async move { store.update_file_locked(root, key, data, expected).await })
+            .await
+            .map_err(|e| StoreError::Lock {
+                path,
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    async fn update_file_locked(
         &self,
         root: PathBuf,
         key: Path,
@@ -1414,6 +1435,45 @@ mod tests {
                 }
             ),
             "{err}"
+        );
+    }
+
+    /// The file backend's compare-and-swap, given up by its caller while its write is on the
+    /// way (object_store writes from a blocking task, which goes on; the lease's renewals are
+    /// cancelled when a round fails or a start-up is stopped). Before, the lock went with the
+    /// caller: another process took it, compared against the old version, and wrote, and then
+    /// the first write landed over it — both believed they held the lease.
+    #[tokio::test]
+    async fn a_file_swap_given_up_by_its_caller_still_excludes_the_next_one() {
+        use crate::faults::{Action, Faults, Op, Rule};
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", tmp.path().display());
+        let faults = Faults::new();
+        let a = open(&url, &[]).unwrap().unwrap().with_faults(&faults);
+        let b = open(&url, &[]).unwrap().unwrap();
+        b.put_object_create("keycast/lease", Bytes::from_static(b"first"))
+            .await
+            .unwrap();
+        let (_, first) = b.get_object("keycast/lease").await.unwrap().unwrap();
+
+        faults.add(Rule::new(Op::Put, Action::Detached(Duration::from_millis(200))).times(1));
+        let given_up = tokio::time::timeout(
+            Duration::from_millis(20),
+            a.put_object_update("keycast/lease", Bytes::from_static(b"a"), &first),
+        )
+        .await;
+        assert!(given_up.is_err(), "the caller gave up before the write landed");
+        let b_swap = b
+            .put_object_update("keycast/lease", Bytes::from_static(b"b"), &first)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (stored, _) = b.get_object("keycast/lease").await.unwrap().unwrap();
+        assert!(
+            matches!(b_swap, UpdateOutcome::Conflict) && stored.as_ref() == b"a",
+            "b's swap from the version a replaced: {b_swap:?}, and the lease holds {:?}",
+            String::from_utf8_lossy(&stored)
         );
     }
 
