@@ -815,7 +815,8 @@ impl Store {
         };
         let key = &prepared.key;
         let put = match (self.local_root(), prepared.body.in_memory()) {
-            (Some(root), _) => self.put_file(root, prepared).await,
+            // A local failure is no lost answer: bytes found in place may not be durable.
+            (Some(root), _) => Ok(self.put_file(root, prepared).await?),
             (None, Some(_)) => {
                 let bytes = self.upload_bytes(prepared)?;
                 self.put_create(key, bytes, attributes).await
@@ -1452,9 +1453,8 @@ mod tests {
         let faults = Faults::new();
         let a = open(&url, &[]).unwrap().unwrap().with_faults(&faults);
         let b = open(&url, &[]).unwrap().unwrap();
-        b.put_object_create("keycast/lease", Bytes::from_static(b"first"))
-            .await
-            .unwrap();
+        let created = b.put_object_create("keycast/lease", Bytes::from_static(b"first")).await;
+        assert_eq!(created.unwrap(), PutOutcome::Created);
         let (_, first) = b.get_object("keycast/lease").await.unwrap().unwrap();
 
         faults.add(Rule::new(Op::Put, Action::Detached(Duration::from_millis(200))).times(1));
@@ -1475,6 +1475,29 @@ mod tests {
             "b's swap from the version a replaced: {b_swap:?}, and the lease holds {:?}",
             String::from_utf8_lossy(&stored)
         );
+    }
+
+    /// The file backend linked an upload into place but could not make the directory entry
+    /// durable (EIO; a filesystem that refuses to sync directories). Before, the failure was
+    /// settled like a lost answer, by reading the object back from the page cache: the upload
+    /// counted as done and its commits as durable, and a power cut could take the entry away.
+    #[tokio::test]
+    async fn a_file_upload_whose_directory_sync_failed_is_not_acknowledged() {
+        if !fail::has_failpoints() {
+            eprintln!("SKIPPED: built without fault injection (--features keycast/failpoints)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(&format!("file://{}", tmp.path().display()), &[]).unwrap().unwrap();
+        let prepared = store
+            .prepare_ltx(0, 1, 1, Bytes::from_static(b"an LTX body").into(), 1_000)
+            .unwrap();
+        fail::cfg("replica-dir-sync", "1*return").unwrap();
+        let first = store.put_prepared(&prepared).await;
+        assert!(first.is_err(), "acknowledged without a durable entry: {first:?}");
+        // Tried again, the entry is synced and the upload counts.
+        assert_eq!(store.put_prepared(&prepared).await.unwrap(), PutOutcome::Created);
+        fail::remove("replica-dir-sync");
     }
 
     #[test]

@@ -121,11 +121,21 @@ impl UploadReader {
     }
 }
 
+/// Makes `dir`'s entries durable (fail point `replica-dir-sync` fails it).
+fn sync_dir(dir: &std::path::Path) -> io::Result<()> {
+    fail::fail_point!("replica-dir-sync", |_| Err(io::Error::other(
+        "injected: the directory could not be synced"
+    )));
+    File::open(dir)?.sync_all()
+}
+
 impl Store {
     /// The file backend, for any body: write a hidden staging file with its mtime (the
     /// object's CreatedAt), make it durable, hard-link it into place (refused if the target
-    /// exists), make the directory entry durable. One trip to the blocking pool: a durable
-    /// commit waits for all of it.
+    /// exists), make the directory entry durable — also when the target was there already,
+    /// since that may be this upload's own earlier attempt whose directory sync failed. One
+    /// trip to the blocking pool: a durable commit waits for all of it. A failure here is
+    /// the truth, never a lost answer: the caller does not settle it by reading back.
     pub(super) async fn put_file(&self, root: PathBuf, prepared: &PreparedLtx) -> Result<PutOutcome, StoreError> {
         let key = prepared.key.clone();
         let target = key.parts().fold(root, |path, part| path.join(part.as_ref()));
@@ -155,8 +165,8 @@ impl Store {
                 }
             })();
             let _ = std::fs::remove_file(&staging);
-            if matches!(result, Ok(true)) {
-                File::open(dir)?.sync_all()?;
+            if result.is_ok() {
+                sync_dir(dir)?;
             }
             result
         })
