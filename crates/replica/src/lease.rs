@@ -218,13 +218,15 @@ enum Swap {
 }
 
 /// Writes `next` over the lease at `version`. A conflict or a failed request is resolved by
-/// reading the lease back: exactly `next` means the write happened (its answer was lost).
+/// reading the lease back: exactly `next` means the write happened (its answer was lost);
+/// another record at another version means someone wrote since `version` — that is the
+/// truth to act on, even though the request failed.
 ///
 /// # Errors
-/// The request's error when the write provably did not happen and the lease cannot be read;
-/// a malformed lease.
-async fn swap(store: &Store, next: &Record, version: &UpdateVersion) -> Result<Swap, LeaseError> {
-    let failure = match store.put_object_update(OBJECT, encode(next), version).await {
+/// The request's error when the write did not happen and nothing else is known (the lease
+/// is still at `version`, or gone, or cannot be read); a malformed lease.
+async fn swap(store: &Store, next: &Record, expected: &UpdateVersion) -> Result<Swap, LeaseError> {
+    let failure = match store.put_object_update(OBJECT, encode(next), expected).await {
         Ok(UpdateOutcome::Updated(version)) => return Ok(Swap::Done(version)),
         Ok(UpdateOutcome::Conflict) => None,
         Err(e) => Some(e),
@@ -241,8 +243,9 @@ async fn swap(store: &Store, next: &Record, version: &UpdateVersion) -> Result<S
                 return Ok(Swap::Done(version));
             }
             match failure {
-                Some(e) => Err(e.into()),
-                None => Ok(Swap::Lost(Some((record, version)))),
+                // Unchanged: the request failed before it applied. Retry.
+                Some(e) if version == *expected => Err(e.into()),
+                _ => Ok(Swap::Lost(Some((record, version)))),
             }
         }
         None => match failure {
@@ -253,12 +256,14 @@ async fn swap(store: &Store, next: &Record, version: &UpdateVersion) -> Result<S
 }
 
 /// Creates the lease object holding `record`, resolving an unknown outcome by reading it
-/// back. `None` when someone else's lease is there.
+/// back. `None` when someone else's lease is there (a create-only write of ours can never
+/// land over it, whatever became of the request).
 async fn create(store: &Store, record: &Record) -> Result<Option<UpdateVersion>, LeaseError> {
     let failure = store.put_object_create(OBJECT, encode(record)).await.err();
     match store.get_object(OBJECT).await {
         Ok(Some((bytes, version))) if decode(&bytes)? == *record => Ok(Some(version)),
-        Ok(_) => match failure {
+        Ok(Some(_)) => Ok(None),
+        Ok(None) => match failure {
             Some(e) => Err(e.into()),
             None => Ok(None),
         },
@@ -1046,6 +1051,34 @@ mod tests {
         let failed = b.renew().await;
         assert!(matches!(failed, Err(LeaseError::Store(_))), "{failed:?}");
         b.renew().await.unwrap();
+    }
+
+    /// A renewal whose request failed, and whose read-back finds another instance's record
+    /// where the version it renewed from was: the lease was taken (say, while this holder
+    /// was paused). Before, what was read was thrown away with the failure: the holder, still
+    /// valid by its clocks, went on writing and acknowledging for up to a TTL on a lease it
+    /// had seen another hold. A failure that changed nothing stays a failure to retry.
+    #[tokio::test]
+    async fn a_failed_renewal_that_reads_another_holder_is_lost() {
+        let faults = Faults::new();
+        let store = Store::in_memory().with_faults(&faults);
+        let mut a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
+        // (Within the same millisecond the renewal would write exactly what is stored.)
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        faults.add(Rule::new(Op::Put, Action::Fail).key("lease").times(1));
+        let failed = a.renew().await;
+        assert!(matches!(failed, Err(LeaseError::Store(_))), "{failed:?}");
+
+        let (bytes, version) = store.get_object(OBJECT).await.unwrap().unwrap();
+        let taken = Record {
+            owner: "b".into(),
+            epoch: 2,
+            ..decode(&bytes).unwrap()
+        };
+        assert!(matches!(swap(&store, &taken, &version).await.unwrap(), Swap::Done(_)));
+        faults.add(Rule::new(Op::Put, Action::Fail).key("lease").times(1));
+        let err = a.renew().await.unwrap_err();
+        assert!(matches!(err, LeaseError::Lost { ref by } if by.contains('b')), "{err}");
     }
 
     /// Two processes may share a host name and a PID (two containers, PID 1 each, both
