@@ -53,6 +53,11 @@ pub enum Action {
     /// writes from a blocking task, and a cloud store applies a request whose caller timed
     /// out. (Other requests are only delayed.)
     Detached(Duration),
+    /// An upload that reaches the store twice, its caller seeing the second answer: a client
+    /// that sent it again after an answer it never got (object_store retries a 5xx, even a
+    /// conditional write, which then meets its own first attempt). (Other requests are
+    /// forwarded once.)
+    Twice,
 }
 
 /// One fault: which requests, what happens, how many times.
@@ -211,19 +216,18 @@ impl Faults {
         Some(action)
     }
 
-    /// The delay of an upload that must land whatever its caller does (see
-    /// [`Action::Detached`]), when the first rule matching it says so; other actions are
-    /// left for [`Faults::before`].
-    fn detached(&self, op: Op, key: &str, body: Option<&[u8]>) -> Option<Duration> {
-        let delay = {
+    /// The action of the first rule matching an upload when it is one only uploads take
+    /// ([`Action::Detached`], [`Action::Twice`]), counted down; other actions are left for
+    /// [`Faults::before`].
+    fn upload_only(&self, op: Op, key: &str, body: Option<&[u8]>) -> Option<Action> {
+        {
             let rules = self.rules.lock().expect("rules");
-            match rules.iter().find(|r| r.matches(op, key, body))?.action {
-                Action::Detached(delay) => delay,
-                _ => return None,
+            let rule = rules.iter().find(|r| r.matches(op, key, body))?;
+            if !matches!(rule.action, Action::Detached(_) | Action::Twice) {
+                return None;
             }
-        };
-        self.take(op, key, body);
-        Some(delay)
+        }
+        self.take(op, key, body)
     }
 
     /// Runs the part of the action that comes before forwarding. `Ok(true)` means the
@@ -241,6 +245,7 @@ impl Faults {
                 gate.pass().await;
                 Ok(false)
             }
+            Some(Action::Twice) => Ok(false),
         }
     }
 }
@@ -298,15 +303,22 @@ impl ObjectStore for FaultyStore {
             .faults
             .wants_bodies()
             .then(|| payload.iter().flat_map(|chunk| chunk.iter().copied()).collect());
-        if let Some(delay) = self.faults.detached(Op::Put, location.as_ref(), body.as_deref()) {
-            let (inner, at) = (self.inner.clone(), location.clone());
-            let landing = tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                inner.put_opts(&at, payload, opts).await
-            });
-            return landing
-                .await
-                .unwrap_or_else(|e| Err(injected(Op::Put, location.as_ref(), &e.to_string())));
+        match self.faults.upload_only(Op::Put, location.as_ref(), body.as_deref()) {
+            Some(Action::Detached(delay)) => {
+                let (inner, at) = (self.inner.clone(), location.clone());
+                let landing = tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    inner.put_opts(&at, payload, opts).await
+                });
+                return landing
+                    .await
+                    .unwrap_or_else(|e| Err(injected(Op::Put, location.as_ref(), &e.to_string())));
+            }
+            Some(Action::Twice) => {
+                let _ = self.inner.put_opts(location, payload.clone(), opts.clone()).await;
+                return self.inner.put_opts(location, payload, opts).await;
+            }
+            _ => {}
         }
         self.around_body(
             Op::Put,
