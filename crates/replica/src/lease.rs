@@ -611,13 +611,25 @@ impl Lease {
     }
 
     /// Marks the lease released so a waiting instance takes it at once. A hand-over request
-    /// written meanwhile does not stop it.
+    /// written meanwhile does not stop it. A failed request is tried twice more within about
+    /// a second: unreleased, the lease keeps a waiting newcomer out for a TTL and more, while
+    /// this instance (stopping, or handing over) already refuses writes.
     ///
     /// # Errors
     /// [`LeaseError::Lost`] if it was no longer ours; store errors.
     pub async fn release(mut self) -> Result<(), LeaseError> {
-        for _ in 0..3 {
-            match swap(&self.store, &self.record(true), &self.version).await? {
+        let mut failures = 0;
+        for _ in 0..5 {
+            let swapped = match swap(&self.store, &self.record(true), &self.version).await {
+                Err(LeaseError::Store(e)) if failures < 2 => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "releasing the replica lease failed; trying again");
+                    tokio::time::sleep(RELEASE_RETRY * failures).await;
+                    continue;
+                }
+                swapped => swapped?,
+            };
+            match swapped {
                 Swap::Done(_) => return Ok(()),
                 Swap::Lost(None) => break,
                 Swap::Lost(Some((stored, version))) => match self.judge(stored, version) {
@@ -651,6 +663,9 @@ pub async fn recorded_txid(store: &Store) -> Result<Option<u64>, LeaseError> {
         None => Ok(None),
     }
 }
+
+/// The pause before releasing the lease again after a failed attempt (doubled the second time).
+const RELEASE_RETRY: Duration = Duration::from_millis(250);
 
 fn encode(record: &Record) -> Bytes {
     Bytes::from(serde_json::to_vec(record).expect("a lease record always serialises"))
@@ -1051,6 +1066,19 @@ mod tests {
         let failed = b.renew().await;
         assert!(matches!(failed, Err(LeaseError::Store(_))), "{failed:?}");
         b.renew().await.unwrap();
+    }
+
+    /// A release whose request failed once (a timeout, a 503). Before, it was given up at
+    /// once: the newcomer waiting for the lease waited out the TTL and its margin, while the
+    /// instance handing over already refused every write.
+    #[tokio::test]
+    async fn a_release_that_failed_once_is_tried_again() {
+        let faults = Faults::new();
+        let store = Store::in_memory().with_faults(&faults);
+        let a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
+        faults.add(Rule::new(Op::Put, Action::Fail).body("\"released\":true").times(1));
+        a.release().await.unwrap();
+        assert!(stored(&store).await.released);
     }
 
     /// A renewal whose request failed, and whose read-back finds another instance's record
