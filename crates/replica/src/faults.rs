@@ -196,6 +196,11 @@ impl Faults {
         self.rules.lock().expect("rules").clear();
     }
 
+    /// Whether every rule has fired as many times as it was told to (none is left).
+    pub fn spent(&self) -> bool {
+        self.rules.lock().expect("rules").is_empty()
+    }
+
     /// Whether a rule looks at bodies (only then are they gathered to be looked at).
     fn wants_bodies(&self) -> bool {
         self.rules.lock().expect("rules").iter().any(|r| r.body.is_some())

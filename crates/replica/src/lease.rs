@@ -275,17 +275,34 @@ impl Lease {
     /// Takes the lease, waiting up to `options.wait` for a live holder to release it, and
     /// asking it to hand over meanwhile. `owner` must be unique to this process.
     ///
+    /// A store that fails a request meanwhile is asked again until the wait runs out: every
+    /// round starts by reading the lease, which tells what became of a write whose outcome
+    /// is unknown (a hand-over request that landed, a takeover of ours).
+    ///
     /// # Errors
-    /// [`LeaseError::Held`] when the wait ran out; store errors.
+    /// [`LeaseError::Held`] when the wait ran out; store errors (the last, once it ran out).
     pub async fn acquire(store: &Store, owner: &str, options: LeaseOptions) -> Result<Lease, LeaseError> {
         let started = Instant::now();
         let mut announced = false;
+        // A store error within the wait: look again shortly.
+        macro_rules! or_look_again {
+            ($request:expr) => {
+                match $request {
+                    Err(LeaseError::Store(e)) if started.elapsed() < options.wait => {
+                        tracing::warn!(error = %e, "cannot reach the replica lease; trying again");
+                        tokio::time::sleep(POLL).await;
+                        continue;
+                    }
+                    done => done?,
+                }
+            };
+        }
         loop {
             let before = Instant::now();
-            match store.get_object(OBJECT).await? {
+            match or_look_again!(store.get_object(OBJECT).await.map_err(LeaseError::from)) {
                 None => {
                     let record = Self::fresh(owner, 1, options, None);
-                    if let Some(version) = create(store, &record).await? {
+                    if let Some(version) = or_look_again!(create(store, &record).await) {
                         return Ok(Lease::held(store, record, options, version, before, None));
                     }
                     continue;
@@ -302,7 +319,7 @@ impl Lease {
                             tracing::warn!(previous = %current.describe(), "took over an expired replica lease; its holder is now fenced");
                         }
                         let record = Self::fresh(owner, current.epoch + 1, options, current.txid);
-                        if let Swap::Done(version) = swap(store, &record, &version).await? {
+                        if let Swap::Done(version) = or_look_again!(swap(store, &record, &version).await) {
                             return Ok(Lease::held(store, record, options, version, before, current.txid));
                         }
                         continue;
@@ -316,7 +333,7 @@ impl Lease {
                             handover_requested_at_ms: Some(now_ms()),
                             ..current
                         };
-                        if let Swap::Done(_) = swap(store, &request, &version).await? {
+                        if let Swap::Done(_) = or_look_again!(swap(store, &request, &version).await) {
                             tracing::info!(%holder, "asked the replica lease holder to hand over");
                         }
                         continue;
@@ -1066,6 +1083,42 @@ mod tests {
         let failed = b.renew().await;
         assert!(matches!(failed, Err(LeaseError::Store(_))), "{failed:?}");
         b.renew().await.unwrap();
+    }
+
+    /// A newcomer's hand-over request applied, its answer lost, and the read that would
+    /// tell failed too. Before, the newcomer gave up at once (a failed deploy), leaving its
+    /// request behind: the holder handed over to nobody, refused writes, and took the lease
+    /// back a TTL later. Now it looks again and waits for the hand-over it asked for.
+    #[tokio::test]
+    async fn a_newcomer_whose_request_had_an_unknown_outcome_waits_on() {
+        let faults = Faults::new();
+        let store = Store::in_memory().with_faults(&faults);
+        let mut a = Lease::acquire(&store, "a", quick(60_000, 0)).await.unwrap();
+        faults.add(
+            Rule::new(Op::Put, Action::LoseResponse)
+                .body("\"handover_requested_by\":\"b\"")
+                .times(1),
+        );
+        faults.add(Rule::new(Op::Get, Action::Fail).key("lease").times(1));
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { Lease::acquire(&store, "b", quick(60_000, 5_000)).await }
+        });
+        // Both faults hit the newcomer (the test's own reads come after).
+        let started = Instant::now();
+        while !faults.spent() {
+            assert!(started.elapsed() < Duration::from_secs(5), "the faults never fired");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(requested_by(&store, "b").await, "b");
+        let err = a.renew().await.unwrap_err();
+        assert!(matches!(err, LeaseError::HandoverRequested { .. }), "{err}");
+        a.release().await.unwrap();
+        let b = waiter
+            .await
+            .unwrap()
+            .expect("the newcomer takes the lease it asked for");
+        assert_eq!(b.epoch(), 2);
     }
 
     /// A release whose request failed once (a timeout, a 503). Before, it was given up at
