@@ -297,7 +297,12 @@ impl Policy {
     }
 
     fn check_content(&self, text: &str, what: &str) -> Result<(), Denial> {
-        self.check_texts(std::iter::once(text), what)
+        if self.blocked_words.is_empty() {
+            return Ok(());
+        }
+        let mut decoded = Vec::new();
+        json_texts(text, &mut decoded, 0);
+        self.check_texts(std::iter::once(text).chain(decoded.iter().map(String::as_str)), what)
     }
 
     /// No blocked word in any of `texts`, each compared as readers read it ([`folded`]).
@@ -316,17 +321,14 @@ impl Policy {
     }
 
     /// A blocked word may sit anywhere readers see it: the content, any tag (hashtags,
-    /// titles, subjects), and in a profile (kind 0) behind a JSON escape.
+    /// titles, subjects), and behind a JSON escape in content that is JSON — a profile, a
+    /// repost's event, channel metadata — however deep.
     fn check_event(&self, event: &nostr::UnsignedEvent) -> Result<(), Denial> {
         if self.blocked_words.is_empty() {
             return Ok(());
         }
         let mut decoded = Vec::new();
-        if event.kind == nostr::Kind::Metadata {
-            if let Ok(json) = serde_json::from_str::<serde_json::Value>(&event.content) {
-                json_strings(&json, &mut decoded);
-            }
-        }
+        json_texts(&event.content, &mut decoded, 0);
         let tags = event
             .tags
             .iter()
@@ -394,6 +396,29 @@ fn is_invisible(c: char) -> bool {
 }
 
 /// Every string in `json`, keys included, decoded.
+/// How deep [`json_texts`] looks into JSON held in JSON strings (a repost of a repost of a
+/// profile is three).
+const JSON_DEPTH: usize = 4;
+
+/// The strings of `text` as a reader of it sees them, when it is JSON (an object or array):
+/// every key and string value with its escapes decoded, and those that are JSON themselves
+/// (an event inside a repost, a rumor inside an encrypted message) decoded in turn.
+fn json_texts(text: &str, out: &mut Vec<String>, depth: usize) {
+    let trimmed = text.trim_start();
+    if depth >= JSON_DEPTH || !(trimmed.starts_with('{') || trimmed.starts_with('[')) {
+        return;
+    }
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(trimmed) else {
+        return;
+    };
+    let from = out.len();
+    json_strings(&json, out);
+    for i in from..out.len() {
+        let inner = out[i].clone();
+        json_texts(&inner, out, depth + 1);
+    }
+}
+
 fn json_strings(json: &serde_json::Value, out: &mut Vec<String>) {
     match json {
         serde_json::Value::String(s) => out.push(s.clone()),

@@ -543,3 +543,31 @@ on_both_engines!(
     another_user_cannot_read_use_or_edit_a_custom_policy_nor_can_an_app_ask_for_it,
     the_owner_picks_a_custom_policy_at_consent_and_builds_one_with_the_dashboard_forms,
 );
+
+/// A blocked word behind a JSON escape, in content that is JSON: a repost's event, channel
+/// metadata (kind 41), the rumor a NIP-17 message encrypts. Readers see the word. Before, the
+/// escapes were decoded in profiles (kind 0) only: each of these was signed or encrypted,
+/// though the consent page promised "never sign or encrypt text containing" it.
+#[test]
+fn a_blocked_word_behind_a_json_escape_is_found_in_any_json_content_and_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(Engine::Sqlite, dir.path());
+    let (cookie, _) = register(&server, "escapes@example.com", None);
+    let permissions = json!({ "any_kind": true, "encrypt": true, "blocked_words": ["spam"] });
+    let policy = create_policy(&server, &cookie, "No spam", permissions);
+    let (code, verifier) = consented_code(&server, &cookie, policy["slug"].as_str().unwrap());
+    let token = token_request(&server, &code, &verifier, REDIRECT).json();
+    let escaped = r#"{"name":"\u0073pam"}"#;
+    let repost = json!({ "kind": 0, "content": escaped, "tags": [] }).to_string();
+    for (kind, content) in [(41, escaped), (6, repost.as_str())] {
+        let signed = sign_http(&server, &token, kind, content);
+        assert_eq!(signed.status, 403, "kind {kind}: {}", signed.body);
+    }
+    let peer = nostr::Keys::generate().public_key().to_hex();
+    let rumor = r#"{"kind":14,"content":"buy \u0073pam","tags":[]}"#;
+    let access = token["access_token"].as_str().unwrap();
+    let encrypted = rpc(&server, access, "nip44_encrypt", json!([peer, rumor]));
+    assert_eq!(encrypted.status, 403, "{}", encrypted.body);
+    // JSON without the word is signed as before.
+    assert_eq!(sign_http(&server, &token, 41, r#"{"name":"\u0068am"}"#).status, 200);
+}
