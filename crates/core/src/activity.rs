@@ -173,6 +173,7 @@ mod tests {
 
     fn at(t: i64) -> NewActivity {
         NewActivity {
+            id: keycast_db::ActivityId::generate(),
             authorization_id: AuthorizationId::new("a"),
             method: "sign_event",
             kind: Some(1),
@@ -226,6 +227,7 @@ mod tests {
     fn dropped_signatures_are_counted_per_grant_until_taken_and_given_back_if_unwritten() {
         let buffer = ActivityBuffer::new(2);
         let of = |id: &str, method: &'static str, result: Option<&'static str>| NewActivity {
+            id: keycast_db::ActivityId::generate(),
             authorization_id: AuthorizationId::new(id),
             method,
             result,
@@ -262,6 +264,7 @@ mod tests {
         let of = |id: &str, n: usize| -> Vec<NewActivity> {
             (0..n)
                 .map(|t| NewActivity {
+                    id: keycast_db::ActivityId::generate(),
                     authorization_id: AuthorizationId::new(id),
                     ..at(t as i64)
                 })

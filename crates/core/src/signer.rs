@@ -613,6 +613,7 @@ impl Signer {
         // What the owner's dashboard lists: done, or refused and why.
         let record = |result: Option<&'static str>| {
             self.activity.record(NewActivity {
+                id: keycast_db::ActivityId::generate(),
                 authorization_id: authz.id.clone(),
                 method,
                 kind: kind.map(i64::from),
@@ -862,8 +863,8 @@ impl Signer {
             // — taken from the buffer, it exists nowhere else. The write goes on and lands.
             // Bounded all the same: on a connection the network dropped without a word it
             // would wait for good, and every later flush with it. A batch whose write timed
-            // out goes back and is written again (at least once: its first write may have
-            // landed, its answer lost).
+            // out goes back and is written again: its first write may have landed, its
+            // answer lost, and the ids given at recording make the second store nothing.
             let db = self.activity_db.clone();
             let written = tokio::spawn(async move {
                 let inserted =

@@ -35,6 +35,9 @@ impl Transport {
 /// One thing an authorization did, to be stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewActivity {
+    /// Given when the record is made, not when it is written: a batch written again after
+    /// its first write's answer was lost (a timeout) is then stored once.
+    pub id: ActivityId,
     pub authorization_id: AuthorizationId,
     /// The NIP-46 method name (`sign_event`, `nip44_encrypt`, …).
     pub method: &'static str,
@@ -86,7 +89,7 @@ pub async fn insert_batch(db: &Db, rows: &[NewActivity]) -> Result<u64, RepoErro
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for row in chunk {
                 query = query
-                    .bind(ActivityId::generate())
+                    .bind(&row.id)
                     .bind(&row.authorization_id)
                     .bind(row.method)
                     .bind(row.kind)
@@ -107,7 +110,7 @@ pub const MAX_BATCH_ROWS: usize = 5_000;
 
 /// PostgreSQL: the batch as seven column arrays, one statement (one implicit transaction).
 async fn insert_unnest(pool: &sqlx::PgPool, rows: &[NewActivity]) -> Result<u64, RepoError> {
-    let ids: Vec<String> = rows.iter().map(|_| ActivityId::generate().to_string()).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let authz: Vec<&str> = rows.iter().map(|r| r.authorization_id.as_str()).collect();
     let methods: Vec<&str> = rows.iter().map(|r| r.method).collect();
     let kinds: Vec<Option<i64>> = rows.iter().map(|r| r.kind).collect();
@@ -119,7 +122,8 @@ async fn insert_unnest(pool: &sqlx::PgPool, rows: &[NewActivity]) -> Result<u64,
          SELECT v.id, v.authorization_id, v.method, v.kind, v.transport, v.created_at, v.result \
          FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::TEXT[], $6::BIGINT[], $7::TEXT[]) \
               AS v(id, authorization_id, method, kind, transport, created_at, result) \
-         WHERE EXISTS (SELECT 1 FROM authorizations a WHERE a.id = v.authorization_id)",
+         WHERE EXISTS (SELECT 1 FROM authorizations a WHERE a.id = v.authorization_id) \
+         ON CONFLICT (id) DO NOTHING",
     )
     .bind(ids)
     .bind(authz)
@@ -154,7 +158,7 @@ fn chunk_sql(rows: usize) -> String {
     format!(
         "INSERT INTO activity (id, authorization_id, method, kind, transport, created_at, result) \
          SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7 FROM (VALUES {}) AS v \
-         WHERE EXISTS (SELECT 1 FROM authorizations a WHERE a.id = v.column2)",
+         WHERE EXISTS (SELECT 1 FROM authorizations a WHERE a.id = v.column2) ON CONFLICT (id) DO NOTHING",
         values.join(", ")
     )
 }
@@ -358,12 +362,29 @@ mod tests {
 
     fn record(authz: &AuthorizationId, at: i64) -> NewActivity {
         NewActivity {
+            id: ActivityId::generate(),
             authorization_id: authz.clone(),
             method: "sign_event",
             kind: Some(1),
             transport: Transport::Http,
             created_at: at,
             result: None,
+        }
+    }
+
+    /// A batch written again after its first write's answer was lost (a write past its time
+    /// limit that the server finished anyway). Before, each write gave the rows new ids: the
+    /// signatures were stored twice, listed twice, and counted twice against the grant's
+    /// limits once the buffer's counts were gone (a restart).
+    #[tokio::test]
+    async fn a_batch_written_twice_is_stored_once() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let rows: Vec<_> = (0..3).map(|i| record(&authz.id, i)).collect();
+            assert_eq!(insert_batch(&db, &rows).await.unwrap(), 3);
+            assert_eq!(insert_batch(&db, &rows).await.unwrap(), 0, "{:?}", db.kind());
+            assert_eq!(list_for_authorization(&db, &authz.id, 10).await.unwrap().len(), 3);
         }
     }
 

@@ -171,6 +171,7 @@ mod tests {
             let user = test_user(&db, "u@example.com").await;
             let authz = test_authorization(&db, &user, "b1").await.id;
             let earlier = |at: i64, result: Option<&'static str>| NewActivity {
+                id: crate::ActivityId::generate(),
                 authorization_id: authz.clone(),
                 method: "sign_event",
                 kind: Some(1),
