@@ -440,8 +440,12 @@ async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFa
         now,
     )
     .await;
-    // NIP-46 starts listening for the new bunker now, before the app can use its URL.
-    services.signer.authorizations_changed();
+    // NIP-46 starts listening for the new bunker now, before the app can use its URL. (A
+    // revocation says so itself; a refused code changed no grant, and must not make every
+    // instance re-read them all: anyone can send one.)
+    if grant.is_ok() {
+        services.signer.authorizations_changed();
+    }
     // A code used twice revokes the grant it became: that must be durable too.
     state.confirm_write(true).await?;
     let grant = grant?;

@@ -613,6 +613,40 @@ fn a_bound_client_connecting_again_waits_for_no_other_instance() {
     assert_eq!(timeouts(), before, "reconnects waited for the other instance");
 }
 
+/// A token request with a made-up code, from anyone, logged in or not. Before, every code
+/// exchange told every instance the bunkers had changed, whatever became of it: each re-read
+/// every grant, and a change's wait for the others' acknowledgements queued behind those
+/// re-reads (3 s each here, with the listeners held behind). Now only an exchange that made
+/// or revoked a grant says so.
+#[test]
+fn a_made_up_code_makes_no_instance_wait() {
+    let Some((_dir, servers)) = instances_with(2, &[("KEYCAST_TEST_ROUTES", "true")]) else {
+        return;
+    };
+    for server in &servers {
+        if !harness::arm_failpoint(server, "cluster-listen-behind", "return") {
+            return;
+        }
+    }
+    let timeouts = || -> f64 {
+        servers
+            .iter()
+            .map(|s| metric_sum(&s.get("/metrics").1, "keycast_cluster_sync_timeouts_total"))
+            .sum()
+    };
+    let before = timeouts();
+    let junk = [
+        ("grant_type", "authorization_code"),
+        ("code", "made-up"),
+        ("client_id", "https://anyone.example"),
+        ("redirect_uri", "https://anyone.example/cb"),
+        ("code_verifier", "x"),
+    ];
+    let refused = post_form(&servers[0], "/api/oauth/token", None, &junk);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(timeouts(), before, "a made-up code waited for the other instance");
+}
+
 #[test]
 fn each_nip46_request_is_answered_once_and_a_dead_instances_bunkers_answer_again() {
     let Some(relay) = Relay::start() else { return };
