@@ -975,10 +975,7 @@ impl Sources {
     /// tokens (the outbox), so a production instance must never mount them by accident.
     fn test_routes(&self) -> Result<bool, ConfigError> {
         let on = self.get("test_routes", parse_bool)?.unwrap_or(false);
-        let https = self
-            .get("public_url", parse_public_url)?
-            .is_some_and(|u| u.starts_with("https://"));
-        if on && https {
+        if on && self.serves_https()? {
             return Err(ConfigError::Invalid {
                 origin: describe("test_routes", &self.values["test_routes"]),
                 reason: "the test routes hand out mailed tokens and must never run in production; \
@@ -1048,8 +1045,23 @@ impl Sources {
             }),
             (Some(key), None) => Ok(MasterKeySource::Inline(key)),
             (None, Some(path)) => Ok(MasterKeySource::File(PathBuf::from(path))),
+            (None, None) if self.serves_https()? => Err(ConfigError::Invalid {
+                origin: "KEYCAST_MASTER_KEY".into(),
+                reason: "is required while KEYCAST_PUBLIC_URL is https (or MASTER_KEY_PATH): the development key \
+                         generated beside the database is lost with the disk (on Cloud Run, at the next deploy), and \
+                         every stored key with it; generate one with `openssl rand -base64 32` and keep it in a \
+                         secret manager"
+                    .into(),
+            }),
             (None, None) => Ok(MasterKeySource::Development(data_dir.join("master.key"))),
         }
+    }
+
+    /// Whether the public URL is https: a production instance.
+    fn serves_https(&self) -> Result<bool, ConfigError> {
+        Ok(self
+            .get("public_url", parse_public_url)?
+            .is_some_and(|u| u.starts_with("https://")))
     }
 
     /// The old key of a rotation. Refused next to the development key: a rotation needs
@@ -1109,7 +1121,20 @@ impl Sources {
             wait: long("replica_lease_wait_secs")?.unwrap_or(lease_defaults.wait),
             ..lease_defaults
         };
+        // The same key pasted into both: whoever is given the replica's key (an operator
+        // restoring, a recovery drill) could open every stored Nostr key in it.
+        let key_text = |key| self.values.get(key).map(|raw| raw.value.trim().trim_end_matches('='));
+        let master_too = ["master_key", "master_key_previous"]
+            .into_iter()
+            .any(|master| key_text(master).is_some() && key_text(master) == key_text("replica_encryption_key"));
         let encryption = self.get("replica_encryption_key", |v| {
+            if master_too {
+                return Err(
+                    "is the master key: the replica's key must be another, or whoever holds it opens every \
+                            stored Nostr key in the replica"
+                        .into(),
+                );
+            }
             ObjectCipher::from_base64(v).map_err(|e| e.to_string())
         })?;
         Ok(Some(ReplicaConfig {
@@ -1494,6 +1519,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("KEYCAST_REPLICA_ENCRYPTION_KEY_FILE"));
+    }
+
+    /// The master key pasted as the replica's key too. Before, it was taken: whoever was
+    /// given the replica's key (to restore, for a recovery drill) could open every stored
+    /// Nostr key in the replica.
+    #[test]
+    fn the_replica_key_must_not_be_the_master_key() {
+        const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        for master in ["KEYCAST_MASTER_KEY", "KEYCAST_MASTER_KEY_PREVIOUS"] {
+            let mut pairs = vec![("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY), (master, KEY)];
+            if master == "KEYCAST_MASTER_KEY_PREVIOUS" {
+                pairs.push(("KEYCAST_MASTER_KEY", "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="));
+            }
+            let err = env(&pairs).build().unwrap_err().to_string();
+            assert!(
+                err.contains("KEYCAST_REPLICA_ENCRYPTION_KEY") && err.contains("master key") && !err.contains("AAEC"),
+                "{master}: {err}"
+            );
+        }
+        let distinct = env(&[
+            ("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY),
+            ("KEYCAST_MASTER_KEY", "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="),
+        ]);
+        assert!(distinct.build().unwrap().replica.unwrap().encryption.is_some());
+        // A key that is not quite base64 says so, without a character of it.
+        let near = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh-=";
+        let err = env(&[("KEYCAST_REPLICA_ENCRYPTION_KEY", near)])
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("45") && !err.contains("offset"), "{err}");
     }
 
     #[test]

@@ -228,7 +228,8 @@ fn local_service(secrets: &Path) -> Option<LocalService> {
                     // Nothing listens there: a mail that cannot be delivered is only logged.
                     "KEYCAST_SMTP_URL" => "smtp://127.0.0.1:9".to_owned(),
                     "KEYCAST_METRICS_TOKEN" => "0123456789abcdef0123456789abcdef".to_owned(),
-                    "KEYCAST_REPLICA_ENCRYPTION_KEY" => TEST_MASTER_KEY.to_owned(),
+                    // Another key than the master key (refused otherwise).
+                    "KEYCAST_REPLICA_ENCRYPTION_KEY" => "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=".to_owned(),
                     other => panic!("the test has no value for the secret {other}"),
                 };
                 let file = secrets.join(value.trim_start_matches('/'));

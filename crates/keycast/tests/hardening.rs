@@ -69,6 +69,23 @@ fn the_test_routes_are_refused_with_an_https_public_url_and_announced_otherwise(
     );
 }
 
+/// An instance with an https public URL and no master key configured. Before, it generated a
+/// development key beside the database and served: on Cloud Run that key went with the disk at
+/// the next deploy, the newcomer made another and refused the restored keys, and every stored
+/// Nostr key was unreadable for good once the old instance stopped. Now it refuses to start,
+/// naming the variable.
+#[test]
+fn an_https_instance_without_a_master_key_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "false")
+        .env("KEYCAST_PUBLIC_URL", "https://keycast.example")
+        .run_to_exit(Duration::from_secs(30));
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("KEYCAST_MASTER_KEY"), "{}", refused.stderr);
+    assert!(!dir.path().join("data/master.key").exists(), "no key generated");
+}
+
 #[test]
 fn a_client_that_trickles_its_headers_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();

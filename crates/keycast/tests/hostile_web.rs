@@ -305,6 +305,8 @@ fn every_answer_carries_strict_security_headers_and_https_adds_hsts_and_a_host_c
         .env("KEYCAST_PUBLIC_URL", "https://keycast.test")
         // Refused with an https public URL (and not needed here).
         .env("KEYCAST_TEST_ROUTES", "false")
+        // Required with one.
+        .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
         .start();
     let r = post_json(
         &server,

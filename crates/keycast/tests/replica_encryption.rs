@@ -10,7 +10,7 @@ use std::process::Command;
 
 use harness::Launch;
 
-const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEY: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
 const WRONG: &str = "HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=";
 
 fn restore(replica: &str, out: &std::path::Path, key: Option<&str>) -> std::process::Output {

@@ -64,7 +64,7 @@ impl ObjectCipher {
         use base64::Engine;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(text.trim())
-            .map_err(|e| CryptError::BadKey(format!("not base64: {e}")))?;
+            .map_err(|_| CryptError::BadKey("not standard base64 (A-Z, a-z, 0-9, + and /)".into()))?;
         if bytes.len() != 32 {
             return Err(CryptError::BadKey(format!("got {} bytes", bytes.len())));
         }
