@@ -319,6 +319,15 @@ impl KeyManager for Keyring {
 mod tests {
     use super::*;
 
+    /// The AES key schedules behind the master key (and the replica's key) are wiped when
+    /// dropped: their first round keys are the key itself. aes-gcm's own `zeroize` feature
+    /// did not reach them; this does not compile without `aes`'s.
+    #[test]
+    fn aes_key_schedules_are_wiped_on_drop() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<aes::Aes256>();
+    }
+
     fn manager() -> MasterKeyManager {
         MasterKeyManager::new(MasterKey::generate())
     }

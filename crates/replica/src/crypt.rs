@@ -45,8 +45,9 @@ pub enum CryptError {
 #[derive(Clone)]
 pub struct ObjectCipher {
     cipher: Aes256Gcm,
-    /// The same key for the streaming form, which drives AES and GHASH itself.
-    key: [u8; 32],
+    /// The same key for the streaming form, which drives AES and GHASH itself. Wiped when
+    /// dropped, as the AES key schedules are (`aes`'s `zeroize` feature).
+    key: zeroize::Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ObjectCipher {
@@ -64,12 +65,13 @@ impl ObjectCipher {
         use base64::Engine;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(text.trim())
+            .map(zeroize::Zeroizing::new)
             .map_err(|_| CryptError::BadKey("not standard base64 (A-Z, a-z, 0-9, + and /)".into()))?;
         if bytes.len() != 32 {
             return Err(CryptError::BadKey(format!("got {} bytes", bytes.len())));
         }
         let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|e| CryptError::BadKey(e.to_string()))?;
-        let key: [u8; 32] = bytes.as_slice().try_into().expect("checked: 32 bytes");
+        let key = zeroize::Zeroizing::new(<[u8; 32]>::try_from(bytes.as_slice()).expect("checked: 32 bytes"));
         Ok(ObjectCipher { cipher, key })
     }
 
