@@ -108,9 +108,10 @@ impl From<AuthError> for OAuthError {
     }
 }
 
-/// The authorization a live, unspent refresh token belongs to: what a refresh is counted
-/// against before it is made. A dead token (spent, expired, revoked) counts against nothing:
-/// it is refused without storing anything.
+/// The authorization a refresh token that can still yield a pair belongs to — live and
+/// unspent, or spent within the grace window (its retry replaces the unused successor):
+/// what a refresh is counted against before it is made. A dead token (spent before that,
+/// expired, revoked) counts against nothing: it is refused without storing anything.
 ///
 /// # Errors
 /// Storage errors.
@@ -119,9 +120,10 @@ pub async fn grant_of(
     token: &str,
     now: i64,
 ) -> Result<Option<keycast_db::AuthorizationId>, keycast_db::RepoError> {
+    let grace = now - REFRESH_GRACE_SECS;
     Ok(refresh_repo::find(db, &hash_token(token))
         .await?
-        .filter(|row| row.used_at.is_none() && row.revoked_at.is_none() && row.expires_at > now)
+        .filter(|row| row.used_at.is_none_or(|used| used >= grace) && row.revoked_at.is_none() && row.expires_at > now)
         .map(|row| row.authorization_id))
 }
 

@@ -464,8 +464,43 @@ fn refreshing_in_a_loop_is_slowed_down(engine: Engine) {
     refresh(&client, other.refresh_token().unwrap()).expect("the account's other app refreshes");
 }
 
+/// The previous refresh token presented again and again within its grace window (each time
+/// replacing the unused successor). Before, the per-grant refresh limit counted only unspent
+/// tokens: every replay got a pair (20 of 20 here), stored a row kept for two months, and
+/// emptied the caches of every instance. Now replays count against the same limit.
+fn replaying_a_refresh_token_in_its_grace_window_is_slowed_down_too(engine: Engine) {
+    let (_dir, server) = start(engine);
+    let (_, first) = first_grant(&server, "replay@example.com");
+    let r0 = first.refresh_token().unwrap().clone();
+    refresh(&client(&server, "test-app"), &r0).expect("the first refresh");
+    let body = form(&[
+        ("grant_type", "refresh_token"),
+        ("refresh_token", r0.secret()),
+        ("client_id", "test-app"),
+    ]);
+    let answers: Vec<u16> = (0..20)
+        .map(|_| {
+            post(
+                &server,
+                "/api/oauth/token",
+                None,
+                "application/x-www-form-urlencoded",
+                &body,
+                &[],
+            )
+            .status
+        })
+        .collect();
+    let answered = answers.iter().filter(|s| **s == 200).count();
+    assert!(answered <= 4, "replays answered with a pair: {answers:?}");
+    assert!(answers.contains(&429), "{answers:?}");
+    let rows = exec_count(&server, "SELECT COUNT(*) FROM refresh_tokens");
+    assert!(rows <= 2 + 4, "{rows} refresh tokens stored");
+}
+
 on_both_engines!(
     refreshing_in_a_loop_is_slowed_down,
+    replaying_a_refresh_token_in_its_grace_window_is_slowed_down_too,
     a_token_revoked_during_its_lookup_is_not_cached_again,
     a_browser_app_on_another_origin_can_revoke_its_tokens,
     a_lost_refresh_response_may_be_retried_once_within_the_grace_window,
