@@ -310,7 +310,12 @@ pub async fn exchange_code(
             "the account's grants were revoked after this code was issued; authorize the app again",
         ));
     }
-    let refresh = issue_refresh_token(db, &grant.authorization.id, lifetimes.refresh_secs, now).await?;
+    // No refresh token outlives a grant for a time.
+    let refresh_secs = match grant.authorization.terms.expires_at {
+        Some(at) => (at - now).clamp(1, lifetimes.refresh_secs),
+        None => lifetimes.refresh_secs,
+    };
+    let refresh = issue_refresh_token(db, &grant.authorization.id, refresh_secs, now).await?;
     grant.refresh_token = Some(refresh);
     Ok(grant)
 }

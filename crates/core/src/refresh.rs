@@ -149,10 +149,21 @@ pub async fn refresh(
     if !ct_eq(row.client_id.as_bytes(), request.client_id.as_bytes()) {
         return Err(invalid_grant("client_id does not match the refresh token"));
     }
+    // A grant for a time ends then, refresh tokens and all (RFC 6749 §5.2: `invalid_grant`):
+    // it yields no pair after, and none that outlives it.
+    let ends_at = keycast_db::authz::find_by_id(db, &row.authorization_id)
+        .await?
+        .and_then(|grant| crate::terms::GrantTerms::from_json(grant.terms.as_deref()).ok())
+        .and_then(|terms| terms.expires_at);
+    if ends_at.is_some_and(|at| now >= at) {
+        return Err(invalid_grant(
+            "the grant has ended (the duration its owner chose); ask them to authorize the app again",
+        ));
+    }
     let (access, refresh_token) = (random_token(), random_token());
     let next = Successor {
         refresh_hash: &hash_token(refresh_token.expose()),
-        refresh_expires_at: now + lifetimes.refresh_secs,
+        refresh_expires_at: ends_at.map_or(now + lifetimes.refresh_secs, |at| at.min(now + lifetimes.refresh_secs)),
         access_hash: &hash_token(access.expose()),
         access_expires_at: now + lifetimes.access_secs,
     };

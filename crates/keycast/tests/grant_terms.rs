@@ -164,6 +164,23 @@ fn terms_sql(data_dir: &std::path::Path, database: Option<&harness::engine::PgDa
     }
 }
 
+/// A refresh of `token`'s grant, by the harness's client.
+fn refresh_with(server: &Keycast, token: &Value) -> Reply {
+    let body = form(&[
+        ("grant_type", "refresh_token"),
+        ("refresh_token", token["refresh_token"].as_str().unwrap()),
+        ("client_id", "test-app"),
+    ]);
+    post(
+        server,
+        "/api/oauth/token",
+        None,
+        "application/x-www-form-urlencoded",
+        &body,
+        &[],
+    )
+}
+
 fn expired_grant_is_refused_on_both_transports(engine: Engine) {
     let Some(mut nip46) = BunkerClient::spawn() else {
         return;
@@ -190,6 +207,23 @@ fn expired_grant_is_refused_on_both_transports(engine: Engine) {
         (now + 3500..=now + 3600).contains(&expires_at),
         "an hour from the exchange: {terms}"
     );
+    // Its refresh tokens end with it. Before, each lived 30 days.
+    let refreshed = refresh_with(&server, &token);
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let longest = "SELECT MAX(expires_at) FROM refresh_tokens";
+    let longest: i64 = terms_sql(&server.data_dir, server.database.as_deref(), longest)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        longest <= expires_at,
+        "a refresh token outlives its grant: {longest} > {expires_at}"
+    );
+    let token = json!({
+        "access_token": refreshed.json()["access_token"],
+        "refresh_token": refreshed.json()["refresh_token"],
+        "bunker_url": token["bunker_url"],
+    });
 
     // An hour passes: the stored expiry moves into the past (written while keycast is
     // stopped), and keycast starts afresh on the same database, so no cache hides it.
@@ -205,6 +239,14 @@ fn expired_grant_is_refused_on_both_transports(engine: Engine) {
     let server = launch.start();
 
     assert_refused_http(&sign_http(&server, &token, 2), "grant_expired", "this grant expired at");
+    // Nor does it yield new tokens (RFC 6749 §5.2). Before, a refresh kept returning pairs.
+    let refused = refresh_with(&server, &token);
+    assert_eq!(
+        (refused.status, refused.json()["error"].clone()),
+        (400, json!("invalid_grant")),
+        "{}",
+        refused.body
+    );
     let connected = nip46.connect(token["bunker_url"].as_str().unwrap());
     assert_eq!(connected["ok"], true, "{connected}");
     assert_refused_nip46(&sign_nip46(&mut nip46, 3), "this grant expired at");
