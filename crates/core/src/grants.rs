@@ -241,6 +241,13 @@ pub async fn edit_grant(
     }
     let mut terms = GrantTerms::from_json(row.terms.as_deref())
         .map_err(|_| invalid("this grant's stored terms are unreadable; revoke it and authorize the app again"))?;
+    // An ended grant stopped counting against the account's cap on live grants: extended,
+    // it would be a live one the cap never admitted.
+    if terms.expires_at.is_some_and(|at| now >= at) {
+        return Err(GrantEditError::NotFound(
+            "this grant has ended (the duration chosen for it); authorize the app again instead".into(),
+        ));
+    }
     if let Some(duration) = edit.duration {
         terms.expires_at = duration.secs().map(|secs| now + secs);
     }

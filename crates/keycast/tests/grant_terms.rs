@@ -325,8 +325,40 @@ fn an_event_dated_past_the_grant_is_not_signed_on_either_transport(engine: Engin
     assert_eq!(signed["ok"], true, "{signed}");
 }
 
+/// An ended grant no longer counts against the account's cap on live grants, so another
+/// takes its place; then the owner (or whoever holds the session) extends the ended one.
+/// Before, the edit revived it: live grants past the cap, one an hour. Now an ended grant
+/// cannot be edited; the app is authorized again, under the cap.
+fn an_ended_grant_cannot_be_revived_past_the_cap(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_MAX_GRANTS_PER_ACCOUNT", "1")
+        .start();
+    let (cookie, _) = register(&server, "revive@example.com", None);
+    let ended = grant_with(&server, &cookie, &[("duration", "hour")]);
+    let past = format!(
+        "UPDATE authorizations SET terms = '{{\"expires_at\":{}}}'",
+        keycast_db::now_unix() - 1
+    );
+    terms_sql(&server.data_dir, server.database.as_deref(), &past);
+    let live = grant_with(&server, &cookie, &[]);
+    assert_eq!(sign_http(&server, &live, 1).status, 200);
+    let id = ended["authorization_id"].as_str().unwrap();
+    let revived = send_json(
+        &server,
+        "PATCH",
+        &format!("/api/user/authorizations/{id}"),
+        &cookie,
+        &json!({ "duration": "forever" }),
+    );
+    assert_eq!(revived.status, 404, "{}", revived.body);
+    assert!(revived.body.contains("ended"), "{}", revived.body);
+    assert_refused_http(&sign_http(&server, &ended, 2), "grant_expired", "this grant expired at");
+}
+
 on_both_engines!(
     an_event_dated_past_the_grant_is_not_signed_on_either_transport,
+    an_ended_grant_cannot_be_revived_past_the_cap,
     an_exhausted_grant_asks_the_owner_for_nothing,
     exhausted_grant_is_refused_on_both_transports_with_one_count,
     rate_limited_grant_says_when_to_retry_on_both_transports,
