@@ -469,6 +469,25 @@ impl Signer {
         Ok(keys)
     }
 
+    /// Where the token cache stands: taken before [`Signer::authorize_token`], and given to
+    /// [`Signer::ensure_token_live`] once the request's result is ready.
+    pub fn token_checkpoint(&self) -> u64 {
+        self.tokens.epoch()
+    }
+
+    /// Before a result goes out: if any token was dropped from the cache since `checkpoint`
+    /// (a revocation, RFC 7009, answered while the request was under way), `token` is looked
+    /// up again; revoked, the result is not handed out.
+    ///
+    /// # Errors
+    /// As [`Signer::authorize_token`].
+    pub async fn ensure_token_live(&self, token: &str, checkpoint: u64) -> Result<(), AuthError> {
+        if self.tokens.epoch() == checkpoint {
+            return Ok(());
+        }
+        self.authorize_token(token).await.map(|_| ())
+    }
+
     /// Resolves a bearer token (HTTP RPC) to its live authorization, whose `expires_at`
     /// is the token's expiry. Served from cache when warm; a miss reads the database.
     ///
@@ -605,6 +624,8 @@ impl Signer {
         transport: Transport,
         permit: Permit,
     ) -> Result<Response, SignError> {
+        // Before anything is looked at: see the check after the operation.
+        let checked_at = self.authorizations.epoch();
         // The grant as it is now, not as the caller resolved it: an owner's edit (policy,
         // permissions, terms) applies to the very next request, like a revocation.
         let current = self.ensure_live(authz).await?;
@@ -658,6 +679,13 @@ impl Signer {
         let response = perform(&keys, request)?;
         if let Some(ms) = held_before_record() {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        // A revocation answered while this request was under way (waiting for the grant's
+        // count, say) dropped the grant from the caches here before it was answered — on
+        // PostgreSQL before this instance acknowledged it. Anything dropped since the start
+        // means the grant is read again: revoked, the result is not handed out.
+        if self.authorizations.epoch() != checked_at {
+            self.ensure_live(authz).await?;
         }
         record(None);
         Ok(response)

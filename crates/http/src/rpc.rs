@@ -74,11 +74,14 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Va
     if !state.is_writer().await {
         return Err(RpcError::Moved);
     }
+    let checkpoint = services.signer.token_checkpoint();
     let authz = services.signer.authorize_token(token).await?;
     let call: Call = serde_json::from_slice(body)
         .map_err(|e| RpcError::BadRequest(format!("the body must be JSON {{\"method\", \"params\"}}: {e}")))?;
     let request = decode(&call, authz.bunker_pubkey)?;
     let response = services.signer.execute_or_ask(&authz, request, Asker::Http).await?;
+    // The token revoked while this request was under way: its result does not go out.
+    services.signer.ensure_token_live(token, checkpoint).await?;
     Ok(encode(response))
 }
 

@@ -356,8 +356,45 @@ fn an_ended_grant_cannot_be_revived_past_the_cap(engine: Engine) {
     assert_refused_http(&sign_http(&server, &ended, 2), "grant_expired", "this grant expired at");
 }
 
+/// The owner revokes an app's grant while one of its signatures is under way (made, and held
+/// 800 ms by a fail point before it is handed out, as a request queued for its grant's count
+/// would be). Before, the signature went out 600 ms after the revocation was answered: the
+/// owner was told "revoked", and the app got one more. Now it is not handed out, on either
+/// transport (HTTP looks at its token again too).
+fn a_signature_under_way_when_its_grant_is_revoked_is_not_handed_out(engine: Engine) {
+    let Some(mut nip46) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "underway@example.com", None);
+    for transport in ["http", "nip46"] {
+        let token = grant_with(&server, &cookie, &[]);
+        let id = token["authorization_id"].as_str().unwrap().to_owned();
+        if transport == "nip46" {
+            let connected = nip46.connect(token["bunker_url"].as_str().unwrap());
+            assert_eq!(connected["ok"], true, "{connected}");
+        }
+        if !harness::arm_failpoint(&server, "signer-before-record", "1*return(800)") {
+            return;
+        }
+        let handed_out = std::thread::scope(|scope| {
+            let signing = scope.spawn(|| match transport {
+                "http" => sign_http(&server, &token, 1).status == 200,
+                _ => sign_nip46(&mut nip46, 1)["ok"] == true,
+            });
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let revoked = delete(&server, &format!("/api/user/authorizations/{id}"), &cookie);
+            assert_eq!(revoked.status, 204, "{}", revoked.body);
+            signing.join().unwrap()
+        });
+        assert!(!handed_out, "{transport}: signed after the revocation was answered");
+    }
+}
+
 on_both_engines!(
     an_event_dated_past_the_grant_is_not_signed_on_either_transport,
+    a_signature_under_way_when_its_grant_is_revoked_is_not_handed_out,
     an_ended_grant_cannot_be_revived_past_the_cap,
     an_exhausted_grant_asks_the_owner_for_nothing,
     exhausted_grant_is_refused_on_both_transports_with_one_count,
