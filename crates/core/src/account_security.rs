@@ -144,7 +144,7 @@ pub async fn reset_password(
     // takes effect.
     take_over(signer, &user, TakeOver::PasswordReset, now).await?;
     // Again with the new password: a login that checked the old one meanwhile.
-    user_repo::set_password_hash_ending_sessions(db, &user.id, &password_hash, now).await?;
+    user_repo::set_password_hash_ending_sessions(db, &user.id, &password_hash, None, now).await?;
     user_repo::mark_email_verified(db, &user.id, now).await?;
     event_repo::insert(db, &user.id, "password_reset", "", now).await?;
     Ok(user.id)

@@ -295,6 +295,14 @@ fn held_after_password_check() -> Option<u64> {
     None
 }
 
+/// Milliseconds the tests hold a password change between its checks and its write (fail
+/// point `password-change-before-store`, `return(<ms>)`); always `None` without fault injection.
+fn held_before_password_change() -> Option<u64> {
+    fail::fail_point!("password-change-before-store", |ms: Option<String>| ms
+        .and_then(|ms| ms.parse().ok()));
+    None
+}
+
 /// Opens a session for `user`.
 ///
 /// # Errors
@@ -371,14 +379,22 @@ pub async fn change_password(
     validate_new_password(new_password)?;
     let password_hash = hasher.hash_async(new_password).await?;
     let user = proof.user_id();
-    // The changer's own session is one of them. (None: the account was deleted meanwhile.)
-    let ended = user_repo::set_password_hash_ending_sessions(db, user, &password_hash, now)
+    if let Some(ms) = held_before_password_change() {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    // The changer's own session is one of them. None: the password checked is no longer the
+    // account's (a reset meanwhile, which outranks this), or the account is gone.
+    let ended = user_repo::set_password_hash_ending_sessions(db, user, &password_hash, Some(proof.checked_hash()), now)
         .await?
-        .ok_or(AccountError::Internal(RepoError::MissingReference))?;
+        .ok_or(AccountError::InvalidCredentials)?;
     let others = ended.saturating_sub(1);
     let detail = format!("{others} other session{} ended", if others == 1 { "" } else { "s" });
     keycast_db::account_events::insert(db, user, "password_changed", &detail, now).await?;
-    Ok((others, create_session(db, user, now).await?))
+    // Under the password just set: a reset in between ends it first.
+    let session = open_session(db, user, Some(&password_hash), now)
+        .await?
+        .ok_or(AccountError::InvalidCredentials)?;
+    Ok((others, session))
 }
 
 /// Deletes the re-authenticated user's account, for good. Every authorization is revoked

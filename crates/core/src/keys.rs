@@ -462,7 +462,7 @@ mod tests {
         let fx = fixture().await;
         let hasher = fast_hasher();
         let hash = hasher.hash(&"pw-pw-pw-pw".into()).unwrap();
-        users::set_password_hash_ending_sessions(fx.pool(), &fx.user, &hash, 2)
+        users::set_password_hash_ending_sessions(fx.pool(), &fx.user, &hash, None, 2)
             .await
             .unwrap();
         let user = users::find_by_id(fx.pool(), &fx.user).await.unwrap().unwrap();

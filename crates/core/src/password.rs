@@ -85,12 +85,20 @@ pub struct PasswordHasher {
 #[derive(Debug)]
 pub struct Reauthenticated {
     user_id: UserId,
+    /// The hash the password was checked against: what a change replaces only while it is
+    /// still the account's (a reset meanwhile outranks it).
+    checked_hash: String,
 }
 
 impl Reauthenticated {
     /// Whose password was checked.
     pub fn user_id(&self) -> &UserId {
         &self.user_id
+    }
+
+    /// The password hash the check was made against.
+    pub fn checked_hash(&self) -> &str {
+        &self.checked_hash
     }
 }
 
@@ -213,6 +221,7 @@ impl PasswordHasher {
         self.verify_async(password, Some(&user.password_hash)).await?;
         Ok(Reauthenticated {
             user_id: user.id.clone(),
+            checked_hash: user.password_hash.clone(),
         })
     }
 }

@@ -385,7 +385,7 @@ mod tests {
                 .await
                 .unwrap());
             // A change or reset in between: no session, and the others end with it.
-            let ended = crate::users::set_password_hash_ending_sessions(&db, &user, "$argon2id$new", 2).await;
+            let ended = crate::users::set_password_hash_ending_sessions(&db, &user, "$argon2id$new", None, 2).await;
             assert_eq!(ended.unwrap(), Some(1));
             let late = TokenHash::of(b"late");
             assert!(!insert(&db, &late, &user, Some("$argon2id$stub"), 3, 100, 50)

@@ -99,8 +99,10 @@ pub async fn find_by_username(db: &Db, username: &str) -> Result<Option<User>, R
 /// Sets the password hash and ends every session of the user, in one transaction. A login
 /// that checked the old password opens its session only while the hash is still the one it
 /// checked (see `sessions::insert`): it lands before this (and is ended here) or after it
-/// (and is refused), never with a session under the old password. Returns the sessions
-/// ended, or `None` if there is no such user.
+/// (and is refused), never with a session under the old password. With `replacing`, only
+/// while the stored hash is that one (a change, whose current password was checked against
+/// it: a reset meanwhile outranks it). Returns the sessions ended, or `None` if there is no
+/// such user (or it no longer has the hash `replacing` names).
 ///
 /// # Errors
 /// Database errors.
@@ -108,16 +110,20 @@ pub async fn set_password_hash_ending_sessions(
     db: &Db,
     id: &UserId,
     hash: &str,
+    replacing: Option<&str>,
     now: i64,
 ) -> Result<Option<u64>, RepoError> {
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
-        let updated = sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
-            .bind(hash)
-            .bind(now)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        let updated = sqlx::query(
+            "UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3 AND ($4 IS NULL OR password_hash = $4)",
+        )
+        .bind(hash)
+        .bind(now)
+        .bind(id)
+        .bind(replacing)
+        .execute(&mut *tx)
+        .await?;
         if updated.rows_affected() == 0 {
             return Ok(None);
         }
@@ -266,7 +272,7 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = insert(&db, &alice(), 1).await.unwrap();
             assert_eq!(
-                set_password_hash_ending_sessions(&db, &user.id, "$argon2id$new", 5)
+                set_password_hash_ending_sessions(&db, &user.id, "$argon2id$new", None, 5)
                     .await
                     .unwrap(),
                 Some(0)

@@ -593,6 +593,40 @@ pub enum MasterKeySource {
     Development(PathBuf),
 }
 
+impl Config {
+    /// For the commands that use the master key (`serve`, `master-key rotate`): an https
+    /// (production) instance must be given one. The development key generated beside the
+    /// database is lost with the disk (on Cloud Run, at the next deploy), and every stored
+    /// key with it.
+    ///
+    /// # Errors
+    /// Naming `KEYCAST_MASTER_KEY`, and the existing development key file if there is one.
+    pub fn require_master_key_in_production(&self) -> Result<(), ConfigError> {
+        let https = self.public_url.as_deref().is_some_and(|u| u.starts_with("https://"));
+        let MasterKeySource::Development(path) = &self.master_key else {
+            return Ok(());
+        };
+        if !https {
+            return Ok(());
+        }
+        let existing = match path.exists() {
+            true => format!(
+                " (this data directory already has a development key: to keep using it, set MASTER_KEY_PATH={})",
+                path.display()
+            ),
+            false => String::new(),
+        };
+        Err(ConfigError::Invalid {
+            origin: "KEYCAST_MASTER_KEY".into(),
+            reason: format!(
+                "is required while KEYCAST_PUBLIC_URL is https (or MASTER_KEY_PATH): a development key generated \
+                 beside the database is lost with the disk (on Cloud Run, at the next deploy), and every stored key \
+                 with it; generate one with `openssl rand -base64 32` and keep it in a secret manager{existing}"
+            ),
+        })
+    }
+}
+
 /// Where and how the database is replicated.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -1045,14 +1079,6 @@ impl Sources {
             }),
             (Some(key), None) => Ok(MasterKeySource::Inline(key)),
             (None, Some(path)) => Ok(MasterKeySource::File(PathBuf::from(path))),
-            (None, None) if self.serves_https()? => Err(ConfigError::Invalid {
-                origin: "KEYCAST_MASTER_KEY".into(),
-                reason: "is required while KEYCAST_PUBLIC_URL is https (or MASTER_KEY_PATH): the development key \
-                         generated beside the database is lost with the disk (on Cloud Run, at the next deploy), and \
-                         every stored key with it; generate one with `openssl rand -base64 32` and keep it in a \
-                         secret manager"
-                    .into(),
-            }),
             (None, None) => Ok(MasterKeySource::Development(data_dir.join("master.key"))),
         }
     }

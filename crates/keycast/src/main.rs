@@ -196,7 +196,16 @@ fn main() -> ExitCode {
         Command::MasterKey(MasterKeyCommand::Rotate(a)) => &a.serve,
         _ => &no_flags,
     };
-    let config = match load_config(cli.config.clone(), args) {
+    let uses_the_master_key = matches!(
+        cli.command,
+        Command::Serve(_) | Command::MasterKey(MasterKeyCommand::Rotate(_))
+    );
+    let config = match load_config(cli.config.clone(), args).and_then(|config| {
+        if uses_the_master_key {
+            config.require_master_key_in_production()?;
+        }
+        Ok(config)
+    }) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("keycast: {e:#}");

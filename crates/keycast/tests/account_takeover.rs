@@ -374,3 +374,30 @@ fn a_grant_under_way_when_the_password_is_reset_is_never_written() {
         .collect();
     assert!(live.is_empty(), "grants live after the reset: {listed}");
 }
+
+/// Whoever holds the password changes it while the mailbox owner resets it: the change was
+/// checked against the old password, then waited (the hashing queue) while the reset took
+/// the account over. Before, the change then wrote its password over the owner's and opened
+/// a session under it: the owner was locked out again. Now a change writes only while the
+/// password it checked is still the account's.
+#[test]
+fn a_password_change_checked_before_a_reset_does_not_outlive_it() {
+    let (_dir, server) = start();
+    let email = "changing@example.com";
+    let (holder, _) = register(&server, email, None);
+    if !harness::arm_failpoint(&server, "password-change-before-store", "1*return(1500)") {
+        return;
+    }
+    let changed = std::thread::scope(|scope| {
+        let changing = scope.spawn(|| {
+            let body = json!({ "current_password": PASSWORD, "new_password": "the holder's new one" });
+            post_json(&server, "/api/user/password", Some(&holder), &body)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        reset(&server, email, "the mailbox owner's own");
+        changing.join().unwrap()
+    });
+    assert_eq!(changed.status, 401, "{}", changed.body);
+    assert_eq!(login(&server, email, "the holder's new one").status, 401);
+    assert_eq!(login(&server, email, "the mailbox owner's own").status, 200);
+}

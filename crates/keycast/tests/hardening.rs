@@ -84,6 +84,18 @@ fn an_https_instance_without_a_master_key_refuses_to_start() {
     assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
     assert!(refused.stderr.contains("KEYCAST_MASTER_KEY"), "{}", refused.stderr);
     assert!(!dir.path().join("data/master.key").exists(), "no key generated");
+    // Commands that never use the master key run with the same settings: an operator
+    // restoring holds the replica's key, not the master key.
+    let replica = format!("file://{}", dir.path().join("replica").display());
+    let data = dir.path().join("data").display().to_string();
+    let listed = harness::keycast_cli(
+        &["replica", "ls", "--replica", &replica],
+        &[
+            ("KEYCAST_PUBLIC_URL", "https://keycast.example"),
+            ("KEYCAST_DATA_DIR", &data),
+        ],
+    );
+    assert!(listed.status.success(), "{}", listed.stderr);
 }
 
 #[test]

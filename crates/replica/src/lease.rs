@@ -628,17 +628,27 @@ impl Lease {
     }
 
     /// Marks the lease released so a waiting instance takes it at once. A hand-over request
-    /// written meanwhile does not stop it. A failed request is tried twice more within about
-    /// a second: unreleased, the lease keeps a waiting newcomer out for a TTL and more, while
-    /// this instance (stopping, or handing over) already refuses writes.
+    /// written meanwhile does not stop it. A failed request is tried twice more, within about
+    /// a second (see [`Lease::release_by`]).
     ///
     /// # Errors
     /// [`LeaseError::Lost`] if it was no longer ours; store errors.
-    pub async fn release(mut self) -> Result<(), LeaseError> {
+    pub async fn release(self) -> Result<(), LeaseError> {
+        self.release_by(Instant::now() + Duration::from_secs(1)).await
+    }
+
+    /// [`Lease::release`], trying a failed request again (twice at most) only while that can
+    /// be done before `by` (a shutdown's deadline): unreleased, the lease keeps a waiting
+    /// newcomer out for a TTL and more while this instance already refuses writes, but a
+    /// stop must not run into the platform's kill for it.
+    ///
+    /// # Errors
+    /// As [`Lease::release`].
+    pub async fn release_by(mut self, by: Instant) -> Result<(), LeaseError> {
         let mut failures = 0;
         for _ in 0..5 {
             let swapped = match swap(&self.store, &self.record(true), &self.version).await {
-                Err(LeaseError::Store(e)) if failures < 2 => {
+                Err(LeaseError::Store(e)) if failures < 2 && Instant::now() + RELEASE_RETRY * (failures + 1) < by => {
                     failures += 1;
                     tracing::warn!(error = %e, "releasing the replica lease failed; trying again");
                     tokio::time::sleep(RELEASE_RETRY * failures).await;
@@ -1099,6 +1109,8 @@ mod tests {
                 .body("\"handover_requested_by\":\"b\"")
                 .times(1),
         );
+        // The newcomer's first read goes through; the read-back after its request fails.
+        faults.add(Rule::new(Op::Get, Action::Delay(Duration::ZERO)).key("lease").times(1));
         faults.add(Rule::new(Op::Get, Action::Fail).key("lease").times(1));
         let waiter = tokio::spawn({
             let store = store.clone();

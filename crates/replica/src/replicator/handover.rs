@@ -261,7 +261,10 @@ impl Worker {
             };
             // Remembered either way: should the newcomer die before taking it, the lease is
             // taken back once it lapsed (see `take_back`), released or not.
-            if let Err(e) = lease.release().await {
+            let by = stop
+                .borrow()
+                .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(1));
+            if let Err(e) = lease.release_by(by).await {
                 tracing::warn!(error = %e, "could not release the replica lease; the newcomer takes it when it lapses");
             }
             self.released = Some(released);
@@ -415,7 +418,7 @@ impl Worker {
         let mut record = self.record(true);
         if let Some(mut lease) = self.shared.lease.lock().await.take() {
             lease.note_txid(self.cursor.txid);
-            match lease.release().await {
+            match lease.release_by(deadline).await {
                 Ok(()) => tracing::info!("released the replica lease"),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not release the replica lease; a successor waits for it to expire")
