@@ -482,7 +482,7 @@ impl Signer {
     /// # Errors
     /// As [`Signer::authorize_token`].
     pub async fn ensure_token_live(&self, token: &str, checkpoint: u64) -> Result<(), AuthError> {
-        if self.tokens.epoch() == checkpoint {
+        if self.tokens.epoch() == checkpoint && self.caches_trusted() {
             return Ok(());
         }
         self.authorize_token(token).await.map(|_| ())
@@ -683,8 +683,10 @@ impl Signer {
         // A revocation answered while this request was under way (waiting for the grant's
         // count, say) dropped the grant from the caches here before it was answered — on
         // PostgreSQL before this instance acknowledged it. Anything dropped since the start
-        // means the grant is read again: revoked, the result is not handed out.
-        if self.authorizations.epoch() != checked_at {
+        // means the grant is read again: revoked, the result is not handed out. So does a
+        // cache this instance cannot trust now (PostgreSQL: not hearing the others' notices,
+        // while the instance that revoked answers once its wait for them runs out).
+        if self.authorizations.epoch() != checked_at || !self.caches_trusted() {
             self.ensure_live(authz).await?;
         }
         record(None);

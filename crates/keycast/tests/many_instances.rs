@@ -613,6 +613,41 @@ fn a_bound_client_connecting_again_waits_for_no_other_instance() {
     assert_eq!(timeouts(), before, "reconnects waited for the other instance");
 }
 
+/// A signature under way on an instance that stopped hearing the others (its listener fell
+/// behind), when the grant is revoked on another: that one waits for its acknowledgement
+/// until the sync timeout, then answers. Before, the signature went out after that answer:
+/// nothing had been dropped from the silent instance's caches, so nothing was looked at
+/// again. Now a result whose instance cannot trust its caches reads the grant again.
+#[test]
+fn a_signature_under_way_on_an_instance_that_stopped_hearing_is_not_handed_out_after_a_revocation() {
+    let ttl = INSTANCE_TTL_SECS.to_string();
+    let env = [
+        ("KEYCAST_TEST_ROUTES", "true"),
+        ("KEYCAST_INSTANCE_TTL_SECS", ttl.as_str()),
+    ];
+    let Some((_dir, servers)) = instances_with(2, &env) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "unheard@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    assert_eq!(sign(&servers[1], &token).status, 200, "cached on the second instance");
+    let list = get(&servers[0], "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    if !harness::arm_failpoint(&servers[1], "cluster-listen-behind", "return")
+        || !harness::arm_failpoint(&servers[1], "signer-before-record", "1*return(6000)")
+    {
+        return;
+    }
+    let handed_out = std::thread::scope(|scope| {
+        let signing = scope.spawn(|| sign(&servers[1], &token));
+        std::thread::sleep(Duration::from_millis(300));
+        let revoked = delete(&servers[0], &format!("/api/user/authorizations/{id}"), &cookie);
+        assert_eq!(revoked.status, 204, "{}", revoked.body);
+        signing.join().unwrap()
+    });
+    assert_eq!(handed_out.status, 401, "{}", handed_out.body);
+}
+
 /// A token request with a made-up code, from anyone, logged in or not. Before, every code
 /// exchange told every instance the bunkers had changed, whatever became of it: each re-read
 /// every grant, and a change's wait for the others' acknowledgements queued behind those
