@@ -8,7 +8,7 @@ mod harness;
 
 use harness::api::*;
 use harness::engine::psql;
-use harness::flow::{approve_with, authorize_query, pkce, register, token_request};
+use harness::flow::{approve_with, authorize_query, pkce, refresh_request, register, token_request};
 use harness::nostr::BunkerClient;
 use harness::{sqlite_exec, sqlite_query, Engine, Keycast, Launch};
 use serde_json::{json, Value};
@@ -164,23 +164,6 @@ fn terms_sql(data_dir: &std::path::Path, database: Option<&harness::engine::PgDa
     }
 }
 
-/// A refresh of `token`'s grant, by the harness's client.
-fn refresh_with(server: &Keycast, token: &Value) -> Reply {
-    let body = form(&[
-        ("grant_type", "refresh_token"),
-        ("refresh_token", token["refresh_token"].as_str().unwrap()),
-        ("client_id", "test-app"),
-    ]);
-    post(
-        server,
-        "/api/oauth/token",
-        None,
-        "application/x-www-form-urlencoded",
-        &body,
-        &[],
-    )
-}
-
 fn expired_grant_is_refused_on_both_transports(engine: Engine) {
     let Some(mut nip46) = BunkerClient::spawn() else {
         return;
@@ -208,7 +191,7 @@ fn expired_grant_is_refused_on_both_transports(engine: Engine) {
         "an hour from the exchange: {terms}"
     );
     // Its refresh tokens end with it. Before, each lived 30 days.
-    let refreshed = refresh_with(&server, &token);
+    let refreshed = refresh_request(&server, token["refresh_token"].as_str().unwrap());
     assert_eq!(refreshed.status, 200, "{}", refreshed.body);
     let longest = "SELECT MAX(expires_at) FROM refresh_tokens";
     let longest: i64 = terms_sql(&server.data_dir, server.database.as_deref(), longest)
@@ -240,7 +223,7 @@ fn expired_grant_is_refused_on_both_transports(engine: Engine) {
 
     assert_refused_http(&sign_http(&server, &token, 2), "grant_expired", "this grant expired at");
     // Nor does it yield new tokens (RFC 6749 §5.2). Before, a refresh kept returning pairs.
-    let refused = refresh_with(&server, &token);
+    let refused = refresh_request(&server, token["refresh_token"].as_str().unwrap());
     assert_eq!(
         (refused.status, refused.json()["error"].clone()),
         (400, json!("invalid_grant")),

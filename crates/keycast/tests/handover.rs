@@ -540,6 +540,28 @@ fn after_handing_over_the_old_instance_refuses_http_signing() {
     );
 }
 
+/// A user of `server` whose app holds a grant of 3 signatures and has made all 3 (buffered,
+/// with a long flush interval): (session cookie, the app's access token).
+fn three_signatures_of_three(server: &Keycast, email: &str) -> (String, String) {
+    let (cookie, _) = register(server, email, None);
+    let (challenge, verifier) = pkce();
+    let code = approve_with(
+        server,
+        &cookie,
+        &authorize_query("policy:social", &challenge),
+        &[("max_signatures", "3")],
+    );
+    let token = token_request(server, &code, &verifier, REDIRECT).json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..3 {
+        let signed = rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
+        assert_eq!(signed.status, 200, "{}", signed.body);
+    }
+    (cookie, token)
+}
+
 /// Signing activity is buffered in memory and written about once a second
 /// (`KEYCAST_ACTIVITY_FLUSH_MS`). Before, what was still buffered when the old instance handed
 /// over was lost: its writes are refused from the hand-over on. The owner's record missed those
@@ -558,22 +580,8 @@ fn a_handover_keeps_the_signatures_still_buffered() {
             .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
     };
     let old = launch("old").start();
-    let (cookie, _) = register(&old, "buffered@example.com", None);
-    let (challenge, verifier) = pkce();
-    let code = approve_with(
-        &old,
-        &cookie,
-        &authorize_query("policy:social", &challenge),
-        &[("max_signatures", "3")],
-    );
-    let token = token_request(&old, &code, &verifier, REDIRECT).json()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (cookie, token) = three_signatures_of_three(&old, "buffered@example.com");
     let sign = |server: &Keycast| rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
-    for _ in 0..3 {
-        assert_eq!(sign(&old).status, 200);
-    }
 
     let new = hand_over_under_writes(&old, launch("new"));
     let fourth = sign(&new);
@@ -614,22 +622,8 @@ fn sigterm_before_a_requested_handover_began_keeps_the_signatures_still_buffered
             .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
     };
     let mut old = launch("old").start();
-    let (cookie, _) = register(&old, "requested@example.com", None);
-    let (challenge, verifier) = pkce();
-    let code = approve_with(
-        &old,
-        &cookie,
-        &authorize_query("policy:social", &challenge),
-        &[("max_signatures", "3")],
-    );
-    let token = token_request(&old, &code, &verifier, REDIRECT).json()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (cookie, token) = three_signatures_of_three(&old, "requested@example.com");
     let sign = |server: &Keycast| rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
-    for _ in 0..3 {
-        assert_eq!(sign(&old).status, 200);
-    }
     // The next round waits 8 s before it ships, as on a stalled upload.
     if !harness::arm_failpoint(&old, "replica-round", "return(8000)") {
         return;

@@ -594,17 +594,10 @@ fn a_bound_client_connecting_again_waits_for_no_other_instance() {
     let (client_sk, _) = keypair();
     let connected = app.connect_as(&bunker_url, &client_sk);
     assert_eq!(connected["ok"], true, "{connected}");
-    for server in &servers {
-        if !harness::arm_failpoint(server, "cluster-listen-behind", "return") {
-            return;
-        }
+    if !listeners_held_behind(&servers) {
+        return;
     }
-    let timeouts = || -> f64 {
-        servers
-            .iter()
-            .map(|s| metric_sum(&s.get("/metrics").1, "keycast_cluster_sync_timeouts_total"))
-            .sum()
-    };
+    let timeouts = || sync_timeouts(&servers);
     let before = timeouts();
     for _ in 0..3 {
         let again = app.connect_as(&bunker_url, &client_sk);
@@ -648,6 +641,22 @@ fn a_signature_under_way_on_an_instance_that_stopped_hearing_is_not_handed_out_a
     assert_eq!(handed_out.status, 401, "{}", handed_out.body);
 }
 
+/// Every instance's listener held behind (notices heard, never applied): a change then waits
+/// for their acknowledgements until the sync timeout. False when fault injection is off.
+fn listeners_held_behind(servers: &[Keycast]) -> bool {
+    servers
+        .iter()
+        .all(|server| harness::arm_failpoint(server, "cluster-listen-behind", "return"))
+}
+
+/// How many times, on all `servers` together, a change gave up waiting for the others.
+fn sync_timeouts(servers: &[Keycast]) -> f64 {
+    servers
+        .iter()
+        .map(|s| metric_sum(&s.get("/metrics").1, "keycast_cluster_sync_timeouts_total"))
+        .sum()
+}
+
 /// A token request with a made-up code, from anyone, logged in or not. Before, every code
 /// exchange told every instance the bunkers had changed, whatever became of it: each re-read
 /// every grant, and a change's wait for the others' acknowledgements queued behind those
@@ -658,17 +667,10 @@ fn a_made_up_code_makes_no_instance_wait() {
     let Some((_dir, servers)) = instances_with(2, &[("KEYCAST_TEST_ROUTES", "true")]) else {
         return;
     };
-    for server in &servers {
-        if !harness::arm_failpoint(server, "cluster-listen-behind", "return") {
-            return;
-        }
+    if !listeners_held_behind(&servers) {
+        return;
     }
-    let timeouts = || -> f64 {
-        servers
-            .iter()
-            .map(|s| metric_sum(&s.get("/metrics").1, "keycast_cluster_sync_timeouts_total"))
-            .sum()
-    };
+    let timeouts = || sync_timeouts(&servers);
     let before = timeouts();
     let junk = [
         ("grant_type", "authorization_code"),

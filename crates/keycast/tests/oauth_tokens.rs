@@ -7,7 +7,7 @@
 mod harness;
 
 use harness::api::*;
-use harness::flow::{approve, authorize_query, pkce, register, token_request};
+use harness::flow::{approve, authorize_query, pkce, refresh_request, register, token_request};
 use harness::nostr::BunkerClient;
 use harness::{Engine, Keycast, Launch};
 use oauth2::basic::{
@@ -441,19 +441,7 @@ fn refreshing_in_a_loop_is_slowed_down(engine: Engine) {
         let next = refresh(&client, &token).unwrap_or_else(|e| panic!("refresh {n}: {e:?}"));
         token = next.refresh_token().unwrap().clone();
     }
-    let body = form(&[
-        ("grant_type", "refresh_token"),
-        ("refresh_token", token.secret()),
-        ("client_id", "test-app"),
-    ]);
-    let limited = post(
-        &server,
-        "/api/oauth/token",
-        None,
-        "application/x-www-form-urlencoded",
-        &body,
-        &[],
-    );
+    let limited = refresh_request(&server, token.secret());
     assert_eq!(limited.status, 429, "{}", limited.body);
     assert!(limited.retry_after.is_some());
     // Not spent, and nothing stored for it.
@@ -475,24 +463,7 @@ fn replaying_a_refresh_token_in_its_grace_window_is_slowed_down_too(engine: Engi
     let (_, first) = first_grant(&server, "replay@example.com");
     let r0 = first.refresh_token().unwrap().clone();
     refresh(&client(&server, "test-app"), &r0).expect("the first refresh");
-    let body = form(&[
-        ("grant_type", "refresh_token"),
-        ("refresh_token", r0.secret()),
-        ("client_id", "test-app"),
-    ]);
-    let answers: Vec<u16> = (0..20)
-        .map(|_| {
-            post(
-                &server,
-                "/api/oauth/token",
-                None,
-                "application/x-www-form-urlencoded",
-                &body,
-                &[],
-            )
-            .status
-        })
-        .collect();
+    let answers: Vec<u16> = (0..20).map(|_| refresh_request(&server, r0.secret()).status).collect();
     let answered = answers.iter().filter(|s| **s == 200).count();
     assert!(answered <= 4, "replays answered with a pair: {answers:?}");
     assert!(answers.contains(&429), "{answers:?}");

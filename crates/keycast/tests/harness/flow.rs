@@ -129,20 +129,40 @@ pub fn approve_with(server: &Keycast, cookie: &str, query: &str, choices: &[(&st
 }
 
 pub fn token_request(server: &Keycast, code: &str, verifier: &str, redirect: &str) -> Reply {
-    let body = form(&[
-        ("grant_type", "authorization_code"),
-        ("code", code),
-        ("client_id", "test-app"),
-        ("redirect_uri", redirect),
-        ("code_verifier", verifier),
-    ]);
+    token_endpoint(
+        server,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("client_id", "test-app"),
+            ("redirect_uri", redirect),
+            ("code_verifier", verifier),
+        ],
+    )
+}
+
+/// `POST /api/oauth/token` with `pairs` as a form.
+fn token_endpoint(server: &Keycast, pairs: &[(&str, &str)]) -> Reply {
     post(
         server,
         "/api/oauth/token",
         None,
         "application/x-www-form-urlencoded",
-        &body,
+        &form(pairs),
         &[],
+    )
+}
+
+/// A refresh with `refresh_token` by the harness's client (`test-app`), as a raw form, so
+/// that a refusal (429, 400) is seen as it is.
+pub fn refresh_request(server: &Keycast, refresh_token: &str) -> Reply {
+    token_endpoint(
+        server,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+            ("client_id", "test-app"),
+        ],
     )
 }
 
