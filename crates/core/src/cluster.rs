@@ -330,14 +330,16 @@ impl Cluster {
     /// out (logged and counted; see the module doc for why that is not an error). Timed from
     /// the notice, not the call: an instance that has not applied it trusts its caches at
     /// most `sync_timeout` past the last heartbeat of its own it heard, and a heartbeat sent
-    /// after the notice is heard after it. A notice still unsent after `sync_timeout` is
-    /// given up on the same way.
+    /// after the notice is heard after it. A notice not yet sent tells nobody anything, and
+    /// the others go on trusting their caches: the wait for it lasts as long as a cache
+    /// entry lives (at least `sync_timeout`), after which none loaded before the change is
+    /// left anywhere.
     pub async fn wait_synced(&self) {
         let target = self.signer.announced();
         if target == 0 {
             return;
         }
-        let deadline = tokio::time::Instant::now() + self.options.sync_timeout;
+        let deadline = tokio::time::Instant::now() + self.options.sync_timeout.max(self.signer.cache_ttl());
         let mut sent = self.sent.subscribe();
         if tokio::time::timeout_at(deadline, sent.wait_for(|s| *s >= target))
             .await

@@ -163,6 +163,8 @@ pub struct Signer {
     record_bound: RecordBound,
     /// Live grants an account may have ([`SignerOptions::max_live_grants`]).
     max_live_grants: u32,
+    /// How long a cached entry lives ([`SignerOptions::cache_ttl`]).
+    cache_ttl: Duration,
     /// Signatures per limited grant ([`crate::terms`]).
     usage: UsageMeter,
     changes: broadcast::Sender<Change>,
@@ -215,6 +217,7 @@ impl Signer {
             activity: ActivityBuffer::new(options.activity_capacity),
             record_bound: RecordBound::new(options.activity_kept_per_grant),
             max_live_grants: options.max_live_grants,
+            cache_ttl: ttl,
             usage: UsageMeter::default(),
             changes: broadcast::channel(CHANGES_CAPACITY).0,
             trusted_until: AtomicU64::new(u64::MAX),
@@ -956,6 +959,11 @@ impl Signer {
     /// Live grants an account may have (`KEYCAST_MAX_GRANTS_PER_ACCOUNT`).
     pub fn max_live_grants(&self) -> u32 {
         self.max_live_grants
+    }
+
+    /// How long an entry stays in the caches at most (on every instance alike).
+    pub fn cache_ttl(&self) -> Duration {
+        self.cache_ttl
     }
 
     /// Activity records waiting for [`Signer::flush`].

@@ -237,6 +237,37 @@ fn a_change_is_answered_no_sooner_than_the_sync_timeout_after_its_notice_went_ou
     );
 }
 
+/// A change whose notice cannot be sent within the sync timeout (its connection stalled, or a
+/// hundred notices queued for one `revoke_all`), while the other instance hears its own
+/// heartbeats and trusts its caches. Before, the change was answered at the sync timeout, the
+/// notice still unsent, and the other instance went on signing with the revoked grant from
+/// its cache. Now the wait for the send lasts as long as a cache entry lives.
+#[test]
+fn a_change_whose_notice_is_not_yet_sent_is_not_answered_while_others_trust_their_caches() {
+    let env = [("KEYCAST_TEST_ROUTES", "true"), ("KEYCAST_CACHE_TTL_SECS", "20")];
+    let Some((_dir, servers)) = instances_with(2, &env) else {
+        return;
+    };
+    let (a, b) = (&servers[0], &servers[1]);
+    let (cookie, _) = register(a, "unsent@example.com", None);
+    let token = access_token(a, &cookie);
+    assert_eq!(sign(b, &token).status, 200, "cached on the other instance");
+    // The notice goes out 5 s after the revocation; the sync timeout is 3 s.
+    if !harness::arm_failpoint(a, "cluster-publish", "1*return(5000)") {
+        return;
+    }
+    let list = get(a, "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = delete(a, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let after = sign(b, &token);
+    assert_eq!(
+        after.status, 401,
+        "the other instance, once the revocation was answered: {}",
+        after.body
+    );
+}
+
 /// An access token revoked alone (RFC 7009, an app signing out) on one instance: every other
 /// instance, each holding the token in its cache, refuses it on the very next request.
 /// Before, only the revoking instance forgot it; the others signed with it for up to the
