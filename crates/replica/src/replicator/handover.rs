@@ -403,6 +403,13 @@ impl Worker {
                     self.shared.fence(e.to_string());
                     return Err(e);
                 }
+                // Asked for just as the stop began: this sync is the hand-over all the same.
+                // (Refused as a write instead, it was retried until the deadline, and the
+                // stop reported the last commits as left on local disk.)
+                Err(ReplicaError::HandingOver { .. }) if !self.handing_over => {
+                    self.handing_over = true;
+                    self.reset_transactions().await;
+                }
                 Err(e) if Instant::now() + backoff >= deadline => {
                     tracing::error!(error = %e, txid = self.cursor.txid, "final sync failed; the last commits are only on local disk");
                     return Err(e);
