@@ -38,6 +38,16 @@ fn launch(data: &Path, replica: &str) -> Launch {
         .env("KEYCAST_REPLICA_LEASE_WAIT_SECS", "60")
 }
 
+/// [`launch`] with a real master key, where signing activity stays buffered: nothing is
+/// written by the timer during a test (activity is also written once per lease TTL, so the
+/// TTL goes up too).
+fn buffering(data: &Path, replica: &str) -> Launch {
+    launch(data, replica)
+        .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+        .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
+        .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
+}
+
 /// Keys present in the replica, read through `keycast restore` like an operator would.
 fn replicated_keys(dir: &Path, replica: &str, env: &[(String, String)]) -> Vec<String> {
     let out = dir.join(format!(
@@ -571,14 +581,7 @@ fn three_signatures_of_three(server: &Keycast, email: &str) -> (String, String) 
 fn a_handover_keeps_the_signatures_still_buffered() {
     let dir = tempfile::tempdir().unwrap();
     let replica = format!("file://{}", dir.path().join("replica").display());
-    let launch = |name: &str| {
-        launch(&dir.path().join(name), &replica)
-            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
-            // Nothing is written by the timer during the test: all of it is still buffered.
-            // (Activity is written at least once per lease TTL: the TTL goes up too.)
-            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
-            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
-    };
+    let launch = |name: &str| buffering(&dir.path().join(name), &replica);
     let old = launch("old").start();
     let (cookie, token) = three_signatures_of_three(&old, "buffered@example.com");
     let sign = |server: &Keycast| rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
@@ -615,12 +618,7 @@ fn a_handover_keeps_the_signatures_still_buffered() {
 fn sigterm_before_a_requested_handover_began_keeps_the_signatures_still_buffered() {
     let dir = tempfile::tempdir().unwrap();
     let replica = format!("file://{}", dir.path().join("replica").display());
-    let launch = |name: &str| {
-        launch(&dir.path().join(name), &replica)
-            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
-            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
-            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
-    };
+    let launch = |name: &str| buffering(&dir.path().join(name), &replica);
     let mut old = launch("old").start();
     let (cookie, token) = three_signatures_of_three(&old, "requested@example.com");
     let sign = |server: &Keycast| rpc(server, &token, "sign_event", json!([{"kind": 1, "content": "hi"}]));
@@ -695,12 +693,7 @@ fn replayed_to_the_next_instance(email: &str, next: impl FnOnce(&mut Keycast, La
 fn a_handover_waits_for_the_signature_under_way() {
     let dir = tempfile::tempdir().unwrap();
     let replica = format!("file://{}", dir.path().join("replica").display());
-    let launch = |name: &str| {
-        launch(&dir.path().join(name), &replica)
-            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
-            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
-            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
-    };
+    let launch = |name: &str| buffering(&dir.path().join(name), &replica);
     let old = launch("old").start();
     let (cookie, _) = register(&old, "underway@example.com", None);
     let token = grant(&old, &cookie, "policy:social")["access_token"]
@@ -737,13 +730,7 @@ fn sigterm_lets_a_nip46_signature_under_way_finish_and_be_recorded() {
     let Some(mut app) = BunkerClient::spawn() else { return };
     let dir = tempfile::tempdir().unwrap();
     let replica = format!("file://{}", dir.path().join("replica").display());
-    let launch = || {
-        launch(&dir.path().join("data"), &replica)
-            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
-            .env("BUNKER_RELAYS", relay.url())
-            .env("KEYCAST_ACTIVITY_FLUSH_MS", "30000")
-            .env("KEYCAST_REPLICA_LEASE_TTL_SECS", "60")
-    };
+    let launch = || buffering(&dir.path().join("data"), &replica).env("BUNKER_RELAYS", relay.url());
     let mut server = launch().start();
     let (cookie, _, _) = connected_app(&server, &mut app, "sigterm@example.com");
     // Held 4 s between its signature and its record; SIGTERM comes 2 s into the request, once
