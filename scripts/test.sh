@@ -31,6 +31,17 @@ if [ -d "$CARGO_TARGET_DIR" ] && [ "$(free_gb)" -lt 15 ]; then
     fi
 fi
 
+# The tests find their scripts and fixtures through paths compiled in (CARGO_MANIFEST_DIR),
+# and Cargo does not rebuild a crate whose sources merely moved: a target directory shared by
+# two clones (CI's and a developer's) ran one clone's tests against the other's paths. When
+# the clone changes, keycast's own crates are rebuilt (the dependencies are kept).
+workspace_stamp="$CARGO_TARGET_DIR/.keycast-workspace"
+if [ -f "$workspace_stamp" ] && [ "$(cat "$workspace_stamp")" != "$PWD" ]; then
+    step "the target directory was last built from $(cat "$workspace_stamp"): rebuilding keycast's crates"
+    cargo clean -q -p keycast -p keycast-http -p keycast-core -p keycast-db -p keycast-replica -p keycast-nip46
+fi
+mkdir -p "$CARGO_TARGET_DIR" && printf '%s\n' "$PWD" > "$workspace_stamp"
+
 # The test runner, pinned like the peers (its config is .config/nextest.toml).
 NEXTEST_VERSION=0.9.143
 
