@@ -183,6 +183,10 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     return_big_buffers_to_the_os();
+    // Tests arm fail points on the paths before the HTTP endpoint exists (start-up) through
+    // the `FAILPOINTS` variable; a build without fault injection has none to arm.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let no_flags = ServeArgs {
         port: None,

@@ -607,8 +607,15 @@ async fn open_replicated(
 ) -> anyhow::Result<(Db, Arc<CommitSignal>, String)> {
     crate::replication::prepare(database_path, store, recorded).await?;
     let signal = CommitSignal::new();
+    // Unshipped commits (a crash's, an operator command's, these migrations') are in the WAL
+    // only, and SQLite folds it into the file when the last connection closes. On a clean stop
+    // the replicator's connections close last, after its final sync, and fold it then; a
+    // start that fails before that must leave the WAL for the next start to ship, which
+    // otherwise finds it gone under its record, takes that for a power loss, and restores
+    // over the commits.
     let options = DbOptions {
         commit_signal: Some(signal.clone()),
+        keep_wal_on_close: true,
         ..sqlite_options(config, database_path)
     };
     let db = Db::open_sqlite(&options).await?;
@@ -998,7 +1005,13 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
             path.display()
         );
     }
-    let source = Db::open_sqlite(&sqlite_options(config, path)).await?;
+    // The live database, perhaps with commits a crash left unshipped in its WAL: closing the
+    // copy's connections must not fold them in behind `serve`'s back.
+    let source = Db::open_sqlite(&DbOptions {
+        keep_wal_on_close: true,
+        ..sqlite_options(config, path)
+    })
+    .await?;
     let target_options = keycast_db::PgOptions::new(to);
     // Looked at before anything is created there: a database with tables keycast does not
     // make is another application's (a wrong --to), and keycast's schema is not written in.

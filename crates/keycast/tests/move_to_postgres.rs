@@ -172,3 +172,52 @@ fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_work
     assert_eq!(signed["ok"], true, "{signed}\n{}", server.log());
     assert_eq!(signed["event"]["pubkey"], user.as_str());
 }
+
+/// A copy is often a rehearsal: the instance goes on on SQLite. A copy taken from the live
+/// database after a crash closed it as a clean stop does, and SQLite folded the WAL into the
+/// file; the next start found the WAL gone under its record, took that for a power loss and
+/// restored the replica over the file. What the crash had left unshipped was gone.
+#[test]
+fn a_copy_taken_after_a_crash_leaves_the_unshipped_commits_to_serve() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let launch = Launch::new(&data);
+    let mut server = launch.start();
+    register(&server, "before-the-crash@example.com", None);
+    server.signal(libc::SIGKILL);
+    server.wait_exit(std::time::Duration::from_secs(10));
+    let data_dir = [("KEYCAST_DATA_DIR", data.to_str().unwrap())];
+    // Committed after the crash, so in the WAL only and not yet shipped.
+    keycast_cli(
+        &[
+            "clients",
+            "add",
+            "--name",
+            "Coracle",
+            "--redirect-uri",
+            "http://127.0.0.1:9/cb",
+        ],
+        &data_dir,
+    )
+    .assert_success("clients add after the crash");
+
+    let rehearsal = PgDatabase::create("rehearsal");
+    keycast_cli(&["migrate", "--to", &rehearsal.url], &data_dir).assert_success("keycast migrate --to");
+    assert_eq!(
+        rehearsal.query("SELECT count(*) FROM oauth_clients"),
+        "1",
+        "the app was copied"
+    );
+
+    let server = launch.start();
+    let listed = keycast_cli(&["clients", "list", "--json"], &data_dir);
+    assert!(
+        listed.stdout.contains("Coracle"),
+        "lost after the copy: {}",
+        listed.stdout
+    );
+    server.stop();
+}

@@ -285,6 +285,65 @@ fn an_app_registered_from_the_shell_after_a_crash_is_kept_and_replicated() {
     assert!(listed.stdout.contains(&id), "not replicated: {}", listed.stdout);
 }
 
+/// A start that fails after it opened the database (here: replication cannot start) closed
+/// it as a clean stop does, and SQLite folded the WAL into the file. The next start found the
+/// WAL gone under its record, took that for a power loss and restored the replica over the
+/// file: what the crash had left unshipped (this app) was gone for good.
+#[test]
+fn a_start_that_fails_after_a_crash_leaves_the_unshipped_commits_for_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let replica = dir.path().join("replica");
+    let launch = Launch::new(&data).redeployable(&replica);
+    let mut server = launch.start();
+    register(&server, "before-the-crash@example.com", None);
+    server.signal(libc::SIGKILL);
+    server.wait_exit(std::time::Duration::from_secs(10));
+    let added = clients_cli(
+        &server,
+        &["add", "--name", "Coracle", "--redirect-uri", APP_REDIRECT, "--json"],
+    );
+    assert!(added.status.success(), "clients add after the crash: {}", added.stderr);
+    let id = serde_json::from_str::<Value>(added.stdout.trim()).unwrap()["client_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let failing = Launch::new(&data)
+        .redeployable(&replica)
+        .env("FAILPOINTS", "replica-align=return");
+    match failing.start_or_exit() {
+        Ok(started) => {
+            started.stop();
+            assert_ne!(
+                std::env::var("KEYCAST_REQUIRE_PEERS").as_deref(),
+                Ok("1"),
+                "this keycast was built without fault injection (feature keycast/failpoints)"
+            );
+            eprintln!("SKIPPED: built without fault injection");
+            return;
+        }
+        Err(failed) => assert!(
+            failed.stderr.contains("fail point replica-align"),
+            "the start failed for another reason:\n{}",
+            failed.stderr
+        ),
+    }
+
+    let server = launch.start();
+    let listed = clients_cli(&server, &["list", "--json"]);
+    assert!(
+        listed.stdout.contains(&id),
+        "lost after the failed start: {}",
+        listed.stdout
+    );
+    server.stop();
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = launch.start();
+    let listed = clients_cli(&server, &["list", "--json"]);
+    assert!(listed.stdout.contains(&id), "not replicated: {}", listed.stdout);
+}
+
 /// A second process on the live database — `keycast clients add`, or an operator's
 /// `sqlite3` — closes its connection believing it is alone unless the service still holds
 /// SQLite's locks; it then checkpoints and deletes the WAL under the service, which goes on

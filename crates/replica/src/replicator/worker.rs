@@ -197,6 +197,11 @@ impl Worker {
     /// its latest state; anything else is refused, because writing the next TXID over a state
     /// this instance never restored could erase another writer's commits.
     pub(super) async fn align(&mut self) -> Result<(), ReplicaError> {
+        // Stands in for a store that fails here (`FAILPOINTS=replica-align=return`): a start
+        // that fails after the database was opened and migrated.
+        fail::fail_point!("replica-align", |_| Err(ReplicaError::LocalState(
+            std::io::Error::other("fail point replica-align")
+        )));
         // One listing: its level-0 part starts at or before the tip, so it also holds any
         // unacknowledged tail past it.
         let recent = self.store.list_recent().await?;
