@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use keycast_replica::crypt::ObjectCipher;
+use keycast_replica::lease::LeaseOptions;
 use keycast_replica::local_state;
 use keycast_replica::restore::{self, Target};
 use keycast_replica::Store;
@@ -322,6 +323,25 @@ fn rfc3339(t: SystemTime) -> String {
 ///
 /// # Errors
 /// The first bad object (named), a failed restore, or a checksum mismatch.
+/// `keycast replica accept-loss`.
+///
+/// # Errors
+/// An instance holds the lease; store errors.
+pub async fn accept_loss_cmd(store: &Store, lease: LeaseOptions, as_json: bool) -> anyhow::Result<()> {
+    let owner = format!("keycast-replica-accept-loss-{}", std::process::id());
+    let txid = keycast_replica::lease::accept_loss(store, &owner, lease).await?;
+    if as_json {
+        println!("{}", json!({ "replica": store.describe(), "txid": txid }));
+    } else {
+        println!(
+            "the replica {} reaches TXID {txid}: recorded as its high-water mark. The next start restores that state; \
+             anything acknowledged after it is lost",
+            store.describe()
+        );
+    }
+    Ok(())
+}
+
 pub async fn verify_cmd(store: &Store, scratch: &Path, as_json: bool) -> anyhow::Result<()> {
     let verified = keycast_replica::verify::verify_replica(store, scratch).await?;
     if as_json {

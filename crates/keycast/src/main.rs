@@ -149,6 +149,10 @@ enum ReplicaCommand {
     /// Check every object's checksum and restore the replica in full; non-zero exit naming
     /// the first bad object.
     Verify(ReplicaArgs),
+    /// Accept that the replica lost its newest objects, or that its high-water mark cannot be
+    /// believed: record the TXID it reaches now as its mark, so the next start restores that
+    /// state. For a replica no instance serves; refused while one holds its lease.
+    AcceptLoss(ReplicaArgs),
 }
 
 #[derive(Args)]
@@ -248,6 +252,10 @@ fn main() -> ExitCode {
             }
             Command::Replica(ReplicaCommand::Ls(a)) => {
                 cli::ls_cmd(&replica(&config, a.replica.as_deref())?, a.json).await
+            }
+            Command::Replica(ReplicaCommand::AcceptLoss(a)) => {
+                let lease = config.replica.as_ref().map(|r| r.lease).unwrap_or_default();
+                cli::accept_loss_cmd(&replica(&config, a.replica.as_deref())?, lease, a.json).await
             }
             Command::Clients(ClientsCommand::Add {
                 name,

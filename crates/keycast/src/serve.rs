@@ -555,7 +555,15 @@ async fn start(
         );
     }
     let mut lease = crate::replication::acquire_lease(&store, replica).await?;
-    let recorded = lease.previous_txid();
+    // How far the replica must reach, once the mark is believed: a mark that whoever holds the
+    // bucket could have lowered (no valid MAC on an encrypted replica) is refused.
+    let recorded = match lease.confirm_mark().await {
+        Ok(recorded) => recorded,
+        Err(e) => {
+            give_back(lease).await;
+            return Err(e.into());
+        }
+    };
     // A large restore may outlast the lease: keep it renewed meanwhile.
     let opened = tokio::select! {
         opened = keep_alive_while(&mut lease, open_replicated(config, database_path, &store, recorded)) => opened?,

@@ -502,24 +502,7 @@ fn a_replica_missing_its_newest_objects_is_refused_not_restored_silently() {
         assert_eq!(write(&a, &format!("k{n}"), true), 200);
     }
     a.stop();
-    // Delete the files of the newest TXID, at every level.
-    let mut newest: Option<(u64, Vec<std::path::PathBuf>)> = None;
-    for level in std::fs::read_dir(replica_dir.join("ltx")).unwrap() {
-        for file in std::fs::read_dir(level.unwrap().path()).unwrap() {
-            let path = file.unwrap().path();
-            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
-            let max = u64::from_str_radix(name.split('-').nth(1).unwrap(), 16).unwrap();
-            match &mut newest {
-                Some((m, files)) if *m == max => files.push(path),
-                Some((m, _)) if *m > max => {}
-                _ => newest = Some((max, vec![path])),
-            }
-        }
-    }
-    let (max, files) = newest.unwrap();
-    for file in files {
-        std::fs::remove_file(file).unwrap();
-    }
+    let max = delete_newest(&replica_dir);
     let out = dir.path().join("out.db");
     let refused = harness::keycast_cli(&["restore", "--replica", &replica, "-o", out.to_str().unwrap()], &[]);
     assert!(!refused.status.success(), "restore refuses: {}", refused.stdout);
@@ -553,6 +536,107 @@ fn a_replica_missing_its_newest_objects_is_refused_not_restored_silently() {
         "serve names the way out: {}",
         finished.stderr
     );
+}
+
+/// Deletes the files of a `file://` replica's newest TXID, at every level; returns that TXID.
+fn delete_newest(replica_dir: &std::path::Path) -> u64 {
+    let mut newest: Option<(u64, Vec<std::path::PathBuf>)> = None;
+    for level in std::fs::read_dir(replica_dir.join("ltx")).unwrap() {
+        for file in std::fs::read_dir(level.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            let max = u64::from_str_radix(name.split('-').nth(1).unwrap(), 16).unwrap();
+            match &mut newest {
+                Some((m, files)) if *m == max => files.push(path),
+                Some((m, _)) if *m > max => {}
+                _ => newest = Some((max, vec![path])),
+            }
+        }
+    }
+    let (max, files) = newest.unwrap();
+    for file in files {
+        std::fs::remove_file(file).unwrap();
+    }
+    max
+}
+
+/// Whoever can write the bucket but has no replica key deletes the newest objects and
+/// lowers the lease's high-water mark to match, or removes the lease: the replica then looks
+/// whole at an older state — a revoked grant live again, an old password back. On an
+/// encrypted replica the mark carries a MAC and every object keycast writes says so, so
+/// `serve` and `restore` refuse a mark without a valid MAC; `keycast replica accept-loss`
+/// takes the older state knowingly.
+#[test]
+fn an_encrypted_replica_rolled_back_by_whoever_holds_the_bucket_is_refused() {
+    const KEY: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let replica = format!("file://{}", replica_dir.display());
+    let launch = |data: &str| {
+        Launch::new(&dir.path().join(data))
+            .env("KEYCAST_TEST_ROUTES", "true")
+            .env("KEYCAST_REPLICA_URL", &replica)
+            .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
+            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+    };
+    let with_key = [("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)];
+    let a = launch("a").start();
+    for n in 0..3 {
+        assert_eq!(write(&a, &format!("k{n}"), true), 200);
+    }
+    a.stop();
+
+    let max = delete_newest(&replica_dir);
+    let lease_path = replica_dir.join("keycast/lease.json");
+    let mut lease: serde_json::Value = serde_json::from_slice(&std::fs::read(&lease_path).unwrap()).unwrap();
+    assert!(lease["txid"].as_u64().unwrap() >= max, "{lease}");
+    lease["txid"] = (max - 1).into();
+    std::fs::write(&lease_path, lease.to_string()).unwrap();
+
+    let out = dir.path().join("out.db");
+    let refused = harness::keycast_cli(
+        &["restore", "--replica", &replica, "-o", out.to_str().unwrap()],
+        &with_key,
+    );
+    assert!(
+        !refused.status.success(),
+        "restore refuses the lowered mark: {}",
+        refused.stdout
+    );
+    assert!(refused.stderr.contains("no valid MAC"), "{}", refused.stderr);
+    assert!(!out.exists(), "nothing was written");
+    for (attempt, lease) in [
+        ("a lowered mark", Some(lease.to_string())),
+        ("a mark with a made-up MAC", {
+            lease["txid_mac"] = "bm90IGEgcmVhbCBtYWMsIGp1c3QgMzIgYnl0ZXMhISE=".into();
+            Some(lease.to_string())
+        }),
+        ("no lease at all", None),
+    ] {
+        match lease {
+            Some(lease) => std::fs::write(&lease_path, lease).unwrap(),
+            None => std::fs::remove_file(&lease_path).unwrap(),
+        }
+        let finished = match launch(&format!("b-{}", attempt.len())).start_or_exit() {
+            Ok(b) => panic!("serve restored {attempt}; log:\n{}", b.log()),
+            Err(finished) => finished,
+        };
+        assert!(
+            finished.stderr.contains("no valid MAC") && finished.stderr.contains("keycast replica accept-loss"),
+            "{attempt}: {}",
+            finished.stderr
+        );
+    }
+
+    harness::keycast_cli(&["replica", "accept-loss", "--replica", &replica], &with_key)
+        .assert_success("accepting the loss knowingly");
+    let c = launch("c").start();
+    let keys = harness::test_keys(&c.data_dir.join("keycast.db"));
+    assert!(
+        keys.contains(&"k0".to_owned()) && keys.contains(&"k1".to_owned()),
+        "{keys:?}"
+    );
+    c.stop();
 }
 
 /// A deploy's newcomer stopped once its restore is done, while replication starts (its

@@ -70,7 +70,8 @@ pub enum BootstrapError {
     #[error(
         "the replica {replica} reaches only TXID {remote}, but its lease records TXID {recorded} as replicated: \
          its newest objects are missing (deleted or lost) or could not be applied. keycast will not silently roll back to an older state; \
-         restore the missing objects, or, to accept the loss, delete {lease_object} from the replica"
+         restore the missing objects, or, to accept the loss, run `keycast replica accept-loss` (it records in \
+         {lease_object} the TXID the replica reaches now)"
     )]
     ReplicaTruncated {
         replica: String,

@@ -9,6 +9,10 @@
 //! [`ObjectCipher::open`] there is a streaming form ([`Sealer`], [`Opener`]) that produces and
 //! checks exactly the same bytes piece by piece: GCM is counter-mode encryption plus a GHASH
 //! over the ciphertext, both of which run incrementally.
+//!
+//! The same key also authenticates the replica's own small records that must not be forged
+//! by whoever can write the bucket (the lease's high-water mark, see `crate::lease`): an
+//! HMAC-SHA256 under a key derived from it ([`ObjectCipher::record_mac`]).
 
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::aes::Aes256;
@@ -48,6 +52,21 @@ pub struct ObjectCipher {
     /// The same key for the streaming form, which drives AES and GHASH itself. Wiped when
     /// dropped, as the AES key schedules are (`aes`'s `zeroize` feature).
     key: zeroize::Zeroizing<[u8; 32]>,
+    /// HMAC-SHA256(key, [`RECORD_KEY_LABEL`]): the key of [`ObjectCipher::record_mac`], so the
+    /// encryption key itself is used by AES-GCM only.
+    record_key: zeroize::Zeroizing<[u8; 32]>,
+}
+
+/// What derives the records' MAC key from the replica key.
+const RECORD_KEY_LABEL: &[u8] = b"keycast replica records v1";
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+fn hmac(key: &[u8], message: &[u8]) -> HmacSha256 {
+    use hmac::Mac;
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(message);
+    mac
 }
 
 impl std::fmt::Debug for ObjectCipher {
@@ -72,7 +91,32 @@ impl ObjectCipher {
         }
         let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|e| CryptError::BadKey(e.to_string()))?;
         let key = zeroize::Zeroizing::new(<[u8; 32]>::try_from(bytes.as_slice()).expect("checked: 32 bytes"));
-        Ok(ObjectCipher { cipher, key })
+        let record_key = {
+            use hmac::Mac;
+            zeroize::Zeroizing::new(hmac(key.as_slice(), RECORD_KEY_LABEL).finalize().into_bytes().into())
+        };
+        Ok(ObjectCipher {
+            cipher,
+            key,
+            record_key,
+        })
+    }
+
+    /// A MAC of `message` (base64): proof that whoever wrote it held the replica key.
+    pub fn record_mac(&self, message: &[u8]) -> String {
+        use base64::Engine;
+        use hmac::Mac;
+        base64::engine::general_purpose::STANDARD
+            .encode(hmac(self.record_key.as_slice(), message).finalize().into_bytes())
+    }
+
+    /// Whether `mac` is [`ObjectCipher::record_mac`] of `message`, compared in constant time.
+    pub fn verify_record_mac(&self, message: &[u8], mac: &str) -> bool {
+        use base64::Engine;
+        use hmac::Mac;
+        base64::engine::general_purpose::STANDARD
+            .decode(mac)
+            .is_ok_and(|mac| hmac(self.record_key.as_slice(), message).verify_slice(&mac).is_ok())
     }
 
     /// A fresh random nonce for one object.
@@ -300,6 +344,29 @@ mod tests {
         assert!(is_sealed(&sealed));
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         assert_eq!(cipher.open("ltx/0/a.ltx", &sealed).unwrap(), b"LTX1 secret pages");
+    }
+
+    #[test]
+    fn a_record_mac_proves_the_key_and_the_message() {
+        let a = ObjectCipher::from_base64(KEY_A).unwrap();
+        let mac = a.record_mac(b"txid=7");
+        assert!(a.verify_record_mac(b"txid=7", &mac));
+        assert_eq!(mac, ObjectCipher::from_base64(KEY_A).unwrap().record_mac(b"txid=7"));
+        assert!(!a.verify_record_mac(b"txid=6", &mac), "bound to its message");
+        assert!(!ObjectCipher::from_base64(KEY_B)
+            .unwrap()
+            .verify_record_mac(b"txid=7", &mac));
+        for forged in ["", "not base64!", "AAAA", &mac[..mac.len() - 4]] {
+            assert!(!a.verify_record_mac(b"txid=7", forged), "{forged:?}");
+        }
+        // Under a key of its own, not the encryption key.
+        let raw = {
+            use base64::Engine;
+            use hmac::Mac;
+            let key = base64::engine::general_purpose::STANDARD.decode(KEY_A).unwrap();
+            base64::engine::general_purpose::STANDARD.encode(hmac(&key, b"txid=7").finalize().into_bytes())
+        };
+        assert_ne!(mac, raw);
     }
 
     #[test]

@@ -56,7 +56,10 @@
 //! # The high-water mark
 //! Each write of the lease records the highest TXID its holder knows to be in the replica
 //! ([`Lease::note_txid`]), at no extra request: a later restore that finds the replica short
-//! of it knows the newest objects were deleted, instead of silently rolling back.
+//! of it knows the newest objects were deleted, instead of silently rolling back. On an
+//! encrypted replica the mark carries a MAC, made only by a holder that has shipped or
+//! checked it ([`crate::mark`]): a mark copied from a record is copied with its MAC as found,
+//! so a forged one is never made valid by passing through an honest holder.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -64,6 +67,7 @@ use bytes::Bytes;
 use object_store::UpdateVersion;
 use serde::{Deserialize, Serialize};
 
+use crate::mark::{self, Mark, MarkError};
 use crate::store::{Store, StoreError, UpdateOutcome};
 
 /// Lease lifetime after each renewal (seconds).
@@ -126,6 +130,8 @@ pub enum LeaseError {
     #[error("the replica lease object is malformed: {0}")]
     Malformed(String),
     #[error(transparent)]
+    Mark(#[from] MarkError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -151,6 +157,9 @@ struct Record {
     /// The highest TXID the holder knew to be in the replica when it wrote this record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     txid: Option<u64>,
+    /// On an encrypted replica, the MAC of `txid` (see [`crate::mark`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    txid_mac: Option<String>,
 }
 
 fn yes() -> bool {
@@ -179,6 +188,14 @@ impl Record {
     fn describe(&self) -> String {
         format!("{} (epoch {})", self.owner, self.epoch)
     }
+
+    /// The record's mark, authenticated if its MAC proves it under `store`'s key.
+    fn mark(&self, store: &Store) -> Mark {
+        Mark {
+            txid: self.txid,
+            authenticated: store.verify_record_mac(&mark::message(self.txid), self.txid_mac.as_deref()),
+        }
+    }
 }
 
 /// A held lease.
@@ -205,8 +222,11 @@ pub struct Lease {
     serving: bool,
     /// Written into every record: see [`Lease::note_txid`].
     txid: Option<u64>,
+    /// Written with `txid`: its MAC, as found in the record this lease replaced until this
+    /// holder vouches for the mark itself.
+    txid_mac: Option<String>,
     /// The high-water mark the previous holder left in the record this lease replaced.
-    previous_txid: Option<u64>,
+    previous: Mark,
 }
 
 /// What a compare-and-swap of the lease came to, once an unknown outcome was read back.
@@ -303,24 +323,26 @@ impl Lease {
                 None => {
                     let record = Self::fresh(owner, 1, options, None);
                     if let Some(version) = or_look_again!(create(store, &record).await) {
-                        return Ok(Lease::held(store, record, options, version, before, None));
+                        return Ok(Lease::held(store, record, options, version, before, Mark::default()));
                     }
                     continue;
                 }
                 Some((bytes, version)) => {
                     let current = decode(&bytes)?;
                     if current.owner == owner && !current.released {
-                        // Our own write whose answer was lost (the owner is unique to us).
-                        let previous = current.txid;
+                        // Our own write whose answer was lost (the owner is unique to us). Its
+                        // mark is the previous holder's, copied with its MAC as found.
+                        let previous = current.mark(store);
                         return Ok(Lease::held(store, current, options, version, before, previous));
                     }
                     if current.is_free(options.margin()) {
                         if !current.released {
                             tracing::warn!(previous = %current.describe(), "took over an expired replica lease; its holder is now fenced");
                         }
-                        let record = Self::fresh(owner, current.epoch + 1, options, current.txid);
+                        let record = Self::fresh(owner, current.epoch + 1, options, Some(&current));
                         if let Swap::Done(version) = or_look_again!(swap(store, &record, &version).await) {
-                            return Ok(Lease::held(store, record, options, version, before, current.txid));
+                            let previous = current.mark(store);
+                            return Ok(Lease::held(store, record, options, version, before, previous));
                         }
                         continue;
                     }
@@ -366,8 +388,9 @@ impl Lease {
         }
     }
 
-    /// A new, not yet serving record for `owner` at `epoch`.
-    fn fresh(owner: &str, epoch: u64, options: LeaseOptions, txid: Option<u64>) -> Record {
+    /// A new, not yet serving record for `owner` at `epoch`, carrying on the mark of the
+    /// record it replaces (with its MAC as found: see [`Lease::confirm_mark`]).
+    fn fresh(owner: &str, epoch: u64, options: LeaseOptions, replacing: Option<&Record>) -> Record {
         Record {
             owner: owner.into(),
             epoch,
@@ -376,7 +399,8 @@ impl Lease {
             handover_requested_by: None,
             handover_requested_at_ms: None,
             serving: false,
-            txid,
+            txid: replacing.and_then(|r| r.txid),
+            txid_mac: replacing.and_then(|r| r.txid_mac.clone()),
         }
     }
 
@@ -386,7 +410,7 @@ impl Lease {
         options: LeaseOptions,
         version: UpdateVersion,
         before: Instant,
-        previous_txid: Option<u64>,
+        previous: Mark,
     ) -> Lease {
         Lease {
             store: store.clone(),
@@ -401,7 +425,8 @@ impl Lease {
             handover: record.handover_requested_by,
             serving: record.serving,
             txid: record.txid,
-            previous_txid,
+            txid_mac: record.txid_mac,
+            previous,
         }
     }
 
@@ -434,10 +459,17 @@ impl Lease {
         }
         let record = Record {
             serving: true,
-            ..Self::fresh(owner, current.epoch + 1, options, current.txid)
+            ..Self::fresh(owner, current.epoch + 1, options, Some(&current))
         };
         match swap(store, &record, &version).await? {
-            Swap::Done(version) => Ok(Some(Lease::held(store, record, options, version, before, current.txid))),
+            Swap::Done(version) => Ok(Some(Lease::held(
+                store,
+                record,
+                options,
+                version,
+                before,
+                current.mark(store),
+            ))),
             Swap::Lost(_) => Ok(None),
         }
     }
@@ -504,12 +536,40 @@ impl Lease {
     /// The high-water mark found in the lease this one replaced: the highest TXID the previous
     /// holder knew to be in the replica. A replica that reaches less lost its newest objects.
     pub fn previous_txid(&self) -> Option<u64> {
-        self.previous_txid
+        self.previous.txid
+    }
+
+    /// [`Lease::previous_txid`], and whether its MAC proved it (see [`crate::mark`]).
+    pub fn previous_mark(&self) -> Mark {
+        self.previous
+    }
+
+    /// Checks the mark the previous holder left before a restore relies on it (see
+    /// [`crate::mark::trusted`]), and returns the TXID the restore must reach.
+    ///
+    /// A mark believed without a MAC (a replica an earlier keycast wrote, a new one) gets this
+    /// holder's MAC at once, one lease write before it writes any object: its objects are
+    /// flagged, and a crash before its first renewal would otherwise leave the next start an
+    /// unauthenticated mark beside flagged objects, which it must refuse.
+    ///
+    /// # Errors
+    /// [`MarkError::Unauthenticated`] (as [`LeaseError::Mark`]); as [`Lease::renew`].
+    pub async fn confirm_mark(&mut self) -> Result<Option<u64>, LeaseError> {
+        let txid = mark::trusted(&self.store, self.previous).await?;
+        if self.store.is_encrypted() && !self.previous.authenticated {
+            self.txid_mac = self.store.record_mac(&mark::message(self.txid));
+            match self.renew().await {
+                Ok(()) | Err(LeaseError::HandoverRequested { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(txid)
     }
 
     /// Records `txid` as in the replica; written with the next renewal or release.
     pub fn note_txid(&mut self, txid: u64) {
         self.txid = Some(self.txid.map_or(txid, |t| t.max(txid)));
+        self.txid_mac = self.store.record_mac(&mark::message(self.txid));
     }
 
     /// Whether this holder marked itself serving (see [`Lease::mark_serving`]).
@@ -593,6 +653,7 @@ impl Lease {
             handover_requested_at_ms: None,
             serving: self.serving,
             txid: self.txid,
+            txid_mac: self.txid_mac.clone(),
         }
     }
 
@@ -683,12 +744,58 @@ impl Lease {
 /// or it carries no mark.
 ///
 /// # Errors
-/// Store errors; a malformed lease object.
+/// Store errors; a malformed lease object; a mark that cannot be believed (see
+/// [`crate::mark::trusted`]).
 pub async fn recorded_txid(store: &Store) -> Result<Option<u64>, LeaseError> {
-    match store.get_object(OBJECT).await? {
-        Some((bytes, _)) => Ok(decode(&bytes)?.txid),
-        None => Ok(None),
-    }
+    let found = match store.get_object(OBJECT).await? {
+        Some((bytes, _)) => decode(&bytes)?.mark(store),
+        None => Mark::default(),
+    };
+    Ok(mark::trusted(store, found).await?)
+}
+
+/// `keycast replica accept-loss`: records the TXID the replica reaches now as its high-water
+/// mark (with the replica key's MAC), so that the next start restores what the replica holds
+/// although its newest objects are gone or its mark could not be believed. Refused while an
+/// instance holds the lease: this is for a replica no instance serves. Returns the TXID.
+///
+/// # Errors
+/// [`LeaseError::Held`] (without waiting) or [`LeaseError::Lost`] when an instance holds or
+/// takes the lease; store errors.
+pub async fn accept_loss(store: &Store, owner: &str, options: LeaseOptions) -> Result<u64, LeaseError> {
+    let tip = store.max_txid().await?;
+    let before = Instant::now();
+    let taken = match store.get_object(OBJECT).await? {
+        None => {
+            let record = Lease::fresh(owner, 1, options, None);
+            create(store, &record).await?.map(|version| (record, version))
+        }
+        Some((bytes, version)) => {
+            let current = decode(&bytes)?;
+            if !current.is_free(options.margin()) {
+                return Err(LeaseError::Held {
+                    expires_in_secs: (current.expires_at_ms - now_ms()) / 1000,
+                    owner: current.owner,
+                    waited_secs: 0,
+                });
+            }
+            let record = Lease::fresh(owner, current.epoch + 1, options, Some(&current));
+            match swap(store, &record, &version).await? {
+                Swap::Done(version) => Some((record, version)),
+                Swap::Lost(_) => None,
+            }
+        }
+    };
+    let Some((record, version)) = taken else {
+        return Err(LeaseError::Lost {
+            by: "an instance that took it meanwhile".into(),
+        });
+    };
+    let mut lease = Lease::held(store, record, options, version, before, Mark::default());
+    lease.txid = (tip > 0).then_some(tip);
+    lease.txid_mac = store.record_mac(&mark::message(lease.txid));
+    lease.release().await?;
+    Ok(tip)
 }
 
 /// The pause before releasing the lease again after a failed attempt (doubled the second time).
@@ -1211,6 +1318,120 @@ mod tests {
         );
     }
 
+    fn encrypted() -> Store {
+        let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+        Store::in_memory().with_encryption(crate::crypt::ObjectCipher::from_base64(key).unwrap())
+    }
+
+    /// Rewrites the stored lease's mark as whoever holds the bucket can: without the key.
+    async fn lower_the_mark(store: &Store, txid: u64) {
+        let (bytes, version) = store.get_object(OBJECT).await.unwrap().unwrap();
+        let record = Record {
+            txid: Some(txid),
+            ..decode(&bytes).unwrap()
+        };
+        let updated = store
+            .put_object_update(OBJECT, encode(&record), &version)
+            .await
+            .unwrap();
+        assert!(matches!(updated, UpdateOutcome::Updated(_)));
+    }
+
+    fn mark(txid: u64, authenticated: bool) -> Mark {
+        Mark {
+            txid: Some(txid),
+            authenticated,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_forged_mark_is_never_made_valid_by_the_holders_it_passes_through() {
+        let store = encrypted();
+        let options = quick(60_000, 1_000);
+        let mut a = Lease::acquire(&store, "a", options).await.unwrap();
+        a.note_txid(9);
+        a.release().await.unwrap();
+        let b = Lease::acquire(&store, "b", options).await.unwrap();
+        assert_eq!(b.previous_mark(), mark(9, true));
+        b.release().await.unwrap();
+
+        lower_the_mark(&store, 5).await;
+        // Taken over, then taken back: each holder writes the mark on as it found it.
+        let c = Lease::acquire(&store, "c", options).await.unwrap();
+        assert_eq!(c.previous_mark(), mark(5, false));
+        c.release().await.unwrap();
+        let c = Lease::take_back(&store, "c", options).await.unwrap().unwrap();
+        assert_eq!(c.previous_mark(), mark(5, false));
+        c.release().await.unwrap();
+        let d = Lease::acquire(&store, "d", options).await.unwrap();
+        assert_eq!(d.previous_mark(), mark(5, false));
+        assert_eq!(
+            recorded_txid(&store).await.unwrap(),
+            Some(5),
+            "an empty replica has nothing to refuse"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_mark_without_a_valid_mac_is_refused_beside_objects_written_under_one() {
+        let store = encrypted();
+        let options = quick(60_000, 1_000);
+        let mut a = Lease::acquire(&store, "a", options).await.unwrap();
+        // An earlier keycast's replica: objects without the flag, a mark without a MAC.
+        let earlier = crate::ltx::Header {
+            flags: crate::ltx::FLAG_NO_CHECKSUM,
+            page_size: 4096,
+            commit: 4,
+            min_txid: 1,
+            max_txid: 1,
+            timestamp_ms: 1_700_000_000_000,
+            node_id: 1_700_000_000_000,
+            ..crate::ltx::Header::default()
+        };
+        let put =
+            |h: crate::ltx::Header| store.put_ltx(0, h.min_txid, h.max_txid, Bytes::from(h.to_bytes().to_vec()), 0);
+        assert_eq!(put(earlier).await.unwrap(), crate::store::PutOutcome::Created);
+        a.txid = Some(1);
+        a.release().await.unwrap();
+
+        // Upgraded: believed, and vouched for before anything flagged is written.
+        let mut b = Lease::acquire(&store, "b", options).await.unwrap();
+        assert_eq!(b.previous_mark(), mark(1, false));
+        assert_eq!(b.confirm_mark().await.unwrap(), Some(1));
+        assert!(stored(&store).await.mark(&store).authenticated, "vouched for at once");
+        let flagged = crate::ltx::Header {
+            min_txid: 2,
+            max_txid: 2,
+            node_id: mark::stamp(1_700_000_000_001, earlier.node_id, true),
+            ..earlier
+        };
+        assert_eq!(put(flagged).await.unwrap(), crate::store::PutOutcome::Created);
+        b.note_txid(2);
+        b.release().await.unwrap();
+        assert_eq!(recorded_txid(&store).await.unwrap(), Some(2));
+
+        lower_the_mark(&store, 1).await;
+        let refused = recorded_txid(&store).await;
+        assert!(
+            matches!(refused, Err(LeaseError::Mark(MarkError::Unauthenticated { .. }))),
+            "{refused:?}"
+        );
+        let mut c = Lease::acquire(&store, "c", options).await.unwrap();
+        assert!(matches!(c.confirm_mark().await, Err(LeaseError::Mark(_))));
+        c.release().await.unwrap();
+
+        // The operator takes what the replica holds, knowingly.
+        assert_eq!(accept_loss(&store, "operator", options).await.unwrap(), 2);
+        assert_eq!(recorded_txid(&store).await.unwrap(), Some(2));
+        let mut d = Lease::acquire(&store, "d", options).await.unwrap();
+        assert_eq!(d.confirm_mark().await.unwrap(), Some(2));
+        // Not while an instance holds the lease.
+        assert!(matches!(
+            accept_loss(&store, "operator", options).await,
+            Err(LeaseError::Held { .. })
+        ));
+    }
+
     #[tokio::test]
     async fn keep_alive_while_renews_through_long_work() {
         let store = Store::in_memory();
@@ -1242,7 +1463,8 @@ mod tests {
             handover: None,
             serving: false,
             txid: None,
-            previous_txid: None,
+            txid_mac: None,
+            previous: Mark::default(),
         };
         assert!(!lease.needs_renewal());
         let late = Lease {

@@ -34,6 +34,7 @@ mod file_lock;
 pub mod lease;
 pub mod local_state;
 pub mod ltx;
+pub mod mark;
 pub mod replicator;
 pub mod restore;
 pub mod segment;

@@ -924,6 +924,20 @@ impl Store {
         self.inner.cipher.is_some()
     }
 
+    /// A MAC of `message` under the replica key (see [`ObjectCipher::record_mac`]); `None`
+    /// for an unencrypted replica, where there is no key to prove anything with.
+    pub fn record_mac(&self, message: &[u8]) -> Option<String> {
+        self.inner.cipher.as_ref().map(|cipher| cipher.record_mac(message))
+    }
+
+    /// Whether `mac` is the [`Store::record_mac`] of `message`: false without a key or a MAC.
+    pub fn verify_record_mac(&self, message: &[u8], mac: Option<&str>) -> bool {
+        match (&self.inner.cipher, mac) {
+            (Some(cipher), Some(mac)) => cipher.verify_record_mac(message, mac),
+            _ => false,
+        }
+    }
+
     /// Decrypts an LTX object read from `key`, or explains why it cannot be read.
     fn unseal(&self, key: &Path, bytes: Bytes) -> Result<Bytes, StoreError> {
         match &self.inner.cipher {

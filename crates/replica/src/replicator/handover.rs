@@ -358,7 +358,7 @@ impl Worker {
         }
         let epoch = lease.epoch();
         // A new holding, a new stamp: past any the instance that asked may have used.
-        self.writer = super::worker::next_writer(self.writer);
+        self.writer = super::worker::next_writer(self.writer, &self.store);
         self.shared.note_lease(&lease);
         *self.shared.lease.lock().await = Some(lease);
         self.shared.lease_confirmed();

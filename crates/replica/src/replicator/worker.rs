@@ -112,9 +112,10 @@ pub(super) struct Worker {
 /// newest stamp in the history it took over, whatever the clocks say. Stamps therefore
 /// increase along the replica's history; an instance paused past its lease has an older one
 /// than whoever took over, so a file it stores late is told from theirs and never restored
-/// over them (see `apply::Applied::check_writer`).
-pub(super) fn next_writer(newest: u64) -> u64 {
-    (now_ms().max(0) as u64).max(newest + 1)
+/// over them (see `apply::Applied::check_writer`). On an encrypted replica the stamp also says
+/// that the lease's mark is authenticated (see [`crate::mark`]).
+pub(super) fn next_writer(newest: u64, store: &Store) -> u64 {
+    crate::mark::stamp(now_ms().max(0) as u64, newest, store.is_encrypted())
 }
 
 impl Worker {
@@ -210,13 +211,13 @@ impl Worker {
         self.shipped_mark = self.signal.commits();
         match record {
             Some(record) if record.txid == remote_max && remote_max > 0 => {
-                self.writer = next_writer(record.writer);
+                self.writer = next_writer(record.writer, &self.store);
                 self.remove_unacknowledged_tail(remote_max, &recent).await?;
                 self.know_if_complete(recent.into_iter().filter(|f| f.max_txid <= remote_max));
                 self.resume(record).await
             }
             _ if remote_max == 0 => {
-                self.writer = next_writer(record.map_or(0, |r| r.writer));
+                self.writer = next_writer(record.map_or(0, |r| r.writer), &self.store);
                 self.know_if_complete(recent.into_iter());
                 self.record_lineage().await?;
                 self.cursor.txid = 0;
