@@ -17,6 +17,7 @@ use keycast_core::{keys, Keyring, MasterKey, Secret};
 use keycast_db::Db;
 
 use crate::config::MasterKeySource;
+use keycast_replica::crypt::ObjectCipher;
 
 /// Loads the configured master key (and the previous one during a rotation) and checks the
 /// keyring decrypts the keys already stored.
@@ -27,6 +28,7 @@ use crate::config::MasterKeySource;
 pub async fn load(
     source: &MasterKeySource,
     previous: Option<&Secret<String>>,
+    replica_key: Option<&ObjectCipher>,
     db: &Db,
 ) -> anyhow::Result<Arc<Keyring>> {
     let (key, origin) = match source {
@@ -47,6 +49,20 @@ pub async fn load(
         .map(|text| MasterKey::from_base64(text.expose()))
         .transpose()
         .context("KEYCAST_MASTER_KEY_PREVIOUS")?;
+    // The configuration compares the texts of the variables; a key from a file (or the
+    // development key) is only known here.
+    if let Some(replica_key) = replica_key {
+        let master_too = std::iter::once(&key)
+            .chain(previous.as_ref())
+            .any(|master| replica_key.is_key(master.to_base64().expose()));
+        if master_too {
+            anyhow::bail!(
+                "refusing to start: KEYCAST_REPLICA_ENCRYPTION_KEY is the master key from {origin} (or \
+                 KEYCAST_MASTER_KEY_PREVIOUS): the replica's key must be another, or whoever holds it opens every \
+                 stored Nostr key in the replica"
+            );
+        }
+    }
     let current_id = key.id();
     let ring = Arc::new(Keyring::new(key, previous));
     match ring.previous_id() {

@@ -393,7 +393,9 @@ async fn services(
     vitals: &Vitals,
     purpose: Purpose,
 ) -> anyhow::Result<(Services, Option<AbortHandle>, Arc<Keyring>)> {
-    let keyring = crate::master_key::load(&config.master_key, config.master_key_previous.as_ref(), db).await?;
+    let replica_key = config.replica.as_ref().and_then(|r| r.encryption.as_ref());
+    let keyring =
+        crate::master_key::load(&config.master_key, config.master_key_previous.as_ref(), replica_key, db).await?;
     let km: Arc<dyn KeyManager> = keyring.clone();
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;

@@ -325,3 +325,42 @@ fn an_encrypted_s3_replica_survives_a_redeploy_and_holds_nothing_readable() {
         refused.stderr
     );
 }
+
+/// The master key given as a file (`MASTER_KEY_PATH`, as a mounted secret is) and the same
+/// key as the replica's: the configuration compared only the variables' texts, and keycast
+/// served — whoever was given the replica's key to restore it opened every stored Nostr key
+/// in it. Now refused once the file is read, naming both.
+#[test]
+fn a_master_key_file_that_is_also_the_replica_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let finished = Launch::new(&dir.path().join("data"))
+        .env(
+            "KEYCAST_REPLICA_URL",
+            &format!("file://{}", dir.path().join("replica").display()),
+        )
+        .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
+        .env("MASTER_KEY_PATH", key_file.to_str().unwrap())
+        .run_to_exit(harness::COMMAND_TIMEOUT);
+    assert!(!finished.status.success(), "{}", finished.stdout);
+    assert!(
+        finished
+            .stderr
+            .contains("KEYCAST_REPLICA_ENCRYPTION_KEY is the master key from MASTER_KEY_PATH"),
+        "{}",
+        finished.stderr
+    );
+    assert!(!finished.stderr.contains(&KEY[..12]), "the key is never printed");
+    // Another key in the file: served.
+    std::fs::write(&key_file, format!("{WRONG}\n")).unwrap();
+    Launch::new(&dir.path().join("data"))
+        .env(
+            "KEYCAST_REPLICA_URL",
+            &format!("file://{}", dir.path().join("replica").display()),
+        )
+        .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
+        .env("MASTER_KEY_PATH", key_file.to_str().unwrap())
+        .start()
+        .stop();
+}

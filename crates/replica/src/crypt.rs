@@ -102,6 +102,16 @@ impl ObjectCipher {
         })
     }
 
+    /// Whether `text` (standard base64) is this very key, compared in constant time.
+    pub fn is_key(&self, text: &str) -> bool {
+        use base64::Engine;
+        use subtle::ConstantTimeEq;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map(zeroize::Zeroizing::new)
+            .is_ok_and(|bytes| bool::from(bytes.as_slice().ct_eq(self.key.as_slice())))
+    }
+
     /// A MAC of `message` (base64): proof that whoever wrote it held the replica key.
     pub fn record_mac(&self, message: &[u8]) -> String {
         use base64::Engine;
