@@ -12,7 +12,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -62,9 +62,7 @@ async fn rpc(
 }
 
 async fn handle(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Value, RpcError> {
-    let token = bearer(headers).ok_or(RpcError::Unauthorized(
-        "send the access token as Authorization: Bearer <token>".into(),
-    ))?;
+    let token = bearer(headers).ok_or(RpcError::NoToken)?;
     let (_, services) = state
         .api()
         .map_err(|_| RpcError::Unavailable("keycast is starting; retry in a moment".into()))?;
@@ -119,6 +117,10 @@ enum RpcError {
     BadRequest(String),
     /// The body is past [`crate::RPC_BODY_LIMIT`]: 413.
     TooLarge(String),
+    /// No `Authorization: Bearer` header: 401 with a challenge and no error code (RFC 6750
+    /// §3.1: the request carried no authentication).
+    NoToken,
+    /// A token that is unknown, expired or revoked: 401, `error="invalid_token"`.
     Unauthorized(String),
     Forbidden(String),
     /// The grant's terms refuse it; the code says which (`grant_expired`, …).
@@ -179,7 +181,28 @@ impl IntoResponse for RpcError {
         let (status, code, message) = match self {
             RpcError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
             RpcError::TooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
-            RpcError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
+            RpcError::NoToken => {
+                let body = json!({
+                    "error": "send the access token as Authorization: Bearer <token>",
+                    "code": "unauthorized",
+                });
+                let challenge = [(WWW_AUTHENTICATE, r#"Bearer realm="keycast""#.to_owned())];
+                return (StatusCode::UNAUTHORIZED, challenge, Json(body)).into_response();
+            }
+            RpcError::Unauthorized(m) => {
+                // RFC 6750 §3: tells a client (an OAuth library) to refresh or re-authorize,
+                // rather than retry. The description is a quoted string: no quotes in it.
+                let description: String = m
+                    .chars()
+                    .filter(|c| !matches!(c, '"' | '\\') && !c.is_control())
+                    .collect();
+                let challenge = [(
+                    WWW_AUTHENTICATE,
+                    format!(r#"Bearer realm="keycast", error="invalid_token", error_description="{description}""#),
+                )];
+                let body = json!({ "error": m, "code": "unauthorized" });
+                return (StatusCode::UNAUTHORIZED, challenge, Json(body)).into_response();
+            }
             RpcError::Forbidden(m) => (StatusCode::FORBIDDEN, "policy_denied", m),
             RpcError::Grant(code, m) => (StatusCode::FORBIDDEN, code, m),
             RpcError::Approval {

@@ -166,7 +166,24 @@ fn reusing_a_spent_refresh_token_revokes_the_whole_family(engine: Engine) {
         let r = rpc(&server, access.secret(), "get_public_key", json!([]));
         assert_eq!(r.status, 401, "{}", r.body);
         assert!(r.body.contains("revoked"), "{}", r.body);
+        // RFC 6750 §3: what tells an OAuth client to refresh or authorize again.
+        let challenge = r.www_authenticate.unwrap_or_default();
+        assert!(
+            challenge.starts_with("Bearer ") && challenge.contains(r#"error="invalid_token""#),
+            "{challenge:?}"
+        );
     }
+    // No token at all: a challenge without an error code (§3.1).
+    let bare = post(
+        &server,
+        "/api/nostr",
+        None,
+        "application/json",
+        r#"{"method":"get_public_key"}"#,
+        &[],
+    );
+    assert_eq!(bare.status, 401, "{}", bare.body);
+    assert_eq!(bare.www_authenticate.as_deref(), Some(r#"Bearer realm="keycast""#));
     let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
     assert!(
         listed["authorizations"][0]["revoked_at"].is_i64(),

@@ -23,6 +23,7 @@ pub struct Reply {
     pub location: Option<String>,
     pub retry_after: Option<String>,
     pub set_cookie: Option<String>,
+    pub www_authenticate: Option<String>,
     pub body: String,
 }
 
@@ -50,6 +51,7 @@ pub fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> R
         location,
         retry_after,
         set_cookie,
+        www_authenticate: header("www-authenticate"),
         body: r.body_mut().read_to_string().unwrap_or_default(),
     }
 }
