@@ -466,3 +466,89 @@ fn a_relay_flooding_requests_from_strangers_does_not_slow_keycast() {
         "RSS grew from {rss_before:.0} MiB to {rss_peak:.0} MiB"
     );
 }
+
+/// The replies keycast published on `relay` to `app`, decrypted: their request ids.
+fn answered_ids(relay: &ScriptedRelay, app: &Keys) -> Vec<String> {
+    relay
+        .log()
+        .events
+        .iter()
+        .filter(|e| e["kind"] == 24133)
+        .filter_map(|e| {
+            let sender = PublicKey::from_hex(e["pubkey"].as_str()?).ok()?;
+            let text = nostr::nips::nip44::decrypt(app.secret_key(), &sender, e["content"].as_str()?).ok()?;
+            serde_json::from_str::<serde_json::Value>(&text).ok()?["id"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// nostr-sdk checks an event's signature once per id and trusts a cache of verified ids
+/// after that, while it forgets the ids it has delivered much sooner (35,000 events later).
+/// A relay sent a genuine event (dated an hour ahead: keycast drops it), then enough others,
+/// then the same id over fields of its choosing — another author, today's date, a request:
+/// keycast answered it, so a captured request could be run again at will, past the time
+/// window and the replay check. keycast now checks that an event's id is the hash of its
+/// fields.
+#[test]
+fn a_request_forged_under_the_id_of_a_genuine_event_is_not_answered() {
+    let relay = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &relay.url())
+        .start();
+    let (cookie, _) = register(&server, "forged@example.com", None);
+    let granted = harness::flow::grant(&server, &cookie, "policy:social");
+    let bunker_hex = granted["bunker_url"].as_str().unwrap()["bunker://".len()..][..64].to_owned();
+    let bunker = PublicKey::from_hex(&bunker_hex).unwrap();
+    wait_until(&server, "a subscription for the bunker", || {
+        relay.requested_pubkeys().contains(&bunker_hex)
+    });
+
+    let ahead = nostr::Timestamp::now() + 3600;
+    let dated_ahead = move |n: std::ops::Range<usize>| -> Vec<String> {
+        let keys = Keys::generate();
+        n.map(|i| {
+            nostr::EventBuilder::new(nostr::Kind::NostrConnect, format!("filler {i}"))
+                .tag(nostr::Tag::public_key(bunker))
+                .custom_created_at(ahead)
+                .sign_with_keys(&keys)
+                .unwrap()
+                .as_json()
+        })
+        .collect()
+    };
+    let genuine = dated_ahead(0..1).remove(0);
+    let fillers = {
+        let other = std::thread::spawn(move || dated_ahead(1..17_600));
+        let mut fillers = dated_ahead(17_600..35_200);
+        fillers.extend(other.join().unwrap());
+        fillers
+    };
+    let app = Keys::generate();
+    let request = |id: &str| {
+        let body = json!({"id": id, "method": "ping", "params": []}).to_string();
+        nostr::nips::nip44::encrypt(app.secret_key(), &bunker, body, nostr::nips::nip44::Version::V2).unwrap()
+    };
+    let mut forged: serde_json::Value = serde_json::from_str(&genuine).unwrap();
+    forged["pubkey"] = app.public_key().to_hex().into();
+    forged["created_at"] = nostr::Timestamp::now().as_u64().into();
+    forged["content"] = request("forged").into();
+    let honest = nostr::EventBuilder::new(nostr::Kind::NostrConnect, request("honest"))
+        .tag(nostr::Tag::public_key(bunker))
+        .sign_with_keys(&app)
+        .unwrap()
+        .as_json();
+    let mut events = vec![genuine];
+    events.extend(fillers);
+    events.extend([forged.to_string(), honest]);
+    relay.flood(events);
+
+    // The honest request comes after the forged one on the same connection.
+    wait_until(&server, "the honest request answered", || {
+        answered_ids(&relay, &app).contains(&"honest".to_owned())
+    });
+    let answered = answered_ids(&relay, &app);
+    assert!(!answered.contains(&"forged".to_owned()), "{answered:?}");
+}

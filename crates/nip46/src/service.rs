@@ -320,6 +320,14 @@ impl Shared {
         if event.kind != Kind::NostrConnect {
             return;
         }
+        // nostr-sdk verifies a signature once per id and trusts a cache of verified ids after
+        // that: an event whose other fields a relay changed under a genuine id reaches us
+        // unverified unless its id is the hash of its fields (then they are what was signed).
+        if !event.verify_id() {
+            metrics::counter!("keycast_nip46_forged_total").increment(1);
+            tracing::debug!(id = %event.id, relay = %relay, "nip46: ignoring an event whose id does not match its content");
+            return;
+        }
         if !within_window(event.created_at, Timestamp::now()) {
             metrics::counter!("keycast_nip46_out_of_window_total").increment(1);
             tracing::debug!(id = %event.id, "nip46: ignoring a request dated outside the window");
