@@ -533,7 +533,7 @@ fn a_request_forged_under_the_id_of_a_genuine_event_is_not_answered() {
     };
     let mut forged: serde_json::Value = serde_json::from_str(&genuine).unwrap();
     forged["pubkey"] = app.public_key().to_hex().into();
-    forged["created_at"] = nostr::Timestamp::now().as_u64().into();
+    forged["created_at"] = nostr::Timestamp::now().as_secs().into();
     forged["content"] = request("forged").into();
     let honest = nostr::EventBuilder::new(nostr::Kind::NostrConnect, request("honest"))
         .tag(nostr::Tag::public_key(bunker))
