@@ -136,7 +136,16 @@ pub unsafe fn install_busy_handler(db: NonNull<sqlite3>, timeout: Duration) {
 /// # Safety
 /// `db` must be a valid, open connection handle.
 pub unsafe fn keep_wal_on_close(db: NonNull<sqlite3>) {
-    let set: c_int = 1;
+    set_keep_wal_on_close(db, true);
+}
+
+/// [`keep_wal_on_close`], or back to SQLite's default (fold the WAL in when this connection
+/// closes last) with `keep` false.
+///
+/// # Safety
+/// `db` must be a valid, open connection handle.
+pub unsafe fn set_keep_wal_on_close(db: NonNull<sqlite3>, keep: bool) {
+    let set: c_int = c_int::from(keep);
     libsqlite3_sys::sqlite3_db_config(
         db.as_ptr(),
         libsqlite3_sys::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,

@@ -889,6 +889,19 @@ impl Drop for Busy {
 }
 
 /// Milliseconds since the Unix epoch.
+/// Makes one of the replicator's own connections leave the WAL in place when it closes, even
+/// as the database's last: a stop whose final sync failed (or a worker aborted) has commits
+/// the replica lacks in the WAL only, and folded into the file under a record that still
+/// names a WAL position they looked to the next start like a power loss, and were restored
+/// over. A final sync that shipped everything turns it back off on the connection closed
+/// last (`Worker::fold_wal_on_close`).
+pub(crate) async fn keep_wal_on_close(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    let mut handle = conn.lock_handle().await?;
+    // SAFETY: a live connection its caller owns.
+    unsafe { crate::capture::keep_wal_on_close(handle.as_raw_handle()) };
+    Ok(())
+}
+
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

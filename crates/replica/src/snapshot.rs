@@ -37,7 +37,10 @@ impl Snapshot {
             .filename(db)
             .busy_timeout(Duration::from_secs(5))
             .pragma("wal_autocheckpoint", "0");
-        let conns = [options.clone().connect().await?, options.connect().await?];
+        let mut conns = [options.clone().connect().await?, options.connect().await?];
+        for conn in &mut conns {
+            crate::replicator::keep_wal_on_close(conn).await?;
+        }
         Ok(Snapshot { conns, current: None })
     }
 

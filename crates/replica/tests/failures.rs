@@ -28,6 +28,51 @@ async fn restored_values(store: &Store, dir: &std::path::Path, name: &str) -> Ve
     common::rows(&out).await.into_iter().map(|(_, v)| v).collect()
 }
 
+/// A stop whose final sync cannot reach the store (an outage while the instance is
+/// replaced) leaves its last commits on the local disk only, and says so. The replicator's
+/// connections closed last, and SQLite folded the WAL into the file under a record naming a
+/// WAL position: the next start took the missing WAL for a power loss and restored the replica
+/// over those commits. The WAL now stays, and the next start ships them.
+#[tokio::test]
+async fn commits_a_failed_final_sync_left_on_local_disk_ship_at_the_next_start() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let faults = Faults::new();
+    let base = Store::in_memory();
+    let store = base.reopen().with_faults(&faults);
+    let first = Replicator::start(&db, store, signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool, "one").await;
+    first.wait_durable(Duration::from_secs(5)).await.unwrap();
+    faults.add(Rule::new(Op::Put, Action::Fail));
+    insert(&pool, "two").await;
+    pool.close().await;
+    let stopped = first.shutdown(Instant::now() + Duration::from_secs(1)).await;
+    assert!(stopped.is_err(), "the final sync cannot reach the store: {stopped:?}");
+    // sqlx closes a dropped connection on its own thread, a moment later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        keycast_replica::segment::wal_path(&db).exists(),
+        "the unshipped commit stays in the WAL"
+    );
+
+    let prepared = bootstrap::prepare(&db, &base, None).await.unwrap();
+    assert!(matches!(prepared, Bootstrap::Resume { .. }), "{prepared:?}");
+    let signal = CommitSignal::new();
+    let pool = common::app_pool(&db, &signal).await;
+    let second = Replicator::start(&db, base.clone(), signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool, "three").await;
+    second.wait_durable(Duration::from_secs(5)).await.unwrap();
+    pool.close().await;
+    second.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        restored_values(&base, dir.path(), "check.db").await,
+        ["one", "two", "three"]
+    );
+}
+
 /// B restored TXID n; A (which B does not know about) then shipped n+1. B must refuse to
 /// start replicating rather than write its older state as n+2 over A's commit.
 #[tokio::test]

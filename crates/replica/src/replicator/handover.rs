@@ -433,6 +433,7 @@ impl Worker {
             }
         }
         let (db, page_size, txid) = (self.db.clone(), self.cursor.page_size, self.cursor.txid);
+        self.fold_wal_on_close().await?;
         self.close_connections().await;
         // If ours were the last connections, SQLite folded the WAL into the file and removed
         // it; the file alone is then the state at this TXID, and its checksum proves it later.

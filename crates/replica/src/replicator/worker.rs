@@ -139,7 +139,10 @@ impl Worker {
             // SAFETY: a live connection owned by this worker.
             unsafe { crate::capture::install_busy_handler(handle.as_raw_handle(), Duration::from_secs(5)) };
         }
-        let checkpoint_conn = connect.connect().await?;
+        let mut checkpoint_conn = connect.connect().await?;
+        for conn in [&mut lock_conn, &mut checkpoint_conn] {
+            super::keep_wal_on_close(conn).await?;
+        }
         let page_size = segment::page_size_of(db)?;
         let compaction = compactor::Schedule::new(&options.compaction);
         Ok(Worker {
@@ -1223,6 +1226,16 @@ impl Worker {
     }
 
     /// Closes the replicator's connections (after the final sync).
+    /// After a final sync that shipped everything: the last connection to close folds the
+    /// WAL into the file again (see [`super::keep_wal_on_close`]), so the file alone is the
+    /// state the clean-stop record names. `checkpoint_conn` closes last.
+    pub(super) async fn fold_wal_on_close(&mut self) -> Result<(), ReplicaError> {
+        let mut handle = self.checkpoint_conn.lock_handle().await?;
+        // SAFETY: a live connection owned by this worker.
+        unsafe { crate::capture::set_keep_wal_on_close(handle.as_raw_handle(), false) };
+        Ok(())
+    }
+
     pub(super) async fn close_connections(self) {
         let Worker {
             snapshot,
