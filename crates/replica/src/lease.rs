@@ -558,9 +558,14 @@ impl Lease {
         let txid = mark::trusted(&self.store, self.previous).await?;
         if self.store.is_encrypted() && !self.previous.authenticated {
             self.txid_mac = self.store.record_mac(&mark::message(self.txid));
-            match self.renew().await {
-                Ok(()) | Err(LeaseError::HandoverRequested { .. }) => {}
-                Err(e) => return Err(e),
+            // A hand-over request found by the renewal is answered later, but it left the
+            // record unwritten: the renewal after it keeps the request and writes the MAC.
+            for _ in 0..2 {
+                match self.renew().await {
+                    Ok(()) => break,
+                    Err(LeaseError::HandoverRequested { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(txid)
@@ -1430,6 +1435,75 @@ mod tests {
             accept_loss(&store, "operator", options).await,
             Err(LeaseError::Held { .. })
         ));
+    }
+
+    /// A newcomer's hand-over request found by the renewal that was to write the MAC: the
+    /// renewal answers with the request and writes nothing, and the mark stayed without a MAC
+    /// while this holder went on to write objects that need one.
+    #[tokio::test]
+    async fn a_mark_is_vouched_for_even_when_a_handover_request_comes_first() {
+        let store = encrypted();
+        let mut a = Lease::acquire(&store, "a", quick(60_000, 1_000)).await.unwrap();
+        let waiting = tokio::spawn({
+            let store = store.reopen();
+            async move { Lease::acquire(&store, "b", quick(60_000, 60_000)).await }
+        });
+        assert_eq!(requested(&store).await, "b");
+        assert_eq!(a.confirm_mark().await.unwrap(), None);
+        let record = stored(&store).await;
+        assert!(record.mark(&store).authenticated, "{record:?}");
+        assert_eq!(
+            record.handover_requested_by.as_deref(),
+            Some("b"),
+            "the request is kept"
+        );
+        waiting.abort();
+    }
+
+    /// An upgrade whose new instance failed before it served, and the old one (an earlier
+    /// keycast) took the replica back: its lease writes carry no MAC, and it follows the new
+    /// instance's stamps with `stamp + 1`. Its objects say it wrote them, so the next start of
+    /// the new version believes the mark instead of refusing every deploy.
+    #[tokio::test]
+    async fn a_mark_an_earlier_keycast_wrote_after_a_newer_one_is_believed() {
+        let store = encrypted();
+        let options = quick(60_000, 1_000);
+        let header = |txid: u64, node_id: u64| crate::ltx::Header {
+            flags: crate::ltx::FLAG_NO_CHECKSUM,
+            page_size: 4096,
+            commit: 4,
+            min_txid: txid,
+            max_txid: txid,
+            timestamp_ms: 1_700_000_000_000,
+            node_id,
+            ..crate::ltx::Header::default()
+        };
+        let put =
+            |h: crate::ltx::Header| store.put_ltx(0, h.min_txid, h.max_txid, Bytes::from(h.to_bytes().to_vec()), 0);
+        let new = mark::stamp(1_700_000_000_000, 0, true);
+        assert_eq!(put(header(1, new)).await.unwrap(), crate::store::PutOutcome::Created);
+        let mut a = Lease::acquire(&store, "new", options).await.unwrap();
+        a.note_txid(1);
+        a.release().await.unwrap();
+        // The earlier keycast: the lease rewritten without the MAC, an object stamped `+ 1`.
+        let old = Lease::acquire(&store, "old", options).await.unwrap();
+        lower_the_mark(&store, 2).await;
+        let (bytes, version) = store.get_object(OBJECT).await.unwrap().unwrap();
+        let stripped = Record {
+            txid_mac: None,
+            ..decode(&bytes).unwrap()
+        };
+        let written = store
+            .put_object_update(OBJECT, encode(&stripped), &version)
+            .await
+            .unwrap();
+        assert!(matches!(written, UpdateOutcome::Updated(_)));
+        assert_eq!(
+            put(header(2, new + 1)).await.unwrap(),
+            crate::store::PutOutcome::Created
+        );
+        drop(old);
+        assert_eq!(recorded_txid(&store).await.unwrap(), Some(2));
     }
 
     #[tokio::test]

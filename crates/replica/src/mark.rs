@@ -9,10 +9,12 @@
 //! On an encrypted replica the mark therefore carries a MAC under the replica key
 //! (`txid_mac` in `keycast/lease.json`), and every object keycast writes says so: its writer
 //! stamp (the LTX header's node ID, authenticated with the rest of the object) has
-//! [`MARK_AUTHENTICATED`] set. A mark without a valid MAC is believed only while the newest
-//! object lacks the flag, which is a replica written by a keycast from before the MAC (an
-//! upgrade); otherwise the restore is refused, and `keycast replica accept-loss` is the way to
-//! take the older state knowingly.
+//! [`MARK_AUTHENTICATED`] set and is even ([`written_under_a_mac`]). A mark without a valid
+//! MAC is believed only while the newest object is not so stamped: a replica written by a
+//! keycast from before the MAC (an upgrade), or by one that took it over since (a rollback,
+//! or a failed deploy's old instance taking the replica back: it follows the newest stamp with
+//! `stamp + 1`, odd, and writes the lease without the MAC). Otherwise the restore is refused,
+//! and `keycast replica accept-loss` is the way to take the older state knowingly.
 //!
 //! What this cannot tell: a genuine older lease object put back together with the deletion
 //! (a replay; object versioning or a retention lock on the bucket prevents it), and the
@@ -25,9 +27,16 @@ use crate::store::{Store, StoreError};
 
 /// Set in the writer stamp of every object keycast writes to an encrypted replica, since the
 /// lease's mark carries a MAC. Above any millisecond clock reading, so stamps keep increasing
-/// across the upgrade, and kept by `stamp + 1` (how a writer follows a newer stamp than its
-/// clock), so an earlier keycast that takes the replica over goes on setting it.
+/// across the upgrade.
 pub const MARK_AUTHENTICATED: u64 = 1 << 62;
+
+/// Whether an object with writer stamp `stamp` was written by a keycast that authenticates
+/// the lease's mark: [`MARK_AUTHENTICATED`] set and the stamp even. An earlier keycast that
+/// takes the replica over follows the newest stamp with `stamp + 1` — odd — and writes the
+/// lease without a MAC: its objects say so, and its mark is believed.
+pub fn written_under_a_mac(stamp: u64) -> bool {
+    stamp & MARK_AUTHENTICATED != 0 && stamp % 2 == 0
+}
 
 /// A high-water mark read from a lease record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,10 +73,14 @@ pub(crate) fn message(txid: Option<u64>) -> Vec<u8> {
 }
 
 /// A writer stamp for a writer whose clock reads `now_ms`, following `newest` (the newest stamp
-/// in the history it takes over), flagged on an encrypted replica (see [`MARK_AUTHENTICATED`]).
+/// in the history it takes over); on an encrypted replica flagged and even (see
+/// [`written_under_a_mac`]).
 pub(crate) fn stamp(now_ms: u64, newest: u64, encrypted: bool) -> u64 {
-    let flag = if encrypted { MARK_AUTHENTICATED } else { 0 };
-    (now_ms | flag).max(newest + 1)
+    if !encrypted {
+        return now_ms.max(newest + 1);
+    }
+    let stamp = (now_ms | MARK_AUTHENTICATED).max(newest + 1);
+    stamp + stamp % 2
 }
 
 /// The TXID a restore of the latest state must reach: `mark.txid`, once it is believed.
@@ -79,7 +92,7 @@ pub async fn trusted(store: &Store, mark: Mark) -> Result<Option<u64>, MarkError
     if !store.is_encrypted() || mark.authenticated {
         return Ok(mark.txid);
     }
-    if newest_stamp(store).await?.is_some_and(|s| s & MARK_AUTHENTICATED != 0) {
+    if newest_stamp(store).await?.is_some_and(written_under_a_mac) {
         return Err(MarkError::Unauthenticated {
             replica: store.describe(),
             mark: mark.txid.map_or("none".into(), |t| format!("TXID {t}")),
@@ -120,15 +133,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stamps_increase_across_the_upgrade_and_keep_the_flag() {
+    fn stamps_increase_across_upgrades_and_rollbacks_and_say_who_wrote() {
         let before = stamp(1_700_000_000_000, 1_699_999_999_999, false);
+        assert!(!written_under_a_mac(before));
         let after = stamp(1_700_000_000_001, before, true);
-        assert!(after > before && after & MARK_AUTHENTICATED != 0);
-        // An earlier keycast taking over follows the newest stamp: the flag stays.
-        assert_eq!(after + 1, (1_700_000_000_002u64).max(after + 1));
-        assert_ne!((after + 1) & MARK_AUTHENTICATED, 0);
-        // A clock behind the newest stamp still moves on.
-        assert_eq!(stamp(5, after, true), after + 1);
+        assert!(after > before && written_under_a_mac(after));
+        // An earlier keycast taking over follows the newest stamp (`newest + 1`, as its
+        // clock is behind it): its objects are not taken for ours.
+        let earlier = (1_700_000_000_002u64).max(after + 1);
+        assert!(earlier > after && !written_under_a_mac(earlier));
+        // And ours after it again, past it and even.
+        let again = stamp(5, earlier, true);
+        assert!(again > earlier && written_under_a_mac(again));
+        assert_eq!(stamp(5, after, true), after + 2);
     }
 
     #[test]

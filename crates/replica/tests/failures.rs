@@ -754,6 +754,63 @@ async fn a_hand_over_whose_release_failed_is_undone_when_the_newcomer_never_come
     assert_eq!(restored.last().map(String::as_str), Some("after"), "{restored:?}");
 }
 
+/// After a hand-over, the old writer takes the lease back when nobody holds it, and resumes
+/// if the replica is exactly where it left it. Whoever can write the bucket deletes what the
+/// newcomer shipped since and marks the newcomer's lease released: the replica then looked
+/// exactly where the old writer left it, and it resumed over the newcomer's acknowledged
+/// writes. The lease's mark (past the old writer's TXID) now stops it.
+#[tokio::test]
+async fn an_old_writer_does_not_take_back_a_replica_whose_lease_records_more_than_it_has() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let options = LeaseOptions {
+        ttl: Duration::from_secs(1),
+        wait: Duration::from_secs(20),
+        check_interval: Duration::from_millis(100),
+    };
+    let lease = Lease::acquire(&store, "a", options).await.unwrap();
+    let a = Replicator::start_with_lease(&db, store.clone(), signal, "l", ReplicaOptions::default(), Some(lease))
+        .await
+        .unwrap();
+    a.mark_serving().await.unwrap();
+    insert(&pool, "before").await;
+    a.wait_durable(Duration::from_secs(5)).await.unwrap();
+
+    // The newcomer takes over and ships five more TXIDs (its objects, deleted below, are
+    // left out), then is gone; its lease says so.
+    let mut b = Lease::acquire(&store.reopen(), "b", options).await.unwrap();
+    let handed_over = b.previous_txid().expect("the mark the old writer left at its release");
+    b.note_txid(handed_over + 5);
+    b.mark_serving().await.unwrap();
+    drop(b);
+    let (bytes, version) = store.get_object("keycast/lease.json").await.unwrap().unwrap();
+    let mut forged: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    forged["released"] = true.into();
+    let written = store
+        .put_object_update("keycast/lease.json", forged.to_string().into(), &version)
+        .await
+        .unwrap();
+    assert!(matches!(written, keycast_replica::store::UpdateOutcome::Updated(_)));
+
+    // Take-backs are tried once a TTL: give it several.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        assert!(
+            a.monitor().check_writable().await.is_err(),
+            "took the replica back and writes over the newcomer's history: {:?}",
+            a.status()
+        );
+        if a.status().fence_reason.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reason = a.status().fence_reason.unwrap_or_default();
+    assert!(reason.contains("not taking the replica back"), "{reason:?}");
+    pool.close().await;
+    let _ = a.shutdown(Instant::now() + Duration::from_secs(2)).await;
+}
+
 /// Three commits replicated under a lease (whose high-water mark then records the last), and
 /// the newest level-0 object with its bytes.
 async fn replicated_with_newest() -> (

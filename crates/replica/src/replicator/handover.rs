@@ -346,7 +346,28 @@ impl Worker {
                 return Ok(());
             }
         };
+        // The replica "exactly where this instance left it" may be one whose newer objects
+        // were deleted and whose lease was made to look released: the mark the lease carried
+        // says how far it reached, once it is believed (see `crate::mark`).
+        let short_of_mark = match crate::mark::trusted(&self.store, lease.previous_mark()).await {
+            Ok(mark) => mark.filter(|m| *m > self.cursor.txid),
+            Err(e) => {
+                let _ = lease.release().await;
+                self.released = None;
+                self.shared.fence(format!("not taking the replica back: {e}"));
+                return Ok(());
+            }
+        };
         let to = self.shared.handing_over_to().unwrap_or_default();
+        if let Some(mark) = short_of_mark {
+            let _ = lease.release().await;
+            self.released = None;
+            self.shared.fence(format!(
+                "not taking the replica back: its lease records TXID {mark} as replicated, past TXID {} where this instance handed it over, but the replica reaches only TXID {remote}: its newest objects are missing",
+                self.cursor.txid
+            ));
+            return Ok(());
+        }
         if remote != self.cursor.txid {
             let _ = lease.release().await;
             self.released = None;
