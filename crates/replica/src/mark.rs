@@ -35,7 +35,7 @@ pub const MARK_AUTHENTICATED: u64 = 1 << 62;
 /// takes the replica over follows the newest stamp with `stamp + 1` — odd — and writes the
 /// lease without a MAC: its objects say so, and its mark is believed.
 pub fn written_under_a_mac(stamp: u64) -> bool {
-    stamp & MARK_AUTHENTICATED != 0 && stamp % 2 == 0
+    stamp & MARK_AUTHENTICATED != 0 && stamp.is_multiple_of(2)
 }
 
 /// A high-water mark read from a lease record.
