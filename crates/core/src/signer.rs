@@ -13,7 +13,7 @@
 //! still hold an `Authorization` from before. See [`crate::cache`] for why a load that
 //! races a revocation cannot re-cache the old state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -37,7 +37,7 @@ use crate::nostrconnect::NostrConnectUri;
 use crate::policy::{self, Policy, PolicyError};
 use crate::request::{Request, Response};
 use crate::secret::{ct_eq, hash_token};
-use crate::terms::UsageMeter;
+use crate::terms::{GrantTerms, UsageMeter};
 
 /// How long a cached entry is trusted without asking the database (bounds staleness of
 /// changes made by another instance; this instance's own changes invalidate at once).
@@ -103,6 +103,10 @@ pub enum Change {
 
 /// How far ahead of now an event to sign may be dated.
 pub const MAX_DATED_AHEAD_SECS: i64 = 600;
+
+/// Ended grants of one account whose bunkers are still listened for (see
+/// [`Signer::bunkers_to_serve`]): a live grant is capped per account, and so must this be.
+pub const ENDED_BUNKERS_PER_ACCOUNT: usize = 20;
 
 /// Refuses an event dated more than [`MAX_DATED_AHEAD_SECS`] ahead, or after the grant ends.
 /// A signature outlives its grant: an app with an hour's grant, or one about to be revoked,
@@ -265,13 +269,45 @@ impl Signer {
     }
 
     /// The bunkers the NIP-46 transport listens for: every live authorization's, and those
-    /// revoked at or after `revoked_since` (unix seconds), so their clients hear "revoked"
-    /// instead of nothing.
+    /// that ended (revoked, or past their terms' expiry, whose `revoked_at` is then that
+    /// time) at or after `ended_since` (unix seconds), so their clients hear why instead of
+    /// nothing — the newest [`ENDED_BUNKERS_PER_ACCOUNT`] of each account.
+    ///
+    /// Every bunker goes to the operator's relays in one subscription, which relays cap in
+    /// size (128 KiB is common): ended grants kept for good, or an account granting and
+    /// revoking a grant a minute for a week, grew it past that, and the relays then refused
+    /// it — no bunker of anyone's answered there.
     ///
     /// # Errors
     /// Storage errors.
-    pub async fn bunkers_to_serve(&self, revoked_since: i64) -> Result<Vec<authz_repo::LiveBunker>, InternalError> {
-        Ok(authz_repo::list_bunkers_to_serve(&self.db, revoked_since).await?)
+    pub async fn bunkers_to_serve(&self, ended_since: i64) -> Result<Vec<authz_repo::LiveBunker>, InternalError> {
+        let now = keycast_db::now_unix();
+        let mut ended_per_account: HashMap<String, usize> = HashMap::new();
+        let mut bunkers = authz_repo::list_bunkers_to_serve(&self.db, ended_since).await?;
+        for bunker in &mut bunkers {
+            // Unreadable terms refuse every request anyway: the grant is served, and says so.
+            let expired = GrantTerms::from_json(bunker.terms.as_deref())
+                .ok()
+                .and_then(|terms| terms.expires_at)
+                .filter(|at| *at <= now);
+            bunker.revoked_at = bunker.revoked_at.or(expired);
+        }
+        // Newest first, to keep each account's newest ended ones.
+        let mut kept: Vec<authz_repo::LiveBunker> = bunkers
+            .into_iter()
+            .rev()
+            .filter(|bunker| match bunker.revoked_at {
+                None => true,
+                Some(ended) if ended < ended_since => false,
+                Some(_) => {
+                    let count = ended_per_account.entry(bunker.user_id.clone()).or_default();
+                    *count += 1;
+                    *count <= ENDED_BUNKERS_PER_ACCOUNT
+                }
+            })
+            .collect();
+        kept.reverse();
+        Ok(kept)
     }
 
     /// Changes to the set of bunkers, for the NIP-46 transport. A receiver that lags

@@ -243,6 +243,9 @@ pub struct LiveBunker {
     /// The client bound by `connect` (64 lowercase hex), if any.
     pub connected_client_pubkey: Option<String>,
     pub revoked_at: Option<i64>,
+    pub user_id: String,
+    /// The grant's terms (JSON), whose `expires_at` ends it too.
+    pub terms: Option<String>,
 }
 
 /// The bunker pubkey, relays and bound client of every authorization that is live or was
@@ -253,7 +256,8 @@ pub struct LiveBunker {
 /// Database errors.
 pub async fn list_bunkers_to_serve(db: &Db, revoked_since: i64) -> Result<Vec<LiveBunker>, RepoError> {
     on_engine!(db, |pool| {
-        let sql = "SELECT bunker_pubkey, relays, connected_client_pubkey, revoked_at FROM authorizations \
+        let sql =
+            "SELECT bunker_pubkey, relays, connected_client_pubkey, revoked_at, user_id, terms FROM authorizations \
                    WHERE revoked_at IS NULL OR revoked_at >= $1 ORDER BY created_at, id";
         Ok(sqlx::query_as(sql).bind(revoked_since).fetch_all(pool).await?)
     })

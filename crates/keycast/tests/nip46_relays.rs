@@ -552,3 +552,66 @@ fn a_request_forged_under_the_id_of_a_genuine_event_is_not_answered() {
     let answered = answered_ids(&relay, &app);
     assert!(!answered.contains(&"forged".to_owned()), "{answered:?}");
 }
+
+/// The bunker of a grant the harness made.
+fn bunker_hex(granted: &serde_json::Value) -> String {
+    granted["bunker_url"].as_str().unwrap()["bunker://".len()..][..64].to_owned()
+}
+
+/// The bunkers named in the last `REQ` the relay got: what keycast listens for there now.
+fn last_requested(relay: &ScriptedRelay) -> Vec<String> {
+    let log = relay.log();
+    log.reqs
+        .last()
+        .into_iter()
+        .flatten()
+        .filter_map(|filter| filter["#p"].as_array())
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Every bunker goes to the operator's relays in one subscription, which relays cap in size
+/// (128 KiB is common: about 1,900 bunkers). A grant past its expiry stayed in it for good,
+/// and a revoked one for a week: one account granting and revoking (or granting for an hour)
+/// once a minute grew it past that within days, and the relays refused it — no bunker of
+/// anyone's answered there. Now ended grants leave it, and each account keeps at most its
+/// newest 20 ended ones in it.
+#[test]
+fn ended_grants_do_not_grow_the_operator_subscription_without_bound() {
+    let relay = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &relay.url())
+        .start();
+    let (cookie, _) = register(&server, "churn@example.com", None);
+    let revoked: Vec<String> = (0..25)
+        .map(|_| bunker_hex(&harness::flow::grant(&server, &cookie, "policy:social")))
+        .collect();
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    for authorization in listed["authorizations"].as_array().unwrap() {
+        let id = authorization["id"].as_str().unwrap();
+        let r = delete(&server, &format!("/api/user/authorizations/{id}"), &cookie);
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let expired = bunker_hex(&harness::flow::grant(&server, &cookie, "policy:social"));
+    harness::sqlite_exec(
+        &server.data_dir.join("keycast.db"),
+        &format!("UPDATE authorizations SET terms = '{{\"expires_at\":1}}' WHERE bunker_pubkey = '{expired}'"),
+    );
+    // A change makes keycast read the bunkers again.
+    let live = bunker_hex(&harness::flow::grant(&server, &cookie, "policy:social"));
+    wait_until(&server, "a subscription for the newest grant", || {
+        last_requested(&relay).contains(&live)
+    });
+    let listening = last_requested(&relay);
+    assert!(!listening.contains(&expired), "an expired grant is listened for");
+    let ended: Vec<&String> = revoked.iter().filter(|b| listening.contains(b)).collect();
+    assert_eq!(
+        ended.len(),
+        20,
+        "the newest 20 ended grants of the account: {listening:?}"
+    );
+    assert!(listening.contains(revoked.last().unwrap()) && !listening.contains(&revoked[0]));
+    assert_eq!(listening.len(), 21, "{listening:?}");
+}
