@@ -71,6 +71,11 @@ impl Snapshot {
         }
     }
 
+    /// Both connections (for settings that outlive a snapshot).
+    pub fn connections(&mut self) -> impl Iterator<Item = &mut SqliteConnection> {
+        self.conns.iter_mut()
+    }
+
     /// Releases and closes both connections.
     pub async fn close(mut self) {
         self.release().await;

@@ -1226,13 +1226,20 @@ impl Worker {
     }
 
     /// Closes the replicator's connections (after the final sync).
-    /// After a final sync that shipped everything: the last connection to close folds the
-    /// WAL into the file again (see [`super::keep_wal_on_close`]), so the file alone is the
-    /// state the clean-stop record names. `checkpoint_conn` closes last.
+    /// After a final sync that shipped everything: whichever of these connections closes
+    /// last folds the WAL into the file again (see [`super::keep_wal_on_close`]), so the file
+    /// alone is the state the clean-stop record names. All of them: a connection's close
+    /// returns before SQLite has let go of it, so which one is last is not known.
     pub(super) async fn fold_wal_on_close(&mut self) -> Result<(), ReplicaError> {
-        let mut handle = self.checkpoint_conn.lock_handle().await?;
-        // SAFETY: a live connection owned by this worker.
-        unsafe { crate::capture::set_keep_wal_on_close(handle.as_raw_handle(), false) };
+        for conn in self
+            .snapshot
+            .connections()
+            .chain([&mut self.lock_conn, &mut self.checkpoint_conn])
+        {
+            let mut handle = conn.lock_handle().await?;
+            // SAFETY: a live connection owned by this worker.
+            unsafe { crate::capture::set_keep_wal_on_close(handle.as_raw_handle(), false) };
+        }
         Ok(())
     }
 
