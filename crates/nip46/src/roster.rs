@@ -110,13 +110,17 @@ impl Roster {
         roster
     }
 
-    /// The bunker a request is for (the first of its first few `p` tags that keycast
-    /// serves) and its entry.
-    pub fn addressee(&self, event: &Event) -> Option<(PublicKey, &Entry)> {
+    /// The bunker a request that came on `relay` is for (the first of its first few `p` tags
+    /// that keycast serves there) and its entry. An operator relay carries every bunker; an
+    /// app's relay only those whose grants name it: answered for any bunker it tags, a relay
+    /// could ask whether a key is a keycast bunker, and whether it is revoked.
+    pub fn addressee(&self, event: &Event, relay: &RelayUrl, operator: bool) -> Option<(PublicKey, &Entry)> {
+        let here = (!operator).then(|| self.on_relay.get(relay).map(Vec::as_slice).unwrap_or_default());
         event
             .tags
             .public_keys()
             .take(MAX_P_TAGS)
+            .filter(|pk| here.is_none_or(|here| here.binary_search(pk).is_ok()))
             .find_map(|pk| self.bunkers.get(pk).map(|entry| (*pk, entry)))
     }
 

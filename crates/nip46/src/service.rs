@@ -334,7 +334,7 @@ impl Shared {
             return;
         }
         let roster = self.roster();
-        let Some((bunker, entry)) = roster.addressee(&event) else {
+        let Some((bunker, entry)) = roster.addressee(&event, &relay, self.operator.contains(&relay)) else {
             return;
         };
         if let Some(cluster) = &self.options.cluster {
