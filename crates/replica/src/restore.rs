@@ -290,7 +290,7 @@ async fn restore_from(
         None => {
             let mut files = store.list_all().await?;
             if let Target::Time(_) = target {
-                stamp_creation_times(store, &mut files).await?;
+                files = stamp_creation_times(store, files).await?;
             }
             plan(&files, target, &store.describe())?
         }
@@ -348,18 +348,28 @@ async fn restore_from(
 /// Replaces each file's listed time (on S3, the upload time rounded to the second) with its
 /// CreatedAt — the header timestamp keycast and Litestream record with every object — which
 /// is what a point-in-time restore must compare. Costs one HEAD per object on cloud stores.
-async fn stamp_creation_times(store: &Store, files: &mut [LtxObject]) -> Result<(), StoreError> {
-    let times: Vec<SystemTime> = futures::stream::iter(files.iter().cloned().map(|f| {
+///
+/// An object gone since the listing is left out: on a live replica retention deletes the
+/// oldest level-0 files every few seconds, and one HEAD per object takes long enough to meet
+/// one (the plan is then made from what is there, and fails naming what it lacks).
+async fn stamp_creation_times(store: &Store, files: Vec<LtxObject>) -> Result<Vec<LtxObject>, StoreError> {
+    let stamped: Vec<Option<LtxObject>> = futures::stream::iter(files.into_iter().map(|mut file| {
         let store = store.clone();
-        async move { store.created_at(&f).await }
+        async move {
+            match store.created_at(&file).await {
+                Ok(time) => {
+                    file.created_at = time;
+                    Ok(Some(file))
+                }
+                Err(StoreError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
     }))
     .buffered(DEFAULT_FETCH_CONCURRENCY)
     .try_collect()
     .await?;
-    for (file, time) in files.iter_mut().zip(times) {
-        file.created_at = time;
-    }
-    Ok(())
+    Ok(stamped.into_iter().flatten().collect())
 }
 
 fn temp_path(output: &Path) -> PathBuf {

@@ -847,6 +847,37 @@ async fn replicated_with_newest() -> (
     (dir, store, txid, newest, bytes)
 }
 
+/// A point-in-time restore reads every object's creation time (a HEAD each) before it plans;
+/// on a live replica retention deletes objects meanwhile, and one gone since the listing failed
+/// the whole restore with "not found", although the plan did not need it.
+#[tokio::test]
+async fn a_point_in_time_restore_leaves_out_an_object_deleted_since_the_listing() {
+    let (dir, base, txid, newest, bytes) = replicated_with_newest().await;
+    // A redundant copy of the newest commit one level up: what retention may delete.
+    let redundant = base
+        .put_ltx(1, newest.min_txid, newest.max_txid, bytes.into(), 0)
+        .await
+        .unwrap();
+    assert_eq!(redundant, keycast_replica::store::PutOutcome::Created);
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let gate = Gate::new();
+    faults.add(Rule::new(Op::Get, Action::Hold(gate.clone())).key("ltx/1/").times(1));
+    let out = dir.path().join("at-time.db");
+    let restoring = tokio::spawn({
+        let (store, out) = (store.clone(), out.clone());
+        async move { restore(&store, &out, Target::Time(std::time::SystemTime::now()), None).await }
+    });
+    while gate.held() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let level_one: Vec<_> = base.list_level(1).await.unwrap();
+    base.delete(&level_one).await.unwrap();
+    gate.open();
+    let restored = restoring.await.unwrap().unwrap();
+    assert_eq!(restored.txid, txid);
+}
+
 /// Replaces the object at `key` with `bytes`, as a store that corrupts or an attacker would.
 async fn overwrite(store: &Store, key: &object_store::path::Path, bytes: Vec<u8>) {
     object_store::ObjectStoreExt::put(&store.object_store(), key, bytes.into())
