@@ -292,22 +292,26 @@ impl Signer {
                 .filter(|at| *at <= now);
             bunker.revoked_at = bunker.revoked_at.or(expired);
         }
-        // Newest first, to keep each account's newest ended ones.
-        let mut kept: Vec<authz_repo::LiveBunker> = bunkers
-            .into_iter()
-            .rev()
-            .filter(|bunker| match bunker.revoked_at {
-                None => true,
-                Some(ended) if ended < ended_since => false,
-                Some(_) => {
-                    let count = ended_per_account.entry(bunker.user_id.clone()).or_default();
-                    *count += 1;
-                    *count <= ENDED_BUNKERS_PER_ACCOUNT
-                }
-            })
+        // Each account's most recently ended ones: a grant revoked a moment ago has a client
+        // still asking, whatever its age. The roster keeps the database's order.
+        let mut ended: Vec<(i64, usize)> = bunkers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, bunker)| bunker.revoked_at.filter(|at| *at >= ended_since).map(|at| (at, i)))
             .collect();
-        kept.reverse();
-        Ok(kept)
+        ended.sort_unstable_by(|a, b| b.cmp(a));
+        let mut kept = vec![false; bunkers.len()];
+        for (_, i) in ended {
+            let count = ended_per_account.entry(bunkers[i].user_id.clone()).or_default();
+            *count += 1;
+            kept[i] = *count <= ENDED_BUNKERS_PER_ACCOUNT;
+        }
+        Ok(bunkers
+            .into_iter()
+            .zip(kept)
+            .filter(|(bunker, kept)| bunker.revoked_at.is_none() || *kept)
+            .map(|(bunker, _)| bunker)
+            .collect())
     }
 
     /// Changes to the set of bunkers, for the NIP-46 transport. A receiver that lags

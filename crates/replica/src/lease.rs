@@ -1504,6 +1504,13 @@ mod tests {
         );
         drop(old);
         assert_eq!(recorded_txid(&store).await.unwrap(), Some(2));
+        // A second holding of the earlier keycast (a restart): `+ 1` again.
+        lower_the_mark(&store, 3).await;
+        assert_eq!(
+            put(header(3, new + 2)).await.unwrap(),
+            crate::store::PutOutcome::Created
+        );
+        assert_eq!(recorded_txid(&store).await.unwrap(), Some(3));
     }
 
     #[tokio::test]

@@ -9,12 +9,14 @@
 //! On an encrypted replica the mark therefore carries a MAC under the replica key
 //! (`txid_mac` in `keycast/lease.json`), and every object keycast writes says so: its writer
 //! stamp (the LTX header's node ID, authenticated with the rest of the object) has
-//! [`MARK_AUTHENTICATED`] set and is even ([`written_under_a_mac`]). A mark without a valid
-//! MAC is believed only while the newest object is not so stamped: a replica written by a
-//! keycast from before the MAC (an upgrade), or by one that took it over since (a rollback,
-//! or a failed deploy's old instance taking the replica back: it follows the newest stamp with
-//! `stamp + 1`, odd, and writes the lease without the MAC). Otherwise the restore is refused,
-//! and `keycast replica accept-loss` is the way to take the older state knowingly.
+//! [`MARK_AUTHENTICATED`] set and is a multiple of [`STAMP_STEP`] ([`written_under_a_mac`]).
+//! A mark without a valid MAC is believed only while the newest object is not so stamped: a
+//! replica written by a keycast from before the MAC (an upgrade), or by one that took it over
+//! since (a rollback, or a failed deploy's old instance taking the replica back: it follows
+//! the newest stamp with `stamp + 1`, and writes the lease without the MAC). Otherwise the
+//! restore is refused, and `keycast replica accept-loss` is the way to take the older state
+//! knowingly — also after an earlier keycast held the replica without writing an object, which
+//! nothing tells from a stripped MAC.
 //!
 //! What this cannot tell: a genuine older lease object put back together with the deletion
 //! (a replay; object versioning or a retention lock on the bucket prevents it), and the
@@ -30,12 +32,17 @@ use crate::store::{Store, StoreError};
 /// across the upgrade.
 pub const MARK_AUTHENTICATED: u64 = 1 << 62;
 
+/// Stamps of a keycast that authenticates the mark are multiples of this. An earlier keycast
+/// that takes the replica over follows the newest stamp with `stamp + 1` (its clock is far
+/// below the flag), once per holding: a thousand holdings in a row before one lands on a
+/// multiple again.
+pub const STAMP_STEP: u64 = 1024;
+
 /// Whether an object with writer stamp `stamp` was written by a keycast that authenticates
-/// the lease's mark: [`MARK_AUTHENTICATED`] set and the stamp even. An earlier keycast that
-/// takes the replica over follows the newest stamp with `stamp + 1` — odd — and writes the
-/// lease without a MAC: its objects say so, and its mark is believed.
+/// the lease's mark: [`MARK_AUTHENTICATED`] set and a multiple of [`STAMP_STEP`]. An earlier
+/// keycast's objects after ours are not, and its lease has no MAC: its mark is believed.
 pub fn written_under_a_mac(stamp: u64) -> bool {
-    stamp & MARK_AUTHENTICATED != 0 && stamp.is_multiple_of(2)
+    stamp & MARK_AUTHENTICATED != 0 && stamp.is_multiple_of(STAMP_STEP)
 }
 
 /// A high-water mark read from a lease record.
@@ -79,8 +86,9 @@ pub(crate) fn stamp(now_ms: u64, newest: u64, encrypted: bool) -> u64 {
     if !encrypted {
         return now_ms.max(newest + 1);
     }
-    let stamp = (now_ms | MARK_AUTHENTICATED).max(newest + 1);
-    stamp + stamp % 2
+    (now_ms | MARK_AUTHENTICATED)
+        .max(newest + 1)
+        .next_multiple_of(STAMP_STEP)
 }
 
 /// The TXID a restore of the latest state must reach: `mark.txid`, once it is believed.
@@ -139,13 +147,16 @@ mod tests {
         let after = stamp(1_700_000_000_001, before, true);
         assert!(after > before && written_under_a_mac(after));
         // An earlier keycast taking over follows the newest stamp (`newest + 1`, as its
-        // clock is behind it): its objects are not taken for ours.
-        let earlier = (1_700_000_000_002u64).max(after + 1);
-        assert!(earlier > after && !written_under_a_mac(earlier));
-        // And ours after it again, past it and even.
+        // clock is behind it), once per holding: its objects are not taken for ours.
+        let mut earlier = after;
+        for _ in 0..3 {
+            earlier = (1_700_000_000_002u64).max(earlier + 1);
+            assert!(earlier > after && !written_under_a_mac(earlier));
+        }
+        // And ours after it again, past it.
         let again = stamp(5, earlier, true);
         assert!(again > earlier && written_under_a_mac(again));
-        assert_eq!(stamp(5, after, true), after + 2);
+        assert_eq!(stamp(5, after, true), after + STAMP_STEP);
     }
 
     #[test]

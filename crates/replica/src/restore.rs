@@ -290,7 +290,18 @@ async fn restore_from(
         None => {
             let mut files = store.list_all().await?;
             if let Target::Time(_) = target {
-                files = stamp_creation_times(store, files).await?;
+                // An object deleted since the listing (retention, on a live replica) may
+                // have been replaced by a cover the listing missed: list again, and only
+                // then plan (a plan without it could stop short at a gap, silently).
+                let mut attempts = 0;
+                files = loop {
+                    attempts += 1;
+                    match stamp_creation_times(store, files).await {
+                        Ok(stamped) => break stamped,
+                        Err(StoreError::NotFound { .. }) if attempts < 3 => files = store.list_all().await?,
+                        Err(e) => return Err(e.into()),
+                    }
+                };
             }
             plan(&files, target, &store.describe())?
         }
@@ -349,27 +360,21 @@ async fn restore_from(
 /// CreatedAt — the header timestamp keycast and Litestream record with every object — which
 /// is what a point-in-time restore must compare. Costs one HEAD per object on cloud stores.
 ///
-/// An object gone since the listing is left out: on a live replica retention deletes the
-/// oldest level-0 files every few seconds, and one HEAD per object takes long enough to meet
-/// one (the plan is then made from what is there, and fails naming what it lacks).
+/// # Errors
+/// `NotFound` for an object gone since the listing: on a live replica retention deletes the
+/// oldest level-0 files every few seconds, and a HEAD per object takes long enough to meet
+/// one (the caller lists again).
 async fn stamp_creation_times(store: &Store, files: Vec<LtxObject>) -> Result<Vec<LtxObject>, StoreError> {
-    let stamped: Vec<Option<LtxObject>> = futures::stream::iter(files.into_iter().map(|mut file| {
+    futures::stream::iter(files.into_iter().map(|mut file| {
         let store = store.clone();
         async move {
-            match store.created_at(&file).await {
-                Ok(time) => {
-                    file.created_at = time;
-                    Ok(Some(file))
-                }
-                Err(StoreError::NotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
+            file.created_at = store.created_at(&file).await?;
+            Ok(file)
         }
     }))
     .buffered(DEFAULT_FETCH_CONCURRENCY)
     .try_collect()
-    .await?;
-    Ok(stamped.into_iter().flatten().collect())
+    .await
 }
 
 fn temp_path(output: &Path) -> PathBuf {

@@ -851,7 +851,7 @@ async fn replicated_with_newest() -> (
 /// on a live replica retention deletes objects meanwhile, and one gone since the listing failed
 /// the whole restore with "not found", although the plan did not need it.
 #[tokio::test]
-async fn a_point_in_time_restore_leaves_out_an_object_deleted_since_the_listing() {
+async fn a_point_in_time_restore_lists_again_when_an_object_is_deleted_since_the_listing() {
     let (dir, base, txid, newest, bytes) = replicated_with_newest().await;
     // A redundant copy of the newest commit one level up: what retention may delete.
     let redundant = base

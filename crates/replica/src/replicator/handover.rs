@@ -351,6 +351,11 @@ impl Worker {
         // says how far it reached, once it is believed (see `crate::mark`).
         let short_of_mark = match crate::mark::trusted(&self.store, lease.previous_mark()).await {
             Ok(mark) => mark.filter(|m| *m > self.cursor.txid),
+            Err(crate::mark::MarkError::Store(e)) => {
+                tracing::warn!(error = %e, "cannot read the replica after taking the lease back; giving it back");
+                let _ = lease.release().await;
+                return Ok(());
+            }
             Err(e) => {
                 let _ = lease.release().await;
                 self.released = None;
