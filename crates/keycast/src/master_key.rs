@@ -28,7 +28,6 @@ use keycast_replica::crypt::ObjectCipher;
 pub async fn load(
     source: &MasterKeySource,
     previous: Option<&Secret<String>>,
-    replica_key: Option<&ObjectCipher>,
     db: &Db,
 ) -> anyhow::Result<Arc<Keyring>> {
     let (key, origin) = match source {
@@ -49,20 +48,6 @@ pub async fn load(
         .map(|text| MasterKey::from_base64(text.expose()))
         .transpose()
         .context("KEYCAST_MASTER_KEY_PREVIOUS")?;
-    // The configuration compares the texts of the variables; a key from a file (or the
-    // development key) is only known here.
-    if let Some(replica_key) = replica_key {
-        let master_too = std::iter::once(&key)
-            .chain(previous.as_ref())
-            .any(|master| replica_key.is_key(master.to_base64().expose()));
-        if master_too {
-            anyhow::bail!(
-                "refusing to start: KEYCAST_REPLICA_ENCRYPTION_KEY is the master key from {origin} (or \
-                 KEYCAST_MASTER_KEY_PREVIOUS): the replica's key must be another, or whoever holds it opens every \
-                 stored Nostr key in the replica"
-            );
-        }
-    }
     let current_id = key.id();
     let ring = Arc::new(Keyring::new(key, previous));
     match ring.previous_id() {
@@ -93,6 +78,52 @@ pub async fn load(
         format!("refusing to start: the master key from {origin}{with_previous} does not match this database")
     })?;
     Ok(ring)
+}
+
+/// Refuses a replica key that is the master key (or the previous one). The configuration
+/// compares the variables' texts; a key from `MASTER_KEY_PATH` (or the development key) is
+/// read here, before the lease is taken: a deploy refused later would have made the serving
+/// instance hand over for nothing.
+///
+/// # Errors
+/// The keys are the same; an unreadable key file.
+pub fn refuse_replica_key(
+    source: &MasterKeySource,
+    previous: Option<&Secret<String>>,
+    replica_key: &ObjectCipher,
+) -> anyhow::Result<()> {
+    let (current, origin) = match source {
+        MasterKeySource::Inline(text) => (
+            Some(MasterKey::from_base64(text.expose())?),
+            "KEYCAST_MASTER_KEY".to_owned(),
+        ),
+        MasterKeySource::File(path) => (
+            Some(read(path).with_context(|| format!("MASTER_KEY_PATH={}", path.display()))?),
+            format!("MASTER_KEY_PATH={}", path.display()),
+        ),
+        // A key not generated yet cannot be the replica's.
+        MasterKeySource::Development(path) if !path.exists() => (None, String::new()),
+        MasterKeySource::Development(path) => (
+            Some(read(path)?),
+            format!("the development master key {}", path.display()),
+        ),
+    };
+    let previous = previous
+        .map(|text| MasterKey::from_base64(text.expose()))
+        .transpose()
+        .context("KEYCAST_MASTER_KEY_PREVIOUS")?;
+    if current
+        .iter()
+        .chain(previous.iter())
+        .any(|master| replica_key.is_key(master.to_base64().expose()))
+    {
+        anyhow::bail!(
+            "refusing to start: KEYCAST_REPLICA_ENCRYPTION_KEY is the master key from {origin} (or \
+             KEYCAST_MASTER_KEY_PREVIOUS): the replica's key must be another, or whoever holds it opens every \
+             stored Nostr key in the replica"
+        );
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> anyhow::Result<MasterKey> {

@@ -393,9 +393,7 @@ async fn services(
     vitals: &Vitals,
     purpose: Purpose,
 ) -> anyhow::Result<(Services, Option<AbortHandle>, Arc<Keyring>)> {
-    let replica_key = config.replica.as_ref().and_then(|r| r.encryption.as_ref());
-    let keyring =
-        crate::master_key::load(&config.master_key, config.master_key_previous.as_ref(), replica_key, db).await?;
+    let keyring = crate::master_key::load(&config.master_key, config.master_key_previous.as_ref(), db).await?;
     let km: Arc<dyn KeyManager> = keyring.clone();
     let queue = keycast_core::HashingQueue::new(config.hash_memory_mib, config.hash_queue);
     let hasher = PasswordHasher::with_queue(PasswordParams::default(), queue).context("password hashing parameters")?;
@@ -537,6 +535,9 @@ async fn start(
         let (services, flusher, keyring) = services(config, &db, None, vitals, purpose).await?;
         return Ok(Running::alone(db, services, flusher, keyring));
     };
+    if let Some(replica_key) = &replica.encryption {
+        crate::master_key::refuse_replica_key(&config.master_key, config.master_key_previous.as_ref(), replica_key)?;
+    }
     let store = crate::replication::open_store(replica)?;
     if store.backend() == keycast_replica::store::Backend::File {
         tracing::warn!(replica = %store.describe(), "replicating to a local directory: fine for development, but it does not survive losing this machine; set KEYCAST_REPLICA_URL to object storage (s3://, gs://, az://) in production");

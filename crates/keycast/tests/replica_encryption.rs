@@ -352,6 +352,10 @@ fn a_master_key_file_that_is_also_the_replica_key_is_refused() {
         finished.stderr
     );
     assert!(!finished.stderr.contains(&KEY[..12]), "the key is never printed");
+    assert!(
+        !dir.path().join("replica").join("keycast").exists(),
+        "refused before the lease was taken (a serving instance would have handed over)"
+    );
     // Another key in the file: served.
     std::fs::write(&key_file, format!("{WRONG}\n")).unwrap();
     Launch::new(&dir.path().join("data"))
