@@ -255,11 +255,9 @@ fn an_app_registered_from_the_shell_while_serving_survives_a_redeploy() {
 /// record, took it for a power loss, moved the database aside and restored the replica: the
 /// app the command said it registered was gone. Now commands leave the WAL for `serve` to
 /// ship.
-#[test]
-fn an_app_registered_from_the_shell_after_a_crash_is_kept_and_replicated() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let launch = Launch::new(&data).redeployable(&dir.path().join("replica"));
+/// Starts keycast, registers an account, kills it (SIGKILL), then registers an app from the
+/// shell on its database: a commit in the WAL only. Returns the app's `client_id`.
+fn an_app_added_after_a_crash(launch: &Launch) -> String {
     let mut server = launch.start();
     register(&server, "before-the-crash@example.com", None);
     server.signal(libc::SIGKILL);
@@ -269,10 +267,18 @@ fn an_app_registered_from_the_shell_after_a_crash_is_kept_and_replicated() {
         &["add", "--name", "Coracle", "--redirect-uri", APP_REDIRECT, "--json"],
     );
     assert!(added.status.success(), "clients add after the crash: {}", added.stderr);
-    let id = serde_json::from_str::<Value>(added.stdout.trim()).unwrap()["client_id"]
+    serde_json::from_str::<Value>(added.stdout.trim()).unwrap()["client_id"]
         .as_str()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
+
+#[test]
+fn an_app_registered_from_the_shell_after_a_crash_is_kept_and_replicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let launch = Launch::new(&data).redeployable(&dir.path().join("replica"));
+    let id = an_app_added_after_a_crash(&launch);
 
     let server = launch.start();
     let listed = clients_cli(&server, &["list", "--json"]);
@@ -295,19 +301,7 @@ fn a_start_that_fails_after_a_crash_leaves_the_unshipped_commits_for_the_next() 
     let data = dir.path().join("data");
     let replica = dir.path().join("replica");
     let launch = Launch::new(&data).redeployable(&replica);
-    let mut server = launch.start();
-    register(&server, "before-the-crash@example.com", None);
-    server.signal(libc::SIGKILL);
-    server.wait_exit(std::time::Duration::from_secs(10));
-    let added = clients_cli(
-        &server,
-        &["add", "--name", "Coracle", "--redirect-uri", APP_REDIRECT, "--json"],
-    );
-    assert!(added.status.success(), "clients add after the crash: {}", added.stderr);
-    let id = serde_json::from_str::<Value>(added.stdout.trim()).unwrap()["client_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = an_app_added_after_a_crash(&launch);
 
     let failing = Launch::new(&data)
         .redeployable(&replica)

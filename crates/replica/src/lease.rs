@@ -1328,18 +1328,40 @@ mod tests {
         Store::in_memory().with_encryption(crate::crypt::ObjectCipher::from_base64(key).unwrap())
     }
 
-    /// Rewrites the stored lease's mark as whoever holds the bucket can: without the key.
-    async fn lower_the_mark(store: &Store, txid: u64) {
+    /// Rewrites the stored lease as whoever holds the bucket can: without the key.
+    async fn rewrite_stored(store: &Store, change: impl FnOnce(Record) -> Record) {
         let (bytes, version) = store.get_object(OBJECT).await.unwrap().unwrap();
-        let record = Record {
-            txid: Some(txid),
-            ..decode(&bytes).unwrap()
-        };
+        let record = change(decode(&bytes).unwrap());
         let updated = store
             .put_object_update(OBJECT, encode(&record), &version)
             .await
             .unwrap();
         assert!(matches!(updated, UpdateOutcome::Updated(_)));
+    }
+
+    async fn lower_the_mark(store: &Store, txid: u64) {
+        rewrite_stored(store, |record| Record {
+            txid: Some(txid),
+            ..record
+        })
+        .await;
+    }
+
+    /// Stores a level-0 object at `txid` that is only an LTX header with writer stamp
+    /// `node_id` (what the mark's check reads).
+    async fn put_stamped(store: &Store, txid: u64, node_id: u64) {
+        let header = crate::ltx::Header {
+            flags: crate::ltx::FLAG_NO_CHECKSUM,
+            page_size: 4096,
+            commit: 4,
+            min_txid: txid,
+            max_txid: txid,
+            timestamp_ms: 1_700_000_000_000,
+            node_id,
+            ..crate::ltx::Header::default()
+        };
+        let put = store.put_ltx(0, txid, txid, Bytes::from(header.to_bytes().to_vec()), 0);
+        assert_eq!(put.await.unwrap(), crate::store::PutOutcome::Created);
     }
 
     fn mark(txid: u64, authenticated: bool) -> Mark {
@@ -1383,19 +1405,8 @@ mod tests {
         let options = quick(60_000, 1_000);
         let mut a = Lease::acquire(&store, "a", options).await.unwrap();
         // An earlier keycast's replica: objects without the flag, a mark without a MAC.
-        let earlier = crate::ltx::Header {
-            flags: crate::ltx::FLAG_NO_CHECKSUM,
-            page_size: 4096,
-            commit: 4,
-            min_txid: 1,
-            max_txid: 1,
-            timestamp_ms: 1_700_000_000_000,
-            node_id: 1_700_000_000_000,
-            ..crate::ltx::Header::default()
-        };
-        let put =
-            |h: crate::ltx::Header| store.put_ltx(0, h.min_txid, h.max_txid, Bytes::from(h.to_bytes().to_vec()), 0);
-        assert_eq!(put(earlier).await.unwrap(), crate::store::PutOutcome::Created);
+        let earlier = 1_700_000_000_000;
+        put_stamped(&store, 1, earlier).await;
         a.txid = Some(1);
         a.release().await.unwrap();
 
@@ -1404,13 +1415,7 @@ mod tests {
         assert_eq!(b.previous_mark(), mark(1, false));
         assert_eq!(b.confirm_mark().await.unwrap(), Some(1));
         assert!(stored(&store).await.mark(&store).authenticated, "vouched for at once");
-        let flagged = crate::ltx::Header {
-            min_txid: 2,
-            max_txid: 2,
-            node_id: mark::stamp(1_700_000_000_001, earlier.node_id, true),
-            ..earlier
-        };
-        assert_eq!(put(flagged).await.unwrap(), crate::store::PutOutcome::Created);
+        put_stamped(&store, 2, mark::stamp(1_700_000_000_001, earlier, true)).await;
         b.note_txid(2);
         b.release().await.unwrap();
         assert_eq!(recorded_txid(&store).await.unwrap(), Some(2));
@@ -1468,48 +1473,25 @@ mod tests {
     async fn a_mark_an_earlier_keycast_wrote_after_a_newer_one_is_believed() {
         let store = encrypted();
         let options = quick(60_000, 1_000);
-        let header = |txid: u64, node_id: u64| crate::ltx::Header {
-            flags: crate::ltx::FLAG_NO_CHECKSUM,
-            page_size: 4096,
-            commit: 4,
-            min_txid: txid,
-            max_txid: txid,
-            timestamp_ms: 1_700_000_000_000,
-            node_id,
-            ..crate::ltx::Header::default()
-        };
-        let put =
-            |h: crate::ltx::Header| store.put_ltx(0, h.min_txid, h.max_txid, Bytes::from(h.to_bytes().to_vec()), 0);
         let new = mark::stamp(1_700_000_000_000, 0, true);
-        assert_eq!(put(header(1, new)).await.unwrap(), crate::store::PutOutcome::Created);
+        put_stamped(&store, 1, new).await;
         let mut a = Lease::acquire(&store, "new", options).await.unwrap();
         a.note_txid(1);
         a.release().await.unwrap();
         // The earlier keycast: the lease rewritten without the MAC, an object stamped `+ 1`.
         let old = Lease::acquire(&store, "old", options).await.unwrap();
-        lower_the_mark(&store, 2).await;
-        let (bytes, version) = store.get_object(OBJECT).await.unwrap().unwrap();
-        let stripped = Record {
+        rewrite_stored(&store, |record| Record {
+            txid: Some(2),
             txid_mac: None,
-            ..decode(&bytes).unwrap()
-        };
-        let written = store
-            .put_object_update(OBJECT, encode(&stripped), &version)
-            .await
-            .unwrap();
-        assert!(matches!(written, UpdateOutcome::Updated(_)));
-        assert_eq!(
-            put(header(2, new + 1)).await.unwrap(),
-            crate::store::PutOutcome::Created
-        );
+            ..record
+        })
+        .await;
+        put_stamped(&store, 2, new + 1).await;
         drop(old);
         assert_eq!(recorded_txid(&store).await.unwrap(), Some(2));
         // A second holding of the earlier keycast (a restart): `+ 1` again.
         lower_the_mark(&store, 3).await;
-        assert_eq!(
-            put(header(3, new + 2)).await.unwrap(),
-            crate::store::PutOutcome::Created
-        );
+        put_stamped(&store, 3, new + 2).await;
         assert_eq!(recorded_txid(&store).await.unwrap(), Some(3));
     }
 

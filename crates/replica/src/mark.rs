@@ -80,8 +80,8 @@ pub(crate) fn message(txid: Option<u64>) -> Vec<u8> {
 }
 
 /// A writer stamp for a writer whose clock reads `now_ms`, following `newest` (the newest stamp
-/// in the history it takes over); on an encrypted replica flagged and even (see
-/// [`written_under_a_mac`]).
+/// in the history it takes over); on an encrypted replica flagged and a multiple of
+/// [`STAMP_STEP`] (see [`written_under_a_mac`]).
 pub(crate) fn stamp(now_ms: u64, newest: u64, encrypted: bool) -> u64 {
     if !encrypted {
         return now_ms.max(newest + 1);
