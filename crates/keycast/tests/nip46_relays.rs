@@ -558,19 +558,6 @@ fn bunker_hex(granted: &serde_json::Value) -> String {
     granted["bunker_url"].as_str().unwrap()["bunker://".len()..][..64].to_owned()
 }
 
-/// The bunkers named in the last `REQ` the relay got: what keycast listens for there now.
-fn last_requested(relay: &ScriptedRelay) -> Vec<String> {
-    let log = relay.log();
-    log.reqs
-        .last()
-        .into_iter()
-        .flatten()
-        .filter_map(|filter| filter["#p"].as_array())
-        .flatten()
-        .filter_map(|p| p.as_str().map(str::to_owned))
-        .collect()
-}
-
 /// Every bunker goes to the operator's relays in one subscription, which relays cap in size
 /// (128 KiB is common: about 1,900 bunkers). A grant past its expiry stayed in it for good,
 /// and a revoked one for a week: one account granting and revoking (or granting for an hour)
@@ -614,9 +601,9 @@ fn ended_grants_do_not_grow_the_operator_subscription_without_bound() {
     // A change makes keycast read the bunkers again.
     let live = bunker_hex(&harness::flow::grant(&server, &cookie, "policy:social"));
     wait_until(&server, "a subscription for the newest grant", || {
-        last_requested(&relay).contains(&live)
+        relay.last_requested_pubkeys().contains(&live)
     });
-    let listening = last_requested(&relay);
+    let listening = relay.last_requested_pubkeys();
     assert!(!listening.contains(&expired), "an expired grant is listened for");
     assert!(listening.contains(&first), "the grant revoked last is listened for");
     let ended: Vec<&String> = revoked.iter().filter(|b| listening.contains(b)).collect();

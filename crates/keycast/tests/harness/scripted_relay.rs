@@ -89,14 +89,12 @@ impl ScriptedRelay {
 
     /// Every `#p` value of every `REQ` so far: the bunkers this relay learnt about.
     pub fn requested_pubkeys(&self) -> BTreeSet<String> {
-        let log = self.shared.log.lock().unwrap();
-        log.reqs
-            .iter()
-            .flatten()
-            .filter_map(|filter| filter["#p"].as_array())
-            .flatten()
-            .filter_map(|p| p.as_str().map(str::to_owned))
-            .collect()
+        pubkeys(self.shared.log.lock().unwrap().reqs.iter().flatten()).collect()
+    }
+
+    /// The `#p` values of the last `REQ`: the bunkers keycast listens for here now.
+    pub fn last_requested_pubkeys(&self) -> Vec<String> {
+        pubkeys(self.shared.log.lock().unwrap().reqs.last().into_iter().flatten()).collect()
     }
 
     /// From now on, pushes `events` (event JSON texts), each once, at every subscription
@@ -115,6 +113,16 @@ impl ScriptedRelay {
         let total = self.shared.flood.lock().unwrap().as_ref().map_or(0, |f| f.len());
         self.shared.next.load(Ordering::Relaxed).min(total)
     }
+}
+
+/// The `#p` values of `filters`.
+fn pubkeys<'a>(filters: impl Iterator<Item = &'a Value>) -> impl Iterator<Item = String> {
+    filters
+        .filter_map(|filter| filter["#p"].as_array())
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 impl Drop for ScriptedRelay {
