@@ -328,6 +328,8 @@ fn rfc3339(t: SystemTime) -> String {
 /// # Errors
 /// An instance holds the lease; store errors.
 pub async fn accept_loss_cmd(store: &Store, lease: LeaseOptions, as_json: bool) -> anyhow::Result<()> {
+    // A mark made under another key would be refused at the next start all the same.
+    crate::replication::check_encryption_key(store).await?;
     let owner = format!("keycast-replica-accept-loss-{}", std::process::id());
     let txid = keycast_replica::lease::accept_loss(store, &owner, lease).await?;
     if as_json {

@@ -628,6 +628,17 @@ fn an_encrypted_replica_rolled_back_by_whoever_holds_the_bucket_is_refused() {
         );
     }
 
+    // Under another key the mark would not be believed: refused, naming the variable.
+    let wrong_key = [(
+        "KEYCAST_REPLICA_ENCRYPTION_KEY",
+        "HxwdHh8AAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRo=",
+    )];
+    let refused = harness::keycast_cli(&["replica", "accept-loss", "--replica", &replica], &wrong_key);
+    assert!(
+        !refused.status.success() && refused.stderr.contains("KEYCAST_REPLICA_ENCRYPTION_KEY"),
+        "{}",
+        refused.stderr
+    );
     harness::keycast_cli(&["replica", "accept-loss", "--replica", &replica], &with_key)
         .assert_success("accepting the loss knowingly");
     let c = launch("c").start();
