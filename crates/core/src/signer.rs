@@ -271,7 +271,7 @@ impl Signer {
     /// The bunkers the NIP-46 transport listens for: every live authorization's, and those
     /// that ended (revoked, or past their terms' expiry, whose `revoked_at` is then that
     /// time) at or after `ended_since` (unix seconds), so their clients hear why instead of
-    /// nothing — the newest [`ENDED_BUNKERS_PER_ACCOUNT`] of each account.
+    /// nothing — the [`ENDED_BUNKERS_PER_ACCOUNT`] of each account that ended last.
     ///
     /// Every bunker goes to the operator's relays in one subscription, which relays cap in
     /// size (128 KiB is common): ended grants kept for good, or an account granting and
