@@ -30,24 +30,12 @@ pub async fn load(
     previous: Option<&Secret<String>>,
     db: &Db,
 ) -> anyhow::Result<Arc<Keyring>> {
-    let (key, origin) = match source {
-        MasterKeySource::Inline(text) => (MasterKey::from_base64(text.expose())?, "KEYCAST_MASTER_KEY".to_owned()),
-        MasterKeySource::File(path) => (
-            read(path).with_context(|| format!("MASTER_KEY_PATH={}", path.display()))?,
-            format!("MASTER_KEY_PATH={}", path.display()),
-        ),
-        MasterKeySource::Development(path) => (
-            development(path)?,
-            format!(
-                "the development master key {} (neither KEYCAST_MASTER_KEY nor MASTER_KEY_PATH is set)",
-                path.display()
-            ),
-        ),
+    let origin = origin(source);
+    let key = match source {
+        MasterKeySource::Development(path) => development(path)?,
+        given => read_given(given)?.expect("only a development key may be missing"),
     };
-    let previous = previous
-        .map(|text| MasterKey::from_base64(text.expose()))
-        .transpose()
-        .context("KEYCAST_MASTER_KEY_PREVIOUS")?;
+    let previous = previous_key(previous)?;
     let current_id = key.id();
     let ring = Arc::new(Keyring::new(key, previous));
     match ring.previous_id() {
@@ -92,26 +80,9 @@ pub fn refuse_replica_key(
     previous: Option<&Secret<String>>,
     replica_key: &ObjectCipher,
 ) -> anyhow::Result<()> {
-    let (current, origin) = match source {
-        MasterKeySource::Inline(text) => (
-            Some(MasterKey::from_base64(text.expose())?),
-            "KEYCAST_MASTER_KEY".to_owned(),
-        ),
-        MasterKeySource::File(path) => (
-            Some(read(path).with_context(|| format!("MASTER_KEY_PATH={}", path.display()))?),
-            format!("MASTER_KEY_PATH={}", path.display()),
-        ),
-        // A key not generated yet cannot be the replica's.
-        MasterKeySource::Development(path) if !path.exists() => (None, String::new()),
-        MasterKeySource::Development(path) => (
-            Some(read(path)?),
-            format!("the development master key {}", path.display()),
-        ),
-    };
-    let previous = previous
-        .map(|text| MasterKey::from_base64(text.expose()))
-        .transpose()
-        .context("KEYCAST_MASTER_KEY_PREVIOUS")?;
+    // A development key not generated yet cannot be the replica's.
+    let current = read_given(source)?;
+    let previous = previous_key(previous)?;
     if current
         .iter()
         .chain(previous.iter())
@@ -120,10 +91,41 @@ pub fn refuse_replica_key(
         anyhow::bail!(
             "refusing to start: KEYCAST_REPLICA_ENCRYPTION_KEY is the master key from {origin} (or \
              KEYCAST_MASTER_KEY_PREVIOUS): the replica's key must be another, or whoever holds it opens every \
-             stored Nostr key in the replica"
+             stored Nostr key in the replica",
+            origin = origin(source)
         );
     }
     Ok(())
+}
+
+/// Where the configured key comes from, for messages (never the key itself).
+fn origin(source: &MasterKeySource) -> String {
+    match source {
+        MasterKeySource::Inline(_) => "KEYCAST_MASTER_KEY".to_owned(),
+        MasterKeySource::File(path) => format!("MASTER_KEY_PATH={}", path.display()),
+        MasterKeySource::Development(path) => format!(
+            "the development master key {} (neither KEYCAST_MASTER_KEY nor MASTER_KEY_PATH is set)",
+            path.display()
+        ),
+    }
+}
+
+/// The configured key as it is now, without creating one: `None` for a development key not
+/// generated yet.
+fn read_given(source: &MasterKeySource) -> anyhow::Result<Option<MasterKey>> {
+    Ok(match source {
+        MasterKeySource::Inline(text) => Some(MasterKey::from_base64(text.expose())?),
+        MasterKeySource::File(path) => Some(read(path).with_context(|| origin(source))?),
+        MasterKeySource::Development(path) if !path.exists() => None,
+        MasterKeySource::Development(path) => Some(read(path).with_context(|| origin(source))?),
+    })
+}
+
+fn previous_key(previous: Option<&Secret<String>>) -> anyhow::Result<Option<MasterKey>> {
+    previous
+        .map(|text| MasterKey::from_base64(text.expose()))
+        .transpose()
+        .context("KEYCAST_MASTER_KEY_PREVIOUS")
 }
 
 fn read(path: &Path) -> anyhow::Result<MasterKey> {

@@ -491,12 +491,7 @@ fn a_replica_missing_its_newest_objects_is_refused_not_restored_silently() {
     let dir = tempfile::tempdir().unwrap();
     let replica_dir = dir.path().join("replica");
     let replica = format!("file://{}", replica_dir.display());
-    let launch = |data: &str| {
-        Launch::new(&dir.path().join(data))
-            .env("KEYCAST_TEST_ROUTES", "true")
-            .env("KEYCAST_REPLICA_URL", &replica)
-            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
-    };
+    let launch = |data: &str| on_file_replica(&dir.path().join(data), &replica);
     let a = launch("a").start();
     for n in 0..3 {
         assert_eq!(write(&a, &format!("k{n}"), true), 200);
@@ -538,6 +533,14 @@ fn a_replica_missing_its_newest_objects_is_refused_not_restored_silently() {
     );
 }
 
+/// keycast on `data`, replicating to `replica` (a `file://` URL), with the test routes.
+fn on_file_replica(data: &std::path::Path, replica: &str) -> Launch {
+    Launch::new(data)
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .env("KEYCAST_REPLICA_URL", replica)
+        .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
+}
+
 /// Deletes the files of a `file://` replica's newest TXID, at every level; returns that TXID.
 fn delete_newest(replica_dir: &std::path::Path) -> u64 {
     let mut newest: Option<(u64, Vec<std::path::PathBuf>)> = None;
@@ -572,13 +575,8 @@ fn an_encrypted_replica_rolled_back_by_whoever_holds_the_bucket_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let replica_dir = dir.path().join("replica");
     let replica = format!("file://{}", replica_dir.display());
-    let launch = |data: &str| {
-        Launch::new(&dir.path().join(data))
-            .env("KEYCAST_TEST_ROUTES", "true")
-            .env("KEYCAST_REPLICA_URL", &replica)
-            .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
-            .env("KEYCAST_MASTER_KEY", harness::TEST_MASTER_KEY)
-    };
+    let launch =
+        |data: &str| on_file_replica(&dir.path().join(data), &replica).env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY);
     let with_key = [("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)];
     let a = launch("a").start();
     for n in 0..3 {

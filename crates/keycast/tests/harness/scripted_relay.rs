@@ -89,12 +89,14 @@ impl ScriptedRelay {
 
     /// Every `#p` value of every `REQ` so far: the bunkers this relay learnt about.
     pub fn requested_pubkeys(&self) -> BTreeSet<String> {
-        pubkeys(self.shared.log.lock().unwrap().reqs.iter().flatten()).collect()
+        pubkeys(self.shared.log.lock().unwrap().reqs.iter().flatten())
+            .into_iter()
+            .collect()
     }
 
     /// The `#p` values of the last `REQ`: the bunkers keycast listens for here now.
     pub fn last_requested_pubkeys(&self) -> Vec<String> {
-        pubkeys(self.shared.log.lock().unwrap().reqs.last().into_iter().flatten()).collect()
+        pubkeys(self.shared.log.lock().unwrap().reqs.last().into_iter().flatten())
     }
 
     /// From now on, pushes `events` (event JSON texts), each once, at every subscription
@@ -116,13 +118,12 @@ impl ScriptedRelay {
 }
 
 /// The `#p` values of `filters`.
-fn pubkeys<'a>(filters: impl Iterator<Item = &'a Value>) -> impl Iterator<Item = String> {
+fn pubkeys<'a>(filters: impl Iterator<Item = &'a Value>) -> Vec<String> {
     filters
         .filter_map(|filter| filter["#p"].as_array())
         .flatten()
         .filter_map(|p| p.as_str().map(str::to_owned))
-        .collect::<Vec<_>>()
-        .into_iter()
+        .collect()
 }
 
 impl Drop for ScriptedRelay {

@@ -315,6 +315,14 @@ impl Worker {
         Ok(())
     }
 
+    /// Gives back a lease taken back for nothing and stops writing for good: only a new
+    /// instance, which restores first, may write now.
+    async fn refuse_take_back(&mut self, lease: Lease, reason: String) {
+        let _ = lease.release().await;
+        self.released = None;
+        self.shared.fence(reason);
+    }
+
     /// Once a TTL after a hand-over: if nobody holds the lease any more — the instance that
     /// asked was stopped before it took over, or took it but died (or was stopped) before it
     /// served — take it back. Resume as the writer if the replica is exactly where this
@@ -357,29 +365,26 @@ impl Worker {
                 return Ok(());
             }
             Err(e) => {
-                let _ = lease.release().await;
-                self.released = None;
-                self.shared.fence(format!("not taking the replica back: {e}"));
+                self.refuse_take_back(lease, format!("not taking the replica back: {e}"))
+                    .await;
                 return Ok(());
             }
         };
         let to = self.shared.handing_over_to().unwrap_or_default();
         if let Some(mark) = short_of_mark {
-            let _ = lease.release().await;
-            self.released = None;
-            self.shared.fence(format!(
+            let reason = format!(
                 "not taking the replica back: its lease records TXID {mark} as replicated, past TXID {} where this instance handed it over, but the replica reaches only TXID {remote}: its newest objects are missing",
                 self.cursor.txid
-            ));
+            );
+            self.refuse_take_back(lease, reason).await;
             return Ok(());
         }
         if remote != self.cursor.txid {
-            let _ = lease.release().await;
-            self.released = None;
-            self.shared.fence(format!(
+            let reason = format!(
                 "the replica moved on to TXID {remote} after this instance handed it over at TXID {}: its database is behind, and only a new instance (which restores first) may write",
                 self.cursor.txid
-            ));
+            );
+            self.refuse_take_back(lease, reason).await;
             return Ok(());
         }
         let epoch = lease.epoch();
