@@ -477,6 +477,49 @@ fn oks_until_a_kind_1_is_answered(url: &str) -> (bool, bool) {
     })
 }
 
+/// Live grants copied from the one whose bunker is `template`, each under a bunker key of its
+/// own (their secrets are the template's, so they are listened for but not answered).
+fn seed_bunkers_like(server: &Keycast, template: &str, count: usize) {
+    let db = server.data_dir.join("keycast.db");
+    // One `sqlite3` argument is capped at 128 KiB: a thousand keys at a time.
+    for batch in 0..count.div_ceil(1000) {
+        let keys: Vec<String> = (batch * 1000..count.min((batch + 1) * 1000))
+            .map(|_| format!("('{}')", Keys::generate().public_key().to_hex()))
+            .collect();
+        harness::sqlite_exec(
+            &db,
+            &format!(
+                "CREATE TEMP TABLE k(seed TEXT); INSERT INTO k VALUES {}; \
+                 CREATE TEMP TABLE many AS SELECT a.*, k.seed FROM authorizations a, k WHERE a.bunker_pubkey = '{template}'; \
+                 UPDATE many SET id = 'seeded-' || seed, bunker_pubkey = seed; \
+                 ALTER TABLE many DROP COLUMN seed; \
+                 INSERT INTO authorizations SELECT * FROM many;",
+                keys.join(",")
+            ),
+        );
+    }
+}
+
+/// nostr-rs-relay answers a message over 256 KiB with a `NOTICE` (strfry: over 128 KiB), and
+/// keycast named every bunker in one `REQ` to each operator relay. Past about 3,900 live
+/// grants the relay refused it, and no app that was authorized after that was answered —
+/// nothing in keycast's log said so. The bunkers are now spread over subscriptions of 500.
+#[test]
+fn apps_are_answered_on_a_relay_that_caps_a_message_when_thousands_of_grants_are_live() {
+    let Some(relay) = RsRelay::start() else { return };
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(Engine::Sqlite, dir.path(), &[("BUNKER_RELAYS", relay.url())]);
+    let (_, _, first) = user_with_grant(&server, "crowd@example.com", "policy:social");
+    let template = &bunker_url(&first)["bunker://".len()..][..64];
+    seed_bunkers_like(&server, template, 4_000);
+    // Granted after them: the sync it makes names all 4,002.
+    let (_, user_pubkey, latest) = user_with_grant(&server, "latest@example.com", "policy:social");
+    sign_like_an_app(&mut client, &bunker_url(&latest), &user_pubkey);
+}
+
 on_both_engines!(
     bunker_signer_works_through_an_external_relay,
     the_embedded_relay_runs_the_whole_flow_on_one_machine,

@@ -340,6 +340,29 @@ fn a_subscription_a_relay_closed_is_sent_again() {
     });
 }
 
+/// nostr-rs-relay refuses a `REQ` too large, or past its cap on subscriptions, with a
+/// `NOTICE`, not a `CLOSED`, and nostr-sdk reports a notice nowhere: every bunker on that
+/// relay went unanswered and keycast's log said nothing. What an operator relay says is now
+/// logged.
+#[test]
+fn a_subscription_an_operator_relay_refuses_with_a_notice_is_logged() {
+    let relay = ScriptedRelay::start();
+    let refusal = "message too large (300000 > 262144)";
+    relay.notice_next_subscriptions(1, refusal);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &relay.url())
+        .start();
+    let (cookie, _) = register(&server, "notice@example.com", None);
+    harness::flow::grant(&server, &cookie, "policy:social");
+    wait_until(&server, "the relay's notice in keycast's log", || {
+        server
+            .log()
+            .lines()
+            .any(|l| l.contains("an operator relay sent a notice") && l.contains(refusal))
+    });
+}
+
 /// One oversized event published on a relay keycast listens on (relays take events up to
 /// 500 KB: khatru's default) ended keycast's connection to it, and did again after every
 /// reconnect: every user's bunker on that relay went deaf for as long as someone kept

@@ -1,9 +1,11 @@
 //! keycast's NIP-46 transport: the remote signer over relays.
 //!
-//! - [`service`]: the relay pool, a subscription per relay, dispatch with a bounded number
+//! - [`service`]: the relay pool, subscriptions on each relay, dispatch with a bounded number
 //!   of requests in flight.
 //! - [`roster`]: which bunkers are served on which relay, under the cap on relays named by
 //!   apps, and which client each has bound.
+//! - [`subscriptions`]: a relay's bunkers spread over subscriptions of 500, each bunker
+//!   keeping its place, so no relay's cap on a message's size is reached.
 //! - [`throttle`]: token buckets for strangers' requests and for what app relays send.
 //! - [`dedup`]: a request seen before is not answered again.
 //! - [`handler`]: what each method means; signing goes through
@@ -26,6 +28,7 @@ pub mod keepalive;
 pub mod reconnect;
 pub mod roster;
 pub mod service;
+pub mod subscriptions;
 pub mod throttle;
 pub mod transport;
 pub mod wire;

@@ -35,6 +35,7 @@ use tokio::task::AbortHandle;
 use crate::dedup::Seen;
 use crate::handler::{self, Outcome};
 use crate::roster::{Bindings, Roster, Row};
+use crate::subscriptions;
 use crate::throttle::{Rate, Strangers};
 use crate::transport::RelayTransport;
 use crate::wire::{self, Cipher, RpcReply};
@@ -118,13 +119,10 @@ const HANDLE_WITHIN: Duration = Duration::from_secs(60);
 /// sent again later, must not make keycast sign what the client gave up on long ago. A
 /// minute either way still serves a phone whose clock is a little off.
 const REQUEST_WINDOW_SECS: u64 = 60;
-/// `#p` values per filter; relays limit filter sizes.
-const PUBKEYS_PER_FILTER: usize = 500;
 /// How long a (client, request id) pair is remembered to drop duplicates: at least as long
 /// as a request can be accepted at all (`2 × REQUEST_WINDOW_SECS`, from a minute before its
 /// date to a minute after), so no replay inside the window gets through.
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(2 * REQUEST_WINDOW_SECS);
-const SUBSCRIPTION: &str = "keycast-nip46";
 /// How long after a relay closed the subscription it is sent again.
 const SUBSCRIBE_AGAIN_AFTER: Duration = Duration::from_secs(2);
 
@@ -149,8 +147,9 @@ struct Shared {
     in_flight: Arc<Semaphore>,
     busy: Arc<Semaphore>,
     seen: Arc<Mutex<Seen>>,
-    /// The bunkers each relay's subscription names, as last sent successfully.
-    subscribed: tokio::sync::Mutex<HashMap<RelayUrl, Vec<PublicKey>>>,
+    /// The bunkers each of a relay's subscriptions names (by index, see
+    /// [`crate::subscriptions`]), as last sent successfully; an empty one is not on the relay.
+    subscribed: tokio::sync::Mutex<HashMap<RelayUrl, Vec<Vec<PublicKey>>>>,
     /// App relays left out by the cap at the last sync (logged when it changes).
     left_out: AtomicUsize,
 }
@@ -300,9 +299,20 @@ impl Shared {
                             subscription_id,
                             message,
                         },
-                }) if subscription_id.as_str() == SUBSCRIPTION => {
+                }) if subscriptions::index(&subscription_id).is_some() => {
                     let me = self.clone();
-                    tokio::spawn(async move { me.subscribe_again(relay_url, message.into_owned()).await });
+                    let (id, reason) = (subscription_id.into_owned(), message.into_owned());
+                    tokio::spawn(async move { me.subscribe_again(relay_url, id, reason).await });
+                }
+                Ok(RelayPoolNotification::Message {
+                    relay_url,
+                    message: RelayMessage::Notice(notice),
+                }) if self.operator.contains(&relay_url) => {
+                    // Where an operator relay says it refused something ("message too large",
+                    // "Subscription error: …"): nostr-sdk reports it nowhere else. An app's relay
+                    // is not heard, so it cannot fill the log.
+                    metrics::counter!("keycast_nip46_operator_relay_notices_total").increment(1);
+                    tracing::warn!(relay = %relay_url, notice = %notice.chars().take(200).collect::<String>(), "nip46: an operator relay sent a notice");
                 }
                 Ok(RelayPoolNotification::Message { .. }) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -650,36 +660,52 @@ impl Shared {
         Ok(())
     }
 
-    /// Sends each relay in `wanted` a subscription for the bunkers served there, where it
-    /// differs from what that relay was last sent. A relay that cannot take it now (not
-    /// connected) is tried again at the next sync; meanwhile it keeps its last one, which
-    /// names no bunker it was not told of before.
+    /// Brings each relay in `wanted` to subscriptions naming the bunkers served there,
+    /// spread as [`crate::subscriptions`] says; only a subscription that changed is sent. A
+    /// relay that cannot take one now (not connected) is tried again at the next sync;
+    /// meanwhile it keeps its last one, which names no bunker it was not told of before.
     async fn subscribe(&self, roster: &Roster, wanted: &HashSet<RelayUrl>) {
         let mut subscribed = self.subscribed.lock().await;
         subscribed.retain(|url, _| wanted.contains(url));
         for url in wanted {
-            let bunkers = roster.bunkers_on(url, self.operator.contains(url));
-            if subscribed.get(url).is_some_and(|sent| sent.as_slice() == bunkers) {
+            let sent = subscribed.entry(url.clone()).or_default();
+            let planned = subscriptions::plan(sent, roster.bunkers_on(url, self.operator.contains(url)));
+            if planned == *sent {
                 continue;
+            }
+            if planned.len() > subscriptions::COMMONLY_ACCEPTED && sent.len() <= subscriptions::COMMONLY_ACCEPTED {
+                tracing::warn!(
+                    relay = %url,
+                    subscriptions = planned.len(),
+                    "nip46: this relay now needs more subscriptions than relays commonly accept on one connection ({}, strfry's default); bunkers past them may go unanswered there",
+                    subscriptions::COMMONLY_ACCEPTED
+                );
             }
             let Ok(relay) = self.pool.relay(url).await else {
                 continue;
             };
-            let id = SubscriptionId::new(SUBSCRIPTION);
-            if bunkers.is_empty() {
-                // An empty `#p` would match nothing on some relays and everything on others.
-                let _ = relay.unsubscribe(&id).await;
-                subscribed.insert(url.clone(), Vec::new());
-                continue;
-            }
-            match relay
-                .subscribe_with_id(id, filters(bunkers), SubscribeOptions::default())
-                .await
-            {
-                Ok(()) => {
-                    subscribed.insert(url.clone(), bunkers.to_vec());
+            sent.resize(sent.len().max(planned.len()), Vec::new());
+            for (index, was) in sent.iter_mut().enumerate() {
+                let bunkers = planned.get(index).map_or(&[][..], Vec::as_slice);
+                if was.as_slice() == bunkers {
+                    continue;
                 }
-                Err(err) => tracing::debug!(relay = %url, error = %err, "nip46: cannot subscribe yet; will retry"),
+                if bunkers.is_empty() {
+                    // An empty `#p` would match nothing on some relays and everything on others.
+                    let _ = relay.unsubscribe(&subscriptions::id(index)).await;
+                    was.clear();
+                    continue;
+                }
+                match relay
+                    .subscribe_with_id(subscriptions::id(index), filter(bunkers), SubscribeOptions::default())
+                    .await
+                {
+                    Ok(()) => *was = bunkers.to_vec(),
+                    Err(err) => tracing::debug!(relay = %url, error = %err, "nip46: cannot subscribe yet; will retry"),
+                }
+            }
+            while sent.last().is_some_and(Vec::is_empty) {
+                sent.pop();
             }
         }
     }
@@ -688,25 +714,31 @@ impl Shared {
     /// does not send it again, and `sync` would not until the bunkers on that relay change:
     /// every bunker there went deaf, with no error, until then. Sent again after a pause
     /// (a relay that keeps closing it is asked once per pause).
-    async fn subscribe_again(self: Arc<Self>, relay: RelayUrl, reason: String) {
+    async fn subscribe_again(self: Arc<Self>, relay: RelayUrl, id: SubscriptionId, reason: String) {
         metrics::counter!("keycast_nip46_subscriptions_closed_total").increment(1);
-        tracing::warn!(relay = %relay, reason, "nip46: a relay closed the subscription; subscribing again shortly");
+        tracing::warn!(relay = %relay, subscription = %id, reason, "nip46: a relay closed a subscription; subscribing again shortly");
         tokio::time::sleep(SUBSCRIBE_AGAIN_AFTER).await;
         // Held throughout, as `subscribe` holds it: never an older list over a newer one.
         let mut subscribed = self.subscribed.lock().await;
-        let Some(bunkers) = subscribed.get(&relay).filter(|b| !b.is_empty()).cloned() else {
+        let Some(index) = subscriptions::index(&id) else {
+            return;
+        };
+        let Some(sent) = subscribed
+            .get_mut(&relay)
+            .and_then(|sent| sent.get_mut(index))
+            .filter(|b| !b.is_empty())
+        else {
             return;
         };
         let Ok(handle) = self.pool.relay(&relay).await else {
             return;
         };
-        let id = SubscriptionId::new(SUBSCRIPTION);
         if let Err(err) = handle
-            .subscribe_with_id(id, filters(&bunkers), SubscribeOptions::default())
+            .subscribe_with_id(id, filter(sent), SubscribeOptions::default())
             .await
         {
             // Forgotten, so the next sync sends it.
-            subscribed.remove(&relay);
+            sent.clear();
             tracing::debug!(relay = %relay, error = %err, "nip46: cannot subscribe again yet");
         }
     }
@@ -827,19 +859,14 @@ fn row(stored: &keycast_db::authz::LiveBunker) -> Option<Row> {
     })
 }
 
-/// The subscription's filters for `bunkers`, in chunks relays accept. `since` keeps relays
-/// that store ephemeral events from replaying old requests.
-fn filters(bunkers: &[PublicKey]) -> Vec<Filter> {
+/// A subscription's filter for `bunkers`. `since` keeps relays that store ephemeral events
+/// from replaying old requests.
+fn filter(bunkers: &[PublicKey]) -> Filter {
     let since = Timestamp::from(Timestamp::now().as_secs().saturating_sub(REQUEST_WINDOW_SECS));
-    bunkers
-        .chunks(PUBKEYS_PER_FILTER)
-        .map(|chunk| {
-            Filter::new()
-                .kind(Kind::NostrConnect)
-                .pubkeys(chunk.iter().copied())
-                .since(since)
-        })
-        .collect()
+    Filter::new()
+        .kind(Kind::NostrConnect)
+        .pubkeys(bunkers.iter().copied())
+        .since(since)
 }
 
 fn random_id() -> String {

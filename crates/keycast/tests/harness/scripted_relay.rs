@@ -39,6 +39,8 @@ struct Shared {
     /// `REQ`s still to be answered with `CLOSED` instead of `EOSE` (a relay restarting its
     /// subscriptions, or refusing one over a limit).
     close_next: AtomicUsize,
+    /// `REQ`s still to be refused with this `NOTICE` (nostr-rs-relay's way: no `CLOSED`).
+    notice_next: Mutex<(usize, String)>,
 }
 
 /// A scripted relay on `ws://127.0.0.1:PORT`. Stops accepting when dropped.
@@ -108,6 +110,12 @@ impl ScriptedRelay {
     /// Answers the next `n` subscriptions with `CLOSED` (as a relay that dropped them).
     pub fn close_next_subscriptions(&self, n: usize) {
         self.shared.close_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Refuses the next `n` subscriptions with a `NOTICE` saying `text`, as nostr-rs-relay
+    /// refuses a message too large or a subscription past its cap.
+    pub fn notice_next_subscriptions(&self, n: usize, text: &str) {
+        *self.shared.notice_next.lock().unwrap() = (n, text.to_owned());
     }
 
     /// How many events of the flood were written to a connection so far.
@@ -184,6 +192,17 @@ fn answer(ws: &mut WebSocket<TcpStream>, text: &str, shared: &Shared) -> Option<
                 let _ = ws.send(Message::text(
                     serde_json::json!(["CLOSED", sub, "error: shutting down idle subscriptions"]).to_string(),
                 ));
+                return None;
+            }
+            let notice = {
+                let mut next = shared.notice_next.lock().unwrap();
+                next.0.checked_sub(1).map(|left| {
+                    next.0 = left;
+                    next.1.clone()
+                })
+            };
+            if let Some(notice) = notice {
+                let _ = ws.send(Message::text(serde_json::json!(["NOTICE", notice]).to_string()));
                 return None;
             }
             let _ = ws.send(Message::text(serde_json::json!(["EOSE", sub]).to_string()));
