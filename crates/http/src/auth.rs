@@ -311,7 +311,7 @@ async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose
             "Reset your keycast password",
             format!(
                 "Hello,\n\nsomeone, hopefully you, asked to reset the keycast password of {email}. Choose a new \
-                 password here:\n\n{base}/reset-password?token={token}\n\nThe link works once and expires in \
+                 password here:\n\n{base}/reset-password#token={token}\n\nThe link works once and expires in \
                  {minutes} minutes. If you did not ask for this, ignore this mail: your password stays as it is.\n",
                 email = user.email,
                 token = token.expose(),

@@ -32,12 +32,12 @@ fn secure_headers(headers: &mut HeaderMap) {
 }
 
 /// The policy of every HTML page: nothing loads but the page's own inline style and the one
-/// script [`VIEW_GATE`] (by its hash: no other script runs), nothing may frame it (RFC 9700
+/// script [`PAGE_SCRIPT`] (by its hash: no other script runs), nothing may frame it (RFC 9700
 /// §4.16: the consent page must not be clickjacked), no `<base>` can redirect its links.
 /// `form-action` is left out on purpose: Chromium applies it to the redirect after the
 /// consent form, which goes to the app.
 static HTML_CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
-    let hash = STANDARD.encode(Sha256::digest(VIEW_GATE.as_bytes()));
+    let hash = STANDARD.encode(Sha256::digest(PAGE_SCRIPT.as_bytes()));
     HeaderValue::from_str(&format!(
         "default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{hash}'; img-src 'self' data:; \
          frame-ancestors 'none'; base-uri 'none'"
@@ -60,6 +60,19 @@ function hold(){clearTimeout(t);t=null;set(true);}\
 function watch(){hold();if(document.visibilityState==='visible'&&document.hasFocus()){t=setTimeout(function(){set(false);},800);}}\
 window.addEventListener('focus',watch);window.addEventListener('blur',hold);\
 document.addEventListener('visibilitychange',watch);watch();})();";
+/// Fills each `input[data-from-fragment=NAME]` from `NAME=` in the URL's fragment, hides its
+/// label, and takes the fragment out of the address bar. A mailed link carries its token
+/// there (`/reset-password#token=…`) because a browser never sends a fragment: not to
+/// keycast, so no request log in front of it (Cloud Run's keeps every URL) records the token,
+/// and not in a `Referer`. Without scripts the field stays visible for the token to be pasted.
+pub(crate) const FRAGMENT_FIELDS: &str = "(function(){\
+var h=location.hash.slice(1);if(!h){return;}\
+var p=new URLSearchParams(h),f=document.querySelectorAll('input[data-from-fragment]'),n=0;\
+for(var i=0;i<f.length;i++){var v=p.get(f[i].getAttribute('data-from-fragment'));\
+if(v){f[i].value=v;var l=f[i].closest('label');if(l){l.hidden=true;}n++;}}\
+if(n){history.replaceState(null,'',location.pathname+location.search);}})();";
+/// The one script of every page: [`VIEW_GATE`], then [`FRAGMENT_FIELDS`].
+pub(crate) static PAGE_SCRIPT: LazyLock<String> = LazyLock::new(|| format!("{VIEW_GATE}{FRAGMENT_FIELDS}"));
 /// Every other answer (JSON, text) loads nothing and is framed by no one either.
 const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 /// Two years, the preload lists' minimum; subdomains are the operator's business.
@@ -204,8 +217,9 @@ pub(crate) fn layout_with(title: &str, extra_css: &str, body: &str) -> String {
          <style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem}}\
          input,button{{font-size:1rem;padding:.5rem;margin:.25rem 0;width:100%;box-sizing:border-box}}\
          .row{{display:flex;gap:.5rem}}.error{{color:#b00}}{extra_css}</style></head><body>{body}\
-         <script>{VIEW_GATE}</script></body></html>",
-        title = escape(title)
+         <script>{script}</script></body></html>",
+        title = escape(title),
+        script = *PAGE_SCRIPT
     )
 }
 
@@ -372,10 +386,10 @@ mod tests {
     #[test]
     fn the_csp_allows_exactly_the_script_every_page_carries() {
         let csp = HTML_CSP.to_str().unwrap();
-        let hash = STANDARD.encode(Sha256::digest(VIEW_GATE.as_bytes()));
+        let hash = STANDARD.encode(Sha256::digest(PAGE_SCRIPT.as_bytes()));
         assert!(csp.contains(&format!("script-src 'sha256-{hash}'")), "{csp}");
         let page = layout("t", "<p>body</p>");
-        assert!(page.contains(&format!("<script>{VIEW_GATE}</script>")), "{page}");
+        assert!(page.contains(&format!("<script>{}</script>", *PAGE_SCRIPT)), "{page}");
         assert_eq!(page.matches("<script").count(), 1, "one script, no other");
     }
 }

@@ -2,7 +2,7 @@
 //! `openapi.json`): `GET /` (to the dashboard or the login page), the register and login
 //! forms, the dashboard (key, authorizations with a revoke button, recent activity, log
 //! out, a new verification link), and the pages the mailed links lead to:
-//! `/verify-email?token=` (a button that confirms the address), `/reset-password?token=`
+//! `/verify-email?token=` (a button that confirms the address), `/reset-password#token=`
 //! (a new-password form) and `/forgot-password` (asks for a reset link).
 //!
 //! The form handlers call the same functions as the JSON endpoints
@@ -613,23 +613,36 @@ async fn forgot_form(
     }
 }
 
-/// `GET /reset-password?token=` (the mailed link) → the new-password form, or (400) why
-/// the link no longer works, before the user types a password for nothing.
+/// `GET /reset-password#token=` (the mailed link) → the new-password form, which takes the
+/// token from the fragment (see [`crate::page::FRAGMENT_FIELDS`]): a token in the query would
+/// be in every request log in front of keycast, and in the form's `Referer`, for the hour it
+/// stays usable. A link mailed before, with `?token=`, is checked and sent on to the fragment
+/// form, or (400) told at once that it no longer works.
 async fn reset_page(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<TokenForm>,
 ) -> Result<Response, AppError> {
+    if q.token.trim().is_empty() {
+        return Ok(html(StatusCode::OK, reset_html("", None)));
+    }
     let token = mailed_token(&q.token)?;
-    if !link_is_live(&state, token, TokenPurpose::ResetPassword).await? {
+    if link_is_live(&state, token, TokenPurpose::ResetPassword).await? {
+        let fragment: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("token", token)
+            .finish();
+        let location = HeaderValue::from_str(&format!("/reset-password#{fragment}"))
+            .map_err(|_| AppError::BadRequest("this link is malformed: ask for a new one".into()))?;
+        return Ok((StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response());
+    }
+    {
         let body = format!(
             "<h1>This link no longer works</h1>\
              <p class=\"error\" role=\"alert\">The reset link is invalid, was already used, or has expired \
              (links last {minutes} minutes).</p><p><a href=\"/forgot-password\">Ask for a new one</a>.</p>",
             minutes = keycast_core::accounts::RESET_PASSWORD_TTL_SECS / 60,
         );
-        return Ok(html(StatusCode::BAD_REQUEST, layout("Link expired", &body)));
+        Ok(html(StatusCode::BAD_REQUEST, layout("Link expired", &body)))
     }
-    Ok(html(StatusCode::OK, reset_html(token, None)))
 }
 
 /// `POST /reset-password` (form: the mailed token and the new password) → a page saying
@@ -665,17 +678,24 @@ fn forgot_html(email: &str, error: Option<&str>) -> String {
     layout("Forgot password", &body)
 }
 
+/// The new-password form. Without `token` (the mailed link keeps it in its fragment) a
+/// field for it, which the page's script fills from the fragment and hides.
 fn reset_html(token: &str, error: Option<&str>) -> String {
+    let token = if token.is_empty() {
+        "<label>Reset code (the part of the mailed link after <code>#token=</code>) \
+         <input name=\"token\" required autocomplete=\"off\" data-from-fragment=\"token\"></label>"
+            .to_owned()
+    } else {
+        format!("<input type=\"hidden\" name=\"token\" value=\"{}\">", escape(token))
+    };
     let body = format!(
         "<h1>Choose a new password</h1>{error}\
-         <form method=\"post\" action=\"/reset-password\">\
-         <input type=\"hidden\" name=\"token\" value=\"{token}\">\
+         <form method=\"post\" action=\"/reset-password\">{token}\
          <label>New password <input type=\"password\" name=\"password\" required minlength=\"8\" \
          autocomplete=\"new-password\"></label>\
          <button type=\"submit\">Set the new password</button></form>\
          <p>Link used or expired? <a href=\"/forgot-password\">Ask for a new one</a>.</p>",
         error = error_html(error),
-        token = escape(token),
     );
     layout("Reset password", &body)
 }

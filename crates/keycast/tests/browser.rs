@@ -84,3 +84,90 @@ fn a_person_registers_in_chromium_and_sees_their_key() {
         png.len()
     );
 }
+
+/// A reset link carried its token in the query: every request log in front of keycast
+/// (Cloud Run's keeps each URL) recorded it, and the form's post sent it again as `Referer`,
+/// for the hour it stayed usable — whoever reads those logs could take the account over and
+/// export its key. The token is now in the link's fragment, which a browser never sends; the
+/// page's script moves it into the form.
+#[test]
+fn a_reset_link_keeps_its_token_out_of_every_request() {
+    let (Some(chromium), Some(playwright)) = (
+        harness::peer("KEYCAST_TEST_CHROMIUM"),
+        harness::peer("KEYCAST_PLAYWRIGHT_DIR"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .start();
+    let email = "reset-in-chromium@example.com";
+    let r = post_json(
+        &server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let asked = post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let token = harness::flow::mailed_token(&server, email, "reset_password");
+    let outbox = get(&server, "/api/test/outbox", None).json();
+    let body = outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|m| m["purpose"] == "reset_password")
+        .and_then(|m| m["body"].as_str())
+        .unwrap()
+        .to_owned();
+    let link = body
+        .split_whitespace()
+        .find(|w| w.contains("/reset-password"))
+        .unwrap_or_else(|| panic!("no reset link in:\n{body}"));
+
+    let new_password = "a new password typed in chromium";
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/testdata/a_reset_link_keeps_its_token_out_of_every_request/drive.js");
+    let mut node = Command::new("node");
+    node.arg(&script)
+        .args([link, new_password])
+        .arg(dir.path().join("chromium-profile"))
+        .env("NODE_PATH", Path::new(&playwright).join("node_modules"))
+        .env("CHROMIUM", &chromium);
+    let run = run_with_timeout(node, Duration::from_secs(120));
+    run.assert_success("the Chromium driver");
+    let seen: Value = run
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result line from the driver:\n{}", run.stdout));
+
+    assert_eq!(seen["heading"], "Your password was changed", "{seen}");
+    let sent = seen["sent"].as_array().unwrap();
+    assert!(sent.len() >= 2, "the page and the form's post: {seen}");
+    for request in sent {
+        assert!(
+            !request.to_string().contains(&token),
+            "the reset token was sent in a request's URL or Referer: {request}"
+        );
+    }
+    assert!(
+        !seen["address"].as_str().unwrap().contains(&token),
+        "the token stays in the address bar (and the history): {seen}"
+    );
+    assert_eq!(seen["codeFieldVisible"], false, "the script filled the code in: {seen}");
+    let login = |password: &str| {
+        post_json(
+            &server,
+            "/api/auth/login",
+            None,
+            &json!({ "email": email, "password": password }),
+        )
+        .status
+    };
+    assert_eq!(login(new_password), 200);
+    assert_eq!(login(PASSWORD), 401);
+}

@@ -1,0 +1,50 @@
+// Opens a mailed reset link in Debian's Chromium (through playwright-core), types a new
+// password and submits, as a person would. Prints one JSON line: every request the browser
+// sent (its URL and `Referer`), the address bar after the page's script ran, and the page
+// reached.
+//
+//   node drive.js LINK NEW_PASSWORD PROFILE_DIR
+//
+// CHROMIUM names the browser binary (default /usr/bin/chromium).
+const { chromium } = require('playwright-core');
+
+const [link, password, profile] = process.argv.slice(2);
+
+async function main() {
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  try {
+    const page = context.pages()[0] || (await context.newPage());
+    page.setDefaultTimeout(20000);
+    const sent = [];
+    page.on('request', (request) => {
+      sent.push({ url: request.url(), referer: request.headers()['referer'] || null });
+    });
+    await page.goto(link);
+    const address = page.url();
+    const codeFieldVisible = await page.isVisible('input[name=token]');
+    await page.fill('input[name=password]', password);
+    await Promise.all([page.waitForLoadState('load'), page.click('button[type=submit]')]);
+    await page.waitForSelector('h1');
+    const heading = (await page.textContent('h1')).trim();
+    console.log(JSON.stringify({ sent, address, codeFieldVisible, heading }));
+  } finally {
+    await context.close();
+  }
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
