@@ -35,7 +35,7 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use keycast_db::approvals::{self as repo, ApprovalRow, NewApproval};
-use keycast_db::{now_unix, AuthorizationId, UserId};
+use keycast_db::{now_unix, AuthorizationId, RepoError, UserId};
 use nostr::nips::nip44;
 use nostr::{Keys, PublicKey};
 use serde_json::{json, Value};
@@ -53,6 +53,13 @@ pub const DEFAULT_APPROVAL_TTL_SECS: i64 = 300;
 /// Pending approvals one authorization may have at once; beyond, requests are refused
 /// as before (an app cannot fill the owner's screen or the table).
 pub const MAX_PENDING_PER_AUTHORIZATION: i64 = 20;
+
+/// The refusal once [`MAX_PENDING_PER_AUTHORIZATION`] approvals wait.
+fn too_many_pending(reason: String) -> SignError {
+    SignError::PolicyDenied {
+        reason: format!("{reason}; {MAX_PENDING_PER_AUTHORIZATION} approvals already wait for the owner"),
+    }
+}
 /// The path under the public URL where an approval is shown: `/approvals/<id>`.
 pub const PAGE_PATH: &str = "/approvals/";
 /// NIP-44 takes at most this much plaintext; a larger request is refused, not asked.
@@ -134,6 +141,8 @@ pub enum ApprovalError {
     AlreadyDecided(String),
     #[error("only a request to sign an event can be allowed for its kind from now on")]
     KindNeedsSignEvent,
+    #[error("the app's authorization has ended (revoked or past its duration): nothing it asked will be signed")]
+    AppEnded,
     #[error("internal error")]
     Internal(#[from] InternalError),
 }
@@ -147,8 +156,13 @@ impl From<keycast_db::RepoError> for ApprovalError {
 /// What the approval page shows.
 #[derive(Debug, Clone)]
 pub struct ApprovalView {
-    /// The app's `client_id`.
+    /// The app's `client_id`: a name it chose, unless `registered_name` is set.
     pub app: String,
+    /// The grant's redirect origin (see [`ApprovalRow::redirect_origin`]).
+    pub origin: String,
+    /// The name the operator registered the app under (`None`: an app nobody registered,
+    /// whose `client_id` is unchecked).
+    pub registered_name: Option<String>,
     pub authorization_id: AuthorizationId,
     /// `http` or `nip46`.
     pub transport: String,
@@ -378,10 +392,9 @@ impl Signer {
             return Ok(denied);
         }
         let now = now_unix();
+        // Spares the sealing when the cap is plainly reached; the insert counts again.
         if repo::count_pending(self.db(), &authz.id, now).await? >= MAX_PENDING_PER_AUTHORIZATION {
-            return Ok(SignError::PolicyDenied {
-                reason: format!("{reason}; {MAX_PENDING_PER_AUTHORIZATION} approvals already wait for the owner"),
-            });
+            return Ok(too_many_pending(reason));
         }
         let bunker = self.bunker_keys(authz).await?;
         let Some(sealed) = seal(&bunker, request) else {
@@ -402,7 +415,7 @@ impl Signer {
                 Some(if *nip04 { "nip04" } else { "nip44" }),
             ),
         };
-        repo::insert(
+        let stored = repo::insert(
             self.db(),
             &NewApproval {
                 id_hash: &hash_token(id.expose()),
@@ -418,8 +431,14 @@ impl Signer {
                 expires_at,
             },
             now,
+            MAX_PENDING_PER_AUTHORIZATION,
         )
-        .await?;
+        .await;
+        match stored {
+            Ok(()) => {}
+            Err(RepoError::TooMany(_)) => return Ok(too_many_pending(reason)),
+            Err(other) => return Err(other.into()),
+        }
         let base = self.approval_options().public_url.trim_end_matches('/');
         Ok(SignError::ApprovalRequired {
             reason: format!("{reason}; the owner can allow it at the approval URL"),
@@ -483,8 +502,13 @@ impl Signer {
                 .map(|tag| serde_json::to_string(tag.as_slice()).unwrap_or_default())
                 .collect()
         });
+        let registered_name = keycast_db::clients::find_by_id(self.db(), &row.client_id)
+            .await?
+            .map(|client| client.name);
         Ok(ApprovalView {
             app: row.client_id.clone(),
+            origin: row.redirect_origin.clone(),
+            registered_name,
             authorization_id: row.authorization_id.clone(),
             transport: row.transport.clone(),
             method: row.method.clone(),
@@ -515,26 +539,61 @@ impl Signer {
             None if row.expires_at <= now => return Err(ApprovalError::Expired),
             None => {}
         }
+        // An "allow" would be answered "allowed" and sign nothing (the signer refuses an
+        // ended grant), and "allow kind" would add to a grant no one can use.
+        if decision != Decision::Deny && self.grant_has_ended(&row.authorization_id, now).await? {
+            return Err(ApprovalError::AppEnded);
+        }
         let kind = match (decision, row.kind) {
             (Decision::Kind, None) => return Err(ApprovalError::KindNeedsSignEvent),
-            (Decision::Kind, Some(kind)) => Some(kind),
+            (Decision::Kind, Some(kind)) => Some((&row.authorization_id, kind)),
             _ => None,
         };
         let retry_until = now + self.approval_options().ttl_secs;
-        if !repo::decide(self.db(), &row.id_hash, decision.as_str(), now, retry_until).await? {
-            // Decided or expired between the read and the update (another click).
+        if !repo::decide(self.db(), &row.id_hash, decision.as_str(), now, retry_until, kind).await? {
+            // Decided, expired or revoked between the read and the update (another click).
             return Err(
                 match repo::find(self.db(), &row.id_hash).await?.and_then(|r| r.decision) {
                     Some(taken) if taken != "expired" => ApprovalError::AlreadyDecided(taken),
-                    _ => ApprovalError::Expired,
+                    Some(_) => ApprovalError::Expired,
+                    None if self.grant_has_ended(&row.authorization_id, now).await? => ApprovalError::AppEnded,
+                    None => ApprovalError::Expired,
                 },
             );
         }
-        if let Some(kind) = kind {
-            repo::allow_kind(self.db(), &row.authorization_id, kind, now).await?;
+        if kind.is_some() {
             self.invalidate_authorization(&row.authorization_id);
         }
         Ok(Decided { row, decision })
+    }
+
+    /// Whether the grant was revoked (or removed) or is past its duration.
+    async fn grant_has_ended(&self, id: &AuthorizationId, now: i64) -> Result<bool, ApprovalError> {
+        match self.authorization_by_id(id).await {
+            Ok(authz) => Ok(authz.revoked_at.is_some() || authz.terms.check_expiry(now).is_err()),
+            Err(SignError::Internal(cause)) => Err(ApprovalError::Internal(cause)),
+            // Gone (`Revoked`), or not a grant anything could be signed under.
+            Err(_) => Ok(true),
+        }
+    }
+
+    /// Answers a NIP-46 request whose decision was recorded but not confirmed durable: an
+    /// error telling the client to ask again, so it does not wait for an answer that will
+    /// not come (nothing is signed on a decision the replica may not have). A denial is
+    /// sent as it is: refusing needs no record. HTTP apps retry on their own.
+    pub async fn fulfil_unsaved(&self, decided: Decided, reason: &str) -> Fulfilled {
+        if decided.decision == Decision::Deny {
+            return self.fulfil(decided).await;
+        }
+        let row = decided.row;
+        if row.transport != "nip46" {
+            return Fulfilled::AppRetries;
+        }
+        let error = format!("the owner's decision could not be saved ({reason}); send the request again");
+        match self.reply_nip46(&row, Err(error.clone())).await {
+            Ok(()) => Fulfilled::Replied(Err(error)),
+            Err(err) => Fulfilled::Replied(Err(err)),
+        }
     }
 
     /// Carries out a recorded decision: for NIP-46, runs the request (allowed) or refuses

@@ -20,6 +20,9 @@ pub struct ApprovalRow {
     pub user_id: UserId,
     /// The app's `client_id` (from `authorizations`).
     pub client_id: String,
+    /// Where the grant's OAuth answer went, or a `nostrconnect://` app's own `url` hint
+    /// (from `authorizations`).
+    pub redirect_origin: String,
     /// `http` or `nip46`.
     pub transport: String,
     pub method: String,
@@ -57,7 +60,7 @@ pub struct NewApproval<'a> {
 
 macro_rules! columns {
     () => {
-        "p.id_hash, p.authorization_id, a.user_id, a.client_id, p.transport, p.method, p.kind, \
+        "p.id_hash, p.authorization_id, a.user_id, a.client_id, a.redirect_origin, p.transport, p.method, p.kind, \
          p.request_sealed, p.fingerprint, p.nip46_request_id, p.nip46_client, p.nip46_cipher, \
          p.created_at, p.expires_at, p.decision, p.decided_at, p.used_at"
     };
@@ -78,22 +81,35 @@ pub async fn delete_expired(db: &Db, now: i64) -> Result<u64, RepoError> {
     })
 }
 
-/// Stores a pending approval, first deleting this authorization's approvals that expired
-/// before `now` (so the table holds only what may still be decided or used).
+/// Stores a pending approval while the authorization has fewer than `max_pending` pending
+/// and unexpired, counted in the same statement (on PostgreSQL under the authorization's
+/// lock, as [`crate::users::account_lock`] explains): requests counting apart all found
+/// room. First deletes this authorization's approvals that expired before `now` (so the
+/// table holds only what may still be decided or used).
 ///
 /// # Errors
-/// [`RepoError::MissingReference`] for an unknown authorization; database errors.
-pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64) -> Result<(), RepoError> {
+/// [`RepoError::TooMany`] at `max_pending`; [`RepoError::MissingReference`] for an unknown
+/// authorization; database errors.
+pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64, max_pending: i64) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        if db.kind() == crate::EngineKind::Postgres {
+            sqlx::query("SELECT 1 FROM authorizations WHERE id = $1 FOR UPDATE")
+                .bind(new.authorization_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query("DELETE FROM approvals WHERE authorization_id = $1 AND expires_at <= $2")
             .bind(new.authorization_id)
             .bind(now)
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO approvals (id_hash, authorization_id, transport, method, kind, request_sealed, \
              fingerprint, nip46_request_id, nip46_client, nip46_cipher, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
+             WHERE (SELECT COUNT(*) FROM approvals \
+                    WHERE authorization_id = $2 AND decision IS NULL AND expires_at > $11) < $13",
         )
         .bind(new.id_hash)
         .bind(new.authorization_id)
@@ -107,8 +123,14 @@ pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64) -> Result<(), Repo
         .bind(new.nip46_cipher)
         .bind(now)
         .bind(new.expires_at)
-        .execute(pool)
-        .await?;
+        .bind(max_pending)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Err(RepoError::TooMany("pending approvals"));
+        }
+        tx.commit().await?;
         Ok(())
     })
 }
@@ -144,9 +166,11 @@ pub async fn find(db: &Db, id_hash: &TokenHash) -> Result<Option<ApprovalRow>, R
     })
 }
 
-/// Records `decision` on a pending, unexpired approval and moves its expiry to
-/// `expires_at` (the window an HTTP retry has to use an "allow once"). Returns whether
-/// this call decided it: false when it was decided before, expired, or does not exist.
+/// Records `decision` on a pending, unexpired approval of a grant not revoked, and moves
+/// its expiry to `expires_at` (the window an HTTP retry has to use an "allow once"); with
+/// `allow_kind`, adds that kind to the grant in the same transaction (a decision recorded
+/// without its kind said "allowed from now on" and allowed nothing). Returns whether this
+/// call decided it: false when it was decided before, expired, revoked, or does not exist.
 ///
 /// # Errors
 /// Database errors.
@@ -156,21 +180,39 @@ pub async fn decide(
     decision: &str,
     now: i64,
     expires_at: i64,
+    allow_kind: Option<(&AuthorizationId, i64)>,
 ) -> Result<bool, RepoError> {
-    let done = on_engine!(db, |pool| {
-        sqlx::query(
+    on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        let done = sqlx::query(
             "UPDATE approvals SET decision = $2, decided_at = $3, expires_at = $4 \
-             WHERE id_hash = $1 AND decision IS NULL AND expires_at > $3",
+             WHERE id_hash = $1 AND decision IS NULL AND expires_at > $3 \
+             AND authorization_id IN (SELECT id FROM authorizations WHERE revoked_at IS NULL)",
         )
         .bind(id_hash)
         .bind(decision)
         .bind(now)
         .bind(expires_at)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
-        .rows_affected()
-    });
-    Ok(done == 1)
+        .rows_affected();
+        if done != 1 {
+            return Ok(false);
+        }
+        if let Some((authorization, kind)) = allow_kind {
+            sqlx::query(
+                "INSERT INTO authorization_kinds (authorization_id, kind, approved_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (authorization_id, kind) DO NOTHING",
+            )
+            .bind(authorization)
+            .bind(kind)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    })
 }
 
 /// Closes a still-pending approval as `expired` (the NIP-46 client is then told). Returns
@@ -243,25 +285,6 @@ pub async fn spend(db: &Db, id_hash: &TokenHash, now: i64) -> Result<bool, RepoE
         .rows_affected()
     });
     Ok(spent == 1)
-}
-
-/// Adds `kind` to what this authorization may sign (idempotent).
-///
-/// # Errors
-/// [`RepoError::MissingReference`] for an unknown authorization; database errors.
-pub async fn allow_kind(db: &Db, authorization: &AuthorizationId, kind: i64, now: i64) -> Result<(), RepoError> {
-    on_engine!(db, |pool| {
-        sqlx::query(
-            "INSERT INTO authorization_kinds (authorization_id, kind, approved_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (authorization_id, kind) DO NOTHING",
-        )
-        .bind(authorization)
-        .bind(kind)
-        .bind(now)
-        .execute(pool)
-        .await?;
-        Ok(())
-    })
 }
 
 /// The kinds the owner allowed this authorization from now on, ascending.

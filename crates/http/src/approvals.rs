@@ -39,6 +39,7 @@ impl From<ApprovalError> for AppError {
             ApprovalError::Expired => AppError::Gone(err.to_string()),
             ApprovalError::AlreadyDecided(_) => AppError::Conflict(err.to_string()),
             ApprovalError::KindNeedsSignEvent => AppError::BadRequest(err.to_string()),
+            ApprovalError::AppEnded => AppError::Gone(err.to_string()),
             ApprovalError::Internal(cause) => cause.into(),
         }
     }
@@ -101,8 +102,22 @@ const PREVIEW_CSS: &str = "pre.preview{max-height:20rem;overflow:auto;white-spac
 
 /// What the app asked, every value escaped.
 fn describe(view: &ApprovalView, now: i64) -> String {
+    // As the consent page names it: a name the app chose itself could be any app's.
+    let app = match &view.registered_name {
+        Some(name) => format!(
+            "<strong>{}</strong> <span class=\"client verified\">&#10003; verified app, at {}</span>",
+            escape(name),
+            escape(&view.origin)
+        ),
+        None => format!(
+            "<strong class=\"redirect-host\">{}</strong> <span class=\"client unverified\">&#9888; unverified app: \
+             the name it gives itself (<code>{}</code>) is unchecked</span>",
+            escape(&view.origin),
+            escape(&view.app)
+        ),
+    };
     let mut rows = vec![
-        ("App", escape(&view.app)),
+        ("App", app),
         ("Asks to", escape(&view.method.replace('_', " "))),
         (
             "Over",
@@ -181,9 +196,26 @@ async fn decide(
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let decided = services.signer.decide(&id, &session.user.id, decision).await?;
-    // "Allow kind" changes who may sign: answered once durable everywhere, like a grant.
-    state.confirm_write(decision == Decision::Kind).await?;
-    let done = match (decision, services.signer.fulfil(decided).await) {
+    // From here the decision is recorded: the app must hear of it whatever becomes of this
+    // request (a timeout, a closed browser drops its future), so the rest runs on its own.
+    let signer = services.signer.clone();
+    let carried_out = tokio::spawn({
+        let state = state.clone();
+        async move {
+            // "Allow kind" changes who may sign: answered once durable everywhere, like a grant.
+            match state.confirm_write(decision == Decision::Kind).await {
+                Ok(()) => Ok(signer.fulfil(decided).await),
+                Err(unsaved) => {
+                    signer.fulfil_unsaved(decided, &unsaved.to_string()).await;
+                    Err(unsaved)
+                }
+            }
+        }
+    });
+    let fulfilled = carried_out
+        .await
+        .map_err(|e| AppError::Internal(format!("carrying out a decision: {e}")))??;
+    let done = match (decision, fulfilled) {
         (Decision::Deny, _) => "Denied. The app was told.".to_owned(),
         (_, Fulfilled::AppRetries) => "Allowed. The app's next try of this request will succeed.".to_owned(),
         (_, Fulfilled::Replied(Ok(()))) => "Allowed. The app has its answer.".to_owned(),

@@ -133,6 +133,46 @@ fn the_approval_page_shows_the_tags_and_the_date_the_owner_would_sign(engine: En
     assert!(page.body.contains("&lt;script&gt;"), "escaped: {}", page.body);
     assert!(!page.body.contains("<script>x"), "{}", page.body);
     assert!(page.body.contains("2020-09-13"), "the event's date: {}", page.body);
+    // The app as the consent page names it: an unregistered one by where its answers went,
+    // the name it chose marked unchecked (an app may call itself after one the owner trusts).
+    // Before, the page said only "App: test-app".
+    assert!(
+        page.body
+            .contains("<strong class=\"redirect-host\">http://127.0.0.1:9</strong>"),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains("unverified app: the name it gives itself (<code>test-app</code>) is unchecked"),
+        "{}",
+        page.body
+    );
+}
+
+/// A registered app is named on the approval page as the operator registered it, marked
+/// verified (here `test-app`, the harness's client, registered from the shell).
+#[test]
+fn the_approval_page_names_a_registered_app_by_its_registered_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(Engine::Sqlite, dir.path(), &[]);
+    harness::sqlite_exec(
+        &server.data_dir.join("keycast.db"),
+        &format!(
+            "INSERT INTO oauth_clients (client_id, name, redirect_uris, logo_url, created_at) \
+             VALUES ('test-app', 'Primal', '[\"{}\"]', NULL, 1)",
+            harness::api::REDIRECT
+        ),
+    );
+    let (cookie, _) = register(&server, "registered@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let path = approval_path(&server, &sign(&server, &token, article("from a registered app")));
+    let page = get(&server, &path, Some(&cookie));
+    assert!(
+        page.body.contains("<strong>Primal</strong> <span class=\"client verified\">&#10003; verified app, at http://127.0.0.1:9</span>"),
+        "{}",
+        page.body
+    );
 }
 
 /// The page shows the event's date, and "allow once" holds for that date: a retry dated
@@ -292,6 +332,111 @@ fn an_expired_approval_cannot_be_decided(engine: Engine) {
     );
 }
 
+/// An app's burst of requests its policy does not cover: each counted the pending approvals
+/// before any other had stored its own, so all found room, and the app stored a sealed
+/// request (up to 87 KiB) per request it sent, past the cap of 20 — again every time they
+/// expired. The count is now part of the insert (on PostgreSQL under the grant's lock).
+fn a_burst_of_requests_stores_no_more_approvals_than_the_cap(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "burst@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let replies: Vec<Reply> = std::thread::scope(|scope| {
+        let (server, token) = (&server, &token);
+        let racing: Vec<_> = (0..60)
+            .map(|i| scope.spawn(move || sign(server, token, article(&format!("burst {i}")))))
+            .collect();
+        racing.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let asked = replies
+        .iter()
+        .filter(|r| r.status == 403 && r.json()["code"] == "approval_required")
+        .count();
+    let refused = replies
+        .iter()
+        .filter(|r| r.status == 403 && r.body.contains("20 approvals already wait for the owner"))
+        .count();
+    assert_eq!(
+        (asked, refused),
+        (20, 40),
+        "{:?}",
+        replies.iter().map(|r| (r.status, &r.body)).collect::<Vec<_>>()
+    );
+}
+
+/// An approval of a grant revoked since was still decided: "Allowed. The app's next try of
+/// this request will succeed." — untrue (the revoked grant signs nothing), and "allow kind"
+/// added a kind to a grant no one can use. Now refused (410), saying the app has ended.
+fn an_approval_of_a_revoked_app_cannot_be_allowed(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "revoked@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    let path = approval_path(&server, &sign(&server, &token, article("after revocation")));
+    let page = get(&server, &path, Some(&cookie));
+    let csrf = hidden_input(&page.body, "csrf").unwrap();
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let id = listed["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = delete(&server, &format!("/api/user/authorizations/{id}"), &cookie);
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    for decision in ["once", "kind"] {
+        let late = post_form(
+            &server,
+            &path,
+            Some(&cookie),
+            &[("csrf", &csrf), ("decision", decision)],
+        );
+        assert_eq!(late.status, 410, "{decision}: {}", late.body);
+        assert!(
+            late.body.contains("authorization has ended"),
+            "{decision}: {}",
+            late.body
+        );
+    }
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert!(
+        !listed.to_string().contains("30023"),
+        "no kind was added to the revoked grant: {listed}"
+    );
+}
+
+/// The owner's decision on a NIP-46 request was recorded, then the wait for the replica
+/// failed (503) — or the request was dropped: a timeout, a browser closed — before the app
+/// was answered. The app waited for an answer that never came, and the owner's retry was
+/// told "already decided". Now the app is always answered: with the result once the
+/// decision is durable, otherwise with an error saying to send the request again.
+#[test]
+fn a_nip46_decision_the_replica_did_not_confirm_still_answers_the_app() {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(
+        Engine::Sqlite,
+        dir.path(),
+        &[("KEYCAST_REPLICA_DURABLE_TIMEOUT_SECS", "1")],
+    );
+    let (cookie, _) = register(&server, "unsaved@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    assert_eq!(client.connect(token["bunker_url"].as_str().unwrap())["ok"], true);
+    let event = json!({"kind": 30023, "content": "unsaved", "tags": []});
+    client.call_ok(json!({ "op": "start_sign_event", "event": event, "timeout_ms": 1000 }));
+    let url = client.call_ok(json!({ "op": "auth_url", "timeout_ms": 15000 }));
+    let path = path_of(&server, url["url"].as_str().unwrap());
+    // Every replication round waits 5 s: the decision's durable wait (1 s) fails.
+    if !harness::arm_failpoint(&server, "replica-round", "return(5000)") {
+        return;
+    }
+    let decided = decide(&server, &cookie, &path, "kind");
+    assert_eq!(decided.status, 503, "{}", decided.body);
+    let answered = client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
+    assert_eq!(answered["ok"], false, "{answered}");
+    assert!(
+        answered["error"].as_str().unwrap().contains("could not be saved"),
+        "keycast's own answer, not the client's timeout: {answered}"
+    );
+}
+
 /// A NIP-46 client whose request nobody decides is not left waiting: when the approval
 /// expires it gets an error with the request's id.
 fn nip46_an_undecided_approval_ends_in_an_error_reply(engine: Engine) {
@@ -439,6 +584,8 @@ on_both_engines!(
     http_allow_kind_holds_for_later_requests_and_across_a_restart,
     deny_another_account_csrf_and_unknown_ids_are_refused,
     an_expired_approval_cannot_be_decided,
+    a_burst_of_requests_stores_no_more_approvals_than_the_cap,
+    an_approval_of_a_revoked_app_cannot_be_allowed,
     nip46_auth_url_then_the_owners_decision_reaches_the_client,
     nip46_auth_url_then_the_owners_decision_reaches_an_ndk_client,
     nip46_auth_url_then_the_owners_decision_reaches_a_rust_nostr_client,
