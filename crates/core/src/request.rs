@@ -91,9 +91,12 @@ impl Request {
         let peer_and_text = |what: &str| -> Result<(PublicKey, String), DecodeError> {
             match params {
                 [Value::String(peer), Value::String(text)] => {
+                    // Not echoed: swapped params put the plaintext here, and refusals are
+                    // logged.
                     let peer = PublicKey::parse(peer).map_err(|_| {
                         bad(&format!(
-                            "params[0] must be the peer's public key (64 hex characters), not {peer:?}"
+                            "params[0] must be the peer's public key (64 hex characters), not {} characters of something else",
+                            peer.chars().count()
                         ))
                     })?;
                     Ok((peer, text.clone()))
@@ -120,7 +123,7 @@ impl Request {
                 let (peer, ciphertext) = peer_and_text("ciphertext")?;
                 Request::Nip44Decrypt { peer, ciphertext }
             }
-            other => return Err(DecodeError::UnknownMethod(other.to_owned())),
+            other => return Err(DecodeError::UnknownMethod(other.chars().take(32).collect())),
         })
     }
 }

@@ -135,6 +135,36 @@ fn each_request_is_answered_in_the_cipher_it_came_in() {
     }
 }
 
+/// A bound app that sent `nip44_encrypt` with its params swapped had its plaintext — which
+/// travelled encrypted — written to keycast's log in the refusal ("… not \"<plaintext>\"").
+/// Refusals now name what is wrong without repeating what was sent.
+#[test]
+fn a_refused_request_does_not_put_what_it_carried_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, user_pubkey, bunker, relay, secret) = bunker(dir.path(), &[("KEYCAST_LOG", "debug")]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(
+        &[("1".into(), "connect", json!([bunker.to_hex(), secret]))],
+        Cipher::Nip44,
+    );
+    assert_eq!(client.replies(1, Duration::from_secs(5)).len(), 1);
+    let canary = "CANARY-9c1e a private message";
+    client.send(
+        &[("2".into(), "nip44_encrypt", json!([canary, user_pubkey]))],
+        Cipher::Nip44,
+    );
+    let refused = client.replies(1, Duration::from_secs(5));
+    assert_eq!(refused.len(), 1, "the swapped request is answered");
+    let error = refused[0].json["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("params[0] must be the peer's public key"), "{error}");
+    assert!(
+        server.log().contains("nip46 request refused"),
+        "the refusal is logged: {}",
+        server.log()
+    );
+    assert!(!server.log().contains("CANARY-9c1e"), "{}", server.log());
+}
+
 /// A relay that stores ephemeral events replays them to a new subscription (after keycast
 /// restarts or reconnects): a request minutes old must not be signed again.
 #[test]

@@ -76,8 +76,14 @@ pub enum OpenError {
     IdTooLong,
     #[error("the content does not decrypt with the bunker key")]
     Decrypt,
-    #[error("the decrypted content is not a NIP-46 request: {0}")]
-    Json(#[from] serde_json::Error),
+    /// Where the JSON went wrong, not what it held (serde quotes values: a secret sent in
+    /// the wrong place would reach the log).
+    #[error("the decrypted content is not a NIP-46 request ({kind:?} error at line {line}, column {column})")]
+    Json {
+        kind: serde_json::error::Category,
+        line: usize,
+        column: usize,
+    },
 }
 
 /// Decrypts `event` (sent to `bunker`) into a request.
@@ -91,7 +97,11 @@ pub fn open(bunker: &Keys, event: &Event) -> Result<(RpcRequest, Cipher), OpenEr
         Cipher::Nip04 => nip04::decrypt(bunker.secret_key(), &event.pubkey, &event.content).ok(),
     }
     .ok_or(OpenError::Decrypt)?;
-    let request: RpcRequest = serde_json::from_str(&plaintext)?;
+    let request: RpcRequest = serde_json::from_str(&plaintext).map_err(|e| OpenError::Json {
+        kind: e.classify(),
+        line: e.line(),
+        column: e.column(),
+    })?;
     if request.id.len() > MAX_REQUEST_ID_BYTES {
         return Err(OpenError::IdTooLong);
     }
@@ -177,7 +187,19 @@ mod tests {
         );
         assert!(matches!(open(&bunker, &event), Err(OpenError::Decrypt)));
         let event = request_event(&client, &bunker.public_key(), Cipher::Nip44, "hello");
-        assert!(matches!(open(&bunker, &event), Err(OpenError::Json(_))));
+        assert!(matches!(open(&bunker, &event), Err(OpenError::Json { .. })));
+    }
+
+    /// serde's message quotes the value it could not take: a secret sent as the params'
+    /// string reached the (debug) log through it.
+    #[test]
+    fn why_a_request_is_not_json_says_where_not_what() {
+        let (client, bunker) = (Keys::generate(), Keys::generate());
+        let body = r#"{"id":"1","method":"connect","params":"bunker-key,CANARY-connect-secret"}"#;
+        let event = request_event(&client, &bunker.public_key(), Cipher::Nip44, body);
+        let why = open(&bunker, &event).err().unwrap().to_string();
+        assert!(why.contains("not a NIP-46 request"), "{why}");
+        assert!(!why.contains("CANARY"), "{why}");
     }
 
     #[test]
