@@ -144,7 +144,42 @@ impl PgOptions {
     pub fn connect_options(&self) -> Result<PgConnectOptions, sqlx::Error> {
         Ok(PgConnectOptions::from_str(&normalize_socket_url(&self.url))?.application_name("keycast"))
     }
+
+    /// The URL's query parameters sqlx does not know. It ignores them with a warning that
+    /// prints each value — `sslpassword` (libpq's, not sqlx's) or a mistyped `pasword` would
+    /// put a password in the log — so configuration refuses them by name first.
+    pub fn unknown_parameters(&self) -> Vec<String> {
+        let Some((_, query)) = self.url.split_once('?') else {
+            return Vec::new();
+        };
+        url::form_urlencoded::parse(query.as_bytes())
+            .map(|(key, _)| key.into_owned())
+            .filter(|key| !SQLX_PG_PARAMETERS.contains(&key.as_str()) && !key.starts_with("options["))
+            .collect()
+    }
 }
+
+/// The query parameters sqlx-postgres reads from a URL (`PgConnectOptions::parse_from_url`).
+const SQLX_PG_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
 
 /// Cloud SQL documents `postgres://user:pass@/db?host=/cloudsql/…`: a URL with credentials
 /// but no host, which URL parsers refuse ("empty host"). The socket directory in `host=`
@@ -216,12 +251,14 @@ fn redact_unparsed(text: &str) -> String {
     }
 }
 
-/// The query with the value of every password parameter masked.
+/// The query with every value masked but those of the driver's parameters that hold no
+/// secret: a password parameter, and any parameter keycast does not know (a mistyped
+/// `pasword`, libpq's `sslpassword`), may.
 fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name.to_ascii_lowercase().ends_with("password") => format!("{name}=***"),
+            Some((name, _)) if name == "password" || !SQLX_PG_PARAMETERS.contains(&name) => format!("{name}=***"),
             _ => pair.to_owned(),
         })
         .collect::<Vec<_>>()

@@ -1400,7 +1400,17 @@ enum DatabaseUrl {
 
 fn parse_database_url(v: &str) -> Result<DatabaseUrl, String> {
     if v.starts_with("postgres://") || v.starts_with("postgresql://") {
-        keycast_db::PgOptions::new(v)
+        let options = keycast_db::PgOptions::new(v);
+        let unknown = options.unknown_parameters();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "unknown query parameter(s) {} (keycast's PostgreSQL driver reads sslmode, sslrootcert, sslcert, sslkey, \
+                 host, hostaddr, port, dbname, user, password, application_name, options and statement-cache-capacity; \
+                 an encrypted client key is not supported: decrypt it, or use a password): remove them",
+                unknown.join(", ")
+            ));
+        }
+        options
             .connect_options()
             .map_err(|e| format!("not a usable PostgreSQL URL: {e}"))?;
         return Ok(DatabaseUrl::Postgres(v.to_owned()));
@@ -1964,6 +1974,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("PostgreSQL only"), "{err}");
+        // sqlx ignores a parameter it does not know with a warning that prints its value.
+        for (param, secret) in [("sslpassword", "x2secret"), ("pasword", "typo-secret")] {
+            let err = env(&[(
+                "DATABASE_URL",
+                &format!("postgres://u@h/d?sslmode=require&{param}={secret}"),
+            )])
+            .build()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("DATABASE_URL") && err.contains(param), "{err}");
+            assert!(!err.contains(secret), "{err}");
+        }
     }
 
     #[test]

@@ -231,6 +231,41 @@ fn a_replica_url_with_credentials_is_refused_without_printing_them() {
     }
 }
 
+/// A PostgreSQL URL with a query parameter sqlx does not know (libpq's `sslpassword`, a
+/// mistyped `pasword`): sqlx ignored it with a warning that printed its value, so the
+/// password went to the log of every start. Refused now, by name, with nothing printed.
+#[test]
+fn a_database_url_parameter_the_driver_would_ignore_is_refused_without_printing_it() {
+    let Some(_) = harness::engine::postgres_server() else {
+        return;
+    };
+    let db = harness::PgDatabase::create("leak");
+    let dir = tempfile::tempdir().unwrap();
+    let separator = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}sslpassword=canary-7f3a9", db.url);
+    let launch = Launch::new(&dir.path().join("data"))
+        .postgres(&db)
+        .env("DATABASE_URL", &url);
+    let printed = match launch.start_or_exit() {
+        Ok(server) => server.stop(),
+        Err(finished) => {
+            assert_eq!(
+                finished.status.code(),
+                Some(2),
+                "a configuration error: {}",
+                finished.stderr
+            );
+            assert!(finished.stderr.contains("DATABASE_URL"), "{}", finished.stderr);
+            assert!(finished.stderr.contains("sslpassword"), "{}", finished.stderr);
+            format!("{}{}", finished.stdout, finished.stderr)
+        }
+    };
+    assert!(
+        !printed.contains("canary-7f3a9"),
+        "the parameter's value was printed: {printed}"
+    );
+}
+
 /// A log filter that names only another crate (`KEYCAST_LOG=sqlx=debug`) left keycast's own
 /// errors out: a failed command exited 1 without a word.
 #[test]
