@@ -1011,6 +1011,16 @@ impl Signer {
         self.activity.len()
     }
 
+    /// Lets go of the usage counts of grants idle for a day (see
+    /// [`crate::terms::UsageMeter::forget_idle`]) — only with no activity still buffered, so a
+    /// count rebuilt from the stored activity misses no signature. Returns how many.
+    pub fn forget_idle_usage(&self, now: i64) -> usize {
+        if self.pending_activity() > 0 {
+            return 0;
+        }
+        self.usage.forget_idle(now)
+    }
+
     /// Activity records dropped because the buffer was full (database unwritable).
     pub fn dropped_activity(&self) -> u64 {
         self.activity.dropped()

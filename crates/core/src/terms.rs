@@ -159,6 +159,8 @@ fn rfc3339(at: i64) -> String {
 struct Usage {
     total: u64,
     recent: Recent,
+    /// When the grant last asked to sign (see [`UsageMeter::forget_idle`]).
+    last_used: i64,
 }
 
 pub(crate) const DAY: i64 = 86_400;
@@ -319,10 +321,12 @@ impl UsageMeter {
             self.lock().entry(authz.clone()).or_insert_with(|| Usage {
                 total: u64::try_from(total).unwrap_or(0),
                 recent: Recent::from_counts(recent),
+                last_used: now,
             });
         }
         let mut usage = self.lock();
         let usage = usage.entry(authz.clone()).or_default();
+        usage.last_used = usage.last_used.max(now);
         let remember = longest_window(limits);
         usage.recent.forget_up_to(now - remember.unwrap_or(0));
         decide(limits, usage.total, &usage.recent, now)?;
@@ -358,6 +362,19 @@ impl UsageMeter {
         // Freed once the lock is released (the guard is a temporary of this statement).
         let removed = self.lock().remove(authz);
         drop(removed);
+    }
+
+    /// Drops the counts of grants that have not asked to sign for a day: grants that ended
+    /// by their duration (nothing revokes them, so [`UsageMeter::revoked`] never ran) and
+    /// grants no longer used, each of which held up to a day of seconds until the process
+    /// ended. A grant that signs again is counted from the stored activity, which by then
+    /// holds every signature it made (the caller makes sure nothing is still buffered).
+    /// Returns how many were dropped.
+    pub fn forget_idle(&self, now: i64) -> usize {
+        let mut usage = self.lock();
+        let before = usage.len();
+        usage.retain(|_, u| u.last_used > now - DAY);
+        before - usage.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AuthorizationId, Usage>> {
@@ -487,6 +504,32 @@ mod tests {
         // Revoked, it is dropped: its day of seconds is not kept until the process ends.
         meter.revoked(&id);
         assert!(meter.lock().is_empty());
+    }
+
+    /// A grant that ended by its duration is never revoked: its count (up to a day of
+    /// seconds) stayed in memory until the process ended. Counts idle for a day are dropped,
+    /// and a grant that signs again is counted from the stored activity.
+    #[tokio::test]
+    async fn the_counts_of_grants_idle_for_a_day_are_dropped_and_rebuilt_when_needed() {
+        let fx = crate::testing::fixture().await;
+        let db = fx.pool();
+        let meter = UsageMeter::default();
+        let (idle, busy) = (AuthorizationId::generate(), AuthorizationId::generate());
+        let limits = Limits {
+            per_day: Some(1000),
+            ..Limits::default()
+        };
+        let start = 1_000_000;
+        for second in 0..100 {
+            meter.admit(db, &idle, &limits, start + second).await.unwrap();
+        }
+        meter.admit(db, &busy, &limits, start + DAY).await.unwrap();
+        assert_eq!(meter.forget_idle(start + DAY), 0, "idle for less than a day");
+        assert_eq!(meter.forget_idle(start + 99 + DAY), 1);
+        let left: Vec<AuthorizationId> = meter.lock().keys().cloned().collect();
+        assert_eq!(left, [busy]);
+        meter.admit(db, &idle, &limits, start + 2 * DAY).await.unwrap();
+        assert_eq!(meter.lock().len(), 2, "counted again when it signs");
     }
 
     /// The cost of one admission as a limited grant's day fills up: `bench/meter.sh` runs

@@ -479,6 +479,10 @@ async fn background_writes(
         }
         if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
             last_sweep = Some(std::time::Instant::now());
+            let forgotten = signer.forget_idle_usage(keycast_db::now_unix());
+            if forgotten > 0 {
+                tracing::debug!(forgotten, "let go of the usage counts of grants idle for a day");
+            }
             let swept = keycast_db::within(
                 SWEEP_WITHIN,
                 keycast_core::housekeeping::sweep_expired(&db, keycast_db::now_unix()),
