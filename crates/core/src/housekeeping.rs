@@ -7,13 +7,16 @@
 //! presented again is reuse, which revokes its authorization (RFC 9700 §4.14), and that
 //! detection should outlive the token's own life by a margin. After that it is unknown.
 //!
+//! A deleted custom policy goes once nothing names it (a revoked grant's page shows its
+//! policy, so a policy a grant names stays).
+//!
 //! A grant that is over (revoked, or past its chosen duration) keeps its newest
 //! [`KEPT_PER_REVOKED_GRANT`] activity records (what its page shows), its total of
 //! signatures still counted: an account may start a grant a minute, and each could otherwise
 //! keep a live grant's whole record for good.
 
 use keycast_db::activity::{self, Prune};
-use keycast_db::{approvals, oauth, refresh, sessions, Db, RepoError};
+use keycast_db::{approvals, oauth, policies, refresh, sessions, Db, RepoError};
 
 /// Activity records a revoked or expired grant keeps.
 pub const KEPT_PER_REVOKED_GRANT: u32 = 20;
@@ -38,6 +41,8 @@ pub struct Swept {
     /// Activity records of revoked or expired grants beyond their newest
     /// [`KEPT_PER_REVOKED_GRANT`].
     pub revoked_activity: u64,
+    /// Deleted custom policies nothing names any more.
+    pub deleted_policies: u64,
 }
 
 impl Swept {
@@ -50,6 +55,7 @@ impl Swept {
             + self.refresh_tokens
             + self.approvals
             + self.revoked_activity
+            + self.deleted_policies
     }
 }
 
@@ -67,6 +73,7 @@ pub async fn sweep_expired(db: &Db, now: i64) -> Result<Swept, RepoError> {
         refresh_tokens: refresh::delete_expired(db, now - SPENT_REFRESH_MEMORY_SECS).await?,
         approvals: approvals::delete_expired(db, now).await?,
         revoked_activity: trim_over(db, now).await?,
+        deleted_policies: policies::purge_deleted(db).await?,
     })
 }
 

@@ -137,12 +137,14 @@ pub(crate) async fn save_policy(
 ) -> Result<PolicyRow, AppError> {
     let (_, services) = state.api()?;
     if slug.is_none() {
-        // Deleted policies stay as rows (their revoked grants name them): the cap alone
+        // Deleted policies stay as rows while their revoked grants name them: the cap alone
         // would not bound a loop of creations and deletions.
         state
             .limits()
             .check(&format!("policy:{user}"), crate::limit::POLICIES_PER_ACCOUNT)
             .await?;
+    } else {
+        edit_allowed(state, user).await?;
     }
     state.ensure_writable().await?;
     let row = match slug {
@@ -342,10 +344,20 @@ impl StrictLimits {
     }
 }
 
+/// Counts an edit of a policy or a grant against the account's budget
+/// ([`crate::limit::EDITS_PER_ACCOUNT`]).
+async fn edit_allowed(state: &AppState, user: &UserId) -> Result<(), AppError> {
+    state
+        .limits()
+        .check(&format!("edit:{user}"), crate::limit::EDITS_PER_ACCOUNT)
+        .await
+}
+
 /// Applies an edit and waits until it is durable and (PostgreSQL) every instance dropped
 /// the old grant. Shared with the dashboard.
 pub(crate) async fn apply_edit(state: &AppState, user: &UserId, id: &str, edit: GrantEdit) -> Result<(), AppError> {
     let (_, services) = state.api()?;
+    edit_allowed(state, user).await?;
     if edit.permissions.is_some() {
         // An app's own permissions may be a new policy, kept as a row after the app moves on:
         // the same budget as creating one.

@@ -97,7 +97,7 @@ pub const GRANTS_PER_ACCOUNT: Rate = Rate {
     refill: Duration::from_secs(60),
 };
 
-/// Key exports and password changes per account: 10, then one every 6 minutes. Each is
+/// Key exports, new keys and password changes per account: 10, then one every 6 minutes. Each is
 /// recorded in the account's events and mailed to the account: a loop of them, with the right
 /// password, would otherwise grow the database and spend the operator's mail quota (and so
 /// every other account's verification and reset mail) without bound.
@@ -112,6 +112,13 @@ pub const NOTICED_CHANGES_PER_ACCOUNT: Rate = Rate {
 pub const REFRESHES_PER_GRANT: Rate = Rate {
     burst: 5,
     refill: Duration::from_secs(300),
+};
+
+/// Edits of custom policies and grants per account: 30, then one every 10 s. Each is made
+/// durable and (PostgreSQL) makes every instance drop cached grants.
+pub const EDITS_PER_ACCOUNT: Rate = Rate {
+    burst: 30,
+    refill: Duration::from_secs(10),
 };
 
 /// New custom policies per account: 30 then one a minute.

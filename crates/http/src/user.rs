@@ -304,6 +304,9 @@ pub(crate) async fn start_fresh(
     password: String,
 ) -> Result<keys::UserKey, AppError> {
     let proof = reauthenticate(state, ip, user, password).await?;
+    // Recorded in the account's events, made durable, and an argon2 check each: the same
+    // budget as exports and password changes.
+    noticed_change(state, &user.id).await?;
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let key = account_security::replace_key(&services.signer, services.keys.as_ref(), &proof, now_unix()).await?;
@@ -365,7 +368,7 @@ pub(crate) async fn set_password(
     keycast_core::password::validate_new_password(&new)?;
     let proof = reauthenticate(state, ip, &session.user, current).await?;
     // After the password: a stolen session alone cannot spend the owner's budget.
-    noticed_change(state, session).await?;
+    noticed_change(state, &session.user.id).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let (ended, fresh) =
@@ -405,15 +408,12 @@ pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, pass
     Ok(())
 }
 
-/// Counts a change that is recorded and mailed to the account (an export, a new password)
-/// against its budget ([`crate::limit::NOTICED_CHANGES_PER_ACCOUNT`]).
-async fn noticed_change(state: &AppState, session: &SessionUser) -> Result<(), AppError> {
+/// Counts a change that is recorded in the account's events (an export, a new password, a
+/// new key) against its budget ([`crate::limit::NOTICED_CHANGES_PER_ACCOUNT`]).
+async fn noticed_change(state: &AppState, user: &UserId) -> Result<(), AppError> {
     state
         .limits()
-        .check(
-            &format!("noticed:{}", session.user.id),
-            crate::limit::NOTICED_CHANGES_PER_ACCOUNT,
-        )
+        .check(&format!("noticed:{user}"), crate::limit::NOTICED_CHANGES_PER_ACCOUNT)
         .await
 }
 
@@ -467,7 +467,7 @@ async fn export(
         _ => return Err(AppError::BadRequest("format must be nsec or ncryptsec".into())),
     };
     let proof = reauthenticate(&state, &ip, &session.user, body.password).await?;
-    noticed_change(&state, &session).await?;
+    noticed_change(&state, &session.user.id).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let key = account_security::export_key(

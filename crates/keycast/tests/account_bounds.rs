@@ -233,6 +233,53 @@ fn an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies(engine:
     server.stop();
 }
 
+/// Edits of a policy or a grant: each is made durable, and tells every instance to drop its
+/// cached grants (PostgreSQL). Only creations were limited: a loop of edits wrote to the
+/// replica (or flushed every instance's caches) as fast as it could. 30 at once, then one
+/// every 10 s, per account.
+fn edits_of_policies_and_grants_are_bounded_per_account(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "edits@example.com", None);
+    let created = create_policy(&server, &cookie, 0);
+    assert_eq!(created.status, 201, "{}", created.body);
+    let slug = created.json()["slug"].as_str().unwrap().to_owned();
+    let app = grant(&server, &cookie, "policy:social");
+    let app = app["authorization_id"].as_str().unwrap().to_owned();
+    let edit_policy = |n: usize| {
+        send_json(
+            &server,
+            "PUT",
+            &format!("/api/user/policies/{slug}"),
+            &cookie,
+            &json!({ "name": format!("edit {n}"), "permissions": { "allowed_kinds": [1, n] } }),
+        )
+    };
+    let edit_grant = || {
+        send_json(
+            &server,
+            "PATCH",
+            &format!("/api/user/authorizations/{app}"),
+            &cookie,
+            &json!({ "duration": "week" }),
+        )
+    };
+    for n in 0..20 {
+        assert_eq!(edit_policy(n).status, 200, "policy edit {n}");
+    }
+    for n in 0..10 {
+        let r = edit_grant();
+        assert_eq!(r.status, 200, "grant edit {n}: {}", r.body);
+    }
+    let limited = edit_policy(99);
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert!(limited.retry_after.is_some());
+    assert_eq!(edit_grant().status, 429, "the same budget");
+    let other = register(&server, "other-edits@example.com", None).0;
+    assert_eq!(create_policy(&server, &other, 0).status, 201, "other accounts go on");
+    server.stop();
+}
+
 /// Codes issued below the cap and redeemed all at once: each redemption counts the live
 /// grants and inserts one, and on PostgreSQL (READ COMMITTED, several connections) two of
 /// them could both count below the cap and both insert. Before, this went past the cap.
@@ -302,6 +349,16 @@ fn exports_and_password_changes_are_bounded_per_account(engine: Engine) {
         &json!({ "current_password": PASSWORD, "new_password": "another passphrase" }),
     );
     assert_eq!(changed.status, 429, "the same budget: {}", changed.body);
+    // A new key too: each is recorded in the account's events and made durable, and a loop
+    // of them with the right password grew the events and filled the hashing queue without
+    // bound. Before, it was answered 200 past the budget.
+    let replaced = post_json(
+        &server,
+        "/api/user/key/replace",
+        Some(&cookie),
+        &json!({ "password": PASSWORD }),
+    );
+    assert_eq!(replaced.status, 429, "the same budget: {}", replaced.body);
     let outbox = get(&server, "/api/test/outbox", None).json();
     let notices = outbox["messages"]
         .as_array()
@@ -361,6 +418,7 @@ fn the_list_of_grants_holds_the_live_ones_and_the_newest_revoked() {
 on_both_engines!(
     one_account_has_at_most_its_live_grants_and_starts_them_at_a_bounded_rate,
     an_account_keeps_its_newest_sessions_and_a_bounded_number_of_policies,
+    edits_of_policies_and_grants_are_bounded_per_account,
     codes_redeemed_all_at_once_cannot_pass_the_cap,
     exports_and_password_changes_are_bounded_per_account,
 );
