@@ -482,10 +482,16 @@ pub async fn find_for_operator(db: &Db, by: &AccountRef) -> Result<Option<Accoun
         }
         None => None,
     };
-    let live_authorizations = keycast_db::authz::list_for_user(db, &user.id)
+    let now = keycast_db::now_unix();
+    let live_authorizations = keycast_db::authz::list_for_user(db, &user.id, now)
         .await?
         .iter()
-        .filter(|a| a.revoked_at.is_none())
+        .filter(|a| {
+            let ended = crate::terms::GrantTerms::from_json(a.terms.as_deref())
+                .map(|terms| terms.check_expiry(now).is_err())
+                .unwrap_or(false);
+            a.revoked_at.is_none() && !ended
+        })
         .count();
     Ok(Some(AccountSummary {
         user,

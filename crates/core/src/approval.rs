@@ -502,8 +502,17 @@ impl Signer {
                 .map(|tag| serde_json::to_string(tag.as_slice()).unwrap_or_default())
                 .collect()
         });
+        // Registered, and answered at one of its registered addresses: what `identify` checked
+        // when the grant was made over OAuth.
         let registered_name = keycast_db::clients::find_by_id(self.db(), &row.client_id)
             .await?
+            .and_then(|row| crate::clients::RegisteredClient::try_from(row).ok())
+            .filter(|client| {
+                client
+                    .redirect_uris
+                    .iter()
+                    .any(|uri| crate::oauth::redirect_origin(uri).is_ok_and(|origin| origin == row.redirect_origin))
+            })
             .map(|client| client.name);
         Ok(ApprovalView {
             app: row.client_id.clone(),
@@ -577,10 +586,12 @@ impl Signer {
         }
     }
 
-    /// Answers a NIP-46 request whose decision was recorded but not confirmed durable: an
-    /// error telling the client to ask again, so it does not wait for an answer that will
-    /// not come (nothing is signed on a decision the replica may not have). A denial is
-    /// sent as it is: refusing needs no record. HTTP apps retry on their own.
+    /// Answers a NIP-46 request whose decision was recorded but not confirmed durable (the
+    /// replica, or on PostgreSQL the other instances, did not confirm in time): an error
+    /// telling the client to send it again, so it does not wait for an answer that will not
+    /// come. This request is not carried out on an unconfirmed decision; the one sent again
+    /// is judged as any request (an allowed kind recorded here counts). A denial is sent as
+    /// it is: refusing needs no record. HTTP apps retry on their own.
     pub async fn fulfil_unsaved(&self, decided: Decided, reason: &str) -> Fulfilled {
         if decided.decision == Decision::Deny {
             return self.fulfil(decided).await;
@@ -589,7 +600,7 @@ impl Signer {
         if row.transport != "nip46" {
             return Fulfilled::AppRetries;
         }
-        let error = format!("the owner's decision could not be saved ({reason}); send the request again");
+        let error = format!("the owner's decision could not be confirmed saved ({reason}); send the request again");
         match self.reply_nip46(&row, Err(error.clone())).await {
             Ok(()) => Fulfilled::Replied(Err(error)),
             Err(err) => Fulfilled::Replied(Err(err)),

@@ -106,6 +106,13 @@ fn reason(err: OAuthError) -> String {
     }
 }
 
+/// Whether `id` has the form of a registered app's id (`app_` and 24 hex digits): a name an
+/// unregistered app chose for itself must not pass for one.
+pub fn is_registered_form(id: &str) -> bool {
+    id.strip_prefix("app_")
+        .is_some_and(|hex| hex.len() == 24 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Registers a client under a new random id (`app_` and 24 hex digits).
 ///
 /// # Errors

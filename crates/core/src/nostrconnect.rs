@@ -181,7 +181,7 @@ impl NostrConnectUri {
         operator: &[String],
     ) -> Result<(), RelayCapError> {
         let except = serde_json::to_string(operator).unwrap_or_default();
-        let rows = keycast_db::authz::list_live_relays(db, &except).await?;
+        let rows = keycast_db::authz::list_live_relays(db, &except, keycast_db::now_unix()).await?;
         // `wss://r.example` and `wss://r.example/` are one relay.
         let normalize = |r: &str| url::Url::parse(r).map(String::from).ok();
         let operator: HashSet<String> = operator.iter().filter_map(|r| normalize(r)).collect();

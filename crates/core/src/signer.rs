@@ -445,7 +445,13 @@ impl Signer {
         let new = NewGrant {
             user_id: user,
             policy,
-            client_id: uri.name.as_deref().unwrap_or("nostrconnect"),
+            // A name in the form of a registered app's id would pass for that app where keycast
+            // names it (the approval page): such an app is "nostrconnect", as one without a name.
+            client_id: uri
+                .name
+                .as_deref()
+                .filter(|name| !crate::clients::is_registered_form(name))
+                .unwrap_or("nostrconnect"),
             redirect_origin: &uri.display_origin(),
             relays: &uri.relays,
             token_ttl_secs: 0,
@@ -1012,10 +1018,11 @@ impl Signer {
     }
 
     /// Lets go of the usage counts of grants idle for a day (see
-    /// [`crate::terms::UsageMeter::forget_idle`]) — only with no activity still buffered, so a
-    /// count rebuilt from the stored activity misses no signature. Returns how many.
+    /// [`crate::terms::UsageMeter::forget_idle`]) — only with no activity still buffered and
+    /// none ever dropped (a full buffer while the database could not be written), so a count
+    /// rebuilt from the stored activity misses no signature. Returns how many.
     pub fn forget_idle_usage(&self, now: i64) -> usize {
-        if self.pending_activity() > 0 {
+        if self.pending_activity() > 0 || self.dropped_activity() > 0 {
             return 0;
         }
         self.usage.forget_idle(now)

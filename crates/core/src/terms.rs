@@ -315,17 +315,23 @@ impl UsageMeter {
                 false => grant_usage::would_admit(db, authz, now, DAY, decision).await?,
             };
         }
-        let known = self.lock().contains_key(authz);
-        if !known {
-            let (total, recent) = activity_repo::signatures(db, authz, now - DAY).await?;
-            self.lock().entry(authz.clone()).or_insert_with(|| Usage {
-                total: u64::try_from(total).unwrap_or(0),
-                recent: Recent::from_counts(recent),
-                last_used: now,
-            });
-        }
-        let mut usage = self.lock();
-        let usage = usage.entry(authz.clone()).or_default();
+        let mut all = loop {
+            if !self.lock().contains_key(authz) {
+                let (total, recent) = activity_repo::signatures(db, authz, now - DAY).await?;
+                self.lock().entry(authz.clone()).or_insert_with(|| Usage {
+                    total: u64::try_from(total).unwrap_or(0),
+                    recent: Recent::from_counts(recent),
+                    last_used: now,
+                });
+            }
+            let all = self.lock();
+            // Dropped between the two locks (idle, or its terms changed): counted again from
+            // the stored activity, never from zero.
+            if all.contains_key(authz) {
+                break all;
+            }
+        };
+        let usage = all.get_mut(authz).expect("present under this lock");
         usage.last_used = usage.last_used.max(now);
         let remember = longest_window(limits);
         usage.recent.forget_up_to(now - remember.unwrap_or(0));

@@ -82,8 +82,8 @@ pub async fn delete_expired(db: &Db, now: i64) -> Result<u64, RepoError> {
 }
 
 /// Stores a pending approval while the authorization has fewer than `max_pending` pending
-/// and unexpired, counted in the same statement (on PostgreSQL under the authorization's
-/// lock, as [`crate::users::account_lock`] explains): requests counting apart all found
+/// and unexpired, counted in the same statement (on PostgreSQL under a lock of the
+/// authorization's row, for the reason [`crate::users::account_lock`] gives): requests counting apart all found
 /// room. First deletes this authorization's approvals that expired before `now` (so the
 /// table holds only what may still be decided or used).
 ///
@@ -94,7 +94,10 @@ pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64, max_pending: i64) 
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
         if db.kind() == crate::EngineKind::Postgres {
-            sqlx::query("SELECT 1 FROM authorizations WHERE id = $1 FOR UPDATE")
+            // NO KEY: still one insert at a time per grant, without holding up the foreign-key
+            // checks (KEY SHARE) of rows that name the grant — an "allow kind" decision
+            // holding an approval this insert's DELETE waits for would otherwise deadlock.
+            sqlx::query("SELECT 1 FROM authorizations WHERE id = $1 FOR NO KEY UPDATE")
                 .bind(new.authorization_id)
                 .execute(&mut *tx)
                 .await?;
@@ -187,7 +190,7 @@ pub async fn decide(
         let done = sqlx::query(
             "UPDATE approvals SET decision = $2, decided_at = $3, expires_at = $4 \
              WHERE id_hash = $1 AND decision IS NULL AND expires_at > $3 \
-             AND authorization_id IN (SELECT id FROM authorizations WHERE revoked_at IS NULL)",
+             AND ($2 = 'deny' OR authorization_id IN (SELECT id FROM authorizations WHERE revoked_at IS NULL))",
         )
         .bind(id_hash)
         .bind(decision)

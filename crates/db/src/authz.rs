@@ -248,57 +248,101 @@ pub struct LiveBunker {
     pub terms: Option<String>,
 }
 
-/// The bunker pubkey, relays and bound client of every authorization that is live or was
-/// revoked at or after `revoked_since` (so a client of a recently revoked one hears
-/// "revoked" instead of nothing), oldest first.
+/// `SELECT … FROM authorizations WHERE` a grant is live, or ended (revoked, or past the
+/// `expires_at` of its terms, read by `$expires`) at or after `$1`.
+macro_rules! bunkers_sql {
+    ($expires:expr) => {
+        concat!(
+            "SELECT bunker_pubkey, relays, connected_client_pubkey, revoked_at, user_id, terms FROM authorizations \
+             WHERE (revoked_at IS NULL AND COALESCE(",
+            $expires,
+            ", $1) >= $1) OR revoked_at >= $1 ORDER BY created_at, id"
+        )
+    };
+}
+
+/// The bunker pubkey, relays and bound client of every authorization that is live or ended
+/// (revoked, or past its terms' expiry) at or after `ended_since` (so a client of a recently
+/// ended one hears why instead of nothing), oldest first. A grant that expired before is
+/// left out here: they were all read and parsed at every sync, and an account may start a
+/// grant of an hour a minute.
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_bunkers_to_serve(db: &Db, revoked_since: i64) -> Result<Vec<LiveBunker>, RepoError> {
+pub async fn list_bunkers_to_serve(db: &Db, ended_since: i64) -> Result<Vec<LiveBunker>, RepoError> {
+    let sql = match db.kind() {
+        EngineKind::Sqlite => bunkers_sql!(sqlite_expires!()),
+        EngineKind::Postgres => bunkers_sql!(postgres_expires!()),
+    };
     on_engine!(db, |pool| {
-        let sql =
-            "SELECT bunker_pubkey, relays, connected_client_pubkey, revoked_at, user_id, terms FROM authorizations \
-                   WHERE revoked_at IS NULL OR revoked_at >= $1 ORDER BY created_at, id";
-        Ok(sqlx::query_as(sql).bind(revoked_since).fetch_all(pool).await?)
+        Ok(sqlx::query_as(sql).bind(ended_since).fetch_all(pool).await?)
     })
 }
 
-/// `(user, relays as JSON array text)` of every live authorization whose relays are not
-/// exactly `except` (the JSON text grants made with the operator's relays carry, so the
-/// common case is skipped in SQL). For the caps on relays named by apps.
+/// `(user, relays as JSON array text)` of every live authorization (not revoked, not past
+/// its terms' expiry at `now`) whose relays are not exactly `except` (the JSON text grants
+/// made with the operator's relays carry, so the common case is skipped in SQL). For the
+/// caps on relays named by apps: an expired grant counted against them for good.
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_live_relays(db: &Db, except: &str) -> Result<Vec<(UserId, String)>, RepoError> {
+pub async fn list_live_relays(db: &Db, except: &str, now: i64) -> Result<Vec<(UserId, String)>, RepoError> {
+    let sql = match db.kind() {
+        EngineKind::Sqlite => concat!(
+            "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1 AND COALESCE(",
+            sqlite_expires!(),
+            ", $2 + 1) > $2"
+        ),
+        EngineKind::Postgres => concat!(
+            "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1 AND COALESCE(",
+            postgres_expires!(),
+            ", $2 + 1) > $2"
+        ),
+    };
     on_engine!(db, |pool| {
-        let sql = "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1";
-        Ok(sqlx::query_as(sql).bind(except).fetch_all(pool).await?)
+        Ok(sqlx::query_as(sql).bind(except).bind(now).fetch_all(pool).await?)
     })
 }
 
 /// Revoked authorizations a user's list shows, the newest.
 pub const LISTED_REVOKED: i64 = 100;
 
-/// A user's authorizations, newest first: every live one, and the newest
-/// [`LISTED_REVOKED`] revoked ones. Revoked rows are kept (their activity, what a reused code
-/// or token names), and an account may start a grant a minute: listed whole, a month of that
-/// was tens of thousands of rows and queries for each list.
+/// `SELECT` a user's (`$1`) live authorizations at `$3` and the newest `$2` that ended
+/// (revoked, or past the `expires_at` of their terms, read by `$expires`).
+macro_rules! list_for_user_sql {
+    ($expires:expr) => {
+        concat!(
+            "SELECT ",
+            columns!(),
+            " FROM authorizations WHERE user_id = $1 AND ((revoked_at IS NULL AND COALESCE(",
+            $expires,
+            ", $3 + 1) > $3) OR id IN (\
+               SELECT id FROM authorizations WHERE user_id = $1 AND (revoked_at IS NOT NULL OR ",
+            $expires,
+            " <= $3) ORDER BY created_at DESC, id LIMIT $2)) \
+             ORDER BY created_at DESC, id"
+        )
+    };
+}
+
+/// A user's authorizations at `now`, newest first: every live one, and the newest
+/// [`LISTED_REVOKED`] that ended (revoked, or past their terms' expiry). Ended rows are kept
+/// (their activity, what a reused code or token names), and an account may start a grant a
+/// minute: listed whole, a month of that was tens of thousands of rows and queries for each
+/// list.
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_for_user(db: &Db, user: &UserId) -> Result<Vec<AuthorizationRow>, RepoError> {
+pub async fn list_for_user(db: &Db, user: &UserId, now: i64) -> Result<Vec<AuthorizationRow>, RepoError> {
+    let sql = match db.kind() {
+        EngineKind::Sqlite => list_for_user_sql!(sqlite_expires!()),
+        EngineKind::Postgres => list_for_user_sql!(postgres_expires!()),
+    };
     on_engine!(db, |pool| {
-        let sql = concat!(
-            "SELECT ",
-            columns!(),
-            " FROM authorizations WHERE user_id = $1 AND (revoked_at IS NULL OR id IN (\
-               SELECT id FROM authorizations WHERE user_id = $1 AND revoked_at IS NOT NULL \
-               ORDER BY created_at DESC, id LIMIT $2)) \
-             ORDER BY created_at DESC, id"
-        );
         Ok(sqlx::query_as(sql)
             .bind(user)
             .bind(LISTED_REVOKED)
+            .bind(now)
             .fetch_all(pool)
             .await?)
     })
@@ -467,7 +511,7 @@ pub(crate) mod tests {
             assert_eq!(row.revoked_at, None);
             assert_eq!(find_by_id(&db, &row.id).await.unwrap().as_ref(), Some(&row));
             assert_eq!(find_by_bunker_pubkey(&db, "b1").await.unwrap().as_ref(), Some(&row));
-            assert_eq!(list_for_user(&db, &user).await.unwrap(), vec![row]);
+            assert_eq!(list_for_user(&db, &user, 1_000).await.unwrap(), vec![row]);
         }
     }
 
@@ -600,6 +644,18 @@ pub(crate) mod tests {
             let old = test_authorization(&db, &user, "b3").await;
             assert!(revoke(&db, &recent.id, &user, 100).await.unwrap());
             assert!(revoke(&db, &old.id, &user, 5).await.unwrap());
+            // Ended by their terms: one lately (still served, so its client hears why), one
+            // long ago (read and parsed at every sync before), one not yet.
+            let expiring = |at: i64| format!(r#"{{"expires_at":{at}}}"#);
+            insert_capped(&db, &user, "b4", Some(&expiring(60)), 100, 2)
+                .await
+                .unwrap();
+            insert_capped(&db, &user, "b5", Some(&expiring(10)), 100, 2)
+                .await
+                .unwrap();
+            insert_capped(&db, &user, "b6", Some(&expiring(5_000)), 100, 2)
+                .await
+                .unwrap();
             let mut served: Vec<String> = list_bunkers_to_serve(&db, 50)
                 .await
                 .unwrap()
@@ -607,12 +663,39 @@ pub(crate) mod tests {
                 .map(|b| b.bunker_pubkey)
                 .collect();
             served.sort();
-            assert_eq!(served, ["b1", "b2"]);
+            assert_eq!(served, ["b1", "b2", "b4", "b6"]);
             assert!(list_bunkers_to_serve(&db, 50)
                 .await
                 .unwrap()
                 .iter()
                 .all(|b| b.relays == live.relays));
+        }
+    }
+
+    /// A grant past its terms' expiry is over, as a revoked one: it named relays that
+    /// counted against the caps on relays named by apps for good.
+    #[tokio::test]
+    async fn a_grant_past_its_terms_names_no_live_relays_and_is_listed_as_ended() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let live = test_authorization(&db, &user, "b1").await;
+            let expired = insert_capped(&db, &user, "b2", Some(r#"{"expires_at":500}"#), 100, 2)
+                .await
+                .unwrap();
+            let relays = list_live_relays(&db, "[]", 1_000).await.unwrap();
+            assert_eq!(relays, vec![(user.clone(), live.relays.clone())]);
+            assert_eq!(
+                list_live_relays(&db, "[]", 400).await.unwrap().len(),
+                2,
+                "not yet expired at 400"
+            );
+            let listed: Vec<AuthorizationId> = list_for_user(&db, &user, 1_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            assert!(listed.contains(&live.id) && listed.contains(&expired.id), "{listed:?}");
         }
     }
 

@@ -189,9 +189,11 @@ pub async fn update_owned(
 /// revoked grant's page still shows its policy, and a code names the one it grants): a
 /// deleted policy otherwise stayed for good, up to ~80 KB each. Returns how many.
 ///
+/// No row can come to name a deleted policy: grants and codes are written only under one
+/// not deleted (on PostgreSQL under its share lock).
+///
 /// # Errors
-/// Database errors (a code inserted at that moment naming one makes the delete fail; the
-/// next sweep tries again).
+/// Database errors.
 pub async fn purge_deleted(db: &Db) -> Result<u64, RepoError> {
     on_engine!(db, |pool| {
         Ok(sqlx::query(

@@ -142,7 +142,8 @@ impl PgOptions {
     /// # Errors
     /// A URL sqlx cannot parse.
     pub fn connect_options(&self) -> Result<PgConnectOptions, sqlx::Error> {
-        Ok(PgConnectOptions::from_str(&normalize_socket_url(&self.url))?.application_name("keycast"))
+        let url = without_parameters(&normalize_socket_url(&self.url), LIBPQ_IGNORED);
+        Ok(PgConnectOptions::from_str(&url)?.application_name("keycast"))
     }
 
     /// The URL's query parameters sqlx does not know. It ignores them with a warning that
@@ -154,8 +155,49 @@ impl PgOptions {
         };
         url::form_urlencoded::parse(query.as_bytes())
             .map(|(key, _)| key.into_owned())
-            .filter(|key| !SQLX_PG_PARAMETERS.contains(&key.as_str()) && !key.starts_with("options["))
+            .filter(|key| {
+                !SQLX_PG_PARAMETERS.contains(&key.as_str())
+                    && !LIBPQ_IGNORED.contains(&key.as_str())
+                    && !key.starts_with("options[")
+            })
             .collect()
+    }
+}
+
+/// libpq parameters that hold no secret, which connection strings from hosting providers
+/// carry and sqlx does not read: left out before sqlx sees the URL (keycast has its own
+/// timeouts), so a URL that worked before keeps working and nothing is printed.
+const LIBPQ_IGNORED: &[&str] = &[
+    "connect_timeout",
+    "target_session_attrs",
+    "channel_binding",
+    "sslnegotiation",
+    "sslcompression",
+    "gssencmode",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "pgbouncer",
+];
+
+/// `url` without the query parameters named in `names`.
+fn without_parameters(url: &str, names: &[&str]) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
+            !names.contains(&name)
+        })
+        .collect();
+    if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
     }
 }
 
@@ -258,7 +300,11 @@ fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name == "password" || !SQLX_PG_PARAMETERS.contains(&name) => format!("{name}=***"),
+            Some((name, _))
+                if name == "password" || !(SQLX_PG_PARAMETERS.contains(&name) || LIBPQ_IGNORED.contains(&name)) =>
+            {
+                format!("{name}=***")
+            }
             _ => pair.to_owned(),
         })
         .collect::<Vec<_>>()

@@ -194,6 +194,9 @@ async fn decide(
         check_shown_long_enough(&session.token, form.shown.as_deref(), now_ms())?;
     }
     let (_, services) = state.api()?;
+    // Counted until the app is answered, even past this request (see `in_flight`): a
+    // hand-over waits for it before its last write of the signing activity.
+    let under_way = services.signer.request();
     state.ensure_writable().await?;
     let decided = services.signer.decide(&id, &session.user.id, decision).await?;
     // From here the decision is recorded: the app must hear of it whatever becomes of this
@@ -202,6 +205,7 @@ async fn decide(
     let carried_out = tokio::spawn({
         let state = state.clone();
         async move {
+            let _under_way = under_way;
             // "Allow kind" changes who may sign: answered once durable everywhere, like a grant.
             match state.confirm_write(decision == Decision::Kind).await {
                 Ok(()) => Ok(signer.fulfil(decided).await),

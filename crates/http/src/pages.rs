@@ -277,7 +277,7 @@ async fn dashboard(
     };
     let (db, _) = state.api()?;
     let key = keys::find_user_key(db, &session.user.id).await?;
-    let authorizations = authz_repo::list_for_user(db, &session.user.id).await?;
+    let authorizations = authz_repo::list_for_user(db, &session.user.id, keycast_db::now_unix()).await?;
     // The user's own policies name their grants and may be chosen for a new app too.
     let policies = crate::grants::policies_by_id(db, &session.user.id, &authorizations).await?;
     let recent = activity::list_for_user(db, &session.user.id, DASHBOARD_ACTIVITY).await?;

@@ -53,7 +53,7 @@ pub(crate) fn routes() -> Router<AppState> {
 /// limits, approved_kinds}]}`.
 async fn list_authorizations(State(state): State<AppState>, session: SessionUser) -> Result<Json<Value>, AppError> {
     let (db, _) = state.api()?;
-    let rows = authz_repo::list_for_user(db, &session.user.id).await?;
+    let rows = authz_repo::list_for_user(db, &session.user.id, now_unix()).await?;
     let policies = crate::grants::policies_by_id(db, &session.user.id, &rows).await?;
     let mut out = Vec::new();
     for row in rows {

@@ -1986,6 +1986,14 @@ mod tests {
             assert!(err.contains("DATABASE_URL") && err.contains(param), "{err}");
             assert!(!err.contains(secret), "{err}");
         }
+        // libpq's harmless ones, which providers' connection strings carry, still start.
+        let config = env(&[(
+            "DATABASE_URL",
+            "postgres://u:p@h/d?sslmode=require&connect_timeout=10&channel_binding=require",
+        )])
+        .build()
+        .unwrap();
+        assert!(matches!(config.database, Database::Postgres(_)));
     }
 
     #[test]

@@ -411,6 +411,31 @@ fn the_list_of_grants_holds_the_live_ones_and_the_newest_revoked() {
         !listed.iter().any(|a| a["id"] == old_id.as_str()),
         "the oldest revoked one is not"
     );
+    // Grants that ended by their duration (an hour's grant a minute) are over too, and never
+    // revoked: before, every one of them was listed, each with its own queries.
+    harness::sqlite_exec(
+        &server.data_dir.join("keycast.db"),
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 150) \
+         INSERT INTO authorizations (id, user_id, policy_id, client_id, redirect_origin, bunker_pubkey, \
+           bunker_secret_encrypted, connect_secret_hash, relays, created_at, terms) \
+         SELECT lower(hex(randomblob(16))), user_id, policy_id, client_id, redirect_origin, \
+           lower(hex(randomblob(32))), bunker_secret_encrypted, connect_secret_hash, relays, \
+           created_at + 1000 + i, '{\"expires_at\":' || (1 + i) || '}' \
+         FROM authorizations, n WHERE revoked_at IS NULL",
+    );
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let listed = listed["authorizations"].as_array().unwrap();
+    let ended = listed
+        .iter()
+        .filter(|a| !a["revoked_at"].is_null() || !a["expires_at"].is_null())
+        .count();
+    assert_eq!(
+        ended,
+        keycast_db::authz::LISTED_REVOKED as usize,
+        "{} listed",
+        listed.len()
+    );
+    assert!(listed.iter().any(|a| a["id"] == live["authorization_id"]));
     assert_eq!(get(&server, "/dashboard", Some(&cookie)).status, 200);
     server.stop();
 }

@@ -175,6 +175,40 @@ fn the_approval_page_names_a_registered_app_by_its_registered_name() {
     );
 }
 
+/// A `nostrconnect://` app names itself: one that took a registered app's id as its name
+/// (ids are public, in every authorize URL), with that app's site as its `url`, passed on
+/// the approval page for the registered app, marked verified. Such a name is not kept.
+#[test]
+fn an_app_cannot_pass_for_a_registered_one_by_the_name_it_gives_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(Engine::Sqlite, dir.path(), &[]);
+    let registered = "app_0123456789abcdef01234567";
+    harness::sqlite_exec(
+        &server.data_dir.join("keycast.db"),
+        &format!(
+            "INSERT INTO oauth_clients (client_id, name, redirect_uris, logo_url, created_at) \
+             VALUES ('{registered}', 'Primal', '[\"{}\"]', NULL, 1)",
+            harness::api::REDIRECT
+        ),
+    );
+    let (cookie, _) = register(&server, "spoofed@example.com", None);
+    let uri = format!(
+        "nostrconnect://{}?relay={}&secret=s3cret&name={registered}&url={}",
+        nostr::Keys::generate().public_key().to_hex(),
+        url::form_urlencoded::byte_serialize(b"ws://127.0.0.1:9").collect::<String>(),
+        url::form_urlencoded::byte_serialize(b"http://127.0.0.1:9").collect::<String>(),
+    );
+    let accepted = post_json(
+        &server,
+        "/api/user/nostrconnect",
+        Some(&cookie),
+        &json!({ "uri": uri, "policy": "social" }),
+    );
+    assert_eq!(accepted.status, 201, "{}", accepted.body);
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    assert_eq!(listed["authorizations"][0]["client_id"], "nostrconnect", "{listed}");
+}
+
 /// The page shows the event's date, and "allow once" holds for that date: a retry dated
 /// afresh passes, one dated otherwise does not (here years back; years ahead is refused
 /// before any approval, see `grant_terms.rs`). Before, the date was not compared, and an app
@@ -393,6 +427,9 @@ fn an_approval_of_a_revoked_app_cannot_be_allowed(engine: Engine) {
             late.body
         );
     }
+    // Denying still works: a NIP-46 app is told, rather than left to wait.
+    let denied = post_form(&server, &path, Some(&cookie), &[("csrf", &csrf), ("decision", "deny")]);
+    assert_eq!(denied.status, 200, "{}", denied.body);
     let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
     assert!(
         !listed.to_string().contains("30023"),
@@ -432,7 +469,10 @@ fn a_nip46_decision_the_replica_did_not_confirm_still_answers_the_app() {
     let answered = client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
     assert_eq!(answered["ok"], false, "{answered}");
     assert!(
-        answered["error"].as_str().unwrap().contains("could not be saved"),
+        answered["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be confirmed saved"),
         "keycast's own answer, not the client's timeout: {answered}"
     );
 }

@@ -716,7 +716,13 @@ impl Shared {
     /// (a relay that keeps closing it is asked once per pause).
     async fn subscribe_again(self: Arc<Self>, relay: RelayUrl, id: SubscriptionId, reason: String) {
         metrics::counter!("keycast_nip46_subscriptions_closed_total").increment(1);
-        tracing::warn!(relay = %relay, subscription = %id, reason, "nip46: a relay closed a subscription; subscribing again shortly");
+        let reason: String = reason.chars().take(200).collect();
+        if self.operator.contains(&relay) {
+            tracing::warn!(relay = %relay, subscription = %id, reason, "nip46: a relay closed a subscription; subscribing again shortly");
+        } else {
+            // An app's relay: not allowed to fill the log.
+            tracing::debug!(relay = %relay, subscription = %id, reason, "nip46: a relay closed a subscription; subscribing again shortly");
+        }
         tokio::time::sleep(SUBSCRIBE_AGAIN_AFTER).await;
         // Held throughout, as `subscribe` holds it: never an older list over a newer one.
         let mut subscribed = self.subscribed.lock().await;
@@ -734,7 +740,7 @@ impl Shared {
             return;
         };
         if let Err(err) = handle
-            .subscribe_with_id(id, filter(sent), SubscribeOptions::default())
+            .subscribe_with_id(subscriptions::id(index), filter(sent), SubscribeOptions::default())
             .await
         {
             // Forgotten, so the next sync sends it.

@@ -36,9 +36,11 @@ pub fn id(index: usize) -> SubscriptionId {
     SubscriptionId::new(format!("{PREFIX}{index}"))
 }
 
-/// The index of one of keycast's subscriptions; `None` for any other id.
+/// The index of one of keycast's subscriptions; `None` for any other id — `keycast-nip46-00`
+/// or `-+0` too: a relay that named those in a `CLOSED` had each subscribed anew.
 pub fn index(id: &SubscriptionId) -> Option<usize> {
-    id.as_str().strip_prefix(PREFIX)?.parse().ok()
+    let index: usize = id.as_str().strip_prefix(PREFIX)?.parse().ok()?;
+    (self::id(index) == *id).then_some(index)
 }
 
 /// The subscriptions a relay should have to name exactly `wanted`, given what it was sent
@@ -143,5 +145,8 @@ mod tests {
         assert_eq!(index(&id(7)), Some(7));
         assert_eq!(index(&SubscriptionId::new("keycast-nip46")), None);
         assert_eq!(index(&SubscriptionId::new("someone-else-3")), None);
+        for other_spelling in ["keycast-nip46-07", "keycast-nip46-+7", "keycast-nip46-00"] {
+            assert_eq!(index(&SubscriptionId::new(other_spelling)), None, "{other_spelling}");
+        }
     }
 }
