@@ -14,7 +14,7 @@
 //! - `DELETE /api/admin/users/{user_id}` → 204 once durable, or 404: as the owner's own
 //!   deletion, without the password; the address is mailed.
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -28,7 +28,7 @@ use keycast_db::{now_unix, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathParam};
 use crate::{AppError, AppState};
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -98,7 +98,7 @@ async fn add(
 async fn remove(
     State(state): State<AppState>,
     _: Admin,
-    Path(client_id): Path<String>,
+    PathParam(client_id): PathParam<String>,
 ) -> Result<StatusCode, AppError> {
     let (db, _) = state.api()?;
     state.ensure_writable().await?;
@@ -182,7 +182,7 @@ async fn lookup_user(
 async fn delete_user(
     State(state): State<AppState>,
     _: Admin,
-    Path(user_id): Path<String>,
+    PathParam(user_id): PathParam<String>,
 ) -> Result<StatusCode, AppError> {
     let (db, services) = state.api()?;
     let id = UserId::new(user_id);

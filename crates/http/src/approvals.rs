@@ -9,7 +9,7 @@
 //! `auth_url` (NIP-46); only the owner of the authorization may see or decide it, once,
 //! before it expires. Errors are HTML pages with their status (`page::html_errors`).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::get;
@@ -18,7 +18,7 @@ use keycast_core::approval::{ApprovalError, ApprovalView, Decision, Fulfilled};
 use keycast_core::nostr::nips::nip19::ToBech32;
 use serde::Deserialize;
 
-use crate::extract::FormOrJson;
+use crate::extract::{FormOrJson, PathParam};
 use crate::page::{escape, html, layout, layout_with};
 use crate::session::{
     check_shown_long_enough, csrf_matches, csrf_token, now_ms, shown_stamp, MaybeSession, SessionUser,
@@ -58,7 +58,7 @@ fn owner(session: Option<SessionUser>) -> Result<SessionUser, AppError> {
 async fn show(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Response, AppError> {
     let session = owner(session)?;
     let (_, services) = state.api()?;
@@ -180,7 +180,7 @@ struct DecisionForm {
 async fn decide(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     FormOrJson { value: form, .. }: FormOrJson<DecisionForm>,
 ) -> Result<Response, AppError> {
     let session = owner(session)?;

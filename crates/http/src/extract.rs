@@ -104,6 +104,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     }
 }
 
+/// One segment of the path, as axum's `Path` reads it; a malformed one (percent-encoded
+/// bytes that are not UTF-8) is a 400 in keycast's JSON error shape, or its HTML page on
+/// the pages (axum's own rejection is plain text).
+pub struct PathParam<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParam<T> {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| PathParam(value))
+            .map_err(|e| AppError::BadRequest(format!("malformed address: {}", e.body_text())))
+    }
+}
+
 /// The media type of the body, lowercased, without parameters.
 fn media_type(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(CONTENT_TYPE)?.to_str().ok()?;

@@ -12,7 +12,7 @@
 //! The handlers call the JSON API's functions (`crate::grants`), so the rules and the
 //! durability wait are the same. The words shown come from the permissions.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::LOCATION;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,7 @@ use keycast_core::terms::{GrantDuration, Limits};
 use keycast_db::policies::{self as policy_repo, PolicyRow};
 use serde::Deserialize;
 
-use crate::extract::FormOrJson;
+use crate::extract::{FormOrJson, PathParam};
 use crate::grants::{apply_edit, load_grant, remove_policy, save_policy};
 use crate::page::{escape, html, layout_with};
 use crate::pages::{check_csrf, time, CsrfForm};
@@ -75,7 +75,7 @@ fn limit_text(limit: Option<impl ToString>) -> String {
 async fn app_page(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Response, AppError> {
     let Some(session) = session else { return login() };
     let view = load_grant(&state, &session.user.id, &id).await?;
@@ -336,7 +336,7 @@ fn limit<T: std::str::FromStr>(name: &str, text: &str) -> Result<Option<T>, AppE
 async fn edit_form(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     FormOrJson { value: form, .. }: FormOrJson<EditForm>,
 ) -> Result<Response, AppError> {
     let Some(session) = session else { return login() };
@@ -451,7 +451,7 @@ async fn create_form(
 async fn update_form(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Path(slug): Path<String>,
+    PathParam(slug): PathParam<String>,
     FormOrJson { value: form, .. }: FormOrJson<PolicyForm>,
 ) -> Result<Response, AppError> {
     let Some(session) = session else { return login() };
@@ -466,7 +466,7 @@ async fn update_form(
 async fn delete_form(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Path(slug): Path<String>,
+    PathParam(slug): PathParam<String>,
     FormOrJson { value: form, .. }: FormOrJson<CsrfForm>,
 ) -> Result<Response, AppError> {
     let Some(session) = session else { return login() };

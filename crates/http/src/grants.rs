@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -26,7 +26,7 @@ use keycast_db::{activity, authz as authz_repo, now_unix, AuthorizationId, Db, P
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::JsonBody;
+use crate::extract::{JsonBody, PathParam};
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
 
@@ -98,7 +98,7 @@ async fn create_policy(
 async fn update_policy(
     State(state): State<AppState>,
     session: SessionUser,
-    Path(slug): Path<String>,
+    PathParam(slug): PathParam<String>,
     JsonBody(body): JsonBody<PolicyBody>,
 ) -> Result<Json<Value>, AppError> {
     let permissions = grants::parse_permissions(body.permissions)?;
@@ -111,7 +111,7 @@ async fn update_policy(
 async fn delete_policy(
     State(state): State<AppState>,
     session: SessionUser,
-    Path(slug): Path<String>,
+    PathParam(slug): PathParam<String>,
 ) -> Result<StatusCode, AppError> {
     remove_policy(&state, &session.user.id, &slug).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -237,7 +237,7 @@ pub(crate) async fn load_grant(state: &AppState, user: &UserId, id: &str) -> Res
 pub(crate) async fn show_authorization(
     State(state): State<AppState>,
     session: SessionUser,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<Value>, AppError> {
     let view = load_grant(&state, &session.user.id, &id).await?;
     let [total, minute, hour, day] = view.usage;
@@ -282,7 +282,7 @@ pub(crate) struct EditBody {
 pub(crate) async fn edit_authorization(
     State(state): State<AppState>,
     session: SessionUser,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     JsonBody(body): JsonBody<EditBody>,
 ) -> Result<Json<Value>, AppError> {
     let limits = match body.limits {
@@ -305,7 +305,7 @@ pub(crate) async fn edit_authorization(
         limits,
     };
     apply_edit(&state, &session.user.id, &id, edit).await?;
-    show_authorization(State(state), session, Path(id)).await
+    show_authorization(State(state), session, PathParam(id)).await
 }
 
 /// Limits as the API takes them: unknown fields refused, zero refused.

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::{LOCATION, RETRY_AFTER, SET_COOKIE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,7 +33,7 @@ use keycast_db::sessions::TokenPurpose;
 use keycast_db::{activity, authz as authz_repo};
 use serde::Deserialize;
 
-use crate::extract::{ClientIp, FormOrJson, OverHttps, QueryParams};
+use crate::extract::{ClientIp, FormOrJson, OverHttps, PathParam, QueryParams};
 use crate::page::{escape, html, layout, layout_with};
 use crate::session::{clear_cookie, csrf_matches, csrf_token, MaybeSession, SessionUser};
 use crate::{AppError, AppState};
@@ -152,7 +152,7 @@ async fn logout_form(
 async fn revoke_form(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     FormOrJson { value: form, .. }: FormOrJson<CsrfForm>,
 ) -> Result<Response, AppError> {
     let Some(session) = session else {

@@ -2,7 +2,7 @@
 //! (public side, export after password re-authentication), password (changed after
 //! re-authentication), the account itself (deleted after re-authentication).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, SET_COOKIE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +20,7 @@ use keycast_db::{activity, authz as authz_repo, now_unix, policies, Authorizatio
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::extract::{ClientIp, JsonBody, OverHttps, QueryParams};
+use crate::extract::{ClientIp, JsonBody, OverHttps, PathParam, QueryParams};
 use crate::limit::GRANTS_PER_ACCOUNT;
 use crate::session::SessionUser;
 use crate::{AppError, AppState};
@@ -84,7 +84,7 @@ async fn list_authorizations(State(state): State<AppState>, session: SessionUser
 async fn revoke(
     State(state): State<AppState>,
     session: SessionUser,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<StatusCode, AppError> {
     revoke_authorization(&state, &session.user.id, id).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -396,6 +396,24 @@ fn login_cookie(server: &Keycast, email: &str) -> String {
     cookie_of(&r)
 }
 
+/// A path segment that is not UTF-8 once decoded (`%FF`) got axum's own plain-text 400 on
+/// every route with an id in its path, not keycast's JSON error (or, on a page, its HTML
+/// page): a client parsing errors as documented failed on it (found by a review).
+#[test]
+fn a_malformed_id_in_a_path_gets_keycasts_own_error() {
+    let (_dir, server) = start(Engine::Sqlite, &[("KEYCAST_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    let r = admin(&server, "DELETE", "/api/admin/clients/%FF", Some(ADMIN_TOKEN), None);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"], "bad_request", "{}", r.body);
+    let (cookie, _) = register(&server, "paths@example.com", None);
+    let r = delete(&server, "/api/user/authorizations/%FF", &cookie);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"], "bad_request", "{}", r.body);
+    let page = get(&server, "/approvals/%FF", Some(&cookie));
+    assert_eq!(page.status, 400, "{}", page.body);
+    assert!(page.body.starts_with("<!doctype html>"), "{}", page.body);
+}
+
 on_both_engines!(
     cli_registered_app_is_verified_with_an_exact_redirect_and_others_unverified,
     admin_api_needs_the_operator_token_and_registers_lists_and_removes,
