@@ -38,6 +38,10 @@ use crate::session::{
 };
 use crate::{AppError, AppState};
 
+/// How long the token's answer waits for NIP-46 to listen for the new bunker (see
+/// [`exchange`]); past it, answered anyway.
+const LISTENING_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/oauth/authorize", get(authorize_page).post(decide))
@@ -443,12 +447,20 @@ async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFa
     // NIP-46 starts listening for the new bunker now, before the app can use its URL. (A
     // revocation says so itself; a refused code changed no grant, and must not make every
     // instance re-read them all: anyone can send one.)
-    if grant.is_ok() {
+    let listening = grant.is_ok().then(|| {
         services.signer.authorizations_changed();
-    }
+        services.signer.bunker_generation()
+    });
     // A code used twice revokes the grant it became: that must be durable too.
     state.confirm_write(true).await?;
     let grant = grant?;
+    // An app connects the moment it has its URL, and a request published before keycast
+    // subscribes for its bunker is lost (relays keep no ephemeral event): the answer waits
+    // until NIP-46 listens for it. Reading thousands of bunkers takes a while; a relay that
+    // is down does not hold it up (the sync reports what it read either way).
+    if let Some(generation) = listening {
+        services.signer.wait_bunkers_synced(generation, LISTENING_WITHIN).await;
+    }
     let mut body = token_body(
         &grant.authorization,
         grant.access_token.expose(),

@@ -187,6 +187,7 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     return_big_buffers_to_the_os();
+    keep_new_files_private();
     // Tests arm fail points on the paths before the HTTP endpoint exists (start-up) through
     // the `FAILPOINTS` variable; a build without fault injection has none to arm.
     #[cfg(feature = "failpoints")]
@@ -363,6 +364,18 @@ fn error_chain(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// Files and directories keycast creates are its user's alone (mode 0600, 0700): the
+/// database holds every password hash (and the WAL and the local replica its pages), which
+/// under the usual umask (022) any local user could read and crack offline. Only the
+/// permissions of what keycast creates change; an existing data directory keeps its own.
+fn keep_new_files_private() {
+    #[cfg(unix)]
+    // SAFETY: umask(2) only sets the process's file-mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
 }
 
 /// Makes glibc serve every allocation of 1 MiB or more with its own mapping, returned to the

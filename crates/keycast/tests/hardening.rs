@@ -357,3 +357,54 @@ fn an_app_named_by_a_megabyte_is_refused_not_stored() {
     let longest = approve("client_id", "a".repeat(256));
     assert_eq!(longest.status, 200, "{}", longest.body);
 }
+
+/// The mode bits other local users get on `path`.
+fn others_may(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o077
+}
+
+/// The database, its WAL and the local replica hold every password hash (argon2id, crackable
+/// offline) and every email: created under the usual umask (022) they were readable by every
+/// local user. What keycast creates is now its user's alone.
+#[test]
+fn what_keycast_creates_on_disk_other_local_users_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let replica = dir.path().join("replica");
+    let server = Launch::new(&data).redeployable(&replica).start();
+    register(&server, "private@example.com", None);
+    server.write("on-disk", true);
+    let mut created = vec![data.clone(), data.join("keycast.db"), replica.clone()];
+    created.extend(
+        walkdir(&replica)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "ltx")),
+    );
+    assert!(created.len() > 3, "the replica holds objects: {created:?}");
+    for path in &created {
+        assert_eq!(others_may(path), 0, "{} is open to other users", path.display());
+    }
+    let wal = data.join("keycast.db-wal");
+    if wal.exists() {
+        assert_eq!(others_may(&wal), 0, "the WAL is open to other users");
+    }
+}
+
+/// Every file under `dir`, recursively.
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walkdir(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}

@@ -514,10 +514,21 @@ fn apps_are_answered_on_a_relay_that_caps_a_message_when_thousands_of_grants_are
     let server = start_with(Engine::Sqlite, dir.path(), &[("BUNKER_RELAYS", relay.url())]);
     let (_, _, first) = user_with_grant(&server, "crowd@example.com", "policy:social");
     let template = &bunker_url(&first)["bunker://".len()..][..64];
-    seed_bunkers_like(&server, template, 4_000);
-    // Granted after them: the sync it makes names all 4,002.
+    seed_bunkers_like(&server, template, 8_000);
+    // Granted after them: the sync it makes names all 8,002 (in 17 subscriptions), and the
+    // app connects the moment it has its URL: the token's answer waits until keycast
+    // listens for it (before, with thousands to read, the app's first request could come
+    // before the subscription, and be lost).
     let (_, user_pubkey, latest) = user_with_grant(&server, "latest@example.com", "policy:social");
-    sign_like_an_app(&mut client, &bunker_url(&latest), &user_pubkey);
+    let connected = client.connect(&bunker_url(&latest));
+    assert_eq!(
+        connected["ok"],
+        true,
+        "connect: {connected}; keycast:\n{}",
+        server.log()
+    );
+    let pk = client.call_ok(json!({"op": "get_public_key"}));
+    assert_eq!(pk["pubkey"].as_str(), Some(user_pubkey.as_str()));
 }
 
 on_both_engines!(
