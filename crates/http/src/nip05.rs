@@ -54,7 +54,8 @@ async fn nostr_json(
     let options = state.options();
     let nip46 = json!({
         "relays": options.relays,
-        "nostrconnect_url": format!("{}/dashboard?nostrconnect=<nostrconnect>", options.public_url.trim_end_matches('/')),
+        // In the fragment: the URI carries the app's secret (see `pages::nostrconnect_review`).
+        "nostrconnect_url": format!("{}/dashboard#nostrconnect=<nostrconnect>", options.public_url.trim_end_matches('/')),
     });
     let cors = [(ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"))];
     Ok((cors, Json(json!({ "names": names, "nip46": nip46 }))).into_response())

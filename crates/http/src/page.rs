@@ -61,16 +61,22 @@ function watch(){hold();if(document.visibilityState==='visible'&&document.hasFoc
 window.addEventListener('focus',watch);window.addEventListener('blur',hold);\
 document.addEventListener('visibilitychange',watch);watch();})();";
 /// Fills each `input[data-from-fragment=NAME]` from `NAME=` in the URL's fragment, hides its
-/// label, and takes the fragment out of the address bar. A mailed link carries its token
-/// there (`/reset-password#token=…`) because a browser never sends a fragment: not to
-/// keycast, so no request log in front of it (Cloud Run's keeps every URL) records the token,
-/// and not in a `Referer`. Without scripts the field stays visible for the token to be pasted.
-pub(crate) const FRAGMENT_FIELDS: &str = "(function(){\
+/// label, takes the fragment out of the address bar, and posts each filled form marked
+/// `data-submit-when-filled`. A link carries a secret there (a mailed token:
+/// `/reset-password#token=…`; an app's `nostrconnect://` URI: `/dashboard#nostrconnect=…`)
+/// because a browser never sends a fragment: not to keycast, so no request log in front of
+/// it (Cloud Run's keeps every URL) records it, and not in a `Referer`. Without scripts a
+/// visible field stays for the secret to be pasted. A link to the page already open changes
+/// only its fragment (no new load): that is read too.
+pub(crate) const FRAGMENT_FIELDS: &str = "(function(){function fill(){\
 var h=location.hash.slice(1);if(!h){return;}\
-var p=new URLSearchParams(h),f=document.querySelectorAll('input[data-from-fragment]'),n=0;\
+var p=new URLSearchParams(h),f=document.querySelectorAll('input[data-from-fragment]'),n=0,s=[];\
 for(var i=0;i<f.length;i++){var v=p.get(f[i].getAttribute('data-from-fragment'));\
-if(v){f[i].value=v;var l=f[i].closest('label');if(l){l.hidden=true;}n++;}}\
-if(n){history.replaceState(null,'',location.pathname+location.search);}})();";
+if(v){f[i].value=v;var l=f[i].closest('label');if(l){l.hidden=true;}n++;\
+if(f[i].form&&f[i].form.hasAttribute('data-submit-when-filled')){s.push(f[i].form);}}}\
+if(n){history.replaceState(null,'',location.pathname+location.search);}\
+for(var j=0;j<s.length;j++){s[j].submit();}}\
+fill();window.addEventListener('hashchange',fill);})();";
 /// The one script of every page: [`VIEW_GATE`], then [`FRAGMENT_FIELDS`].
 pub(crate) static PAGE_SCRIPT: LazyLock<String> = LazyLock::new(|| format!("{VIEW_GATE}{FRAGMENT_FIELDS}"));
 /// Every other answer (JSON, text) loads nothing and is framed by no one either.

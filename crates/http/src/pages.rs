@@ -51,6 +51,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/dashboard/authorizations/{id}/revoke", post(revoke_form))
         .route("/dashboard/resend-verification", post(resend_form))
         .route("/dashboard/nostrconnect", post(nostrconnect_form))
+        .route("/dashboard/nostrconnect/review", post(nostrconnect_review))
         .route("/dashboard/key/replace", post(replace_key_form))
         .route("/dashboard/key/dismiss-exposure", post(dismiss_exposure_form))
         .route("/verify-email", get(verify_page).post(verify_form))
@@ -266,7 +267,8 @@ struct DashboardQuery {
 }
 
 /// `GET /dashboard` → the user's key, authorizations and recent activity; 303 to `/login`
-/// without a session.
+/// without a session. `?nostrconnect=` (the form filled in by a link made before the
+/// fragment form below) still works.
 async fn dashboard(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
@@ -275,6 +277,40 @@ async fn dashboard(
     let Some(session) = session else {
         return Ok(see_other("/login"));
     };
+    dashboard_page(&state, &session, &query).await
+}
+
+#[derive(Deserialize)]
+struct ReviewForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    uri: String,
+}
+
+/// `POST /dashboard/nostrconnect/review` (form: CSRF token, `uri`) → the dashboard with the
+/// `nostrconnect://` form filled in. NIP-46 discovery's `nostrconnect_url` is
+/// `/dashboard#nostrconnect=<uri>`: the URI carries the app's secret, which in a query would
+/// be in every request log in front of keycast (and in the `Referer` of the page's own
+/// posts) — whoever read it could answer the app first, as its signer. The page's script
+/// takes it from the fragment, which no request carries, and posts it here.
+async fn nostrconnect_review(
+    State(state): State<AppState>,
+    MaybeSession(session): MaybeSession,
+    FormOrJson { value: form, .. }: FormOrJson<ReviewForm>,
+) -> Result<Response, AppError> {
+    let Some(session) = session else {
+        return Ok(see_other("/login"));
+    };
+    check_csrf(&session, &form.csrf)?;
+    let query = DashboardQuery {
+        sent: None,
+        nostrconnect: Some(form.uri),
+    };
+    dashboard_page(&state, &session, &query).await
+}
+
+async fn dashboard_page(state: &AppState, session: &SessionUser, query: &DashboardQuery) -> Result<Response, AppError> {
     let (db, _) = state.api()?;
     let key = keys::find_user_key(db, &session.user.id).await?;
     let authorizations = authz_repo::list_for_user(db, &session.user.id, keycast_db::now_unix()).await?;
@@ -389,6 +425,14 @@ async fn dashboard(
     } else {
         ""
     };
+    // Filled from the fragment and posted by the page's script (see `nostrconnect_review`).
+    if linked.is_none() {
+        body.push_str(&format!(
+            "<form method=\"post\" action=\"/dashboard/nostrconnect/review\" data-submit-when-filled hidden>\
+             <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+             <input name=\"uri\" data-from-fragment=\"nostrconnect\"></form>"
+        ));
+    }
     body.push_str(&format!(
         "<h2>Connect an app with nostrconnect://</h2>{summary}\
          <form method=\"post\" action=\"/dashboard/nostrconnect\">\

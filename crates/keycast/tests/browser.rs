@@ -171,3 +171,62 @@ fn a_reset_link_keeps_its_token_out_of_every_request() {
     assert_eq!(login(new_password), 200);
     assert_eq!(login(PASSWORD), 401);
 }
+
+/// An app that knows only `name@keycast` opens NIP-46 discovery's `nostrconnect_url` with its
+/// `nostrconnect://` URI, which carries the app's secret. In the query (`/dashboard?nostrconnect=`)
+/// it was in every request log in front of keycast and in the `Referer` of the page's posts:
+/// whoever read it could answer the app first, as its signer, and be sent everything it asks
+/// to sign. The URI is now in the fragment; the page's script posts it to be shown.
+#[test]
+fn a_nostrconnect_link_keeps_its_secret_out_of_every_request() {
+    let (Some(chromium), Some(playwright)) = (
+        harness::peer("KEYCAST_TEST_CHROMIUM"),
+        harness::peer("KEYCAST_PLAYWRIGHT_DIR"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let email = "linked-in-chromium@example.com";
+    harness::flow::register(&server, email, None);
+    let doc = get(&server, "/.well-known/nostr.json?name=anyone", None).json();
+    let template = doc["nip46"]["nostrconnect_url"].as_str().unwrap();
+    let secret = "f00dfeedsecret";
+    let uri = format!(
+        "nostrconnect://{}?relay={}&secret={secret}&name=linked-app",
+        nostr::Keys::generate().public_key().to_hex(),
+        url::form_urlencoded::byte_serialize(b"wss://relay.example.com").collect::<String>(),
+    );
+    let encoded: String = url::form_urlencoded::byte_serialize(uri.as_bytes()).collect();
+    let link = template.replace("<nostrconnect>", &encoded);
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/testdata/a_nostrconnect_link_keeps_its_secret_out_of_every_request/drive.js");
+    let mut node = Command::new("node");
+    // Logged in on the host the link names (the public URL's), where the session cookie is.
+    let base = &link[..link.find("/dashboard").unwrap()];
+    node.arg(&script)
+        .args([base, email, PASSWORD, link.as_str()])
+        .arg(dir.path().join("chromium-profile"))
+        .env("NODE_PATH", Path::new(&playwright).join("node_modules"))
+        .env("CHROMIUM", &chromium);
+    let run = run_with_timeout(node, Duration::from_secs(120));
+    run.assert_success("the Chromium driver");
+    let seen: Value = run
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result line from the driver:\n{}", run.stdout));
+
+    assert_eq!(seen["uri"], uri.as_str(), "the form holds the app's URI: {seen}");
+    assert_eq!(seen["chosen"], "", "no permission chosen for the owner: {seen}");
+    let sent = seen["sent"].as_array().unwrap();
+    assert!(sent.len() >= 2, "the page and the review's post: {seen}");
+    for request in sent {
+        assert!(
+            !request.to_string().contains(secret),
+            "the app's secret was sent in a request's URL or Referer: {request}"
+        );
+    }
+}

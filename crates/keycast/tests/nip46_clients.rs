@@ -255,7 +255,12 @@ fn an_app_that_knows_only_a_nip05_name_reaches_the_consent_flow() {
     let relays = doc["nip46"]["relays"].as_array().expect("nip46.relays").clone();
     assert_eq!(relays, [json!(embedded_relay(&server, &cookie))], "{doc}");
     let template = doc["nip46"]["nostrconnect_url"].as_str().expect("nostrconnect_url");
-    assert!(template.contains("<nostrconnect>"), "{template}");
+    // In the fragment: the URI carries the app's secret, and a query is in every request log
+    // in front of keycast (before: `/dashboard?nostrconnect=`).
+    assert!(
+        template.ends_with("/dashboard#nostrconnect=<nostrconnect>"),
+        "{template}"
+    );
     let unknown = get(&server, "/.well-known/nostr.json?name=nobody", None).json();
     assert_eq!(unknown["names"], json!({}), "{unknown}");
     assert!(
@@ -266,10 +271,33 @@ fn an_app_that_knows_only_a_nip05_name_reaches_the_consent_flow() {
     let started = client.call_ok(json!({"op": "nostrconnect", "relays": relays, "perms": ["sign_event:1"]}));
     let uri = started["uri"].as_str().unwrap();
     let encoded: String = url::form_urlencoded::byte_serialize(uri.as_bytes()).collect();
-    let opened = template.replace("<nostrconnect>", &encoded);
-    let path = &opened[opened.find("/dashboard").expect("a keycast page")..];
-    let page = get(&server, path, Some(&cookie));
-    assert_eq!(page.status, 200);
+    let opened = url::Url::parse(&template.replace("<nostrconnect>", &encoded)).unwrap();
+    assert_eq!(opened.query(), None, "{opened}");
+    // What the page's script does in a browser (the Chromium test runs it): the fragment's
+    // URI goes into the page's review form, which posts it.
+    let dashboard = get(&server, opened.path(), Some(&cookie));
+    assert!(
+        dashboard
+            .body
+            .contains("<input name=\"uri\" data-from-fragment=\"nostrconnect\">"),
+        "{}",
+        dashboard.body
+    );
+    let from_fragment: String = url::form_urlencoded::parse(opened.fragment().unwrap().as_bytes())
+        .find(|(k, _)| k == "nostrconnect")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    assert_eq!(from_fragment, uri);
+    let page = post_form(
+        &server,
+        "/dashboard/nostrconnect/review",
+        Some(&cookie),
+        &[
+            ("csrf", &hidden_input(&dashboard.body, "csrf").unwrap()),
+            ("uri", &from_fragment),
+        ],
+    );
+    assert_eq!(page.status, 200, "{}", page.body);
     let prefilled = uri.replace('&', "&amp;");
     assert!(
         page.body.contains(&format!("value=\"{prefilled}\"")),
