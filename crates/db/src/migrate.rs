@@ -187,6 +187,56 @@ mod tests {
         );
     }
 
+    /// The hourly sweep deletes by `expires_at` from each of these tables; without an index
+    /// each delete read the whole table (on SQLite under the write lock). Asked of each
+    /// engine's planner (PostgreSQL told to avoid a sequential scan where it can, since on
+    /// an empty table it would choose one anyway).
+    #[tokio::test]
+    async fn the_sweep_finds_what_expired_by_an_index() {
+        const SWEPT: [&str; 6] = [
+            "sessions",
+            "user_tokens",
+            "oauth_codes",
+            "access_tokens",
+            "refresh_tokens",
+            "approvals",
+        ];
+        for (_guard, db) in crate::testing::temp_dbs().await {
+            for table in SWEPT {
+                let sql = format!("DELETE FROM {table} WHERE expires_at <= 5");
+                let plan = match (db.as_sqlite(), db.as_postgres()) {
+                    (Some(pool), _) => {
+                        let rows: Vec<(i64, i64, i64, String)> =
+                            sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                                .fetch_all(pool)
+                                .await
+                                .unwrap();
+                        rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; ")
+                    }
+                    (None, Some(pool)) => {
+                        let mut conn = pool.acquire().await.unwrap();
+                        sqlx::query("SET enable_seqscan = off")
+                            .execute(&mut *conn)
+                            .await
+                            .unwrap();
+                        let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+                            .fetch_all(&mut *conn)
+                            .await
+                            .unwrap();
+                        sqlx::query("RESET enable_seqscan").execute(&mut *conn).await.unwrap();
+                        rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("; ")
+                    }
+                    _ => unreachable!(),
+                };
+                assert!(
+                    plan.contains(&format!("{table}_expires_at")),
+                    "{:?}: {sql} reads the whole table: {plan}",
+                    db.kind()
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn migrations_are_idempotent_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
