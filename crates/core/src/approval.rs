@@ -54,10 +54,21 @@ pub const DEFAULT_APPROVAL_TTL_SECS: i64 = 300;
 /// as before (an app cannot fill the owner's screen or the table).
 pub const MAX_PENDING_PER_AUTHORIZATION: i64 = 20;
 
-/// The refusal once [`MAX_PENDING_PER_AUTHORIZATION`] approvals wait.
+/// Pending approvals one account may have at once across all its grants: each holds its
+/// request sealed (up to ~88 KB), and an account may have 100 grants.
+pub const MAX_PENDING_PER_ACCOUNT: i64 = 100;
+
+/// The refusal once [`MAX_PENDING_PER_AUTHORIZATION`] approvals of this grant wait.
 fn too_many_pending(reason: String) -> SignError {
     SignError::PolicyDenied {
         reason: format!("{reason}; {MAX_PENDING_PER_AUTHORIZATION} approvals already wait for the owner"),
+    }
+}
+
+/// The refusal once [`MAX_PENDING_PER_ACCOUNT`] approvals of the account wait.
+fn too_many_pending_for_the_account(reason: String) -> SignError {
+    SignError::PolicyDenied {
+        reason: format!("{reason}; {MAX_PENDING_PER_ACCOUNT} approvals already wait for the owner across their apps"),
     }
 }
 /// The path under the public URL where an approval is shown: `/approvals/<id>`.
@@ -432,11 +443,18 @@ impl Signer {
             },
             now,
             MAX_PENDING_PER_AUTHORIZATION,
+            MAX_PENDING_PER_ACCOUNT,
         )
         .await;
         match stored {
             Ok(()) => {}
-            Err(RepoError::TooMany(_)) => return Ok(too_many_pending(reason)),
+            Err(RepoError::TooMany(_)) => {
+                let this_grant = repo::count_pending(self.db(), &authz.id, now).await?;
+                return Ok(match this_grant >= MAX_PENDING_PER_AUTHORIZATION {
+                    true => too_many_pending(reason),
+                    false => too_many_pending_for_the_account(reason),
+                });
+            }
             Err(other) => return Err(other.into()),
         }
         let base = self.approval_options().public_url.trim_end_matches('/');

@@ -82,25 +82,35 @@ pub async fn delete_expired(db: &Db, now: i64) -> Result<u64, RepoError> {
 }
 
 /// Stores a pending approval while the authorization has fewer than `max_pending` pending
-/// and unexpired, counted in the same statement (on PostgreSQL under a lock of the
-/// authorization's row, for the reason [`crate::users::account_lock`] gives): requests counting apart all found
+/// and unexpired, and its account fewer than `max_pending_account` across all its grants,
+/// counted in the same statement (on PostgreSQL under a lock of the account's row, for the
+/// reason [`crate::users::account_lock`] gives): requests counting apart all found
 /// room. First deletes this authorization's approvals that expired before `now` (so the
 /// table holds only what may still be decided or used).
 ///
 /// # Errors
 /// [`RepoError::TooMany`] at `max_pending`; [`RepoError::MissingReference`] for an unknown
 /// authorization; database errors.
-pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64, max_pending: i64) -> Result<(), RepoError> {
+pub async fn insert(
+    db: &Db,
+    new: &NewApproval<'_>,
+    now: i64,
+    max_pending: i64,
+    max_pending_account: i64,
+) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
         if db.kind() == crate::EngineKind::Postgres {
-            // NO KEY: still one insert at a time per grant, without holding up the foreign-key
-            // checks (KEY SHARE) of rows that name the grant — an "allow kind" decision
-            // holding an approval this insert's DELETE waits for would otherwise deadlock.
-            sqlx::query("SELECT 1 FROM authorizations WHERE id = $1 FOR NO KEY UPDATE")
-                .bind(new.authorization_id)
-                .execute(&mut *tx)
-                .await?;
+            // NO KEY: still one insert at a time per account, without holding up the
+            // foreign-key checks (KEY SHARE) of rows that name the account — an "allow kind"
+            // decision holding an approval this insert's DELETE waits for would otherwise
+            // deadlock.
+            sqlx::query(
+                "SELECT 1 FROM users WHERE id = (SELECT user_id FROM authorizations WHERE id = $1) FOR NO KEY UPDATE",
+            )
+            .bind(new.authorization_id)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query("DELETE FROM approvals WHERE authorization_id = $1 AND expires_at <= $2")
             .bind(new.authorization_id)
@@ -112,7 +122,10 @@ pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64, max_pending: i64) 
              fingerprint, nip46_request_id, nip46_client, nip46_cipher, created_at, expires_at) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
              WHERE (SELECT COUNT(*) FROM approvals \
-                    WHERE authorization_id = $2 AND decision IS NULL AND expires_at > $11) < $13",
+                    WHERE authorization_id = $2 AND decision IS NULL AND expires_at > $11) < $13 \
+             AND (SELECT COUNT(*) FROM approvals p JOIN authorizations a ON a.id = p.authorization_id \
+                  WHERE a.user_id = (SELECT user_id FROM authorizations WHERE id = $2) \
+                  AND p.decision IS NULL AND p.expires_at > $11) < $14",
         )
         .bind(new.id_hash)
         .bind(new.authorization_id)
@@ -127,6 +140,7 @@ pub async fn insert(db: &Db, new: &NewApproval<'_>, now: i64, max_pending: i64) 
         .bind(now)
         .bind(new.expires_at)
         .bind(max_pending)
+        .bind(max_pending_account)
         .execute(&mut *tx)
         .await?
         .rows_affected();

@@ -398,6 +398,35 @@ fn a_burst_of_requests_stores_no_more_approvals_than_the_cap(engine: Engine) {
     );
 }
 
+/// Each grant may keep 20 approvals waiting and an account may hold 100 grants: 2,000
+/// sealed requests (up to ~88 KB each) for one account, asked again each time they expired.
+/// An account keeps at most 100 waiting across its apps.
+fn an_account_keeps_at_most_a_hundred_approvals_waiting(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path(), &[]);
+    let (cookie, _) = register(&server, "many-apps@example.com", None);
+    let tokens: Vec<Value> = (0..6).map(|_| grant(&server, &cookie, "policy:social")).collect();
+    let mut asked = 0;
+    let mut refused_for_the_account = 0;
+    for (app, token) in tokens.iter().enumerate() {
+        for n in 0..20 {
+            let reply = sign(&server, token, article(&format!("app {app}, request {n}")));
+            assert_eq!(reply.status, 403, "{}", reply.body);
+            if reply.json()["code"] == "approval_required" {
+                asked += 1;
+            } else if reply
+                .body
+                .contains("approvals already wait for the owner across their apps")
+            {
+                refused_for_the_account += 1;
+            } else {
+                panic!("app {app}, request {n}: {}", reply.body);
+            }
+        }
+    }
+    assert_eq!((asked, refused_for_the_account), (100, 20));
+}
+
 /// An approval of a grant revoked since was still decided: "Allowed. The app's next try of
 /// this request will succeed." — untrue (the revoked grant signs nothing), and "allow kind"
 /// added a kind to a grant no one can use. Now refused (410), saying the app has ended.
@@ -625,6 +654,7 @@ on_both_engines!(
     deny_another_account_csrf_and_unknown_ids_are_refused,
     an_expired_approval_cannot_be_decided,
     a_burst_of_requests_stores_no_more_approvals_than_the_cap,
+    an_account_keeps_at_most_a_hundred_approvals_waiting,
     an_approval_of_a_revoked_app_cannot_be_allowed,
     nip46_auth_url_then_the_owners_decision_reaches_the_client,
     nip46_auth_url_then_the_owners_decision_reaches_an_ndk_client,
