@@ -403,9 +403,13 @@ impl Signer {
             return Ok(denied);
         }
         let now = now_unix();
-        // Spares the sealing when the cap is plainly reached; the insert counts again.
+        // Spares the sealing (and, on PostgreSQL, the account's lock) when a cap is plainly
+        // reached; the insert counts again.
         if repo::count_pending(self.db(), &authz.id, now).await? >= MAX_PENDING_PER_AUTHORIZATION {
             return Ok(too_many_pending(reason));
+        }
+        if repo::count_pending_for_account(self.db(), &authz.id, now).await? >= MAX_PENDING_PER_ACCOUNT {
+            return Ok(too_many_pending_for_the_account(reason));
         }
         let bunker = self.bunker_keys(authz).await?;
         let Some(sealed) = seal(&bunker, request) else {

@@ -125,7 +125,7 @@ pub async fn insert(
                     WHERE authorization_id = $2 AND decision IS NULL AND expires_at > $11) < $13 \
              AND (SELECT COUNT(*) FROM approvals p JOIN authorizations a ON a.id = p.authorization_id \
                   WHERE a.user_id = (SELECT user_id FROM authorizations WHERE id = $2) \
-                  AND p.decision IS NULL AND p.expires_at > $11) < $14",
+                  AND a.revoked_at IS NULL AND p.decision IS NULL AND p.expires_at > $11) < $14",
         )
         .bind(new.id_hash)
         .bind(new.authorization_id)
@@ -150,6 +150,26 @@ pub async fn insert(
         tx.commit().await?;
         Ok(())
     })
+}
+
+/// How many approvals of the account owning `authorization` are pending and unexpired at
+/// `now`, across its grants not revoked (a revoked grant's can never be allowed, and must not
+/// hold the account's other apps back).
+///
+/// # Errors
+/// Database errors.
+pub async fn count_pending_for_account(db: &Db, authorization: &AuthorizationId, now: i64) -> Result<i64, RepoError> {
+    Ok(on_engine!(db, |pool| {
+        sqlx::query_scalar(
+            "SELECT COUNT(*) FROM approvals p JOIN authorizations a ON a.id = p.authorization_id \
+             WHERE a.user_id = (SELECT user_id FROM authorizations WHERE id = $1) \
+             AND a.revoked_at IS NULL AND p.decision IS NULL AND p.expires_at > $2",
+        )
+        .bind(authorization)
+        .bind(now)
+        .fetch_one(pool)
+        .await?
+    }))
 }
 
 /// How many approvals of this authorization are pending and unexpired at `now`.

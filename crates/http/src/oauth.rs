@@ -451,16 +451,26 @@ async fn exchange(state: &AppState, p: &TokenParams) -> Result<Response, OAuthFa
         services.signer.authorizations_changed();
         services.signer.bunker_generation()
     });
-    // A code used twice revokes the grant it became: that must be durable too.
-    state.confirm_write(true).await?;
-    let grant = grant?;
     // An app connects the moment it has its URL, and a request published before keycast
     // subscribes for its bunker is lost (relays keep no ephemeral event): the answer waits
-    // until NIP-46 listens for it. Reading thousands of bunkers takes a while; a relay that
-    // is down does not hold it up (the sync reports what it read either way).
-    if let Some(generation) = listening {
-        services.signer.wait_bunkers_synced(generation, LISTENING_WITHIN).await;
-    }
+    // until NIP-46 listens for it, alongside the durable wait. Reading thousands of bunkers
+    // takes a while; a relay that is down does not hold it up (the sync reports what it read
+    // either way). Capped well inside the request's own limit: the code is spent by now, and
+    // an answer cut off there would leave the app to present it again, which revokes the grant.
+    let request_limit = state.options().request_timeout;
+    let within = match request_limit.is_zero() {
+        true => LISTENING_WITHIN,
+        false => LISTENING_WITHIN.min(request_limit / 4),
+    };
+    let listened = async {
+        if let Some(generation) = listening {
+            services.signer.wait_bunkers_synced(generation, within).await;
+        }
+    };
+    // A code used twice revokes the grant it became: that must be durable too.
+    let (durable, ()) = tokio::join!(state.confirm_write(true), listened);
+    durable?;
+    let grant = grant?;
     let mut body = token_body(
         &grant.authorization,
         grant.access_token.expose(),

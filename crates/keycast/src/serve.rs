@@ -743,6 +743,31 @@ fn prepare_directories(config: &Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create the database directory {}", parent.display()))?;
     }
+    if let Some(db) = config.database.sqlite_path() {
+        keep_private(db)?;
+    }
+    Ok(())
+}
+
+/// A database an earlier keycast created under the usual umask (0644) stays readable by
+/// every local user, and SQLite gives its WAL and shared memory the database's own mode
+/// whatever keycast's umask: its mode, and theirs, lose the bits other users had.
+fn keep_private(db: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = db.as_os_str().to_owned();
+        path.push(suffix);
+        let path = std::path::PathBuf::from(path);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                .with_context(|| format!("cannot make {} private to keycast's user", path.display()))?;
+            tracing::info!(file = %path.display(), was = format!("{:o}", mode & 0o777), "made the database private to keycast's user");
+        }
+    }
     Ok(())
 }
 

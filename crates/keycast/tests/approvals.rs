@@ -425,6 +425,16 @@ fn an_account_keeps_at_most_a_hundred_approvals_waiting(engine: Engine) {
         }
     }
     assert_eq!((asked, refused_for_the_account), (100, 20));
+    // Revoking the apps whose requests wait frees their places: those can never be allowed.
+    for token in &tokens[..5] {
+        let id = token["authorization_id"].as_str().unwrap();
+        assert_eq!(
+            delete(&server, &format!("/api/user/authorizations/{id}"), &cookie).status,
+            204
+        );
+    }
+    let reply = sign(&server, &tokens[5], article("after the revocations"));
+    assert_eq!(reply.json()["code"], "approval_required", "{}", reply.body);
 }
 
 /// An approval of a grant revoked since was still decided: "Allowed. The app's next try of

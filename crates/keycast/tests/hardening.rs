@@ -393,6 +393,24 @@ fn what_keycast_creates_on_disk_other_local_users_cannot_read() {
     if wal.exists() {
         assert_eq!(others_may(&wal), 0, "the WAL is open to other users");
     }
+    // A database an earlier keycast made under umask 022: SQLite gives its WAL the
+    // database's own mode, whatever keycast's umask.
+    server.stop();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let opened = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(data.join("keycast.db"), opened).unwrap();
+    }
+    let server = Launch::new(&data).redeployable(&replica).start();
+    server.write("after-the-upgrade", true);
+    assert_eq!(
+        others_may(&data.join("keycast.db")),
+        0,
+        "the database stays open to other users"
+    );
+    if wal.exists() {
+        assert_eq!(others_may(&wal), 0, "the WAL is open to other users");
+    }
 }
 
 /// Every file under `dir`, recursively.
