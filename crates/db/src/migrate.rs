@@ -104,12 +104,19 @@ pub async fn run(db: &Db) -> Result<(), MigrateError> {
             SQLITE_MIGRATIONS.run(&mut *conn).await?;
         }
         Engine::Postgres(pool) => {
-            // One connection throughout: the advisory lock belongs to the session.
+            // One connection throughout: the advisory lock belongs to the session. Tried, not
+            // waited for in one statement: a statement waiting holds a snapshot, and a
+            // migration building an index CONCURRENTLY waits for every snapshot older than
+            // it — which would be this one, waiting for that migration's lock (a deadlock
+            // the server breaks by failing one of them).
             let mut conn = pool.acquire().await?;
-            sqlx::query("SELECT pg_advisory_lock($1)")
+            while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
                 .bind(MIGRATION_LOCK)
-                .execute(&mut *conn)
-                .await?;
+                .fetch_one(&mut *conn)
+                .await?
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
             let outcome = async {
                 let applied = applied_version!(conn, POSTGRES_TABLE).await?;
                 if !newer_but_compatible(applied, oldest_reader!(conn).await?)? {
