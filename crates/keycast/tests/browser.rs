@@ -25,36 +25,54 @@ fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
     Some((be(16), be(20)))
 }
 
-#[test]
-fn a_person_registers_in_chromium_and_sees_their_key() {
-    let (Some(chromium), Some(playwright)) = (
-        harness::peer("KEYCAST_TEST_CHROMIUM"),
-        harness::peer("KEYCAST_PLAYWRIGHT_DIR"),
-    ) else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let server = Launch::new(&dir.path().join("data")).start();
-    let email = "browser@example.com";
-    let screenshot = dir.path().join("dashboard.png");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/testdata/a_person_registers_in_chromium_and_sees_their_key/drive.js");
+/// Whether Chromium and playwright-core are installed (a missing peer skips the test outside
+/// scripts/test.sh and fails it inside).
+fn chromium_installed() -> bool {
+    harness::peer("KEYCAST_TEST_CHROMIUM").is_some() && harness::peer("KEYCAST_PLAYWRIGHT_DIR").is_some()
+}
 
+/// Runs `testdata/<test>/drive.js` with `args` in Chromium and returns the JSON line it
+/// prints last.
+fn drive(test: &str, args: &[&std::ffi::OsStr]) -> Value {
+    let (chromium, playwright) = (
+        harness::peer("KEYCAST_TEST_CHROMIUM").unwrap(),
+        harness::peer("KEYCAST_PLAYWRIGHT_DIR").unwrap(),
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/testdata/{test}/drive.js"));
     let mut node = Command::new("node");
     node.arg(&script)
-        .args([server.base.as_str(), email, PASSWORD])
-        .arg(&screenshot)
-        .arg(dir.path().join("chromium-profile"))
+        .args(args)
         .env("NODE_PATH", Path::new(&playwright).join("node_modules"))
         .env("CHROMIUM", &chromium);
     let run = run_with_timeout(node, Duration::from_secs(120));
     run.assert_success("the Chromium driver");
-    let shown: Value = run
-        .stdout
+    run.stdout
         .lines()
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no result line from the driver:\n{}", run.stdout));
+        .unwrap_or_else(|| panic!("no result line from the driver:\n{}", run.stdout))
+}
+
+#[test]
+fn a_person_registers_in_chromium_and_sees_their_key() {
+    if !chromium_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let email = "browser@example.com";
+    let screenshot = dir.path().join("dashboard.png");
+    let profile = dir.path().join("chromium-profile");
+    let shown = drive(
+        "a_person_registers_in_chromium_and_sees_their_key",
+        &[
+            server.base.as_ref(),
+            email.as_ref(),
+            PASSWORD.as_ref(),
+            screenshot.as_ref(),
+            profile.as_ref(),
+        ],
+    );
     assert!(shown["url"].as_str().unwrap().ends_with("/dashboard"), "{shown}");
     assert_eq!(shown["title"], "Dashboard · keycast");
 
@@ -92,12 +110,9 @@ fn a_person_registers_in_chromium_and_sees_their_key() {
 /// page's script moves it into the form.
 #[test]
 fn a_reset_link_keeps_its_token_out_of_every_request() {
-    let (Some(chromium), Some(playwright)) = (
-        harness::peer("KEYCAST_TEST_CHROMIUM"),
-        harness::peer("KEYCAST_PLAYWRIGHT_DIR"),
-    ) else {
+    if !chromium_installed() {
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let server = Launch::new(&dir.path().join("data"))
         .env("KEYCAST_TEST_ROUTES", "true")
@@ -128,22 +143,11 @@ fn a_reset_link_keeps_its_token_out_of_every_request() {
         .unwrap_or_else(|| panic!("no reset link in:\n{body}"));
 
     let new_password = "a new password typed in chromium";
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/testdata/a_reset_link_keeps_its_token_out_of_every_request/drive.js");
-    let mut node = Command::new("node");
-    node.arg(&script)
-        .args([link, new_password])
-        .arg(dir.path().join("chromium-profile"))
-        .env("NODE_PATH", Path::new(&playwright).join("node_modules"))
-        .env("CHROMIUM", &chromium);
-    let run = run_with_timeout(node, Duration::from_secs(120));
-    run.assert_success("the Chromium driver");
-    let seen: Value = run
-        .stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no result line from the driver:\n{}", run.stdout));
+    let profile = dir.path().join("chromium-profile");
+    let seen = drive(
+        "a_reset_link_keeps_its_token_out_of_every_request",
+        &[link.as_ref(), new_password.as_ref(), profile.as_ref()],
+    );
 
     assert_eq!(seen["heading"], "Your password was changed", "{seen}");
     let sent = seen["sent"].as_array().unwrap();
@@ -179,12 +183,9 @@ fn a_reset_link_keeps_its_token_out_of_every_request() {
 /// to sign. The URI is now in the fragment; the page's script posts it to be shown.
 #[test]
 fn a_nostrconnect_link_keeps_its_secret_out_of_every_request() {
-    let (Some(chromium), Some(playwright)) = (
-        harness::peer("KEYCAST_TEST_CHROMIUM"),
-        harness::peer("KEYCAST_PLAYWRIGHT_DIR"),
-    ) else {
+    if !chromium_installed() {
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let server = Launch::new(&dir.path().join("data")).start();
     let email = "linked-in-chromium@example.com";
@@ -200,24 +201,19 @@ fn a_nostrconnect_link_keeps_its_secret_out_of_every_request() {
     let encoded: String = url::form_urlencoded::byte_serialize(uri.as_bytes()).collect();
     let link = template.replace("<nostrconnect>", &encoded);
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/testdata/a_nostrconnect_link_keeps_its_secret_out_of_every_request/drive.js");
-    let mut node = Command::new("node");
     // Logged in on the host the link names (the public URL's), where the session cookie is.
     let base = &link[..link.find("/dashboard").unwrap()];
-    node.arg(&script)
-        .args([base, email, PASSWORD, link.as_str()])
-        .arg(dir.path().join("chromium-profile"))
-        .env("NODE_PATH", Path::new(&playwright).join("node_modules"))
-        .env("CHROMIUM", &chromium);
-    let run = run_with_timeout(node, Duration::from_secs(120));
-    run.assert_success("the Chromium driver");
-    let seen: Value = run
-        .stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no result line from the driver:\n{}", run.stdout));
+    let profile = dir.path().join("chromium-profile");
+    let seen = drive(
+        "a_nostrconnect_link_keeps_its_secret_out_of_every_request",
+        &[
+            base.as_ref(),
+            email.as_ref(),
+            PASSWORD.as_ref(),
+            link.as_ref(),
+            profile.as_ref(),
+        ],
+    );
 
     assert_eq!(seen["uri"], uri.as_str(), "the form holds the app's URI: {seen}");
     assert_eq!(seen["chosen"], "", "no permission chosen for the owner: {seen}");

@@ -5,25 +5,13 @@
 //
 //   node drive.js BASE_URL EMAIL PASSWORD LINK PROFILE_DIR
 //
-// CHROMIUM names the browser binary (default /usr/bin/chromium).
-const { chromium } = require('playwright-core');
+// The browser: ../chromium.js.
+const { launch } = require('../chromium.js');
 
 const [base, email, password, link, profile] = process.argv.slice(2);
 
 async function main() {
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  const context = await launch(profile);
   try {
     const page = context.pages()[0] || (await context.newPage());
     page.setDefaultTimeout(20000);

@@ -4,27 +4,13 @@
 //
 //   node drive.js BASE_URL EMAIL PASSWORD SCREENSHOT.png PROFILE_DIR
 //
-// CHROMIUM names the browser binary (default /usr/bin/chromium). The flags are the ones this
-// kind of machine needs (no sandbox as root, no GPU, no background connections to Google).
-const { chromium } = require('playwright-core');
+// The browser: ../chromium.js.
+const { launch } = require('../chromium.js');
 
 const [base, email, password, screenshot, profile] = process.argv.slice(2);
 
 async function main() {
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-    viewport: { width: 1000, height: 700 },
-  });
+  const context = await launch(profile, { viewport: { width: 1000, height: 700 } });
   try {
     const page = context.pages()[0] || (await context.newPage());
     page.setDefaultTimeout(20000);
