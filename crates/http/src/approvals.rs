@@ -210,8 +210,13 @@ async fn decide(
             match state.confirm_write(decision == Decision::Kind).await {
                 Ok(()) => Ok(signer.fulfil(decided).await),
                 Err(unsaved) => {
-                    signer.fulfil_unsaved(decided, &unsaved.to_string()).await;
-                    Err(unsaved)
+                    let reason = unsaved.to_string();
+                    signer.fulfil_unsaved(decided, &reason).await;
+                    // Not "retry it": the decision is recorded, and a second click is told so.
+                    Err(AppError::Unavailable(format!(
+                        "the decision was recorded here but not confirmed saved ({reason}); the app was told \
+                         to send its request again"
+                    )))
                 }
             }
         }

@@ -505,6 +505,7 @@ fn a_nip46_decision_the_replica_did_not_confirm_still_answers_the_app() {
     }
     let decided = decide(&server, &cookie, &path, "kind");
     assert_eq!(decided.status, 503, "{}", decided.body);
+    assert!(decided.body.contains("the app was told"), "{}", decided.body);
     let answered = client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
     assert_eq!(answered["ok"], false, "{answered}");
     assert!(
