@@ -577,7 +577,7 @@ impl Signer {
         }
         let kind = match (decision, row.kind) {
             (Decision::Kind, None) => return Err(ApprovalError::KindNeedsSignEvent),
-            (Decision::Kind, Some(kind)) => Some((&row.authorization_id, kind)),
+            (Decision::Kind, Some(kind)) => Some(kind),
             _ => None,
         };
         let retry_until = now + self.approval_options().ttl_secs;

@@ -273,10 +273,10 @@ impl Signer {
     /// time) at or after `ended_since` (unix seconds), so their clients hear why instead of
     /// nothing — the [`ENDED_BUNKERS_PER_ACCOUNT`] of each account that ended last.
     ///
-    /// Every bunker goes to the operator's relays in one subscription, which relays cap in
-    /// size (128 KiB is common): ended grants kept for good, or an account granting and
-    /// revoking a grant a minute for a week, grew it past that, and the relays then refused
-    /// it — no bunker of anyone's answered there.
+    /// Every bunker goes to the operator's relays, in subscriptions each relay caps in number
+    /// (see `keycast_nip46::subscriptions`): ended grants kept for good, or an account
+    /// granting and revoking a grant a minute for a week, would fill them with bunkers no
+    /// client uses.
     ///
     /// # Errors
     /// Storage errors.

@@ -66,6 +66,20 @@ macro_rules! columns {
     };
 }
 
+/// `SELECT COUNT(*)` of the approvals pending at `$now` of the account owning authorization
+/// `$authz` (placeholders), across its grants not revoked.
+macro_rules! account_pending_sql {
+    ($authz:literal, $now:literal) => {
+        concat!(
+            "SELECT COUNT(*) FROM approvals p JOIN authorizations a ON a.id = p.authorization_id \
+             WHERE a.user_id = (SELECT user_id FROM authorizations WHERE id = ",
+            $authz,
+            ") AND a.revoked_at IS NULL AND p.decision IS NULL AND p.expires_at > ",
+            $now
+        )
+    };
+}
+
 /// Removes every approval that expired by `now`, decided or not: none can be decided or used
 /// any more. Returns how many.
 ///
@@ -89,7 +103,7 @@ pub async fn delete_expired(db: &Db, now: i64) -> Result<u64, RepoError> {
 /// table holds only what may still be decided or used).
 ///
 /// # Errors
-/// [`RepoError::TooMany`] at `max_pending`; [`RepoError::MissingReference`] for an unknown
+/// [`RepoError::TooMany`] at either cap; [`RepoError::MissingReference`] for an unknown
 /// authorization; database errors.
 pub async fn insert(
     db: &Db,
@@ -117,16 +131,16 @@ pub async fn insert(
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        let inserted = sqlx::query(
+        let inserted = sqlx::query(concat!(
             "INSERT INTO approvals (id_hash, authorization_id, transport, method, kind, request_sealed, \
              fingerprint, nip46_request_id, nip46_client, nip46_cipher, created_at, expires_at) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
              WHERE (SELECT COUNT(*) FROM approvals \
                     WHERE authorization_id = $2 AND decision IS NULL AND expires_at > $11) < $13 \
-             AND (SELECT COUNT(*) FROM approvals p JOIN authorizations a ON a.id = p.authorization_id \
-                  WHERE a.user_id = (SELECT user_id FROM authorizations WHERE id = $2) \
-                  AND a.revoked_at IS NULL AND p.decision IS NULL AND p.expires_at > $11) < $14",
-        )
+             AND (",
+            account_pending_sql!("$2", "$11"),
+            ") < $14"
+        ))
         .bind(new.id_hash)
         .bind(new.authorization_id)
         .bind(new.transport)
@@ -160,15 +174,11 @@ pub async fn insert(
 /// Database errors.
 pub async fn count_pending_for_account(db: &Db, authorization: &AuthorizationId, now: i64) -> Result<i64, RepoError> {
     Ok(on_engine!(db, |pool| {
-        sqlx::query_scalar(
-            "SELECT COUNT(*) FROM approvals p JOIN authorizations a ON a.id = p.authorization_id \
-             WHERE a.user_id = (SELECT user_id FROM authorizations WHERE id = $1) \
-             AND a.revoked_at IS NULL AND p.decision IS NULL AND p.expires_at > $2",
-        )
-        .bind(authorization)
-        .bind(now)
-        .fetch_one(pool)
-        .await?
+        sqlx::query_scalar(account_pending_sql!("$1", "$2"))
+            .bind(authorization)
+            .bind(now)
+            .fetch_one(pool)
+            .await?
     }))
 }
 
@@ -217,7 +227,7 @@ pub async fn decide(
     decision: &str,
     now: i64,
     expires_at: i64,
-    allow_kind: Option<(&AuthorizationId, i64)>,
+    allow_kind: Option<i64>,
 ) -> Result<bool, RepoError> {
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
@@ -236,12 +246,13 @@ pub async fn decide(
         if done != 1 {
             return Ok(false);
         }
-        if let Some((authorization, kind)) = allow_kind {
+        if let Some(kind) = allow_kind {
             sqlx::query(
-                "INSERT INTO authorization_kinds (authorization_id, kind, approved_at) VALUES ($1, $2, $3) \
+                "INSERT INTO authorization_kinds (authorization_id, kind, approved_at) \
+                 SELECT authorization_id, $2, $3 FROM approvals WHERE id_hash = $1 \
                  ON CONFLICT (authorization_id, kind) DO NOTHING",
             )
-            .bind(authorization)
+            .bind(id_hash)
             .bind(kind)
             .bind(now)
             .execute(&mut *tx)

@@ -155,11 +155,7 @@ impl PgOptions {
         };
         url::form_urlencoded::parse(query.as_bytes())
             .map(|(key, _)| key.into_owned())
-            .filter(|key| {
-                !SQLX_PG_PARAMETERS.contains(&key.as_str())
-                    && !LIBPQ_IGNORED.contains(&key.as_str())
-                    && !key.starts_with("options[")
-            })
+            .filter(|key| !known_parameter(key))
             .collect()
     }
 }
@@ -181,6 +177,11 @@ const LIBPQ_IGNORED: &[&str] = &[
     "tcp_user_timeout",
     "pgbouncer",
 ];
+
+/// Whether sqlx reads `name`, or keycast leaves it out as harmless ([`LIBPQ_IGNORED`]).
+fn known_parameter(name: &str) -> bool {
+    SQLX_PG_PARAMETERS.contains(&name) || LIBPQ_IGNORED.contains(&name) || name.starts_with("options[")
+}
 
 /// `url` without the query parameters named in `names`.
 fn without_parameters(url: &str, names: &[&str]) -> String {
@@ -300,11 +301,7 @@ fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((name, _))
-                if name == "password" || !(SQLX_PG_PARAMETERS.contains(&name) || LIBPQ_IGNORED.contains(&name)) =>
-            {
-                format!("{name}=***")
-            }
+            Some((name, _)) if name == "password" || !known_parameter(name) => format!("{name}=***"),
             _ => pair.to_owned(),
         })
         .collect::<Vec<_>>()

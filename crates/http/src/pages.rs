@@ -678,15 +678,13 @@ async fn reset_page(
             .map_err(|_| AppError::BadRequest("this link is malformed: ask for a new one".into()))?;
         return Ok((StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response());
     }
-    {
-        let body = format!(
-            "<h1>This link no longer works</h1>\
-             <p class=\"error\" role=\"alert\">The reset link is invalid, was already used, or has expired \
-             (links last {minutes} minutes).</p><p><a href=\"/forgot-password\">Ask for a new one</a>.</p>",
-            minutes = keycast_core::accounts::RESET_PASSWORD_TTL_SECS / 60,
-        );
-        Ok(html(StatusCode::BAD_REQUEST, layout("Link expired", &body)))
-    }
+    let body = format!(
+        "<h1>This link no longer works</h1>\
+         <p class=\"error\" role=\"alert\">The reset link is invalid, was already used, or has expired \
+         (links last {minutes} minutes).</p><p><a href=\"/forgot-password\">Ask for a new one</a>.</p>",
+        minutes = keycast_core::accounts::RESET_PASSWORD_TTL_SECS / 60,
+    );
+    Ok(html(StatusCode::BAD_REQUEST, layout("Link expired", &body)))
 }
 
 /// `POST /reset-password` (form: the mailed token and the new password) → a page saying
