@@ -750,11 +750,11 @@ fn prepare_directories(config: &Config) -> anyhow::Result<()> {
 }
 
 /// A database an earlier keycast created under the usual umask (0644) stays readable by
-/// every local user, and SQLite gives its WAL and shared memory the database's own mode
-/// whatever keycast's umask: its mode, and theirs, lose the bits other users had.
+/// every local user, and SQLite gives its WAL, shared memory and journal the database's own
+/// mode whatever keycast's umask: its mode, and theirs, lose the bits other users had.
 fn keep_private(db: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in std::iter::once("").chain(keycast_replica::restore::SIDE_FILES) {
         let mut path = db.as_os_str().to_owned();
         path.push(suffix);
         let path = std::path::PathBuf::from(path);
