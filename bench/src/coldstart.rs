@@ -212,7 +212,7 @@ async fn cold_starts(
         let t0 = Instant::now();
         let lease = Lease::acquire(&slow, &format!("coldstart-{run}"), LeaseOptions::default()).await?;
         let leased_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let prepared = bootstrap::prepare(&db, &slow, lease.previous_txid()).await?;
+        let prepared = bootstrap::prepare(&db, &slow, lease.previous_txid(), &|| lease.is_valid()).await?;
         let restored_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let Bootstrap::Restored { restored, .. } = prepared else {
             bail!("expected a restore, got {prepared:?}");

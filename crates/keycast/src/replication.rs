@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use keycast_http::{BoxFuture, Dependency};
 use keycast_replica::bootstrap::{self, Bootstrap};
-use keycast_replica::lease::Lease;
+use keycast_replica::lease::{Lease, LeaseClock};
 use keycast_replica::replicator::Monitor;
 use keycast_replica::store::{ConditionalWriteError, StoreError};
 use keycast_replica::{CommitSignal, Replicator, Store};
@@ -114,13 +114,14 @@ fn instance_name() -> String {
 }
 
 /// Runs the start-up decision (restore, resume, adopt, refuse) and logs it. `recorded` is the
-/// high-water mark found in the lease: a replica short of it lost its newest objects.
+/// high-water mark found in the lease: a replica short of it lost its newest objects. `lease`
+/// follows the lease's renewals: nothing is deleted from the replica once it has lapsed.
 ///
 /// # Errors
-/// When keycast must not serve: conflicting local and replica state, a truncated replica, or
-/// a failed restore.
-pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> anyhow::Result<()> {
-    match bootstrap::prepare(db, store, recorded).await? {
+/// When keycast must not serve: conflicting local and replica state, a truncated replica, a
+/// failed restore, or a lease that lapsed before the restore's clean-up.
+pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>, lease: &LeaseClock) -> anyhow::Result<()> {
+    match bootstrap::prepare(db, store, recorded, &|| lease.is_valid()).await? {
         Bootstrap::Fresh => {
             tracing::info!(replica = %store.describe(), "no database and an empty replica: starting a new database")
         }

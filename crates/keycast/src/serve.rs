@@ -34,7 +34,7 @@ use keycast_core::vital::Vitals;
 use keycast_core::{KeyManager, Keyring, PasswordHasher, PasswordParams, Signer, SignerOptions};
 use keycast_db::{Db, DbOptions};
 use keycast_http::{AppState, Dependency, HttpOptions, Services};
-use keycast_replica::lease::keep_alive_while;
+use keycast_replica::lease::{keep_alive_while, LeaseClock};
 use keycast_replica::replicator::Monitor;
 use keycast_replica::{CommitSignal, Replicator};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -572,8 +572,9 @@ async fn start(
         }
     };
     // A large restore may outlast the lease: keep it renewed meanwhile.
+    let clock = lease.clock();
     let opened = tokio::select! {
-        opened = keep_alive_while(&mut lease, open_replicated(config, database_path, &store, recorded)) => opened?,
+        opened = keep_alive_while(&mut lease, open_replicated(config, database_path, &store, recorded, &clock)) => opened?,
         // (A dropped sender is no stop: the branch is then disabled.)
         Ok(_) = stop.wait_for(|stop| *stop) => Err(StoppedDuringStartup.into()),
     };
@@ -619,8 +620,9 @@ async fn open_replicated(
     database_path: &Path,
     store: &keycast_replica::Store,
     recorded: Option<u64>,
+    lease: &LeaseClock,
 ) -> anyhow::Result<(Db, Arc<CommitSignal>, String)> {
-    crate::replication::prepare(database_path, store, recorded).await?;
+    crate::replication::prepare(database_path, store, recorded, lease).await?;
     let signal = CommitSignal::new();
     // Unshipped commits (a crash's, an operator command's, these migrations') are in the WAL
     // only, and SQLite folds it into the file when the last connection closes. On a clean stop

@@ -79,6 +79,12 @@ pub enum BootstrapError {
         recorded: u64,
         lease_object: String,
     },
+    #[error(
+        "the replica lease on {replica} could not be renewed during start-up and has lapsed: another instance \
+         may hold the replica now, so nothing is deleted from it and this start stops. Check that the store \
+         accepts writes; the next start takes the lease again"
+    )]
+    LeaseLapsed { replica: String },
     #[error(transparent)]
     Restore(#[from] RestoreError),
     #[error(transparent)]
@@ -89,11 +95,18 @@ pub enum BootstrapError {
 
 /// Prepares `db` from `store` as the table above says. Call before opening the database,
 /// holding the lease; `recorded` is the high-water mark the lease carried (see
-/// [`crate::lease::Lease::previous_txid`]).
+/// [`crate::lease::Lease::previous_txid`]). `may_delete` is asked right before anything is
+/// deleted from the replica (a stale writer's tail, after a restore): whether the lease is
+/// still valid (see [`crate::lease::LeaseClock`]).
 ///
 /// # Errors
 /// See [`BootstrapError`].
-pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<Bootstrap, BootstrapError> {
+pub async fn prepare(
+    db: &Path,
+    store: &Store,
+    recorded: Option<u64>,
+    may_delete: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<Bootstrap, BootstrapError> {
     // One listing serves both the decision and, if it comes to that, the restore.
     let recent = store.list_recent().await?;
     let remote = crate::store::tip(&recent);
@@ -106,9 +119,9 @@ pub async fn prepare(db: &Path, store: &Store, recorded: Option<u64>) -> Result<
     }
     match (local, remote) {
         (false, 0) => Ok(Bootstrap::Fresh),
-        (false, _) => restore_into(db, store, None, &recent, recorded).await,
+        (false, _) => restore_into(db, store, None, &recent, recorded, may_delete).await,
         (true, 0) => Ok(Bootstrap::Adopt),
-        (true, _) => compare(db, store, remote, &recent, recorded).await,
+        (true, _) => compare(db, store, remote, &recent, recorded, may_delete).await,
     }
 }
 
@@ -118,6 +131,7 @@ async fn compare(
     remote: u64,
     recent: &[LtxObject],
     recorded: Option<u64>,
+    may_delete: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Bootstrap, BootstrapError> {
     let record = match local_state::load(db) {
         Ok(record) => record,
@@ -126,7 +140,7 @@ async fn compare(
             // it unreadable. It then proves nothing, and the replica holds everything shipped.
             let aside = move_aside(db)?;
             tracing::warn!(error = %e, moved_to = %aside.display(), "the local replication record is unreadable (a power loss?); restoring from the replica, the old file is kept");
-            return restore_into(db, store, Some(aside), recent, recorded).await;
+            return restore_into(db, store, Some(aside), recent, recorded, may_delete).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -163,7 +177,7 @@ async fn compare(
             moved_to = %aside.display(),
             "the local database is behind the replica (another instance wrote since); restoring, the old file is kept"
         );
-        return restore_into(db, store, Some(aside), recent, recorded).await;
+        return restore_into(db, store, Some(aside), recent, recorded, may_delete).await;
     }
     let shipped_frames_lost = match &record.wal {
         Some(cursor) if !(record.clean && record.db_checksum.is_some()) => {
@@ -179,7 +193,7 @@ async fn compare(
             moved_to = %aside.display(),
             "the local WAL no longer holds frames that were replicated (a power loss?); restoring from the replica, the old file is kept"
         );
-        return restore_into(db, store, Some(aside), recent, recorded).await;
+        return restore_into(db, store, Some(aside), recent, recorded, may_delete).await;
     }
     Ok(Bootstrap::Resume { txid: record.txid })
 }
@@ -193,6 +207,7 @@ async fn restore_into(
     moved_aside: Option<PathBuf>,
     recent: &[LtxObject],
     recorded: Option<u64>,
+    may_delete: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Bootstrap, BootstrapError> {
     if let Some(parent) = db.parent() {
         std::fs::create_dir_all(parent)?;
@@ -204,6 +219,12 @@ async fn restore_into(
         return Err(truncated(store, restored.txid, recorded));
     }
     if restored.stale.is_some() {
+        if !may_delete() {
+            std::fs::remove_file(db)?;
+            return Err(BootstrapError::LeaseLapsed {
+                replica: store.describe(),
+            });
+        }
         remove_stale_tail(store, restored.txid, recent).await?;
     }
     // The file alone is the restored state. Anything that folds a WAL into it before the

@@ -48,6 +48,11 @@ pub enum Action {
     Delay(Duration),
     /// It waits at the gate until the gate is opened (a paused process, a stuck socket).
     Hold(Gate),
+    /// It reaches the store and is applied at once; its answer waits at the gate until the
+    /// gate is opened (a process paused right after the store answered: what it read, or
+    /// heard, may be stale by the time it acts on it). Uploads, reads and listings by
+    /// directory; a streamed listing or a deletion is answered at once.
+    HoldAnswer(Gate),
     /// An upload that reaches the store after this delay, in a task of its own: a caller
     /// that gives up meanwhile does not stop it landing, as object_store's local filesystem
     /// writes from a blocking task, and a cloud store applies a request whose caller timed
@@ -235,24 +240,30 @@ impl Faults {
         self.take(op, key, body)
     }
 
-    /// Runs the part of the action that comes before forwarding. `Ok(true)` means the
-    /// answer must be lost after forwarding.
-    async fn before(&self, op: Op, key: &str, body: Option<&[u8]>) -> Result<bool> {
+    /// Runs the part of the action that comes before forwarding, and says what comes after.
+    async fn before(&self, op: Op, key: &str, body: Option<&[u8]>) -> Result<After> {
         match self.take(op, key, body) {
-            None => Ok(false),
+            None | Some(Action::Twice) => Ok(After::Answer),
             Some(Action::Fail) => Err(injected(op, key, "failed before reaching the store")),
-            Some(Action::LoseResponse) => Ok(true),
+            Some(Action::LoseResponse) => Ok(After::Lose),
             Some(Action::Delay(delay) | Action::Detached(delay)) => {
                 tokio::time::sleep(delay).await;
-                Ok(false)
+                Ok(After::Answer)
             }
             Some(Action::Hold(gate)) => {
                 gate.pass().await;
-                Ok(false)
+                Ok(After::Answer)
             }
-            Some(Action::Twice) => Ok(false),
+            Some(Action::HoldAnswer(gate)) => Ok(After::Hold(gate)),
         }
     }
+}
+
+/// What happens to a forwarded request's answer.
+enum After {
+    Answer,
+    Lose,
+    Hold(Gate),
 }
 
 fn injected(op: Op, key: &str, what: &str) -> object_store::Error {
@@ -286,12 +297,16 @@ impl FaultyStore {
         body: Option<&[u8]>,
         request: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let lose = self.faults.before(op, key, body).await?;
+        let after = self.faults.before(op, key, body).await?;
         let result = request.await;
-        if lose && result.is_ok() {
-            return Err(injected(op, key, "was applied, but its answer was lost"));
+        match after {
+            After::Lose if result.is_ok() => Err(injected(op, key, "was applied, but its answer was lost")),
+            After::Hold(gate) => {
+                gate.pass().await;
+                result
+            }
+            _ => result,
         }
-        result
     }
 }
 
@@ -362,7 +377,8 @@ impl ObjectStore for FaultyStore {
                 let (faults, marked) = (faults.clone(), marked.clone());
                 async move {
                     let location = location?;
-                    if faults.before(Op::Delete, location.as_ref(), None).await? {
+                    // (An answer held is answered at once: deletions are not held after.)
+                    if let After::Lose = faults.before(Op::Delete, location.as_ref(), None).await? {
                         marked.lock().expect("lost").insert(location.clone());
                     }
                     Ok(location)

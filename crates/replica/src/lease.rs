@@ -66,6 +66,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use object_store::UpdateVersion;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::mark::{self, Mark, MarkError};
 use crate::store::{Store, StoreError, UpdateOutcome};
@@ -227,6 +228,33 @@ pub struct Lease {
     txid_mac: Option<String>,
     /// The high-water mark the previous holder left in the record this lease replaced.
     previous: Mark,
+    /// Publishes the expiry on every renewal, for [`Lease::clock`].
+    clock: watch::Sender<Expiry>,
+}
+
+/// When a lease stops being valid by each clock: its holder's local expiry (monotonic) and
+/// the record's (wall clock), the margin already taken off both.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    at: Instant,
+    at_ms: i64,
+}
+
+/// A view of a lease's validity by the clocks that follows its renewals, for work that runs
+/// while something else holds the lease (see [`keep_alive_while`]): a start-up that deletes
+/// from the replica after a long restore asks it right before deleting, since a lease that
+/// could not be renewed meanwhile may have been taken, and the objects rewritten, by another
+/// instance. A released (dropped) lease is never valid.
+#[derive(Debug, Clone)]
+pub struct LeaseClock(watch::Receiver<Expiry>);
+
+impl LeaseClock {
+    /// Whether no other instance can have taken the lease yet, by both clocks, as
+    /// [`Lease::is_valid`] says.
+    pub fn is_valid(&self) -> bool {
+        let Expiry { at, at_ms } = *self.0.borrow();
+        self.0.has_changed().is_ok() && Instant::now() < at && now_ms() < at_ms
+    }
 }
 
 /// What a compare-and-swap of the lease came to, once an unknown outcome was read back.
@@ -427,6 +455,7 @@ impl Lease {
             txid: record.txid,
             txid_mac: record.txid_mac,
             previous,
+            clock: watch::Sender::new(expiry(before + options.ttl, record.expires_at_ms, options.margin())),
         }
     }
 
@@ -511,6 +540,11 @@ impl Lease {
     /// Whether no other instance can have taken the lease yet, by the clocks alone.
     pub fn is_valid(&self) -> bool {
         !self.valid_for().is_zero()
+    }
+
+    /// Follows this lease's validity from elsewhere (see [`LeaseClock`]).
+    pub fn clock(&self) -> LeaseClock {
+        LeaseClock(self.clock.subscribe())
     }
 
     /// The moment [`Lease::is_valid`] turns false, as far as can be told now.
@@ -680,6 +714,8 @@ impl Lease {
                     self.version = version;
                     self.expires = before + self.ttl;
                     self.wall_expires_ms = record.expires_at_ms;
+                    self.clock
+                        .send_replace(expiry(self.expires, self.wall_expires_ms, self.margin()));
                     self.checked = before;
                     return Ok(());
                 }
@@ -819,6 +855,13 @@ fn now_ms() -> i64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+fn expiry(expires: Instant, wall_expires_ms: i64, margin: Duration) -> Expiry {
+    Expiry {
+        at: expires.checked_sub(margin).unwrap_or(expires),
+        at_ms: wall_expires_ms - margin.as_millis() as i64,
+    }
 }
 
 fn expiry_ms(ttl: Duration) -> i64 {
@@ -1495,13 +1538,39 @@ mod tests {
         assert_eq!(recorded_txid(&store).await.unwrap(), Some(3));
     }
 
+    /// What a start-up that deletes after a long restore relies on: a lease that could not be
+    /// renewed meanwhile is seen to lapse by the work, though the store still names its holder.
+    #[tokio::test]
+    async fn a_lease_clock_sees_a_lease_lapse_that_could_not_be_renewed_and_one_released() {
+        let faults = Faults::new();
+        let store = Store::in_memory().with_faults(&faults);
+        let mut a = Lease::acquire(&store, "a", quick(400, 0)).await.unwrap();
+        let clock = a.clock();
+        assert!(clock.is_valid());
+        faults.add(Rule::new(Op::Put, Action::Fail));
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            clock.is_valid()
+        };
+        assert!(!keep_alive_while(&mut a, work).await.unwrap(), "lapsed by the clocks");
+        faults.clear();
+        a.renew().await.unwrap();
+        assert!(clock.is_valid(), "valid again once renewed");
+        a.release().await.unwrap();
+        assert!(!clock.is_valid(), "a released lease is nobody's to trust");
+    }
+
     #[tokio::test]
     async fn keep_alive_while_renews_through_long_work() {
         let store = Store::in_memory();
         let mut a = Lease::acquire(&store, "a", quick(400, 0)).await.unwrap();
-        keep_alive_while(&mut a, tokio::time::sleep(Duration::from_millis(1200)))
-            .await
-            .unwrap();
+        let clock = a.clock();
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            clock.is_valid()
+        };
+        let valid_at_the_end = keep_alive_while(&mut a, work).await.unwrap();
+        assert!(valid_at_the_end, "the work sees the renewals");
         assert!(a.is_valid(), "renewed throughout");
         let err = Lease::acquire(&store, "b", quick(60_000, 0)).await.unwrap_err();
         assert!(matches!(err, LeaseError::Held { .. }), "nobody could take it: {err}");
@@ -1528,6 +1597,7 @@ mod tests {
             txid: None,
             txid_mac: None,
             previous: Mark::default(),
+            clock: watch::Sender::new(expiry(Instant::now(), 0, Duration::ZERO)),
         };
         assert!(!lease.needs_renewal());
         let late = Lease {

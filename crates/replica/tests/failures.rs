@@ -56,7 +56,7 @@ async fn commits_a_failed_final_sync_left_on_local_disk_ship_at_the_next_start()
         "the unshipped commit stays in the WAL"
     );
 
-    let prepared = bootstrap::prepare(&db, &base, None).await.unwrap();
+    let prepared = bootstrap::prepare(&db, &base, None, &|| true).await.unwrap();
     assert!(matches!(prepared, Bootstrap::Resume { .. }), "{prepared:?}");
     let signal = CommitSignal::new();
     let pool = common::app_pool(&db, &signal).await;
@@ -86,7 +86,7 @@ async fn a_writer_never_writes_over_a_replica_it_did_not_restore() {
     a.wait_durable(Duration::from_secs(5)).await.unwrap();
 
     let db_b = dir.path().join("b.db");
-    let prepared = bootstrap::prepare(&db_b, &store, None).await.unwrap();
+    let prepared = bootstrap::prepare(&db_b, &store, None, &|| true).await.unwrap();
     assert!(matches!(prepared, Bootstrap::Restored { .. }), "{prepared:?}");
     insert(&pool_a, "a2").await;
     a.wait_durable(Duration::from_secs(5)).await.unwrap();
@@ -161,7 +161,7 @@ async fn restored_after_the_wal_lost(damage: impl FnOnce(&std::path::Path, u64))
     let len = std::fs::metadata(&wal).unwrap().len();
     damage(&wal, len);
 
-    let prepared = bootstrap::prepare(&db, &store, None).await.unwrap();
+    let prepared = bootstrap::prepare(&db, &store, None, &|| true).await.unwrap();
     assert!(
         matches!(
             &prepared,
@@ -212,7 +212,7 @@ async fn a_restored_database_changed_while_keycast_was_down_ships_in_full() {
     first.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
 
     let restored = dir.path().join("restored.db");
-    let prepared = bootstrap::prepare(&restored, &store, None).await.unwrap();
+    let prepared = bootstrap::prepare(&restored, &store, None, &|| true).await.unwrap();
     assert!(matches!(prepared, Bootstrap::Restored { .. }), "{prepared:?}");
     {
         use sqlx::{ConnectOptions, Connection};
@@ -235,7 +235,7 @@ async fn a_restored_database_changed_while_keycast_was_down_ships_in_full() {
         "the last connection's close folded the WAL into the file"
     );
 
-    let prepared = bootstrap::prepare(&restored, &store, None).await.unwrap();
+    let prepared = bootstrap::prepare(&restored, &store, None, &|| true).await.unwrap();
     assert!(matches!(prepared, Bootstrap::Resume { .. }), "{prepared:?}");
     let signal = CommitSignal::new();
     let pool = common::app_pool(&restored, &signal).await;
@@ -290,7 +290,7 @@ async fn an_unreadable_local_record_is_replaced_by_a_restore() {
     let journal = std::path::PathBuf::from(format!("{}-journal", db.display()));
     std::fs::write(&journal, b"a journal of the old file").unwrap();
 
-    let prepared = bootstrap::prepare(&db, &store, None).await.unwrap();
+    let prepared = bootstrap::prepare(&db, &store, None, &|| true).await.unwrap();
     assert!(!journal.exists(), "moved aside with the old file");
     assert!(
         matches!(
@@ -367,7 +367,10 @@ async fn a_replica_missing_its_newest_objects_is_refused_not_rolled_back() {
 
     let lease = Lease::acquire(&store, "b", options).await.unwrap();
     assert_eq!(lease.previous_txid(), Some(txid));
-    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, lease.previous_txid()).await;
+    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, lease.previous_txid(), &|| {
+        lease.is_valid()
+    })
+    .await;
     match refused {
         Err(e @ BootstrapError::ReplicaTruncated { .. }) => {
             assert!(e.to_string().contains("keycast/lease.json"), "{e}")
@@ -673,7 +676,7 @@ async fn a_cold_start_lists_the_replica_once() {
     let once = store.with_faults(&faults);
 
     let db_b = dir.path().join("b.db");
-    let prepared = bootstrap::prepare(&db_b, &once, None).await.unwrap();
+    let prepared = bootstrap::prepare(&db_b, &once, None, &|| true).await.unwrap();
     assert!(matches!(prepared, Bootstrap::Restored { .. }), "{prepared:?}");
     let values: Vec<String> = common::rows(&db_b).await.into_iter().map(|(_, v)| v).collect();
     assert_eq!(values, ["a1"]);
@@ -898,7 +901,7 @@ async fn a_flipped_writer_stamp_is_corruption_not_a_stale_writer() {
     overwrite(&store, &newest.key, bytes).await;
     let before = store.list_all().await.unwrap();
 
-    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, None).await;
+    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, None, &|| true).await;
     match refused {
         Err(BootstrapError::Restore(e)) => assert!(e.to_string().contains(newest.key.as_ref()), "{e}"),
         other => panic!("a corrupt object is refused: {other:?}"),
@@ -936,7 +939,10 @@ async fn a_restore_short_of_the_high_water_mark_is_refused_and_deletes_nothing()
     // The first holder shut down cleanly: its lease is released, the mark kept.
     let lease = lease.unwrap();
     assert_eq!(lease.previous_txid(), Some(txid));
-    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, lease.previous_txid()).await;
+    let refused = bootstrap::prepare(&dir.path().join("b.db"), &store, lease.previous_txid(), &|| {
+        lease.is_valid()
+    })
+    .await;
     assert!(
         matches!(refused, Err(BootstrapError::ReplicaTruncated { recorded, .. }) if recorded == txid),
         "{refused:?}"
@@ -976,7 +982,7 @@ async fn a_wal_left_without_its_database_is_never_applied_over_a_restore() {
     );
     assert!(!db.exists());
 
-    bootstrap::prepare(&db, &store, None).await.unwrap();
+    bootstrap::prepare(&db, &store, None, &|| true).await.unwrap();
     assert!(!orphan.exists(), "moved aside");
     let values: Vec<String> = common::rows(&db).await.into_iter().map(|(_, v)| v).collect();
     assert_eq!(values, ["one", "two", "three"]);

@@ -120,7 +120,7 @@ async fn stuck_upload_with_later_durable_writes(options: ReplicaOptions) {
 
     // The next writer: the crashed instance's own disk is behind the replica's objects past
     // the gap but level with its tip; it resumes from there (or restores) and ships on.
-    let prepared = bootstrap::prepare(&crashed, &store, None).await.unwrap();
+    let prepared = bootstrap::prepare(&crashed, &store, None, &|| true).await.unwrap();
     assert!(
         matches!(prepared, Bootstrap::Resume { .. } | Bootstrap::Restored { .. }),
         "{prepared:?}"
@@ -340,21 +340,46 @@ async fn a_lost_answer_to_a_durable_write_shipped_beside_the_upload_in_flight_is
     assert_eq!(values, ["first", "async", "durable"]);
 }
 
-/// A writer with two uploads in flight (a durable write's segment beside the one before it)
-/// is paused past its lease; the next writer restores the replica's state before both and
-/// ships one commit of its own, at the first of the two TXIDs. Then the paused writer's
-/// second upload lands, at the TXID after: contiguous, but from the other history. The next
-/// restore must stop at the second writer's commit — applying the stale object over it would
-/// lose that acknowledged commit and bring back the first writer's unacknowledged ones — and
-/// the writer after must ship on from there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_writers_upload_landing_after_a_takeover_is_never_restored_over_the_new_history() {
-    use keycast_replica::lease::{Lease, LeaseOptions};
-    let lease_options = LeaseOptions {
+/// A replica whose newest object is a stale writer's, stored after another writer's last
+/// commit: see [`a_paused_writers_upload_landing_after_a_takeover_is_never_restored_over_the_new_history`].
+struct StaleTail {
+    dir: tempfile::TempDir,
+    store: Store,
+    /// Every commit acknowledged, in order.
+    acknowledged: Vec<String>,
+    /// The last acknowledged TXID (B's); the stale object is at the next.
+    tip: u64,
+    /// B, still running, with its pool and the faults its store meets.
+    b: Option<(Replicator, sqlx::SqlitePool, Faults)>,
+    /// Keep the paused writer's requests from ever reaching the store.
+    _gates: (Gate, Gate),
+}
+
+impl StaleTail {
+    /// Stops B cleanly.
+    async fn stop_b(&mut self) {
+        let (b, pool, _) = self.b.take().expect("B runs");
+        pool.close().await;
+        b.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+fn short_lease() -> keycast_replica::lease::LeaseOptions {
+    keycast_replica::lease::LeaseOptions {
         ttl: Duration::from_millis(500),
         wait: Duration::from_secs(3),
         check_interval: Duration::from_millis(100),
-    };
+    }
+}
+
+/// A writer (A) with two uploads in flight (a durable write's segment beside the one before
+/// it) is paused past its lease; the next writer (B) restores the replica's state before both
+/// and ships one commit of its own, at the first of the two TXIDs, and stops. A's second
+/// upload lands after B's takeover, at the TXID after: contiguous, but from the other history.
+/// B is left running.
+async fn replica_with_a_stale_tail() -> StaleTail {
+    use keycast_replica::lease::Lease;
+    let lease_options = short_lease();
     let (dir, db, pool, signal) = common::live_db().await;
     let store = Store::in_memory();
     let faults = Faults::new();
@@ -396,20 +421,17 @@ async fn a_paused_writers_upload_landing_after_a_takeover_is_never_restored_over
     // B takes over from the replica as it is (a0..a2) and ships one durable commit.
     let b_db = dir.path().join("b").join("b.db");
     std::fs::create_dir_all(b_db.parent().unwrap()).unwrap();
-    let lease = Lease::acquire(&store, "b", lease_options).await.unwrap();
-    bootstrap::prepare(&b_db, &store, lease.previous_txid()).await.unwrap();
+    let b_faults = Faults::new();
+    let b_store = store.reopen().with_faults(&b_faults);
+    let lease = Lease::acquire(&b_store, "b", lease_options).await.unwrap();
+    bootstrap::prepare(&b_db, &b_store, lease.previous_txid(), &|| lease.is_valid())
+        .await
+        .unwrap();
     let b_signal = CommitSignal::new();
     let b_pool = common::app_pool(&b_db, &b_signal).await;
-    let b = Replicator::start_with_lease(
-        &b_db,
-        store.clone(),
-        b_signal,
-        "l",
-        ReplicaOptions::default(),
-        Some(lease),
-    )
-    .await
-    .unwrap();
+    let b = Replicator::start_with_lease(&b_db, b_store, b_signal, "l", ReplicaOptions::default(), Some(lease))
+        .await
+        .unwrap();
     // A's second upload lands now, at the TXID after the one B is about to use.
     late.open();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -425,46 +447,189 @@ async fn a_paused_writers_upload_landing_after_a_takeover_is_never_restored_over
         stuck,
         "B's commit is at the first of the two TXIDs"
     );
-    b_pool.close().await;
-    b.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
     waiter.abort();
     drop(a);
+    StaleTail {
+        dir,
+        store,
+        acknowledged,
+        tip: stuck,
+        b: Some((b, b_pool, b_faults)),
+        _gates: (never, pause),
+    }
+}
 
+/// Starts a writer on `db` as keycast does (lease, start-up, replicator) and makes one
+/// durable commit of `value`.
+async fn start_and_commit(store: &Store, db: &std::path::Path, owner: &str, value: &str) {
+    use keycast_replica::lease::Lease;
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let lease = Lease::acquire(store, owner, short_lease()).await.unwrap();
+    bootstrap::prepare(db, store, lease.previous_txid(), &|| lease.is_valid())
+        .await
+        .unwrap();
+    let signal = CommitSignal::new();
+    let pool = common::app_pool(db, &signal).await;
+    let writer = Replicator::start_with_lease(db, store.clone(), signal, "l", ReplicaOptions::default(), Some(lease))
+        .await
+        .unwrap();
+    insert(&pool, value).await;
+    writer.wait_durable(Duration::from_secs(5)).await.unwrap();
+    pool.close().await;
+    writer.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
+}
+
+/// The next restore must stop at B's commit — applying the stale object over it would lose
+/// that acknowledged commit and bring back A's unacknowledged ones — and the writer after
+/// must ship on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_writers_upload_landing_after_a_takeover_is_never_restored_over_the_new_history() {
+    let mut tail = replica_with_a_stale_tail().await;
+    tail.stop_b().await;
+    let StaleTail {
+        dir,
+        store,
+        mut acknowledged,
+        tip,
+        b: _,
+        _gates: _paused,
+    } = tail;
     let (txid, values) = restored(&store, dir.path(), "after-b.db").await;
     assert_eq!(
         values, acknowledged,
         "B's acknowledged commit, nothing of A's unacknowledged ones"
     );
-    assert_eq!(txid, stuck, "the restore stops before the stale object");
-    let past = restore(&store, &dir.path().join("past.db"), Target::Txid(stuck + 1), None).await;
+    assert_eq!(txid, tip, "the restore stops before the stale object");
+    let past = restore(&store, &dir.path().join("past.db"), Target::Txid(tip + 1), None).await;
     assert!(
-        matches!(past, Err(RestoreError::TxidUnreachable { wanted, reached }) if wanted == stuck + 1 && reached == stuck),
+        matches!(past, Err(RestoreError::TxidUnreachable { wanted, reached }) if wanted == tip + 1 && reached == tip),
         "the stale object's TXID is not in the replica's history: {past:?}"
     );
 
     // The writer after B ships on from B's commit.
-    let d_db = dir.path().join("d").join("d.db");
-    std::fs::create_dir_all(d_db.parent().unwrap()).unwrap();
-    let lease = Lease::acquire(&store, "d", lease_options).await.unwrap();
-    bootstrap::prepare(&d_db, &store, lease.previous_txid()).await.unwrap();
-    let d_signal = CommitSignal::new();
-    let d_pool = common::app_pool(&d_db, &d_signal).await;
-    let d = Replicator::start_with_lease(
-        &d_db,
-        store.clone(),
-        d_signal,
-        "l",
-        ReplicaOptions::default(),
-        Some(lease),
-    )
-    .await
-    .unwrap();
-    insert(&d_pool, "d0").await;
-    d.wait_durable(Duration::from_secs(5)).await.unwrap();
+    start_and_commit(&store, &dir.path().join("d").join("d.db"), "d", "d0").await;
     acknowledged.push("d0".to_owned());
-    d_pool.close().await;
-    d.shutdown(Instant::now() + Duration::from_secs(5)).await.unwrap();
     let (_, values) = restored(&store, dir.path(), "after-d.db").await;
     assert_eq!(values, acknowledged);
-    drop((never, pause));
+}
+
+/// A start-up deletes the stale tail after its restore, by the keys it listed before. A
+/// start whose lease could not be renewed during a long restore lapsed meanwhile; another
+/// instance took the replica, removed that tail itself and acknowledged a commit at the
+/// stale object's key. The first start then deleted that acknowledged commit. It now asks
+/// the lease right before deleting, and stops instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_lease_lapsed_during_its_restore_deletes_nothing_another_writer_stored() {
+    use keycast_replica::bootstrap::BootstrapError;
+    use keycast_replica::lease::{keep_alive_while, Lease};
+    let mut tail = replica_with_a_stale_tail().await;
+    tail.stop_b().await;
+    let StaleTail {
+        dir,
+        store,
+        mut acknowledged,
+        tip,
+        b: _,
+        _gates: _paused,
+    } = tail;
+
+    // D takes the lease and restores; the store refuses its lease requests, and the first object of
+    // its restore is slow (every other object, the stale one too, is fetched beside it).
+    let faults = Faults::new();
+    let d_store = store.reopen().with_faults(&faults);
+    let mut lease = Lease::acquire(&d_store, "d", short_lease()).await.unwrap();
+    let clock = lease.clock();
+    // (Reads of the lease fail too: a renewal that read it would learn of the takeover below
+    // and abandon the start-up, which is as safe but not what this test is about.)
+    faults.add(Rule::new(Op::Put, Action::Fail).key("lease"));
+    faults.add(Rule::new(Op::Get, Action::Fail).key("lease"));
+    let slow = Gate::new();
+    let first = store.ltx_key(0, 1, 1).filename().unwrap().to_owned();
+    faults.add(Rule::new(Op::Get, Action::Hold(slow.clone())).key(&first).times(1));
+    let d_db = dir.path().join("d").join("d.db");
+    std::fs::create_dir_all(d_db.parent().unwrap()).unwrap();
+    let d = tokio::spawn({
+        let (d_store, d_db) = (d_store.clone(), d_db.clone());
+        async move {
+            let recorded = lease.previous_txid();
+            keep_alive_while(
+                &mut lease,
+                bootstrap::prepare(&d_db, &d_store, recorded, &|| clock.is_valid()),
+            )
+            .await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), slow.reached())
+        .await
+        .expect("D's restore fetches its first object");
+
+    // Meanwhile D's lease lapses; E takes the replica and acknowledges a commit at the stale
+    // object's TXID.
+    start_and_commit(&store, &dir.path().join("e").join("e.db"), "e", "e0").await;
+    acknowledged.push("e0".to_owned());
+    assert!(
+        stored_past(&store, tip - 1).await.contains(&(tip + 1)),
+        "E's commit is at the stale object's key"
+    );
+
+    slow.open();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), d)
+        .await
+        .expect("D's start-up ends")
+        .unwrap();
+    let (_, values) = restored(&store, dir.path(), "after-e.db").await;
+    assert_eq!(values, acknowledged, "E's acknowledged commit is still in the replica");
+    assert!(
+        matches!(outcome, Ok(Err(BootstrapError::LeaseLapsed { .. }))),
+        "D stops, saying why: {outcome:?}"
+    );
+    assert!(!d_db.exists(), "D leaves no half-prepared database to serve");
+}
+
+/// B's next commit meets the stale object at its TXID, which it replaces (deleting it first:
+/// see `Worker::resolve_collision`). The answer to B's upload comes late — B was paused — and
+/// B's lease lapsed meanwhile, unrenewed, though nobody took it yet and the lease object
+/// still names B, as the read before the deletion confirms. B deleted anyway; had another
+/// instance taken the replica in the same pause, that key would have held its acknowledged
+/// commit. Nothing is deleted now until the lease is valid by the clocks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_lease_lapsed_deletes_nothing_from_the_replica() {
+    let tail = replica_with_a_stale_tail().await;
+    let (store, tip) = (tail.store.clone(), tail.tip);
+    let (b, b_pool, b_faults) = tail.b.as_ref().expect("B runs");
+    let stale = store
+        .list_level(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|f| f.min_txid == tip + 1)
+        .expect("the stale object");
+    let stale_bytes = store.get(&stale).await.unwrap();
+    let answer = Gate::new();
+    let key = stale.key.filename().unwrap().to_owned();
+    b_faults.add(
+        Rule::new(Op::Put, Action::HoldAnswer(answer.clone()))
+            .key(&key)
+            .times(1),
+    );
+    insert(b_pool, "c1").await;
+    tokio::time::timeout(Duration::from_secs(5), answer.reached())
+        .await
+        .expect("B's upload of c1 meets the stale object");
+    // B cannot renew its lease while it waits, and it lapses.
+    b_faults.add(Rule::new(Op::Put, Action::Fail).key("lease"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    answer.open();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.status().last_error.is_none() {
+        assert!(Instant::now() < deadline, "B stops shipping for want of a lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let still = store.get(&stale).await.ok();
+    assert!(
+        still.as_deref() == Some(&stale_bytes[..]),
+        "B, its lease lapsed, deleted nothing: {:?}",
+        b.status().last_error
+    );
 }

@@ -366,7 +366,7 @@ impl World {
             }
         };
         let recorded = lease.previous_txid();
-        if let Err(e) = bootstrap::prepare(&instance.db, &instance.store, recorded).await {
+        if let Err(e) = bootstrap::prepare(&instance.db, &instance.store, recorded, &|| lease.is_valid()).await {
             self.log.push(format!("start {at}: bootstrap refused: {e}"));
             let _ = lease.release().await;
             return;

@@ -261,6 +261,7 @@ impl Worker {
             .cloned()
             .collect();
         if !past.is_empty() {
+            self.may_delete_now().await?;
             tracing::warn!(
                 tip,
                 objects = past.len(),
@@ -269,6 +270,26 @@ impl Worker {
             self.store.delete(&past).await?;
         }
         Ok(())
+    }
+
+    /// Right before deleting from the replica: the lease must be valid by the clocks (renewed
+    /// first when due). A deletion goes by key, and the keys this instance means to delete are
+    /// the very ones a writer that took the replica meanwhile stores its own TXIDs at, so an
+    /// instance that may not write must not delete either — not even one the lease object
+    /// still names, whose answer came back late, or that could not renew it.
+    ///
+    /// # Errors
+    /// [`ReplicaError::LeaseUnconfirmed`] (or what [`Shared::keep_lease`] says).
+    async fn may_delete_now(&self) -> Result<(), ReplicaError> {
+        self.shared.keep_lease(Keep::HandingOver).await?;
+        if self.shared.may_delete() {
+            return Ok(());
+        }
+        Err(ReplicaError::LeaseUnconfirmed {
+            reason:
+                "the replica lease is not valid by the clocks: nothing is deleted from the replica until it is renewed"
+                    .into(),
+        })
     }
 
     /// Names this database's lineage in an empty replica (replacing a lineage left there by a
@@ -464,7 +485,11 @@ impl Worker {
             return Err(ReplicaError::Fenced { txid: upload.txid });
         }
         for _ in 0..STALE_REPLACEMENTS {
-            if let Err(e) = self.shared.check_lease().await {
+            let may_delete = match self.shared.check_lease().await {
+                Ok(()) => self.may_delete_now().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = may_delete {
                 self.pending.push_front(upload);
                 return Err(e);
             }
