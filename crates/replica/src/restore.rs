@@ -210,7 +210,9 @@ fn check_reached(
     }
 }
 
-/// Restores `target` from `store` into `output`, which must not exist.
+/// Restores `target` from `store` into `output`, which must not exist. A live replica's
+/// retention deletes objects a compacted file has covered: one deleted between the listing
+/// and its fetch makes the restore list and plan again (a few times), not fail.
 ///
 /// # Errors
 /// See [`RestoreError`]; on any error no file is left at `output`.
@@ -220,8 +222,20 @@ pub async fn restore(
     target: Target,
     progress: Option<Progress<'_>>,
 ) -> Result<Restored, RestoreError> {
-    restore_from(store, output, target, None, progress).await
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match restore_from(store, output, target, None, progress).await {
+            Err(RestoreError::Store(StoreError::NotFound { key })) if attempt < REPLANS => {
+                tracing::info!(%key, "an object was deleted since the listing (retention on a live replica); listing and planning again");
+            }
+            other => return other,
+        }
+    }
 }
+
+/// How many times [`restore`] plans, when objects keep disappearing under it.
+const REPLANS: usize = 3;
 
 /// [`restore`] of the latest state, planned from `recent`: a [`Store::list_recent`] listing
 /// the caller has just made (start-up lists once, both to decide whether to restore and to

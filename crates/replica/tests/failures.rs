@@ -881,6 +881,45 @@ async fn a_point_in_time_restore_lists_again_when_an_object_is_deleted_since_the
     assert_eq!(restored.txid, txid);
 }
 
+/// `keycast restore` of the latest state against a live replica: compaction covers the newest
+/// level-0 file one level up and retention deletes it, between the restore's listing and its
+/// fetch. The restore failed with "not found" (an operator's drill, or a copy for analysis,
+/// failed at random on a busy replica); it now lists and plans again.
+#[tokio::test]
+async fn a_latest_restore_plans_again_when_an_object_is_deleted_since_the_listing() {
+    let (dir, base, txid, newest, bytes) = replicated_with_newest().await;
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let gate = Gate::new();
+    let newest_name = newest.key.filename().unwrap().to_owned();
+    faults.add(
+        Rule::new(Op::Get, Action::Hold(gate.clone()))
+            .key(&newest_name)
+            .times(1),
+    );
+    let out = dir.path().join("latest.db");
+    let restoring = tokio::spawn({
+        let (store, out) = (store.clone(), out.clone());
+        async move { restore(&store, &out, Target::Latest, None).await }
+    });
+    tokio::time::timeout(Duration::from_secs(5), gate.reached())
+        .await
+        .expect("the restore fetches the newest object");
+    let cover = base
+        .put_ltx(1, newest.min_txid, newest.max_txid, bytes.into(), 0)
+        .await
+        .unwrap();
+    assert_eq!(cover, keycast_replica::store::PutOutcome::Created);
+    base.delete(std::slice::from_ref(&newest)).await.unwrap();
+    gate.open();
+    let restored = restoring.await.unwrap().unwrap();
+    assert_eq!(restored.txid, txid);
+    assert_eq!(
+        common::rows(&out).await.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        ["one", "two", "three"]
+    );
+}
+
 /// Replaces the object at `key` with `bytes`, as a store that corrupts or an attacker would.
 async fn overwrite(store: &Store, key: &object_store::path::Path, bytes: Vec<u8>) {
     object_store::ObjectStoreExt::put(&store.object_store(), key, bytes.into())
