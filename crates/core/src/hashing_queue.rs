@@ -36,7 +36,7 @@ pub struct HashingQueue {
 
 #[derive(Debug)]
 struct Inner {
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     budget_mib: u32,
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -55,7 +55,7 @@ impl HashingQueue {
         let budget_mib = budget_mib.max(1);
         HashingQueue {
             inner: Arc::new(Inner {
-                permits: Semaphore::new(budget_mib as usize),
+                permits: Arc::new(Semaphore::new(budget_mib as usize)),
                 budget_mib,
                 waiting: AtomicUsize::new(0),
                 max_waiting,
@@ -65,6 +65,10 @@ impl HashingQueue {
 
     /// Runs `work`, which needs `cost_mib` MiB, on the blocking pool once the budget allows.
     ///
+    /// A caller that gives up (a client that hangs up, a request timeout) stops waiting and
+    /// leaves the waiting room at once; work already started runs to its end on the blocking
+    /// pool, which cannot stop it, and keeps its memory until then.
+    ///
     /// # Errors
     /// [`Busy`] at once when `max_waiting` jobs are already waiting (or the blocking task died).
     pub async fn run<T: Send + 'static>(
@@ -73,22 +77,49 @@ impl HashingQueue {
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Busy> {
         let cost = cost_mib.clamp(1, self.inner.budget_mib);
-        let waiting = self.inner.waiting.fetch_add(1, Ordering::AcqRel);
-        let permit = if waiting >= self.inner.max_waiting && self.inner.permits.available_permits() < cost as usize {
-            None
-        } else {
-            self.inner.permits.acquire_many(cost).await.ok()
+        let permit = {
+            let waiting = Waiting::enter(&self.inner.waiting);
+            if waiting.ahead >= self.inner.max_waiting && self.inner.permits.available_permits() < cost as usize {
+                return Err(Busy);
+            }
+            self.inner
+                .permits
+                .clone()
+                .acquire_many_owned(cost)
+                .await
+                .map_err(|_| Busy)?
         };
-        self.inner.waiting.fetch_sub(1, Ordering::AcqRel);
-        let permit = permit.ok_or(Busy)?;
-        let result = tokio::task::spawn_blocking(work).await.map_err(|_| Busy);
-        drop(permit);
-        result
+        tokio::task::spawn_blocking(move || {
+            let _memory = permit;
+            work()
+        })
+        .await
+        .map_err(|_| Busy)
     }
 
     /// Jobs waiting for the budget now.
     pub fn waiting(&self) -> usize {
         self.inner.waiting.load(Ordering::Acquire)
+    }
+}
+
+/// A place in the waiting room, left however the wait ends (a caller that gives up included).
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    /// How many were waiting before this one.
+    ahead: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Waiting<'a> {
+        let ahead = count.fetch_add(1, Ordering::AcqRel);
+        Waiting { count, ahead }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -132,5 +163,56 @@ mod tests {
             queue.run(SCRYPT_MIB, || 7).await == Ok(7),
             "a job bigger than the budget runs alone"
         );
+    }
+
+    /// A caller that gave up while it waited used to stay counted as waiting, for good: after
+    /// `max_waiting` of them every job that found the budget in use was refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_that_gives_up_while_waiting_leaves_the_waiting_room() {
+        let queue = HashingQueue::new(19, 2);
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let running = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.run(ARGON2_MIB, move || hold.recv().ok()).await }
+        });
+        while queue.inner.permits.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..4 {
+            let gave_up = tokio::time::timeout(Duration::from_millis(20), queue.run(ARGON2_MIB, || ())).await;
+            assert!(gave_up.is_err(), "it waited, then its caller gave up");
+        }
+        assert_eq!(queue.waiting(), 0);
+        let waiter = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.run(ARGON2_MIB, || 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release.send(()).unwrap();
+        assert_eq!(waiter.await.unwrap(), Ok(1), "room to wait is left");
+        running.await.unwrap().unwrap();
+    }
+
+    /// A caller that gave up while its work ran gave the memory back at once, though the work
+    /// went on on the blocking pool: callers that hang up ran jobs beyond the budget.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_caller_gave_up_keeps_its_memory_until_it_ends() {
+        let queue = HashingQueue::new(19, 4);
+        let running = Arc::new(AtomicU32::new(0));
+        let peak = Arc::new(AtomicU32::new(0));
+        let job = |running: Arc<AtomicU32>, peak: Arc<AtomicU32>| {
+            move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(150));
+                running.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        for _ in 0..3 {
+            let work = job(running.clone(), peak.clone());
+            let _ = tokio::time::timeout(Duration::from_millis(30), queue.run(ARGON2_MIB, work)).await;
+        }
+        queue.run(ARGON2_MIB, job(running.clone(), peak.clone())).await.unwrap();
+        assert_eq!(peak.load(Ordering::SeqCst), 1, "19 MiB fit one job at a time");
     }
 }

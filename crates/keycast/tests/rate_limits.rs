@@ -167,3 +167,82 @@ fn a_burst_of_wrong_password_logins_from_many_clients_keeps_memory_bounded_and_k
     let owner = login_from(&server, email, PASSWORD, "192.0.2.1");
     assert_eq!(owner.status, 200, "{}", owner.body);
 }
+
+/// Sends a wrong-password login from `forwarded_for` and hangs up `after` it, without reading
+/// the answer: a client that gives up, or an attacker who never waits.
+fn login_and_hang_up(addr: std::net::SocketAddr, forwarded_for: &str, after: Duration) {
+    use std::io::Write;
+    let body =
+        json!({ "email": format!("gone-{forwarded_for}@example.org"), "password": "not the password" }).to_string();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST /api/auth/login HTTP/1.1\r\nHost: keycast\r\nContent-Type: application/json\r\n\
+         X-Forwarded-For: {forwarded_for}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(after);
+    drop(stream);
+}
+
+/// Clients that hang up while their password waits for the hashing queue. A request cancelled
+/// while it waited was never taken off the queue's count of waiting jobs, so after a few such
+/// hang-ups the queue refused everyone (503) whenever a hash was running, for good. (One
+/// cancelled while its hash ran also gave its memory back before the hash ended: see
+/// `hashing_queue::tests::work_whose_caller_gave_up_keeps_its_memory_until_it_ends`.)
+#[test]
+fn logins_whose_clients_hang_up_do_not_jam_the_hashing_queue() {
+    let (_dir, server) = start(&[
+        ("KEYCAST_TRUSTED_PROXY_HOPS", "1"),
+        ("KEYCAST_HASH_MEMORY_MIB", "64"),
+        ("KEYCAST_HASH_QUEUE", "4"),
+    ]);
+    let email = "stays@example.org";
+    register(&server, email, None);
+    let addr: std::net::SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
+    let hang_ups: Vec<_> = (0..120)
+        .map(|n| {
+            std::thread::spawn(move || {
+                login_and_hang_up(
+                    addr,
+                    &format!("10.9.{}.{}", n / 256, n % 256),
+                    Duration::from_millis(15),
+                );
+            })
+        })
+        .collect();
+    for h in hang_ups {
+        h.join().unwrap();
+    }
+    // Whatever the hang-ups started has finished by now (a hash takes well under a second).
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Eight logins at once from eight clients: three hash at a time, four wait, and at most
+    // one is asked to come back — not every one that finds a hash running.
+    let threads: Vec<_> = (0..8)
+        .map(|n| {
+            let base = server.base.clone();
+            std::thread::spawn(move || {
+                let agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .new_agent();
+                agent
+                    .post(format!("{base}/api/auth/login"))
+                    .header("Content-Type", "application/json")
+                    .header("X-Forwarded-For", &format!("192.0.2.{}", n + 1))
+                    .send(&json!({ "email": format!("fresh-{n}@example.org"), "password": "wrong" }).to_string())
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        statuses.iter().filter(|s| **s == 503).count() <= 1,
+        "the queue still counts the clients that hung up as waiting: {statuses:?}"
+    );
+    let owner = login_from(&server, email, PASSWORD, "192.0.2.100");
+    assert_eq!(owner.status, 200, "{}", owner.body);
+}
