@@ -80,6 +80,7 @@ impl HashingQueue {
         let permit = {
             let waiting = Waiting::enter(&self.inner.waiting);
             if waiting.ahead >= self.inner.max_waiting && self.inner.permits.available_permits() < cost as usize {
+                metrics::counter!("keycast_hashing_refused_total").increment(1);
                 return Err(Busy);
             }
             self.inner
@@ -89,6 +90,9 @@ impl HashingQueue {
                 .await
                 .map_err(|_| Busy)?
         };
+        // Counted as it starts: what argon2 and scrypt cost an operator (and what a budget
+        // checked before the password is to spare).
+        metrics::counter!("keycast_hashing_jobs_total").increment(1);
         tokio::task::spawn_blocking(move || {
             let _memory = permit;
             work()

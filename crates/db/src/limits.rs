@@ -60,6 +60,22 @@ pub async fn take(db: &Db, key: &str, burst: u32, interval_ms: i64, now_ms: i64)
     })
 }
 
+/// Gives back one attempt taken from the bucket `key` (one `interval_ms`): what it was taken
+/// for did not happen.
+///
+/// # Errors
+/// Database errors.
+pub async fn give_back(db: &Db, key: &str, interval_ms: i64) -> Result<(), RepoError> {
+    on_engine!(db, |pool| {
+        sqlx::query("UPDATE rate_buckets SET tat_ms = tat_ms - $2 WHERE key = $1")
+            .bind(key)
+            .bind(interval_ms)
+            .execute(pool)
+            .await?;
+    });
+    Ok(())
+}
+
 /// How long wrong passwords make a key wait: nothing for the first `free` tries, then 1 s
 /// after the `free`th, doubling with each further try, up to `max_ms`.
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +131,27 @@ pub async fn start_try(db: &Db, key: &str, now_ms: i64, backoff: Backoff) -> Res
     });
     // Cleared in between (a right password): the next try is not refused.
     Ok(Some(until.map_or(1, |until| (until - now_ms).max(1))))
+}
+
+/// Uncounts a try [`start_try`] counted that ended without a verdict on the password (the
+/// hashing queue was full, the database failed): one failure fewer, and no wait while the
+/// count is within `backoff.free`.
+///
+/// # Errors
+/// Database errors.
+pub async fn uncount_try(db: &Db, key: &str, backoff: Backoff) -> Result<(), RepoError> {
+    on_engine!(db, |pool| {
+        sqlx::query(
+            "UPDATE password_failures SET failures = failures - 1, blocked_until_ms = CASE \
+               WHEN failures - 1 < $2 THEN 0 ELSE blocked_until_ms END \
+             WHERE key = $1 AND failures > 0",
+        )
+        .bind(key)
+        .bind(i64::from(backoff.free))
+        .execute(pool)
+        .await?;
+    });
+    Ok(())
 }
 
 /// Forgets `key`'s failures (a right password).

@@ -119,22 +119,33 @@ pub(crate) async fn log_in(
     password: String,
 ) -> Result<(User, axum::http::HeaderValue), AppError> {
     state.limits().check(&format!("login-ip:{ip}"), LOGIN_PER_IP).await?;
+    let (db, services) = state.api()?;
+    state.ensure_writable().await?;
     // Wrong passwords slow down this client at this account only (see `crate::limit`).
     let backoff = crate::limit::password_key(email, ip);
     state.limits().start_password_try(&backoff).await?;
-    let (db, services) = state.api()?;
-    state.ensure_writable().await?;
     let outcome = accounts::login(db, &services.hasher, email, &Secret::new(password), now_unix()).await;
     let (user, session) = match outcome {
         Ok(done) => {
             state.limits().password_succeeded(&backoff).await;
             done
         }
-        // A wrong password was counted when the try started.
-        Err(err) => return Err(err.into()),
+        // A wrong password was counted when the try started; an answer that judged nothing
+        // (the hashing queue full) is not.
+        Err(err) => return Err(judged_or_uncounted(state, &backoff, err.into()).await),
     };
     state.confirm_write(false).await?;
     Ok((user, session_cookie(&session, secure)))
+}
+
+/// Passes on the error a password try ended with, uncounting the try (see
+/// [`crate::limit::RateLimits::password_unjudged`]) unless it is the verdict that the
+/// password is wrong (or names no account).
+pub(crate) async fn judged_or_uncounted(state: &AppState, backoff: &str, err: AppError) -> AppError {
+    if !matches!(err, AppError::Unauthorized(_)) {
+        state.limits().password_unjudged(backoff).await;
+    }
+    err
 }
 
 /// `POST /api/auth/logout` → 204, the session ended and the cookie cleared.

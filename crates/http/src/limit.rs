@@ -218,11 +218,7 @@ impl RateLimits {
         let Some(db) = self.shared.get() else {
             return self.start_password_try_local(key);
         };
-        let schedule = shared::Backoff {
-            free: FREE_FAILURES,
-            max_ms: i64::try_from(MAX_BACKOFF.as_millis()).unwrap_or(i64::MAX),
-        };
-        match shared::start_try(db, &stored_key(key), now_ms(), schedule)
+        match shared::start_try(db, &stored_key(key), now_ms(), backoff_schedule())
             .await
             .map_err(unavailable)?
         {
@@ -230,6 +226,43 @@ impl RateLimits {
             Some(wait_ms) => Err(AppError::TooManyRequests {
                 retry_after_secs: secs_ceil(wait_ms),
             }),
+        }
+    }
+
+    /// Gives back the attempt [`RateLimits::check`] took from `key` for something that then
+    /// did not happen (a password found wrong before a change it was to allow): a budget for
+    /// changes is then spent only by changes, yet checked before the password's argon2 work.
+    pub async fn give_back(&self, key: &str, rate: Rate) {
+        let Some(db) = self.shared.get() else {
+            if let Some(bucket) = self.buckets.get(key) {
+                let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+                bucket.tokens = (bucket.tokens + 1.0).min(f64::from(rate.burst));
+            }
+            return;
+        };
+        let interval = i64::try_from(rate.refill.as_millis()).unwrap_or(i64::MAX);
+        if let Err(err) = shared::give_back(db, &stored_key(key), interval).await {
+            tracing::warn!(error = %err, "cannot give back an attempt in the shared limits");
+        }
+    }
+
+    /// Uncounts a try [`RateLimits::start_password_try`] counted that ended without a verdict
+    /// on the password — the hashing queue full, keycast starting, the database failing. Such
+    /// an answer tells nothing about the password, so it buys no guess; counted, it would let
+    /// a flood of other people's logins back the owner off their own account.
+    pub async fn password_unjudged(&self, key: &str) {
+        let Some(db) = self.shared.get() else {
+            if let Some(entry) = self.failures.get(key) {
+                let mut failures = entry.lock().unwrap_or_else(|p| p.into_inner());
+                failures.count = failures.count.saturating_sub(1);
+                if backoff(failures.count).is_none() {
+                    failures.until = None;
+                }
+            }
+            return;
+        };
+        if let Err(err) = shared::uncount_try(db, &stored_key(key), backoff_schedule()).await {
+            tracing::warn!(error = %err, "cannot uncount an unjudged password try in the shared limits");
         }
     }
 
@@ -361,6 +394,13 @@ fn bucket_of(ip: IpAddr) -> String {
                 format!("v6:{net}/64")
             }
         },
+    }
+}
+
+fn backoff_schedule() -> shared::Backoff {
+    shared::Backoff {
+        free: FREE_FAILURES,
+        max_ms: i64::try_from(MAX_BACKOFF.as_millis()).unwrap_or(i64::MAX),
     }
 }
 

@@ -303,10 +303,9 @@ pub(crate) async fn start_fresh(
     user: &User,
     password: String,
 ) -> Result<keys::UserKey, AppError> {
-    let proof = reauthenticate(state, ip, user, password).await?;
     // Recorded in the account's events, made durable, and an argon2 check each: the same
     // budget as exports and password changes.
-    noticed_change(state, &user.id).await?;
+    let proof = reauthenticate_for_change(state, ip, user, password).await?;
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     let key = account_security::replace_key(&services.signer, services.keys.as_ref(), &proof, now_unix()).await?;
@@ -366,9 +365,7 @@ pub(crate) async fn set_password(
     let new = Secret::new(new);
     // Bad input costs no argon2 work and no backoff step.
     keycast_core::password::validate_new_password(&new)?;
-    let proof = reauthenticate(state, ip, &session.user, current).await?;
-    // After the password: a stolen session alone cannot spend the owner's budget.
-    noticed_change(state, &session.user.id).await?;
+    let proof = reauthenticate_for_change(state, ip, &session.user, current).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let (ended, fresh) =
@@ -408,13 +405,28 @@ pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, pass
     Ok(())
 }
 
-/// Counts a change that is recorded in the account's events (an export, a new password, a
-/// new key) against its budget ([`crate::limit::NOTICED_CHANGES_PER_ACCOUNT`]).
-async fn noticed_change(state: &AppState, user: &UserId) -> Result<(), AppError> {
-    state
-        .limits()
-        .check(&format!("noticed:{user}"), crate::limit::NOTICED_CHANGES_PER_ACCOUNT)
-        .await
+/// Checks the password again for a change recorded in the account's events (an export, a
+/// new password, a new key), counted against the account's budget
+/// ([`crate::limit::NOTICED_CHANGES_PER_ACCOUNT`]). The budget is taken before the password
+/// is hashed, so a loop of right passwords past it costs no argon2 work (one account's
+/// loop held the hashing queue full for everyone); it is given back when the password is
+/// not the account's, so a stolen session alone cannot spend the owner's budget.
+async fn reauthenticate_for_change(
+    state: &AppState,
+    ip: &str,
+    user: &User,
+    password: String,
+) -> Result<keycast_core::Reauthenticated, AppError> {
+    let (budget, rate) = (
+        format!("noticed:{}", user.id),
+        crate::limit::NOTICED_CHANGES_PER_ACCOUNT,
+    );
+    state.limits().check(&budget, rate).await?;
+    let checked = reauthenticate(state, ip, user, password).await;
+    if checked.is_err() {
+        state.limits().give_back(&budget, rate).await;
+    }
+    checked
 }
 
 /// Checks the user's password again, with a backoff per account and client (see
@@ -425,16 +437,17 @@ async fn reauthenticate(
     user: &User,
     password: String,
 ) -> Result<keycast_core::Reauthenticated, AppError> {
+    let (_, services) = state.api()?;
     let backoff = crate::limit::password_key(&user.email, ip);
     state.limits().start_password_try(&backoff).await?;
-    let (_, services) = state.api()?;
     match services.hasher.reauthenticate(user, &Secret::new(password)).await {
         Ok(proof) => {
             state.limits().password_succeeded(&backoff).await;
             Ok(proof)
         }
-        // A wrong password was counted when the try started.
-        Err(err) => Err(err.into()),
+        // A wrong password was counted when the try started; an answer that judged nothing
+        // (the hashing queue full) is not.
+        Err(err) => Err(crate::auth::judged_or_uncounted(state, &backoff, err.into()).await),
     }
 }
 
@@ -466,8 +479,7 @@ async fn export(
         }
         _ => return Err(AppError::BadRequest("format must be nsec or ncryptsec".into())),
     };
-    let proof = reauthenticate(&state, &ip, &session.user, body.password).await?;
-    noticed_change(&state, &session.user.id).await?;
+    let proof = reauthenticate_for_change(&state, &ip, &session.user, body.password).await?;
     let (db, services) = state.api()?;
     state.ensure_writable().await?;
     let key = account_security::export_key(

@@ -319,6 +319,13 @@ fn codes_redeemed_all_at_once_cannot_pass_the_cap(engine: Engine) {
     server.stop();
 }
 
+/// Password hashes (and scrypt exports) keycast has started.
+fn hashing_jobs(server: &harness::Keycast) -> f64 {
+    let (status, text) = server.get("/metrics");
+    assert_eq!(status, 200);
+    harness::metric_sum(&text, "keycast_hashing_jobs_total")
+}
+
 /// Each key export and password change is recorded and mailed to the account. With the right
 /// password, a loop of them grew the account's events and spent the operator's mail quota —
 /// every other account's verification and reset mail with it — without bound.
@@ -335,10 +342,22 @@ fn exports_and_password_changes_are_bounded_per_account(engine: Engine) {
             &json!({ "password": PASSWORD, "format": "nsec" }),
         )
     };
+    // Wrong passwords (a stolen session without the password) spend none of the budget:
+    // it is taken before the password is hashed, and given back.
+    for _ in 0..3 {
+        let wrong = post_json(
+            &server,
+            "/api/user/key/export",
+            Some(&cookie),
+            &json!({ "password": "not the password", "format": "nsec" }),
+        );
+        assert_eq!(wrong.status, 401, "{}", wrong.body);
+    }
     for n in 0..10 {
         let r = export();
         assert_eq!(r.status, 200, "export {n}: {}", r.body);
     }
+    let hashed = hashing_jobs(&server);
     let limited = export();
     assert_eq!(limited.status, 429, "{}", limited.body);
     assert!(limited.retry_after.is_some());
@@ -359,6 +378,13 @@ fn exports_and_password_changes_are_bounded_per_account(engine: Engine) {
         &json!({ "password": PASSWORD }),
     );
     assert_eq!(replaced.status, 429, "the same budget: {}", replaced.body);
+    // Past the budget a right password costs no argon2 work: one account's loop of them,
+    // answered 429 only after the hash, held the hashing queue full for everyone (503).
+    assert_eq!(
+        hashing_jobs(&server),
+        hashed,
+        "a request past the budget had its password hashed"
+    );
     let outbox = get(&server, "/api/test/outbox", None).json();
     let notices = outbox["messages"]
         .as_array()

@@ -246,3 +246,62 @@ fn logins_whose_clients_hang_up_do_not_jam_the_hashing_queue() {
     let owner = login_from(&server, email, PASSWORD, "192.0.2.100");
     assert_eq!(owner.status, 200, "{}", owner.body);
 }
+
+/// A login answered "busy" (the hashing queue full) was counted as a wrong password: a flood
+/// of strangers' logins made the owner's own tries back the owner off their account, for
+/// longer than the flood. Such an answer says nothing about the password, and counts for
+/// nothing now.
+#[test]
+fn logins_answered_busy_do_not_back_the_owner_off() {
+    let (_dir, server) = start(&[
+        ("KEYCAST_TRUSTED_PROXY_HOPS", "1"),
+        ("KEYCAST_HASH_MEMORY_MIB", "64"),
+        ("KEYCAST_HASH_QUEUE", "0"),
+    ]);
+    let email = "owner@example.org";
+    register(&server, email, None);
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flood: Vec<_> = (0..24)
+        .map(|t| {
+            let (base, flooding) = (server.base.clone(), flooding.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .build()
+                    .new_agent();
+                let mut n = 0u32;
+                while flooding.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    let _ = agent
+                        .post(format!("{base}/api/auth/login"))
+                        .header("Content-Type", "application/json")
+                        .header("X-Forwarded-For", &format!("10.{t}.{}.{}", n / 256 % 256, n % 256))
+                        .send(&json!({ "email": "stranger@example.org", "password": "guess" }).to_string());
+                }
+            })
+        })
+        .collect();
+    // The owner tries the right password during the flood, and is told to come back.
+    let mut busy = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while busy < 7 && std::time::Instant::now() < deadline {
+        let tried = login_from(&server, email, PASSWORD, "192.0.2.50");
+        match tried.status {
+            503 => busy += 1,
+            200 => {}
+            other => panic!("the owner's login during the flood: {other} {}", tried.body),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    flooding.store(false, std::sync::atomic::Ordering::SeqCst);
+    for f in flood {
+        f.join().unwrap();
+    }
+    assert!(busy >= 7, "the flood never filled the hashing queue");
+    let owner = login_from(&server, email, PASSWORD, "192.0.2.50");
+    assert_eq!(
+        owner.status, 200,
+        "the owner, answered busy {busy} times, is backed off: {}",
+        owner.body
+    );
+}
