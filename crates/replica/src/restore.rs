@@ -237,6 +237,16 @@ pub async fn restore(
 /// How many times [`restore`] plans, when objects keep disappearing under it.
 const REPLANS: usize = 3;
 
+/// [`restore`] from one listing and one plan: an object deleted since the listing fails it
+/// with [`StoreError::NotFound`], for callers that plan again themselves and must know that
+/// they did (a verification, for which a TXID compacted away meanwhile is no verdict).
+///
+/// # Errors
+/// See [`RestoreError`]; on any error no file is left at `output`.
+pub async fn restore_planned_once(store: &Store, output: &Path, target: Target) -> Result<Restored, RestoreError> {
+    restore_from(store, output, target, None, None).await
+}
+
 /// [`restore`] of the latest state, planned from `recent`: a [`Store::list_recent`] listing
 /// the caller has just made (start-up lists once, both to decide whether to restore and to
 /// restore, rather than paying the listing's round trips twice).

@@ -148,6 +148,16 @@ pub async fn record_checksum(store: &Store, lineage: &str, txid: u64, checksum: 
 /// # Errors
 /// The first corrupt object, a failed restore, or a checksum mismatch.
 pub async fn verify_replica(store: &Store, scratch: &Path) -> Result<Verified, VerifyError> {
+    // Read before anything is listed: what the mark records was stored by then, so the
+    // restore below must reach it. Read after, on a replica being written, it ran ahead of
+    // the restore's plan and made a sound replica look short.
+    let recorded = crate::lease::recorded_txid(store).await.map_err(|e| match e {
+        crate::lease::LeaseError::Store(e) => VerifyError::Store(e),
+        other => VerifyError::Restore(RestoreError::Mismatch {
+            key: "keycast/lease.json".into(),
+            reason: other.to_string(),
+        }),
+    })?;
     let checks = store.list_all().await?.into_iter().map(|object| {
         let store = store.clone();
         async move {
@@ -177,16 +187,9 @@ pub async fn verify_replica(store: &Store, scratch: &Path) -> Result<Verified, V
     }
     let sizes: Vec<u64> = checked.into_iter().filter_map(Result::ok).collect();
     let (objects, bytes) = (sizes.len(), sizes.iter().sum());
-    let (txid, checksum) = restore_and_sum(store, Target::Latest, scratch).await?;
+    let (txid, checksum) = restore_and_sum(store, Target::Latest, scratch, Plans::AsMany).await?;
     // Objects past a missing one look like uploads never acknowledged: the restore stops
-    // before the gap, at a state older than the lease knows was replicated.
-    let recorded = crate::lease::recorded_txid(store).await.map_err(|e| match e {
-        crate::lease::LeaseError::Store(e) => VerifyError::Store(e),
-        other => VerifyError::Restore(RestoreError::Mismatch {
-            key: "keycast/lease.json".into(),
-            reason: other.to_string(),
-        }),
-    })?;
+    // before the gap, at a state older than the lease knew was replicated.
     if let Some(recorded) = recorded.filter(|r| *r > txid) {
         return Err(VerifyError::Short { txid, recorded });
     }
@@ -246,7 +249,7 @@ pub async fn verify_at(
     let mut attempt = 0;
     let (restored, checksum) = loop {
         attempt += 1;
-        match restore_and_sum(store, Target::Txid(txid), scratch).await {
+        match restore_and_sum(store, Target::Txid(txid), scratch, Plans::One).await {
             Err(VerifyError::Restore(RestoreError::Store(StoreError::NotFound { key }))) if attempt < REPLANS => {
                 tracing::debug!(%key, "an object was pruned during verification; planning the restore again");
             }
@@ -272,14 +275,30 @@ pub async fn verify_at(
     })
 }
 
+/// Whether a restore may plan again when an object it planned was deleted (see
+/// [`restore::restore`]), or leaves that to its caller.
+#[derive(Debug, Clone, Copy)]
+enum Plans {
+    AsMany,
+    One,
+}
+
 /// Restores `target` into a temporary file under `scratch`, returning its TXID and checksum.
-async fn restore_and_sum(store: &Store, target: Target, scratch: &Path) -> Result<(u64, u64), VerifyError> {
+async fn restore_and_sum(
+    store: &Store,
+    target: Target,
+    scratch: &Path,
+    plans: Plans,
+) -> Result<(u64, u64), VerifyError> {
     std::fs::create_dir_all(scratch)?;
     let dir = tempfile::Builder::new()
         .prefix(".keycast-verify-")
         .tempdir_in(scratch)?;
     let out = dir.path().join("verify.db");
-    let restored = restore::restore(store, &out, target, None).await?;
+    let restored = match plans {
+        Plans::AsMany => restore::restore(store, &out, target, None).await?,
+        Plans::One => restore::restore_planned_once(store, &out, target).await?,
+    };
     let checksum = tokio::task::spawn_blocking(move || copy_checksum_path(&out, restored.page_size))
         .await
         .map_err(std::io::Error::other)??;

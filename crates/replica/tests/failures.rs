@@ -462,6 +462,72 @@ async fn an_object_pruned_while_the_whole_replica_is_checked_is_not_missing() {
     assert!(verified.is_ok(), "{:?}", verified.err());
 }
 
+/// `keycast replica verify` against a replica being written: its restore planned at the tip
+/// it listed, then read the lease's high-water mark — which the writer had moved on since —
+/// and reported the replica short of it, "an object in between is missing": a false
+/// corruption verdict, whose runbook restores an older TXID. The mark is read before the
+/// listing now, so whatever it records was stored when the restore planned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_written_while_it_is_verified_is_not_short_of_its_mark() {
+    use keycast_replica::lease::{recorded_txid, Lease, LeaseOptions};
+    let (dir, db, pool, signal) = common::live_db().await;
+    let base = Store::in_memory();
+    let options = LeaseOptions {
+        ttl: Duration::from_millis(600),
+        wait: Duration::from_secs(3),
+        check_interval: Duration::from_millis(100),
+    };
+    let lease = Lease::acquire(&base, "a", options).await.unwrap();
+    let replicator =
+        Replicator::start_with_lease(&db, base.clone(), signal, "l", ReplicaOptions::default(), Some(lease))
+            .await
+            .unwrap();
+    for v in ["one", "two", "three"] {
+        insert(&pool, v).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    let tip = replicator.status().replicated_txid;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while recorded_txid(&base).await.unwrap() != Some(tip) {
+        assert!(Instant::now() < deadline, "the mark reaches the tip");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The verification's check reads the newest object once, then its restore is held there.
+    let newest = base.ltx_key(0, tip, tip).filename().unwrap().to_owned();
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let gate = Gate::new();
+    faults.add(Rule::new(Op::Get, Action::Delay(Duration::ZERO)).key(&newest).times(1));
+    faults.add(Rule::new(Op::Get, Action::Hold(gate.clone())).key(&newest).times(1));
+    let verification = tokio::spawn({
+        let (store, scratch) = (store.clone(), dir.path().to_owned());
+        async move { keycast_replica::verify::verify_replica(&store, &scratch).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), gate.reached())
+        .await
+        .expect("the verification's restore reads the newest object");
+    // Meanwhile the writer ships on, and records it in the lease.
+    insert(&pool, "four").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while recorded_txid(&base).await.unwrap() <= Some(tip) {
+        assert!(Instant::now() < deadline, "the mark moves on");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.open();
+    let verified = verification.await.unwrap();
+    assert!(
+        verified.is_ok(),
+        "a sound replica reported broken: {:?}",
+        verified.err()
+    );
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
 /// Retention prunes the level-0 files a verification's restore needs, once level 1 has
 /// moved past the TXID verified (writes went on): no chain reaches that TXID any more. That
 /// says nothing about the replica — the state is in it, compacted — so it is no verdict.
