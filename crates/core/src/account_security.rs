@@ -110,12 +110,24 @@ pub async fn verify_email(
     session_repo::redeem_user_token(db, &hash, TokenPurpose::VerifyEmail, now)
         .await?
         .ok_or(AccountError::InvalidToken)?;
+    // The address is confirmed: every other link to confirm it is spent too. Each would
+    // otherwise stay, for its day, a way to check guesses at the password.
+    session_repo::use_up_user_tokens(db, &user.id, TokenPurpose::VerifyEmail, now).await?;
     if user.email_verified_at.is_none() {
         user_repo::mark_email_verified(db, &user.id, now).await?;
         take_over(signer, &user, TakeOver::FirstVerification, now).await?;
         event_repo::insert(db, &user.id, "email_verified", "", now).await?;
     }
     Ok(user.id)
+}
+
+/// The account a live email-confirmation `token` belongs to: whose password
+/// [`verify_email`] will check (so a caller can slow down guesses at it as at login).
+///
+/// # Errors
+/// [`AccountError::InvalidToken`]; [`AccountError::Internal`].
+pub async fn verification_account(db: &Db, token: &str, now: i64) -> Result<User, AccountError> {
+    live_token_user(db, &hash_token(token), TokenPurpose::VerifyEmail, now).await
 }
 
 /// Sets a new password with a mailed reset `token`: a take-over (see the module doc) that

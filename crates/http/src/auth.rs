@@ -189,16 +189,24 @@ async fn verify_email(
 }
 
 /// Confirms an email with the mailed token and the account's password (shared with the
-/// verify-email page). Rate-limited per IP like a reset: each try costs a password check.
+/// verify-email page). Rate-limited per IP like a reset, and each password tried is a guess
+/// at the account's password like a login's: the same backoff per account and client (a
+/// token read from a log was a way to guess around it).
 pub(crate) async fn confirm_email(state: &AppState, ip: &str, token: &str, password: String) -> Result<(), AppError> {
     state
         .limits()
         .check(&format!("reset-submit-ip:{ip}"), RESET_PER_IP)
         .await?;
-    let (_, services) = state.api()?;
+    let (db, services) = state.api()?;
     state.ensure_writable().await?;
+    let account = account_security::verification_account(db, token, now_unix()).await?;
+    let backoff = crate::limit::password_key(&account.email, ip);
+    state.limits().start_password_try(&backoff).await?;
     let password = Secret::new(password);
-    account_security::verify_email(&services.signer, &services.hasher, token, &password, now_unix()).await?;
+    match account_security::verify_email(&services.signer, &services.hasher, token, &password, now_unix()).await {
+        Ok(_) => state.limits().password_succeeded(&backoff).await,
+        Err(err) => return Err(judged_or_uncounted(state, &backoff, err.into()).await),
+    }
     // The first verification may revoke authorizations: a write that changes who may sign.
     state.confirm_write(true).await
 }

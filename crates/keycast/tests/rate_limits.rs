@@ -305,3 +305,57 @@ fn logins_answered_busy_do_not_back_the_owner_off() {
         owner.body
     );
 }
+
+/// Confirming an email takes the account's password with the mailed token. Those tries had
+/// only a per-client limit (ten, then one a minute), none of login's backoff per account: a
+/// confirmation link read from a log guessed at the password several times faster than a
+/// login could, and every other confirmation link stayed usable for its day after the address
+/// was confirmed. Now a guess there counts as at login, and confirming spends every link.
+#[test]
+fn a_confirmation_link_is_no_way_around_the_password_backoff() {
+    let (_dir, server) = start(&[("KEYCAST_TRUSTED_PROXY_HOPS", "1")]);
+    let email = "confirm@example.org";
+    harness::flow::register_unverified(&server, email, None);
+    let first = harness::flow::mailed_token(&server, email, "verify_email");
+    let confirm = |token: &str, password: &str, from: &str| {
+        post(
+            &server,
+            "/api/auth/verify-email",
+            None,
+            "application/json",
+            &json!({ "token": token, "password": password }).to_string(),
+            &[("X-Forwarded-For", from)],
+        )
+    };
+    let guesses: Vec<u16> = (0..7)
+        .map(|n| confirm(&first, &format!("guess {n}"), "203.0.113.77").status)
+        .collect();
+    assert!(
+        guesses.contains(&429),
+        "guesses through the link are not slowed down like logins: {guesses:?}"
+    );
+    assert_eq!(
+        login_from(&server, email, "another guess", "203.0.113.77").status,
+        429,
+        "the link's guesses count as the login's"
+    );
+
+    // A second link; the owner confirms with it, from elsewhere.
+    let resent = post_json(
+        &server,
+        "/api/auth/resend-verification",
+        None,
+        &json!({ "email": email }),
+    );
+    assert_eq!(resent.status, 202, "{}", resent.body);
+    let second = harness::flow::mailed_token(&server, email, "verify_email");
+    assert_ne!(first, second);
+    let owner = confirm(&second, PASSWORD, "192.0.2.5");
+    assert_eq!(owner.status, 200, "{}", owner.body);
+    let stale = confirm(&first, "yet another guess", "198.51.100.5");
+    assert_eq!(
+        stale.status, 400,
+        "the first link still checks passwords after the address was confirmed: {}",
+        stale.body
+    );
+}
