@@ -103,10 +103,18 @@ impl IntoResponse for AppError {
         let mut response = (status, Json(json!({ "error": code, "message": message.clone() }))).into_response();
         // Routes that serve HTML re-render the error from this (see `page::html_errors`).
         response.extensions_mut().insert(ErrorMessage(message));
-        if let AppError::TooManyRequests { retry_after_secs } | AppError::Overloaded { retry_after_secs, .. } = self {
+        let retry_after = match self {
+            AppError::TooManyRequests { retry_after_secs } | AppError::Overloaded { retry_after_secs, .. } => {
+                Some(retry_after_secs)
+            }
+            // Starting, stopping, or a dependency failing: soon, or on another instance.
+            AppError::Unavailable(_) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response
     }
@@ -218,6 +226,17 @@ impl From<KeyError> for AppError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// keycast starting (or a dependency failing) says when to try again, as API.md says.
+    #[test]
+    fn an_unavailable_keycast_says_when_to_retry() {
+        let response = AppError::Unavailable("keycast is starting".into()).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap()),
+            Some("1")
+        );
+    }
 
     /// A busy database is a 503 to retry in a second, not a 500.
     #[test]

@@ -63,9 +63,10 @@ async fn rpc(
 
 async fn handle(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Value, RpcError> {
     let token = bearer(headers).ok_or(RpcError::NoToken)?;
-    let (_, services) = state
-        .api()
-        .map_err(|_| RpcError::Unavailable("keycast is starting; retry in a moment".into()))?;
+    let (_, services) = state.api().map_err(|_| RpcError::Unavailable {
+        message: "keycast is starting; retry in a moment".into(),
+        retry_after_secs: 1,
+    })?;
     // Counted from before the writer check, so a hand-over waits for this request to end.
     let _request = services.signer.request();
     // A deploy's old instance keeps getting requests until the traffic has moved.
@@ -132,7 +133,11 @@ enum RpcError {
         expires_at: i64,
     },
     /// 503 with a message saying why and when to retry.
-    Unavailable(String),
+    /// 503 with `Retry-After`: starting, or a transient database state.
+    Unavailable {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// 503 with `Retry-After: 1`: this instance handed the database over (a deploy) or lost it;
     /// a retry reaches the instance that has it.
     Moved,
@@ -168,7 +173,10 @@ impl From<SignError> for RpcError {
             SignError::BadRequest { reason } => RpcError::BadRequest(reason),
             SignError::NoKey => RpcError::Internal("authorization without a user key".into()),
             SignError::Internal(InternalError::Repo(cause)) => match crate::error::transient(&cause) {
-                Some((message, _)) => RpcError::Unavailable(message),
+                Some((message, retry_after_secs)) => RpcError::Unavailable {
+                    message,
+                    retry_after_secs,
+                },
                 None => RpcError::Internal(cause.to_string()),
             },
             SignError::Internal(cause) => RpcError::Internal(cause.to_string()),
@@ -218,7 +226,14 @@ impl IntoResponse for RpcError {
                 });
                 return (StatusCode::FORBIDDEN, Json(body)).into_response();
             }
-            RpcError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+            RpcError::Unavailable {
+                message,
+                retry_after_secs,
+            } => {
+                let body = json!({ "error": message, "code": "unavailable" });
+                let retry = [(axum::http::header::RETRY_AFTER, retry_after_secs.max(1).to_string())];
+                return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
+            }
             RpcError::Moved => {
                 let body = json!({
                     "error": "this instance no longer holds the database (another took it over, as in a deploy) and does not sign; retry: the request will reach the instance that holds it",
@@ -254,6 +269,24 @@ mod tests {
         ));
         let response = RpcError::from(SignError::Internal(InternalError::Repo(full))).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response
+                .headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap()),
+            Some("30"),
+            "when to retry"
+        );
+        let busy = RepoError::Busy(sqlx::Error::PoolTimedOut);
+        let response = RpcError::from(SignError::Internal(InternalError::Repo(busy))).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response
+                .headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap()),
+            Some("1")
+        );
         let other = RepoError::Database(sqlx::Error::PoolTimedOut);
         let response = RpcError::from(SignError::Internal(InternalError::Repo(other))).into_response();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
