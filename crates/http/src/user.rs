@@ -137,6 +137,36 @@ async fn nostrconnect(
     ))
 }
 
+/// The checks of a `nostrconnect://` URI before its grant: public relays (unless allowed),
+/// within the caps on relays, and `policy` one `user` may use. Returns the policy.
+async fn usable_nostrconnect(
+    state: &AppState,
+    user: &UserId,
+    uri: &NostrConnectUri,
+    policy: &str,
+) -> Result<keycast_db::policies::PolicyRow, AppError> {
+    if !state.options().nostrconnect_internal_relays {
+        uri.refuse_internal_relays()
+            .await
+            .map_err(|e| AppError::BadRequest(e.to_string()))?;
+    }
+    let (db, _) = state.api()?;
+    let options = state.options();
+    uri.check_relay_caps(db, user, options.nostrconnect_relay_caps, &options.relays)
+        .await
+        .map_err(|e| match e {
+            RelayCapError::Refused(e) => AppError::BadRequest(e.to_string()),
+            RelayCapError::Repo(e) => e.into(),
+        })?;
+    // A public policy, or one of the user's own custom policies.
+    policies::find_usable(db, user, policy).await?.ok_or_else(|| {
+        AppError::BadRequest(format!(
+            "unknown policy {policy:?}; GET /api/policies lists them (e.g. social, readonly, wallet, full), \
+             GET /api/user/policies your own"
+        ))
+    })
+}
+
 /// Creates a `nostrconnect://` authorization for `user` and waits until it is durable
 /// (shared with the dashboard's form).
 pub(crate) async fn accept_nostrconnect(
@@ -148,27 +178,21 @@ pub(crate) async fn accept_nostrconnect(
     account_security::require_verified(&session.user)?;
     let user = &session.user.id;
     let uri = NostrConnectUri::parse(uri).map_err(|e| AppError::BadRequest(e.to_string()))?;
-    if !state.options().nostrconnect_internal_relays {
-        uri.refuse_internal_relays()
-            .await
-            .map_err(|e| AppError::BadRequest(e.to_string()))?;
-    }
-    let (db, services) = state.api()?;
-    let options = state.options();
-    uri.check_relay_caps(db, user, options.nostrconnect_relay_caps, &options.relays)
-        .await
-        .map_err(|e| match e {
-            RelayCapError::Refused(e) => AppError::BadRequest(e.to_string()),
-            RelayCapError::Repo(e) => e.into(),
-        })?;
-    // A public policy, or one of the user's own custom policies.
-    let policy = policies::find_usable(db, user, policy).await?.ok_or_else(|| {
-        AppError::BadRequest(format!(
-            "unknown policy {policy:?}; GET /api/policies lists them (e.g. social, readonly, wallet, full), \
-             GET /api/user/policies your own"
-        ))
-    })?;
+    // Before the relays' names are looked up (a lookup can take seconds, on a blocking
+    // thread): past the budget, an acceptance costs none. A URI refused below gives its
+    // attempt back.
     admit_new_grant(state, user).await?;
+    let policy = match usable_nostrconnect(state, user, &uri, policy).await {
+        Ok(policy) => policy,
+        Err(e) => {
+            state
+                .limits()
+                .give_back(&format!("grant:{user}"), GRANTS_PER_ACCOUNT)
+                .await;
+            return Err(e);
+        }
+    };
+    let (_, services) = state.api()?;
     state.ensure_writable().await?;
     if let Some(ms) = held_before_grant() {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
