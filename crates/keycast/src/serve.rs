@@ -42,7 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::config::{Config, Database, PostgresConfig};
+use crate::config::{Config, Database, PostgresConfig, ReplicaConfig};
 
 /// Serves HTTP on `listener` until `shutdown` completes, then shuts down in order.
 ///
@@ -981,22 +981,15 @@ pub async fn shutdown_signal() {
 
 /// Opens the configured database (migrating it), for commands that run beside or before
 /// `serve` (`migrate`, `clients`). On SQLite the writes land in the WAL, which a running
-/// keycast's replicator ships, or the next start does.
+/// keycast's replicator ships within a second or two, or the next start does. A replicated
+/// SQLite database is opened only when what it writes will reach the replica (see
+/// [`refuse_unreplicated_writes`]).
 ///
 /// # Errors
 /// As for start-up.
 pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
     if let (Database::Sqlite { path, .. }, Some(replica)) = (&config.database, &config.replica) {
-        // A new empty file beside a replica with data would be a database the replica knows
-        // nothing of, which `serve` then refuses to start on (and anything written to it never
-        // ships). Beside an empty replica, `serve` adopts it: that is a first start.
-        if !path.exists() && crate::replication::open_store(replica)?.max_txid().await? > 0 {
-            anyhow::bail!(
-                "there is no database at {} and KEYCAST_REPLICA_URL ({}) is set: `keycast serve` restores it from the replica before anything else may use it; run this where keycast serves, or `keycast restore` the replica here first",
-                path.display(),
-                keycast_db::pool::redact_url(&replica.url)
-            );
-        }
+        refuse_unreplicated_writes(path, replica).await?;
     }
     prepare_directories(config)?;
     Ok(match &config.database {
@@ -1009,6 +1002,55 @@ pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
         }
         Database::Postgres(pg) => open_postgres(pg).await?,
     })
+}
+
+/// Refuses a command's writes to the replicated SQLite database at `path` that would not
+/// reach the replica:
+/// - no file, beside a replica with data: a new database the replica knows nothing of,
+///   which `serve` refuses to start on. (Beside an empty replica `serve` adopts it: a first
+///   start.)
+/// - with no keycast running on it, behind the replica (another instance wrote since this
+///   copy) or without a replication record: the next start moves the file aside and
+///   restores, or refuses it, and the change is gone.
+async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig) -> anyhow::Result<()> {
+    let store = || crate::replication::open_store(replica);
+    let shown = keycast_db::pool::redact_url(&replica.url);
+    if !path.exists() {
+        if store()?.max_txid().await? > 0 {
+            anyhow::bail!(
+                "there is no database at {} and KEYCAST_REPLICA_URL ({shown}) is set: `keycast serve` restores it from the replica before anything else may use it; run this where keycast serves, or `keycast restore` the replica here first",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
+    // Beside a running keycast, its replicator ships what this commits (it looks for commits
+    // it did not make every second), and its record is a moment behind each upload.
+    if keycast_replica::db_file::opened_elsewhere(path)
+        .with_context(|| format!("cannot tell whether {} is in use", path.display()))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let remote = keycast_replica::store::tip(&store()?.list_recent().await?);
+    let local = keycast_replica::local_state::load(path)
+        .with_context(|| format!("cannot read the replication record of {}", path.display()))?;
+    match local {
+        Some(record) if record.txid < remote => anyhow::bail!(
+            "the database at {} is at TXID {} but the replica ({shown}) has reached TXID {remote}: another instance \
+             has written since, and the next `keycast serve` here restores over this copy, taking any change made \
+             here with it. Run this where keycast serves (or through its admin API), or let `keycast serve` restore \
+             here first",
+            path.display(),
+            record.txid
+        ),
+        None if remote > 0 => anyhow::bail!(
+            "the database at {} has no replication record, and the replica ({shown}) holds data: `keycast serve` \
+             refuses to start on it, so a change made here would never reach the replica",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// `keycast migrate`: open the database, apply pending migrations, close it.

@@ -249,6 +249,61 @@ fn an_app_registered_from_the_shell_while_serving_survives_a_redeploy() {
     assert!(page.body.contains("<strong>Nostrudel</strong>") && page.body.contains("Verified app"));
 }
 
+/// `keycast clients add` beside a service that is idle: its replicator shipped only after a
+/// commit of its own (or at its stop), so the app sat in the local WAL alone — an idle
+/// instance's next write might be an hour away, and a lost disk or a deploy meanwhile lost
+/// it. The replicator now looks every second for commits it did not make.
+#[test]
+fn an_app_registered_from_the_shell_beside_an_idle_service_reaches_the_replica_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    // Compaction an hour apart: its timer (every 10 s by default, for a while after each
+    // shipment) would otherwise wake the replicator, as any write of its own would; an
+    // instance idle for a few minutes has no timer sooner than its hourly ones.
+    let server = Launch::new(&dir.path().join("data"))
+        .redeployable(&replica)
+        .env("KEYCAST_REPLICA_COMPACTION_LEVELS", "3600")
+        .start();
+    let added = clients_cli(
+        &server,
+        &["add", "--name", "Amethyst", "--redirect-uri", APP_REDIRECT, "--json"],
+    );
+    assert!(added.status.success(), "clients add while serving: {}", added.stderr);
+    let id = serde_json::from_str::<Value>(added.stdout.trim()).unwrap()["client_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Nothing else happens on the service. The replica gets the app within seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    for n in 0.. {
+        let out = dir.path().join(format!("probe-{n}.db"));
+        harness::keycast_cli(
+            &[
+                "restore",
+                "--replica",
+                &format!("file://{}", replica.display()),
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .assert_success("keycast restore");
+        let found = harness::sqlite_query(
+            &out,
+            &format!("SELECT count(*) FROM oauth_clients WHERE client_id = '{id}'"),
+        );
+        if found.trim() == "1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the app registered beside the idle service is still not in the replica"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert_eq!(server.get("/healthz/ready").0, 200);
+}
+
 /// `keycast clients add` on a persistent disk after the service crashed (SIGKILL, an OOM
 /// kill), before it is started again. Before, the command's connection was the last one and
 /// SQLite folded the WAL into the file on close; the next start found the WAL gone under its
@@ -419,3 +474,39 @@ on_both_engines!(
     admin_api_needs_the_operator_token_and_registers_lists_and_removes,
     closed_registration_refuses_unregistered_apps_and_serves_registered_ones,
 );
+
+/// `keycast clients add` on a copy another instance has moved past (this host handed the
+/// replica over, or another took it): the command said "registered", and the next
+/// `keycast serve` here found its copy behind the replica, moved it aside and restored —
+/// the app was gone. The command now refuses, saying why.
+#[test]
+fn the_shell_refuses_a_copy_the_replica_has_moved_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    let (a_data, b_data) = (dir.path().join("a"), dir.path().join("b"));
+    let a = Launch::new(&a_data).redeployable(&replica).start();
+    a.stop();
+    let b = Launch::new(&b_data).redeployable(&replica).start();
+    register(&b, "moved-on@example.com", None);
+    b.stop();
+    let env = [
+        ("KEYCAST_DATA_DIR", a_data.to_str().unwrap()),
+        ("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display())),
+    ];
+    let added = harness::keycast_cli(
+        &["clients", "add", "--name", "Lost", "--redirect-uri", APP_REDIRECT],
+        &env,
+    );
+    assert!(
+        !added.status.success(),
+        "a change to a copy the next start restores over was accepted: {}",
+        added.stdout
+    );
+    assert!(added.stderr.contains("has reached TXID"), "{}", added.stderr);
+    // Where the replica is current, the shell works as before.
+    let env = [
+        ("KEYCAST_DATA_DIR", b_data.to_str().unwrap()),
+        ("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display())),
+    ];
+    harness::keycast_cli(&["clients", "list"], &env).assert_success("clients list on the current copy");
+}

@@ -27,6 +27,27 @@ use crate::segment::{self, Cursor, Segment, SegmentError};
 use crate::snapshot::Snapshot;
 use crate::store::{LtxObject, PreparedLtx, PutOutcome, Store};
 
+/// How often an idle worker looks at the WAL for commits this process did not make.
+const FOREIGN_COMMIT_POLL: Duration = Duration::from_secs(1);
+
+/// Resolves once the WAL at `wal` changes size or time from what it is now (checked every
+/// [`FOREIGN_COMMIT_POLL`]): a commit this process's hook never saw — `keycast clients add`
+/// beside the running service. Its own commits signal at once; without this, such a commit
+/// waited for the next one of its own (an idle instance's might be an hour away), and a
+/// deploy or a lost disk meanwhile left it behind.
+fn wal_changed(wal: PathBuf) -> impl Future<Output = ()> + 'static {
+    let stamp = |wal: &Path| std::fs::metadata(wal).ok().map(|m| (m.len(), m.modified().ok()));
+    let before = stamp(&wal);
+    async move {
+        loop {
+            tokio::time::sleep(FOREIGN_COMMIT_POLL).await;
+            if stamp(&wal) != before {
+                return;
+            }
+        }
+    }
+}
+
 /// The most uploads in flight at once, whatever the options and durable waiters (a restore
 /// relies on it: see [`crate::store::unacknowledged_tail`]).
 const MAX_IN_FLIGHT: usize = crate::store::MAX_UPLOADS_IN_FLIGHT as usize;
@@ -910,6 +931,7 @@ impl Worker {
                 () = self.signal.wait() => self.note_pending(),
                 () = tokio::time::sleep(wait) => {}
                 () = self.compaction_finished() => {}
+                () = wal_changed(segment::wal_path(&self.db)) => {}
                 _ = stop.changed() => continue,
             }
             match self.step().await {
