@@ -151,6 +151,27 @@ pub async fn restore_cmd(
             restored.txid
         );
     }
+    if let Some(ms) = pause_before_replacing() {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if replacing {
+        // Asked again: a keycast started during the restore (minutes, on a large database)
+        // would have the file renamed from under it, and write its next commits to the old one.
+        if let Some(pid) = keycast_replica::db_file::opened_elsewhere(output)
+            .with_context(|| format!("cannot tell whether {} is in use", output.display()))?
+        {
+            let _ = std::fs::remove_file(&restoring);
+            bail!(
+                "{} was opened by process {pid} (a keycast started?) while the restore ran: it is left as it was. \
+                 Stop that process and restore again",
+                output.display()
+            );
+        }
+    }
+    // Before the rename: a replication record left from the database that was there would let
+    // `serve` resume shipping this one as that one's continuation. Interrupted between the two,
+    // the old database without its record is refused at the next start, never shipped.
+    keycast_replica::local_state::remove(output);
     if replacing {
         // The old database's WAL would be applied to the new file on its next open.
         for leftover in restore::leftovers(output) {
@@ -159,9 +180,6 @@ pub async fn restore_cmd(
         std::fs::rename(&restoring, output)
             .with_context(|| format!("cannot move the restored database over {}", output.display()))?;
     }
-    // A replication record left from the database that was there before would let `serve`
-    // resume shipping this one as if it were that one's continuation.
-    keycast_replica::local_state::remove(output);
     if as_json {
         println!(
             "{}",
@@ -180,6 +198,14 @@ pub async fn restore_cmd(
         );
     }
     Ok(())
+}
+
+/// Fault injection: a pause (ms) after a restore, before it replaces the database (fail
+/// point `restore-before-replacing`): the window in which a keycast may start on it.
+fn pause_before_replacing() -> Option<u64> {
+    fail::fail_point!("restore-before-replacing", |ms: Option<String>| ms
+        .and_then(|m| m.parse().ok()));
+    None
 }
 
 /// `path` with `suffix` appended to its file name.

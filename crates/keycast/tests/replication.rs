@@ -423,6 +423,45 @@ fn restore_refuses_to_replace_the_database_a_running_instance_has_open() {
     restore(&live, &["--force"], &env);
 }
 
+/// The same, when the instance starts while the restore runs (a supervisor restarting it, a
+/// second operator): the check before the restore passed, and the rename then went over the
+/// file the instance had opened since. The restore now asks again just before it replaces
+/// anything, and leaves the database to the instance.
+#[test]
+fn restore_refuses_to_replace_a_database_an_instance_opened_while_it_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = file_env(&dir.path().join("replica"));
+    let data = dir.path().join("data");
+    let server = launch(&data, &env).start();
+    server.write("before", true);
+    server.stop();
+    let live = data.join("keycast.db");
+
+    let restoring = std::thread::spawn({
+        let (live, mut env) = (live.clone(), env.clone());
+        env.push(("FAILPOINTS".into(), "restore-before-replacing=return(5000)".into()));
+        move || cli(&["restore", "-o", live.to_str().unwrap(), "--force"], &env)
+    });
+    // While the restore waits to replace the file, keycast starts on it.
+    std::thread::sleep(Duration::from_millis(500));
+    let server = launch(&data, &env).start();
+    server.write("during", true);
+    let refused = restoring.join().unwrap();
+    assert!(
+        !refused.status.success(),
+        "the restore replaced a database keycast had opened: {}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains(&format!("process {}", server.pid())),
+        "the refusal names the process: {}",
+        refused.stderr
+    );
+    server.write("after", true);
+    server.stop();
+    assert_eq!(harness::test_keys(&live), keys(&["after", "before", "during"]));
+}
+
 /// How to damage an object.
 #[derive(Debug, Clone, Copy)]
 enum Damage {
