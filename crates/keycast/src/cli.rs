@@ -356,6 +356,17 @@ fn rfc3339(t: SystemTime) -> String {
 pub async fn accept_loss_cmd(store: &Store, lease: LeaseOptions, as_json: bool) -> anyhow::Result<()> {
     // A mark made under another key would be refused at the next start all the same.
     crate::replication::check_encryption_key(store).await?;
+    // Recording a mark does not make a replica with a hole in its chain restorable: the next
+    // start would still stop at the hole (and before, it was told it would not).
+    if let Err(gap @ restore::RestoreError::Gap { after, .. }) =
+        restore::plan(&store.list_all().await?, Target::Latest, &store.describe())
+    {
+        bail!(
+            "{gap}: accepting the loss would not make the latest state restorable. Restore the missing object, or \
+             restore TXID {after} (`keycast restore --txid {after}`) and start keycast from it on a new replica \
+             location (OPERATIONS.md, point-in-time recovery into a new prefix)"
+        );
+    }
     let owner = format!("keycast-replica-accept-loss-{}", std::process::id());
     let txid = keycast_replica::lease::accept_loss(store, &owner, lease).await?;
     if as_json {

@@ -872,3 +872,43 @@ fn timestamp_restore_excludes_commits_made_after_it_on_s3() {
         harness::s3_env(&endpoint, &bucket, "keycast")
     });
 }
+
+/// An acknowledged object gone from the middle of the replica, with more than a pipeline's
+/// worth of objects after it: `keycast replica accept-loss` recorded the newest TXID and said
+/// "the next start restores that state", and the next start still stopped at the hole. It
+/// now refuses, naming the hole and the way out.
+#[test]
+fn accept_loss_refuses_a_replica_with_a_hole_in_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    let env = file_env(&replica);
+    let server = launch(&dir.path().join("data"), &env)
+        .env("KEYCAST_REPLICA_COMPACTION_LEVELS", "3600")
+        .start();
+    for n in 0..10 {
+        server.write(&format!("w{n}"), true);
+    }
+    server.stop();
+    let level0: Vec<std::path::PathBuf> = {
+        let mut files: Vec<_> = std::fs::read_dir(replica.join("ltx").join("0"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    };
+    assert!(level0.len() >= 10, "{level0:?}");
+    std::fs::remove_file(&level0[level0.len() - 7]).unwrap();
+
+    let refused = cli(&["replica", "accept-loss"], &env);
+    assert!(
+        !refused.status.success(),
+        "accepted a loss that leaves the replica unrestorable: {}",
+        refused.stdout
+    );
+    assert!(
+        refused.stderr.contains("gap after TXID") && refused.stderr.contains("--txid"),
+        "{}",
+        refused.stderr
+    );
+}
