@@ -269,6 +269,7 @@ pub async fn ls_cmd(store: &Store, as_json: bool) -> anyhow::Result<()> {
 /// Store or local-record errors.
 pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Result<()> {
     let replicated = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
+    let holder = keycast_replica::lease::holder(store).await?;
     let record = local_state::load(db)?;
     let pending = unshipped_wal_bytes(db, record.as_ref());
     let lag = match (&record, pending) {
@@ -279,6 +280,9 @@ pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Resu
         "replica": store.describe(),
         "database": db,
         "replicated_txid": replicated,
+        "lease": holder.as_ref().map(|h| json!({
+            "owner": h.owner, "epoch": h.epoch, "released": h.released, "expires_at_ms": h.expires_at_ms,
+            "handover_requested_by": h.handover_requested_by })),
         "local_txid": record.as_ref().map(|r| r.txid),
         "unshipped_wal_bytes": pending,
         "lag_seconds": lag.map(|d| d.as_secs_f64()),
@@ -294,6 +298,22 @@ pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Resu
     }
     println!("replica:          {}", store.describe());
     println!("replicated TXID:  {replicated}");
+    match &holder {
+        None => println!("lease:            none (no instance has written this replica)"),
+        Some(h) if h.released => println!("lease:            free (given back by {}, epoch {})", h.owner, h.epoch),
+        Some(h) => {
+            let left_ms = h.expires_at_ms - now_unix_ms();
+            let when = if left_ms > 0 {
+                format!("renewed, runs out in {} s", left_ms / 1000)
+            } else {
+                format!("not renewed for {} s (idle, or gone)", -left_ms / 1000)
+            };
+            println!("lease:            {} (epoch {}), {when}", h.owner, h.epoch);
+            if let Some(by) = &h.handover_requested_by {
+                println!("                  asked for by {by}");
+            }
+        }
+    }
     match &record {
         Some(r) => {
             println!("local TXID:       {} ({})", r.txid, db.display());
@@ -324,15 +344,29 @@ pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Resu
     Ok(())
 }
 
-/// Bytes of WAL past the shipped position (0 if the WAL is gone or fully shipped).
+/// Bytes of committed WAL frames past the shipped position (0 if the WAL is gone or fully
+/// shipped). Measured to the last commit of the WAL's current generation, not to the file's
+/// end: SQLite restarts the WAL in place after a checkpoint without shrinking it, and the old
+/// generation's frames past the new ones are nobody's (the file's length made a shipped WAL
+/// look tens of kilobytes behind, and ever older).
 fn unshipped_wal_bytes(db: &Path, record: Option<&local_state::LocalState>) -> u64 {
-    let len = std::fs::metadata(keycast_replica::segment::wal_path(db))
-        .map(|m| m.len())
-        .unwrap_or(0);
+    const WAL_HEADER: u64 = 32;
+    let Ok(Some(end)) = keycast_replica::segment::wal_end(db) else {
+        return 0;
+    };
     match record.and_then(|r| r.wal) {
-        Some(cursor) => len.saturating_sub(cursor.offset),
-        None => len.saturating_sub(32).min(len),
+        Some(cursor) if (cursor.salt1, cursor.salt2) == (end.salt1, end.salt2) => {
+            end.offset.saturating_sub(cursor.offset)
+        }
+        // A generation the record does not know: whatever it holds was committed since.
+        _ => end.offset.saturating_sub(WAL_HEADER),
     }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn age(ms: i64) -> Duration {

@@ -750,6 +750,49 @@ fn replica_status_reports_local_and_replicated_txid() {
     );
 }
 
+/// `keycast replica status` on the host of a running instance, after a checkpoint restarted
+/// its WAL in place: it measured unshipped bytes to the file's end, so the old generation's
+/// frames past the new ones made a shipped WAL look behind (and `in_sync` false, ever older);
+/// and it named no lease holder, which OPERATIONS.md promised.
+#[test]
+fn replica_status_beside_a_running_instance_says_what_is_shipped_and_who_holds_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = file_env(&dir.path().join("replica"));
+    let data = dir.path().join("data");
+    let server = launch(&data, &env)
+        .env("KEYCAST_REPLICA_CHECKPOINT_PAGES", "20")
+        .start();
+    let wal = data.join("keycast.db-wal");
+    let mut longest = 0;
+    for n in 0..60 {
+        server.write(&format!("w{n}"), true);
+        longest = longest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    }
+    // A checkpoint restarted the WAL: it is shorter than at its longest, in a new generation.
+    server.write("last", true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status_env = env.clone();
+    status_env.push(("KEYCAST_DATA_DIR".into(), data.display().to_string()));
+    let doc = loop {
+        let out = cli(&["replica", "status", "--json"], &status_env);
+        out.assert_success("keycast replica status --json");
+        let doc: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+        if doc["in_sync"] == Value::Bool(true) || Instant::now() > deadline {
+            break doc;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(longest > 20 * 4096, "the WAL grew past a checkpoint's worth: {longest}");
+    assert_eq!(doc["unshipped_wal_bytes"].as_u64(), Some(0), "{doc}");
+    assert_eq!(doc["in_sync"], Value::Bool(true), "{doc}");
+    assert_eq!(doc["lease"]["released"], Value::Bool(false), "{doc}");
+    assert!(
+        doc["lease"]["owner"].as_str().is_some_and(|o| !o.is_empty()),
+        "names the holder: {doc}"
+    );
+    server.stop();
+}
+
 /// `text` without ANSI escape sequences (the text log colours its field names).
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

@@ -795,6 +795,39 @@ pub async fn recorded_txid(store: &Store) -> Result<Option<u64>, LeaseError> {
     Ok(mark::trusted(store, found).await?)
 }
 
+/// Who holds the replica, as the lease object says: for people (`keycast replica status`),
+/// never for deciding who may write (that is [`Lease::acquire`]'s, by compare-and-swap).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The holder's name (`<host>-<pid>#<random>`).
+    pub owner: String,
+    pub epoch: u64,
+    /// Wall-clock expiry of its last renewal (ms since the Unix epoch).
+    pub expires_at_ms: i64,
+    /// Given back (a clean stop, a hand-over): nobody holds it.
+    pub released: bool,
+    /// A starting instance waiting for it.
+    pub handover_requested_by: Option<String>,
+}
+
+/// The lease as stored; `None` when the replica has none (no instance has written).
+///
+/// # Errors
+/// Store errors; a malformed lease object.
+pub async fn holder(store: &Store) -> Result<Option<Holder>, LeaseError> {
+    let Some((bytes, _)) = store.get_object(OBJECT).await? else {
+        return Ok(None);
+    };
+    let record = decode(&bytes)?;
+    Ok(Some(Holder {
+        owner: record.owner,
+        epoch: record.epoch,
+        expires_at_ms: record.expires_at_ms,
+        released: record.released,
+        handover_requested_by: record.handover_requested_by,
+    }))
+}
+
 /// `keycast replica accept-loss`: records the TXID the replica reaches now as its high-water
 /// mark (with the replica key's MAC), so that the next start restores what the replica holds
 /// although its newest objects are gone or its mark could not be believed. Refused while an
