@@ -60,20 +60,24 @@ pub async fn take(db: &Db, key: &str, burst: u32, interval_ms: i64, now_ms: i64)
     })
 }
 
-/// Gives back one attempt taken from the bucket `key` (one `interval_ms`): what it was taken
-/// for did not happen.
+/// What [`take`] would decide for the bucket `key` at `now_ms`, taking nothing.
 ///
 /// # Errors
 /// Database errors.
-pub async fn give_back(db: &Db, key: &str, interval_ms: i64) -> Result<(), RepoError> {
-    on_engine!(db, |pool| {
-        sqlx::query("UPDATE rate_buckets SET tat_ms = tat_ms - $2 WHERE key = $1")
+pub async fn peek(db: &Db, key: &str, burst: u32, interval_ms: i64, now_ms: i64) -> Result<Attempt, RepoError> {
+    let tolerance = i64::from(burst.max(1) - 1) * interval_ms;
+    let tat: Option<i64> = on_engine!(db, |pool| {
+        sqlx::query_scalar("SELECT tat_ms FROM rate_buckets WHERE key = $1")
             .bind(key)
-            .bind(interval_ms)
-            .execute(pool)
-            .await?;
+            .fetch_optional(pool)
+            .await?
     });
-    Ok(())
+    Ok(match tat {
+        Some(tat) if tat.max(now_ms) - now_ms > tolerance => Attempt::Refused {
+            retry_after_ms: (tat - now_ms - tolerance).max(1),
+        },
+        _ => Attempt::Allowed,
+    })
 }
 
 /// How long wrong passwords make a key wait: nothing for the first `free` tries, then 1 s

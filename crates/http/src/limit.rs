@@ -229,20 +229,26 @@ impl RateLimits {
         }
     }
 
-    /// Gives back the attempt [`RateLimits::check`] took from `key` for something that then
-    /// did not happen (a password found wrong before a change it was to allow): a budget for
-    /// changes is then spent only by changes, yet checked before the password's argon2 work.
-    pub async fn give_back(&self, key: &str, rate: Rate) {
+    /// Whether the bucket `key` of shape `rate` has an attempt left, taking none: for a budget
+    /// spent only by what succeeds (a change its password allows), asked before the work that
+    /// decides it (the password's argon2), then taken with [`RateLimits::check`]. Taken before
+    /// and given back after, a request cancelled in between (a client that hangs up) kept it.
+    ///
+    /// # Errors
+    /// As [`RateLimits::check`].
+    pub async fn peek(&self, key: &str, rate: Rate) -> Result<(), AppError> {
         let Some(db) = self.shared.get() else {
-            if let Some(bucket) = self.buckets.get(key) {
-                let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
-                bucket.tokens = (bucket.tokens + 1.0).min(f64::from(rate.burst));
-            }
-            return;
+            return self.peek_local(key, rate);
         };
         let interval = i64::try_from(rate.refill.as_millis()).unwrap_or(i64::MAX);
-        if let Err(err) = shared::give_back(db, &stored_key(key), interval).await {
-            tracing::warn!(error = %err, "cannot give back an attempt in the shared limits");
+        match shared::peek(db, &stored_key(key), rate.burst, interval, now_ms())
+            .await
+            .map_err(unavailable)?
+        {
+            Attempt::Allowed => Ok(()),
+            Attempt::Refused { retry_after_ms } => Err(AppError::TooManyRequests {
+                retry_after_secs: secs_ceil(retry_after_ms),
+            }),
         }
     }
 
@@ -297,6 +303,22 @@ impl RateLimits {
         let wait = ((1.0 - bucket.tokens) / per_sec).ceil() as u64;
         Err(AppError::TooManyRequests {
             retry_after_secs: wait.max(1),
+        })
+    }
+
+    fn peek_local(&self, key: &str, rate: Rate) -> Result<(), AppError> {
+        let Some(bucket) = self.buckets.get(key) else {
+            return Ok(());
+        };
+        let bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let per_sec = 1.0 / rate.refill.as_secs_f64();
+        let elapsed = Instant::now().saturating_duration_since(bucket.updated).as_secs_f64();
+        let tokens = (bucket.tokens + elapsed * per_sec).min(f64::from(rate.burst));
+        if tokens >= 1.0 {
+            return Ok(());
+        }
+        Err(AppError::TooManyRequests {
+            retry_after_secs: (((1.0 - tokens) / per_sec).ceil() as u64).max(1),
         })
     }
 

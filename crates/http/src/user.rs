@@ -179,19 +179,10 @@ pub(crate) async fn accept_nostrconnect(
     let user = &session.user.id;
     let uri = NostrConnectUri::parse(uri).map_err(|e| AppError::BadRequest(e.to_string()))?;
     // Before the relays' names are looked up (a lookup can take seconds, on a blocking
-    // thread): past the budget, an acceptance costs none. A URI refused below gives its
-    // attempt back.
+    // thread): past the budget, an acceptance costs none. A URI refused after it has spent its
+    // attempt: its lookups are what the budget is for.
     admit_new_grant(state, user).await?;
-    let policy = match usable_nostrconnect(state, user, &uri, policy).await {
-        Ok(policy) => policy,
-        Err(e) => {
-            state
-                .limits()
-                .give_back(&format!("grant:{user}"), GRANTS_PER_ACCOUNT)
-                .await;
-            return Err(e);
-        }
-    };
+    let policy = usable_nostrconnect(state, user, &uri, policy).await?;
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
     if let Some(ms) = held_before_grant() {
@@ -431,10 +422,11 @@ pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, pass
 
 /// Checks the password again for a change recorded in the account's events (an export, a
 /// new password, a new key), counted against the account's budget
-/// ([`crate::limit::NOTICED_CHANGES_PER_ACCOUNT`]). The budget is taken before the password
-/// is hashed, so a loop of right passwords past it costs no argon2 work (one account's
-/// loop held the hashing queue full for everyone); it is given back when the password is
-/// not the account's, so a stolen session alone cannot spend the owner's budget.
+/// ([`crate::limit::NOTICED_CHANGES_PER_ACCOUNT`]). The budget is asked before the password
+/// is hashed, so a loop of right passwords past it costs no argon2 work (one account's loop
+/// held the hashing queue full for everyone), and spent only once the password is right, so
+/// a stolen session alone cannot spend the owner's budget — not even with requests it
+/// abandons half way.
 async fn reauthenticate_for_change(
     state: &AppState,
     ip: &str,
@@ -445,12 +437,10 @@ async fn reauthenticate_for_change(
         format!("noticed:{}", user.id),
         crate::limit::NOTICED_CHANGES_PER_ACCOUNT,
     );
+    state.limits().peek(&budget, rate).await?;
+    let proof = reauthenticate(state, ip, user, password).await?;
     state.limits().check(&budget, rate).await?;
-    let checked = reauthenticate(state, ip, user, password).await;
-    if checked.is_err() {
-        state.limits().give_back(&budget, rate).await;
-    }
-    checked
+    Ok(proof)
 }
 
 /// Checks the user's password again, with a backoff per account and client (see

@@ -168,22 +168,34 @@ fn a_burst_of_wrong_password_logins_from_many_clients_keeps_memory_bounded_and_k
     assert_eq!(owner.status, 200, "{}", owner.body);
 }
 
-/// Sends a wrong-password login from `forwarded_for` and hangs up `after` it, without reading
-/// the answer: a client that gives up, or an attacker who never waits.
-fn login_and_hang_up(addr: std::net::SocketAddr, forwarded_for: &str, after: Duration) {
+/// Sends a JSON `POST` to `path` with `headers` and hangs up `after` it, without reading the
+/// answer: a client that gives up, or an attacker who never waits.
+fn post_and_hang_up(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)], body: &str, after: Duration) {
     use std::io::Write;
-    let body =
-        json!({ "email": format!("gone-{forwarded_for}@example.org"), "password": "not the password" }).to_string();
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let headers: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         stream,
-        "POST /api/auth/login HTTP/1.1\r\nHost: keycast\r\nContent-Type: application/json\r\n\
-         X-Forwarded-For: {forwarded_for}\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: keycast\r\nContent-Type: application/json\r\n{headers}\
+         Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
     std::thread::sleep(after);
     drop(stream);
+}
+
+/// A wrong-password login from `forwarded_for`, hung up `after` it was sent.
+fn login_and_hang_up(addr: std::net::SocketAddr, forwarded_for: &str, after: Duration) {
+    let body =
+        json!({ "email": format!("gone-{forwarded_for}@example.org"), "password": "not the password" }).to_string();
+    post_and_hang_up(
+        addr,
+        "/api/auth/login",
+        &[("X-Forwarded-For", forwarded_for)],
+        &body,
+        after,
+    );
 }
 
 /// Clients that hang up while their password waits for the hashing queue. A request cancelled
@@ -357,5 +369,53 @@ fn a_confirmation_link_is_no_way_around_the_password_backoff() {
         stale.status, 400,
         "the first link still checks passwords after the address was confirmed: {}",
         stale.body
+    );
+}
+
+/// Whoever holds the owner's session but not the password sends exports with wrong passwords
+/// and hangs up while they wait for the hashing queue. The account's budget of changes was
+/// taken before the hash and given back after a wrong one — never, for a request dropped in
+/// between: ten such requests spent it, and the owner's own export, password change and new
+/// key were refused for an hour. The budget is now asked before the hash and spent after a
+/// right password only.
+#[test]
+fn abandoned_wrong_passwords_do_not_spend_the_owners_budget() {
+    let (_dir, server) = start(&[("KEYCAST_TRUSTED_PROXY_HOPS", "1"), ("KEYCAST_HASH_MEMORY_MIB", "64")]);
+    let email = "owner@example.org";
+    let (cookie, _) = register(&server, email, None);
+    let addr: std::net::SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
+    let body = json!({ "password": "not the password", "format": "nsec" }).to_string();
+    let abandoned: Vec<_> = (0..12)
+        .map(|n| {
+            let (cookie, body) = (cookie.clone(), body.clone());
+            std::thread::spawn(move || {
+                // Three addresses: each may try five wrong passwords before its backoff.
+                let from = format!("198.51.100.{}", n % 3);
+                post_and_hang_up(
+                    addr,
+                    "/api/user/key/export",
+                    &[("Cookie", &cookie), ("X-Forwarded-For", &from)],
+                    &body,
+                    Duration::from_millis(10),
+                );
+            })
+        })
+        .collect();
+    for a in abandoned {
+        a.join().unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let export = post(
+        &server,
+        "/api/user/key/export",
+        Some(&cookie),
+        "application/json",
+        &json!({ "password": PASSWORD, "format": "nsec" }).to_string(),
+        &[("X-Forwarded-For", "192.0.2.200")],
+    );
+    assert_eq!(
+        export.status, 200,
+        "abandoned wrong passwords spent the owner's budget: {}",
+        export.body
     );
 }

@@ -714,6 +714,14 @@ impl Shared {
         self.refusal().is_none() && self.lease_trusted()
     }
 
+    /// Whether the worker may delete what stands in the way of its own uploads (a stale
+    /// writer's object at its next TXID, an unacknowledged tail): neither fenced nor handed
+    /// over — a hand-over under way still ships its last commits, and clears their way — and
+    /// the lease valid by the clocks.
+    fn may_clear_for_upload(&self) -> bool {
+        self.final_refusal().is_none() && self.lease_trusted()
+    }
+
     fn handing_over_to(&self) -> Option<String> {
         self.status.lock().expect("status lock").handing_over_to.clone()
     }

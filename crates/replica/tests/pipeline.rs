@@ -633,3 +633,63 @@ async fn a_writer_whose_lease_lapsed_deletes_nothing_from_the_replica() {
         b.status().last_error
     );
 }
+
+/// B's next commit meets the stale object at its TXID while a starting instance (C) asks for
+/// the replica: the hand-over ships B's last commit, replacing the stale object on the way.
+/// The first version of the lease check before deletions took the hand-over under way for a
+/// lease no longer valid, and the hand-over could not ship it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_replaces_a_stale_object_in_the_way_of_its_last_commits() {
+    use keycast_replica::lease::{holder, Lease, LeaseOptions};
+    let tail = replica_with_a_stale_tail().await;
+    let (store, mut acknowledged, tip) = (tail.store.clone(), tail.acknowledged.clone(), tail.tip);
+    let (b, b_pool, b_faults) = tail.b.as_ref().expect("B runs");
+    // B's upload of its next commit waits until C has asked for the replica.
+    let held = Gate::new();
+    let key = store.ltx_key(0, tip + 1, tip + 1).filename().unwrap().to_owned();
+    b_faults.add(Rule::new(Op::Put, Action::Hold(held.clone())).key(&key).times(1));
+    insert(b_pool, "c1").await;
+    let monitor = b.monitor();
+    let durable = tokio::spawn(async move { monitor.wait_durable(Duration::from_secs(20)).await });
+    tokio::time::timeout(Duration::from_secs(5), held.reached())
+        .await
+        .expect("B's upload of c1 goes out");
+    let asking = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let options = LeaseOptions {
+                wait: Duration::from_secs(15),
+                ..short_lease()
+            };
+            Lease::acquire(&store, "c", options).await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while holder(&store)
+        .await
+        .unwrap()
+        .and_then(|h| h.handover_requested_by)
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "C asks for the replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held.open();
+    durable
+        .await
+        .unwrap()
+        .expect("c1 ships: the hand-over replaced the stale object");
+    acknowledged.push("c1".into());
+    let lease = tokio::time::timeout(Duration::from_secs(20), asking)
+        .await
+        .expect("C gets the replica")
+        .unwrap()
+        .expect("B handed over");
+    let c_db = tail.dir.path().join("c").join("c.db");
+    std::fs::create_dir_all(c_db.parent().unwrap()).unwrap();
+    bootstrap::prepare(&c_db, &store, lease.previous_txid(), &|| lease.is_valid())
+        .await
+        .unwrap();
+    let values: Vec<String> = common::rows(&c_db).await.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, acknowledged);
+}

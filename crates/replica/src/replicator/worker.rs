@@ -30,20 +30,24 @@ use crate::store::{LtxObject, PreparedLtx, PutOutcome, Store};
 /// How often an idle worker looks at the WAL for commits this process did not make.
 const FOREIGN_COMMIT_POLL: Duration = Duration::from_secs(1);
 
-/// Resolves once the WAL at `wal` changes size or time from what it is now (checked every
+/// The WAL's size and modification time: what [`wal_changed`] compares.
+type WalStamp = Option<(u64, Option<SystemTime>)>;
+
+fn wal_stamp(wal: &Path) -> WalStamp {
+    std::fs::metadata(wal).ok().map(|m| (m.len(), m.modified().ok()))
+}
+
+/// Resolves once the WAL at `wal` differs in size or time from `before` (checked every
 /// [`FOREIGN_COMMIT_POLL`]): a commit this process's hook never saw — `keycast clients add`
 /// beside the running service. Its own commits signal at once; without this, such a commit
 /// waited for the next one of its own (an idle instance's might be an hour away), and a
-/// deploy or a lost disk meanwhile left it behind.
-fn wal_changed(wal: PathBuf) -> impl Future<Output = ()> + 'static {
-    let stamp = |wal: &Path| std::fs::metadata(wal).ok().map(|m| (m.len(), m.modified().ok()));
-    let before = stamp(&wal);
-    async move {
-        loop {
-            tokio::time::sleep(FOREIGN_COMMIT_POLL).await;
-            if stamp(&wal) != before {
-                return;
-            }
+/// deploy or a lost disk meanwhile left it behind. `before` is taken before the round reads
+/// the WAL, so a commit landing while it does is not taken for the baseline.
+async fn wal_changed(wal: PathBuf, before: WalStamp) {
+    loop {
+        tokio::time::sleep(FOREIGN_COMMIT_POLL).await;
+        if wal_stamp(&wal) != before {
+            return;
         }
     }
 }
@@ -303,7 +307,7 @@ impl Worker {
     /// [`ReplicaError::LeaseUnconfirmed`] (or what [`Shared::keep_lease`] says).
     async fn may_delete_now(&self) -> Result<(), ReplicaError> {
         self.shared.keep_lease(Keep::HandingOver).await?;
-        if self.shared.may_delete() {
+        if self.shared.may_clear_for_upload() {
             return Ok(());
         }
         Err(ReplicaError::LeaseUnconfirmed {
@@ -903,6 +907,9 @@ impl Worker {
     pub(super) async fn run(mut self, mut stop: watch::Receiver<Option<Instant>>) -> Result<u64, ReplicaError> {
         let mut backoff = self.options.retry_min;
         let mut failing = false;
+        let wal = segment::wal_path(&self.db);
+        // As the WAL was before the last round read it (see `wal_changed`).
+        let mut read_from = wal_stamp(&wal);
         loop {
             // Commits wait at the WAL limit only while this loop checkpoints (see
             // `crate::capture`); any other state lifts it.
@@ -931,9 +938,10 @@ impl Worker {
                 () = self.signal.wait() => self.note_pending(),
                 () = tokio::time::sleep(wait) => {}
                 () = self.compaction_finished() => {}
-                () = wal_changed(segment::wal_path(&self.db)) => {}
+                () = wal_changed(wal.clone(), read_from) => {}
                 _ = stop.changed() => continue,
             }
+            read_from = wal_stamp(&wal);
             match self.step().await {
                 Ok(()) => {
                     failing = false;
