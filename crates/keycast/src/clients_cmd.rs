@@ -8,13 +8,14 @@ use keycast_db::now_unix;
 use serde_json::json;
 
 use crate::config::Config;
+use crate::serve::Access;
 
 /// `keycast clients add`: registers the app and prints its new `client_id`.
 ///
 /// # Errors
 /// An invalid registration (naming the field), or the database's errors.
 pub async fn add(config: &Config, new: NewClient, as_json: bool) -> anyhow::Result<()> {
-    let db = crate::serve::open_database(config).await?;
+    let db = crate::serve::open_database(config, Access::Write).await?;
     let client = clients::register(&db, &new, now_unix()).await;
     db.close().await;
     let client = client.context("cannot register the app")?;
@@ -32,7 +33,7 @@ pub async fn add(config: &Config, new: NewClient, as_json: bool) -> anyhow::Resu
 /// # Errors
 /// The database's errors.
 pub async fn list(config: &Config, as_json: bool) -> anyhow::Result<()> {
-    let db = crate::serve::open_database(config).await?;
+    let db = crate::serve::open_database(config, Access::Read).await?;
     let listed = clients::list(&db).await;
     db.close().await;
     let listed = listed.context("cannot list the registered apps")?;
@@ -53,7 +54,7 @@ pub async fn list(config: &Config, as_json: bool) -> anyhow::Result<()> {
 /// # Errors
 /// An unknown client id, or the database's errors.
 pub async fn remove(config: &Config, client_id: &str) -> anyhow::Result<()> {
-    let db = crate::serve::open_database(config).await?;
+    let db = crate::serve::open_database(config, Access::Write).await?;
     let removed = clients::remove(&db, client_id).await;
     db.close().await;
     if !removed? {

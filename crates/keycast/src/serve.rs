@@ -987,9 +987,9 @@ pub async fn shutdown_signal() {
 ///
 /// # Errors
 /// As for start-up.
-pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
+pub async fn open_database(config: &Config, access: Access) -> anyhow::Result<Db> {
     if let (Database::Sqlite { path, .. }, Some(replica)) = (&config.database, &config.replica) {
-        refuse_unreplicated_writes(path, replica).await?;
+        refuse_unreplicated_writes(path, replica, access).await?;
     }
     prepare_directories(config)?;
     Ok(match &config.database {
@@ -1012,7 +1012,7 @@ pub async fn open_database(config: &Config) -> anyhow::Result<Db> {
 /// - with no keycast running on it, behind the replica (another instance wrote since this
 ///   copy) or without a replication record: the next start moves the file aside and
 ///   restores, or refuses it, and the change is gone.
-async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig) -> anyhow::Result<()> {
+async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig, access: Access) -> anyhow::Result<()> {
     let store = || crate::replication::open_store(replica);
     let shown = keycast_db::pool::redact_url(&replica.url);
     if !path.exists() {
@@ -1022,6 +1022,10 @@ async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig) -> any
                 path.display()
             );
         }
+        return Ok(());
+    }
+    // Reading an existing copy writes nothing the replica could miss (and needs no store).
+    if access == Access::Read {
         return Ok(());
     }
     // Beside a running keycast, its replicator ships what this commits (it looks for commits
@@ -1035,7 +1039,24 @@ async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig) -> any
     let remote = keycast_replica::store::tip(&store()?.list_recent().await?);
     let local = keycast_replica::local_state::load(path)
         .with_context(|| format!("cannot read the replication record of {}", path.display()))?;
+    let lineage = keycast_replica::verify::replica_lineage(&store()?).await?;
     match local {
+        Some(record)
+            if remote > 0 && !record.lineage.is_empty() && lineage.as_ref().is_some_and(|l| *l != record.lineage) =>
+        {
+            anyhow::bail!(
+                "the database at {} is not the one the replica ({shown}) holds (another lineage): `keycast serve` \
+                 refuses it, so a change made here would never reach the replica",
+                path.display()
+            )
+        }
+        // (An empty replica adopts the copy at the next start.)
+        Some(record) if remote > 0 && record.txid > remote => anyhow::bail!(
+            "the database at {} is at TXID {} but the replica ({shown}) reaches only TXID {remote}: objects are \
+             missing from the replica, and `keycast serve` refuses this copy until that is settled",
+            path.display(),
+            record.txid
+        ),
         Some(record) if record.txid < remote => anyhow::bail!(
             "the database at {} is at TXID {} but the replica ({shown}) has reached TXID {remote}: another instance \
              has written since, and the next `keycast serve` here restores over this copy, taking any change made \
@@ -1053,12 +1074,21 @@ async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig) -> any
     }
 }
 
+/// What a command does with the database [`open_database`] opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Reads only (`keycast clients list`).
+    Read,
+    /// Writes (`keycast migrate`, `clients add`, `clients remove`).
+    Write,
+}
+
 /// `keycast migrate`: open the database, apply pending migrations, close it.
 ///
 /// # Errors
 /// As for start-up.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let db = open_database(config).await?;
+    let db = open_database(config, Access::Write).await?;
     tracing::info!(version = keycast_db::migrate::latest_version(), "database is migrated");
     db.close().await;
     Ok(())

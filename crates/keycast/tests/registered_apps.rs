@@ -503,6 +503,23 @@ fn the_shell_refuses_a_copy_the_replica_has_moved_past() {
         added.stdout
     );
     assert!(added.stderr.contains("has reached TXID"), "{}", added.stderr);
+    // Reading it writes nothing the replica could miss, and asks nothing of the store.
+    harness::keycast_cli(&["clients", "list"], &env).assert_success("clients list on the old copy");
+    // A copy of another database beside this replica: `serve` refuses it, and so does the shell.
+    let other = dir.path().join("other");
+    let c = Launch::new(&other)
+        .redeployable(&dir.path().join("other-replica"))
+        .start();
+    c.stop();
+    let mismatched = harness::keycast_cli(
+        &["clients", "add", "--name", "Lost", "--redirect-uri", APP_REDIRECT],
+        &[
+            ("KEYCAST_DATA_DIR", other.to_str().unwrap()),
+            ("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display())),
+        ],
+    );
+    assert!(!mismatched.status.success(), "{}", mismatched.stdout);
+    assert!(mismatched.stderr.contains("another lineage"), "{}", mismatched.stderr);
     // Where the replica is current, the shell works as before.
     let env = [
         ("KEYCAST_DATA_DIR", b_data.to_str().unwrap()),

@@ -366,10 +366,16 @@ async fn restore_from(
     );
     match result {
         Ok(restored) => {
-            std::fs::rename(&temp, output).map_err(|source| RestoreError::Io {
-                path: output.to_owned(),
-                source,
-            })?;
+            if let Err(source) = rename_no_replace(&temp, output) {
+                let _ = std::fs::remove_file(&temp);
+                return Err(match source.kind() {
+                    std::io::ErrorKind::AlreadyExists => RestoreError::OutputExists(output.to_owned()),
+                    _ => RestoreError::Io {
+                        path: output.to_owned(),
+                        source,
+                    },
+                });
+            }
             sync_dir(output);
             Ok(restored)
         }
@@ -399,6 +405,38 @@ async fn stamp_creation_times(store: &Store, files: Vec<LtxObject>) -> Result<Ve
     .buffered(DEFAULT_FETCH_CONCURRENCY)
     .try_collect()
     .await
+}
+
+/// Renames `from` to `to` unless `to` exists (`AlreadyExists` then), in one step: the output
+/// was checked to be absent before the restore, which may take minutes, and something may
+/// have appeared there since — a keycast that restored and opened its own database there.
+/// A plain rename would replace it under the running process.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the working directory.
+    let done = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if done == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        // A file system (or kernel) without it: a hard link fails on an existing name too.
+        Some(libc::EINVAL | libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
 }
 
 fn temp_path(output: &Path) -> PathBuf {

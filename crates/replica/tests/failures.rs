@@ -986,6 +986,46 @@ async fn a_latest_restore_plans_again_when_an_object_is_deleted_since_the_listin
     );
 }
 
+/// A restore checks that nothing is at its output before it starts, and a restore takes
+/// minutes on a large database. A keycast that restored its own database there meanwhile (a
+/// supervisor restarting it on the wiped disk) and opened it had the file replaced under it
+/// by the restore's final rename. The rename now refuses to replace anything.
+#[tokio::test]
+async fn a_restore_never_replaces_a_file_that_appeared_at_its_output_meanwhile() {
+    let (dir, base, _, newest, _) = replicated_with_newest().await;
+    let faults = Faults::new();
+    let store = base.reopen().with_faults(&faults);
+    let gate = Gate::new();
+    let newest_name = newest.key.filename().unwrap().to_owned();
+    faults.add(
+        Rule::new(Op::Get, Action::Hold(gate.clone()))
+            .key(&newest_name)
+            .times(1),
+    );
+    let out = dir.path().join("appeared.db");
+    let restoring = tokio::spawn({
+        let (store, out) = (store.clone(), out.clone());
+        async move { restore(&store, &out, Target::Latest, None).await }
+    });
+    tokio::time::timeout(Duration::from_secs(5), gate.reached())
+        .await
+        .expect("the restore fetches the newest object");
+    std::fs::write(&out, b"another process's database").unwrap();
+    gate.open();
+    let refused = restoring.await.unwrap();
+    assert!(
+        matches!(&refused, Err(keycast_replica::restore::RestoreError::OutputExists(path)) if *path == out),
+        "{refused:?}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"another process's database");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".restore-"))
+        .collect();
+    assert!(left.is_empty(), "the restore's temporary file is left: {left:?}");
+}
+
 /// Replaces the object at `key` with `bytes`, as a store that corrupts or an attacker would.
 async fn overwrite(store: &Store, key: &object_store::path::Path, bytes: Vec<u8>) {
     object_store::ObjectStoreExt::put(&store.object_store(), key, bytes.into())
