@@ -157,9 +157,12 @@ pub async fn restore_cmd(
     if replacing {
         // Asked again: a keycast started during the restore (minutes, on a large database)
         // would have the file renamed from under it, and write its next commits to the old one.
-        if let Some(pid) = keycast_replica::db_file::opened_elsewhere(output)
-            .with_context(|| format!("cannot tell whether {} is in use", output.display()))?
-        {
+        let in_use = keycast_replica::db_file::opened_elsewhere(output)
+            .with_context(|| format!("cannot tell whether {} is in use", output.display()));
+        if in_use.is_err() {
+            let _ = std::fs::remove_file(&restoring);
+        }
+        if let Some(pid) = in_use? {
             let _ = std::fs::remove_file(&restoring);
             bail!(
                 "{} was opened by process {pid} (a keycast started?) while the restore ran: it is left as it was. \
