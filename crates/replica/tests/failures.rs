@@ -947,12 +947,21 @@ async fn a_point_in_time_restore_lists_again_when_an_object_is_deleted_since_the
     assert_eq!(restored.txid, txid);
 }
 
-/// `keycast restore` of the latest state against a live replica: compaction covers the newest
-/// level-0 file one level up and retention deletes it, between the restore's listing and its
-/// fetch. The restore failed with "not found" (an operator's drill, or a copy for analysis,
-/// failed at random on a busy replica); it now lists and plans again.
-#[tokio::test]
-async fn a_latest_restore_plans_again_when_an_object_is_deleted_since_the_listing() {
+/// A restore of the latest state into `name`, from the replica of [`replicated_with_newest`],
+/// held as it fetches the newest object: the test changes things meanwhile, then opens `gate`.
+struct HeldRestore {
+    dir: tempfile::TempDir,
+    base: Store,
+    txid: u64,
+    newest: keycast_replica::store::LtxObject,
+    bytes: Vec<u8>,
+    gate: Gate,
+    out: std::path::PathBuf,
+    restoring:
+        tokio::task::JoinHandle<Result<keycast_replica::restore::Restored, keycast_replica::restore::RestoreError>>,
+}
+
+async fn restore_held_at_newest(name: &str) -> HeldRestore {
     let (dir, base, txid, newest, bytes) = replicated_with_newest().await;
     let faults = Faults::new();
     let store = base.reopen().with_faults(&faults);
@@ -963,7 +972,7 @@ async fn a_latest_restore_plans_again_when_an_object_is_deleted_since_the_listin
             .key(&newest_name)
             .times(1),
     );
-    let out = dir.path().join("latest.db");
+    let out = dir.path().join(name);
     let restoring = tokio::spawn({
         let (store, out) = (store.clone(), out.clone());
         async move { restore(&store, &out, Target::Latest, None).await }
@@ -971,6 +980,34 @@ async fn a_latest_restore_plans_again_when_an_object_is_deleted_since_the_listin
     tokio::time::timeout(Duration::from_secs(5), gate.reached())
         .await
         .expect("the restore fetches the newest object");
+    HeldRestore {
+        dir,
+        base,
+        txid,
+        newest,
+        bytes,
+        gate,
+        out,
+        restoring,
+    }
+}
+
+/// `keycast restore` of the latest state against a live replica: compaction covers the newest
+/// level-0 file one level up and retention deletes it, between the restore's listing and its
+/// fetch. The restore failed with "not found" (an operator's drill, or a copy for analysis,
+/// failed at random on a busy replica); it now lists and plans again.
+#[tokio::test]
+async fn a_latest_restore_plans_again_when_an_object_is_deleted_since_the_listing() {
+    let HeldRestore {
+        dir: _dir,
+        base,
+        txid,
+        newest,
+        bytes,
+        gate,
+        out,
+        restoring,
+    } = restore_held_at_newest("latest.db").await;
     let cover = base
         .put_ltx(1, newest.min_txid, newest.max_txid, bytes.into(), 0)
         .await
@@ -992,24 +1029,13 @@ async fn a_latest_restore_plans_again_when_an_object_is_deleted_since_the_listin
 /// by the restore's final rename. The rename now refuses to replace anything.
 #[tokio::test]
 async fn a_restore_never_replaces_a_file_that_appeared_at_its_output_meanwhile() {
-    let (dir, base, _, newest, _) = replicated_with_newest().await;
-    let faults = Faults::new();
-    let store = base.reopen().with_faults(&faults);
-    let gate = Gate::new();
-    let newest_name = newest.key.filename().unwrap().to_owned();
-    faults.add(
-        Rule::new(Op::Get, Action::Hold(gate.clone()))
-            .key(&newest_name)
-            .times(1),
-    );
-    let out = dir.path().join("appeared.db");
-    let restoring = tokio::spawn({
-        let (store, out) = (store.clone(), out.clone());
-        async move { restore(&store, &out, Target::Latest, None).await }
-    });
-    tokio::time::timeout(Duration::from_secs(5), gate.reached())
-        .await
-        .expect("the restore fetches the newest object");
+    let HeldRestore {
+        dir,
+        gate,
+        out,
+        restoring,
+        ..
+    } = restore_held_at_newest("appeared.db").await;
     std::fs::write(&out, b"another process's database").unwrap();
     gate.open();
     let refused = restoring.await.unwrap();
