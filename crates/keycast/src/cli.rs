@@ -272,7 +272,8 @@ pub async fn ls_cmd(store: &Store, as_json: bool) -> anyhow::Result<()> {
 /// Store or local-record errors.
 pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Result<()> {
     let replicated = store.list_all().await?.iter().map(|f| f.max_txid).max().unwrap_or(0);
-    let holder = keycast_replica::lease::holder(store).await?;
+    // A lease object nobody can read is worth saying, not a reason to say nothing else.
+    let holder = keycast_replica::lease::holder(store).await.map_err(|e| e.to_string());
     let record = local_state::load(db)?;
     let pending = unshipped_wal_bytes(db, record.as_ref());
     let lag = match (&record, pending) {
@@ -283,9 +284,12 @@ pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Resu
         "replica": store.describe(),
         "database": db,
         "replicated_txid": replicated,
-        "lease": holder.as_ref().map(|h| json!({
-            "owner": h.owner, "epoch": h.epoch, "released": h.released, "expires_at_ms": h.expires_at_ms,
-            "handover_requested_by": h.handover_requested_by })),
+        "lease": match &holder {
+            Ok(h) => json!(h.as_ref().map(|h| json!({
+                "owner": h.owner, "epoch": h.epoch, "released": h.released, "expires_at_ms": h.expires_at_ms,
+                "handover_requested_by": h.handover_requested_by }))),
+            Err(e) => json!({ "unreadable": e }),
+        },
         "local_txid": record.as_ref().map(|r| r.txid),
         "unshipped_wal_bytes": pending,
         "lag_seconds": lag.map(|d| d.as_secs_f64()),
@@ -302,9 +306,10 @@ pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Resu
     println!("replica:          {}", store.describe());
     println!("replicated TXID:  {replicated}");
     match &holder {
-        None => println!("lease:            none (no instance has written this replica)"),
-        Some(h) if h.released => println!("lease:            free (given back by {}, epoch {})", h.owner, h.epoch),
-        Some(h) => {
+        Err(e) => println!("lease:            unreadable ({e})"),
+        Ok(None) => println!("lease:            none (no instance has written this replica)"),
+        Ok(Some(h)) if h.released => println!("lease:            free (given back by {}, epoch {})", h.owner, h.epoch),
+        Ok(Some(h)) => {
             let left_ms = h.expires_at_ms - now_unix_ms();
             let when = if left_ms > 0 {
                 format!("renewed, runs out in {} s", left_ms / 1000)
@@ -393,16 +398,20 @@ fn rfc3339(t: SystemTime) -> String {
 pub async fn accept_loss_cmd(store: &Store, lease: LeaseOptions, as_json: bool) -> anyhow::Result<()> {
     // A mark made under another key would be refused at the next start all the same.
     crate::replication::check_encryption_key(store).await?;
-    // Recording a mark does not make a replica with a hole in its chain restorable: the next
-    // start would still stop at the hole (and before, it was told it would not).
-    if let Err(gap @ restore::RestoreError::Gap { after, .. }) =
-        restore::plan(&store.list_all().await?, Target::Latest, &store.describe())
-    {
-        bail!(
+    // Recording a mark does not make a replica with a hole in its chain, or without its
+    // beginning, restorable: the next start would still stop there (and before, it was told it
+    // would not).
+    match restore::plan(&store.list_all().await?, Target::Latest, &store.describe()) {
+        Err(gap @ restore::RestoreError::Gap { after, .. }) => bail!(
             "{gap}: accepting the loss would not make the latest state restorable. Restore the missing object, or \
              restore TXID {after} (`keycast restore --txid {after}`) and start keycast from it on a new replica \
              location (OPERATIONS.md, point-in-time recovery into a new prefix)"
-        );
+        ),
+        Err(start @ restore::RestoreError::NoSnapshot { .. }) => bail!(
+            "{start}: accepting the loss would not make any state restorable. Restore the missing objects (the \
+             first level-0 object, or a snapshot under ltx/9/)"
+        ),
+        _ => {}
     }
     let owner = format!("keycast-replica-accept-loss-{}", std::process::id());
     let txid = keycast_replica::lease::accept_loss(store, &owner, lease).await?;

@@ -101,16 +101,21 @@ pub async fn acquire_lease(store: &Store, config: &ReplicaConfig) -> anyhow::Res
 /// instance may be PID 1 on a host called `localhost`, and a lease held under one's own name
 /// counts as one's own.
 fn instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let host = host.trim();
     let mut random = [0u8; 8];
     getrandom::fill(&mut random).expect("the OS random number generator is unavailable");
     format!(
-        "{}-{}#{}",
-        if host.is_empty() { "keycast" } else { host },
-        std::process::id(),
+        "{}{}",
+        instance_prefix(std::process::id()),
         random.iter().map(|b| format!("{b:02x}")).collect::<String>()
     )
+}
+
+/// What the lease owner's name of a keycast on this host with process id `pid` starts with
+/// (see [`instance_name`]).
+pub fn instance_prefix(pid: u32) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{}-{pid}#", if host.is_empty() { "keycast" } else { host })
 }
 
 /// Runs the start-up decision (restore, resume, adopt, refuse) and logs it. `recorded` is the

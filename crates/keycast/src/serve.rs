@@ -1028,13 +1028,18 @@ async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig, access
     if access == Access::Read {
         return Ok(());
     }
-    // Beside a running keycast, its replicator ships what this commits (it looks for commits
-    // it did not make every second), and its record is a moment behind each upload.
-    if keycast_replica::db_file::opened_elsewhere(path)
-        .with_context(|| format!("cannot tell whether {} is in use", path.display()))?
-        .is_some()
-    {
-        return Ok(());
+    // Beside the keycast that holds the replica, its replicator ships what this commits (it
+    // looks for commits it did not make every second), and its record is a moment behind each
+    // upload. Any other process with the file open (an `sqlite3` session, an instance that
+    // handed over) ships nothing: the copy is judged as if nobody had it open.
+    let opened_by = keycast_replica::db_file::opened_elsewhere(path)
+        .with_context(|| format!("cannot tell whether {} is in use", path.display()))?;
+    if let Some(pid) = opened_by {
+        let holder = keycast_replica::lease::holder(&store()?).await?;
+        let prefix = crate::replication::instance_prefix(pid);
+        if holder.is_some_and(|h| !h.released && h.owner.starts_with(&prefix)) {
+            return Ok(());
+        }
     }
     let remote = keycast_replica::store::tip(&store()?.list_recent().await?);
     let local = keycast_replica::local_state::load(path)
@@ -1065,6 +1070,25 @@ async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig, access
             path.display(),
             record.txid
         ),
+        // What start-up checks too (`bootstrap`): a WAL that lost frames the record says were
+        // shipped (a power loss, or another program's last connection folding and removing
+        // it) is restored over at the next start.
+        Some(record)
+            if remote > 0
+                && record.wal.is_some_and(|cursor| {
+                    let folded = record.clean && record.db_checksum.is_some();
+                    let intact =
+                        || keycast_replica::segment::wal_reaches(path, &cursor, record.checkpointed).unwrap_or(false);
+                    !folded && !intact()
+                }) =>
+        {
+            anyhow::bail!(
+                "the WAL beside the database at {} no longer holds commits its replication record says were shipped \
+                 (a power loss, or another program closing it): the next `keycast serve` here restores over this \
+                 copy, taking any change made here with it. Let `keycast serve` start here first",
+                path.display()
+            )
+        }
         None if remote > 0 => anyhow::bail!(
             "the database at {} has no replication record, and the replica ({shown}) holds data: `keycast serve` \
              refuses to start on it, so a change made here would never reach the replica",

@@ -328,6 +328,40 @@ fn an_app_added_after_a_crash(launch: &Launch) -> String {
         .to_owned()
 }
 
+/// After a crash, another program's last connection (an operator's `sqlite3` look) folded
+/// the WAL into the file and removed it. The next start sees the replicated frames gone
+/// under its record (as after a power loss), moves the copy aside and restores: an app the
+/// shell registered meanwhile was lost, though the shell had said "registered". The shell
+/// now checks what start-up checks, and refuses.
+#[test]
+fn the_shell_refuses_a_copy_whose_wal_lost_what_was_shipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, replica) = (dir.path().join("data"), dir.path().join("replica"));
+    let launch = Launch::new(&data).redeployable(&replica);
+    let mut server = launch.start();
+    register(&server, "before-the-crash@example.com", None);
+    server.signal(libc::SIGKILL);
+    server.wait_exit(std::time::Duration::from_secs(10));
+    harness::sqlite_exec(&data.join("keycast.db"), "SELECT count(*) FROM users");
+    assert!(
+        !data.join("keycast.db-wal").exists(),
+        "sqlite3 folded and removed the WAL"
+    );
+    let added = harness::keycast_cli(
+        &["clients", "add", "--name", "Coracle", "--redirect-uri", APP_REDIRECT],
+        &[
+            ("KEYCAST_DATA_DIR", data.to_str().unwrap()),
+            ("KEYCAST_REPLICA_URL", &format!("file://{}", replica.display())),
+        ],
+    );
+    assert!(
+        !added.status.success(),
+        "registered on a copy the next start restores over: {}",
+        added.stdout
+    );
+    assert!(added.stderr.contains("no longer holds commits"), "{}", added.stderr);
+}
+
 #[test]
 fn an_app_registered_from_the_shell_after_a_crash_is_kept_and_replicated() {
     let dir = tempfile::tempdir().unwrap();
@@ -503,6 +537,32 @@ fn the_shell_refuses_a_copy_the_replica_has_moved_past() {
         added.stdout
     );
     assert!(added.stderr.contains("has reached TXID"), "{}", added.stderr);
+    // An `sqlite3` session with the copy open changes nothing: it ships nothing.
+    let mut session = std::process::Command::new("sqlite3")
+        .arg(a_data.join("keycast.db"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = session.stdin.as_mut().unwrap();
+        stdin.write_all(b"SELECT count(*) FROM users;\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let beside = harness::keycast_cli(
+        &["clients", "add", "--name", "Lost", "--redirect-uri", APP_REDIRECT],
+        &env,
+    );
+    let _ = session.kill();
+    let _ = session.wait();
+    assert!(
+        !beside.status.success(),
+        "an sqlite3 session with the copy open let the change through: {}",
+        beside.stdout
+    );
+    assert!(beside.stderr.contains("has reached TXID"), "{}", beside.stderr);
     // Reading it writes nothing the replica could miss, and asks nothing of the store.
     harness::keycast_cli(&["clients", "list"], &env).assert_success("clients list on the old copy");
     // A copy of another database beside this replica: `serve` refuses it, and so does the shell.

@@ -941,7 +941,9 @@ fn accept_loss_refuses_a_replica_with_a_hole_in_its_chain() {
         files
     };
     assert!(level0.len() >= 10, "{level0:?}");
-    std::fs::remove_file(&level0[level0.len() - 7]).unwrap();
+    let hole = &level0[level0.len() - 7];
+    let kept = std::fs::read(hole).unwrap();
+    std::fs::remove_file(hole).unwrap();
 
     let refused = cli(&["replica", "accept-loss"], &env);
     assert!(
@@ -954,4 +956,11 @@ fn accept_loss_refuses_a_replica_with_a_hole_in_its_chain() {
         "{}",
         refused.stderr
     );
+
+    // Nor one whose first object (the full image every restore starts from) is gone.
+    std::fs::write(hole, kept).unwrap();
+    std::fs::remove_file(&level0[0]).unwrap();
+    let refused = cli(&["replica", "accept-loss"], &env);
+    assert!(!refused.status.success(), "{}", refused.stdout);
+    assert!(refused.stderr.contains("no snapshot"), "{}", refused.stderr);
 }

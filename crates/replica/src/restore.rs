@@ -430,11 +430,18 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
-        // A file system (or kernel) without it: a hard link fails on an existing name too.
-        Some(libc::EINVAL | libc::ENOSYS) => {
-            std::fs::hard_link(from, to)?;
-            std::fs::remove_file(from)
-        }
+        // A file system, kernel or sandbox without it: a hard link fails on an existing name
+        // too; where links are not supported either, a check just before a plain rename.
+        Some(libc::EINVAL | libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP) => match std::fs::hard_link(from, to) {
+            Ok(()) => {
+                // In place now: a leftover temporary name is no reason to fail the restore.
+                let _ = std::fs::remove_file(from);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+            Err(_) if to.exists() => Err(std::io::ErrorKind::AlreadyExists.into()),
+            Err(_) => std::fs::rename(from, to),
+        },
         _ => Err(err),
     }
 }
