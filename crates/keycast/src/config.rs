@@ -950,6 +950,17 @@ impl Sources {
             _ => Err("expected a number of connections from 1 to 1000".into()),
         })?;
         let url = self.get("database_url", parse_database_url)?;
+        if let (Some(DatabaseUrl::Postgres(pg)), Some(raw)) = (&url, self.values.get("database_url")) {
+            if matches!(raw.origin, Origin::Flag) && url_has_password(pg) {
+                return Err(ConfigError::Invalid {
+                    origin: describe("database_url", raw),
+                    reason: "carries a password, which every local user sees on the command line (ps) and shell \
+                             history keeps: put the URL in DATABASE_URL, or in a file named by DATABASE_URL_FILE, or \
+                             leave the password out of it and use ~/.pgpass"
+                        .into(),
+                });
+            }
+        }
         let pg_only = ["database_direct_url", "instance_ttl_secs"];
         let Some(DatabaseUrl::Postgres(url)) = url else {
             if let Some(key) = pg_only.iter().find(|k| self.values.contains_key(*k)) {
@@ -1398,6 +1409,15 @@ enum DatabaseUrl {
     Postgres(String),
 }
 
+/// Whether a PostgreSQL URL carries a password (in its user part, or as `password=`).
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or("");
+    let in_user = authority.rsplit_once('@').is_some_and(|(user, _)| user.contains(':'));
+    in_user || query.split('&').any(|pair| pair.split('=').next() == Some("password"))
+}
+
 fn parse_database_url(v: &str) -> Result<DatabaseUrl, String> {
     if v.starts_with("postgres://") || v.starts_with("postgresql://") {
         let options = keycast_db::PgOptions::new(v);
@@ -1609,6 +1629,33 @@ mod tests {
         assert!(both.unwrap_err().to_string().contains("MASTER_KEY_PATH"));
         let dev = Sources::default().build().unwrap();
         assert!(matches!(dev.master_key, MasterKeySource::Development(p) if p.ends_with("master.key")));
+    }
+
+    /// A password on the command line is in `ps` for every local user and in shell history.
+    #[test]
+    fn a_database_url_flag_with_a_password_is_refused_without_printing_it() {
+        for url in [
+            "postgres://keycast:hunter2@db.internal:5432/keycast",
+            "postgres://keycast:hunter2@/keycast?host=/cloudsql/p:r:i",
+            "postgresql://db.internal/keycast?user=keycast&password=hunter2",
+        ] {
+            let refused = Sources::default()
+                .with_flag("database_url", Some(url.into()))
+                .build()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refused.contains("--database-url") && refused.contains("DATABASE_URL_FILE"),
+                "{refused}"
+            );
+            assert!(!refused.contains("hunter2"), "{refused}");
+        }
+        let without = Sources::default()
+            .with_flag("database_url", Some("postgres://keycast@db.internal/keycast".into()))
+            .build();
+        assert!(without.is_ok(), "{:?}", without.err());
+        let from_env = env(&[("DATABASE_URL", "postgres://keycast:hunter2@db.internal/keycast")]).build();
+        assert!(from_env.is_ok(), "{:?}", from_env.err());
     }
 
     #[test]
