@@ -1009,9 +1009,10 @@ pub async fn open_database(config: &Config, access: Access) -> anyhow::Result<Db
 /// - no file, beside a replica with data: a new database the replica knows nothing of,
 ///   which `serve` refuses to start on. (Beside an empty replica `serve` adopts it: a first
 ///   start.)
-/// - with no keycast running on it, behind the replica (another instance wrote since this
-///   copy) or without a replication record: the next start moves the file aside and
-///   restores, or refuses it, and the change is gone.
+/// - unless the keycast holding the replica has it open, a copy start-up would not resume
+///   (as `bootstrap` judges it): of another lineage, ahead of the replica, behind it (another
+///   instance wrote since), without a replication record, or whose WAL lost what was shipped.
+///   The next start refuses it or restores over it, and the change is gone.
 async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig, access: Access) -> anyhow::Result<()> {
     let store = || crate::replication::open_store(replica);
     let shown = keycast_db::pool::redact_url(&replica.url);
