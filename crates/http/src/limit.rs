@@ -133,6 +133,22 @@ struct Bucket {
     updated: Instant,
 }
 
+impl Bucket {
+    /// Its tokens at `now`, refilled at `rate` since it was last updated.
+    fn refilled(&self, rate: Rate, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        (self.tokens + elapsed / rate.refill.as_secs_f64()).min(f64::from(rate.burst))
+    }
+}
+
+/// The refusal of a bucket with `tokens` left: when the next whole one is in.
+fn too_many(tokens: f64, rate: Rate) -> AppError {
+    let wait = ((1.0 - tokens) * rate.refill.as_secs_f64()).ceil() as u64;
+    AppError::TooManyRequests {
+        retry_after_secs: wait.max(1),
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Failures {
     count: u32,
@@ -285,7 +301,6 @@ impl RateLimits {
 
     fn check_local(&self, key: &str, rate: Rate) -> Result<(), AppError> {
         let now = Instant::now();
-        let per_sec = 1.0 / rate.refill.as_secs_f64();
         let bucket = self.buckets.get_with_by_ref(key, || {
             Arc::new(Mutex::new(Bucket {
                 tokens: f64::from(rate.burst),
@@ -293,17 +308,13 @@ impl RateLimits {
             }))
         });
         let mut bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * per_sec).min(f64::from(rate.burst));
+        bucket.tokens = bucket.refilled(rate, now);
         bucket.updated = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             return Ok(());
         }
-        let wait = ((1.0 - bucket.tokens) / per_sec).ceil() as u64;
-        Err(AppError::TooManyRequests {
-            retry_after_secs: wait.max(1),
-        })
+        Err(too_many(bucket.tokens, rate))
     }
 
     fn peek_local(&self, key: &str, rate: Rate) -> Result<(), AppError> {
@@ -311,15 +322,10 @@ impl RateLimits {
             return Ok(());
         };
         let bucket = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let per_sec = 1.0 / rate.refill.as_secs_f64();
-        let elapsed = Instant::now().saturating_duration_since(bucket.updated).as_secs_f64();
-        let tokens = (bucket.tokens + elapsed * per_sec).min(f64::from(rate.burst));
-        if tokens >= 1.0 {
-            return Ok(());
+        match bucket.refilled(rate, Instant::now()) {
+            tokens if tokens >= 1.0 => Ok(()),
+            tokens => Err(too_many(tokens, rate)),
         }
-        Err(AppError::TooManyRequests {
-            retry_after_secs: (((1.0 - tokens) / per_sec).ceil() as u64).max(1),
-        })
     }
 
     fn start_password_try_local(&self, key: &str) -> Result<(), AppError> {

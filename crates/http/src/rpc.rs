@@ -260,6 +260,13 @@ mod tests {
     use super::*;
     use keycast_db::RepoError;
 
+    fn retry_after(response: &Response) -> Option<&str> {
+        response
+            .headers()
+            .get(axum::http::header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap())
+    }
+
     /// On PostgreSQL a grant with limits counts each signature in the database: with its
     /// disk full, the signature is refused with a 503 that says why, not a 500.
     #[test]
@@ -269,24 +276,11 @@ mod tests {
         ));
         let response = RpcError::from(SignError::Internal(InternalError::Repo(full))).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            response
-                .headers()
-                .get(axum::http::header::RETRY_AFTER)
-                .map(|v| v.to_str().unwrap()),
-            Some("30"),
-            "when to retry"
-        );
+        assert_eq!(retry_after(&response), Some("30"), "when to retry");
         let busy = RepoError::Busy(sqlx::Error::PoolTimedOut);
         let response = RpcError::from(SignError::Internal(InternalError::Repo(busy))).into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            response
-                .headers()
-                .get(axum::http::header::RETRY_AFTER)
-                .map(|v| v.to_str().unwrap()),
-            Some("1")
-        );
+        assert_eq!(retry_after(&response), Some("1"));
         let other = RepoError::Database(sqlx::Error::PoolTimedOut);
         let response = RpcError::from(SignError::Internal(InternalError::Repo(other))).into_response();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);

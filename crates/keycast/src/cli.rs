@@ -358,7 +358,6 @@ pub async fn status_cmd(store: &Store, db: &Path, as_json: bool) -> anyhow::Resu
 /// generation's frames past the new ones are nobody's (the file's length made a shipped WAL
 /// look tens of kilobytes behind, and ever older).
 fn unshipped_wal_bytes(db: &Path, record: Option<&local_state::LocalState>) -> u64 {
-    const WAL_HEADER: u64 = 32;
     let Ok(Some(end)) = keycast_replica::segment::wal_end(db) else {
         return 0;
     };
@@ -367,7 +366,7 @@ fn unshipped_wal_bytes(db: &Path, record: Option<&local_state::LocalState>) -> u
             end.offset.saturating_sub(cursor.offset)
         }
         // A generation the record does not know: whatever it holds was committed since.
-        _ => end.offset.saturating_sub(WAL_HEADER),
+        _ => end.offset.saturating_sub(keycast_replica::wal::WAL_HEADER_SIZE),
     }
 }
 

@@ -1014,10 +1014,11 @@ pub async fn open_database(config: &Config, access: Access) -> anyhow::Result<Db
 ///   instance wrote since), without a replication record, or whose WAL lost what was shipped.
 ///   The next start refuses it or restores over it, and the change is gone.
 async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig, access: Access) -> anyhow::Result<()> {
-    let store = || crate::replication::open_store(replica);
+    use keycast_replica::bootstrap::{judge, Verdict};
+    let store = crate::replication::open_store(replica)?;
     let shown = keycast_db::pool::redact_url(&replica.url);
     if !path.exists() {
-        if store()?.max_txid().await? > 0 {
+        if store.max_txid().await? > 0 {
             anyhow::bail!(
                 "there is no database at {} and KEYCAST_REPLICA_URL ({shown}) is set: `keycast serve` restores it from the replica before anything else may use it; run this where keycast serves, or `keycast restore` the replica here first",
                 path.display()
@@ -1036,66 +1037,51 @@ async fn refuse_unreplicated_writes(path: &Path, replica: &ReplicaConfig, access
     let opened_by = keycast_replica::db_file::opened_elsewhere(path)
         .with_context(|| format!("cannot tell whether {} is in use", path.display()))?;
     if let Some(pid) = opened_by {
-        let holder = keycast_replica::lease::holder(&store()?).await?;
+        let holder = keycast_replica::lease::holder(&store).await?;
         let prefix = crate::replication::instance_prefix(pid);
         if holder.is_some_and(|h| !h.released && h.owner.starts_with(&prefix)) {
             return Ok(());
         }
     }
-    let remote = keycast_replica::store::tip(&store()?.list_recent().await?);
-    let local = keycast_replica::local_state::load(path)
-        .with_context(|| format!("cannot read the replication record of {}", path.display()))?;
-    let lineage = keycast_replica::verify::replica_lineage(&store()?).await?;
-    match local {
-        Some(record)
-            if remote > 0 && !record.lineage.is_empty() && lineage.as_ref().is_some_and(|l| *l != record.lineage) =>
-        {
-            anyhow::bail!(
-                "the database at {} is not the one the replica ({shown}) holds (another lineage): `keycast serve` \
-                 refuses it, so a change made here would never reach the replica",
-                path.display()
-            )
-        }
-        // (An empty replica adopts the copy at the next start.)
-        Some(record) if remote > 0 && record.txid > remote => anyhow::bail!(
-            "the database at {} is at TXID {} but the replica ({shown}) reaches only TXID {remote}: objects are \
+    let remote = keycast_replica::store::tip(&store.list_recent().await?);
+    if remote == 0 {
+        // An empty replica adopts the copy at the next start.
+        return Ok(());
+    }
+    let at = path.display();
+    let Some(record) = keycast_replica::local_state::load(path).with_context(|| {
+        format!("cannot read the replication record of {at}: the next start restores over this copy")
+    })?
+    else {
+        anyhow::bail!(
+            "the database at {at} has no replication record, and the replica ({shown}) holds data: `keycast serve` \
+             refuses to start on it, so a change made here would never reach the replica"
+        );
+    };
+    // What start-up will make of this copy (`bootstrap::judge`, the same function).
+    match judge(path, &record, &store, remote).await? {
+        Verdict::Resume => Ok(()),
+        Verdict::OtherLineage { .. } => anyhow::bail!(
+            "the database at {at} is not the one the replica ({shown}) holds (another lineage): `keycast serve` \
+             refuses it, so a change made here would never reach the replica"
+        ),
+        Verdict::Ahead => anyhow::bail!(
+            "the database at {at} is at TXID {} but the replica ({shown}) reaches only TXID {remote}: objects are \
              missing from the replica, and `keycast serve` refuses this copy until that is settled",
-            path.display(),
             record.txid
         ),
-        Some(record) if record.txid < remote => anyhow::bail!(
-            "the database at {} is at TXID {} but the replica ({shown}) has reached TXID {remote}: another instance \
+        Verdict::Behind => anyhow::bail!(
+            "the database at {at} is at TXID {} but the replica ({shown}) has reached TXID {remote}: another instance \
              has written since, and the next `keycast serve` here restores over this copy, taking any change made \
              here with it. Run this where keycast serves (or through its admin API), or let `keycast serve` restore \
              here first",
-            path.display(),
             record.txid
         ),
-        // What start-up checks too (`bootstrap`): a WAL that lost frames the record says were
-        // shipped (a power loss, or another program's last connection folding and removing
-        // it) is restored over at the next start.
-        Some(record)
-            if remote > 0
-                && record.wal.is_some_and(|cursor| {
-                    let folded = record.clean && record.db_checksum.is_some();
-                    let intact =
-                        || keycast_replica::segment::wal_reaches(path, &cursor, record.checkpointed).unwrap_or(false);
-                    !folded && !intact()
-                }) =>
-        {
-            anyhow::bail!(
-                "the WAL beside the database at {} no longer holds commits its replication record says were shipped \
-                 (a power loss, or another program closing it): the next `keycast serve` here restores over this \
-                 copy, taking any change made here with it. Let `keycast serve` start here first",
-                path.display()
-            )
-        }
-        None if remote > 0 => anyhow::bail!(
-            "the database at {} has no replication record, and the replica ({shown}) holds data: `keycast serve` \
-             refuses to start on it, so a change made here would never reach the replica",
-            path.display()
+        Verdict::WalLost => anyhow::bail!(
+            "the WAL beside the database at {at} no longer holds commits its replication record says were shipped \
+             (a power loss, or another program closing it): the next `keycast serve` here restores over this \
+             copy, taking any change made here with it. Let `keycast serve` start here first"
         ),
-        _ => Ok(()),
     }
 }
 

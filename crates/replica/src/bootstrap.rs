@@ -151,33 +151,79 @@ async fn compare(
             remote,
         });
     };
-    if let Some(remote_lineage) = replica_lineage(store).await? {
-        if !record.lineage.is_empty() && record.lineage != remote_lineage {
+    let behind = match judge(db, &record, store, remote).await? {
+        Verdict::Resume => return Ok(Bootstrap::Resume { txid: record.txid }),
+        Verdict::OtherLineage { remote: remote_lineage } => {
             return Err(BootstrapError::OtherLineage {
                 db: db.to_owned(),
                 replica: store.describe(),
                 local: record.lineage,
                 remote: remote_lineage,
-            });
+            })
         }
-    }
-    if record.txid > remote {
-        return Err(BootstrapError::ReplicaBehind {
-            db: db.to_owned(),
-            replica: store.describe(),
-            local: record.txid,
-            remote,
-        });
-    }
-    if record.txid < remote {
-        let aside = move_aside(db)?;
+        Verdict::Ahead => {
+            return Err(BootstrapError::ReplicaBehind {
+                db: db.to_owned(),
+                replica: store.describe(),
+                local: record.txid,
+                remote,
+            })
+        }
+        Verdict::Behind => true,
+        Verdict::WalLost => false,
+    };
+    let aside = move_aside(db)?;
+    if behind {
         tracing::warn!(
             local_txid = record.txid,
             replica_txid = remote,
             moved_to = %aside.display(),
             "the local database is behind the replica (another instance wrote since); restoring, the old file is kept"
         );
-        return restore_into(db, store, Some(aside), recent, recorded, may_delete).await;
+    } else {
+        tracing::warn!(
+            txid = record.txid,
+            moved_to = %aside.display(),
+            "the local WAL no longer holds frames that were replicated (a power loss?); restoring from the replica, the old file is kept"
+        );
+    }
+    restore_into(db, store, Some(aside), recent, recorded, may_delete).await
+}
+
+/// What start-up makes of a local database with a replication `record`, beside a replica
+/// with data (up to TXID `remote`). Whatever is not [`Verdict::Resume`] is refused or
+/// restored over, so a command that writes to the database must not write to it either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Exactly the replica's latest state (plus unshipped commits): resumed.
+    Resume,
+    /// A different database (lineage `remote` in the replica): refused.
+    OtherLineage { remote: String },
+    /// Past the replica's newest TXID (objects missing from it): refused.
+    Ahead,
+    /// Behind the replica (another instance wrote since): moved aside and restored over.
+    Behind,
+    /// Its WAL lost frames the record says were shipped (a power loss, or another program's
+    /// last connection folding and removing it): moved aside and restored over.
+    WalLost,
+}
+
+/// Judges `db` and its `record` against the replica (see [`Verdict`]); reads the replica's
+/// lineage (one request).
+///
+/// # Errors
+/// Store and I/O errors.
+pub async fn judge(db: &Path, record: &LocalState, store: &Store, remote: u64) -> Result<Verdict, BootstrapError> {
+    if let Some(remote_lineage) = replica_lineage(store).await? {
+        if !record.lineage.is_empty() && record.lineage != remote_lineage {
+            return Ok(Verdict::OtherLineage { remote: remote_lineage });
+        }
+    }
+    if record.txid > remote {
+        return Ok(Verdict::Ahead);
+    }
+    if record.txid < remote {
+        return Ok(Verdict::Behind);
     }
     let shipped_frames_lost = match &record.wal {
         Some(cursor) if !(record.clean && record.db_checksum.is_some()) => {
@@ -186,16 +232,11 @@ async fn compare(
         }
         _ => false,
     };
-    if shipped_frames_lost {
-        let aside = move_aside(db)?;
-        tracing::warn!(
-            txid = record.txid,
-            moved_to = %aside.display(),
-            "the local WAL no longer holds frames that were replicated (a power loss?); restoring from the replica, the old file is kept"
-        );
-        return restore_into(db, store, Some(aside), recent, recorded, may_delete).await;
-    }
-    Ok(Bootstrap::Resume { txid: record.txid })
+    Ok(if shipped_frames_lost {
+        Verdict::WalLost
+    } else {
+        Verdict::Resume
+    })
 }
 
 /// Restores the latest state into `db`, planned from `recent`, the listing start-up just made.
