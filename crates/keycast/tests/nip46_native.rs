@@ -433,6 +433,45 @@ fn a_revoked_apps_client_is_limited_like_a_stranger() {
     assert!(harness::metric_sum(&metrics, "keycast_nip46_unbound_dropped_total") > 0.0);
 }
 
+/// A bunker's strangers share a small bucket (ten, then one every six seconds), and the app
+/// a user just granted is a stranger until its `connect` binds it. Before, anyone who saw the
+/// bunker's key on a relay could keep that bucket empty with an event every few seconds and
+/// no new app's `connect` was ever read. Now, while the relay has capacity to spare, a
+/// `connect` past the bucket is still opened, and answered if its secret binds; the
+/// stranger's own requests past the bucket stay unanswered.
+#[test]
+fn a_stranger_emptying_a_bunkers_bucket_does_not_keep_its_app_from_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, _, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut stranger = NativeClient::connect(&relay, bunker);
+    let flood: Vec<(String, &str, Value)> = (0..25).map(|i| (format!("s{i}"), "ping", json!([]))).collect();
+    stranger.send(&flood, Cipher::Nip44);
+    let answered = stranger.replies(flood.len(), Duration::from_secs(3)).len();
+    assert!(
+        answered <= 11,
+        "{answered} of the stranger's 25 answered: its bucket holds ten"
+    );
+    // A wrong secret past the bucket is not answered either.
+    stranger.send(&[("w".into(), "connect", json!(["", "not-the-secret"]))], Cipher::Nip44);
+    assert!(
+        stranger.replies(1, Duration::from_secs(2)).is_empty(),
+        "a wrong secret past the bucket is dropped"
+    );
+
+    let mut app = NativeClient::connect(&relay, bunker);
+    app.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    let reply = app.replies(1, Duration::from_secs(5));
+    assert_eq!(
+        reply.len(),
+        1,
+        "the app's connect is answered while the stranger has emptied the bucket"
+    );
+    assert_eq!(reply[0].json["result"], "ack", "{}", reply[0].json);
+    // Bound now: its requests are no stranger's.
+    app.send(&[("p".into(), "ping", json!([]))], Cipher::Nip44);
+    assert_eq!(app.replies(1, Duration::from_secs(5))[0].json["result"], "pong");
+}
+
 /// Apps publish each request to every relay of the bunker URL, so keycast receives it once
 /// per relay. Every copy is answered once: before, a copy arriving while keycast was at
 /// capacity (the first copy holding the last slot) was answered "busy" under the id of the

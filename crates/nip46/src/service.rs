@@ -9,7 +9,8 @@
 //! bounded rate, and connections to them are judged at every connect
 //! ([`crate::transport`]). A request from a client that is not the one bound to the bunker
 //! (a stranger) is admitted by token buckets per relay and per (relay, bunker) before any
-//! cryptography is done for it, and answered only on the relay it came on
+//! cryptography is done for it (past its bunker's bucket, only a `connect` that binds is
+//! answered), and answered only on the relay it came on
 //! ([`crate::throttle`]). Nothing on the receive path waits on a lock held for more than
 //! O(1) work.
 //!
@@ -36,7 +37,7 @@ use crate::dedup::Seen;
 use crate::handler::{self, Outcome};
 use crate::roster::{Bindings, Roster, Row};
 use crate::subscriptions;
-use crate::throttle::{Rate, Strangers};
+use crate::throttle::{Admission, Rate, Strangers};
 use crate::transport::RelayTransport;
 use crate::wire::{self, Cipher, RpcReply};
 
@@ -161,6 +162,9 @@ struct Incoming {
     event: Event,
     /// From the client bound to the bunker (not a stranger).
     bound: bool,
+    /// A stranger admitted only to bind with a `connect` ([`Admission::ConnectOnly`]):
+    /// anything else it sends is dropped unanswered.
+    connect_only: bool,
 }
 
 /// Why the service could not start.
@@ -355,7 +359,11 @@ impl Shared {
         let client = entry.client(self.bindings.get(&bunker));
         let bound = client == Some(event.pubkey);
         drop(roster);
-        if !bound && !self.strangers.admit(&relay, &bunker, Instant::now()) {
+        let admission = match bound {
+            true => Admission::Full,
+            false => self.strangers.admit(&relay, &bunker, Instant::now()),
+        };
+        if admission == Admission::Refused {
             metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
             return;
         }
@@ -364,6 +372,7 @@ impl Shared {
             bunker,
             event,
             bound,
+            connect_only: admission == Admission::ConnectOnly,
         };
         if let Ok(permit) = self.in_flight.clone().try_acquire_owned() {
             // Counted before the task starts, so a hand-over or shutdown that waits for the
@@ -428,6 +437,10 @@ impl Shared {
             tracing::debug!(id = %request.id, "nip46: duplicate request ignored");
             return;
         }
+        if incoming.connect_only && request.method != "connect" {
+            metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
+            return;
+        }
         let (reply, outcome) = handler::answer(
             &self.signer,
             self.durability.as_ref(),
@@ -438,6 +451,11 @@ impl Shared {
         )
         .await;
         let method = method_label(&request.method);
+        if incoming.connect_only && outcome != Outcome::Ok {
+            // A stranger past its bunker's bucket learns nothing, not even that it was heard.
+            metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
+            return;
+        }
         metrics::counter!("keycast_nip46_requests_total", "method" => method, "outcome" => outcome.label())
             .increment(1);
         metrics::histogram!("keycast_nip46_request_seconds", "method" => method).record(started.elapsed());
@@ -479,7 +497,7 @@ impl Shared {
     }
 
     async fn answer_busy(&self, incoming: Incoming) {
-        if !self.answers().await || !self.claim(&incoming.event).await {
+        if incoming.connect_only || !self.answers().await || !self.claim(&incoming.event).await {
             return;
         }
         if let Some((keys, request, cipher)) = self.open(&incoming.bunker, &incoming.event).await {

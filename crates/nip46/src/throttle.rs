@@ -4,7 +4,11 @@
 //!   addresses (a new app's `connect`, or anyone with a fresh key) cost an ECDH, a handler run
 //!   and a signed reply. They are admitted per relay and per (relay, bunker) pair; beyond
 //!   that they are dropped before any of that work, unanswered. The bound client is never
-//!   limited here.
+//!   limited here. A bunker whose own bucket a stranger keeps empty (one event every few
+//!   seconds does it) would hear no new app's `connect`: while its relay has capacity to
+//!   spare, such a request is still opened, and answered only if it is a `connect` that
+//!   binds ([`Admission::ConnectOnly`]). Blocking a new app then takes a flood at the relay's
+//!   rate, which blocks every bunker on that relay anyway.
 //! - [`Throttled`]: a relay connection's incoming messages, for the relays apps name (not the
 //!   operator's), are read at a bounded rate, so a relay pushing valid events as fast as it
 //!   can costs at most that many signature checks a second; the rest waits in the socket
@@ -174,29 +178,47 @@ impl Strangers {
         }
     }
 
-    /// Whether a stranger's request to `bunker` arriving on `relay` may be handled now; takes
-    /// a token from both buckets if so (from neither if not).
-    pub fn admit(&self, relay: &RelayUrl, bunker: &PublicKey, now: Instant) -> bool {
+    /// Whether a stranger's request to `bunker` arriving on `relay` may be handled now.
+    /// [`Admission::Full`] takes a token from both buckets; [`Admission::ConnectOnly`] (the
+    /// pair's bucket empty, the relay's more than half full) takes one from the relay's only.
+    pub fn admit(&self, relay: &RelayUrl, bunker: &PublicKey, now: Instant) -> Admission {
         let Ok(mut buckets) = self.buckets.lock() else {
-            return false;
+            return Admission::Refused;
         };
         let (pair, expired_a) = buckets.entry((relay.clone(), Some(*bunker)), now, || {
             Bucket::full(self.per_bunker, now)
         });
         let pair_ready = pair.ready(self.per_bunker, now);
         let (shared, expired_b) = buckets.entry((relay.clone(), None), now, || Bucket::full(self.per_relay, now));
-        let admitted = pair_ready && shared.take(self.per_relay, now);
-        if admitted {
+        let spare = shared.ready(self.per_relay, now) && shared.tokens > self.per_relay.burst / 2.0;
+        let admission = if pair_ready && shared.take(self.per_relay, now) {
             let (pair, _) = buckets.entry((relay.clone(), Some(*bunker)), now, || {
                 Bucket::full(self.per_bunker, now)
             });
             pair.take(self.per_bunker, now);
-        }
+            Admission::Full
+        } else if !pair_ready && spare && shared.take(self.per_relay, now) {
+            Admission::ConnectOnly
+        } else {
+            Admission::Refused
+        };
         drop(buckets);
         // Freed after the lock is released: the lock is only ever held for O(1) work.
         drop((expired_a, expired_b));
-        admitted
+        admission
     }
+}
+
+/// What [`Strangers::admit`] lets a stranger's request do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Handled and answered as any request.
+    Full,
+    /// Opened, and answered only if it is a `connect` that binds the client (its secret is
+    /// right): the bunker's own bucket is empty, its relay has capacity to spare.
+    ConnectOnly,
+    /// Dropped unopened.
+    Refused,
 }
 
 /// A relay connection's incoming messages at no more than `rate` (see the module docs).
@@ -283,15 +305,46 @@ mod tests {
             keycast_core::nostr::Keys::generate().public_key(),
         );
         let now = Instant::now();
-        let admitted = |bunker, relay: &RelayUrl| (0..100).filter(|_| strangers.admit(relay, bunker, now)).count();
+        let admitted = |bunker, relay: &RelayUrl| {
+            (0..100)
+                .filter(|_| strangers.admit(relay, bunker, now) == Admission::Full)
+                .count()
+        };
         assert_eq!(admitted(&a, &relay(1)), 10, "a bunker's burst on one relay");
         assert_eq!(admitted(&b, &relay(1)), 5, "what is left of the relay's burst");
         assert_eq!(admitted(&b, &relay(2)), 10, "another relay has its own buckets");
         // A bunker refused for its own bucket takes nothing from the relay's.
         let later = now + Duration::from_secs(6);
-        assert!(strangers.admit(&relay(1), &a, later));
-        assert!(!strangers.admit(&relay(1), &a, later));
-        assert!(strangers.admit(&relay(1), &b, later));
+        assert_eq!(strangers.admit(&relay(1), &a, later), Admission::Full);
+        assert_eq!(strangers.admit(&relay(1), &a, later), Admission::Refused);
+        assert_eq!(strangers.admit(&relay(1), &b, later), Admission::Full);
+    }
+
+    #[test]
+    fn a_bunker_whose_bucket_a_stranger_keeps_empty_still_hears_connects_while_its_relay_has_spare() {
+        let per_relay = Rate::per_sec(20);
+        let strangers = Strangers::with_rates(per_relay, PER_BUNKER);
+        let (a, b) = (
+            keycast_core::nostr::Keys::generate().public_key(),
+            keycast_core::nostr::Keys::generate().public_key(),
+        );
+        let now = Instant::now();
+        let admissions = |bunker, n| {
+            (0..n)
+                .map(|_| strangers.admit(&relay(1), bunker, now))
+                .collect::<Vec<_>>()
+        };
+        let first = admissions(&a, 40);
+        let count = |kind| first.iter().filter(|&&x| x == kind).count();
+        assert_eq!(count(Admission::Full), 10, "the bunker's own burst");
+        // Connects only while the relay keeps more than half its burst (40): 30 after the ten.
+        assert_eq!(count(Admission::ConnectOnly), 10);
+        assert_eq!(count(Admission::Refused), 20);
+        // Another bunker on the relay keeps the half the flood could not take.
+        assert_eq!(admissions(&b, 30).iter().filter(|&&x| x == Admission::Full).count(), 10);
+        // A second later the relay has spare again (20 a second): `a` hears a connect.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(strangers.admit(&relay(1), &a, later), Admission::ConnectOnly);
     }
 
     #[test]
