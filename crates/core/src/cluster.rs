@@ -68,6 +68,9 @@ pub struct ClusterOptions {
     pub resync_timeout: Duration,
     /// Where the heartbeat and the change notices report an unexpected end.
     pub vitals: Vitals,
+    /// The ids of the master keys this instance opens, comma-separated, published with each
+    /// heartbeat: `keycast master-key rotate` refuses a key some live instance lacks.
+    pub master_key_ids: String,
 }
 
 impl ClusterOptions {
@@ -100,6 +103,7 @@ impl Default for ClusterOptions {
             sync_timeout: DEFAULT_SYNC_TIMEOUT,
             resync_timeout: Duration::from_secs(2),
             vitals: Vitals::default(),
+            master_key_ids: String::new(),
         }
     }
 }
@@ -414,7 +418,13 @@ impl Cluster {
         };
         let live = within(
             self.options.statement_within(),
-            cluster_repo::heartbeat(&self.beat_db, &self.id, ttl, &beat.encode()),
+            cluster_repo::heartbeat(
+                &self.beat_db,
+                &self.id,
+                ttl,
+                &beat.encode(),
+                &self.options.master_key_ids,
+            ),
         )
         .await?;
         let changed = {

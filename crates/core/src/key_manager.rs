@@ -287,6 +287,15 @@ impl Keyring {
         ]
     }
 
+    /// The ids of the keys this ring opens, current first, comma-separated.
+    pub fn ids(&self) -> String {
+        std::iter::once(self.current.key_id())
+            .chain(self.previous_id())
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// The id of the previous key, if one is configured.
     pub fn previous_id(&self) -> Option<KeyId> {
         self.previous.as_ref().map(MasterKeyManager::key_id)

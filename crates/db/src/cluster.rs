@@ -19,18 +19,27 @@ fn postgres(db: &Db) -> Result<&sqlx::PgPool, RepoError> {
     }
 }
 
-/// Records a heartbeat of instance `id` (registering it if new) and returns the instances
+/// Records a heartbeat of instance `id` (registering it if new), with the ids of the
+/// master keys it can open (`master_key_ids`, comma-separated), and returns the instances
 /// whose heartbeat is younger than `ttl_ms`, this one included, sorted. It also sends
 /// `beat` as a notice ([`crate::notify`]), by which every listener knows its session still
 /// hears, and this instance how far its own listening has caught up. One round trip.
 ///
 /// # Errors
 /// [`RepoError::Unsupported`] on SQLite; database errors.
-pub async fn heartbeat(db: &Db, id: &str, ttl_ms: i64, beat: &str) -> Result<Vec<String>, RepoError> {
+pub async fn heartbeat(
+    db: &Db,
+    id: &str,
+    ttl_ms: i64,
+    beat: &str,
+    master_key_ids: &str,
+) -> Result<Vec<String>, RepoError> {
     // The statement's snapshot does not see its own insert: this instance is added by hand.
     let sql = format!(
-        "WITH beat AS (INSERT INTO keycast_instances (id, started_at, heartbeat_at) VALUES ($1, {NOW_MS}, {NOW_MS}) \
-                       ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at), \
+        "WITH beat AS (INSERT INTO keycast_instances (id, started_at, heartbeat_at, master_key_ids) \
+                       VALUES ($1, {NOW_MS}, {NOW_MS}, $5) \
+                       ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, \
+                                                      master_key_ids = EXCLUDED.master_key_ids), \
               heard AS (SELECT pg_notify($3, $4)) \
          SELECT id FROM (SELECT id FROM keycast_instances WHERE heartbeat_at > {NOW_MS} - $2 AND id <> $1 \
                          UNION ALL SELECT CAST($1 AS TEXT)) AS live CROSS JOIN heard ORDER BY id"
@@ -41,8 +50,42 @@ pub async fn heartbeat(db: &Db, id: &str, ttl_ms: i64, beat: &str) -> Result<Vec
         .bind(ttl_ms)
         .bind(crate::notify::CHANNEL)
         .bind(beat)
+        .bind(master_key_ids)
         .fetch_all(postgres(db)?)
         .await?)
+}
+
+/// An instance heard from lately and the master keys it said it can open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceKeys {
+    pub id: String,
+    /// Comma-separated key ids; `None` from a version that does not say.
+    pub master_key_ids: Option<String>,
+    /// How long ago its last heartbeat was, by the database server's clock.
+    pub silent_ms: i64,
+}
+
+/// The instances whose heartbeat is younger than `within_ms`, with their master keys, sorted.
+///
+/// # Errors
+/// [`RepoError::Unsupported`] on SQLite; database errors.
+pub async fn recent_master_keys(db: &Db, within_ms: i64) -> Result<Vec<InstanceKeys>, RepoError> {
+    let sql = format!(
+        "SELECT id, master_key_ids, {NOW_MS} - heartbeat_at FROM keycast_instances \
+         WHERE heartbeat_at > {NOW_MS} - $1 ORDER BY id"
+    );
+    let rows: Vec<(String, Option<String>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(within_ms)
+        .fetch_all(postgres(db)?)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, master_key_ids, silent_ms)| InstanceKeys {
+            id,
+            master_key_ids,
+            silent_ms,
+        })
+        .collect())
 }
 
 /// Removes instance `id` (a clean shutdown), so the others take its bunkers at once.
@@ -105,22 +148,32 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             if db.kind() == crate::EngineKind::Sqlite {
                 assert!(matches!(
-                    heartbeat(&db, "a", 1000, "beat").await,
+                    heartbeat(&db, "a", 1000, "beat", "k1").await,
                     Err(RepoError::Unsupported(_))
                 ));
                 continue;
             }
-            assert_eq!(heartbeat(&db, "b", 60_000, "beat").await.unwrap(), ["b"]);
-            assert_eq!(heartbeat(&db, "a", 60_000, "beat").await.unwrap(), ["a", "b"]);
+            assert_eq!(heartbeat(&db, "b", 60_000, "beat", "k1").await.unwrap(), ["b"]);
+            assert_eq!(heartbeat(&db, "a", 60_000, "beat", "k1,k2").await.unwrap(), ["a", "b"]);
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-            heartbeat(&db, "a", 60_000, "beat").await.unwrap();
+            heartbeat(&db, "a", 60_000, "beat", "k1,k2").await.unwrap();
             assert_eq!(
-                heartbeat(&db, "a", 20, "beat").await.unwrap(),
+                heartbeat(&db, "a", 20, "beat", "k1,k2").await.unwrap(),
                 ["a"],
                 "b is silent longer than 20 ms"
             );
+            let keys: Vec<_> = recent_master_keys(&db, 60_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.id, i.master_key_ids))
+                .collect();
+            assert_eq!(
+                keys,
+                [("a".into(), Some("k1,k2".into())), ("b".into(), Some("k1".into()))]
+            );
             leave(&db, "a").await.unwrap();
-            assert_eq!(heartbeat(&db, "b", 60_000, "beat").await.unwrap(), ["b"]);
+            assert_eq!(heartbeat(&db, "b", 60_000, "beat", "k1").await.unwrap(), ["b"]);
             assert_eq!(purge(&db, 60_000).await.unwrap(), 0, "b beat just now");
             // Past the millisecond of b's beat (times are in ms: within it, b is not older).
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -60,6 +60,10 @@ struct RotateArgs {
     /// Print the result as JSON
     #[arg(long)]
     json: bool,
+    /// On PostgreSQL, rotate even while instances heard from in the last 10 minutes do not
+    /// say they hold the new key (an older version, or instances you know are gone)
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -245,7 +249,7 @@ fn main() -> ExitCode {
                 keycast::serve::copy_to_postgres(&config, &to, Some(&restored)).await
             }
             Command::MasterKey(MasterKeyCommand::Rotate(a)) => {
-                keycast::serve::rotate_master_key(&config, a.limit, a.json).await
+                keycast::serve::rotate_master_key(&config, a.limit, a.json, a.force).await
             }
             Command::Restore(a) => restore(&config, a).await,
             Command::Replica(ReplicaCommand::Verify(a)) => {

@@ -64,6 +64,50 @@ pub async fn in_background(db: Db, ring: Arc<Keyring>, durability: Option<Arc<dy
     }
 }
 
+/// How far back `keycast master-key rotate` looks for instances on PostgreSQL: longer than
+/// any TTL, so an instance the platform paused for a while still counts; a cleanly stopped
+/// one removed its row.
+pub const INSTANCES_HEARD_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// On PostgreSQL, refuses a rotation to `ring`'s current key while an instance heard from
+/// lately does not say it opens that key: once the stored keys are under it, that instance
+/// would fail every signature as soon as its cache expired (docs/OPERATIONS.md: deploy the
+/// new key as the previous one first).
+///
+/// # Errors
+/// Such an instance (named, with the keys it holds), or a database error.
+pub async fn refuse_instances_without_the_key(db: &Db, ring: &Keyring) -> anyhow::Result<()> {
+    let within = i64::try_from(INSTANCES_HEARD_WITHIN.as_millis()).unwrap_or(i64::MAX);
+    let new = ring.current().key_id().to_string();
+    let lacking: Vec<String> = keycast_db::cluster::recent_master_keys(db, within)
+        .await?
+        .into_iter()
+        .filter(|i| {
+            !i.master_key_ids
+                .as_deref()
+                .is_some_and(|ids| ids.split(',').any(|id| id == new))
+        })
+        .map(|i| {
+            let holds = i.master_key_ids.map_or(
+                "does not say which keys it holds (an older version)".to_owned(),
+                |ids| format!("holds {ids}"),
+            );
+            format!("{} ({holds}; last heard {} s ago)", i.id, i.silent_ms / 1000)
+        })
+        .collect();
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "master-key rotation refused: {} instance(s) on this database cannot open keys under the new master key {new}: {}. \
+         Once the stored keys are under it they would fail every signature. Deploy first with \
+         KEYCAST_MASTER_KEY_PREVIOUS(_FILE) set to the new key, then with the two swapped (docs/OPERATIONS.md, \
+         \"Rotating the master key\"), and run this again; --force rotates anyway (instances you know are gone)",
+        lacking.len(),
+        lacking.join(", ")
+    )
+}
+
 /// Prints a rotation's outcome (JSON with `--json`) and fails when it is incomplete.
 ///
 /// # Errors

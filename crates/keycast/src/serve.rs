@@ -678,6 +678,7 @@ async fn start_postgres(
     let options = ClusterOptions {
         instance_ttl: pg.instance_ttl,
         vitals: vitals.clone(),
+        master_key_ids: keyring.ids(),
         ..ClusterOptions::default()
     };
     match Cluster::start(db.clone(), &pg.session(), services.signer.clone(), options).await {
@@ -1184,14 +1185,22 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
 /// `keycast master-key rotate`: start as `serve` does (on SQLite with a replica: restore if
 /// needed, take the lease, replicate), re-encrypt up to `limit` stored keys under the
 /// current master key and verify them all, then stop as `serve` does, so everything
-/// rewritten is in the replica before the outcome is printed.
+/// rewritten is in the replica before the outcome is printed. On PostgreSQL, unless
+/// `force`, first refuses while a serving instance cannot open the new key
+/// ([`crate::rotation::refuse_instances_without_the_key`]).
 ///
 /// # Errors
 /// As for start-up; a rotation error; an incomplete rotation (see
 /// [`crate::rotation::report`]).
-pub async fn rotate_master_key(config: &Config, limit: Option<u64>, as_json: bool) -> anyhow::Result<()> {
+pub async fn rotate_master_key(config: &Config, limit: Option<u64>, as_json: bool, force: bool) -> anyhow::Result<()> {
     let (_never, no_stop) = tokio::sync::watch::channel(false);
     let running = start(config, &Vitals::default(), no_stop, Purpose::OneOff).await?;
+    if matches!(config.database, Database::Postgres(_)) && !force {
+        if let Err(refused) = crate::rotation::refuse_instances_without_the_key(&running.db, &running.keyring).await {
+            running.db.close().await;
+            return Err(refused);
+        }
+    }
     let outcome = keycast_core::rotation::rotate(&running.db, &running.keyring, limit).await;
     running.db.close().await;
     if let Some(replicator) = running.replicator {

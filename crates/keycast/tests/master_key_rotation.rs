@@ -432,3 +432,58 @@ fn on_postgres_the_command_rotates_beside_a_serving_instance_and_resumes() {
         refused.stderr
     );
 }
+
+/// On PostgreSQL the command runs beside serving instances. One that holds only the old key
+/// (the first of the two deploys skipped) would fail every signature once the stored keys
+/// were under the new key and its cache expired. Before, the command rotated regardless;
+/// now it refuses, names the instance and the keys it holds, and rewrites nothing, unless
+/// told `--force`.
+#[test]
+fn on_postgres_the_command_refuses_while_an_instance_cannot_open_the_new_key() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let database = harness::engine::PgDatabase::create("rotation_guard");
+    let serving = Launch::new(&tmp.path().join("a"))
+        .postgres(&database)
+        .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+        .start();
+    let (_, pubkey, token) = user_with_grant(&serving, "guard@example.com");
+    let headers = || database.query("SELECT encode(substr(encrypted_secret, 1, 9), 'hex') FROM keys ORDER BY id");
+    let before = headers();
+    let rotate = |extra: &[&str]| {
+        let mut args = vec!["master-key", "rotate", "--json"];
+        args.extend_from_slice(extra);
+        let data_dir = tmp.path().join("job").display().to_string();
+        keycast_cli(
+            &args,
+            &[
+                ("KEYCAST_DATA_DIR", data_dir.as_str()),
+                ("DATABASE_URL", database.url.as_str()),
+                ("KEYCAST_MASTER_KEY", NEW_MASTER_KEY),
+                ("KEYCAST_MASTER_KEY_PREVIOUS", TEST_MASTER_KEY),
+            ],
+        )
+    };
+    let refused = rotate(&[]);
+    assert!(!refused.status.success(), "{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stderr.contains("rotation refused") && refused.stderr.contains("KEYCAST_MASTER_KEY_PREVIOUS"),
+        "{}",
+        refused.stderr
+    );
+    let instance = database.query("SELECT id FROM keycast_instances");
+    assert!(
+        refused.stderr.contains(instance.trim()),
+        "names the instance: {}",
+        refused.stderr
+    );
+    assert_eq!(headers(), before, "nothing was re-encrypted");
+    signs_as(&serving, &token, &pubkey);
+
+    let forced = rotate(&["--force"]);
+    assert!(forced.status.success(), "{}{}", forced.stdout, forced.stderr);
+    assert_ne!(headers(), before, "--force rotates");
+    serving.stop();
+}
