@@ -146,7 +146,11 @@ pub async fn run(db: &Db) -> Result<(), MigrateError> {
 /// [`MigrateError::SchemaTooNew`] (a newer schema that promises nothing) or
 /// [`MigrateError::Contracted`] (one that no longer serves this binary).
 fn newer_but_compatible(database: Option<i64>, oldest_reader: Option<i64>) -> Result<bool, MigrateError> {
-    let binary = latest_version();
+    serves(latest_version(), database, oldest_reader)
+}
+
+/// [`newer_but_compatible`] for a binary at version `binary`.
+fn serves(binary: i64, database: Option<i64>, oldest_reader: Option<i64>) -> Result<bool, MigrateError> {
     match (database, oldest_reader) {
         (Some(database), _) if database <= binary => Ok(false),
         (None, _) => Ok(false),
@@ -307,6 +311,35 @@ mod tests {
                 "{err}"
             );
             assert!(err.to_string().contains("run version 9999 or newer"), "{err}");
+        }
+    }
+
+    /// Binaries before 0014 ignore restrictions later migrations made binding (a grant's
+    /// expiry and limits, signatures counted before pruning, a code used twice): rolled back
+    /// to, one would sign for expired grants without end. Today's schema refuses them.
+    #[tokio::test]
+    async fn the_schema_refuses_binaries_that_would_ignore_a_grants_expiry_and_limits() {
+        for (_guard, db) in crate::testing::temp_dbs().await {
+            let oldest: i64 = crate::pool::on_engine!(&db, |pool| {
+                sqlx::query_scalar("SELECT oldest_reader FROM keycast_schema WHERE id = 1")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap()
+            });
+            let at = Some(super::latest_version());
+            for binary in [6, 12, 13] {
+                let refused = super::serves(binary, at, Some(oldest));
+                assert!(
+                    matches!(refused, Err(super::MigrateError::Contracted { oldest: 14, .. })),
+                    "{:?}: a binary at {binary} is not refused: {refused:?}",
+                    db.kind()
+                );
+            }
+            assert!(
+                matches!(super::serves(14, at, Some(oldest)), Ok(true)),
+                "{:?}",
+                db.kind()
+            );
         }
     }
 
