@@ -123,6 +123,10 @@ pub struct Cluster {
     options: ClusterOptions,
     /// The live instances (sorted ids, this one included), as of the last heartbeat.
     live: RwLock<Arc<Vec<String>>>,
+    /// Those of them that answer NIP-46 requests (sorted ids): the bunkers are theirs.
+    answering: RwLock<Arc<Vec<String>>>,
+    /// Whether this instance answers NIP-46 requests now ([`Cluster::set_answers_nip46`]).
+    answers_nip46: AtomicBool,
     /// How many of this instance's announcements have been sent.
     sent: watch::Sender<u64>,
     /// The highest sequence number of ours each other instance acknowledged.
@@ -268,6 +272,8 @@ impl Cluster {
             signer: signer.clone(),
             options,
             live: RwLock::new(Arc::new(Vec::new())),
+            answering: RwLock::new(Arc::new(Vec::new())),
+            answers_nip46: AtomicBool::new(false),
             sent: watch::channel(0).0,
             acks: watch::channel(HashMap::new()).0,
             membership: Notify::new(),
@@ -303,10 +309,27 @@ impl Cluster {
         self.live.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Whether this instance answers NIP-46 requests to `bunker` (64 hex).
+    /// Whether this instance answers NIP-46 requests to `bunker` (64 hex): the bunkers are
+    /// shared out among the instances that answer NIP-46 (all of them answer while none
+    /// says it does: a second answer is better than none, and claims keep it to one).
     pub fn owns(&self, bunker: &str) -> bool {
-        let live = self.live_instances();
-        owner(bunker, &live).is_none_or(|o| o == self.id)
+        let answering = self.answering.read().unwrap_or_else(PoisonError::into_inner).clone();
+        owner(bunker, &answering).is_none_or(|o| o == self.id)
+    }
+
+    /// Says whether this instance answers NIP-46 requests now (the service runs, its
+    /// bunkers are read, an operator relay is connected). A change is published at once and
+    /// the others are told to beat, so bunkers move to or from this instance at once, not
+    /// after a TTL.
+    pub fn set_answers_nip46(&self, answers: bool) {
+        if self.answers_nip46.swap(answers, Ordering::SeqCst) != answers {
+            tracing::info!(
+                instance = self.id,
+                answers,
+                "nip46: this instance's share of the bunkers changes"
+            );
+            self.membership.notify_one();
+        }
     }
 
     /// Claims NIP-46 request `event_id` for this instance: true if it is this instance's
@@ -416,17 +439,22 @@ impl Cluster {
             origin: self.id.clone(),
             sent_us: u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
         };
-        let live = within(
+        let abilities = cluster_repo::Abilities {
+            master_key_ids: &self.options.master_key_ids,
+            answers_nip46: self.answers_nip46.load(Ordering::SeqCst),
+        };
+        let members = within(
             self.options.statement_within(),
-            cluster_repo::heartbeat(
-                &self.beat_db,
-                &self.id,
-                ttl,
-                &beat.encode(),
-                &self.options.master_key_ids,
-            ),
+            cluster_repo::heartbeat(&self.beat_db, &self.id, ttl, &beat.encode(), abilities),
         )
         .await?;
+        let answering: Vec<String> = members
+            .iter()
+            .filter(|m| m.answers_nip46)
+            .map(|m| m.id.clone())
+            .collect();
+        *self.answering.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(answering);
+        let live: Vec<String> = members.into_iter().map(|m| m.id).collect();
         let changed = {
             let mut current = self.live.write().unwrap_or_else(PoisonError::into_inner);
             let changed = **current != live;
@@ -446,6 +474,7 @@ impl Cluster {
     async fn heartbeat(self: Arc<Self>) {
         let every = self.options.beat_every();
         let mut last_purge = Instant::now();
+        let mut published_answers = false;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(every) => {}
@@ -458,8 +487,19 @@ impl Cluster {
             if !self.listening.load(Ordering::SeqCst) {
                 continue;
             }
-            if let Err(err) = self.beat().await {
-                tracing::warn!(error = %err, "heartbeat failed; keeping the last known instances");
+            let answers = self.answers_nip46.load(Ordering::SeqCst);
+            match self.beat().await {
+                Ok(()) if answers != published_answers => {
+                    // The others beat at once on this notice, so the bunkers move now.
+                    published_answers = answers;
+                    let _ = within(
+                        self.options.statement_within(),
+                        keycast_db::notify::notify(&self.beat_db, &Message::Membership.encode()),
+                    )
+                    .await;
+                }
+                Ok(()) => {}
+                Err(err) => tracing::warn!(error = %err, "heartbeat failed; keeping the last known instances"),
             }
             if last_purge.elapsed() > Duration::from_secs(60) {
                 last_purge = Instant::now();

@@ -19,9 +19,26 @@ fn postgres(db: &Db) -> Result<&sqlx::PgPool, RepoError> {
     }
 }
 
-/// Records a heartbeat of instance `id` (registering it if new), with the ids of the
-/// master keys it can open (`master_key_ids`, comma-separated), and returns the instances
-/// whose heartbeat is younger than `ttl_ms`, this one included, sorted. It also sends
+/// What an instance says of itself with each heartbeat.
+#[derive(Debug, Clone, Copy)]
+pub struct Abilities<'a> {
+    /// The ids of the master keys it can open, comma-separated.
+    pub master_key_ids: &'a str,
+    /// Whether it answers NIP-46 requests now.
+    pub answers_nip46: bool,
+}
+
+/// A live instance, as a heartbeat reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: String,
+    /// Whether it answers NIP-46 requests (true for a version that does not say).
+    pub answers_nip46: bool,
+}
+
+/// Records a heartbeat of instance `id` (registering it if new), with what it can do
+/// (`abilities`), and returns the instances whose heartbeat is younger than `ttl_ms`, this
+/// one included, sorted. It also sends
 /// `beat` as a notice ([`crate::notify`]), by which every listener knows its session still
 /// hears, and this instance how far its own listening has caught up. One round trip.
 ///
@@ -32,27 +49,39 @@ pub async fn heartbeat(
     id: &str,
     ttl_ms: i64,
     beat: &str,
-    master_key_ids: &str,
-) -> Result<Vec<String>, RepoError> {
+    abilities: Abilities<'_>,
+) -> Result<Vec<Member>, RepoError> {
     // The statement's snapshot does not see its own insert: this instance is added by hand.
     let sql = format!(
-        "WITH beat AS (INSERT INTO keycast_instances (id, started_at, heartbeat_at, master_key_ids) \
-                       VALUES ($1, {NOW_MS}, {NOW_MS}, $5) \
+        "WITH beat AS (INSERT INTO keycast_instances (id, started_at, heartbeat_at, master_key_ids, answers_nip46) \
+                       VALUES ($1, {NOW_MS}, {NOW_MS}, $5, $6) \
                        ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, \
-                                                      master_key_ids = EXCLUDED.master_key_ids), \
+                                                      master_key_ids = EXCLUDED.master_key_ids, \
+                                                      answers_nip46 = EXCLUDED.answers_nip46), \
               heard AS (SELECT pg_notify($3, $4)) \
-         SELECT id FROM (SELECT id FROM keycast_instances WHERE heartbeat_at > {NOW_MS} - $2 AND id <> $1 \
-                         UNION ALL SELECT CAST($1 AS TEXT)) AS live CROSS JOIN heard ORDER BY id"
+         SELECT id, answers FROM \
+             (SELECT id, COALESCE(answers_nip46, 1) AS answers FROM keycast_instances \
+               WHERE heartbeat_at > {NOW_MS} - $2 AND id <> $1 \
+              UNION ALL SELECT CAST($1 AS TEXT), CAST($6 AS BIGINT)) AS live \
+         CROSS JOIN heard ORDER BY id"
     );
     // Built from constants only; the values are bound.
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(ttl_ms)
         .bind(crate::notify::CHANNEL)
         .bind(beat)
-        .bind(master_key_ids)
+        .bind(abilities.master_key_ids)
+        .bind(i64::from(abilities.answers_nip46))
         .fetch_all(postgres(db)?)
-        .await?)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, answers)| Member {
+            id,
+            answers_nip46: answers != 0,
+        })
+        .collect())
 }
 
 /// An instance heard from lately and the master keys it said it can open.
@@ -143,22 +172,34 @@ mod tests {
     use super::*;
     use crate::testing::temp_dbs;
 
+    fn abilities(keys: &str, answers_nip46: bool) -> Abilities<'_> {
+        Abilities {
+            master_key_ids: keys,
+            answers_nip46,
+        }
+    }
+
+    async fn beat(db: &Db, id: &str, ttl_ms: i64, keys: &str) -> Result<Vec<String>, RepoError> {
+        let members = heartbeat(db, id, ttl_ms, "beat", abilities(keys, true)).await?;
+        Ok(members.into_iter().map(|m| m.id).collect())
+    }
+
     #[tokio::test]
     async fn live_instances_are_those_with_a_fresh_heartbeat() {
         for (_guard, db) in temp_dbs().await {
             if db.kind() == crate::EngineKind::Sqlite {
                 assert!(matches!(
-                    heartbeat(&db, "a", 1000, "beat", "k1").await,
+                    beat(&db, "a", 1000, "k1").await,
                     Err(RepoError::Unsupported(_))
                 ));
                 continue;
             }
-            assert_eq!(heartbeat(&db, "b", 60_000, "beat", "k1").await.unwrap(), ["b"]);
-            assert_eq!(heartbeat(&db, "a", 60_000, "beat", "k1,k2").await.unwrap(), ["a", "b"]);
+            assert_eq!(beat(&db, "b", 60_000, "k1").await.unwrap(), ["b"]);
+            assert_eq!(beat(&db, "a", 60_000, "k1,k2").await.unwrap(), ["a", "b"]);
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-            heartbeat(&db, "a", 60_000, "beat", "k1,k2").await.unwrap();
+            beat(&db, "a", 60_000, "k1,k2").await.unwrap();
             assert_eq!(
-                heartbeat(&db, "a", 20, "beat", "k1,k2").await.unwrap(),
+                beat(&db, "a", 20, "k1,k2").await.unwrap(),
                 ["a"],
                 "b is silent longer than 20 ms"
             );
@@ -173,11 +214,47 @@ mod tests {
                 [("a".into(), Some("k1,k2".into())), ("b".into(), Some("k1".into()))]
             );
             leave(&db, "a").await.unwrap();
-            assert_eq!(heartbeat(&db, "b", 60_000, "beat", "k1").await.unwrap(), ["b"]);
+            assert_eq!(beat(&db, "b", 60_000, "k1").await.unwrap(), ["b"]);
             assert_eq!(purge(&db, 60_000).await.unwrap(), 0, "b beat just now");
             // Past the millisecond of b's beat (times are in ms: within it, b is not older).
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             assert_eq!(purge(&db, 0).await.unwrap(), 1, "and is gone once older than nothing");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_reads_back_who_answers_nip46() {
+        for (_guard, db) in temp_dbs().await {
+            if db.kind() == crate::EngineKind::Sqlite {
+                continue;
+            }
+            let member = |id: &str, answers_nip46| Member {
+                id: id.into(),
+                answers_nip46,
+            };
+            heartbeat(&db, "a", 60_000, "beat", abilities("k", false))
+                .await
+                .unwrap();
+            // A version before the column says nothing: it is taken to answer.
+            heartbeat(&db, "old", 60_000, "beat", abilities("k", true))
+                .await
+                .unwrap();
+            crate::pool::on_engine!(&db, |pool| {
+                sqlx::query("UPDATE keycast_instances SET answers_nip46 = NULL WHERE id = 'old'")
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            });
+            assert_eq!(
+                heartbeat(&db, "b", 60_000, "beat", abilities("k", true)).await.unwrap(),
+                [member("a", false), member("b", true), member("old", true)]
+            );
+            assert_eq!(
+                heartbeat(&db, "b", 60_000, "beat", abilities("k", false))
+                    .await
+                    .unwrap(),
+                [member("a", false), member("b", false), member("old", true)]
+            );
         }
     }
 

@@ -288,13 +288,15 @@ pub async fn run(
         Some(Ended::Displaced(to)) => tracing::error!(%to, "another instance asked for the replica before this one started serving: handing it over and stopping, never reported started"),
         None => {}
     }
+    // The others take this instance's bunkers before it stops hearing them: for a moment
+    // both answer (claims keep each request to one answer), rather than neither.
+    leave_cluster(&running).await;
     // No new NIP-46 request from here; those under way finish (and reply) in `shut_down`,
     // before the last flush and before the database closes, so no commit lands after the
     // final sync.
     if let Some(nip46) = &nip46 {
         nip46.stop_listening();
     }
-    leave_cluster(&running).await;
     drop(embedded);
     let reason = monitor.as_ref().and_then(|m| m.status().fence_reason);
     shut_down(config, asked, stop_http, server, running, nip46).await?;

@@ -827,6 +827,83 @@ fn each_nip46_request_is_answered_once_and_a_dead_instances_bunkers_answer_again
     }
 }
 
+/// The bunkers are shared out among the instances that can answer them. Before, every live
+/// instance got a share: one started with `KEYCAST_NIP46=false` (a supported split, HTTP on
+/// some instances) or one cut off from the relay owned bunkers nobody answered, while every
+/// probe passed — about a third of the apps here went silent for as long as it ran.
+#[test]
+fn only_instances_that_can_answer_nip46_are_given_bunkers() {
+    let Some(relay) = Relay::start() else { return };
+    let Some(mut app) = BunkerClient::spawn() else { return };
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("shares");
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = INSTANCE_TTL_SECS.to_string();
+    let launch = |i: usize| member(dir.path(), &database, i).env("KEYCAST_INSTANCE_TTL_SECS", &ttl);
+    let direct = launch(0).env("BUNKER_RELAYS", relay.url()).start();
+    let _http_only = launch(1).env("KEYCAST_NIP46", "false").start();
+    // The third reaches the relay through a link that can go silent.
+    let link = SilentLink::start(relay.url().trim_start_matches("ws://").to_owned());
+    let linked = launch(2)
+        .env("BUNKER_RELAYS", &format!("ws://127.0.0.1:{}", link.port))
+        .start();
+    let (cookie, _) = register(&direct, "shares@example.com", None);
+    let sessions: Vec<Session> = (0..9)
+        .map(|n| {
+            let token = grant(&direct, &cookie, "policy:social");
+            let bunker_url = token["bunker_url"].as_str().unwrap().to_owned();
+            let bunker = PublicKey::from_hex(&bunker_url["bunker://".len()..][..64]).unwrap();
+            let (client_sk, _) = keypair();
+            let connected = app.connect_as(&bunker_url, &client_sk);
+            assert_eq!(connected["ok"], true, "bunker {n}: {connected}");
+            Session {
+                bunker_url,
+                bunker,
+                client: Keys::new(SecretKey::from_hex(&client_sk).unwrap()),
+            }
+        })
+        .collect();
+    let sign_all = |app: &mut BunkerClient, what: &str| {
+        for (n, session) in sessions.iter().enumerate() {
+            let signed = sign_through(app, session, &format!("{what} {n}"), 5000);
+            assert_eq!(signed["ok"], true, "bunker {n} ({what}): {signed}");
+        }
+    };
+    sign_all(&mut app, "shared");
+    let answered = |server: &Keycast| metric_sum(&server.get("/metrics").1, "keycast_nip46_requests_total");
+    assert!(
+        answered(&linked) > 0.0,
+        "the linked instance took its share: {} / {}",
+        answered(&direct),
+        answered(&linked)
+    );
+
+    // Cut off from the relay without a word: once its keepalive gives the relay up, its
+    // share goes to the instance that still hears it.
+    link.freeze();
+    let cut = Instant::now();
+    while !linked
+        .log()
+        .lines()
+        .any(|l| l.contains("share of the bunkers changes") && l.contains("answers=false"))
+    {
+        assert!(
+            cut.elapsed() < Duration::from_secs(60),
+            "never gave its share up:\n{}",
+            linked.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sign_all(&mut app, "cut off");
+    let (_, replies) = requests_and_replies(relay.url(), &sessions);
+    assert!(
+        replies.values().all(|n| *n == 1),
+        "each request answered once: {replies:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Start-up and schema changes.
 // ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@
 //! never send one for ephemeral kinds, and the client's answer does not depend on it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,9 @@ const REQUEST_WINDOW_SECS: u64 = 60;
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(2 * REQUEST_WINDOW_SECS);
 /// How long after a relay closed the subscription it is sent again.
 const SUBSCRIBE_AGAIN_AFTER: Duration = Duration::from_secs(2);
+/// How often an instance among several checks whether it can answer (its share of the
+/// bunkers follows within this and a heartbeat).
+const ANSWERING_CHECK: Duration = Duration::from_millis(500);
 
 /// The running NIP-46 signer. Dropping it does not stop it; call [`Nip46Service::shutdown`].
 pub struct Nip46Service {
@@ -153,6 +156,8 @@ struct Shared {
     subscribed: tokio::sync::Mutex<HashMap<RelayUrl, Vec<Vec<PublicKey>>>>,
     /// App relays left out by the cap at the last sync (logged when it changes).
     left_out: AtomicUsize,
+    /// Whether the bunkers have been read once (before, no request can be addressed).
+    synced_once: AtomicBool,
 }
 
 /// One request as it came in, before anything is decrypted.
@@ -226,12 +231,13 @@ impl Nip46Service {
             seen: Arc::new(Mutex::new(seen)),
             subscribed: tokio::sync::Mutex::default(),
             left_out: AtomicUsize::new(0),
+            synced_once: AtomicBool::new(false),
         });
         if let Err(err) = shared.sync().await {
             tracing::warn!(error = %err, "nip46: could not read the bunkers yet; will retry");
         }
         let vitals = &shared.options.vitals;
-        let tasks = vec![
+        let mut tasks = vec![
             vitals.spawn("the NIP-46 listener", shared.clone().receive(notifications)),
             vitals.spawn("the NIP-46 bunker follower", shared.clone().follow(changes)),
             vitals.spawn(
@@ -239,6 +245,9 @@ impl Nip46Service {
                 crate::reconnect::supervise(shared.pool.clone()),
             ),
         ];
+        if let Some(cluster) = shared.options.cluster.clone() {
+            tasks.push(vitals.spawn("the NIP-46 share reporter", shared.clone().report_answering(cluster)));
+        }
         tracing::info!(relays = ?shared.options.relays, "nip46 signer listening");
         Ok(Nip46Service { shared, tasks })
     }
@@ -254,6 +263,9 @@ impl Nip46Service {
     pub fn stop_listening(&self) {
         for task in &self.tasks {
             task.abort();
+        }
+        if let Some(cluster) = &self.shared.options.cluster {
+            cluster.set_answers_nip46(false);
         }
     }
 
@@ -675,7 +687,32 @@ impl Shared {
         metrics::gauge!("keycast_nip46_bunkers").set(roster.len() as f64);
         metrics::gauge!("keycast_nip46_app_relays").set((wanted.len() - self.configured.len()) as f64);
         self.signer.bunkers_synced(generation);
+        self.synced_once.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether this instance can answer requests now: its bunkers read, and an operator
+    /// relay (which carries every bunker) connected.
+    async fn can_answer(&self) -> bool {
+        if !self.synced_once.load(Ordering::SeqCst) {
+            return false;
+        }
+        for url in &self.configured {
+            if self.pool.relay(url).await.is_ok_and(|relay| relay.is_connected()) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// With several instances: keeps the cluster told whether this one can answer, so the
+    /// bunkers are shared out among those that can (one still connecting, or cut off from
+    /// every operator relay, owns none).
+    async fn report_answering(self: Arc<Self>, cluster: Arc<Cluster>) {
+        loop {
+            cluster.set_answers_nip46(self.can_answer().await);
+            tokio::time::sleep(ANSWERING_CHECK).await;
+        }
     }
 
     /// Brings each relay in `wanted` to subscriptions naming the bunkers served there,
