@@ -26,7 +26,7 @@ use keycast_db::keys::{self as key_repo, KeyOrigin, NewKey};
 use keycast_db::sessions::{self as session_repo, TokenPurpose};
 use keycast_db::users::{self as user_repo, User};
 use keycast_db::Db;
-use keycast_db::{KeyId, UserId};
+use keycast_db::{KeyId, RepoError, UserId};
 use nostr::Keys;
 
 use crate::accounts::AccountError;
@@ -155,8 +155,14 @@ pub async fn reset_password(
     // Fail closed: everything the previous holder could use ends before the new password
     // takes effect.
     take_over(signer, &user, TakeOver::PasswordReset, now).await?;
+    hold_before_password_store().await;
     // Again with the new password: a login that checked the old one meanwhile.
     user_repo::set_password_hash_ending_sessions(db, &user.id, &password_hash, None, now).await?;
+    // And the take-over again: until the line above, the old password was still the
+    // account's, so a session it opened in between could still write a grant or export the
+    // key. From here nothing checked against it writes (exports, key replacements and
+    // deletions are conditional on the password they checked).
+    take_over(signer, &user, TakeOver::PasswordReset, now).await?;
     user_repo::mark_email_verified(db, &user.id, now).await?;
     event_repo::insert(db, &user.id, "password_reset", "", now).await?;
     Ok(user.id)
@@ -223,6 +229,52 @@ async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Res
     Ok(())
 }
 
+/// Whether the password `proof` checked is still the account's: a reset (or a change) since
+/// outranks what it was checked for.
+///
+/// # Errors
+/// Database errors.
+pub(crate) async fn password_still_current(db: &Db, proof: &Reauthenticated) -> Result<bool, RepoError> {
+    Ok(user_repo::find_by_id(db, proof.user_id())
+        .await?
+        .is_some_and(|user| user.password_hash == proof.checked_hash()))
+}
+
+/// Why a write conditional on the checked password did nothing: the password is no longer
+/// the account's, or else `otherwise`.
+async fn refusal(db: &Db, proof: &Reauthenticated, otherwise: KeyError) -> Result<AccountError, RepoError> {
+    Ok(match password_still_current(db, proof).await? {
+        true => AccountError::Key(otherwise),
+        false => AccountError::InvalidCredentials,
+    })
+}
+
+/// Fault injection: a pause (ms) between a password check and the write it allows (an
+/// export, a key replacement, a deletion), the window in which a reset may take the account
+/// over (fail point `account-write-after-password-check`).
+pub(crate) async fn hold_after_password_check() {
+    hold("account-write-after-password-check").await;
+}
+
+/// Fault injection: a pause (ms) in a reset between the take-over and the new password's
+/// store, while the old password is still the account's (fail point
+/// `reset-before-password-store`).
+async fn hold_before_password_store() {
+    hold("reset-before-password-store").await;
+}
+
+async fn hold(fail_point: &str) {
+    if let Some(ms) = held_ms(fail_point) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+fn held_ms(fail_point: &str) -> Option<u64> {
+    fail::fail_point!(fail_point, |ms: Option<String>| ms.and_then(|ms| ms.parse().ok()));
+    let _ = fail_point;
+    None
+}
+
 /// The form of an exported key.
 #[derive(Debug)]
 pub enum ExportFormat {
@@ -261,8 +313,9 @@ pub async fn export_key(
     if proof.user_id() != &user.id {
         return Err(AccountError::InvalidCredentials);
     }
-    if !key_repo::mark_exported(db, &user.id, now).await? {
-        return Err(AccountError::Key(KeyError::NoKey));
+    hold_after_password_check().await;
+    if !key_repo::mark_exported(db, &user.id, proof.checked_hash(), now).await? {
+        return Err(refusal(db, proof, KeyError::NoKey).await?);
     }
     event_repo::insert(db, &user.id, "key_exported", format.name(), now).await?;
     let key = match format {
@@ -286,6 +339,10 @@ pub async fn replace_key(
 ) -> Result<UserKey, AccountError> {
     let db = signer.db();
     let user = proof.user_id();
+    hold_after_password_check().await;
+    if !password_still_current(db, proof).await? {
+        return Err(AccountError::InvalidCredentials);
+    }
     let old = keys::find_user_key(db, user).await?;
     let revoked = signer.revoke_all(user).await?;
     let fresh = Keys::generate();
@@ -298,8 +355,11 @@ pub async fn replace_key(
         encrypted_secret: &sealed,
         origin: KeyOrigin::Generated,
     };
-    if !key_repo::replace(db, &new, now).await.map_err(KeyError::from)? {
-        return Err(AccountError::Key(KeyError::NoKey));
+    if !key_repo::replace(db, &new, proof.checked_hash(), now)
+        .await
+        .map_err(KeyError::from)?
+    {
+        return Err(refusal(db, proof, KeyError::NoKey).await?);
     }
     signer.invalidate_user(user);
     let detail = format!(

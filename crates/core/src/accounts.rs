@@ -408,7 +408,12 @@ pub async fn change_password(
 /// # Errors
 /// Storage errors.
 pub async fn delete_account(signer: &crate::Signer, proof: &crate::Reauthenticated) -> Result<(), AccountError> {
-    erase(signer, proof.user_id(), "owner").await?;
+    crate::account_security::hold_after_password_check().await;
+    // A reset since the password was checked outranks the deletion.
+    if !crate::account_security::password_still_current(signer.db(), proof).await? {
+        return Err(AccountError::InvalidCredentials);
+    }
+    erase(signer, proof.user_id(), Some(proof.checked_hash()), "owner").await?;
     Ok(())
 }
 
@@ -420,12 +425,22 @@ pub async fn delete_account(signer: &crate::Signer, proof: &crate::Reauthenticat
 /// # Errors
 /// Storage errors.
 pub async fn delete_account_as_operator(signer: &crate::Signer, user: &UserId) -> Result<bool, AccountError> {
-    Ok(erase(signer, user, "operator").await?)
+    Ok(erase(signer, user, None, "operator").await?)
 }
 
-async fn erase(signer: &crate::Signer, user: &UserId, by: &'static str) -> Result<bool, RepoError> {
+/// Revokes `user`'s authorizations, then deletes the account — only while its password hash
+/// is still `checked`, when given.
+async fn erase(
+    signer: &crate::Signer,
+    user: &UserId,
+    checked: Option<&str>,
+    by: &'static str,
+) -> Result<bool, RepoError> {
     let revoked = signer.revoke_all(user).await?;
-    let deleted = user_repo::delete(signer.db(), user).await?;
+    let deleted = match checked {
+        Some(hash) => user_repo::delete_with_password(signer.db(), user, hash).await?,
+        None => user_repo::delete(signer.db(), user).await?,
+    };
     signer.invalidate_user(user);
     if deleted {
         // The one trace left of the account: what an operator looks for after a

@@ -186,11 +186,12 @@ pub async fn find_oldest_and_newest(db: &Db) -> Result<Vec<StoredKey>, RepoError
 ///
 /// # Errors
 /// [`RepoError::AlreadyExists`] if another user holds the new public key; database errors.
-pub async fn replace(db: &Db, new: &NewKey<'_>, now: i64) -> Result<bool, RepoError> {
+pub async fn replace(db: &Db, new: &NewKey<'_>, password_hash: &str, now: i64) -> Result<bool, RepoError> {
     on_engine!(db, |pool| {
         let done = sqlx::query(
             "UPDATE keys SET id = $1, pubkey = $2, encrypted_secret = $3, origin = $4, created_at = $5, \
-         last_exported_at = NULL, exposed_at = NULL, exposure = NULL WHERE user_id = $6",
+         last_exported_at = NULL, exposed_at = NULL, exposure = NULL \
+         WHERE user_id = $6 AND EXISTS (SELECT 1 FROM users WHERE id = $6 AND password_hash = $7)",
         )
         .bind(new.id)
         .bind(new.pubkey)
@@ -198,23 +199,30 @@ pub async fn replace(db: &Db, new: &NewKey<'_>, now: i64) -> Result<bool, RepoEr
         .bind(new.origin.as_str())
         .bind(now)
         .bind(new.user_id)
+        .bind(password_hash)
         .execute(pool)
         .await?;
         Ok(done.rows_affected() == 1)
     })
 }
 
-/// Records that the user's key was exported at `now`. Returns false if they have no key.
+/// Records that the user's key was exported at `now`, while `password_hash` (the one the
+/// export's password was checked against) is still the account's. Returns false if they
+/// have no key or the password changed (a reset meanwhile outranks the export).
 ///
 /// # Errors
 /// Database errors.
-pub async fn mark_exported(db: &Db, user: &UserId, now: i64) -> Result<bool, RepoError> {
+pub async fn mark_exported(db: &Db, user: &UserId, password_hash: &str, now: i64) -> Result<bool, RepoError> {
     on_engine!(db, |pool| {
-        let done = sqlx::query("UPDATE keys SET last_exported_at = $1 WHERE user_id = $2")
-            .bind(now)
-            .bind(user)
-            .execute(pool)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE keys SET last_exported_at = $1 \
+             WHERE user_id = $2 AND EXISTS (SELECT 1 FROM users WHERE id = $2 AND password_hash = $3)",
+        )
+        .bind(now)
+        .bind(user)
+        .bind(password_hash)
+        .execute(pool)
+        .await?;
         Ok(done.rows_affected() == 1)
     })
 }
@@ -272,7 +280,7 @@ pub async fn delete_for_user(db: &Db, user: &UserId) -> Result<bool, RepoError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{temp_dbs, test_user};
+    use crate::testing::{temp_dbs, test_user, STUB_HASH};
 
     fn new_key<'a>(id: &'a KeyId, user: &'a UserId, pubkey: &'a str) -> NewKey<'a> {
         NewKey {
@@ -310,7 +318,12 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
             insert(&db, &new_key(&KeyId::generate(), &user, "aa"), 1).await.unwrap();
-            assert!(mark_exported(&db, &user, 5).await.unwrap());
+            assert!(
+                !mark_exported(&db, &user, "another password's hash", 5).await.unwrap(),
+                "checked against a password that is no longer the account's"
+            );
+            assert_eq!(find_by_user(&db, &user).await.unwrap().unwrap().last_exported_at, None);
+            assert!(mark_exported(&db, &user, STUB_HASH, 5).await.unwrap());
             assert!(mark_exposed(&db, &user, "first", 6).await.unwrap());
             assert!(mark_exposed(&db, &user, "second", 7).await.unwrap());
             let key = find_by_user(&db, &user).await.unwrap().unwrap();
@@ -323,7 +336,8 @@ mod tests {
                 origin: KeyOrigin::Generated,
                 ..new_key(&id, &user, "bb")
             };
-            assert!(replace(&db, &fresh, 9).await.unwrap());
+            assert!(!replace(&db, &fresh, "another password's hash", 9).await.unwrap());
+            assert!(replace(&db, &fresh, STUB_HASH, 9).await.unwrap());
             let key = find_by_user(&db, &user).await.unwrap().unwrap();
             assert_eq!((key.id, key.pubkey.as_str(), key.created_at), (id, "bb", 9));
             assert_eq!((key.last_exported_at, key.exposed_at, key.exposure), (None, None, None));

@@ -31,11 +31,14 @@ pub(crate) async fn temp_dbs() -> Vec<(Guard, Db)> {
     }
     dbs
 }
+/// The password hash of [`test_user`]'s users.
+pub(crate) const STUB_HASH: &str = "$argon2id$stub";
+
 /// A user with this email.
 pub(crate) async fn test_user(db: &Db, email: &str) -> UserId {
     let new = NewUser {
         email,
-        password_hash: "$argon2id$stub",
+        password_hash: STUB_HASH,
         username: None,
     };
     users::insert(db, &new, 1).await.unwrap().id

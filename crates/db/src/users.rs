@@ -170,6 +170,22 @@ pub async fn mark_email_verified(db: &Db, id: &UserId, now: i64) -> Result<bool,
     })
 }
 
+/// [`delete`], only while `password_hash` (the one the owner's password was checked
+/// against) is still the account's: false otherwise (a reset meanwhile outranks it).
+///
+/// # Errors
+/// Database errors.
+pub async fn delete_with_password(db: &Db, id: &UserId, password_hash: &str) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM users WHERE id = $1 AND password_hash = $2")
+            .bind(id)
+            .bind(password_hash)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
+}
+
 /// Deletes the user and, by cascade, their sessions, tokens, key, authorizations and
 /// activity. Returns false if no such user.
 ///

@@ -401,3 +401,119 @@ fn a_password_change_checked_before_a_reset_does_not_outlive_it() {
     assert_eq!(login(&server, email, "the holder's new one").status, 401);
     assert_eq!(login(&server, email, "the mailbox owner's own").status, 200);
 }
+
+/// What the password holder asks for, checked against the old password and still under way
+/// (held: the hashing queue, a slow database) while the mailbox owner resets it.
+fn held_through_a_reset(server: &Keycast, email: &str, ask: impl FnOnce() -> Reply + Send) -> Reply {
+    assert!(
+        harness::arm_failpoint(server, "account-write-after-password-check", "1*return(1500)"),
+        "needs the failpoints build"
+    );
+    std::thread::scope(|scope| {
+        let asking = scope.spawn(ask);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        reset(server, email, "the mailbox owner's own");
+        asking.join().unwrap()
+    })
+}
+
+/// An export, a key replacement or an account deletion whose password was checked before a
+/// reset and whose write came after it. Before, each went through: the holder got the nsec
+/// while the owner's page said the key was never exported (the reset had looked before the
+/// export was recorded), or replaced the owner's key, or deleted the account the owner had
+/// just taken back. Now each writes only while the password it checked is the account's.
+#[test]
+fn an_export_replacement_or_deletion_checked_before_a_reset_does_not_outlive_it() {
+    let (_dir, server) = start();
+    if !harness::arm_failpoint(&server, "account-write-after-password-check", "off") {
+        return;
+    }
+    let owners_key = |email: &str| {
+        let owner = cookie_of(&login(&server, email, "the mailbox owner's own"));
+        get(&server, "/api/user/key", Some(&owner)).json()
+    };
+
+    let (holder, account) = register(&server, "exporting@example.com", None);
+    let exported = held_through_a_reset(&server, "exporting@example.com", || export(&server, &holder, PASSWORD));
+    assert_eq!(exported.status, 401, "{}", exported.body);
+    assert!(!exported.body.contains("nsec1"));
+    let key = owners_key("exporting@example.com");
+    assert_eq!(key["pubkey"], account["pubkey"], "{key}");
+    assert_eq!(key["exposure"], Value::Null, "nothing was exported: {key}");
+
+    let (holder, account) = register(&server, "replacing@example.com", None);
+    let replaced = held_through_a_reset(&server, "replacing@example.com", || {
+        post_json(
+            &server,
+            "/api/user/key/replace",
+            Some(&holder),
+            &json!({ "password": PASSWORD }),
+        )
+    });
+    assert_eq!(replaced.status, 401, "{}", replaced.body);
+    let key = owners_key("replacing@example.com");
+    assert_eq!(key["pubkey"], account["pubkey"], "the key was not replaced: {key}");
+
+    let (holder, _) = register(&server, "deleting@example.com", None);
+    let deleted = held_through_a_reset(&server, "deleting@example.com", || {
+        post_json(
+            &server,
+            "/api/user/delete",
+            Some(&holder),
+            &json!({ "password": PASSWORD }),
+        )
+    });
+    assert_eq!(deleted.status, 401, "{}", deleted.body);
+    assert_eq!(
+        login(&server, "deleting@example.com", "the mailbox owner's own").status,
+        200,
+        "the account is still there"
+    );
+}
+
+/// Until a reset stores the new password, the old one is still the account's: a login with
+/// it opens a session, and that session can grant an app. Before, a grant made in that
+/// moment (after the reset had revoked the others) outlived the reset, a live app for the
+/// password holder on the account the owner had just taken back. Now the reset revokes again
+/// once the new password is in place.
+#[test]
+fn a_grant_made_while_a_reset_stores_its_password_does_not_outlive_it() {
+    let (_dir, server) = start();
+    let email = "racing@example.com";
+    register(&server, email, None);
+    if !harness::arm_failpoint(&server, "reset-before-password-store", "1*return(2000)") {
+        return;
+    }
+    let token = std::thread::scope(|scope| {
+        let resetting = scope.spawn(|| reset(&server, email, "the mailbox owner's own"));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let logged_in = login(&server, email, PASSWORD);
+        assert_eq!(
+            logged_in.status, 200,
+            "the old password is still the account's: {}",
+            logged_in.body
+        );
+        let token = grant(&server, &cookie_of(&logged_in), "policy:social");
+        resetting.join().unwrap();
+        token["access_token"].as_str().unwrap().to_owned()
+    });
+    let signed = rpc(
+        &server,
+        &token,
+        "sign_event",
+        json!([{ "kind": 1, "content": "after the reset" }]),
+    );
+    assert!(
+        signed.status >= 400,
+        "the holder's grant still signs: {} {}",
+        signed.status,
+        signed.body
+    );
+    let owner = cookie_of(&login(&server, email, "the mailbox owner's own"));
+    let live = get(&server, "/api/user/authorizations", Some(&owner)).json();
+    let listed = live["authorizations"].as_array().unwrap();
+    assert!(
+        !listed.is_empty() && listed.iter().all(|a| !a["revoked_at"].is_null()),
+        "{live}"
+    );
+}
