@@ -76,7 +76,7 @@ pub use password::{PasswordHasher, PasswordParams, Reauthenticated};
 pub use policy::{Denial, Policy};
 pub use request::{DecodeError, Request, Response, Transport};
 pub use secret::Secret;
-pub use signer::{Announcement, Change, Signer, SignerOptions};
+pub use signer::{Announcement, Change, Revocation, Signer, SignerOptions};
 
 /// Re-exported so transports build requests with the same `nostr` version.
 pub use nostr;

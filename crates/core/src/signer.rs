@@ -76,6 +76,24 @@ impl Default for SignerOptions {
     }
 }
 
+/// Fault injection: a revocation's statement committed and its answer was lost (fail point
+/// `revoke-answer-lost`).
+fn answer_lost() -> bool {
+    fail::fail_point!("revoke-answer-lost", |_| true);
+    false
+}
+
+/// What [`Signer::revoke`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// This call revoked it.
+    Revoked,
+    /// It was revoked already (perhaps by a first try whose answer was lost).
+    AlreadyRevoked,
+    /// Not the user's, or unknown.
+    NotFound,
+}
+
 /// What the NIP-46 transport must hear about; see [`Signer::subscribe`].
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -767,25 +785,50 @@ impl Signer {
     }
 
     /// Revokes `user`'s authorization `id` and drops it from every cache, so the next
-    /// request with its token or bunker is refused. Returns whether this call revoked it
-    /// (false: already revoked, not theirs, or unknown; caches are dropped anyway).
-    /// Commits: the caller should wait for durability before answering.
+    /// request with its token or bunker is refused; says whether this call revoked it, it
+    /// was revoked already (perhaps by a first try whose answer was lost), or it is not
+    /// theirs. Caches are dropped, and the others told, in every case. Commits: the caller
+    /// should wait for durability (and the other instances) before answering.
     ///
     /// # Errors
-    /// [`SignError::Internal`] on storage failure (then nothing was revoked).
-    pub async fn revoke(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, SignError> {
-        Ok(self.revoke_authorization(id, user).await?)
+    /// [`SignError::Internal`] on storage failure: the revocation may or may not have been
+    /// made (a lost answer); a retry says which.
+    pub async fn revoke(&self, id: &AuthorizationId, user: &UserId) -> Result<Revocation, SignError> {
+        if self.revoke_authorization(id, user).await? {
+            return Ok(Revocation::Revoked);
+        }
+        Ok(match authz_repo::find_by_id(&self.db, id).await? {
+            Some(row) if row.user_id == *user && row.revoked_at.is_some() => Revocation::AlreadyRevoked,
+            _ => Revocation::NotFound,
+        })
     }
 
     /// [`Signer::revoke`] with the storage error as it is, for the rest of core.
     pub(crate) async fn revoke_authorization(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, RepoError> {
-        let revoked = authz_repo::revoke(&self.db, id, user, now_unix()).await?;
+        let revoked = authz_repo::revoke(&self.db, id, user, now_unix()).await;
+        let revoked = match revoked {
+            Ok(_) if answer_lost() => Err(RepoError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "fail point: the answer was lost",
+            )))),
+            answered => answered,
+        };
+        // Dropped here and announced to the others whatever the answer: a statement whose
+        // answer was lost may have committed, and a notice never sent would leave the
+        // others signing from their caches after the owner's retry was told "revoked".
         self.invalidate_authorization(id);
-        if revoked {
-            self.usage.revoked(id);
-            self.authorizations_changed();
+        match revoked {
+            Ok(true) => {
+                self.usage.revoked(id);
+                self.authorizations_changed();
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(err) => {
+                self.authorizations_changed();
+                Err(err)
+            }
         }
-        Ok(revoked)
     }
 
     /// Changes `user`'s live authorization `id` to `policy` and `terms` (the owner edits an

@@ -8,8 +8,8 @@ use keycast_core::authz::{create_grant, issue_access_token, NewGrant, DEFAULT_TO
 use keycast_core::nostr::{Event, EventBuilder, Keys, Kind, PublicKey, UnsignedEvent};
 use keycast_core::terms::{GrantTerms, Limits};
 use keycast_core::{
-    keys, AuthError, Authorization, Grant, KeyManager, MasterKey, MasterKeyManager, Request, Response, SignError,
-    Signer, SignerOptions, Transport,
+    keys, AuthError, Authorization, Grant, KeyManager, MasterKey, MasterKeyManager, Request, Response, Revocation,
+    SignError, Signer, SignerOptions, Transport,
 };
 use keycast_db::users::{self, NewUser};
 use keycast_db::{now_unix, policies, Db, DbOptions, UserId};
@@ -138,7 +138,7 @@ async fn revoked_authorization_is_refused_on_the_next_request_despite_warm_cache
     h.sign(&authz, 1, Transport::Http).await.unwrap();
     h.signer.authorize_token(grant.access_token.expose()).await.unwrap();
 
-    assert!(h.signer.revoke(&authz.id, &h.user).await.unwrap());
+    assert_eq!(h.signer.revoke(&authz.id, &h.user).await.unwrap(), Revocation::Revoked);
 
     let by_token = h.signer.authorize_token(grant.access_token.expose()).await.unwrap_err();
     assert!(matches!(by_token, AuthError::Revoked), "{by_token:?}");
@@ -149,9 +149,10 @@ async fn revoked_authorization_is_refused_on_the_next_request_despite_warm_cache
     );
     let nip46 = h.sign(&authz, 1, Transport::Nip46).await.unwrap_err();
     assert!(matches!(nip46, SignError::Revoked), "{nip46:?}");
-    assert!(
-        !h.signer.revoke(&authz.id, &h.user).await.unwrap(),
-        "second revoke is a no-op"
+    assert_eq!(
+        h.signer.revoke(&authz.id, &h.user).await.unwrap(),
+        Revocation::AlreadyRevoked,
+        "second revoke changes nothing"
     );
 }
 
@@ -160,7 +161,10 @@ async fn revoking_someone_elses_authorization_changes_nothing() {
     let h = harness().await;
     let grant = h.grant("social").await;
     let authz = h.signer.authorize_token(grant.access_token.expose()).await.unwrap();
-    assert!(!h.signer.revoke(&authz.id, &UserId::generate()).await.unwrap());
+    assert_eq!(
+        h.signer.revoke(&authz.id, &UserId::generate()).await.unwrap(),
+        Revocation::NotFound
+    );
     h.sign(&authz, 1, Transport::Http).await.unwrap();
 }
 

@@ -90,12 +90,14 @@ async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Revokes the user's live authorization `id` and waits until that is durable (shared with
-/// the dashboard's revoke button). 404 if it is not the user's or was already revoked.
+/// Revokes the user's live authorization `id` and waits until that is durable and in force
+/// on every instance (shared with the dashboard's revoke button). 404 if it is not the
+/// user's, or was revoked already — then only after the same wait: it may be this request's
+/// own retry, whose first answer was lost after the revocation was made.
 pub(crate) async fn revoke_authorization(state: &AppState, user: &UserId, id: String) -> Result<(), AppError> {
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
-    let revoked = services
+    let revocation = services
         .signer
         .revoke(&AuthorizationId::new(id), user)
         .await
@@ -103,10 +105,13 @@ pub(crate) async fn revoke_authorization(state: &AppState, user: &UserId, id: St
             keycast_core::SignError::Internal(cause) => cause.into(),
             other => AppError::internal(other),
         })?;
-    if !revoked {
+    if revocation == keycast_core::Revocation::NotFound {
         return Err(AppError::NotFound("no such live authorization of yours".into()));
     }
     state.confirm_write(true).await?;
+    if revocation == keycast_core::Revocation::AlreadyRevoked {
+        return Err(AppError::NotFound("this authorization is revoked already".into()));
+    }
     Ok(())
 }
 

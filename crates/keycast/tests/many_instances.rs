@@ -91,6 +91,49 @@ fn a_revocation_on_one_instance_is_refused_by_every_other_on_the_next_request() 
     }
 }
 
+/// A revocation whose database answer was lost after it committed (a connection reset, a
+/// proxy): the owner got an error and tried again. Before, the first try told no other
+/// instance (the error returned before the notice), and the retry answered 404 at once
+/// ("already revoked") without waiting for anyone: another instance went on signing with the
+/// revoked token from its cache (an hour here) — at once if it was slow to hear. Now the
+/// notice goes out whatever the answer, and the retry's 404 comes only once every instance
+/// has dropped the grant or stopped trusting its caches.
+#[test]
+fn a_revocation_whose_answer_was_lost_is_in_force_everywhere_when_the_retry_answers() {
+    let Some((_dir, servers)) = instances_with(2, &[("KEYCAST_TEST_ROUTES", "true")]) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "lost@example.com", None);
+    let token = access_token(&servers[0], &cookie);
+    for server in &servers {
+        assert_eq!(sign(server, &token).status, 200, "cached on both");
+    }
+    let list = get(&servers[0], "/api/user/authorizations", Some(&cookie)).json();
+    let id = list["authorizations"][0]["id"].as_str().unwrap().to_owned();
+    if !harness::arm_failpoint(&servers[0], "revoke-answer-lost", "1*return") {
+        return;
+    }
+    // The other instance is slow to hear (a CPU-starved listener): it acknowledges nothing,
+    // and trusts its caches only for the sync timeout past the last beat it heard.
+    assert!(harness::arm_failpoint(&servers[1], "cluster-listen-behind", "return"));
+    let path = format!("/api/user/authorizations/{id}");
+    let lost = delete(&servers[0], &path, &cookie);
+    assert!(lost.status >= 500, "the first try fails: {} {}", lost.status, lost.body);
+    let retried = delete(&servers[0], &path, &cookie);
+    assert_eq!(retried.status, 404, "{}", retried.body);
+    assert!(retried.body.contains("revoked already"), "{}", retried.body);
+    for (i, server) in servers.iter().enumerate() {
+        let r = sign(server, &token);
+        assert_eq!(
+            r.status, 401,
+            "instance {i} signed after the retry was answered: {}",
+            r.body
+        );
+    }
+    let unknown = delete(&servers[0], "/api/user/authorizations/nothing-of-yours", &cookie);
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+}
+
 /// A request that is still arriving at `server` when it is told to stop: its headers and the
 /// first bytes of `body` are sent, then SIGTERM, and the rest only once the instance has left
 /// the others ([`Arriving::finish`]).
