@@ -252,6 +252,14 @@ pub(crate) async fn request_mail(
     purpose: TokenPurpose,
 ) -> Result<(), AppError> {
     let bucket = purpose.as_str();
+    // Asked first, for every address alike (the answer reveals no account), and before any
+    // bucket is spent: told to retry, the user loses nothing; a mail dropped for a full queue
+    // would have been answered "on its way" and cost one of their few tries.
+    if !state.mail_has_room(crate::mail::Lane::of(bucket)) {
+        return Err(AppError::Unavailable(
+            "too many mails are waiting for the mail server; ask again in a moment".into(),
+        ));
+    }
     state.limits().check(&format!("{bucket}-ip:{ip}"), MAIL_PER_IP).await?;
     let email = accounts::normalize_email(email)?;
     state

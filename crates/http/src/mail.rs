@@ -3,8 +3,12 @@
 //! [`Outbox`].
 //!
 //! Sending never holds up the request that caused it: the handler commits the token, hands
-//! the message to [`Mailer::send`] and answers. SMTP delivery runs in a background task (at
-//! most [`MAX_CONCURRENT_SENDS`] at once, each bounded by [`SMTP_TIMEOUT`]); a failure is
+//! the message to [`SmtpMailer::send`] and answers. SMTP delivery runs in a background task
+//! (at most [`SENDS_PER_LANE`] at once per [`Lane`], each bounded by [`SMTP_TIMEOUT`]).
+//! Mail to new sign-ups and mail about existing accounts (resets, security notices) go in
+//! separate lanes, each with its own sending slots and its own bound on mails waiting: a
+//! flood of registrations — anyone can register any address — cannot delay or crowd out
+//! a reset or a "your key was exported" notice. A failure is
 //! logged with the recipient, subject and the server's answer — never the body (it carries a
 //! single-use token) nor the SMTP credentials — and loses nothing else: the account exists,
 //! and the user can ask for a new link (`POST /api/auth/resend-verification`,
@@ -25,14 +29,57 @@ use tokio::sync::Semaphore;
 
 /// Messages kept; older ones are dropped first.
 pub const OUTBOX_CAPACITY: usize = 200;
-/// SMTP deliveries running at once; more wait for a slot.
-pub const MAX_CONCURRENT_SENDS: usize = 4;
+/// SMTP deliveries running at once in each lane; more wait for a slot.
+pub const SENDS_PER_LANE: usize = 2;
 /// Longest an SMTP exchange may take (each command), so a dead server cannot pile up tasks.
 pub const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Mails waiting for a slot or being sent; past this a new one is dropped (logged and counted
-/// in `keycast_mail_dropped_total`): a slow server, or requests that each mail, must not pile
-/// up tasks and memory without bound.
+/// Mails waiting for a slot or being sent, in each lane; past this a new one is dropped
+/// (logged and counted in `keycast_mail_dropped_total`): a slow server, or requests that each
+/// mail, must not pile up tasks and memory without bound. A user who asks for a link while
+/// their lane is full is told to retry instead ([`SmtpMailer::has_room`]).
 pub const MAX_QUEUED: usize = 256;
+
+/// Which sending lane a mail takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Verification mail to an address just registered (or asked for again).
+    SignUp,
+    /// Everything about an existing account: reset links, security notices.
+    Account,
+}
+
+impl Lane {
+    /// The lane of a mail with this [`Mail::purpose`].
+    pub fn of(purpose: &str) -> Lane {
+        match purpose {
+            "verify_email" => Lane::SignUp,
+            _ => Lane::Account,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Lane::SignUp => "sign_up",
+            Lane::Account => "account",
+        }
+    }
+}
+
+/// One lane's sending slots and mails accepted and not yet done.
+#[derive(Debug)]
+struct LaneState {
+    slots: Semaphore,
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+impl LaneState {
+    fn new() -> LaneState {
+        LaneState {
+            slots: Semaphore::new(SENDS_PER_LANE),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
 
 /// One message.
 #[derive(Debug, Clone, Serialize)]
@@ -109,9 +156,10 @@ pub struct SmtpMailer {
     server: String,
     /// Plain SMTP to a host other than this one.
     clear_text: bool,
-    slots: Arc<Semaphore>,
-    /// Mails accepted by [`SmtpMailer::send`] and not yet done.
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// [`Lane::SignUp`], [`Lane::Account`].
+    lanes: Arc<[LaneState; 2]>,
+    /// Mails waiting in one lane at most ([`MAX_QUEUED`] unless set).
+    max_waiting: usize,
 }
 
 impl std::fmt::Debug for SmtpMailer {
@@ -152,9 +200,26 @@ impl SmtpMailer {
             from,
             server,
             clear_text: !encrypted && !loopback,
-            slots: Arc::new(Semaphore::new(MAX_CONCURRENT_SENDS)),
-            queued: Arc::default(),
+            lanes: Arc::new([LaneState::new(), LaneState::new()]),
+            max_waiting: MAX_QUEUED,
         })
+    }
+
+    /// At most `max_waiting` mails waiting (or being sent) in each lane
+    /// (`KEYCAST_SMTP_MAX_WAITING`).
+    #[must_use]
+    pub fn max_waiting(mut self, max_waiting: usize) -> SmtpMailer {
+        self.max_waiting = max_waiting;
+        self
+    }
+
+    fn lane(&self, lane: Lane) -> &LaneState {
+        &self.lanes[lane as usize]
+    }
+
+    /// Whether `lane` can take another mail now (see [`MAX_QUEUED`]).
+    pub fn has_room(&self, lane: Lane) -> bool {
+        self.lane(lane).queued.load(std::sync::atomic::Ordering::SeqCst) < self.max_waiting
     }
 
     /// Logs where mail goes, warning when it would cross the network unencrypted. Called
@@ -171,22 +236,25 @@ impl SmtpMailer {
     /// for what happens on failure). Must be called inside a Tokio runtime.
     pub fn send(&self, mail: Mail) {
         use std::sync::atomic::Ordering;
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= MAX_QUEUED {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            metrics::counter!("keycast_mail_dropped_total").increment(1);
-            tracing::warn!(to = %mail.to, subject = %mail.subject, server = %self.server, "{MAX_QUEUED} mails already wait for the SMTP server; this one is dropped (the user can ask for a new link)");
+        let lane = Lane::of(mail.purpose);
+        if self.lane(lane).queued.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.lane(lane).queued.fetch_sub(1, Ordering::SeqCst);
+            metrics::counter!("keycast_mail_dropped_total", "lane" => lane.label()).increment(1);
+            tracing::warn!(to = %mail.to, subject = %mail.subject, server = %self.server, lane = lane.label(), waiting = self.max_waiting, "mails already wait for the SMTP server in this lane up to KEYCAST_SMTP_MAX_WAITING; this one is dropped (the user can ask for a new link)");
             return;
         }
         let mailer = self.clone();
         tokio::spawn(async move {
-            struct Done(Arc<std::sync::atomic::AtomicUsize>);
+            struct Done(Arc<[LaneState; 2]>, Lane);
             impl Drop for Done {
                 fn drop(&mut self) {
-                    self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    self.0[self.1 as usize]
+                        .queued
+                        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
-            let _done = Done(mailer.queued.clone());
-            let Ok(_slot) = mailer.slots.acquire().await else {
+            let _done = Done(mailer.lanes.clone(), lane);
+            let Ok(_slot) = mailer.lane(lane).slots.acquire().await else {
                 return;
             };
             match mailer.deliver(&mail).await {
@@ -246,17 +314,25 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("smtp://{}", silent.local_addr().unwrap());
         let mailer = SmtpMailer::new(&Secret::new(url), "k@x.org").unwrap();
+        let mail = |n: usize, purpose| Mail {
+            to: format!("u{n}@example.org"),
+            subject: "s".into(),
+            body: "b".into(),
+            purpose,
+            token: String::new(),
+            link: None,
+        };
         for n in 0..MAX_QUEUED + 50 {
-            mailer.send(Mail {
-                to: format!("u{n}@example.org"),
-                subject: "s".into(),
-                body: "b".into(),
-                purpose: "verify_email",
-                token: String::new(),
-                link: None,
-            });
+            mailer.send(mail(n, "verify_email"));
         }
-        assert_eq!(mailer.queued.load(std::sync::atomic::Ordering::SeqCst), MAX_QUEUED);
+        let queued = |lane| mailer.lane(lane).queued.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(queued(Lane::SignUp), MAX_QUEUED);
+        assert!(!mailer.has_room(Lane::SignUp));
+        // A flood of sign-ups leaves the account lane (resets, notices) its own room.
+        assert!(mailer.has_room(Lane::Account));
+        mailer.send(mail(0, "reset_password"));
+        mailer.send(mail(1, "key_exported"));
+        assert_eq!(queued(Lane::Account), 2);
         drop(silent);
     }
 

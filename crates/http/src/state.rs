@@ -203,6 +203,11 @@ impl AppState {
         }
     }
 
+    /// Whether a mail in `lane` would be taken now (the development outbox always has room).
+    pub fn mail_has_room(&self, lane: crate::mail::Lane) -> bool {
+        self.inner.options.smtp.as_ref().is_none_or(|smtp| smtp.has_room(lane))
+    }
+
     /// Sends `mail` through SMTP when configured, else into the development outbox;
     /// returns at once (see [`crate::mail`]).
     pub fn send_mail(&self, mail: Mail) {

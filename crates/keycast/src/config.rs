@@ -322,6 +322,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "SMTP server for verification and reset mail: smtps://user:pass@host:465, smtp://user:pass@host:587?tls=required or smtp://host:25; secret",
     },
     Setting {
+        key: "smtp_max_waiting",
+        env: "KEYCAST_SMTP_MAX_WAITING",
+        default: "256",
+        help: "mails waiting for the SMTP server, in each lane (sign-up mail; account mail: resets, notices), 1 to 100000; past it a new one is dropped, and asking for a link answers 503",
+    },
+    Setting {
         key: "mail_from",
         env: "KEYCAST_MAIL_FROM",
         default: "(none)",
@@ -1045,6 +1051,12 @@ impl Sources {
                     .into(),
             });
         };
+        let waiting = self
+            .get("smtp_max_waiting", |v| match v.parse::<usize>() {
+                Ok(n) if (1..=100_000).contains(&n) => Ok(n),
+                _ => Err("expected a number of mails from 1 to 100000".into()),
+            })?
+            .unwrap_or(keycast_http::mail::MAX_QUEUED);
         let mailer = SmtpMailer::new(&url, &from).map_err(|e| {
             let key = match e {
                 MailConfigError::Url(_) => "smtp_url",
@@ -1055,7 +1067,7 @@ impl Sources {
                 reason: e.to_string(),
             }
         })?;
-        Ok(Some(mailer))
+        Ok(Some(mailer.max_waiting(waiting)))
     }
 
     fn embedded_relay(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {

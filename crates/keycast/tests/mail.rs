@@ -282,6 +282,79 @@ fn a_failed_delivery_is_logged_without_secrets_and_keeps_the_account() {
     assert!(!email_verified(&server, email));
 }
 
+/// Anyone can register any address, and each registration mails it: a flood of them filled
+/// the one mail queue, and a reset link or a "your key was exported" notice asked for
+/// meanwhile was dropped — while the owner was told it was on its way, and one of their three
+/// tries spent. Now sign-up mail and account mail wait in separate lanes, and a request for a
+/// link that finds its lane full is answered 503 before anything is spent.
+#[test]
+fn a_flood_of_sign_ups_does_not_crowd_out_a_reset_and_a_full_lane_says_so() {
+    // A mail server that takes connections and never answers: every mail waits.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || silent.incoming().map_while(Result::ok).take(64).collect::<Vec<_>>());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_SMTP_URL", &format!("smtp://127.0.0.1:{port}"))
+        .env("KEYCAST_MAIL_FROM", "keycast <noreply@keycast.test>")
+        .env("KEYCAST_SMTP_MAX_WAITING", "4")
+        .start();
+    let register = |email: &str| {
+        let r = post_json(
+            &server,
+            "/api/auth/register",
+            None,
+            &json!({ "email": email, "password": PASSWORD }),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    };
+    register("owner@example.com");
+    for n in 0..6 {
+        register(&format!("flood{n}@example.com"));
+    }
+    let dropped = |lane: &str| {
+        let metrics = server.get("/metrics").1;
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("keycast_mail_dropped_total") && l.contains(&format!("lane=\"{lane}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(dropped("sign_up") >= 3.0, "the sign-up lane overflowed");
+
+    let forgot = |email: &str| post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+    assert_eq!(forgot("owner@example.com").status, 202);
+    assert_eq!(
+        dropped("account"),
+        0.0,
+        "the owner's reset was taken:\n{}",
+        server.log()
+    );
+    assert!(
+        !server
+            .log()
+            .lines()
+            .any(|l| l.contains("dropped") && l.contains("owner@example.com") && l.contains("account")),
+        "{}",
+        server.log()
+    );
+
+    // Fill the account lane too: a link asked for now is refused honestly, for an address
+    // with an account or without one alike, and costs nothing.
+    for n in 0..3 {
+        assert_eq!(forgot(&format!("flood{n}@example.com")).status, 202);
+    }
+    for email in ["flood5@example.com", "nobody@example.com"] {
+        let refused = forgot(email);
+        assert_eq!(refused.status, 503, "{}", refused.body);
+        assert!(refused.retry_after.is_some(), "503 says when to retry");
+        assert!(refused.body.contains("ask again"), "{}", refused.body);
+    }
+    assert_eq!(dropped("account"), 0.0, "nothing was taken only to be dropped");
+    drop(server);
+    drop(held);
+}
+
 fn outbox(server: &Keycast) -> Vec<Value> {
     get(server, "/api/test/outbox", None).json()["messages"]
         .as_array()
