@@ -62,6 +62,14 @@ pub fn check(name: &str, permissions: &Permissions) -> Result<String, GrantEditE
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
         return Err(invalid(format!("name must be 1 to {MAX_NAME_CHARS} characters")));
     }
+    // Never meant in a name; and a NUL is text PostgreSQL refuses (a 500 there, and on
+    // SQLite a row that stops `keycast migrate --to`).
+    if name.chars().any(char::is_control) {
+        return Err(invalid("name may not hold control characters"));
+    }
+    if permissions.blocked_words.iter().any(|w| w.contains('\0')) {
+        return Err(invalid("blocked_words may not hold a NUL character"));
+    }
     if permissions.blocked_words.len() > MAX_BLOCKED_WORDS
         || permissions
             .blocked_words

@@ -73,6 +73,12 @@ pub enum CopyError {
         target_rows: u64,
         target_sum: String,
     },
+    #[error(
+        "{table}.{column} holds text with a NUL character in {rows} row(s), which PostgreSQL cannot store; \
+         nothing was kept. Find them with the sqlite3 shell (SELECT rowid FROM {table} WHERE instr({column}, char(0)) > 0) \
+         and edit or delete them, then run the copy again"
+    )]
+    Nul { table: String, column: String, rows: usize },
     #[error("column {table}.{column} has type {declared:?}, which the copy does not know")]
     UnknownType {
         table: String,
@@ -122,6 +128,7 @@ pub async fn sqlite_to_postgres(source: &Db, target: &Db) -> Result<Vec<TableRep
     let mut reports = Vec::with_capacity(tables.len());
     for table in &tables {
         let rows = read_sqlite(&mut source, table).await?;
+        refuse_nul(table, &rows)?;
         insert(&mut tx, table, &rows).await?;
         let (source_rows, source_sum) = summarize(&rows);
         let (target_rows, target_sum) = summarize(&read_postgres(&mut tx, table).await?);
@@ -142,6 +149,25 @@ pub async fn sqlite_to_postgres(source: &Db, target: &Db) -> Result<Vec<TableRep
     }
     tx.commit().await?;
     Ok(reports)
+}
+
+/// Names the first column of `table` whose text holds a NUL in some of `rows`: PostgreSQL
+/// would refuse the insert with an error that names neither.
+fn refuse_nul(table: &Table, rows: &[Vec<Value>]) -> Result<(), CopyError> {
+    for (i, (column, _)) in table.columns.iter().enumerate() {
+        let with_nul = rows
+            .iter()
+            .filter(|row| matches!(row.get(i), Some(Value::Text(text)) if text.contains('\0')))
+            .count();
+        if with_nul > 0 {
+            return Err(CopyError::Nul {
+                table: table.name.clone(),
+                column: column.clone(),
+                rows: with_nul,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Tables of `target` (PostgreSQL, its current schema) that `source` (SQLite) does not have:
@@ -388,6 +414,33 @@ mod tests {
             sqlite_to_postgres(&source, &target).await,
             Err(CopyError::NotEmpty { .. })
         ));
+    }
+
+    /// A NUL in a text column (SQLite stores it; PostgreSQL refuses it): the copy names the
+    /// table and column and keeps nothing, where PostgreSQL's own error named neither.
+    #[tokio::test]
+    async fn text_with_a_nul_is_refused_by_table_and_column() {
+        let Some(server) = crate::scratch::test_server() else {
+            return;
+        };
+        let (_dir, source) = temp_db().await;
+        test_user(&source, "a@example.com").await;
+        sqlx::query("UPDATE users SET username = 'a' || char(0) || 'b'")
+            .execute(source.as_sqlite().unwrap())
+            .await
+            .unwrap();
+        let scratch = crate::scratch::create_database(&server, "copy_nul").await.unwrap();
+        let target = Db::open_postgres(&crate::PgOptions::new(&scratch.url)).await.unwrap();
+        let err = sqlite_to_postgres(&source, &target).await.unwrap_err();
+        assert!(
+            matches!(&err, CopyError::Nul { table, column, rows: 1 } if table == "users" && column == "username"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("users.username"), "{err}");
+        assert!(crate::users::find_by_email(&target, "a@example.com")
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[test]

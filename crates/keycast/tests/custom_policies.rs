@@ -537,7 +537,35 @@ fn a_custom_policy_is_deleted_by_its_owner_once_no_live_app_uses_it(engine: Engi
     assert_eq!(r.status, 403, "{}", r.body);
 }
 
+/// Text with a NUL character, which SQLite stores and PostgreSQL refuses: a policy named
+/// with one, an app asking with a `client_id` holding `%00`. Before, SQLite stored it (and
+/// `keycast migrate --to` then stopped at that row) while PostgreSQL answered 500. Now both
+/// answer 400 (no control character is meant there) and store nothing.
+fn text_with_a_nul_is_refused_alike_on_both_engines(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "nul@example.com", None);
+    let named = post_json(
+        &server,
+        "/api/user/policies",
+        Some(&cookie),
+        &json!({ "name": "a\u{0}b", "permissions": { "any_kind": true } }),
+    );
+    assert_eq!(named.status, 400, "{}", named.body);
+    assert!(named.body.contains("control characters"), "{}", named.body);
+    let listed = get(&server, "/api/user/policies", Some(&cookie)).json();
+    assert!(!listed.to_string().contains("a\\u0000b"), "{listed}");
+    let (_, challenge) = pkce();
+    let query = authorize_query("policy:social", &challenge).replace("client_id=test-app", "client_id=test%00app");
+    let asked = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
+    assert_eq!(asked.status, 400, "{}", asked.body);
+    // The escape as text (a backslash, then `u0000`) is no NUL, and is taken.
+    let literal = create_policy(&server, &cookie, "a\\u0000b", json!({ "any_kind": true }));
+    assert_eq!(literal["name"], "a\\u0000b");
+}
+
 on_both_engines!(
+    text_with_a_nul_is_refused_alike_on_both_engines,
     a_custom_policy_is_deleted_by_its_owner_once_no_live_app_uses_it,
     edited_policy_and_grant_apply_to_the_next_request_on_both_transports,
     another_user_cannot_read_use_or_edit_a_custom_policy_nor_can_an_app_ask_for_it,

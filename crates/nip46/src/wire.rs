@@ -74,6 +74,10 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 pub enum OpenError {
     #[error("the request id is longer than {MAX_REQUEST_ID_BYTES} bytes")]
     IdTooLong,
+    /// A NUL or other control character: kept in `nip46_seen` at a hand-over, a NUL would
+    /// make that table one PostgreSQL cannot take (`keycast migrate --to`).
+    #[error("the request id holds control characters")]
+    IdNotText,
     #[error("the content does not decrypt with the bunker key")]
     Decrypt,
     /// Where the JSON went wrong, not what it held (serde quotes values: a secret sent in
@@ -104,6 +108,9 @@ pub fn open(bunker: &Keys, event: &Event) -> Result<(RpcRequest, Cipher), OpenEr
     })?;
     if request.id.len() > MAX_REQUEST_ID_BYTES {
         return Err(OpenError::IdTooLong);
+    }
+    if request.id.chars().any(char::is_control) {
+        return Err(OpenError::IdNotText);
     }
     Ok((request, cipher))
 }
@@ -203,7 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn an_id_past_the_limit_is_refused() {
+    fn an_id_past_the_limit_or_not_text_is_refused() {
         let (client, bunker) = (Keys::generate(), Keys::generate());
         let with_id = |id: &str| {
             let body = serde_json::json!({"id": id, "method": "ping"}).to_string();
@@ -211,6 +218,11 @@ mod tests {
         };
         let longest = "a".repeat(MAX_REQUEST_ID_BYTES);
         assert_eq!(open(&bunker, &with_id(&longest)).unwrap().0.id, longest);
+        assert!(matches!(open(&bunker, &with_id("a\u{0}b")), Err(OpenError::IdNotText)));
+        assert!(matches!(
+            open(&bunker, &with_id("line\nbreak")),
+            Err(OpenError::IdNotText)
+        ));
         let event = with_id(&"a".repeat(MAX_REQUEST_ID_BYTES + 1));
         assert!(matches!(open(&bunker, &event), Err(OpenError::IdTooLong)));
     }
