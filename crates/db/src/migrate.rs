@@ -198,6 +198,33 @@ mod tests {
         );
     }
 
+    /// A database that applied a migration refuses every later start once that file changes
+    /// (sqlx compares checksums): an edit to a released migration, even to a comment, would
+    /// stop every deployment that applied it. `migrations/released.sum` pins each file.
+    #[test]
+    fn no_released_migration_has_changed() {
+        let pinned = include_str!("../migrations/released.sum");
+        for (engine, migrator) in [
+            ("postgres", &super::POSTGRES_MIGRATIONS),
+            ("sqlite", &super::SQLITE_MIGRATIONS),
+        ] {
+            for migration in migrator.iter() {
+                let sum: String = migration.checksum.iter().map(|b| format!("{b:02x}")).collect();
+                let file = format!(
+                    "{:04}_{}.sql",
+                    migration.version,
+                    migration.description.replace(' ', "_")
+                );
+                let line = format!("{engine} {file} {sum}");
+                assert!(
+                    pinned.lines().any(|l| l == line),
+                    "{engine} migration {file} is not as released (or is new: append `{line}` to \
+                     crates/db/migrations/released.sum); never edit a released migration, add one"
+                );
+            }
+        }
+    }
+
     /// The hourly sweep deletes by `expires_at` from each of these tables; without an index
     /// each delete read the whole table (on SQLite under the write lock). Asked of each
     /// engine's planner (PostgreSQL told to avoid a sequential scan where it can, since on
