@@ -1133,6 +1133,19 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
             path.display()
         );
     }
+    // A keycast serving the file would go on writing after the copy began, and those writes
+    // would stay behind (and the copy would migrate the file under it).
+    if restored.is_none() {
+        let opened_by = keycast_replica::db_file::opened_elsewhere(path)
+            .with_context(|| format!("checking whether a keycast has {} open", path.display()))?;
+        if let Some(pid) = opened_by {
+            anyhow::bail!(
+                "a process (pid {pid}) has {} open, a keycast still serving it? stop keycast before moving: \
+                 what it writes after the copy starts would stay behind; nothing was copied",
+                path.display()
+            );
+        }
+    }
     // The live database, perhaps with commits a crash left unshipped in its WAL: closing the
     // copy's connections must not fold them in behind `serve`'s back.
     let source = Db::open_sqlite(&DbOptions {

@@ -50,7 +50,6 @@ fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_work
     let (client_sk, _) = keypair();
     app.call_ok(json!({"op": "connect", "bunker": bunker, "client_sk": client_sk}));
     app.call_ok(json!({"op": "sign_event", "event": {"kind": 1, "content": "on sqlite"}}));
-    server.stop();
 
     let database = PgDatabase::create("moved");
     let sqlite_url = format!("sqlite://{}", data.join("keycast.db").display());
@@ -66,6 +65,24 @@ fn a_populated_sqlite_instance_moves_to_postgres_and_every_credential_still_work
             ],
         )
     };
+    // While keycast still serves the file: refused, naming it, and nothing is written. Before,
+    // the copy went ahead (after migrating the live file) and what was written after it
+    // started stayed behind.
+    let live = migrate_to();
+    assert!(!live.status.success(), "{}{}", live.stdout, live.stderr);
+    assert!(
+        live.stderr.contains(&format!("pid {}", server.pid())) && live.stderr.contains("stop keycast"),
+        "{}",
+        live.stderr
+    );
+    assert_eq!(
+        database
+            .query("SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema()")
+            .trim(),
+        "0",
+        "nothing was created in the target"
+    );
+    server.stop();
 
     // A --to naming another application's database: refused before anything is created in
     // it. (Before, keycast's tables were created there, and the copy committed beside them.)
