@@ -117,7 +117,8 @@ pub struct Cluster {
     /// run dry must not make this instance miss heartbeats and drop out of the live set.
     beat_db: Db,
     /// The publisher's own connection, for the same reason: a change is answered only
-    /// `sync_timeout` after its notice went out (see [`Cluster::wait_synced`]).
+    /// `sync_timeout` after its notice went out (see [`Cluster::wait_synced`]). The listener's
+    /// acknowledgements go out on it too.
     publish_db: Db,
     signer: Arc<Signer>,
     options: ClusterOptions,
@@ -594,9 +595,13 @@ impl Cluster {
                     origin,
                     seq,
                 };
+                // On the publisher's connection, not the requests' pool: this loop applies one
+                // notice at a time, so an acknowledgement waiting for a pool that slow requests
+                // have run dry held back every later notice, and every other instance's
+                // changes waited out the sync timeout.
                 if let Err(err) = within(
                     self.options.statement_within(),
-                    keycast_db::notify::notify(&self.db, &ack.encode()),
+                    keycast_db::notify::notify(&self.publish_db, &ack.encode()),
                 )
                 .await
                 {

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use std::collections::HashMap;
 
 use harness::api::*;
-use harness::flow::{access_token, approve_with, authorize_query, grant, login, pkce, register, token_request};
+use harness::flow::{
+    access_token, approve, approve_with, authorize_query, grant, login, pkce, register, token_request,
+};
 use harness::link::SilentLink;
 use harness::nostr::{keypair, stored, BunkerClient, Relay};
 use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
@@ -132,6 +134,62 @@ fn a_revocation_whose_answer_was_lost_is_in_force_everywhere_when_the_retry_answ
     }
     let unknown = delete(&servers[0], "/api/user/authorizations/nothing-of-yours", &cookie);
     assert_eq!(unknown.status, 404, "{}", unknown.body);
+}
+
+/// An instance whose request pool has run dry (its one connection waits on a table lock,
+/// as behind a slow statement) still acknowledges the other instances' changes at once.
+/// Before, its acknowledgements waited for that pool, and its listener applied nothing else
+/// meanwhile: every revocation made on another instance waited out the 3 s sync timeout.
+#[test]
+fn an_instance_whose_request_pool_ran_dry_still_acknowledges_at_once() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("drypool");
+    let dir = tempfile::tempdir().unwrap();
+    let starved = member(dir.path(), &database, 0)
+        .env("KEYCAST_DATABASE_MAX_CONNECTIONS", "1")
+        .env("KEYCAST_NIP46", "false")
+        .start();
+    let other = member(dir.path(), &database, 1).env("KEYCAST_NIP46", "false").start();
+    let (cookie, _) = register(&other, "dry@example.com", None);
+    for _ in 0..3 {
+        access_token(&other, &cookie);
+    }
+    let list = get(&other, "/api/user/authorizations", Some(&cookie)).json();
+    let ids: Vec<String> = list["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect();
+    let (challenge, verifier) = pkce();
+    let code = approve(&starved, &cookie, &authorize_query("policy:social", &challenge));
+
+    let lock = TableLock::of(&database, "oauth_codes", "ACCESS EXCLUSIVE");
+    std::thread::scope(|scope| {
+        // Holds the starved instance's only pooled connection, waiting on the lock.
+        let stuck = scope.spawn(|| token_request(&starved, &code, &verifier, REDIRECT));
+        std::thread::sleep(Duration::from_millis(500));
+        let before = sync_timeouts(std::slice::from_ref(&other));
+        for id in &ids {
+            let at = Instant::now();
+            let revoked = delete(&other, &format!("/api/user/authorizations/{id}"), &cookie);
+            assert_eq!(revoked.status, 204, "{}", revoked.body);
+            assert!(
+                at.elapsed() < Duration::from_secs(2),
+                "a revocation waited {:?} for the starved instance",
+                at.elapsed()
+            );
+        }
+        assert_eq!(
+            sync_timeouts(std::slice::from_ref(&other)),
+            before,
+            "no change gave up waiting"
+        );
+        drop(lock);
+        stuck.join().unwrap();
+    });
 }
 
 /// A request that is still arriving at `server` when it is told to stop: its headers and the
@@ -1017,10 +1075,16 @@ fn during_a_rolling_deploy_the_older_keycast_still_starts_on_the_newer_schema() 
 
 /// A `psql` session holding `LOCK TABLE activity IN EXCLUSIVE MODE` (reads pass, every
 /// INSERT waits) until dropped: PostgreSQL made slow for real on the activity flush.
-struct ActivityLock(std::process::Child);
+struct TableLock(std::process::Child);
 
-impl ActivityLock {
-    fn take(database: &PgDatabase) -> ActivityLock {
+impl TableLock {
+    /// `activity`, locked against writes.
+    fn take(database: &PgDatabase) -> TableLock {
+        TableLock::of(database, "activity", "EXCLUSIVE")
+    }
+
+    /// `table` locked in `mode` by a psql session, until dropped.
+    fn of(database: &PgDatabase, table: &str, mode: &str) -> TableLock {
         use std::io::{BufRead, Write};
         let mut child = std::process::Command::new("psql")
             .args(["-AtqX", "-v", "ON_ERROR_STOP=1", &database.url])
@@ -1029,18 +1093,18 @@ impl ActivityLock {
             .spawn()
             .unwrap();
         let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "BEGIN; LOCK TABLE activity IN EXCLUSIVE MODE; SELECT 'locked';").unwrap();
+        writeln!(stdin, "BEGIN; LOCK TABLE {table} IN {mode} MODE; SELECT 'locked';").unwrap();
         stdin.flush().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "locked");
-        ActivityLock(child)
+        TableLock(child)
     }
 }
 
-impl Drop for ActivityLock {
+impl Drop for TableLock {
     fn drop(&mut self) {
         use std::io::Write;
         if let Some(mut stdin) = self.0.stdin.take() {
@@ -1081,7 +1145,7 @@ fn signing_and_the_heartbeat_carry_on_while_the_activity_flush_is_stuck() {
     let token = access_token(&servers[0], &cookie);
     let signed_before: usize = database.query("SELECT COUNT(*) FROM activity").parse().unwrap();
 
-    let lock = ActivityLock::take(&database);
+    let lock = TableLock::take(&database);
     let mut signed = 0;
     let started = Instant::now();
     // Three instance TTLs: long enough for a starved heartbeat to lapse, and for the
