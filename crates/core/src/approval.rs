@@ -581,7 +581,28 @@ impl Signer {
             _ => None,
         };
         let retry_until = now + self.approval_options().ttl_secs;
-        if !repo::decide(self.db(), &row.id_hash, decision.as_str(), now, retry_until, kind).await? {
+        let made = match repo::decide(self.db(), &row.id_hash, decision.as_str(), now, retry_until, kind).await {
+            Ok(true) if decide_answer_lost() => Err(RepoError::Database(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "fail point: the answer was lost",
+            )))),
+            answered => answered,
+        };
+        let made = match made {
+            Ok(made) => made,
+            // The answer was lost, perhaps after the decision was made: the row says. A
+            // decision recorded but never carried out would leave the app unanswered, and
+            // the owner's second click would only be told it was decided.
+            Err(lost) => match repo::find(self.db(), &row.id_hash).await {
+                Ok(Some(now_row))
+                    if now_row.decision.as_deref() == Some(decision.as_str()) && now_row.decided_at == Some(now) =>
+                {
+                    true
+                }
+                _ => return Err(lost.into()),
+            },
+        };
+        if !made {
             // Decided, expired or revoked between the read and the update (another click).
             return Err(
                 match repo::find(self.db(), &row.id_hash).await?.and_then(|r| r.decision) {
@@ -734,6 +755,13 @@ pub(crate) enum Permit {
     Approved(String),
     /// HTTP: an unused "allow once" of the same fingerprint lets it pass (and is used).
     SpendOnce,
+}
+
+/// Fault injection: a decision's statement committed and its answer was lost (fail point
+/// `approval-decide-answer-lost`).
+fn decide_answer_lost() -> bool {
+    fail::fail_point!("approval-decide-answer-lost", |_| true);
+    false
 }
 
 #[cfg(test)]

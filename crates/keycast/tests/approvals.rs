@@ -517,6 +517,35 @@ fn a_nip46_decision_the_replica_did_not_confirm_still_answers_the_app() {
     );
 }
 
+/// The owner's decision committed, and the database's answer was lost (a reset connection).
+/// Before, the click answered 500, the app was never answered (the decision was recorded but
+/// never carried out), and a second click was told it was already decided. Now the row is
+/// read back: the decision it holds is this click's, and is carried out.
+#[test]
+fn a_decision_whose_database_answer_was_lost_is_still_carried_out() {
+    let Some(mut client) = BunkerClient::spawn() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(Engine::Sqlite, dir.path(), &[]);
+    let (cookie, account) = register(&server, "lost-answer@example.com", None);
+    let token = grant(&server, &cookie, "policy:social");
+    assert_eq!(client.connect(token["bunker_url"].as_str().unwrap())["ok"], true);
+    let event = json!({"kind": 30023, "content": "decided", "tags": []});
+    client.call_ok(json!({ "op": "start_sign_event", "event": event, "timeout_ms": 1000 }));
+    let url = client.call_ok(json!({ "op": "auth_url", "timeout_ms": 15000 }));
+    let path = path_of(&server, url["url"].as_str().unwrap());
+    if !harness::arm_failpoint(&server, "approval-decide-answer-lost", "1*return") {
+        return;
+    }
+    let decided = decide(&server, &cookie, &path, "once");
+    assert_eq!(decided.status, 200, "{}", decided.body);
+    assert!(decided.body.contains("The app has its answer"), "{}", decided.body);
+    let answered = client.call(json!({ "op": "finish_sign_event", "timeout_ms": 15000 }));
+    assert_eq!(answered["ok"], true, "{answered}");
+    assert_eq!(answered["event"]["pubkey"], account["pubkey"], "{answered}");
+}
+
 /// A NIP-46 client whose request nobody decides is not left waiting: when the approval
 /// expires it gets an error with the request's id.
 fn nip46_an_undecided_approval_ends_in_an_error_reply(engine: Engine) {
