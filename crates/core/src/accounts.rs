@@ -208,7 +208,14 @@ pub fn normalize_email(email: &str) -> Result<String, AccountError> {
 pub fn new_email(email: &str) -> Result<String, AccountError> {
     let email = normalize_email(email)?;
     let mailbox_syntax = email.chars().any(|c| c.is_control() || "<>()[]\\,;:\"".contains(c));
-    (!mailbox_syntax).then_some(email).ok_or(AccountError::InvalidEmail)
+    // Dot-atoms, as a mailer reads them: `user@example.org.` or `a..b@x.org` were accepted,
+    // and the account could never be sent its verification or a reset link.
+    let dot_atoms = email
+        .split_once('@')
+        .is_some_and(|(local, domain)| local.split('.').chain(domain.split('.')).all(|atom| !atom.is_empty()));
+    (!mailbox_syntax && dot_atoms)
+        .then_some(email)
+        .ok_or(AccountError::InvalidEmail)
 }
 
 /// Creates an account with its key (imported or generated) and a session. Nothing is
@@ -572,9 +579,17 @@ mod tests {
             "bob@x.org;",
             "bob(c)@x.org",
             "bob@x.org\u{0}",
+            // No mailer sends to these: the account could never get a link.
+            "bob@example.org.",
+            "a..b@x.org",
+            ".bob@x.org",
+            "bob.@x.org",
+            "bob@x..org",
         ] {
             assert!(new_email(bad).is_err(), "{bad:?}");
         }
+        assert!(new_email("bob.smith+tag@mail.example.org").is_ok());
+        assert!(new_email("dev@localhost").is_ok());
         assert_eq!(
             normalize_email("\"x\"<Bob@x.org>").unwrap(),
             "\"x\"<bob@x.org>",

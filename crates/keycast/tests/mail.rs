@@ -355,6 +355,26 @@ fn a_flood_of_sign_ups_does_not_crowd_out_a_reset_and_a_full_lane_says_so() {
     drop(held);
 }
 
+/// An address no mailer sends to (a trailing dot, an empty dot-atom) was accepted at sign-up:
+/// the account could never get its verification mail nor a reset link, and was told nothing.
+/// Now it is refused, saying so.
+#[test]
+fn an_address_no_mailer_sends_to_is_refused_at_sign_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    for email in ["someone@example.org.", "some..one@example.org", "someone@example..org"] {
+        let r = post_json(
+            &server,
+            "/api/auth/register",
+            None,
+            &json!({ "email": email, "password": PASSWORD }),
+        );
+        assert_eq!(r.status, 400, "{email}: {}", r.body);
+        assert!(r.body.contains("email"), "{}", r.body);
+    }
+    assert!(outbox(&server).is_empty(), "nothing was mailed");
+}
+
 fn outbox(server: &Keycast) -> Vec<Value> {
     get(server, "/api/test/outbox", None).json()["messages"]
         .as_array()
