@@ -152,19 +152,32 @@ pub async fn reset_password(
     session_repo::redeem_user_token(db, &hash, TokenPurpose::ResetPassword, now)
         .await?
         .ok_or(AccountError::InvalidToken)?;
-    // Fail closed: everything the previous holder could use ends before the new password
-    // takes effect.
-    take_over(signer, &user, TakeOver::PasswordReset, now).await?;
-    hold_before_password_store().await;
-    // Again with the new password: a login that checked the old one meanwhile.
-    user_repo::set_password_hash_ending_sessions(db, &user.id, &password_hash, None, now).await?;
-    // And the take-over again: until the line above, the old password was still the
-    // account's, so a session it opened in between could still write a grant or export the
-    // key. From here nothing checked against it writes (exports, key replacements and
-    // deletions are conditional on the password they checked).
-    take_over(signer, &user, TakeOver::PasswordReset, now).await?;
-    user_repo::mark_email_verified(db, &user.id, now).await?;
-    event_repo::insert(db, &user.id, "password_reset", "", now).await?;
+    let outcome = async {
+        // Fail closed: everything the previous holder could use ends before the new password
+        // takes effect.
+        take_over(signer, &user, TakeOver::PasswordReset, now).await?;
+        hold_before_password_store().await;
+        // Again with the new password: a login that checked the old one meanwhile.
+        user_repo::set_password_hash_ending_sessions(db, &user.id, &password_hash, None, now).await?;
+        // And the take-over again: until the line above, the old password was still the
+        // account's, so a session it opened in between could still write a grant or export
+        // the key. From here nothing checked against it writes (exports, key replacements
+        // and deletions are conditional on the password they checked).
+        take_over(signer, &user, TakeOver::PasswordReset, now).await?;
+        user_repo::mark_email_verified(db, &user.id, now).await?;
+        event_repo::insert(db, &user.id, "password_reset", "", now).await?;
+        Ok::<(), AccountError>(())
+    }
+    .await;
+    if let Err(failed) = outcome {
+        // Every step is safe to run again: the link is given back, so the owner's retry (the
+        // answer says to retry) finishes the take-over. Kept used up, it left the old
+        // password working and the owner with a dead link, perhaps past their mail limit.
+        if let Err(err) = session_repo::unredeem_user_token(db, &hash, TokenPurpose::ResetPassword, now).await {
+            tracing::warn!(error = %err, "a reset failed part way and its link could not be given back");
+        }
+        return Err(failed);
+    }
     Ok(user.id)
 }
 
@@ -186,6 +199,9 @@ async fn live_token_user(
 /// before.
 async fn take_over(signer: &Signer, user: &User, how: TakeOver, now: i64) -> Result<(), AccountError> {
     let db = signer.db();
+    if take_over_fails() {
+        return Err(RepoError::Busy(sqlx::Error::PoolTimedOut).into());
+    }
     if how == TakeOver::PasswordReset {
         // The first verification was made with the password: its sessions are the
         // verifier's own. A reset ends whatever the previous password opened — first, so
@@ -267,6 +283,13 @@ async fn hold(fail_point: &str) {
     if let Some(ms) = held_ms(fail_point) {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
+}
+
+/// Fault injection: the take-over fails (a busy database), part way through a reset (fail
+/// point `take-over-fails`).
+fn take_over_fails() -> bool {
+    fail::fail_point!("take-over-fails", |_| true);
+    false
 }
 
 fn held_ms(fail_point: &str) -> Option<u64> {

@@ -201,6 +201,30 @@ pub async fn redeem_user_token(
     })
 }
 
+/// Gives back a token [`redeem_user_token`] used up at `redeemed_at`, when what it was
+/// redeemed for failed part way: the link works again. Returns whether it was given back.
+///
+/// # Errors
+/// Database errors.
+pub async fn unredeem_user_token(
+    db: &Db,
+    hash: &TokenHash,
+    purpose: TokenPurpose,
+    redeemed_at: i64,
+) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query(
+            "UPDATE user_tokens SET used_at = NULL WHERE token_hash = $1 AND purpose = $2 AND used_at = $3",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(redeemed_at)
+        .execute(pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    })
+}
+
 /// Uses up every outstanding token of `user` for `purpose` (after a password reset, so an
 /// older reset link mailed earlier, perhaps to someone else's request, no longer works).
 /// Returns how many.

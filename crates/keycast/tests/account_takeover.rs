@@ -517,3 +517,32 @@ fn a_grant_made_while_a_reset_stores_its_password_does_not_outlive_it() {
         "{live}"
     );
 }
+
+/// A reset that failed part way (a busy database after the link was used up): before, the
+/// owner was told to retry, but the link was dead (400) and the old password still worked.
+/// Now the link is given back, and the retry finishes the take-over.
+#[test]
+fn a_reset_that_failed_part_way_can_be_retried_with_the_same_link() {
+    let (_dir, server) = start();
+    let email = "retrying@example.com";
+    register(&server, email, None);
+    if !harness::arm_failpoint(&server, "take-over-fails", "1*return") {
+        return;
+    }
+    let asked = post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let token = mailed_token(&server, email, "reset_password");
+    let body = json!({ "token": token, "password": "the mailbox owner's own" });
+    let failed = post_json(&server, "/api/auth/reset-password", None, &body);
+    assert_eq!(failed.status, 503, "{}", failed.body);
+    let retried = post_json(&server, "/api/auth/reset-password", None, &body);
+    assert_eq!(retried.status, 200, "the same link works again: {}", retried.body);
+    assert_eq!(
+        login(&server, email, PASSWORD).status,
+        401,
+        "the old password no longer works"
+    );
+    assert_eq!(login(&server, email, "the mailbox owner's own").status, 200);
+    let spent = post_json(&server, "/api/auth/reset-password", None, &body);
+    assert_eq!(spent.status, 400, "and is used up once it worked: {}", spent.body);
+}
