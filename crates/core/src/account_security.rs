@@ -362,10 +362,11 @@ pub async fn replace_key(
 ) -> Result<UserKey, AccountError> {
     let db = signer.db();
     let user = proof.user_id();
-    hold_after_password_check().await;
     if !password_still_current(db, proof).await? {
         return Err(AccountError::InvalidCredentials);
     }
+    // Past the check, so that what decides is the replacement's own condition below.
+    hold_after_password_check().await;
     let old = keys::find_user_key(db, user).await?;
     let revoked = signer.revoke_all(user).await?;
     let fresh = Keys::generate();

@@ -409,18 +409,23 @@ pub async fn change_password(
 /// NIP-46 stops serving its bunker); then the user row goes and, by cascade, the key,
 /// sessions, tokens, custom policies, authorizations, their activity and the account's
 /// events. Two steps that fail closed: a crash between them leaves an account whose apps
-/// are all disconnected, which the owner deletes again. Deleting an account that is
-/// already gone succeeds.
+/// are all disconnected, which the owner deletes again. Only while the password `proof`
+/// checked is still the account's: a reset meanwhile outranks the deletion.
 ///
 /// # Errors
-/// Storage errors.
+/// [`AccountError::InvalidCredentials`] when the password changed since it was checked (or
+/// the account is gone); storage errors.
 pub async fn delete_account(signer: &crate::Signer, proof: &crate::Reauthenticated) -> Result<(), AccountError> {
-    crate::account_security::hold_after_password_check().await;
-    // A reset since the password was checked outranks the deletion.
+    // A reset since the password was checked outranks the deletion: checked first, and again
+    // by the deletion itself (a reset may land in between).
     if !crate::account_security::password_still_current(signer.db(), proof).await? {
         return Err(AccountError::InvalidCredentials);
     }
-    erase(signer, proof.user_id(), Some(proof.checked_hash()), "owner").await?;
+    crate::account_security::hold_after_password_check().await;
+    let deleted = erase(signer, proof.user_id(), Some(proof.checked_hash()), "owner").await?;
+    if !deleted && user_repo::find_by_id(signer.db(), proof.user_id()).await?.is_some() {
+        return Err(AccountError::InvalidCredentials);
+    }
     Ok(())
 }
 

@@ -305,6 +305,12 @@ impl Cluster {
         &self.id
     }
 
+    /// How often instances heartbeat: within this of hearing that one left (or at once, on
+    /// its notice), the others have taken its bunkers.
+    pub fn beat_interval(&self) -> Duration {
+        self.options.beat_every()
+    }
+
     /// The live instances as of the last heartbeat, sorted, this one included.
     pub fn live_instances(&self) -> Arc<Vec<String>> {
         self.live.read().unwrap_or_else(PoisonError::into_inner).clone()

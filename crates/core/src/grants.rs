@@ -58,13 +58,19 @@ fn invalid(why: impl Into<String>) -> GrantEditError {
 /// # Errors
 /// [`GrantEditError::Invalid`] naming the field.
 pub fn check(name: &str, permissions: &Permissions) -> Result<String, GrantEditError> {
+    checked(name, permissions, None)
+}
+
+/// [`check`], letting `kept` (a policy's current name, which an edit may leave as it is)
+/// through the rules added since it was given.
+fn checked(name: &str, permissions: &Permissions, kept: Option<&str>) -> Result<String, GrantEditError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
         return Err(invalid(format!("name must be 1 to {MAX_NAME_CHARS} characters")));
     }
     // Never meant in a name; and a NUL is text PostgreSQL refuses (a 500 there, and on
     // SQLite a row that stops `keycast migrate --to`).
-    if name.chars().any(char::is_control) {
+    if kept != Some(name) && name.chars().any(char::is_control) {
         return Err(invalid("name may not hold control characters"));
     }
     if permissions.blocked_words.iter().any(|w| w.contains('\0')) {
@@ -144,8 +150,8 @@ pub async fn update_policy(
     name: &str,
     permissions: Permissions,
 ) -> Result<PolicyRow, GrantEditError> {
-    let name = check(name, &permissions)?;
     let row = owned(signer, owner, slug).await?;
+    let name = checked(name, &permissions, Some(&row.display_name))?;
     let policy = Policy::from_permissions(&row.slug, permissions);
     let (description, permissions) = (policy.summary().lines().join(" "), permissions_json(&policy));
     if !policy_repo::update_owned(signer.db(), &row.id, owner, &name, &description, &permissions).await? {
@@ -490,5 +496,16 @@ mod tests {
             check("", &Permissions::default()),
             Err(GrantEditError::Invalid(_))
         ));
+    }
+
+    /// A name with a control character is refused, unless it is the policy's current one:
+    /// names given before the rule stay editable as they are.
+    #[test]
+    fn control_characters_are_refused_in_new_names_only() {
+        let any = Permissions::default();
+        assert!(matches!(check("a\tb", &any), Err(GrantEditError::Invalid(_))));
+        assert!(matches!(check("a\u{0}b", &any), Err(GrantEditError::Invalid(_))));
+        assert_eq!(checked("a\tb", &any, Some("a\tb")).unwrap(), "a\tb");
+        assert!(checked("a\nb", &any, Some("a\tb")).is_err());
     }
 }

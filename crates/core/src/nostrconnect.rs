@@ -107,6 +107,11 @@ impl NostrConnectUri {
             if v.len() > MAX_PARAM_LEN {
                 return Err(bad(format!("the {k} parameter is too long")));
             }
+            // Shown and stored (the name becomes the grant's `client_id`): a control character
+            // is never meant, and a NUL is text PostgreSQL refuses.
+            if v.chars().any(char::is_control) {
+                return Err(bad(format!("the {k} parameter holds control characters")));
+            }
             let v = v.into_owned();
             match k.as_ref() {
                 "relay" => {

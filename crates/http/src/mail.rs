@@ -4,7 +4,7 @@
 //!
 //! Sending never holds up the request that caused it: the handler commits the token, hands
 //! the message to [`SmtpMailer::send`] and answers. SMTP delivery runs in a background task
-//! (at most [`SENDS_PER_LANE`] at once per [`Lane`], each bounded by [`SMTP_TIMEOUT`]).
+//! (at most [`Lane::sends`] at once per [`Lane`], each bounded by [`SMTP_TIMEOUT`]).
 //! Mail to new sign-ups and mail about existing accounts (resets, security notices) go in
 //! separate lanes, each with its own sending slots and its own bound on mails waiting: a
 //! flood of registrations — anyone can register any address — cannot delay or crowd out
@@ -29,8 +29,6 @@ use tokio::sync::Semaphore;
 
 /// Messages kept; older ones are dropped first.
 pub const OUTBOX_CAPACITY: usize = 200;
-/// SMTP deliveries running at once in each lane; more wait for a slot.
-pub const SENDS_PER_LANE: usize = 2;
 /// Longest an SMTP exchange may take (each command), so a dead server cannot pile up tasks.
 pub const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Mails waiting for a slot or being sent, in each lane; past this a new one is dropped
@@ -57,6 +55,15 @@ impl Lane {
         }
     }
 
+    /// SMTP deliveries running at once in this lane; more wait for a slot. Account mail gets
+    /// the more: a reset or a notice must not wait behind others' sign-ups.
+    pub fn sends(self) -> usize {
+        match self {
+            Lane::SignUp => 2,
+            Lane::Account => 4,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Lane::SignUp => "sign_up",
@@ -73,9 +80,9 @@ struct LaneState {
 }
 
 impl LaneState {
-    fn new() -> LaneState {
+    fn new(lane: Lane) -> LaneState {
         LaneState {
-            slots: Semaphore::new(SENDS_PER_LANE),
+            slots: Semaphore::new(lane.sends()),
             queued: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -200,7 +207,7 @@ impl SmtpMailer {
             from,
             server,
             clear_text: !encrypted && !loopback,
-            lanes: Arc::new([LaneState::new(), LaneState::new()]),
+            lanes: Arc::new([LaneState::new(Lane::SignUp), LaneState::new(Lane::Account)]),
             max_waiting: MAX_QUEUED,
         })
     }

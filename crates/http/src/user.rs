@@ -416,6 +416,7 @@ async fn delete_account(
 /// Re-checks the password, deletes the account, waits until that is durable and mails the
 /// address (shared with the dashboard's form).
 pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, password: String) -> Result<(), AppError> {
+    notice_can_go(state)?;
     let proof = reauthenticate(state, ip, user, password).await?;
     let (_, services) = state.api()?;
     state.ensure_writable().await?;
@@ -432,12 +433,26 @@ pub(crate) async fn remove_account(state: &AppState, ip: &str, user: &User, pass
 /// held the hashing queue full for everyone), and spent only once the password is right, so
 /// a stolen session alone cannot spend the owner's budget — not even with requests it
 /// abandons half way.
+/// Refuses a change whose notice to the owner (an export, a password change or replaced key,
+/// a deletion) could not be mailed now: whoever holds the password could otherwise fill the
+/// account mail lane first and export unannounced.
+fn notice_can_go(state: &AppState) -> Result<(), AppError> {
+    if state.mail_has_room(crate::mail::Lane::Account) {
+        return Ok(());
+    }
+    Err(AppError::Unavailable(
+        "this change mails a notice to the account, and too many mails wait for the mail server; try again in a moment"
+            .into(),
+    ))
+}
+
 async fn reauthenticate_for_change(
     state: &AppState,
     ip: &str,
     user: &User,
     password: String,
 ) -> Result<keycast_core::Reauthenticated, AppError> {
+    notice_can_go(state)?;
     let (budget, rate) = (
         format!("noticed:{}", user.id),
         crate::limit::NOTICED_CHANGES_PER_ACCOUNT,

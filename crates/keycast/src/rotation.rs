@@ -70,27 +70,29 @@ pub async fn in_background(db: Db, ring: Arc<Keyring>, durability: Option<Arc<dy
 pub const INSTANCES_HEARD_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// On PostgreSQL, refuses a rotation to `ring`'s current key while an instance heard from
-/// lately does not say it opens that key: once the stored keys are under it, that instance
-/// would fail every signature as soon as its cache expired (docs/OPERATIONS.md: deploy the
-/// new key as the previous one first).
+/// lately does not have it as its own current key (`KEYCAST_MASTER_KEY`). One without it
+/// would fail every signature once the stored keys are under it and its cache expired; one
+/// holding it only as the previous key (the second of the two deploys skipped) would go on
+/// sealing new keys under the old one, which the last deploy, without the previous key,
+/// then refuses to start on (docs/OPERATIONS.md).
 ///
 /// # Errors
 /// Such an instance (named, with the keys it holds), or a database error.
 pub async fn refuse_instances_without_the_key(db: &Db, ring: &Keyring) -> anyhow::Result<()> {
     let within = i64::try_from(INSTANCES_HEARD_WITHIN.as_millis()).unwrap_or(i64::MAX);
     let new = ring.current().key_id().to_string();
+    // Their ids come current key first (`Keyring::ids`).
     let lacking: Vec<String> = keycast_db::cluster::recent_master_keys(db, within)
         .await?
         .into_iter()
-        .filter(|i| {
-            !i.master_key_ids
-                .as_deref()
-                .is_some_and(|ids| ids.split(',').any(|id| id == new))
-        })
+        .filter(|i| i.master_key_ids.as_deref().and_then(|ids| ids.split(',').next()) != Some(new.as_str()))
         .map(|i| {
             let holds = i.master_key_ids.map_or(
                 "does not say which keys it holds (an older version)".to_owned(),
-                |ids| format!("holds {ids}"),
+                |ids| match ids.split_once(',') {
+                    Some((current, previous)) => format!("current key {current}, previous {previous}"),
+                    None => format!("current key {ids}"),
+                },
             );
             format!("{} ({holds}; last heard {} s ago)", i.id, i.silent_ms / 1000)
         })
@@ -99,8 +101,9 @@ pub async fn refuse_instances_without_the_key(db: &Db, ring: &Keyring) -> anyhow
         return Ok(());
     }
     anyhow::bail!(
-        "master-key rotation refused: {} instance(s) on this database cannot open keys under the new master key {new}: {}. \
-         Once the stored keys are under it they would fail every signature. Deploy first with \
+        "master-key rotation refused: {} instance(s) on this database do not have the new master key {new} as their \
+         current key: {}. Without it they fail every signature once the stored keys are under it; with it only as \
+         the previous key they go on writing new keys under the old one. Deploy first with \
          KEYCAST_MASTER_KEY_PREVIOUS(_FILE) set to the new key, then with the two swapped (docs/OPERATIONS.md, \
          \"Rotating the master key\"), and run this again; --force rotates anyway (instances you know are gone)",
         lacking.len(),

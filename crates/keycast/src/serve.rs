@@ -289,8 +289,12 @@ pub async fn run(
         None => {}
     }
     // The others take this instance's bunkers before it stops hearing them: for a moment
-    // both answer (claims keep each request to one answer), rather than neither.
+    // both answer (claims keep each request to one answer), rather than neither. They beat
+    // at once on the notice of its leaving, or at their next beat at the latest.
     leave_cluster(&running).await;
+    if let (Some(cluster), Some(_)) = (&running.cluster, &nip46) {
+        tokio::time::sleep(cluster.beat_interval()).await;
+    }
     // No new NIP-46 request from here; those under way finish (and reply) in `shut_down`,
     // before the last flush and before the database closes, so no commit lands after the
     // final sync.

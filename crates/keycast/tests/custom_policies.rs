@@ -559,6 +559,17 @@ fn text_with_a_nul_is_refused_alike_on_both_engines(engine: Engine) {
     let query = authorize_query("policy:social", &challenge).replace("client_id=test-app", "client_id=test%00app");
     let asked = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
     assert_eq!(asked.status, 400, "{}", asked.body);
+    // A `nostrconnect://` app's name becomes its grant's `client_id`.
+    let app = nostr::Keys::generate().public_key().to_hex();
+    let uri = format!("nostrconnect://{app}?relay=wss%3A%2F%2Frelay.example.com&secret=s3&name=a%00b");
+    let accepted = post_json(
+        &server,
+        "/api/user/nostrconnect",
+        Some(&cookie),
+        &json!({ "uri": uri, "policy": "social" }),
+    );
+    assert_eq!(accepted.status, 400, "{}", accepted.body);
+    assert!(accepted.body.contains("control characters"), "{}", accepted.body);
     // The escape as text (a backslash, then `u0000`) is no NUL, and is taken.
     let literal = create_policy(&server, &cookie, "a\\u0000b", json!({ "any_kind": true }));
     assert_eq!(literal["name"], "a\\u0000b");

@@ -308,7 +308,12 @@ fn a_flood_of_sign_ups_does_not_crowd_out_a_reset_and_a_full_lane_says_so() {
         );
         assert_eq!(r.status, 201, "{}", r.body);
     };
-    register("owner@example.com");
+    let owner = cookie_of(&post_json(
+        &server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": "owner@example.com", "password": PASSWORD }),
+    ));
     for n in 0..6 {
         register(&format!("flood{n}@example.com"));
     }
@@ -351,6 +356,19 @@ fn a_flood_of_sign_ups_does_not_crowd_out_a_reset_and_a_full_lane_says_so() {
         assert!(refused.body.contains("ask again"), "{}", refused.body);
     }
     assert_eq!(dropped("account"), 0.0, "nothing was taken only to be dropped");
+    // A change whose notice could not be mailed now is refused: whoever holds the password
+    // cannot fill the lane first and change the password (or export the key) unannounced.
+    let body = json!({ "current_password": PASSWORD, "new_password": "a new password here" });
+    let changed = post_json(&server, "/api/user/password", Some(&owner), &body);
+    assert_eq!(changed.status, 503, "{}", changed.body);
+    assert!(changed.body.contains("notice"), "{}", changed.body);
+    let login = post_json(
+        &server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": "owner@example.com", "password": PASSWORD }),
+    );
+    assert_eq!(login.status, 200, "the password is unchanged: {}", login.body);
     drop(server);
     drop(held);
 }

@@ -951,7 +951,8 @@ fn only_instances_that_can_answer_nip46_are_given_bunkers() {
         .env("BUNKER_RELAYS", &format!("ws://127.0.0.1:{}", link.port))
         .start();
     let (cookie, _) = register(&direct, "shares@example.com", None);
-    let sessions: Vec<Session> = (0..9)
+    // Enough that the linked instance owns some (each is its with even odds).
+    let sessions: Vec<Session> = (0..14)
         .map(|n| {
             let token = grant(&direct, &cookie, "policy:social");
             let bunker_url = token["bunker_url"].as_str().unwrap().to_owned();

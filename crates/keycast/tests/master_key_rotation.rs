@@ -435,11 +435,12 @@ fn on_postgres_the_command_rotates_beside_a_serving_instance_and_resumes() {
 
 /// On PostgreSQL the command runs beside serving instances. One that holds only the old key
 /// (the first of the two deploys skipped) would fail every signature once the stored keys
-/// were under the new key and its cache expired. Before, the command rotated regardless;
-/// now it refuses, names the instance and the keys it holds, and rewrites nothing, unless
-/// told `--force`.
+/// were under the new key and its cache expired; one that has the new key only as its
+/// previous key (the second skipped) would go on sealing new keys under the old one. Before,
+/// the command rotated regardless; now it refuses, names the instance and the keys it
+/// holds, and rewrites nothing, unless told `--force`.
 #[test]
-fn on_postgres_the_command_refuses_while_an_instance_cannot_open_the_new_key() {
+fn on_postgres_the_command_refuses_while_an_instance_does_not_write_under_the_new_key() {
     if harness::engine::postgres_server().is_none() {
         return;
     }
@@ -481,9 +482,23 @@ fn on_postgres_the_command_refuses_while_an_instance_cannot_open_the_new_key() {
     );
     assert_eq!(headers(), before, "nothing was re-encrypted");
     signs_as(&serving, &token, &pubkey);
+    serving.stop();
+
+    // After the first deploy only (the new key as the previous one): it reads both keys, but
+    // would go on sealing new keys under the old one. Refused too.
+    let first_deploy = Launch::new(&tmp.path().join("b"))
+        .postgres(&database)
+        .env("KEYCAST_MASTER_KEY", TEST_MASTER_KEY)
+        .env("KEYCAST_MASTER_KEY_PREVIOUS", NEW_MASTER_KEY)
+        .start();
+    let refused = rotate(&[]);
+    assert!(!refused.status.success(), "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stderr.contains("as their"), "{}", refused.stderr);
+    assert_eq!(headers(), before, "nothing was re-encrypted");
+    signs_as(&first_deploy, &token, &pubkey);
 
     let forced = rotate(&["--force"]);
     assert!(forced.status.success(), "{}{}", forced.stdout, forced.stderr);
     assert_ne!(headers(), before, "--force rotates");
-    serving.stop();
+    first_deploy.stop();
 }

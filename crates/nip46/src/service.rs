@@ -438,7 +438,20 @@ impl Shared {
         // The claim (a PostgreSQL round trip with several instances) runs while the request
         // is opened (key lookup, decryption): neither has a side effect but the claim row,
         // and only the claimant goes on to answer, so nothing is answered twice.
-        let (opened, claimed) = tokio::join!(self.open(&bunker, &incoming.event), self.claim(&incoming.event));
+        let (opened, claimed) = if incoming.connect_only {
+            // Nothing but a `connect` goes further: no claim row, no dedup entry, for the rest.
+            let opened = self.open(&bunker, &incoming.event).await;
+            if opened
+                .as_ref()
+                .is_none_or(|(_, request, _)| request.method != "connect")
+            {
+                metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
+                return;
+            }
+            (opened, self.claim(&incoming.event).await)
+        } else {
+            tokio::join!(self.open(&bunker, &incoming.event), self.claim(&incoming.event))
+        };
         let Some((keys, request, cipher)) = opened else {
             return;
         };
@@ -447,10 +460,6 @@ impl Shared {
         }
         if !self.first_time(&client, &request.id) {
             tracing::debug!(id = %request.id, "nip46: duplicate request ignored");
-            return;
-        }
-        if incoming.connect_only && request.method != "connect" {
-            metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
             return;
         }
         let (reply, outcome) = handler::answer(
