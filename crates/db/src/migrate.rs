@@ -110,11 +110,26 @@ pub async fn run(db: &Db) -> Result<(), MigrateError> {
             // it — which would be this one, waiting for that migration's lock (a deadlock
             // the server breaks by failing one of them).
             let mut conn = pool.acquire().await?;
+            let waiting_since = std::time::Instant::now();
+            let mut said = std::time::Duration::ZERO;
             while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
                 .bind(MIGRATION_LOCK)
                 .fetch_one(&mut *conn)
                 .await?
             {
+                // Waiting is normal for a moment (instances starting together); for long, it
+                // is a holder stuck (a migration waiting on an old transaction, a session a
+                // dead client left): said, with who holds it, instead of a silent start.
+                if waiting_since.elapsed() >= said + LOCK_WAIT_SAID_EVERY {
+                    said = waiting_since.elapsed();
+                    let holder = lock_holder(&mut conn).await.unwrap_or_default();
+                    tracing::warn!(
+                        waited_secs = said.as_secs(),
+                        holder,
+                        "waiting for another keycast's migrations (the advisory lock {MIGRATION_LOCK}); if nothing \
+                         is migrating, end the holder's session (SELECT pg_terminate_backend(pid))"
+                    );
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             let outcome = async {
@@ -178,6 +193,30 @@ pub(crate) async fn run_to(db: &Db, version: i64) {
         Engine::Sqlite(pool) => SQLITE_MIGRATIONS.run_to(version, pool).await.unwrap(),
         Engine::Postgres(pool) => POSTGRES_MIGRATIONS.run_to(version, pool).await.unwrap(),
     }
+}
+
+/// How often a start waiting for the migration lock says so.
+const LOCK_WAIT_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Who holds the migration lock: `pid …, application …, state …, in its transaction for … s`.
+async fn lock_holder(conn: &mut sqlx::PgConnection) -> Result<String, sqlx::Error> {
+    // A bigint advisory key is held as (classid, objid) = its high and low 32 bits, objsubid 1.
+    let holder: Option<(i32, String, String, i64)> = sqlx::query_as(
+        "SELECT a.pid, COALESCE(a.application_name, ''), COALESCE(a.state, ''), \
+                COALESCE(CAST(EXTRACT(EPOCH FROM now() - a.xact_start) AS BIGINT), 0) \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.classid = CAST($1 >> 32 AS oid) AND l.objid = CAST($1 & 4294967295 AS oid)",
+    )
+    .bind(MIGRATION_LOCK)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match holder {
+        Some((pid, application, state, secs)) => {
+            format!("pid {pid}, application {application:?}, state {state:?}, in its transaction for {secs} s")
+        }
+        None => "unknown".to_owned(),
+    })
 }
 
 const SQLITE_TABLE: &str = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";

@@ -1010,6 +1010,31 @@ fn only_instances_that_can_answer_nip46_are_given_bunkers() {
 // Start-up and schema changes.
 // ---------------------------------------------------------------------------------------
 
+/// A start waiting for another's migrations (an advisory lock) waited in silence: a holder
+/// stuck for good (a migration waiting on an old transaction, a session a dead client left)
+/// meant a start that hung with nothing in its log. Now it says so every 10 s, naming the
+/// holder's session.
+#[test]
+fn a_start_waiting_for_the_migration_lock_says_who_holds_it() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("lockwait");
+    let dir = tempfile::tempdir().unwrap();
+    // keycast's migration lock (`migrate::MIGRATION_LOCK`), held as a stuck migration would.
+    let holder = TableLock::holding(
+        &database,
+        "DO $$ BEGIN PERFORM pg_advisory_lock(30229394540819316); END $$;",
+    );
+    let waiting = member(dir.path(), &database, 0).spawn_started_later().into_keycast();
+    waiting.wait_for_log("waiting for another keycast's migrations", Duration::from_secs(30));
+    let log = waiting.log();
+    assert!(log.contains("application \\\"psql\\\""), "names the holder:\n{log}");
+    assert_eq!(waiting.get("/healthz/startup").0, 503, "not started meanwhile");
+    drop(holder);
+    waiting.wait_for_status("/healthz/startup", 200, Duration::from_secs(30));
+}
+
 #[test]
 fn instances_starting_together_migrate_once() {
     let Some(_) = harness::engine::postgres_server() else {
@@ -1086,6 +1111,11 @@ impl TableLock {
 
     /// `table` locked in `mode` by a psql session, until dropped.
     fn of(database: &PgDatabase, table: &str, mode: &str) -> TableLock {
+        TableLock::holding(database, &format!("BEGIN; LOCK TABLE {table} IN {mode} MODE;"))
+    }
+
+    /// A psql session that ran `sql` (which takes a lock), until dropped.
+    fn holding(database: &PgDatabase, sql: &str) -> TableLock {
         use std::io::{BufRead, Write};
         let mut child = std::process::Command::new("psql")
             .args(["-AtqX", "-v", "ON_ERROR_STOP=1", &database.url])
@@ -1094,7 +1124,7 @@ impl TableLock {
             .spawn()
             .unwrap();
         let stdin = child.stdin.as_mut().unwrap();
-        writeln!(stdin, "BEGIN; LOCK TABLE {table} IN {mode} MODE; SELECT 'locked';").unwrap();
+        writeln!(stdin, "{sql} SELECT 'locked';").unwrap();
         stdin.flush().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.as_mut().unwrap())

@@ -20,10 +20,18 @@
 //!
 //! # Time
 //! Expiry is judged twice, conservatively on both sides, so that clock skew between instances
-//! up to [`Lease::margin`] (a fifth of the TTL) cannot make two of them write at once:
+//! cannot make two of them write at once:
 //! - the holder measures its lease from *before* the write that set it, on the monotonic
 //!   clock, and stops trusting it `margin` before that local expiry ([`Lease::is_valid`]);
-//! - a newcomer takes an unreleased lease only `margin` *after* its wall-clock expiry.
+//! - a newcomer takes an unreleased lease only once it is past its stamped (wall-clock)
+//!   expiry by `margin`, *and* the newcomer has watched that same record stay unchanged for
+//!   a TTL plus the margin on its own monotonic clock: by then the holder's own clocks have
+//!   told it to stop trusting the lease, however far its wall clock is behind the newcomer's.
+//!   (Before, a holder whose wall clock ran behind by more than the margin stamped an expiry
+//!   that looked past to the newcomer while the holder still trusted its lease, and both
+//!   wrote.) A record stamped as expired more than [`UNWATCHED_AFTER`] ago is taken without
+//!   watching: a crash long past needs no wait, and skew that large is outside what this
+//!   guards against.
 //!
 //! # Unknown outcomes
 //! A compare-and-swap whose answer was lost may or may not have been applied. Every write of
@@ -80,6 +88,9 @@ pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a waiting instance looks at the lease again.
 const POLL: Duration = Duration::from_millis(250);
+/// A lease stamped as expired longer ago than this is taken without watching it for a TTL
+/// first (see the module's Time section): clocks are assumed within this of each other.
+pub const UNWATCHED_AFTER: Duration = Duration::from_secs(600);
 const OBJECT: &str = "keycast/lease.json";
 
 /// Lease tunables.
@@ -332,6 +343,9 @@ impl Lease {
     pub async fn acquire(store: &Store, owner: &str, options: LeaseOptions) -> Result<Lease, LeaseError> {
         let started = Instant::now();
         let mut announced = false;
+        // The holder's record (owner, epoch, stamped expiry) and when this instance first saw
+        // it: a request of ours written into it changes neither.
+        let mut watched: Option<((String, u64, i64), Instant)> = None;
         // A store error within the wait: look again shortly.
         macro_rules! or_look_again {
             ($request:expr) => {
@@ -347,7 +361,9 @@ impl Lease {
         }
         loop {
             let before = Instant::now();
-            match or_look_again!(store.get_object(OBJECT).await.map_err(LeaseError::from)) {
+            let found = or_look_again!(store.get_object(OBJECT).await.map_err(LeaseError::from));
+            let seen_at = Instant::now();
+            match found {
                 None => {
                     let record = Self::fresh(owner, 1, options, None);
                     if let Some(version) = or_look_again!(create(store, &record).await) {
@@ -363,7 +379,19 @@ impl Lease {
                         let previous = current.mark(store);
                         return Ok(Lease::held(store, current, options, version, before, previous));
                     }
-                    if current.is_free(options.margin()) {
+                    let record = (current.owner.clone(), current.epoch, current.expires_at_ms);
+                    let watched_since = match &watched {
+                        Some((seen, since)) if *seen == record => *since,
+                        _ => {
+                            watched = Some((record, seen_at));
+                            seen_at
+                        }
+                    };
+                    let lapsed = current.released
+                        || (current.is_free(options.margin())
+                            && (watched_since.elapsed() >= options.ttl + options.margin()
+                                || current.is_free(UNWATCHED_AFTER)));
+                    if lapsed {
                         if !current.released {
                             tracing::warn!(previous = %current.describe(), "took over an expired replica lease; its holder is now fenced");
                         }
@@ -1225,11 +1253,45 @@ mod tests {
         set_expiry(now_ms() - newcomer_margin_ms / 2).await;
         let early = Lease::acquire(&store, "b", newcomer).await.unwrap_err();
         assert!(matches!(early, LeaseError::Held { .. }), "{early}");
+        // Past the margin, but not yet watched for a TTL: not free yet either.
         set_expiry(now_ms() - 2 * newcomer_margin_ms).await;
+        let unwatched = Lease::acquire(&store, "b", newcomer).await.unwrap_err();
+        assert!(matches!(unwatched, LeaseError::Held { .. }), "{unwatched}");
+        // Stamped expired long ago (a crash long past): taken at once.
+        set_expiry(now_ms() - UNWATCHED_AFTER.as_millis() as i64 - 2 * newcomer_margin_ms).await;
         let b = Lease::acquire(&store, "b", newcomer).await.unwrap();
         assert_eq!(b.epoch(), 2, "an expired lease is taken over");
         let err = a.renew().await.unwrap_err();
         assert!(matches!(err, LeaseError::Lost { ref by } if by.contains('b')), "{err}");
+    }
+
+    /// A holder whose wall clock runs behind the newcomer's stamps an expiry that looks past
+    /// to the newcomer while the holder still trusts its lease (its own clocks say so). The
+    /// newcomer takes it only after watching it unchanged for a TTL and the margin: by then
+    /// the holder has stopped trusting it. Before, it was taken at once, and both wrote.
+    #[tokio::test]
+    async fn a_holder_whose_clock_is_behind_is_not_robbed_while_it_trusts_its_lease() {
+        let store = Store::in_memory();
+        let options = quick(1000, 5000);
+        let a = Lease::acquire(&store, "a", options).await.unwrap();
+        // What a holder a minute behind writes: an expiry a minute before the newcomer's now.
+        rewrite_stored(&store, |r| Record {
+            expires_at_ms: now_ms() - 60_000,
+            ..r
+        })
+        .await;
+        let started = Instant::now();
+        let taking = tokio::spawn({
+            let store = store.clone();
+            async move { Lease::acquire(&store, "b", options).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(a.is_valid(), "the holder trusts its lease");
+        assert!(!taking.is_finished(), "the newcomer took a lease its holder trusts");
+        let b = taking.await.unwrap().unwrap();
+        assert!(!a.is_valid(), "taken only once the holder stopped trusting it");
+        assert!(started.elapsed() >= options.ttl + options.margin());
+        assert_eq!(b.epoch(), 2);
     }
 
     #[tokio::test]
