@@ -359,10 +359,42 @@ fn move_aside(db: &Path) -> std::io::Result<PathBuf> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let mut name = db.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".behind-{stamp}"));
-    let aside = db.with_file_name(name);
-    std::fs::rename(db, &aside)?;
+    move_aside_as(db, stamp)
+}
+
+/// [`move_aside`] under `.behind-<stamp>`, or `.behind-<stamp>-<n>` when that name (or one of
+/// its side files) is taken: a second set-aside copy in the same second (a clock reset to
+/// the same time at every boot) replaced the first, which may have held commits never
+/// shipped, and left its WAL beside the second.
+fn move_aside_as(db: &Path, stamp: u64) -> std::io::Result<PathBuf> {
+    let named = |n: u32| {
+        let mut name = db.file_name().unwrap_or_default().to_os_string();
+        match n {
+            0 => name.push(format!(".behind-{stamp}")),
+            n => name.push(format!(".behind-{stamp}-{n}")),
+        }
+        db.with_file_name(name)
+    };
+    let taken = |aside: &Path| {
+        aside.exists()
+            || restore::SIDE_FILES.iter().any(|suffix| {
+                let mut side = aside.as_os_str().to_owned();
+                side.push(suffix);
+                Path::new(&side).exists()
+            })
+    };
+    let mut n = 0;
+    let aside = loop {
+        let aside = named(n);
+        if !taken(&aside) {
+            match restore::rename_no_replace(db, &aside) {
+                Ok(()) => break aside,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        n += 1;
+    };
     for suffix in restore::SIDE_FILES {
         let mut from = db.as_os_str().to_owned();
         from.push(suffix);
@@ -374,4 +406,32 @@ fn move_aside(db: &Path) -> std::io::Result<PathBuf> {
     }
     local_state::remove(db);
     Ok(aside)
+}
+
+#[cfg(test)]
+mod aside_tests {
+    use super::*;
+
+    /// Two copies set aside in the same second: each keeps its own name and its own WAL.
+    #[test]
+    fn a_second_copy_set_aside_in_the_same_second_replaces_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keycast.db");
+        let wal = |p: &Path| {
+            let mut w = p.as_os_str().to_owned();
+            w.push("-wal");
+            PathBuf::from(w)
+        };
+        std::fs::write(&db, b"first").unwrap();
+        std::fs::write(wal(&db), b"first's commits").unwrap();
+        let first = move_aside_as(&db, 7).unwrap();
+        std::fs::write(&db, b"second").unwrap();
+        let second = move_aside_as(&db, 7).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(std::fs::read(&first).unwrap(), b"first");
+        assert_eq!(std::fs::read(wal(&first)).unwrap(), b"first's commits");
+        assert_eq!(std::fs::read(&second).unwrap(), b"second");
+        assert!(!wal(&second).exists(), "the first's WAL is not beside the second");
+        assert!(!db.exists());
+    }
 }

@@ -411,7 +411,7 @@ async fn stamp_creation_times(store: &Store, files: Vec<LtxObject>) -> Result<Ve
 /// was checked to be absent before the restore, which may take minutes, and something may
 /// have appeared there since — a keycast that restored and opened its own database there.
 /// A plain rename would replace it under the running process.
-fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
     let (from_c, to_c) = (c(from)?, c(to)?);
