@@ -191,12 +191,18 @@ impl Recent {
         self.seconds.back().map_or(self.before, |e| e.1)
     }
 
-    /// Counts `n` signatures at `at`. A clock that steps back counts them in the newest
-    /// second, so the entries stay in order.
+    /// Counts `n` signatures at `at`. A clock that stepped back: the seconds stamped after
+    /// `at` are counted as at `at` from now on, so the entries stay in order and leave the
+    /// windows as time goes on. (Counted in the newest, future, second instead, every
+    /// signature since stayed in every window until the clock caught up: one signature
+    /// stamped two hours ahead made a per-minute limit a limit per two hours.)
     fn add(&mut self, at: i64, n: u64) {
         let count = self.last() + n;
+        while self.seconds.back().is_some_and(|newest| newest.0 > at) {
+            self.seconds.pop_back();
+        }
         match self.seconds.back_mut() {
-            Some(newest) if at <= newest.0 => newest.1 = count,
+            Some(newest) if newest.0 == at => newest.1 = count,
             _ => self.seconds.push_back((at, count)),
         }
     }
@@ -390,6 +396,33 @@ impl UsageMeter {
 
 #[cfg(test)]
 mod tests {
+
+    /// One signature stamped two hours ahead (a clock set wrong, then fixed): the ones made
+    /// after the fix are counted in their own minutes, not held in that future second.
+    #[test]
+    fn a_signature_stamped_ahead_does_not_hold_the_windows_after_the_clock_is_fixed() {
+        let now = 1_000_000;
+        let mut recent = Recent::default();
+        recent.add(now + 7200, 1);
+        for i in 0..8 {
+            recent.add(now + i, 1);
+        }
+        let limits = Limits {
+            per_minute: Some(10),
+            ..Limits::default()
+        };
+        assert!(
+            decide(&limits, 9, &recent, now + 10).is_ok(),
+            "nine in the minute: a tenth fits"
+        );
+        assert_eq!(
+            recent.after(now + 130 - 60).0,
+            0,
+            "two minutes on, none is in the minute"
+        );
+        assert_eq!(recent.after(now - 1).0, 9, "all nine are still counted");
+    }
+
     use super::*;
 
     #[test]
@@ -453,7 +486,7 @@ mod tests {
     fn recent_signatures_count_per_window_in_one_entry_per_second() {
         let mut recent = Recent::from_counts([(100, 2), (130, 1)]);
         for at in [150, 150, 150, 149] {
-            recent.add(at, 1); // 149: a clock stepping back counts in the newest second
+            recent.add(at, 1); // 149: a clock stepping back brings the newer seconds back to it
         }
         assert_eq!(recent.seconds.len(), 3);
         assert_eq!(recent.after(99), (7, Some(100)));
@@ -461,7 +494,7 @@ mod tests {
         assert_eq!(recent.after(150), (0, None));
         recent.forget_up_to(129);
         assert_eq!(recent.after(0), (5, Some(130)), "forgotten seconds no longer count");
-        assert_eq!(recent.after(130), (4, Some(150)));
+        assert_eq!(recent.after(130), (4, Some(149)));
     }
 
     /// A grant with limits signing fast all day (here 3 a second for a day): the meter
