@@ -23,15 +23,15 @@
 //! cannot make two of them write at once:
 //! - the holder measures its lease from *before* the write that set it, on the monotonic
 //!   clock, and stops trusting it `margin` before that local expiry ([`Lease::is_valid`]);
-//! - a newcomer takes an unreleased lease only once it is past its stamped (wall-clock)
-//!   expiry by `margin`, *and* the newcomer has watched that same record stay unchanged for
-//!   a TTL plus the margin on its own monotonic clock: by then the holder's own clocks have
-//!   told it to stop trusting the lease, however far its wall clock is behind the newcomer's.
-//!   (Before, a holder whose wall clock ran behind by more than the margin stamped an expiry
-//!   that looked past to the newcomer while the holder still trusted its lease, and both
-//!   wrote.) A record stamped as expired more than [`UNWATCHED_AFTER`] ago is taken without
-//!   watching: a crash long past needs no wait, and skew that large is outside what this
-//!   guards against.
+//! - a newcomer takes an unreleased lease once it has watched that same record stay
+//!   unchanged for a TTL plus the margin on its own monotonic clock: by then the holder's own
+//!   clocks have told it to stop trusting the lease (or it renewed, which changes the
+//!   record), however far its wall clock is from the newcomer's. The stamped (wall-clock)
+//!   expiry is not trusted for this: a holder whose wall clock ran behind stamped an expiry
+//!   that looked past to the newcomer while it still trusted its lease, and both wrote; one
+//!   ahead stamped an expiry that kept every newcomer out for as long. Only a record stamped
+//!   as expired more than [`UNWATCHED_AFTER`] ago is taken without watching: a crash long
+//!   past needs no wait.
 //!
 //! # Unknown outcomes
 //! A compare-and-swap whose answer was lost may or may not have been applied. Every write of
@@ -387,10 +387,12 @@ impl Lease {
                             seen_at
                         }
                     };
+                    // Watched unchanged for a TTL and the margin: its holder, whatever its wall
+                    // clock says, has by its own monotonic clock stopped trusting it (or renewed
+                    // it, which would have changed it).
                     let lapsed = current.released
-                        || (current.is_free(options.margin())
-                            && (watched_since.elapsed() >= options.ttl + options.margin()
-                                || current.is_free(UNWATCHED_AFTER)));
+                        || watched_since.elapsed() >= options.ttl + options.margin()
+                        || current.is_free(UNWATCHED_AFTER);
                     if lapsed {
                         if !current.released {
                             tracing::warn!(previous = %current.describe(), "took over an expired replica lease; its holder is now fenced");
@@ -1291,6 +1293,25 @@ mod tests {
         let b = taking.await.unwrap().unwrap();
         assert!(!a.is_valid(), "taken only once the holder stopped trusting it");
         assert!(started.elapsed() >= options.ttl + options.margin());
+        assert_eq!(b.epoch(), 2);
+    }
+
+    /// A holder whose wall clock runs an hour ahead stamps an expiry an hour away. Before,
+    /// every newcomer waited that hour (or gave up) after the holder died. Now it watches
+    /// the record for a TTL and the margin, and takes it once the holder's own clocks have
+    /// told it to stop trusting it.
+    #[tokio::test]
+    async fn a_holder_whose_clock_is_ahead_keeps_no_one_out_for_longer_than_a_ttl() {
+        let store = Store::in_memory();
+        let options = quick(1000, 5000);
+        let a = Lease::acquire(&store, "a", options).await.unwrap();
+        rewrite_stored(&store, |r| Record {
+            expires_at_ms: now_ms() + 3_600_000,
+            ..r
+        })
+        .await;
+        let b = Lease::acquire(&store, "b", options).await.unwrap();
+        assert!(!a.is_valid(), "taken only once the holder stopped trusting it");
         assert_eq!(b.epoch(), 2);
     }
 
