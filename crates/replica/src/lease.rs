@@ -24,14 +24,15 @@
 //! - the holder measures its lease from *before* the write that set it, on the monotonic
 //!   clock, and stops trusting it `margin` before that local expiry ([`Lease::is_valid`]);
 //! - a newcomer takes an unreleased lease once it has watched that same record stay
-//!   unchanged for a TTL plus the margin on its own monotonic clock: by then the holder's own
-//!   clocks have told it to stop trusting the lease (or it renewed, which changes the
-//!   record), however far its wall clock is from the newcomer's. The stamped (wall-clock)
-//!   expiry is not trusted for this: a holder whose wall clock ran behind stamped an expiry
-//!   that looked past to the newcomer while it still trusted its lease, and both wrote; one
-//!   ahead stamped an expiry that kept every newcomer out for as long. Only a record stamped
-//!   as expired more than [`UNWATCHED_AFTER`] ago is taken without watching: a crash long
-//!   past needs no wait.
+//!   unchanged for a TTL plus the margin ([`LeaseOptions::takeover_after`]) on its own
+//!   monotonic clock: by then the holder's own clocks have told it to stop trusting the lease
+//!   (or it renewed, which changes the record), however far its wall clock is from the
+//!   newcomer's; or once the record's stamped (wall-clock) expiry is that long past, so that
+//!   progress made before a restart is not lost. Before, a stamp a margin past was enough: a
+//!   holder whose wall clock ran behind by more than twice the margin (6 s) stamped an expiry
+//!   that looked past while it still trusted its lease, and both wrote; one ahead kept every
+//!   newcomer out for as long. Skew up to the TTL plus twice the margin (21 s by default) is
+//!   now tolerated. [`Lease::take_back`] and `accept_loss` judge stamps the same way.
 //!
 //! # Unknown outcomes
 //! A compare-and-swap whose answer was lost may or may not have been applied. Every write of
@@ -42,7 +43,7 @@
 //! Renewal is lazy: the holder renews when it is about to write (or is busy shipping) and less
 //! than half the TTL is left, so an idle instance makes no requests. An idle holder's lease
 //! therefore lapses; renewing a lapsed lease nobody took still succeeds (the compare-and-swap
-//! proves nobody did), and a newcomer may take a lapsed one without waiting.
+//! proves nobody did), and a newcomer takes a lapsed one as the Time section says.
 //!
 //! # Hand-over requests
 //! On Cloud Run the new revision must be ready *before* the old instance gets SIGTERM, and a
@@ -88,9 +89,6 @@ pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a waiting instance looks at the lease again.
 const POLL: Duration = Duration::from_millis(250);
-/// A lease stamped as expired longer ago than this is taken without watching it for a TTL
-/// first (see the module's Time section): clocks are assumed within this of each other.
-pub const UNWATCHED_AFTER: Duration = Duration::from_secs(600);
 const OBJECT: &str = "keycast/lease.json";
 
 /// Lease tunables.
@@ -118,6 +116,13 @@ impl LeaseOptions {
     /// The clock-skew allowance: a fifth of the TTL (3 s by default).
     pub fn margin(&self) -> Duration {
         self.ttl / 5
+    }
+
+    /// How long another instance's lease is watched unchanged, and how far past its stamped
+    /// expiry it must be, before it is taken: the TTL plus the margin (see the module's Time
+    /// section).
+    pub fn takeover_after(&self) -> Duration {
+        self.ttl + self.margin()
     }
 }
 
@@ -391,8 +396,8 @@ impl Lease {
                     // clock says, has by its own monotonic clock stopped trusting it (or renewed
                     // it, which would have changed it).
                     let lapsed = current.released
-                        || watched_since.elapsed() >= options.ttl + options.margin()
-                        || current.is_free(UNWATCHED_AFTER);
+                        || watched_since.elapsed() >= options.takeover_after()
+                        || current.is_free(options.takeover_after());
                     if lapsed {
                         if !current.released {
                             tracing::warn!(previous = %current.describe(), "took over an expired replica lease; its holder is now fenced");
@@ -504,12 +509,11 @@ impl Lease {
             return Ok(None);
         };
         let current = decode(&bytes)?;
-        let failed_newcomer = !current.released && !current.serving && current.is_free(options.margin());
+        let failed_newcomer = !current.released && !current.serving && current.is_free(options.takeover_after());
         // Its own lease, whose release failed at the hand-over, and which nobody took for a
         // whole TTL after it lapsed (a waiting newcomer polls a free lease within a moment):
         // the newcomer is gone.
-        let never_released =
-            !current.released && current.owner == owner && current.is_free(options.margin() + options.ttl);
+        let never_released = !current.released && current.owner == owner && current.is_free(options.takeover_after());
         if !current.released && !failed_newcomer && !never_released {
             return Ok(None);
         }
@@ -876,7 +880,7 @@ pub async fn accept_loss(store: &Store, owner: &str, options: LeaseOptions) -> R
         }
         Some((bytes, version)) => {
             let current = decode(&bytes)?;
-            if !current.is_free(options.margin()) {
+            if !current.is_free(options.takeover_after()) {
                 return Err(LeaseError::Held {
                     expires_in_secs: (current.expires_at_ms - now_ms()) / 1000,
                     owner: current.owner,
@@ -1123,7 +1127,8 @@ mod tests {
             Lease::take_back(&store, "a", options).await.unwrap().is_none(),
             "still live"
         );
-        tokio::time::sleep(Duration::from_millis(1400)).await;
+        // Past its stamped expiry by the TTL and the margin, as a newcomer takes a lease.
+        tokio::time::sleep(Duration::from_millis(1000) + options.takeover_after() + Duration::from_millis(200)).await;
         let a = Lease::take_back(&store, "a", options)
             .await
             .unwrap()
@@ -1259,8 +1264,8 @@ mod tests {
         set_expiry(now_ms() - 2 * newcomer_margin_ms).await;
         let unwatched = Lease::acquire(&store, "b", newcomer).await.unwrap_err();
         assert!(matches!(unwatched, LeaseError::Held { .. }), "{unwatched}");
-        // Stamped expired long ago (a crash long past): taken at once.
-        set_expiry(now_ms() - UNWATCHED_AFTER.as_millis() as i64 - 2 * newcomer_margin_ms).await;
+        // Stamped expired a TTL and the margin ago (a crash before this start): taken at once.
+        set_expiry(now_ms() - newcomer.takeover_after().as_millis() as i64 - 2 * newcomer_margin_ms).await;
         let b = Lease::acquire(&store, "b", newcomer).await.unwrap();
         assert_eq!(b.epoch(), 2, "an expired lease is taken over");
         let err = a.renew().await.unwrap_err();
@@ -1276,9 +1281,10 @@ mod tests {
         let store = Store::in_memory();
         let options = quick(1000, 5000);
         let a = Lease::acquire(&store, "a", options).await.unwrap();
-        // What a holder a minute behind writes: an expiry a minute before the newcomer's now.
+        // What a holder a TTL behind writes: an expiry at the newcomer's now, a TTL early.
+        // Before, a margin later it was taken, while the holder trusted it for most of a TTL.
         rewrite_stored(&store, |r| Record {
-            expires_at_ms: now_ms() - 60_000,
+            expires_at_ms: now_ms(),
             ..r
         })
         .await;
