@@ -14,6 +14,7 @@ use harness::flow::{
     access_token, approve, approve_with, authorize_query, grant, login, pkce, register, token_request,
 };
 use harness::link::SilentLink;
+use harness::native::{Cipher, NativeClient};
 use harness::nostr::{keypair, stored, BunkerClient, Relay};
 use harness::{metric_sum, Keycast, Launch, PgDatabase, TEST_MASTER_KEY};
 use nostr::nips::nip44;
@@ -1003,6 +1004,52 @@ fn only_instances_that_can_answer_nip46_are_given_bunkers() {
     assert!(
         replies.values().all(|n| *n == 1),
         "each request answered once: {replies:?}"
+    );
+}
+
+/// A client that sends a request again in a new event (re-encrypted, the same id) while its
+/// bunker changes hands: the owner was paused with the first event in its socket, the other
+/// instance took the bunker over and answered the second, and the paused one, back, answered
+/// the first too — two signatures, counted twice against the grant. Claims were per event;
+/// now they are per (client, request id), so only the first claimant answers.
+#[test]
+fn a_request_sent_again_while_its_bunker_changes_hands_is_answered_once() {
+    let Some(relay) = Relay::start() else { return };
+    let ttl = INSTANCE_TTL_SECS.to_string();
+    let env = [
+        ("BUNKER_RELAYS", relay.url()),
+        ("KEYCAST_INSTANCE_TTL_SECS", ttl.as_str()),
+    ];
+    let Some((_dir, servers)) = instances_with(2, &env) else {
+        return;
+    };
+    let (cookie, _) = register(&servers[0], "again-elsewhere@example.com", None);
+    let token = grant(&servers[0], &cookie, "policy:social");
+    let url = token["bunker_url"].as_str().unwrap();
+    let bunker = PublicKey::from_hex(&url["bunker://".len()..][..64]).unwrap();
+    let secret = query_param(url, "secret").unwrap();
+    let mut client = NativeClient::connect(relay.url(), bunker);
+    client.send(&[("c".into(), "connect", json!(["", secret]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5))[0].json["result"], "ack");
+    let answered = |server: &Keycast| metric_sum(&server.get("/metrics").1, "keycast_nip46_requests_total");
+    let owner = if answered(&servers[0]) > 0.0 { 0 } else { 1 };
+    let other = 1 - owner;
+
+    servers[owner].signal(libc::SIGSTOP);
+    let sign = json!([json!({"kind": 1, "content": "once", "tags": [], "created_at": 1_700_000_000}).to_string()]);
+    client.send(&[("r".into(), "sign_event", sign.clone())], Cipher::Nip44);
+    // The other instance takes the bunker once the paused one's heartbeat lapses.
+    std::thread::sleep(Duration::from_secs(INSTANCE_TTL_SECS + 2));
+    client.send(&[("r".into(), "sign_event", sign)], Cipher::Nip44);
+    let first = client.replies(1, Duration::from_secs(5));
+    assert_eq!(first.len(), 1, "the other instance answers the request sent again");
+    assert!(answered(&servers[other]) > 0.0);
+    servers[owner].signal(libc::SIGCONT);
+    let more = client.replies(1, Duration::from_secs(4));
+    assert!(
+        more.is_empty(),
+        "the paused instance, back, answered the request again: {:?}",
+        more.iter().map(|r| &r.json).collect::<Vec<_>>()
     );
 }
 

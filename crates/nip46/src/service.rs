@@ -435,27 +435,21 @@ impl Shared {
         }
         let started = Instant::now();
         let (bunker, client) = (incoming.bunker, incoming.event.pubkey);
-        // The claim (a PostgreSQL round trip with several instances) runs while the request
-        // is opened (key lookup, decryption): neither has a side effect but the claim row,
-        // and only the claimant goes on to answer, so nothing is answered twice.
-        let (opened, claimed) = if incoming.connect_only {
-            // Nothing but a `connect` goes further: no claim row, no dedup entry, for the rest.
-            let opened = self.open(&bunker, &incoming.event).await;
-            if opened
-                .as_ref()
-                .is_none_or(|(_, request, _)| request.method != "connect")
-            {
-                metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
-                return;
-            }
-            (opened, self.claim(&incoming.event).await)
-        } else {
-            tokio::join!(self.open(&bunker, &incoming.event), self.claim(&incoming.event))
-        };
+        // Opened first (a cached key unwrap and a decryption), then claimed by what it asks:
+        // the client and its request id, not the event. A client that sends a request again
+        // in a new event (re-encrypted) while its bunker changes hands (an instance paused,
+        // then back) was answered by both instances, and signed twice, when claims were per
+        // event; per request, only the first claimant answers, as one instance's dedup does.
+        let opened = self.open(&bunker, &incoming.event).await;
         let Some((keys, request, cipher)) = opened else {
             return;
         };
-        if !claimed {
+        if incoming.connect_only && request.method != "connect" {
+            // Nothing but a `connect` goes further: no claim row, no dedup entry, for the rest.
+            metrics::counter!("keycast_nip46_unbound_dropped_total").increment(1);
+            return;
+        }
+        if !self.claim(&format!("r:{}:{}", client.to_hex(), request.id)).await {
             return;
         }
         if !self.first_time(&client, &request.id) {
@@ -518,7 +512,9 @@ impl Shared {
     }
 
     async fn answer_busy(&self, incoming: Incoming) {
-        if incoming.connect_only || !self.answers().await || !self.claim(&incoming.event).await {
+        // Claimed by event: a busy answer must leave the request itself unclaimed, so that
+        // the client may send it again.
+        if incoming.connect_only || !self.answers().await || !self.claim(&incoming.event.id.to_hex()).await {
             return;
         }
         if let Some((keys, request, cipher)) = self.open(&incoming.bunker, &incoming.event).await {
@@ -553,12 +549,12 @@ impl Shared {
         }
     }
 
-    /// With several instances: whether this one claimed the request (it answers); the
-    /// instance that owns a bunker claims its requests, and a claim is unique even while
-    /// instances disagree for a moment about who is alive.
-    async fn claim(&self, event: &Event) -> bool {
+    /// With several instances: whether this one claimed `key` (a request, or an event it
+    /// answers busy); the instance that owns a bunker claims its requests, and a claim is
+    /// unique even while instances disagree for a moment about who is alive.
+    async fn claim(&self, key: &str) -> bool {
         match &self.options.cluster {
-            Some(cluster) => cluster.claim(&event.id.to_hex()).await,
+            Some(cluster) => cluster.claim(key).await,
             None => true,
         }
     }
