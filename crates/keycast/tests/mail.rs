@@ -16,6 +16,16 @@ use harness::api::*;
 use harness::{Keycast, Launch};
 use serde_json::{json, Value};
 
+/// `POST /api/auth/register` for `email` with the harness's password.
+fn sign_up(server: &Keycast, email: &str) -> Reply {
+    post_json(
+        server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    )
+}
+
 /// A real SMTP server (aiosmtpd) on a free loopback port, storing every message it
 /// receives in a maildir. Stopped when dropped.
 struct SmtpServer {
@@ -299,23 +309,10 @@ fn a_flood_of_sign_ups_does_not_crowd_out_a_reset_and_a_full_lane_says_so() {
         .env("KEYCAST_MAIL_FROM", "keycast <noreply@keycast.test>")
         .env("KEYCAST_SMTP_MAX_WAITING", "4")
         .start();
-    let register = |email: &str| {
-        let r = post_json(
-            &server,
-            "/api/auth/register",
-            None,
-            &json!({ "email": email, "password": PASSWORD }),
-        );
-        assert_eq!(r.status, 201, "{}", r.body);
-    };
-    let owner = cookie_of(&post_json(
-        &server,
-        "/api/auth/register",
-        None,
-        &json!({ "email": "owner@example.com", "password": PASSWORD }),
-    ));
+    let owner = cookie_of(&sign_up(&server, "owner@example.com"));
     for n in 0..6 {
-        register(&format!("flood{n}@example.com"));
+        let r = sign_up(&server, &format!("flood{n}@example.com"));
+        assert_eq!(r.status, 201, "{}", r.body);
     }
     let dropped = |lane: &str| {
         let metrics = server.get("/metrics").1;
@@ -362,12 +359,7 @@ fn a_flood_of_sign_ups_does_not_crowd_out_a_reset_and_a_full_lane_says_so() {
     let changed = post_json(&server, "/api/user/password", Some(&owner), &body);
     assert_eq!(changed.status, 503, "{}", changed.body);
     assert!(changed.body.contains("notice"), "{}", changed.body);
-    let login = post_json(
-        &server,
-        "/api/auth/login",
-        None,
-        &json!({ "email": "owner@example.com", "password": PASSWORD }),
-    );
+    let login = harness::flow::login(&server, "owner@example.com", PASSWORD);
     assert_eq!(login.status, 200, "the password is unchanged: {}", login.body);
     drop(server);
     drop(held);
@@ -381,12 +373,7 @@ fn an_address_no_mailer_sends_to_is_refused_at_sign_up() {
     let dir = tempfile::tempdir().unwrap();
     let server = Launch::new(&dir.path().join("data")).start();
     for email in ["someone@example.org.", "some..one@example.org", "someone@example..org"] {
-        let r = post_json(
-            &server,
-            "/api/auth/register",
-            None,
-            &json!({ "email": email, "password": PASSWORD }),
-        );
+        let r = sign_up(&server, email);
         assert_eq!(r.status, 400, "{email}: {}", r.body);
         assert!(r.body.contains("email"), "{}", r.body);
     }

@@ -167,7 +167,7 @@ fn an_instance_whose_request_pool_ran_dry_still_acknowledges_at_once() {
     let (challenge, verifier) = pkce();
     let code = approve(&starved, &cookie, &authorize_query("policy:social", &challenge));
 
-    let lock = TableLock::of(&database, "oauth_codes", "ACCESS EXCLUSIVE");
+    let lock = LockingSession::of(&database, "oauth_codes", "ACCESS EXCLUSIVE");
     std::thread::scope(|scope| {
         // Holds the starved instance's only pooled connection, waiting on the lock.
         let stuck = scope.spawn(|| token_request(&starved, &code, &verifier, REDIRECT));
@@ -1069,7 +1069,7 @@ fn a_start_waiting_for_the_migration_lock_says_who_holds_it() {
     let database = PgDatabase::create("lockwait");
     let dir = tempfile::tempdir().unwrap();
     // keycast's migration lock (`migrate::MIGRATION_LOCK`), held as a stuck migration would.
-    let holder = TableLock::holding(
+    let holder = LockingSession::holding(
         &database,
         "DO $$ BEGIN PERFORM pg_advisory_lock(30229394540819316); END $$;",
     );
@@ -1146,23 +1146,24 @@ fn during_a_rolling_deploy_the_older_keycast_still_starts_on_the_newer_schema() 
     );
 }
 
-/// A `psql` session holding `LOCK TABLE activity IN EXCLUSIVE MODE` (reads pass, every
-/// INSERT waits) until dropped: PostgreSQL made slow for real on the activity flush.
-struct TableLock(std::process::Child);
+/// A `psql` session holding a lock until dropped: a table's (`LOCK TABLE activity IN
+/// EXCLUSIVE MODE`: reads pass, every INSERT waits — PostgreSQL made slow for real on the
+/// activity flush) or an advisory one.
+struct LockingSession(std::process::Child);
 
-impl TableLock {
+impl LockingSession {
     /// `activity`, locked against writes.
-    fn take(database: &PgDatabase) -> TableLock {
-        TableLock::of(database, "activity", "EXCLUSIVE")
+    fn take(database: &PgDatabase) -> LockingSession {
+        LockingSession::of(database, "activity", "EXCLUSIVE")
     }
 
     /// `table` locked in `mode` by a psql session, until dropped.
-    fn of(database: &PgDatabase, table: &str, mode: &str) -> TableLock {
-        TableLock::holding(database, &format!("BEGIN; LOCK TABLE {table} IN {mode} MODE;"))
+    fn of(database: &PgDatabase, table: &str, mode: &str) -> LockingSession {
+        LockingSession::holding(database, &format!("BEGIN; LOCK TABLE {table} IN {mode} MODE;"))
     }
 
     /// A psql session that ran `sql` (which takes a lock), until dropped.
-    fn holding(database: &PgDatabase, sql: &str) -> TableLock {
+    fn holding(database: &PgDatabase, sql: &str) -> LockingSession {
         use std::io::{BufRead, Write};
         let mut child = std::process::Command::new("psql")
             .args(["-AtqX", "-v", "ON_ERROR_STOP=1", &database.url])
@@ -1178,11 +1179,11 @@ impl TableLock {
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "locked");
-        TableLock(child)
+        LockingSession(child)
     }
 }
 
-impl Drop for TableLock {
+impl Drop for LockingSession {
     fn drop(&mut self) {
         use std::io::Write;
         if let Some(mut stdin) = self.0.stdin.take() {
@@ -1223,7 +1224,7 @@ fn signing_and_the_heartbeat_carry_on_while_the_activity_flush_is_stuck() {
     let token = access_token(&servers[0], &cookie);
     let signed_before: usize = database.query("SELECT COUNT(*) FROM activity").parse().unwrap();
 
-    let lock = TableLock::take(&database);
+    let lock = LockingSession::take(&database);
     let mut signed = 0;
     let started = Instant::now();
     // Three instance TTLs: long enough for a starved heartbeat to lapse, and for the
