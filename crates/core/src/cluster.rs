@@ -339,13 +339,14 @@ impl Cluster {
         }
     }
 
-    /// Claims NIP-46 request `event_id` for this instance: true if it is this instance's
-    /// to answer. A database failure answers true: a second answer is better than none.
-    pub async fn claim(&self, event_id: &str) -> bool {
+    /// Claims a NIP-46 request for this instance (`key`: the client and request id, or an
+    /// event id): true if it is this instance's to answer. A database failure answers true:
+    /// a second answer is better than none.
+    pub async fn claim(&self, key: &str) -> bool {
         let started = Instant::now();
         let claimed = within(
             self.options.statement_within(),
-            cluster_repo::claim(&self.db, event_id, &self.id),
+            cluster_repo::claim(&self.db, key, &self.id),
         )
         .await;
         // The one database round trip of a NIP-46 request on PostgreSQL (BENCHMARKS.md).

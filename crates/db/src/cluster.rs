@@ -149,8 +149,9 @@ pub async fn purge(db: &Db, older_than_ms: i64) -> Result<u64, RepoError> {
     Ok(removed)
 }
 
-/// Claims NIP-46 request `event_id` for instance `id`: true for the one caller that claims
-/// it first, false for every other (the request is someone else's to answer).
+/// Claims NIP-46 request `event_id` (a request's key: its client and id, or an event id) for
+/// instance `id`: true for the one caller that claims it first, false for every other (the
+/// request is someone else's to answer).
 ///
 /// # Errors
 /// [`RepoError::Unsupported`] on SQLite; database errors.
