@@ -582,10 +582,7 @@ impl Signer {
         };
         let retry_until = now + self.approval_options().ttl_secs;
         let made = match repo::decide(self.db(), &row.id_hash, decision.as_str(), now, retry_until, kind).await {
-            Ok(true) if decide_answer_lost() => Err(RepoError::Database(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "fail point: the answer was lost",
-            )))),
+            Ok(true) if decide_answer_lost() => Err(crate::signer::lost_answer()),
             answered => answered,
         };
         let made = match made {

@@ -83,6 +83,14 @@ fn answer_lost() -> bool {
     false
 }
 
+/// The error a statement whose answer was lost gives (fault injection).
+pub(crate) fn lost_answer() -> RepoError {
+    RepoError::Database(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "fail point: the answer was lost",
+    )))
+}
+
 /// What [`Signer::revoke`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Revocation {
@@ -807,10 +815,7 @@ impl Signer {
     pub(crate) async fn revoke_authorization(&self, id: &AuthorizationId, user: &UserId) -> Result<bool, RepoError> {
         let revoked = authz_repo::revoke(&self.db, id, user, now_unix()).await;
         let revoked = match revoked {
-            Ok(_) if answer_lost() => Err(RepoError::Database(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                "fail point: the answer was lost",
-            )))),
+            Ok(_) if answer_lost() => Err(lost_answer()),
             answered => answered,
         };
         // Dropped here and announced to the others whatever the answer: a statement whose
