@@ -44,6 +44,12 @@ pub enum MigrateError {
          or newer"
     )]
     Contracted { database: i64, oldest: i64, binary: i64 },
+    #[error(
+        "the database schema is at version {database}, older than this keycast binary (version {binary}); \
+         a command that only reads does not migrate it: start the matching `keycast serve` (which migrates), \
+         or use the keycast version the database was last served by"
+    )]
+    Behind { database: i64, binary: i64 },
     #[error("cannot read the applied migrations: {0}{hint}", hint = crate::error::pooler_hint(.0))]
     Query(#[from] sqlx::Error),
 }
@@ -87,6 +93,35 @@ macro_rules! oldest_reader {
             )
         }
     };
+}
+
+/// Checks, changing nothing, that this binary may read the database as it is: its schema is
+/// this binary's, or newer and still serving it. For commands that only read: a newer
+/// keycast used to run `keycast clients list` against production migrated it (before the
+/// revision serving it was deployed, and under it).
+///
+/// # Errors
+/// [`MigrateError::Behind`] (an older schema, or none), [`MigrateError::SchemaTooNew`],
+/// [`MigrateError::Contracted`].
+pub async fn check_readable(db: &Db) -> Result<(), MigrateError> {
+    let (applied, oldest) = match db.engine() {
+        Engine::Sqlite(pool) => {
+            let mut conn = pool.acquire().await?;
+            let applied = applied_version!(conn, SQLITE_TABLE).await?;
+            (applied, oldest_reader!(conn).await?)
+        }
+        Engine::Postgres(pool) => {
+            let mut conn = pool.acquire().await?;
+            let applied = applied_version!(conn, POSTGRES_TABLE).await?;
+            (applied, oldest_reader!(conn).await?)
+        }
+    };
+    let binary = latest_version();
+    match applied {
+        Some(database) if database < binary => Err(MigrateError::Behind { database, binary }),
+        None => Err(MigrateError::Behind { database: 0, binary }),
+        _ => serves(binary, applied, oldest).map(|_| ()),
+    }
 }
 
 /// Applies pending migrations; idempotent.

@@ -398,6 +398,43 @@ impl Db {
         Ok(db)
     }
 
+    /// Opens the SQLite database as it is, for a command that only reads: nothing is
+    /// migrated, and a schema this binary cannot read as it is refused
+    /// ([`crate::migrate::check_readable`]).
+    ///
+    /// # Errors
+    /// [`OpenError::Open`]; [`OpenError::Migrate`] for a schema this binary cannot read.
+    pub async fn open_sqlite_as_is(options: &DbOptions) -> Result<Db, OpenError> {
+        let location = options.path.display().to_string();
+        let pool = connect_sqlite(options).await.map_err(|source| OpenError::Open {
+            location: location.clone(),
+            source,
+        })?;
+        let db = Db {
+            engine: Engine::Sqlite(pool),
+            location: location.into(),
+            path: Some(options.path.clone()),
+        };
+        if let Err(e) = crate::migrate::check_readable(&db).await {
+            db.close().await;
+            return Err(e.into());
+        }
+        Ok(db)
+    }
+
+    /// [`Db::open_sqlite_as_is`] on PostgreSQL.
+    ///
+    /// # Errors
+    /// As [`Db::open_sqlite_as_is`].
+    pub async fn open_postgres_as_is(options: &PgOptions) -> Result<Db, OpenError> {
+        let db = Db::connect_postgres(options).await?;
+        if let Err(e) = crate::migrate::check_readable(&db).await {
+            db.close().await;
+            return Err(e.into());
+        }
+        Ok(db)
+    }
+
     /// Opens the SQLite database without migrating (tests that walk the migrations).
     #[cfg(test)]
     pub(crate) async fn open_sqlite_unmigrated(options: &DbOptions) -> Db {

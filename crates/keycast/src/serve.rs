@@ -999,15 +999,27 @@ pub async fn open_database(config: &Config, access: Access) -> anyhow::Result<Db
         refuse_unreplicated_writes(path, replica, access).await?;
     }
     prepare_directories(config)?;
-    Ok(match &config.database {
-        Database::Sqlite { path, .. } => {
+    Ok(match (&config.database, access) {
+        (Database::Sqlite { path, .. }, Access::Read) if !path.exists() => {
+            anyhow::bail!(
+                "no keycast database at {} (DATABASE_URL, KEYCAST_DATA_DIR)",
+                path.display()
+            )
+        }
+        (Database::Sqlite { path, .. }, _) => {
             // Whether or not this command was told of the replica: `serve` ships from the WAL
             // what this commits, also after a crash left commits in it unshipped.
             let mut options = sqlite_options(config, path);
             options.keep_wal_on_close = true;
-            Db::open_sqlite(&options).await?
+            match access {
+                // A command that only reads migrates nothing (a newer binary run against a
+                // database another revision serves would change its schema under it).
+                Access::Read => Db::open_sqlite_as_is(&options).await?,
+                Access::Write => Db::open_sqlite(&options).await?,
+            }
         }
-        Database::Postgres(pg) => open_postgres(pg).await?,
+        (Database::Postgres(pg), Access::Read) => Db::open_postgres_as_is(&pg.options).await?,
+        (Database::Postgres(pg), Access::Write) => open_postgres(pg).await?,
     })
 }
 

@@ -587,3 +587,30 @@ fn the_shell_refuses_a_copy_the_replica_has_moved_past() {
     ];
     harness::keycast_cli(&["clients", "list"], &env).assert_success("clients list on the current copy");
 }
+
+/// `keycast clients list` only reads. Run with a newer keycast against a database another
+/// revision serves, it migrated that database (under the serving instance, before its own
+/// revision was deployed). Now a command that only reads migrates nothing: a schema older
+/// than the binary is refused, saying why, and left as it was.
+#[test]
+fn a_command_that_only_reads_migrates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    Launch::new(&data).start().stop();
+    let db = data.join("keycast.db");
+    // As a database last served by the revision before the newest migration.
+    harness::sqlite_exec(
+        &db,
+        "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+    );
+    let versions = || harness::sqlite_query(&db, "SELECT COUNT(*), MAX(version) FROM _sqlx_migrations");
+    let before = versions();
+    let listed = keycast_cli(&["clients", "list"], &[("KEYCAST_DATA_DIR", data.to_str().unwrap())]);
+    assert!(!listed.status.success(), "{}", listed.stdout);
+    assert!(
+        listed.stderr.contains("does not migrate"),
+        "says why: {}",
+        listed.stderr
+    );
+    assert_eq!(versions(), before, "the schema is as it was");
+}
