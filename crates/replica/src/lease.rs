@@ -130,12 +130,14 @@ impl LeaseOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     #[error(
-        "instance {owner} holds the replica lease (expires in {expires_in_secs} s) and did not release it within {waited_secs} s; \
-         stop it, or wait for its lease to expire"
+        "instance {owner} holds the replica lease and did not release it within {waited_secs} s \
+         (left unrenewed, it is free to take within {free_in_secs} s); stop it, or start again later"
     )]
     Held {
         owner: String,
-        expires_in_secs: i64,
+        /// The longest until a starting instance takes it if nobody renews it: its stamped
+        /// expiry a TTL and the margin past (watching it may free it sooner).
+        free_in_secs: i64,
         waited_secs: u64,
     },
     #[error("the replica lease was taken over by {by}: this instance is fenced and must stop writing")]
@@ -198,6 +200,11 @@ impl Record {
     }
 
     /// Free to take: released, or lapsed by more than the skew margin.
+    fn free_in_secs(&self, options: LeaseOptions) -> i64 {
+        let free_at = self.expires_at_ms + i64::try_from(options.takeover_after().as_millis()).unwrap_or(i64::MAX);
+        (free_at - now_ms()).max(0) / 1000
+    }
+
     fn is_free(&self, margin: Duration) -> bool {
         self.released || self.expires_at_ms + margin.as_millis() as i64 <= now_ms()
     }
@@ -423,7 +430,7 @@ impl Lease {
                         }
                         continue;
                     }
-                    let expires_in_secs = (current.expires_at_ms - now_ms()) / 1000;
+                    let free_in_secs = current.free_in_secs(options);
                     if started.elapsed() >= options.wait {
                         if current.handover_requested_by.as_deref() == Some(owner) {
                             // Giving up: withdraw the request (best effort), so the holder
@@ -437,12 +444,12 @@ impl Lease {
                         }
                         return Err(LeaseError::Held {
                             owner: current.owner,
-                            expires_in_secs,
+                            free_in_secs,
                             waited_secs: options.wait.as_secs(),
                         });
                     }
                     if !announced {
-                        tracing::info!(holder = %current.describe(), expires_in_secs, "waiting for the current holder to release the replica lease");
+                        tracing::info!(holder = %current.describe(), free_in_secs, "waiting for the current holder to release the replica lease");
                         announced = true;
                     }
                 }
@@ -882,7 +889,7 @@ pub async fn accept_loss(store: &Store, owner: &str, options: LeaseOptions) -> R
             let current = decode(&bytes)?;
             if !current.is_free(options.takeover_after()) {
                 return Err(LeaseError::Held {
-                    expires_in_secs: (current.expires_at_ms - now_ms()) / 1000,
+                    free_in_secs: current.free_in_secs(options),
                     owner: current.owner,
                     waited_secs: 0,
                 });
@@ -1264,6 +1271,12 @@ mod tests {
         set_expiry(now_ms() - 2 * newcomer_margin_ms).await;
         let unwatched = Lease::acquire(&store, "b", newcomer).await.unwrap_err();
         assert!(matches!(unwatched, LeaseError::Held { .. }), "{unwatched}");
+        // Its stamp is 4 s past; free once 12 s past (a second may have gone by meanwhile).
+        let said = unwatched.to_string();
+        assert!(
+            said.contains("free to take within 8 s") || said.contains("free to take within 7 s"),
+            "{said}"
+        );
         // Stamped expired a TTL and the margin ago (a crash before this start): taken at once.
         set_expiry(now_ms() - newcomer.takeover_after().as_millis() as i64 - 2 * newcomer_margin_ms).await;
         let b = Lease::acquire(&store, "b", newcomer).await.unwrap();
