@@ -384,18 +384,23 @@ impl Db {
     /// [`OpenError::Open`] if the file cannot be opened as a database;
     /// [`OpenError::Migrate`] if migrations fail or the schema is newer than this binary.
     pub async fn open_sqlite(options: &DbOptions) -> Result<Db, OpenError> {
+        let db = Db::connect_sqlite_file(options).await?;
+        crate::migrate::run(&db).await?;
+        Ok(db)
+    }
+
+    /// Opens (creating if missing) the SQLite database, migrating nothing.
+    async fn connect_sqlite_file(options: &DbOptions) -> Result<Db, OpenError> {
         let location = options.path.display().to_string();
         let pool = connect_sqlite(options).await.map_err(|source| OpenError::Open {
             location: location.clone(),
             source,
         })?;
-        let db = Db {
+        Ok(Db {
             engine: Engine::Sqlite(pool),
             location: location.into(),
             path: Some(options.path.clone()),
-        };
-        crate::migrate::run(&db).await?;
-        Ok(db)
+        })
     }
 
     /// Opens the SQLite database as it is, for a command that only reads: nothing is
@@ -405,21 +410,7 @@ impl Db {
     /// # Errors
     /// [`OpenError::Open`]; [`OpenError::Migrate`] for a schema this binary cannot read.
     pub async fn open_sqlite_as_is(options: &DbOptions) -> Result<Db, OpenError> {
-        let location = options.path.display().to_string();
-        let pool = connect_sqlite(options).await.map_err(|source| OpenError::Open {
-            location: location.clone(),
-            source,
-        })?;
-        let db = Db {
-            engine: Engine::Sqlite(pool),
-            location: location.into(),
-            path: Some(options.path.clone()),
-        };
-        if let Err(e) = crate::migrate::check_readable(&db).await {
-            db.close().await;
-            return Err(e.into());
-        }
-        Ok(db)
+        Db::connect_sqlite_file(options).await?.readable_as_is().await
     }
 
     /// [`Db::open_sqlite_as_is`] on PostgreSQL.
@@ -427,22 +418,22 @@ impl Db {
     /// # Errors
     /// As [`Db::open_sqlite_as_is`].
     pub async fn open_postgres_as_is(options: &PgOptions) -> Result<Db, OpenError> {
-        let db = Db::connect_postgres(options).await?;
-        if let Err(e) = crate::migrate::check_readable(&db).await {
-            db.close().await;
+        Db::connect_postgres(options).await?.readable_as_is().await
+    }
+
+    /// This handle, if its schema can be read as it is; closed otherwise.
+    async fn readable_as_is(self) -> Result<Db, OpenError> {
+        if let Err(e) = crate::migrate::check_readable(&self).await {
+            self.close().await;
             return Err(e.into());
         }
-        Ok(db)
+        Ok(self)
     }
 
     /// Opens the SQLite database without migrating (tests that walk the migrations).
     #[cfg(test)]
     pub(crate) async fn open_sqlite_unmigrated(options: &DbOptions) -> Db {
-        Db {
-            engine: Engine::Sqlite(connect_sqlite(options).await.unwrap()),
-            location: options.path.display().to_string().into(),
-            path: Some(options.path.clone()),
-        }
+        Db::connect_sqlite_file(options).await.unwrap()
     }
 
     /// Connects to the PostgreSQL server and applies pending migrations, under an advisory
