@@ -964,3 +964,90 @@ fn accept_loss_refuses_a_replica_with_a_hole_in_its_chain() {
     assert!(!refused.status.success(), "{}", refused.stdout);
     assert!(refused.stderr.contains("no snapshot"), "{}", refused.stderr);
 }
+
+/// `accept-loss` gives up the TXIDs past the state it accepts, and the next writer writes
+/// them again with other contents. A checksum a verification had recorded for the lost
+/// history stayed, and refused the new history as corrupt: `restore --txid` of that TXID,
+/// `replica verify` at it, and every start that restored to it.
+#[test]
+fn after_accept_loss_a_checksum_recorded_for_the_lost_history_refuses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    let env = file_env(&replica);
+    let quiet = |data: &str| launch(&dir.path().join(data), &env).env("KEYCAST_REPLICA_COMPACTION_LEVELS", "3600");
+    let server = quiet("data").env("KEYCAST_REPLICA_VERIFY_INTERVAL_SECS", "1").start();
+    for n in 0..5 {
+        server.write(&format!("lost-{n}"), true);
+    }
+    let lineages = replica.join("keycast").join("checksum");
+    let recorded = |lineages: &Path| -> Vec<u64> {
+        std::fs::read_dir(lineages)
+            .into_iter()
+            .flatten()
+            .flat_map(|lineage| std::fs::read_dir(lineage.unwrap().path()).unwrap())
+            .filter_map(|record| {
+                let name = record.unwrap().file_name().to_string_lossy().into_owned();
+                u64::from_str_radix(name.strip_suffix(".json")?, 16).ok()
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while recorded(&lineages).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no checksum recorded; log:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.stop();
+    let record = recorded(&lineages).into_iter().max().unwrap();
+
+    // The level-0 objects of the last writes (the recorded TXID among them) are lost, and
+    // the operator accepts it. (Each durable write is a level-0 object of its own; the first
+    // object, the database's start, stays.)
+    let level0 = replica.join("ltx").join("0");
+    let ends = |level0: &Path| -> Vec<(u64, PathBuf)> {
+        let mut ends: Vec<(u64, PathBuf)> = std::fs::read_dir(level0)
+            .unwrap()
+            .filter_map(|file| {
+                let path = file.unwrap().path();
+                let name = path.file_stem()?.to_string_lossy().into_owned();
+                let max = u64::from_str_radix(name.split_once('-')?.1, 16).ok()?;
+                Some((max, path))
+            })
+            .collect();
+        ends.sort();
+        ends
+    };
+    let before = ends(&level0);
+    let first_lost = before
+        .iter()
+        .position(|(max, _)| *max >= record.saturating_sub(2))
+        .unwrap();
+    assert!(first_lost > 0, "TXID {record} is in the first object: {before:?}");
+    for (_, path) in &before[first_lost..] {
+        std::fs::remove_file(path).unwrap();
+    }
+    cli(&["replica", "accept-loss"], &env).assert_success("keycast replica accept-loss");
+
+    // The next instance writes the same TXIDs again, other rows in them.
+    let server = quiet("data-after").start();
+    let mut n = 0;
+    while replica_max_txid(&env) < record {
+        server.write(&format!("new-{n}"), true);
+        n += 1;
+    }
+    server.stop();
+    assert!(
+        ends(&level0).iter().any(|(max, _)| *max == record),
+        "no object of the new history ends at TXID {record}: {:?}",
+        ends(&level0)
+    );
+
+    restore(&dir.path().join("at-record.db"), &["--txid", &record.to_string()], &env);
+    cli(&["replica", "verify"], &env).assert_success("keycast replica verify");
+    let server = quiet("data-again").start();
+    server.write("after", true);
+    server.stop();
+}

@@ -907,6 +907,11 @@ pub async fn accept_loss(store: &Store, owner: &str, options: LeaseOptions) -> R
         });
     };
     let mut lease = Lease::held(store, record, options, version, before, Mark::default());
+    // Before the mark moves: a start then restores no TXID a lost history has a record for.
+    if let Err(e) = crate::verify::forget_checksums_past(store, tip).await {
+        let _ = lease.release().await;
+        return Err(e.into());
+    }
     lease.txid = (tip > 0).then_some(tip);
     lease.txid_mac = store.record_mac(&mark::message(lease.txid));
     lease.release().await?;

@@ -1049,6 +1049,44 @@ impl Store {
         }))
     }
 
+    /// The keycast objects under `dir` (named as for [`Store::get_object`], e.g.
+    /// `keycast/checksum/<lineage>`), by name, in no particular order.
+    ///
+    /// # Errors
+    /// `InvalidName` as for [`Store::get_object`]; `Backend` if the listing fails.
+    pub async fn list_objects(&self, dir: &str) -> Result<Vec<String>, StoreError> {
+        let key = self.object_key(dir)?;
+        self.begin(Operation::List);
+        let metas: Vec<ObjectMeta> = self
+            .inner
+            .objects
+            .list(Some(&key))
+            .try_collect()
+            .await
+            .map_err(|source| self.failed(Operation::List, &key, source))?;
+        let skip = self.inner.prefix.parts_count();
+        Ok(metas
+            .into_iter()
+            .map(|meta| {
+                meta.location
+                    .parts()
+                    .skip(skip)
+                    .map(|part| part.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .collect())
+    }
+
+    /// Deletes keycast object `name` (see [`Store::get_object`]); one already gone is not an
+    /// error.
+    ///
+    /// # Errors
+    /// `InvalidName` as for [`Store::get_object`]; `Backend` if the deletion fails.
+    pub async fn delete_object(&self, name: &str) -> Result<(), StoreError> {
+        self.delete_key(&self.object_key(name)?).await
+    }
+
     /// Creates keycast object `name` (see [`Store::get_object`]) unless it
     /// already exists, in which case it is left untouched.
     ///

@@ -128,6 +128,36 @@ pub async fn recorded_checksum(store: &Store, txid: u64) -> Result<Option<u64>, 
         })
 }
 
+/// Deletes the checksum records of the replica's lineage for TXIDs past `txid`, returning
+/// how many. For `accept-loss`: the TXIDs past the state it accepts are written again, with
+/// other contents, and a record of the lost history would refuse the new one as corrupt at
+/// every start that restored to it.
+///
+/// # Errors
+/// Store errors (records deleted before the failure stay deleted).
+pub async fn forget_checksums_past(store: &Store, txid: u64) -> Result<usize, StoreError> {
+    let Some(lineage) = replica_lineage(store).await? else {
+        return Ok(0);
+    };
+    let mut forgotten = 0;
+    for name in store.list_objects(&format!("keycast/checksum/{lineage}")).await? {
+        let Some(recorded) = name
+            .rsplit('/')
+            .next()
+            .and_then(|file| file.strip_suffix(".json"))
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        else {
+            continue;
+        };
+        // Only what `record_checksum` names: nothing else under the directory is touched.
+        if recorded > txid && name == checksum_object(&lineage, recorded) {
+            store.delete_object(&name).await?;
+            forgotten += 1;
+        }
+    }
+    Ok(forgotten)
+}
+
 /// Records the verified checksum of `txid` (create-only; a record never changes).
 ///
 /// # Errors
