@@ -112,6 +112,22 @@ impl Schedule {
         }
     }
 
+    /// Times the next snapshot from the newest one in the replica (`None`: there is none),
+    /// not from this process's start: an instance replaced more often than the interval (a
+    /// deploy a day, a restart) would otherwise never write one, and then nothing above
+    /// level 0 would ever expire. A replica without a snapshot gets one with the next
+    /// shipped file.
+    pub fn snapshot_after(&mut self, newest: Option<SystemTime>, policy: &CompactionPolicy) {
+        let now = Instant::now();
+        self.snapshot_next = match newest {
+            Some(at) => {
+                let age = SystemTime::now().duration_since(at).unwrap_or_default();
+                now + policy.snapshot_interval.saturating_sub(age)
+            }
+            None => now,
+        };
+    }
+
     /// A run succeeded: the backoff starts over.
     pub fn succeeded(&mut self) {
         self.failures = 0;
@@ -619,20 +635,23 @@ fn sentinel_l0() -> LtxObject {
 }
 
 /// What the policy no longer needs among `files` (sorted by level, then TXIDs): expired
-/// snapshots (never the newest) and compacted files wholly below the newest expired one,
+/// snapshots (those whose successor is past the retention; never the newest) and compacted
+/// files wholly below the newest expired one,
 /// and the level-0 files level 1 covers that are older than `l0_retention`, up to the first
 /// that is not (never the newest level-0 file).
 fn doomed_among(files: &[LtxObject], policy: &CompactionPolicy, now: SystemTime) -> Vec<LtxObject> {
     let by_level = |level: u8| files.iter().filter(move |f| f.level == level);
     let mut doomed: Vec<LtxObject> = Vec::new();
 
+    // A snapshot goes once the one after it is past the retention: until then it is the
+    // base a restore to a time inside the retention starts from (with the compactions above
+    // it). Gone as soon as the next one existed, right after each snapshot no restore could
+    // reach back past it.
     let snapshots: Vec<&LtxObject> = by_level(SNAPSHOT_LEVEL).collect();
     let expired: Vec<&LtxObject> = snapshots
-        .iter()
-        .rev()
-        .skip(1)
-        .filter(|f| older_than(f, policy.snapshot_retention, now))
-        .copied()
+        .windows(2)
+        .filter(|pair| older_than(pair[1], policy.snapshot_retention, now))
+        .map(|pair| pair[0])
         .collect();
     if let Some(floor) = expired.iter().map(|f| f.max_txid).max() {
         for level in 1..SNAPSHOT_LEVEL {
@@ -949,6 +968,88 @@ mod tests {
         );
         let left: Vec<u64> = store.list_level(0).await.unwrap().iter().map(|f| f.max_txid).collect();
         assert_eq!(left, vec![3]);
+    }
+
+    /// The window a `--timestamp` restore reaches back. A snapshot past the retention went
+    /// as soon as a newer one existed, with the compactions below it: right after each
+    /// (daily) snapshot, no restore could reach a time before it. Now it stays the base until
+    /// its successor is past the retention too.
+    #[test]
+    fn a_snapshot_stays_until_the_next_one_is_past_the_retention() {
+        let policy = CompactionPolicy::default();
+        let day = policy.snapshot_retention;
+        let now = SystemTime::now();
+        let obj = |level: u8, min_txid: u64, max_txid: u64, age: Duration| LtxObject {
+            level,
+            min_txid,
+            max_txid,
+            size: 1,
+            created_at: now - age,
+            key: object_store::path::Path::from(format!("ltx/{level}/{min_txid}-{max_txid}")),
+        };
+        let hour = Duration::from_secs(3600);
+        let files = vec![
+            obj(1, 1, 10, day + hour),
+            obj(1, 11, 20, day / 2),
+            obj(1, 21, 30, Duration::from_secs(60)),
+            obj(SNAPSHOT_LEVEL, 1, 10, day + Duration::from_secs(1)),
+            obj(SNAPSHOT_LEVEL, 1, 30, Duration::from_secs(60)),
+        ];
+        assert_eq!(
+            doomed_among(&files, &policy, now),
+            Vec::<LtxObject>::new(),
+            "a restore to half a day ago starts from the older snapshot"
+        );
+        // A day later the newer one is past the retention itself: the older one and what is
+        // wholly below it go; the newer one is the base of the whole window.
+        let later = now + day;
+        let doomed: Vec<(u8, u64, u64)> = doomed_among(&files, &policy, later)
+            .iter()
+            .map(|f| (f.level, f.min_txid, f.max_txid))
+            .collect();
+        assert_eq!(
+            doomed,
+            vec![(SNAPSHOT_LEVEL, 1, 10)],
+            "level 1's furthest file below it stays"
+        );
+    }
+
+    /// An instance replaced more often than the snapshot interval timed each snapshot from its
+    /// own start, so it never wrote one (and nothing above level 0 ever expired). The schedule
+    /// now follows the newest snapshot in the replica.
+    #[test]
+    fn the_next_snapshot_is_timed_from_the_newest_in_the_replica_not_from_the_start() {
+        let policy = CompactionPolicy::default();
+        let mut schedule = Schedule::new(&policy);
+        schedule.note_shipped();
+        assert!(!schedule.due(), "a fresh schedule waits an interval");
+        schedule.snapshot_after(None, &policy);
+        assert!(
+            schedule.due(),
+            "a replica without a snapshot gets one with the next file"
+        );
+        let run = schedule.take_due(&policy).unwrap();
+        assert!(run.snapshot);
+
+        // (No compaction levels: the snapshot is all the schedule holds.)
+        let policy = CompactionPolicy {
+            levels: Vec::new(),
+            ..policy
+        };
+        let mut schedule = Schedule::new(&policy);
+        schedule.note_shipped();
+        schedule.snapshot_after(
+            Some(SystemTime::now() - policy.snapshot_interval + Duration::from_secs(60)),
+            &policy,
+        );
+        assert!(!schedule.due());
+        let next = schedule.next_in();
+        assert!(
+            next <= Duration::from_secs(60) && next > Duration::from_secs(50),
+            "{next:?}"
+        );
+        schedule.snapshot_after(Some(SystemTime::now() - policy.snapshot_interval * 2), &policy);
+        assert!(schedule.due(), "one overdue is taken at once");
     }
 
     #[tokio::test]

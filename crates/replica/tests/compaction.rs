@@ -317,3 +317,48 @@ async fn level_one_from_shipped_bytes(key: Option<&str>) {
     assert_eq!(common::rows(&restored).await, live);
     assert_eq!(live.len(), 20);
 }
+
+/// An instance replaced more often than the snapshot interval (a deploy a day, a restart)
+/// timed each snapshot from its own start, so it never wrote one, and then nothing above
+/// level 0 ever expired. The schedule follows the newest snapshot in the replica: the second
+/// life, finding none, writes one; the lives after it, finding it younger than the interval,
+/// write none.
+#[tokio::test]
+async fn an_instance_restarted_more_often_than_the_snapshot_interval_still_writes_snapshots() {
+    let (_dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let options = ReplicaOptions {
+        compaction: CompactionPolicy {
+            levels: vec![Duration::from_millis(100)],
+            snapshot_interval: Duration::from_secs(3600),
+            ..CompactionPolicy::default()
+        },
+        ..ReplicaOptions::default()
+    };
+    let snapshots = || async { store.list_level(9).await.unwrap().len() };
+    for life in 0..4 {
+        let replicator = Replicator::start(&db, store.clone(), signal.clone(), "l", options.clone())
+            .await
+            .unwrap();
+        for i in 0..3 {
+            insert(&pool, &format!("{life}-{i}")).await;
+            replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+        }
+        if life == 1 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while snapshots().await == 0 {
+                assert!(Instant::now() < deadline, "no snapshot in the second life");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        } else {
+            // Time for a compaction round, which would write one if it were due.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        replicator
+            .shutdown(Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(snapshots().await, usize::from(life >= 1), "after life {life}");
+    }
+    pool.close().await;
+}

@@ -240,6 +240,13 @@ impl Worker {
         match record {
             Some(record) if record.txid == remote_max && remote_max > 0 => {
                 self.writer = next_writer(record.writer, &self.store);
+                let newest_snapshot = recent
+                    .iter()
+                    .filter(|f| f.level == crate::store::SNAPSHOT_LEVEL)
+                    .map(|f| f.created_at)
+                    .max();
+                self.compaction
+                    .snapshot_after(newest_snapshot, &self.options.compaction);
                 self.remove_unacknowledged_tail(remote_max, &recent).await?;
                 self.know_if_complete(recent.into_iter().filter(|f| f.max_txid <= remote_max));
                 self.resume(record).await
