@@ -331,6 +331,7 @@ async fn restore_from(
         }
     };
     let listed = started.elapsed();
+    remove_abandoned_temps(output);
     let temp = temp_path(output);
     // The checksum recorded for the TXID the plan reaches (two round trips on a cloud store)
     // is fetched while the files are applied, not after.
@@ -446,10 +447,52 @@ pub(crate) fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Where a restore to `output` is built: `<output>.restore-<pid>-<random>.tmp`, beside it.
+/// The random part because a restore killed outright (SIGKILL, out of memory) leaves its
+/// file behind, and in a container keycast is always process 1: a name from the pid alone
+/// made every later restore to that output fail on the leftover.
 fn temp_path(output: &Path) -> PathBuf {
-    let mut name = output.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".restore-{}.tmp", std::process::id()));
+    let mut random = [0u8; 4];
+    getrandom::fill(&mut random).expect("the OS random number generator is unavailable");
+    let mut name = temp_prefix(output);
+    name.push(format!("{}-{:08x}.tmp", std::process::id(), u32::from_le_bytes(random)));
     output.with_file_name(name)
+}
+
+fn temp_prefix(output: &Path) -> std::ffi::OsString {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".restore-");
+    name
+}
+
+/// How long a restore's temporary file goes unwritten before it counts as a killed
+/// restore's: far longer than a restore spends between writes (its final check reads a large
+/// database for seconds).
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes what killed restores to `output` left behind (each as large as the database, on a
+/// disk that may be memory); a restore still under way writes its file and is left alone.
+fn remove_abandoned_temps(output: &Path) {
+    let prefix = temp_prefix(output);
+    let prefix = prefix.as_encoded_bytes();
+    let dir = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let ours = name.as_encoded_bytes().starts_with(prefix) && name.as_encoded_bytes().ends_with(b".tmp");
+        let abandoned = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > ABANDONED_AFTER));
+        if ours && abandoned && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(path = %entry.path().display(), "removed a restore's temporary file left by a restore that was killed");
+        }
+    }
 }
 
 /// Fetches files (several ahead, in parallel) and applies them in plan order into `temp`,

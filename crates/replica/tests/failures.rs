@@ -1052,6 +1052,35 @@ async fn a_restore_never_replaces_a_file_that_appeared_at_its_output_meanwhile()
     assert!(left.is_empty(), "the restore's temporary file is left: {left:?}");
 }
 
+/// A restore killed outright (SIGKILL, out of memory, a startup probe giving up) leaves its
+/// temporary file. It was named from the pid alone, and in a container keycast is always
+/// process 1: every later restore to that output failed on the leftover, and a start-up on
+/// a persistent disk never came up again. Now the name is unique, and a leftover no restore
+/// has written to for an hour is removed; one still being written is left alone.
+#[tokio::test]
+async fn a_restore_killed_outright_leaves_nothing_that_stops_the_next() {
+    let (dir, base, txid, _, _) = replicated_with_newest().await;
+    let out = dir.path().join("killed.db");
+    let beside = |name: String| dir.path().join(name);
+    let leftover = beside(format!("killed.db.restore-{}.tmp", std::process::id()));
+    std::fs::write(&leftover, b"half a database").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&leftover)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
+    let under_way = beside("killed.db.restore-7-0badcafe.tmp".into());
+    std::fs::write(&under_way, b"another restore's").unwrap();
+
+    let restored = restore(&base, &out, Target::Latest, None)
+        .await
+        .expect("a leftover does not stop the restore");
+    assert_eq!(restored.txid, txid);
+    assert!(!leftover.exists(), "the killed restore's file is removed");
+    assert!(under_way.exists(), "a restore still writing keeps its file");
+}
+
 /// Replaces the object at `key` with `bytes`, as a store that corrupts or an attacker would.
 async fn overwrite(store: &Store, key: &object_store::path::Path, bytes: Vec<u8>) {
     object_store::ObjectStoreExt::put(&store.object_store(), key, bytes.into())
