@@ -110,7 +110,13 @@ pub async fn restore_cmd(
     // A database being replaced stays as it is until the restore has succeeded: the restore
     // is written beside it and renamed over it only then.
     let restoring = if replacing {
-        sibling(output, &format!(".restoring-{}", std::process::id()))
+        // Not from the pid alone: a restore killed outright leaves this name behind, and in a
+        // container every run is process 1.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        sibling(output, &format!(".restoring-{}-{nanos}", std::process::id()))
     } else {
         if force {
             // A WAL left without its database would be applied over the restore: kept beside,
@@ -180,21 +186,33 @@ pub async fn restore_cmd(
         for leftover in restore::leftovers(output) {
             let _ = std::fs::remove_file(leftover);
         }
+        // Each step durable before the next: after a power cut the old database must not
+        // come back with its record (resumed as if nothing happened) or its WAL.
+        restore::sync_dir(output);
         std::fs::rename(&restoring, output)
             .with_context(|| format!("cannot move the restored database over {}", output.display()))?;
+        restore::sync_dir(output);
     }
+    // The state's own time: a `--timestamp` restore reaches the newest state before the time
+    // asked for, which may be well before it.
+    let written_at = restored
+        .written_at_ms
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     if as_json {
         println!(
             "{}",
-            json!({ "output": output, "txid": restored.txid, "files": restored.files, "bytes": restored.bytes,
-                    "pages": restored.pages, "page_size": restored.page_size, "seconds": started.elapsed().as_secs_f64() })
+            json!({ "output": output, "txid": restored.txid, "written_at": written_at, "files": restored.files,
+                    "bytes": restored.bytes, "pages": restored.pages, "page_size": restored.page_size,
+                    "seconds": started.elapsed().as_secs_f64() })
         );
     } else {
         println!(
-            "restored {} at TXID {} ({:016x}) from {} files, {} bytes, in {:.2} s; integrity check ok",
+            "restored {} at TXID {} ({:016x}, written {}) from {} files, {} bytes, in {:.2} s; integrity check ok",
             output.display(),
             restored.txid,
             restored.txid,
+            written_at.as_deref().unwrap_or("at an unknown time"),
             restored.files,
             restored.bytes,
             started.elapsed().as_secs_f64()

@@ -303,11 +303,19 @@ fn restore_cli_point_in_time() {
     // --timestamp between the batches.
     let by_time = dir.path().join("by-time.db");
     let stamp = between.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    restore(&by_time, &["--timestamp", &stamp], &env);
+    let restored = restore(&by_time, &["--timestamp", &stamp, "--json"], &env);
     assert_eq!(
         harness::test_keys(&by_time),
         keys(&["a1", "a2", "a3"]),
         "restored as of {stamp}"
+    );
+    // It says when the state it reached was written: the newest before the time asked for.
+    let doc: Value = serde_json::from_str(restored.stdout.trim()).unwrap();
+    let written = chrono::DateTime::parse_from_rfc3339(doc["written_at"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("restore --json names the state's time ({e}): {doc}"));
+    assert!(
+        written <= between && written >= last_a - chrono::Duration::seconds(1),
+        "written at {written}, asked for {between}, last file before it {last_a}"
     );
 
     // An existing output is not overwritten without --force.

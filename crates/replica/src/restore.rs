@@ -53,6 +53,9 @@ pub struct Restored {
     pub bytes: u64,
     /// The newest writer stamp in the restored history (see `apply::Applied::check_writer`).
     pub newest_writer: u64,
+    /// When the restored state was written (ms since the Unix epoch): the time in the last
+    /// applied file's header, by its writer's clock. What a `--timestamp` restore reached.
+    pub written_at_ms: Option<i64>,
     /// The object the restore stopped at, left out with everything after it: stored late by
     /// a writer that had lost the replica to a newer one, after that one's last TXID.
     pub stale: Option<String>,
@@ -184,12 +187,14 @@ fn check_reached(
     }
     match target {
         Target::Txid(wanted) if cur != wanted => Err(RestoreError::TxidUnreachable { wanted, reached: cur }),
-        // A time target restores the newest contiguous state before that time; like
-        // Litestream, a later gap does not matter. Latest must reach the newest file.
-        Target::Time(_) | Target::Txid(_) => Ok(()),
+        Target::Txid(_) => Ok(()),
+        // Latest must reach the newest file, and a time target the newest stored before that
+        // time (`usable` holds only those: a gap after it does not matter). Stopping short at
+        // a gap, a time target restored an older state than asked for, and said nothing.
         // Past a gap, a pipelined writer's unacknowledged tail (see
         // `store::unacknowledged_tail`) is left out: nothing acknowledged is in it.
-        Target::Latest => match usable.iter().filter(|f| f.max_txid > cur).min_by_key(|f| f.min_txid) {
+        Target::Latest | Target::Time(_) => match usable.iter().filter(|f| f.max_txid > cur).min_by_key(|f| f.min_txid)
+        {
             Some(next)
                 if crate::store::unacknowledged_tail(usable.iter().copied().filter(|f| f.max_txid > cur), cur) =>
             {
@@ -563,6 +568,7 @@ async fn apply_all(
         files: files.len(),
         bytes: applied.bytes,
         newest_writer: applied.newest_writer,
+        written_at_ms: applied.last.as_ref().map(|h| h.timestamp_ms),
         stale: applied.stale.map(|f| f.key.to_string()),
     };
     Ok((restored, file))
@@ -647,8 +653,9 @@ async fn verify_integrity(path: &Path) -> Result<(), RestoreError> {
     }
 }
 
-/// Makes the rename durable. Best effort: some filesystems refuse to fsync a directory.
-fn sync_dir(path: &Path) {
+/// Makes a rename or removal of `path` durable. Best effort: some filesystems refuse to
+/// fsync a directory.
+pub fn sync_dir(path: &Path) {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
@@ -744,6 +751,27 @@ mod tests {
         let at = |s| Target::Time(UNIX_EPOCH + Duration::from_secs(s));
         assert_eq!(ranges(&plan(&files, at(25), "r").unwrap()), vec![(0, 1, 1), (0, 2, 2)]);
         assert!(matches!(plan(&files, at(5), "r"), Err(RestoreError::TimeUnreachable)));
+    }
+
+    /// An object lost before the time asked for: the restore stopped at the gap and
+    /// restored an older state than asked for, hours short perhaps, and said nothing (the
+    /// latest restore of the same replica is refused). A gap after the time does not matter.
+    #[test]
+    fn a_time_target_refuses_a_gap_before_it_but_not_one_after() {
+        // (More objects past the gap than uploads are ever in flight together: not the
+        // unacknowledged tail of a pipelined writer, which a restore leaves out.)
+        let mut files = vec![obj(0, 1, 1, 10)];
+        files.extend((3..=9).map(|txid| obj(0, txid, txid, 10 * txid)));
+        let at = |s| Target::Time(UNIX_EPOCH + Duration::from_secs(s));
+        assert!(
+            matches!(
+                plan(&files, at(95), "r"),
+                Err(RestoreError::Gap { after: 1, next: 2, .. })
+            ),
+            "{:?}",
+            plan(&files, at(95), "r")
+        );
+        assert_eq!(ranges(&plan(&files, at(25), "r").unwrap()), vec![(0, 1, 1)]);
     }
 
     #[test]
