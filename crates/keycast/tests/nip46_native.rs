@@ -556,3 +556,44 @@ fn an_oversized_event_on_the_embedded_relay_does_not_cut_keycast_off() {
         "keycast's connection to the relay held"
     );
 }
+
+/// A reply larger than NIP-44 can encrypt (65,535 bytes): `nip44_encrypt` of 49,000 bytes
+/// makes about 65,600 of ciphertext, and a signed event travels as JSON inside JSON, its
+/// escapes doubled. Sealing failed, the failure was logged, and nothing was sent: the app
+/// waited for good. It now gets an error with the request's id, and goes on being answered.
+#[test]
+fn a_reply_too_large_for_nip44_is_answered_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, _user, bunker, relay, secret) = bunker(dir.path(), &[]);
+    let mut client = NativeClient::connect(&relay, bunker);
+    client.send(
+        &[("1".into(), "connect", json!([bunker.to_hex(), secret]))],
+        Cipher::Nip44,
+    );
+    assert_eq!(client.replies(1, Duration::from_secs(5)).len(), 1);
+
+    let peer = nostr::Keys::generate().public_key().to_hex();
+    let quotes =
+        json!({"kind": 1, "content": "\"".repeat(20_000), "tags": [], "created_at": nostr::Timestamp::now().as_secs()});
+    client.send(
+        &[
+            ("big-encrypt".into(), "nip44_encrypt", json!([peer, "a".repeat(49_000)])),
+            ("big-sign".into(), "sign_event", json!([quotes])),
+        ],
+        Cipher::Nip44,
+    );
+    let mut replies = client.replies(2, Duration::from_secs(10));
+    replies.sort_by_key(|r| r.json["id"].as_str().unwrap_or_default().to_owned());
+    let ids: Vec<&str> = replies
+        .iter()
+        .map(|r| r.json["id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(ids, ["big-encrypt", "big-sign"], "both are answered");
+    for reply in &replies {
+        let error = reply.json["error"].as_str().unwrap_or_default();
+        assert!(error.contains("more than NIP-46 carries"), "{}", reply.json);
+    }
+
+    client.send(&[("after".into(), "get_public_key", json!([]))], Cipher::Nip44);
+    assert_eq!(client.replies(1, Duration::from_secs(5)).len(), 1, "the app goes on");
+}

@@ -115,12 +115,34 @@ pub fn open(bunker: &Keys, event: &Event) -> Result<(RpcRequest, Cipher), OpenEr
     Ok((request, cipher))
 }
 
-/// Builds the signed reply event from `bunker` to `client`.
+/// The largest reply sent: what NIP-44 encrypts at most (NIP-04 replies are held to it too,
+/// for the relays between).
+pub const MAX_REPLY_BYTES: usize = 65_535;
+
+/// Builds the signed reply event from `bunker` to `client`; a reply larger than
+/// [`MAX_REPLY_BYTES`] becomes an error reply with its id.
 ///
 /// # Errors
 /// Encryption or signing failure (not expected with valid keys).
 pub fn seal(bunker: &Keys, client: &PublicKey, cipher: Cipher, reply: &RpcReply) -> Result<Event, String> {
-    let json = serde_json::to_string(reply).map_err(|e| e.to_string())?;
+    let mut json = serde_json::to_string(reply).map_err(|e| e.to_string())?;
+    if json.len() > MAX_REPLY_BYTES {
+        // NIP-44 cannot encrypt it, and relays refuse an event that size: unanswered, the
+        // client would wait for good. A signed event travels as JSON inside JSON, so its
+        // escapes double: a request that fits can have a reply that does not.
+        tracing::warn!(
+            bytes = json.len(),
+            "nip46: a reply too large to send; answering with an error"
+        );
+        let refusal = RpcReply::error(
+            &reply.id,
+            format!(
+                "the reply would be {} bytes, more than NIP-46 carries ({MAX_REPLY_BYTES}): send less",
+                json.len()
+            ),
+        );
+        json = serde_json::to_string(&refusal).map_err(|e| e.to_string())?;
+    }
     let content = match cipher {
         Cipher::Nip44 => {
             nip44::encrypt(bunker.secret_key(), client, json, nip44::Version::V2).map_err(|e| e.to_string())?
