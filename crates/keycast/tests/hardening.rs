@@ -426,3 +426,75 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// One client of the embedded relay must not take the process. Its relay read messages of
+/// up to 64 MiB, kept negentropy sessions without limit, and admitted any subscription: a
+/// full-text `search` is matched against every event by scanning its content for the query
+/// on the relay's task (a few long ones held the runtime's threads for minutes per event:
+/// HTTP, probes and the lease's renewal with them), and `{}` saw every app's requests. Now
+/// only NIP-46-shaped subscriptions are admitted, a message past 256 KiB ends the
+/// connection as soon as its header announces it, and so does any message NIP-01 does not
+/// define for clients.
+#[test]
+fn one_client_of_the_embedded_relay_cannot_take_the_process() {
+    use tungstenite::{Message, WebSocket};
+    let dir = tempfile::tempdir().unwrap();
+    let relay_port = harness::free_port();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_EMBEDDED_RELAY_ADDR", &format!("127.0.0.1:{relay_port}"))
+        .start();
+    let connect = || {
+        let stream = TcpStream::connect(("127.0.0.1", relay_port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tungstenite::client::client(format!("ws://127.0.0.1:{relay_port}"), stream)
+            .unwrap()
+            .0
+    };
+    // The relay's answer to `text`; `None` once the connection is gone.
+    let answer = |ws: &mut WebSocket<TcpStream>, text: &str| -> Option<serde_json::Value> {
+        ws.send(Message::text(text)).ok()?;
+        loop {
+            match ws.read() {
+                Ok(Message::Text(reply)) => return serde_json::from_str(reply.as_str()).ok(),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    };
+    let key = nostr::Keys::generate().public_key().to_hex();
+    let nip46 = json!({"kinds": [24133], "#p": [key]});
+
+    let mut ws = connect();
+    for (filter, what) in [
+        (json!({"kinds": [24133], "#p": [key], "search": "a"}), "a search"),
+        (json!({}), "everything"),
+        (json!({"kinds": [1], "#p": [key]}), "another kind"),
+        (json!({"kinds": [24133]}), "no key named"),
+    ] {
+        let reply = answer(&mut ws, &json!(["REQ", "s", filter]).to_string()).expect("an answer");
+        assert_eq!(reply[0], "CLOSED", "{what}: {reply}");
+    }
+    let reply = answer(&mut ws, &json!(["REQ", "s", nip46]).to_string()).expect("an answer");
+    assert_eq!(reply[0], "EOSE", "a NIP-46 subscription is admitted: {reply}");
+
+    // A subscription of 4 MiB (a NIP-46 one, with one long tag value): the connection ends
+    // before the relay reads it (before, it was read, kept, and answered EOSE).
+    let huge = json!({"kinds": [24133], "#p": [key], "#t": ["x".repeat(4 << 20)]});
+    assert_eq!(
+        answer(&mut ws, &json!(["REQ", "big", huge]).to_string()),
+        None,
+        "the connection that sent 4 MiB is closed"
+    );
+    // Negentropy: the relay stores nothing to reconcile, and kept each session for good.
+    let mut ws = connect();
+    assert_eq!(
+        answer(&mut ws, r#"["NEG-OPEN","n",{"kinds":[24133]},"6100000200"]"#),
+        None,
+        "a NEG-OPEN ends its connection"
+    );
+
+    assert_eq!(server.get("/healthz/live").0, 200);
+    let mut ws = connect();
+    let reply = answer(&mut ws, &json!(["REQ", "s", nip46]).to_string()).expect("an answer");
+    assert_eq!(reply[0], "EOSE", "the relay goes on serving others: {reply}");
+}

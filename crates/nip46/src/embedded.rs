@@ -12,15 +12,20 @@
 //! An operator may bind it beyond loopback, so a connection flood must not take the
 //! descriptors HTTP needs ([`RelayLimits`]): an upgrade gets the HTTP header timeout (a
 //! client that never finishes it is cut off), and past the connection cap a connection is
-//! closed as soon as it is accepted (which also keeps the kernel's backlog draining).
+//! closed as soon as it is accepted (which also keeps the kernel's backlog draining). Nor
+//! may one connection take the process: a client's messages are held to 256 KiB and to
+//! NIP-01's own ([`crate::frames`]), and its subscriptions to NIP-46's shape
+//! ([`OnlyNostrConnectQueries`]: no full-text search, whose matching costs the event's
+//! length times the query's on every event; no subscription to everything).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keycast_core::nostr::{Alphabet, Filter, SingleLetterTag};
 use keycast_core::nostr::{Event, JsonUtil, Kind};
 use keycast_core::vital::Vitals;
-use nostr_relay_builder::builder::{PolicyResult, RateLimit, WritePolicy};
+use nostr_relay_builder::builder::{PolicyResult, QueryPolicy, RateLimit, WritePolicy};
 use nostr_relay_builder::prelude::{BoxedFuture, MemoryDatabase, MemoryDatabaseOptions};
 use nostr_relay_builder::{LocalRelay, RelayBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,6 +57,11 @@ impl Default for RelayLimits {
 /// Default of [`RelayLimits::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
+/// Subscriptions one connection may hold: keycast's own (500 bunkers each: 32,000 bunkers)
+/// and far more than an app needs, while bounding what one client keeps in memory (each
+/// subscription is one message of at most [`crate::frames::MAX_MESSAGE_BYTES`]).
+pub const MAX_SUBSCRIPTIONS: usize = 64;
+
 /// A running embedded relay; stops when dropped.
 pub struct EmbeddedRelay {
     url: String,
@@ -82,6 +92,52 @@ impl WritePolicy for OnlyNostrConnect {
     }
 }
 
+/// Admits only subscriptions shaped like NIP-46's: kind 24133 alone, for at most
+/// [`crate::subscriptions::PER_SUBSCRIPTION`] named keys (`#p`, as every NIP-46 client and
+/// keycast subscribe), without `search`. A `search` filter is matched against every event
+/// by scanning its content for the query, on the relay's session task: a few of them with
+/// long queries held the runtime's threads for minutes per event (HTTP, probes and the
+/// lease's renewal with them). A filter naming no key saw every app's requests.
+#[derive(Debug)]
+struct OnlyNostrConnectQueries;
+
+impl QueryPolicy for OnlyNostrConnectQueries {
+    fn admit_query<'a>(&'a self, query: &'a Filter, _addr: &'a SocketAddr) -> BoxedFuture<'a, PolicyResult> {
+        Box::pin(async move {
+            match nip46_shaped(query) {
+                Ok(()) => PolicyResult::Accept,
+                Err(reason) => PolicyResult::Reject(reason.into()),
+            }
+        })
+    }
+}
+
+fn nip46_shaped(filter: &Filter) -> Result<(), &'static str> {
+    const MAX_KEYS: usize = crate::subscriptions::PER_SUBSCRIPTION;
+    if filter.search.is_some() {
+        return Err("this relay only carries NIP-46: no search");
+    }
+    if filter
+        .kinds
+        .as_ref()
+        .is_none_or(|kinds| kinds.len() != 1 || !kinds.contains(&Kind::NostrConnect))
+    {
+        return Err("this relay only carries NIP-46: subscribe to kind 24133 alone");
+    }
+    let named = filter.generic_tags.get(&SingleLetterTag::lowercase(Alphabet::P));
+    if named.is_none_or(|keys| keys.is_empty() || keys.len() > MAX_KEYS) {
+        return Err("name the keys a subscription is for: #p with 1 to 500 keys");
+    }
+    let too_many = |n: Option<usize>| n.is_some_and(|n| n > MAX_KEYS);
+    if too_many(filter.ids.as_ref().map(|s| s.len()))
+        || too_many(filter.authors.as_ref().map(|s| s.len()))
+        || filter.generic_tags.values().map(|values| values.len()).sum::<usize>() > 2 * MAX_KEYS
+    {
+        return Err("at most 500 ids, authors or tag values in a subscription");
+    }
+    Ok(())
+}
+
 impl EmbeddedRelay {
     /// Listens on `addr` (port 0 picks a free one); an end of its accept loop other than
     /// this value's drop is reported to `vitals`.
@@ -104,10 +160,11 @@ impl EmbeddedRelay {
             // One keycast connection carries every reply: the per-connection default
             // (60 events a minute) would throttle it.
             .rate_limit(RateLimit {
-                max_reqs: 500,
+                max_reqs: MAX_SUBSCRIPTIONS,
                 notes_per_minute: u32::MAX,
             })
-            .write_policy(OnlyNostrConnect);
+            .write_policy(OnlyNostrConnect)
+            .query_policy(OnlyNostrConnectQueries);
         let relay = LocalRelay::new(builder);
         let accept = vitals.spawn("the embedded relay", accept(listener, relay, limits));
         Ok(EmbeddedRelay {
@@ -170,7 +227,7 @@ async fn accept(listener: TcpListener, relay: LocalRelay, limits: RelayLimits) {
                     return;
                 }
             }
-            if let Err(err) = relay.take_connection(stream, peer).await {
+            if let Err(err) = relay.take_connection(crate::frames::Limited::new(stream), peer).await {
                 tracing::debug!(%peer, error = %err, "embedded relay: connection ended");
             }
         });

@@ -17,12 +17,14 @@
 //!   keycast at every connect, and only the judged addresses dialled.
 //! - [`wire`]: kind 24133 envelopes, NIP-44 (and NIP-04) on the wire.
 //! - [`embedded`]: the loopback relay used when no relays are configured.
+//! - [`frames`]: the embedded relay's bound on what one client may send it.
 //!
 //! `nostrconnect://` authorizations are created in core
 //! ([`keycast_core::Signer::accept_nostrconnect`]); this crate answers the client.
 
 pub mod dedup;
 pub mod embedded;
+pub mod frames;
 pub mod handler;
 pub mod keepalive;
 pub mod reconnect;
