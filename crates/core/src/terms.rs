@@ -14,6 +14,7 @@
 //!
 //! When a grant's terms change the meter forgets it and counts again from the stored
 //! activity (which is written in batches, so signatures of the last moments may be missed).
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 
@@ -161,6 +162,9 @@ struct Usage {
     recent: Recent,
     /// When the grant last asked to sign (see [`UsageMeter::forget_idle`]).
     last_used: i64,
+    /// Its terms changed: the recent history is read again from the stored activity (a
+    /// longer window needs more of it than was kept) before the next decision.
+    reread: bool,
 }
 
 pub(crate) const DAY: i64 = 86_400;
@@ -322,16 +326,32 @@ impl UsageMeter {
             };
         }
         let mut all = loop {
-            if !self.lock().contains_key(authz) {
+            if self.lock().get(authz).is_none_or(|usage| usage.reread) {
                 let (total, recent) = activity_repo::signatures(db, authz, now - DAY).await?;
-                self.lock().entry(authz.clone()).or_insert_with(|| Usage {
-                    total: u64::try_from(total).unwrap_or(0),
-                    recent: Recent::from_counts(recent),
-                    last_used: now,
-                });
+                let stored = u64::try_from(total).unwrap_or(0);
+                match self.lock().entry(authz.clone()) {
+                    Entry::Occupied(mut entry) => {
+                        let usage = entry.get_mut();
+                        if usage.reread {
+                            // The total counted here stays when it is more: signatures under
+                            // way when the terms changed are counted, not yet stored.
+                            usage.total = usage.total.max(stored);
+                            usage.recent = Recent::from_counts(recent);
+                            usage.reread = false;
+                        }
+                    }
+                    Entry::Vacant(entry) => {
+                        entry.insert(Usage {
+                            total: stored,
+                            recent: Recent::from_counts(recent),
+                            last_used: now,
+                            reread: false,
+                        });
+                    }
+                }
             }
             let all = self.lock();
-            // Dropped between the two locks (idle, or its terms changed): counted again from
+            // Dropped between the two locks (idle): counted again from
             // the stored activity, never from zero.
             if all.contains_key(authz) {
                 break all;
@@ -352,16 +372,20 @@ impl UsageMeter {
         Ok(())
     }
 
-    /// An authorization's terms changed to `limits`. Here (SQLite) its count starts again from
-    /// the stored activity, which holds the history a longer window needs (the caller writes
-    /// what it buffers first). The shared count (PostgreSQL) is exact and keeps a day of
+    /// An authorization's terms changed to `limits`. Here (SQLite) its recent history is read
+    /// again from the stored activity, which holds what a longer window needs (the caller
+    /// writes what it buffers first), and its total is kept: dropped and counted again from
+    /// the store, it missed the signatures under way (counted, not yet recorded), and an app
+    /// signing while its owner tightened the grant went past `max_signatures` by them. The shared count (PostgreSQL) is exact and keeps a day of
     /// history, so it stays — unless the grant goes unlimited: it is not metered then, and a
     /// limit set later counts from the stored activity.
     ///
     /// # Errors
     /// Storage errors (PostgreSQL).
     pub async fn terms_changed(&self, db: &Db, authz: &AuthorizationId, limits: &Limits) -> Result<(), RepoError> {
-        self.lock().remove(authz);
+        if let Some(usage) = self.lock().get_mut(authz) {
+            usage.reread = true;
+        }
         if db.kind() == EngineKind::Postgres && limits.is_unlimited() {
             grant_usage::forget(db, authz).await?;
         }
