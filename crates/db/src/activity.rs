@@ -232,16 +232,20 @@ pub struct Prune {
     pub protect_since: Option<i64>,
 }
 
-/// Removes each grant's records older than its newest `keep`, except its protected
-/// signatures, in one transaction (on SQLite one commit, hence one replica upload, for all
-/// of them). The signatures removed are added to the grant's `signatures_pruned` first, so
-/// [`signatures`] still counts every one. Returns the rows removed.
+/// Removes each grant's records older than its newest `keep` signing requests and its newest
+/// `keep` other requests, except its protected signatures, in one transaction (on SQLite one
+/// commit, hence one replica upload, for all of them). The signatures removed are added to
+/// the grant's `signatures_pruned` first, so [`signatures`] still counts every one. Returns
+/// the rows removed.
+///
+/// Kept apart because an app could erase what it signed from its owner's view: with one
+/// newest `keep` for every method, a thousand `get_public_key` calls (always allowed, never
+/// limited) pushed its every `sign_event` record out.
 ///
 /// # Errors
 /// Database errors; then nothing is removed.
 pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoError> {
-    const DOOMED: &str = "authorization_id = $1 AND (created_at < $2 OR (created_at = $2 AND id <= $3)) \
-         AND NOT (method = 'sign_event' AND result IS NULL AND created_at >= $4)";
+    const CLASSES: [&str; 2] = ["method = 'sign_event'", "method <> 'sign_event'"];
     if grants.is_empty() {
         return Ok(0);
     }
@@ -251,37 +255,43 @@ pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoErro
         for grant in grants {
             let authz = &grant.authorization_id;
             let protect_since = grant.protect_since.unwrap_or(i64::MAX);
-            // The newest row to go: the first past the `keep` newest.
-            let edge: Option<(i64, ActivityId)> = sqlx::query_as(
-                "SELECT created_at, id FROM activity WHERE authorization_id = $1 \
-                 ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET $2",
-            )
-            .bind(authz)
-            .bind(i64::from(keep))
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((at, id)) = edge else {
-                continue;
-            };
-            let counted = format!(
-                "UPDATE authorizations SET signatures_pruned = signatures_pruned + (SELECT COUNT(*) FROM activity \
-                 WHERE {DOOMED} AND method = 'sign_event' AND result IS NULL) WHERE id = $1"
-            );
-            sqlx::query(sqlx::AssertSqlSafe(counted))
+            for class in CLASSES {
+                // The newest row of the class to go: the first past its `keep` newest.
+                let edge: Option<(i64, ActivityId)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT created_at, id FROM activity WHERE authorization_id = $1 AND {class} \
+                     ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET $2"
+                )))
                 .bind(authz)
-                .bind(at)
-                .bind(&id)
-                .bind(protect_since)
-                .execute(&mut *tx)
+                .bind(i64::from(keep))
+                .fetch_optional(&mut *tx)
                 .await?;
-            removed += sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM activity WHERE {DOOMED}")))
-                .bind(authz)
-                .bind(at)
-                .bind(&id)
-                .bind(protect_since)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                let Some((at, id)) = edge else {
+                    continue;
+                };
+                let doomed = format!(
+                    "authorization_id = $1 AND {class} AND (created_at < $2 OR (created_at = $2 AND id <= $3)) \
+                     AND NOT (method = 'sign_event' AND result IS NULL AND created_at >= $4)"
+                );
+                let counted = format!(
+                    "UPDATE authorizations SET signatures_pruned = signatures_pruned + (SELECT COUNT(*) FROM \
+                     activity WHERE {doomed} AND method = 'sign_event' AND result IS NULL) WHERE id = $1"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(counted))
+                    .bind(authz)
+                    .bind(at)
+                    .bind(&id)
+                    .bind(protect_since)
+                    .execute(&mut *tx)
+                    .await?;
+                removed += sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM activity WHERE {doomed}")))
+                    .bind(authz)
+                    .bind(at)
+                    .bind(&id)
+                    .bind(protect_since)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
         }
         tx.commit().await?;
         Ok(removed)
@@ -442,12 +452,18 @@ mod tests {
 
             // Nothing past the newest 100: nothing goes.
             assert_eq!(prune(&db, 100, &[grant(None)]).await.unwrap(), 0);
-            // Keep 10, and every signature from second 41 on (a rate window).
+            // Keep 10 of each (signing requests, the rest), and every signature from second 41
+            // on (a rate window).
             let removed = prune(&db, 10, &[grant(Some(41))]).await.unwrap();
             let left = list_for_authorization(&db, &authz.id, 1000).await.unwrap();
             assert_eq!(left.len() as u64, 60 - removed);
-            let newest: Vec<i64> = left.iter().take(10).map(|a| a.created_at).collect();
-            assert_eq!(newest, (51..=60).rev().collect::<Vec<_>>(), "the newest 10 stay");
+            let (signing, rest): (Vec<_>, Vec<_>) = left.iter().partition(|a| a.method == "sign_event");
+            let seconds = |rows: &[&Activity]| rows.iter().take(10).map(|a| a.created_at).collect::<Vec<_>>();
+            let newest_signing: Vec<i64> = (1..=60).rev().filter(|t| t % 5 != 0).take(10).collect();
+            assert_eq!(seconds(&signing), newest_signing, "the newest 10 signing requests stay");
+            let newest_rest: Vec<i64> = (1..=60).rev().filter(|t| t % 5 == 0).take(10).collect();
+            assert_eq!(seconds(&rest), newest_rest, "and the newest 10 others");
+            assert_eq!(rest.len(), 10);
             let protected = rows.iter().filter(|r| r.created_at >= 41 && r.created_at <= 50);
             for r in protected.filter(|r| r.method == "sign_event" && r.result.is_none()) {
                 assert!(
@@ -457,17 +473,17 @@ mod tests {
                 );
             }
             assert!(
-                left.iter().all(|a| a.created_at >= 41),
-                "nothing older than the window stays"
+                signing.iter().all(|a| a.created_at >= 41),
+                "no signing request older than the window stays"
             );
             let (total, recent) = signatures(&db, &authz.id, 41).await.unwrap();
             assert_eq!(total, before, "pruned signatures still count");
             let window: i64 = recent.iter().map(|(_, n)| n).sum();
             assert_eq!(window, done(&rows[40..]), "the window's signatures are all there");
 
-            // Without a window: only the newest 10 stay, and the total holds again.
+            // Without a window: only the newest 10 of each stay, and the total holds again.
             prune(&db, 10, &[grant(None)]).await.unwrap();
-            assert_eq!(list_for_authorization(&db, &authz.id, 1000).await.unwrap().len(), 10);
+            assert_eq!(list_for_authorization(&db, &authz.id, 1000).await.unwrap().len(), 20);
             assert_eq!(signatures(&db, &authz.id, 0).await.unwrap().0, before);
             assert_eq!(
                 list_for_authorization(&db, &other.id, 10).await.unwrap().len(),

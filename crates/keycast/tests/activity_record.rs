@@ -187,7 +187,51 @@ fn a_revoked_grant_keeps_its_newest_records_and_its_total(engine: Engine) {
     server.stop();
 }
 
+/// An app erasing what it signed from its owner's view: one `sign_event`, then three times
+/// the kept number of `get_public_key` calls (always allowed, never limited). With one
+/// newest-N for every method, pruning removed the signature's record; the owner's page
+/// still counted it, but no longer showed what was signed, or when. Signing requests and
+/// the rest are now kept apart.
+fn a_flood_of_other_calls_does_not_push_what_an_app_signed_out_of_the_record(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::on(engine, &dir.path().join("data"))
+        .env("KEYCAST_ACTIVITY_PER_GRANT", &KEPT.to_string())
+        .env("KEYCAST_ACTIVITY_FLUSH_MS", "20")
+        .start();
+    let (cookie, _) = register(&server, "erased@example.com", None);
+    let app = grant(&server, &cookie, "policy:social");
+    assert_eq!(sign(&server, &app, 0).status, 200);
+    let access = app["access_token"].as_str().unwrap();
+    for _ in 0..3 * KEPT {
+        assert_eq!(rpc(&server, access, "get_public_key", json!([])).status, 200);
+    }
+    let id = app["authorization_id"].as_str().unwrap();
+    let count = |method: &str| -> i64 {
+        sql(
+            &server,
+            &format!("SELECT COUNT(*) FROM activity WHERE authorization_id = '{id}' AND method = '{method}'"),
+        )
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    // Written and pruned: the other calls are down to what is kept.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while count("get_public_key") > 5 * KEPT / 4 || rows_of(&server, id) < KEPT {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record was not written and pruned: {} rows",
+            rows_of(&server, id)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(count("sign_event"), 1, "the signature's record is kept");
+    assert_eq!(usage(&server, &cookie, &app)["signatures"], 1);
+    server.stop();
+}
+
 on_both_engines!(
     the_record_stays_bounded_and_the_counts_it_served_hold,
-    a_revoked_grant_keeps_its_newest_records_and_its_total
+    a_revoked_grant_keeps_its_newest_records_and_its_total,
+    a_flood_of_other_calls_does_not_push_what_an_app_signed_out_of_the_record
 );
