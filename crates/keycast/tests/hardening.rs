@@ -498,3 +498,69 @@ fn one_client_of_the_embedded_relay_cannot_take_the_process() {
     let reply = answer(&mut ws, &json!(["REQ", "s", nip46]).to_string()).expect("an answer");
     assert_eq!(reply[0], "EOSE", "the relay goes on serving others: {reply}");
 }
+
+/// The embedded relay bound beyond loopback, flooded from elsewhere with idle connections up
+/// to its cap: keycast's own connection to its relay (from loopback) was refused like any
+/// other when it connected after a restart or a drop, and then no bunker answered while
+/// every probe passed. The last few connections are now for loopback peers only: here a
+/// local app connects and is answered while the flood holds every other one.
+#[test]
+fn a_flood_from_elsewhere_leaves_the_embedded_relay_room_for_loopback() {
+    use harness::native::{Cipher, NativeClient};
+    // This machine's address other than loopback (no packet is sent).
+    let Some(external) = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|()| s))
+        .and_then(|s| s.local_addr())
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+    else {
+        eprintln!("skipped: this machine has no address but loopback");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let relay_port = harness::free_port();
+    let cap = 16;
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_EMBEDDED_RELAY_ADDR", &format!("0.0.0.0:{relay_port}"))
+        .env("KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS", &cap.to_string())
+        .start();
+    let upgraded = |from: std::net::IpAddr| -> Option<TcpStream> {
+        let mut conn = TcpStream::connect_timeout(&(from, relay_port).into(), Duration::from_secs(5)).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        conn.write_all(
+            b"GET / HTTP/1.1\r\nHost: relay\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .ok()?;
+        let mut answer = [0u8; 12];
+        conn.read_exact(&mut answer).ok()?;
+        (&answer == b"HTTP/1.1 101").then_some(conn)
+    };
+    let flood: Vec<TcpStream> = (0..cap + 4).filter_map(|_| upgraded(external)).collect();
+    assert!(
+        !flood.is_empty() && flood.len() <= cap - 4,
+        "{} of {} connections from {external} were upgraded, cap {cap}",
+        flood.len(),
+        cap + 4
+    );
+
+    let (cookie, _) = register(&server, "local@example.com", None);
+    let grant = harness::flow::grant(&server, &cookie, "policy:social");
+    let url = grant["bunker_url"].as_str().unwrap();
+    let bunker = nostr::PublicKey::from_hex(url.trim_start_matches("bunker://").split('?').next().unwrap()).unwrap();
+    let secret = query_param(url, "secret").unwrap();
+    let mut app = NativeClient::connect(&format!("ws://127.0.0.1:{relay_port}"), bunker);
+    app.send(
+        &[("1".into(), "connect", json!([bunker.to_hex(), secret]))],
+        Cipher::Nip44,
+    );
+    let replies = app.replies(1, Duration::from_secs(10));
+    assert_eq!(
+        replies.len(),
+        1,
+        "a local app is answered while the flood holds the relay"
+    );
+    assert_eq!(replies[0].json["result"], "ack", "{}", replies[0].json);
+    drop(flood);
+}

@@ -57,6 +57,12 @@ impl Default for RelayLimits {
 /// Default of [`RelayLimits::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
+/// Connections only peers on loopback may take (half the cap, if that is less): keycast's
+/// own connection to its relay comes from loopback. With the relay bound beyond loopback, a
+/// flood of idle connections from elsewhere took every one, and keycast, connecting after a
+/// restart (or again after a drop), was refused: no bunker answered while every probe passed.
+pub const LOOPBACK_RESERVED: usize = 4;
+
 /// Subscriptions one connection may hold: keycast's own (500 bunkers each: 32,000 bunkers)
 /// and far more than an app needs, while bounding what one client keeps in memory (each
 /// subscription is one message of at most [`crate::frames::MAX_MESSAGE_BYTES`]).
@@ -199,12 +205,18 @@ async fn accept(listener: TcpListener, relay: LocalRelay, limits: RelayLimits) {
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        // (One task accepts: nothing takes a permit between the look and the take.)
+        let reserved = LOOPBACK_RESERVED.min(limits.max_connections / 2);
+        let for_this_peer = match peer.ip().to_canonical().is_loopback() {
+            true => Some(()),
+            false => (slots.available_permits() > reserved).then_some(()),
+        };
+        let Some(Ok(slot)) = for_this_peer.map(|()| slots.clone().try_acquire_owned()) else {
             metrics::counter!("keycast_embedded_relay_refused_total").increment(1);
             if !full {
                 tracing::warn!(
                     max = limits.max_connections,
-                    "embedded relay: at its connection cap (KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS); closing new connections until one ends"
+                    "embedded relay: at its connection cap (KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS; the last few for loopback only); closing new connections until one ends"
                 );
             }
             full = true;
