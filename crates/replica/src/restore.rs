@@ -70,8 +70,15 @@ pub enum RestoreError {
     NoSnapshot { first_min: u64 },
     #[error("the replica has a gap after TXID {after}: no file starts at TXID {next} (next available file: {found})")]
     Gap { after: u64, next: u64, found: String },
-    #[error("the replica cannot reach TXID {wanted}: the newest restorable TXID is {reached}")]
-    TxidUnreachable { wanted: u64, reached: u64 },
+    #[error("the replica cannot reach TXID {wanted}: {}", reachable_around(*reached, *next))]
+    TxidUnreachable {
+        wanted: u64,
+        /// The newest TXID before it that restores.
+        reached: u64,
+        /// The first TXID after it at which a file ends, when compaction merged `wanted`
+        /// into a file that starts before it: a restore can reach that one.
+        next: Option<u64>,
+    },
     #[error("no backup file in the replica was created before the requested time")]
     TimeUnreachable,
     #[error("object {key} is corrupt: {source}")]
@@ -143,6 +150,15 @@ pub fn plan(files: &[LtxObject], target: Target, describe: &str) -> Result<Vec<L
     Ok(chosen)
 }
 
+fn reachable_around(reached: u64, next: Option<u64>) -> String {
+    match next {
+        Some(next) => format!(
+            "compaction merged it into a file with its neighbours; the nearest TXIDs that restore are {reached} and {next}"
+        ),
+        None => format!("the newest restorable TXID is {reached}"),
+    }
+}
+
 /// Whether a file may be used for `target` at all.
 fn admits(file: &LtxObject, target: Target) -> bool {
     match target {
@@ -186,7 +202,17 @@ fn check_reached(
         });
     }
     match target {
-        Target::Txid(wanted) if cur != wanted => Err(RestoreError::TxidUnreachable { wanted, reached: cur }),
+        Target::Txid(wanted) if cur != wanted => Err(RestoreError::TxidUnreachable {
+            wanted,
+            reached: cur,
+            // A file that goes past `wanted` from within the chain (`cur + 1` on): the chain
+            // reaches its end.
+            next: all
+                .iter()
+                .filter(|f| f.level < 9 && f.min_txid <= cur + 1 && f.max_txid > wanted)
+                .map(|f| f.max_txid)
+                .min(),
+        }),
         Target::Txid(_) => Ok(()),
         // Latest must reach the newest file, and a time target the newest stored before that
         // time (`usable` holds only those: a gap after it does not matter). Stopping short at
@@ -537,6 +563,7 @@ async fn apply_all(
             return Err(RestoreError::TxidUnreachable {
                 wanted,
                 reached: applied.txid,
+                next: None,
             });
         }
         tracing::warn!(
@@ -741,8 +768,36 @@ mod tests {
         ));
         assert!(matches!(
             plan(&files, Target::Txid(9), "r"),
-            Err(RestoreError::TxidUnreachable { wanted: 9, reached: 3 })
+            Err(RestoreError::TxidUnreachable {
+                wanted: 9,
+                reached: 3,
+                next: None
+            })
         ));
+    }
+
+    /// Past level-0 retention only compacted files' ends restore. A TXID inside one said
+    /// "the newest restorable TXID is" the one before the file, as if nothing after it did;
+    /// the error now names the nearest ones on both sides.
+    #[test]
+    fn a_txid_inside_a_compacted_file_names_the_nearest_that_restore() {
+        let files = vec![obj(1, 1, 10, 10), obj(1, 11, 20, 20), obj(0, 20, 20, 20)];
+        let err = plan(&files, Target::Txid(15), "r").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RestoreError::TxidUnreachable {
+                    wanted: 15,
+                    reached: 10,
+                    next: Some(20)
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("the nearest TXIDs that restore are 10 and 20"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -502,7 +502,7 @@ async fn a_paused_writers_upload_landing_after_a_takeover_is_never_restored_over
     assert_eq!(txid, tip, "the restore stops before the stale object");
     let past = restore(&store, &dir.path().join("past.db"), Target::Txid(tip + 1), None).await;
     assert!(
-        matches!(past, Err(RestoreError::TxidUnreachable { wanted, reached }) if wanted == tip + 1 && reached == tip),
+        matches!(past, Err(RestoreError::TxidUnreachable { wanted, reached, .. }) if wanted == tip + 1 && reached == tip),
         "the stale object's TXID is not in the replica's history: {past:?}"
     );
 
