@@ -218,12 +218,12 @@ fn check_reached(
         // time (`usable` holds only those: a gap after it does not matter). Stopping short at
         // a gap, a time target restored an older state than asked for, and said nothing.
         // Past a gap, a pipelined writer's unacknowledged tail (see
-        // `store::unacknowledged_tail`) is left out: nothing acknowledged is in it.
+        // `store::unacknowledged_tail`) is left out: nothing acknowledged is in it. Whether
+        // it is one is judged on every object past the gap, those stored after a time
+        // target too: a few before the time can look like a tail when more follow.
         Target::Latest | Target::Time(_) => match usable.iter().filter(|f| f.max_txid > cur).min_by_key(|f| f.min_txid)
         {
-            Some(next)
-                if crate::store::unacknowledged_tail(usable.iter().copied().filter(|f| f.max_txid > cur), cur) =>
-            {
+            Some(next) if crate::store::unacknowledged_tail(all.iter().filter(|f| f.max_txid > cur), cur) => {
                 tracing::warn!(
                     txid = cur,
                     first_left_out = %next.key,
@@ -818,6 +818,16 @@ mod tests {
         let mut files = vec![obj(0, 1, 1, 10)];
         files.extend((3..=9).map(|txid| obj(0, txid, txid, 10 * txid)));
         let at = |s| Target::Time(UNIX_EPOCH + Duration::from_secs(s));
+        // Only two objects past the gap before the time: they looked like a pipelined
+        // writer's unacknowledged tail, though five more follow.
+        assert!(
+            matches!(
+                plan(&files, at(45), "r"),
+                Err(RestoreError::Gap { after: 1, next: 2, .. })
+            ),
+            "{:?}",
+            plan(&files, at(45), "r")
+        );
         assert!(
             matches!(
                 plan(&files, at(95), "r"),
