@@ -31,7 +31,8 @@ pub const DEFAULT_KEPT_PER_GRANT: u32 = 1_000;
 
 /// Which grants have written enough since their last pruning to be pruned again: a quarter
 /// of the kept number, so pruning costs a statement per that many records and a grant's
-/// record stays under 1.25 times the kept number (plus one flush).
+/// record stays under 2.25 times the kept number (the kept number of each class, see
+/// `keycast_db::activity::prune`, plus a quarter, plus one flush).
 #[derive(Debug)]
 pub(crate) struct RecordBound {
     keep: u32,

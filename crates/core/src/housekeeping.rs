@@ -11,14 +11,14 @@
 //! policy, so a policy a grant names stays).
 //!
 //! A grant that is over (revoked, or past its chosen duration) keeps its newest
-//! [`KEPT_PER_REVOKED_GRANT`] activity records (what its page shows), its total of
+//! [`KEPT_PER_REVOKED_GRANT`] signatures and as many other activity records (what its page shows), its total of
 //! signatures still counted: an account may start a grant a minute, and each could otherwise
 //! keep a live grant's whole record for good.
 
 use keycast_db::activity::{self, Prune};
 use keycast_db::{approvals, oauth, policies, refresh, sessions, Db, RepoError};
 
-/// Activity records a revoked or expired grant keeps.
+/// Activity records of each class (signatures, the rest) a revoked or expired grant keeps.
 pub const KEPT_PER_REVOKED_GRANT: u32 = 20;
 
 /// Revoked grants trimmed per transaction.

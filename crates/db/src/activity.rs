@@ -232,20 +232,26 @@ pub struct Prune {
     pub protect_since: Option<i64>,
 }
 
-/// Removes each grant's records older than its newest `keep` signing requests and its newest
-/// `keep` other requests, except its protected signatures, in one transaction (on SQLite one
-/// commit, hence one replica upload, for all of them). The signatures removed are added to
-/// the grant's `signatures_pruned` first, so [`signatures`] still counts every one. Returns
-/// the rows removed.
-///
-/// Kept apart because an app could erase what it signed from its owner's view: with one
-/// newest `keep` for every method, a thousand `get_public_key` calls (always allowed, never
-/// limited) pushed its every `sign_event` record out.
+/// The two classes of a grant's records, each kept to its newest `keep` by [`prune`]: its
+/// signatures (`sign_event` done), and everything else (other methods, refusals). Kept
+/// apart because an app could erase what it signed from its owner's view: with one newest
+/// `keep` for every record, a thousand `get_public_key` calls (always allowed, never
+/// limited) or refused requests pushed its every signature out, and with them the grant's
+/// counts of the last minute, hour and day.
+const CLASSES: [&str; 2] = [
+    "(method = 'sign_event' AND result IS NULL)",
+    "NOT (method = 'sign_event' AND result IS NULL)",
+];
+
+/// Removes each grant's records older than the newest `keep` of their class (see
+/// [`CLASSES`]), except its protected signatures, in one transaction (on SQLite one commit,
+/// hence one replica upload, for all of them). The signatures removed are added to the
+/// grant's `signatures_pruned` first, so [`signatures`] still counts every one. Returns the
+/// rows removed.
 ///
 /// # Errors
 /// Database errors; then nothing is removed.
 pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoError> {
-    const CLASSES: [&str; 2] = ["method = 'sign_event'", "method <> 'sign_event'"];
     if grants.is_empty() {
         return Ok(0);
     }
@@ -309,8 +315,12 @@ pub async fn over_with_more_than(db: &Db, keep: u32, most: i64, now: i64) -> Res
             concat!(
                 "SELECT id FROM authorizations a WHERE (revoked_at IS NOT NULL OR COALESCE(",
                 $expires,
-                ", $3 + 1) <= $3) AND EXISTS \
-                 (SELECT 1 FROM activity v WHERE v.authorization_id = a.id LIMIT 1 OFFSET $1) LIMIT $2"
+                // More than `keep` in either class (see `CLASSES`): one with more in all but
+                // not in a class loses nothing, and the sweep would pick it again for good.
+                ", $3 + 1) <= $3) AND (EXISTS (SELECT 1 FROM activity v WHERE v.authorization_id = a.id \
+                 AND (v.method = 'sign_event' AND v.result IS NULL) LIMIT 1 OFFSET $1) \
+                 OR EXISTS (SELECT 1 FROM activity v WHERE v.authorization_id = a.id \
+                 AND NOT (v.method = 'sign_event' AND v.result IS NULL) LIMIT 1 OFFSET $1)) LIMIT $2"
             )
         };
     }
@@ -452,16 +462,19 @@ mod tests {
 
             // Nothing past the newest 100: nothing goes.
             assert_eq!(prune(&db, 100, &[grant(None)]).await.unwrap(), 0);
-            // Keep 10 of each (signing requests, the rest), and every signature from second 41
-            // on (a rate window).
+            // Keep 10 of each class (signatures; the rest: other methods and refusals), and
+            // every signature from second 41 on (a rate window).
             let removed = prune(&db, 10, &[grant(Some(41))]).await.unwrap();
             let left = list_for_authorization(&db, &authz.id, 1000).await.unwrap();
             assert_eq!(left.len() as u64, 60 - removed);
-            let (signing, rest): (Vec<_>, Vec<_>) = left.iter().partition(|a| a.method == "sign_event");
+            let (signing, rest): (Vec<_>, Vec<_>) = left
+                .iter()
+                .partition(|a| a.method == "sign_event" && a.result.is_none());
             let seconds = |rows: &[&Activity]| rows.iter().take(10).map(|a| a.created_at).collect::<Vec<_>>();
-            let newest_signing: Vec<i64> = (1..=60).rev().filter(|t| t % 5 != 0).take(10).collect();
-            assert_eq!(seconds(&signing), newest_signing, "the newest 10 signing requests stay");
-            let newest_rest: Vec<i64> = (1..=60).rev().filter(|t| t % 5 == 0).take(10).collect();
+            let signature = |t: &i64| t % 5 != 0 && t % 3 != 0;
+            let newest_signing: Vec<i64> = (1..=60).rev().filter(signature).take(10).collect();
+            assert_eq!(seconds(&signing), newest_signing, "the newest 10 signatures stay");
+            let newest_rest: Vec<i64> = (1..=60).rev().filter(|t| !signature(t)).take(10).collect();
             assert_eq!(seconds(&rest), newest_rest, "and the newest 10 others");
             assert_eq!(rest.len(), 10);
             let protected = rows.iter().filter(|r| r.created_at >= 41 && r.created_at <= 50);
@@ -474,7 +487,7 @@ mod tests {
             }
             assert!(
                 signing.iter().all(|a| a.created_at >= 41),
-                "no signing request older than the window stays"
+                "no signature older than the window stays"
             );
             let (total, recent) = signatures(&db, &authz.id, 41).await.unwrap();
             assert_eq!(total, before, "pruned signatures still count");
@@ -489,6 +502,64 @@ mod tests {
                 list_for_authorization(&db, &other.id, 10).await.unwrap().len(),
                 1,
                 "other grants untouched"
+            );
+        }
+    }
+
+    /// The sweep trims revoked grants picked by [`over_with_more_than`] until it finds none:
+    /// one with more records than kept in all, but not in either class, would lose nothing
+    /// to [`prune`] and be picked again for good (the sweep ran until its time limit).
+    #[tokio::test]
+    async fn grants_are_picked_for_trimming_only_with_more_than_kept_in_a_class() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let mut rows: Vec<NewActivity> = (1..=19).map(|t| record(&authz.id, t)).collect();
+            rows.extend((20..=21).map(|t| NewActivity {
+                method: "get_public_key",
+                kind: None,
+                ..record(&authz.id, t)
+            }));
+            insert_batch(&db, &rows).await.unwrap();
+            crate::authz::revoke(&db, &authz.id, &user, 30).await.unwrap();
+            assert_eq!(
+                over_with_more_than(&db, 20, 500, 40).await.unwrap(),
+                Vec::<AuthorizationId>::new()
+            );
+            prune(
+                &db,
+                20,
+                &[Prune {
+                    authorization_id: authz.id.clone(),
+                    protect_since: None,
+                }],
+            )
+            .await
+            .unwrap();
+            insert_batch(&db, &[record(&authz.id, 22), record(&authz.id, 23)])
+                .await
+                .unwrap();
+            assert_eq!(
+                over_with_more_than(&db, 20, 500, 40).await.unwrap(),
+                vec![authz.id.clone()]
+            );
+            assert_eq!(
+                prune(
+                    &db,
+                    20,
+                    &[Prune {
+                        authorization_id: authz.id.clone(),
+                        protect_since: None
+                    }]
+                )
+                .await
+                .unwrap(),
+                1,
+                "the oldest signature goes"
+            );
+            assert_eq!(
+                over_with_more_than(&db, 20, 500, 40).await.unwrap(),
+                Vec::<AuthorizationId>::new()
             );
         }
     }
