@@ -57,8 +57,9 @@ impl Default for RelayLimits {
 /// Default of [`RelayLimits::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
-/// Connections only peers on loopback may take (half the cap, if that is less): keycast's
-/// own connection to its relay comes from loopback. With the relay bound beyond loopback, a
+/// Connections only peers on this machine may take (half the cap, if that is less): keycast's
+/// own connection to its relay comes from loopback, or from the address the relay is bound
+/// to. With the relay bound beyond loopback, a
 /// flood of idle connections from elsewhere took every one, and keycast, connecting after a
 /// restart (or again after a drop), was refused: no bunker answered while every probe passed.
 pub const LOOPBACK_RESERVED: usize = 4;
@@ -193,6 +194,9 @@ impl Drop for EmbeddedRelay {
 }
 
 async fn accept(listener: TcpListener, relay: LocalRelay, limits: RelayLimits) {
+    let bound = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut full = false;
     loop {
@@ -207,7 +211,11 @@ async fn accept(listener: TcpListener, relay: LocalRelay, limits: RelayLimits) {
         };
         // (One task accepts: nothing takes a permit between the look and the take.)
         let reserved = LOOPBACK_RESERVED.min(limits.max_connections / 2);
-        let for_this_peer = match peer.ip().to_canonical().is_loopback() {
+        // From this machine: loopback, or the one address the relay is bound to (keycast
+        // dials the address it bound; no other host connects from it).
+        let peer_ip = peer.ip().to_canonical();
+        let here = peer_ip.is_loopback() || (!bound.ip().is_unspecified() && peer_ip == bound.ip().to_canonical());
+        let for_this_peer = match here {
             true => Some(()),
             false => (slots.available_permits() > reserved).then_some(()),
         };

@@ -515,7 +515,18 @@ fn remove_abandoned_temps(output: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let ours = name.as_encoded_bytes().starts_with(prefix) && name.as_encoded_bytes().ends_with(b".tmp");
+        // `<pid>.tmp` (before the random part) or `<pid>-<8 hex>.tmp`: not another output's
+        // temporary file whose name happens to start the same (`a.db.restore-x.db`).
+        let ours = name
+            .as_encoded_bytes()
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_suffix(b".tmp"))
+            .is_some_and(|id| {
+                let (pid, random) = id.split_at(id.iter().position(|b| *b == b'-').unwrap_or(id.len()));
+                !pid.is_empty()
+                    && pid.iter().all(u8::is_ascii_digit)
+                    && (random.is_empty() || random.len() == 9 && random[1..].iter().all(u8::is_ascii_hexdigit))
+            });
         let abandoned = entry
             .metadata()
             .and_then(|m| m.modified())

@@ -1072,6 +1072,15 @@ async fn a_restore_killed_outright_leaves_nothing_that_stops_the_next() {
         .unwrap();
     let under_way = beside("killed.db.restore-7-0badcafe.tmp".into());
     std::fs::write(&under_way, b"another restore's").unwrap();
+    // Another output's temporary file, whose name starts like this output's.
+    let others = beside(format!("killed.db.restore-old.db.restore-{}.tmp", std::process::id()));
+    std::fs::write(&others, b"not this restore's").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&others)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+        .unwrap();
 
     let restored = restore(&base, &out, Target::Latest, None)
         .await
@@ -1079,6 +1088,7 @@ async fn a_restore_killed_outright_leaves_nothing_that_stops_the_next() {
     assert_eq!(restored.txid, txid);
     assert!(!leftover.exists(), "the killed restore's file is removed");
     assert!(under_way.exists(), "a restore still writing keeps its file");
+    assert!(others.exists(), "another output's leftover is that restore's to remove");
 }
 
 /// Replaces the object at `key` with `bytes`, as a store that corrupts or an attacker would.
