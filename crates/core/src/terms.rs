@@ -195,6 +195,28 @@ impl Recent {
         self.seconds.back().map_or(self.before, |e| e.1)
     }
 
+    /// The stored `(second, signatures in it)` with, for each second this still holds, the
+    /// larger of the two counts: a signature counted here but not yet recorded stays in the
+    /// windows.
+    fn merged_with(&self, stored: Vec<(i64, i64)>) -> Recent {
+        let mut counts: std::collections::BTreeMap<i64, u64> = stored
+            .into_iter()
+            .map(|(at, n)| (at, u64::try_from(n).unwrap_or(0)))
+            .collect();
+        let mut previous = self.before;
+        for &(at, running) in &self.seconds {
+            let n = running - previous;
+            previous = running;
+            let count = counts.entry(at).or_default();
+            *count = (*count).max(n);
+        }
+        let mut recent = Recent::default();
+        for (at, n) in counts {
+            recent.add(at, n);
+        }
+        recent
+    }
+
     /// Counts `n` signatures at `at`. A clock that stepped back: the seconds stamped after
     /// `at` are counted as at `at` from now on, so the entries stay in order and leave the
     /// windows as time goes on. (Counted in the newest, future, second instead, every
@@ -333,10 +355,10 @@ impl UsageMeter {
                     Entry::Occupied(mut entry) => {
                         let usage = entry.get_mut();
                         if usage.reread {
-                            // The total counted here stays when it is more: signatures under
+                            // What is counted here stays when it is more: signatures under
                             // way when the terms changed are counted, not yet stored.
                             usage.total = usage.total.max(stored);
-                            usage.recent = Recent::from_counts(recent);
+                            usage.recent = usage.recent.merged_with(recent);
                             usage.reread = false;
                         }
                     }

@@ -408,8 +408,40 @@ fn a_signature_under_way_when_its_grant_is_edited_still_counts(engine: Engine) {
     assert_refused_http(&sign_http(&server, &token, 4), "grant_exhausted", "used up");
 }
 
+/// As above for a rate: a signature under way when the grant is edited stayed out of the
+/// minute's count read again from the store, and one more than the rate went out.
+fn a_signature_under_way_when_its_grant_is_edited_still_counts_in_its_rate(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(engine, dir.path());
+    let (cookie, _) = register(&server, "edited-rate@example.com", None);
+    let token = grant_with(&server, &cookie, &[("per_minute", "3")]);
+    let id = token["authorization_id"].as_str().unwrap().to_owned();
+    for n in 1..=2 {
+        assert_eq!(sign_http(&server, &token, n).status, 200);
+    }
+    if !harness::arm_failpoint(&server, "signer-before-record", "1*return(800)") {
+        return;
+    }
+    std::thread::scope(|scope| {
+        let third = scope.spawn(|| sign_http(&server, &token, 3));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let edited = send_json(
+            &server,
+            "PATCH",
+            &format!("/api/user/authorizations/{id}"),
+            &cookie,
+            &json!({ "limits": { "per_minute": 3, "per_hour": 100 } }),
+        );
+        assert_eq!(edited.status, 200, "{}", edited.body);
+        let third = third.join().unwrap();
+        assert_eq!(third.status, 200, "{}", third.body);
+    });
+    assert_refused_http(&sign_http(&server, &token, 4), "grant_rate_limited", "per minute");
+}
+
 on_both_engines!(
     a_signature_under_way_when_its_grant_is_edited_still_counts,
+    a_signature_under_way_when_its_grant_is_edited_still_counts_in_its_rate,
     an_event_dated_past_the_grant_is_not_signed_on_either_transport,
     a_signature_under_way_when_its_grant_is_revoked_is_not_handed_out,
     an_ended_grant_cannot_be_revived_past_the_cap,
