@@ -375,67 +375,59 @@ fn a_signature_under_way_when_its_grant_is_revoked_is_not_handed_out(engine: Eng
     }
 }
 
-/// The owner edits an app's grant while one of its signatures is under way (counted, and held
-/// 800 ms by a fail point before it is recorded). On SQLite the grant's count was dropped and
-/// counted again from the stored activity, which did not hold that signature yet: with
-/// `max_signatures` 3, a fourth went out. The count now survives the edit.
-fn a_signature_under_way_when_its_grant_is_edited_still_counts(engine: Engine) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(engine, dir.path());
+/// The owner edits an app's grant to `limits` while one of its signatures is under way: a
+/// grant with `choices` signs twice, then a third time, counted and held 800 ms by a fail
+/// point before it is recorded, while the edit is answered. Returns the server (in `dir`)
+/// and the grant's token once the third signature is out; `None` without fail points.
+fn edited_while_signing(
+    engine: Engine,
+    dir: &std::path::Path,
+    choices: &[(&str, &str)],
+    limits: Value,
+) -> Option<(Keycast, Value)> {
+    let server = start(engine, dir);
     let (cookie, _) = register(&server, "edited@example.com", None);
-    let token = grant_with(&server, &cookie, &[("max_signatures", "3"), ("per_minute", "")]);
+    let token = grant_with(&server, &cookie, choices);
     let id = token["authorization_id"].as_str().unwrap().to_owned();
     for n in 1..=2 {
         assert_eq!(sign_http(&server, &token, n).status, 200);
     }
     if !harness::arm_failpoint(&server, "signer-before-record", "1*return(800)") {
-        return;
+        return None;
     }
     std::thread::scope(|scope| {
         let third = scope.spawn(|| sign_http(&server, &token, 3));
         std::thread::sleep(std::time::Duration::from_millis(200));
-        let edited = send_json(
-            &server,
-            "PATCH",
-            &format!("/api/user/authorizations/{id}"),
-            &cookie,
-            &json!({ "limits": { "max_signatures": 3 } }),
-        );
+        let path = format!("/api/user/authorizations/{id}");
+        let edited = send_json(&server, "PATCH", &path, &cookie, &json!({ "limits": limits }));
         assert_eq!(edited.status, 200, "{}", edited.body);
         let third = third.join().unwrap();
         assert_eq!(third.status, 200, "{}", third.body);
     });
+    Some((server, token))
+}
+
+/// On SQLite an edit dropped the grant's count, counted again from the stored activity,
+/// which did not hold the signature under way yet: with `max_signatures` 3, a fourth went
+/// out. The count now survives the edit.
+fn a_signature_under_way_when_its_grant_is_edited_still_counts(engine: Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let choices = [("max_signatures", "3"), ("per_minute", "")];
+    let Some((server, token)) = edited_while_signing(engine, dir.path(), &choices, json!({ "max_signatures": 3 }))
+    else {
+        return;
+    };
     assert_refused_http(&sign_http(&server, &token, 4), "grant_exhausted", "used up");
 }
 
-/// As above for a rate: a signature under way when the grant is edited stayed out of the
-/// minute's count read again from the store, and one more than the rate went out.
+/// As above for a rate: the signature under way stayed out of the minute's count read again
+/// from the store, and one more than the rate went out.
 fn a_signature_under_way_when_its_grant_is_edited_still_counts_in_its_rate(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(engine, dir.path());
-    let (cookie, _) = register(&server, "edited-rate@example.com", None);
-    let token = grant_with(&server, &cookie, &[("per_minute", "3")]);
-    let id = token["authorization_id"].as_str().unwrap().to_owned();
-    for n in 1..=2 {
-        assert_eq!(sign_http(&server, &token, n).status, 200);
-    }
-    if !harness::arm_failpoint(&server, "signer-before-record", "1*return(800)") {
+    let limits = json!({ "per_minute": 3, "per_hour": 100 });
+    let Some((server, token)) = edited_while_signing(engine, dir.path(), &[("per_minute", "3")], limits) else {
         return;
-    }
-    std::thread::scope(|scope| {
-        let third = scope.spawn(|| sign_http(&server, &token, 3));
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        let edited = send_json(
-            &server,
-            "PATCH",
-            &format!("/api/user/authorizations/{id}"),
-            &cookie,
-            &json!({ "limits": { "per_minute": 3, "per_hour": 100 } }),
-        );
-        assert_eq!(edited.status, 200, "{}", edited.body);
-        let third = third.join().unwrap();
-        assert_eq!(third.status, 200, "{}", third.body);
-    });
+    };
     assert_refused_http(&sign_http(&server, &token, 4), "grant_rate_limited", "per minute");
 }
 

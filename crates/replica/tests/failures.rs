@@ -1062,25 +1062,23 @@ async fn a_restore_killed_outright_leaves_nothing_that_stops_the_next() {
     let (dir, base, txid, _, _) = replicated_with_newest().await;
     let out = dir.path().join("killed.db");
     let beside = |name: String| dir.path().join(name);
+    // Written two hours ago and left.
+    let left_long_ago = |path: &std::path::Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
+            .unwrap();
+    };
     let leftover = beside(format!("killed.db.restore-{}.tmp", std::process::id()));
-    std::fs::write(&leftover, b"half a database").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&leftover)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
-        .unwrap();
+    left_long_ago(&leftover, b"half a database");
     let under_way = beside("killed.db.restore-7-0badcafe.tmp".into());
     std::fs::write(&under_way, b"another restore's").unwrap();
     // Another output's temporary file, whose name starts like this output's.
     let others = beside(format!("killed.db.restore-old.db.restore-{}.tmp", std::process::id()));
-    std::fs::write(&others, b"not this restore's").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&others)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() - Duration::from_secs(2 * 3600))
-        .unwrap();
+    left_long_ago(&others, b"not this restore's");
 
     let restored = restore(&base, &out, Target::Latest, None)
         .await
