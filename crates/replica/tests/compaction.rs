@@ -362,3 +362,74 @@ async fn an_instance_restarted_more_often_than_the_snapshot_interval_still_write
     }
     pool.close().await;
 }
+
+/// A writer whose clock runs behind the time its predecessor's last file was written (here
+/// the predecessor's clock ran ten minutes ahead). Stamped from its own clock, its files — and
+/// its compactions of the predecessor's — said they were written before that last file, and a
+/// `--timestamp` restore to a time in between took commits made after it. Its files are now
+/// stamped after the history's newest, and such a restore holds none of them.
+#[tokio::test]
+async fn a_writer_whose_clock_is_behind_its_predecessors_stamps_its_files_after_them() {
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let replicator = Replicator::start(&db, store.clone(), signal.clone(), "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool, "before").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    // The predecessor's newest file, as a clock ten minutes ahead stamped it.
+    let newest = store
+        .list_level(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .max_by_key(|f| f.max_txid)
+        .unwrap();
+    let bytes = store.get(&newest).await.unwrap();
+    // (Whole milliseconds, as stamps are.)
+    let ahead_ms = (std::time::SystemTime::now() + Duration::from_secs(600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let ahead = std::time::UNIX_EPOCH + Duration::from_millis(ahead_ms);
+    store.delete(std::slice::from_ref(&newest)).await.unwrap();
+    let _ = store
+        .put_ltx(0, newest.min_txid, newest.max_txid, bytes, ahead_ms as i64)
+        .await
+        .unwrap();
+
+    let replicator = Replicator::start(&db, store.clone(), signal, "l", ReplicaOptions::default())
+        .await
+        .unwrap();
+    for n in 0..3 {
+        insert(&pool, &format!("after-{n}")).await;
+        replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    }
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    for file in store.list_level(0).await.unwrap() {
+        if file.max_txid > newest.max_txid {
+            let at = store.created_at(&file).await.unwrap();
+            assert!(
+                at >= ahead,
+                "{} is stamped {at:?}, before its predecessor's {ahead:?}",
+                file.key
+            );
+        }
+    }
+    // A restore to just before the predecessor's last file holds nothing written after it.
+    let out = dir.path().join("as-of.db");
+    restore(&store, &out, Target::Time(ahead - Duration::from_secs(1)), None)
+        .await
+        .unwrap();
+    let rows = common::rows(&out).await;
+    assert!(rows.iter().all(|(_, v)| !v.starts_with("after-")), "{rows:?}");
+    pool.close().await;
+}

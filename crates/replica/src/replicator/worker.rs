@@ -131,6 +131,35 @@ pub(super) struct Worker {
     pub(super) released: Option<Released>,
     /// This writer's stamp, in the header of every file it writes (see [`next_writer`]).
     pub(super) writer: u64,
+    /// When each file it writes says it was written (see [`Worker::time_stamp`]).
+    pub(super) times: TimeStamps,
+}
+
+/// The times this writer stamps its files with (the header's timestamp and the store's
+/// timestamp metadata, which a `--timestamp` restore selects files by): its wall clock, moved
+/// forward by how far it was behind the newest file of the history it took over, and never
+/// back. Stamped from the clock alone, a successor whose clock ran minutes behind stamped its
+/// files — and its compactions of its predecessor's — before its predecessor's last ones, and a
+/// restore to a time in between took commits made after it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct TimeStamps {
+    ahead_ms: i64,
+    last_ms: i64,
+}
+
+impl TimeStamps {
+    /// Stamps that never fall before `newest_ms` (the history's newest file).
+    fn after(newest_ms: i64) -> TimeStamps {
+        TimeStamps {
+            ahead_ms: (newest_ms - now_ms()).max(0),
+            last_ms: newest_ms,
+        }
+    }
+
+    fn next(&mut self) -> i64 {
+        self.last_ms = (now_ms() + self.ahead_ms).max(self.last_ms);
+        self.last_ms
+    }
 }
 
 /// A writer's stamp: its start time (ms since the Unix epoch), and more than `newest`, the
@@ -202,7 +231,39 @@ impl Worker {
             handed_over: false,
             released: None,
             writer: 0,
+            times: TimeStamps::default(),
         })
+    }
+
+    /// Starts this writer's time stamps past the newest file in `recent` (one HEAD on a cloud
+    /// store, for the time its writer recorded); unknown, from the clock alone.
+    async fn time_stamps_after(&mut self, recent: &[LtxObject]) {
+        let Some(newest) = recent.iter().max_by_key(|f| (f.max_txid, f.level)) else {
+            return;
+        };
+        match self.store.created_at(newest).await {
+            Ok(at) => {
+                let newest_ms = at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                self.times = TimeStamps::after(newest_ms);
+                if self.times.ahead_ms > 1_000 {
+                    tracing::warn!(
+                        behind_ms = self.times.ahead_ms,
+                        newest = %newest.key,
+                        "this instance's clock is behind the time the replica's newest file was written; its files are stamped that much later, so a point-in-time restore never puts them before it"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read when the replica's newest file was written; stamping from the clock")
+            }
+        }
+    }
+
+    /// The time the next file this writer writes is stamped with.
+    fn time_stamp(&mut self) -> i64 {
+        self.times.next()
     }
 
     /// Where large segments, compactions and verification restores are written while they
@@ -247,6 +308,7 @@ impl Worker {
                     .max();
                 self.compaction
                     .snapshot_after(newest_snapshot, &self.options.compaction);
+                self.time_stamps_after(&recent).await;
                 self.remove_unacknowledged_tail(remote_max, &recent).await?;
                 self.know_if_complete(recent.into_iter().filter(|f| f.max_txid <= remote_max));
                 self.resume(record).await
@@ -399,14 +461,14 @@ impl Worker {
             self.unlock().await?;
         }
         let (db, txid, end, writer) = (self.db.clone(), self.cursor.txid + 1, end?, self.writer);
-        let scratch = self.scratch();
+        let (scratch, stamp) = (self.scratch(), self.time_stamp());
         let segment =
-            tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, now_ms(), writer, &scratch))
+            tokio::task::spawn_blocking(move || segment::full_image_upto(&db, end, txid, stamp, writer, &scratch))
                 .await
                 .map_err(join_error)??;
         tracing::info!(txid, "built a full image of the database");
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || prepare(&store, segment, mark))
+        tokio::task::spawn_blocking(move || prepare(&store, segment, mark, stamp))
             .await
             .map_err(join_error)?
     }
@@ -798,6 +860,7 @@ impl Worker {
             self.writer,
             self.scratch(),
         );
+        // Only looked at, never shipped: the clock will do.
         tokio::task::spawn_blocking(move || segment::next_wal_segment(&db, &cursor, max, now_ms(), writer, &scratch))
             .await
             .map_err(join_error)
@@ -824,10 +887,11 @@ impl Worker {
             self.store.clone(),
         );
         let started = Instant::now();
+        let stamp = self.time_stamp();
         let (read, queued_us) = tokio::task::spawn_blocking(move || {
             let queued_us = started.elapsed().as_micros() as u64;
-            let read = match segment::next_wal_segment(&db, &cursor, max, now_ms(), writer, &scratch) {
-                Ok(Some(segment)) => prepare(&store, segment, mark).map(|upload| Ok(Some(upload))),
+            let read = match segment::next_wal_segment(&db, &cursor, max, stamp, writer, &scratch) {
+                Ok(Some(segment)) => prepare(&store, segment, mark, stamp).map(|upload| Ok(Some(upload))),
                 Ok(None) => Ok(Ok(None)),
                 Err(e) => Ok(Err(e)),
             };
@@ -1372,9 +1436,9 @@ fn held_round() -> Option<u64> {
 }
 
 /// Encodes `segment`, read when the commit counter stood at `mark`, for upload once (see
-/// [`Upload`]).
-fn prepare(store: &Store, segment: Segment, mark: u64) -> Result<Upload, ReplicaError> {
-    let prepared = store.prepare_ltx(0, segment.txid, segment.txid, segment.body, now_ms())?;
+/// [`Upload`]), stamped `stamp` (as its header is).
+fn prepare(store: &Store, segment: Segment, mark: u64, stamp: i64) -> Result<Upload, ReplicaError> {
+    let prepared = store.prepare_ltx(0, segment.txid, segment.txid, segment.body, stamp)?;
     Ok(Upload {
         txid: segment.txid,
         next: segment.next,
