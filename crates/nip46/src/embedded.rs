@@ -59,9 +59,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 
 /// Connections only peers on this machine may take (half the cap, if that is less): keycast's
 /// own connection to its relay comes from loopback, or from the address the relay is bound
-/// to. With the relay bound beyond loopback, a
-/// flood of idle connections from elsewhere took every one, and keycast, connecting after a
-/// restart (or again after a drop), was refused: no bunker answered while every probe passed.
+/// to. With the relay bound beyond loopback, a flood of idle connections from elsewhere took
+/// every one, and keycast, connecting after a restart (or again after a drop), was refused:
+/// no bunker answered while every probe passed.
 pub const LOOPBACK_RESERVED: usize = 4;
 
 /// Subscriptions one connection may hold: keycast's own (500 bunkers each: 32,000 bunkers)
@@ -224,7 +224,7 @@ async fn accept(listener: TcpListener, relay: LocalRelay, limits: RelayLimits) {
             if !full {
                 tracing::warn!(
                     max = limits.max_connections,
-                    "embedded relay: at its connection cap (KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS; the last few for loopback only); closing new connections until one ends"
+                    "embedded relay: at its connection cap (KEYCAST_EMBEDDED_RELAY_MAX_CONNECTIONS; the last few for this machine only); closing new connections until one ends"
                 );
             }
             full = true;
