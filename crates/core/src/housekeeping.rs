@@ -11,9 +11,9 @@
 //! policy, so a policy a grant names stays).
 //!
 //! A grant that is over (revoked, or past its chosen duration) keeps its newest
-//! [`KEPT_PER_REVOKED_GRANT`] signatures and as many other activity records (what its page shows), its total of
-//! signatures still counted: an account may start a grant a minute, and each could otherwise
-//! keep a live grant's whole record for good.
+//! [`KEPT_PER_REVOKED_GRANT`] signatures and as many other activity records (what its page
+//! shows), its total of signatures still counted: an account may start a grant a minute, and
+//! each could otherwise keep a live grant's whole record for good.
 
 use keycast_db::activity::{self, Prune};
 use keycast_db::{approvals, oauth, policies, refresh, sessions, Db, RepoError};

@@ -396,11 +396,12 @@ impl UsageMeter {
 
     /// An authorization's terms changed to `limits`. Here (SQLite) its recent history is read
     /// again from the stored activity, which holds what a longer window needs (the caller
-    /// writes what it buffers first), and its total is kept: dropped and counted again from
-    /// the store, it missed the signatures under way (counted, not yet recorded), and an app
-    /// signing while its owner tightened the grant went past `max_signatures` by them. The shared count (PostgreSQL) is exact and keeps a day of
-    /// history, so it stays — unless the grant goes unlimited: it is not metered then, and a
-    /// limit set later counts from the stored activity.
+    /// writes what it buffers first), and what is counted here stays where it is more:
+    /// dropped and counted again from the store, it missed the signatures under way
+    /// (counted, not yet recorded), and an app signing while its owner tightened the grant
+    /// went past its limits by them. The shared count (PostgreSQL) is exact and keeps a day
+    /// of history, so it stays — unless the grant goes unlimited: it is not metered then, and
+    /// a limit set later counts from the stored activity.
     ///
     /// # Errors
     /// Storage errors (PostgreSQL).
