@@ -648,6 +648,91 @@ fn an_encrypted_replica_rolled_back_by_whoever_holds_the_bucket_is_refused() {
     c.stop();
 }
 
+/// Whoever can write the bucket, without the replica key, moves the stored time of the files
+/// written after some moment (their timestamp metadata; in a directory replica their mtime)
+/// to before it. A `--timestamp` restore to that moment chose files by the stored time alone
+/// and so brought back commits made after it, silently. Now the time in each applied file's
+/// header, which its checksum and tag cover, is compared with the target: the restore is
+/// refused, naming the file, and nothing is written.
+#[test]
+fn a_timestamp_restore_refuses_files_whose_stored_time_was_moved_before_it() {
+    const KEY: &str = "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=";
+    let dir = tempfile::tempdir().unwrap();
+    let replica_dir = dir.path().join("replica");
+    let replica = format!("file://{}", replica_dir.display());
+    let with_key = [("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)];
+    let a = on_file_replica(&dir.path().join("a"), &replica)
+        .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
+        .start();
+    assert_eq!(write(&a, "early", true), 200);
+    // A second on each side of the moment restored to: the files' times are in milliseconds.
+    std::thread::sleep(Duration::from_millis(600));
+    let moment = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(write(&a, "late", true), 200);
+    a.stop();
+    let stamp = chrono::DateTime::<chrono::Utc>::from(moment).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let restore = |name: &str| {
+        let out = dir.path().join(name);
+        let finished = harness::keycast_cli(
+            &[
+                "restore",
+                "--replica",
+                &replica,
+                "-o",
+                out.to_str().unwrap(),
+                "--timestamp",
+                &stamp,
+            ],
+            &with_key,
+        );
+        (out, finished)
+    };
+
+    // Untouched, the restore holds what was written before the moment and nothing after.
+    let (out, finished) = restore("untouched.db");
+    finished.assert_success("keycast restore --timestamp");
+    let keys = harness::test_keys(&out);
+    assert!(
+        keys.contains(&"early".to_owned()) && !keys.contains(&"late".to_owned()),
+        "{keys:?}"
+    );
+
+    let mut moved = Vec::new();
+    for level in std::fs::read_dir(replica_dir.join("ltx")).unwrap() {
+        for file in std::fs::read_dir(level.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+            if modified >= moment {
+                let file = std::fs::File::options().write(true).open(&path).unwrap();
+                file.set_modified(moment - Duration::from_millis(500)).unwrap();
+                moved.push(path);
+            }
+        }
+    }
+    assert!(!moved.is_empty(), "the late write made files after the moment");
+
+    let (out, refused) = restore("moved.db");
+    assert!(
+        !refused.status.success(),
+        "the restore took files written after {stamp}: {:?}",
+        refused.status.success().then(|| harness::test_keys(&out))
+    );
+    assert!(
+        refused.stderr.contains("its header says it was written at") && refused.stderr.contains("--txid"),
+        "the refusal says what is wrong and what to do instead: {}",
+        refused.stderr
+    );
+    assert!(
+        moved
+            .iter()
+            .any(|path| refused.stderr.contains(path.file_name().unwrap().to_str().unwrap())),
+        "the refusal names the file: {}",
+        refused.stderr
+    );
+    assert!(!out.exists(), "nothing was written");
+}
+
 /// A deploy's newcomer stopped once its restore is done, while replication starts (its
 /// first listing of the replica, through a store that now takes 1.5 s a request). It lets
 /// start-up finish and stops cleanly, giving the lease back. Before, it was cut off two seconds after the

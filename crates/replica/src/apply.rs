@@ -59,6 +59,10 @@ pub struct Applied {
     pub bytes: u64,
     /// The last file's header.
     pub last: Option<Header>,
+    /// The latest time a header among the files applied carries (ms since the Unix epoch,
+    /// its writer's clock), and the file that carries it. Read once the file's checksum (and,
+    /// encrypted, its tag) has proven the header, unlike the time the store lists it with.
+    pub latest_written: Option<(i64, LtxObject)>,
     /// The newest writer stamp among the files applied (see [`crate::ltx::Header::node_id`]).
     pub newest_writer: u64,
     /// The file applying stopped at, unapplied: a writer's stamp older than one already
@@ -291,6 +295,13 @@ fn apply_worker(
                 if applied.stale_stamp {
                     applied.stale = Some(object);
                     return Ok((applied, file));
+                }
+                if applied
+                    .latest_written
+                    .as_ref()
+                    .is_none_or(|(t, _)| trailer.header.timestamp_ms > *t)
+                {
+                    applied.latest_written = Some((trailer.header.timestamp_ms, object));
                 }
                 applied.commit = trailer.header.commit;
                 applied.txid = trailer.header.max_txid;

@@ -14,7 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::{StreamExt, TryStreamExt};
 
@@ -89,6 +89,18 @@ pub enum RestoreError {
     },
     #[error("object {key} does not match its name: {reason}")]
     Mismatch { key: String, reason: String },
+    #[error(
+        "object {key} is listed as created at {listed}, before the requested time {target}, but its header says it \
+         was written at {written}: its stored time was altered or its clock was wrong, so a restore to that time \
+         cannot be trusted. Nothing was restored; restore by --txid (`keycast replica ls` lists each file's TXIDs) \
+         or to another time"
+    )]
+    WrittenAfterTarget {
+        key: String,
+        listed: String,
+        written: String,
+        target: String,
+    },
     #[error("object {key} was stored by an instance that had lost the replica to a newer writer (its writer stamp is older than one before it)")]
     StaleWriter { key: String },
     #[error("the restored database is incomplete: page {pgno} of {pages} is in no backup file")]
@@ -501,6 +513,20 @@ fn temp_prefix(output: &Path) -> std::ffi::OsString {
 /// database for seconds).
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// Whether `path` — a file, or a directory and the entries directly in it — has gone
+/// unwritten for longer than [`ABANDONED_AFTER`].
+pub(crate) fn abandoned(path: &Path) -> bool {
+    let old = |path: &Path| {
+        std::fs::symlink_metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > ABANDONED_AFTER))
+    };
+    old(path)
+        && std::fs::read_dir(path)
+            .map(|entries| entries.flatten().all(|entry| old(&entry.path())))
+            .unwrap_or(true)
+}
+
 /// Removes what killed restores to `output` left behind (each as large as the database, on a
 /// disk that may be memory); a restore still under way writes its file and is left alone.
 fn remove_abandoned_temps(output: &Path) {
@@ -527,11 +553,7 @@ fn remove_abandoned_temps(output: &Path) {
                     && pid.iter().all(u8::is_ascii_digit)
                     && (random.is_empty() || random.len() == 9 && random[1..].iter().all(u8::is_ascii_hexdigit))
             });
-        let abandoned = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > ABANDONED_AFTER));
-        if ours && abandoned && std::fs::remove_file(entry.path()).is_ok() {
+        if ours && abandoned(&entry.path()) && std::fs::remove_file(entry.path()).is_ok() {
             tracing::info!(path = %entry.path().display(), "removed a restore's temporary file left by a restore that was killed");
         }
     }
@@ -583,6 +605,20 @@ async fn apply_all(
             "restoring up to an object stored late by an instance that had lost the replica: it and what follows it are left out"
         );
     }
+    if let (Target::Time(time), Some((written_ms, object))) = (target, &applied.latest_written) {
+        // The plan chose files by the time the store lists them with (metadata, or the
+        // mtime), which whoever can write the bucket may change without the replica key; the
+        // header's time is covered by the file's checksum and, encrypted, its tag.
+        let written = header_time(*written_ms);
+        if written >= time {
+            return Err(RestoreError::WrittenAfterTarget {
+                key: object.key.to_string(),
+                listed: rfc3339(object.created_at),
+                written: rfc3339(written),
+                target: rfc3339(time),
+            });
+        }
+    }
     let (commit, page_size) = (applied.commit, applied.page_size);
     let finished = tokio::task::spawn_blocking(move || -> Result<File, RestoreError> {
         file.set_len(u64::from(commit) * u64::from(page_size))
@@ -610,6 +646,16 @@ async fn apply_all(
         stale: applied.stale.map(|f| f.key.to_string()),
     };
     Ok((restored, file))
+}
+
+/// A header's time (ms since the Unix epoch) as a `SystemTime`.
+fn header_time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// `time` the way `replica ls` and `--timestamp` spell it.
+fn rfc3339(time: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(time).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Flushes the complete temporary file to disk while SQLite checks it (both only read it),
@@ -705,7 +751,6 @@ pub fn sync_dir(path: &Path) {
 mod tests {
     use super::*;
     use crate::ltx;
-    use std::time::{Duration, UNIX_EPOCH};
 
     fn obj(level: u8, min: u64, max: u64, secs: u64) -> LtxObject {
         LtxObject {
