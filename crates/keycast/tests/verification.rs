@@ -42,6 +42,18 @@ fn background_verification_passes_and_records_the_checksum() {
     let replica_dir = dir.path().join("replica");
     let replica = format!("file://{}", replica_dir.display());
     let data = dir.path().join("data");
+    // What a verification killed outright two hours ago left (a copy of the database), and
+    // what one still under way writes: the first goes, the second stays.
+    let killed = data.join(".keycast-verify-Kd93xA");
+    let busy = data.join(".keycast-verify-q7TbW2");
+    for scratch in [&killed, &busy] {
+        std::fs::create_dir_all(scratch).unwrap();
+        std::fs::write(scratch.join("verify.db"), vec![0u8; 64 << 10]).unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for path in [killed.join("verify.db"), killed.clone()] {
+        std::fs::File::open(&path).unwrap().set_modified(two_hours_ago).unwrap();
+    }
     let server = Launch::new(&data)
         .env("KEYCAST_TEST_ROUTES", "true")
         .env("KEYCAST_REPLICA_URL", &replica)
@@ -69,6 +81,18 @@ fn background_verification_passes_and_records_the_checksum() {
     assert!(server
         .log()
         .contains("verified: the replica restores to exactly the live database"));
+    assert!(!killed.exists(), "what a killed verification left is removed");
+    assert!(busy.join("verify.db").exists(), "one still being written is left alone");
+    let scratch: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".keycast-verify-"))
+        .collect();
+    assert_eq!(
+        scratch,
+        [".keycast-verify-q7TbW2"],
+        "a verification removes its own copy when done"
+    );
     // One more write so the record of the verification reaches the local state file.
     assert_eq!(
         post(&format!("{}/api/test/write?key=last&durable=true", server.base)),

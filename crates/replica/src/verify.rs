@@ -313,6 +313,28 @@ enum Plans {
     One,
 }
 
+/// What the directory a verification restores into is called, in `scratch`.
+const SCRATCH_PREFIX: &str = ".keycast-verify-";
+
+/// Removes the directories verifications killed outright (SIGKILL, out of memory) left in
+/// `scratch`: each holds a copy of the database, on a disk that may be memory, and a process
+/// killed again and again would fill it. One still being written is left alone.
+fn remove_abandoned_scratch(scratch: &Path) {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with(SCRATCH_PREFIX))
+            && entry.file_type().is_ok_and(|t| t.is_dir());
+        if ours && restore::abandoned(&entry.path()) && std::fs::remove_dir_all(entry.path()).is_ok() {
+            tracing::info!(path = %entry.path().display(), "removed what a verification that was killed left behind");
+        }
+    }
+}
+
 /// Restores `target` into a temporary file under `scratch`, returning its TXID and checksum.
 async fn restore_and_sum(
     store: &Store,
@@ -321,9 +343,8 @@ async fn restore_and_sum(
     plans: Plans,
 ) -> Result<(u64, u64), VerifyError> {
     std::fs::create_dir_all(scratch)?;
-    let dir = tempfile::Builder::new()
-        .prefix(".keycast-verify-")
-        .tempdir_in(scratch)?;
+    remove_abandoned_scratch(scratch);
+    let dir = tempfile::Builder::new().prefix(SCRATCH_PREFIX).tempdir_in(scratch)?;
     let out = dir.path().join("verify.db");
     let restored = match plans {
         Plans::AsMany => restore::restore(store, &out, target, None).await?,
