@@ -27,8 +27,9 @@
 //! read-then-write. Every repository error is a [`RepoError`].
 //!
 //! This crate knows nothing of HTTP, Nostr or object storage. Who checkpoints the WAL is
-//! decided here once: **never the application** (`wal_autocheckpoint=0`); the replicator
-//! does, after the frames are safe in the object store.
+//! decided here once: under a replicator **never the application** (`wal_autocheckpoint=0`);
+//! the replicator does, after the frames are safe in the object store. Without one, SQLite's
+//! automatic checkpoint (see `pool.rs`).
 
 pub mod account_events;
 pub mod activity;

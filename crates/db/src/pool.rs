@@ -22,13 +22,18 @@
 //! Every pooled connection runs with:
 //! - `journal_mode=WAL`: readers never block the writer, and committed pages land in the
 //!   `-wal` file where the replicator reads them;
-//! - `wal_autocheckpoint=0`: the application never checkpoints; only the replicator does,
+//! - `wal_autocheckpoint=0` when a replicator ships the WAL (a commit signal) or will
+//!   (`keep_wal_on_close`): the application never checkpoints; only the replicator does,
 //!   and only over frames already in the object store (otherwise frames could be folded
-//!   into the database file before they were shipped);
-//! - `synchronous=NORMAL`: in WAL mode a crash or power loss can drop the last commits
-//!   from the local disk but never corrupts the database. keycast's durability boundary is
-//!   the replica, not the local disk (on Cloud Run that disk is memory and is wiped on every
-//!   deploy), so an fsync per commit would cost throughput and buy nothing;
+//!   into the database file before they were shipped). Without a replica SQLite's own
+//!   automatic checkpoint (every 1,000 pages) keeps the WAL bounded: nothing else would;
+//! - `synchronous=NORMAL` under a replicator: in WAL mode a crash or power loss can drop the
+//!   last commits from the local disk but never corrupts the database. keycast's durability
+//!   boundary is then the replica, not the local disk (on Cloud Run that disk is memory and
+//!   is wiped on every deploy), so an fsync per commit would cost throughput and buy
+//!   nothing. Without one (`KEYCAST_REPLICA_URL=none`, and the operator's commands, whose
+//!   commits `serve` ships later) the local disk is the only boundary, and every commit is
+//!   fsynced before it is answered (`synchronous=FULL`);
 //! - `secure_delete=ON`: overwritten and deleted content is zeroed, so an old ciphertext
 //!   (after a master-key rotation, or a deleted account's key) does not survive in free
 //!   space and reach the replica's snapshots; in WAL mode the page is rewritten anyway;
@@ -675,14 +680,20 @@ async fn left_in_a_transaction(conn: &mut sqlx::SqliteConnection) -> Result<bool
 }
 
 async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> {
+    let replicated = options.commit_signal.is_some();
+    let shipped_later = replicated || options.keep_wal_on_close;
     let connect = SqliteConnectOptions::new()
         .filename(&options.path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        .synchronous(if replicated {
+            SqliteSynchronous::Normal
+        } else {
+            SqliteSynchronous::Full
+        })
         .busy_timeout(options.busy_timeout)
         .foreign_keys(true)
-        .pragma("wal_autocheckpoint", "0")
+        .pragma("wal_autocheckpoint", if shipped_later { "0" } else { "1000" })
         // Deleted and overwritten content is zeroed, not left in free space: a ciphertext
         // replaced by master-key rotation (or a deleted account's key) must not live on in
         // the file, and so in the replica's next snapshot.
@@ -722,19 +733,47 @@ async fn connect_sqlite(options: &DbOptions) -> Result<SqlitePool, sqlx::Error> 
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn connections_run_in_wal_mode_without_autocheckpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open_sqlite(&DbOptions::new(dir.path().join("k.db"))).await.unwrap();
+    /// `(journal_mode, wal_autocheckpoint, foreign_keys, synchronous)` of a pooled connection.
+    async fn pragmas(options: &DbOptions) -> (String, i64, i64, i64) {
+        let db = Db::open_sqlite(options).await.unwrap();
         let pool = db.as_sqlite().unwrap();
+        let one =
+            |pragma: &'static str| async move { sqlx::query_scalar::<_, i64>(pragma).fetch_one(pool).await.unwrap() };
         let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.unwrap();
-        let auto: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(pool).await.unwrap();
-        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await.unwrap();
-        assert_eq!((mode.as_str(), auto, fk, sync), ("wal", 0, 1, 1));
+        (
+            mode,
+            one("PRAGMA wal_autocheckpoint").await,
+            one("PRAGMA foreign_keys").await,
+            one("PRAGMA synchronous").await,
+        )
+    }
+
+    #[tokio::test]
+    async fn under_a_replicator_connections_never_checkpoint_and_leave_durability_to_the_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let replicated = DbOptions {
+            commit_signal: Some(CommitSignal::new()),
+            ..DbOptions::new(dir.path().join("k.db"))
+        };
+        assert_eq!(pragmas(&replicated).await, ("wal".into(), 0, 1, 1));
+        // An operator's command: `serve` ships its commits later, so nothing folds them
+        // away first; until then this disk is all they have.
+        let command = DbOptions {
+            keep_wal_on_close: true,
+            ..DbOptions::new(dir.path().join("c.db"))
+        };
+        assert_eq!(pragmas(&command).await, ("wal".into(), 0, 1, 2));
+    }
+
+    /// `KEYCAST_REPLICA_URL=none`: before, the WAL was never checkpointed (it grew for as
+    /// long as the process ran) nor fsynced (a power cut took back commits already answered).
+    #[tokio::test]
+    async fn without_a_replica_every_commit_is_fsynced_and_the_wal_checkpointed() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            pragmas(&DbOptions::new(dir.path().join("k.db"))).await,
+            ("wal".into(), 1000, 1, 2)
+        );
     }
 
     #[tokio::test]

@@ -394,6 +394,32 @@ fn restore_cli_point_in_time() {
     assert!(!too_early.exists());
 }
 
+/// `KEYCAST_REPLICA_URL=none`: nothing replicates, so nothing checkpointed the WAL either (the
+/// application leaves that to the replicator): it grew by every commit for as long as the
+/// process ran, on a disk that may be memory. SQLite's own checkpoint now keeps it bounded,
+/// and every commit is fsynced before it is answered (the disk is the only copy).
+#[test]
+fn without_a_replica_the_wal_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = launch(&data, &[("KEYCAST_REPLICA_URL".into(), "none".into())]).start();
+    let wal = data.join("keycast.db-wal");
+    let mut largest = 0;
+    for n in 0..3000 {
+        server.write(&format!("w{n}"), false);
+        if n % 100 == 99 {
+            largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        }
+    }
+    // 1,000 pages of 4 KiB between checkpoints, and what a reader may hold up.
+    assert!(
+        largest <= 6 << 20,
+        "the WAL reached {largest} bytes over 3,000 small commits"
+    );
+    server.stop();
+    assert_eq!(harness::test_keys(&data.join("keycast.db")).len(), 3000);
+}
+
 /// `keycast restore --force` pointed at the database a running instance has open (a mistyped
 /// path, or a runbook followed without stopping the service first). Before, it removed the
 /// live WAL and renamed the restore over the file: the instance went on committing into
