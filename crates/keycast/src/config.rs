@@ -139,7 +139,7 @@ pub const SETTINGS: &[Setting] = &[
         key: "replica_url",
         env: "KEYCAST_REPLICA_URL",
         default: "file://<data_dir>-replica",
-        help: "where the database is replicated: file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, or none",
+        help: "where the database is replicated: file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix (abs://account@container/prefix), or none",
     },
     Setting {
         key: "replica_checkpoint_pages",
@@ -815,7 +815,7 @@ impl Sources {
                 })?
                 .unwrap_or(Duration::from_secs(default_ttl)),
             log_format: self.get("log_format", parse_log_format)?.unwrap_or(LogFormat::Text),
-            log_filter: self.get("log", non_empty)?.unwrap_or_else(|| "info".into()),
+            log_filter: self.get("log", parse_log_filter)?.unwrap_or_else(|| "info".into()),
             shutdown_grace: self
                 .get("shutdown_grace_secs", parse_secs)?
                 .unwrap_or(Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS)),
@@ -1322,11 +1322,16 @@ fn parse_levels(v: &str) -> Result<Vec<Duration>, String> {
 }
 
 fn parse_replica_url(v: &str) -> Result<String, String> {
-    const SCHEMES: [&str; 4] = ["file://", "s3://", "gs://", "az://"];
+    // `abs://` is Litestream's name for Azure (`abs://account@container/prefix`).
+    const SCHEMES: [&str; 5] = ["file://", "s3://", "gs://", "az://", "abs://"];
     if v == "none" || SCHEMES.iter().any(|s| v.starts_with(s) && v.len() > s.len()) {
         Ok(v.to_owned())
     } else {
-        Err("expected file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, or none".into())
+        Err(
+            "expected file:///dir, s3://bucket/prefix, gs://bucket/prefix, az://container/prefix \
+             (abs://account@container/prefix), or none"
+                .into(),
+        )
     }
 }
 
@@ -1412,6 +1417,26 @@ fn non_empty(v: &str) -> Result<String, String> {
     } else {
         Ok(v.to_owned())
     }
+}
+
+/// A `tracing` filter: comma-separated levels and `target=level` directives. A bare word that
+/// is not a level would be read as a target logged at every level (`inof` would silence
+/// everything else), so it is refused.
+fn parse_log_filter(v: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let directives: Vec<&str> = v.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+    let v = non_empty(&directives.join(","))?;
+    for directive in directives {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` is neither a level ({}) nor `target=level`, e.g. `info` or `keycast=debug,sqlx=warn`",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(&v)
+        .map_err(|e| format!("{e}; expected e.g. `info` or `keycast=debug,sqlx=warn`"))?;
+    Ok(v)
 }
 
 /// Accepts `sqlite://PATH`, `sqlite:PATH` (an optional `?query` is ignored).
@@ -1744,6 +1769,40 @@ mod tests {
             .build()
             .unwrap();
         assert!(config.master_key_previous.is_some());
+    }
+
+    /// Before, a filter tracing could not parse silently became `info`, and a misspelt level
+    /// was read as a target name, which logged nothing else.
+    #[test]
+    fn a_log_filter_that_would_not_filter_as_meant_is_refused_naming_the_variable() {
+        for good in ["info", "WARN", "keycast=debug,sqlx=warn", "info, keycast_replica=trace"] {
+            let config = env(&[("KEYCAST_LOG", good)]).build();
+            assert!(config.is_ok(), "{good}: {:?}", config.err());
+        }
+        for bad in ["inof", "keycast=verbose", "info,debgu"] {
+            let refused = env(&[("KEYCAST_LOG", bad)]).build().unwrap_err().to_string();
+            assert!(refused.contains("KEYCAST_LOG"), "{bad}: {refused}");
+        }
+    }
+
+    /// Every scheme the store opens is accepted, Litestream's `abs://` for Azure included
+    /// (the store's own error about a missing account suggests it); anything else is refused
+    /// naming the variable.
+    #[test]
+    fn replica_urls_take_every_backend_the_store_opens() {
+        for url in [
+            "file:///r",
+            "s3://b/p",
+            "gs://b/p",
+            "az://c/p",
+            "abs://account@c/p",
+            "none",
+        ] {
+            let config = env(&[("KEYCAST_REPLICA_URL", url)]).build();
+            assert!(config.is_ok(), "{url}: {:?}", config.err());
+        }
+        let refused = env(&[("KEYCAST_REPLICA_URL", "ftp://b/p")]).build().unwrap_err();
+        assert!(refused.to_string().contains("KEYCAST_REPLICA_URL"), "{refused}");
     }
 
     #[test]
