@@ -118,6 +118,12 @@ pub const SETTINGS: &[Setting] = &[
         help: "seconds a client has to send a request's headers before the connection is closed (slowloris)",
     },
     Setting {
+        key: "http_max_connections",
+        env: "KEYCAST_HTTP_MAX_CONNECTIONS",
+        default: "512",
+        help: "HTTP connections open at once; past it new ones wait (in the kernel's queue) until one ends, so a flood cannot take the descriptors the database and relays need",
+    },
+    Setting {
         key: "metrics_token",
         env: "KEYCAST_METRICS_TOKEN",
         default: "(none: loopback only)",
@@ -457,6 +463,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Time a client has to send a request's headers.
     pub header_read_timeout: Duration,
+    /// HTTP connections open at once (`KEYCAST_HTTP_MAX_CONNECTIONS`).
+    pub http_max_connections: usize,
     /// Bearer token `/metrics` requires; `None`: loopback only.
     pub metrics_token: Option<keycast_core::Secret<String>>,
     /// `KEYCAST_ADMIN_TOKEN`: the admin API's bearer token; `None` turns it off.
@@ -825,6 +833,14 @@ impl Sources {
             header_read_timeout: self.get("header_read_timeout_secs", parse_positive_secs)?.unwrap_or(
                 Duration::from_secs(crate::http_server::DEFAULT_HEADER_READ_TIMEOUT_SECS),
             ),
+            http_max_connections: self
+                .get("http_max_connections", |v| {
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=1_000_000).contains(n))
+                        .ok_or_else(|| "expected a number of connections from 1 to 1000000".to_owned())
+                })?
+                .unwrap_or(crate::http_server::DEFAULT_MAX_CONNECTIONS),
             metrics_token: self.get("metrics_token", |v| {
                 if v.len() < 16 {
                     Err("expected at least 16 characters (e.g. `openssl rand -hex 32`)".into())

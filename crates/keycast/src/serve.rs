@@ -125,9 +125,15 @@ pub async fn run(
     }
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let app = keycast_http::app(state.clone());
-    let server = crate::http_server::serve(listener, app, config.header_read_timeout, async move {
-        let _ = http_stopped.await;
-    });
+    let server = crate::http_server::serve(
+        listener,
+        app,
+        config.header_read_timeout,
+        config.http_max_connections,
+        async move {
+            let _ = http_stopped.await;
+        },
+    );
     let mut server = tokio::spawn(server);
 
     tokio::pin!(shutdown);

@@ -138,6 +138,157 @@ fn a_client_that_trickles_its_headers_is_cut_off() {
     assert_eq!(server.get("/healthz/live").0, 200);
 }
 
+/// Reads from `stream` until it ends or `within` passes: `Ok(bytes)` when keycast closed the
+/// connection (what it sent first, if anything), `Err(bytes)` when it was still open.
+fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Result<Vec<u8>, Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(got);
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(got),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(got)
+            }
+            Err(e) => panic!("reading from keycast: {e}"),
+        }
+    }
+}
+
+/// A client that connects and sends nothing, or only the first bytes of HTTP/2's preface.
+/// Before, the version-sniffing connection waited for them with no timer (the header timeout
+/// starts only once HTTP/1 is chosen): each such connection held a descriptor and a task for
+/// as long as the client liked.
+#[test]
+fn a_connection_that_never_sends_a_request_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_HEADER_READ_TIMEOUT_SECS", "1")
+        .start();
+    let addr = server.base.trim_start_matches("http://");
+    for opening in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r"] {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(opening).unwrap();
+        let shown = String::from_utf8_lossy(opening).into_owned();
+        assert!(
+            read_until_closed(&mut stream, Duration::from_secs(6)).is_ok(),
+            "a connection that sent {shown:?} was still open after 6 s"
+        );
+    }
+}
+
+/// Plain-text HTTP/2 (h2c) with prior knowledge. It was served by accident (a dependency
+/// turned hyper's HTTP/2 on), with no header timeout; a silent HTTP/2 connection then held up
+/// every graceful shutdown until its drain budget ran out. keycast speaks HTTP/1.1 only.
+#[test]
+fn http2_without_tls_is_not_served_and_cannot_hold_up_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_HEADER_READ_TIMEOUT_SECS", "1")
+        .start();
+    let addr = server.base.trim_start_matches("http://").to_owned();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let mut h2 = TcpStream::connect(&addr).unwrap();
+    h2.write_all(preface).unwrap();
+    let got = read_until_closed(&mut h2, Duration::from_secs(6))
+        .unwrap_or_else(|got| panic!("an HTTP/2 connection was still open after 6 s; it received {got:?}"));
+    assert!(
+        !(got.len() >= 9 && got[3] == 0x04),
+        "keycast answered HTTP/2 with a SETTINGS frame: {got:?}"
+    );
+
+    // A second one, left open as keycast is asked to stop.
+    let mut h2 = TcpStream::connect(&addr).unwrap();
+    h2.write_all(preface).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    server.signal(libc::SIGTERM);
+    let (status, took) = server.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}; log:\n{}", server.log());
+    assert!(
+        !server.log().contains("did not finish in time"),
+        "the stop waited out its drain for a silent connection ({took:?}); log:\n{}",
+        server.log()
+    );
+    drop(h2);
+}
+
+/// Descriptors `pid` holds open.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
+}
+
+/// More connections than `KEYCAST_HTTP_MAX_CONNECTIONS`, each past its headers and sending its
+/// body never (held until the request timeout, 30 s), under a descriptor limit. Before, keycast took a descriptor for each until none was left for the database,
+/// the relays or the object store. Past the cap it now stops accepting (the kernel queues the
+/// rest) until one ends, and serves again once the flood is gone.
+#[test]
+fn a_flood_of_connections_holds_no_more_descriptors_than_the_cap() {
+    const CAP: usize = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let mut launch = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_HEADER_READ_TIMEOUT_SECS", "2")
+        .env("KEYCAST_HTTP_MAX_CONNECTIONS", &CAP.to_string());
+    launch.wrapper = vec!["prlimit".into(), "--nofile=256:256".into()];
+    let server = launch.start();
+    let pid = server.pid();
+    let before = open_descriptors(pid);
+    let addr: std::net::SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
+    let request = b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                    Content-Length: 4000\r\n\r\n{";
+    let flood: Vec<TcpStream> = (0..300)
+        .map_while(|_| {
+            let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            conn.write_all(request).ok()?;
+            Some(conn)
+        })
+        .collect();
+    // The rest of the 300 wait for the listen queue (128) to make room.
+    assert!(flood.len() > 2 * CAP, "only {} connections were made", flood.len());
+    // Watch while keycast accepts what it will: the count climbs to the cap and stays there.
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        most = most.max(open_descriptors(pid));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        most >= before + CAP / 2,
+        "the flood reached keycast: {before} descriptors before, at most {most} during"
+    );
+    assert!(
+        most <= before + CAP + 8,
+        "keycast held {most} descriptors under the flood ({before} before, cap {CAP})"
+    );
+    assert!(
+        server.log().contains("KEYCAST_HTTP_MAX_CONNECTIONS"),
+        "reaching the cap is logged, naming the setting"
+    );
+    drop(flood);
+    let quick = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .new_agent();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match quick.get(format!("{}/healthz/ready", server.base)).call() {
+            Ok(r) if r.status() == 200 => break,
+            answer => assert!(
+                Instant::now() < deadline,
+                "keycast did not serve again once the flood was gone: {answer:?}; log:\n{}",
+                server.log()
+            ),
+        }
+    }
+}
+
 #[test]
 fn a_password_reset_kills_every_other_reset_link() {
     let dir = tempfile::tempdir().unwrap();
