@@ -255,13 +255,17 @@ async fn restore_into(
     }
     tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
     let restored = restore::restore_latest_listed(store, db, recent).await?;
+    // A restore that is refused is removed durably: back after a power cut, with no record
+    // beside it, it would be taken for a database of unknown origin.
     if let Some(recorded) = recorded.filter(|r| *r > restored.txid) {
         std::fs::remove_file(db)?;
+        restore::sync_dir(db);
         return Err(truncated(store, restored.txid, recorded));
     }
     if restored.stale.is_some() {
         if !may_delete() {
             std::fs::remove_file(db)?;
+            restore::sync_dir(db);
             return Err(BootstrapError::LeaseLapsed {
                 replica: store.describe(),
             });

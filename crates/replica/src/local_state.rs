@@ -142,8 +142,12 @@ pub fn load(db: &Path) -> std::io::Result<Option<LocalState>> {
 }
 
 /// Replaces the record atomically (temp file + rename), durably: the new record is on disk
-/// before it replaces the old one, so after a power loss the record is the old one or the new
-/// one. For records that matter after a power loss: a checkpoint, a clean stop.
+/// before it replaces the old one, and the rename is on disk before this returns, so after a
+/// power loss the record is the old one or the new one, and once this returns the new one.
+/// For records that matter after a power loss: a checkpoint, a clean stop, the first record
+/// after a restore (whose old record was removed durably before the restore: without the
+/// directory sync, a power cut could leave the restored file with no record at all, and every
+/// start refused it as a database of unknown origin).
 ///
 /// # Errors
 /// I/O errors.
@@ -154,7 +158,20 @@ pub fn store(db: &Path, state: &LocalState) -> std::io::Result<()> {
     let mut file = std::fs::File::create(&temp)?;
     file.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
     file.sync_data()?;
-    std::fs::rename(&temp, &path)
+    std::fs::rename(&temp, &path)?;
+    sync_dir(&path)
+}
+
+/// Makes the directory entries beside `path` durable (fail point `local-state-dir-sync` fails it).
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    fail::fail_point!("local-state-dir-sync", |_| Err(std::io::Error::other(
+        "injected: the directory could not be synced"
+    )));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Rewrites the record in place, in one write, without waiting for the disk: what the
@@ -193,6 +210,38 @@ pub fn remove(db: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rename is made durable, and a failure to do so is an error, not a record that a
+    /// power cut may take away.
+    #[test]
+    fn a_record_whose_directory_entry_could_not_be_synced_is_not_reported_stored() {
+        if !fail::has_failpoints() {
+            eprintln!("SKIPPED: built without fault injection (--features keycast/failpoints)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        let state = LocalState {
+            lineage: "l".into(),
+            replica: "file:///r".into(),
+            txid: 7,
+            commit: 3,
+            page_size: 4096,
+            wal: None,
+            clean: true,
+            checkpointed: true,
+            db_checksum: None,
+            updated_at_ms: 1,
+            last_error: None,
+            verification: None,
+            writer: 5,
+        };
+        fail::cfg("local-state-dir-sync", "1*return").unwrap();
+        assert!(store(&db, &state).is_err(), "stored without a durable directory entry");
+        store(&db, &state).unwrap();
+        fail::remove("local-state-dir-sync");
+        assert_eq!(load(&db).unwrap().map(|s| s.txid), Some(7));
+    }
 
     #[test]
     fn round_trips_and_absent_is_none() {
