@@ -153,13 +153,59 @@ fn development(path: &Path) -> anyhow::Result<MasterKey> {
     Ok(key)
 }
 
+/// Writes a new key file, never replacing one: the key is written whole and made durable
+/// under a temporary name, then linked into place (refused if a key is already there: another
+/// process created one first) and the directory entry made durable. Written in place, a power
+/// cut could leave an empty or partial file that refused every later start, or lose the entry
+/// while the keys encrypted under the key it named were kept.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!(".new-{}-{nanos}", std::process::id()));
+    let temp = std::path::PathBuf::from(temp);
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.write_all(b"\n")?;
-    file.sync_all()
+    let written = (|| {
+        let mut file = options.open(&temp)?;
+        file.write_all(bytes)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::hard_link(&temp, path)
+    })();
+    let _ = std::fs::remove_file(&temp);
+    written?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_is_written_whole_private_and_never_over_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        write_private(&path, b"first").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"first\n");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        // A key already there (another process made it first) is kept, and the write fails.
+        let second = write_private(&path, b"second").unwrap_err();
+        assert_eq!(second.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"first\n");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["master.key"], "no temporary file is left behind");
+    }
 }
