@@ -708,25 +708,64 @@ fn the_secret_key_never_reaches_the_database_the_replica_the_log_or_stdout() {
     let (cookie, _) = register(&server, "nora@example.com", Some(&nsec));
     let (challenge, verifier) = pkce();
     let code = approve(&server, &cookie, &authorize_query("policy:social", &challenge));
-    let token = token_request(&server, &code, &verifier, REDIRECT).json()["access_token"]
-        .as_str()
+    let granted = token_request(&server, &code, &verifier, REDIRECT).json();
+    let field = |name: &str| {
+        granted[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("the token response has {name}: {granted}"))
+            .to_owned()
+    };
+    let (token, refresh, bunker_url) = (field("access_token"), field("refresh_token"), field("bunker_url"));
+    let connect_secret = url::Url::parse(&bunker_url)
         .unwrap()
-        .to_owned();
+        .query_pairs()
+        .find(|(k, _)| k == "secret")
+        .map(|(_, v)| v.into_owned())
+        .expect("the bunker URL carries a connect secret");
+    let session = cookie.split_once('=').map(|(_, v)| v).unwrap_or(&cookie).to_owned();
     assert_eq!(
         rpc(&server, &token, "sign_event", json!([{ "kind": 1, "content": "x" }])).status,
         200
     );
-    std::thread::sleep(Duration::from_millis(1500)); // let activity flush and ship
+    // The signature's activity record is written (buffered, about once a second) and shipped
+    // before the database and the replica are read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let activity = get(&server, "/api/user/activity", Some(&cookie)).json();
+        let (_, metrics) = server.get("/metrics");
+        let written = activity["activity"].as_array().is_some_and(|rows| !rows.is_empty());
+        let shipped = harness::metric_sum(&metrics, "keycast_replica_shipped_commits")
+            >= harness::metric_sum(&metrics, "keycast_replica_local_commits");
+        if written && shipped {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the signature was not recorded and shipped: {activity}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let wal = std::fs::read(data.join("keycast.db-wal")).unwrap_or_default();
     let (stdout, log) = server.stop_with_output();
     assert!(stdout.contains("keycast listening on"), "stdout was captured: {stdout}");
 
     let raw = own.secret_key().to_secret_bytes();
-    let needles: [(&str, Vec<u8>); 4] = [
-        ("hex", own.secret_key().to_secret_hex().into_bytes()),
-        ("HEX", own.secret_key().to_secret_hex().to_uppercase().into_bytes()),
-        ("nsec", nsec.clone().into_bytes()),
-        ("raw bytes", raw.to_vec()),
+    // The key, and every credential the flow handed out: each is stored hashed or encrypted,
+    // and none is logged.
+    let needles: Vec<(&str, Vec<u8>)> = vec![
+        ("secret key, hex", own.secret_key().to_secret_hex().into_bytes()),
+        (
+            "secret key, HEX",
+            own.secret_key().to_secret_hex().to_uppercase().into_bytes(),
+        ),
+        ("secret key, nsec", nsec.clone().into_bytes()),
+        ("secret key, raw bytes", raw.to_vec()),
+        ("access token", token.into_bytes()),
+        ("refresh token", refresh.into_bytes()),
+        ("authorization code", code.into_bytes()),
+        ("connect secret", connect_secret.into_bytes()),
+        ("session cookie", session.into_bytes()),
+        ("password", harness::api::PASSWORD.as_bytes().to_vec()),
     ];
     let mut files = vec![
         (data.join("keycast.db-wal (while running)"), wal),
@@ -746,11 +785,7 @@ fn the_secret_key_never_reaches_the_database_the_replica_the_log_or_stdout() {
     );
     for (path, bytes) in &files {
         for (what, needle) in &needles {
-            assert!(
-                !contains(bytes, needle),
-                "the secret key ({what}) appears in {}",
-                path.display()
-            );
+            assert!(!contains(bytes, needle), "the {what} appears in {}", path.display());
         }
     }
 }

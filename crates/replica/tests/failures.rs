@@ -379,6 +379,50 @@ async fn a_replica_missing_its_newest_objects_is_refused_not_rolled_back() {
     }
 }
 
+/// The replica and the live database differ at a TXID (a commit lost on the way, a page
+/// changed in the store): the verification says so, naming both checksums, and records
+/// nothing — a recorded checksum is what later restores trust as verified. The same check
+/// with the true checksum passes and records it, so the mismatch is the comparison's doing.
+#[tokio::test]
+async fn a_replica_that_differs_from_the_live_database_fails_verification_and_records_nothing() {
+    use keycast_replica::verify::{recorded_checksum, verify_at, VerifyError};
+    let (dir, db, pool, signal) = common::live_db().await;
+    let store = Store::in_memory();
+    let replicator = Replicator::start(&db, store.clone(), signal, "lineage-m", ReplicaOptions::default())
+        .await
+        .unwrap();
+    insert(&pool, "one").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    let first = replicator.status().replicated_txid;
+    let first_sum = live_checksum(&db).await;
+    insert(&pool, "two").await;
+    replicator.wait_durable(Duration::from_secs(5)).await.unwrap();
+    let second = replicator.status().replicated_txid;
+    let second_sum = live_checksum(&db).await;
+    assert!(second > first && second_sum != first_sum);
+
+    let differs = verify_at(&store, second, second_sum ^ 1, dir.path(), "lineage-m").await;
+    match differs {
+        Err(VerifyError::Mismatch {
+            txid,
+            replica,
+            expected,
+        }) => assert_eq!((txid, replica, expected), (second, second_sum, second_sum ^ 1)),
+        other => panic!("a replica that differs from the live database passed verification: {other:?}"),
+    }
+    assert_eq!(recorded_checksum(&store, second).await.unwrap(), None);
+
+    verify_at(&store, first, first_sum, dir.path(), "lineage-m")
+        .await
+        .unwrap();
+    assert_eq!(recorded_checksum(&store, first).await.unwrap(), Some(first_sum));
+    pool.close().await;
+    replicator
+        .shutdown(Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
 /// Three commits replicated and compacted to level 1 (`lineage`); `verify` runs with the
 /// store, a scratch directory, the TXID replicated and the live checksum at it, and the first
 /// read of the object `pick` chooses is held while the object is deleted, as retention would.
