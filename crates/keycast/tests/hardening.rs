@@ -666,6 +666,10 @@ fn a_flood_from_elsewhere_leaves_the_embedded_relay_room_for_loopback() {
         .map(|a| a.ip())
         .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
     else {
+        assert!(
+            std::env::var("KEYCAST_REQUIRE_PEERS").as_deref() != Ok("1"),
+            "this machine has no address but loopback, and the suite requires every test to run"
+        );
         eprintln!("skipped: this machine has no address but loopback");
         return;
     };

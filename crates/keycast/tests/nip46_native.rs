@@ -542,7 +542,11 @@ fn an_oversized_event_on_the_embedded_relay_does_not_cut_keycast_off() {
             .tag(nostr::Tag::public_key(bunker))
             .sign_with_keys(&nostr::Keys::generate())
             .unwrap();
-        let _ = pool.send_event(&huge).await;
+        let sent = pool.send_event(&huge).await;
+        assert!(
+            sent.as_ref().map_or(true, |output| output.success.is_empty()),
+            "the embedded relay took an event of 300 KiB: {sent:?}"
+        );
     });
     std::thread::sleep(Duration::from_secs(2));
     client.send(&[("after".into(), "get_public_key", json!([]))], Cipher::Nip44);
@@ -550,6 +554,10 @@ fn an_oversized_event_on_the_embedded_relay_does_not_cut_keycast_off() {
     assert_eq!(replies.len(), 1, "keycast still answers on the relay");
     assert_eq!(replies[0].json["result"], user_pubkey.as_str());
     let metrics = get(&server, "/metrics", None).body;
+    assert!(
+        harness::metric_sum(&metrics, "keycast_embedded_relay_cut_off_total") >= 1.0,
+        "the event reached the relay and was refused there"
+    );
     assert_eq!(
         harness::metric_sum(&metrics, "keycast_nip46_reconnects_total"),
         0.0,

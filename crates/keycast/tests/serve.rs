@@ -82,7 +82,22 @@ fn help_describes_every_subcommand() {
         .arg("--help")
         .output_within(harness::COMMAND_TIMEOUT);
     let help = String::from_utf8_lossy(&output.stdout);
-    assert!(help.contains("serve") && help.contains("migrate"), "{help}");
+    // Each subcommand is listed with a line saying what it does.
+    for command in ["serve", "migrate", "restore", "replica", "master-key", "clients"] {
+        let described = help.lines().any(|line| {
+            let mut words = line.split_whitespace();
+            words.next() == Some(command) && words.next().is_some()
+        });
+        assert!(described, "`{command}` is not described in --help:\n{help}");
+        let sub = Command::new(env!("CARGO_BIN_EXE_keycast"))
+            .args([command, "--help"])
+            .output_within(harness::COMMAND_TIMEOUT);
+        assert!(
+            sub.status.success() && String::from_utf8_lossy(&sub.stdout).contains("Usage: keycast"),
+            "`keycast {command} --help` does not describe it: {}",
+            String::from_utf8_lossy(&sub.stderr)
+        );
+    }
     let output = Command::new(env!("CARGO_BIN_EXE_keycast"))
         .args(["serve", "--help"])
         .output_within(harness::COMMAND_TIMEOUT);

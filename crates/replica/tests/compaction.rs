@@ -68,12 +68,11 @@ async fn a_stuck_compaction_never_holds_up_durable_commits() {
         .expect("compaction started and is stuck on the store");
     for i in 0..5 {
         insert(&pool, &format!("v{i}")).await;
-        let started = Instant::now();
+        // Within 2 s, or the wait fails: a stuck compaction would hold it for good.
         replicator
             .wait_durable(Duration::from_secs(2))
             .await
             .unwrap_or_else(|e| panic!("durable commit {i} while compaction is stuck: {e}"));
-        assert!(started.elapsed() < Duration::from_secs(2));
     }
     stuck.open();
     pool.close().await;
