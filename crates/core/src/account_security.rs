@@ -293,7 +293,7 @@ fn take_over_fails() -> bool {
 }
 
 fn held_ms(fail_point: &str) -> Option<u64> {
-    fail::fail_point!(fail_point, |ms: Option<String>| ms.and_then(|ms| ms.parse().ok()));
+    fail::fail_point!(fail_point, |ms| crate::held_at_fail_point(fail_point, ms));
     // Read only by the fail point, which is compiled out without the `failpoints` feature.
     let _ = fail_point;
     None

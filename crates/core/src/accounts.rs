@@ -297,16 +297,20 @@ pub async fn login(
 /// Milliseconds the tests hold a login between its password check and its session (fail
 /// point `login-after-password-check`, `return(<ms>)`); always `None` without fault injection.
 fn held_after_password_check() -> Option<u64> {
-    fail::fail_point!("login-after-password-check", |ms: Option<String>| ms
-        .and_then(|ms| ms.parse().ok()));
+    fail::fail_point!("login-after-password-check", |ms| crate::held_at_fail_point(
+        "login-after-password-check",
+        ms
+    ));
     None
 }
 
 /// Milliseconds the tests hold a password change between its checks and its write (fail
 /// point `password-change-before-store`, `return(<ms>)`); always `None` without fault injection.
 fn held_before_password_change() -> Option<u64> {
-    fail::fail_point!("password-change-before-store", |ms: Option<String>| ms
-        .and_then(|ms| ms.parse().ok()));
+    fail::fail_point!("password-change-before-store", |ms| crate::held_at_fail_point(
+        "password-change-before-store",
+        ms
+    ));
     None
 }
 

@@ -80,3 +80,14 @@ pub use signer::{Announcement, Change, Revocation, Signer, SignerOptions};
 
 /// Re-exported so transports build requests with the same `nostr` version.
 pub use nostr;
+
+/// What a fail point that holds a request (`return(<ms>)`) returns: the milliseconds to hold
+/// it, logged as `held at fail point <name>` so that a test acts once the request is held,
+/// not after a guess at how long that takes. Only fail points call it (none in a build
+/// without fault injection).
+#[doc(hidden)]
+pub fn held_at_fail_point(name: &str, ms: Option<String>) -> Option<u64> {
+    let ms = ms.and_then(|ms| ms.parse().ok());
+    tracing::info!("held at fail point {name} for {} ms", ms.unwrap_or(0));
+    ms
+}

@@ -1210,16 +1210,20 @@ fn with_expiry(authz: &Authorization, expires_at: i64) -> Result<Authorization, 
 /// Milliseconds the tests hold a token's lookup between its read and its caching (fail point
 /// `signer-after-token-read`, `return(<ms>)`); always `None` without fault injection.
 fn held_after_token_read() -> Option<u64> {
-    fail::fail_point!("signer-after-token-read", |ms: Option<String>| ms
-        .and_then(|ms| ms.parse().ok()));
+    fail::fail_point!("signer-after-token-read", |ms| crate::held_at_fail_point(
+        "signer-after-token-read",
+        ms
+    ));
     None
 }
 
 /// Milliseconds the tests hold a request between its signature and its record (fail point
 /// `signer-before-record`, `return(<ms>)`); always `None` in a build without fault injection.
 fn held_before_record() -> Option<u64> {
-    fail::fail_point!("signer-before-record", |ms: Option<String>| ms
-        .and_then(|ms| ms.parse().ok()));
+    fail::fail_point!("signer-before-record", |ms| crate::held_at_fail_point(
+        "signer-before-record",
+        ms
+    ));
     None
 }
 

@@ -334,7 +334,12 @@ async fn a_flush_cut_off_while_it_writes_loses_no_record() {
         let h = h.clone();
         async move { h.signer.flush().await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Cut off once the flush has taken the batch from the buffer and waits on the lock.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.signer.pending_activity() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the flush never took the batch");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     flushing.abort();
     let _ = flushing.await;
     sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();

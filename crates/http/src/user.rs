@@ -213,8 +213,10 @@ pub(crate) async fn accept_nostrconnect(
 /// a slow DNS answer for one of its relays would (fail point `nostrconnect-before-grant`,
 /// `return(<ms>)`); always `None` without fault injection.
 fn held_before_grant() -> Option<u64> {
-    fail::fail_point!("nostrconnect-before-grant", |ms: Option<String>| ms
-        .and_then(|ms| ms.parse().ok()));
+    fail::fail_point!("nostrconnect-before-grant", |ms| keycast_core::held_at_fail_point(
+        "nostrconnect-before-grant",
+        ms
+    ));
     None
 }
 

@@ -302,8 +302,9 @@ fn a_login_still_checking_a_password_that_is_then_replaced_opens_no_session() {
     }
     let racing = |password: &str, replace: &dyn Fn()| {
         std::thread::scope(|scope| {
+            let held = server.held_count("login-after-password-check");
             let login = scope.spawn(|| login(&server, email, password));
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            server.wait_until_held("login-after-password-check", held + 1);
             replace();
             let login = login.join().unwrap();
             let still = (login.status == 200).then(|| get(&server, "/api/user/key", Some(&cookie_of(&login))).status);
@@ -346,6 +347,7 @@ fn a_grant_under_way_when_the_password_is_reset_is_never_written() {
     if !harness::arm_failpoint(&server, "nostrconnect-before-grant", "return(1500)") {
         return;
     }
+    let held = server.held_count("nostrconnect-before-grant");
     let pending = std::thread::scope(|scope| {
         let pending = scope.spawn(|| {
             post_json(
@@ -358,7 +360,7 @@ fn a_grant_under_way_when_the_password_is_reset_is_never_written() {
                 }),
             )
         });
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        server.wait_until_held("nostrconnect-before-grant", held + 1);
         reset(&server, email, "the mailbox owner's own");
         pending.join().unwrap()
     });
@@ -388,12 +390,13 @@ fn a_password_change_checked_before_a_reset_does_not_outlive_it() {
     if !harness::arm_failpoint(&server, "password-change-before-store", "1*return(1500)") {
         return;
     }
+    let held = server.held_count("password-change-before-store");
     let changed = std::thread::scope(|scope| {
         let changing = scope.spawn(|| {
             let body = json!({ "current_password": PASSWORD, "new_password": "the holder's new one" });
             post_json(&server, "/api/user/password", Some(&holder), &body)
         });
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        server.wait_until_held("password-change-before-store", held + 1);
         reset(&server, email, "the mailbox owner's own");
         changing.join().unwrap()
     });
@@ -409,9 +412,10 @@ fn held_through_a_reset(server: &Keycast, email: &str, ask: impl FnOnce() -> Rep
         harness::arm_failpoint(server, "account-write-after-password-check", "1*return(1500)"),
         "needs the failpoints build"
     );
+    let held = server.held_count("account-write-after-password-check");
     std::thread::scope(|scope| {
         let asking = scope.spawn(ask);
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        server.wait_until_held("account-write-after-password-check", held + 1);
         reset(server, email, "the mailbox owner's own");
         asking.join().unwrap()
     })
@@ -484,9 +488,10 @@ fn a_grant_made_while_a_reset_stores_its_password_does_not_outlive_it() {
     if !harness::arm_failpoint(&server, "reset-before-password-store", "1*return(2000)") {
         return;
     }
+    let held = server.held_count("reset-before-password-store");
     let token = std::thread::scope(|scope| {
         let resetting = scope.spawn(|| reset(&server, email, "the mailbox owner's own"));
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        server.wait_until_held("reset-before-password-store", held + 1);
         let logged_in = login(&server, email, PASSWORD);
         assert_eq!(
             logged_in.status, 200,

@@ -361,12 +361,13 @@ fn a_signature_under_way_when_its_grant_is_revoked_is_not_handed_out(engine: Eng
         if !harness::arm_failpoint(&server, "signer-before-record", "1*return(800)") {
             return;
         }
+        let held = server.held_count("signer-before-record");
         let handed_out = std::thread::scope(|scope| {
             let signing = scope.spawn(|| match transport {
                 "http" => sign_http(&server, &token, 1).status == 200,
                 _ => sign_nip46(&mut nip46, 1)["ok"] == true,
             });
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            server.wait_until_held("signer-before-record", held + 1);
             let revoked = delete(&server, &format!("/api/user/authorizations/{id}"), &cookie);
             assert_eq!(revoked.status, 204, "{}", revoked.body);
             signing.join().unwrap()
@@ -395,9 +396,10 @@ fn edited_while_signing(
     if !harness::arm_failpoint(&server, "signer-before-record", "1*return(800)") {
         return None;
     }
+    let held = server.held_count("signer-before-record");
     std::thread::scope(|scope| {
         let third = scope.spawn(|| sign_http(&server, &token, 3));
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        server.wait_until_held("signer-before-record", held + 1);
         let path = format!("/api/user/authorizations/{id}");
         let edited = send_json(&server, "PATCH", &path, &cookie, &json!({ "limits": limits }));
         assert_eq!(edited.status, 200, "{}", edited.body);

@@ -171,7 +171,15 @@ fn an_instance_whose_request_pool_ran_dry_still_acknowledges_at_once() {
     std::thread::scope(|scope| {
         // Holds the starved instance's only pooled connection, waiting on the lock.
         let stuck = scope.spawn(|| token_request(&starved, &code, &verifier, REDIRECT));
-        std::thread::sleep(Duration::from_millis(500));
+        // Only once the request waits on the lock does the pool hold nothing else.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while database.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        ) == "0"
+        {
+            assert!(Instant::now() < deadline, "the token request never waited on the lock");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let before = sync_timeouts(std::slice::from_ref(&other));
         for id in &ids {
             let at = Instant::now();

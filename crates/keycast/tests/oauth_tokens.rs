@@ -430,9 +430,10 @@ fn a_token_revoked_during_its_lookup_is_not_cached_again(engine: Engine) {
     if !harness::arm_failpoint(&server, "signer-after-token-read", "1*return(800)") {
         return;
     }
+    let held = server.held_count("signer-after-token-read");
     std::thread::scope(|scope| {
         let looking_up = scope.spawn(|| signs(&server, &access));
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        server.wait_until_held("signer-after-token-read", held + 1);
         assert_eq!(revoke(&server, &access, "access_token").status, 200);
         // Nor does the request under way sign after the revocation was answered. (Before,
         // it did: 200, 600 ms after the revocation's 200.)

@@ -330,6 +330,27 @@ impl Keycast {
         }
     }
 
+    /// How many requests have been held at `fail_point` so far (each logs `held at fail point
+    /// <name>`: see `keycast_core::held_at_fail_point`). Read before starting the request to
+    /// hold, then [`Keycast::wait_until_held`] with one more.
+    pub fn held_count(&self, fail_point: &str) -> usize {
+        self.log().matches(&format!("held at fail point {fail_point} ")).count()
+    }
+
+    /// Waits until `count` requests have been held at `fail_point`: the race a test sets up
+    /// begins once the request is held, however long getting there took on a loaded machine.
+    pub fn wait_until_held(&self, fail_point: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.held_count(fail_point) < count {
+            assert!(
+                Instant::now() < deadline,
+                "no request was held at fail point {fail_point} within 20 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends a signal (`libc::SIGTERM`, `SIGKILL`, `SIGSTOP`, …).
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
