@@ -265,6 +265,12 @@ fn signing_resumes_after_the_relay_connection_drops() {
         tries.len(),
         schedule(&proxy.attempts(), cut_at)
     );
+    // The reconnects are counted (the count other tests hold at zero to show a connection held).
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        harness::metric_sum(&metrics, "keycast_nip46_reconnects_total") >= 1.0,
+        "keycast reconnected without counting it"
+    );
     let log = server.log();
     assert!(!log.contains("panicked"), "keycast panicked; log:\n{log}");
 }
