@@ -48,7 +48,7 @@ async fn render(State(state): State<AppState>, request: Request) -> Result<Respo
     Ok(([(CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics().render()).into_response())
 }
 
-fn allowed(state: &AppState, peer: Option<SocketAddr>, headers: &HeaderMap) -> Result<(), AppError> {
+pub(crate) fn allowed(state: &AppState, peer: Option<SocketAddr>, headers: &HeaderMap) -> Result<(), AppError> {
     match &state.options().metrics_token {
         Some(token) => {
             let given = headers

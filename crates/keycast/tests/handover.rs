@@ -254,6 +254,25 @@ fn busy_handover(replica: &str, extra_env: &[(String, String)]) {
     );
     let (ready, body) = a.get_json("/healthz/ready");
     assert_eq!(ready, 503, "A is not ready after handing over: {body}");
+    // The reason names B's host and process: whole on this machine, not to anyone else (a
+    // request through a proxy, as every one on Cloud Run).
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let holder = format!("{}-{}", host.trim(), b.pid());
+    assert!(body.to_string().contains(&holder), "{holder} in {body}");
+    let mut far = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .get(format!("{}/healthz/ready", a.base))
+        .header("X-Forwarded-For", "203.0.113.9")
+        .call()
+        .unwrap();
+    let far_body = far.body_mut().read_to_string().unwrap();
+    assert_eq!(far.status().as_u16(), 503, "{far_body}");
+    assert!(
+        !far_body.contains(&b.pid().to_string()) && !far_body.contains(host.trim()) && far_body.contains("not ready"),
+        "a stranger is told the instance is not ready, not who holds the replica: {far_body}"
+    );
     stop.store(true, Ordering::Relaxed);
     let acked = writes.join().unwrap();
     assert!(
