@@ -242,6 +242,14 @@ pub async fn judge(db: &Path, record: &LocalState, store: &Store, remote: u64) -
 /// Restores the latest state into `db`, planned from `recent`, the listing start-up just made.
 /// A restore that stops short of `recorded` (the lease's high-water mark) is refused, and
 /// removes nothing from the replica: what it could not apply was acknowledged.
+///
+/// The restore is built under a staging name beside `db` and its replication record written
+/// before it takes `db`'s name: a database at `db` without a record is refused by every start
+/// as one of unknown origin, so `db` never exists without one. Before, the record came last,
+/// after the stale tail's deletion (a store request) and a checksum of the whole file
+/// (seconds, for a large one): a store error there, a SIGTERM that dropped the start-up, a
+/// kill or a power cut left a restored database that no start would take. Now any of them
+/// leaves the staging file, which the next start removes before restoring again.
 async fn restore_into(
     db: &Path,
     store: &Store,
@@ -254,18 +262,13 @@ async fn restore_into(
         std::fs::create_dir_all(parent)?;
     }
     tracing::info!(replica = %store.describe(), "restoring the database from the replica before serving");
-    let restored = restore::restore_latest_listed(store, db, recent).await?;
-    // A restore that is refused is removed durably: back after a power cut, with no record
-    // beside it, it would be taken for a database of unknown origin.
+    let staging = Staging::new(db)?;
+    let restored = restore::restore_latest_listed(store, &staging.path, recent).await?;
     if let Some(recorded) = recorded.filter(|r| *r > restored.txid) {
-        std::fs::remove_file(db)?;
-        restore::sync_dir(db);
         return Err(truncated(store, restored.txid, recorded));
     }
     if restored.stale.is_some() {
         if !may_delete() {
-            std::fs::remove_file(db)?;
-            restore::sync_dir(db);
             return Err(BootstrapError::LeaseLapsed {
                 replica: store.describe(),
             });
@@ -277,7 +280,7 @@ async fn restore_into(
     // that then fails) changes it without a trace in any WAL: the checksum is what notices it
     // (see `Worker::changed_while_down`), and a full image ships instead.
     let db_checksum = {
-        let (path, page_size) = (db.to_owned(), restored.page_size);
+        let (path, page_size) = (staging.path.clone(), restored.page_size);
         tokio::task::spawn_blocking(move || crate::checksum::database_checksum_path(&path, page_size))
             .await
             .map_err(std::io::Error::other)??
@@ -300,6 +303,7 @@ async fn restore_into(
             writer: restored.newest_writer,
         },
     )?;
+    staging.publish(db)?;
     tracing::info!(
         txid = restored.txid,
         files = restored.files,
@@ -307,6 +311,45 @@ async fn restore_into(
         "restore complete"
     );
     Ok(Bootstrap::Restored { restored, moved_aside })
+}
+
+/// A start-up restore's file before it takes the database's name (see [`restore_into`]):
+/// removed when dropped unless published — on an error, and when the start-up is dropped.
+struct Staging {
+    path: PathBuf,
+    published: bool,
+}
+
+impl Staging {
+    /// `<db>.bootstrap-restore`, after removing what a start killed while restoring left there.
+    fn new(db: &Path) -> std::io::Result<Staging> {
+        let mut name = db.as_os_str().to_owned();
+        name.push(".bootstrap-restore");
+        let path = PathBuf::from(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "removed a restore a start-up left unfinished"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Staging { path, published: false })
+    }
+
+    /// Gives the restore `db`'s name (which must be free: it was moved aside or never was),
+    /// durably.
+    fn publish(mut self, db: &Path) -> std::io::Result<()> {
+        restore::rename_no_replace(&self.path, db)?;
+        self.published = true;
+        restore::sync_dir(db);
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// Deletes the level-0 objects past `txid`, where the restore stopped at a stale writer's

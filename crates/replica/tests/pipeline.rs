@@ -586,6 +586,48 @@ async fn a_start_whose_lease_lapsed_during_its_restore_deletes_nothing_another_w
     assert!(!d_db.exists(), "D leaves no half-prepared database to serve");
 }
 
+/// A start-up restore that fails after the restored file is complete — here deleting the
+/// stale tail fails on the store; a SIGTERM that drops the start-up, a kill or a power cut do
+/// the same — left the restored file in place without its replication record, and every
+/// later start refused it as a database of unknown origin, until someone removed it by hand.
+/// The file now takes the database's name only with its record written, and the next start
+/// restores again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_up_restore_that_fails_at_its_end_leaves_nothing_the_next_start_refuses() {
+    use keycast_replica::bootstrap::Bootstrap;
+    use keycast_replica::lease::Lease;
+    let mut tail = replica_with_a_stale_tail().await;
+    tail.stop_b().await;
+    let (dir, store) = (&tail.dir, tail.store.clone());
+
+    let faults = Faults::new();
+    let d_store = store.reopen().with_faults(&faults);
+    faults.add(Rule::new(Op::Delete, Action::Fail));
+    let d_db = dir.path().join("d").join("d.db");
+    std::fs::create_dir_all(d_db.parent().unwrap()).unwrap();
+    let lease = Lease::acquire(&d_store, "d", short_lease()).await.unwrap();
+    let failed = bootstrap::prepare(&d_db, &d_store, lease.previous_txid(), &|| lease.is_valid()).await;
+    assert!(failed.is_err(), "the stale tail's deletion failed: {failed:?}");
+    assert!(
+        !d_db.exists(),
+        "a restore without its record is left at the database's name"
+    );
+
+    faults.clear();
+    let again = bootstrap::prepare(&d_db, &d_store, lease.previous_txid(), &|| lease.is_valid()).await;
+    assert!(
+        matches!(again, Ok(Bootstrap::Restored { .. })),
+        "the next start restores: {again:?}"
+    );
+    assert!(d_db.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(d_db.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 /// B's next commit meets the stale object at its TXID, which it replaces (deleting it first:
 /// see `Worker::resolve_collision`). The answer to B's upload comes late — B was paused — and
 /// B's lease lapsed meanwhile, unrenewed, though nobody took it yet and the lease object
