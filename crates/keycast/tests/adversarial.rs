@@ -665,10 +665,11 @@ fn a_timestamp_restore_refuses_files_whose_stored_time_was_moved_before_it() {
         .env("KEYCAST_REPLICA_ENCRYPTION_KEY", KEY)
         .start();
     assert_eq!(write(&a, "early", true), 200);
-    // A second on each side of the moment restored to: the files' times are in milliseconds.
+    // Time on each side of the moment restored to: the files' times are in milliseconds, and
+    // the check allows a header a second past it (a stored time in whole seconds).
     std::thread::sleep(Duration::from_millis(600));
     let moment = std::time::SystemTime::now();
-    std::thread::sleep(Duration::from_millis(600));
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(write(&a, "late", true), 200);
     a.stop();
     let stamp = chrono::DateTime::<chrono::Utc>::from(moment).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);

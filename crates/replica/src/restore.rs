@@ -514,8 +514,8 @@ fn temp_prefix(output: &Path) -> std::ffi::OsString {
 const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Whether `path` — a file, or a directory and the entries directly in it — has gone
-/// unwritten for longer than [`ABANDONED_AFTER`].
-pub(crate) fn abandoned(path: &Path) -> bool {
+/// unwritten for longer than [`ABANDONED_AFTER`]: left by a process killed outright.
+pub fn abandoned(path: &Path) -> bool {
     let old = |path: &Path| {
         std::fs::symlink_metadata(path)
             .and_then(|m| m.modified())
@@ -607,10 +607,13 @@ async fn apply_all(
     }
     if let (Target::Time(time), Some((written_ms, object))) = (target, &applied.latest_written) {
         // The plan chose files by the time the store lists them with (metadata, or the
-        // mtime), which whoever can write the bucket may change without the replica key; the
-        // header's time is covered by the file's checksum and, encrypted, its tag.
+        // mtime), which whoever can write the bucket may change without the replica key; on
+        // an encrypted replica the header's time is covered by the file's tag. A second of
+        // slack: an object without timestamp metadata (Litestream 0.5.0's, or copied by a
+        // tool that drops it) lists with its upload time in whole seconds, which may read
+        // before a header written in the same second.
         let written = header_time(*written_ms);
-        if written >= time {
+        if written >= time + Duration::from_secs(1) {
             return Err(RestoreError::WrittenAfterTarget {
                 key: object.key.to_string(),
                 listed: rfc3339(object.created_at),
