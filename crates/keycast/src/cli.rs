@@ -109,6 +109,9 @@ pub async fn restore_cmd(
     }
     // A database being replaced stays as it is until the restore has succeeded: the restore
     // is written beside it and renamed over it only then.
+    if replacing {
+        remove_abandoned_restorings(output);
+    }
     let restoring = if replacing {
         // Not from the pid alone: a restore killed outright leaves this name behind, and in a
         // container every run is process 1.
@@ -230,6 +233,35 @@ fn pause_before_replacing() -> Option<u64> {
 }
 
 /// `path` with `suffix` appended to its file name.
+/// Removes what `restore --force` runs killed outright (SIGKILL, out of memory) left beside
+/// `output`: `<output>.restoring-<pid>-<nanos>`, and the restore's own temporary file beside
+/// that (`….restore-<pid>-<hex>.tmp`), each as large as the database. Their names change with
+/// every run, so the restore's own clean-up, which looks for its output's name, never met
+/// them. One still being written (another restore under way) is left alone.
+fn remove_abandoned_restorings(output: &Path) {
+    let Some(name) = output.file_name().and_then(|n| n.to_str()) else {
+        return;
+    };
+    let prefix = format!("{name}.restoring-");
+    let dir = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let ours = entry.file_name().to_str().is_some_and(|n| {
+            n.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        });
+        let path = entry.path();
+        if ours && path.is_file() && keycast_replica::restore::abandoned(&path) && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed what a restore --force that was killed left behind");
+        }
+    }
+}
+
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);

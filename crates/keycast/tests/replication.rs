@@ -420,6 +420,54 @@ fn without_a_replica_the_wal_stays_bounded() {
     assert_eq!(harness::test_keys(&data.join("keycast.db")).len(), 3000);
 }
 
+/// `keycast restore --force` killed outright (SIGKILL, out of memory) leaves a copy of the
+/// database beside its output, under names of that run's own (`<output>.restoring-<pid>-<ns>`,
+/// and the restore's temporary file beside that): before, nothing ever removed them, and a
+/// disk that is memory filled with them. The next `--force` removes those unwritten for an
+/// hour; one still being written, and names that are not a restore's, are left alone.
+#[test]
+fn restore_force_removes_what_killed_runs_left_beside_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = file_env(&dir.path().join("replica"));
+    let server = launch(&dir.path().join("data"), &env).start();
+    server.write("a1", true);
+    server.stop();
+    let out = dir.path().join("keycast.db");
+    restore(&out, &[], &env);
+
+    let beside = |name: &str| dir.path().join(name);
+    let killed = [
+        beside("keycast.db.restoring-1-1764000000000000000"),
+        beside("keycast.db.restoring-1-1764000000000000000.restore-1-0badf00d.tmp"),
+    ];
+    let kept = [
+        beside("keycast.db.restoring-1-1765000000000000000"),
+        beside("keycast.db.restoring-notes"),
+        beside("other.db.restoring-1-1764000000000000000"),
+    ];
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for (n, path) in killed.iter().chain(&kept).enumerate() {
+        std::fs::write(path, vec![0u8; 4096]).unwrap();
+        // The first of `kept` is being written now; every other one is old.
+        if n != killed.len() {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+    }
+    restore(&out, &["--force"], &env);
+    for path in &killed {
+        assert!(!path.exists(), "{} is left", path.display());
+    }
+    for path in &kept {
+        assert!(path.exists(), "{} was removed", path.display());
+    }
+    assert_eq!(harness::test_keys(&out), keys(&["a1"]));
+}
+
 /// `keycast restore --force` pointed at the database a running instance has open (a mistyped
 /// path, or a runbook followed without stopping the service first). Before, it removed the
 /// live WAL and renamed the restore over the file: the instance went on committing into
