@@ -1435,15 +1435,18 @@ fn non_empty(v: &str) -> Result<String, String> {
     }
 }
 
-/// A `tracing` filter: comma-separated levels and `target=level` directives. A bare word that
-/// is not a level would be read as a target logged at every level (`inof` would silence
-/// everything else), so it is refused.
+/// A `tracing` filter: comma-separated levels (or their numbers, 0–5), `target=level` and
+/// `[span]` directives. A bare word that is not a level would be read as a target logged at
+/// every level (`inof` would silence everything else), so it is refused; `target=trace` says
+/// that on purpose.
 fn parse_log_filter(v: &str) -> Result<String, String> {
     const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
     let directives: Vec<&str> = v.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
     let v = non_empty(&directives.join(","))?;
     for directive in directives {
-        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+        let level = LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            || matches!(directive, "0" | "1" | "2" | "3" | "4" | "5");
+        if !level && !directive.contains('=') && !directive.contains('[') {
             return Err(format!(
                 "`{directive}` is neither a level ({}) nor `target=level`, e.g. `info` or `keycast=debug,sqlx=warn`",
                 LEVELS.join(", ")
@@ -1791,7 +1794,14 @@ mod tests {
     /// was read as a target name, which logged nothing else.
     #[test]
     fn a_log_filter_that_would_not_filter_as_meant_is_refused_naming_the_variable() {
-        for good in ["info", "WARN", "keycast=debug,sqlx=warn", "info, keycast_replica=trace"] {
+        for good in [
+            "info",
+            "WARN",
+            "3",
+            "keycast=debug,sqlx=warn",
+            "info, keycast_replica=trace",
+            "[request]=debug",
+        ] {
             let config = env(&[("KEYCAST_LOG", good)]).build();
             assert!(config.is_ok(), "{good}: {:?}", config.err());
         }

@@ -135,13 +135,19 @@ fn read(path: &Path) -> anyhow::Result<MasterKey> {
 
 /// Reads or creates the development key, warning loudly either way.
 fn development(path: &Path) -> anyhow::Result<MasterKey> {
+    let existing = || read(path).with_context(|| format!("the development master key {}", path.display()));
     let key = if path.exists() {
-        read(path).with_context(|| format!("the development master key {}", path.display()))?
+        existing()?
     } else {
         let key = MasterKey::generate();
-        write_private(path, key.to_base64().expose().as_bytes())
-            .with_context(|| format!("cannot write the development master key {}", path.display()))?;
-        key
+        match write_private(path, key.to_base64().expose().as_bytes()) {
+            Ok(()) => key,
+            // Another first start made one in the meantime: that one is the key.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => existing()?,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot write the development master key {}", path.display()))
+            }
+        }
     };
     tracing::warn!(
         path = %path.display(),
@@ -153,12 +159,38 @@ fn development(path: &Path) -> anyhow::Result<MasterKey> {
     Ok(key)
 }
 
+/// Removes the temporary files of key writes killed before they removed them (each holds a key
+/// in plain text: the one linked into place, or one never used); those a minute old or more,
+/// so another process's write under way is left alone.
+fn remove_abandoned_new_keys(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{name}.new-");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let ours = entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix));
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age >= std::time::Duration::from_secs(60)));
+        if ours && old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Writes a new key file, never replacing one: the key is written whole and made durable
 /// under a temporary name, then linked into place (refused if a key is already there: another
 /// process created one first) and the directory entry made durable. Written in place, a power
 /// cut could leave an empty or partial file that refused every later start, or lose the entry
 /// while the keys encrypted under the key it named were kept.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    remove_abandoned_new_keys(path);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -178,7 +210,21 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::fs::hard_link(&temp, path)
     })();
     let _ = std::fs::remove_file(&temp);
-    written?;
+    match written {
+        // A filesystem without hard links: written in place, create-only, as before.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            let mut file = options.open(path)?;
+            file.write_all(bytes)?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+        }
+        written => written?,
+    }
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -207,5 +253,27 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["master.key"], "no temporary file is left behind");
+    }
+
+    /// A write killed between its temporary file and removing it left a key in plain text
+    /// beside the real one; the next write removes such files once they are a minute old.
+    #[test]
+    fn a_killed_writes_temporary_key_is_removed_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let old = dir.path().join("master.key.new-1-1764000000000000000");
+        let young = dir.path().join("master.key.new-2-1765000000000000000");
+        for leftover in [&old, &young] {
+            std::fs::write(leftover, "a key\n").unwrap();
+        }
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+            .unwrap();
+        write_private(&path, b"k").unwrap();
+        assert!(!old.exists(), "the abandoned temporary key is left");
+        assert!(young.exists(), "a write under way had its file removed");
     }
 }

@@ -47,7 +47,12 @@ async fn a_commit_the_disk_refuses_leaves_no_transaction_behind() {
         return;
     };
     let path = disk.point.join("t.db");
-    let db = Db::open_sqlite(&DbOptions::new(&path)).await.unwrap();
+    // As `serve` under a replicator opens it: no automatic checkpoint, so the WAL only grows.
+    let options = DbOptions {
+        keep_wal_on_close: true,
+        ..DbOptions::new(&path)
+    };
+    let db = Db::open_sqlite(&options).await.unwrap();
     let pool = db.as_sqlite().unwrap().clone();
     sqlx::query("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
         .execute(&pool)
