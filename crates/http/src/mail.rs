@@ -265,7 +265,9 @@ impl SmtpMailer {
                 return;
             };
             match mailer.deliver(&mail).await {
-                Ok(()) => tracing::info!(to = %mail.to, subject = %mail.subject, server = %mailer.server, "mail sent"),
+                // Not the address: a log kept for months would list who exported a key or
+                // deleted an account. A failure names it (the user will ask what happened).
+                Ok(()) => tracing::info!(purpose = mail.purpose, server = %mailer.server, "mail sent"),
                 Err(reason) => tracing::warn!(
                     to = %mail.to,
                     subject = %mail.subject,

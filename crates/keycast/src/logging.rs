@@ -14,10 +14,23 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Libraries whose lines carry what remote relays and clients send, whole and unescaped: the
+/// relay pool logs at ERROR each message a relay sends that it cannot handle, message and all,
+/// and a close frame's reason at INFO; the embedded relay logs each broken connection. Any
+/// relay an app names could write lines of its choosing into the log (a forged alert, terminal
+/// escapes) and as many bytes as it sends. Off unless `KEYCAST_LOG` names them; keycast says
+/// what matters itself (reconnects, relays cut off, refusals), escaped and rate-bounded.
+const QUIETED: [&str; 2] = ["nostr_relay_pool", "nostr_relay_builder"];
+
 /// Installs the global subscriber. `filter` uses `tracing`'s directive syntax (`info`,
 /// `keycast=debug,sqlx=warn`).
 pub fn init(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut directives = filter.to_owned();
+    for target in QUIETED.iter().filter(|target| !filter.contains(*target)) {
+        directives.push_str(&format!(",{target}=off"));
+    }
+    let filter = EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| EnvFilter::new(format!("info{}", &directives[filter.len()..])));
     // Colours only on a terminal: escape codes in a log file or a pipe are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

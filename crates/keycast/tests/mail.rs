@@ -239,6 +239,14 @@ fn the_verification_mail_arrives_over_smtp_and_its_link_verifies_the_email() {
         !server.log().contains(link.rsplit('=').next().unwrap()),
         "the token must not be logged"
     );
+    // Nor the address, once the mail went out: a log kept for months would be a list of
+    // who exported a key or deleted an account.
+    server.wait_for_log("mail sent", Duration::from_secs(10));
+    assert!(
+        !server.log().contains(email),
+        "the address of a mail sent is logged:\n{}",
+        server.log()
+    );
 }
 
 #[test]

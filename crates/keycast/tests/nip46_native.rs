@@ -165,6 +165,36 @@ fn a_refused_request_does_not_put_what_it_carried_in_the_log() {
     assert!(!server.log().contains("CANARY-9c1e"), "{}", server.log());
 }
 
+/// Anyone who sees a bunker's key on a public relay can send it requests. Each refusal was
+/// logged at INFO — twenty a second a relay, from strangers, for nothing: they are counted in
+/// `keycast_nip46_requests_total{outcome}` and logged at debug only.
+#[test]
+fn strangers_refused_by_a_bunker_do_not_fill_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _, bunker, relay, _) = bunker(dir.path(), &[]);
+    let sign = json!([json!({"kind": 1, "content": "x", "tags": [], "created_at": 1_700_000_000}).to_string()]);
+    for n in 0..10 {
+        let mut stranger = NativeClient::connect(&relay, bunker);
+        stranger.send(&[(format!("s{n}"), "sign_event", sign.clone())], Cipher::Nip44);
+        assert_eq!(
+            stranger.replies(1, Duration::from_secs(5)).len(),
+            1,
+            "stranger {n} is answered"
+        );
+    }
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        harness::metric_sum(&metrics, "keycast_nip46_requests_total") >= 10.0,
+        "the refusals are counted"
+    );
+    let logged = server.log().matches("nip46 request refused").count();
+    assert!(
+        logged < 3,
+        "{logged} lines for strangers' refused requests:\n{}",
+        server.log()
+    );
+}
+
 /// A relay that stores ephemeral events replays them to a new subscription (after keycast
 /// restarts or reconnects): a request minutes old must not be signed again.
 #[test]

@@ -108,13 +108,21 @@ fn a_relay_name_that_resolves_to_loopback_at_connect_time_is_refused() {
     let replies = app.replies(1, Duration::from_secs(10));
     assert_eq!(replies.len(), 1, "answered on BUNKER_RELAYS; log:\n{}", server.log());
     assert_eq!(replies[0].json["result"], account["pubkey"]);
-    // Reconnection attempts are judged afresh and refused too.
+    // Reconnection attempts are judged afresh and refused too: counted, and logged at WARN
+    // once (every 30 s for each of up to 200 app relays would fill the log).
+    let refused = || harness::metric_sum(&server.get("/metrics").1, "keycast_nip46_relays_refused_total");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while server.log().matches("refusing to connect to a relay").count() < 2 {
-        assert!(Instant::now() < deadline, "no second attempt; log:\n{}", server.log());
+    while refused() < 3.0 {
+        assert!(Instant::now() < deadline, "no third attempt; log:\n{}", server.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(target.connections(), 0, "log:\n{}", server.log());
+    let warned = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("refusing to connect to a relay"))
+        .count();
+    assert_eq!(warned, 1, "log:\n{}", server.log());
 }
 
 /// The bunker public key in a reply to `/api/user/nostrconnect` or in a bunker URL.
@@ -487,6 +495,60 @@ fn a_relay_flooding_requests_from_strangers_does_not_slow_keycast() {
     assert!(
         rss_peak - rss_before < 64.0,
         "RSS grew from {rss_before:.0} MiB to {rss_peak:.0} MiB"
+    );
+}
+
+/// A relay an app names sends what it likes. Messages the relay library cannot handle were
+/// logged by it at ERROR, whole and unescaped: a relay could write lines of its choosing into
+/// keycast's log (a forged "VERIFICATION FAILED", terminal escapes) and as many bytes as it
+/// sent — on Cloud Logging, billed per byte, with real alerts buried. Those libraries' lines
+/// are off unless KEYCAST_LOG names them; keycast's own say what happened, escaped.
+#[test]
+fn a_hostile_app_relay_writes_nothing_of_its_own_into_the_log() {
+    let hostile = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data")).start();
+    let (cookie, _) = register(&server, "logged@example.com", None);
+    let app = Keys::generate();
+    let bunker_hex = bunker_of(&nostrconnect(&server, &cookie, &app, &[&hostile.url()]));
+    wait_until(&server, "a subscription on the app's relay", || {
+        hostile.requested_pubkeys().contains(&bunker_hex)
+    });
+    let forged = format!(
+        "{{}}\n2099-01-01T00:00:00.000000Z ERROR keycast::serve: VERIFICATION FAILED (forged)\n{}",
+        "x".repeat(20_000)
+    );
+    // Then a request from the app: once it is answered, keycast has read everything before it.
+    let bunker = PublicKey::from_hex(&bunker_hex).unwrap();
+    let body = json!({"id": "after the flood", "method": "get_public_key", "params": []}).to_string();
+    let request = nostr::EventBuilder::new(
+        nostr::Kind::NostrConnect,
+        nostr::nips::nip44::encrypt(app.secret_key(), &bunker, body, nostr::nips::nip44::Version::V2).unwrap(),
+    )
+    .tag(nostr::Tag::public_key(bunker))
+    .sign_with_keys(&app)
+    .unwrap()
+    .as_json();
+    let mut flood = vec![forged; 300];
+    flood.push(request);
+    hostile.flood(flood);
+    wait_until(&server, "the request after the flood to be answered", || {
+        answered_ids(&hostile, &app).contains(&"after the flood".to_owned())
+    });
+    let log = server.log();
+    assert!(
+        !log.lines().any(|line| line.starts_with("2099-01-01")),
+        "a relay wrote a line of its own into the log:\n{}",
+        log.lines()
+            .filter(|l| l.starts_with("2099"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        log.len() < 1_000_000,
+        "6 MB sent by a relay became {} bytes of log",
+        log.len()
     );
 }
 

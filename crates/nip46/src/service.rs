@@ -328,7 +328,7 @@ impl Shared {
                     // "Subscription error: …"): nostr-sdk reports it nowhere else. An app's relay
                     // is not heard, so it cannot fill the log.
                     metrics::counter!("keycast_nip46_operator_relay_notices_total").increment(1);
-                    tracing::warn!(relay = %relay_url, notice = %notice.chars().take(200).collect::<String>(), "nip46: an operator relay sent a notice");
+                    tracing::warn!(relay = %relay_url, notice = ?notice.chars().take(200).collect::<String>(), "nip46: an operator relay sent a notice");
                 }
                 Ok(RelayPoolNotification::Message { .. }) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -453,7 +453,7 @@ impl Shared {
             return;
         }
         if !self.first_time(&client, &request.id) {
-            tracing::debug!(id = %request.id, "nip46: duplicate request ignored");
+            tracing::debug!(id = ?request.id, "nip46: duplicate request ignored");
             return;
         }
         let (reply, outcome) = handler::answer(
@@ -474,14 +474,19 @@ impl Shared {
         metrics::counter!("keycast_nip46_requests_total", "method" => method, "outcome" => outcome.label())
             .increment(1);
         metrics::histogram!("keycast_nip46_request_seconds", "method" => method).record(started.elapsed());
-        // An `auth_url` reply carries the approval's secret id: not logged.
-        if outcome != Outcome::Ok && outcome != Outcome::AuthUrl {
-            tracing::info!(
-                method,
-                outcome = outcome.label(),
-                reason = reply.error.as_deref().unwrap_or(""),
-                "nip46 request refused"
-            );
+        // An `auth_url` reply carries the approval's secret id: not logged. Anyone who sees a
+        // bunker's key on a public relay can send it requests that are refused as unauthorized
+        // or malformed, twenty a second a relay: counted (above), logged at debug only, so
+        // they cannot fill the log; a bound app's denial or a failure is the operator's business.
+        let reason = reply.error.as_deref().unwrap_or("");
+        match outcome {
+            Outcome::Ok | Outcome::AuthUrl => {}
+            Outcome::Unauthorized | Outcome::BadRequest => {
+                tracing::debug!(method, outcome = outcome.label(), reason, "nip46 request refused");
+            }
+            Outcome::PolicyDenied | Outcome::Internal => {
+                tracing::info!(method, outcome = outcome.label(), reason, "nip46 request refused");
+            }
         }
         // Known before the reply leaves, so the client's next request is not a stranger's.
         let bound_now = match (method, outcome) {

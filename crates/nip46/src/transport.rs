@@ -24,7 +24,7 @@
 //! cannot open). Messages from relays named by apps are also read at a bounded rate
 //! ([`RelayTransport::throttle_app_relays`], issue 12 item 6); the operator's are not.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -59,7 +59,13 @@ pub struct RelayTransport {
     allow_internal: bool,
     /// Incoming messages from relays named by apps are read at this rate at most.
     app_rate: Option<Rate>,
+    /// When each refused relay was last logged at WARN: a relay stays refused on every
+    /// reconnect (each 30 s at most, for up to 200 app relays), which is counted, not logged.
+    warned: std::sync::Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
 }
+
+/// How often a relay that stays refused is logged at WARN.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Why a connection was not opened.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +93,7 @@ impl RelayTransport {
             trusted: trusted.into_iter().collect(),
             allow_internal,
             app_rate: None,
+            warned: std::sync::Arc::default(),
         }
     }
 
@@ -112,9 +119,29 @@ impl RelayTransport {
             .await
             .map_err(|reason| {
                 metrics::counter!("keycast_nip46_relays_refused_total").increment(1);
-                tracing::warn!(relay, reason, "nip46: refusing to connect to a relay");
+                if self.first_refusal_in_a_while(&relay) {
+                    tracing::warn!(relay, reason, "nip46: refusing to connect to a relay");
+                } else {
+                    tracing::debug!(relay, reason, "nip46: refusing to connect to a relay");
+                }
                 ConnectError::Refused { relay, reason }
             })
+    }
+
+    /// Whether `relay`'s refusal is the first in [`REFUSAL_LOG_INTERVAL`] (and so logged at WARN).
+    fn first_refusal_in_a_while(&self, relay: &str) -> bool {
+        let now = std::time::Instant::now();
+        let mut warned = self.warned.lock().expect("refusal log lock");
+        if warned.len() > 4096 {
+            warned.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+        }
+        match warned.get(relay) {
+            Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
+            _ => {
+                warned.insert(relay.to_owned(), now);
+                true
+            }
+        }
     }
 
     /// Resolves, judges, dials and upgrades, all within `timeout`.
