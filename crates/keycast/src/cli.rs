@@ -243,20 +243,14 @@ fn remove_abandoned_restorings(output: &Path) {
         return;
     };
     let prefix = format!("{name}.restoring-");
-    let dir = match output.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let ours = entry.file_name().to_str().is_some_and(|n| {
+    let ours = |file: &std::ffi::OsStr| {
+        file.to_str().is_some_and(|n| {
             n.strip_prefix(&prefix)
                 .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-        });
-        let path = entry.path();
-        if ours && path.is_file() && keycast_replica::restore::abandoned(&path) && std::fs::remove_file(&path).is_ok() {
+        })
+    };
+    for path in keycast_replica::restore::abandoned_beside(output, ours) {
+        if std::fs::remove_file(&path).is_ok() {
             tracing::info!(path = %path.display(), "removed what a restore --force that was killed left behind");
         }
     }

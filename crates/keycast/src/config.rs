@@ -834,12 +834,7 @@ impl Sources {
                 Duration::from_secs(crate::http_server::DEFAULT_HEADER_READ_TIMEOUT_SECS),
             ),
             http_max_connections: self
-                .get("http_max_connections", |v| {
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=1_000_000).contains(n))
-                        .ok_or_else(|| "expected a number of connections from 1 to 1000000".to_owned())
-                })?
+                .get("http_max_connections", parse_connections)?
                 .unwrap_or(crate::http_server::DEFAULT_MAX_CONNECTIONS),
             metrics_token: self.get("metrics_token", |v| {
                 if v.len() < 16 {
@@ -865,12 +860,7 @@ impl Sources {
             bunker_relays: self.get("bunker_relays", parse_relays)?.unwrap_or_default(),
             embedded_relay: self.embedded_relay()?,
             embedded_relay_max_connections: self
-                .get("embedded_relay_max_connections", |v| {
-                    v.parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=1_000_000).contains(n))
-                        .ok_or_else(|| "expected a number of connections from 1 to 1000000".to_owned())
-                })?
+                .get("embedded_relay_max_connections", parse_connections)?
                 .unwrap_or(keycast_nip46::embedded::DEFAULT_MAX_CONNECTIONS),
             nip46: self.get("nip46", parse_bool)?.unwrap_or(true),
             // A development instance (embedded relay) talks to local clients; a production
@@ -1433,6 +1423,14 @@ fn non_empty(v: &str) -> Result<String, String> {
     } else {
         Ok(v.to_owned())
     }
+}
+
+/// A number of connections held at once.
+fn parse_connections(v: &str) -> Result<usize, String> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=1_000_000).contains(n))
+        .ok_or_else(|| "expected a number of connections from 1 to 1000000".to_owned())
 }
 
 /// A `tracing` filter: comma-separated levels (or their numbers, 0–5), `target=level` and

@@ -532,19 +532,10 @@ pub fn abandoned(path: &Path) -> bool {
 fn remove_abandoned_temps(output: &Path) {
     let prefix = temp_prefix(output);
     let prefix = prefix.as_encoded_bytes();
-    let dir = match output.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    for path in abandoned_beside(output, |name| {
         // `<pid>.tmp` (before the random part) or `<pid>-<8 hex>.tmp`: not another output's
         // temporary file whose name happens to start the same (`a.db.restore-x.db`).
-        let ours = name
-            .as_encoded_bytes()
+        name.as_encoded_bytes()
             .strip_prefix(prefix)
             .and_then(|rest| rest.strip_suffix(b".tmp"))
             .is_some_and(|id| {
@@ -552,11 +543,30 @@ fn remove_abandoned_temps(output: &Path) {
                 !pid.is_empty()
                     && pid.iter().all(u8::is_ascii_digit)
                     && (random.is_empty() || random.len() == 9 && random[1..].iter().all(u8::is_ascii_hexdigit))
-            });
-        if ours && abandoned(&entry.path()) && std::fs::remove_file(entry.path()).is_ok() {
-            tracing::info!(path = %entry.path().display(), "removed a restore's temporary file left by a restore that was killed");
+            })
+    }) {
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed a restore's temporary file left by a restore that was killed");
         }
     }
+}
+
+/// The files beside `output` (in its directory) whose names `ours` accepts and that are
+/// [`abandoned`].
+pub fn abandoned_beside(output: &Path, ours: impl Fn(&std::ffi::OsStr) -> bool) -> Vec<PathBuf> {
+    let dir = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| ours(&entry.file_name()) && entry.file_type().is_ok_and(|t| t.is_file()))
+        .map(|entry| entry.path())
+        .filter(|path| abandoned(path))
+        .collect()
 }
 
 /// Fetches files (several ahead, in parallel) and applies them in plan order into `temp`,
