@@ -193,6 +193,27 @@ pub struct ReplicaDurability {
     pub timeout: Duration,
 }
 
+/// What a client is told when its change is refused or not confirmed: what happened and that
+/// a retry will do, without what the log holds for the operator — the lease holder's host and
+/// process, the object store's error (bucket, prefix, service account), TXIDs. Anonymous
+/// endpoints (registration, the token endpoint) answer with it.
+fn for_clients(e: &keycast_replica::ReplicaError) -> String {
+    use keycast_replica::ReplicaError as E;
+    match e {
+        E::HandingOver { .. } | E::HandedOver { .. } => {
+            "this instance is handing the database over to its successor (a deploy or a restart)".into()
+        }
+        E::Fenced { .. } | E::LeaseLost { .. } | E::ReplicaAhead { .. } | E::ReplicaBehind { .. } | E::Stopped => {
+            "this instance no longer holds the database and is being replaced".into()
+        }
+        E::LeaseUnconfirmed { .. } => {
+            "this instance cannot confirm it still holds the database (its object store does not answer)".into()
+        }
+        E::Timeout(waited) => format!("the object store did not confirm it within {} s", waited.as_secs()),
+        _ => "replicating the database is failing".into(),
+    }
+}
+
 impl keycast_http::Durability for ReplicaDurability {
     fn wait_durable(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
@@ -200,12 +221,12 @@ impl keycast_http::Durability for ReplicaDurability {
                 .wait_durable(self.timeout)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| for_clients(&e))
         })
     }
 
     fn check_writable(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move { self.monitor.check_writable().await.map_err(|e| e.to_string()) })
+        Box::pin(async move { self.monitor.check_writable().await.map_err(|e| for_clients(&e)) })
     }
 
     fn is_writer(&self) -> BoxFuture<'_, bool> {

@@ -273,6 +273,13 @@ fn busy_handover(replica: &str, extra_env: &[(String, String)]) {
         !far_body.contains(&b.pid().to_string()) && !far_body.contains(host.trim()) && far_body.contains("not ready"),
         "a stranger is told the instance is not ready, not who holds the replica: {far_body}"
     );
+    // Nor does a refused change tell anyone who asks (registration needs no credentials).
+    let (refused, refusal) = a.post("/api/test/write?key=a-refused&durable=false");
+    assert_eq!(refused, 503, "{refusal}");
+    assert!(
+        refusal.contains("handing the database over") && !refusal.contains(&holder),
+        "a refused change says why, not who holds the replica: {refusal}"
+    );
     stop.store(true, Ordering::Relaxed);
     let acked = writes.join().unwrap();
     assert!(
