@@ -151,6 +151,28 @@ impl PgOptions {
         Ok(PgConnectOptions::from_str(&url)?.application_name("keycast"))
     }
 
+    /// The host this URL reaches over the network without verifying the server: not a Unix
+    /// socket (Cloud SQL's `/cloudsql/…`), not loopback, and `sslmode` short of `verify-ca` /
+    /// `verify-full`. sqlx's default (`prefer`) falls back to plain text when the server
+    /// declines TLS and, like `require`, takes any certificate: whoever sits on the path can
+    /// ask for the password in clear and then write the database (a session row, a password
+    /// hash), no master key needed. `None` for a URL sqlx cannot parse (refused elsewhere).
+    pub fn unverified_remote_host(&self) -> Option<String> {
+        use sqlx::postgres::PgSslMode;
+        let options = self.connect_options().ok()?;
+        let host = options.get_host();
+        let local = options.get_socket().is_some()
+            || host.starts_with('/')
+            || host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let verified = matches!(options.get_ssl_mode(), PgSslMode::VerifyCa | PgSslMode::VerifyFull);
+        (!local && !verified).then(|| host.to_owned())
+    }
+
     /// The URL's query parameters sqlx does not know. It ignores them with a warning that
     /// prints each value — `sslpassword` (libpq's, not sqlx's) or a mistyped `pasword` would
     /// put a password in the log — so configuration refuses them by name first.

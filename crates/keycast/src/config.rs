@@ -1005,6 +1005,8 @@ impl Sources {
         if let Some(n) = max_connections {
             options.max_connections = n;
         }
+        self.refuse_unverified_tls("database_url", &options)?;
+
         let direct = self
             .get("database_direct_url", |v| match parse_database_url(v)? {
                 DatabaseUrl::Postgres(url) => Ok(url),
@@ -1015,6 +1017,9 @@ impl Sources {
                 max_connections: 2,
                 ..options.clone()
             });
+        if let Some(direct) = &direct {
+            self.refuse_unverified_tls("database_direct_url", direct)?;
+        }
         let instance_ttl = self
             .get("instance_ttl_secs", |v| match v.parse::<u64>() {
                 Ok(n) if (2..=300).contains(&n) => Ok(Duration::from_secs(n)),
@@ -1113,6 +1118,23 @@ impl Sources {
     }
 
     /// Whether the public URL is https: a production instance.
+    /// In production (an https public URL), a PostgreSQL server reached over the network must
+    /// be verified (see [`keycast_db::PgOptions::unverified_remote_host`]).
+    fn refuse_unverified_tls(&self, key: &str, options: &keycast_db::PgOptions) -> Result<(), ConfigError> {
+        match (options.unverified_remote_host(), self.values.get(key)) {
+            (Some(host), Some(raw)) if self.serves_https()? => Err(ConfigError::Invalid {
+                origin: describe(key, raw),
+                reason: format!(
+                    "{host} is reached over the network without verifying it is the server (sslmode is not \
+                     verify-full): whoever sits on the path could ask for the password in clear and then write \
+                     the database. Add sslmode=verify-full (with sslrootcert=<the server's CA> unless a public CA \
+                     signed it), or connect through a Unix socket (Cloud SQL: host=/cloudsql/PROJECT:REGION:INSTANCE)"
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn serves_https(&self) -> Result<bool, ConfigError> {
         Ok(self
             .get("public_url", parse_public_url)?
@@ -1683,6 +1705,52 @@ mod tests {
         assert!(both.unwrap_err().to_string().contains("MASTER_KEY_PATH"));
         let dev = Sources::default().build().unwrap();
         assert!(matches!(dev.master_key, MasterKeySource::Development(p) if p.ends_with("master.key")));
+    }
+
+    /// In production a PostgreSQL server reached over the network must be verified: sqlx's
+    /// default (`prefer`) falls back to plain text and, like `require`, takes any certificate,
+    /// so whoever sits on the path could ask for the password in clear. A Unix socket (Cloud
+    /// SQL), loopback, or `sslmode=verify-full` / `verify-ca` is accepted; so is anything in
+    /// development (no https public URL).
+    #[test]
+    fn production_refuses_a_remote_postgresql_server_it_does_not_verify() {
+        let https = ("KEYCAST_PUBLIC_URL", "https://keycast.example.org");
+        for url in [
+            "postgres://k:hunter2@db.example.org/k",
+            "postgres://k:hunter2@db.example.org/k?sslmode=prefer",
+            "postgres://k:hunter2@10.0.0.5:5432/k?sslmode=require",
+        ] {
+            let refused = env(&[https, ("DATABASE_URL", url)]).build().unwrap_err().to_string();
+            assert!(
+                refused.contains("DATABASE_URL")
+                    && refused.contains("sslmode=verify-full")
+                    && !refused.contains("hunter2"),
+                "{url}: {refused}"
+            );
+        }
+        let direct = env(&[
+            https,
+            ("DATABASE_URL", "postgres://k:p@db.example.org/k?sslmode=verify-full"),
+            ("KEYCAST_DATABASE_DIRECT_URL", "postgres://k:p@db.example.org:5433/k"),
+        ])
+        .build()
+        .unwrap_err()
+        .to_string();
+        assert!(direct.contains("KEYCAST_DATABASE_DIRECT_URL"), "{direct}");
+        for url in [
+            "postgres://k:p@db.example.org/k?sslmode=verify-full",
+            "postgres://k:p@db.example.org/k?sslmode=verify-ca",
+            "postgres://k:p@/k?host=/cloudsql/project:region:instance",
+            "postgres://k:p@127.0.0.1:5432/k",
+            "postgres://k:p@localhost/k",
+            "postgres://k:p@[::1]:5432/k",
+        ] {
+            let config = env(&[https, ("DATABASE_URL", url)]).build();
+            assert!(config.is_ok(), "{url}: {:?}", config.err());
+        }
+        assert!(env(&[("DATABASE_URL", "postgres://k:p@db.example.org/k")])
+            .build()
+            .is_ok());
     }
 
     /// A password on the command line is in `ps` for every local user and in shell history.

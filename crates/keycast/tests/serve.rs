@@ -281,6 +281,36 @@ fn a_database_url_parameter_the_driver_would_ignore_is_refused_without_printing_
     );
 }
 
+/// In production (an https public URL), a PostgreSQL server reached over the network without
+/// `sslmode=verify-full`: before, keycast connected with the driver's default, which falls back
+/// to plain text and takes any certificate, so whoever sat on the path could ask for the
+/// password in clear. Refused now at start, naming the variable and the fix, before any
+/// connection is attempted (the host does not even resolve).
+#[test]
+fn production_refuses_an_unverified_remote_postgresql_server() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        "postgres://keycast:hunter2@db.example.invalid/keycast",
+        "postgres://keycast:hunter2@db.example.invalid/keycast?sslmode=require",
+    ] {
+        let launch = Launch::new(&dir.path().join("data"))
+            .env("KEYCAST_TEST_ROUTES", "false")
+            .env("KEYCAST_PUBLIC_URL", "https://keycast.example.org")
+            .env("DATABASE_URL", url);
+        let finished = match launch.start_or_exit() {
+            Ok(server) => panic!("{url} was accepted; log:\n{}", server.log()),
+            Err(finished) => finished,
+        };
+        assert_eq!(finished.status.code(), Some(2), "{url}: {}", finished.stderr);
+        assert!(
+            finished.stderr.contains("DATABASE_URL") && finished.stderr.contains("sslmode=verify-full"),
+            "{url}: {}",
+            finished.stderr
+        );
+        assert!(!finished.stderr.contains("hunter2"), "{}", finished.stderr);
+    }
+}
+
 /// A log filter that names only another crate (`KEYCAST_LOG=sqlx=debug`) left keycast's own
 /// errors out: a failed command exited 1 without a word.
 #[test]
