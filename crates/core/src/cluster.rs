@@ -54,6 +54,9 @@ pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a claim, a dead instance's row and a rate-limit bucket are kept.
 const PURGE_AFTER: Duration = Duration::from_secs(3600);
 
+/// Acknowledgements kept from instances this one does not (yet) know to be live.
+const ACKERS_KEPT: usize = 256;
+
 /// Tuning for [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -617,7 +620,18 @@ impl Cluster {
             }
             Message::Changed { .. } => {}
             Message::Ack { acker, origin, seq } if origin == self.id => {
+                // Any role that may connect to the database may NOTIFY on this channel: an
+                // acknowledgement from an instance not known to be live is kept only while
+                // there is room, so made-up ackers (each up to 8 KB) cannot grow this map
+                // until the process runs out of memory. The instances that stopped go too.
+                let live = self.live_instances();
                 self.acks.send_modify(|acks| {
+                    if !acks.contains_key(&acker) && acks.len() >= ACKERS_KEPT {
+                        acks.retain(|known, _| live.contains(known));
+                        if acks.len() >= ACKERS_KEPT && !live.contains(&acker) {
+                            return;
+                        }
+                    }
                     let entry = acks.entry(acker).or_default();
                     *entry = (*entry).max(seq);
                 });

@@ -20,7 +20,16 @@ use crate::pool::Engine;
 use crate::Db;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+/// Without sqlx's own advisory lock: keycast serializes migrations under its own
+/// ([`MIGRATION_LOCK`]), waiting in the open and naming the holder. sqlx's waits in a blocking
+/// `pg_advisory_lock` with no time limit and no word, on a key any role that may connect can
+/// hold (or another sqlx application migrating in the same database): a start then hung inside
+/// keycast's lock, and every other starting instance blamed "another keycast's migrations".
+static POSTGRES_MIGRATIONS: std::sync::LazyLock<Migrator> = std::sync::LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.set_locking(false);
+    migrator
+});
 
 /// The advisory lock key that serializes keycast's migrations on a PostgreSQL server
 /// (`pg_advisory_lock`): the ASCII of "keycast" as a number, unlikely to collide with
@@ -279,7 +288,7 @@ mod tests {
     fn no_released_migration_has_changed() {
         let pinned = include_str!("../migrations/released.sum");
         for (engine, migrator) in [
-            ("postgres", &super::POSTGRES_MIGRATIONS),
+            ("postgres", &*super::POSTGRES_MIGRATIONS),
             ("sqlite", &super::SQLITE_MIGRATIONS),
         ] {
             for migration in migrator.iter() {

@@ -137,6 +137,50 @@ fn a_revocation_whose_answer_was_lost_is_in_force_everywhere_when_the_retry_answ
     assert_eq!(unknown.status, 404, "{}", unknown.body);
 }
 
+/// Any role that may connect to the database may NOTIFY on keycast's channel. Acknowledgements
+/// from made-up instances (each id up to 8 KB) were kept for good, one map entry each: a few
+/// hundred thousand notices took every instance's memory. Those from instances not known to
+/// be live are now kept only while there is room.
+#[test]
+fn acknowledgements_from_made_up_instances_do_not_grow_memory() {
+    let Some(_) = harness::engine::postgres_server() else {
+        return;
+    };
+    let database = PgDatabase::create("forged_acks");
+    let dir = tempfile::tempdir().unwrap();
+    let server = member(dir.path(), &database, 0).start();
+    let id = database.query("SELECT id FROM keycast_instances LIMIT 1");
+    assert!(!id.is_empty(), "the instance registered itself");
+    let rss_kib = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let before = rss_kib(server.pid());
+    // 20,000 acknowledgements of the instance's change 1, each from a new 7,900-byte "instance":
+    // about 160 MB if each were kept.
+    database.query(&format!(
+        "SELECT count(pg_notify('keycast_changes', format('ack %s%s {id} 1', g, repeat('x', 7900)))) \
+         FROM generate_series(1, 20000) g"
+    ));
+    // Read through once the server's notification queue is empty again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while database.query("SELECT pg_notification_queue_usage() > 0") == "t" {
+        assert!(Instant::now() < deadline, "the instance never read the notices");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = rss_kib(server.pid());
+    assert!(
+        after < before + 50 * 1024,
+        "20,000 made-up acknowledgements took the instance from {before} KiB to {after} KiB"
+    );
+    let (status, _) = server.get("/healthz/ready");
+    assert_eq!(status, 200, "log:\n{}", server.log());
+}
+
 /// An instance whose request pool has run dry (its one connection waits on a table lock,
 /// as behind a slow statement) still acknowledges the other instances' changes at once.
 /// Before, its acknowledgements waited for that pool, and its listener applied nothing else
@@ -1094,6 +1138,44 @@ fn a_start_waiting_for_the_migration_lock_says_who_holds_it() {
     assert_eq!(waiting.get("/healthz/startup").0, 503, "not started meanwhile");
     drop(holder);
     waiting.wait_for_status("/healthz/startup", 200, Duration::from_secs(30));
+}
+
+/// sqlx's own migration lock (`pg_advisory_lock` of a key made from the database's name),
+/// held by any other session — a co-tenant role, another sqlx application migrating in the
+/// same database: keycast's start waited in it inside its own lock, with no time limit and no
+/// word. keycast serializes migrations under its own lock alone now, and starts.
+#[test]
+fn a_session_holding_sqlxs_migration_lock_does_not_hold_up_a_start() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("sqlxlock");
+    let dir = tempfile::tempdir().unwrap();
+    // sqlx's key: 0x3d32ad9e × CRC-32 (ISO-HDLC) of the database's name.
+    let key = 0x3d32_ad9e_i64 * i64::from(crc32(database.name().as_bytes()));
+    let holder = LockingSession::holding(
+        &database,
+        &format!("DO $$ BEGIN PERFORM pg_advisory_lock({key}); END $$;"),
+    );
+    let starting = member(dir.path(), &database, 0).spawn_started_later().into_keycast();
+    starting.wait_for_status("/healthz/startup", 200, Duration::from_secs(30));
+    drop(holder);
+}
+
+/// CRC-32 (ISO-HDLC, zlib's), as sqlx uses it for its lock key.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for byte in bytes {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
 
 #[test]
