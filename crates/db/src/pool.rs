@@ -173,6 +173,20 @@ impl PgOptions {
         (!local && !verified).then(|| host.to_owned())
     }
 
+    /// What the URL requires that keycast's driver cannot do, which leaving out as harmless
+    /// would turn into a weaker connection without a word: `channel_binding=require` (libpq's
+    /// defence against a man in the middle when the certificate is not verified; sqlx cannot
+    /// bind the channel) and `gssencmode=require` (sqlx has no GSSAPI encryption).
+    pub fn unsupported_requirements(&self) -> Vec<String> {
+        let Some((_, query)) = self.url.split_once('?') else {
+            return Vec::new();
+        };
+        url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(key, value)| matches!(key.as_ref(), "channel_binding" | "gssencmode") && value == "require")
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect()
+    }
+
     /// The URL's query parameters sqlx does not know. It ignores them with a warning that
     /// prints each value — `sslpassword` (libpq's, not sqlx's) or a mistyped `pasword` would
     /// put a password in the log — so configuration refuses them by name first.

@@ -1494,6 +1494,19 @@ fn url_has_password(url: &str) -> bool {
     in_user || query.split('&').any(|pair| pair.split('=').next() == Some("password"))
 }
 
+/// Checks a `postgres://` URL given elsewhere than `DATABASE_URL` (`keycast migrate --to`) as
+/// `DATABASE_URL` is checked: parameters the driver would ignore (printing their values) or
+/// cannot honour are refused by name.
+///
+/// # Errors
+/// What is wrong with it, without its password.
+pub fn check_postgres_url(v: &str) -> Result<(), String> {
+    match parse_database_url(v)? {
+        DatabaseUrl::Postgres(_) => Ok(()),
+        DatabaseUrl::Sqlite(_) => Err("expected a postgres:// URL".into()),
+    }
+}
+
 fn parse_database_url(v: &str) -> Result<DatabaseUrl, String> {
     if v.starts_with("postgres://") || v.starts_with("postgresql://") {
         let options = keycast_db::PgOptions::new(v);
@@ -1504,6 +1517,15 @@ fn parse_database_url(v: &str) -> Result<DatabaseUrl, String> {
                  host, hostaddr, port, dbname, user, password, application_name, options and statement-cache-capacity; \
                  an encrypted client key is not supported: decrypt it, or use a password): remove them",
                 unknown.join(", ")
+            ));
+        }
+        let required = options.unsupported_requirements();
+        if !required.is_empty() {
+            return Err(format!(
+                "{} cannot be honoured by keycast's PostgreSQL driver (it has no channel binding and no GSSAPI \
+                 encryption), and leaving it out would weaken the connection silently: use sslmode=verify-full \
+                 instead, which stops a man in the middle by the server's certificate",
+                required.join(", ")
             ));
         }
         options

@@ -1146,9 +1146,7 @@ pub async fn copy_to_postgres(config: &Config, to: &str, restored: Option<&Path>
             anyhow::bail!("keycast migrate --to copies from SQLite, but DATABASE_URL is already PostgreSQL")
         }
     };
-    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
-        anyhow::bail!("--to: expected a postgres:// URL");
-    }
+    crate::config::check_postgres_url(to).map_err(|reason| anyhow::anyhow!("--to: {reason}"))?;
     if !path.exists() {
         anyhow::bail!(
             "no SQLite database at {} to copy (DATABASE_URL, KEYCAST_DATA_DIR)",

@@ -238,3 +238,39 @@ fn a_copy_taken_after_a_crash_leaves_the_unshipped_commits_to_serve() {
     );
     server.stop();
 }
+
+/// `--to` was not checked as `DATABASE_URL` is: a parameter the driver ignores (libpq's
+/// `sslpassword`, a mistyped `pasword`) reached its warning, which prints the value, and
+/// `channel_binding=require` — an operator's defence against a man in the middle — was
+/// dropped as harmless. Both are refused now, by name, before any connection and without
+/// printing the value.
+#[test]
+fn migrate_to_refuses_what_the_driver_would_ignore_or_cannot_honour() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    Launch::new(&data).start().stop();
+    let sqlite_url = format!("sqlite://{}", data.join("keycast.db").display());
+    for (to, named) in [
+        ("postgres://keycast@127.0.0.1:1/keycast?pasword=hunter2", "pasword"),
+        (
+            "postgres://keycast@127.0.0.1:1/keycast?sslmode=require&channel_binding=require&password=hunter2",
+            "channel_binding=require",
+        ),
+    ] {
+        let refused = keycast_cli(
+            &["migrate", "--to", "env:KEYCAST_MIGRATE_TO"],
+            &[("DATABASE_URL", sqlite_url.as_str()), ("KEYCAST_MIGRATE_TO", to)],
+        );
+        assert!(!refused.status.success(), "{to}: {}", refused.stdout);
+        assert!(
+            refused.stderr.contains("--to") && refused.stderr.contains(named),
+            "{to}: {}",
+            refused.stderr
+        );
+        assert!(
+            !format!("{}{}", refused.stdout, refused.stderr).contains("hunter2"),
+            "{}",
+            refused.stderr
+        );
+    }
+}
