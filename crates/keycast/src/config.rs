@@ -2218,14 +2218,25 @@ mod tests {
             assert!(err.contains("DATABASE_URL") && err.contains(param), "{err}");
             assert!(!err.contains(secret), "{err}");
         }
-        // libpq's harmless ones, which providers' connection strings carry, still start.
+        // libpq's harmless ones, which providers' connection strings carry, still start…
         let config = env(&[(
             "DATABASE_URL",
-            "postgres://u:p@h/d?sslmode=require&connect_timeout=10&channel_binding=require",
+            "postgres://u:p@h/d?sslmode=require&connect_timeout=10&channel_binding=prefer&gssencmode=disable",
         )])
         .build()
         .unwrap();
         assert!(matches!(config.database, Database::Postgres(_)));
+        // …but a requirement the driver cannot honour is refused, not dropped.
+        for required in ["channel_binding=require", "gssencmode=require"] {
+            let err = env(&[(
+                "DATABASE_URL",
+                &format!("postgres://u:p@h/d?sslmode=require&{required}"),
+            )])
+            .build()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(required) && err.contains("verify-full"), "{err}");
+        }
     }
 
     #[test]
