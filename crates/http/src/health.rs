@@ -17,7 +17,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, State};
-use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -39,18 +38,16 @@ struct Asker {
     trusted: bool,
 }
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Asker
-where
-    AppState: axum::extract::FromRef<S>,
-{
+impl axum::extract::FromRequestParts<AppState> for Asker {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let state = <AppState as axum::extract::FromRef<S>>::from_ref(state);
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        let headers: &HeaderMap = &parts.headers;
         Ok(Asker {
-            trusted: crate::metrics::allowed(&state, peer, headers).is_ok(),
+            trusted: crate::metrics::allowed(state, peer, &parts.headers).is_ok(),
         })
     }
 }

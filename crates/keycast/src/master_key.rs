@@ -135,6 +135,9 @@ fn read(path: &Path) -> anyhow::Result<MasterKey> {
 
 /// Reads or creates the development key, warning loudly either way.
 fn development(path: &Path) -> anyhow::Result<MasterKey> {
+    // At every start: a write killed after linking its key into place left a second copy, and
+    // no later start writes the key again.
+    remove_abandoned_new_keys(path);
     let existing = || read(path).with_context(|| format!("the development master key {}", path.display()));
     let key = if path.exists() {
         existing()?
@@ -160,27 +163,16 @@ fn development(path: &Path) -> anyhow::Result<MasterKey> {
 }
 
 /// Removes the temporary files of key writes killed before they removed them (each holds a key
-/// in plain text: the one linked into place, or one never used); those a minute old or more,
-/// so another process's write under way is left alone.
+/// in plain text: the one linked into place, or one never used), once they have gone unwritten
+/// for an hour, so another process's write under way is left alone.
 fn remove_abandoned_new_keys(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return;
     };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
     let prefix = format!("{name}.new-");
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let ours = entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix));
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age >= std::time::Duration::from_secs(60)));
-        if ours && old {
-            let _ = std::fs::remove_file(entry.path());
-        }
+    let ours = |file: &std::ffi::OsStr| file.to_str().is_some_and(|n| n.starts_with(&prefix));
+    for leftover in keycast_replica::restore::abandoned_beside(path, ours) {
+        let _ = std::fs::remove_file(leftover);
     }
 }
 
@@ -190,7 +182,6 @@ fn remove_abandoned_new_keys(path: &Path) {
 /// cut could leave an empty or partial file that refused every later start, or lose the entry
 /// while the keys encrypted under the key it named were kept.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    remove_abandoned_new_keys(path);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -202,13 +193,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let written = (|| {
-        let mut file = options.open(&temp)?;
+    let write = |at: &Path| -> std::io::Result<()> {
+        let mut file = options.open(at)?;
         file.write_all(bytes)?;
         file.write_all(b"\n")?;
-        file.sync_all()?;
-        std::fs::hard_link(&temp, path)
-    })();
+        file.sync_all()
+    };
+    let written = write(&temp).and_then(|()| std::fs::hard_link(&temp, path));
     let _ = std::fs::remove_file(&temp);
     match written {
         // A filesystem without hard links: written in place, create-only, as before.
@@ -218,10 +209,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
                 std::io::ErrorKind::Unsupported | std::io::ErrorKind::PermissionDenied
             ) =>
         {
-            let mut file = options.open(path)?;
-            file.write_all(bytes)?;
-            file.write_all(b"\n")?;
-            file.sync_all()?;
+            write(path)?
         }
         written => written?,
     }
@@ -256,11 +244,13 @@ mod tests {
     }
 
     /// A write killed between its temporary file and removing it left a key in plain text
-    /// beside the real one; the next write removes such files once they are a minute old.
+    /// beside the real one (a second copy, if it was linked into place already); the next
+    /// start removes such files once they have gone unwritten for an hour.
     #[test]
-    fn a_killed_writes_temporary_key_is_removed_by_the_next() {
+    fn a_killed_writes_temporary_key_is_removed_at_the_next_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");
+        write_private(&path, MasterKey::generate().to_base64().expose().as_bytes()).unwrap();
         let old = dir.path().join("master.key.new-1-1764000000000000000");
         let young = dir.path().join("master.key.new-2-1765000000000000000");
         for leftover in [&old, &young] {
@@ -270,9 +260,9 @@ mod tests {
             .write(true)
             .open(&old)
             .unwrap()
-            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
             .unwrap();
-        write_private(&path, b"k").unwrap();
+        development(&path).unwrap();
         assert!(!old.exists(), "the abandoned temporary key is left");
         assert!(young.exists(), "a write under way had its file removed");
     }

@@ -222,47 +222,12 @@ pub fn remove(db: &Path) {
 mod tests {
     use super::*;
 
-    /// The rename is made durable, and a failure to do so is an error, not a record that a
-    /// power cut may take away.
-    #[test]
-    fn a_record_whose_directory_entry_could_not_be_synced_is_not_reported_stored() {
-        if !fail::has_failpoints() {
-            eprintln!("SKIPPED: built without fault injection (--features keycast/failpoints)");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("k.db");
-        let state = LocalState {
+    /// A record at `txid`, in the middle of a WAL.
+    fn record(txid: u64) -> LocalState {
+        LocalState {
             lineage: "l".into(),
             replica: "file:///r".into(),
-            txid: 7,
-            commit: 3,
-            page_size: 4096,
-            wal: None,
-            clean: true,
-            checkpointed: true,
-            db_checksum: None,
-            updated_at_ms: 1,
-            last_error: None,
-            verification: None,
-            writer: 5,
-        };
-        fail::cfg("local-state-dir-sync", "1*return").unwrap();
-        assert!(store(&db, &state).is_err(), "stored without a durable directory entry");
-        store(&db, &state).unwrap();
-        fail::remove("local-state-dir-sync");
-        assert_eq!(load(&db).unwrap().map(|s| s.txid), Some(7));
-    }
-
-    #[test]
-    fn round_trips_and_absent_is_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("k.db");
-        assert_eq!(load(&db).unwrap(), None);
-        let state = LocalState {
-            lineage: "l".into(),
-            replica: "file:///r".into(),
-            txid: 7,
+            txid,
             commit: 3,
             page_size: 4096,
             wal: Some(WalCursor {
@@ -279,7 +244,33 @@ mod tests {
             last_error: None,
             verification: None,
             writer: 5,
-        };
+        }
+    }
+
+    /// The rename is made durable, and a failure to do so is an error, not a record that a
+    /// power cut may take away.
+    #[test]
+    fn a_record_whose_directory_entry_could_not_be_synced_is_not_reported_stored() {
+        if !fail::has_failpoints() {
+            eprintln!("SKIPPED: built without fault injection (--features keycast/failpoints)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        let state = record(7);
+        fail::cfg("local-state-dir-sync", "1*return").unwrap();
+        assert!(store(&db, &state).is_err(), "stored without a durable directory entry");
+        store(&db, &state).unwrap();
+        fail::remove("local-state-dir-sync");
+        assert_eq!(load(&db).unwrap().map(|s| s.txid), Some(7));
+    }
+
+    #[test]
+    fn round_trips_and_absent_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        assert_eq!(load(&db).unwrap(), None);
+        let state = record(7);
         store(&db, &state).unwrap();
         assert_eq!(load(&db).unwrap(), Some(state.clone()));
 

@@ -551,19 +551,25 @@ fn remove_abandoned_temps(output: &Path) {
     }
 }
 
-/// The files beside `output` (in its directory) whose names `ours` accepts and that are
-/// [`abandoned`].
+/// The entries beside `output` (in its directory) whose names `ours` accepts and that are
+/// [`abandoned`]: see [`abandoned_in`].
 pub fn abandoned_beside(output: &Path, ours: impl Fn(&std::ffi::OsStr) -> bool) -> Vec<PathBuf> {
     let dir = match output.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
+    abandoned_in(dir, ours)
+}
+
+/// The files and directories in `dir` (never a symbolic link) whose names `ours` accepts and
+/// that are [`abandoned`].
+pub fn abandoned_in(dir: &Path, ours: impl Fn(&std::ffi::OsStr) -> bool) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     entries
         .flatten()
-        .filter(|entry| ours(&entry.file_name()) && entry.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|entry| ours(&entry.file_name()) && entry.file_type().is_ok_and(|t| !t.is_symlink()))
         .map(|entry| entry.path())
         .filter(|path| abandoned(path))
         .collect()

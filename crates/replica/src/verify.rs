@@ -320,17 +320,10 @@ const SCRATCH_PREFIX: &str = ".keycast-verify-";
 /// `scratch`: each holds a copy of the database, on a disk that may be memory, and a process
 /// killed again and again would fill it. One still being written is left alone.
 fn remove_abandoned_scratch(scratch: &Path) {
-    let Ok(entries) = std::fs::read_dir(scratch) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let ours = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|name| name.starts_with(SCRATCH_PREFIX))
-            && entry.file_type().is_ok_and(|t| t.is_dir());
-        if ours && restore::abandoned(&entry.path()) && std::fs::remove_dir_all(entry.path()).is_ok() {
-            tracing::info!(path = %entry.path().display(), "removed what a verification that was killed left behind");
+    let ours = |name: &std::ffi::OsStr| name.to_str().is_some_and(|name| name.starts_with(SCRATCH_PREFIX));
+    for path in restore::abandoned_in(scratch, ours) {
+        if path.is_dir() && std::fs::remove_dir_all(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed what a verification that was killed left behind");
         }
     }
 }
