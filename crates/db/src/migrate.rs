@@ -59,6 +59,20 @@ pub enum MigrateError {
          or use the keycast version the database was last served by"
     )]
     Behind { database: i64, binary: i64 },
+    #[error(
+        "every role may create objects in the schema {schema}, on keycast's search path: \
+         another role could plant a table or function there that keycast would then run as its \
+         own role (PostgreSQL 14 and older allow it on `public` by default); close it with \
+         `REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC` (see docs/POSTGRESQL.md)"
+    )]
+    SchemaOpen { schema: String },
+    #[error(
+        "the schemas keycast uses hold objects of roles keycast's role is not a member of: \
+         {objects}; keycast would run what such a role planted (a trigger on a table it writes, a \
+         function its queries call) as its own role, so it does not start: drop them, or give \
+         keycast a database or schema of its own (see docs/POSTGRESQL.md)"
+    )]
+    ForeignObjects { objects: String },
     #[error("cannot read the applied migrations: {0}{hint}", hint = crate::error::pooler_hint(.0))]
     Query(#[from] sqlx::Error),
 }
@@ -121,6 +135,7 @@ pub async fn check_readable(db: &Db) -> Result<(), MigrateError> {
         }
         Engine::Postgres(pool) => {
             let mut conn = pool.acquire().await?;
+            check_schemas_are_keycasts(&mut conn).await?;
             let applied = applied_version!(conn, POSTGRES_TABLE).await?;
             (applied, oldest_reader!(conn).await?)
         }
@@ -177,6 +192,7 @@ pub async fn run(db: &Db) -> Result<(), MigrateError> {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             let outcome = async {
+                check_schemas_are_keycasts(&mut conn).await?;
                 let applied = applied_version!(conn, POSTGRES_TABLE).await?;
                 if !newer_but_compatible(applied, oldest_reader!(conn).await?)? {
                     POSTGRES_MIGRATIONS.run(&mut *conn).await?;
@@ -237,6 +253,49 @@ pub(crate) async fn run_to(db: &Db, version: i64) {
         Engine::Sqlite(pool) => SQLITE_MIGRATIONS.run_to(version, pool).await.unwrap(),
         Engine::Postgres(pool) => POSTGRES_MIGRATIONS.run_to(version, pool).await.unwrap(),
     }
+}
+
+/// Refuses to run where another role could have planted what keycast would run as its own
+/// role. A trigger runs as whoever fires it and a function as whoever calls it: a table sqlx
+/// would find already there (it creates `_sqlx_migrations` only if missing), or an overload
+/// of a function keycast's SQL calls (resolved across every schema on the search path), runs
+/// its owner's code with keycast's rights over every table keycast owns. So: no role outside
+/// keycast's may own a table, function or operator in the schemas on keycast's search path,
+/// and none may create one there later. Superusers' objects and extensions' are the
+/// operator's, not a co-tenant's (a superuser could do anything anyway).
+async fn check_schemas_are_keycasts(conn: &mut sqlx::PgConnection) -> Result<(), MigrateError> {
+    let open: Option<String> = sqlx::query_scalar(
+        "SELECT CAST(n.nspname AS TEXT) FROM pg_namespace n, \
+                aclexplode(COALESCE(n.nspacl, acldefault('n', n.nspowner))) AS a \
+         WHERE n.nspname = ANY (current_schemas(false)) AND a.grantee = 0 AND a.privilege_type = 'CREATE' \
+         LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(schema) = open {
+        return Err(MigrateError::SchemaOpen { schema });
+    }
+    let foreign: Vec<String> = sqlx::query_scalar(
+        "WITH objects (catalog, oid, kind, name, namespace, owner) AS ( \
+           SELECT CAST('pg_class' AS regclass), oid, 'relation', CAST(relname AS TEXT), relnamespace, relowner FROM pg_class \
+           UNION ALL SELECT CAST('pg_proc' AS regclass), oid, 'function', CAST(proname AS TEXT), pronamespace, proowner FROM pg_proc \
+           UNION ALL SELECT CAST('pg_operator' AS regclass), oid, 'operator', CAST(oprname AS TEXT), oprnamespace, oprowner FROM pg_operator) \
+         SELECT format('%s %s.%s (owner %s)', o.kind, n.nspname, o.name, r.rolname) \
+         FROM objects o JOIN pg_namespace n ON n.oid = o.namespace JOIN pg_roles r ON r.oid = o.owner \
+         WHERE n.nspname = ANY (current_schemas(false)) \
+           AND NOT r.rolsuper AND NOT pg_has_role(current_user, o.owner, 'USAGE') \
+           AND NOT EXISTS (SELECT 1 FROM pg_depend d \
+                           WHERE d.classid = o.catalog AND d.objid = o.oid AND d.deptype = 'e') \
+         ORDER BY 1 LIMIT 20",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if !foreign.is_empty() {
+        return Err(MigrateError::ForeignObjects {
+            objects: foreign.join(", "),
+        });
+    }
+    Ok(())
 }
 
 /// How often a start waiting for the migration lock says so.
