@@ -104,7 +104,8 @@ pub async fn redeem_code(db: &Db, hash: &TokenHash, now: i64) -> Result<Option<O
 
 /// Records that the redeemed code `hash` became `authorization`. False when the code is gone:
 /// its account's grants were all revoked since it was redeemed (see
-/// `authz::revoke_all_for_user`), and `authorization` must not outlive that.
+/// `authz::revoke_all_for_user`), or it was used again meanwhile ([`drop_unlinked_code`]), and
+/// `authorization` must not outlive that.
 ///
 /// # Errors
 /// Database errors.
@@ -112,6 +113,22 @@ pub async fn link_code(db: &Db, hash: &TokenHash, authorization: &AuthorizationI
     on_engine!(db, |pool| {
         let done = sqlx::query("UPDATE oauth_codes SET authorization_id = $1 WHERE code_hash = $2")
             .bind(authorization)
+            .bind(hash)
+            .execute(pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    })
+}
+
+/// Deletes the redeemed code `hash` if no grant is linked to it yet: its exchange is still
+/// under way, and the [`link_code`] it ends with then finds nothing and revokes the grant it
+/// made. False when a grant was linked first.
+///
+/// # Errors
+/// Database errors.
+pub async fn drop_unlinked_code(db: &Db, hash: &TokenHash) -> Result<bool, RepoError> {
+    on_engine!(db, |pool| {
+        let done = sqlx::query("DELETE FROM oauth_codes WHERE code_hash = $1 AND authorization_id IS NULL")
             .bind(hash)
             .execute(pool)
             .await?;
