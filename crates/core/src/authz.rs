@@ -118,6 +118,9 @@ pub struct NewGrant<'a> {
     /// The most live grants the user may have, this one included
     /// ([`DEFAULT_MAX_LIVE_GRANTS`]; `KEYCAST_MAX_GRANTS_PER_ACCOUNT`).
     pub max_live: u32,
+    /// The owner's session that asked for it, if one did: the grant is written only while it
+    /// is live ([`keycast_db::authz::NewAuthorization::session`]).
+    pub session: Option<&'a keycast_db::TokenHash>,
 }
 
 /// Live grants (not revoked, not expired) an account may have by default: each holds a
@@ -204,6 +207,7 @@ pub(crate) async fn insert_authorization(
         relays: &relays,
         terms: terms.as_deref(),
         max_live: new.max_live,
+        session: new.session,
     };
     // The user is the caller's (a session's, a code's), so a missing reference is the
     // policy, deleted since `new.policy` was read.

@@ -408,6 +408,7 @@ mod tests {
             .policy_id;
         let policy = policy_repo::find_by_id(signer.db(), &custom).await.unwrap().unwrap();
         let challenge = crate::oauth::pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk");
+        let session = crate::testing::session(signer.db(), &user).await;
         let request = crate::oauth::CodeRequest {
             user_id: &user,
             client_id: "another-app",
@@ -416,6 +417,7 @@ mod tests {
             code_challenge: &challenge,
             code_challenge_method: "S256",
             choice: crate::terms::Choice::default(),
+            session: &session,
         };
         crate::oauth::issue_code(signer.db(), &request, 600, now).await.unwrap();
 

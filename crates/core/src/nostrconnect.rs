@@ -438,6 +438,7 @@ mod tests {
                     token_ttl_secs: 0,
                     terms: Default::default(),
                     max_live: crate::authz::DEFAULT_MAX_LIVE_GRANTS,
+                    session: None,
                 };
                 insert_authorization(&pool, km.as_ref(), &new, 1).await.unwrap();
             }

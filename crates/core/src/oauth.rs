@@ -188,6 +188,9 @@ pub struct CodeRequest<'a> {
     pub code_challenge_method: &'a str,
     /// The owner's choice of duration and limits for the grant.
     pub choice: Choice,
+    /// The owner's session that consented: the code is written only while it is live, so a
+    /// consent checked before a password reset ended that session writes nothing after it.
+    pub session: &'a keycast_db::TokenHash,
 }
 
 /// Issues a code for an approved request, valid `ttl_secs` (clamped to 1..=[`CODE_TTL_SECS`]).
@@ -225,6 +228,7 @@ pub async fn issue_code(
         policy_id: &request.policy.id,
         code_challenge: request.code_challenge,
         terms: terms.as_deref(),
+        session: request.session,
     };
     oauth_repo::insert_code(db, &new, now, now + ttl_secs.clamp(1, CODE_TTL_SECS)).await?;
     Ok(code)
@@ -297,6 +301,8 @@ pub async fn exchange_code(
         token_ttl_secs: lifetimes.access_secs,
         terms: choice.terms_from(now),
         max_live,
+        // The code is what the owner's consent wrote: a reset since deleted it (`link_code`).
+        session: None,
     };
     let mut grant = match create_grant(db, km, &new, now).await {
         // Deleted between the check above and the insert.
@@ -413,6 +419,7 @@ mod tests {
     async fn code(fx: &Fixture) -> Secret<String> {
         let policy = social_policy(fx).await;
         let challenge = pkce_challenge(VERIFIER);
+        let session = crate::testing::session(fx.pool(), &fx.user).await;
         let request = CodeRequest {
             user_id: &fx.user,
             client_id: "app",
@@ -421,6 +428,7 @@ mod tests {
             code_challenge: &challenge,
             code_challenge_method: "S256",
             choice: Choice::default(),
+            session: &session,
         };
         issue_code(fx.pool(), &request, CODE_TTL_SECS, 100).await.unwrap()
     }
@@ -619,6 +627,7 @@ mod tests {
         let fx = fixture().await;
         let policy = social_policy(&fx).await;
         let challenge = pkce_challenge(VERIFIER);
+        let session = crate::testing::session(fx.pool(), &fx.user).await;
         let request = CodeRequest {
             user_id: &fx.user,
             client_id: "app",
@@ -627,6 +636,7 @@ mod tests {
             code_challenge: &challenge,
             code_challenge_method: "S256",
             choice: Choice::default(),
+            session: &session,
         };
         let short = issue_code(fx.pool(), &request, 5, 100).await.unwrap();
         assert_eq!(
@@ -652,6 +662,7 @@ mod tests {
         let policy = social_policy(&fx).await;
         let challenge = pkce_challenge(VERIFIER);
         for (method, challenge) in [("plain", challenge.as_str()), ("", ""), ("S256", "short")] {
+            let session = crate::testing::session(fx.pool(), &fx.user).await;
             let request = CodeRequest {
                 user_id: &fx.user,
                 client_id: "app",
@@ -660,6 +671,7 @@ mod tests {
                 code_challenge: challenge,
                 code_challenge_method: method,
                 choice: Choice::default(),
+                session: &session,
             };
             assert_eq!(
                 issue_code(fx.pool(), &request, CODE_TTL_SECS, 1)

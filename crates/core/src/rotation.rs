@@ -246,6 +246,7 @@ mod tests {
                 token_ttl_secs: 60,
                 terms: Default::default(),
                 max_live: crate::authz::DEFAULT_MAX_LIVE_GRANTS,
+                session: None,
             };
             create_grant(db, old, &grant, 1).await.unwrap();
             out.push((user, key.pubkey.to_hex()));

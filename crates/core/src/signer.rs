@@ -456,16 +456,18 @@ impl Signer {
     }
 
     /// Creates an authorization for a client that started with `nostrconnect://`: its
-    /// bunker listens on the client's relays and the client is bound at once. Commits:
-    /// the caller waits for durability, then calls [`Signer::announce_nostrconnect`].
+    /// bunker listens on the client's relays and the client is bound at once, if `session`
+    /// (the owner's, which asked) is still live. Commits: the caller waits for durability,
+    /// then calls [`Signer::announce_nostrconnect`].
     ///
     /// # Errors
-    /// Policy, key and storage errors.
+    /// Policy, key and storage errors ([`keycast_db::RepoError::SessionEnded`] once `session` ended).
     pub async fn accept_nostrconnect(
         &self,
         user: &UserId,
         policy: &keycast_db::policies::PolicyRow,
         uri: &NostrConnectUri,
+        session: &keycast_db::TokenHash,
     ) -> Result<Authorization, GrantError> {
         let now = now_unix();
         let new = NewGrant {
@@ -483,6 +485,7 @@ impl Signer {
             token_ttl_secs: 0,
             terms: Default::default(),
             max_live: self.max_live_grants,
+            session: Some(session),
         };
         // The authorization's own connect secret is never shown: the client is bound
         // here, so nobody else can use it.

@@ -37,8 +37,18 @@ impl Fixture {
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             terms: Default::default(),
             max_live: crate::authz::DEFAULT_MAX_LIVE_GRANTS,
+            session: None,
         }
     }
+}
+
+/// A live session of `user` (a consent's code is written only while one is).
+pub(crate) async fn session(db: &Db, user: &UserId) -> keycast_db::TokenHash {
+    let hash = crate::secret::hash_token(crate::secret::random_token().expose());
+    assert!(keycast_db::sessions::insert(db, &hash, user, None, 1, i64::MAX, 10)
+        .await
+        .unwrap());
+    hash
 }
 
 pub(crate) async fn fixture() -> Fixture {

@@ -72,6 +72,7 @@ impl Harness {
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             terms,
             max_live: keycast_core::authz::DEFAULT_MAX_LIVE_GRANTS,
+            session: None,
         };
         create_grant(&self.db, self.km.as_ref(), &new, now_unix())
             .await

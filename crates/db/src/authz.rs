@@ -55,6 +55,10 @@ pub struct NewAuthorization<'a> {
     pub terms: Option<&'a str>,
     /// The most live grants its user may have, this one included.
     pub max_live: u32,
+    /// The owner's session that asked for it (a `nostrconnect://` acceptance): written only
+    /// while that session is live. `None` where no session asks (a code's exchange: the code
+    /// is what the owner's consent wrote, see `oauth::link_code`).
+    pub session: Option<&'a TokenHash>,
 }
 
 macro_rules! columns {
@@ -96,7 +100,8 @@ macro_rules! insert_sql {
             $lock,
             ") AND ",
             live_count_sql!($expires, "$2", "$10"),
-            " < $12 RETURNING ",
+            " < $12 AND ($13 IS NULL OR EXISTS (SELECT 1 FROM sessions WHERE token_hash = $13 AND user_id = $2 AND expires_at > $10)) \
+             RETURNING ",
             columns!()
         )
     };
@@ -152,12 +157,20 @@ pub async fn insert(db: &Db, new: &NewAuthorization<'_>, now: i64) -> Result<Aut
             .bind(now)
             .bind(new.terms)
             .bind(i64::from(new.max_live))
+            .bind(new.session)
             .fetch_all(&mut *tx)
             .await?
             .into_first();
         tx.commit().await?;
         match row {
             Some(row) => Ok(row),
+            None if match new.session {
+                Some(session) => crate::sessions::find_live_by_hash(db, session, now).await?.is_none(),
+                None => false,
+            } =>
+            {
+                Err(RepoError::SessionEnded)
+            }
             None if count_live_for_user(db, new.user_id, now).await? >= i64::from(new.max_live) => {
                 Err(RepoError::TooMany("live authorizations"))
             }

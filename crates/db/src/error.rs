@@ -21,6 +21,13 @@ pub enum RepoError {
     /// (`live authorizations`) it may have.
     #[error("the account already has the most {0} it may have")]
     TooMany(&'static str),
+    /// The session that asked for the row ended before it was written (signed out, or a
+    /// password change or reset ended every session): nothing was written.
+    #[error(
+        "your session ended while this was under way (signed out, or the password was changed or reset); \
+         nothing was authorized. Log in again"
+    )]
+    SessionEnded,
     /// The operation exists on the other engine only (instance membership on SQLite).
     #[error("not available on this database engine: {0}")]
     Unsupported(&'static str),

@@ -45,6 +45,8 @@ pub struct NewCode<'a> {
     pub code_challenge: &'a str,
     /// See [`OAuthCode::terms`].
     pub terms: Option<&'a str>,
+    /// The owner's session that consented: the code is written only while it is live.
+    pub session: &'a TokenHash,
 }
 
 macro_rules! code_columns {
@@ -60,9 +62,17 @@ macro_rules! code_columns {
 /// [`RepoError::MissingReference`] for an unknown user or policy; database errors.
 pub async fn insert_code(db: &Db, new: &NewCode<'_>, now: i64, expires_at: i64) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
-        sqlx::query(
+        let mut tx = pool.begin().await?;
+        // A password reset ends the sessions in the transaction that sets the password, which
+        // updates the user row: under its lock, this insert either comes first (and the reset's
+        // take-over, which follows, deletes the code) or finds the session gone.
+        if let Some(lock) = crate::users::account_lock(db.kind()) {
+            sqlx::query(lock).bind(new.user_id).execute(&mut *tx).await?;
+        }
+        let inserted = sqlx::query(
             "INSERT INTO oauth_codes (code_hash, user_id, client_id, redirect_uri, policy_id, code_challenge, \
-         created_at, expires_at, terms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         created_at, expires_at, terms) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+         WHERE EXISTS (SELECT 1 FROM sessions WHERE token_hash = $10 AND user_id = $2 AND expires_at > $7)",
         )
         .bind(new.code_hash)
         .bind(new.user_id)
@@ -73,9 +83,14 @@ pub async fn insert_code(db: &Db, new: &NewCode<'_>, now: i64, expires_at: i64) 
         .bind(now)
         .bind(expires_at)
         .bind(new.terms)
-        .execute(pool)
+        .bind(new.session)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        match inserted.rows_affected() {
+            1 => Ok(()),
+            _ => Err(RepoError::SessionEnded),
+        }
     })
 }
 
@@ -255,8 +270,23 @@ mod tests {
     use super::*;
     use crate::testing::{temp_dbs, test_authorization, test_user};
 
+    /// A live session of `user`: a code is written only while its consent's session lives.
+    async fn session(db: &Db, user: &UserId) -> TokenHash {
+        let hash = session_of(user);
+        crate::sessions::insert(db, &hash, user, None, 1, i64::MAX, 10)
+            .await
+            .unwrap();
+        hash
+    }
+
+    /// The session [`session`] opened for `user`.
+    fn session_of(user: &UserId) -> TokenHash {
+        TokenHash::of(format!("session of {user}").as_bytes())
+    }
+
     async fn stored_code(db: &Db, raw: &[u8], expires_at: i64) -> TokenHash {
         let user = test_user(db, &format!("{}@x.org", hex::encode(raw))).await;
+        let session = session(db, &user).await;
         let hash = TokenHash::of(raw);
         let new = NewCode {
             code_hash: &hash,
@@ -266,9 +296,33 @@ mod tests {
             policy_id: &PolicyId::new("pol_social"),
             code_challenge: "challenge",
             terms: None,
+            session: &session,
         };
         insert_code(db, &new, 1, expires_at).await.unwrap();
         hash
+    }
+
+    #[tokio::test]
+    async fn a_code_whose_consents_session_ended_is_not_written() {
+        for (_guard, db) in temp_dbs().await {
+            let user = test_user(&db, "ended@x.org").await;
+            let hash = TokenHash::of(b"ended");
+            let ended = session(&db, &user).await;
+            crate::sessions::delete_for_user(&db, &user).await.unwrap();
+            let new = NewCode {
+                code_hash: &hash,
+                user_id: &user,
+                client_id: "app",
+                redirect_uri: "https://app.example/cb",
+                policy_id: &PolicyId::new("pol_social"),
+                code_challenge: "challenge",
+                terms: None,
+                session: &ended,
+            };
+            let refused = insert_code(&db, &new, 1, 600).await;
+            assert!(matches!(refused, Err(RepoError::SessionEnded)), "{refused:?}");
+            assert_eq!(redeem_code(&db, &hash, 2).await.unwrap(), None);
+        }
     }
 
     #[tokio::test]
@@ -320,6 +374,7 @@ mod tests {
             let pending = stored_code(&db, b"owner", 600).await;
             let redeemed = TokenHash::of(b"redeemed");
             let owner = redeem_code(&db, &pending, 5).await.unwrap().unwrap().user_id;
+            let session = session_of(&owner);
             let new = NewCode {
                 code_hash: &redeemed,
                 user_id: &owner,
@@ -328,6 +383,7 @@ mod tests {
                 policy_id: &PolicyId::new("pol_social"),
                 code_challenge: "challenge",
                 terms: None,
+                session: &session,
             };
             insert_code(&db, &new, 1, 600).await.unwrap();
             assert!(redeem_code(&db, &redeemed, 6).await.unwrap().is_some());

@@ -486,6 +486,7 @@ mod tests {
                     relays: "[]",
                     terms: None,
                     max_live: 100,
+                    session: None,
                 };
                 crate::authz::insert(&db, &new, 6).await
             }

@@ -71,6 +71,7 @@ pub(crate) async fn insert_capped(
         relays: "[\"ws://127.0.0.1:7777\"]",
         terms,
         max_live,
+        session: None,
     };
     authz::insert(db, &new, at).await
 }

@@ -157,6 +157,9 @@ pub(crate) fn transient(cause: &RepoError) -> Option<(String, u64)> {
 
 impl From<RepoError> for AppError {
     fn from(err: RepoError) -> Self {
+        if let RepoError::SessionEnded = err {
+            return AppError::Unauthorized(err.to_string());
+        }
         match transient(&err) {
             Some((message, retry_after_secs)) => AppError::Overloaded {
                 message,

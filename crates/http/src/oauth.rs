@@ -100,9 +100,16 @@ impl AuthorizeParams {
         Ok((origin, policy, identity))
     }
 
-    fn code_request<'a>(&'a self, user: &'a UserId, policy: &'a PolicyRow, choice: Choice) -> CodeRequest<'a> {
+    fn code_request<'a>(
+        &'a self,
+        user: &'a UserId,
+        policy: &'a PolicyRow,
+        choice: Choice,
+        session: &'a keycast_db::TokenHash,
+    ) -> CodeRequest<'a> {
         CodeRequest {
             choice,
+            session,
             user_id: user,
             client_id: &self.client_id,
             redirect_uri: &self.redirect_uri,
@@ -350,7 +357,11 @@ async fn decide(
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
         session.ensure_still_live(&state).await?;
-        let request = d.params.code_request(&session.user.id, &policy, d.choice()?);
+        crate::session::hold_after_session_check("consent-after-session-check").await;
+        let session_hash = keycast_core::secret::hash_token(&session.token);
+        let request = d
+            .params
+            .code_request(&session.user.id, &policy, d.choice()?, &session_hash);
         let code = oauth::issue_code(db, &request, state.options().code_ttl_secs, now_unix()).await?;
         state.confirm_write(false).await?;
         Ok((

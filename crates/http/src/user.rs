@@ -194,9 +194,10 @@ pub(crate) async fn accept_nostrconnect(
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
     session.ensure_still_live(state).await?;
+    crate::session::hold_after_session_check("nostrconnect-after-session-check").await;
     let authz = services
         .signer
-        .accept_nostrconnect(user, &policy, &uri)
+        .accept_nostrconnect(user, &policy, &uri, &keycast_core::secret::hash_token(&session.token))
         .await
         .map_err(|e| match e {
             e @ GrantError::PolicyDeleted { .. } => AppError::BadRequest(e.to_string()),

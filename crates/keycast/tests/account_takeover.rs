@@ -377,6 +377,66 @@ fn a_grant_under_way_when_the_password_is_reset_is_never_written() {
     assert!(live.is_empty(), "grants live after the reset: {listed}");
 }
 
+/// The password holder's grant checked its session, then waited (a slow database, a busy
+/// instance) while the mailbox owner reset the password: the consent's code, or the
+/// `nostrconnect://` grant, was written after the reset had ended every session and revoked
+/// every grant, and the holder kept an app signing for the owner. Now the write itself is
+/// conditional on the session (on PostgreSQL under the account's lock).
+fn a_grant_whose_session_a_reset_ended_after_its_check_is_never_written(fail_point: &str) {
+    let (_dir, server) = start();
+    let email = format!("{fail_point}@example.com");
+    let (holder, _) = register(&server, &email, None);
+    if !harness::arm_failpoint(&server, fail_point, "1*return(1500)") {
+        return;
+    }
+    let held = server.held_count(fail_point);
+    let (challenge, verifier) = harness::flow::pkce();
+    let query = harness::flow::authorize_query("policy:full", &challenge);
+    let pending = std::thread::scope(|scope| {
+        let pending = scope.spawn(|| match fail_point {
+            "consent-after-session-check" => harness::flow::consent(&server, &holder, &query, &[]),
+            _ => post_json(
+                &server,
+                "/api/user/nostrconnect",
+                Some(&holder),
+                &json!({
+                    "uri": format!("nostrconnect://{}?relay=ws%3A%2F%2F127.0.0.1%3A9&secret=s3cret", Keys::generate().public_key().to_hex()),
+                    "policy": "full",
+                }),
+            ),
+        });
+        server.wait_until_held(fail_point, held + 1);
+        reset(&server, &email, "the mailbox owner's own");
+        pending.join().unwrap()
+    });
+    if let Some(code) = pending.location.as_deref().and_then(|l| query_param(l, "code")) {
+        // What the holder does with a code it was given: exchange it.
+        let exchanged = harness::flow::token_request(&server, &code, &verifier, REDIRECT);
+        eprintln!("the holder's code exchanged: {}", exchanged.status);
+    }
+    let owner = login(&server, &email, "the mailbox owner's own");
+    assert_eq!(owner.status, 200, "{}", owner.body);
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie_of(&owner))).json();
+    let live: Vec<_> = listed["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["revoked_at"].is_null())
+        .collect();
+    assert!(live.is_empty(), "grants live after the reset: {listed}");
+    assert_eq!(pending.status, 401, "{}", pending.body);
+}
+
+#[test]
+fn a_consent_whose_session_a_reset_ended_after_its_check_writes_no_code() {
+    a_grant_whose_session_a_reset_ended_after_its_check_is_never_written("consent-after-session-check");
+}
+
+#[test]
+fn a_nostrconnect_acceptance_whose_session_a_reset_ended_after_its_check_writes_no_grant() {
+    a_grant_whose_session_a_reset_ended_after_its_check_is_never_written("nostrconnect-after-session-check");
+}
+
 /// Whoever holds the password changes it while the mailbox owner resets it: the change was
 /// checked against the old password, then waited (the hashing queue) while the reset took
 /// the account over. Before, the change then wrote its password over the owner's and opened
