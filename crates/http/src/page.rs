@@ -222,7 +222,7 @@ pub(crate) fn layout_with(title: &str, extra_css: &str, body: &str) -> String {
          <title>{title} · keycast</title>\
          <style>body{{font-family:system-ui,sans-serif;max-width:28rem;margin:3rem auto;padding:0 1rem}}\
          input,button{{font-size:1rem;padding:.5rem;margin:.25rem 0;width:100%;box-sizing:border-box}}\
-         .row{{display:flex;gap:.5rem}}.error{{color:#b00}}{extra_css}</style></head><body>{body}\
+         .row{{display:flex;gap:.5rem}}.error{{color:#b00}}.secret{{-webkit-text-security:disc}}{extra_css}</style></head><body>{body}\
          <script>{script}</script></body></html>",
         title = escape(title),
         script = *PAGE_SCRIPT

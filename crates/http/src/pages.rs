@@ -430,7 +430,7 @@ async fn dashboard_page(state: &AppState, session: &SessionUser, query: &Dashboa
         body.push_str(&format!(
             "<form method=\"post\" action=\"/dashboard/nostrconnect/review\" data-submit-when-filled hidden>\
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-             <input name=\"uri\" data-from-fragment=\"nostrconnect\"></form>"
+             <input name=\"uri\" autocomplete=\"off\" data-from-fragment=\"nostrconnect\"></form>"
         ));
     }
     body.push_str(&format!(
@@ -438,7 +438,8 @@ async fn dashboard_page(state: &AppState, session: &SessionUser, query: &Dashboa
          <form method=\"post\" action=\"/dashboard/nostrconnect\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
          <label>The app's <code>nostrconnect://</code> link\
-         <input name=\"uri\" required placeholder=\"nostrconnect://…\" value=\"{uri}\"></label>\
+         <input name=\"uri\" required autocomplete=\"off\" spellcheck=\"false\" placeholder=\"nostrconnect://…\" \
+         value=\"{uri}\"></label>\
          <label>Allow it to<select name=\"policy\" required>{placeholder}{options}</select></label>\
          <button type=\"submit\" data-after-view>Authorize the app</button></form>",
         summary = linked.map(linked_app).unwrap_or_default(),
@@ -743,13 +744,17 @@ fn reset_html(token: &str, error: Option<&str>) -> String {
 }
 
 fn register_html(email: &str, error: Option<&str>) -> String {
+    // The key's field is no password field (masked by CSS instead): browsers take a second
+    // password field for the new password and offer to save it, which would put the Nostr
+    // secret key in a synced password store and fill it in as keycast's password later.
     let body = format!(
         "<h1>Create a keycast account</h1>{error}\
          <form method=\"post\" action=\"/register\">\
          <label>Email <input type=\"email\" name=\"email\" value=\"{email}\" required autocomplete=\"username\"></label>\
          <label>Password <input type=\"password\" name=\"password\" required minlength=\"8\" autocomplete=\"new-password\"></label>\
          <label>Your own key (optional: <code>nsec1…</code> or hex; leave empty to get a new one) \
-         <input type=\"password\" name=\"nsec\" autocomplete=\"off\"></label>\
+         <input name=\"nsec\" class=\"secret\" autocomplete=\"off\" autocapitalize=\"off\" \
+         spellcheck=\"false\"></label>\
          <button type=\"submit\">Create account</button></form>\
          <p>Already have an account? <a href=\"/login\">Log in</a>.</p>",
         error = error_html(error),

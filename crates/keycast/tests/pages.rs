@@ -286,6 +286,50 @@ fn logout_needs_the_csrf_token_and_ends_the_session(engine: Engine) {
     assert_eq!(get(&server, "/api/user/key", Some(&cookie)).status, 401);
 }
 
+/// The `<input …>` tags of `html` that carry `name="{name}"`.
+fn inputs_named<'a>(html: &'a str, name: &str) -> Vec<&'a str> {
+    let needle = format!("name=\"{name}\"");
+    html.match_indices("<input")
+        .map(|(at, _)| &html[at..at + html[at..].find('>').unwrap()])
+        .filter(|tag| tag.contains(&needle))
+        .collect()
+}
+
+/// A password manager saves what sits in a password field, and fills in what it saved: the
+/// registration form's optional key was a second password field, which browsers take for
+/// the new password (or offer to save), so the Nostr secret key could land in a synced
+/// password store and be typed in as keycast's password later. The app's `nostrconnect://`
+/// link (it holds the app's secret) was a plain field, which browsers remember by its name
+/// and offer on other sites. Each secret field now stays out of both.
+#[test]
+fn secret_fields_are_kept_out_of_password_managers_and_form_history() {
+    let (_dir, server) = start(Engine::Sqlite);
+    let page = get(&server, "/register", None);
+    assert_eq!(
+        page.body.matches("type=\"password\"").count(),
+        1,
+        "one password field: {}",
+        page.body
+    );
+    let nsec = inputs_named(&page.body, "nsec");
+    assert_eq!(nsec.len(), 1, "{}", page.body);
+    assert!(!nsec[0].contains("type=\"password\""), "{}", nsec[0]);
+    for attribute in ["autocomplete=\"off\"", "spellcheck=\"false\"", "autocapitalize=\"off\""] {
+        assert!(
+            nsec[0].contains(attribute),
+            "{attribute} on the key's field: {}",
+            nsec[0]
+        );
+    }
+    let cookie = register_with_form(&server, "fields@example.com");
+    let body = dashboard(&server, &cookie);
+    let uris = inputs_named(&body, "uri");
+    assert!(!uris.is_empty(), "{body}");
+    for uri in uris {
+        assert!(uri.contains("autocomplete=\"off\""), "{uri}");
+    }
+}
+
 on_both_engines!(
     register_and_login_forms_lead_to_a_dashboard_showing_the_key,
     the_dashboard_lists_authorizations_and_revokes_only_with_the_csrf_token,
