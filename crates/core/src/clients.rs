@@ -77,7 +77,7 @@ fn invalid(message: impl Into<String>) -> ClientError {
 /// [`ClientError::Invalid`] naming the field.
 pub fn validate(new: &NewClient) -> Result<(), ClientError> {
     let name = new.name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(crate::shown::disguises) {
         return Err(invalid(format!(
             "name must be 1 to {MAX_NAME_CHARS} printable characters"
         )));

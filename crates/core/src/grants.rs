@@ -70,8 +70,8 @@ fn checked(name: &str, permissions: &Permissions, kept: Option<&str>) -> Result<
     }
     // Never meant in a name; and a NUL is text PostgreSQL refuses (a 500 there, and on
     // SQLite a row that stops `keycast migrate --to`).
-    if kept != Some(name) && name.chars().any(char::is_control) {
-        return Err(invalid("name may not hold control characters"));
+    if kept != Some(name) && name.chars().any(crate::shown::disguises) {
+        return Err(invalid(format!("name {}", crate::shown::REFUSED)));
     }
     if permissions.blocked_words.iter().any(|w| w.contains('\0')) {
         return Err(invalid("blocked_words may not hold a NUL character"));

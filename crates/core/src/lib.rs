@@ -58,6 +58,7 @@ pub mod refresh;
 pub mod request;
 pub mod rotation;
 pub mod secret;
+pub mod shown;
 pub mod signer;
 pub mod terms;
 #[cfg(test)]

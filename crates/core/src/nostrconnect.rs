@@ -108,9 +108,9 @@ impl NostrConnectUri {
                 return Err(bad(format!("the {k} parameter is too long")));
             }
             // Shown and stored (the name becomes the grant's `client_id`): a control character
-            // is never meant, and a NUL is text PostgreSQL refuses.
-            if v.chars().any(char::is_control) {
-                return Err(bad(format!("the {k} parameter holds control characters")));
+            // is never meant, a NUL is text PostgreSQL refuses, and see `shown::disguises`.
+            if v.chars().any(crate::shown::disguises) {
+                return Err(bad(format!("the {k} parameter {}", crate::shown::REFUSED)));
             }
             let v = v.into_owned();
             match k.as_ref() {

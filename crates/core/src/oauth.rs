@@ -98,10 +98,11 @@ pub fn check_client_id(client_id: &str) -> Result<(), OAuthError> {
             "client_id is longer than {MAX_CLIENT_ID_BYTES} bytes"
         )));
     }
-    // RFC 6749 §A.1: visible characters and spaces. A control character is never meant, and
-    // a NUL is text PostgreSQL refuses (a 500 there, and a row that stops the move there).
-    if client_id.chars().any(char::is_control) {
-        return Err(invalid_request("client_id may not hold control characters"));
+    // RFC 6749 §A.1: visible characters and spaces. A control character is never meant, a
+    // NUL is text PostgreSQL refuses (a 500 there, and a row that stops the move there), and
+    // the consent page shows the id: see `shown::disguises`.
+    if client_id.chars().any(crate::shown::disguises) {
+        return Err(invalid_request(format!("client_id {}", crate::shown::REFUSED)));
     }
     Ok(())
 }

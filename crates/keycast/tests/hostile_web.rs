@@ -278,6 +278,75 @@ fn an_approval_clicked_as_its_page_appears_is_refused() {
 }
 
 /// The response headers of a GET, lowercased names.
+/// Text an app chooses is shown on keycast's own pages: its `client_id` on the consent page,
+/// its `nostrconnect://` name on the dashboard and the approval page. Unicode's invisible
+/// format characters passed the check for control characters: a right-to-left override
+/// turned the rest of the consent page's warning around ("Approve only if you came here
+/// from …"), and a zero-width space made "Da\u{200b}mus" look like Damus while being another
+/// name. Such characters are refused (400) wherever an app or a user names something.
+#[test]
+fn names_with_invisible_or_reordering_characters_are_refused() {
+    let (_dir, server) = start();
+    let (cookie, _) = register(&server, "bidi@example.com", None);
+    let (challenge, _) = harness::flow::pkce();
+    let query = harness::flow::authorize_query("policy:social", &challenge);
+    for disguised in [
+        "Primal%E2%80%AE",
+        "Da%E2%80%8Bmus",
+        "%E2%81%A6app%E2%81%A9",
+        "app%EF%BB%BF",
+    ] {
+        let page = get(
+            &server,
+            &format!(
+                "/api/oauth/authorize?{}",
+                query.replace("client_id=test-app", &format!("client_id={disguised}"))
+            ),
+            Some(&cookie),
+        );
+        assert_eq!(page.status, 400, "client_id {disguised}: {}", page.body);
+        assert_eq!(page.json()["error"], "invalid_request", "{}", page.body);
+    }
+    let accepted = get(
+        &server,
+        &format!(
+            "/api/oauth/authorize?{}",
+            query.replace("client_id=test-app", "client_id=%C3%9Cber%20App")
+        ),
+        Some(&cookie),
+    );
+    assert_eq!(
+        accepted.status, 200,
+        "an ordinary non-ASCII name is shown: {}",
+        accepted.body
+    );
+
+    let nostrconnect = |name: &str| {
+        let uri = format!(
+            "nostrconnect://{}?relay=ws%3A%2F%2F127.0.0.1%3A9&secret=s3cret&name={name}",
+            nostr::Keys::generate().public_key().to_hex()
+        );
+        post_json(
+            &server,
+            "/api/user/nostrconnect",
+            Some(&cookie),
+            &json!({ "uri": uri, "policy": "social" }),
+        )
+    };
+    for disguised in ["Primal%E2%80%AE", "Da%E2%80%8Bmus"] {
+        let refused = nostrconnect(disguised);
+        assert_eq!(refused.status, 400, "name {disguised}: {}", refused.body);
+        assert!(refused.body.contains("invisible"), "{}", refused.body);
+    }
+    let policy = post_json(
+        &server,
+        "/api/user/policies",
+        Some(&cookie),
+        &json!({ "name": "mine\u{202e}", "permissions": { "allowed_kinds": [1] } }),
+    );
+    assert_eq!(policy.status, 400, "{}", policy.body);
+}
+
 fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
     let mut req = agent()
         .get(format!("{}{path}", server.base))
