@@ -233,7 +233,9 @@ impl NostrConnectUri {
     }
 
     /// What the user sees as the app: the `url` hint's origin, else the name, else the
-    /// client key (short).
+    /// client key (short); always marked as a `nostrconnect` app's own word. Shown where an
+    /// OAuth app's proven origin is (the dashboard, the grant and approval pages), a bare
+    /// `https://damus.io` would pass an app for the user's real, OAuth-connected Damus.
     pub fn display_origin(&self) -> String {
         let origin = self
             .url
@@ -242,7 +244,7 @@ impl NostrConnectUri {
             .filter(|u| u.scheme() == "https" || u.scheme() == "http")
             .map(|u| u.origin().ascii_serialization());
         match (origin, &self.name) {
-            (Some(origin), _) => origin,
+            (Some(origin), _) => format!("nostrconnect: {origin} (unverified)"),
             (None, Some(name)) => format!("nostrconnect: {name}"),
             (None, None) => format!("nostrconnect: {}…", &self.client.to_hex()[..12]),
         }
@@ -366,7 +368,7 @@ mod tests {
         assert_eq!(uri.relays, ["wss://r1.example", "ws://127.0.0.1:7000"]);
         assert_eq!(uri.secret.expose(), "abc");
         assert_eq!(uri.perms.as_deref(), Some("sign_event:1"));
-        assert_eq!(uri.display_origin(), "https://app.example");
+        assert_eq!(uri.display_origin(), "nostrconnect: https://app.example (unverified)");
     }
 
     #[tokio::test]

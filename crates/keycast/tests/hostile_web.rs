@@ -347,6 +347,47 @@ fn names_with_invisible_or_reordering_characters_are_refused() {
     assert_eq!(policy.status, 400, "{}", policy.body);
 }
 
+/// An OAuth app's origin is proven (its code goes there); a `nostrconnect://` app's `url` is
+/// whatever it wrote. It was shown where an OAuth app shows its proven origin — the
+/// dashboard's "Redirect origin", the grant page, the approval page's app line — so an app
+/// calling itself `url=https://damus.io` looked like the user's real, OAuth-connected Damus.
+/// It is now shown as what the app says, marked unverified.
+#[test]
+fn a_nostrconnect_apps_own_site_is_not_shown_as_a_checked_origin() {
+    let (_dir, server) = start();
+    let (cookie, _) = register(&server, "impostor@example.com", None);
+    let uri = format!(
+        "nostrconnect://{}?relay=ws%3A%2F%2F127.0.0.1%3A9&secret=s3cret&name=Damus&url=https%3A%2F%2Fdamus.io",
+        nostr::Keys::generate().public_key().to_hex()
+    );
+    let accepted = post_json(
+        &server,
+        "/api/user/nostrconnect",
+        Some(&cookie),
+        &json!({ "uri": uri, "policy": "social" }),
+    );
+    assert!(accepted.status < 300, "{}", accepted.body);
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let shown = listed["authorizations"][0]["redirect_origin"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(shown, "https://damus.io", "{listed}");
+    assert!(
+        shown.contains("nostrconnect") && shown.contains("unverified"),
+        "{shown}"
+    );
+    let id = listed["authorizations"][0]["id"].as_str().unwrap();
+    for page in ["/dashboard".to_owned(), format!("/dashboard/authorizations/{id}")] {
+        let body = get(&server, &page, Some(&cookie)).body;
+        assert!(
+            !body.contains(">https://damus.io<"),
+            "{page} shows the app's claim as its origin: {body}"
+        );
+        assert!(body.contains("unverified"), "{page}: {body}");
+    }
+}
+
 fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
     let mut req = agent()
         .get(format!("{}{path}", server.base))
