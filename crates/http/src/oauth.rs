@@ -82,6 +82,15 @@ impl AuthorizeParams {
             ));
         }
         let origin = oauth::redirect_origin(&self.redirect_uri)?;
+        // An app whose codes come back to keycast's own address would be shown as keycast
+        // itself ("Allow https://keycast.example to sign for you?"), and its codes would land
+        // in keycast's own request log.
+        if crate::origin::is_own_origin(&state.options().public_url, None, &origin) {
+            return Err(OAuthFailure::new(
+                "invalid_request",
+                "redirect_uri is on keycast's own address; an app names an address of its own",
+            ));
+        }
         if self.code_challenge_method != "S256" || self.code_challenge.is_empty() {
             return Err(OAuthFailure::new(
                 "invalid_request",

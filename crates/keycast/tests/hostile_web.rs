@@ -388,6 +388,26 @@ fn a_nostrconnect_apps_own_site_is_not_shown_as_a_checked_origin() {
     }
 }
 
+/// An app that names keycast's own address as its redirect was shown as keycast itself —
+/// "Allow http://localhost:… to sign for you?", keycast's address — and its codes landed in
+/// keycast's own request log. Refused (400), whether the app is registered or not.
+#[test]
+fn an_app_redirecting_to_keycasts_own_address_is_refused() {
+    let (_dir, server) = start();
+    let (cookie, _) = register(&server, "mirror@example.com", None);
+    let port = server.base.rsplit(':').next().unwrap().trim_end_matches('/');
+    let own = format!("http://localhost:{port}/dashboard");
+    let (challenge, _) = harness::flow::pkce();
+    let query = harness::flow::authorize_query("policy:social", &challenge).replace(
+        &url::form_urlencoded::byte_serialize(REDIRECT.as_bytes()).collect::<String>(),
+        &url::form_urlencoded::byte_serialize(own.as_bytes()).collect::<String>(),
+    );
+    assert!(query.contains("localhost"), "{query}");
+    let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
+    assert_eq!(page.status, 400, "{}", page.body);
+    assert_eq!(page.json()["error"], "invalid_request", "{}", page.body);
+}
+
 fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
     let mut req = agent()
         .get(format!("{}{path}", server.base))
