@@ -327,7 +327,7 @@ async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose
             "Confirm your keycast email",
             format!(
                 "Hello,\n\nplease confirm that {email} is your email address for keycast by opening this link:\n\n\
-                 {base}/verify-email?token={token}\n\nThe link works once and expires in {hours} hours. If you did \
+                 {base}/verify-email#token={token}\n\nThe link works once and expires in {hours} hours. If you did \
                  not create a keycast account, ignore this mail.\n",
                 email = user.email,
                 token = token.expose(),
@@ -352,7 +352,7 @@ async fn send_mail(state: &AppState, db: &Db, user: &User, purpose: TokenPurpose
         body: text,
         purpose: purpose.as_str(),
         token: token.expose().clone(),
-        link: (purpose == TokenPurpose::VerifyEmail).then(|| format!("{base}/verify-email?token={}", token.expose())),
+        link: (purpose == TokenPurpose::VerifyEmail).then(|| format!("{base}/verify-email#token={}", token.expose())),
     });
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! `openapi.json`): `GET /` (to the dashboard or the login page), the register and login
 //! forms, the dashboard (key, authorizations with a revoke button, recent activity, log
 //! out, a new verification link), and the pages the mailed links lead to:
-//! `/verify-email?token=` (a button that confirms the address), `/reset-password#token=`
+//! `/verify-email#token=` (a button that confirms the address), `/reset-password#token=`
 //! (a new-password form) and `/forgot-password` (asks for a reset link).
 //!
 //! The form handlers call the same functions as the JSON endpoints
@@ -563,35 +563,51 @@ async fn link_is_live(state: &AppState, token: &str, purpose: TokenPurpose) -> R
     Ok(keycast_core::accounts::mail_token_is_live(db, token, purpose, keycast_db::now_unix()).await?)
 }
 
-/// `GET /verify-email?token=` (the mailed link) → a button that confirms the address, or
-/// (400) why the link no longer works.
+/// `GET /verify-email#token=` (the mailed link) → a button that confirms the address, the
+/// token taken from the fragment as on the reset page ([`reset_page`]): whoever registered
+/// someone else's address holds the password, so the token is the only proof of the mailbox,
+/// and in the query it was in every request log, mail scanner's report and browser history.
+/// A link mailed before, with `?token=`, is checked and sent on to the fragment form, or
+/// (400) told at once that it no longer works.
 async fn verify_page(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<TokenForm>,
 ) -> Result<Response, AppError> {
+    if q.token.trim().is_empty() {
+        return Ok(html(StatusCode::OK, verify_html("", None)));
+    }
     let token = mailed_token(&q.token)?;
     if !link_is_live(&state, token, TokenPurpose::VerifyEmail).await? {
         return Ok(dead_verify_link());
     }
-    Ok(html(StatusCode::OK, verify_html(token, None)))
+    to_fragment("/verify-email", token)
+}
+
+/// 303 to `path#token=…`: a legacy link's token moved out of the query.
+fn to_fragment(path: &str, token: &str) -> Result<Response, AppError> {
+    let fragment: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("token", token)
+        .finish();
+    let location = HeaderValue::from_str(&format!("{path}#{fragment}"))
+        .map_err(|_| AppError::BadRequest("this link is malformed: ask for a new one".into()))?;
+    Ok((StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response())
 }
 
 /// The confirmation form: the mailed token and the account's password. Only the person
 /// who registered knows the password; a mailbox owner who did not register is sent to the
 /// password reset, which takes the account over (see `core::account_security`).
 fn verify_html(token: &str, error: Option<&str>) -> String {
+    let token = token_field(token, "Confirmation code");
     let body = format!(
         "<h1>Confirm your email address</h1>{error}\
          <p>Enter your keycast password to confirm that this mailbox belongs to your account.</p>\
-         <form method=\"post\" action=\"/verify-email\">\
-         <input type=\"hidden\" name=\"token\" value=\"{token}\">\
+         <form method=\"post\" action=\"/verify-email\">{token}\
          <label>Password <input type=\"password\" name=\"password\" required autocomplete=\"current-password\"></label>\
          <button type=\"submit\">Confirm my email</button></form>\
          <p>Did not create a keycast account? Someone else did, with your address. \
          <a href=\"/forgot-password\">Reset the password</a> to take the account over: that disconnects \
          everything they set up.</p>",
         error = error_html(error),
-        token = escape(token),
     );
     layout("Confirm your email", &body)
 }
@@ -672,12 +688,7 @@ async fn reset_page(
     }
     let token = mailed_token(&q.token)?;
     if link_is_live(&state, token, TokenPurpose::ResetPassword).await? {
-        let fragment: String = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("token", token)
-            .finish();
-        let location = HeaderValue::from_str(&format!("/reset-password#{fragment}"))
-            .map_err(|_| AppError::BadRequest("this link is malformed: ask for a new one".into()))?;
-        return Ok((StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response());
+        return to_fragment("/reset-password", token);
     }
     let body = format!(
         "<h1>This link no longer works</h1>\
@@ -721,16 +732,23 @@ fn forgot_html(email: &str, error: Option<&str>) -> String {
     layout("Forgot password", &body)
 }
 
-/// The new-password form. Without `token` (the mailed link keeps it in its fragment) a
-/// field for it, which the page's script fills from the fragment and hides.
-fn reset_html(token: &str, error: Option<&str>) -> String {
-    let token = if token.is_empty() {
-        "<label>Reset code (the part of the mailed link after <code>#token=</code>) \
-         <input name=\"token\" required autocomplete=\"off\" data-from-fragment=\"token\"></label>"
-            .to_owned()
+/// A mailed token's form field: hidden, holding `token`; or without one (the mailed link
+/// keeps it in its fragment) a field named `label`, which the page's script fills from the
+/// fragment and hides.
+fn token_field(token: &str, label: &str) -> String {
+    if token.is_empty() {
+        format!(
+            "<label>{label} (the part of the mailed link after <code>#token=</code>) \
+             <input name=\"token\" required autocomplete=\"off\" data-from-fragment=\"token\"></label>"
+        )
     } else {
         format!("<input type=\"hidden\" name=\"token\" value=\"{}\">", escape(token))
-    };
+    }
+}
+
+/// The new-password form (see [`token_field`]).
+fn reset_html(token: &str, error: Option<&str>) -> String {
+    let token = token_field(token, "Reset code");
     let body = format!(
         "<h1>Choose a new password</h1>{error}\
          <form method=\"post\" action=\"/reset-password\">{token}\

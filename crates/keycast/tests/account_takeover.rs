@@ -239,7 +239,7 @@ fn the_development_outbox_prints_the_verification_link_so_one_machine_runs_the_w
     let email = "solo@example.org";
     register_unverified(&server, email, None);
     let token = mailed_token(&server, email, "verify_email");
-    wait_for_log(&server, &format!("/verify-email?token={token}"));
+    wait_for_log(&server, &format!("/verify-email#token={token}"));
     // A reset link never is: it alone would take the account over.
     post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
     let reset = mailed_token(&server, email, "reset_password");

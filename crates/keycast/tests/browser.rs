@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use harness::api::*;
-use harness::{run_with_timeout, Launch};
+use harness::{run_with_timeout, Keycast, Launch};
 use serde_json::{json, Value};
 
 /// Width and height from a PNG's IHDR chunk, or `None` if `bytes` is not a PNG.
@@ -103,6 +103,46 @@ fn a_person_registers_in_chromium_and_sees_their_key() {
     );
 }
 
+/// Opens the newest `purpose` mail's link for `email` in Chromium and submits its form with
+/// `password`: the token, the driver's result (every request sent, the address bar after the
+/// page's script ran, the page reached).
+fn follow_mailed_link(server: &Keycast, dir: &Path, email: &str, purpose: &str, password: &str) -> (String, Value) {
+    let token = harness::flow::mailed_token(server, email, purpose);
+    let outbox = get(server, "/api/test/outbox", None).json();
+    let body = outbox["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|m| m["purpose"] == purpose)
+        .and_then(|m| m["body"].as_str())
+        .unwrap()
+        .to_owned();
+    let link = body
+        .split_whitespace()
+        .find(|w| w.starts_with("http") && (w.contains("/verify-email") || w.contains("/reset-password")))
+        .unwrap_or_else(|| panic!("no link in:\n{body}"))
+        .to_owned();
+    let profile = dir.join(format!("chromium-profile-{purpose}"));
+    let seen = drive(
+        "a_mailed_link_keeps_its_token_out_of_every_request",
+        &[link.as_ref(), password.as_ref(), profile.as_ref()],
+    );
+    let sent = seen["sent"].as_array().unwrap();
+    assert!(sent.len() >= 2, "the page and the form's post: {seen}");
+    for request in sent {
+        assert!(
+            !request.to_string().contains(&token),
+            "the {purpose} token was sent in a request's URL or Referer: {request}"
+        );
+    }
+    assert!(
+        !seen["address"].as_str().unwrap().contains(&token),
+        "the token stays in the address bar (and the history): {seen}"
+    );
+    assert_eq!(seen["codeFieldVisible"], false, "the script filled the code in: {seen}");
+    (token, seen)
+}
+
 /// A reset link carried its token in the query: every request log in front of keycast
 /// (Cloud Run's keeps each URL) recorded it, and the form's post sent it again as `Referer`,
 /// for the hour it stayed usable — whoever reads those logs could take the account over and
@@ -127,42 +167,9 @@ fn a_reset_link_keeps_its_token_out_of_every_request() {
     assert_eq!(r.status, 201, "{}", r.body);
     let asked = post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
     assert_eq!(asked.status, 202, "{}", asked.body);
-    let token = harness::flow::mailed_token(&server, email, "reset_password");
-    let outbox = get(&server, "/api/test/outbox", None).json();
-    let body = outbox["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rfind(|m| m["purpose"] == "reset_password")
-        .and_then(|m| m["body"].as_str())
-        .unwrap()
-        .to_owned();
-    let link = body
-        .split_whitespace()
-        .find(|w| w.contains("/reset-password"))
-        .unwrap_or_else(|| panic!("no reset link in:\n{body}"));
-
     let new_password = "a new password typed in chromium";
-    let profile = dir.path().join("chromium-profile");
-    let seen = drive(
-        "a_reset_link_keeps_its_token_out_of_every_request",
-        &[link.as_ref(), new_password.as_ref(), profile.as_ref()],
-    );
-
+    let (_, seen) = follow_mailed_link(&server, dir.path(), email, "reset_password", new_password);
     assert_eq!(seen["heading"], "Your password was changed", "{seen}");
-    let sent = seen["sent"].as_array().unwrap();
-    assert!(sent.len() >= 2, "the page and the form's post: {seen}");
-    for request in sent {
-        assert!(
-            !request.to_string().contains(&token),
-            "the reset token was sent in a request's URL or Referer: {request}"
-        );
-    }
-    assert!(
-        !seen["address"].as_str().unwrap().contains(&token),
-        "the token stays in the address bar (and the history): {seen}"
-    );
-    assert_eq!(seen["codeFieldVisible"], false, "the script filled the code in: {seen}");
     let login = |password: &str| {
         post_json(
             &server,
@@ -174,6 +181,39 @@ fn a_reset_link_keeps_its_token_out_of_every_request() {
     };
     assert_eq!(login(new_password), 200);
     assert_eq!(login(PASSWORD), 401);
+}
+
+/// The address confirmation's link carried its token in the query, where request logs,
+/// mail scanners' reports and browser history keep it. Whoever registered someone else's
+/// address holds the password: the token is the only proof of the mailbox, and with it they
+/// confirm an address that is not theirs. Now in the fragment, as the reset link's.
+#[test]
+fn a_confirmation_link_keeps_its_token_out_of_every_request() {
+    if !chromium_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("KEYCAST_TEST_ROUTES", "true")
+        .start();
+    let email = "confirm-in-chromium@example.com";
+    let r = post_json(
+        &server,
+        "/api/auth/register",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (_, seen) = follow_mailed_link(&server, dir.path(), email, "verify_email", PASSWORD);
+    assert_eq!(seen["heading"], "Your email address is confirmed", "{seen}");
+    let login = post_json(
+        &server,
+        "/api/auth/login",
+        None,
+        &json!({ "email": email, "password": PASSWORD }),
+    );
+    assert_eq!(login.status, 200, "{}", login.body);
+    assert_eq!(login.json()["email_verified"], true, "{}", login.body);
 }
 
 /// An app that knows only `name@keycast` opens NIP-46 discovery's `nostrconnect_url` with its

@@ -115,6 +115,16 @@ fn link_in(text: &str, path: &str) -> String {
         .to_owned()
 }
 
+/// The `token` in a mailed link's fragment.
+fn fragment_token(link: &str) -> String {
+    let url = url::Url::parse(link).unwrap();
+    url::form_urlencoded::parse(url.fragment().expect("the token is in the fragment").as_bytes())
+        .find(|(k, _)| k == "token")
+        .expect("a token")
+        .1
+        .into_owned()
+}
+
 /// `/path?query` of an absolute link.
 fn path_and_query(link: &str) -> String {
     let url = url::Url::parse(link).unwrap();
@@ -124,16 +134,21 @@ fn path_and_query(link: &str) -> String {
 /// Confirms an email by following a mailed verify-email link like a person: open the page,
 /// type the account's password, press its button. Returns the confirmation page, or the
 /// link's page if it has no button.
+/// What a browser does with a confirmation link: opens its page (the token stays in the
+/// fragment, which no request carries), and the page's script puts the token in the form.
 fn follow_verify_link(server: &Keycast, link: &str) -> Reply {
     let page = get(server, &path_and_query(link), None);
-    if page.status != 200 {
-        return page;
-    }
+    assert_eq!(page.status, 200, "{}", page.body);
     assert_eq!(
         form_action(&page.body, "/verify-email").as_deref(),
         Some("/verify-email")
     );
-    let token = hidden_input(&page.body, "token").expect("the page carries the token");
+    assert!(
+        page.body.contains("data-from-fragment=\"token\""),
+        "the page takes the token from the fragment: {}",
+        page.body
+    );
+    let token = fragment_token(link);
     post_form(
         server,
         "/verify-email",
@@ -198,10 +213,10 @@ fn the_verification_mail_arrives_over_smtp_and_its_link_verifies_the_email() {
     assert!(raw.contains("Subject: Confirm your keycast email"), "{raw}");
     let python = Path::new(&aiosmtpd).with_file_name("python3");
     let body = decoded_body(&python, &raw);
-    let link = link_in(&body, "/verify-email?token=");
+    let link = link_in(&body, "/verify-email#token=");
     let port = server.base.rsplit(':').next().unwrap();
     assert!(
-        link.starts_with(&format!("http://localhost:{port}/verify-email?token=")),
+        link.starts_with(&format!("http://localhost:{port}/verify-email#token=")),
         "the link points at keycast's public URL: {link}"
     );
     // The mail went to SMTP, not to the development outbox.
@@ -209,24 +224,31 @@ fn the_verification_mail_arrives_over_smtp_and_its_link_verifies_the_email() {
     assert_eq!(outbox["messages"], json!([]), "{outbox}");
 
     assert!(!email_verified(&server, email));
+    let legacy = get(&server, &format!("/verify-email?token={}", fragment_token(&link)), None);
+    assert_eq!(
+        (legacy.status, legacy.location.clone()),
+        (303, Some(format!("/verify-email#token={}", fragment_token(&link)))),
+        "a link mailed before goes on to the fragment form: {}",
+        legacy.body
+    );
     let done = follow_verify_link(&server, &link);
     assert_eq!(done.status, 200, "{}", done.body);
     assert!(done.body.contains("Your email address is confirmed"), "{}", done.body);
     assert!(email_verified(&server, email));
 
-    // The link is single-use: opening it again explains instead of offering the button…
+    // The link is single-use: its form, sent again, explains (the page cannot tell before:
+    // the token stays in the fragment)…
     let again = follow_verify_link(&server, &link);
     assert_eq!(again.status, 400, "{}", again.body);
     assert!(again.body.contains("This link no longer works"), "{}", again.body);
     assert!(hidden_input(&again.body, "token").is_none(), "{}", again.body);
     // …and a page opened before the token was used says the same when its button is pressed.
-    let token = url::Url::parse(&link)
-        .unwrap()
-        .query_pairs()
-        .next()
-        .unwrap()
-        .1
-        .into_owned();
+    let token = fragment_token(&link);
+    // A link mailed before the token moved to the fragment is sent on to it while it works,
+    // and told at once that it no longer does afterwards.
+    let legacy = get(&server, &format!("/verify-email?token={token}"), None);
+    assert_eq!(legacy.status, 400, "{}", legacy.body);
+    assert!(legacy.body.contains("This link no longer works"), "{}", legacy.body);
     let late = post_form(
         &server,
         "/verify-email",
@@ -293,7 +315,7 @@ fn a_failed_delivery_is_logged_without_secrets_and_keeps_the_account() {
         "the SMTP password leaked into the log:\n{log}"
     );
     assert!(
-        !log.contains("/verify-email?token="),
+        !log.contains("/verify-email#token="),
         "the mailed link leaked into the log:\n{log}"
     );
     // Logging in works (and the address is, rightly, still unconfirmed).
@@ -461,7 +483,7 @@ fn a_new_verification_link_can_be_asked_for_without_revealing_accounts() {
     assert_eq!(mails.len(), 3);
 
     // Any of the links confirms; afterwards nothing more is sent, and the answer is the same.
-    let link = link_in(mails[2]["body"].as_str().unwrap(), "/verify-email?token=");
+    let link = link_in(mails[2]["body"].as_str().unwrap(), "/verify-email#token=");
     assert_eq!(follow_verify_link(&server, &link).status, 200);
     let verified = post_json(
         &server,

@@ -1,9 +1,9 @@
-// Opens a mailed reset link in Debian's Chromium (through playwright-core), types a new
-// password and submits, as a person would. Prints one JSON line: every request the browser
+// Opens a mailed link (a password reset's, an address confirmation's) in Debian's Chromium
+// (through playwright-core), types the password it asks for and submits, as a person would. Prints one JSON line: every request the browser
 // sent (its URL and `Referer`), the address bar after the page's script ran, and the page
 // reached.
 //
-//   node drive.js LINK NEW_PASSWORD PROFILE_DIR
+//   node drive.js LINK PASSWORD PROFILE_DIR
 //
 // The browser: ../chromium.js.
 const { launch } = require('../chromium.js');
