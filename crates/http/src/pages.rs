@@ -267,8 +267,9 @@ struct DashboardQuery {
 }
 
 /// `GET /dashboard` → the user's key, authorizations and recent activity; 303 to `/login`
-/// without a session. `?nostrconnect=` (the form filled in by a link made before the
-/// fragment form below) still works.
+/// without a session. `?nostrconnect=` (a link made before the fragment form below) is sent
+/// on to `#nostrconnect=` at once: rendered in place, the app's secret stayed in the address
+/// bar and went out as the `Referer` of every post from the page.
 async fn dashboard(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
@@ -277,6 +278,9 @@ async fn dashboard(
     let Some(session) = session else {
         return Ok(see_other("/login"));
     };
+    if let Some(uri) = query.nostrconnect.as_deref().filter(|uri| !uri.is_empty()) {
+        return to_fragment("/dashboard", "nostrconnect", uri);
+    }
     dashboard_page(&state, &session, &query).await
 }
 
@@ -580,13 +584,13 @@ async fn verify_page(
     if !link_is_live(&state, token, TokenPurpose::VerifyEmail).await? {
         return Ok(dead_verify_link());
     }
-    to_fragment("/verify-email", token)
+    to_fragment("/verify-email", "token", token)
 }
 
-/// 303 to `path#token=…`: a legacy link's token moved out of the query.
-fn to_fragment(path: &str, token: &str) -> Result<Response, AppError> {
+/// 303 to `path#name=value`: a legacy link's secret moved out of the query.
+fn to_fragment(path: &str, name: &str, value: &str) -> Result<Response, AppError> {
     let fragment: String = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("token", token)
+        .append_pair(name, value)
         .finish();
     let location = HeaderValue::from_str(&format!("{path}#{fragment}"))
         .map_err(|_| AppError::BadRequest("this link is malformed: ask for a new one".into()))?;
@@ -688,7 +692,7 @@ async fn reset_page(
     }
     let token = mailed_token(&q.token)?;
     if link_is_live(&state, token, TokenPurpose::ResetPassword).await? {
-        return to_fragment("/reset-password", token);
+        return to_fragment("/reset-password", "token", token);
     }
     let body = format!(
         "<h1>This link no longer works</h1>\

@@ -332,13 +332,19 @@ fn the_dashboard_form_authorizes_a_nostrconnect_app(engine: Engine) {
     // A link from any site may fill the form in: the page says what the link names, and
     // chooses no permission for the owner. (Before: the bare link in a text field, with
     // `social` — which decrypts every direct message — already chosen.)
-    let encoded: String = url::form_urlencoded::byte_serialize(uri.as_bytes()).collect();
-    let linked = get(&server, &format!("/dashboard?nostrconnect={encoded}"), Some(&cookie)).body;
+    // (What the page's script posts, from the link's `#nostrconnect=` fragment.)
+    let csrf = hidden_input(&dashboard.body, "csrf").unwrap();
+    let linked = post_form(
+        &server,
+        "/dashboard/nostrconnect/review",
+        Some(&cookie),
+        &[("csrf", &csrf), ("uri", uri)],
+    )
+    .body;
     for shown in [relay.url(), "keycast-tests", "choose what it may do", "App key"] {
         assert!(linked.contains(shown), "the page shows {shown:?}: {linked}");
     }
     assert!(!linked.contains("value=\"social\" selected"), "{linked}");
-    let csrf = hidden_input(&dashboard.body, "csrf").unwrap();
     let forged = post_form(
         &server,
         "/dashboard/nostrconnect",

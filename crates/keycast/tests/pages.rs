@@ -330,6 +330,28 @@ fn secret_fields_are_kept_out_of_password_managers_and_form_history() {
     }
 }
 
+/// A `nostrconnect://` link made before the fragment form (`/dashboard?nostrconnect=`) was
+/// rendered in place: the app's secret stayed in the address bar and the history, and went out
+/// again as the `Referer` of every post from that page (authorize, revoke, log out), which
+/// proxies and request logs keep. It is now sent on to the fragment form at once.
+#[test]
+fn a_legacy_nostrconnect_link_is_sent_on_to_the_fragment_form() {
+    let (_dir, server) = start(Engine::Sqlite);
+    let cookie = register_with_form(&server, "legacy@example.com");
+    let uri = format!(
+        "nostrconnect://{}?relay=ws%3A%2F%2F127.0.0.1%3A9&secret=s3cr3t-legacy",
+        nostr::Keys::generate().public_key().to_hex()
+    );
+    let encoded: String = url::form_urlencoded::byte_serialize(uri.as_bytes()).collect();
+    let page = get(&server, &format!("/dashboard?nostrconnect={encoded}"), Some(&cookie));
+    assert_eq!(page.status, 303, "{}", page.body);
+    assert_eq!(
+        page.location.as_deref(),
+        Some(format!("/dashboard#nostrconnect={encoded}").as_str())
+    );
+    assert!(!page.body.contains("s3cr3t-legacy"), "{}", page.body);
+}
+
 on_both_engines!(
     register_and_login_forms_lead_to_a_dashboard_showing_the_key,
     the_dashboard_lists_authorizations_and_revokes_only_with_the_csrf_token,
