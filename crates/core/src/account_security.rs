@@ -338,13 +338,18 @@ pub async fn export_key(
         return Err(AccountError::InvalidCredentials);
     }
     hold_after_password_check().await;
-    if !key_repo::mark_exported(db, &user.id, proof.checked_hash(), now).await? {
+    let Some(recorded) = key_repo::mark_exported(db, &user.id, proof.checked_hash(), now).await? else {
         return Err(refusal(db, proof, KeyError::NoKey).await?);
-    }
+    };
     event_repo::insert(db, &user.id, "key_exported", format.name(), now).await?;
+    // Fault injection: a pause in which the key may be replaced (fail point
+    // `export-after-record`).
+    hold("export-after-record").await;
     let key = match format {
-        ExportFormat::Nsec => keys::export_nsec(db, km, proof).await?,
-        ExportFormat::Ncryptsec(passphrase) => keys::export_ncryptsec(db, km, proof, &passphrase, queue).await?,
+        ExportFormat::Nsec => keys::export_nsec(db, km, proof, &recorded).await?,
+        ExportFormat::Ncryptsec(passphrase) => {
+            keys::export_ncryptsec(db, km, proof, &recorded, &passphrase, queue).await?
+        }
     };
     Ok(key)
 }

@@ -58,6 +58,11 @@ pub enum KeyError {
     /// NIP-49 encryption of an export failed.
     #[error("the key could not be exported as ncryptsec")]
     Export,
+    /// The key was replaced between the export's record and its read: nothing was handed out.
+    #[error(
+        "the key was replaced while it was being exported, so nothing was exported; export the new key if you need it"
+    )]
+    ReplacedMeanwhile,
     /// The hashing queue is full; retry shortly.
     #[error(transparent)]
     Busy(#[from] crate::hashing_queue::Busy),
@@ -201,30 +206,48 @@ pub async fn load_user_keys(db: &Db, km: &dyn KeyManager, user: &UserId) -> Resu
     Ok(keys)
 }
 
-/// Exports the re-authenticated user's key as `nsec1…`.
+/// The re-authenticated user's key, if it is still `recorded` (the public key an export
+/// recorded as exported): a key replaced since was recorded nowhere, and is not handed out.
+async fn recorded_key(db: &Db, km: &dyn KeyManager, proof: &Reauthenticated, recorded: &str) -> Result<Keys, KeyError> {
+    let keys = load_user_keys(db, km, proof.user_id()).await?;
+    if keys.public_key().to_hex() != recorded {
+        return Err(KeyError::ReplacedMeanwhile);
+    }
+    Ok(keys)
+}
+
+/// Exports the re-authenticated user's key as `nsec1…`, if it is still the key `recorded`
+/// (its public key) as exported.
 ///
 /// # Errors
-/// As [`load_user_keys`].
-pub async fn export_nsec(db: &Db, km: &dyn KeyManager, proof: &Reauthenticated) -> Result<Secret<String>, KeyError> {
-    let keys = load_user_keys(db, km, proof.user_id()).await?;
+/// As [`load_user_keys`]; [`KeyError::ReplacedMeanwhile`].
+pub async fn export_nsec(
+    db: &Db,
+    km: &dyn KeyManager,
+    proof: &Reauthenticated,
+    recorded: &str,
+) -> Result<Secret<String>, KeyError> {
+    let keys = recorded_key(db, km, proof, recorded).await?;
     let nsec = keys.secret_key().to_bech32().map_err(|_| KeyError::Export)?;
     Ok(Secret::new(nsec))
 }
 
 /// Exports the re-authenticated user's key as NIP-49 `ncryptsec1…`, encrypted under
-/// `passphrase` with scrypt cost [`NCRYPTSEC_LOG_N`]. CPU- and memory-heavy (~64 MiB,
-/// tenths of a second): runs through the bounded `queue`.
+/// `passphrase` with scrypt cost [`NCRYPTSEC_LOG_N`], if it is still the key `recorded` as
+/// exported. CPU- and memory-heavy (~64 MiB, tenths of a second): runs through the bounded
+/// `queue`.
 ///
 /// # Errors
-/// As [`load_user_keys`]; [`KeyError::Export`].
+/// As [`load_user_keys`]; [`KeyError::Export`], [`KeyError::ReplacedMeanwhile`].
 pub async fn export_ncryptsec(
     db: &Db,
     km: &dyn KeyManager,
     proof: &Reauthenticated,
+    recorded: &str,
     passphrase: &Secret<String>,
     queue: &crate::HashingQueue,
 ) -> Result<Secret<String>, KeyError> {
-    let keys = load_user_keys(db, km, proof.user_id()).await?;
+    let keys = recorded_key(db, km, proof, recorded).await?;
     let passphrase = passphrase.clone();
     queue
         .run(crate::hashing_queue::SCRYPT_MIB, move || {
@@ -469,13 +492,26 @@ mod tests {
         assert!(hasher.reauthenticate(&user, &"wrong-pw".into()).await.is_err());
         let proof = hasher.reauthenticate(&user, &"pw-pw-pw-pw".into()).await.unwrap();
 
-        let nsec = export_nsec(fx.pool(), fx.km.as_ref(), &proof).await.unwrap();
+        let recorded = fx.user_pubkey.to_hex();
+        let nsec = export_nsec(fx.pool(), fx.km.as_ref(), &proof, &recorded).await.unwrap();
         assert!(nsec.expose().starts_with("nsec1"));
         assert_eq!(Keys::parse(nsec.expose()).unwrap().public_key(), fx.user_pubkey);
+        let another = Keys::generate().public_key().to_hex();
+        assert!(matches!(
+            export_nsec(fx.pool(), fx.km.as_ref(), &proof, &another).await,
+            Err(KeyError::ReplacedMeanwhile)
+        ));
 
-        let ncryptsec = export_ncryptsec(fx.pool(), fx.km.as_ref(), &proof, &"file pass".into(), hasher.queue())
-            .await
-            .unwrap();
+        let ncryptsec = export_ncryptsec(
+            fx.pool(),
+            fx.km.as_ref(),
+            &proof,
+            &recorded,
+            &"file pass".into(),
+            hasher.queue(),
+        )
+        .await
+        .unwrap();
         assert!(ncryptsec.expose().starts_with("ncryptsec1"));
         let decrypted = EncryptedSecretKey::from_bech32(ncryptsec.expose())
             .unwrap()

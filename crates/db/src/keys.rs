@@ -188,6 +188,13 @@ pub async fn find_oldest_and_newest(db: &Db) -> Result<Vec<StoredKey>, RepoError
 /// [`RepoError::AlreadyExists`] if another user holds the new public key; database errors.
 pub async fn replace(db: &Db, new: &NewKey<'_>, password_hash: &str, now: i64) -> Result<bool, RepoError> {
     on_engine!(db, |pool| {
+        let mut tx = pool.begin().await?;
+        // The password is read in the statement's snapshot: on PostgreSQL a reset committed
+        // while this waited for the key's row would go unseen. Under the account's lock (the
+        // reset's password write takes it too) the statement reads after the reset.
+        if let Some(lock) = crate::users::account_lock(db.kind()) {
+            sqlx::query(lock).bind(new.user_id).execute(&mut *tx).await?;
+        }
         let done = sqlx::query(
             "UPDATE keys SET id = $1, pubkey = $2, encrypted_secret = $3, origin = $4, created_at = $5, \
          last_exported_at = NULL, exposed_at = NULL, exposure = NULL \
@@ -200,30 +207,41 @@ pub async fn replace(db: &Db, new: &NewKey<'_>, password_hash: &str, now: i64) -
         .bind(now)
         .bind(new.user_id)
         .bind(password_hash)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     })
 }
 
 /// Records that the user's key was exported at `now`, while `password_hash` (the one the
-/// export's password was checked against) is still the account's. Returns false if they
-/// have no key or the password changed (a reset meanwhile outranks the export).
+/// export's password was checked against) is still the account's, and returns the public
+/// key recorded: the export hands out that key only. `None` if they have no key or the
+/// password changed (a reset meanwhile outranks the export). On PostgreSQL under the
+/// account's lock, as [`replace`].
 ///
 /// # Errors
 /// Database errors.
-pub async fn mark_exported(db: &Db, user: &UserId, password_hash: &str, now: i64) -> Result<bool, RepoError> {
+pub async fn mark_exported(db: &Db, user: &UserId, password_hash: &str, now: i64) -> Result<Option<String>, RepoError> {
     on_engine!(db, |pool| {
-        let done = sqlx::query(
+        let mut tx = pool.begin().await?;
+        if let Some(lock) = crate::users::account_lock(db.kind()) {
+            sqlx::query(lock).bind(user).execute(&mut *tx).await?;
+        }
+        let recorded: Option<String> = sqlx::query_scalar(
             "UPDATE keys SET last_exported_at = $1 \
-             WHERE user_id = $2 AND EXISTS (SELECT 1 FROM users WHERE id = $2 AND password_hash = $3)",
+             WHERE user_id = $2 AND EXISTS (SELECT 1 FROM users WHERE id = $2 AND password_hash = $3) \
+             RETURNING pubkey",
         )
         .bind(now)
         .bind(user)
         .bind(password_hash)
-        .execute(pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .next();
+        tx.commit().await?;
+        Ok(recorded)
     })
 }
 
@@ -318,12 +336,17 @@ mod tests {
         for (_guard, db) in temp_dbs().await {
             let user = test_user(&db, "a@x.org").await;
             insert(&db, &new_key(&KeyId::generate(), &user, "aa"), 1).await.unwrap();
-            assert!(
-                !mark_exported(&db, &user, "another password's hash", 5).await.unwrap(),
+            assert_eq!(
+                mark_exported(&db, &user, "another password's hash", 5).await.unwrap(),
+                None,
                 "checked against a password that is no longer the account's"
             );
             assert_eq!(find_by_user(&db, &user).await.unwrap().unwrap().last_exported_at, None);
-            assert!(mark_exported(&db, &user, STUB_HASH, 5).await.unwrap());
+            assert_eq!(
+                mark_exported(&db, &user, STUB_HASH, 5).await.unwrap().as_deref(),
+                Some("aa"),
+                "the export hands out the key it recorded"
+            );
             assert!(mark_exposed(&db, &user, "first", 6).await.unwrap());
             assert!(mark_exposed(&db, &user, "second", 7).await.unwrap());
             let key = find_by_user(&db, &user).await.unwrap().unwrap();

@@ -217,7 +217,9 @@ impl From<KeyError> for AppError {
     fn from(err: KeyError) -> Self {
         match err {
             KeyError::InvalidImport => AppError::BadRequest(err.to_string()),
-            KeyError::KeyTaken | KeyError::AlreadyHasKey => AppError::Conflict(err.to_string()),
+            KeyError::KeyTaken | KeyError::AlreadyHasKey | KeyError::ReplacedMeanwhile => {
+                AppError::Conflict(err.to_string())
+            }
             KeyError::NoKey => AppError::NotFound(err.to_string()),
             KeyError::Busy(busy) => busy.into(),
             KeyError::Repo(e) => e.into(),

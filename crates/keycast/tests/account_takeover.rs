@@ -437,6 +437,48 @@ fn a_nostrconnect_acceptance_whose_session_a_reset_ended_after_its_check_writes_
     a_grant_whose_session_a_reset_ended_after_its_check_is_never_written("nostrconnect-after-session-check");
 }
 
+/// An export records the key as exported, then reads the key to hand it out. A key
+/// replacement in between (the owner starting fresh) cleared that record with the old key,
+/// and the export handed out the new key, recorded nowhere: the dashboard never said the new
+/// key had left keycast, and a later take-over would not mark it exposed. Now an export hands
+/// out only the key it recorded (409 otherwise: nothing exported).
+#[test]
+fn an_export_racing_a_key_replacement_hands_out_only_the_key_it_recorded() {
+    let (_dir, server) = start();
+    let (cookie, _) = register(&server, "racing-export@example.com", None);
+    let before = get(&server, "/api/user/key", Some(&cookie)).json()["pubkey"].clone();
+    if !harness::arm_failpoint(&server, "export-after-record", "1*return(1500)") {
+        return;
+    }
+    let held = server.held_count("export-after-record");
+    let (exported, replaced) = std::thread::scope(|scope| {
+        let exporting = scope.spawn(|| export(&server, &cookie, PASSWORD));
+        server.wait_until_held("export-after-record", held + 1);
+        let replaced = post_json(
+            &server,
+            "/api/user/key/replace",
+            Some(&cookie),
+            &json!({ "password": PASSWORD }),
+        );
+        (exporting.join().unwrap(), replaced)
+    });
+    assert_eq!(replaced.status, 200, "{}", replaced.body);
+    let after = replaced.json()["pubkey"].clone();
+    assert_ne!(before, after);
+    if exported.status == 200 {
+        let nsec = exported.json()["key"].as_str().unwrap_or_default().to_owned();
+        let handed_out = nostr::SecretKey::parse(&nsec).map(|k| Keys::new(k).public_key().to_hex());
+        assert_eq!(
+            handed_out.ok().as_deref(),
+            before.as_str(),
+            "the export handed out a key it did not record: {}",
+            exported.body
+        );
+    } else {
+        assert_eq!(exported.status, 409, "{}", exported.body);
+    }
+}
+
 /// Whoever holds the password changes it while the mailbox owner resets it: the change was
 /// checked against the old password, then waited (the hashing queue) while the reset took
 /// the account over. Before, the change then wrote its password over the owner's and opened

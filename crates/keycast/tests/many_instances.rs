@@ -1178,6 +1178,78 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
+/// PostgreSQL reads a statement's subqueries in the snapshot it started with. An export's
+/// record ("exported, if the password it checked is still the account's") that waited for the
+/// key's row past a password reset still saw the old password, and went through: the export
+/// handed the key out, and the reset's take-over — which had already looked — never marked it
+/// exposed, so the mailbox owner kept a key the password holder had. Under the account's lock
+/// (which the reset's password write takes too) either the export comes first and the reset
+/// sees it, or the export finds the new password and refuses.
+#[test]
+fn an_export_held_up_across_a_password_reset_is_seen_by_the_reset() {
+    let Some((_dir, servers)) = instances(1) else {
+        return;
+    };
+    let server = &servers[0];
+    let database = server.database.clone().unwrap();
+    let email = "held-export@example.com";
+    let (holder, _) = register(server, email, None);
+    let user = database.query(&format!("SELECT id FROM users WHERE email = '{email}'"));
+    let lock = LockingSession::holding(
+        &database,
+        &format!("BEGIN; DO $$ BEGIN PERFORM 1 FROM keys WHERE user_id = '{user}' FOR UPDATE; END $$;"),
+    );
+    let waiting = || {
+        database.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+    };
+    let (exported, reset) = std::thread::scope(|scope| {
+        let exporting = scope.spawn(|| {
+            post_json(
+                server,
+                "/api/user/key/export",
+                Some(&holder),
+                &json!({ "password": PASSWORD, "format": "nsec" }),
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while waiting() == "0" {
+            assert!(Instant::now() < deadline, "the export never waited on the key's row");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let resetting = scope.spawn(|| {
+            let asked = post_json(server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+            assert_eq!(asked.status, 202, "{}", asked.body);
+            let token = harness::flow::mailed_token(server, email, "reset_password");
+            let body = json!({ "token": token, "password": "the mailbox owner's own" });
+            post_json(server, "/api/auth/reset-password", None, &body)
+        });
+        // The reset runs as far as it can before the key's row is let go: to its end (the
+        // code before the fix), or until it waits for the export's lock on the account.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !resetting.is_finished() && waiting() != "2" {
+            assert!(Instant::now() < deadline, "the reset neither finished nor waited");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(lock);
+        (exporting.join().unwrap(), resetting.join().unwrap())
+    });
+    assert_eq!(reset.status, 200, "{}", reset.body);
+    let exposed = database.query(&format!(
+        "SELECT COALESCE(exposure, '') FROM keys WHERE user_id = '{user}'"
+    ));
+    if exported.status == 200 {
+        assert!(
+            !exposed.is_empty(),
+            "the key was exported across the reset and is not marked exposed: {}",
+            exported.body
+        );
+    } else {
+        assert_eq!(exported.status, 401, "{}", exported.body);
+    }
+}
+
 #[test]
 fn instances_starting_together_migrate_once() {
     let Some(_) = harness::engine::postgres_server() else {
