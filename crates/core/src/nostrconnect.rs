@@ -172,7 +172,10 @@ impl NostrConnectUri {
     /// Refuses the URI if its relays would take `user` past `caps.per_account` distinct
     /// relays, or keycast past `caps.total`. The operator's relays (`operator`) never
     /// count; a relay already in use (by this account, or by anyone for the total) adds
-    /// nothing. Two acceptances racing may overshoot by one URI; the NIP-46 transport
+    /// nothing. `stored` is this URI's own grant once it is stored, left out of the count:
+    /// acceptances at once each find room before any stores its grant, so each counts again
+    /// after (every other stored grant then counted) and takes its grant back if refused;
+    /// of two that overlap, the later one stored sees the earlier. The NIP-46 transport also
     /// never connects to more than `caps.total` relays whatever the database holds.
     ///
     /// # Errors
@@ -184,14 +187,16 @@ impl NostrConnectUri {
         user: &keycast_db::UserId,
         caps: RelayCaps,
         operator: &[String],
+        stored: Option<&keycast_db::AuthorizationId>,
     ) -> Result<(), RelayCapError> {
         let except = serde_json::to_string(operator).unwrap_or_default();
         let rows = keycast_db::authz::list_live_relays(db, &except, keycast_db::now_unix()).await?;
+        let rows = rows.into_iter().filter(|(id, _, _)| Some(id) != stored);
         // `wss://r.example` and `wss://r.example/` are one relay.
         let normalize = |r: &str| url::Url::parse(r).map(String::from).ok();
         let operator: HashSet<String> = operator.iter().filter_map(|r| normalize(r)).collect();
         let (mut mine, mut all) = (HashSet::new(), HashSet::new());
-        for (owner, relays) in rows {
+        for (_, owner, relays) in rows {
             let relays: Vec<String> = serde_json::from_str(&relays).unwrap_or_default();
             for relay in relays.iter().filter_map(|r| normalize(r)) {
                 if operator.contains(&relay) {
@@ -425,7 +430,7 @@ mod tests {
         let check = |user: &keycast_db::UserId, relays: &[&str]| {
             let (uri, user, operator) = (uri(relays), user.clone(), operator.clone());
             let pool = fx.pool().clone();
-            async move { uri.check_relay_caps(&pool, &user, caps, &operator).await }
+            async move { uri.check_relay_caps(&pool, &user, caps, &operator, None).await }
         };
         let accept = |user: &keycast_db::UserId, relays: &[&str]| {
             let relays: Vec<String> = uri(relays).relays;

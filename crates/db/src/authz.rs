@@ -292,22 +292,26 @@ pub async fn list_bunkers_to_serve(db: &Db, ended_since: i64) -> Result<Vec<Live
     })
 }
 
-/// `(user, relays as JSON array text)` of every live authorization (not revoked, not past
+/// `(id, user, relays as JSON array text)` of every live authorization (not revoked, not past
 /// its terms' expiry at `now`) whose relays are not exactly `except` (the JSON text grants
 /// made with the operator's relays carry, so the common case is skipped in SQL). For the
 /// caps on relays named by apps: an expired grant counted against them for good.
 ///
 /// # Errors
 /// Database errors.
-pub async fn list_live_relays(db: &Db, except: &str, now: i64) -> Result<Vec<(UserId, String)>, RepoError> {
+pub async fn list_live_relays(
+    db: &Db,
+    except: &str,
+    now: i64,
+) -> Result<Vec<(AuthorizationId, UserId, String)>, RepoError> {
     let sql = match db.kind() {
         EngineKind::Sqlite => concat!(
-            "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1 AND COALESCE(",
+            "SELECT id, user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1 AND COALESCE(",
             sqlite_expires!(),
             ", $2 + 1) > $2"
         ),
         EngineKind::Postgres => concat!(
-            "SELECT user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1 AND COALESCE(",
+            "SELECT id, user_id, relays FROM authorizations WHERE revoked_at IS NULL AND relays <> $1 AND COALESCE(",
             postgres_expires!(),
             ", $2 + 1) > $2"
         ),
@@ -696,7 +700,7 @@ pub(crate) mod tests {
                 .await
                 .unwrap();
             let relays = list_live_relays(&db, "[]", 1_000).await.unwrap();
-            assert_eq!(relays, vec![(user.clone(), live.relays.clone())]);
+            assert_eq!(relays, vec![(live.id.clone(), user.clone(), live.relays.clone())]);
             assert_eq!(
                 list_live_relays(&db, "[]", 400).await.unwrap().len(),
                 2,

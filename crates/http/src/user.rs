@@ -156,13 +156,7 @@ async fn usable_nostrconnect(
             .map_err(|e| AppError::BadRequest(e.to_string()))?;
     }
     let (db, _) = state.api()?;
-    let options = state.options();
-    uri.check_relay_caps(db, user, options.nostrconnect_relay_caps, &options.relays)
-        .await
-        .map_err(|e| match e {
-            RelayCapError::Refused(e) => AppError::BadRequest(e.to_string()),
-            RelayCapError::Repo(e) => e.into(),
-        })?;
+    check_relay_caps(state, user, uri, None).await?;
     // A public policy, or one of the user's own custom policies.
     policies::find_usable(db, user, policy).await?.ok_or_else(|| {
         AppError::BadRequest(format!(
@@ -170,6 +164,23 @@ async fn usable_nostrconnect(
              GET /api/user/policies your own"
         ))
     })
+}
+
+/// [`NostrConnectUri::check_relay_caps`] with keycast's caps and relays (400 past a cap).
+async fn check_relay_caps(
+    state: &AppState,
+    user: &UserId,
+    uri: &NostrConnectUri,
+    stored: Option<&keycast_db::AuthorizationId>,
+) -> Result<(), AppError> {
+    let (db, _) = state.api()?;
+    let options = state.options();
+    uri.check_relay_caps(db, user, options.nostrconnect_relay_caps, &options.relays, stored)
+        .await
+        .map_err(|e| match e {
+            RelayCapError::Refused(e) => AppError::BadRequest(e.to_string()),
+            RelayCapError::Repo(e) => e.into(),
+        })
 }
 
 /// Creates a `nostrconnect://` authorization for `user` and waits until it is durable
@@ -204,6 +215,11 @@ pub(crate) async fn accept_nostrconnect(
             e @ GrantError::TooManyGrants { .. } => AppError::Conflict(e.to_string()),
             e => keycast_core::InternalError::from(e).into(),
         })?;
+    // Counted again with the grant stored: acceptances at once each found room above.
+    if let Err(refused) = check_relay_caps(state, user, &uri, Some(&authz.id)).await {
+        revoke_authorization(state, user, authz.id.to_string()).await?;
+        return Err(refused);
+    }
     state.confirm_write(true).await?;
     // NIP-46 starts listening for the new bunker on hearing this, then answers the client.
     services.signer.announce_nostrconnect(&authz, &uri);

@@ -245,6 +245,62 @@ fn relays_named_by_apps_are_capped_per_account_and_in_total() {
     assert_eq!(reconnected(), 2, "the third relay is left out; log:\n{}", server.log());
 }
 
+/// Acceptances at once each counted the relays in use before any of them had stored its
+/// grant, so all found room: five took an account to ten relays named by apps against a cap
+/// of two (and two accounts could fill keycast's total, refusing everyone else's apps). Each
+/// acceptance now counts again once its grant is stored, every other stored grant included,
+/// and takes its grant back (400) if it went past a cap.
+#[test]
+fn acceptances_racing_past_the_relay_caps_keep_within_them() {
+    let operator = ScriptedRelay::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Launch::new(&dir.path().join("data"))
+        .env("BUNKER_RELAYS", &operator.url())
+        .env("KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT", "2")
+        .start();
+    let (cookie, _) = register(&server, "racer@example.com", None);
+    if !harness::arm_failpoint(&server, "nostrconnect-before-grant", "return(3000)") {
+        return;
+    }
+    let held = server.held_count("nostrconnect-before-grant");
+    let replies: Vec<Reply> = std::thread::scope(|scope| {
+        let racing: Vec<_> = (0..5)
+            .map(|i| {
+                let (server, cookie) = (&server, &cookie);
+                scope.spawn(move || {
+                    let relays = [format!("ws://127.0.0.1:9/r{i}a"), format!("ws://127.0.0.1:9/r{i}b")];
+                    nostrconnect(server, cookie, &Keys::generate(), &[&relays[0], &relays[1]])
+                })
+            })
+            .collect();
+        // Every one of them past the first count before any stores its grant.
+        server.wait_until_held("nostrconnect-before-grant", held + 5);
+        racing.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let accepted = replies.iter().filter(|r| r.status < 300).count();
+    assert!(
+        accepted <= 1,
+        "{accepted} of 5 accepted: {:?}",
+        replies.iter().map(|r| &r.body).collect::<Vec<_>>()
+    );
+    for refused in replies.iter().filter(|r| r.status >= 300) {
+        assert_eq!(refused.status, 400, "{}", refused.body);
+        assert!(
+            refused.body.contains("KEYCAST_NOSTRCONNECT_MAX_RELAYS_PER_ACCOUNT"),
+            "{}",
+            refused.body
+        );
+    }
+    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
+    let live = listed["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["revoked_at"].is_null())
+        .count();
+    assert_eq!(live, accepted, "{listed}");
+}
+
 /// Valid kind-24133 requests for `bunker`, each from a fresh key (a stranger), `n` of them:
 /// pings and sign requests, NIP-44 encrypted to the bunker, signed. Made on two threads.
 fn stranger_requests(bunker: PublicKey, n: usize) -> Vec<String> {
