@@ -278,25 +278,50 @@ pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoErro
                     "authorization_id = $1 AND {class} AND (created_at < $2 OR (created_at = $2 AND id <= $3)) \
                      AND NOT (method = 'sign_event' AND result IS NULL AND created_at >= $4)"
                 );
-                let counted = format!(
-                    "UPDATE authorizations SET signatures_pruned = signatures_pruned + (SELECT COUNT(*) FROM \
-                     activity WHERE {doomed} AND method = 'sign_event' AND result IS NULL) WHERE id = $1"
-                );
-                sqlx::query(sqlx::AssertSqlSafe(counted))
-                    .bind(authz)
-                    .bind(at)
-                    .bind(&id)
-                    .bind(protect_since)
-                    .execute(&mut *tx)
-                    .await?;
-                removed += sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM activity WHERE {doomed}")))
-                    .bind(authz)
-                    .bind(at)
-                    .bind(&id)
-                    .bind(protect_since)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+                // On PostgreSQL each statement reads the snapshot it began with: a count taken
+                // apart from the delete, by an instance that then waited for another pruning the
+                // same grant, counted that one's signatures again (and missed rows another
+                // instance's flush wrote in between). So the delete says what it removed, and
+                // that is what is counted. SQLite writes one transaction at a time.
+                removed += match db.kind() {
+                    EngineKind::Postgres => {
+                        let removed: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                            "WITH gone AS (DELETE FROM activity WHERE {doomed} RETURNING method, result) \
+                             UPDATE authorizations SET signatures_pruned = signatures_pruned + (SELECT COUNT(*) \
+                             FROM gone WHERE method = 'sign_event' AND result IS NULL) WHERE id = $1 \
+                             RETURNING (SELECT COUNT(*) FROM gone)"
+                        )))
+                        .bind(authz)
+                        .bind(at)
+                        .bind(&id)
+                        .bind(protect_since)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .unwrap_or(0);
+                        u64::try_from(removed).unwrap_or(0)
+                    }
+                    EngineKind::Sqlite => {
+                        let counted = format!(
+                            "UPDATE authorizations SET signatures_pruned = signatures_pruned + (SELECT COUNT(*) FROM \
+                             activity WHERE {doomed} AND method = 'sign_event' AND result IS NULL) WHERE id = $1"
+                        );
+                        sqlx::query(sqlx::AssertSqlSafe(counted))
+                            .bind(authz)
+                            .bind(at)
+                            .bind(&id)
+                            .bind(protect_since)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM activity WHERE {doomed}")))
+                            .bind(authz)
+                            .bind(at)
+                            .bind(&id)
+                            .bind(protect_since)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected()
+                    }
+                };
             }
         }
         tx.commit().await?;
@@ -422,6 +447,65 @@ mod tests {
                 (newest[0].method.as_str(), newest[0].transport.as_str(), newest[0].kind),
                 ("sign_event", "http", Some(1))
             );
+        }
+    }
+
+    /// Two instances pruning one grant at once, on PostgreSQL: each counted the signatures it
+    /// was about to remove in the snapshot its statement began with, so the one that waited for
+    /// the other's commit counted the other's signatures again — the owner's page showed more
+    /// signatures than were made, and a grant's limits re-seeded from that total ran out early.
+    /// Each now counts exactly what its own delete removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_prunes_of_one_grant_at_once_count_each_signature_once() {
+        for (_guard, db) in temp_dbs().await {
+            let crate::pool::Engine::Postgres(pool) = db.engine() else {
+                continue;
+            };
+            let user = test_user(&db, "a@x.org").await;
+            let authz = test_authorization(&db, &user, "b1").await;
+            let rows: Vec<_> = (1..=300).map(|t| record(&authz.id, t)).collect();
+            insert_batch(&db, &rows).await.unwrap();
+            // A third session holds the grant's row, so that both prunes are under way before
+            // either can finish.
+            let mut holder = pool.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM authorizations WHERE id = $1 FOR UPDATE")
+                .bind(&authz.id)
+                .execute(&mut *holder)
+                .await
+                .unwrap();
+            let pruning: Vec<_> = (0..2)
+                .map(|_| {
+                    let (db, grant) = (
+                        db.clone(),
+                        Prune {
+                            authorization_id: authz.id.clone(),
+                            protect_since: None,
+                        },
+                    );
+                    tokio::spawn(async move { prune(&db, 100, &[grant]).await })
+                })
+                .collect();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(pool)
+                .await
+                .unwrap();
+                if waiting >= 2 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "the prunes never both waited");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            holder.rollback().await.unwrap();
+            for pruned in pruning {
+                pruned.await.unwrap().unwrap();
+            }
+            assert_eq!(signatures(&db, &authz.id, 0).await.unwrap().0, 300);
+            assert_eq!(list_for_authorization(&db, &authz.id, 1000).await.unwrap().len(), 100);
         }
     }
 
