@@ -27,7 +27,7 @@ json -d "{\"email\": \"$email\", \"password\": \"$password\"}" "$kc/api/auth/reg
 say "2. Confirm the email: the link keycast mailed (logged by the development outbox)"
 token=""
 for _ in $(seq 50); do
-  token="$(grep -o "verify-email?token=[A-Za-z0-9_-]*" "$log" | tail -1 | cut -d= -f2 || true)"
+  token="$(grep -o "verify-email#token=[A-Za-z0-9_-]*" "$log" | tail -1 | cut -d= -f2 || true)"
   [ -n "$token" ] && break
   sleep 0.1
 done
