@@ -267,11 +267,59 @@ pub async fn exchange_code(
             "code_verifier must be 43-128 characters of [A-Za-z0-9-._~]",
         ));
     }
-    let (db, km) = (signer.db(), signer.key_manager());
+    let db = signer.db();
     let hash = hash_token(request.code);
     let Some(code) = oauth_repo::redeem_code(db, &hash, now).await? else {
         return Err(reused(signer, request, now).await?);
     };
+    let mut grant = match grant_of(signer, request, &code, relays, lifetimes, max_live, now).await {
+        Ok(grant) => grant,
+        Err(refused) => {
+            // The code is used up and became no grant: it goes, so that presenting it again
+            // reads as an unknown code, not as the theft of a grant (see `reused`).
+            if let Err(err) = oauth_repo::drop_unlinked_code(db, &hash).await {
+                tracing::warn!(error = %err, "a refused code could not be removed; it expires in minutes");
+            }
+            return Err(refused);
+        }
+    };
+    if let Some(ms) = held_before_link() {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    if !oauth_repo::link_code(db, &hash, &grant.authorization.id).await? {
+        // Since this code's redemption, every grant of the account was revoked (a password
+        // reset, a new key, a deletion), or the code was presented again with its verifier
+        // (see `reused`): the grant goes too.
+        signer
+            .revoke_authorization(&grant.authorization.id, &code.user_id)
+            .await?;
+        return Err(invalid_grant(
+            "the code was used again while it was being exchanged, or the account's grants were revoked since \
+             it was issued; authorize the app again",
+        ));
+    }
+    // No refresh token outlives a grant for a time.
+    let refresh_secs = match grant.authorization.terms.expires_at {
+        Some(at) => (at - now).clamp(1, lifetimes.refresh_secs),
+        None => lifetimes.refresh_secs,
+    };
+    let refresh = issue_refresh_token(db, &grant.authorization.id, refresh_secs, now).await?;
+    grant.refresh_token = Some(refresh);
+    Ok(grant)
+}
+
+/// The grant the redeemed `code` becomes, once `request` proves it may: its client, redirect
+/// URI and PKCE verifier match, and the policy chosen at consent is still there.
+async fn grant_of(
+    signer: &Signer,
+    request: &TokenRequest<'_>,
+    code: &keycast_db::oauth::OAuthCode,
+    relays: &[String],
+    lifetimes: TokenLifetimes,
+    max_live: u32,
+    now: i64,
+) -> Result<Grant, OAuthError> {
+    let db = signer.db();
     if !ct_eq(code.client_id.as_bytes(), request.client_id.as_bytes()) {
         return Err(invalid_grant("client_id does not match the code"));
     }
@@ -305,36 +353,13 @@ pub async fn exchange_code(
         // The code is what the owner's consent wrote: a reset since deleted it (`link_code`).
         session: None,
     };
-    let mut grant = match create_grant(db, km, &new, now).await {
+    match create_grant(db, signer.key_manager(), &new, now).await {
         // Deleted between the check above and the insert.
-        Err(GrantError::PolicyDeleted { .. }) => return Err(deleted()),
+        Err(GrantError::PolicyDeleted { .. }) => Err(deleted()),
         // Consent checks this too; codes issued before the account filled up end here.
-        Err(e @ GrantError::TooManyGrants { .. }) => return Err(invalid_grant(e.to_string())),
-        other => other?,
-    };
-    if let Some(ms) = held_before_link() {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Err(e @ GrantError::TooManyGrants { .. }) => Err(invalid_grant(e.to_string())),
+        other => Ok(other?),
     }
-    if !oauth_repo::link_code(db, &hash, &grant.authorization.id).await? {
-        // Since this code's redemption, every grant of the account was revoked (a password
-        // reset, a new key, a deletion), or the code was presented again with its verifier
-        // (see `reused`): the grant goes too.
-        signer
-            .revoke_authorization(&grant.authorization.id, &code.user_id)
-            .await?;
-        return Err(invalid_grant(
-            "the code was used again while it was being exchanged, or the account's grants were revoked since \
-             it was issued; authorize the app again",
-        ));
-    }
-    // No refresh token outlives a grant for a time.
-    let refresh_secs = match grant.authorization.terms.expires_at {
-        Some(at) => (at - now).clamp(1, lifetimes.refresh_secs),
-        None => lifetimes.refresh_secs,
-    };
-    let refresh = issue_refresh_token(db, &grant.authorization.id, refresh_secs, now).await?;
-    grant.refresh_token = Some(refresh);
-    Ok(grant)
 }
 
 /// What a code presented after it was redeemed gets. RFC 6749 §4.1.2: such a code may have
@@ -594,6 +619,8 @@ mod tests {
         assert!(err.to_string().contains("code_verifier does not match"), "{err}");
         let retry = exchange(&fx, &token_request(&c), 102).await.unwrap_err();
         assert_eq!(retry.code(), "invalid_grant", "the code was used up");
+        // It became no grant, so presenting it again is no theft of one.
+        assert!(!retry.to_string().contains("revoked"), "{retry}");
         let c = code(&fx).await;
         let wrong_client = TokenRequest {
             client_id: "evil",
@@ -611,6 +638,8 @@ mod tests {
         };
         let err = exchange(&fx, &wrong_redirect, 101).await.unwrap_err();
         assert!(err.to_string().contains("redirect_uri"), "{err}");
+        let retry = exchange(&fx, &token_request(&c), 102).await.unwrap_err();
+        assert!(!retry.to_string().contains("revoked"), "{retry}");
     }
 
     #[tokio::test]
