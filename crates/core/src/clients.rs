@@ -79,7 +79,8 @@ pub fn validate(new: &NewClient) -> Result<(), ClientError> {
     let name = new.name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(crate::shown::disguises) {
         return Err(invalid(format!(
-            "name must be 1 to {MAX_NAME_CHARS} printable characters"
+            "name must be 1 to {MAX_NAME_CHARS} characters, and {}",
+            crate::shown::REFUSED
         )));
     }
     if new.redirect_uris.is_empty() || new.redirect_uris.len() > MAX_REDIRECT_URIS {

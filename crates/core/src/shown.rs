@@ -3,23 +3,35 @@
 //! app's name, a policy's name, an account's address.
 
 /// Whether `c` hides or reorders the text around it instead of showing itself: a control
-/// character, or one of Unicode's format characters that steer direction (embeddings,
-/// overrides, isolates, marks), join or split words without a glyph (zero-width space and
-/// joiners, word joiner, soft hyphen), or tag text unseen (byte-order mark, tag characters).
-/// A name holding one can read as another name ("Da\u{200b}mus"), or turn the page's own
-/// words after it back to front (a right-to-left override).
+/// character or a line or paragraph separator; one of Unicode's format characters that steer
+/// direction (embeddings, overrides, isolates, marks); one that splits or pads words without a
+/// glyph (zero-width space, word joiner, soft hyphen, combining grapheme joiner, the Hangul
+/// and Khmer fillers); or one that tags text unseen (byte-order mark, tag characters). A name
+/// holding one can read as another name ("Da\u{200b}mus"), or turn the page's own words after
+/// it back to front (a right-to-left override). The zero-width non-joiner and joiner
+/// (U+200C, U+200D) and the variation selectors pass: Persian spelling, Indic scripts and
+/// emoji sequences need them.
 pub fn disguises(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
             '\u{00AD}'
+                | '\u{034F}'
                 | '\u{061C}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
                 | '\u{180E}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
+                | '\u{200B}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{2028}'..='\u{202E}'
                 | '\u{2060}'..='\u{2064}'
                 | '\u{2066}'..='\u{206F}'
+                | '\u{3164}'
                 | '\u{FEFF}'
+                | '\u{FFA0}'
                 | '\u{FFF9}'..='\u{FFFB}'
                 | '\u{E0001}'
                 | '\u{E0020}'..='\u{E007F}'
@@ -36,20 +48,17 @@ mod tests {
 
     #[test]
     fn what_disguises_a_name_and_what_does_not() {
-        for c in [
-            '\0',
-            '\n',
-            '\u{202E}',
-            '\u{2066}',
-            '\u{200B}',
-            '\u{200F}',
-            '\u{FEFF}',
-            '\u{E0041}',
-        ] {
+        let hidden = "\0\n\u{202E}\u{2066}\u{200B}\u{200F}\u{FEFF}\u{E0041}\u{034F}\u{3164}\u{2028}";
+        for c in hidden.chars() {
             assert!(disguises(c), "{c:?}");
         }
-        for c in ['a', 'Ü', 'é', 'ש', '中', '🙂', ' ', '-'] {
+        for c in "aÜéש中🙂 -".chars() {
             assert!(!disguises(c), "{c:?}");
+        }
+        // Persian spelling (a zero-width non-joiner) and emoji sequences (a joiner, a
+        // variation selector) are names people give.
+        for name in ["می\u{200C}خواهم", "👩\u{200D}💻", "🏳\u{FE0F}\u{200D}🌈"] {
+            assert!(!name.chars().any(disguises), "{name}");
         }
     }
 }
