@@ -60,17 +60,20 @@ pub enum MigrateError {
     )]
     Behind { database: i64, binary: i64 },
     #[error(
-        "every role may create objects in the schema {schema}, on keycast's search path: \
-         another role could plant a table or function there that keycast would then run as its \
-         own role (PostgreSQL 14 and older allow it on `public` by default); close it with \
-         `REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC` (see docs/POSTGRESQL.md)"
+        "roles other than keycast's may create objects where keycast's SQL finds its tables and \
+         functions (a schema on its search path, or a new schema in its database): such a role \
+         could plant a table or function that keycast would then run as its own role \
+         (PostgreSQL 14 and older let every role create in `public`); close it with: {revokes} \
+         (see docs/POSTGRESQL.md)"
     )]
-    SchemaOpen { schema: String },
+    SchemaOpen { revokes: String },
     #[error(
-        "the schemas keycast uses hold objects of roles keycast's role is not a member of: \
-         {objects}; keycast would run what such a role planted (a trigger on a table it writes, a \
-         function its queries call) as its own role, so it does not start: drop them, or give \
-         keycast a database or schema of its own (see docs/POSTGRESQL.md)"
+        "the schemas on keycast's search path hold objects of roles keycast's role is not a member \
+         of: {objects}; keycast would run what such a role planted (a trigger on a table it writes, \
+         a function its queries call) as its own role, so it does not start. Drop what is not \
+         keycast's; if these are keycast's own tables, made under another role, make keycast's role \
+         their owner (`REASSIGN OWNED BY <that role> TO <keycast's role>`); or give keycast a \
+         database of its own (see docs/POSTGRESQL.md)"
     )]
     ForeignObjects { objects: String },
     #[error("cannot read the applied migrations: {0}{hint}", hint = crate::error::pooler_hint(.0))]
@@ -259,33 +262,30 @@ pub(crate) async fn run_to(db: &Db, version: i64) {
 /// role. A trigger runs as whoever fires it and a function as whoever calls it: a table sqlx
 /// would find already there (it creates `_sqlx_migrations` only if missing), or an overload
 /// of a function keycast's SQL calls (resolved across every schema on the search path), runs
-/// its owner's code with keycast's rights over every table keycast owns. So: no role outside
-/// keycast's may own a table, function or operator in the schemas on keycast's search path,
-/// and none may create one there later. Superusers' objects and extensions' are the
-/// operator's, not a co-tenant's (a superuser could do anything anyway).
+/// its owner's code with keycast's rights over every table keycast owns.
+///
+/// So, in the schemas on keycast's search path, every table, function and operator must be
+/// owned by a trusted role, and only trusted roles may create there; nor may an untrusted role
+/// create a schema in the database (one named after keycast's role would come first on the
+/// default search path). Trusted: keycast's role, the roles it is a member of (its group roles
+/// are its own: on Cloud SQL every built-in user belongs to `cloudsqlsuperuser`, see
+/// POSTGRESQL.md), and superusers (who could do anything anyway). An extension's objects count
+/// as its owner's, since an extension's owner may add any object of its own to it.
 async fn check_schemas_are_keycasts(conn: &mut sqlx::PgConnection) -> Result<(), MigrateError> {
-    let open: Option<String> = sqlx::query_scalar(
-        "SELECT CAST(n.nspname AS TEXT) FROM pg_namespace n, \
-                aclexplode(COALESCE(n.nspacl, acldefault('n', n.nspowner))) AS a \
-         WHERE n.nspname = ANY (current_schemas(false)) AND a.grantee = 0 AND a.privilege_type = 'CREATE' \
-         LIMIT 1",
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(schema) = open {
-        return Err(MigrateError::SchemaOpen { schema });
-    }
     let foreign: Vec<String> = sqlx::query_scalar(
         "WITH objects (catalog, oid, kind, name, namespace, owner) AS ( \
            SELECT CAST('pg_class' AS regclass), oid, 'relation', CAST(relname AS TEXT), relnamespace, relowner FROM pg_class \
            UNION ALL SELECT CAST('pg_proc' AS regclass), oid, 'function', CAST(proname AS TEXT), pronamespace, proowner FROM pg_proc \
-           UNION ALL SELECT CAST('pg_operator' AS regclass), oid, 'operator', CAST(oprname AS TEXT), oprnamespace, oprowner FROM pg_operator) \
-         SELECT format('%s %s.%s (owner %s)', o.kind, n.nspname, o.name, r.rolname) \
-         FROM objects o JOIN pg_namespace n ON n.oid = o.namespace JOIN pg_roles r ON r.oid = o.owner \
-         WHERE n.nspname = ANY (current_schemas(false)) \
-           AND NOT r.rolsuper AND NOT pg_has_role(current_user, o.owner, 'USAGE') \
-           AND NOT EXISTS (SELECT 1 FROM pg_depend d \
-                           WHERE d.classid = o.catalog AND d.objid = o.oid AND d.deptype = 'e') \
+           UNION ALL SELECT CAST('pg_operator' AS regclass), oid, 'operator', CAST(oprname AS TEXT), oprnamespace, oprowner FROM pg_operator), \
+         owned (kind, schema, name, owner) AS ( \
+           SELECT o.kind, n.nspname, o.name, COALESCE(e.extowner, o.owner) \
+           FROM objects o JOIN pg_namespace n ON n.oid = o.namespace \
+           LEFT JOIN pg_depend d ON d.classid = o.catalog AND d.objid = o.oid AND d.deptype = 'e' \
+           LEFT JOIN pg_extension e ON e.oid = d.refobjid \
+           WHERE n.nspname = ANY (current_schemas(false))) \
+         SELECT format('%s %s.%s (owner %s)', o.kind, o.schema, o.name, r.rolname) \
+         FROM owned o JOIN pg_roles r ON r.oid = o.owner \
+         WHERE NOT r.rolsuper AND NOT pg_has_role(current_user, o.owner, 'USAGE') \
          ORDER BY 1 LIMIT 20",
     )
     .fetch_all(&mut *conn)
@@ -293,6 +293,29 @@ async fn check_schemas_are_keycasts(conn: &mut sqlx::PgConnection) -> Result<(),
     if !foreign.is_empty() {
         return Err(MigrateError::ForeignObjects {
             objects: foreign.join(", "),
+        });
+    }
+    let open: Vec<String> = sqlx::query_scalar(
+        "WITH grants (what, grantee) AS ( \
+           SELECT format('SCHEMA %I', n.nspname), a.grantee FROM pg_namespace n, \
+                  aclexplode(COALESCE(n.nspacl, acldefault('n', n.nspowner))) AS a \
+           WHERE n.nspname = ANY (current_schemas(false)) AND a.privilege_type = 'CREATE' \
+           UNION ALL \
+           SELECT format('DATABASE %I', d.datname), a.grantee FROM pg_database d, \
+                  aclexplode(COALESCE(d.datacl, acldefault('d', d.datdba))) AS a \
+           WHERE d.datname = current_database() AND a.privilege_type = 'CREATE') \
+         SELECT format('REVOKE CREATE ON %s FROM %s', g.what, \
+                       CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(g.grantee)) END) \
+         FROM grants g \
+         WHERE g.grantee = 0 OR NOT (pg_has_role(current_user, g.grantee, 'USAGE') \
+                                      OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = g.grantee AND r.rolsuper)) \
+         ORDER BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if !open.is_empty() {
+        return Err(MigrateError::SchemaOpen {
+            revokes: open.join("; "),
         });
     }
     Ok(())

@@ -130,10 +130,67 @@ fn a_schema_every_role_may_create_in_is_refused_naming_the_fix() {
         "{}",
         refused.stderr
     );
-    // Once closed, the same database serves.
+    // A grant to one other role, with nothing planted yet, is as open: it could plant after
+    // the check. So is CREATE on the database, which lets a role make a schema named after
+    // keycast's role, found first on the default search path.
     database.query("REVOKE CREATE ON SCHEMA public FROM PUBLIC");
+    for (grant, revoke) in [
+        (
+            format!("GRANT CREATE ON SCHEMA public TO {}", roles.mallory),
+            format!("REVOKE CREATE ON SCHEMA public FROM {}", roles.mallory),
+        ),
+        (
+            format!("GRANT CREATE ON DATABASE {} TO {}", database.name(), roles.mallory),
+            format!("REVOKE CREATE ON DATABASE {} FROM {}", database.name(), roles.mallory),
+        ),
+    ] {
+        database.query(&grant);
+        let refused = match keycast_as(dir.path(), &database, &roles.keycast).start_or_exit() {
+            Ok(_) => panic!("keycast started although {grant}"),
+            Err(refused) => refused,
+        };
+        assert!(refused.stderr.contains(&revoke), "{revoke}: {}", refused.stderr);
+        database.query(&revoke);
+    }
+    // Once closed, the same database serves.
     let server = keycast_as(dir.path(), &database, &roles.keycast).start();
     register(&server, "someone@example.com", None);
+}
+
+/// An extension's objects are the operator's, but only when its owner is trusted: the owner
+/// of an extension may add any object of its own to it (`ALTER EXTENSION … ADD`), and a
+/// co-tenant that owns one could hide a planted table that way.
+#[test]
+fn a_table_hidden_in_a_co_tenants_extension_is_still_refused() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("laundered");
+    let roles = roles(&database);
+    // A trusted extension (pg_trgm is one) may be created by any role that may create in the
+    // database, and is then that role's. The grants are taken back once it has planted.
+    let (mal, db) = (&roles.mallory, database.name());
+    database.query(&format!(
+        "GRANT CREATE ON SCHEMA public TO {mal}; GRANT CREATE ON DATABASE {db} TO {mal}"
+    ));
+    harness::engine::psql(
+        &as_role(&database, mal),
+        "CREATE EXTENSION pg_trgm; CREATE TABLE _sqlx_migrations (version BIGINT); \
+         ALTER EXTENSION pg_trgm ADD TABLE _sqlx_migrations",
+    );
+    database.query(&format!(
+        "REVOKE CREATE ON SCHEMA public FROM {mal}; REVOKE CREATE ON DATABASE {db} FROM {mal}"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let refused = match keycast_as(dir.path(), &database, &roles.keycast).start_or_exit() {
+        Ok(_) => panic!("keycast started beside a table hidden in a co-tenant's extension"),
+        Err(refused) => refused,
+    };
+    assert!(
+        refused.stderr.contains(&format!("(owner {mal})")),
+        "the refusal names the co-tenant: {}",
+        refused.stderr
+    );
 }
 
 /// What an operator puts beside keycast is no co-tenant's plant: an extension, and objects of
