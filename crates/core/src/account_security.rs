@@ -345,13 +345,24 @@ pub async fn export_key(
     // Fault injection: a pause in which the key may be replaced (fail point
     // `export-after-record`).
     hold("export-after-record").await;
-    let key = match format {
-        ExportFormat::Nsec => keys::export_nsec(db, km, proof, &recorded).await?,
+    let exported = match format {
+        ExportFormat::Nsec => keys::export_nsec(db, km, proof, &recorded).await,
         ExportFormat::Ncryptsec(passphrase) => {
-            keys::export_ncryptsec(db, km, proof, &recorded, &passphrase, queue).await?
+            keys::export_ncryptsec(db, km, proof, &recorded, &passphrase, queue).await
         }
     };
-    Ok(key)
+    if let Err(KeyError::ReplacedMeanwhile) = exported {
+        // The account's record says "exported" above: it says what became of it too.
+        event_repo::insert(
+            db,
+            &user.id,
+            "key_export_abandoned",
+            "the key was replaced meanwhile",
+            now,
+        )
+        .await?;
+    }
+    Ok(exported?)
 }
 
 /// Starts fresh: replaces the re-authenticated user's key with a newly generated one and

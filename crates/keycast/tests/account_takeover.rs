@@ -476,6 +476,15 @@ fn an_export_racing_a_key_replacement_hands_out_only_the_key_it_recorded() {
         );
     } else {
         assert_eq!(exported.status, 409, "{}", exported.body);
+        let activity = get(&server, "/api/user/activity", Some(&cookie)).json();
+        assert!(
+            activity["account"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["event"] == "key_export_abandoned"),
+            "the account's record says the export did not happen: {activity}"
+        );
     }
 }
 
