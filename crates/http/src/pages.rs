@@ -261,8 +261,8 @@ async fn dismiss_exposure_form(
 struct DashboardQuery {
     /// `verification` after a new verification link was requested.
     sent: Option<String>,
-    /// An app's `nostrconnect://` URI, to fill in the consent form (NIP-46 discovery's
-    /// `nostrconnect_url` points here).
+    /// An app's `nostrconnect://` URI from a link made before the fragment form
+    /// (`#nostrconnect=`, NIP-46 discovery's `nostrconnect_url`): sent on to that form.
     nostrconnect: Option<String>,
 }
 

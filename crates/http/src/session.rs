@@ -62,11 +62,8 @@ impl SessionUser {
         let (db, _) = state.api()?;
         match accounts::session_user(db, &self.token, now_unix()).await? {
             Some(user) if user.id == self.user.id => Ok(()),
-            _ => Err(AppError::Unauthorized(
-                "your session ended while this was under way (signed out, or the password was changed or reset); \
-                 nothing was authorized. Log in again"
-                    .into(),
-            )),
+            // What an insert conditional on the session says when it finds it gone.
+            _ => Err(keycast_db::RepoError::SessionEnded.into()),
         }
     }
 }

@@ -277,7 +277,6 @@ fn an_approval_clicked_as_its_page_appears_is_refused() {
     assert!(read.body.contains("Allowed"), "{}", read.body);
 }
 
-/// The response headers of a GET, lowercased names.
 /// Text an app chooses is shown on keycast's own pages: its `client_id` on the consent page,
 /// its `nostrconnect://` name on the dashboard and the approval page. Unicode's invisible
 /// format characters passed the check for control characters: a right-to-left override
@@ -408,6 +407,7 @@ fn an_app_redirecting_to_keycasts_own_address_is_refused() {
     assert_eq!(page.json()["error"], "invalid_request", "{}", page.body);
 }
 
+/// The response headers of a GET, lowercased names.
 fn headers_of(server: &Keycast, path: &str, cookie: Option<&str>) -> (u16, Vec<(String, String)>) {
     let mut req = agent()
         .get(format!("{}{path}", server.base))
