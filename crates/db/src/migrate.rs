@@ -63,8 +63,9 @@ pub enum MigrateError {
         "roles other than keycast's may create objects where keycast's SQL finds its tables and \
          functions (a schema on its search path, or a new schema in its database): such a role \
          could plant a table or function that keycast would then run as its own role \
-         (PostgreSQL 14 and older let every role create in `public`); close it with: {revokes} \
-         (see docs/POSTGRESQL.md)"
+         (PostgreSQL 14 and older let every role create in `public`); close it with: {revokes}; \
+         or leave that schema off keycast's search path (`ALTER ROLE <keycast's role> SET \
+         search_path = …`), or give keycast a database of its own (see docs/POSTGRESQL.md)"
     )]
     SchemaOpen { revokes: String },
     #[error(
@@ -265,29 +266,26 @@ pub(crate) async fn run_to(db: &Db, version: i64) {
 /// its owner's code with keycast's rights over every table keycast owns.
 ///
 /// So, in the schemas on keycast's search path, every table, function and operator must be
-/// owned by a trusted role, and only trusted roles may create there; nor may an untrusted role
+/// a trusted role's, and only trusted roles may create there; nor may every role (PUBLIC)
 /// create a schema in the database (one named after keycast's role would come first on the
-/// default search path). Trusted: keycast's role, the roles it is a member of (its group roles
-/// are its own: on Cloud SQL every built-in user belongs to `cloudsqlsuperuser`, see
-/// POSTGRESQL.md), and superusers (who could do anything anyway). An extension's objects count
-/// as its owner's, since an extension's owner may add any object of its own to it.
+/// default search path). Trusted ([`TRUSTED`]): keycast's role and the roles it is a member
+/// of (its group roles are its own: on Cloud SQL every built-in user belongs to
+/// `cloudsqlsuperuser`, see POSTGRESQL.md), superusers, and the owners of the database and of
+/// those schemas — the operator, who could do all of this anyway. An object added to an
+/// extension stays its owner's: an extension's own objects belong to the superuser who
+/// installed it, or to the bootstrap superuser for a trusted extension.
 async fn check_schemas_are_keycasts(conn: &mut sqlx::PgConnection) -> Result<(), MigrateError> {
-    let foreign: Vec<String> = sqlx::query_scalar(
-        "WITH objects (catalog, oid, kind, name, namespace, owner) AS ( \
-           SELECT CAST('pg_class' AS regclass), oid, 'relation', CAST(relname AS TEXT), relnamespace, relowner FROM pg_class \
-           UNION ALL SELECT CAST('pg_proc' AS regclass), oid, 'function', CAST(proname AS TEXT), pronamespace, proowner FROM pg_proc \
-           UNION ALL SELECT CAST('pg_operator' AS regclass), oid, 'operator', CAST(oprname AS TEXT), oprnamespace, oprowner FROM pg_operator), \
-         owned (kind, schema, name, owner) AS ( \
-           SELECT o.kind, n.nspname, o.name, COALESCE(e.extowner, o.owner) \
-           FROM objects o JOIN pg_namespace n ON n.oid = o.namespace \
-           LEFT JOIN pg_depend d ON d.classid = o.catalog AND d.objid = o.oid AND d.deptype = 'e' \
-           LEFT JOIN pg_extension e ON e.oid = d.refobjid \
-           WHERE n.nspname = ANY (current_schemas(false))) \
-         SELECT format('%s %s.%s (owner %s)', o.kind, o.schema, o.name, r.rolname) \
-         FROM owned o JOIN pg_roles r ON r.oid = o.owner \
-         WHERE NOT r.rolsuper AND NOT pg_has_role(current_user, o.owner, 'USAGE') \
-         ORDER BY 1 LIMIT 20",
-    )
+    let foreign: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH {TRUSTED}, \
+         objects (kind, name, namespace, owner) AS ( \
+           SELECT 'relation', CAST(relname AS TEXT), relnamespace, relowner FROM pg_class \
+           UNION ALL SELECT 'function', CAST(proname AS TEXT), pronamespace, proowner FROM pg_proc \
+           UNION ALL SELECT 'operator', CAST(oprname AS TEXT), oprnamespace, oprowner FROM pg_operator) \
+         SELECT format('%s %s.%s (owner %s)', o.kind, n.nspname, o.name, r.rolname) \
+         FROM objects o JOIN pg_namespace n ON n.oid = o.namespace JOIN pg_roles r ON r.oid = o.owner \
+         WHERE n.nspname = ANY (current_schemas(false)) AND o.owner NOT IN (SELECT oid FROM trusted) \
+         ORDER BY 1 LIMIT 20"
+    )))
     .fetch_all(&mut *conn)
     .await?;
     if !foreign.is_empty() {
@@ -295,22 +293,21 @@ async fn check_schemas_are_keycasts(conn: &mut sqlx::PgConnection) -> Result<(),
             objects: foreign.join(", "),
         });
     }
-    let open: Vec<String> = sqlx::query_scalar(
-        "WITH grants (what, grantee) AS ( \
+    let open: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "WITH {TRUSTED}, \
+         grants (what, grantee) AS ( \
            SELECT format('SCHEMA %I', n.nspname), a.grantee FROM pg_namespace n, \
                   aclexplode(COALESCE(n.nspacl, acldefault('n', n.nspowner))) AS a \
            WHERE n.nspname = ANY (current_schemas(false)) AND a.privilege_type = 'CREATE' \
+             AND a.grantee NOT IN (SELECT oid FROM trusted) \
            UNION ALL \
            SELECT format('DATABASE %I', d.datname), a.grantee FROM pg_database d, \
                   aclexplode(COALESCE(d.datacl, acldefault('d', d.datdba))) AS a \
-           WHERE d.datname = current_database() AND a.privilege_type = 'CREATE') \
+           WHERE d.datname = current_database() AND a.privilege_type = 'CREATE' AND a.grantee = 0) \
          SELECT format('REVOKE CREATE ON %s FROM %s', g.what, \
                        CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(g.grantee)) END) \
-         FROM grants g \
-         WHERE g.grantee = 0 OR NOT (pg_has_role(current_user, g.grantee, 'USAGE') \
-                                      OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = g.grantee AND r.rolsuper)) \
-         ORDER BY 1",
-    )
+         FROM grants g ORDER BY 1"
+    )))
     .fetch_all(&mut *conn)
     .await?;
     if !open.is_empty() {
@@ -320,6 +317,17 @@ async fn check_schemas_are_keycasts(conn: &mut sqlx::PgConnection) -> Result<(),
     }
     Ok(())
 }
+
+/// The `trusted (oid)` CTE of [`check_schemas_are_keycasts`]: superusers, keycast's role and
+/// its group roles, the database's owner, the owners of the schemas on the search path, and
+/// `pg_database_owner` (PostgreSQL 15's owner of `public`, standing for the database's owner).
+/// PUBLIC (oid 0) never is.
+const TRUSTED: &str = "db AS (SELECT datdba FROM pg_database WHERE datname = current_database()), \
+     trusted (oid) AS ( \
+       SELECT oid FROM pg_roles \
+       WHERE rolsuper OR pg_has_role(current_user, oid, 'USAGE') OR rolname = 'pg_database_owner' \
+       UNION SELECT datdba FROM db \
+       UNION SELECT nspowner FROM pg_namespace WHERE nspname = ANY (current_schemas(false)))";
 
 /// How often a start waiting for the migration lock says so.
 const LOCK_WAIT_SAID_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -332,6 +340,7 @@ async fn lock_holder(conn: &mut sqlx::PgConnection) -> Result<String, sqlx::Erro
                 COALESCE(CAST(EXTRACT(EPOCH FROM now() - a.xact_start) AS BIGINT), 0) \
          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
            AND l.classid = CAST($1 >> 32 AS oid) AND l.objid = CAST($1 & 4294967295 AS oid)",
     )
     .bind(MIGRATION_LOCK)

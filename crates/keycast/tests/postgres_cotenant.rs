@@ -131,8 +131,8 @@ fn a_schema_every_role_may_create_in_is_refused_naming_the_fix() {
         refused.stderr
     );
     // A grant to one other role, with nothing planted yet, is as open: it could plant after
-    // the check. So is CREATE on the database, which lets a role make a schema named after
-    // keycast's role, found first on the default search path.
+    // the check. So is CREATE on the database for every role, which lets any role make a
+    // schema named after keycast's role, found first on the default search path.
     database.query("REVOKE CREATE ON SCHEMA public FROM PUBLIC");
     for (grant, revoke) in [
         (
@@ -140,8 +140,8 @@ fn a_schema_every_role_may_create_in_is_refused_naming_the_fix() {
             format!("REVOKE CREATE ON SCHEMA public FROM {}", roles.mallory),
         ),
         (
-            format!("GRANT CREATE ON DATABASE {} TO {}", database.name(), roles.mallory),
-            format!("REVOKE CREATE ON DATABASE {} FROM {}", database.name(), roles.mallory),
+            format!("GRANT CREATE ON DATABASE {} TO PUBLIC", database.name()),
+            format!("REVOKE CREATE ON DATABASE {} FROM PUBLIC", database.name()),
         ),
     ] {
         database.query(&grant);
@@ -191,6 +191,26 @@ fn a_table_hidden_in_a_co_tenants_extension_is_still_refused() {
         "the refusal names the co-tenant: {}",
         refused.stderr
     );
+}
+
+/// The usual set-up by hand: an administrator (here the superuser) creates the database and
+/// grants keycast's role the use of `public`. The database's and the schema's owners are the
+/// operator, trusted: keycast starts and serves.
+#[test]
+fn a_database_an_administrator_owns_with_keycast_granted_public_serves() {
+    if harness::engine::postgres_server().is_none() {
+        return;
+    }
+    let database = PgDatabase::create("granted");
+    let keycast = format!("{}_kc", database.name());
+    database.query(&format!(
+        "CREATE ROLE {keycast} LOGIN; GRANT CONNECT ON DATABASE {db} TO {keycast}; \
+         GRANT USAGE, CREATE ON SCHEMA public TO {keycast}",
+        db = database.name()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let server = keycast_as(dir.path(), &database, &keycast).start();
+    register(&server, "granted@example.com", None);
 }
 
 /// What an operator puts beside keycast is no co-tenant's plant: an extension, and objects of
