@@ -207,9 +207,7 @@ pub fn normalize_email(email: &str) -> Result<String, AccountError> {
 /// [`AccountError::InvalidEmail`].
 pub fn new_email(email: &str) -> Result<String, AccountError> {
     let email = normalize_email(email)?;
-    let mailbox_syntax = email
-        .chars()
-        .any(|c| crate::shown::disguises(c) || "<>()[]\\,;:\"".contains(c));
+    let mailbox_syntax = crate::shown::disguised(&email) || email.chars().any(|c| "<>()[]\\,;:\"".contains(c));
     // Dot-atoms, as a mailer reads them: `user@example.org.` or `a..b@x.org` were accepted,
     // and the account could never be sent its verification or a reset link.
     let dot_atoms = email

@@ -69,7 +69,8 @@ fn invalid(message: impl Into<String>) -> ClientError {
     ClientError::Invalid(message.into())
 }
 
-/// Checks a registration: a name of 1 to [`MAX_NAME_CHARS`] printable characters, 1 to
+/// Checks a registration: a name of 1 to [`MAX_NAME_CHARS`] characters, none that disguises
+/// it ([`crate::shown::disguised`]), 1 to
 /// [`MAX_REDIRECT_URIS`] redirect URIs that keycast would accept (https, or http on
 /// loopback; no fragment), and a logo URL, if any, on https.
 ///
@@ -77,7 +78,7 @@ fn invalid(message: impl Into<String>) -> ClientError {
 /// [`ClientError::Invalid`] naming the field.
 pub fn validate(new: &NewClient) -> Result<(), ClientError> {
     let name = new.name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(crate::shown::disguises) {
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || crate::shown::disguised(name) {
         return Err(invalid(format!(
             "name must be 1 to {MAX_NAME_CHARS} characters, and {}",
             crate::shown::REFUSED

@@ -70,7 +70,7 @@ fn checked(name: &str, permissions: &Permissions, kept: Option<&str>) -> Result<
     }
     // Never meant in a name; and a NUL is text PostgreSQL refuses (a 500 there, and on
     // SQLite a row that stops `keycast migrate --to`).
-    if kept != Some(name) && name.chars().any(crate::shown::disguises) {
+    if kept != Some(name) && crate::shown::disguised(name) {
         return Err(invalid(format!("name {}", crate::shown::REFUSED)));
     }
     if permissions.blocked_words.iter().any(|w| w.contains('\0')) {

@@ -108,8 +108,8 @@ impl NostrConnectUri {
                 return Err(bad(format!("the {k} parameter is too long")));
             }
             // Shown and stored (the name becomes the grant's `client_id`): a control character
-            // is never meant, a NUL is text PostgreSQL refuses, and see `shown::disguises`.
-            if v.chars().any(crate::shown::disguises) {
+            // is never meant, a NUL is text PostgreSQL refuses, and see `shown::disguised`.
+            if crate::shown::disguised(&v) {
                 return Err(bad(format!("the {k} parameter {}", crate::shown::REFUSED)));
             }
             let v = v.into_owned();

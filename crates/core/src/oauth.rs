@@ -100,8 +100,8 @@ pub fn check_client_id(client_id: &str) -> Result<(), OAuthError> {
     }
     // RFC 6749 §A.1: visible characters and spaces. A control character is never meant, a
     // NUL is text PostgreSQL refuses (a 500 there, and a row that stops the move there), and
-    // the consent page shows the id: see `shown::disguises`.
-    if client_id.chars().any(crate::shown::disguises) {
+    // the consent page shows the id: see `shown::disguised`.
+    if crate::shown::disguised(client_id) {
         return Err(invalid_request(format!("client_id {}", crate::shown::REFUSED)));
     }
     Ok(())

@@ -38,6 +38,22 @@ pub fn disguises(c: char) -> bool {
         )
 }
 
+/// Whether `name` holds a character that [`disguises`] it, or a zero-width non-joiner or
+/// joiner (U+200C, U+200D) next to an ASCII character or at either end: the scripts and emoji
+/// that need them never put them there, and there they only make a name look like another
+/// ("Da\u{200d}mus", or an `app_…` id that is not one).
+pub fn disguised(name: &str) -> bool {
+    let chars: Vec<char> = name.chars().collect();
+    chars.iter().enumerate().any(|(i, &c)| {
+        disguises(c)
+            || (matches!(c, '\u{200C}' | '\u{200D}') && {
+                let before = i.checked_sub(1).and_then(|j| chars.get(j));
+                let after = chars.get(i + 1);
+                [before, after].iter().any(|n| n.is_none_or(char::is_ascii))
+            })
+    })
+}
+
 /// What a refusal says of a name holding such a character.
 pub const REFUSED: &str =
     "may not hold control characters or invisible formatting characters (such as a right-to-left override or a zero-width space)";
@@ -56,9 +72,19 @@ mod tests {
             assert!(!disguises(c), "{c:?}");
         }
         // Persian spelling (a zero-width non-joiner) and emoji sequences (a joiner, a
-        // variation selector) are names people give.
-        for name in ["می\u{200C}خواهم", "👩\u{200D}💻", "🏳\u{FE0F}\u{200D}🌈"] {
-            assert!(!name.chars().any(disguises), "{name}");
+        // variation selector) are names people give; the same joiners beside ASCII only make
+        // a name look like another.
+        for name in ["می\u{200C}خواهم", "👩\u{200D}💻", "🏳\u{FE0F}\u{200D}🌈", "Über App"] {
+            assert!(!disguised(name), "{name}");
+        }
+        for name in [
+            "Da\u{200D}mus",
+            "app_\u{200C}0123",
+            "\u{200D}👩",
+            "Da\u{200B}mus",
+            "x\u{202E}",
+        ] {
+            assert!(disguised(name), "{name}");
         }
     }
 }

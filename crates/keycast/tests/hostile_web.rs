@@ -292,6 +292,7 @@ fn names_with_invisible_or_reordering_characters_are_refused() {
     for disguised in [
         "Primal%E2%80%AE",
         "Da%E2%80%8Bmus",
+        "Da%E2%80%8Dmus",
         "%E2%81%A6app%E2%81%A9",
         "app%EF%BB%BF",
     ] {
@@ -332,7 +333,11 @@ fn names_with_invisible_or_reordering_characters_are_refused() {
             &json!({ "uri": uri, "policy": "social" }),
         )
     };
-    for disguised in ["Primal%E2%80%AE", "Da%E2%80%8Bmus"] {
+    for disguised in [
+        "Primal%E2%80%AE",
+        "Da%E2%80%8Bmus",
+        "app_%E2%80%8D0123456789abcdef01234567",
+    ] {
         let refused = nostrconnect(disguised);
         assert_eq!(refused.status, 400, "name {disguised}: {}", refused.body);
         assert!(refused.body.contains("invisible"), "{}", refused.body);
