@@ -285,6 +285,12 @@ pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoErro
                 // that is what is counted. SQLite writes one transaction at a time.
                 removed += match db.kind() {
                     EngineKind::Postgres => {
+                        // The grant's row first, as an account's deletion takes it before its
+                        // records (the cascade): in the other order the two could deadlock.
+                        sqlx::query("SELECT 1 FROM authorizations WHERE id = $1 FOR NO KEY UPDATE")
+                            .bind(authz)
+                            .execute(&mut *tx)
+                            .await?;
                         let removed: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                             "WITH gone AS (DELETE FROM activity WHERE {doomed} RETURNING method, result) \
                              UPDATE authorizations SET signatures_pruned = signatures_pruned + (SELECT COUNT(*) \
@@ -295,8 +301,10 @@ pub async fn prune(db: &Db, keep: u32, grants: &[Prune]) -> Result<u64, RepoErro
                         .bind(at)
                         .bind(&id)
                         .bind(protect_since)
-                        .fetch_optional(&mut *tx)
+                        .fetch_all(&mut *tx)
                         .await?
+                        .into_iter()
+                        .next()
                         .unwrap_or(0);
                         u64::try_from(removed).unwrap_or(0)
                     }

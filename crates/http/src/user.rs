@@ -90,6 +90,14 @@ async fn revoke(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// What a revocation that could not be made answers.
+fn revocation_failed(err: keycast_core::SignError) -> AppError {
+    match err {
+        keycast_core::SignError::Internal(cause) => cause.into(),
+        other => AppError::internal(other),
+    }
+}
+
 /// Revokes the user's live authorization `id` and waits until that is durable and in force
 /// on every instance (shared with the dashboard's revoke button). 404 if it is not the
 /// user's, or was revoked already — then only after the same wait: it may be this request's
@@ -101,10 +109,7 @@ pub(crate) async fn revoke_authorization(state: &AppState, user: &UserId, id: St
         .signer
         .revoke(&AuthorizationId::new(id), user)
         .await
-        .map_err(|err| match err {
-            keycast_core::SignError::Internal(cause) => cause.into(),
-            other => AppError::internal(other),
-        })?;
+        .map_err(revocation_failed)?;
     if revocation == keycast_core::Revocation::NotFound {
         return Err(AppError::NotFound("no such live authorization of yours".into()));
     }
@@ -217,7 +222,14 @@ pub(crate) async fn accept_nostrconnect(
         })?;
     // Counted again with the grant stored: acceptances at once each found room above.
     if let Err(refused) = check_relay_caps(state, user, &uri, Some(&authz.id)).await {
-        revoke_authorization(state, user, authz.id.to_string()).await?;
+        // Taken back whatever else revoked it meanwhile (a reset, the owner): the answer is the
+        // cap's refusal either way.
+        services
+            .signer
+            .revoke(&authz.id, user)
+            .await
+            .map_err(revocation_failed)?;
+        state.confirm_write(true).await?;
         return Err(refused);
     }
     state.confirm_write(true).await?;

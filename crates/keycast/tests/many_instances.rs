@@ -1195,6 +1195,10 @@ fn an_export_held_up_across_a_password_reset_is_seen_by_the_reset() {
     let email = "held-export@example.com";
     let (holder, _) = register(server, email, None);
     let user = database.query(&format!("SELECT id FROM users WHERE email = '{email}'"));
+    // The owner's link, asked for first: asking writes a token under the account's row.
+    let asked = post_json(server, "/api/auth/forgot-password", None, &json!({ "email": email }));
+    assert_eq!(asked.status, 202, "{}", asked.body);
+    let token = harness::flow::mailed_token(server, email, "reset_password");
     let lock = LockingSession::holding(
         &database,
         &format!("BEGIN; DO $$ BEGIN PERFORM 1 FROM keys WHERE user_id = '{user}' FOR UPDATE; END $$;"),
@@ -1219,9 +1223,6 @@ fn an_export_held_up_across_a_password_reset_is_seen_by_the_reset() {
             std::thread::sleep(Duration::from_millis(20));
         }
         let resetting = scope.spawn(|| {
-            let asked = post_json(server, "/api/auth/forgot-password", None, &json!({ "email": email }));
-            assert_eq!(asked.status, 202, "{}", asked.body);
-            let token = harness::flow::mailed_token(server, email, "reset_password");
             let body = json!({ "token": token, "password": "the mailbox owner's own" });
             post_json(server, "/api/auth/reset-password", None, &body)
         });

@@ -279,7 +279,7 @@ fn an_app_that_knows_only_a_nip05_name_reaches_the_consent_flow() {
     assert!(
         dashboard
             .body
-            .contains("<input name=\"uri\" data-from-fragment=\"nostrconnect\">"),
+            .contains("<input name=\"uri\" autocomplete=\"off\" data-from-fragment=\"nostrconnect\">"),
         "{}",
         dashboard.body
     );
