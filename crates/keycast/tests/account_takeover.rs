@@ -367,14 +367,8 @@ fn a_grant_under_way_when_the_password_is_reset_is_never_written() {
     assert_eq!(pending.status, 401, "{}", pending.body);
     let owner = login(&server, email, "the mailbox owner's own");
     assert_eq!(owner.status, 200, "{}", owner.body);
-    let listed = get(&server, "/api/user/authorizations", Some(&cookie_of(&owner))).json();
-    let live: Vec<_> = listed["authorizations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["revoked_at"].is_null())
-        .collect();
-    assert!(live.is_empty(), "grants live after the reset: {listed}");
+    let live = live_grants(&server, &cookie_of(&owner));
+    assert!(live.is_empty(), "grants live after the reset: {live:?}");
 }
 
 /// The password holder's grant checked its session, then waited (a slow database, a busy
@@ -416,14 +410,8 @@ fn a_grant_whose_session_a_reset_ended_after_its_check_is_never_written(fail_poi
     }
     let owner = login(&server, &email, "the mailbox owner's own");
     assert_eq!(owner.status, 200, "{}", owner.body);
-    let listed = get(&server, "/api/user/authorizations", Some(&cookie_of(&owner))).json();
-    let live: Vec<_> = listed["authorizations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["revoked_at"].is_null())
-        .collect();
-    assert!(live.is_empty(), "grants live after the reset: {listed}");
+    let live = live_grants(&server, &cookie_of(&owner));
+    assert!(live.is_empty(), "grants live after the reset: {live:?}");
     assert_eq!(pending.status, 401, "{}", pending.body);
 }
 

@@ -158,13 +158,7 @@ fn a_reset_link_keeps_its_token_out_of_every_request() {
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
     let email = "reset-in-chromium@example.com";
-    let r = post_json(
-        &server,
-        "/api/auth/register",
-        None,
-        &json!({ "email": email, "password": PASSWORD }),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    harness::flow::register_unverified(&server, email, None);
     let asked = post_json(&server, "/api/auth/forgot-password", None, &json!({ "email": email }));
     assert_eq!(asked.status, 202, "{}", asked.body);
     let new_password = "a new password typed in chromium";
@@ -197,13 +191,7 @@ fn a_confirmation_link_keeps_its_token_out_of_every_request() {
         .env("KEYCAST_TEST_ROUTES", "true")
         .start();
     let email = "confirm-in-chromium@example.com";
-    let r = post_json(
-        &server,
-        "/api/auth/register",
-        None,
-        &json!({ "email": email, "password": PASSWORD }),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    harness::flow::register_unverified(&server, email, None);
     let (_, seen) = follow_mailed_link(&server, dir.path(), email, "verify_email", PASSWORD);
     assert_eq!(seen["heading"], "Your email address is confirmed", "{seen}");
     let login = post_json(

@@ -291,14 +291,7 @@ fn acceptances_racing_past_the_relay_caps_keep_within_them() {
             refused.body
         );
     }
-    let listed = get(&server, "/api/user/authorizations", Some(&cookie)).json();
-    let live = listed["authorizations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["revoked_at"].is_null())
-        .count();
-    assert_eq!(live, accepted, "{listed}");
+    assert_eq!(live_grants(&server, &cookie).len(), accepted);
 }
 
 /// Valid kind-24133 requests for `bunker`, each from a fresh key (a stranger), `n` of them:

@@ -89,6 +89,18 @@ pub fn get(server: &Keycast, path: &str, cookie: Option<&str>) -> Reply {
     reply(req.call())
 }
 
+/// The session's live grants (not revoked), as `GET /api/user/authorizations` lists them.
+pub fn live_grants(server: &Keycast, cookie: &str) -> Vec<Value> {
+    let listed = get(server, "/api/user/authorizations", Some(cookie)).json();
+    listed["authorizations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["revoked_at"].is_null())
+        .cloned()
+        .collect()
+}
+
 pub fn delete(server: &Keycast, path: &str, cookie: &str) -> Reply {
     reply(
         agent()
