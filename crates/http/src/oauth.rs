@@ -67,7 +67,13 @@ pub(crate) struct AuthorizeParams {
 impl AuthorizeParams {
     /// Checks everything core will check again at issue, so errors show before consent, and
     /// judges the client (registered, unregistered, refused).
-    async fn validate(&self, state: &AppState) -> Result<(String, PolicyRow, ClientIdentity), OAuthFailure> {
+    /// Checks the request; `host` is the `Host` it was sent to (keycast's own address, as well
+    /// as the public URL's).
+    async fn validate(
+        &self,
+        state: &AppState,
+        host: Option<&str>,
+    ) -> Result<(String, PolicyRow, ClientIdentity), OAuthFailure> {
         if self.response_type.as_deref().is_some_and(|t| t != "code") {
             return Err(OAuthFailure::new(
                 "unsupported_response_type",
@@ -85,7 +91,7 @@ impl AuthorizeParams {
         // An app whose codes come back to keycast's own address would be shown as keycast
         // itself ("Allow https://keycast.example to sign for you?"), and its codes would land
         // in keycast's own request log.
-        if crate::origin::is_own_origin(&state.options().public_url, None, &origin) {
+        if crate::origin::is_own_origin(&state.options().public_url, host, &origin) {
             return Err(OAuthFailure::new(
                 "invalid_request",
                 "redirect_uri is on keycast's own address; an app names an address of its own",
@@ -181,10 +187,11 @@ impl AuthorizeParams {
 async fn authorize_page(
     State(state): State<AppState>,
     MaybeSession(session): MaybeSession,
+    headers: HeaderMap,
     params: Result<QueryParams<AuthorizeParams>, AppError>,
 ) -> Result<Response, OAuthFailure> {
     let QueryParams(params) = params.map_err(OAuthFailure::invalid_request)?;
-    let (origin, policy, identity) = params.validate(&state).await?;
+    let (origin, policy, identity) = params.validate(&state, host_of(&headers)).await?;
     let page = match session {
         None => page::login(&params, None),
         Some(s) if s.user.email_verified_at.is_none() => page::verify_first(&s.user.email),
@@ -344,7 +351,7 @@ async fn decide(
         let why = "the consent form's CSRF token is missing or wrong; reload the consent page";
         return Err(AppError::Forbidden(why.into()).into());
     }
-    let (_, mut policy, _) = d.params.validate(&state).await?;
+    let (_, mut policy, _) = d.params.validate(&state, host_of(&headers)).await?;
     if let Some(slug) = d.policy.as_deref().filter(|s| !s.is_empty() && *s != policy.slug) {
         // Only the owner chooses here (CSRF token or same-origin JSON): a public policy
         // or one of their own; another user's custom policy is unknown.
@@ -387,12 +394,16 @@ async fn decide(
     })
 }
 
+/// The `Host` a request was sent to.
+fn host_of(headers: &HeaderMap) -> Option<&str> {
+    headers.get("host").and_then(|v| v.to_str().ok())
+}
+
 /// A JSON approval must come from one of keycast's own pages: its `Origin` is the public
 /// URL's, or the scheme and host the request was sent to.
 fn check_same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
     let origin = headers.get(ORIGIN).and_then(|v| v.to_str().ok());
-    let host = headers.get("host").and_then(|v| v.to_str().ok());
-    let ok = origin.is_some_and(|o| crate::origin::is_own_origin(&state.options().public_url, host, o));
+    let ok = origin.is_some_and(|o| crate::origin::is_own_origin(&state.options().public_url, host_of(headers), o));
     if ok {
         Ok(())
     } else {

@@ -400,16 +400,22 @@ fn an_app_redirecting_to_keycasts_own_address_is_refused() {
     let (_dir, server) = start();
     let (cookie, _) = register(&server, "mirror@example.com", None);
     let port = server.base.rsplit(':').next().unwrap().trim_end_matches('/');
-    let own = format!("http://localhost:{port}/dashboard");
     let (challenge, _) = harness::flow::pkce();
-    let query = harness::flow::authorize_query("policy:social", &challenge).replace(
-        &url::form_urlencoded::byte_serialize(REDIRECT.as_bytes()).collect::<String>(),
-        &url::form_urlencoded::byte_serialize(own.as_bytes()).collect::<String>(),
-    );
-    assert!(query.contains("localhost"), "{query}");
-    let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
-    assert_eq!(page.status, 400, "{}", page.body);
-    assert_eq!(page.json()["error"], "invalid_request", "{}", page.body);
+    // Its public URL (`KEYCAST_PUBLIC_URL`, here the default `http://localhost:<port>`), and
+    // the address the request was sent to (behind Cloud Run, the `*.run.app` name as well as
+    // a custom domain).
+    for own in [
+        format!("http://localhost:{port}/dashboard"),
+        format!("{}/dashboard", server.base),
+    ] {
+        let query = harness::flow::authorize_query("policy:social", &challenge).replace(
+            &url::form_urlencoded::byte_serialize(REDIRECT.as_bytes()).collect::<String>(),
+            &url::form_urlencoded::byte_serialize(own.as_bytes()).collect::<String>(),
+        );
+        let page = get(&server, &format!("/api/oauth/authorize?{query}"), Some(&cookie));
+        assert_eq!(page.status, 400, "{own}: {}", page.body);
+        assert_eq!(page.json()["error"], "invalid_request", "{}", page.body);
+    }
 }
 
 /// The response headers of a GET, lowercased names.
