@@ -59,7 +59,8 @@ macro_rules! code_columns {
 /// Stores a code valid until `expires_at`.
 ///
 /// # Errors
-/// [`RepoError::MissingReference`] for an unknown user or policy; database errors.
+/// [`RepoError::MissingReference`] for an unknown user or policy; [`RepoError::SessionEnded`]
+/// once the consenting session has ended; database errors.
 pub async fn insert_code(db: &Db, new: &NewCode<'_>, now: i64, expires_at: i64) -> Result<(), RepoError> {
     on_engine!(db, |pool| {
         let mut tx = pool.begin().await?;
@@ -135,9 +136,9 @@ pub async fn link_code(db: &Db, hash: &TokenHash, authorization: &AuthorizationI
     })
 }
 
-/// Deletes the redeemed code `hash` if no grant is linked to it yet: its exchange is still
-/// under way, and the [`link_code`] it ends with then finds nothing and revokes the grant it
-/// made. False when a grant was linked first.
+/// Deletes the redeemed code `hash` if no grant is linked to it yet: its exchange was
+/// refused, or is still under way, and then the [`link_code`] it ends with finds nothing and
+/// revokes the grant it made. False when a grant was linked first.
 ///
 /// # Errors
 /// Database errors.
