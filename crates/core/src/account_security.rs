@@ -269,20 +269,14 @@ async fn refusal(db: &Db, proof: &Reauthenticated, otherwise: KeyError) -> Resul
 /// export, a key replacement, a deletion), the window in which a reset may take the account
 /// over (fail point `account-write-after-password-check`).
 pub(crate) async fn hold_after_password_check() {
-    hold("account-write-after-password-check").await;
+    crate::hold_at_fail_point("account-write-after-password-check").await;
 }
 
 /// Fault injection: a pause (ms) in a reset between the take-over and the new password's
 /// store, while the old password is still the account's (fail point
 /// `reset-before-password-store`).
 async fn hold_before_password_store() {
-    hold("reset-before-password-store").await;
-}
-
-async fn hold(fail_point: &str) {
-    if let Some(ms) = held_ms(fail_point) {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
+    crate::hold_at_fail_point("reset-before-password-store").await;
 }
 
 /// Fault injection: the take-over fails (a busy database), part way through a reset (fail
@@ -290,13 +284,6 @@ async fn hold(fail_point: &str) {
 fn take_over_fails() -> bool {
     fail::fail_point!("take-over-fails", |_| true);
     false
-}
-
-fn held_ms(fail_point: &str) -> Option<u64> {
-    fail::fail_point!(fail_point, |ms| crate::held_at_fail_point(fail_point, ms));
-    // Read only by the fail point, which is compiled out without the `failpoints` feature.
-    let _ = fail_point;
-    None
 }
 
 /// The form of an exported key.
@@ -344,7 +331,7 @@ pub async fn export_key(
     event_repo::insert(db, &user.id, "key_exported", format.name(), now).await?;
     // Fault injection: a pause in which the key may be replaced (fail point
     // `export-after-record`).
-    hold("export-after-record").await;
+    crate::hold_at_fail_point("export-after-record").await;
     let exported = match format {
         ExportFormat::Nsec => keys::export_nsec(db, km, proof, &recorded).await,
         ExportFormat::Ncryptsec(passphrase) => {

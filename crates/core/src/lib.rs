@@ -92,3 +92,19 @@ pub fn held_at_fail_point(name: &str, ms: Option<String>) -> Option<u64> {
     tracing::info!("held at fail point {name} for {} ms", ms.unwrap_or(0));
     ms
 }
+
+/// Fault injection: pauses for as long as the fail point `name` says (`return(<ms>)`, see
+/// [`held_at_fail_point`]); returns at once without fault injection.
+#[doc(hidden)]
+pub async fn hold_at_fail_point(name: &str) {
+    if let Some(ms) = held_ms(name) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}
+
+fn held_ms(name: &str) -> Option<u64> {
+    fail::fail_point!(name, |ms| held_at_fail_point(name, ms));
+    // Read only by the fail point, which is compiled out without the `failpoints` feature.
+    let _ = name;
+    None
+}

@@ -283,9 +283,8 @@ pub async fn exchange_code(
             return Err(refused);
         }
     };
-    if let Some(ms) = held_before_link() {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
+    // Fault injection: a pause between the grant's insert and the code's link to it.
+    crate::hold_at_fail_point("code-exchange-before-link").await;
     if !oauth_repo::link_code(db, &hash, &grant.authorization.id).await? {
         // Since this code's redemption, every grant of the account was revoked (a password
         // reset, a new key, a deletion), or the code was presented again with its verifier
@@ -421,16 +420,6 @@ fn revoked() -> OAuthError {
     invalid_grant(
         "the code was already used: the grant it became is revoked, as a code used twice may have been stolen; authorize the app again",
     )
-}
-
-/// Milliseconds the tests hold an exchange between its grant's insert and the code's link to
-/// it (fail point `code-exchange-before-link`); always `None` without fault injection.
-fn held_before_link() -> Option<u64> {
-    fail::fail_point!("code-exchange-before-link", |ms| crate::held_at_fail_point(
-        "code-exchange-before-link",
-        ms
-    ));
-    None
 }
 
 #[cfg(test)]

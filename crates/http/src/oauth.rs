@@ -373,7 +373,8 @@ async fn decide(
         let (db, _) = state.api()?;
         state.ensure_writable().await?;
         session.ensure_still_live(&state).await?;
-        crate::session::hold_after_session_check("consent-after-session-check").await;
+        // Fault injection: a pause in which a reset may end the session.
+        keycast_core::hold_at_fail_point("consent-after-session-check").await;
         let session_hash = keycast_core::secret::hash_token(&session.token);
         let request = d
             .params

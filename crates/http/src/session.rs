@@ -68,21 +68,6 @@ impl SessionUser {
     }
 }
 
-/// Fault injection: a pause (ms) between [`SessionUser::ensure_still_live`] and the write it
-/// allows, the window in which a reset may end the session (fail point `fail_point`).
-pub(crate) async fn hold_after_session_check(fail_point: &str) {
-    if let Some(ms) = held_ms(fail_point) {
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-    }
-}
-
-fn held_ms(fail_point: &str) -> Option<u64> {
-    fail::fail_point!(fail_point, |ms| keycast_core::held_at_fail_point(fail_point, ms));
-    // Read only by the fail point, which is compiled out without the `failpoints` feature.
-    let _ = fail_point;
-    None
-}
-
 /// The session of a request if there is one (pages that show a login form otherwise).
 pub struct MaybeSession(pub Option<SessionUser>);
 

@@ -210,7 +210,8 @@ pub(crate) async fn accept_nostrconnect(
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
     session.ensure_still_live(state).await?;
-    crate::session::hold_after_session_check("nostrconnect-after-session-check").await;
+    // Fault injection: a pause in which a reset may end the session.
+    keycast_core::hold_at_fail_point("nostrconnect-after-session-check").await;
     let authz = services
         .signer
         .accept_nostrconnect(user, &policy, &uri, &keycast_core::secret::hash_token(&session.token))
